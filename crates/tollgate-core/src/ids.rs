@@ -1,0 +1,116 @@
+//! Typed ids: a short prefix naming the kind, then a ULID (sortable by creation time).
+//! An id of one kind cannot be passed where another is expected, and a malformed one cannot exist.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::str::FromStr;
+use ulid::Ulid;
+
+macro_rules! prefixed_id {
+    ($(#[$doc:meta])* $name:ident, $prefix:literal) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub struct $name(Ulid);
+
+        impl $name {
+            pub const PREFIX: &'static str = $prefix;
+
+            pub fn new() -> Self {
+                Self(Ulid::new())
+            }
+
+            /// Parses `<prefix><ULID>`; `None` for anything else.
+            pub fn parse(text: &str) -> Option<Self> {
+                let ulid = text.strip_prefix($prefix)?;
+                // Ulid::from_string accepts lowercase too; ids are canonical uppercase only.
+                if ulid.bytes().any(|b| b.is_ascii_lowercase()) {
+                    return None;
+                }
+                Ulid::from_string(ulid).ok().map(Self)
+            }
+        }
+
+        impl Default for $name {
+            fn default() -> Self {
+                Self::new()
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "{}{}", $prefix, self.0)
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = InvalidId;
+            fn from_str(text: &str) -> Result<Self, InvalidId> {
+                Self::parse(text).ok_or(InvalidId { expected: $prefix })
+            }
+        }
+
+        impl Serialize for $name {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.collect_str(self)
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let text = String::deserialize(d)?;
+                text.parse().map_err(serde::de::Error::custom)
+            }
+        }
+    };
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("not a valid id: expected '{expected}' followed by a 26-character ULID")]
+pub struct InvalidId {
+    pub expected: &'static str,
+}
+
+prefixed_id!(
+    /// An account (a customer of the API), holder of one wallet and its keys.
+    AccountId,
+    "acct_"
+);
+prefixed_id!(
+    /// An API key's public id (never its secret).
+    KeyId,
+    "key_"
+);
+prefixed_id!(
+    /// The id Tollgate gives every request it answers.
+    RequestId,
+    "req_"
+);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_and_rejects_other_kinds() {
+        let id = AccountId::new();
+        let text = id.to_string();
+        assert!(text.starts_with("acct_") && text.len() == 5 + 26);
+        assert_eq!(AccountId::parse(&text), Some(id));
+        assert_eq!(KeyId::parse(&text), None);
+        assert_eq!(AccountId::parse("acct_nope"), None);
+        assert_eq!(
+            AccountId::parse(&text.to_lowercase().replace("acct_", "acct_")),
+            None
+        );
+    }
+
+    #[test]
+    fn serde_uses_the_text_form() {
+        let id = RequestId::new();
+        let json = serde_json::to_string(&id).unwrap_or_default();
+        assert_eq!(json, format!("\"{id}\""));
+        let back: RequestId = serde_json::from_str(&json).unwrap_or_else(|_| RequestId::new());
+        assert_eq!(back, id);
+        assert!(serde_json::from_str::<RequestId>("\"key_01ARZ3NDEKTSV4RRFFQ69G5FAV\"").is_err());
+    }
+}

@@ -1,0 +1,14 @@
+//! Tollgate's pure domain: exact money, typed ids, the API key format, the error catalogue and the
+//! clock. Nothing here does I/O, speaks HTTP or SQL; everything is deterministic given a [`Clock`].
+
+pub mod clock;
+pub mod error;
+pub mod ids;
+pub mod key;
+pub mod money;
+
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use error::{ApiError, ErrorCode, Fault};
+pub use ids::{AccountId, KeyId, RequestId};
+pub use key::{ApiKey, KeyEnv, KeyHash, KeyKind, KeyStatus};
+pub use money::Nanos;

@@ -1,0 +1,355 @@
+//! A mock upstream for demos, tests and benchmarks, all in one axum router:
+//!
+//! - `POST /v1/chat/completions`: OpenAI-compatible; JSON, or SSE when `"stream": true` (with a
+//!   final usage chunk when `stream_options.include_usage` is set).
+//! - `POST /v1/messages`: Anthropic-compatible; JSON, or its SSE event stream with usage in
+//!   `message_start` and `message_delta`.
+//! - `/echo/...` (any method): answers with the request it received, as JSON.
+//!
+//! Token counts are derived from the input (about four characters a token, at least one), so a
+//! test can predict them. Faults are injected by request header:
+//! `x-mock-status: <code>` answers that status, `x-mock-delay-ms` waits before answering, and for
+//! streams `x-mock-chunks: <n>` and `x-mock-chunk-delay-ms: <ms>` shape the stream.
+
+use axum::body::{Body, Bytes};
+use axum::extract::Request;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, post};
+use axum::{Json, Router};
+use futures_util::StreamExt;
+use serde_json::{json, Value};
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::net::TcpListener;
+
+/// How many chunks a stream has when `x-mock-chunks` is absent.
+const DEFAULT_CHUNKS: usize = 5;
+/// The largest body the echo API reads.
+const ECHO_BODY_LIMIT: usize = 16 * 1024 * 1024;
+
+pub fn router() -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/messages", post(messages))
+        .route("/echo", any(echo))
+        .route("/echo/{*rest}", any(echo))
+}
+
+/// A running mock server; it stops when dropped.
+pub struct MockUpstream {
+    pub addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl MockUpstream {
+    /// Serves the mock on `addr` (port 0 picks a free port).
+    pub async fn start(addr: SocketAddr) -> std::io::Result<MockUpstream> {
+        let listener = TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let task = tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, router()).await {
+                tracing::error!(error = %e, "mock upstream stopped");
+            }
+        });
+        Ok(MockUpstream { addr, task })
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+impl Drop for MockUpstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The fault-injection headers of one request.
+struct Faults {
+    status: Option<StatusCode>,
+    delay: Duration,
+    chunks: usize,
+    chunk_delay: Duration,
+}
+
+impl Faults {
+    fn from(headers: &HeaderMap) -> Faults {
+        let number = |name: &str| {
+            headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        };
+        Faults {
+            status: number("x-mock-status")
+                .and_then(|s| u16::try_from(s).ok())
+                .and_then(|s| StatusCode::from_u16(s).ok()),
+            delay: Duration::from_millis(number("x-mock-delay-ms").unwrap_or(0)),
+            chunks: number("x-mock-chunks").map_or(DEFAULT_CHUNKS, |n| n.clamp(1, 10_000) as usize),
+            chunk_delay: Duration::from_millis(number("x-mock-chunk-delay-ms").unwrap_or(0)),
+        }
+    }
+
+    /// Waits `x-mock-delay-ms`, then answers `x-mock-status` if it is not a success.
+    async fn apply(&self, api_error_body: impl FnOnce(StatusCode) -> Value) -> Option<Response> {
+        if !self.delay.is_zero() {
+            tokio::time::sleep(self.delay).await;
+        }
+        match self.status {
+            Some(status) if !status.is_success() => {
+                Some((status, Json(api_error_body(status))).into_response())
+            }
+            _ => None,
+        }
+    }
+}
+
+/// About four characters a token, at least one: predictable for tests, close enough for demos.
+pub fn count_tokens(text: &str) -> u64 {
+    (text.chars().count() as u64).div_ceil(4).max(1)
+}
+
+fn bad_request(message: &str) -> Response {
+    (
+        StatusCode::BAD_REQUEST,
+        Json(json!({"error": {"message": message, "type": "invalid_request_error"}})),
+    )
+        .into_response()
+}
+
+/// All text in an OpenAI `messages` array or an Anthropic `messages`/`system` body.
+fn input_text(body: &Value) -> String {
+    let mut text = String::new();
+    let mut collect = |content: &Value| match content {
+        Value::String(s) => text.push_str(s),
+        Value::Array(parts) => {
+            for part in parts {
+                if let Some(s) = part.get("text").and_then(Value::as_str) {
+                    text.push_str(s);
+                }
+            }
+        }
+        _ => {}
+    };
+    if let Some(system) = body.get("system") {
+        collect(system);
+    }
+    for message in body
+        .get("messages")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        if let Some(content) = message.get("content") {
+            collect(content);
+        }
+    }
+    text
+}
+
+/// The completion: `chunks` words, so its token count is predictable.
+fn completion_words(chunks: usize) -> Vec<String> {
+    (0..chunks).map(|i| format!("tok{i} ")).collect()
+}
+
+fn sse(events: Vec<(Option<&'static str>, String)>, chunk_delay: Duration) -> Response {
+    let stream = futures_util::stream::iter(events).then(move |(event, data)| async move {
+        if !chunk_delay.is_zero() {
+            tokio::time::sleep(chunk_delay).await;
+        }
+        let frame = match event {
+            Some(name) => format!("event: {name}\ndata: {data}\n\n"),
+            None => format!("data: {data}\n\n"),
+        };
+        Ok::<_, std::convert::Infallible>(Bytes::from(frame))
+    });
+    Response::builder()
+        .header("content-type", "text/event-stream")
+        .header("cache-control", "no-cache")
+        .body(Body::from_stream(stream))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+async fn chat_completions(headers: HeaderMap, body: Bytes) -> Response {
+    let faults = Faults::from(&headers);
+    if let Some(response) = faults
+        .apply(|s| json!({"error": {"message": format!("mock upstream answered {s}"), "type": "server_error", "param": null, "code": null}}))
+        .await
+    {
+        return response;
+    }
+    let Ok(request) = serde_json::from_slice::<Value>(&body) else {
+        return bad_request("body is not JSON");
+    };
+    let model = request
+        .get("model")
+        .and_then(Value::as_str)
+        .unwrap_or("mock-gpt")
+        .to_string();
+    let prompt_tokens = count_tokens(&input_text(&request));
+    let words = completion_words(faults.chunks);
+    let completion_tokens = words.len() as u64;
+    let usage = json!({
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    });
+    let id = "chatcmpl-mock";
+    let created = 1_700_000_000;
+    if request.get("stream").and_then(Value::as_bool) != Some(true) {
+        return Json(json!({
+            "id": id,
+            "object": "chat.completion",
+            "created": created,
+            "model": model,
+            "choices": [{
+                "index": 0,
+                "message": {"role": "assistant", "content": words.concat()},
+                "finish_reason": "stop",
+            }],
+            "usage": usage,
+        }))
+        .into_response();
+    }
+    let include_usage = request
+        .pointer("/stream_options/include_usage")
+        .and_then(Value::as_bool)
+        == Some(true);
+    let chunk = |delta: Value, finish: Value| {
+        json!({
+            "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+        })
+        .to_string()
+    };
+    let mut events = vec![(
+        None,
+        chunk(json!({"role": "assistant", "content": ""}), Value::Null),
+    )];
+    for word in &words {
+        events.push((None, chunk(json!({"content": word}), Value::Null)));
+    }
+    events.push((None, chunk(json!({}), json!("stop"))));
+    if include_usage {
+        events.push((
+            None,
+            json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+                   "choices": [], "usage": usage})
+            .to_string(),
+        ));
+    }
+    events.push((None, "[DONE]".to_string()));
+    sse(events, faults.chunk_delay)
+}
+
+async fn messages(headers: HeaderMap, body: Bytes) -> Response {
+    let faults = Faults::from(&headers);
+    if let Some(response) = faults
+        .apply(|s| json!({"type": "error", "error": {"type": "api_error", "message": format!("mock upstream answered {s}")}}))
+        .await
+    {
+        return response;
+    }
+    let Ok(request) = serde_json::from_slice::<Value>(&body) else {
+        return bad_request("body is not JSON");
+    };
+    let model = request
+        .get("model")
+        .and_then(Value::as_str)
+        .unwrap_or("mock-claude")
+        .to_string();
+    let input_tokens = count_tokens(&input_text(&request));
+    let words = completion_words(faults.chunks);
+    let output_tokens = words.len() as u64;
+    let id = "msg_mock";
+    if request.get("stream").and_then(Value::as_bool) != Some(true) {
+        return Json(json!({
+            "id": id, "type": "message", "role": "assistant", "model": model,
+            "content": [{"type": "text", "text": words.concat()}],
+            "stop_reason": "end_turn", "stop_sequence": null,
+            "usage": {"input_tokens": input_tokens, "output_tokens": output_tokens},
+        }))
+        .into_response();
+    }
+    let mut events = vec![
+        (
+            Some("message_start"),
+            json!({"type": "message_start", "message": {
+            "id": id, "type": "message", "role": "assistant", "model": model, "content": [],
+            "stop_reason": null, "stop_sequence": null,
+            "usage": {"input_tokens": input_tokens, "output_tokens": 1}}})
+            .to_string(),
+        ),
+        (
+            Some("content_block_start"),
+            json!({"type": "content_block_start", "index": 0,
+            "content_block": {"type": "text", "text": ""}})
+            .to_string(),
+        ),
+        (Some("ping"), json!({"type": "ping"}).to_string()),
+    ];
+    for word in &words {
+        events.push((
+            Some("content_block_delta"),
+            json!({"type": "content_block_delta", "index": 0,
+            "delta": {"type": "text_delta", "text": word}})
+            .to_string(),
+        ));
+    }
+    events.push((
+        Some("content_block_stop"),
+        json!({"type": "content_block_stop", "index": 0}).to_string(),
+    ));
+    events.push((
+        Some("message_delta"),
+        json!({"type": "message_delta",
+        "delta": {"stop_reason": "end_turn", "stop_sequence": null},
+        "usage": {"output_tokens": output_tokens}})
+        .to_string(),
+    ));
+    events.push((
+        Some("message_stop"),
+        json!({"type": "message_stop"}).to_string(),
+    ));
+    sse(events, faults.chunk_delay)
+}
+
+async fn echo(request: Request) -> Response {
+    let faults = Faults::from(request.headers());
+    if let Some(response) = faults
+        .apply(|s| json!({"error": format!("mock upstream answered {s}")}))
+        .await
+    {
+        return response;
+    }
+    let (parts, body) = request.into_parts();
+    let headers: serde_json::Map<String, Value> = parts
+        .headers
+        .iter()
+        .map(|(name, value)| {
+            (
+                name.to_string(),
+                Value::from(value.to_str().unwrap_or("<binary>")),
+            )
+        })
+        .collect();
+    let body = match axum::body::to_bytes(body, ECHO_BODY_LIMIT).await {
+        Ok(bytes) => bytes,
+        Err(_) => return bad_request("body unreadable or over 16 MiB"),
+    };
+    let status = faults.status.unwrap_or(StatusCode::OK);
+    (
+        status,
+        Json(json!({
+            "method": parts.method.as_str(),
+            "path": parts.uri.path(),
+            "query": parts.uri.query(),
+            "headers": headers,
+            "body": String::from_utf8_lossy(&body),
+            "body_bytes": body.len(),
+        })),
+    )
+        .into_response()
+}

@@ -1,0 +1,522 @@
+//! The management API under the configured prefix (default `/api/v1`).
+//!
+//! Handlers are thin: extract, authorise, call the store, shape the answer. **Architecture
+//! Invariant:** every handler that takes an id checks that the caller owns it, and answers
+//! another account's resource exactly as one that does not exist (404 `not_found`).
+
+use crate::auth::Caller;
+use crate::error::HttpError;
+use crate::state::AppState;
+use axum::body::Bytes;
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{FromRequest, Path, Query, Request, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use chrono::{DurationRound, TimeDelta};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use tollgate_core::{AccountId, ApiError, ApiKey, ErrorCode, KeyId, KeyKind, KeyStatus, Nanos};
+use tollgate_store::{Account, KeyRecord, RevokeOutcome};
+use tollgate_wire::api::{self as wire, CreateAccountRequest, CreateKeyRequest};
+
+/// The largest management request body read.
+const MAX_BODY_BYTES: usize = 1024 * 1024;
+const MAX_NAME_CHARS: usize = 200;
+const MAX_SCOPES: usize = 100;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/accounts", post(create_account))
+        .route("/accounts/{id}", get(get_account))
+        .route("/keys", post(create_key).get(list_keys))
+        .route("/keys/{id}/revoke", post(revoke_key))
+        .route("/key", get(current_key))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Handlers
+
+async fn create_account(
+    State(state): State<AppState>,
+    caller: Caller,
+    JsonBody(body): JsonBody<CreateAccountRequest>,
+) -> Result<impl IntoResponse, HttpError> {
+    caller.require_admin()?;
+    let mut fields = FieldErrors::default();
+    let name = fields.name("name", &body.name);
+    let starter_credits = match &body.starter_credits {
+        None => state.config.starter_credits,
+        Some(text) => Nanos::parse_credits(text)
+            .map_err(|e| fields.add("starter_credits", e.to_string()))
+            .unwrap_or_default(),
+    };
+    fields.finish()?;
+
+    let account_id = AccountId::new();
+    let (secret, master) = new_key(
+        &state,
+        account_id,
+        KeyKind::Master,
+        "master",
+        vec!["*".into()],
+        None,
+    );
+    let now = state.clock.now();
+    let account = state
+        .store
+        .create_account(account_id, &name, starter_credits, master.clone(), now)
+        .await?;
+    tracing::info!(account = %account_id, key = %master.id, "account created");
+    let response = wire::CreateAccountResponse {
+        account: account_view(&state, &account),
+        master_key: wire::CreatedKey {
+            key: key_view(&master),
+            secret: secret.expose().to_string(),
+        },
+    };
+    Ok((StatusCode::CREATED, Json(response)))
+}
+
+async fn get_account(
+    State(state): State<AppState>,
+    caller: Caller,
+    id: Result<Path<String>, PathRejection>,
+) -> Result<Json<wire::Account>, HttpError> {
+    caller.require_master_or_admin()?;
+    let id = parse_id(id, AccountId::parse, "account")?;
+    if !caller_owns(&caller, id) {
+        return Err(HttpError::not_found("account"));
+    }
+    let account = state
+        .store
+        .account(id)
+        .await?
+        .ok_or_else(|| HttpError::not_found("account"))?;
+    Ok(Json(account_view(&state, &account)))
+}
+
+async fn create_key(
+    State(state): State<AppState>,
+    caller: Caller,
+    JsonBody(body): JsonBody<CreateKeyRequest>,
+) -> Result<impl IntoResponse, HttpError> {
+    caller.require_master_or_admin()?;
+    let mut fields = FieldErrors::default();
+    let name = fields.name("name", &body.name);
+    let account_id = match (&caller, &body.account_id) {
+        (Caller::Admin, None) => {
+            fields.add("account_id", "is required when the admin creates a key");
+            None
+        }
+        (_, Some(text)) => match AccountId::parse(text) {
+            Some(id) => Some(id),
+            None => {
+                fields.add("account_id", "is not an account id (acct_...)");
+                None
+            }
+        },
+        (Caller::Key(key), None) => Some(key.account_id),
+    };
+    let kind = body.kind.unwrap_or(KeyKind::Usage);
+    let scopes = body.scopes.clone().unwrap_or_else(|| vec!["*".into()]);
+    validate_scopes(&state, &scopes, &mut fields);
+    // Stores keep milliseconds; drop the rest so the key reads back exactly as created.
+    let expires_at = body
+        .expires_at
+        .map(|t| t.duration_trunc(TimeDelta::milliseconds(1)).unwrap_or(t));
+    if let Some(expires_at) = expires_at {
+        if expires_at <= state.clock.now() {
+            fields.add("expires_at", "must be in the future");
+        }
+    }
+    fields.finish()?;
+    let Some(account_id) = account_id else {
+        return Err(HttpError::not_found("account"));
+    };
+    if kind == KeyKind::Master {
+        caller.require_admin().map_err(|_| {
+            HttpError::new(
+                ErrorCode::Forbidden,
+                "Only the admin token can create master keys.",
+            )
+        })?;
+    }
+    if !caller_owns(&caller, account_id) || state.store.account(account_id).await?.is_none() {
+        return Err(HttpError::not_found("account"));
+    }
+    let (secret, record) = new_key(&state, account_id, kind, &name, scopes, expires_at);
+    state.store.insert_key(&record).await?;
+    tracing::info!(account = %account_id, key = %record.id, kind = kind.as_str(), "key created");
+    let created = wire::CreatedKey {
+        key: key_view(&record),
+        secret: secret.expose().to_string(),
+    };
+    Ok((StatusCode::CREATED, Json(created)))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListKeysQuery {
+    account_id: Option<String>,
+}
+
+async fn list_keys(
+    State(state): State<AppState>,
+    caller: Caller,
+    query: Result<Query<ListKeysQuery>, QueryRejection>,
+) -> Result<Json<wire::List<wire::ApiKeyInfo>>, HttpError> {
+    caller.require_master_or_admin()?;
+    let Query(query) = query.map_err(|e| {
+        HttpError::new(
+            ErrorCode::BadRequest,
+            format!("Bad query string: {}.", e.body_text()),
+        )
+    })?;
+    let filter = match &query.account_id {
+        None => None,
+        Some(text) => Some(AccountId::parse(text).ok_or_else(|| {
+            HttpError::from(ApiError::validation(BTreeMap::from([(
+                "account_id".to_string(),
+                vec!["is not an account id (acct_...)".to_string()],
+            )])))
+        })?),
+    };
+    let keys = match (&caller, filter) {
+        (Caller::Admin, None) => state.store.all_keys().await?,
+        (Caller::Admin, Some(account)) => state.store.keys_of_account(account).await?,
+        (Caller::Key(key), filter) => {
+            // A master key sees its own account; naming another one finds nothing.
+            if filter.is_some_and(|account| account != key.account_id) {
+                Vec::new()
+            } else {
+                state.store.keys_of_account(key.account_id).await?
+            }
+        }
+    };
+    Ok(Json(wire::List {
+        data: keys.iter().map(key_view).collect(),
+    }))
+}
+
+async fn revoke_key(
+    State(state): State<AppState>,
+    caller: Caller,
+    id: Result<Path<String>, PathRejection>,
+) -> Result<Json<wire::ApiKeyInfo>, HttpError> {
+    caller.require_master_or_admin()?;
+    let id = parse_id(id, KeyId::parse, "key")?;
+    let key = state
+        .store
+        .key_by_id(id)
+        .await?
+        .ok_or_else(|| HttpError::not_found("key"))?;
+    if !caller_owns(&caller, key.account_id) {
+        return Err(HttpError::not_found("key"));
+    }
+    match state.store.revoke_key(id, state.clock.now()).await? {
+        RevokeOutcome::Revoked(key) => {
+            state.keys.invalidate(&key.hash);
+            tracing::info!(key = %key.id, "key revoked");
+            Ok(Json(key_view(&key)))
+        }
+        RevokeOutcome::AlreadyRevoked(key) => {
+            let mut error = ApiError::new(
+                ErrorCode::AlreadyRevoked,
+                format!("The key {} was already revoked.", key.id),
+            );
+            if let Some(at) = key.revoked_at {
+                error = error.with_detail("revoked_at", tollgate_core::clock::rfc3339(at));
+            }
+            Err(error.into())
+        }
+        RevokeOutcome::NotFound => Err(HttpError::not_found("key")),
+    }
+}
+
+/// "Verify my key": any valid key may ask about itself.
+async fn current_key(caller: Caller) -> Result<Json<wire::ApiKeyInfo>, HttpError> {
+    match caller {
+        Caller::Key(key) => Ok(Json(key_view(&key))),
+        Caller::Admin => Err(HttpError::new(
+            ErrorCode::BadRequest,
+            "The admin token is not an API key; call this with an API key.",
+        )),
+    }
+}
+
+pub async fn not_found(request: Request) -> HttpError {
+    HttpError::new(
+        ErrorCode::NotFound,
+        format!(
+            "No route for {} {}.",
+            request.method(),
+            request.uri().path()
+        ),
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+
+fn caller_owns(caller: &Caller, account: AccountId) -> bool {
+    match caller {
+        Caller::Admin => true,
+        Caller::Key(key) => key.account_id == account,
+    }
+}
+
+fn parse_id<T>(
+    path: Result<Path<String>, PathRejection>,
+    parse: fn(&str) -> Option<T>,
+    what: &str,
+) -> Result<T, HttpError> {
+    path.ok()
+        .and_then(|Path(text)| parse(&text))
+        .ok_or_else(|| HttpError::not_found(what))
+}
+
+fn new_key(
+    state: &AppState,
+    account_id: AccountId,
+    kind: KeyKind,
+    name: &str,
+    scopes: Vec<String>,
+    expires_at: Option<chrono::DateTime<chrono::Utc>>,
+) -> (ApiKey, KeyRecord) {
+    let secret = ApiKey::generate(state.config.key_env);
+    let record = KeyRecord {
+        id: KeyId::new(),
+        account_id,
+        hash: secret.hash(),
+        display_prefix: secret.display_prefix().to_string(),
+        kind,
+        status: KeyStatus::Active,
+        name: name.to_string(),
+        scopes,
+        expires_at,
+        created_at: state.clock.now(),
+        revoked_at: None,
+    };
+    (secret, record)
+}
+
+fn validate_scopes(state: &AppState, scopes: &[String], fields: &mut FieldErrors) {
+    if scopes.is_empty() {
+        fields.add(
+            "scopes",
+            "must name at least one route group, or \"*\" for all",
+        );
+    }
+    if scopes.len() > MAX_SCOPES {
+        fields.add("scopes", format!("at most {MAX_SCOPES} scopes"));
+    }
+    for scope in scopes {
+        if scope != "*" && !state.config.route_groups().any(|g| g == scope) {
+            let groups: Vec<&str> = state.config.route_groups().collect();
+            fields.add(
+                "scopes",
+                format!(
+                    "'{scope}' is not a route group (known: {}; or \"*\")",
+                    groups.join(", ")
+                ),
+            );
+        }
+    }
+}
+
+fn account_view(state: &AppState, account: &Account) -> wire::Account {
+    wire::Account {
+        id: account.id,
+        name: account.name.clone(),
+        status: account.status.clone(),
+        balance: wire::Money::new(account.balance, &state.config.currency),
+        created_at: account.created_at,
+    }
+}
+
+fn key_view(key: &KeyRecord) -> wire::ApiKeyInfo {
+    wire::ApiKeyInfo {
+        id: key.id,
+        account_id: key.account_id,
+        name: key.name.clone(),
+        kind: key.kind,
+        status: key.status,
+        prefix: key.display_prefix.clone(),
+        scopes: key.scopes.clone(),
+        expires_at: key.expires_at,
+        created_at: key.created_at,
+        revoked_at: key.revoked_at,
+    }
+}
+
+/// Field → messages, collected so one response lists every invalid field.
+#[derive(Default)]
+struct FieldErrors(BTreeMap<String, Vec<String>>);
+
+impl FieldErrors {
+    fn add(&mut self, field: &str, message: impl Into<String>) {
+        self.0
+            .entry(field.to_string())
+            .or_default()
+            .push(message.into());
+    }
+
+    /// A trimmed, non-empty name of bounded length.
+    fn name(&mut self, field: &str, value: &str) -> String {
+        let trimmed = value.trim();
+        if trimmed.is_empty() {
+            self.add(field, "must not be empty");
+        } else if trimmed.chars().count() > MAX_NAME_CHARS {
+            self.add(
+                field,
+                format!("must be at most {MAX_NAME_CHARS} characters"),
+            );
+        } else if trimmed.chars().any(char::is_control) {
+            self.add(field, "must not contain control characters");
+        }
+        trimmed.to_string()
+    }
+
+    fn finish(self) -> Result<(), HttpError> {
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            Err(ApiError::validation(self.0).into())
+        }
+    }
+}
+
+/// A JSON body: malformed JSON → 400 `bad_request`; the wrong shape → 400 `validation_error`
+/// naming the field; over 1 MiB → 413 `payload_too_large`. The content type is not checked, so
+/// `curl -d` works as typed.
+pub struct JsonBody<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
+    type Rejection = HttpError;
+
+    async fn from_request(request: Request, _state: &S) -> Result<Self, HttpError> {
+        let bytes = axum::body::to_bytes(request.into_body(), MAX_BODY_BYTES)
+            .await
+            .map_err(|_| {
+                HttpError::from(
+                    ApiError::new(
+                        ErrorCode::PayloadTooLarge,
+                        format!(
+                            "The request body is larger than the limit of {MAX_BODY_BYTES} bytes."
+                        ),
+                    )
+                    .with_detail("limit_bytes", MAX_BODY_BYTES),
+                )
+            })?;
+        parse_json(&bytes).map(JsonBody)
+    }
+}
+
+fn parse_json<T: DeserializeOwned>(bytes: &Bytes) -> Result<T, HttpError> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Err(HttpError::new(
+            ErrorCode::BadRequest,
+            "The request body is empty; send a JSON object.",
+        ));
+    }
+    // serde would also read a struct from a JSON array; the API takes objects only.
+    if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{')
+        && serde_json::from_slice::<serde::de::IgnoredAny>(bytes).is_ok()
+    {
+        return Err(ApiError::validation(BTreeMap::from([(
+            "body".to_string(),
+            vec!["must be a JSON object".to_string()],
+        )]))
+        .into());
+    }
+    let mut deserializer = serde_json::Deserializer::from_slice(bytes);
+    let error = match serde_path_to_error::deserialize(&mut deserializer) {
+        Ok(value) => match deserializer.end() {
+            Ok(()) => return Ok(value),
+            Err(e) => {
+                return Err(HttpError::new(
+                    ErrorCode::BadRequest,
+                    format!("Malformed JSON: {e}."),
+                ))
+            }
+        },
+        Err(e) => e,
+    };
+    let path = error.path().to_string();
+    let inner = error.into_inner();
+    if !inner.is_data() {
+        return Err(HttpError::new(
+            ErrorCode::BadRequest,
+            format!("Malformed JSON: {inner}."),
+        ));
+    }
+    let message = inner.to_string();
+    let message = message
+        .split(" at line ")
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    // serde reports a missing field at its parent; name the field itself.
+    let missing = message
+        .strip_prefix("missing field `")
+        .and_then(|rest| rest.split('`').next());
+    let field = match (path.as_str(), missing) {
+        (".", Some(name)) => name.to_string(),
+        (".", None) => "body".to_string(),
+        (path, Some(name)) => format!("{path}.{name}"),
+        (path, None) => path.to_string(),
+    };
+    Err(ApiError::validation(BTreeMap::from([(field, vec![message])])).into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use expect_test::expect;
+
+    fn outcome(json: &str) -> String {
+        match parse_json::<CreateKeyRequest>(&Bytes::copy_from_slice(json.as_bytes())) {
+            Ok(_) => "ok".into(),
+            Err(e) => format!(
+                "{} {} {:?}",
+                e.error.code, e.error.message, e.error.field_errors
+            ),
+        }
+    }
+
+    #[test]
+    fn json_errors_are_classified() {
+        expect![[r#"
+            ok
+            bad_request The request body is empty; send a JSON object. {}
+            bad_request Malformed JSON: EOF while parsing an object at line 1 column 1. {}
+            bad_request Malformed JSON: trailing characters at line 1 column 14. {}
+            validation_error 1 invalid field: name. See field_errors. {"name": ["missing field `name`"]}
+            validation_error 1 invalid field: nmae. See field_errors. {"nmae": ["unknown field `nmae`, expected one of `name`, `account_id`, `kind`, `scopes`, `expires_at`"]}
+            validation_error 1 invalid field: name. See field_errors. {"name": ["invalid type: integer `5`, expected a string"]}
+            validation_error 1 invalid field: scopes[1]. See field_errors. {"scopes[1]": ["invalid type: integer `1`, expected a string"]}
+            validation_error 1 invalid field: kind. See field_errors. {"kind": ["unknown variant `root`, expected `master` or `usage`"]}
+            validation_error 1 invalid field: body. See field_errors. {"body": ["must be a JSON object"]}
+        "#]]
+        .assert_eq(
+            &[
+                r#"{"name":"ok"}"#,
+                "  ",
+                "{",
+                r#"{"name":"a"} {}"#,
+                "{}",
+                r#"{"nmae":"a"}"#,
+                r#"{"name":5}"#,
+                r#"{"name":"a","scopes":["x",1]}"#,
+                r#"{"name":"a","kind":"root"}"#,
+                "[]",
+            ]
+            .iter()
+            .map(|j| outcome(j) + "\n")
+            .collect::<String>(),
+        );
+    }
+}

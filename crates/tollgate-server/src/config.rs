@@ -1,0 +1,831 @@
+//! Configuration, in two steps.
+//!
+//! 1. **Raw**: the TOML file is split into its sections and each route, and each piece is read
+//!    into a serde type with `deny_unknown_fields`. Environment overrides are applied first.
+//! 2. **Validated**: [`Config::from_raw`] checks every value and turns it into runtime types.
+//!
+//! Both steps collect problems instead of stopping at the first, so an operator sees every
+//! mistake at once, each with its path (`routes[1].upstream: ...`).
+
+use http::header::HeaderName;
+use http::Uri;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+use tollgate_core::{KeyEnv, Nanos};
+use tollgate_wire::ErrorProfile;
+
+/// Paths Tollgate serves itself; no route prefix may overlap them.
+pub const RESERVED_PREFIXES: &[&str] = &["/api", "/console", "/healthz", "/readyz", "/metrics"];
+
+/// Environment variables that override config values. Only these are read; they are the
+/// documented list in `docs/config.md`.
+pub const ENV_OVERRIDES: &[(&str, &str, &str)] = &[
+    ("TOLLGATE_LISTEN", "server", "listen"),
+    ("TOLLGATE_DATABASE_URL", "store", "url"),
+    ("TOLLGATE_ADMIN_TOKEN", "admin", "token"),
+];
+
+const REDACTED: &str = "<redacted>";
+
+// ---------------------------------------------------------------------------------------------
+// Step 1: raw types, exactly what the file says.
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RawConfig {
+    pub server: RawServer,
+    pub store: RawStore,
+    pub admin: RawAdmin,
+    pub billing: RawBilling,
+    pub keys: RawKeys,
+    pub routes: Vec<RawRoute>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawServer {
+    pub listen: String,
+    pub api_prefix: String,
+    pub request_id_header: String,
+    pub max_body_bytes: u64,
+    pub key_cache_capacity: u64,
+}
+
+impl Default for RawServer {
+    fn default() -> Self {
+        RawServer {
+            listen: "127.0.0.1:8080".into(),
+            api_prefix: "/api/v1".into(),
+            request_id_header: "x-request-id".into(),
+            max_body_bytes: 10 * 1024 * 1024,
+            key_cache_capacity: 100_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawStore {
+    pub url: String,
+}
+
+impl Default for RawStore {
+    fn default() -> Self {
+        RawStore {
+            url: "sqlite://tollgate-data/tollgate.db".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawAdmin {
+    pub token: Option<Secret>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawBilling {
+    pub currency: String,
+    pub starter_credits: String,
+}
+
+impl Default for RawBilling {
+    fn default() -> Self {
+        RawBilling {
+            currency: "USD".into(),
+            starter_credits: "0".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawKeys {
+    /// `live` keys start `tg_live_`, `test` keys `tg_test_`.
+    pub env: KeyEnv,
+}
+
+impl Default for RawKeys {
+    fn default() -> Self {
+        RawKeys { env: KeyEnv::Live }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoute {
+    pub prefix: String,
+    pub upstream: String,
+    pub group: String,
+    #[serde(default)]
+    pub error_profile: ErrorProfile,
+    /// Flat price per request, a decimal string of credits.
+    #[serde(default = "zero")]
+    pub price: String,
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout: String,
+    /// How long the upstream may take to send its response headers.
+    #[serde(default = "default_timeout")]
+    pub timeout: String,
+    /// Headers added to every upstream request (e.g. the upstream's own API key). Secret.
+    #[serde(default)]
+    pub upstream_headers: BTreeMap<String, Secret>,
+    /// Index in the file's `routes` array, so messages name the route the operator wrote.
+    #[serde(skip)]
+    pub position: usize,
+}
+
+fn zero() -> String {
+    "0".into()
+}
+fn default_connect_timeout() -> String {
+    "5s".into()
+}
+fn default_timeout() -> String {
+    "60s".into()
+}
+
+impl RawConfig {
+    /// Reads TOML text, then applies the environment overrides in `env`. The environment is
+    /// passed in, never read here, so tests stay independent of the process. Reads as much as it
+    /// can: a section or route that does not parse is left out and its problem recorded.
+    fn read<I, K, V>(toml_text: &str, env: I, problems: &mut Problems) -> Option<RawConfig>
+    where
+        I: IntoIterator<Item = (K, V)>,
+        K: AsRef<str>,
+        V: Into<String>,
+    {
+        let mut table: toml::Table = match toml_text.parse() {
+            Ok(table) => table,
+            Err(e) => {
+                problems.push("", e.to_string().trim_end());
+                return None;
+            }
+        };
+        for (name, value) in env {
+            let Some((_, section, key)) =
+                ENV_OVERRIDES.iter().find(|(n, _, _)| *n == name.as_ref())
+            else {
+                continue;
+            };
+            let entry = table
+                .entry(section.to_string())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            match entry {
+                toml::Value::Table(section) => {
+                    section.insert(key.to_string(), toml::Value::String(value.into()));
+                }
+                _ => problems.push(section, "must be a table"),
+            }
+        }
+        let raw = RawConfig {
+            server: section(&mut table, "server", problems),
+            store: section(&mut table, "store", problems),
+            admin: section(&mut table, "admin", problems),
+            billing: section(&mut table, "billing", problems),
+            keys: section(&mut table, "keys", problems),
+            routes: routes(&mut table, problems),
+        };
+        for unknown in table.keys() {
+            problems.push(
+                unknown,
+                "unknown section (expected server, store, admin, billing, keys or routes)",
+            );
+        }
+        Some(raw)
+    }
+
+    /// The effective config as TOML, secrets replaced by `<redacted>`.
+    pub fn to_redacted_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+    }
+}
+
+fn section<T: DeserializeOwned + Default>(
+    table: &mut toml::Table,
+    key: &str,
+    problems: &mut Problems,
+) -> T {
+    match table.remove(key) {
+        None => T::default(),
+        Some(value) => deserialize_at(value, key, problems).unwrap_or_default(),
+    }
+}
+
+fn routes(table: &mut toml::Table, problems: &mut Problems) -> Vec<RawRoute> {
+    match table.remove("routes") {
+        None => Vec::new(),
+        Some(toml::Value::Array(items)) => items
+            .into_iter()
+            .enumerate()
+            .filter_map(|(i, item)| {
+                let mut route: RawRoute = deserialize_at(item, &format!("routes[{i}]"), problems)?;
+                route.position = i;
+                Some(route)
+            })
+            .collect(),
+        Some(_) => {
+            problems.push("routes", "must be an array of tables ([[routes]])");
+            Vec::new()
+        }
+    }
+}
+
+fn deserialize_at<T: DeserializeOwned>(
+    value: toml::Value,
+    at: &str,
+    problems: &mut Problems,
+) -> Option<T> {
+    match serde_path_to_error::deserialize(value) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            let inner = e.path().to_string();
+            let path = if inner == "." {
+                at.to_string()
+            } else {
+                format!("{at}.{inner}")
+            };
+            // toml's messages end with "in `field`" lines that repeat the path; keep the first line.
+            let message = e.into_inner().to_string();
+            problems.push(&path, message.lines().next().unwrap_or_default().trim());
+            None
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Step 2: validated runtime types.
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    /// Where the management API lives, e.g. `/api/v1` (no trailing slash).
+    pub api_prefix: String,
+    pub request_id_header: HeaderName,
+    pub max_body_bytes: u64,
+    pub key_cache_capacity: usize,
+    pub store: StoreConfig,
+    pub admin_token: Option<Secret>,
+    pub currency: String,
+    pub starter_credits: Nanos,
+    pub key_env: KeyEnv,
+    pub routes: Vec<RouteConfig>,
+    /// What was validated, for `check-config` to print.
+    pub raw: RawConfig,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum StoreConfig {
+    Sqlite { path: PathBuf },
+}
+
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    /// Normalised: starts with `/`, no trailing `/`.
+    pub prefix: String,
+    /// Normalised: no trailing `/`.
+    pub upstream: Uri,
+    pub group: String,
+    pub error_profile: ErrorProfile,
+    pub price: Nanos,
+    pub connect_timeout: Duration,
+    pub timeout: Duration,
+    pub upstream_headers: Vec<(HeaderName, Secret)>,
+}
+
+/// A secret value: read from config like a string, never shown by `Debug` or `Serialize`.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(REDACTED)
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(REDACTED)
+    }
+}
+
+impl Config {
+    /// Reads TOML text plus environment overrides and validates it all.
+    pub fn load<I, K, V>(toml_text: &str, env: I) -> Result<Config, ConfigErrors>
+    where
+        I: IntoIterator<Item = (K, V)>,
+        K: AsRef<str>,
+        V: Into<String>,
+    {
+        let mut problems = Problems::default();
+        match RawConfig::read(toml_text, env, &mut problems) {
+            Some(raw) => Config::validate(raw, problems),
+            None => Err(problems.into_errors()),
+        }
+    }
+
+    /// Validates a config built in code (the demo builds its own).
+    pub fn from_raw(raw: RawConfig) -> Result<Config, ConfigErrors> {
+        Config::validate(raw, Problems::default())
+    }
+
+    fn validate(raw: RawConfig, mut p: Problems) -> Result<Config, ConfigErrors> {
+        let s = &raw.server;
+
+        let listen = s
+            .listen
+            .parse::<SocketAddr>()
+            .map_err(|_| {
+                p.push(
+                    "server.listen",
+                    "must be an address and port, e.g. 127.0.0.1:8080",
+                )
+            })
+            .ok();
+        let api_prefix = s.api_prefix.trim_end_matches('/').to_string();
+        if !(api_prefix == "/api" || api_prefix.starts_with("/api/")) || !is_path(&api_prefix) {
+            p.push(
+                "server.api_prefix",
+                "must be a path under /api, e.g. /api/v1",
+            );
+        }
+        let request_id_header = HeaderName::from_bytes(s.request_id_header.as_bytes())
+            .map_err(|_| p.push("server.request_id_header", "must be a valid header name"))
+            .ok();
+        if s.max_body_bytes == 0 {
+            p.push("server.max_body_bytes", "must be at least 1");
+        }
+        if s.key_cache_capacity == 0 {
+            p.push("server.key_cache_capacity", "must be at least 1");
+        }
+
+        let store = parse_store_url(&raw.store.url)
+            .map_err(|m| p.push("store.url", m))
+            .ok();
+
+        let admin_token = raw.admin.token.as_ref().and_then(|Secret(token)| {
+            if token.len() < 16 {
+                p.push("admin.token", "must be at least 16 characters");
+                None
+            } else if token.starts_with("tg_") {
+                p.push(
+                    "admin.token",
+                    "must not start with tg_ (that prefix is for API keys)",
+                );
+                None
+            } else {
+                Some(Secret(token.clone()))
+            }
+        });
+
+        let currency = raw.billing.currency.clone();
+        if currency.len() != 3 || !currency.bytes().all(|b| b.is_ascii_uppercase()) {
+            p.push(
+                "billing.currency",
+                "must be a three-letter code in capitals, e.g. USD",
+            );
+        }
+        let starter_credits = Nanos::parse_credits(&raw.billing.starter_credits)
+            .map_err(|e| p.push("billing.starter_credits", e.to_string()))
+            .unwrap_or_default();
+
+        let mut routes: Vec<RouteConfig> = Vec::new();
+        let mut prefixes_seen: Vec<(String, usize)> = Vec::new();
+        for raw_route in &raw.routes {
+            let at = format!("routes[{}]", raw_route.position);
+            if let Some(route) = validate_route(raw_route, &at, &mut p) {
+                if let Some((_, first)) =
+                    prefixes_seen.iter().find(|(seen, _)| *seen == route.prefix)
+                {
+                    p.push(
+                        &format!("{at}.prefix"),
+                        format!(
+                            "'{}' is already the prefix of routes[{first}]",
+                            route.prefix
+                        ),
+                    );
+                }
+                prefixes_seen.push((route.prefix.clone(), raw_route.position));
+                routes.push(route);
+            }
+        }
+
+        match (listen, request_id_header, store) {
+            (Some(listen), Some(request_id_header), Some(store)) if p.is_empty() => Ok(Config {
+                listen,
+                api_prefix,
+                request_id_header,
+                max_body_bytes: s.max_body_bytes,
+                key_cache_capacity: usize::try_from(s.key_cache_capacity).unwrap_or(usize::MAX),
+                store,
+                admin_token,
+                currency,
+                starter_credits,
+                key_env: raw.keys.env,
+                routes,
+                raw,
+            }),
+            _ => Err(p.into_errors()),
+        }
+    }
+
+    /// Route groups that scopes may name.
+    pub fn route_groups(&self) -> impl Iterator<Item = &str> {
+        self.routes.iter().map(|r| r.group.as_str())
+    }
+}
+
+fn validate_route(raw: &RawRoute, at: &str, p: &mut Problems) -> Option<RouteConfig> {
+    let before = p.len();
+    let prefix = raw.prefix.trim_end_matches('/').to_string();
+    if !raw.prefix.starts_with('/') || !is_path(&raw.prefix) {
+        p.push(
+            &format!("{at}.prefix"),
+            "must be a path starting with /, e.g. /v1",
+        );
+    } else if prefix.is_empty() {
+        p.push(
+            &format!("{at}.prefix"),
+            "'/' would capture the management API, console, docs, health and metrics paths",
+        );
+    } else if let Some(reserved) = RESERVED_PREFIXES.iter().find(|r| overlaps(&prefix, r)) {
+        p.push(
+            &format!("{at}.prefix"),
+            format!(
+                "'{}' overlaps '{reserved}', which Tollgate serves itself",
+                raw.prefix
+            ),
+        );
+    }
+    let upstream = match raw.upstream.parse::<Uri>() {
+        Ok(uri)
+            if matches!(uri.scheme_str(), Some("http") | Some("https"))
+                && uri.host().is_some()
+                && uri.query().is_none() =>
+        {
+            let trimmed = raw.upstream.trim_end_matches('/');
+            trimmed.parse::<Uri>().ok()
+        }
+        _ => None,
+    };
+    if upstream.is_none() {
+        p.push(
+            &format!("{at}.upstream"),
+            "must be an http:// or https:// URL with a host and no query, e.g. https://api.example.com/v1",
+        );
+    }
+    if raw.group.is_empty()
+        || raw.group == "*"
+        || !raw
+            .group
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        p.push(
+            &format!("{at}.group"),
+            "must be a name of letters, digits, '-' and '_'",
+        );
+    }
+    let price = Nanos::parse_credits(&raw.price)
+        .map_err(|e| p.push(&format!("{at}.price"), e.to_string()))
+        .ok();
+    let mut duration = |field: &str, text: &str| match humantime::parse_duration(text) {
+        Ok(d) if !d.is_zero() => Some(d),
+        _ => {
+            p.push(
+                &format!("{at}.{field}"),
+                "must be a positive duration, e.g. \"5s\" or \"500ms\"",
+            );
+            None
+        }
+    };
+    let connect_timeout = duration("connect_timeout", &raw.connect_timeout);
+    let timeout = duration("timeout", &raw.timeout);
+    let mut upstream_headers = Vec::new();
+    for (name, value) in &raw.upstream_headers {
+        let field = format!("{at}.upstream_headers.{name}");
+        match HeaderName::from_bytes(name.as_bytes()) {
+            Ok(header) if crate::proxy::is_hop_by_hop(&header) || header == http::header::HOST => {
+                p.push(&field, "is managed by the proxy and cannot be set");
+            }
+            Ok(header) if http::HeaderValue::from_str(&value.0).is_ok() => {
+                upstream_headers.push((header, value.clone()));
+            }
+            Ok(_) => p.push(&field, "value is not a valid header value"),
+            Err(_) => p.push(&field, "is not a valid header name"),
+        }
+    }
+    if p.len() > before {
+        return None;
+    }
+    Some(RouteConfig {
+        prefix,
+        upstream: upstream?,
+        group: raw.group.clone(),
+        error_profile: raw.error_profile,
+        price: price?,
+        connect_timeout: connect_timeout?,
+        timeout: timeout?,
+        upstream_headers,
+    })
+}
+
+/// Whether two normalised path prefixes can match the same request path.
+fn overlaps(a: &str, b: &str) -> bool {
+    let under = |x: &str, y: &str| x == y || x.starts_with(&format!("{y}/"));
+    under(a, b) || under(b, a)
+}
+
+fn is_path(text: &str) -> bool {
+    text.starts_with('/')
+        && !text.contains("//")
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"/-_.~".contains(&b))
+}
+
+fn parse_store_url(url: &str) -> Result<StoreConfig, String> {
+    if let Some(path) = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))
+    {
+        if path.is_empty() {
+            return Err(
+                "sqlite URL needs a file path, e.g. sqlite://tollgate-data/tollgate.db".into(),
+            );
+        }
+        return Ok(StoreConfig::Sqlite {
+            path: PathBuf::from(path),
+        });
+    }
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        return Err(
+            "PostgreSQL (cluster mode) is not available in this version; use sqlite://".into(),
+        );
+    }
+    Err("must be a sqlite:// URL, e.g. sqlite://tollgate-data/tollgate.db".into())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Problems, collected.
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigProblem {
+    pub path: String,
+    pub message: String,
+}
+
+/// Every problem found in a config, in file order.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<ConfigProblem>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.0.len();
+        writeln!(
+            f,
+            "{n} problem{} in the config:",
+            if n == 1 { "" } else { "s" }
+        )?;
+        for problem in &self.0 {
+            if problem.path.is_empty() {
+                writeln!(f, "  - {}", problem.message)?;
+            } else {
+                writeln!(f, "  - {}: {}", problem.path, problem.message)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Default)]
+struct Problems(Vec<ConfigProblem>);
+
+impl Problems {
+    fn push(&mut self, path: &str, message: impl Into<String>) {
+        self.0.push(ConfigProblem {
+            path: path.to_string(),
+            message: message.into(),
+        });
+    }
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+    fn into_errors(self) -> ConfigErrors {
+        ConfigErrors(self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use expect_test::expect;
+
+    const NO_ENV: [(&str, &str); 0] = [];
+
+    fn problems(toml: &str) -> String {
+        match Config::load(toml, NO_ENV) {
+            Ok(_) => "ok".into(),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn empty_file_is_a_valid_config_with_defaults() {
+        let config = Config::load("", NO_ENV).unwrap();
+        assert_eq!(config.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(config.api_prefix, "/api/v1");
+        assert_eq!(config.currency, "USD");
+        assert_eq!(
+            config.store,
+            StoreConfig::Sqlite {
+                path: "tollgate-data/tollgate.db".into()
+            }
+        );
+        assert!(config.routes.is_empty());
+    }
+
+    #[test]
+    fn a_full_route_is_normalised() {
+        let config = Config::load(
+            r#"
+            [[routes]]
+            prefix = "/echo/"
+            upstream = "http://127.0.0.1:9000/echo/"
+            group = "echo"
+            error_profile = "problem"
+            price = "0.001"
+            connect_timeout = "250ms"
+            timeout = "3s"
+            upstream_headers = { authorization = "Bearer sk-upstream" }
+            "#,
+            NO_ENV,
+        )
+        .unwrap();
+        let route = &config.routes[0];
+        assert_eq!(route.prefix, "/echo");
+        assert_eq!(route.upstream.to_string(), "http://127.0.0.1:9000/echo");
+        assert_eq!(route.error_profile, ErrorProfile::Problem);
+        assert_eq!(route.price, Nanos(1_000_000));
+        assert_eq!(route.connect_timeout, Duration::from_millis(250));
+        assert_eq!(route.timeout, Duration::from_secs(3));
+        assert_eq!(route.upstream_headers[0].1 .0, "Bearer sk-upstream");
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once_with_its_path() {
+        expect![[r#"
+            8 problems in the config:
+              - server.lisen: unknown field `lisen`, expected one of `listen`, `api_prefix`, `request_id_header`, `max_body_bytes`, `key_cache_capacity`
+              - routes[0].upstream: invalid type: integer `5`, expected a string
+              - routes[2]: missing field `group`
+              - surprise: unknown section (expected server, store, admin, billing, keys or routes)
+              - billing.currency: must be a three-letter code in capitals, e.g. USD
+              - routes[1].prefix: '/api/v2' overlaps '/api', which Tollgate serves itself
+              - routes[1].price: '-1' is negative; amounts here must be zero or more
+              - routes[1].timeout: must be a positive duration, e.g. "5s" or "500ms"
+        "#]]
+        .assert_eq(&problems(
+            r#"
+            surprise = 1
+            [server]
+            lisen = "x"
+            [billing]
+            currency = "usd"
+            [[routes]]
+            prefix = "/a"
+            upstream = 5
+            group = "a"
+            [[routes]]
+            prefix = "/api/v2"
+            upstream = "http://h"
+            group = "g"
+            price = "-1"
+            timeout = "0s"
+            [[routes]]
+            prefix = "/c"
+            upstream = "http://h"
+            "#,
+        ));
+    }
+
+    #[test]
+    fn reserved_and_overlapping_prefixes_are_rejected() {
+        for prefix in [
+            "/",
+            "/api",
+            "/api/v1/x",
+            "/console/",
+            "/healthz",
+            "/readyz/x",
+            "/metrics",
+        ] {
+            let text = format!(
+                "[[routes]]\nprefix = \"{prefix}\"\nupstream = \"http://h\"\ngroup = \"g\"\n"
+            );
+            let out = problems(&text);
+            assert!(out.contains("routes[0].prefix"), "{prefix}: {out}");
+        }
+        // Sharing a first letter is not an overlap.
+        let ok = "[[routes]]\nprefix = \"/apix\"\nupstream = \"http://h\"\ngroup = \"g\"\n";
+        assert_eq!(problems(ok), "ok");
+    }
+
+    #[test]
+    fn duplicate_prefixes_are_rejected() {
+        let text = "[[routes]]\nprefix = \"/a\"\nupstream = \"http://h\"\ngroup = \"g\"\n\
+                    [[routes]]\nprefix = \"/a/\"\nupstream = \"http://h\"\ngroup = \"g\"\n";
+        assert!(
+            problems(text).contains("routes[1].prefix: '/a' is already the prefix of routes[0]")
+        );
+    }
+
+    #[test]
+    fn bad_upstreams_and_headers_are_named() {
+        let text = "[[routes]]\nprefix = \"/a\"\nupstream = \"ftp://h\"\ngroup = \"g\"\n\
+                    upstream_headers = { connection = \"x\", \"bad name\" = \"y\" }\n";
+        let out = problems(text);
+        assert!(out.contains("routes[0].upstream:"), "{out}");
+        assert!(
+            out.contains("routes[0].upstream_headers.connection: is managed by the proxy"),
+            "{out}"
+        );
+        assert!(
+            out.contains("routes[0].upstream_headers.bad name: is not a valid header name"),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn toml_syntax_errors_say_where() {
+        let out = problems("[server\nlisten = 1");
+        assert!(out.starts_with("1 problem in the config:"), "{out}");
+        assert!(out.contains("line 1"), "{out}");
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        let config = Config::load(
+            "[server]\nlisten = \"127.0.0.1:1\"\n",
+            [
+                ("TOLLGATE_LISTEN", "127.0.0.1:2"),
+                ("TOLLGATE_ADMIN_TOKEN", "an-admin-token-long-enough"),
+                ("TOLLGATE_DATABASE_URL", "sqlite:///tmp/x.db"),
+                ("TOLLGATE_UNRELATED", "ignored"),
+                ("PATH", "/bin"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(config.listen.to_string(), "127.0.0.1:2");
+        assert_eq!(
+            config.admin_token,
+            Some(Secret("an-admin-token-long-enough".into()))
+        );
+        assert_eq!(
+            config.store,
+            StoreConfig::Sqlite {
+                path: "/tmp/x.db".into()
+            }
+        );
+    }
+
+    #[test]
+    fn secrets_never_print() {
+        let config = Config::load(
+            "[admin]\ntoken = \"super-secret-admin-token\"\n\
+             [[routes]]\nprefix = \"/a\"\nupstream = \"http://h\"\ngroup = \"g\"\n\
+             upstream_headers = { authorization = \"Bearer sk-upstream-secret\" }\n",
+            NO_ENV,
+        )
+        .unwrap();
+        let printed = format!("{}{config:?}", config.raw.to_redacted_toml());
+        assert!(!printed.contains("super-secret-admin-token"));
+        assert!(!printed.contains("sk-upstream-secret"));
+        assert!(
+            printed.contains("authorization = \"<redacted>\""),
+            "{printed}"
+        );
+    }
+
+    #[test]
+    fn weak_admin_tokens_and_other_stores_are_refused() {
+        let out = problems("[admin]\ntoken = \"short\"\n[store]\nurl = \"postgres://x\"\n");
+        assert!(
+            out.contains("admin.token: must be at least 16 characters"),
+            "{out}"
+        );
+        assert!(
+            out.contains("store.url: PostgreSQL (cluster mode) is not available"),
+            "{out}"
+        );
+    }
+}

@@ -1,0 +1,254 @@
+//! `tollgate demo`: the whole product on one machine with nothing installed.
+//!
+//! Starts the mock upstream on its own loopback port, routes `/v1` (OpenAI), `/anthropic`
+//! (Anthropic) and `/echo` to it, opens SQLite in the data dir, and on first start creates an
+//! account with starter credits, a master key and an admin token. They are kept in
+//! `<data dir>/demo.json` (mode 0600) so a restart reuses them. Only the demo keeps a key's
+//! plaintext anywhere: a demo must be able to print its key again.
+
+use crate::config::{Config, RawAdmin, RawBilling, RawConfig, RawRoute, RawServer, RawStore};
+use crate::Application;
+use serde::{Deserialize, Serialize};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use tollgate_core::key::random_base62;
+use tollgate_core::{AccountId, ApiKey, KeyStatus};
+use tollgate_mock::MockUpstream;
+use tollgate_wire::ErrorProfile;
+
+pub const STARTER_CREDITS: &str = "10";
+const STATE_FILE: &str = "demo.json";
+
+pub struct DemoOptions {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct DemoState {
+    account_id: AccountId,
+    master_key: String,
+    admin_token: String,
+}
+
+pub struct Demo {
+    app: Application,
+    mock: MockUpstream,
+    state: DemoState,
+    data_dir: PathBuf,
+    reused: bool,
+}
+
+impl Demo {
+    pub async fn start(options: DemoOptions) -> anyhow::Result<Demo> {
+        std::fs::create_dir_all(&options.data_dir)
+            .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", options.data_dir.display()))?;
+        let mock = MockUpstream::start(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
+        let saved = read_state(&options.data_dir)?;
+        let admin_token = saved
+            .as_ref()
+            .map(|s| s.admin_token.clone())
+            .unwrap_or_else(|| format!("tga_{}", random_base62(32)));
+        let config = Config::from_raw(demo_config(&options, &mock, &admin_token))
+            .map_err(|e| anyhow::anyhow!("demo config: {e}"))?;
+        let starter_credits = config.starter_credits;
+        let app = Application::build(config).await?;
+        let store = app.state().store.clone();
+
+        // Reuse the saved account if its master key still works; otherwise make a new one.
+        let mut reusable = None;
+        if let Some(saved) = saved {
+            if let Ok(key) = ApiKey::parse(&saved.master_key) {
+                let record = store.key_by_hash(&key.hash()).await?;
+                if record.is_some_and(|r| {
+                    r.status == KeyStatus::Active && r.account_id == saved.account_id
+                }) {
+                    reusable = Some(saved);
+                }
+            }
+        }
+        let reused = reusable.is_some();
+        let state = match reusable {
+            Some(state) => state,
+            None => {
+                let account_id = AccountId::new();
+                let secret = ApiKey::generate(app.state().config.key_env);
+                let now = app.state().clock.now();
+                let record = tollgate_store::KeyRecord {
+                    id: tollgate_core::KeyId::new(),
+                    account_id,
+                    hash: secret.hash(),
+                    display_prefix: secret.display_prefix().to_string(),
+                    kind: tollgate_core::KeyKind::Master,
+                    status: KeyStatus::Active,
+                    name: "demo master key".into(),
+                    scopes: vec!["*".into()],
+                    expires_at: None,
+                    created_at: now,
+                    revoked_at: None,
+                };
+                store
+                    .create_account(account_id, "Demo account", starter_credits, record, now)
+                    .await?;
+                let state = DemoState {
+                    account_id,
+                    master_key: secret.expose().to_string(),
+                    admin_token,
+                };
+                write_state(&options.data_dir, &state)?;
+                state
+            }
+        };
+        Ok(Demo {
+            app,
+            mock,
+            state,
+            data_dir: options.data_dir,
+            reused,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.app.local_addr()
+    }
+
+    /// The welcome text: where things are, curl calls that work as printed, and the three
+    /// `NAME=value` lines scripts read.
+    pub fn welcome(&self) -> String {
+        let url = format!("http://{}", self.local_addr());
+        let key = &self.state.master_key;
+        let admin = &self.state.admin_token;
+        let api = &self.app.state().config.api_prefix;
+        let account = if self.reused {
+            "reused from the last run"
+        } else {
+            "new"
+        };
+        format!(
+            r#"Tollgate demo is running.
+
+  Gateway        {url}
+  Mock upstream  {mock} (OpenAI API at {url}/v1, Anthropic API at {url}/anthropic, echo API at {url}/echo)
+  Data           {data} (SQLite: tollgate.db; demo secrets: {STATE_FILE})
+  Account        {account_id} ({account}; {STARTER_CREDITS} USD starter credits on creation)
+
+Try it (copy and paste):
+
+  # An echo call through the gateway
+  curl -s {url}/echo/hello -H "Authorization: Bearer {key}"
+
+  # An OpenAI-compatible chat completion (any OpenAI client works with base URL {url}/v1)
+  curl -s {url}/v1/chat/completions -H "Authorization: Bearer {key}" -H "Content-Type: application/json" -d '{{"model":"mock-gpt","messages":[{{"role":"user","content":"Hello!"}}]}}'
+
+  # The same, streamed as server-sent events, one chunk every 200 ms
+  curl -sN {url}/v1/chat/completions -H "Authorization: Bearer {key}" -H "x-mock-chunk-delay-ms: 200" -H "Content-Type: application/json" -d '{{"model":"mock-gpt","stream":true,"stream_options":{{"include_usage":true}},"messages":[{{"role":"user","content":"Hello!"}}]}}'
+
+  # An Anthropic-compatible message
+  curl -s {url}/anthropic/v1/messages -H "x-api-key: {key}" -H "Content-Type: application/json" -d '{{"model":"mock-claude","max_tokens":64,"messages":[{{"role":"user","content":"Hello!"}}]}}'
+
+  # Who am I? (verify a key)
+  curl -s {url}{api}/key -H "Authorization: Bearer {key}"
+
+  # A call without a key: 401 invalid_api_key in the error envelope
+  curl -si {url}/echo/hello
+
+  # Create a usage key limited to the echo route group
+  curl -s {url}{api}/keys -H "Authorization: Bearer {key}" -H "Content-Type: application/json" -d '{{"name":"echo only","scopes":["echo"]}}'
+
+For scripts:
+TOLLGATE_URL={url}
+TOLLGATE_DEMO_KEY={key}
+TOLLGATE_ADMIN_TOKEN={admin}
+"#,
+            mock = self.mock.url(),
+            data = self.data_dir.display(),
+            account_id = self.state.account_id,
+        )
+    }
+
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let Demo { app, mock, .. } = self;
+        let result = app.run_until_stopped(shutdown).await;
+        drop(mock);
+        result
+    }
+}
+
+fn demo_config(options: &DemoOptions, mock: &MockUpstream, admin_token: &str) -> RawConfig {
+    let route =
+        |prefix: &str, upstream_path: &str, group: &str, profile: ErrorProfile, price: &str| {
+            RawRoute {
+                prefix: prefix.into(),
+                upstream: format!("{}{upstream_path}", mock.url()),
+                group: group.into(),
+                error_profile: profile,
+                price: price.into(),
+                connect_timeout: "2s".into(),
+                timeout: "60s".into(),
+                upstream_headers: Default::default(),
+                position: 0,
+            }
+        };
+    let mut routes = vec![
+        route("/v1", "/v1", "openai", ErrorProfile::Openai, "0.002"),
+        route(
+            "/anthropic",
+            "",
+            "anthropic",
+            ErrorProfile::Anthropic,
+            "0.002",
+        ),
+        route("/echo", "/echo", "echo", ErrorProfile::Native, "0.001"),
+    ];
+    for (i, route) in routes.iter_mut().enumerate() {
+        route.position = i;
+    }
+    RawConfig {
+        server: RawServer {
+            listen: options.listen.to_string(),
+            ..RawServer::default()
+        },
+        store: RawStore {
+            url: format!(
+                "sqlite://{}",
+                options.data_dir.join("tollgate.db").display()
+            ),
+        },
+        admin: RawAdmin {
+            token: Some(crate::config::Secret(admin_token.to_string())),
+        },
+        billing: RawBilling {
+            starter_credits: STARTER_CREDITS.into(),
+            ..RawBilling::default()
+        },
+        keys: Default::default(),
+        routes,
+    }
+}
+
+fn read_state(dir: &Path) -> anyhow::Result<Option<DemoState>> {
+    let path = dir.join(STATE_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => Ok(serde_json::from_str(&text).ok()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(anyhow::anyhow!("cannot read {}: {e}", path.display())),
+    }
+}
+
+fn write_state(dir: &Path, state: &DemoState) -> anyhow::Result<()> {
+    use std::io::Write;
+    let path = dir.join(STATE_FILE);
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options
+        .open(&path)
+        .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
+    file.write_all(serde_json::to_string_pretty(state)?.as_bytes())?;
+    Ok(())
+}

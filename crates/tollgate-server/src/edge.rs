@@ -1,0 +1,107 @@
+//! The outermost layers every response passes through, proxied or not.
+//!
+//! - [`request_id`] gives each request its `req_<ULID>` and stamps it on the response.
+//! - [`rescue`] turns an [`HttpError`](crate::error::HttpError) into the error envelope of the
+//!   route's profile, adds `X-Tollgate-Error`, `x-should-retry` and `Retry-After`, and logs it.
+//!   **Architecture Invariant:** nothing else builds error bodies.
+
+use crate::state::AppState;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderName, HeaderValue};
+use axum::middleware::Next;
+use axum::response::Response;
+use tollgate_core::{ApiError, RequestId};
+use tollgate_wire::{render_error, ErrorProfile};
+
+pub const TOLLGATE_ERROR: HeaderName = HeaderName::from_static("x-tollgate-error");
+pub const SHOULD_RETRY: HeaderName = HeaderName::from_static("x-should-retry");
+/// Anthropic's SDKs read the request ID from this header.
+pub const ANTHROPIC_REQUEST_ID: HeaderName = HeaderName::from_static("request-id");
+
+/// A client-sent request ID, kept for the logs (and later the usage log) but never trusted.
+#[derive(Debug, Clone)]
+pub struct ClientRequestId(pub String);
+
+pub async fn request_id(
+    State(state): State<AppState>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let id = RequestId::new();
+    let header = &state.config.request_id_header;
+    if let Some(client_id) = request.headers().get(header).and_then(|v| v.to_str().ok()) {
+        let client_id = client_id.chars().take(200).collect();
+        request.extensions_mut().insert(ClientRequestId(client_id));
+    }
+    request.extensions_mut().insert(id);
+    let mut response = next.run(request).await;
+    if let Ok(value) = HeaderValue::from_str(&id.to_string()) {
+        response.headers_mut().insert(header.clone(), value);
+    }
+    response
+}
+
+pub async fn rescue(request: Request, next: Next) -> Response {
+    let id = request
+        .extensions()
+        .get::<RequestId>()
+        .copied()
+        .unwrap_or_default();
+    let mut response = next.run(request).await;
+    let Some(error) = response.extensions_mut().remove::<ApiError>() else {
+        return response;
+    };
+    let profile = response
+        .extensions()
+        .get::<ErrorProfile>()
+        .copied()
+        .unwrap_or_default();
+    log(&error);
+    render(response.status(), &error, profile, id)
+}
+
+fn log(error: &ApiError) {
+    let info = error.code.info();
+    if info.status >= 500 {
+        tracing::error!(code = %error.code, status = info.status, message = %error.message, "request failed");
+    } else {
+        tracing::info!(code = %error.code, status = info.status, message = %error.message, "request rejected");
+    }
+}
+
+fn render(
+    status: axum::http::StatusCode,
+    error: &ApiError,
+    profile: ErrorProfile,
+    id: RequestId,
+) -> Response {
+    let rendered = render_error(profile, error, &id);
+    let body = serde_json::to_vec(&rendered.body).unwrap_or_default();
+    let mut response = Response::new(Body::from(body));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static(rendered.content_type),
+    );
+    headers.insert(
+        TOLLGATE_ERROR,
+        HeaderValue::from_static(error.code.as_str()),
+    );
+    let should_retry = if error.code.info().retryable {
+        "true"
+    } else {
+        "false"
+    };
+    headers.insert(SHOULD_RETRY, HeaderValue::from_static(should_retry));
+    if let Some(seconds) = error.retry_after_s {
+        headers.insert(http::header::RETRY_AFTER, HeaderValue::from(seconds));
+    }
+    if profile == ErrorProfile::Anthropic {
+        if let Ok(value) = HeaderValue::from_str(&id.to_string()) {
+            headers.insert(ANTHROPIC_REQUEST_ID, value);
+        }
+    }
+    response
+}

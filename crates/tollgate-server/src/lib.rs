@@ -1,0 +1,16 @@
+//! Tollgate's server: config, the data-plane proxy, the management API and health endpoints,
+//! composed over the store and the pure core. The `tollgate` binary is a thin CLI over this.
+
+pub mod api;
+pub mod app;
+pub mod auth;
+pub mod config;
+pub mod demo;
+pub mod edge;
+pub mod error;
+pub mod health;
+pub mod proxy;
+pub mod state;
+
+pub use app::Application;
+pub use config::Config;

@@ -1,0 +1,379 @@
+//! The data plane: match a route, authenticate, forward to the upstream, stream the answer back.
+//!
+//! Bodies stream both ways: the request body is forwarded as it arrives (counted against the
+//! size limit as it goes), and the upstream's response body, SSE included, leaves chunk by chunk
+//! as it arrives. Upstream responses of every status are passed through as they are; only errors
+//! Tollgate originates use the envelope.
+
+use crate::auth::{authenticate_key, presented_secret};
+use crate::config::RouteConfig;
+use crate::edge::ANTHROPIC_REQUEST_ID;
+use crate::error::HttpError;
+use crate::state::AppState;
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Uri};
+use axum::response::{IntoResponse, Response};
+use http_body_util::{LengthLimitError, Limited};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use std::net::SocketAddr;
+use std::time::Duration;
+use tollgate_core::{ErrorCode, RequestId};
+use tollgate_wire::ErrorProfile;
+
+type UpstreamClient = Client<HttpsConnector<HttpConnector>, Limited<Body>>;
+
+/// Idle upstream connections are kept this long for reuse.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// The upstream's own request ID is kept under this name; `x-request-id` is Tollgate's.
+const UPSTREAM_REQUEST_ID: HeaderName = HeaderName::from_static("x-upstream-request-id");
+
+pub struct Route {
+    pub config: RouteConfig,
+    client: UpstreamClient,
+}
+
+/// Routes by prefix, longest first, each with its own pooled keep-alive client.
+pub struct RouteTable {
+    routes: Vec<Route>,
+}
+
+impl RouteTable {
+    pub fn new(configs: &[RouteConfig]) -> RouteTable {
+        let mut routes: Vec<Route> = configs
+            .iter()
+            .map(|config| Route {
+                client: upstream_client(config),
+                config: config.clone(),
+            })
+            .collect();
+        routes.sort_by(|a, b| b.config.prefix.len().cmp(&a.config.prefix.len()));
+        RouteTable { routes }
+    }
+
+    /// The route serving `path`, and the rest of the path after its prefix.
+    pub fn resolve<'a>(&self, path: &'a str) -> Option<(&Route, &'a str)> {
+        self.routes.iter().find_map(|route| {
+            let rest = path.strip_prefix(route.config.prefix.as_str())?;
+            (rest.is_empty() || rest.starts_with('/')).then_some((route, rest))
+        })
+    }
+}
+
+fn upstream_client(route: &RouteConfig) -> UpstreamClient {
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_connect_timeout(Some(route.connect_timeout));
+    http.set_nodelay(true);
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_webpki_roots()
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(http);
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+        .build(https)
+}
+
+/// The fallback handler: every path that is not Tollgate's own goes through here.
+pub async fn proxy(State(state): State<AppState>, request: Request) -> Response {
+    let path = request.uri().path().to_string();
+    let Some((route, rest)) = state.routes.resolve(&path) else {
+        return HttpError::new(
+            ErrorCode::NotFound,
+            format!("No route for {} {path}.", request.method()),
+        )
+        .into_response();
+    };
+    let profile = route.config.error_profile;
+    let peer = request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|ConnectInfo(addr)| *addr);
+    let request_id = request
+        .extensions()
+        .get::<RequestId>()
+        .copied()
+        .unwrap_or_default();
+    match forward(&state, route, rest, peer, request_id, request).await {
+        Ok(mut response) => {
+            // Anthropic clients read the request ID from `request-id`; errors get it in rescue.
+            if profile == ErrorProfile::Anthropic {
+                if let Ok(value) = HeaderValue::from_str(&request_id.to_string()) {
+                    response.headers_mut().insert(ANTHROPIC_REQUEST_ID, value);
+                }
+            }
+            response
+        }
+        Err(error) => error.in_profile(profile).into_response(),
+    }
+}
+
+async fn forward(
+    state: &AppState,
+    route: &Route,
+    rest: &str,
+    peer: Option<SocketAddr>,
+    request_id: RequestId,
+    request: Request,
+) -> Result<Response, HttpError> {
+    let key = authenticate_key(state, presented_secret(request.headers())).await?;
+    if !key
+        .scopes
+        .iter()
+        .any(|s| s == "*" || *s == route.config.group)
+    {
+        return Err(HttpError::from(
+            tollgate_core::ApiError::new(
+                ErrorCode::InsufficientScope,
+                format!(
+                    "This key's scopes do not include the route group '{}'. Use a key with that scope.",
+                    route.config.group
+                ),
+            )
+            .with_detail("required_scope", route.config.group.clone()),
+        ));
+    }
+    let limit = state.config.max_body_bytes;
+    let declared = request
+        .headers()
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > limit) {
+        return Err(payload_too_large(limit));
+    }
+
+    let (parts, body) = request.into_parts();
+    let uri = upstream_uri(&route.config.upstream, rest, parts.uri.query())?;
+    let mut upstream_request = http::Request::builder()
+        .method(parts.method)
+        .uri(uri)
+        .body(Limited::new(
+            body,
+            usize::try_from(limit).unwrap_or(usize::MAX),
+        ))
+        .map_err(|e| {
+            HttpError::new(
+                ErrorCode::BadRequest,
+                format!("Cannot forward this request: {e}."),
+            )
+        })?;
+    let headers = upstream_request.headers_mut();
+    *headers = forwardable_request_headers(&parts.headers);
+    if let Ok(value) = HeaderValue::from_str(&request_id.to_string()) {
+        headers.insert(state.config.request_id_header.clone(), value);
+    }
+    if let Some(peer) = peer {
+        append_forwarded_for(headers, peer);
+    }
+    for (name, value) in &route.config.upstream_headers {
+        if let Ok(value) = HeaderValue::from_str(&value.0) {
+            headers.insert(name.clone(), value);
+        }
+    }
+
+    let response = match tokio::time::timeout(
+        route.config.timeout,
+        route.client.request(upstream_request),
+    )
+    .await
+    {
+        Err(_elapsed) => {
+            return Err(HttpError::new(
+                ErrorCode::UpstreamTimeout,
+                format!(
+                    "The upstream did not answer within {} ms. Nothing was charged.",
+                    route.config.timeout.as_millis()
+                ),
+            ))
+        }
+        Ok(Err(e)) if caused_by_body_limit(&e) => return Err(payload_too_large(limit)),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, upstream = %route.config.upstream, "upstream request failed");
+            let reason = if e.is_connect() {
+                "could not be reached"
+            } else {
+                "broke the connection"
+            };
+            return Err(HttpError::new(
+                ErrorCode::UpstreamError,
+                format!("The upstream {reason}. Nothing was charged; retry shortly."),
+            ));
+        }
+        Ok(Ok(response)) => response,
+    };
+
+    let (mut parts, body) = response.into_parts();
+    parts.headers = passable_response_headers(&parts.headers, &state.config.request_id_header);
+    Ok(Response::from_parts(parts, Body::new(body)))
+}
+
+fn payload_too_large(limit: u64) -> HttpError {
+    tollgate_core::ApiError::new(
+        ErrorCode::PayloadTooLarge,
+        format!("The request body is larger than the limit of {limit} bytes."),
+    )
+    .with_detail("limit_bytes", limit)
+    .into()
+}
+
+fn caused_by_body_limit(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(error);
+    while let Some(e) = source {
+        if e.is::<LengthLimitError>() {
+            return true;
+        }
+        source = e.source();
+    }
+    false
+}
+
+fn upstream_uri(base: &Uri, rest: &str, query: Option<&str>) -> Result<Uri, HttpError> {
+    let base_path = base.path().trim_end_matches('/');
+    let path_and_query = match query {
+        Some(q) => format!("{base_path}{rest}?{q}"),
+        None if base_path.is_empty() && rest.is_empty() => "/".to_string(),
+        None => format!("{base_path}{rest}"),
+    };
+    let mut parts = base.clone().into_parts();
+    parts.path_and_query = Some(path_and_query.parse().map_err(|_| {
+        HttpError::new(
+            ErrorCode::BadRequest,
+            "The request path cannot be forwarded.",
+        )
+    })?);
+    Uri::from_parts(parts).map_err(|_| {
+        HttpError::new(
+            ErrorCode::BadRequest,
+            "The request path cannot be forwarded.",
+        )
+    })
+}
+
+/// Headers meaningful for one connection only (RFC 9110 §7.6.1); never forwarded.
+pub fn is_hop_by_hop(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "proxy-connection"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+    )
+}
+
+/// Headers named in `Connection` are hop-by-hop too.
+fn connection_listed(headers: &HeaderMap) -> Vec<String> {
+    headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|name| name.trim().to_ascii_lowercase())
+        .collect()
+}
+
+/// The client's headers minus hop-by-hop ones, `Host` (set from the upstream URL) and the
+/// client's Tollgate credentials, which never reach the upstream.
+fn forwardable_request_headers(incoming: &HeaderMap) -> HeaderMap {
+    let listed = connection_listed(incoming);
+    let mut out = HeaderMap::with_capacity(incoming.len());
+    for (name, value) in incoming {
+        let drop = is_hop_by_hop(name)
+            || listed.iter().any(|l| l == name.as_str())
+            || name == http::header::HOST
+            || name == http::header::AUTHORIZATION
+            || name == "x-api-key";
+        if !drop {
+            out.append(name.clone(), value.clone());
+        }
+    }
+    out
+}
+
+fn append_forwarded_for(headers: &mut HeaderMap, peer: SocketAddr) {
+    let ip = peer.ip().to_string();
+    let value = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(existing) => format!("{existing}, {ip}"),
+        None => ip,
+    };
+    if let Ok(value) = HeaderValue::from_str(&value) {
+        headers.insert("x-forwarded-for", value);
+    }
+}
+
+/// The upstream's headers minus hop-by-hop ones. Its own request ID is kept as
+/// `x-upstream-request-id`, since the request-ID header carries Tollgate's.
+fn passable_response_headers(incoming: &HeaderMap, request_id_header: &HeaderName) -> HeaderMap {
+    let listed = connection_listed(incoming);
+    let mut out = HeaderMap::with_capacity(incoming.len());
+    for (name, value) in incoming {
+        if is_hop_by_hop(name) || listed.iter().any(|l| l == name.as_str()) {
+            continue;
+        }
+        if name == request_id_header || name == ANTHROPIC_REQUEST_ID {
+            out.append(UPSTREAM_REQUEST_ID, value.clone());
+        } else {
+            out.append(name.clone(), value.clone());
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn joins_upstream_paths() {
+        let base: Uri = "http://h:1/v1".parse().unwrap();
+        assert_eq!(
+            upstream_uri(&base, "/chat", None).unwrap().to_string(),
+            "http://h:1/v1/chat"
+        );
+        assert_eq!(
+            upstream_uri(&base, "", Some("a=1")).unwrap().to_string(),
+            "http://h:1/v1?a=1"
+        );
+        let root: Uri = "http://h:1".parse().unwrap();
+        assert_eq!(
+            upstream_uri(&root, "", None).unwrap().to_string(),
+            "http://h:1/"
+        );
+        assert_eq!(
+            upstream_uri(&root, "/x", Some("q")).unwrap().to_string(),
+            "http://h:1/x?q"
+        );
+    }
+
+    #[test]
+    fn strips_hop_by_hop_and_credentials() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "connection",
+            HeaderValue::from_static("keep-alive, x-private"),
+        );
+        h.insert("x-private", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(
+            "authorization",
+            HeaderValue::from_static("Bearer tg_live_x"),
+        );
+        h.insert("x-api-key", HeaderValue::from_static("tg_live_x"));
+        h.insert("host", HeaderValue::from_static("gateway"));
+        h.insert("content-type", HeaderValue::from_static("application/json"));
+        let out = forwardable_request_headers(&h);
+        assert_eq!(out.len(), 1);
+        assert!(out.contains_key("content-type"));
+    }
+}

@@ -1,0 +1,17 @@
+//! What every handler shares: config, store, key cache, routes and the clock.
+
+use crate::auth::KeyCache;
+use crate::config::Config;
+use crate::proxy::RouteTable;
+use std::sync::Arc;
+use tollgate_core::Clock;
+use tollgate_store::Store;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub store: Arc<dyn Store>,
+    pub keys: Arc<KeyCache>,
+    pub routes: Arc<RouteTable>,
+    pub clock: Arc<dyn Clock>,
+}

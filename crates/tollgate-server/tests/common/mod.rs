@@ -1,0 +1,297 @@
+//! `spawn_app()`: a real Tollgate on 127.0.0.1:0 over a fresh SQLite file, in front of a real
+//! mock upstream on its own port, with a manual clock and typed helpers.
+
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use reqwest::{RequestBuilder, Response, StatusCode};
+use serde_json::{json, Value};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use tollgate_core::{AccountId, Clock, KeyHash, KeyId, ManualClock};
+use tollgate_mock::MockUpstream;
+use tollgate_server::config::{RawAdmin, RawConfig, RawRoute, RawServer, RawStore, Secret};
+use tollgate_server::{Application, Config};
+use tollgate_store::sqlite::SqliteStore;
+use tollgate_store::{
+    Account, AccountStore, KeyRecord, KeyStore, LedgerStore, RevokeOutcome, StoreError, StoreHealth,
+};
+use tollgate_wire::ErrorProfile;
+
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
+
+pub struct TestApp {
+    pub url: String,
+    pub addr: SocketAddr,
+    pub mock: MockUpstream,
+    pub clock: Arc<ManualClock>,
+    pub store: Arc<CountingStore>,
+    pub http: reqwest::Client,
+    pub dir: tempfile::TempDir,
+    _shutdown: tokio::sync::oneshot::Sender<()>,
+}
+
+/// A route to the mock upstream.
+pub fn mock_route(
+    mock: &MockUpstream,
+    prefix: &str,
+    upstream_path: &str,
+    group: &str,
+    profile: ErrorProfile,
+) -> RawRoute {
+    RawRoute {
+        prefix: prefix.into(),
+        upstream: format!("{}{upstream_path}", mock.url()),
+        group: group.into(),
+        error_profile: profile,
+        price: "0.001".into(),
+        connect_timeout: "1s".into(),
+        timeout: "10s".into(),
+        upstream_headers: Default::default(),
+        position: 0,
+    }
+}
+
+/// The standard test routes: `/v1` (openai profile), `/anthropic`, `/echo` (native) and
+/// `/problem` (echo, problem profile).
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(|_, _| {}).await
+}
+
+pub async fn spawn_app_with(customize: impl FnOnce(&mut RawConfig, &MockUpstream)) -> TestApp {
+    let mock = MockUpstream::start(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut raw = RawConfig {
+        server: RawServer {
+            listen: "127.0.0.1:0".into(),
+            ..RawServer::default()
+        },
+        store: RawStore {
+            url: format!("sqlite://{}", dir.path().join("tollgate.db").display()),
+        },
+        admin: RawAdmin {
+            token: Some(Secret(ADMIN_TOKEN.into())),
+        },
+        routes: vec![
+            mock_route(&mock, "/v1", "/v1", "openai", ErrorProfile::Openai),
+            mock_route(
+                &mock,
+                "/anthropic",
+                "",
+                "anthropic",
+                ErrorProfile::Anthropic,
+            ),
+            mock_route(&mock, "/echo", "/echo", "echo", ErrorProfile::Native),
+            mock_route(&mock, "/problem", "/echo", "problem", ErrorProfile::Problem),
+        ],
+        ..RawConfig::default()
+    };
+    raw.billing.starter_credits = "5".into();
+    customize(&mut raw, &mock);
+    for (i, route) in raw.routes.iter_mut().enumerate() {
+        route.position = i;
+    }
+    let config = Config::from_raw(raw).expect("test config is valid");
+    let sqlite = SqliteStore::open(&dir.path().join("tollgate.db"))
+        .await
+        .unwrap();
+    let store = Arc::new(CountingStore::new(sqlite));
+    let clock = Arc::new(ManualClock::new(tollgate_core::SystemClock.now()));
+    let app = Application::build_with(config, store.clone(), clock.clone())
+        .await
+        .unwrap();
+    let addr = app.local_addr();
+    let (shutdown, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(app.run_until_stopped(async move {
+        let _ = stopped.await;
+    }));
+    TestApp {
+        url: format!("http://{addr}"),
+        addr,
+        mock,
+        clock,
+        store,
+        http: reqwest::Client::new(),
+        dir,
+        _shutdown: shutdown,
+    }
+}
+
+/// An account as the tests use it: its id and master key.
+pub struct TestAccount {
+    pub id: AccountId,
+    pub master_key: String,
+    pub master_key_id: KeyId,
+}
+
+impl TestApp {
+    pub fn get(&self, path: &str) -> RequestBuilder {
+        self.http.get(format!("{}{path}", self.url))
+    }
+
+    pub fn post(&self, path: &str) -> RequestBuilder {
+        self.http.post(format!("{}{path}", self.url))
+    }
+
+    pub fn admin_post(&self, path: &str, body: Value) -> RequestBuilder {
+        self.post(path).bearer_auth(ADMIN_TOKEN).json(&body)
+    }
+
+    pub async fn create_account(&self, name: &str) -> TestAccount {
+        let response = self
+            .admin_post("/api/v1/accounts", json!({ "name": name }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::CREATED);
+        let body: Value = response.json().await.unwrap();
+        TestAccount {
+            id: body["account"]["id"].as_str().unwrap().parse().unwrap(),
+            master_key: body["master_key"]["secret"].as_str().unwrap().to_string(),
+            master_key_id: body["master_key"]["id"].as_str().unwrap().parse().unwrap(),
+        }
+    }
+
+    /// Creates a usage key with `body` (name defaults to "k"); returns (secret, id).
+    pub async fn create_usage_key(&self, master_key: &str, mut body: Value) -> (String, KeyId) {
+        if body.get("name").is_none() {
+            body["name"] = json!("k");
+        }
+        let response = self
+            .post("/api/v1/keys")
+            .bearer_auth(master_key)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            response.status(),
+            StatusCode::CREATED,
+            "{}",
+            response.text().await.unwrap()
+        );
+        let body: Value = response.json().await.unwrap();
+        (
+            body["secret"].as_str().unwrap().to_string(),
+            body["id"].as_str().unwrap().parse().unwrap(),
+        )
+    }
+}
+
+/// Checks a Tollgate-originated error: status, `X-Tollgate-Error`, the request ID in header and
+/// body, and returns the body.
+pub async fn expect_error(response: Response, status: u16, code: &str) -> Value {
+    assert_eq!(response.status().as_u16(), status);
+    let headers = response.headers().clone();
+    assert_eq!(headers["x-tollgate-error"], code);
+    let request_id = headers["x-request-id"].to_str().unwrap().to_string();
+    assert!(
+        request_id.starts_with("req_") && request_id.len() == 30,
+        "{request_id}"
+    );
+    let body: Value = response.json().await.unwrap();
+    let in_body = body["error"]["request_id"]
+        .as_str()
+        .or(body["request_id"].as_str());
+    if let Some(in_body) = in_body {
+        assert_eq!(in_body, request_id);
+    }
+    body
+}
+
+/// Replaces request IDs with a placeholder so bodies can be compared as snapshots.
+pub fn redact_request_id(mut body: Value) -> Value {
+    for pointer in ["/error/request_id", "/request_id"] {
+        if let Some(v) = body.pointer_mut(pointer) {
+            *v = json!("req_…");
+        }
+    }
+    body
+}
+
+/// The real SQLite store, counting key lookups so tests can prove when the store was not asked.
+pub struct CountingStore {
+    inner: SqliteStore,
+    pub key_lookups: AtomicUsize,
+}
+
+impl CountingStore {
+    pub fn new(inner: SqliteStore) -> Self {
+        CountingStore {
+            inner,
+            key_lookups: AtomicUsize::new(0),
+        }
+    }
+
+    pub fn lookups(&self) -> usize {
+        self.key_lookups.load(Ordering::SeqCst)
+    }
+
+    /// Closes the pool: every later call fails as if the database were gone.
+    pub async fn close(&self) {
+        self.inner.close().await;
+    }
+}
+
+#[async_trait::async_trait]
+impl AccountStore for CountingStore {
+    async fn create_account(
+        &self,
+        id: AccountId,
+        name: &str,
+        starter: tollgate_core::Nanos,
+        key: KeyRecord,
+        at: chrono::DateTime<chrono::Utc>,
+    ) -> Result<Account, StoreError> {
+        self.inner.create_account(id, name, starter, key, at).await
+    }
+    async fn account(&self, id: AccountId) -> Result<Option<Account>, StoreError> {
+        self.inner.account(id).await
+    }
+}
+
+#[async_trait::async_trait]
+impl KeyStore for CountingStore {
+    async fn insert_key(&self, key: &KeyRecord) -> Result<(), StoreError> {
+        self.inner.insert_key(key).await
+    }
+    async fn key_by_hash(&self, hash: &KeyHash) -> Result<Option<KeyRecord>, StoreError> {
+        self.key_lookups.fetch_add(1, Ordering::SeqCst);
+        self.inner.key_by_hash(hash).await
+    }
+    async fn key_by_id(&self, id: KeyId) -> Result<Option<KeyRecord>, StoreError> {
+        self.inner.key_by_id(id).await
+    }
+    async fn keys_of_account(&self, account: AccountId) -> Result<Vec<KeyRecord>, StoreError> {
+        self.inner.keys_of_account(account).await
+    }
+    async fn all_keys(&self) -> Result<Vec<KeyRecord>, StoreError> {
+        self.inner.all_keys().await
+    }
+    async fn revoke_key(
+        &self,
+        id: KeyId,
+        at: chrono::DateTime<chrono::Utc>,
+    ) -> Result<RevokeOutcome, StoreError> {
+        self.inner.revoke_key(id, at).await
+    }
+}
+
+#[async_trait::async_trait]
+impl LedgerStore for CountingStore {
+    async fn ledger_balance(&self, account: AccountId) -> Result<tollgate_core::Nanos, StoreError> {
+        self.inner.ledger_balance(account).await
+    }
+}
+
+#[async_trait::async_trait]
+impl StoreHealth for CountingStore {
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.inner.ping().await
+    }
+    fn backend(&self) -> &'static str {
+        self.inner.backend()
+    }
+}

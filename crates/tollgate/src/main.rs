@@ -1,0 +1,165 @@
+//! `tollgate`: a thin command line over `tollgate-server`. Arguments are parsed here; everything
+//! else lives in the library crates.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use tollgate_server::config::StoreConfig;
+use tollgate_server::demo::{Demo, DemoOptions};
+use tollgate_server::{Application, Config};
+
+/// Tollgate: a metered API gateway. Accounts with prepaid wallets, API keys, exact billing and
+/// one clear error for every failure, in front of any HTTP API.
+#[derive(Debug, Parser)]
+#[command(name = "tollgate", version, about, long_about = None)]
+struct Cli {
+    /// Log format on stderr. The filter comes from TOLLGATE_LOG (default "info").
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "TOLLGATE_LOG_FORMAT")]
+    log_format: LogFormat,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the gateway with a config file.
+    Serve {
+        /// The TOML config file (environment overrides: TOLLGATE_LISTEN, TOLLGATE_DATABASE_URL,
+        /// TOLLGATE_ADMIN_TOKEN).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Run everything on this machine with nothing installed: the gateway on SQLite, a mock
+    /// OpenAI/Anthropic/echo upstream, and a ready account and key.
+    Demo {
+        /// Address to listen on; port 0 picks a free port (the bound address is printed).
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        /// Where the SQLite database and the demo's secrets live.
+        #[arg(long, default_value = "./tollgate-data")]
+        data_dir: PathBuf,
+    },
+    /// Check a config file: print every problem, or the effective config with secrets redacted.
+    CheckConfig {
+        /// The TOML config file.
+        file: PathBuf,
+    },
+    /// Apply pending database migrations and exit.
+    Migrate {
+        /// The TOML config file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Serve { config } => {
+            let config = load_config(&config)?;
+            let app = Application::build(config).await?;
+            tracing::info!(addr = %app.local_addr(), "tollgate listening");
+            app.run_until_stopped(shutdown_signal()).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Demo { listen, data_dir } => {
+            let demo = Demo::start(DemoOptions { listen, data_dir }).await?;
+            // stdout carries only the welcome (scripts read it); logs go to stderr.
+            println!("{}", demo.welcome());
+            demo.run_until_stopped(shutdown_signal()).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::CheckConfig { file } => match load_config(&file) {
+            Ok(config) => {
+                println!(
+                    "# {} is valid. Effective config (secrets redacted):\n",
+                    file.display()
+                );
+                print!("{}", config.raw.to_redacted_toml());
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(e) => {
+                eprintln!("{e:#}");
+                Ok(ExitCode::from(2))
+            }
+        },
+        Command::Migrate { config } => {
+            let config = load_config(&config)?;
+            match &config.store {
+                StoreConfig::Sqlite { path } => {
+                    tollgate_server::app::open_store(&config.store).await?;
+                    println!("{}: migrations applied", path.display());
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn load_config(path: &Path) -> anyhow::Result<Config> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    Config::load(&text, std::env::vars()).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TOLLGATE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// Resolves on Ctrl-C or SIGTERM, to finish in-flight requests and stop.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+    tracing::info!("shutting down");
+}
