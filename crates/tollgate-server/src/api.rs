@@ -9,7 +9,7 @@ use crate::error::HttpError;
 use crate::state::AppState;
 use axum::body::Bytes;
 use axum::extract::rejection::{PathRejection, QueryRejection};
-use axum::extract::{FromRequest, Path, Query, Request, State};
+use axum::extract::{FromRequest, OriginalUri, Path, Query, Request, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
@@ -247,14 +247,12 @@ async fn current_key(caller: Caller) -> Result<Json<wire::ApiKeyInfo>, HttpError
     }
 }
 
-pub async fn not_found(request: Request) -> HttpError {
+/// Unknown paths and methods under the API prefix. (A nested router sees the path without the
+/// prefix; `OriginalUri` gives the path the client sent.)
+pub async fn not_found(method: axum::http::Method, OriginalUri(uri): OriginalUri) -> HttpError {
     HttpError::new(
         ErrorCode::NotFound,
-        format!(
-            "No route for {} {}.",
-            request.method(),
-            request.uri().path()
-        ),
+        format!("No route for {method} {}.", uri.path()),
     )
 }
 

@@ -51,7 +51,7 @@ impl RouteTable {
                 config: config.clone(),
             })
             .collect();
-        routes.sort_by(|a, b| b.config.prefix.len().cmp(&a.config.prefix.len()));
+        routes.sort_by_key(|route| std::cmp::Reverse(route.config.prefix.len()));
         RouteTable { routes }
     }
 

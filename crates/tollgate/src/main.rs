@@ -13,7 +13,7 @@ use tollgate_server::{Application, Config};
 /// Tollgate: a metered API gateway. Accounts with prepaid wallets, API keys, exact billing and
 /// one clear error for every failure, in front of any HTTP API.
 #[derive(Debug, Parser)]
-#[command(name = "tollgate", version, about, long_about = None)]
+#[command(name = "tollgate", version)]
 struct Cli {
     /// Log format on stderr. The filter comes from TOLLGATE_LOG (default "info").
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "TOLLGATE_LOG_FORMAT")]

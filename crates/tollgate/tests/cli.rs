@@ -1,0 +1,230 @@
+//! Tests that run the real `tollgate` binary, as a user would.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use expect_test::expect;
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+const BIN: &str = env!("CARGO_BIN_EXE_tollgate");
+
+/// A running `tollgate demo` (killed when dropped), its welcome text and script lines.
+struct RunningDemo {
+    _child: Child,
+    welcome: String,
+    vars: HashMap<String, String>,
+}
+
+async fn start_demo(data_dir: &Path) -> RunningDemo {
+    let mut child = Command::new(BIN)
+        .args(["demo", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data_dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut welcome = String::new();
+    let mut vars = HashMap::new();
+    let read = async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            welcome.push_str(&line);
+            welcome.push('\n');
+            if let Some((name, value)) = line
+                .split_once('=')
+                .filter(|(n, _)| n.starts_with("TOLLGATE_"))
+            {
+                vars.insert(name.to_string(), value.to_string());
+                if name == "TOLLGATE_ADMIN_TOKEN" {
+                    return;
+                }
+            }
+        }
+        panic!("the demo stopped before printing its script lines:\n{welcome}");
+    };
+    tokio::time::timeout(Duration::from_secs(30), read)
+        .await
+        .expect("the demo did not start in 30 s");
+    RunningDemo {
+        _child: child,
+        welcome,
+        vars,
+    }
+}
+
+#[tokio::test]
+async fn demo_prints_working_script_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let demo = start_demo(dir.path()).await;
+    let url = &demo.vars["TOLLGATE_URL"];
+    let key = &demo.vars["TOLLGATE_DEMO_KEY"];
+    assert!(
+        url.starts_with("http://127.0.0.1:") && !url.ends_with(":0"),
+        "{url}"
+    );
+    assert!(key.starts_with("tg_live_"));
+    assert!(demo.vars["TOLLGATE_ADMIN_TOKEN"].len() >= 16);
+
+    let http = reqwest::Client::new();
+    let echo = http
+        .get(format!("{url}/echo/hi"))
+        .bearer_auth(key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(echo.status(), 200);
+    let chat = http
+        .post(format!("{url}/v1/chat/completions"))
+        .bearer_auth(key)
+        .json(&serde_json::json!({"model": "mock-gpt", "messages": [{"role": "user", "content": "Hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(chat.status(), 200);
+    let no_key = http.get(format!("{url}/echo/hi")).send().await.unwrap();
+    assert_eq!(no_key.status(), 401);
+    assert_eq!(no_key.headers()["x-tollgate-error"], "invalid_api_key");
+}
+
+#[tokio::test]
+async fn the_printed_curl_calls_work_as_printed() {
+    let dir = tempfile::tempdir().unwrap();
+    let demo = start_demo(dir.path()).await;
+    let calls: Vec<&str> = demo
+        .welcome
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("curl "))
+        .collect();
+    assert!(calls.len() >= 6, "{}", demo.welcome);
+    for call in calls {
+        // Run the line exactly as printed, asking curl only to report the status it got.
+        let output = Command::new("sh")
+            .arg("-c")
+            .arg(format!("{call} -o /dev/null -w '%{{http_code}}'"))
+            .output()
+            .await
+            .expect("curl must be installed to run this test");
+        let status = String::from_utf8_lossy(&output.stdout).to_string();
+        let expected = if call.contains("-si ") {
+            "401"
+        } else if call.contains("/keys") {
+            "201"
+        } else {
+            "200"
+        };
+        assert_eq!(
+            status,
+            expected,
+            "{call}\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_restarted_demo_reuses_its_account_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = start_demo(dir.path()).await;
+    let (key, token) = (
+        first.vars["TOLLGATE_DEMO_KEY"].clone(),
+        first.vars["TOLLGATE_ADMIN_TOKEN"].clone(),
+    );
+    assert!(first.welcome.contains("(new;"));
+    drop(first);
+    let second = start_demo(dir.path()).await;
+    assert_eq!(second.vars["TOLLGATE_DEMO_KEY"], key);
+    assert_eq!(second.vars["TOLLGATE_ADMIN_TOKEN"], token);
+    assert!(second.welcome.contains("(reused from the last run;"));
+    let url = &second.vars["TOLLGATE_URL"];
+    let echo = reqwest::Client::new()
+        .get(format!("{url}/echo/hi"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(echo.status(), 200);
+}
+
+#[tokio::test]
+async fn check_config_prints_the_effective_config_with_secrets_redacted() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("tollgate.toml");
+    std::fs::write(
+        &file,
+        "[admin]\ntoken = \"an-admin-token-that-is-long\"\n\
+         [[routes]]\nprefix = \"/v1\"\nupstream = \"https://api.example.com/v1\"\ngroup = \"llm\"\n\
+         upstream_headers = { authorization = \"Bearer sk-secret\" }\n",
+    )
+    .unwrap();
+    let output = Command::new(BIN)
+        .arg("check-config")
+        .arg(&file)
+        .output()
+        .await
+        .unwrap();
+    assert!(output.status.success());
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("is valid"), "{stdout}");
+    assert!(stdout.contains("token = \"<redacted>\""), "{stdout}");
+    assert!(
+        stdout.contains("authorization = \"<redacted>\""),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("sk-secret") && !stdout.contains("an-admin-token-that-is-long"));
+}
+
+#[tokio::test]
+async fn check_config_lists_every_problem_and_exits_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bad.toml");
+    std::fs::write(
+        &file,
+        "[server]\nlisten = \"nowhere\"\n[[routes]]\nprefix = \"/api/x\"\nupstream = \"http://h\"\ngroup = \"g\"\n",
+    )
+    .unwrap();
+    let output = Command::new(BIN)
+        .arg("check-config")
+        .arg(&file)
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("2 problems in the config"), "{stderr}");
+    assert!(
+        stderr.contains("server.listen: must be an address and port"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("routes[0].prefix: '/api/x' overlaps '/api'"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn help_lists_the_commands() {
+    let output = Command::new(BIN).arg("--help").output().await.unwrap();
+    expect![[r#"
+        Tollgate: a metered API gateway. Accounts with prepaid wallets, API keys, exact billing and one clear error for every failure, in front of any HTTP API
+
+        Usage: tollgate [OPTIONS] <COMMAND>
+
+        Commands:
+          serve         Run the gateway with a config file
+          demo          Run everything on this machine with nothing installed: the gateway on SQLite, a mock OpenAI/Anthropic/echo upstream, and a ready account and key
+          check-config  Check a config file: print every problem, or the effective config with secrets redacted
+          migrate       Apply pending database migrations and exit
+          help          Print this message or the help of the given subcommand(s)
+
+        Options:
+              --log-format <LOG_FORMAT>  Log format on stderr. The filter comes from TOLLGATE_LOG (default "info") [env: TOLLGATE_LOG_FORMAT=] [default: text] [possible values: text, json]
+          -h, --help                     Print help
+          -V, --version                  Print version
+    "#]].assert_eq(&String::from_utf8_lossy(&output.stdout));
+}
