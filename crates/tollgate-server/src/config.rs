@@ -817,6 +817,14 @@ mod tests {
     }
 
     #[test]
+    fn the_documented_example_config_is_valid() {
+        let config =
+            Config::load(include_str!("../../../docs/tollgate.example.toml"), NO_ENV).unwrap();
+        assert_eq!(config.routes.len(), 3);
+        assert_eq!(config.starter_credits, Nanos(1_000_000_000));
+    }
+
+    #[test]
     fn weak_admin_tokens_and_other_stores_are_refused() {
         let out = problems("[admin]\ntoken = \"short\"\n[store]\nurl = \"postgres://x\"\n");
         assert!(
