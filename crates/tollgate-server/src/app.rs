@@ -18,7 +18,8 @@ use tollgate_core::{Clock, ErrorCode, RequestId, SystemClock};
 use tollgate_store::sqlite::SqliteStore;
 use tollgate_store::Store;
 use tower_http::catch_panic::CatchPanicLayer;
-use tower_http::trace::TraceLayer;
+use tower_http::trace::{DefaultOnFailure, DefaultOnResponse, TraceLayer};
+use tracing::Level;
 
 pub struct Application {
     listener: TcpListener,
@@ -120,27 +121,13 @@ fn router(state: AppState) -> Router {
         }))
         // Rescue renders errors; it sits inside request_id so every body carries the ID.
         .layer(middleware::from_fn(edge::rescue))
-        // The trace span opens after the ID exists, so every log line carries it.
+        // The trace span opens after the ID exists, so every log line carries it. One INFO line
+        // per response (status, latency); failures are logged once, by rescue.
         .layer(
-            TraceLayer::new_for_http().make_span_with(|request: &axum::http::Request<_>| {
-                let id = request
-                    .extensions()
-                    .get::<RequestId>()
-                    .copied()
-                    .unwrap_or_default();
-                let client_id = request
-                    .extensions()
-                    .get::<edge::ClientRequestId>()
-                    .map(|c| c.0.as_str())
-                    .unwrap_or("");
-                tracing::info_span!(
-                    "request",
-                    request_id = %id,
-                    client_request_id = client_id,
-                    method = %request.method(),
-                    path = request.uri().path(),
-                )
-            }),
+            TraceLayer::new_for_http()
+                .make_span_with(request_span)
+                .on_response(DefaultOnResponse::new().level(Level::INFO))
+                .on_failure(DefaultOnFailure::new().level(Level::DEBUG)),
         )
         // Outermost: every response, whatever happened inside, gets the request ID.
         .layer(middleware::from_fn_with_state(
@@ -148,4 +135,23 @@ fn router(state: AppState) -> Router {
             edge::request_id,
         ))
         .with_state(state)
+}
+
+fn request_span(request: &axum::http::Request<axum::body::Body>) -> tracing::Span {
+    let id = request
+        .extensions()
+        .get::<RequestId>()
+        .copied()
+        .unwrap_or_default();
+    let span = tracing::info_span!(
+        "request",
+        request_id = %id,
+        client_request_id = tracing::field::Empty,
+        method = %request.method(),
+        path = request.uri().path(),
+    );
+    if let Some(client_id) = request.extensions().get::<edge::ClientRequestId>() {
+        span.record("client_request_id", client_id.0.as_str());
+    }
+    span
 }

@@ -19,17 +19,19 @@ use tollgate_store::{KeyRecord, KeyStore, StoreError};
 
 /// The credential a request presents: `Authorization: Bearer <secret>` or `X-Api-Key: <secret>`.
 pub fn presented_secret(headers: &HeaderMap) -> Option<&str> {
-    if let Some(value) = headers
-        .get(http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-    {
-        let (scheme, secret) = value.trim().split_once(' ')?;
-        return scheme.eq_ignore_ascii_case("bearer").then(|| secret.trim());
-    }
-    headers
-        .get("x-api-key")
-        .and_then(|v| v.to_str().ok())
-        .map(str::trim)
+    let header = |name| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+    };
+    let bearer = header(http::header::AUTHORIZATION.as_str()).and_then(|value| {
+        let (scheme, secret) = value.split_once(' ')?;
+        scheme.eq_ignore_ascii_case("bearer").then(|| secret.trim())
+    });
+    bearer
+        .or_else(|| header("x-api-key"))
+        .filter(|secret| !secret.is_empty())
 }
 
 /// Verifies an API key and its status; the key's record on success.
@@ -90,13 +92,6 @@ fn check_status(record: &KeyRecord, state: &AppState) -> Result<(), HttpError> {
         }
     }
     Ok(())
-}
-
-impl HttpError {
-    fn with_detail(mut self, key: &str, value: impl Into<serde_json::Value>) -> Self {
-        self.error = self.error.with_detail(key, value);
-        self
-    }
 }
 
 /// Who is calling the management API.
@@ -222,5 +217,145 @@ impl KeyCache {
         self.entries
             .write()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::Utc;
+    use tokio::sync::Notify;
+    use tollgate_core::{AccountId, KeyEnv, KeyId};
+    use tollgate_store::RevokeOutcome;
+
+    /// A key store whose lookups wait for `release`, to stage a load racing an invalidation.
+    struct SlowStore {
+        record: KeyRecord,
+        release: Notify,
+        lookups: std::sync::atomic::AtomicUsize,
+    }
+
+    #[async_trait::async_trait]
+    impl KeyStore for SlowStore {
+        async fn key_by_hash(&self, _: &KeyHash) -> Result<Option<KeyRecord>, StoreError> {
+            self.lookups.fetch_add(1, Ordering::SeqCst);
+            self.release.notified().await;
+            Ok(Some(self.record.clone()))
+        }
+        async fn insert_key(&self, _: &KeyRecord) -> Result<(), StoreError> {
+            unreachable!()
+        }
+        async fn key_by_id(&self, _: KeyId) -> Result<Option<KeyRecord>, StoreError> {
+            unreachable!()
+        }
+        async fn keys_of_account(&self, _: AccountId) -> Result<Vec<KeyRecord>, StoreError> {
+            unreachable!()
+        }
+        async fn all_keys(&self) -> Result<Vec<KeyRecord>, StoreError> {
+            unreachable!()
+        }
+        async fn revoke_key(
+            &self,
+            _: KeyId,
+            _: chrono::DateTime<Utc>,
+        ) -> Result<RevokeOutcome, StoreError> {
+            unreachable!()
+        }
+    }
+
+    fn slow_store() -> Arc<SlowStore> {
+        let secret = ApiKey::generate(KeyEnv::Live);
+        Arc::new(SlowStore {
+            record: KeyRecord {
+                id: KeyId::new(),
+                account_id: AccountId::new(),
+                hash: secret.hash(),
+                display_prefix: secret.display_prefix().into(),
+                kind: KeyKind::Usage,
+                status: KeyStatus::Active,
+                name: "k".into(),
+                scopes: vec!["*".into()],
+                expires_at: None,
+                created_at: Utc::now(),
+                revoked_at: None,
+            },
+            release: Notify::new(),
+            lookups: Default::default(),
+        })
+    }
+
+    #[tokio::test]
+    async fn a_load_that_raced_an_invalidation_is_not_cached() {
+        let store = slow_store();
+        let cache = Arc::new(KeyCache::new(10));
+        let hash = store.record.hash;
+        let load = tokio::spawn({
+            let (cache, store) = (cache.clone(), store.clone());
+            async move { cache.get(&hash, &*store).await }
+        });
+        // The load has read the store (it is waiting for its answer) when the key changes.
+        while store.lookups.load(Ordering::SeqCst) == 0 {
+            tokio::task::yield_now().await;
+        }
+        cache.invalidate(&hash);
+        store.release.notify_one();
+        assert!(load.await.unwrap().unwrap().is_some());
+        assert!(
+            cache.is_empty(),
+            "a record read before the invalidation was cached"
+        );
+    }
+
+    #[tokio::test]
+    async fn loads_are_cached_and_the_cache_stays_bounded() {
+        let store = slow_store();
+        let cache = KeyCache::new(1);
+        store.release.notify_one();
+        cache.get(&store.record.hash, &*store).await.unwrap();
+        assert_eq!(cache.len(), 1);
+        // A hit does not ask the store again.
+        cache.get(&store.record.hash, &*store).await.unwrap();
+        assert_eq!(store.lookups.load(Ordering::SeqCst), 1);
+        // Another key evicts the first rather than growing past the capacity.
+        let other = KeyHash([7; 32]);
+        store.release.notify_one();
+        cache.get(&other, &*store).await.unwrap();
+        assert_eq!(cache.len(), 1);
+    }
+
+    #[test]
+    fn credentials_come_from_bearer_or_x_api_key() {
+        let headers = |pairs: &[(&'static str, &'static str)]| {
+            let mut map = HeaderMap::new();
+            for (name, value) in pairs {
+                map.insert(*name, http::HeaderValue::from_static(value));
+            }
+            map
+        };
+        assert_eq!(
+            presented_secret(&headers(&[("authorization", "Bearer abc")])),
+            Some("abc")
+        );
+        assert_eq!(
+            presented_secret(&headers(&[("authorization", "bearer  abc ")])),
+            Some("abc")
+        );
+        assert_eq!(
+            presented_secret(&headers(&[("x-api-key", "abc")])),
+            Some("abc")
+        );
+        assert_eq!(
+            presented_secret(&headers(&[
+                ("authorization", "Basic xyz"),
+                ("x-api-key", "abc")
+            ])),
+            Some("abc")
+        );
+        assert_eq!(
+            presented_secret(&headers(&[("authorization", "Basic xyz")])),
+            None
+        );
+        assert_eq!(presented_secret(&headers(&[("x-api-key", " ")])), None);
+        assert_eq!(presented_secret(&headers(&[])), None);
     }
 }

@@ -28,6 +28,11 @@ impl HttpError {
         self
     }
 
+    pub fn with_detail(mut self, key: &str, value: impl Into<serde_json::Value>) -> Self {
+        self.error = self.error.with_detail(key, value);
+        self
+    }
+
     pub fn not_found(what: impl std::fmt::Display) -> Self {
         HttpError::new(ErrorCode::NotFound, format!("No such {what}."))
     }

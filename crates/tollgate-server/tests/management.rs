@@ -21,6 +21,10 @@ async fn the_admin_creates_an_account_whose_master_key_works_at_once() {
         .await
         .unwrap();
     assert_eq!(response.status(), 201);
+    assert!(response.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .starts_with("req_"));
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["account"]["name"], "Acme");
     assert_eq!(body["account"]["status"], "active");

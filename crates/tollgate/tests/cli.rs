@@ -228,3 +228,71 @@ async fn help_lists_the_commands() {
           -V, --version                  Print version
     "#]].assert_eq(&String::from_utf8_lossy(&output.stdout));
 }
+
+#[tokio::test]
+async fn serve_runs_a_config_file_and_migrate_prepares_its_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("data/tollgate.db");
+    let file = dir.path().join("tollgate.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n[store]\nurl = \"sqlite://{}\"\n",
+            db.display()
+        ),
+    )
+    .unwrap();
+
+    let migrate = Command::new(BIN)
+        .args(["migrate", "--config"])
+        .arg(&file)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        migrate.status.success(),
+        "{}",
+        String::from_utf8_lossy(&migrate.stderr)
+    );
+    assert!(db.exists());
+
+    let mut child = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&file)
+        .env("TOLLGATE_ADMIN_TOKEN", "a-long-enough-admin-token")
+        .env("TOLLGATE_LOG_FORMAT", "json")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            let log: serde_json::Value = serde_json::from_str(&line).unwrap();
+            if log["fields"]["message"] == "tollgate listening" {
+                return log["fields"]["addr"].as_str().unwrap().to_string();
+            }
+        }
+        panic!("serve stopped before listening");
+    })
+    .await
+    .unwrap();
+
+    let http = reqwest::Client::new();
+    let ready = http
+        .get(format!("http://{addr}/readyz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 200);
+    // The admin token came from the environment.
+    let created = http
+        .post(format!("http://{addr}/api/v1/accounts"))
+        .bearer_auth("a-long-enough-admin-token")
+        .json(&serde_json::json!({"name": "acme"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+}
