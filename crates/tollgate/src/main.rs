@@ -3,6 +3,7 @@
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -91,8 +92,13 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Demo { listen, data_dir } => {
             let demo = Demo::start(DemoOptions { listen, data_dir }).await?;
-            // stdout carries only the welcome (scripts read it); logs go to stderr.
-            println!("{}", demo.welcome());
+            // stdout carries only the welcome (scripts read it); logs go to stderr. A reader that
+            // closes stdout early (`tollgate demo | head`) must not stop the demo, so write
+            // errors are ignored rather than panicking as `println!` would.
+            let mut stdout = std::io::stdout().lock();
+            let _ = stdout
+                .write_all(demo.welcome().as_bytes())
+                .and_then(|()| stdout.flush());
             demo.run_until_stopped(shutdown_signal()).await?;
             Ok(ExitCode::SUCCESS)
         }

@@ -15,6 +15,8 @@ const BIN: &str = env!("CARGO_BIN_EXE_tollgate");
 /// A running `tollgate demo` (killed when dropped), its welcome text and script lines.
 struct RunningDemo {
     _child: Child,
+    /// Kept open, as a terminal would keep it.
+    _stdout: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
     welcome: String,
     vars: HashMap<String, String>,
 }
@@ -52,6 +54,7 @@ async fn start_demo(data_dir: &Path) -> RunningDemo {
         .expect("the demo did not start in 30 s");
     RunningDemo {
         _child: child,
+        _stdout: lines,
         welcome,
         vars,
     }
@@ -295,4 +298,28 @@ async fn serve_runs_a_config_file_and_migrate_prepares_its_database() {
         .await
         .unwrap();
     assert_eq!(created.status(), 201);
+}
+
+#[tokio::test]
+async fn the_demo_keeps_serving_when_its_stdout_is_closed() {
+    // As in `tollgate demo | head -3`: the reader goes away after the welcome.
+    let dir = tempfile::tempdir().unwrap();
+    let RunningDemo {
+        _child: child,
+        _stdout: stdout,
+        vars,
+        ..
+    } = start_demo(dir.path()).await;
+    drop(stdout);
+    let http = reqwest::Client::new();
+    for _ in 0..3 {
+        let echo = http
+            .get(format!("{}/echo/hi", vars["TOLLGATE_URL"]))
+            .bearer_auth(&vars["TOLLGATE_DEMO_KEY"])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(echo.status(), 200);
+    }
+    drop(child);
 }
