@@ -4,7 +4,8 @@
 //!   final usage chunk when `stream_options.include_usage` is set).
 //! - `POST /v1/messages`: Anthropic-compatible; JSON, or its SSE event stream with usage in
 //!   `message_start` and `message_delta`.
-//! - `/echo/...` (any method): answers with the request it received, as JSON.
+//! - `/echo/...` (any method): answers with the request it received, as JSON (with the peer
+//!   address of the connection, when served by [`MockUpstream`]).
 //!
 //! Token counts are derived from the input (about four characters a token, at least one), so a
 //! test can predict them. Faults are injected by request header:
@@ -48,7 +49,8 @@ impl MockUpstream {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let task = tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, router()).await {
+            let service = router().into_make_service_with_connect_info::<SocketAddr>();
+            if let Err(e) = axum::serve(listener, service).await {
                 tracing::error!(error = %e, "mock upstream stopped");
             }
         });
@@ -172,25 +174,71 @@ fn sse(events: Vec<(Option<&'static str>, String)>, chunk_delay: Duration) -> Re
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
 }
 
-async fn chat_completions(headers: HeaderMap, body: Bytes) -> Response {
-    let faults = Faults::from(&headers);
-    if let Some(response) = faults
-        .apply(|s| json!({"error": {"message": format!("mock upstream answered {s}"), "type": "server_error", "param": null, "code": null}}))
-        .await
-    {
-        return response;
+/// What both LLM APIs need from a request, after fault injection has had its say.
+struct Completion {
+    model: String,
+    input_tokens: u64,
+    /// One word per chunk: the output, whose token count is its length.
+    words: Vec<String>,
+    stream: bool,
+    /// OpenAI's `stream_options.include_usage`: send a final usage chunk.
+    include_usage: bool,
+    chunk_delay: Duration,
+}
+
+impl Completion {
+    /// Applies the fault headers (answering with `error_body` for an injected status), then reads
+    /// the JSON body.
+    async fn read(
+        headers: &HeaderMap,
+        body: &Bytes,
+        default_model: &str,
+        error_body: impl FnOnce(StatusCode) -> Value,
+    ) -> Result<Completion, Response> {
+        let faults = Faults::from(headers);
+        if let Some(response) = faults.apply(error_body).await {
+            return Err(response);
+        }
+        let request: Value =
+            serde_json::from_slice(body).map_err(|_| bad_request("body is not JSON"))?;
+        Ok(Completion {
+            model: request
+                .get("model")
+                .and_then(Value::as_str)
+                .unwrap_or(default_model)
+                .to_string(),
+            input_tokens: count_tokens(&input_text(&request)),
+            words: completion_words(faults.chunks),
+            stream: request.get("stream").and_then(Value::as_bool) == Some(true),
+            include_usage: request
+                .pointer("/stream_options/include_usage")
+                .and_then(Value::as_bool)
+                == Some(true),
+            chunk_delay: faults.chunk_delay,
+        })
     }
-    let Ok(request) = serde_json::from_slice::<Value>(&body) else {
-        return bad_request("body is not JSON");
+
+    fn output_tokens(&self) -> u64 {
+        self.words.len() as u64
+    }
+}
+
+async fn chat_completions(headers: HeaderMap, body: Bytes) -> Response {
+    let completion = match Completion::read(&headers, &body, "mock-gpt", |s| {
+        json!({"error": {"message": format!("mock upstream answered {s}"), "type": "server_error", "param": null, "code": null}})
+    })
+    .await
+    {
+        Ok(completion) => completion,
+        Err(response) => return response,
     };
-    let model = request
-        .get("model")
-        .and_then(Value::as_str)
-        .unwrap_or("mock-gpt")
-        .to_string();
-    let prompt_tokens = count_tokens(&input_text(&request));
-    let words = completion_words(faults.chunks);
-    let completion_tokens = words.len() as u64;
+    let Completion {
+        model,
+        input_tokens: prompt_tokens,
+        words,
+        ..
+    } = &completion;
+    let completion_tokens = completion.output_tokens();
     let usage = json!({
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
@@ -198,7 +246,7 @@ async fn chat_completions(headers: HeaderMap, body: Bytes) -> Response {
     });
     let id = "chatcmpl-mock";
     let created = 1_700_000_000;
-    if request.get("stream").and_then(Value::as_bool) != Some(true) {
+    if !completion.stream {
         return Json(json!({
             "id": id,
             "object": "chat.completion",
@@ -213,10 +261,7 @@ async fn chat_completions(headers: HeaderMap, body: Bytes) -> Response {
         }))
         .into_response();
     }
-    let include_usage = request
-        .pointer("/stream_options/include_usage")
-        .and_then(Value::as_bool)
-        == Some(true);
+
     let chunk = |delta: Value, finish: Value| {
         json!({
             "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
@@ -228,11 +273,11 @@ async fn chat_completions(headers: HeaderMap, body: Bytes) -> Response {
         None,
         chunk(json!({"role": "assistant", "content": ""}), Value::Null),
     )];
-    for word in &words {
+    for word in words {
         events.push((None, chunk(json!({"content": word}), Value::Null)));
     }
     events.push((None, chunk(json!({}), json!("stop"))));
-    if include_usage {
+    if completion.include_usage {
         events.push((
             None,
             json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
@@ -241,30 +286,27 @@ async fn chat_completions(headers: HeaderMap, body: Bytes) -> Response {
         ));
     }
     events.push((None, "[DONE]".to_string()));
-    sse(events, faults.chunk_delay)
+    sse(events, completion.chunk_delay)
 }
 
 async fn messages(headers: HeaderMap, body: Bytes) -> Response {
-    let faults = Faults::from(&headers);
-    if let Some(response) = faults
-        .apply(|s| json!({"type": "error", "error": {"type": "api_error", "message": format!("mock upstream answered {s}")}}))
-        .await
+    let completion = match Completion::read(&headers, &body, "mock-claude", |s| {
+        json!({"type": "error", "error": {"type": "api_error", "message": format!("mock upstream answered {s}")}})
+    })
+    .await
     {
-        return response;
-    }
-    let Ok(request) = serde_json::from_slice::<Value>(&body) else {
-        return bad_request("body is not JSON");
+        Ok(completion) => completion,
+        Err(response) => return response,
     };
-    let model = request
-        .get("model")
-        .and_then(Value::as_str)
-        .unwrap_or("mock-claude")
-        .to_string();
-    let input_tokens = count_tokens(&input_text(&request));
-    let words = completion_words(faults.chunks);
-    let output_tokens = words.len() as u64;
+    let Completion {
+        model,
+        input_tokens,
+        words,
+        ..
+    } = &completion;
+    let output_tokens = completion.output_tokens();
     let id = "msg_mock";
-    if request.get("stream").and_then(Value::as_bool) != Some(true) {
+    if !completion.stream {
         return Json(json!({
             "id": id, "type": "message", "role": "assistant", "model": model,
             "content": [{"type": "text", "text": words.concat()}],
@@ -290,7 +332,7 @@ async fn messages(headers: HeaderMap, body: Bytes) -> Response {
         ),
         (Some("ping"), json!({"type": "ping"}).to_string()),
     ];
-    for word in &words {
+    for word in words {
         events.push((
             Some("content_block_delta"),
             json!({"type": "content_block_delta", "index": 0,
@@ -313,7 +355,7 @@ async fn messages(headers: HeaderMap, body: Bytes) -> Response {
         Some("message_stop"),
         json!({"type": "message_stop"}).to_string(),
     ));
-    sse(events, faults.chunk_delay)
+    sse(events, completion.chunk_delay)
 }
 
 async fn echo(request: Request) -> Response {
@@ -324,6 +366,11 @@ async fn echo(request: Request) -> Response {
     {
         return response;
     }
+    // The connection's peer, so a test can see whether a client reused its connection.
+    let peer = request
+        .extensions()
+        .get::<axum::extract::ConnectInfo<SocketAddr>>()
+        .map(|info| info.0.to_string());
     let (parts, body) = request.into_parts();
     let headers: serde_json::Map<String, Value> = parts
         .headers
@@ -349,6 +396,7 @@ async fn echo(request: Request) -> Response {
             "headers": headers,
             "body": String::from_utf8_lossy(&body),
             "body_bytes": body.len(),
+            "peer": peer,
         })),
     )
         .into_response()

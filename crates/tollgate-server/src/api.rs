@@ -18,8 +18,8 @@ use chrono::{DurationRound, TimeDelta};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use std::collections::BTreeMap;
-use tollgate_core::{AccountId, ApiError, ApiKey, ErrorCode, KeyId, KeyKind, KeyStatus, Nanos};
-use tollgate_store::{Account, KeyRecord, RevokeOutcome};
+use tollgate_core::{AccountId, ApiError, ApiKey, ErrorCode, KeyId, KeyKind, Nanos};
+use tollgate_store::{Account, KeyRecord, NewKey, RevokeOutcome};
 use tollgate_wire::api::{self as wire, CreateAccountRequest, CreateKeyRequest};
 
 /// The largest management request body read.
@@ -42,9 +42,10 @@ pub fn router() -> Router<AppState> {
 async fn create_account(
     State(state): State<AppState>,
     caller: Caller,
-    JsonBody(body): JsonBody<CreateAccountRequest>,
+    body: JsonBody,
 ) -> Result<impl IntoResponse, HttpError> {
     caller.require_admin()?;
+    let body: CreateAccountRequest = body.parse()?;
     let mut fields = FieldErrors::default();
     let name = fields.name("name", &body.name);
     let starter_credits = match &body.starter_credits {
@@ -101,9 +102,10 @@ async fn get_account(
 async fn create_key(
     State(state): State<AppState>,
     caller: Caller,
-    JsonBody(body): JsonBody<CreateKeyRequest>,
+    body: JsonBody,
 ) -> Result<impl IntoResponse, HttpError> {
     caller.require_master_or_admin()?;
+    let body: CreateKeyRequest = body.parse()?;
     let mut fields = FieldErrors::default();
     let name = fields.name("name", &body.name);
     let account_id = match (&caller, &body.account_id) {
@@ -284,21 +286,14 @@ fn new_key(
     scopes: Vec<String>,
     expires_at: Option<chrono::DateTime<chrono::Utc>>,
 ) -> (ApiKey, KeyRecord) {
-    let secret = ApiKey::generate(state.config.key_env);
-    let record = KeyRecord {
-        id: KeyId::new(),
+    let key = NewKey {
         account_id,
-        hash: secret.hash(),
-        display_prefix: secret.display_prefix().to_string(),
         kind,
-        status: KeyStatus::Active,
         name: name.to_string(),
         scopes,
         expires_at,
-        created_at: state.clock.now(),
-        revoked_at: None,
     };
-    (secret, record)
+    KeyRecord::issue(state.config.key_env, key, state.clock.now())
 }
 
 fn validate_scopes(state: &AppState, scopes: &[String], fields: &mut FieldErrors) {
@@ -387,12 +382,20 @@ impl FieldErrors {
     }
 }
 
-/// A JSON body: malformed JSON → 400 `bad_request`; the wrong shape → 400 `validation_error`
-/// naming the field; over 1 MiB → 413 `payload_too_large`. The content type is not checked, so
-/// `curl -d` works as typed.
-pub struct JsonBody<T>(pub T);
+/// A request body of at most 1 MiB (else 413 `payload_too_large`), parsed as JSON by
+/// [`JsonBody::parse`] once the handler has authorised the caller, so that a caller who may not
+/// call an endpoint learns that first. The content type is not checked: `curl -d` works as typed.
+pub struct JsonBody(Bytes);
 
-impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
+impl JsonBody {
+    /// Malformed JSON → 400 `bad_request`; the wrong shape → 400 `validation_error` naming the
+    /// field.
+    pub fn parse<T: DeserializeOwned>(&self) -> Result<T, HttpError> {
+        parse_json(&self.0)
+    }
+}
+
+impl<S: Send + Sync> FromRequest<S> for JsonBody {
     type Rejection = HttpError;
 
     async fn from_request(request: Request, _state: &S) -> Result<Self, HttpError> {
@@ -409,7 +412,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
                     .with_detail("limit_bytes", MAX_BODY_BYTES),
                 )
             })?;
-        parse_json(&bytes).map(JsonBody)
+        Ok(JsonBody(bytes))
     }
 }
 

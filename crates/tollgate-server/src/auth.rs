@@ -226,7 +226,7 @@ mod tests {
     use chrono::Utc;
     use tokio::sync::Notify;
     use tollgate_core::{AccountId, KeyEnv, KeyId};
-    use tollgate_store::RevokeOutcome;
+    use tollgate_store::{NewKey, RevokeOutcome};
 
     /// A key store whose lookups wait for `release`, to stage a load racing an invalidation.
     struct SlowStore {
@@ -264,21 +264,15 @@ mod tests {
     }
 
     fn slow_store() -> Arc<SlowStore> {
-        let secret = ApiKey::generate(KeyEnv::Live);
+        let key = NewKey {
+            account_id: AccountId::new(),
+            kind: KeyKind::Usage,
+            name: "k".into(),
+            scopes: vec!["*".into()],
+            expires_at: None,
+        };
         Arc::new(SlowStore {
-            record: KeyRecord {
-                id: KeyId::new(),
-                account_id: AccountId::new(),
-                hash: secret.hash(),
-                display_prefix: secret.display_prefix().into(),
-                kind: KeyKind::Usage,
-                status: KeyStatus::Active,
-                name: "k".into(),
-                scopes: vec!["*".into()],
-                expires_at: None,
-                created_at: Utc::now(),
-                revoked_at: None,
-            },
+            record: KeyRecord::issue(KeyEnv::Live, key, Utc::now()).1,
             release: Notify::new(),
             lookups: Default::default(),
         })

@@ -13,8 +13,9 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use tollgate_core::key::random_base62;
-use tollgate_core::{AccountId, ApiKey, KeyStatus};
+use tollgate_core::{AccountId, ApiKey, KeyKind, KeyStatus};
 use tollgate_mock::MockUpstream;
+use tollgate_store::{KeyRecord, NewKey};
 use tollgate_wire::ErrorProfile;
 
 pub const STARTER_CREDITS: &str = "10";
@@ -73,21 +74,15 @@ impl Demo {
             Some(state) => state,
             None => {
                 let account_id = AccountId::new();
-                let secret = ApiKey::generate(app.state().config.key_env);
-                let now = app.state().clock.now();
-                let record = tollgate_store::KeyRecord {
-                    id: tollgate_core::KeyId::new(),
+                let master = NewKey {
                     account_id,
-                    hash: secret.hash(),
-                    display_prefix: secret.display_prefix().to_string(),
-                    kind: tollgate_core::KeyKind::Master,
-                    status: KeyStatus::Active,
+                    kind: KeyKind::Master,
                     name: "demo master key".into(),
                     scopes: vec!["*".into()],
                     expires_at: None,
-                    created_at: now,
-                    revoked_at: None,
                 };
+                let now = app.state().clock.now();
+                let (secret, record) = KeyRecord::issue(app.state().config.key_env, master, now);
                 store
                     .create_account(account_id, "Demo account", starter_credits, record, now)
                     .await?;

@@ -9,8 +9,8 @@ use expect_test::expect;
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
-use tollgate_core::{ApiKey, KeyEnv, KeyId, KeyKind, KeyStatus};
-use tollgate_store::{KeyRecord, KeyStore};
+use tollgate_core::{ApiKey, KeyEnv, KeyKind, KeyStatus};
+use tollgate_store::{KeyRecord, KeyStore, NewKey};
 use tollgate_wire::ErrorProfile;
 
 const CHAT: &str = "/v1/chat/completions";
@@ -413,20 +413,15 @@ fn app_now(app: &common::TestApp) -> chrono::DateTime<chrono::Utc> {
 async fn an_inactive_key_is_401_key_inactive() {
     let app = spawn_app().await;
     let account = app.create_account("acme").await;
-    let secret = ApiKey::generate(KeyEnv::Live);
-    let record = KeyRecord {
-        id: KeyId::new(),
+    let paused = NewKey {
         account_id: account.id,
-        hash: secret.hash(),
-        display_prefix: secret.display_prefix().into(),
         kind: KeyKind::Usage,
-        status: KeyStatus::Inactive,
         name: "paused".into(),
         scopes: vec!["*".into()],
         expires_at: None,
-        created_at: app_now(&app),
-        revoked_at: None,
     };
+    let (secret, mut record) = KeyRecord::issue(KeyEnv::Live, paused, app_now(&app));
+    record.status = KeyStatus::Inactive;
     app.store.insert_key(&record).await.unwrap();
     let response = app
         .get("/echo/x")
@@ -523,4 +518,58 @@ async fn upstream_headers_from_config_reach_the_upstream() {
         .unwrap();
     let echoed: Value = response.json().await.unwrap();
     assert_eq!(echoed["headers"]["authorization"], "Bearer sk-upstream");
+}
+
+#[tokio::test]
+async fn upstream_connections_are_pooled_and_kept_alive() {
+    let app = spawn_app().await;
+    let account = app.create_account("acme").await;
+    let mut peers = std::collections::HashSet::new();
+    for _ in 0..5 {
+        // Sequential requests: each finds the previous one's connection idle in the pool.
+        let echoed: Value = app
+            .get("/echo/x")
+            .bearer_auth(&account.master_key)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        peers.insert(echoed["peer"].as_str().unwrap().to_string());
+    }
+    assert_eq!(
+        peers.len(),
+        1,
+        "each request opened a new upstream connection: {peers:?}"
+    );
+}
+
+#[tokio::test]
+async fn the_request_id_header_name_is_configurable() {
+    let app =
+        spawn_app_with(|raw, _| raw.server.request_id_header = "x-correlation-id".into()).await;
+    let account = app.create_account("acme").await;
+    let response = app
+        .get("/echo/x")
+        .bearer_auth(&account.master_key)
+        .send()
+        .await
+        .unwrap();
+    let id = response.headers()["x-correlation-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(id.starts_with("req_"));
+    assert!(response.headers().get("x-request-id").is_none());
+    let echoed: Value = response.json().await.unwrap();
+    assert_eq!(echoed["headers"]["x-correlation-id"], id.as_str());
+
+    let rejected = app.get("/echo/x").send().await.unwrap();
+    let id = rejected.headers()["x-correlation-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let body: Value = rejected.json().await.unwrap();
+    assert_eq!(body["error"]["request_id"], id.as_str());
 }

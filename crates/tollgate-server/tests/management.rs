@@ -83,6 +83,15 @@ async fn only_the_admin_creates_accounts() {
         .await
         .unwrap();
     expect_error(by_master, 403, "forbidden").await;
+    // Authorisation comes before the body is read: a bad body does not hide the 403.
+    let by_master_bad_body = app
+        .post("/api/v1/accounts")
+        .bearer_auth(&account.master_key)
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    expect_error(by_master_bad_body, 403, "forbidden").await;
     let anonymous = app
         .post("/api/v1/accounts")
         .json(&json!({"name": "x"}))

@@ -7,7 +7,7 @@ pub mod sqlite;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use tollgate_core::{AccountId, KeyHash, KeyId, KeyKind, KeyStatus, Nanos};
+use tollgate_core::{AccountId, ApiKey, KeyEnv, KeyHash, KeyId, KeyKind, KeyStatus, Nanos};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -42,6 +42,38 @@ pub struct KeyRecord {
     pub expires_at: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
     pub revoked_at: Option<DateTime<Utc>>,
+}
+
+/// What a new key is for; [`KeyRecord::issue`] turns it into a secret and its record.
+#[derive(Debug, Clone)]
+pub struct NewKey {
+    pub account_id: AccountId,
+    pub kind: KeyKind,
+    pub name: String,
+    pub scopes: Vec<String>,
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+impl KeyRecord {
+    /// A fresh secret and the active record to store for it. The secret exists only in the
+    /// return value: show it once, to the key's creator, and drop it.
+    pub fn issue(env: KeyEnv, key: NewKey, now: DateTime<Utc>) -> (ApiKey, KeyRecord) {
+        let secret = ApiKey::generate(env);
+        let record = KeyRecord {
+            id: KeyId::new(),
+            account_id: key.account_id,
+            hash: secret.hash(),
+            display_prefix: secret.display_prefix().to_string(),
+            kind: key.kind,
+            status: KeyStatus::Active,
+            name: key.name,
+            scopes: key.scopes,
+            expires_at: key.expires_at,
+            created_at: now,
+            revoked_at: None,
+        };
+        (secret, record)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -6,24 +6,21 @@
 use chrono::{Duration, TimeZone, Utc};
 use std::sync::Arc;
 use tollgate_core::{AccountId, ApiKey, KeyEnv, KeyId, KeyKind, KeyStatus, Nanos};
-use tollgate_store::{KeyRecord, RevokeOutcome, Store};
+use tollgate_store::{KeyRecord, NewKey, RevokeOutcome, Store};
 
 fn key_for(account: AccountId, kind: KeyKind, name: &str) -> (ApiKey, KeyRecord) {
-    let secret = ApiKey::generate(KeyEnv::Live);
-    let record = KeyRecord {
-        id: KeyId::new(),
+    let key = NewKey {
         account_id: account,
-        hash: secret.hash(),
-        display_prefix: secret.display_prefix().to_string(),
         kind,
-        status: KeyStatus::Active,
         name: name.to_string(),
         scopes: vec!["*".to_string()],
         expires_at: None,
-        created_at: Utc.timestamp_millis_opt(1_700_000_000_123).unwrap(),
-        revoked_at: None,
     };
-    (secret, record)
+    KeyRecord::issue(
+        KeyEnv::Live,
+        key,
+        Utc.timestamp_millis_opt(1_700_000_000_123).unwrap(),
+    )
 }
 
 async fn new_account(store: &dyn Store, credits: Nanos) -> (AccountId, ApiKey, KeyRecord) {
