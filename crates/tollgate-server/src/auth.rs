@@ -103,7 +103,7 @@ pub enum Caller {
 }
 
 impl Caller {
-    /// The key, if it is a master key; usage keys may not manage anything.
+    /// Passes for the admin and master keys; usage keys may not manage anything (403 `forbidden`).
     pub fn require_master_or_admin(&self) -> Result<(), HttpError> {
         match self {
             Caller::Key(key) if key.kind == KeyKind::Usage => Err(HttpError::new(

@@ -295,7 +295,8 @@ pub struct RouteConfig {
     pub price: Nanos,
     pub connect_timeout: Duration,
     pub timeout: Duration,
-    pub upstream_headers: Vec<(HeaderName, Secret)>,
+    /// Marked sensitive, so `Debug` never shows them.
+    pub upstream_headers: Vec<(HeaderName, http::HeaderValue)>,
 }
 
 /// A secret value: read from config like a string, never shown by `Debug` or `Serialize`.
@@ -514,10 +515,13 @@ fn validate_route(raw: &RawRoute, at: &str, p: &mut Problems) -> Option<RouteCon
             Ok(header) if crate::proxy::is_hop_by_hop(&header) || header == http::header::HOST => {
                 p.push(&field, "is managed by the proxy and cannot be set");
             }
-            Ok(header) if http::HeaderValue::from_str(&value.0).is_ok() => {
-                upstream_headers.push((header, value.clone()));
-            }
-            Ok(_) => p.push(&field, "value is not a valid header value"),
+            Ok(header) => match http::HeaderValue::from_str(&value.0) {
+                Ok(mut header_value) => {
+                    header_value.set_sensitive(true);
+                    upstream_headers.push((header, header_value));
+                }
+                Err(_) => p.push(&field, "value is not a valid header value"),
+            },
             Err(_) => p.push(&field, "is not a valid header name"),
         }
     }
@@ -678,7 +682,7 @@ mod tests {
         assert_eq!(route.price, Nanos(1_000_000));
         assert_eq!(route.connect_timeout, Duration::from_millis(250));
         assert_eq!(route.timeout, Duration::from_secs(3));
-        assert_eq!(route.upstream_headers[0].1 .0, "Bearer sk-upstream");
+        assert_eq!(route.upstream_headers[0].1, "Bearer sk-upstream");
     }
 
     #[test]

@@ -100,13 +100,12 @@ pub async fn proxy(State(state): State<AppState>, request: Request) -> Response 
         .get::<RequestId>()
         .copied()
         .unwrap_or_default();
-    match forward(&state, route, rest, peer, request_id, request).await {
+    let request_id = HeaderValue::from_str(&request_id.to_string()).ok();
+    match forward(&state, route, rest, peer, request_id.clone(), request).await {
         Ok(mut response) => {
             // Anthropic clients read the request ID from `request-id`; errors get it in rescue.
-            if profile == ErrorProfile::Anthropic {
-                if let Ok(value) = HeaderValue::from_str(&request_id.to_string()) {
-                    response.headers_mut().insert(ANTHROPIC_REQUEST_ID, value);
-                }
+            if let Some(id) = request_id.filter(|_| profile == ErrorProfile::Anthropic) {
+                response.headers_mut().insert(ANTHROPIC_REQUEST_ID, id);
             }
             response
         }
@@ -119,7 +118,7 @@ async fn forward(
     route: &Route,
     rest: &str,
     peer: Option<SocketAddr>,
-    request_id: RequestId,
+    request_id: Option<HeaderValue>,
     request: Request,
 ) -> Result<Response, HttpError> {
     let key = authenticate_key(state, presented_secret(request.headers())).await?;
@@ -166,16 +165,14 @@ async fn forward(
         })?;
     let headers = upstream_request.headers_mut();
     *headers = forwardable_request_headers(&parts.headers);
-    if let Ok(value) = HeaderValue::from_str(&request_id.to_string()) {
-        headers.insert(state.config.request_id_header.clone(), value);
+    if let Some(id) = request_id {
+        headers.insert(state.config.request_id_header.clone(), id);
     }
     if let Some(peer) = peer {
         append_forwarded_for(headers, peer);
     }
     for (name, value) in &route.config.upstream_headers {
-        if let Ok(value) = HeaderValue::from_str(&value.0) {
-            headers.insert(name.clone(), value);
-        }
+        headers.insert(name.clone(), value.clone());
     }
 
     let response = match tokio::time::timeout(
