@@ -323,3 +323,28 @@ async fn the_demo_keeps_serving_when_its_stdout_is_closed() {
     }
     drop(child);
 }
+
+#[tokio::test]
+async fn the_official_openai_and_anthropic_sdks_work_unchanged() {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let python = repo.join("target/sdk-venv/bin/python");
+    if !python.exists() {
+        let message = "the official SDKs are not installed: run scripts/install-sdks";
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "{message}");
+        eprintln!("SKIPPED the_official_openai_and_anthropic_sdks_work_unchanged: {message}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let demo = start_demo(dir.path()).await;
+    let output = Command::new(python)
+        .arg(repo.join("crates/tollgate/tests/sdk/check_sdks.py"))
+        .env("TOLLGATE_URL", &demo.vars["TOLLGATE_URL"])
+        .env("TOLLGATE_DEMO_KEY", &demo.vars["TOLLGATE_DEMO_KEY"])
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stdout}\n{stderr}");
+    assert_eq!(stdout, "openai ok\nanthropic ok\n");
+}
