@@ -527,15 +527,7 @@ async fn upstream_connections_are_pooled_and_kept_alive() {
     let mut peers = std::collections::HashSet::new();
     for _ in 0..5 {
         // Sequential requests: each finds the previous one's connection idle in the pool.
-        let echoed: Value = app
-            .get("/echo/x")
-            .bearer_auth(&account.master_key)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let echoed = app.get_json("/echo/x", &account.master_key).await;
         peers.insert(echoed["peer"].as_str().unwrap().to_string());
     }
     assert_eq!(

@@ -37,15 +37,7 @@ async fn the_admin_creates_an_account_whose_master_key_works_at_once() {
     let secret = key["secret"].as_str().unwrap();
     assert!(secret.starts_with(key["prefix"].as_str().unwrap()));
 
-    let me: Value = app
-        .get("/api/v1/key")
-        .bearer_auth(secret)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let me = app.get_json("/api/v1/key", secret).await;
     assert_eq!(me["id"], key["id"]);
     assert_eq!(me["account_id"], body["account"]["id"]);
     assert!(me.get("secret").is_none(), "the secret is shown once only");
@@ -59,15 +51,12 @@ async fn the_admin_creates_an_account_whose_master_key_works_at_once() {
 async fn accounts_get_the_configured_starter_credits_by_default() {
     let app = spawn_app().await;
     let account = app.create_account("acme").await;
-    let body: Value = app
-        .get(&format!("/api/v1/accounts/{}", account.id))
-        .bearer_auth(&account.master_key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let body = app
+        .get_json(
+            &format!("/api/v1/accounts/{}", account.id),
+            &account.master_key,
+        )
+        .await;
     assert_eq!(body["balance"]["credits"], "5");
 }
 
@@ -198,15 +187,7 @@ async fn usage_keys_cannot_manage_but_can_verify_themselves() {
         .unwrap();
     expect_error(revoke, 403, "forbidden").await;
 
-    let me: Value = app
-        .get("/api/v1/key")
-        .bearer_auth(&usage)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let me = app.get_json("/api/v1/key", &usage).await;
     assert_eq!(me["id"], usage_id.to_string());
     assert_eq!(me["kind"], "usage");
     assert_eq!(me["scopes"], json!(["echo"]));
@@ -286,15 +267,9 @@ async fn an_account_never_sees_another_accounts_resources() {
     }
 
     // Listing with another account's id shows nothing of it.
-    let listed: Value = app
-        .get(&format!("/api/v1/keys?account_id={}", b.id))
-        .bearer_auth(&a.master_key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let listed = app
+        .get_json(&format!("/api/v1/keys?account_id={}", b.id), &a.master_key)
+        .await;
     assert_eq!(listed["data"], json!([]));
 
     // B's key still works: A's attempt to revoke it changed nothing.
@@ -322,40 +297,18 @@ async fn listing_keys_shows_the_callers_account_or_for_the_admin_any() {
             .map(|k| k["id"].as_str().unwrap().to_string())
             .collect()
     };
-    let own: Value = app
-        .get("/api/v1/keys")
-        .bearer_auth(&a.master_key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let own = app.get_json("/api/v1/keys", &a.master_key).await;
     assert_eq!(
         ids(own),
         vec![a.master_key_id.to_string(), a_usage.to_string()]
     );
 
-    let admin_b: Value = app
-        .get(&format!("/api/v1/keys?account_id={}", b.id))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let admin_b = app
+        .get_json(&format!("/api/v1/keys?account_id={}", b.id), ADMIN_TOKEN)
+        .await;
     assert_eq!(ids(admin_b), vec![b.master_key_id.to_string()]);
 
-    let admin_all: Value = app
-        .get("/api/v1/keys")
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let admin_all = app.get_json("/api/v1/keys", ADMIN_TOKEN).await;
     assert_eq!(ids(admin_all).len(), 3);
 
     let bad = app

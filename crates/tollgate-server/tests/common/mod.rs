@@ -135,6 +135,13 @@ impl TestApp {
         self.http.post(format!("{}{path}", self.url))
     }
 
+    /// GETs `path` with `token`, expects 200, and returns the JSON body.
+    pub async fn get_json(&self, path: &str, token: &str) -> Value {
+        let response = self.get(path).bearer_auth(token).send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK, "GET {path}");
+        response.json().await.unwrap()
+    }
+
     pub fn admin_post(&self, path: &str, body: Value) -> RequestBuilder {
         self.post(path).bearer_auth(ADMIN_TOKEN).json(&body)
     }
