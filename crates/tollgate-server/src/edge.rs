@@ -1,6 +1,7 @@
 //! The outermost layers every response passes through, proxied or not.
 //!
-//! - [`request_id`] gives each request its `req_<ULID>` and stamps it on the response.
+//! - [`request_id`] gives each request its `req_<ULID>` and stamps it on the response (also as
+//!   `request-id` when the response carries the Anthropic profile of its route).
 //! - [`rescue`] turns an [`HttpError`](crate::error::HttpError) into the error envelope of the
 //!   route's profile, adds `X-Tollgate-Error`, `x-should-retry` and `Retry-After`, and logs it.
 //!   **Architecture Invariant:** nothing else builds error bodies.
@@ -23,6 +24,10 @@ pub const ANTHROPIC_REQUEST_ID: HeaderName = HeaderName::from_static("request-id
 #[derive(Debug, Clone)]
 pub struct ClientRequestId(pub String);
 
+/// The request ID already formatted as a header value, so it is formatted once per request.
+#[derive(Debug, Clone)]
+pub struct RequestIdHeader(pub HeaderValue);
+
 pub async fn request_id(
     State(state): State<AppState>,
     mut request: Request,
@@ -34,9 +39,21 @@ pub async fn request_id(
         let client_id = client_id.chars().take(200).collect();
         request.extensions_mut().insert(ClientRequestId(client_id));
     }
+    let value = HeaderValue::from_str(&id.to_string()).ok();
     request.extensions_mut().insert(id);
+    if let Some(value) = &value {
+        request
+            .extensions_mut()
+            .insert(RequestIdHeader(value.clone()));
+    }
     let mut response = next.run(request).await;
-    if let Ok(value) = HeaderValue::from_str(&id.to_string()) {
+    if let Some(value) = value {
+        // Anthropic clients read the ID from `request-id`; a route's responses carry its profile.
+        if response.extensions().get::<ErrorProfile>() == Some(&ErrorProfile::Anthropic) {
+            response
+                .headers_mut()
+                .insert(ANTHROPIC_REQUEST_ID, value.clone());
+        }
         response.headers_mut().insert(header.clone(), value);
     }
     response
@@ -98,10 +115,7 @@ fn render(
     if let Some(seconds) = error.retry_after_s {
         headers.insert(http::header::RETRY_AFTER, HeaderValue::from(seconds));
     }
-    if profile == ErrorProfile::Anthropic {
-        if let Ok(value) = HeaderValue::from_str(&id.to_string()) {
-            headers.insert(ANTHROPIC_REQUEST_ID, value);
-        }
-    }
+    // Keep the profile for the request-ID layer, which adds `request-id` for Anthropic routes.
+    response.extensions_mut().insert(profile);
     response
 }

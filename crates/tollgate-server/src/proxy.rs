@@ -7,7 +7,7 @@
 
 use crate::auth::{authenticate_key, presented_secret};
 use crate::config::RouteConfig;
-use crate::edge::ANTHROPIC_REQUEST_ID;
+use crate::edge::{RequestIdHeader, ANTHROPIC_REQUEST_ID};
 use crate::error::HttpError;
 use crate::state::AppState;
 use axum::body::Body;
@@ -21,8 +21,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use std::net::SocketAddr;
 use std::time::Duration;
-use tollgate_core::{ErrorCode, RequestId};
-use tollgate_wire::ErrorProfile;
+use tollgate_core::ErrorCode;
 
 type UpstreamClient = Client<HttpsConnector<HttpConnector>, Limited<Body>>;
 
@@ -55,11 +54,11 @@ impl RouteTable {
         RouteTable { routes }
     }
 
-    /// The route serving `path`, and the rest of the path after its prefix.
-    pub fn resolve<'a>(&self, path: &'a str) -> Option<(&Route, &'a str)> {
-        self.routes.iter().find_map(|route| {
-            let rest = path.strip_prefix(route.config.prefix.as_str())?;
-            (rest.is_empty() || rest.starts_with('/')).then_some((route, rest))
+    /// The route serving `path`: the longest prefix that ends at a segment boundary.
+    pub fn resolve(&self, path: &str) -> Option<&Route> {
+        self.routes.iter().find(|route| {
+            path.strip_prefix(route.config.prefix.as_str())
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
         })
     }
 }
@@ -82,45 +81,28 @@ fn upstream_client(route: &RouteConfig) -> UpstreamClient {
 
 /// The fallback handler: every path that is not Tollgate's own goes through here.
 pub async fn proxy(State(state): State<AppState>, request: Request) -> Response {
-    let path = request.uri().path().to_string();
-    let Some((route, rest)) = state.routes.resolve(&path) else {
+    let Some(route) = state.routes.resolve(request.uri().path()) else {
         return HttpError::new(
             ErrorCode::NotFound,
-            format!("No route for {} {path}.", request.method()),
+            format!(
+                "No route for {} {}.",
+                request.method(),
+                request.uri().path()
+            ),
         )
         .into_response();
     };
     let profile = route.config.error_profile;
-    let peer = request
-        .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|ConnectInfo(addr)| *addr);
-    let request_id = request
-        .extensions()
-        .get::<RequestId>()
-        .copied()
-        .unwrap_or_default();
-    let request_id = HeaderValue::from_str(&request_id.to_string()).ok();
-    match forward(&state, route, rest, peer, request_id.clone(), request).await {
-        Ok(mut response) => {
-            // Anthropic clients read the request ID from `request-id`; errors get it in rescue.
-            if let Some(id) = request_id.filter(|_| profile == ErrorProfile::Anthropic) {
-                response.headers_mut().insert(ANTHROPIC_REQUEST_ID, id);
-            }
-            response
-        }
+    let mut response = match forward(&state, route, request).await {
+        Ok(response) => response,
         Err(error) => error.in_profile(profile).into_response(),
-    }
+    };
+    // The request-ID layer reads the profile to add Anthropic's `request-id` header.
+    response.extensions_mut().insert(profile);
+    response
 }
 
-async fn forward(
-    state: &AppState,
-    route: &Route,
-    rest: &str,
-    peer: Option<SocketAddr>,
-    request_id: Option<HeaderValue>,
-    request: Request,
-) -> Result<Response, HttpError> {
+async fn forward(state: &AppState, route: &Route, request: Request) -> Result<Response, HttpError> {
     let key = authenticate_key(state, presented_secret(request.headers())).await?;
     if !key
         .scopes
@@ -149,6 +131,11 @@ async fn forward(
     }
 
     let (parts, body) = request.into_parts();
+    let rest = parts
+        .uri
+        .path()
+        .strip_prefix(route.config.prefix.as_str())
+        .unwrap_or_default();
     let uri = upstream_uri(&route.config.upstream, rest, parts.uri.query())?;
     let mut upstream_request = http::Request::builder()
         .method(parts.method)
@@ -165,11 +152,11 @@ async fn forward(
         })?;
     let headers = upstream_request.headers_mut();
     *headers = forwardable_request_headers(&parts.headers);
-    if let Some(id) = request_id {
-        headers.insert(state.config.request_id_header.clone(), id);
+    if let Some(RequestIdHeader(id)) = parts.extensions.get::<RequestIdHeader>() {
+        headers.insert(state.config.request_id_header.clone(), id.clone());
     }
-    if let Some(peer) = peer {
-        append_forwarded_for(headers, peer);
+    if let Some(ConnectInfo(peer)) = parts.extensions.get::<ConnectInfo<SocketAddr>>() {
+        append_forwarded_for(headers, *peer);
     }
     for (name, value) in &route.config.upstream_headers {
         headers.insert(name.clone(), value.clone());

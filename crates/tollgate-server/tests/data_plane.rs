@@ -50,7 +50,7 @@ async fn a_malformed_key_is_rejected_before_any_store_lookup() {
         ("tg_live_tooshort", "wrong length or characters"),
         (bad_checksum.as_str(), "checksum does not match"),
     ] {
-        let response = app.get("/echo/x").bearer_auth(key).send().await.unwrap();
+        let response = app.get_as("/echo/x", key).await;
         let body = expect_error(response, 401, "invalid_api_key").await;
         let message = body["error"]["message"].as_str().unwrap();
         assert!(message.contains(reason), "{message}");
@@ -63,12 +63,7 @@ async fn a_malformed_key_is_rejected_before_any_store_lookup() {
 
     // A well-formed key that does not exist is looked up, and is just as invalid.
     let stranger = ApiKey::generate(KeyEnv::Live);
-    let response = app
-        .get("/echo/x")
-        .bearer_auth(stranger.expose())
-        .send()
-        .await
-        .unwrap();
+    let response = app.get_as("/echo/x", stranger.expose()).await;
     expect_error(response, 401, "invalid_api_key").await;
     assert_eq!(app.store.lookups(), lookups_before + 1);
 }
@@ -78,12 +73,7 @@ async fn keys_are_verified_from_memory_after_the_first_request() {
     let app = spawn_app().await;
     let account = app.create_account("acme").await;
     for _ in 0..5 {
-        let response = app
-            .get("/echo/x")
-            .bearer_auth(&account.master_key)
-            .send()
-            .await
-            .unwrap();
+        let response = app.get_as("/echo/x", &account.master_key).await;
         assert_eq!(response.status(), 200);
     }
     assert_eq!(
@@ -265,12 +255,7 @@ async fn an_upstream_that_is_down_is_502_upstream_error() {
     })
     .await;
     let account = app.create_account("acme").await;
-    let response = app
-        .get("/down/x")
-        .bearer_auth(&account.master_key)
-        .send()
-        .await
-        .unwrap();
+    let response = app.get_as("/down/x", &account.master_key).await;
     assert_eq!(response.headers()["x-should-retry"], "true");
     let body = expect_error(response, 502, "upstream_error").await;
     assert!(body["error"]["message"]
@@ -359,7 +344,7 @@ async fn a_revoked_key_is_401_key_revoked_on_the_very_next_request() {
     let account = app.create_account("acme").await;
     let (usage, id) = app.create_usage_key(&account.master_key, json!({})).await;
     // Warm the cache so the revocation has something to invalidate.
-    let ok = app.get("/echo/x").bearer_auth(&usage).send().await.unwrap();
+    let ok = app.get_as("/echo/x", &usage).await;
     assert_eq!(ok.status(), 200);
 
     let revoked = app
@@ -369,7 +354,7 @@ async fn a_revoked_key_is_401_key_revoked_on_the_very_next_request() {
         .await
         .unwrap();
     assert_eq!(revoked.status(), 200);
-    let response = app.get("/echo/x").bearer_auth(&usage).send().await.unwrap();
+    let response = app.get_as("/echo/x", &usage).await;
     let body = expect_error(response, 401, "key_revoked").await;
     assert!(body["error"]["message"]
         .as_str()
@@ -385,18 +370,10 @@ async fn an_expired_key_is_401_key_expired_the_moment_it_expires() {
     let (usage, _) = app
         .create_usage_key(&account.master_key, json!({"expires_at": expires_at}))
         .await;
-    assert_eq!(
-        app.get("/echo/x")
-            .bearer_auth(&usage)
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(app.get_as("/echo/x", &usage).await.status(), 200);
 
     app.clock.advance(chrono::Duration::hours(1));
-    let response = app.get("/echo/x").bearer_auth(&usage).send().await.unwrap();
+    let response = app.get_as("/echo/x", &usage).await;
     let body = expect_error(response, 401, "key_expired").await;
     assert_eq!(
         body["error"]["details"]["expired_at"],
@@ -423,12 +400,7 @@ async fn an_inactive_key_is_401_key_inactive() {
     let (secret, mut record) = KeyRecord::issue(KeyEnv::Live, paused, app_now(&app));
     record.status = KeyStatus::Inactive;
     app.store.insert_key(&record).await.unwrap();
-    let response = app
-        .get("/echo/x")
-        .bearer_auth(secret.expose())
-        .send()
-        .await
-        .unwrap();
+    let response = app.get_as("/echo/x", secret.expose()).await;
     expect_error(response, 401, "key_inactive").await;
 }
 
@@ -439,15 +411,7 @@ async fn a_key_outside_its_scopes_is_403_insufficient_scope_naming_the_scope() {
     let (echo_only, _) = app
         .create_usage_key(&account.master_key, json!({"scopes": ["echo"]}))
         .await;
-    assert_eq!(
-        app.get("/echo/x")
-            .bearer_auth(&echo_only)
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(app.get_as("/echo/x", &echo_only).await.status(), 200);
     let response = app
         .post(CHAT)
         .bearer_auth(&echo_only)
@@ -510,12 +474,7 @@ async fn upstream_headers_from_config_reach_the_upstream() {
     })
     .await;
     let account = app.create_account("acme").await;
-    let response = app
-        .get("/keyed/x")
-        .bearer_auth(&account.master_key)
-        .send()
-        .await
-        .unwrap();
+    let response = app.get_as("/keyed/x", &account.master_key).await;
     let echoed: Value = response.json().await.unwrap();
     assert_eq!(echoed["headers"]["authorization"], "Bearer sk-upstream");
 }
@@ -542,12 +501,7 @@ async fn the_request_id_header_name_is_configurable() {
     let app =
         spawn_app_with(|raw, _| raw.server.request_id_header = "x-correlation-id".into()).await;
     let account = app.create_account("acme").await;
-    let response = app
-        .get("/echo/x")
-        .bearer_auth(&account.master_key)
-        .send()
-        .await
-        .unwrap();
+    let response = app.get_as("/echo/x", &account.master_key).await;
     let id = response.headers()["x-correlation-id"]
         .to_str()
         .unwrap()

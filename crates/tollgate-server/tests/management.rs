@@ -172,12 +172,7 @@ async fn usage_keys_cannot_manage_but_can_verify_themselves() {
         .await
         .unwrap();
     expect_error(create, 403, "forbidden").await;
-    let list = app
-        .get("/api/v1/keys")
-        .bearer_auth(&usage)
-        .send()
-        .await
-        .unwrap();
+    let list = app.get_as("/api/v1/keys", &usage).await;
     expect_error(list, 403, "forbidden").await;
     let revoke = app
         .post(&format!("/api/v1/keys/{usage_id}/revoke"))
@@ -273,12 +268,7 @@ async fn an_account_never_sees_another_accounts_resources() {
     assert_eq!(listed["data"], json!([]));
 
     // B's key still works: A's attempt to revoke it changed nothing.
-    let me = app
-        .get("/api/v1/key")
-        .bearer_auth(&b.master_key)
-        .send()
-        .await
-        .unwrap();
+    let me = app.get_as("/api/v1/key", &b.master_key).await;
     assert_eq!(me.status(), 200);
 }
 
@@ -312,18 +302,10 @@ async fn listing_keys_shows_the_callers_account_or_for_the_admin_any() {
     assert_eq!(ids(admin_all).len(), 3);
 
     let bad = app
-        .get("/api/v1/keys?account_id=nope")
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap();
+        .get_as("/api/v1/keys?account_id=nope", ADMIN_TOKEN)
+        .await;
     expect_error(bad, 400, "validation_error").await;
-    let unknown_param = app
-        .get("/api/v1/keys?colour=red")
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap();
+    let unknown_param = app.get_as("/api/v1/keys?colour=red", ADMIN_TOKEN).await;
     expect_error(unknown_param, 400, "bad_request").await;
 }
 
@@ -356,12 +338,7 @@ async fn revoking_twice_is_409_already_revoked() {
 async fn unknown_management_paths_and_methods_are_404_in_the_envelope() {
     let app = spawn_app().await;
     let account = app.create_account("acme").await;
-    let unknown = app
-        .get("/api/v1/nothing")
-        .bearer_auth(&account.master_key)
-        .send()
-        .await
-        .unwrap();
+    let unknown = app.get_as("/api/v1/nothing", &account.master_key).await;
     expect_error(unknown, 404, "not_found").await;
     let wrong_method = app
         .http
@@ -372,31 +349,18 @@ async fn unknown_management_paths_and_methods_are_404_in_the_envelope() {
     let body = expect_error(wrong_method, 404, "not_found").await;
     assert_eq!(body["error"]["message"], "No route for DELETE /api/v1/key.");
     let bad_id = app
-        .get("/api/v1/accounts/acct_lowercase")
-        .bearer_auth(&account.master_key)
-        .send()
-        .await
-        .unwrap();
+        .get_as("/api/v1/accounts/acct_lowercase", &account.master_key)
+        .await;
     expect_error(bad_id, 404, "not_found").await;
 }
 
 #[tokio::test]
 async fn the_admin_token_is_not_an_api_key() {
     let app = spawn_app().await;
-    let me = app
-        .get("/api/v1/key")
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap();
+    let me = app.get_as("/api/v1/key", ADMIN_TOKEN).await;
     expect_error(me, 400, "bad_request").await;
     // Nor does it open the data plane.
-    let proxied = app
-        .get("/echo/x")
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap();
+    let proxied = app.get_as("/echo/x", ADMIN_TOKEN).await;
     expect_error(proxied, 401, "invalid_api_key").await;
 }
 
@@ -427,10 +391,7 @@ async fn readiness_is_503_naming_the_store_when_it_is_down() {
 
     // Management calls that need the store fail the same way, never with a 500.
     let get = app
-        .get(&format!("/api/v1/accounts/{}", account.id))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap();
+        .get_as(&format!("/api/v1/accounts/{}", account.id), ADMIN_TOKEN)
+        .await;
     expect_error(get, 503, "service_unavailable").await;
 }

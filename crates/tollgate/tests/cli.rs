@@ -60,6 +60,17 @@ async fn start_demo(data_dir: &Path) -> RunningDemo {
     }
 }
 
+/// The status of an echo call through a running demo.
+async fn echo_status(url: &str, key: &str) -> u16 {
+    let response = reqwest::Client::new()
+        .get(format!("{url}/echo/hi"))
+        .bearer_auth(key)
+        .send()
+        .await
+        .unwrap();
+    response.status().as_u16()
+}
+
 #[tokio::test]
 async fn demo_prints_working_script_lines() {
     let dir = tempfile::tempdir().unwrap();
@@ -74,13 +85,7 @@ async fn demo_prints_working_script_lines() {
     assert!(demo.vars["TOLLGATE_ADMIN_TOKEN"].len() >= 16);
 
     let http = reqwest::Client::new();
-    let echo = http
-        .get(format!("{url}/echo/hi"))
-        .bearer_auth(key)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(echo.status(), 200);
+    assert_eq!(echo_status(url, key).await, 200);
     let chat = http
         .post(format!("{url}/v1/chat/completions"))
         .bearer_auth(key)
@@ -145,13 +150,7 @@ async fn a_restarted_demo_reuses_its_account_and_key() {
     assert_eq!(second.vars["TOLLGATE_ADMIN_TOKEN"], token);
     assert!(second.welcome.contains("(reused from the last run;"));
     let url = &second.vars["TOLLGATE_URL"];
-    let echo = reqwest::Client::new()
-        .get(format!("{url}/echo/hi"))
-        .bearer_auth(&key)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(echo.status(), 200);
+    assert_eq!(echo_status(url, &key).await, 200);
 }
 
 #[tokio::test]
@@ -311,15 +310,9 @@ async fn the_demo_keeps_serving_when_its_stdout_is_closed() {
         ..
     } = start_demo(dir.path()).await;
     drop(stdout);
-    let http = reqwest::Client::new();
     for _ in 0..3 {
-        let echo = http
-            .get(format!("{}/echo/hi", vars["TOLLGATE_URL"]))
-            .bearer_auth(&vars["TOLLGATE_DEMO_KEY"])
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(echo.status(), 200);
+        let status = echo_status(&vars["TOLLGATE_URL"], &vars["TOLLGATE_DEMO_KEY"]).await;
+        assert_eq!(status, 200);
     }
     drop(child);
 }

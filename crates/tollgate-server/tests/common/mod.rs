@@ -135,9 +135,14 @@ impl TestApp {
         self.http.post(format!("{}{path}", self.url))
     }
 
+    /// GETs `path` with `token` as the bearer credential.
+    pub async fn get_as(&self, path: &str, token: &str) -> Response {
+        self.get(path).bearer_auth(token).send().await.unwrap()
+    }
+
     /// GETs `path` with `token`, expects 200, and returns the JSON body.
     pub async fn get_json(&self, path: &str, token: &str) -> Value {
-        let response = self.get(path).bearer_auth(token).send().await.unwrap();
+        let response = self.get_as(path, token).await;
         assert_eq!(response.status(), StatusCode::OK, "GET {path}");
         response.json().await.unwrap()
     }
