@@ -86,6 +86,12 @@ prefixed_id!(
     "req_"
 );
 
+prefixed_id!(
+    /// A reservation of credit: made before a paid call, settled or released exactly once.
+    HoldId,
+    "hold_"
+);
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -5,10 +5,13 @@ pub mod clock;
 pub mod error;
 pub mod ids;
 pub mod key;
+pub mod ledger;
+pub mod metering;
 pub mod money;
+pub mod pricing;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::{ApiError, ErrorCode, Fault};
-pub use ids::{AccountId, KeyId, RequestId};
+pub use ids::{AccountId, HoldId, KeyId, RequestId};
 pub use key::{ApiKey, KeyEnv, KeyHash, KeyKind, KeyStatus};
 pub use money::Nanos;

@@ -1,0 +1,698 @@
+//! The ledger's rules. Every movement of money is a [`Transfer`] between two ledger accounts
+//! (external, an account's wallet, its holds, revenue), so the sum of all balances is zero by
+//! construction. A [`Book`] is the in-memory state those rules act on: wallets that never go
+//! below zero, holds that resolve exactly once, and each key's spend this month. The server keeps
+//! one `Book` for admission and persists the transfers each operation returns.
+
+use crate::{AccountId, HoldId, KeyId, Nanos};
+use chrono::{DateTime, Datelike, Utc};
+use std::collections::HashMap;
+use std::fmt;
+
+/// A ledger account: where a transfer takes money from or puts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum LedgerAccount {
+    /// The outside world: grants and top-ups come from here.
+    External,
+    /// What the operator has earned: charges go here.
+    Revenue,
+    /// An account's spendable credit.
+    Wallet(AccountId),
+    /// An account's credit reserved by pending holds.
+    Holds(AccountId),
+}
+
+impl fmt::Display for LedgerAccount {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LedgerAccount::External => f.write_str("external"),
+            LedgerAccount::Revenue => f.write_str("revenue"),
+            LedgerAccount::Wallet(id) => write!(f, "wallet:{id}"),
+            LedgerAccount::Holds(id) => write!(f, "holds:{id}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TransferKind {
+    /// External → wallet: credits granted or bought.
+    Grant,
+    /// Wallet → holds: credit reserved for a call.
+    Hold,
+    /// Holds → revenue: the actual cost of a settled hold.
+    Charge,
+    /// Holds → wallet: what a hold did not charge, returned.
+    Release,
+}
+
+impl TransferKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TransferKind::Grant => "grant",
+            TransferKind::Hold => "hold",
+            TransferKind::Charge => "charge",
+            TransferKind::Release => "release",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<TransferKind> {
+        [
+            TransferKind::Grant,
+            TransferKind::Hold,
+            TransferKind::Charge,
+            TransferKind::Release,
+        ]
+        .into_iter()
+        .find(|k| k.as_str() == text)
+    }
+}
+
+/// Moves `amount` (always positive) from `debit` to `credit`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transfer {
+    pub debit: LedgerAccount,
+    pub credit: LedgerAccount,
+    pub amount: Nanos,
+    pub kind: TransferKind,
+}
+
+/// An account's money as the ledger sees it: the balances of its wallet and holds accounts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Wallet {
+    pub available: Nanos,
+    pub held: Nanos,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum HoldStatus {
+    Pending,
+    /// Charged its actual cost (at most the amount held); the rest went back to the wallet.
+    Settled,
+    /// Charged nothing.
+    Released,
+    /// Charged nothing: it outlived its TTL (abandoned, or left behind by a crash).
+    Expired,
+}
+
+impl HoldStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HoldStatus::Pending => "pending",
+            HoldStatus::Settled => "settled",
+            HoldStatus::Released => "released",
+            HoldStatus::Expired => "expired",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<HoldStatus> {
+        [
+            HoldStatus::Pending,
+            HoldStatus::Settled,
+            HoldStatus::Released,
+            HoldStatus::Expired,
+        ]
+        .into_iter()
+        .find(|s| s.as_str() == text)
+    }
+}
+
+/// A reservation of an account's credit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hold {
+    pub id: HoldId,
+    pub account: AccountId,
+    /// The key whose monthly spend the hold counts against.
+    pub key: Option<KeyId>,
+    pub amount: Nanos,
+    pub created_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+    pub status: HoldStatus,
+    /// What settling charged; zero otherwise.
+    pub charged: Nanos,
+    pub resolved_at: Option<DateTime<Utc>>,
+}
+
+/// How to resolve a hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resolve {
+    /// Charge this much; more than the hold is charged as the hold.
+    Settle(Nanos),
+    Release,
+    Expire,
+}
+
+/// The outcome of resolving a hold.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resolution {
+    /// The hold as resolved (by this call or the first one).
+    pub hold: Hold,
+    /// What to persist: empty when the hold had been resolved before.
+    pub transfers: Vec<Transfer>,
+    /// False when the hold had been resolved before: a no-op returning the first outcome.
+    pub first: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("needs {required} but the wallet has {available}")]
+    InsufficientBalance { required: Nanos, available: Nanos },
+    #[error("the key's monthly cap of {cap} would be exceeded ({spent} spent, {held} held)")]
+    KeyCapReached {
+        cap: Nanos,
+        spent: Nanos,
+        held: Nanos,
+    },
+    /// The caller must load the wallet (or the key's spend) from the store first.
+    #[error("not loaded")]
+    NotLoaded,
+    #[error("the amount would overflow the wallet")]
+    Overflow,
+}
+
+/// A calendar month (UTC) as one number, so months compare and roll over simply.
+pub fn month_of(at: DateTime<Utc>) -> i32 {
+    at.year() * 12 + at.month0() as i32
+}
+
+/// The first instant of `at`'s calendar month (UTC).
+pub fn month_start(at: DateTime<Utc>) -> DateTime<Utc> {
+    at.date_naive()
+        .with_day(1)
+        .and_then(|d| d.and_hms_opt(0, 0, 0))
+        .map(|d| d.and_utc())
+        .unwrap_or(at)
+}
+
+/// A key's spend in one calendar month: charged so far, and reserved by its pending holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct KeySpend {
+    month: i32,
+    spent: Nanos,
+    held: Nanos,
+}
+
+impl KeySpend {
+    /// A charge counts in the month it is settled; a new month starts from zero.
+    fn roll_to(&mut self, month: i32) {
+        if self.month != month {
+            self.month = month;
+            self.spent = Nanos::ZERO;
+        }
+    }
+}
+
+/// What a new hold is for.
+#[derive(Debug, Clone)]
+pub struct HoldRequest {
+    pub id: HoldId,
+    pub account: AccountId,
+    pub key: Option<KeyId>,
+    pub amount: Nanos,
+    /// The key's monthly spend cap, if it has one.
+    pub key_cap: Option<Nanos>,
+    pub at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+}
+
+/// The in-memory ledger state: loaded wallets, pending holds (and resolved ones until the
+/// caller forgets them), and loaded key spends.
+#[derive(Debug, Default)]
+pub struct Book {
+    wallets: HashMap<AccountId, Wallet>,
+    key_spend: HashMap<KeyId, KeySpend>,
+    holds: HashMap<HoldId, Hold>,
+}
+
+impl Book {
+    pub fn new() -> Book {
+        Book::default()
+    }
+
+    pub fn wallet(&self, account: AccountId) -> Option<Wallet> {
+        self.wallets.get(&account).copied()
+    }
+
+    /// Installs a wallet read from the store, unless one is loaded already (which is newer).
+    pub fn load_wallet(&mut self, account: AccountId, wallet: Wallet) {
+        self.wallets.entry(account).or_insert(wallet);
+    }
+
+    pub fn key_spend_loaded(&self, key: KeyId) -> bool {
+        self.key_spend.contains_key(&key)
+    }
+
+    /// Installs a key's spend this month read from the store, unless already loaded. What it
+    /// holds is counted from the pending holds in the book.
+    pub fn load_key_spend(&mut self, key: KeyId, at: DateTime<Utc>, spent_this_month: Nanos) {
+        if self.key_spend.contains_key(&key) {
+            return;
+        }
+        let held = self
+            .holds
+            .values()
+            .filter(|h| h.key == Some(key) && h.status == HoldStatus::Pending)
+            .fold(Nanos::ZERO, |sum, h| Nanos(sum.0.saturating_add(h.amount.0)));
+        self.key_spend.insert(
+            key,
+            KeySpend {
+                month: month_of(at),
+                spent: spent_this_month,
+                held,
+            },
+        );
+    }
+
+    /// What the key has been charged in `at`'s month, if its spend is loaded.
+    pub fn key_spent(&self, key: KeyId, at: DateTime<Utc>) -> Option<Nanos> {
+        self.key_spend.get(&key).map(|s| {
+            if s.month == month_of(at) {
+                s.spent
+            } else {
+                Nanos::ZERO
+            }
+        })
+    }
+
+    /// Credits a loaded wallet from outside.
+    pub fn grant(&mut self, account: AccountId, amount: Nanos) -> Result<Transfer, Refusal> {
+        let wallet = self.wallets.get_mut(&account).ok_or(Refusal::NotLoaded)?;
+        wallet.available = wallet
+            .available
+            .checked_add(amount)
+            .ok_or(Refusal::Overflow)?;
+        Ok(Transfer {
+            debit: LedgerAccount::External,
+            credit: LedgerAccount::Wallet(account),
+            amount,
+            kind: TransferKind::Grant,
+        })
+    }
+
+    /// Reserves `amount` from the wallet, or refuses without changing anything. The check and
+    /// the reservation are one step on `&mut self`: there is no window between them.
+    pub fn open(&mut self, request: HoldRequest) -> Result<(Hold, Option<Transfer>), Refusal> {
+        let month = month_of(request.at);
+        let wallet = self
+            .wallets
+            .get(&request.account)
+            .ok_or(Refusal::NotLoaded)?;
+        if wallet.available < request.amount {
+            return Err(Refusal::InsufficientBalance {
+                required: request.amount,
+                available: wallet.available,
+            });
+        }
+        if let Some(key) = request.key {
+            let spend = self.key_spend.get_mut(&key).ok_or(Refusal::NotLoaded)?;
+            spend.roll_to(month);
+            if let Some(cap) = request.key_cap {
+                let committed = spend.spent.0.saturating_add(spend.held.0);
+                if committed.saturating_add(request.amount.0) > cap.0 {
+                    return Err(Refusal::KeyCapReached {
+                        cap,
+                        spent: spend.spent,
+                        held: spend.held,
+                    });
+                }
+            }
+            spend.held = Nanos(spend.held.0.saturating_add(request.amount.0));
+        }
+        let wallet = self
+            .wallets
+            .get_mut(&request.account)
+            .ok_or(Refusal::NotLoaded)?;
+        wallet.available = Nanos(wallet.available.0 - request.amount.0);
+        wallet.held = Nanos(wallet.held.0.saturating_add(request.amount.0));
+        let hold = Hold {
+            id: request.id,
+            account: request.account,
+            key: request.key,
+            amount: request.amount,
+            created_at: request.at,
+            expires_at: request.expires_at,
+            status: HoldStatus::Pending,
+            charged: Nanos::ZERO,
+            resolved_at: None,
+        };
+        self.holds.insert(hold.id, hold.clone());
+        let transfer = (request.amount > Nanos::ZERO).then_some(Transfer {
+            debit: LedgerAccount::Wallet(request.account),
+            credit: LedgerAccount::Holds(request.account),
+            amount: request.amount,
+            kind: TransferKind::Hold,
+        });
+        Ok((hold, transfer))
+    }
+
+    /// Puts back a pending hold read from the store (its amount is already in the loaded
+    /// wallet's `held`).
+    pub fn restore(&mut self, hold: Hold) {
+        self.holds.entry(hold.id).or_insert(hold);
+    }
+
+    /// Resolves a hold exactly once. Resolving it again changes nothing and returns the first
+    /// outcome. `None` if the book does not know the hold.
+    pub fn resolve(&mut self, id: HoldId, how: Resolve, at: DateTime<Utc>) -> Option<Resolution> {
+        let hold = self.holds.get_mut(&id)?;
+        if hold.status != HoldStatus::Pending {
+            return Some(Resolution {
+                hold: hold.clone(),
+                transfers: Vec::new(),
+                first: false,
+            });
+        }
+        let (status, charged) = match how {
+            Resolve::Settle(cost) => (HoldStatus::Settled, cost.clamp(Nanos::ZERO, hold.amount)),
+            Resolve::Release => (HoldStatus::Released, Nanos::ZERO),
+            Resolve::Expire => (HoldStatus::Expired, Nanos::ZERO),
+        };
+        hold.status = status;
+        hold.charged = charged;
+        hold.resolved_at = Some(at);
+        let returned = Nanos(hold.amount.0 - charged.0);
+        let account = hold.account;
+        if let Some(wallet) = self.wallets.get_mut(&account) {
+            wallet.held = Nanos(wallet.held.0 - hold.amount.0);
+            wallet.available = Nanos(wallet.available.0.saturating_add(returned.0));
+        }
+        if let Some(spend) = hold.key.and_then(|k| self.key_spend.get_mut(&k)) {
+            spend.held = Nanos(spend.held.0 - hold.amount.0);
+            spend.roll_to(month_of(at));
+            spend.spent = Nanos(spend.spent.0.saturating_add(charged.0));
+        }
+        let mut transfers = Vec::with_capacity(2);
+        if charged > Nanos::ZERO {
+            transfers.push(Transfer {
+                debit: LedgerAccount::Holds(account),
+                credit: LedgerAccount::Revenue,
+                amount: charged,
+                kind: TransferKind::Charge,
+            });
+        }
+        if returned > Nanos::ZERO {
+            transfers.push(Transfer {
+                debit: LedgerAccount::Holds(account),
+                credit: LedgerAccount::Wallet(account),
+                amount: returned,
+                kind: TransferKind::Release,
+            });
+        }
+        Some(Resolution {
+            hold: hold.clone(),
+            transfers,
+            first: true,
+        })
+    }
+
+    pub fn hold(&self, id: HoldId) -> Option<&Hold> {
+        self.holds.get(&id)
+    }
+
+    /// Pending holds whose TTL has passed at `now`.
+    pub fn expired(&self, now: DateTime<Utc>) -> Vec<HoldId> {
+        self.holds
+            .values()
+            .filter(|h| h.status == HoldStatus::Pending && h.expires_at <= now)
+            .map(|h| h.id)
+            .collect()
+    }
+
+    /// Drops a resolved hold from memory (once its resolution is stored). Pending holds stay.
+    pub fn forget(&mut self, id: HoldId) {
+        if self
+            .holds
+            .get(&id)
+            .is_some_and(|h| h.status != HoldStatus::Pending)
+        {
+            self.holds.remove(&id);
+        }
+    }
+
+    pub fn pending_holds(&self) -> usize {
+        self.holds
+            .values()
+            .filter(|h| h.status == HoldStatus::Pending)
+            .count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::{TimeDelta, TimeZone};
+    use proptest::prelude::*;
+    use std::collections::BTreeMap;
+
+    fn t0() -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 1, 31, 23, 0, 0).unwrap()
+    }
+
+    fn request(book_account: AccountId, key: Option<KeyId>, amount: i64) -> HoldRequest {
+        HoldRequest {
+            id: HoldId::new(),
+            account: book_account,
+            key,
+            amount: Nanos(amount),
+            key_cap: None,
+            at: t0(),
+            expires_at: t0() + TimeDelta::seconds(60),
+        }
+    }
+
+    #[test]
+    fn refuses_what_the_wallet_cannot_cover_without_changing_it() {
+        let account = AccountId::new();
+        let mut book = Book::new();
+        book.load_wallet(
+            account,
+            Wallet {
+                available: Nanos(10),
+                held: Nanos(0),
+            },
+        );
+        assert_eq!(
+            book.open(request(account, None, 11)).unwrap_err(),
+            Refusal::InsufficientBalance {
+                required: Nanos(11),
+                available: Nanos(10)
+            }
+        );
+        assert_eq!(book.wallet(account).unwrap().available, Nanos(10));
+        let (hold, transfer) = book.open(request(account, None, 10)).unwrap();
+        assert_eq!(transfer.unwrap().amount, Nanos(10));
+        assert_eq!(
+            book.wallet(account).unwrap(),
+            Wallet {
+                available: Nanos(0),
+                held: Nanos(10)
+            }
+        );
+        assert_eq!(book.pending_holds(), 1);
+        assert_eq!(book.expired(hold.expires_at).len(), 1);
+    }
+
+    #[test]
+    fn settles_at_most_the_hold_and_only_once() {
+        let account = AccountId::new();
+        let mut book = Book::new();
+        book.load_wallet(
+            account,
+            Wallet {
+                available: Nanos(100),
+                held: Nanos(0),
+            },
+        );
+        let (hold, _) = book.open(request(account, None, 40)).unwrap();
+        let first = book.resolve(hold.id, Resolve::Settle(Nanos(55)), t0()).unwrap();
+        assert!(first.first);
+        assert_eq!(first.hold.charged, Nanos(40));
+        assert_eq!(first.transfers.len(), 1, "all charged, nothing returned");
+        let again = book.resolve(hold.id, Resolve::Release, t0()).unwrap();
+        assert!(!again.first);
+        assert!(again.transfers.is_empty());
+        assert_eq!(again.hold.status, HoldStatus::Settled);
+        assert_eq!(book.wallet(account).unwrap().available, Nanos(60));
+        book.forget(hold.id);
+        assert!(book.hold(hold.id).is_none());
+    }
+
+    #[test]
+    fn key_cap_counts_spent_and_held_and_resets_each_month() {
+        let account = AccountId::new();
+        let key = KeyId::new();
+        let mut book = Book::new();
+        book.load_wallet(
+            account,
+            Wallet {
+                available: Nanos(1000),
+                held: Nanos(0),
+            },
+        );
+        book.load_key_spend(key, t0(), Nanos(60));
+        let capped = |amount| HoldRequest {
+            key_cap: Some(Nanos(100)),
+            ..request(account, Some(key), amount)
+        };
+        let (hold, _) = book.open(capped(30)).unwrap();
+        assert!(matches!(
+            book.open(capped(11)),
+            Err(Refusal::KeyCapReached { .. })
+        ));
+        book.open(capped(10)).unwrap();
+        // Settled an hour later, in February: the charge counts in the new month.
+        let february = t0() + TimeDelta::hours(1);
+        book.resolve(hold.id, Resolve::Settle(Nanos(30)), february);
+        assert_eq!(book.key_spent(key, february), Some(Nanos(30)));
+        assert_eq!(book.key_spent(key, t0()), Some(Nanos(0)));
+    }
+
+    #[test]
+    fn months_start_at_midnight_utc_on_the_first() {
+        assert_eq!(
+            month_start(t0()),
+            Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap()
+        );
+        assert_eq!(month_of(t0()) + 1, month_of(t0() + TimeDelta::hours(1)));
+    }
+
+    /// One step of a random ledger history.
+    #[derive(Debug, Clone)]
+    enum Op {
+        Grant(usize, i64),
+        Open {
+            account: usize,
+            key: usize,
+            amount: i64,
+            cap: Option<i64>,
+        },
+        Settle(usize, i64),
+        Release(usize),
+        Advance(i64),
+        Sweep,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            (0..3usize, 0..1_000i64).prop_map(|(a, n)| Op::Grant(a, n)),
+            (0..3usize, 0..4usize, 0..500i64, proptest::option::of(0..800i64)).prop_map(
+                |(account, key, amount, cap)| Op::Open {
+                    account,
+                    key,
+                    amount,
+                    cap
+                }
+            ),
+            (0..64usize, 0..700i64).prop_map(|(h, c)| Op::Settle(h, c)),
+            (0..64usize).prop_map(Op::Release),
+            (1..120i64).prop_map(Op::Advance),
+            Just(Op::Sweep),
+        ]
+    }
+
+    /// Every balance recomputed from the transfers alone.
+    fn balances(transfers: &[Transfer]) -> BTreeMap<LedgerAccount, i64> {
+        let mut out = BTreeMap::new();
+        for t in transfers {
+            assert!(t.amount > Nanos::ZERO, "transfers move a positive amount");
+            *out.entry(t.debit).or_insert(0) -= t.amount.0;
+            *out.entry(t.credit).or_insert(0) += t.amount.0;
+        }
+        out
+    }
+
+    proptest! {
+        #[test]
+        fn invariants_hold_after_every_step(ops in proptest::collection::vec(op(), 1..120)) {
+            let accounts = [AccountId::new(), AccountId::new(), AccountId::new()];
+            let keys = [KeyId::new(), KeyId::new(), KeyId::new(), KeyId::new()];
+            let mut book = Book::new();
+            let mut now = t0();
+            for account in accounts {
+                book.load_wallet(account, Wallet::default());
+            }
+            for key in keys {
+                book.load_key_spend(key, now, Nanos::ZERO);
+            }
+            let mut transfers: Vec<Transfer> = Vec::new();
+            let mut opened: Vec<HoldId> = Vec::new();
+            let mut first_outcome: HashMap<HoldId, Hold> = HashMap::new();
+            for op in ops {
+                let mut resolve = |book: &mut Book, id: HoldId, how: Resolve, now| {
+                    let r = book.resolve(id, how, now).unwrap();
+                    if r.first {
+                        first_outcome.insert(id, r.hold.clone());
+                    } else {
+                        // A second resolution is a no-op returning the first outcome.
+                        assert!(r.transfers.is_empty());
+                        assert_eq!(Some(&r.hold), first_outcome.get(&id));
+                    }
+                    transfers.extend(r.transfers);
+                };
+                match op {
+                    Op::Grant(a, n) => {
+                        if let Ok(t) = book.grant(accounts[a], Nanos(n)) {
+                            if n > 0 { transfers.push(t); }
+                        }
+                    }
+                    Op::Open { account, key, amount, cap } => {
+                        let before = book.wallet(accounts[account]).unwrap();
+                        let request = HoldRequest {
+                            id: HoldId::new(),
+                            account: accounts[account],
+                            key: Some(keys[key]),
+                            amount: Nanos(amount),
+                            key_cap: cap.map(Nanos),
+                            at: now,
+                            expires_at: now + TimeDelta::seconds(30),
+                        };
+                        match book.open(request) {
+                            Ok((hold, transfer)) => {
+                                opened.push(hold.id);
+                                transfers.extend(transfer);
+                                if let Some(cap) = cap {
+                                    let spend = book.key_spend[&keys[key]];
+                                    prop_assert!(spend.spent.0 + spend.held.0 <= cap);
+                                }
+                            }
+                            Err(_) => prop_assert_eq!(book.wallet(accounts[account]).unwrap(), before),
+                        }
+                    }
+                    Op::Settle(i, cost) => {
+                        if let Some(&id) = opened.get(i) {
+                            resolve(&mut book, id, Resolve::Settle(Nanos(cost)), now);
+                        }
+                    }
+                    Op::Release(i) => {
+                        if let Some(&id) = opened.get(i) {
+                            resolve(&mut book, id, Resolve::Release, now);
+                        }
+                    }
+                    Op::Advance(s) => now += TimeDelta::seconds(s),
+                    Op::Sweep => {
+                        for id in book.expired(now) {
+                            resolve(&mut book, id, Resolve::Expire, now);
+                        }
+                    }
+                }
+
+                let balances = balances(&transfers);
+                prop_assert_eq!(balances.values().sum::<i64>(), 0, "the ledger sums to zero");
+                let mut revenue = 0;
+                for account in accounts {
+                    let wallet = book.wallet(account).unwrap();
+                    prop_assert!(wallet.available.0 >= 0 && wallet.held.0 >= 0);
+                    let ledger = |a| balances.get(&a).copied().unwrap_or(0);
+                    prop_assert_eq!(wallet.available.0, ledger(LedgerAccount::Wallet(account)));
+                    prop_assert_eq!(wallet.held.0, ledger(LedgerAccount::Holds(account)));
+                    let pending: i64 = opened.iter().filter_map(|id| book.hold(*id))
+                        .filter(|h| h.account == account && h.status == HoldStatus::Pending)
+                        .map(|h| h.amount.0).sum();
+                    prop_assert_eq!(wallet.held.0, pending);
+                    revenue += opened.iter().filter_map(|id| book.hold(*id))
+                        .filter(|h| h.account == account).map(|h| h.charged.0).sum::<i64>();
+                }
+                prop_assert_eq!(revenue, balances.get(&LedgerAccount::Revenue).copied().unwrap_or(0));
+            }
+        }
+    }
+}
