@@ -116,6 +116,45 @@ impl HoldStatus {
     }
 }
 
+/// How a request's money ended, as its usage row records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BillingStatus {
+    /// Charged on the usage the upstream reported (or the flat price) for a complete response.
+    Settled,
+    /// The client left before the end; charged on the usage the upstream reported afterwards.
+    Partial,
+    /// No usage was reported; charged on Tollgate's estimate (the route's stream policy).
+    Estimated,
+    /// Charged nothing: refused, failed, or no usage under the `release` policy.
+    Released,
+    /// Charged nothing: the hold outlived its TTL before the request finished.
+    Expired,
+}
+
+impl BillingStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BillingStatus::Settled => "settled",
+            BillingStatus::Partial => "partial",
+            BillingStatus::Estimated => "estimated",
+            BillingStatus::Released => "released",
+            BillingStatus::Expired => "expired",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<BillingStatus> {
+        [
+            BillingStatus::Settled,
+            BillingStatus::Partial,
+            BillingStatus::Estimated,
+            BillingStatus::Released,
+            BillingStatus::Expired,
+        ]
+        .into_iter()
+        .find(|s| s.as_str() == text)
+    }
+}
+
 /// A reservation of an account's credit.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Hold {
@@ -251,7 +290,9 @@ impl Book {
             .holds
             .values()
             .filter(|h| h.key == Some(key) && h.status == HoldStatus::Pending)
-            .fold(Nanos::ZERO, |sum, h| Nanos(sum.0.saturating_add(h.amount.0)));
+            .fold(Nanos::ZERO, |sum, h| {
+                Nanos(sum.0.saturating_add(h.amount.0))
+            });
         self.key_spend.insert(
             key,
             KeySpend {
@@ -503,7 +544,9 @@ mod tests {
             },
         );
         let (hold, _) = book.open(request(account, None, 40)).unwrap();
-        let first = book.resolve(hold.id, Resolve::Settle(Nanos(55)), t0()).unwrap();
+        let first = book
+            .resolve(hold.id, Resolve::Settle(Nanos(55)), t0())
+            .unwrap();
         assert!(first.first);
         assert_eq!(first.hold.charged, Nanos(40));
         assert_eq!(first.transfers.len(), 1, "all charged, nothing returned");
@@ -574,14 +617,18 @@ mod tests {
     fn op() -> impl Strategy<Value = Op> {
         prop_oneof![
             (0..3usize, 0..1_000i64).prop_map(|(a, n)| Op::Grant(a, n)),
-            (0..3usize, 0..4usize, 0..500i64, proptest::option::of(0..800i64)).prop_map(
-                |(account, key, amount, cap)| Op::Open {
+            (
+                0..3usize,
+                0..4usize,
+                0..500i64,
+                proptest::option::of(0..800i64)
+            )
+                .prop_map(|(account, key, amount, cap)| Op::Open {
                     account,
                     key,
                     amount,
                     cap
-                }
-            ),
+                }),
             (0..64usize, 0..700i64).prop_map(|(h, c)| Op::Settle(h, c)),
             (0..64usize).prop_map(Op::Release),
             (1..120i64).prop_map(Op::Advance),

@@ -145,9 +145,9 @@ impl StreamMeter {
             LlmApi::Anthropic => match event.get("type").and_then(Value::as_str) {
                 Some("message_start") => {
                     if let Some(usage) = event.pointer("/message/usage") {
-                        if let Some(start) = LlmApi::Anthropic.usage_from_json(
-                            &serde_json::json!({ "usage": usage }),
-                        ) {
+                        if let Some(start) = LlmApi::Anthropic
+                            .usage_from_json(&serde_json::json!({ "usage": usage }))
+                        {
                             self.usage = start;
                         }
                     }
@@ -162,9 +162,8 @@ impl StreamMeter {
                             self.usage.input =
                                 input + count(usage.get("cache_creation_input_tokens"));
                         }
-                        if let Some(cached) = usage
-                            .get("cache_read_input_tokens")
-                            .and_then(Value::as_u64)
+                        if let Some(cached) =
+                            usage.get("cache_read_input_tokens").and_then(Value::as_u64)
                         {
                             self.usage.cached_input = cached;
                         }

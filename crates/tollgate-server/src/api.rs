@@ -34,6 +34,7 @@ pub fn router() -> Router<AppState> {
         .route("/keys", post(create_key).get(list_keys))
         .route("/keys/{id}/revoke", post(revoke_key))
         .route("/key", get(current_key))
+        .merge(crate::billing_api::router())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -74,7 +75,7 @@ async fn create_account(
     let response = wire::CreateAccountResponse {
         account: account_view(&state, &account),
         master_key: wire::CreatedKey {
-            key: key_view(&master),
+            key: key_view(&master, &state.config.currency),
             secret: secret.expose().to_string(),
         },
     };
@@ -91,6 +92,8 @@ async fn get_account(
     if !caller_owns(&caller, id) {
         return Err(HttpError::not_found("account"));
     }
+    // The balance is read from the store, so first let it catch up with the ledger.
+    state.ledger.flush().await?;
     let account = state
         .store
         .account(id)
@@ -134,6 +137,11 @@ async fn create_key(
             fields.add("expires_at", "must be in the future");
         }
     }
+    let monthly_spend_cap = body.monthly_spend_cap.as_deref().and_then(|text| {
+        Nanos::parse_credits(text)
+            .map_err(|e| fields.add("monthly_spend_cap", e.to_string()))
+            .ok()
+    });
     fields.finish()?;
     let Some(account_id) = account_id else {
         return Err(HttpError::not_found("account"));
@@ -149,11 +157,14 @@ async fn create_key(
     if !caller_owns(&caller, account_id) || state.store.account(account_id).await?.is_none() {
         return Err(HttpError::not_found("account"));
     }
-    let (secret, record) = new_key(&state, account_id, kind, &name, scopes, expires_at);
+    let (secret, mut record) = new_key(&state, account_id, kind, &name, scopes, expires_at);
+    record.monthly_spend_cap = monthly_spend_cap;
+    let fee = crate::billing_api::ManagementFee::hold(&state, &caller).await?;
     state.store.insert_key(&record).await?;
+    fee.settle();
     tracing::info!(account = %account_id, key = %record.id, kind = kind.as_str(), "key created");
     let created = wire::CreatedKey {
-        key: key_view(&record),
+        key: key_view(&record, &state.config.currency),
         secret: secret.expose().to_string(),
     };
     Ok((StatusCode::CREATED, Json(created)))
@@ -199,7 +210,10 @@ async fn list_keys(
         }
     };
     Ok(Json(wire::List {
-        data: keys.iter().map(key_view).collect(),
+        data: keys
+            .iter()
+            .map(|k| key_view(k, &state.config.currency))
+            .collect(),
     }))
 }
 
@@ -222,7 +236,7 @@ async fn revoke_key(
         RevokeOutcome::Revoked(key) => {
             state.keys.invalidate(&key.hash);
             tracing::info!(key = %key.id, "key revoked");
-            Ok(Json(key_view(&key)))
+            Ok(Json(key_view(&key, &state.config.currency)))
         }
         RevokeOutcome::AlreadyRevoked(key) => {
             let mut error = ApiError::new(
@@ -239,9 +253,12 @@ async fn revoke_key(
 }
 
 /// "Verify my key": any valid key may ask about itself.
-async fn current_key(caller: Caller) -> Result<Json<wire::ApiKeyInfo>, HttpError> {
+async fn current_key(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<Json<wire::ApiKeyInfo>, HttpError> {
     match caller {
-        Caller::Key(key) => Ok(Json(key_view(&key))),
+        Caller::Key(key) => Ok(Json(key_view(&key, &state.config.currency))),
         Caller::Admin => Err(HttpError::new(
             ErrorCode::BadRequest,
             "The admin token is not an API key; call this with an API key.",
@@ -261,14 +278,14 @@ pub async fn not_found(method: axum::http::Method, OriginalUri(uri): OriginalUri
 // ---------------------------------------------------------------------------------------------
 // Helpers
 
-fn caller_owns(caller: &Caller, account: AccountId) -> bool {
+pub(crate) fn caller_owns(caller: &Caller, account: AccountId) -> bool {
     match caller {
         Caller::Admin => true,
         Caller::Key(key) => key.account_id == account,
     }
 }
 
-fn parse_id<T>(
+pub(crate) fn parse_id<T>(
     path: Result<Path<String>, PathRejection>,
     parse: fn(&str) -> Option<T>,
     what: &str,
@@ -292,6 +309,7 @@ fn new_key(
         name: name.to_string(),
         scopes,
         expires_at,
+        monthly_spend_cap: None,
     };
     KeyRecord::issue(state.config.key_env, key, state.clock.now())
 }
@@ -330,7 +348,7 @@ fn account_view(state: &AppState, account: &Account) -> wire::Account {
     }
 }
 
-fn key_view(key: &KeyRecord) -> wire::ApiKeyInfo {
+pub(crate) fn key_view(key: &KeyRecord, currency: &str) -> wire::ApiKeyInfo {
     wire::ApiKeyInfo {
         id: key.id,
         account_id: key.account_id,
@@ -340,6 +358,9 @@ fn key_view(key: &KeyRecord) -> wire::ApiKeyInfo {
         prefix: key.display_prefix.clone(),
         scopes: key.scopes.clone(),
         expires_at: key.expires_at,
+        monthly_spend_cap: key
+            .monthly_spend_cap
+            .map(|cap| wire::Money::new(cap, currency)),
         created_at: key.created_at,
         revoked_at: key.revoked_at,
     }
@@ -347,10 +368,10 @@ fn key_view(key: &KeyRecord) -> wire::ApiKeyInfo {
 
 /// Field → messages, collected so one response lists every invalid field.
 #[derive(Default)]
-struct FieldErrors(BTreeMap<String, Vec<String>>);
+pub(crate) struct FieldErrors(BTreeMap<String, Vec<String>>);
 
 impl FieldErrors {
-    fn add(&mut self, field: &str, message: impl Into<String>) {
+    pub(crate) fn add(&mut self, field: &str, message: impl Into<String>) {
         self.0
             .entry(field.to_string())
             .or_default()
@@ -358,7 +379,7 @@ impl FieldErrors {
     }
 
     /// A trimmed, non-empty name of bounded length.
-    fn name(&mut self, field: &str, value: &str) -> String {
+    pub(crate) fn name(&mut self, field: &str, value: &str) -> String {
         let trimmed = value.trim();
         if trimmed.is_empty() {
             self.add(field, "must not be empty");
@@ -373,7 +394,7 @@ impl FieldErrors {
         trimmed.to_string()
     }
 
-    fn finish(self) -> Result<(), HttpError> {
+    pub(crate) fn finish(self) -> Result<(), HttpError> {
         if self.0.is_empty() {
             Ok(())
         } else {
@@ -496,7 +517,7 @@ mod tests {
             bad_request Malformed JSON: EOF while parsing an object at line 1 column 1. {}
             bad_request Malformed JSON: trailing characters at line 1 column 14. {}
             validation_error 1 invalid field: name. See field_errors. {"name": ["missing field `name`"]}
-            validation_error 1 invalid field: nmae. See field_errors. {"nmae": ["unknown field `nmae`, expected one of `name`, `account_id`, `kind`, `scopes`, `expires_at`"]}
+            validation_error 1 invalid field: nmae. See field_errors. {"nmae": ["unknown field `nmae`, expected one of `name`, `account_id`, `kind`, `scopes`, `expires_at`, `monthly_spend_cap`"]}
             validation_error 1 invalid field: name. See field_errors. {"name": ["invalid type: integer `5`, expected a string"]}
             validation_error 1 invalid field: scopes[1]. See field_errors. {"scopes[1]": ["invalid type: integer `1`, expected a string"]}
             validation_error 1 invalid field: kind. See field_errors. {"kind": ["unknown variant `root`, expected `master` or `usage`"]}

@@ -3,6 +3,7 @@
 use crate::auth::KeyCache;
 use crate::config::{Config, StoreConfig};
 use crate::error::HttpError;
+use crate::ledger::Ledger;
 use crate::proxy::RouteTable;
 use crate::state::AppState;
 use crate::{api, edge, health, proxy};
@@ -13,6 +14,7 @@ use axum::Router;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::net::TcpListener;
 use tollgate_core::{Clock, ErrorCode, RequestId, SystemClock};
 use tollgate_store::sqlite::SqliteStore;
@@ -43,8 +45,20 @@ impl Application {
         let listener = TcpListener::bind(config.listen)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
+        let ledger = Ledger::start(store.clone(), clock.clone());
+        let expired = ledger
+            .recover()
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot recover pending holds: {e}"))?;
+        if expired > 0 {
+            tracing::warn!(
+                expired,
+                "released holds left by requests of a previous process (charged nothing)"
+            );
+        }
         let state = AppState {
             keys: Arc::new(KeyCache::new(config.key_cache_capacity)),
+            ledger,
             routes: Arc::new(RouteTable::new(&config.routes)),
             config: Arc::new(config),
             store,
@@ -69,18 +83,49 @@ impl Application {
         &self.state
     }
 
-    /// Serves until `shutdown` resolves, then finishes in-flight requests.
+    /// Serves until `shutdown` resolves, then finishes in-flight requests and commits every
+    /// ledger write still queued.
     pub async fn run_until_stopped(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
+        let sweeper = tokio::spawn(sweep(self.state.clone()));
         let service = self
             .router
             .into_make_service_with_connect_info::<SocketAddr>();
-        axum::serve(self.listener, service)
+        let served = axum::serve(self.listener, service)
             .with_graceful_shutdown(shutdown)
-            .await?;
-        Ok(())
+            .await;
+        sweeper.abort();
+        self.state.ledger.flush().await?;
+        Ok(served?)
+    }
+}
+
+/// Releases holds past their TTL, and deletes usage rows past their retention (hourly).
+async fn sweep(state: AppState) {
+    const PURGE_EVERY: Duration = Duration::from_secs(3600);
+    let mut ticks = tokio::time::interval(state.config.sweep_interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_purge: Option<tokio::time::Instant> = None;
+    loop {
+        ticks.tick().await;
+        let expired = state.ledger.expire_due();
+        if expired > 0 {
+            tracing::info!(expired, "released holds past their TTL");
+        }
+        if last_purge.is_none_or(|at| at.elapsed() >= PURGE_EVERY) {
+            last_purge = Some(tokio::time::Instant::now());
+            let retention = chrono::Duration::from_std(state.config.usage_retention)
+                .unwrap_or(chrono::Duration::MAX);
+            if let Some(cutoff) = state.clock.now().checked_sub_signed(retention) {
+                match state.store.purge_requests_before(cutoff).await {
+                    Ok(0) => {}
+                    Ok(purged) => tracing::info!(purged, "deleted usage rows past retention"),
+                    Err(e) => tracing::warn!(error = %e, "cannot purge old usage rows"),
+                }
+            }
+        }
     }
 }
 

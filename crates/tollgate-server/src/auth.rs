@@ -265,6 +265,7 @@ mod tests {
 
     fn slow_store() -> Arc<SlowStore> {
         let key = NewKey {
+            monthly_spend_cap: None,
             account_id: AccountId::new(),
             kind: KeyKind::Usage,
             name: "k".into(),

@@ -16,6 +16,8 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
+use tollgate_core::metering::LlmApi;
+use tollgate_core::pricing::TokenPrices;
 use tollgate_core::{KeyEnv, Nanos};
 use tollgate_wire::ErrorProfile;
 
@@ -92,6 +94,15 @@ pub struct RawAdmin {
 pub struct RawBilling {
     pub currency: String,
     pub starter_credits: String,
+    /// Charged for each metered management call (creating a key or a hold) made with an
+    /// account's key, settled only when the call succeeds.
+    pub management_fee: String,
+    /// How long a data-plane request's hold lives before the sweeper releases it.
+    pub request_hold_ttl: String,
+    /// How often the sweeper looks for expired holds.
+    pub sweep_interval: String,
+    /// How long usage rows are kept.
+    pub usage_retention: String,
 }
 
 impl Default for RawBilling {
@@ -99,6 +110,10 @@ impl Default for RawBilling {
         RawBilling {
             currency: "USD".into(),
             starter_credits: "0".into(),
+            management_fee: "0".into(),
+            request_hold_ttl: "15m".into(),
+            sweep_interval: "1s".into(),
+            usage_retention: "90days".into(),
         }
     }
 }
@@ -124,9 +139,39 @@ pub struct RawRoute {
     pub group: String,
     #[serde(default)]
     pub error_profile: ErrorProfile,
+    /// `http` (any API), or `openai` / `anthropic` for LLM routes priced per model.
+    #[serde(default)]
+    pub kind: RouteKind,
     /// Flat price per request, a decimal string of credits.
     #[serde(default = "zero")]
     pub price: String,
+    /// Price per unit read from the response (`units_from`).
+    #[serde(default)]
+    pub unit_price: Option<String>,
+    /// Where the units are: a JSON pointer into the response body (`/usage/units`) or
+    /// `header:<name>`.
+    #[serde(default)]
+    pub units_from: Option<String>,
+    /// LLM routes: per-model prices per million tokens.
+    #[serde(default)]
+    pub models: BTreeMap<String, RawModel>,
+    /// How much to reserve before forwarding: `flat`, `max_tokens` or `max_hold`.
+    #[serde(default)]
+    pub hold: Option<HoldRuleName>,
+    #[serde(default)]
+    pub max_hold: Option<String>,
+    /// LLM routes: the output tokens assumed for the hold when a request sets no `max_tokens`.
+    #[serde(default = "default_max_tokens")]
+    pub default_max_tokens: u64,
+    /// What to charge when a successful response reports no usage.
+    #[serde(default)]
+    pub stream_policy: StreamPolicy,
+    /// After the client leaves mid-response, how long to keep reading for the usage.
+    #[serde(default = "default_drain_timeout")]
+    pub drain_timeout: String,
+    /// ... and how many bytes at most.
+    #[serde(default = "default_drain_max_bytes")]
+    pub drain_max_bytes: u64,
     #[serde(default = "default_connect_timeout")]
     pub connect_timeout: String,
     /// How long the upstream may take to send its response headers.
@@ -140,8 +185,81 @@ pub struct RawRoute {
     pub position: usize,
 }
 
+/// A route with every optional field at its default (the required ones empty).
+impl Default for RawRoute {
+    fn default() -> RawRoute {
+        RawRoute {
+            prefix: String::new(),
+            upstream: String::new(),
+            group: String::new(),
+            error_profile: ErrorProfile::default(),
+            kind: RouteKind::default(),
+            price: zero(),
+            unit_price: None,
+            units_from: None,
+            models: BTreeMap::new(),
+            hold: None,
+            max_hold: None,
+            default_max_tokens: default_max_tokens(),
+            stream_policy: StreamPolicy::default(),
+            drain_timeout: default_drain_timeout(),
+            drain_max_bytes: default_drain_max_bytes(),
+            connect_timeout: default_connect_timeout(),
+            timeout: default_timeout(),
+            upstream_headers: BTreeMap::new(),
+            position: 0,
+        }
+    }
+}
+
 fn zero() -> String {
     "0".into()
+}
+fn default_max_tokens() -> u64 {
+    4096
+}
+fn default_drain_timeout() -> String {
+    "30s".into()
+}
+fn default_drain_max_bytes() -> u64 {
+    1024 * 1024
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RouteKind {
+    #[default]
+    Http,
+    Openai,
+    Anthropic,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HoldRuleName {
+    Flat,
+    MaxTokens,
+    MaxHold,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StreamPolicy {
+    /// Charge nothing.
+    #[default]
+    Release,
+    /// Charge the usage estimated from what passed (input as reported, output from the text).
+    Estimate,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawModel {
+    pub input: String,
+    pub output: String,
+    /// Defaults to the input price.
+    #[serde(default)]
+    pub cached_input: Option<String>,
 }
 fn default_connect_timeout() -> String {
     "5s".into()
@@ -273,6 +391,10 @@ pub struct Config {
     pub admin_token: Option<Secret>,
     pub currency: String,
     pub starter_credits: Nanos,
+    pub management_fee: Nanos,
+    pub request_hold_ttl: Duration,
+    pub sweep_interval: Duration,
+    pub usage_retention: Duration,
     pub key_env: KeyEnv,
     pub routes: Vec<RouteConfig>,
     /// What was validated, for `check-config` to print.
@@ -292,11 +414,54 @@ pub struct RouteConfig {
     pub upstream: Uri,
     pub group: String,
     pub error_profile: ErrorProfile,
-    pub price: Nanos,
+    pub pricing: Pricing,
     pub connect_timeout: Duration,
     pub timeout: Duration,
     /// Marked sensitive, so `Debug` never shows them.
     pub upstream_headers: Vec<(HeaderName, http::HeaderValue)>,
+}
+
+/// How a route charges. The cost of a call is `flat` plus its metered part (units or tokens).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pricing {
+    pub flat: Nanos,
+    pub per_unit: Option<PerUnit>,
+    /// `Some` on LLM routes: the API shape and each model's prices.
+    pub llm: Option<(LlmApi, BTreeMap<String, TokenPrices>)>,
+    pub hold: HoldRule,
+    pub stream_policy: StreamPolicy,
+    pub drain_timeout: Duration,
+    pub drain_max_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct PerUnit {
+    pub price: Nanos,
+    pub from: UnitsFrom,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum UnitsFrom {
+    JsonPointer(String),
+    Header(HeaderName),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum HoldRule {
+    /// Reserve the flat price.
+    Flat,
+    /// Reserve the flat price plus the input (body bytes ÷ 4, rounded up) and `max_tokens` of
+    /// output at the model's prices (`default_max_tokens` when the request sets none).
+    MaxTokens { default_max_tokens: u64 },
+    /// Reserve this fixed amount; a cost above it is charged as it.
+    MaxHold(Nanos),
+}
+
+impl Pricing {
+    /// Whether the cost is known before the body is read (no usage to read from it).
+    pub fn is_metered(&self) -> bool {
+        self.per_unit.is_some() || self.llm.is_some()
+    }
 }
 
 /// A secret value: read from config like a string, never shown by `Debug` or `Serialize`.
@@ -395,6 +560,24 @@ impl Config {
         let starter_credits = Nanos::parse_credits(&raw.billing.starter_credits)
             .map_err(|e| p.push("billing.starter_credits", e.to_string()))
             .unwrap_or_default();
+        let management_fee = Nanos::parse_credits(&raw.billing.management_fee)
+            .map_err(|e| p.push("billing.management_fee", e.to_string()))
+            .unwrap_or_default();
+        let billing_duration = |p: &mut Problems, field: &str, text: &str| {
+            positive_duration(text).unwrap_or_else(|| {
+                p.push(
+                    &format!("billing.{field}"),
+                    "must be a positive duration, e.g. \"15m\" or \"1s\"",
+                );
+                Duration::from_secs(1)
+            })
+        };
+        let request_hold_ttl =
+            billing_duration(&mut p, "request_hold_ttl", &raw.billing.request_hold_ttl);
+        let sweep_interval =
+            billing_duration(&mut p, "sweep_interval", &raw.billing.sweep_interval);
+        let usage_retention =
+            billing_duration(&mut p, "usage_retention", &raw.billing.usage_retention);
 
         let mut routes: Vec<RouteConfig> = Vec::new();
         let mut prefixes_seen: Vec<(String, usize)> = Vec::new();
@@ -428,6 +611,10 @@ impl Config {
                 admin_token,
                 currency,
                 starter_credits,
+                management_fee,
+                request_hold_ttl,
+                sweep_interval,
+                usage_retention,
                 key_env: raw.keys.env,
                 routes,
                 raw,
@@ -493,9 +680,7 @@ fn validate_route(raw: &RawRoute, at: &str, p: &mut Problems) -> Option<RouteCon
             "must be a name of letters, digits, '-' and '_'",
         );
     }
-    let price = Nanos::parse_credits(&raw.price)
-        .map_err(|e| p.push(&format!("{at}.price"), e.to_string()))
-        .ok();
+    let pricing = validate_pricing(raw, at, p);
     let mut duration = |field: &str, text: &str| match humantime::parse_duration(text) {
         Ok(d) if !d.is_zero() => Some(d),
         _ => {
@@ -533,10 +718,156 @@ fn validate_route(raw: &RawRoute, at: &str, p: &mut Problems) -> Option<RouteCon
         upstream: upstream?,
         group: raw.group.clone(),
         error_profile: raw.error_profile,
-        price: price?,
+        pricing: pricing?,
         connect_timeout: connect_timeout?,
         timeout: timeout?,
         upstream_headers,
+    })
+}
+
+fn positive_duration(text: &str) -> Option<Duration> {
+    humantime::parse_duration(text)
+        .ok()
+        .filter(|d| !d.is_zero())
+}
+
+fn validate_pricing(raw: &RawRoute, at: &str, p: &mut Problems) -> Option<Pricing> {
+    let before = p.len();
+    let amount = |p: &mut Problems, field: &str, text: &str| {
+        Nanos::parse_credits(text)
+            .map_err(|e| p.push(&format!("{at}.{field}"), e.to_string()))
+            .ok()
+    };
+    let flat = amount(p, "price", &raw.price);
+    let max_hold = raw
+        .max_hold
+        .as_deref()
+        .and_then(|text| amount(p, "max_hold", text));
+    let per_unit = match (&raw.unit_price, &raw.units_from) {
+        (None, None) => None,
+        (Some(price), Some(from)) => {
+            let price = amount(p, "unit_price", price);
+            let from = if from.starts_with('/') {
+                Some(UnitsFrom::JsonPointer(from.clone()))
+            } else if let Some(name) = from.strip_prefix("header:") {
+                HeaderName::from_bytes(name.trim().as_bytes())
+                    .map(UnitsFrom::Header)
+                    .map_err(|_| p.push(&format!("{at}.units_from"), "is not a valid header name"))
+                    .ok()
+            } else {
+                p.push(
+                    &format!("{at}.units_from"),
+                    "must be a JSON pointer such as \"/usage/units\" or \"header:<name>\"",
+                );
+                None
+            };
+            price.zip(from).map(|(price, from)| PerUnit { price, from })
+        }
+        _ => {
+            p.push(
+                &format!("{at}.unit_price"),
+                "unit_price and units_from go together",
+            );
+            None
+        }
+    };
+    let api = match raw.kind {
+        RouteKind::Http => None,
+        RouteKind::Openai => Some(LlmApi::OpenAi),
+        RouteKind::Anthropic => Some(LlmApi::Anthropic),
+    };
+    let mut models = BTreeMap::new();
+    for (name, model) in &raw.models {
+        let field = format!("models.{name}");
+        let input = amount(p, &format!("{field}.input"), &model.input);
+        let output = amount(p, &format!("{field}.output"), &model.output);
+        let cached = match &model.cached_input {
+            Some(text) => amount(p, &format!("{field}.cached_input"), text),
+            None => input,
+        };
+        if let (Some(input), Some(output), Some(cached_input)) = (input, output, cached) {
+            models.insert(
+                name.clone(),
+                TokenPrices {
+                    input,
+                    output,
+                    cached_input,
+                },
+            );
+        }
+    }
+    match api {
+        None if !raw.models.is_empty() => p.push(
+            &format!("{at}.models"),
+            "only LLM routes (kind = \"openai\" or \"anthropic\") have model prices",
+        ),
+        Some(_) if raw.models.is_empty() => p.push(
+            &format!("{at}.models"),
+            "an LLM route needs at least one model, e.g. [routes.models.\"gpt-4o-mini\"]",
+        ),
+        _ => {}
+    }
+    let rule = raw.hold.unwrap_or(if api.is_some() {
+        HoldRuleName::MaxTokens
+    } else if raw.max_hold.is_some() || per_unit.is_some() {
+        HoldRuleName::MaxHold
+    } else {
+        HoldRuleName::Flat
+    });
+    let hold = match rule {
+        HoldRuleName::Flat if per_unit.is_some() || api.is_some() => {
+            p.push(
+                &format!("{at}.hold"),
+                "a metered route cannot hold only its flat price; use max_hold (or max_tokens on LLM routes)",
+            );
+            None
+        }
+        HoldRuleName::Flat => Some(HoldRule::Flat),
+        HoldRuleName::MaxTokens if api.is_none() => {
+            p.push(&format!("{at}.hold"), "max_tokens needs an LLM route");
+            None
+        }
+        HoldRuleName::MaxTokens if per_unit.is_some() => {
+            p.push(
+                &format!("{at}.hold"),
+                "a route priced per unit needs hold = \"max_hold\"",
+            );
+            None
+        }
+        HoldRuleName::MaxTokens => Some(HoldRule::MaxTokens {
+            default_max_tokens: raw.default_max_tokens,
+        }),
+        HoldRuleName::MaxHold => match max_hold {
+            Some(max) => Some(HoldRule::MaxHold(max)),
+            None => {
+                if raw.max_hold.is_none() {
+                    p.push(
+                        &format!("{at}.max_hold"),
+                        "is required by hold = \"max_hold\"",
+                    );
+                }
+                None
+            }
+        },
+    };
+    let drain_timeout = positive_duration(&raw.drain_timeout);
+    if drain_timeout.is_none() {
+        p.push(
+            &format!("{at}.drain_timeout"),
+            "must be a positive duration, e.g. \"30s\"",
+        );
+    }
+    if p.len() > before {
+        return None;
+    }
+    Some(Pricing {
+        flat: flat?,
+        per_unit,
+        llm: api.map(|api| (api, models)),
+        hold: hold?,
+        stream_policy: raw.stream_policy,
+        drain_timeout: drain_timeout?,
+        drain_max_bytes: raw.drain_max_bytes,
     })
 }
 
@@ -679,7 +1010,7 @@ mod tests {
         assert_eq!(route.prefix, "/echo");
         assert_eq!(route.upstream.to_string(), "http://127.0.0.1:9000/echo");
         assert_eq!(route.error_profile, ErrorProfile::Problem);
-        assert_eq!(route.price, Nanos(1_000_000));
+        assert_eq!(route.pricing.flat, Nanos(1_000_000));
         assert_eq!(route.connect_timeout, Duration::from_millis(250));
         assert_eq!(route.timeout, Duration::from_secs(3));
         assert_eq!(route.upstream_headers[0].1, "Bearer sk-upstream");

@@ -6,7 +6,9 @@
 //! `<data dir>/demo.json` (mode 0600) so a restart reuses them. Only the demo keeps a key's
 //! plaintext anywhere: a demo must be able to print its key again.
 
-use crate::config::{Config, RawAdmin, RawBilling, RawConfig, RawRoute, RawServer, RawStore};
+use crate::config::{
+    Config, RawAdmin, RawBilling, RawConfig, RawModel, RawRoute, RawServer, RawStore, RouteKind,
+};
 use crate::Application;
 use serde::{Deserialize, Serialize};
 use std::future::Future;
@@ -19,6 +21,8 @@ use tollgate_store::{KeyRecord, NewKey};
 use tollgate_wire::ErrorProfile;
 
 pub const STARTER_CREDITS: &str = "10";
+/// What one echo call costs in the demo.
+pub const ECHO_PRICE: &str = "0.001";
 const STATE_FILE: &str = "demo.json";
 
 pub struct DemoOptions {
@@ -75,6 +79,7 @@ impl Demo {
             None => {
                 let account_id = AccountId::new();
                 let master = NewKey {
+                    monthly_spend_cap: None,
                     account_id,
                     kind: KeyKind::Master,
                     name: "demo master key".into(),
@@ -142,6 +147,9 @@ Try it (copy and paste):
   # An Anthropic-compatible message
   curl -s {url}/anthropic/v1/messages -H "x-api-key: {key}" -H "Content-Type: application/json" -d '{{"model":"mock-claude","max_tokens":64,"messages":[{{"role":"user","content":"Hello!"}}]}}'
 
+  # The wallet: each echo call costs {ECHO_PRICE} USD; LLM calls are priced per token
+  curl -s {url}{api}/billing/balance -H "Authorization: Bearer {key}"
+
   # Who am I? (verify a key)
   curl -s {url}{api}/key -H "Authorization: Bearer {key}"
 
@@ -174,30 +182,35 @@ TOLLGATE_ADMIN_TOKEN={admin}
 }
 
 fn demo_config(options: &DemoOptions, mock: &MockUpstream, admin_token: &str) -> RawConfig {
-    let route =
-        |prefix: &str, upstream_path: &str, group: &str, profile: ErrorProfile, price: &str| {
-            RawRoute {
-                prefix: prefix.into(),
-                upstream: format!("{}{upstream_path}", mock.url()),
-                group: group.into(),
-                error_profile: profile,
-                price: price.into(),
-                connect_timeout: "2s".into(),
-                timeout: "60s".into(),
-                upstream_headers: Default::default(),
-                position: 0,
-            }
-        };
+    let route = |prefix: &str, upstream_path: &str, group: &str, profile: ErrorProfile| RawRoute {
+        prefix: prefix.into(),
+        upstream: format!("{}{upstream_path}", mock.url()),
+        group: group.into(),
+        error_profile: profile,
+        connect_timeout: "2s".into(),
+        ..RawRoute::default()
+    };
+    // LLM prices per million tokens, in the range of small hosted models.
+    let model = |input: &str, output: &str| RawModel {
+        input: input.into(),
+        output: output.into(),
+        cached_input: None,
+    };
     let mut routes = vec![
-        route("/v1", "/v1", "openai", ErrorProfile::Openai, "0.002"),
-        route(
-            "/anthropic",
-            "",
-            "anthropic",
-            ErrorProfile::Anthropic,
-            "0.002",
-        ),
-        route("/echo", "/echo", "echo", ErrorProfile::Native, "0.001"),
+        RawRoute {
+            kind: RouteKind::Openai,
+            models: [("mock-gpt".to_string(), model("0.5", "1.5"))].into(),
+            ..route("/v1", "/v1", "openai", ErrorProfile::Openai)
+        },
+        RawRoute {
+            kind: RouteKind::Anthropic,
+            models: [("mock-claude".to_string(), model("0.8", "4"))].into(),
+            ..route("/anthropic", "", "anthropic", ErrorProfile::Anthropic)
+        },
+        RawRoute {
+            price: ECHO_PRICE.into(),
+            ..route("/echo", "/echo", "echo", ErrorProfile::Native)
+        },
     ];
     for (i, route) in routes.iter_mut().enumerate() {
         route.position = i;

@@ -4,11 +4,14 @@
 pub mod api;
 pub mod app;
 pub mod auth;
+pub mod billing_api;
 pub mod config;
 pub mod demo;
 pub mod edge;
 pub mod error;
 pub mod health;
+pub mod ledger;
+pub mod meter;
 pub mod proxy;
 pub mod state;
 

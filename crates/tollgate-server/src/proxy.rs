@@ -6,22 +6,34 @@
 //! Tollgate originates use the envelope.
 
 use crate::auth::{authenticate_key, presented_secret};
-use crate::config::RouteConfig;
-use crate::edge::{RequestIdHeader, ANTHROPIC_REQUEST_ID};
+use crate::config::{HoldRule, RouteConfig};
+use crate::edge::{ClientRequestId, RequestIdHeader, ANTHROPIC_REQUEST_ID};
 use crate::error::HttpError;
+use crate::ledger::{HoldRefused, HoldSpec};
+use crate::meter::{Billing, CostRule, MeteredBody, Metering, Outcome};
 use crate::state::AppState;
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Uri};
 use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use http_body_util::BodyExt;
 use http_body_util::{LengthLimitError, Limited};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
+use tollgate_core::ledger::BillingStatus;
+use tollgate_core::metering::{LlmApi, TokenUsage};
+use tollgate_core::pricing::TokenPrices;
 use tollgate_core::ErrorCode;
+use tollgate_core::{Nanos, RequestId};
+use tollgate_store::{HoldSource, KeyRecord, UsageRow};
+use tollgate_wire::api::Money;
 
 type UpstreamClient = Client<HttpsConnector<HttpConnector>, Limited<Body>>;
 
@@ -93,17 +105,47 @@ pub async fn proxy(State(state): State<AppState>, request: Request) -> Response 
         .into_response();
     };
     let profile = route.config.error_profile;
-    let mut response = match forward(&state, route, request).await {
+    // Set once the caller is known; every error from then on releases its hold and is logged.
+    let mut billing: Option<Billing> = None;
+    let mut response = match forward(&state, route, request, &mut billing).await {
         Ok(response) => response,
-        Err(error) => error.in_profile(profile).into_response(),
+        Err(error) => {
+            if let Some(billing) = billing.take() {
+                let code = error.error.code;
+                billing.finish(Outcome::released(
+                    code.info().status,
+                    None,
+                    Some(code.as_str()),
+                ));
+            }
+            error.in_profile(profile).into_response()
+        }
     };
     // The request-ID layer reads the profile to add Anthropic's `request-id` header.
     response.extensions_mut().insert(profile);
     response
 }
 
-async fn forward(state: &AppState, route: &Route, request: Request) -> Result<Response, HttpError> {
+/// What an LLM request asks for, read from its JSON body.
+struct LlmRequest {
+    prices: TokenPrices,
+    max_tokens: Option<u64>,
+    body: Bytes,
+}
+
+async fn forward(
+    state: &AppState,
+    route: &Route,
+    request: Request,
+    billing: &mut Option<Billing>,
+) -> Result<Response, HttpError> {
     let key = authenticate_key(state, presented_secret(request.headers())).await?;
+    let now = state.clock.now();
+    *billing = Some(Billing::new(
+        state.ledger.clone(),
+        state.clock.clone(),
+        usage_row(&request, &key, &route.config.prefix, now),
+    ));
     if !key
         .scopes
         .iter()
@@ -131,6 +173,60 @@ async fn forward(state: &AppState, route: &Route, request: Request) -> Result<Re
     }
 
     let (parts, body) = request.into_parts();
+    let pricing = &route.config.pricing;
+    let body_limit = usize::try_from(limit).unwrap_or(usize::MAX);
+    // LLM calls are POSTs with a JSON body naming the model; anything else on an LLM route
+    // (`GET /v1/models`) is priced like a plain request.
+    let llm_call = pricing
+        .llm
+        .as_ref()
+        .filter(|_| parts.method == http::Method::POST);
+    let (body, llm) = match llm_call {
+        None => (body, None),
+        Some((api, models)) => {
+            let llm = read_llm_request(*api, models, body, body_limit).await?;
+            if let Some(billing) = billing.as_mut() {
+                billing.set_model(&llm.0);
+            }
+            (Body::from(llm.1.body.clone()), Some(llm.1))
+        }
+    };
+
+    let hold_amount = match pricing.hold {
+        HoldRule::Flat => pricing.flat,
+        HoldRule::MaxHold(amount) => amount,
+        HoldRule::MaxTokens { default_max_tokens } => match &llm {
+            Some(llm) => {
+                let estimate = TokenUsage {
+                    input: (llm.body.len() as u64).div_ceil(4),
+                    cached_input: 0,
+                    output: llm.max_tokens.unwrap_or(default_max_tokens),
+                };
+                tollgate_core::pricing::add(pricing.flat, llm.prices.cost(&estimate))
+            }
+            None => pricing.flat,
+        },
+    };
+    if hold_amount > Nanos::ZERO {
+        let hold = state
+            .ledger
+            .open(HoldSpec {
+                account: key.account_id,
+                key: Some(key.id),
+                key_cap: key.monthly_spend_cap,
+                amount: hold_amount,
+                ttl: state.config.request_hold_ttl,
+                source: HoldSource::Request,
+                request_id: parts.extensions.get::<RequestId>().copied(),
+                metadata: serde_json::Value::Object(Default::default()),
+            })
+            .await
+            .map_err(|refused| refused_error(refused, &state.config.currency))?;
+        if let Some(billing) = billing.as_mut() {
+            billing.set_hold(hold);
+        }
+    }
+
     let rest = parts
         .uri
         .path()
@@ -140,10 +236,7 @@ async fn forward(state: &AppState, route: &Route, request: Request) -> Result<Re
     let mut upstream_request = http::Request::builder()
         .method(parts.method)
         .uri(uri)
-        .body(Limited::new(
-            body,
-            usize::try_from(limit).unwrap_or(usize::MAX),
-        ))
+        .body(Limited::new(body, body_limit))
         .map_err(|e| {
             HttpError::new(
                 ErrorCode::BadRequest,
@@ -152,6 +245,13 @@ async fn forward(state: &AppState, route: &Route, request: Request) -> Result<Re
         })?;
     let headers = upstream_request.headers_mut();
     *headers = forwardable_request_headers(&parts.headers);
+    if let Some(llm) = &llm {
+        // The body may have been rewritten (stream usage requested), so its length is ours.
+        headers.insert(
+            http::header::CONTENT_LENGTH,
+            HeaderValue::from(llm.body.len()),
+        );
+    }
     if let Some(RequestIdHeader(id)) = parts.extensions.get::<RequestIdHeader>() {
         headers.insert(state.config.request_id_header.clone(), id.clone());
     }
@@ -195,7 +295,160 @@ async fn forward(state: &AppState, route: &Route, request: Request) -> Result<Re
 
     let (mut parts, body) = response.into_parts();
     parts.headers = passable_response_headers(&parts.headers, &state.config.request_id_header);
-    Ok(Response::from_parts(parts, Body::new(body)))
+    let status = parts.status.as_u16();
+    let Some(billing) = billing.take() else {
+        return Ok(Response::from_parts(parts, Body::new(body)));
+    };
+    if !parts.status.is_success() {
+        // The upstream's failure (or redirect) passes through as it is, and costs nothing.
+        billing.finish(Outcome::released(status, Some(status), None));
+        return Ok(Response::from_parts(parts, Body::new(body)));
+    }
+    let is_sse = parts
+        .headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"));
+    let rule = CostRule::for_response(pricing, llm.map(|l| l.prices), &parts.headers);
+    let metering = Metering::new(billing, rule, pricing, status, is_sse);
+    Ok(Response::from_parts(
+        parts,
+        Body::new(MeteredBody::new(body, metering)),
+    ))
+}
+
+/// The usage row as far as it is known once the key is.
+fn usage_row(request: &Request, key: &KeyRecord, route: &str, now: DateTime<Utc>) -> UsageRow {
+    UsageRow {
+        request_id: request
+            .extensions()
+            .get::<RequestId>()
+            .copied()
+            .unwrap_or_default(),
+        client_request_id: request
+            .extensions()
+            .get::<ClientRequestId>()
+            .map(|c| c.0.clone()),
+        account_id: key.account_id,
+        key_id: key.id,
+        route: route.to_string(),
+        model: None,
+        method: request.method().to_string(),
+        path: request.uri().path().to_string(),
+        status: 0,
+        upstream_status: None,
+        units: None,
+        tokens: None,
+        cost: Nanos::ZERO,
+        hold: Nanos::ZERO,
+        hold_id: None,
+        billing_status: BillingStatus::Released,
+        latency_ms: 0,
+        error_code: None,
+        created_at: now,
+        completed_at: now,
+    }
+}
+
+/// Reads an LLM request's JSON body for its model and `max_tokens`. For OpenAI streams, asks
+/// the upstream for the final usage chunk (`stream_options.include_usage`), without which a
+/// stream could not be metered.
+async fn read_llm_request(
+    api: LlmApi,
+    models: &BTreeMap<String, TokenPrices>,
+    body: Body,
+    limit: usize,
+) -> Result<(String, LlmRequest), HttpError> {
+    let bytes = match Limited::new(body, limit).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) if e.is::<LengthLimitError>() => return Err(payload_too_large(limit as u64)),
+        Err(_) => {
+            return Err(HttpError::new(
+                ErrorCode::BadRequest,
+                "The request body could not be read.",
+            ))
+        }
+    };
+    let mut json: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
+        HttpError::new(
+            ErrorCode::BadRequest,
+            format!("The request body is not valid JSON: {e}."),
+        )
+    })?;
+    let Some(model) = json.get("model").and_then(serde_json::Value::as_str) else {
+        return Err(tollgate_core::ApiError::validation(BTreeMap::from([(
+            "model".to_string(),
+            vec!["is required: the model to call, as a string".to_string()],
+        )]))
+        .into());
+    };
+    let model = model.to_string();
+    let Some(prices) = models.get(&model).copied() else {
+        return Err(HttpError::new(
+            ErrorCode::ModelNotFound,
+            format!("This route does not serve the model '{model}'."),
+        )
+        .with_detail(
+            "available_models",
+            models.keys().cloned().collect::<Vec<_>>(),
+        ));
+    };
+    let max_tokens = ["max_completion_tokens", "max_tokens"]
+        .iter()
+        .find_map(|field| json.get(*field).and_then(serde_json::Value::as_u64));
+    let streams = json.get("stream").and_then(serde_json::Value::as_bool) == Some(true);
+    let body = if api == LlmApi::OpenAi
+        && streams
+        && json.pointer("/stream_options/include_usage").is_none()
+    {
+        if let Some(object) = json.as_object_mut() {
+            let options = object
+                .entry("stream_options")
+                .or_insert_with(|| serde_json::json!({}));
+            if let Some(options) = options.as_object_mut() {
+                options.insert("include_usage".into(), serde_json::Value::Bool(true));
+            }
+        }
+        Bytes::from(json.to_string())
+    } else {
+        bytes
+    };
+    Ok((
+        model,
+        LlmRequest {
+            prices,
+            max_tokens,
+            body,
+        },
+    ))
+}
+
+/// 402s for a hold the wallet or the key's cap cannot cover.
+pub(crate) fn refused_error(refused: HoldRefused, currency: &str) -> HttpError {
+    let money = |n: Nanos| serde_json::to_value(Money::new(n, currency)).unwrap_or_default();
+    match refused {
+        HoldRefused::InsufficientBalance {
+            required,
+            available,
+        } => HttpError::new(
+            ErrorCode::InsufficientBalance,
+            format!(
+                "This request needs {required} {currency} but the balance is {available} {currency}. Top up the wallet and retry."
+            ),
+        )
+        .with_detail("required", money(required))
+        .with_detail("balance", money(available)),
+        HoldRefused::KeyCapReached { cap, spent, held } => HttpError::new(
+            ErrorCode::KeyQuotaExceeded,
+            format!(
+                "This key's monthly spend cap of {cap} {currency} would be exceeded ({spent} spent, {held} held by calls in progress)."
+            ),
+        )
+        .with_detail("cap", money(cap))
+        .with_detail("spent", money(spent))
+        .with_detail("held", money(held)),
+        HoldRefused::Store(e) => e.into(),
+    }
 }
 
 fn payload_too_large(limit: u64) -> HttpError {

@@ -1,7 +1,8 @@
-//! What every handler shares: config, store, key cache, routes and the clock.
+//! What every handler shares: config, store, key cache, ledger, routes and the clock.
 
 use crate::auth::KeyCache;
 use crate::config::Config;
+use crate::ledger::Ledger;
 use crate::proxy::RouteTable;
 use std::sync::Arc;
 use tollgate_core::Clock;
@@ -12,6 +13,7 @@ pub struct AppState {
     pub config: Arc<Config>,
     pub store: Arc<dyn Store>,
     pub keys: Arc<KeyCache>,
+    pub ledger: Arc<Ledger>,
     pub routes: Arc<RouteTable>,
     pub clock: Arc<dyn Clock>,
 }

@@ -391,6 +391,7 @@ async fn an_inactive_key_is_401_key_inactive() {
     let app = spawn_app().await;
     let account = app.create_account("acme").await;
     let paused = NewKey {
+        monthly_spend_cap: None,
         account_id: account.id,
         kind: KeyKind::Usage,
         name: "paused".into(),

@@ -1,5 +1,5 @@
 //! Tollgate's storage. One trait per concern ([`AccountStore`], [`KeyStore`], [`LedgerStore`],
-//! [`StoreHealth`]); [`Store`] is all of them. The server holds an `Arc<dyn Store>` and never sees
+//! [`UsageStore`], [`StoreHealth`]); [`Store`] is all of them. The server holds an `Arc<dyn Store>` and never sees
 //! SQL. [`sqlite::SqliteStore`] is the embedded default; every backend passes the conformance
 //! suite in `tests/conformance.rs`.
 
@@ -7,7 +7,11 @@ pub mod sqlite;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use tollgate_core::{AccountId, ApiKey, KeyEnv, KeyHash, KeyId, KeyKind, KeyStatus, Nanos};
+use tollgate_core::ledger::{BillingStatus, Hold, Transfer, Wallet};
+use tollgate_core::metering::TokenUsage;
+use tollgate_core::{
+    AccountId, ApiKey, HoldId, KeyEnv, KeyHash, KeyId, KeyKind, KeyStatus, Nanos, RequestId,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -40,6 +44,8 @@ pub struct KeyRecord {
     pub name: String,
     pub scopes: Vec<String>,
     pub expires_at: Option<DateTime<Utc>>,
+    /// The most this key may be charged per calendar month (UTC).
+    pub monthly_spend_cap: Option<Nanos>,
     pub created_at: DateTime<Utc>,
     pub revoked_at: Option<DateTime<Utc>>,
 }
@@ -52,6 +58,7 @@ pub struct NewKey {
     pub name: String,
     pub scopes: Vec<String>,
     pub expires_at: Option<DateTime<Utc>>,
+    pub monthly_spend_cap: Option<Nanos>,
 }
 
 impl KeyRecord {
@@ -69,6 +76,7 @@ impl KeyRecord {
             name: key.name,
             scopes: key.scopes,
             expires_at: key.expires_at,
+            monthly_spend_cap: key.monthly_spend_cap,
             created_at: now,
             revoked_at: None,
         };
@@ -113,10 +121,149 @@ pub trait KeyStore: Send + Sync {
     async fn revoke_key(&self, id: KeyId, at: DateTime<Utc>) -> Result<RevokeOutcome, StoreError>;
 }
 
+/// Who opened a hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HoldSource {
+    /// The proxy, for one data-plane request; dies with the process that opened it.
+    Request,
+    /// The billing API, for the operator's own long-running work; outlives restarts until its TTL.
+    Api,
+}
+
+impl HoldSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HoldSource::Request => "request",
+            HoldSource::Api => "api",
+        }
+    }
+}
+
+/// A hold as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HoldRecord {
+    pub hold: Hold,
+    pub source: HoldSource,
+    pub request_id: Option<RequestId>,
+    /// A JSON object the billing API caller attached; `{}` for the proxy's holds.
+    pub metadata: serde_json::Value,
+}
+
+/// One durable ledger change. The writer commits a batch of them in one transaction.
+#[derive(Debug, Clone)]
+pub enum LedgerWrite {
+    /// Credits from outside (a grant with its reason).
+    Grant {
+        account: AccountId,
+        transfer: Transfer,
+        memo: String,
+        reference: String,
+        at: DateTime<Utc>,
+    },
+    OpenHold {
+        record: HoldRecord,
+        transfer: Option<Transfer>,
+    },
+    /// The hold as resolved (status, charged, resolved_at) and the transfers resolving made.
+    ResolveHold {
+        hold: Hold,
+        transfers: Vec<Transfer>,
+    },
+    Usage(Box<UsageRow>),
+}
+
+/// A ledger transfer as stored, for the ledger listing.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TransferRecord {
+    /// Increasing in commit order; the listing's cursor.
+    pub seq: i64,
+    pub debit: String,
+    pub credit: String,
+    pub amount: Nanos,
+    pub kind: String,
+    pub memo: String,
+    pub reference: String,
+    pub created_at: DateTime<Utc>,
+}
+
 #[async_trait]
 pub trait LedgerStore: Send + Sync {
     /// The wallet balance recomputed from the ledger alone (the cached balance must equal it).
     async fn ledger_balance(&self, account: AccountId) -> Result<Nanos, StoreError>;
+    /// The account's cached wallet and holds balances.
+    async fn wallet(&self, account: AccountId) -> Result<Option<Wallet>, StoreError>;
+    /// What the key's holds have charged since `since`.
+    async fn key_spent_since(&self, key: KeyId, since: DateTime<Utc>) -> Result<Nanos, StoreError>;
+    /// What the account has been charged since `since`.
+    async fn account_spent_since(
+        &self,
+        account: AccountId,
+        since: DateTime<Utc>,
+    ) -> Result<Nanos, StoreError>;
+    async fn pending_holds(&self) -> Result<Vec<HoldRecord>, StoreError>;
+    async fn hold(&self, id: HoldId) -> Result<Option<HoldRecord>, StoreError>;
+    /// Applies the writes in order, in one transaction: all or nothing. Cached wallet balances
+    /// move with the transfers.
+    async fn commit(&self, writes: &[LedgerWrite]) -> Result<(), StoreError>;
+    /// The account's transfers, newest first, those before `before` (a `seq`) if given.
+    async fn transfers(
+        &self,
+        account: AccountId,
+        before: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<TransferRecord>, StoreError>;
+    /// Every ledger account's balance rebuilt from the transfers (they sum to zero).
+    async fn trial_balance(&self) -> Result<Vec<(String, i64)>, StoreError>;
+}
+
+/// One data-plane request, as the usage log keeps it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UsageRow {
+    pub request_id: RequestId,
+    pub client_request_id: Option<String>,
+    pub account_id: AccountId,
+    pub key_id: KeyId,
+    /// The route's prefix.
+    pub route: String,
+    pub model: Option<String>,
+    pub method: String,
+    pub path: String,
+    /// What the client was answered.
+    pub status: u16,
+    pub upstream_status: Option<u16>,
+    /// Units read from the response (per-unit pricing), an exact decimal.
+    pub units: Option<String>,
+    pub tokens: Option<TokenUsage>,
+    pub cost: Nanos,
+    pub hold: Nanos,
+    pub hold_id: Option<HoldId>,
+    pub billing_status: BillingStatus,
+    pub latency_ms: u64,
+    pub error_code: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub completed_at: DateTime<Utc>,
+}
+
+/// Which usage rows to list: newest first, all filters optional.
+#[derive(Debug, Clone, Default)]
+pub struct UsageFilter {
+    pub account: Option<AccountId>,
+    pub key: Option<KeyId>,
+    pub route: Option<String>,
+    pub status: Option<u16>,
+    pub from: Option<DateTime<Utc>>,
+    pub to: Option<DateTime<Utc>>,
+    /// Cursor: rows with an id before this one.
+    pub before: Option<RequestId>,
+    pub limit: u32,
+}
+
+#[async_trait]
+pub trait UsageStore: Send + Sync {
+    async fn requests(&self, filter: &UsageFilter) -> Result<Vec<UsageRow>, StoreError>;
+    async fn request(&self, id: RequestId) -> Result<Option<UsageRow>, StoreError>;
+    /// Deletes rows created before `cutoff` (the retention setting); returns how many.
+    async fn purge_requests_before(&self, cutoff: DateTime<Utc>) -> Result<u64, StoreError>;
 }
 
 #[async_trait]
@@ -128,16 +275,5 @@ pub trait StoreHealth: Send + Sync {
 }
 
 /// Everything the server needs from storage.
-pub trait Store: AccountStore + KeyStore + LedgerStore + StoreHealth {}
-impl<T: AccountStore + KeyStore + LedgerStore + StoreHealth> Store for T {}
-
-/// Ledger account names, shared by every backend.
-pub mod ledger_account {
-    use tollgate_core::AccountId;
-
-    pub const EXTERNAL: &str = "external";
-
-    pub fn wallet(account: AccountId) -> String {
-        format!("wallet:{account}")
-    }
-}
+pub trait Store: AccountStore + KeyStore + LedgerStore + UsageStore + StoreHealth {}
+impl<T: AccountStore + KeyStore + LedgerStore + UsageStore + StoreHealth> Store for T {}

@@ -1,8 +1,8 @@
 //! The embedded default: one SQLite file in WAL mode, migrations applied at open.
 
 use crate::{
-    ledger_account, Account, AccountStore, KeyRecord, KeyStore, LedgerStore, RevokeOutcome,
-    StoreError, StoreHealth,
+    Account, AccountStore, HoldRecord, HoldSource, KeyRecord, KeyStore, LedgerStore, LedgerWrite,
+    RevokeOutcome, StoreError, StoreHealth, TransferRecord, UsageFilter, UsageRow, UsageStore,
 };
 use async_trait::async_trait;
 use chrono::{DateTime, TimeZone, Utc};
@@ -10,10 +10,15 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
 };
 use sqlx::{Row, SqlitePool};
+use std::collections::HashMap;
 use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
-use tollgate_core::{AccountId, KeyHash, KeyId, KeyKind, KeyStatus, Nanos};
+use tollgate_core::ledger::{
+    BillingStatus, Hold, HoldStatus, LedgerAccount, Transfer, TransferKind, Wallet,
+};
+use tollgate_core::metering::TokenUsage;
+use tollgate_core::{AccountId, HoldId, KeyHash, KeyId, KeyKind, KeyStatus, Nanos, RequestId};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
@@ -81,7 +86,7 @@ fn corrupt(what: &str, value: &str) -> StoreError {
 }
 
 const KEY_COLUMNS: &str = "id, account_id, key_hash, display_prefix, kind, status, name, scopes, \
-                           expires_at, created_at, revoked_at";
+                           expires_at, monthly_spend_cap_nanos, created_at, revoked_at";
 
 fn key_from_row(row: &SqliteRow) -> Result<KeyRecord, StoreError> {
     let get_text = |col: &str| row.try_get::<String, _>(col).map_err(unavailable);
@@ -93,6 +98,9 @@ fn key_from_row(row: &SqliteRow) -> Result<KeyRecord, StoreError> {
     let scopes = get_text("scopes")?;
     let expires_at: Option<i64> = row.try_get("expires_at").map_err(unavailable)?;
     let revoked_at: Option<i64> = row.try_get("revoked_at").map_err(unavailable)?;
+    let cap: Option<i64> = row
+        .try_get("monthly_spend_cap_nanos")
+        .map_err(unavailable)?;
     Ok(KeyRecord {
         id: KeyId::from_str(&id).map_err(|_| corrupt("key id", &id))?,
         account_id: AccountId::from_str(&account_id)
@@ -104,6 +112,7 @@ fn key_from_row(row: &SqliteRow) -> Result<KeyRecord, StoreError> {
         name: get_text("name")?,
         scopes: serde_json::from_str(&scopes).map_err(|_| corrupt("key scopes", &scopes))?,
         expires_at: expires_at.map(from_millis).transpose()?,
+        monthly_spend_cap: cap.map(Nanos),
         created_at: from_millis(row.try_get("created_at").map_err(unavailable)?)?,
         revoked_at: revoked_at.map(from_millis).transpose()?,
     })
@@ -116,7 +125,7 @@ where
     let scopes = serde_json::to_string(&key.scopes)
         .map_err(|e| StoreError::Corrupt(format!("scopes: {e}")))?;
     sqlx::query(&format!(
-        "INSERT INTO api_keys ({KEY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        "INSERT INTO api_keys ({KEY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
     ))
     .bind(key.id.to_string())
     .bind(key.account_id.to_string())
@@ -127,6 +136,7 @@ where
     .bind(&key.name)
     .bind(scopes)
     .bind(key.expires_at.map(millis))
+    .bind(key.monthly_spend_cap.map(|n| n.0))
     .bind(millis(key.created_at))
     .bind(key.revoked_at.map(millis))
     .execute(executor)
@@ -162,17 +172,13 @@ impl AccountStore for SqliteStore {
             .await
             .map_err(unavailable)?;
         if starter_credits > Nanos::ZERO {
-            insert_transfer(
-                &mut tx,
-                ledger_account::EXTERNAL,
-                &ledger_account::wallet(id),
-                starter_credits,
-                "grant",
-                id,
-                "starter credits",
-                at,
-            )
-            .await?;
+            let grant = Transfer {
+                debit: LedgerAccount::External,
+                credit: LedgerAccount::Wallet(id),
+                amount: starter_credits,
+                kind: TransferKind::Grant,
+            };
+            insert_transfer(&mut tx, &grant, id, "starter credits", "", at).await?;
         }
         insert_key_with(&mut *tx, &master_key).await?;
         tx.commit().await.map_err(unavailable)?;
@@ -207,28 +213,25 @@ impl AccountStore for SqliteStore {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn insert_transfer(
     tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
-    debit: &str,
-    credit: &str,
-    amount: Nanos,
-    kind: &str,
+    transfer: &Transfer,
     account: AccountId,
     memo: &str,
+    reference: &str,
     at: DateTime<Utc>,
 ) -> Result<(), StoreError> {
     sqlx::query(
-        "INSERT INTO ledger_transfers \
-         (debit_account, credit_account, amount_nanos, kind, account_id, memo, created_at) \
-         VALUES (?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO ledger_transfers (debit_account, credit_account, amount_nanos, kind, \
+         account_id, memo, reference, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
     )
-    .bind(debit)
-    .bind(credit)
-    .bind(amount.0)
-    .bind(kind)
+    .bind(transfer.debit.to_string())
+    .bind(transfer.credit.to_string())
+    .bind(transfer.amount.0)
+    .bind(transfer.kind.as_str())
     .bind(account.to_string())
     .bind(memo)
+    .bind(reference)
     .bind(millis(at))
     .execute(&mut **tx)
     .await
@@ -301,10 +304,63 @@ impl KeyStore for SqliteStore {
     }
 }
 
+const HOLD_COLUMNS: &str = "id, account_id, key_id, source, request_id, amount_nanos, \
+                            charged_nanos, status, metadata, created_at, expires_at, resolved_at";
+
+fn parse_id<T: FromStr>(what: &str, text: &str) -> Result<T, StoreError> {
+    T::from_str(text).map_err(|_| corrupt(what, text))
+}
+
+fn hold_from_row(row: &SqliteRow) -> Result<HoldRecord, StoreError> {
+    let text = |col: &str| row.try_get::<String, _>(col).map_err(unavailable);
+    let opt_text = |col: &str| row.try_get::<Option<String>, _>(col).map_err(unavailable);
+    let int = |col: &str| row.try_get::<i64, _>(col).map_err(unavailable);
+    let status = text("status")?;
+    let source = text("source")?;
+    let metadata = text("metadata")?;
+    let resolved_at: Option<i64> = row.try_get("resolved_at").map_err(unavailable)?;
+    Ok(HoldRecord {
+        hold: Hold {
+            id: parse_id("hold id", &text("id")?)?,
+            account: parse_id("account id", &text("account_id")?)?,
+            key: opt_text("key_id")?
+                .map(|k| parse_id("key id", &k))
+                .transpose()?,
+            amount: Nanos(int("amount_nanos")?),
+            created_at: from_millis(int("created_at")?)?,
+            expires_at: from_millis(int("expires_at")?)?,
+            status: HoldStatus::parse(&status).ok_or_else(|| corrupt("hold status", &status))?,
+            charged: Nanos(int("charged_nanos")?),
+            resolved_at: resolved_at.map(from_millis).transpose()?,
+        },
+        source: match source.as_str() {
+            "request" => HoldSource::Request,
+            "api" => HoldSource::Api,
+            _ => return Err(corrupt("hold source", &source)),
+        },
+        request_id: opt_text("request_id")?
+            .map(|r| parse_id("request id", &r))
+            .transpose()?,
+        metadata: serde_json::from_str(&metadata).map_err(|_| corrupt("metadata", &metadata))?,
+    })
+}
+
+/// How a transfer moves an account's cached (available, held) balances.
+fn wallet_deltas(transfer: &Transfer, deltas: &mut HashMap<AccountId, (i64, i64)>) {
+    let amount = transfer.amount.0;
+    for (side, sign) in [(transfer.debit, -1), (transfer.credit, 1)] {
+        match side {
+            LedgerAccount::Wallet(a) => deltas.entry(a).or_default().0 += sign * amount,
+            LedgerAccount::Holds(a) => deltas.entry(a).or_default().1 += sign * amount,
+            LedgerAccount::External | LedgerAccount::Revenue => {}
+        }
+    }
+}
+
 #[async_trait]
 impl LedgerStore for SqliteStore {
     async fn ledger_balance(&self, account: AccountId) -> Result<Nanos, StoreError> {
-        let wallet = ledger_account::wallet(account);
+        let wallet = LedgerAccount::Wallet(account).to_string();
         let sum: i64 = sqlx::query_scalar(
             "SELECT COALESCE(SUM(CASE WHEN credit_account = ?1 THEN amount_nanos ELSE 0 END) \
                            - SUM(CASE WHEN debit_account = ?1 THEN amount_nanos ELSE 0 END), 0) \
@@ -316,6 +372,361 @@ impl LedgerStore for SqliteStore {
         .await
         .map_err(unavailable)?;
         Ok(Nanos(sum))
+    }
+
+    async fn wallet(&self, account: AccountId) -> Result<Option<Wallet>, StoreError> {
+        let row: Option<(i64, i64)> =
+            sqlx::query_as("SELECT balance_nanos, held_nanos FROM wallets WHERE account_id = ?")
+                .bind(account.to_string())
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(unavailable)?;
+        Ok(row.map(|(available, held)| Wallet {
+            available: Nanos(available),
+            held: Nanos(held),
+        }))
+    }
+
+    async fn key_spent_since(&self, key: KeyId, since: DateTime<Utc>) -> Result<Nanos, StoreError> {
+        let sum: i64 = sqlx::query_scalar(
+            "SELECT COALESCE(SUM(charged_nanos), 0) FROM holds \
+             WHERE key_id = ? AND resolved_at >= ?",
+        )
+        .bind(key.to_string())
+        .bind(millis(since))
+        .fetch_one(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        Ok(Nanos(sum))
+    }
+
+    async fn account_spent_since(
+        &self,
+        account: AccountId,
+        since: DateTime<Utc>,
+    ) -> Result<Nanos, StoreError> {
+        let sum: i64 = sqlx::query_scalar(
+            "SELECT COALESCE(SUM(amount_nanos), 0) FROM ledger_transfers \
+             WHERE account_id = ? AND kind = 'charge' AND created_at >= ?",
+        )
+        .bind(account.to_string())
+        .bind(millis(since))
+        .fetch_one(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        Ok(Nanos(sum))
+    }
+
+    async fn pending_holds(&self) -> Result<Vec<HoldRecord>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {HOLD_COLUMNS} FROM holds WHERE status = 'pending' ORDER BY id"
+        ))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        rows.iter().map(hold_from_row).collect()
+    }
+
+    async fn hold(&self, id: HoldId) -> Result<Option<HoldRecord>, StoreError> {
+        let row = sqlx::query(&format!("SELECT {HOLD_COLUMNS} FROM holds WHERE id = ?"))
+            .bind(id.to_string())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        row.as_ref().map(hold_from_row).transpose()
+    }
+
+    async fn commit(&self, writes: &[LedgerWrite]) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        let mut deltas: HashMap<AccountId, (i64, i64)> = HashMap::new();
+        for write in writes {
+            match write {
+                LedgerWrite::Grant {
+                    account,
+                    transfer,
+                    memo,
+                    reference,
+                    at,
+                } => {
+                    insert_transfer(&mut tx, transfer, *account, memo, reference, *at).await?;
+                    wallet_deltas(transfer, &mut deltas);
+                }
+                LedgerWrite::OpenHold { record, transfer } => {
+                    let hold = &record.hold;
+                    sqlx::query(&format!(
+                        "INSERT INTO holds ({HOLD_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                    ))
+                    .bind(hold.id.to_string())
+                    .bind(hold.account.to_string())
+                    .bind(hold.key.map(|k| k.to_string()))
+                    .bind(record.source.as_str())
+                    .bind(record.request_id.map(|r| r.to_string()))
+                    .bind(hold.amount.0)
+                    .bind(hold.charged.0)
+                    .bind(hold.status.as_str())
+                    .bind(record.metadata.to_string())
+                    .bind(millis(hold.created_at))
+                    .bind(millis(hold.expires_at))
+                    .bind(hold.resolved_at.map(millis))
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(unavailable)?;
+                    if let Some(transfer) = transfer {
+                        let reference = hold.id.to_string();
+                        insert_transfer(
+                            &mut tx,
+                            transfer,
+                            hold.account,
+                            "",
+                            &reference,
+                            hold.created_at,
+                        )
+                        .await?;
+                        wallet_deltas(transfer, &mut deltas);
+                    }
+                }
+                LedgerWrite::ResolveHold { hold, transfers } => {
+                    let at = hold.resolved_at.unwrap_or(hold.created_at);
+                    let changed = sqlx::query(
+                        "UPDATE holds SET status = ?, charged_nanos = ?, resolved_at = ? \
+                         WHERE id = ? AND status = 'pending'",
+                    )
+                    .bind(hold.status.as_str())
+                    .bind(hold.charged.0)
+                    .bind(millis(at))
+                    .bind(hold.id.to_string())
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(unavailable)?
+                    .rows_affected();
+                    if changed != 1 {
+                        return Err(StoreError::Corrupt(format!(
+                            "hold {} is not pending; it cannot be resolved again",
+                            hold.id
+                        )));
+                    }
+                    let reference = hold.id.to_string();
+                    for transfer in transfers {
+                        insert_transfer(&mut tx, transfer, hold.account, "", &reference, at)
+                            .await?;
+                        wallet_deltas(transfer, &mut deltas);
+                    }
+                }
+                LedgerWrite::Usage(row) => insert_usage(&mut tx, row).await?,
+            }
+        }
+        // One update per account per batch: the point of committing in groups.
+        for (account, (available, held)) in deltas {
+            if available == 0 && held == 0 {
+                continue;
+            }
+            sqlx::query(
+                "UPDATE wallets SET balance_nanos = balance_nanos + ?, held_nanos = held_nanos + ? \
+                 WHERE account_id = ?",
+            )
+            .bind(available)
+            .bind(held)
+            .bind(account.to_string())
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+        }
+        tx.commit().await.map_err(unavailable)
+    }
+
+    async fn transfers(
+        &self,
+        account: AccountId,
+        before: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<TransferRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, debit_account, credit_account, amount_nanos, kind, memo, reference, created_at \
+             FROM ledger_transfers WHERE account_id = ? AND id < ? ORDER BY id DESC LIMIT ?",
+        )
+        .bind(account.to_string())
+        .bind(before.unwrap_or(i64::MAX))
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        rows.iter()
+            .map(|row| {
+                Ok(TransferRecord {
+                    seq: row.try_get("id").map_err(unavailable)?,
+                    debit: row.try_get("debit_account").map_err(unavailable)?,
+                    credit: row.try_get("credit_account").map_err(unavailable)?,
+                    amount: Nanos(row.try_get("amount_nanos").map_err(unavailable)?),
+                    kind: row.try_get("kind").map_err(unavailable)?,
+                    memo: row.try_get("memo").map_err(unavailable)?,
+                    reference: row.try_get("reference").map_err(unavailable)?,
+                    created_at: from_millis(row.try_get("created_at").map_err(unavailable)?)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn trial_balance(&self) -> Result<Vec<(String, i64)>, StoreError> {
+        sqlx::query_as(
+            "SELECT account, SUM(amount) FROM ( \
+               SELECT credit_account AS account, amount_nanos AS amount FROM ledger_transfers \
+               UNION ALL \
+               SELECT debit_account, -amount_nanos FROM ledger_transfers) \
+             GROUP BY account ORDER BY account",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(unavailable)
+    }
+}
+
+const USAGE_COLUMNS: &str = "request_id, client_request_id, account_id, key_id, route, model, \
+    method, path, status, upstream_status, units, input_tokens, cached_input_tokens, \
+    output_tokens, cost_nanos, hold_nanos, hold_id, billing_status, latency_ms, error_code, \
+    created_at, completed_at";
+
+async fn insert_usage(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    row: &UsageRow,
+) -> Result<(), StoreError> {
+    let tokens = row.tokens;
+    sqlx::query(&format!(
+        "INSERT INTO requests ({USAGE_COLUMNS}) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    ))
+    .bind(row.request_id.to_string())
+    .bind(&row.client_request_id)
+    .bind(row.account_id.to_string())
+    .bind(row.key_id.to_string())
+    .bind(&row.route)
+    .bind(&row.model)
+    .bind(&row.method)
+    .bind(&row.path)
+    .bind(i64::from(row.status))
+    .bind(row.upstream_status.map(i64::from))
+    .bind(&row.units)
+    .bind(tokens.map(|t| t.input as i64))
+    .bind(tokens.map(|t| t.cached_input as i64))
+    .bind(tokens.map(|t| t.output as i64))
+    .bind(row.cost.0)
+    .bind(row.hold.0)
+    .bind(row.hold_id.map(|h| h.to_string()))
+    .bind(row.billing_status.as_str())
+    .bind(i64::try_from(row.latency_ms).unwrap_or(i64::MAX))
+    .bind(&row.error_code)
+    .bind(millis(row.created_at))
+    .bind(millis(row.completed_at))
+    .execute(&mut **tx)
+    .await
+    .map_err(unavailable)?;
+    Ok(())
+}
+
+fn usage_from_row(row: &SqliteRow) -> Result<UsageRow, StoreError> {
+    let text = |col: &str| row.try_get::<String, _>(col).map_err(unavailable);
+    let opt_text = |col: &str| row.try_get::<Option<String>, _>(col).map_err(unavailable);
+    let int = |col: &str| row.try_get::<i64, _>(col).map_err(unavailable);
+    let opt_int = |col: &str| row.try_get::<Option<i64>, _>(col).map_err(unavailable);
+    let status = text("billing_status")?;
+    let tokens = match (
+        opt_int("input_tokens")?,
+        opt_int("cached_input_tokens")?,
+        opt_int("output_tokens")?,
+    ) {
+        (Some(input), cached, Some(output)) => Some(TokenUsage {
+            input: input as u64,
+            cached_input: cached.unwrap_or(0) as u64,
+            output: output as u64,
+        }),
+        _ => None,
+    };
+    Ok(UsageRow {
+        request_id: parse_id("request id", &text("request_id")?)?,
+        client_request_id: opt_text("client_request_id")?,
+        account_id: parse_id("account id", &text("account_id")?)?,
+        key_id: parse_id("key id", &text("key_id")?)?,
+        route: text("route")?,
+        model: opt_text("model")?,
+        method: text("method")?,
+        path: text("path")?,
+        status: int("status")? as u16,
+        upstream_status: opt_int("upstream_status")?.map(|s| s as u16),
+        units: opt_text("units")?,
+        tokens,
+        cost: Nanos(int("cost_nanos")?),
+        hold: Nanos(int("hold_nanos")?),
+        hold_id: opt_text("hold_id")?
+            .map(|h| parse_id("hold id", &h))
+            .transpose()?,
+        billing_status: BillingStatus::parse(&status)
+            .ok_or_else(|| corrupt("billing status", &status))?,
+        latency_ms: int("latency_ms")? as u64,
+        error_code: opt_text("error_code")?,
+        created_at: from_millis(int("created_at")?)?,
+        completed_at: from_millis(int("completed_at")?)?,
+    })
+}
+
+#[async_trait]
+impl UsageStore for SqliteStore {
+    async fn requests(&self, filter: &UsageFilter) -> Result<Vec<UsageRow>, StoreError> {
+        let mut query = sqlx::QueryBuilder::<sqlx::Sqlite>::new(format!(
+            "SELECT {USAGE_COLUMNS} FROM requests WHERE 1 = 1"
+        ));
+        if let Some(account) = filter.account {
+            query
+                .push(" AND account_id = ")
+                .push_bind(account.to_string());
+        }
+        if let Some(key) = filter.key {
+            query.push(" AND key_id = ").push_bind(key.to_string());
+        }
+        if let Some(route) = &filter.route {
+            query.push(" AND route = ").push_bind(route.clone());
+        }
+        if let Some(status) = filter.status {
+            query.push(" AND status = ").push_bind(i64::from(status));
+        }
+        if let Some(from) = filter.from {
+            query.push(" AND created_at >= ").push_bind(millis(from));
+        }
+        if let Some(to) = filter.to {
+            query.push(" AND created_at < ").push_bind(millis(to));
+        }
+        if let Some(before) = filter.before {
+            query
+                .push(" AND request_id < ")
+                .push_bind(before.to_string());
+        }
+        query
+            .push(" ORDER BY request_id DESC LIMIT ")
+            .push_bind(i64::from(filter.limit));
+        let rows = query
+            .build()
+            .fetch_all(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        rows.iter().map(usage_from_row).collect()
+    }
+
+    async fn request(&self, id: RequestId) -> Result<Option<UsageRow>, StoreError> {
+        let row = sqlx::query(&format!(
+            "SELECT {USAGE_COLUMNS} FROM requests WHERE request_id = ?"
+        ))
+        .bind(id.to_string())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        row.as_ref().map(usage_from_row).transpose()
+    }
+
+    async fn purge_requests_before(&self, cutoff: DateTime<Utc>) -> Result<u64, StoreError> {
+        Ok(sqlx::query("DELETE FROM requests WHERE created_at < ?")
+            .bind(millis(cutoff))
+            .execute(&self.pool)
+            .await
+            .map_err(unavailable)?
+            .rows_affected())
     }
 }
 

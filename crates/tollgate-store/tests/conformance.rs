@@ -5,8 +5,17 @@
 
 use chrono::{Duration, TimeZone, Utc};
 use std::sync::Arc;
-use tollgate_core::{AccountId, ApiKey, KeyEnv, KeyId, KeyKind, KeyStatus, Nanos};
-use tollgate_store::{KeyRecord, NewKey, RevokeOutcome, Store};
+use tollgate_core::ledger::{
+    BillingStatus, Book, HoldRequest, HoldStatus, Resolve, Transfer, Wallet,
+};
+use tollgate_core::metering::TokenUsage;
+use tollgate_core::{
+    AccountId, ApiKey, HoldId, KeyEnv, KeyId, KeyKind, KeyStatus, Nanos, RequestId,
+};
+use tollgate_store::{
+    HoldRecord, HoldSource, KeyRecord, LedgerWrite, NewKey, RevokeOutcome, Store, UsageFilter,
+    UsageRow,
+};
 
 fn key_for(account: AccountId, kind: KeyKind, name: &str) -> (ApiKey, KeyRecord) {
     let key = NewKey {
@@ -15,6 +24,7 @@ fn key_for(account: AccountId, kind: KeyKind, name: &str) -> (ApiKey, KeyRecord)
         name: name.to_string(),
         scopes: vec!["*".to_string()],
         expires_at: None,
+        monthly_spend_cap: None,
     };
     KeyRecord::issue(
         KeyEnv::Live,
@@ -73,6 +83,7 @@ pub async fn keys_round_trip_every_field(store: Arc<dyn Store>) {
     usage.scopes = vec!["echo".into(), "llm".into()];
     usage.expires_at = Some(Utc.timestamp_millis_opt(1_800_000_000_456).unwrap());
     usage.status = KeyStatus::Inactive;
+    usage.monthly_spend_cap = Some(Nanos(7));
     store.insert_key(&usage).await.unwrap();
     assert_eq!(
         store.key_by_id(usage.id).await.unwrap(),
@@ -158,6 +169,253 @@ pub async fn ping_answers(store: Arc<dyn Store>) {
     assert!(!store.backend().is_empty());
 }
 
+fn at(ms: i64) -> chrono::DateTime<Utc> {
+    Utc.timestamp_millis_opt(ms).unwrap()
+}
+
+/// Opens a hold in `book` and returns the write that persists it.
+fn open_hold(book: &mut Book, account: AccountId, key: KeyId, amount: i64, ms: i64) -> LedgerWrite {
+    let (hold, transfer) = book
+        .open(HoldRequest {
+            id: HoldId::new(),
+            account,
+            key: Some(key),
+            amount: Nanos(amount),
+            key_cap: None,
+            at: at(ms),
+            expires_at: at(ms + 60_000),
+        })
+        .unwrap();
+    LedgerWrite::OpenHold {
+        record: HoldRecord {
+            hold,
+            source: HoldSource::Api,
+            request_id: None,
+            metadata: serde_json::json!({"job": "render"}),
+        },
+        transfer,
+    }
+}
+
+fn resolve(book: &mut Book, write: &LedgerWrite, how: Resolve, ms: i64) -> LedgerWrite {
+    let LedgerWrite::OpenHold { record, .. } = write else {
+        panic!("not an open hold")
+    };
+    let resolution = book.resolve(record.hold.id, how, at(ms)).unwrap();
+    LedgerWrite::ResolveHold {
+        hold: resolution.hold,
+        transfers: resolution.transfers,
+    }
+}
+
+async fn assert_books_balance(store: &dyn Store, account: AccountId, book: &Book) {
+    let trial = store.trial_balance().await.unwrap();
+    assert_eq!(trial.iter().map(|(_, n)| n).sum::<i64>(), 0, "{trial:?}");
+    let stored = store.wallet(account).await.unwrap().unwrap();
+    assert_eq!(Some(stored), book.wallet(account), "cached wallet = book");
+    assert_eq!(
+        store.ledger_balance(account).await.unwrap(),
+        stored.available
+    );
+}
+
+pub async fn holds_commit_settle_and_release_in_batches(store: Arc<dyn Store>) {
+    let (account, _, master) = new_account(&*store, Nanos(1_000)).await;
+    let mut book = Book::new();
+    book.load_wallet(account, store.wallet(account).await.unwrap().unwrap());
+    book.load_key_spend(master.id, at(1_000), Nanos::ZERO);
+    let a = open_hold(&mut book, account, master.id, 300, 1_000);
+    let b = open_hold(&mut book, account, master.id, 200, 1_000);
+    store.commit(&[a.clone(), b.clone()]).await.unwrap();
+    assert_eq!(
+        store.wallet(account).await.unwrap(),
+        Some(Wallet {
+            available: Nanos(500),
+            held: Nanos(500)
+        })
+    );
+    assert_eq!(store.pending_holds().await.unwrap().len(), 2);
+
+    let settle = resolve(&mut book, &a, Resolve::Settle(Nanos(120)), 2_000);
+    let release = resolve(&mut book, &b, Resolve::Release, 2_000);
+    store.commit(&[settle.clone(), release]).await.unwrap();
+    assert_books_balance(&*store, account, &book).await;
+    assert_eq!(
+        store.wallet(account).await.unwrap().unwrap().available,
+        Nanos(880)
+    );
+    assert!(store.pending_holds().await.unwrap().is_empty());
+
+    let LedgerWrite::OpenHold { record, .. } = &a else {
+        unreachable!()
+    };
+    let stored = store.hold(record.hold.id).await.unwrap().unwrap();
+    assert_eq!(stored.hold.status, HoldStatus::Settled);
+    assert_eq!(stored.hold.charged, Nanos(120));
+    assert_eq!(stored.metadata, serde_json::json!({"job": "render"}));
+    assert_eq!(
+        store.key_spent_since(master.id, at(1_500)).await.unwrap(),
+        Nanos(120)
+    );
+    assert_eq!(
+        store.key_spent_since(master.id, at(2_001)).await.unwrap(),
+        Nanos(0)
+    );
+    assert_eq!(
+        store.account_spent_since(account, at(0)).await.unwrap(),
+        Nanos(120)
+    );
+
+    // Resolving again is refused by the store, and the failed batch leaves nothing behind.
+    let usage = LedgerWrite::Usage(Box::new(usage_row(account, master.id, 5_000)));
+    assert!(store.commit(&[usage, settle]).await.is_err());
+    assert!(store
+        .requests(&UsageFilter {
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .is_empty());
+    assert_books_balance(&*store, account, &book).await;
+
+    let transfers = store.transfers(account, None, 10).await.unwrap();
+    let kinds: Vec<&str> = transfers.iter().map(|t| t.kind.as_str()).collect();
+    assert_eq!(
+        kinds,
+        ["release", "release", "charge", "hold", "hold", "grant"]
+    );
+    let older = store
+        .transfers(account, Some(transfers[2].seq), 10)
+        .await
+        .unwrap();
+    assert_eq!(older.len(), 3);
+}
+
+pub async fn a_wallet_never_goes_negative_in_the_store(store: Arc<dyn Store>) {
+    let (account, _, _) = new_account(&*store, Nanos(10)).await;
+    let overdraw = LedgerWrite::Grant {
+        account,
+        transfer: Transfer {
+            debit: tollgate_core::ledger::LedgerAccount::Wallet(account),
+            credit: tollgate_core::ledger::LedgerAccount::External,
+            amount: Nanos(11),
+            kind: tollgate_core::ledger::TransferKind::Grant,
+        },
+        memo: String::new(),
+        reference: String::new(),
+        at: at(0),
+    };
+    assert!(store.commit(&[overdraw]).await.is_err());
+    assert_eq!(store.ledger_balance(account).await.unwrap(), Nanos(10));
+}
+
+fn usage_row(account: AccountId, key: KeyId, ms: i64) -> UsageRow {
+    UsageRow {
+        request_id: RequestId::new(),
+        client_request_id: Some("client-1".into()),
+        account_id: account,
+        key_id: key,
+        route: "/v1".into(),
+        model: Some("mock-gpt".into()),
+        method: "POST".into(),
+        path: "/v1/chat/completions".into(),
+        status: 200,
+        upstream_status: Some(200),
+        units: Some("1.5".into()),
+        tokens: Some(TokenUsage {
+            input: 10,
+            cached_input: 2,
+            output: 5,
+        }),
+        cost: Nanos(42),
+        hold: Nanos(100),
+        hold_id: Some(HoldId::new()),
+        billing_status: BillingStatus::Partial,
+        latency_ms: 12,
+        error_code: None,
+        created_at: at(ms),
+        completed_at: at(ms + 12),
+    }
+}
+
+pub async fn usage_rows_round_trip_filter_and_page(store: Arc<dyn Store>) {
+    let (account, _, master) = new_account(&*store, Nanos::ZERO).await;
+    let (other, _, _) = new_account(&*store, Nanos::ZERO).await;
+    let mut rows = Vec::new();
+    for i in 0..5 {
+        let mut row = usage_row(account, master.id, 1_000 * i);
+        if i == 4 {
+            row.status = 402;
+            row.tokens = None;
+            row.error_code = Some("insufficient_balance".into());
+            row.billing_status = BillingStatus::Released;
+        }
+        rows.push(row);
+    }
+    // Rows list newest id first; ids made in one millisecond are not ordered, so sort them.
+    let mut ids: Vec<RequestId> = rows.iter().map(|r| r.request_id).collect();
+    ids.sort();
+    for (row, id) in rows.iter_mut().zip(ids) {
+        row.request_id = id;
+    }
+    let writes: Vec<LedgerWrite> = rows
+        .iter()
+        .cloned()
+        .map(|r| LedgerWrite::Usage(Box::new(r)))
+        .collect();
+    store.commit(&writes).await.unwrap();
+    assert_eq!(
+        store.request(rows[4].request_id).await.unwrap().as_ref(),
+        Some(&rows[4])
+    );
+    assert_eq!(
+        store.request(rows[0].request_id).await.unwrap().as_ref(),
+        Some(&rows[0])
+    );
+
+    let mine = UsageFilter {
+        account: Some(account),
+        limit: 2,
+        ..Default::default()
+    };
+    let page = store.requests(&mine).await.unwrap();
+    assert_eq!(
+        page.iter().map(|r| r.request_id).collect::<Vec<_>>(),
+        [rows[4].request_id, rows[3].request_id]
+    );
+    let next = store
+        .requests(&UsageFilter {
+            before: Some(rows[3].request_id),
+            ..mine.clone()
+        })
+        .await
+        .unwrap();
+    assert_eq!(next[0].request_id, rows[2].request_id);
+    let failed = UsageFilter {
+        status: Some(402),
+        limit: 10,
+        ..mine.clone()
+    };
+    assert_eq!(store.requests(&failed).await.unwrap().len(), 1);
+    let window = UsageFilter {
+        from: Some(at(1_000)),
+        to: Some(at(3_000)),
+        limit: 10,
+        ..mine.clone()
+    };
+    assert_eq!(store.requests(&window).await.unwrap().len(), 2);
+    let theirs = UsageFilter {
+        account: Some(other),
+        limit: 10,
+        ..Default::default()
+    };
+    assert!(store.requests(&theirs).await.unwrap().is_empty());
+
+    assert_eq!(store.purge_requests_before(at(2_000)).await.unwrap(), 2);
+    assert!(store.request(rows[0].request_id).await.unwrap().is_none());
+}
+
 /// Runs every conformance test against one backend: `store_suite!(module, async_constructor)`.
 macro_rules! store_suite {
     ($backend:ident, $make:expr) => {
@@ -173,6 +431,9 @@ macro_rules! store_suite {
                 concurrent_revokes_have_one_winner,
                 duplicate_key_hash_is_refused,
                 ping_answers,
+                holds_commit_settle_and_release_in_batches,
+                a_wallet_never_goes_negative_in_the_store,
+                usage_rows_round_trip_filter_and_page,
             );
         }
     };

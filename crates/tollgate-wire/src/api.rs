@@ -3,7 +3,7 @@
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use tollgate_core::{AccountId, KeyId, KeyKind, KeyStatus, Nanos};
+use tollgate_core::{AccountId, HoldId, KeyId, KeyKind, KeyStatus, Nanos, RequestId};
 
 /// An amount of money: exact nano-units, the same as a decimal string of credits, and the currency.
 /// `credits` is exact and safe for any JSON parser; `nanos` is exact up to 2⁵³ in JavaScript.
@@ -64,6 +64,9 @@ pub struct CreateKeyRequest {
     pub scopes: Option<Vec<String>>,
     #[serde(default)]
     pub expires_at: Option<DateTime<Utc>>,
+    /// The most the key may be charged per calendar month (UTC), a decimal string of credits.
+    #[serde(default)]
+    pub monthly_spend_cap: Option<String>,
 }
 
 /// An API key as the API shows it: everything but the secret.
@@ -78,6 +81,7 @@ pub struct ApiKeyInfo {
     pub prefix: String,
     pub scopes: Vec<String>,
     pub expires_at: Option<DateTime<Utc>>,
+    pub monthly_spend_cap: Option<Money>,
     pub created_at: DateTime<Utc>,
     pub revoked_at: Option<DateTime<Utc>>,
 }
@@ -93,4 +97,111 @@ pub struct CreatedKey {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct List<T> {
     pub data: Vec<T>,
+}
+
+/// One page of a listing. `next_cursor`, when present, is passed as `?cursor=` for the next page.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Page<T> {
+    pub data: Vec<T>,
+    pub next_cursor: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrantRequest {
+    /// Credits to add, a decimal string.
+    pub amount: String,
+    /// Why (kept in the ledger entry's memo).
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Balance {
+    pub account_id: AccountId,
+    /// Spendable now.
+    pub available: Money,
+    /// Reserved by pending holds.
+    pub held: Money,
+    /// Charged since the start of this calendar month (UTC).
+    pub spent_this_month: Money,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LedgerEntry {
+    /// Increasing in commit order.
+    pub seq: i64,
+    pub debit: String,
+    pub credit: String,
+    pub amount: Money,
+    /// `grant`, `hold`, `charge` or `release`.
+    pub kind: String,
+    pub memo: String,
+    /// The hold the entry belongs to, or a grant's request ID.
+    pub reference: String,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateHoldRequest {
+    /// The most the work may cost, a decimal string of credits.
+    pub amount: String,
+    /// How long until an unresolved hold is released; default 3600, at most 604800 (7 days).
+    #[serde(default)]
+    pub ttl_seconds: Option<u64>,
+    /// A JSON object kept with the hold.
+    #[serde(default)]
+    pub metadata: Option<serde_json::Value>,
+    /// Admin only: the account to hold credit from.
+    #[serde(default)]
+    pub account_id: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SettleHoldRequest {
+    /// The actual cost, a decimal string, at most the amount held.
+    pub amount: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HoldInfo {
+    pub id: HoldId,
+    pub account_id: AccountId,
+    pub key_id: Option<KeyId>,
+    pub amount: Money,
+    pub charged: Money,
+    /// `pending`, `settled`, `released` or `expired`.
+    pub status: String,
+    pub metadata: serde_json::Value,
+    pub created_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+    pub resolved_at: Option<DateTime<Utc>>,
+}
+
+/// One data-plane request from the usage log.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UsageRecord {
+    pub request_id: RequestId,
+    pub client_request_id: Option<String>,
+    pub account_id: AccountId,
+    pub key_id: KeyId,
+    pub route: String,
+    pub model: Option<String>,
+    pub method: String,
+    pub path: String,
+    pub status: u16,
+    pub upstream_status: Option<u16>,
+    pub units: Option<String>,
+    pub input_tokens: Option<u64>,
+    pub cached_input_tokens: Option<u64>,
+    pub output_tokens: Option<u64>,
+    pub cost: Money,
+    pub hold: Money,
+    /// `settled`, `partial`, `estimated`, `released` or `expired`.
+    pub billing_status: String,
+    pub latency_ms: u64,
+    pub error_code: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub completed_at: DateTime<Utc>,
 }

@@ -8,13 +8,19 @@ use serde_json::{json, Value};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use tollgate_core::{AccountId, Clock, KeyHash, KeyId, ManualClock};
+use tollgate_core::ledger::Wallet;
+use tollgate_core::{AccountId, Clock, HoldId, KeyHash, KeyId, ManualClock, Nanos, RequestId};
+
+type At = chrono::DateTime<chrono::Utc>;
 use tollgate_mock::MockUpstream;
-use tollgate_server::config::{RawAdmin, RawConfig, RawRoute, RawServer, RawStore, Secret};
+use tollgate_server::config::{
+    RawAdmin, RawConfig, RawModel, RawRoute, RawServer, RawStore, RouteKind, Secret,
+};
 use tollgate_server::{Application, Config};
 use tollgate_store::sqlite::SqliteStore;
 use tollgate_store::{
-    Account, AccountStore, KeyRecord, KeyStore, LedgerStore, RevokeOutcome, StoreError, StoreHealth,
+    Account, AccountStore, HoldRecord, KeyRecord, KeyStore, LedgerStore, LedgerWrite,
+    RevokeOutcome, StoreError, StoreHealth, TransferRecord, UsageFilter, UsageRow, UsageStore,
 };
 use tollgate_wire::ErrorProfile;
 
@@ -47,8 +53,36 @@ pub fn mock_route(
         price: "0.001".into(),
         connect_timeout: "1s".into(),
         timeout: "10s".into(),
-        upstream_headers: Default::default(),
-        position: 0,
+        ..RawRoute::default()
+    }
+}
+
+/// An LLM route to the mock upstream, serving one model at `input`/`output` per million tokens.
+pub fn llm_route(
+    mock: &MockUpstream,
+    prefix: &str,
+    upstream_path: &str,
+    kind: RouteKind,
+    model: &str,
+    (input, output): (&str, &str),
+) -> RawRoute {
+    let (group, profile) = match kind {
+        RouteKind::Anthropic => ("anthropic", ErrorProfile::Anthropic),
+        _ => ("openai", ErrorProfile::Openai),
+    };
+    RawRoute {
+        kind,
+        price: "0".into(),
+        models: [(
+            model.to_string(),
+            RawModel {
+                input: input.into(),
+                output: output.into(),
+                cached_input: None,
+            },
+        )]
+        .into(),
+        ..mock_route(mock, prefix, upstream_path, group, profile)
     }
 }
 
@@ -75,13 +109,21 @@ pub async fn spawn_app_with(customize: impl FnOnce(&mut RawConfig, &MockUpstream
             token: Some(Secret(ADMIN_TOKEN.into())),
         },
         routes: vec![
-            mock_route(&mock, "/v1", "/v1", "openai", ErrorProfile::Openai),
-            mock_route(
+            llm_route(
+                &mock,
+                "/v1",
+                "/v1",
+                RouteKind::Openai,
+                "mock-gpt",
+                ("1", "2"),
+            ),
+            llm_route(
                 &mock,
                 "/anthropic",
                 "",
-                "anthropic",
-                ErrorProfile::Anthropic,
+                RouteKind::Anthropic,
+                "mock-claude",
+                ("3", "15"),
             ),
             mock_route(&mock, "/echo", "/echo", "echo", ErrorProfile::Native),
             mock_route(&mock, "/problem", "/echo", "problem", ErrorProfile::Problem),
@@ -295,6 +337,52 @@ impl KeyStore for CountingStore {
 impl LedgerStore for CountingStore {
     async fn ledger_balance(&self, account: AccountId) -> Result<tollgate_core::Nanos, StoreError> {
         self.inner.ledger_balance(account).await
+    }
+    async fn wallet(&self, account: AccountId) -> Result<Option<Wallet>, StoreError> {
+        self.inner.wallet(account).await
+    }
+    async fn key_spent_since(&self, key: KeyId, since: At) -> Result<Nanos, StoreError> {
+        self.inner.key_spent_since(key, since).await
+    }
+    async fn account_spent_since(
+        &self,
+        account: AccountId,
+        since: At,
+    ) -> Result<Nanos, StoreError> {
+        self.inner.account_spent_since(account, since).await
+    }
+    async fn pending_holds(&self) -> Result<Vec<HoldRecord>, StoreError> {
+        self.inner.pending_holds().await
+    }
+    async fn hold(&self, id: HoldId) -> Result<Option<HoldRecord>, StoreError> {
+        self.inner.hold(id).await
+    }
+    async fn commit(&self, writes: &[LedgerWrite]) -> Result<(), StoreError> {
+        self.inner.commit(writes).await
+    }
+    async fn transfers(
+        &self,
+        account: AccountId,
+        before: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<TransferRecord>, StoreError> {
+        self.inner.transfers(account, before, limit).await
+    }
+    async fn trial_balance(&self) -> Result<Vec<(String, i64)>, StoreError> {
+        self.inner.trial_balance().await
+    }
+}
+
+#[async_trait::async_trait]
+impl UsageStore for CountingStore {
+    async fn requests(&self, filter: &UsageFilter) -> Result<Vec<UsageRow>, StoreError> {
+        self.inner.requests(filter).await
+    }
+    async fn request(&self, id: RequestId) -> Result<Option<UsageRow>, StoreError> {
+        self.inner.request(id).await
+    }
+    async fn purge_requests_before(&self, cutoff: At) -> Result<u64, StoreError> {
+        self.inner.purge_requests_before(cutoff).await
     }
 }
 

@@ -1,0 +1,529 @@
+//! Money in the management API: credits, balance, ledger, the billing API's holds, the usage log,
+//! and the fee on metered management calls.
+//!
+//! Reads come from the store after [`Ledger::flush`], so a caller always sees its own writes.
+
+use crate::api::{caller_owns, parse_id, FieldErrors, JsonBody};
+use crate::auth::Caller;
+use crate::error::HttpError;
+use crate::ledger::{HoldRefused, HoldSpec, Ledger};
+use crate::state::AppState;
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
+use std::sync::Arc;
+use std::time::Duration;
+use tollgate_core::ledger::{month_start, HoldStatus, Resolve};
+use tollgate_core::{AccountId, ApiError, ErrorCode, HoldId, KeyId, Nanos, RequestId};
+use tollgate_store::{HoldRecord, HoldSource, UsageFilter, UsageRow};
+use tollgate_wire::api::{self as wire, Money};
+
+const DEFAULT_HOLD_TTL_S: u64 = 3600;
+const MAX_HOLD_TTL_S: u64 = 7 * 24 * 3600;
+const DEFAULT_PAGE: u32 = 50;
+const MAX_PAGE: u32 = 500;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/accounts/{id}/credits", post(grant_credits))
+        .route("/billing/balance", get(balance))
+        .route("/ledger", get(ledger_entries))
+        .route("/holds", post(create_hold))
+        .route("/holds/{id}", get(get_hold))
+        .route("/holds/{id}/settle", post(settle_hold))
+        .route("/holds/{id}/release", post(release_hold))
+        .route("/requests", get(list_requests))
+        .route("/requests/{id}", get(get_request))
+}
+
+/// The fee on a metered management call made with an account's key: held before the call,
+/// settled only if it succeeds (dropping it unsettled releases it). The admin pays nothing.
+pub struct ManagementFee(Option<(Arc<Ledger>, HoldId)>);
+
+impl ManagementFee {
+    pub async fn hold(state: &AppState, caller: &Caller) -> Result<ManagementFee, HttpError> {
+        let fee = state.config.management_fee;
+        let Caller::Key(key) = caller else {
+            return Ok(ManagementFee(None));
+        };
+        if fee == Nanos::ZERO {
+            return Ok(ManagementFee(None));
+        }
+        let hold = state
+            .ledger
+            .open(HoldSpec {
+                account: key.account_id,
+                key: Some(key.id),
+                key_cap: key.monthly_spend_cap,
+                amount: fee,
+                ttl: state.config.request_hold_ttl,
+                source: HoldSource::Request,
+                request_id: None,
+                metadata: serde_json::json!({"fee": "management"}),
+            })
+            .await
+            .map_err(|refused| crate::proxy::refused_error(refused, &state.config.currency))?;
+        Ok(ManagementFee(Some((state.ledger.clone(), hold.id))))
+    }
+
+    pub fn settle(mut self) {
+        if let Some((ledger, id)) = self.0.take() {
+            if let Some(hold) = ledger.hold_amount(id) {
+                ledger.resolve(id, Resolve::Settle(hold));
+            }
+        }
+    }
+}
+
+impl Drop for ManagementFee {
+    fn drop(&mut self) {
+        if let Some((ledger, id)) = self.0.take() {
+            ledger.resolve(id, Resolve::Release);
+        }
+    }
+}
+
+fn money(state: &AppState, amount: Nanos) -> Money {
+    Money::new(amount, &state.config.currency)
+}
+
+fn validation(field: &str, message: impl Into<String>) -> HttpError {
+    let mut fields = FieldErrors::default();
+    fields.add(field, message);
+    match fields.finish() {
+        Err(e) => e,
+        Ok(()) => HttpError::new(ErrorCode::ValidationError, "Invalid request."),
+    }
+}
+
+fn parse_query<T>(query: Result<Query<T>, QueryRejection>) -> Result<T, HttpError> {
+    query.map(|Query(q)| q).map_err(|e| {
+        HttpError::new(
+            ErrorCode::BadRequest,
+            format!("Bad query string: {}.", e.body_text()),
+        )
+    })
+}
+
+/// The account a call is about: the caller's own, or (admin) the one named.
+fn subject_account(caller: &Caller, named: Option<&str>) -> Result<AccountId, HttpError> {
+    let named = named
+        .map(|text| {
+            AccountId::parse(text)
+                .ok_or_else(|| validation("account_id", "is not an account id (acct_...)"))
+        })
+        .transpose()?;
+    match (caller, named) {
+        (Caller::Admin, Some(id)) => Ok(id),
+        (Caller::Admin, None) => Err(validation(
+            "account_id",
+            "is required when the admin makes this call",
+        )),
+        (Caller::Key(key), Some(id)) if id != key.account_id => {
+            Err(HttpError::not_found("account"))
+        }
+        (Caller::Key(key), _) => Ok(key.account_id),
+    }
+}
+
+fn page_limit(limit: Option<u32>) -> Result<u32, HttpError> {
+    match limit {
+        None => Ok(DEFAULT_PAGE),
+        Some(n) if (1..=MAX_PAGE).contains(&n) => Ok(n),
+        Some(_) => Err(validation(
+            "limit",
+            format!("must be between 1 and {MAX_PAGE}"),
+        )),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Credits, balance, ledger
+
+async fn grant_credits(
+    State(state): State<AppState>,
+    Extension(request_id): Extension<RequestId>,
+    caller: Caller,
+    id: Result<Path<String>, PathRejection>,
+    body: JsonBody,
+) -> Result<Json<wire::Balance>, HttpError> {
+    caller.require_admin()?;
+    let account = parse_id(id, AccountId::parse, "account")?;
+    let body: wire::GrantRequest = body.parse()?;
+    let mut fields = FieldErrors::default();
+    let amount = match Nanos::parse_credits(&body.amount) {
+        Ok(n) if n > Nanos::ZERO => n,
+        Ok(_) => {
+            fields.add("amount", "must be more than zero");
+            Nanos::ZERO
+        }
+        Err(e) => {
+            fields.add("amount", e.to_string());
+            Nanos::ZERO
+        }
+    };
+    let reason = fields.name("reason", &body.reason);
+    fields.finish()?;
+    if state.store.account(account).await?.is_none() {
+        return Err(HttpError::not_found("account"));
+    }
+    state
+        .ledger
+        .grant(account, amount, &reason, &request_id.to_string())
+        .await?;
+    tracing::info!(%account, amount = %amount, "credits granted");
+    Ok(Json(read_balance(&state, account).await?))
+}
+
+async fn read_balance(state: &AppState, account: AccountId) -> Result<wire::Balance, HttpError> {
+    state.ledger.flush().await?;
+    let wallet = state
+        .store
+        .wallet(account)
+        .await?
+        .ok_or_else(|| HttpError::not_found("account"))?;
+    let spent = state
+        .store
+        .account_spent_since(account, month_start(state.clock.now()))
+        .await?;
+    Ok(wire::Balance {
+        account_id: account,
+        available: money(state, wallet.available),
+        held: money(state, wallet.held),
+        spent_this_month: money(state, spent),
+    })
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AccountQuery {
+    account_id: Option<String>,
+}
+
+async fn balance(
+    State(state): State<AppState>,
+    caller: Caller,
+    query: Result<Query<AccountQuery>, QueryRejection>,
+) -> Result<Json<wire::Balance>, HttpError> {
+    caller.require_master_or_admin()?;
+    let query = parse_query(query)?;
+    let account = subject_account(&caller, query.account_id.as_deref())?;
+    Ok(Json(read_balance(&state, account).await?))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LedgerQuery {
+    account_id: Option<String>,
+    cursor: Option<String>,
+    limit: Option<u32>,
+}
+
+async fn ledger_entries(
+    State(state): State<AppState>,
+    caller: Caller,
+    query: Result<Query<LedgerQuery>, QueryRejection>,
+) -> Result<Json<wire::Page<wire::LedgerEntry>>, HttpError> {
+    caller.require_master_or_admin()?;
+    let query = parse_query(query)?;
+    let account = subject_account(&caller, query.account_id.as_deref())?;
+    let limit = page_limit(query.limit)?;
+    let before = query
+        .cursor
+        .as_deref()
+        .map(|c| {
+            c.parse::<i64>()
+                .map_err(|_| validation("cursor", "is not a cursor from a previous page"))
+        })
+        .transpose()?;
+    state.ledger.flush().await?;
+    let mut rows = state.store.transfers(account, before, limit + 1).await?;
+    let next_cursor = if rows.len() > limit as usize {
+        rows.truncate(limit as usize);
+        rows.last().map(|r| r.seq.to_string())
+    } else {
+        None
+    };
+    Ok(Json(wire::Page {
+        data: rows
+            .into_iter()
+            .map(|r| wire::LedgerEntry {
+                seq: r.seq,
+                debit: r.debit,
+                credit: r.credit,
+                amount: money(&state, r.amount),
+                kind: r.kind,
+                memo: r.memo,
+                reference: r.reference,
+                created_at: r.created_at,
+            })
+            .collect(),
+        next_cursor,
+    }))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Billing API: holds for the operator's own work
+
+fn hold_view(state: &AppState, record: &HoldRecord) -> wire::HoldInfo {
+    let hold = &record.hold;
+    wire::HoldInfo {
+        id: hold.id,
+        account_id: hold.account,
+        key_id: hold.key,
+        amount: money(state, hold.amount),
+        charged: money(state, hold.charged),
+        status: hold.status.as_str().to_string(),
+        metadata: record.metadata.clone(),
+        created_at: hold.created_at,
+        expires_at: hold.expires_at,
+        resolved_at: hold.resolved_at,
+    }
+}
+
+async fn create_hold(
+    State(state): State<AppState>,
+    Extension(request_id): Extension<RequestId>,
+    caller: Caller,
+    body: JsonBody,
+) -> Result<impl IntoResponse, HttpError> {
+    let body: wire::CreateHoldRequest = body.parse()?;
+    let mut fields = FieldErrors::default();
+    let amount = Nanos::parse_credits(&body.amount)
+        .map_err(|e| fields.add("amount", e.to_string()))
+        .unwrap_or_default();
+    let ttl = body.ttl_seconds.unwrap_or(DEFAULT_HOLD_TTL_S);
+    if !(1..=MAX_HOLD_TTL_S).contains(&ttl) {
+        fields.add(
+            "ttl_seconds",
+            format!("must be between 1 and {MAX_HOLD_TTL_S}"),
+        );
+    }
+    let metadata = body
+        .metadata
+        .unwrap_or_else(|| serde_json::Value::Object(Default::default()));
+    if !metadata.is_object() || metadata.to_string().len() > 16 * 1024 {
+        fields.add("metadata", "must be a JSON object of at most 16 KiB");
+    }
+    if matches!(caller, Caller::Key(_)) && body.account_id.is_some() {
+        fields.add(
+            "account_id",
+            "is for the admin; a key holds from its own account",
+        );
+    }
+    fields.finish()?;
+    let account = subject_account(&caller, body.account_id.as_deref())?;
+    if state.store.account(account).await?.is_none() {
+        return Err(HttpError::not_found("account"));
+    }
+    let (key, key_cap) = match &caller {
+        Caller::Key(key) => (Some(key.id), key.monthly_spend_cap),
+        Caller::Admin => (None, None),
+    };
+    let fee = ManagementFee::hold(&state, &caller).await?;
+    let hold = state
+        .ledger
+        .open(HoldSpec {
+            account,
+            key,
+            key_cap,
+            amount,
+            ttl: Duration::from_secs(ttl),
+            source: HoldSource::Api,
+            request_id: Some(request_id),
+            metadata: metadata.clone(),
+        })
+        .await
+        .map_err(|refused: HoldRefused| {
+            crate::proxy::refused_error(refused, &state.config.currency)
+        })?;
+    state.ledger.flush().await?;
+    fee.settle();
+    let record = HoldRecord {
+        hold,
+        source: HoldSource::Api,
+        request_id: Some(request_id),
+        metadata,
+    };
+    Ok((StatusCode::CREATED, Json(hold_view(&state, &record))))
+}
+
+/// The caller's hold, from the store once the ledger has caught up; another account's hold is
+/// not found, like a missing one.
+async fn owned_hold(
+    state: &AppState,
+    caller: &Caller,
+    id: Result<Path<String>, PathRejection>,
+) -> Result<HoldRecord, HttpError> {
+    let id = parse_id(id, HoldId::parse, "hold")?;
+    state.ledger.flush().await?;
+    match state.store.hold(id).await? {
+        Some(record) if caller_owns(caller, record.hold.account) => Ok(record),
+        _ => Err(HttpError::not_found("hold")),
+    }
+}
+
+async fn get_hold(
+    State(state): State<AppState>,
+    caller: Caller,
+    id: Result<Path<String>, PathRejection>,
+) -> Result<Json<wire::HoldInfo>, HttpError> {
+    let record = owned_hold(&state, &caller, id).await?;
+    Ok(Json(hold_view(&state, &record)))
+}
+
+async fn settle_hold(
+    State(state): State<AppState>,
+    caller: Caller,
+    id: Result<Path<String>, PathRejection>,
+    body: JsonBody,
+) -> Result<Json<wire::HoldInfo>, HttpError> {
+    let record = owned_hold(&state, &caller, id).await?;
+    let body: wire::SettleHoldRequest = body.parse()?;
+    let amount =
+        Nanos::parse_credits(&body.amount).map_err(|e| validation("amount", e.to_string()))?;
+    // Settling a resolved hold again answers its first outcome, whatever the amount.
+    if record.hold.status == HoldStatus::Pending && amount > record.hold.amount {
+        return Err(validation(
+            "amount",
+            format!(
+                "must be at most the amount held ({} {})",
+                record.hold.amount, state.config.currency
+            ),
+        ));
+    }
+    resolve(&state, record, Resolve::Settle(amount)).await
+}
+
+async fn release_hold(
+    State(state): State<AppState>,
+    caller: Caller,
+    id: Result<Path<String>, PathRejection>,
+) -> Result<Json<wire::HoldInfo>, HttpError> {
+    let record = owned_hold(&state, &caller, id).await?;
+    resolve(&state, record, Resolve::Release).await
+}
+
+async fn resolve(
+    state: &AppState,
+    record: HoldRecord,
+    how: Resolve,
+) -> Result<Json<wire::HoldInfo>, HttpError> {
+    let resolved = state
+        .ledger
+        .resolve_durably(record.hold.id, how)
+        .await?
+        .ok_or_else(|| HttpError::not_found("hold"))?;
+    Ok(Json(hold_view(state, &resolved)))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Usage log
+
+fn usage_view(state: &AppState, row: UsageRow) -> wire::UsageRecord {
+    wire::UsageRecord {
+        request_id: row.request_id,
+        client_request_id: row.client_request_id,
+        account_id: row.account_id,
+        key_id: row.key_id,
+        route: row.route,
+        model: row.model,
+        method: row.method,
+        path: row.path,
+        status: row.status,
+        upstream_status: row.upstream_status,
+        units: row.units,
+        input_tokens: row.tokens.map(|t| t.input),
+        cached_input_tokens: row.tokens.map(|t| t.cached_input),
+        output_tokens: row.tokens.map(|t| t.output),
+        cost: money(state, row.cost),
+        hold: money(state, row.hold),
+        billing_status: row.billing_status.as_str().to_string(),
+        latency_ms: row.latency_ms,
+        error_code: row.error_code,
+        created_at: row.created_at,
+        completed_at: row.completed_at,
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RequestsQuery {
+    account_id: Option<String>,
+    key_id: Option<String>,
+    route: Option<String>,
+    status: Option<u16>,
+    from: Option<DateTime<Utc>>,
+    to: Option<DateTime<Utc>>,
+    cursor: Option<String>,
+    limit: Option<u32>,
+}
+
+async fn list_requests(
+    State(state): State<AppState>,
+    caller: Caller,
+    query: Result<Query<RequestsQuery>, QueryRejection>,
+) -> Result<Json<wire::Page<wire::UsageRecord>>, HttpError> {
+    caller.require_master_or_admin()?;
+    let query = parse_query(query)?;
+    // The admin may list every account's requests; a master key sees its own.
+    let account = match (&caller, &query.account_id) {
+        (Caller::Admin, None) => None,
+        _ => Some(subject_account(&caller, query.account_id.as_deref())?),
+    };
+    let key = query
+        .key_id
+        .as_deref()
+        .map(|k| KeyId::parse(k).ok_or_else(|| validation("key_id", "is not a key id (key_...)")))
+        .transpose()?;
+    let before = query
+        .cursor
+        .as_deref()
+        .map(|c| {
+            RequestId::parse(c)
+                .ok_or_else(|| validation("cursor", "is not a cursor from a previous page"))
+        })
+        .transpose()?;
+    let limit = page_limit(query.limit)?;
+    state.ledger.flush().await?;
+    let filter = UsageFilter {
+        account,
+        key,
+        route: query.route,
+        status: query.status,
+        from: query.from,
+        to: query.to,
+        before,
+        limit: limit + 1,
+    };
+    let mut rows = state.store.requests(&filter).await?;
+    let next_cursor = if rows.len() > limit as usize {
+        rows.truncate(limit as usize);
+        rows.last().map(|r| r.request_id.to_string())
+    } else {
+        None
+    };
+    Ok(Json(wire::Page {
+        data: rows.into_iter().map(|r| usage_view(&state, r)).collect(),
+        next_cursor,
+    }))
+}
+
+async fn get_request(
+    State(state): State<AppState>,
+    caller: Caller,
+    id: Result<Path<String>, PathRejection>,
+) -> Result<Json<wire::UsageRecord>, HttpError> {
+    caller.require_master_or_admin()?;
+    let id = parse_id(id, RequestId::parse, "request")?;
+    state.ledger.flush().await?;
+    match state.store.request(id).await? {
+        Some(row) if caller_owns(&caller, row.account_id) => Ok(Json(usage_view(&state, row))),
+        _ => Err(ApiError::new(ErrorCode::NotFound, "No such request.").into()),
+    }
+}

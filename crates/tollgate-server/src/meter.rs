@@ -1,0 +1,493 @@
+//! Charging a data-plane request: [`Billing`] carries a request's hold and usage row from the
+//! moment it is authenticated to its end; [`MeteredBody`] reads usage from a successful
+//! response as it streams to the client, then settles.
+//!
+//! Whatever path a request takes, its billing finishes exactly once: explicitly, or, if it is
+//! dropped unfinished (the client went away before the answer), by releasing its hold.
+
+use crate::config::{Pricing, StreamPolicy, UnitsFrom};
+use crate::ledger::Ledger;
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::{Duration, Instant};
+use tollgate_core::ledger::{BillingStatus, Hold, HoldStatus, Resolve};
+use tollgate_core::metering::{LlmApi, StreamMeter, TokenUsage};
+use tollgate_core::pricing::{self, TokenPrices};
+use tollgate_core::{Clock, Nanos};
+use tollgate_store::UsageRow;
+
+/// Bodies of metered JSON responses are kept (to read their usage at the end) up to this size.
+const MAX_METERED_JSON_BYTES: usize = 16 * 1024 * 1024;
+
+/// The status a usage row records for a client that left before its answer (nginx's 499).
+const CLIENT_CLOSED_REQUEST: u16 = 499;
+
+/// How a request's money ended, decided by whoever finishes it.
+pub struct Outcome {
+    pub status: u16,
+    pub upstream_status: Option<u16>,
+    /// `Some((cost, status))` to settle; `None` to release.
+    pub charge: Option<(Nanos, BillingStatus)>,
+    pub tokens: Option<TokenUsage>,
+    pub units: Option<String>,
+    pub error_code: Option<String>,
+}
+
+impl Outcome {
+    /// Charged nothing: refused by Tollgate or failed upstream.
+    pub fn released(status: u16, upstream_status: Option<u16>, error_code: Option<&str>) -> Self {
+        Outcome {
+            status,
+            upstream_status,
+            charge: None,
+            tokens: None,
+            units: None,
+            error_code: error_code.map(str::to_string),
+        }
+    }
+}
+
+struct Open {
+    ledger: Arc<Ledger>,
+    clock: Arc<dyn Clock>,
+    started: Instant,
+    hold: Option<Hold>,
+    row: UsageRow,
+}
+
+/// A request's billing in progress: its hold (if it has one) and its usage row.
+pub struct Billing(Option<Open>);
+
+impl Billing {
+    /// `row` is filled in as far as is known at authentication; the outcome completes it.
+    pub fn new(ledger: Arc<Ledger>, clock: Arc<dyn Clock>, row: UsageRow) -> Billing {
+        Billing(Some(Open {
+            ledger,
+            clock,
+            started: Instant::now(),
+            hold: None,
+            row,
+        }))
+    }
+
+    pub fn set_hold(&mut self, hold: Hold) {
+        if let Some(open) = &mut self.0 {
+            open.row.hold = hold.amount;
+            open.row.hold_id = Some(hold.id);
+            open.hold = Some(hold);
+        }
+    }
+
+    pub fn set_model(&mut self, model: &str) {
+        if let Some(open) = &mut self.0 {
+            open.row.model = Some(model.to_string());
+        }
+    }
+
+    /// Settles or releases the hold and records the usage row.
+    pub fn finish(mut self, outcome: Outcome) {
+        if let Some(open) = self.0.take() {
+            open.finish(outcome);
+        }
+    }
+}
+
+impl Drop for Billing {
+    fn drop(&mut self) {
+        if let Some(open) = self.0.take() {
+            open.finish(Outcome::released(CLIENT_CLOSED_REQUEST, None, None));
+        }
+    }
+}
+
+impl Open {
+    fn finish(self, outcome: Outcome) {
+        let Open {
+            ledger,
+            clock,
+            started,
+            hold,
+            mut row,
+        } = self;
+        let (cost, billing_status) = match hold {
+            Some(hold) => {
+                let how = match outcome.charge {
+                    Some((cost, _)) => Resolve::Settle(cost),
+                    None => Resolve::Release,
+                };
+                match ledger.resolve(hold.id, how) {
+                    // Expired before the request finished (the sweeper won): nothing charged.
+                    Some(r) if r.hold.status == HoldStatus::Expired => {
+                        (Nanos::ZERO, BillingStatus::Expired)
+                    }
+                    Some(r) => (
+                        r.hold.charged,
+                        outcome
+                            .charge
+                            .map_or(BillingStatus::Released, |(_, status)| status),
+                    ),
+                    None => (Nanos::ZERO, BillingStatus::Expired),
+                }
+            }
+            // No hold: a free call (its cost is zero by construction).
+            None => (
+                Nanos::ZERO,
+                outcome
+                    .charge
+                    .map_or(BillingStatus::Released, |(_, status)| status),
+            ),
+        };
+        row.status = outcome.status;
+        row.upstream_status = outcome.upstream_status;
+        row.cost = cost;
+        row.billing_status = billing_status;
+        row.tokens = outcome.tokens;
+        row.units = outcome.units;
+        row.error_code = outcome.error_code;
+        row.latency_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        row.completed_at = clock.now();
+        ledger.record_usage(row);
+    }
+}
+
+/// How the cost of a successful response is found.
+pub enum CostRule {
+    /// Known when the headers arrive (flat price, or units from a header).
+    Fixed { cost: Nanos, units: Option<String> },
+    /// Units not found where the route says (a header); the stream policy decides.
+    Unknown,
+    /// Tokens read from the body (JSON or SSE), at the model's prices, plus the flat price.
+    Tokens {
+        api: LlmApi,
+        prices: TokenPrices,
+        flat: Nanos,
+    },
+    /// Units at a JSON pointer into the body, plus the flat price.
+    JsonUnits {
+        pointer: String,
+        unit_price: Nanos,
+        flat: Nanos,
+    },
+}
+
+impl CostRule {
+    /// The rule for a 2xx response on a route with `pricing` (and the model's prices, on LLM
+    /// routes).
+    pub fn for_response(
+        pricing: &Pricing,
+        prices: Option<TokenPrices>,
+        headers: &http::HeaderMap,
+    ) -> CostRule {
+        if let (Some((api, _)), Some(prices)) = (&pricing.llm, prices) {
+            return CostRule::Tokens {
+                api: *api,
+                prices,
+                flat: pricing.flat,
+            };
+        }
+        match &pricing.per_unit {
+            None => CostRule::Fixed {
+                cost: pricing.flat,
+                units: None,
+            },
+            Some(per_unit) => match &per_unit.from {
+                UnitsFrom::JsonPointer(pointer) => CostRule::JsonUnits {
+                    pointer: pointer.clone(),
+                    unit_price: per_unit.price,
+                    flat: pricing.flat,
+                },
+                UnitsFrom::Header(name) => {
+                    let units = headers.get(name).and_then(|v| v.to_str().ok());
+                    match units.and_then(|u| {
+                        pricing::per_unit_cost(u.trim(), per_unit.price)
+                            .ok()
+                            .map(|c| (u.trim(), c))
+                    }) {
+                        Some((units, cost)) => CostRule::Fixed {
+                            cost: pricing::add(pricing.flat, cost),
+                            units: Some(units.to_string()),
+                        },
+                        None => CostRule::Unknown,
+                    }
+                }
+            },
+        }
+    }
+}
+
+enum Reader {
+    Nothing,
+    Json { chunks: Vec<Bytes>, len: usize },
+    Sse(StreamMeter),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ending {
+    /// The body reached its end and the client had it all.
+    Complete,
+    /// The client left; the upstream was read on (within bounds) for its usage.
+    ClientGone,
+    /// The upstream broke the body off.
+    UpstreamBroke,
+}
+
+/// Everything needed to charge a successful response once its usage is known.
+pub struct Metering {
+    billing: Billing,
+    rule: CostRule,
+    reader: Reader,
+    policy: StreamPolicy,
+    drain_timeout: Duration,
+    drain_max_bytes: u64,
+    status: u16,
+}
+
+impl Metering {
+    pub fn new(
+        billing: Billing,
+        rule: CostRule,
+        pricing: &Pricing,
+        status: u16,
+        is_sse: bool,
+    ) -> Metering {
+        let reader = match &rule {
+            CostRule::Tokens { api, .. } if is_sse => Reader::Sse(StreamMeter::new(*api)),
+            CostRule::Tokens { .. } | CostRule::JsonUnits { .. } => Reader::Json {
+                chunks: Vec::new(),
+                len: 0,
+            },
+            CostRule::Fixed { .. } | CostRule::Unknown => Reader::Nothing,
+        };
+        Metering {
+            billing,
+            rule,
+            reader,
+            policy: pricing.stream_policy,
+            drain_timeout: pricing.drain_timeout,
+            drain_max_bytes: pricing.drain_max_bytes,
+            status,
+        }
+    }
+
+    fn observe(&mut self, data: &Bytes) {
+        match &mut self.reader {
+            Reader::Nothing => {}
+            Reader::Sse(meter) => meter.feed(data),
+            Reader::Json { chunks, len } => {
+                *len += data.len();
+                if *len <= MAX_METERED_JSON_BYTES {
+                    chunks.push(data.clone());
+                } else {
+                    chunks.clear();
+                }
+            }
+        }
+    }
+
+    /// Whether the usage is known without reading further.
+    fn usage_known(&self) -> bool {
+        match &self.reader {
+            Reader::Nothing => true,
+            Reader::Sse(meter) => meter.usage().is_some(),
+            Reader::Json { .. } => false,
+        }
+    }
+
+    fn json_body(&self) -> Option<serde_json::Value> {
+        match &self.reader {
+            Reader::Json { chunks, len } if *len <= MAX_METERED_JSON_BYTES => {
+                serde_json::from_slice(&chunks.concat()).ok()
+            }
+            _ => None,
+        }
+    }
+
+    fn finish(self, ending: Ending) {
+        let reported = if ending == Ending::Complete {
+            BillingStatus::Settled
+        } else {
+            BillingStatus::Partial
+        };
+        // (cost, tokens, units) from what the upstream reported, if it did.
+        let (measured, estimate) = match &self.rule {
+            CostRule::Fixed { cost, units } => (Some((*cost, None, units.clone())), None),
+            CostRule::Unknown => (None, None),
+            CostRule::Tokens { api, prices, flat } => {
+                let usage = match &self.reader {
+                    Reader::Sse(meter) => meter.usage(),
+                    _ => self.json_body().and_then(|b| api.usage_from_json(&b)),
+                };
+                let estimate = match &self.reader {
+                    Reader::Sse(meter) => meter.estimate(),
+                    _ => TokenUsage::default(),
+                };
+                let cost = |u: &TokenUsage| pricing::add(*flat, prices.cost(u));
+                (
+                    usage.map(|u| (cost(&u), Some(u), None)),
+                    Some((cost(&estimate), Some(estimate), None)),
+                )
+            }
+            CostRule::JsonUnits {
+                pointer,
+                unit_price,
+                flat,
+            } => {
+                let units = self
+                    .json_body()
+                    .and_then(|body| body.pointer(pointer).and_then(units_text));
+                let measured = units.and_then(|units| {
+                    let cost = pricing::per_unit_cost(&units, *unit_price).ok()?;
+                    Some((pricing::add(*flat, cost), None, Some(units)))
+                });
+                (measured, Some((*flat, None, None)))
+            }
+        };
+        let (charge, tokens, units) = match (ending, measured) {
+            // A body the upstream broke off is a failed call, unless its usage had arrived.
+            (Ending::UpstreamBroke, Some(m)) if self.usage_known() => {
+                (Some((m.0, reported)), m.1, m.2)
+            }
+            (Ending::UpstreamBroke, _) => (None, None, None),
+            (_, Some((cost, tokens, units))) => (Some((cost, reported)), tokens, units),
+            (_, None) => match (self.policy, estimate) {
+                (StreamPolicy::Estimate, Some((cost, tokens, units))) => {
+                    (Some((cost, BillingStatus::Estimated)), tokens, units)
+                }
+                _ => (None, None, None),
+            },
+        };
+        let status = if ending == Ending::ClientGone {
+            CLIENT_CLOSED_REQUEST
+        } else {
+            self.status
+        };
+        self.billing.finish(Outcome {
+            status,
+            upstream_status: Some(self.status),
+            charge,
+            tokens,
+            units,
+            error_code: None,
+        });
+    }
+}
+
+/// A units value: a JSON number or a decimal string.
+fn units_text(value: &serde_json::Value) -> Option<String> {
+    match value {
+        serde_json::Value::Number(n) => Some(n.to_string()),
+        serde_json::Value::String(s) => Some(s.clone()),
+        _ => None,
+    }
+}
+
+/// The upstream's body on its way to the client, metered as it passes.
+pub struct MeteredBody {
+    inner: Option<Incoming>,
+    metering: Option<Metering>,
+}
+
+impl MeteredBody {
+    pub fn new(inner: Incoming, metering: Metering) -> MeteredBody {
+        MeteredBody {
+            inner: Some(inner),
+            metering: Some(metering),
+        }
+    }
+
+    fn finish(&mut self, ending: Ending) {
+        if let Some(metering) = self.metering.take() {
+            metering.finish(ending);
+        }
+    }
+}
+
+impl Body for MeteredBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let polled = ready!(Pin::new(inner).poll_frame(cx));
+        match &polled {
+            Some(Ok(frame)) => {
+                if let (Some(data), Some(metering)) = (frame.data_ref(), this.metering.as_mut()) {
+                    metering.observe(data);
+                }
+                if this.inner.as_ref().is_some_and(Body::is_end_stream) {
+                    this.finish(Ending::Complete);
+                }
+            }
+            Some(Err(_)) => this.finish(Ending::UpstreamBroke),
+            None => this.finish(Ending::Complete),
+        }
+        Poll::Ready(polled)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.as_ref().is_none_or(Body::is_end_stream)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
+    }
+}
+
+impl Drop for MeteredBody {
+    fn drop(&mut self) {
+        let Some(metering) = self.metering.take() else {
+            return;
+        };
+        let inner = self.inner.take();
+        if inner.as_ref().is_none_or(Body::is_end_stream) {
+            return metering.finish(Ending::Complete);
+        }
+        if metering.usage_known() {
+            return metering.finish(Ending::ClientGone);
+        }
+        // The client left before the usage: read on for it, within the route's bounds.
+        match (inner, tokio::runtime::Handle::try_current()) {
+            (Some(inner), Ok(runtime)) => {
+                runtime.spawn(drain(inner, metering));
+            }
+            _ => metering.finish(Ending::ClientGone),
+        }
+    }
+}
+
+async fn drain(mut inner: Incoming, mut metering: Metering) {
+    let deadline = tokio::time::Instant::now() + metering.drain_timeout;
+    let mut read: u64 = 0;
+    let ending = loop {
+        if metering.usage_known() {
+            break Ending::ClientGone;
+        }
+        match tokio::time::timeout_at(deadline, inner.frame()).await {
+            Err(_) | Ok(None) => break Ending::ClientGone,
+            Ok(Some(Err(_))) => break Ending::UpstreamBroke,
+            Ok(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    read += data.len() as u64;
+                    metering.observe(data);
+                    if read > metering.drain_max_bytes {
+                        break Ending::ClientGone;
+                    }
+                }
+            }
+        }
+    };
+    metering.finish(ending);
+}
