@@ -10,7 +10,9 @@
 //! Token counts are derived from the input (about four characters a token, at least one), so a
 //! test can predict them. Faults are injected by request header:
 //! `x-mock-status: <code>` answers that status, `x-mock-delay-ms` waits before answering, and for
-//! streams `x-mock-chunks: <n>` and `x-mock-chunk-delay-ms: <ms>` shape the stream.
+//! streams `x-mock-chunks: <n>` and `x-mock-chunk-delay-ms: <ms>` shape the stream and
+//! `x-mock-abort-after: <n>` breaks the connection after `n` events. The echo API answers
+//! `x-mock-units: <n>` with the response header `x-units: <n>` (for per-unit pricing).
 
 use axum::body::{Body, Bytes};
 use axum::extract::Request;
@@ -74,6 +76,7 @@ struct Faults {
     delay: Duration,
     chunks: usize,
     chunk_delay: Duration,
+    abort_after: Option<usize>,
 }
 
 impl Faults {
@@ -91,6 +94,7 @@ impl Faults {
             delay: Duration::from_millis(number("x-mock-delay-ms").unwrap_or(0)),
             chunks: number("x-mock-chunks").map_or(DEFAULT_CHUNKS, |n| n.clamp(1, 10_000) as usize),
             chunk_delay: Duration::from_millis(number("x-mock-chunk-delay-ms").unwrap_or(0)),
+            abort_after: number("x-mock-abort-after").map(|n| n as usize),
         }
     }
 
@@ -156,17 +160,28 @@ fn completion_words(chunks: usize) -> Vec<String> {
     (0..chunks).map(|i| format!("tok{i} ")).collect()
 }
 
-fn sse(events: Vec<(Option<&'static str>, String)>, chunk_delay: Duration) -> Response {
-    let stream = futures_util::stream::iter(events).then(move |(event, data)| async move {
-        if !chunk_delay.is_zero() {
-            tokio::time::sleep(chunk_delay).await;
-        }
-        let frame = match event {
-            Some(name) => format!("event: {name}\ndata: {data}\n\n"),
-            None => format!("data: {data}\n\n"),
-        };
-        Ok::<_, std::convert::Infallible>(Bytes::from(frame))
-    });
+fn sse(
+    events: Vec<(Option<&'static str>, String)>,
+    chunk_delay: Duration,
+    abort_after: Option<usize>,
+) -> Response {
+    let abort_at = abort_after.unwrap_or(usize::MAX);
+    let stream = futures_util::stream::iter(events.into_iter().enumerate()).then(
+        move |(i, (event, data))| async move {
+            if !chunk_delay.is_zero() {
+                tokio::time::sleep(chunk_delay).await;
+            }
+            if i >= abort_at {
+                // An error item makes the server drop the connection mid-body.
+                return Err(std::io::Error::other("mock upstream aborted the stream"));
+            }
+            let frame = match event {
+                Some(name) => format!("event: {name}\ndata: {data}\n\n"),
+                None => format!("data: {data}\n\n"),
+            };
+            Ok(Bytes::from(frame))
+        },
+    );
     Response::builder()
         .header("content-type", "text/event-stream")
         .header("cache-control", "no-cache")
@@ -181,6 +196,7 @@ struct Completion {
     /// One word per chunk: the output, whose token count is its length.
     words: Vec<String>,
     stream: bool,
+    abort_after: Option<usize>,
     /// OpenAI's `stream_options.include_usage`: send a final usage chunk.
     include_usage: bool,
     chunk_delay: Duration,
@@ -210,6 +226,7 @@ impl Completion {
             input_tokens: count_tokens(&input_text(&request)),
             words: completion_words(faults.chunks),
             stream: request.get("stream").and_then(Value::as_bool) == Some(true),
+            abort_after: faults.abort_after,
             include_usage: request
                 .pointer("/stream_options/include_usage")
                 .and_then(Value::as_bool)
@@ -286,7 +303,7 @@ async fn chat_completions(headers: HeaderMap, body: Bytes) -> Response {
         ));
     }
     events.push((None, "[DONE]".to_string()));
-    sse(events, completion.chunk_delay)
+    sse(events, completion.chunk_delay, completion.abort_after)
 }
 
 async fn messages(headers: HeaderMap, body: Bytes) -> Response {
@@ -355,7 +372,7 @@ async fn messages(headers: HeaderMap, body: Bytes) -> Response {
         Some("message_stop"),
         json!({"type": "message_stop"}).to_string(),
     ));
-    sse(events, completion.chunk_delay)
+    sse(events, completion.chunk_delay, completion.abort_after)
 }
 
 async fn echo(request: Request) -> Response {
@@ -387,7 +404,8 @@ async fn echo(request: Request) -> Response {
         Err(_) => return bad_request("body unreadable or over 16 MiB"),
     };
     let status = faults.status.unwrap_or(StatusCode::OK);
-    (
+    let units = parts.headers.get("x-mock-units").cloned();
+    let mut response = (
         status,
         Json(json!({
             "method": parts.method.as_str(),
@@ -399,5 +417,9 @@ async fn echo(request: Request) -> Response {
             "peer": peer,
         })),
     )
-        .into_response()
+        .into_response();
+    if let Some(units) = units {
+        response.headers_mut().insert("x-units", units);
+    }
+    response
 }

@@ -386,7 +386,10 @@ async fn read_llm_request(
     let Some(prices) = models.get(&model).copied() else {
         return Err(HttpError::new(
             ErrorCode::ModelNotFound,
-            format!("This route does not serve the model '{model}'."),
+            format!(
+                "This route does not serve the model '{model}'. Available: {}.",
+                models.keys().cloned().collect::<Vec<_>>().join(", ")
+            ),
         )
         .with_detail(
             "available_models",

@@ -1,0 +1,746 @@
+//! Black-box tests of every charging rule: what is held, when it settles or releases, streams
+//! cut by either side, 402 bodies, the billing API, credits, the ledger and the usage log.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use common::{
+    expect_error, llm_route, mock_route, spawn_app, spawn_app_with, TestApp, ADMIN_TOKEN,
+};
+use futures_util::StreamExt;
+use serde_json::{json, Value};
+use std::time::Duration;
+use tollgate_core::AccountId;
+use tollgate_server::config::{RouteKind, StreamPolicy};
+use tollgate_store::{LedgerStore, UsageStore};
+use tollgate_wire::ErrorProfile;
+
+const ECHO_PRICE: i64 = 1_000_000; // "0.001" credits in nanos
+
+async fn available(app: &TestApp, key: &str) -> i64 {
+    let balance = app.get_json("/api/v1/billing/balance", key).await;
+    balance["available"]["nanos"].as_i64().unwrap()
+}
+
+/// The books balance: every ledger account sums to zero, and the wallet's cached balance
+/// equals the one rebuilt from its transfers.
+async fn assert_books_balance(app: &TestApp, account: AccountId) {
+    let trial = app.store.trial_balance().await.unwrap();
+    assert_eq!(trial.iter().map(|(_, n)| n).sum::<i64>(), 0, "{trial:?}");
+    let wallet = app.store.wallet(account).await.unwrap().unwrap();
+    assert_eq!(
+        app.store.ledger_balance(account).await.unwrap(),
+        wallet.available
+    );
+}
+
+/// The usage row of the request that got `response`, once it is written.
+async fn usage_of(app: &TestApp, key: &str, request_id: &str) -> Value {
+    for _ in 0..100 {
+        let response = app
+            .get_as(&format!("/api/v1/requests/{request_id}"), key)
+            .await;
+        if response.status() == 200 {
+            return response.json().await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("no usage row for {request_id}");
+}
+
+fn request_id(response: &reqwest::Response) -> String {
+    response.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_string()
+}
+
+async fn echo(app: &TestApp, key: &str, headers: &[(&str, &str)]) -> reqwest::Response {
+    let mut request = app.get("/echo/hi").bearer_auth(key);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    request.send().await.unwrap()
+}
+
+#[tokio::test]
+async fn each_call_lowers_the_balance_by_exactly_its_price() {
+    let app = spawn_app().await;
+    let account = app.create_account("acme").await;
+    let before = available(&app, &account.master_key).await;
+    let mut last = String::new();
+    for _ in 0..3 {
+        let response = echo(&app, &account.master_key, &[]).await;
+        assert_eq!(response.status(), 200);
+        last = request_id(&response);
+        response.bytes().await.unwrap();
+    }
+    assert_eq!(
+        available(&app, &account.master_key).await,
+        before - 3 * ECHO_PRICE
+    );
+    let row = usage_of(&app, &account.master_key, &last).await;
+    assert_eq!(row["billing_status"], "settled");
+    assert_eq!(row["cost"]["credits"], "0.001");
+    assert_eq!(row["hold"]["credits"], "0.001");
+    assert_eq!(row["status"], 200);
+    assert_eq!(row["route"], "/echo");
+    let balance = app
+        .get_json("/api/v1/billing/balance", &account.master_key)
+        .await;
+    assert_eq!(balance["held"]["nanos"], 0);
+    assert_eq!(balance["spent_this_month"]["nanos"], 3 * ECHO_PRICE);
+    assert_books_balance(&app, account.id).await;
+}
+
+#[tokio::test]
+async fn failed_calls_charge_nothing() {
+    let app = spawn_app_with(|raw, mock| {
+        let mut slow = mock_route(mock, "/slow", "/echo", "echo", ErrorProfile::Native);
+        slow.timeout = "100ms".into();
+        let mut dead = mock_route(mock, "/dead", "/echo", "echo", ErrorProfile::Native);
+        dead.upstream = "http://127.0.0.1:9/echo".into();
+        raw.routes.extend([slow, dead]);
+    })
+    .await;
+    let account = app.create_account("acme").await;
+    let before = available(&app, &account.master_key).await;
+
+    let failed = echo(&app, &account.master_key, &[("x-mock-status", "500")]).await;
+    assert_eq!(failed.status(), 500, "the upstream's 500 passes through");
+    let failed_id = request_id(&failed);
+    let timed_out = app
+        .get("/slow/x")
+        .bearer_auth(&account.master_key)
+        .header("x-mock-delay-ms", "1000")
+        .send()
+        .await
+        .unwrap();
+    let timed_out_id = request_id(&timed_out);
+    expect_error(timed_out, 504, "upstream_timeout").await;
+    let unreachable = app
+        .get("/dead/x")
+        .bearer_auth(&account.master_key)
+        .send()
+        .await
+        .unwrap();
+    expect_error(unreachable, 502, "upstream_error").await;
+    let not_found = echo(&app, &account.master_key, &[("x-mock-status", "404")]).await;
+    assert_eq!(not_found.status(), 404);
+
+    assert_eq!(available(&app, &account.master_key).await, before);
+    let row = usage_of(&app, &account.master_key, &failed_id).await;
+    assert_eq!(row["billing_status"], "released");
+    assert_eq!(row["upstream_status"], 500);
+    assert_eq!(row["cost"]["nanos"], 0);
+    let row = usage_of(&app, &account.master_key, &timed_out_id).await;
+    assert_eq!(row["error_code"], "upstream_timeout");
+    assert_eq!(row["status"], 504);
+    assert_books_balance(&app, account.id).await;
+}
+
+#[tokio::test]
+async fn insufficient_balance_is_402_with_the_required_amount_and_the_balance() {
+    let app = spawn_app().await;
+    let response = app
+        .admin_post(
+            "/api/v1/accounts",
+            json!({"name": "poor", "starter_credits": "0.0005"}),
+        )
+        .send()
+        .await
+        .unwrap();
+    let key = response.json::<Value>().await.unwrap()["master_key"]["secret"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let refused = echo(&app, &key, &[]).await;
+    let refused_id = request_id(&refused);
+    let body = expect_error(refused, 402, "insufficient_balance").await;
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("0.001 USD") && message.contains("0.0005 USD"),
+        "{message}"
+    );
+    assert_eq!(body["error"]["details"]["required"]["credits"], "0.001");
+    assert_eq!(body["error"]["details"]["balance"]["credits"], "0.0005");
+    assert_eq!(body["error"]["details"]["balance"]["currency"], "USD");
+    assert_eq!(available(&app, &key).await, 500_000, "nothing charged");
+    let row = usage_of(&app, &key, &refused_id).await;
+    assert_eq!(row["error_code"], "insufficient_balance");
+    assert_eq!(row["billing_status"], "released");
+}
+
+#[tokio::test]
+async fn two_hundred_concurrent_calls_against_a_balance_for_fifty() {
+    let app = spawn_app_with(|raw, _| raw.billing.starter_credits = "0.05".into()).await;
+    let account = app.create_account("acme").await;
+    let calls = (0..200).map(|_| {
+        let request = app.get("/echo/hi").bearer_auth(&account.master_key);
+        async move {
+            let response = request.send().await.unwrap();
+            let status = response.status().as_u16();
+            let code = response
+                .headers()
+                .get("x-tollgate-error")
+                .map(|v| v.to_str().unwrap().to_string());
+            response.bytes().await.unwrap();
+            (status, code)
+        }
+    });
+    let outcomes = futures_util::future::join_all(calls).await;
+    let ok = outcomes.iter().filter(|(s, _)| *s == 200).count();
+    let refused = outcomes
+        .iter()
+        .filter(|(s, c)| *s == 402 && c.as_deref() == Some("insufficient_balance"))
+        .count();
+    assert_eq!((ok, refused), (50, 150), "{outcomes:?}");
+    assert_eq!(available(&app, &account.master_key).await, 0);
+    assert_books_balance(&app, account.id).await;
+}
+
+/// The cost of an OpenAI response on the test route (1 and 2 credits per million tokens).
+fn openai_cost(usage: &Value) -> i64 {
+    usage["prompt_tokens"].as_i64().unwrap() * 1_000
+        + usage["completion_tokens"].as_i64().unwrap() * 2_000
+}
+
+#[tokio::test]
+async fn llm_json_calls_are_charged_on_the_reported_tokens() {
+    let app = spawn_app().await;
+    let account = app.create_account("acme").await;
+    let before = available(&app, &account.master_key).await;
+    let response = app
+        .post("/v1/chat/completions")
+        .bearer_auth(&account.master_key)
+        .json(&json!({"model": "mock-gpt", "max_tokens": 50,
+            "messages": [{"role": "user", "content": "Tell me about metered APIs, briefly."}]}))
+        .send()
+        .await
+        .unwrap();
+    let id = request_id(&response);
+    let body: Value = response.json().await.unwrap();
+    let cost = openai_cost(&body["usage"]);
+    assert!(cost > 0);
+    assert_eq!(available(&app, &account.master_key).await, before - cost);
+    let row = usage_of(&app, &account.master_key, &id).await;
+    assert_eq!(row["model"], "mock-gpt");
+    assert_eq!(row["output_tokens"], body["usage"]["completion_tokens"]);
+    assert_eq!(row["billing_status"], "settled");
+    // The hold was the input estimate (body bytes / 4) plus 50 output tokens.
+    assert!(row["hold"]["nanos"].as_i64().unwrap() >= 50 * 2_000);
+    assert_books_balance(&app, account.id).await;
+}
+
+#[tokio::test]
+async fn unknown_model_is_404_listing_the_models_and_free() {
+    let app = spawn_app().await;
+    let account = app.create_account("acme").await;
+    let response = app
+        .post("/v1/chat/completions")
+        .bearer_auth(&account.master_key)
+        .json(&json!({"model": "gpt-9", "messages": []}))
+        .send()
+        .await
+        .unwrap();
+    let body = expect_error(response, 404, "model_not_found").await;
+    // The OpenAI profile has no `details`; the message lists the models.
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.ends_with("Available: mock-gpt."), "{message}");
+    let response = app
+        .post("/v1/chat/completions")
+        .bearer_auth(&account.master_key)
+        .json(&json!({"messages": []}))
+        .send()
+        .await
+        .unwrap();
+    let body = expect_error(response, 400, "validation_error").await;
+    assert_eq!(body["error"]["param"], "model");
+}
+
+/// Reads an SSE response to its end and returns the final usage the client saw.
+async fn read_stream(response: reqwest::Response) -> String {
+    String::from_utf8(response.bytes().await.unwrap().to_vec()).unwrap()
+}
+
+#[tokio::test]
+async fn openai_streams_are_charged_on_their_usage_chunk_even_when_not_asked_for() {
+    let app = spawn_app().await;
+    let account = app.create_account("acme").await;
+    let before = available(&app, &account.master_key).await;
+    // No stream_options: Tollgate asks the upstream for the usage chunk itself.
+    let response = app
+        .post("/v1/chat/completions")
+        .bearer_auth(&account.master_key)
+        .json(&json!({"model": "mock-gpt", "stream": true,
+            "messages": [{"role": "user", "content": "Hello there"}]}))
+        .send()
+        .await
+        .unwrap();
+    let id = request_id(&response);
+    let text = read_stream(response).await;
+    let usage_line = text
+        .lines()
+        .find(|l| l.contains("\"usage\"") && l.contains("prompt_tokens"))
+        .expect("the stream ends with a usage chunk");
+    let chunk: Value = serde_json::from_str(usage_line.trim_start_matches("data: ")).unwrap();
+    let cost = openai_cost(&chunk["usage"]);
+    let row = usage_of(&app, &account.master_key, &id).await;
+    assert_eq!(row["billing_status"], "settled");
+    assert_eq!(row["cost"]["nanos"], cost);
+    assert_eq!(available(&app, &account.master_key).await, before - cost);
+}
+
+#[tokio::test]
+async fn a_stream_without_usage_follows_the_route_policy() {
+    let app = spawn_app_with(|raw, mock| {
+        let mut estimate = llm_route(
+            mock,
+            "/estimating",
+            "/v1",
+            RouteKind::Openai,
+            "mock-gpt",
+            ("1", "2"),
+        );
+        estimate.stream_policy = StreamPolicy::Estimate;
+        raw.routes.push(estimate);
+    })
+    .await;
+    let account = app.create_account("acme").await;
+    let body = json!({"model": "mock-gpt", "stream": true,
+        "stream_options": {"include_usage": false},
+        "messages": [{"role": "user", "content": "Hello"}]});
+    let released = app
+        .post("/v1/chat/completions")
+        .bearer_auth(&account.master_key)
+        .header("x-mock-chunks", "8")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let released_id = request_id(&released);
+    read_stream(released).await;
+    let row = usage_of(&app, &account.master_key, &released_id).await;
+    assert_eq!(row["billing_status"], "released");
+    assert_eq!(row["cost"]["nanos"], 0);
+
+    let estimated = app
+        .post("/estimating/chat/completions")
+        .bearer_auth(&account.master_key)
+        .header("x-mock-chunks", "8")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let estimated_id = request_id(&estimated);
+    read_stream(estimated).await;
+    let row = usage_of(&app, &account.master_key, &estimated_id).await;
+    assert_eq!(row["billing_status"], "estimated");
+    // Eight chunks of "tokN " (5 characters): 40 characters, 10 tokens at 2 per million.
+    assert_eq!(row["output_tokens"], 10);
+    assert_eq!(row["cost"]["nanos"], 10 * 2_000);
+}
+
+#[tokio::test]
+async fn a_stream_the_client_abandons_is_settled_on_the_usage_the_upstream_reports() {
+    let app = spawn_app().await;
+    let account = app.create_account("acme").await;
+    let before = available(&app, &account.master_key).await;
+    let response = app
+        .post("/anthropic/v1/messages")
+        .header("x-api-key", &account.master_key)
+        .header("x-mock-chunks", "20")
+        .header("x-mock-chunk-delay-ms", "30")
+        .json(
+            &json!({"model": "mock-claude", "max_tokens": 100, "stream": true,
+            "messages": [{"role": "user", "content": "A long story, please."}]}),
+        )
+        .send()
+        .await
+        .unwrap();
+    let id = request_id(&response);
+    let mut stream = response.bytes_stream();
+    stream.next().await.unwrap().unwrap();
+    drop(stream); // the client leaves after the first event
+
+    let row = usage_of(&app, &account.master_key, &id).await;
+    assert_eq!(row["billing_status"], "partial");
+    assert_eq!(
+        row["output_tokens"], 20,
+        "the mock's final count, not what was seen"
+    );
+    let input = row["input_tokens"].as_i64().unwrap();
+    let cost = input * 3_000 + 20 * 15_000;
+    assert_eq!(row["cost"]["nanos"], cost);
+    assert_eq!(row["status"], 499);
+    assert_eq!(available(&app, &account.master_key).await, before - cost);
+    assert_books_balance(&app, account.id).await;
+}
+
+#[tokio::test]
+async fn a_stream_the_upstream_breaks_off_charges_nothing() {
+    let app = spawn_app().await;
+    let account = app.create_account("acme").await;
+    let before = available(&app, &account.master_key).await;
+    let response = app
+        .post("/anthropic/v1/messages")
+        .header("x-api-key", &account.master_key)
+        .header("x-mock-chunks", "10")
+        .header("x-mock-abort-after", "4")
+        .header("x-mock-chunk-delay-ms", "20")
+        .json(
+            &json!({"model": "mock-claude", "max_tokens": 100, "stream": true,
+            "messages": [{"role": "user", "content": "Hi"}]}),
+        )
+        .send()
+        .await
+        .unwrap();
+    let id = request_id(&response);
+    assert_eq!(response.status(), 200, "the stream had begun");
+    assert!(
+        response.bytes().await.is_err(),
+        "the client sees the cut too"
+    );
+    let row = usage_of(&app, &account.master_key, &id).await;
+    assert_eq!(row["billing_status"], "released");
+    assert_eq!(available(&app, &account.master_key).await, before);
+}
+
+#[tokio::test]
+async fn per_unit_prices_read_units_from_a_json_pointer_or_a_header() {
+    let app = spawn_app_with(|raw, mock| {
+        let mut by_body = mock_route(mock, "/units", "/echo", "echo", ErrorProfile::Native);
+        by_body.price = "0".into();
+        by_body.unit_price = Some("0.01".into());
+        by_body.units_from = Some("/headers/x-units-in-body".into());
+        by_body.max_hold = Some("1".into());
+        let mut by_header = mock_route(mock, "/hdr", "/echo", "echo", ErrorProfile::Native);
+        by_header.price = "0.001".into();
+        by_header.unit_price = Some("0.01".into());
+        by_header.units_from = Some("header:x-units".into());
+        by_header.max_hold = Some("1".into());
+        raw.routes.extend([by_body, by_header]);
+    })
+    .await;
+    let account = app.create_account("acme").await;
+    let key = &account.master_key;
+    let before = available(&app, key).await;
+    // The echo API reflects request headers in its JSON body.
+    let response = app
+        .get("/units/x")
+        .bearer_auth(key)
+        .header("x-units-in-body", "2.5")
+        .send()
+        .await
+        .unwrap();
+    let id = request_id(&response);
+    response.bytes().await.unwrap();
+    let row = usage_of(&app, key, &id).await;
+    assert_eq!(row["units"], "2.5");
+    assert_eq!(row["cost"]["credits"], "0.025");
+    assert_eq!(row["hold"]["credits"], "1");
+
+    let response = app
+        .get("/hdr/x")
+        .bearer_auth(key)
+        .header("x-mock-units", "3")
+        .send()
+        .await
+        .unwrap();
+    let id = request_id(&response);
+    response.bytes().await.unwrap();
+    let row = usage_of(&app, key, &id).await;
+    assert_eq!(row["cost"]["credits"], "0.031", "flat 0.001 + 3 × 0.01");
+
+    // No units in the response: the release policy charges nothing.
+    let response = app.get("/hdr/x").bearer_auth(key).send().await.unwrap();
+    let id = request_id(&response);
+    response.bytes().await.unwrap();
+    let row = usage_of(&app, key, &id).await;
+    assert_eq!(row["billing_status"], "released");
+    assert_eq!(available(&app, key).await, before - 25_000_000 - 31_000_000);
+}
+
+#[tokio::test]
+async fn a_key_over_its_monthly_cap_gets_402_until_the_next_month() {
+    let app = spawn_app().await;
+    let account = app.create_account("acme").await;
+    let (key, _) = app
+        .create_usage_key(&account.master_key, json!({"monthly_spend_cap": "0.002"}))
+        .await;
+    for _ in 0..2 {
+        let response = echo(&app, &key, &[]).await;
+        assert_eq!(response.status(), 200);
+        response.bytes().await.unwrap();
+    }
+    let body = expect_error(echo(&app, &key, &[]).await, 402, "key_quota_exceeded").await;
+    assert_eq!(body["error"]["details"]["cap"]["credits"], "0.002");
+    assert_eq!(body["error"]["details"]["spent"]["credits"], "0.002");
+    // The master key has no cap.
+    assert_eq!(echo(&app, &account.master_key, &[]).await.status(), 200);
+    app.clock.advance(chrono::Duration::days(32));
+    assert_eq!(echo(&app, &key, &[]).await.status(), 200, "a new month");
+}
+
+async fn create_hold(app: &TestApp, key: &str, body: Value) -> reqwest::Response {
+    app.post("/api/v1/holds")
+        .bearer_auth(key)
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn billing_api_holds_settle_once_and_release() {
+    let app = spawn_app().await;
+    let account = app.create_account("acme").await;
+    let key = &account.master_key;
+    let response = create_hold(
+        &app,
+        key,
+        json!({"amount": "1.5", "ttl_seconds": 600, "metadata": {"job": "render-42"}}),
+    )
+    .await;
+    assert_eq!(response.status(), 201);
+    let hold: Value = response.json().await.unwrap();
+    assert_eq!(hold["status"], "pending");
+    assert_eq!(hold["metadata"]["job"], "render-42");
+    let id = hold["id"].as_str().unwrap();
+    let balance = app.get_json("/api/v1/billing/balance", key).await;
+    assert_eq!(balance["held"]["credits"], "1.5");
+    assert_eq!(balance["available"]["credits"], "3.5");
+
+    let too_much = app
+        .post(&format!("/api/v1/holds/{id}/settle"))
+        .bearer_auth(key)
+        .json(&json!({"amount": "2"}))
+        .send()
+        .await
+        .unwrap();
+    expect_error(too_much, 400, "validation_error").await;
+    let settle = |amount: &str| {
+        app.post(&format!("/api/v1/holds/{id}/settle"))
+            .bearer_auth(key)
+            .json(&json!({ "amount": amount }))
+            .send()
+    };
+    let first: Value = settle("0.4").await.unwrap().json().await.unwrap();
+    assert_eq!(first["status"], "settled");
+    assert_eq!(first["charged"]["credits"], "0.4");
+    // Settling again, or releasing, returns the first outcome and changes nothing.
+    let again: Value = settle("1").await.unwrap().json().await.unwrap();
+    assert_eq!(again, first);
+    let release: Value = app
+        .post(&format!("/api/v1/holds/{id}/release"))
+        .bearer_auth(key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(release, first);
+    assert_eq!(available(&app, key).await, 4_600_000_000);
+
+    let second: Value = create_hold(&app, key, json!({"amount": "1"}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let released: Value = app
+        .post(&format!(
+            "/api/v1/holds/{}/release",
+            second["id"].as_str().unwrap()
+        ))
+        .bearer_auth(key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(released["status"], "released");
+    assert_eq!(available(&app, key).await, 4_600_000_000);
+
+    // Another account's hold does not exist for this one.
+    let other = app.create_account("other").await;
+    let response = app
+        .get_as(&format!("/api/v1/holds/{id}"), &other.master_key)
+        .await;
+    expect_error(response, 404, "not_found").await;
+    let response = create_hold(&app, key, json!({"amount": "100"})).await;
+    expect_error(response, 402, "insufficient_balance").await;
+    assert_books_balance(&app, account.id).await;
+}
+
+#[tokio::test]
+async fn a_billing_api_hold_never_settled_is_released_at_its_ttl() {
+    let app = spawn_app_with(|raw, _| raw.billing.sweep_interval = "20ms".into()).await;
+    let account = app.create_account("acme").await;
+    let key = &account.master_key;
+    let hold: Value = create_hold(&app, key, json!({"amount": "2", "ttl_seconds": 60}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let path = format!("/api/v1/holds/{}", hold["id"].as_str().unwrap());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(app.get_json(&path, key).await["status"], "pending");
+    app.clock.advance(chrono::Duration::seconds(61));
+    let mut status = Value::Null;
+    for _ in 0..100 {
+        status = app.get_json(&path, key).await["status"].clone();
+        if status != "pending" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(status, "expired");
+    assert_eq!(available(&app, key).await, 5_000_000_000);
+    assert_books_balance(&app, account.id).await;
+}
+
+#[tokio::test]
+async fn admin_grants_credits_and_the_ledger_pages_through_every_transfer() {
+    let app = spawn_app().await;
+    let account = app.create_account("acme").await;
+    let key = &account.master_key;
+    let response = app
+        .admin_post(
+            &format!("/api/v1/accounts/{}/credits", account.id),
+            json!({"amount": "2.5", "reason": "support credit"}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let balance: Value = response.json().await.unwrap();
+    assert_eq!(balance["available"]["credits"], "7.5");
+    for bad in [
+        json!({"amount": "0", "reason": "x"}),
+        json!({"amount": "-1", "reason": "x"}),
+        json!({"amount": "1", "reason": ""}),
+    ] {
+        let response = app
+            .admin_post(&format!("/api/v1/accounts/{}/credits", account.id), bad)
+            .send()
+            .await
+            .unwrap();
+        expect_error(response, 400, "validation_error").await;
+    }
+    let response = app
+        .post(&format!("/api/v1/accounts/{}/credits", account.id))
+        .bearer_auth(key)
+        .json(&json!({"amount": "1", "reason": "self-service"}))
+        .send()
+        .await
+        .unwrap();
+    expect_error(response, 403, "forbidden").await;
+    let response = app
+        .admin_post(
+            &format!("/api/v1/accounts/{}/credits", AccountId::new()),
+            json!({"amount": "1", "reason": "x"}),
+        )
+        .send()
+        .await
+        .unwrap();
+    expect_error(response, 404, "not_found").await;
+
+    echo(&app, key, &[]).await.bytes().await.unwrap(); // hold, charge: two more transfers
+    let first = app.get_json("/api/v1/ledger?limit=2", key).await;
+    let kinds: Vec<&str> = first["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["charge", "hold"]);
+    let cursor = first["next_cursor"].as_str().unwrap();
+    let rest = app
+        .get_json(&format!("/api/v1/ledger?limit=10&cursor={cursor}"), key)
+        .await;
+    let entries = rest["data"].as_array().unwrap();
+    assert_eq!(entries.len(), 2);
+    assert_eq!(entries[0]["memo"], "support credit");
+    assert_eq!(entries[1]["memo"], "starter credits");
+    assert!(rest["next_cursor"].is_null());
+    let response = app.get_as("/api/v1/ledger?cursor=nope", key).await;
+    expect_error(response, 400, "validation_error").await;
+}
+
+#[tokio::test]
+async fn the_usage_log_lists_and_finds_requests_per_account() {
+    let app = spawn_app().await;
+    let account = app.create_account("acme").await;
+    let other = app.create_account("other").await;
+    let key = &account.master_key;
+    let ok = echo(&app, key, &[("x-request-id", "client-abc")]).await;
+    let ok_id = request_id(&ok);
+    ok.bytes().await.unwrap();
+    let failed = echo(&app, key, &[("x-mock-status", "503")]).await;
+    failed.bytes().await.unwrap();
+    echo(&app, &other.master_key, &[])
+        .await
+        .bytes()
+        .await
+        .unwrap();
+
+    let row = usage_of(&app, key, &ok_id).await;
+    assert_eq!(row["client_request_id"], "client-abc");
+    assert_eq!(row["account_id"], account.id.to_string());
+    let mine = app.get_json("/api/v1/requests", key).await;
+    assert_eq!(mine["data"].as_array().unwrap().len(), 2);
+    let page = app.get_json("/api/v1/requests?limit=1", key).await;
+    assert_eq!(page["data"].as_array().unwrap().len(), 1);
+    assert!(page["next_cursor"].is_string());
+    let failed_only = app.get_json("/api/v1/requests?status=503", key).await;
+    assert_eq!(failed_only["data"][0]["upstream_status"], 503);
+    assert_eq!(failed_only["data"].as_array().unwrap().len(), 1);
+    let all = app.get_json("/api/v1/requests", ADMIN_TOKEN).await;
+    assert_eq!(all["data"].as_array().unwrap().len(), 3);
+    // Another account's request is not found, exactly like a missing one.
+    let theirs = app
+        .get_as(&format!("/api/v1/requests/{ok_id}"), &other.master_key)
+        .await;
+    expect_error(theirs, 404, "not_found").await;
+    let response = app.get_as("/api/v1/requests?limit=0", key).await;
+    expect_error(response, 400, "validation_error").await;
+}
+
+#[tokio::test]
+async fn the_management_fee_is_charged_only_for_calls_that_succeed() {
+    let app = spawn_app_with(|raw, _| raw.billing.management_fee = "0.01".into()).await;
+    let account = app.create_account("acme").await;
+    let key = &account.master_key;
+    let before = available(&app, key).await;
+    app.create_usage_key(key, json!({})).await;
+    assert_eq!(available(&app, key).await, before - 10_000_000);
+    let response = app
+        .post("/api/v1/keys")
+        .bearer_auth(key)
+        .json(&json!({"name": "bad", "scopes": ["no-such-group"]}))
+        .send()
+        .await
+        .unwrap();
+    expect_error(response, 400, "validation_error").await;
+    let response = app
+        .post("/api/v1/keys")
+        .bearer_auth(key)
+        .json(&json!({"name": "master", "kind": "master"}))
+        .send()
+        .await
+        .unwrap();
+    expect_error(response, 403, "forbidden").await;
+    assert_eq!(
+        available(&app, key).await,
+        before - 10_000_000,
+        "failed calls are free"
+    );
+    assert_eq!(
+        app.get_json("/api/v1/ledger", key).await["data"][0]["kind"],
+        "charge"
+    );
+    assert_books_balance(&app, account.id).await;
+}
