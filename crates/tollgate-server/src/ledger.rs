@@ -31,7 +31,8 @@ const FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
 // Writes are nearly every message; boxing them would allocate once per write.
 #[allow(clippy::large_enum_variant)]
 enum Command {
-    Write(LedgerWrite),
+    /// Committed in one batch together (a charge and its usage row).
+    Write(Vec<LedgerWrite>),
     Flush(oneshot::Sender<()>),
 }
 
@@ -100,7 +101,7 @@ impl Ledger {
     fn enqueue(&self, write: LedgerWrite) {
         // The writer lives as long as the runtime; if it is gone, the process is stopping and
         // the write is lost as a crash would lose it (see the module docs).
-        let _ = self.queue.send(Command::Write(write));
+        let _ = self.queue.send(Command::Write(vec![write]));
     }
 
     /// Makes sure the book holds the account's wallet and the key's spend this month.
@@ -171,12 +172,26 @@ impl Ledger {
     pub fn resolve(&self, id: HoldId, how: Resolve) -> Option<Resolution> {
         let resolution = self.book().resolve(id, how, self.clock.now())?;
         if resolution.first {
-            self.enqueue(LedgerWrite::ResolveHold {
-                hold: resolution.hold.clone(),
-                transfers: resolution.transfers.clone(),
-            });
+            self.enqueue(resolve_write(&resolution));
         }
         Some(resolution)
+    }
+
+    /// Ends a data-plane request: resolves its hold (if any) and records its usage row, built
+    /// from the resolution. Both are committed in the same transaction, so the store never
+    /// holds a charge without its row.
+    pub fn finish_request(
+        &self,
+        hold: Option<(HoldId, Resolve)>,
+        row: impl FnOnce(Option<&Resolution>) -> UsageRow,
+    ) {
+        let resolution = hold.and_then(|(id, how)| self.book().resolve(id, how, self.clock.now()));
+        let mut writes = Vec::with_capacity(2);
+        if let Some(resolution) = resolution.as_ref().filter(|r| r.first) {
+            writes.push(resolve_write(resolution));
+        }
+        writes.push(LedgerWrite::Usage(Box::new(row(resolution.as_ref()))));
+        let _ = self.queue.send(Command::Write(writes));
     }
 
     /// Resolves a hold and waits until the outcome is stored. A hold the book has forgotten
@@ -216,10 +231,6 @@ impl Ledger {
             });
         }
         self.flush().await
-    }
-
-    pub fn record_usage(&self, row: UsageRow) {
-        self.enqueue(LedgerWrite::Usage(Box::new(row)));
     }
 
     /// Waits until every write queued before this call is committed.
@@ -275,6 +286,13 @@ impl Ledger {
     }
 }
 
+fn resolve_write(resolution: &Resolution) -> LedgerWrite {
+    LedgerWrite::ResolveHold {
+        hold: resolution.hold.clone(),
+        transfers: resolution.transfers.clone(),
+    }
+}
+
 /// The writer: takes everything queued, commits it in one transaction, then answers flushes.
 /// A failed commit is retried (with backoff) until it succeeds: nothing queued is dropped.
 async fn write_loop(
@@ -288,7 +306,7 @@ async fn write_loop(
         let mut next = Some(first);
         while let Some(command) = next {
             match command {
-                Command::Write(write) => batch.push(write),
+                Command::Write(writes) => batch.extend(writes),
                 Command::Flush(done) => flushes.push(done),
             }
             next = if batch.len() < MAX_BATCH {

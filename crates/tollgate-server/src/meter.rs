@@ -114,44 +114,36 @@ impl Open {
             hold,
             mut row,
         } = self;
-        let (cost, billing_status) = match hold {
-            Some(hold) => {
-                let how = match outcome.charge {
-                    Some((cost, _)) => Resolve::Settle(cost),
-                    None => Resolve::Release,
-                };
-                match ledger.resolve(hold.id, how) {
-                    // Expired before the request finished (the sweeper won): nothing charged.
-                    Some(r) if r.hold.status == HoldStatus::Expired => {
-                        (Nanos::ZERO, BillingStatus::Expired)
-                    }
-                    Some(r) => (
-                        r.hold.charged,
-                        outcome
-                            .charge
-                            .map_or(BillingStatus::Released, |(_, status)| status),
-                    ),
-                    None => (Nanos::ZERO, BillingStatus::Expired),
-                }
-            }
-            // No hold: a free call (its cost is zero by construction).
-            None => (
-                Nanos::ZERO,
-                outcome
-                    .charge
-                    .map_or(BillingStatus::Released, |(_, status)| status),
-            ),
+        let how = match outcome.charge {
+            Some((cost, _)) => Resolve::Settle(cost),
+            None => Resolve::Release,
         };
-        row.status = outcome.status;
-        row.upstream_status = outcome.upstream_status;
-        row.cost = cost;
-        row.billing_status = billing_status;
-        row.tokens = outcome.tokens;
-        row.units = outcome.units;
-        row.error_code = outcome.error_code;
-        row.latency_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-        row.completed_at = clock.now();
-        ledger.record_usage(row);
+        let charged_status = outcome
+            .charge
+            .map_or(BillingStatus::Released, |(_, status)| status);
+        let had_hold = hold.is_some();
+        ledger.finish_request(hold.map(|h| (h.id, how)), |resolution| {
+            let (cost, billing_status) = match resolution {
+                // Expired before the request finished (the sweeper won): nothing charged.
+                Some(r) if r.hold.status == HoldStatus::Expired => {
+                    (Nanos::ZERO, BillingStatus::Expired)
+                }
+                Some(r) => (r.hold.charged, charged_status),
+                None if had_hold => (Nanos::ZERO, BillingStatus::Expired),
+                // No hold: a free call (its cost is zero by construction).
+                None => (Nanos::ZERO, charged_status),
+            };
+            row.status = outcome.status;
+            row.upstream_status = outcome.upstream_status;
+            row.cost = cost;
+            row.billing_status = billing_status;
+            row.tokens = outcome.tokens;
+            row.units = outcome.units;
+            row.error_code = outcome.error_code;
+            row.latency_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+            row.completed_at = clock.now();
+            row
+        });
     }
 }
 

@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use std::time::Duration;
 use tollgate_core::AccountId;
 use tollgate_server::config::{RouteKind, StreamPolicy};
-use tollgate_store::{LedgerStore, UsageStore};
+use tollgate_store::LedgerStore;
 use tollgate_wire::ErrorProfile;
 
 const ECHO_PRICE: i64 = 1_000_000; // "0.001" credits in nanos

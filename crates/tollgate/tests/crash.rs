@@ -1,0 +1,184 @@
+//! The gateway killed with SIGKILL under load, then restarted: no hold stays pending, the books
+//! balance, and nobody was charged for a request that did not succeed.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use serde_json::{json, Value};
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tollgate_store::sqlite::SqliteStore;
+use tollgate_store::LedgerStore;
+
+const BIN: &str = env!("CARGO_BIN_EXE_tollgate");
+const ADMIN: &str = "crash-test-admin-token";
+
+/// Starts `tollgate serve` and returns it with the address it listens on.
+async fn serve(config: &Path) -> (Child, String) {
+    let mut child = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(config)
+        .env("TOLLGATE_ADMIN_TOKEN", ADMIN)
+        .env("TOLLGATE_LOG_FORMAT", "json")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            let log: Value = serde_json::from_str(&line).unwrap();
+            if log["fields"]["message"] == "tollgate listening" {
+                return log["fields"]["addr"].as_str().unwrap().to_string();
+            }
+        }
+        panic!("serve stopped before listening");
+    })
+    .await
+    .unwrap();
+    // Keep draining stderr so the server never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    (child, format!("http://{addr}"))
+}
+
+#[tokio::test]
+async fn sigkill_under_load_loses_no_customer_money() {
+    let mock = tollgate_mock::MockUpstream::start(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("tollgate.db");
+    let config = dir.path().join("tollgate.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n[store]\nurl = \"sqlite://{}\"\n\
+             [billing]\nrequest_hold_ttl = \"5s\"\nsweep_interval = \"100ms\"\n\
+             [[routes]]\nprefix = \"/echo\"\nupstream = \"{}/echo\"\ngroup = \"echo\"\nprice = \"0.001\"\n",
+            db.display(),
+            mock.url()
+        ),
+    )
+    .unwrap();
+    let (mut first, url) = serve(&config).await;
+    let http = reqwest::Client::new();
+    let created: Value = http
+        .post(format!("{url}/api/v1/accounts"))
+        .bearer_auth(ADMIN)
+        .json(&json!({"name": "load", "starter_credits": "10"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let key = created["master_key"]["secret"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let account = created["account"]["id"].as_str().unwrap().to_string();
+
+    // 400 paid calls, each taking 0-1000 ms upstream; the gateway dies in the middle of them.
+    let calls = (0..400).map(|i| {
+        let request = http
+            .get(format!("{url}/echo/{i}"))
+            .bearer_auth(&key)
+            .header("x-mock-delay-ms", (i * 37 % 1000).to_string());
+        async move {
+            let response = request.send().await.ok()?;
+            let id = response
+                .headers()
+                .get("x-request-id")?
+                .to_str()
+                .ok()?
+                .to_string();
+            let ok = response.status() == 200;
+            // A success counts only once the client has the whole body.
+            response.bytes().await.ok()?;
+            ok.then_some(id)
+        }
+    });
+    let load = tokio::spawn(futures_util::future::join_all(calls));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    first.start_kill().unwrap(); // SIGKILL
+    first.wait().await.unwrap();
+    let succeeded: HashSet<String> = load.await.unwrap().into_iter().flatten().collect();
+    assert!(
+        !succeeded.is_empty() && succeeded.len() < 400,
+        "the kill should land mid-load ({} succeeded)",
+        succeeded.len()
+    );
+
+    let (_second, url) = serve(&config).await;
+    let balance: Value = http
+        .get(format!("{url}/api/v1/billing/balance?account_id={account}"))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        balance["held"]["nanos"], 0,
+        "the dead process's holds were released at start"
+    );
+
+    // Every charge belongs to a request the client saw succeed, and each cost exactly its price.
+    let mut charged = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let mut page_url = format!("{url}/api/v1/requests?account_id={account}&limit=500");
+        if let Some(c) = &cursor {
+            page_url.push_str(&format!("&cursor={c}"));
+        }
+        let page: Value = http
+            .get(page_url)
+            .bearer_auth(ADMIN)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        for row in page["data"].as_array().unwrap() {
+            if row["cost"]["nanos"].as_i64().unwrap() > 0 {
+                charged.push(row["request_id"].as_str().unwrap().to_string());
+                assert_eq!(row["cost"]["nanos"], 1_000_000);
+            }
+        }
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_string()),
+            None => break,
+        }
+    }
+    for id in &charged {
+        assert!(
+            succeeded.contains(id),
+            "{id} was charged but did not succeed"
+        );
+    }
+    let spent = 10_000_000_000 - balance["available"]["nanos"].as_i64().unwrap();
+    assert_eq!(
+        spent,
+        charged.len() as i64 * 1_000_000,
+        "charges = usage rows"
+    );
+
+    // The books balance (read straight from the file, beside the running server).
+    let store = SqliteStore::open(&db).await.unwrap();
+    let trial = store.trial_balance().await.unwrap();
+    assert_eq!(trial.iter().map(|(_, n)| n).sum::<i64>(), 0, "{trial:?}");
+    let account_id = account.parse().unwrap();
+    let wallet = store.wallet(account_id).await.unwrap().unwrap();
+    assert_eq!(
+        store.ledger_balance(account_id).await.unwrap(),
+        wallet.available
+    );
+    assert!(store.pending_holds().await.unwrap().is_empty());
+}
