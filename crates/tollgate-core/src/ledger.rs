@@ -388,7 +388,16 @@ impl Book {
     /// Puts back a pending hold read from the store (its amount is already in the loaded
     /// wallet's `held`).
     pub fn restore(&mut self, hold: Hold) {
-        self.holds.entry(hold.id).or_insert(hold);
+        if self.holds.contains_key(&hold.id) {
+            return;
+        }
+        // A loaded key spend counts the pending holds it knows; add this one to it.
+        if let Some(spend) = hold.key.and_then(|k| self.key_spend.get_mut(&k)) {
+            if hold.status == HoldStatus::Pending {
+                spend.held = Nanos(spend.held.0.saturating_add(hold.amount.0));
+            }
+        }
+        self.holds.insert(hold.id, hold);
     }
 
     /// Resolves a hold exactly once. Resolving it again changes nothing and returns the first

@@ -1,0 +1,212 @@
+//! The ledger service over a real SQLite store: random concurrent histories keep the books
+//! balanced, and a restart recovers pending holds as the rules say.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use chrono::Utc;
+use proptest::prelude::*;
+use std::sync::Arc;
+use std::time::Duration;
+use tollgate_core::ledger::{HoldStatus, Resolve};
+use tollgate_core::{AccountId, ApiKey, Clock, KeyEnv, KeyKind, ManualClock, Nanos, SystemClock};
+use tollgate_server::ledger::{HoldRefused, HoldSpec, Ledger};
+use tollgate_store::sqlite::SqliteStore;
+use tollgate_store::{HoldSource, KeyRecord, NewKey, Store};
+
+async fn store_with_accounts(dir: &std::path::Path, n: usize) -> (Arc<dyn Store>, Vec<KeyRecord>) {
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.join("t.db")).await.unwrap());
+    let mut keys = Vec::new();
+    for _ in 0..n {
+        let account = AccountId::new();
+        let (_, key): (ApiKey, KeyRecord) = KeyRecord::issue(
+            KeyEnv::Live,
+            NewKey {
+                account_id: account,
+                kind: KeyKind::Master,
+                name: "m".into(),
+                scopes: vec!["*".into()],
+                expires_at: None,
+                monthly_spend_cap: None,
+            },
+            Utc::now(),
+        );
+        store
+            .create_account(account, "a", Nanos(1_000), key.clone(), Utc::now())
+            .await
+            .unwrap();
+        keys.push(key);
+    }
+    (store, keys)
+}
+
+fn spec(key: &KeyRecord, amount: i64, cap: Option<i64>, source: HoldSource) -> HoldSpec {
+    HoldSpec {
+        account: key.account_id,
+        key: Some(key.id),
+        key_cap: cap.map(Nanos),
+        amount: Nanos(amount),
+        ttl: Duration::from_secs(30),
+        source,
+        request_id: None,
+        metadata: serde_json::json!({}),
+    }
+}
+
+/// After everything is committed: every ledger account sums to zero, each wallet's cached
+/// balances equal the book's and the ledger's, and nothing is below zero.
+async fn assert_consistent(store: &dyn Store, ledger: &Ledger, keys: &[KeyRecord]) {
+    ledger.flush().await.unwrap();
+    let trial = store.trial_balance().await.unwrap();
+    assert_eq!(trial.iter().map(|(_, n)| n).sum::<i64>(), 0, "{trial:?}");
+    for key in keys {
+        let wallet = store.wallet(key.account_id).await.unwrap().unwrap();
+        assert!(wallet.available.0 >= 0 && wallet.held.0 >= 0);
+        assert_eq!(
+            store.ledger_balance(key.account_id).await.unwrap(),
+            wallet.available
+        );
+        let holds_account = format!("holds:{}", key.account_id);
+        let held = trial
+            .iter()
+            .find(|(a, _)| *a == holds_account)
+            .map_or(0, |(_, n)| *n);
+        assert_eq!(held, wallet.held.0);
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Grant(usize, i64),
+    Hold(usize, i64, Option<i64>),
+    Settle(usize, i64),
+    Release(usize),
+    Expire(i64),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        (0..3usize, 1..500i64).prop_map(|(a, n)| Op::Grant(a, n)),
+        (0..3usize, 0..400i64, proptest::option::of(0..1_000i64))
+            .prop_map(|(a, n, c)| Op::Hold(a, n, c)),
+        (0..40usize, 0..500i64).prop_map(|(h, c)| Op::Settle(h, c)),
+        (0..40usize).prop_map(Op::Release),
+        (1..60i64).prop_map(Op::Expire),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+
+    /// Random histories, run as four concurrent streams of operations against one ledger.
+    #[test]
+    fn concurrent_histories_keep_the_books(streams in proptest::collection::vec(
+        proptest::collection::vec(op(), 1..40), 4)) {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let dir = tempfile::tempdir().unwrap();
+            let (store, keys) = store_with_accounts(dir.path(), 3).await;
+            let clock = Arc::new(ManualClock::new(SystemClock.now()));
+            let ledger = Ledger::start(store.clone(), clock.clone());
+            let opened = Arc::new(std::sync::Mutex::new(Vec::new()));
+            let tasks = streams.into_iter().map(|ops| {
+                let (ledger, keys, clock, opened) =
+                    (ledger.clone(), keys.clone(), clock.clone(), opened.clone());
+                tokio::spawn(async move {
+                    for op in ops {
+                        let pick = |i: usize| opened.lock().unwrap().get(i).copied();
+                        match op {
+                            Op::Grant(a, n) => {
+                                ledger.grant(keys[a].account_id, Nanos(n), "test", "").await.unwrap();
+                            }
+                            Op::Hold(a, n, cap) => {
+                                match ledger.open(spec(&keys[a], n, cap, HoldSource::Api)).await {
+                                    Ok(hold) => opened.lock().unwrap().push(hold.id),
+                                    Err(HoldRefused::Store(e)) => panic!("{e}"),
+                                    Err(_) => {}
+                                }
+                            }
+                            Op::Settle(i, cost) => {
+                                if let Some(id) = pick(i) {
+                                    ledger.resolve_durably(id, Resolve::Settle(Nanos(cost))).await.unwrap();
+                                }
+                            }
+                            Op::Release(i) => {
+                                if let Some(id) = pick(i) {
+                                    ledger.resolve(id, Resolve::Release);
+                                }
+                            }
+                            Op::Expire(s) => {
+                                clock.advance(chrono::Duration::seconds(s));
+                                ledger.expire_due();
+                            }
+                        }
+                        tokio::task::yield_now().await;
+                    }
+                })
+            });
+            for task in futures_util::future::join_all(tasks).await {
+                task.unwrap();
+            }
+            assert_consistent(&*store, &ledger, &keys).await;
+            // Every hold resolved at most once: its stored state matches the book's rules.
+            for id in opened.lock().unwrap().iter() {
+                let record = store.hold(*id).await.unwrap().unwrap();
+                assert!(record.hold.charged <= record.hold.amount);
+                if record.hold.status != HoldStatus::Settled {
+                    assert_eq!(record.hold.charged, Nanos::ZERO);
+                }
+            }
+        });
+    }
+}
+
+#[tokio::test]
+async fn a_restart_expires_request_holds_and_keeps_billing_api_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, keys) = store_with_accounts(dir.path(), 1).await;
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let first = Ledger::start(store.clone(), clock.clone());
+    first
+        .open(spec(&keys[0], 300, None, HoldSource::Request))
+        .await
+        .unwrap();
+    let job = first
+        .open(spec(&keys[0], 200, None, HoldSource::Api))
+        .await
+        .unwrap();
+    first.flush().await.unwrap();
+    drop(first); // the process dies with both holds pending
+
+    let second = Ledger::start(store.clone(), clock);
+    assert_eq!(
+        second.recover().await.unwrap(),
+        1,
+        "the request's hold is expired"
+    );
+    assert_eq!(
+        second.pending_holds(),
+        1,
+        "the job's hold lives on until its TTL"
+    );
+    second.flush().await.unwrap();
+    let wallet = store.wallet(keys[0].account_id).await.unwrap().unwrap();
+    assert_eq!((wallet.available, wallet.held), (Nanos(800), Nanos(200)));
+    // The restored hold still counts against its key's cap of 250.
+    assert!(matches!(
+        second
+            .open(spec(&keys[0], 100, Some(250), HoldSource::Api))
+            .await,
+        Err(HoldRefused::KeyCapReached { .. })
+    ));
+    let settled = second
+        .resolve_durably(job.id, Resolve::Settle(Nanos(150)))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(settled.hold.charged, Nanos(150));
+    assert_consistent(&*store, &second, &keys).await;
+}
