@@ -153,8 +153,9 @@ proptest! {
             }
             assert_consistent(&*store, &ledger, &keys).await;
             // Every hold resolved at most once: its stored state matches the book's rules.
-            for id in opened.lock().unwrap().iter() {
-                let record = store.hold(*id).await.unwrap().unwrap();
+            let ids: Vec<_> = opened.lock().unwrap().clone();
+            for id in ids {
+                let record = store.hold(id).await.unwrap().unwrap();
                 assert!(record.hold.charged <= record.hold.amount);
                 if record.hold.status != HoldStatus::Settled {
                     assert_eq!(record.hold.charged, Nanos::ZERO);
