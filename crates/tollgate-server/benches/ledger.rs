@@ -34,7 +34,13 @@ async fn store_with_account(dir: &std::path::Path) -> (Arc<dyn Store>, KeyRecord
         Utc::now(),
     );
     store
-        .create_account(account, "bench", Nanos(i64::MAX / 4), key.clone(), Utc::now())
+        .create_account(
+            account,
+            "bench",
+            Nanos(i64::MAX / 4),
+            key.clone(),
+            Utc::now(),
+        )
         .await
         .unwrap();
     (store, key)

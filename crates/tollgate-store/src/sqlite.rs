@@ -304,6 +304,9 @@ impl KeyStore for SqliteStore {
     }
 }
 
+/// Rows per multi-row INSERT: well inside SQLite's limit of 32766 bound parameters.
+const ROWS_PER_INSERT: usize = 500;
+
 const HOLD_COLUMNS: &str = "id, account_id, key_id, source, request_id, amount_nanos, \
                             charged_nanos, status, metadata, created_at, expires_at, resolved_at";
 
@@ -437,7 +440,21 @@ impl LedgerStore for SqliteStore {
     }
 
     async fn commit(&self, writes: &[LedgerWrite]) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        // A batch becomes a handful of multi-row statements: per-statement overhead, not the
+        // disk, is what limits SQLite here. A hold opened and resolved in the same batch (the
+        // common case) is inserted once, already resolved.
+        let resolved_here: HashMap<HoldId, &Hold> = writes
+            .iter()
+            .filter_map(|w| match w {
+                LedgerWrite::ResolveHold { hold, .. } => Some((hold.id, hold)),
+                _ => None,
+            })
+            .collect();
+        let mut opened_here: std::collections::HashSet<HoldId> = Default::default();
+        let mut holds: Vec<(&HoldRecord, &Hold)> = Vec::new();
+        let mut transfers: Vec<(&Transfer, AccountId, &str, String, DateTime<Utc>)> = Vec::new();
+        let mut resolutions: Vec<&Hold> = Vec::new();
+        let mut usage: Vec<&UsageRow> = Vec::new();
         let mut deltas: HashMap<AccountId, (i64, i64)> = HashMap::new();
         for write in writes {
             match write {
@@ -447,75 +464,102 @@ impl LedgerStore for SqliteStore {
                     memo,
                     reference,
                     at,
-                } => {
-                    insert_transfer(&mut tx, transfer, *account, memo, reference, *at).await?;
-                    wallet_deltas(transfer, &mut deltas);
-                }
+                } => transfers.push((transfer, *account, memo, reference.clone(), *at)),
                 LedgerWrite::OpenHold { record, transfer } => {
                     let hold = &record.hold;
-                    sqlx::query(&format!(
-                        "INSERT INTO holds ({HOLD_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-                    ))
-                    .bind(hold.id.to_string())
-                    .bind(hold.account.to_string())
-                    .bind(hold.key.map(|k| k.to_string()))
-                    .bind(record.source.as_str())
-                    .bind(record.request_id.map(|r| r.to_string()))
-                    .bind(hold.amount.0)
-                    .bind(hold.charged.0)
-                    .bind(hold.status.as_str())
-                    .bind(record.metadata.to_string())
-                    .bind(millis(hold.created_at))
-                    .bind(millis(hold.expires_at))
-                    .bind(hold.resolved_at.map(millis))
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(unavailable)?;
+                    let state = resolved_here.get(&hold.id).copied().unwrap_or(hold);
+                    opened_here.insert(hold.id);
+                    holds.push((record, state));
                     if let Some(transfer) = transfer {
-                        let reference = hold.id.to_string();
-                        insert_transfer(
-                            &mut tx,
-                            transfer,
-                            hold.account,
-                            "",
-                            &reference,
-                            hold.created_at,
-                        )
-                        .await?;
-                        wallet_deltas(transfer, &mut deltas);
+                        let at = hold.created_at;
+                        transfers.push((transfer, hold.account, "", hold.id.to_string(), at));
                     }
                 }
-                LedgerWrite::ResolveHold { hold, transfers } => {
+                LedgerWrite::ResolveHold {
+                    hold,
+                    transfers: moved,
+                } => {
+                    if !opened_here.contains(&hold.id) {
+                        resolutions.push(hold);
+                    }
                     let at = hold.resolved_at.unwrap_or(hold.created_at);
-                    let changed = sqlx::query(
-                        "UPDATE holds SET status = ?, charged_nanos = ?, resolved_at = ? \
-                         WHERE id = ? AND status = 'pending'",
-                    )
-                    .bind(hold.status.as_str())
-                    .bind(hold.charged.0)
-                    .bind(millis(at))
-                    .bind(hold.id.to_string())
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(unavailable)?
-                    .rows_affected();
-                    if changed != 1 {
-                        return Err(StoreError::Corrupt(format!(
-                            "hold {} is not pending; it cannot be resolved again",
-                            hold.id
-                        )));
-                    }
-                    let reference = hold.id.to_string();
-                    for transfer in transfers {
-                        insert_transfer(&mut tx, transfer, hold.account, "", &reference, at)
-                            .await?;
-                        wallet_deltas(transfer, &mut deltas);
+                    for transfer in moved {
+                        transfers.push((transfer, hold.account, "", hold.id.to_string(), at));
                     }
                 }
-                LedgerWrite::Usage(row) => insert_usage(&mut tx, row).await?,
+                LedgerWrite::Usage(row) => usage.push(row),
             }
         }
-        // One update per account per batch: the point of committing in groups.
+        for (transfer, ..) in &transfers {
+            wallet_deltas(transfer, &mut deltas);
+        }
+
+        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        for chunk in holds.chunks(ROWS_PER_INSERT) {
+            let mut query = sqlx::QueryBuilder::<sqlx::Sqlite>::new(format!(
+                "INSERT INTO holds ({HOLD_COLUMNS}) "
+            ));
+            query.push_values(chunk, |mut row, (record, state)| {
+                let hold = &record.hold;
+                row.push_bind(hold.id.to_string())
+                    .push_bind(hold.account.to_string())
+                    .push_bind(hold.key.map(|k| k.to_string()))
+                    .push_bind(record.source.as_str())
+                    .push_bind(record.request_id.map(|r| r.to_string()))
+                    .push_bind(hold.amount.0)
+                    .push_bind(state.charged.0)
+                    .push_bind(state.status.as_str())
+                    .push_bind(record.metadata.to_string())
+                    .push_bind(millis(hold.created_at))
+                    .push_bind(millis(hold.expires_at))
+                    .push_bind(state.resolved_at.map(millis));
+            });
+            query.build().execute(&mut *tx).await.map_err(unavailable)?;
+        }
+        for hold in resolutions {
+            let changed = sqlx::query(
+                "UPDATE holds SET status = ?, charged_nanos = ?, resolved_at = ? \
+                 WHERE id = ? AND status = 'pending'",
+            )
+            .bind(hold.status.as_str())
+            .bind(hold.charged.0)
+            .bind(hold.resolved_at.map(millis))
+            .bind(hold.id.to_string())
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?
+            .rows_affected();
+            if changed != 1 {
+                return Err(StoreError::Corrupt(format!(
+                    "hold {} is not pending; it cannot be resolved again",
+                    hold.id
+                )));
+            }
+        }
+        for chunk in transfers.chunks(ROWS_PER_INSERT) {
+            let mut query = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+                "INSERT INTO ledger_transfers (debit_account, credit_account, amount_nanos, kind, \
+                 account_id, memo, reference, created_at) ",
+            );
+            query.push_values(
+                chunk,
+                |mut row, (transfer, account, memo, reference, at)| {
+                    row.push_bind(transfer.debit.to_string())
+                        .push_bind(transfer.credit.to_string())
+                        .push_bind(transfer.amount.0)
+                        .push_bind(transfer.kind.as_str())
+                        .push_bind(account.to_string())
+                        .push_bind(*memo)
+                        .push_bind(reference.as_str())
+                        .push_bind(millis(*at));
+                },
+            );
+            query.build().execute(&mut *tx).await.map_err(unavailable)?;
+        }
+        for chunk in usage.chunks(ROWS_PER_INSERT / 2) {
+            insert_usage(&mut tx, chunk).await?;
+        }
+        // One update per account per batch.
         for (account, (available, held)) in deltas {
             if available == 0 && held == 0 {
                 continue;
@@ -587,38 +631,40 @@ const USAGE_COLUMNS: &str = "request_id, client_request_id, account_id, key_id, 
 
 async fn insert_usage(
     tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
-    row: &UsageRow,
+    rows: &[&UsageRow],
 ) -> Result<(), StoreError> {
-    let tokens = row.tokens;
-    sqlx::query(&format!(
-        "INSERT INTO requests ({USAGE_COLUMNS}) \
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-    ))
-    .bind(row.request_id.to_string())
-    .bind(&row.client_request_id)
-    .bind(row.account_id.to_string())
-    .bind(row.key_id.to_string())
-    .bind(&row.route)
-    .bind(&row.model)
-    .bind(&row.method)
-    .bind(&row.path)
-    .bind(i64::from(row.status))
-    .bind(row.upstream_status.map(i64::from))
-    .bind(&row.units)
-    .bind(tokens.map(|t| t.input as i64))
-    .bind(tokens.map(|t| t.cached_input as i64))
-    .bind(tokens.map(|t| t.output as i64))
-    .bind(row.cost.0)
-    .bind(row.hold.0)
-    .bind(row.hold_id.map(|h| h.to_string()))
-    .bind(row.billing_status.as_str())
-    .bind(i64::try_from(row.latency_ms).unwrap_or(i64::MAX))
-    .bind(&row.error_code)
-    .bind(millis(row.created_at))
-    .bind(millis(row.completed_at))
-    .execute(&mut **tx)
-    .await
-    .map_err(unavailable)?;
+    let mut query =
+        sqlx::QueryBuilder::<sqlx::Sqlite>::new(format!("INSERT INTO requests ({USAGE_COLUMNS}) "));
+    query.push_values(rows, |mut out, row| {
+        let tokens = row.tokens;
+        out.push_bind(row.request_id.to_string())
+            .push_bind(row.client_request_id.clone())
+            .push_bind(row.account_id.to_string())
+            .push_bind(row.key_id.to_string())
+            .push_bind(row.route.clone())
+            .push_bind(row.model.clone())
+            .push_bind(row.method.clone())
+            .push_bind(row.path.clone())
+            .push_bind(i64::from(row.status))
+            .push_bind(row.upstream_status.map(i64::from))
+            .push_bind(row.units.clone())
+            .push_bind(tokens.map(|t| t.input as i64))
+            .push_bind(tokens.map(|t| t.cached_input as i64))
+            .push_bind(tokens.map(|t| t.output as i64))
+            .push_bind(row.cost.0)
+            .push_bind(row.hold.0)
+            .push_bind(row.hold_id.map(|h| h.to_string()))
+            .push_bind(row.billing_status.as_str())
+            .push_bind(i64::try_from(row.latency_ms).unwrap_or(i64::MAX))
+            .push_bind(row.error_code.clone())
+            .push_bind(millis(row.created_at))
+            .push_bind(millis(row.completed_at));
+    });
+    query
+        .build()
+        .execute(&mut **tx)
+        .await
+        .map_err(unavailable)?;
     Ok(())
 }
 
