@@ -1155,8 +1155,65 @@ mod tests {
     fn the_documented_example_config_is_valid() {
         let config =
             Config::load(include_str!("../../../docs/tollgate.example.toml"), NO_ENV).unwrap();
-        assert_eq!(config.routes.len(), 3);
+        assert_eq!(config.routes.len(), 4);
         assert_eq!(config.starter_credits, Nanos(1_000_000_000));
+        let openai = &config.routes[0].pricing;
+        let (api, models) = openai.llm.as_ref().unwrap();
+        assert_eq!(*api, LlmApi::OpenAi);
+        assert_eq!(models["gpt-4o-mini"].output, Nanos(600_000_000));
+        let render = &config.routes[3].pricing;
+        assert_eq!(render.hold, HoldRule::MaxHold(Nanos(50_000_000)));
+        assert_eq!(
+            render.per_unit.as_ref().unwrap().from,
+            UnitsFrom::JsonPointer("/pages".into())
+        );
+    }
+
+    #[test]
+    fn pricing_rules_are_checked() {
+        let route = "[[routes]]\nprefix = \"/a\"\nupstream = \"http://h\"\ngroup = \"g\"\n";
+        let out = problems(&format!("{route}kind = \"openai\"\n"));
+        assert!(
+            out.contains("routes[0].models: an LLM route needs at least one model"),
+            "{out}"
+        );
+        let out = problems(&format!("{route}unit_price = \"0.1\"\n"));
+        assert!(
+            out.contains("routes[0].unit_price: unit_price and units_from go together"),
+            "{out}"
+        );
+        let out = problems(&format!(
+            "{route}unit_price = \"0.1\"\nunits_from = \"units\"\n"
+        ));
+        assert!(
+            out.contains("routes[0].units_from: must be a JSON pointer"),
+            "{out}"
+        );
+        let out = problems(&format!(
+            "{route}unit_price = \"0.1\"\nunits_from = \"/units\"\nhold = \"flat\"\n"
+        ));
+        assert!(
+            out.contains("routes[0].hold: a metered route cannot hold only its flat price"),
+            "{out}"
+        );
+        let out = problems(&format!(
+            "{route}hold = \"max_hold\"\n[routes.models.m]\ninput = \"x\"\noutput = \"1\"\n"
+        ));
+        assert!(out.contains("routes[0].max_hold: is required"), "{out}");
+        assert!(
+            out.contains("routes[0].models.m.input: 'x' is not a decimal amount"),
+            "{out}"
+        );
+        assert!(out.contains("routes[0].models: only LLM routes"), "{out}");
+        let out = problems("[billing]\nrequest_hold_ttl = \"soon\"\nmanagement_fee = \"-1\"\n");
+        assert!(
+            out.contains("billing.request_hold_ttl: must be a positive duration"),
+            "{out}"
+        );
+        assert!(
+            out.contains("billing.management_fee: '-1' is negative"),
+            "{out}"
+        );
     }
 
     #[test]

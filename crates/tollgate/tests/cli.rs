@@ -153,6 +153,44 @@ async fn a_restarted_demo_reuses_its_account_and_key() {
     assert_eq!(echo_status(url, &key).await, 200);
 }
 
+/// The demo account's available balance, in nano-units.
+async fn demo_balance(url: &str, key: &str) -> i64 {
+    let balance: serde_json::Value = reqwest::Client::new()
+        .get(format!("{url}/api/v1/billing/balance"))
+        .bearer_auth(key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    balance["available"]["nanos"].as_i64().unwrap()
+}
+
+#[tokio::test]
+async fn the_demo_charges_each_call_its_price_and_a_failure_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let demo = start_demo(dir.path()).await;
+    let (url, key) = (&demo.vars["TOLLGATE_URL"], &demo.vars["TOLLGATE_DEMO_KEY"]);
+    let start = demo_balance(url, key).await;
+    assert_eq!(echo_status(url, key).await, 200);
+    assert_eq!(echo_status(url, key).await, 200);
+    assert_eq!(
+        demo_balance(url, key).await,
+        start - 2_000_000,
+        "0.001 a call"
+    );
+    let failed = reqwest::Client::new()
+        .get(format!("{url}/echo/hi"))
+        .bearer_auth(key)
+        .header("x-mock-status", "500")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(failed.status(), 500);
+    assert_eq!(demo_balance(url, key).await, start - 2_000_000, "free");
+}
+
 #[tokio::test]
 async fn check_config_prints_the_effective_config_with_secrets_redacted() {
     let dir = tempfile::tempdir().unwrap();
