@@ -744,3 +744,34 @@ async fn the_management_fee_is_charged_only_for_calls_that_succeed() {
     );
     assert_books_balance(&app, account.id).await;
 }
+
+#[tokio::test]
+async fn a_request_that_outlives_its_hold_is_charged_nothing() {
+    let app = spawn_app_with(|raw, _| {
+        raw.billing.sweep_interval = "20ms".into();
+        raw.billing.request_hold_ttl = "1m".into();
+    })
+    .await;
+    let account = app.create_account("acme").await;
+    let key = &account.master_key;
+    let before = available(&app, key).await;
+    let call = app
+        .get("/echo/slow")
+        .bearer_auth(key)
+        .header("x-mock-delay-ms", "400")
+        .send();
+    let advance = async {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        app.clock.advance(chrono::Duration::minutes(2));
+    };
+    let (response, ()) = tokio::join!(call, advance);
+    let response = response.unwrap();
+    assert_eq!(response.status(), 200);
+    let id = request_id(&response);
+    response.bytes().await.unwrap();
+    let row = usage_of(&app, key, &id).await;
+    assert_eq!(row["billing_status"], "expired");
+    assert_eq!(row["cost"]["nanos"], 0);
+    assert_eq!(available(&app, key).await, before);
+    assert_books_balance(&app, account.id).await;
+}
