@@ -142,6 +142,21 @@ fn page_limit(limit: Option<u32>) -> Result<u32, HttpError> {
     }
 }
 
+/// A page from `limit + 1` rows read: the first `limit`, and the cursor of the last one if more
+/// rows follow.
+fn page<T>(
+    mut rows: Vec<T>,
+    limit: u32,
+    cursor: impl Fn(&T) -> String,
+) -> (Vec<T>, Option<String>) {
+    if rows.len() <= limit as usize {
+        return (rows, None);
+    }
+    rows.truncate(limit as usize);
+    let next = rows.last().map(cursor);
+    (rows, next)
+}
+
 // ---------------------------------------------------------------------------------------------
 // Credits, balance, ledger
 
@@ -242,13 +257,8 @@ async fn ledger_entries(
         })
         .transpose()?;
     state.ledger.flush().await?;
-    let mut rows = state.store.transfers(account, before, limit + 1).await?;
-    let next_cursor = if rows.len() > limit as usize {
-        rows.truncate(limit as usize);
-        rows.last().map(|r| r.seq.to_string())
-    } else {
-        None
-    };
+    let rows = state.store.transfers(account, before, limit + 1).await?;
+    let (rows, next_cursor) = page(rows, limit, |r| r.seq.to_string());
     Ok(Json(wire::Page {
         data: rows
             .into_iter()
@@ -501,13 +511,8 @@ async fn list_requests(
         before,
         limit: limit + 1,
     };
-    let mut rows = state.store.requests(&filter).await?;
-    let next_cursor = if rows.len() > limit as usize {
-        rows.truncate(limit as usize);
-        rows.last().map(|r| r.request_id.to_string())
-    } else {
-        None
-    };
+    let rows = state.store.requests(&filter).await?;
+    let (rows, next_cursor) = page(rows, limit, |r| r.request_id.to_string());
     Ok(Json(wire::Page {
         data: rows.into_iter().map(|r| usage_view(&state, r)).collect(),
         next_cursor,

@@ -2,6 +2,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common;
+
+use common::{serve, BIN};
 use expect_test::expect;
 use std::collections::HashMap;
 use std::path::Path;
@@ -9,8 +12,6 @@ use std::process::Stdio;
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
-
-const BIN: &str = env!("CARGO_BIN_EXE_tollgate");
 
 /// A running `tollgate demo` (killed when dropped), its welcome text and script lines.
 struct RunningDemo {
@@ -296,39 +297,13 @@ async fn serve_runs_a_config_file_and_migrate_prepares_its_database() {
     );
     assert!(db.exists());
 
-    let mut child = Command::new(BIN)
-        .args(["serve", "--config"])
-        .arg(&file)
-        .env("TOLLGATE_ADMIN_TOKEN", "a-long-enough-admin-token")
-        .env("TOLLGATE_LOG_FORMAT", "json")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let addr = tokio::time::timeout(Duration::from_secs(30), async {
-        while let Some(line) = lines.next_line().await.unwrap() {
-            let log: serde_json::Value = serde_json::from_str(&line).unwrap();
-            if log["fields"]["message"] == "tollgate listening" {
-                return log["fields"]["addr"].as_str().unwrap().to_string();
-            }
-        }
-        panic!("serve stopped before listening");
-    })
-    .await
-    .unwrap();
-
+    let (_server, url) = serve(&file, "a-long-enough-admin-token").await;
     let http = reqwest::Client::new();
-    let ready = http
-        .get(format!("http://{addr}/readyz"))
-        .send()
-        .await
-        .unwrap();
+    let ready = http.get(format!("{url}/readyz")).send().await.unwrap();
     assert_eq!(ready.status(), 200);
     // The admin token came from the environment.
     let created = http
-        .post(format!("http://{addr}/api/v1/accounts"))
+        .post(format!("{url}/api/v1/accounts"))
         .bearer_auth("a-long-enough-admin-token")
         .json(&serde_json::json!({"name": "acme"}))
         .send()

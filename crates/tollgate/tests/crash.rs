@@ -3,48 +3,17 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common;
+
+use common::serve;
 use serde_json::{json, Value};
 use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::path::Path;
-use std::process::Stdio;
 use std::time::Duration;
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
 use tollgate_store::sqlite::SqliteStore;
 use tollgate_store::LedgerStore;
 
-const BIN: &str = env!("CARGO_BIN_EXE_tollgate");
 const ADMIN: &str = "crash-test-admin-token";
-
-/// Starts `tollgate serve` and returns it with the address it listens on.
-async fn serve(config: &Path) -> (Child, String) {
-    let mut child = Command::new(BIN)
-        .args(["serve", "--config"])
-        .arg(config)
-        .env("TOLLGATE_ADMIN_TOKEN", ADMIN)
-        .env("TOLLGATE_LOG_FORMAT", "json")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let addr = tokio::time::timeout(Duration::from_secs(30), async {
-        while let Some(line) = lines.next_line().await.unwrap() {
-            let log: Value = serde_json::from_str(&line).unwrap();
-            if log["fields"]["message"] == "tollgate listening" {
-                return log["fields"]["addr"].as_str().unwrap().to_string();
-            }
-        }
-        panic!("serve stopped before listening");
-    })
-    .await
-    .unwrap();
-    // Keep draining stderr so the server never blocks on a full pipe.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    (child, format!("http://{addr}"))
-}
 
 #[tokio::test]
 async fn sigkill_under_load_loses_no_customer_money() {
@@ -65,7 +34,7 @@ async fn sigkill_under_load_loses_no_customer_money() {
         ),
     )
     .unwrap();
-    let (mut first, url) = serve(&config).await;
+    let (mut first, url) = serve(&config, ADMIN).await;
     let http = reqwest::Client::new();
     let created: Value = http
         .post(format!("{url}/api/v1/accounts"))
@@ -114,7 +83,7 @@ async fn sigkill_under_load_loses_no_customer_money() {
         succeeded.len()
     );
 
-    let (_second, url) = serve(&config).await;
+    let (_second, url) = serve(&config, ADMIN).await;
     let balance: Value = http
         .get(format!("{url}/api/v1/billing/balance?account_id={account}"))
         .bearer_auth(ADMIN)

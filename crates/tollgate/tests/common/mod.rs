@@ -1,0 +1,41 @@
+//! What the binary's tests share: running `tollgate serve`.
+
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_tollgate");
+
+/// Starts `tollgate serve --config <config>` with `admin_token` from the environment, and returns
+/// it (killed when dropped) with its base URL, read from its JSON log.
+pub async fn serve(config: &Path, admin_token: &str) -> (Child, String) {
+    let mut child = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(config)
+        .env("TOLLGATE_ADMIN_TOKEN", admin_token)
+        .env("TOLLGATE_LOG_FORMAT", "json")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            let log: serde_json::Value = serde_json::from_str(&line).unwrap();
+            if log["fields"]["message"] == "tollgate listening" {
+                return log["fields"]["addr"].as_str().unwrap().to_string();
+            }
+        }
+        panic!("serve stopped before listening");
+    })
+    .await
+    .unwrap();
+    // Keep draining the log so the server never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    (child, format!("http://{addr}"))
+}
