@@ -34,13 +34,17 @@ impl LlmApi {
         let usage = body.get("usage").filter(|u| u.is_object())?;
         Some(match self {
             LlmApi::OpenAi => openai_usage(usage),
-            LlmApi::Anthropic => TokenUsage {
-                input: count(usage.get("input_tokens"))
-                    + count(usage.get("cache_creation_input_tokens")),
-                cached_input: count(usage.get("cache_read_input_tokens")),
-                output: count(usage.get("output_tokens")),
-            },
+            LlmApi::Anthropic => anthropic_usage(usage),
         })
+    }
+}
+
+/// Anthropic counts cache writes apart from input (charged as input) and cache reads apart too.
+fn anthropic_usage(usage: &Value) -> TokenUsage {
+    TokenUsage {
+        input: count(usage.get("input_tokens")) + count(usage.get("cache_creation_input_tokens")),
+        cached_input: count(usage.get("cache_read_input_tokens")),
+        output: count(usage.get("output_tokens")),
     }
 }
 
@@ -144,12 +148,8 @@ impl StreamMeter {
             }
             LlmApi::Anthropic => match event.get("type").and_then(Value::as_str) {
                 Some("message_start") => {
-                    if let Some(usage) = event.pointer("/message/usage") {
-                        if let Some(start) = LlmApi::Anthropic
-                            .usage_from_json(&serde_json::json!({ "usage": usage }))
-                        {
-                            self.usage = start;
-                        }
+                    if let Some(usage) = event.pointer("/message/usage").filter(|u| u.is_object()) {
+                        self.usage = anthropic_usage(usage);
                     }
                 }
                 Some("message_delta") => {

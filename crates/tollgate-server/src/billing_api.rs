@@ -43,7 +43,7 @@ pub fn router() -> Router<AppState> {
 
 /// The fee on a metered management call made with an account's key: held before the call,
 /// settled only if it succeeds (dropping it unsettled releases it). The admin pays nothing.
-pub struct ManagementFee(Option<(Arc<Ledger>, HoldId)>);
+pub struct ManagementFee(Option<(Arc<Ledger>, HoldId, Nanos)>);
 
 impl ManagementFee {
     pub async fn hold(state: &AppState, caller: &Caller) -> Result<ManagementFee, HttpError> {
@@ -68,21 +68,19 @@ impl ManagementFee {
             })
             .await
             .map_err(|refused| crate::proxy::refused_error(refused, &state.config.currency))?;
-        Ok(ManagementFee(Some((state.ledger.clone(), hold.id))))
+        Ok(ManagementFee(Some((state.ledger.clone(), hold.id, fee))))
     }
 
     pub fn settle(mut self) {
-        if let Some((ledger, id)) = self.0.take() {
-            if let Some(hold) = ledger.hold_amount(id) {
-                ledger.resolve(id, Resolve::Settle(hold));
-            }
+        if let Some((ledger, id, fee)) = self.0.take() {
+            ledger.resolve(id, Resolve::Settle(fee));
         }
     }
 }
 
 impl Drop for ManagementFee {
     fn drop(&mut self) {
-        if let Some((ledger, id)) = self.0.take() {
+        if let Some((ledger, id, _)) = self.0.take() {
             ledger.resolve(id, Resolve::Release);
         }
     }

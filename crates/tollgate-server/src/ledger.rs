@@ -106,7 +106,18 @@ impl Ledger {
 
     /// Makes sure the book holds the account's wallet and the key's spend this month.
     async fn load(&self, account: AccountId, key: Option<KeyId>) -> Result<(), StoreError> {
-        if self.book().wallet(account).is_none() {
+        // The common case, everything loaded, costs one lock.
+        let (wallet_loaded, key_loaded) = {
+            let book = self.book();
+            (
+                book.wallet(account).is_some(),
+                key.is_none_or(|k| book.key_spend_loaded(k)),
+            )
+        };
+        if wallet_loaded && key_loaded {
+            return Ok(());
+        }
+        if !wallet_loaded {
             let wallet =
                 self.store.wallet(account).await?.ok_or_else(|| {
                     StoreError::Corrupt(format!("account {account} has no wallet"))
@@ -274,11 +285,6 @@ impl Ledger {
         }
         self.flush().await?;
         Ok(expired)
-    }
-
-    /// The amount of a hold the book knows.
-    pub fn hold_amount(&self, id: HoldId) -> Option<Nanos> {
-        self.book().hold(id).map(|h| h.amount)
     }
 
     pub fn pending_holds(&self) -> usize {
