@@ -1,6 +1,7 @@
 //! Tollgate's pure domain: exact money, typed ids, the API key format, the error catalogue and the
 //! clock. Nothing here does I/O, speaks HTTP or SQL; everything is deterministic given a [`Clock`].
 
+pub mod access;
 pub mod clock;
 pub mod error;
 pub mod ids;

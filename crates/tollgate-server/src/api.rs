@@ -15,24 +15,32 @@ use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::{DurationRound, TimeDelta};
+use ipnet::IpNet;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use std::collections::BTreeMap;
-use tollgate_core::{AccountId, ApiError, ApiKey, ErrorCode, KeyId, KeyKind, Nanos};
-use tollgate_store::{Account, KeyRecord, NewKey, RevokeOutcome};
+use tollgate_core::{
+    access, AccountId, ApiError, ApiKey, ErrorCode, KeyId, KeyKind, KeyStatus, Nanos,
+};
+use tollgate_store::{Account, InsertKeyOutcome, KeyChange, KeyRecord, NewKey, RevokeOutcome};
 use tollgate_wire::api::{self as wire, CreateAccountRequest, CreateKeyRequest};
 
 /// The largest management request body read.
 const MAX_BODY_BYTES: usize = 1024 * 1024;
 const MAX_NAME_CHARS: usize = 200;
 const MAX_SCOPES: usize = 100;
+const MAX_ALLOWED_IPS: usize = 100;
+/// The longest a rolled key's previous secret may keep working.
+const MAX_ROLL_GRACE_SECONDS: u64 = 7 * 24 * 3600;
 
 pub fn router() -> Router<AppState> {
     Router::new()
         .route("/accounts", post(create_account))
-        .route("/accounts/{id}", get(get_account))
+        .route("/accounts/{id}", get(get_account).patch(update_account))
         .route("/keys", post(create_key).get(list_keys))
+        .route("/keys/{id}", get(get_key).patch(update_key))
         .route("/keys/{id}/revoke", post(revoke_key))
+        .route("/keys/{id}/roll", post(roll_key))
         .route("/key", get(current_key))
         .merge(crate::billing_api::router())
 }
@@ -67,10 +75,17 @@ async fn create_account(
         None,
     );
     let now = state.clock.now();
-    let account = state
+    let mut account = state
         .store
         .create_account(account_id, &name, starter_credits, master.clone(), now)
         .await?;
+    if body.max_keys.is_some() {
+        account = state
+            .store
+            .update_account(account_id, &name, body.max_keys)
+            .await?
+            .ok_or_else(|| HttpError::not_found("account"))?;
+    }
     tracing::info!(account = %account_id, key = %master.id, "account created");
     let response = wire::CreateAccountResponse {
         account: account_view(&state, &account),
@@ -102,6 +117,46 @@ async fn get_account(
     Ok(Json(account_view(&state, &account)))
 }
 
+async fn update_account(
+    State(state): State<AppState>,
+    caller: Caller,
+    id: Result<Path<String>, PathRejection>,
+    body: JsonBody,
+) -> Result<Json<wire::Account>, HttpError> {
+    caller.require_master_or_admin()?;
+    let id = parse_id(id, AccountId::parse, "account")?;
+    if !caller_owns(&caller, id) {
+        return Err(HttpError::not_found("account"));
+    }
+    caller.require_admin()?;
+    let body: wire::UpdateAccountRequest = body.parse()?;
+    let mut fields = FieldErrors::default();
+    let name = match &body.name {
+        None => None,
+        Some(None) => {
+            fields.add("name", "cannot be cleared");
+            None
+        }
+        Some(Some(name)) => Some(fields.name("name", name)),
+    };
+    fields.finish()?;
+    state.ledger.flush().await?;
+    let account = state
+        .store
+        .account(id)
+        .await?
+        .ok_or_else(|| HttpError::not_found("account"))?;
+    let name = name.unwrap_or(account.name);
+    let max_keys = body.max_keys.unwrap_or(account.max_keys);
+    let account = state
+        .store
+        .update_account(id, &name, max_keys)
+        .await?
+        .ok_or_else(|| HttpError::not_found("account"))?;
+    tracing::info!(account = %id, "account updated");
+    Ok(Json(account_view(&state, &account)))
+}
+
 async fn create_key(
     State(state): State<AppState>,
     caller: Caller,
@@ -128,20 +183,9 @@ async fn create_key(
     let kind = body.kind.unwrap_or(KeyKind::Usage);
     let scopes = body.scopes.clone().unwrap_or_else(|| vec!["*".into()]);
     validate_scopes(&state, &scopes, &mut fields);
-    // Stores keep milliseconds; drop the rest so the key reads back exactly as created.
-    let expires_at = body
-        .expires_at
-        .map(|t| t.duration_trunc(TimeDelta::milliseconds(1)).unwrap_or(t));
-    if let Some(expires_at) = expires_at {
-        if expires_at <= state.clock.now() {
-            fields.add("expires_at", "must be in the future");
-        }
-    }
-    let monthly_spend_cap = body.monthly_spend_cap.as_deref().and_then(|text| {
-        Nanos::parse_credits(text)
-            .map_err(|e| fields.add("monthly_spend_cap", e.to_string()))
-            .ok()
-    });
+    let allowed_ips = fields.allowed_ips(body.allowed_ips.as_deref().unwrap_or_default());
+    let expires_at = fields.expiry(&state, body.expires_at);
+    let monthly_spend_cap = fields.spend_cap(body.monthly_spend_cap.as_deref());
     fields.finish()?;
     let Some(account_id) = account_id else {
         return Err(HttpError::not_found("account"));
@@ -159,9 +203,27 @@ async fn create_key(
     }
     let (secret, mut record) = new_key(&state, account_id, kind, &name, scopes, expires_at);
     record.monthly_spend_cap = monthly_spend_cap;
+    record.allowed_ips = allowed_ips;
     let fee = crate::billing_api::ManagementFee::hold(&state, &caller).await?;
-    state.store.insert_key(&record).await?;
-    fee.settle();
+    match state
+        .store
+        .insert_key(&record, state.config.max_keys_per_account)
+        .await?
+    {
+        InsertKeyOutcome::Inserted => fee.settle(),
+        InsertKeyOutcome::LimitReached { limit } => {
+            // Dropping the fee unsettled releases it: a refused call costs nothing.
+            return Err(ApiError::new(
+                ErrorCode::KeyLimitReached,
+                format!(
+                    "The account already has {limit} keys, its limit. Revoke one it no longer \
+                     needs, or ask the operator to raise the limit."
+                ),
+            )
+            .with_detail("limit", limit)
+            .into());
+        }
+    }
     tracing::info!(account = %account_id, key = %record.id, kind = kind.as_str(), "key created");
     let created = wire::CreatedKey {
         key: key_view(&record, &state.config.currency),
@@ -217,24 +279,158 @@ async fn list_keys(
     }))
 }
 
+/// The key with this id if the caller may manage it; another account's key is not found, exactly
+/// as one that does not exist.
+async fn owned_key(
+    state: &AppState,
+    caller: &Caller,
+    id: Result<Path<String>, PathRejection>,
+) -> Result<KeyRecord, HttpError> {
+    caller.require_master_or_admin()?;
+    let id = parse_id(id, KeyId::parse, "key")?;
+    state
+        .store
+        .key_by_id(id)
+        .await?
+        .filter(|key| caller_owns(caller, key.account_id))
+        .ok_or_else(|| HttpError::not_found("key"))
+}
+
+async fn get_key(
+    State(state): State<AppState>,
+    caller: Caller,
+    id: Result<Path<String>, PathRejection>,
+) -> Result<Json<wire::ApiKeyInfo>, HttpError> {
+    let key = owned_key(&state, &caller, id).await?;
+    Ok(Json(key_view(&key, &state.config.currency)))
+}
+
+async fn update_key(
+    State(state): State<AppState>,
+    caller: Caller,
+    id: Result<Path<String>, PathRejection>,
+    body: JsonBody,
+) -> Result<Json<wire::ApiKeyInfo>, HttpError> {
+    let mut key = owned_key(&state, &caller, id).await?;
+    let body: wire::UpdateKeyRequest = body.parse()?;
+    if key.status == KeyStatus::Revoked {
+        return Err(revoked_conflict(&key));
+    }
+    let mut fields = FieldErrors::default();
+    match body.name {
+        None => {}
+        Some(None) => fields.add("name", "cannot be cleared"),
+        Some(Some(name)) => key.name = fields.name("name", &name),
+    }
+    match body.scopes {
+        None => {}
+        Some(None) => fields.add("scopes", "cannot be cleared; revoke the key instead"),
+        Some(Some(scopes)) => {
+            validate_scopes(&state, &scopes, &mut fields);
+            key.scopes = scopes;
+        }
+    }
+    if let Some(list) = body.allowed_ips {
+        key.allowed_ips = fields.allowed_ips(&list.unwrap_or_default());
+    }
+    if let Some(expires_at) = body.expires_at {
+        key.expires_at = fields.expiry(&state, expires_at);
+    }
+    match body.status {
+        None => {}
+        Some(Some(status @ (KeyStatus::Active | KeyStatus::Inactive))) => key.status = status,
+        Some(_) => fields.add(
+            "status",
+            "must be active or inactive; revoke with POST /keys/{id}/revoke",
+        ),
+    }
+    if let Some(cap) = body.monthly_spend_cap {
+        key.monthly_spend_cap = fields.spend_cap(cap.as_deref());
+    }
+    fields.finish()?;
+    let key = changed_key(&state, state.store.update_key(&key).await?)?;
+    tracing::info!(key = %key.id, "key updated");
+    Ok(Json(key_view(&key, &state.config.currency)))
+}
+
+async fn roll_key(
+    State(state): State<AppState>,
+    caller: Caller,
+    id: Result<Path<String>, PathRejection>,
+    body: JsonBody,
+) -> Result<Json<wire::RolledKey>, HttpError> {
+    let key = owned_key(&state, &caller, id).await?;
+    let body: wire::RollKeyRequest = if body.is_empty() {
+        wire::RollKeyRequest::default()
+    } else {
+        body.parse()?
+    };
+    let grace = body.grace_period_seconds.unwrap_or(0);
+    if grace > MAX_ROLL_GRACE_SECONDS {
+        let mut fields = FieldErrors::default();
+        fields.add(
+            "grace_period_seconds",
+            format!("must be at most {MAX_ROLL_GRACE_SECONDS} (7 days)"),
+        );
+        fields.finish()?;
+    }
+    if key.status == KeyStatus::Revoked {
+        return Err(revoked_conflict(&key));
+    }
+    let secret = ApiKey::generate(state.config.key_env);
+    let now = state.clock.now();
+    // Whole seconds on a millisecond clock, so the deadline reads back exactly as stored.
+    let now = now
+        .duration_trunc(TimeDelta::milliseconds(1))
+        .unwrap_or(now);
+    let previous_expires = now + TimeDelta::seconds(i64::try_from(grace).unwrap_or(i64::MAX));
+    let change = state
+        .store
+        .roll_key(
+            key.id,
+            secret.hash(),
+            secret.display_prefix(),
+            previous_expires,
+            now,
+        )
+        .await?;
+    let key = changed_key(&state, change)?;
+    tracing::info!(key = %key.id, grace_seconds = grace, "key rolled");
+    Ok(Json(wire::RolledKey {
+        key: key_view(&key, &state.config.currency),
+        secret: secret.expose().to_string(),
+        previous_secret_expires_at: previous_expires,
+    }))
+}
+
+/// The key after a change, with its cache entries dropped so the next request sees it.
+fn changed_key(state: &AppState, change: KeyChange) -> Result<KeyRecord, HttpError> {
+    match change {
+        KeyChange::Changed(key) => {
+            state.keys.invalidate(key.id);
+            Ok(key)
+        }
+        KeyChange::Revoked(key) => Err(revoked_conflict(&key)),
+        KeyChange::NotFound => Err(HttpError::not_found("key")),
+    }
+}
+
+fn revoked_conflict(key: &KeyRecord) -> HttpError {
+    HttpError::new(
+        ErrorCode::Conflict,
+        format!("The key {} is revoked and cannot change.", key.id),
+    )
+}
+
 async fn revoke_key(
     State(state): State<AppState>,
     caller: Caller,
     id: Result<Path<String>, PathRejection>,
 ) -> Result<Json<wire::ApiKeyInfo>, HttpError> {
-    caller.require_master_or_admin()?;
-    let id = parse_id(id, KeyId::parse, "key")?;
-    let key = state
-        .store
-        .key_by_id(id)
-        .await?
-        .ok_or_else(|| HttpError::not_found("key"))?;
-    if !caller_owns(&caller, key.account_id) {
-        return Err(HttpError::not_found("key"));
-    }
-    match state.store.revoke_key(id, state.clock.now()).await? {
+    let key = owned_key(&state, &caller, id).await?;
+    match state.store.revoke_key(key.id, state.clock.now()).await? {
         RevokeOutcome::Revoked(key) => {
-            state.keys.invalidate(&key.hash);
+            state.keys.invalidate(key.id);
             tracing::info!(key = %key.id, "key revoked");
             Ok(Json(key_view(&key, &state.config.currency)))
         }
@@ -308,6 +504,7 @@ fn new_key(
         kind,
         name: name.to_string(),
         scopes,
+        allowed_ips: Vec::new(),
         expires_at,
         monthly_spend_cap: None,
     };
@@ -325,13 +522,43 @@ fn validate_scopes(state: &AppState, scopes: &[String], fields: &mut FieldErrors
         fields.add("scopes", format!("at most {MAX_SCOPES} scopes"));
     }
     for scope in scopes {
-        if scope != "*" && !state.config.route_groups().any(|g| g == scope) {
-            let groups: Vec<&str> = state.config.route_groups().collect();
+        let Some((group, model)) = access::parse_scope(scope) else {
+            continue;
+        };
+        let routes: Vec<_> = state
+            .config
+            .routes
+            .iter()
+            .filter(|r| r.group == group)
+            .collect();
+        if routes.is_empty() {
+            let mut groups: Vec<&str> = state.config.route_groups().collect();
+            groups.dedup();
             fields.add(
                 "scopes",
                 format!(
                     "'{scope}' is not a route group (known: {}; or \"*\")",
                     groups.join(", ")
+                ),
+            );
+            continue;
+        }
+        let Some(model) = model else { continue };
+        let models: Vec<&str> = routes
+            .iter()
+            .filter_map(|r| r.pricing.llm.as_ref())
+            .flat_map(|(_, models)| models.keys().map(String::as_str))
+            .collect();
+        if !models.contains(&model) {
+            fields.add(
+                "scopes",
+                format!(
+                    "'{scope}': '{model}' is not a model of the route group '{group}' (models: {})",
+                    if models.is_empty() {
+                        "none".to_string()
+                    } else {
+                        models.join(", ")
+                    }
                 ),
             );
         }
@@ -344,6 +571,9 @@ fn account_view(state: &AppState, account: &Account) -> wire::Account {
         name: account.name.clone(),
         status: account.status.clone(),
         balance: wire::Money::new(account.balance, &state.config.currency),
+        max_keys: account
+            .max_keys
+            .unwrap_or(state.config.max_keys_per_account),
         created_at: account.created_at,
     }
 }
@@ -357,6 +587,7 @@ pub(crate) fn key_view(key: &KeyRecord, currency: &str) -> wire::ApiKeyInfo {
         status: key.status,
         prefix: key.display_prefix.clone(),
         scopes: key.scopes.clone(),
+        allowed_ips: key.allowed_ips.iter().map(IpNet::to_string).collect(),
         expires_at: key.expires_at,
         monthly_spend_cap: key
             .monthly_spend_cap
@@ -394,6 +625,42 @@ impl FieldErrors {
         trimmed.to_string()
     }
 
+    /// CIDRs for a key's allowlist, each checked.
+    fn allowed_ips(&mut self, list: &[String]) -> Vec<IpNet> {
+        if list.len() > MAX_ALLOWED_IPS {
+            self.add("allowed_ips", format!("at most {MAX_ALLOWED_IPS} entries"));
+        }
+        list.iter()
+            .filter_map(|text| {
+                crate::config::parse_cidr(text)
+                    .map_err(|m| self.add("allowed_ips", m))
+                    .ok()
+            })
+            .collect()
+    }
+
+    /// A key's expiry: in the future, kept to milliseconds (what stores keep), so the key reads
+    /// back exactly as written.
+    fn expiry(
+        &mut self,
+        state: &AppState,
+        at: Option<chrono::DateTime<chrono::Utc>>,
+    ) -> Option<chrono::DateTime<chrono::Utc>> {
+        let at = at.map(|t| t.duration_trunc(TimeDelta::milliseconds(1)).unwrap_or(t));
+        if at.is_some_and(|at| at <= state.clock.now()) {
+            self.add("expires_at", "must be in the future");
+        }
+        at
+    }
+
+    fn spend_cap(&mut self, text: Option<&str>) -> Option<Nanos> {
+        text.and_then(|text| {
+            Nanos::parse_credits(text)
+                .map_err(|e| self.add("monthly_spend_cap", e.to_string()))
+                .ok()
+        })
+    }
+
     pub(crate) fn finish(self) -> Result<(), HttpError> {
         if self.0.is_empty() {
             Ok(())
@@ -409,6 +676,11 @@ impl FieldErrors {
 pub struct JsonBody(Bytes);
 
 impl JsonBody {
+    /// No body, or only whitespace.
+    pub fn is_empty(&self) -> bool {
+        self.0.iter().all(u8::is_ascii_whitespace)
+    }
+
     /// Malformed JSON → 400 `bad_request`; the wrong shape → 400 `validation_error` naming the
     /// field.
     pub fn parse<T: DeserializeOwned>(&self) -> Result<T, HttpError> {
@@ -517,7 +789,7 @@ mod tests {
             bad_request Malformed JSON: EOF while parsing an object at line 1 column 1. {}
             bad_request Malformed JSON: trailing characters at line 1 column 14. {}
             validation_error 1 invalid field: name. See field_errors. {"name": ["missing field `name`"]}
-            validation_error 1 invalid field: nmae. See field_errors. {"nmae": ["unknown field `nmae`, expected one of `name`, `account_id`, `kind`, `scopes`, `expires_at`, `monthly_spend_cap`"]}
+            validation_error 1 invalid field: nmae. See field_errors. {"nmae": ["unknown field `nmae`, expected one of `name`, `account_id`, `kind`, `scopes`, `allowed_ips`, `expires_at`, `monthly_spend_cap`"]}
             validation_error 1 invalid field: name. See field_errors. {"name": ["invalid type: integer `5`, expected a string"]}
             validation_error 1 invalid field: scopes[1]. See field_errors. {"scopes[1]": ["invalid type: integer `1`, expected a string"]}
             validation_error 1 invalid field: kind. See field_errors. {"kind": ["unknown variant `root`, expected `master` or `usage`"]}

@@ -1,20 +1,23 @@
 //! Authentication: who is calling, decided from memory on the hot path.
 //!
 //! A key is checked for format and checksum first (a malformed key never reaches the store), then
-//! looked up by its SHA-256 in the [`KeyCache`], which falls back to the store on a miss. Status
-//! and expiry are judged on every request against the clock, so an expired key fails the moment
-//! it expires; a revocation invalidates the cache entry, so it takes effect on the next request.
+//! looked up by its SHA-256 in the [`KeyCache`], which falls back to the store on a miss. Status,
+//! expiry, a rolled secret's grace period and the IP allowlist are judged on every request against
+//! the clock and the client address, so an expired key fails the moment it expires; every change
+//! to a key invalidates its cache entries, so it takes effect on the next request.
 
 use crate::error::HttpError;
 use crate::state::AppState;
-use axum::extract::FromRequestParts;
+use axum::extract::{ConnectInfo, FromRequestParts};
 use axum::http::request::Parts;
 use axum::http::HeaderMap;
+use chrono::{DateTime, Utc};
 use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use tollgate_core::key::secret_matches;
-use tollgate_core::{ApiKey, ErrorCode, KeyHash, KeyKind, KeyStatus};
+use tollgate_core::{access, ApiKey, ErrorCode, KeyHash, KeyId, KeyKind, KeyStatus};
 use tollgate_store::{KeyRecord, KeyStore, StoreError};
 
 /// The credential a request presents: `Authorization: Bearer <secret>` or `X-Api-Key: <secret>`.
@@ -34,10 +37,30 @@ pub fn presented_secret(headers: &HeaderMap) -> Option<&str> {
         .filter(|secret| !secret.is_empty())
 }
 
-/// Verifies an API key and its status; the key's record on success.
+/// The client's address: the socket peer, or what `X-Forwarded-For` says when the peer is a
+/// configured trusted proxy. `None` only when the connection's address is unknown.
+pub fn client_ip(
+    state: &AppState,
+    headers: &HeaderMap,
+    extensions: &http::Extensions,
+) -> Option<IpAddr> {
+    let ConnectInfo(peer) = extensions.get::<ConnectInfo<SocketAddr>>()?;
+    let forwarded = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok());
+    Some(access::client_ip(
+        peer.ip(),
+        forwarded,
+        &state.config.trusted_proxies,
+    ))
+}
+
+/// Verifies an API key, its status and where it is used from; the key's record on success.
 pub async fn authenticate_key(
     state: &AppState,
     secret: Option<&str>,
+    client: Option<IpAddr>,
 ) -> Result<Arc<KeyRecord>, HttpError> {
     let Some(secret) = secret else {
         return Err(HttpError::new(
@@ -52,17 +75,49 @@ pub async fn authenticate_key(
         )
     })?;
     let hash = key.hash();
-    let record = state
+    let found = state
         .keys
         .get(&hash, &*state.store)
         .await?
-        .filter(|record| record.hash.ct_eq(&hash))
         .ok_or_else(|| HttpError::new(ErrorCode::InvalidApiKey, "The API key is not valid."))?;
-    check_status(&record, state)?;
-    Ok(record)
+    check_status(&found, state)?;
+    let record = &found.record;
+    if !access::ip_allowed(&record.allowed_ips, client.unwrap_or(UNKNOWN_CLIENT)) {
+        let shown = client.map_or("unknown".to_string(), |ip| ip.to_string());
+        return Err(HttpError::new(
+            ErrorCode::IpNotAllowed,
+            format!(
+                "The API key {} may not be used from {shown}; its IP allowlist does not include it.",
+                record.id
+            ),
+        )
+        .with_detail("client_ip", shown));
+    }
+    Ok(found.record.clone())
 }
 
-fn check_status(record: &KeyRecord, state: &AppState) -> Result<(), HttpError> {
+/// Stands in for a client whose address is unknown: inside no allowlist anyone would write.
+const UNKNOWN_CLIENT: IpAddr = IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED);
+
+fn check_status(found: &CachedKey, state: &AppState) -> Result<(), HttpError> {
+    let record = &*found.record;
+    let now = state.clock.now();
+    if let (KeyStatus::Active | KeyStatus::Inactive, Some(deadline)) =
+        (record.status, found.secret_expires_at)
+    {
+        if deadline <= now {
+            let at = tollgate_core::clock::rfc3339(deadline);
+            return Err(HttpError::new(
+                ErrorCode::KeyRevoked,
+                format!(
+                    "This secret of API key {} was replaced when the key was rolled, and stopped \
+                     working at {at}. Use the new secret.",
+                    record.id
+                ),
+            )
+            .with_detail("revoked_at", at));
+        }
+    }
     match record.status {
         KeyStatus::Revoked => {
             return Err(HttpError::new(
@@ -79,7 +134,7 @@ fn check_status(record: &KeyRecord, state: &AppState) -> Result<(), HttpError> {
         KeyStatus::Active => {}
     }
     if let Some(expires_at) = record.expires_at {
-        if expires_at <= state.clock.now() {
+        if expires_at <= now {
             return Err(HttpError::new(
                 ErrorCode::KeyExpired,
                 format!(
@@ -130,6 +185,7 @@ impl FromRequestParts<AppState> for Caller {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Caller, HttpError> {
         let secret = presented_secret(&parts.headers);
+        let client = client_ip(state, &parts.headers, &parts.extensions);
         if let (Some(secret), Some(admin)) = (secret, &state.config.admin_token) {
             if !secret.starts_with("tg_") {
                 return if secret_matches(secret, &admin.0) {
@@ -142,78 +198,123 @@ impl FromRequestParts<AppState> for Caller {
                 };
             }
         }
-        authenticate_key(state, secret).await.map(Caller::Key)
+        authenticate_key(state, secret, client)
+            .await
+            .map(Caller::Key)
     }
 }
 
-/// Key records by hash, in memory, bounded.
+/// A key as cached under one of its secrets.
+#[derive(Debug, Clone)]
+pub struct CachedKey {
+    pub record: Arc<KeyRecord>,
+    /// Set for a secret a roll replaced: when it stops working.
+    pub secret_expires_at: Option<DateTime<Utc>>,
+}
+
+/// Key records by secret hash, in memory, bounded.
 ///
 /// Hand-written rather than a cache crate because an invalidation must win over a concurrent
-/// load: a load that read the store before a revocation must not put the stale record back after
+/// load: a load that read the store before a change must not put the stale record back after
 /// it. Every invalidation bumps `generation`; a load caches its result only if no invalidation
-/// happened while it read the store. When full, an arbitrary entry is evicted (O(1)).
+/// happened while it read the store. A rolled key is cached under each of its secrets, so entries
+/// are also indexed by key id and a change to a key drops them all. When full, an arbitrary entry
+/// is evicted (O(1)).
 pub struct KeyCache {
-    entries: RwLock<HashMap<KeyHash, Arc<KeyRecord>>>,
+    entries: RwLock<Entries>,
     generation: AtomicU64,
     capacity: usize,
+}
+
+#[derive(Default)]
+struct Entries {
+    by_hash: HashMap<KeyHash, CachedKey>,
+    hashes_of: HashMap<KeyId, Vec<KeyHash>>,
+}
+
+impl Entries {
+    fn remove(&mut self, hash: &KeyHash) {
+        let Some(entry) = self.by_hash.remove(hash) else {
+            return;
+        };
+        if let Some(hashes) = self.hashes_of.get_mut(&entry.record.id) {
+            hashes.retain(|h| h != hash);
+            if hashes.is_empty() {
+                self.hashes_of.remove(&entry.record.id);
+            }
+        }
+    }
 }
 
 impl KeyCache {
     pub fn new(capacity: usize) -> KeyCache {
         KeyCache {
-            entries: RwLock::new(HashMap::new()),
+            entries: RwLock::new(Entries::default()),
             generation: AtomicU64::new(0),
             capacity: capacity.max(1),
         }
     }
 
-    /// The key with this hash, from memory or else the store. Unknown keys are not cached.
+    /// The key with this secret hash, from memory or else the store. Unknown keys are not cached.
     pub async fn get(
         &self,
         hash: &KeyHash,
         store: &dyn KeyStore,
-    ) -> Result<Option<Arc<KeyRecord>>, StoreError> {
-        if let Some(hit) = self.read().get(hash) {
+    ) -> Result<Option<CachedKey>, StoreError> {
+        if let Some(hit) = self.read().by_hash.get(hash) {
             return Ok(Some(hit.clone()));
         }
         let generation = self.generation.load(Ordering::Acquire);
-        let Some(record) = store.key_by_hash(hash).await? else {
+        let Some(found) = store.key_by_hash(hash).await? else {
             return Ok(None);
         };
-        let record = Arc::new(record);
+        let entry = CachedKey {
+            record: Arc::new(found.key),
+            secret_expires_at: found.secret_expires_at,
+        };
         let mut entries = self.write();
         if self.generation.load(Ordering::Acquire) == generation {
-            if entries.len() >= self.capacity {
-                if let Some(victim) = entries.keys().next().copied() {
+            if entries.by_hash.len() >= self.capacity {
+                if let Some(victim) = entries.by_hash.keys().next().copied() {
                     entries.remove(&victim);
                 }
             }
-            entries.insert(*hash, record.clone());
+            entries.remove(hash);
+            entries
+                .hashes_of
+                .entry(entry.record.id)
+                .or_default()
+                .push(*hash);
+            entries.by_hash.insert(*hash, entry.clone());
         }
-        Ok(Some(record))
+        Ok(Some(entry))
     }
 
-    /// Forgets a key so the next request reads it afresh. Call after every change to a key.
-    pub fn invalidate(&self, hash: &KeyHash) {
+    /// Forgets every secret of a key so the next request reads it afresh. Call after every
+    /// change to a key.
+    pub fn invalidate(&self, key: KeyId) {
         self.generation.fetch_add(1, Ordering::AcqRel);
-        self.write().remove(hash);
+        let mut entries = self.write();
+        for hash in entries.hashes_of.remove(&key).unwrap_or_default() {
+            entries.by_hash.remove(&hash);
+        }
     }
 
     pub fn len(&self) -> usize {
-        self.read().len()
+        self.read().by_hash.len()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<KeyHash, Arc<KeyRecord>>> {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Entries> {
         self.entries
             .read()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<KeyHash, Arc<KeyRecord>>> {
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Entries> {
         self.entries
             .write()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -223,10 +324,9 @@ impl KeyCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use chrono::Utc;
     use tokio::sync::Notify;
-    use tollgate_core::{AccountId, KeyEnv, KeyId};
-    use tollgate_store::{NewKey, RevokeOutcome};
+    use tollgate_core::{AccountId, KeyEnv};
+    use tollgate_store::{InsertKeyOutcome, KeyChange, KeyLookup, NewKey, RevokeOutcome};
 
     /// A key store whose lookups wait for `release`, to stage a load racing an invalidation.
     struct SlowStore {
@@ -237,12 +337,30 @@ mod tests {
 
     #[async_trait::async_trait]
     impl KeyStore for SlowStore {
-        async fn key_by_hash(&self, _: &KeyHash) -> Result<Option<KeyRecord>, StoreError> {
+        async fn key_by_hash(&self, hash: &KeyHash) -> Result<Option<KeyLookup>, StoreError> {
             self.lookups.fetch_add(1, Ordering::SeqCst);
             self.release.notified().await;
-            Ok(Some(self.record.clone()))
+            // Any other hash is a secret the key's roll replaced.
+            let rolled = (*hash != self.record.hash).then(Utc::now);
+            Ok(Some(KeyLookup {
+                key: self.record.clone(),
+                secret_expires_at: rolled,
+            }))
         }
-        async fn insert_key(&self, _: &KeyRecord) -> Result<(), StoreError> {
+        async fn insert_key(&self, _: &KeyRecord, _: u32) -> Result<InsertKeyOutcome, StoreError> {
+            unreachable!()
+        }
+        async fn update_key(&self, _: &KeyRecord) -> Result<KeyChange, StoreError> {
+            unreachable!()
+        }
+        async fn roll_key(
+            &self,
+            _: KeyId,
+            _: KeyHash,
+            _: &str,
+            _: DateTime<Utc>,
+            _: DateTime<Utc>,
+        ) -> Result<KeyChange, StoreError> {
             unreachable!()
         }
         async fn key_by_id(&self, _: KeyId) -> Result<Option<KeyRecord>, StoreError> {
@@ -270,6 +388,7 @@ mod tests {
             kind: KeyKind::Usage,
             name: "k".into(),
             scopes: vec!["*".into()],
+            allowed_ips: Vec::new(),
             expires_at: None,
         };
         Arc::new(SlowStore {
@@ -292,7 +411,7 @@ mod tests {
         while store.lookups.load(Ordering::SeqCst) == 0 {
             tokio::task::yield_now().await;
         }
-        cache.invalidate(&hash);
+        cache.invalidate(store.record.id);
         store.release.notify_one();
         assert!(load.await.unwrap().unwrap().is_some());
         assert!(
@@ -316,6 +435,23 @@ mod tests {
         store.release.notify_one();
         cache.get(&other, &*store).await.unwrap();
         assert_eq!(cache.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn invalidating_a_rolled_key_forgets_every_secret() {
+        let store = slow_store();
+        let cache = KeyCache::new(10);
+        let old_secret = KeyHash([7; 32]);
+        for hash in [store.record.hash, old_secret] {
+            store.release.notify_one();
+            cache.get(&hash, &*store).await.unwrap();
+        }
+        assert_eq!(cache.len(), 2);
+        let old = cache.get(&old_secret, &*store).await.unwrap().unwrap();
+        assert!(old.secret_expires_at.is_some());
+        cache.invalidate(store.record.id);
+        assert!(cache.is_empty());
+        assert!(cache.read().hashes_of.is_empty());
     }
 
     #[test]

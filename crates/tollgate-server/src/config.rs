@@ -9,6 +9,7 @@
 
 use http::header::HeaderName;
 use http::Uri;
+use ipnet::IpNet;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -55,6 +56,8 @@ pub struct RawServer {
     pub request_id_header: String,
     pub max_body_bytes: u64,
     pub key_cache_capacity: u64,
+    /// Proxies (CIDRs) whose `X-Forwarded-For` is believed when working out the client address.
+    pub trusted_proxies: Vec<String>,
 }
 
 impl Default for RawServer {
@@ -65,6 +68,7 @@ impl Default for RawServer {
             request_id_header: "x-request-id".into(),
             max_body_bytes: 10 * 1024 * 1024,
             key_cache_capacity: 100_000,
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -123,11 +127,16 @@ impl Default for RawBilling {
 pub struct RawKeys {
     /// `live` keys start `tg_live_`, `test` keys `tg_test_`.
     pub env: KeyEnv,
+    /// Unrevoked keys an account may have, its master keys included; overridable per account.
+    pub max_per_account: u32,
 }
 
 impl Default for RawKeys {
     fn default() -> Self {
-        RawKeys { env: KeyEnv::Live }
+        RawKeys {
+            env: KeyEnv::Live,
+            max_per_account: 100,
+        }
     }
 }
 
@@ -376,6 +385,31 @@ fn deserialize_at<T: DeserializeOwned>(
     }
 }
 
+/// An IPv4/IPv6 network in CIDR notation (`10.0.0.0/8`, `2001:db8::/32`); a bare address is
+/// the network of that one address. Host bits must be zero, so a typo like `10.0.0.1/8` is
+/// caught rather than silently widened. Shared by the config and the key API.
+pub fn parse_cidr(text: &str) -> Result<IpNet, String> {
+    let text = text.trim();
+    let net = match text.parse::<IpNet>() {
+        Ok(net) => net,
+        Err(_) => match text.parse::<std::net::IpAddr>() {
+            Ok(ip) => IpNet::from(ip),
+            Err(_) => {
+                return Err(format!(
+                    "'{text}' is not a CIDR, e.g. 10.0.0.0/8 or 2001:db8::/32"
+                ))
+            }
+        },
+    };
+    if net.network() != net.addr() {
+        return Err(format!(
+            "'{text}' has host bits set; did you mean {}?",
+            net.trunc()
+        ));
+    }
+    Ok(net)
+}
+
 // ---------------------------------------------------------------------------------------------
 // Step 2: validated runtime types.
 
@@ -387,6 +421,7 @@ pub struct Config {
     pub request_id_header: HeaderName,
     pub max_body_bytes: u64,
     pub key_cache_capacity: usize,
+    pub trusted_proxies: Vec<IpNet>,
     pub store: StoreConfig,
     pub admin_token: Option<Secret>,
     pub currency: String,
@@ -396,6 +431,7 @@ pub struct Config {
     pub sweep_interval: Duration,
     pub usage_retention: Duration,
     pub key_env: KeyEnv,
+    pub max_keys_per_account: u32,
     pub routes: Vec<RouteConfig>,
     /// What was validated, for `check-config` to print.
     pub raw: RawConfig,
@@ -530,6 +566,16 @@ impl Config {
         if s.key_cache_capacity == 0 {
             p.push("server.key_cache_capacity", "must be at least 1");
         }
+        let trusted_proxies: Vec<IpNet> = s
+            .trusted_proxies
+            .iter()
+            .enumerate()
+            .filter_map(|(i, text)| {
+                parse_cidr(text)
+                    .map_err(|m| p.push(&format!("server.trusted_proxies[{i}]"), m))
+                    .ok()
+            })
+            .collect();
 
         let store = parse_store_url(&raw.store.url)
             .map_err(|m| p.push("store.url", m))
@@ -607,6 +653,7 @@ impl Config {
                 request_id_header,
                 max_body_bytes: s.max_body_bytes,
                 key_cache_capacity: usize::try_from(s.key_cache_capacity).unwrap_or(usize::MAX),
+                trusted_proxies,
                 store,
                 admin_token,
                 currency,
@@ -616,6 +663,7 @@ impl Config {
                 sweep_interval,
                 usage_retention,
                 key_env: raw.keys.env,
+                max_keys_per_account: raw.keys.max_per_account,
                 routes,
                 raw,
             }),
@@ -1020,7 +1068,7 @@ mod tests {
     fn every_problem_is_reported_at_once_with_its_path() {
         expect![[r#"
             8 problems in the config:
-              - server.lisen: unknown field `lisen`, expected one of `listen`, `api_prefix`, `request_id_header`, `max_body_bytes`, `key_cache_capacity`
+              - server.lisen: unknown field `lisen`, expected one of `listen`, `api_prefix`, `request_id_header`, `max_body_bytes`, `key_cache_capacity`, `trusted_proxies`
               - routes[0].upstream: invalid type: integer `5`, expected a string
               - routes[2]: missing field `group`
               - surprise: unknown section (expected server, store, admin, billing, keys or routes)

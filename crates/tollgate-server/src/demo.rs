@@ -65,9 +65,11 @@ impl Demo {
         let mut reusable = None;
         if let Some(saved) = saved {
             if let Ok(key) = ApiKey::parse(&saved.master_key) {
-                let record = store.key_by_hash(&key.hash()).await?;
-                if record.is_some_and(|r| {
-                    r.status == KeyStatus::Active && r.account_id == saved.account_id
+                let found = store.key_by_hash(&key.hash()).await?;
+                if found.is_some_and(|f| {
+                    f.secret_expires_at.is_none()
+                        && f.key.status == KeyStatus::Active
+                        && f.key.account_id == saved.account_id
                 }) {
                     reusable = Some(saved);
                 }
@@ -84,6 +86,7 @@ impl Demo {
                     kind: KeyKind::Master,
                     name: "demo master key".into(),
                     scopes: vec!["*".into()],
+                    allowed_ips: Vec::new(),
                     expires_at: None,
                 };
                 let now = app.state().clock.now();

@@ -5,7 +5,7 @@
 //! as it arrives. Upstream responses of every status are passed through as they are; only errors
 //! Tollgate originates use the envelope.
 
-use crate::auth::{authenticate_key, presented_secret};
+use crate::auth::{authenticate_key, client_ip, presented_secret};
 use crate::config::{HoldRule, RouteConfig};
 use crate::edge::{ClientRequestId, RequestIdHeader, ANTHROPIC_REQUEST_ID};
 use crate::error::HttpError;
@@ -30,7 +30,7 @@ use std::time::Duration;
 use tollgate_core::ledger::BillingStatus;
 use tollgate_core::metering::{LlmApi, TokenUsage};
 use tollgate_core::pricing::TokenPrices;
-use tollgate_core::ErrorCode;
+use tollgate_core::{access, ErrorCode};
 use tollgate_core::{Nanos, RequestId};
 use tollgate_store::{HoldSource, KeyRecord, UsageRow};
 use tollgate_wire::api::Money;
@@ -139,18 +139,15 @@ async fn forward(
     request: Request,
     billing: &mut Option<Billing>,
 ) -> Result<Response, HttpError> {
-    let key = authenticate_key(state, presented_secret(request.headers())).await?;
+    let client = client_ip(state, request.headers(), request.extensions());
+    let key = authenticate_key(state, presented_secret(request.headers()), client).await?;
     let now = state.clock.now();
     *billing = Some(Billing::new(
         state.ledger.clone(),
         state.clock.clone(),
         usage_row(&request, &key, &route.config.prefix, now),
     ));
-    if !key
-        .scopes
-        .iter()
-        .any(|s| s == "*" || *s == route.config.group)
-    {
+    if !access::grants_group(&key.scopes, &route.config.group) {
         return Err(HttpError::from(
             tollgate_core::ApiError::new(
                 ErrorCode::InsufficientScope,
@@ -185,6 +182,7 @@ async fn forward(
         None => (body, None),
         Some((api, models)) => {
             let llm = read_llm_request(*api, models, body, body_limit).await?;
+            check_model_scope(&key, &route.config.group, &llm.0)?;
             if let Some(billing) = billing.as_mut() {
                 billing.set_model(&llm.0);
             }
@@ -314,6 +312,26 @@ async fn forward(
     Ok(Response::from_parts(
         parts,
         Body::new(MeteredBody::new(body, metering)),
+    ))
+}
+
+/// 403 `model_not_allowed` unless the key's scopes allow the model on the route's group.
+fn check_model_scope(key: &KeyRecord, group: &str, model: &str) -> Result<(), HttpError> {
+    if access::grants_model(&key.scopes, group, model) {
+        return Ok(());
+    }
+    let allowed = access::models_granted(&key.scopes, group);
+    Err(HttpError::from(
+        tollgate_core::ApiError::new(
+            ErrorCode::ModelNotAllowed,
+            format!(
+                "This key may not use the model '{model}' on '{group}'; it may use: {}.",
+                allowed.join(", ")
+            ),
+        )
+        .with_detail("model", model)
+        .with_detail("allowed_models", allowed)
+        .with_detail("required_scope", format!("{group}:{model}")),
     ))
 }
 

@@ -9,8 +9,7 @@ use expect_test::expect;
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
-use tollgate_core::{ApiKey, KeyEnv, KeyKind, KeyStatus};
-use tollgate_store::{KeyRecord, KeyStore, NewKey};
+use tollgate_core::{ApiKey, KeyEnv};
 use tollgate_wire::ErrorProfile;
 
 const CHAT: &str = "/v1/chat/completions";
@@ -387,22 +386,21 @@ fn app_now(app: &common::TestApp) -> chrono::DateTime<chrono::Utc> {
 }
 
 #[tokio::test]
-async fn an_inactive_key_is_401_key_inactive() {
+async fn an_inactive_key_is_401_key_inactive_until_reactivated() {
     let app = spawn_app().await;
     let account = app.create_account("acme").await;
-    let paused = NewKey {
-        monthly_spend_cap: None,
-        account_id: account.id,
-        kind: KeyKind::Usage,
-        name: "paused".into(),
-        scopes: vec!["*".into()],
-        expires_at: None,
-    };
-    let (secret, mut record) = KeyRecord::issue(KeyEnv::Live, paused, app_now(&app));
-    record.status = KeyStatus::Inactive;
-    app.store.insert_key(&record).await.unwrap();
-    let response = app.get_as("/echo/x", secret.expose()).await;
-    expect_error(response, 401, "key_inactive").await;
+    let (secret, id) = app.create_usage_key(&account.master_key, json!({})).await;
+    // The key is cached by its first call; the change must still apply to the next one.
+    assert_eq!(app.get_as("/echo/x", &secret).await.status(), 200);
+    let master = &account.master_key;
+    let patched = app
+        .patch_key(master, id, json!({"status": "inactive"}))
+        .await;
+    assert_eq!(patched.status(), 200);
+    expect_error(app.get_as("/echo/x", &secret).await, 401, "key_inactive").await;
+    let patched = app.patch_key(master, id, json!({"status": "active"})).await;
+    assert_eq!(patched.status(), 200);
+    assert_eq!(app.get_as("/echo/x", &secret).await.status(), 200);
 }
 
 #[tokio::test]

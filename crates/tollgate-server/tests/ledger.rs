@@ -25,6 +25,7 @@ async fn store_with_accounts(dir: &std::path::Path, n: usize) -> (Arc<dyn Store>
                 kind: KeyKind::Master,
                 name: "m".into(),
                 scopes: vec!["*".into()],
+                allowed_ips: Vec::new(),
                 expires_at: None,
                 monthly_spend_cap: None,
             },

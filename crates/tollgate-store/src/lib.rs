@@ -7,6 +7,7 @@ pub mod sqlite;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use ipnet::IpNet;
 use tollgate_core::ledger::{BillingStatus, Hold, Transfer, Wallet};
 use tollgate_core::metering::TokenUsage;
 use tollgate_core::{
@@ -29,6 +30,8 @@ pub struct Account {
     pub name: String,
     pub status: String,
     pub balance: Nanos,
+    /// Overrides the configured keys-per-account limit.
+    pub max_keys: Option<u32>,
     pub created_at: DateTime<Utc>,
 }
 
@@ -43,6 +46,8 @@ pub struct KeyRecord {
     pub status: KeyStatus,
     pub name: String,
     pub scopes: Vec<String>,
+    /// Where the key may be used from; empty means anywhere.
+    pub allowed_ips: Vec<IpNet>,
     pub expires_at: Option<DateTime<Utc>>,
     /// The most this key may be charged per calendar month (UTC).
     pub monthly_spend_cap: Option<Nanos>,
@@ -57,6 +62,7 @@ pub struct NewKey {
     pub kind: KeyKind,
     pub name: String,
     pub scopes: Vec<String>,
+    pub allowed_ips: Vec<IpNet>,
     pub expires_at: Option<DateTime<Utc>>,
     pub monthly_spend_cap: Option<Nanos>,
 }
@@ -75,6 +81,7 @@ impl KeyRecord {
             status: KeyStatus::Active,
             name: key.name,
             scopes: key.scopes,
+            allowed_ips: key.allowed_ips,
             expires_at: key.expires_at,
             monthly_spend_cap: key.monthly_spend_cap,
             created_at: now,
@@ -82,6 +89,33 @@ impl KeyRecord {
         };
         (secret, record)
     }
+}
+
+/// A key found by one of its secrets.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KeyLookup {
+    pub key: KeyRecord,
+    /// Set when the secret is one a roll replaced: it works until then, and is revoked after.
+    pub secret_expires_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InsertKeyOutcome {
+    Inserted,
+    /// The account already has `limit` keys that are not revoked.
+    LimitReached {
+        limit: u32,
+    },
+}
+
+/// The result of changing a key that may have been revoked meanwhile.
+#[derive(Debug, Clone, PartialEq)]
+pub enum KeyChange {
+    /// The key as it is now.
+    Changed(KeyRecord),
+    /// Revoked keys do not change; the record as it is.
+    Revoked(KeyRecord),
+    NotFound,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -106,12 +140,28 @@ pub trait AccountStore: Send + Sync {
     ) -> Result<Account, StoreError>;
 
     async fn account(&self, id: AccountId) -> Result<Option<Account>, StoreError>;
+
+    /// Sets the account's name and key-limit override; the account as it is now.
+    async fn update_account(
+        &self,
+        id: AccountId,
+        name: &str,
+        max_keys: Option<u32>,
+    ) -> Result<Option<Account>, StoreError>;
 }
 
 #[async_trait]
 pub trait KeyStore: Send + Sync {
-    async fn insert_key(&self, key: &KeyRecord) -> Result<(), StoreError>;
-    async fn key_by_hash(&self, hash: &KeyHash) -> Result<Option<KeyRecord>, StoreError>;
+    /// Inserts the key unless its account already has as many unrevoked keys as its limit (the
+    /// account's override, else `default_limit`). Counting and inserting are one atomic step, so
+    /// concurrent creations cannot overshoot.
+    async fn insert_key(
+        &self,
+        key: &KeyRecord,
+        default_limit: u32,
+    ) -> Result<InsertKeyOutcome, StoreError>;
+    /// The key whose current secret, or a secret a roll replaced, has this hash.
+    async fn key_by_hash(&self, hash: &KeyHash) -> Result<Option<KeyLookup>, StoreError>;
     async fn key_by_id(&self, id: KeyId) -> Result<Option<KeyRecord>, StoreError>;
     /// The account's keys, oldest first.
     async fn keys_of_account(&self, account: AccountId) -> Result<Vec<KeyRecord>, StoreError>;
@@ -119,6 +169,19 @@ pub trait KeyStore: Send + Sync {
     async fn all_keys(&self) -> Result<Vec<KeyRecord>, StoreError>;
     /// Revokes the key if it is not revoked yet; atomic, so two revokes cannot both succeed.
     async fn revoke_key(&self, id: KeyId, at: DateTime<Utc>) -> Result<RevokeOutcome, StoreError>;
+    /// Writes the key's policy (name, scopes, allowed IPs, expiry, status, spend cap) unless it
+    /// has been revoked; atomic against a concurrent revoke.
+    async fn update_key(&self, key: &KeyRecord) -> Result<KeyChange, StoreError>;
+    /// Gives the key a new secret (hash and display prefix); the current one keeps working until
+    /// `old_secret_expires_at`. Refused for a revoked key.
+    async fn roll_key(
+        &self,
+        id: KeyId,
+        new_hash: KeyHash,
+        display_prefix: &str,
+        old_secret_expires_at: DateTime<Utc>,
+        at: DateTime<Utc>,
+    ) -> Result<KeyChange, StoreError>;
 }
 
 /// Who opened a hold.

@@ -1,8 +1,9 @@
 //! The embedded default: one SQLite file in WAL mode, migrations applied at open.
 
 use crate::{
-    Account, AccountStore, HoldRecord, HoldSource, KeyRecord, KeyStore, LedgerStore, LedgerWrite,
-    RevokeOutcome, StoreError, StoreHealth, TransferRecord, UsageFilter, UsageRow, UsageStore,
+    Account, AccountStore, HoldRecord, HoldSource, InsertKeyOutcome, KeyChange, KeyLookup,
+    KeyRecord, KeyStore, LedgerStore, LedgerWrite, RevokeOutcome, StoreError, StoreHealth,
+    TransferRecord, UsageFilter, UsageRow, UsageStore,
 };
 use async_trait::async_trait;
 use chrono::{DateTime, TimeZone, Utc};
@@ -86,7 +87,7 @@ fn corrupt(what: &str, value: &str) -> StoreError {
 }
 
 const KEY_COLUMNS: &str = "id, account_id, key_hash, display_prefix, kind, status, name, scopes, \
-                           expires_at, monthly_spend_cap_nanos, created_at, revoked_at";
+                           allowed_ips, expires_at, monthly_spend_cap_nanos, created_at, revoked_at";
 
 fn key_from_row(row: &SqliteRow) -> Result<KeyRecord, StoreError> {
     let get_text = |col: &str| row.try_get::<String, _>(col).map_err(unavailable);
@@ -96,6 +97,7 @@ fn key_from_row(row: &SqliteRow) -> Result<KeyRecord, StoreError> {
     let kind = get_text("kind")?;
     let status = get_text("status")?;
     let scopes = get_text("scopes")?;
+    let allowed_ips = get_text("allowed_ips")?;
     let expires_at: Option<i64> = row.try_get("expires_at").map_err(unavailable)?;
     let revoked_at: Option<i64> = row.try_get("revoked_at").map_err(unavailable)?;
     let cap: Option<i64> = row
@@ -111,6 +113,8 @@ fn key_from_row(row: &SqliteRow) -> Result<KeyRecord, StoreError> {
         status: KeyStatus::parse(&status).ok_or_else(|| corrupt("key status", &status))?,
         name: get_text("name")?,
         scopes: serde_json::from_str(&scopes).map_err(|_| corrupt("key scopes", &scopes))?,
+        allowed_ips: serde_json::from_str(&allowed_ips)
+            .map_err(|_| corrupt("key allowed_ips", &allowed_ips))?,
         expires_at: expires_at.map(from_millis).transpose()?,
         monthly_spend_cap: cap.map(Nanos),
         created_at: from_millis(row.try_get("created_at").map_err(unavailable)?)?,
@@ -118,31 +122,50 @@ fn key_from_row(row: &SqliteRow) -> Result<KeyRecord, StoreError> {
     })
 }
 
-async fn insert_key_with<'e, E>(executor: E, key: &KeyRecord) -> Result<(), StoreError>
+fn to_json<T: serde::Serialize>(value: &T) -> Result<String, StoreError> {
+    serde_json::to_string(value).map_err(|e| StoreError::Corrupt(format!("to JSON: {e}")))
+}
+
+/// Inserts the key; with `limit`, only if the account has fewer unrevoked keys than its override
+/// or else `limit` (one statement, so the count and the insert cannot be split by another
+/// writer). Returns whether a row was inserted.
+async fn insert_key_with<'e, E>(
+    executor: E,
+    key: &KeyRecord,
+    limit: Option<u32>,
+) -> Result<bool, StoreError>
 where
     E: sqlx::Executor<'e, Database = sqlx::Sqlite>,
 {
-    let scopes = serde_json::to_string(&key.scopes)
-        .map_err(|e| StoreError::Corrupt(format!("scopes: {e}")))?;
-    sqlx::query(&format!(
-        "INSERT INTO api_keys ({KEY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    let guard = if limit.is_some() {
+        " WHERE (SELECT COUNT(*) FROM api_keys WHERE account_id = ?1 AND status <> 'revoked') \
+         < COALESCE((SELECT max_keys FROM accounts WHERE id = ?1), ?2)"
+    } else {
+        ""
+    };
+    let inserted = sqlx::query(&format!(
+        "INSERT INTO api_keys ({KEY_COLUMNS}) \
+         SELECT ?3, ?1, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14{guard}"
     ))
-    .bind(key.id.to_string())
     .bind(key.account_id.to_string())
+    .bind(limit.map(i64::from))
+    .bind(key.id.to_string())
     .bind(key.hash.0.as_slice())
     .bind(&key.display_prefix)
     .bind(key.kind.as_str())
     .bind(key.status.as_str())
     .bind(&key.name)
-    .bind(scopes)
+    .bind(to_json(&key.scopes)?)
+    .bind(to_json(&key.allowed_ips)?)
     .bind(key.expires_at.map(millis))
     .bind(key.monthly_spend_cap.map(|n| n.0))
     .bind(millis(key.created_at))
     .bind(key.revoked_at.map(millis))
     .execute(executor)
     .await
-    .map_err(unavailable)?;
-    Ok(())
+    .map_err(unavailable)?
+    .rows_affected();
+    Ok(inserted == 1)
 }
 
 #[async_trait]
@@ -180,20 +203,21 @@ impl AccountStore for SqliteStore {
             };
             insert_transfer(&mut tx, &grant, id, "starter credits", "", at).await?;
         }
-        insert_key_with(&mut *tx, &master_key).await?;
+        insert_key_with(&mut *tx, &master_key, None).await?;
         tx.commit().await.map_err(unavailable)?;
         Ok(Account {
             id,
             name: name.to_string(),
             status: "active".to_string(),
             balance: starter_credits,
+            max_keys: None,
             created_at: at,
         })
     }
 
     async fn account(&self, id: AccountId) -> Result<Option<Account>, StoreError> {
         let row = sqlx::query(
-            "SELECT a.name, a.status, a.created_at, w.balance_nanos \
+            "SELECT a.name, a.status, a.created_at, a.max_keys, w.balance_nanos \
              FROM accounts a JOIN wallets w ON w.account_id = a.id WHERE a.id = ?",
         )
         .bind(id.to_string())
@@ -206,10 +230,31 @@ impl AccountStore for SqliteStore {
                 name: row.try_get("name").map_err(unavailable)?,
                 status: row.try_get("status").map_err(unavailable)?,
                 balance: Nanos(row.try_get("balance_nanos").map_err(unavailable)?),
+                max_keys: row
+                    .try_get::<Option<i64>, _>("max_keys")
+                    .map_err(unavailable)?
+                    .map(|n| u32::try_from(n).map_err(|_| corrupt("max_keys", &n.to_string())))
+                    .transpose()?,
                 created_at: from_millis(row.try_get("created_at").map_err(unavailable)?)?,
             })
         })
         .transpose()
+    }
+
+    async fn update_account(
+        &self,
+        id: AccountId,
+        name: &str,
+        max_keys: Option<u32>,
+    ) -> Result<Option<Account>, StoreError> {
+        sqlx::query("UPDATE accounts SET name = ?, max_keys = ? WHERE id = ?")
+            .bind(name)
+            .bind(max_keys.map(i64::from))
+            .bind(id.to_string())
+            .execute(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        self.account(id).await
     }
 }
 
@@ -241,19 +286,56 @@ async fn insert_transfer(
 
 #[async_trait]
 impl KeyStore for SqliteStore {
-    async fn insert_key(&self, key: &KeyRecord) -> Result<(), StoreError> {
-        insert_key_with(&self.pool, key).await
+    async fn insert_key(
+        &self,
+        key: &KeyRecord,
+        default_limit: u32,
+    ) -> Result<InsertKeyOutcome, StoreError> {
+        if insert_key_with(&self.pool, key, Some(default_limit)).await? {
+            return Ok(InsertKeyOutcome::Inserted);
+        }
+        let limit: Option<i64> = sqlx::query_scalar("SELECT max_keys FROM accounts WHERE id = ?")
+            .bind(key.account_id.to_string())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(unavailable)?
+            .flatten();
+        let limit = limit.and_then(|n| u32::try_from(n).ok());
+        Ok(InsertKeyOutcome::LimitReached {
+            limit: limit.unwrap_or(default_limit),
+        })
     }
 
-    async fn key_by_hash(&self, hash: &KeyHash) -> Result<Option<KeyRecord>, StoreError> {
-        let row = sqlx::query(&format!(
+    async fn key_by_hash(&self, hash: &KeyHash) -> Result<Option<KeyLookup>, StoreError> {
+        let current = sqlx::query(&format!(
             "SELECT {KEY_COLUMNS} FROM api_keys WHERE key_hash = ?"
         ))
         .bind(hash.0.as_slice())
         .fetch_optional(&self.pool)
         .await
         .map_err(unavailable)?;
-        row.as_ref().map(key_from_row).transpose()
+        if let Some(row) = current {
+            return Ok(Some(KeyLookup {
+                key: key_from_row(&row)?,
+                secret_expires_at: None,
+            }));
+        }
+        let retired =
+            sqlx::query("SELECT key_id, expires_at FROM retired_key_secrets WHERE key_hash = ?")
+                .bind(hash.0.as_slice())
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(unavailable)?;
+        let Some(retired) = retired else {
+            return Ok(None);
+        };
+        let key_id: String = retired.try_get("key_id").map_err(unavailable)?;
+        let key_id = parse_id("key id", &key_id)?;
+        let expires_at = from_millis(retired.try_get("expires_at").map_err(unavailable)?)?;
+        Ok(self.key_by_id(key_id).await?.map(|key| KeyLookup {
+            key,
+            secret_expires_at: Some(expires_at),
+        }))
     }
 
     async fn key_by_id(&self, id: KeyId) -> Result<Option<KeyRecord>, StoreError> {
@@ -300,6 +382,69 @@ impl KeyStore for SqliteStore {
             None => RevokeOutcome::NotFound,
             Some(key) if changed == 1 => RevokeOutcome::Revoked(key),
             Some(key) => RevokeOutcome::AlreadyRevoked(key),
+        })
+    }
+
+    async fn update_key(&self, key: &KeyRecord) -> Result<KeyChange, StoreError> {
+        let changed = sqlx::query(
+            "UPDATE api_keys SET name = ?, scopes = ?, allowed_ips = ?, expires_at = ?, \
+             status = ?, monthly_spend_cap_nanos = ? WHERE id = ? AND status <> 'revoked'",
+        )
+        .bind(&key.name)
+        .bind(to_json(&key.scopes)?)
+        .bind(to_json(&key.allowed_ips)?)
+        .bind(key.expires_at.map(millis))
+        .bind(key.status.as_str())
+        .bind(key.monthly_spend_cap.map(|n| n.0))
+        .bind(key.id.to_string())
+        .execute(&self.pool)
+        .await
+        .map_err(unavailable)?
+        .rows_affected();
+        self.key_change(key.id, changed == 1).await
+    }
+
+    async fn roll_key(
+        &self,
+        id: KeyId,
+        new_hash: KeyHash,
+        display_prefix: &str,
+        old_secret_expires_at: DateTime<Utc>,
+        at: DateTime<Utc>,
+    ) -> Result<KeyChange, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        // Writing first takes SQLite's write lock, so the two statements see one state.
+        let retired = sqlx::query(
+            "INSERT INTO retired_key_secrets (key_hash, key_id, expires_at, retired_at) \
+             SELECT key_hash, id, ?, ? FROM api_keys WHERE id = ? AND status <> 'revoked'",
+        )
+        .bind(millis(old_secret_expires_at))
+        .bind(millis(at))
+        .bind(id.to_string())
+        .execute(&mut *tx)
+        .await
+        .map_err(unavailable)?
+        .rows_affected();
+        if retired == 1 {
+            sqlx::query("UPDATE api_keys SET key_hash = ?, display_prefix = ? WHERE id = ?")
+                .bind(new_hash.0.as_slice())
+                .bind(display_prefix)
+                .bind(id.to_string())
+                .execute(&mut *tx)
+                .await
+                .map_err(unavailable)?;
+        }
+        tx.commit().await.map_err(unavailable)?;
+        self.key_change(id, retired == 1).await
+    }
+}
+
+impl SqliteStore {
+    async fn key_change(&self, id: KeyId, changed: bool) -> Result<KeyChange, StoreError> {
+        Ok(match self.key_by_id(id).await? {
+            None => KeyChange::NotFound,
+            Some(key) if changed => KeyChange::Changed(key),
+            Some(key) => KeyChange::Revoked(key),
         })
     }
 }

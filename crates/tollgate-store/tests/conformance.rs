@@ -13,8 +13,8 @@ use tollgate_core::{
     AccountId, ApiKey, HoldId, KeyEnv, KeyId, KeyKind, KeyStatus, Nanos, RequestId,
 };
 use tollgate_store::{
-    HoldRecord, HoldSource, KeyRecord, LedgerWrite, NewKey, RevokeOutcome, Store, UsageFilter,
-    UsageRow,
+    HoldRecord, HoldSource, InsertKeyOutcome, KeyChange, KeyRecord, LedgerWrite, NewKey,
+    RevokeOutcome, Store, UsageFilter, UsageRow,
 };
 
 fn key_for(account: AccountId, kind: KeyKind, name: &str) -> (ApiKey, KeyRecord) {
@@ -23,6 +23,7 @@ fn key_for(account: AccountId, kind: KeyKind, name: &str) -> (ApiKey, KeyRecord)
         kind,
         name: name.to_string(),
         scopes: vec!["*".to_string()],
+        allowed_ips: Vec::new(),
         expires_at: None,
         monthly_spend_cap: None,
     };
@@ -31,6 +32,25 @@ fn key_for(account: AccountId, kind: KeyKind, name: &str) -> (ApiKey, KeyRecord)
         key,
         Utc.timestamp_millis_opt(1_700_000_000_123).unwrap(),
     )
+}
+
+/// Inserts a key under a generous key limit.
+async fn insert(store: &dyn Store, key: &KeyRecord) {
+    assert_eq!(
+        store.insert_key(key, 100).await.unwrap(),
+        InsertKeyOutcome::Inserted
+    );
+}
+
+/// The key whose current secret has this hash.
+async fn current(store: &dyn Store, hash: &tollgate_core::KeyHash) -> Option<KeyRecord> {
+    store.key_by_hash(hash).await.unwrap().map(|found| {
+        assert_eq!(
+            found.secret_expires_at, None,
+            "a current secret never expires"
+        );
+        found.key
+    })
 }
 
 async fn new_account(store: &dyn Store, credits: Nanos) -> (AccountId, ApiKey, KeyRecord) {
@@ -51,10 +71,7 @@ pub async fn creates_account_with_wallet_ledger_and_master_key(store: Arc<dyn St
     assert_eq!(account.balance, Nanos(5_000_000_000));
     // The cached balance equals the balance rebuilt from the ledger.
     assert_eq!(store.ledger_balance(id).await.unwrap(), account.balance);
-    assert_eq!(
-        store.key_by_hash(&secret.hash()).await.unwrap(),
-        Some(master)
-    );
+    assert_eq!(current(&*store, &secret.hash()).await, Some(master));
 }
 
 pub async fn account_without_starter_credits_has_an_empty_ledger(store: Arc<dyn Store>) {
@@ -84,19 +101,23 @@ pub async fn keys_round_trip_every_field(store: Arc<dyn Store>) {
     usage.expires_at = Some(Utc.timestamp_millis_opt(1_800_000_000_456).unwrap());
     usage.status = KeyStatus::Inactive;
     usage.monthly_spend_cap = Some(Nanos(7));
-    store.insert_key(&usage).await.unwrap();
+    usage.allowed_ips = vec![
+        "10.0.0.0/8".parse().unwrap(),
+        "2001:db8::/32".parse().unwrap(),
+    ];
+    insert(&*store, &usage).await;
     assert_eq!(
         store.key_by_id(usage.id).await.unwrap(),
         Some(usage.clone())
     );
-    assert_eq!(store.key_by_hash(&usage.hash).await.unwrap(), Some(usage));
+    assert_eq!(current(&*store, &usage.hash).await, Some(usage));
 }
 
 pub async fn lists_keys_per_account_oldest_first(store: Arc<dyn Store>) {
     let (a, _, master_a) = new_account(&*store, Nanos::ZERO).await;
     let (b, _, master_b) = new_account(&*store, Nanos::ZERO).await;
     let (_, usage_a) = key_for(a, KeyKind::Usage, "second");
-    store.insert_key(&usage_a).await.unwrap();
+    insert(&*store, &usage_a).await;
     let ids = |keys: Vec<KeyRecord>| keys.into_iter().map(|k| k.id).collect::<Vec<_>>();
     assert_eq!(
         ids(store.keys_of_account(a).await.unwrap()),
@@ -115,7 +136,7 @@ pub async fn lists_keys_per_account_oldest_first(store: Arc<dyn Store>) {
 pub async fn revoke_happens_once(store: Arc<dyn Store>) {
     let (account, _, _) = new_account(&*store, Nanos::ZERO).await;
     let (_, usage) = key_for(account, KeyKind::Usage, "u");
-    store.insert_key(&usage).await.unwrap();
+    insert(&*store, &usage).await;
     let first_at = Utc.timestamp_millis_opt(1_750_000_000_000).unwrap();
     let first = store.revoke_key(usage.id, first_at).await.unwrap();
     let RevokeOutcome::Revoked(revoked) = first else {
@@ -140,7 +161,7 @@ pub async fn revoke_happens_once(store: Arc<dyn Store>) {
 pub async fn concurrent_revokes_have_one_winner(store: Arc<dyn Store>) {
     let (account, _, _) = new_account(&*store, Nanos::ZERO).await;
     let (_, usage) = key_for(account, KeyKind::Usage, "u");
-    store.insert_key(&usage).await.unwrap();
+    insert(&*store, &usage).await;
     let tasks: Vec<_> = (0..8)
         .map(|_| {
             let store = store.clone();
@@ -161,7 +182,167 @@ pub async fn duplicate_key_hash_is_refused(store: Arc<dyn Store>) {
     let mut clash = master.clone();
     clash.id = KeyId::new();
     clash.account_id = account;
-    assert!(store.insert_key(&clash).await.is_err());
+    assert!(store.insert_key(&clash, 100).await.is_err());
+}
+
+pub async fn key_limit_counts_unrevoked_keys_and_honours_the_override(store: Arc<dyn Store>) {
+    let (account, _, _) = new_account(&*store, Nanos::ZERO).await;
+    // The master key is one of two allowed.
+    let (_, second) = key_for(account, KeyKind::Usage, "second");
+    assert_eq!(
+        store.insert_key(&second, 2).await.unwrap(),
+        InsertKeyOutcome::Inserted
+    );
+    let (_, third) = key_for(account, KeyKind::Usage, "third");
+    assert_eq!(
+        store.insert_key(&third, 2).await.unwrap(),
+        InsertKeyOutcome::LimitReached { limit: 2 }
+    );
+    // A revoked key frees its place.
+    store.revoke_key(second.id, Utc::now()).await.unwrap();
+    assert_eq!(
+        store.insert_key(&third, 2).await.unwrap(),
+        InsertKeyOutcome::Inserted
+    );
+    // The account's override wins over the default, both ways.
+    let updated = store
+        .update_account(account, "Renamed", Some(5))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (updated.name.as_str(), updated.max_keys),
+        ("Renamed", Some(5))
+    );
+    let (_, fourth) = key_for(account, KeyKind::Usage, "fourth");
+    assert_eq!(
+        store.insert_key(&fourth, 2).await.unwrap(),
+        InsertKeyOutcome::Inserted
+    );
+    store
+        .update_account(account, "Renamed", Some(0))
+        .await
+        .unwrap();
+    let (_, fifth) = key_for(account, KeyKind::Usage, "fifth");
+    assert_eq!(
+        store.insert_key(&fifth, 100).await.unwrap(),
+        InsertKeyOutcome::LimitReached { limit: 0 }
+    );
+    assert!(store
+        .update_account(AccountId::new(), "x", None)
+        .await
+        .unwrap()
+        .is_none());
+}
+
+pub async fn concurrent_inserts_never_overshoot_the_key_limit(store: Arc<dyn Store>) {
+    let (account, _, _) = new_account(&*store, Nanos::ZERO).await;
+    let tasks: Vec<_> = (0..12)
+        .map(|i| {
+            let store = store.clone();
+            let (_, key) = key_for(account, KeyKind::Usage, &format!("k{i}"));
+            tokio::spawn(async move { store.insert_key(&key, 5).await.unwrap() })
+        })
+        .collect();
+    let mut inserted = 0;
+    for task in tasks {
+        if task.await.unwrap() == InsertKeyOutcome::Inserted {
+            inserted += 1;
+        }
+    }
+    assert_eq!(inserted, 4, "the master key plus four fill a limit of five");
+    assert_eq!(store.keys_of_account(account).await.unwrap().len(), 5);
+}
+
+pub async fn updates_change_policy_but_never_a_revoked_key(store: Arc<dyn Store>) {
+    let (account, _, _) = new_account(&*store, Nanos::ZERO).await;
+    let (_, mut key) = key_for(account, KeyKind::Usage, "u");
+    insert(&*store, &key).await;
+    key.name = "renamed".into();
+    key.scopes = vec!["echo".into(), "openai:gpt-mini".into()];
+    key.allowed_ips = vec!["10.0.0.0/8".parse().unwrap()];
+    key.status = KeyStatus::Inactive;
+    key.expires_at = Some(Utc.timestamp_millis_opt(1_900_000_000_000).unwrap());
+    key.monthly_spend_cap = Some(Nanos(42));
+    assert_eq!(
+        store.update_key(&key).await.unwrap(),
+        KeyChange::Changed(key.clone())
+    );
+    assert_eq!(current(&*store, &key.hash).await, Some(key.clone()));
+    store.revoke_key(key.id, Utc::now()).await.unwrap();
+    let mut after = key.clone();
+    after.status = KeyStatus::Active;
+    let KeyChange::Revoked(stored) = store.update_key(&after).await.unwrap() else {
+        panic!("a revoked key was changed");
+    };
+    assert_eq!(stored.status, KeyStatus::Revoked);
+    let mut stranger = key.clone();
+    stranger.id = KeyId::new();
+    assert_eq!(
+        store.update_key(&stranger).await.unwrap(),
+        KeyChange::NotFound
+    );
+}
+
+pub async fn a_rolled_key_answers_to_both_secrets_with_the_old_ones_deadline(
+    store: Arc<dyn Store>,
+) {
+    let (account, _, _) = new_account(&*store, Nanos::ZERO).await;
+    let (old_secret, key) = key_for(account, KeyKind::Usage, "u");
+    insert(&*store, &key).await;
+    let new_secret = ApiKey::generate(KeyEnv::Live);
+    let now = Utc.timestamp_millis_opt(1_750_000_000_000).unwrap();
+    let deadline = now + Duration::seconds(60);
+    let KeyChange::Changed(rolled) = store
+        .roll_key(
+            key.id,
+            new_secret.hash(),
+            new_secret.display_prefix(),
+            deadline,
+            now,
+        )
+        .await
+        .unwrap()
+    else {
+        panic!("roll refused");
+    };
+    assert_eq!(rolled.id, key.id);
+    assert_eq!(rolled.hash, new_secret.hash());
+    assert_eq!(rolled.display_prefix, new_secret.display_prefix());
+    assert_eq!(
+        current(&*store, &new_secret.hash()).await,
+        Some(rolled.clone())
+    );
+    let old = store
+        .key_by_hash(&old_secret.hash())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((old.key, old.secret_expires_at), (rolled, Some(deadline)));
+    // A revoked key cannot be rolled.
+    store.revoke_key(key.id, now).await.unwrap();
+    let another = ApiKey::generate(KeyEnv::Live);
+    assert!(matches!(
+        store
+            .roll_key(
+                key.id,
+                another.hash(),
+                another.display_prefix(),
+                deadline,
+                now
+            )
+            .await
+            .unwrap(),
+        KeyChange::Revoked(_)
+    ));
+    assert!(store.key_by_hash(&another.hash()).await.unwrap().is_none());
+    assert_eq!(
+        store
+            .roll_key(KeyId::new(), another.hash(), "x", deadline, now)
+            .await
+            .unwrap(),
+        KeyChange::NotFound
+    );
 }
 
 pub async fn ping_answers(store: Arc<dyn Store>) {
@@ -430,6 +611,10 @@ macro_rules! store_suite {
                 revoke_happens_once,
                 concurrent_revokes_have_one_winner,
                 duplicate_key_hash_is_refused,
+                key_limit_counts_unrevoked_keys_and_honours_the_override,
+                concurrent_inserts_never_overshoot_the_key_limit,
+                updates_change_policy_but_never_a_revoked_key,
+                a_rolled_key_answers_to_both_secrets_with_the_old_ones_deadline,
                 ping_answers,
                 holds_commit_settle_and_release_in_batches,
                 a_wallet_never_goes_negative_in_the_store,

@@ -2,7 +2,7 @@
 //! **API Boundary:** add fields freely; never rename or remove one.
 
 use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 use tollgate_core::{AccountId, HoldId, KeyId, KeyKind, KeyStatus, Nanos, RequestId};
 
 /// An amount of money: exact nano-units, the same as a decimal string of credits, and the currency.
@@ -31,6 +31,20 @@ pub struct CreateAccountRequest {
     /// Credits to grant at creation, as a decimal string; the configured starter credits if omitted.
     #[serde(default)]
     pub starter_credits: Option<String>,
+    /// Overrides the configured limit of unrevoked keys for this account.
+    #[serde(default)]
+    pub max_keys: Option<u32>,
+}
+
+/// Admin only. An omitted field is left as it is; `max_keys: null` returns the account to the
+/// configured limit.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateAccountRequest {
+    #[serde(default, deserialize_with = "present")]
+    pub name: Option<Option<String>>,
+    #[serde(default, deserialize_with = "present")]
+    pub max_keys: Option<Option<u32>>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -39,6 +53,8 @@ pub struct Account {
     pub name: String,
     pub status: String,
     pub balance: Money,
+    /// How many unrevoked keys the account may have (its override, else the configured limit).
+    pub max_keys: u32,
     pub created_at: DateTime<Utc>,
 }
 
@@ -59,14 +75,56 @@ pub struct CreateKeyRequest {
     /// `usage` (default) or `master`; only the admin may create master keys.
     #[serde(default)]
     pub kind: Option<KeyKind>,
-    /// Route groups the key may call; `["*"]` (default) means every group.
+    /// What the key may call: `"*"` (default) for everything, a route group (`"echo"`), or a
+    /// group and one of its models (`"openai:gpt-4o-mini"`).
     #[serde(default)]
     pub scopes: Option<Vec<String>>,
+    /// CIDRs the key may be used from (`"10.0.0.0/8"`, `"2001:db8::/32"`); omitted or empty means
+    /// anywhere.
+    #[serde(default)]
+    pub allowed_ips: Option<Vec<String>>,
     #[serde(default)]
     pub expires_at: Option<DateTime<Utc>>,
     /// The most the key may be charged per calendar month (UTC), a decimal string of credits.
     #[serde(default)]
     pub monthly_spend_cap: Option<String>,
+}
+
+/// `PATCH /keys/{id}`: an omitted field is left as it is, `null` clears it (no allowlist, no
+/// expiry, no spend cap). `name`, `scopes` and `status` cannot be cleared.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateKeyRequest {
+    #[serde(default, deserialize_with = "present")]
+    pub name: Option<Option<String>>,
+    #[serde(default, deserialize_with = "present")]
+    pub scopes: Option<Option<Vec<String>>>,
+    #[serde(default, deserialize_with = "present")]
+    pub allowed_ips: Option<Option<Vec<String>>>,
+    #[serde(default, deserialize_with = "present")]
+    pub expires_at: Option<Option<DateTime<Utc>>>,
+    /// `active` or `inactive` (revoking has its own call).
+    #[serde(default, deserialize_with = "present")]
+    pub status: Option<Option<KeyStatus>>,
+    #[serde(default, deserialize_with = "present")]
+    pub monthly_spend_cap: Option<Option<String>>,
+}
+
+/// `POST /keys/{id}/roll`: the body may be omitted.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RollKeyRequest {
+    /// How long the current secret keeps working next to the new one; default 0 (it stops now),
+    /// at most 604800 (7 days).
+    #[serde(default)]
+    pub grace_period_seconds: Option<u64>,
+}
+
+/// Tells a field sent as `null` (`Some(None)`) from one left out (`None`, via `#[serde(default)]`).
+fn present<'de, T: Deserialize<'de>, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<Option<T>>, D::Error> {
+    Option::<T>::deserialize(deserializer).map(Some)
 }
 
 /// An API key as the API shows it: everything but the secret.
@@ -80,6 +138,8 @@ pub struct ApiKeyInfo {
     /// The non-secret start of the key, to recognise it: `tg_live_AbC1`.
     pub prefix: String,
     pub scopes: Vec<String>,
+    /// CIDRs the key may be used from; empty means anywhere.
+    pub allowed_ips: Vec<String>,
     pub expires_at: Option<DateTime<Utc>>,
     pub monthly_spend_cap: Option<Money>,
     pub created_at: DateTime<Utc>,
@@ -92,6 +152,16 @@ pub struct CreatedKey {
     pub key: ApiKeyInfo,
     /// The plaintext key. Shown once, in this response only; Tollgate keeps only its SHA-256.
     pub secret: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RolledKey {
+    #[serde(flatten)]
+    pub key: ApiKeyInfo,
+    /// The new plaintext key, shown once, in this response only.
+    pub secret: String,
+    /// When the previous secret stops working.
+    pub previous_secret_expires_at: DateTime<Utc>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

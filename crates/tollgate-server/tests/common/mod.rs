@@ -19,8 +19,9 @@ use tollgate_server::config::{
 use tollgate_server::{Application, Config};
 use tollgate_store::sqlite::SqliteStore;
 use tollgate_store::{
-    Account, AccountStore, HoldRecord, KeyRecord, KeyStore, LedgerStore, LedgerWrite,
-    RevokeOutcome, StoreError, StoreHealth, TransferRecord, UsageFilter, UsageRow, UsageStore,
+    Account, AccountStore, HoldRecord, InsertKeyOutcome, KeyChange, KeyLookup, KeyRecord, KeyStore,
+    LedgerStore, LedgerWrite, RevokeOutcome, StoreError, StoreHealth, TransferRecord, UsageFilter,
+    UsageRow, UsageStore,
 };
 use tollgate_wire::ErrorProfile;
 
@@ -177,6 +178,20 @@ impl TestApp {
         self.http.post(format!("{}{path}", self.url))
     }
 
+    pub fn patch(&self, path: &str) -> RequestBuilder {
+        self.http.patch(format!("{}{path}", self.url))
+    }
+
+    /// PATCHes a key's policy with `token` as the bearer credential.
+    pub async fn patch_key(&self, token: &str, id: KeyId, body: Value) -> Response {
+        self.patch(&format!("/api/v1/keys/{id}"))
+            .bearer_auth(token)
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+    }
+
     /// GETs `path` with `token` as the bearer credential.
     pub async fn get_as(&self, path: &str, token: &str) -> Response {
         self.get(path).bearer_auth(token).send().await.unwrap()
@@ -304,14 +319,26 @@ impl AccountStore for CountingStore {
     async fn account(&self, id: AccountId) -> Result<Option<Account>, StoreError> {
         self.inner.account(id).await
     }
+    async fn update_account(
+        &self,
+        id: AccountId,
+        name: &str,
+        max_keys: Option<u32>,
+    ) -> Result<Option<Account>, StoreError> {
+        self.inner.update_account(id, name, max_keys).await
+    }
 }
 
 #[async_trait::async_trait]
 impl KeyStore for CountingStore {
-    async fn insert_key(&self, key: &KeyRecord) -> Result<(), StoreError> {
-        self.inner.insert_key(key).await
+    async fn insert_key(
+        &self,
+        key: &KeyRecord,
+        limit: u32,
+    ) -> Result<InsertKeyOutcome, StoreError> {
+        self.inner.insert_key(key, limit).await
     }
-    async fn key_by_hash(&self, hash: &KeyHash) -> Result<Option<KeyRecord>, StoreError> {
+    async fn key_by_hash(&self, hash: &KeyHash) -> Result<Option<KeyLookup>, StoreError> {
         self.key_lookups.fetch_add(1, Ordering::SeqCst);
         self.inner.key_by_hash(hash).await
     }
@@ -330,6 +357,19 @@ impl KeyStore for CountingStore {
         at: chrono::DateTime<chrono::Utc>,
     ) -> Result<RevokeOutcome, StoreError> {
         self.inner.revoke_key(id, at).await
+    }
+    async fn update_key(&self, key: &KeyRecord) -> Result<KeyChange, StoreError> {
+        self.inner.update_key(key).await
+    }
+    async fn roll_key(
+        &self,
+        id: KeyId,
+        hash: KeyHash,
+        prefix: &str,
+        old_expires: At,
+        at: At,
+    ) -> Result<KeyChange, StoreError> {
+        self.inner.roll_key(id, hash, prefix, old_expires, at).await
     }
 }
 
