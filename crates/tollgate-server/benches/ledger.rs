@@ -23,14 +23,7 @@ async fn store_with_account(dir: &std::path::Path) -> (Arc<dyn Store>, KeyRecord
     let account = AccountId::new();
     let (_, key) = KeyRecord::issue(
         KeyEnv::Live,
-        NewKey {
-            account_id: account,
-            kind: KeyKind::Master,
-            name: "m".into(),
-            scopes: vec!["*".into()],
-            expires_at: None,
-            monthly_spend_cap: None,
-        },
+        NewKey::new(account, KeyKind::Master, "m"),
         Utc::now(),
     );
     store

@@ -500,13 +500,9 @@ fn new_key(
     expires_at: Option<chrono::DateTime<chrono::Utc>>,
 ) -> (ApiKey, KeyRecord) {
     let key = NewKey {
-        account_id,
-        kind,
-        name: name.to_string(),
         scopes,
-        allowed_ips: Vec::new(),
         expires_at,
-        monthly_spend_cap: None,
+        ..NewKey::new(account_id, kind, name)
     };
     KeyRecord::issue(state.config.key_env, key, state.clock.now())
 }

@@ -382,15 +382,7 @@ mod tests {
     }
 
     fn slow_store() -> Arc<SlowStore> {
-        let key = NewKey {
-            monthly_spend_cap: None,
-            account_id: AccountId::new(),
-            kind: KeyKind::Usage,
-            name: "k".into(),
-            scopes: vec!["*".into()],
-            allowed_ips: Vec::new(),
-            expires_at: None,
-        };
+        let key = NewKey::new(AccountId::new(), KeyKind::Usage, "k");
         Arc::new(SlowStore {
             record: KeyRecord::issue(KeyEnv::Live, key, Utc::now()).1,
             release: Notify::new(),

@@ -80,15 +80,7 @@ impl Demo {
             Some(state) => state,
             None => {
                 let account_id = AccountId::new();
-                let master = NewKey {
-                    monthly_spend_cap: None,
-                    account_id,
-                    kind: KeyKind::Master,
-                    name: "demo master key".into(),
-                    scopes: vec!["*".into()],
-                    allowed_ips: Vec::new(),
-                    expires_at: None,
-                };
+                let master = NewKey::new(account_id, KeyKind::Master, "demo master key");
                 let now = app.state().clock.now();
                 let (secret, record) = KeyRecord::issue(app.state().config.key_env, master, now);
                 store

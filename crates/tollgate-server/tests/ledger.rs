@@ -20,15 +20,7 @@ async fn store_with_accounts(dir: &std::path::Path, n: usize) -> (Arc<dyn Store>
         let account = AccountId::new();
         let (_, key): (ApiKey, KeyRecord) = KeyRecord::issue(
             KeyEnv::Live,
-            NewKey {
-                account_id: account,
-                kind: KeyKind::Master,
-                name: "m".into(),
-                scopes: vec!["*".into()],
-                allowed_ips: Vec::new(),
-                expires_at: None,
-                monthly_spend_cap: None,
-            },
+            NewKey::new(account, KeyKind::Master, "m"),
             Utc::now(),
         );
         store

@@ -67,6 +67,21 @@ pub struct NewKey {
     pub monthly_spend_cap: Option<Nanos>,
 }
 
+impl NewKey {
+    /// A key for everything (`*`), from anywhere, with no expiry or spend cap.
+    pub fn new(account_id: AccountId, kind: KeyKind, name: &str) -> NewKey {
+        NewKey {
+            account_id,
+            kind,
+            name: name.to_string(),
+            scopes: vec![tollgate_core::access::ALL.to_string()],
+            allowed_ips: Vec::new(),
+            expires_at: None,
+            monthly_spend_cap: None,
+        }
+    }
+}
+
 impl KeyRecord {
     /// A fresh secret and the active record to store for it. The secret exists only in the
     /// return value: show it once, to the key's creator, and drop it.

@@ -18,15 +18,7 @@ use tollgate_store::{
 };
 
 fn key_for(account: AccountId, kind: KeyKind, name: &str) -> (ApiKey, KeyRecord) {
-    let key = NewKey {
-        account_id: account,
-        kind,
-        name: name.to_string(),
-        scopes: vec!["*".to_string()],
-        allowed_ips: Vec::new(),
-        expires_at: None,
-        monthly_spend_cap: None,
-    };
+    let key = NewKey::new(account, kind, name);
     KeyRecord::issue(
         KeyEnv::Live,
         key,
