@@ -4,6 +4,7 @@
 
 use std::path::Path;
 use std::process::Stdio;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
@@ -13,22 +14,36 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_tollgate");
 /// Starts `tollgate serve --config <config>` with `admin_token` from the environment, and returns
 /// it (killed when dropped) with its base URL, read from its JSON log.
 pub async fn serve(config: &Path, admin_token: &str) -> (Child, String) {
+    let (child, url, _) = serve_logged(config, admin_token, "info").await;
+    (child, url)
+}
+
+/// Every line a server has logged so far.
+pub type Log = Arc<Mutex<Vec<String>>>;
+
+/// [`serve`] with the log filter `filter` (`TOLLGATE_LOG`), keeping every log line.
+pub async fn serve_logged(config: &Path, admin_token: &str, filter: &str) -> (Child, String, Log) {
     let mut child = Command::new(BIN)
         .args(["serve", "--config"])
         .arg(config)
         .env("TOLLGATE_ADMIN_TOKEN", admin_token)
         .env("TOLLGATE_LOG_FORMAT", "json")
+        .env("TOLLGATE_LOG", filter)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let log: Log = Arc::default();
     let addr = tokio::time::timeout(Duration::from_secs(30), async {
         while let Some(line) = lines.next_line().await.unwrap() {
-            let log: serde_json::Value = serde_json::from_str(&line).unwrap();
-            if log["fields"]["message"] == "tollgate listening" {
-                return log["fields"]["addr"].as_str().unwrap().to_string();
+            log.lock().unwrap().push(line.clone());
+            let Ok(entry) = serde_json::from_str::<serde_json::Value>(&line) else {
+                continue;
+            };
+            if entry["fields"]["message"] == "tollgate listening" {
+                return entry["fields"]["addr"].as_str().unwrap().to_string();
             }
         }
         panic!("serve stopped before listening");
@@ -36,6 +51,11 @@ pub async fn serve(config: &Path, admin_token: &str) -> (Child, String) {
     .await
     .unwrap();
     // Keep draining the log so the server never blocks on a full pipe.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    (child, format!("http://{addr}"))
+    let kept = log.clone();
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = lines.next_line().await {
+            kept.lock().unwrap().push(line);
+        }
+    });
+    (child, format!("http://{addr}"), log)
 }
