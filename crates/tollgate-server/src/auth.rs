@@ -120,10 +120,14 @@ fn check_status(found: &CachedKey, state: &AppState) -> Result<(), HttpError> {
     }
     match record.status {
         KeyStatus::Revoked => {
-            return Err(HttpError::new(
+            let mut error = HttpError::new(
                 ErrorCode::KeyRevoked,
                 format!("The API key {} has been revoked.", record.id),
-            ))
+            );
+            if let Some(at) = record.revoked_at {
+                error = error.with_detail("revoked_at", tollgate_core::clock::rfc3339(at));
+            }
+            return Err(error);
         }
         KeyStatus::Inactive => {
             return Err(HttpError::new(
