@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{serve, BIN};
+use common::{serve, write_config, BIN};
 use expect_test::expect;
 use std::collections::HashMap;
 use std::path::Path;
@@ -274,15 +274,7 @@ async fn help_lists_the_commands() {
 async fn serve_runs_a_config_file_and_migrate_prepares_its_database() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("data/tollgate.db");
-    let file = dir.path().join("tollgate.toml");
-    std::fs::write(
-        &file,
-        format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\n[store]\nurl = \"sqlite://{}\"\n",
-            db.display()
-        ),
-    )
-    .unwrap();
+    let file = write_config(dir.path(), &db, "");
 
     let migrate = Command::new(BIN)
         .args(["migrate", "--config"])

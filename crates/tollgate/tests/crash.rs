@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::serve;
+use common::{echo_route, send_json, serve, write_config};
 use serde_json::{json, Value};
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -22,30 +22,22 @@ async fn sigkill_under_load_loses_no_customer_money() {
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("tollgate.db");
-    let config = dir.path().join("tollgate.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\n[store]\nurl = \"sqlite://{}\"\n\
-             [billing]\nrequest_hold_ttl = \"5s\"\nsweep_interval = \"100ms\"\n\
-             [[routes]]\nprefix = \"/echo\"\nupstream = \"{}/echo\"\ngroup = \"echo\"\nprice = \"0.001\"\n",
-            db.display(),
-            mock.url()
+    let config = write_config(
+        dir.path(),
+        &db,
+        &format!(
+            "[billing]\nrequest_hold_ttl = \"5s\"\nsweep_interval = \"100ms\"\n{}",
+            echo_route(&mock.url())
         ),
-    )
-    .unwrap();
+    );
     let (mut first, url) = serve(&config, ADMIN).await;
     let http = reqwest::Client::new();
-    let created: Value = http
-        .post(format!("{url}/api/v1/accounts"))
-        .bearer_auth(ADMIN)
-        .json(&json!({"name": "load", "starter_credits": "10"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let created: Value = send_json(
+        http.post(format!("{url}/api/v1/accounts"))
+            .bearer_auth(ADMIN)
+            .json(&json!({"name": "load", "starter_credits": "10"})),
+    )
+    .await;
     let key = created["master_key"]["secret"]
         .as_str()
         .unwrap()
@@ -84,15 +76,11 @@ async fn sigkill_under_load_loses_no_customer_money() {
     );
 
     let (_second, url) = serve(&config, ADMIN).await;
-    let balance: Value = http
-        .get(format!("{url}/api/v1/billing/balance?account_id={account}"))
-        .bearer_auth(ADMIN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let balance: Value = send_json(
+        http.get(format!("{url}/api/v1/billing/balance?account_id={account}"))
+            .bearer_auth(ADMIN),
+    )
+    .await;
     assert_eq!(
         balance["held"]["nanos"], 0,
         "the dead process's holds were released at start"
@@ -106,15 +94,7 @@ async fn sigkill_under_load_loses_no_customer_money() {
         if let Some(c) = &cursor {
             page_url.push_str(&format!("&cursor={c}"));
         }
-        let page: Value = http
-            .get(page_url)
-            .bearer_auth(ADMIN)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let page: Value = send_json(http.get(page_url).bearer_auth(ADMIN)).await;
         for row in page["data"].as_array().unwrap() {
             if row["cost"]["nanos"].as_i64().unwrap() > 0 {
                 charged.push(row["request_id"].as_str().unwrap().to_string());

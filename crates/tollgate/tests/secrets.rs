@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::serve_logged;
+use common::{echo_route, send_json, serve_logged, write_config};
 use serde_json::{json, Value};
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -19,34 +19,26 @@ async fn no_issued_key_is_found_in_clear_in_the_database_or_the_logs() {
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let config = dir.path().join("tollgate.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\n[store]\nurl = \"sqlite://{}/tollgate.db\"\n\
-             [billing]\nstarter_credits = \"10\"\n\
-             [[routes]]\nprefix = \"/echo\"\nupstream = \"{}/echo\"\ngroup = \"echo\"\nprice = \"0.001\"\n",
-            data.display(),
-            mock.url()
+    let config = write_config(
+        dir.path(),
+        &data.join("tollgate.db"),
+        &format!(
+            "[billing]\nstarter_credits = \"10\"\n{}",
+            echo_route(&mock.url())
         ),
-    )
-    .unwrap();
+    );
     // Trace level, every crate: the most an operator could turn on while investigating.
     let (mut server, url, log) = serve_logged(&config, ADMIN, "trace").await;
     let http = reqwest::Client::new();
     let mut issued: Vec<String> = Vec::new();
     let mut key_ids: Vec<String> = Vec::new();
 
-    let created: Value = http
-        .post(format!("{url}/api/v1/accounts"))
-        .bearer_auth(ADMIN)
-        .json(&json!({"name": "acme"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let created: Value = send_json(
+        http.post(format!("{url}/api/v1/accounts"))
+            .bearer_auth(ADMIN)
+            .json(&json!({"name": "acme"})),
+    )
+    .await;
     let master = created["master_key"]["secret"]
         .as_str()
         .unwrap()
@@ -59,70 +51,47 @@ async fn no_issued_key_is_found_in_clear_in_the_database_or_the_logs() {
         json!({"name": "fenced", "allowed_ips": ["10.0.0.0/8"]}),
         json!({"name": "to-roll"}),
     ] {
-        let key: Value = http
-            .post(format!("{url}/api/v1/keys"))
-            .bearer_auth(&master)
-            .json(&body)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let key: Value = send_json(
+            http.post(format!("{url}/api/v1/keys"))
+                .bearer_auth(&master)
+                .json(&body),
+        )
+        .await;
         issued.push(key["secret"].as_str().unwrap().to_string());
         key_ids.push(key["id"].as_str().unwrap().to_string());
     }
-    let rolled: Value = http
-        .post(format!("{url}/api/v1/keys/{}/roll", key_ids[3]))
-        .bearer_auth(&master)
-        .json(&json!({"grace_period_seconds": 3600}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let rolled: Value = send_json(
+        http.post(format!("{url}/api/v1/keys/{}/roll", key_ids[3]))
+            .bearer_auth(&master)
+            .json(&json!({"grace_period_seconds": 3600})),
+    )
+    .await;
     issued.push(rolled["secret"].as_str().unwrap().to_string());
 
     // Use every secret every way a client might: both headers, a query string, management calls,
     // calls that fail (IP not allowed, revoked, mistyped).
+    let echo = |secret: &str| http.get(format!("{url}/echo/x")).bearer_auth(secret);
     let mut statuses = Vec::new();
     for secret in &issued {
+        let mistyped = format!("{}x", &secret[..secret.len() - 1]);
         for request in [
-            http.get(format!("{url}/echo/x")).bearer_auth(secret),
+            echo(secret),
             http.get(format!("{url}/echo/x"))
                 .header("x-api-key", secret),
             http.get(format!("{url}/echo/x?api_key={secret}"))
                 .bearer_auth(secret),
             http.get(format!("{url}/api/v1/key")).bearer_auth(secret),
+            echo(&mistyped),
         ] {
             statuses.push(request.send().await.unwrap().status().as_u16());
         }
-        let mistyped = format!("{}x", &secret[..secret.len() - 1]);
-        statuses.push(
-            http.get(format!("{url}/echo/x"))
-                .bearer_auth(&mistyped)
-                .send()
-                .await
-                .unwrap()
-                .status()
-                .as_u16(),
-        );
     }
     http.post(format!("{url}/api/v1/keys/{}/revoke", key_ids[1]))
         .bearer_auth(&master)
         .send()
         .await
         .unwrap();
-    statuses.push(
-        http.get(format!("{url}/echo/x"))
-            .bearer_auth(&issued[1])
-            .send()
-            .await
-            .unwrap()
-            .status()
-            .as_u16(),
-    );
+    statuses.push(echo(&issued[1]).send().await.unwrap().status().as_u16());
     // The run exercised successes and each kind of refusal.
     for status in [200, 401, 403] {
         assert!(statuses.contains(&status), "{status} missing: {statuses:?}");

@@ -2,7 +2,7 @@
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -10,6 +10,30 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_tollgate");
+
+/// Writes a config listening on port 0 with its SQLite database at `db`, plus `extra` (more
+/// sections, routes), to `<dir>/tollgate.toml`, and returns its path.
+pub fn write_config(dir: &Path, db: &Path, extra: &str) -> PathBuf {
+    let path = dir.join("tollgate.toml");
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n[store]\nurl = \"sqlite://{}\"\n{extra}",
+        db.display()
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// A route to the mock upstream's echo API at 0.001 a call, as config text.
+pub fn echo_route(mock_url: &str) -> String {
+    format!(
+        "[[routes]]\nprefix = \"/echo\"\nupstream = \"{mock_url}/echo\"\ngroup = \"echo\"\nprice = \"0.001\"\n"
+    )
+}
+
+/// Sends the request and reads its JSON answer.
+pub async fn send_json(request: reqwest::RequestBuilder) -> serde_json::Value {
+    request.send().await.unwrap().json().await.unwrap()
+}
 
 /// Starts `tollgate serve --config <config>` with `admin_token` from the environment, and returns
 /// it (killed when dropped) with its base URL, read from its JSON log.
