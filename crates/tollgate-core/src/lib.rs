@@ -10,6 +10,7 @@ pub mod ledger;
 pub mod metering;
 pub mod money;
 pub mod pricing;
+pub mod ratelimit;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::{ApiError, ErrorCode, Fault};
