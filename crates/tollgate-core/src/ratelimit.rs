@@ -130,10 +130,13 @@ impl Policy {
         }
     }
 
-    /// The standing of a subject without a request (for headers when nothing was consumed).
+    /// The standing of a subject without consuming anything: `admitted` says whether one more
+    /// unit would be, `retry_after` how long until it would.
     pub fn peek(&self, tat: Option<Tat>, now: Duration) -> Standing {
         let now_s = self.scaled(now);
-        self.standing(tat.map_or(now_s, |tat| tat.max(now_s)), now_s, true, 0)
+        let base = tat.map_or(now_s, |tat| tat.max(now_s));
+        let wait = (base + self.window_ns()).saturating_sub(now_s + self.capacity());
+        self.standing(base, now_s, wait == 0, wait)
     }
 
     fn standing(&self, tat: u128, now_s: u128, admitted: bool, wait: u128) -> Standing {
@@ -241,6 +244,15 @@ mod tests {
         // Idle long enough, the subject is back to full capacity.
         let full = p.peek(tat, secs(200));
         assert_eq!((full.remaining, full.reset_after), (3, Duration::ZERO));
+        // Peeking at an exhausted subject says so, and when it will have room, without consuming.
+        let mut spent = None;
+        for _ in 0..3 {
+            spent = p.decide(spent, secs(300), 1).1;
+        }
+        let peeked = p.peek(spent, secs(300));
+        assert!(!peeked.admitted);
+        assert_eq!((peeked.remaining, peeked.retry_after), (0, secs(1)));
+        assert_eq!(p.peek(spent, secs(300)), peeked);
     }
 
     #[test]

@@ -4,9 +4,10 @@ use crate::auth::KeyCache;
 use crate::config::{Config, StoreConfig};
 use crate::error::HttpError;
 use crate::ledger::Ledger;
+use crate::limits::LocalLimiter;
 use crate::proxy::RouteTable;
 use crate::state::AppState;
-use crate::{api, edge, health, proxy};
+use crate::{api, edge, health, limits, proxy};
 use axum::middleware;
 use axum::response::IntoResponse;
 use axum::routing::get;
@@ -59,6 +60,7 @@ impl Application {
         let state = AppState {
             keys: Arc::new(KeyCache::new(config.key_cache_capacity)),
             ledger,
+            limiter: Arc::new(LocalLimiter::new(clock.clone())),
             routes: Arc::new(RouteTable::new(&config.routes)),
             config: Arc::new(config),
             store,
@@ -166,6 +168,8 @@ fn router(state: AppState) -> Router {
         }))
         // Rescue renders errors; it sits inside request_id so every body carries the ID.
         .layer(middleware::from_fn(edge::rescue))
+        // Rate-limit headers go on the rendered response, so this sits outside rescue.
+        .layer(middleware::from_fn_with_state(state.clone(), limits::layer))
         // The trace span opens after the ID exists, so every log line carries it. One INFO line
         // per response (status, latency); failures are logged once, by rescue.
         .layer(

@@ -16,9 +16,11 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 use tollgate_core::metering::LlmApi;
 use tollgate_core::pricing::TokenPrices;
+use tollgate_core::ratelimit::{Policy, Scope, Unit};
 use tollgate_core::{KeyEnv, Nanos};
 use tollgate_wire::ErrorProfile;
 
@@ -45,7 +47,50 @@ pub struct RawConfig {
     pub admin: RawAdmin,
     pub billing: RawBilling,
     pub keys: RawKeys,
+    /// Policies for every route (and the management API); `None` means the defaults.
+    pub rate_limits: Option<Vec<RawPolicy>>,
     pub routes: Vec<RawRoute>,
+}
+
+/// A rate-limit policy as written in config.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPolicy {
+    pub name: String,
+    pub scope: Scope,
+    #[serde(default = "requests")]
+    pub unit: Unit,
+    pub limit: u64,
+    pub window: String,
+    #[serde(default)]
+    pub burst: u64,
+}
+
+fn requests() -> Unit {
+    Unit::Requests
+}
+
+/// The policies used when the config has no `[[rate_limits]]`: failed or anonymous calls per
+/// client address (a brake on key guessing), and a generous ceiling per key.
+pub fn default_rate_limits() -> Vec<RawPolicy> {
+    vec![
+        RawPolicy {
+            name: "anonymous-per-ip".into(),
+            scope: Scope::Ip,
+            unit: Unit::Requests,
+            limit: 600,
+            window: "1m".into(),
+            burst: 100,
+        },
+        RawPolicy {
+            name: "per-key".into(),
+            scope: Scope::Key,
+            unit: Unit::Requests,
+            limit: 6000,
+            window: "1m".into(),
+            burst: 1000,
+        },
+    ]
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -189,6 +234,9 @@ pub struct RawRoute {
     /// Headers added to every upstream request (e.g. the upstream's own API key). Secret.
     #[serde(default)]
     pub upstream_headers: BTreeMap<String, Secret>,
+    /// Policies for this route only, on top of the global ones.
+    #[serde(default)]
+    pub rate_limits: Vec<RawPolicy>,
     /// Index in the file's `routes` array, so messages name the route the operator wrote.
     #[serde(skip)]
     pub position: usize,
@@ -216,6 +264,7 @@ impl Default for RawRoute {
             connect_timeout: default_connect_timeout(),
             timeout: default_timeout(),
             upstream_headers: BTreeMap::new(),
+            rate_limits: Vec::new(),
             position: 0,
         }
     }
@@ -316,12 +365,15 @@ impl RawConfig {
             admin: section(&mut table, "admin", problems),
             billing: section(&mut table, "billing", problems),
             keys: section(&mut table, "keys", problems),
+            rate_limits: table
+                .remove("rate_limits")
+                .and_then(|value| deserialize_at(value, "rate_limits", problems)),
             routes: routes(&mut table, problems),
         };
         for unknown in table.keys() {
             problems.push(
                 unknown,
-                "unknown section (expected server, store, admin, billing, keys or routes)",
+                "unknown section (expected server, store, admin, billing, keys, rate_limits or routes)",
             );
         }
         Some(raw)
@@ -432,6 +484,10 @@ pub struct Config {
     pub usage_retention: Duration,
     pub key_env: KeyEnv,
     pub max_keys_per_account: u32,
+    /// Policies for every request with a caller (scopes other than `ip`).
+    pub rate_limits: Vec<Arc<Policy>>,
+    /// `ip` policies: requests that end without an authenticated caller.
+    pub anonymous_limits: Vec<Arc<Policy>>,
     pub routes: Vec<RouteConfig>,
     /// What was validated, for `check-config` to print.
     pub raw: RawConfig,
@@ -455,6 +511,7 @@ pub struct RouteConfig {
     pub timeout: Duration,
     /// Marked sensitive, so `Debug` never shows them.
     pub upstream_headers: Vec<(HeaderName, http::HeaderValue)>,
+    pub rate_limits: Vec<Arc<Policy>>,
 }
 
 /// How a route charges. The cost of a call is `flat` plus its metered part (units or tokens).
@@ -465,6 +522,9 @@ pub struct Pricing {
     /// `Some` on LLM routes: the API shape and each model's prices.
     pub llm: Option<(LlmApi, BTreeMap<String, TokenPrices>)>,
     pub hold: HoldRule,
+    /// LLM routes: the output tokens assumed when a request sets no `max_tokens` (for the hold
+    /// and for token rate limits).
+    pub default_max_tokens: u64,
     pub stream_policy: StreamPolicy,
     pub drain_timeout: Duration,
     pub drain_max_bytes: u64,
@@ -488,7 +548,7 @@ pub enum HoldRule {
     Flat,
     /// Reserve the flat price plus the input (body bytes ÷ 4, rounded up) and `max_tokens` of
     /// output at the model's prices (`default_max_tokens` when the request sets none).
-    MaxTokens { default_max_tokens: u64 },
+    MaxTokens,
     /// Reserve this fixed amount; a cost above it is charged as it.
     MaxHold(Nanos),
 }
@@ -625,6 +685,15 @@ impl Config {
         let usage_retention =
             billing_duration(&mut p, "usage_retention", &raw.billing.usage_retention);
 
+        let all_limits = validate_policies(
+            raw.rate_limits.as_deref().unwrap_or(&default_rate_limits()),
+            "rate_limits",
+            &mut p,
+        );
+        let (anonymous_limits, rate_limits): (Vec<_>, Vec<_>) = all_limits
+            .into_iter()
+            .partition(|policy| policy.scope == Scope::Ip);
+
         let mut routes: Vec<RouteConfig> = Vec::new();
         let mut prefixes_seen: Vec<(String, usize)> = Vec::new();
         for raw_route in &raw.routes {
@@ -642,6 +711,14 @@ impl Config {
                     );
                 }
                 prefixes_seen.push((route.prefix.clone(), raw_route.position));
+                for policy in &route.rate_limits {
+                    if rate_limits.iter().any(|global| global.name == policy.name) {
+                        p.push(
+                            &format!("{at}.rate_limits"),
+                            format!("'{}' is already the name of a global policy", policy.name),
+                        );
+                    }
+                }
                 routes.push(route);
             }
         }
@@ -664,6 +741,8 @@ impl Config {
                 usage_retention,
                 key_env: raw.keys.env,
                 max_keys_per_account: raw.keys.max_per_account,
+                rate_limits,
+                anonymous_limits,
                 routes,
                 raw,
             }),
@@ -758,6 +837,15 @@ fn validate_route(raw: &RawRoute, at: &str, p: &mut Problems) -> Option<RouteCon
             Err(_) => p.push(&field, "is not a valid header name"),
         }
     }
+    let rate_limits = validate_policies(&raw.rate_limits, &format!("{at}.rate_limits"), p);
+    for policy in &rate_limits {
+        if policy.scope == Scope::Ip {
+            p.push(
+                &format!("{at}.rate_limits"),
+                format!("'{}': ip policies are global only", policy.name),
+            );
+        }
+    }
     if p.len() > before {
         return None;
     }
@@ -770,7 +858,57 @@ fn validate_route(raw: &RawRoute, at: &str, p: &mut Problems) -> Option<RouteCon
         connect_timeout: connect_timeout?,
         timeout: timeout?,
         upstream_headers,
+        rate_limits,
     })
+}
+
+/// Checks each policy: a name of letters, digits, `-`, `_` and `.`, unique in the list; a limit
+/// of at least 1; a window of at least a millisecond.
+fn validate_policies(raw: &[RawPolicy], at: &str, p: &mut Problems) -> Vec<Arc<Policy>> {
+    let mut policies: Vec<Arc<Policy>> = Vec::new();
+    for (i, policy) in raw.iter().enumerate() {
+        let here = format!("{at}[{i}]");
+        let before = p.len();
+        if policy.name.is_empty()
+            || !policy
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        {
+            p.push(
+                &format!("{here}.name"),
+                "must be a name of letters, digits, '-', '_' and '.'",
+            );
+        } else if policies.iter().any(|seen| seen.name == policy.name) {
+            p.push(
+                &format!("{here}.name"),
+                format!("'{}' is already used", policy.name),
+            );
+        }
+        if policy.limit == 0 {
+            p.push(&format!("{here}.limit"), "must be at least 1");
+        }
+        let window = humantime::parse_duration(&policy.window)
+            .ok()
+            .filter(|w| *w >= Duration::from_millis(1));
+        if window.is_none() {
+            p.push(
+                &format!("{here}.window"),
+                "must be a duration of at least 1ms, e.g. \"1m\" or \"1s\"",
+            );
+        }
+        if let (Some(window), true) = (window, p.len() == before) {
+            policies.push(Arc::new(Policy {
+                name: policy.name.clone(),
+                scope: policy.scope,
+                unit: policy.unit,
+                limit: policy.limit,
+                window,
+                burst: policy.burst,
+            }));
+        }
+    }
+    policies
 }
 
 fn positive_duration(text: &str) -> Option<Duration> {
@@ -882,9 +1020,7 @@ fn validate_pricing(raw: &RawRoute, at: &str, p: &mut Problems) -> Option<Pricin
             );
             None
         }
-        HoldRuleName::MaxTokens => Some(HoldRule::MaxTokens {
-            default_max_tokens: raw.default_max_tokens,
-        }),
+        HoldRuleName::MaxTokens => Some(HoldRule::MaxTokens),
         HoldRuleName::MaxHold => match max_hold {
             Some(max) => Some(HoldRule::MaxHold(max)),
             None => {
@@ -913,6 +1049,7 @@ fn validate_pricing(raw: &RawRoute, at: &str, p: &mut Problems) -> Option<Pricin
         per_unit,
         llm: api.map(|api| (api, models)),
         hold: hold?,
+        default_max_tokens: raw.default_max_tokens,
         stream_policy: raw.stream_policy,
         drain_timeout: drain_timeout?,
         drain_max_bytes: raw.drain_max_bytes,
@@ -1071,7 +1208,7 @@ mod tests {
               - server.lisen: unknown field `lisen`, expected one of `listen`, `api_prefix`, `request_id_header`, `max_body_bytes`, `key_cache_capacity`, `trusted_proxies`
               - routes[0].upstream: invalid type: integer `5`, expected a string
               - routes[2]: missing field `group`
-              - surprise: unknown section (expected server, store, admin, billing, keys or routes)
+              - surprise: unknown section (expected server, store, admin, billing, keys, rate_limits or routes)
               - billing.currency: must be a three-letter code in capitals, e.g. USD
               - routes[1].prefix: '/api/v2' overlaps '/api', which Tollgate serves itself
               - routes[1].price: '-1' is negative; amounts here must be zero or more

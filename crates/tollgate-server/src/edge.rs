@@ -78,6 +78,14 @@ pub async fn rescue(request: Request, next: Next) -> Response {
     render(response.status(), &error, profile, id)
 }
 
+/// An error rendered outside the rescue layer (by a layer that sits around it).
+pub fn error_response(error: &ApiError, profile: ErrorProfile, id: RequestId) -> Response {
+    log(error);
+    let status = axum::http::StatusCode::from_u16(error.code.info().status)
+        .unwrap_or(axum::http::StatusCode::INTERNAL_SERVER_ERROR);
+    render(status, error, profile, id)
+}
+
 fn log(error: &ApiError) {
     let info = error.code.info();
     if info.status >= 500 {

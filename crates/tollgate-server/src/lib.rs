@@ -11,6 +11,7 @@ pub mod edge;
 pub mod error;
 pub mod health;
 pub mod ledger;
+pub mod limits;
 pub mod meter;
 pub mod proxy;
 pub mod state;

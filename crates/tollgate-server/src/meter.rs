@@ -7,6 +7,7 @@
 
 use crate::config::{Pricing, StreamPolicy, UnitsFrom};
 use crate::ledger::Ledger;
+use crate::limits::{Demand, Limiter};
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
@@ -18,6 +19,7 @@ use std::time::{Duration, Instant};
 use tollgate_core::ledger::{BillingStatus, Hold, HoldStatus, Resolve};
 use tollgate_core::metering::{LlmApi, StreamMeter, TokenUsage};
 use tollgate_core::pricing::{self, TokenPrices};
+use tollgate_core::ratelimit::Unit;
 use tollgate_core::{Clock, Nanos};
 use tollgate_store::UsageRow;
 
@@ -58,6 +60,45 @@ struct Open {
     started: Instant,
     hold: Option<Hold>,
     row: UsageRow,
+    reservation: Option<Reservation>,
+}
+
+/// What a request's token and cost rate-limit policies reserved, corrected to the actual usage
+/// when it finishes.
+struct Reservation {
+    limiter: Arc<dyn Limiter>,
+    demands: Vec<Demand>,
+}
+
+impl Reservation {
+    fn correct(self, tokens: u64, cost: Nanos) {
+        let corrections: Vec<(Demand, i64)> = self
+            .demands
+            .into_iter()
+            .filter_map(|demand| {
+                let actual = match demand.policy.unit {
+                    Unit::Requests => return None,
+                    Unit::Tokens => tokens,
+                    Unit::Cost => u64::try_from(cost.0).unwrap_or(0),
+                };
+                let delta = i64::try_from(actual)
+                    .unwrap_or(i64::MAX)
+                    .saturating_sub(i64::try_from(demand.cost).unwrap_or(i64::MAX));
+                (delta != 0).then_some((demand, delta))
+            })
+            .collect();
+        if corrections.is_empty() {
+            return;
+        }
+        let limiter = self.limiter;
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                if let Err(e) = limiter.adjust(&corrections).await {
+                    tracing::warn!(error = %e, "rate-limit correction lost");
+                }
+            });
+        }
+    }
 }
 
 /// A request's billing in progress: its hold (if it has one) and its usage row.
@@ -72,7 +113,19 @@ impl Billing {
             started: Instant::now(),
             hold: None,
             row,
+            reservation: None,
         }))
+    }
+
+    /// The token and cost policies' reservations, to correct when the request finishes.
+    pub fn set_reservation(&mut self, limiter: Arc<dyn Limiter>, demands: Vec<Demand>) {
+        let demands: Vec<Demand> = demands
+            .into_iter()
+            .filter(|d| d.policy.unit != Unit::Requests)
+            .collect();
+        if let (Some(open), false) = (&mut self.0, demands.is_empty()) {
+            open.reservation = Some(Reservation { limiter, demands });
+        }
     }
 
     pub fn set_hold(&mut self, hold: Hold) {
@@ -113,7 +166,12 @@ impl Open {
             started,
             hold,
             mut row,
+            reservation,
         } = self;
+        let tokens = outcome
+            .tokens
+            .map_or(0, |t| t.input + t.cached_input + t.output);
+        let mut charged = Nanos::ZERO;
         let how = match outcome.charge {
             Some((cost, _)) => Resolve::Settle(cost),
             None => Resolve::Release,
@@ -136,6 +194,7 @@ impl Open {
             row.status = outcome.status;
             row.upstream_status = outcome.upstream_status;
             row.cost = cost;
+            charged = cost;
             row.billing_status = billing_status;
             row.tokens = outcome.tokens;
             row.units = outcome.units;
@@ -144,6 +203,9 @@ impl Open {
             row.completed_at = clock.now();
             row
         });
+        if let Some(reservation) = reservation {
+            reservation.correct(tokens, charged);
+        }
     }
 }
 

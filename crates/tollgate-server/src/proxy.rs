@@ -10,6 +10,7 @@ use crate::config::{HoldRule, RouteConfig};
 use crate::edge::{ClientRequestId, RequestIdHeader, ANTHROPIC_REQUEST_ID};
 use crate::error::HttpError;
 use crate::ledger::{HoldRefused, HoldSpec};
+use crate::limits::{self, Estimate, LimitSlot, Standings};
 use crate::meter::{Billing, CostRule, MeteredBody, Metering, Outcome};
 use crate::state::AppState;
 use axum::body::Body;
@@ -147,6 +148,17 @@ async fn forward(
         state.clock.clone(),
         usage_row(&request, &key, &route.config.prefix, now),
     ));
+    let slot = request.extensions().get::<LimitSlot>().cloned();
+    if let Some(slot) = &slot {
+        // Until the limits are decided, an error shows where the caller stands without consuming.
+        let demands = limits::demands_for(
+            &state.config,
+            Some(&route.config),
+            &key,
+            Estimate::default(),
+        );
+        slot.set(Standings::Identified(demands));
+    }
     if !access::grants_group(&key.scopes, &route.config.group) {
         return Err(HttpError::from(
             tollgate_core::ApiError::new(
@@ -190,21 +202,29 @@ async fn forward(
         }
     };
 
-    let hold_amount = match pricing.hold {
-        HoldRule::Flat => pricing.flat,
-        HoldRule::MaxHold(amount) => amount,
-        HoldRule::MaxTokens { default_max_tokens } => match &llm {
-            Some(llm) => {
-                let estimate = TokenUsage {
-                    input: (llm.body.len() as u64).div_ceil(4),
-                    cached_input: 0,
-                    output: llm.max_tokens.unwrap_or(default_max_tokens),
-                };
-                tollgate_core::pricing::add(pricing.flat, llm.prices.cost(&estimate))
-            }
-            None => pricing.flat,
-        },
+    // The worst case this call may use: what token policies reserve and, priced, what the
+    // hold may be.
+    let tokens = llm.as_ref().map(|llm| TokenUsage {
+        input: (llm.body.len() as u64).div_ceil(4),
+        cached_input: 0,
+        output: llm.max_tokens.unwrap_or(pricing.default_max_tokens),
+    });
+    let hold_amount = match (pricing.hold, &llm, &tokens) {
+        (HoldRule::MaxHold(amount), _, _) => amount,
+        (HoldRule::MaxTokens, Some(llm), Some(tokens)) => {
+            tollgate_core::pricing::add(pricing.flat, llm.prices.cost(tokens))
+        }
+        (HoldRule::Flat | HoldRule::MaxTokens, _, _) => pricing.flat,
     };
+    let estimate = Estimate {
+        tokens: tokens.map_or(0, |t| t.input + t.output),
+        cost_nanos: u64::try_from(hold_amount.0).unwrap_or(0),
+    };
+    let demands = limits::demands_for(&state.config, Some(&route.config), &key, estimate);
+    limits::admit(state, slot.as_ref(), &demands).await?;
+    if let Some(billing) = billing.as_mut() {
+        billing.set_reservation(state.limiter.clone(), demands);
+    }
     if hold_amount > Nanos::ZERO {
         let hold = state
             .ledger

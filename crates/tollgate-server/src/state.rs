@@ -1,8 +1,9 @@
-//! What every handler shares: config, store, key cache, ledger, routes and the clock.
+//! What every handler shares: config, store, key cache, ledger, rate limiter, routes and the clock.
 
 use crate::auth::KeyCache;
 use crate::config::Config;
 use crate::ledger::Ledger;
+use crate::limits::Limiter;
 use crate::proxy::RouteTable;
 use std::sync::Arc;
 use tollgate_core::Clock;
@@ -14,6 +15,7 @@ pub struct AppState {
     pub store: Arc<dyn Store>,
     pub keys: Arc<KeyCache>,
     pub ledger: Arc<Ledger>,
+    pub limiter: Arc<dyn Limiter>,
     pub routes: Arc<RouteTable>,
     pub clock: Arc<dyn Clock>,
 }

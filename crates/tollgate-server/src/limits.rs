@@ -1,0 +1,536 @@
+//! Rate limiting: the [`Limiter`] trait, the in-process [`LocalLimiter`], which policies apply to
+//! a request, and the headers that tell a client where it stands.
+//!
+//! Every policy that applies to a request is decided in one [`Limiter::acquire`] call, which
+//! consumes all of them or none (a request one policy refuses costs the others nothing). Token and
+//! cost policies reserve an estimate first; [`Limiter::adjust`] corrects them to the actual usage.
+//! The GCRA arithmetic is `tollgate_core::ratelimit`; a backend only stores TATs atomically.
+
+use crate::auth::client_ip;
+use crate::config::{Config, RouteConfig};
+use crate::error::HttpError;
+use crate::state::AppState;
+use async_trait::async_trait;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue};
+use axum::middleware::Next;
+use axum::response::Response;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tollgate_core::ratelimit::{most_restrictive, Policy, Standing, Tat};
+use tollgate_core::ratelimit::{Scope, Unit};
+use tollgate_core::RequestId;
+use tollgate_core::{ApiError, Clock, ErrorCode};
+use tollgate_store::KeyRecord;
+
+/// Units asked of one policy for one subject (`key:<id>`, `acct:<id>`, `route:<prefix>`, ...).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Demand {
+    pub policy: Arc<Policy>,
+    pub subject: String,
+    pub cost: u64,
+}
+
+impl Demand {
+    /// Where the subject's state lives. The limit is part of it: a policy whose limit changes
+    /// starts afresh rather than reading a TAT scaled for another limit.
+    fn state_key(&self) -> String {
+        format!(
+            "{}|{}|{}|{}",
+            self.policy.name,
+            self.policy.limit,
+            self.policy.window.as_nanos(),
+            self.subject
+        )
+    }
+}
+
+/// The answer to [`Limiter::acquire`]: each demand's standing, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict {
+    pub admitted: bool,
+    pub standings: Vec<Standing>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("rate limiter unavailable: {0}")]
+pub struct LimiterUnavailable(pub String);
+
+#[async_trait]
+pub trait Limiter: Send + Sync {
+    /// Decides every demand; consumes them all if every one is admitted, else none.
+    async fn acquire(&self, demands: &[Demand]) -> Result<Verdict, LimiterUnavailable>;
+    /// Corrects admitted demands by `delta` units each (negative: give units back).
+    async fn adjust(&self, corrections: &[(Demand, i64)]) -> Result<(), LimiterUnavailable>;
+    /// Each demand's standing, consuming nothing (`admitted`: one more unit would be).
+    async fn peek(&self, demands: &[Demand]) -> Result<Vec<Standing>, LimiterUnavailable>;
+}
+
+/// The in-process limiter: TATs in one map behind a mutex (a decision is a few arithmetic
+/// operations per policy, so the lock is held for well under a microsecond). Subjects back at
+/// full capacity are dropped when the map has doubled since the last sweep, so memory follows
+/// the number of recently active subjects.
+pub struct LocalLimiter {
+    clock: Arc<dyn Clock>,
+    state: Mutex<LocalState>,
+}
+
+#[derive(Default)]
+struct LocalState {
+    tats: HashMap<String, (Tat, Arc<Policy>)>,
+    sweep_at: usize,
+}
+
+const MIN_SWEEP_SIZE: usize = 1024;
+
+impl LocalLimiter {
+    pub fn new(clock: Arc<dyn Clock>) -> LocalLimiter {
+        LocalLimiter {
+            clock,
+            state: Mutex::new(LocalState::default()),
+        }
+    }
+
+    fn now(&self) -> Duration {
+        since_epoch(self.clock.now())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, LocalState> {
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// Time since the Unix epoch, as the GCRA takes it.
+pub fn since_epoch(at: chrono::DateTime<chrono::Utc>) -> Duration {
+    Duration::from_nanos(u64::try_from(at.timestamp_nanos_opt().unwrap_or(0)).unwrap_or(0))
+}
+
+#[async_trait]
+impl Limiter for LocalLimiter {
+    async fn acquire(&self, demands: &[Demand]) -> Result<Verdict, LimiterUnavailable> {
+        let now = self.now();
+        let keys: Vec<String> = demands.iter().map(Demand::state_key).collect();
+        let mut state = self.lock();
+        let decisions: Vec<_> = demands
+            .iter()
+            .zip(&keys)
+            .map(|(demand, key)| {
+                let tat = state.tats.get(key).map(|(tat, _)| *tat);
+                demand.policy.decide(tat, now, demand.cost)
+            })
+            .collect();
+        let admitted = decisions.iter().all(|(standing, _)| standing.admitted);
+        if admitted {
+            for ((demand, key), (_, tat)) in demands.iter().zip(keys).zip(&decisions) {
+                if let Some(tat) = tat {
+                    state.tats.insert(key, (*tat, demand.policy.clone()));
+                }
+            }
+            state.sweep(now);
+        }
+        Ok(Verdict {
+            admitted,
+            standings: decisions
+                .into_iter()
+                .map(|(standing, _)| standing)
+                .collect(),
+        })
+    }
+
+    async fn adjust(&self, corrections: &[(Demand, i64)]) -> Result<(), LimiterUnavailable> {
+        let now = self.now();
+        let mut state = self.lock();
+        for (demand, delta) in corrections {
+            if let Some((tat, policy)) = state.tats.get_mut(&demand.state_key()) {
+                *tat = policy.adjust(*tat, now, *delta);
+            }
+        }
+        Ok(())
+    }
+
+    async fn peek(&self, demands: &[Demand]) -> Result<Vec<Standing>, LimiterUnavailable> {
+        let now = self.now();
+        let state = self.lock();
+        Ok(demands.iter().map(|d| state.peek(d, now)).collect())
+    }
+}
+
+impl LocalState {
+    fn peek(&self, demand: &Demand, now: Duration) -> Standing {
+        let tat = self.tats.get(&demand.state_key()).map(|(tat, _)| *tat);
+        demand.policy.peek(tat, now)
+    }
+
+    fn sweep(&mut self, now: Duration) {
+        if self.tats.len() < self.sweep_at.max(MIN_SWEEP_SIZE) {
+            return;
+        }
+        self.tats
+            .retain(|_, (tat, policy)| policy.peek(Some(*tat), now).reset_after > Duration::ZERO);
+        self.sweep_at = self.tats.len() * 2;
+    }
+}
+
+/// What a request may cost before it is made, for token and cost policies.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Estimate {
+    pub tokens: u64,
+    pub cost_nanos: u64,
+}
+
+/// The demands of every policy that applies to a call by `key` (on `route`, for the data plane).
+/// Route and key+route policies need a route, so they do not apply to the management API.
+pub fn demands_for(
+    config: &Config,
+    route: Option<&RouteConfig>,
+    key: &KeyRecord,
+    estimate: Estimate,
+) -> Vec<Demand> {
+    let route_policies = route.map(|r| r.rate_limits.as_slice()).unwrap_or_default();
+    config
+        .rate_limits
+        .iter()
+        .chain(route_policies)
+        .filter_map(|policy| {
+            let subject = match (policy.scope, route) {
+                (Scope::Key, _) => format!("key:{}", key.id),
+                (Scope::Account, _) => format!("acct:{}", key.account_id),
+                (Scope::Route, Some(route)) => format!("route:{}", route.prefix),
+                (Scope::KeyRoute, Some(route)) => format!("key:{}|route:{}", key.id, route.prefix),
+                (Scope::Route | Scope::KeyRoute, None) | (Scope::Ip, _) => return None,
+            };
+            let cost = match policy.unit {
+                Unit::Requests => 1,
+                Unit::Tokens => estimate.tokens,
+                Unit::Cost => estimate.cost_nanos,
+            };
+            Some(Demand {
+                policy: policy.clone(),
+                subject,
+                cost,
+            })
+        })
+        .collect()
+}
+
+/// Where the request stands, as whoever identified the caller left it for [`layer`].
+#[derive(Debug, Clone)]
+pub enum Standings {
+    /// The caller is known but nothing was consumed (the request failed first): show where the
+    /// request-count policies stand.
+    Identified(Vec<Demand>),
+    /// Decided and, if admitted, consumed.
+    Decided(LimitHeaders),
+    /// The admin: not rate-limited.
+    Exempt,
+}
+
+/// A request's slot for its [`Standings`], put in its extensions by [`layer`].
+#[derive(Debug, Clone, Default)]
+pub struct LimitSlot(Arc<Mutex<Option<Standings>>>);
+
+impl LimitSlot {
+    pub fn set(&self, standings: Standings) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(standings);
+    }
+
+    fn take(&self) -> Option<Standings> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+}
+
+/// Decides `demands` for an identified caller, records the outcome in the request's slot, and
+/// answers 429 `rate_limited` when a policy refuses.
+pub async fn admit(
+    state: &AppState,
+    slot: Option<&LimitSlot>,
+    demands: &[Demand],
+) -> Result<(), HttpError> {
+    if demands.is_empty() {
+        return Ok(());
+    }
+    let now = since_epoch(state.clock.now());
+    let verdict = state
+        .limiter
+        .acquire(demands)
+        .await
+        .map_err(|e| unavailable(&e))?;
+    if let Some(slot) = slot {
+        slot.set(Standings::Decided(LimitHeaders::new(
+            demands,
+            &verdict.standings,
+            now,
+        )));
+    }
+    if verdict.admitted {
+        Ok(())
+    } else {
+        Err(refusal(demands, &verdict).into())
+    }
+}
+
+fn unavailable(e: &LimiterUnavailable) -> HttpError {
+    tracing::error!(error = %e, "rate limiter unavailable");
+    HttpError::from(
+        ApiError::new(
+            ErrorCode::ServiceUnavailable,
+            "The rate limiter is unavailable. Nothing was charged; retry shortly.",
+        )
+        .with_retry_after(1),
+    )
+}
+
+/// Sits outside the error renderer: gives each request a [`LimitSlot`], refuses a client address
+/// already over its anonymous limit before any work, and on the way out adds the rate-limit
+/// headers. A request that ends without an identified caller (no or a bad key, an unknown path)
+/// counts against its address's `ip` policies.
+pub async fn layer(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
+    let slot = LimitSlot::default();
+    request.extensions_mut().insert(slot.clone());
+    let anonymous: Vec<Demand> = match client_ip(&state, request.headers(), request.extensions()) {
+        Some(ip) => state
+            .config
+            .anonymous_limits
+            .iter()
+            .map(|policy| Demand {
+                policy: policy.clone(),
+                subject: format!("ip:{ip}"),
+                cost: 1,
+            })
+            .collect(),
+        None => Vec::new(),
+    };
+    let now = since_epoch(state.clock.now());
+    if !anonymous.is_empty() {
+        if let Ok(standings) = state.limiter.peek(&anonymous).await {
+            if standings.iter().any(|s| !s.admitted) {
+                let verdict = Verdict {
+                    admitted: false,
+                    standings,
+                };
+                let error = refusal(&anonymous, &verdict);
+                let id = request.extensions().get::<RequestId>().copied();
+                let profile = state
+                    .routes
+                    .resolve(request.uri().path())
+                    .map(|route| route.config.error_profile)
+                    .unwrap_or_default();
+                let mut response =
+                    crate::edge::error_response(&error, profile, id.unwrap_or_default());
+                LimitHeaders::new(&anonymous, &verdict.standings, now)
+                    .apply(response.headers_mut());
+                return response;
+            }
+        }
+    }
+    let mut response = next.run(request).await;
+    let headers = match slot.take() {
+        Some(Standings::Decided(headers)) => Some(headers),
+        Some(Standings::Exempt) => None,
+        Some(Standings::Identified(demands)) => state
+            .limiter
+            .peek(&demands)
+            .await
+            .ok()
+            .map(|standings| LimitHeaders::new(&demands, &standings, now)),
+        None if anonymous.is_empty() => None,
+        None => state
+            .limiter
+            .acquire(&anonymous)
+            .await
+            .ok()
+            .map(|verdict| LimitHeaders::new(&anonymous, &verdict.standings, now)),
+    };
+    if let Some(headers) = headers {
+        headers.apply(response.headers_mut());
+    }
+    response
+}
+
+/// The 429 for a refused request: `Retry-After` from the policy that refused it (the longest
+/// wait, if several did), `details.policy` naming it.
+pub fn refusal(demands: &[Demand], verdict: &Verdict) -> ApiError {
+    let refused = demands
+        .iter()
+        .zip(&verdict.standings)
+        .filter(|(_, s)| !s.admitted)
+        .max_by_key(|(_, s)| s.retry_after)
+        .map(|(d, s)| (d, *s))
+        .or_else(|| demands.first().zip(verdict.standings.first().copied()));
+    let Some((demand, standing)) = refused else {
+        return ApiError::new(ErrorCode::RateLimited, "Rate limit exceeded.").with_retry_after(1);
+    };
+    let policy = &demand.policy;
+    let retry = retry_seconds(standing.retry_after);
+    let message = if policy.can_ever_admit(demand.cost) {
+        format!(
+            "Rate limit '{}' exceeded ({} {} per {}). Retry after {retry} s.",
+            policy.name,
+            policy.limit,
+            policy.unit.as_str(),
+            humantime::format_duration(policy.window)
+        )
+    } else {
+        format!(
+            "This request needs {} {} at once, more than the rate limit '{}' ever allows ({}).",
+            demand.cost,
+            policy.unit.as_str(),
+            policy.name,
+            policy.burst + 1
+        )
+    };
+    ApiError::new(ErrorCode::RateLimited, message)
+        .with_detail("policy", policy.name.clone())
+        .with_detail("scope", policy.scope.as_str())
+        .with_detail("unit", policy.unit.as_str())
+        .with_detail("limit", policy.limit)
+        .with_detail("window_seconds", policy.window.as_secs_f64())
+        .with_retry_after(retry)
+}
+
+/// Whole seconds, rounded up, at least one: a client that waits this long will be admitted.
+fn retry_seconds(wait: Duration) -> u64 {
+    wait.as_nanos().div_ceil(1_000_000_000).max(1) as u64
+}
+
+/// Where a request stands with the policies that applied to it; rendered as headers on the way
+/// out by [`LimitHeaders::apply`].
+#[derive(Debug, Clone)]
+pub struct LimitHeaders {
+    pub policies: Vec<(Arc<Policy>, Standing)>,
+    /// Unix time of the decision.
+    pub now: Duration,
+}
+
+impl LimitHeaders {
+    pub fn new(demands: &[Demand], standings: &[Standing], now: Duration) -> LimitHeaders {
+        LimitHeaders {
+            policies: demands
+                .iter()
+                .zip(standings)
+                .map(|(d, s)| (d.policy.clone(), *s))
+                .collect(),
+            now,
+        }
+    }
+
+    /// `X-RateLimit-*` for the most restrictive policy; `RateLimit-Policy` and `RateLimit`
+    /// (draft-ietf-httpapi-ratelimit-headers) listing each policy.
+    pub fn apply(&self, headers: &mut HeaderMap) {
+        let Some((policy, standing)) =
+            most_restrictive(self.policies.iter().map(|(p, s)| (&**p, *s)))
+        else {
+            return;
+        };
+        let reset_at = self.now.as_secs() + seconds_up(standing.reset_after);
+        let mut set = |name: &'static str, value: String| {
+            if let Ok(value) = HeaderValue::try_from(value) {
+                headers.insert(name, value);
+            }
+        };
+        set("x-ratelimit-limit", policy.limit.to_string());
+        set("x-ratelimit-remaining", standing.remaining.to_string());
+        set("x-ratelimit-reset", reset_at.to_string());
+        let list = |item: &dyn Fn(&Policy, &Standing) -> String| {
+            self.policies
+                .iter()
+                .map(|(p, s)| item(p, s))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        set(
+            "ratelimit-policy",
+            list(&|p, _| {
+                format!(
+                    "\"{}\";q={};w={}",
+                    p.name,
+                    p.limit,
+                    seconds_up(p.window).max(1)
+                )
+            }),
+        );
+        set(
+            "ratelimit",
+            list(&|p, s| {
+                format!(
+                    "\"{}\";r={};t={}",
+                    p.name,
+                    s.remaining,
+                    seconds_up(s.reset_after)
+                )
+            }),
+        );
+    }
+}
+
+fn seconds_up(d: Duration) -> u64 {
+    d.as_nanos().div_ceil(1_000_000_000) as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tollgate_core::ratelimit::{Scope, Unit};
+    use tollgate_core::ManualClock;
+
+    fn demand(name: &str, limit: u64, burst: u64) -> Demand {
+        Demand {
+            policy: Arc::new(Policy {
+                name: name.into(),
+                scope: Scope::Key,
+                unit: Unit::Requests,
+                limit,
+                window: Duration::from_secs(60),
+                burst,
+            }),
+            subject: "key:k".into(),
+            cost: 1,
+        }
+    }
+
+    #[tokio::test]
+    async fn headers_show_the_most_restrictive_policy_and_list_them_all() {
+        let clock = Arc::new(ManualClock::new(
+            chrono::DateTime::from_timestamp(1_000, 0).unwrap(),
+        ));
+        let limiter = LocalLimiter::new(clock);
+        let demands = [demand("per-key", 60, 9), demand("per-account", 600, 99)];
+        let verdict = limiter.acquire(&demands).await.unwrap();
+        let mut headers = HeaderMap::new();
+        LimitHeaders::new(&demands, &verdict.standings, Duration::from_secs(1_000))
+            .apply(&mut headers);
+        let get = |name: &str| headers[name].to_str().unwrap().to_string();
+        assert_eq!(get("x-ratelimit-limit"), "60");
+        assert_eq!(get("x-ratelimit-remaining"), "9");
+        assert_eq!(get("x-ratelimit-reset"), "1001");
+        assert_eq!(
+            get("ratelimit-policy"),
+            "\"per-key\";q=60;w=60, \"per-account\";q=600;w=60"
+        );
+        assert_eq!(
+            get("ratelimit"),
+            "\"per-key\";r=9;t=1, \"per-account\";r=99;t=1"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_refusal_names_the_policy_and_a_retry_after_that_works() {
+        let clock = Arc::new(ManualClock::new(
+            chrono::DateTime::from_timestamp(1_000, 0).unwrap(),
+        ));
+        let limiter = LocalLimiter::new(clock.clone());
+        let demands = [demand("roomy", 600, 99), demand("tight", 2, 0)];
+        assert!(limiter.acquire(&demands).await.unwrap().admitted);
+        let verdict = limiter.acquire(&demands).await.unwrap();
+        assert!(!verdict.admitted);
+        let error = refusal(&demands, &verdict);
+        assert_eq!(error.code, ErrorCode::RateLimited);
+        assert_eq!(error.details["policy"], "tight");
+        assert_eq!(error.retry_after_s, Some(30));
+        clock.advance(chrono::Duration::seconds(30));
+        assert!(limiter.acquire(&demands).await.unwrap().admitted);
+    }
+}
