@@ -59,7 +59,8 @@ pub struct LimiterUnavailable(pub String);
 
 #[async_trait]
 pub trait Limiter: Send + Sync {
-    /// Decides every demand; consumes them all if every one is admitted, else none.
+    /// Decides every demand; consumes them all if every one is admitted, else none. When
+    /// refused, the standings of the policies that would have admitted show them as they are.
     async fn acquire(&self, demands: &[Demand]) -> Result<Verdict, LimiterUnavailable>;
     /// Corrects admitted demands by `delta` units each (negative: give units back).
     async fn adjust(&self, corrections: &[(Demand, i64)]) -> Result<(), LimiterUnavailable>;
@@ -131,12 +132,24 @@ impl Limiter for LocalLimiter {
             }
             state.sweep(now);
         }
+        // Refused, nothing was consumed: a policy that would have admitted shows where it stands.
+        let standings = decisions
+            .into_iter()
+            .zip(demands)
+            .map(|((standing, _), demand)| {
+                if admitted || !standing.admitted {
+                    standing
+                } else {
+                    Standing {
+                        admitted: true,
+                        ..state.peek(demand, now)
+                    }
+                }
+            })
+            .collect();
         Ok(Verdict {
             admitted,
-            standings: decisions
-                .into_iter()
-                .map(|(standing, _)| standing)
-                .collect(),
+            standings,
         })
     }
 

@@ -1,0 +1,314 @@
+//! Rate limits end to end: headers on every response, exact GCRA admission under concurrent
+//! load on a paused clock, all-or-nothing across policies, token reservations corrected to the
+//! actual usage, the anonymous per-address brake, and nothing charged for a refused call.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use common::{expect_error, spawn_app_with, TestApp, ADMIN_TOKEN};
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::time::Duration;
+use tollgate_core::ratelimit::{Scope, Unit};
+use tollgate_server::config::RawPolicy;
+
+fn policy(name: &str, scope: Scope, unit: Unit, limit: u64, window: &str, burst: u64) -> RawPolicy {
+    RawPolicy {
+        name: name.into(),
+        scope,
+        unit,
+        limit,
+        window: window.into(),
+        burst,
+    }
+}
+
+async fn app_with(policies: Vec<RawPolicy>) -> TestApp {
+    spawn_app_with(|raw, _| raw.rate_limits = Some(policies)).await
+}
+
+/// The `RateLimit` header as policy → (remaining, seconds to full).
+fn ratelimit(response: &reqwest::Response) -> BTreeMap<String, (u64, u64)> {
+    let value = response.headers()["ratelimit"].to_str().unwrap();
+    value
+        .split(", ")
+        .map(|item| {
+            let mut parts = item.split(';');
+            let name = parts.next().unwrap().trim_matches('"').to_string();
+            let field = |key: &str| {
+                parts
+                    .clone()
+                    .find_map(|p| p.strip_prefix(key))
+                    .unwrap()
+                    .parse()
+                    .unwrap()
+            };
+            let (r, t) = (field("r="), field("t="));
+            (name, (r, t))
+        })
+        .collect()
+}
+
+fn header(response: &reqwest::Response, name: &str) -> String {
+    response.headers()[name].to_str().unwrap().to_string()
+}
+
+#[tokio::test]
+async fn every_response_carries_the_limit_headers_401_and_404_included() {
+    let app = app_with(vec![
+        policy("anon", Scope::Ip, Unit::Requests, 100, "1m", 9),
+        policy("per-key", Scope::Key, Unit::Requests, 60, "1m", 4),
+    ])
+    .await;
+    let account = app.create_account("acme").await;
+    let key = &account.master_key;
+    let unix_now = chrono::Utc::now().timestamp() as u64;
+
+    let ok = app.get_as("/echo/x", key).await;
+    assert_eq!(ok.status(), 200);
+    assert_eq!(header(&ok, "x-ratelimit-limit"), "60");
+    assert_eq!(header(&ok, "x-ratelimit-remaining"), "4");
+    let reset: u64 = header(&ok, "x-ratelimit-reset").parse().unwrap();
+    assert!(reset >= unix_now && reset <= unix_now + 5, "{reset}");
+    assert_eq!(header(&ok, "ratelimit-policy"), "\"per-key\";q=60;w=60");
+    assert_eq!(ratelimit(&ok)["per-key"], (4, 1));
+
+    // A management call counts against the same key policy.
+    let listed = app.get_as("/api/v1/keys", key).await;
+    assert_eq!(ratelimit(&listed)["per-key"].0, 3);
+    // An error after authentication shows the caller's standing without consuming.
+    let forbidden = app
+        .post("/v1/chat/completions")
+        .bearer_auth(key)
+        .json(&json!({"model": "nope"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(forbidden.status(), 404);
+    assert_eq!(ratelimit(&forbidden)["per-key"].0, 3);
+
+    // No key, a bad key, an unknown path, a health check: the anonymous policy.
+    for response in [
+        app.get("/echo/x").send().await.unwrap(),
+        app.get_as("/echo/x", "tg_live_nonsense").await,
+        app.get("/nowhere").send().await.unwrap(),
+        app.get("/healthz").send().await.unwrap(),
+    ] {
+        assert!(matches!(response.status().as_u16(), 200 | 401 | 404));
+        assert_eq!(header(&response, "x-ratelimit-limit"), "100");
+        assert!(ratelimit(&response).contains_key("anon"));
+    }
+    // The operator is not rate-limited.
+    let admin = app.get_as("/api/v1/keys", ADMIN_TOKEN).await;
+    assert_eq!(admin.status(), 200);
+    assert!(admin.headers().get("x-ratelimit-limit").is_none());
+}
+
+#[tokio::test]
+async fn ten_concurrent_clients_get_exactly_what_the_gcra_allows_then_a_retry_after_that_works() {
+    // 60 a minute with burst 9: ten at once, then one a second.
+    let app = app_with(vec![policy(
+        "key-rpm",
+        Scope::Key,
+        Unit::Requests,
+        60,
+        "1m",
+        9,
+    )])
+    .await;
+    let account = app.create_account("acme").await;
+    let (key, _) = app.create_usage_key(&account.master_key, json!({})).await;
+    let mut admitted = 0;
+    let mut retry_after = Vec::new();
+    // Three rounds on a paused clock, 2.5 s apart: 10, then 2, then 3 (the half second carries).
+    for round in 0..3 {
+        if round > 0 {
+            app.clock.advance(chrono::Duration::milliseconds(2_500));
+        }
+        let calls = (0..10).map(|_| {
+            let request = app.get("/echo/x").bearer_auth(&key);
+            async move {
+                let mut statuses = Vec::new();
+                for _ in 0..5 {
+                    let response = request.try_clone().unwrap().send().await.unwrap();
+                    let retry = response
+                        .headers()
+                        .get("retry-after")
+                        .map(|v| v.to_str().unwrap().to_string());
+                    statuses.push((response.status().as_u16(), retry));
+                }
+                statuses
+            }
+        });
+        for statuses in futures_util::future::join_all(calls).await {
+            for (status, retry) in statuses {
+                match status {
+                    200 => admitted += 1,
+                    429 => retry_after.push(retry.unwrap()),
+                    other => panic!("unexpected {other}"),
+                }
+            }
+        }
+    }
+    assert_eq!(admitted, 10 + 2 + 3);
+    assert_eq!(retry_after.len(), 150 - 15);
+    assert!(retry_after.iter().all(|r| r == "1"), "{retry_after:?}");
+    // Honouring Retry-After succeeds.
+    let refused = app.get_as("/echo/x", &key).await;
+    let body = expect_error(refused, 429, "rate_limited").await;
+    assert_eq!(body["error"]["details"]["policy"], "key-rpm");
+    app.clock.advance(chrono::Duration::seconds(1));
+    assert_eq!(app.get_as("/echo/x", &key).await.status(), 200);
+}
+
+#[tokio::test]
+async fn a_key_policy_refusal_leaves_the_account_policy_untouched_and_charges_nothing() {
+    let app = app_with(vec![
+        policy("key-tight", Scope::Key, Unit::Requests, 1, "1m", 0),
+        policy(
+            "account-roomy",
+            Scope::Account,
+            Unit::Requests,
+            100,
+            "1m",
+            9,
+        ),
+    ])
+    .await;
+    let account = app.create_account("acme").await;
+    let (key, _) = app.create_usage_key(&account.master_key, json!({})).await;
+    let balance_path = format!("/api/v1/billing/balance?account_id={}", account.id);
+    let first = app.get_as("/echo/x", &key).await;
+    assert_eq!(first.status(), 200);
+    let balance = app.get_json(&balance_path, ADMIN_TOKEN).await;
+    // Creating the key and this call: two of the account's ten.
+    let left = ratelimit(&first)["account-roomy"].0;
+    assert_eq!(left, 8);
+    for _ in 0..3 {
+        let refused = app.get_as("/echo/x", &key).await;
+        assert_eq!(ratelimit(&refused)["account-roomy"].0, left);
+        assert_eq!(ratelimit(&refused)["key-tight"].0, 0);
+        expect_error(refused, 429, "rate_limited").await;
+    }
+    // Nothing was charged for the refusals, and each is in the usage log as such.
+    let after = app.get_json(&balance_path, ADMIN_TOKEN).await;
+    assert_eq!(after["available"], balance["available"]);
+    let log = app
+        .get_json(
+            &format!("/api/v1/requests?account_id={}&status=429", account.id),
+            ADMIN_TOKEN,
+        )
+        .await;
+    let rows = log["data"].as_array().unwrap();
+    assert_eq!(rows.len(), 3);
+    assert!(rows
+        .iter()
+        .all(|r| r["error_code"] == "rate_limited" && r["cost"]["nanos"] == 0));
+}
+
+#[tokio::test]
+async fn token_policies_reserve_the_estimate_and_get_the_unused_part_back() {
+    let app = spawn_app_with(|raw, _| {
+        raw.rate_limits = Some(Vec::new());
+        raw.routes[0].rate_limits = vec![policy("tpm", Scope::Key, Unit::Tokens, 1_000, "1h", 999)];
+    })
+    .await;
+    let account = app.create_account("acme").await;
+    let key = &account.master_key;
+    let chat = |max_tokens: u64| {
+        app.post("/v1/chat/completions")
+            .bearer_auth(key)
+            .json(&json!({
+                "model": "mock-gpt",
+                "max_tokens": max_tokens,
+                "messages": [{"role": "user", "content": "hi"}],
+            }))
+    };
+    // The first call reserves about 600 tokens but uses a handful.
+    let first = chat(600).send().await.unwrap();
+    assert_eq!(first.status(), 200);
+    let reserved = ratelimit(&first)["tpm"].0;
+    assert!(reserved < 400, "{reserved}");
+    first.bytes().await.unwrap();
+    // Once corrected, a second call of the same size fits; without the correction it could not.
+    let mut remaining = 0;
+    for _ in 0..100 {
+        let peek = app.get_as("/v1/models", key).await;
+        remaining = ratelimit(&peek)["tpm"].0;
+        if remaining > 900 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(remaining > 900, "{remaining}");
+    assert_eq!(chat(600).send().await.unwrap().status(), 200);
+    // A call that could never fit is refused, saying so.
+    let body = expect_error(chat(5_000).send().await.unwrap(), 429, "rate_limited").await;
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("more than the rate limit 'tpm' ever allows"),
+        "{message}"
+    );
+}
+
+#[tokio::test]
+async fn an_address_over_its_anonymous_limit_is_refused_before_any_work() {
+    let app = app_with(vec![policy("anon", Scope::Ip, Unit::Requests, 3, "1m", 2)]).await;
+    let account = app.create_account("acme").await;
+    for _ in 0..3 {
+        expect_error(
+            app.get("/echo/x").send().await.unwrap(),
+            401,
+            "invalid_api_key",
+        )
+        .await;
+    }
+    let lookups = app.store.lookups();
+    let body = expect_error(
+        app.get_as("/echo/x", &account.master_key).await,
+        429,
+        "rate_limited",
+    )
+    .await;
+    assert_eq!(body["error"]["details"]["policy"], "anon");
+    assert_eq!(
+        app.store.lookups(),
+        lookups,
+        "a refused address costs no lookup"
+    );
+    app.clock.advance(chrono::Duration::seconds(20));
+    assert_eq!(
+        app.get_as("/echo/x", &account.master_key).await.status(),
+        200
+    );
+}
+
+#[tokio::test]
+async fn route_policies_share_the_route_among_all_keys() {
+    let app = spawn_app_with(|raw, _| {
+        raw.rate_limits = Some(Vec::new());
+        raw.routes[2].rate_limits = vec![policy(
+            "echo-upstream",
+            Scope::Route,
+            Unit::Requests,
+            2,
+            "1h",
+            1,
+        )];
+    })
+    .await;
+    let a = app.create_account("a").await;
+    let b = app.create_account("b").await;
+    assert_eq!(app.get_as("/echo/x", &a.master_key).await.status(), 200);
+    assert_eq!(app.get_as("/echo/x", &b.master_key).await.status(), 200);
+    expect_error(
+        app.get_as("/echo/x", &a.master_key).await,
+        429,
+        "rate_limited",
+    )
+    .await;
+    // Other routes are not affected.
+    let other = app.get_as("/problem/x", &b.master_key).await;
+    assert_eq!(other.status(), 200);
+}
