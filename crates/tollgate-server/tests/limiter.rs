@@ -61,7 +61,12 @@ pub async fn a_refusal_by_one_policy_consumes_none_of_the_others(rig: Rig) {
     let tight = demand(1, HOUR, 0, 1);
     let both = [roomy.clone(), tight.clone()];
     assert!(rig.limiter.acquire(&both).await.unwrap().admitted);
-    let before = rig.limiter.peek(&[roomy.clone()]).await.unwrap()[0].remaining;
+    let before = rig
+        .limiter
+        .peek(std::slice::from_ref(&roomy))
+        .await
+        .unwrap()[0]
+        .remaining;
     for _ in 0..5 {
         let verdict = rig.limiter.acquire(&both).await.unwrap();
         assert!(!verdict.admitted);
@@ -92,7 +97,7 @@ pub async fn corrections_return_and_take_units(rig: Rig) {
     let reserve = demand(1_000, HOUR, 999, 800);
     assert!(
         rig.limiter
-            .acquire(&[reserve.clone()])
+            .acquire(std::slice::from_ref(&reserve))
             .await
             .unwrap()
             .admitted
@@ -101,14 +106,24 @@ pub async fn corrections_return_and_take_units(rig: Rig) {
         cost: 500,
         ..reserve.clone()
     };
-    assert!(!rig.limiter.acquire(&[more.clone()]).await.unwrap().admitted);
+    assert!(
+        !rig.limiter
+            .acquire(std::slice::from_ref(&more))
+            .await
+            .unwrap()
+            .admitted
+    );
     rig.limiter
         .adjust(&[(reserve.clone(), -700)])
         .await
         .unwrap();
     assert!(rig.limiter.acquire(&[more]).await.unwrap().admitted);
     assert_eq!(
-        rig.limiter.peek(&[reserve.clone()]).await.unwrap()[0].remaining,
+        rig.limiter
+            .peek(std::slice::from_ref(&reserve))
+            .await
+            .unwrap()[0]
+            .remaining,
         400
     );
     rig.limiter.adjust(&[(reserve.clone(), 400)]).await.unwrap();
@@ -121,7 +136,13 @@ pub async fn subjects_do_not_share_capacity(rig: Rig) {
         subject: format!("key:{}", tollgate_core::KeyId::new()),
         ..a.clone()
     };
-    assert!(rig.limiter.acquire(&[a.clone()]).await.unwrap().admitted);
+    assert!(
+        rig.limiter
+            .acquire(std::slice::from_ref(&a))
+            .await
+            .unwrap()
+            .admitted
+    );
     assert!(!rig.limiter.acquire(&[a]).await.unwrap().admitted);
     assert!(rig.limiter.acquire(&[b]).await.unwrap().admitted);
 }
