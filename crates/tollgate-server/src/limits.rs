@@ -28,21 +28,31 @@ use tollgate_store::KeyRecord;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Demand {
     pub policy: Arc<Policy>,
-    pub subject: String,
+    /// Where the subject's state lives, built once: the policy (with its limit and window, so a
+    /// policy whose limit changes starts afresh rather than reading a TAT scaled for another
+    /// limit) and the subject.
+    state_key: String,
     pub cost: u64,
 }
 
 impl Demand {
-    /// Where the subject's state lives. The limit is part of it: a policy whose limit changes
-    /// starts afresh rather than reading a TAT scaled for another limit.
-    fn state_key(&self) -> String {
-        format!(
-            "{}|{}|{}|{}",
-            self.policy.name,
-            self.policy.limit,
-            self.policy.window.as_nanos(),
-            self.subject
-        )
+    pub fn new(policy: Arc<Policy>, subject: &str, cost: u64) -> Demand {
+        let state_key = format!(
+            "{}|{}|{}|{subject}",
+            policy.name,
+            policy.limit,
+            policy.window.as_nanos()
+        );
+        Demand {
+            policy,
+            state_key,
+            cost,
+        }
+    }
+
+    /// The key a backend stores this subject's state under.
+    pub fn state_key(&self) -> &str {
+        &self.state_key
     }
 }
 
@@ -113,21 +123,26 @@ pub fn since_epoch(at: chrono::DateTime<chrono::Utc>) -> Duration {
 impl Limiter for LocalLimiter {
     async fn acquire(&self, demands: &[Demand]) -> Result<Verdict, LimiterUnavailable> {
         let now = self.now();
-        let keys: Vec<String> = demands.iter().map(Demand::state_key).collect();
         let mut state = self.lock();
         let decisions: Vec<_> = demands
             .iter()
-            .zip(&keys)
-            .map(|(demand, key)| {
-                let tat = state.tats.get(key).map(|(tat, _)| *tat);
+            .map(|demand| {
+                let tat = state.tats.get(demand.state_key()).map(|(tat, _)| *tat);
                 demand.policy.decide(tat, now, demand.cost)
             })
             .collect();
         let admitted = decisions.iter().all(|(standing, _)| standing.admitted);
         if admitted {
-            for ((demand, key), (_, tat)) in demands.iter().zip(keys).zip(&decisions) {
-                if let Some(tat) = tat {
-                    state.tats.insert(key, (*tat, demand.policy.clone()));
+            for (demand, (_, tat)) in demands.iter().zip(&decisions) {
+                let Some(tat) = *tat else { continue };
+                // Known subjects update in place; only a new one allocates its key.
+                match state.tats.get_mut(demand.state_key()) {
+                    Some(entry) => entry.0 = tat,
+                    None => {
+                        state
+                            .tats
+                            .insert(demand.state_key.clone(), (tat, demand.policy.clone()));
+                    }
                 }
             }
             state.sweep(now);
@@ -157,7 +172,7 @@ impl Limiter for LocalLimiter {
         let now = self.now();
         let mut state = self.lock();
         for (demand, delta) in corrections {
-            if let Some((tat, policy)) = state.tats.get_mut(&demand.state_key()) {
+            if let Some((tat, policy)) = state.tats.get_mut(demand.state_key()) {
                 *tat = policy.adjust(*tat, now, *delta);
             }
         }
@@ -173,7 +188,7 @@ impl Limiter for LocalLimiter {
 
 impl LocalState {
     fn peek(&self, demand: &Demand, now: Duration) -> Standing {
-        let tat = self.tats.get(&demand.state_key()).map(|(tat, _)| *tat);
+        let tat = self.tats.get(demand.state_key()).map(|(tat, _)| *tat);
         demand.policy.peek(tat, now)
     }
 
@@ -192,6 +207,17 @@ impl LocalState {
 pub struct Estimate {
     pub tokens: u64,
     pub cost_nanos: u64,
+}
+
+impl Estimate {
+    /// What a request asks of a policy counting `unit`.
+    fn units(&self, unit: Unit) -> u64 {
+        match unit {
+            Unit::Requests => 1,
+            Unit::Tokens => self.tokens,
+            Unit::Cost => self.cost_nanos,
+        }
+    }
 }
 
 /// The demands of every policy that applies to a call by `key` (on `route`, for the data plane).
@@ -215,16 +241,11 @@ pub fn demands_for(
                 (Scope::KeyRoute, Some(route)) => format!("key:{}|route:{}", key.id, route.prefix),
                 (Scope::Route | Scope::KeyRoute, None) | (Scope::Ip, _) => return None,
             };
-            let cost = match policy.unit {
-                Unit::Requests => 1,
-                Unit::Tokens => estimate.tokens,
-                Unit::Cost => estimate.cost_nanos,
-            };
-            Some(Demand {
-                policy: policy.clone(),
-                subject,
-                cost,
-            })
+            Some(Demand::new(
+                policy.clone(),
+                &subject,
+                estimate.units(policy.unit),
+            ))
         })
         .collect()
 }
@@ -285,6 +306,24 @@ pub async fn admit(
     }
 }
 
+/// Decides the demands the slot holds as [`Standings::Identified`], with the token and cost
+/// estimates filled in, so they are built once per request. Returns them for the corrections.
+pub async fn admit_identified(
+    state: &AppState,
+    slot: &LimitSlot,
+    estimate: Estimate,
+) -> Result<Vec<Demand>, HttpError> {
+    let mut demands = match slot.take() {
+        Some(Standings::Identified(demands)) => demands,
+        _ => Vec::new(),
+    };
+    for demand in &mut demands {
+        demand.cost = estimate.units(demand.policy.unit);
+    }
+    admit(state, Some(slot), &demands).await?;
+    Ok(demands)
+}
+
 fn unavailable(e: &LimiterUnavailable) -> HttpError {
     tracing::error!(error = %e, "rate limiter unavailable");
     HttpError::from(
@@ -304,17 +343,16 @@ pub async fn layer(State(state): State<AppState>, mut request: Request, next: Ne
     let slot = LimitSlot::default();
     request.extensions_mut().insert(slot.clone());
     let anonymous: Vec<Demand> = match client_ip(&state, request.headers(), request.extensions()) {
-        Some(ip) => state
-            .config
-            .anonymous_limits
-            .iter()
-            .map(|policy| Demand {
-                policy: policy.clone(),
-                subject: format!("ip:{ip}"),
-                cost: 1,
-            })
-            .collect(),
-        None => Vec::new(),
+        Some(ip) if !state.config.anonymous_limits.is_empty() => {
+            let subject = format!("ip:{ip}");
+            state
+                .config
+                .anonymous_limits
+                .iter()
+                .map(|policy| Demand::new(policy.clone(), &subject, 1))
+                .collect()
+        }
+        _ => Vec::new(),
     };
     let now = since_epoch(state.clock.now());
     if !anonymous.is_empty() {
@@ -490,18 +528,15 @@ mod tests {
     use tollgate_core::ManualClock;
 
     fn demand(name: &str, limit: u64, burst: u64) -> Demand {
-        Demand {
-            policy: Arc::new(Policy {
-                name: name.into(),
-                scope: Scope::Key,
-                unit: Unit::Requests,
-                limit,
-                window: Duration::from_secs(60),
-                burst,
-            }),
-            subject: "key:k".into(),
-            cost: 1,
-        }
+        let policy = Policy {
+            name: name.into(),
+            scope: Scope::Key,
+            unit: Unit::Requests,
+            limit,
+            window: Duration::from_secs(60),
+            burst,
+        };
+        Demand::new(Arc::new(policy), "key:k", 1)
     }
 
     #[tokio::test]

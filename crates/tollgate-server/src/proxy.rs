@@ -148,17 +148,19 @@ async fn forward(
         state.clock.clone(),
         usage_row(&request, &key, &route.config.prefix, now),
     ));
-    let slot = request.extensions().get::<LimitSlot>().cloned();
-    if let Some(slot) = &slot {
-        // Until the limits are decided, an error shows where the caller stands without consuming.
-        let demands = limits::demands_for(
-            &state.config,
-            Some(&route.config),
-            &key,
-            Estimate::default(),
-        );
-        slot.set(Standings::Identified(demands));
-    }
+    // The limits layer gives every request a slot; until the limits are decided below, an error
+    // shows where the caller stands without consuming anything.
+    let slot = request
+        .extensions()
+        .get::<LimitSlot>()
+        .cloned()
+        .unwrap_or_default();
+    slot.set(Standings::Identified(limits::demands_for(
+        &state.config,
+        Some(&route.config),
+        &key,
+        Estimate::default(),
+    )));
     if !access::grants_group(&key.scopes, &route.config.group) {
         return Err(HttpError::from(
             tollgate_core::ApiError::new(
@@ -220,8 +222,7 @@ async fn forward(
         tokens: tokens.map_or(0, |t| t.input + t.output),
         cost_nanos: u64::try_from(hold_amount.0).unwrap_or(0),
     };
-    let demands = limits::demands_for(&state.config, Some(&route.config), &key, estimate);
-    limits::admit(state, slot.as_ref(), &demands).await?;
+    let demands = limits::admit_identified(state, &slot, estimate).await?;
     if let Some(billing) = billing.as_mut() {
         billing.set_reservation(state.limiter.clone(), demands);
     }

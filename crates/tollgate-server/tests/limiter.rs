@@ -22,8 +22,8 @@ pub struct Rig {
 }
 
 fn demand(limit: u64, window: Duration, burst: u64, cost: u64) -> Demand {
-    Demand {
-        policy: Arc::new(Policy {
+    Demand::new(
+        Arc::new(Policy {
             name: format!("p{limit}-{burst}"),
             scope: Scope::Key,
             unit: Unit::Requests,
@@ -31,9 +31,9 @@ fn demand(limit: u64, window: Duration, burst: u64, cost: u64) -> Demand {
             window,
             burst,
         }),
-        subject: format!("key:{}", tollgate_core::KeyId::new()),
+        &format!("key:{}", tollgate_core::KeyId::new()),
         cost,
-    }
+    )
 }
 
 const MINUTE: Duration = Duration::from_secs(60);
@@ -102,10 +102,9 @@ pub async fn corrections_return_and_take_units(rig: Rig) {
             .unwrap()
             .admitted
     );
-    let more = Demand {
-        cost: 500,
-        ..reserve.clone()
-    };
+    // The same subject and policy, asking for 500.
+    let mut more = reserve.clone();
+    more.cost = 500;
     assert!(
         !rig.limiter
             .acquire(std::slice::from_ref(&more))
@@ -132,10 +131,11 @@ pub async fn corrections_return_and_take_units(rig: Rig) {
 
 pub async fn subjects_do_not_share_capacity(rig: Rig) {
     let a = demand(1, HOUR, 0, 1);
-    let b = Demand {
-        subject: format!("key:{}", tollgate_core::KeyId::new()),
-        ..a.clone()
-    };
+    let b = Demand::new(
+        a.policy.clone(),
+        &format!("key:{}", tollgate_core::KeyId::new()),
+        1,
+    );
     assert!(
         rig.limiter
             .acquire(std::slice::from_ref(&a))
