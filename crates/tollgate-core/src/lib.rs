@@ -7,6 +7,7 @@ pub mod error;
 pub mod ids;
 pub mod key;
 pub mod ledger;
+pub mod load;
 pub mod metering;
 pub mod money;
 pub mod pricing;

@@ -6,8 +6,9 @@ use crate::error::HttpError;
 use crate::ledger::Ledger;
 use crate::limits::LocalLimiter;
 use crate::proxy::RouteTable;
+use crate::shed::Shedder;
 use crate::state::AppState;
-use crate::{api, edge, health, limits, proxy};
+use crate::{api, edge, health, limits, proxy, shed};
 use axum::middleware;
 use axum::response::IntoResponse;
 use axum::routing::get;
@@ -62,6 +63,10 @@ impl Application {
             ledger,
             limiter: Arc::new(LocalLimiter::new(clock.clone())),
             routes: Arc::new(RouteTable::new(&config.routes)),
+            shedder: config
+                .load_shedding
+                .as_ref()
+                .map(|shedding| Arc::new(Shedder::new(shedding.limit))),
             config: Arc::new(config),
             store,
             clock,
@@ -92,6 +97,12 @@ impl Application {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let sweeper = tokio::spawn(sweep(self.state.clone()));
+        let cpu_watch = match (&self.state.shedder, &self.state.config.load_shedding) {
+            (Some(shedder), Some(config)) => config
+                .cpu_threshold
+                .map(|threshold| tokio::spawn(shed::watch_cpu(shedder.clone(), threshold))),
+            _ => None,
+        };
         let service = self
             .router
             .into_make_service_with_connect_info::<SocketAddr>();
@@ -99,6 +110,9 @@ impl Application {
             .with_graceful_shutdown(shutdown)
             .await;
         sweeper.abort();
+        if let Some(cpu_watch) = cpu_watch {
+            cpu_watch.abort();
+        }
         self.state.ledger.flush().await?;
         Ok(served?)
     }
@@ -170,6 +184,8 @@ fn router(state: AppState) -> Router {
         .layer(middleware::from_fn(edge::rescue))
         // Rate-limit headers go on the rendered response, so this sits outside rescue.
         .layer(middleware::from_fn_with_state(state.clone(), limits::layer))
+        // Shedding comes before any other work: no key lookup, limit decision or hold.
+        .layer(middleware::from_fn_with_state(state.clone(), shed::layer))
         // The trace span opens after the ID exists, so every log line carries it. One INFO line
         // per response (status, latency); failures are logged once, by rescue.
         .layer(

@@ -18,7 +18,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use tollgate_core::key::secret_matches;
-use tollgate_core::{access, ApiKey, ErrorCode, KeyHash, KeyId, KeyKind, KeyStatus};
+use tollgate_core::{access, AccountId, ApiKey, ErrorCode, KeyHash, KeyId, KeyKind, KeyStatus};
 use tollgate_store::{KeyRecord, KeyStore, StoreError};
 
 /// The credential a request presents: `Authorization: Bearer <secret>` or `X-Api-Key: <secret>`.
@@ -298,6 +298,14 @@ impl KeyCache {
             entries.by_hash.insert(*hash, entry.clone());
         }
         Ok(Some(entry))
+    }
+
+    /// The account of a cached key, from memory only (the load shedder's view of who is calling).
+    pub fn cached_account(&self, hash: &KeyHash) -> Option<AccountId> {
+        self.read()
+            .by_hash
+            .get(hash)
+            .map(|entry| entry.record.account_id)
     }
 
     /// Forgets every secret of a key so the next request reads it afresh. Call after every

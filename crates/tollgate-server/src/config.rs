@@ -18,6 +18,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
+use tollgate_core::load::LimitSettings;
 use tollgate_core::metering::LlmApi;
 use tollgate_core::pricing::TokenPrices;
 use tollgate_core::ratelimit::{Policy, Scope, Unit};
@@ -47,6 +48,7 @@ pub struct RawConfig {
     pub admin: RawAdmin,
     pub billing: RawBilling,
     pub keys: RawKeys,
+    pub load_shedding: RawLoadShedding,
     /// Policies for every route (and the management API); `None` means the defaults.
     pub rate_limits: Option<Vec<RawPolicy>>,
     pub routes: Vec<RawRoute>,
@@ -181,6 +183,32 @@ impl Default for RawKeys {
         RawKeys {
             env: KeyEnv::Live,
             max_per_account: 100,
+        }
+    }
+}
+
+/// The adaptive concurrency limit (see `tollgate_core::load`) and the optional CPU brake.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawLoadShedding {
+    pub enabled: bool,
+    pub initial_limit: u32,
+    pub min_limit: u32,
+    pub max_limit: u32,
+    pub tolerance: f64,
+    /// Machine-wide CPU use (0 to 1) above which the limit backs off; off when absent.
+    pub cpu_threshold: Option<f64>,
+}
+
+impl Default for RawLoadShedding {
+    fn default() -> Self {
+        RawLoadShedding {
+            enabled: true,
+            initial_limit: 500,
+            min_limit: 50,
+            max_limit: 5000,
+            tolerance: 2.0,
+            cpu_threshold: None,
         }
     }
 }
@@ -365,6 +393,7 @@ impl RawConfig {
             admin: section(&mut table, "admin", problems),
             billing: section(&mut table, "billing", problems),
             keys: section(&mut table, "keys", problems),
+            load_shedding: section(&mut table, "load_shedding", problems),
             rate_limits: table
                 .remove("rate_limits")
                 .and_then(|value| deserialize_at(value, "rate_limits", problems)),
@@ -373,7 +402,7 @@ impl RawConfig {
         for unknown in table.keys() {
             problems.push(
                 unknown,
-                "unknown section (expected server, store, admin, billing, keys, rate_limits or routes)",
+                "unknown section (expected server, store, admin, billing, keys, load_shedding, rate_limits or routes)",
             );
         }
         Some(raw)
@@ -484,6 +513,8 @@ pub struct Config {
     pub usage_retention: Duration,
     pub key_env: KeyEnv,
     pub max_keys_per_account: u32,
+    /// `None` when load shedding is off.
+    pub load_shedding: Option<LoadShedding>,
     /// Policies for every request with a caller (scopes other than `ip`).
     pub rate_limits: Vec<Arc<Policy>>,
     /// `ip` policies: requests that end without an authenticated caller.
@@ -496,6 +527,12 @@ pub struct Config {
 #[derive(Debug, Clone, PartialEq)]
 pub enum StoreConfig {
     Sqlite { path: PathBuf },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoadShedding {
+    pub limit: LimitSettings,
+    pub cpu_threshold: Option<f64>,
 }
 
 #[derive(Debug, Clone)]
@@ -685,6 +722,8 @@ impl Config {
         let usage_retention =
             billing_duration(&mut p, "usage_retention", &raw.billing.usage_retention);
 
+        let load_shedding = validate_load_shedding(&raw.load_shedding, &mut p);
+
         let all_limits = validate_policies(
             raw.rate_limits.as_deref().unwrap_or(&default_rate_limits()),
             "rate_limits",
@@ -741,6 +780,7 @@ impl Config {
                 usage_retention,
                 key_env: raw.keys.env,
                 max_keys_per_account: raw.keys.max_per_account,
+                load_shedding,
                 rate_limits,
                 anonymous_limits,
                 routes,
@@ -909,6 +949,42 @@ fn validate_policies(raw: &[RawPolicy], at: &str, p: &mut Problems) -> Vec<Arc<P
         }
     }
     policies
+}
+
+fn validate_load_shedding(raw: &RawLoadShedding, p: &mut Problems) -> Option<LoadShedding> {
+    let at = |field: &str| format!("load_shedding.{field}");
+    if raw.min_limit == 0 {
+        p.push(&at("min_limit"), "must be at least 1");
+    }
+    if raw.max_limit < raw.min_limit {
+        p.push(&at("max_limit"), "must be at least min_limit");
+    }
+    if !(raw.min_limit..=raw.max_limit).contains(&raw.initial_limit) {
+        p.push(
+            &at("initial_limit"),
+            "must lie between min_limit and max_limit",
+        );
+    }
+    if !(raw.tolerance.is_finite() && raw.tolerance >= 1.0) {
+        p.push(&at("tolerance"), "must be a number of at least 1, e.g. 2.0");
+    }
+    if let Some(threshold) = raw.cpu_threshold {
+        if !(threshold > 0.0 && threshold <= 1.0) {
+            p.push(
+                &at("cpu_threshold"),
+                "must be a fraction of the machine's CPU above 0 and at most 1, e.g. 0.9",
+            );
+        }
+    }
+    raw.enabled.then_some(LoadShedding {
+        limit: LimitSettings {
+            initial: raw.initial_limit,
+            min: raw.min_limit,
+            max: raw.max_limit,
+            tolerance: raw.tolerance,
+        },
+        cpu_threshold: raw.cpu_threshold,
+    })
 }
 
 fn positive_duration(text: &str) -> Option<Duration> {
@@ -1208,7 +1284,7 @@ mod tests {
               - server.lisen: unknown field `lisen`, expected one of `listen`, `api_prefix`, `request_id_header`, `max_body_bytes`, `key_cache_capacity`, `trusted_proxies`
               - routes[0].upstream: invalid type: integer `5`, expected a string
               - routes[2]: missing field `group`
-              - surprise: unknown section (expected server, store, admin, billing, keys, rate_limits or routes)
+              - surprise: unknown section (expected server, store, admin, billing, keys, load_shedding, rate_limits or routes)
               - billing.currency: must be a three-letter code in capitals, e.g. USD
               - routes[1].prefix: '/api/v2' overlaps '/api', which Tollgate serves itself
               - routes[1].price: '-1' is negative; amounts here must be zero or more
@@ -1236,6 +1312,31 @@ mod tests {
             upstream = "http://h"
             "#,
         ));
+    }
+
+    #[test]
+    fn load_shedding_bounds_are_checked() {
+        expect![[r#"
+            4 problems in the config:
+              - load_shedding.max_limit: must be at least min_limit
+              - load_shedding.initial_limit: must lie between min_limit and max_limit
+              - load_shedding.tolerance: must be a number of at least 1, e.g. 2.0
+              - load_shedding.cpu_threshold: must be a fraction of the machine's CPU above 0 and at most 1, e.g. 0.9
+        "#]]
+        .assert_eq(&problems(
+            r#"
+            [load_shedding]
+            initial_limit = 5
+            min_limit = 10
+            max_limit = 8
+            tolerance = 0.5
+            cpu_threshold = 90
+            "#,
+        ));
+        let off = Config::load("[load_shedding]\nenabled = false", NO_ENV).unwrap();
+        assert_eq!(off.load_shedding, None);
+        let on = Config::load("[load_shedding]\ncpu_threshold = 0.9", NO_ENV).unwrap();
+        assert_eq!(on.load_shedding.unwrap().cpu_threshold, Some(0.9));
     }
 
     #[test]

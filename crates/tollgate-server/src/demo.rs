@@ -229,6 +229,7 @@ fn demo_config(options: &DemoOptions, mock: &MockUpstream, admin_token: &str) ->
             ..RawBilling::default()
         },
         keys: Default::default(),
+        load_shedding: Default::default(),
         rate_limits: None,
         routes,
     }

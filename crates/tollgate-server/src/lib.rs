@@ -14,6 +14,7 @@ pub mod ledger;
 pub mod limits;
 pub mod meter;
 pub mod proxy;
+pub mod shed;
 pub mod state;
 
 pub use app::Application;

@@ -1,10 +1,12 @@
-//! What every handler shares: config, store, key cache, ledger, rate limiter, routes and the clock.
+//! What every handler shares: config, store, key cache, ledger, rate limiter, routes, load
+//! shedder and the clock.
 
 use crate::auth::KeyCache;
 use crate::config::Config;
 use crate::ledger::Ledger;
 use crate::limits::Limiter;
 use crate::proxy::RouteTable;
+use crate::shed::Shedder;
 use std::sync::Arc;
 use tollgate_core::Clock;
 use tollgate_store::Store;
@@ -17,5 +19,7 @@ pub struct AppState {
     pub ledger: Arc<Ledger>,
     pub limiter: Arc<dyn Limiter>,
     pub routes: Arc<RouteTable>,
+    /// `None` when load shedding is off.
+    pub shedder: Option<Arc<Shedder>>,
     pub clock: Arc<dyn Clock>,
 }

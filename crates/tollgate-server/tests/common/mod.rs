@@ -35,6 +35,8 @@ pub struct TestApp {
     pub store: Arc<CountingStore>,
     pub http: reqwest::Client,
     pub dir: tempfile::TempDir,
+    /// The running server's shared state, for what only the inside can show (the shed limit).
+    pub state: tollgate_server::state::AppState,
     _shutdown: tokio::sync::oneshot::Sender<()>,
 }
 
@@ -146,6 +148,7 @@ pub async fn spawn_app_with(customize: impl FnOnce(&mut RawConfig, &MockUpstream
         .await
         .unwrap();
     let addr = app.local_addr();
+    let state = app.state().clone();
     let (shutdown, stopped) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(app.run_until_stopped(async move {
         let _ = stopped.await;
@@ -158,6 +161,7 @@ pub async fn spawn_app_with(customize: impl FnOnce(&mut RawConfig, &MockUpstream
         store,
         http: reqwest::Client::new(),
         dir,
+        state,
         _shutdown: shutdown,
     }
 }
