@@ -11,6 +11,7 @@
 //! `window` (in nanoseconds) and no division ever rounds.
 
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 /// Whose usage a policy counts.
@@ -164,6 +165,43 @@ impl Policy {
     /// Whether a single request of `cost` units could ever be admitted.
     pub fn can_ever_admit(&self, cost: u64) -> bool {
         u128::from(cost) <= u128::from(self.burst) + 1
+    }
+
+    /// This policy with an account's or key's own numbers; what the override leaves out stays.
+    pub fn overridden(&self, with: &LimitOverride) -> Policy {
+        Policy {
+            limit: with.limit,
+            window: with.window_seconds.map_or(self.window, Duration::from_secs),
+            burst: with.burst.unwrap_or(self.burst),
+            ..self.clone()
+        }
+    }
+}
+
+/// An account's or key's own numbers for a configured policy, set by the operator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitOverride {
+    pub limit: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window_seconds: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst: Option<u64>,
+}
+
+/// Overrides by policy name.
+pub type Overrides = BTreeMap<String, LimitOverride>;
+
+impl Scope {
+    /// Whether a key's own override may replace a policy of this scope (the key's own usage).
+    pub fn keyed(self) -> bool {
+        matches!(self, Scope::Key | Scope::KeyRoute)
+    }
+
+    /// Whether an account's override may replace a policy of this scope: its own, and the
+    /// per-key policies of its keys (where a key has no override of its own).
+    pub fn accounted(self) -> bool {
+        self.keyed() || self == Scope::Account
     }
 }
 

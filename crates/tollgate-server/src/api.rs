@@ -6,6 +6,7 @@
 
 use crate::auth::Caller;
 use crate::error::HttpError;
+use crate::limits;
 use crate::state::AppState;
 use axum::body::Bytes;
 use axum::extract::rejection::{PathRejection, QueryRejection};
@@ -19,6 +20,7 @@ use ipnet::IpNet;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use std::collections::BTreeMap;
+use tollgate_core::ratelimit::Overrides;
 use tollgate_core::{
     access, AccountId, ApiError, ApiKey, ErrorCode, KeyId, KeyKind, KeyStatus, Nanos,
 };
@@ -80,9 +82,10 @@ async fn create_account(
         .create_account(account_id, &name, starter_credits, master.clone(), now)
         .await?;
     if body.max_keys.is_some() {
+        account.max_keys = body.max_keys;
         account = state
             .store
-            .update_account(account_id, &name, body.max_keys)
+            .update_account(&account)
             .await?
             .ok_or_else(|| HttpError::not_found("account"))?;
     }
@@ -139,20 +142,26 @@ async fn update_account(
         }
         Some(Some(name)) => Some(fields.name("name", name)),
     };
+    let rate_limits = body
+        .rate_limits
+        .map(|set| fields.rate_limits(&state, set.unwrap_or_default(), true));
     fields.finish()?;
     state.ledger.flush().await?;
-    let account = state
+    let mut account = state
         .store
         .account(id)
         .await?
         .ok_or_else(|| HttpError::not_found("account"))?;
-    let name = name.unwrap_or(account.name);
-    let max_keys = body.max_keys.unwrap_or(account.max_keys);
+    account.name = name.unwrap_or(account.name);
+    account.max_keys = body.max_keys.unwrap_or(account.max_keys);
+    account.rate_limits = rate_limits.unwrap_or(account.rate_limits);
     let account = state
         .store
-        .update_account(id, &name, max_keys)
+        .update_account(&account)
         .await?
         .ok_or_else(|| HttpError::not_found("account"))?;
+    // The account's overrides travel with its keys' cache entries.
+    state.keys.invalidate_account(id);
     tracing::info!(account = %id, "account updated");
     Ok(Json(account_view(&state, &account)))
 }
@@ -346,6 +355,15 @@ async fn update_key(
     }
     if let Some(cap) = body.monthly_spend_cap {
         key.monthly_spend_cap = fields.spend_cap(cap.as_deref());
+    }
+    if let Some(set) = body.rate_limits {
+        caller.require_admin().map_err(|_| {
+            HttpError::new(
+                ErrorCode::Forbidden,
+                "Only the operator (the admin token) can change a key's rate limits.",
+            )
+        })?;
+        key.rate_limits = fields.rate_limits(&state, set.unwrap_or_default(), false);
     }
     fields.finish()?;
     let key = changed_key(&state, state.store.update_key(&key).await?)?;
@@ -570,6 +588,7 @@ fn account_view(state: &AppState, account: &Account) -> wire::Account {
         max_keys: account
             .max_keys
             .unwrap_or(state.config.max_keys_per_account),
+        rate_limits: account.rate_limits.clone(),
         created_at: account.created_at,
     }
 }
@@ -588,6 +607,7 @@ pub(crate) fn key_view(key: &KeyRecord, currency: &str) -> wire::ApiKeyInfo {
         monthly_spend_cap: key
             .monthly_spend_cap
             .map(|cap| wire::Money::new(cap, currency)),
+        rate_limits: key.rate_limits.clone(),
         created_at: key.created_at,
         revoked_at: key.revoked_at,
     }
@@ -619,6 +639,15 @@ impl FieldErrors {
             self.add(field, "must not contain control characters");
         }
         trimmed.to_string()
+    }
+
+    /// Rate-limit overrides for a key or (`for_account`) an account, each checked against the
+    /// configured policies.
+    fn rate_limits(&mut self, state: &AppState, set: Overrides, for_account: bool) -> Overrides {
+        for (field, message) in limits::check_overrides(&state.config, &set, for_account) {
+            self.add(&field, message);
+        }
+        set
     }
 
     /// CIDRs for a key's allowlist, each checked.

@@ -18,6 +18,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use tollgate_core::key::secret_matches;
+use tollgate_core::ratelimit::Overrides;
 use tollgate_core::{access, AccountId, ApiKey, ErrorCode, KeyHash, KeyId, KeyKind, KeyStatus};
 use tollgate_store::{KeyRecord, KeyStore, StoreError};
 
@@ -57,12 +58,12 @@ pub fn client_ip(
     ))
 }
 
-/// Verifies an API key, its status and where it is used from; the key's record on success.
+/// Verifies an API key, its status and where it is used from; the key as cached on success.
 pub async fn authenticate_key(
     state: &AppState,
     secret: Option<&str>,
     client: Option<IpAddr>,
-) -> Result<Arc<KeyRecord>, HttpError> {
+) -> Result<CachedKey, HttpError> {
     let Some(secret) = secret else {
         return Err(HttpError::new(
             ErrorCode::InvalidApiKey,
@@ -94,7 +95,7 @@ pub async fn authenticate_key(
         )
         .with_detail("client_ip", shown));
     }
-    Ok(found.record.clone())
+    Ok(found)
 }
 
 /// Stands in for a client whose address is unknown: inside no allowlist anyone would write.
@@ -210,7 +211,7 @@ impl FromRequestParts<AppState> for Caller {
         let key = authenticate_key(state, secret, client).await?;
         let demands = limits::demands_for(&state.config, None, &key, Estimate::default());
         limits::admit(state, slot, &demands).await?;
-        Ok(Caller::Key(key))
+        Ok(Caller::Key(key.record))
     }
 }
 
@@ -220,6 +221,8 @@ pub struct CachedKey {
     pub record: Arc<KeyRecord>,
     /// Set for a secret a roll replaced: when it stops working.
     pub secret_expires_at: Option<DateTime<Utc>>,
+    /// The key's account's rate-limit overrides.
+    pub account_rate_limits: Arc<Overrides>,
 }
 
 /// Key records by secret hash, in memory, bounded.
@@ -281,6 +284,7 @@ impl KeyCache {
         let entry = CachedKey {
             record: Arc::new(found.key),
             secret_expires_at: found.secret_expires_at,
+            account_rate_limits: Arc::new(found.account_rate_limits),
         };
         let mut entries = self.write();
         if self.generation.load(Ordering::Acquire) == generation {
@@ -306,6 +310,31 @@ impl KeyCache {
             .by_hash
             .get(hash)
             .map(|entry| entry.record.account_id)
+    }
+
+    /// Forgets every key of an account (after a change to the account's settings). A scan of
+    /// the cache, acceptable for a rare operator action.
+    pub fn invalidate_account(&self, account: AccountId) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        let mut entries = self.write();
+        let keys: Vec<KeyId> = entries
+            .hashes_of
+            .keys()
+            .copied()
+            .filter(|id| {
+                entries.hashes_of[id].first().is_some_and(|hash| {
+                    entries
+                        .by_hash
+                        .get(hash)
+                        .is_some_and(|e| e.record.account_id == account)
+                })
+            })
+            .collect();
+        for key in keys {
+            for hash in entries.hashes_of.remove(&key).unwrap_or_default() {
+                entries.by_hash.remove(&hash);
+            }
+        }
     }
 
     /// Forgets every secret of a key so the next request reads it afresh. Call after every
@@ -363,6 +392,7 @@ mod tests {
             Ok(Some(KeyLookup {
                 key: self.record.clone(),
                 secret_expires_at: rolled,
+                account_rate_limits: Default::default(),
             }))
         }
         async fn insert_key(&self, _: &KeyRecord, _: u32) -> Result<InsertKeyOutcome, StoreError> {

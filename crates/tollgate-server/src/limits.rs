@@ -7,6 +7,7 @@
 //! The GCRA arithmetic is `tollgate_core::ratelimit`; a backend only stores TATs atomically.
 
 use crate::auth::client_ip;
+use crate::auth::CachedKey;
 use crate::config::{Config, RouteConfig};
 use crate::error::HttpError;
 use crate::state::AppState;
@@ -18,11 +19,11 @@ use axum::response::Response;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tollgate_core::ratelimit::Overrides;
 use tollgate_core::ratelimit::{most_restrictive, Policy, Standing, Tat};
 use tollgate_core::ratelimit::{Scope, Unit};
 use tollgate_core::RequestId;
 use tollgate_core::{ApiError, Clock, ErrorCode};
-use tollgate_store::KeyRecord;
 
 /// Units asked of one policy for one subject (`key:<id>`, `acct:<id>`, `route:<prefix>`, ...).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -221,13 +222,15 @@ impl Estimate {
 }
 
 /// The demands of every policy that applies to a call by `key` (on `route`, for the data plane).
-/// Route and key+route policies need a route, so they do not apply to the management API.
+/// Route and key+route policies need a route, so they do not apply to the management API. A
+/// policy takes the key's own override, else its account's, else the configured numbers.
 pub fn demands_for(
     config: &Config,
     route: Option<&RouteConfig>,
-    key: &KeyRecord,
+    cached: &CachedKey,
     estimate: Estimate,
 ) -> Vec<Demand> {
+    let key = &*cached.record;
     let route_policies = route.map(|r| r.rate_limits.as_slice()).unwrap_or_default();
     config
         .rate_limits
@@ -241,13 +244,73 @@ pub fn demands_for(
                 (Scope::KeyRoute, Some(route)) => format!("key:{}|route:{}", key.id, route.prefix),
                 (Scope::Route | Scope::KeyRoute, None) | (Scope::Ip, _) => return None,
             };
-            Some(Demand::new(
-                policy.clone(),
-                &subject,
-                estimate.units(policy.unit),
-            ))
+            let own = policy
+                .scope
+                .keyed()
+                .then(|| key.rate_limits.get(&policy.name))
+                .flatten();
+            let accounts = || {
+                policy
+                    .scope
+                    .accounted()
+                    .then(|| cached.account_rate_limits.get(&policy.name))
+                    .flatten()
+            };
+            let policy = match own.or_else(accounts) {
+                Some(numbers) => Arc::new(policy.overridden(numbers)),
+                None => policy.clone(),
+            };
+            let cost = estimate.units(policy.unit);
+            Some(Demand::new(policy, &subject, cost))
         })
         .collect()
+}
+
+/// Checks rate-limit overrides for a key (`for_account` false) or an account: each must name a
+/// configured policy the target may override, with a limit and window of at least one.
+pub fn check_overrides(
+    config: &Config,
+    overrides: &Overrides,
+    for_account: bool,
+) -> Vec<(String, String)> {
+    let mut problems = Vec::new();
+    let configured = config
+        .rate_limits
+        .iter()
+        .chain(&config.anonymous_limits)
+        .chain(config.routes.iter().flat_map(|r| r.rate_limits.iter()));
+    let configured: Vec<&Arc<Policy>> = configured.collect();
+    for (name, numbers) in overrides {
+        let field = format!("rate_limits.{name}");
+        let mut add = |message: String| problems.push((field.clone(), message));
+        let Some(policy) = configured.iter().find(|p| &p.name == name) else {
+            add("is not a configured rate-limit policy".into());
+            continue;
+        };
+        let allowed = if for_account {
+            policy.scope.accounted()
+        } else {
+            policy.scope.keyed()
+        };
+        if !allowed {
+            let scopes = if for_account {
+                "key, key+route or account"
+            } else {
+                "key or key+route"
+            };
+            add(format!(
+                "has scope '{}'; only {scopes} policies can be overridden here",
+                policy.scope.as_str()
+            ));
+        }
+        if numbers.limit == 0 {
+            add("limit must be at least 1".into());
+        }
+        if numbers.window_seconds == Some(0) {
+            add("window_seconds must be at least 1".into());
+        }
+    }
+    problems
 }
 
 /// Where the request stands, as whoever identified the caller left it for [`layer`].

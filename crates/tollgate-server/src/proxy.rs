@@ -141,7 +141,8 @@ async fn forward(
     billing: &mut Option<Billing>,
 ) -> Result<Response, HttpError> {
     let client = client_ip(state, request.headers(), request.extensions());
-    let key = authenticate_key(state, presented_secret(request.headers()), client).await?;
+    let cached = authenticate_key(state, presented_secret(request.headers()), client).await?;
+    let key = cached.record.clone();
     let now = state.clock.now();
     *billing = Some(Billing::new(
         state.ledger.clone(),
@@ -158,7 +159,7 @@ async fn forward(
     slot.set(Standings::Identified(limits::demands_for(
         &state.config,
         Some(&route.config),
-        &key,
+        &cached,
         Estimate::default(),
     )));
     if !access::grants_group(&key.scopes, &route.config.group) {

@@ -312,3 +312,178 @@ async fn route_policies_share_the_route_among_all_keys() {
     let other = app.get_as("/problem/x", &b.master_key).await;
     assert_eq!(other.status(), 200);
 }
+
+#[tokio::test]
+async fn the_operator_overrides_limits_per_key_and_per_account_and_the_next_request_obeys() {
+    let app = app_with(vec![
+        policy("per-key", Scope::Key, Unit::Requests, 60, "1m", 9),
+        policy("per-account", Scope::Account, Unit::Requests, 600, "1m", 99),
+    ])
+    .await;
+    let account = app.create_account("acme").await;
+    let (tight, tight_id) = app.create_usage_key(&account.master_key, json!({})).await;
+    let (other, _) = app.create_usage_key(&account.master_key, json!({})).await;
+    // Cache both keys before the changes: the changes must reach the cache.
+    for key in [&tight, &other] {
+        assert_eq!(app.get_as("/echo/x", key).await.status(), 200);
+    }
+
+    // A key's own numbers: one request a minute, no burst.
+    let patched = app
+        .patch_key(
+            ADMIN_TOKEN,
+            tight_id,
+            json!({"rate_limits": {"per-key": {"limit": 1, "burst": 0}}}),
+        )
+        .await;
+    assert_eq!(patched.status(), 200);
+    let body: serde_json::Value = patched.json().await.unwrap();
+    assert_eq!(
+        body["rate_limits"],
+        json!({"per-key": {"limit": 1, "burst": 0}})
+    );
+    let first = app.get_as("/echo/x", &tight).await;
+    assert_eq!(first.status(), 200);
+    assert!(header(&first, "ratelimit-policy").contains("\"per-key\";q=1;w=60"));
+    let refused = expect_error(app.get_as("/echo/x", &tight).await, 429, "rate_limited").await;
+    assert_eq!(refused["error"]["details"]["policy"], "per-key");
+    assert_eq!(refused["error"]["details"]["limit"], 1);
+    // The account's other key keeps the configured numbers.
+    let sibling = app.get_as("/echo/x", &other).await;
+    assert_eq!(ratelimit(&sibling)["per-key"].0, 8);
+
+    // An account's numbers: its own policy, and the per-key policy of every key that has none.
+    let response = app
+        .patch(&format!("/api/v1/accounts/{}", account.id))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&json!({"rate_limits": {
+            "per-account": {"limit": 6000, "burst": 999},
+            "per-key": {"limit": 120, "window_seconds": 120, "burst": 2}
+        }}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["rate_limits"]["per-account"]["limit"], 6000);
+    let sibling = app.get_as("/echo/x", &other).await;
+    let policies = header(&sibling, "ratelimit-policy");
+    assert!(policies.contains("\"per-key\";q=120;w=120"), "{policies}");
+    assert!(
+        policies.contains("\"per-account\";q=6000;w=60"),
+        "{policies}"
+    );
+    // Changed numbers start afresh: burst 2 allows three at once.
+    assert_eq!(ratelimit(&sibling)["per-key"].0, 2);
+    // The key's own override still wins over the account's.
+    expect_error(app.get_as("/echo/x", &tight).await, 429, "rate_limited").await;
+
+    // `null` clears: the tight key is back on the account's numbers.
+    let cleared = app
+        .patch_key(ADMIN_TOKEN, tight_id, json!({"rate_limits": null}))
+        .await;
+    assert_eq!(cleared.status(), 200);
+    let response = app.get_as("/echo/x", &tight).await;
+    assert_eq!(response.status(), 200);
+    assert!(header(&response, "ratelimit-policy").contains("\"per-key\";q=120;w=120"));
+}
+
+#[tokio::test]
+async fn overrides_are_checked_and_only_the_operator_may_set_them() {
+    let app = spawn_app_with(|raw, _| {
+        raw.rate_limits = Some(vec![
+            policy("anon", Scope::Ip, Unit::Requests, 100, "1m", 0),
+            policy("per-key", Scope::Key, Unit::Requests, 60, "1m", 10),
+            policy("per-account", Scope::Account, Unit::Requests, 600, "1m", 10),
+        ]);
+        raw.routes[2].rate_limits = vec![policy(
+            "echo-all",
+            Scope::Route,
+            Unit::Requests,
+            10,
+            "1s",
+            0,
+        )];
+    })
+    .await;
+    let account = app.create_account("acme").await;
+    let (_, key_id) = app.create_usage_key(&account.master_key, json!({})).await;
+
+    // A master key may change its keys, but not their rate limits.
+    let by_customer = app
+        .patch_key(
+            &account.master_key,
+            key_id,
+            json!({"rate_limits": {"per-key": {"limit": 100000}}}),
+        )
+        .await;
+    let body = expect_error(by_customer, 403, "forbidden").await;
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("operator"));
+
+    let bad_key = app
+        .patch_key(
+            ADMIN_TOKEN,
+            key_id,
+            json!({"rate_limits": {
+                "nope": {"limit": 1},
+                "per-account": {"limit": 1},
+                "anon": {"limit": 1},
+                "echo-all": {"limit": 1},
+                "per-key": {"limit": 0, "window_seconds": 0}
+            }}),
+        )
+        .await;
+    let body = expect_error(bad_key, 400, "validation_error").await;
+    let fields = &body["error"]["field_errors"];
+    assert_eq!(
+        fields["rate_limits.nope"][0],
+        "is not a configured rate-limit policy"
+    );
+    for (name, scope) in [
+        ("per-account", "account"),
+        ("anon", "ip"),
+        ("echo-all", "route"),
+    ] {
+        assert_eq!(
+            fields[format!("rate_limits.{name}")][0],
+            format!("has scope '{scope}'; only key or key+route policies can be overridden here")
+        );
+    }
+    assert_eq!(
+        fields["rate_limits.per-key"],
+        json!([
+            "limit must be at least 1",
+            "window_seconds must be at least 1"
+        ])
+    );
+
+    // An account may override its own and its keys' policies, not a route's or an address's.
+    let bad_account = app
+        .patch(&format!("/api/v1/accounts/{}", account.id))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&json!({"rate_limits": {"echo-all": {"limit": 1}, "per-account": {"limit": 1}}}))
+        .send()
+        .await
+        .unwrap();
+    let body = expect_error(bad_account, 400, "validation_error").await;
+    let fields = body["error"]["field_errors"].as_object().unwrap();
+    assert_eq!(fields.keys().collect::<Vec<_>>(), ["rate_limits.echo-all"]);
+
+    // A malformed override is a validation error, not a 500.
+    let malformed = app
+        .patch_key(
+            ADMIN_TOKEN,
+            key_id,
+            json!({"rate_limits": {"per-key": {"limit": "many", "extra": 1}}}),
+        )
+        .await;
+    expect_error(malformed, 400, "validation_error").await;
+    // Nothing changed.
+    let key = app
+        .get_json(&format!("/api/v1/keys/{key_id}"), ADMIN_TOKEN)
+        .await;
+    assert_eq!(key["rate_limits"], json!({}));
+}

@@ -10,6 +10,7 @@ use chrono::{DateTime, Utc};
 use ipnet::IpNet;
 use tollgate_core::ledger::{BillingStatus, Hold, Transfer, Wallet};
 use tollgate_core::metering::TokenUsage;
+use tollgate_core::ratelimit::Overrides;
 use tollgate_core::{
     AccountId, ApiKey, HoldId, KeyEnv, KeyHash, KeyId, KeyKind, KeyStatus, Nanos, RequestId,
 };
@@ -32,6 +33,8 @@ pub struct Account {
     pub balance: Nanos,
     /// Overrides the configured keys-per-account limit.
     pub max_keys: Option<u32>,
+    /// The operator's numbers for the account's policies (and its keys' per-key policies).
+    pub rate_limits: Overrides,
     pub created_at: DateTime<Utc>,
 }
 
@@ -51,6 +54,8 @@ pub struct KeyRecord {
     pub expires_at: Option<DateTime<Utc>>,
     /// The most this key may be charged per calendar month (UTC).
     pub monthly_spend_cap: Option<Nanos>,
+    /// The operator's numbers for this key's per-key policies.
+    pub rate_limits: Overrides,
     pub created_at: DateTime<Utc>,
     pub revoked_at: Option<DateTime<Utc>>,
 }
@@ -99,6 +104,7 @@ impl KeyRecord {
             allowed_ips: key.allowed_ips,
             expires_at: key.expires_at,
             monthly_spend_cap: key.monthly_spend_cap,
+            rate_limits: Overrides::new(),
             created_at: now,
             revoked_at: None,
         };
@@ -112,6 +118,8 @@ pub struct KeyLookup {
     pub key: KeyRecord,
     /// Set when the secret is one a roll replaced: it works until then, and is revoked after.
     pub secret_expires_at: Option<DateTime<Utc>>,
+    /// The key's account's rate-limit overrides, which apply to the key's requests too.
+    pub account_rate_limits: Overrides,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -156,13 +164,9 @@ pub trait AccountStore: Send + Sync {
 
     async fn account(&self, id: AccountId) -> Result<Option<Account>, StoreError>;
 
-    /// Sets the account's name and key-limit override; the account as it is now.
-    async fn update_account(
-        &self,
-        id: AccountId,
-        name: &str,
-        max_keys: Option<u32>,
-    ) -> Result<Option<Account>, StoreError>;
+    /// Writes the account's settings (name, key limit, rate-limit overrides; not its status or
+    /// balance); the account as it is now, or `None` if there is no such account.
+    async fn update_account(&self, account: &Account) -> Result<Option<Account>, StoreError>;
 }
 
 #[async_trait]
@@ -184,7 +188,8 @@ pub trait KeyStore: Send + Sync {
     async fn all_keys(&self) -> Result<Vec<KeyRecord>, StoreError>;
     /// Revokes the key if it is not revoked yet; atomic, so two revokes cannot both succeed.
     async fn revoke_key(&self, id: KeyId, at: DateTime<Utc>) -> Result<RevokeOutcome, StoreError>;
-    /// Writes the key's policy (name, scopes, allowed IPs, expiry, status, spend cap) unless it
+    /// Writes the key's policy (name, scopes, allowed IPs, expiry, status, spend cap, rate-limit
+    /// overrides) unless it
     /// has been revoked; atomic against a concurrent revoke.
     async fn update_key(&self, key: &KeyRecord) -> Result<KeyChange, StoreError>;
     /// Gives the key a new secret (hash and display prefix); the current one keeps working until

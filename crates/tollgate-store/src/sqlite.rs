@@ -19,6 +19,7 @@ use tollgate_core::ledger::{
     BillingStatus, Hold, HoldStatus, LedgerAccount, Transfer, TransferKind, Wallet,
 };
 use tollgate_core::metering::TokenUsage;
+use tollgate_core::ratelimit::Overrides;
 use tollgate_core::{AccountId, HoldId, KeyHash, KeyId, KeyKind, KeyStatus, Nanos, RequestId};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -87,7 +88,8 @@ fn corrupt(what: &str, value: &str) -> StoreError {
 }
 
 const KEY_COLUMNS: &str = "id, account_id, key_hash, display_prefix, kind, status, name, scopes, \
-                           allowed_ips, expires_at, monthly_spend_cap_nanos, created_at, revoked_at";
+                           allowed_ips, expires_at, monthly_spend_cap_nanos, created_at, revoked_at, \
+                           rate_limits";
 
 fn key_from_row(row: &SqliteRow) -> Result<KeyRecord, StoreError> {
     let get_text = |col: &str| row.try_get::<String, _>(col).map_err(unavailable);
@@ -98,6 +100,7 @@ fn key_from_row(row: &SqliteRow) -> Result<KeyRecord, StoreError> {
     let status = get_text("status")?;
     let scopes = get_text("scopes")?;
     let allowed_ips = get_text("allowed_ips")?;
+    let rate_limits = get_text("rate_limits")?;
     let expires_at: Option<i64> = row.try_get("expires_at").map_err(unavailable)?;
     let revoked_at: Option<i64> = row.try_get("revoked_at").map_err(unavailable)?;
     let cap: Option<i64> = row
@@ -117,6 +120,8 @@ fn key_from_row(row: &SqliteRow) -> Result<KeyRecord, StoreError> {
             .map_err(|_| corrupt("key allowed_ips", &allowed_ips))?,
         expires_at: expires_at.map(from_millis).transpose()?,
         monthly_spend_cap: cap.map(Nanos),
+        rate_limits: serde_json::from_str(&rate_limits)
+            .map_err(|_| corrupt("key rate_limits", &rate_limits))?,
         created_at: from_millis(row.try_get("created_at").map_err(unavailable)?)?,
         revoked_at: revoked_at.map(from_millis).transpose()?,
     })
@@ -145,7 +150,7 @@ where
     };
     let inserted = sqlx::query(&format!(
         "INSERT INTO api_keys ({KEY_COLUMNS}) \
-         SELECT ?3, ?1, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14{guard}"
+         SELECT ?3, ?1, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15{guard}"
     ))
     .bind(key.account_id.to_string())
     .bind(limit.map(i64::from))
@@ -161,6 +166,7 @@ where
     .bind(key.monthly_spend_cap.map(|n| n.0))
     .bind(millis(key.created_at))
     .bind(key.revoked_at.map(millis))
+    .bind(to_json(&key.rate_limits)?)
     .execute(executor)
     .await
     .map_err(unavailable)?
@@ -211,13 +217,14 @@ impl AccountStore for SqliteStore {
             status: "active".to_string(),
             balance: starter_credits,
             max_keys: None,
+            rate_limits: Overrides::new(),
             created_at: at,
         })
     }
 
     async fn account(&self, id: AccountId) -> Result<Option<Account>, StoreError> {
         let row = sqlx::query(
-            "SELECT a.name, a.status, a.created_at, a.max_keys, w.balance_nanos \
+            "SELECT a.name, a.status, a.created_at, a.max_keys, a.rate_limits, w.balance_nanos \
              FROM accounts a JOIN wallets w ON w.account_id = a.id WHERE a.id = ?",
         )
         .bind(id.to_string())
@@ -235,26 +242,27 @@ impl AccountStore for SqliteStore {
                     .map_err(unavailable)?
                     .map(|n| u32::try_from(n).map_err(|_| corrupt("max_keys", &n.to_string())))
                     .transpose()?,
+                rate_limits: {
+                    let text: String = row.try_get("rate_limits").map_err(unavailable)?;
+                    serde_json::from_str(&text)
+                        .map_err(|_| corrupt("account rate_limits", &text))?
+                },
                 created_at: from_millis(row.try_get("created_at").map_err(unavailable)?)?,
             })
         })
         .transpose()
     }
 
-    async fn update_account(
-        &self,
-        id: AccountId,
-        name: &str,
-        max_keys: Option<u32>,
-    ) -> Result<Option<Account>, StoreError> {
-        sqlx::query("UPDATE accounts SET name = ?, max_keys = ? WHERE id = ?")
-            .bind(name)
-            .bind(max_keys.map(i64::from))
-            .bind(id.to_string())
+    async fn update_account(&self, account: &Account) -> Result<Option<Account>, StoreError> {
+        sqlx::query("UPDATE accounts SET name = ?, max_keys = ?, rate_limits = ? WHERE id = ?")
+            .bind(&account.name)
+            .bind(account.max_keys.map(i64::from))
+            .bind(to_json(&account.rate_limits)?)
+            .bind(account.id.to_string())
             .execute(&self.pool)
             .await
             .map_err(unavailable)?;
-        self.account(id).await
+        self.account(account.id).await
     }
 }
 
@@ -315,8 +323,10 @@ impl KeyStore for SqliteStore {
         .await
         .map_err(unavailable)?;
         if let Some(row) = current {
+            let key = key_from_row(&row)?;
             return Ok(Some(KeyLookup {
-                key: key_from_row(&row)?,
+                account_rate_limits: self.account_rate_limits(key.account_id).await?,
+                key,
                 secret_expires_at: None,
             }));
         }
@@ -332,7 +342,11 @@ impl KeyStore for SqliteStore {
         let key_id: String = retired.try_get("key_id").map_err(unavailable)?;
         let key_id = parse_id("key id", &key_id)?;
         let expires_at = from_millis(retired.try_get("expires_at").map_err(unavailable)?)?;
-        Ok(self.key_by_id(key_id).await?.map(|key| KeyLookup {
+        let Some(key) = self.key_by_id(key_id).await? else {
+            return Ok(None);
+        };
+        Ok(Some(KeyLookup {
+            account_rate_limits: self.account_rate_limits(key.account_id).await?,
             key,
             secret_expires_at: Some(expires_at),
         }))
@@ -388,7 +402,8 @@ impl KeyStore for SqliteStore {
     async fn update_key(&self, key: &KeyRecord) -> Result<KeyChange, StoreError> {
         let changed = sqlx::query(
             "UPDATE api_keys SET name = ?, scopes = ?, allowed_ips = ?, expires_at = ?, \
-             status = ?, monthly_spend_cap_nanos = ? WHERE id = ? AND status <> 'revoked'",
+             status = ?, monthly_spend_cap_nanos = ?, rate_limits = ? \
+             WHERE id = ? AND status <> 'revoked'",
         )
         .bind(&key.name)
         .bind(to_json(&key.scopes)?)
@@ -396,6 +411,7 @@ impl KeyStore for SqliteStore {
         .bind(key.expires_at.map(millis))
         .bind(key.status.as_str())
         .bind(key.monthly_spend_cap.map(|n| n.0))
+        .bind(to_json(&key.rate_limits)?)
         .bind(key.id.to_string())
         .execute(&self.pool)
         .await
@@ -440,6 +456,19 @@ impl KeyStore for SqliteStore {
 }
 
 impl SqliteStore {
+    /// An account's rate-limit overrides (none for an unknown account).
+    async fn account_rate_limits(&self, account: AccountId) -> Result<Overrides, StoreError> {
+        let text: Option<String> =
+            sqlx::query_scalar("SELECT rate_limits FROM accounts WHERE id = ?")
+                .bind(account.to_string())
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(unavailable)?;
+        text.map_or(Ok(Overrides::new()), |text| {
+            serde_json::from_str(&text).map_err(|_| corrupt("account rate_limits", &text))
+        })
+    }
+
     async fn key_change(&self, id: KeyId, changed: bool) -> Result<KeyChange, StoreError> {
         Ok(match self.key_by_id(id).await? {
             None => KeyChange::NotFound,

@@ -9,6 +9,7 @@ use tollgate_core::ledger::{
     BillingStatus, Book, HoldRequest, HoldStatus, Resolve, Transfer, Wallet,
 };
 use tollgate_core::metering::TokenUsage;
+use tollgate_core::ratelimit::LimitOverride;
 use tollgate_core::{
     AccountId, ApiKey, HoldId, KeyEnv, KeyId, KeyKind, KeyStatus, Nanos, RequestId,
 };
@@ -197,11 +198,10 @@ pub async fn key_limit_counts_unrevoked_keys_and_honours_the_override(store: Arc
         InsertKeyOutcome::Inserted
     );
     // The account's override wins over the default, both ways.
-    let updated = store
-        .update_account(account, "Renamed", Some(5))
-        .await
-        .unwrap()
-        .unwrap();
+    let mut settings = store.account(account).await.unwrap().unwrap();
+    settings.name = "Renamed".into();
+    settings.max_keys = Some(5);
+    let updated = store.update_account(&settings).await.unwrap().unwrap();
     assert_eq!(
         (updated.name.as_str(), updated.max_keys),
         ("Renamed", Some(5))
@@ -211,20 +211,45 @@ pub async fn key_limit_counts_unrevoked_keys_and_honours_the_override(store: Arc
         store.insert_key(&fourth, 2).await.unwrap(),
         InsertKeyOutcome::Inserted
     );
-    store
-        .update_account(account, "Renamed", Some(0))
-        .await
-        .unwrap();
+    settings.max_keys = Some(0);
+    store.update_account(&settings).await.unwrap();
     let (_, fifth) = key_for(account, KeyKind::Usage, "fifth");
     assert_eq!(
         store.insert_key(&fifth, 100).await.unwrap(),
         InsertKeyOutcome::LimitReached { limit: 0 }
     );
-    assert!(store
-        .update_account(AccountId::new(), "x", None)
-        .await
-        .unwrap()
-        .is_none());
+    settings.id = AccountId::new();
+    assert!(store.update_account(&settings).await.unwrap().is_none());
+}
+
+pub async fn rate_limit_overrides_round_trip_and_reach_the_key_lookup(store: Arc<dyn Store>) {
+    let (account, _, _) = new_account(&*store, Nanos::ZERO).await;
+    let (_, mut key) = key_for(account, KeyKind::Usage, "u");
+    insert(&*store, &key).await;
+    let lookup = store.key_by_hash(&key.hash).await.unwrap().unwrap();
+    assert!(lookup.key.rate_limits.is_empty() && lookup.account_rate_limits.is_empty());
+
+    let own = LimitOverride {
+        limit: 5,
+        window_seconds: Some(1),
+        burst: None,
+    };
+    key.rate_limits = [("per-key".to_string(), own)].into();
+    store.update_key(&key).await.unwrap();
+    let mut settings = store.account(account).await.unwrap().unwrap();
+    let shared = LimitOverride {
+        limit: 600,
+        window_seconds: None,
+        burst: Some(10),
+    };
+    settings.rate_limits = [("per-account".to_string(), shared)].into();
+    let updated = store.update_account(&settings).await.unwrap().unwrap();
+    assert_eq!(updated.rate_limits, settings.rate_limits);
+
+    let lookup = store.key_by_hash(&key.hash).await.unwrap().unwrap();
+    assert_eq!(lookup.key.rate_limits, key.rate_limits);
+    assert_eq!(lookup.account_rate_limits, settings.rate_limits);
+    assert_eq!(store.key_by_id(key.id).await.unwrap(), Some(key.clone()));
 }
 
 pub async fn concurrent_inserts_never_overshoot_the_key_limit(store: Arc<dyn Store>) {
@@ -606,6 +631,7 @@ macro_rules! store_suite {
                 key_limit_counts_unrevoked_keys_and_honours_the_override,
                 concurrent_inserts_never_overshoot_the_key_limit,
                 updates_change_policy_but_never_a_revoked_key,
+                rate_limit_overrides_round_trip_and_reach_the_key_lookup,
                 a_rolled_key_answers_to_both_secrets_with_the_old_ones_deadline,
                 ping_answers,
                 holds_commit_settle_and_release_in_batches,

@@ -3,6 +3,7 @@
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Deserializer, Serialize};
+use tollgate_core::ratelimit::Overrides;
 use tollgate_core::{AccountId, HoldId, KeyId, KeyKind, KeyStatus, Nanos, RequestId};
 
 /// An amount of money: exact nano-units, the same as a decimal string of credits, and the currency.
@@ -45,6 +46,11 @@ pub struct UpdateAccountRequest {
     pub name: Option<Option<String>>,
     #[serde(default, deserialize_with = "present")]
     pub max_keys: Option<Option<u32>>,
+    /// The account's own numbers for configured rate-limit policies (its `account` policies and
+    /// its keys' `key` and `key+route` ones), by policy name; replaces the whole set, `null`
+    /// clears it.
+    #[serde(default, deserialize_with = "present")]
+    pub rate_limits: Option<Option<Overrides>>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -55,6 +61,8 @@ pub struct Account {
     pub balance: Money,
     /// How many unrevoked keys the account may have (its override, else the configured limit).
     pub max_keys: u32,
+    /// The operator's numbers for configured rate-limit policies, by policy name.
+    pub rate_limits: Overrides,
     pub created_at: DateTime<Utc>,
 }
 
@@ -108,6 +116,10 @@ pub struct UpdateKeyRequest {
     pub status: Option<Option<KeyStatus>>,
     #[serde(default, deserialize_with = "present")]
     pub monthly_spend_cap: Option<Option<String>>,
+    /// Admin only: the key's own numbers for its `key` and `key+route` rate-limit policies, by
+    /// policy name; replaces the whole set, `null` clears it.
+    #[serde(default, deserialize_with = "present")]
+    pub rate_limits: Option<Option<Overrides>>,
 }
 
 /// `POST /keys/{id}/roll`: the body may be omitted.
@@ -142,6 +154,8 @@ pub struct ApiKeyInfo {
     pub allowed_ips: Vec<String>,
     pub expires_at: Option<DateTime<Utc>>,
     pub monthly_spend_cap: Option<Money>,
+    /// The operator's numbers for this key's rate-limit policies, by policy name.
+    pub rate_limits: Overrides,
     pub created_at: DateTime<Utc>,
     pub revoked_at: Option<DateTime<Utc>>,
 }

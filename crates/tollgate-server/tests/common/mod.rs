@@ -323,13 +323,8 @@ impl AccountStore for CountingStore {
     async fn account(&self, id: AccountId) -> Result<Option<Account>, StoreError> {
         self.inner.account(id).await
     }
-    async fn update_account(
-        &self,
-        id: AccountId,
-        name: &str,
-        max_keys: Option<u32>,
-    ) -> Result<Option<Account>, StoreError> {
-        self.inner.update_account(id, name, max_keys).await
+    async fn update_account(&self, account: &Account) -> Result<Option<Account>, StoreError> {
+        self.inner.update_account(account).await
     }
 }
 
