@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{expect_error, spawn_app_with, TestApp, ADMIN_TOKEN};
+use common::{expect_error, spawn_app_real_time, spawn_app_with, TestApp, ADMIN_TOKEN};
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -486,4 +486,63 @@ async fn overrides_are_checked_and_only_the_operator_may_set_them() {
         .get_json(&format!("/api/v1/keys/{key_id}"), ADMIN_TOKEN)
         .await;
     assert_eq!(key["rate_limits"], json!({}));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_the_real_clock_thirty_clients_at_three_times_the_limit_get_what_gcra_allows() {
+    // 50 a second with burst 10, offered 150 a second by 30 paced clients for two seconds.
+    const LIMIT: u64 = 50;
+    const BURST: u64 = 10;
+    let app = spawn_app_real_time(|raw, _| {
+        raw.rate_limits = Some(vec![policy(
+            "per-key",
+            Scope::Key,
+            Unit::Requests,
+            LIMIT,
+            "1s",
+            BURST,
+        )]);
+    })
+    .await;
+    let account = app.create_account("acme").await;
+    let (key, _) = app.create_usage_key(&account.master_key, json!({})).await;
+    let app = std::sync::Arc::new(app);
+    let started = std::time::Instant::now();
+    let clients: Vec<_> = (0..30)
+        .map(|client| {
+            let (app, key) = (app.clone(), key.clone());
+            tokio::spawn(async move {
+                // Spread the clients over the first 200 ms, then one call each every 200 ms.
+                tokio::time::sleep(Duration::from_millis(client * 7)).await;
+                let mut ticks = tokio::time::interval(Duration::from_millis(200));
+                let (mut admitted, mut refused) = (0u64, 0u64);
+                for _ in 0..10 {
+                    ticks.tick().await;
+                    match app.get_as("/echo/x", &key).await.status().as_u16() {
+                        200 => admitted += 1,
+                        429 => refused += 1,
+                        other => panic!("unexpected status {other}"),
+                    }
+                }
+                (admitted, refused)
+            })
+        })
+        .collect();
+    let (mut admitted, mut refused) = (0, 0);
+    for client in clients {
+        let (a, r) = client.await.unwrap();
+        admitted += a;
+        refused += r;
+    }
+    let elapsed = started.elapsed();
+    // GCRA's bound over any interval of length t: burst + 1 + limit × t / window.
+    let most = BURST + 1 + (LIMIT as f64 * elapsed.as_secs_f64()).ceil() as u64;
+    println!("admitted {admitted}, refused {refused}, in {elapsed:?}, bound {most}");
+    assert_eq!(admitted + refused, 300);
+    assert!(admitted <= most, "admitted {admitted} > bound {most}");
+    // Offered three times the pace, the limiter leaves little of its allowance unused.
+    assert!(
+        admitted * 10 >= most * 8,
+        "admitted only {admitted} of {most}"
+    );
 }

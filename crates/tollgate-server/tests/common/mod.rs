@@ -96,6 +96,16 @@ pub async fn spawn_app() -> TestApp {
 }
 
 pub async fn spawn_app_with(customize: impl FnOnce(&mut RawConfig, &MockUpstream)) -> TestApp {
+    spawn(customize, false).await
+}
+
+/// Like [`spawn_app_with`], but the server runs on the real clock (`TestApp::clock` then moves
+/// nothing): for tests of behaviour over real time.
+pub async fn spawn_app_real_time(customize: impl FnOnce(&mut RawConfig, &MockUpstream)) -> TestApp {
+    spawn(customize, true).await
+}
+
+async fn spawn(customize: impl FnOnce(&mut RawConfig, &MockUpstream), real_time: bool) -> TestApp {
     let mock = MockUpstream::start(SocketAddr::from(([127, 0, 0, 1], 0)))
         .await
         .unwrap();
@@ -144,7 +154,12 @@ pub async fn spawn_app_with(customize: impl FnOnce(&mut RawConfig, &MockUpstream
         .unwrap();
     let store = Arc::new(CountingStore::new(sqlite));
     let clock = Arc::new(ManualClock::new(tollgate_core::SystemClock.now()));
-    let app = Application::build_with(config, store.clone(), clock.clone())
+    let app_clock: Arc<dyn Clock> = if real_time {
+        Arc::new(tollgate_core::SystemClock)
+    } else {
+        clock.clone()
+    };
+    let app = Application::build_with(config, store.clone(), app_clock)
         .await
         .unwrap();
     let addr = app.local_addr();
