@@ -14,7 +14,7 @@ use axum::extract::{FromRequest, OriginalUri, Path, Query, Request, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use chrono::{DurationRound, TimeDelta};
 use ipnet::IpNet;
 use serde::de::DeserializeOwned;
@@ -97,7 +97,11 @@ async fn create_account(
             secret: secret.expose().to_string(),
         },
     };
-    Ok((StatusCode::CREATED, Json(response)))
+    Ok((
+        StatusCode::CREATED,
+        Extension(CarriesSecret),
+        Json(response),
+    ))
 }
 
 async fn get_account(
@@ -238,7 +242,7 @@ async fn create_key(
         key: key_view(&record, &state.config.currency),
         secret: secret.expose().to_string(),
     };
-    Ok((StatusCode::CREATED, Json(created)))
+    Ok((StatusCode::CREATED, Extension(CarriesSecret), Json(created)))
 }
 
 #[derive(Debug, Deserialize)]
@@ -376,7 +380,7 @@ async fn roll_key(
     caller: Caller,
     id: Result<Path<String>, PathRejection>,
     body: JsonBody,
-) -> Result<Json<wire::RolledKey>, HttpError> {
+) -> Result<impl IntoResponse, HttpError> {
     let key = owned_key(&state, &caller, id).await?;
     let body: wire::RollKeyRequest = if body.is_empty() {
         wire::RollKeyRequest::default()
@@ -414,12 +418,20 @@ async fn roll_key(
         .await?;
     let key = changed_key(&state, change)?;
     tracing::info!(key = %key.id, grace_seconds = grace, "key rolled");
-    Ok(Json(wire::RolledKey {
-        key: key_view(&key, &state.config.currency),
-        secret: secret.expose().to_string(),
-        previous_secret_expires_at: previous_expires,
-    }))
+    Ok((
+        Extension(CarriesSecret),
+        Json(wire::RolledKey {
+            key: key_view(&key, &state.config.currency),
+            secret: secret.expose().to_string(),
+            previous_secret_expires_at: previous_expires,
+        }),
+    ))
 }
+
+/// Marks a response that shows a secret: the idempotency layer never keeps such a body, since
+/// Tollgate stores no plaintext secret anywhere.
+#[derive(Debug, Clone, Copy)]
+pub struct CarriesSecret;
 
 /// The key after a change, with its cache entries dropped so the next request sees it.
 fn changed_key(state: &AppState, change: KeyChange) -> Result<KeyRecord, HttpError> {

@@ -8,7 +8,7 @@ use crate::limits::LocalLimiter;
 use crate::proxy::RouteTable;
 use crate::shed::Shedder;
 use crate::state::AppState;
-use crate::{api, edge, health, limits, proxy, shed};
+use crate::{api, edge, health, idempotency, limits, proxy, shed};
 use axum::middleware;
 use axum::response::IntoResponse;
 use axum::routing::get;
@@ -118,7 +118,8 @@ impl Application {
     }
 }
 
-/// Releases holds past their TTL, and deletes usage rows past their retention (hourly).
+/// Releases holds past their TTL, and deletes usage rows and idempotency keys past their
+/// retention (hourly).
 async fn sweep(state: AppState) {
     const PURGE_EVERY: Duration = Duration::from_secs(3600);
     let mut ticks = tokio::time::interval(state.config.sweep_interval);
@@ -140,6 +141,11 @@ async fn sweep(state: AppState) {
                     Ok(purged) => tracing::info!(purged, "deleted usage rows past retention"),
                     Err(e) => tracing::warn!(error = %e, "cannot purge old usage rows"),
                 }
+            }
+            match state.store.purge_idempotency(state.clock.now()).await {
+                Ok(0) => {}
+                Ok(purged) => tracing::info!(purged, "forgot expired idempotency keys"),
+                Err(e) => tracing::warn!(error = %e, "cannot purge idempotency keys"),
             }
         }
     }
@@ -180,6 +186,12 @@ fn router(state: AppState) -> Router {
             )
             .into_response()
         }))
+        // Idempotency sees the handlers' raw outcomes (an error Tollgate originates is never
+        // kept), and its own errors are rendered by rescue.
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            idempotency::layer,
+        ))
         // Rescue renders errors; it sits inside request_id so every body carries the ID.
         .layer(middleware::from_fn(edge::rescue))
         // Rate-limit headers go on the rendered response, so this sits outside rescue.

@@ -186,32 +186,57 @@ impl Caller {
     }
 }
 
+/// Who presented the request's credential, before any rate limit or permission is judged.
+#[derive(Debug, Clone)]
+pub enum Identity {
+    Admin,
+    Key(CachedKey),
+}
+
+/// The admin token (any credential not shaped like an API key is compared with it) or an API
+/// key, verified as [`authenticate_key`] does.
+pub async fn identify(
+    state: &AppState,
+    headers: &HeaderMap,
+    extensions: &http::Extensions,
+) -> Result<Identity, HttpError> {
+    let secret = presented_secret(headers);
+    if let (Some(secret), Some(admin)) = (secret, &state.config.admin_token) {
+        if !secret.starts_with("tg_") {
+            return if secret_matches(secret, &admin.0) {
+                Ok(Identity::Admin)
+            } else {
+                Err(HttpError::new(
+                    ErrorCode::InvalidApiKey,
+                    "The API key or admin token is not valid.",
+                ))
+            };
+        }
+    }
+    let client = client_ip(state, headers, extensions);
+    Ok(Identity::Key(
+        authenticate_key(state, secret, client).await?,
+    ))
+}
+
 impl FromRequestParts<AppState> for Caller {
     type Rejection = HttpError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Caller, HttpError> {
-        let secret = presented_secret(&parts.headers);
-        let client = client_ip(state, &parts.headers, &parts.extensions);
-        if let (Some(secret), Some(admin)) = (secret, &state.config.admin_token) {
-            if !secret.starts_with("tg_") {
-                return if secret_matches(secret, &admin.0) {
-                    if let Some(slot) = parts.extensions.get::<LimitSlot>() {
-                        slot.set(Standings::Exempt);
-                    }
-                    Ok(Caller::Admin)
-                } else {
-                    Err(HttpError::new(
-                        ErrorCode::InvalidApiKey,
-                        "The API key or admin token is not valid.",
-                    ))
-                };
+        let slot = parts.extensions.get::<LimitSlot>();
+        match identify(state, &parts.headers, &parts.extensions).await? {
+            Identity::Admin => {
+                if let Some(slot) = slot {
+                    slot.set(Standings::Exempt);
+                }
+                Ok(Caller::Admin)
+            }
+            Identity::Key(key) => {
+                let demands = limits::demands_for(&state.config, None, &key, Estimate::default());
+                limits::admit(state, slot, &demands).await?;
+                Ok(Caller::Key(key.record))
             }
         }
-        let slot = parts.extensions.get::<LimitSlot>();
-        let key = authenticate_key(state, secret, client).await?;
-        let demands = limits::demands_for(&state.config, None, &key, Estimate::default());
-        limits::admit(state, slot, &demands).await?;
-        Ok(Caller::Key(key.record))
     }
 }
 

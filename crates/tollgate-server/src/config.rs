@@ -49,6 +49,7 @@ pub struct RawConfig {
     pub billing: RawBilling,
     pub keys: RawKeys,
     pub load_shedding: RawLoadShedding,
+    pub idempotency: RawIdempotency,
     /// Policies for every route (and the management API); `None` means the defaults.
     pub rate_limits: Option<Vec<RawPolicy>>,
     pub routes: Vec<RawRoute>,
@@ -183,6 +184,25 @@ impl Default for RawKeys {
         RawKeys {
             env: KeyEnv::Live,
             max_per_account: 100,
+        }
+    }
+}
+
+/// `Idempotency-Key` handling.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawIdempotency {
+    /// How long a key's outcome is kept for replay.
+    pub retention: String,
+    /// The largest response body kept for replay; a larger one is refused on replay.
+    pub max_response_bytes: u64,
+}
+
+impl Default for RawIdempotency {
+    fn default() -> Self {
+        RawIdempotency {
+            retention: "24h".into(),
+            max_response_bytes: 1024 * 1024,
         }
     }
 }
@@ -394,6 +414,7 @@ impl RawConfig {
             billing: section(&mut table, "billing", problems),
             keys: section(&mut table, "keys", problems),
             load_shedding: section(&mut table, "load_shedding", problems),
+            idempotency: section(&mut table, "idempotency", problems),
             rate_limits: table
                 .remove("rate_limits")
                 .and_then(|value| deserialize_at(value, "rate_limits", problems)),
@@ -402,7 +423,7 @@ impl RawConfig {
         for unknown in table.keys() {
             problems.push(
                 unknown,
-                "unknown section (expected server, store, admin, billing, keys, load_shedding, rate_limits or routes)",
+                "unknown section (expected server, store, admin, billing, keys, load_shedding, idempotency, rate_limits or routes)",
             );
         }
         Some(raw)
@@ -515,6 +536,8 @@ pub struct Config {
     pub max_keys_per_account: u32,
     /// `None` when load shedding is off.
     pub load_shedding: Option<LoadShedding>,
+    pub idempotency_retention: Duration,
+    pub idempotency_max_response_bytes: u64,
     /// Policies for every request with a caller (scopes other than `ip`).
     pub rate_limits: Vec<Arc<Policy>>,
     /// `ip` policies: requests that end without an authenticated caller.
@@ -723,6 +746,14 @@ impl Config {
             billing_duration(&mut p, "usage_retention", &raw.billing.usage_retention);
 
         let load_shedding = validate_load_shedding(&raw.load_shedding, &mut p);
+        let idempotency_retention =
+            positive_duration(&raw.idempotency.retention).unwrap_or_else(|| {
+                p.push(
+                    "idempotency.retention",
+                    "must be a positive duration, e.g. \"24h\"",
+                );
+                Duration::from_secs(1)
+            });
 
         let all_limits = validate_policies(
             raw.rate_limits.as_deref().unwrap_or(&default_rate_limits()),
@@ -781,6 +812,8 @@ impl Config {
                 key_env: raw.keys.env,
                 max_keys_per_account: raw.keys.max_per_account,
                 load_shedding,
+                idempotency_retention,
+                idempotency_max_response_bytes: raw.idempotency.max_response_bytes,
                 rate_limits,
                 anonymous_limits,
                 routes,
@@ -1284,7 +1317,7 @@ mod tests {
               - server.lisen: unknown field `lisen`, expected one of `listen`, `api_prefix`, `request_id_header`, `max_body_bytes`, `key_cache_capacity`, `trusted_proxies`
               - routes[0].upstream: invalid type: integer `5`, expected a string
               - routes[2]: missing field `group`
-              - surprise: unknown section (expected server, store, admin, billing, keys, load_shedding, rate_limits or routes)
+              - surprise: unknown section (expected server, store, admin, billing, keys, load_shedding, idempotency, rate_limits or routes)
               - billing.currency: must be a three-letter code in capitals, e.g. USD
               - routes[1].prefix: '/api/v2' overlaps '/api', which Tollgate serves itself
               - routes[1].price: '-1' is negative; amounts here must be zero or more

@@ -230,6 +230,7 @@ fn demo_config(options: &DemoOptions, mock: &MockUpstream, admin_token: &str) ->
         },
         keys: Default::default(),
         load_shedding: Default::default(),
+        idempotency: Default::default(),
         rate_limits: None,
         routes,
     }

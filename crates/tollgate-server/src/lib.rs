@@ -10,6 +10,7 @@ pub mod demo;
 pub mod edge;
 pub mod error;
 pub mod health;
+pub mod idempotency;
 pub mod ledger;
 pub mod limits;
 pub mod meter;

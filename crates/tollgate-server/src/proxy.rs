@@ -494,7 +494,7 @@ pub(crate) fn refused_error(refused: HoldRefused, currency: &str) -> HttpError {
     }
 }
 
-fn payload_too_large(limit: u64) -> HttpError {
+pub(crate) fn payload_too_large(limit: u64) -> HttpError {
     tollgate_core::ApiError::new(
         ErrorCode::PayloadTooLarge,
         format!("The request body is larger than the limit of {limit} bytes."),

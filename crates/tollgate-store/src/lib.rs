@@ -349,6 +349,79 @@ pub trait UsageStore: Send + Sync {
     async fn purge_requests_before(&self, cutoff: DateTime<Utc>) -> Result<u64, StoreError>;
 }
 
+/// A response kept for replay under an idempotency key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredResponse {
+    pub status: u16,
+    /// Header names and values, in order (text values only).
+    pub headers: Vec<(String, String)>,
+    /// `None` when the body could not be kept whole (over the size limit, or it never reached
+    /// its end): the outcome is known, but it cannot be replayed.
+    pub body: Option<Vec<u8>>,
+}
+
+/// A request's claim on an idempotency key.
+#[derive(Debug, Clone)]
+pub struct IdempotencyClaim {
+    /// Whose keys these are: an account id, or `admin`.
+    pub scope: String,
+    pub key: String,
+    /// SHA-256 over method, path and the body's SHA-256.
+    pub fingerprint: [u8; 32],
+    /// The request making the claim; only it may complete or release it.
+    pub owner: RequestId,
+    pub now: DateTime<Utc>,
+    /// Until then the key is locked for `owner`; after it (a crashed node), anyone may take it.
+    pub lease_until: DateTime<Utc>,
+    /// When the record, completed or not, is forgotten.
+    pub expires_at: DateTime<Utc>,
+}
+
+/// What a claim found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IdempotencyBegin {
+    /// The key was free (or its record expired, or its lease ran out): the claimant runs.
+    Started,
+    /// The same request is running under another owner.
+    InFlight {
+        owner: RequestId,
+        lease_until: DateTime<Utc>,
+    },
+    /// The same request finished: replay it.
+    Completed {
+        owner: RequestId,
+        response: StoredResponse,
+    },
+    /// The key was used for a different request.
+    Mismatch,
+}
+
+#[async_trait]
+pub trait IdempotencyStore: Send + Sync {
+    /// Claims the key atomically: of concurrent claims on a free key exactly one is `Started`.
+    async fn begin_idempotent(
+        &self,
+        claim: &IdempotencyClaim,
+    ) -> Result<IdempotencyBegin, StoreError>;
+    /// Keeps the outcome of the owner's request for replay (if the owner still holds the key).
+    async fn complete_idempotent(
+        &self,
+        scope: &str,
+        key: &str,
+        owner: RequestId,
+        response: &StoredResponse,
+    ) -> Result<(), StoreError>;
+    /// Frees the key (if the owner still holds it and has not completed), so a retry runs afresh.
+    async fn release_idempotent(
+        &self,
+        scope: &str,
+        key: &str,
+        owner: RequestId,
+    ) -> Result<(), StoreError>;
+    /// Deletes records past their expiry (and abandoned claims past their lease); how many.
+    async fn purge_idempotency(&self, now: DateTime<Utc>) -> Result<u64, StoreError>;
+}
+
 #[async_trait]
 pub trait StoreHealth: Send + Sync {
     /// Answers `Ok` only when the store can serve a query now.
@@ -358,5 +431,11 @@ pub trait StoreHealth: Send + Sync {
 }
 
 /// Everything the server needs from storage.
-pub trait Store: AccountStore + KeyStore + LedgerStore + UsageStore + StoreHealth {}
-impl<T: AccountStore + KeyStore + LedgerStore + UsageStore + StoreHealth> Store for T {}
+pub trait Store:
+    AccountStore + KeyStore + LedgerStore + UsageStore + IdempotencyStore + StoreHealth
+{
+}
+impl<T> Store for T where
+    T: AccountStore + KeyStore + LedgerStore + UsageStore + IdempotencyStore + StoreHealth
+{
+}

@@ -1,9 +1,10 @@
 //! The embedded default: one SQLite file in WAL mode, migrations applied at open.
 
 use crate::{
-    Account, AccountStore, HoldRecord, HoldSource, InsertKeyOutcome, KeyChange, KeyLookup,
-    KeyRecord, KeyStore, LedgerStore, LedgerWrite, RevokeOutcome, StoreError, StoreHealth,
-    TransferRecord, UsageFilter, UsageRow, UsageStore,
+    Account, AccountStore, HoldRecord, HoldSource, IdempotencyBegin, IdempotencyClaim,
+    IdempotencyStore, InsertKeyOutcome, KeyChange, KeyLookup, KeyRecord, KeyStore, LedgerStore,
+    LedgerWrite, RevokeOutcome, StoreError, StoreHealth, StoredResponse, TransferRecord,
+    UsageFilter, UsageRow, UsageStore,
 };
 use async_trait::async_trait;
 use chrono::{DateTime, TimeZone, Utc};
@@ -885,6 +886,133 @@ fn usage_from_row(row: &SqliteRow) -> Result<UsageRow, StoreError> {
         created_at: from_millis(int("created_at")?)?,
         completed_at: from_millis(int("completed_at")?)?,
     })
+}
+
+#[async_trait]
+impl IdempotencyStore for SqliteStore {
+    async fn begin_idempotent(
+        &self,
+        claim: &IdempotencyClaim,
+    ) -> Result<IdempotencyBegin, StoreError> {
+        let now = millis(claim.now);
+        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        // The upsert takes the write lock, so the row read next is the one it decided on. It
+        // replaces a row only when that row has expired or its owner's lease ran out.
+        sqlx::query(
+            "INSERT INTO idempotency_keys \
+             (scope, key, fingerprint, owner, state, lease_until, expires_at, created_at) \
+             VALUES (?1, ?2, ?3, ?4, 'in_flight', ?5, ?6, ?7) \
+             ON CONFLICT (scope, key) DO UPDATE SET fingerprint = excluded.fingerprint, \
+             owner = excluded.owner, state = 'in_flight', lease_until = excluded.lease_until, \
+             expires_at = excluded.expires_at, created_at = excluded.created_at, \
+             status = NULL, headers = NULL, body = NULL \
+             WHERE idempotency_keys.expires_at <= ?7 \
+             OR (idempotency_keys.state = 'in_flight' AND idempotency_keys.lease_until <= ?7)",
+        )
+        .bind(&claim.scope)
+        .bind(&claim.key)
+        .bind(claim.fingerprint.as_slice())
+        .bind(claim.owner.to_string())
+        .bind(millis(claim.lease_until))
+        .bind(millis(claim.expires_at))
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        let row = sqlx::query(
+            "SELECT fingerprint, owner, state, lease_until, status, headers, body \
+             FROM idempotency_keys WHERE scope = ? AND key = ?",
+        )
+        .bind(&claim.scope)
+        .bind(&claim.key)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        tx.commit().await.map_err(unavailable)?;
+        let owner: String = row.try_get("owner").map_err(unavailable)?;
+        let owner: RequestId = parse_id("idempotency owner", &owner)?;
+        if owner == claim.owner {
+            return Ok(IdempotencyBegin::Started);
+        }
+        let fingerprint: Vec<u8> = row.try_get("fingerprint").map_err(unavailable)?;
+        if fingerprint != claim.fingerprint {
+            return Ok(IdempotencyBegin::Mismatch);
+        }
+        let state: String = row.try_get("state").map_err(unavailable)?;
+        if state == "in_flight" {
+            return Ok(IdempotencyBegin::InFlight {
+                owner,
+                lease_until: from_millis(row.try_get("lease_until").map_err(unavailable)?)?,
+            });
+        }
+        let status: i64 = row.try_get("status").map_err(unavailable)?;
+        let headers: String = row.try_get("headers").map_err(unavailable)?;
+        Ok(IdempotencyBegin::Completed {
+            owner,
+            response: StoredResponse {
+                status: u16::try_from(status)
+                    .map_err(|_| corrupt("idempotency status", &status.to_string()))?,
+                headers: serde_json::from_str(&headers)
+                    .map_err(|_| corrupt("idempotency headers", &headers))?,
+                body: row.try_get("body").map_err(unavailable)?,
+            },
+        })
+    }
+
+    async fn complete_idempotent(
+        &self,
+        scope: &str,
+        key: &str,
+        owner: RequestId,
+        response: &StoredResponse,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE idempotency_keys SET state = 'completed', status = ?, headers = ?, body = ? \
+             WHERE scope = ? AND key = ? AND owner = ? AND state = 'in_flight'",
+        )
+        .bind(i64::from(response.status))
+        .bind(to_json(&response.headers)?)
+        .bind(response.body.as_deref())
+        .bind(scope)
+        .bind(key)
+        .bind(owner.to_string())
+        .execute(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn release_idempotent(
+        &self,
+        scope: &str,
+        key: &str,
+        owner: RequestId,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "DELETE FROM idempotency_keys \
+             WHERE scope = ? AND key = ? AND owner = ? AND state = 'in_flight'",
+        )
+        .bind(scope)
+        .bind(key)
+        .bind(owner.to_string())
+        .execute(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn purge_idempotency(&self, now: DateTime<Utc>) -> Result<u64, StoreError> {
+        let purged = sqlx::query(
+            "DELETE FROM idempotency_keys WHERE expires_at <= ?1 \
+             AND (state = 'completed' OR lease_until <= ?1)",
+        )
+        .bind(millis(now))
+        .execute(&self.pool)
+        .await
+        .map_err(unavailable)?
+        .rows_affected();
+        Ok(purged)
+    }
 }
 
 #[async_trait]

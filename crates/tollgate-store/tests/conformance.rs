@@ -3,7 +3,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use chrono::{Duration, TimeZone, Utc};
+use chrono::{DateTime, Duration, TimeZone, Utc};
 use std::sync::Arc;
 use tollgate_core::ledger::{
     BillingStatus, Book, HoldRequest, HoldStatus, Resolve, Transfer, Wallet,
@@ -14,8 +14,8 @@ use tollgate_core::{
     AccountId, ApiKey, HoldId, KeyEnv, KeyId, KeyKind, KeyStatus, Nanos, RequestId,
 };
 use tollgate_store::{
-    HoldRecord, HoldSource, InsertKeyOutcome, KeyChange, KeyRecord, LedgerWrite, NewKey,
-    RevokeOutcome, Store, UsageFilter, UsageRow,
+    HoldRecord, HoldSource, IdempotencyBegin, IdempotencyClaim, InsertKeyOutcome, KeyChange,
+    KeyRecord, LedgerWrite, NewKey, RevokeOutcome, Store, StoredResponse, UsageFilter, UsageRow,
 };
 
 fn key_for(account: AccountId, kind: KeyKind, name: &str) -> (ApiKey, KeyRecord) {
@@ -250,6 +250,189 @@ pub async fn rate_limit_overrides_round_trip_and_reach_the_key_lookup(store: Arc
     assert_eq!(lookup.key.rate_limits, key.rate_limits);
     assert_eq!(lookup.account_rate_limits, settings.rate_limits);
     assert_eq!(store.key_by_id(key.id).await.unwrap(), Some(key.clone()));
+}
+
+fn claim(scope: &str, key: &str, fingerprint: u8, now: DateTime<Utc>) -> IdempotencyClaim {
+    IdempotencyClaim {
+        scope: scope.into(),
+        key: key.into(),
+        fingerprint: [fingerprint; 32],
+        owner: RequestId::new(),
+        now,
+        lease_until: now + chrono::Duration::minutes(15),
+        expires_at: now + chrono::Duration::hours(24),
+    }
+}
+
+pub async fn idempotency_claims_have_one_winner_and_replay_what_it_kept(store: Arc<dyn Store>) {
+    let now = Utc.timestamp_millis_opt(1_800_000_000_000).unwrap();
+    let tasks: Vec<_> = (0..16)
+        .map(|_| {
+            let store = store.clone();
+            let claim = claim("acct_a", "k1", 1, now);
+            tokio::spawn(
+                async move { (claim.owner, store.begin_idempotent(&claim).await.unwrap()) },
+            )
+        })
+        .collect();
+    let mut winners = Vec::new();
+    for task in tasks {
+        match task.await.unwrap() {
+            (owner, IdempotencyBegin::Started) => winners.push(owner),
+            (_, IdempotencyBegin::InFlight { .. }) => {}
+            (_, other) => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(winners.len(), 1, "exactly one claim runs");
+    let owner = winners[0];
+
+    // Another owner cannot complete or release it.
+    let response = StoredResponse {
+        status: 201,
+        headers: vec![("content-type".into(), "application/json".into())],
+        body: Some(b"{\"id\":1}".to_vec()),
+    };
+    store
+        .release_idempotent("acct_a", "k1", RequestId::new())
+        .await
+        .unwrap();
+    store
+        .complete_idempotent("acct_a", "k1", owner, &response)
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .begin_idempotent(&claim("acct_a", "k1", 1, now))
+            .await
+            .unwrap(),
+        IdempotencyBegin::Completed {
+            owner,
+            response: response.clone()
+        }
+    );
+    // A completed record is not released.
+    store
+        .release_idempotent("acct_a", "k1", owner)
+        .await
+        .unwrap();
+    assert!(matches!(
+        store
+            .begin_idempotent(&claim("acct_a", "k1", 1, now))
+            .await
+            .unwrap(),
+        IdempotencyBegin::Completed { .. }
+    ));
+    assert_eq!(
+        store
+            .begin_idempotent(&claim("acct_a", "k1", 2, now))
+            .await
+            .unwrap(),
+        IdempotencyBegin::Mismatch
+    );
+    // Keys are per scope.
+    assert_eq!(
+        store
+            .begin_idempotent(&claim("acct_b", "k1", 2, now))
+            .await
+            .unwrap(),
+        IdempotencyBegin::Started
+    );
+    // A body that could not be kept reads back as none.
+    let first = claim("acct_a", "k2", 1, now);
+    store.begin_idempotent(&first).await.unwrap();
+    let unkept = StoredResponse {
+        body: None,
+        ..response
+    };
+    store
+        .complete_idempotent("acct_a", "k2", first.owner, &unkept)
+        .await
+        .unwrap();
+    let IdempotencyBegin::Completed { response, .. } = store
+        .begin_idempotent(&claim("acct_a", "k2", 1, now))
+        .await
+        .unwrap()
+    else {
+        panic!("not completed");
+    };
+    assert_eq!(response, unkept);
+}
+
+pub async fn idempotency_keys_free_on_release_lease_end_and_expiry(store: Arc<dyn Store>) {
+    let now = Utc.timestamp_millis_opt(1_800_000_000_000).unwrap();
+    // Released: the next claim runs afresh.
+    let first = claim("acct_a", "released", 1, now);
+    assert_eq!(
+        store.begin_idempotent(&first).await.unwrap(),
+        IdempotencyBegin::Started
+    );
+    store
+        .release_idempotent("acct_a", "released", first.owner)
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .begin_idempotent(&claim("acct_a", "released", 1, now))
+            .await
+            .unwrap(),
+        IdempotencyBegin::Started
+    );
+
+    // A claim whose owner died is taken over once its lease runs out, and the dead owner can no
+    // longer complete it.
+    let dead = claim("acct_a", "leased", 1, now);
+    store.begin_idempotent(&dead).await.unwrap();
+    let during = claim("acct_a", "leased", 1, now + chrono::Duration::minutes(14));
+    assert!(matches!(
+        store.begin_idempotent(&during).await.unwrap(),
+        IdempotencyBegin::InFlight { owner, .. } if owner == dead.owner
+    ));
+    let after = claim("acct_a", "leased", 1, dead.lease_until);
+    assert_eq!(
+        store.begin_idempotent(&after).await.unwrap(),
+        IdempotencyBegin::Started
+    );
+    let late = StoredResponse {
+        status: 200,
+        headers: Vec::new(),
+        body: Some(Vec::new()),
+    };
+    store
+        .complete_idempotent("acct_a", "leased", dead.owner, &late)
+        .await
+        .unwrap();
+    assert!(matches!(
+        store.begin_idempotent(&claim("acct_a", "leased", 1, dead.lease_until)).await.unwrap(),
+        IdempotencyBegin::InFlight { owner, .. } if owner == after.owner
+    ));
+
+    // A completed record is forgotten at its expiry, even for another request.
+    let done = claim("acct_a", "expiring", 1, now);
+    store.begin_idempotent(&done).await.unwrap();
+    store
+        .complete_idempotent("acct_a", "expiring", done.owner, &late)
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .begin_idempotent(&claim("acct_a", "expiring", 2, done.expires_at))
+            .await
+            .unwrap(),
+        IdempotencyBegin::Started
+    );
+
+    // Purging removes what has expired and nothing else.
+    let purge_at = now + chrono::Duration::hours(48);
+    let kept = claim("acct_a", "fresh", 1, purge_at);
+    store.begin_idempotent(&kept).await.unwrap();
+    assert_eq!(store.purge_idempotency(purge_at).await.unwrap(), 3);
+    assert!(matches!(
+        store
+            .begin_idempotent(&claim("acct_a", "fresh", 1, purge_at))
+            .await
+            .unwrap(),
+        IdempotencyBegin::InFlight { .. }
+    ));
 }
 
 pub async fn concurrent_inserts_never_overshoot_the_key_limit(store: Arc<dyn Store>) {
@@ -632,6 +815,8 @@ macro_rules! store_suite {
                 concurrent_inserts_never_overshoot_the_key_limit,
                 updates_change_policy_but_never_a_revoked_key,
                 rate_limit_overrides_round_trip_and_reach_the_key_lookup,
+                idempotency_claims_have_one_winner_and_replay_what_it_kept,
+                idempotency_keys_free_on_release_lease_end_and_expiry,
                 a_rolled_key_answers_to_both_secrets_with_the_old_ones_deadline,
                 ping_answers,
                 holds_commit_settle_and_release_in_batches,

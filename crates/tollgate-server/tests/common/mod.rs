@@ -19,9 +19,10 @@ use tollgate_server::config::{
 use tollgate_server::{Application, Config};
 use tollgate_store::sqlite::SqliteStore;
 use tollgate_store::{
-    Account, AccountStore, HoldRecord, InsertKeyOutcome, KeyChange, KeyLookup, KeyRecord, KeyStore,
-    LedgerStore, LedgerWrite, RevokeOutcome, StoreError, StoreHealth, TransferRecord, UsageFilter,
-    UsageRow, UsageStore,
+    Account, AccountStore, HoldRecord, IdempotencyBegin, IdempotencyClaim, IdempotencyStore,
+    InsertKeyOutcome, KeyChange, KeyLookup, KeyRecord, KeyStore, LedgerStore, LedgerWrite,
+    RevokeOutcome, StoreError, StoreHealth, StoredResponse, TransferRecord, UsageFilter, UsageRow,
+    UsageStore,
 };
 use tollgate_wire::ErrorProfile;
 
@@ -447,5 +448,37 @@ impl StoreHealth for CountingStore {
     }
     fn backend(&self) -> &'static str {
         self.inner.backend()
+    }
+}
+
+#[async_trait::async_trait]
+impl IdempotencyStore for CountingStore {
+    async fn begin_idempotent(
+        &self,
+        claim: &IdempotencyClaim,
+    ) -> Result<IdempotencyBegin, StoreError> {
+        self.inner.begin_idempotent(claim).await
+    }
+    async fn complete_idempotent(
+        &self,
+        scope: &str,
+        key: &str,
+        owner: RequestId,
+        response: &StoredResponse,
+    ) -> Result<(), StoreError> {
+        self.inner
+            .complete_idempotent(scope, key, owner, response)
+            .await
+    }
+    async fn release_idempotent(
+        &self,
+        scope: &str,
+        key: &str,
+        owner: RequestId,
+    ) -> Result<(), StoreError> {
+        self.inner.release_idempotent(scope, key, owner).await
+    }
+    async fn purge_idempotency(&self, now: At) -> Result<u64, StoreError> {
+        self.inner.purge_idempotency(now).await
     }
 }
