@@ -115,13 +115,12 @@ pub async fn layer(State(state): State<AppState>, request: Request, next: Next) 
                 key: claim.key,
                 owner,
             };
-            run(
-                claim,
-                state.config.idempotency_max_response_bytes,
-                request,
-                next,
-            )
-            .await
+            let limits = Keep {
+                max_bytes: usize::try_from(state.config.idempotency_max_response_bytes)
+                    .unwrap_or(usize::MAX),
+                drain_for: state.config.request_hold_ttl,
+            };
+            run(claim, limits, request, next).await
         }
         IdempotencyBegin::InFlight { owner, .. } => with_profile(
             ApiError::new(
@@ -302,7 +301,14 @@ impl Drop for ReleaseOnDrop {
     }
 }
 
-async fn run(claim: Claim, max_bytes: u64, request: Request, next: Next) -> Response {
+/// How much of a response is kept, and how long one is read after its client left.
+#[derive(Debug, Clone, Copy)]
+struct Keep {
+    max_bytes: usize,
+    drain_for: std::time::Duration,
+}
+
+async fn run(claim: Claim, keep: Keep, request: Request, next: Next) -> Response {
     let mut cancelled = ReleaseOnDrop(Some(claim.clone()));
     let response = next.run(request).await;
     cancelled.0 = None;
@@ -320,11 +326,11 @@ async fn run(claim: Claim, max_bytes: u64, request: Request, next: Next) -> Resp
     // Chunked, so the client sees the end only once the outcome is recorded.
     parts.headers.remove(http::header::CONTENT_LENGTH);
     // A shown secret is never stored: such an outcome is kept without its body.
-    let keep = parts.extensions.get::<CarriesSecret>().is_none();
+    let kept = parts.extensions.get::<CarriesSecret>().is_none();
     let recording = RecordingBody {
         inner: body,
-        kept: keep.then(Vec::new),
-        max_bytes: usize::try_from(max_bytes).unwrap_or(usize::MAX),
+        kept: kept.then(Vec::new),
+        keep,
         status: parts.status.as_u16(),
         headers,
         claim: Some(claim),
@@ -348,9 +354,9 @@ type Finishing = Pin<Box<dyn Future<Output = ()> + Send>>;
 /// records the outcome, and only then reports the end.
 struct RecordingBody {
     inner: Body,
-    /// `None` once the body outgrew `max_bytes`.
+    /// `None` once the body outgrew `keep.max_bytes` (or was never to be kept).
     kept: Option<Vec<u8>>,
-    max_bytes: usize,
+    keep: Keep,
     status: u16,
     headers: Vec<(String, String)>,
     claim: Option<Claim>,
@@ -388,7 +394,7 @@ impl http_body::Body for RecordingBody {
             let polled = Pin::new(&mut self.inner).poll_frame(cx);
             match &polled {
                 Poll::Ready(Some(Ok(frame))) => {
-                    let max = self.max_bytes;
+                    let max = self.keep.max_bytes;
                     if let (Some(kept), Some(data)) = (self.kept.as_mut(), frame.data_ref()) {
                         if kept.len() + data.len() <= max {
                             kept.extend_from_slice(data);
@@ -427,6 +433,26 @@ impl http_body::Body for RecordingBody {
     }
 }
 
+/// Reads a body to its end, appending to `kept` while it stays within `max_bytes`; the whole
+/// body, or `None` if it was too large or broke.
+async fn read_rest(mut body: Body, mut kept: Option<Vec<u8>>, max_bytes: usize) -> Option<Vec<u8>> {
+    use http_body_util::BodyExt;
+    while let Some(frame) = body.frame().await {
+        let Ok(frame) = frame else {
+            return None;
+        };
+        if let (Some(buffer), Some(data)) = (kept.as_mut(), frame.data_ref()) {
+            if buffer.len() + data.len() <= max_bytes {
+                buffer.extend_from_slice(data);
+            } else {
+                // Dropping the body lets the proxy finish metering it on its own.
+                return None;
+            }
+        }
+    }
+    kept
+}
+
 impl Drop for RecordingBody {
     fn drop(&mut self) {
         // The client left while the outcome was being recorded: finish recording it.
@@ -435,13 +461,23 @@ impl Drop for RecordingBody {
                 runtime.spawn(finishing);
             }
         }
-        // The client left before the end: the outcome stands (the request may have been
-        // charged), but the response cannot be replayed whole.
-        if let Some(claim) = self.claim.take() {
-            let stored = self.stored(None);
-            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                runtime.spawn(claim.complete(stored));
-            }
-        }
+        // The client left before the end (a client-side timeout, typically, before its
+        // retry). The request runs on: the rest of the response is read, for at most the hold
+        // TTL, so the retry can get it; one over the size limit or cut short is recorded as
+        // done but not replayable.
+        let Some(claim) = self.claim.take() else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let rest = std::mem::replace(&mut self.inner, Body::empty());
+        let (kept, keep) = (self.kept.take(), self.keep);
+        let mut stored = self.stored(None);
+        runtime.spawn(async move {
+            let read = tokio::time::timeout(keep.drain_for, read_rest(rest, kept, keep.max_bytes));
+            stored.body = read.await.ok().flatten();
+            claim.complete(stored).await;
+        });
     }
 }

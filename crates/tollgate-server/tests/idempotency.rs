@@ -424,3 +424,38 @@ async fn a_malformed_idempotency_key_is_a_validation_error() {
     assert_eq!(longest.status(), 200);
     assert_eq!(s.calls.load(Ordering::SeqCst), 1);
 }
+
+#[tokio::test]
+async fn a_client_that_times_out_and_retries_gets_one_answer_and_pays_once() {
+    let s = setup(|_| {}).await;
+    let before = available(&s.app, &s.key).await;
+    let timed_out = work(&s, "slow", "{}")
+        .header("x-delay-ms", "600")
+        .timeout(Duration::from_millis(200))
+        .send()
+        .await;
+    assert!(timed_out.unwrap_err().is_timeout());
+    // Retry as a client should: on 409, wait and try again.
+    let mut answer = None;
+    for _ in 0..50 {
+        let response = work(&s, "slow", "{}").send().await.unwrap();
+        if response.status() == 409 {
+            assert_eq!(
+                response.headers()["x-tollgate-error"],
+                "idempotency_in_progress"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        }
+        answer = Some(response);
+        break;
+    }
+    let answer = answer.expect("the retry got an answer within five seconds");
+    assert_eq!(answer.status(), 200);
+    let replayed = answer.headers().contains_key("idempotent-replayed");
+    let body: Value = answer.json().await.unwrap();
+    // Either the first call ran on and this is its answer, or it was cancelled when its client
+    // left (charging nothing) and this retry ran afresh: one charge both ways.
+    assert_eq!(replayed, body["call"] == 1, "{body}");
+    assert_eq!(before - available(&s.app, &s.key).await, PRICE_NANOS);
+}
