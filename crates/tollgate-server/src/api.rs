@@ -39,6 +39,8 @@ pub fn router() -> Router<AppState> {
     Router::new()
         .route("/accounts", post(create_account))
         .route("/accounts/{id}", get(get_account).patch(update_account))
+        .route("/accounts/{id}/suspend", post(suspend_account))
+        .route("/accounts/{id}/reactivate", post(reactivate_account))
         .route("/keys", post(create_key).get(list_keys))
         .route("/keys/{id}", get(get_key).patch(update_key))
         .route("/keys/{id}/revoke", post(revoke_key))
@@ -167,6 +169,53 @@ async fn update_account(
     // The account's overrides travel with its keys' cache entries.
     state.keys.invalidate_account(id);
     tracing::info!(account = %id, "account updated");
+    Ok(Json(account_view(&state, &account)))
+}
+
+async fn suspend_account(
+    State(state): State<AppState>,
+    caller: Caller,
+    id: Result<Path<String>, PathRejection>,
+) -> Result<Json<wire::Account>, HttpError> {
+    set_account_status(state, caller, id, "suspended").await
+}
+
+async fn reactivate_account(
+    State(state): State<AppState>,
+    caller: Caller,
+    id: Result<Path<String>, PathRejection>,
+) -> Result<Json<wire::Account>, HttpError> {
+    set_account_status(state, caller, id, "active").await
+}
+
+/// Suspends or reactivates an account (admin only); its keys follow from their next request.
+/// Setting the status it already has is not an error.
+async fn set_account_status(
+    state: AppState,
+    caller: Caller,
+    id: Result<Path<String>, PathRejection>,
+    status: &str,
+) -> Result<Json<wire::Account>, HttpError> {
+    caller.require_master_or_admin()?;
+    let id = parse_id(id, AccountId::parse, "account")?;
+    if !caller_owns(&caller, id) {
+        return Err(HttpError::not_found("account"));
+    }
+    caller.require_admin()?;
+    state.ledger.flush().await?;
+    let mut account = state
+        .store
+        .account(id)
+        .await?
+        .ok_or_else(|| HttpError::not_found("account"))?;
+    account.status = status.to_string();
+    let account = state
+        .store
+        .update_account(&account)
+        .await?
+        .ok_or_else(|| HttpError::not_found("account"))?;
+    state.keys.invalidate_account(id);
+    tracing::info!(account = %id, status, "account status changed");
     Ok(Json(account_view(&state, &account)))
 }
 

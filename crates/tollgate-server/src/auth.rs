@@ -84,6 +84,15 @@ pub async fn authenticate_key(
         .ok_or_else(|| HttpError::new(ErrorCode::InvalidApiKey, "The API key is not valid."))?;
     check_status(&found, state)?;
     let record = &found.record;
+    if found.account_suspended {
+        return Err(HttpError::new(
+            ErrorCode::Forbidden,
+            format!(
+                "The account {} is suspended; its keys cannot be used. Contact the operator.",
+                record.account_id
+            ),
+        ));
+    }
     if !access::ip_allowed(&record.allowed_ips, client.unwrap_or(UNKNOWN_CLIENT)) {
         let shown = client.map_or("unknown".to_string(), |ip| ip.to_string());
         return Err(HttpError::new(
@@ -248,6 +257,7 @@ pub struct CachedKey {
     pub secret_expires_at: Option<DateTime<Utc>>,
     /// The key's account's rate-limit overrides.
     pub account_rate_limits: Arc<Overrides>,
+    pub account_suspended: bool,
 }
 
 /// Key records by secret hash, in memory, bounded.
@@ -310,6 +320,7 @@ impl KeyCache {
             record: Arc::new(found.key),
             secret_expires_at: found.secret_expires_at,
             account_rate_limits: Arc::new(found.account_rate_limits),
+            account_suspended: found.account_suspended,
         };
         let mut entries = self.write();
         if self.generation.load(Ordering::Acquire) == generation {
@@ -418,6 +429,7 @@ mod tests {
                 key: self.record.clone(),
                 secret_expires_at: rolled,
                 account_rate_limits: Default::default(),
+                account_suspended: false,
             }))
         }
         async fn insert_key(&self, _: &KeyRecord, _: u32) -> Result<InsertKeyOutcome, StoreError> {

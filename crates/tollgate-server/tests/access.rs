@@ -604,6 +604,8 @@ async fn tenant_isolation_matrix() {
             "/accounts/{account}/credits",
             Some(json!({"amount": "1", "reason": "x"})),
         ),
+        (Method::POST, "/accounts/{account}/suspend", None),
+        (Method::POST, "/accounts/{account}/reactivate", None),
         (Method::GET, "/billing/balance?account_id={account}", None),
         (Method::GET, "/ledger?account_id={account}", None),
         (Method::GET, "/requests?account_id={account}", None),
@@ -706,4 +708,65 @@ async fn normalised(
         body = body.replace(id.as_str(), "<id>");
     }
     (status, headers, body)
+}
+
+#[tokio::test]
+async fn a_suspended_account_cannot_use_its_keys_until_reactivated() {
+    let app = spawn_app().await;
+    let account = app.create_account("acme").await;
+    let other = app.create_account("other").await;
+    let (usage, _) = app.create_usage_key(&account.master_key, json!({})).await;
+    // Cached before the suspension: the change must reach the cache.
+    assert_eq!(app.get_as("/echo/x", &usage).await.status(), 200);
+
+    // Only the operator suspends.
+    let by_customer = app
+        .post(&format!("/api/v1/accounts/{}/suspend", account.id))
+        .bearer_auth(&account.master_key)
+        .send()
+        .await
+        .unwrap();
+    expect_error(by_customer, 403, "forbidden").await;
+    let suspended = app
+        .post(&format!("/api/v1/accounts/{}/suspend", account.id))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(suspended.status(), 200);
+    assert_eq!(
+        suspended.json::<Value>().await.unwrap()["status"],
+        "suspended"
+    );
+
+    for key in [&usage, &account.master_key] {
+        let refused = expect_error(app.get_as("/echo/x", key).await, 403, "forbidden").await;
+        assert!(refused["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("suspended"));
+        expect_error(app.get_as("/api/v1/keys", key).await, 403, "forbidden").await;
+    }
+    // Other accounts are untouched; the operator still sees the account.
+    assert_eq!(app.get_as("/echo/x", &other.master_key).await.status(), 200);
+    let seen = app
+        .get_json(&format!("/api/v1/accounts/{}", account.id), ADMIN_TOKEN)
+        .await;
+    assert_eq!(seen["status"], "suspended");
+
+    let reactivated = app
+        .post(&format!("/api/v1/accounts/{}/reactivate", account.id))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reactivated.status(), 200);
+    assert_eq!(app.get_as("/echo/x", &usage).await.status(), 200);
+    let unknown = app
+        .post(&format!("/api/v1/accounts/{}/suspend", AccountId::new()))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    expect_error(unknown, 404, "not_found").await;
 }

@@ -120,6 +120,8 @@ pub struct KeyLookup {
     pub secret_expires_at: Option<DateTime<Utc>>,
     /// The key's account's rate-limit overrides, which apply to the key's requests too.
     pub account_rate_limits: Overrides,
+    /// Whether the key's account is suspended (its keys are refused).
+    pub account_suspended: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -164,7 +166,7 @@ pub trait AccountStore: Send + Sync {
 
     async fn account(&self, id: AccountId) -> Result<Option<Account>, StoreError>;
 
-    /// Writes the account's settings (name, key limit, rate-limit overrides; not its status or
+    /// Writes the account's settings (name, status, key limit, rate-limit overrides; not its
     /// balance); the account as it is now, or `None` if there is no such account.
     async fn update_account(&self, account: &Account) -> Result<Option<Account>, StoreError>;
 }

@@ -255,14 +255,17 @@ impl AccountStore for SqliteStore {
     }
 
     async fn update_account(&self, account: &Account) -> Result<Option<Account>, StoreError> {
-        sqlx::query("UPDATE accounts SET name = ?, max_keys = ?, rate_limits = ? WHERE id = ?")
-            .bind(&account.name)
-            .bind(account.max_keys.map(i64::from))
-            .bind(to_json(&account.rate_limits)?)
-            .bind(account.id.to_string())
-            .execute(&self.pool)
-            .await
-            .map_err(unavailable)?;
+        sqlx::query(
+            "UPDATE accounts SET name = ?, status = ?, max_keys = ?, rate_limits = ? WHERE id = ?",
+        )
+        .bind(&account.name)
+        .bind(&account.status)
+        .bind(account.max_keys.map(i64::from))
+        .bind(to_json(&account.rate_limits)?)
+        .bind(account.id.to_string())
+        .execute(&self.pool)
+        .await
+        .map_err(unavailable)?;
         self.account(account.id).await
     }
 }
@@ -324,12 +327,7 @@ impl KeyStore for SqliteStore {
         .await
         .map_err(unavailable)?;
         if let Some(row) = current {
-            let key = key_from_row(&row)?;
-            return Ok(Some(KeyLookup {
-                account_rate_limits: self.account_rate_limits(key.account_id).await?,
-                key,
-                secret_expires_at: None,
-            }));
+            return Ok(Some(self.lookup(key_from_row(&row)?, None).await?));
         }
         let retired =
             sqlx::query("SELECT key_id, expires_at FROM retired_key_secrets WHERE key_hash = ?")
@@ -346,11 +344,7 @@ impl KeyStore for SqliteStore {
         let Some(key) = self.key_by_id(key_id).await? else {
             return Ok(None);
         };
-        Ok(Some(KeyLookup {
-            account_rate_limits: self.account_rate_limits(key.account_id).await?,
-            key,
-            secret_expires_at: Some(expires_at),
-        }))
+        Ok(Some(self.lookup(key, Some(expires_at)).await?))
     }
 
     async fn key_by_id(&self, id: KeyId) -> Result<Option<KeyRecord>, StoreError> {
@@ -457,16 +451,25 @@ impl KeyStore for SqliteStore {
 }
 
 impl SqliteStore {
-    /// An account's rate-limit overrides (none for an unknown account).
-    async fn account_rate_limits(&self, account: AccountId) -> Result<Overrides, StoreError> {
-        let text: Option<String> =
-            sqlx::query_scalar("SELECT rate_limits FROM accounts WHERE id = ?")
-                .bind(account.to_string())
-                .fetch_optional(&self.pool)
-                .await
-                .map_err(unavailable)?;
-        text.map_or(Ok(Overrides::new()), |text| {
-            serde_json::from_str(&text).map_err(|_| corrupt("account rate_limits", &text))
+    /// A key lookup: the key with what its account decides about its requests.
+    async fn lookup(
+        &self,
+        key: KeyRecord,
+        secret_expires_at: Option<DateTime<Utc>>,
+    ) -> Result<KeyLookup, StoreError> {
+        let row = sqlx::query("SELECT status, rate_limits FROM accounts WHERE id = ?")
+            .bind(key.account_id.to_string())
+            .fetch_one(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        let status: String = row.try_get("status").map_err(unavailable)?;
+        let overrides: String = row.try_get("rate_limits").map_err(unavailable)?;
+        Ok(KeyLookup {
+            key,
+            secret_expires_at,
+            account_rate_limits: serde_json::from_str(&overrides)
+                .map_err(|_| corrupt("account rate_limits", &overrides))?,
+            account_suspended: status == "suspended",
         })
     }
 

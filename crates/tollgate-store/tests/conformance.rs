@@ -249,7 +249,31 @@ pub async fn rate_limit_overrides_round_trip_and_reach_the_key_lookup(store: Arc
     let lookup = store.key_by_hash(&key.hash).await.unwrap().unwrap();
     assert_eq!(lookup.key.rate_limits, key.rate_limits);
     assert_eq!(lookup.account_rate_limits, settings.rate_limits);
+    assert!(!lookup.account_suspended);
     assert_eq!(store.key_by_id(key.id).await.unwrap(), Some(key.clone()));
+
+    // Suspending the account reaches its keys' lookups; reactivating undoes it.
+    settings.status = "suspended".into();
+    let suspended = store.update_account(&settings).await.unwrap().unwrap();
+    assert_eq!(suspended.status, "suspended");
+    assert!(
+        store
+            .key_by_hash(&key.hash)
+            .await
+            .unwrap()
+            .unwrap()
+            .account_suspended
+    );
+    settings.status = "active".into();
+    store.update_account(&settings).await.unwrap();
+    assert!(
+        !store
+            .key_by_hash(&key.hash)
+            .await
+            .unwrap()
+            .unwrap()
+            .account_suspended
+    );
 }
 
 fn claim(scope: &str, key: &str, fingerprint: u8, now: DateTime<Utc>) -> IdempotencyClaim {
