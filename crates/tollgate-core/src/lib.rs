@@ -2,6 +2,7 @@
 //! clock. Nothing here does I/O, speaks HTTP or SQL; everything is deterministic given a [`Clock`].
 
 pub mod access;
+pub mod audit;
 pub mod clock;
 pub mod error;
 pub mod ids;

@@ -4,6 +4,7 @@
 //! Invariant:** every handler that takes an id checks that the caller owns it, and answers
 //! another account's resource exactly as one that does not exist (404 `not_found`).
 
+use crate::audit::{self, Change};
 use crate::auth::Caller;
 use crate::error::HttpError;
 use crate::limits;
@@ -22,7 +23,7 @@ use serde::Deserialize;
 use std::collections::BTreeMap;
 use tollgate_core::ratelimit::Overrides;
 use tollgate_core::{
-    access, AccountId, ApiError, ApiKey, ErrorCode, KeyId, KeyKind, KeyStatus, Nanos,
+    access, AccountId, ApiError, ApiKey, ErrorCode, KeyId, KeyKind, KeyStatus, Nanos, RequestId,
 };
 use tollgate_store::{Account, InsertKeyOutcome, KeyChange, KeyRecord, NewKey, RevokeOutcome};
 use tollgate_wire::api::{self as wire, CreateAccountRequest, CreateKeyRequest};
@@ -47,6 +48,7 @@ pub fn router() -> Router<AppState> {
         .route("/keys/{id}/roll", post(roll_key))
         .route("/key", get(current_key))
         .merge(crate::billing_api::router())
+        .merge(crate::audit::router())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -54,6 +56,7 @@ pub fn router() -> Router<AppState> {
 
 async fn create_account(
     State(state): State<AppState>,
+    Extension(request_id): Extension<RequestId>,
     caller: Caller,
     body: JsonBody,
 ) -> Result<impl IntoResponse, HttpError> {
@@ -92,8 +95,11 @@ async fn create_account(
             .ok_or_else(|| HttpError::not_found("account"))?;
     }
     tracing::info!(account = %account_id, key = %master.id, "account created");
+    let view = account_view(&state, &account);
+    let change = Change::new("account.create", account_id).after(&view);
+    audit::record(&state, &caller, request_id, change).await;
     let response = wire::CreateAccountResponse {
-        account: account_view(&state, &account),
+        account: view,
         master_key: wire::CreatedKey {
             key: key_view(&master, &state.config.currency),
             secret: secret.expose().to_string(),
@@ -128,6 +134,7 @@ async fn get_account(
 
 async fn update_account(
     State(state): State<AppState>,
+    Extension(request_id): Extension<RequestId>,
     caller: Caller,
     id: Result<Path<String>, PathRejection>,
     body: JsonBody,
@@ -158,6 +165,7 @@ async fn update_account(
         .account(id)
         .await?
         .ok_or_else(|| HttpError::not_found("account"))?;
+    let before = account_view(&state, &account);
     account.name = name.unwrap_or(account.name);
     account.max_keys = body.max_keys.unwrap_or(account.max_keys);
     account.rate_limits = rate_limits.unwrap_or(account.rate_limits);
@@ -169,23 +177,30 @@ async fn update_account(
     // The account's overrides travel with its keys' cache entries.
     state.keys.invalidate_account(id);
     tracing::info!(account = %id, "account updated");
-    Ok(Json(account_view(&state, &account)))
+    let view = account_view(&state, &account);
+    let change = Change::new("account.update", id)
+        .before(&before)
+        .after(&view);
+    audit::record(&state, &caller, request_id, change).await;
+    Ok(Json(view))
 }
 
 async fn suspend_account(
     State(state): State<AppState>,
+    Extension(request_id): Extension<RequestId>,
     caller: Caller,
     id: Result<Path<String>, PathRejection>,
 ) -> Result<Json<wire::Account>, HttpError> {
-    set_account_status(state, caller, id, "suspended").await
+    set_account_status(state, caller, request_id, id, "suspended").await
 }
 
 async fn reactivate_account(
     State(state): State<AppState>,
+    Extension(request_id): Extension<RequestId>,
     caller: Caller,
     id: Result<Path<String>, PathRejection>,
 ) -> Result<Json<wire::Account>, HttpError> {
-    set_account_status(state, caller, id, "active").await
+    set_account_status(state, caller, request_id, id, "active").await
 }
 
 /// Suspends or reactivates an account (admin only); its keys follow from their next request.
@@ -193,6 +208,7 @@ async fn reactivate_account(
 async fn set_account_status(
     state: AppState,
     caller: Caller,
+    request_id: RequestId,
     id: Result<Path<String>, PathRejection>,
     status: &str,
 ) -> Result<Json<wire::Account>, HttpError> {
@@ -208,6 +224,7 @@ async fn set_account_status(
         .account(id)
         .await?
         .ok_or_else(|| HttpError::not_found("account"))?;
+    let before = account.status.clone();
     account.status = status.to_string();
     let account = state
         .store
@@ -216,11 +233,21 @@ async fn set_account_status(
         .ok_or_else(|| HttpError::not_found("account"))?;
     state.keys.invalidate_account(id);
     tracing::info!(account = %id, status, "account status changed");
+    let action = if status == "active" {
+        "account.reactivate"
+    } else {
+        "account.suspend"
+    };
+    let change = Change::new(action, id)
+        .before(&serde_json::json!({ "status": before }))
+        .after(&serde_json::json!({ "status": account.status }));
+    audit::record(&state, &caller, request_id, change).await;
     Ok(Json(account_view(&state, &account)))
 }
 
 async fn create_key(
     State(state): State<AppState>,
+    Extension(request_id): Extension<RequestId>,
     caller: Caller,
     body: JsonBody,
 ) -> Result<impl IntoResponse, HttpError> {
@@ -287,8 +314,16 @@ async fn create_key(
         }
     }
     tracing::info!(account = %account_id, key = %record.id, kind = kind.as_str(), "key created");
+    let view = key_view(&record, &state.config.currency);
+    audit::record(
+        &state,
+        &caller,
+        request_id,
+        Change::new("key.create", record.id).after(&view),
+    )
+    .await;
     let created = wire::CreatedKey {
-        key: key_view(&record, &state.config.currency),
+        key: view,
         secret: secret.expose().to_string(),
     };
     Ok((StatusCode::CREATED, Extension(CarriesSecret), Json(created)))
@@ -369,11 +404,13 @@ async fn get_key(
 
 async fn update_key(
     State(state): State<AppState>,
+    Extension(request_id): Extension<RequestId>,
     caller: Caller,
     id: Result<Path<String>, PathRejection>,
     body: JsonBody,
 ) -> Result<Json<wire::ApiKeyInfo>, HttpError> {
     let mut key = owned_key(&state, &caller, id).await?;
+    let before = key_view(&key, &state.config.currency);
     let body: wire::UpdateKeyRequest = body.parse()?;
     if key.status == KeyStatus::Revoked {
         return Err(revoked_conflict(&key));
@@ -421,11 +458,17 @@ async fn update_key(
     fields.finish()?;
     let key = changed_key(&state, state.store.update_key(&key).await?)?;
     tracing::info!(key = %key.id, "key updated");
-    Ok(Json(key_view(&key, &state.config.currency)))
+    let view = key_view(&key, &state.config.currency);
+    let change = Change::new("key.update", key.id)
+        .before(&before)
+        .after(&view);
+    audit::record(&state, &caller, request_id, change).await;
+    Ok(Json(view))
 }
 
 async fn roll_key(
     State(state): State<AppState>,
+    Extension(request_id): Extension<RequestId>,
     caller: Caller,
     id: Result<Path<String>, PathRejection>,
     body: JsonBody,
@@ -467,6 +510,11 @@ async fn roll_key(
         .await?;
     let key = changed_key(&state, change)?;
     tracing::info!(key = %key.id, grace_seconds = grace, "key rolled");
+    let change = Change::new("key.roll", key.id).after(&serde_json::json!({
+        "prefix": key.display_prefix,
+        "previous_secret_expires_at": previous_expires,
+    }));
+    audit::record(&state, &caller, request_id, change).await;
     Ok((
         Extension(CarriesSecret),
         Json(wire::RolledKey {
@@ -503,6 +551,7 @@ fn revoked_conflict(key: &KeyRecord) -> HttpError {
 
 async fn revoke_key(
     State(state): State<AppState>,
+    Extension(request_id): Extension<RequestId>,
     caller: Caller,
     id: Result<Path<String>, PathRejection>,
 ) -> Result<Json<wire::ApiKeyInfo>, HttpError> {
@@ -511,7 +560,10 @@ async fn revoke_key(
         RevokeOutcome::Revoked(key) => {
             state.keys.invalidate(key.id);
             tracing::info!(key = %key.id, "key revoked");
-            Ok(Json(key_view(&key, &state.config.currency)))
+            let view = key_view(&key, &state.config.currency);
+            let change = Change::new("key.revoke", key.id).after(&view);
+            audit::record(&state, &caller, request_id, change).await;
+            Ok(Json(view))
         }
         RevokeOutcome::AlreadyRevoked(key) => {
             let mut error = ApiError::new(

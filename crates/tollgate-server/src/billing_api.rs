@@ -90,7 +90,7 @@ fn money(state: &AppState, amount: Nanos) -> Money {
     Money::new(amount, &state.config.currency)
 }
 
-fn validation(field: &str, message: impl Into<String>) -> HttpError {
+pub(crate) fn validation(field: &str, message: impl Into<String>) -> HttpError {
     let mut fields = FieldErrors::default();
     fields.add(field, message);
     match fields.finish() {
@@ -99,7 +99,7 @@ fn validation(field: &str, message: impl Into<String>) -> HttpError {
     }
 }
 
-fn parse_query<T>(query: Result<Query<T>, QueryRejection>) -> Result<T, HttpError> {
+pub(crate) fn parse_query<T>(query: Result<Query<T>, QueryRejection>) -> Result<T, HttpError> {
     query.map(|Query(q)| q).map_err(|e| {
         HttpError::new(
             ErrorCode::BadRequest,
@@ -129,7 +129,7 @@ fn subject_account(caller: &Caller, named: Option<&str>) -> Result<AccountId, Ht
     }
 }
 
-fn page_limit(limit: Option<u32>) -> Result<u32, HttpError> {
+pub(crate) fn page_limit(limit: Option<u32>) -> Result<u32, HttpError> {
     match limit {
         None => Ok(DEFAULT_PAGE),
         Some(n) if (1..=MAX_PAGE).contains(&n) => Ok(n),
@@ -142,7 +142,7 @@ fn page_limit(limit: Option<u32>) -> Result<u32, HttpError> {
 
 /// A page from `limit + 1` rows read: the first `limit`, and the cursor of the last one if more
 /// rows follow.
-fn page<T>(
+pub(crate) fn page<T>(
     mut rows: Vec<T>,
     limit: u32,
     cursor: impl Fn(&T) -> String,
@@ -190,6 +190,11 @@ async fn grant_credits(
         .grant(account, amount, &reason, &request_id.to_string())
         .await?;
     tracing::info!(%account, amount = %amount, "credits granted");
+    let change = crate::audit::Change::new("credits.grant", account).after(&serde_json::json!({
+        "amount": wire::Money::new(amount, &state.config.currency),
+        "reason": reason,
+    }));
+    crate::audit::record(&state, &caller, request_id, change).await;
     Ok(Json(read_balance(&state, account).await?))
 }
 

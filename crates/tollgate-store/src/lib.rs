@@ -8,6 +8,7 @@ pub mod sqlite;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use ipnet::IpNet;
+use tollgate_core::audit::AuditEntry;
 use tollgate_core::ledger::{BillingStatus, Hold, Transfer, Wallet};
 use tollgate_core::metering::TokenUsage;
 use tollgate_core::ratelimit::Overrides;
@@ -425,6 +426,21 @@ pub trait IdempotencyStore: Send + Sync {
 }
 
 #[async_trait]
+pub trait AuditStore: Send + Sync {
+    /// Seals `entry` onto the end of the chain (its `seq`, `prev_hash` and `hash` are set here,
+    /// atomically with reading the current end) and returns it as stored.
+    async fn append_audit(&self, entry: AuditEntry) -> Result<AuditEntry, StoreError>;
+    /// Up to `limit` entries after `after_seq`, in order.
+    async fn audit_entries(
+        &self,
+        after_seq: u64,
+        limit: u32,
+    ) -> Result<Vec<AuditEntry>, StoreError>;
+    /// The last entry's number and hash as the head records them (`None`: empty log).
+    async fn audit_head(&self) -> Result<Option<(u64, [u8; 32])>, StoreError>;
+}
+
+#[async_trait]
 pub trait StoreHealth: Send + Sync {
     /// Answers `Ok` only when the store can serve a query now.
     async fn ping(&self) -> Result<(), StoreError>;
@@ -434,10 +450,16 @@ pub trait StoreHealth: Send + Sync {
 
 /// Everything the server needs from storage.
 pub trait Store:
-    AccountStore + KeyStore + LedgerStore + UsageStore + IdempotencyStore + StoreHealth
+    AccountStore + KeyStore + LedgerStore + UsageStore + IdempotencyStore + AuditStore + StoreHealth
 {
 }
 impl<T> Store for T where
-    T: AccountStore + KeyStore + LedgerStore + UsageStore + IdempotencyStore + StoreHealth
+    T: AccountStore
+        + KeyStore
+        + LedgerStore
+        + UsageStore
+        + IdempotencyStore
+        + AuditStore
+        + StoreHealth
 {
 }

@@ -1,7 +1,7 @@
 //! The embedded default: one SQLite file in WAL mode, migrations applied at open.
 
 use crate::{
-    Account, AccountStore, HoldRecord, HoldSource, IdempotencyBegin, IdempotencyClaim,
+    Account, AccountStore, AuditStore, HoldRecord, HoldSource, IdempotencyBegin, IdempotencyClaim,
     IdempotencyStore, InsertKeyOutcome, KeyChange, KeyLookup, KeyRecord, KeyStore, LedgerStore,
     LedgerWrite, RevokeOutcome, StoreError, StoreHealth, StoredResponse, TransferRecord,
     UsageFilter, UsageRow, UsageStore,
@@ -16,6 +16,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
+use tollgate_core::audit::AuditEntry;
 use tollgate_core::ledger::{
     BillingStatus, Hold, HoldStatus, LedgerAccount, Transfer, TransferKind, Wallet,
 };
@@ -1015,6 +1016,101 @@ impl IdempotencyStore for SqliteStore {
         .map_err(unavailable)?
         .rows_affected();
         Ok(purged)
+    }
+}
+
+fn hash32(bytes: Vec<u8>, what: &str) -> Result<[u8; 32], StoreError> {
+    bytes
+        .try_into()
+        .map_err(|_| StoreError::Corrupt(format!("{what} is not 32 bytes")))
+}
+
+#[async_trait]
+impl AuditStore for SqliteStore {
+    async fn append_audit(&self, entry: AuditEntry) -> Result<AuditEntry, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        // Writing first takes SQLite's write lock, so no other append reads the same head.
+        sqlx::query("UPDATE audit_head SET seq = seq WHERE id = 1")
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+        let head = sqlx::query("SELECT seq, hash FROM audit_head WHERE id = 1")
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+        let seq: i64 = head.try_get("seq").map_err(unavailable)?;
+        let hash = hash32(head.try_get("hash").map_err(unavailable)?, "audit head")?;
+        let last = (seq > 0).then(|| (seq as u64, hash));
+        let entry = entry.seal(last);
+        let seq = i64::try_from(entry.seq).map_err(|_| corrupt("audit seq", "overflow"))?;
+        sqlx::query(
+            "INSERT INTO audit_log (seq, at, actor, action, target, request_id, before, after, \
+             prev_hash, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(seq)
+        .bind(millis(entry.at))
+        .bind(&entry.actor)
+        .bind(&entry.action)
+        .bind(&entry.target)
+        .bind(&entry.request_id)
+        .bind(&entry.before)
+        .bind(&entry.after)
+        .bind(entry.prev_hash.as_slice())
+        .bind(entry.hash.as_slice())
+        .execute(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        sqlx::query("UPDATE audit_head SET seq = ?, hash = ? WHERE id = 1")
+            .bind(seq)
+            .bind(entry.hash.as_slice())
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+        tx.commit().await.map_err(unavailable)?;
+        Ok(entry)
+    }
+
+    async fn audit_entries(
+        &self,
+        after_seq: u64,
+        limit: u32,
+    ) -> Result<Vec<AuditEntry>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT seq, at, actor, action, target, request_id, before, after, prev_hash, hash \
+             FROM audit_log WHERE seq > ? ORDER BY seq LIMIT ?",
+        )
+        .bind(i64::try_from(after_seq).unwrap_or(i64::MAX))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        rows.iter()
+            .map(|row| {
+                let seq: i64 = row.try_get("seq").map_err(unavailable)?;
+                Ok(AuditEntry {
+                    seq: u64::try_from(seq).map_err(|_| corrupt("audit seq", &seq.to_string()))?,
+                    at: from_millis(row.try_get("at").map_err(unavailable)?)?,
+                    actor: row.try_get("actor").map_err(unavailable)?,
+                    action: row.try_get("action").map_err(unavailable)?,
+                    target: row.try_get("target").map_err(unavailable)?,
+                    request_id: row.try_get("request_id").map_err(unavailable)?,
+                    before: row.try_get("before").map_err(unavailable)?,
+                    after: row.try_get("after").map_err(unavailable)?,
+                    prev_hash: hash32(row.try_get("prev_hash").map_err(unavailable)?, "prev_hash")?,
+                    hash: hash32(row.try_get("hash").map_err(unavailable)?, "hash")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn audit_head(&self) -> Result<Option<(u64, [u8; 32])>, StoreError> {
+        let row = sqlx::query("SELECT seq, hash FROM audit_head WHERE id = 1")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        let seq: i64 = row.try_get("seq").map_err(unavailable)?;
+        let hash = hash32(row.try_get("hash").map_err(unavailable)?, "audit head")?;
+        Ok((seq > 0).then(|| (seq as u64, hash)))
     }
 }
 

@@ -5,6 +5,7 @@
 
 use chrono::{DateTime, Duration, TimeZone, Utc};
 use std::sync::Arc;
+use tollgate_core::audit::AuditEntry;
 use tollgate_core::ledger::{
     BillingStatus, Book, HoldRequest, HoldStatus, Resolve, Transfer, Wallet,
 };
@@ -459,6 +460,51 @@ pub async fn idempotency_keys_free_on_release_lease_end_and_expiry(store: Arc<dy
     ));
 }
 
+pub async fn concurrent_audit_appends_form_one_unbroken_chain(store: Arc<dyn Store>) {
+    assert_eq!(store.audit_head().await.unwrap(), None);
+    let tasks: Vec<_> = (0..20)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let entry = AuditEntry {
+                    seq: 0,
+                    at: Utc::now(),
+                    actor: "admin".into(),
+                    action: "key.revoke".into(),
+                    target: format!("key_{i}"),
+                    request_id: RequestId::new().to_string(),
+                    before: (i % 2 == 0).then(|| format!("{{\"n\":{i}}}")),
+                    after: None,
+                    prev_hash: [0; 32],
+                    hash: [0; 32],
+                };
+                store.append_audit(entry).await.unwrap()
+            })
+        })
+        .collect();
+    let mut appended = Vec::new();
+    for task in tasks {
+        appended.push(task.await.unwrap());
+    }
+    // Read back in pages of seven: exactly what was appended, chained without a break.
+    let mut entries = Vec::new();
+    loop {
+        let page = store
+            .audit_entries(entries.last().map_or(0, |e: &AuditEntry| e.seq), 7)
+            .await
+            .unwrap();
+        if page.is_empty() {
+            break;
+        }
+        entries.extend(page);
+    }
+    appended.sort_by_key(|e| e.seq);
+    assert_eq!(entries, appended);
+    let head = store.audit_head().await.unwrap();
+    assert_eq!(head, Some((20, entries[19].hash)));
+    assert_eq!(tollgate_core::audit::verify(&entries, head), Ok(20));
+}
+
 pub async fn concurrent_inserts_never_overshoot_the_key_limit(store: Arc<dyn Store>) {
     let (account, _, _) = new_account(&*store, Nanos::ZERO).await;
     let tasks: Vec<_> = (0..12)
@@ -840,6 +886,7 @@ macro_rules! store_suite {
                 updates_change_policy_but_never_a_revoked_key,
                 rate_limit_overrides_round_trip_and_reach_the_key_lookup,
                 idempotency_claims_have_one_winner_and_replay_what_it_kept,
+                concurrent_audit_appends_form_one_unbroken_chain,
                 idempotency_keys_free_on_release_lease_end_and_expiry,
                 a_rolled_key_answers_to_both_secrets_with_the_old_ones_deadline,
                 ping_answers,

@@ -289,3 +289,33 @@ pub struct UsageRecord {
     pub created_at: DateTime<Utc>,
     pub completed_at: DateTime<Utc>,
 }
+
+/// One audit-log entry. `before` and `after` are the changed object as the API showed it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AuditEntry {
+    pub seq: u64,
+    pub at: DateTime<Utc>,
+    /// `admin`, or the id of the key that made the change.
+    pub actor: String,
+    pub action: String,
+    pub target: String,
+    pub request_id: String,
+    pub before: Option<serde_json::Value>,
+    pub after: Option<serde_json::Value>,
+    /// Hex SHA-256 of the previous entry, and of this one over its fields and that link.
+    pub prev_hash: String,
+    pub hash: String,
+}
+
+/// `GET /audit/verify`: whether every link of the chain holds, and if not, the first that does
+/// not.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AuditVerification {
+    pub valid: bool,
+    /// Entries checked (up to the broken one).
+    pub entries: u64,
+    pub broken_at: Option<u64>,
+    pub reason: Option<String>,
+    /// Hex hash of the last entry: keep it elsewhere to detect a rewrite of the whole log.
+    pub head_hash: Option<String>,
+}

@@ -12,6 +12,7 @@ use tollgate_core::ledger::Wallet;
 use tollgate_core::{AccountId, Clock, HoldId, KeyHash, KeyId, ManualClock, Nanos, RequestId};
 
 type At = chrono::DateTime<chrono::Utc>;
+use tollgate_core::audit::AuditEntry;
 use tollgate_mock::MockUpstream;
 use tollgate_server::config::{
     RawAdmin, RawConfig, RawModel, RawRoute, RawServer, RawStore, RouteKind, Secret,
@@ -19,10 +20,10 @@ use tollgate_server::config::{
 use tollgate_server::{Application, Config};
 use tollgate_store::sqlite::SqliteStore;
 use tollgate_store::{
-    Account, AccountStore, HoldRecord, IdempotencyBegin, IdempotencyClaim, IdempotencyStore,
-    InsertKeyOutcome, KeyChange, KeyLookup, KeyRecord, KeyStore, LedgerStore, LedgerWrite,
-    RevokeOutcome, StoreError, StoreHealth, StoredResponse, TransferRecord, UsageFilter, UsageRow,
-    UsageStore,
+    Account, AccountStore, AuditStore, HoldRecord, IdempotencyBegin, IdempotencyClaim,
+    IdempotencyStore, InsertKeyOutcome, KeyChange, KeyLookup, KeyRecord, KeyStore, LedgerStore,
+    LedgerWrite, RevokeOutcome, StoreError, StoreHealth, StoredResponse, TransferRecord,
+    UsageFilter, UsageRow, UsageStore,
 };
 use tollgate_wire::ErrorProfile;
 
@@ -480,5 +481,22 @@ impl IdempotencyStore for CountingStore {
     }
     async fn purge_idempotency(&self, now: At) -> Result<u64, StoreError> {
         self.inner.purge_idempotency(now).await
+    }
+}
+
+#[async_trait::async_trait]
+impl AuditStore for CountingStore {
+    async fn append_audit(&self, entry: AuditEntry) -> Result<AuditEntry, StoreError> {
+        self.inner.append_audit(entry).await
+    }
+    async fn audit_entries(
+        &self,
+        after_seq: u64,
+        limit: u32,
+    ) -> Result<Vec<AuditEntry>, StoreError> {
+        self.inner.audit_entries(after_seq, limit).await
+    }
+    async fn audit_head(&self) -> Result<Option<(u64, [u8; 32])>, StoreError> {
+        self.inner.audit_head().await
     }
 }
