@@ -1025,6 +1025,23 @@ fn hash32(bytes: Vec<u8>, what: &str) -> Result<[u8; 32], StoreError> {
         .map_err(|_| StoreError::Corrupt(format!("{what} is not 32 bytes")))
 }
 
+/// The last entry's number and hash, as the head row records them (`None`: empty log).
+async fn read_audit_head<'e, E>(executor: E) -> Result<Option<(u64, [u8; 32])>, StoreError>
+where
+    E: sqlx::Executor<'e, Database = sqlx::Sqlite>,
+{
+    let row = sqlx::query("SELECT seq, hash FROM audit_head WHERE id = 1")
+        .fetch_one(executor)
+        .await
+        .map_err(unavailable)?;
+    let seq: i64 = row.try_get("seq").map_err(unavailable)?;
+    let hash = hash32(row.try_get("hash").map_err(unavailable)?, "audit head")?;
+    Ok(u64::try_from(seq)
+        .ok()
+        .filter(|&seq| seq > 0)
+        .map(|seq| (seq, hash)))
+}
+
 #[async_trait]
 impl AuditStore for SqliteStore {
     async fn append_audit(&self, entry: AuditEntry) -> Result<AuditEntry, StoreError> {
@@ -1034,14 +1051,7 @@ impl AuditStore for SqliteStore {
             .execute(&mut *tx)
             .await
             .map_err(unavailable)?;
-        let head = sqlx::query("SELECT seq, hash FROM audit_head WHERE id = 1")
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(unavailable)?;
-        let seq: i64 = head.try_get("seq").map_err(unavailable)?;
-        let hash = hash32(head.try_get("hash").map_err(unavailable)?, "audit head")?;
-        let last = (seq > 0).then(|| (seq as u64, hash));
-        let entry = entry.seal(last);
+        let entry = entry.seal(read_audit_head(&mut *tx).await?);
         let seq = i64::try_from(entry.seq).map_err(|_| corrupt("audit seq", "overflow"))?;
         sqlx::query(
             "INSERT INTO audit_log (seq, at, actor, action, target, request_id, before, after, \
@@ -1104,13 +1114,7 @@ impl AuditStore for SqliteStore {
     }
 
     async fn audit_head(&self) -> Result<Option<(u64, [u8; 32])>, StoreError> {
-        let row = sqlx::query("SELECT seq, hash FROM audit_head WHERE id = 1")
-            .fetch_one(&self.pool)
-            .await
-            .map_err(unavailable)?;
-        let seq: i64 = row.try_get("seq").map_err(unavailable)?;
-        let hash = hash32(row.try_get("hash").map_err(unavailable)?, "audit head")?;
-        Ok((seq > 0).then(|| (seq as u64, hash)))
+        read_audit_head(&self.pool).await
     }
 }
 
