@@ -1,6 +1,8 @@
 //! `tollgate`: a thin command line over `tollgate-server`. Arguments are parsed here; everything
 //! else lives in the library crates.
 
+mod remote;
+
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use std::io::Write;
@@ -59,6 +61,20 @@ enum Command {
         /// The TOML config file.
         #[arg(long, short)]
         config: PathBuf,
+    },
+    /// The audit log of a running server.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Check every link of the hash chain; exits 1 naming the first broken entry.
+    Verify {
+        #[command(flatten)]
+        remote: remote::Remote,
     },
 }
 
@@ -126,6 +142,9 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Audit {
+            command: AuditCommand::Verify { remote },
+        } => remote::audit_verify(&remote).await,
     }
 }
 
