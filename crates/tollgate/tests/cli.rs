@@ -261,6 +261,7 @@ async fn help_lists_the_commands() {
           demo          Run everything on this machine with nothing installed: the gateway on SQLite, a mock OpenAI/Anthropic/echo upstream, and a ready account and key
           check-config  Check a config file: print every problem, or the effective config with secrets redacted
           migrate       Apply pending database migrations and exit
+          audit         The audit log of a running server
           help          Print this message or the help of the given subcommand(s)
 
         Options:
