@@ -38,7 +38,7 @@ const MAX_ROLL_GRACE_SECONDS: u64 = 7 * 24 * 3600;
 
 pub fn router() -> Router<AppState> {
     Router::new()
-        .route("/accounts", post(create_account))
+        .route("/accounts", post(create_account).get(list_accounts))
         .route("/accounts/{id}", get(get_account).patch(update_account))
         .route("/accounts/{id}/suspend", post(suspend_account))
         .route("/accounts/{id}/reactivate", post(reactivate_account))
@@ -110,6 +110,55 @@ async fn create_account(
         Extension(CarriesSecret),
         Json(response),
     ))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListAccountsQuery {
+    status: Option<String>,
+    cursor: Option<String>,
+    limit: Option<u32>,
+}
+
+/// The admin's listing of every account (paged, `?status=active|suspended`); a master key sees
+/// its own account alone.
+async fn list_accounts(
+    State(state): State<AppState>,
+    caller: Caller,
+    query: Result<Query<ListAccountsQuery>, QueryRejection>,
+) -> Result<Json<wire::Page<wire::Account>>, HttpError> {
+    caller.require_master_or_admin()?;
+    let query = crate::billing_api::parse_query(query)?;
+    let limit = crate::billing_api::page_limit(query.limit)?;
+    let mut fields = FieldErrors::default();
+    let status = query.status.as_deref();
+    if status.is_some_and(|s| !matches!(s, "active" | "suspended")) {
+        fields.add("status", "must be active or suspended");
+    }
+    let after = query.cursor.as_deref().and_then(|c| {
+        let parsed = AccountId::parse(c);
+        if parsed.is_none() {
+            fields.add("cursor", "is not a cursor from a previous page");
+        }
+        parsed
+    });
+    fields.finish()?;
+    state.ledger.flush().await?;
+    let accounts = match &caller {
+        Caller::Admin => state.store.accounts(after, status, limit + 1).await?,
+        Caller::Key(key) => {
+            let own = state.store.account(key.account_id).await?;
+            own.filter(|a| after.is_none() && status.is_none_or(|s| s == a.status))
+                .into_iter()
+                .collect()
+        }
+    };
+    let (accounts, next_cursor) =
+        crate::billing_api::page(accounts, limit, |a: &Account| a.id.to_string());
+    Ok(Json(wire::Page {
+        data: accounts.iter().map(|a| account_view(&state, a)).collect(),
+        next_cursor,
+    }))
 }
 
 async fn get_account(

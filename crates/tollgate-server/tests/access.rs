@@ -770,3 +770,57 @@ async fn a_suspended_account_cannot_use_its_keys_until_reactivated() {
         .unwrap();
     expect_error(unknown, 404, "not_found").await;
 }
+
+#[tokio::test]
+async fn the_operator_lists_accounts_by_page_and_status_and_a_master_key_sees_its_own() {
+    let app = spawn_app().await;
+    let mut ids = Vec::new();
+    for name in ["a", "b", "c"] {
+        ids.push(app.create_account(name).await);
+    }
+    let suspended = app
+        .post(&format!("/api/v1/accounts/{}/suspend", ids[1].id))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(suspended.status(), 200);
+
+    let first = app.get_json("/api/v1/accounts?limit=2", ADMIN_TOKEN).await;
+    let cursor = first["next_cursor"].as_str().unwrap();
+    let second = app
+        .get_json(
+            &format!("/api/v1/accounts?limit=2&cursor={cursor}"),
+            ADMIN_TOKEN,
+        )
+        .await;
+    assert!(second["next_cursor"].is_null());
+    let mut listed: Vec<String> = first["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .chain(second["data"].as_array().unwrap())
+        .map(|a| a["id"].as_str().unwrap().to_string())
+        .collect();
+    let mut expected: Vec<String> = ids.iter().map(|a| a.id.to_string()).collect();
+    expected.sort();
+    assert_eq!(listed, expected, "id order");
+    listed.dedup();
+    assert_eq!(listed.len(), 3);
+
+    let only = app
+        .get_json("/api/v1/accounts?status=suspended", ADMIN_TOKEN)
+        .await;
+    assert_eq!(only["data"].as_array().unwrap().len(), 1);
+    assert_eq!(only["data"][0]["id"], ids[1].id.to_string());
+    let own = app.get_json("/api/v1/accounts", &ids[0].master_key).await;
+    assert_eq!(own["data"].as_array().unwrap().len(), 1);
+    assert_eq!(own["data"][0]["id"], ids[0].id.to_string());
+
+    let bad = app
+        .get_as("/api/v1/accounts?status=closed&cursor=nope", ADMIN_TOKEN)
+        .await;
+    let body = expect_error(bad, 400, "validation_error").await;
+    let fields = body["error"]["field_errors"].as_object().unwrap();
+    assert!(fields.contains_key("status") && fields.contains_key("cursor"));
+}

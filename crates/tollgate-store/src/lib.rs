@@ -167,6 +167,15 @@ pub trait AccountStore: Send + Sync {
 
     async fn account(&self, id: AccountId) -> Result<Option<Account>, StoreError>;
 
+    /// Accounts in id order (ULIDs: creation order to the millisecond) after `after`,
+    /// optionally only those with `status`.
+    async fn accounts(
+        &self,
+        after: Option<AccountId>,
+        status: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<Account>, StoreError>;
+
     /// Writes the account's settings (name, status, key limit, rate-limit overrides; not its
     /// balance); the account as it is now, or `None` if there is no such account.
     async fn update_account(&self, account: &Account) -> Result<Option<Account>, StoreError>;

@@ -129,6 +129,29 @@ fn key_from_row(row: &SqliteRow) -> Result<KeyRecord, StoreError> {
     })
 }
 
+const ACCOUNT_SELECT: &str =
+    "SELECT a.id, a.name, a.status, a.created_at, a.max_keys, a.rate_limits, w.balance_nanos \
+     FROM accounts a JOIN wallets w ON w.account_id = a.id";
+
+fn account_from_row(row: &SqliteRow) -> Result<Account, StoreError> {
+    let id: String = row.try_get("id").map_err(unavailable)?;
+    let rate_limits: String = row.try_get("rate_limits").map_err(unavailable)?;
+    Ok(Account {
+        id: parse_id("account id", &id)?,
+        name: row.try_get("name").map_err(unavailable)?,
+        status: row.try_get("status").map_err(unavailable)?,
+        balance: Nanos(row.try_get("balance_nanos").map_err(unavailable)?),
+        max_keys: row
+            .try_get::<Option<i64>, _>("max_keys")
+            .map_err(unavailable)?
+            .map(|n| u32::try_from(n).map_err(|_| corrupt("max_keys", &n.to_string())))
+            .transpose()?,
+        rate_limits: serde_json::from_str(&rate_limits)
+            .map_err(|_| corrupt("account rate_limits", &rate_limits))?,
+        created_at: from_millis(row.try_get("created_at").map_err(unavailable)?)?,
+    })
+}
+
 fn to_json<T: serde::Serialize>(value: &T) -> Result<String, StoreError> {
     serde_json::to_string(value).map_err(|e| StoreError::Corrupt(format!("to JSON: {e}")))
 }
@@ -225,34 +248,31 @@ impl AccountStore for SqliteStore {
     }
 
     async fn account(&self, id: AccountId) -> Result<Option<Account>, StoreError> {
-        let row = sqlx::query(
-            "SELECT a.name, a.status, a.created_at, a.max_keys, a.rate_limits, w.balance_nanos \
-             FROM accounts a JOIN wallets w ON w.account_id = a.id WHERE a.id = ?",
-        )
-        .bind(id.to_string())
-        .fetch_optional(&self.pool)
+        let row = sqlx::query(&format!("{ACCOUNT_SELECT} WHERE a.id = ?"))
+            .bind(id.to_string())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        row.as_ref().map(account_from_row).transpose()
+    }
+
+    async fn accounts(
+        &self,
+        after: Option<AccountId>,
+        status: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<Account>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "{ACCOUNT_SELECT} WHERE (?1 IS NULL OR a.id > ?1) AND (?2 IS NULL OR a.status = ?2) \
+             ORDER BY a.id LIMIT ?3"
+        ))
+        .bind(after.map(|id| id.to_string()))
+        .bind(status)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
         .await
         .map_err(unavailable)?;
-        row.map(|row| {
-            Ok(Account {
-                id,
-                name: row.try_get("name").map_err(unavailable)?,
-                status: row.try_get("status").map_err(unavailable)?,
-                balance: Nanos(row.try_get("balance_nanos").map_err(unavailable)?),
-                max_keys: row
-                    .try_get::<Option<i64>, _>("max_keys")
-                    .map_err(unavailable)?
-                    .map(|n| u32::try_from(n).map_err(|_| corrupt("max_keys", &n.to_string())))
-                    .transpose()?,
-                rate_limits: {
-                    let text: String = row.try_get("rate_limits").map_err(unavailable)?;
-                    serde_json::from_str(&text)
-                        .map_err(|_| corrupt("account rate_limits", &text))?
-                },
-                created_at: from_millis(row.try_get("created_at").map_err(unavailable)?)?,
-            })
-        })
-        .transpose()
+        rows.iter().map(account_from_row).collect()
     }
 
     async fn update_account(&self, account: &Account) -> Result<Option<Account>, StoreError> {

@@ -460,6 +460,41 @@ pub async fn idempotency_keys_free_on_release_lease_end_and_expiry(store: Arc<dy
     ));
 }
 
+pub async fn accounts_list_in_id_order_by_page_and_status(store: Arc<dyn Store>) {
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        ids.push(new_account(&*store, Nanos(7)).await.0);
+    }
+    // Ids are ULIDs: creation order to the millisecond.
+    ids.sort();
+    let mut suspended = store.account(ids[1]).await.unwrap().unwrap();
+    suspended.status = "suspended".into();
+    store.update_account(&suspended).await.unwrap();
+
+    let first = store.accounts(None, None, 3).await.unwrap();
+    let rest = store.accounts(Some(first[2].id), None, 3).await.unwrap();
+    let listed: Vec<AccountId> = first.iter().chain(&rest).map(|a| a.id).collect();
+    assert_eq!(listed, ids);
+    assert_eq!(first[0], store.account(ids[0]).await.unwrap().unwrap());
+    assert_eq!(first[0].balance, Nanos(7));
+    let only: Vec<AccountId> = store
+        .accounts(None, Some("suspended"), 10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|a| a.id)
+        .collect();
+    assert_eq!(only, [ids[1]]);
+    assert_eq!(
+        store
+            .accounts(None, Some("active"), 10)
+            .await
+            .unwrap()
+            .len(),
+        4
+    );
+}
+
 pub async fn concurrent_audit_appends_form_one_unbroken_chain(store: Arc<dyn Store>) {
     assert_eq!(store.audit_head().await.unwrap(), None);
     let tasks: Vec<_> = (0..20)
@@ -887,6 +922,7 @@ macro_rules! store_suite {
                 rate_limit_overrides_round_trip_and_reach_the_key_lookup,
                 idempotency_claims_have_one_winner_and_replay_what_it_kept,
                 concurrent_audit_appends_form_one_unbroken_chain,
+                accounts_list_in_id_order_by_page_and_status,
                 idempotency_keys_free_on_release_lease_end_and_expiry,
                 a_rolled_key_answers_to_both_secrets_with_the_old_ones_deadline,
                 ping_answers,

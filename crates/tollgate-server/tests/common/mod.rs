@@ -340,6 +340,14 @@ impl AccountStore for CountingStore {
     async fn account(&self, id: AccountId) -> Result<Option<Account>, StoreError> {
         self.inner.account(id).await
     }
+    async fn accounts(
+        &self,
+        after: Option<AccountId>,
+        status: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<Account>, StoreError> {
+        self.inner.accounts(after, status, limit).await
+    }
     async fn update_account(&self, account: &Account) -> Result<Option<Account>, StoreError> {
         self.inner.update_account(account).await
     }
