@@ -5,10 +5,11 @@ use crate::config::{Config, StoreConfig};
 use crate::error::HttpError;
 use crate::ledger::Ledger;
 use crate::limits::LocalLimiter;
+use crate::metrics::Metrics;
 use crate::proxy::RouteTable;
 use crate::shed::Shedder;
 use crate::state::AppState;
-use crate::{api, edge, health, idempotency, limits, proxy, shed};
+use crate::{api, edge, health, idempotency, limits, metrics, proxy, shed};
 use axum::middleware;
 use axum::response::IntoResponse;
 use axum::routing::get;
@@ -58,8 +59,11 @@ impl Application {
                 "released holds left by requests of a previous process (charged nothing)"
             );
         }
+        let keys = Arc::new(KeyCache::new(config.key_cache_capacity));
+        let metrics = Arc::new(Metrics::new(&ledger, &keys));
         let state = AppState {
-            keys: Arc::new(KeyCache::new(config.key_cache_capacity)),
+            keys,
+            metrics,
             ledger,
             limiter: Arc::new(LocalLimiter::new(clock.clone())),
             routes: Arc::new(RouteTable::new(&config.routes)),
@@ -175,6 +179,7 @@ fn router(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
+        .route("/metrics", get(metrics::handler))
         .nest(&api_prefix, api)
         // Everything that is not Tollgate's own path is proxied (or 404s if no route matches).
         .fallback(proxy::proxy)
@@ -206,6 +211,11 @@ fn router(state: AppState) -> Router {
                 .on_response(DefaultOnResponse::new().level(Level::INFO))
                 .on_failure(DefaultOnFailure::new().level(Level::DEBUG)),
         )
+        // Counts every response, shed ones included, and times it to its last byte.
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            metrics::layer,
+        ))
         // Outermost: every response, whatever happened inside, gets the request ID.
         .layer(middleware::from_fn_with_state(
             state.clone(),

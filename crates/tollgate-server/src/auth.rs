@@ -13,6 +13,7 @@ use axum::extract::{ConnectInfo, FromRequestParts};
 use axum::http::request::Parts;
 use axum::http::HeaderMap;
 use chrono::{DateTime, Utc};
+use prometheus_client::metrics::counter::Counter;
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -272,6 +273,9 @@ pub struct KeyCache {
     entries: RwLock<Entries>,
     generation: AtomicU64,
     capacity: usize,
+    /// Lookups answered from memory, and those that read the store (for `/metrics`).
+    pub hits: Counter,
+    pub misses: Counter,
 }
 
 #[derive(Default)]
@@ -300,6 +304,8 @@ impl KeyCache {
             entries: RwLock::new(Entries::default()),
             generation: AtomicU64::new(0),
             capacity: capacity.max(1),
+            hits: Counter::default(),
+            misses: Counter::default(),
         }
     }
 
@@ -310,8 +316,10 @@ impl KeyCache {
         store: &dyn KeyStore,
     ) -> Result<Option<CachedKey>, StoreError> {
         if let Some(hit) = self.read().by_hash.get(hash) {
+            self.hits.inc();
             return Ok(Some(hit.clone()));
         }
+        self.misses.inc();
         let generation = self.generation.load(Ordering::Acquire);
         let Some(found) = store.key_by_hash(hash).await? else {
             return Ok(None);

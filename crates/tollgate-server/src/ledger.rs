@@ -16,8 +16,9 @@
 //! store, which belongs to one node.
 
 use chrono::{DateTime, Utc};
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 use tollgate_core::ledger::{month_start, Book, Hold, HoldRequest, Refusal, Resolution, Resolve};
 use tollgate_core::{AccountId, Clock, HoldId, KeyId, Nanos, RequestId};
@@ -31,8 +32,8 @@ const FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
 // Writes are nearly every message; boxing them would allocate once per write.
 #[allow(clippy::large_enum_variant)]
 enum Command {
-    /// Committed in one batch together (a charge and its usage row).
-    Write(Vec<LedgerWrite>),
+    /// Committed in one batch together (a charge and its usage row); queued at that instant.
+    Write(Vec<LedgerWrite>, Instant),
     Flush(oneshot::Sender<()>),
 }
 
@@ -41,6 +42,10 @@ pub struct Ledger {
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
     queue: mpsc::UnboundedSender<Command>,
+    /// Writes per committed batch, and how long the oldest write of a batch waited (for
+    /// `/metrics`).
+    pub batch_size: Histogram,
+    pub write_lag: Histogram,
 }
 
 /// Why a hold could not be opened.
@@ -81,12 +86,22 @@ impl Ledger {
     pub fn start(store: Arc<dyn Store>, clock: Arc<dyn Clock>) -> Arc<Ledger> {
         let (queue, commands) = mpsc::unbounded_channel();
         let book = Arc::new(Mutex::new(Book::new()));
-        tokio::spawn(write_loop(commands, store.clone(), book.clone()));
+        let batch_size = Histogram::new(exponential_buckets(1.0, 2.0, 12));
+        let write_lag = crate::metrics::latency();
+        let writer = Writer {
+            store: store.clone(),
+            book: book.clone(),
+            batch_size: batch_size.clone(),
+            write_lag: write_lag.clone(),
+        };
+        tokio::spawn(write_loop(commands, writer));
         Arc::new(Ledger {
             book,
             store,
             clock,
             queue,
+            batch_size,
+            write_lag,
         })
     }
 
@@ -101,7 +116,7 @@ impl Ledger {
     fn enqueue(&self, write: LedgerWrite) {
         // The writer lives as long as the runtime; if it is gone, the process is stopping and
         // the write is lost as a crash would lose it (see the module docs).
-        let _ = self.queue.send(Command::Write(vec![write]));
+        let _ = self.queue.send(Command::Write(vec![write], Instant::now()));
     }
 
     /// Makes sure the book holds the account's wallet and the key's spend this month.
@@ -202,7 +217,7 @@ impl Ledger {
             writes.push(resolve_write(resolution));
         }
         writes.push(LedgerWrite::Usage(Box::new(row(resolution.as_ref()))));
-        let _ = self.queue.send(Command::Write(writes));
+        let _ = self.queue.send(Command::Write(writes, Instant::now()));
     }
 
     /// Resolves a hold and waits until the outcome is stored. A hold the book has forgotten
@@ -301,18 +316,31 @@ fn resolve_write(resolution: &Resolution) -> LedgerWrite {
 
 /// The writer: takes everything queued, commits it in one transaction, then answers flushes.
 /// A failed commit is retried (with backoff) until it succeeds: nothing queued is dropped.
-async fn write_loop(
-    mut commands: mpsc::UnboundedReceiver<Command>,
+struct Writer {
     store: Arc<dyn Store>,
     book: Arc<Mutex<Book>>,
-) {
+    batch_size: Histogram,
+    write_lag: Histogram,
+}
+
+async fn write_loop(mut commands: mpsc::UnboundedReceiver<Command>, writer: Writer) {
+    let Writer {
+        store,
+        book,
+        batch_size,
+        write_lag,
+    } = writer;
     let mut batch: Vec<LedgerWrite> = Vec::new();
     let mut flushes: Vec<oneshot::Sender<()>> = Vec::new();
     while let Some(first) = commands.recv().await {
         let mut next = Some(first);
+        let mut oldest: Option<Instant> = None;
         while let Some(command) = next {
             match command {
-                Command::Write(writes) => batch.extend(writes),
+                Command::Write(writes, queued) => {
+                    batch.extend(writes);
+                    oldest = Some(oldest.map_or(queued, |o| o.min(queued)));
+                }
                 Command::Flush(done) => flushes.push(done),
             }
             next = if batch.len() < MAX_BATCH {
@@ -323,6 +351,10 @@ async fn write_loop(
         }
         if !batch.is_empty() {
             commit_with_retry(&*store, &batch).await;
+            batch_size.observe(batch.len() as f64);
+            if let Some(oldest) = oldest {
+                write_lag.observe(oldest.elapsed().as_secs_f64());
+            }
             let mut book = book.lock().unwrap_or_else(|p| p.into_inner());
             for write in batch.drain(..) {
                 if let LedgerWrite::ResolveHold { hold, .. } = write {

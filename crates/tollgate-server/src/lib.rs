@@ -15,6 +15,7 @@ pub mod idempotency;
 pub mod ledger;
 pub mod limits;
 pub mod meter;
+pub mod metrics;
 pub mod proxy;
 pub mod shed;
 pub mod state;

@@ -365,7 +365,7 @@ pub async fn admit(
     if verdict.admitted {
         Ok(())
     } else {
-        Err(refusal(demands, &verdict).into())
+        Err(refused(state, demands, &verdict).into())
     }
 }
 
@@ -425,7 +425,7 @@ pub async fn layer(State(state): State<AppState>, mut request: Request, next: Ne
                     admitted: false,
                     standings,
                 };
-                let error = refusal(&anonymous, &verdict);
+                let error = refused(&state, &anonymous, &verdict);
                 let id = request.extensions().get::<RequestId>().copied();
                 let profile = state
                     .routes
@@ -462,6 +462,15 @@ pub async fn layer(State(state): State<AppState>, mut request: Request, next: Ne
         headers.apply(response.headers_mut());
     }
     response
+}
+
+/// [`refusal`], counted in the metrics under the policy it names.
+fn refused(state: &AppState, demands: &[Demand], verdict: &Verdict) -> ApiError {
+    let error = refusal(demands, verdict);
+    if let Some(policy) = error.details.get("policy").and_then(|p| p.as_str()) {
+        state.metrics.rate_limited(policy);
+    }
+    error
 }
 
 /// The 429 for a refused request: `Retry-After` from the policy that refused it (the longest

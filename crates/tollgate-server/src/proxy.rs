@@ -282,12 +282,13 @@ async fn forward(
         headers.insert(name.clone(), value.clone());
     }
 
-    let response = match tokio::time::timeout(
-        route.config.timeout,
-        route.client.request(upstream_request),
-    )
-    .await
-    {
+    let forwarded = std::time::Instant::now();
+    let answered =
+        tokio::time::timeout(route.config.timeout, route.client.request(upstream_request)).await;
+    state
+        .metrics
+        .upstream(&route.config.prefix, forwarded.elapsed());
+    let response = match answered {
         Err(_elapsed) => {
             return Err(HttpError::new(
                 ErrorCode::UpstreamTimeout,

@@ -14,18 +14,15 @@
 //!   client address: an unknown key earns no share of its own.
 
 use crate::auth::{client_ip, presented_secret};
+use crate::edge::OnEnd;
 use crate::state::AppState;
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::middleware::Next;
 use axum::response::Response;
-use bytes::Bytes;
-use http_body::{Frame, SizeHint};
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tollgate_core::load::{AdaptiveLimit, LimitSettings};
 use tollgate_core::{AccountId, ApiError, ApiKey, ErrorCode, RequestId};
@@ -140,46 +137,17 @@ impl Drop for Permit {
     }
 }
 
-/// A response body that holds its request's permit until the body ends.
-struct PermitBody {
-    inner: Body,
-    permit: Option<Permit>,
-}
-
-impl http_body::Body for PermitBody {
-    type Data = Bytes;
-    type Error = axum::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if matches!(polled, Poll::Ready(None | Some(Err(_)))) {
-            self.permit = None;
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-/// Sits just inside the trace layer, before every other piece of work. Health checks are never
-/// shed: a load balancer must still see the node alive.
+/// Sits just inside the trace layer, before every other piece of work. Health checks and metrics
+/// are never shed: a load balancer must still see the node alive, and its operator see why.
 pub async fn layer(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let Some(shedder) = &state.shedder else {
         return next.run(request).await;
     };
-    if matches!(request.uri().path(), "/healthz" | "/readyz") {
+    if matches!(request.uri().path(), "/healthz" | "/readyz" | "/metrics") {
         return next.run(request).await;
     }
     let Some(permit) = shedder.try_admit(tenant_of(&state, &request)) else {
+        state.metrics.shed.inc();
         return overloaded(&state, &request);
     };
     let response = next.run(request).await;
@@ -188,12 +156,8 @@ pub async fn layer(State(state): State<AppState>, request: Request, next: Next) 
     if !own_refusal {
         permit.sample();
     }
-    response.map(|inner| {
-        Body::new(PermitBody {
-            inner,
-            permit: Some(permit),
-        })
-    })
+    // The permit is released when the body ends: a request is in flight until its last byte.
+    response.map(|inner| Body::new(OnEnd::new(inner, move || drop(permit))))
 }
 
 fn tenant_of(state: &AppState, request: &Request) -> Tenant {

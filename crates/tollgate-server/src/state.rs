@@ -5,6 +5,7 @@ use crate::auth::KeyCache;
 use crate::config::Config;
 use crate::ledger::Ledger;
 use crate::limits::Limiter;
+use crate::metrics::Metrics;
 use crate::proxy::RouteTable;
 use crate::shed::Shedder;
 use std::sync::Arc;
@@ -21,5 +22,6 @@ pub struct AppState {
     pub routes: Arc<RouteTable>,
     /// `None` when load shedding is off.
     pub shedder: Option<Arc<Shedder>>,
+    pub metrics: Arc<Metrics>,
     pub clock: Arc<dyn Clock>,
 }
