@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tollgate_core::ledger::{month_start, HoldStatus, Resolve};
 use tollgate_core::{AccountId, ApiError, ErrorCode, HoldId, KeyId, Nanos, RequestId};
-use tollgate_store::{HoldRecord, HoldSource, UsageFilter, UsageRow};
+use tollgate_store::{HoldRecord, HoldSource, UsageFilter, UsageGroup, UsageRow};
 use tollgate_wire::api::{self as wire, Money};
 
 const DEFAULT_HOLD_TTL_S: u64 = 3600;
@@ -39,6 +39,7 @@ pub fn router() -> Router<AppState> {
         .route("/holds/{id}/release", post(release_hold))
         .route("/requests", get(list_requests))
         .route("/requests/{id}", get(get_request))
+        .route("/usage", get(usage_summary))
 }
 
 /// The fee on a metered management call made with an account's key: held before the call,
@@ -519,6 +520,62 @@ async fn list_requests(
     Ok(Json(wire::Page {
         data: rows.into_iter().map(|r| usage_view(&state, r)).collect(),
         next_cursor,
+    }))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UsageQuery {
+    account_id: Option<String>,
+    group_by: Option<String>,
+    from: Option<DateTime<Utc>>,
+    to: Option<DateTime<Utc>>,
+}
+
+/// An account's usage totals per day, key, route or model, over `[from, to)`.
+async fn usage_summary(
+    State(state): State<AppState>,
+    caller: Caller,
+    query: Result<Query<UsageQuery>, QueryRejection>,
+) -> Result<Json<wire::UsageSummary>, HttpError> {
+    caller.require_master_or_admin()?;
+    let query = parse_query(query)?;
+    let account = subject_account(&caller, query.account_id.as_deref())?;
+    let group_by = query.group_by.unwrap_or_else(|| "day".into());
+    let group = match group_by.as_str() {
+        "day" => UsageGroup::Day,
+        "key" => UsageGroup::Key,
+        "route" => UsageGroup::Route,
+        "model" => UsageGroup::Model,
+        _ => return Err(validation("group_by", "must be day, key, route or model")),
+    };
+    if let (Some(from), Some(to)) = (query.from, query.to) {
+        if from > to {
+            return Err(validation("to", "must not be before from"));
+        }
+    }
+    state.ledger.flush().await?;
+    let buckets = state
+        .store
+        .usage_summary(account, group, query.from, query.to)
+        .await?;
+    Ok(Json(wire::UsageSummary {
+        account_id: account,
+        group_by,
+        from: query.from,
+        to: query.to,
+        data: buckets
+            .into_iter()
+            .map(|b| wire::UsageTotals {
+                group: b.group,
+                requests: b.requests,
+                errors: b.errors,
+                input_tokens: b.input_tokens,
+                cached_input_tokens: b.cached_input_tokens,
+                output_tokens: b.output_tokens,
+                cost: money(&state, b.cost),
+            })
+            .collect(),
     }))
 }
 

@@ -609,6 +609,7 @@ async fn tenant_isolation_matrix() {
         (Method::GET, "/billing/balance?account_id={account}", None),
         (Method::GET, "/ledger?account_id={account}", None),
         (Method::GET, "/requests?account_id={account}", None),
+        (Method::GET, "/usage?account_id={account}", None),
         (Method::GET, "/keys?account_id={account}", None),
         (
             Method::POST,

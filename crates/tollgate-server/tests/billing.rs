@@ -11,7 +11,7 @@ use common::{
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 use std::time::Duration;
-use tollgate_core::AccountId;
+use tollgate_core::{AccountId, Clock};
 use tollgate_server::config::{RouteKind, StreamPolicy};
 use tollgate_store::LedgerStore;
 use tollgate_wire::ErrorProfile;
@@ -774,4 +774,114 @@ async fn a_request_that_outlives_its_hold_is_charged_nothing() {
     assert_eq!(row["cost"]["nanos"], 0);
     assert_eq!(available(&app, key).await, before);
     assert_books_balance(&app, account.id).await;
+}
+
+#[tokio::test]
+async fn usage_totals_group_by_model_route_key_and_day_and_add_up_to_the_charges() {
+    let app = spawn_app().await;
+    let account = app.create_account("acme").await;
+    let key = &account.master_key;
+    let (second, second_id) = app.create_usage_key(key, json!({})).await;
+    let before = available(&app, key).await;
+    for caller in [key.as_str(), second.as_str()] {
+        let chat = app
+            .post("/v1/chat/completions")
+            .bearer_auth(caller)
+            .json(&json!({"model": "mock-gpt", "messages": [{"role": "user", "content": "hello there"}]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(chat.status(), 200);
+        chat.bytes().await.unwrap();
+    }
+    assert_eq!(app.get_as("/echo/x", key).await.status(), 200);
+    let failed = app
+        .get("/echo/x")
+        .bearer_auth(key)
+        .header("x-mock-status", "500")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(failed.status(), 500);
+    let spent = before - available(&app, key).await;
+
+    let by = |group: &str| {
+        let app = &app;
+        let path = format!("/api/v1/usage?group_by={group}");
+        async move { app.get_json(&path, key).await }
+    };
+    let models = by("model").await;
+    assert_eq!(models["group_by"], "model");
+    let rows = models["data"].as_array().unwrap();
+    assert_eq!(rows.len(), 2, "{models}");
+    assert_eq!(
+        (rows[0]["group"].as_str(), rows[0]["requests"].as_u64()),
+        (Some(""), Some(2))
+    );
+    assert_eq!(rows[0]["errors"], 1);
+    assert_eq!(rows[1]["group"], "mock-gpt");
+    assert_eq!(rows[1]["requests"], 2);
+    assert!(rows[1]["input_tokens"].as_u64().unwrap() > 0);
+    let total: i64 = rows
+        .iter()
+        .map(|r| r["cost"]["nanos"].as_i64().unwrap())
+        .sum();
+    assert_eq!(total, spent, "the totals are what was charged");
+
+    let routes = by("route").await;
+    let routes: Vec<(&str, u64)> = routes["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["group"].as_str().unwrap(),
+                r["requests"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(routes, [("/echo", 2), ("/v1", 2)]);
+    let keys = by("key").await;
+    let second_row = keys["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["group"] == second_id.to_string())
+        .unwrap()
+        .clone();
+    assert_eq!(second_row["requests"], 1);
+    let days = by("day").await;
+    assert_eq!(days["data"][0]["requests"], 4);
+    assert_eq!(
+        days["data"][0]["group"],
+        app.clock.now().format("%Y-%m-%d").to_string()
+    );
+    // An empty window, and the ways to ask wrongly.
+    let later = (app.clock.now() + chrono::Duration::days(1)).to_rfc3339();
+    let empty = app
+        .get_json(
+            &format!("/api/v1/usage?from={}", later.replace('+', "%2B")),
+            key,
+        )
+        .await;
+    assert_eq!(empty["data"], json!([]));
+    expect_error(
+        app.get_as("/api/v1/usage?group_by=hour", key).await,
+        400,
+        "validation_error",
+    )
+    .await;
+    expect_error(
+        app.get_as("/api/v1/usage", ADMIN_TOKEN).await,
+        400,
+        "validation_error",
+    )
+    .await;
+    let admin = app
+        .get_json(
+            &format!("/api/v1/usage?account_id={}", account.id),
+            ADMIN_TOKEN,
+        )
+        .await;
+    assert_eq!(admin["data"][0]["requests"], 4);
 }

@@ -71,6 +71,7 @@ fn endpoints() -> Vec<(Method, &'static str, Value)> {
         (Method::POST, "/holds/{hold}/release", Value::Null),
         (Method::GET, "/requests", Value::Null),
         (Method::GET, "/requests/{request}", Value::Null),
+        (Method::GET, "/usage", Value::Null),
         (Method::GET, "/audit", Value::Null),
         (Method::GET, "/audit/verify", Value::Null),
     ]
@@ -162,6 +163,7 @@ fn random_query(rng: &mut StdRng) -> String {
         "to",
         "key_id",
         "route",
+        "group_by",
     ];
     let values = [
         "0",

@@ -353,8 +353,41 @@ pub struct UsageFilter {
     pub limit: u32,
 }
 
+/// How usage rows are grouped in a summary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UsageGroup {
+    /// Calendar day, UTC (`2026-11-22`).
+    Day,
+    Key,
+    /// The route's prefix.
+    Route,
+    /// The model (empty for calls without one).
+    Model,
+}
+
+/// One group's totals.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageBucket {
+    pub group: String,
+    pub requests: u64,
+    /// Requests answered with a status of 400 or more.
+    pub errors: u64,
+    pub input_tokens: u64,
+    pub cached_input_tokens: u64,
+    pub output_tokens: u64,
+    pub cost: Nanos,
+}
+
 #[async_trait]
 pub trait UsageStore: Send + Sync {
+    /// An account's usage in `[from, to)` (either end open when `None`), grouped, in group order.
+    async fn usage_summary(
+        &self,
+        account: AccountId,
+        group_by: UsageGroup,
+        from: Option<DateTime<Utc>>,
+        to: Option<DateTime<Utc>>,
+    ) -> Result<Vec<UsageBucket>, StoreError>;
     async fn requests(&self, filter: &UsageFilter) -> Result<Vec<UsageRow>, StoreError>;
     async fn request(&self, id: RequestId) -> Result<Option<UsageRow>, StoreError>;
     /// Deletes rows created before `cutoff` (the retention setting); returns how many.

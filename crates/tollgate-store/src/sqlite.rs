@@ -4,7 +4,7 @@ use crate::{
     Account, AccountStore, AuditStore, HoldRecord, HoldSource, IdempotencyBegin, IdempotencyClaim,
     IdempotencyStore, InsertKeyOutcome, KeyChange, KeyLookup, KeyRecord, KeyStore, LedgerStore,
     LedgerWrite, RevokeOutcome, StoreError, StoreHealth, StoredResponse, TransferRecord,
-    UsageFilter, UsageRow, UsageStore,
+    UsageBucket, UsageFilter, UsageGroup, UsageRow, UsageStore,
 };
 use async_trait::async_trait;
 use chrono::{DateTime, TimeZone, Utc};
@@ -1178,6 +1178,55 @@ impl UsageStore for SqliteStore {
             .await
             .map_err(unavailable)?;
         rows.iter().map(usage_from_row).collect()
+    }
+
+    async fn usage_summary(
+        &self,
+        account: AccountId,
+        group_by: UsageGroup,
+        from: Option<DateTime<Utc>>,
+        to: Option<DateTime<Utc>>,
+    ) -> Result<Vec<UsageBucket>, StoreError> {
+        let group = match group_by {
+            UsageGroup::Day => "strftime('%Y-%m-%d', created_at / 1000, 'unixepoch')",
+            UsageGroup::Key => "key_id",
+            UsageGroup::Route => "route",
+            UsageGroup::Model => "COALESCE(model, '')",
+        };
+        let rows = sqlx::query(&format!(
+            "SELECT {group} AS grp, COUNT(*) AS requests, \
+             SUM(CASE WHEN status >= 400 THEN 1 ELSE 0 END) AS errors, \
+             COALESCE(SUM(input_tokens), 0) AS input_tokens, \
+             COALESCE(SUM(cached_input_tokens), 0) AS cached_input_tokens, \
+             COALESCE(SUM(output_tokens), 0) AS output_tokens, \
+             COALESCE(SUM(cost_nanos), 0) AS cost_nanos \
+             FROM requests WHERE account_id = ?1 \
+             AND (?2 IS NULL OR created_at >= ?2) AND (?3 IS NULL OR created_at < ?3) \
+             GROUP BY grp ORDER BY grp"
+        ))
+        .bind(account.to_string())
+        .bind(from.map(millis))
+        .bind(to.map(millis))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        rows.iter()
+            .map(|row| {
+                let count = |col: &str| -> Result<u64, StoreError> {
+                    let n: i64 = row.try_get(col).map_err(unavailable)?;
+                    u64::try_from(n).map_err(|_| corrupt(col, &n.to_string()))
+                };
+                Ok(UsageBucket {
+                    group: row.try_get("grp").map_err(unavailable)?,
+                    requests: count("requests")?,
+                    errors: count("errors")?,
+                    input_tokens: count("input_tokens")?,
+                    cached_input_tokens: count("cached_input_tokens")?,
+                    output_tokens: count("output_tokens")?,
+                    cost: Nanos(row.try_get("cost_nanos").map_err(unavailable)?),
+                })
+            })
+            .collect()
     }
 
     async fn request(&self, id: RequestId) -> Result<Option<UsageRow>, StoreError> {

@@ -16,7 +16,8 @@ use tollgate_core::{
 };
 use tollgate_store::{
     HoldRecord, HoldSource, IdempotencyBegin, IdempotencyClaim, InsertKeyOutcome, KeyChange,
-    KeyRecord, LedgerWrite, NewKey, RevokeOutcome, Store, StoredResponse, UsageFilter, UsageRow,
+    KeyRecord, LedgerWrite, NewKey, RevokeOutcome, Store, StoredResponse, UsageBucket, UsageFilter,
+    UsageGroup, UsageRow,
 };
 
 fn key_for(account: AccountId, kind: KeyKind, name: &str) -> (ApiKey, KeyRecord) {
@@ -825,6 +826,83 @@ fn usage_row(account: AccountId, key: KeyId, ms: i64) -> UsageRow {
     }
 }
 
+pub async fn usage_summaries_group_and_total_by_day_key_route_and_model(store: Arc<dyn Store>) {
+    const DAY: i64 = 86_400_000;
+    let (account, _, master) = new_account(&*store, Nanos::ZERO).await;
+    let (other, _, other_master) = new_account(&*store, Nanos::ZERO).await;
+    let second_key = KeyId::new();
+    let mut rows = vec![
+        usage_row(account, master.id, 0),
+        usage_row(account, second_key, 1_000),
+        usage_row(account, master.id, DAY + 5),
+        usage_row(other, other_master.id, 10),
+    ];
+    rows[1].route = "/echo".into();
+    rows[1].model = None;
+    rows[1].tokens = None;
+    rows[1].status = 502;
+    rows[1].cost = Nanos::ZERO;
+    let writes: Vec<LedgerWrite> = rows
+        .iter()
+        .cloned()
+        .map(|r| LedgerWrite::Usage(Box::new(r)))
+        .collect();
+    store.commit(&writes).await.unwrap();
+    let day = |ms: i64| at(ms).format("%Y-%m-%d").to_string();
+
+    let by_day = store
+        .usage_summary(account, UsageGroup::Day, None, None)
+        .await
+        .unwrap();
+    assert_eq!(
+        by_day,
+        vec![
+            UsageBucket {
+                group: day(0),
+                requests: 2,
+                errors: 1,
+                input_tokens: 10,
+                cached_input_tokens: 2,
+                output_tokens: 5,
+                cost: Nanos(42),
+            },
+            UsageBucket {
+                group: day(DAY + 5),
+                requests: 1,
+                errors: 0,
+                input_tokens: 10,
+                cached_input_tokens: 2,
+                output_tokens: 5,
+                cost: Nanos(42),
+            },
+        ]
+    );
+    let groups = |buckets: Vec<UsageBucket>| -> Vec<(String, u64)> {
+        buckets.into_iter().map(|b| (b.group, b.requests)).collect()
+    };
+    let mut keys = vec![(master.id.to_string(), 2), (second_key.to_string(), 1)];
+    keys.sort();
+    let summary = |group| store.usage_summary(account, group, None, None);
+    assert_eq!(groups(summary(UsageGroup::Key).await.unwrap()), keys);
+    assert_eq!(
+        groups(summary(UsageGroup::Route).await.unwrap()),
+        [("/echo".to_string(), 1), ("/v1".to_string(), 2)]
+    );
+    assert_eq!(
+        groups(summary(UsageGroup::Model).await.unwrap()),
+        [(String::new(), 1), ("mock-gpt".to_string(), 2)]
+    );
+    // The window is [from, to).
+    let first_day = store
+        .usage_summary(account, UsageGroup::Route, Some(at(0)), Some(at(DAY)))
+        .await
+        .unwrap();
+    assert_eq!(
+        groups(first_day),
+        [("/echo".to_string(), 1), ("/v1".to_string(), 1)]
+    );
+}
+
 pub async fn usage_rows_round_trip_filter_and_page(store: Arc<dyn Store>) {
     let (account, _, master) = new_account(&*store, Nanos::ZERO).await;
     let (other, _, _) = new_account(&*store, Nanos::ZERO).await;
@@ -929,6 +1007,7 @@ macro_rules! store_suite {
                 holds_commit_settle_and_release_in_batches,
                 a_wallet_never_goes_negative_in_the_store,
                 usage_rows_round_trip_filter_and_page,
+                usage_summaries_group_and_total_by_day_key_route_and_model,
             );
         }
     };

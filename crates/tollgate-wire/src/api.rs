@@ -263,6 +263,30 @@ pub struct HoldInfo {
     pub resolved_at: Option<DateTime<Utc>>,
 }
 
+/// `GET /usage`: an account's usage totals per group.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UsageSummary {
+    pub account_id: AccountId,
+    /// `day`, `key`, `route` or `model`.
+    pub group_by: String,
+    pub from: Option<DateTime<Utc>>,
+    pub to: Option<DateTime<Utc>>,
+    pub data: Vec<UsageTotals>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UsageTotals {
+    /// The day (`2026-11-22`, UTC), key id, route prefix or model (empty: calls without one).
+    pub group: String,
+    pub requests: u64,
+    /// Requests answered with a status of 400 or more.
+    pub errors: u64,
+    pub input_tokens: u64,
+    pub cached_input_tokens: u64,
+    pub output_tokens: u64,
+    pub cost: Money,
+}
+
 /// One data-plane request from the usage log.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct UsageRecord {

@@ -448,6 +448,15 @@ impl UsageStore for CountingStore {
     async fn purge_requests_before(&self, cutoff: At) -> Result<u64, StoreError> {
         self.inner.purge_requests_before(cutoff).await
     }
+    async fn usage_summary(
+        &self,
+        account: AccountId,
+        group_by: tollgate_store::UsageGroup,
+        from: Option<At>,
+        to: Option<At>,
+    ) -> Result<Vec<tollgate_store::UsageBucket>, StoreError> {
+        self.inner.usage_summary(account, group_by, from, to).await
+    }
 }
 
 #[async_trait::async_trait]
