@@ -831,7 +831,7 @@ pub async fn usage_summaries_group_and_total_by_day_key_route_and_model(store: A
     let (account, _, master) = new_account(&*store, Nanos::ZERO).await;
     let (other, _, other_master) = new_account(&*store, Nanos::ZERO).await;
     let second_key = KeyId::new();
-    let mut rows = vec![
+    let mut rows = [
         usage_row(account, master.id, 0),
         usage_row(account, second_key, 1_000),
         usage_row(account, master.id, DAY + 5),
