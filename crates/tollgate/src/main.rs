@@ -62,19 +62,30 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Accounts of a running server (--url/TOLLGATE_URL, --admin-token/TOLLGATE_ADMIN_TOKEN).
+    Accounts {
+        #[command(subcommand)]
+        command: remote::AccountsCommand,
+    },
+    /// API keys of a running server.
+    Keys {
+        #[command(subcommand)]
+        command: remote::KeysCommand,
+    },
+    /// Grant credits on a running server.
+    Credits {
+        #[command(subcommand)]
+        command: remote::CreditsCommand,
+    },
+    /// Look up a request in a running server's usage log.
+    Requests {
+        #[command(subcommand)]
+        command: remote::RequestsCommand,
+    },
     /// The audit log of a running server.
     Audit {
         #[command(subcommand)]
-        command: AuditCommand,
-    },
-}
-
-#[derive(Debug, Subcommand)]
-enum AuditCommand {
-    /// Check every link of the hash chain; exits 1 naming the first broken entry.
-    Verify {
-        #[command(flatten)]
-        remote: remote::Remote,
+        command: remote::AuditCommand,
     },
 }
 
@@ -142,9 +153,11 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Audit {
-            command: AuditCommand::Verify { remote },
-        } => remote::audit_verify(&remote).await,
+        Command::Accounts { command } => remote::accounts(command).await,
+        Command::Keys { command } => remote::keys(command).await,
+        Command::Credits { command } => remote::credits(command).await,
+        Command::Requests { command } => remote::requests(command).await,
+        Command::Audit { command } => remote::audit(command).await,
     }
 }
 
