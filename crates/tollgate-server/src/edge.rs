@@ -75,7 +75,15 @@ pub async fn rescue(request: Request, next: Next) -> Response {
         .copied()
         .unwrap_or_default();
     log(&error);
-    render(response.status(), &error, profile, id)
+    let mut rendered = render(response.status(), &error, profile, id);
+    // Headers the handler set beside the error (`Server-Timing`, say) stay; the body's own
+    // headers are the envelope's.
+    for (name, value) in response.headers() {
+        if name != http::header::CONTENT_LENGTH && !rendered.headers().contains_key(name) {
+            rendered.headers_mut().append(name, value.clone());
+        }
+    }
+    rendered
 }
 
 /// An error rendered outside the rescue layer (by a layer that sits around it).

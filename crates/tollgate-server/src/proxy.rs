@@ -108,7 +108,8 @@ pub async fn proxy(State(state): State<AppState>, request: Request) -> Response 
     let profile = route.config.error_profile;
     // Set once the caller is known; every error from then on releases its hold and is logged.
     let mut billing: Option<Billing> = None;
-    let mut response = match forward(&state, route, request, &mut billing).await {
+    let mut timings = Timings::default();
+    let mut response = match forward(&state, route, request, &mut billing, &mut timings).await {
         Ok(response) => response,
         Err(error) => {
             if let Some(billing) = billing.take() {
@@ -124,7 +125,38 @@ pub async fn proxy(State(state): State<AppState>, request: Request) -> Response 
     };
     // The request-ID layer reads the profile to add Anthropic's `request-id` header.
     response.extensions_mut().insert(profile);
+    if let Some(value) = timings.header() {
+        // Appended: an upstream's own `Server-Timing` stays.
+        response.headers_mut().append(
+            http::header::HeaderName::from_static("server-timing"),
+            value,
+        );
+    }
     response
+}
+
+/// How long each phase of a proxied request took, for the `Server-Timing` header (`auth`,
+/// `limits`, `hold`, `upstream`, in milliseconds); phases a request did not reach are absent.
+#[derive(Debug, Default)]
+struct Timings(Vec<(&'static str, std::time::Duration)>);
+
+impl Timings {
+    fn since(&mut self, phase: &'static str, started: std::time::Instant) {
+        self.0.push((phase, started.elapsed()));
+    }
+
+    fn header(&self) -> Option<http::HeaderValue> {
+        if self.0.is_empty() {
+            return None;
+        }
+        let text = self
+            .0
+            .iter()
+            .map(|(phase, took)| format!("{phase};dur={:.3}", took.as_secs_f64() * 1000.0))
+            .collect::<Vec<_>>()
+            .join(", ");
+        http::HeaderValue::from_str(&text).ok()
+    }
 }
 
 /// What an LLM request asks for, read from its JSON body.
@@ -139,9 +171,13 @@ async fn forward(
     route: &Route,
     request: Request,
     billing: &mut Option<Billing>,
+    timings: &mut Timings,
 ) -> Result<Response, HttpError> {
+    let started = std::time::Instant::now();
     let client = client_ip(state, request.headers(), request.extensions());
-    let cached = authenticate_key(state, presented_secret(request.headers()), client).await?;
+    let cached = authenticate_key(state, presented_secret(request.headers()), client).await;
+    timings.since("auth", started);
+    let cached = cached?;
     let key = cached.record.clone();
     let now = state.clock.now();
     *billing = Some(Billing::new(
@@ -223,11 +259,15 @@ async fn forward(
         tokens: tokens.map_or(0, |t| t.input + t.output),
         cost_nanos: u64::try_from(hold_amount.0).unwrap_or(0),
     };
-    let demands = limits::admit_identified(state, &slot, estimate).await?;
+    let started = std::time::Instant::now();
+    let demands = limits::admit_identified(state, &slot, estimate).await;
+    timings.since("limits", started);
+    let demands = demands?;
     if let Some(billing) = billing.as_mut() {
         billing.set_reservation(state.limiter.clone(), demands);
     }
     if hold_amount > Nanos::ZERO {
+        let started = std::time::Instant::now();
         let hold = state
             .ledger
             .open(HoldSpec {
@@ -240,8 +280,9 @@ async fn forward(
                 request_id: parts.extensions.get::<RequestId>().copied(),
                 metadata: serde_json::Value::Object(Default::default()),
             })
-            .await
-            .map_err(|refused| refused_error(refused, &state.config.currency))?;
+            .await;
+        timings.since("hold", started);
+        let hold = hold.map_err(|refused| refused_error(refused, &state.config.currency))?;
         if let Some(billing) = billing.as_mut() {
             billing.set_hold(hold);
         }
@@ -288,6 +329,7 @@ async fn forward(
     state
         .metrics
         .upstream(&route.config.prefix, forwarded.elapsed());
+    timings.since("upstream", forwarded);
     let response = match answered {
         Err(_elapsed) => {
             return Err(HttpError::new(

@@ -104,3 +104,32 @@ async fn a_scrape_shows_the_traffic_it_followed() {
     assert_eq!(sample(&text, "tollgate_concurrency_limit"), 500.0);
     assert!(text.ends_with("# EOF\n"));
 }
+
+/// The phases a `Server-Timing` header names, each with a duration in milliseconds.
+fn phases(response: &reqwest::Response) -> Vec<String> {
+    let value = response.headers()["server-timing"].to_str().unwrap();
+    value
+        .split(", ")
+        .map(|item| {
+            let (phase, duration) = item.split_once(";dur=").unwrap();
+            assert!(duration.parse::<f64>().unwrap() >= 0.0, "{value}");
+            phase.to_string()
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn proxied_responses_time_their_phases_in_server_timing() {
+    let app = spawn_app_with(|raw, _| raw.billing.starter_credits = "0.0015".into()).await;
+    let account = app.create_account("acme").await;
+    let key = &account.master_key;
+    let paid = app.get_as("/echo/x", key).await;
+    assert_eq!(paid.status(), 200);
+    assert_eq!(phases(&paid), ["auth", "limits", "hold", "upstream"]);
+    // The wallet cannot cover a second call: refused at the hold, never forwarded.
+    let broke = app.get_as("/echo/x", key).await;
+    assert_eq!(broke.status(), 402);
+    assert_eq!(phases(&broke), ["auth", "limits", "hold"]);
+    let unknown = app.get_as("/echo/x", "tg_live_nope").await;
+    assert_eq!(phases(&unknown), ["auth"]);
+}
