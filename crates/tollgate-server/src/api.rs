@@ -88,11 +88,7 @@ async fn create_account(
         .await?;
     if body.max_keys.is_some() {
         account.max_keys = body.max_keys;
-        account = state
-            .store
-            .update_account(&account)
-            .await?
-            .ok_or_else(|| HttpError::not_found("account"))?;
+        account = write_account(&state, &account).await?;
     }
     tracing::info!(account = %account_id, key = %master.id, "account created");
     let view = account_view(&state, &account);
@@ -166,19 +162,41 @@ async fn get_account(
     caller: Caller,
     id: Result<Path<String>, PathRejection>,
 ) -> Result<Json<wire::Account>, HttpError> {
+    let id = visible_account(&caller, id)?;
+    let account = current_account(&state, id).await?;
+    Ok(Json(account_view(&state, &account)))
+}
+
+/// The account id in the path, if the caller may see that account (else 404, as for none).
+fn visible_account(
+    caller: &Caller,
+    id: Result<Path<String>, PathRejection>,
+) -> Result<AccountId, HttpError> {
     caller.require_master_or_admin()?;
     let id = parse_id(id, AccountId::parse, "account")?;
-    if !caller_owns(&caller, id) {
+    if !caller_owns(caller, id) {
         return Err(HttpError::not_found("account"));
     }
-    // The balance is read from the store, so first let it catch up with the ledger.
+    Ok(id)
+}
+
+/// The account as stored now; the ledger is flushed first, so its balance is current.
+async fn current_account(state: &AppState, id: AccountId) -> Result<Account, HttpError> {
     state.ledger.flush().await?;
-    let account = state
+    state
         .store
         .account(id)
         .await?
-        .ok_or_else(|| HttpError::not_found("account"))?;
-    Ok(Json(account_view(&state, &account)))
+        .ok_or_else(|| HttpError::not_found("account"))
+}
+
+/// Writes the account's settings; the account as now stored.
+async fn write_account(state: &AppState, account: &Account) -> Result<Account, HttpError> {
+    state
+        .store
+        .update_account(account)
+        .await?
+        .ok_or_else(|| HttpError::not_found("account"))
 }
 
 async fn update_account(
@@ -188,11 +206,7 @@ async fn update_account(
     id: Result<Path<String>, PathRejection>,
     body: JsonBody,
 ) -> Result<Json<wire::Account>, HttpError> {
-    caller.require_master_or_admin()?;
-    let id = parse_id(id, AccountId::parse, "account")?;
-    if !caller_owns(&caller, id) {
-        return Err(HttpError::not_found("account"));
-    }
+    let id = visible_account(&caller, id)?;
     caller.require_admin()?;
     let body: wire::UpdateAccountRequest = body.parse()?;
     let mut fields = FieldErrors::default();
@@ -208,21 +222,12 @@ async fn update_account(
         .rate_limits
         .map(|set| fields.rate_limits(&state, set.unwrap_or_default(), true));
     fields.finish()?;
-    state.ledger.flush().await?;
-    let mut account = state
-        .store
-        .account(id)
-        .await?
-        .ok_or_else(|| HttpError::not_found("account"))?;
+    let mut account = current_account(&state, id).await?;
     let before = account_view(&state, &account);
     account.name = name.unwrap_or(account.name);
     account.max_keys = body.max_keys.unwrap_or(account.max_keys);
     account.rate_limits = rate_limits.unwrap_or(account.rate_limits);
-    let account = state
-        .store
-        .update_account(&account)
-        .await?
-        .ok_or_else(|| HttpError::not_found("account"))?;
+    let account = write_account(&state, &account).await?;
     // The account's overrides travel with its keys' cache entries.
     state.keys.invalidate_account(id);
     tracing::info!(account = %id, "account updated");
@@ -261,25 +266,12 @@ async fn set_account_status(
     id: Result<Path<String>, PathRejection>,
     status: &str,
 ) -> Result<Json<wire::Account>, HttpError> {
-    caller.require_master_or_admin()?;
-    let id = parse_id(id, AccountId::parse, "account")?;
-    if !caller_owns(&caller, id) {
-        return Err(HttpError::not_found("account"));
-    }
+    let id = visible_account(&caller, id)?;
     caller.require_admin()?;
-    state.ledger.flush().await?;
-    let mut account = state
-        .store
-        .account(id)
-        .await?
-        .ok_or_else(|| HttpError::not_found("account"))?;
+    let mut account = current_account(&state, id).await?;
     let before = account.status.clone();
     account.status = status.to_string();
-    let account = state
-        .store
-        .update_account(&account)
-        .await?
-        .ok_or_else(|| HttpError::not_found("account"))?;
+    let account = write_account(&state, &account).await?;
     state.keys.invalidate_account(id);
     tracing::info!(account = %id, status, "account status changed");
     let action = if status == "active" {
