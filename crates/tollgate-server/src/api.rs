@@ -374,46 +374,54 @@ async fn create_key(
 #[serde(deny_unknown_fields)]
 struct ListKeysQuery {
     account_id: Option<String>,
+    cursor: Option<String>,
+    limit: Option<u32>,
 }
 
+/// Keys in id order (oldest first), paged: the admin's of every account or of `?account_id=`;
+/// a master key's of its own account (naming another finds nothing).
 async fn list_keys(
     State(state): State<AppState>,
     caller: Caller,
     query: Result<Query<ListKeysQuery>, QueryRejection>,
-) -> Result<Json<wire::List<wire::ApiKeyInfo>>, HttpError> {
+) -> Result<Json<wire::Page<wire::ApiKeyInfo>>, HttpError> {
     caller.require_master_or_admin()?;
-    let Query(query) = query.map_err(|e| {
-        HttpError::new(
-            ErrorCode::BadRequest,
-            format!("Bad query string: {}.", e.body_text()),
-        )
-    })?;
-    let filter = match &query.account_id {
-        None => None,
-        Some(text) => Some(AccountId::parse(text).ok_or_else(|| {
-            HttpError::from(ApiError::validation(BTreeMap::from([(
-                "account_id".to_string(),
-                vec!["is not an account id (acct_...)".to_string()],
-            )])))
-        })?),
-    };
+    let query = crate::billing_api::parse_query(query)?;
+    let limit = crate::billing_api::page_limit(query.limit)?;
+    let mut fields = FieldErrors::default();
+    let filter = query.account_id.as_deref().and_then(|text| {
+        let parsed = AccountId::parse(text);
+        if parsed.is_none() {
+            fields.add("account_id", "is not an account id (acct_...)");
+        }
+        parsed
+    });
+    let after = query.cursor.as_deref().and_then(|text| {
+        let parsed = KeyId::parse(text);
+        if parsed.is_none() {
+            fields.add("cursor", "is not a cursor from a previous page");
+        }
+        parsed
+    });
+    fields.finish()?;
     let keys = match (&caller, filter) {
-        (Caller::Admin, None) => state.store.all_keys().await?,
-        (Caller::Admin, Some(account)) => state.store.keys_of_account(account).await?,
-        (Caller::Key(key), filter) => {
-            // A master key sees its own account; naming another one finds nothing.
-            if filter.is_some_and(|account| account != key.account_id) {
-                Vec::new()
-            } else {
-                state.store.keys_of_account(key.account_id).await?
-            }
+        (Caller::Admin, filter) => state.store.keys(filter, after, limit + 1).await?,
+        (Caller::Key(key), Some(account)) if account != key.account_id => Vec::new(),
+        (Caller::Key(key), _) => {
+            state
+                .store
+                .keys(Some(key.account_id), after, limit + 1)
+                .await?
         }
     };
-    Ok(Json(wire::List {
+    let (keys, next_cursor) =
+        crate::billing_api::page(keys, limit, |k: &KeyRecord| k.id.to_string());
+    Ok(Json(wire::Page {
         data: keys
             .iter()
             .map(|k| key_view(k, &state.config.currency))
             .collect(),
+        next_cursor,
     }))
 }
 

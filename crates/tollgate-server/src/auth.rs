@@ -459,10 +459,12 @@ mod tests {
         async fn key_by_id(&self, _: KeyId) -> Result<Option<KeyRecord>, StoreError> {
             unreachable!()
         }
-        async fn keys_of_account(&self, _: AccountId) -> Result<Vec<KeyRecord>, StoreError> {
-            unreachable!()
-        }
-        async fn all_keys(&self) -> Result<Vec<KeyRecord>, StoreError> {
+        async fn keys(
+            &self,
+            _: Option<AccountId>,
+            _: Option<KeyId>,
+            _: u32,
+        ) -> Result<Vec<KeyRecord>, StoreError> {
             unreachable!()
         }
         async fn revoke_key(

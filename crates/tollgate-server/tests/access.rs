@@ -825,3 +825,50 @@ async fn the_operator_lists_accounts_by_page_and_status_and_a_master_key_sees_it
     let fields = body["error"]["field_errors"].as_object().unwrap();
     assert!(fields.contains_key("status") && fields.contains_key("cursor"));
 }
+
+#[tokio::test]
+async fn keys_are_listed_by_page_oldest_first() {
+    let app = spawn_app().await;
+    let account = app.create_account("acme").await;
+    let other = app.create_account("other").await;
+    for _ in 0..3 {
+        app.create_usage_key(&account.master_key, json!({})).await;
+    }
+    let first = app
+        .get_json("/api/v1/keys?limit=3", &account.master_key)
+        .await;
+    let cursor = first["next_cursor"].as_str().unwrap();
+    let second = app
+        .get_json(
+            &format!("/api/v1/keys?limit=3&cursor={cursor}"),
+            &account.master_key,
+        )
+        .await;
+    assert!(second["next_cursor"].is_null());
+    let ids: Vec<&str> = first["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .chain(second["data"].as_array().unwrap())
+        .map(|k| k["id"].as_str().unwrap())
+        .collect();
+    let mut sorted = ids.clone();
+    sorted.sort();
+    assert_eq!((ids.len(), &ids), (4, &sorted));
+    // A master key naming another account finds nothing; the admin sees every account's.
+    let theirs = app
+        .get_json(
+            &format!("/api/v1/keys?account_id={}", other.id),
+            &account.master_key,
+        )
+        .await;
+    assert_eq!(theirs["data"], json!([]));
+    let all = app.get_json("/api/v1/keys?limit=500", ADMIN_TOKEN).await;
+    assert_eq!(all["data"].as_array().unwrap().len(), 5);
+    let bad = app
+        .get_as("/api/v1/keys?cursor=nope&account_id=x", ADMIN_TOKEN)
+        .await;
+    let body = expect_error(bad, 400, "validation_error").await;
+    let fields = body["error"]["field_errors"].as_object().unwrap();
+    assert!(fields.contains_key("cursor") && fields.contains_key("account_id"));
+}

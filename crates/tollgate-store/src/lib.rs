@@ -194,10 +194,14 @@ pub trait KeyStore: Send + Sync {
     /// The key whose current secret, or a secret a roll replaced, has this hash.
     async fn key_by_hash(&self, hash: &KeyHash) -> Result<Option<KeyLookup>, StoreError>;
     async fn key_by_id(&self, id: KeyId) -> Result<Option<KeyRecord>, StoreError>;
-    /// The account's keys, oldest first.
-    async fn keys_of_account(&self, account: AccountId) -> Result<Vec<KeyRecord>, StoreError>;
-    /// Every key, oldest first (admin listing).
-    async fn all_keys(&self) -> Result<Vec<KeyRecord>, StoreError>;
+    /// Up to `limit` keys after `after` in id order (oldest first, to the millisecond): the
+    /// account's, or every account's when `account` is `None`.
+    async fn keys(
+        &self,
+        account: Option<AccountId>,
+        after: Option<KeyId>,
+        limit: u32,
+    ) -> Result<Vec<KeyRecord>, StoreError>;
     /// Revokes the key if it is not revoked yet; atomic, so two revokes cannot both succeed.
     async fn revoke_key(&self, id: KeyId, at: DateTime<Utc>) -> Result<RevokeOutcome, StoreError>;
     /// Writes the key's policy (name, scopes, allowed IPs, expiry, status, spend cap, rate-limit

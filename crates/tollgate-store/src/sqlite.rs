@@ -377,22 +377,22 @@ impl KeyStore for SqliteStore {
         row.as_ref().map(key_from_row).transpose()
     }
 
-    async fn keys_of_account(&self, account: AccountId) -> Result<Vec<KeyRecord>, StoreError> {
+    async fn keys(
+        &self,
+        account: Option<AccountId>,
+        after: Option<KeyId>,
+        limit: u32,
+    ) -> Result<Vec<KeyRecord>, StoreError> {
         let rows = sqlx::query(&format!(
-            "SELECT {KEY_COLUMNS} FROM api_keys WHERE account_id = ? ORDER BY id"
+            "SELECT {KEY_COLUMNS} FROM api_keys WHERE (?1 IS NULL OR account_id = ?1) \
+             AND (?2 IS NULL OR id > ?2) ORDER BY id LIMIT ?3"
         ))
-        .bind(account.to_string())
+        .bind(account.map(|a| a.to_string()))
+        .bind(after.map(|k| k.to_string()))
+        .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await
         .map_err(unavailable)?;
-        rows.iter().map(key_from_row).collect()
-    }
-
-    async fn all_keys(&self) -> Result<Vec<KeyRecord>, StoreError> {
-        let rows = sqlx::query(&format!("SELECT {KEY_COLUMNS} FROM api_keys ORDER BY id"))
-            .fetch_all(&self.pool)
-            .await
-            .map_err(unavailable)?;
         rows.iter().map(key_from_row).collect()
     }
 

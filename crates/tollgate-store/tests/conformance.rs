@@ -114,15 +114,20 @@ pub async fn lists_keys_per_account_oldest_first(store: Arc<dyn Store>) {
     let (_, usage_a) = key_for(a, KeyKind::Usage, "second");
     insert(&*store, &usage_a).await;
     let ids = |keys: Vec<KeyRecord>| keys.into_iter().map(|k| k.id).collect::<Vec<_>>();
+    let mut of_a = vec![master_a.id, usage_a.id];
+    of_a.sort();
+    assert_eq!(ids(store.keys(Some(a), None, 10).await.unwrap()), of_a);
     assert_eq!(
-        ids(store.keys_of_account(a).await.unwrap()),
-        vec![master_a.id, usage_a.id]
-    );
-    assert_eq!(
-        ids(store.keys_of_account(b).await.unwrap()),
+        ids(store.keys(Some(b), None, 10).await.unwrap()),
         vec![master_b.id]
     );
-    let all = ids(store.all_keys().await.unwrap());
+    // Paged: after the first, the rest.
+    assert_eq!(ids(store.keys(Some(a), None, 1).await.unwrap()), of_a[..1]);
+    assert_eq!(
+        ids(store.keys(Some(a), Some(of_a[0]), 10).await.unwrap()),
+        of_a[1..]
+    );
+    let all = ids(store.keys(None, None, 100).await.unwrap());
     for id in [master_a.id, usage_a.id, master_b.id] {
         assert!(all.contains(&id));
     }
@@ -557,7 +562,7 @@ pub async fn concurrent_inserts_never_overshoot_the_key_limit(store: Arc<dyn Sto
         }
     }
     assert_eq!(inserted, 4, "the master key plus four fill a limit of five");
-    assert_eq!(store.keys_of_account(account).await.unwrap().len(), 5);
+    assert_eq!(store.keys(Some(account), None, 100).await.unwrap().len(), 5);
 }
 
 pub async fn updates_change_policy_but_never_a_revoked_key(store: Arc<dyn Store>) {

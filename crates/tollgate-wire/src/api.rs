@@ -178,11 +178,6 @@ pub struct RolledKey {
     pub previous_secret_expires_at: DateTime<Utc>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct List<T> {
-    pub data: Vec<T>,
-}
-
 /// One page of a listing. `next_cursor`, when present, is passed as `?cursor=` for the next page.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Page<T> {

@@ -56,6 +56,24 @@ impl Remote {
         Ok(answer)
     }
 
+    /// Every row of a paged listing (`path` carries its query string), following the cursors.
+    async fn all_pages(&self, path: &str) -> anyhow::Result<Vec<Value>> {
+        let mut rows = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let page_path = match &cursor {
+                Some(cursor) => format!("{path}&cursor={cursor}"),
+                None => path.to_string(),
+            };
+            let page = self.call(Method::GET, &page_path, None).await?;
+            rows.extend(page["data"].as_array().cloned().unwrap_or_default());
+            match page["next_cursor"].as_str() {
+                Some(next) => cursor = Some(next.to_string()),
+                None => return Ok(rows),
+            }
+        }
+    }
+
     /// Prints `answer` as JSON, or as a table of `columns` (JSON pointers) over its rows.
     fn show(&self, answer: &Value, rows: &[Value], columns: &[(&str, &str)]) {
         if self.json {
@@ -268,23 +286,13 @@ pub async fn accounts(command: AccountsCommand) -> anyhow::Result<ExitCode> {
             }
         }
         AccountsCommand::List { status, remote } => {
-            let mut rows = Vec::new();
-            let mut cursor: Option<String> = None;
-            loop {
-                let mut path = "/accounts?limit=500".to_string();
-                if let Some(status) = &status {
-                    path.push_str(&format!("&status={status}"));
-                }
-                if let Some(cursor) = &cursor {
-                    path.push_str(&format!("&cursor={cursor}"));
-                }
-                let page = remote.call(Method::GET, &path, None).await?;
-                rows.extend(page["data"].as_array().cloned().unwrap_or_default());
-                match page["next_cursor"].as_str() {
-                    Some(next) => cursor = Some(next.to_string()),
-                    None => break,
-                }
-            }
+            let filter = status.map(|s| format!("&status={s}"));
+            let rows = remote
+                .all_pages(&format!(
+                    "/accounts?limit=500{}",
+                    filter.unwrap_or_default()
+                ))
+                .await?;
             remote.show(&json!({ "data": rows }), &rows, ACCOUNT_COLUMNS);
         }
         AccountsCommand::Show { id, remote } => {
@@ -314,10 +322,11 @@ pub async fn keys(command: KeysCommand) -> anyhow::Result<ExitCode> {
             show_secret(&remote, &answer, &answer);
         }
         KeysCommand::List { account, remote } => {
-            let path = account.map_or("/keys".to_string(), |a| format!("/keys?account_id={a}"));
-            let answer = remote.call(Method::GET, &path, None).await?;
-            let rows = answer["data"].as_array().cloned().unwrap_or_default();
-            remote.show(&answer, &rows, KEY_COLUMNS);
+            let filter = account.map(|a| format!("&account_id={a}"));
+            let rows = remote
+                .all_pages(&format!("/keys?limit=500{}", filter.unwrap_or_default()))
+                .await?;
+            remote.show(&json!({ "data": rows }), &rows, KEY_COLUMNS);
         }
         KeysCommand::Revoke { id, remote } => {
             let answer = remote

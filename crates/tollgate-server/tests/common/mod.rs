@@ -369,11 +369,13 @@ impl KeyStore for CountingStore {
     async fn key_by_id(&self, id: KeyId) -> Result<Option<KeyRecord>, StoreError> {
         self.inner.key_by_id(id).await
     }
-    async fn keys_of_account(&self, account: AccountId) -> Result<Vec<KeyRecord>, StoreError> {
-        self.inner.keys_of_account(account).await
-    }
-    async fn all_keys(&self) -> Result<Vec<KeyRecord>, StoreError> {
-        self.inner.all_keys().await
+    async fn keys(
+        &self,
+        account: Option<AccountId>,
+        after: Option<KeyId>,
+        limit: u32,
+    ) -> Result<Vec<KeyRecord>, StoreError> {
+        self.inner.keys(account, after, limit).await
     }
     async fn revoke_key(
         &self,
