@@ -25,8 +25,9 @@
 //! - **Replays and rate limits:** a replay, a 409 and a 422 consume no rate limit (they cost the
 //!   upstream nothing); their headers show where the caller stands.
 
-use crate::api::{CarriesSecret, FieldErrors};
+use crate::api::CarriesSecret;
 use crate::auth::{identify, Identity};
+use crate::billing_api::validation;
 use crate::error::HttpError;
 use crate::limits::{self, Estimate, LimitSlot, Standings};
 use crate::proxy::is_hop_by_hop;
@@ -149,24 +150,17 @@ pub async fn layer(State(state): State<AppState>, request: Request, next: Next) 
 
 /// The key as sent: 1 to 255 printable ASCII characters.
 fn parse_key(value: &HeaderValue) -> Result<String, HttpError> {
-    let text = value.to_str().unwrap_or_default();
-    let problem = if text.is_empty() {
-        Some("must not be empty".to_string())
-    } else if text.len() > MAX_KEY_CHARS {
-        Some(format!("must be at most {MAX_KEY_CHARS} characters"))
-    } else if !text.bytes().all(|b| (0x20..0x7f).contains(&b)) {
-        Some("must be printable ASCII".to_string())
+    let bytes = value.as_bytes();
+    let problem = if bytes.is_empty() {
+        "must not be empty".to_string()
+    } else if bytes.len() > MAX_KEY_CHARS {
+        format!("must be at most {MAX_KEY_CHARS} characters")
+    } else if !bytes.iter().all(|b| (0x20..0x7f).contains(b)) {
+        "must be printable ASCII".to_string()
     } else {
-        None
+        return Ok(String::from_utf8_lossy(bytes).into_owned());
     };
-    match problem {
-        None => Ok(text.to_string()),
-        Some(problem) => {
-            let mut fields = FieldErrors::default();
-            fields.add("Idempotency-Key", problem);
-            fields.finish().map(|()| String::new())
-        }
-    }
+    Err(validation("Idempotency-Key", problem))
 }
 
 fn fingerprint(method: &Method, uri: &http::Uri, body: &[u8]) -> [u8; 32] {

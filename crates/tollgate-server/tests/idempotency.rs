@@ -418,7 +418,11 @@ async fn a_malformed_idempotency_key_is_a_validation_error() {
         .send()
         .await
         .unwrap();
-    expect_error(non_ascii, 400, "validation_error").await;
+    let body = expect_error(non_ascii, 400, "validation_error").await;
+    assert_eq!(
+        body["error"]["field_errors"]["Idempotency-Key"],
+        json!(["must be printable ASCII"])
+    );
     // 255 characters is fine.
     let longest = work(&s, &"x".repeat(255), "{}").send().await.unwrap();
     assert_eq!(longest.status(), 200);
