@@ -138,24 +138,21 @@ pub async fn proxy(State(state): State<AppState>, request: Request) -> Response 
 /// How long each phase of a proxied request took, for the `Server-Timing` header (`auth`,
 /// `limits`, `hold`, `upstream`, in milliseconds); phases a request did not reach are absent.
 #[derive(Debug, Default)]
-struct Timings(Vec<(&'static str, std::time::Duration)>);
+struct Timings(String);
 
 impl Timings {
+    /// Appends `phase` as it is written in the header, so the header is one string built once.
     fn since(&mut self, phase: &'static str, started: std::time::Instant) {
-        self.0.push((phase, started.elapsed()));
+        use std::fmt::Write;
+        let millis = started.elapsed().as_secs_f64() * 1000.0;
+        let separator = if self.0.is_empty() { "" } else { ", " };
+        let _ = write!(self.0, "{separator}{phase};dur={millis:.3}");
     }
 
     fn header(&self) -> Option<http::HeaderValue> {
-        if self.0.is_empty() {
-            return None;
-        }
-        let text = self
-            .0
-            .iter()
-            .map(|(phase, took)| format!("{phase};dur={:.3}", took.as_secs_f64() * 1000.0))
-            .collect::<Vec<_>>()
-            .join(", ");
-        http::HeaderValue::from_str(&text).ok()
+        (!self.0.is_empty())
+            .then(|| http::HeaderValue::from_str(&self.0).ok())
+            .flatten()
     }
 }
 
