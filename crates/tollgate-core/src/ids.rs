@@ -55,6 +55,14 @@ macro_rules! prefixed_id {
             }
         }
 
+        impl utoipa::ToSchema for $name {}
+
+        impl utoipa::PartialSchema for $name {
+            fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+                id_schema($prefix)
+            }
+        }
+
         impl<'de> Deserialize<'de> for $name {
             fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
                 let text = String::deserialize(d)?;
@@ -62,6 +70,16 @@ macro_rules! prefixed_id {
             }
         }
     };
+}
+
+/// An id in OpenAPI: its prefix, then 26 characters of Crockford base32 (a ULID).
+fn id_schema(prefix: &str) -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+    use utoipa::openapi::schema::{ObjectBuilder, Type};
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .pattern(Some(format!("^{prefix}[0-9A-HJKMNP-TV-Z]{{26}}$")))
+        .examples([format!("{prefix}01JD3ZK6Q9X8V7T5R4N2M0P1AB")])
+        .into()
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -105,6 +123,14 @@ mod tests {
         assert_eq!(KeyId::parse(&text), None);
         assert_eq!(AccountId::parse("acct_nope"), None);
         assert_eq!(AccountId::parse(&text.to_lowercase()), None);
+    }
+
+    #[test]
+    fn the_schema_example_is_a_valid_id() {
+        let schema = serde_json::to_value(<AccountId as utoipa::PartialSchema>::schema())
+            .unwrap_or_default();
+        let example = schema["examples"][0].as_str().unwrap_or_default();
+        assert!(AccountId::parse(example).is_some(), "{schema}");
     }
 
     #[test]

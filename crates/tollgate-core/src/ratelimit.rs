@@ -77,6 +77,18 @@ pub struct Policy {
     pub window: Duration,
     /// Units admitted ahead of the steady pace.
     pub burst: u64,
+    /// What a request meets when the limiter cannot be reached.
+    pub on_limiter_failure: FailureMode,
+}
+
+/// When a shared limiter cannot be reached: admit the request (`open`, and count it) or refuse it
+/// with 503 `service_unavailable` (`closed`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FailureMode {
+    #[default]
+    Open,
+    Closed,
 }
 
 /// The state of a policy for one subject after a decision.
@@ -179,7 +191,7 @@ impl Policy {
 }
 
 /// An account's or key's own numbers for a configured policy, set by the operator.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LimitOverride {
     pub limit: u64,
@@ -237,6 +249,7 @@ mod tests {
             limit,
             window: Duration::from_millis(window_ms),
             burst,
+            on_limiter_failure: Default::default(),
         }
     }
 

@@ -29,6 +29,7 @@ fn policy(name: &str, scope: Scope, limit: u64) -> Arc<Policy> {
         limit,
         window: Duration::from_secs(1),
         burst: limit,
+        on_limiter_failure: Default::default(),
     })
 }
 

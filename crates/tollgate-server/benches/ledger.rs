@@ -14,7 +14,7 @@ use tollgate_core::ledger::{Book, HoldRequest, Resolve};
 use tollgate_core::{AccountId, HoldId, KeyEnv, KeyKind, Nanos, SystemClock};
 use tollgate_server::ledger::{HoldSpec, Ledger};
 use tollgate_store::sqlite::SqliteStore;
-use tollgate_store::{HoldRecord, HoldSource, KeyRecord, LedgerWrite, NewKey, Store};
+use tollgate_store::{BatchId, HoldRecord, HoldSource, KeyRecord, LedgerWrite, NewKey, Store};
 
 const PAIRS: u64 = 1_000;
 
@@ -115,7 +115,7 @@ fn bench(c: &mut Criterion) {
                     },
                     transfer,
                 };
-                store.commit(&[open]).await.unwrap();
+                store.commit(BatchId::new(), &[open]).await.unwrap();
                 let resolution = book
                     .lock()
                     .unwrap()
@@ -125,7 +125,7 @@ fn bench(c: &mut Criterion) {
                     hold: resolution.hold,
                     transfers: resolution.transfers,
                 };
-                store.commit(&[settle]).await.unwrap();
+                store.commit(BatchId::new(), &[settle]).await.unwrap();
             }
         })
     });

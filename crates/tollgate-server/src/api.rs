@@ -8,14 +8,14 @@ use crate::audit::{self, Change};
 use crate::auth::Caller;
 use crate::error::HttpError;
 use crate::limits;
+use crate::openapi;
 use crate::state::AppState;
 use axum::body::Bytes;
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{FromRequest, OriginalUri, Path, Query, Request, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use axum::routing::{get, post};
-use axum::{Extension, Json, Router};
+use axum::{Extension, Json};
 use chrono::{DurationRound, TimeDelta};
 use ipnet::IpNet;
 use serde::de::DeserializeOwned;
@@ -27,6 +27,9 @@ use tollgate_core::{
 };
 use tollgate_store::{Account, InsertKeyOutcome, KeyChange, KeyRecord, NewKey, RevokeOutcome};
 use tollgate_wire::api::{self as wire, CreateAccountRequest, CreateKeyRequest};
+use utoipa::IntoParams;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 /// The largest management request body read.
 const MAX_BODY_BYTES: usize = 1024 * 1024;
@@ -36,17 +39,18 @@ const MAX_ALLOWED_IPS: usize = 100;
 /// The longest a rolled key's previous secret may keep working.
 const MAX_ROLL_GRACE_SECONDS: u64 = 7 * 24 * 3600;
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/accounts", post(create_account).get(list_accounts))
-        .route("/accounts/{id}", get(get_account).patch(update_account))
-        .route("/accounts/{id}/suspend", post(suspend_account))
-        .route("/accounts/{id}/reactivate", post(reactivate_account))
-        .route("/keys", post(create_key).get(list_keys))
-        .route("/keys/{id}", get(get_key).patch(update_key))
-        .route("/keys/{id}/revoke", post(revoke_key))
-        .route("/keys/{id}/roll", post(roll_key))
-        .route("/key", get(current_key))
+/// The management API and its OpenAPI description, declared together so neither can drift.
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(create_account, list_accounts))
+        .routes(routes!(get_account, update_account))
+        .routes(routes!(suspend_account))
+        .routes(routes!(reactivate_account))
+        .routes(routes!(create_key, list_keys))
+        .routes(routes!(get_key, update_key))
+        .routes(routes!(revoke_key))
+        .routes(routes!(roll_key))
+        .routes(routes!(current_key))
         .merge(crate::billing_api::router())
         .merge(crate::audit::router())
 }
@@ -54,6 +58,19 @@ pub fn router() -> Router<AppState> {
 // ---------------------------------------------------------------------------------------------
 // Handlers
 
+/// Creates an account with a wallet and a master key (admin only).
+#[utoipa::path(
+    post,
+    path = "/accounts",
+    tag = "accounts",
+    request_body = CreateAccountRequest,
+    responses(
+        (status = 201, description = "The account and its first master key (the secret is shown only here).", body = wire::CreateAccountResponse),
+        (status = 400, response = openapi::Status400),
+        (status = 403, response = openapi::Status403),
+    ),
+    security(("admin_token" = [])),
+)]
 async fn create_account(
     State(state): State<AppState>,
     Extension(request_id): Extension<RequestId>,
@@ -108,16 +125,32 @@ async fn create_account(
     ))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct ListAccountsQuery {
+    /// Only accounts with this status: `active` or `suspended`.
     status: Option<String>,
+    /// The `next_cursor` of the previous page.
     cursor: Option<String>,
+    /// Page size, 1 to 500; default 50.
     limit: Option<u32>,
 }
 
 /// The admin's listing of every account (paged, `?status=active|suspended`); a master key sees
 /// its own account alone.
+#[utoipa::path(
+    get,
+    path = "/accounts",
+    tag = "accounts",
+    params(ListAccountsQuery),
+    responses(
+        (status = 200, description = "One page of accounts, oldest first.", body = wire::Page<wire::Account>),
+        (status = 400, response = openapi::Status400),
+        (status = 403, response = openapi::Status403),
+    ),
+    security(("admin_token" = []), ("api_key" = [])),
+)]
 async fn list_accounts(
     State(state): State<AppState>,
     caller: Caller,
@@ -157,6 +190,19 @@ async fn list_accounts(
     }))
 }
 
+/// An account (the admin's of any, a master key's of its own).
+#[utoipa::path(
+    get,
+    path = "/accounts/{id}",
+    tag = "accounts",
+    params(("id" = AccountId, Path, description = "The account's id.")),
+    responses(
+        (status = 200, description = "The account, with its current balance.", body = wire::Account),
+        (status = 403, response = openapi::Status403),
+        (status = 404, response = openapi::Status404),
+    ),
+    security(("admin_token" = []), ("api_key" = [])),
+)]
 async fn get_account(
     State(state): State<AppState>,
     caller: Caller,
@@ -199,6 +245,21 @@ async fn write_account(state: &AppState, account: &Account) -> Result<Account, H
         .ok_or_else(|| HttpError::not_found("account"))
 }
 
+/// Renames an account, changes its key limit or its rate-limit overrides (admin only).
+#[utoipa::path(
+    patch,
+    path = "/accounts/{id}",
+    tag = "accounts",
+    params(("id" = AccountId, Path, description = "The account's id.")),
+    request_body = wire::UpdateAccountRequest,
+    responses(
+        (status = 200, description = "The account as now stored.", body = wire::Account),
+        (status = 400, response = openapi::Status400),
+        (status = 403, response = openapi::Status403),
+        (status = 404, response = openapi::Status404),
+    ),
+    security(("admin_token" = [])),
+)]
 async fn update_account(
     State(state): State<AppState>,
     Extension(request_id): Extension<RequestId>,
@@ -239,6 +300,19 @@ async fn update_account(
     Ok(Json(view))
 }
 
+/// Suspends an account (admin only): every key of it is refused until it is reactivated.
+#[utoipa::path(
+    post,
+    path = "/accounts/{id}/suspend",
+    tag = "accounts",
+    params(("id" = AccountId, Path, description = "The account's id.")),
+    responses(
+        (status = 200, description = "The suspended account. Its keys get 403 `forbidden` from their next request.", body = wire::Account),
+        (status = 403, response = openapi::Status403),
+        (status = 404, response = openapi::Status404),
+    ),
+    security(("admin_token" = [])),
+)]
 async fn suspend_account(
     State(state): State<AppState>,
     Extension(request_id): Extension<RequestId>,
@@ -248,6 +322,19 @@ async fn suspend_account(
     set_account_status(state, caller, request_id, id, "suspended").await
 }
 
+/// Reactivates a suspended account (admin only).
+#[utoipa::path(
+    post,
+    path = "/accounts/{id}/reactivate",
+    tag = "accounts",
+    params(("id" = AccountId, Path, description = "The account's id.")),
+    responses(
+        (status = 200, description = "The active account.", body = wire::Account),
+        (status = 403, response = openapi::Status403),
+        (status = 404, response = openapi::Status404),
+    ),
+    security(("admin_token" = [])),
+)]
 async fn reactivate_account(
     State(state): State<AppState>,
     Extension(request_id): Extension<RequestId>,
@@ -286,6 +373,20 @@ async fn set_account_status(
     Ok(Json(account_view(&state, &account)))
 }
 
+/// Creates an API key (a master key for its own account; the admin for any).
+#[utoipa::path(
+    post,
+    path = "/keys",
+    tag = "keys",
+    request_body = CreateKeyRequest,
+    responses(
+        (status = 201, description = "The key; its secret is shown only here.", body = wire::CreatedKey),
+        (status = 400, response = openapi::Status400),
+        (status = 403, response = openapi::Status403),
+        (status = 404, response = openapi::Status404),
+    ),
+    security(("admin_token" = []), ("api_key" = [])),
+)]
 async fn create_key(
     State(state): State<AppState>,
     Extension(request_id): Extension<RequestId>,
@@ -370,16 +471,32 @@ async fn create_key(
     Ok((StatusCode::CREATED, Extension(CarriesSecret), Json(created)))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct ListKeysQuery {
+    /// Admin only: the account whose keys to list; every account's if omitted.
     account_id: Option<String>,
+    /// The `next_cursor` of the previous page.
     cursor: Option<String>,
+    /// Page size, 1 to 500; default 50.
     limit: Option<u32>,
 }
 
 /// Keys in id order (oldest first), paged: the admin's of every account or of `?account_id=`;
 /// a master key's of its own account (naming another finds nothing).
+#[utoipa::path(
+    get,
+    path = "/keys",
+    tag = "keys",
+    params(ListKeysQuery),
+    responses(
+        (status = 200, description = "One page of keys, oldest first.", body = wire::Page<wire::ApiKeyInfo>),
+        (status = 400, response = openapi::Status400),
+        (status = 403, response = openapi::Status403),
+    ),
+    security(("admin_token" = []), ("api_key" = [])),
+)]
 async fn list_keys(
     State(state): State<AppState>,
     caller: Caller,
@@ -442,6 +559,19 @@ async fn owned_key(
         .ok_or_else(|| HttpError::not_found("key"))
 }
 
+/// An API key (the admin's of any, a master key's of its own account).
+#[utoipa::path(
+    get,
+    path = "/keys/{id}",
+    tag = "keys",
+    params(("id" = KeyId, Path, description = "The key's id.")),
+    responses(
+        (status = 200, description = "The key (never its secret).", body = wire::ApiKeyInfo),
+        (status = 403, response = openapi::Status403),
+        (status = 404, response = openapi::Status404),
+    ),
+    security(("admin_token" = []), ("api_key" = [])),
+)]
 async fn get_key(
     State(state): State<AppState>,
     caller: Caller,
@@ -451,6 +581,22 @@ async fn get_key(
     Ok(Json(key_view(&key, &state.config.currency)))
 }
 
+/// Changes a key's name, scopes, allowlist, expiry, status, spend cap or (admin only) rate limits.
+#[utoipa::path(
+    patch,
+    path = "/keys/{id}",
+    tag = "keys",
+    params(("id" = KeyId, Path, description = "The key's id.")),
+    request_body = wire::UpdateKeyRequest,
+    responses(
+        (status = 200, description = "The key as now stored; the change applies from the next request.", body = wire::ApiKeyInfo),
+        (status = 400, response = openapi::Status400),
+        (status = 403, response = openapi::Status403),
+        (status = 404, response = openapi::Status404),
+        (status = 409, response = openapi::Status409),
+    ),
+    security(("admin_token" = []), ("api_key" = [])),
+)]
 async fn update_key(
     State(state): State<AppState>,
     Extension(request_id): Extension<RequestId>,
@@ -515,6 +661,22 @@ async fn update_key(
     Ok(Json(view))
 }
 
+/// Gives a key a new secret; the old one keeps working for the grace period.
+#[utoipa::path(
+    post,
+    path = "/keys/{id}/roll",
+    tag = "keys",
+    params(("id" = KeyId, Path, description = "The key's id.")),
+    request_body = Option<wire::RollKeyRequest>,
+    responses(
+        (status = 200, description = "The key with its new secret, shown only here.", body = wire::RolledKey),
+        (status = 400, response = openapi::Status400),
+        (status = 403, response = openapi::Status403),
+        (status = 404, response = openapi::Status404),
+        (status = 409, response = openapi::Status409),
+    ),
+    security(("admin_token" = []), ("api_key" = [])),
+)]
 async fn roll_key(
     State(state): State<AppState>,
     Extension(request_id): Extension<RequestId>,
@@ -598,6 +760,20 @@ fn revoked_conflict(key: &KeyRecord) -> HttpError {
     )
 }
 
+/// Revokes a key for good.
+#[utoipa::path(
+    post,
+    path = "/keys/{id}/revoke",
+    tag = "keys",
+    params(("id" = KeyId, Path, description = "The key's id.")),
+    responses(
+        (status = 200, description = "The revoked key. It is refused from its next request.", body = wire::ApiKeyInfo),
+        (status = 403, response = openapi::Status403),
+        (status = 404, response = openapi::Status404),
+        (status = 409, response = openapi::Status409),
+    ),
+    security(("admin_token" = []), ("api_key" = [])),
+)]
 async fn revoke_key(
     State(state): State<AppState>,
     Extension(request_id): Extension<RequestId>,
@@ -629,6 +805,16 @@ async fn revoke_key(
 }
 
 /// "Verify my key": any valid key may ask about itself.
+#[utoipa::path(
+    get,
+    path = "/key",
+    tag = "keys",
+    responses(
+        (status = 200, description = "The key that made this call.", body = wire::ApiKeyInfo),
+        (status = 400, response = openapi::Status400),
+    ),
+    security(("api_key" = [])),
+)]
 async fn current_key(
     State(state): State<AppState>,
     caller: Caller,

@@ -7,29 +7,35 @@ use crate::ledger::Ledger;
 use crate::limits::LocalLimiter;
 use crate::metrics::Metrics;
 use crate::proxy::RouteTable;
+use crate::redis_limiter::RedisLimiter;
 use crate::shed::Shedder;
 use crate::state::AppState;
-use crate::{api, edge, health, idempotency, limits, metrics, proxy, shed};
+use crate::{api, edge, health, idempotency, limits, metrics, openapi, proxy, shed};
 use axum::middleware;
 use axum::response::IntoResponse;
-use axum::routing::get;
 use axum::Router;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
+use tokio::sync::mpsc;
 use tollgate_core::{Clock, ErrorCode, RequestId, SystemClock};
+use tollgate_store::postgres::PostgresStore;
 use tollgate_store::sqlite::SqliteStore;
-use tollgate_store::Store;
+use tollgate_store::{Store, StoreChange};
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::trace::{DefaultOnFailure, DefaultOnResponse, TraceLayer};
 use tracing::Level;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 pub struct Application {
     listener: TcpListener,
     router: Router,
     state: AppState,
+    /// Key and account changes other nodes make, when the store is shared.
+    changes: Option<mpsc::Receiver<StoreChange>>,
 }
 
 impl Application {
@@ -65,7 +71,12 @@ impl Application {
             keys,
             metrics,
             ledger,
-            limiter: Arc::new(LocalLimiter::new(clock.clone())),
+            limiter: match &config.redis_url {
+                Some(url) => Arc::new(
+                    RedisLimiter::new(&url.0).map_err(|e| anyhow::anyhow!("redis.url: {e}"))?,
+                ),
+                None => Arc::new(LocalLimiter::new(clock.clone())),
+            },
             routes: Arc::new(RouteTable::new(&config.routes)),
             shedder: config
                 .load_shedding
@@ -75,11 +86,13 @@ impl Application {
             store,
             clock,
         };
-        let router = router(state.clone());
+        let router = router(state.clone())?;
+        let changes = state.store.changes().await?;
         Ok(Application {
             listener,
             router,
             state,
+            changes,
         })
     }
 
@@ -100,7 +113,12 @@ impl Application {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
-        let sweeper = tokio::spawn(sweep(self.state.clone()));
+        // A shared store (one with a change feed) may hold other nodes' holds.
+        let shared = self.changes.is_some();
+        let sweeper = tokio::spawn(sweep(self.state.clone(), shared));
+        let follower = self
+            .changes
+            .map(|changes| tokio::spawn(follow_changes(changes, self.state.keys.clone())));
         let cpu_watch = match (&self.state.shedder, &self.state.config.load_shedding) {
             (Some(shedder), Some(config)) => config
                 .cpu_threshold
@@ -114,6 +132,9 @@ impl Application {
             .with_graceful_shutdown(shutdown)
             .await;
         sweeper.abort();
+        if let Some(follower) = follower {
+            follower.abort();
+        }
         if let Some(cpu_watch) = cpu_watch {
             cpu_watch.abort();
         }
@@ -122,18 +143,43 @@ impl Application {
     }
 }
 
-/// Releases holds past their TTL, and deletes usage rows and idempotency keys past their
-/// retention (hourly).
-async fn sweep(state: AppState) {
+/// Drops what the key cache holds of whatever another node changed, so a revoked key or a
+/// suspended account is refused everywhere from the announcement on.
+async fn follow_changes(mut changes: mpsc::Receiver<StoreChange>, keys: Arc<KeyCache>) {
+    while let Some(change) = changes.recv().await {
+        match change {
+            StoreChange::Key(key) => keys.invalidate(key),
+            StoreChange::Account(account) => keys.invalidate_account(account),
+            StoreChange::Resync => keys.clear(),
+        }
+    }
+}
+
+/// Every tick: asks the store whether it answers, releases holds past their TTL (on a shared
+/// store, stopped nodes' too), and hourly deletes usage rows and idempotency keys past their
+/// retention.
+async fn sweep(state: AppState, shared: bool) {
+    // Another node's hold is expired this long after its TTL, so its owner, if alive, goes first.
+    let orphan_grace = (state.config.sweep_interval * 2).max(Duration::from_secs(1));
     const PURGE_EVERY: Duration = Duration::from_secs(3600);
     let mut ticks = tokio::time::interval(state.config.sweep_interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_purge: Option<tokio::time::Instant> = None;
     loop {
         ticks.tick().await;
+        state.ledger.check_store().await;
         let expired = state.ledger.expire_due();
         if expired > 0 {
             tracing::info!(expired, "released holds past their TTL");
+        }
+        if shared {
+            match state.ledger.expire_orphans(orphan_grace).await {
+                Ok(0) => {}
+                Ok(expired) => {
+                    tracing::info!(expired, "released stopped nodes' holds past their TTL")
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot look for stopped nodes' holds"),
+            }
         }
         if last_purge.is_none_or(|at| at.elapsed() >= PURGE_EVERY) {
             last_purge = Some(tokio::time::Instant::now());
@@ -167,20 +213,40 @@ pub async fn open_store(config: &StoreConfig) -> anyhow::Result<Arc<dyn Store>> 
                 .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", path.display()))?;
             Ok(Arc::new(store))
         }
+        StoreConfig::Postgres { url } => {
+            let store = PostgresStore::open(&url.0)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot open the PostgreSQL store: {e}"))?;
+            Ok(Arc::new(store))
+        }
     }
 }
 
 /// The whole service. Layers run top to bottom on the way in (the last `.layer` is outermost).
-fn router(state: AppState) -> Router {
-    let api_prefix = state.config.api_prefix.clone();
-    let api = api::router()
+fn router(state: AppState) -> anyhow::Result<Router> {
+    let config = &state.config;
+    // Every route is registered with its OpenAPI description (`routes!`); the document is the
+    // union of what the routers declare, completed for this config and serialised once.
+    let (api, api_doc) = api::router().split_for_parts();
+    let api = api
         .fallback(api::not_found)
         .method_not_allowed_fallback(api::not_found);
-    Router::new()
-        .route("/healthz", get(health::healthz))
-        .route("/readyz", get(health::readyz))
-        .route("/metrics", get(metrics::handler))
-        .nest(&api_prefix, api)
+    let (operations, operations_doc) = OpenApiRouter::new()
+        .routes(routes!(health::healthz))
+        .routes(routes!(health::readyz))
+        .routes(routes!(metrics::handler))
+        .split_for_parts();
+    let docs = openapi::routes();
+    let doc = openapi::skeleton()
+        .merge_from(operations_doc)
+        .nest(&config.api_prefix, api_doc)
+        .merge_from(docs.get_openapi().clone());
+    let published = openapi::Published::new(&openapi::finish(doc, config))?;
+    let (docs, _) = docs.with_state::<AppState>(published).split_for_parts();
+    Ok(Router::new()
+        .merge(operations)
+        .nest(&config.api_prefix, api)
+        .merge(docs)
         // Everything that is not Tollgate's own path is proxied (or 404s if no route matches).
         .fallback(proxy::proxy)
         // A panic becomes a 500 envelope, inside rescue so it is rendered like any error.
@@ -221,7 +287,7 @@ fn router(state: AppState) -> Router {
             state.clone(),
             edge::request_id,
         ))
-        .with_state(state)
+        .with_state(state))
 }
 
 fn request_span(request: &axum::http::Request<axum::body::Body>) -> tracing::Span {

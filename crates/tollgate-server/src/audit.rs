@@ -9,20 +9,23 @@
 use crate::auth::Caller;
 use crate::billing_api::{page, page_limit, parse_query, validation};
 use crate::error::HttpError;
+use crate::openapi;
 use crate::state::AppState;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
-use axum::routing::get;
-use axum::{Json, Router};
+use axum::Json;
 use serde::{Deserialize, Serialize};
 use tollgate_core::audit::{AuditEntry, Checker, GENESIS};
 use tollgate_core::RequestId;
 use tollgate_wire::api as wire;
+use utoipa::IntoParams;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/audit", get(list))
-        .route("/audit/verify", get(verify))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list))
+        .routes(routes!(verify))
 }
 
 /// One change, as handlers describe it.
@@ -99,14 +102,30 @@ fn view(entry: AuditEntry) -> wire::AuditEntry {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct ListQuery {
+    /// The `next_cursor` of the previous page (the last `seq` seen).
     cursor: Option<String>,
+    /// Page size, 1 to 500; default 50.
     limit: Option<u32>,
 }
 
 /// Oldest first, paged: `?cursor=` is the last `seq` seen.
+#[utoipa::path(
+    get,
+    path = "/audit",
+    tag = "audit",
+    operation_id = "list_audit_entries",
+    params(ListQuery),
+    responses(
+        (status = 200, description = "One page of entries, oldest first.", body = wire::Page<wire::AuditEntry>),
+        (status = 400, response = openapi::Status400),
+        (status = 403, response = openapi::Status403),
+    ),
+    security(("admin_token" = [])),
+)]
 async fn list(
     State(state): State<AppState>,
     caller: Caller,
@@ -133,6 +152,17 @@ async fn list(
 }
 
 /// Checks every link, a page at a time, and names the first broken one.
+#[utoipa::path(
+    get,
+    path = "/audit/verify",
+    tag = "audit",
+    operation_id = "verify_audit_log",
+    responses(
+        (status = 200, description = "Whether the chain holds; if not, its first broken link.", body = wire::AuditVerification),
+        (status = 403, response = openapi::Status403),
+    ),
+    security(("admin_token" = [])),
+)]
 async fn verify(
     State(state): State<AppState>,
     caller: Caller,

@@ -391,6 +391,14 @@ impl KeyCache {
         }
     }
 
+    /// Forgets everything (when change announcements may have been missed).
+    pub fn clear(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        let mut entries = self.write();
+        entries.by_hash.clear();
+        entries.hashes_of.clear();
+    }
+
     pub fn len(&self) -> usize {
         self.read().by_hash.len()
     }

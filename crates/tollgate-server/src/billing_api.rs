@@ -7,13 +7,13 @@ use crate::api::{caller_owns, parse_id, FieldErrors, JsonBody};
 use crate::auth::Caller;
 use crate::error::HttpError;
 use crate::ledger::{HoldRefused, HoldSpec, Ledger};
+use crate::openapi;
 use crate::state::AppState;
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use axum::routing::{get, post};
-use axum::{Extension, Json, Router};
+use axum::{Extension, Json};
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use std::sync::Arc;
@@ -22,24 +22,27 @@ use tollgate_core::ledger::{month_start, HoldStatus, Resolve};
 use tollgate_core::{AccountId, ApiError, ErrorCode, HoldId, KeyId, Nanos, RequestId};
 use tollgate_store::{HoldRecord, HoldSource, UsageFilter, UsageGroup, UsageRow};
 use tollgate_wire::api::{self as wire, Money};
+use utoipa::IntoParams;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 const DEFAULT_HOLD_TTL_S: u64 = 3600;
 const MAX_HOLD_TTL_S: u64 = 7 * 24 * 3600;
 const DEFAULT_PAGE: u32 = 50;
 const MAX_PAGE: u32 = 500;
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/accounts/{id}/credits", post(grant_credits))
-        .route("/billing/balance", get(balance))
-        .route("/ledger", get(ledger_entries))
-        .route("/holds", post(create_hold))
-        .route("/holds/{id}", get(get_hold))
-        .route("/holds/{id}/settle", post(settle_hold))
-        .route("/holds/{id}/release", post(release_hold))
-        .route("/requests", get(list_requests))
-        .route("/requests/{id}", get(get_request))
-        .route("/usage", get(usage_summary))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(grant_credits))
+        .routes(routes!(balance))
+        .routes(routes!(ledger_entries))
+        .routes(routes!(create_hold))
+        .routes(routes!(get_hold))
+        .routes(routes!(settle_hold))
+        .routes(routes!(release_hold))
+        .routes(routes!(list_requests))
+        .routes(routes!(get_request))
+        .routes(routes!(usage_summary))
 }
 
 /// The fee on a metered management call made with an account's key: held before the call,
@@ -159,6 +162,21 @@ pub(crate) fn page<T>(
 // ---------------------------------------------------------------------------------------------
 // Credits, balance, ledger
 
+/// Adds prepaid credits to an account's wallet (admin only).
+#[utoipa::path(
+    post,
+    path = "/accounts/{id}/credits",
+    tag = "billing",
+    params(("id" = AccountId, Path, description = "The account's id.")),
+    request_body = wire::GrantRequest,
+    responses(
+        (status = 200, description = "The wallet after the grant.", body = wire::Balance),
+        (status = 400, response = openapi::Status400),
+        (status = 403, response = openapi::Status403),
+        (status = 404, response = openapi::Status404),
+    ),
+    security(("admin_token" = [])),
+)]
 async fn grant_credits(
     State(state): State<AppState>,
     Extension(request_id): Extension<RequestId>,
@@ -218,12 +236,28 @@ async fn read_balance(state: &AppState, account: AccountId) -> Result<wire::Bala
     })
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct AccountQuery {
+    /// Admin only (and required of the admin): the account to read.
     account_id: Option<String>,
 }
 
+/// The caller's wallet: available, held and spent this month.
+#[utoipa::path(
+    get,
+    path = "/billing/balance",
+    tag = "billing",
+    params(AccountQuery),
+    responses(
+        (status = 200, description = "The wallet now.", body = wire::Balance),
+        (status = 400, response = openapi::Status400),
+        (status = 403, response = openapi::Status403),
+        (status = 404, response = openapi::Status404),
+    ),
+    security(("admin_token" = []), ("api_key" = [])),
+)]
 async fn balance(
     State(state): State<AppState>,
     caller: Caller,
@@ -235,14 +269,32 @@ async fn balance(
     Ok(Json(read_balance(&state, account).await?))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct LedgerQuery {
+    /// Admin only (and required of the admin): the account to read.
     account_id: Option<String>,
+    /// The `next_cursor` of the previous page.
     cursor: Option<String>,
+    /// Page size, 1 to 500; default 50.
     limit: Option<u32>,
 }
 
+/// The account's double-entry ledger.
+#[utoipa::path(
+    get,
+    path = "/ledger",
+    tag = "billing",
+    params(LedgerQuery),
+    responses(
+        (status = 200, description = "One page of entries, in commit order.", body = wire::Page<wire::LedgerEntry>),
+        (status = 400, response = openapi::Status400),
+        (status = 403, response = openapi::Status403),
+        (status = 404, response = openapi::Status404),
+    ),
+    security(("admin_token" = []), ("api_key" = [])),
+)]
 async fn ledger_entries(
     State(state): State<AppState>,
     caller: Caller,
@@ -300,6 +352,21 @@ fn hold_view(state: &AppState, record: &HoldRecord) -> wire::HoldInfo {
     }
 }
 
+/// Reserves credit for work done outside the gateway; settle or release it once.
+#[utoipa::path(
+    post,
+    path = "/holds",
+    tag = "holds",
+    request_body = wire::CreateHoldRequest,
+    responses(
+        (status = 201, description = "The pending hold.", body = wire::HoldInfo),
+        (status = 400, response = openapi::Status400),
+        (status = 402, response = openapi::Status402),
+        (status = 403, response = openapi::Status403),
+        (status = 404, response = openapi::Status404),
+    ),
+    security(("admin_token" = []), ("api_key" = [])),
+)]
 async fn create_hold(
     State(state): State<AppState>,
     Extension(request_id): Extension<RequestId>,
@@ -382,6 +449,18 @@ async fn owned_hold(
     }
 }
 
+/// A hold and what became of it.
+#[utoipa::path(
+    get,
+    path = "/holds/{id}",
+    tag = "holds",
+    params(("id" = HoldId, Path, description = "The hold's id.")),
+    responses(
+        (status = 200, description = "The hold.", body = wire::HoldInfo),
+        (status = 404, response = openapi::Status404),
+    ),
+    security(("admin_token" = []), ("api_key" = [])),
+)]
 async fn get_hold(
     State(state): State<AppState>,
     caller: Caller,
@@ -391,6 +470,21 @@ async fn get_hold(
     Ok(Json(hold_view(&state, &record)))
 }
 
+/// Charges the actual cost of a hold (at most the amount held) and releases the rest.
+#[utoipa::path(
+    post,
+    path = "/holds/{id}/settle",
+    tag = "holds",
+    params(("id" = HoldId, Path, description = "The hold's id.")),
+    request_body = wire::SettleHoldRequest,
+    responses(
+        (status = 200, description = "The settled hold; the rest of the reservation is released.", body = wire::HoldInfo),
+        (status = 400, response = openapi::Status400),
+        (status = 404, response = openapi::Status404),
+        (status = 409, response = openapi::Status409),
+    ),
+    security(("admin_token" = []), ("api_key" = [])),
+)]
 async fn settle_hold(
     State(state): State<AppState>,
     caller: Caller,
@@ -414,6 +508,19 @@ async fn settle_hold(
     resolve(&state, record, Resolve::Settle(amount)).await
 }
 
+/// Releases a hold without charging anything.
+#[utoipa::path(
+    post,
+    path = "/holds/{id}/release",
+    tag = "holds",
+    params(("id" = HoldId, Path, description = "The hold's id.")),
+    responses(
+        (status = 200, description = "The released hold; nothing was charged.", body = wire::HoldInfo),
+        (status = 404, response = openapi::Status404),
+        (status = 409, response = openapi::Status409),
+    ),
+    security(("admin_token" = []), ("api_key" = [])),
+)]
 async fn release_hold(
     State(state): State<AppState>,
     caller: Caller,
@@ -465,19 +572,42 @@ fn usage_view(state: &AppState, row: UsageRow) -> wire::UsageRecord {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct RequestsQuery {
+    /// Admin only: one account's requests; every account's if omitted.
     account_id: Option<String>,
+    /// Only this key's requests.
     key_id: Option<String>,
+    /// Only this route's requests (its prefix, `/v1`).
     route: Option<String>,
+    /// Only requests answered with this status.
     status: Option<u16>,
+    /// From this instant (inclusive, RFC 3339).
     from: Option<DateTime<Utc>>,
+    /// Before this instant (exclusive, RFC 3339).
     to: Option<DateTime<Utc>>,
+    /// The `next_cursor` of the previous page.
     cursor: Option<String>,
+    /// Page size, 1 to 500; default 50.
     limit: Option<u32>,
 }
 
+/// The data-plane request log, newest first: the admin's of every account (or `?account_id=`), a
+/// master key's of its own.
+#[utoipa::path(
+    get,
+    path = "/requests",
+    tag = "usage",
+    params(RequestsQuery),
+    responses(
+        (status = 200, description = "One page of data-plane requests, newest first.", body = wire::Page<wire::UsageRecord>),
+        (status = 400, response = openapi::Status400),
+        (status = 403, response = openapi::Status403),
+    ),
+    security(("admin_token" = []), ("api_key" = [])),
+)]
 async fn list_requests(
     State(state): State<AppState>,
     caller: Caller,
@@ -523,16 +653,34 @@ async fn list_requests(
     }))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct UsageQuery {
+    /// Admin only (and required of the admin): the account to sum.
     account_id: Option<String>,
+    /// `day` (default, UTC), `key`, `route` or `model`.
     group_by: Option<String>,
+    /// From this instant (inclusive, RFC 3339).
     from: Option<DateTime<Utc>>,
+    /// Before this instant (exclusive, RFC 3339).
     to: Option<DateTime<Utc>>,
 }
 
 /// An account's usage totals per day, key, route or model, over `[from, to)`.
+#[utoipa::path(
+    get,
+    path = "/usage",
+    tag = "usage",
+    params(UsageQuery),
+    responses(
+        (status = 200, description = "Totals per group.", body = wire::UsageSummary),
+        (status = 400, response = openapi::Status400),
+        (status = 403, response = openapi::Status403),
+        (status = 404, response = openapi::Status404),
+    ),
+    security(("admin_token" = []), ("api_key" = [])),
+)]
 async fn usage_summary(
     State(state): State<AppState>,
     caller: Caller,
@@ -579,6 +727,19 @@ async fn usage_summary(
     }))
 }
 
+/// One data-plane request, by the request ID it was answered with.
+#[utoipa::path(
+    get,
+    path = "/requests/{id}",
+    tag = "usage",
+    params(("id" = RequestId, Path, description = "The request's id.")),
+    responses(
+        (status = 200, description = "The request: route, status, tokens, cost and billing outcome.", body = wire::UsageRecord),
+        (status = 403, response = openapi::Status403),
+        (status = 404, response = openapi::Status404),
+    ),
+    security(("admin_token" = []), ("api_key" = [])),
+)]
 async fn get_request(
     State(state): State<AppState>,
     caller: Caller,

@@ -21,7 +21,7 @@ use std::time::Duration;
 use tollgate_core::load::LimitSettings;
 use tollgate_core::metering::LlmApi;
 use tollgate_core::pricing::TokenPrices;
-use tollgate_core::ratelimit::{Policy, Scope, Unit};
+use tollgate_core::ratelimit::{FailureMode, Policy, Scope, Unit};
 use tollgate_core::{KeyEnv, Nanos};
 use tollgate_wire::ErrorProfile;
 
@@ -34,6 +34,7 @@ pub const ENV_OVERRIDES: &[(&str, &str, &str)] = &[
     ("TOLLGATE_LISTEN", "server", "listen"),
     ("TOLLGATE_DATABASE_URL", "store", "url"),
     ("TOLLGATE_ADMIN_TOKEN", "admin", "token"),
+    ("TOLLGATE_REDIS_URL", "redis", "url"),
 ];
 
 const REDACTED: &str = "<redacted>";
@@ -50,6 +51,7 @@ pub struct RawConfig {
     pub keys: RawKeys,
     pub load_shedding: RawLoadShedding,
     pub idempotency: RawIdempotency,
+    pub redis: RawRedis,
     /// Policies for every route (and the management API); `None` means the defaults.
     pub rate_limits: Option<Vec<RawPolicy>>,
     pub routes: Vec<RawRoute>,
@@ -67,6 +69,9 @@ pub struct RawPolicy {
     pub window: String,
     #[serde(default)]
     pub burst: u64,
+    /// `open` (admit, and count it) or `closed` (503) when the shared limiter is unreachable.
+    #[serde(default)]
+    pub on_limiter_failure: FailureMode,
 }
 
 fn requests() -> Unit {
@@ -84,6 +89,7 @@ pub fn default_rate_limits() -> Vec<RawPolicy> {
             limit: 600,
             window: "1m".into(),
             burst: 100,
+            on_limiter_failure: FailureMode::Open,
         },
         RawPolicy {
             name: "per-key".into(),
@@ -92,6 +98,7 @@ pub fn default_rate_limits() -> Vec<RawPolicy> {
             limit: 6000,
             window: "1m".into(),
             burst: 1000,
+            on_limiter_failure: FailureMode::Open,
         },
     ]
 }
@@ -121,10 +128,39 @@ impl Default for RawServer {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawStore {
+    /// A PostgreSQL URL may carry a password: shown (`Debug`, `check-config`) without it.
+    #[serde(serialize_with = "serialize_without_password")]
     pub url: String,
+}
+
+impl fmt::Debug for RawStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RawStore")
+            .field("url", &without_password(&self.url))
+            .finish()
+    }
+}
+
+/// `scheme://user:password@host/...` with the password replaced.
+fn without_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => match rest[..at].split_once(':') {
+            Some((user, _)) => format!("{scheme}://{user}:{REDACTED}{}", &rest[at..]),
+            None => url.to_string(),
+        },
+        None => url.to_string(),
+    }
+}
+
+fn serialize_without_password<S: serde::Serializer>(url: &str, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&without_password(url))
 }
 
 impl Default for RawStore {
@@ -185,6 +221,33 @@ impl Default for RawKeys {
             env: KeyEnv::Live,
             max_per_account: 100,
         }
+    }
+}
+
+/// The shared Redis: when set, rate limits are decided there, so they hold across every node.
+#[derive(Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawRedis {
+    /// `redis://[user:password@]host[:port][/db]`; unset means each node limits on its own.
+    #[serde(serialize_with = "serialize_optional_without_password")]
+    pub url: Option<String>,
+}
+
+impl fmt::Debug for RawRedis {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RawRedis")
+            .field("url", &self.url.as_deref().map(without_password))
+            .finish()
+    }
+}
+
+fn serialize_optional_without_password<S: serde::Serializer>(
+    url: &Option<String>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    match url {
+        Some(url) => s.serialize_some(&without_password(url)),
+        None => s.serialize_none(),
     }
 }
 
@@ -415,6 +478,7 @@ impl RawConfig {
             keys: section(&mut table, "keys", problems),
             load_shedding: section(&mut table, "load_shedding", problems),
             idempotency: section(&mut table, "idempotency", problems),
+            redis: section(&mut table, "redis", problems),
             rate_limits: table
                 .remove("rate_limits")
                 .and_then(|value| deserialize_at(value, "rate_limits", problems)),
@@ -537,6 +601,8 @@ pub struct Config {
     /// `None` when load shedding is off.
     pub load_shedding: Option<LoadShedding>,
     pub idempotency_retention: Duration,
+    /// The shared limiter's Redis; `None`: each node limits in memory.
+    pub redis_url: Option<Secret>,
     pub idempotency_max_response_bytes: u64,
     /// Policies for every request with a caller (scopes other than `ip`).
     pub rate_limits: Vec<Arc<Policy>>,
@@ -549,7 +615,13 @@ pub struct Config {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum StoreConfig {
-    Sqlite { path: PathBuf },
+    Sqlite {
+        path: PathBuf,
+    },
+    /// The URL may carry a password, so it is kept as a secret.
+    Postgres {
+        url: Secret,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -755,6 +827,18 @@ impl Config {
                 Duration::from_secs(1)
             });
 
+        let redis_url = raw.redis.url.as_ref().and_then(|url| {
+            if url.starts_with("redis://") || url.starts_with("rediss://") {
+                Some(Secret(url.clone()))
+            } else {
+                p.push(
+                    "redis.url",
+                    "must be a redis:// URL, e.g. redis://127.0.0.1:6379",
+                );
+                None
+            }
+        });
+
         let all_limits = validate_policies(
             raw.rate_limits.as_deref().unwrap_or(&default_rate_limits()),
             "rate_limits",
@@ -813,6 +897,7 @@ impl Config {
                 max_keys_per_account: raw.keys.max_per_account,
                 load_shedding,
                 idempotency_retention,
+                redis_url,
                 idempotency_max_response_bytes: raw.idempotency.max_response_bytes,
                 rate_limits,
                 anonymous_limits,
@@ -961,6 +1046,12 @@ fn validate_policies(raw: &[RawPolicy], at: &str, p: &mut Problems) -> Vec<Arc<P
         if policy.limit == 0 {
             p.push(&format!("{here}.limit"), "must be at least 1");
         }
+        if policy.scope == Scope::Ip && policy.on_limiter_failure == FailureMode::Closed {
+            p.push(
+                &format!("{here}.on_limiter_failure"),
+                "ip policies are counted after the response, so they always fail open",
+            );
+        }
         let window = humantime::parse_duration(&policy.window)
             .ok()
             .filter(|w| *w >= Duration::from_millis(1));
@@ -978,6 +1069,7 @@ fn validate_policies(raw: &[RawPolicy], at: &str, p: &mut Problems) -> Vec<Arc<P
                 limit: policy.limit,
                 window,
                 burst: policy.burst,
+                on_limiter_failure: policy.on_limiter_failure,
             }));
         }
     }
@@ -1194,11 +1286,15 @@ fn parse_store_url(url: &str) -> Result<StoreConfig, String> {
         });
     }
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        return Err(
-            "PostgreSQL (cluster mode) is not available in this version; use sqlite://".into(),
-        );
+        return Ok(StoreConfig::Postgres {
+            url: Secret(url.to_string()),
+        });
     }
-    Err("must be a sqlite:// URL, e.g. sqlite://tollgate-data/tollgate.db".into())
+    Err(
+        "must be a sqlite:// or postgres:// URL, e.g. sqlite://tollgate-data/tollgate.db or \
+         postgres://tollgate@db.internal/tollgate"
+            .into(),
+    )
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1537,14 +1633,36 @@ mod tests {
 
     #[test]
     fn weak_admin_tokens_and_other_stores_are_refused() {
-        let out = problems("[admin]\ntoken = \"short\"\n[store]\nurl = \"postgres://x\"\n");
+        let out = problems("[admin]\ntoken = \"short\"\n[store]\nurl = \"mysql://x\"\n");
         assert!(
             out.contains("admin.token: must be at least 16 characters"),
             "{out}"
         );
         assert!(
-            out.contains("store.url: PostgreSQL (cluster mode) is not available"),
+            out.contains("store.url: must be a sqlite:// or postgres:// URL"),
             "{out}"
         );
+    }
+
+    #[test]
+    fn a_postgres_url_selects_postgres_and_is_never_shown() {
+        let url = "postgres://tollgate:hunter2@127.0.0.1:5432/tollgate";
+        let store = parse_store_url(url).unwrap();
+        assert_eq!(
+            store,
+            StoreConfig::Postgres {
+                url: Secret(url.into())
+            }
+        );
+        assert!(!format!("{store:?}").contains("hunter2"));
+        let raw = RawStore { url: url.into() };
+        assert!(!format!("{raw:?}").contains("hunter2"));
+        let shown = toml::to_string(&raw).unwrap();
+        assert_eq!(
+            shown.trim(),
+            "url = \"postgres://tollgate:<redacted>@127.0.0.1:5432/tollgate\""
+        );
+        assert_eq!(without_password("sqlite://data/t.db"), "sqlite://data/t.db");
+        assert_eq!(without_password("postgres://u@h/db"), "postgres://u@h/db");
     }
 }

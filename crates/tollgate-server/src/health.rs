@@ -7,10 +7,27 @@ use axum::Json;
 use serde_json::{json, Value};
 use tollgate_core::{ApiError, ErrorCode};
 
+/// Liveness: the process answers.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "operations",
+    responses((status = 200, description = "Alive.", example = json!({"status": "ok"}))),
+)]
 pub async fn healthz() -> Json<Value> {
     Json(json!({ "status": "ok" }))
 }
 
+/// Readiness: every dependency answers; a 503 names the one that does not.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "operations",
+    responses(
+        (status = 200, description = "Ready to serve.", example = json!({"status": "ready", "checks": {"store": {"status": "ok", "backend": "sqlite"}}})),
+        (status = 503, response = crate::openapi::Status503),
+    ),
+)]
 pub async fn readyz(State(state): State<AppState>) -> Result<Json<Value>, HttpError> {
     match state.store.ping().await {
         Ok(()) => Ok(Json(json!({

@@ -14,15 +14,20 @@
 //!
 //! The book assumes it is the only writer of the wallets it has loaded: true of the embedded
 //! store, which belongs to one node.
+//!
+//! While the store does not answer (a commit failed, or the sweeper's ping did), no new hold is
+//! opened: requests are refused with 503 before any work, so nothing is charged for them. Holds
+//! already open finish as usual and their writes wait in the queue for the store to return.
 
 use chrono::{DateTime, Utc};
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 use tollgate_core::ledger::{month_start, Book, Hold, HoldRequest, Refusal, Resolution, Resolve};
 use tollgate_core::{AccountId, Clock, HoldId, KeyId, Nanos, RequestId};
-use tollgate_store::{HoldRecord, HoldSource, LedgerWrite, Store, StoreError, UsageRow};
+use tollgate_store::{BatchId, HoldRecord, HoldSource, LedgerWrite, Store, StoreError, UsageRow};
 
 /// The most writes committed in one transaction.
 const MAX_BATCH: usize = 2048;
@@ -39,6 +44,8 @@ enum Command {
 
 pub struct Ledger {
     book: Arc<Mutex<Book>>,
+    /// Set while the store does not answer; cleared by the next commit or ping that succeeds.
+    store_down: Arc<AtomicBool>,
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
     queue: mpsc::UnboundedSender<Command>,
@@ -86,17 +93,20 @@ impl Ledger {
     pub fn start(store: Arc<dyn Store>, clock: Arc<dyn Clock>) -> Arc<Ledger> {
         let (queue, commands) = mpsc::unbounded_channel();
         let book = Arc::new(Mutex::new(Book::new()));
+        let store_down = Arc::new(AtomicBool::new(false));
         let batch_size = Histogram::new(exponential_buckets(1.0, 2.0, 12));
         let write_lag = crate::metrics::latency();
         let writer = Writer {
             store: store.clone(),
             book: book.clone(),
+            store_down: store_down.clone(),
             batch_size: batch_size.clone(),
             write_lag: write_lag.clone(),
         };
         tokio::spawn(write_loop(commands, writer));
         Arc::new(Ledger {
             book,
+            store_down,
             store,
             clock,
             queue,
@@ -152,6 +162,11 @@ impl Ledger {
     /// Reserves credit, or refuses with the reason. The decision is made from memory in one
     /// step; the hold is persisted by the writer.
     pub async fn open(&self, spec: HoldSpec) -> Result<Hold, HoldRefused> {
+        if self.store_down.load(Ordering::Acquire) {
+            return Err(HoldRefused::Store(StoreError::Unavailable(
+                "the store does not answer; no new hold until it does".into(),
+            )));
+        }
         self.load(spec.account, spec.key).await?;
         let now = self.clock.now();
         let ttl = chrono::Duration::from_std(spec.ttl).unwrap_or(chrono::Duration::MAX);
@@ -280,6 +295,32 @@ impl Ledger {
         due.len()
     }
 
+    /// Expires holds past their TTL (by `grace` at least) that this node's book does not
+    /// know: on a shared store, those of a node that died. The grace leaves a live node to expire
+    /// its own first. The resolution is the book's own rule, applied in a scratch book.
+    pub async fn expire_orphans(&self, grace: Duration) -> Result<usize, StoreError> {
+        let now = self.clock.now();
+        let grace = chrono::Duration::from_std(grace).unwrap_or(chrono::Duration::MAX);
+        let Some(cutoff) = now.checked_sub_signed(grace) else {
+            return Ok(0);
+        };
+        let orphans: Vec<HoldRecord> = self
+            .store
+            .holds_expired_by(cutoff)
+            .await?
+            .into_iter()
+            .filter(|r| self.book().hold(r.hold.id).is_none())
+            .collect();
+        for record in &orphans {
+            let mut scratch = Book::new();
+            scratch.restore(record.hold.clone());
+            if let Some(resolution) = scratch.resolve(record.hold.id, Resolve::Expire, now) {
+                self.enqueue(resolve_write(&resolution));
+            }
+        }
+        Ok(orphans.len())
+    }
+
     /// At start: puts back the billing API's pending holds, and expires the data-plane holds a
     /// previous process left (their requests died with it). Returns how many were expired.
     pub async fn recover(&self) -> Result<usize, StoreError> {
@@ -302,6 +343,19 @@ impl Ledger {
         Ok(expired)
     }
 
+    /// Asks the store whether it answers, so an outage is noticed (and its end) even when no
+    /// write is waiting. The sweeper calls this every tick.
+    pub async fn check_store(&self) {
+        let down = self.store.ping().await.is_err();
+        if down != self.store_down.swap(down, Ordering::AcqRel) {
+            if down {
+                tracing::error!("the store does not answer: refusing new holds");
+            } else {
+                tracing::info!("the store answers again");
+            }
+        }
+    }
+
     pub fn pending_holds(&self) -> usize {
         self.book().pending_holds()
     }
@@ -319,6 +373,7 @@ fn resolve_write(resolution: &Resolution) -> LedgerWrite {
 struct Writer {
     store: Arc<dyn Store>,
     book: Arc<Mutex<Book>>,
+    store_down: Arc<AtomicBool>,
     batch_size: Histogram,
     write_lag: Histogram,
 }
@@ -327,6 +382,7 @@ async fn write_loop(mut commands: mpsc::UnboundedReceiver<Command>, writer: Writ
     let Writer {
         store,
         book,
+        store_down,
         batch_size,
         write_lag,
     } = writer;
@@ -350,7 +406,7 @@ async fn write_loop(mut commands: mpsc::UnboundedReceiver<Command>, writer: Writ
             };
         }
         if !batch.is_empty() {
-            commit_with_retry(&*store, &batch).await;
+            commit_with_retry(&*store, BatchId::new(), &batch, &store_down).await;
             batch_size.observe(batch.len() as f64);
             if let Some(oldest) = oldest {
                 write_lag.observe(oldest.elapsed().as_secs_f64());
@@ -368,23 +424,37 @@ async fn write_loop(mut commands: mpsc::UnboundedReceiver<Command>, writer: Writ
     }
 }
 
-async fn commit_with_retry(store: &dyn Store, batch: &[LedgerWrite]) {
+/// Every attempt carries the same `id`, so a retry after a commit whose answer was lost (the
+/// connection dropped after COMMIT reached the store) is recognised, not applied twice.
+async fn commit_with_retry(
+    store: &dyn Store,
+    id: BatchId,
+    batch: &[LedgerWrite],
+    store_down: &AtomicBool,
+) {
     let mut backoff = Duration::from_millis(50);
     loop {
-        match store.commit(batch).await {
-            Ok(()) => return,
+        match store.commit(id, batch).await {
+            Ok(()) => {
+                store_down.store(false, Ordering::Release);
+                return;
+            }
             Err(StoreError::Corrupt(reason)) => {
                 // A write the store refuses as inconsistent would be refused forever; commit
                 // the others one by one and log the refused ones loudly.
                 tracing::error!(%reason, "ledger batch refused; committing its writes one by one");
                 for write in batch {
-                    if let Err(e) = store.commit(std::slice::from_ref(write)).await {
+                    if let Err(e) = store
+                        .commit(BatchId::new(), std::slice::from_ref(write))
+                        .await
+                    {
                         tracing::error!(error = %e, ?write, "ledger write refused and dropped");
                     }
                 }
                 return;
             }
             Err(e) => {
+                store_down.store(true, Ordering::Release);
                 tracing::warn!(error = %e, writes = batch.len(), "ledger commit failed; retrying");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));

@@ -16,7 +16,9 @@ pub mod ledger;
 pub mod limits;
 pub mod meter;
 pub mod metrics;
+pub mod openapi;
 pub mod proxy;
+pub mod redis_limiter;
 pub mod shed;
 pub mod state;
 

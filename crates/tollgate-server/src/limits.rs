@@ -20,7 +20,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tollgate_core::ratelimit::Overrides;
-use tollgate_core::ratelimit::{most_restrictive, Policy, Standing, Tat};
+use tollgate_core::ratelimit::{most_restrictive, FailureMode, Policy, Standing, Tat};
 use tollgate_core::ratelimit::{Scope, Unit};
 use tollgate_core::RequestId;
 use tollgate_core::{ApiError, Clock, ErrorCode};
@@ -350,11 +350,10 @@ pub async fn admit(
         return Ok(());
     }
     let now = since_epoch(state.clock.now());
-    let verdict = state
-        .limiter
-        .acquire(demands)
-        .await
-        .map_err(|e| unavailable(&e))?;
+    let verdict = match state.limiter.acquire(demands).await {
+        Ok(verdict) => verdict,
+        Err(e) => return limiter_failed(state, demands, &e),
+    };
     if let Some(slot) = slot {
         slot.set(Standings::Decided(LimitHeaders::new(
             demands,
@@ -387,15 +386,31 @@ pub async fn admit_identified(
     Ok(demands)
 }
 
-fn unavailable(e: &LimiterUnavailable) -> HttpError {
-    tracing::error!(error = %e, "rate limiter unavailable");
-    HttpError::from(
+/// The limiter could not decide: refused with 503 if any policy fails closed, else admitted
+/// unlimited. Either way counted, so an operator sees how much traffic went undecided.
+fn limiter_failed(
+    state: &AppState,
+    demands: &[Demand],
+    e: &LimiterUnavailable,
+) -> Result<(), HttpError> {
+    let closed = demands
+        .iter()
+        .find(|d| d.policy.on_limiter_failure == FailureMode::Closed);
+    state.metrics.limiter_failure(closed.is_none());
+    let Some(closed) = closed else {
+        tracing::warn!(error = %e, "rate limiter unavailable: admitted (policies fail open)");
+        return Ok(());
+    };
+    tracing::error!(error = %e, policy = %closed.policy.name, "rate limiter unavailable: refused");
+    Err(HttpError::from(
         ApiError::new(
             ErrorCode::ServiceUnavailable,
             "The rate limiter is unavailable. Nothing was charged; retry shortly.",
         )
+        .with_detail("dependency", "rate_limiter")
+        .with_detail("policy", closed.policy.name.as_str())
         .with_retry_after(1),
-    )
+    ))
 }
 
 /// Sits outside the error renderer: gives each request a [`LimitSlot`], refuses a client address
@@ -607,6 +622,7 @@ mod tests {
             limit,
             window: Duration::from_secs(60),
             burst,
+            on_limiter_failure: Default::default(),
         };
         Demand::new(Arc::new(policy), "key:k", 1)
     }

@@ -40,6 +40,11 @@ pub struct RouteLabel {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    pub outcome: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PolicyLabel {
     pub policy: String,
 }
@@ -54,6 +59,7 @@ pub struct Metrics {
     pub upstream_duration: HistogramFamily<RouteLabel>,
     pub rate_limited: Family<PolicyLabel, Counter>,
     pub shed: Counter,
+    limiter_failures: Family<OutcomeLabel, Counter>,
     holds_open: Gauge,
     key_cache_entries: Gauge,
     in_flight: Gauge,
@@ -74,6 +80,7 @@ impl Metrics {
         let upstream_duration: HistogramFamily<RouteLabel> = Family::new_with_constructor(latency);
         let rate_limited = Family::<PolicyLabel, Counter>::default();
         let shed = Counter::default();
+        let limiter_failures = Family::<OutcomeLabel, Counter>::default();
         let (holds_open, key_cache_entries, in_flight, concurrency_limit) = Default::default();
         registry.register(
             "requests",
@@ -96,6 +103,11 @@ impl Metrics {
             rate_limited.clone(),
         );
         registry.register("shed", "Requests shed with 429 overloaded", shed.clone());
+        registry.register(
+            "rate_limiter_failures",
+            "Requests the shared rate limiter could not decide, by what became of them",
+            limiter_failures.clone(),
+        );
         registry.register(
             "key_cache_hits",
             "API key lookups answered from memory",
@@ -139,11 +151,20 @@ impl Metrics {
             upstream_duration,
             rate_limited,
             shed,
+            limiter_failures,
             holds_open,
             key_cache_entries,
             in_flight,
             concurrency_limit,
         }
+    }
+
+    /// A request the limiter could not decide: admitted (its policies fail open) or refused.
+    pub fn limiter_failure(&self, admitted: bool) {
+        let outcome = if admitted { "admitted" } else { "refused" };
+        self.limiter_failures
+            .get_or_create(&OutcomeLabel { outcome })
+            .inc();
     }
 
     pub fn rate_limited(&self, policy: &str) {
@@ -226,7 +247,17 @@ fn error_code(headers: &HeaderMap) -> String {
         .to_string()
 }
 
-/// `GET /metrics`.
+/// Prometheus metrics (OpenMetrics text). Needs the admin token when one is configured.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "operations",
+    responses(
+        (status = 200, description = "Every metric, in the OpenMetrics text format.", content_type = "application/openmetrics-text"),
+        (status = 401, response = crate::openapi::Status401),
+    ),
+    security(("admin_token" = [])),
+)]
 pub async fn handler(State(state): State<AppState>, headers: HeaderMap) -> Response {
     if let Some(admin) = &state.config.admin_token {
         let presented = crate::auth::presented_secret(&headers).unwrap_or_default();

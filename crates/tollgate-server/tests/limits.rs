@@ -21,6 +21,7 @@ fn policy(name: &str, scope: Scope, unit: Unit, limit: u64, window: &str, burst:
         limit,
         window: window.into(),
         burst,
+        on_limiter_failure: Default::default(),
     }
 }
 
@@ -544,5 +545,87 @@ async fn on_the_real_clock_thirty_clients_at_three_times_the_limit_get_what_gcra
     assert!(
         admitted * 10 >= most * 8,
         "admitted only {admitted} of {most}"
+    );
+}
+
+/// An app whose shared limiter's Redis refuses every connection (nothing listens on port 1).
+async fn app_with_dead_redis(policies: Vec<RawPolicy>) -> TestApp {
+    spawn_app_with(|raw, _| {
+        raw.rate_limits = Some(policies);
+        raw.redis.url = Some("redis://127.0.0.1:1".into());
+    })
+    .await
+}
+
+async fn limiter_failures(app: &TestApp, outcome: &str) -> u64 {
+    let scrape = app
+        .get_as("/metrics", ADMIN_TOKEN)
+        .await
+        .text()
+        .await
+        .unwrap();
+    let line = format!("tollgate_rate_limiter_failures_total{{outcome=\"{outcome}\"}} ");
+    scrape
+        .lines()
+        .find_map(|l| l.strip_prefix(&line))
+        .map_or(0, |n| n.parse().unwrap())
+}
+
+#[tokio::test]
+async fn with_redis_down_a_fail_open_policy_admits_and_counts_it() {
+    let app = app_with_dead_redis(vec![policy(
+        "per-key",
+        Scope::Key,
+        Unit::Requests,
+        1,
+        "1h",
+        0,
+    )])
+    .await;
+    let account = app.create_account("acme").await;
+    // The policy allows one call an hour; undecided, all three pass.
+    for _ in 0..3 {
+        let response = app.get_as("/echo/x", &account.master_key).await;
+        assert_eq!(response.status(), 200);
+        assert!(response.headers().get("x-ratelimit-limit").is_none());
+    }
+    assert_eq!(limiter_failures(&app, "admitted").await, 3);
+    assert_eq!(limiter_failures(&app, "refused").await, 0);
+}
+
+#[tokio::test]
+async fn with_redis_down_a_fail_closed_policy_refuses_with_503_and_charges_nothing() {
+    let mut closed = policy("per-key", Scope::Key, Unit::Requests, 100, "1m", 9);
+    closed.on_limiter_failure = tollgate_core::ratelimit::FailureMode::Closed;
+    let open = policy("per-account", Scope::Account, Unit::Requests, 100, "1m", 9);
+    let app = app_with_dead_redis(vec![open, closed]).await;
+    let account = app.create_account("acme").await;
+    // The operator is exempt from rate limits, so it can read the wallet meanwhile.
+    let wallet = format!("/api/v1/billing/balance?account_id={}", account.id);
+    let before = app.get_json(&wallet, ADMIN_TOKEN).await;
+    let refused = app.get_as("/echo/x", &account.master_key).await;
+    assert_eq!(refused.status(), 503);
+    assert!(refused.headers().contains_key("retry-after"));
+    let body = expect_error(refused, 503, "service_unavailable").await;
+    assert_eq!(body["error"]["details"]["dependency"], "rate_limiter");
+    assert_eq!(body["error"]["details"]["policy"], "per-key");
+    let after = app.get_json(&wallet, ADMIN_TOKEN).await;
+    assert_eq!(before["available"], after["available"]);
+    assert_eq!(after["held"]["nanos"], 0);
+    assert!(limiter_failures(&app, "refused").await >= 1);
+}
+
+#[test]
+fn an_ip_policy_cannot_fail_closed() {
+    let mut raw = tollgate_server::config::RawConfig::default();
+    let mut anon = policy("anon", Scope::Ip, Unit::Requests, 10, "1m", 0);
+    anon.on_limiter_failure = tollgate_core::ratelimit::FailureMode::Closed;
+    raw.rate_limits = Some(vec![anon]);
+    let problems = tollgate_server::config::Config::from_raw(raw)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        problems.contains("rate_limits[0].on_limiter_failure: ip policies"),
+        "{problems}"
     );
 }

@@ -28,6 +28,7 @@ async fn a_scrape_shows_the_traffic_it_followed() {
             limit: 60,
             window: "1m".into(),
             burst: 2,
+            on_limiter_failure: Default::default(),
         }]);
     })
     .await;

@@ -3,7 +3,12 @@
 //! SQL. [`sqlite::SqliteStore`] is the embedded default; every backend passes the conformance
 //! suite in `tests/conformance.rs`.
 
+mod batch;
+pub mod postgres;
+mod rows;
 pub mod sqlite;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -272,6 +277,28 @@ pub enum LedgerWrite {
 }
 
 /// A ledger transfer as stored, for the ledger listing.
+/// A ledger batch's id: the same for every attempt to commit it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct BatchId(ulid::Ulid);
+
+impl BatchId {
+    pub fn new() -> BatchId {
+        BatchId(ulid::Ulid::new())
+    }
+}
+
+impl Default for BatchId {
+    fn default() -> Self {
+        BatchId::new()
+    }
+}
+
+impl std::fmt::Display for BatchId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct TransferRecord {
     /// Increasing in commit order; the listing's cursor.
@@ -300,10 +327,13 @@ pub trait LedgerStore: Send + Sync {
         since: DateTime<Utc>,
     ) -> Result<Nanos, StoreError>;
     async fn pending_holds(&self) -> Result<Vec<HoldRecord>, StoreError>;
+    /// Pending holds whose TTL passed at or before `cutoff`.
+    async fn holds_expired_by(&self, cutoff: DateTime<Utc>) -> Result<Vec<HoldRecord>, StoreError>;
     async fn hold(&self, id: HoldId) -> Result<Option<HoldRecord>, StoreError>;
     /// Applies the writes in order, in one transaction: all or nothing. Cached wallet balances
-    /// move with the transfers.
-    async fn commit(&self, writes: &[LedgerWrite]) -> Result<(), StoreError>;
+    /// move with the transfers. A batch whose id was already committed is not applied again
+    /// (`Ok`): a retry after a commit whose answer was lost is safe.
+    async fn commit(&self, batch: BatchId, writes: &[LedgerWrite]) -> Result<(), StoreError>;
     /// The account's transfers, newest first, those before `before` (a `seq`) if given.
     async fn transfers(
         &self,
@@ -468,6 +498,7 @@ pub trait IdempotencyStore: Send + Sync {
         owner: RequestId,
     ) -> Result<(), StoreError>;
     /// Deletes records past their expiry (and abandoned claims past their lease); how many.
+    /// Also forgets ledger batch ids older than a day.
     async fn purge_idempotency(&self, now: DateTime<Utc>) -> Result<u64, StoreError>;
 }
 
@@ -495,8 +526,35 @@ pub trait StoreHealth: Send + Sync {
 }
 
 /// Everything the server needs from storage.
+/// A change another node (or anyone) made to the store, for caches to drop what they hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreChange {
+    Key(KeyId),
+    Account(AccountId),
+    /// Announcements may have been missed (the feed reconnected): drop everything cached.
+    Resync,
+}
+
+#[async_trait]
+pub trait ChangeFeed: Send + Sync {
+    /// Announcements of key and account changes, as they commit. `None`: the store belongs to
+    /// one node, which sees its own changes (the embedded store).
+    async fn changes(
+        &self,
+    ) -> Result<Option<tokio::sync::mpsc::Receiver<StoreChange>>, StoreError> {
+        Ok(None)
+    }
+}
+
 pub trait Store:
-    AccountStore + KeyStore + LedgerStore + UsageStore + IdempotencyStore + AuditStore + StoreHealth
+    AccountStore
+    + KeyStore
+    + LedgerStore
+    + UsageStore
+    + IdempotencyStore
+    + AuditStore
+    + StoreHealth
+    + ChangeFeed
 {
 }
 impl<T> Store for T where
@@ -507,5 +565,6 @@ impl<T> Store for T where
         + IdempotencyStore
         + AuditStore
         + StoreHealth
+        + ChangeFeed
 {
 }

@@ -1,28 +1,27 @@
 //! The embedded default: one SQLite file in WAL mode, migrations applied at open.
 
+use crate::batch::Batch;
+use crate::rows::{
+    convert, corrupt, from_millis, millis, parse_id, push_usage, to_json, AccountRow, AuditHeadRow,
+    AuditRow, BucketRow, HoldRow, IdempotencyRow, KeyRow, StandingRow, TransferRow, UsageDbRow,
+    ACCOUNT_SELECT, HOLD_COLUMNS, KEY_COLUMNS, USAGE_COLUMNS,
+};
 use crate::{
-    Account, AccountStore, AuditStore, HoldRecord, HoldSource, IdempotencyBegin, IdempotencyClaim,
-    IdempotencyStore, InsertKeyOutcome, KeyChange, KeyLookup, KeyRecord, KeyStore, LedgerStore,
-    LedgerWrite, RevokeOutcome, StoreError, StoreHealth, StoredResponse, TransferRecord,
-    UsageBucket, UsageFilter, UsageGroup, UsageRow, UsageStore,
+    Account, AccountStore, AuditStore, BatchId, ChangeFeed, HoldRecord, IdempotencyBegin,
+    IdempotencyClaim, IdempotencyStore, InsertKeyOutcome, KeyChange, KeyLookup, KeyRecord,
+    KeyStore, LedgerStore, LedgerWrite, RevokeOutcome, StoreError, StoreHealth, StoredResponse,
+    TransferRecord, UsageBucket, UsageFilter, UsageGroup, UsageRow, UsageStore,
 };
 use async_trait::async_trait;
-use chrono::{DateTime, TimeZone, Utc};
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
-};
+use chrono::{DateTime, Utc};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, SqlitePool};
-use std::collections::HashMap;
 use std::path::Path;
-use std::str::FromStr;
 use std::time::Duration;
 use tollgate_core::audit::AuditEntry;
-use tollgate_core::ledger::{
-    BillingStatus, Hold, HoldStatus, LedgerAccount, Transfer, TransferKind, Wallet,
-};
-use tollgate_core::metering::TokenUsage;
+use tollgate_core::ledger::{LedgerAccount, Transfer, TransferKind, Wallet};
 use tollgate_core::ratelimit::Overrides;
-use tollgate_core::{AccountId, HoldId, KeyHash, KeyId, KeyKind, KeyStatus, Nanos, RequestId};
+use tollgate_core::{AccountId, HoldId, KeyHash, KeyId, Nanos, RequestId};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
@@ -73,87 +72,6 @@ impl SqliteStore {
 
 fn unavailable(e: sqlx::Error) -> StoreError {
     StoreError::Unavailable(e.to_string())
-}
-
-fn millis(at: DateTime<Utc>) -> i64 {
-    at.timestamp_millis()
-}
-
-fn from_millis(ms: i64) -> Result<DateTime<Utc>, StoreError> {
-    Utc.timestamp_millis_opt(ms)
-        .single()
-        .ok_or_else(|| StoreError::Corrupt(format!("timestamp {ms} out of range")))
-}
-
-fn corrupt(what: &str, value: &str) -> StoreError {
-    StoreError::Corrupt(format!("{what}: {value:?}"))
-}
-
-const KEY_COLUMNS: &str = "id, account_id, key_hash, display_prefix, kind, status, name, scopes, \
-                           allowed_ips, expires_at, monthly_spend_cap_nanos, created_at, revoked_at, \
-                           rate_limits";
-
-fn key_from_row(row: &SqliteRow) -> Result<KeyRecord, StoreError> {
-    let get_text = |col: &str| row.try_get::<String, _>(col).map_err(unavailable);
-    let id = get_text("id")?;
-    let account_id = get_text("account_id")?;
-    let hash: Vec<u8> = row.try_get("key_hash").map_err(unavailable)?;
-    let kind = get_text("kind")?;
-    let status = get_text("status")?;
-    let scopes = get_text("scopes")?;
-    let allowed_ips = get_text("allowed_ips")?;
-    let rate_limits = get_text("rate_limits")?;
-    let expires_at: Option<i64> = row.try_get("expires_at").map_err(unavailable)?;
-    let revoked_at: Option<i64> = row.try_get("revoked_at").map_err(unavailable)?;
-    let cap: Option<i64> = row
-        .try_get("monthly_spend_cap_nanos")
-        .map_err(unavailable)?;
-    Ok(KeyRecord {
-        id: KeyId::from_str(&id).map_err(|_| corrupt("key id", &id))?,
-        account_id: AccountId::from_str(&account_id)
-            .map_err(|_| corrupt("account id", &account_id))?,
-        hash: KeyHash(hash.try_into().map_err(|_| corrupt("key hash", &id))?),
-        display_prefix: get_text("display_prefix")?,
-        kind: KeyKind::parse(&kind).ok_or_else(|| corrupt("key kind", &kind))?,
-        status: KeyStatus::parse(&status).ok_or_else(|| corrupt("key status", &status))?,
-        name: get_text("name")?,
-        scopes: serde_json::from_str(&scopes).map_err(|_| corrupt("key scopes", &scopes))?,
-        allowed_ips: serde_json::from_str(&allowed_ips)
-            .map_err(|_| corrupt("key allowed_ips", &allowed_ips))?,
-        expires_at: expires_at.map(from_millis).transpose()?,
-        monthly_spend_cap: cap.map(Nanos),
-        rate_limits: serde_json::from_str(&rate_limits)
-            .map_err(|_| corrupt("key rate_limits", &rate_limits))?,
-        created_at: from_millis(row.try_get("created_at").map_err(unavailable)?)?,
-        revoked_at: revoked_at.map(from_millis).transpose()?,
-    })
-}
-
-const ACCOUNT_SELECT: &str =
-    "SELECT a.id, a.name, a.status, a.created_at, a.max_keys, a.rate_limits, w.balance_nanos \
-     FROM accounts a JOIN wallets w ON w.account_id = a.id";
-
-fn account_from_row(row: &SqliteRow) -> Result<Account, StoreError> {
-    let id: String = row.try_get("id").map_err(unavailable)?;
-    let rate_limits: String = row.try_get("rate_limits").map_err(unavailable)?;
-    Ok(Account {
-        id: parse_id("account id", &id)?,
-        name: row.try_get("name").map_err(unavailable)?,
-        status: row.try_get("status").map_err(unavailable)?,
-        balance: Nanos(row.try_get("balance_nanos").map_err(unavailable)?),
-        max_keys: row
-            .try_get::<Option<i64>, _>("max_keys")
-            .map_err(unavailable)?
-            .map(|n| u32::try_from(n).map_err(|_| corrupt("max_keys", &n.to_string())))
-            .transpose()?,
-        rate_limits: serde_json::from_str(&rate_limits)
-            .map_err(|_| corrupt("account rate_limits", &rate_limits))?,
-        created_at: from_millis(row.try_get("created_at").map_err(unavailable)?)?,
-    })
-}
-
-fn to_json<T: serde::Serialize>(value: &T) -> Result<String, StoreError> {
-    serde_json::to_string(value).map_err(|e| StoreError::Corrupt(format!("to JSON: {e}")))
 }
 
 /// Inserts the key; with `limit`, only if the account has fewer unrevoked keys than its override
@@ -248,12 +166,12 @@ impl AccountStore for SqliteStore {
     }
 
     async fn account(&self, id: AccountId) -> Result<Option<Account>, StoreError> {
-        let row = sqlx::query(&format!("{ACCOUNT_SELECT} WHERE a.id = ?"))
+        let row = sqlx::query_as::<_, AccountRow>(&format!("{ACCOUNT_SELECT} WHERE a.id = ?"))
             .bind(id.to_string())
             .fetch_optional(&self.pool)
             .await
             .map_err(unavailable)?;
-        row.as_ref().map(account_from_row).transpose()
+        row.map(Account::try_from).transpose()
     }
 
     async fn accounts(
@@ -262,7 +180,7 @@ impl AccountStore for SqliteStore {
         status: Option<&str>,
         limit: u32,
     ) -> Result<Vec<Account>, StoreError> {
-        let rows = sqlx::query(&format!(
+        let rows = sqlx::query_as::<_, AccountRow>(&format!(
             "{ACCOUNT_SELECT} WHERE (?1 IS NULL OR a.id > ?1) AND (?2 IS NULL OR a.status = ?2) \
              ORDER BY a.id LIMIT ?3"
         ))
@@ -272,7 +190,7 @@ impl AccountStore for SqliteStore {
         .fetch_all(&self.pool)
         .await
         .map_err(unavailable)?;
-        rows.iter().map(account_from_row).collect()
+        convert(rows)
     }
 
     async fn update_account(&self, account: &Account) -> Result<Option<Account>, StoreError> {
@@ -340,7 +258,7 @@ impl KeyStore for SqliteStore {
     }
 
     async fn key_by_hash(&self, hash: &KeyHash) -> Result<Option<KeyLookup>, StoreError> {
-        let current = sqlx::query(&format!(
+        let current = sqlx::query_as::<_, KeyRow>(&format!(
             "SELECT {KEY_COLUMNS} FROM api_keys WHERE key_hash = ?"
         ))
         .bind(hash.0.as_slice())
@@ -348,7 +266,7 @@ impl KeyStore for SqliteStore {
         .await
         .map_err(unavailable)?;
         if let Some(row) = current {
-            return Ok(Some(self.lookup(key_from_row(&row)?, None).await?));
+            return Ok(Some(self.lookup(row.try_into()?, None).await?));
         }
         let retired =
             sqlx::query("SELECT key_id, expires_at FROM retired_key_secrets WHERE key_hash = ?")
@@ -369,12 +287,14 @@ impl KeyStore for SqliteStore {
     }
 
     async fn key_by_id(&self, id: KeyId) -> Result<Option<KeyRecord>, StoreError> {
-        let row = sqlx::query(&format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE id = ?"))
-            .bind(id.to_string())
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(unavailable)?;
-        row.as_ref().map(key_from_row).transpose()
+        let row = sqlx::query_as::<_, KeyRow>(&format!(
+            "SELECT {KEY_COLUMNS} FROM api_keys WHERE id = ?"
+        ))
+        .bind(id.to_string())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        row.map(KeyRecord::try_from).transpose()
     }
 
     async fn keys(
@@ -383,7 +303,7 @@ impl KeyStore for SqliteStore {
         after: Option<KeyId>,
         limit: u32,
     ) -> Result<Vec<KeyRecord>, StoreError> {
-        let rows = sqlx::query(&format!(
+        let rows = sqlx::query_as::<_, KeyRow>(&format!(
             "SELECT {KEY_COLUMNS} FROM api_keys WHERE (?1 IS NULL OR account_id = ?1) \
              AND (?2 IS NULL OR id > ?2) ORDER BY id LIMIT ?3"
         ))
@@ -393,7 +313,7 @@ impl KeyStore for SqliteStore {
         .fetch_all(&self.pool)
         .await
         .map_err(unavailable)?;
-        rows.iter().map(key_from_row).collect()
+        convert(rows)
     }
 
     async fn revoke_key(&self, id: KeyId, at: DateTime<Utc>) -> Result<RevokeOutcome, StoreError> {
@@ -478,20 +398,12 @@ impl SqliteStore {
         key: KeyRecord,
         secret_expires_at: Option<DateTime<Utc>>,
     ) -> Result<KeyLookup, StoreError> {
-        let row = sqlx::query("SELECT status, rate_limits FROM accounts WHERE id = ?")
+        sqlx::query_as::<_, StandingRow>("SELECT status, rate_limits FROM accounts WHERE id = ?")
             .bind(key.account_id.to_string())
             .fetch_one(&self.pool)
             .await
-            .map_err(unavailable)?;
-        let status: String = row.try_get("status").map_err(unavailable)?;
-        let overrides: String = row.try_get("rate_limits").map_err(unavailable)?;
-        Ok(KeyLookup {
-            key,
-            secret_expires_at,
-            account_rate_limits: serde_json::from_str(&overrides)
-                .map_err(|_| corrupt("account rate_limits", &overrides))?,
-            account_suspended: status == "suspended",
-        })
+            .map_err(unavailable)?
+            .lookup(key, secret_expires_at)
     }
 
     async fn key_change(&self, id: KeyId, changed: bool) -> Result<KeyChange, StoreError> {
@@ -505,59 +417,6 @@ impl SqliteStore {
 
 /// Rows per multi-row INSERT: well inside SQLite's limit of 32766 bound parameters.
 const ROWS_PER_INSERT: usize = 500;
-
-const HOLD_COLUMNS: &str = "id, account_id, key_id, source, request_id, amount_nanos, \
-                            charged_nanos, status, metadata, created_at, expires_at, resolved_at";
-
-fn parse_id<T: FromStr>(what: &str, text: &str) -> Result<T, StoreError> {
-    T::from_str(text).map_err(|_| corrupt(what, text))
-}
-
-fn hold_from_row(row: &SqliteRow) -> Result<HoldRecord, StoreError> {
-    let text = |col: &str| row.try_get::<String, _>(col).map_err(unavailable);
-    let opt_text = |col: &str| row.try_get::<Option<String>, _>(col).map_err(unavailable);
-    let int = |col: &str| row.try_get::<i64, _>(col).map_err(unavailable);
-    let status = text("status")?;
-    let source = text("source")?;
-    let metadata = text("metadata")?;
-    let resolved_at: Option<i64> = row.try_get("resolved_at").map_err(unavailable)?;
-    Ok(HoldRecord {
-        hold: Hold {
-            id: parse_id("hold id", &text("id")?)?,
-            account: parse_id("account id", &text("account_id")?)?,
-            key: opt_text("key_id")?
-                .map(|k| parse_id("key id", &k))
-                .transpose()?,
-            amount: Nanos(int("amount_nanos")?),
-            created_at: from_millis(int("created_at")?)?,
-            expires_at: from_millis(int("expires_at")?)?,
-            status: HoldStatus::parse(&status).ok_or_else(|| corrupt("hold status", &status))?,
-            charged: Nanos(int("charged_nanos")?),
-            resolved_at: resolved_at.map(from_millis).transpose()?,
-        },
-        source: match source.as_str() {
-            "request" => HoldSource::Request,
-            "api" => HoldSource::Api,
-            _ => return Err(corrupt("hold source", &source)),
-        },
-        request_id: opt_text("request_id")?
-            .map(|r| parse_id("request id", &r))
-            .transpose()?,
-        metadata: serde_json::from_str(&metadata).map_err(|_| corrupt("metadata", &metadata))?,
-    })
-}
-
-/// How a transfer moves an account's cached (available, held) balances.
-fn wallet_deltas(transfer: &Transfer, deltas: &mut HashMap<AccountId, (i64, i64)>) {
-    let amount = transfer.amount.0;
-    for (side, sign) in [(transfer.debit, -1), (transfer.credit, 1)] {
-        match side {
-            LedgerAccount::Wallet(a) => deltas.entry(a).or_default().0 += sign * amount,
-            LedgerAccount::Holds(a) => deltas.entry(a).or_default().1 += sign * amount,
-            LedgerAccount::External | LedgerAccount::Revenue => {}
-        }
-    }
-}
 
 #[async_trait]
 impl LedgerStore for SqliteStore {
@@ -620,80 +479,61 @@ impl LedgerStore for SqliteStore {
     }
 
     async fn pending_holds(&self) -> Result<Vec<HoldRecord>, StoreError> {
-        let rows = sqlx::query(&format!(
+        let rows = sqlx::query_as::<_, HoldRow>(&format!(
             "SELECT {HOLD_COLUMNS} FROM holds WHERE status = 'pending' ORDER BY id"
         ))
         .fetch_all(&self.pool)
         .await
         .map_err(unavailable)?;
-        rows.iter().map(hold_from_row).collect()
+        convert(rows)
+    }
+
+    async fn holds_expired_by(&self, cutoff: DateTime<Utc>) -> Result<Vec<HoldRecord>, StoreError> {
+        let rows = sqlx::query_as::<_, HoldRow>(&format!(
+            "SELECT {HOLD_COLUMNS} FROM holds WHERE status = 'pending' AND expires_at <= ? \
+             ORDER BY id"
+        ))
+        .bind(millis(cutoff))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        convert(rows)
     }
 
     async fn hold(&self, id: HoldId) -> Result<Option<HoldRecord>, StoreError> {
-        let row = sqlx::query(&format!("SELECT {HOLD_COLUMNS} FROM holds WHERE id = ?"))
-            .bind(id.to_string())
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(unavailable)?;
-        row.as_ref().map(hold_from_row).transpose()
+        let row =
+            sqlx::query_as::<_, HoldRow>(&format!("SELECT {HOLD_COLUMNS} FROM holds WHERE id = ?"))
+                .bind(id.to_string())
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(unavailable)?;
+        row.map(HoldRecord::try_from).transpose()
     }
 
-    async fn commit(&self, writes: &[LedgerWrite]) -> Result<(), StoreError> {
-        // A batch becomes a handful of multi-row statements: per-statement overhead, not the
-        // disk, is what limits SQLite here. A hold opened and resolved in the same batch (the
-        // common case) is inserted once, already resolved.
-        let resolved_here: HashMap<HoldId, &Hold> = writes
-            .iter()
-            .filter_map(|w| match w {
-                LedgerWrite::ResolveHold { hold, .. } => Some((hold.id, hold)),
-                _ => None,
-            })
-            .collect();
-        let mut opened_here: std::collections::HashSet<HoldId> = Default::default();
-        let mut holds: Vec<(&HoldRecord, &Hold)> = Vec::new();
-        let mut transfers: Vec<(&Transfer, AccountId, &str, String, DateTime<Utc>)> = Vec::new();
-        let mut resolutions: Vec<&Hold> = Vec::new();
-        let mut usage: Vec<&UsageRow> = Vec::new();
-        let mut deltas: HashMap<AccountId, (i64, i64)> = HashMap::new();
-        for write in writes {
-            match write {
-                LedgerWrite::Grant {
-                    account,
-                    transfer,
-                    memo,
-                    reference,
-                    at,
-                } => transfers.push((transfer, *account, memo, reference.clone(), *at)),
-                LedgerWrite::OpenHold { record, transfer } => {
-                    let hold = &record.hold;
-                    let state = resolved_here.get(&hold.id).copied().unwrap_or(hold);
-                    opened_here.insert(hold.id);
-                    holds.push((record, state));
-                    if let Some(transfer) = transfer {
-                        let at = hold.created_at;
-                        transfers.push((transfer, hold.account, "", hold.id.to_string(), at));
-                    }
-                }
-                LedgerWrite::ResolveHold {
-                    hold,
-                    transfers: moved,
-                } => {
-                    if !opened_here.contains(&hold.id) {
-                        resolutions.push(hold);
-                    }
-                    let at = hold.resolved_at.unwrap_or(hold.created_at);
-                    for transfer in moved {
-                        transfers.push((transfer, hold.account, "", hold.id.to_string(), at));
-                    }
-                }
-                LedgerWrite::Usage(row) => usage.push(row),
-            }
-        }
-        for (transfer, ..) in &transfers {
-            wallet_deltas(transfer, &mut deltas);
-        }
-
+    async fn commit(&self, batch: BatchId, writes: &[LedgerWrite]) -> Result<(), StoreError> {
+        let Batch {
+            holds,
+            resolutions,
+            transfers,
+            usage,
+            deltas,
+        } = Batch::plan(writes);
         let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        let first_time = sqlx::query(
+            "INSERT INTO ledger_batches (id, committed_at) VALUES (?, ?) ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(batch.to_string())
+        .bind(chrono::Utc::now().timestamp_millis())
+        .execute(&mut *tx)
+        .await
+        .map_err(unavailable)?
+        .rows_affected()
+            == 1;
+        if !first_time {
+            // Committed by an earlier attempt whose answer was lost.
+            tx.rollback().await.map_err(unavailable)?;
+            return Ok(());
+        }
         for chunk in holds.chunks(ROWS_PER_INSERT) {
             let mut query = sqlx::QueryBuilder::<sqlx::Sqlite>::new(format!(
                 "INSERT INTO holds ({HOLD_COLUMNS}) "
@@ -783,30 +623,17 @@ impl LedgerStore for SqliteStore {
         before: Option<i64>,
         limit: u32,
     ) -> Result<Vec<TransferRecord>, StoreError> {
-        let rows = sqlx::query(
+        let rows = sqlx::query_as::<_, TransferRow>(
             "SELECT id, debit_account, credit_account, amount_nanos, kind, memo, reference, created_at \
              FROM ledger_transfers WHERE account_id = ? AND id < ? ORDER BY id DESC LIMIT ?",
         )
         .bind(account.to_string())
         .bind(before.unwrap_or(i64::MAX))
-        .bind(limit)
+        .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await
         .map_err(unavailable)?;
-        rows.iter()
-            .map(|row| {
-                Ok(TransferRecord {
-                    seq: row.try_get("id").map_err(unavailable)?,
-                    debit: row.try_get("debit_account").map_err(unavailable)?,
-                    credit: row.try_get("credit_account").map_err(unavailable)?,
-                    amount: Nanos(row.try_get("amount_nanos").map_err(unavailable)?),
-                    kind: row.try_get("kind").map_err(unavailable)?,
-                    memo: row.try_get("memo").map_err(unavailable)?,
-                    reference: row.try_get("reference").map_err(unavailable)?,
-                    created_at: from_millis(row.try_get("created_at").map_err(unavailable)?)?,
-                })
-            })
-            .collect()
+        convert(rows)
     }
 
     async fn trial_balance(&self) -> Result<Vec<(String, i64)>, StoreError> {
@@ -823,93 +650,19 @@ impl LedgerStore for SqliteStore {
     }
 }
 
-const USAGE_COLUMNS: &str = "request_id, client_request_id, account_id, key_id, route, model, \
-    method, path, status, upstream_status, units, input_tokens, cached_input_tokens, \
-    output_tokens, cost_nanos, hold_nanos, hold_id, billing_status, latency_ms, error_code, \
-    created_at, completed_at";
-
 async fn insert_usage(
     tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
     rows: &[&UsageRow],
 ) -> Result<(), StoreError> {
     let mut query =
         sqlx::QueryBuilder::<sqlx::Sqlite>::new(format!("INSERT INTO requests ({USAGE_COLUMNS}) "));
-    query.push_values(rows, |mut out, row| {
-        let tokens = row.tokens;
-        out.push_bind(row.request_id.to_string())
-            .push_bind(row.client_request_id.clone())
-            .push_bind(row.account_id.to_string())
-            .push_bind(row.key_id.to_string())
-            .push_bind(row.route.clone())
-            .push_bind(row.model.clone())
-            .push_bind(row.method.clone())
-            .push_bind(row.path.clone())
-            .push_bind(i64::from(row.status))
-            .push_bind(row.upstream_status.map(i64::from))
-            .push_bind(row.units.clone())
-            .push_bind(tokens.map(|t| t.input as i64))
-            .push_bind(tokens.map(|t| t.cached_input as i64))
-            .push_bind(tokens.map(|t| t.output as i64))
-            .push_bind(row.cost.0)
-            .push_bind(row.hold.0)
-            .push_bind(row.hold_id.map(|h| h.to_string()))
-            .push_bind(row.billing_status.as_str())
-            .push_bind(i64::try_from(row.latency_ms).unwrap_or(i64::MAX))
-            .push_bind(row.error_code.clone())
-            .push_bind(millis(row.created_at))
-            .push_bind(millis(row.completed_at));
-    });
+    query.push_values(rows, |out, row| push_usage(out, row));
     query
         .build()
         .execute(&mut **tx)
         .await
         .map_err(unavailable)?;
     Ok(())
-}
-
-fn usage_from_row(row: &SqliteRow) -> Result<UsageRow, StoreError> {
-    let text = |col: &str| row.try_get::<String, _>(col).map_err(unavailable);
-    let opt_text = |col: &str| row.try_get::<Option<String>, _>(col).map_err(unavailable);
-    let int = |col: &str| row.try_get::<i64, _>(col).map_err(unavailable);
-    let opt_int = |col: &str| row.try_get::<Option<i64>, _>(col).map_err(unavailable);
-    let status = text("billing_status")?;
-    let tokens = match (
-        opt_int("input_tokens")?,
-        opt_int("cached_input_tokens")?,
-        opt_int("output_tokens")?,
-    ) {
-        (Some(input), cached, Some(output)) => Some(TokenUsage {
-            input: input as u64,
-            cached_input: cached.unwrap_or(0) as u64,
-            output: output as u64,
-        }),
-        _ => None,
-    };
-    Ok(UsageRow {
-        request_id: parse_id("request id", &text("request_id")?)?,
-        client_request_id: opt_text("client_request_id")?,
-        account_id: parse_id("account id", &text("account_id")?)?,
-        key_id: parse_id("key id", &text("key_id")?)?,
-        route: text("route")?,
-        model: opt_text("model")?,
-        method: text("method")?,
-        path: text("path")?,
-        status: int("status")? as u16,
-        upstream_status: opt_int("upstream_status")?.map(|s| s as u16),
-        units: opt_text("units")?,
-        tokens,
-        cost: Nanos(int("cost_nanos")?),
-        hold: Nanos(int("hold_nanos")?),
-        hold_id: opt_text("hold_id")?
-            .map(|h| parse_id("hold id", &h))
-            .transpose()?,
-        billing_status: BillingStatus::parse(&status)
-            .ok_or_else(|| corrupt("billing status", &status))?,
-        latency_ms: int("latency_ms")? as u64,
-        error_code: opt_text("error_code")?,
-        created_at: from_millis(int("created_at")?)?,
-        completed_at: from_millis(int("completed_at")?)?,
-    })
 }
 
 #[async_trait]
@@ -943,7 +696,7 @@ impl IdempotencyStore for SqliteStore {
         .execute(&mut *tx)
         .await
         .map_err(unavailable)?;
-        let row = sqlx::query(
+        let row = sqlx::query_as::<_, IdempotencyRow>(
             "SELECT fingerprint, owner, state, lease_until, status, headers, body \
              FROM idempotency_keys WHERE scope = ? AND key = ?",
         )
@@ -953,34 +706,7 @@ impl IdempotencyStore for SqliteStore {
         .await
         .map_err(unavailable)?;
         tx.commit().await.map_err(unavailable)?;
-        let owner: String = row.try_get("owner").map_err(unavailable)?;
-        let owner: RequestId = parse_id("idempotency owner", &owner)?;
-        if owner == claim.owner {
-            return Ok(IdempotencyBegin::Started);
-        }
-        let fingerprint: Vec<u8> = row.try_get("fingerprint").map_err(unavailable)?;
-        if fingerprint != claim.fingerprint {
-            return Ok(IdempotencyBegin::Mismatch);
-        }
-        let state: String = row.try_get("state").map_err(unavailable)?;
-        if state == "in_flight" {
-            return Ok(IdempotencyBegin::InFlight {
-                owner,
-                lease_until: from_millis(row.try_get("lease_until").map_err(unavailable)?)?,
-            });
-        }
-        let status: i64 = row.try_get("status").map_err(unavailable)?;
-        let headers: String = row.try_get("headers").map_err(unavailable)?;
-        Ok(IdempotencyBegin::Completed {
-            owner,
-            response: StoredResponse {
-                status: u16::try_from(status)
-                    .map_err(|_| corrupt("idempotency status", &status.to_string()))?,
-                headers: serde_json::from_str(&headers)
-                    .map_err(|_| corrupt("idempotency headers", &headers))?,
-                body: row.try_get("body").map_err(unavailable)?,
-            },
-        })
+        row.outcome(claim)
     }
 
     async fn complete_idempotent(
@@ -1035,14 +761,15 @@ impl IdempotencyStore for SqliteStore {
         .await
         .map_err(unavailable)?
         .rows_affected();
+        // Batch ids only need to outlive the retries of their batch.
+        let day_ago = millis(now) - 24 * 3600 * 1000;
+        sqlx::query("DELETE FROM ledger_batches WHERE committed_at < ?")
+            .bind(day_ago)
+            .execute(&self.pool)
+            .await
+            .map_err(unavailable)?;
         Ok(purged)
     }
-}
-
-fn hash32(bytes: Vec<u8>, what: &str) -> Result<[u8; 32], StoreError> {
-    bytes
-        .try_into()
-        .map_err(|_| StoreError::Corrupt(format!("{what} is not 32 bytes")))
 }
 
 /// The last entry's number and hash, as the head row records them (`None`: empty log).
@@ -1050,16 +777,11 @@ async fn read_audit_head<'e, E>(executor: E) -> Result<Option<(u64, [u8; 32])>, 
 where
     E: sqlx::Executor<'e, Database = sqlx::Sqlite>,
 {
-    let row = sqlx::query("SELECT seq, hash FROM audit_head WHERE id = 1")
+    sqlx::query_as::<_, AuditHeadRow>("SELECT seq, hash FROM audit_head WHERE id = 1")
         .fetch_one(executor)
         .await
-        .map_err(unavailable)?;
-    let seq: i64 = row.try_get("seq").map_err(unavailable)?;
-    let hash = hash32(row.try_get("hash").map_err(unavailable)?, "audit head")?;
-    Ok(u64::try_from(seq)
-        .ok()
-        .filter(|&seq| seq > 0)
-        .map(|seq| (seq, hash)))
+        .map_err(unavailable)?
+        .head()
 }
 
 #[async_trait]
@@ -1105,7 +827,7 @@ impl AuditStore for SqliteStore {
         after_seq: u64,
         limit: u32,
     ) -> Result<Vec<AuditEntry>, StoreError> {
-        let rows = sqlx::query(
+        let rows = sqlx::query_as::<_, AuditRow>(
             "SELECT seq, at, actor, action, target, request_id, before, after, prev_hash, hash \
              FROM audit_log WHERE seq > ? ORDER BY seq LIMIT ?",
         )
@@ -1114,23 +836,7 @@ impl AuditStore for SqliteStore {
         .fetch_all(&self.pool)
         .await
         .map_err(unavailable)?;
-        rows.iter()
-            .map(|row| {
-                let seq: i64 = row.try_get("seq").map_err(unavailable)?;
-                Ok(AuditEntry {
-                    seq: u64::try_from(seq).map_err(|_| corrupt("audit seq", &seq.to_string()))?,
-                    at: from_millis(row.try_get("at").map_err(unavailable)?)?,
-                    actor: row.try_get("actor").map_err(unavailable)?,
-                    action: row.try_get("action").map_err(unavailable)?,
-                    target: row.try_get("target").map_err(unavailable)?,
-                    request_id: row.try_get("request_id").map_err(unavailable)?,
-                    before: row.try_get("before").map_err(unavailable)?,
-                    after: row.try_get("after").map_err(unavailable)?,
-                    prev_hash: hash32(row.try_get("prev_hash").map_err(unavailable)?, "prev_hash")?,
-                    hash: hash32(row.try_get("hash").map_err(unavailable)?, "hash")?,
-                })
-            })
-            .collect()
+        convert(rows)
     }
 
     async fn audit_head(&self) -> Result<Option<(u64, [u8; 32])>, StoreError> {
@@ -1173,11 +879,11 @@ impl UsageStore for SqliteStore {
             .push(" ORDER BY request_id DESC LIMIT ")
             .push_bind(i64::from(filter.limit));
         let rows = query
-            .build()
+            .build_query_as::<UsageDbRow>()
             .fetch_all(&self.pool)
             .await
             .map_err(unavailable)?;
-        rows.iter().map(usage_from_row).collect()
+        convert(rows)
     }
 
     async fn usage_summary(
@@ -1193,7 +899,7 @@ impl UsageStore for SqliteStore {
             UsageGroup::Route => "route",
             UsageGroup::Model => "COALESCE(model, '')",
         };
-        let rows = sqlx::query(&format!(
+        let rows = sqlx::query_as::<_, BucketRow>(&format!(
             "SELECT {group} AS grp, COUNT(*) AS requests, \
              SUM(CASE WHEN status >= 400 THEN 1 ELSE 0 END) AS errors, \
              COALESCE(SUM(input_tokens), 0) AS input_tokens, \
@@ -1210,34 +916,18 @@ impl UsageStore for SqliteStore {
         .fetch_all(&self.pool)
         .await
         .map_err(unavailable)?;
-        rows.iter()
-            .map(|row| {
-                let count = |col: &str| -> Result<u64, StoreError> {
-                    let n: i64 = row.try_get(col).map_err(unavailable)?;
-                    u64::try_from(n).map_err(|_| corrupt(col, &n.to_string()))
-                };
-                Ok(UsageBucket {
-                    group: row.try_get("grp").map_err(unavailable)?,
-                    requests: count("requests")?,
-                    errors: count("errors")?,
-                    input_tokens: count("input_tokens")?,
-                    cached_input_tokens: count("cached_input_tokens")?,
-                    output_tokens: count("output_tokens")?,
-                    cost: Nanos(row.try_get("cost_nanos").map_err(unavailable)?),
-                })
-            })
-            .collect()
+        convert(rows)
     }
 
     async fn request(&self, id: RequestId) -> Result<Option<UsageRow>, StoreError> {
-        let row = sqlx::query(&format!(
+        let row = sqlx::query_as::<_, UsageDbRow>(&format!(
             "SELECT {USAGE_COLUMNS} FROM requests WHERE request_id = ?"
         ))
         .bind(id.to_string())
         .fetch_optional(&self.pool)
         .await
         .map_err(unavailable)?;
-        row.as_ref().map(usage_from_row).transpose()
+        row.map(UsageRow::try_from).transpose()
     }
 
     async fn purge_requests_before(&self, cutoff: DateTime<Utc>) -> Result<u64, StoreError> {
@@ -1249,6 +939,9 @@ impl UsageStore for SqliteStore {
             .rows_affected())
     }
 }
+
+/// The embedded store belongs to one node, which invalidates its own caches.
+impl ChangeFeed for SqliteStore {}
 
 #[async_trait]
 impl StoreHealth for SqliteStore {

@@ -3,12 +3,14 @@
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Deserializer, Serialize};
-use tollgate_core::ratelimit::Overrides;
+use tollgate_core::ratelimit::{LimitOverride, Overrides};
 use tollgate_core::{AccountId, HoldId, KeyId, KeyKind, KeyStatus, Nanos, RequestId};
+use utoipa::ToSchema;
 
 /// An amount of money: exact nano-units, the same as a decimal string of credits, and the currency.
 /// `credits` is exact and safe for any JSON parser; `nanos` is exact up to 2⁵³ in JavaScript.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[schema(example = json!({"nanos": 1500000000, "credits": "1.5", "currency": "USD"}))]
 pub struct Money {
     pub nanos: i64,
     pub credits: String,
@@ -25,8 +27,9 @@ impl Money {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"name": "Acme Corp", "starter_credits": "25.00"}))]
 pub struct CreateAccountRequest {
     pub name: String,
     /// Credits to grant at creation, as a decimal string; the configured starter credits if omitted.
@@ -39,8 +42,9 @@ pub struct CreateAccountRequest {
 
 /// Admin only. An omitted field is left as it is; `max_keys: null` returns the account to the
 /// configured limit.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"name": "Acme Corporation", "max_keys": 50, "rate_limits": {"per-key": {"limit": 600}}}))]
 pub struct UpdateAccountRequest {
     #[serde(default, deserialize_with = "present")]
     pub name: Option<Option<String>>,
@@ -50,10 +54,11 @@ pub struct UpdateAccountRequest {
     /// its keys' `key` and `key+route` ones), by policy name; replaces the whole set, `null`
     /// clears it.
     #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<std::collections::BTreeMap<String, LimitOverride>>)]
     pub rate_limits: Option<Option<Overrides>>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct Account {
     pub id: AccountId,
     pub name: String,
@@ -62,19 +67,21 @@ pub struct Account {
     /// How many unrevoked keys the account may have (its override, else the configured limit).
     pub max_keys: u32,
     /// The operator's numbers for configured rate-limit policies, by policy name.
+    #[schema(value_type = std::collections::BTreeMap<String, LimitOverride>)]
     pub rate_limits: Overrides,
     pub created_at: DateTime<Utc>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct CreateAccountResponse {
     pub account: Account,
     /// The account's first master key. Its `secret` is shown here once and never again.
     pub master_key: CreatedKey,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"name": "production", "scopes": ["openai:mock-gpt", "echo"], "allowed_ips": ["10.0.0.0/8"], "expires_at": "2030-01-01T00:00:00Z", "monthly_spend_cap": "100.00"}))]
 pub struct CreateKeyRequest {
     pub name: String,
     /// Admin only: the account to create the key for. A master key creates keys for its own account.
@@ -100,8 +107,9 @@ pub struct CreateKeyRequest {
 
 /// `PATCH /keys/{id}`: an omitted field is left as it is, `null` clears it (no allowlist, no
 /// expiry, no spend cap). `name`, `scopes` and `status` cannot be cleared.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"name": "production-eu", "allowed_ips": null, "monthly_spend_cap": "250.00"}))]
 pub struct UpdateKeyRequest {
     #[serde(default, deserialize_with = "present")]
     pub name: Option<Option<String>>,
@@ -119,12 +127,14 @@ pub struct UpdateKeyRequest {
     /// Admin only: the key's own numbers for its `key` and `key+route` rate-limit policies, by
     /// policy name; replaces the whole set, `null` clears it.
     #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<std::collections::BTreeMap<String, LimitOverride>>)]
     pub rate_limits: Option<Option<Overrides>>,
 }
 
 /// `POST /keys/{id}/roll`: the body may be omitted.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"grace_period_seconds": 3600}))]
 pub struct RollKeyRequest {
     /// How long the current secret keeps working next to the new one; default 0 (it stops now),
     /// at most 604800 (7 days).
@@ -140,7 +150,7 @@ fn present<'de, T: Deserialize<'de>, D: Deserializer<'de>>(
 }
 
 /// An API key as the API shows it: everything but the secret.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct ApiKeyInfo {
     pub id: KeyId,
     pub account_id: AccountId,
@@ -155,12 +165,13 @@ pub struct ApiKeyInfo {
     pub expires_at: Option<DateTime<Utc>>,
     pub monthly_spend_cap: Option<Money>,
     /// The operator's numbers for this key's rate-limit policies, by policy name.
+    #[schema(value_type = std::collections::BTreeMap<String, LimitOverride>)]
     pub rate_limits: Overrides,
     pub created_at: DateTime<Utc>,
     pub revoked_at: Option<DateTime<Utc>>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct CreatedKey {
     #[serde(flatten)]
     pub key: ApiKeyInfo,
@@ -168,7 +179,7 @@ pub struct CreatedKey {
     pub secret: String,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct RolledKey {
     #[serde(flatten)]
     pub key: ApiKeyInfo,
@@ -179,14 +190,15 @@ pub struct RolledKey {
 }
 
 /// One page of a listing. `next_cursor`, when present, is passed as `?cursor=` for the next page.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct Page<T> {
     pub data: Vec<T>,
     pub next_cursor: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"amount": "50.00", "reason": "invoice 2026-118 paid"}))]
 pub struct GrantRequest {
     /// Credits to add, a decimal string.
     pub amount: String,
@@ -194,7 +206,7 @@ pub struct GrantRequest {
     pub reason: String,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct Balance {
     pub account_id: AccountId,
     /// Spendable now.
@@ -205,7 +217,7 @@ pub struct Balance {
     pub spent_this_month: Money,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct LedgerEntry {
     /// Increasing in commit order.
     pub seq: i64,
@@ -220,8 +232,9 @@ pub struct LedgerEntry {
     pub created_at: DateTime<Utc>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"amount": "2.50", "ttl_seconds": 600, "metadata": {"job": "render-42"}}))]
 pub struct CreateHoldRequest {
     /// The most the work may cost, a decimal string of credits.
     pub amount: String,
@@ -236,14 +249,15 @@ pub struct CreateHoldRequest {
     pub account_id: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"amount": "1.75"}))]
 pub struct SettleHoldRequest {
     /// The actual cost, a decimal string, at most the amount held.
     pub amount: String,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct HoldInfo {
     pub id: HoldId,
     pub account_id: AccountId,
@@ -259,7 +273,7 @@ pub struct HoldInfo {
 }
 
 /// `GET /usage`: an account's usage totals per group.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct UsageSummary {
     pub account_id: AccountId,
     /// `day`, `key`, `route` or `model`.
@@ -269,7 +283,7 @@ pub struct UsageSummary {
     pub data: Vec<UsageTotals>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct UsageTotals {
     /// The day (`2026-11-22`, UTC), key id, route prefix or model (empty: calls without one).
     pub group: String,
@@ -283,7 +297,7 @@ pub struct UsageTotals {
 }
 
 /// One data-plane request from the usage log.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct UsageRecord {
     pub request_id: RequestId,
     pub client_request_id: Option<String>,
@@ -310,7 +324,7 @@ pub struct UsageRecord {
 }
 
 /// One audit-log entry. `before` and `after` are the changed object as the API showed it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct AuditEntry {
     pub seq: u64,
     pub at: DateTime<Utc>,
@@ -328,7 +342,7 @@ pub struct AuditEntry {
 
 /// `GET /audit/verify`: whether every link of the chain holds, and if not, the first that does
 /// not.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct AuditVerification {
     pub valid: bool,
     /// Entries checked (up to the broken one).

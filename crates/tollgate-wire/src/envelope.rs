@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
-use tollgate_core::{ApiError, RequestId};
+use tollgate_core::{ApiError, ErrorCode, RequestId};
 
 /// How a route renders the errors Tollgate originates. The status is the same in every profile.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -138,6 +138,88 @@ pub fn errors_doc() -> String {
     doc
 }
 
+/// The native envelope's schema in the OpenAPI document. Bodies are shaped by [`render_error`];
+/// this type only describes them, with `code` listing the whole catalogue.
+pub struct ErrorEnvelope;
+
+impl utoipa::ToSchema for ErrorEnvelope {}
+
+impl utoipa::PartialSchema for ErrorEnvelope {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{AdditionalProperties, ArrayBuilder, ObjectBuilder, Type};
+        let string = |description: &str| {
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .description(Some(description))
+        };
+        let codes = ErrorCode::ALL.iter().map(|c| c.as_str());
+        let kinds: std::collections::BTreeSet<_> =
+            ErrorCode::ALL.iter().map(|c| c.info().kind).collect();
+        let field_messages =
+            ArrayBuilder::new().items(ObjectBuilder::new().schema_type(Type::String));
+        let error = ObjectBuilder::new()
+            .property(
+                "type",
+                string("The error's family, as OpenAI SDKs read it.").enum_values(Some(kinds)),
+            )
+            .required("type")
+            .property(
+                "code",
+                string("What went wrong; stable, one per failure mode (see docs/errors.md).")
+                    .enum_values(Some(codes)),
+            )
+            .required("code")
+            .property("message", string("A sentence for humans; never parse it."))
+            .required("message")
+            .property(
+                "request_id",
+                string("The request's ID, also in the `x-request-id` header."),
+            )
+            .required("request_id")
+            .property(
+                "details",
+                ObjectBuilder::new()
+                    .schema_type(Type::Object)
+                    .description(Some(
+                        "Machine-readable facts about this failure (a policy, an amount, a scope).",
+                    )),
+            )
+            .required("details")
+            .property(
+                "field_errors",
+                ObjectBuilder::new()
+                    .schema_type(Type::Object)
+                    .additional_properties(Some(AdditionalProperties::RefOr(field_messages.into())))
+                    .description(Some(
+                        "Only on `validation_error`: each invalid field and what is wrong with it.",
+                    )),
+            );
+        ObjectBuilder::new()
+            .description(Some(
+                "Every error Tollgate originates on the management API: one envelope, one code.",
+            ))
+            .property("error", error)
+            .required("error")
+            .into()
+    }
+}
+
+/// An example error body for `code` in `profile`, as the OpenAPI document shows it.
+pub fn example_error(code: ErrorCode, profile: ErrorProfile) -> Value {
+    let info = code.info();
+    let mut err = ApiError::new(code, info.meaning);
+    match code {
+        ErrorCode::ValidationError => {
+            let mut fields = std::collections::BTreeMap::new();
+            fields.insert("name".to_string(), vec!["must not be empty".to_string()]);
+            err = ApiError::validation(fields);
+        }
+        ErrorCode::RateLimited => err = err.with_detail("policy", "per-key"),
+        _ => {}
+    }
+    render_error(profile, &err, &example_request_id()).body
+}
+
 fn example_request_id() -> RequestId {
     RequestId::parse("req_01JD3ZK6Q9X8V7T5R4N2M0P1AB").unwrap_or_default()
 }
@@ -147,7 +229,6 @@ mod tests {
     use super::*;
     use expect_test::{expect, expect_file};
     use std::collections::BTreeMap;
-    use tollgate_core::ErrorCode;
 
     fn render_all(err: &ApiError) -> String {
         ErrorProfile::ALL

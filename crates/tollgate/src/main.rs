@@ -145,11 +145,12 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         },
         Command::Migrate { config } => {
             let config = load_config(&config)?;
+            tollgate_server::app::open_store(&config.store).await?;
             match &config.store {
                 StoreConfig::Sqlite { path } => {
-                    tollgate_server::app::open_store(&config.store).await?;
                     println!("{}: migrations applied", path.display());
                 }
+                StoreConfig::Postgres { .. } => println!("PostgreSQL: migrations applied"),
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -330,9 +330,9 @@ async fn the_demo_keeps_serving_when_its_stdout_is_closed() {
 #[tokio::test]
 async fn the_official_openai_and_anthropic_sdks_work_unchanged() {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let python = repo.join("target/sdk-venv/bin/python");
+    let python = repo.join("target/test-venv/bin/python");
     if !python.exists() {
-        let message = "the official SDKs are not installed: run scripts/install-sdks";
+        let message = "the official SDKs are not installed: run scripts/install-test-tools";
         assert!(std::env::var("CI").as_deref() != Ok("true"), "{message}");
         eprintln!("SKIPPED the_official_openai_and_anthropic_sdks_work_unchanged: {message}");
         return;
@@ -340,7 +340,7 @@ async fn the_official_openai_and_anthropic_sdks_work_unchanged() {
     let dir = tempfile::tempdir().unwrap();
     let demo = start_demo(dir.path()).await;
     let output = Command::new(python)
-        .arg(repo.join("crates/tollgate/tests/sdk/check_sdks.py"))
+        .arg(repo.join("crates/tollgate/tests/python/check_sdks.py"))
         .env("TOLLGATE_URL", &demo.vars["TOLLGATE_URL"])
         .env("TOLLGATE_DEMO_KEY", &demo.vars["TOLLGATE_DEMO_KEY"])
         .output()
@@ -350,4 +350,80 @@ async fn the_official_openai_and_anthropic_sdks_work_unchanged() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "{stdout}\n{stderr}");
     assert_eq!(stdout, "openai ok\nanthropic ok\n");
+}
+
+#[tokio::test]
+async fn the_swagger_ui_renders_offline_and_try_it_out_works_against_the_demo() {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let python = repo.join("target/test-venv/bin/python");
+    let chromium = Path::new("/usr/bin/chromium");
+    if !python.exists() || !chromium.exists() {
+        let message = "Playwright or Chromium is missing: run scripts/install-test-tools and \
+                       apt-get install chromium";
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "{message}");
+        eprintln!("SKIPPED the_swagger_ui_renders_offline_and_try_it_out_works_against_the_demo: {message}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let demo = start_demo(dir.path()).await;
+    let screenshot = repo.join("target/swagger-ui.png");
+    let output = Command::new(python)
+        .arg(repo.join("crates/tollgate/tests/python/check_docs.py"))
+        .env("TOLLGATE_URL", &demo.vars["TOLLGATE_URL"])
+        .env("TOLLGATE_DEMO_KEY", &demo.vars["TOLLGATE_DEMO_KEY"])
+        .env("SCREENSHOT", &screenshot)
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stdout}\n{stderr}");
+    for line in [
+        "openapi.json is valid OpenAPI 3.1.0",
+        "authorized with the demo key",
+        "GET /api/v1/billing/balance answered 200",
+        "POST /api/v1/keys with the example body answered 201",
+        "no request left this server",
+    ] {
+        assert!(stdout.contains(line), "{line}\n{stdout}");
+    }
+}
+
+#[tokio::test]
+async fn migrate_and_check_config_on_postgresql_given_by_the_environment() {
+    let Some(schema) = tollgate_store::testing::TestSchema::create().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    // The file names SQLite; TOLLGATE_DATABASE_URL replaces it.
+    let file = write_config(dir.path(), &dir.path().join("unused.db"), "");
+    let migrate = Command::new(BIN)
+        .args(["migrate", "--config"])
+        .arg(&file)
+        .env("TOLLGATE_DATABASE_URL", schema.url())
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&migrate.stdout);
+    assert!(
+        migrate.status.success(),
+        "{}",
+        String::from_utf8_lossy(&migrate.stderr)
+    );
+    assert_eq!(stdout.trim(), "PostgreSQL: migrations applied");
+    assert!(!dir.path().join("unused.db").exists());
+
+    // check-config shows the URL without its password.
+    let with_password = schema.url().replacen("postgres@", "postgres:hunter2@", 1);
+    let checked = Command::new(BIN)
+        .args(["check-config"])
+        .arg(&file)
+        .env("TOLLGATE_DATABASE_URL", &with_password)
+        .output()
+        .await
+        .unwrap();
+    let shown = String::from_utf8_lossy(&checked.stdout);
+    assert!(checked.status.success(), "{shown}");
+    assert!(shown.contains("postgres://postgres:<redacted>@"), "{shown}");
+    assert!(!shown.contains("hunter2"), "{shown}");
 }

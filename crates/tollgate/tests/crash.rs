@@ -1,30 +1,54 @@
 //! The gateway killed with SIGKILL under load, then restarted: no hold stays pending, the books
-//! balance, and nobody was charged for a request that did not succeed.
+//! balance, and nobody was charged for a request that did not succeed. On each store.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
 
-use common::{echo_route, send_json, serve, write_config};
-use serde_json::{json, Value};
+use common::{create_account, echo_route, send_json, serve, write_config_with_store};
+use serde_json::Value;
 use std::collections::HashSet;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
+use tollgate_store::postgres::PostgresStore;
 use tollgate_store::sqlite::SqliteStore;
-use tollgate_store::LedgerStore;
+use tollgate_store::testing::TestSchema;
+use tollgate_store::Store;
 
 const ADMIN: &str = "crash-test-admin-token";
 
 #[tokio::test]
-async fn sigkill_under_load_loses_no_customer_money() {
+async fn sigkill_under_load_loses_no_customer_money_on_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("tollgate.db").display());
+    sigkill_under_load(dir.path(), &url).await;
+}
+
+#[tokio::test]
+async fn sigkill_under_load_loses_no_customer_money_on_postgres() {
+    let Some(schema) = TestSchema::create().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    sigkill_under_load(dir.path(), schema.url()).await;
+}
+
+/// The store behind `url`, opened beside the running server to read the books.
+async fn open_store(url: &str) -> Arc<dyn Store> {
+    match url.strip_prefix("sqlite://") {
+        Some(path) => Arc::new(SqliteStore::open(path.as_ref()).await.unwrap()),
+        None => Arc::new(PostgresStore::open(url).await.unwrap()),
+    }
+}
+
+async fn sigkill_under_load(dir: &std::path::Path, store_url: &str) {
     let mock = tollgate_mock::MockUpstream::start(SocketAddr::from(([127, 0, 0, 1], 0)))
         .await
         .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("tollgate.db");
-    let config = write_config(
-        dir.path(),
-        &db,
+    let config = write_config_with_store(
+        dir,
+        store_url,
         &format!(
             "[billing]\nrequest_hold_ttl = \"5s\"\nsweep_interval = \"100ms\"\n{}",
             echo_route(&mock.url())
@@ -32,20 +56,13 @@ async fn sigkill_under_load_loses_no_customer_money() {
     );
     let (mut first, url) = serve(&config, ADMIN).await;
     let http = reqwest::Client::new();
-    let created: Value = send_json(
-        http.post(format!("{url}/api/v1/accounts"))
-            .bearer_auth(ADMIN)
-            .json(&json!({"name": "load", "starter_credits": "10"})),
-    )
-    .await;
-    let key = created["master_key"]["secret"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let account = created["account"]["id"].as_str().unwrap().to_string();
+    let (account, key) = create_account(&http, &url, ADMIN, "load").await;
 
-    // 400 paid calls, each taking 0-1000 ms upstream; the gateway dies in the middle of them.
+    // 400 paid calls, each taking 0-1000 ms upstream; the gateway dies in the middle of them,
+    // once the first ten have succeeded (however busy the machine, so the kill lands mid-load).
+    let done = Arc::new(tokio::sync::Semaphore::new(0));
     let calls = (0..400).map(|i| {
+        let done = done.clone();
         let request = http
             .get(format!("{url}/echo/{i}"))
             .bearer_auth(&key)
@@ -61,11 +78,18 @@ async fn sigkill_under_load_loses_no_customer_money() {
             let ok = response.status() == 200;
             // A success counts only once the client has the whole body.
             response.bytes().await.ok()?;
+            if ok {
+                done.add_permits(1);
+            }
             ok.then_some(id)
         }
     });
     let load = tokio::spawn(futures_util::future::join_all(calls));
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::time::timeout(Duration::from_secs(30), done.acquire_many(10))
+        .await
+        .expect("ten calls succeed")
+        .unwrap()
+        .forget();
     first.start_kill().unwrap(); // SIGKILL
     first.wait().await.unwrap();
     let succeeded: HashSet<String> = load.await.unwrap().into_iter().flatten().collect();
@@ -119,8 +143,8 @@ async fn sigkill_under_load_loses_no_customer_money() {
         "charges = usage rows"
     );
 
-    // The books balance (read straight from the file, beside the running server).
-    let store = SqliteStore::open(&db).await.unwrap();
+    // The books balance (read straight from the store, beside the running server).
+    let store = open_store(store_url).await;
     let trial = store.trial_balance().await.unwrap();
     assert_eq!(trial.iter().map(|(_, n)| n).sum::<i64>(), 0, "{trial:?}");
     let account_id = account.parse().unwrap();

@@ -20,7 +20,7 @@ use tollgate_server::config::{
 use tollgate_server::{Application, Config};
 use tollgate_store::sqlite::SqliteStore;
 use tollgate_store::{
-    Account, AccountStore, AuditStore, HoldRecord, IdempotencyBegin, IdempotencyClaim,
+    Account, AccountStore, AuditStore, ChangeFeed, HoldRecord, IdempotencyBegin, IdempotencyClaim,
     IdempotencyStore, InsertKeyOutcome, KeyChange, KeyLookup, KeyRecord, KeyStore, LedgerStore,
     LedgerWrite, RevokeOutcome, StoreError, StoreHealth, StoredResponse, TransferRecord,
     UsageFilter, UsageRow, UsageStore,
@@ -420,11 +420,21 @@ impl LedgerStore for CountingStore {
     async fn pending_holds(&self) -> Result<Vec<HoldRecord>, StoreError> {
         self.inner.pending_holds().await
     }
+    async fn holds_expired_by(
+        &self,
+        cutoff: chrono::DateTime<chrono::Utc>,
+    ) -> Result<Vec<HoldRecord>, StoreError> {
+        self.inner.holds_expired_by(cutoff).await
+    }
     async fn hold(&self, id: HoldId) -> Result<Option<HoldRecord>, StoreError> {
         self.inner.hold(id).await
     }
-    async fn commit(&self, writes: &[LedgerWrite]) -> Result<(), StoreError> {
-        self.inner.commit(writes).await
+    async fn commit(
+        &self,
+        batch: tollgate_store::BatchId,
+        writes: &[LedgerWrite],
+    ) -> Result<(), StoreError> {
+        self.inner.commit(batch, writes).await
     }
     async fn transfers(
         &self,
@@ -458,6 +468,15 @@ impl UsageStore for CountingStore {
         to: Option<At>,
     ) -> Result<Vec<tollgate_store::UsageBucket>, StoreError> {
         self.inner.usage_summary(account, group_by, from, to).await
+    }
+}
+
+#[async_trait::async_trait]
+impl ChangeFeed for CountingStore {
+    async fn changes(
+        &self,
+    ) -> Result<Option<tokio::sync::mpsc::Receiver<tollgate_store::StoreChange>>, StoreError> {
+        self.inner.changes().await
     }
 }
 

@@ -14,11 +14,14 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_tollgate");
 /// Writes a config listening on port 0 with its SQLite database at `db`, plus `extra` (more
 /// sections, routes), to `<dir>/tollgate.toml`, and returns its path.
 pub fn write_config(dir: &Path, db: &Path, extra: &str) -> PathBuf {
+    write_config_with_store(dir, &format!("sqlite://{}", db.display()), extra)
+}
+
+/// [`write_config`] with any store URL.
+pub fn write_config_with_store(dir: &Path, store_url: &str, extra: &str) -> PathBuf {
     let path = dir.join("tollgate.toml");
-    let text = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n[store]\nurl = \"sqlite://{}\"\n{extra}",
-        db.display()
-    );
+    let text =
+        format!("[server]\nlisten = \"127.0.0.1:0\"\n[store]\nurl = \"{store_url}\"\n{extra}");
     std::fs::write(&path, text).unwrap();
     path
 }
@@ -27,6 +30,28 @@ pub fn write_config(dir: &Path, db: &Path, extra: &str) -> PathBuf {
 pub fn echo_route(mock_url: &str) -> String {
     format!(
         "[[routes]]\nprefix = \"/echo\"\nupstream = \"{mock_url}/echo\"\ngroup = \"echo\"\nprice = \"0.001\"\n"
+    )
+}
+
+/// Creates an account with 10 credits through `url` as the operator; its id and master key.
+pub async fn create_account(
+    http: &reqwest::Client,
+    url: &str,
+    admin_token: &str,
+    name: &str,
+) -> (String, String) {
+    let created = send_json(
+        http.post(format!("{url}/api/v1/accounts"))
+            .bearer_auth(admin_token)
+            .json(&serde_json::json!({"name": name, "starter_credits": "10"})),
+    )
+    .await;
+    (
+        created["account"]["id"].as_str().unwrap().to_string(),
+        created["master_key"]["secret"]
+            .as_str()
+            .unwrap()
+            .to_string(),
     )
 }
 

@@ -1,0 +1,100 @@
+//! A ledger batch as rows to write, the same for every SQL backend: holds to insert (a hold
+//! opened and resolved in the same batch, the common case, is inserted once, already resolved),
+//! holds resolved since an earlier batch, transfers, usage rows, and each account's net change
+//! of its cached balances.
+
+use crate::{HoldRecord, LedgerWrite, UsageRow};
+use chrono::{DateTime, Utc};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use tollgate_core::ledger::{Hold, LedgerAccount, Transfer};
+use tollgate_core::{AccountId, HoldId};
+
+/// One transfer to insert: what moves, the account it belongs to, memo, reference, when.
+pub(crate) type TransferEntry<'w> = (&'w Transfer, AccountId, &'w str, String, DateTime<Utc>);
+
+pub(crate) struct Batch<'w> {
+    /// Each new hold with the state to insert it in.
+    pub holds: Vec<(&'w HoldRecord, &'w Hold)>,
+    /// Holds of earlier batches, now resolved.
+    pub resolutions: Vec<&'w Hold>,
+    pub transfers: Vec<TransferEntry<'w>>,
+    pub usage: Vec<&'w UsageRow>,
+    /// (available, held) change per account, in account order: backends that lock wallet rows
+    /// take them in this order, so two batches never deadlock.
+    pub deltas: BTreeMap<AccountId, (i64, i64)>,
+}
+
+impl<'w> Batch<'w> {
+    pub fn plan(writes: &'w [LedgerWrite]) -> Batch<'w> {
+        let resolved_here: HashMap<HoldId, &Hold> = writes
+            .iter()
+            .filter_map(|w| match w {
+                LedgerWrite::ResolveHold { hold, .. } => Some((hold.id, hold)),
+                _ => None,
+            })
+            .collect();
+        let mut opened_here: HashSet<HoldId> = HashSet::new();
+        let mut batch = Batch {
+            holds: Vec::new(),
+            resolutions: Vec::new(),
+            transfers: Vec::new(),
+            usage: Vec::new(),
+            deltas: BTreeMap::new(),
+        };
+        for write in writes {
+            match write {
+                LedgerWrite::Grant {
+                    account,
+                    transfer,
+                    memo,
+                    reference,
+                    at,
+                } => batch
+                    .transfers
+                    .push((transfer, *account, memo, reference.clone(), *at)),
+                LedgerWrite::OpenHold { record, transfer } => {
+                    let hold = &record.hold;
+                    let state = resolved_here.get(&hold.id).copied().unwrap_or(hold);
+                    opened_here.insert(hold.id);
+                    batch.holds.push((record, state));
+                    if let Some(transfer) = transfer {
+                        let at = hold.created_at;
+                        let reference = hold.id.to_string();
+                        batch
+                            .transfers
+                            .push((transfer, hold.account, "", reference, at));
+                    }
+                }
+                LedgerWrite::ResolveHold { hold, transfers } => {
+                    if !opened_here.contains(&hold.id) {
+                        batch.resolutions.push(hold);
+                    }
+                    let at = hold.resolved_at.unwrap_or(hold.created_at);
+                    for transfer in transfers {
+                        let reference = hold.id.to_string();
+                        batch
+                            .transfers
+                            .push((transfer, hold.account, "", reference, at));
+                    }
+                }
+                LedgerWrite::Usage(row) => batch.usage.push(row),
+            }
+        }
+        for (transfer, ..) in &batch.transfers {
+            add_deltas(transfer, &mut batch.deltas);
+        }
+        batch
+    }
+}
+
+/// How a transfer moves an account's cached (available, held) balances.
+fn add_deltas(transfer: &Transfer, deltas: &mut BTreeMap<AccountId, (i64, i64)>) {
+    let amount = transfer.amount.0;
+    for (side, sign) in [(transfer.debit, -1), (transfer.credit, 1)] {
+        match side {
+            LedgerAccount::Wallet(a) => deltas.entry(a).or_default().0 += sign * amount,
+            LedgerAccount::Holds(a) => deltas.entry(a).or_default().1 += sign * amount,
+            LedgerAccount::External | LedgerAccount::Revenue => {}
+        }
+    }
+}

@@ -1,0 +1,999 @@
+//! PostgreSQL, for several nodes sharing one database. Migrations are applied at open (under
+//! sqlx's advisory lock, so nodes starting together apply them once).
+//!
+//! SQLite serialises every writer, so there one conditional statement settles a race. Here
+//! concurrent transactions interleave, so every check-then-write locks what it checks first
+//! (`SELECT ... FOR UPDATE`): the account row before counting its keys, the key row before a
+//! roll, the audit head before an append. Wallets are updated in account order, so two batches
+//! never deadlock on each other's rows.
+
+use crate::batch::Batch;
+use crate::rows::{
+    convert, corrupt, from_millis, millis, parse_id, push_usage, to_json, AccountRow, AuditHeadRow,
+    AuditRow, BucketRow, HoldRow, IdempotencyRow, KeyRow, StandingRow, TransferRow, UsageDbRow,
+    ACCOUNT_SELECT, HOLD_COLUMNS, KEY_COLUMNS, USAGE_COLUMNS,
+};
+use crate::{
+    Account, AccountStore, AuditStore, BatchId, ChangeFeed, HoldRecord, IdempotencyBegin,
+    IdempotencyClaim, IdempotencyStore, InsertKeyOutcome, KeyChange, KeyLookup, KeyRecord,
+    KeyStore, LedgerStore, LedgerWrite, RevokeOutcome, StoreChange, StoreError, StoreHealth,
+    StoredResponse, TransferRecord, UsageBucket, UsageFilter, UsageGroup, UsageRow, UsageStore,
+};
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
+use sqlx::{PgPool, Postgres, Row, Transaction};
+use std::str::FromStr;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tollgate_core::audit::AuditEntry;
+use tollgate_core::ledger::{LedgerAccount, Transfer, TransferKind, Wallet};
+use tollgate_core::ratelimit::Overrides;
+use tollgate_core::{AccountId, HoldId, KeyHash, KeyId, Nanos, RequestId};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+
+/// Rows per multi-row INSERT: well inside PostgreSQL's limit of 65535 bound parameters.
+const ROWS_PER_INSERT: usize = 500;
+
+#[derive(Debug, Clone)]
+pub struct PostgresStore {
+    pool: PgPool,
+}
+
+impl PostgresStore {
+    /// Connects to `url` (`postgres://user@host:port/db`; `?options=-c search_path=...` picks a
+    /// schema) and applies pending migrations.
+    pub async fn open(url: &str) -> Result<PostgresStore, StoreError> {
+        let options = PgConnectOptions::from_str(url)
+            .map_err(|e| StoreError::Unavailable(format!("bad PostgreSQL URL: {e}")))?
+            // A transaction left open (a node stalled or killed mid-write) must not hold its row
+            // locks for long: the server ends such a session after this.
+            .options([("idle_in_transaction_session_timeout", "10s")]);
+        let pool = PgPoolOptions::new()
+            .max_connections(16)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_with(options)
+            .await
+            .map_err(unavailable)?;
+        MIGRATOR
+            .run(&pool)
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("migrations failed: {e}")))?;
+        Ok(PostgresStore { pool })
+    }
+
+    /// Applies pending migrations and reports how many the database now has.
+    pub async fn migrate(url: &str) -> Result<usize, StoreError> {
+        let store = PostgresStore::open(url).await?;
+        let applied: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM _sqlx_migrations")
+            .fetch_one(&store.pool)
+            .await
+            .map_err(unavailable)?;
+        Ok(applied as usize)
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    async fn begin(&self) -> Result<Transaction<'_, Postgres>, StoreError> {
+        self.pool.begin().await.map_err(unavailable)
+    }
+}
+
+fn unavailable(e: sqlx::Error) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+async fn insert_key(tx: &mut Transaction<'_, Postgres>, key: &KeyRecord) -> Result<(), StoreError> {
+    sqlx::query(&format!(
+        "INSERT INTO api_keys ({KEY_COLUMNS}) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
+    ))
+    .bind(key.id.to_string())
+    .bind(key.account_id.to_string())
+    .bind(key.hash.0.as_slice())
+    .bind(&key.display_prefix)
+    .bind(key.kind.as_str())
+    .bind(key.status.as_str())
+    .bind(&key.name)
+    .bind(to_json(&key.scopes)?)
+    .bind(to_json(&key.allowed_ips)?)
+    .bind(key.expires_at.map(millis))
+    .bind(key.monthly_spend_cap.map(|n| n.0))
+    .bind(millis(key.created_at))
+    .bind(key.revoked_at.map(millis))
+    .bind(to_json(&key.rate_limits)?)
+    .execute(&mut **tx)
+    .await
+    .map_err(unavailable)?;
+    Ok(())
+}
+
+async fn insert_transfers(
+    tx: &mut Transaction<'_, Postgres>,
+    transfers: &[(&Transfer, AccountId, &str, String, DateTime<Utc>)],
+) -> Result<(), StoreError> {
+    for chunk in transfers.chunks(ROWS_PER_INSERT) {
+        let mut query = sqlx::QueryBuilder::<Postgres>::new(
+            "INSERT INTO ledger_transfers (debit_account, credit_account, amount_nanos, kind, \
+             account_id, memo, reference, created_at) ",
+        );
+        query.push_values(
+            chunk,
+            |mut row, (transfer, account, memo, reference, at)| {
+                row.push_bind(transfer.debit.to_string())
+                    .push_bind(transfer.credit.to_string())
+                    .push_bind(transfer.amount.0)
+                    .push_bind(transfer.kind.as_str())
+                    .push_bind(account.to_string())
+                    .push_bind(memo.to_string())
+                    .push_bind(reference.clone())
+                    .push_bind(millis(*at));
+            },
+        );
+        query
+            .build()
+            .execute(&mut **tx)
+            .await
+            .map_err(unavailable)?;
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl AccountStore for PostgresStore {
+    async fn create_account(
+        &self,
+        id: AccountId,
+        name: &str,
+        starter_credits: Nanos,
+        master_key: KeyRecord,
+        at: DateTime<Utc>,
+    ) -> Result<Account, StoreError> {
+        let mut tx = self.begin().await?;
+        sqlx::query(
+            "INSERT INTO accounts (id, name, status, created_at) VALUES ($1, $2, 'active', $3)",
+        )
+        .bind(id.to_string())
+        .bind(name)
+        .bind(millis(at))
+        .execute(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        sqlx::query("INSERT INTO wallets (account_id, balance_nanos) VALUES ($1, $2)")
+            .bind(id.to_string())
+            .bind(starter_credits.0)
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+        if starter_credits > Nanos::ZERO {
+            let grant = Transfer {
+                debit: LedgerAccount::External,
+                credit: LedgerAccount::Wallet(id),
+                amount: starter_credits,
+                kind: TransferKind::Grant,
+            };
+            insert_transfers(
+                &mut tx,
+                &[(&grant, id, "starter credits", String::new(), at)],
+            )
+            .await?;
+        }
+        insert_key(&mut tx, &master_key).await?;
+        tx.commit().await.map_err(unavailable)?;
+        Ok(Account {
+            id,
+            name: name.to_string(),
+            status: "active".to_string(),
+            balance: starter_credits,
+            max_keys: None,
+            rate_limits: Overrides::new(),
+            created_at: at,
+        })
+    }
+
+    async fn account(&self, id: AccountId) -> Result<Option<Account>, StoreError> {
+        let row = sqlx::query_as::<_, AccountRow>(&format!("{ACCOUNT_SELECT} WHERE a.id = $1"))
+            .bind(id.to_string())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        row.map(Account::try_from).transpose()
+    }
+
+    async fn accounts(
+        &self,
+        after: Option<AccountId>,
+        status: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<Account>, StoreError> {
+        let rows = sqlx::query_as::<_, AccountRow>(&format!(
+            "{ACCOUNT_SELECT} WHERE ($1::TEXT IS NULL OR a.id > $1) \
+             AND ($2::TEXT IS NULL OR a.status = $2) ORDER BY a.id LIMIT $3"
+        ))
+        .bind(after.map(|id| id.to_string()))
+        .bind(status)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        convert(rows)
+    }
+
+    async fn update_account(&self, account: &Account) -> Result<Option<Account>, StoreError> {
+        sqlx::query(
+            "UPDATE accounts SET name = $1, status = $2, max_keys = $3, rate_limits = $4 \
+             WHERE id = $5",
+        )
+        .bind(&account.name)
+        .bind(&account.status)
+        .bind(account.max_keys.map(i64::from))
+        .bind(to_json(&account.rate_limits)?)
+        .bind(account.id.to_string())
+        .execute(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        self.account(account.id).await
+    }
+}
+
+#[async_trait]
+impl KeyStore for PostgresStore {
+    async fn insert_key(
+        &self,
+        key: &KeyRecord,
+        default_limit: u32,
+    ) -> Result<InsertKeyOutcome, StoreError> {
+        let mut tx = self.begin().await?;
+        // The account row's lock makes count-then-insert one step for this account.
+        let max_keys: Option<Option<i64>> =
+            sqlx::query_scalar("SELECT max_keys FROM accounts WHERE id = $1 FOR UPDATE")
+                .bind(key.account_id.to_string())
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(unavailable)?;
+        let limit = max_keys
+            .flatten()
+            .and_then(|n| u32::try_from(n).ok())
+            .unwrap_or(default_limit);
+        let unrevoked: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM api_keys WHERE account_id = $1 AND status <> 'revoked'",
+        )
+        .bind(key.account_id.to_string())
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        if unrevoked >= i64::from(limit) {
+            // Ended now, not when the connection is next used: until then it holds the lock.
+            tx.rollback().await.map_err(unavailable)?;
+            return Ok(InsertKeyOutcome::LimitReached { limit });
+        }
+        insert_key(&mut tx, key).await?;
+        tx.commit().await.map_err(unavailable)?;
+        Ok(InsertKeyOutcome::Inserted)
+    }
+
+    async fn key_by_hash(&self, hash: &KeyHash) -> Result<Option<KeyLookup>, StoreError> {
+        let current = sqlx::query_as::<_, KeyRow>(&format!(
+            "SELECT {KEY_COLUMNS} FROM api_keys WHERE key_hash = $1"
+        ))
+        .bind(hash.0.as_slice())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        if let Some(row) = current {
+            return Ok(Some(self.lookup(row.try_into()?, None).await?));
+        }
+        let retired =
+            sqlx::query("SELECT key_id, expires_at FROM retired_key_secrets WHERE key_hash = $1")
+                .bind(hash.0.as_slice())
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(unavailable)?;
+        let Some(retired) = retired else {
+            return Ok(None);
+        };
+        let key_id: String = retired.try_get("key_id").map_err(unavailable)?;
+        let key_id = parse_id("key id", &key_id)?;
+        let expires_at = from_millis(retired.try_get("expires_at").map_err(unavailable)?)?;
+        let Some(key) = self.key_by_id(key_id).await? else {
+            return Ok(None);
+        };
+        Ok(Some(self.lookup(key, Some(expires_at)).await?))
+    }
+
+    async fn key_by_id(&self, id: KeyId) -> Result<Option<KeyRecord>, StoreError> {
+        let row = sqlx::query_as::<_, KeyRow>(&format!(
+            "SELECT {KEY_COLUMNS} FROM api_keys WHERE id = $1"
+        ))
+        .bind(id.to_string())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        row.map(KeyRecord::try_from).transpose()
+    }
+
+    async fn keys(
+        &self,
+        account: Option<AccountId>,
+        after: Option<KeyId>,
+        limit: u32,
+    ) -> Result<Vec<KeyRecord>, StoreError> {
+        let rows = sqlx::query_as::<_, KeyRow>(&format!(
+            "SELECT {KEY_COLUMNS} FROM api_keys WHERE ($1::TEXT IS NULL OR account_id = $1) \
+             AND ($2::TEXT IS NULL OR id > $2) ORDER BY id LIMIT $3"
+        ))
+        .bind(account.map(|a| a.to_string()))
+        .bind(after.map(|k| k.to_string()))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        convert(rows)
+    }
+
+    async fn revoke_key(&self, id: KeyId, at: DateTime<Utc>) -> Result<RevokeOutcome, StoreError> {
+        // One conditional UPDATE decides the race: the row lock lets only the first change it.
+        let changed = sqlx::query(
+            "UPDATE api_keys SET status = 'revoked', revoked_at = $1 \
+             WHERE id = $2 AND status <> 'revoked'",
+        )
+        .bind(millis(at))
+        .bind(id.to_string())
+        .execute(&self.pool)
+        .await
+        .map_err(unavailable)?
+        .rows_affected();
+        Ok(match self.key_by_id(id).await? {
+            None => RevokeOutcome::NotFound,
+            Some(key) if changed == 1 => RevokeOutcome::Revoked(key),
+            Some(key) => RevokeOutcome::AlreadyRevoked(key),
+        })
+    }
+
+    async fn update_key(&self, key: &KeyRecord) -> Result<KeyChange, StoreError> {
+        let changed = sqlx::query(
+            "UPDATE api_keys SET name = $1, scopes = $2, allowed_ips = $3, expires_at = $4, \
+             status = $5, monthly_spend_cap_nanos = $6, rate_limits = $7 \
+             WHERE id = $8 AND status <> 'revoked'",
+        )
+        .bind(&key.name)
+        .bind(to_json(&key.scopes)?)
+        .bind(to_json(&key.allowed_ips)?)
+        .bind(key.expires_at.map(millis))
+        .bind(key.status.as_str())
+        .bind(key.monthly_spend_cap.map(|n| n.0))
+        .bind(to_json(&key.rate_limits)?)
+        .bind(key.id.to_string())
+        .execute(&self.pool)
+        .await
+        .map_err(unavailable)?
+        .rows_affected();
+        self.key_change(key.id, changed == 1).await
+    }
+
+    async fn roll_key(
+        &self,
+        id: KeyId,
+        new_hash: KeyHash,
+        display_prefix: &str,
+        old_secret_expires_at: DateTime<Utc>,
+        at: DateTime<Utc>,
+    ) -> Result<KeyChange, StoreError> {
+        let mut tx = self.begin().await?;
+        // Locked, so a concurrent roll waits and then retires the secret this one sets.
+        let current: Option<Vec<u8>> = sqlx::query_scalar(
+            "SELECT key_hash FROM api_keys WHERE id = $1 AND status <> 'revoked' FOR UPDATE",
+        )
+        .bind(id.to_string())
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        if let Some(old_hash) = &current {
+            sqlx::query(
+                "INSERT INTO retired_key_secrets (key_hash, key_id, expires_at, retired_at) \
+                 VALUES ($1, $2, $3, $4)",
+            )
+            .bind(old_hash.as_slice())
+            .bind(id.to_string())
+            .bind(millis(old_secret_expires_at))
+            .bind(millis(at))
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+            sqlx::query("UPDATE api_keys SET key_hash = $1, display_prefix = $2 WHERE id = $3")
+                .bind(new_hash.0.as_slice())
+                .bind(display_prefix)
+                .bind(id.to_string())
+                .execute(&mut *tx)
+                .await
+                .map_err(unavailable)?;
+        }
+        tx.commit().await.map_err(unavailable)?;
+        self.key_change(id, current.is_some()).await
+    }
+}
+
+impl PostgresStore {
+    /// A key lookup: the key with what its account decides about its requests.
+    async fn lookup(
+        &self,
+        key: KeyRecord,
+        secret_expires_at: Option<DateTime<Utc>>,
+    ) -> Result<KeyLookup, StoreError> {
+        sqlx::query_as::<_, StandingRow>("SELECT status, rate_limits FROM accounts WHERE id = $1")
+            .bind(key.account_id.to_string())
+            .fetch_one(&self.pool)
+            .await
+            .map_err(unavailable)?
+            .lookup(key, secret_expires_at)
+    }
+
+    async fn key_change(&self, id: KeyId, changed: bool) -> Result<KeyChange, StoreError> {
+        Ok(match self.key_by_id(id).await? {
+            None => KeyChange::NotFound,
+            Some(key) if changed => KeyChange::Changed(key),
+            Some(key) => KeyChange::Revoked(key),
+        })
+    }
+}
+
+#[async_trait]
+impl LedgerStore for PostgresStore {
+    async fn ledger_balance(&self, account: AccountId) -> Result<Nanos, StoreError> {
+        let wallet = LedgerAccount::Wallet(account).to_string();
+        let sum: i64 = sqlx::query_scalar(
+            "SELECT COALESCE(SUM(CASE WHEN credit_account = $1 THEN amount_nanos ELSE 0 END) \
+                           - SUM(CASE WHEN debit_account = $1 THEN amount_nanos ELSE 0 END), 0)::BIGINT \
+             FROM ledger_transfers WHERE account_id = $2",
+        )
+        .bind(&wallet)
+        .bind(account.to_string())
+        .fetch_one(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        Ok(Nanos(sum))
+    }
+
+    async fn wallet(&self, account: AccountId) -> Result<Option<Wallet>, StoreError> {
+        let row: Option<(i64, i64)> =
+            sqlx::query_as("SELECT balance_nanos, held_nanos FROM wallets WHERE account_id = $1")
+                .bind(account.to_string())
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(unavailable)?;
+        Ok(row.map(|(available, held)| Wallet {
+            available: Nanos(available),
+            held: Nanos(held),
+        }))
+    }
+
+    async fn key_spent_since(&self, key: KeyId, since: DateTime<Utc>) -> Result<Nanos, StoreError> {
+        let sum: i64 = sqlx::query_scalar(
+            "SELECT COALESCE(SUM(charged_nanos), 0)::BIGINT FROM holds \
+             WHERE key_id = $1 AND resolved_at >= $2",
+        )
+        .bind(key.to_string())
+        .bind(millis(since))
+        .fetch_one(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        Ok(Nanos(sum))
+    }
+
+    async fn account_spent_since(
+        &self,
+        account: AccountId,
+        since: DateTime<Utc>,
+    ) -> Result<Nanos, StoreError> {
+        let sum: i64 = sqlx::query_scalar(
+            "SELECT COALESCE(SUM(amount_nanos), 0)::BIGINT FROM ledger_transfers \
+             WHERE account_id = $1 AND kind = 'charge' AND created_at >= $2",
+        )
+        .bind(account.to_string())
+        .bind(millis(since))
+        .fetch_one(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        Ok(Nanos(sum))
+    }
+
+    async fn pending_holds(&self) -> Result<Vec<HoldRecord>, StoreError> {
+        let rows = sqlx::query_as::<_, HoldRow>(&format!(
+            "SELECT {HOLD_COLUMNS} FROM holds WHERE status = 'pending' ORDER BY id"
+        ))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        convert(rows)
+    }
+
+    async fn holds_expired_by(&self, cutoff: DateTime<Utc>) -> Result<Vec<HoldRecord>, StoreError> {
+        let rows = sqlx::query_as::<_, HoldRow>(&format!(
+            "SELECT {HOLD_COLUMNS} FROM holds WHERE status = 'pending' AND expires_at <= $1 \
+             ORDER BY id"
+        ))
+        .bind(millis(cutoff))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        convert(rows)
+    }
+
+    async fn hold(&self, id: HoldId) -> Result<Option<HoldRecord>, StoreError> {
+        let row = sqlx::query_as::<_, HoldRow>(&format!(
+            "SELECT {HOLD_COLUMNS} FROM holds WHERE id = $1"
+        ))
+        .bind(id.to_string())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        row.map(HoldRecord::try_from).transpose()
+    }
+
+    async fn commit(&self, batch: BatchId, writes: &[LedgerWrite]) -> Result<(), StoreError> {
+        let Batch {
+            holds,
+            resolutions,
+            transfers,
+            usage,
+            deltas,
+        } = Batch::plan(writes);
+        let mut tx = self.begin().await?;
+        let first_time = sqlx::query(
+            "INSERT INTO ledger_batches (id, committed_at) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(batch.to_string())
+        .bind(chrono::Utc::now().timestamp_millis())
+        .execute(&mut *tx)
+        .await
+        .map_err(unavailable)?
+        .rows_affected()
+            == 1;
+        if !first_time {
+            // Committed by an earlier attempt whose answer was lost.
+            tx.rollback().await.map_err(unavailable)?;
+            return Ok(());
+        }
+        for chunk in holds.chunks(ROWS_PER_INSERT) {
+            let mut query =
+                sqlx::QueryBuilder::<Postgres>::new(format!("INSERT INTO holds ({HOLD_COLUMNS}) "));
+            query.push_values(chunk, |mut row, (record, state)| {
+                let hold = &record.hold;
+                row.push_bind(hold.id.to_string())
+                    .push_bind(hold.account.to_string())
+                    .push_bind(hold.key.map(|k| k.to_string()))
+                    .push_bind(record.source.as_str())
+                    .push_bind(record.request_id.map(|r| r.to_string()))
+                    .push_bind(hold.amount.0)
+                    .push_bind(state.charged.0)
+                    .push_bind(state.status.as_str())
+                    .push_bind(record.metadata.to_string())
+                    .push_bind(millis(hold.created_at))
+                    .push_bind(millis(hold.expires_at))
+                    .push_bind(state.resolved_at.map(millis));
+            });
+            query.build().execute(&mut *tx).await.map_err(unavailable)?;
+        }
+        for hold in resolutions {
+            let changed = sqlx::query(
+                "UPDATE holds SET status = $1, charged_nanos = $2, resolved_at = $3 \
+                 WHERE id = $4 AND status = 'pending'",
+            )
+            .bind(hold.status.as_str())
+            .bind(hold.charged.0)
+            .bind(hold.resolved_at.map(millis))
+            .bind(hold.id.to_string())
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?
+            .rows_affected();
+            if changed != 1 {
+                tx.rollback().await.map_err(unavailable)?;
+                return Err(StoreError::Corrupt(format!(
+                    "hold {} is not pending; it cannot be resolved again",
+                    hold.id
+                )));
+            }
+        }
+        insert_transfers(&mut tx, &transfers).await?;
+        for chunk in usage.chunks(ROWS_PER_INSERT / 2) {
+            let mut query = sqlx::QueryBuilder::<Postgres>::new(format!(
+                "INSERT INTO requests ({USAGE_COLUMNS}) "
+            ));
+            query.push_values(chunk, |out, row| push_usage(out, row));
+            query.build().execute(&mut *tx).await.map_err(unavailable)?;
+        }
+        for (account, (available, held)) in deltas {
+            if available == 0 && held == 0 {
+                continue;
+            }
+            sqlx::query(
+                "UPDATE wallets SET balance_nanos = balance_nanos + $1, \
+                 held_nanos = held_nanos + $2 WHERE account_id = $3",
+            )
+            .bind(available)
+            .bind(held)
+            .bind(account.to_string())
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+        }
+        tx.commit().await.map_err(unavailable)
+    }
+
+    async fn transfers(
+        &self,
+        account: AccountId,
+        before: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<TransferRecord>, StoreError> {
+        let rows = sqlx::query_as::<_, TransferRow>(
+            "SELECT id, debit_account, credit_account, amount_nanos, kind, memo, reference, created_at \
+             FROM ledger_transfers WHERE account_id = $1 AND id < $2 ORDER BY id DESC LIMIT $3",
+        )
+        .bind(account.to_string())
+        .bind(before.unwrap_or(i64::MAX))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        convert(rows)
+    }
+
+    async fn trial_balance(&self) -> Result<Vec<(String, i64)>, StoreError> {
+        sqlx::query_as(
+            "SELECT account, SUM(amount)::BIGINT FROM ( \
+               SELECT credit_account AS account, amount_nanos AS amount FROM ledger_transfers \
+               UNION ALL \
+               SELECT debit_account, -amount_nanos FROM ledger_transfers) AS entries \
+             GROUP BY account ORDER BY account",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(unavailable)
+    }
+}
+
+#[async_trait]
+impl IdempotencyStore for PostgresStore {
+    async fn begin_idempotent(
+        &self,
+        claim: &IdempotencyClaim,
+    ) -> Result<IdempotencyBegin, StoreError> {
+        let now = millis(claim.now);
+        let mut tx = self.begin().await?;
+        // The upsert locks the row whether or not it replaces it (it replaces only an expired
+        // row or one whose owner's lease ran out), so the read that follows sees what it decided.
+        sqlx::query(
+            "INSERT INTO idempotency_keys \
+             (scope, key, fingerprint, owner, state, lease_until, expires_at, created_at) \
+             VALUES ($1, $2, $3, $4, 'in_flight', $5, $6, $7) \
+             ON CONFLICT (scope, key) DO UPDATE SET fingerprint = EXCLUDED.fingerprint, \
+             owner = EXCLUDED.owner, state = 'in_flight', lease_until = EXCLUDED.lease_until, \
+             expires_at = EXCLUDED.expires_at, created_at = EXCLUDED.created_at, \
+             status = NULL, headers = NULL, body = NULL \
+             WHERE idempotency_keys.expires_at <= $7 \
+             OR (idempotency_keys.state = 'in_flight' AND idempotency_keys.lease_until <= $7)",
+        )
+        .bind(&claim.scope)
+        .bind(&claim.key)
+        .bind(claim.fingerprint.as_slice())
+        .bind(claim.owner.to_string())
+        .bind(millis(claim.lease_until))
+        .bind(millis(claim.expires_at))
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        let row = sqlx::query_as::<_, IdempotencyRow>(
+            "SELECT fingerprint, owner, state, lease_until, status, headers, body \
+             FROM idempotency_keys WHERE scope = $1 AND key = $2",
+        )
+        .bind(&claim.scope)
+        .bind(&claim.key)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        tx.commit().await.map_err(unavailable)?;
+        row.outcome(claim)
+    }
+
+    async fn complete_idempotent(
+        &self,
+        scope: &str,
+        key: &str,
+        owner: RequestId,
+        response: &StoredResponse,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE idempotency_keys SET state = 'completed', status = $1, headers = $2, \
+             body = $3 WHERE scope = $4 AND key = $5 AND owner = $6 AND state = 'in_flight'",
+        )
+        .bind(i64::from(response.status))
+        .bind(to_json(&response.headers)?)
+        .bind(response.body.as_deref())
+        .bind(scope)
+        .bind(key)
+        .bind(owner.to_string())
+        .execute(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn release_idempotent(
+        &self,
+        scope: &str,
+        key: &str,
+        owner: RequestId,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "DELETE FROM idempotency_keys \
+             WHERE scope = $1 AND key = $2 AND owner = $3 AND state = 'in_flight'",
+        )
+        .bind(scope)
+        .bind(key)
+        .bind(owner.to_string())
+        .execute(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn purge_idempotency(&self, now: DateTime<Utc>) -> Result<u64, StoreError> {
+        let purged = sqlx::query(
+            "DELETE FROM idempotency_keys WHERE expires_at <= $1 \
+             AND (state = 'completed' OR lease_until <= $1)",
+        )
+        .bind(millis(now))
+        .execute(&self.pool)
+        .await
+        .map_err(unavailable)?
+        .rows_affected();
+        // Batch ids only need to outlive the retries of their batch.
+        let day_ago = millis(now) - 24 * 3600 * 1000;
+        sqlx::query("DELETE FROM ledger_batches WHERE committed_at < $1")
+            .bind(day_ago)
+            .execute(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        Ok(purged)
+    }
+}
+
+#[async_trait]
+impl AuditStore for PostgresStore {
+    async fn append_audit(&self, entry: AuditEntry) -> Result<AuditEntry, StoreError> {
+        let mut tx = self.begin().await?;
+        // The head's lock makes appends take turns: no two read the same head.
+        let head = sqlx::query_as::<_, AuditHeadRow>(
+            "SELECT seq, hash FROM audit_head WHERE id = 1 FOR UPDATE",
+        )
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        let entry = entry.seal(head.head()?);
+        let seq = i64::try_from(entry.seq).map_err(|_| corrupt("audit seq", "overflow"))?;
+        sqlx::query(
+            "INSERT INTO audit_log (seq, at, actor, action, target, request_id, before, after, \
+             prev_hash, hash) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+        )
+        .bind(seq)
+        .bind(millis(entry.at))
+        .bind(&entry.actor)
+        .bind(&entry.action)
+        .bind(&entry.target)
+        .bind(&entry.request_id)
+        .bind(&entry.before)
+        .bind(&entry.after)
+        .bind(entry.prev_hash.as_slice())
+        .bind(entry.hash.as_slice())
+        .execute(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        sqlx::query("UPDATE audit_head SET seq = $1, hash = $2 WHERE id = 1")
+            .bind(seq)
+            .bind(entry.hash.as_slice())
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+        tx.commit().await.map_err(unavailable)?;
+        Ok(entry)
+    }
+
+    async fn audit_entries(
+        &self,
+        after_seq: u64,
+        limit: u32,
+    ) -> Result<Vec<AuditEntry>, StoreError> {
+        let rows = sqlx::query_as::<_, AuditRow>(
+            "SELECT seq, at, actor, action, target, request_id, before, after, prev_hash, hash \
+             FROM audit_log WHERE seq > $1 ORDER BY seq LIMIT $2",
+        )
+        .bind(i64::try_from(after_seq).unwrap_or(i64::MAX))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        convert(rows)
+    }
+
+    async fn audit_head(&self) -> Result<Option<(u64, [u8; 32])>, StoreError> {
+        sqlx::query_as::<_, AuditHeadRow>("SELECT seq, hash FROM audit_head WHERE id = 1")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(unavailable)?
+            .head()
+    }
+}
+
+#[async_trait]
+impl UsageStore for PostgresStore {
+    async fn requests(&self, filter: &UsageFilter) -> Result<Vec<UsageRow>, StoreError> {
+        let mut query = sqlx::QueryBuilder::<Postgres>::new(format!(
+            "SELECT {USAGE_COLUMNS} FROM requests WHERE TRUE"
+        ));
+        if let Some(account) = filter.account {
+            query
+                .push(" AND account_id = ")
+                .push_bind(account.to_string());
+        }
+        if let Some(key) = filter.key {
+            query.push(" AND key_id = ").push_bind(key.to_string());
+        }
+        if let Some(route) = &filter.route {
+            query.push(" AND route = ").push_bind(route.clone());
+        }
+        if let Some(status) = filter.status {
+            query.push(" AND status = ").push_bind(i64::from(status));
+        }
+        if let Some(from) = filter.from {
+            query.push(" AND created_at >= ").push_bind(millis(from));
+        }
+        if let Some(to) = filter.to {
+            query.push(" AND created_at < ").push_bind(millis(to));
+        }
+        if let Some(before) = filter.before {
+            query
+                .push(" AND request_id < ")
+                .push_bind(before.to_string());
+        }
+        query
+            .push(" ORDER BY request_id DESC LIMIT ")
+            .push_bind(i64::from(filter.limit));
+        let rows = query
+            .build_query_as::<UsageDbRow>()
+            .fetch_all(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        convert(rows)
+    }
+
+    async fn usage_summary(
+        &self,
+        account: AccountId,
+        group_by: UsageGroup,
+        from: Option<DateTime<Utc>>,
+        to: Option<DateTime<Utc>>,
+    ) -> Result<Vec<UsageBucket>, StoreError> {
+        let group = match group_by {
+            UsageGroup::Day => {
+                "to_char(to_timestamp(created_at / 1000.0) AT TIME ZONE 'UTC', 'YYYY-MM-DD')"
+            }
+            UsageGroup::Key => "key_id",
+            UsageGroup::Route => "route",
+            UsageGroup::Model => "COALESCE(model, '')",
+        };
+        let rows = sqlx::query_as::<_, BucketRow>(&format!(
+            "SELECT {group} COLLATE \"C\" AS grp, COUNT(*) AS requests, \
+             COUNT(*) FILTER (WHERE status >= 400) AS errors, \
+             COALESCE(SUM(input_tokens), 0)::BIGINT AS input_tokens, \
+             COALESCE(SUM(cached_input_tokens), 0)::BIGINT AS cached_input_tokens, \
+             COALESCE(SUM(output_tokens), 0)::BIGINT AS output_tokens, \
+             COALESCE(SUM(cost_nanos), 0)::BIGINT AS cost_nanos \
+             FROM requests WHERE account_id = $1 \
+             AND ($2::BIGINT IS NULL OR created_at >= $2) \
+             AND ($3::BIGINT IS NULL OR created_at < $3) \
+             GROUP BY grp ORDER BY grp"
+        ))
+        .bind(account.to_string())
+        .bind(from.map(millis))
+        .bind(to.map(millis))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        convert(rows)
+    }
+
+    async fn request(&self, id: RequestId) -> Result<Option<UsageRow>, StoreError> {
+        let row = sqlx::query_as::<_, UsageDbRow>(&format!(
+            "SELECT {USAGE_COLUMNS} FROM requests WHERE request_id = $1"
+        ))
+        .bind(id.to_string())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        row.map(UsageRow::try_from).transpose()
+    }
+
+    async fn purge_requests_before(&self, cutoff: DateTime<Utc>) -> Result<u64, StoreError> {
+        Ok(sqlx::query("DELETE FROM requests WHERE created_at < $1")
+            .bind(millis(cutoff))
+            .execute(&self.pool)
+            .await
+            .map_err(unavailable)?
+            .rows_affected())
+    }
+}
+
+/// The channel the database announces key and account changes on (migration 0002).
+const CHANGES_CHANNEL: &str = "tollgate_changes";
+
+#[async_trait]
+impl ChangeFeed for PostgresStore {
+    /// Listens on its own connection. Announcements arrive at commit, so a change reaches every
+    /// node in one round trip. When the connection drops, the listener reconnects and sends
+    /// [`StoreChange::Resync`]: what was announced meanwhile is lost, so caches start afresh.
+    async fn changes(&self) -> Result<Option<mpsc::Receiver<StoreChange>>, StoreError> {
+        let mut listener = PgListener::connect_with(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        listener
+            .listen(CHANGES_CHANNEL)
+            .await
+            .map_err(unavailable)?;
+        let (changes, receiver) = mpsc::channel(1024);
+        tokio::spawn(async move {
+            loop {
+                let change = match listener.try_recv().await {
+                    Ok(Some(notification)) => match parse_change(notification.payload()) {
+                        Some(change) => change,
+                        None => {
+                            tracing::warn!(payload = notification.payload(), "unknown change");
+                            continue;
+                        }
+                    },
+                    Ok(None) => {
+                        tracing::warn!("change feed reconnected; caches start afresh");
+                        StoreChange::Resync
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "change feed lost; retrying in a second");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        StoreChange::Resync
+                    }
+                };
+                if changes.send(change).await.is_err() {
+                    return; // nobody listens any more
+                }
+            }
+        });
+        Ok(Some(receiver))
+    }
+}
+
+fn parse_change(payload: &str) -> Option<StoreChange> {
+    match payload.split_once(':')? {
+        ("key", id) => id.parse().ok().map(StoreChange::Key),
+        ("account", id) => id.parse().ok().map(StoreChange::Account),
+        _ => None,
+    }
+}
+
+#[async_trait]
+impl StoreHealth for PostgresStore {
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    fn backend(&self) -> &'static str {
+        "postgres"
+    }
+}

@@ -1,0 +1,472 @@
+//! Rows as both SQL backends store them, and their conversion to the domain types. The two
+//! schemas use the same representation (text ids, integer nano-units, Unix-millisecond times, JSON
+//! as text, hashes as bytes), so each row type is decoded by either driver (`sqlx::FromRow`) and
+//! checked here once.
+
+use crate::{
+    Account, HoldRecord, HoldSource, IdempotencyBegin, IdempotencyClaim, KeyLookup, KeyRecord,
+    StoreError, StoredResponse, TransferRecord, UsageRow,
+};
+use chrono::{DateTime, TimeZone, Utc};
+use std::str::FromStr;
+use tollgate_core::audit::AuditEntry;
+use tollgate_core::ledger::{BillingStatus, Hold, HoldStatus};
+use tollgate_core::metering::TokenUsage;
+use tollgate_core::{KeyHash, KeyKind, KeyStatus, Nanos, RequestId};
+
+pub(crate) fn millis(at: DateTime<Utc>) -> i64 {
+    at.timestamp_millis()
+}
+
+pub(crate) fn from_millis(ms: i64) -> Result<DateTime<Utc>, StoreError> {
+    Utc.timestamp_millis_opt(ms)
+        .single()
+        .ok_or_else(|| StoreError::Corrupt(format!("timestamp {ms} out of range")))
+}
+
+pub(crate) fn corrupt(what: &str, value: &str) -> StoreError {
+    StoreError::Corrupt(format!("{what}: {value:?}"))
+}
+
+pub(crate) fn parse_id<T: FromStr>(what: &str, text: &str) -> Result<T, StoreError> {
+    T::from_str(text).map_err(|_| corrupt(what, text))
+}
+
+pub(crate) fn to_json<T: serde::Serialize>(value: &T) -> Result<String, StoreError> {
+    serde_json::to_string(value).map_err(|e| StoreError::Corrupt(format!("to JSON: {e}")))
+}
+
+fn from_json<T: serde::de::DeserializeOwned>(what: &str, text: &str) -> Result<T, StoreError> {
+    serde_json::from_str(text).map_err(|_| corrupt(what, text))
+}
+
+pub(crate) fn hash32(bytes: Vec<u8>, what: &str) -> Result<[u8; 32], StoreError> {
+    bytes
+        .try_into()
+        .map_err(|_| StoreError::Corrupt(format!("{what} is not 32 bytes")))
+}
+
+fn unsigned(what: &str, n: i64) -> Result<u64, StoreError> {
+    u64::try_from(n).map_err(|_| corrupt(what, &n.to_string()))
+}
+
+pub(crate) const KEY_COLUMNS: &str = "id, account_id, key_hash, display_prefix, kind, status, \
+    name, scopes, allowed_ips, expires_at, monthly_spend_cap_nanos, created_at, revoked_at, \
+    rate_limits";
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct KeyRow {
+    id: String,
+    account_id: String,
+    key_hash: Vec<u8>,
+    display_prefix: String,
+    kind: String,
+    status: String,
+    name: String,
+    scopes: String,
+    allowed_ips: String,
+    expires_at: Option<i64>,
+    monthly_spend_cap_nanos: Option<i64>,
+    created_at: i64,
+    revoked_at: Option<i64>,
+    rate_limits: String,
+}
+
+impl TryFrom<KeyRow> for KeyRecord {
+    type Error = StoreError;
+
+    fn try_from(row: KeyRow) -> Result<Self, StoreError> {
+        Ok(KeyRecord {
+            account_id: parse_id("account id", &row.account_id)?,
+            hash: KeyHash(hash32(row.key_hash, "key hash")?),
+            display_prefix: row.display_prefix,
+            kind: KeyKind::parse(&row.kind).ok_or_else(|| corrupt("key kind", &row.kind))?,
+            status: KeyStatus::parse(&row.status)
+                .ok_or_else(|| corrupt("key status", &row.status))?,
+            name: row.name,
+            scopes: from_json("key scopes", &row.scopes)?,
+            allowed_ips: from_json("key allowed_ips", &row.allowed_ips)?,
+            expires_at: row.expires_at.map(from_millis).transpose()?,
+            monthly_spend_cap: row.monthly_spend_cap_nanos.map(Nanos),
+            rate_limits: from_json("key rate_limits", &row.rate_limits)?,
+            created_at: from_millis(row.created_at)?,
+            revoked_at: row.revoked_at.map(from_millis).transpose()?,
+            id: parse_id("key id", &row.id)?,
+        })
+    }
+}
+
+pub(crate) const ACCOUNT_SELECT: &str =
+    "SELECT a.id, a.name, a.status, a.created_at, a.max_keys, a.rate_limits, w.balance_nanos \
+     FROM accounts a JOIN wallets w ON w.account_id = a.id";
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct AccountRow {
+    id: String,
+    name: String,
+    status: String,
+    created_at: i64,
+    max_keys: Option<i64>,
+    rate_limits: String,
+    balance_nanos: i64,
+}
+
+impl TryFrom<AccountRow> for Account {
+    type Error = StoreError;
+
+    fn try_from(row: AccountRow) -> Result<Self, StoreError> {
+        Ok(Account {
+            id: parse_id("account id", &row.id)?,
+            name: row.name,
+            status: row.status,
+            balance: Nanos(row.balance_nanos),
+            max_keys: row
+                .max_keys
+                .map(|n| u32::try_from(n).map_err(|_| corrupt("max_keys", &n.to_string())))
+                .transpose()?,
+            rate_limits: from_json("account rate_limits", &row.rate_limits)?,
+            created_at: from_millis(row.created_at)?,
+        })
+    }
+}
+
+pub(crate) const HOLD_COLUMNS: &str = "id, account_id, key_id, source, request_id, amount_nanos, \
+    charged_nanos, status, metadata, created_at, expires_at, resolved_at";
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct HoldRow {
+    id: String,
+    account_id: String,
+    key_id: Option<String>,
+    source: String,
+    request_id: Option<String>,
+    amount_nanos: i64,
+    charged_nanos: i64,
+    status: String,
+    metadata: String,
+    created_at: i64,
+    expires_at: i64,
+    resolved_at: Option<i64>,
+}
+
+impl TryFrom<HoldRow> for HoldRecord {
+    type Error = StoreError;
+
+    fn try_from(row: HoldRow) -> Result<Self, StoreError> {
+        Ok(HoldRecord {
+            hold: Hold {
+                id: parse_id("hold id", &row.id)?,
+                account: parse_id("account id", &row.account_id)?,
+                key: row.key_id.map(|k| parse_id("key id", &k)).transpose()?,
+                amount: Nanos(row.amount_nanos),
+                created_at: from_millis(row.created_at)?,
+                expires_at: from_millis(row.expires_at)?,
+                status: HoldStatus::parse(&row.status)
+                    .ok_or_else(|| corrupt("hold status", &row.status))?,
+                charged: Nanos(row.charged_nanos),
+                resolved_at: row.resolved_at.map(from_millis).transpose()?,
+            },
+            source: match row.source.as_str() {
+                "request" => HoldSource::Request,
+                "api" => HoldSource::Api,
+                _ => return Err(corrupt("hold source", &row.source)),
+            },
+            request_id: row
+                .request_id
+                .map(|r| parse_id("request id", &r))
+                .transpose()?,
+            metadata: from_json("metadata", &row.metadata)?,
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct TransferRow {
+    id: i64,
+    debit_account: String,
+    credit_account: String,
+    amount_nanos: i64,
+    kind: String,
+    memo: String,
+    reference: String,
+    created_at: i64,
+}
+
+impl TryFrom<TransferRow> for TransferRecord {
+    type Error = StoreError;
+
+    fn try_from(row: TransferRow) -> Result<Self, StoreError> {
+        Ok(TransferRecord {
+            seq: row.id,
+            debit: row.debit_account,
+            credit: row.credit_account,
+            amount: Nanos(row.amount_nanos),
+            kind: row.kind,
+            memo: row.memo,
+            reference: row.reference,
+            created_at: from_millis(row.created_at)?,
+        })
+    }
+}
+
+pub(crate) const USAGE_COLUMNS: &str = "request_id, client_request_id, account_id, key_id, route, \
+    model, method, path, status, upstream_status, units, input_tokens, cached_input_tokens, \
+    output_tokens, cost_nanos, hold_nanos, hold_id, billing_status, latency_ms, error_code, \
+    created_at, completed_at";
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct UsageDbRow {
+    request_id: String,
+    client_request_id: Option<String>,
+    account_id: String,
+    key_id: String,
+    route: String,
+    model: Option<String>,
+    method: String,
+    path: String,
+    status: i64,
+    upstream_status: Option<i64>,
+    units: Option<String>,
+    input_tokens: Option<i64>,
+    cached_input_tokens: Option<i64>,
+    output_tokens: Option<i64>,
+    cost_nanos: i64,
+    hold_nanos: i64,
+    hold_id: Option<String>,
+    billing_status: String,
+    latency_ms: i64,
+    error_code: Option<String>,
+    created_at: i64,
+    completed_at: i64,
+}
+
+impl TryFrom<UsageDbRow> for UsageRow {
+    type Error = StoreError;
+
+    fn try_from(row: UsageDbRow) -> Result<Self, StoreError> {
+        let tokens = match (row.input_tokens, row.cached_input_tokens, row.output_tokens) {
+            (Some(input), cached, Some(output)) => Some(TokenUsage {
+                input: unsigned("input_tokens", input)?,
+                cached_input: unsigned("cached_input_tokens", cached.unwrap_or(0))?,
+                output: unsigned("output_tokens", output)?,
+            }),
+            _ => None,
+        };
+        let status_code =
+            |what: &str, n: i64| u16::try_from(n).map_err(|_| corrupt(what, &n.to_string()));
+        Ok(UsageRow {
+            request_id: parse_id("request id", &row.request_id)?,
+            client_request_id: row.client_request_id,
+            account_id: parse_id("account id", &row.account_id)?,
+            key_id: parse_id("key id", &row.key_id)?,
+            route: row.route,
+            model: row.model,
+            method: row.method,
+            path: row.path,
+            status: status_code("status", row.status)?,
+            upstream_status: row
+                .upstream_status
+                .map(|s| status_code("upstream_status", s))
+                .transpose()?,
+            units: row.units,
+            tokens,
+            cost: Nanos(row.cost_nanos),
+            hold: Nanos(row.hold_nanos),
+            hold_id: row.hold_id.map(|h| parse_id("hold id", &h)).transpose()?,
+            billing_status: BillingStatus::parse(&row.billing_status)
+                .ok_or_else(|| corrupt("billing status", &row.billing_status))?,
+            latency_ms: unsigned("latency_ms", row.latency_ms)?,
+            error_code: row.error_code,
+            created_at: from_millis(row.created_at)?,
+            completed_at: from_millis(row.completed_at)?,
+        })
+    }
+}
+
+/// The usage columns of `row`, in [`USAGE_COLUMNS`] order, for a multi-row insert.
+pub(crate) fn push_usage<'a, DB>(
+    mut out: sqlx::query_builder::Separated<'_, 'a, DB, &'static str>,
+    row: &UsageRow,
+) where
+    DB: sqlx::Database,
+    String: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    Option<String>: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    i64: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    Option<i64>: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+{
+    let tokens = row.tokens;
+    let count = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+    out.push_bind(row.request_id.to_string())
+        .push_bind(row.client_request_id.clone())
+        .push_bind(row.account_id.to_string())
+        .push_bind(row.key_id.to_string())
+        .push_bind(row.route.clone())
+        .push_bind(row.model.clone())
+        .push_bind(row.method.clone())
+        .push_bind(row.path.clone())
+        .push_bind(i64::from(row.status))
+        .push_bind(row.upstream_status.map(i64::from))
+        .push_bind(row.units.clone())
+        .push_bind(tokens.map(|t| count(t.input)))
+        .push_bind(tokens.map(|t| count(t.cached_input)))
+        .push_bind(tokens.map(|t| count(t.output)))
+        .push_bind(row.cost.0)
+        .push_bind(row.hold.0)
+        .push_bind(row.hold_id.map(|h| h.to_string()))
+        .push_bind(row.billing_status.as_str().to_string())
+        .push_bind(count(row.latency_ms))
+        .push_bind(row.error_code.clone())
+        .push_bind(millis(row.created_at))
+        .push_bind(millis(row.completed_at));
+}
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct AuditRow {
+    seq: i64,
+    at: i64,
+    actor: String,
+    action: String,
+    target: String,
+    request_id: String,
+    before: Option<String>,
+    after: Option<String>,
+    prev_hash: Vec<u8>,
+    hash: Vec<u8>,
+}
+
+impl TryFrom<AuditRow> for AuditEntry {
+    type Error = StoreError;
+
+    fn try_from(row: AuditRow) -> Result<Self, StoreError> {
+        Ok(AuditEntry {
+            seq: unsigned("audit seq", row.seq)?,
+            at: from_millis(row.at)?,
+            actor: row.actor,
+            action: row.action,
+            target: row.target,
+            request_id: row.request_id,
+            before: row.before,
+            after: row.after,
+            prev_hash: hash32(row.prev_hash, "prev_hash")?,
+            hash: hash32(row.hash, "hash")?,
+        })
+    }
+}
+
+/// The usage totals of one group, as `usage_summary` selects them.
+#[derive(sqlx::FromRow)]
+pub(crate) struct BucketRow {
+    grp: String,
+    requests: i64,
+    errors: i64,
+    input_tokens: i64,
+    cached_input_tokens: i64,
+    output_tokens: i64,
+    cost_nanos: i64,
+}
+
+impl TryFrom<BucketRow> for crate::UsageBucket {
+    type Error = StoreError;
+
+    fn try_from(row: BucketRow) -> Result<Self, StoreError> {
+        Ok(crate::UsageBucket {
+            group: row.grp,
+            requests: unsigned("requests", row.requests)?,
+            errors: unsigned("errors", row.errors)?,
+            input_tokens: unsigned("input_tokens", row.input_tokens)?,
+            cached_input_tokens: unsigned("cached_input_tokens", row.cached_input_tokens)?,
+            output_tokens: unsigned("output_tokens", row.output_tokens)?,
+            cost: Nanos(row.cost_nanos),
+        })
+    }
+}
+
+/// Converts decoded rows, stopping at the first that is not valid.
+pub(crate) fn convert<R, T: TryFrom<R, Error = StoreError>>(
+    rows: Vec<R>,
+) -> Result<Vec<T>, StoreError> {
+    rows.into_iter().map(T::try_from).collect()
+}
+
+/// What an account decides about its keys' requests, read with every key lookup.
+#[derive(sqlx::FromRow)]
+pub(crate) struct StandingRow {
+    status: String,
+    rate_limits: String,
+}
+
+impl StandingRow {
+    /// The lookup of `key`, found by its current secret (`None`) or a retired one.
+    pub(crate) fn lookup(
+        self,
+        key: KeyRecord,
+        secret_expires_at: Option<DateTime<Utc>>,
+    ) -> Result<KeyLookup, StoreError> {
+        Ok(KeyLookup {
+            key,
+            secret_expires_at,
+            account_rate_limits: from_json("account rate_limits", &self.rate_limits)?,
+            account_suspended: self.status == "suspended",
+        })
+    }
+}
+
+/// The head row of the audit log.
+#[derive(sqlx::FromRow)]
+pub(crate) struct AuditHeadRow {
+    seq: i64,
+    hash: Vec<u8>,
+}
+
+impl AuditHeadRow {
+    /// The last entry's number and hash (`None`: the log is empty).
+    pub(crate) fn head(self) -> Result<Option<(u64, [u8; 32])>, StoreError> {
+        let hash = hash32(self.hash, "audit head")?;
+        Ok(u64::try_from(self.seq)
+            .ok()
+            .filter(|&seq| seq > 0)
+            .map(|seq| (seq, hash)))
+    }
+}
+
+/// An idempotency key's row, read after a claim's upsert.
+#[derive(sqlx::FromRow)]
+pub(crate) struct IdempotencyRow {
+    fingerprint: Vec<u8>,
+    owner: String,
+    state: String,
+    lease_until: i64,
+    status: Option<i64>,
+    headers: Option<String>,
+    body: Option<Vec<u8>>,
+}
+
+impl IdempotencyRow {
+    /// What the claim met: its own new row, another request's, or a different request's.
+    pub(crate) fn outcome(self, claim: &IdempotencyClaim) -> Result<IdempotencyBegin, StoreError> {
+        let owner: RequestId = parse_id("idempotency owner", &self.owner)?;
+        if owner == claim.owner {
+            return Ok(IdempotencyBegin::Started);
+        }
+        if self.fingerprint != claim.fingerprint {
+            return Ok(IdempotencyBegin::Mismatch);
+        }
+        if self.state == "in_flight" {
+            return Ok(IdempotencyBegin::InFlight {
+                owner,
+                lease_until: from_millis(self.lease_until)?,
+            });
+        }
+        let status = self.status.unwrap_or_default();
+        let headers = self.headers.unwrap_or_default();
+        Ok(IdempotencyBegin::Completed {
+            owner,
+            response: StoredResponse {
+                status: u16::try_from(status)
+                    .map_err(|_| corrupt("idempotency status", &status.to_string()))?,
+                headers: from_json("idempotency headers", &headers)?,
+                body: self.body,
+            },
+        })
+    }
+}
