@@ -338,7 +338,9 @@ async fn cpu_pressure_backs_the_limit_off() {
     })
     .await;
     let shedder = app.state.shedder.clone().unwrap();
-    assert_eq!(shedder.limit(), 100);
+    // With no traffic, only CPU pressure can move the limit below where it started. The reading is
+    // machine-wide, so other tests running beside this one may already have pushed it down: the
+    // test asks only that it falls, not when.
     // Keep every core busy until the limit has backed off (at most ten seconds).
     let spinning = Arc::new(AtomicBool::new(true));
     let spinners: Vec<_> = (0..std::thread::available_parallelism().map_or(2, |n| n.get()))
