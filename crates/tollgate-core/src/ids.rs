@@ -109,6 +109,11 @@ prefixed_id!(
     HoldId,
     "hold_"
 );
+prefixed_id!(
+    /// One running Tollgate process on a shared store: the owner of its credit leases.
+    NodeId,
+    "node_"
+);
 
 #[cfg(test)]
 mod tests {

@@ -222,6 +222,24 @@ pub fn month_start(at: DateTime<Utc>) -> DateTime<Utc> {
         .unwrap_or(at)
 }
 
+/// How much credit a node carves from a wallet's free balance (what no node's lease holds) to
+/// cover a hold of `needed`: an eighth of what is free, so every node can take a share and each
+/// carve serves many requests of a hot wallet, in whole holds of this size, so a lease of equal
+/// holds never ends with a part too small to use. Never less than `needed`: as the free balance
+/// runs low (under sixteen holds' worth) this is exactly `needed`, a per-request hold. `None` when
+/// the free balance cannot cover `needed`.
+pub fn lease_size(free: Nanos, needed: Nanos) -> Option<Nanos> {
+    const SHARE: i64 = 8;
+    if needed.0 < 0 || free < needed {
+        return None;
+    }
+    if needed == Nanos::ZERO {
+        return Some(Nanos::ZERO);
+    }
+    let holds = (free.0 / SHARE / needed.0).max(1);
+    Some(Nanos(holds * needed.0))
+}
+
 /// A key's spend in one calendar month: charged so far, and reserved by its pending holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct KeySpend {
@@ -327,6 +345,48 @@ impl Book {
             amount,
             kind: TransferKind::Grant,
         })
+    }
+
+    /// Adds credit to a loaded wallet without a transfer: a lease carved from the stored
+    /// wallet, which the ledger already counts as the account's.
+    pub fn add_lease(&mut self, account: AccountId, amount: Nanos) {
+        if let Some(wallet) = self.wallets.get_mut(&account) {
+            wallet.available = Nanos(wallet.available.0.saturating_add(amount.0));
+        }
+    }
+
+    /// Takes everything available from a loaded wallet (a lease being given back); returns it.
+    pub fn take_lease(&mut self, account: AccountId) -> Nanos {
+        self.wallets
+            .get_mut(&account)
+            .map_or(Nanos::ZERO, |wallet| std::mem::take(&mut wallet.available))
+    }
+
+    /// Accounts whose loaded wallet has credit available.
+    pub fn wallets_with_credit(&self) -> Vec<AccountId> {
+        self.wallets
+            .iter()
+            .filter(|(_, w)| w.available > Nanos::ZERO)
+            .map(|(a, _)| *a)
+            .collect()
+    }
+
+    /// Hands a pending hold over to the store: the book forgets it as if it were resolved
+    /// elsewhere, leaving the wallet's available credit as it is (the hold's amount stays
+    /// reserved until whoever resolves it returns what it did not charge).
+    pub fn detach(&mut self, id: HoldId) {
+        let Some(hold) = self.holds.remove(&id) else {
+            return;
+        };
+        if hold.status != HoldStatus::Pending {
+            return;
+        }
+        if let Some(wallet) = self.wallets.get_mut(&hold.account) {
+            wallet.held = Nanos(wallet.held.0 - hold.amount.0);
+        }
+        if let Some(spend) = hold.key.and_then(|k| self.key_spend.get_mut(&k)) {
+            spend.held = Nanos(spend.held.0 - hold.amount.0);
+        }
     }
 
     /// Reserves `amount` from the wallet, or refuses without changing anything. The check and
@@ -654,6 +714,48 @@ mod tests {
             *out.entry(t.credit).or_insert(0) += t.amount.0;
         }
         out
+    }
+
+    #[test]
+    fn a_lease_is_an_eighth_of_the_free_balance_in_whole_holds_and_exact_when_it_runs_low() {
+        assert_eq!(lease_size(Nanos(8_000), Nanos(10)), Some(Nanos(1_000)));
+        // Whole holds: 33 of 30, not 1000.
+        assert_eq!(lease_size(Nanos(8_000), Nanos(30)), Some(Nanos(990)));
+        // Under sixteen holds' worth: exactly the hold.
+        assert_eq!(lease_size(Nanos(150), Nanos(10)), Some(Nanos(10)));
+        assert_eq!(lease_size(Nanos(10), Nanos(10)), Some(Nanos(10)));
+        assert_eq!(lease_size(Nanos(9), Nanos(10)), None);
+        assert_eq!(lease_size(Nanos(0), Nanos(0)), Some(Nanos(0)));
+        assert_eq!(lease_size(Nanos(100), Nanos(-1)), None);
+    }
+
+    #[test]
+    fn a_lease_is_added_taken_back_and_a_detached_hold_leaves_the_book() {
+        let account = AccountId::new();
+        let key = KeyId::new();
+        let mut book = Book::new();
+        book.load_wallet(account, Wallet::default());
+        book.load_key_spend(key, t0(), Nanos::ZERO);
+        book.add_lease(account, Nanos(100));
+        assert_eq!(book.wallets_with_credit(), vec![account]);
+        let (hold, _) = book.open(request(account, Some(key), 30)).unwrap();
+        book.detach(hold.id);
+        assert!(book.hold(hold.id).is_none());
+        assert_eq!(
+            book.wallet(account).unwrap(),
+            Wallet {
+                available: Nanos(70),
+                held: Nanos(0)
+            }
+        );
+        // The key's held spend forgot the detached hold.
+        let mut capped = request(account, Some(key), 70);
+        capped.key_cap = Some(Nanos(70));
+        assert!(book.open(capped).is_ok());
+        assert_eq!(book.take_lease(account), Nanos(0));
+        book.add_lease(account, Nanos(5));
+        assert_eq!(book.take_lease(account), Nanos(5));
+        assert!(book.wallets_with_credit().is_empty());
     }
 
     proptest! {

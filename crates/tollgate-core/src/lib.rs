@@ -16,6 +16,6 @@ pub mod ratelimit;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::{ApiError, ErrorCode, Fault};
-pub use ids::{AccountId, HoldId, KeyId, RequestId};
+pub use ids::{AccountId, HoldId, KeyId, NodeId, RequestId};
 pub use key::{ApiKey, KeyEnv, KeyHash, KeyKind, KeyStatus};
 pub use money::Nanos;

@@ -138,6 +138,8 @@ impl Application {
         if let Some(cpu_watch) = cpu_watch {
             cpu_watch.abort();
         }
+        // Every lease goes back to its wallet, for the other nodes to use at once.
+        self.state.ledger.return_idle_leases(Duration::ZERO);
         self.state.ledger.flush().await?;
         Ok(served?)
     }
@@ -161,6 +163,8 @@ async fn follow_changes(mut changes: mpsc::Receiver<StoreChange>, keys: Arc<KeyC
 async fn sweep(state: AppState, shared: bool) {
     // Another node's hold is expired this long after its TTL, so its owner, if alive, goes first.
     let orphan_grace = (state.config.sweep_interval * 2).max(Duration::from_secs(1));
+    // A node that has not renewed its leases for this long has stopped: its leases are freed.
+    let lease_expiry = (state.config.sweep_interval * 10).max(Duration::from_secs(10));
     const PURGE_EVERY: Duration = Duration::from_secs(3600);
     let mut ticks = tokio::time::interval(state.config.sweep_interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -173,6 +177,12 @@ async fn sweep(state: AppState, shared: bool) {
             tracing::info!(expired, "released holds past their TTL");
         }
         if shared {
+            state.ledger.return_idle_leases(crate::ledger::LEASE_IDLE);
+            match state.ledger.renew_leases(lease_expiry).await {
+                Ok(0) => {}
+                Ok(reclaimed) => tracing::info!(reclaimed, "freed stopped nodes' credit leases"),
+                Err(e) => tracing::warn!(error = %e, "cannot reclaim stopped nodes' leases"),
+            }
             match state.ledger.expire_orphans(orphan_grace).await {
                 Ok(0) => {}
                 Ok(expired) => {

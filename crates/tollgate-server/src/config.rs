@@ -487,7 +487,7 @@ impl RawConfig {
         for unknown in table.keys() {
             problems.push(
                 unknown,
-                "unknown section (expected server, store, admin, billing, keys, load_shedding, idempotency, rate_limits or routes)",
+                "unknown section (expected server, store, redis, admin, billing, keys, load_shedding, idempotency, rate_limits or routes)",
             );
         }
         Some(raw)
@@ -1413,7 +1413,7 @@ mod tests {
               - server.lisen: unknown field `lisen`, expected one of `listen`, `api_prefix`, `request_id_header`, `max_body_bytes`, `key_cache_capacity`, `trusted_proxies`
               - routes[0].upstream: invalid type: integer `5`, expected a string
               - routes[2]: missing field `group`
-              - surprise: unknown section (expected server, store, admin, billing, keys, load_shedding, idempotency, rate_limits or routes)
+              - surprise: unknown section (expected server, store, redis, admin, billing, keys, load_shedding, idempotency, rate_limits or routes)
               - billing.currency: must be a three-letter code in capitals, e.g. USD
               - routes[1].prefix: '/api/v2' overlaps '/api', which Tollgate serves itself
               - routes[1].price: '-1' is negative; amounts here must be zero or more

@@ -12,8 +12,16 @@
 //! So a crash can only ever lose the operator a charge, never add one. Grants, the billing
 //! API and management reads wait for their writes to be committed ([`Ledger::flush`]).
 //!
-//! The book assumes it is the only writer of the wallets it has loaded: true of the embedded
-//! store, which belongs to one node.
+//! On the embedded store the book owns whole wallets: the store belongs to one node. On a
+//! shared store each node's book owns only its *lease* on a wallet: credit carved atomically
+//! from the wallet's free balance ([`LeaseStore::carve`]), which every batch the node commits
+//! moves together with the balance. When its lease cannot cover a hold, the node gives back
+//! what is left and carves again, an eighth of what is free or, as the wallet runs low, exactly
+//! the hold; leases idle for [`LEASE_IDLE`] go back to the wallet. So the leases never sum to
+//! more than the balance, and overspend is zero. Lease operations run in the writer, after every
+//! write queued before them, and writes are queued under the book's lock: the store sees a
+//! node's lease change in the order its book did. Billing-API holds are handed to the store
+//! once opened, so any node can capture or release them.
 //!
 //! While the store does not answer (a commit failed, or the sweeper's ping did), no new hold is
 //! opened: requests are refused with 503 before any work, so nothing is charged for them. Holds
@@ -21,18 +29,27 @@
 
 use chrono::{DateTime, Utc};
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
-use tollgate_core::ledger::{month_start, Book, Hold, HoldRequest, Refusal, Resolution, Resolve};
+use tollgate_core::ledger::{
+    month_start, Book, Hold, HoldRequest, HoldStatus, Refusal, Resolution, Resolve,
+};
+use tollgate_core::NodeId;
 use tollgate_core::{AccountId, Clock, HoldId, KeyId, Nanos, RequestId};
-use tollgate_store::{BatchId, HoldRecord, HoldSource, LedgerWrite, Store, StoreError, UsageRow};
+use tollgate_store::{
+    BatchId, Carve, HoldRecord, HoldSource, LeaseStore, LedgerWrite, Store, StoreError, UsageRow,
+};
 
 /// The most writes committed in one transaction.
 const MAX_BATCH: usize = 2048;
 /// How long a caller waits for its writes to be committed before answering 503.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A lease no hold has used for this long goes back to the wallet, for other nodes to use.
+pub const LEASE_IDLE: Duration = Duration::from_secs(2);
 
 // Writes are nearly every message; boxing them would allocate once per write.
 #[allow(clippy::large_enum_variant)]
@@ -40,6 +57,29 @@ enum Command {
     /// Committed in one batch together (a charge and its usage row); queued at that instant.
     Write(Vec<LedgerWrite>, Instant),
     Flush(oneshot::Sender<()>),
+    /// Run after everything queued before it is committed.
+    Lease(LeaseOp),
+}
+
+enum LeaseOp {
+    /// Gives `give_back` back, carves for a hold of `needed`, and adds the carve to the book.
+    Carve {
+        account: AccountId,
+        give_back: Nanos,
+        needed: Nanos,
+        done: oneshot::Sender<Result<Carve, StoreError>>,
+    },
+    /// Gives `amount` (already taken out of the book) back to the wallet.
+    Return { account: AccountId, amount: Nanos },
+    /// The heartbeat that keeps the other nodes from reclaiming this node's leases.
+    Renew,
+}
+
+/// A node's identity on a shared store, and the store's leases.
+#[derive(Clone)]
+struct Leasing {
+    node: NodeId,
+    leases: Arc<dyn LeaseStore>,
 }
 
 pub struct Ledger {
@@ -49,6 +89,10 @@ pub struct Ledger {
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
     queue: mpsc::UnboundedSender<Command>,
+    /// On a shared store: whose leases this book spends, and when each account last opened a
+    /// hold here (for [`Ledger::return_idle_leases`]).
+    leasing: Option<Leasing>,
+    last_hold: Mutex<HashMap<AccountId, Instant>>,
     /// Writes per committed batch, and how long the oldest write of a batch waited (for
     /// `/metrics`).
     pub batch_size: Histogram,
@@ -89,8 +133,13 @@ pub struct HoldSpec {
 }
 
 impl Ledger {
-    /// Starts the writer task and returns the service.
+    /// Starts the writer task and returns the service. On a shared store (one with leases) the
+    /// node gets a fresh id, whose leases it spends.
     pub fn start(store: Arc<dyn Store>, clock: Arc<dyn Clock>) -> Arc<Ledger> {
+        let leasing = store.leases().map(|leases| Leasing {
+            node: NodeId::new(),
+            leases,
+        });
         let (queue, commands) = mpsc::unbounded_channel();
         let book = Arc::new(Mutex::new(Book::new()));
         let store_down = Arc::new(AtomicBool::new(false));
@@ -102,6 +151,8 @@ impl Ledger {
             store_down: store_down.clone(),
             batch_size: batch_size.clone(),
             write_lag: write_lag.clone(),
+            leasing: leasing.clone(),
+            clock: clock.clone(),
         };
         tokio::spawn(write_loop(commands, writer));
         Arc::new(Ledger {
@@ -110,9 +161,16 @@ impl Ledger {
             store,
             clock,
             queue,
+            leasing,
+            last_hold: Mutex::new(HashMap::new()),
             batch_size,
             write_lag,
         })
+    }
+
+    /// This node's id on a shared store.
+    pub fn node(&self) -> Option<NodeId> {
+        self.leasing.as_ref().map(|l| l.node)
     }
 
     fn book(&self) -> MutexGuard<'_, Book> {
@@ -123,10 +181,12 @@ impl Ledger {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn enqueue(&self, write: LedgerWrite) {
-        // The writer lives as long as the runtime; if it is gone, the process is stopping and
-        // the write is lost as a crash would lose it (see the module docs).
-        let _ = self.queue.send(Command::Write(vec![write], Instant::now()));
+    /// Queues a write. Callers hold the book's lock while they queue what the book just did,
+    /// so the writer commits it in the book's order. The writer lives as long as the runtime; if
+    /// it is gone, the process is stopping and the write is lost as a crash would lose it (see
+    /// the module docs).
+    fn enqueue(&self, _book: &Book, writes: Vec<LedgerWrite>) {
+        let _ = self.queue.send(Command::Write(writes, Instant::now()));
     }
 
     /// Makes sure the book holds the account's wallet and the key's spend this month.
@@ -142,7 +202,10 @@ impl Ledger {
         if wallet_loaded && key_loaded {
             return Ok(());
         }
-        if !wallet_loaded {
+        if !wallet_loaded && self.leasing.is_some() {
+            // The node's lease starts empty; the first hold carves it.
+            self.book().load_wallet(account, Default::default());
+        } else if !wallet_loaded {
             let wallet =
                 self.store.wallet(account).await?.ok_or_else(|| {
                     StoreError::Corrupt(format!("account {account} has no wallet"))
@@ -181,39 +244,79 @@ impl Ledger {
                 .checked_add_signed(ttl)
                 .unwrap_or(DateTime::<Utc>::MAX_UTC),
         };
-        let (hold, transfer) = self.book().open(request).map_err(|refusal| match refusal {
-            Refusal::InsufficientBalance {
-                required,
-                available,
-            } => HoldRefused::InsufficientBalance {
-                required,
-                available,
-            },
-            Refusal::KeyCapReached { cap, spent, held } => {
-                HoldRefused::KeyCapReached { cap, spent, held }
-            }
-            Refusal::NotLoaded | Refusal::Overflow => {
-                HoldRefused::Store(StoreError::Corrupt(refusal.to_string()))
-            }
-        })?;
-        self.enqueue(LedgerWrite::OpenHold {
-            record: HoldRecord {
-                hold: hold.clone(),
-                source: spec.source,
-                request_id: spec.request_id,
-                metadata: spec.metadata,
-            },
-            transfer,
-        });
-        Ok(hold)
+        // Another request of this node may spend what a carve brought before this one's retry
+        // does; then this one carves again. Every carve that grants credit lets some request
+        // through, so the loop ends: at the latest when the wallet has no credit free. Even then
+        // the book is tried once more: another request's carve may have brought credit meanwhile.
+        let mut last_carve: Option<Carve> = None;
+        loop {
+            let carved = {
+                let mut book = self.book();
+                match book.open(request.clone()) {
+                    Ok((hold, transfer)) => {
+                        let record = HoldRecord {
+                            hold: hold.clone(),
+                            source: spec.source,
+                            request_id: spec.request_id,
+                            metadata: spec.metadata,
+                        };
+                        self.enqueue(&book, vec![LedgerWrite::OpenHold { record, transfer }]);
+                        if self.leasing.is_some() {
+                            if spec.source == HoldSource::Api {
+                                // Any node may capture it: the store resolves it, not this book.
+                                book.detach(hold.id);
+                            }
+                            drop(book);
+                            self.last_hold().insert(spec.account, Instant::now());
+                        }
+                        return Ok(hold);
+                    }
+                    Err(Refusal::InsufficientBalance { required, .. })
+                        if self.leasing.is_some()
+                            && last_carve.is_none_or(|c| c.granted > Nanos::ZERO) =>
+                    {
+                        // Give back what is left of the lease, so the carve can count it, and
+                        // carve enough for this hold.
+                        let give_back = book.take_lease(spec.account);
+                        let (done, carved) = oneshot::channel();
+                        let _ = self.queue.send(Command::Lease(LeaseOp::Carve {
+                            account: spec.account,
+                            give_back,
+                            needed: required,
+                            done,
+                        }));
+                        carved
+                    }
+                    Err(Refusal::InsufficientBalance { required, .. }) if last_carve.is_some() => {
+                        let free = last_carve.map_or(Nanos::ZERO, |c| c.free);
+                        return Err(HoldRefused::InsufficientBalance {
+                            required,
+                            available: free,
+                        });
+                    }
+                    Err(refusal) => return Err(refused(refusal)),
+                }
+            };
+            last_carve =
+                Some(carved.await.map_err(|_| {
+                    StoreError::Unavailable("the ledger writer has stopped".into())
+                })??);
+        }
+    }
+
+    fn last_hold(&self) -> MutexGuard<'_, HashMap<AccountId, Instant>> {
+        self.last_hold
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Resolves a hold the book knows (every pending one); `None` for a hold it does not know.
     /// Resolving twice returns the first outcome and writes nothing.
     pub fn resolve(&self, id: HoldId, how: Resolve) -> Option<Resolution> {
-        let resolution = self.book().resolve(id, how, self.clock.now())?;
+        let mut book = self.book();
+        let resolution = book.resolve(id, how, self.clock.now())?;
         if resolution.first {
-            self.enqueue(resolve_write(&resolution));
+            self.enqueue(&book, vec![resolve_write(&resolution)]);
         }
         Some(resolution)
     }
@@ -226,13 +329,14 @@ impl Ledger {
         hold: Option<(HoldId, Resolve)>,
         row: impl FnOnce(Option<&Resolution>) -> UsageRow,
     ) {
-        let resolution = hold.and_then(|(id, how)| self.book().resolve(id, how, self.clock.now()));
+        let mut book = self.book();
+        let resolution = hold.and_then(|(id, how)| book.resolve(id, how, self.clock.now()));
         let mut writes = Vec::with_capacity(2);
         if let Some(resolution) = resolution.as_ref().filter(|r| r.first) {
             writes.push(resolve_write(resolution));
         }
         writes.push(LedgerWrite::Usage(Box::new(row(resolution.as_ref()))));
-        let _ = self.queue.send(Command::Write(writes, Instant::now()));
+        self.enqueue(&book, writes);
     }
 
     /// Resolves a hold and waits until the outcome is stored. A hold the book has forgotten
@@ -242,11 +346,39 @@ impl Ledger {
         id: HoldId,
         how: Resolve,
     ) -> Result<Option<HoldRecord>, StoreError> {
-        let resolved = self.resolve(id, how).is_some();
-        if resolved {
+        if self.resolve(id, how).is_some() {
             self.flush().await?;
+            return self.store.hold(id).await;
+        }
+        // Not in this book: resolved before, or opened by another node (or handed to the
+        // store). Its opening may still be queued here, so flush first.
+        self.flush().await?;
+        let Some(record) = self.store.hold(id).await? else {
+            return Ok(None);
+        };
+        if record.hold.status == HoldStatus::Pending {
+            self.resolve_in_store(&record, how).await?;
         }
         self.store.hold(id).await
+    }
+
+    /// Resolves a pending hold no book here knows, straight in the store. What it does not
+    /// charge goes to the wallet's free balance. If another node resolves it first, the store
+    /// refuses this one ([`StoreError::Corrupt`]: a hold resolves once), and the first stands.
+    async fn resolve_in_store(&self, record: &HoldRecord, how: Resolve) -> Result<(), StoreError> {
+        let mut scratch = Book::new();
+        scratch.restore(record.hold.clone());
+        let Some(resolution) = scratch.resolve(record.hold.id, how, self.clock.now()) else {
+            return Ok(());
+        };
+        match self
+            .store
+            .commit(BatchId::new(), &[resolve_write(&resolution)])
+            .await
+        {
+            Ok(()) | Err(StoreError::Corrupt(_)) => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 
     /// Credits an account from outside and waits until it is stored.
@@ -258,18 +390,21 @@ impl Ledger {
         reference: &str,
     ) -> Result<(), StoreError> {
         self.load(account, None).await?;
-        let transfer = self
-            .book()
-            .grant(account, amount)
-            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        if amount > Nanos::ZERO {
-            self.enqueue(LedgerWrite::Grant {
-                account,
-                transfer,
-                memo: memo.to_string(),
-                reference: reference.to_string(),
-                at: self.clock.now(),
-            });
+        {
+            let mut book = self.book();
+            let transfer = book
+                .grant(account, amount)
+                .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            if amount > Nanos::ZERO {
+                let write = LedgerWrite::Grant {
+                    account,
+                    transfer,
+                    memo: memo.to_string(),
+                    reference: reference.to_string(),
+                    at: self.clock.now(),
+                };
+                self.enqueue(&book, vec![write]);
+            }
         }
         self.flush().await
     }
@@ -312,18 +447,19 @@ impl Ledger {
             .filter(|r| self.book().hold(r.hold.id).is_none())
             .collect();
         for record in &orphans {
-            let mut scratch = Book::new();
-            scratch.restore(record.hold.clone());
-            if let Some(resolution) = scratch.resolve(record.hold.id, Resolve::Expire, now) {
-                self.enqueue(resolve_write(&resolution));
-            }
+            self.resolve_in_store(record, Resolve::Expire).await?;
         }
         Ok(orphans.len())
     }
 
     /// At start: puts back the billing API's pending holds, and expires the data-plane holds a
     /// previous process left (their requests died with it). Returns how many were expired.
+    /// On a shared store it does nothing: pending holds may be live nodes' (or handed to the
+    /// store), and those of a process that died are expired by [`Ledger::expire_orphans`].
     pub async fn recover(&self) -> Result<usize, StoreError> {
+        if self.leasing.is_some() {
+            return Ok(0);
+        }
         let mut expired = 0;
         for record in self.store.pending_holds().await? {
             let hold = record.hold;
@@ -359,6 +495,56 @@ impl Ledger {
     pub fn pending_holds(&self) -> usize {
         self.book().pending_holds()
     }
+
+    /// Gives back the leases no hold has used for `idle`, so other nodes can use their credit.
+    pub fn return_idle_leases(&self, idle: Duration) {
+        if self.leasing.is_none() {
+            return;
+        }
+        let mut last_hold = self.last_hold();
+        last_hold.retain(|_, at| at.elapsed() < idle);
+        let mut book = self.book();
+        for account in book.wallets_with_credit() {
+            if !last_hold.contains_key(&account) {
+                let amount = book.take_lease(account);
+                let _ = self
+                    .queue
+                    .send(Command::Lease(LeaseOp::Return { account, amount }));
+            }
+        }
+    }
+
+    /// The heartbeat: renews this node's leases (in the writer, after what is queued), and
+    /// reclaims the leases of nodes that stopped renewing theirs `expiry` ago.
+    pub async fn renew_leases(&self, expiry: Duration) -> Result<u64, StoreError> {
+        let Some(leasing) = &self.leasing else {
+            return Ok(0);
+        };
+        let _ = self.queue.send(Command::Lease(LeaseOp::Renew));
+        let expiry = chrono::Duration::from_std(expiry).unwrap_or(chrono::Duration::MAX);
+        match self.clock.now().checked_sub_signed(expiry) {
+            Some(cutoff) => leasing.leases.reclaim_leases(cutoff).await,
+            None => Ok(0),
+        }
+    }
+}
+
+fn refused(refusal: Refusal) -> HoldRefused {
+    match refusal {
+        Refusal::InsufficientBalance {
+            required,
+            available,
+        } => HoldRefused::InsufficientBalance {
+            required,
+            available,
+        },
+        Refusal::KeyCapReached { cap, spent, held } => {
+            HoldRefused::KeyCapReached { cap, spent, held }
+        }
+        Refusal::NotLoaded | Refusal::Overflow => {
+            HoldRefused::Store(StoreError::Corrupt(refusal.to_string()))
+        }
+    }
 }
 
 fn resolve_write(resolution: &Resolution) -> LedgerWrite {
@@ -368,29 +554,107 @@ fn resolve_write(resolution: &Resolution) -> LedgerWrite {
     }
 }
 
-/// The writer: takes everything queued, commits it in one transaction, then answers flushes.
-/// A failed commit is retried (with backoff) until it succeeds: nothing queued is dropped.
+/// The writer: takes everything queued, commits it in one transaction, then answers flushes,
+/// then runs the lease operation that ended the batch, if one did. A failed commit is retried
+/// (with backoff) until it succeeds: nothing queued is dropped.
 struct Writer {
     store: Arc<dyn Store>,
     book: Arc<Mutex<Book>>,
     store_down: Arc<AtomicBool>,
     batch_size: Histogram,
     write_lag: Histogram,
+    leasing: Option<Leasing>,
+    clock: Arc<dyn Clock>,
+}
+
+impl Writer {
+    fn book(&self) -> MutexGuard<'_, Book> {
+        self.book.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    async fn commit(&self, id: BatchId, writes: &[LedgerWrite]) -> Result<(), StoreError> {
+        match &self.leasing {
+            Some(leasing) => leasing.leases.commit_leased(id, leasing.node, writes).await,
+            None => self.store.commit(id, writes).await,
+        }
+    }
+
+    /// Every attempt carries the same `id`, so a retry after a commit whose answer was lost (the
+    /// connection dropped after COMMIT reached the store) is recognised, not applied twice.
+    async fn commit_with_retry(&self, id: BatchId, batch: &[LedgerWrite]) {
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            match self.commit(id, batch).await {
+                Ok(()) => {
+                    self.store_down.store(false, Ordering::Release);
+                    return;
+                }
+                Err(StoreError::Corrupt(reason)) => {
+                    // A write the store refuses as inconsistent would be refused forever;
+                    // commit the others one by one and log the refused ones loudly.
+                    tracing::error!(%reason, "ledger batch refused; committing its writes one by one");
+                    for write in batch {
+                        if let Err(e) = self
+                            .commit(BatchId::new(), std::slice::from_ref(write))
+                            .await
+                        {
+                            tracing::error!(error = %e, ?write, "ledger write refused and dropped");
+                        }
+                    }
+                    return;
+                }
+                Err(e) => {
+                    self.store_down.store(true, Ordering::Release);
+                    tracing::warn!(error = %e, writes = batch.len(), "ledger commit failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    /// Runs a lease operation and brings the book in line with its outcome: a carve is added
+    /// to the lease, and what a failed operation was to give back is put back.
+    async fn lease(&self, op: LeaseOp) {
+        let Some(Leasing { node, leases }) = &self.leasing else {
+            return;
+        };
+        match op {
+            LeaseOp::Carve {
+                account,
+                give_back,
+                needed,
+                done,
+            } => {
+                let carved = leases
+                    .carve(account, *node, give_back, needed, self.clock.now())
+                    .await;
+                let back = carved.as_ref().map_or(give_back, |c| c.granted);
+                self.book().add_lease(account, back);
+                let _ = done.send(carved);
+            }
+            LeaseOp::Return { account, amount } => {
+                if let Err(e) = leases.return_lease(account, *node, amount).await {
+                    tracing::warn!(error = %e, %account, "cannot give a lease back; keeping it");
+                    self.book().add_lease(account, amount);
+                }
+            }
+            LeaseOp::Renew => {
+                if let Err(e) = leases.renew_leases(*node, self.clock.now()).await {
+                    tracing::warn!(error = %e, "cannot renew this node's leases");
+                }
+            }
+        }
+    }
 }
 
 async fn write_loop(mut commands: mpsc::UnboundedReceiver<Command>, writer: Writer) {
-    let Writer {
-        store,
-        book,
-        store_down,
-        batch_size,
-        write_lag,
-    } = writer;
     let mut batch: Vec<LedgerWrite> = Vec::new();
     let mut flushes: Vec<oneshot::Sender<()>> = Vec::new();
     while let Some(first) = commands.recv().await {
         let mut next = Some(first);
         let mut oldest: Option<Instant> = None;
+        let mut lease_op = None;
         while let Some(command) = next {
             match command {
                 Command::Write(writes, queued) => {
@@ -398,6 +662,10 @@ async fn write_loop(mut commands: mpsc::UnboundedReceiver<Command>, writer: Writ
                     oldest = Some(oldest.map_or(queued, |o| o.min(queued)));
                 }
                 Command::Flush(done) => flushes.push(done),
+                Command::Lease(op) => {
+                    lease_op = Some(op);
+                    break;
+                }
             }
             next = if batch.len() < MAX_BATCH {
                 commands.try_recv().ok()
@@ -406,12 +674,12 @@ async fn write_loop(mut commands: mpsc::UnboundedReceiver<Command>, writer: Writ
             };
         }
         if !batch.is_empty() {
-            commit_with_retry(&*store, BatchId::new(), &batch, &store_down).await;
-            batch_size.observe(batch.len() as f64);
+            writer.commit_with_retry(BatchId::new(), &batch).await;
+            writer.batch_size.observe(batch.len() as f64);
             if let Some(oldest) = oldest {
-                write_lag.observe(oldest.elapsed().as_secs_f64());
+                writer.write_lag.observe(oldest.elapsed().as_secs_f64());
             }
-            let mut book = book.lock().unwrap_or_else(|p| p.into_inner());
+            let mut book = writer.book();
             for write in batch.drain(..) {
                 if let LedgerWrite::ResolveHold { hold, .. } = write {
                     book.forget(hold.id);
@@ -421,44 +689,8 @@ async fn write_loop(mut commands: mpsc::UnboundedReceiver<Command>, writer: Writ
         for done in flushes.drain(..) {
             let _ = done.send(());
         }
-    }
-}
-
-/// Every attempt carries the same `id`, so a retry after a commit whose answer was lost (the
-/// connection dropped after COMMIT reached the store) is recognised, not applied twice.
-async fn commit_with_retry(
-    store: &dyn Store,
-    id: BatchId,
-    batch: &[LedgerWrite],
-    store_down: &AtomicBool,
-) {
-    let mut backoff = Duration::from_millis(50);
-    loop {
-        match store.commit(id, batch).await {
-            Ok(()) => {
-                store_down.store(false, Ordering::Release);
-                return;
-            }
-            Err(StoreError::Corrupt(reason)) => {
-                // A write the store refuses as inconsistent would be refused forever; commit
-                // the others one by one and log the refused ones loudly.
-                tracing::error!(%reason, "ledger batch refused; committing its writes one by one");
-                for write in batch {
-                    if let Err(e) = store
-                        .commit(BatchId::new(), std::slice::from_ref(write))
-                        .await
-                    {
-                        tracing::error!(error = %e, ?write, "ledger write refused and dropped");
-                    }
-                }
-                return;
-            }
-            Err(e) => {
-                store_down.store(true, Ordering::Release);
-                tracing::warn!(error = %e, writes = batch.len(), "ledger commit failed; retrying");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-            }
+        if let Some(op) = lease_op {
+            writer.lease(op).await;
         }
     }
 }

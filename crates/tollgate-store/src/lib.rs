@@ -18,7 +18,7 @@ use tollgate_core::ledger::{BillingStatus, Hold, Transfer, Wallet};
 use tollgate_core::metering::TokenUsage;
 use tollgate_core::ratelimit::Overrides;
 use tollgate_core::{
-    AccountId, ApiKey, HoldId, KeyEnv, KeyHash, KeyId, KeyKind, KeyStatus, Nanos, RequestId,
+    AccountId, ApiKey, HoldId, KeyEnv, KeyHash, KeyId, KeyKind, KeyStatus, Nanos, NodeId, RequestId,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -276,7 +276,6 @@ pub enum LedgerWrite {
     Usage(Box<UsageRow>),
 }
 
-/// A ledger transfer as stored, for the ledger listing.
 /// A ledger batch's id: the same for every attempt to commit it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct BatchId(ulid::Ulid);
@@ -299,6 +298,7 @@ impl std::fmt::Display for BatchId {
     }
 }
 
+/// A ledger transfer as stored, for the ledger listing.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TransferRecord {
     /// Increasing in commit order; the listing's cursor.
@@ -546,6 +546,66 @@ pub trait ChangeFeed: Send + Sync {
     }
 }
 
+/// A credit carved from a wallet into a node's lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Carve {
+    /// Added to the node's lease: zero when the free balance could not cover what was needed.
+    pub granted: Nanos,
+    /// What no node's lease holds, after the carve.
+    pub free: Nanos,
+}
+
+/// Credit leases, on a store several nodes share. A lease is the part of a wallet's balance one
+/// node may spend without asking the store: its book decides holds against it in memory. The
+/// leases of an account never sum to more than its balance: a lease is carved only from the free
+/// balance, under the wallet's lock, and a node's ledger batches move its lease together with the
+/// balance. See docs/cluster.md.
+#[async_trait]
+pub trait LeaseStore: Send + Sync {
+    /// [`LedgerStore::commit`], where every change the batch makes to a wallet's balance is made
+    /// to `node`'s lease on it too (holds come out of the lease, what they return goes back).
+    /// A batch that would take a lease below zero is refused as [`StoreError::Corrupt`].
+    async fn commit_leased(
+        &self,
+        batch: BatchId,
+        node: NodeId,
+        writes: &[LedgerWrite],
+    ) -> Result<(), StoreError>;
+    /// Gives `give_back` of the node's lease back to the wallet, then carves a lease for a hold
+    /// of `needed` from what is free ([`tollgate_core::ledger::lease_size`]), in one transaction.
+    async fn carve(
+        &self,
+        account: AccountId,
+        node: NodeId,
+        give_back: Nanos,
+        needed: Nanos,
+        at: DateTime<Utc>,
+    ) -> Result<Carve, StoreError>;
+    /// Gives `amount` of the node's lease back to the wallet (at most what the lease holds).
+    async fn return_lease(
+        &self,
+        account: AccountId,
+        node: NodeId,
+        amount: Nanos,
+    ) -> Result<(), StoreError>;
+    /// Marks every lease of the node as renewed at `at` (a heartbeat), and drops its empty ones.
+    async fn renew_leases(&self, node: NodeId, at: DateTime<Utc>) -> Result<(), StoreError>;
+    /// Ends the leases not renewed since `cutoff` (their node stopped): their credit is free
+    /// again. Returns how many.
+    async fn reclaim_leases(&self, cutoff: DateTime<Utc>) -> Result<u64, StoreError>;
+    /// The account's leases by node.
+    async fn leases_of(&self, account: AccountId) -> Result<Vec<(NodeId, Nanos)>, StoreError>;
+}
+
+/// Whether the store is shared by several nodes, and so leases credit to each.
+pub trait Sharing {
+    /// `None`: the store belongs to one node, whose book may spend whole wallets (the embedded
+    /// store).
+    fn leases(&self) -> Option<std::sync::Arc<dyn LeaseStore>> {
+        None
+    }
+}
+
 pub trait Store:
     AccountStore
     + KeyStore
@@ -555,6 +615,7 @@ pub trait Store:
     + AuditStore
     + StoreHealth
     + ChangeFeed
+    + Sharing
 {
 }
 impl<T> Store for T where
@@ -566,5 +627,6 @@ impl<T> Store for T where
         + AuditStore
         + StoreHealth
         + ChangeFeed
+        + Sharing
 {
 }

@@ -14,10 +14,11 @@ use crate::rows::{
     ACCOUNT_SELECT, HOLD_COLUMNS, KEY_COLUMNS, USAGE_COLUMNS,
 };
 use crate::{
-    Account, AccountStore, AuditStore, BatchId, ChangeFeed, HoldRecord, IdempotencyBegin,
+    Account, AccountStore, AuditStore, BatchId, Carve, ChangeFeed, HoldRecord, IdempotencyBegin,
     IdempotencyClaim, IdempotencyStore, InsertKeyOutcome, KeyChange, KeyLookup, KeyRecord,
-    KeyStore, LedgerStore, LedgerWrite, RevokeOutcome, StoreChange, StoreError, StoreHealth,
-    StoredResponse, TransferRecord, UsageBucket, UsageFilter, UsageGroup, UsageRow, UsageStore,
+    KeyStore, LeaseStore, LedgerStore, LedgerWrite, RevokeOutcome, Sharing, StoreChange,
+    StoreError, StoreHealth, StoredResponse, TransferRecord, UsageBucket, UsageFilter, UsageGroup,
+    UsageRow, UsageStore,
 };
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -27,9 +28,10 @@ use std::str::FromStr;
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tollgate_core::audit::AuditEntry;
+use tollgate_core::ledger::lease_size;
 use tollgate_core::ledger::{LedgerAccount, Transfer, TransferKind, Wallet};
 use tollgate_core::ratelimit::Overrides;
-use tollgate_core::{AccountId, HoldId, KeyHash, KeyId, Nanos, RequestId};
+use tollgate_core::{AccountId, HoldId, KeyHash, KeyId, Nanos, NodeId, RequestId};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
@@ -79,6 +81,132 @@ impl PostgresStore {
 
     async fn begin(&self) -> Result<Transaction<'_, Postgres>, StoreError> {
         self.pool.begin().await.map_err(unavailable)
+    }
+
+    /// Commits a ledger batch; with `lease`, every balance change is made to that node's lease
+    /// on the wallet too.
+    async fn commit_batch(
+        &self,
+        batch: BatchId,
+        lease: Option<NodeId>,
+        writes: &[LedgerWrite],
+    ) -> Result<(), StoreError> {
+        let Batch {
+            holds,
+            resolutions,
+            transfers,
+            usage,
+            deltas,
+        } = Batch::plan(writes);
+        let mut tx = self.begin().await?;
+        let first_time = sqlx::query(
+            "INSERT INTO ledger_batches (id, committed_at) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(batch.to_string())
+        .bind(chrono::Utc::now().timestamp_millis())
+        .execute(&mut *tx)
+        .await
+        .map_err(write_failed)?
+        .rows_affected()
+            == 1;
+        if !first_time {
+            // Committed by an earlier attempt whose answer was lost.
+            tx.rollback().await.map_err(write_failed)?;
+            return Ok(());
+        }
+        for chunk in holds.chunks(ROWS_PER_INSERT) {
+            let mut query =
+                sqlx::QueryBuilder::<Postgres>::new(format!("INSERT INTO holds ({HOLD_COLUMNS}) "));
+            query.push_values(chunk, |mut row, (record, state)| {
+                let hold = &record.hold;
+                row.push_bind(hold.id.to_string())
+                    .push_bind(hold.account.to_string())
+                    .push_bind(hold.key.map(|k| k.to_string()))
+                    .push_bind(record.source.as_str())
+                    .push_bind(record.request_id.map(|r| r.to_string()))
+                    .push_bind(hold.amount.0)
+                    .push_bind(state.charged.0)
+                    .push_bind(state.status.as_str())
+                    .push_bind(record.metadata.to_string())
+                    .push_bind(millis(hold.created_at))
+                    .push_bind(millis(hold.expires_at))
+                    .push_bind(state.resolved_at.map(millis));
+            });
+            query
+                .build()
+                .execute(&mut *tx)
+                .await
+                .map_err(write_failed)?;
+        }
+        for hold in resolutions {
+            let changed = sqlx::query(
+                "UPDATE holds SET status = $1, charged_nanos = $2, resolved_at = $3 \
+                 WHERE id = $4 AND status = 'pending'",
+            )
+            .bind(hold.status.as_str())
+            .bind(hold.charged.0)
+            .bind(hold.resolved_at.map(millis))
+            .bind(hold.id.to_string())
+            .execute(&mut *tx)
+            .await
+            .map_err(write_failed)?
+            .rows_affected();
+            if changed != 1 {
+                tx.rollback().await.map_err(write_failed)?;
+                return Err(StoreError::Corrupt(format!(
+                    "hold {} is not pending; it cannot be resolved again",
+                    hold.id
+                )));
+            }
+        }
+        insert_transfers(&mut tx, &transfers).await?;
+        for chunk in usage.chunks(ROWS_PER_INSERT / 2) {
+            let mut query = sqlx::QueryBuilder::<Postgres>::new(format!(
+                "INSERT INTO requests ({USAGE_COLUMNS}) "
+            ));
+            query.push_values(chunk, |out, row| push_usage(out, row));
+            query
+                .build()
+                .execute(&mut *tx)
+                .await
+                .map_err(write_failed)?;
+        }
+        for (account, (available, held)) in deltas {
+            if available == 0 && held == 0 {
+                continue;
+            }
+            sqlx::query(
+                "UPDATE wallets SET balance_nanos = balance_nanos + $1, \
+                 held_nanos = held_nanos + $2 WHERE account_id = $3",
+            )
+            .bind(available)
+            .bind(held)
+            .bind(account.to_string())
+            .execute(&mut *tx)
+            .await
+            .map_err(write_failed)?;
+            if let Some(node) = lease {
+                if let Err(e) = move_lease(&mut tx, account, node, available).await {
+                    let _ = tx.rollback().await;
+                    return Err(e);
+                }
+            }
+        }
+        tx.commit().await.map_err(write_failed)
+    }
+}
+
+/// A write the database refuses by a constraint or a trigger would be refused again: that is
+/// corrupt data (the caller must not retry), not an outage.
+fn write_failed(e: sqlx::Error) -> StoreError {
+    let refused = e
+        .as_database_error()
+        .and_then(|d| d.code())
+        .is_some_and(|code| code.starts_with("23") || code == "P0001");
+    if refused {
+        StoreError::Corrupt(e.to_string())
+    } else {
+        unavailable(e)
     }
 }
 
@@ -137,7 +265,7 @@ async fn insert_transfers(
             .build()
             .execute(&mut **tx)
             .await
-            .map_err(unavailable)?;
+            .map_err(write_failed)?;
     }
     Ok(())
 }
@@ -534,94 +662,7 @@ impl LedgerStore for PostgresStore {
     }
 
     async fn commit(&self, batch: BatchId, writes: &[LedgerWrite]) -> Result<(), StoreError> {
-        let Batch {
-            holds,
-            resolutions,
-            transfers,
-            usage,
-            deltas,
-        } = Batch::plan(writes);
-        let mut tx = self.begin().await?;
-        let first_time = sqlx::query(
-            "INSERT INTO ledger_batches (id, committed_at) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING",
-        )
-        .bind(batch.to_string())
-        .bind(chrono::Utc::now().timestamp_millis())
-        .execute(&mut *tx)
-        .await
-        .map_err(unavailable)?
-        .rows_affected()
-            == 1;
-        if !first_time {
-            // Committed by an earlier attempt whose answer was lost.
-            tx.rollback().await.map_err(unavailable)?;
-            return Ok(());
-        }
-        for chunk in holds.chunks(ROWS_PER_INSERT) {
-            let mut query =
-                sqlx::QueryBuilder::<Postgres>::new(format!("INSERT INTO holds ({HOLD_COLUMNS}) "));
-            query.push_values(chunk, |mut row, (record, state)| {
-                let hold = &record.hold;
-                row.push_bind(hold.id.to_string())
-                    .push_bind(hold.account.to_string())
-                    .push_bind(hold.key.map(|k| k.to_string()))
-                    .push_bind(record.source.as_str())
-                    .push_bind(record.request_id.map(|r| r.to_string()))
-                    .push_bind(hold.amount.0)
-                    .push_bind(state.charged.0)
-                    .push_bind(state.status.as_str())
-                    .push_bind(record.metadata.to_string())
-                    .push_bind(millis(hold.created_at))
-                    .push_bind(millis(hold.expires_at))
-                    .push_bind(state.resolved_at.map(millis));
-            });
-            query.build().execute(&mut *tx).await.map_err(unavailable)?;
-        }
-        for hold in resolutions {
-            let changed = sqlx::query(
-                "UPDATE holds SET status = $1, charged_nanos = $2, resolved_at = $3 \
-                 WHERE id = $4 AND status = 'pending'",
-            )
-            .bind(hold.status.as_str())
-            .bind(hold.charged.0)
-            .bind(hold.resolved_at.map(millis))
-            .bind(hold.id.to_string())
-            .execute(&mut *tx)
-            .await
-            .map_err(unavailable)?
-            .rows_affected();
-            if changed != 1 {
-                tx.rollback().await.map_err(unavailable)?;
-                return Err(StoreError::Corrupt(format!(
-                    "hold {} is not pending; it cannot be resolved again",
-                    hold.id
-                )));
-            }
-        }
-        insert_transfers(&mut tx, &transfers).await?;
-        for chunk in usage.chunks(ROWS_PER_INSERT / 2) {
-            let mut query = sqlx::QueryBuilder::<Postgres>::new(format!(
-                "INSERT INTO requests ({USAGE_COLUMNS}) "
-            ));
-            query.push_values(chunk, |out, row| push_usage(out, row));
-            query.build().execute(&mut *tx).await.map_err(unavailable)?;
-        }
-        for (account, (available, held)) in deltas {
-            if available == 0 && held == 0 {
-                continue;
-            }
-            sqlx::query(
-                "UPDATE wallets SET balance_nanos = balance_nanos + $1, \
-                 held_nanos = held_nanos + $2 WHERE account_id = $3",
-            )
-            .bind(available)
-            .bind(held)
-            .bind(account.to_string())
-            .execute(&mut *tx)
-            .await
-            .map_err(unavailable)?;
-        }
-        tx.commit().await.map_err(unavailable)
+        self.commit_batch(batch, None, writes).await
     }
 
     async fn transfers(
@@ -931,6 +972,217 @@ impl UsageStore for PostgresStore {
 
 /// The channel the database announces key and account changes on (migration 0002).
 const CHANGES_CHANNEL: &str = "tollgate_changes";
+
+impl Sharing for PostgresStore {
+    fn leases(&self) -> Option<std::sync::Arc<dyn LeaseStore>> {
+        Some(std::sync::Arc::new(self.clone()))
+    }
+}
+
+#[async_trait]
+impl LeaseStore for PostgresStore {
+    async fn commit_leased(
+        &self,
+        batch: BatchId,
+        node: NodeId,
+        writes: &[LedgerWrite],
+    ) -> Result<(), StoreError> {
+        self.commit_batch(batch, Some(node), writes).await
+    }
+
+    async fn carve(
+        &self,
+        account: AccountId,
+        node: NodeId,
+        give_back: Nanos,
+        needed: Nanos,
+        at: DateTime<Utc>,
+    ) -> Result<Carve, StoreError> {
+        let mut tx = self.begin().await?;
+        match carve_in(&mut tx, account, node, give_back, needed, at).await {
+            Ok(carve) => {
+                tx.commit().await.map_err(write_failed)?;
+                Ok(carve)
+            }
+            Err(e) => {
+                // Explicitly, so the wallet's lock is not kept until the connection's next use.
+                let _ = tx.rollback().await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn return_lease(
+        &self,
+        account: AccountId,
+        node: NodeId,
+        amount: Nanos,
+    ) -> Result<(), StoreError> {
+        // At most what the lease holds: a lease the other nodes reclaimed while this node was
+        // cut off from the database has nothing left to give back.
+        sqlx::query(
+            "UPDATE wallet_leases SET amount_nanos = GREATEST(amount_nanos - $1, 0) \
+             WHERE account_id = $2 AND node_id = $3",
+        )
+        .bind(amount.0)
+        .bind(account.to_string())
+        .bind(node.to_string())
+        .execute(&self.pool)
+        .await
+        .map_err(write_failed)?;
+        Ok(())
+    }
+
+    async fn renew_leases(&self, node: NodeId, at: DateTime<Utc>) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM wallet_leases WHERE node_id = $1 AND amount_nanos = 0")
+            .bind(node.to_string())
+            .execute(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        sqlx::query("UPDATE wallet_leases SET renewed_at = $1 WHERE node_id = $2")
+            .bind(millis(at))
+            .bind(node.to_string())
+            .execute(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn reclaim_leases(&self, cutoff: DateTime<Utc>) -> Result<u64, StoreError> {
+        Ok(
+            sqlx::query("DELETE FROM wallet_leases WHERE renewed_at < $1")
+                .bind(millis(cutoff))
+                .execute(&self.pool)
+                .await
+                .map_err(unavailable)?
+                .rows_affected(),
+        )
+    }
+
+    async fn leases_of(&self, account: AccountId) -> Result<Vec<(NodeId, Nanos)>, StoreError> {
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT node_id, amount_nanos FROM wallet_leases WHERE account_id = $1 ORDER BY node_id",
+        )
+        .bind(account.to_string())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        rows.into_iter()
+            .map(|(node, amount)| Ok((parse_id("lease node", &node)?, Nanos(amount))))
+            .collect()
+    }
+}
+
+/// The carve's statements, in the caller's transaction.
+async fn carve_in(
+    tx: &mut Transaction<'_, Postgres>,
+    account: AccountId,
+    node: NodeId,
+    give_back: Nanos,
+    needed: Nanos,
+    at: DateTime<Utc>,
+) -> Result<Carve, StoreError> {
+    // The wallet's lock makes carves of one account take turns, and waits for any ledger
+    // batch moving its balance: the free balance read below stays true until commit.
+    let balance: Option<i64> =
+        sqlx::query_scalar("SELECT balance_nanos FROM wallets WHERE account_id = $1 FOR UPDATE")
+            .bind(account.to_string())
+            .fetch_optional(&mut **tx)
+            .await
+            .map_err(unavailable)?;
+    let Some(balance) = balance else {
+        return Err(StoreError::Corrupt(format!(
+            "account {account} has no wallet"
+        )));
+    };
+    if give_back > Nanos::ZERO {
+        give_back_lease(tx, account, node, give_back).await?;
+    }
+    let leased: i64 = sqlx::query_scalar(
+        "SELECT COALESCE(SUM(amount_nanos), 0)::BIGINT FROM wallet_leases WHERE account_id = $1",
+    )
+    .bind(account.to_string())
+    .fetch_one(&mut **tx)
+    .await
+    .map_err(unavailable)?;
+    let free = Nanos(balance - leased);
+    let granted = lease_size(free, needed).unwrap_or(Nanos::ZERO);
+    if granted > Nanos::ZERO {
+        sqlx::query(
+            "INSERT INTO wallet_leases (account_id, node_id, amount_nanos, renewed_at) \
+                 VALUES ($1, $2, $3, $4) ON CONFLICT (account_id, node_id) \
+                 DO UPDATE SET amount_nanos = wallet_leases.amount_nanos + EXCLUDED.amount_nanos, \
+                 renewed_at = EXCLUDED.renewed_at",
+        )
+        .bind(account.to_string())
+        .bind(node.to_string())
+        .bind(granted.0)
+        .bind(millis(at))
+        .execute(&mut **tx)
+        .await
+        .map_err(write_failed)?;
+    }
+    Ok(Carve {
+        granted,
+        free: Nanos(free.0 - granted.0),
+    })
+}
+
+/// Moves the node's lease on the account by `delta`, as its batch moved the balance. What comes
+/// back to a lease the node no longer has (reclaimed, or given back) starts a new one.
+async fn move_lease(
+    tx: &mut Transaction<'_, Postgres>,
+    account: AccountId,
+    node: NodeId,
+    delta: i64,
+) -> Result<(), StoreError> {
+    if delta > 0 {
+        sqlx::query(
+            "INSERT INTO wallet_leases (account_id, node_id, amount_nanos, renewed_at) \
+             VALUES ($1, $2, $3, $4) ON CONFLICT (account_id, node_id) \
+             DO UPDATE SET amount_nanos = wallet_leases.amount_nanos + EXCLUDED.amount_nanos",
+        )
+        .bind(account.to_string())
+        .bind(node.to_string())
+        .bind(delta)
+        .bind(chrono::Utc::now().timestamp_millis())
+        .execute(&mut **tx)
+        .await
+        .map_err(write_failed)?;
+        Ok(())
+    } else if delta < 0 {
+        give_back_lease(tx, account, node, Nanos(-delta)).await
+    } else {
+        Ok(())
+    }
+}
+
+/// Takes `amount` off the node's lease on the account (refused if the lease is smaller).
+async fn give_back_lease(
+    tx: &mut Transaction<'_, Postgres>,
+    account: AccountId,
+    node: NodeId,
+    amount: Nanos,
+) -> Result<(), StoreError> {
+    let changed = sqlx::query(
+        "UPDATE wallet_leases SET amount_nanos = amount_nanos - $1 \
+         WHERE account_id = $2 AND node_id = $3",
+    )
+    .bind(amount.0)
+    .bind(account.to_string())
+    .bind(node.to_string())
+    .execute(&mut **tx)
+    .await
+    .map_err(write_failed)?
+    .rows_affected();
+    if changed == 1 {
+        Ok(())
+    } else {
+        Err(StoreError::Corrupt(format!(
+            "node {node} has no lease on account {account} to give back"
+        )))
+    }
+}
 
 #[async_trait]
 impl ChangeFeed for PostgresStore {

@@ -9,8 +9,8 @@ use crate::rows::{
 use crate::{
     Account, AccountStore, AuditStore, BatchId, ChangeFeed, HoldRecord, IdempotencyBegin,
     IdempotencyClaim, IdempotencyStore, InsertKeyOutcome, KeyChange, KeyLookup, KeyRecord,
-    KeyStore, LedgerStore, LedgerWrite, RevokeOutcome, StoreError, StoreHealth, StoredResponse,
-    TransferRecord, UsageBucket, UsageFilter, UsageGroup, UsageRow, UsageStore,
+    KeyStore, LedgerStore, LedgerWrite, RevokeOutcome, Sharing, StoreError, StoreHealth,
+    StoredResponse, TransferRecord, UsageBucket, UsageFilter, UsageGroup, UsageRow, UsageStore,
 };
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -942,6 +942,8 @@ impl UsageStore for SqliteStore {
 
 /// The embedded store belongs to one node, which invalidates its own caches.
 impl ChangeFeed for SqliteStore {}
+
+impl Sharing for SqliteStore {}
 
 #[async_trait]
 impl StoreHealth for SqliteStore {

@@ -1123,3 +1123,174 @@ async fn postgres_announces_key_and_account_changes_to_every_listener() {
     assert_eq!(next_change(&mut changes).await, StoreChange::Key(usage.id));
     assert!(changes.try_recv().is_err(), "nothing else was announced");
 }
+
+async fn postgres_leases() -> Option<(
+    Arc<dyn Store>,
+    Arc<dyn tollgate_store::LeaseStore>,
+    TestSchema,
+)> {
+    let (store, schema) = postgres_store().await?;
+    let leases = store.leases().expect("a shared store leases credit");
+    Some((store, leases, schema))
+}
+
+/// Nodes racing to carve one wallet never lease more than its balance, and carve every last
+/// hold's worth of it.
+#[tokio::test]
+async fn postgres_concurrent_carves_never_lease_more_than_the_balance() {
+    use tollgate_core::NodeId;
+    let Some((store, leases, _schema)) = postgres_leases().await else {
+        return;
+    };
+    let (account, _, _) = new_account(&*store, Nanos(1_000)).await;
+    let nodes = [NodeId::new(), NodeId::new(), NodeId::new()];
+    let mut carves = tokio::task::JoinSet::new();
+    for i in 0..60 {
+        let leases = leases.clone();
+        let node = nodes[i % 3];
+        carves.spawn(async move {
+            leases
+                .carve(account, node, Nanos::ZERO, Nanos(10), Utc::now())
+                .await
+                .unwrap()
+        });
+    }
+    let carved = carves.join_all().await;
+    let granted: i64 = carved.iter().map(|c| c.granted.0).sum();
+    let leased: i64 = leases
+        .leases_of(account)
+        .await
+        .unwrap()
+        .iter()
+        .map(|(_, amount)| amount.0)
+        .sum();
+    assert_eq!(granted, leased);
+    assert!(leased <= 1_000, "leased {leased} of 1000");
+    // Demand (60 × 10) exceeds the balance: only less than one hold's worth stays free.
+    assert!(1_000 - leased < 10, "leased {leased} of 1000");
+    assert!(carved.iter().all(|c| c.granted.0 == 0 || c.granted.0 >= 10));
+    // Leases are not ledger entries: the balance is the customer's, whoever leases it.
+    assert_eq!(
+        store.wallet(account).await.unwrap().unwrap().available,
+        Nanos(1_000)
+    );
+}
+
+/// A node's batches move its lease with the balance; a batch that would overdraw its lease
+/// is refused whole; give-backs free credit; a lease not renewed is reclaimed.
+#[tokio::test]
+async fn postgres_a_nodes_batches_move_its_lease_and_never_overdraw_it() {
+    use tollgate_core::NodeId;
+    let Some((store, leases, _schema)) = postgres_leases().await else {
+        return;
+    };
+    let (account, _, master) = new_account(&*store, Nanos(800)).await;
+    let node = NodeId::new();
+    let lease_of = |leases: Arc<dyn tollgate_store::LeaseStore>| async move {
+        leases.leases_of(account).await.unwrap()
+    };
+    let carve = leases
+        .carve(account, node, Nanos::ZERO, Nanos(60), at(0))
+        .await
+        .unwrap();
+    // An eighth of what is free (100) in whole holds: one.
+    assert_eq!(
+        carve,
+        tollgate_store::Carve {
+            granted: Nanos(60),
+            free: Nanos(740)
+        }
+    );
+
+    let mut book = Book::new();
+    book.load_wallet(account, Wallet::default());
+    book.load_key_spend(master.id, at(0), Nanos::ZERO);
+    book.add_lease(account, carve.granted);
+    let open = open_hold(&mut book, account, master.id, 60, 1);
+    let settle = resolve(&mut book, &open, Resolve::Settle(Nanos(25)), 2);
+    leases
+        .commit_leased(BatchId::new(), node, &[open])
+        .await
+        .unwrap();
+    assert_eq!(lease_of(leases.clone()).await, vec![(node, Nanos(0))]);
+    leases
+        .commit_leased(BatchId::new(), node, &[settle])
+        .await
+        .unwrap();
+    // 35 of the 60 held came back to the lease; the balance lost the 25 charged.
+    assert_eq!(lease_of(leases.clone()).await, vec![(node, Nanos(35))]);
+    assert_eq!(
+        store.wallet(account).await.unwrap().unwrap().available,
+        Nanos(775)
+    );
+
+    // A book that spends more than its lease (35) is refused, and nothing of it is applied.
+    let mut rogue = Book::new();
+    rogue.load_wallet(account, Wallet::default());
+    rogue.load_key_spend(master.id, at(0), Nanos::ZERO);
+    rogue.add_lease(account, Nanos(500));
+    let overdraw = open_hold(&mut rogue, account, master.id, 80, 3);
+    assert!(matches!(
+        leases
+            .commit_leased(BatchId::new(), node, &[overdraw])
+            .await,
+        Err(tollgate_store::StoreError::Corrupt(_))
+    ));
+    assert_eq!(lease_of(leases.clone()).await, vec![(node, Nanos(35))]);
+
+    // Giving back, then carving for a hold larger than an eighth of what is free.
+    let carve = leases
+        .carve(account, node, Nanos(35), Nanos(200), at(4))
+        .await
+        .unwrap();
+    assert_eq!(
+        carve,
+        tollgate_store::Carve {
+            granted: Nanos(200),
+            free: Nanos(575)
+        }
+    );
+    leases
+        .return_lease(account, node, Nanos(150))
+        .await
+        .unwrap();
+    assert_eq!(lease_of(leases.clone()).await, vec![(node, Nanos(50))]);
+    // Asking for more than is free grants nothing but still gives back.
+    let carve = leases
+        .carve(account, node, Nanos(50), Nanos(10_000), at(5))
+        .await
+        .unwrap();
+    assert_eq!(
+        carve,
+        tollgate_store::Carve {
+            granted: Nanos::ZERO,
+            free: Nanos(775)
+        }
+    );
+
+    // Renewal drops empty leases and keeps the rest from being reclaimed.
+    leases
+        .carve(account, node, Nanos::ZERO, Nanos(1), at(6))
+        .await
+        .unwrap();
+    let other = NodeId::new();
+    leases
+        .carve(account, other, Nanos::ZERO, Nanos(1), at(6))
+        .await
+        .unwrap();
+    leases.renew_leases(node, at(10_000)).await.unwrap();
+    assert_eq!(
+        leases.reclaim_leases(at(5_000)).await.unwrap(),
+        1,
+        "the other node's"
+    );
+    let left = lease_of(leases.clone()).await;
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].0, node);
+    assert_books_balance_only(&*store).await;
+}
+
+async fn assert_books_balance_only(store: &dyn Store) {
+    let trial = store.trial_balance().await.unwrap();
+    assert_eq!(trial.iter().map(|(_, n)| n).sum::<i64>(), 0, "{trial:?}");
+}

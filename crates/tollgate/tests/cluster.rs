@@ -1,6 +1,7 @@
 //! Several `tollgate serve` nodes on one PostgreSQL and one Redis, the client spreading its
-//! requests across them: a key revoked through one node is refused by the others within the
-//! documented bound, and a per-key rate limit holds across the cluster.
+//! requests across them: a hot wallet is spent exactly (credit leases), a key revoked through
+//! one node is refused by the others within the documented bound, a per-key rate limit holds
+//! across the cluster, and faults (PostgreSQL gone, a node killed) cost nothing.
 //!
 //! Each test has a PostgreSQL schema of its own. Without PostgreSQL or Redis they skip; under
 //! `CI=true` they fail.
@@ -44,7 +45,7 @@ struct Cluster {
     http: reqwest::Client,
     _mock: tollgate_mock::MockUpstream,
     _dir: tempfile::TempDir,
-    _schema: TestSchema,
+    schema: TestSchema,
 }
 
 impl Cluster {
@@ -79,7 +80,7 @@ impl Cluster {
             http: reqwest::Client::new(),
             _mock: mock,
             _dir: dir,
-            _schema: schema,
+            schema,
         })
     }
 
@@ -111,6 +112,128 @@ impl Cluster {
             .await
             .unwrap()
     }
+}
+
+/// One account, three nodes, every call at once: each node carves leases from the same wallet,
+/// shrinking to exact holds as it runs low, so exactly the calls the balance covers succeed.
+#[tokio::test]
+async fn a_thousand_concurrent_paid_calls_spend_a_balance_for_300_exactly() {
+    const CALLS: usize = 1000;
+    const COVERED: usize = 300;
+    let Some(cluster) = Cluster::start("[load_shedding]\nenabled = false\n").await else {
+        return;
+    };
+    let created = send_json(
+        cluster
+            .http
+            .post(format!("{}/api/v1/accounts", cluster.url(0)))
+            .bearer_auth(ADMIN)
+            .json(&json!({"name": "hot", "starter_credits": "0.3"})),
+    )
+    .await;
+    let account = created["account"]["id"].as_str().unwrap().to_string();
+    let master = created["master_key"]["secret"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let calls = (0..CALLS).map(|i| {
+        let request = cluster
+            .http
+            .get(format!("{}/echo/x", cluster.url(i)))
+            .bearer_auth(&master)
+            .send();
+        async move {
+            let response = request.await.unwrap();
+            let status = response.status().as_u16();
+            let body: Value = response.json().await.unwrap_or(Value::Null);
+            (status, body["error"]["code"].as_str().map(str::to_string))
+        }
+    });
+    let answers = futures_util::future::join_all(calls).await;
+    let succeeded = answers.iter().filter(|(status, _)| *status == 200).count();
+    let refused = answers
+        .iter()
+        .filter(|(status, code)| *status == 402 && code.as_deref() == Some("insufficient_balance"))
+        .count();
+    assert_eq!(
+        (succeeded, refused),
+        (COVERED, CALLS - COVERED),
+        "every other answer: {:?}",
+        answers
+            .iter()
+            .filter(|(status, _)| *status != 200 && *status != 402)
+            .collect::<Vec<_>>()
+    );
+
+    let balance = format!(
+        "{}/api/v1/billing/balance?account_id={account}",
+        cluster.url(1)
+    );
+    // A node's read waits for its own writes; the other nodes' last settles may still be in
+    // their writers' queues for a moment.
+    let read_at = Instant::now();
+    loop {
+        let wallet: Value = send_json(cluster.http.get(&balance).bearer_auth(ADMIN)).await;
+        if wallet["available"]["nanos"] == 0 && wallet["held"]["nanos"] == 0 {
+            break;
+        }
+        assert!(read_at.elapsed() < Duration::from_secs(5), "{wallet}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The ledger balances, and the account's cached balance is the one it rebuilds.
+    let store = tollgate_store::postgres::PostgresStore::open(cluster.schema.url())
+        .await
+        .unwrap();
+    use tollgate_store::LedgerStore;
+    let trial = store.trial_balance().await.unwrap();
+    assert_eq!(trial.iter().map(|(_, n)| n).sum::<i64>(), 0, "{trial:?}");
+    let id = account.parse().unwrap();
+    assert_eq!(store.ledger_balance(id).await.unwrap().0, 0);
+    let revenue = trial
+        .iter()
+        .find(|(name, _)| name == "revenue")
+        .map(|(_, n)| *n);
+    assert_eq!(revenue, Some(COVERED as i64 * 1_000_000));
+}
+
+/// A billing-API hold belongs to the store, not to the node that opened it: any node settles it,
+/// once, and what it did not charge goes back to the wallet.
+#[tokio::test]
+async fn a_hold_opened_through_one_node_is_settled_through_another_exactly_once() {
+    let Some(cluster) = Cluster::start("").await else {
+        return;
+    };
+    let (account, master) = create_account(&cluster.http, cluster.url(0), ADMIN, "holds").await;
+    let hold: Value = send_json(
+        cluster
+            .http
+            .post(format!("{}/api/v1/holds", cluster.url(0)))
+            .bearer_auth(&master)
+            .json(&json!({"amount": "1"})),
+    )
+    .await;
+    let id = hold["id"].as_str().unwrap();
+    let settle = |node: usize, amount: &str| {
+        cluster
+            .http
+            .post(format!("{}/api/v1/holds/{id}/settle", cluster.url(node)))
+            .bearer_auth(&master)
+            .json(&json!({"amount": amount}))
+    };
+    let settled: Value = send_json(settle(1, "0.25")).await;
+    assert_eq!(settled["status"], "settled", "{settled}");
+    assert_eq!(settled["charged"]["nanos"], 250_000_000);
+    // Again through the third node: the first outcome stands.
+    let again: Value = send_json(settle(2, "0.5")).await;
+    assert_eq!(again["charged"]["nanos"], 250_000_000, "{again}");
+
+    let balance = format!(
+        "{}/api/v1/billing/balance?account_id={account}",
+        cluster.url(2)
+    );
+    let wallet: Value = send_json(cluster.http.get(&balance).bearer_auth(ADMIN)).await;
+    assert_eq!(wallet["available"]["nanos"], 9_750_000_000_i64, "{wallet}");
+    assert_eq!(wallet["held"]["nanos"], 0, "{wallet}");
 }
 
 #[tokio::test]

@@ -480,6 +480,12 @@ impl ChangeFeed for CountingStore {
     }
 }
 
+impl tollgate_store::Sharing for CountingStore {
+    fn leases(&self) -> Option<Arc<dyn tollgate_store::LeaseStore>> {
+        self.inner.leases()
+    }
+}
+
 #[async_trait::async_trait]
 impl StoreHealth for CountingStore {
     async fn ping(&self) -> Result<(), StoreError> {
