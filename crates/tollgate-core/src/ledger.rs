@@ -259,7 +259,7 @@ impl KeySpend {
 }
 
 /// What a new hold is for.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Copy)]
 pub struct HoldRequest {
     pub id: HoldId,
     pub account: AccountId,

@@ -120,6 +120,26 @@ impl From<StoreError> for HoldRefused {
     }
 }
 
+impl From<Refusal> for HoldRefused {
+    fn from(refusal: Refusal) -> Self {
+        match refusal {
+            Refusal::InsufficientBalance {
+                required,
+                available,
+            } => HoldRefused::InsufficientBalance {
+                required,
+                available,
+            },
+            Refusal::KeyCapReached { cap, spent, held } => {
+                HoldRefused::KeyCapReached { cap, spent, held }
+            }
+            Refusal::NotLoaded | Refusal::Overflow => {
+                HoldRefused::Store(StoreError::Corrupt(refusal.to_string()))
+            }
+        }
+    }
+}
+
 /// What a new hold is for.
 pub struct HoldSpec {
     pub account: AccountId,
@@ -166,11 +186,6 @@ impl Ledger {
             batch_size,
             write_lag,
         })
-    }
-
-    /// This node's id on a shared store.
-    pub fn node(&self) -> Option<NodeId> {
-        self.leasing.as_ref().map(|l| l.node)
     }
 
     fn book(&self) -> MutexGuard<'_, Book> {
@@ -252,7 +267,7 @@ impl Ledger {
         loop {
             let carved = {
                 let mut book = self.book();
-                match book.open(request.clone()) {
+                match book.open(request) {
                     Ok((hold, transfer)) => {
                         let record = HoldRecord {
                             hold: hold.clone(),
@@ -294,7 +309,7 @@ impl Ledger {
                             available: free,
                         });
                     }
-                    Err(refusal) => return Err(refused(refusal)),
+                    Err(refusal) => return Err(refusal.into()),
                 }
             };
             last_carve =
@@ -525,24 +540,6 @@ impl Ledger {
         match self.clock.now().checked_sub_signed(expiry) {
             Some(cutoff) => leasing.leases.reclaim_leases(cutoff).await,
             None => Ok(0),
-        }
-    }
-}
-
-fn refused(refusal: Refusal) -> HoldRefused {
-    match refusal {
-        Refusal::InsufficientBalance {
-            required,
-            available,
-        } => HoldRefused::InsufficientBalance {
-            required,
-            available,
-        },
-        Refusal::KeyCapReached { cap, spent, held } => {
-            HoldRefused::KeyCapReached { cap, spent, held }
-        }
-        Refusal::NotLoaded | Refusal::Overflow => {
-            HoldRefused::Store(StoreError::Corrupt(refusal.to_string()))
         }
     }
 }
