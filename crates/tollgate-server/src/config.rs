@@ -191,6 +191,8 @@ pub struct RawBilling {
     pub sweep_interval: String,
     /// How long usage rows are kept.
     pub usage_retention: String,
+    /// Whether each data-plane request leaves a usage row (charges are in the ledger either way).
+    pub usage_log: bool,
 }
 
 impl Default for RawBilling {
@@ -202,6 +204,7 @@ impl Default for RawBilling {
             request_hold_ttl: "15m".into(),
             sweep_interval: "1s".into(),
             usage_retention: "90days".into(),
+            usage_log: true,
         }
     }
 }
@@ -302,6 +305,9 @@ pub struct RawRoute {
     pub prefix: String,
     pub upstream: String,
     pub group: String,
+    /// `key` (every call needs an API key) or `none` (a public, unpriced route).
+    #[serde(default)]
+    pub auth: RouteAuth,
     #[serde(default)]
     pub error_profile: ErrorProfile,
     /// `http` (any API), or `openai` / `anthropic` for LLM routes priced per model.
@@ -360,6 +366,7 @@ impl Default for RawRoute {
             prefix: String::new(),
             upstream: String::new(),
             group: String::new(),
+            auth: RouteAuth::default(),
             error_profile: ErrorProfile::default(),
             kind: RouteKind::default(),
             price: zero(),
@@ -392,6 +399,17 @@ fn default_drain_timeout() -> String {
 }
 fn default_drain_max_bytes() -> u64 {
     1024 * 1024
+}
+
+/// Who may call a route.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RouteAuth {
+    /// An API key whose scopes include the route's group; the call is limited and billed.
+    #[default]
+    Key,
+    /// Anyone: no key is read, nothing is billed or logged; only `ip` policies apply.
+    None,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -596,6 +614,7 @@ pub struct Config {
     pub request_hold_ttl: Duration,
     pub sweep_interval: Duration,
     pub usage_retention: Duration,
+    pub usage_log: bool,
     pub key_env: KeyEnv,
     pub max_keys_per_account: u32,
     /// `None` when load shedding is off.
@@ -637,6 +656,7 @@ pub struct RouteConfig {
     /// Normalised: no trailing `/`.
     pub upstream: Uri,
     pub group: String,
+    pub auth: RouteAuth,
     pub error_profile: ErrorProfile,
     pub pricing: Pricing,
     pub connect_timeout: Duration,
@@ -893,6 +913,7 @@ impl Config {
                 request_hold_ttl,
                 sweep_interval,
                 usage_retention,
+                usage_log: raw.billing.usage_log,
                 key_env: raw.keys.env,
                 max_keys_per_account: raw.keys.max_per_account,
                 load_shedding,
@@ -1004,6 +1025,23 @@ fn validate_route(raw: &RawRoute, at: &str, p: &mut Problems) -> Option<RouteCon
             );
         }
     }
+    if raw.auth == RouteAuth::None {
+        let priced = pricing.as_ref().is_some_and(|pricing| {
+            pricing.flat > Nanos::ZERO || pricing.per_unit.is_some() || pricing.llm.is_some()
+        });
+        if priced {
+            p.push(
+                &format!("{at}.auth"),
+                "a route with auth = \"none\" has no account to charge: it cannot have a price, a unit price or models",
+            );
+        }
+        if !rate_limits.is_empty() {
+            p.push(
+                &format!("{at}.auth"),
+                "a route with auth = \"none\" has no key or account to limit: use a global ip policy instead of route rate_limits",
+            );
+        }
+    }
     if p.len() > before {
         return None;
     }
@@ -1011,6 +1049,7 @@ fn validate_route(raw: &RawRoute, at: &str, p: &mut Problems) -> Option<RouteCon
         prefix,
         upstream: upstream?,
         group: raw.group.clone(),
+        auth: raw.auth,
         error_profile: raw.error_profile,
         pricing: pricing?,
         connect_timeout: connect_timeout?,
@@ -1362,6 +1401,39 @@ mod tests {
             Ok(_) => "ok".into(),
             Err(e) => e.to_string(),
         }
+    }
+
+    #[test]
+    fn a_public_route_cannot_be_priced_or_carry_key_policies() {
+        let text = problems(
+            r#"
+            [[routes]]
+            prefix = "/public"
+            upstream = "http://127.0.0.1:9/echo"
+            group = "public"
+            auth = "none"
+            price = "0.001"
+            rate_limits = [{ name = "r", scope = "key", limit = 1, window = "1s" }]
+            "#,
+        );
+        assert!(
+            text.contains("routes[0].auth: a route with auth = \"none\" has no account to charge"),
+            "{text}"
+        );
+        assert!(
+            text.contains("use a global ip policy instead of route rate_limits"),
+            "{text}"
+        );
+        let free = problems(
+            r#"
+            [[routes]]
+            prefix = "/public"
+            upstream = "http://127.0.0.1:9/echo"
+            group = "public"
+            auth = "none"
+            "#,
+        );
+        assert_eq!(free, "ok");
     }
 
     #[test]

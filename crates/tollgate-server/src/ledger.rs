@@ -336,13 +336,13 @@ impl Ledger {
         Some(resolution)
     }
 
-    /// Ends a data-plane request: resolves its hold (if any) and records its usage row, built
-    /// from the resolution. Both are committed in the same transaction, so the store never
-    /// holds a charge without its row.
+    /// Ends a data-plane request: resolves its hold (if any) and records its usage row (unless
+    /// the usage log is off), built from the resolution. Both are committed in the same
+    /// transaction, so the store never holds a charge without its row.
     pub fn finish_request(
         &self,
         hold: Option<(HoldId, Resolve)>,
-        row: impl FnOnce(Option<&Resolution>) -> UsageRow,
+        row: impl FnOnce(Option<&Resolution>) -> Option<UsageRow>,
     ) {
         let mut book = self.book();
         let resolution = hold.and_then(|(id, how)| book.resolve(id, how, self.clock.now()));
@@ -350,8 +350,12 @@ impl Ledger {
         if let Some(resolution) = resolution.as_ref().filter(|r| r.first) {
             writes.push(resolve_write(resolution));
         }
-        writes.push(LedgerWrite::Usage(Box::new(row(resolution.as_ref()))));
-        self.enqueue(&book, writes);
+        if let Some(row) = row(resolution.as_ref()) {
+            writes.push(LedgerWrite::Usage(Box::new(row)));
+        }
+        if !writes.is_empty() {
+            self.enqueue(&book, writes);
+        }
     }
 
     /// Resolves a hold and waits until the outcome is stored. A hold the book has forgotten

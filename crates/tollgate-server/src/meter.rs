@@ -60,6 +60,7 @@ struct Open {
     started: Instant,
     hold: Option<Hold>,
     row: UsageRow,
+    log_usage: bool,
     reservation: Option<Reservation>,
 }
 
@@ -105,14 +106,21 @@ impl Reservation {
 pub struct Billing(Option<Open>);
 
 impl Billing {
-    /// `row` is filled in as far as is known at authentication; the outcome completes it.
-    pub fn new(ledger: Arc<Ledger>, clock: Arc<dyn Clock>, row: UsageRow) -> Billing {
+    /// `row` is filled in as far as is known at authentication; the outcome completes it. It is
+    /// stored only when `log_usage` (the `usage_log` setting) is on.
+    pub fn new(
+        ledger: Arc<Ledger>,
+        clock: Arc<dyn Clock>,
+        row: UsageRow,
+        log_usage: bool,
+    ) -> Billing {
         Billing(Some(Open {
             ledger,
             clock,
             started: Instant::now(),
             hold: None,
             row,
+            log_usage,
             reservation: None,
         }))
     }
@@ -166,6 +174,7 @@ impl Open {
             started,
             hold,
             mut row,
+            log_usage,
             reservation,
         } = self;
         let tokens = outcome
@@ -201,7 +210,7 @@ impl Open {
             row.error_code = outcome.error_code;
             row.latency_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
             row.completed_at = clock.now();
-            row
+            log_usage.then_some(row)
         });
         if let Some(reservation) = reservation {
             reservation.correct(tokens, charged);

@@ -6,7 +6,7 @@
 //! Tollgate originates use the envelope.
 
 use crate::auth::{authenticate_key, client_ip, presented_secret};
-use crate::config::{HoldRule, RouteConfig};
+use crate::config::{HoldRule, RouteAuth, RouteConfig};
 use crate::edge::{ClientRequestId, RequestIdHeader, ANTHROPIC_REQUEST_ID};
 use crate::error::HttpError;
 use crate::ledger::{HoldRefused, HoldSpec};
@@ -21,6 +21,7 @@ use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use http_body_util::BodyExt;
 use http_body_util::{LengthLimitError, Limited};
+use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -109,7 +110,11 @@ pub async fn proxy(State(state): State<AppState>, request: Request) -> Response 
     // Set once the caller is known; every error from then on releases its hold and is logged.
     let mut billing: Option<Billing> = None;
     let mut timings = Timings::default();
-    let mut response = match forward(&state, route, request, &mut billing, &mut timings).await {
+    let forwarded = match route.config.auth {
+        RouteAuth::Key => forward(&state, route, request, &mut billing, &mut timings).await,
+        RouteAuth::None => forward_public(&state, route, request, &mut timings).await,
+    };
+    let mut response = match forwarded {
         Ok(response) => response,
         Err(error) => {
             if let Some(billing) = billing.take() {
@@ -181,6 +186,7 @@ async fn forward(
         state.ledger.clone(),
         state.clock.clone(),
         usage_row(&request, &key, &route.config.prefix, now),
+        state.config.usage_log,
     ));
     // The limits layer gives every request a slot; until the limits are decided below, an error
     // shows where the caller stands without consuming anything.
@@ -285,74 +291,9 @@ async fn forward(
         }
     }
 
-    let rest = parts
-        .uri
-        .path()
-        .strip_prefix(route.config.prefix.as_str())
-        .unwrap_or_default();
-    let uri = upstream_uri(&route.config.upstream, rest, parts.uri.query())?;
-    let mut upstream_request = http::Request::builder()
-        .method(parts.method)
-        .uri(uri)
-        .body(Limited::new(body, body_limit))
-        .map_err(|e| {
-            HttpError::new(
-                ErrorCode::BadRequest,
-                format!("Cannot forward this request: {e}."),
-            )
-        })?;
-    let headers = upstream_request.headers_mut();
-    *headers = forwardable_request_headers(&parts.headers);
-    if let Some(llm) = &llm {
-        // The body may have been rewritten (stream usage requested), so its length is ours.
-        headers.insert(
-            http::header::CONTENT_LENGTH,
-            HeaderValue::from(llm.body.len()),
-        );
-    }
-    if let Some(RequestIdHeader(id)) = parts.extensions.get::<RequestIdHeader>() {
-        headers.insert(state.config.request_id_header.clone(), id.clone());
-    }
-    if let Some(ConnectInfo(peer)) = parts.extensions.get::<ConnectInfo<SocketAddr>>() {
-        append_forwarded_for(headers, *peer);
-    }
-    for (name, value) in &route.config.upstream_headers {
-        headers.insert(name.clone(), value.clone());
-    }
-
-    let forwarded = std::time::Instant::now();
-    let answered =
-        tokio::time::timeout(route.config.timeout, route.client.request(upstream_request)).await;
-    state
-        .metrics
-        .upstream(&route.config.prefix, forwarded.elapsed());
-    timings.since("upstream", forwarded);
-    let response = match answered {
-        Err(_elapsed) => {
-            return Err(HttpError::new(
-                ErrorCode::UpstreamTimeout,
-                format!(
-                    "The upstream did not answer within {} ms. Nothing was charged.",
-                    route.config.timeout.as_millis()
-                ),
-            ))
-        }
-        Ok(Err(e)) if caused_by_body_limit(&e) => return Err(payload_too_large(limit)),
-        Ok(Err(e)) => {
-            tracing::warn!(error = %e, upstream = %route.config.upstream, "upstream request failed");
-            let reason = if e.is_connect() {
-                "could not be reached"
-            } else {
-                "broke the connection"
-            };
-            return Err(HttpError::new(
-                ErrorCode::UpstreamError,
-                format!("The upstream {reason}. Nothing was charged; retry shortly."),
-            ));
-        }
-        Ok(Ok(response)) => response,
-    };
-
+    // The body may have been rewritten (stream usage requested), so its length is ours.
+    let length = llm.as_ref().map(|llm| llm.body.len());
+    let response = send_upstream(state, route, parts, body, length, timings).await?;
     let (mut parts, body) = response.into_parts();
     parts.headers = passable_response_headers(&parts.headers, &state.config.request_id_header);
     let status = parts.status.as_u16();
@@ -375,6 +316,107 @@ async fn forward(
         parts,
         Body::new(MeteredBody::new(body, metering)),
     ))
+}
+
+/// A route with `auth = "none"`: straight to the upstream, with no key, limit, hold or usage row.
+async fn forward_public(
+    state: &AppState,
+    route: &Route,
+    request: Request,
+    timings: &mut Timings,
+) -> Result<Response, HttpError> {
+    let limit = state.config.max_body_bytes;
+    let declared = request
+        .headers()
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > limit) {
+        return Err(payload_too_large(limit));
+    }
+    let (parts, body) = request.into_parts();
+    let response = send_upstream(state, route, parts, body, None, timings).await?;
+    let (mut parts, body) = response.into_parts();
+    parts.headers = passable_response_headers(&parts.headers, &state.config.request_id_header);
+    Ok(Response::from_parts(parts, Body::new(body)))
+}
+
+/// Sends the request on to the route's upstream and waits for its response headers; the
+/// upstream's own failures become 502/504 envelopes. `length` replaces `Content-Length` when the
+/// body was rewritten.
+async fn send_upstream(
+    state: &AppState,
+    route: &Route,
+    parts: http::request::Parts,
+    body: Body,
+    length: Option<usize>,
+    timings: &mut Timings,
+) -> Result<http::Response<Incoming>, HttpError> {
+    let limit = state.config.max_body_bytes;
+    let body_limit = usize::try_from(limit).unwrap_or(usize::MAX);
+    let rest = parts
+        .uri
+        .path()
+        .strip_prefix(route.config.prefix.as_str())
+        .unwrap_or_default();
+    let uri = upstream_uri(&route.config.upstream, rest, parts.uri.query())?;
+    let mut upstream_request = http::Request::builder()
+        .method(parts.method)
+        .uri(uri)
+        .body(Limited::new(body, body_limit))
+        .map_err(|e| {
+            HttpError::new(
+                ErrorCode::BadRequest,
+                format!("Cannot forward this request: {e}."),
+            )
+        })?;
+    let headers = upstream_request.headers_mut();
+    *headers = forwardable_request_headers(&parts.headers);
+    if let Some(length) = length {
+        headers.insert(http::header::CONTENT_LENGTH, HeaderValue::from(length));
+    }
+    if let Some(RequestIdHeader(id)) = parts.extensions.get::<RequestIdHeader>() {
+        headers.insert(state.config.request_id_header.clone(), id.clone());
+    }
+    if let Some(ConnectInfo(peer)) = parts.extensions.get::<ConnectInfo<SocketAddr>>() {
+        append_forwarded_for(headers, *peer);
+    }
+    for (name, value) in &route.config.upstream_headers {
+        headers.insert(name.clone(), value.clone());
+    }
+
+    let forwarded = std::time::Instant::now();
+    let answered =
+        tokio::time::timeout(route.config.timeout, route.client.request(upstream_request)).await;
+    state
+        .metrics
+        .upstream(&route.config.prefix, forwarded.elapsed());
+    timings.since("upstream", forwarded);
+    match answered {
+        Err(_elapsed) => {
+            return Err(HttpError::new(
+                ErrorCode::UpstreamTimeout,
+                format!(
+                    "The upstream did not answer within {} ms. Nothing was charged.",
+                    route.config.timeout.as_millis()
+                ),
+            ))
+        }
+        Ok(Err(e)) if caused_by_body_limit(&e) => return Err(payload_too_large(limit)),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, upstream = %route.config.upstream, "upstream request failed");
+            let reason = if e.is_connect() {
+                "could not be reached"
+            } else {
+                "broke the connection"
+            };
+            return Err(HttpError::new(
+                ErrorCode::UpstreamError,
+                format!("The upstream {reason}. Nothing was charged; retry shortly."),
+            ));
+        }
+        Ok(Ok(response)) => Ok(response),
+    }
 }
 
 /// 403 `model_not_allowed` unless the key's scopes allow the model on the route's group.

@@ -885,3 +885,25 @@ async fn usage_totals_group_by_model_route_key_and_day_and_add_up_to_the_charges
         .await;
     assert_eq!(admin["data"][0]["requests"], 4);
 }
+
+#[tokio::test]
+async fn with_the_usage_log_off_calls_are_charged_but_leave_no_usage_row() {
+    let app = spawn_app_with(|raw, _| raw.billing.usage_log = false).await;
+    let account = app.create_account("acme").await;
+    let before = available(&app, &account.master_key).await;
+    for _ in 0..3 {
+        let response = echo(&app, &account.master_key, &[]).await;
+        assert_eq!(response.status(), 200);
+        response.bytes().await.unwrap();
+    }
+    app.state.ledger.flush().await.unwrap();
+    assert_eq!(
+        available(&app, &account.master_key).await,
+        before - 3 * ECHO_PRICE
+    );
+    let page = app
+        .get_json("/api/v1/requests", &account.master_key)
+        .await;
+    assert_eq!(page["data"], json!([]), "{page}");
+    assert_books_balance(&app, account.id).await;
+}

@@ -518,3 +518,41 @@ async fn the_request_id_header_name_is_configurable() {
     let body: Value = rejected.json().await.unwrap();
     assert_eq!(body["error"]["request_id"], id.as_str());
 }
+
+#[tokio::test]
+async fn a_public_route_needs_no_key_and_charges_or_logs_nothing() {
+    let app = spawn_app_with(|raw, mock| {
+        let mut public = mock_route(mock, "/public", "/echo", "public", ErrorProfile::Native);
+        public.auth = tollgate_server::config::RouteAuth::None;
+        public.price = "0".into();
+        raw.routes.push(public);
+    })
+    .await;
+    let account = app.create_account("acme").await;
+    let response = app
+        .post("/public/status")
+        .header("x-api-key", &account.master_key)
+        .body("hi")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(response.headers().contains_key("x-request-id"));
+    let echoed: Value = response.json().await.unwrap();
+    assert_eq!(echoed["path"], "/echo/status");
+    assert_eq!(echoed["body"], "hi");
+    assert!(
+        echoed["headers"].get("x-api-key").is_none(),
+        "credentials never reach the upstream, even on a public route"
+    );
+    let anonymous = app.get("/public/x").send().await.unwrap();
+    assert_eq!(anonymous.status(), 200);
+    app.state.ledger.flush().await.unwrap();
+    let page = app
+        .get_json("/api/v1/requests", &account.master_key)
+        .await;
+    assert_eq!(page["data"], json!([]), "nothing is logged: {page}");
+    // The key-protected routes beside it still need a key.
+    let protected = app.get("/echo/x").send().await.unwrap();
+    expect_error(protected, 401, "invalid_api_key").await;
+}
