@@ -1,0 +1,175 @@
+//! `tollgate-bench`: the benchmark suite's one binary. `run` measures every contender and writes
+//! BENCHMARKS.md; `upstream` and `bare-proxy` are the processes it starts (a mock provider and
+//! the bare-proxy floor). `scripts/bench` installs the tools and runs it.
+
+mod bare;
+mod contenders;
+mod load;
+mod procs;
+mod report;
+mod run;
+mod scale;
+mod upstream;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+#[derive(Debug, Parser)]
+#[command(name = "tollgate-bench")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve the mock OpenAI-compatible upstream.
+    Upstream {
+        #[arg(long)]
+        listen: SocketAddr,
+        /// Wait this long before every answer.
+        #[arg(long, default_value_t = 0)]
+        latency_ms: u64,
+    },
+    /// Serve the bare pass-through proxy.
+    BareProxy {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long)]
+        upstream: SocketAddr,
+    },
+    /// Run every benchmark and write BENCHMARKS.md and BENCHMARKS.json into `--out`.
+    Run {
+        /// The release `tollgate` binary.
+        #[arg(long)]
+        tollgate: PathBuf,
+        /// The oha load generator.
+        #[arg(long)]
+        oha: PathBuf,
+        /// LiteLLM's `litellm` command; without it LiteLLM is reported as not run.
+        #[arg(long)]
+        litellm: Option<PathBuf>,
+        /// Scratch space: databases, logs, oha's raw output.
+        #[arg(long, default_value = "target/bench")]
+        work: PathBuf,
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
+        /// One short round of everything, with a small scale test: checks the suite, measures
+        /// nothing worth reporting.
+        #[arg(long)]
+        quick: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Upstream { listen, latency_ms } => {
+            upstream::serve(listen, Duration::from_millis(latency_ms)).await
+        }
+        Command::BareProxy { listen, upstream } => bare::serve(listen, upstream).await,
+        Command::Run {
+            tollgate,
+            oha,
+            litellm,
+            work,
+            out,
+            quick,
+        } => {
+            // Absolute, since contenders run in their own directories.
+            let work = std::path::absolute(&work)?;
+            let tollgate = std::path::absolute(&tollgate)?;
+            let options = run::Options {
+                tollgate,
+                bench: std::env::current_exe().context("finding this binary")?,
+                oha,
+                litellm,
+                work,
+                quick,
+            };
+            let mut results = run::run(options).await?;
+            results.date = chrono::Utc::now().format("%Y-%m-%d %H:%M UTC").to_string();
+            results.commit = commit();
+            results.machine = machine();
+            std::fs::create_dir_all(&out)?;
+            std::fs::write(
+                out.join("BENCHMARKS.json"),
+                serde_json::to_string_pretty(&results)?,
+            )?;
+            std::fs::write(out.join("BENCHMARKS.md"), report::render(&results))?;
+            eprintln!("wrote {}", out.join("BENCHMARKS.md").display());
+            Ok(())
+        }
+    }
+}
+
+fn command_output(program: &str, args: &[&str]) -> String {
+    std::process::Command::new(program)
+        .args(args)
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+fn commit() -> String {
+    let hash = command_output("git", &["rev-parse", "--short", "HEAD"]);
+    let dirty = !command_output("git", &["status", "--porcelain", "--untracked-files=no"]).is_empty();
+    if dirty {
+        format!("{hash} (with uncommitted changes)")
+    } else {
+        hash
+    }
+}
+
+fn machine() -> Vec<(String, String)> {
+    let cpu = command_output("lscpu", &[])
+        .lines()
+        .find(|l| l.starts_with("Model name"))
+        .and_then(|l| l.split_once(':'))
+        .map(|(_, v)| v.trim().to_string())
+        .unwrap_or_default();
+    let memory = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| m.lines().next().map(|l| l.replace("MemTotal:", "").trim().to_string()))
+        .unwrap_or_default();
+    vec![
+        ("CPU".into(), cpu),
+        ("cores".into(), command_output("nproc", &[])),
+        ("memory".into(), memory),
+        ("kernel".into(), command_output("uname", &["-sr"])),
+        ("rustc".into(), command_output("rustc", &["--version"])),
+        ("nginx".into(), {
+            let out = std::process::Command::new(
+                contenders::which("nginx").unwrap_or_else(|| "nginx".into()),
+            )
+            .arg("-v")
+            .output()
+            .ok()
+            .map(|o| String::from_utf8_lossy(&o.stderr).trim().to_string())
+            .unwrap_or_default();
+            out
+        }),
+    ]
+}
