@@ -57,6 +57,7 @@ async fn forward(
 
 fn status(code: u16) -> Response<ProxyBody> {
     let mut response = Response::new(Full::new(Bytes::new()).map_err(|e| match e {}).boxed());
-    *response.status_mut() = http::StatusCode::from_u16(code).unwrap_or(http::StatusCode::BAD_GATEWAY);
+    *response.status_mut() =
+        http::StatusCode::from_u16(code).unwrap_or(http::StatusCode::BAD_GATEWAY);
     response
 }

@@ -291,7 +291,7 @@ fn tollgate_config(step: Step, upstream: SocketAddr, store: &str, redis: Option<
         for scope in ["key", "account"] {
             let _ = write!(
                 toml,
-                "[[rate_limits]]\nname = \"per-{scope}\"\nscope = \"{scope}\"\nlimit = 1000000000\nwindow = \"1s\"\n"
+                "[[rate_limits]]\nname = \"per-{scope}\"\nscope = \"{scope}\"\nlimit = 1000000000\nwindow = \"1s\"\nburst = 1000000000\n"
             );
         }
     }
@@ -431,7 +431,11 @@ async fn start_nodes(
 }
 
 /// Creates an account with a million credits; returns its master key.
-pub async fn create_account(http: &reqwest::Client, base: &str, name: &str) -> anyhow::Result<String> {
+pub async fn create_account(
+    http: &reqwest::Client,
+    base: &str,
+    name: &str,
+) -> anyhow::Result<String> {
     let created: Value = http
         .post(format!("{base}/api/v1/accounts"))
         .bearer_auth(ADMIN_TOKEN)
@@ -495,7 +499,13 @@ pub async fn litellm(
                 headers: vec![("authorization".into(), format!("Bearer {key}"))],
                 tollgate_key: None,
             };
-            wait_answering(env, &base, &contender.headers.clone(), &mut contender.procs[0]).await?;
+            wait_answering(
+                env,
+                &base,
+                &contender.headers.clone(),
+                &mut contender.procs[0],
+            )
+            .await?;
             Ok((contender, None))
         }
         Err(db_error) => {
@@ -595,7 +605,11 @@ async fn wait_answering(
         match request.send().await {
             Ok(response) if response.status().is_success() => return Ok(()),
             Ok(response) => {
-                last = format!("{}: {}", response.status(), response.text().await.unwrap_or_default())
+                last = format!(
+                    "{}: {}",
+                    response.status(),
+                    response.text().await.unwrap_or_default()
+                )
             }
             Err(e) => last = e.to_string(),
         }
@@ -607,7 +621,17 @@ async fn wait_answering(
 /// Runs SQL on the local PostgreSQL's `test` database.
 pub fn psql(sql: &str) -> anyhow::Result<()> {
     let output = std::process::Command::new("psql")
-        .args(["-h", "127.0.0.1", "-U", "postgres", "-d", "test", "-q", "-c", sql])
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-U",
+            "postgres",
+            "-d",
+            "test",
+            "-q",
+            "-c",
+            sql,
+        ])
         .output()
         .context("running psql")?;
     if !output.status.success() {

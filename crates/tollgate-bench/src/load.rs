@@ -318,7 +318,13 @@ fn summarize(mut latencies: Vec<Duration>, errors: u64, elapsed: f64, cpu_us: u6
 pub fn raw_path(dir: &Path, name: &str) -> PathBuf {
     let safe: String = name
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect();
     dir.join(safe)
 }

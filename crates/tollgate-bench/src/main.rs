@@ -67,7 +67,10 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("cannot start the runtime: {e}");
@@ -135,7 +138,8 @@ fn command_output(program: &str, args: &[&str]) -> String {
 
 fn commit() -> String {
     let hash = command_output("git", &["rev-parse", "--short", "HEAD"]);
-    let dirty = !command_output("git", &["status", "--porcelain", "--untracked-files=no"]).is_empty();
+    let dirty =
+        !command_output("git", &["status", "--porcelain", "--untracked-files=no"]).is_empty();
     if dirty {
         format!("{hash} (with uncommitted changes)")
     } else {
@@ -152,7 +156,11 @@ fn machine() -> Vec<(String, String)> {
         .unwrap_or_default();
     let memory = std::fs::read_to_string("/proc/meminfo")
         .ok()
-        .and_then(|m| m.lines().next().map(|l| l.replace("MemTotal:", "").trim().to_string()))
+        .and_then(|m| {
+            m.lines()
+                .next()
+                .map(|l| l.replace("MemTotal:", "").trim().to_string())
+        })
         .unwrap_or_default();
     vec![
         ("CPU".into(), cpu),

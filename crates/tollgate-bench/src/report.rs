@@ -121,7 +121,12 @@ pub fn render(r: &Results) -> String {
     );
     for m in &r.main {
         if let Some(error) = &m.error {
-            let _ = writeln!(md, "| {} | cannot run: {} |||||||||", m.name, error.replace('|', "/"));
+            let _ = writeln!(
+                md,
+                "| {} | cannot run: {} |||||||||",
+                m.name,
+                error.replace('|', "/")
+            );
             continue;
         }
         let (p50, p99, p999, ttfb) = match direct {
@@ -144,10 +149,22 @@ pub fn render(r: &Results) -> String {
             md,
             "| {} | {p50} | {p99} | {p999} | {} | {} | {errors} | {} | {} | {ttfb} |",
             m.name,
-            if is_direct { "—".into() } else { show(&values(&m.open, |r| r.cpu_us_per_request), 1) },
+            if is_direct {
+                "—".into()
+            } else {
+                show(&values(&m.open, |r| r.cpu_us_per_request), 1)
+            },
             show(&values(&m.closed, |r| r.rps), 0),
-            if is_direct { "—".into() } else { show(&values(&m.closed, per_core), 0) },
-            if is_direct { "—".into() } else { format!("{:.1}", m.rss_mib) },
+            if is_direct {
+                "—".into()
+            } else {
+                show(&values(&m.closed, per_core), 0)
+            },
+            if is_direct {
+                "—".into()
+            } else {
+                format!("{:.1}", m.rss_mib)
+            },
         );
     }
     let _ = writeln!(md, "\n*Direct's row gives its absolute latencies (ms) instead of added ones.* Max rps is what this machine reaches with the generator and the upstream sharing one core: for the fastest contenders that core, not the contender, is the limit, which is why *rps per core* (from CPU per request) is the comparable throughput figure.\n");
@@ -160,11 +177,27 @@ pub fn render(r: &Results) -> String {
     let per_core_of = |m: Option<&Measured>| m.and_then(|m| median(&values(&m.closed, per_core)));
     let max_rps_of = |m: Option<&Measured>| m.and_then(|m| median(&values(&m.closed, |r| r.rps)));
     let _ = writeln!(md, "## Ratios\n\n| ratio | value |\n|---|---|");
-    let _ = writeln!(md, "| Tollgate everything on (SQLite) CPU/request ÷ bare proxy | {} |", ratio(cpu(all_sqlite), cpu(bare)));
-    let _ = writeln!(md, "| Tollgate everything on (2-node PG+Redis, both nodes) CPU/request ÷ bare proxy | {} |", ratio(cpu(all_pg), cpu(bare)));
-    let _ = writeln!(md, "| Tollgate everything on (SQLite) rps per core ÷ nginx rps per core | {} |", ratio(per_core_of(all_sqlite), per_core_of(nginx)));
+    let _ = writeln!(
+        md,
+        "| Tollgate everything on (SQLite) CPU/request ÷ bare proxy | {} |",
+        ratio(cpu(all_sqlite), cpu(bare))
+    );
+    let _ = writeln!(
+        md,
+        "| Tollgate everything on (2-node PG+Redis, both nodes) CPU/request ÷ bare proxy | {} |",
+        ratio(cpu(all_pg), cpu(bare))
+    );
+    let _ = writeln!(
+        md,
+        "| Tollgate everything on (SQLite) rps per core ÷ nginx rps per core | {} |",
+        ratio(per_core_of(all_sqlite), per_core_of(nginx))
+    );
     let _ = writeln!(md, "| Tollgate everything on (SQLite) max rps ÷ nginx max rps (closed loop, this machine) | {} |", ratio(max_rps_of(all_sqlite), max_rps_of(nginx)));
-    let _ = writeln!(md, "| nginx CPU/request ÷ bare proxy | {} |", ratio(cpu(nginx), cpu(bare)));
+    let _ = writeln!(
+        md,
+        "| nginx CPU/request ÷ bare proxy | {} |",
+        ratio(cpu(nginx), cpu(bare))
+    );
     if let Some(l) = &r.litellm {
         let d = l.at_its_rate.first();
         let added_p99 = |name: &str| {
@@ -179,7 +212,11 @@ pub fn render(r: &Results) -> String {
         );
     }
     for (label, store) in [("SQLite", "SQLite"), ("2-node PG+Redis", "PG+Redis")] {
-        let steps: Vec<&Measured> = r.main.iter().filter(|m| m.name.contains(store) && m.error.is_none()).collect();
+        let steps: Vec<&Measured> = r
+            .main
+            .iter()
+            .filter(|m| m.name.contains(store) && m.error.is_none())
+            .collect();
         for pair in steps.windows(2) {
             let step = |m: &Measured| m.name.split(store).nth(1).unwrap_or("").trim().to_string();
             let _ = writeln!(
@@ -225,7 +262,11 @@ pub fn render(r: &Results) -> String {
                 show(&values(&m.open, |r| r.p50_ms), 3),
                 show(&values(&m.open, |r| r.p99_ms), 3),
                 show(&values(&m.open, |r| r.p999_ms), 3),
-                if m.name == "direct" { "—".into() } else { show(&values(&m.open, |r| r.cpu_us_per_request), 0) },
+                if m.name == "direct" {
+                    "—".into()
+                } else {
+                    show(&values(&m.open, |r| r.cpu_us_per_request), 0)
+                },
             );
         }
         md.push('\n');
@@ -258,7 +299,11 @@ pub fn render(r: &Results) -> String {
             show(&values(&m.open, |r| r.p50_ms), 2),
             show(&values(&m.open, |r| r.p99_ms), 2),
             show(&values(&m.open, |r| r.p999_ms), 2),
-            if m.name == "direct" { "—".into() } else { show(&values(&m.open, |r| r.cpu_us_per_request), 1) },
+            if m.name == "direct" {
+                "—".into()
+            } else {
+                show(&values(&m.open, |r| r.cpu_us_per_request), 1)
+            },
             m.open.iter().map(|r| r.errors).sum::<u64>(),
         );
     }
@@ -296,9 +341,21 @@ pub fn render(r: &Results) -> String {
         let _ = writeln!(md, "| store holds | keys used | CPU µs/request | p50 ms | p99 ms | rps | errors |\n|---|---|---|---|---|---|---|");
         let rows: [(String, &str, &Vec<Run>); 4] = [
             ("10 keys, 0 usage rows".into(), "10", &sc.ten_keys),
-            (format!("{} keys", sc.keys_total), "10", &sc.many_keys_ten_hot),
-            (format!("{} keys", sc.keys_total), "all", &sc.many_keys_all_used),
-            (format!("10 keys, {} usage rows", sc.usage_rows), "10", &sc.many_usage_rows),
+            (
+                format!("{} keys", sc.keys_total),
+                "10",
+                &sc.many_keys_ten_hot,
+            ),
+            (
+                format!("{} keys", sc.keys_total),
+                "all",
+                &sc.many_keys_all_used,
+            ),
+            (
+                format!("10 keys, {} usage rows", sc.usage_rows),
+                "10",
+                &sc.many_usage_rows,
+            ),
         ];
         for (what, used, runs) in rows {
             let _ = writeln!(
@@ -313,8 +370,12 @@ pub fn render(r: &Results) -> String {
         }
         let c = |runs: &Vec<Run>| median(&values(runs, |r| r.cpu_us_per_request));
         scale_ratios = (
-            c(&sc.many_keys_ten_hot).zip(c(&sc.ten_keys)).map(|(a, b)| a / b),
-            c(&sc.many_usage_rows).zip(c(&sc.ten_keys)).map(|(a, b)| a / b),
+            c(&sc.many_keys_ten_hot)
+                .zip(c(&sc.ten_keys))
+                .map(|(a, b)| a / b),
+            c(&sc.many_usage_rows)
+                .zip(c(&sc.ten_keys))
+                .map(|(a, b)| a / b),
         );
         let _ = writeln!(
             md,
@@ -330,22 +391,62 @@ pub fn render(r: &Results) -> String {
     }
 
     // Targets.
-    let _ = writeln!(md, "## Targets\n\n| target | measured | met |\n|---|---|---|");
+    let _ = writeln!(
+        md,
+        "## Targets\n\n| target | measured | met |\n|---|---|---|"
+    );
     let mark = |ok: Option<bool>| match ok {
         Some(true) => "yes",
         Some(false) => "**no**",
         None => "—",
     };
     let cpu_ratio = cpu(all_sqlite).zip(cpu(bare)).map(|(a, b)| a / b);
-    let _ = writeln!(md, "| everything on ≤ 2.5× the bare proxy's CPU per request | {} | {} |", cpu_ratio.map_or("—".into(), |x| format!("{x:.2}×")), mark(cpu_ratio.map(|x| x <= 2.5)));
-    let p99 = all_sqlite.zip(direct).and_then(|(m, d)| median(&added(&m.open, &d.open, |r| r.p99_ms)));
-    let _ = writeln!(md, "| added p99 ≤ 1 ms at {} rps (SQLite, everything on) | {} | {} |", s.open_rate, p99.map_or("—".into(), |x| format!("{x:.3} ms")), mark(p99.map(|x| x <= 1.0)));
+    let _ = writeln!(
+        md,
+        "| everything on ≤ 2.5× the bare proxy's CPU per request | {} | {} |",
+        cpu_ratio.map_or("—".into(), |x| format!("{x:.2}×")),
+        mark(cpu_ratio.map(|x| x <= 2.5))
+    );
+    let p99 = all_sqlite
+        .zip(direct)
+        .and_then(|(m, d)| median(&added(&m.open, &d.open, |r| r.p99_ms)));
+    let _ = writeln!(
+        md,
+        "| added p99 ≤ 1 ms at {} rps (SQLite, everything on) | {} | {} |",
+        s.open_rate,
+        p99.map_or("—".into(), |x| format!("{x:.3} ms")),
+        mark(p99.map(|x| x <= 1.0))
+    );
     let core = per_core_of(all_sqlite);
-    let _ = writeln!(md, "| ≥ 10 000 rps per core (SQLite, everything on) | {} | {} |", core.map_or("—".into(), |x| format!("{x:.0}")), mark(core.map(|x| x >= 10_000.0)));
-    let ttfb = all_sqlite.zip(direct).and_then(|(m, d)| median(&added(&m.stream, &d.stream, |r| r.ttfb_p50_ms)));
-    let _ = writeln!(md, "| streaming added TTFB ≤ 0.5 ms (SQLite, everything on) | {} | {} |", ttfb.map_or("—".into(), |x| format!("{x:.3} ms")), mark(ttfb.map(|x| x <= 0.5)));
-    let _ = writeln!(md, "| flat cost from 10 to {} keys (within 15%) | {} | {} |", s.scale_keys, scale_ratios.0.map_or("—".into(), |x| format!("{x:.2}×")), mark(scale_ratios.0.map(|x| x <= 1.15)));
-    let _ = writeln!(md, "| flat cost from 0 to {} usage rows (within 15%) | {} | {} |", s.scale_usage_rows, scale_ratios.1.map_or("—".into(), |x| format!("{x:.2}×")), mark(scale_ratios.1.map(|x| x <= 1.15)));
+    let _ = writeln!(
+        md,
+        "| ≥ 10 000 rps per core (SQLite, everything on) | {} | {} |",
+        core.map_or("—".into(), |x| format!("{x:.0}")),
+        mark(core.map(|x| x >= 10_000.0))
+    );
+    let ttfb = all_sqlite
+        .zip(direct)
+        .and_then(|(m, d)| median(&added(&m.stream, &d.stream, |r| r.ttfb_p50_ms)));
+    let _ = writeln!(
+        md,
+        "| streaming added TTFB ≤ 0.5 ms (SQLite, everything on) | {} | {} |",
+        ttfb.map_or("—".into(), |x| format!("{x:.3} ms")),
+        mark(ttfb.map(|x| x <= 0.5))
+    );
+    let _ = writeln!(
+        md,
+        "| flat cost from 10 to {} keys (within 15%) | {} | {} |",
+        s.scale_keys,
+        scale_ratios.0.map_or("—".into(), |x| format!("{x:.2}×")),
+        mark(scale_ratios.0.map(|x| x <= 1.15))
+    );
+    let _ = writeln!(
+        md,
+        "| flat cost from 0 to {} usage rows (within 15%) | {} | {} |",
+        s.scale_usage_rows,
+        scale_ratios.1.map_or("—".into(), |x| format!("{x:.2}×")),
+        mark(scale_ratios.1.map(|x| x <= 1.15))
+    );
     md.push('\n');
     md
 }

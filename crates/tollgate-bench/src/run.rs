@@ -133,12 +133,18 @@ pub async fn run(options: Options) -> anyhow::Result<Results> {
         }
     };
     eprintln!("starting contenders");
-    add("bare hyper proxy", contenders::bare_proxy(&env, upstream).await);
+    add(
+        "bare hyper proxy",
+        contenders::bare_proxy(&env, upstream).await,
+    );
     add("nginx", contenders::nginx(&env, upstream).await);
     for cluster in [false, true] {
         for step in Step::ALL {
             let name = format!("Tollgate {step:?} cluster={cluster}");
-            add(&name, contenders::tollgate(&env, step, cluster, upstream).await);
+            add(
+                &name,
+                contenders::tollgate(&env, step, cluster, upstream).await,
+            );
         }
     }
     let mut measured: Vec<Measured> = contenders
@@ -167,9 +173,19 @@ pub async fn run(options: Options) -> anyhow::Result<Results> {
         for (contender, into) in contenders.iter_mut().zip(measured.iter_mut()) {
             eprintln!("round {round}: {}", contender.name);
             contender.check_alive()?;
-            let raw = |what: &str| load::raw_path(&raw_dir, &format!("{what}-{round}-{}", contender.name));
+            let raw = |what: &str| {
+                load::raw_path(&raw_dir, &format!("{what}-{round}-{}", contender.name))
+            };
             let oha = |targets, mode, duration, raw| {
-                load::oha(&options.oha, targets, mode, duration, settings.generator_core, contender.pids(), raw)
+                load::oha(
+                    &options.oha,
+                    targets,
+                    mode,
+                    duration,
+                    settings.generator_core,
+                    contender.pids(),
+                    raw,
+                )
             };
             into.closed.push(
                 oha(
@@ -244,7 +260,17 @@ pub async fn run(options: Options) -> anyhow::Result<Results> {
     // LiteLLM: its own maximum first, then everyone at that rate.
     if let Some(litellm) = &options.litellm {
         eprintln!("LiteLLM");
-        match litellm_runs(&env, &options, &settings, upstream, litellm, &contenders, &raw_dir).await {
+        match litellm_runs(
+            &env,
+            &options,
+            &settings,
+            upstream,
+            litellm,
+            &contenders,
+            &raw_dir,
+        )
+        .await
+        {
             Ok(l) => results.litellm = Some(l),
             Err(e) => results.litellm_error = Some(format!("{e:#}")),
         }
@@ -301,16 +327,37 @@ async fn litellm_runs(
         let pids = c.pids();
         let path = load::raw_path(raw_dir, &raw);
         async move {
-            load::oha(&options.oha, targets, mode, duration, settings.generator_core, pids, path).await
+            load::oha(
+                &options.oha,
+                targets,
+                mode,
+                duration,
+                settings.generator_core,
+                pids,
+                path,
+            )
+            .await
         }
     };
     let closed = Mode::Closed { connections: 32 };
-    oha(&lite, closed, Duration::from_secs_f64(settings.warmup_seconds), "litellm-warmup".into()).await?;
+    oha(
+        &lite,
+        closed,
+        Duration::from_secs_f64(settings.warmup_seconds),
+        "litellm-warmup".into(),
+    )
+    .await?;
     for round in 0..settings.rounds {
         lite.check_alive()?;
-        out.max.push(oha(&lite, closed, run_for, format!("litellm-max-{round}")).await?);
+        out.max
+            .push(oha(&lite, closed, run_for, format!("litellm-max-{round}")).await?);
     }
-    let mut max: Vec<f64> = out.max.iter().filter(|r| r.errors == 0).map(|r| r.rps).collect();
+    let mut max: Vec<f64> = out
+        .max
+        .iter()
+        .filter(|r| r.errors == 0)
+        .map(|r| r.rps)
+        .collect();
     max.sort_by(f64::total_cmp);
     let sustainable = max.get(max.len() / 2).copied().unwrap_or(0.0) * 0.9;
     out.rate = (sustainable as u32).max(1);
@@ -334,7 +381,15 @@ async fn litellm_runs(
     };
     for round in 0..settings.rounds {
         for (c, into) in peers.iter().zip(out.at_its_rate.iter_mut()) {
-            into.open.push(oha(c, mode, run_for, format!("at-litellm-rate-{round}-{}", c.name)).await?);
+            into.open.push(
+                oha(
+                    c,
+                    mode,
+                    run_for,
+                    format!("at-litellm-rate-{round}-{}", c.name),
+                )
+                .await?,
+            );
             let stream = load::oha(
                 &options.oha,
                 c.targets(true),

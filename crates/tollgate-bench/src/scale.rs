@@ -57,13 +57,18 @@ pub async fn run(
             .http
             .post(format!("{}/api/v1/keys", node.bases[0]))
             .bearer_auth(&master)
-            .json(&json!({"name": format!("hot-{i}")}))
+            .json(&json!({"name": format!("hot-{i}"), "scopes": ["llm"]}))
             .send()
             .await?
             .error_for_status()?
             .json()
             .await?;
-        hot.push(created["secret"].as_str().context("key secret")?.to_string());
+        hot.push(
+            created["secret"]
+                .as_str()
+                .context("key secret")?
+                .to_string(),
+        );
     }
     let hot = Arc::new(hot);
     let url = format!("{}/v1/chat/completions", node.bases[0]);
@@ -89,8 +94,12 @@ pub async fn run(
     let node = contenders::tollgate_reopen(env, SLUG, Step::UsageLog, upstream).await?;
     measure(&node, hot.clone()).await?;
     for _ in 0..rounds {
-        results.many_keys_ten_hot.push(measure(&node, hot.clone()).await?);
-        results.many_keys_all_used.push(measure(&node, all.clone()).await?);
+        results
+            .many_keys_ten_hot
+            .push(measure(&node, hot.clone()).await?);
+        results
+            .many_keys_all_used
+            .push(measure(&node, all.clone()).await?);
     }
 
     stop(node);
@@ -101,7 +110,9 @@ pub async fn run(
     let node = contenders::tollgate_reopen(env, SLUG, Step::UsageLog, upstream).await?;
     measure(&node, hot.clone()).await?;
     for _ in 0..rounds {
-        results.many_usage_rows.push(measure(&node, hot.clone()).await?);
+        results
+            .many_usage_rows
+            .push(measure(&node, hot.clone()).await?);
     }
     drop(node);
     Ok(results)

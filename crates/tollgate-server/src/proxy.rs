@@ -393,16 +393,14 @@ async fn send_upstream(
         .upstream(&route.config.prefix, forwarded.elapsed());
     timings.since("upstream", forwarded);
     match answered {
-        Err(_elapsed) => {
-            return Err(HttpError::new(
-                ErrorCode::UpstreamTimeout,
-                format!(
-                    "The upstream did not answer within {} ms. Nothing was charged.",
-                    route.config.timeout.as_millis()
-                ),
-            ))
-        }
-        Ok(Err(e)) if caused_by_body_limit(&e) => return Err(payload_too_large(limit)),
+        Err(_elapsed) => Err(HttpError::new(
+            ErrorCode::UpstreamTimeout,
+            format!(
+                "The upstream did not answer within {} ms. Nothing was charged.",
+                route.config.timeout.as_millis()
+            ),
+        )),
+        Ok(Err(e)) if caused_by_body_limit(&e) => Err(payload_too_large(limit)),
         Ok(Err(e)) => {
             tracing::warn!(error = %e, upstream = %route.config.upstream, "upstream request failed");
             let reason = if e.is_connect() {
@@ -410,10 +408,10 @@ async fn send_upstream(
             } else {
                 "broke the connection"
             };
-            return Err(HttpError::new(
+            Err(HttpError::new(
                 ErrorCode::UpstreamError,
                 format!("The upstream {reason}. Nothing was charged; retry shortly."),
-            ));
+            ))
         }
         Ok(Ok(response)) => Ok(response),
     }

@@ -901,9 +901,7 @@ async fn with_the_usage_log_off_calls_are_charged_but_leave_no_usage_row() {
         available(&app, &account.master_key).await,
         before - 3 * ECHO_PRICE
     );
-    let page = app
-        .get_json("/api/v1/requests", &account.master_key)
-        .await;
+    let page = app.get_json("/api/v1/requests", &account.master_key).await;
     assert_eq!(page["data"], json!([]), "{page}");
     assert_books_balance(&app, account.id).await;
 }

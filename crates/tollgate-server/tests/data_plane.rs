@@ -548,9 +548,7 @@ async fn a_public_route_needs_no_key_and_charges_or_logs_nothing() {
     let anonymous = app.get("/public/x").send().await.unwrap();
     assert_eq!(anonymous.status(), 200);
     app.state.ledger.flush().await.unwrap();
-    let page = app
-        .get_json("/api/v1/requests", &account.master_key)
-        .await;
+    let page = app.get_json("/api/v1/requests", &account.master_key).await;
     assert_eq!(page["data"], json!([]), "nothing is logged: {page}");
     // The key-protected routes beside it still need a key.
     let protected = app.get("/echo/x").send().await.unwrap();
