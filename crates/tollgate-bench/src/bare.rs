@@ -61,3 +61,43 @@ fn status(code: u16) -> Response<ProxyBody> {
         http::StatusCode::from_u16(code).unwrap_or(http::StatusCode::BAD_GATEWAY);
     response
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[tokio::test]
+    async fn forwards_requests_and_answers_as_they_are() {
+        let mock = tollgate_mock::MockUpstream::start(SocketAddr::from(([127, 0, 0, 1], 0)))
+            .await
+            .unwrap();
+        let port = crate::procs::free_port().unwrap();
+        let listen = SocketAddr::from(([127, 0, 0, 1], port));
+        let proxy = tokio::spawn(serve(listen, mock.addr));
+        let http = reqwest::Client::new();
+        let mut answer = None;
+        for _ in 0..50 {
+            if let Ok(response) = http
+                .post(format!("http://{listen}/echo/a?b=1"))
+                .header("x-custom", "kept")
+                .body("hello")
+                .send()
+                .await
+            {
+                answer = Some(response);
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let response = answer.unwrap();
+        assert_eq!(response.status(), 200);
+        let echoed: serde_json::Value = response.json().await.unwrap();
+        assert_eq!(echoed["path"], "/echo/a");
+        assert_eq!(echoed["query"], "b=1");
+        assert_eq!(echoed["body"], "hello");
+        assert_eq!(echoed["headers"]["x-custom"], "kept");
+        proxy.abort();
+    }
+}

@@ -5,7 +5,7 @@
 use crate::procs;
 use anyhow::{bail, Context};
 use rand::Rng;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -33,21 +33,34 @@ pub enum Mode {
 }
 
 /// One measured run.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Run {
+    #[serde(deserialize_with = "nan_if_null")]
     pub rps: f64,
     pub ok: u64,
     /// Non-2xx answers and transport errors.
     pub errors: u64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub p50_ms: f64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub p99_ms: f64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub p999_ms: f64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub ttfb_p50_ms: f64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub ttfb_p99_ms: f64,
     /// CPU the contender's processes used per successful request.
+    #[serde(deserialize_with = "nan_if_null")]
     pub cpu_us_per_request: f64,
     /// The contender's CPU use during the run, in cores (1.0: one core busy).
+    #[serde(deserialize_with = "nan_if_null")]
     pub cores_busy: f64,
+}
+
+/// JSON has no NaN: a figure a run could not measure is written as `null` and read back as NaN.
+fn nan_if_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
 }
 
 /// Runs oha against each target at once (one per node of a contender), splitting the load evenly

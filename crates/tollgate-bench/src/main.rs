@@ -42,6 +42,13 @@ enum Command {
         #[arg(long)]
         upstream: SocketAddr,
     },
+    /// Render BENCHMARKS.md again from a BENCHMARKS.json (after a change to the report).
+    Report {
+        #[arg(long, default_value = "BENCHMARKS.json")]
+        from: PathBuf,
+        #[arg(long, default_value = "BENCHMARKS.md")]
+        to: PathBuf,
+    },
     /// Run every benchmark and write BENCHMARKS.md and BENCHMARKS.json into `--out`.
     Run {
         /// The release `tollgate` binary.
@@ -92,6 +99,13 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             upstream::serve(listen, Duration::from_millis(latency_ms)).await
         }
         Command::BareProxy { listen, upstream } => bare::serve(listen, upstream).await,
+        Command::Report { from, to } => {
+            let text =
+                std::fs::read_to_string(&from).with_context(|| format!("reading {from:?}"))?;
+            let results: run::Results = serde_json::from_str(&text)?;
+            std::fs::write(&to, report::render(&results))?;
+            Ok(())
+        }
         Command::Run {
             tollgate,
             oha,

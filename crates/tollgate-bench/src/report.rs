@@ -40,8 +40,11 @@ fn added(c: &[Run], direct: &[Run], f: impl Fn(&Run) -> f64) -> Vec<f64> {
     c.iter().zip(direct).map(|(a, d)| f(a) - f(d)).collect()
 }
 
+/// One figure per run; a run that answered nothing has none.
 fn values(runs: &[Run], f: impl Fn(&Run) -> f64) -> Vec<f64> {
-    runs.iter().map(f).collect()
+    runs.iter()
+        .map(|r| if r.ok == 0 { f64::NAN } else { f(r) })
+        .collect()
 }
 
 /// Requests a second one busy core would serve, from the CPU each request took.
@@ -447,6 +450,98 @@ pub fn render(r: &Results) -> String {
         scale_ratios.1.map_or("—".into(), |x| format!("{x:.2}×")),
         mark(scale_ratios.1.map(|x| x <= 1.15))
     );
-    md.push('\n');
+    let _ = writeln!(
+        md,
+        "\nWhat profiling found behind the missed targets, and what to change next: [docs/performance.md](docs/performance.md)."
+    );
     md
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::run::Settings;
+
+    fn run(p99_ms: f64, cpu: f64) -> Run {
+        Run {
+            rps: 1000.0,
+            ok: 1000,
+            p50_ms: p99_ms / 2.0,
+            p99_ms,
+            p999_ms: p99_ms * 2.0,
+            ttfb_p50_ms: 0.1,
+            cpu_us_per_request: cpu,
+            ..Run::default()
+        }
+    }
+
+    #[test]
+    fn spread_is_the_median_with_min_and_max_ignoring_missing_values() {
+        assert_eq!(spread(&[3.0, 1.0, 2.0]), Some((2.0, 1.0, 3.0)));
+        assert_eq!(spread(&[4.0, 1.0, f64::NAN, 2.0]), Some((2.0, 1.0, 4.0)));
+        assert_eq!(spread(&[]), None);
+        assert_eq!(show(&[1.0, 2.0, 3.0], 1), "2.0 (1.0–3.0)");
+    }
+
+    #[test]
+    fn added_latency_is_taken_round_by_round_against_direct() {
+        let direct = [run(1.0, 0.0), run(3.0, 0.0)];
+        let proxy = [run(1.5, 50.0), run(3.2, 50.0)];
+        let added = added(&proxy, &direct, |r| r.p99_ms);
+        assert!((added[0] - 0.5).abs() < 1e-9 && (added[1] - 0.2).abs() < 1e-9);
+    }
+
+    #[test]
+    fn the_report_computes_ratios_and_targets_from_the_runs() {
+        let measured = |name: &str, p99: f64, cpu: f64| Measured {
+            name: name.into(),
+            closed: vec![run(p99, cpu)],
+            open: vec![run(p99, cpu)],
+            stream: vec![run(p99, cpu)],
+            ..Measured::default()
+        };
+        let results = Results {
+            settings: Some(Settings {
+                run_seconds: 1.0,
+                rounds: 1,
+                warmup_seconds: 0.5,
+                closed_connections: 64,
+                open_rate: 5000,
+                open_connections: 64,
+                latency_mode_ms: 50,
+                latency_mode_rate: 1000,
+                latency_mode_connections: 128,
+                hold_connections: 16,
+                scale_keys: 1000,
+                scale_usage_rows: 1000,
+                contender_core: 1,
+                generator_core: 0,
+            }),
+            main: vec![
+                measured("direct", 1.0, 0.0),
+                measured("bare hyper proxy", 1.1, 40.0),
+                measured("Tollgate SQLite + usage log (everything on)", 1.5, 120.0),
+            ],
+            ..Results::default()
+        };
+        let md = render(&results);
+        assert!(
+            md.contains("| Tollgate everything on (SQLite) CPU/request ÷ bare proxy | 3.00× |"),
+            "{md}"
+        );
+        assert!(
+            md.contains(
+                "| everything on ≤ 2.5× the bare proxy's CPU per request | 3.00× | **no** |"
+            ),
+            "{md}"
+        );
+        assert!(
+            md.contains(
+                "| added p99 ≤ 1 ms at 5000 rps (SQLite, everything on) | 0.500 ms | yes |"
+            ),
+            "{md}"
+        );
+    }
 }

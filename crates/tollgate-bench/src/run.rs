@@ -5,7 +5,7 @@
 use crate::contenders::{self, Contender, Env, Step};
 use crate::load::{self, Mode, Run};
 use crate::scale::{self, ScaleResults};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -21,7 +21,7 @@ pub struct Options {
 }
 
 /// Load settings, written into the report.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Settings {
     pub run_seconds: f64,
     pub rounds: usize,
@@ -40,7 +40,7 @@ pub struct Settings {
 }
 
 /// One contender's runs, one per round each.
-#[derive(Debug, Default, Serialize)]
+#[derive(Debug, Default, Serialize, Deserialize)]
 pub struct Measured {
     pub name: String,
     /// Closed loop: maximum throughput.
@@ -54,7 +54,7 @@ pub struct Measured {
     pub error: Option<String>,
 }
 
-#[derive(Debug, Default, Serialize)]
+#[derive(Debug, Default, Serialize, Deserialize)]
 pub struct LitellmResults {
     pub name: String,
     /// Why the database mode (virtual keys and budgets) could not run, if it could not.
@@ -67,7 +67,7 @@ pub struct LitellmResults {
     pub rss_mib: f64,
 }
 
-#[derive(Debug, Default, Serialize)]
+#[derive(Debug, Default, Serialize, Deserialize)]
 pub struct Results {
     pub date: String,
     pub commit: String,

@@ -6,7 +6,7 @@
 use crate::contenders::{self, Contender, Env, Step};
 use crate::load::{self, Run};
 use anyhow::Context;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sqlx::{Connection, Row, SqliteConnection};
 use std::net::SocketAddr;
@@ -18,7 +18,7 @@ use tollgate_core::{ApiKey, KeyEnv, KeyId};
 /// The scale node's directory under the work directory.
 const SLUG: &str = "tollgate-scale";
 
-#[derive(Debug, Default, Serialize)]
+#[derive(Debug, Default, Serialize, Deserialize)]
 pub struct ScaleResults {
     pub keys_total: u64,
     pub usage_rows: u64,
@@ -71,11 +71,12 @@ pub async fn run(
         );
     }
     let hot = Arc::new(hot);
-    let url = format!("{}/v1/chat/completions", node.bases[0]);
     let body = contenders::chat_body(false);
+    // A restarted node listens on a new port, so the URL is the node's of the moment.
     let measure = |node: &Contender, keys: Arc<Vec<String>>| {
         let pids = node.pids();
-        let (url, body) = (url.clone(), body.clone());
+        let url = format!("{}/v1/chat/completions", node.bases[0]);
+        let body = body.clone();
         async move { load::rotating_keys(&url, &body, keys, 32, duration, &pids).await }
     };
     // Warm-up, then the baseline.
