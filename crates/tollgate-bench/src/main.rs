@@ -69,6 +69,10 @@ enum Command {
         /// nothing worth reporting.
         #[arg(long)]
         quick: bool,
+        /// Run only the cost-at-scale section and put its figures into the BENCHMARKS.json and
+        /// BENCHMARKS.md already in `--out`.
+        #[arg(long)]
+        scale_only: bool,
     },
 }
 
@@ -113,6 +117,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             work,
             out,
             quick,
+            scale_only,
         } => {
             // Absolute, since contenders run in their own directories.
             let work = std::path::absolute(&work)?;
@@ -124,11 +129,26 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                 litellm,
                 work,
                 quick,
+                scale_only,
             };
-            let mut results = run::run(options).await?;
-            results.date = chrono::Utc::now().format("%Y-%m-%d %H:%M UTC").to_string();
-            results.commit = commit();
-            results.machine = machine();
+            let measured = run::run(options).await?;
+            let results = if scale_only {
+                let earlier = out.join("BENCHMARKS.json");
+                let text = std::fs::read_to_string(&earlier)
+                    .with_context(|| format!("reading {earlier:?}"))?;
+                let mut results: run::Results = serde_json::from_str(&text)?;
+                results.scale = measured.scale;
+                results.scale_error = measured.scale_error;
+                results.scale_date =
+                    Some(chrono::Utc::now().format("%Y-%m-%d %H:%M UTC").to_string());
+                results
+            } else {
+                let mut results = measured;
+                results.date = chrono::Utc::now().format("%Y-%m-%d %H:%M UTC").to_string();
+                results.commit = commit();
+                results.machine = machine();
+                results
+            };
             std::fs::create_dir_all(&out)?;
             std::fs::write(
                 out.join("BENCHMARKS.json"),

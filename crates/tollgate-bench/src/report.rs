@@ -335,6 +335,12 @@ pub fn render(r: &Results) -> String {
     // Scale.
     let _ = writeln!(md, "## Cost at scale\n");
     let mut scale_ratios = (None, None);
+    if let Some(date) = &r.scale_date {
+        let _ = writeln!(
+            md,
+            "This section was measured on its own (`--scale-only`) on {date}, after the rest.\n"
+        );
+    }
     if let Some(sc) = &r.scale {
         let _ = writeln!(
             md,

@@ -18,6 +18,8 @@ pub struct Options {
     pub litellm: Option<PathBuf>,
     pub work: PathBuf,
     pub quick: bool,
+    /// Only the cost-at-scale section (its figures replace those of an earlier run's report).
+    pub scale_only: bool,
 }
 
 /// Load settings, written into the report.
@@ -81,6 +83,9 @@ pub struct Results {
     pub holds: Vec<Measured>,
     pub scale: Option<ScaleResults>,
     pub scale_error: Option<String>,
+    /// When the scale section was run on its own (`--scale-only`), after the rest.
+    #[serde(default)]
+    pub scale_date: Option<String>,
 }
 
 pub async fn run(options: Options) -> anyhow::Result<Results> {
@@ -119,6 +124,10 @@ pub async fn run(options: Options) -> anyhow::Result<Results> {
 
     // Zero-latency upstream: the proxies' own cost, unmasked.
     let (upstream_proc, upstream) = contenders::upstream(&env, Duration::ZERO).await?;
+    if options.scale_only {
+        (results.scale, results.scale_error) = scale_section(&env, upstream, &settings).await;
+        return Ok(results);
+    }
     let mut contenders: Vec<Contender> = vec![contenders::direct(upstream)];
     let mut failed = Vec::new();
     let mut add = |name: &str, started: anyhow::Result<Contender>| match started {
@@ -286,22 +295,30 @@ pub async fn run(options: Options) -> anyhow::Result<Results> {
         Err(e) => results.latency_mode_error = Some(format!("{e:#}")),
     }
 
+    (results.scale, results.scale_error) = scale_section(&env, upstream, &settings).await;
+    drop(upstream_proc);
+    Ok(results)
+}
+
+async fn scale_section(
+    env: &Env,
+    upstream: std::net::SocketAddr,
+    settings: &Settings,
+) -> (Option<ScaleResults>, Option<String>) {
     eprintln!("scale");
-    match scale::run(
-        &env,
+    let run = scale::run(
+        env,
         upstream,
         settings.scale_keys,
         settings.scale_usage_rows,
-        run_for,
+        Duration::from_secs_f64(settings.run_seconds),
         settings.rounds,
     )
-    .await
-    {
-        Ok(s) => results.scale = Some(s),
-        Err(e) => results.scale_error = Some(format!("{e:#}")),
+    .await;
+    match run {
+        Ok(s) => (Some(s), None),
+        Err(e) => (None, Some(format!("{e:#}"))),
     }
-    drop(upstream_proc);
-    Ok(results)
 }
 
 #[allow(clippy::too_many_arguments)]
