@@ -190,53 +190,24 @@ pub async fn rotating_keys(
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(connections)
         .build()?;
-    let ticks = procs::clock_ticks();
-    let cpu_before = procs::cpu_micros(measured, ticks);
-    let started = Instant::now();
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut tasks = Vec::new();
-    for _ in 0..connections {
-        let (http, keys, stop) = (http.clone(), keys.clone(), stop.clone());
-        let (url, body) = (url.to_string(), body.to_string());
-        tasks.push(tokio::spawn(async move {
-            let mut latencies = Vec::new();
-            let mut errors = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                let key = &keys[rand::thread_rng().gen_range(0..keys.len())];
-                let sent = Instant::now();
-                let answer = http
-                    .post(&url)
-                    .bearer_auth(key)
-                    .header("content-type", "application/json")
-                    .body(body.clone())
-                    .send()
-                    .await;
-                match answer {
-                    Ok(response) if response.status().is_success() => {
-                        if response.bytes().await.is_ok() {
-                            latencies.push(sent.elapsed());
-                        } else {
-                            errors += 1;
-                        }
-                    }
-                    _ => errors += 1,
-                }
-            }
-            (latencies, errors)
-        }));
-    }
-    tokio::time::sleep(duration).await;
-    stop.store(true, Ordering::Relaxed);
-    let mut latencies = Vec::new();
-    let mut errors = 0;
-    for task in tasks {
-        let (l, e) = task.await?;
-        latencies.extend(l);
-        errors += e;
-    }
-    let elapsed = started.elapsed().as_secs_f64();
-    let cpu = procs::cpu_micros(measured, ticks).saturating_sub(cpu_before);
-    Ok(summarize(latencies, errors, elapsed, cpu))
+    let (url, body) = (Arc::new(url.to_string()), Arc::new(body.to_string()));
+    closed_loop(connections, duration, measured, move || {
+        let (http, keys, url, body) = (http.clone(), keys.clone(), url.clone(), body.clone());
+        async move {
+            let key = &keys[rand::thread_rng().gen_range(0..keys.len())];
+            let response = http
+                .post(url.as_str())
+                .bearer_auth(key)
+                .header("content-type", "application/json")
+                .body(body.as_str().to_owned())
+                .send()
+                .await?
+                .error_for_status()?;
+            response.bytes().await?;
+            Ok(())
+        }
+    })
+    .await
 }
 
 /// Opens and settles billing holds in pairs through the billing API, closed loop; `ok` counts
@@ -249,20 +220,40 @@ pub async fn hold_settle(
     measured: &[u32],
 ) -> anyhow::Result<Run> {
     let http = reqwest::Client::new();
+    let (base, key) = (Arc::new(base.to_string()), Arc::new(key.to_string()));
+    closed_loop(connections, duration, measured, move || {
+        let (http, base, key) = (http.clone(), base.clone(), key.clone());
+        async move { open_and_settle(&http, &base, &key).await }
+    })
+    .await
+}
+
+/// `connections` callers each running `operation` again as soon as it ends, for `duration`;
+/// an operation's latency counts when it succeeds, its failure as an error. CPU is that of the
+/// `measured` processes over the run.
+async fn closed_loop<F, Fut>(
+    connections: usize,
+    duration: Duration,
+    measured: &[u32],
+    operation: F,
+) -> anyhow::Result<Run>
+where
+    F: Fn() -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<()>> + Send,
+{
     let ticks = procs::clock_ticks();
     let cpu_before = procs::cpu_micros(measured, ticks);
     let started = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));
     let mut tasks = Vec::new();
     for _ in 0..connections {
-        let (http, stop) = (http.clone(), stop.clone());
-        let (base, key) = (base.to_string(), key.to_string());
+        let (operation, stop) = (operation.clone(), stop.clone());
         tasks.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
             let mut errors = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 let sent = Instant::now();
-                match open_and_settle(&http, &base, &key).await {
+                match operation().await {
                     Ok(()) => latencies.push(sent.elapsed()),
                     Err(_) => errors += 1,
                 }

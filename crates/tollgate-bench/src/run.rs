@@ -56,6 +56,16 @@ pub struct Measured {
     pub error: Option<String>,
 }
 
+impl Measured {
+    /// No runs yet.
+    fn named(name: &str) -> Measured {
+        Measured {
+            name: name.to_string(),
+            ..Measured::default()
+        }
+    }
+}
+
 #[derive(Debug, Default, Serialize, Deserialize)]
 pub struct LitellmResults {
     pub name: String,
@@ -158,10 +168,7 @@ pub async fn run(options: Options) -> anyhow::Result<Results> {
     }
     let mut measured: Vec<Measured> = contenders
         .iter()
-        .map(|c| Measured {
-            name: c.name.clone(),
-            ..Measured::default()
-        })
+        .map(|c| Measured::named(&c.name))
         .collect();
     eprintln!("warming up");
     for contender in &contenders {
@@ -242,13 +249,7 @@ pub async fn run(options: Options) -> anyhow::Result<Results> {
         .iter()
         .filter(|c| c.name.contains("everything on"))
         .collect();
-    let mut holds: Vec<Measured> = billing
-        .iter()
-        .map(|c| Measured {
-            name: c.name.clone(),
-            ..Measured::default()
-        })
-        .collect();
+    let mut holds: Vec<Measured> = billing.iter().map(|c| Measured::named(&c.name)).collect();
     for _ in 0..settings.rounds {
         for (contender, into) in billing.iter().zip(holds.iter_mut()) {
             let key = contender.tollgate_key.clone().unwrap_or_default();
@@ -385,13 +386,7 @@ async fn litellm_runs(
     let mut peers: Vec<&Contender> = vec![direct];
     peers.extend(tollgate);
     peers.push(&lite);
-    out.at_its_rate = peers
-        .iter()
-        .map(|c| Measured {
-            name: c.name.clone(),
-            ..Measured::default()
-        })
-        .collect();
+    out.at_its_rate = peers.iter().map(|c| Measured::named(&c.name)).collect();
     let mode = Mode::Open {
         rate: out.rate,
         connections: 64,
@@ -440,10 +435,7 @@ async fn latency_mode(
     contenders.push(contenders::tollgate(env, Step::UsageLog, true, upstream).await?);
     let mut measured: Vec<Measured> = contenders
         .iter()
-        .map(|c| Measured {
-            name: c.name.clone(),
-            ..Measured::default()
-        })
+        .map(|c| Measured::named(&c.name))
         .collect();
     let mode = Mode::Open {
         rate: settings.latency_mode_rate,

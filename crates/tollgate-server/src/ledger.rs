@@ -344,8 +344,17 @@ impl Ledger {
         hold: Option<(HoldId, Resolve)>,
         row: impl FnOnce(Option<&Resolution>) -> Option<UsageRow>,
     ) {
+        let Some((id, how)) = hold else {
+            // A free call: the book has nothing to resolve, so its lock is not taken. Its row
+            // moves no balance, so it needs no place in the book's order.
+            if let Some(row) = row(None) {
+                let writes = vec![LedgerWrite::Usage(Box::new(row))];
+                let _ = self.queue.send(Command::Write(writes, Instant::now()));
+            }
+            return;
+        };
         let mut book = self.book();
-        let resolution = hold.and_then(|(id, how)| book.resolve(id, how, self.clock.now()));
+        let resolution = book.resolve(id, how, self.clock.now());
         let mut writes = Vec::with_capacity(2);
         if let Some(resolution) = resolution.as_ref().filter(|r| r.first) {
             writes.push(resolve_write(resolution));

@@ -214,14 +214,7 @@ async fn forward(
         ));
     }
     let limit = state.config.max_body_bytes;
-    let declared = request
-        .headers()
-        .get(http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|length| length > limit) {
-        return Err(payload_too_large(limit));
-    }
+    check_declared_length(request.headers(), limit)?;
 
     let (parts, body) = request.into_parts();
     let pricing = &route.config.pricing;
@@ -326,14 +319,7 @@ async fn forward_public(
     timings: &mut Timings,
 ) -> Result<Response, HttpError> {
     let limit = state.config.max_body_bytes;
-    let declared = request
-        .headers()
-        .get(http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|length| length > limit) {
-        return Err(payload_too_large(limit));
-    }
+    check_declared_length(request.headers(), limit)?;
     let (parts, body) = request.into_parts();
     let response = send_upstream(state, route, parts, body, None, timings).await?;
     let (mut parts, body) = response.into_parts();
@@ -571,6 +557,19 @@ pub(crate) fn refused_error(refused: HoldRefused, currency: &str) -> HttpError {
         .with_detail("spent", money(spent))
         .with_detail("held", money(held)),
         HoldRefused::Store(e) => e.into(),
+    }
+}
+
+/// 413 before any work when `Content-Length` is over the limit (a streamed body is checked again
+/// as it is read).
+fn check_declared_length(headers: &HeaderMap, limit: u64) -> Result<(), HttpError> {
+    let declared = headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    match declared {
+        Some(length) if length > limit => Err(payload_too_large(limit)),
+        _ => Ok(()),
     }
 }
 
