@@ -730,6 +730,16 @@ impl Serialize for Secret {
 }
 
 impl Config {
+    /// The first policy, global or on a route, that refuses calls while the shared limiter is
+    /// unreachable: with one, a node without its limiter is not ready.
+    pub fn policy_failing_closed(&self) -> Option<&Policy> {
+        self.rate_limits
+            .iter()
+            .chain(self.routes.iter().flat_map(|r| &r.rate_limits))
+            .map(|p| &**p)
+            .find(|p| p.on_limiter_failure == FailureMode::Closed)
+    }
+
     /// Reads TOML text plus environment overrides and validates it all.
     pub fn load<I, K, V>(toml_text: &str, env: I) -> Result<Config, ConfigErrors>
     where

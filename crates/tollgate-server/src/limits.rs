@@ -77,6 +77,14 @@ pub trait Limiter: Send + Sync {
     async fn adjust(&self, corrections: &[(Demand, i64)]) -> Result<(), LimiterUnavailable>;
     /// Each demand's standing, consuming nothing (`admitted`: one more unit would be).
     async fn peek(&self, demands: &[Demand]) -> Result<Vec<Standing>, LimiterUnavailable>;
+    /// Whether the limiter can decide now (readiness); the in-process one always can.
+    async fn ping(&self) -> Result<(), LimiterUnavailable> {
+        Ok(())
+    }
+    /// Where decisions are made, as `/readyz` names it: `local` or `redis`.
+    fn backend(&self) -> &'static str {
+        "local"
+    }
 }
 
 /// The in-process limiter: TATs in one map behind a mutex (a decision is a few arithmetic

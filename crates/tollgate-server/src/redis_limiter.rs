@@ -157,4 +157,17 @@ impl Limiter for RedisLimiter {
         let reply = self.run("peek", demands.iter().map(|d| (d, 0))).await?;
         Ok(verdict(&reply, demands.len())?.standings)
     }
+
+    async fn ping(&self) -> Result<(), LimiterUnavailable> {
+        let mut connection = self.connection().await?;
+        redis::cmd("PING")
+            .query_async::<String>(&mut connection)
+            .await
+            .map(drop)
+            .map_err(|e| LimiterUnavailable(format!("Redis: {e}")))
+    }
+
+    fn backend(&self) -> &'static str {
+        "redis"
+    }
 }

@@ -615,6 +615,53 @@ async fn with_redis_down_a_fail_closed_policy_refuses_with_503_and_charges_nothi
     assert!(limiter_failures(&app, "refused").await >= 1);
 }
 
+#[tokio::test]
+async fn with_redis_down_a_node_whose_policies_fail_open_is_ready_but_degraded() {
+    let open = policy("per-key", Scope::Key, Unit::Requests, 100, "1m", 9);
+    let app = app_with_dead_redis(vec![open]).await;
+    let ready = app.get("/readyz").send().await.unwrap();
+    assert_eq!(ready.status(), 200);
+    let body: serde_json::Value = ready.json().await.unwrap();
+    assert_eq!(body["status"], "degraded");
+    assert_eq!(body["checks"]["store"]["status"], "ok");
+    assert_eq!(body["checks"]["rate_limiter"]["status"], "unavailable");
+    assert_eq!(body["checks"]["rate_limiter"]["backend"], "redis");
+    assert!(body["checks"]["rate_limiter"]["error"]
+        .as_str()
+        .unwrap()
+        .contains("Redis"));
+}
+
+#[tokio::test]
+async fn with_redis_down_a_node_with_a_fail_closed_policy_is_not_ready_and_names_it() {
+    let open = policy("per-account", Scope::Account, Unit::Requests, 100, "1m", 9);
+    let mut closed = policy("strict", Scope::Key, Unit::Requests, 100, "1m", 9);
+    closed.on_limiter_failure = tollgate_core::ratelimit::FailureMode::Closed;
+    let app = app_with_dead_redis(vec![open, closed]).await;
+    let ready = app.get("/readyz").send().await.unwrap();
+    assert_eq!(ready.headers()["retry-after"], "5");
+    let body = expect_error(ready, 503, "service_unavailable").await;
+    assert_eq!(body["error"]["details"]["dependency"], "rate_limiter");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("'strict'"), "{message}");
+}
+
+#[tokio::test]
+async fn the_in_process_limiter_is_always_ready() {
+    let app = spawn_app_with(|_, _| {}).await;
+    let body: serde_json::Value = app
+        .get("/readyz")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(body["status"], "ready");
+    assert_eq!(body["checks"]["rate_limiter"]["status"], "ok");
+    assert_eq!(body["checks"]["rate_limiter"]["backend"], "local");
+}
+
 #[test]
 fn an_ip_policy_cannot_fail_closed() {
     let mut raw = tollgate_server::config::RawConfig::default();

@@ -292,6 +292,12 @@ async fn a_per_key_rate_limit_holds_across_the_cluster() {
         return;
     };
     let (_, key) = cluster.account_and_key().await;
+    // Each node's readiness covers both shared dependencies.
+    let ready: Value = send_json(cluster.http.get(format!("{}/readyz", cluster.url(1)))).await;
+    assert_eq!(ready["status"], "ready");
+    assert_eq!(ready["checks"]["store"]["backend"], "postgres");
+    assert_eq!(ready["checks"]["rate_limiter"]["status"], "ok");
+    assert_eq!(ready["checks"]["rate_limiter"]["backend"], "redis");
 
     // 330 calls, spread over the nodes, 30 at a time.
     let started = Instant::now();
