@@ -231,7 +231,7 @@ http {{
 }
 
 /// What a Tollgate contender has switched on, cumulatively.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
 pub enum Step {
     PassThrough,
     KeyAuth,

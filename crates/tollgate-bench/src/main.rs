@@ -3,6 +3,7 @@
 //! the bare-proxy floor). `scripts/bench` installs the tools and runs it.
 
 mod bare;
+mod compare;
 mod contenders;
 mod load;
 mod procs;
@@ -13,6 +14,7 @@ mod upstream;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use contenders::Step;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -48,6 +50,29 @@ enum Command {
         from: PathBuf,
         #[arg(long, default_value = "BENCHMARKS.md")]
         to: PathBuf,
+    },
+    /// Two Tollgate builds side by side at one step, on SQLite: the A/B check for a performance
+    /// change. Prints each build's CPU per request and throughput, and the candidate's ratio.
+    Compare {
+        /// The release `tollgate` binary measured against.
+        #[arg(long)]
+        baseline: PathBuf,
+        /// The release `tollgate` binary with the change.
+        #[arg(long)]
+        candidate: PathBuf,
+        #[arg(long)]
+        oha: PathBuf,
+        #[arg(long, value_enum, default_value_t = Step::UsageLog)]
+        step: Step,
+        #[arg(long, default_value_t = 6)]
+        rounds: usize,
+        /// Length of each measured run.
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+        #[arg(long, default_value_t = 64)]
+        connections: u32,
+        #[arg(long, default_value = "target/bench")]
+        work: PathBuf,
     },
     /// Run every benchmark and write BENCHMARKS.md and BENCHMARKS.json into `--out`.
     Run {
@@ -108,6 +133,30 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                 std::fs::read_to_string(&from).with_context(|| format!("reading {from:?}"))?;
             let results: run::Results = serde_json::from_str(&text)?;
             std::fs::write(&to, report::render(&results))?;
+            Ok(())
+        }
+        Command::Compare {
+            baseline,
+            candidate,
+            oha,
+            step,
+            rounds,
+            seconds,
+            connections,
+            work,
+        } => {
+            let options = compare::Options {
+                baseline: std::path::absolute(&baseline)?,
+                candidate: std::path::absolute(&candidate)?,
+                bench: std::env::current_exe().context("finding this binary")?,
+                oha,
+                work: std::path::absolute(&work)?,
+                step,
+                rounds: rounds.max(1),
+                seconds,
+                connections,
+            };
+            print!("{}", compare::run(options).await?);
             Ok(())
         }
         Command::Run {

@@ -6,7 +6,7 @@ use crate::run::{Measured, Results};
 use std::fmt::Write as _;
 
 /// The median of the finite values, and their minimum and maximum.
-fn spread(values: &[f64]) -> Option<(f64, f64, f64)> {
+pub fn spread(values: &[f64]) -> Option<(f64, f64, f64)> {
     let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
     if v.is_empty() {
         return None;

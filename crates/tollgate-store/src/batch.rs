@@ -1,9 +1,9 @@
 //! A ledger batch as rows to write, the same for every SQL backend: holds to insert (a hold
-//! opened and resolved in the same batch, the common case, is inserted once, already resolved),
+//! opened and resolved in the same batch is inserted once, already resolved),
 //! holds resolved since an earlier batch, transfers, usage rows, and each account's net change
 //! of its cached balances.
 
-use crate::{HoldRecord, LedgerWrite, UsageRow};
+use crate::{HoldRecord, LedgerWrite, StoreError, UsageRow};
 use chrono::{DateTime, Utc};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use tollgate_core::ledger::{Hold, LedgerAccount, Transfer};
@@ -97,4 +97,13 @@ fn add_deltas(transfer: &Transfer, deltas: &mut BTreeMap<AccountId, (i64, i64)>)
             LedgerAccount::External | LedgerAccount::Revenue => {}
         }
     }
+}
+
+/// A batch resolved holds that were not all pending: a hold resolved twice is corrupt data, so
+/// the writer falls back to committing the batch's writes one by one, which names the hold.
+pub(crate) fn not_pending(resolved: usize, changed: u64) -> StoreError {
+    StoreError::Corrupt(format!(
+        "{} of {resolved} holds to resolve were not pending; a hold cannot be resolved again",
+        resolved as u64 - changed.min(resolved as u64)
+    ))
 }

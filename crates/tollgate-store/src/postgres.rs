@@ -7,7 +7,7 @@
 //! roll, the audit head before an append. Wallets are updated in account order, so two batches
 //! never deadlock on each other's rows.
 
-use crate::batch::Batch;
+use crate::batch::{not_pending, Batch};
 use crate::rows::{
     convert, corrupt, from_millis, millis, parse_id, push_usage, to_json, AccountRow, AuditHeadRow,
     AuditRow, BucketRow, HoldRow, IdempotencyRow, KeyRow, StandingRow, TransferRow, UsageDbRow,
@@ -138,25 +138,31 @@ impl PostgresStore {
                 .await
                 .map_err(write_failed)?;
         }
-        for hold in resolutions {
-            let changed = sqlx::query(
-                "UPDATE holds SET status = $1, charged_nanos = $2, resolved_at = $3 \
-                 WHERE id = $4 AND status = 'pending'",
-            )
-            .bind(hold.status.as_str())
-            .bind(hold.charged.0)
-            .bind(hold.resolved_at.map(millis))
-            .bind(hold.id.to_string())
-            .execute(&mut *tx)
-            .await
-            .map_err(write_failed)?
-            .rows_affected();
-            if changed != 1 {
+        // Resolutions of holds opened in earlier batches: one statement per chunk, not per hold.
+        for chunk in resolutions.chunks(ROWS_PER_INSERT) {
+            let mut query = sqlx::QueryBuilder::<Postgres>::new(
+                "UPDATE holds SET status = resolved.status, charged_nanos = resolved.charged_nanos, \
+                 resolved_at = resolved.resolved_at FROM (",
+            );
+            query.push_values(chunk, |mut row, hold| {
+                row.push_bind(hold.id.to_string())
+                    .push_bind(hold.status.as_str())
+                    .push_bind(hold.charged.0)
+                    .push_bind(hold.resolved_at.map(millis));
+            });
+            query.push(
+                ") AS resolved (id, status, charged_nanos, resolved_at) \
+                 WHERE holds.id = resolved.id AND holds.status = 'pending'",
+            );
+            let changed = query
+                .build()
+                .execute(&mut *tx)
+                .await
+                .map_err(write_failed)?
+                .rows_affected();
+            if changed != chunk.len() as u64 {
                 tx.rollback().await.map_err(write_failed)?;
-                return Err(StoreError::Corrupt(format!(
-                    "hold {} is not pending; it cannot be resolved again",
-                    hold.id
-                )));
+                return Err(not_pending(chunk.len(), changed));
             }
         }
         insert_transfers(&mut tx, &transfers).await?;

@@ -1,6 +1,6 @@
 //! The embedded default: one SQLite file in WAL mode, migrations applied at open.
 
-use crate::batch::Batch;
+use crate::batch::{not_pending, Batch};
 use crate::rows::{
     convert, corrupt, from_millis, millis, parse_id, push_usage, to_json, AccountRow, AuditHeadRow,
     AuditRow, BucketRow, HoldRow, IdempotencyRow, KeyRow, StandingRow, TransferRow, UsageDbRow,
@@ -555,24 +555,30 @@ impl LedgerStore for SqliteStore {
             });
             query.build().execute(&mut *tx).await.map_err(unavailable)?;
         }
-        for hold in resolutions {
-            let changed = sqlx::query(
-                "UPDATE holds SET status = ?, charged_nanos = ?, resolved_at = ? \
-                 WHERE id = ? AND status = 'pending'",
-            )
-            .bind(hold.status.as_str())
-            .bind(hold.charged.0)
-            .bind(hold.resolved_at.map(millis))
-            .bind(hold.id.to_string())
-            .execute(&mut *tx)
-            .await
-            .map_err(unavailable)?
-            .rows_affected();
-            if changed != 1 {
-                return Err(StoreError::Corrupt(format!(
-                    "hold {} is not pending; it cannot be resolved again",
-                    hold.id
-                )));
+        // Resolutions of holds opened in earlier batches: one statement per chunk, not per hold.
+        for chunk in resolutions.chunks(ROWS_PER_INSERT) {
+            let mut query = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+                "WITH resolved (id, status, charged_nanos, resolved_at) AS (",
+            );
+            query.push_values(chunk, |mut row, hold| {
+                row.push_bind(hold.id.to_string())
+                    .push_bind(hold.status.as_str())
+                    .push_bind(hold.charged.0)
+                    .push_bind(hold.resolved_at.map(millis));
+            });
+            query.push(
+                ") UPDATE holds SET status = resolved.status, \
+                 charged_nanos = resolved.charged_nanos, resolved_at = resolved.resolved_at \
+                 FROM resolved WHERE holds.id = resolved.id AND holds.status = 'pending'",
+            );
+            let changed = query
+                .build()
+                .execute(&mut *tx)
+                .await
+                .map_err(unavailable)?
+                .rows_affected();
+            if changed != chunk.len() as u64 {
+                return Err(not_pending(chunk.len(), changed));
             }
         }
         for chunk in transfers.chunks(ROWS_PER_INSERT) {

@@ -804,6 +804,44 @@ pub async fn holds_commit_settle_and_release_in_batches(store: Arc<dyn Store>) {
     assert_eq!(older.len(), 3);
 }
 
+/// More resolutions than one statement carries, each of a hold opened in an earlier batch; then
+/// a batch that resolves one of them again among fresh ones is refused whole.
+pub async fn many_resolutions_commit_together_and_a_repeat_refuses_the_batch(
+    store: Arc<dyn Store>,
+) {
+    const HOLDS: i64 = 1_100;
+    let (account, _, master) = new_account(&*store, Nanos(10 * (HOLDS + 1))).await;
+    let mut book = Book::new();
+    book.load_wallet(account, store.wallet(account).await.unwrap().unwrap());
+    book.load_key_spend(master.id, at(1_000), Nanos::ZERO);
+    let opened: Vec<LedgerWrite> = (0..=HOLDS)
+        .map(|_| open_hold(&mut book, account, master.id, 10, 1_000))
+        .collect();
+    store.commit(BatchId::new(), &opened).await.unwrap();
+    let (last, first) = opened.split_last().unwrap();
+    let settled: Vec<LedgerWrite> = first
+        .iter()
+        .map(|w| resolve(&mut book, w, Resolve::Settle(Nanos(3)), 2_000))
+        .collect();
+    store.commit(BatchId::new(), &settled).await.unwrap();
+    assert_books_balance(&*store, account, &book).await;
+    assert_eq!(store.pending_holds().await.unwrap().len(), 1);
+    assert_eq!(
+        store.account_spent_since(account, at(0)).await.unwrap(),
+        Nanos(3 * HOLDS)
+    );
+
+    let mut again = vec![resolve(&mut book, last, Resolve::Release, 3_000)];
+    again.push(settled[HOLDS as usize - 1].clone());
+    let refused = store.commit(BatchId::new(), &again).await;
+    assert!(
+        matches!(refused, Err(tollgate_store::StoreError::Corrupt(_))),
+        "{refused:?}"
+    );
+    // Nothing of the refused batch stands: the last hold is still pending.
+    assert_eq!(store.pending_holds().await.unwrap().len(), 1);
+}
+
 pub async fn a_wallet_never_goes_negative_in_the_store(store: Arc<dyn Store>) {
     let (account, _, _) = new_account(&*store, Nanos(10)).await;
     let overdraw = LedgerWrite::Grant {
@@ -1030,6 +1068,7 @@ macro_rules! store_suite {
                 a_rolled_key_answers_to_both_secrets_with_the_old_ones_deadline,
                 ping_answers,
                 holds_commit_settle_and_release_in_batches,
+                many_resolutions_commit_together_and_a_repeat_refuses_the_batch,
                 a_wallet_never_goes_negative_in_the_store,
                 usage_rows_round_trip_filter_and_page,
                 usage_summaries_group_and_total_by_day_key_route_and_model,
