@@ -9,7 +9,7 @@ use crate::metrics::Metrics;
 use crate::proxy::RouteTable;
 use crate::redis_limiter::RedisLimiter;
 use crate::shed::Shedder;
-use crate::state::AppState;
+use crate::state::{AppState, Shared};
 use crate::{api, edge, health, idempotency, limits, metrics, openapi, proxy, shed};
 use axum::middleware;
 use axum::response::IntoResponse;
@@ -67,7 +67,7 @@ impl Application {
         }
         let keys = Arc::new(KeyCache::new(config.key_cache_capacity));
         let metrics = Arc::new(Metrics::new(&ledger, &keys));
-        let state = AppState {
+        let state = AppState::new(Shared {
             keys,
             metrics,
             ledger,
@@ -85,7 +85,7 @@ impl Application {
             config: Arc::new(config),
             store,
             clock,
-        };
+        });
         let router = router(state.clone())?;
         let changes = state.store.changes().await?;
         Ok(Application {

@@ -12,8 +12,26 @@ use std::sync::Arc;
 use tollgate_core::Clock;
 use tollgate_store::Store;
 
+/// Cloned for every request by each layer and extractor that takes it, so it is one `Arc`: a
+/// clone is one atomic increment, not one per field.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+impl AppState {
+    pub fn new(shared: Shared) -> AppState {
+        AppState(Arc::new(shared))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+pub struct Shared {
     pub config: Arc<Config>,
     pub store: Arc<dyn Store>,
     pub keys: Arc<KeyCache>,
