@@ -99,11 +99,18 @@ fn add_deltas(transfer: &Transfer, deltas: &mut BTreeMap<AccountId, (i64, i64)>)
     }
 }
 
-/// A batch resolved holds that were not all pending: a hold resolved twice is corrupt data, so
-/// the writer falls back to committing the batch's writes one by one, which names the hold.
-pub(crate) fn not_pending(resolved: usize, changed: u64) -> StoreError {
-    StoreError::Corrupt(format!(
-        "{} of {resolved} holds to resolve were not pending; a hold cannot be resolved again",
-        resolved as u64 - changed.min(resolved as u64)
-    ))
+/// Of `resolved` holds, only `changed` were pending: a hold resolved twice is corrupt data. The
+/// writer then commits the batch's writes one by one, and a lone hold is named.
+pub(crate) fn not_pending(resolved: &[&Hold], changed: u64) -> StoreError {
+    StoreError::Corrupt(match resolved {
+        [hold] => format!(
+            "hold {} is not pending; it cannot be resolved again",
+            hold.id
+        ),
+        _ => format!(
+            "{} of {} holds to resolve were not pending; a hold cannot be resolved again",
+            (resolved.len() as u64).saturating_sub(changed),
+            resolved.len()
+        ),
+    })
 }

@@ -162,7 +162,7 @@ impl PostgresStore {
                 .rows_affected();
             if changed != chunk.len() as u64 {
                 tx.rollback().await.map_err(write_failed)?;
-                return Err(not_pending(chunk.len(), changed));
+                return Err(not_pending(chunk, changed));
             }
         }
         insert_transfers(&mut tx, &transfers).await?;

@@ -578,7 +578,7 @@ impl LedgerStore for SqliteStore {
                 .map_err(unavailable)?
                 .rows_affected();
             if changed != chunk.len() as u64 {
-                return Err(not_pending(chunk.len(), changed));
+                return Err(not_pending(chunk, changed));
             }
         }
         for chunk in transfers.chunks(ROWS_PER_INSERT) {

@@ -840,6 +840,15 @@ pub async fn many_resolutions_commit_together_and_a_repeat_refuses_the_batch(
     );
     // Nothing of the refused batch stands: the last hold is still pending.
     assert_eq!(store.pending_holds().await.unwrap().len(), 1);
+    // Alone, a repeated resolution names its hold.
+    let LedgerWrite::ResolveHold { hold, .. } = &settled[0] else {
+        unreachable!()
+    };
+    let refused = store.commit(BatchId::new(), &settled[..1]).await;
+    assert!(
+        matches!(&refused, Err(tollgate_store::StoreError::Corrupt(m)) if m.contains(&hold.id.to_string())),
+        "{refused:?}"
+    );
 }
 
 pub async fn a_wallet_never_goes_negative_in_the_store(store: Arc<dyn Store>) {
