@@ -6,7 +6,7 @@
 
 use crate::contenders::{self, Contender, Env, Step};
 use crate::load::{self, Mode, Run};
-use crate::report::spread;
+use crate::report::show;
 use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -86,22 +86,16 @@ pub async fn run(options: Options) -> anyhow::Result<String> {
 }
 
 fn render(options: &Options, baseline: &[Run], candidate: &[Run], rss_mib: &[f64]) -> String {
-    let figure = |runs: &[Run], f: fn(&Run) -> f64| -> String {
-        match spread(&runs.iter().map(f).collect::<Vec<_>>()) {
-            Some((m, lo, hi)) => format!("{m:.1} ({lo:.1}–{hi:.1})"),
-            None => "—".into(),
-        }
-    };
-    let ratio = |f: fn(&Run) -> f64| -> String {
+    let figure =
+        |runs: &[Run], f: fn(&Run) -> f64| show(&runs.iter().map(f).collect::<Vec<_>>(), 1);
+    // Per round: the two runs of a round are neighbours in time, so drift cancels.
+    let ratio = |f: fn(&Run) -> f64| {
         let per_round: Vec<f64> = baseline
             .iter()
             .zip(candidate)
             .map(|(b, c)| f(c) / f(b))
             .collect();
-        match spread(&per_round) {
-            Some((m, lo, hi)) => format!("{m:.3}× ({lo:.3}–{hi:.3})"),
-            None => "—".into(),
-        }
+        format!("× {}", show(&per_round, 3))
     };
     let cpu: fn(&Run) -> f64 = |r| r.cpu_us_per_request;
     let rps: fn(&Run) -> f64 = |r| r.rps;

@@ -6,7 +6,7 @@ use crate::run::{Measured, Results};
 use std::fmt::Write as _;
 
 /// The median of the finite values, and their minimum and maximum.
-pub fn spread(values: &[f64]) -> Option<(f64, f64, f64)> {
+fn spread(values: &[f64]) -> Option<(f64, f64, f64)> {
     let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
     if v.is_empty() {
         return None;
@@ -25,7 +25,7 @@ fn median(values: &[f64]) -> Option<f64> {
 }
 
 /// `median (min–max)`, with `digits` decimals.
-fn show(values: &[f64], digits: usize) -> String {
+pub fn show(values: &[f64], digits: usize) -> String {
     match spread(values) {
         None => "—".into(),
         Some((m, lo, hi)) if values.len() > 1 => {
