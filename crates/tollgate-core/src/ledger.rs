@@ -4,7 +4,7 @@
 //! below zero, holds that resolve exactly once, and each key's spend this month. The server keeps
 //! one `Book` for admission and persists the transfers each operation returns.
 
-use crate::{AccountId, HoldId, KeyId, Nanos};
+use crate::{AccountId, HoldId, KeyId, Nanos, RequestId};
 use chrono::{DateTime, Datelike, Utc};
 use std::collections::HashMap;
 use std::fmt;
@@ -169,6 +169,9 @@ pub struct Hold {
     /// What settling charged; zero otherwise.
     pub charged: Nanos,
     pub resolved_at: Option<DateTime<Utc>>,
+    /// The data-plane request this hold pays for: its ledger entries carry this id, never the
+    /// hold's own (which the billing API would accept).
+    pub reference: Option<RequestId>,
 }
 
 /// How to resolve a hold.
@@ -269,6 +272,8 @@ pub struct HoldRequest {
     pub key_cap: Option<Nanos>,
     pub at: DateTime<Utc>,
     pub expires_at: DateTime<Utc>,
+    /// The data-plane request the hold pays for, if it is one's.
+    pub reference: Option<RequestId>,
 }
 
 /// The in-memory ledger state: loaded wallets, pending holds (and resolved ones until the
@@ -434,6 +439,7 @@ impl Book {
             status: HoldStatus::Pending,
             charged: Nanos::ZERO,
             resolved_at: None,
+            reference: request.reference,
         };
         self.holds.insert(hold.id, hold.clone());
         let transfer = (request.amount > Nanos::ZERO).then_some(Transfer {
@@ -566,6 +572,7 @@ mod tests {
             key_cap: None,
             at: t0(),
             expires_at: t0() + TimeDelta::seconds(60),
+            reference: None,
         }
     }
 
@@ -802,6 +809,7 @@ mod tests {
                             key_cap: cap.map(Nanos),
                             at: now,
                             expires_at: now + TimeDelta::seconds(30),
+                            reference: None,
                         };
                         match book.open(request) {
                             Ok((hold, transfer)) => {

@@ -17,6 +17,10 @@ pub struct TokenUsage {
     pub output: u64,
 }
 
+fn count(value: Option<&Value>) -> u64 {
+    value.and_then(Value::as_u64).unwrap_or(0)
+}
+
 /// Which provider's API shape an LLM route speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LlmApi {
@@ -24,38 +28,225 @@ pub enum LlmApi {
     Anthropic,
 }
 
-fn count(value: Option<&Value>) -> u64 {
-    value.and_then(Value::as_u64).unwrap_or(0)
+/// An endpoint an LLM route knows how to meter. Every POST under an LLM route must be one of
+/// these to be metered; the route's config decides what happens to any other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    /// OpenAI `POST …/chat/completions`: usage in the JSON, or in the stream's usage chunk.
+    ChatCompletions,
+    /// OpenAI `POST …/completions` (legacy): the same usage shape as chat completions.
+    Completions,
+    /// OpenAI `POST …/embeddings`: input tokens only.
+    Embeddings,
+    /// OpenAI `POST …/responses`: usage in the JSON, or in the stream's `response.completed`,
+    /// `response.incomplete` or `response.failed` event.
+    Responses,
+    /// Anthropic `POST …/messages`: usage in the JSON, or in `message_start` and `message_delta`.
+    Messages,
+    /// Anthropic `POST …/messages/count_tokens`: free.
+    CountTokens,
 }
 
+/// Each API's metered endpoints, by the path suffix that names them; longest suffixes first, so
+/// `/chat/completions` is not read as `/completions`.
+const ENDPOINTS: [(LlmApi, &str, Endpoint); 6] = [
+    (
+        LlmApi::OpenAi,
+        "/chat/completions",
+        Endpoint::ChatCompletions,
+    ),
+    (LlmApi::OpenAi, "/completions", Endpoint::Completions),
+    (LlmApi::OpenAi, "/embeddings", Endpoint::Embeddings),
+    (LlmApi::OpenAi, "/responses", Endpoint::Responses),
+    (
+        LlmApi::Anthropic,
+        "/messages/count_tokens",
+        Endpoint::CountTokens,
+    ),
+    (LlmApi::Anthropic, "/messages", Endpoint::Messages),
+];
+
 impl LlmApi {
+    /// The metered endpoint a POST to `path` (the part after the route's prefix) calls, if it is
+    /// one. A path with empty, `.` or `..` segments is never one: an upstream may normalise it
+    /// into an endpoint other than the one its suffix names.
+    pub fn endpoint(self, path: &str) -> Option<Endpoint> {
+        let mut segments = path.split('/').skip(1);
+        if segments.any(|s| s.is_empty() || s == "." || s == "..") {
+            return None;
+        }
+        ENDPOINTS
+            .iter()
+            .find(|(api, suffix, _)| *api == self && path.ends_with(suffix))
+            .map(|(_, _, endpoint)| *endpoint)
+    }
+
+    /// The path suffixes of its metered endpoints, for messages.
+    pub fn endpoints(self) -> Vec<&'static str> {
+        ENDPOINTS
+            .iter()
+            .filter(|(api, ..)| *api == self)
+            .map(|(_, suffix, _)| *suffix)
+            .collect()
+    }
+
     /// The usage in a complete (non-streamed) JSON response, if it reports one.
     pub fn usage_from_json(self, body: &Value) -> Option<TokenUsage> {
         let usage = body.get("usage").filter(|u| u.is_object())?;
         Some(match self {
             LlmApi::OpenAi => openai_usage(usage),
-            LlmApi::Anthropic => anthropic_usage(usage),
+            LlmApi::Anthropic => anthropic_usage(usage).total(),
         })
+    }
+
+    /// How many characters of generated text a complete JSON response holds, to estimate its
+    /// output when it reports no usage.
+    pub fn output_chars(self, body: &Value) -> u64 {
+        let mut chars = 0;
+        match self {
+            LlmApi::OpenAi => {
+                for choice in body
+                    .get("choices")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                {
+                    chars += text_len(choice.pointer("/message/content"));
+                    chars += text_len(choice.get("text"));
+                }
+                for item in body
+                    .get("output")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                {
+                    for part in item
+                        .get("content")
+                        .and_then(Value::as_array)
+                        .into_iter()
+                        .flatten()
+                    {
+                        chars += text_len(part.get("text"));
+                    }
+                }
+            }
+            LlmApi::Anthropic => {
+                for part in body
+                    .get("content")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                {
+                    chars += text_len(part.get("text"));
+                }
+            }
+        }
+        chars
+    }
+}
+
+impl Endpoint {
+    pub fn api(self) -> LlmApi {
+        match self {
+            Endpoint::Messages | Endpoint::CountTokens => LlmApi::Anthropic,
+            _ => LlmApi::OpenAi,
+        }
+    }
+
+    /// Whether calls to it cost nothing (they generate nothing).
+    pub fn is_free(self) -> bool {
+        self == Endpoint::CountTokens
+    }
+
+    /// Whether it generates output, so its hold covers `max_tokens` of it.
+    pub fn generates(self) -> bool {
+        !matches!(self, Endpoint::Embeddings | Endpoint::CountTokens)
+    }
+
+    /// The body fields that cap its output, the one Tollgate writes first.
+    pub fn max_tokens_fields(self) -> &'static [&'static str] {
+        match self {
+            Endpoint::ChatCompletions => &["max_completion_tokens", "max_tokens"],
+            Endpoint::Completions | Endpoint::Messages => &["max_tokens"],
+            Endpoint::Responses => &["max_output_tokens"],
+            Endpoint::Embeddings | Endpoint::CountTokens => &[],
+        }
+    }
+
+    /// Whether a stream needs `stream_options.include_usage` to report usage at all.
+    pub fn needs_usage_option(self) -> bool {
+        matches!(self, Endpoint::ChatCompletions | Endpoint::Completions)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Endpoint::ChatCompletions => "chat completions",
+            Endpoint::Completions => "completions",
+            Endpoint::Embeddings => "embeddings",
+            Endpoint::Responses => "responses",
+            Endpoint::Messages => "messages",
+            Endpoint::CountTokens => "count tokens",
+        }
     }
 }
 
 /// Anthropic counts cache writes apart from input (charged as input) and cache reads apart too.
-fn anthropic_usage(usage: &Value) -> TokenUsage {
-    TokenUsage {
-        input: count(usage.get("input_tokens")) + count(usage.get("cache_creation_input_tokens")),
-        cached_input: count(usage.get("cache_read_input_tokens")),
-        output: count(usage.get("output_tokens")),
+/// Each count is kept apart, since a stream's `message_delta` may update some and not others.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct AnthropicUsage {
+    input: u64,
+    cache_writes: u64,
+    cache_reads: u64,
+    output: u64,
+}
+
+impl AnthropicUsage {
+    /// Updates the counts `usage` carries, keeping the others.
+    fn update(&mut self, usage: &Value) {
+        let field = |name: &str| usage.get(name).and_then(Value::as_u64);
+        if let Some(n) = field("input_tokens") {
+            self.input = n;
+        }
+        if let Some(n) = field("cache_creation_input_tokens") {
+            self.cache_writes = n;
+        }
+        if let Some(n) = field("cache_read_input_tokens") {
+            self.cache_reads = n;
+        }
+        if let Some(n) = field("output_tokens") {
+            self.output = n;
+        }
+    }
+
+    fn total(self) -> TokenUsage {
+        TokenUsage {
+            input: self.input.saturating_add(self.cache_writes),
+            cached_input: self.cache_reads,
+            output: self.output,
+        }
     }
 }
 
-/// OpenAI counts cached tokens inside `prompt_tokens`.
+fn anthropic_usage(usage: &Value) -> AnthropicUsage {
+    let mut counts = AnthropicUsage::default();
+    counts.update(usage);
+    counts
+}
+
+/// OpenAI counts cached tokens inside the input. Chat completions, completions and embeddings
+/// say `prompt_tokens` / `completion_tokens`; the Responses API says `input_tokens` /
+/// `output_tokens`. Both shapes are read, whichever endpoint answered, so no path trick can
+/// make the meter read the wrong one.
 fn openai_usage(usage: &Value) -> TokenUsage {
-    let prompt = count(usage.get("prompt_tokens"));
-    let cached = count(usage.pointer("/prompt_tokens_details/cached_tokens")).min(prompt);
+    let either = |a: &str, b: &str| count(usage.get(a)).max(count(usage.get(b)));
+    let prompt = either("prompt_tokens", "input_tokens");
+    let cached = count(usage.pointer("/prompt_tokens_details/cached_tokens"))
+        .max(count(usage.pointer("/input_tokens_details/cached_tokens")))
+        .min(prompt);
     TokenUsage {
         input: prompt - cached,
         cached_input: cached,
-        output: count(usage.get("completion_tokens")),
+        output: either("completion_tokens", "output_tokens"),
     }
 }
 
@@ -70,8 +261,12 @@ pub struct StreamMeter {
     line_too_long: bool,
     data: String,
     usage: TokenUsage,
-    /// The event that carries the final usage has been seen (OpenAI's usage chunk, Anthropic's
-    /// `message_delta`).
+    /// Anthropic's counts as `message_start` and `message_delta` left them.
+    anthropic: AnthropicUsage,
+    /// Whether the stream has reported its input (Anthropic's `message_start`).
+    input_reported: bool,
+    /// The event that carries the final usage has been seen (OpenAI's usage chunk or final
+    /// response event, Anthropic's `message_delta`).
     usage_final: bool,
     output_chars: u64,
 }
@@ -84,6 +279,8 @@ impl StreamMeter {
             line_too_long: false,
             data: String::new(),
             usage: TokenUsage::default(),
+            anthropic: AnthropicUsage::default(),
+            input_reported: false,
             usage_final: false,
             output_chars: 0,
         }
@@ -136,6 +333,7 @@ impl StreamMeter {
         };
         match self.api {
             LlmApi::OpenAi => {
+                // Chat completions and completions: a chunk with a `usage` object.
                 if let Some(usage) = event.get("usage").filter(|u| u.is_object()) {
                     self.usage = openai_usage(usage);
                     self.usage_final = true;
@@ -143,30 +341,39 @@ impl StreamMeter {
                 if let Some(choices) = event.get("choices").and_then(Value::as_array) {
                     for choice in choices {
                         self.output_chars += text_len(choice.pointer("/delta/content"));
+                        self.output_chars += text_len(choice.get("text"));
                     }
+                }
+                // The Responses API: the final event carries the whole response.
+                match event.get("type").and_then(Value::as_str) {
+                    Some("response.completed" | "response.incomplete" | "response.failed") => {
+                        if let Some(usage) =
+                            event.pointer("/response/usage").filter(|u| u.is_object())
+                        {
+                            self.usage = openai_usage(usage);
+                            self.usage_final = true;
+                        }
+                    }
+                    Some("response.output_text.delta") => {
+                        self.output_chars += text_len(event.get("delta"));
+                    }
+                    _ => {}
                 }
             }
             LlmApi::Anthropic => match event.get("type").and_then(Value::as_str) {
                 Some("message_start") => {
                     if let Some(usage) = event.pointer("/message/usage").filter(|u| u.is_object()) {
-                        self.usage = anthropic_usage(usage);
+                        self.anthropic.update(usage);
+                        self.input_reported = true;
+                        self.usage = self.anthropic.total();
                     }
                 }
                 Some("message_delta") => {
                     if let Some(usage) = event.get("usage").filter(|u| u.is_object()) {
-                        // Counts here are cumulative; input appears only in newer versions.
-                        if let Some(output) = usage.get("output_tokens").and_then(Value::as_u64) {
-                            self.usage.output = output;
-                        }
-                        if let Some(input) = usage.get("input_tokens").and_then(Value::as_u64) {
-                            self.usage.input =
-                                input + count(usage.get("cache_creation_input_tokens"));
-                        }
-                        if let Some(cached) =
-                            usage.get("cache_read_input_tokens").and_then(Value::as_u64)
-                        {
-                            self.usage.cached_input = cached;
-                        }
+                        // Counts here are cumulative and replace those of `message_start`
+                        // they name; the others stand.
+                        self.anthropic.update(usage);
+                        self.usage = self.anthropic.total();
                         self.usage_final = true;
                     }
                 }
@@ -183,12 +390,18 @@ impl StreamMeter {
         self.usage_final.then_some(self.usage)
     }
 
-    /// What can be told without a final usage event: input as far as reported, output
-    /// estimated at four characters per token from the text that passed.
-    pub fn estimate(&self) -> TokenUsage {
+    /// What can be told without a final usage event: input as reported or else
+    /// `input_estimate` (from the request), output as reported or estimated at four characters
+    /// per token from the text that passed, whichever is more.
+    pub fn estimate(&self, input_estimate: u64) -> TokenUsage {
         TokenUsage {
+            input: if self.input_reported {
+                self.usage.input
+            } else {
+                input_estimate
+            },
+            cached_input: self.usage.cached_input,
             output: self.usage.output.max(self.output_chars.div_ceil(4)),
-            ..self.usage
         }
     }
 }
@@ -244,7 +457,7 @@ mod tests {
         let mut meter = StreamMeter::new(LlmApi::OpenAi);
         feed_bytewise(&mut meter, &stream[..60]);
         assert_eq!(meter.usage(), None);
-        assert_eq!(meter.estimate().output, 3, "11 characters seen so far");
+        assert_eq!(meter.estimate(0).output, 3, "11 characters seen so far");
         feed_bytewise(&mut meter, &stream[60..]);
         assert_eq!(
             meter.usage(),
@@ -264,7 +477,7 @@ mod tests {
         meter.feed(stream.as_bytes());
         assert_eq!(meter.usage(), None, "no message_delta yet");
         assert_eq!(
-            meter.estimate(),
+            meter.estimate(99),
             TokenUsage {
                 input: 12,
                 cached_input: 0,
@@ -290,5 +503,93 @@ mod tests {
         meter.feed(&vec![b'x'; MAX_LINE_BYTES + 10]);
         meter.feed(b"\n\ndata: {\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":1}}\n\n");
         assert_eq!(meter.usage().map(|u| u.output), Some(1));
+    }
+
+    #[test]
+    fn each_api_meters_its_own_endpoints_and_nothing_else() {
+        let openai = |p| LlmApi::OpenAi.endpoint(p);
+        assert_eq!(openai("/chat/completions"), Some(Endpoint::ChatCompletions));
+        assert_eq!(
+            openai("/v1/chat/completions"),
+            Some(Endpoint::ChatCompletions)
+        );
+        assert_eq!(openai("/completions"), Some(Endpoint::Completions));
+        assert_eq!(openai("/v1/embeddings"), Some(Endpoint::Embeddings));
+        assert_eq!(openai("/v1/responses"), Some(Endpoint::Responses));
+        assert_eq!(openai("/v1/messages"), None, "an Anthropic endpoint");
+        assert_eq!(openai("/v1/images/generations"), None);
+        assert_eq!(openai("/v1/responses/resp_1/cancel"), None);
+        // Paths an upstream could normalise into another endpoint are never metered as one.
+        assert_eq!(openai("/v1/chat/completions/"), None);
+        assert_eq!(openai("/v1/embeddings/../chat/completions"), None);
+        assert_eq!(openai("/v1//chat/completions"), None);
+        assert_eq!(openai("/v1/./responses"), None);
+        let anthropic = |p| LlmApi::Anthropic.endpoint(p);
+        assert_eq!(anthropic("/v1/messages"), Some(Endpoint::Messages));
+        assert_eq!(
+            anthropic("/v1/messages/count_tokens"),
+            Some(Endpoint::CountTokens)
+        );
+        assert_eq!(anthropic("/v1/messages/batches"), None);
+        assert_eq!(anthropic("/v1/chat/completions"), None);
+        assert!(Endpoint::CountTokens.is_free());
+        assert!(!Endpoint::Embeddings.generates());
+    }
+
+    #[test]
+    fn reads_the_responses_api_usage_in_json_and_in_each_final_event() {
+        let body = json!({"object": "response", "output": [{"type": "message",
+            "content": [{"type": "output_text", "text": "abcdefgh"}]}],
+            "usage": {"input_tokens": 40, "input_tokens_details": {"cached_tokens": 10},
+                "output_tokens": 7, "total_tokens": 47}});
+        let expected = TokenUsage {
+            input: 30,
+            cached_input: 10,
+            output: 7,
+        };
+        assert_eq!(LlmApi::OpenAi.usage_from_json(&body), Some(expected));
+        assert_eq!(LlmApi::OpenAi.output_chars(&body), 8);
+        for last in [
+            "response.completed",
+            "response.incomplete",
+            "response.failed",
+        ] {
+            let mut meter = StreamMeter::new(LlmApi::OpenAi);
+            meter.feed(b"event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"delta\":\"abcdefgh\"}\n\n");
+            assert_eq!(meter.usage(), None);
+            assert_eq!(meter.estimate(5).output, 2);
+            let event = json!({"type": last, "response": {"usage": body["usage"]}});
+            meter.feed(format!("event: {last}\ndata: {event}\n\n").as_bytes());
+            assert_eq!(meter.usage(), Some(expected), "{last}");
+        }
+    }
+
+    #[test]
+    fn an_anthropic_delta_with_input_keeps_the_cache_writes_of_message_start() {
+        let mut meter = StreamMeter::new(LlmApi::Anthropic);
+        meter.feed(b"data: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":10,\"cache_creation_input_tokens\":500,\"cache_read_input_tokens\":20,\"output_tokens\":1}}}\n\n");
+        meter.feed(b"data: {\"type\":\"message_delta\",\"usage\":{\"input_tokens\":10,\"output_tokens\":30}}\n\n");
+        assert_eq!(
+            meter.usage(),
+            Some(TokenUsage {
+                input: 510,
+                cached_input: 20,
+                output: 30
+            })
+        );
+    }
+
+    #[test]
+    fn a_stream_without_reported_input_is_estimated_from_the_request() {
+        let mut meter = StreamMeter::new(LlmApi::OpenAi);
+        meter.feed(b"data: {\"choices\":[{\"delta\":{\"content\":\"abcd\"}}]}\n\n");
+        assert_eq!(
+            meter.estimate(25),
+            TokenUsage {
+                input: 25,
+                cached_input: 0,
+                output: 1
+            }
+        );
     }
 }

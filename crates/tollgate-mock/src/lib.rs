@@ -1,17 +1,27 @@
 //! A mock upstream for demos, tests and benchmarks, all in one axum router:
 //!
-//! - `POST /v1/chat/completions`: OpenAI-compatible; JSON, or SSE when `"stream": true` (with a
-//!   final usage chunk when `stream_options.include_usage` is set).
+//! - `POST /v1/chat/completions` and `POST /v1/completions`: OpenAI-compatible; JSON, or SSE
+//!   when `"stream": true` (with a final usage chunk when `stream_options.include_usage` is set).
+//! - `POST /v1/responses`: OpenAI's Responses API; JSON, or its SSE events ending in
+//!   `response.completed` with the usage (`x-mock-final-event: incomplete|failed` ends it in
+//!   `response.incomplete` or `response.failed` instead).
+//! - `POST /v1/embeddings`: input tokens only. `POST /v1/images/generations`: an endpoint
+//!   without usage.
 //! - `POST /v1/messages`: Anthropic-compatible; JSON, or its SSE event stream with usage in
-//!   `message_start` and `message_delta`.
+//!   `message_start` and `message_delta`. `POST /v1/messages/count_tokens`.
 //! - `/echo/...` (any method): answers with the request it received, as JSON (with the peer
 //!   address of the connection, when served by [`MockUpstream`]).
 //!
 //! Token counts are derived from the input (about four characters a token, at least one), so a
-//! test can predict them. Faults are injected by request header:
+//! test can predict them. Like a real provider, the output stops at the request's cap
+//! (`max_tokens`, `max_completion_tokens`, `max_output_tokens`), unless
+//! `x-mock-ignore-max-tokens` is set. Responses are compressed as `Accept-Encoding` allows, or
+//! always in the encoding `x-mock-compress` names (`gzip`, `br`, `deflate`, `zstd`): an upstream
+//! that compresses whatever it is asked. Faults are injected by request header:
 //! `x-mock-status: <code>` answers that status, `x-mock-delay-ms` waits before answering, and for
 //! streams `x-mock-chunks: <n>` and `x-mock-chunk-delay-ms: <ms>` shape the stream and
-//! `x-mock-abort-after: <n>` breaks the connection after `n` events. The echo API answers
+//! `x-mock-abort-after: <n>` breaks the connection after `n` events; `x-mock-no-usage` leaves
+//! every usage report out (an upstream that reports none). The echo API answers
 //! `x-mock-units: <n>` with the response header `x-units: <n>` (for per-unit pricing).
 
 use axum::body::{Body, Bytes};
@@ -34,9 +44,30 @@ const ECHO_BODY_LIMIT: usize = 16 * 1024 * 1024;
 pub fn router() -> Router {
     Router::new()
         .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/completions", post(completions))
+        .route("/v1/responses", post(responses))
+        .route("/v1/embeddings", post(embeddings))
+        .route("/v1/images/generations", post(images))
         .route("/v1/messages", post(messages))
+        .route("/v1/messages/count_tokens", post(count_tokens_endpoint))
         .route("/echo", any(echo))
         .route("/echo/{*rest}", any(echo))
+        .layer(
+            tower_http::compression::CompressionLayer::new()
+                .compress_when(tower_http::compression::predicate::SizeAbove::new(0)),
+        )
+        .layer(axum::middleware::map_request(forced_encoding))
+}
+
+/// `x-mock-compress: <encoding>` stands for the client's `Accept-Encoding`, so the answer is
+/// compressed whatever the client (or a gateway) asked.
+async fn forced_encoding(mut request: Request) -> Request {
+    if let Some(forced) = request.headers().get("x-mock-compress").cloned() {
+        request
+            .headers_mut()
+            .insert(axum::http::header::ACCEPT_ENCODING, forced);
+    }
+    request
 }
 
 /// A running mock server; it stops when dropped.
@@ -77,6 +108,7 @@ struct Faults {
     chunks: usize,
     chunk_delay: Duration,
     abort_after: Option<usize>,
+    no_usage: bool,
 }
 
 impl Faults {
@@ -95,6 +127,7 @@ impl Faults {
             chunks: number("x-mock-chunks").map_or(DEFAULT_CHUNKS, |n| n.clamp(1, 10_000) as usize),
             chunk_delay: Duration::from_millis(number("x-mock-chunk-delay-ms").unwrap_or(0)),
             abort_after: number("x-mock-abort-after").map(|n| n as usize),
+            no_usage: headers.contains_key("x-mock-no-usage"),
         }
     }
 
@@ -125,22 +158,36 @@ fn bad_request(message: &str) -> Response {
         .into_response()
 }
 
-/// All text in an OpenAI `messages` array or an Anthropic `messages`/`system` body.
+/// All text in a request: an OpenAI `messages` array or an Anthropic `messages`/`system` body,
+/// completions' `prompt`, or the Responses API's and embeddings' `input` (text, a list of texts,
+/// or a list of messages).
 fn input_text(body: &Value) -> String {
-    let mut text = String::new();
-    let mut collect = |content: &Value| match content {
-        Value::String(s) => text.push_str(s),
-        Value::Array(parts) => {
-            for part in parts {
-                if let Some(s) = part.get("text").and_then(Value::as_str) {
-                    text.push_str(s);
+    fn collect(text: &mut String, content: &Value) {
+        match content {
+            Value::String(s) => text.push_str(s),
+            Value::Array(parts) => {
+                for part in parts {
+                    match part {
+                        Value::String(s) => text.push_str(s),
+                        part => {
+                            if let Some(s) = part.get("text").and_then(Value::as_str) {
+                                text.push_str(s);
+                            }
+                            if let Some(content) = part.get("content") {
+                                collect(text, content);
+                            }
+                        }
+                    }
                 }
             }
+            _ => {}
         }
-        _ => {}
-    };
-    if let Some(system) = body.get("system") {
-        collect(system);
+    }
+    let mut text = String::new();
+    for field in ["system", "prompt", "input"] {
+        if let Some(value) = body.get(field) {
+            collect(&mut text, value);
+        }
     }
     for message in body
         .get("messages")
@@ -149,7 +196,7 @@ fn input_text(body: &Value) -> String {
         .flatten()
     {
         if let Some(content) = message.get("content") {
-            collect(content);
+            collect(&mut text, content);
         }
     }
     text
@@ -199,6 +246,8 @@ struct Completion {
     abort_after: Option<usize>,
     /// OpenAI's `stream_options.include_usage`: send a final usage chunk.
     include_usage: bool,
+    /// Report no usage anywhere (`x-mock-no-usage`).
+    no_usage: bool,
     chunk_delay: Duration,
 }
 
@@ -217,6 +266,12 @@ impl Completion {
         }
         let request: Value =
             serde_json::from_slice(body).map_err(|_| bad_request("body is not JSON"))?;
+        let cap = ["max_tokens", "max_completion_tokens", "max_output_tokens"]
+            .iter()
+            .filter_map(|field| request.get(*field).and_then(Value::as_u64))
+            .min()
+            .filter(|_| !headers.contains_key("x-mock-ignore-max-tokens"))
+            .map_or(usize::MAX, |cap| usize::try_from(cap).unwrap_or(usize::MAX));
         Ok(Completion {
             model: request
                 .get("model")
@@ -224,19 +279,29 @@ impl Completion {
                 .unwrap_or(default_model)
                 .to_string(),
             input_tokens: count_tokens(&input_text(&request)),
-            words: completion_words(faults.chunks),
+            words: completion_words(faults.chunks.min(cap)),
             stream: request.get("stream").and_then(Value::as_bool) == Some(true),
             abort_after: faults.abort_after,
             include_usage: request
                 .pointer("/stream_options/include_usage")
                 .and_then(Value::as_bool)
                 == Some(true),
+            no_usage: faults.no_usage,
             chunk_delay: faults.chunk_delay,
         })
     }
 
     fn output_tokens(&self) -> u64 {
         self.words.len() as u64
+    }
+}
+
+/// `usage`, or `null` for an upstream that reports none (`x-mock-no-usage`).
+fn reported(completion: &Completion, usage: Value) -> Value {
+    if completion.no_usage {
+        Value::Null
+    } else {
+        usage
     }
 }
 
@@ -256,11 +321,14 @@ async fn chat_completions(headers: HeaderMap, body: Bytes) -> Response {
         ..
     } = &completion;
     let completion_tokens = completion.output_tokens();
-    let usage = json!({
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-    });
+    let usage = reported(
+        &completion,
+        json!({
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        }),
+    );
     let id = "chatcmpl-mock";
     let created = 1_700_000_000;
     if !completion.stream {
@@ -294,7 +362,7 @@ async fn chat_completions(headers: HeaderMap, body: Bytes) -> Response {
         events.push((None, chunk(json!({"content": word}), Value::Null)));
     }
     events.push((None, chunk(json!({}), json!("stop"))));
-    if completion.include_usage {
+    if completion.include_usage && !completion.no_usage {
         events.push((
             None,
             json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
@@ -328,7 +396,7 @@ async fn messages(headers: HeaderMap, body: Bytes) -> Response {
             "id": id, "type": "message", "role": "assistant", "model": model,
             "content": [{"type": "text", "text": words.concat()}],
             "stop_reason": "end_turn", "stop_sequence": null,
-            "usage": {"input_tokens": input_tokens, "output_tokens": output_tokens},
+            "usage": reported(&completion, json!({"input_tokens": input_tokens, "output_tokens": output_tokens})),
         }))
         .into_response();
     }
@@ -338,7 +406,7 @@ async fn messages(headers: HeaderMap, body: Bytes) -> Response {
             json!({"type": "message_start", "message": {
             "id": id, "type": "message", "role": "assistant", "model": model, "content": [],
             "stop_reason": null, "stop_sequence": null,
-            "usage": {"input_tokens": input_tokens, "output_tokens": 1}}})
+            "usage": reported(&completion, json!({"input_tokens": input_tokens, "output_tokens": 1}))}})
             .to_string(),
         ),
         (
@@ -365,7 +433,7 @@ async fn messages(headers: HeaderMap, body: Bytes) -> Response {
         Some("message_delta"),
         json!({"type": "message_delta",
         "delta": {"stop_reason": "end_turn", "stop_sequence": null},
-        "usage": {"output_tokens": output_tokens}})
+        "usage": reported(&completion, json!({"output_tokens": output_tokens}))})
         .to_string(),
     ));
     events.push((
@@ -373,6 +441,149 @@ async fn messages(headers: HeaderMap, body: Bytes) -> Response {
         json!({"type": "message_stop"}).to_string(),
     ));
     sse(events, completion.chunk_delay, completion.abort_after)
+}
+
+async fn completions(headers: HeaderMap, body: Bytes) -> Response {
+    let completion = match Completion::read(&headers, &body, "mock-gpt", openai_error).await {
+        Ok(completion) => completion,
+        Err(response) => return response,
+    };
+    let usage = reported(
+        &completion,
+        json!({
+            "prompt_tokens": completion.input_tokens,
+            "completion_tokens": completion.output_tokens(),
+            "total_tokens": completion.input_tokens + completion.output_tokens(),
+        }),
+    );
+    let (id, created, model) = ("cmpl-mock", 1_700_000_000, &completion.model);
+    if !completion.stream {
+        return Json(json!({
+            "id": id, "object": "text_completion", "created": created, "model": model,
+            "choices": [{"index": 0, "text": completion.words.concat(), "finish_reason": "stop"}],
+            "usage": usage,
+        }))
+        .into_response();
+    }
+    let mut events: Vec<(Option<&'static str>, String)> = completion
+        .words
+        .iter()
+        .map(|word| {
+            let chunk = json!({"id": id, "object": "text_completion", "created": created,
+                "model": model, "choices": [{"index": 0, "text": word, "finish_reason": null}]});
+            (None, chunk.to_string())
+        })
+        .collect();
+    if completion.include_usage && !completion.no_usage {
+        let chunk = json!({"id": id, "object": "text_completion", "created": created,
+            "model": model, "choices": [], "usage": usage});
+        events.push((None, chunk.to_string()));
+    }
+    events.push((None, "[DONE]".to_string()));
+    sse(events, completion.chunk_delay, completion.abort_after)
+}
+
+fn openai_error(status: StatusCode) -> Value {
+    json!({"error": {"message": format!("mock upstream answered {status}"), "type": "server_error", "param": null, "code": null}})
+}
+
+/// The Responses API: JSON, or `response.created`, text deltas and a final event carrying the
+/// whole response with its usage.
+async fn responses(headers: HeaderMap, body: Bytes) -> Response {
+    let completion = match Completion::read(&headers, &body, "mock-gpt", openai_error).await {
+        Ok(completion) => completion,
+        Err(response) => return response,
+    };
+    let final_event = headers
+        .get("x-mock-final-event")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("completed");
+    let status = match final_event {
+        "incomplete" | "failed" => final_event,
+        _ => "completed",
+    };
+    let text = completion.words.concat();
+    let response = |status: &str, text: &str, usage: Value| {
+        json!({
+            "id": "resp_mock", "object": "response", "created_at": 1_700_000_000,
+            "model": completion.model, "status": status,
+            "output": [{"type": "message", "id": "msg_mock", "role": "assistant", "status": status,
+                "content": [{"type": "output_text", "text": text, "annotations": []}]}],
+            "parallel_tool_calls": true, "tool_choice": "auto", "tools": [],
+            "usage": usage,
+        })
+    };
+    let usage = reported(
+        &completion,
+        json!({
+            "input_tokens": completion.input_tokens,
+            "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens": completion.output_tokens(),
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": completion.input_tokens + completion.output_tokens(),
+        }),
+    );
+    if !completion.stream {
+        return Json(response(status, &text, usage)).into_response();
+    }
+    let mut events = vec![(
+        Some("response.created"),
+        json!({"type": "response.created", "sequence_number": 0,
+            "response": response("in_progress", "", Value::Null)})
+        .to_string(),
+    )];
+    for (i, word) in completion.words.iter().enumerate() {
+        events.push((
+            Some("response.output_text.delta"),
+            json!({"type": "response.output_text.delta", "sequence_number": i + 1,
+                "item_id": "msg_mock", "output_index": 0, "content_index": 0, "delta": word})
+            .to_string(),
+        ));
+    }
+    let name = match status {
+        "incomplete" => "response.incomplete",
+        "failed" => "response.failed",
+        _ => "response.completed",
+    };
+    events.push((
+        Some(name),
+        json!({"type": name, "sequence_number": completion.words.len() + 1,
+            "response": response(status, &text, usage)})
+        .to_string(),
+    ));
+    sse(events, completion.chunk_delay, completion.abort_after)
+}
+
+async fn embeddings(headers: HeaderMap, body: Bytes) -> Response {
+    let completion = match Completion::read(&headers, &body, "mock-embed", openai_error).await {
+        Ok(completion) => completion,
+        Err(response) => return response,
+    };
+    Json(json!({
+        "object": "list",
+        "data": [{"object": "embedding", "index": 0, "embedding": [0.0, 0.5, 1.0]}],
+        "model": completion.model,
+        "usage": reported(&completion, json!({"prompt_tokens": completion.input_tokens,
+            "total_tokens": completion.input_tokens})),
+    }))
+    .into_response()
+}
+
+/// An endpoint whose answer reports no usage at all.
+async fn images() -> Response {
+    Json(json!({"created": 1_700_000_000, "data": [{"url": "https://example.invalid/mock.png"}]}))
+        .into_response()
+}
+
+async fn count_tokens_endpoint(headers: HeaderMap, body: Bytes) -> Response {
+    match Completion::read(&headers, &body, "mock-claude", |s| {
+        json!({"type": "error", "error": {"type": "api_error", "message": format!("mock upstream answered {s}")}})
+    })
+    .await
+    {
+        Ok(completion) => Json(json!({"input_tokens": completion.input_tokens})).into_response(),
+        Err(response) => response,
+    }
 }
 
 async fn echo(request: Request) -> Response {

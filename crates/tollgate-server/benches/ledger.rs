@@ -103,6 +103,7 @@ fn bench(c: &mut Criterion) {
                         key_cap: None,
                         at: now,
                         expires_at: now + chrono::Duration::seconds(60),
+                        reference: None,
                     })
                     .unwrap();
                 let id = hold.id;

@@ -435,7 +435,7 @@ async fn create_key(
     let (secret, mut record) = new_key(&state, account_id, kind, &name, scopes, expires_at);
     record.monthly_spend_cap = monthly_spend_cap;
     record.allowed_ips = allowed_ips;
-    let fee = crate::billing_api::ManagementFee::hold(&state, &caller).await?;
+    let fee = crate::billing_api::ManagementFee::hold(&state, &caller, request_id).await?;
     match state
         .store
         .insert_key(&record, state.config.max_keys_per_account)

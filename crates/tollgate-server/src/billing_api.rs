@@ -19,7 +19,7 @@ use serde::Deserialize;
 use std::sync::Arc;
 use std::time::Duration;
 use tollgate_core::ledger::{month_start, HoldStatus, Resolve};
-use tollgate_core::{AccountId, ApiError, ErrorCode, HoldId, KeyId, Nanos, RequestId};
+use tollgate_core::{AccountId, ApiError, ErrorCode, HoldId, KeyId, KeyKind, Nanos, RequestId};
 use tollgate_store::{HoldRecord, HoldSource, UsageFilter, UsageGroup, UsageRow};
 use tollgate_wire::api::{self as wire, Money};
 use utoipa::IntoParams;
@@ -50,7 +50,11 @@ pub fn router() -> OpenApiRouter<AppState> {
 pub struct ManagementFee(Option<(Arc<Ledger>, HoldId, Nanos)>);
 
 impl ManagementFee {
-    pub async fn hold(state: &AppState, caller: &Caller) -> Result<ManagementFee, HttpError> {
+    pub async fn hold(
+        state: &AppState,
+        caller: &Caller,
+        request_id: RequestId,
+    ) -> Result<ManagementFee, HttpError> {
         let fee = state.config.management_fee;
         let Caller::Key(key) = caller else {
             return Ok(ManagementFee(None));
@@ -67,7 +71,7 @@ impl ManagementFee {
                 amount: fee,
                 ttl: state.config.request_hold_ttl,
                 source: HoldSource::Request,
-                request_id: None,
+                request_id: Some(request_id),
                 metadata: serde_json::json!({"fee": "management"}),
             })
             .await
@@ -406,7 +410,7 @@ async fn create_hold(
         Caller::Key(key) => (Some(key.id), key.monthly_spend_cap),
         Caller::Admin => (None, None),
     };
-    let fee = ManagementFee::hold(&state, &caller).await?;
+    let fee = ManagementFee::hold(&state, &caller, request_id).await?;
     let hold = state
         .ledger
         .open(HoldSpec {
@@ -434,8 +438,10 @@ async fn create_hold(
     Ok((StatusCode::CREATED, Json(hold_view(&state, &record))))
 }
 
-/// The caller's hold, from the store once the ledger has caught up; another account's hold is
-/// not found, like a missing one.
+/// A billing-API hold the caller may see and resolve, from the store once the ledger has caught
+/// up. Everything else answers 404 exactly like a missing hold: a data-plane request's hold (only
+/// its request settles it), another account's hold, and, for a usage key, a hold another key of
+/// its account opened.
 async fn owned_hold(
     state: &AppState,
     caller: &Caller,
@@ -444,8 +450,20 @@ async fn owned_hold(
     let id = parse_id(id, HoldId::parse, "hold")?;
     state.ledger.flush().await?;
     match state.store.hold(id).await? {
-        Some(record) if caller_owns(caller, record.hold.account) => Ok(record),
+        Some(record) if record.source == HoldSource::Api && may_resolve(caller, &record) => {
+            Ok(record)
+        }
         _ => Err(HttpError::not_found("hold")),
+    }
+}
+
+/// Who may read, settle and release a billing-API hold: the admin, the account's master keys,
+/// and the usage key that opened it.
+fn may_resolve(caller: &Caller, record: &HoldRecord) -> bool {
+    match caller {
+        Caller::Admin => true,
+        Caller::Key(key) if key.account_id != record.hold.account => false,
+        Caller::Key(key) => key.kind == KeyKind::Master || record.hold.key == Some(key.id),
     }
 }
 
@@ -564,6 +582,8 @@ fn usage_view(state: &AppState, row: UsageRow) -> wire::UsageRecord {
         output_tokens: row.tokens.map(|t| t.output),
         cost: money(state, row.cost),
         hold: money(state, row.hold),
+        over_hold: row.uncovered > Nanos::ZERO,
+        uncovered: money(state, row.uncovered),
         billing_status: row.billing_status.as_str().to_string(),
         latency_ms: row.latency_ms,
         error_code: row.error_code,

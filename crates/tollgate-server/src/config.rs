@@ -337,6 +337,10 @@ pub struct RawRoute {
     /// What to charge when a successful response reports no usage.
     #[serde(default)]
     pub stream_policy: StreamPolicy,
+    /// LLM routes: what a POST to an endpoint Tollgate cannot meter gets: `refuse` (403), or
+    /// charged `flat` (the route's price) or `max_hold`.
+    #[serde(default)]
+    pub other_endpoints: OtherEndpoints,
     /// After the client leaves mid-response, how long to keep reading for the usage.
     #[serde(default = "default_drain_timeout")]
     pub drain_timeout: String,
@@ -377,6 +381,7 @@ impl Default for RawRoute {
             max_hold: None,
             default_max_tokens: default_max_tokens(),
             stream_policy: StreamPolicy::default(),
+            other_endpoints: OtherEndpoints::default(),
             drain_timeout: default_drain_timeout(),
             drain_max_bytes: default_drain_max_bytes(),
             connect_timeout: default_connect_timeout(),
@@ -432,11 +437,26 @@ pub enum HoldRuleName {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum StreamPolicy {
-    /// Charge nothing.
-    #[default]
+    /// Charge nothing: an explicit opt-in, since a response without usage is then free.
     Release,
-    /// Charge the usage estimated from what passed (input as reported, output from the text).
+    /// Charge the usage estimated from what passed: input as reported (or, if it was not, from
+    /// the request body), output from the text that passed.
+    #[default]
     Estimate,
+}
+
+/// On an LLM route, what a POST to an endpoint Tollgate has no usage reader for gets. Never
+/// silently free.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OtherEndpoints {
+    /// 403 `forbidden`, naming the endpoint, before anything is forwarded.
+    #[default]
+    Refuse,
+    /// Forwarded and charged the route's flat `price` (which must be above zero).
+    Flat,
+    /// Forwarded and charged the route's `max_hold`.
+    MaxHold,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -678,6 +698,9 @@ pub struct Pricing {
     /// and for token rate limits).
     pub default_max_tokens: u64,
     pub stream_policy: StreamPolicy,
+    /// LLM routes: `Some(price)` charges a POST to an endpoint with no usage reader that price;
+    /// `None` refuses it.
+    pub other_endpoints: Option<Nanos>,
     pub drain_timeout: Duration,
     pub drain_max_bytes: u64,
 }
@@ -1284,6 +1307,37 @@ fn validate_pricing(raw: &RawRoute, at: &str, p: &mut Problems) -> Option<Pricin
             }
         },
     };
+    let other_endpoints = match (raw.other_endpoints, api) {
+        (OtherEndpoints::Refuse, _) => None,
+        (_, None) => {
+            p.push(
+                &format!("{at}.other_endpoints"),
+                "is for LLM routes (kind = \"openai\" or \"anthropic\")",
+            );
+            None
+        }
+        (OtherEndpoints::Flat, Some(_)) => match flat {
+            Some(price) if price > Nanos::ZERO => Some(price),
+            Some(_) => {
+                p.push(
+                    &format!("{at}.other_endpoints"),
+                    "\"flat\" needs a price above zero; calls would be free",
+                );
+                None
+            }
+            None => None,
+        },
+        (OtherEndpoints::MaxHold, Some(_)) => match max_hold {
+            Some(max) if max > Nanos::ZERO => Some(max),
+            _ => {
+                p.push(
+                    &format!("{at}.other_endpoints"),
+                    "\"max_hold\" needs a max_hold above zero; calls would be free",
+                );
+                None
+            }
+        },
+    };
     let drain_timeout = positive_duration(&raw.drain_timeout);
     if drain_timeout.is_none() {
         p.push(
@@ -1301,6 +1355,7 @@ fn validate_pricing(raw: &RawRoute, at: &str, p: &mut Problems) -> Option<Pricin
         hold: hold?,
         default_max_tokens: raw.default_max_tokens,
         stream_policy: raw.stream_policy,
+        other_endpoints,
         drain_timeout: drain_timeout?,
         drain_max_bytes: raw.drain_max_bytes,
     })

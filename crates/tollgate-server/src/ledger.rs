@@ -28,6 +28,7 @@
 //! already open finish as usual and their writes wait in the queue for the store to return.
 
 use chrono::{DateTime, Utc};
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -97,6 +98,10 @@ pub struct Ledger {
     /// `/metrics`).
     pub batch_size: Histogram,
     pub write_lag: Histogram,
+    /// Calls whose usage cost more than their hold, and by how much in all (nanos): what the
+    /// house lost to undersized holds.
+    pub over_hold_calls: Counter,
+    pub uncovered_nanos: Counter,
 }
 
 /// Why a hold could not be opened.
@@ -185,6 +190,8 @@ impl Ledger {
             last_hold: Mutex::new(HashMap::new()),
             batch_size,
             write_lag,
+            over_hold_calls: Counter::default(),
+            uncovered_nanos: Counter::default(),
         })
     }
 
@@ -258,6 +265,9 @@ impl Ledger {
             expires_at: now
                 .checked_add_signed(ttl)
                 .unwrap_or(DateTime::<Utc>::MAX_UTC),
+            reference: spec
+                .request_id
+                .filter(|_| spec.source == HoldSource::Request),
         };
         // Another request of this node may spend what a carve brought before this one's retry
         // does; then this one carves again. Every carve that grants credit lets some request
@@ -517,6 +527,15 @@ impl Ledger {
             } else {
                 tracing::info!("the store answers again");
             }
+        }
+    }
+
+    /// Counts a call whose usage cost `uncovered` more than its hold (and so than its charge).
+    pub fn count_uncovered(&self, uncovered: Nanos) {
+        if uncovered > Nanos::ZERO {
+            self.over_hold_calls.inc();
+            self.uncovered_nanos
+                .inc_by(u64::try_from(uncovered.0).unwrap_or(0));
         }
     }
 

@@ -188,14 +188,36 @@ impl Open {
         let charged_status = outcome
             .charge
             .map_or(BillingStatus::Released, |(_, status)| status);
+        // The charge is capped at the hold; what the usage cost beyond it is the house's loss,
+        // recorded on the row and counted, so an operator can see undersized holds.
+        let uncovered = match outcome.charge {
+            Some((cost, _)) => Nanos(cost.0 - hold.as_ref().map_or(0, |h| h.amount.0)),
+            None => Nanos::ZERO,
+        }
+        .max(Nanos::ZERO);
         let had_hold = hold.is_some();
         ledger.finish_request(hold.map(|h| (h.id, how)), |resolution| {
             let (cost, billing_status) = match resolution {
+                Some(r) if r.first => (r.hold.charged, charged_status),
                 // Expired before the request finished (the sweeper won): nothing charged.
                 Some(r) if r.hold.status == HoldStatus::Expired => {
                     (Nanos::ZERO, BillingStatus::Expired)
                 }
-                Some(r) => (r.hold.charged, charged_status),
+                // Only its request resolves a data-plane hold; anything else is a defect, and
+                // the row tells what the hold became, never "settled" at a price not charged.
+                Some(r) => {
+                    tracing::error!(
+                        request_id = %row.request_id,
+                        hold = %r.hold.id,
+                        status = r.hold.status.as_str(),
+                        "a request's hold was resolved by something other than the request"
+                    );
+                    let status = match r.hold.status {
+                        HoldStatus::Settled => BillingStatus::Settled,
+                        _ => BillingStatus::Released,
+                    };
+                    (r.hold.charged, status)
+                }
                 None if had_hold => (Nanos::ZERO, BillingStatus::Expired),
                 // No hold: a free call (its cost is zero by construction).
                 None => (Nanos::ZERO, charged_status),
@@ -203,6 +225,11 @@ impl Open {
             row.status = outcome.status;
             row.upstream_status = outcome.upstream_status;
             row.cost = cost;
+            row.uncovered = if billing_status == charged_status {
+                uncovered
+            } else {
+                Nanos::ZERO
+            };
             charged = cost;
             row.billing_status = billing_status;
             row.tokens = outcome.tokens;
@@ -210,6 +237,9 @@ impl Open {
             row.error_code = outcome.error_code;
             row.latency_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
             row.completed_at = clock.now();
+            if row.uncovered > Nanos::ZERO {
+                ledger.count_uncovered(row.uncovered);
+            }
             log_usage.then_some(row)
         });
         if let Some(reservation) = reservation {
@@ -222,13 +252,16 @@ impl Open {
 pub enum CostRule {
     /// Known when the headers arrive (flat price, or units from a header).
     Fixed { cost: Nanos, units: Option<String> },
-    /// Units not found where the route says (a header); the stream policy decides.
-    Unknown,
+    /// Units not found where the route says (a header); the stream policy decides between
+    /// nothing and the flat price.
+    Unknown { flat: Nanos },
     /// Tokens read from the body (JSON or SSE), at the model's prices, plus the flat price.
+    /// `input_estimate` (from the request body) stands in for input a response never reported.
     Tokens {
         api: LlmApi,
         prices: TokenPrices,
         flat: Nanos,
+        input_estimate: u64,
     },
     /// Units at a JSON pointer into the body, plus the flat price.
     JsonUnits {
@@ -239,18 +272,19 @@ pub enum CostRule {
 }
 
 impl CostRule {
-    /// The rule for a 2xx response on a route with `pricing` (and the model's prices, on LLM
-    /// routes).
+    /// The rule for a 2xx response on a route with `pricing` (and, for a metered LLM call, the
+    /// model's prices and the request's input estimate).
     pub fn for_response(
         pricing: &Pricing,
-        prices: Option<TokenPrices>,
+        llm: Option<(TokenPrices, u64)>,
         headers: &http::HeaderMap,
     ) -> CostRule {
-        if let (Some((api, _)), Some(prices)) = (&pricing.llm, prices) {
+        if let (Some((api, _)), Some((prices, input_estimate))) = (&pricing.llm, llm) {
             return CostRule::Tokens {
                 api: *api,
                 prices,
                 flat: pricing.flat,
+                input_estimate,
             };
         }
         match &pricing.per_unit {
@@ -275,7 +309,7 @@ impl CostRule {
                             cost: pricing::add(pricing.flat, cost),
                             units: Some(units.to_string()),
                         },
-                        None => CostRule::Unknown,
+                        None => CostRule::Unknown { flat: pricing.flat },
                     }
                 }
             },
@@ -285,8 +319,13 @@ impl CostRule {
 
 enum Reader {
     Nothing,
-    Json { chunks: Vec<Bytes>, len: usize },
+    Json {
+        chunks: Vec<Bytes>,
+        len: usize,
+    },
     Sse(StreamMeter),
+    /// In an encoding the meter cannot decode (or that failed to decode): no usage to read.
+    Unreadable,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -304,6 +343,8 @@ pub struct Metering {
     billing: Billing,
     rule: CostRule,
     reader: Reader,
+    /// Undoes the upstream's `Content-Encoding`, so the meter reads what the client will.
+    decoder: Option<Decoder>,
     policy: StreamPolicy,
     drain_timeout: Duration,
     drain_max_bytes: u64,
@@ -311,25 +352,43 @@ pub struct Metering {
 }
 
 impl Metering {
+    /// `encoding` is the response's `Content-Encoding`; one the meter cannot decode leaves the
+    /// usage unread, for the stream policy to decide.
     pub fn new(
         billing: Billing,
         rule: CostRule,
         pricing: &Pricing,
         status: u16,
         is_sse: bool,
+        encoding: Option<&str>,
     ) -> Metering {
-        let reader = match &rule {
+        let mut reader = match &rule {
             CostRule::Tokens { api, .. } if is_sse => Reader::Sse(StreamMeter::new(*api)),
             CostRule::Tokens { .. } | CostRule::JsonUnits { .. } => Reader::Json {
                 chunks: Vec::new(),
                 len: 0,
             },
-            CostRule::Fixed { .. } | CostRule::Unknown => Reader::Nothing,
+            CostRule::Fixed { .. } | CostRule::Unknown { .. } => Reader::Nothing,
+        };
+        let decoder = match (&reader, encoding) {
+            (Reader::Nothing, _) | (_, None) => None,
+            (_, Some(encoding)) => {
+                let decoder = Decoder::for_encoding(encoding);
+                if decoder.is_none() {
+                    tracing::warn!(
+                        encoding,
+                        "cannot decode the upstream's response to meter it"
+                    );
+                    reader = Reader::Unreadable;
+                }
+                decoder
+            }
         };
         Metering {
             billing,
             rule,
             reader,
+            decoder,
             policy: pricing.stream_policy,
             drain_timeout: pricing.drain_timeout,
             drain_max_bytes: pricing.drain_max_bytes,
@@ -338,8 +397,24 @@ impl Metering {
     }
 
     fn observe(&mut self, data: &Bytes) {
+        let decoded;
+        let data = match &mut self.decoder {
+            None => data,
+            Some(decoder) => match decoder.feed(data) {
+                Ok(bytes) => {
+                    decoded = bytes;
+                    &decoded
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "the upstream's response does not decode");
+                    self.decoder = None;
+                    self.reader = Reader::Unreadable;
+                    return;
+                }
+            },
+        };
         match &mut self.reader {
-            Reader::Nothing => {}
+            Reader::Nothing | Reader::Unreadable => {}
             Reader::Sse(meter) => meter.feed(data),
             Reader::Json { chunks, len } => {
                 *len += data.len();
@@ -357,8 +432,14 @@ impl Metering {
         match &self.reader {
             Reader::Nothing => true,
             Reader::Sse(meter) => meter.usage().is_some(),
-            Reader::Json { .. } => false,
+            Reader::Json { .. } | Reader::Unreadable => false,
         }
+    }
+
+    /// Whether the upstream itself reported the usage, in a stream's final usage event: a body
+    /// broken off after that still delivered its usage.
+    fn usage_reported(&self) -> bool {
+        matches!(&self.reader, Reader::Sse(meter) if meter.usage().is_some())
     }
 
     fn json_body(&self) -> Option<serde_json::Value> {
@@ -379,15 +460,25 @@ impl Metering {
         // (cost, tokens, units) from what the upstream reported, if it did.
         let (measured, estimate) = match &self.rule {
             CostRule::Fixed { cost, units } => (Some((*cost, None, units.clone())), None),
-            CostRule::Unknown => (None, None),
-            CostRule::Tokens { api, prices, flat } => {
+            CostRule::Unknown { flat } => (None, Some((*flat, None, None))),
+            CostRule::Tokens {
+                api,
+                prices,
+                flat,
+                input_estimate,
+            } => {
+                let body = self.json_body();
                 let usage = match &self.reader {
                     Reader::Sse(meter) => meter.usage(),
-                    _ => self.json_body().and_then(|b| api.usage_from_json(&b)),
+                    _ => body.as_ref().and_then(|b| api.usage_from_json(b)),
                 };
                 let estimate = match &self.reader {
-                    Reader::Sse(meter) => meter.estimate(),
-                    _ => TokenUsage::default(),
+                    Reader::Sse(meter) => meter.estimate(*input_estimate),
+                    _ => TokenUsage {
+                        input: *input_estimate,
+                        cached_input: 0,
+                        output: body.as_ref().map_or(0, |b| api.output_chars(b).div_ceil(4)),
+                    },
                 };
                 let cost = |u: &TokenUsage| pricing::add(*flat, prices.cost(u));
                 (
@@ -411,8 +502,9 @@ impl Metering {
             }
         };
         let (charge, tokens, units) = match (ending, measured) {
-            // A body the upstream broke off is a failed call, unless its usage had arrived.
-            (Ending::UpstreamBroke, Some(m)) if self.usage_known() => {
+            // A body the upstream broke off is a failed call, unless its usage had arrived:
+            // a flat price or a header's units do not make a broken body a success.
+            (Ending::UpstreamBroke, Some(m)) if self.usage_reported() => {
                 (Some((m.0, reported)), m.1, m.2)
             }
             (Ending::UpstreamBroke, _) => (None, None, None),
@@ -453,13 +545,18 @@ fn units_text(value: &serde_json::Value) -> Option<String> {
 pub struct MeteredBody {
     inner: Option<Incoming>,
     metering: Option<Metering>,
+    /// Set when the client did not ask for the usage chunk Tollgate asked the upstream for.
+    filter: Option<UsageChunkFilter>,
 }
 
 impl MeteredBody {
-    pub fn new(inner: Incoming, metering: Metering) -> MeteredBody {
+    /// `hide_usage_chunk`: the meter reads the OpenAI stream's usage-only chunk, but the client,
+    /// which did not ask for it, does not get it.
+    pub fn new(inner: Incoming, metering: Metering, hide_usage_chunk: bool) -> MeteredBody {
         MeteredBody {
             inner: Some(inner),
             metering: Some(metering),
+            filter: hide_usage_chunk.then(UsageChunkFilter::default),
         }
     }
 
@@ -479,33 +576,189 @@ impl Body for MeteredBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = &mut *self;
-        let Some(inner) = this.inner.as_mut() else {
-            return Poll::Ready(None);
-        };
-        let polled = ready!(Pin::new(inner).poll_frame(cx));
-        match &polled {
-            Some(Ok(frame)) => {
-                if let (Some(data), Some(metering)) = (frame.data_ref(), this.metering.as_mut()) {
-                    metering.observe(data);
+        loop {
+            let Some(inner) = this.inner.as_mut() else {
+                // What a filter still held when the upstream ended goes out last.
+                let rest = this.filter.as_mut().map(UsageChunkFilter::finish);
+                return Poll::Ready(rest.filter(|b| !b.is_empty()).map(|b| Ok(Frame::data(b))));
+            };
+            let polled = ready!(Pin::new(inner).poll_frame(cx));
+            let ended = this.inner.as_ref().is_some_and(Body::is_end_stream);
+            let frame = match polled {
+                Some(Ok(frame)) => frame,
+                Some(Err(e)) => {
+                    this.finish(Ending::UpstreamBroke);
+                    return Poll::Ready(Some(Err(e)));
                 }
-                if this.inner.as_ref().is_some_and(Body::is_end_stream) {
+                None => {
                     this.finish(Ending::Complete);
+                    this.inner = None;
+                    continue;
                 }
+            };
+            let data = match frame.into_data() {
+                Ok(data) => data,
+                Err(trailers) => {
+                    if ended {
+                        this.finish(Ending::Complete);
+                    }
+                    return Poll::Ready(Some(Ok(trailers)));
+                }
+            };
+            if let Some(metering) = this.metering.as_mut() {
+                metering.observe(&data);
             }
-            Some(Err(_)) => this.finish(Ending::UpstreamBroke),
-            None => this.finish(Ending::Complete),
+            if ended {
+                this.finish(Ending::Complete);
+            }
+            let Some(filter) = this.filter.as_mut() else {
+                return Poll::Ready(Some(Ok(Frame::data(data))));
+            };
+            let mut out = filter.pass(&data);
+            if ended {
+                out.extend_from_slice(&filter.finish());
+                this.inner = None;
+            }
+            if !out.is_empty() {
+                return Poll::Ready(Some(Ok(Frame::data(Bytes::from(out)))));
+            }
         }
-        Poll::Ready(polled)
     }
 
     fn is_end_stream(&self) -> bool {
         self.inner.as_ref().is_none_or(Body::is_end_stream)
+            && self.filter.as_ref().is_none_or(UsageChunkFilter::is_empty)
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner
-            .as_ref()
-            .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
+        match (&self.inner, &self.filter) {
+            // Filtering changes the length.
+            (_, Some(_)) => SizeHint::default(),
+            (Some(inner), None) => inner.size_hint(),
+            (None, None) => SizeHint::with_exact(0),
+        }
+    }
+}
+
+/// Drops OpenAI's usage-only chunk (`"choices": []` with a `usage` object) from an SSE stream,
+/// passing every other event through as it completes. Only whole events are judged, so an
+/// event split across frames waits for its end; nothing else is held back.
+#[derive(Default)]
+struct UsageChunkFilter {
+    pending: Vec<u8>,
+}
+
+impl UsageChunkFilter {
+    /// Takes the next bytes; returns the complete events among what is pending, less the usage
+    /// chunk.
+    fn pass(&mut self, data: &[u8]) -> Vec<u8> {
+        self.pending.extend_from_slice(data);
+        let mut out = Vec::with_capacity(self.pending.len());
+        let mut start = 0;
+        while let Some(end) = event_end(&self.pending[start..]) {
+            let event = &self.pending[start..start + end];
+            if !is_usage_chunk(event) {
+                out.extend_from_slice(event);
+            }
+            start += end;
+        }
+        self.pending.drain(..start);
+        out
+    }
+
+    /// What is left when the stream ends (an event without its blank line), as it is.
+    fn finish(&mut self) -> Bytes {
+        Bytes::from(std::mem::take(&mut self.pending))
+    }
+
+    fn is_empty(&self) -> bool {
+        self.pending.is_empty()
+    }
+}
+
+/// The length of the first complete event in `bytes`, blank line included.
+fn event_end(bytes: &[u8]) -> Option<usize> {
+    let mut i = 0;
+    while i + 1 < bytes.len() {
+        match (bytes[i], bytes[i + 1]) {
+            (b'\n', b'\n') => return Some(i + 2),
+            (b'\n', b'\r') if bytes.get(i + 2) == Some(&b'\n') => return Some(i + 3),
+            _ => i += 1,
+        }
+    }
+    None
+}
+
+fn is_usage_chunk(event: &[u8]) -> bool {
+    let text = String::from_utf8_lossy(event);
+    let data: String = text
+        .lines()
+        .filter_map(|line| line.strip_prefix("data:"))
+        .map(|value| value.strip_prefix(' ').unwrap_or(value))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let Ok(value) = serde_json::from_str::<serde_json::Value>(&data) else {
+        return false;
+    };
+    value.get("usage").is_some_and(serde_json::Value::is_object)
+        && value
+            .get("choices")
+            .and_then(serde_json::Value::as_array)
+            .is_some_and(Vec::is_empty)
+}
+
+/// Decodes a response body in its `Content-Encoding` as it passes, for the meter alone.
+enum Decoder {
+    Gzip(flate2::write::GzDecoder<Vec<u8>>),
+    Deflate(flate2::write::ZlibDecoder<Vec<u8>>),
+    Brotli(Box<brotli::DecompressorWriter<Vec<u8>>>),
+    Zstd(zstd::stream::write::Decoder<'static, Vec<u8>>),
+    Identity,
+}
+
+impl Decoder {
+    /// The decoder for a `Content-Encoding` value; `None` for one the meter cannot read (or a
+    /// chain of several).
+    fn for_encoding(encoding: &str) -> Option<Decoder> {
+        Some(match encoding.trim().to_ascii_lowercase().as_str() {
+            "gzip" | "x-gzip" => Decoder::Gzip(flate2::write::GzDecoder::new(Vec::new())),
+            "deflate" => Decoder::Deflate(flate2::write::ZlibDecoder::new(Vec::new())),
+            "br" => Decoder::Brotli(Box::new(brotli::DecompressorWriter::new(Vec::new(), 4096))),
+            "zstd" => Decoder::Zstd(zstd::stream::write::Decoder::new(Vec::new()).ok()?),
+            "identity" | "" => Decoder::Identity,
+            _ => return None,
+        })
+    }
+
+    /// Feeds compressed bytes; returns what they decoded to so far.
+    fn feed(&mut self, data: &[u8]) -> std::io::Result<Bytes> {
+        use std::io::Write;
+        fn take(buffer: &mut Vec<u8>) -> Bytes {
+            Bytes::from(std::mem::take(buffer))
+        }
+        Ok(match self {
+            Decoder::Gzip(d) => {
+                d.write_all(data)?;
+                d.flush()?;
+                take(d.get_mut())
+            }
+            Decoder::Deflate(d) => {
+                d.write_all(data)?;
+                d.flush()?;
+                take(d.get_mut())
+            }
+            Decoder::Brotli(d) => {
+                d.write_all(data)?;
+                d.flush()?;
+                take(d.get_mut())
+            }
+            Decoder::Zstd(d) => {
+                d.write_all(data)?;
+                d.flush()?;
+                take(d.get_mut())
+            }
+            Decoder::Identity => Bytes::copy_from_slice(data),
+        })
     }
 }
 

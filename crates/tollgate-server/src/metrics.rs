@@ -128,6 +128,16 @@ impl Metrics {
             "Time from a ledger write being queued to its commit",
             ledger.write_lag.clone(),
         );
+        registry.register(
+            "over_hold_calls",
+            "Calls whose usage cost more than their hold (the charge is capped at the hold)",
+            ledger.over_hold_calls.clone(),
+        );
+        registry.register(
+            "uncovered_nanos",
+            "What calls' usage cost beyond their holds, in nano-units: not charged",
+            ledger.uncovered_nanos.clone(),
+        );
         registry.register("holds_open", "Holds pending", Gauge::clone(&holds_open));
         registry.register(
             "key_cache_entries",

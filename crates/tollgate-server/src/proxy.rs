@@ -30,7 +30,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 use tollgate_core::ledger::BillingStatus;
-use tollgate_core::metering::{LlmApi, TokenUsage};
+use tollgate_core::metering::{Endpoint, TokenUsage};
 use tollgate_core::pricing::TokenPrices;
 use tollgate_core::{access, ErrorCode};
 use tollgate_core::{Nanos, RequestId};
@@ -41,6 +41,14 @@ type UpstreamClient = Client<HttpsConnector<HttpConnector>, Limited<Body>>;
 
 /// Idle upstream connections are kept this long for reuse.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// Headers some frameworks read as the request's real method: a metered call could pass as a
+/// GET (priced flat) and run as a POST.
+const METHOD_OVERRIDES: [&str; 3] = [
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+];
 
 /// The upstream's own request ID is kept under this name; `x-request-id` is Tollgate's.
 const UPSTREAM_REQUEST_ID: HeaderName = HeaderName::from_static("x-upstream-request-id");
@@ -163,9 +171,59 @@ impl Timings {
 
 /// What an LLM request asks for, read from its JSON body.
 struct LlmRequest {
+    endpoint: Endpoint,
     prices: TokenPrices,
-    max_tokens: Option<u64>,
+    /// The most output it may generate: the body's own cap, or the route's default, which was
+    /// then written into the body (so the upstream cannot generate more than the hold covers).
+    max_tokens: u64,
+    /// Input tokens estimated from the body (four bytes a token, rounded up).
+    input_estimate: u64,
+    /// The body as forwarded: re-serialised from what Tollgate parsed, so the upstream reads
+    /// exactly what the meter priced.
     body: Bytes,
+    /// The client did not ask for the stream's usage chunk, which Tollgate asked for itself.
+    hide_usage_chunk: bool,
+}
+
+/// What a call on a key route is, for pricing.
+enum Call<'r> {
+    /// Priced like a plain request: the flat price (or the route's per-unit rule).
+    Plain,
+    /// A POST to one of an LLM route's metered endpoints.
+    Llm(Endpoint, &'r BTreeMap<String, TokenPrices>),
+    /// A POST to an endpoint of an LLM route Tollgate cannot meter, charged this configured price.
+    Unmetered(Nanos),
+}
+
+/// Classifies a call on `route`: every POST under an LLM route is either one of its API's
+/// metered endpoints, or charged the configured price, or refused (403) before it is forwarded.
+fn classify<'r>(
+    route: &'r RouteConfig,
+    method: &http::Method,
+    path: &str,
+) -> Result<Call<'r>, HttpError> {
+    let Some((api, models)) = route.pricing.llm.as_ref() else {
+        return Ok(Call::Plain);
+    };
+    if method != http::Method::POST {
+        return Ok(Call::Plain);
+    }
+    let rest = path.strip_prefix(route.prefix.as_str()).unwrap_or_default();
+    if let Some(endpoint) = api.endpoint(rest) {
+        return Ok(Call::Llm(endpoint, models));
+    }
+    match route.pricing.other_endpoints {
+        Some(price) => Ok(Call::Unmetered(price)),
+        None => Err(tollgate_core::ApiError::new(
+            ErrorCode::Forbidden,
+            format!(
+                "Tollgate cannot meter POST {path} on this route, so it does not forward it. Metered endpoints: {}.",
+                api.endpoints().join(", ")
+            ),
+        )
+        .with_detail("endpoint", path.to_string())
+        .into()),
+    }
 }
 
 async fn forward(
@@ -219,37 +277,41 @@ async fn forward(
     let (parts, body) = request.into_parts();
     let pricing = &route.config.pricing;
     let body_limit = usize::try_from(limit).unwrap_or(usize::MAX);
-    // LLM calls are POSTs with a JSON body naming the model; anything else on an LLM route
-    // (`GET /v1/models`) is priced like a plain request.
-    let llm_call = pricing
-        .llm
-        .as_ref()
-        .filter(|_| parts.method == http::Method::POST);
-    let (body, llm) = match llm_call {
-        None => (body, None),
-        Some((api, models)) => {
-            let llm = read_llm_request(*api, models, body, body_limit).await?;
-            check_model_scope(&key, &route.config.group, &llm.0)?;
+    let call = classify(&route.config, &parts.method, parts.uri.path())?;
+    let (body, llm) = match call {
+        Call::Plain | Call::Unmetered(_) => (body, None),
+        Call::Llm(endpoint, models) => {
+            let (model, llm) = read_llm_request(
+                endpoint,
+                models,
+                body,
+                body_limit,
+                pricing.default_max_tokens,
+            )
+            .await?;
+            check_model_scope(&key, &route.config.group, &model)?;
             if let Some(billing) = billing.as_mut() {
-                billing.set_model(&llm.0);
+                billing.set_model(&model);
             }
-            (Body::from(llm.1.body.clone()), Some(llm.1))
+            (Body::from(llm.body.clone()), Some(llm))
         }
     };
 
     // The worst case this call may use: what token policies reserve and, priced, what the
     // hold may be.
     let tokens = llm.as_ref().map(|llm| TokenUsage {
-        input: (llm.body.len() as u64).div_ceil(4),
+        input: llm.input_estimate,
         cached_input: 0,
-        output: llm.max_tokens.unwrap_or(pricing.default_max_tokens),
+        output: llm.max_tokens,
     });
-    let hold_amount = match (pricing.hold, &llm, &tokens) {
-        (HoldRule::MaxHold(amount), _, _) => amount,
-        (HoldRule::MaxTokens, Some(llm), Some(tokens)) => {
-            tollgate_core::pricing::add(pricing.flat, llm.prices.cost(tokens))
-        }
-        (HoldRule::Flat | HoldRule::MaxTokens, _, _) => pricing.flat,
+    let hold_amount = match (&call, pricing.hold, &llm) {
+        (Call::Unmetered(price), _, _) => *price,
+        (_, _, Some(llm)) if llm.endpoint.is_free() => Nanos::ZERO,
+        (_, HoldRule::MaxHold(amount), _) => amount,
+        (_, HoldRule::MaxTokens, Some(llm)) => tokens.as_ref().map_or(pricing.flat, |t| {
+            tollgate_core::pricing::add(pricing.flat, llm.prices.cost(t))
+        }),
+        (_, HoldRule::Flat | HoldRule::MaxTokens, _) => pricing.flat,
     };
     let estimate = Estimate {
         tokens: tokens.map_or(0, |t| t.input + t.output),
@@ -284,7 +346,19 @@ async fn forward(
         }
     }
 
-    // The body may have been rewritten (stream usage requested), so its length is ours.
+    let mut parts = parts;
+    if pricing.is_metered() {
+        // The meter reads the answer: ask for it uncompressed (an answer compressed anyway is
+        // decoded for the meter alone), and let no header turn one method into another.
+        parts.headers.insert(
+            http::header::ACCEPT_ENCODING,
+            HeaderValue::from_static("identity"),
+        );
+        for name in METHOD_OVERRIDES {
+            parts.headers.remove(name);
+        }
+    }
+    // The body was re-serialised, so its length is ours.
     let length = llm.as_ref().map(|llm| llm.body.len());
     let response = send_upstream(state, route, parts, body, length, timings).await?;
     let (mut parts, body) = response.into_parts();
@@ -303,11 +377,35 @@ async fn forward(
         .get(http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("text/event-stream"));
-    let rule = CostRule::for_response(pricing, llm.map(|l| l.prices), &parts.headers);
-    let metering = Metering::new(billing, rule, pricing, status, is_sse);
+    let encoding = parts
+        .headers
+        .get(http::header::CONTENT_ENCODING)
+        .map(|v| v.to_str().unwrap_or("unreadable").to_string());
+    let rule = match (&call, &llm) {
+        (Call::Unmetered(price), _) => CostRule::Fixed {
+            cost: *price,
+            units: None,
+        },
+        (_, Some(llm)) if llm.endpoint.is_free() => CostRule::Fixed {
+            cost: Nanos::ZERO,
+            units: None,
+        },
+        (_, llm) => CostRule::for_response(
+            pricing,
+            llm.as_ref().map(|l| (l.prices, l.input_estimate)),
+            &parts.headers,
+        ),
+    };
+    // The usage chunk is cut out only of a plain-text stream; a compressed one passes whole.
+    let hide_usage_chunk =
+        is_sse && encoding.is_none() && llm.as_ref().is_some_and(|l| l.hide_usage_chunk);
+    if hide_usage_chunk {
+        parts.headers.remove(http::header::CONTENT_LENGTH);
+    }
+    let metering = Metering::new(billing, rule, pricing, status, is_sse, encoding.as_deref());
     Ok(Response::from_parts(
         parts,
-        Body::new(MeteredBody::new(body, metering)),
+        Body::new(MeteredBody::new(body, metering, hide_usage_chunk)),
     ))
 }
 
@@ -447,6 +545,7 @@ fn usage_row(request: &Request, key: &KeyRecord, route: &str, now: DateTime<Utc>
         tokens: None,
         cost: Nanos::ZERO,
         hold: Nanos::ZERO,
+        uncovered: Nanos::ZERO,
         hold_id: None,
         billing_status: BillingStatus::Released,
         latency_ms: 0,
@@ -456,14 +555,22 @@ fn usage_row(request: &Request, key: &KeyRecord, route: &str, now: DateTime<Utc>
     }
 }
 
-/// Reads an LLM request's JSON body for its model and `max_tokens`. For OpenAI streams, asks
-/// the upstream for the final usage chunk (`stream_options.include_usage`), without which a
-/// stream could not be metered.
+/// Reads an LLM request's JSON body for its model and output cap, and makes the body the
+/// upstream gets one the meter can price:
+/// - an output cap (the endpoint's own field) set to `default_max_tokens` when the body has
+///   none, so the upstream cannot generate more than the hold covers;
+/// - on OpenAI streams, `stream_options.include_usage` always on: without it the stream reports
+///   no usage. A client that did not ask for it does not get the usage chunk
+///   ([`LlmRequest::hide_usage_chunk`]).
+///
+/// The body is forwarded as re-serialised from what was parsed, so a body the meter and the
+/// upstream could read differently (duplicate keys, say) cannot reach the upstream.
 async fn read_llm_request(
-    api: LlmApi,
+    endpoint: Endpoint,
     models: &BTreeMap<String, TokenPrices>,
     body: Body,
     limit: usize,
+    default_max_tokens: u64,
 ) -> Result<(String, LlmRequest), HttpError> {
     let bytes = match Limited::new(body, limit).collect().await {
         Ok(collected) => collected.to_bytes(),
@@ -481,12 +588,17 @@ async fn read_llm_request(
             format!("The request body is not valid JSON: {e}."),
         )
     })?;
-    let Some(model) = json.get("model").and_then(serde_json::Value::as_str) else {
-        return Err(tollgate_core::ApiError::validation(BTreeMap::from([(
-            "model".to_string(),
-            vec!["is required: the model to call, as a string".to_string()],
-        )]))
-        .into());
+    let Some(object) = json.as_object_mut() else {
+        return Err(HttpError::new(
+            ErrorCode::BadRequest,
+            "The request body must be a JSON object.",
+        ));
+    };
+    let Some(model) = object.get("model").and_then(serde_json::Value::as_str) else {
+        return Err(field_error(
+            "model",
+            "is required: the model to call, as a string",
+        ));
     };
     let model = model.to_string();
     let Some(prices) = models.get(&model).copied() else {
@@ -502,34 +614,64 @@ async fn read_llm_request(
             models.keys().cloned().collect::<Vec<_>>(),
         ));
     };
-    let max_tokens = ["max_completion_tokens", "max_tokens"]
-        .iter()
-        .find_map(|field| json.get(*field).and_then(serde_json::Value::as_u64));
-    let streams = json.get("stream").and_then(serde_json::Value::as_bool) == Some(true);
-    let body = if api == LlmApi::OpenAi
-        && streams
-        && json.pointer("/stream_options/include_usage").is_none()
-    {
-        if let Some(object) = json.as_object_mut() {
-            let options = object
-                .entry("stream_options")
-                .or_insert_with(|| serde_json::json!({}));
-            if let Some(options) = options.as_object_mut() {
-                options.insert("include_usage".into(), serde_json::Value::Bool(true));
-            }
+    let fields = endpoint.max_tokens_fields();
+    let mut max_tokens = None;
+    for field in fields {
+        match object.get(*field) {
+            None | Some(serde_json::Value::Null) => {}
+            Some(value) => match value.as_u64() {
+                Some(n) => max_tokens = Some(max_tokens.map_or(n, |m: u64| m.max(n))),
+                None => {
+                    return Err(field_error(
+                        field,
+                        "must be a whole number of tokens, 0 or more",
+                    ))
+                }
+            },
         }
-        Bytes::from(json.to_string())
-    } else {
-        bytes
+    }
+    let max_tokens = match (fields.first(), max_tokens) {
+        (None, _) => 0,
+        (Some(_), Some(n)) => n,
+        (Some(field), None) => {
+            object.insert((*field).to_string(), default_max_tokens.into());
+            default_max_tokens
+        }
     };
+    let streams = object.get("stream").and_then(serde_json::Value::as_bool) == Some(true);
+    let mut hide_usage_chunk = false;
+    if streams && endpoint.needs_usage_option() {
+        let options = object
+            .entry("stream_options")
+            .or_insert_with(|| serde_json::json!({}));
+        if !options.is_object() {
+            *options = serde_json::json!({});
+        }
+        if let Some(options) = options.as_object_mut() {
+            let asked = options.insert("include_usage".into(), true.into());
+            hide_usage_chunk = asked != Some(serde_json::Value::Bool(true));
+        }
+    }
+    let body = Bytes::from(json.to_string());
     Ok((
         model,
         LlmRequest {
+            endpoint,
             prices,
             max_tokens,
+            input_estimate: (body.len() as u64).div_ceil(4),
             body,
+            hide_usage_chunk,
         },
     ))
+}
+
+fn field_error(field: &str, message: &str) -> HttpError {
+    tollgate_core::ApiError::validation(BTreeMap::from([(
+        field.to_string(),
+        vec![message.to_string()],
+    )]))
+    .into()
 }
 
 /// 402s for a hold the wallet or the key's cap cannot cover.

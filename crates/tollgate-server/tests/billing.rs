@@ -6,55 +6,17 @@
 mod common;
 
 use common::{
-    expect_error, llm_route, mock_route, spawn_app, spawn_app_with, TestApp, ADMIN_TOKEN,
+    assert_books_balance, available, expect_error, llm_route, mock_route, request_id, spawn_app,
+    spawn_app_with, usage_of, TestApp, ADMIN_TOKEN,
 };
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 use std::time::Duration;
 use tollgate_core::{AccountId, Clock};
 use tollgate_server::config::{RouteKind, StreamPolicy};
-use tollgate_store::LedgerStore;
 use tollgate_wire::ErrorProfile;
 
 const ECHO_PRICE: i64 = 1_000_000; // "0.001" credits in nanos
-
-async fn available(app: &TestApp, key: &str) -> i64 {
-    let balance = app.get_json("/api/v1/billing/balance", key).await;
-    balance["available"]["nanos"].as_i64().unwrap()
-}
-
-/// The books balance: every ledger account sums to zero, and the wallet's cached balance
-/// equals the one rebuilt from its transfers.
-async fn assert_books_balance(app: &TestApp, account: AccountId) {
-    let trial = app.store.trial_balance().await.unwrap();
-    assert_eq!(trial.iter().map(|(_, n)| n).sum::<i64>(), 0, "{trial:?}");
-    let wallet = app.store.wallet(account).await.unwrap().unwrap();
-    assert_eq!(
-        app.store.ledger_balance(account).await.unwrap(),
-        wallet.available
-    );
-}
-
-/// The usage row of the request that got `response`, once it is written.
-async fn usage_of(app: &TestApp, key: &str, request_id: &str) -> Value {
-    for _ in 0..100 {
-        let response = app
-            .get_as(&format!("/api/v1/requests/{request_id}"), key)
-            .await;
-        if response.status() == 200 {
-            return response.json().await.unwrap();
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("no usage row for {request_id}");
-}
-
-fn request_id(response: &reqwest::Response) -> String {
-    response.headers()["x-request-id"]
-        .to_str()
-        .unwrap()
-        .to_string()
-}
 
 async fn echo(app: &TestApp, key: &str, headers: &[(&str, &str)]) -> reqwest::Response {
     let mut request = app.get("/echo/hi").bearer_auth(key);
@@ -265,11 +227,12 @@ async fn read_stream(response: reqwest::Response) -> String {
 }
 
 #[tokio::test]
-async fn openai_streams_are_charged_on_their_usage_chunk_even_when_not_asked_for() {
+async fn openai_streams_are_charged_on_a_usage_chunk_the_client_did_not_ask_for_and_does_not_see() {
     let app = spawn_app().await;
     let account = app.create_account("acme").await;
     let before = available(&app, &account.master_key).await;
-    // No stream_options: Tollgate asks the upstream for the usage chunk itself.
+    // No stream_options: Tollgate asks the upstream for the usage chunk itself, reads it, and
+    // cuts it from what the client gets, which is what the client asked for.
     let response = app
         .post("/v1/chat/completions")
         .bearer_auth(&account.master_key)
@@ -280,41 +243,61 @@ async fn openai_streams_are_charged_on_their_usage_chunk_even_when_not_asked_for
         .unwrap();
     let id = request_id(&response);
     let text = read_stream(response).await;
+    assert!(!text.contains("prompt_tokens"), "{text}");
+    assert!(
+        text.contains("tok4") && text.ends_with("data: [DONE]\n\n"),
+        "{text}"
+    );
+    // "Hello there": 11 characters, 3 tokens in; 5 words out.
+    let cost = 3 * 1_000 + 5 * 2_000;
+    let row = usage_of(&app, &account.master_key, &id).await;
+    assert_eq!(row["billing_status"], "settled");
+    assert_eq!(row["cost"]["nanos"], cost);
+    assert_eq!(available(&app, &account.master_key).await, before - cost);
+
+    // Asked for, it arrives, and costs the same.
+    let response = app
+        .post("/v1/chat/completions")
+        .bearer_auth(&account.master_key)
+        .json(&json!({"model": "mock-gpt", "stream": true,
+            "stream_options": {"include_usage": true},
+            "messages": [{"role": "user", "content": "Hello there"}]}))
+        .send()
+        .await
+        .unwrap();
+    let text = read_stream(response).await;
     let usage_line = text
         .lines()
         .find(|l| l.contains("\"usage\"") && l.contains("prompt_tokens"))
         .expect("the stream ends with a usage chunk");
     let chunk: Value = serde_json::from_str(usage_line.trim_start_matches("data: ")).unwrap();
-    let cost = openai_cost(&chunk["usage"]);
-    let row = usage_of(&app, &account.master_key, &id).await;
-    assert_eq!(row["billing_status"], "settled");
-    assert_eq!(row["cost"]["nanos"], cost);
-    assert_eq!(available(&app, &account.master_key).await, before - cost);
+    assert_eq!(openai_cost(&chunk["usage"]), cost);
 }
 
 #[tokio::test]
 async fn a_stream_without_usage_follows_the_route_policy() {
     let app = spawn_app_with(|raw, mock| {
-        let mut estimate = llm_route(
+        let mut release = llm_route(
             mock,
-            "/estimating",
+            "/releasing",
             "/v1",
             RouteKind::Openai,
             "mock-gpt",
             ("1", "2"),
         );
-        estimate.stream_policy = StreamPolicy::Estimate;
-        raw.routes.push(estimate);
+        release.stream_policy = StreamPolicy::Release;
+        raw.routes.push(release);
     })
     .await;
     let account = app.create_account("acme").await;
     let body = json!({"model": "mock-gpt", "stream": true,
-        "stream_options": {"include_usage": false},
         "messages": [{"role": "user", "content": "Hello"}]});
+    // An upstream that reports no usage at all: `release` is an explicit opt-in.
     let released = app
-        .post("/v1/chat/completions")
+        .post("/releasing/chat/completions")
         .bearer_auth(&account.master_key)
         .header("x-mock-chunks", "8")
+        .header("x-mock-no-usage", "1")
         .json(&body)
         .send()
         .await
@@ -325,10 +308,12 @@ async fn a_stream_without_usage_follows_the_route_policy() {
     assert_eq!(row["billing_status"], "released");
     assert_eq!(row["cost"]["nanos"], 0);
 
+    // The default, `estimate`: input from the request body as forwarded, output from the text.
     let estimated = app
-        .post("/estimating/chat/completions")
+        .post("/v1/chat/completions")
         .bearer_auth(&account.master_key)
         .header("x-mock-chunks", "8")
+        .header("x-mock-no-usage", "1")
         .json(&body)
         .send()
         .await
@@ -339,7 +324,12 @@ async fn a_stream_without_usage_follows_the_route_policy() {
     assert_eq!(row["billing_status"], "estimated");
     // Eight chunks of "tokN " (5 characters): 40 characters, 10 tokens at 2 per million.
     assert_eq!(row["output_tokens"], 10);
-    assert_eq!(row["cost"]["nanos"], 10 * 2_000);
+    let input = row["input_tokens"].as_i64().unwrap();
+    assert!(
+        input >= 20,
+        "about a quarter of the forwarded body's bytes, not 0: {input}"
+    );
+    assert_eq!(row["cost"]["nanos"], input * 1_000 + 10 * 2_000);
 }
 
 #[tokio::test]
@@ -453,13 +443,17 @@ async fn per_unit_prices_read_units_from_a_json_pointer_or_a_header() {
     let row = usage_of(&app, key, &id).await;
     assert_eq!(row["cost"]["credits"], "0.031", "flat 0.001 + 3 × 0.01");
 
-    // No units in the response: the release policy charges nothing.
+    // No units in the response: the estimate policy (the default) charges the flat price.
     let response = app.get("/hdr/x").bearer_auth(key).send().await.unwrap();
     let id = request_id(&response);
     response.bytes().await.unwrap();
     let row = usage_of(&app, key, &id).await;
-    assert_eq!(row["billing_status"], "released");
-    assert_eq!(available(&app, key).await, before - 25_000_000 - 31_000_000);
+    assert_eq!(row["billing_status"], "estimated");
+    assert_eq!(row["cost"]["credits"], "0.001");
+    assert_eq!(
+        available(&app, key).await,
+        before - 25_000_000 - 31_000_000 - 1_000_000
+    );
 }
 
 #[tokio::test]

@@ -59,10 +59,9 @@ impl<'w> Batch<'w> {
                     batch.holds.push((record, state));
                     if let Some(transfer) = transfer {
                         let at = hold.created_at;
-                        let reference = hold.id.to_string();
                         batch
                             .transfers
-                            .push((transfer, hold.account, "", reference, at));
+                            .push((transfer, hold.account, "", reference(hold), at));
                     }
                 }
                 LedgerWrite::ResolveHold { hold, transfers } => {
@@ -71,10 +70,9 @@ impl<'w> Batch<'w> {
                     }
                     let at = hold.resolved_at.unwrap_or(hold.created_at);
                     for transfer in transfers {
-                        let reference = hold.id.to_string();
                         batch
                             .transfers
-                            .push((transfer, hold.account, "", reference, at));
+                            .push((transfer, hold.account, "", reference(hold), at));
                     }
                 }
                 LedgerWrite::Usage(row) => batch.usage.push(row),
@@ -84,6 +82,15 @@ impl<'w> Batch<'w> {
             add_deltas(transfer, &mut batch.deltas);
         }
         batch
+    }
+}
+
+/// What a hold's transfers are filed under: the data-plane request it pays for, or, for a
+/// billing-API hold, the hold's own id (the one the API answers to).
+fn reference(hold: &Hold) -> String {
+    match hold.reference {
+        Some(request) => request.to_string(),
+        None => hold.id.to_string(),
     }
 }
 

@@ -365,6 +365,9 @@ pub struct UsageRow {
     pub tokens: Option<TokenUsage>,
     pub cost: Nanos,
     pub hold: Nanos,
+    /// What the usage cost beyond the hold, which capped the charge: the house's loss on an
+    /// undersized hold. Zero for every call whose hold covered it.
+    pub uncovered: Nanos,
     pub hold_id: Option<HoldId>,
     pub billing_status: BillingStatus,
     pub latency_ms: u64,

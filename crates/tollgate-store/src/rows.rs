@@ -153,6 +153,15 @@ impl TryFrom<HoldRow> for HoldRecord {
     type Error = StoreError;
 
     fn try_from(row: HoldRow) -> Result<Self, StoreError> {
+        let source = match row.source.as_str() {
+            "request" => HoldSource::Request,
+            "api" => HoldSource::Api,
+            _ => return Err(corrupt("hold source", &row.source)),
+        };
+        let request_id: Option<RequestId> = row
+            .request_id
+            .map(|r| parse_id("request id", &r))
+            .transpose()?;
         Ok(HoldRecord {
             hold: Hold {
                 id: parse_id("hold id", &row.id)?,
@@ -165,16 +174,10 @@ impl TryFrom<HoldRow> for HoldRecord {
                     .ok_or_else(|| corrupt("hold status", &row.status))?,
                 charged: Nanos(row.charged_nanos),
                 resolved_at: row.resolved_at.map(from_millis).transpose()?,
+                reference: request_id.filter(|_| source == HoldSource::Request),
             },
-            source: match row.source.as_str() {
-                "request" => HoldSource::Request,
-                "api" => HoldSource::Api,
-                _ => return Err(corrupt("hold source", &row.source)),
-            },
-            request_id: row
-                .request_id
-                .map(|r| parse_id("request id", &r))
-                .transpose()?,
+            source,
+            request_id,
             metadata: from_json("metadata", &row.metadata)?,
         })
     }
@@ -212,7 +215,7 @@ impl TryFrom<TransferRow> for TransferRecord {
 pub(crate) const USAGE_COLUMNS: &str = "request_id, client_request_id, account_id, key_id, route, \
     model, method, path, status, upstream_status, units, input_tokens, cached_input_tokens, \
     output_tokens, cost_nanos, hold_nanos, hold_id, billing_status, latency_ms, error_code, \
-    created_at, completed_at";
+    created_at, completed_at, uncovered_nanos";
 
 #[derive(sqlx::FromRow)]
 pub(crate) struct UsageDbRow {
@@ -238,6 +241,7 @@ pub(crate) struct UsageDbRow {
     error_code: Option<String>,
     created_at: i64,
     completed_at: i64,
+    uncovered_nanos: i64,
 }
 
 impl TryFrom<UsageDbRow> for UsageRow {
@@ -272,6 +276,7 @@ impl TryFrom<UsageDbRow> for UsageRow {
             tokens,
             cost: Nanos(row.cost_nanos),
             hold: Nanos(row.hold_nanos),
+            uncovered: Nanos(row.uncovered_nanos),
             hold_id: row.hold_id.map(|h| parse_id("hold id", &h)).transpose()?,
             billing_status: BillingStatus::parse(&row.billing_status)
                 .ok_or_else(|| corrupt("billing status", &row.billing_status))?,
@@ -317,7 +322,8 @@ pub(crate) fn push_usage<'a, DB>(
         .push_bind(count(row.latency_ms))
         .push_bind(row.error_code.clone())
         .push_bind(millis(row.created_at))
-        .push_bind(millis(row.completed_at));
+        .push_bind(millis(row.completed_at))
+        .push_bind(row.uncovered.0);
 }
 
 #[derive(sqlx::FromRow)]

@@ -680,6 +680,7 @@ fn open_hold(book: &mut Book, account: AccountId, key: KeyId, amount: i64, ms: i
             key_cap: None,
             at: at(ms),
             expires_at: at(ms + 60_000),
+            reference: None,
         })
         .unwrap();
     LedgerWrite::OpenHold {
@@ -889,6 +890,7 @@ fn usage_row(account: AccountId, key: KeyId, ms: i64) -> UsageRow {
         }),
         cost: Nanos(42),
         hold: Nanos(100),
+        uncovered: Nanos(7),
         hold_id: Some(HoldId::new()),
         billing_status: BillingStatus::Partial,
         latency_ms: 12,

@@ -315,6 +315,10 @@ pub struct UsageRecord {
     pub output_tokens: Option<u64>,
     pub cost: Money,
     pub hold: Money,
+    /// Whether the usage cost more than the hold, which capped the charge.
+    pub over_hold: bool,
+    /// What the usage cost beyond the hold: not charged, the house's loss.
+    pub uncovered: Money,
     /// `settled`, `partial`, `estimated`, `released` or `expired`.
     pub billing_status: String,
     pub latency_ms: u64,

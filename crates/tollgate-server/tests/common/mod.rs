@@ -8,6 +8,7 @@ use serde_json::{json, Value};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 use tollgate_core::ledger::Wallet;
 use tollgate_core::{AccountId, Clock, HoldId, KeyHash, KeyId, ManualClock, Nanos, RequestId};
 
@@ -268,6 +269,45 @@ impl TestApp {
             body["id"].as_str().unwrap().parse().unwrap(),
         )
     }
+}
+
+/// The account's available balance in nanos, as its own master key reads it.
+pub async fn available(app: &TestApp, key: &str) -> i64 {
+    let balance = app.get_json("/api/v1/billing/balance", key).await;
+    balance["available"]["nanos"].as_i64().unwrap()
+}
+
+/// The books balance: every ledger account sums to zero, and the wallet's cached balance
+/// equals the one rebuilt from its transfers.
+pub async fn assert_books_balance(app: &TestApp, account: AccountId) {
+    let trial = app.store.trial_balance().await.unwrap();
+    assert_eq!(trial.iter().map(|(_, n)| n).sum::<i64>(), 0, "{trial:?}");
+    let wallet = app.store.wallet(account).await.unwrap().unwrap();
+    assert_eq!(
+        app.store.ledger_balance(account).await.unwrap(),
+        wallet.available
+    );
+}
+
+/// The usage row of the request that got `response`, once it is written.
+pub async fn usage_of(app: &TestApp, key: &str, request_id: &str) -> Value {
+    for _ in 0..100 {
+        let response = app
+            .get_as(&format!("/api/v1/requests/{request_id}"), key)
+            .await;
+        if response.status() == 200 {
+            return response.json().await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("no usage row for {request_id}");
+}
+
+pub fn request_id(response: &reqwest::Response) -> String {
+    response.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_string()
 }
 
 /// Checks a Tollgate-originated error: status, `X-Tollgate-Error`, the request ID in header and
