@@ -57,7 +57,7 @@ impl PostgresStore {
             .acquire_timeout(Duration::from_secs(5))
             .connect_with(options)
             .await
-            .map_err(unavailable)?;
+            .map_err(store_error)?;
         MIGRATOR
             .run(&pool)
             .await
@@ -71,7 +71,7 @@ impl PostgresStore {
         let applied: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM _sqlx_migrations")
             .fetch_one(&store.pool)
             .await
-            .map_err(unavailable)?;
+            .map_err(store_error)?;
         Ok(applied as usize)
     }
 
@@ -80,7 +80,7 @@ impl PostgresStore {
     }
 
     async fn begin(&self) -> Result<Transaction<'_, Postgres>, StoreError> {
-        self.pool.begin().await.map_err(unavailable)
+        self.pool.begin().await.map_err(store_error)
     }
 
     /// Commits a ledger batch; with `lease`, every balance change is made to that node's lease
@@ -106,12 +106,12 @@ impl PostgresStore {
         .bind(chrono::Utc::now().timestamp_millis())
         .execute(&mut *tx)
         .await
-        .map_err(write_failed)?
+        .map_err(store_error)?
         .rows_affected()
             == 1;
         if !first_time {
             // Committed by an earlier attempt whose answer was lost.
-            tx.rollback().await.map_err(write_failed)?;
+            tx.rollback().await.map_err(store_error)?;
             return Ok(());
         }
         for chunk in holds.chunks(ROWS_PER_INSERT) {
@@ -132,11 +132,7 @@ impl PostgresStore {
                     .push_bind(millis(hold.expires_at))
                     .push_bind(state.resolved_at.map(millis));
             });
-            query
-                .build()
-                .execute(&mut *tx)
-                .await
-                .map_err(write_failed)?;
+            query.build().execute(&mut *tx).await.map_err(store_error)?;
         }
         // Resolutions of holds opened in earlier batches: one statement per chunk, not per hold.
         for chunk in resolutions.chunks(ROWS_PER_INSERT) {
@@ -158,10 +154,10 @@ impl PostgresStore {
                 .build()
                 .execute(&mut *tx)
                 .await
-                .map_err(write_failed)?
+                .map_err(store_error)?
                 .rows_affected();
             if changed != chunk.len() as u64 {
-                tx.rollback().await.map_err(write_failed)?;
+                tx.rollback().await.map_err(store_error)?;
                 return Err(not_pending(chunk, changed));
             }
         }
@@ -171,11 +167,7 @@ impl PostgresStore {
                 "INSERT INTO requests ({USAGE_COLUMNS}) "
             ));
             query.push_values(chunk, |out, row| push_usage(out, row));
-            query
-                .build()
-                .execute(&mut *tx)
-                .await
-                .map_err(write_failed)?;
+            query.build().execute(&mut *tx).await.map_err(store_error)?;
         }
         for (account, (available, held)) in deltas {
             if available == 0 && held == 0 {
@@ -190,7 +182,7 @@ impl PostgresStore {
             .bind(account.to_string())
             .execute(&mut *tx)
             .await
-            .map_err(write_failed)?;
+            .map_err(store_error)?;
             if let Some(node) = lease {
                 if let Err(e) = move_lease(&mut tx, account, node, available).await {
                     let _ = tx.rollback().await;
@@ -198,13 +190,14 @@ impl PostgresStore {
                 }
             }
         }
-        tx.commit().await.map_err(write_failed)
+        tx.commit().await.map_err(store_error)
     }
 }
 
-/// A write the database refuses by a constraint or a trigger would be refused again: that is
-/// corrupt data (the caller must not retry), not an outage.
-fn write_failed(e: sqlx::Error) -> StoreError {
+/// A statement the database refuses by a constraint or a trigger (SQLSTATE class 23, or a
+/// trigger's `RAISE`) would be refused again: that is corrupt data, which the caller must not
+/// retry, not an outage. Everything else (connections, serialisation failures) is an outage.
+fn store_error(e: sqlx::Error) -> StoreError {
     let refused = e
         .as_database_error()
         .and_then(|d| d.code())
@@ -212,12 +205,8 @@ fn write_failed(e: sqlx::Error) -> StoreError {
     if refused {
         StoreError::Corrupt(e.to_string())
     } else {
-        unavailable(e)
+        StoreError::Unavailable(e.to_string())
     }
-}
-
-fn unavailable(e: sqlx::Error) -> StoreError {
-    StoreError::Unavailable(e.to_string())
 }
 
 async fn insert_key(tx: &mut Transaction<'_, Postgres>, key: &KeyRecord) -> Result<(), StoreError> {
@@ -241,7 +230,7 @@ async fn insert_key(tx: &mut Transaction<'_, Postgres>, key: &KeyRecord) -> Resu
     .bind(to_json(&key.rate_limits)?)
     .execute(&mut **tx)
     .await
-    .map_err(unavailable)?;
+    .map_err(store_error)?;
     Ok(())
 }
 
@@ -271,7 +260,7 @@ async fn insert_transfers(
             .build()
             .execute(&mut **tx)
             .await
-            .map_err(write_failed)?;
+            .map_err(store_error)?;
     }
     Ok(())
 }
@@ -295,13 +284,13 @@ impl AccountStore for PostgresStore {
         .bind(millis(at))
         .execute(&mut *tx)
         .await
-        .map_err(unavailable)?;
+        .map_err(store_error)?;
         sqlx::query("INSERT INTO wallets (account_id, balance_nanos) VALUES ($1, $2)")
             .bind(id.to_string())
             .bind(starter_credits.0)
             .execute(&mut *tx)
             .await
-            .map_err(unavailable)?;
+            .map_err(store_error)?;
         if starter_credits > Nanos::ZERO {
             let grant = Transfer {
                 debit: LedgerAccount::External,
@@ -316,7 +305,7 @@ impl AccountStore for PostgresStore {
             .await?;
         }
         insert_key(&mut tx, &master_key).await?;
-        tx.commit().await.map_err(unavailable)?;
+        tx.commit().await.map_err(store_error)?;
         Ok(Account {
             id,
             name: name.to_string(),
@@ -333,7 +322,7 @@ impl AccountStore for PostgresStore {
             .bind(id.to_string())
             .fetch_optional(&self.pool)
             .await
-            .map_err(unavailable)?;
+            .map_err(store_error)?;
         row.map(Account::try_from).transpose()
     }
 
@@ -352,7 +341,7 @@ impl AccountStore for PostgresStore {
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await
-        .map_err(unavailable)?;
+        .map_err(store_error)?;
         convert(rows)
     }
 
@@ -368,7 +357,7 @@ impl AccountStore for PostgresStore {
         .bind(account.id.to_string())
         .execute(&self.pool)
         .await
-        .map_err(unavailable)?;
+        .map_err(store_error)?;
         self.account(account.id).await
     }
 }
@@ -387,7 +376,7 @@ impl KeyStore for PostgresStore {
                 .bind(key.account_id.to_string())
                 .fetch_optional(&mut *tx)
                 .await
-                .map_err(unavailable)?;
+                .map_err(store_error)?;
         let limit = max_keys
             .flatten()
             .and_then(|n| u32::try_from(n).ok())
@@ -398,14 +387,14 @@ impl KeyStore for PostgresStore {
         .bind(key.account_id.to_string())
         .fetch_one(&mut *tx)
         .await
-        .map_err(unavailable)?;
+        .map_err(store_error)?;
         if unrevoked >= i64::from(limit) {
             // Ended now, not when the connection is next used: until then it holds the lock.
-            tx.rollback().await.map_err(unavailable)?;
+            tx.rollback().await.map_err(store_error)?;
             return Ok(InsertKeyOutcome::LimitReached { limit });
         }
         insert_key(&mut tx, key).await?;
-        tx.commit().await.map_err(unavailable)?;
+        tx.commit().await.map_err(store_error)?;
         Ok(InsertKeyOutcome::Inserted)
     }
 
@@ -416,7 +405,7 @@ impl KeyStore for PostgresStore {
         .bind(hash.0.as_slice())
         .fetch_optional(&self.pool)
         .await
-        .map_err(unavailable)?;
+        .map_err(store_error)?;
         if let Some(row) = current {
             return Ok(Some(self.lookup(row.try_into()?, None).await?));
         }
@@ -425,13 +414,13 @@ impl KeyStore for PostgresStore {
                 .bind(hash.0.as_slice())
                 .fetch_optional(&self.pool)
                 .await
-                .map_err(unavailable)?;
+                .map_err(store_error)?;
         let Some(retired) = retired else {
             return Ok(None);
         };
-        let key_id: String = retired.try_get("key_id").map_err(unavailable)?;
+        let key_id: String = retired.try_get("key_id").map_err(store_error)?;
         let key_id = parse_id("key id", &key_id)?;
-        let expires_at = from_millis(retired.try_get("expires_at").map_err(unavailable)?)?;
+        let expires_at = from_millis(retired.try_get("expires_at").map_err(store_error)?)?;
         let Some(key) = self.key_by_id(key_id).await? else {
             return Ok(None);
         };
@@ -445,7 +434,7 @@ impl KeyStore for PostgresStore {
         .bind(id.to_string())
         .fetch_optional(&self.pool)
         .await
-        .map_err(unavailable)?;
+        .map_err(store_error)?;
         row.map(KeyRecord::try_from).transpose()
     }
 
@@ -464,7 +453,7 @@ impl KeyStore for PostgresStore {
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await
-        .map_err(unavailable)?;
+        .map_err(store_error)?;
         convert(rows)
     }
 
@@ -478,7 +467,7 @@ impl KeyStore for PostgresStore {
         .bind(id.to_string())
         .execute(&self.pool)
         .await
-        .map_err(unavailable)?
+        .map_err(store_error)?
         .rows_affected();
         Ok(match self.key_by_id(id).await? {
             None => RevokeOutcome::NotFound,
@@ -503,7 +492,7 @@ impl KeyStore for PostgresStore {
         .bind(key.id.to_string())
         .execute(&self.pool)
         .await
-        .map_err(unavailable)?
+        .map_err(store_error)?
         .rows_affected();
         self.key_change(key.id, changed == 1).await
     }
@@ -524,7 +513,7 @@ impl KeyStore for PostgresStore {
         .bind(id.to_string())
         .fetch_optional(&mut *tx)
         .await
-        .map_err(unavailable)?;
+        .map_err(store_error)?;
         if let Some(old_hash) = &current {
             sqlx::query(
                 "INSERT INTO retired_key_secrets (key_hash, key_id, expires_at, retired_at) \
@@ -536,16 +525,16 @@ impl KeyStore for PostgresStore {
             .bind(millis(at))
             .execute(&mut *tx)
             .await
-            .map_err(unavailable)?;
+            .map_err(store_error)?;
             sqlx::query("UPDATE api_keys SET key_hash = $1, display_prefix = $2 WHERE id = $3")
                 .bind(new_hash.0.as_slice())
                 .bind(display_prefix)
                 .bind(id.to_string())
                 .execute(&mut *tx)
                 .await
-                .map_err(unavailable)?;
+                .map_err(store_error)?;
         }
-        tx.commit().await.map_err(unavailable)?;
+        tx.commit().await.map_err(store_error)?;
         self.key_change(id, current.is_some()).await
     }
 }
@@ -561,7 +550,7 @@ impl PostgresStore {
             .bind(key.account_id.to_string())
             .fetch_one(&self.pool)
             .await
-            .map_err(unavailable)?
+            .map_err(store_error)?
             .lookup(key, secret_expires_at)
     }
 
@@ -587,7 +576,7 @@ impl LedgerStore for PostgresStore {
         .bind(account.to_string())
         .fetch_one(&self.pool)
         .await
-        .map_err(unavailable)?;
+        .map_err(store_error)?;
         Ok(Nanos(sum))
     }
 
@@ -597,7 +586,7 @@ impl LedgerStore for PostgresStore {
                 .bind(account.to_string())
                 .fetch_optional(&self.pool)
                 .await
-                .map_err(unavailable)?;
+                .map_err(store_error)?;
         Ok(row.map(|(available, held)| Wallet {
             available: Nanos(available),
             held: Nanos(held),
@@ -613,7 +602,7 @@ impl LedgerStore for PostgresStore {
         .bind(millis(since))
         .fetch_one(&self.pool)
         .await
-        .map_err(unavailable)?;
+        .map_err(store_error)?;
         Ok(Nanos(sum))
     }
 
@@ -630,7 +619,7 @@ impl LedgerStore for PostgresStore {
         .bind(millis(since))
         .fetch_one(&self.pool)
         .await
-        .map_err(unavailable)?;
+        .map_err(store_error)?;
         Ok(Nanos(sum))
     }
 
@@ -640,7 +629,7 @@ impl LedgerStore for PostgresStore {
         ))
         .fetch_all(&self.pool)
         .await
-        .map_err(unavailable)?;
+        .map_err(store_error)?;
         convert(rows)
     }
 
@@ -652,7 +641,7 @@ impl LedgerStore for PostgresStore {
         .bind(millis(cutoff))
         .fetch_all(&self.pool)
         .await
-        .map_err(unavailable)?;
+        .map_err(store_error)?;
         convert(rows)
     }
 
@@ -663,7 +652,7 @@ impl LedgerStore for PostgresStore {
         .bind(id.to_string())
         .fetch_optional(&self.pool)
         .await
-        .map_err(unavailable)?;
+        .map_err(store_error)?;
         row.map(HoldRecord::try_from).transpose()
     }
 
@@ -686,7 +675,7 @@ impl LedgerStore for PostgresStore {
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await
-        .map_err(unavailable)?;
+        .map_err(store_error)?;
         convert(rows)
     }
 
@@ -700,7 +689,7 @@ impl LedgerStore for PostgresStore {
         )
         .fetch_all(&self.pool)
         .await
-        .map_err(unavailable)
+        .map_err(store_error)
     }
 }
 
@@ -734,7 +723,7 @@ impl IdempotencyStore for PostgresStore {
         .bind(now)
         .execute(&mut *tx)
         .await
-        .map_err(unavailable)?;
+        .map_err(store_error)?;
         let row = sqlx::query_as::<_, IdempotencyRow>(
             "SELECT fingerprint, owner, state, lease_until, status, headers, body \
              FROM idempotency_keys WHERE scope = $1 AND key = $2",
@@ -743,8 +732,8 @@ impl IdempotencyStore for PostgresStore {
         .bind(&claim.key)
         .fetch_one(&mut *tx)
         .await
-        .map_err(unavailable)?;
-        tx.commit().await.map_err(unavailable)?;
+        .map_err(store_error)?;
+        tx.commit().await.map_err(store_error)?;
         row.outcome(claim)
     }
 
@@ -767,7 +756,7 @@ impl IdempotencyStore for PostgresStore {
         .bind(owner.to_string())
         .execute(&self.pool)
         .await
-        .map_err(unavailable)?;
+        .map_err(store_error)?;
         Ok(())
     }
 
@@ -786,7 +775,7 @@ impl IdempotencyStore for PostgresStore {
         .bind(owner.to_string())
         .execute(&self.pool)
         .await
-        .map_err(unavailable)?;
+        .map_err(store_error)?;
         Ok(())
     }
 
@@ -798,7 +787,7 @@ impl IdempotencyStore for PostgresStore {
         .bind(millis(now))
         .execute(&self.pool)
         .await
-        .map_err(unavailable)?
+        .map_err(store_error)?
         .rows_affected();
         // Batch ids only need to outlive the retries of their batch.
         let day_ago = millis(now) - 24 * 3600 * 1000;
@@ -806,7 +795,7 @@ impl IdempotencyStore for PostgresStore {
             .bind(day_ago)
             .execute(&self.pool)
             .await
-            .map_err(unavailable)?;
+            .map_err(store_error)?;
         Ok(purged)
     }
 }
@@ -821,7 +810,7 @@ impl AuditStore for PostgresStore {
         )
         .fetch_one(&mut *tx)
         .await
-        .map_err(unavailable)?;
+        .map_err(store_error)?;
         let entry = entry.seal(head.head()?);
         let seq = i64::try_from(entry.seq).map_err(|_| corrupt("audit seq", "overflow"))?;
         sqlx::query(
@@ -840,14 +829,14 @@ impl AuditStore for PostgresStore {
         .bind(entry.hash.as_slice())
         .execute(&mut *tx)
         .await
-        .map_err(unavailable)?;
+        .map_err(store_error)?;
         sqlx::query("UPDATE audit_head SET seq = $1, hash = $2 WHERE id = 1")
             .bind(seq)
             .bind(entry.hash.as_slice())
             .execute(&mut *tx)
             .await
-            .map_err(unavailable)?;
-        tx.commit().await.map_err(unavailable)?;
+            .map_err(store_error)?;
+        tx.commit().await.map_err(store_error)?;
         Ok(entry)
     }
 
@@ -864,7 +853,7 @@ impl AuditStore for PostgresStore {
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await
-        .map_err(unavailable)?;
+        .map_err(store_error)?;
         convert(rows)
     }
 
@@ -872,7 +861,7 @@ impl AuditStore for PostgresStore {
         sqlx::query_as::<_, AuditHeadRow>("SELECT seq, hash FROM audit_head WHERE id = 1")
             .fetch_one(&self.pool)
             .await
-            .map_err(unavailable)?
+            .map_err(store_error)?
             .head()
     }
 }
@@ -915,7 +904,7 @@ impl UsageStore for PostgresStore {
             .build_query_as::<UsageDbRow>()
             .fetch_all(&self.pool)
             .await
-            .map_err(unavailable)?;
+            .map_err(store_error)?;
         convert(rows)
     }
 
@@ -951,7 +940,7 @@ impl UsageStore for PostgresStore {
         .bind(to.map(millis))
         .fetch_all(&self.pool)
         .await
-        .map_err(unavailable)?;
+        .map_err(store_error)?;
         convert(rows)
     }
 
@@ -962,7 +951,7 @@ impl UsageStore for PostgresStore {
         .bind(id.to_string())
         .fetch_optional(&self.pool)
         .await
-        .map_err(unavailable)?;
+        .map_err(store_error)?;
         row.map(UsageRow::try_from).transpose()
     }
 
@@ -971,7 +960,7 @@ impl UsageStore for PostgresStore {
             .bind(millis(cutoff))
             .execute(&self.pool)
             .await
-            .map_err(unavailable)?
+            .map_err(store_error)?
             .rows_affected())
     }
 }
@@ -1007,7 +996,7 @@ impl LeaseStore for PostgresStore {
         let mut tx = self.begin().await?;
         match carve_in(&mut tx, account, node, give_back, needed, at).await {
             Ok(carve) => {
-                tx.commit().await.map_err(write_failed)?;
+                tx.commit().await.map_err(store_error)?;
                 Ok(carve)
             }
             Err(e) => {
@@ -1035,7 +1024,7 @@ impl LeaseStore for PostgresStore {
         .bind(node.to_string())
         .execute(&self.pool)
         .await
-        .map_err(write_failed)?;
+        .map_err(store_error)?;
         Ok(())
     }
 
@@ -1044,13 +1033,13 @@ impl LeaseStore for PostgresStore {
             .bind(node.to_string())
             .execute(&self.pool)
             .await
-            .map_err(unavailable)?;
+            .map_err(store_error)?;
         sqlx::query("UPDATE wallet_leases SET renewed_at = $1 WHERE node_id = $2")
             .bind(millis(at))
             .bind(node.to_string())
             .execute(&self.pool)
             .await
-            .map_err(unavailable)?;
+            .map_err(store_error)?;
         Ok(())
     }
 
@@ -1060,7 +1049,7 @@ impl LeaseStore for PostgresStore {
                 .bind(millis(cutoff))
                 .execute(&self.pool)
                 .await
-                .map_err(unavailable)?
+                .map_err(store_error)?
                 .rows_affected(),
         )
     }
@@ -1072,7 +1061,7 @@ impl LeaseStore for PostgresStore {
         .bind(account.to_string())
         .fetch_all(&self.pool)
         .await
-        .map_err(unavailable)?;
+        .map_err(store_error)?;
         rows.into_iter()
             .map(|(node, amount)| Ok((parse_id("lease node", &node)?, Nanos(amount))))
             .collect()
@@ -1095,7 +1084,7 @@ async fn carve_in(
             .bind(account.to_string())
             .fetch_optional(&mut **tx)
             .await
-            .map_err(unavailable)?;
+            .map_err(store_error)?;
     let Some(balance) = balance else {
         return Err(StoreError::Corrupt(format!(
             "account {account} has no wallet"
@@ -1110,7 +1099,7 @@ async fn carve_in(
     .bind(account.to_string())
     .fetch_one(&mut **tx)
     .await
-    .map_err(unavailable)?;
+    .map_err(store_error)?;
     let free = Nanos(balance - leased);
     let granted = lease_size(free, needed).unwrap_or(Nanos::ZERO);
     if granted > Nanos::ZERO {
@@ -1126,7 +1115,7 @@ async fn carve_in(
         .bind(millis(at))
         .execute(&mut **tx)
         .await
-        .map_err(write_failed)?;
+        .map_err(store_error)?;
     }
     Ok(Carve {
         granted,
@@ -1154,7 +1143,7 @@ async fn move_lease(
         .bind(chrono::Utc::now().timestamp_millis())
         .execute(&mut **tx)
         .await
-        .map_err(write_failed)?;
+        .map_err(store_error)?;
         Ok(())
     } else if delta < 0 {
         give_back_lease(tx, account, node, Nanos(-delta)).await
@@ -1179,7 +1168,7 @@ async fn give_back_lease(
     .bind(node.to_string())
     .execute(&mut **tx)
     .await
-    .map_err(write_failed)?
+    .map_err(store_error)?
     .rows_affected();
     if changed == 1 {
         Ok(())
@@ -1198,11 +1187,11 @@ impl ChangeFeed for PostgresStore {
     async fn changes(&self) -> Result<Option<mpsc::Receiver<StoreChange>>, StoreError> {
         let mut listener = PgListener::connect_with(&self.pool)
             .await
-            .map_err(unavailable)?;
+            .map_err(store_error)?;
         listener
             .listen(CHANGES_CHANNEL)
             .await
-            .map_err(unavailable)?;
+            .map_err(store_error)?;
         let (changes, receiver) = mpsc::channel(1024);
         tokio::spawn(async move {
             loop {
@@ -1247,7 +1236,7 @@ impl StoreHealth for PostgresStore {
         sqlx::query("SELECT 1")
             .execute(&self.pool)
             .await
-            .map_err(unavailable)?;
+            .map_err(store_error)?;
         Ok(())
     }
 

@@ -46,7 +46,7 @@ impl SqliteStore {
             .acquire_timeout(Duration::from_secs(5))
             .connect_with(options)
             .await
-            .map_err(unavailable)?;
+            .map_err(store_error)?;
         MIGRATOR
             .run(&pool)
             .await
@@ -60,7 +60,7 @@ impl SqliteStore {
         let applied: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM _sqlx_migrations")
             .fetch_one(&store.pool)
             .await
-            .map_err(unavailable)?;
+            .map_err(store_error)?;
         Ok(applied as usize)
     }
 
@@ -70,9 +70,32 @@ impl SqliteStore {
     }
 }
 
-fn unavailable(e: sqlx::Error) -> StoreError {
-    StoreError::Unavailable(e.to_string())
+/// A statement the database refuses by a constraint or a trigger (SQLite's `SQLITE_CONSTRAINT`
+/// family, and a value too big or of the wrong type) would be refused again: that is corrupt
+/// data, which the caller must not retry, not an outage. Everything else is an outage.
+fn store_error(e: sqlx::Error) -> StoreError {
+    let refused = e.as_database_error().is_some_and(|d| {
+        let primary = d
+            .code()
+            .and_then(|code| code.parse::<i32>().ok())
+            .map(|code| code & 0xff);
+        !matches!(d.kind(), sqlx::error::ErrorKind::Other)
+            || matches!(
+                primary,
+                Some(SQLITE_CONSTRAINT | SQLITE_TOOBIG | SQLITE_MISMATCH)
+            )
+    });
+    if refused {
+        StoreError::Corrupt(e.to_string())
+    } else {
+        StoreError::Unavailable(e.to_string())
+    }
 }
+
+/// SQLite's primary result codes for writes it refuses as they are.
+const SQLITE_TOOBIG: i32 = 18;
+const SQLITE_CONSTRAINT: i32 = 19;
+const SQLITE_MISMATCH: i32 = 20;
 
 /// Inserts the key; with `limit`, only if the account has fewer unrevoked keys than its override
 /// or else `limit` (one statement, so the count and the insert cannot be split by another
@@ -112,7 +135,7 @@ where
     .bind(to_json(&key.rate_limits)?)
     .execute(executor)
     .await
-    .map_err(unavailable)?
+    .map_err(store_error)?
     .rows_affected();
     Ok(inserted == 1)
 }
@@ -127,7 +150,7 @@ impl AccountStore for SqliteStore {
         master_key: KeyRecord,
         at: DateTime<Utc>,
     ) -> Result<Account, StoreError> {
-        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        let mut tx = self.pool.begin().await.map_err(store_error)?;
         sqlx::query(
             "INSERT INTO accounts (id, name, status, created_at) VALUES (?, ?, 'active', ?)",
         )
@@ -136,13 +159,13 @@ impl AccountStore for SqliteStore {
         .bind(millis(at))
         .execute(&mut *tx)
         .await
-        .map_err(unavailable)?;
+        .map_err(store_error)?;
         sqlx::query("INSERT INTO wallets (account_id, balance_nanos) VALUES (?, ?)")
             .bind(id.to_string())
             .bind(starter_credits.0)
             .execute(&mut *tx)
             .await
-            .map_err(unavailable)?;
+            .map_err(store_error)?;
         if starter_credits > Nanos::ZERO {
             let grant = Transfer {
                 debit: LedgerAccount::External,
@@ -153,7 +176,7 @@ impl AccountStore for SqliteStore {
             insert_transfer(&mut tx, &grant, id, "starter credits", "", at).await?;
         }
         insert_key_with(&mut *tx, &master_key, None).await?;
-        tx.commit().await.map_err(unavailable)?;
+        tx.commit().await.map_err(store_error)?;
         Ok(Account {
             id,
             name: name.to_string(),
@@ -170,7 +193,7 @@ impl AccountStore for SqliteStore {
             .bind(id.to_string())
             .fetch_optional(&self.pool)
             .await
-            .map_err(unavailable)?;
+            .map_err(store_error)?;
         row.map(Account::try_from).transpose()
     }
 
@@ -189,7 +212,7 @@ impl AccountStore for SqliteStore {
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await
-        .map_err(unavailable)?;
+        .map_err(store_error)?;
         convert(rows)
     }
 
@@ -204,7 +227,7 @@ impl AccountStore for SqliteStore {
         .bind(account.id.to_string())
         .execute(&self.pool)
         .await
-        .map_err(unavailable)?;
+        .map_err(store_error)?;
         self.account(account.id).await
     }
 }
@@ -231,7 +254,7 @@ async fn insert_transfer(
     .bind(millis(at))
     .execute(&mut **tx)
     .await
-    .map_err(unavailable)?;
+    .map_err(store_error)?;
     Ok(())
 }
 
@@ -249,7 +272,7 @@ impl KeyStore for SqliteStore {
             .bind(key.account_id.to_string())
             .fetch_optional(&self.pool)
             .await
-            .map_err(unavailable)?
+            .map_err(store_error)?
             .flatten();
         let limit = limit.and_then(|n| u32::try_from(n).ok());
         Ok(InsertKeyOutcome::LimitReached {
@@ -264,7 +287,7 @@ impl KeyStore for SqliteStore {
         .bind(hash.0.as_slice())
         .fetch_optional(&self.pool)
         .await
-        .map_err(unavailable)?;
+        .map_err(store_error)?;
         if let Some(row) = current {
             return Ok(Some(self.lookup(row.try_into()?, None).await?));
         }
@@ -273,13 +296,13 @@ impl KeyStore for SqliteStore {
                 .bind(hash.0.as_slice())
                 .fetch_optional(&self.pool)
                 .await
-                .map_err(unavailable)?;
+                .map_err(store_error)?;
         let Some(retired) = retired else {
             return Ok(None);
         };
-        let key_id: String = retired.try_get("key_id").map_err(unavailable)?;
+        let key_id: String = retired.try_get("key_id").map_err(store_error)?;
         let key_id = parse_id("key id", &key_id)?;
-        let expires_at = from_millis(retired.try_get("expires_at").map_err(unavailable)?)?;
+        let expires_at = from_millis(retired.try_get("expires_at").map_err(store_error)?)?;
         let Some(key) = self.key_by_id(key_id).await? else {
             return Ok(None);
         };
@@ -293,7 +316,7 @@ impl KeyStore for SqliteStore {
         .bind(id.to_string())
         .fetch_optional(&self.pool)
         .await
-        .map_err(unavailable)?;
+        .map_err(store_error)?;
         row.map(KeyRecord::try_from).transpose()
     }
 
@@ -312,7 +335,7 @@ impl KeyStore for SqliteStore {
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await
-        .map_err(unavailable)?;
+        .map_err(store_error)?;
         convert(rows)
     }
 
@@ -326,7 +349,7 @@ impl KeyStore for SqliteStore {
         .bind(id.to_string())
         .execute(&self.pool)
         .await
-        .map_err(unavailable)?
+        .map_err(store_error)?
         .rows_affected();
         Ok(match self.key_by_id(id).await? {
             None => RevokeOutcome::NotFound,
@@ -351,7 +374,7 @@ impl KeyStore for SqliteStore {
         .bind(key.id.to_string())
         .execute(&self.pool)
         .await
-        .map_err(unavailable)?
+        .map_err(store_error)?
         .rows_affected();
         self.key_change(key.id, changed == 1).await
     }
@@ -364,7 +387,7 @@ impl KeyStore for SqliteStore {
         old_secret_expires_at: DateTime<Utc>,
         at: DateTime<Utc>,
     ) -> Result<KeyChange, StoreError> {
-        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        let mut tx = self.pool.begin().await.map_err(store_error)?;
         // Writing first takes SQLite's write lock, so the two statements see one state.
         let retired = sqlx::query(
             "INSERT INTO retired_key_secrets (key_hash, key_id, expires_at, retired_at) \
@@ -375,7 +398,7 @@ impl KeyStore for SqliteStore {
         .bind(id.to_string())
         .execute(&mut *tx)
         .await
-        .map_err(unavailable)?
+        .map_err(store_error)?
         .rows_affected();
         if retired == 1 {
             sqlx::query("UPDATE api_keys SET key_hash = ?, display_prefix = ? WHERE id = ?")
@@ -384,9 +407,9 @@ impl KeyStore for SqliteStore {
                 .bind(id.to_string())
                 .execute(&mut *tx)
                 .await
-                .map_err(unavailable)?;
+                .map_err(store_error)?;
         }
-        tx.commit().await.map_err(unavailable)?;
+        tx.commit().await.map_err(store_error)?;
         self.key_change(id, retired == 1).await
     }
 }
@@ -402,7 +425,7 @@ impl SqliteStore {
             .bind(key.account_id.to_string())
             .fetch_one(&self.pool)
             .await
-            .map_err(unavailable)?
+            .map_err(store_error)?
             .lookup(key, secret_expires_at)
     }
 
@@ -431,7 +454,7 @@ impl LedgerStore for SqliteStore {
         .bind(account.to_string())
         .fetch_one(&self.pool)
         .await
-        .map_err(unavailable)?;
+        .map_err(store_error)?;
         Ok(Nanos(sum))
     }
 
@@ -441,7 +464,7 @@ impl LedgerStore for SqliteStore {
                 .bind(account.to_string())
                 .fetch_optional(&self.pool)
                 .await
-                .map_err(unavailable)?;
+                .map_err(store_error)?;
         Ok(row.map(|(available, held)| Wallet {
             available: Nanos(available),
             held: Nanos(held),
@@ -457,7 +480,7 @@ impl LedgerStore for SqliteStore {
         .bind(millis(since))
         .fetch_one(&self.pool)
         .await
-        .map_err(unavailable)?;
+        .map_err(store_error)?;
         Ok(Nanos(sum))
     }
 
@@ -474,7 +497,7 @@ impl LedgerStore for SqliteStore {
         .bind(millis(since))
         .fetch_one(&self.pool)
         .await
-        .map_err(unavailable)?;
+        .map_err(store_error)?;
         Ok(Nanos(sum))
     }
 
@@ -484,7 +507,7 @@ impl LedgerStore for SqliteStore {
         ))
         .fetch_all(&self.pool)
         .await
-        .map_err(unavailable)?;
+        .map_err(store_error)?;
         convert(rows)
     }
 
@@ -496,7 +519,7 @@ impl LedgerStore for SqliteStore {
         .bind(millis(cutoff))
         .fetch_all(&self.pool)
         .await
-        .map_err(unavailable)?;
+        .map_err(store_error)?;
         convert(rows)
     }
 
@@ -506,7 +529,7 @@ impl LedgerStore for SqliteStore {
                 .bind(id.to_string())
                 .fetch_optional(&self.pool)
                 .await
-                .map_err(unavailable)?;
+                .map_err(store_error)?;
         row.map(HoldRecord::try_from).transpose()
     }
 
@@ -518,7 +541,7 @@ impl LedgerStore for SqliteStore {
             usage,
             deltas,
         } = Batch::plan(writes);
-        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        let mut tx = self.pool.begin().await.map_err(store_error)?;
         let first_time = sqlx::query(
             "INSERT INTO ledger_batches (id, committed_at) VALUES (?, ?) ON CONFLICT (id) DO NOTHING",
         )
@@ -526,12 +549,12 @@ impl LedgerStore for SqliteStore {
         .bind(chrono::Utc::now().timestamp_millis())
         .execute(&mut *tx)
         .await
-        .map_err(unavailable)?
+        .map_err(store_error)?
         .rows_affected()
             == 1;
         if !first_time {
             // Committed by an earlier attempt whose answer was lost.
-            tx.rollback().await.map_err(unavailable)?;
+            tx.rollback().await.map_err(store_error)?;
             return Ok(());
         }
         for chunk in holds.chunks(ROWS_PER_INSERT) {
@@ -553,7 +576,7 @@ impl LedgerStore for SqliteStore {
                     .push_bind(millis(hold.expires_at))
                     .push_bind(state.resolved_at.map(millis));
             });
-            query.build().execute(&mut *tx).await.map_err(unavailable)?;
+            query.build().execute(&mut *tx).await.map_err(store_error)?;
         }
         // Resolutions of holds opened in earlier batches: one statement per chunk, not per hold.
         for chunk in resolutions.chunks(ROWS_PER_INSERT) {
@@ -575,7 +598,7 @@ impl LedgerStore for SqliteStore {
                 .build()
                 .execute(&mut *tx)
                 .await
-                .map_err(unavailable)?
+                .map_err(store_error)?
                 .rows_affected();
             if changed != chunk.len() as u64 {
                 return Err(not_pending(chunk, changed));
@@ -599,7 +622,7 @@ impl LedgerStore for SqliteStore {
                         .push_bind(millis(*at));
                 },
             );
-            query.build().execute(&mut *tx).await.map_err(unavailable)?;
+            query.build().execute(&mut *tx).await.map_err(store_error)?;
         }
         for chunk in usage.chunks(ROWS_PER_INSERT / 2) {
             insert_usage(&mut tx, chunk).await?;
@@ -618,9 +641,9 @@ impl LedgerStore for SqliteStore {
             .bind(account.to_string())
             .execute(&mut *tx)
             .await
-            .map_err(unavailable)?;
+            .map_err(store_error)?;
         }
-        tx.commit().await.map_err(unavailable)
+        tx.commit().await.map_err(store_error)
     }
 
     async fn transfers(
@@ -638,7 +661,7 @@ impl LedgerStore for SqliteStore {
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await
-        .map_err(unavailable)?;
+        .map_err(store_error)?;
         convert(rows)
     }
 
@@ -652,7 +675,7 @@ impl LedgerStore for SqliteStore {
         )
         .fetch_all(&self.pool)
         .await
-        .map_err(unavailable)
+        .map_err(store_error)
     }
 }
 
@@ -667,7 +690,7 @@ async fn insert_usage(
         .build()
         .execute(&mut **tx)
         .await
-        .map_err(unavailable)?;
+        .map_err(store_error)?;
     Ok(())
 }
 
@@ -678,7 +701,7 @@ impl IdempotencyStore for SqliteStore {
         claim: &IdempotencyClaim,
     ) -> Result<IdempotencyBegin, StoreError> {
         let now = millis(claim.now);
-        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        let mut tx = self.pool.begin().await.map_err(store_error)?;
         // The upsert takes the write lock, so the row read next is the one it decided on. It
         // replaces a row only when that row has expired or its owner's lease ran out.
         sqlx::query(
@@ -701,7 +724,7 @@ impl IdempotencyStore for SqliteStore {
         .bind(now)
         .execute(&mut *tx)
         .await
-        .map_err(unavailable)?;
+        .map_err(store_error)?;
         let row = sqlx::query_as::<_, IdempotencyRow>(
             "SELECT fingerprint, owner, state, lease_until, status, headers, body \
              FROM idempotency_keys WHERE scope = ? AND key = ?",
@@ -710,8 +733,8 @@ impl IdempotencyStore for SqliteStore {
         .bind(&claim.key)
         .fetch_one(&mut *tx)
         .await
-        .map_err(unavailable)?;
-        tx.commit().await.map_err(unavailable)?;
+        .map_err(store_error)?;
+        tx.commit().await.map_err(store_error)?;
         row.outcome(claim)
     }
 
@@ -734,7 +757,7 @@ impl IdempotencyStore for SqliteStore {
         .bind(owner.to_string())
         .execute(&self.pool)
         .await
-        .map_err(unavailable)?;
+        .map_err(store_error)?;
         Ok(())
     }
 
@@ -753,7 +776,7 @@ impl IdempotencyStore for SqliteStore {
         .bind(owner.to_string())
         .execute(&self.pool)
         .await
-        .map_err(unavailable)?;
+        .map_err(store_error)?;
         Ok(())
     }
 
@@ -765,7 +788,7 @@ impl IdempotencyStore for SqliteStore {
         .bind(millis(now))
         .execute(&self.pool)
         .await
-        .map_err(unavailable)?
+        .map_err(store_error)?
         .rows_affected();
         // Batch ids only need to outlive the retries of their batch.
         let day_ago = millis(now) - 24 * 3600 * 1000;
@@ -773,7 +796,7 @@ impl IdempotencyStore for SqliteStore {
             .bind(day_ago)
             .execute(&self.pool)
             .await
-            .map_err(unavailable)?;
+            .map_err(store_error)?;
         Ok(purged)
     }
 }
@@ -786,19 +809,19 @@ where
     sqlx::query_as::<_, AuditHeadRow>("SELECT seq, hash FROM audit_head WHERE id = 1")
         .fetch_one(executor)
         .await
-        .map_err(unavailable)?
+        .map_err(store_error)?
         .head()
 }
 
 #[async_trait]
 impl AuditStore for SqliteStore {
     async fn append_audit(&self, entry: AuditEntry) -> Result<AuditEntry, StoreError> {
-        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        let mut tx = self.pool.begin().await.map_err(store_error)?;
         // Writing first takes SQLite's write lock, so no other append reads the same head.
         sqlx::query("UPDATE audit_head SET seq = seq WHERE id = 1")
             .execute(&mut *tx)
             .await
-            .map_err(unavailable)?;
+            .map_err(store_error)?;
         let entry = entry.seal(read_audit_head(&mut *tx).await?);
         let seq = i64::try_from(entry.seq).map_err(|_| corrupt("audit seq", "overflow"))?;
         sqlx::query(
@@ -817,14 +840,14 @@ impl AuditStore for SqliteStore {
         .bind(entry.hash.as_slice())
         .execute(&mut *tx)
         .await
-        .map_err(unavailable)?;
+        .map_err(store_error)?;
         sqlx::query("UPDATE audit_head SET seq = ?, hash = ? WHERE id = 1")
             .bind(seq)
             .bind(entry.hash.as_slice())
             .execute(&mut *tx)
             .await
-            .map_err(unavailable)?;
-        tx.commit().await.map_err(unavailable)?;
+            .map_err(store_error)?;
+        tx.commit().await.map_err(store_error)?;
         Ok(entry)
     }
 
@@ -841,7 +864,7 @@ impl AuditStore for SqliteStore {
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await
-        .map_err(unavailable)?;
+        .map_err(store_error)?;
         convert(rows)
     }
 
@@ -888,7 +911,7 @@ impl UsageStore for SqliteStore {
             .build_query_as::<UsageDbRow>()
             .fetch_all(&self.pool)
             .await
-            .map_err(unavailable)?;
+            .map_err(store_error)?;
         convert(rows)
     }
 
@@ -921,7 +944,7 @@ impl UsageStore for SqliteStore {
         .bind(to.map(millis))
         .fetch_all(&self.pool)
         .await
-        .map_err(unavailable)?;
+        .map_err(store_error)?;
         convert(rows)
     }
 
@@ -932,7 +955,7 @@ impl UsageStore for SqliteStore {
         .bind(id.to_string())
         .fetch_optional(&self.pool)
         .await
-        .map_err(unavailable)?;
+        .map_err(store_error)?;
         row.map(UsageRow::try_from).transpose()
     }
 
@@ -941,7 +964,7 @@ impl UsageStore for SqliteStore {
             .bind(millis(cutoff))
             .execute(&self.pool)
             .await
-            .map_err(unavailable)?
+            .map_err(store_error)?
             .rows_affected())
     }
 }
@@ -957,7 +980,7 @@ impl StoreHealth for SqliteStore {
         sqlx::query("SELECT 1")
             .execute(&self.pool)
             .await
-            .map_err(unavailable)?;
+            .map_err(store_error)?;
         Ok(())
     }
 

@@ -186,7 +186,12 @@ pub async fn duplicate_key_hash_is_refused(store: Arc<dyn Store>) {
     let mut clash = master.clone();
     clash.id = KeyId::new();
     clash.account_id = account;
-    assert!(store.insert_key(&clash, 100).await.is_err());
+    let refused = store.insert_key(&clash, 100).await;
+    // Refused as it is (a retry would be refused again), not an outage to retry.
+    assert!(
+        matches!(refused, Err(tollgate_store::StoreError::Corrupt(_))),
+        "{refused:?}"
+    );
 }
 
 pub async fn key_limit_counts_unrevoked_keys_and_honours_the_override(store: Arc<dyn Store>) {
@@ -778,10 +783,11 @@ pub async fn holds_commit_settle_and_release_in_batches(store: Arc<dyn Store>) {
 
     // Resolving again is refused by the store, and the failed batch leaves nothing behind.
     let usage = LedgerWrite::Usage(Box::new(usage_row(account, master.id, 5_000)));
-    assert!(store
-        .commit(BatchId::new(), &[usage, settle])
-        .await
-        .is_err());
+    let refused = store.commit(BatchId::new(), &[usage, settle]).await;
+    assert!(
+        matches!(refused, Err(tollgate_store::StoreError::Corrupt(_))),
+        "{refused:?}"
+    );
     assert!(store
         .requests(&UsageFilter {
             limit: 10,
@@ -866,7 +872,11 @@ pub async fn a_wallet_never_goes_negative_in_the_store(store: Arc<dyn Store>) {
         reference: String::new(),
         at: at(0),
     };
-    assert!(store.commit(BatchId::new(), &[overdraw]).await.is_err());
+    let refused = store.commit(BatchId::new(), &[overdraw]).await;
+    assert!(
+        matches!(refused, Err(tollgate_store::StoreError::Corrupt(_))),
+        "{refused:?}"
+    );
     assert_eq!(store.ledger_balance(account).await.unwrap(), Nanos(10));
 }
 
