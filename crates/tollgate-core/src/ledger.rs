@@ -4,6 +4,7 @@
 //! below zero, holds that resolve exactly once, and each key's spend this month. The server keeps
 //! one `Book` for admission and persists the transfers each operation returns.
 
+use crate::money::MAX_AMOUNT;
 use crate::{AccountId, HoldId, KeyId, Nanos, RequestId};
 use chrono::{DateTime, Datelike, Utc};
 use std::collections::HashMap;
@@ -207,8 +208,12 @@ pub enum Refusal {
     /// The caller must load the wallet (or the key's spend) from the store first.
     #[error("not loaded")]
     NotLoaded,
-    #[error("the amount would overflow the wallet")]
+    /// The balance would pass [`MAX_AMOUNT`].
+    #[error("the amount would take the wallet over its limit")]
     Overflow,
+    /// A negative amount (or a grant over [`MAX_AMOUNT`]): a bug in the caller, refused as it is.
+    #[error("the amount {0} is out of range")]
+    InvalidAmount(Nanos),
 }
 
 /// A calendar month (UTC) as one number, so months compare and roll over simply.
@@ -252,9 +257,11 @@ struct KeySpend {
 }
 
 impl KeySpend {
-    /// A charge counts in the month it is settled; a new month starts from zero.
+    /// A charge counts in the month it is settled; a new month starts from zero. Months only
+    /// move forward: a clock read just before the turn of the month, by a caller that took the
+    /// book's lock just after another's, must not reset the new month's spend.
     fn roll_to(&mut self, month: i32) {
-        if self.month != month {
+        if month > self.month {
             self.month = month;
             self.spent = Nanos::ZERO;
         }
@@ -339,11 +346,15 @@ impl Book {
 
     /// Credits a loaded wallet from outside.
     pub fn grant(&mut self, account: AccountId, amount: Nanos) -> Result<Transfer, Refusal> {
+        if !(Nanos::ZERO..=MAX_AMOUNT).contains(&amount) {
+            return Err(Refusal::InvalidAmount(amount));
+        }
         let wallet = self.wallets.get_mut(&account).ok_or(Refusal::NotLoaded)?;
-        wallet.available = wallet
-            .available
-            .checked_add(amount)
-            .ok_or(Refusal::Overflow)?;
+        let total = wallet.available.0 + wallet.held.0 + amount.0;
+        if total > MAX_AMOUNT.0 {
+            return Err(Refusal::Overflow);
+        }
+        wallet.available = Nanos(wallet.available.0 + amount.0);
         Ok(Transfer {
             debit: LedgerAccount::External,
             credit: LedgerAccount::Wallet(account),
@@ -397,6 +408,10 @@ impl Book {
     /// Reserves `amount` from the wallet, or refuses without changing anything. The check and
     /// the reservation are one step on `&mut self`: there is no window between them.
     pub fn open(&mut self, request: HoldRequest) -> Result<(Hold, Option<Transfer>), Refusal> {
+        // An amount over any wallet's limit is refused below, as more than the wallet has.
+        if request.amount < Nanos::ZERO {
+            return Err(Refusal::InvalidAmount(request.amount));
+        }
         let month = month_of(request.at);
         let wallet = self
             .wallets
@@ -561,6 +576,69 @@ mod tests {
 
     fn t0() -> DateTime<Utc> {
         Utc.with_ymd_and_hms(2026, 1, 31, 23, 0, 0).unwrap()
+    }
+
+    #[test]
+    fn a_key_spend_month_never_rolls_backwards() {
+        let account = AccountId::new();
+        let key = KeyId::new();
+        let mut book = Book::new();
+        book.load_wallet(
+            account,
+            Wallet {
+                available: Nanos(1000),
+                held: Nanos(0),
+            },
+        );
+        let february = Utc.with_ymd_and_hms(2026, 2, 1, 0, 0, 0).unwrap();
+        book.load_key_spend(key, february, Nanos(0));
+        let (hold, _) = book
+            .open(HoldRequest {
+                at: february,
+                ..request(account, Some(key), 40)
+            })
+            .unwrap();
+        book.resolve(hold.id, Resolve::Settle(Nanos(40)), february);
+        // A caller that read the clock a moment before midnight takes the lock after: the
+        // month stays February, and February's spend stands against the cap.
+        let capped = HoldRequest {
+            key_cap: Some(Nanos(50)),
+            at: february - TimeDelta::milliseconds(1),
+            ..request(account, Some(key), 20)
+        };
+        assert!(matches!(
+            book.open(capped),
+            Err(Refusal::KeyCapReached {
+                spent: Nanos(40),
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn negative_holds_and_grants_past_the_limit_are_refused() {
+        let account = AccountId::new();
+        let mut book = Book::new();
+        book.load_wallet(account, Wallet::default());
+        assert!(matches!(
+            book.open(request(account, None, -5)),
+            Err(Refusal::InvalidAmount(Nanos(-5)))
+        ));
+        assert!(matches!(
+            book.grant(account, Nanos(-1)),
+            Err(Refusal::InvalidAmount(_))
+        ));
+        book.grant(account, MAX_AMOUNT).unwrap();
+        assert!(matches!(
+            book.grant(account, Nanos(1)),
+            Err(Refusal::Overflow)
+        ));
+        assert_eq!(book.wallet(account).unwrap().available, MAX_AMOUNT);
+        // More than any wallet can hold is simply more than this one has.
+        assert!(matches!(
+            book.open(request(account, None, i64::MAX)),
+            Err(Refusal::InsufficientBalance { .. })
+        ));
     }
 
     fn request(book_account: AccountId, key: Option<KeyId>, amount: i64) -> HoldRequest {

@@ -9,6 +9,10 @@ use std::fmt;
 
 pub const NANOS_PER_CREDIT: i64 = 1_000_000_000;
 
+/// The most one amount, or one wallet's balance, may be: a billion credits. Far below what an
+/// i64 holds, so no sum of a few of them overflows anywhere (in memory or in either store).
+pub const MAX_AMOUNT: Nanos = Nanos(1_000_000_000 * NANOS_PER_CREDIT);
+
 /// An amount in nano-units. Signed, because ledger movements are; balances are never negative.
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,

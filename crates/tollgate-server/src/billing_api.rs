@@ -6,7 +6,7 @@
 use crate::api::{caller_owns, parse_id, FieldErrors, JsonBody};
 use crate::auth::Caller;
 use crate::error::HttpError;
-use crate::ledger::{HoldRefused, HoldSpec, Ledger};
+use crate::ledger::{GrantRefused, Granted, HoldRefused, HoldSpec, Ledger};
 use crate::openapi;
 use crate::state::AppState;
 use axum::extract::rejection::{PathRejection, QueryRejection};
@@ -19,6 +19,7 @@ use serde::Deserialize;
 use std::sync::Arc;
 use std::time::Duration;
 use tollgate_core::ledger::{month_start, HoldStatus, Resolve};
+use tollgate_core::money::MAX_AMOUNT;
 use tollgate_core::{AccountId, ApiError, ErrorCode, HoldId, KeyId, KeyKind, Nanos, RequestId};
 use tollgate_store::{HoldRecord, HoldSource, UsageFilter, UsageGroup, UsageRow};
 use tollgate_wire::api::{self as wire, Money};
@@ -187,7 +188,7 @@ async fn grant_credits(
     caller: Caller,
     id: Result<Path<String>, PathRejection>,
     body: JsonBody,
-) -> Result<Json<wire::Balance>, HttpError> {
+) -> Result<axum::response::Response, HttpError> {
     caller.require_admin()?;
     let account = parse_id(id, AccountId::parse, "account")?;
     let body: wire::GrantRequest = body.parse()?;
@@ -203,22 +204,77 @@ async fn grant_credits(
             Nanos::ZERO
         }
     };
+    if amount > MAX_AMOUNT {
+        fields.add("amount", format!("must be at most {MAX_AMOUNT} credits"));
+    }
     let reason = fields.name("reason", &body.reason);
+    let reference = body.reference.as_deref();
+    if reference
+        .is_some_and(|r| !(1..=128).contains(&r.len()) || !r.bytes().all(|b| b.is_ascii_graphic()))
+    {
+        fields.add("reference", "must be 1 to 128 printable ASCII characters");
+    }
     fields.finish()?;
     if state.store.account(account).await?.is_none() {
         return Err(HttpError::not_found("account"));
     }
-    state
+    let filed_under = match reference {
+        Some(reference) => format!("grant:{reference}"),
+        None => request_id.to_string(),
+    };
+    let granted = state
         .ledger
-        .grant(account, amount, &reason, &request_id.to_string())
-        .await?;
+        .grant(account, amount, &reason, &filed_under, reference.is_some())
+        .await
+        .map_err(|refused| grant_refused(refused, reference.is_some()))?;
+    if granted == Granted::AlreadyApplied {
+        tracing::info!(%account, reference = ?reference, "grant already applied; not applied again");
+        let mut response = Json(read_balance(&state, account).await?).into_response();
+        response.headers_mut().insert(
+            "x-tollgate-grant",
+            http::HeaderValue::from_static("already_applied"),
+        );
+        return Ok(response);
+    }
     tracing::info!(%account, amount = %amount, "credits granted");
     let change = crate::audit::Change::new("credits.grant", account).after(&serde_json::json!({
         "amount": wire::Money::new(amount, &state.config.currency),
         "reason": reason,
     }));
     crate::audit::record(&state, &caller, request_id, change).await;
-    Ok(Json(read_balance(&state, account).await?))
+    let mut response = Json(read_balance(&state, account).await?).into_response();
+    response.headers_mut().insert(
+        "x-tollgate-grant",
+        http::HeaderValue::from_static("applied"),
+    );
+    Ok(response)
+}
+
+/// A grant that was not applied, or not confirmed: never "nothing changed" when something may
+/// have.
+fn grant_refused(refused: GrantRefused, has_reference: bool) -> HttpError {
+    match refused {
+        GrantRefused::OverLimit => validation(
+            "amount",
+            format!("would take the balance over the limit of {MAX_AMOUNT} credits"),
+        ),
+        GrantRefused::Store(e) => e.into(),
+        GrantRefused::Unconfirmed => {
+            let retry = if has_reference {
+                "Retry with the same reference to confirm it: it is never applied twice."
+            } else {
+                "Check the balance before granting again, or send a reference to make retries safe."
+            };
+            ApiError::new(
+                ErrorCode::ServiceUnavailable,
+                format!("The store has not confirmed this grant. It is queued and will be applied when the store answers. {retry}"),
+            )
+            .with_detail("dependency", "store")
+            .with_detail("grant", "queued")
+            .with_retry_after(crate::error::DEPENDENCY_RETRY_AFTER_S)
+            .into()
+        }
+    }
 }
 
 async fn read_balance(state: &AppState, account: AccountId) -> Result<wire::Balance, HttpError> {
@@ -427,7 +483,18 @@ async fn create_hold(
         .map_err(|refused: HoldRefused| {
             crate::proxy::refused_error(refused, &state.config.currency)
         })?;
-    state.ledger.flush().await?;
+    if state.ledger.flush().await.is_err() {
+        // The caller hears "nothing reserved", so nothing stays reserved: the release is queued
+        // behind the opening, and the store gets both or neither.
+        state.ledger.undo_open(&hold);
+        return Err(ApiError::new(
+            ErrorCode::ServiceUnavailable,
+            "The store did not confirm this hold, so it was released: nothing is reserved or charged. Retry shortly.",
+        )
+        .with_detail("dependency", "store")
+        .with_retry_after(crate::error::DEPENDENCY_RETRY_AFTER_S)
+        .into());
+    }
     fee.settle();
     let record = HoldRecord {
         hold,

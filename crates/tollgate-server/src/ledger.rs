@@ -90,6 +90,8 @@ pub struct Ledger {
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
     queue: mpsc::UnboundedSender<Command>,
+    /// Grants take turns, so a grant's reference check and its write are not split.
+    grants: tokio::sync::Mutex<()>,
     /// On a shared store: whose leases this book spends, and when each account last opened a
     /// hold here (for [`Ledger::return_idle_leases`]).
     leasing: Option<Leasing>,
@@ -138,10 +140,34 @@ impl From<Refusal> for HoldRefused {
             Refusal::KeyCapReached { cap, spent, held } => {
                 HoldRefused::KeyCapReached { cap, spent, held }
             }
-            Refusal::NotLoaded | Refusal::Overflow => {
+            Refusal::NotLoaded | Refusal::Overflow | Refusal::InvalidAmount(_) => {
                 HoldRefused::Store(StoreError::Corrupt(refusal.to_string()))
             }
         }
+    }
+}
+
+/// What became of a grant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Granted {
+    Applied,
+    /// A grant under the same reference was committed before; nothing changed.
+    AlreadyApplied,
+}
+
+/// Why a grant was not (or not yet) applied.
+#[derive(Debug)]
+pub enum GrantRefused {
+    /// The balance would pass the limit ([`tollgate_core::money::MAX_AMOUNT`]).
+    OverLimit,
+    /// Queued but not confirmed in time: it is applied when the store answers.
+    Unconfirmed,
+    Store(StoreError),
+}
+
+impl From<StoreError> for GrantRefused {
+    fn from(e: StoreError) -> Self {
+        GrantRefused::Store(e)
     }
 }
 
@@ -186,6 +212,7 @@ impl Ledger {
             store,
             clock,
             queue,
+            grants: tokio::sync::Mutex::new(()),
             leasing,
             last_hold: Mutex::new(HashMap::new()),
             batch_size,
@@ -419,20 +446,36 @@ impl Ledger {
         }
     }
 
-    /// Credits an account from outside and waits until it is stored.
+    /// Credits an account from outside and waits until it is stored. With `once`, the grant is
+    /// filed under `reference` and applied at most once per account: a grant already committed
+    /// under it answers [`Granted::AlreadyApplied`] and changes nothing. Grants take turns on a
+    /// node, so the check and the grant are not split by another grant.
+    ///
+    /// If the store does not confirm in time, the grant stays queued and is applied when the
+    /// store answers ([`GrantRefused::Unconfirmed`]): the caller must say so, never "nothing
+    /// changed".
     pub async fn grant(
         &self,
         account: AccountId,
         amount: Nanos,
         memo: &str,
         reference: &str,
-    ) -> Result<(), StoreError> {
+        once: bool,
+    ) -> Result<Granted, GrantRefused> {
+        let _turn = self.grants.lock().await;
+        if once {
+            self.flush().await?;
+            if self.store.grant_applied(account, reference).await? {
+                return Ok(Granted::AlreadyApplied);
+            }
+        }
         self.load(account, None).await?;
         {
             let mut book = self.book();
-            let transfer = book
-                .grant(account, amount)
-                .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            let transfer = book.grant(account, amount).map_err(|e| match e {
+                Refusal::Overflow | Refusal::InvalidAmount(_) => GrantRefused::OverLimit,
+                other => GrantRefused::Store(StoreError::Corrupt(other.to_string())),
+            })?;
             if amount > Nanos::ZERO {
                 let write = LedgerWrite::Grant {
                     account,
@@ -444,7 +487,23 @@ impl Ledger {
                 self.enqueue(&book, vec![write]);
             }
         }
-        self.flush().await
+        self.flush().await.map_err(|_| GrantRefused::Unconfirmed)?;
+        Ok(Granted::Applied)
+    }
+
+    /// Takes back a hold just opened whose caller is told it failed (the store did not confirm
+    /// it): released in the book, or, for a hold already handed to the store, by a release queued
+    /// behind its opening. Either way the store ends with nothing reserved.
+    pub fn undo_open(&self, hold: &Hold) {
+        if self.resolve(hold.id, Resolve::Release).is_some() {
+            return;
+        }
+        let mut scratch = Book::new();
+        scratch.restore(hold.clone());
+        if let Some(resolution) = scratch.resolve(hold.id, Resolve::Release, self.clock.now()) {
+            let book = self.book();
+            self.enqueue(&book, vec![resolve_write(&resolution)]);
+        }
     }
 
     /// Waits until every write queued before this call is committed.

@@ -618,3 +618,117 @@ async fn an_anthropic_stream_that_reports_no_usage_is_estimated_not_free() {
     assert_eq!(row["output_tokens"], 10, "40 characters of text");
     assert!(row["cost"]["nanos"].as_i64().unwrap() > 10 * 15_000);
 }
+
+/// Makes every ledger commit fail until the returned guard is dropped.
+struct CommitsFail<'a>(&'a TestApp);
+
+impl<'a> CommitsFail<'a> {
+    fn start(app: &'a TestApp) -> Self {
+        app.store
+            .commits_fail
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        CommitsFail(app)
+    }
+}
+
+impl Drop for CommitsFail<'_> {
+    fn drop(&mut self) {
+        self.0
+            .store
+            .commits_fail
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[tokio::test]
+async fn a_grant_the_store_did_not_confirm_says_so_and_its_retry_applies_it_once() {
+    let app = spawn_app().await;
+    let account = app.create_account("acme").await;
+    let key = &account.master_key;
+    let before = available(&app, key).await;
+    let grant = json!({"amount": "7", "reason": "invoice 1", "reference": "inv-1"});
+    let path = format!("/api/v1/accounts/{}/credits", account.id);
+    {
+        let _outage = CommitsFail::start(&app);
+        let response = app.admin_post(&path, grant.clone()).send().await.unwrap();
+        let body = expect_error(response, 503, "service_unavailable").await;
+        // Not "nothing was charged": the grant is queued, and the caller is told how to confirm.
+        assert_eq!(body["error"]["details"]["grant"], "queued", "{body}");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(message.contains("same reference"), "{message}");
+    }
+    // The store answers again: the queued grant lands, and the retry finds it.
+    let response = app.admin_post(&path, grant.clone()).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-tollgate-grant"], "already_applied");
+    assert_eq!(available(&app, key).await, before + 7_000_000_000);
+    let response = app.admin_post(&path, grant).send().await.unwrap();
+    assert_eq!(response.headers()["x-tollgate-grant"], "already_applied");
+    assert_eq!(available(&app, key).await, before + 7_000_000_000);
+    // A new reference is a new grant.
+    let response = app
+        .admin_post(
+            &path,
+            json!({"amount": "1", "reason": "invoice 2", "reference": "inv-2"}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.headers()["x-tollgate-grant"], "applied");
+    assert_eq!(available(&app, key).await, before + 8_000_000_000);
+    assert_books_balance(&app, account.id).await;
+}
+
+#[tokio::test]
+async fn a_grant_past_the_balance_limit_is_400_naming_the_limit() {
+    let app = spawn_app().await;
+    let account = app.create_account("acme").await;
+    let path = format!("/api/v1/accounts/{}/credits", account.id);
+    // With the starter credits, a billion more passes the limit of a billion.
+    let response = app
+        .admin_post(&path, json!({"amount": "1000000000", "reason": "too much"}))
+        .send()
+        .await
+        .unwrap();
+    let body = expect_error(response, 400, "validation_error").await;
+    let message = body["error"]["field_errors"]["amount"][0].as_str().unwrap();
+    assert!(message.contains("limit of 1000000000 credits"), "{message}");
+    // More than an i64 of nano-units: refused as it is parsed, never a 500.
+    let response = app
+        .admin_post(
+            &path,
+            json!({"amount": "99999999999999999", "reason": "too much"}),
+        )
+        .send()
+        .await
+        .unwrap();
+    expect_error(response, 400, "validation_error").await;
+    assert_books_balance(&app, account.id).await;
+}
+
+#[tokio::test]
+async fn a_billing_api_hold_the_store_did_not_confirm_is_released_not_stranded() {
+    let app = spawn_app().await;
+    let account = app.create_account("acme").await;
+    let key = &account.master_key;
+    let before = available(&app, key).await;
+    {
+        let _outage = CommitsFail::start(&app);
+        let response = post_json(&app, "/api/v1/holds", key, json!({"amount": "2"})).await;
+        let body = expect_error(response, 503, "service_unavailable").await;
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(message.contains("released"), "{message}");
+    }
+    // Once the store answers, the opening and its release land together: nothing reserved.
+    let balance = app.get_json("/api/v1/billing/balance", key).await;
+    assert_eq!(balance["available"]["nanos"], before);
+    assert_eq!(balance["held"]["nanos"], 0);
+    assert!(app
+        .store
+        .pending_holds()
+        .await
+        .unwrap()
+        .iter()
+        .all(|r| r.hold.account != account.id));
+    assert_books_balance(&app, account.id).await;
+}

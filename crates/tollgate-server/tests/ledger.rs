@@ -113,7 +113,7 @@ proptest! {
                         let pick = |i: usize| opened.lock().unwrap().get(i).copied();
                         match op {
                             Op::Grant(a, n) => {
-                                ledger.grant(keys[a].account_id, Nanos(n), "test", "").await.unwrap();
+                                ledger.grant(keys[a].account_id, Nanos(n), "test", "", false).await.unwrap();
                             }
                             Op::Hold(a, n, cap) => {
                                 match ledger.open(spec(&keys[a], n, cap, HoldSource::Api)).await {

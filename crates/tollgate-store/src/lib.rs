@@ -343,6 +343,8 @@ pub trait LedgerStore: Send + Sync {
     ) -> Result<Vec<TransferRecord>, StoreError>;
     /// Every ledger account's balance rebuilt from the transfers (they sum to zero).
     async fn trial_balance(&self) -> Result<Vec<(String, i64)>, StoreError>;
+    /// Whether a grant filed under `reference` has been committed to the account.
+    async fn grant_applied(&self, account: AccountId, reference: &str) -> Result<bool, StoreError>;
 }
 
 /// One data-plane request, as the usage log keeps it.

@@ -679,6 +679,19 @@ impl LedgerStore for PostgresStore {
         convert(rows)
     }
 
+    async fn grant_applied(&self, account: AccountId, reference: &str) -> Result<bool, StoreError> {
+        let found: Option<i32> = sqlx::query_scalar(
+            "SELECT 1 FROM ledger_transfers \
+             WHERE account_id = $1 AND kind = 'grant' AND reference = $2 LIMIT 1",
+        )
+        .bind(account.to_string())
+        .bind(reference)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(store_error)?;
+        Ok(found.is_some())
+    }
+
     async fn trial_balance(&self) -> Result<Vec<(String, i64)>, StoreError> {
         sqlx::query_as(
             "SELECT account, SUM(amount)::BIGINT FROM ( \

@@ -665,6 +665,19 @@ impl LedgerStore for SqliteStore {
         convert(rows)
     }
 
+    async fn grant_applied(&self, account: AccountId, reference: &str) -> Result<bool, StoreError> {
+        let found: Option<i64> = sqlx::query_scalar(
+            "SELECT 1 FROM ledger_transfers \
+             WHERE account_id = ? AND kind = 'grant' AND reference = ? LIMIT 1",
+        )
+        .bind(account.to_string())
+        .bind(reference)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(store_error)?;
+        Ok(found.is_some())
+    }
+
     async fn trial_balance(&self) -> Result<Vec<(String, i64)>, StoreError> {
         sqlx::query_as(
             "SELECT account, SUM(amount) FROM ( \

@@ -204,6 +204,10 @@ pub struct GrantRequest {
     pub amount: String,
     /// Why (kept in the ledger entry's memo).
     pub reason: String,
+    /// The caller's own id for this grant (1 to 128 printable ASCII characters): a grant is
+    /// applied at most once per account and reference, so a retry is always safe.
+    #[serde(default)]
+    pub reference: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

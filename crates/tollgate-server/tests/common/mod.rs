@@ -345,6 +345,8 @@ pub fn redact_request_id(mut body: Value) -> Value {
 pub struct CountingStore {
     inner: SqliteStore,
     pub key_lookups: AtomicUsize,
+    /// While set, every ledger commit fails as in an outage (and succeeds again once cleared).
+    pub commits_fail: std::sync::atomic::AtomicBool,
 }
 
 impl CountingStore {
@@ -352,6 +354,7 @@ impl CountingStore {
         CountingStore {
             inner,
             key_lookups: AtomicUsize::new(0),
+            commits_fail: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -474,7 +477,13 @@ impl LedgerStore for CountingStore {
         batch: tollgate_store::BatchId,
         writes: &[LedgerWrite],
     ) -> Result<(), StoreError> {
+        if self.commits_fail.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable("commits are failing (test)".into()));
+        }
         self.inner.commit(batch, writes).await
+    }
+    async fn grant_applied(&self, account: AccountId, reference: &str) -> Result<bool, StoreError> {
+        self.inner.grant_applied(account, reference).await
     }
     async fn transfers(
         &self,
