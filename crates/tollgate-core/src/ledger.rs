@@ -559,6 +559,39 @@ impl Book {
         }
     }
 
+    /// Undoes, in the book, transfers the store refused (a ledger write that was never stored):
+    /// each moves the loaded wallets back by what it had moved them. A hold whose opening the
+    /// store refused and that is still pending here leaves the book, so nothing resolves it.
+    pub fn undo(&mut self, transfers: &[Transfer], unopened: Option<HoldId>) {
+        if let Some(id) = unopened {
+            if let Some(hold) = self
+                .holds
+                .remove(&id)
+                .filter(|h| h.status == HoldStatus::Pending)
+            {
+                if let Some(spend) = hold.key.and_then(|k| self.key_spend.get_mut(&k)) {
+                    spend.held = Nanos(spend.held.0 - hold.amount.0);
+                }
+            }
+        }
+        for transfer in transfers {
+            let amount = transfer.amount.0;
+            for (side, sign) in [(transfer.debit, 1), (transfer.credit, -1)] {
+                let wallet = match side {
+                    LedgerAccount::Wallet(a) | LedgerAccount::Holds(a) => self.wallets.get_mut(&a),
+                    LedgerAccount::External | LedgerAccount::Revenue => None,
+                };
+                match (side, wallet) {
+                    (LedgerAccount::Wallet(_), Some(w)) => {
+                        w.available = Nanos(w.available.0 + sign * amount)
+                    }
+                    (LedgerAccount::Holds(_), Some(w)) => w.held = Nanos(w.held.0 + sign * amount),
+                    _ => {}
+                }
+            }
+        }
+    }
+
     pub fn pending_holds(&self) -> usize {
         self.holds
             .values()

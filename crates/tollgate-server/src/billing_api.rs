@@ -495,6 +495,14 @@ async fn create_hold(
         .with_retry_after(crate::error::DEPENDENCY_RETRY_AFTER_S)
         .into());
     }
+    // Handled is not stored: a hold the store refused was undone in the book.
+    if state.store.hold(hold.id).await?.is_none() {
+        return Err(tollgate_store::StoreError::Corrupt(format!(
+            "the store refused hold {}; nothing is reserved",
+            hold.id
+        ))
+        .into());
+    }
     fee.settle();
     let record = HoldRecord {
         hold,

@@ -43,6 +43,12 @@ pub async fn readyz(State(state): State<AppState>) -> Result<Json<Value>, HttpEr
             format!("Not ready: the store ({store_backend}) does not answer."),
         ));
     }
+    if !state.ledger.writer_running() {
+        return Err(not_ready(
+            "ledger_writer",
+            "Not ready: the ledger writer has stopped, so nothing paid can be recorded. Restart the node.".into(),
+        ));
+    }
     let (status, limiter_check) = match limiter {
         Ok(()) => (
             "ready",

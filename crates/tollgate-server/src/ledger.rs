@@ -87,6 +87,8 @@ pub struct Ledger {
     book: Arc<Mutex<Book>>,
     /// Set while the store does not answer; cleared by the next commit or ping that succeeds.
     store_down: Arc<AtomicBool>,
+    /// Set for good once the writer task has stopped.
+    writer_stopped: Arc<AtomicBool>,
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
     queue: mpsc::UnboundedSender<Command>,
@@ -205,10 +207,25 @@ impl Ledger {
             leasing: leasing.clone(),
             clock: clock.clone(),
         };
-        tokio::spawn(write_loop(commands, writer));
+        // If the writer ever stops (a panic), nothing more would be stored: the node stops opening
+        // holds (503) and says it is not ready, rather than admit calls it cannot record.
+        let writer_stopped = Arc::new(AtomicBool::new(false));
+        let running = tokio::spawn(write_loop(commands, writer));
+        let stopped = writer_stopped.clone();
+        tokio::spawn(async move {
+            let ended = running.await;
+            stopped.store(true, Ordering::Release);
+            match ended {
+                Err(e) if e.is_panic() => {
+                    tracing::error!("the ledger writer panicked; refusing paid calls until restart")
+                }
+                _ => tracing::warn!("the ledger writer stopped"),
+            }
+        });
         Arc::new(Ledger {
             book,
             store_down,
+            writer_stopped,
             store,
             clock,
             queue,
@@ -274,6 +291,11 @@ impl Ledger {
     /// Reserves credit, or refuses with the reason. The decision is made from memory in one
     /// step; the hold is persisted by the writer.
     pub async fn open(&self, spec: HoldSpec) -> Result<Hold, HoldRefused> {
+        if self.writer_stopped.load(Ordering::Acquire) {
+            return Err(HoldRefused::Store(StoreError::Unavailable(
+                "the ledger writer has stopped; no new hold until the node restarts".into(),
+            )));
+        }
         if self.store_down.load(Ordering::Acquire) {
             return Err(HoldRefused::Store(StoreError::Unavailable(
                 "the store does not answer; no new hold until it does".into(),
@@ -488,6 +510,12 @@ impl Ledger {
             }
         }
         self.flush().await.map_err(|_| GrantRefused::Unconfirmed)?;
+        // Handled is not stored: a grant the store refused was undone in the book.
+        if !self.store.grant_applied(account, reference).await? {
+            return Err(GrantRefused::Store(StoreError::Corrupt(format!(
+                "the store refused the grant filed under '{reference}'; it was not applied"
+            ))));
+        }
         Ok(Granted::Applied)
     }
 
@@ -602,6 +630,11 @@ impl Ledger {
         self.book().pending_holds()
     }
 
+    /// Whether the writer task still runs (readiness asks).
+    pub fn writer_running(&self) -> bool {
+        !self.writer_stopped.load(Ordering::Acquire)
+    }
+
     /// Gives back the leases no hold has used for `idle`, so other nodes can use their credit.
     pub fn return_idle_leases(&self, idle: Duration) {
         if self.leasing.is_none() {
@@ -668,35 +701,71 @@ impl Writer {
     }
 
     /// Every attempt carries the same `id`, so a retry after a commit whose answer was lost (the
-    /// connection dropped after COMMIT reached the store) is recognised, not applied twice.
-    async fn commit_with_retry(&self, id: BatchId, batch: &[LedgerWrite]) {
+    /// connection dropped after COMMIT reached the store) is recognised, not applied twice. What
+    /// is transient (an outage) is retried, with backoff, until it succeeds; a refusal (corrupt
+    /// data, [`StoreError::Corrupt`]) would be refused forever and is returned.
+    async fn commit_with_retry(&self, id: BatchId, batch: &[LedgerWrite]) -> Result<(), String> {
         let mut backoff = Duration::from_millis(50);
         loop {
             match self.commit(id, batch).await {
                 Ok(()) => {
                     self.store_down.store(false, Ordering::Release);
-                    return;
+                    return Ok(());
                 }
-                Err(StoreError::Corrupt(reason)) => {
-                    // A write the store refuses as inconsistent would be refused forever;
-                    // commit the others one by one and log the refused ones loudly.
-                    tracing::error!(%reason, "ledger batch refused; committing its writes one by one");
-                    for write in batch {
-                        if let Err(e) = self
-                            .commit(BatchId::new(), std::slice::from_ref(write))
-                            .await
-                        {
-                            tracing::error!(error = %e, ?write, "ledger write refused and dropped");
-                        }
-                    }
-                    return;
-                }
+                Err(StoreError::Corrupt(reason)) => return Err(reason),
                 Err(e) => {
                     self.store_down.store(true, Ordering::Release);
                     tracing::warn!(error = %e, writes = batch.len(), "ledger commit failed; retrying");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
+            }
+        }
+    }
+
+    /// Commits `writes`, made of groups that end at `ends` (each group one caller's writes, such as
+    /// a charge and its usage row, stored together or not at all). If the store refuses the
+    /// batch, it is split in halves, in order, until the refused groups stand alone: every other
+    /// group is stored, and the refused ones are returned (by index), never retried forever.
+    async fn commit_groups(&self, writes: &[LedgerWrite], ends: &[usize]) -> Vec<usize> {
+        let start_of = |group: usize| if group == 0 { 0 } else { ends[group - 1] };
+        let mut refused = Vec::new();
+        // Ranges of groups, the next to commit last.
+        let mut todo = Vec::new();
+        todo.push(0..ends.len());
+        while let Some(groups) = todo.pop() {
+            let slice = &writes[start_of(groups.start)..ends[groups.end - 1]];
+            match self.commit_with_retry(BatchId::new(), slice).await {
+                Ok(()) => {}
+                Err(reason) if groups.len() == 1 => {
+                    tracing::error!(%reason, writes = ?slice, "the store refused a ledger write; it is not stored, and the book is corrected");
+                    refused.push(groups.start);
+                }
+                Err(reason) => {
+                    tracing::warn!(%reason, groups = groups.len(), "ledger batch refused; finding the refused writes");
+                    let middle = groups.start + groups.len() / 2;
+                    todo.push(middle..groups.end);
+                    todo.push(groups.start..middle);
+                }
+            }
+        }
+        refused
+    }
+
+    /// Brings the book in line with a group the store refused: what its transfers moved is moved
+    /// back, and a hold it opened leaves the book.
+    fn undo(&self, group: &[LedgerWrite]) {
+        let mut book = self.book();
+        for write in group {
+            match write {
+                LedgerWrite::Grant { transfer, .. } => {
+                    book.undo(std::slice::from_ref(transfer), None)
+                }
+                LedgerWrite::OpenHold { record, transfer } => {
+                    book.undo(transfer.as_slice(), Some(record.hold.id))
+                }
+                LedgerWrite::ResolveHold { transfers, .. } => book.undo(transfers, None),
+                LedgerWrite::Usage(_) => {}
             }
         }
     }
@@ -738,6 +807,8 @@ impl Writer {
 
 async fn write_loop(mut commands: mpsc::UnboundedReceiver<Command>, writer: Writer) {
     let mut batch: Vec<LedgerWrite> = Vec::new();
+    // Where each queued group of writes ends in `batch`.
+    let mut ends: Vec<usize> = Vec::new();
     let mut flushes: Vec<oneshot::Sender<()>> = Vec::new();
     while let Some(first) = commands.recv().await {
         let mut next = Some(first);
@@ -747,6 +818,7 @@ async fn write_loop(mut commands: mpsc::UnboundedReceiver<Command>, writer: Writ
             match command {
                 Command::Write(writes, queued) => {
                     batch.extend(writes);
+                    ends.push(batch.len());
                     oldest = Some(oldest.map_or(queued, |o| o.min(queued)));
                 }
                 Command::Flush(done) => flushes.push(done),
@@ -762,7 +834,11 @@ async fn write_loop(mut commands: mpsc::UnboundedReceiver<Command>, writer: Writ
             };
         }
         if !batch.is_empty() {
-            writer.commit_with_retry(BatchId::new(), &batch).await;
+            let refused = writer.commit_groups(&batch, &ends).await;
+            for group in refused {
+                let start = if group == 0 { 0 } else { ends[group - 1] };
+                writer.undo(&batch[start..ends[group]]);
+            }
             writer.batch_size.observe(batch.len() as f64);
             if let Some(oldest) = oldest {
                 writer.write_lag.observe(oldest.elapsed().as_secs_f64());
@@ -773,7 +849,10 @@ async fn write_loop(mut commands: mpsc::UnboundedReceiver<Command>, writer: Writ
                     book.forget(hold.id);
                 }
             }
+            ends.clear();
         }
+        // Everything queued before these flushes is handled: stored, or refused and undone in
+        // the book. A caller that must know its own write was stored reads it back.
         for done in flushes.drain(..) {
             let _ = done.send(());
         }

@@ -732,3 +732,30 @@ async fn a_billing_api_hold_the_store_did_not_confirm_is_released_not_stranded()
         .all(|r| r.hold.account != account.id));
     assert_books_balance(&app, account.id).await;
 }
+
+#[tokio::test]
+async fn a_node_whose_ledger_writer_stopped_refuses_paid_calls_and_is_unready() {
+    let app = spawn_app().await;
+    let account = app.create_account("acme").await;
+    let key = &account.master_key;
+    app.store
+        .commit_panics
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    // This call's writes reach the writer, whose commit panics.
+    let response = app.get("/echo/hi").bearer_auth(key).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    let mut ready = app.get("/readyz").send().await.unwrap();
+    for _ in 0..100 {
+        if ready.status() == 503 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        ready = app.get("/readyz").send().await.unwrap();
+    }
+    let body = expect_error(ready, 503, "service_unavailable").await;
+    assert_eq!(body["error"]["details"]["dependency"], "ledger_writer");
+    // Nothing it could not record is admitted: 503 before any work, nothing charged.
+    let response = app.get("/echo/hi").bearer_auth(key).send().await.unwrap();
+    let body = expect_error(response, 503, "service_unavailable").await;
+    assert_eq!(body["error"]["details"]["dependency"], "store");
+}

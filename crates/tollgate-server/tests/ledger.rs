@@ -204,3 +204,88 @@ async fn a_restart_expires_request_holds_and_keeps_billing_api_holds() {
     assert_eq!(settled.hold.charged, Nanos(150));
     assert_consistent(&*store, &second, &keys).await;
 }
+
+fn usage_row(key: &KeyRecord, request_id: tollgate_core::RequestId) -> tollgate_store::UsageRow {
+    tollgate_store::UsageRow {
+        request_id,
+        client_request_id: None,
+        account_id: key.account_id,
+        key_id: key.id,
+        route: "/v1".into(),
+        model: None,
+        method: "POST".into(),
+        path: "/v1/x".into(),
+        status: 200,
+        upstream_status: Some(200),
+        units: None,
+        tokens: None,
+        cost: Nanos::ZERO,
+        hold: Nanos::ZERO,
+        uncovered: Nanos::ZERO,
+        hold_id: None,
+        billing_status: tollgate_core::ledger::BillingStatus::Settled,
+        latency_ms: 1,
+        error_code: None,
+        created_at: Utc::now(),
+        completed_at: Utc::now(),
+    }
+}
+
+/// A batch with one write the store refuses (a usage row whose request ID is taken) stores every
+/// other write, drops the refused one with its charge (a charge and its row stand or fall
+/// together), and corrects the book, so book and store agree to the nano.
+#[tokio::test]
+async fn a_refused_write_is_isolated_and_the_book_corrected() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, keys) = store_with_accounts(dir.path(), 1).await;
+    let ledger = Ledger::start(store.clone(), Arc::new(SystemClock));
+    let key = &keys[0];
+    let taken = tollgate_core::RequestId::new();
+    // Each call is queued before the writer can take the one before: one batch (or a few).
+    let mut holds = Vec::new();
+    for _ in 0..3 {
+        holds.push(
+            ledger
+                .open(spec(key, 100, None, HoldSource::Request))
+                .await
+                .unwrap(),
+        );
+    }
+    for (hold, (cost, request_id)) in holds.iter().zip([
+        (60, taken),
+        (50, taken),
+        (40, tollgate_core::RequestId::new()),
+    ]) {
+        ledger.finish_request(Some((hold.id, Resolve::Settle(Nanos(cost)))), |_| {
+            Some(usage_row(key, request_id))
+        });
+    }
+    ledger.flush().await.unwrap();
+    // The first and third are charged; the second's charge was refused with its row, so its
+    // hold is still pending in the store.
+    let wallet = store.wallet(key.account_id).await.unwrap().unwrap();
+    assert_eq!(wallet.available, Nanos(1_000 - 60 - 100 - 40));
+    assert_eq!(wallet.held, Nanos(100));
+    let pending = store.pending_holds().await.unwrap();
+    assert_eq!(pending.len(), 1);
+    assert_eq!(pending[0].hold.id, holds[1].id);
+    // The book agrees: exactly what the store says is available can be held, and no more.
+    let refused = ledger.open(spec(key, 801, None, HoldSource::Request)).await;
+    assert!(
+        matches!(
+            refused,
+            Err(HoldRefused::InsufficientBalance {
+                available: Nanos(800),
+                ..
+            })
+        ),
+        "{refused:?}"
+    );
+    ledger
+        .open(spec(key, 800, None, HoldSource::Request))
+        .await
+        .unwrap();
+    ledger.flush().await.unwrap();
+    let trial = store.trial_balance().await.unwrap();
+    assert_eq!(trial.iter().map(|(_, n)| n).sum::<i64>(), 0, "{trial:?}");
+}

@@ -347,6 +347,8 @@ pub struct CountingStore {
     pub key_lookups: AtomicUsize,
     /// While set, every ledger commit fails as in an outage (and succeeds again once cleared).
     pub commits_fail: std::sync::atomic::AtomicBool,
+    /// When set, the next ledger commit panics (a bug in the writer's path).
+    pub commit_panics: std::sync::atomic::AtomicBool,
 }
 
 impl CountingStore {
@@ -355,6 +357,7 @@ impl CountingStore {
             inner,
             key_lookups: AtomicUsize::new(0),
             commits_fail: std::sync::atomic::AtomicBool::new(false),
+            commit_panics: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -477,6 +480,9 @@ impl LedgerStore for CountingStore {
         batch: tollgate_store::BatchId,
         writes: &[LedgerWrite],
     ) -> Result<(), StoreError> {
+        if self.commit_panics.swap(false, Ordering::SeqCst) {
+            panic!("commit panicked (test)");
+        }
         if self.commits_fail.load(Ordering::SeqCst) {
             return Err(StoreError::Unavailable("commits are failing (test)".into()));
         }
