@@ -493,6 +493,9 @@ impl Book {
             });
         }
         let (status, charged) = match how {
+            // The TTL is a deadline: past it nothing is charged, whether or not the sweeper has
+            // come by yet (an idempotent retry may already have taken over).
+            Resolve::Settle(_) if at >= hold.expires_at => (HoldStatus::Expired, Nanos::ZERO),
             Resolve::Settle(cost) => (HoldStatus::Settled, cost.clamp(Nanos::ZERO, hold.amount)),
             Resolve::Release => (HoldStatus::Released, Nanos::ZERO),
             Resolve::Expire => (HoldStatus::Expired, Nanos::ZERO),
@@ -682,9 +685,29 @@ mod tests {
             amount: Nanos(amount),
             key_cap: None,
             at: t0(),
-            expires_at: t0() + TimeDelta::seconds(60),
+            expires_at: t0() + TimeDelta::days(1),
             reference: None,
         }
+    }
+
+    #[test]
+    fn a_hold_settled_past_its_ttl_is_expired_and_charges_nothing() {
+        let account = AccountId::new();
+        let mut book = Book::new();
+        book.load_wallet(
+            account,
+            Wallet {
+                available: Nanos(100),
+                held: Nanos(0),
+            },
+        );
+        let (hold, _) = book.open(request(account, None, 60)).unwrap();
+        let late = book
+            .resolve(hold.id, Resolve::Settle(Nanos(60)), hold.expires_at)
+            .unwrap();
+        assert_eq!(late.hold.status, HoldStatus::Expired);
+        assert_eq!(late.hold.charged, Nanos::ZERO);
+        assert_eq!(book.wallet(account).unwrap().available, Nanos(100));
     }
 
     #[test]

@@ -101,6 +101,13 @@ pub async fn layer(State(state): State<AppState>, request: Request, next: Next) 
         Ok(begun) => begun,
         Err(e) => return with_profile(HttpError::from(e), profile),
     };
+    if !matches!(begun, IdempotencyBegin::Started)
+        && !may_call(&state, &identity, parts.uri.path(), &body)
+    {
+        // The key is the account's, but this caller may not make this call: no replay (another
+        // key's answer) and no 409. The handler refuses it as it would without the header.
+        return next.run(Request::from_parts(parts, Body::from(body))).await;
+    }
     if !matches!(begun, IdempotencyBegin::Started) {
         // Not run: show where the caller stands without consuming anything.
         if let Some(slot) = parts.extensions.get::<LimitSlot>() {
@@ -109,7 +116,12 @@ pub async fn layer(State(state): State<AppState>, request: Request, next: Next) 
     }
     match begun {
         IdempotencyBegin::Started => {
-            let request = Request::from_parts(parts, Body::from(body));
+            let mut request = Request::from_parts(parts, Body::from(body));
+            // A hold this request opens must end by the time its claim does: a retry may take
+            // over then, and must not find the first run still able to charge.
+            request
+                .extensions_mut()
+                .insert(HoldDeadline(claim.lease_until));
             let claim = Claim {
                 store: state.store.clone(),
                 scope: claim.scope,
@@ -146,6 +158,39 @@ pub async fn layer(State(state): State<AppState>, request: Request, next: Next) 
         ),
         IdempotencyBegin::Completed { owner, response } => replay(owner, response, profile),
     }
+}
+
+/// The latest a hold opened for an idempotent request may expire: when its claim's lease ends.
+#[derive(Debug, Clone, Copy)]
+pub struct HoldDeadline(pub chrono::DateTime<chrono::Utc>);
+
+/// Whether the handler would let this caller make this call at all, checked before another
+/// key's stored answer is replayed to it: a usage key may call the billing API's holds but
+/// manage nothing, and on a proxied route needs the route's group (and, on an LLM route, the
+/// body's model) in its scopes.
+fn may_call(state: &AppState, identity: &Identity, path: &str, body: &[u8]) -> bool {
+    let Identity::Key(key) = identity else {
+        return true;
+    };
+    let key = &key.record;
+    if path.starts_with(&state.config.api_prefix) {
+        let holds = format!("{}/holds", state.config.api_prefix);
+        return key.kind == tollgate_core::KeyKind::Master || path.starts_with(&holds);
+    }
+    let Some(route) = state.routes.resolve(path) else {
+        return true;
+    };
+    let group = &route.config.group;
+    if !tollgate_core::access::grants_group(&key.scopes, group) {
+        return false;
+    }
+    if route.config.pricing.llm.is_none() {
+        return true;
+    }
+    let model = serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|b| b.get("model").and_then(|m| m.as_str()).map(str::to_string));
+    model.is_none_or(|model| tollgate_core::access::grants_model(&key.scopes, group, &model))
 }
 
 /// The key as sent: 1 to 255 printable ASCII characters.

@@ -198,11 +198,12 @@ impl Open {
         let had_hold = hold.is_some();
         ledger.finish_request(hold.map(|h| (h.id, how)), |resolution| {
             let (cost, billing_status) = match resolution {
-                Some(r) if r.first => (r.hold.charged, charged_status),
-                // Expired before the request finished (the sweeper won): nothing charged.
+                // Expired before the request finished (its TTL passed, or the sweeper came by):
+                // nothing charged.
                 Some(r) if r.hold.status == HoldStatus::Expired => {
                     (Nanos::ZERO, BillingStatus::Expired)
                 }
+                Some(r) if r.first => (r.hold.charged, charged_status),
                 // Only its request resolves a data-plane hold; anything else is a defect, and
                 // the row tells what the hold became, never "settled" at a price not charged.
                 Some(r) => {

@@ -9,6 +9,7 @@ use crate::auth::{authenticate_key, client_ip, presented_secret};
 use crate::config::{HoldRule, RouteAuth, RouteConfig};
 use crate::edge::{ClientRequestId, RequestIdHeader, ANTHROPIC_REQUEST_ID};
 use crate::error::HttpError;
+use crate::idempotency::HoldDeadline;
 use crate::ledger::{HoldRefused, HoldSpec};
 use crate::limits::{self, Estimate, LimitSlot, Standings};
 use crate::meter::{Billing, CostRule, MeteredBody, Metering, Outcome};
@@ -326,6 +327,15 @@ async fn forward(
     }
     if hold_amount > Nanos::ZERO {
         let started = std::time::Instant::now();
+        // An idempotent request's hold ends with its claim, so a retry that takes the claim over
+        // never races a first run that could still charge.
+        let ttl = match parts.extensions.get::<HoldDeadline>() {
+            Some(HoldDeadline(deadline)) => (*deadline - state.clock.now())
+                .to_std()
+                .unwrap_or_default()
+                .min(state.config.request_hold_ttl),
+            None => state.config.request_hold_ttl,
+        };
         let hold = state
             .ledger
             .open(HoldSpec {
@@ -333,7 +343,7 @@ async fn forward(
                 key: Some(key.id),
                 key_cap: key.monthly_spend_cap,
                 amount: hold_amount,
-                ttl: state.config.request_hold_ttl,
+                ttl,
                 source: HoldSource::Request,
                 request_id: parts.extensions.get::<RequestId>().copied(),
                 metadata: serde_json::Value::Object(Default::default()),

@@ -759,3 +759,85 @@ async fn a_node_whose_ledger_writer_stopped_refuses_paid_calls_and_is_unready() 
     let body = expect_error(response, 503, "service_unavailable").await;
     assert_eq!(body["error"]["details"]["dependency"], "store");
 }
+
+#[tokio::test]
+async fn an_idempotent_retry_after_the_first_runs_past_its_hold_is_charged_once() {
+    let app = spawn_app_with(|raw, _| raw.billing.request_hold_ttl = "2s".into()).await;
+    let account = app.create_account("mallory").await;
+    let key = &account.master_key;
+    let before = available(&app, key).await;
+    let body = json!({"model": "mock-gpt", "stream": true, "max_tokens": 20,
+        "messages": [{"role": "user", "content": "Once only"}]});
+    let first = app
+        .post("/v1/chat/completions")
+        .bearer_auth(key)
+        .header("idempotency-key", "order-7")
+        .header("x-mock-chunks", "10")
+        .header("x-mock-chunk-delay-ms", "50")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let first_id = request_id(&first);
+    // The first run outlives its claim, and the hold it opened within it.
+    app.clock.advance(chrono::Duration::seconds(3));
+    let retry = app
+        .post("/v1/chat/completions")
+        .bearer_auth(key)
+        .header("idempotency-key", "order-7")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(retry.status(), 200);
+    assert!(retry.headers().get("idempotent-replayed").is_none());
+    let retry_id = request_id(&retry);
+    retry.bytes().await.unwrap();
+    first.bytes().await.unwrap();
+    let cost = gpt_cost(tokens("Once only"), 5);
+    assert_eq!(usage_of(&app, key, &retry_id).await["cost"]["nanos"], cost);
+    let first_row = usage_of(&app, key, &first_id).await;
+    assert_eq!(first_row["billing_status"], "expired");
+    assert_eq!(first_row["cost"]["nanos"], 0);
+    assert_eq!(available(&app, key).await, before - cost);
+}
+
+#[tokio::test]
+async fn an_idempotent_replay_is_not_served_to_a_key_that_may_not_make_the_call() {
+    let app = spawn_app_with(|raw, _| {
+        let mini = raw.routes[0].models["mock-gpt"].clone();
+        raw.routes[0].models.insert("mock-gpt-mini".into(), mini);
+    })
+    .await;
+    let account = app.create_account("acme").await;
+    let master = &account.master_key;
+    let body = json!({"model": "mock-gpt", "messages": [{"role": "user", "content": "Hi"}]});
+    let send = |key: String| {
+        let app = &app;
+        let body = body.clone();
+        async move {
+            app.post("/v1/chat/completions")
+                .bearer_auth(key)
+                .header("idempotency-key", "shared-1")
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(send(master.clone()).await.status(), 200);
+    let (echo_only, _) = app
+        .create_usage_key(master, json!({"scopes": ["echo"]}))
+        .await;
+    expect_error(send(echo_only).await, 403, "insufficient_scope").await;
+    let (other_model, _) = app
+        .create_usage_key(master, json!({"scopes": ["openai:mock-gpt-mini"]}))
+        .await;
+    expect_error(send(other_model).await, 403, "model_not_allowed").await;
+    // A key that may make the call gets the stored answer, charged nothing again.
+    let (allowed, _) = app
+        .create_usage_key(master, json!({"scopes": ["openai"]}))
+        .await;
+    let replay = send(allowed).await;
+    assert_eq!(replay.headers()["idempotent-replayed"], "true");
+}
