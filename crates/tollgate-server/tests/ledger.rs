@@ -289,3 +289,36 @@ async fn a_refused_write_is_isolated_and_the_book_corrected() {
     let trial = store.trial_balance().await.unwrap();
     assert_eq!(trial.iter().map(|(_, n)| n).sum::<i64>(), 0, "{trial:?}");
 }
+
+/// Whatever panics on a request's path after its hold is opened (the catch-panic layer turns it
+/// into a 500) unwinds through the request's billing, which releases the hold: a panic is a
+/// failure, and a failure is never charged.
+#[tokio::test]
+async fn a_panic_after_the_hold_is_opened_releases_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, keys) = store_with_accounts(dir.path(), 1).await;
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let ledger = Ledger::start(store.clone(), clock.clone());
+    let key = &keys[0];
+    let hold = ledger
+        .open(spec(key, 300, None, HoldSource::Request))
+        .await
+        .unwrap();
+    let mut billing = tollgate_server::meter::Billing::new(
+        ledger.clone(),
+        clock,
+        usage_row(key, tollgate_core::RequestId::new()),
+        true,
+    );
+    billing.set_hold(hold.clone());
+    let request = tokio::spawn(async move {
+        let _billing = billing;
+        panic!("a bug on the request path");
+    });
+    assert!(request.await.unwrap_err().is_panic());
+    ledger.flush().await.unwrap();
+    let stored = store.hold(hold.id).await.unwrap().unwrap();
+    assert_eq!(stored.hold.status, HoldStatus::Released);
+    let wallet = store.wallet(key.account_id).await.unwrap().unwrap();
+    assert_eq!((wallet.available, wallet.held), (Nanos(1_000), Nanos(0)));
+}
