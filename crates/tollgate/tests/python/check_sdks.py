@@ -26,6 +26,16 @@ text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
 assert text == "tok0 tok1 tok2 tok3 tok4 ", text
 assert chunks[-1].usage.total_tokens == 11, chunks[-1]
 
+# The Responses API, JSON and streamed, and embeddings: metered endpoints of the same route.
+response = client.responses.create(model="mock-gpt", input="Hello there, gateway!")
+assert response.output_text.startswith("tok0"), response
+assert response.usage.input_tokens == 6 and response.usage.output_tokens == 5, response.usage
+events = list(client.responses.create(model="mock-gpt", input="Hello there, gateway!", stream=True))
+completed = [e for e in events if e.type == "response.completed"]
+assert completed and completed[0].response.usage.output_tokens == 5, events[-1]
+embedding = client.embeddings.create(model="mock-gpt", input="Hello there, gateway!")
+assert embedding.usage.prompt_tokens == 6 and len(embedding.data[0].embedding) == 3, embedding
+
 try:
     openai.OpenAI(base_url=f"{url}/v1", api_key="tg_live_not_a_key", max_retries=0).models.list()
     raise AssertionError("a bad key was accepted")
