@@ -322,3 +322,44 @@ async fn a_panic_after_the_hold_is_opened_releases_it() {
     let wallet = store.wallet(key.account_id).await.unwrap().unwrap();
     assert_eq!((wallet.available, wallet.held), (Nanos(1_000), Nanos(0)));
 }
+
+/// Only its request resolves a data-plane hold. Should anything else ever resolve it first, the
+/// request's usage row tells what the hold became, never "settled" at a price it did not charge.
+#[tokio::test]
+async fn a_request_whose_hold_something_else_resolved_never_reads_settled_at_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, keys) = store_with_accounts(dir.path(), 1).await;
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let ledger = Ledger::start(store.clone(), clock.clone());
+    let key = &keys[0];
+    let hold = ledger
+        .open(spec(key, 300, None, HoldSource::Request))
+        .await
+        .unwrap();
+    let request_id = tollgate_core::RequestId::new();
+    let mut billing = tollgate_server::meter::Billing::new(
+        ledger.clone(),
+        clock,
+        usage_row(key, request_id),
+        true,
+    );
+    billing.set_hold(hold.clone());
+    ledger.resolve(hold.id, Resolve::Release).unwrap();
+    billing.finish(tollgate_server::meter::Outcome {
+        status: 200,
+        upstream_status: Some(200),
+        charge: Some((Nanos(120), tollgate_core::ledger::BillingStatus::Settled)),
+        tokens: None,
+        units: None,
+        error_code: None,
+    });
+    ledger.flush().await.unwrap();
+    let row = store.request(request_id).await.unwrap().unwrap();
+    assert_eq!(
+        row.billing_status,
+        tollgate_core::ledger::BillingStatus::Released
+    );
+    assert_eq!(row.cost, Nanos::ZERO);
+    let wallet = store.wallet(key.account_id).await.unwrap().unwrap();
+    assert_eq!(wallet.available, Nanos(1_000));
+}
