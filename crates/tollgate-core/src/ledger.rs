@@ -618,14 +618,7 @@ mod tests {
     fn a_key_spend_month_never_rolls_backwards() {
         let account = AccountId::new();
         let key = KeyId::new();
-        let mut book = Book::new();
-        book.load_wallet(
-            account,
-            Wallet {
-                available: Nanos(1000),
-                held: Nanos(0),
-            },
-        );
+        let mut book = book_with(account, 1000);
         let february = Utc.with_ymd_and_hms(2026, 2, 1, 0, 0, 0).unwrap();
         book.load_key_spend(key, february, Nanos(0));
         let (hold, _) = book
@@ -677,6 +670,19 @@ mod tests {
         ));
     }
 
+    /// A book with one wallet loaded, holding `available`.
+    fn book_with(account: AccountId, available: i64) -> Book {
+        let mut book = Book::new();
+        book.load_wallet(
+            account,
+            Wallet {
+                available: Nanos(available),
+                held: Nanos(0),
+            },
+        );
+        book
+    }
+
     fn request(book_account: AccountId, key: Option<KeyId>, amount: i64) -> HoldRequest {
         HoldRequest {
             id: HoldId::new(),
@@ -693,14 +699,7 @@ mod tests {
     #[test]
     fn a_hold_settled_past_its_ttl_is_expired_and_charges_nothing() {
         let account = AccountId::new();
-        let mut book = Book::new();
-        book.load_wallet(
-            account,
-            Wallet {
-                available: Nanos(100),
-                held: Nanos(0),
-            },
-        );
+        let mut book = book_with(account, 100);
         let (hold, _) = book.open(request(account, None, 60)).unwrap();
         let late = book
             .resolve(hold.id, Resolve::Settle(Nanos(60)), hold.expires_at)
@@ -713,14 +712,7 @@ mod tests {
     #[test]
     fn refuses_what_the_wallet_cannot_cover_without_changing_it() {
         let account = AccountId::new();
-        let mut book = Book::new();
-        book.load_wallet(
-            account,
-            Wallet {
-                available: Nanos(10),
-                held: Nanos(0),
-            },
-        );
+        let mut book = book_with(account, 10);
         assert_eq!(
             book.open(request(account, None, 11)).unwrap_err(),
             Refusal::InsufficientBalance {
@@ -745,14 +737,7 @@ mod tests {
     #[test]
     fn settles_at_most_the_hold_and_only_once() {
         let account = AccountId::new();
-        let mut book = Book::new();
-        book.load_wallet(
-            account,
-            Wallet {
-                available: Nanos(100),
-                held: Nanos(0),
-            },
-        );
+        let mut book = book_with(account, 100);
         let (hold, _) = book.open(request(account, None, 40)).unwrap();
         let first = book
             .resolve(hold.id, Resolve::Settle(Nanos(55)), t0())
@@ -773,14 +758,7 @@ mod tests {
     fn key_cap_counts_spent_and_held_and_resets_each_month() {
         let account = AccountId::new();
         let key = KeyId::new();
-        let mut book = Book::new();
-        book.load_wallet(
-            account,
-            Wallet {
-                available: Nanos(1000),
-                held: Nanos(0),
-            },
-        );
+        let mut book = book_with(account, 1000);
         book.load_key_spend(key, t0(), Nanos(60));
         let capped = |amount| HoldRequest {
             key_cap: Some(Nanos(100)),

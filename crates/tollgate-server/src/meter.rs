@@ -733,33 +733,23 @@ impl Decoder {
 
     /// Feeds compressed bytes; returns what they decoded to so far.
     fn feed(&mut self, data: &[u8]) -> std::io::Result<Bytes> {
-        use std::io::Write;
-        fn take(buffer: &mut Vec<u8>) -> Bytes {
-            Bytes::from(std::mem::take(buffer))
+        /// Writes into a decoder whose output is a `Vec`, and takes what came out.
+        fn through<W: std::io::Write>(
+            decoder: &mut W,
+            data: &[u8],
+            output: fn(&mut W) -> &mut Vec<u8>,
+        ) -> std::io::Result<Bytes> {
+            decoder.write_all(data)?;
+            decoder.flush()?;
+            Ok(Bytes::from(std::mem::take(output(decoder))))
         }
-        Ok(match self {
-            Decoder::Gzip(d) => {
-                d.write_all(data)?;
-                d.flush()?;
-                take(d.get_mut())
-            }
-            Decoder::Deflate(d) => {
-                d.write_all(data)?;
-                d.flush()?;
-                take(d.get_mut())
-            }
-            Decoder::Brotli(d) => {
-                d.write_all(data)?;
-                d.flush()?;
-                take(d.get_mut())
-            }
-            Decoder::Zstd(d) => {
-                d.write_all(data)?;
-                d.flush()?;
-                take(d.get_mut())
-            }
-            Decoder::Identity => Bytes::copy_from_slice(data),
-        })
+        match self {
+            Decoder::Gzip(d) => through(d, data, |d| d.get_mut()),
+            Decoder::Deflate(d) => through(d, data, |d| d.get_mut()),
+            Decoder::Brotli(d) => through(d.as_mut(), data, |d| d.get_mut()),
+            Decoder::Zstd(d) => through(d, data, |d| d.get_mut()),
+            Decoder::Identity => Ok(Bytes::copy_from_slice(data)),
+        }
     }
 }
 

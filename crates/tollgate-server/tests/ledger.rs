@@ -290,27 +290,37 @@ async fn a_refused_write_is_isolated_and_the_book_corrected() {
     assert_eq!(trial.iter().map(|(_, n)| n).sum::<i64>(), 0, "{trial:?}");
 }
 
+/// A data-plane request with a hold of 300 open on a wallet of 1 000, as the proxy leaves it.
+async fn request_in_flight(
+    dir: &std::path::Path,
+) -> (
+    Arc<dyn Store>,
+    Arc<Ledger>,
+    KeyRecord,
+    tollgate_core::ledger::Hold,
+    tollgate_server::meter::Billing,
+) {
+    let (store, keys) = store_with_accounts(dir, 1).await;
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let ledger = Ledger::start(store.clone(), clock.clone());
+    let key = keys[0].clone();
+    let hold = ledger
+        .open(spec(&key, 300, None, HoldSource::Request))
+        .await
+        .unwrap();
+    let row = usage_row(&key, tollgate_core::RequestId::new());
+    let mut billing = tollgate_server::meter::Billing::new(ledger.clone(), clock, row, true);
+    billing.set_hold(hold.clone());
+    (store, ledger, key, hold, billing)
+}
+
 /// Whatever panics on a request's path after its hold is opened (the catch-panic layer turns it
 /// into a 500) unwinds through the request's billing, which releases the hold: a panic is a
 /// failure, and a failure is never charged.
 #[tokio::test]
 async fn a_panic_after_the_hold_is_opened_releases_it() {
     let dir = tempfile::tempdir().unwrap();
-    let (store, keys) = store_with_accounts(dir.path(), 1).await;
-    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let ledger = Ledger::start(store.clone(), clock.clone());
-    let key = &keys[0];
-    let hold = ledger
-        .open(spec(key, 300, None, HoldSource::Request))
-        .await
-        .unwrap();
-    let mut billing = tollgate_server::meter::Billing::new(
-        ledger.clone(),
-        clock,
-        usage_row(key, tollgate_core::RequestId::new()),
-        true,
-    );
-    billing.set_hold(hold.clone());
+    let (store, ledger, key, hold, billing) = request_in_flight(dir.path()).await;
     let request = tokio::spawn(async move {
         let _billing = billing;
         panic!("a bug on the request path");
@@ -328,22 +338,7 @@ async fn a_panic_after_the_hold_is_opened_releases_it() {
 #[tokio::test]
 async fn a_request_whose_hold_something_else_resolved_never_reads_settled_at_zero() {
     let dir = tempfile::tempdir().unwrap();
-    let (store, keys) = store_with_accounts(dir.path(), 1).await;
-    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let ledger = Ledger::start(store.clone(), clock.clone());
-    let key = &keys[0];
-    let hold = ledger
-        .open(spec(key, 300, None, HoldSource::Request))
-        .await
-        .unwrap();
-    let request_id = tollgate_core::RequestId::new();
-    let mut billing = tollgate_server::meter::Billing::new(
-        ledger.clone(),
-        clock,
-        usage_row(key, request_id),
-        true,
-    );
-    billing.set_hold(hold.clone());
+    let (store, ledger, key, hold, billing) = request_in_flight(dir.path()).await;
     ledger.resolve(hold.id, Resolve::Release).unwrap();
     billing.finish(tollgate_server::meter::Outcome {
         status: 200,
@@ -354,7 +349,14 @@ async fn a_request_whose_hold_something_else_resolved_never_reads_settled_at_zer
         error_code: None,
     });
     ledger.flush().await.unwrap();
-    let row = store.request(request_id).await.unwrap().unwrap();
+    let rows = store
+        .requests(&tollgate_store::UsageFilter {
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let row = &rows[0];
     assert_eq!(
         row.billing_status,
         tollgate_core::ledger::BillingStatus::Released
