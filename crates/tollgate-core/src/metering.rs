@@ -173,6 +173,15 @@ impl Endpoint {
         }
     }
 
+    /// The body fields that ask for several outputs, each up to the output cap.
+    pub fn choice_fields(self) -> &'static [&'static str] {
+        match self {
+            Endpoint::ChatCompletions => &["n"],
+            Endpoint::Completions => &["n", "best_of"],
+            _ => &[],
+        }
+    }
+
     /// Whether a stream needs `stream_options.include_usage` to report usage at all.
     pub fn needs_usage_option(self) -> bool {
         matches!(self, Endpoint::ChatCompletions | Endpoint::Completions)

@@ -51,6 +51,17 @@ const METHOD_OVERRIDES: [&str; 3] = [
     "x-method-override",
 ];
 
+/// Headers that could make an upstream answer a metered call with part of its answer, or none
+/// (206, 304), while doing the work: the meter needs the whole answer.
+const PARTIAL_ANSWERS: [&str; 6] = [
+    "range",
+    "if-range",
+    "if-match",
+    "if-none-match",
+    "if-modified-since",
+    "if-unmodified-since",
+];
+
 /// The upstream's own request ID is kept under this name; `x-request-id` is Tollgate's.
 const UPSTREAM_REQUEST_ID: HeaderName = HeaderName::from_static("x-upstream-request-id");
 
@@ -364,8 +375,8 @@ async fn forward(
             http::header::ACCEPT_ENCODING,
             HeaderValue::from_static("identity"),
         );
-        for name in METHOD_OVERRIDES {
-            parts.headers.remove(name);
+        for name in METHOD_OVERRIDES.iter().chain(&PARTIAL_ANSWERS) {
+            parts.headers.remove(*name);
         }
     }
     // The body was re-serialised, so its length is ours.
@@ -648,7 +659,23 @@ async fn read_llm_request(
             default_max_tokens
         }
     };
-    let streams = object.get("stream").and_then(serde_json::Value::as_bool) == Some(true);
+    // Several choices (`n`, and legacy completions' `best_of`) each generate up to the cap.
+    let mut choices = 1;
+    for field in endpoint.choice_fields() {
+        match object.get(*field) {
+            None | Some(serde_json::Value::Null) => {}
+            Some(value) => match value.as_u64() {
+                Some(n) => choices = choices.max(n),
+                None => return Err(field_error(field, "must be a whole number, 1 or more")),
+            },
+        }
+    }
+    let max_tokens = max_tokens.saturating_mul(choices);
+    let streams = match object.get("stream") {
+        None | Some(serde_json::Value::Null) => false,
+        Some(serde_json::Value::Bool(streams)) => *streams,
+        Some(_) => return Err(field_error("stream", "must be true or false")),
+    };
     let mut hide_usage_chunk = false;
     if streams && endpoint.needs_usage_option() {
         let options = object

@@ -575,6 +575,8 @@ async fn the_upstream_reads_the_body_the_meter_priced() {
         .header("content-type", "application/json")
         .header("x-http-method-override", "GET")
         .header("accept-encoding", "gzip")
+        .header("range", "bytes=0-10")
+        .header("if-none-match", "\"etag\"")
         .body(body)
         .send()
         .await
@@ -589,7 +591,9 @@ async fn the_upstream_reads_the_body_the_meter_priced() {
         "{raw_forwarded}"
     );
     let headers = &echoed["headers"];
-    assert!(headers.get("x-http-method-override").is_none(), "{headers}");
+    for stripped in ["x-http-method-override", "range", "if-none-match"] {
+        assert!(headers.get(stripped).is_none(), "{stripped}: {headers}");
+    }
     assert_eq!(headers["accept-encoding"], "identity");
 }
 
@@ -840,4 +844,36 @@ async fn an_idempotent_replay_is_not_served_to_a_key_that_may_not_make_the_call(
         .await;
     let replay = send(allowed).await;
     assert_eq!(replay.headers()["idempotent-replayed"], "true");
+}
+
+#[tokio::test]
+async fn several_choices_are_held_for_each_and_odd_fields_are_refused() {
+    let app = spawn_app().await;
+    let account = app.create_account("mallory").await;
+    let key = &account.master_key;
+    let hold_of = |body: Value| {
+        let app = &app;
+        async move {
+            let response = post_json(app, "/v1/chat/completions", key, body).await;
+            let id = request_id(&response);
+            response.bytes().await.unwrap();
+            usage_of(app, key, &id).await["hold"]["nanos"]
+                .as_i64()
+                .unwrap()
+        }
+    };
+    let one = hold_of(json!({"model": "mock-gpt", "max_tokens": 100, "messages": []})).await;
+    let four =
+        hold_of(json!({"model": "mock-gpt", "max_tokens": 100, "n": 4, "messages": []})).await;
+    // Three more choices of up to 100 tokens each, at 2 000 nanos a token (the body is a few
+    // bytes longer, so its input estimate a token or two more).
+    assert!(four - one >= 3 * 100 * 2_000, "one {one}, four {four}");
+    // Fields whose meaning the meter would have to guess are refused, not guessed.
+    for (field, value) in [("n", json!("4")), ("stream", json!("true"))] {
+        let mut body = json!({"model": "mock-gpt", "messages": []});
+        body[field] = value;
+        let response = post_json(&app, "/v1/chat/completions", key, body).await;
+        let body = expect_error(response, 400, "validation_error").await;
+        assert_eq!(body["error"]["param"], field, "{body}");
+    }
 }
