@@ -1,7 +1,8 @@
 //! Random interleavings of everything that moves money, for a handful of fixed seeds: LLM calls
 //! (OpenAI chat and Responses, Anthropic; JSON and SSE; plain or compressed), upstream failures,
 //! broken streams, clients that leave, upstreams that report no usage, flat-priced calls,
-//! billing-API holds settled or released, and grants, many at once. Afterwards the books must
+//! billing-API holds settled or released, grants, many at once, and restarts of the node
+//! between rounds (once its holds resolved). Afterwards the books must
 //! hold: the ledger balances, revenue equals the usage rows' costs plus the API holds' charges,
 //! no successful call that reported usage is free, no hold is left pending, and a funded wallet
 //! never saw a 402.
@@ -157,6 +158,21 @@ async fn operation(app: &TestApp, key: &str, account: &str, seed: u64) -> Seen {
     }
 }
 
+/// Waits until every hold has resolved (streams whose clients left are read on in the
+/// background), and fails if one is left pending.
+async fn settled(app: &TestApp, key: &str) {
+    let mut pending = Vec::new();
+    for _ in 0..200 {
+        app.get_json("/api/v1/billing/balance", key).await;
+        pending = app.store.pending_holds().await.unwrap();
+        if pending.is_empty() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("holds left pending: {pending:?}");
+}
+
 /// Every usage row of the account, following the cursor.
 async fn usage_rows(app: &TestApp, account: &str) -> Vec<Value> {
     let mut rows = Vec::new();
@@ -177,7 +193,7 @@ async fn usage_rows(app: &TestApp, account: &str) -> Vec<Value> {
 
 /// Runs one seed and checks the books; returns the billing statuses its usage rows reached.
 async fn run_seed(seed: u64) -> std::collections::BTreeSet<String> {
-    let app = spawn_app().await;
+    let mut app = spawn_app().await;
     let account = app.create_account("busy").await;
     let key = account.master_key.clone();
     let id = account.id.to_string();
@@ -194,22 +210,17 @@ async fn run_seed(seed: u64) -> std::collections::BTreeSet<String> {
     for round in 0..6u64 {
         let ops = (0..10u64).map(|i| operation(&app, &key, &id, seed * 1_000 + round * 10 + i));
         seen.extend(join_all(ops).await);
+        if round % 2 == 1 {
+            // The node restarts: the next one loads every wallet from what was stored.
+            settled(&app, &key).await;
+            app = app.restart().await;
+        }
     }
     assert!(
         seen.iter().all(|s| s.status != 402),
         "a funded wallet saw a 402"
     );
-    // Streams whose clients left are read on in the background; wait until every hold resolved.
-    let mut pending = Vec::new();
-    for _ in 0..200 {
-        app.get_json("/api/v1/billing/balance", &key).await;
-        pending = app.store.pending_holds().await.unwrap();
-        if pending.is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    assert!(pending.is_empty(), "holds left pending: {pending:?}");
+    settled(&app, &key).await;
     assert_books_balance(&app, account.id).await;
 
     let rows = usage_rows(&app, &id).await;

@@ -40,6 +40,9 @@ pub struct TestApp {
     pub dir: tempfile::TempDir,
     /// The running server's shared state, for what only the inside can show (the shed limit).
     pub state: tollgate_server::state::AppState,
+    raw: RawConfig,
+    app_clock: Arc<dyn Clock>,
+    server: tokio::task::JoinHandle<anyhow::Result<()>>,
     _shutdown: tokio::sync::oneshot::Sender<()>,
 }
 
@@ -151,24 +154,35 @@ async fn spawn(customize: impl FnOnce(&mut RawConfig, &MockUpstream), real_time:
     for (i, route) in raw.routes.iter_mut().enumerate() {
         route.position = i;
     }
-    let config = Config::from_raw(raw).expect("test config is valid");
-    let sqlite = SqliteStore::open(&dir.path().join("tollgate.db"))
-        .await
-        .unwrap();
-    let store = Arc::new(CountingStore::new(sqlite));
     let clock = Arc::new(ManualClock::new(tollgate_core::SystemClock.now()));
     let app_clock: Arc<dyn Clock> = if real_time {
         Arc::new(tollgate_core::SystemClock)
     } else {
         clock.clone()
     };
-    let app = Application::build_with(config, store.clone(), app_clock)
+    start(raw, mock, dir, clock, app_clock).await
+}
+
+/// Starts a server over the SQLite file in `dir` (created, or as a previous server left it).
+async fn start(
+    raw: RawConfig,
+    mock: MockUpstream,
+    dir: tempfile::TempDir,
+    clock: Arc<ManualClock>,
+    app_clock: Arc<dyn Clock>,
+) -> TestApp {
+    let config = Config::from_raw(raw.clone()).expect("test config is valid");
+    let sqlite = SqliteStore::open(&dir.path().join("tollgate.db"))
+        .await
+        .unwrap();
+    let store = Arc::new(CountingStore::new(sqlite));
+    let app = Application::build_with(config, store.clone(), app_clock.clone())
         .await
         .unwrap();
     let addr = app.local_addr();
     let state = app.state().clone();
     let (shutdown, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(app.run_until_stopped(async move {
+    let server = tokio::spawn(app.run_until_stopped(async move {
         let _ = stopped.await;
     }));
     TestApp {
@@ -180,6 +194,9 @@ async fn spawn(customize: impl FnOnce(&mut RawConfig, &MockUpstream), real_time:
         http: reqwest::Client::new(),
         dir,
         state,
+        raw,
+        app_clock,
+        server,
         _shutdown: shutdown,
     }
 }
@@ -192,6 +209,25 @@ pub struct TestAccount {
 }
 
 impl TestApp {
+    /// Stops the server once its queued ledger writes are committed, and starts a new one over
+    /// the same database, mock and config (on a new port), as an operator restarts a node.
+    pub async fn restart(self) -> TestApp {
+        self.state.ledger.flush().await.unwrap();
+        let TestApp {
+            mock,
+            clock,
+            dir,
+            raw,
+            app_clock,
+            server,
+            _shutdown,
+            ..
+        } = self;
+        drop(_shutdown);
+        server.await.unwrap().unwrap();
+        start(raw, mock, dir, clock, app_clock).await
+    }
+
     pub fn get(&self, path: &str) -> RequestBuilder {
         self.http.get(format!("{}{path}", self.url))
     }
