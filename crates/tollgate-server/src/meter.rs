@@ -16,6 +16,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, Semaphore};
 use tollgate_core::ledger::{BillingStatus, Hold, HoldStatus, Resolve};
 use tollgate_core::metering::{LlmApi, StreamMeter, TokenUsage};
 use tollgate_core::pricing::{self, TokenPrices};
@@ -543,29 +544,62 @@ fn units_text(value: &serde_json::Value) -> Option<String> {
 }
 
 /// The upstream's body on its way to the client, metered as it passes.
+///
+/// A task of its own reads the upstream and meters what it reads, up to the route's
+/// `drain_max_bytes` ahead of what the client has taken: a client that reads slowly (or stops
+/// reading) cannot keep the usage from the meter until its hold's deadline has passed. When the
+/// client leaves, the task reads on for the usage within the route's bounds, then settles.
 pub struct MeteredBody {
-    inner: Option<Incoming>,
-    metering: Option<Metering>,
+    frames: mpsc::UnboundedReceiver<Result<Frame<Bytes>, hyper::Error>>,
+    /// Bytes read ahead of the client: taken by the reader, given back as the client takes them.
+    ahead: Arc<Semaphore>,
+    budget: usize,
+    size_hint: SizeHint,
     /// Set when the client did not ask for the usage chunk Tollgate asked the upstream for.
     filter: Option<UsageChunkFilter>,
+    ended: bool,
 }
 
 impl MeteredBody {
     /// `hide_usage_chunk`: the meter reads the OpenAI stream's usage-only chunk, but the client,
     /// which did not ask for it, does not get it.
     pub fn new(inner: Incoming, metering: Metering, hide_usage_chunk: bool) -> MeteredBody {
+        let size_hint = inner.size_hint();
+        let (sender, frames) = mpsc::unbounded_channel();
+        let budget = usize::try_from(metering.drain_max_bytes)
+            .unwrap_or(usize::MAX)
+            .clamp(1, Semaphore::MAX_PERMITS);
+        let ahead = Arc::new(Semaphore::new(budget));
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(read_upstream(
+                    inner,
+                    metering,
+                    sender,
+                    ahead.clone(),
+                    budget,
+                ));
+            }
+            // Only outside a runtime, where nothing can be read: the answer is not delivered.
+            Err(_) => metering.finish(Ending::UpstreamBroke),
+        }
         MeteredBody {
-            inner: Some(inner),
-            metering: Some(metering),
+            frames,
+            ahead,
+            budget,
+            size_hint,
             filter: hide_usage_chunk.then(UsageChunkFilter::default),
+            ended: false,
         }
     }
+}
 
-    fn finish(&mut self, ending: Ending) {
-        if let Some(metering) = self.metering.take() {
-            metering.finish(ending);
-        }
-    }
+/// How many read-ahead bytes a frame takes (at least one, so empty frames count too).
+fn budget_of(frame: &Frame<Bytes>, budget: usize) -> usize {
+    frame
+        .data_ref()
+        .map_or(1, |data| data.len().max(1))
+        .min(budget)
 }
 
 impl Body for MeteredBody {
@@ -578,48 +612,28 @@ impl Body for MeteredBody {
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = &mut *self;
         loop {
-            let Some(inner) = this.inner.as_mut() else {
-                // What a filter still held when the upstream ended goes out last.
-                let rest = this.filter.as_mut().map(UsageChunkFilter::finish);
-                return Poll::Ready(rest.filter(|b| !b.is_empty()).map(|b| Ok(Frame::data(b))));
-            };
-            let polled = ready!(Pin::new(inner).poll_frame(cx));
-            let ended = this.inner.as_ref().is_some_and(Body::is_end_stream);
-            let frame = match polled {
+            if this.ended {
+                return Poll::Ready(None);
+            }
+            let frame = match ready!(this.frames.poll_recv(cx)) {
                 Some(Ok(frame)) => frame,
-                Some(Err(e)) => {
-                    this.finish(Ending::UpstreamBroke);
-                    return Poll::Ready(Some(Err(e)));
-                }
+                Some(Err(e)) => return Poll::Ready(Some(Err(e))),
                 None => {
-                    this.finish(Ending::Complete);
-                    this.inner = None;
-                    continue;
+                    // What a filter still held when the upstream ended goes out last.
+                    this.ended = true;
+                    let rest = this.filter.as_mut().map(UsageChunkFilter::finish);
+                    return Poll::Ready(rest.filter(|b| !b.is_empty()).map(|b| Ok(Frame::data(b))));
                 }
             };
+            this.ahead.add_permits(budget_of(&frame, this.budget));
             let data = match frame.into_data() {
                 Ok(data) => data,
-                Err(trailers) => {
-                    if ended {
-                        this.finish(Ending::Complete);
-                    }
-                    return Poll::Ready(Some(Ok(trailers)));
-                }
+                Err(trailers) => return Poll::Ready(Some(Ok(trailers))),
             };
-            if let Some(metering) = this.metering.as_mut() {
-                metering.observe(&data);
-            }
-            if ended {
-                this.finish(Ending::Complete);
-            }
             let Some(filter) = this.filter.as_mut() else {
                 return Poll::Ready(Some(Ok(Frame::data(data))));
             };
-            let mut out = filter.pass(&data);
-            if ended {
-                out.extend_from_slice(&filter.finish());
-                this.inner = None;
-            }
+            let out = filter.pass(&data);
             if !out.is_empty() {
                 return Poll::Ready(Some(Ok(Frame::data(Bytes::from(out)))));
             }
@@ -627,18 +641,85 @@ impl Body for MeteredBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.as_ref().is_none_or(Body::is_end_stream)
-            && self.filter.as_ref().is_none_or(UsageChunkFilter::is_empty)
+        self.ended
     }
 
     fn size_hint(&self) -> SizeHint {
-        match (&self.inner, &self.filter) {
+        match &self.filter {
             // Filtering changes the length.
-            (_, Some(_)) => SizeHint::default(),
-            (Some(inner), None) => inner.size_hint(),
-            (None, None) => SizeHint::with_exact(0),
+            Some(_) => SizeHint::default(),
+            None => self.size_hint,
         }
     }
+}
+
+impl Drop for MeteredBody {
+    fn drop(&mut self) {
+        // The client is gone: a reader waiting for read-ahead room must not wait for ever.
+        self.ahead.close();
+    }
+}
+
+/// Reads the upstream's body for the client and the meter. While the client is there, each
+/// frame goes to it, at most `budget` bytes ahead of what it has taken; once it is gone (or
+/// stops taking), the reader reads on for the usage within the route's drain bounds. The meter
+/// settles as soon as the body ends or the usage is known, whatever pace the client reads at.
+async fn read_upstream(
+    mut inner: Incoming,
+    mut metering: Metering,
+    frames: mpsc::UnboundedSender<Result<Frame<Bytes>, hyper::Error>>,
+    ahead: Arc<Semaphore>,
+    budget: usize,
+) {
+    // Set once the client is gone: when to stop reading for the usage, and how much was read.
+    let mut draining: Option<(tokio::time::Instant, u64)> = None;
+    let ending = loop {
+        if draining.is_some() && metering.usage_known() {
+            break Ending::ClientGone;
+        }
+        let next = match draining {
+            None => inner.frame().await,
+            Some((deadline, _)) => match tokio::time::timeout_at(deadline, inner.frame()).await {
+                Ok(next) => next,
+                Err(_) => break Ending::ClientGone,
+            },
+        };
+        let frame = match next {
+            None if draining.is_some() => break Ending::ClientGone,
+            None => break Ending::Complete,
+            Some(Err(e)) => {
+                let _ = frames.send(Err(e));
+                break Ending::UpstreamBroke;
+            }
+            Some(Ok(frame)) => frame,
+        };
+        if let Some(data) = frame.data_ref() {
+            metering.observe(data);
+        }
+        match &mut draining {
+            Some((_, read)) => {
+                *read += frame.data_ref().map_or(0, |d| d.len() as u64);
+                if *read > metering.drain_max_bytes {
+                    break Ending::ClientGone;
+                }
+            }
+            None => {
+                let room = u32::try_from(budget_of(&frame, budget)).unwrap_or(u32::MAX);
+                let delivered = match ahead.acquire_many(room).await {
+                    Ok(permits) => {
+                        permits.forget();
+                        frames.send(Ok(frame)).is_ok()
+                    }
+                    Err(_) => false,
+                };
+                if !delivered {
+                    // The client left before the usage: read on for it, within the bounds.
+                    draining = Some((tokio::time::Instant::now() + metering.drain_timeout, 0));
+                }
+            }
+        }
+    };
+    metering.finish(ending);
 }
 
 /// Drops OpenAI's usage-only chunk (`"choices": []` with a `usage` object) from an SSE stream,
@@ -670,10 +751,6 @@ impl UsageChunkFilter {
     /// What is left when the stream ends (an event without its blank line), as it is.
     fn finish(&mut self) -> Bytes {
         Bytes::from(std::mem::take(&mut self.pending))
-    }
-
-    fn is_empty(&self) -> bool {
-        self.pending.is_empty()
     }
 }
 
@@ -751,50 +828,4 @@ impl Decoder {
             Decoder::Identity => Ok(Bytes::copy_from_slice(data)),
         }
     }
-}
-
-impl Drop for MeteredBody {
-    fn drop(&mut self) {
-        let Some(metering) = self.metering.take() else {
-            return;
-        };
-        let inner = self.inner.take();
-        if inner.as_ref().is_none_or(Body::is_end_stream) {
-            return metering.finish(Ending::Complete);
-        }
-        if metering.usage_known() {
-            return metering.finish(Ending::ClientGone);
-        }
-        // The client left before the usage: read on for it, within the route's bounds.
-        match (inner, tokio::runtime::Handle::try_current()) {
-            (Some(inner), Ok(runtime)) => {
-                runtime.spawn(drain(inner, metering));
-            }
-            _ => metering.finish(Ending::ClientGone),
-        }
-    }
-}
-
-async fn drain(mut inner: Incoming, mut metering: Metering) {
-    let deadline = tokio::time::Instant::now() + metering.drain_timeout;
-    let mut read: u64 = 0;
-    let ending = loop {
-        if metering.usage_known() {
-            break Ending::ClientGone;
-        }
-        match tokio::time::timeout_at(deadline, inner.frame()).await {
-            Err(_) | Ok(None) => break Ending::ClientGone,
-            Ok(Some(Err(_))) => break Ending::UpstreamBroke,
-            Ok(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref() {
-                    read += data.len() as u64;
-                    metering.observe(data);
-                    if read > metering.drain_max_bytes {
-                        break Ending::ClientGone;
-                    }
-                }
-            }
-        }
-    };
-    metering.finish(ending);
 }

@@ -877,3 +877,37 @@ async fn several_choices_are_held_for_each_and_odd_fields_are_refused() {
         assert_eq!(body["error"]["param"], field, "{body}");
     }
 }
+
+#[tokio::test]
+async fn a_client_that_reads_slowly_cannot_outlast_its_hold() {
+    let app = spawn_app_with(|raw, _| raw.billing.request_hold_ttl = "2s".into()).await;
+    let account = app.create_account("mallory").await;
+    let key = &account.master_key;
+    let before = available(&app, key).await;
+    let response = app
+        .post("/v1/chat/completions")
+        .bearer_auth(key)
+        .header("x-mock-chunks", "30")
+        .json(
+            &json!({"model": "mock-gpt", "stream": true, "max_tokens": 50,
+            "messages": [{"role": "user", "content": "Slowly"}]}),
+        )
+        .send()
+        .await
+        .unwrap();
+    let id = request_id(&response);
+    // The client takes nothing yet: Tollgate reads the upstream ahead of it and settles as soon as
+    // the usage has passed, well before the hold's deadline.
+    let row = usage_of(&app, key, &id).await;
+    assert_eq!(row["billing_status"], "settled");
+    let cost = gpt_cost(tokens("Slowly"), 30);
+    assert_eq!(row["cost"]["nanos"], cost);
+    // Past the deadline, the client still gets the whole answer, charged once.
+    app.clock.advance(chrono::Duration::seconds(3));
+    let text = String::from_utf8(response.bytes().await.unwrap().to_vec()).unwrap();
+    assert!(
+        text.contains("tok29") && text.ends_with("data: [DONE]\n\n"),
+        "{text}"
+    );
+    assert_eq!(available(&app, key).await, before - cost);
+}
