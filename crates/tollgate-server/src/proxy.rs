@@ -635,6 +635,21 @@ async fn read_llm_request(
             models.keys().cloned().collect::<Vec<_>>(),
         ));
     };
+    // A background response answers at once, before any usage exists, and is fetched later with
+    // a GET: nothing Tollgate could meter.
+    if endpoint == Endpoint::Responses
+        && object
+            .get("background")
+            .and_then(serde_json::Value::as_bool)
+            == Some(true)
+    {
+        return Err(tollgate_core::ApiError::new(
+            ErrorCode::Forbidden,
+            "Background responses report their usage only later, so Tollgate cannot meter them. Send the request without \"background\": true.",
+        )
+        .with_detail("field", "background")
+        .into());
+    }
     let fields = endpoint.max_tokens_fields();
     let mut max_tokens = None;
     for field in fields {

@@ -911,3 +911,21 @@ async fn a_client_that_reads_slowly_cannot_outlast_its_hold() {
     );
     assert_eq!(available(&app, key).await, before - cost);
 }
+
+#[tokio::test]
+async fn a_background_response_is_refused_not_free() {
+    let app = spawn_app().await;
+    let account = app.create_account("mallory").await;
+    let key = &account.master_key;
+    let before = available(&app, key).await;
+    let response = post_json(
+        &app,
+        "/v1/responses",
+        key,
+        json!({"model": "mock-gpt", "input": "later, for free", "background": true}),
+    )
+    .await;
+    let body = expect_error(response, 403, "forbidden").await;
+    assert_eq!(body["error"]["code"], "forbidden");
+    assert_eq!(available(&app, key).await, before);
+}
