@@ -64,7 +64,7 @@ async fn the_billing_api_cannot_release_a_streaming_requests_hold() {
         .post("/v1/chat/completions")
         .bearer_auth(key)
         .header("x-mock-chunks", "10")
-        .header("x-mock-chunk-delay-ms", "60")
+        .header("x-mock-chunk-delay-ms", "150")
         .json(
             &json!({"model": "mock-gpt", "stream": true, "max_tokens": 100,
             "messages": [{"role": "user", "content": "Tell me a story"}]}),
@@ -829,7 +829,10 @@ async fn an_idempotent_replay_is_not_served_to_a_key_that_may_not_make_the_call(
                 .unwrap()
         }
     };
-    assert_eq!(send(master.clone()).await.status(), 200);
+    let first = send(master.clone()).await;
+    assert_eq!(first.status(), 200);
+    // Read to its end: the outcome is recorded before the client sees the end.
+    first.bytes().await.unwrap();
     let (echo_only, _) = app
         .create_usage_key(master, json!({"scopes": ["echo"]}))
         .await;
