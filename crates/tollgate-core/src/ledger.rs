@@ -77,6 +77,20 @@ pub struct Transfer {
     pub kind: TransferKind,
 }
 
+impl Transfer {
+    /// How the transfer moves the accounts' cached balances: (account, change to available,
+    /// change to held) for each side that is a wallet or holds account.
+    pub fn balance_moves(&self) -> impl Iterator<Item = (AccountId, i64, i64)> {
+        [(self.debit, -self.amount.0), (self.credit, self.amount.0)]
+            .into_iter()
+            .filter_map(|(side, change)| match side {
+                LedgerAccount::Wallet(account) => Some((account, change, 0)),
+                LedgerAccount::Holds(account) => Some((account, 0, change)),
+                LedgerAccount::External | LedgerAccount::Revenue => None,
+            })
+    }
+}
+
 /// An account's money as the ledger sees it: the balances of its wallet and holds accounts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Wallet {
@@ -566,31 +580,22 @@ impl Book {
     /// each moves the loaded wallets back by what it had moved them. A hold whose opening the
     /// store refused and that is still pending here leaves the book, so nothing resolves it.
     pub fn undo(&mut self, transfers: &[Transfer], unopened: Option<HoldId>) {
-        if let Some(id) = unopened {
-            if let Some(hold) = self
-                .holds
-                .remove(&id)
-                .filter(|h| h.status == HoldStatus::Pending)
-            {
-                if let Some(spend) = hold.key.and_then(|k| self.key_spend.get_mut(&k)) {
-                    spend.held = Nanos(spend.held.0 - hold.amount.0);
-                }
+        // A hold resolved here meanwhile stays: its resolution's write is refused and undone too.
+        let pending = unopened
+            .and_then(|id| self.holds.get(&id))
+            .is_some_and(|h| h.status == HoldStatus::Pending);
+        if let Some(hold) = unopened
+            .filter(|_| pending)
+            .and_then(|id| self.holds.remove(&id))
+        {
+            if let Some(spend) = hold.key.and_then(|k| self.key_spend.get_mut(&k)) {
+                spend.held = Nanos(spend.held.0 - hold.amount.0);
             }
         }
-        for transfer in transfers {
-            let amount = transfer.amount.0;
-            for (side, sign) in [(transfer.debit, 1), (transfer.credit, -1)] {
-                let wallet = match side {
-                    LedgerAccount::Wallet(a) | LedgerAccount::Holds(a) => self.wallets.get_mut(&a),
-                    LedgerAccount::External | LedgerAccount::Revenue => None,
-                };
-                match (side, wallet) {
-                    (LedgerAccount::Wallet(_), Some(w)) => {
-                        w.available = Nanos(w.available.0 + sign * amount)
-                    }
-                    (LedgerAccount::Holds(_), Some(w)) => w.held = Nanos(w.held.0 + sign * amount),
-                    _ => {}
-                }
+        for (account, available, held) in transfers.iter().flat_map(Transfer::balance_moves) {
+            if let Some(wallet) = self.wallets.get_mut(&account) {
+                wallet.available = Nanos(wallet.available.0 - available);
+                wallet.held = Nanos(wallet.held.0 - held);
             }
         }
     }

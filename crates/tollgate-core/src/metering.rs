@@ -102,46 +102,20 @@ impl LlmApi {
     /// How many characters of generated text a complete JSON response holds, to estimate its
     /// output when it reports no usage.
     pub fn output_chars(self, body: &Value) -> u64 {
-        let mut chars = 0;
         match self {
             LlmApi::OpenAi => {
-                for choice in body
-                    .get("choices")
-                    .and_then(Value::as_array)
-                    .into_iter()
-                    .flatten()
-                {
-                    chars += text_len(choice.pointer("/message/content"));
-                    chars += text_len(choice.get("text"));
-                }
-                for item in body
-                    .get("output")
-                    .and_then(Value::as_array)
-                    .into_iter()
-                    .flatten()
-                {
-                    for part in item
-                        .get("content")
-                        .and_then(Value::as_array)
-                        .into_iter()
-                        .flatten()
-                    {
-                        chars += text_len(part.get("text"));
-                    }
-                }
+                // Chat completions' and completions' choices; the Responses API's output items.
+                let choices = items(body, "choices")
+                    .map(|c| text_len(c.pointer("/message/content")) + text_len(c.get("text")));
+                let outputs = items(body, "output")
+                    .flat_map(|item| items(item, "content"))
+                    .map(|part| text_len(part.get("text")));
+                choices.chain(outputs).sum()
             }
-            LlmApi::Anthropic => {
-                for part in body
-                    .get("content")
-                    .and_then(Value::as_array)
-                    .into_iter()
-                    .flatten()
-                {
-                    chars += text_len(part.get("text"));
-                }
-            }
+            LlmApi::Anthropic => items(body, "content")
+                .map(|part| text_len(part.get("text")))
+                .sum(),
         }
-        chars
     }
 }
 
@@ -413,6 +387,15 @@ impl StreamMeter {
             output: self.usage.output.max(self.output_chars.div_ceil(4)),
         }
     }
+}
+
+/// The elements of the array `field` of `value`; none if it is not an array.
+fn items<'a>(value: &'a Value, field: &str) -> impl Iterator<Item = &'a Value> {
+    value
+        .get(field)
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
 }
 
 fn text_len(value: Option<&Value>) -> u64 {

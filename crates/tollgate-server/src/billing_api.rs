@@ -227,26 +227,26 @@ async fn grant_credits(
         .grant(account, amount, &reason, &filed_under, reference.is_some())
         .await
         .map_err(|refused| grant_refused(refused, reference.is_some()))?;
-    if granted == Granted::AlreadyApplied {
-        tracing::info!(%account, reference = ?reference, "grant already applied; not applied again");
-        let mut response = Json(read_balance(&state, account).await?).into_response();
-        response.headers_mut().insert(
-            "x-tollgate-grant",
-            http::HeaderValue::from_static("already_applied"),
-        );
-        return Ok(response);
-    }
-    tracing::info!(%account, amount = %amount, "credits granted");
-    let change = crate::audit::Change::new("credits.grant", account).after(&serde_json::json!({
-        "amount": wire::Money::new(amount, &state.config.currency),
-        "reason": reason,
-    }));
-    crate::audit::record(&state, &caller, request_id, change).await;
+    let outcome = match granted {
+        Granted::AlreadyApplied => {
+            tracing::info!(%account, reference = ?reference, "grant already applied; not applied again");
+            "already_applied"
+        }
+        Granted::Applied => {
+            tracing::info!(%account, amount = %amount, "credits granted");
+            let change =
+                crate::audit::Change::new("credits.grant", account).after(&serde_json::json!({
+                    "amount": wire::Money::new(amount, &state.config.currency),
+                    "reason": reason,
+                }));
+            crate::audit::record(&state, &caller, request_id, change).await;
+            "applied"
+        }
+    };
     let mut response = Json(read_balance(&state, account).await?).into_response();
-    response.headers_mut().insert(
-        "x-tollgate-grant",
-        http::HeaderValue::from_static("applied"),
-    );
+    response
+        .headers_mut()
+        .insert("x-tollgate-grant", http::HeaderValue::from_static(outcome));
     Ok(response)
 }
 

@@ -726,10 +726,9 @@ impl Writer {
     /// Commits `writes`, made of groups that end at `ends` (each group one caller's writes, such as
     /// a charge and its usage row, stored together or not at all). If the store refuses the
     /// batch, it is split in halves, in order, until the refused groups stand alone: every other
-    /// group is stored, and the refused ones are returned (by index), never retried forever.
-    async fn commit_groups(&self, writes: &[LedgerWrite], ends: &[usize]) -> Vec<usize> {
+    /// group is stored, and a refused one is never retried: it is logged and undone in the book.
+    async fn commit_groups(&self, writes: &[LedgerWrite], ends: &[usize]) {
         let start_of = |group: usize| if group == 0 { 0 } else { ends[group - 1] };
-        let mut refused = Vec::new();
         // Ranges of groups, the next to commit last.
         let mut todo = Vec::new();
         todo.push(0..ends.len());
@@ -739,7 +738,7 @@ impl Writer {
                 Ok(()) => {}
                 Err(reason) if groups.len() == 1 => {
                     tracing::error!(%reason, writes = ?slice, "the store refused a ledger write; it is not stored, and the book is corrected");
-                    refused.push(groups.start);
+                    self.undo(slice);
                 }
                 Err(reason) => {
                     tracing::warn!(%reason, groups = groups.len(), "ledger batch refused; finding the refused writes");
@@ -749,7 +748,6 @@ impl Writer {
                 }
             }
         }
-        refused
     }
 
     /// Brings the book in line with a group the store refused: what its transfers moved is moved
@@ -834,11 +832,7 @@ async fn write_loop(mut commands: mpsc::UnboundedReceiver<Command>, writer: Writ
             };
         }
         if !batch.is_empty() {
-            let refused = writer.commit_groups(&batch, &ends).await;
-            for group in refused {
-                let start = if group == 0 { 0 } else { ends[group - 1] };
-                writer.undo(&batch[start..ends[group]]);
-            }
+            writer.commit_groups(&batch, &ends).await;
             writer.batch_size.observe(batch.len() as f64);
             if let Some(oldest) = oldest {
                 writer.write_lag.observe(oldest.elapsed().as_secs_f64());

@@ -6,6 +6,7 @@
 //! Tollgate originates use the envelope.
 
 use crate::auth::{authenticate_key, client_ip, presented_secret};
+use crate::billing_api::validation;
 use crate::config::{HoldRule, RouteAuth, RouteConfig};
 use crate::edge::{ClientRequestId, RequestIdHeader, ANTHROPIC_REQUEST_ID};
 use crate::error::HttpError;
@@ -398,10 +399,7 @@ async fn forward(
         .get(http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("text/event-stream"));
-    let encoding = parts
-        .headers
-        .get(http::header::CONTENT_ENCODING)
-        .map(|v| v.to_str().unwrap_or("unreadable").to_string());
+    let encoding = parts.headers.get(http::header::CONTENT_ENCODING).cloned();
     let rule = match (&call, &llm) {
         (Call::Unmetered(price), _) => CostRule::Fixed {
             cost: *price,
@@ -423,7 +421,11 @@ async fn forward(
     if hide_usage_chunk {
         parts.headers.remove(http::header::CONTENT_LENGTH);
     }
-    let metering = Metering::new(billing, rule, pricing, status, is_sse, encoding.as_deref());
+    // An encoding that is not even text is one the meter cannot decode.
+    let encoding = encoding
+        .as_ref()
+        .map(|v| v.to_str().unwrap_or("unreadable"));
+    let metering = Metering::new(billing, rule, pricing, status, is_sse, encoding);
     Ok(Response::from_parts(
         parts,
         Body::new(MeteredBody::new(body, metering, hide_usage_chunk)),
@@ -616,7 +618,7 @@ async fn read_llm_request(
         ));
     };
     let Some(model) = object.get("model").and_then(serde_json::Value::as_str) else {
-        return Err(field_error(
+        return Err(validation(
             "model",
             "is required: the model to call, as a string",
         ));
@@ -650,20 +652,13 @@ async fn read_llm_request(
         .with_detail("field", "background")
         .into());
     }
+    // The output cap: the largest of the endpoint's fields that are set (an upstream may read
+    // any of them), or else the route's default, written into the first.
     let fields = endpoint.max_tokens_fields();
     let mut max_tokens = None;
     for field in fields {
-        match object.get(*field) {
-            None | Some(serde_json::Value::Null) => {}
-            Some(value) => match value.as_u64() {
-                Some(n) => max_tokens = Some(max_tokens.map_or(n, |m: u64| m.max(n))),
-                None => {
-                    return Err(field_error(
-                        field,
-                        "must be a whole number of tokens, 0 or more",
-                    ))
-                }
-            },
+        if let Some(n) = whole_number(object, field)? {
+            max_tokens = Some(max_tokens.map_or(n, |m: u64| m.max(n)));
         }
     }
     let max_tokens = match (fields.first(), max_tokens) {
@@ -677,19 +672,15 @@ async fn read_llm_request(
     // Several choices (`n`, and legacy completions' `best_of`) each generate up to the cap.
     let mut choices = 1;
     for field in endpoint.choice_fields() {
-        match object.get(*field) {
-            None | Some(serde_json::Value::Null) => {}
-            Some(value) => match value.as_u64() {
-                Some(n) => choices = choices.max(n),
-                None => return Err(field_error(field, "must be a whole number, 1 or more")),
-            },
+        if let Some(n) = whole_number(object, field)? {
+            choices = choices.max(n);
         }
     }
     let max_tokens = max_tokens.saturating_mul(choices);
     let streams = match object.get("stream") {
         None | Some(serde_json::Value::Null) => false,
         Some(serde_json::Value::Bool(streams)) => *streams,
-        Some(_) => return Err(field_error("stream", "must be true or false")),
+        Some(_) => return Err(validation("stream", "must be true or false")),
     };
     let mut hide_usage_chunk = false;
     if streams && endpoint.needs_usage_option() {
@@ -718,12 +709,19 @@ async fn read_llm_request(
     ))
 }
 
-fn field_error(field: &str, message: &str) -> HttpError {
-    tollgate_core::ApiError::validation(BTreeMap::from([(
-        field.to_string(),
-        vec![message.to_string()],
-    )]))
-    .into()
+/// A body field that, if set, must be a whole number (a count of tokens or choices): anything
+/// else is refused, never read as absent.
+fn whole_number(
+    object: &serde_json::Map<String, serde_json::Value>,
+    field: &str,
+) -> Result<Option<u64>, HttpError> {
+    match object.get(field) {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(value) => value
+            .as_u64()
+            .map(Some)
+            .ok_or_else(|| validation(field, "must be a whole number, 0 or more")),
+    }
 }
 
 /// 402s for a hold the wallet or the key's cap cannot cover.

@@ -6,7 +6,7 @@
 use crate::{HoldRecord, LedgerWrite, StoreError, UsageRow};
 use chrono::{DateTime, Utc};
 use std::collections::{BTreeMap, HashMap, HashSet};
-use tollgate_core::ledger::{Hold, LedgerAccount, Transfer};
+use tollgate_core::ledger::{Hold, Transfer};
 use tollgate_core::{AccountId, HoldId};
 
 /// One transfer to insert: what moves, the account it belongs to, memo, reference, when.
@@ -96,13 +96,10 @@ fn reference(hold: &Hold) -> String {
 
 /// How a transfer moves an account's cached (available, held) balances.
 fn add_deltas(transfer: &Transfer, deltas: &mut BTreeMap<AccountId, (i64, i64)>) {
-    let amount = transfer.amount.0;
-    for (side, sign) in [(transfer.debit, -1), (transfer.credit, 1)] {
-        match side {
-            LedgerAccount::Wallet(a) => deltas.entry(a).or_default().0 += sign * amount,
-            LedgerAccount::Holds(a) => deltas.entry(a).or_default().1 += sign * amount,
-            LedgerAccount::External | LedgerAccount::Revenue => {}
-        }
+    for (account, available, held) in transfer.balance_moves() {
+        let delta = deltas.entry(account).or_default();
+        delta.0 += available;
+        delta.1 += held;
     }
 }
 
