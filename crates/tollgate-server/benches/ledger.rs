@@ -115,6 +115,7 @@ fn bench(c: &mut Criterion) {
                         metadata: serde_json::json!({}),
                     },
                     transfer,
+                    key_cap: None,
                 };
                 store.commit(BatchId::new(), &[open]).await.unwrap();
                 let resolution = book

@@ -118,7 +118,7 @@ impl Application {
         let sweeper = tokio::spawn(sweep(self.state.clone(), shared));
         let follower = self
             .changes
-            .map(|changes| tokio::spawn(follow_changes(changes, self.state.keys.clone())));
+            .map(|changes| tokio::spawn(follow_changes(changes, self.state.clone())));
         let cpu_watch = match (&self.state.shedder, &self.state.config.load_shedding) {
             (Some(shedder), Some(config)) => config
                 .cpu_threshold
@@ -146,13 +146,15 @@ impl Application {
 }
 
 /// Drops what the key cache holds of whatever another node changed, so a revoked key or a
-/// suspended account is refused everywhere from the announcement on.
-async fn follow_changes(mut changes: mpsc::Receiver<StoreChange>, keys: Arc<KeyCache>) {
+/// suspended account is refused everywhere from the announcement on; gives back the credit
+/// another node recalls.
+async fn follow_changes(mut changes: mpsc::Receiver<StoreChange>, state: AppState) {
     while let Some(change) = changes.recv().await {
         match change {
-            StoreChange::Key(key) => keys.invalidate(key),
-            StoreChange::Account(account) => keys.invalidate_account(account),
-            StoreChange::Resync => keys.clear(),
+            StoreChange::Key(key) => state.keys.invalidate(key),
+            StoreChange::Account(account) => state.keys.invalidate_account(account),
+            StoreChange::Recall { account, by } => state.ledger.recall(account, by),
+            StoreChange::Resync => state.keys.clear(),
         }
     }
 }

@@ -51,12 +51,69 @@ const FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A lease no hold has used for this long goes back to the wallet, for other nodes to use.
 pub const LEASE_IDLE: Duration = Duration::from_secs(2);
+/// How long a hold waits for other nodes to give back the credit their leases hold, while
+/// nothing changes (a node that died keeps its leases until they expire); and at most.
+const RECALL_STALL: Duration = Duration::from_secs(2);
+const RECALL_MAX: Duration = Duration::from_secs(10);
+
+/// A hold's wait for credit other nodes lease: carves again after short, growing pauses, while
+/// what they lease (with what is free) covers it. Under contention that balance keeps moving
+/// (other holds spend it), and the hold waits on until it is served or the balance no longer
+/// covers it; if the balance stands still for [`RECALL_STALL`], the credit is stuck.
+struct Recall {
+    started: Instant,
+    balance: Nanos,
+    since: Instant,
+    pause: Duration,
+}
+
+impl Recall {
+    fn new() -> Recall {
+        Recall {
+            started: Instant::now(),
+            balance: Nanos::ZERO,
+            since: Instant::now(),
+            pause: Duration::from_millis(1),
+        }
+    }
+
+    /// Notes what a carve saw of the account's balance.
+    fn observe(&mut self, carve: Carve) {
+        let balance = Nanos(carve.free.0.saturating_add(carve.leased.0));
+        if balance != self.balance {
+            self.balance = balance;
+            self.since = Instant::now();
+        }
+    }
+
+    /// Whether to carve again after `carve` granted nothing.
+    fn waits_for(&self, carve: Carve, needed: Nanos) -> bool {
+        carve.free.0.saturating_add(carve.leased.0) >= needed.0 && !self.stuck()
+    }
+
+    fn stuck(&self) -> bool {
+        self.since.elapsed() >= RECALL_STALL || self.started.elapsed() >= RECALL_MAX
+    }
+
+    async fn pause(&mut self) {
+        tokio::time::sleep(self.pause).await;
+        self.pause = (self.pause * 2).min(Duration::from_millis(50));
+    }
+}
+
+/// What [`Ledger::open`] does after the book's lock is released.
+enum Next {
+    /// The hold is open; with a capped key on a shared store, the notice of its opening stored.
+    Opened(Hold, Option<(KeyId, Nanos, oneshot::Receiver<bool>)>),
+    Carve { give_back: Nanos, needed: Nanos },
+}
 
 // Writes are nearly every message; boxing them would allocate once per write.
 #[allow(clippy::large_enum_variant)]
 enum Command {
-    /// Committed in one batch together (a charge and its usage row); queued at that instant.
-    Write(Vec<LedgerWrite>, Instant),
+    /// Committed in one batch together (a charge and its usage row); queued at that instant; and
+    /// who to tell whether the store took them.
+    Write(Vec<LedgerWrite>, Instant, Option<oneshot::Sender<bool>>),
     Flush(oneshot::Sender<()>),
     /// Run after everything queued before it is committed.
     Lease(LeaseOp),
@@ -252,7 +309,15 @@ impl Ledger {
     /// it is gone, the process is stopping and the write is lost as a crash would lose it (see
     /// the module docs).
     fn enqueue(&self, _book: &Book, writes: Vec<LedgerWrite>) {
-        let _ = self.queue.send(Command::Write(writes, Instant::now()));
+        let _ = self.queue.send(Command::Write(writes, Instant::now(), None));
+    }
+
+    /// [`Ledger::enqueue`], and tells `stored` whether the store took the writes (or refused them,
+    /// and they were undone in the book).
+    fn enqueue_noticed(&self, _book: &Book, writes: Vec<LedgerWrite>, stored: oneshot::Sender<bool>) {
+        let _ = self
+            .queue
+            .send(Command::Write(writes, Instant::now(), Some(stored)));
     }
 
     /// Makes sure the book holds the account's wallet and the key's spend this month.
@@ -322,9 +387,13 @@ impl Ledger {
         // does; then this one carves again. Every carve that grants credit lets some request
         // through, so the loop ends: at the latest when the wallet has no credit free. Even then
         // the book is tried once more: another request's carve may have brought credit meanwhile.
+        // While the other nodes' leases hold what the hold needs, the store has asked them to
+        // give it back: the request waits for that (see [`Recall`]), carving again as it comes.
         let mut last_carve: Option<Carve> = None;
+        let mut recall = Recall::new();
         loop {
-            let carved = {
+            // Decided under the book's lock; awaited after it is released.
+            let next = {
                 let mut book = self.book();
                 match book.open(request) {
                     Ok((hold, transfer)) => {
@@ -332,49 +401,107 @@ impl Ledger {
                             hold: hold.clone(),
                             source: spec.source,
                             request_id: spec.request_id,
-                            metadata: spec.metadata,
+                            metadata: spec.metadata.clone(),
                         };
-                        self.enqueue(&book, vec![LedgerWrite::OpenHold { record, transfer }]);
-                        if self.leasing.is_some() {
-                            if spec.source == HoldSource::Api {
-                                // Any node may capture it: the store resolves it, not this book.
-                                book.detach(hold.id);
+                        let write = LedgerWrite::OpenHold {
+                            record,
+                            transfer,
+                            key_cap: spec.key_cap,
+                        };
+                        // On a shared store the key's cap is the store's to decide: a capped
+                        // hold waits until its opening is stored (or refused).
+                        match (&self.leasing, spec.key, spec.key_cap) {
+                            (Some(_), Some(key), Some(cap)) => {
+                                let (done, stored) = oneshot::channel();
+                                self.enqueue_noticed(&book, vec![write], done);
+                                Next::Opened(hold, Some((key, cap, stored)))
                             }
-                            drop(book);
-                            self.last_hold().insert(spec.account, Instant::now());
+                            _ => {
+                                self.enqueue(&book, vec![write]);
+                                Next::Opened(hold, None)
+                            }
                         }
-                        return Ok(hold);
                     }
                     Err(Refusal::InsufficientBalance { required, .. })
                         if self.leasing.is_some()
-                            && last_carve.is_none_or(|c| c.granted > Nanos::ZERO) =>
+                            && last_carve.is_none_or(|c| {
+                                c.granted > Nanos::ZERO || recall.waits_for(c, required)
+                            }) =>
                     {
                         // Give back what is left of the lease, so the carve can count it, and
                         // carve enough for this hold.
-                        let give_back = book.take_lease(spec.account);
-                        let (done, carved) = oneshot::channel();
-                        let _ = self.queue.send(Command::Lease(LeaseOp::Carve {
-                            account: spec.account,
-                            give_back,
+                        Next::Carve {
+                            give_back: book.take_lease(spec.account),
                             needed: required,
-                            done,
-                        }));
-                        carved
+                        }
                     }
                     Err(Refusal::InsufficientBalance { required, .. }) if last_carve.is_some() => {
-                        let free = last_carve.map_or(Nanos::ZERO, |c| c.free);
-                        return Err(HoldRefused::InsufficientBalance {
-                            required,
-                            available: free,
+                        let balance =
+                            last_carve.map_or(Nanos::ZERO, |c| Nanos(c.free.0 + c.leased.0));
+                        return Err(if balance >= required {
+                            // Other nodes hold the credit and did not give it back in time (one
+                            // may have died: its leases are freed once they expire).
+                            HoldRefused::Store(StoreError::Unavailable(format!(
+                                "the account's credit is leased to other nodes that did not \
+                                 give it back within {RECALL_STALL:?}"
+                            )))
+                        } else {
+                            HoldRefused::InsufficientBalance {
+                                required,
+                                available: balance,
+                            }
                         });
                     }
                     Err(refusal) => return Err(refusal.into()),
                 }
             };
-            last_carve =
-                Some(carved.await.map_err(|_| {
-                    StoreError::Unavailable("the ledger writer has stopped".into())
-                })??);
+            match next {
+                Next::Opened(hold, stored) => {
+                    if self.leasing.is_none() {
+                        return Ok(hold);
+                    }
+                    self.last_hold().insert(spec.account, Instant::now());
+                    if let Some((key, cap, stored)) = stored {
+                        if !stored.await.unwrap_or(false) {
+                            return Err(self.refused_by_store(key, cap).await);
+                        }
+                    }
+                    if spec.source == HoldSource::Api {
+                        // Any node may capture it: the store resolves it, not this book.
+                        self.book().detach(hold.id);
+                    }
+                    return Ok(hold);
+                }
+                Next::Carve { give_back, needed } => {
+                    if last_carve.is_some_and(|c| c.granted == Nanos::ZERO) {
+                        recall.pause().await;
+                    }
+                    let (done, carved) = oneshot::channel();
+                    let _ = self.queue.send(Command::Lease(LeaseOp::Carve {
+                        account: spec.account,
+                        give_back,
+                        needed,
+                        done,
+                    }));
+                    let carve = carved.await.map_err(|_| {
+                        StoreError::Unavailable("the ledger writer has stopped".into())
+                    })??;
+                    recall.observe(carve);
+                    last_carve = Some(carve);
+                }
+            }
+        }
+    }
+
+    /// Why the store refused to open a capped hold: the key's month, as the store has it (or,
+    /// if that does not explain it, the refusal as it is).
+    async fn refused_by_store(&self, key: KeyId, cap: Nanos) -> HoldRefused {
+        let Some(leasing) = &self.leasing else {
+            return HoldRefused::Store(StoreError::Corrupt("refused by the store".into()));
+        };
+        match leasing.leases.key_spend(key, self.clock.now()).await {
+            Ok((spent, held)) => HoldRefused::KeyCapReached { cap, spent, held },
+            Err(e) => HoldRefused::Store(e),
         }
     }
 
@@ -408,7 +535,7 @@ impl Ledger {
             // moves no balance, so it needs no place in the book's order.
             if let Some(row) = row(None) {
                 let writes = vec![LedgerWrite::Usage(Box::new(row))];
-                let _ = self.queue.send(Command::Write(writes, Instant::now()));
+                let _ = self.queue.send(Command::Write(writes, Instant::now(), None));
             }
             return;
         };
@@ -491,13 +618,32 @@ impl Ledger {
                 return Ok(Granted::AlreadyApplied);
             }
         }
-        self.load(account, None).await?;
+        let refused = |e: Refusal| match e {
+            Refusal::Overflow | Refusal::InvalidAmount(_) => GrantRefused::OverLimit,
+            other => GrantRefused::Store(StoreError::Corrupt(other.to_string())),
+        };
+        // On a shared store a grant is free balance, for any node to carve, not this node's
+        // lease: the book is left as it is, and the limit is checked on the stored wallet.
+        let shared_transfer = match self.leasing {
+            Some(_) => {
+                let wallet = self.store.wallet(account).await?.ok_or_else(|| {
+                    StoreError::Corrupt(format!("account {account} has no wallet"))
+                })?;
+                let mut scratch = Book::new();
+                scratch.load_wallet(account, wallet);
+                Some(scratch.grant(account, amount).map_err(refused)?)
+            }
+            None => {
+                self.load(account, None).await?;
+                None
+            }
+        };
         {
             let mut book = self.book();
-            let transfer = book.grant(account, amount).map_err(|e| match e {
-                Refusal::Overflow | Refusal::InvalidAmount(_) => GrantRefused::OverLimit,
-                other => GrantRefused::Store(StoreError::Corrupt(other.to_string())),
-            })?;
+            let transfer = match shared_transfer {
+                Some(transfer) => transfer,
+                None => book.grant(account, amount).map_err(refused)?,
+            };
             if amount > Nanos::ZERO {
                 let write = LedgerWrite::Grant {
                     account,
@@ -635,6 +781,23 @@ impl Ledger {
         !self.writer_stopped.load(Ordering::Acquire)
     }
 
+    /// Another node (`by`) cannot carve a hold from the account's free balance while this node's
+    /// lease could cover it: gives the lease back, behind the writes already queued.
+    pub fn recall(&self, account: AccountId, by: NodeId) {
+        let Some(leasing) = &self.leasing else {
+            return;
+        };
+        if by == leasing.node {
+            return;
+        }
+        let amount = self.book().take_lease(account);
+        if amount > Nanos::ZERO {
+            let _ = self
+                .queue
+                .send(Command::Lease(LeaseOp::Return { account, amount }));
+        }
+    }
+
     /// Gives back the leases no hold has used for `idle`, so other nodes can use their credit.
     pub fn return_idle_leases(&self, idle: Duration) {
         if self.leasing.is_none() {
@@ -727,7 +890,9 @@ impl Writer {
     /// a charge and its usage row, stored together or not at all). If the store refuses the
     /// batch, it is split in halves, in order, until the refused groups stand alone: every other
     /// group is stored, and a refused one is never retried: it is logged and undone in the book.
-    async fn commit_groups(&self, writes: &[LedgerWrite], ends: &[usize]) {
+    /// Returns the refused groups.
+    async fn commit_groups(&self, writes: &[LedgerWrite], ends: &[usize]) -> Vec<usize> {
+        let mut refused = Vec::new();
         let start_of = |group: usize| if group == 0 { 0 } else { ends[group - 1] };
         // Ranges of groups, the next to commit last.
         let mut todo = Vec::new();
@@ -737,8 +902,9 @@ impl Writer {
             match self.commit_with_retry(BatchId::new(), slice).await {
                 Ok(()) => {}
                 Err(reason) if groups.len() == 1 => {
-                    tracing::error!(%reason, writes = ?slice, "the store refused a ledger write; it is not stored, and the book is corrected");
+                    tracing::warn!(%reason, writes = ?slice, "the store refused a ledger write; it is not stored, and the book is corrected");
                     self.undo(slice);
+                    refused.push(groups.start);
                 }
                 Err(reason) => {
                     tracing::warn!(%reason, groups = groups.len(), "ledger batch refused; finding the refused writes");
@@ -748,6 +914,7 @@ impl Writer {
                 }
             }
         }
+        refused
     }
 
     /// Brings the book in line with a group the store refused: what its transfers moved is moved
@@ -756,10 +923,14 @@ impl Writer {
         let mut book = self.book();
         for write in group {
             match write {
-                LedgerWrite::Grant { transfer, .. } => {
+                // On a shared store a grant never entered the book (it is free balance).
+                LedgerWrite::Grant { transfer, .. } if self.leasing.is_none() => {
                     book.undo(std::slice::from_ref(transfer), None)
                 }
-                LedgerWrite::OpenHold { record, transfer } => {
+                LedgerWrite::Grant { .. } => {}
+                LedgerWrite::OpenHold {
+                    record, transfer, ..
+                } => {
                     book.undo(transfer.as_slice(), Some(record.hold.id))
                 }
                 LedgerWrite::ResolveHold { transfers, .. } => book.undo(transfers, None),
@@ -805,8 +976,9 @@ impl Writer {
 
 async fn write_loop(mut commands: mpsc::UnboundedReceiver<Command>, writer: Writer) {
     let mut batch: Vec<LedgerWrite> = Vec::new();
-    // Where each queued group of writes ends in `batch`.
+    // Where each queued group of writes ends in `batch`, and who waits to hear of it.
     let mut ends: Vec<usize> = Vec::new();
+    let mut notices: Vec<(usize, oneshot::Sender<bool>)> = Vec::new();
     let mut flushes: Vec<oneshot::Sender<()>> = Vec::new();
     while let Some(first) = commands.recv().await {
         let mut next = Some(first);
@@ -814,8 +986,11 @@ async fn write_loop(mut commands: mpsc::UnboundedReceiver<Command>, writer: Writ
         let mut lease_op = None;
         while let Some(command) = next {
             match command {
-                Command::Write(writes, queued) => {
+                Command::Write(writes, queued, notice) => {
                     batch.extend(writes);
+                    if let Some(notice) = notice {
+                        notices.push((ends.len(), notice));
+                    }
                     ends.push(batch.len());
                     oldest = Some(oldest.map_or(queued, |o| o.min(queued)));
                 }
@@ -832,10 +1007,13 @@ async fn write_loop(mut commands: mpsc::UnboundedReceiver<Command>, writer: Writ
             };
         }
         if !batch.is_empty() {
-            writer.commit_groups(&batch, &ends).await;
+            let refused = writer.commit_groups(&batch, &ends).await;
             writer.batch_size.observe(batch.len() as f64);
             if let Some(oldest) = oldest {
                 writer.write_lag.observe(oldest.elapsed().as_secs_f64());
+            }
+            for (group, notice) in notices.drain(..) {
+                let _ = notice.send(!refused.contains(&group));
             }
             let mut book = writer.book();
             for write in batch.drain(..) {

@@ -6,8 +6,8 @@
 use crate::{HoldRecord, LedgerWrite, StoreError, UsageRow};
 use chrono::{DateTime, Utc};
 use std::collections::{BTreeMap, HashMap, HashSet};
-use tollgate_core::ledger::{Hold, Transfer};
-use tollgate_core::{AccountId, HoldId};
+use tollgate_core::ledger::{month_of, Hold, Transfer, TransferKind};
+use tollgate_core::{AccountId, HoldId, KeyId, Nanos};
 
 /// One transfer to insert: what moves, the account it belongs to, memo, reference, when.
 pub(crate) type TransferEntry<'w> = (&'w Transfer, AccountId, &'w str, String, DateTime<Utc>);
@@ -22,6 +22,29 @@ pub(crate) struct Batch<'w> {
     /// (available, held) change per account, in account order: backends that lock wallet rows
     /// take them in this order, so two batches never deadlock.
     pub deltas: BTreeMap<AccountId, (i64, i64)>,
+    /// The part of each account's available change that moves a node's lease: everything but
+    /// grants, which go to the free balance.
+    pub lease_deltas: BTreeMap<AccountId, i64>,
+    /// Each key's change of its month's spend, in key order.
+    pub key_spend: BTreeMap<KeyId, KeySpendDelta>,
+}
+
+/// How a batch moves a key's monthly spend: what it charged, what its holds reserve (opened
+/// minus resolved), in the latest month it touches, and the lowest cap a hold it opens was
+/// opened under.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct KeySpendDelta {
+    pub month: i32,
+    pub spent: i64,
+    pub held: i64,
+    pub cap: Option<Nanos>,
+}
+
+impl KeySpendDelta {
+    fn at(&mut self, at: DateTime<Utc>) -> &mut Self {
+        self.month = self.month.max(month_of(at));
+        self
+    }
 }
 
 impl<'w> Batch<'w> {
@@ -40,6 +63,8 @@ impl<'w> Batch<'w> {
             transfers: Vec::new(),
             usage: Vec::new(),
             deltas: BTreeMap::new(),
+            lease_deltas: BTreeMap::new(),
+            key_spend: BTreeMap::new(),
         };
         for write in writes {
             match write {
@@ -52,8 +77,24 @@ impl<'w> Batch<'w> {
                 } => batch
                     .transfers
                     .push((transfer, *account, memo, reference.clone(), *at)),
-                LedgerWrite::OpenHold { record, transfer } => {
+                LedgerWrite::OpenHold {
+                    record,
+                    transfer,
+                    key_cap,
+                } => {
                     let hold = &record.hold;
+                    if let Some(key) = hold.key {
+                        let spend = batch
+                            .key_spend
+                            .entry(key)
+                            .or_default()
+                            .at(hold.created_at);
+                        spend.held += hold.amount.0;
+                        spend.cap = match (spend.cap, *key_cap) {
+                            (Some(a), Some(b)) => Some(a.min(b)),
+                            (a, b) => a.or(b),
+                        };
+                    }
                     let state = resolved_here.get(&hold.id).copied().unwrap_or(hold);
                     opened_here.insert(hold.id);
                     batch.holds.push((record, state));
@@ -69,6 +110,11 @@ impl<'w> Batch<'w> {
                         batch.resolutions.push(hold);
                     }
                     let at = hold.resolved_at.unwrap_or(hold.created_at);
+                    if let Some(key) = hold.key {
+                        let spend = batch.key_spend.entry(key).or_default().at(at);
+                        spend.held -= hold.amount.0;
+                        spend.spent += hold.charged.0;
+                    }
                     for transfer in transfers {
                         batch
                             .transfers
@@ -80,6 +126,11 @@ impl<'w> Batch<'w> {
         }
         for (transfer, ..) in &batch.transfers {
             add_deltas(transfer, &mut batch.deltas);
+            if transfer.kind != TransferKind::Grant {
+                for (account, available, _) in transfer.balance_moves() {
+                    *batch.lease_deltas.entry(account).or_default() += available;
+                }
+            }
         }
         batch
     }

@@ -267,6 +267,9 @@ pub enum LedgerWrite {
     OpenHold {
         record: HoldRecord,
         transfer: Option<Transfer>,
+        /// The key's monthly spend cap when the hold was opened. A store several nodes share
+        /// decides it: the opening is refused if the key's month would pass it.
+        key_cap: Option<Nanos>,
     },
     /// The hold as resolved (status, charged, resolved_at) and the transfers resolving made.
     ResolveHold {
@@ -536,6 +539,9 @@ pub trait StoreHealth: Send + Sync {
 pub enum StoreChange {
     Key(KeyId),
     Account(AccountId),
+    /// A node could not carve a hold from the account's free balance while other nodes' leases
+    /// hold enough: every other node gives its lease on the account back.
+    Recall { account: AccountId, by: NodeId },
     /// Announcements may have been missed (the feed reconnected): drop everything cached.
     Resync,
 }
@@ -558,6 +564,9 @@ pub struct Carve {
     pub granted: Nanos,
     /// What no node's lease holds, after the carve.
     pub free: Nanos,
+    /// What the other nodes' leases hold. When `granted` is zero but `free + leased` covers the
+    /// hold, the store has announced a [`StoreChange::Recall`].
+    pub leased: Nanos,
 }
 
 /// Credit leases, on a store several nodes share. A lease is the part of a wallet's balance one
@@ -567,9 +576,11 @@ pub struct Carve {
 /// balance. See docs/cluster.md.
 #[async_trait]
 pub trait LeaseStore: Send + Sync {
-    /// [`LedgerStore::commit`], where every change the batch makes to a wallet's balance is made
-    /// to `node`'s lease on it too (holds come out of the lease, what they return goes back).
-    /// A batch that would take a lease below zero is refused as [`StoreError::Corrupt`].
+    /// [`LedgerStore::commit`], where every change the batch's holds make to a wallet's balance
+    /// is made to `node`'s lease on it too (holds come out of the lease, what they return goes
+    /// back). Grants go to the free balance, for any node to carve. A hold that needs more than
+    /// the lease holds (the lease was reclaimed while the node was cut off) takes the rest from
+    /// the free balance; a batch that neither can cover is refused as [`StoreError::Corrupt`].
     async fn commit_leased(
         &self,
         batch: BatchId,
@@ -578,6 +589,8 @@ pub trait LeaseStore: Send + Sync {
     ) -> Result<(), StoreError>;
     /// Gives `give_back` of the node's lease back to the wallet, then carves a lease for a hold
     /// of `needed` from what is free ([`tollgate_core::ledger::lease_size`]), in one transaction.
+    /// If what is free cannot cover it but the other nodes' leases can, it announces a
+    /// [`StoreChange::Recall`] at commit.
     async fn carve(
         &self,
         account: AccountId,
@@ -598,6 +611,9 @@ pub trait LeaseStore: Send + Sync {
     /// Ends the leases not renewed since `cutoff` (their node stopped): their credit is free
     /// again. Returns how many.
     async fn reclaim_leases(&self, cutoff: DateTime<Utc>) -> Result<u64, StoreError>;
+    /// A key's spend this month as the store decides caps on it: (charged, held by pending
+    /// holds), as of `now`'s month.
+    async fn key_spend(&self, key: KeyId, now: DateTime<Utc>) -> Result<(Nanos, Nanos), StoreError>;
     /// The account's leases by node.
     async fn leases_of(&self, account: AccountId) -> Result<Vec<(NodeId, Nanos)>, StoreError>;
 }

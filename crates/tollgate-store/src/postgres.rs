@@ -7,7 +7,7 @@
 //! roll, the audit head before an append. Wallets are updated in account order, so two batches
 //! never deadlock on each other's rows.
 
-use crate::batch::{not_pending, Batch};
+use crate::batch::{not_pending, Batch, KeySpendDelta};
 use crate::rows::{
     convert, corrupt, from_millis, millis, parse_id, push_usage, to_json, AccountRow, AuditHeadRow,
     AuditRow, BucketRow, HoldRow, IdempotencyRow, KeyRow, StandingRow, TransferRow, UsageDbRow,
@@ -28,7 +28,7 @@ use std::str::FromStr;
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tollgate_core::audit::AuditEntry;
-use tollgate_core::ledger::lease_size;
+use tollgate_core::ledger::{lease_size, month_of};
 use tollgate_core::ledger::{LedgerAccount, Transfer, TransferKind, Wallet};
 use tollgate_core::ratelimit::Overrides;
 use tollgate_core::{AccountId, HoldId, KeyHash, KeyId, Nanos, NodeId, RequestId};
@@ -97,6 +97,8 @@ impl PostgresStore {
             transfers,
             usage,
             deltas,
+            lease_deltas,
+            key_spend,
         } = Batch::plan(writes);
         let mut tx = self.begin().await?;
         let first_time = sqlx::query(
@@ -183,12 +185,18 @@ impl PostgresStore {
             .execute(&mut *tx)
             .await
             .map_err(store_error)?;
-            if let Some(node) = lease {
-                if let Err(e) = move_lease(&mut tx, account, node, available).await {
+        }
+        if let Some(node) = lease {
+            for (account, delta) in lease_deltas {
+                if let Err(e) = move_lease(&mut tx, account, node, delta).await {
                     let _ = tx.rollback().await;
                     return Err(e);
                 }
             }
+        }
+        if let Err(e) = add_key_spend(&mut tx, &key_spend).await {
+            let _ = tx.rollback().await;
+            return Err(e);
         }
         tx.commit().await.map_err(store_error)
     }
@@ -1067,6 +1075,21 @@ impl LeaseStore for PostgresStore {
         )
     }
 
+    async fn key_spend(&self, key: KeyId, now: DateTime<Utc>) -> Result<(Nanos, Nanos), StoreError> {
+        let row: Option<(i32, i64, i64)> = sqlx::query_as(
+            "SELECT month, spent_nanos, held_nanos FROM key_spend WHERE key_id = $1",
+        )
+        .bind(key.to_string())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(store_error)?;
+        Ok(match row {
+            Some((month, spent, held)) if month >= month_of(now) => (Nanos(spent), Nanos(held)),
+            Some((_, _, held)) => (Nanos::ZERO, Nanos(held)),
+            None => (Nanos::ZERO, Nanos::ZERO),
+        })
+    }
+
     async fn leases_of(&self, account: AccountId) -> Result<Vec<(NodeId, Nanos)>, StoreError> {
         let rows: Vec<(String, i64)> = sqlx::query_as(
             "SELECT node_id, amount_nanos FROM wallet_leases WHERE account_id = $1 ORDER BY node_id",
@@ -1106,15 +1129,28 @@ async fn carve_in(
     if give_back > Nanos::ZERO {
         give_back_lease(tx, account, node, give_back).await?;
     }
-    let leased: i64 = sqlx::query_scalar(
-        "SELECT COALESCE(SUM(amount_nanos), 0)::BIGINT FROM wallet_leases WHERE account_id = $1",
+    let (leased, own): (i64, i64) = sqlx::query_as(
+        "SELECT COALESCE(SUM(amount_nanos), 0)::BIGINT, \
+         COALESCE(SUM(amount_nanos) FILTER (WHERE node_id = $2), 0)::BIGINT \
+         FROM wallet_leases WHERE account_id = $1",
     )
     .bind(account.to_string())
+    .bind(node.to_string())
     .fetch_one(&mut **tx)
     .await
     .map_err(store_error)?;
     let free = Nanos(balance - leased);
+    let others = Nanos(leased - own);
     let granted = lease_size(free, needed).unwrap_or(Nanos::ZERO);
+    if granted == Nanos::ZERO && needed > Nanos::ZERO && free.0 + others.0 >= needed.0 {
+        // The other nodes hold what this hold needs: they give it back at this commit's notice.
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(CHANGES_CHANNEL)
+            .bind(format!("recall:{account}:{node}"))
+            .execute(&mut **tx)
+            .await
+            .map_err(store_error)?;
+    }
     if granted > Nanos::ZERO {
         sqlx::query(
             "INSERT INTO wallet_leases (account_id, node_id, amount_nanos, renewed_at) \
@@ -1133,36 +1169,109 @@ async fn carve_in(
     Ok(Carve {
         granted,
         free: Nanos(free.0 - granted.0),
+        leased: others,
     })
 }
 
 /// Moves the node's lease on the account by `delta`, as its batch moved the balance. What comes
-/// back to a lease the node no longer has (reclaimed, or given back) starts a new one.
+/// back to a lease the node no longer has (reclaimed, or given back) starts a new one. A hold
+/// that needs more than the lease holds (it was reclaimed while the node was cut off) takes the
+/// rest from the free balance, if that covers it: the credit is the customer's either way.
 async fn move_lease(
     tx: &mut Transaction<'_, Postgres>,
     account: AccountId,
     node: NodeId,
     delta: i64,
 ) -> Result<(), StoreError> {
-    if delta > 0 {
-        sqlx::query(
-            "INSERT INTO wallet_leases (account_id, node_id, amount_nanos, renewed_at) \
-             VALUES ($1, $2, $3, $4) ON CONFLICT (account_id, node_id) \
-             DO UPDATE SET amount_nanos = wallet_leases.amount_nanos + EXCLUDED.amount_nanos",
+    if delta == 0 {
+        return Ok(());
+    }
+    if delta < 0 {
+        // The common case: the lease covers the batch's holds.
+        let covered = sqlx::query(
+            "UPDATE wallet_leases SET amount_nanos = amount_nanos + $1 \
+             WHERE account_id = $2 AND node_id = $3 AND amount_nanos + $1 >= 0",
         )
+        .bind(delta)
         .bind(account.to_string())
         .bind(node.to_string())
-        .bind(delta)
-        .bind(chrono::Utc::now().timestamp_millis())
         .execute(&mut **tx)
         .await
-        .map_err(store_error)?;
-        Ok(())
-    } else if delta < 0 {
-        give_back_lease(tx, account, node, Nanos(-delta)).await
-    } else {
-        Ok(())
+        .map_err(store_error)?
+        .rows_affected()
+            == 1;
+        if covered {
+            return Ok(());
+        }
     }
+    sqlx::query(
+        "INSERT INTO wallet_leases (account_id, node_id, amount_nanos, renewed_at) \
+         VALUES ($1, $2, GREATEST($3, 0), $4) ON CONFLICT (account_id, node_id) \
+         DO UPDATE SET amount_nanos = GREATEST(wallet_leases.amount_nanos + $3, 0)",
+    )
+    .bind(account.to_string())
+    .bind(node.to_string())
+    .bind(delta)
+    .bind(chrono::Utc::now().timestamp_millis())
+    .execute(&mut **tx)
+    .await
+    .map_err(store_error)?;
+    if delta > 0 {
+        return Ok(());
+    }
+    // The batch has locked the wallet row (it updated it): the leases must still fit in it.
+    let free: i64 = sqlx::query_scalar(
+        "SELECT w.balance_nanos - COALESCE((SELECT SUM(l.amount_nanos) FROM wallet_leases l \
+         WHERE l.account_id = w.account_id), 0)::BIGINT FROM wallets w WHERE w.account_id = $1",
+    )
+    .bind(account.to_string())
+    .fetch_one(&mut **tx)
+    .await
+    .map_err(store_error)?;
+    if free >= 0 {
+        Ok(())
+    } else {
+        Err(StoreError::Corrupt(format!(
+            "node {node}'s holds on account {account} need {} more than its lease and the free \
+             balance hold",
+            -free
+        )))
+    }
+}
+
+/// Adds a batch's changes to each key's monthly spend, and refuses the batch if a key it
+/// opens a capped hold on would pass its cap.
+async fn add_key_spend(
+    tx: &mut Transaction<'_, Postgres>,
+    key_spend: &std::collections::BTreeMap<KeyId, KeySpendDelta>,
+) -> Result<(), StoreError> {
+    for (key, delta) in key_spend {
+        let (spent, held): (i64, i64) = sqlx::query_as(
+            "INSERT INTO key_spend (key_id, month, spent_nanos, held_nanos) \
+             VALUES ($1, $2, GREATEST($3, 0), GREATEST($4, 0)) ON CONFLICT (key_id) DO UPDATE SET \
+             spent_nanos = CASE WHEN EXCLUDED.month > key_spend.month THEN $3 \
+                           ELSE key_spend.spent_nanos + $3 END, \
+             held_nanos = GREATEST(key_spend.held_nanos + $4, 0), \
+             month = GREATEST(key_spend.month, EXCLUDED.month) \
+             RETURNING spent_nanos, held_nanos",
+        )
+        .bind(key.to_string())
+        .bind(delta.month)
+        .bind(delta.spent)
+        .bind(delta.held)
+        .fetch_one(&mut **tx)
+        .await
+        .map_err(store_error)?;
+        if let Some(cap) = delta.cap {
+            if spent.saturating_add(held) > cap.0 {
+                return Err(StoreError::Corrupt(format!(
+                    "key {key} would pass its monthly spend cap of {cap} nanos (spent {spent}, \
+                     held {held})"
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Takes `amount` off the node's lease on the account (refused if the lease is smaller).
@@ -1239,6 +1348,13 @@ fn parse_change(payload: &str) -> Option<StoreChange> {
     match payload.split_once(':')? {
         ("key", id) => id.parse().ok().map(StoreChange::Key),
         ("account", id) => id.parse().ok().map(StoreChange::Account),
+        ("recall", rest) => {
+            let (account, by) = rest.split_once(':')?;
+            Some(StoreChange::Recall {
+                account: account.parse().ok()?,
+                by: by.parse().ok()?,
+            })
+        }
         _ => None,
     }
 }

@@ -540,6 +540,7 @@ impl LedgerStore for SqliteStore {
             transfers,
             usage,
             deltas,
+            ..
         } = Batch::plan(writes);
         let mut tx = self.pool.begin().await.map_err(store_error)?;
         let first_time = sqlx::query(

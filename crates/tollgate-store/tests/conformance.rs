@@ -696,6 +696,7 @@ fn open_hold(book: &mut Book, account: AccountId, key: KeyId, amount: i64, ms: i
             metadata: serde_json::json!({"job": "render"}),
         },
         transfer,
+        key_cap: None,
     }
 }
 
@@ -1258,7 +1259,8 @@ async fn postgres_a_nodes_batches_move_its_lease_and_never_overdraw_it() {
         carve,
         tollgate_store::Carve {
             granted: Nanos(60),
-            free: Nanos(740)
+            free: Nanos(740),
+            leased: Nanos::ZERO,
         }
     );
 
@@ -1284,7 +1286,14 @@ async fn postgres_a_nodes_batches_move_its_lease_and_never_overdraw_it() {
         Nanos(775)
     );
 
-    // A book that spends more than its lease (35) is refused, and nothing of it is applied.
+    // A book that spends more than its lease (35) takes the rest from the free balance (its
+    // lease may have been reclaimed while it was cut off); what neither covers is refused, and
+    // nothing of it is applied. Another node leases all but 40 of what is free.
+    let other = NodeId::new();
+    leases
+        .carve(account, other, Nanos::ZERO, Nanos(700), at(3))
+        .await
+        .unwrap();
     let mut rogue = Book::new();
     rogue.load_wallet(account, Wallet::default());
     rogue.load_key_spend(master.id, at(0), Nanos::ZERO);
@@ -1296,25 +1305,54 @@ async fn postgres_a_nodes_batches_move_its_lease_and_never_overdraw_it() {
             .await,
         Err(tollgate_store::StoreError::Corrupt(_))
     ));
-    assert_eq!(lease_of(leases.clone()).await, vec![(node, Nanos(35))]);
+    assert_eq!(
+        lease_of(leases.clone()).await,
+        vec![(node, Nanos(35)), (other, Nanos(700))]
+            .into_iter()
+            .collect::<std::collections::BTreeMap<_, _>>()
+            .into_iter()
+            .collect::<Vec<_>>()
+    );
+    let covered = open_hold(&mut rogue, account, master.id, 70, 3);
+    leases
+        .commit_leased(BatchId::new(), node, &[covered])
+        .await
+        .unwrap();
+    assert_eq!(
+        store.wallet(account).await.unwrap().unwrap().available,
+        Nanos(705)
+    );
+    leases
+        .return_lease(account, other, Nanos(700))
+        .await
+        .unwrap();
+    // The node's lease is spent, the free balance gave the other 35.
+    assert_eq!(
+        lease_of(leases.clone()).await.iter().map(|(_, n)| n.0).sum::<i64>(),
+        0
+    );
 
-    // Giving back, then carving for a hold larger than an eighth of what is free.
+    // Carving for a hold larger than an eighth of what is free.
     let carve = leases
-        .carve(account, node, Nanos(35), Nanos(200), at(4))
+        .carve(account, node, Nanos::ZERO, Nanos(200), at(4))
         .await
         .unwrap();
     assert_eq!(
         carve,
         tollgate_store::Carve {
             granted: Nanos(200),
-            free: Nanos(575)
+            free: Nanos(505),
+            leased: Nanos::ZERO,
         }
     );
     leases
         .return_lease(account, node, Nanos(150))
         .await
         .unwrap();
-    assert_eq!(lease_of(leases.clone()).await, vec![(node, Nanos(50))]);
+    assert_eq!(
+        lease_of(leases.clone()).await.iter().map(|(_, n)| n.0).sum::<i64>(),
+        50
+    );
     // Asking for more than is free grants nothing but still gives back.
     let carve = leases
         .carve(account, node, Nanos(50), Nanos(10_000), at(5))
@@ -1324,7 +1362,8 @@ async fn postgres_a_nodes_batches_move_its_lease_and_never_overdraw_it() {
         carve,
         tollgate_store::Carve {
             granted: Nanos::ZERO,
-            free: Nanos(775)
+            free: Nanos(705),
+            leased: Nanos::ZERO,
         }
     );
 
@@ -1333,7 +1372,6 @@ async fn postgres_a_nodes_batches_move_its_lease_and_never_overdraw_it() {
         .carve(account, node, Nanos::ZERO, Nanos(1), at(6))
         .await
         .unwrap();
-    let other = NodeId::new();
     leases
         .carve(account, other, Nanos::ZERO, Nanos(1), at(6))
         .await

@@ -104,6 +104,44 @@ impl Cluster {
         )
     }
 
+    /// A new account with no credit (through node 0); its id and master key.
+    async fn empty_account(&self) -> (String, String) {
+        let created = send_json(
+            self.http
+                .post(format!("{}/api/v1/accounts", self.url(0)))
+                .bearer_auth(ADMIN)
+                .json(&json!({"name": "empty", "starter_credits": "0"})),
+        )
+        .await;
+        (
+            created["account"]["id"].as_str().unwrap().to_string(),
+            created["master_key"]["secret"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        )
+    }
+
+    /// Grants `amount` credits to the account through `node`.
+    async fn grant(&self, node: usize, account: &str, amount: &str) {
+        let response = self
+            .http
+            .post(format!("{}/api/v1/accounts/{account}/credits", self.url(node)))
+            .bearer_auth(ADMIN)
+            .json(&json!({"amount": amount, "reason": "test"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
+    }
+
+    /// The store itself, for the test to check the books.
+    async fn store(&self) -> tollgate_store::postgres::PostgresStore {
+        tollgate_store::postgres::PostgresStore::open(self.schema.url())
+            .await
+            .unwrap()
+    }
+
     async fn echo(&self, node: usize, key: &str) -> reqwest::Response {
         self.http
             .get(format!("{}/echo/x", self.url(node)))
@@ -537,4 +575,239 @@ async fn a_node_killed_under_load_leaves_no_hold_past_its_ttl_and_no_charge_for_
         "the dead node's holds were released {:?} after the kill",
         killed_at.elapsed()
     );
+}
+
+/// Credit granted through one node is free balance: every other node can spend it at once,
+/// without waiting for the granting node's lease to go idle.
+#[tokio::test]
+async fn credit_granted_through_one_node_is_spent_through_every_other_at_once() {
+    let Some(cluster) = Cluster::start("").await else {
+        return;
+    };
+    let (account, master) = cluster.empty_account().await;
+    // Every node has loaded the empty wallet.
+    for node in 0..NODES {
+        let refused = cluster.echo(node, &master).await;
+        assert_eq!(refused.status(), 402);
+        let body: Value = refused.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "insufficient_balance");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("the balance is 0 USD"),
+            "{body}"
+        );
+    }
+    cluster.grant(0, &account, "0.05").await;
+    let at_once = futures_util::future::join_all((1..NODES).map(|node| cluster.echo(node, &master)));
+    for (node, response) in (1..NODES).zip(at_once.await) {
+        assert_eq!(
+            response.status(),
+            200,
+            "node {node}: {}",
+            response.text().await.unwrap()
+        );
+    }
+}
+
+/// Load on every node, grants through one: no call is refused while the balance covers it.
+#[tokio::test]
+async fn a_soak_with_grants_through_one_node_refuses_no_call_the_balance_covers() {
+    const WORKERS_PER_NODE: usize = 3;
+    const SOAK: Duration = Duration::from_secs(5);
+    let Some(cluster) = Cluster::start("[load_shedding]\nenabled = false\n").await else {
+        return;
+    };
+    let (account, master) = cluster.empty_account().await;
+    cluster.grant(0, &account, "2").await;
+    let started = Instant::now();
+    let workers = (0..NODES * WORKERS_PER_NODE).map(|worker| {
+        let (cluster, master) = (&cluster, &master);
+        async move {
+            let mut statuses = std::collections::BTreeMap::<u16, usize>::new();
+            while started.elapsed() < SOAK {
+                let response = cluster.echo(worker % NODES, master).await;
+                *statuses.entry(response.status().as_u16()).or_default() += 1;
+            }
+            statuses
+        }
+    });
+    // Grants through node 0 outpace what the load can spend (about 1 credit a second here).
+    let granter = async {
+        let mut granted = 0;
+        while started.elapsed() < SOAK {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            cluster.grant(0, &account, "1").await;
+            granted += 1;
+        }
+        granted
+    };
+    let (statuses, granted) = tokio::join!(futures_util::future::join_all(workers), granter);
+    let mut total = std::collections::BTreeMap::<u16, usize>::new();
+    for worker in statuses {
+        for (status, count) in worker {
+            *total.entry(status).or_default() += count;
+        }
+    }
+    let served = total.get(&200).copied().unwrap_or(0);
+    eprintln!("{total:?} over {SOAK:?}, {granted} grants of 1 credit through node 0");
+    assert_eq!(total.keys().copied().collect::<Vec<_>>(), vec![200], "{total:?}");
+    // The balance covered every call: 2 + the grants, less what was served.
+    assert!((served as i64) * 1_000_000 < (2 + granted) * 1_000_000_000);
+    assert_books_balance(&cluster).await;
+}
+
+/// A node whose lease holds credit it is not using gives it back when another node needs it,
+/// though it is busy (its lease never idles).
+#[tokio::test]
+async fn a_busy_nodes_unused_lease_goes_to_the_node_that_needs_it() {
+    let Some(cluster) = Cluster::start("[load_shedding]\nenabled = false\n").await else {
+        return;
+    };
+    let (account, master) = cluster.empty_account().await;
+    cluster.grant(0, &account, "0.01").await;
+    // Ten slow calls through node 0 at once carve all ten holds' worth; they fail (so are
+    // free), and their holds go back to node 0's lease.
+    let failing = |delay_ms: u64| {
+        cluster
+            .http
+            .get(format!("{}/echo/x", cluster.url(0)))
+            .bearer_auth(&master)
+            .header("x-mock-status", "500")
+            .header("x-mock-delay-ms", delay_ms.to_string())
+            .send()
+    };
+    for response in futures_util::future::join_all((0..10).map(|_| failing(300))).await {
+        assert_eq!(response.unwrap().status(), 500);
+    }
+    // Node 0 stays busy, so its lease never goes idle.
+    let busy = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let keep_busy = {
+        let busy = busy.clone();
+        let request = move || failing(10);
+        async move {
+            while busy.load(std::sync::atomic::Ordering::SeqCst) {
+                let _ = request().await;
+            }
+        }
+    };
+    let calls = async {
+        let mut statuses = Vec::new();
+        for node in [1, 2, 1, 2] {
+            let response = cluster.echo(node, &master).await;
+            statuses.push(response.status().as_u16());
+        }
+        busy.store(false, std::sync::atomic::Ordering::SeqCst);
+        statuses
+    };
+    let (statuses, ()) = tokio::join!(calls, keep_busy);
+    assert_eq!(statuses, vec![200; 4]);
+    let wallet: Value = send_json(
+        cluster
+            .http
+            .get(format!(
+                "{}/api/v1/billing/balance?account_id={account}",
+                cluster.url(1)
+            ))
+            .bearer_auth(ADMIN),
+    )
+    .await;
+    // Node 0's last failing call may still be releasing its hold in node 0's queue.
+    assert_eq!(wallet["spent_this_month"]["nanos"], 4_000_000, "{wallet}");
+    let left = wallet["available"]["nanos"].as_i64().unwrap() + wallet["held"]["nanos"].as_i64().unwrap();
+    assert_eq!(left, 6_000_000, "{wallet}");
+}
+
+/// A key's monthly cap is decided by the store, so it holds across nodes exactly as the wallet
+/// does, billing-API holds included.
+#[tokio::test]
+async fn a_keys_monthly_cap_holds_exactly_across_nodes() {
+    const CALLS: usize = 1000;
+    let Some(cluster) = Cluster::start("[load_shedding]\nenabled = false\n").await else {
+        return;
+    };
+    let (_, master) = create_account(&cluster.http, cluster.url(0), ADMIN, "capped").await;
+    let capped_key = |cap: &'static str| {
+        let request = cluster
+            .http
+            .post(format!("{}/api/v1/keys", cluster.url(0)))
+            .bearer_auth(&master)
+            .json(&json!({"name": "capped", "monthly_spend_cap": cap}));
+        async move {
+            let key: Value = send_json(request).await;
+            key["secret"].as_str().unwrap().to_string()
+        }
+    };
+    let burst = |key: String, calls: usize| {
+        let cluster = &cluster;
+        async move {
+            let answers = futures_util::future::join_all((0..calls).map(|i| {
+                let key = key.clone();
+                async move {
+                    let response = cluster.echo(i, &key).await;
+                    let status = response.status().as_u16();
+                    let body: Value = response.json().await.unwrap_or(Value::Null);
+                    (status, body["error"]["code"].as_str().map(str::to_string))
+                }
+            }))
+            .await;
+            let ok = answers.iter().filter(|(s, _)| *s == 200).count();
+            let capped = answers
+                .iter()
+                .filter(|(s, c)| *s == 402 && c.as_deref() == Some("key_quota_exceeded"))
+                .count();
+            assert_eq!(ok + capped, calls, "{answers:?}");
+            ok
+        }
+    };
+
+    // All at once, spread over the nodes: a cap for 100 calls admits exactly 100.
+    assert_eq!(burst(capped_key("0.1").await, CALLS).await, 100);
+    // In waves of 50, each wave spread over the nodes.
+    let key = capped_key("0.1").await;
+    let mut admitted = 0;
+    for _ in 0..6 {
+        admitted += burst(key.clone(), 50).await;
+    }
+    assert_eq!(admitted, 100);
+
+    // A billing-API hold on a key counts toward its cap on every node, and what its settle
+    // does not charge is the key's again.
+    let key = capped_key("0.1").await;
+    let hold: Value = send_json(
+        cluster
+            .http
+            .post(format!("{}/api/v1/holds", cluster.url(0)))
+            .bearer_auth(&key)
+            .json(&json!({"amount": "0.05"})),
+    )
+    .await;
+    let hold_id = hold["id"].as_str().unwrap().to_string();
+    assert_eq!(burst(key.clone(), 200).await, 50);
+    let settled: Value = send_json(
+        cluster
+            .http
+            .post(format!("{}/api/v1/holds/{hold_id}/settle", cluster.url(2)))
+            .bearer_auth(&key)
+            .json(&json!({"amount": "0.02"})),
+    )
+    .await;
+    assert_eq!(settled["status"], "settled", "{settled}");
+    assert_eq!(burst(key.clone(), 200).await, 30);
+    let refused = cluster.echo(1, &key).await;
+    assert_eq!(refused.status(), 402);
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "key_quota_exceeded");
+    assert_books_balance(&cluster).await;
+}
+
+/// The ledger sums to zero, and every account's cached balance is the one its entries give.
+async fn assert_books_balance(cluster: &Cluster) {
+    use tollgate_store::LedgerStore;
+    let store = cluster.store().await;
+    // The nodes' last settles may still be in their writers' queues for a moment.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let trial = store.trial_balance().await.unwrap();
+    assert_eq!(trial.iter().map(|(_, n)| n).sum::<i64>(), 0, "{trial:?}");
 }
