@@ -21,6 +21,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tollgate_core::{Clock, ErrorCode, RequestId, SystemClock};
+use tollgate_store::deadline::Deadline;
 use tollgate_store::postgres::PostgresStore;
 use tollgate_store::sqlite::SqliteStore;
 use tollgate_store::{Store, StoreChange};
@@ -116,6 +117,7 @@ impl Application {
         // A shared store (one with a change feed) may hold other nodes' holds.
         let shared = self.changes.is_some();
         let sweeper = tokio::spawn(sweep(self.state.clone(), shared));
+        let probe = tokio::spawn(probe_store(self.state.clone()));
         let follower = self
             .changes
             .map(|changes| tokio::spawn(follow_changes(changes, self.state.clone())));
@@ -132,6 +134,7 @@ impl Application {
             .with_graceful_shutdown(shutdown)
             .await;
         sweeper.abort();
+        probe.abort();
         if let Some(follower) = follower {
             follower.abort();
         }
@@ -159,7 +162,23 @@ async fn follow_changes(mut changes: mpsc::Receiver<StoreChange>, state: AppStat
     }
 }
 
-/// Every tick: asks the store whether it answers, releases holds past their TTL (on a shared
+/// How often the store is asked whether it answers. With the ping's own deadline
+/// ([`tollgate_store::deadline::PING_DEADLINE`]), a store that goes silent is noticed within
+/// a second, and new holds are refused from then on.
+const PROBE_EVERY: Duration = Duration::from_millis(250);
+
+/// Asks the store whether it answers, on a task of its own so nothing else the sweeper waits
+/// for can delay it.
+async fn probe_store(state: AppState) {
+    let mut ticks = tokio::time::interval(PROBE_EVERY);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        state.ledger.check_store().await;
+    }
+}
+
+/// Every tick: releases holds past their TTL (on a shared
 /// store, stopped nodes' too), and hourly deletes usage rows and idempotency keys past their
 /// retention.
 async fn sweep(state: AppState, shared: bool) {
@@ -173,7 +192,6 @@ async fn sweep(state: AppState, shared: bool) {
     let mut last_purge: Option<tokio::time::Instant> = None;
     loop {
         ticks.tick().await;
-        state.ledger.check_store().await;
         let expired = state.ledger.expire_due();
         if expired > 0 {
             tracing::info!(expired, "released holds past their TTL");
@@ -229,7 +247,8 @@ pub async fn open_store(config: &StoreConfig) -> anyhow::Result<Arc<dyn Store>> 
             let store = PostgresStore::open(&url.0)
                 .await
                 .map_err(|e| anyhow::anyhow!("cannot open the PostgreSQL store: {e}"))?;
-            Ok(Arc::new(store))
+            // A database reached over the network can hang: no call waits on it for long.
+            Ok(Arc::new(Deadline::new(store)))
         }
     }
 }

@@ -105,7 +105,10 @@ impl Recall {
 enum Next {
     /// The hold is open; with a capped key on a shared store, the notice of its opening stored.
     Opened(Hold, Option<(KeyId, Nanos, oneshot::Receiver<bool>)>),
-    Carve { give_back: Nanos, needed: Nanos },
+    Carve {
+        give_back: Nanos,
+        needed: Nanos,
+    },
 }
 
 // Writes are nearly every message; boxing them would allocate once per write.
@@ -309,12 +312,19 @@ impl Ledger {
     /// it is gone, the process is stopping and the write is lost as a crash would lose it (see
     /// the module docs).
     fn enqueue(&self, _book: &Book, writes: Vec<LedgerWrite>) {
-        let _ = self.queue.send(Command::Write(writes, Instant::now(), None));
+        let _ = self
+            .queue
+            .send(Command::Write(writes, Instant::now(), None));
     }
 
     /// [`Ledger::enqueue`], and tells `stored` whether the store took the writes (or refused them,
     /// and they were undone in the book).
-    fn enqueue_noticed(&self, _book: &Book, writes: Vec<LedgerWrite>, stored: oneshot::Sender<bool>) {
+    fn enqueue_noticed(
+        &self,
+        _book: &Book,
+        writes: Vec<LedgerWrite>,
+        stored: oneshot::Sender<bool>,
+    ) {
         let _ = self
             .queue
             .send(Command::Write(writes, Instant::now(), Some(stored)));
@@ -535,7 +545,9 @@ impl Ledger {
             // moves no balance, so it needs no place in the book's order.
             if let Some(row) = row(None) {
                 let writes = vec![LedgerWrite::Usage(Box::new(row))];
-                let _ = self.queue.send(Command::Write(writes, Instant::now(), None));
+                let _ = self
+                    .queue
+                    .send(Command::Write(writes, Instant::now(), None));
             }
             return;
         };
@@ -930,9 +942,7 @@ impl Writer {
                 LedgerWrite::Grant { .. } => {}
                 LedgerWrite::OpenHold {
                     record, transfer, ..
-                } => {
-                    book.undo(transfer.as_slice(), Some(record.hold.id))
-                }
+                } => book.undo(transfer.as_slice(), Some(record.hold.id)),
                 LedgerWrite::ResolveHold { transfers, .. } => book.undo(transfers, None),
                 LedgerWrite::Usage(_) => {}
             }

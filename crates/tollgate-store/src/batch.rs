@@ -84,11 +84,7 @@ impl<'w> Batch<'w> {
                 } => {
                     let hold = &record.hold;
                     if let Some(key) = hold.key {
-                        let spend = batch
-                            .key_spend
-                            .entry(key)
-                            .or_default()
-                            .at(hold.created_at);
+                        let spend = batch.key_spend.entry(key).or_default().at(hold.created_at);
                         spend.held += hold.amount.0;
                         spend.cap = match (spend.cap, *key_cap) {
                             (Some(a), Some(b)) => Some(a.min(b)),

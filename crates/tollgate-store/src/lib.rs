@@ -4,6 +4,7 @@
 //! suite in `tests/conformance.rs`.
 
 mod batch;
+pub mod deadline;
 pub mod postgres;
 mod rows;
 pub mod sqlite;
@@ -541,7 +542,10 @@ pub enum StoreChange {
     Account(AccountId),
     /// A node could not carve a hold from the account's free balance while other nodes' leases
     /// hold enough: every other node gives its lease on the account back.
-    Recall { account: AccountId, by: NodeId },
+    Recall {
+        account: AccountId,
+        by: NodeId,
+    },
     /// Announcements may have been missed (the feed reconnected): drop everything cached.
     Resync,
 }
@@ -613,7 +617,8 @@ pub trait LeaseStore: Send + Sync {
     async fn reclaim_leases(&self, cutoff: DateTime<Utc>) -> Result<u64, StoreError>;
     /// A key's spend this month as the store decides caps on it: (charged, held by pending
     /// holds), as of `now`'s month.
-    async fn key_spend(&self, key: KeyId, now: DateTime<Utc>) -> Result<(Nanos, Nanos), StoreError>;
+    async fn key_spend(&self, key: KeyId, now: DateTime<Utc>)
+        -> Result<(Nanos, Nanos), StoreError>;
     /// The account's leases by node.
     async fn leases_of(&self, account: AccountId) -> Result<Vec<(NodeId, Nanos)>, StoreError>;
 }

@@ -1075,7 +1075,11 @@ impl LeaseStore for PostgresStore {
         )
     }
 
-    async fn key_spend(&self, key: KeyId, now: DateTime<Utc>) -> Result<(Nanos, Nanos), StoreError> {
+    async fn key_spend(
+        &self,
+        key: KeyId,
+        now: DateTime<Utc>,
+    ) -> Result<(Nanos, Nanos), StoreError> {
         let row: Option<(i32, i64, i64)> = sqlx::query_as(
             "SELECT month, spent_nanos, held_nanos FROM key_spend WHERE key_id = $1",
         )

@@ -1328,7 +1328,11 @@ async fn postgres_a_nodes_batches_move_its_lease_and_never_overdraw_it() {
         .unwrap();
     // The node's lease is spent, the free balance gave the other 35.
     assert_eq!(
-        lease_of(leases.clone()).await.iter().map(|(_, n)| n.0).sum::<i64>(),
+        lease_of(leases.clone())
+            .await
+            .iter()
+            .map(|(_, n)| n.0)
+            .sum::<i64>(),
         0
     );
 
@@ -1350,7 +1354,11 @@ async fn postgres_a_nodes_batches_move_its_lease_and_never_overdraw_it() {
         .await
         .unwrap();
     assert_eq!(
-        lease_of(leases.clone()).await.iter().map(|(_, n)| n.0).sum::<i64>(),
+        lease_of(leases.clone())
+            .await
+            .iter()
+            .map(|(_, n)| n.0)
+            .sum::<i64>(),
         50
     );
     // Asking for more than is free grants nothing but still gives back.

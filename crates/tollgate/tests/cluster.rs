@@ -126,7 +126,10 @@ impl Cluster {
     async fn grant(&self, node: usize, account: &str, amount: &str) {
         let response = self
             .http
-            .post(format!("{}/api/v1/accounts/{account}/credits", self.url(node)))
+            .post(format!(
+                "{}/api/v1/accounts/{account}/credits",
+                self.url(node)
+            ))
             .bearer_auth(ADMIN)
             .json(&json!({"amount": amount, "reason": "test"}))
             .send()
@@ -370,34 +373,83 @@ async fn a_per_key_rate_limit_holds_across_the_cluster() {
     assert_eq!(admitted + refused, 330);
 }
 
-/// A TCP relay to PostgreSQL that the test can cut (every connection dropped, new ones refused)
-/// and restore: PostgreSQL going away and coming back, seen from one node.
+/// What a [`Relay`] does with traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Link {
+    /// Forwards both ways.
+    Up,
+    /// Every connection dropped, new ones refused: PostgreSQL gone.
+    Refused,
+    /// Nothing moves and nothing is closed, as when packets are dropped: every query waits.
+    /// Restored, what waited is delivered (as TCP's retransmission would).
+    Hung,
+}
+
+/// A TCP relay to PostgreSQL that the test controls: PostgreSQL going away, hanging, and
+/// coming back, seen from the nodes that connect through it.
 struct Relay {
     addr: SocketAddr,
-    open: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    link: tokio::sync::watch::Sender<Link>,
     connections: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+}
+
+/// Copies one direction of a relayed connection, moving nothing while the link hangs.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut link: tokio::sync::watch::Receiver<Link>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        if link.wait_for(|l| *l == Link::Up).await.is_err() {
+            return;
+        }
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if link.wait_for(|l| *l == Link::Up).await.is_err() {
+            return;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
 }
 
 impl Relay {
     async fn start(target: &'static str) -> Relay {
-        use std::sync::atomic::Ordering;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (link, _) = tokio::sync::watch::channel(Link::Up);
         let relay = Relay {
             addr: listener.local_addr().unwrap(),
-            open: Default::default(),
+            link,
             connections: Default::default(),
         };
-        relay.open.store(true, Ordering::SeqCst);
-        let (open, connections) = (relay.open.clone(), relay.connections.clone());
+        let (link, connections) = (relay.link.clone(), relay.connections.clone());
         tokio::spawn(async move {
-            while let Ok((mut client, _)) = listener.accept().await {
-                if !open.load(Ordering::SeqCst) {
+            while let Ok((client, _)) = listener.accept().await {
+                if *link.borrow() == Link::Refused {
                     continue; // dropped: the connection is refused
                 }
+                let mut watch = link.subscribe();
                 let task = tokio::spawn(async move {
-                    if let Ok(mut server) = tokio::net::TcpStream::connect(target).await {
-                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    // A connection made while the link hangs waits, unanswered.
+                    if watch.wait_for(|l| *l != Link::Hung).await.is_err()
+                        || *watch.borrow() == Link::Refused
+                    {
+                        return;
                     }
+                    let Ok(server) = tokio::net::TcpStream::connect(target).await else {
+                        return;
+                    };
+                    let (client_read, client_write) = client.into_split();
+                    let (server_read, server_write) = server.into_split();
+                    tokio::join!(
+                        pump(client_read, server_write, watch.clone()),
+                        pump(server_read, client_write, watch),
+                    );
                 });
                 connections.lock().unwrap().push(task);
             }
@@ -405,23 +457,26 @@ impl Relay {
         relay
     }
 
+    /// PostgreSQL refuses: every connection through the relay is dropped.
     fn cut(&self) {
-        self.open.store(false, std::sync::atomic::Ordering::SeqCst);
+        self.link.send_replace(Link::Refused);
         for task in self.connections.lock().unwrap().drain(..) {
             task.abort();
         }
     }
 
+    /// PostgreSQL goes silent: nothing is answered, nothing closed.
+    fn hang(&self) {
+        self.link.send_replace(Link::Hung);
+    }
+
     fn restore(&self) {
-        self.open.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.link.send_replace(Link::Up);
     }
 }
 
-#[tokio::test]
-async fn a_node_whose_postgresql_goes_away_answers_503_charges_nothing_and_recovers() {
-    let Some(schema) = TestSchema::create().await else {
-        return;
-    };
+/// A node on `schema` whose PostgreSQL connections go through a relay the test controls.
+async fn relayed_url(schema: &TestSchema) -> (Relay, String) {
     assert!(
         schema.url().contains("@127.0.0.1:5432/"),
         "the relay test needs the local PostgreSQL"
@@ -430,6 +485,15 @@ async fn a_node_whose_postgresql_goes_away_answers_503_charges_nothing_and_recov
     let relayed = schema
         .url()
         .replace("@127.0.0.1:5432/", &format!("@{}/", relay.addr));
+    (relay, relayed)
+}
+
+#[tokio::test]
+async fn a_node_whose_postgresql_goes_away_answers_503_charges_nothing_and_recovers() {
+    let Some(schema) = TestSchema::create().await else {
+        return;
+    };
+    let (relay, relayed) = relayed_url(&schema).await;
     let mock = tollgate_mock::MockUpstream::start(SocketAddr::from(([127, 0, 0, 1], 0)))
         .await
         .unwrap();
@@ -600,7 +664,8 @@ async fn credit_granted_through_one_node_is_spent_through_every_other_at_once() 
         );
     }
     cluster.grant(0, &account, "0.05").await;
-    let at_once = futures_util::future::join_all((1..NODES).map(|node| cluster.echo(node, &master)));
+    let at_once =
+        futures_util::future::join_all((1..NODES).map(|node| cluster.echo(node, &master)));
     for (node, response) in (1..NODES).zip(at_once.await) {
         assert_eq!(
             response.status(),
@@ -652,7 +717,11 @@ async fn a_soak_with_grants_through_one_node_refuses_no_call_the_balance_covers(
     }
     let served = total.get(&200).copied().unwrap_or(0);
     eprintln!("{total:?} over {SOAK:?}, {granted} grants of 1 credit through node 0");
-    assert_eq!(total.keys().copied().collect::<Vec<_>>(), vec![200], "{total:?}");
+    assert_eq!(
+        total.keys().copied().collect::<Vec<_>>(),
+        vec![200],
+        "{total:?}"
+    );
     // The balance covered every call: 2 + the grants, less what was served.
     assert!((served as i64) * 1_000_000 < (2 + granted) * 1_000_000_000);
     assert_books_balance(&cluster).await;
@@ -715,7 +784,8 @@ async fn a_busy_nodes_unused_lease_goes_to_the_node_that_needs_it() {
     .await;
     // Node 0's last failing call may still be releasing its hold in node 0's queue.
     assert_eq!(wallet["spent_this_month"]["nanos"], 4_000_000, "{wallet}");
-    let left = wallet["available"]["nanos"].as_i64().unwrap() + wallet["held"]["nanos"].as_i64().unwrap();
+    let left =
+        wallet["available"]["nanos"].as_i64().unwrap() + wallet["held"]["nanos"].as_i64().unwrap();
     assert_eq!(left, 6_000_000, "{wallet}");
 }
 
@@ -810,4 +880,244 @@ async fn assert_books_balance(cluster: &Cluster) {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let trial = store.trial_balance().await.unwrap();
     assert_eq!(trial.iter().map(|(_, n)| n).sum::<i64>(), 0, "{trial:?}");
+}
+
+/// Every paid call of every account is in the usage log, and the usage log claims exactly what
+/// the ledger charged: Σ usage-row costs (less what no hold covered) = Σ charges, per account.
+async fn assert_usage_matches_charges(schema_url: &str) -> Vec<(String, i64, i64)> {
+    let pool = sqlx::PgPool::connect(schema_url).await.unwrap();
+    let rows: Vec<(String, i64, i64)> = sqlx::query_as(
+        "SELECT a.id, \
+           COALESCE((SELECT SUM(cost_nanos - uncovered_nanos) FROM requests r \
+                     WHERE r.account_id = a.id), 0)::BIGINT, \
+           COALESCE((SELECT SUM(amount_nanos) FROM ledger_transfers t \
+                     WHERE t.account_id = a.id AND t.kind = 'charge'), 0)::BIGINT \
+         FROM accounts a ORDER BY a.id",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    for (account, usage, charged) in &rows {
+        assert_eq!(
+            usage, charged,
+            "account {account}: usage log vs ledger charges"
+        );
+    }
+    rows
+}
+
+/// How many of `request_ids` have a usage row.
+async fn usage_rows_of(schema_url: &str, request_ids: &[String]) -> i64 {
+    let pool = sqlx::PgPool::connect(schema_url).await.unwrap();
+    sqlx::query_scalar("SELECT COUNT(*) FROM requests WHERE request_id = ANY($1)")
+        .bind(request_ids)
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+}
+
+/// Paid calls through `url` until `stop`: the request IDs of those served (200), and how many
+/// were refused with 503 because the store is out.
+async fn paid_load(
+    http: &reqwest::Client,
+    url: &str,
+    key: &str,
+    stop: &std::sync::atomic::AtomicBool,
+) -> (Vec<String>, usize) {
+    let (mut served, mut refused) = (Vec::new(), 0);
+    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+        let response = http
+            .get(format!("{url}/echo/x"))
+            .bearer_auth(key)
+            .header("x-mock-delay-ms", "30")
+            .send()
+            .await
+            .unwrap();
+        let id = response.headers()["x-request-id"]
+            .to_str()
+            .unwrap()
+            .to_string();
+        match response.status().as_u16() {
+            200 => served.push(id),
+            503 => {
+                let body: Value = response.json().await.unwrap();
+                assert_eq!(body["error"]["code"], "service_unavailable");
+                refused += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            other => panic!(
+                "unexpected status {other}: {}",
+                response.text().await.unwrap()
+            ),
+        }
+    }
+    (served, refused)
+}
+
+/// A node cut off from PostgreSQL for longer than its leases last (the other node frees them)
+/// loses no charge and no usage row of a call it served: each row and its charge are stored
+/// together when the database returns, the holds that had outlived their lease taking what
+/// they need from the free balance.
+#[tokio::test]
+async fn after_a_long_postgresql_outage_the_usage_log_matches_the_ledger() {
+    const OUTAGE: Duration = Duration::from_secs(15);
+    let Some(schema) = TestSchema::create().await else {
+        return;
+    };
+    let (relay, relayed) = relayed_url(&schema).await;
+    let mock = tollgate_mock::MockUpstream::start(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .await
+        .unwrap();
+    let extra = format!(
+        "[billing]\nsweep_interval = \"100ms\"\n[load_shedding]\nenabled = false\n\
+         [[rate_limits]]\nname = \"roomy\"\nscope = \"key\"\nlimit = 1000000\nwindow = \"1m\"\nburst = 100000\n{}",
+        echo_route(&mock.url())
+    );
+    let (cut_dir, direct_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let cut_config = write_config_with_store(cut_dir.path(), &relayed, &extra);
+    let direct_config = write_config_with_store(direct_dir.path(), schema.url(), &extra);
+    let (_cut_node, cut_url, log) = common::serve_logged(&cut_config, ADMIN, "info").await;
+    let (_direct_node, direct_url) = serve(&direct_config, ADMIN).await;
+    let http = reqwest::Client::new();
+    let (_, key) = create_account(&http, &direct_url, ADMIN, "outage").await;
+
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let load =
+        futures_util::future::join_all((0..6).map(|_| paid_load(&http, &cut_url, &key, &stop)));
+    let outage = async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        relay.cut();
+        tokio::time::sleep(OUTAGE).await;
+        relay.restore();
+        let restored_at = Instant::now();
+        // Served again, then a little more load.
+        loop {
+            let response = http
+                .get(format!("{cut_url}/echo/x"))
+                .bearer_auth(&key)
+                .send()
+                .await
+                .unwrap();
+            if response.status() == 200 {
+                break;
+            }
+            assert!(
+                restored_at.elapsed() < Duration::from_secs(20),
+                "no recovery"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    };
+    let (loads, ()) = tokio::join!(load, outage);
+    let served: Vec<String> = loads.iter().flat_map(|(s, _)| s.clone()).collect();
+    let refused: usize = loads.iter().map(|(_, r)| r).sum();
+    // The cut node's writer has committed what it queued.
+    let balance = format!("{cut_url}/api/v1/billing/balance");
+    let wallet: Value = send_json(http.get(&balance).bearer_auth(&key)).await;
+    eprintln!("{} served, {refused} refused; {wallet}", served.len());
+    let logged = usage_rows_of(schema.url(), &served).await;
+    assert_eq!(
+        logged,
+        served.len() as i64,
+        "every call served has its usage row\n{}",
+        log.lock().unwrap().join("\n")
+    );
+    let rows = assert_usage_matches_charges(schema.url()).await;
+    let charged: i64 = rows.iter().map(|(_, _, c)| c).sum();
+    // The recovery probe's call was served too.
+    assert_eq!(charged, (served.len() as i64 + 1) * 1_000_000);
+}
+
+/// PostgreSQL that hangs (packets dropped, nothing refused) is noticed within a second; from
+/// then on paid calls answer 503 at once, charged nothing, and readiness says so promptly.
+#[tokio::test]
+async fn a_hung_postgresql_is_noticed_within_a_second_and_paid_calls_answer_503() {
+    let Some(schema) = TestSchema::create().await else {
+        return;
+    };
+    let (relay, relayed) = relayed_url(&schema).await;
+    let mock = tollgate_mock::MockUpstream::start(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config_with_store(dir.path(), &relayed, &echo_route(&mock.url()));
+    let (_node, url) = serve(&config, ADMIN).await;
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let (account, key) = create_account(&http, &url, ADMIN, "hang").await;
+    let echo = || http.get(format!("{url}/echo/x")).bearer_auth(&key).send();
+    let mut served = 0;
+    for _ in 0..3 {
+        assert_eq!(echo().await.unwrap().status(), 200);
+        served += 1;
+    }
+
+    relay.hang();
+    let hung_at = Instant::now();
+    let noticed = loop {
+        let response = echo().await.unwrap();
+        match response.status().as_u16() {
+            200 => served += 1,
+            503 => {
+                let body: Value = response.json().await.unwrap();
+                assert_eq!(body["error"]["details"]["dependency"], "store", "{body}");
+                break hung_at.elapsed();
+            }
+            other => panic!("unexpected status {other}"),
+        }
+        assert!(
+            hung_at.elapsed() < Duration::from_secs(5),
+            "the hang was not noticed"
+        );
+    };
+    // From then on every paid call is refused at once, and readiness says so.
+    for _ in 0..20 {
+        let asked = Instant::now();
+        assert_eq!(echo().await.unwrap().status(), 503);
+        assert!(
+            asked.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            asked.elapsed()
+        );
+    }
+    let asked = Instant::now();
+    let ready = http.get(format!("{url}/readyz")).send().await.unwrap();
+    let readiness = asked.elapsed();
+    assert_eq!(ready.status(), 503);
+    eprintln!(
+        "hang noticed after {noticed:?} ({served} calls served before); readiness answered 503 in {readiness:?}"
+    );
+    assert!(noticed < Duration::from_millis(1500), "{noticed:?}");
+
+    relay.restore();
+    let restored_at = Instant::now();
+    loop {
+        let response = echo().await.unwrap();
+        if response.status() == 200 {
+            served += 1;
+            break;
+        }
+        assert!(
+            restored_at.elapsed() < Duration::from_secs(20),
+            "no recovery"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Exactly the calls served were charged; nothing is left held.
+    let wallet: Value = send_json(
+        http.get(format!("{url}/api/v1/billing/balance?account_id={account}"))
+            .bearer_auth(ADMIN),
+    )
+    .await;
+    assert_eq!(wallet["held"]["nanos"], 0, "{wallet}");
+    assert_eq!(
+        wallet["available"]["nanos"].as_i64().unwrap(),
+        10_000_000_000 - served * 1_000_000,
+        "{wallet}"
+    );
+    assert_usage_matches_charges(schema.url()).await;
 }
