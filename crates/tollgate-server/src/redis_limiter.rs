@@ -5,9 +5,11 @@
 //! expire once back at full capacity, so Redis memory follows the active subjects.
 //!
 //! Redis being down is a [`LimiterUnavailable`], decided quickly: commands time out after
-//! [`TIMEOUT`], and after a failed connection no new attempt is made for [`RECONNECT_AFTER`], so a
-//! request never waits on a dead server longer than that. What a failure means for a request
-//! (admit or refuse) is each policy's `on_limiter_failure`.
+//! [`TIMEOUT`], and after any failure (a connection refused, a command that errs or times out
+//! on a live connection) Redis counts as down for [`RETRY_AFTER`]: requests meanwhile are
+//! answered at once, without a round trip, and the first request after it tries again. So a
+//! dead or hung Redis costs one request a second the timeout, and the others nothing. What a
+//! failure means for a request (admit or refuse) is each policy's `on_limiter_failure`.
 
 use crate::limits::{Demand, Limiter, LimiterUnavailable, Verdict};
 use async_trait::async_trait;
@@ -22,8 +24,8 @@ use tollgate_core::ratelimit::Standing;
 const KEY_PREFIX: &str = "tollgate:rl:v1:";
 /// The longest a command may take before the limiter counts as unavailable.
 pub const TIMEOUT: Duration = Duration::from_millis(250);
-/// After a failed connection, how long requests are answered as unavailable before retrying.
-pub const RECONNECT_AFTER: Duration = Duration::from_secs(1);
+/// After a failure, how long requests are answered as unavailable before Redis is tried again.
+pub const RETRY_AFTER: Duration = Duration::from_secs(1);
 
 pub struct RedisLimiter {
     client: redis::Client,
@@ -46,17 +48,35 @@ impl RedisLimiter {
         })
     }
 
+    fn failed_at(&self) -> std::sync::MutexGuard<'_, Option<Instant>> {
+        self.failed_at.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs `command` on the connection, unless Redis failed within [`RETRY_AFTER`]; a failure
+    /// starts that wait again, a success ends it.
+    async fn guarded<T>(
+        &self,
+        command: impl AsyncFnOnce(ConnectionManager) -> Result<T, LimiterUnavailable>,
+    ) -> Result<T, LimiterUnavailable> {
+        let known_down = self
+            .failed_at()
+            .is_some_and(|at| at.elapsed() < RETRY_AFTER);
+        if known_down {
+            return Err(LimiterUnavailable(
+                "Redis failed less than a second ago".into(),
+            ));
+        }
+        let outcome = match self.connection().await {
+            Ok(connection) => command(connection).await,
+            Err(e) => Err(e),
+        };
+        *self.failed_at() = outcome.is_err().then(Instant::now);
+        outcome
+    }
+
     async fn connection(&self) -> Result<ConnectionManager, LimiterUnavailable> {
         if let Some(connection) = self.connection.get() {
             return Ok(connection.clone());
-        }
-        let recently_failed = self
-            .failed_at
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_some_and(|at| at.elapsed() < RECONNECT_AFTER);
-        if recently_failed {
-            return Err(LimiterUnavailable("Redis is unreachable".into()));
         }
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(TIMEOUT))
@@ -66,13 +86,9 @@ impl RedisLimiter {
             .connection
             .get_or_try_init(|| ConnectionManager::new_with_config(self.client.clone(), config))
             .await;
-        match connected {
-            Ok(connection) => Ok(connection.clone()),
-            Err(e) => {
-                *self.failed_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
-                Err(LimiterUnavailable(format!("cannot connect to Redis: {e}")))
-            }
-        }
+        connected
+            .cloned()
+            .map_err(|e| LimiterUnavailable(format!("cannot connect to Redis: {e}")))
     }
 
     /// Runs the script in `mode` over `demands`, each with its `amount`.
@@ -96,11 +112,13 @@ impl RedisLimiter {
                 .arg(policy.burst)
                 .arg(amount);
         }
-        let mut connection = self.connection().await?;
-        invocation
-            .invoke_async(&mut connection)
-            .await
-            .map_err(|e| LimiterUnavailable(format!("Redis: {e}")))
+        self.guarded(async |mut connection| {
+            invocation
+                .invoke_async(&mut connection)
+                .await
+                .map_err(|e| LimiterUnavailable(format!("Redis: {e}")))
+        })
+        .await
     }
 }
 
@@ -159,12 +177,14 @@ impl Limiter for RedisLimiter {
     }
 
     async fn ping(&self) -> Result<(), LimiterUnavailable> {
-        let mut connection = self.connection().await?;
-        redis::cmd("PING")
-            .query_async::<String>(&mut connection)
-            .await
-            .map(drop)
-            .map_err(|e| LimiterUnavailable(format!("Redis: {e}")))
+        self.guarded(async |mut connection| {
+            redis::cmd("PING")
+                .query_async::<String>(&mut connection)
+                .await
+                .map(drop)
+                .map_err(|e| LimiterUnavailable(format!("Redis: {e}")))
+        })
+        .await
     }
 
     fn backend(&self) -> &'static str {
