@@ -180,6 +180,12 @@ pub enum HoldRefused {
         spent: Nanos,
         held: Nanos,
     },
+    /// The balance covers the hold, but other nodes lease the credit and did not give it back
+    /// in time (one may have died; its leases are freed once they expire).
+    CreditElsewhere {
+        required: Nanos,
+        balance: Nanos,
+    },
     Store(StoreError),
 }
 
@@ -449,12 +455,7 @@ impl Ledger {
                         let balance =
                             last_carve.map_or(Nanos::ZERO, |c| Nanos(c.free.0 + c.leased.0));
                         return Err(if balance >= required {
-                            // Other nodes hold the credit and did not give it back in time (one
-                            // may have died: its leases are freed once they expire).
-                            HoldRefused::Store(StoreError::Unavailable(format!(
-                                "the account's credit is leased to other nodes that did not \
-                                 give it back within {RECALL_STALL:?}"
-                            )))
+                            HoldRefused::CreditElsewhere { required, balance }
                         } else {
                             HoldRefused::InsufficientBalance {
                                 required,

@@ -34,7 +34,7 @@ use std::time::Duration;
 use tollgate_core::ledger::BillingStatus;
 use tollgate_core::metering::{Endpoint, TokenUsage};
 use tollgate_core::pricing::TokenPrices;
-use tollgate_core::{access, ErrorCode};
+use tollgate_core::{access, ApiError, ErrorCode};
 use tollgate_core::{Nanos, RequestId};
 use tollgate_store::{HoldSource, KeyRecord, UsageRow};
 use tollgate_wire::api::Money;
@@ -724,7 +724,8 @@ fn whole_number(
     }
 }
 
-/// 402s for a hold the wallet or the key's cap cannot cover.
+/// Why a hold could not be opened, as the caller's answer: 402 for a hold the wallet or the
+/// key's cap cannot cover, 503 for credit the node cannot reach now.
 pub(crate) fn refused_error(refused: HoldRefused, currency: &str) -> HttpError {
     let money = |n: Nanos| serde_json::to_value(Money::new(n, currency)).unwrap_or_default();
     match refused {
@@ -748,6 +749,17 @@ pub(crate) fn refused_error(refused: HoldRefused, currency: &str) -> HttpError {
         .with_detail("cap", money(cap))
         .with_detail("spent", money(spent))
         .with_detail("held", money(held)),
+        HoldRefused::CreditElsewhere { required, balance } => ApiError::new(
+            ErrorCode::ServiceUnavailable,
+            format!(
+                "This request needs {required} {currency}; the balance is {balance} {currency}, but another Tollgate node holds that credit and has not given it back (it may have stopped; its share is freed within seconds). Nothing was charged; retry shortly."
+            ),
+        )
+        .with_detail("dependency", "cluster")
+        .with_detail("required", money(required))
+        .with_detail("balance", money(balance))
+        .with_retry_after(crate::error::DEPENDENCY_RETRY_AFTER_S)
+        .into(),
         HoldRefused::Store(e) => e.into(),
     }
 }

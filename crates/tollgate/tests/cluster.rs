@@ -1246,3 +1246,63 @@ async fn a_redis_outage_refused_or_hung_admits_paid_calls_without_waiting_on_red
         "{wallet}"
     );
 }
+
+/// A node killed while its lease holds an account's credit: the other nodes never answer 402
+/// for credit the account has. A call that needs it waits for the dead node to give it back,
+/// then answers 503 (retry later); once the dead node's lease expires, the credit is free again.
+#[tokio::test]
+async fn credit_in_a_killed_nodes_lease_is_never_refused_as_missing_and_comes_back() {
+    let Some(mut cluster) = Cluster::start("[billing]\nsweep_interval = \"100ms\"\n").await else {
+        return;
+    };
+    let (account, master) = cluster.empty_account().await;
+    cluster.grant(0, &account, "0.01").await;
+    // Ten slow failing calls through node 1 at once lease all ten holds' worth to node 1.
+    let failing = (0..10).map(|_| {
+        cluster
+            .http
+            .get(format!("{}/echo/x", cluster.url(1)))
+            .bearer_auth(&master)
+            .header("x-mock-status", "500")
+            .header("x-mock-delay-ms", "300")
+            .send()
+    });
+    for response in futures_util::future::join_all(failing).await {
+        assert_eq!(response.unwrap().status(), 500);
+    }
+    cluster.nodes[1].0.start_kill().unwrap(); // SIGKILL
+    cluster.nodes[1].0.wait().await.unwrap();
+    let killed_at = Instant::now();
+
+    let first = cluster.echo(0, &master).await;
+    let waited = killed_at.elapsed();
+    assert_eq!(first.status(), 503, "{}", first.text().await.unwrap());
+    let body: Value = first.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "service_unavailable", "{body}");
+    assert_eq!(body["error"]["details"]["dependency"], "cluster", "{body}");
+    // What the dead node's lease holds is the balance (what its last calls held is released
+    // at their TTL).
+    assert!(
+        body["error"]["details"]["balance"]["nanos"]
+            .as_i64()
+            .unwrap()
+            >= 1_000_000,
+        "{body}"
+    );
+    let served_at = loop {
+        let response = cluster.echo(2, &master).await;
+        match response.status().as_u16() {
+            200 => break killed_at.elapsed(),
+            503 => {}
+            other => panic!("{other}: {}", response.text().await.unwrap()),
+        }
+        assert!(
+            killed_at.elapsed() < Duration::from_secs(20),
+            "the lease never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    eprintln!(
+        "a call needing the dead node's lease answered 503 after {waited:?}; served {served_at:?} after the kill"
+    );
+}
