@@ -1400,3 +1400,90 @@ async fn assert_books_balance_only(store: &dyn Store) {
     let trial = store.trial_balance().await.unwrap();
     assert_eq!(trial.iter().map(|(_, n)| n).sum::<i64>(), 0, "{trial:?}");
 }
+
+/// The store keeps each key's month (charged, held) from every batch, and refuses a batch that
+/// opens a hold past the key's cap, whichever node sends it; a new month starts from what is
+/// still held.
+#[tokio::test]
+async fn postgres_key_spend_follows_every_batch_and_refuses_a_hold_past_the_cap() {
+    use tollgate_core::NodeId;
+    let Some((store, leases, _schema)) = postgres_leases().await else {
+        return;
+    };
+    let (account, _, master) = new_account(&*store, Nanos(1_000)).await;
+    let (node, other) = (NodeId::new(), NodeId::new());
+    let mut book = Book::new();
+    book.load_wallet(account, Wallet::default());
+    book.load_key_spend(master.id, at(0), Nanos::ZERO);
+    let capped = |write: LedgerWrite, cap: i64| match write {
+        LedgerWrite::OpenHold {
+            record, transfer, ..
+        } => LedgerWrite::OpenHold {
+            record,
+            transfer,
+            key_cap: Some(Nanos(cap)),
+        },
+        other => other,
+    };
+    for n in [node, other] {
+        leases
+            .carve(account, n, Nanos::ZERO, Nanos(400), at(0))
+            .await
+            .unwrap();
+    }
+    book.add_lease(account, Nanos(800));
+    // Two nodes each open 40 against a cap of 100; a third 40 is refused.
+    let a = capped(open_hold(&mut book, account, master.id, 40, 1), 100);
+    let b = capped(open_hold(&mut book, account, master.id, 40, 2), 100);
+    let c = capped(open_hold(&mut book, account, master.id, 40, 3), 100);
+    leases
+        .commit_leased(BatchId::new(), node, std::slice::from_ref(&a))
+        .await
+        .unwrap();
+    leases
+        .commit_leased(BatchId::new(), other, &[b])
+        .await
+        .unwrap();
+    assert!(matches!(
+        leases.commit_leased(BatchId::new(), node, &[c]).await,
+        Err(tollgate_store::StoreError::Corrupt(_))
+    ));
+    let now = at(10);
+    assert_eq!(
+        leases.key_spend(master.id, now).await.unwrap(),
+        (Nanos(0), Nanos(80))
+    );
+    // A settle of 15 of the first 40: 15 spent, 40 held; then 60 more fit under the cap.
+    let settle = resolve(&mut book, &a, Resolve::Settle(Nanos(15)), 11);
+    leases
+        .commit_leased(BatchId::new(), node, &[settle])
+        .await
+        .unwrap();
+    assert_eq!(
+        leases.key_spend(master.id, now).await.unwrap(),
+        (Nanos(15), Nanos(40))
+    );
+    let d = capped(open_hold(&mut book, account, master.id, 45, 12), 100);
+    leases
+        .commit_leased(BatchId::new(), node, &[d])
+        .await
+        .unwrap();
+    // Uncapped holds count too, so a cap set later starts from the truth.
+    let e = open_hold(&mut book, account, master.id, 5, 13);
+    leases
+        .commit_leased(BatchId::new(), node, &[e])
+        .await
+        .unwrap();
+    assert_eq!(
+        leases.key_spend(master.id, now).await.unwrap(),
+        (Nanos(15), Nanos(90))
+    );
+    // Read in a later month: nothing spent there yet, the pending holds still held.
+    assert_eq!(
+        leases
+            .key_spend(master.id, at(40 * 86_400_000))
+            .await
+            .unwrap(),
+        (Nanos(0), Nanos(90))
+    );
+}
