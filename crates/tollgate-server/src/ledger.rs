@@ -474,7 +474,7 @@ impl Ledger {
                     self.last_hold().insert(spec.account, Instant::now());
                     if let Some((key, cap, stored)) = stored {
                         if !stored.await.unwrap_or(false) {
-                            return Err(self.refused_by_store(key, cap).await);
+                            return Err(self.refused_by_store(&hold, key, cap).await);
                         }
                     }
                     if spec.source == HoldSource::Api {
@@ -504,14 +504,25 @@ impl Ledger {
         }
     }
 
-    /// Why the store refused to open a capped hold: the key's month, as the store has it (or,
-    /// if that does not explain it, the refusal as it is).
-    async fn refused_by_store(&self, key: KeyId, cap: Nanos) -> HoldRefused {
+    /// Why the store refused to open a capped hold: the key's month, as the store has it, if
+    /// that is over the cap with this hold; otherwise the account's credit was not there (the
+    /// node's lease was reclaimed and the free balance could not cover it).
+    async fn refused_by_store(&self, hold: &Hold, key: KeyId, cap: Nanos) -> HoldRefused {
         let Some(leasing) = &self.leasing else {
             return HoldRefused::Store(StoreError::Corrupt("refused by the store".into()));
         };
-        match leasing.leases.key_spend(key, self.clock.now()).await {
-            Ok((spent, held)) => HoldRefused::KeyCapReached { cap, spent, held },
+        let (spent, held) = match leasing.leases.key_spend(key, self.clock.now()).await {
+            Ok(spend) => spend,
+            Err(e) => return HoldRefused::Store(e),
+        };
+        if spent.0.saturating_add(held.0).saturating_add(hold.amount.0) > cap.0 {
+            return HoldRefused::KeyCapReached { cap, spent, held };
+        }
+        match self.store.wallet(hold.account).await {
+            Ok(wallet) => HoldRefused::InsufficientBalance {
+                required: hold.amount,
+                available: wallet.map_or(Nanos::ZERO, |w| w.available),
+            },
             Err(e) => HoldRefused::Store(e),
         }
     }
