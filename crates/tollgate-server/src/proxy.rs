@@ -116,6 +116,17 @@ fn upstream_client(route: &RouteConfig) -> UpstreamClient {
 
 /// The fallback handler: every path that is not Tollgate's own goes through here.
 pub async fn proxy(State(state): State<AppState>, request: Request) -> Response {
+    if let Some(found) = path_escape(request.uri().path()) {
+        // An upstream that normalises paths would turn `/svc/../internal` into `/internal`,
+        // outside the route's prefix, with the route's credentials.
+        return HttpError::new(
+            ErrorCode::BadRequest,
+            format!(
+                "The path contains {found}, which could reach outside the route's prefix; Tollgate does not forward it. Send the path without dot-segments or encoded separators."
+            ),
+        )
+        .into_response();
+    }
     let Some(route) = state.routes.resolve(request.uri().path()) else {
         return HttpError::new(
             ErrorCode::NotFound,
@@ -762,6 +773,24 @@ pub(crate) fn refused_error(refused: HoldRefused, currency: &str) -> HttpError {
         .into(),
         HoldRefused::Store(e) => e.into(),
     }
+}
+
+/// What in a request path could let it reach outside its route's prefix once an upstream (or a
+/// proxy between) decodes and normalises it: a `.` or `..` segment, raw or percent-encoded, an
+/// encoded slash or backslash, or an encoded NUL. `None` for a path that is safe to forward as it is.
+fn path_escape(path: &str) -> Option<&'static str> {
+    let lower = path.to_ascii_lowercase();
+    if lower.contains("%2f") || lower.contains("%5c") {
+        return Some("an encoded slash ('%2F' or '%5C')");
+    }
+    if lower.contains("%00") {
+        return Some("an encoded NUL ('%00')");
+    }
+    let dot_segment = lower
+        .split('/')
+        .map(|segment| segment.replace("%2e", "."))
+        .any(|segment| segment == "." || segment == "..");
+    dot_segment.then_some("a dot-segment ('.' or '..', or '%2E%2E')")
 }
 
 /// 413 before any work when `Content-Length` is over the limit (a streamed body is checked again

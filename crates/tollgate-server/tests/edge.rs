@@ -1,0 +1,101 @@
+//! The hostile edge: what a client (or a bad network) can send that an HTTP library would tidy
+//! up, sent raw over a socket: paths that climb out of their route, methods a route never
+//! serves, and the answers Tollgate gives them.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use common::{available, spawn_app, TestApp};
+use serde_json::Value;
+use std::net::SocketAddr;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// An answer read off the socket: status, headers (lower-case names), body.
+struct RawAnswer {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: String,
+}
+
+impl RawAnswer {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or(Value::Null)
+    }
+}
+
+/// Sends `head` (request line and headers, without the blank line) as it is, with
+/// `Connection: close`, and reads the whole answer.
+async fn raw(addr: SocketAddr, head: &str) -> RawAnswer {
+    let mut socket = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!("{head}\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    socket.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    socket.read_to_end(&mut answer).await.unwrap();
+    let text = String::from_utf8_lossy(&answer).to_string();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|line| line.split(' ').nth(1))
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0);
+    let headers = lines
+        .filter_map(|line| line.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    // Chunked bodies carry size lines; the JSON object is what lies between the outer braces.
+    let body = match (body.find('{'), body.rfind('}')) {
+        (Some(start), Some(end)) if end >= start => body[start..=end].to_string(),
+        _ => body.to_string(),
+    };
+    RawAnswer {
+        status,
+        headers,
+        body,
+    }
+}
+
+async fn raw_with_key(app: &TestApp, line: &str, key: &str) -> RawAnswer {
+    raw(app.addr, &format!("{line}\r\nAuthorization: Bearer {key}")).await
+}
+
+#[tokio::test]
+async fn a_path_that_climbs_out_of_its_route_is_refused_before_any_work() {
+    let app = spawn_app().await;
+    let account = app.create_account("climber").await;
+    let key = &account.master_key;
+    let before = available(&app, key).await;
+    for path in [
+        "/echo/../internal/users",
+        "/echo/./x",
+        "/echo/..",
+        "/echo/%2e%2e/internal",
+        "/echo/%2E%2e/internal",
+        "/echo/.%2e/internal",
+        "/echo/a%2f..%2finternal",
+        "/echo/a%2Fb",
+        "/echo/a%5c..%5cinternal",
+        "/echo/a%00b",
+    ] {
+        let answer = raw_with_key(&app, &format!("GET {path} HTTP/1.1"), key).await;
+        assert_eq!(answer.status, 400, "{path}: {}", answer.body);
+        let body = answer.json();
+        assert_eq!(body["error"]["code"], "bad_request", "{path}: {body}");
+        assert!(body["error"]["request_id"].is_string(), "{body}");
+    }
+    // Dots inside a segment, and an encoded percent, are ordinary paths.
+    for path in ["/echo/v1.2/x", "/echo/..a/b", "/echo/a%252e%252e"] {
+        let answer = raw_with_key(&app, &format!("GET {path} HTTP/1.1"), key).await;
+        assert_eq!(answer.status, 200, "{path}: {}", answer.body);
+    }
+    // Only the three ordinary calls were charged (0.001 each).
+    assert_eq!(available(&app, key).await, before - 3_000_000);
+}
