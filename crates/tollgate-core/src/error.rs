@@ -110,6 +110,9 @@ catalogue! {
     NotFound = "not_found", 404, "not_found_error", Caller, false,
         "No such route or resource (or it belongs to another account).",
         "Check the path and id.";
+    MethodNotAllowed = "method_not_allowed", 405, "invalid_request_error", Caller, false,
+        "The path exists but does not serve this method.",
+        "Use one of the methods in the `Allow` header.";
     ModelNotFound = "model_not_found", 404, "not_found_error", Caller, false,
         "The route does not serve the requested model.",
         "Use one of the models listed in `details.available_models`.";

@@ -837,6 +837,20 @@ pub async fn not_found(method: axum::http::Method, OriginalUri(uri): OriginalUri
     )
 }
 
+/// A path the API serves, with a method it does not: 405, and the router adds `Allow`.
+pub async fn method_not_allowed(
+    method: axum::http::Method,
+    OriginalUri(uri): OriginalUri,
+) -> HttpError {
+    HttpError::new(
+        ErrorCode::MethodNotAllowed,
+        format!(
+            "{method} is not served by {}; the Allow header lists the methods it serves.",
+            uri.path()
+        ),
+    )
+}
+
 // ---------------------------------------------------------------------------------------------
 // Helpers
 

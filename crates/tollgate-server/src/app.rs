@@ -259,9 +259,15 @@ fn router(state: AppState) -> anyhow::Result<Router> {
     // Every route is registered with its OpenAPI description (`routes!`); the document is the
     // union of what the routers declare, completed for this config and serialised once.
     let (api, api_doc) = api::router().split_for_parts();
+    // Only a request that matches a route is claimed for idempotency: a wrong path or method
+    // gets its 404 or 405, whatever Idempotency-Key it carries.
     let api = api
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            idempotency::layer,
+        ))
         .fallback(api::not_found)
-        .method_not_allowed_fallback(api::not_found);
+        .method_not_allowed_fallback(api::method_not_allowed);
     let (operations, operations_doc) = OpenApiRouter::new()
         .routes(routes!(health::healthz))
         .routes(routes!(health::readyz))
@@ -292,7 +298,7 @@ fn router(state: AppState) -> anyhow::Result<Router> {
         // kept), and its own errors are rendered by rescue.
         .layer(middleware::from_fn_with_state(
             state.clone(),
-            idempotency::layer,
+            idempotency::proxied,
         ))
         // Rescue renders errors; it sits inside request_id so every body carries the ID.
         .layer(middleware::from_fn(edge::rescue))

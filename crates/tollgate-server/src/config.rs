@@ -358,6 +358,9 @@ pub struct RawRoute {
     /// Policies for this route only, on top of the global ones.
     #[serde(default)]
     pub rate_limits: Vec<RawPolicy>,
+    /// The methods the route forwards; any other is answered 405 before any work.
+    #[serde(default = "default_methods")]
+    pub methods: Vec<String>,
     /// Index in the file's `routes` array, so messages name the route the operator wrote.
     #[serde(skip)]
     pub position: usize,
@@ -388,9 +391,18 @@ impl Default for RawRoute {
             timeout: default_timeout(),
             upstream_headers: BTreeMap::new(),
             rate_limits: Vec::new(),
+            methods: default_methods(),
             position: 0,
         }
     }
+}
+
+/// What an HTTP API serves. Not `TRACE` (it echoes the request, credentials included, back
+/// through any cache between) nor `CONNECT` (a tunnel, not an API call).
+fn default_methods() -> Vec<String> {
+    ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+        .map(String::from)
+        .to_vec()
 }
 
 fn zero() -> String {
@@ -684,6 +696,8 @@ pub struct RouteConfig {
     /// Marked sensitive, so `Debug` never shows them.
     pub upstream_headers: Vec<(HeaderName, http::HeaderValue)>,
     pub rate_limits: Vec<Arc<Policy>>,
+    /// The methods forwarded, as configured (upper case).
+    pub methods: Vec<http::Method>,
 }
 
 /// How a route charges. The cost of a call is `flat` plus its metered part (units or tokens).
@@ -1058,6 +1072,27 @@ fn validate_route(raw: &RawRoute, at: &str, p: &mut Problems) -> Option<RouteCon
             );
         }
     }
+    let mut methods = Vec::new();
+    for name in &raw.methods {
+        match http::Method::from_bytes(name.as_bytes()) {
+            Ok(method) if method == http::Method::CONNECT || method == http::Method::TRACE => p.push(
+                &format!("{at}.methods"),
+                format!("'{name}' cannot be forwarded: CONNECT opens a tunnel and TRACE echoes credentials"),
+            ),
+            Ok(method) if name.bytes().all(|b| !b.is_ascii_lowercase()) => {
+                if !methods.contains(&method) {
+                    methods.push(method);
+                }
+            }
+            _ => p.push(
+                &format!("{at}.methods"),
+                format!("'{name}' is not an HTTP method in upper case, e.g. \"GET\""),
+            ),
+        }
+    }
+    if raw.methods.is_empty() {
+        p.push(&format!("{at}.methods"), "must name at least one method");
+    }
     if raw.auth == RouteAuth::None {
         let priced = pricing.as_ref().is_some_and(|pricing| {
             pricing.flat > Nanos::ZERO || pricing.per_unit.is_some() || pricing.llm.is_some()
@@ -1089,6 +1124,7 @@ fn validate_route(raw: &RawRoute, at: &str, p: &mut Problems) -> Option<RouteCon
         timeout: timeout?,
         upstream_headers,
         rate_limits,
+        methods,
     })
 }
 
@@ -1499,6 +1535,45 @@ mod tests {
             "#,
         );
         assert_eq!(free, "ok");
+    }
+
+    #[test]
+    fn a_route_forwards_only_the_methods_it_names_and_never_connect_or_trace() {
+        let route = |methods: &str| {
+            format!(
+                "[[routes]]\nprefix = \"/r\"\nupstream = \"http://127.0.0.1:9\"\ngroup = \"r\"\n{methods}"
+            )
+        };
+        let config = Config::load(&route(""), NO_ENV).unwrap();
+        let names: Vec<&str> = config.routes[0]
+            .methods
+            .iter()
+            .map(|m| m.as_str())
+            .collect();
+        assert_eq!(
+            names,
+            ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+        );
+        let config = Config::load(&route("methods = [\"GET\", \"PROPFIND\"]"), NO_ENV).unwrap();
+        assert_eq!(config.routes[0].methods.len(), 2);
+        let text = problems(&route("methods = [\"TRACE\", \"get\", \"CONNECT\"]"));
+        assert!(
+            text.contains("routes[0].methods: 'TRACE' cannot be forwarded"),
+            "{text}"
+        );
+        assert!(
+            text.contains("routes[0].methods: 'CONNECT' cannot be forwarded"),
+            "{text}"
+        );
+        assert!(
+            text.contains("'get' is not an HTTP method in upper case"),
+            "{text}"
+        );
+        let text = problems(&route("methods = []"));
+        assert!(
+            text.contains("routes[0].methods: must name at least one method"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -131,6 +131,13 @@ fn render(
     if let Some(seconds) = error.retry_after_s {
         headers.insert(http::header::RETRY_AFTER, HeaderValue::from(seconds));
     }
+    // A 405 says which methods the path serves (RFC 9110 §15.5.6).
+    if let Some(allowed) = error.details.get("allowed").and_then(|a| a.as_array()) {
+        let names: Vec<&str> = allowed.iter().filter_map(|m| m.as_str()).collect();
+        if let Ok(value) = HeaderValue::from_str(&names.join(", ")) {
+            headers.insert(http::header::ALLOW, value);
+        }
+    }
     // Keep the profile for the request-ID layer, which adds `request-id` for Anthropic routes.
     response.extensions_mut().insert(profile);
     response

@@ -54,6 +54,24 @@ pub const ORIGINAL_REQUEST_ID: HeaderName = HeaderName::from_static("original-re
 const MAX_KEY_CHARS: usize = 255;
 
 /// Sits inside rescue (its errors are rendered like any other) and outside the handlers.
+/// The layer around the proxy: a request the proxy will refuse before any work (a path that
+/// escapes its route, a method the route does not serve, no route at all) gets that answer, not
+/// an idempotency verdict. The management API's routes carry [`layer`] themselves, so only a
+/// request that matches one of them is claimed.
+pub async fn proxied(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let path = request.uri().path();
+    let forwarded = !path.starts_with(&state.config.api_prefix)
+        && crate::proxy::path_escape(path).is_none()
+        && state
+            .routes
+            .resolve(path)
+            .is_some_and(|route| route.config.methods.contains(request.method()));
+    if !forwarded {
+        return next.run(request).await;
+    }
+    layer(State(state), request, next).await
+}
+
 pub async fn layer(State(state): State<AppState>, request: Request, next: Next) -> Response {
     if !matches!(*request.method(), Method::POST | Method::PATCH) {
         return next.run(request).await;

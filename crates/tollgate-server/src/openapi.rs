@@ -128,7 +128,9 @@ error_responses! {
 }
 
 /// The errors Tollgate itself may answer a data-plane call with.
-const DATA_PLANE_ERRORS: [u16; 12] = [401, 402, 403, 404, 409, 413, 422, 429, 500, 502, 503, 504];
+const DATA_PLANE_ERRORS: [u16; 14] = [
+    400, 401, 402, 403, 404, 405, 409, 413, 422, 429, 500, 502, 503, 504,
+];
 
 /// Codes only the data plane answers with (they concern models and upstreams).
 fn management_codes(code: ErrorCode) -> bool {

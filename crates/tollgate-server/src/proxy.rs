@@ -139,6 +139,11 @@ pub async fn proxy(State(state): State<AppState>, request: Request) -> Response 
         .into_response();
     };
     let profile = route.config.error_profile;
+    if !route.config.methods.contains(request.method()) {
+        return method_not_allowed(request.method(), &route.config.methods)
+            .in_profile(profile)
+            .into_response();
+    }
     // Set once the caller is known; every error from then on releases its hold and is logged.
     let mut billing: Option<Billing> = None;
     let mut timings = Timings::default();
@@ -775,10 +780,20 @@ pub(crate) fn refused_error(refused: HoldRefused, currency: &str) -> HttpError {
     }
 }
 
+/// 405 for a method the path does not serve, with `Allow` naming those it does.
+pub(crate) fn method_not_allowed(method: &http::Method, allowed: &[http::Method]) -> HttpError {
+    let names: Vec<&str> = allowed.iter().map(http::Method::as_str).collect();
+    HttpError::new(
+        ErrorCode::MethodNotAllowed,
+        format!("{method} is not served here; use {}.", names.join(", ")),
+    )
+    .with_detail("allowed", names.clone())
+}
+
 /// What in a request path could let it reach outside its route's prefix once an upstream (or a
 /// proxy between) decodes and normalises it: a `.` or `..` segment, raw or percent-encoded, an
 /// encoded slash or backslash, or an encoded NUL. `None` for a path that is safe to forward as it is.
-fn path_escape(path: &str) -> Option<&'static str> {
+pub(crate) fn path_escape(path: &str) -> Option<&'static str> {
     let lower = path.to_ascii_lowercase();
     if lower.contains("%2f") || lower.contains("%5c") {
         return Some("an encoded slash ('%2F' or '%5C')");

@@ -99,3 +99,90 @@ async fn a_path_that_climbs_out_of_its_route_is_refused_before_any_work() {
     // Only the three ordinary calls were charged (0.001 each).
     assert_eq!(available(&app, key).await, before - 3_000_000);
 }
+
+#[tokio::test]
+async fn a_method_a_route_does_not_serve_is_405_with_allow_and_charged_nothing() {
+    let app = common::spawn_app_with(|raw, mock| {
+        let mut get_only = common::mock_route(
+            mock,
+            "/readonly",
+            "/echo",
+            "echo",
+            tollgate_wire::ErrorProfile::Native,
+        );
+        get_only.methods = vec!["GET".into()];
+        raw.routes.push(get_only);
+    })
+    .await;
+    let account = app.create_account("methods").await;
+    let key = &account.master_key;
+    let before = available(&app, key).await;
+    for (line, allow) in [
+        (
+            "TRACE /echo/t HTTP/1.1",
+            "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS",
+        ),
+        ("POST /readonly/t HTTP/1.1\r\nContent-Length: 0", "GET"),
+        ("DELETE /readonly/t HTTP/1.1", "GET"),
+    ] {
+        let answer = raw_with_key(&app, line, key).await;
+        assert_eq!(answer.status, 405, "{line}: {}", answer.body);
+        assert_eq!(answer.header("allow"), Some(allow), "{line}");
+        let body = answer.json();
+        assert_eq!(body["error"]["code"], "method_not_allowed", "{body}");
+        assert_eq!(
+            body["error"]["details"]["allowed"]
+                .as_array()
+                .unwrap()
+                .len(),
+            allow.split(", ").count()
+        );
+    }
+    assert_eq!(
+        raw_with_key(&app, "GET /readonly/t HTTP/1.1", key)
+            .await
+            .status,
+        200
+    );
+    assert_eq!(available(&app, key).await, before - 1_000_000);
+}
+
+#[tokio::test]
+async fn the_management_api_answers_405_with_allow_whatever_idempotency_key_is_sent() {
+    let app = spawn_app().await;
+    let account = app.create_account("api-methods").await;
+    let key = &account.master_key;
+    let answer = raw_with_key(&app, "DELETE /api/v1/keys HTTP/1.1", key).await;
+    assert_eq!(answer.status, 405, "{}", answer.body);
+    let allow = answer.header("allow").unwrap().to_string();
+    assert!(allow.contains("GET") && allow.contains("POST"), "{allow}");
+    let body = answer.json();
+    assert_eq!(body["error"]["code"], "method_not_allowed", "{body}");
+
+    // An Idempotency-Key already used for a key creation, sent with a method the path does not
+    // serve: the 405, not an idempotency verdict on a request that cannot run.
+    let created = app
+        .post("/api/v1/keys")
+        .bearer_auth(key)
+        .header("idempotency-key", "reused-key-1")
+        .json(&serde_json::json!({"name": "first"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+    let id = created.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let wrong = app
+        .post(&format!("/api/v1/keys/{id}"))
+        .bearer_auth(key)
+        .header("idempotency-key", "reused-key-1")
+        .json(&serde_json::json!({"name": "second"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), 405);
+    let allow = wrong.headers()["allow"].to_str().unwrap().to_string();
+    assert!(allow.contains("PATCH"), "{allow}");
+}

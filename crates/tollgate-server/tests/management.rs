@@ -287,7 +287,7 @@ async fn revoking_twice_is_409_already_revoked() {
 }
 
 #[tokio::test]
-async fn unknown_management_paths_and_methods_are_404_in_the_envelope() {
+async fn unknown_management_paths_are_404_and_wrong_methods_405_in_the_envelope() {
     let app = spawn_app().await;
     let account = app.create_account("acme").await;
     let unknown = app.get_as("/api/v1/nothing", &account.master_key).await;
@@ -298,8 +298,12 @@ async fn unknown_management_paths_and_methods_are_404_in_the_envelope() {
         .send()
         .await
         .unwrap();
-    let body = expect_error(wrong_method, 404, "not_found").await;
-    assert_eq!(body["error"]["message"], "No route for DELETE /api/v1/key.");
+    assert_eq!(wrong_method.headers()["allow"], "GET,HEAD");
+    let body = expect_error(wrong_method, 405, "method_not_allowed").await;
+    assert_eq!(
+        body["error"]["message"],
+        "DELETE is not served by /api/v1/key; the Allow header lists the methods it serves."
+    );
     let bad_id = app
         .get_as("/api/v1/accounts/acct_lowercase", &account.master_key)
         .await;

@@ -190,7 +190,13 @@ async fn a_thousand_concurrent_paid_calls_spend_a_balance_for_300_exactly() {
             let response = request.await.unwrap();
             let status = response.status().as_u16();
             let body: Value = response.json().await.unwrap_or(Value::Null);
-            (status, body["error"]["code"].as_str().map(str::to_string))
+            let code = body["error"]["code"].as_str().map(|code| {
+                match body["error"]["details"]["dependency"].as_str() {
+                    Some(dependency) => format!("{code} ({dependency})"),
+                    None => code.to_string(),
+                }
+            });
+            (status, code)
         }
     });
     let answers = futures_util::future::join_all(calls).await;
