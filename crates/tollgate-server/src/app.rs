@@ -163,9 +163,9 @@ async fn follow_changes(mut changes: mpsc::Receiver<StoreChange>, state: AppStat
 }
 
 /// How often the store is asked whether it answers. With the ping's own deadline
-/// ([`tollgate_store::deadline::PING_DEADLINE`]), a store that goes silent is noticed within
-/// a second, and new holds are refused from then on.
-const PROBE_EVERY: Duration = Duration::from_millis(250);
+/// ([`tollgate_store::deadline::PING_DEADLINE`]) and two failures in a row to call it down, a
+/// store that goes silent is noticed within a second, and new holds are refused from then on.
+const PROBE_EVERY: Duration = Duration::from_millis(200);
 
 /// Asks the store whether it answers, on a task of its own so nothing else the sweeper waits
 /// for can delay it.

@@ -53,8 +53,12 @@ const FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
 pub const LEASE_IDLE: Duration = Duration::from_secs(2);
 /// How long a hold waits for other nodes to give back the credit their leases hold, while
 /// nothing changes (a node that died keeps its leases until they expire); and at most.
-const RECALL_STALL: Duration = Duration::from_secs(2);
-const RECALL_MAX: Duration = Duration::from_secs(10);
+const RECALL_STALL: Duration = Duration::from_secs(5);
+const RECALL_MAX: Duration = Duration::from_secs(15);
+/// Failed pings in a row after which the store counts as down.
+const FAILED_PINGS_DOWN: u32 = 2;
+/// How long a hold waits for its node's carve (the writer runs it after the writes before it).
+const CARVE_WAIT: Duration = Duration::from_secs(10);
 
 /// A hold's wait for credit other nodes lease: carves again after short, growing pauses, while
 /// what they lease (with what is free) covers it. Under contention that balance keeps moving
@@ -147,6 +151,8 @@ pub struct Ledger {
     book: Arc<Mutex<Book>>,
     /// Set while the store does not answer; cleared by the next commit or ping that succeeds.
     store_down: Arc<AtomicBool>,
+    /// Pings that failed in a row.
+    failed_pings: std::sync::atomic::AtomicU32,
     /// Set for good once the writer task has stopped.
     writer_stopped: Arc<AtomicBool>,
     store: Arc<dyn Store>,
@@ -291,6 +297,7 @@ impl Ledger {
         Arc::new(Ledger {
             book,
             store_down,
+            failed_pings: Default::default(),
             writer_stopped,
             store,
             clock,
@@ -494,9 +501,22 @@ impl Ledger {
                         needed,
                         done,
                     }));
-                    let carve = carved.await.map_err(|_| {
-                        StoreError::Unavailable("the ledger writer has stopped".into())
-                    })??;
+                    let carve = match tokio::time::timeout(CARVE_WAIT, carved).await {
+                        Ok(Ok(carve)) => carve?,
+                        Ok(Err(_)) => {
+                            return Err(StoreError::Unavailable(
+                                "the ledger writer has stopped".into(),
+                            )
+                            .into())
+                        }
+                        // The carve still runs, and its outcome still reaches the book.
+                        Err(_) => {
+                            return Err(StoreError::Unavailable(format!(
+                                "no carve of this account's credit within {CARVE_WAIT:?}"
+                            ))
+                            .into())
+                        }
+                    };
                     recall.observe(carve);
                     last_carve = Some(carve);
                 }
@@ -775,9 +795,25 @@ impl Ledger {
     }
 
     /// Asks the store whether it answers, so an outage is noticed (and its end) even when no
-    /// write is waiting. The sweeper calls this every tick.
+    /// write is waiting. The probe calls this every 200 ms. One slow ping on a loaded node is
+    /// not an outage: the store is down after [`FAILED_PINGS_DOWN`] failures in a row, and up
+    /// again at the first answer.
     pub async fn check_store(&self) {
-        let down = self.store.ping().await.is_err();
+        let failed = match self.store.ping().await {
+            Ok(()) => {
+                self.failed_pings.store(0, Ordering::Release);
+                false
+            }
+            Err(_) => self.failed_pings.fetch_add(1, Ordering::AcqRel) + 1 >= FAILED_PINGS_DOWN,
+        };
+        let down = if failed {
+            true
+        } else if self.failed_pings.load(Ordering::Acquire) == 0 {
+            false
+        } else {
+            // One failure so far: no change either way.
+            return;
+        };
         if down != self.store_down.swap(down, Ordering::AcqRel) {
             if down {
                 tracing::error!("the store does not answer: refusing new holds");

@@ -822,7 +822,7 @@ async fn a_keys_monthly_cap_holds_exactly_across_nodes() {
             .json(&json!({"name": "capped", "monthly_spend_cap": cap}));
         async move {
             let key: Value = send_json(request).await;
-            key["secret"].as_str().unwrap().to_string()
+            key["secret"].as_str().expect(&key.to_string()).to_string()
         }
     };
     let burst = |key: String, calls: usize| {
@@ -834,7 +834,17 @@ async fn a_keys_monthly_cap_holds_exactly_across_nodes() {
                     let response = cluster.echo(i, &key).await;
                     let status = response.status().as_u16();
                     let body: Value = response.json().await.unwrap_or(Value::Null);
-                    (status, body["error"]["code"].as_str().map(str::to_string))
+                    (
+                        status,
+                        body["error"]["code"].as_str().map(|code| {
+                            match body["error"]["details"]["dependency"].as_str() {
+                                Some(dependency) => {
+                                    format!("{code} ({dependency}: {})", body["error"]["message"])
+                                }
+                                None => code.to_string(),
+                            }
+                        }),
+                    )
                 }
             }))
             .await;
