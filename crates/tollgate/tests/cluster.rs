@@ -822,7 +822,10 @@ async fn a_keys_monthly_cap_holds_exactly_across_nodes() {
             .json(&json!({"name": "capped", "monthly_spend_cap": cap}));
         async move {
             let key: Value = send_json(request).await;
-            key["secret"].as_str().expect(&key.to_string()).to_string()
+            key["secret"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{key}"))
+                .to_string()
         }
     };
     let burst = |key: String, calls: usize| {
