@@ -186,3 +186,62 @@ async fn the_management_api_answers_405_with_allow_whatever_idempotency_key_is_s
     let allow = wrong.headers()["allow"].to_str().unwrap().to_string();
     assert!(allow.contains("PATCH"), "{allow}");
 }
+
+/// One address over its anonymous limit (say, a load balancer's, without `trusted_proxies`) is
+/// not locked out of what it cannot be blamed for: health, readiness and metrics are never
+/// limited, the admin token is not, and a valid key is judged by its own policies. Anonymous
+/// calls, malformed keys and well-formed keys that are not valid still get the address's 429.
+#[tokio::test]
+async fn an_address_over_its_anonymous_limit_keeps_health_admin_and_valid_keys() {
+    let app = common::spawn_app_with(|raw, _| {
+        raw.rate_limits = Some(vec![tollgate_server::config::RawPolicy {
+            name: "anonymous-per-ip".into(),
+            scope: tollgate_core::ratelimit::Scope::Ip,
+            unit: tollgate_core::ratelimit::Unit::Requests,
+            limit: 5,
+            window: "1h".into(),
+            burst: 0,
+            on_limiter_failure: Default::default(),
+        }]);
+    })
+    .await;
+    let account = app.create_account("behind-a-balancer").await;
+    let key = &account.master_key;
+    // Anonymous calls until the address is over its limit.
+    let mut statuses = Vec::new();
+    for _ in 0..8 {
+        statuses.push(app.get("/echo/x").send().await.unwrap().status().as_u16());
+    }
+    assert_eq!(statuses.last(), Some(&429), "{statuses:?}");
+    assert!(statuses.contains(&401), "{statuses:?}");
+
+    for path in ["/healthz", "/readyz"] {
+        assert_eq!(app.get(path).send().await.unwrap().status(), 200, "{path}");
+    }
+    let metrics = app.get_as("/metrics", common::ADMIN_TOKEN).await;
+    assert_eq!(metrics.status(), 200);
+    let accounts = app.get_as("/api/v1/accounts", common::ADMIN_TOKEN).await;
+    assert_eq!(accounts.status(), 200);
+    let before = available(&app, key).await;
+    let paid = app.get_as("/echo/x", key).await;
+    assert_eq!(paid.status(), 200);
+    assert_eq!(available(&app, key).await, before - 1_000_000);
+
+    // What the address cannot prove is still refused, with the address's policy named.
+    let unknown = tollgate_core::ApiKey::generate(tollgate_core::KeyEnv::Live)
+        .expose()
+        .to_string();
+    for credential in [None, Some("tg_live_malformed"), Some(unknown.as_str())] {
+        let mut request = app.get("/echo/x");
+        if let Some(credential) = credential {
+            request = request.bearer_auth(credential);
+        }
+        let refused = request.send().await.unwrap();
+        assert_eq!(refused.status(), 429, "{credential:?}");
+        let body: Value = refused.json().await.unwrap();
+        assert_eq!(
+            body["error"]["details"]["policy"], "anonymous-per-ip",
+            "{body}"
+        );
+    }
+}

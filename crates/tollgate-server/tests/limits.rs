@@ -89,17 +89,20 @@ async fn every_response_carries_the_limit_headers_401_and_404_included() {
     assert_eq!(forbidden.status(), 404);
     assert_eq!(ratelimit(&forbidden)["per-key"].0, 3);
 
-    // No key, a bad key, an unknown path, a health check: the anonymous policy.
+    // No key, a bad key, an unknown path: the anonymous policy.
     for response in [
         app.get("/echo/x").send().await.unwrap(),
         app.get_as("/echo/x", "tg_live_nonsense").await,
         app.get("/nowhere").send().await.unwrap(),
-        app.get("/healthz").send().await.unwrap(),
     ] {
-        assert!(matches!(response.status().as_u16(), 200 | 401 | 404));
+        assert!(matches!(response.status().as_u16(), 401 | 404));
         assert_eq!(header(&response, "x-ratelimit-limit"), "100");
         assert!(ratelimit(&response).contains_key("anon"));
     }
+    // Health checks are never limited nor counted.
+    let health = app.get("/healthz").send().await.unwrap();
+    assert_eq!(health.status(), 200);
+    assert!(health.headers().get("x-ratelimit-limit").is_none());
     // The operator is not rate-limited.
     let admin = app.get_as("/api/v1/keys", ADMIN_TOKEN).await;
     assert_eq!(admin.status(), 200);
@@ -254,7 +257,7 @@ async fn token_policies_reserve_the_estimate_and_get_the_unused_part_back() {
 }
 
 #[tokio::test]
-async fn an_address_over_its_anonymous_limit_is_refused_before_any_work() {
+async fn an_address_over_its_anonymous_limit_is_refused_before_any_work_unless_it_shows_a_key() {
     let app = app_with(vec![policy("anon", Scope::Ip, Unit::Requests, 3, "1m", 2)]).await;
     let account = app.create_account("acme").await;
     for _ in 0..3 {
@@ -266,23 +269,30 @@ async fn an_address_over_its_anonymous_limit_is_refused_before_any_work() {
         .await;
     }
     let lookups = app.store.lookups();
-    let body = expect_error(
-        app.get_as("/echo/x", &account.master_key).await,
-        429,
-        "rate_limited",
-    )
-    .await;
-    assert_eq!(body["error"]["details"]["policy"], "anon");
+    for refused in [
+        app.get("/echo/x").send().await.unwrap(),
+        app.get_as("/echo/x", "tg_live_malformed").await,
+    ] {
+        let body = expect_error(refused, 429, "rate_limited").await;
+        assert_eq!(body["error"]["details"]["policy"], "anon");
+    }
     assert_eq!(
         app.store.lookups(),
         lookups,
         "a refused address costs no lookup"
     );
-    app.clock.advance(chrono::Duration::seconds(20));
+    // A valid key is judged by its own policies (here, none), not by its address's count.
     assert_eq!(
         app.get_as("/echo/x", &account.master_key).await.status(),
         200
     );
+    app.clock.advance(chrono::Duration::seconds(20));
+    expect_error(
+        app.get("/echo/x").send().await.unwrap(),
+        401,
+        "invalid_api_key",
+    )
+    .await;
 }
 
 #[tokio::test]
