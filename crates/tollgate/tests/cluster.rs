@@ -109,20 +109,7 @@ impl Cluster {
 
     /// A new account with no credit (through node 0); its id and master key.
     async fn empty_account(&self) -> (String, String) {
-        let created = send_json(
-            self.http
-                .post(format!("{}/api/v1/accounts", self.url(0)))
-                .bearer_auth(ADMIN)
-                .json(&json!({"name": "empty", "starter_credits": "0"})),
-        )
-        .await;
-        (
-            created["account"]["id"].as_str().unwrap().to_string(),
-            created["master_key"]["secret"]
-                .as_str()
-                .unwrap()
-                .to_string(),
-        )
+        common::create_account_with(&self.http, self.url(0), ADMIN, "empty", "0").await
     }
 
     /// Grants `amount` credits to the account through `node`.
@@ -497,27 +484,91 @@ async fn relayed_url(schema: &TestSchema) -> (Relay, String) {
     (relay, relayed)
 }
 
+/// One node on a fresh schema whose PostgreSQL connections go through a relay the test
+/// controls, with the echo route (on a mock of its own) and `extra` config.
+struct RelayedNode {
+    relay: Relay,
+    url: String,
+    log: common::Log,
+    schema: TestSchema,
+    mock: tollgate_mock::MockUpstream,
+    _node: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl RelayedNode {
+    async fn start(extra: &str) -> Option<RelayedNode> {
+        let schema = TestSchema::create().await?;
+        let (relay, relayed) = relayed_url(&schema).await;
+        let mock = tollgate_mock::MockUpstream::start(SocketAddr::from(([127, 0, 0, 1], 0)))
+            .await
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let config = write_config_with_store(
+            dir.path(),
+            &relayed,
+            &format!("{extra}{}", echo_route(&mock.url())),
+        );
+        let (node, url, log) = common::serve_logged(&config, ADMIN, "info").await;
+        Some(RelayedNode {
+            relay,
+            url,
+            log,
+            schema,
+            mock,
+            _node: node,
+            _dir: dir,
+        })
+    }
+}
+
+/// After a fault ends: paid calls through `url` until one is served (within 20 s); how long
+/// that took.
+async fn served_again(http: &reqwest::Client, url: &str, key: &str) -> Duration {
+    let restored_at = Instant::now();
+    loop {
+        let response = http
+            .get(format!("{url}/echo/x"))
+            .bearer_auth(key)
+            .send()
+            .await
+            .unwrap();
+        if response.status() == 200 {
+            return restored_at.elapsed();
+        }
+        assert_eq!(response.status(), 503);
+        assert!(
+            restored_at.elapsed() < Duration::from_secs(20),
+            "the node did not recover"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The account (created with 10 credits) was charged exactly `served` echo calls (0.001 each),
+/// and nothing is left held.
+async fn assert_charged_for(http: &reqwest::Client, url: &str, account: &str, served: i64) {
+    let wallet: Value = send_json(
+        http.get(format!("{url}/api/v1/billing/balance?account_id={account}"))
+            .bearer_auth(ADMIN),
+    )
+    .await;
+    assert_eq!(wallet["held"]["nanos"], 0, "{wallet}");
+    assert_eq!(
+        wallet["available"]["nanos"].as_i64().unwrap(),
+        10_000_000_000 - served * 1_000_000,
+        "{served} calls served: {wallet}"
+    );
+}
+
 #[tokio::test]
 async fn a_node_whose_postgresql_goes_away_answers_503_charges_nothing_and_recovers() {
-    let Some(schema) = TestSchema::create().await else {
+    let Some(node) = RelayedNode::start("[billing]\nsweep_interval = \"100ms\"\n").await else {
         return;
     };
-    let (relay, relayed) = relayed_url(&schema).await;
-    let mock = tollgate_mock::MockUpstream::start(SocketAddr::from(([127, 0, 0, 1], 0)))
-        .await
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let config = write_config_with_store(
-        dir.path(),
-        &relayed,
-        &format!(
-            "[billing]\nsweep_interval = \"100ms\"\n{}",
-            echo_route(&mock.url())
-        ),
-    );
-    let (_node, url, log) = common::serve_logged(&config, ADMIN, "info").await;
+    let (relay, url) = (&node.relay, &node.url);
     let http = reqwest::Client::new();
-    let (account, key) = create_account(&http, &url, ADMIN, "outage").await;
+    let (account, key) = create_account(&http, url, ADMIN, "outage").await;
     let echo = || http.get(format!("{url}/echo/x")).bearer_auth(&key).send();
     let mut succeeded = 0;
     for _ in 0..5 {
@@ -547,44 +598,15 @@ async fn a_node_whose_postgresql_goes_away_answers_503_charges_nothing_and_recov
         );
     }
 
+    let cut_for = cut_at.elapsed();
     relay.restore();
-    let restored_at = Instant::now();
-    loop {
-        let response = echo().await.unwrap();
-        if response.status() == 200 {
-            succeeded += 1;
-            break;
-        }
-        assert_eq!(response.status(), 503);
-        assert!(
-            restored_at.elapsed() < Duration::from_secs(20),
-            "the node did not recover"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-
+    let recovered = served_again(&http, url, &key).await;
+    succeeded += 1;
     eprintln!(
-        "{refused} refused within {:?} of the cut; served again {:?} after the restore",
-        cut_at.elapsed() - restored_at.elapsed(),
-        restored_at.elapsed()
+        "{refused} refused within {cut_for:?} of the cut; served again {recovered:?} after the restore"
     );
-    // Exactly the calls that succeeded were charged (0.001 each); nothing is left held.
-    let balance: Value = send_json(
-        http.get(format!("{url}/api/v1/billing/balance?account_id={account}"))
-            .bearer_auth(ADMIN),
-    )
-    .await;
-    assert_eq!(
-        balance["held"]["nanos"],
-        0,
-        "{balance}\n{}",
-        log.lock().unwrap().join("\n")
-    );
-    assert_eq!(
-        balance["available"]["nanos"].as_i64().unwrap(),
-        10_000_000_000 - succeeded * 1_000_000,
-        "{succeeded} calls succeeded, {refused} were refused"
-    );
+    // Exactly the calls that succeeded were charged; nothing is left held.
+    assert_charged_for(&http, url, &account, succeeded).await;
 }
 
 #[tokio::test]
@@ -990,51 +1012,33 @@ async fn paid_load(
 #[tokio::test]
 async fn after_a_long_postgresql_outage_the_usage_log_matches_the_ledger() {
     const OUTAGE: Duration = Duration::from_secs(15);
-    let Some(schema) = TestSchema::create().await else {
+    let extra = format!(
+        "[billing]\nsweep_interval = \"100ms\"\n[load_shedding]\nenabled = false\n{ROOMY_LIMIT}"
+    );
+    let Some(cut) = RelayedNode::start(&extra).await else {
         return;
     };
-    let (relay, relayed) = relayed_url(&schema).await;
-    let mock = tollgate_mock::MockUpstream::start(SocketAddr::from(([127, 0, 0, 1], 0)))
-        .await
-        .unwrap();
-    let extra = format!(
-        "[billing]\nsweep_interval = \"100ms\"\n[load_shedding]\nenabled = false\n{ROOMY_LIMIT}{}",
-        echo_route(&mock.url())
+    let (relay, cut_url, log, schema) = (&cut.relay, &cut.url, &cut.log, &cut.schema);
+    let direct_dir = tempfile::tempdir().unwrap();
+    let direct_config = write_config_with_store(
+        direct_dir.path(),
+        schema.url(),
+        &format!("{extra}{}", echo_route(&cut.mock.url())),
     );
-    let (cut_dir, direct_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let cut_config = write_config_with_store(cut_dir.path(), &relayed, &extra);
-    let direct_config = write_config_with_store(direct_dir.path(), schema.url(), &extra);
-    let (_cut_node, cut_url, log) = common::serve_logged(&cut_config, ADMIN, "info").await;
     let (_direct_node, direct_url) = serve(&direct_config, ADMIN).await;
     let http = reqwest::Client::new();
     let (_, key) = create_account(&http, &direct_url, ADMIN, "outage").await;
 
     let stop = std::sync::atomic::AtomicBool::new(false);
     let load =
-        futures_util::future::join_all((0..6).map(|_| paid_load(&http, &cut_url, &key, &stop)));
+        futures_util::future::join_all((0..6).map(|_| paid_load(&http, cut_url, &key, &stop)));
     let outage = async {
         tokio::time::sleep(Duration::from_millis(500)).await;
         relay.cut();
         tokio::time::sleep(OUTAGE).await;
         relay.restore();
-        let restored_at = Instant::now();
         // Served again, then a little more load.
-        loop {
-            let response = http
-                .get(format!("{cut_url}/echo/x"))
-                .bearer_auth(&key)
-                .send()
-                .await
-                .unwrap();
-            if response.status() == 200 {
-                break;
-            }
-            assert!(
-                restored_at.elapsed() < Duration::from_secs(20),
-                "no recovery"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        served_again(&http, cut_url, &key).await;
         tokio::time::sleep(Duration::from_millis(500)).await;
         stop.store(true, std::sync::atomic::Ordering::SeqCst);
     };
@@ -1062,21 +1066,15 @@ async fn after_a_long_postgresql_outage_the_usage_log_matches_the_ledger() {
 /// then on paid calls answer 503 at once, charged nothing, and readiness says so promptly.
 #[tokio::test]
 async fn a_hung_postgresql_is_noticed_within_a_second_and_paid_calls_answer_503() {
-    let Some(schema) = TestSchema::create().await else {
+    let Some(node) = RelayedNode::start("").await else {
         return;
     };
-    let (relay, relayed) = relayed_url(&schema).await;
-    let mock = tollgate_mock::MockUpstream::start(SocketAddr::from(([127, 0, 0, 1], 0)))
-        .await
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let config = write_config_with_store(dir.path(), &relayed, &echo_route(&mock.url()));
-    let (_node, url) = serve(&config, ADMIN).await;
+    let (relay, url) = (&node.relay, &node.url);
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .build()
         .unwrap();
-    let (account, key) = create_account(&http, &url, ADMIN, "hang").await;
+    let (account, key) = create_account(&http, url, ADMIN, "hang").await;
     let echo = || http.get(format!("{url}/echo/x")).bearer_auth(&key).send();
     let mut served = 0;
     for _ in 0..3 {
@@ -1122,32 +1120,11 @@ async fn a_hung_postgresql_is_noticed_within_a_second_and_paid_calls_answer_503(
     assert!(noticed < Duration::from_millis(1500), "{noticed:?}");
 
     relay.restore();
-    let restored_at = Instant::now();
-    loop {
-        let response = echo().await.unwrap();
-        if response.status() == 200 {
-            served += 1;
-            break;
-        }
-        assert!(
-            restored_at.elapsed() < Duration::from_secs(20),
-            "no recovery"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    served_again(&http, url, &key).await;
+    served += 1;
     // Exactly the calls served were charged; nothing is left held.
-    let wallet: Value = send_json(
-        http.get(format!("{url}/api/v1/billing/balance?account_id={account}"))
-            .bearer_auth(ADMIN),
-    )
-    .await;
-    assert_eq!(wallet["held"]["nanos"], 0, "{wallet}");
-    assert_eq!(
-        wallet["available"]["nanos"].as_i64().unwrap(),
-        10_000_000_000 - served * 1_000_000,
-        "{wallet}"
-    );
-    assert_usage_matches_charges(schema.url()).await;
+    assert_charged_for(&http, url, &account, served).await;
+    assert_usage_matches_charges(node.schema.url()).await;
 }
 
 /// Redis refused, then hung: the default fail-open policy admits every paid call, charged as

@@ -40,14 +40,28 @@ pub async fn create_account(
     admin_token: &str,
     name: &str,
 ) -> (String, String) {
+    create_account_with(http, url, admin_token, name, "10").await
+}
+
+/// [`create_account`] with `starter_credits` (a decimal string).
+pub async fn create_account_with(
+    http: &reqwest::Client,
+    url: &str,
+    admin_token: &str,
+    name: &str,
+    starter_credits: &str,
+) -> (String, String) {
     let created = send_json(
         http.post(format!("{url}/api/v1/accounts"))
             .bearer_auth(admin_token)
-            .json(&serde_json::json!({"name": name, "starter_credits": "10"})),
+            .json(&serde_json::json!({"name": name, "starter_credits": starter_credits})),
     )
     .await;
     (
-        created["account"]["id"].as_str().unwrap().to_string(),
+        created["account"]["id"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{created}"))
+            .to_string(),
         created["master_key"]["secret"]
             .as_str()
             .unwrap()
