@@ -52,6 +52,7 @@ impl Application {
         store: Arc<dyn Store>,
         clock: Arc<dyn Clock>,
     ) -> anyhow::Result<Application> {
+        crate::serve::raise_open_file_limit();
         let listener = TcpListener::bind(config.listen)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
@@ -127,12 +128,13 @@ impl Application {
                 .map(|threshold| tokio::spawn(shed::watch_cpu(shedder.clone(), threshold))),
             _ => None,
         };
-        let service = self
-            .router
-            .into_make_service_with_connect_info::<SocketAddr>();
-        let served = axum::serve(self.listener, service)
-            .with_graceful_shutdown(shutdown)
-            .await;
+        let served = crate::serve::serve(
+            self.listener,
+            self.router,
+            self.state.config.connections,
+            shutdown,
+        )
+        .await;
         sweeper.abort();
         probe.abort();
         if let Some(follower) = follower {

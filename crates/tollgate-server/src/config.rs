@@ -113,6 +113,13 @@ pub struct RawServer {
     pub key_cache_capacity: u64,
     /// Proxies (CIDRs) whose `X-Forwarded-For` is believed when working out the client address.
     pub trusted_proxies: Vec<String>,
+    /// How long a client has to send a request's head, from the connection's start or the end
+    /// of the previous response (so also how long an idle keep-alive connection stays open).
+    pub header_read_timeout: String,
+    /// Connections open at once; `0` is half the process's open-file limit.
+    pub max_connections: u64,
+    /// Requests one HTTP/2 connection may have in flight at once.
+    pub http2_max_concurrent_streams: u32,
 }
 
 impl Default for RawServer {
@@ -124,6 +131,9 @@ impl Default for RawServer {
             max_body_bytes: 10 * 1024 * 1024,
             key_cache_capacity: 100_000,
             trusted_proxies: Vec::new(),
+            header_read_timeout: "10s".into(),
+            max_connections: 0,
+            http2_max_concurrent_streams: 100,
         }
     }
 }
@@ -638,6 +648,7 @@ pub struct Config {
     pub max_body_bytes: u64,
     pub key_cache_capacity: usize,
     pub trusted_proxies: Vec<IpNet>,
+    pub connections: ConnectionLimits,
     pub store: StoreConfig,
     pub admin_token: Option<Secret>,
     pub currency: String,
@@ -698,6 +709,15 @@ pub struct RouteConfig {
     pub rate_limits: Vec<Arc<Policy>>,
     /// The methods forwarded, as configured (upper case).
     pub methods: Vec<http::Method>,
+}
+
+/// How many connections, and how long a client may take to send a request (see `serve.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    pub header_read_timeout: Duration,
+    /// At least 1; `server.max_connections = 0` is resolved at start from the open-file limit.
+    pub max_connections: usize,
+    pub http2_max_concurrent_streams: u32,
 }
 
 /// How a route charges. The cost of a call is `flat` plus its metered part (units or tokens).
@@ -825,6 +845,27 @@ impl Config {
         if s.key_cache_capacity == 0 {
             p.push("server.key_cache_capacity", "must be at least 1");
         }
+        let header_read_timeout = match humantime::parse_duration(&s.header_read_timeout) {
+            Ok(d) if !d.is_zero() => d,
+            _ => {
+                p.push(
+                    "server.header_read_timeout",
+                    "must be a positive duration, e.g. \"10s\"",
+                );
+                Duration::ZERO
+            }
+        };
+        if s.http2_max_concurrent_streams == 0 {
+            p.push("server.http2_max_concurrent_streams", "must be at least 1");
+        }
+        let connections = ConnectionLimits {
+            header_read_timeout,
+            max_connections: match s.max_connections {
+                0 => crate::serve::default_max_connections(),
+                n => usize::try_from(n).unwrap_or(usize::MAX),
+            },
+            http2_max_concurrent_streams: s.http2_max_concurrent_streams,
+        };
         let trusted_proxies: Vec<IpNet> = s
             .trusted_proxies
             .iter()
@@ -952,6 +993,7 @@ impl Config {
                 max_body_bytes: s.max_body_bytes,
                 key_cache_capacity: usize::try_from(s.key_cache_capacity).unwrap_or(usize::MAX),
                 trusted_proxies,
+                connections,
                 store,
                 admin_token,
                 currency,
@@ -1622,7 +1664,7 @@ mod tests {
     fn every_problem_is_reported_at_once_with_its_path() {
         expect![[r#"
             8 problems in the config:
-              - server.lisen: unknown field `lisen`, expected one of `listen`, `api_prefix`, `request_id_header`, `max_body_bytes`, `key_cache_capacity`, `trusted_proxies`
+              - server.lisen: unknown field `lisen`, expected one of `listen`, `api_prefix`, `request_id_header`, `max_body_bytes`, `key_cache_capacity`, `trusted_proxies`, `header_read_timeout`, `max_connections`, `http2_max_concurrent_streams`
               - routes[0].upstream: invalid type: integer `5`, expected a string
               - routes[2]: missing field `group`
               - surprise: unknown section (expected server, store, redis, admin, billing, keys, load_shedding, idempotency, rate_limits or routes)

@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod openapi;
 pub mod proxy;
 pub mod redis_limiter;
+pub mod serve;
 pub mod shed;
 pub mod state;
 

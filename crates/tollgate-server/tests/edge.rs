@@ -245,3 +245,138 @@ async fn an_address_over_its_anonymous_limit_keeps_health_admin_and_valid_keys()
         );
     }
 }
+
+/// Connects, sends `bytes` and nothing more; how long the server keeps the connection open
+/// (`None`: still open after `limit`).
+async fn closed_after(
+    addr: SocketAddr,
+    bytes: &[u8],
+    limit: std::time::Duration,
+) -> Option<std::time::Duration> {
+    let mut socket = tokio::net::TcpStream::connect(addr).await.unwrap();
+    socket.write_all(bytes).await.unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 1024];
+    let ended = tokio::time::timeout(limit, async {
+        loop {
+            match socket.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    ended.ok().map(|()| started.elapsed())
+}
+
+fn with_server(
+    customize: impl FnOnce(&mut tollgate_server::config::RawServer) + Send + 'static,
+) -> impl FnOnce(&mut tollgate_server::config::RawConfig, &tollgate_mock::MockUpstream) {
+    move |raw, _| customize(&mut raw.server)
+}
+
+#[tokio::test]
+async fn slow_silent_and_idle_clients_are_disconnected_after_the_header_read_timeout() {
+    let app = common::spawn_app_with(with_server(|server| {
+        server.header_read_timeout = "1s".into();
+    }))
+    .await;
+    let bound = std::time::Duration::from_secs(3);
+    for (what, bytes) in [
+        ("nothing", &b""[..]),
+        ("half a request line", b"GET /healthz HT"),
+        (
+            "a head never ended",
+            b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: 1\r\n",
+        ),
+        ("part of the HTTP/2 preface", b"PRI * HTTP/2.0\r\n"),
+    ] {
+        let closed = closed_after(app.addr, bytes, std::time::Duration::from_secs(10)).await;
+        assert!(closed.is_some_and(|t| t < bound), "{what}: {closed:?}");
+    }
+    // A keep-alive connection left idle after its answer is closed by the same clock.
+    let mut socket = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    socket
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !String::from_utf8_lossy(&answer).contains('}') {
+        let n = socket.read(&mut buf).await.unwrap();
+        assert!(n > 0, "closed before answering");
+        answer.extend_from_slice(&buf[..n]);
+    }
+    assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200"));
+    let idle_since = std::time::Instant::now();
+    let closed =
+        tokio::time::timeout(std::time::Duration::from_secs(10), socket.read(&mut buf)).await;
+    assert!(matches!(closed, Ok(Ok(0)) | Ok(Err(_))), "{closed:?}");
+    assert!(idle_since.elapsed() < bound, "{:?}", idle_since.elapsed());
+}
+
+#[tokio::test]
+async fn beyond_max_connections_nothing_is_accepted_until_one_closes() {
+    let app = common::spawn_app_with(with_server(|server| {
+        server.max_connections = 3;
+        server.header_read_timeout = "30s".into();
+    }))
+    .await;
+    let mut idle = Vec::new();
+    for _ in 0..3 {
+        idle.push(tokio::net::TcpStream::connect(app.addr).await.unwrap());
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    // The fourth waits in the backlog: its request is not answered...
+    let mut fourth = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    fourth
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 1024];
+    let waiting =
+        tokio::time::timeout(std::time::Duration::from_millis(500), fourth.read(&mut buf)).await;
+    assert!(waiting.is_err(), "answered beyond the limit: {waiting:?}");
+    // ... until one of the three closes.
+    drop(idle.pop());
+    let mut answer = Vec::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        fourth.read_to_end(&mut answer),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200"));
+}
+
+#[tokio::test]
+async fn http2_connections_announce_their_stream_limit() {
+    let app = common::spawn_app_with(with_server(|server| {
+        server.http2_max_concurrent_streams = 7;
+    }))
+    .await;
+    let mut socket = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    // The preface, then an empty SETTINGS frame (length 0, type 4, no flags, stream 0).
+    socket
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await
+        .unwrap();
+    let mut head = [0u8; 9];
+    socket.read_exact(&mut head).await.unwrap();
+    assert_eq!(head[3], 4, "the server's first frame is its SETTINGS");
+    let length = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
+    let mut payload = vec![0u8; length];
+    socket.read_exact(&mut payload).await.unwrap();
+    let settings: Vec<(u16, u32)> = payload
+        .chunks_exact(6)
+        .map(|s| {
+            (
+                u16::from_be_bytes([s[0], s[1]]),
+                u32::from_be_bytes([s[2], s[3], s[4], s[5]]),
+            )
+        })
+        .collect();
+    // SETTINGS_MAX_CONCURRENT_STREAMS is 0x3.
+    assert!(settings.contains(&(3, 7)), "{settings:?}");
+}
