@@ -480,8 +480,18 @@ impl Ledger {
                     }
                     self.last_hold().insert(spec.account, Instant::now());
                     if let Some((key, cap, stored)) = stored {
-                        if !stored.await.unwrap_or(false) {
-                            return Err(self.refused_by_store(&hold, key, cap).await);
+                        match tokio::time::timeout(FLUSH_TIMEOUT, stored).await {
+                            Ok(Ok(true)) => {}
+                            Ok(_) => return Err(self.refused_by_store(&hold, key, cap).await),
+                            Err(_) => {
+                                // Not stored in time: the caller hears 503, so nothing may stay
+                                // reserved; the release is queued behind the opening.
+                                self.undo_open(&hold);
+                                return Err(StoreError::Unavailable(
+                                    "the store did not confirm the key's spend in time".into(),
+                                )
+                                .into());
+                            }
                         }
                     }
                     if spec.source == HoldSource::Api {
