@@ -16,7 +16,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, oneshot, Semaphore};
 use tollgate_core::ledger::{BillingStatus, Hold, HoldStatus, Resolve};
 use tollgate_core::metering::{LlmApi, StreamMeter, TokenUsage};
 use tollgate_core::pricing::{self, TokenPrices};
@@ -558,7 +558,15 @@ pub struct MeteredBody {
     /// Set when the client did not ask for the usage chunk Tollgate asked the upstream for.
     filter: Option<UsageChunkFilter>,
     ended: bool,
+    /// Told when the client has taken the last frame (or left): see [`TAKEN_WAIT`].
+    taken: Option<oneshot::Sender<()>>,
 }
+
+/// After the upstream's body ends, how long the meter waits for the client to take the last of
+/// it before settling. An answer is charged once it is on its way to the client, not while
+/// Tollgate still holds its end (a node that died then would have charged a call its client saw
+/// fail); a client that reads slowly delays its charge by this at most.
+const TAKEN_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl MeteredBody {
     /// `hide_usage_chunk`: the meter reads the OpenAI stream's usage-only chunk, but the client,
@@ -566,6 +574,7 @@ impl MeteredBody {
     pub fn new(inner: Incoming, metering: Metering, hide_usage_chunk: bool) -> MeteredBody {
         let size_hint = inner.size_hint();
         let (sender, frames) = mpsc::unbounded_channel();
+        let (taken, taken_seen) = oneshot::channel();
         let budget = usize::try_from(metering.drain_max_bytes)
             .unwrap_or(usize::MAX)
             .clamp(1, Semaphore::MAX_PERMITS);
@@ -578,6 +587,7 @@ impl MeteredBody {
                     sender,
                     ahead.clone(),
                     budget,
+                    taken_seen,
                 ));
             }
             // Only outside a runtime, where nothing can be read: the answer is not delivered.
@@ -590,6 +600,7 @@ impl MeteredBody {
             size_hint,
             filter: hide_usage_chunk.then(UsageChunkFilter::default),
             ended: false,
+            taken: Some(taken),
         }
     }
 }
@@ -621,6 +632,9 @@ impl Body for MeteredBody {
                 None => {
                     // What a filter still held when the upstream ended goes out last.
                     this.ended = true;
+                    if let Some(taken) = this.taken.take() {
+                        let _ = taken.send(());
+                    }
                     let rest = this.filter.as_mut().map(UsageChunkFilter::finish);
                     return Poll::Ready(rest.filter(|b| !b.is_empty()).map(|b| Ok(Frame::data(b))));
                 }
@@ -657,6 +671,9 @@ impl Drop for MeteredBody {
     fn drop(&mut self) {
         // The client is gone: a reader waiting for read-ahead room must not wait for ever.
         self.ahead.close();
+        if let Some(taken) = self.taken.take() {
+            let _ = taken.send(());
+        }
     }
 }
 
@@ -670,6 +687,7 @@ async fn read_upstream(
     frames: mpsc::UnboundedSender<Result<Frame<Bytes>, hyper::Error>>,
     ahead: Arc<Semaphore>,
     budget: usize,
+    taken: oneshot::Receiver<()>,
 ) {
     // Set once the client is gone: when to stop reading for the usage, and how much was read.
     let mut draining: Option<(tokio::time::Instant, u64)> = None;
@@ -719,6 +737,9 @@ async fn read_upstream(
             }
         }
     };
+    if matches!(ending, Ending::Complete) {
+        let _ = tokio::time::timeout(TAKEN_WAIT, taken).await;
+    }
     metering.finish(ending);
 }
 
