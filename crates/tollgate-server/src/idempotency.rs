@@ -59,6 +59,10 @@ const MAX_KEY_CHARS: usize = 255;
 /// an idempotency verdict. The management API's routes carry [`layer`] themselves, so only a
 /// request that matches one of them is claimed.
 pub async fn proxied(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    // The cheap tests first: most requests carry no key to claim.
+    if !claims_a_key(&request) {
+        return next.run(request).await;
+    }
     let path = request.uri().path();
     let forwarded = !path.starts_with(&state.config.api_prefix)
         && crate::proxy::path_escape(path).is_none()
@@ -72,8 +76,14 @@ pub async fn proxied(State(state): State<AppState>, request: Request, next: Next
     layer(State(state), request, next).await
 }
 
+/// Whether the request is one idempotency applies to: a POST or PATCH with an Idempotency-Key.
+fn claims_a_key(request: &Request) -> bool {
+    matches!(*request.method(), Method::POST | Method::PATCH)
+        && request.headers().contains_key(&IDEMPOTENCY_KEY)
+}
+
 pub async fn layer(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    if !matches!(*request.method(), Method::POST | Method::PATCH) {
+    if !claims_a_key(&request) {
         return next.run(request).await;
     }
     let Some(value) = request.headers().get(&IDEMPOTENCY_KEY) else {

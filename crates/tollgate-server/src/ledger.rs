@@ -414,6 +414,8 @@ impl Ledger {
         // give it back: the request waits for that (see [`Recall`]), carving again as it comes.
         let mut last_carve: Option<Carve> = None;
         let mut recall = Recall::new();
+        // Taken by the one iteration that opens the hold.
+        let mut metadata = Some(spec.metadata);
         loop {
             // Decided under the book's lock; awaited after it is released.
             let next = {
@@ -424,7 +426,7 @@ impl Ledger {
                             hold: hold.clone(),
                             source: spec.source,
                             request_id: spec.request_id,
-                            metadata: spec.metadata.clone(),
+                            metadata: metadata.take().unwrap_or_default(),
                         };
                         let write = LedgerWrite::OpenHold {
                             record,
@@ -809,20 +811,18 @@ impl Ledger {
     /// not an outage: the store is down after [`FAILED_PINGS_DOWN`] failures in a row, and up
     /// again at the first answer.
     pub async fn check_store(&self) {
-        let failed = match self.store.ping().await {
+        let failures = match self.store.ping().await {
             Ok(()) => {
                 self.failed_pings.store(0, Ordering::Release);
-                false
+                0
             }
-            Err(_) => self.failed_pings.fetch_add(1, Ordering::AcqRel) + 1 >= FAILED_PINGS_DOWN,
+            Err(_) => self.failed_pings.fetch_add(1, Ordering::AcqRel) + 1,
         };
-        let down = if failed {
-            true
-        } else if self.failed_pings.load(Ordering::Acquire) == 0 {
-            false
-        } else {
+        let down = match failures {
+            0 => false,
+            n if n >= FAILED_PINGS_DOWN => true,
             // One failure so far: no change either way.
-            return;
+            _ => return,
         };
         if down != self.store_down.swap(down, Ordering::AcqRel) {
             if down {

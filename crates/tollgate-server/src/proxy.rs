@@ -794,17 +794,38 @@ pub(crate) fn method_not_allowed(method: &http::Method, allowed: &[http::Method]
 /// proxy between) decodes and normalises it: a `.` or `..` segment, raw or percent-encoded, an
 /// encoded slash or backslash, or an encoded NUL. `None` for a path that is safe to forward as it is.
 pub(crate) fn path_escape(path: &str) -> Option<&'static str> {
-    let lower = path.to_ascii_lowercase();
-    if lower.contains("%2f") || lower.contains("%5c") {
-        return Some("an encoded slash ('%2F' or '%5C')");
+    // Runs on every proxied request: bytes compared in place, nothing allocated.
+    let bytes = path.as_bytes();
+    let encoded = |i: usize, code: &[u8; 2]| {
+        bytes.get(i) == Some(&b'%')
+            && bytes
+                .get(i + 1..i + 3)
+                .is_some_and(|hex| hex.eq_ignore_ascii_case(code))
+    };
+    for i in 0..bytes.len() {
+        if encoded(i, b"2f") || encoded(i, b"5c") {
+            return Some("an encoded slash ('%2F' or '%5C')");
+        }
+        if encoded(i, b"00") {
+            return Some("an encoded NUL ('%00')");
+        }
     }
-    if lower.contains("%00") {
-        return Some("an encoded NUL ('%00')");
-    }
-    let dot_segment = lower
-        .split('/')
-        .map(|segment| segment.replace("%2e", "."))
-        .any(|segment| segment == "." || segment == "..");
+    // A segment of one or two dots, each raw or `%2e`.
+    let dot_segment = path.split('/').any(|segment| {
+        let mut rest = segment.as_bytes();
+        let mut dots = 0;
+        while !rest.is_empty() {
+            if rest[0] == b'.' {
+                rest = &rest[1..];
+            } else if rest.len() >= 3 && rest[0] == b'%' && rest[1..3].eq_ignore_ascii_case(b"2e") {
+                rest = &rest[3..];
+            } else {
+                return false;
+            }
+            dots += 1;
+        }
+        dots == 1 || dots == 2
+    });
     dot_segment.then_some("a dot-segment ('.' or '..', or '%2E%2E')")
 }
 

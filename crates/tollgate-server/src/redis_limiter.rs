@@ -15,7 +15,7 @@ use crate::limits::{Demand, Limiter, LimiterUnavailable, Verdict};
 use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::Script;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tokio::sync::OnceCell;
 use tollgate_core::ratelimit::Standing;
@@ -30,7 +30,10 @@ pub const RETRY_AFTER: Duration = Duration::from_secs(1);
 pub struct RedisLimiter {
     client: redis::Client,
     connection: OnceCell<ConnectionManager>,
-    failed_at: Mutex<Option<Instant>>,
+    /// Until when Redis counts as down, in milliseconds since `created` (0: it is not). An
+    /// atomic, so the check on every request takes no lock.
+    down_until_ms: AtomicU64,
+    created: Instant,
     script: Script,
 }
 
@@ -43,13 +46,14 @@ impl RedisLimiter {
         Ok(RedisLimiter {
             client,
             connection: OnceCell::new(),
-            failed_at: Mutex::new(None),
+            down_until_ms: AtomicU64::new(0),
+            created: Instant::now(),
             script: Script::new(include_str!("gcra.lua")),
         })
     }
 
-    fn failed_at(&self) -> std::sync::MutexGuard<'_, Option<Instant>> {
-        self.failed_at.lock().unwrap_or_else(|p| p.into_inner())
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.created.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
     /// Runs `command` on the connection, unless Redis failed within [`RETRY_AFTER`]; a failure
@@ -58,10 +62,7 @@ impl RedisLimiter {
         &self,
         command: impl AsyncFnOnce(ConnectionManager) -> Result<T, LimiterUnavailable>,
     ) -> Result<T, LimiterUnavailable> {
-        let known_down = self
-            .failed_at()
-            .is_some_and(|at| at.elapsed() < RETRY_AFTER);
-        if known_down {
+        if self.now_ms() < self.down_until_ms.load(Ordering::Acquire) {
             return Err(LimiterUnavailable(
                 "Redis failed less than a second ago".into(),
             ));
@@ -70,7 +71,13 @@ impl RedisLimiter {
             Ok(connection) => command(connection).await,
             Err(e) => Err(e),
         };
-        *self.failed_at() = outcome.is_err().then(Instant::now);
+        if outcome.is_err() {
+            let retry_ms = u64::try_from(RETRY_AFTER.as_millis()).unwrap_or(u64::MAX);
+            self.down_until_ms
+                .store(self.now_ms().saturating_add(retry_ms), Ordering::Release);
+        } else if self.down_until_ms.load(Ordering::Relaxed) != 0 {
+            self.down_until_ms.store(0, Ordering::Release);
+        }
         outcome
     }
 
