@@ -128,6 +128,12 @@ catalogue! {
     PayloadTooLarge = "payload_too_large", 413, "request_too_large", Caller, false,
         "The request body is larger than the configured limit.",
         "Send a smaller body; `details.limit_bytes` gives the limit.";
+    UriTooLong = "uri_too_long", 414, "request_too_large", Caller, false,
+        "The request's URI is longer than Tollgate reads.",
+        "Send a shorter URI; move long parameters into the body.";
+    HeadersTooLarge = "headers_too_large", 431, "request_too_large", Caller, false,
+        "The request's head (request line and headers) is larger than the configured limit, or has more than 100 headers.",
+        "Send fewer or smaller headers (large cookies are the usual cause); `details.limit_bytes` gives the limit.";
     UnprocessableEntity = "unprocessable_entity", 422, "invalid_request_error", Caller, false,
         "The request is well-formed but cannot be carried out as asked.",
         "Change the request as the message says.";

@@ -132,6 +132,7 @@ impl Application {
             self.listener,
             self.router,
             self.state.config.connections,
+            self.state.config.request_id_header.clone(),
             shutdown,
         )
         .await;
@@ -308,6 +309,11 @@ fn router(state: AppState) -> anyhow::Result<Router> {
         .layer(middleware::from_fn_with_state(state.clone(), limits::layer))
         // Shedding comes before any other work: no key lookup, limit decision or hold.
         .layer(middleware::from_fn_with_state(state.clone(), shed::layer))
+        // An oversized head is refused before anything reads it.
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            edge::bounded_head,
+        ))
         // The trace span opens after the ID exists, so every log line carries it. One INFO line
         // per response (status, latency); failures are logged once, by rescue.
         .layer(

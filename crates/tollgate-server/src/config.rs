@@ -38,6 +38,9 @@ pub const ENV_OVERRIDES: &[(&str, &str, &str)] = &[
 ];
 
 const REDACTED: &str = "<redacted>";
+/// hyper reads a request head into a buffer of at least 8 KiB.
+const MIN_HEADER_BYTES: u64 = 8 * 1024;
+const MAX_HEADER_BYTES: u64 = 1024 * 1024;
 
 // ---------------------------------------------------------------------------------------------
 // Step 1: raw types, exactly what the file says.
@@ -120,6 +123,8 @@ pub struct RawServer {
     pub max_connections: u64,
     /// Requests one HTTP/2 connection may have in flight at once.
     pub http2_max_concurrent_streams: u32,
+    /// The largest request head (request line and headers) accepted; larger gets 431.
+    pub max_header_bytes: u64,
 }
 
 impl Default for RawServer {
@@ -134,6 +139,7 @@ impl Default for RawServer {
             header_read_timeout: "10s".into(),
             max_connections: 0,
             http2_max_concurrent_streams: 100,
+            max_header_bytes: 64 * 1024,
         }
     }
 }
@@ -718,6 +724,8 @@ pub struct ConnectionLimits {
     /// At least 1; `server.max_connections = 0` is resolved at start from the open-file limit.
     pub max_connections: usize,
     pub http2_max_concurrent_streams: u32,
+    /// 8 KiB to 1 MiB.
+    pub max_header_bytes: usize,
 }
 
 /// How a route charges. The cost of a call is `flat` plus its metered part (units or tokens).
@@ -858,6 +866,12 @@ impl Config {
         if s.http2_max_concurrent_streams == 0 {
             p.push("server.http2_max_concurrent_streams", "must be at least 1");
         }
+        if !(MIN_HEADER_BYTES..=MAX_HEADER_BYTES).contains(&s.max_header_bytes) {
+            p.push(
+                "server.max_header_bytes",
+                format!("must be from {MIN_HEADER_BYTES} (8 KiB) to {MAX_HEADER_BYTES} (1 MiB)"),
+            );
+        }
         let connections = ConnectionLimits {
             header_read_timeout,
             max_connections: match s.max_connections {
@@ -865,6 +879,7 @@ impl Config {
                 n => usize::try_from(n).unwrap_or(usize::MAX),
             },
             http2_max_concurrent_streams: s.http2_max_concurrent_streams,
+            max_header_bytes: usize::try_from(s.max_header_bytes).unwrap_or(usize::MAX),
         };
         let trusted_proxies: Vec<IpNet> = s
             .trusted_proxies
@@ -1664,7 +1679,7 @@ mod tests {
     fn every_problem_is_reported_at_once_with_its_path() {
         expect![[r#"
             8 problems in the config:
-              - server.lisen: unknown field `lisen`, expected one of `listen`, `api_prefix`, `request_id_header`, `max_body_bytes`, `key_cache_capacity`, `trusted_proxies`, `header_read_timeout`, `max_connections`, `http2_max_concurrent_streams`
+              - server.lisen: unknown field `lisen`, expected one of `listen`, `api_prefix`, `request_id_header`, `max_body_bytes`, `key_cache_capacity`, `trusted_proxies`, `header_read_timeout`, `max_connections`, `http2_max_concurrent_streams`, `max_header_bytes`
               - routes[0].upstream: invalid type: integer `5`, expected a string
               - routes[2]: missing field `group`
               - surprise: unknown section (expected server, store, redis, admin, billing, keys, load_shedding, idempotency, rate_limits or routes)

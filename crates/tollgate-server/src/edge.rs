@@ -9,10 +9,10 @@
 use crate::state::AppState;
 use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::http::{HeaderName, HeaderValue};
+use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use axum::middleware::Next;
 use axum::response::Response;
-use tollgate_core::{ApiError, RequestId};
+use tollgate_core::{ApiError, ErrorCode, RequestId};
 use tollgate_wire::{render_error, ErrorProfile};
 
 pub const TOLLGATE_ERROR: HeaderName = HeaderName::from_static("x-tollgate-error");
@@ -109,11 +109,20 @@ fn render(
     profile: ErrorProfile,
     id: RequestId,
 ) -> Response {
-    let rendered = render_error(profile, error, &id);
-    let body = serde_json::to_vec(&rendered.body).unwrap_or_default();
+    let (headers, body) = render_parts(error, profile, id);
     let mut response = Response::new(Body::from(body));
     *response.status_mut() = status;
-    let headers = response.headers_mut();
+    *response.headers_mut() = headers;
+    // Keep the profile for the request-ID layer, which adds `request-id` for Anthropic routes.
+    response.extensions_mut().insert(profile);
+    response
+}
+
+/// The envelope's headers and body.
+fn render_parts(error: &ApiError, profile: ErrorProfile, id: RequestId) -> (HeaderMap, Vec<u8>) {
+    let rendered = render_error(profile, error, &id);
+    let body = serde_json::to_vec(&rendered.body).unwrap_or_default();
+    let mut headers = HeaderMap::new();
     headers.insert(
         http::header::CONTENT_TYPE,
         HeaderValue::from_static(rendered.content_type),
@@ -138,9 +147,87 @@ fn render(
             headers.insert(http::header::ALLOW, value);
         }
     }
-    // Keep the profile for the request-ID layer, which adds `request-id` for Anthropic routes.
-    response.extensions_mut().insert(profile);
-    response
+    (headers, body)
+}
+
+/// A request head larger than `server.max_header_bytes`, counted as HTTP/2 counts a header list
+/// (name, value and 32 bytes per field, plus the request line), gets 431. An HTTP/1 head is
+/// bounded by hyper as it reads it (see `serve`); HTTP/2 lets a larger list through to here so
+/// that its refusal carries the envelope, not h2's bare 431.
+pub async fn bounded_head(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let limit = state.config.connections.max_header_bytes;
+    let line = request.method().as_str().len()
+        + request
+            .uri()
+            .path_and_query()
+            .map_or(0, |p| p.as_str().len())
+        + request.uri().authority().map_or(0, |a| a.as_str().len());
+    let size = request.headers().iter().fold(line, |size, (name, value)| {
+        size + name.as_str().len() + value.len() + 32
+    });
+    if size <= limit {
+        return next.run(request).await;
+    }
+    let id = request
+        .extensions()
+        .get::<RequestId>()
+        .copied()
+        .unwrap_or_default();
+    error_response(&head_too_large(limit), ErrorProfile::default(), id)
+}
+
+fn head_too_large(limit: usize) -> ApiError {
+    ApiError::new(
+        ErrorCode::HeadersTooLarge,
+        format!(
+            "The request's head is larger than {limit} bytes, or has more than 100 headers. \
+             Send fewer or smaller headers."
+        ),
+    )
+    .with_detail("limit_bytes", limit)
+}
+
+/// The whole HTTP/1.1 answer Tollgate gives in place of hyper's own bare refusal of a request
+/// it could not read (`status` is hyper's: 400, 414 or 431): the envelope, `X-Tollgate-Error`
+/// and a fresh request ID, on a connection that then closes. `None` for any other status.
+pub fn http1_refusal(
+    status: u16,
+    max_header_bytes: usize,
+    request_id_header: &HeaderName,
+) -> Option<Vec<u8>> {
+    let error = match status {
+        400 => ApiError::new(
+            ErrorCode::BadRequest,
+            "The request is not valid HTTP/1.1: its request line or a header could not be read.",
+        ),
+        414 => ApiError::new(
+            ErrorCode::UriTooLong,
+            "The request's URI is longer than Tollgate reads (64 KiB).",
+        ),
+        431 => head_too_large(max_header_bytes),
+        _ => return None,
+    };
+    log(&error);
+    let id = RequestId::new();
+    let (headers, body) = render_parts(&error, ErrorProfile::default(), id);
+    let reason = http::StatusCode::from_u16(status)
+        .ok()
+        .and_then(|s| s.canonical_reason())
+        .unwrap_or("");
+    let mut out = format!("HTTP/1.1 {status} {reason}\r\n").into_bytes();
+    for (name, value) in headers.iter().chain([(
+        request_id_header,
+        &HeaderValue::from_str(&id.to_string()).ok()?,
+    )]) {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(format!("content-length: {}\r\n", body.len()).as_bytes());
+    out.extend_from_slice(b"connection: close\r\n\r\n");
+    out.extend_from_slice(&body);
+    Some(out)
 }
 
 /// A response body that runs `on_end` once, when the body ends, fails, or is dropped unfinished

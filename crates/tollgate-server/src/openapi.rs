@@ -66,7 +66,7 @@ use utoipa_axum::routes;
         schemas(ErrorEnvelope),
         responses(
             Status400, Status401, Status402, Status403, Status404, Status409, Status413,
-            Status422, Status429, Status500, Status503
+            Status414, Status422, Status429, Status431, Status500, Status503
         )
     )
 )]
@@ -87,8 +87,10 @@ fn status_name(status: u16) -> &'static str {
         404 => "NotFound",
         409 => "Conflict",
         413 => "PayloadTooLarge",
+        414 => "UriTooLong",
         422 => "UnprocessableEntity",
         429 => "TooManyRequests",
+        431 => "HeadersTooLarge",
         500 => "InternalServerError",
         502 => "BadGateway",
         503 => "ServiceUnavailable",
@@ -121,15 +123,17 @@ error_responses! {
     Status404 = 404;
     Status409 = 409;
     Status413 = 413;
+    Status414 = 414;
     Status422 = 422;
     Status429 = 429;
+    Status431 = 431;
     Status500 = 500;
     Status503 = 503;
 }
 
 /// The errors Tollgate itself may answer a data-plane call with.
-const DATA_PLANE_ERRORS: [u16; 14] = [
-    400, 401, 402, 403, 404, 405, 409, 413, 422, 429, 500, 502, 503, 504,
+const DATA_PLANE_ERRORS: [u16; 16] = [
+    400, 401, 402, 403, 404, 405, 409, 413, 414, 422, 429, 431, 500, 502, 503, 504,
 ];
 
 /// Codes only the data plane answers with (they concern models and upstreams).
@@ -277,7 +281,7 @@ pub fn finish(mut doc: Document, config: &Config) -> Document {
 
 /// Errors any authenticated management call can meet, whatever it does.
 fn add_common_errors(operation: &mut Operation, has_body: bool) {
-    let mut statuses = vec![401, 429, 500, 503];
+    let mut statuses = vec![401, 414, 429, 431, 500, 503];
     if has_body {
         statuses.push(413);
     }

@@ -39,7 +39,11 @@ async fn raw(addr: SocketAddr, head: &str) -> RawAnswer {
     socket.write_all(request.as_bytes()).await.unwrap();
     let mut answer = Vec::new();
     socket.read_to_end(&mut answer).await.unwrap();
-    let text = String::from_utf8_lossy(&answer).to_string();
+    parse_answer(&answer)
+}
+
+fn parse_answer(answer: &[u8]) -> RawAnswer {
+    let text = String::from_utf8_lossy(answer).to_string();
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
     let mut lines = head.lines();
     let status = lines
@@ -379,4 +383,137 @@ async fn http2_connections_announce_their_stream_limit() {
         .collect();
     // SETTINGS_MAX_CONCURRENT_STREAMS is 0x3.
     assert!(settings.contains(&(3, 7)), "{settings:?}");
+}
+
+/// Sends `bytes` as they are and reads the whole answer.
+async fn raw_bytes(addr: SocketAddr, bytes: &[u8]) -> RawAnswer {
+    let mut socket = tokio::net::TcpStream::connect(addr).await.unwrap();
+    socket.write_all(bytes).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        socket.read_to_end(&mut answer),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    parse_answer(&answer)
+}
+
+fn assert_enveloped(answer: &RawAnswer, status: u16, code: &str, what: &str) {
+    assert_eq!(answer.status, status, "{what}: {}", answer.body);
+    assert_eq!(answer.header("x-tollgate-error"), Some(code), "{what}");
+    assert_eq!(
+        answer.header("content-type"),
+        Some("application/json"),
+        "{what}"
+    );
+    let id = answer.header("x-request-id").unwrap_or_default();
+    assert!(id.starts_with("req_"), "{what}: request ID {id:?}");
+    let body = answer.json();
+    assert_eq!(body["error"]["code"], code, "{what}: {}", answer.body);
+    assert_eq!(body["error"]["request_id"], id, "{what}: {}", answer.body);
+}
+
+#[tokio::test]
+async fn requests_the_http_layer_cannot_read_get_the_envelope_and_a_request_id() {
+    let app = common::spawn_app_with(with_server(|server| {
+        server.max_header_bytes = 8 * 1024;
+    }))
+    .await;
+    let big = "a".repeat(10 * 1024);
+    let many: String = (0..101).map(|i| format!("X-Many-{i}: 1\r\n")).collect();
+    for (what, request, status, code) in [
+        (
+            "a method with a character no method has",
+            "G(T /healthz HTTP/1.1\r\nHost: x\r\n\r\n".to_string(),
+            400,
+            "bad_request",
+        ),
+        (
+            "a header name with a space",
+            "GET /healthz HTTP/1.1\r\nHost: x\r\nBad Header: 1\r\n\r\n".to_string(),
+            400,
+            "bad_request",
+        ),
+        (
+            "a version that is not HTTP/1.x",
+            "GET /healthz HTTP/9.9\r\nHost: x\r\n\r\n".to_string(),
+            400,
+            "bad_request",
+        ),
+        (
+            "a cookie over the limit",
+            format!("GET /healthz HTTP/1.1\r\nHost: x\r\nCookie: {big}\r\n\r\n"),
+            431,
+            "headers_too_large",
+        ),
+        (
+            "more than 100 headers",
+            format!("GET /healthz HTTP/1.1\r\nHost: x\r\n{many}\r\n"),
+            431,
+            "headers_too_large",
+        ),
+    ] {
+        let answer = raw_bytes(app.addr, request.as_bytes()).await;
+        assert_enveloped(&answer, status, code, what);
+        assert_eq!(answer.header("connection"), Some("close"), "{what}");
+        if status == 431 {
+            assert_eq!(answer.json()["error"]["details"]["limit_bytes"], 8192);
+        }
+    }
+    // A head within the limit is served, on a connection that stays usable.
+    let within = "a".repeat(6 * 1024);
+    let answer = raw(
+        app.addr,
+        &format!("GET /healthz HTTP/1.1\r\nCookie: {within}"),
+    )
+    .await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+}
+
+#[tokio::test]
+async fn an_oversized_http2_header_gets_the_envelope_on_its_stream_not_a_reset() {
+    let app = common::spawn_app_with(with_server(|server| {
+        server.max_header_bytes = 8 * 1024;
+    }))
+    .await;
+    let socket = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(socket),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(connection);
+    let request = |cookie: String| {
+        hyper::Request::get(format!("http://{}/healthz", app.addr))
+            .header("cookie", cookie)
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap()
+    };
+    let refused = sender
+        .send_request(request("a".repeat(12 * 1024)))
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 431);
+    let id = refused.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(refused.headers()["x-tollgate-error"], "headers_too_large");
+    let body = http_body_util::BodyExt::collect(refused.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    let body: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(body["error"]["code"], "headers_too_large");
+    assert_eq!(body["error"]["request_id"], id.as_str());
+    assert_eq!(body["error"]["details"]["limit_bytes"], 8192);
+    // The connection lives on: the next request on it is served.
+    let served = sender
+        .send_request(request("a".repeat(1024)))
+        .await
+        .unwrap();
+    assert_eq!(served.status(), 200);
 }
