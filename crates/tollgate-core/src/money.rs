@@ -13,6 +13,11 @@ pub const NANOS_PER_CREDIT: i64 = 1_000_000_000;
 /// i64 holds, so no sum of a few of them overflows anywhere (in memory or in either store).
 pub const MAX_AMOUNT: Nanos = Nanos(1_000_000_000 * NANOS_PER_CREDIT);
 
+/// The exact form of an amount the API takes (the OpenAPI `pattern` of every amount field):
+/// 1 to 9 digits, then optionally `.` and 1 to 9 decimals, so below [`MAX_AMOUNT`] and exact to
+/// the nano-unit. [`Nanos::parse_amount`] accepts exactly these strings.
+pub const AMOUNT_PATTERN: &str = r"^[0-9]{1,9}(\.[0-9]{1,9})?$";
+
 /// An amount in nano-units. Signed, because ledger movements are; balances are never negative.
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
@@ -28,10 +33,25 @@ pub enum MoneyError {
     Overflow(String),
     #[error("'{0}' is negative; amounts here must be zero or more")]
     Negative(String),
+    #[error(
+        "'{0}' is not an amount: 1 to 9 digits, optionally '.' and 1 to 9 decimals (e.g. \"0.25\")"
+    )]
+    NotAmount(String),
 }
 
 impl Nanos {
     pub const ZERO: Nanos = Nanos(0);
+
+    /// Parses an amount as the API takes it, in exactly the form [`AMOUNT_PATTERN`] describes:
+    /// no sign, no spaces, no rounding, below [`MAX_AMOUNT`].
+    pub fn parse_amount(text: &str) -> Result<Nanos, MoneyError> {
+        let (whole, fraction) = text.split_once('.').unwrap_or((text, "0"));
+        let digits = |s: &str| (1..=9).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_digit());
+        if !digits(whole) || !digits(fraction) {
+            return Err(MoneyError::NotAmount(text.to_string()));
+        }
+        Nanos::parse_credits(text)
+    }
 
     /// Parses a non-negative decimal amount of credits ("1", "0.25", "0.0000000015"),
     /// rounding up to a whole nano-unit.
@@ -103,6 +123,51 @@ impl fmt::Display for Nanos {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn the_api_takes_amounts_in_exactly_the_documented_form() {
+        let pattern = regex::Regex::new(AMOUNT_PATTERN).unwrap();
+        for text in [
+            "0",
+            "1",
+            "0.25",
+            "2.50",
+            "123456789",
+            "999999999.999999999",
+            "0.000000001",
+            "007",
+        ] {
+            assert!(pattern.is_match(text), "{text}");
+            assert_eq!(
+                Nanos::parse_amount(text),
+                Nanos::parse_credits(text),
+                "{text}"
+            );
+        }
+        for text in [
+            "",
+            ".",
+            ".5",
+            "5.",
+            " 5",
+            "5 ",
+            "-1",
+            "+1",
+            "1e3",
+            "1,5",
+            "1000000000",
+            "0.0000000001",
+            "1.2.3",
+            "١",
+        ] {
+            assert!(!pattern.is_match(text), "{text}");
+            assert!(Nanos::parse_amount(text).is_err(), "{text}");
+        }
+        assert_eq!(
+            Nanos::parse_amount("999999999.999999999"),
+            Ok(Nanos(MAX_AMOUNT.0 - 1))
+        );
+    }
     use super::*;
     use proptest::prelude::*;
 

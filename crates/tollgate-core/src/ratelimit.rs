@@ -224,9 +224,14 @@ pub fn most_restrictive<'a>(
 ) -> Option<(&'a Policy, Standing)> {
     standings.into_iter().reduce(|best, next| {
         let size = |p: &Policy| u128::from(p.limit) + u128::from(p.burst);
-        // a/b < c/d  ⇔  a·d < c·b, in integers.
-        let next_tighter = u128::from(next.1.remaining) * size(best.0)
-            < u128::from(best.1.remaining) * size(next.0);
+        // a/b < c/d  ⇔  a·d < c·b, in integers; only sizes near 2⁶⁴ can overflow that, and
+        // those are compared as ratios.
+        let (a, b) = (u128::from(next.1.remaining), size(next.0));
+        let (c, d) = (u128::from(best.1.remaining), size(best.0));
+        let next_tighter = match (a.checked_mul(d), c.checked_mul(b)) {
+            (Some(ad), Some(cb)) => ad < cb,
+            _ => (a as f64 / b as f64) < (c as f64 / d as f64),
+        };
         let refused_first = !next.1.admitted && best.1.admitted;
         if refused_first || (next.1.admitted == best.1.admitted && next_tighter) {
             next
@@ -240,6 +245,30 @@ pub fn most_restrictive<'a>(
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// Found by the `rate_limit_headers` fuzz target: the cross-multiplication overflowed u128.
+    #[test]
+    fn the_most_restrictive_of_policies_near_the_largest_sizes_is_chosen_without_overflow() {
+        let huge = Policy {
+            limit: u64::MAX,
+            burst: u64::MAX,
+            ..policy(1, 1000, 0)
+        };
+        let standing = |remaining| Standing {
+            admitted: true,
+            remaining,
+            reset_after: Duration::ZERO,
+            retry_after: Duration::ZERO,
+        };
+        let (_, chosen) =
+            most_restrictive([(&huge, standing(u64::MAX)), (&huge, standing(u64::MAX / 2))])
+                .unwrap();
+        assert_eq!(chosen.remaining, u64::MAX / 2);
+        let small = policy(10, 1000, 0);
+        let (tightest, _) =
+            most_restrictive([(&huge, standing(u64::MAX)), (&small, standing(1))]).unwrap();
+        assert_eq!(tightest.limit, 10);
+    }
 
     fn policy(limit: u64, window_ms: u64, burst: u64) -> Policy {
         Policy {

@@ -52,6 +52,9 @@ pub fn router() -> Router {
         .route("/v1/messages/count_tokens", post(count_tokens_endpoint))
         .route("/echo", any(echo))
         .route("/echo/{*rest}", any(echo))
+        // As the real APIs do, an unknown path or method gets a JSON error, not an empty body.
+        .fallback(|| async { unknown(StatusCode::NOT_FOUND) })
+        .method_not_allowed_fallback(|| async { unknown(StatusCode::METHOD_NOT_ALLOWED) })
         .layer(
             tower_http::compression::CompressionLayer::new()
                 .compress_when(tower_http::compression::predicate::SizeAbove::new(0)),
@@ -481,6 +484,11 @@ async fn completions(headers: HeaderMap, body: Bytes) -> Response {
     }
     events.push((None, "[DONE]".to_string()));
     sse(events, completion.chunk_delay, completion.abort_after)
+}
+
+fn unknown(status: StatusCode) -> Response {
+    let body = json!({"error": {"message": format!("mock upstream: {status}"), "type": "invalid_request_error", "param": null, "code": null}});
+    (status, Json(body)).into_response()
 }
 
 fn openai_error(status: StatusCode) -> Value {

@@ -83,7 +83,7 @@ async fn create_account(
     let name = fields.name("name", &body.name);
     let starter_credits = match &body.starter_credits {
         None => state.config.starter_credits,
-        Some(text) => Nanos::parse_credits(text)
+        Some(text) => Nanos::parse_amount(text)
             .map_err(|e| fields.add("starter_credits", e.to_string()))
             .unwrap_or_default(),
     };
@@ -685,7 +685,8 @@ async fn roll_key(
     body: JsonBody,
 ) -> Result<impl IntoResponse, HttpError> {
     let key = owned_key(&state, &caller, id).await?;
-    let body: wire::RollKeyRequest = if body.is_empty() {
+    // The body may be omitted, or be JSON `null` (as the document's optional body allows).
+    let body: wire::RollKeyRequest = if body.is_empty() || body.is_null() {
         wire::RollKeyRequest::default()
     } else {
         body.parse()?
@@ -811,7 +812,7 @@ async fn revoke_key(
     tag = "keys",
     responses(
         (status = 200, description = "The key that made this call.", body = wire::ApiKeyInfo),
-        (status = 400, response = openapi::Status400),
+        (status = 403, response = openapi::Status403),
     ),
     security(("api_key" = [])),
 )]
@@ -821,8 +822,9 @@ async fn current_key(
 ) -> Result<Json<wire::ApiKeyInfo>, HttpError> {
     match caller {
         Caller::Key(key) => Ok(Json(key_view(&key, &state.config.currency))),
+        // The token is valid but names no key: this call is not the admin's to make.
         Caller::Admin => Err(HttpError::new(
-            ErrorCode::BadRequest,
+            ErrorCode::Forbidden,
             "The admin token is not an API key; call this with an API key.",
         )),
     }
@@ -1042,7 +1044,7 @@ impl FieldErrors {
 
     fn spend_cap(&mut self, text: Option<&str>) -> Option<Nanos> {
         text.and_then(|text| {
-            Nanos::parse_credits(text)
+            Nanos::parse_amount(text)
                 .map_err(|e| self.add("monthly_spend_cap", e.to_string()))
                 .ok()
         })
@@ -1066,6 +1068,11 @@ impl JsonBody {
     /// No body, or only whitespace.
     pub fn is_empty(&self) -> bool {
         self.0.iter().all(u8::is_ascii_whitespace)
+    }
+
+    /// JSON `null`.
+    pub fn is_null(&self) -> bool {
+        self.0.trim_ascii() == b"null"
     }
 
     /// Malformed JSON → 400 `bad_request`; the wrong shape → 400 `validation_error` naming the

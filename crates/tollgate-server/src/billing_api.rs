@@ -30,7 +30,7 @@ use utoipa_axum::routes;
 const DEFAULT_HOLD_TTL_S: u64 = 3600;
 const MAX_HOLD_TTL_S: u64 = 7 * 24 * 3600;
 const DEFAULT_PAGE: u32 = 50;
-const MAX_PAGE: u32 = 500;
+pub(crate) const MAX_PAGE: u32 = 500;
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -193,7 +193,7 @@ async fn grant_credits(
     let account = parse_id(id, AccountId::parse, "account")?;
     let body: wire::GrantRequest = body.parse()?;
     let mut fields = FieldErrors::default();
-    let amount = match Nanos::parse_credits(&body.amount) {
+    let amount = match Nanos::parse_amount(&body.amount) {
         Ok(n) if n > Nanos::ZERO => n,
         Ok(_) => {
             fields.add("amount", "must be more than zero");
@@ -435,7 +435,7 @@ async fn create_hold(
 ) -> Result<impl IntoResponse, HttpError> {
     let body: wire::CreateHoldRequest = body.parse()?;
     let mut fields = FieldErrors::default();
-    let amount = Nanos::parse_credits(&body.amount)
+    let amount = Nanos::parse_amount(&body.amount)
         .map_err(|e| fields.add("amount", e.to_string()))
         .unwrap_or_default();
     let ttl = body.ttl_seconds.unwrap_or(DEFAULT_HOLD_TTL_S);
@@ -587,7 +587,7 @@ async fn settle_hold(
     let record = owned_hold(&state, &caller, id).await?;
     let body: wire::SettleHoldRequest = body.parse()?;
     let amount =
-        Nanos::parse_credits(&body.amount).map_err(|e| validation("amount", e.to_string()))?;
+        Nanos::parse_amount(&body.amount).map_err(|e| validation("amount", e.to_string()))?;
     // Settling a resolved hold again answers its first outcome, whatever the amount.
     if record.hold.status == HoldStatus::Pending && amount > record.hold.amount {
         return Err(validation(
@@ -700,6 +700,7 @@ struct RequestsQuery {
         (status = 200, description = "One page of data-plane requests, newest first.", body = wire::Page<wire::UsageRecord>),
         (status = 400, response = openapi::Status400),
         (status = 403, response = openapi::Status403),
+        (status = 404, response = openapi::Status404),
     ),
     security(("admin_token" = []), ("api_key" = [])),
 )]
@@ -710,6 +711,9 @@ async fn list_requests(
 ) -> Result<Json<wire::Page<wire::UsageRecord>>, HttpError> {
     caller.require_master_or_admin()?;
     let query = parse_query(query)?;
+    if query.status.is_some_and(|s| !(100..=599).contains(&s)) {
+        return Err(validation("status", "must be an HTTP status, 100 to 599"));
+    }
     // The admin may list every account's requests; a master key sees its own.
     let account = match (&caller, &query.account_id) {
         (Caller::Admin, None) => None,

@@ -28,6 +28,9 @@ const STATE_FILE: &str = "demo.json";
 pub struct DemoOptions {
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
+    /// A TOML file layered over the demo's config: each field it sets replaces the demo's, a
+    /// list (`[[rate_limits]]`, `[[routes]]`) as a whole.
+    pub config: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -55,8 +58,12 @@ impl Demo {
             .as_ref()
             .map(|s| s.admin_token.clone())
             .unwrap_or_else(|| format!("tga_{}", random_base62(32)));
-        let config = Config::from_raw(demo_config(&options, &mock, &admin_token))
-            .map_err(|e| anyhow::anyhow!("demo config: {e}"))?;
+        let raw = demo_config(&options, &mock, &admin_token);
+        let config = match &options.config {
+            None => Config::from_raw(raw),
+            Some(path) => layered(raw, path, &admin_token)?,
+        }
+        .map_err(|e| anyhow::anyhow!("demo config: {e}"))?;
         let starter_credits = config.starter_credits;
         let app = Application::build(config).await?;
         let store = app.state().store.clone();
@@ -235,6 +242,37 @@ fn demo_config(options: &DemoOptions, mock: &MockUpstream, admin_token: &str) ->
         redis: Default::default(),
         rate_limits: None,
         routes,
+    }
+}
+
+/// The demo's config with the file at `path` laid over it, table by table.
+fn layered(
+    raw: RawConfig,
+    path: &Path,
+    admin_token: &str,
+) -> anyhow::Result<Result<Config, crate::config::ConfigErrors>> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+    let over: toml::Table =
+        toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let mut base = toml::Table::try_from(&raw)?;
+    merge(&mut base, over);
+    // Secrets serialise redacted: the demo's own token goes back in.
+    let text = toml::to_string(&base)?;
+    Ok(Config::load(
+        &text,
+        [("TOLLGATE_ADMIN_TOKEN", admin_token.to_string())],
+    ))
+}
+
+fn merge(base: &mut toml::Table, over: toml::Table) {
+    for (name, value) in over {
+        match (base.get_mut(&name), value) {
+            (Some(toml::Value::Table(base)), toml::Value::Table(over)) => merge(base, over),
+            (_, value) => {
+                base.insert(name, value);
+            }
+        }
     }
 }
 

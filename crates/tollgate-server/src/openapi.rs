@@ -18,7 +18,7 @@ use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
-use tollgate_core::{ApiError, ErrorCode};
+use tollgate_core::{AccountId, ApiError, ErrorCode, KeyId, RequestId};
 use tollgate_wire::envelope::{example_error, render_error, ErrorEnvelope, ErrorProfile};
 use utoipa::openapi::example::ExampleBuilder;
 use utoipa::openapi::header::HeaderBuilder;
@@ -27,7 +27,7 @@ use utoipa::openapi::path::{
 };
 use utoipa::openapi::request_body::RequestBodyBuilder;
 use utoipa::openapi::response::{Response as ApiResponse, ResponseBuilder};
-use utoipa::openapi::schema::{ObjectBuilder, Type};
+use utoipa::openapi::schema::{ObjectBuilder, Schema, Type};
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::openapi::{
     Content, OpenApi as Document, PathItem, Ref, RefOr, Required, SecurityRequirement,
@@ -256,8 +256,10 @@ pub fn finish(mut doc: Document, config: &Config) -> Document {
             if documents_itself {
                 continue;
             }
-            add_common_errors(operation, operation.request_body.is_some());
-            if matches!(method, HttpMethod::Post | HttpMethod::Patch) {
+            constrain_query(path, operation);
+            let claims_key = matches!(method, HttpMethod::Post | HttpMethod::Patch);
+            add_common_errors(operation, operation.request_body.is_some(), claims_key);
+            if claims_key {
                 add_parameter(operation, idempotency_key());
             }
         }
@@ -279,11 +281,16 @@ pub fn finish(mut doc: Document, config: &Config) -> Document {
     doc
 }
 
-/// Errors any authenticated management call can meet, whatever it does.
-fn add_common_errors(operation: &mut Operation, has_body: bool) {
-    let mut statuses = vec![401, 414, 429, 431, 500, 503];
+/// Errors any authenticated management call can meet, whatever it does: a bad query string or
+/// header (400), and for a call that takes an `Idempotency-Key`, the same key still running
+/// (409) or used for another request (422).
+fn add_common_errors(operation: &mut Operation, has_body: bool, claims_key: bool) {
+    let mut statuses = vec![400, 401, 414, 429, 431, 500, 503];
     if has_body {
         statuses.push(413);
+    }
+    if claims_key {
+        statuses.extend([409, 422]);
     }
     for status in statuses {
         operation
@@ -292,6 +299,52 @@ fn add_common_errors(operation: &mut Operation, has_body: bool) {
             .entry(status.to_string())
             .or_insert_with(|| RefOr::Ref(Ref::from_response_name(status_name(status))));
     }
+}
+
+/// The query parameters shared across listings, declared as the handlers check them: a typed
+/// id's pattern, a page size of 1 to 500, a status code, the form of each listing's cursor.
+fn constrain_query(path: &str, operation: &mut Operation) {
+    for parameter in operation.parameters.iter_mut().flatten() {
+        let RefOr::T(parameter) = parameter else {
+            continue;
+        };
+        if !matches!(parameter.parameter_in, ParameterIn::Query) {
+            continue;
+        }
+        let schema = match parameter.name.as_str() {
+            "account_id" => id_pattern(AccountId::PREFIX),
+            "key_id" => id_pattern(KeyId::PREFIX),
+            "limit" => ObjectBuilder::new()
+                .schema_type(Type::Integer)
+                .minimum(Some(1))
+                .maximum(Some(crate::billing_api::MAX_PAGE)),
+            "status" if path.ends_with("/requests") => ObjectBuilder::new()
+                .schema_type(Type::Integer)
+                .minimum(Some(100))
+                .maximum(Some(599)),
+            "status" if path.ends_with("/accounts") => ObjectBuilder::new()
+                .schema_type(Type::String)
+                .enum_values(Some(["active", "suspended"])),
+            "group_by" => ObjectBuilder::new()
+                .schema_type(Type::String)
+                .enum_values(Some(["day", "key", "route", "model"])),
+            // A cursor is the last row's id (or sequence number) of the previous page.
+            "cursor" if path.ends_with("/accounts") => id_pattern(AccountId::PREFIX),
+            "cursor" if path.ends_with("/keys") => id_pattern(KeyId::PREFIX),
+            "cursor" if path.ends_with("/requests") => id_pattern(RequestId::PREFIX),
+            "cursor" => ObjectBuilder::new()
+                .schema_type(Type::String)
+                .pattern(Some("^[0-9]{1,19}$")),
+            _ => continue,
+        };
+        parameter.schema = Some(schema.into());
+    }
+}
+
+fn id_pattern(prefix: &str) -> ObjectBuilder {
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .pattern(Some(format!("^{prefix}[0-9A-HJKMNP-TV-Z]{{26}}$")))
 }
 
 fn add_parameter(operation: &mut Operation, parameter: utoipa::openapi::path::Parameter) {
@@ -309,7 +362,10 @@ fn idempotency_key() -> utoipa::openapi::path::Parameter {
         .schema(Some(
             ObjectBuilder::new()
                 .schema_type(Type::String)
-                .max_length(Some(255)),
+                .min_length(Some(1))
+                .max_length(Some(255))
+                // Printable ASCII, no space at either end (HTTP trims it away).
+                .pattern(Some("^[!-~]([ -~]*[!-~])?$")),
         ))
         .description(Some(
             "Makes a retry safe: the same key with the same request returns the first outcome \
@@ -360,8 +416,17 @@ fn data_plane_path(route: &RouteConfig) -> PathItem {
                     .name("path")
                     .parameter_in(ParameterIn::Path)
                     .required(Required::True)
-                    .schema(Some(ObjectBuilder::new().schema_type(Type::String)))
-                    .description(Some("The rest of the upstream path; it may contain `/`.")),
+                    .schema(Some(
+                        ObjectBuilder::new()
+                            .schema_type(Type::String)
+                            // What the proxy forwards: no dot-segment, no (encoded) slash,
+                            // backslash or NUL, which could climb out of the route's prefix.
+                            .pattern(Some(r"^(?!\.\.?$)[^/\\\x00]+$")),
+                    ))
+                    .description(Some(
+                        "The rest of the upstream path, which may go on with more `/`-separated \
+                         segments; none may be `.` or `..`, or hold an encoded `/`, `\\` or NUL.",
+                    )),
             )
             .security(SecurityRequirement::new("api_key", Vec::<String>::new()))
             .security(SecurityRequirement::new(
@@ -377,11 +442,18 @@ fn data_plane_path(route: &RouteConfig) -> PathItem {
             method,
             HttpMethod::Post | HttpMethod::Put | HttpMethod::Patch
         ) {
-            let body = Content::new(Some(ObjectBuilder::new()));
+            // An LLM route reads the JSON it meters; any other route forwards any body.
+            let (content_type, body) = match route.pricing.llm {
+                None => ("*/*", Content::new(None::<RefOr<Schema>>)),
+                Some(_) => (
+                    "application/json",
+                    Content::new(Some(ObjectBuilder::new().schema_type(Type::Object))),
+                ),
+            };
             operation.request_body = Some(RefOr::T(
                 RequestBodyBuilder::new()
                     .description(Some("Passed to the upstream as sent."))
-                    .content("application/json", body)
+                    .content(content_type, body)
                     .build(),
             ));
         }
@@ -392,7 +464,10 @@ fn data_plane_path(route: &RouteConfig) -> PathItem {
                 .responses
                 .insert(status.to_string(), Ref::from_response_name(name).into());
         }
-        add_parameter(&mut operation, idempotency_key());
+        // Only the methods that claim a key (the proxy passes it on with the others).
+        if matches!(method, HttpMethod::Post | HttpMethod::Patch) {
+            add_parameter(&mut operation, idempotency_key());
+        }
         set_operation(&mut item, method, operation);
     }
     item

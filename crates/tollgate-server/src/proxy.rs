@@ -199,19 +199,19 @@ impl Timings {
 }
 
 /// What an LLM request asks for, read from its JSON body.
-struct LlmRequest {
-    endpoint: Endpoint,
-    prices: TokenPrices,
+pub struct LlmRequest {
+    pub endpoint: Endpoint,
+    pub prices: TokenPrices,
     /// The most output it may generate: the body's own cap, or the route's default, which was
     /// then written into the body (so the upstream cannot generate more than the hold covers).
-    max_tokens: u64,
+    pub max_tokens: u64,
     /// Input tokens estimated from the body (four bytes a token, rounded up).
-    input_estimate: u64,
+    pub input_estimate: u64,
     /// The body as forwarded: re-serialised from what Tollgate parsed, so the upstream reads
     /// exactly what the meter priced.
-    body: Bytes,
+    pub body: Bytes,
     /// The client did not ask for the stream's usage chunk, which Tollgate asked for itself.
-    hide_usage_chunk: bool,
+    pub hide_usage_chunk: bool,
 }
 
 /// What a call on a key route is, for pricing.
@@ -621,7 +621,18 @@ async fn read_llm_request(
             ))
         }
     };
-    let mut json: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
+    parse_llm_request(endpoint, models, &bytes, default_max_tokens)
+}
+
+/// [`read_llm_request`] once the body is read: the model, and the request as it will be held
+/// for and forwarded.
+pub fn parse_llm_request(
+    endpoint: Endpoint,
+    models: &BTreeMap<String, TokenPrices>,
+    bytes: &[u8],
+    default_max_tokens: u64,
+) -> Result<(String, LlmRequest), HttpError> {
+    let mut json: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| {
         HttpError::new(
             ErrorCode::BadRequest,
             format!("The request body is not valid JSON: {e}."),
@@ -961,6 +972,34 @@ fn passable_response_headers(incoming: &HeaderMap, request_id_header: &HeaderNam
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by the `llm_request` fuzz target: a number in a forwarded body drifted by one unit
+    /// in the last place each time it was parsed and written again, so the upstream was not sent
+    /// the value the client sent.
+    #[test]
+    fn a_forwarded_body_keeps_every_number_it_carries() {
+        let prices = TokenPrices {
+            input: Nanos(1),
+            output: Nanos(1),
+            cached_input: Nanos(1),
+        };
+        let models = BTreeMap::from([("m".to_string(), prices)]);
+        let sent = r#"{"model":"m","input":"hi","x":1022222222222222222222222222222,"t":0.1,"u":1.7976931348623157e308}"#;
+        let (_, first) =
+            parse_llm_request(Endpoint::Responses, &models, sent.as_bytes(), 16).unwrap();
+        let (_, again) = parse_llm_request(Endpoint::Responses, &models, &first.body, 16).unwrap();
+        assert_eq!(first.body, again.body);
+        let value = |body: &[u8], field: &str| {
+            serde_json::from_slice::<serde_json::Value>(body).unwrap()[field].as_f64()
+        };
+        for field in ["x", "t", "u"] {
+            assert_eq!(
+                value(&first.body, field),
+                value(sent.as_bytes(), field),
+                "{field}"
+            );
+        }
+    }
 
     #[test]
     fn joins_upstream_paths() {

@@ -688,9 +688,12 @@ async fn a_grant_past_the_balance_limit_is_400_naming_the_limit() {
     let app = spawn_app().await;
     let account = app.create_account("acme").await;
     let path = format!("/api/v1/accounts/{}/credits", account.id);
-    // With the starter credits, a billion more passes the limit of a billion.
+    // With the starter credits, the largest amount a grant takes passes the limit of a billion.
     let response = app
-        .admin_post(&path, json!({"amount": "1000000000", "reason": "too much"}))
+        .admin_post(
+            &path,
+            json!({"amount": "999999999.999999999", "reason": "too much"}),
+        )
         .send()
         .await
         .unwrap();

@@ -131,7 +131,7 @@ async fn malformed_json_is_400_bad_request_and_a_wrong_shape_is_400_validation_e
         .await
         .unwrap();
     let body = expect_error(several, 400, "validation_error").await;
-    expect![[r#"{"name":["must not be empty"],"starter_credits":["'lots' is not a decimal amount (expected digits with an optional '.', e.g. \"0.25\")"]}"#]]
+    expect![[r#"{"name":["must not be empty"],"starter_credits":["'lots' is not an amount: 1 to 9 digits, optionally '.' and 1 to 9 decimals (e.g. \"0.25\")"]}"#]]
         .assert_eq(&body["error"]["field_errors"].to_string());
 }
 
@@ -314,7 +314,7 @@ async fn unknown_management_paths_are_404_and_wrong_methods_405_in_the_envelope(
 async fn the_admin_token_is_not_an_api_key() {
     let app = spawn_app().await;
     let me = app.get_as("/api/v1/key", ADMIN_TOKEN).await;
-    expect_error(me, 400, "bad_request").await;
+    expect_error(me, 403, "forbidden").await;
     // Nor does it open the data plane.
     let proxied = app.get_as("/echo/x", ADMIN_TOKEN).await;
     expect_error(proxied, 401, "invalid_api_key").await;

@@ -34,6 +34,7 @@ async fn the_demo_serves_docs_openapi_json() {
     let demo = Demo::start(DemoOptions {
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         data_dir: dir.path().to_path_buf(),
+        config: None,
     })
     .await
     .unwrap();

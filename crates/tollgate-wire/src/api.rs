@@ -32,11 +32,14 @@ impl Money {
 #[schema(example = json!({"name": "Acme Corp", "starter_credits": "25.00"}))]
 pub struct CreateAccountRequest {
     pub name: String,
-    /// Credits to grant at creation, as a decimal string; the configured starter credits if omitted.
+    /// Credits to grant at creation (1 to 9 digits, optionally `.` and 1 to 9 decimals); the
+    /// configured starter credits if omitted.
     #[serde(default)]
+    #[schema(pattern = r"^[0-9]{1,9}(\.[0-9]{1,9})?$")]
     pub starter_credits: Option<String>,
     /// Overrides the configured limit of unrevoked keys for this account.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "whole")]
+    #[schema(maximum = 4_294_967_295_u32)]
     pub max_keys: Option<u32>,
 }
 
@@ -48,7 +51,8 @@ pub struct CreateAccountRequest {
 pub struct UpdateAccountRequest {
     #[serde(default, deserialize_with = "present")]
     pub name: Option<Option<String>>,
-    #[serde(default, deserialize_with = "present")]
+    #[serde(default, deserialize_with = "present_whole")]
+    #[schema(maximum = 4_294_967_295_u32)]
     pub max_keys: Option<Option<u32>>,
     /// The account's own numbers for configured rate-limit policies (its `account` policies and
     /// its keys' `key` and `key+route` ones), by policy name; replaces the whole set, `null`
@@ -100,8 +104,10 @@ pub struct CreateKeyRequest {
     pub allowed_ips: Option<Vec<String>>,
     #[serde(default)]
     pub expires_at: Option<DateTime<Utc>>,
-    /// The most the key may be charged per calendar month (UTC), a decimal string of credits.
+    /// The most the key may be charged per calendar month (UTC), in credits: 1 to 9 digits,
+    /// optionally `.` and 1 to 9 decimals.
     #[serde(default)]
+    #[schema(pattern = r"^[0-9]{1,9}(\.[0-9]{1,9})?$")]
     pub monthly_spend_cap: Option<String>,
 }
 
@@ -123,6 +129,7 @@ pub struct UpdateKeyRequest {
     #[serde(default, deserialize_with = "present")]
     pub status: Option<Option<KeyStatus>>,
     #[serde(default, deserialize_with = "present")]
+    #[schema(pattern = r"^[0-9]{1,9}(\.[0-9]{1,9})?$")]
     pub monthly_spend_cap: Option<Option<String>>,
     /// Admin only: the key's own numbers for its `key` and `key+route` rate-limit policies, by
     /// policy name; replaces the whole set, `null` clears it.
@@ -138,8 +145,38 @@ pub struct UpdateKeyRequest {
 pub struct RollKeyRequest {
     /// How long the current secret keeps working next to the new one; default 0 (it stops now),
     /// at most 604800 (7 days).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "whole")]
+    #[schema(maximum = 604_800)]
     pub grace_period_seconds: Option<u64>,
+}
+
+/// A whole number, also when sent as `60.0`: JSON has one kind of number, and JSON Schema's
+/// `integer` (what the document declares) includes it, as do clients that send floats.
+fn whole<'de, T: TryFrom<u64>, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<T>, D::Error> {
+    let Some(number) = Option::<serde_json::Number>::deserialize(deserializer)? else {
+        return Ok(None);
+    };
+    // Below 2^53 a float is exact, so an integral one converts without loss.
+    const EXACT: f64 = 9_007_199_254_740_992.0;
+    let whole = number.as_u64().or_else(|| {
+        number
+            .as_f64()
+            .filter(|f| f.fract() == 0.0 && (0.0..EXACT).contains(f))
+            .map(|f| f as u64)
+    });
+    whole
+        .and_then(|n| T::try_from(n).ok())
+        .map(Some)
+        .ok_or_else(|| serde::de::Error::custom(format!("{number} is not a whole number in range")))
+}
+
+/// [`whole`] for a field where `null` clears the value (see [`present`]).
+fn present_whole<'de, T: TryFrom<u64>, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<Option<T>>, D::Error> {
+    whole(deserializer).map(Some)
 }
 
 /// Tells a field sent as `null` (`Some(None)`) from one left out (`None`, via `#[serde(default)]`).
@@ -200,7 +237,8 @@ pub struct Page<T> {
 #[serde(deny_unknown_fields)]
 #[schema(example = json!({"amount": "50.00", "reason": "invoice 2026-118 paid"}))]
 pub struct GrantRequest {
-    /// Credits to add, a decimal string.
+    /// Credits to add, more than zero: 1 to 9 digits, optionally `.` and 1 to 9 decimals.
+    #[schema(pattern = r"^(?!0+(\.0+)?$)[0-9]{1,9}(\.[0-9]{1,9})?$")]
     pub amount: String,
     /// Why (kept in the ledger entry's memo).
     pub reason: String,
@@ -240,10 +278,12 @@ pub struct LedgerEntry {
 #[serde(deny_unknown_fields)]
 #[schema(example = json!({"amount": "2.50", "ttl_seconds": 600, "metadata": {"job": "render-42"}}))]
 pub struct CreateHoldRequest {
-    /// The most the work may cost, a decimal string of credits.
+    /// The most the work may cost, in credits: 1 to 9 digits, optionally `.` and 1 to 9 decimals.
+    #[schema(pattern = r"^[0-9]{1,9}(\.[0-9]{1,9})?$")]
     pub amount: String,
     /// How long until an unresolved hold is released; default 3600, at most 604800 (7 days).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "whole")]
+    #[schema(minimum = 1, maximum = 604_800)]
     pub ttl_seconds: Option<u64>,
     /// A JSON object kept with the hold.
     #[serde(default)]
@@ -257,7 +297,9 @@ pub struct CreateHoldRequest {
 #[serde(deny_unknown_fields)]
 #[schema(example = json!({"amount": "1.75"}))]
 pub struct SettleHoldRequest {
-    /// The actual cost, a decimal string, at most the amount held.
+    /// The actual cost, at most the amount held: 1 to 9 digits, optionally `.` and 1 to 9
+    /// decimals.
+    #[schema(pattern = r"^[0-9]{1,9}(\.[0-9]{1,9})?$")]
     pub amount: String,
 }
 
@@ -359,4 +401,38 @@ pub struct AuditVerification {
     pub reason: Option<String>,
     /// Hex hash of the last entry: keep it elsewhere to detect a rewrite of the whole log.
     pub head_hash: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn grace(json: &str) -> Result<Option<u64>, String> {
+        serde_json::from_str::<RollKeyRequest>(json)
+            .map(|r| r.grace_period_seconds)
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn a_whole_number_may_be_sent_as_a_float_but_only_a_whole_one() {
+        assert_eq!(grace(r#"{"grace_period_seconds": 172}"#), Ok(Some(172)));
+        assert_eq!(grace(r#"{"grace_period_seconds": 172.0}"#), Ok(Some(172)));
+        assert_eq!(grace(r#"{"grace_period_seconds": null}"#), Ok(None));
+        assert_eq!(grace("{}"), Ok(None));
+        for refused in ["172.5", "-1", "-1.0", "1e300", "\"172\""] {
+            let json = format!(r#"{{"grace_period_seconds": {refused}}}"#);
+            assert!(grace(&json).is_err(), "{refused}");
+        }
+        // In range of the field's own type.
+        let max_keys =
+            |json: &str| serde_json::from_str::<CreateAccountRequest>(json).map(|r| r.max_keys);
+        assert_eq!(
+            max_keys(r#"{"name": "a", "max_keys": 5.0}"#).unwrap(),
+            Some(5)
+        );
+        assert!(max_keys(r#"{"name": "a", "max_keys": 4294967296}"#).is_err());
+        let update = serde_json::from_str::<UpdateAccountRequest>(r#"{"max_keys": null}"#).unwrap();
+        assert_eq!(update.max_keys, Some(None));
+    }
 }

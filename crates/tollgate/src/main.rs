@@ -55,6 +55,10 @@ enum Command {
         /// Where the SQLite database and the demo's secrets live.
         #[arg(long, default_value = "./tollgate-data")]
         data_dir: PathBuf,
+        /// A TOML file laid over the demo's own config: each field it sets replaces the demo's,
+        /// a list such as `[[rate_limits]]` as a whole.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
     },
     /// Check a config file: print every problem, or the effective config with secrets redacted.
     CheckConfig {
@@ -122,8 +126,17 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             app.run_until_stopped(shutdown_signal()).await?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Demo { listen, data_dir } => {
-            let demo = Demo::start(DemoOptions { listen, data_dir }).await?;
+        Command::Demo {
+            listen,
+            data_dir,
+            config,
+        } => {
+            let demo = Demo::start(DemoOptions {
+                listen,
+                data_dir,
+                config,
+            })
+            .await?;
             // stdout carries only the welcome (scripts read it); logs go to stderr. A reader that
             // closes stdout early (`tollgate demo | head`) must not stop the demo, so write
             // errors are ignored rather than panicking as `println!` would.

@@ -23,9 +23,14 @@ struct RunningDemo {
 }
 
 async fn start_demo(data_dir: &Path) -> RunningDemo {
+    start_demo_with(data_dir, &[]).await
+}
+
+async fn start_demo_with(data_dir: &Path, args: &[&str]) -> RunningDemo {
     let mut child = Command::new(BIN)
         .args(["demo", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(data_dir)
+        .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .kill_on_drop(true)
@@ -386,6 +391,84 @@ async fn the_swagger_ui_renders_offline_and_try_it_out_works_against_the_demo() 
         "no request left this server",
     ] {
         assert!(stdout.contains(line), "{line}\n{stdout}");
+    }
+}
+
+#[tokio::test]
+async fn a_config_file_laid_over_the_demo_replaces_what_it_sets_and_keeps_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("over.toml");
+    std::fs::write(
+        &file,
+        "[[rate_limits]]\nname = \"anonymous-per-ip\"\nscope = \"ip\"\nunit = \"requests\"\n\
+         limit = 2\nwindow = \"1m\"\nburst = 2\n",
+    )
+    .unwrap();
+    let demo = start_demo_with(
+        &dir.path().join("data"),
+        &["--config", file.to_str().unwrap()],
+    )
+    .await;
+    let url = &demo.vars["TOLLGATE_URL"];
+    // The demo's routes and key are still there...
+    assert_eq!(echo_status(url, &demo.vars["TOLLGATE_DEMO_KEY"]).await, 200);
+    // ... and its anonymous limit is the file's (the demo's own allows 100 at once): a burst
+    // of two calls without a key, then 429.
+    let mut statuses = Vec::new();
+    for _ in 0..5 {
+        statuses.push(echo_status(url, "").await);
+    }
+    assert_eq!(statuses[..2], [401, 401]);
+    assert!(statuses[2..].contains(&429), "{statuses:?}");
+}
+
+/// schemathesis, every check, with the admin token and with the demo's master key: the document
+/// describes what the server does (crates/tollgate/tests/schemathesis/ says how it runs).
+#[tokio::test]
+async fn schemathesis_finds_no_difference_between_the_document_and_the_server() {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let schemathesis = repo.join("target/test-venv/bin/schemathesis");
+    if !schemathesis.exists() {
+        let message = "schemathesis is not installed: run scripts/install-test-tools";
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "{message}");
+        eprintln!("SKIPPED schemathesis_finds_no_difference_between_the_document_and_the_server: {message}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let suite = repo.join("crates/tollgate/tests/schemathesis");
+    let overrides = suite.join("demo.toml");
+    let demo = start_demo_with(dir.path(), &["--config", overrides.to_str().unwrap()]).await;
+    let url = &demo.vars["TOLLGATE_URL"];
+    for (who, credential) in [
+        ("admin token", &demo.vars["TOLLGATE_ADMIN_TOKEN"]),
+        ("master key", &demo.vars["TOLLGATE_DEMO_KEY"]),
+    ] {
+        let output = Command::new(&schemathesis)
+            .current_dir(&suite)
+            .env("PYTHONPATH", &suite)
+            .args([
+                "--config-file",
+                "schemathesis.toml",
+                "run",
+                "--checks",
+                "all",
+                "--no-color",
+            ])
+            .arg("-H")
+            .arg(format!("Authorization: Bearer {credential}"))
+            .arg(format!("{url}/api/openapi.json"))
+            .output()
+            .await
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            output.status.success(),
+            "with the {who}:\n{stdout}\n{stderr}"
+        );
+        let summary = stdout.lines().last().unwrap_or_default();
+        assert!(!summary.contains("failure"), "with the {who}: {summary}");
+        eprintln!("schemathesis with the {who}: {summary}");
     }
 }
 
