@@ -82,7 +82,7 @@ catalogue! {
         "Use another key, or create a new one with a master key.";
     KeyExpired = "key_expired", 401, "authentication_error", Caller, false,
         "The API key is past its expiry time.",
-        "Use another key, or roll this one to get a fresh secret.";
+        "Use another key, or give this one a later `expires_at` with a master key (`PATCH /keys/{id}`); rolling a key keeps its expiry.";
     KeyInactive = "key_inactive", 401, "authentication_error", Caller, false,
         "The API key is deactivated.",
         "Reactivate it with a master key, or use another key.";

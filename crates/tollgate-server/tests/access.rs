@@ -353,6 +353,36 @@ async fn expiry_and_spend_cap_changes_apply_to_the_next_request() {
     assert_eq!(app.get_as("/echo/x", &key).await.status(), 200);
 }
 
+/// As errors.md advises a `key_expired` caller: a roll keeps the expiry (a new secret is not a
+/// new lease of life), a later `expires_at` brings the key back.
+#[tokio::test]
+async fn an_expired_key_stays_expired_when_rolled_and_works_again_with_a_later_expiry() {
+    let app = spawn_app().await;
+    let account = app.create_account("acme").await;
+    let master = &account.master_key;
+    let soon = now(&app) + chrono::Duration::seconds(10);
+    let (_, id) = app
+        .create_usage_key(master, json!({"expires_at": soon}))
+        .await;
+    app.clock.advance(chrono::Duration::seconds(11));
+    let rolled = app
+        .post(&format!("/api/v1/keys/{id}/roll"))
+        .bearer_auth(master)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(rolled.status(), 200);
+    let rolled: Value = rolled.json().await.unwrap();
+    let secret = rolled["secret"].as_str().unwrap().to_string();
+    expect_error(app.get_as("/echo/x", &secret).await, 401, "key_expired").await;
+    let later = now(&app) + chrono::Duration::days(30);
+    let patched = app
+        .patch_key(master, id, json!({"expires_at": later}))
+        .await;
+    assert_eq!(patched.status(), 200);
+    assert_eq!(app.get_as("/echo/x", &secret).await.status(), 200);
+}
+
 #[tokio::test]
 async fn a_rolled_key_works_under_both_secrets_for_the_grace_period_then_only_the_new() {
     let app = spawn_app().await;
