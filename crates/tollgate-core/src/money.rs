@@ -123,6 +123,8 @@ impl fmt::Display for Nanos {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+    use proptest::prelude::*;
 
     #[test]
     fn the_api_takes_amounts_in_exactly_the_documented_form() {
@@ -168,8 +170,6 @@ mod tests {
             Ok(Nanos(MAX_AMOUNT.0 - 1))
         );
     }
-    use super::*;
-    use proptest::prelude::*;
 
     #[test]
     fn parses_exact_decimals() {

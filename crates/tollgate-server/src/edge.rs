@@ -150,11 +150,14 @@ fn render_parts(error: &ApiError, profile: ErrorProfile, id: RequestId) -> (Head
     (headers, body)
 }
 
-/// A request head larger than `server.max_header_bytes`, counted as HTTP/2 counts a header list
-/// (name, value and 32 bytes per field, plus the request line), gets 431. An HTTP/1 head is
-/// bounded by hyper as it reads it (see `serve`); HTTP/2 lets a larger list through to here so
-/// that its refusal carries the envelope, not h2's bare 431.
+/// An HTTP/2 request whose header list is larger than `server.max_header_bytes` (counted as
+/// HTTP/2 counts it: name, value and 32 bytes per field, plus the request line) gets 431. h2's
+/// own limit is set above this one so that the refusal carries the envelope, not h2's bare 431.
+/// An HTTP/1 head is bounded by hyper as it reads it (see `serve`), so it is not counted again.
 pub async fn bounded_head(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    if request.version() != http::Version::HTTP_2 {
+        return next.run(request).await;
+    }
     let limit = state.config.connections.max_header_bytes;
     let line = request.method().as_str().len()
         + request

@@ -32,7 +32,7 @@ use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder
 use utoipa::openapi::{
     Content, OpenApi as Document, PathItem, Ref, RefOr, Required, SecurityRequirement,
 };
-use utoipa::{OpenApi, ToResponse};
+use utoipa::{OpenApi, PartialSchema, ToResponse};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
@@ -311,40 +311,39 @@ fn constrain_query(path: &str, operation: &mut Operation) {
         if !matches!(parameter.parameter_in, ParameterIn::Query) {
             continue;
         }
-        let schema = match parameter.name.as_str() {
-            "account_id" => id_pattern(AccountId::PREFIX),
-            "key_id" => id_pattern(KeyId::PREFIX),
+        let schema: RefOr<Schema> = match parameter.name.as_str() {
+            "account_id" => AccountId::schema(),
+            "key_id" => KeyId::schema(),
             "limit" => ObjectBuilder::new()
                 .schema_type(Type::Integer)
                 .minimum(Some(1))
-                .maximum(Some(crate::billing_api::MAX_PAGE)),
+                .maximum(Some(crate::billing_api::MAX_PAGE))
+                .into(),
             "status" if path.ends_with("/requests") => ObjectBuilder::new()
                 .schema_type(Type::Integer)
                 .minimum(Some(100))
-                .maximum(Some(599)),
+                .maximum(Some(599))
+                .into(),
             "status" if path.ends_with("/accounts") => ObjectBuilder::new()
                 .schema_type(Type::String)
-                .enum_values(Some(["active", "suspended"])),
+                .enum_values(Some(["active", "suspended"]))
+                .into(),
             "group_by" => ObjectBuilder::new()
                 .schema_type(Type::String)
-                .enum_values(Some(["day", "key", "route", "model"])),
+                .enum_values(Some(["day", "key", "route", "model"]))
+                .into(),
             // A cursor is the last row's id (or sequence number) of the previous page.
-            "cursor" if path.ends_with("/accounts") => id_pattern(AccountId::PREFIX),
-            "cursor" if path.ends_with("/keys") => id_pattern(KeyId::PREFIX),
-            "cursor" if path.ends_with("/requests") => id_pattern(RequestId::PREFIX),
+            "cursor" if path.ends_with("/accounts") => AccountId::schema(),
+            "cursor" if path.ends_with("/keys") => KeyId::schema(),
+            "cursor" if path.ends_with("/requests") => RequestId::schema(),
             "cursor" => ObjectBuilder::new()
                 .schema_type(Type::String)
-                .pattern(Some("^[0-9]{1,19}$")),
+                .pattern(Some("^[0-9]{1,19}$"))
+                .into(),
             _ => continue,
         };
-        parameter.schema = Some(schema.into());
+        parameter.schema = Some(schema);
     }
-}
-
-fn id_pattern(prefix: &str) -> ObjectBuilder {
-    ObjectBuilder::new()
-        .schema_type(Type::String)
-        .pattern(Some(format!("^{prefix}[0-9A-HJKMNP-TV-Z]{{26}}$")))
 }
 
 fn add_parameter(operation: &mut Operation, parameter: utoipa::openapi::path::Parameter) {
