@@ -65,6 +65,15 @@ pub async fn authenticate_key(
     secret: Option<&str>,
     client: Option<IpAddr>,
 ) -> Result<CachedKey, HttpError> {
+    let found = find_key(state, secret).await?;
+    admit_key(state, &found, client)?;
+    Ok(found)
+}
+
+/// The key a secret belongs to: its format and checksum checked, then looked up. Whether it may
+/// be used ([`admit_key`]) is a separate question, so a refusal can still be filed under the
+/// key's account.
+pub async fn find_key(state: &AppState, secret: Option<&str>) -> Result<CachedKey, HttpError> {
     let Some(secret) = secret else {
         return Err(HttpError::new(
             ErrorCode::InvalidApiKey,
@@ -78,12 +87,21 @@ pub async fn authenticate_key(
         )
     })?;
     let hash = key.hash();
-    let found = state
+    state
         .keys
         .get(&hash, &*state.store)
         .await?
-        .ok_or_else(|| HttpError::new(ErrorCode::InvalidApiKey, "The API key is not valid."))?;
-    check_status(&found, state)?;
+        .ok_or_else(|| HttpError::new(ErrorCode::InvalidApiKey, "The API key is not valid."))
+}
+
+/// Whether a found key may be used now, from `client`: its status, expiry, account and IP
+/// allowlist.
+pub fn admit_key(
+    state: &AppState,
+    found: &CachedKey,
+    client: Option<IpAddr>,
+) -> Result<(), HttpError> {
+    check_status(found, state)?;
     let record = &found.record;
     if found.account_suspended {
         return Err(HttpError::new(
@@ -105,7 +123,7 @@ pub async fn authenticate_key(
         )
         .with_detail("client_ip", shown));
     }
-    Ok(found)
+    Ok(())
 }
 
 /// Stands in for a client whose address is unknown: inside no allowlist anyone would write.

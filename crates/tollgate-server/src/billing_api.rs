@@ -662,6 +662,8 @@ fn usage_view(state: &AppState, row: UsageRow) -> wire::UsageRecord {
         billing_status: row.billing_status.as_str().to_string(),
         latency_ms: row.latency_ms,
         error_code: row.error_code,
+        error_message: row.error_message,
+        replay_of: row.replay_of,
         created_at: row.created_at,
         completed_at: row.completed_at,
     }

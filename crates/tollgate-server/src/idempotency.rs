@@ -44,7 +44,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use tollgate_core::{ApiError, ErrorCode, RequestId};
-use tollgate_store::{IdempotencyBegin, IdempotencyClaim, Store, StoredResponse};
+use tollgate_store::{IdempotencyBegin, IdempotencyClaim, KeyRecord, Store, StoredResponse};
 use tollgate_wire::ErrorProfile;
 
 pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
@@ -142,7 +142,7 @@ pub async fn layer(State(state): State<AppState>, request: Request, next: Next) 
             slot.set(standing(&state, &identity, parts.uri.path()));
         }
     }
-    match begun {
+    let (response, original) = match begun {
         IdempotencyBegin::Started => {
             let mut request = Request::from_parts(parts, Body::from(body));
             // A hold this request opens must end by the time its claim does: a retry may take
@@ -161,9 +161,10 @@ pub async fn layer(State(state): State<AppState>, request: Request, next: Next) 
                     .unwrap_or(usize::MAX),
                 drain_for: state.config.request_hold_ttl,
             };
-            run(claim, limits, request, next).await
+            return run(claim, limits, request, next).await;
         }
-        IdempotencyBegin::InFlight { owner, .. } => with_profile(
+        IdempotencyBegin::InFlight { owner, .. } => (
+            with_profile(
             ApiError::new(
                 ErrorCode::IdempotencyInProgress,
                 format!(
@@ -174,18 +175,58 @@ pub async fn layer(State(state): State<AppState>, request: Request, next: Next) 
             .with_detail("original_request_id", owner.to_string())
             .with_retry_after(1)
             .into(),
-            profile,
-        ),
-        IdempotencyBegin::Mismatch => with_profile(
-            HttpError::new(
-                ErrorCode::IdempotencyKeyMismatch,
-                "This Idempotency-Key was already used for a different request (method, path or \
-                 body). Use a fresh key for a different request.",
+                profile,
             ),
-            profile,
+            Some(owner),
         ),
-        IdempotencyBegin::Completed { owner, response } => replay(owner, response, profile),
+        IdempotencyBegin::Mismatch => (
+            with_profile(
+                HttpError::new(
+                    ErrorCode::IdempotencyKeyMismatch,
+                    "This Idempotency-Key was already used for a different request (method, \
+                     path or body). Use a fresh key for a different request.",
+                ),
+                profile,
+            ),
+            None,
+        ),
+        IdempotencyBegin::Completed { owner, response } => {
+            (replay(owner, response, profile), Some(owner))
+        }
+    };
+    if let Identity::Key(key) = &identity {
+        file_unrun(&state, &key.record, &parts, &response, original);
     }
+    response
+}
+
+/// Files a usage row for a data-plane request answered here without running (a replay, a 409 or
+/// a 422), so its request ID can be looked up like any other: charged nothing, and pointing to
+/// the original request where there is one.
+fn file_unrun(
+    state: &AppState,
+    key: &KeyRecord,
+    parts: &http::request::Parts,
+    response: &Response,
+    original: Option<RequestId>,
+) {
+    let path = parts.uri.path();
+    let Some(route) = state.routes.resolve(path).filter(|_| profile_of(state, path).is_some())
+    else {
+        return;
+    };
+    if !state.config.usage_log {
+        return;
+    }
+    let now = state.clock.now();
+    let mut row = crate::proxy::usage_row(parts, key, &route.config.prefix, now);
+    row.status = response.status().as_u16();
+    if let Some(error) = response.extensions().get::<ApiError>() {
+        row.error_code = Some(error.code.as_str().to_string());
+        row.error_message = Some(error.message.clone());
+    }
+    row.replay_of = original;
+    state.ledger.finish_request(None, |_| Some(row));
 }
 
 /// The latest a hold opened for an idempotent request may expire: when its claim's lease ends.

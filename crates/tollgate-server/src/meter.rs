@@ -21,7 +21,7 @@ use tollgate_core::ledger::{BillingStatus, Hold, HoldStatus, Resolve};
 use tollgate_core::metering::{LlmApi, StreamMeter, TokenUsage};
 use tollgate_core::pricing::{self, TokenPrices};
 use tollgate_core::ratelimit::Unit;
-use tollgate_core::{Clock, Nanos};
+use tollgate_core::{ApiError, Clock, Nanos};
 use tollgate_store::UsageRow;
 
 /// Bodies of metered JSON responses are kept (to read their usage at the end) up to this size.
@@ -39,18 +39,29 @@ pub struct Outcome {
     pub tokens: Option<TokenUsage>,
     pub units: Option<String>,
     pub error_code: Option<String>,
+    pub error_message: Option<String>,
 }
 
 impl Outcome {
-    /// Charged nothing: refused by Tollgate or failed upstream.
-    pub fn released(status: u16, upstream_status: Option<u16>, error_code: Option<&str>) -> Self {
+    /// Charged nothing: the upstream failed, or the client left.
+    pub fn released(status: u16, upstream_status: Option<u16>) -> Self {
         Outcome {
             status,
             upstream_status,
             charge: None,
             tokens: None,
             units: None,
-            error_code: error_code.map(str::to_string),
+            error_code: None,
+            error_message: None,
+        }
+    }
+
+    /// Charged nothing: Tollgate refused or failed the call with `error`.
+    pub fn refused(error: &ApiError) -> Self {
+        Outcome {
+            error_code: Some(error.code.as_str().to_string()),
+            error_message: Some(error.message.clone()),
+            ..Outcome::released(error.code.info().status, None)
         }
     }
 }
@@ -162,7 +173,7 @@ impl Billing {
 impl Drop for Billing {
     fn drop(&mut self) {
         if let Some(open) = self.0.take() {
-            open.finish(Outcome::released(CLIENT_CLOSED_REQUEST, None, None));
+            open.finish(Outcome::released(CLIENT_CLOSED_REQUEST, None));
         }
     }
 }
@@ -237,6 +248,7 @@ impl Open {
             row.tokens = outcome.tokens;
             row.units = outcome.units;
             row.error_code = outcome.error_code;
+            row.error_message = outcome.error_message;
             row.latency_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
             row.completed_at = clock.now();
             if row.uncovered > Nanos::ZERO {
@@ -530,6 +542,7 @@ impl Metering {
             tokens,
             units,
             error_code: None,
+            error_message: None,
         });
     }
 }

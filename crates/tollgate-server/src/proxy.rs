@@ -5,7 +5,7 @@
 //! as it arrives. Upstream responses of every status are passed through as they are; only errors
 //! Tollgate originates use the envelope.
 
-use crate::auth::{authenticate_key, client_ip, presented_secret};
+use crate::auth::{admit_key, client_ip, find_key, presented_secret};
 use crate::billing_api::validation;
 use crate::config::{HoldRule, RouteAuth, RouteConfig};
 use crate::edge::{ClientRequestId, RequestIdHeader, ANTHROPIC_REQUEST_ID};
@@ -155,12 +155,7 @@ pub async fn proxy(State(state): State<AppState>, request: Request) -> Response 
         Ok(response) => response,
         Err(error) => {
             if let Some(billing) = billing.take() {
-                let code = error.error.code;
-                billing.finish(Outcome::released(
-                    code.info().status,
-                    None,
-                    Some(code.as_str()),
-                ));
+                billing.finish(Outcome::refused(&error.error));
             }
             error.in_profile(profile).into_response()
         }
@@ -263,22 +258,26 @@ async fn forward(
     timings: &mut Timings,
 ) -> Result<Response, HttpError> {
     let started = std::time::Instant::now();
-    let client = client_ip(state, request.headers(), request.extensions());
-    let cached = authenticate_key(state, presented_secret(request.headers()), client).await;
-    timings.since("auth", started);
-    let cached = cached?;
+    let (parts, body) = request.into_parts();
+    let client = client_ip(state, &parts.headers, &parts.extensions);
+    let cached = find_key(state, presented_secret(&parts.headers)).await;
+    let cached = cached.inspect_err(|_| timings.since("auth", started))?;
     let key = cached.record.clone();
     let now = state.clock.now();
+    // From here the account is known: every outcome, a refusal included, gets a usage row.
     *billing = Some(Billing::new(
         state.ledger.clone(),
         state.clock.clone(),
-        usage_row(&request, &key, &route.config.prefix, now),
+        usage_row(&parts, &key, &route.config.prefix, now),
         state.config.usage_log,
     ));
+    let admitted = admit_key(state, &cached, client);
+    timings.since("auth", started);
+    admitted?;
     // The limits layer gives every request a slot; until the limits are decided below, an error
     // shows where the caller stands without consuming anything.
-    let slot = request
-        .extensions()
+    let slot = parts
+        .extensions
         .get::<LimitSlot>()
         .cloned()
         .unwrap_or_default();
@@ -301,9 +300,8 @@ async fn forward(
         ));
     }
     let limit = state.config.max_body_bytes;
-    check_declared_length(request.headers(), limit)?;
+    check_declared_length(&parts.headers, limit)?;
 
-    let (parts, body) = request.into_parts();
     let pricing = &route.config.pricing;
     let body_limit = usize::try_from(limit).unwrap_or(usize::MAX);
     let call = classify(&route.config, &parts.method, parts.uri.path())?;
@@ -407,7 +405,7 @@ async fn forward(
     };
     if !parts.status.is_success() {
         // The upstream's failure (or redirect) passes through as it is, and costs nothing.
-        billing.finish(Outcome::released(status, Some(status), None));
+        billing.finish(Outcome::released(status, Some(status)));
         return Ok(Response::from_parts(parts, Body::new(body)));
     }
     let is_sse = parts
@@ -561,23 +559,28 @@ fn check_model_scope(key: &KeyRecord, group: &str, model: &str) -> Result<(), Ht
 }
 
 /// The usage row as far as it is known once the key is.
-fn usage_row(request: &Request, key: &KeyRecord, route: &str, now: DateTime<Utc>) -> UsageRow {
+pub(crate) fn usage_row(
+    request: &http::request::Parts,
+    key: &KeyRecord,
+    route: &str,
+    now: DateTime<Utc>,
+) -> UsageRow {
     UsageRow {
         request_id: request
-            .extensions()
+            .extensions
             .get::<RequestId>()
             .copied()
             .unwrap_or_default(),
         client_request_id: request
-            .extensions()
+            .extensions
             .get::<ClientRequestId>()
             .map(|c| c.0.clone()),
         account_id: key.account_id,
         key_id: key.id,
         route: route.to_string(),
         model: None,
-        method: request.method().to_string(),
-        path: request.uri().path().to_string(),
+        method: request.method.to_string(),
+        path: request.uri.path().to_string(),
         status: 0,
         upstream_status: None,
         units: None,
@@ -589,6 +592,8 @@ fn usage_row(request: &Request, key: &KeyRecord, route: &str, now: DateTime<Utc>
         billing_status: BillingStatus::Released,
         latency_ms: 0,
         error_code: None,
+        error_message: None,
+        replay_of: None,
         created_at: now,
         completed_at: now,
     }

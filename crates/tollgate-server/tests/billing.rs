@@ -664,6 +664,72 @@ async fn admin_grants_credits_and_the_ledger_pages_through_every_transfer() {
     expect_error(response, 400, "validation_error").await;
 }
 
+/// A request ID locates its call whatever the answer was: a refusal of a known key, a replay and
+/// an idempotency conflict are rows like any other, charged nothing.
+#[tokio::test]
+async fn every_request_id_an_account_was_answered_with_can_be_looked_up() {
+    let app = spawn_app().await;
+    let account = app.create_account("acme").await;
+    let key = &account.master_key;
+    let before = available(&app, key).await;
+    let lookup = |id: String| {
+        let app = &app;
+        async move { usage_of(app, key, &id).await }
+    };
+
+    let (far_away, _) = app
+        .create_usage_key(key, json!({"allowed_ips": ["10.0.0.0/8"]}))
+        .await;
+    let refused = app.get_as("/echo/x", &far_away).await;
+    let refused_id = request_id(&refused);
+    expect_error(refused, 403, "ip_not_allowed").await;
+    let row = lookup(refused_id).await;
+    assert_eq!(row["status"], 403);
+    assert_eq!(row["error_code"], "ip_not_allowed");
+    assert!(row["error_message"]
+        .as_str()
+        .unwrap()
+        .contains("IP allowlist"));
+    assert_eq!(row["cost"]["nanos"], 0);
+    assert_eq!(row["billing_status"], "released");
+
+    let post = |body: &'static str| {
+        app.post("/echo/work")
+            .bearer_auth(key)
+            .header("idempotency-key", "order-7")
+            .body(body)
+    };
+    let first = post("one").send().await.unwrap();
+    let first_id = request_id(&first);
+    assert_eq!(first.status(), 200);
+    first.bytes().await.unwrap();
+    let replayed = post("one").send().await.unwrap();
+    let replay_id = request_id(&replayed);
+    assert_eq!(replayed.headers()["idempotent-replayed"], "true");
+    replayed.bytes().await.unwrap();
+    let mismatch = post("two").send().await.unwrap();
+    let mismatch_id = request_id(&mismatch);
+    expect_error(mismatch, 422, "idempotency_key_mismatch").await;
+
+    let row = lookup(replay_id).await;
+    assert_eq!(row["status"], 200);
+    assert_eq!(row["replay_of"], first_id.as_str());
+    assert_eq!(row["cost"]["nanos"], 0);
+    assert!(row["error_code"].is_null());
+    let row = lookup(mismatch_id).await;
+    assert_eq!(row["status"], 422);
+    assert_eq!(row["error_code"], "idempotency_key_mismatch");
+    assert!(row["replay_of"].is_null());
+    let original = lookup(first_id).await;
+    assert_eq!(original["cost"]["nanos"], ECHO_PRICE);
+
+    // Only the one call that ran was charged.
+    assert_eq!(available(&app, key).await, before - ECHO_PRICE);
+    let listed = app.get_json("/api/v1/requests?status=422", key).await;
+    assert_eq!(listed["data"].as_array().unwrap().len(), 1);
+    assert_books_balance(&app, account.id).await;
+}
+
 #[tokio::test]
 async fn the_usage_log_lists_and_finds_requests_per_account() {
     let app = spawn_app().await;

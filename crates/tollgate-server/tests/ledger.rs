@@ -226,6 +226,8 @@ fn usage_row(key: &KeyRecord, request_id: tollgate_core::RequestId) -> tollgate_
         billing_status: tollgate_core::ledger::BillingStatus::Settled,
         latency_ms: 1,
         error_code: None,
+        error_message: None,
+        replay_of: None,
         created_at: Utc::now(),
         completed_at: Utc::now(),
     }
@@ -347,6 +349,7 @@ async fn a_request_whose_hold_something_else_resolved_never_reads_settled_at_zer
         tokens: None,
         units: None,
         error_code: None,
+        error_message: None,
     });
     ledger.flush().await.unwrap();
     let rows = store

@@ -378,6 +378,10 @@ pub struct UsageRow {
     pub billing_status: BillingStatus,
     pub latency_ms: u64,
     pub error_code: Option<String>,
+    /// The refusal's message, in English.
+    pub error_message: Option<String>,
+    /// A replay's original request: the one whose stored answer it was given.
+    pub replay_of: Option<RequestId>,
     pub created_at: DateTime<Utc>,
     pub completed_at: DateTime<Utc>,
 }

@@ -215,7 +215,7 @@ impl TryFrom<TransferRow> for TransferRecord {
 pub(crate) const USAGE_COLUMNS: &str = "request_id, client_request_id, account_id, key_id, route, \
     model, method, path, status, upstream_status, units, input_tokens, cached_input_tokens, \
     output_tokens, cost_nanos, hold_nanos, hold_id, billing_status, latency_ms, error_code, \
-    created_at, completed_at, uncovered_nanos";
+    created_at, completed_at, uncovered_nanos, error_message, replay_of";
 
 #[derive(sqlx::FromRow)]
 pub(crate) struct UsageDbRow {
@@ -242,6 +242,8 @@ pub(crate) struct UsageDbRow {
     created_at: i64,
     completed_at: i64,
     uncovered_nanos: i64,
+    error_message: Option<String>,
+    replay_of: Option<String>,
 }
 
 impl TryFrom<UsageDbRow> for UsageRow {
@@ -282,6 +284,11 @@ impl TryFrom<UsageDbRow> for UsageRow {
                 .ok_or_else(|| corrupt("billing status", &row.billing_status))?,
             latency_ms: unsigned("latency_ms", row.latency_ms)?,
             error_code: row.error_code,
+            error_message: row.error_message,
+            replay_of: row
+                .replay_of
+                .map(|r| parse_id("request id", &r))
+                .transpose()?,
             created_at: from_millis(row.created_at)?,
             completed_at: from_millis(row.completed_at)?,
         })
@@ -323,7 +330,9 @@ pub(crate) fn push_usage<'a, DB>(
         .push_bind(row.error_code.clone())
         .push_bind(millis(row.created_at))
         .push_bind(millis(row.completed_at))
-        .push_bind(row.uncovered.0);
+        .push_bind(row.uncovered.0)
+        .push_bind(row.error_message.clone())
+        .push_bind(row.replay_of.map(|r| r.to_string()));
 }
 
 #[derive(sqlx::FromRow)]

@@ -906,6 +906,8 @@ fn usage_row(account: AccountId, key: KeyId, ms: i64) -> UsageRow {
         billing_status: BillingStatus::Partial,
         latency_ms: 12,
         error_code: None,
+        error_message: None,
+        replay_of: None,
         created_at: at(ms),
         completed_at: at(ms + 12),
     }
@@ -998,7 +1000,12 @@ pub async fn usage_rows_round_trip_filter_and_page(store: Arc<dyn Store>) {
             row.status = 402;
             row.tokens = None;
             row.error_code = Some("insufficient_balance".into());
+            row.error_message = Some("The account's balance is 0.".into());
             row.billing_status = BillingStatus::Released;
+        }
+        if i == 3 {
+            row.replay_of = Some(RequestId::new());
+            row.cost = Nanos::ZERO;
         }
         rows.push(row);
     }
@@ -1017,6 +1024,10 @@ pub async fn usage_rows_round_trip_filter_and_page(store: Arc<dyn Store>) {
     assert_eq!(
         store.request(rows[4].request_id).await.unwrap().as_ref(),
         Some(&rows[4])
+    );
+    assert_eq!(
+        store.request(rows[3].request_id).await.unwrap().as_ref(),
+        Some(&rows[3])
     );
     assert_eq!(
         store.request(rows[0].request_id).await.unwrap().as_ref(),

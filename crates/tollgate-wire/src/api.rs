@@ -368,7 +368,13 @@ pub struct UsageRecord {
     /// `settled`, `partial`, `estimated`, `released` or `expired`.
     pub billing_status: String,
     pub latency_ms: u64,
+    /// Why Tollgate refused or failed the call; absent when the upstream answered.
     pub error_code: Option<String>,
+    /// The refusal's message (in English, whatever language the caller was answered in).
+    pub error_message: Option<String>,
+    /// A replay (`Idempotent-Replayed: true`), a 409 `idempotency_in_progress`: the request
+    /// whose answer it was, or is waiting for. Such a call is charged nothing.
+    pub replay_of: Option<RequestId>,
     pub created_at: DateTime<Utc>,
     pub completed_at: DateTime<Utc>,
 }
