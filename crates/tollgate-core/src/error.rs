@@ -207,16 +207,20 @@ impl ApiError {
         self
     }
 
-    /// A `validation_error` listing every invalid field.
+    /// A `validation_error` listing every invalid field, in `field_errors` and in the message
+    /// (so profiles without `field_errors`, OpenAI's and Anthropic's, still say what is wrong).
     pub fn validation(field_errors: BTreeMap<String, Vec<String>>) -> Self {
         let count = field_errors.len();
-        let names: Vec<&str> = field_errors.keys().map(String::as_str).collect();
+        let problems: Vec<String> = field_errors
+            .iter()
+            .map(|(field, messages)| format!("{field}: {}", messages.join(", ")))
+            .collect();
         let mut err = ApiError::new(
             ErrorCode::ValidationError,
             format!(
-                "{count} invalid field{}: {}. See field_errors.",
+                "{count} invalid field{}: {}.",
                 if count == 1 { "" } else { "s" },
-                names.join(", ")
+                problems.join("; ")
             ),
         );
         err.field_errors = field_errors;
@@ -312,8 +316,15 @@ mod tests {
     fn validation_lists_fields() {
         let mut fields = BTreeMap::new();
         fields.insert("name".to_string(), vec!["must not be empty".to_string()]);
+        fields.insert(
+            "scopes[1]".to_string(),
+            vec!["must be a string".to_string(), "is unknown".to_string()],
+        );
         let err = ApiError::validation(fields);
         assert_eq!(err.code, ErrorCode::ValidationError);
-        assert_eq!(err.message, "1 invalid field: name. See field_errors.");
+        assert_eq!(
+            err.message,
+            "2 invalid fields: name: must not be empty; scopes[1]: must be a string, is unknown."
+        );
     }
 }

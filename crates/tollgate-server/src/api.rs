@@ -114,7 +114,7 @@ async fn create_account(
     let response = wire::CreateAccountResponse {
         account: view,
         master_key: wire::CreatedKey {
-            key: key_view(&master, &state.config.currency),
+            key: key_view(&master, &state),
             secret: secret.expose().to_string(),
         },
     };
@@ -456,7 +456,7 @@ async fn create_key(
         }
     }
     tracing::info!(account = %account_id, key = %record.id, kind = kind.as_str(), "key created");
-    let view = key_view(&record, &state.config.currency);
+    let view = key_view(&record, &state);
     audit::record(
         &state,
         &caller,
@@ -534,10 +534,7 @@ async fn list_keys(
     let (keys, next_cursor) =
         crate::billing_api::page(keys, limit, |k: &KeyRecord| k.id.to_string());
     Ok(Json(wire::Page {
-        data: keys
-            .iter()
-            .map(|k| key_view(k, &state.config.currency))
-            .collect(),
+        data: keys.iter().map(|k| key_view(k, &state)).collect(),
         next_cursor,
     }))
 }
@@ -578,7 +575,7 @@ async fn get_key(
     id: Result<Path<String>, PathRejection>,
 ) -> Result<Json<wire::ApiKeyInfo>, HttpError> {
     let key = owned_key(&state, &caller, id).await?;
-    Ok(Json(key_view(&key, &state.config.currency)))
+    Ok(Json(key_view(&key, &state)))
 }
 
 /// Changes a key's name, scopes, allowlist, expiry, status, spend cap or (admin only) rate limits.
@@ -605,7 +602,7 @@ async fn update_key(
     body: JsonBody,
 ) -> Result<Json<wire::ApiKeyInfo>, HttpError> {
     let mut key = owned_key(&state, &caller, id).await?;
-    let before = key_view(&key, &state.config.currency);
+    let before = key_view(&key, &state);
     let body: wire::UpdateKeyRequest = body.parse()?;
     if key.status == KeyStatus::Revoked {
         return Err(revoked_conflict(&key));
@@ -653,7 +650,7 @@ async fn update_key(
     fields.finish()?;
     let key = changed_key(&state, state.store.update_key(&key).await?)?;
     tracing::info!(key = %key.id, "key updated");
-    let view = key_view(&key, &state.config.currency);
+    let view = key_view(&key, &state);
     let change = Change::new("key.update", key.id)
         .before(&before)
         .after(&view);
@@ -730,7 +727,7 @@ async fn roll_key(
     Ok((
         Extension(CarriesSecret),
         Json(wire::RolledKey {
-            key: key_view(&key, &state.config.currency),
+            key: key_view(&key, &state),
             secret: secret.expose().to_string(),
             previous_secret_expires_at: previous_expires,
         }),
@@ -786,7 +783,7 @@ async fn revoke_key(
         RevokeOutcome::Revoked(key) => {
             state.keys.invalidate(key.id);
             tracing::info!(key = %key.id, "key revoked");
-            let view = key_view(&key, &state.config.currency);
+            let view = key_view(&key, &state);
             let change = Change::new("key.revoke", key.id).after(&view);
             audit::record(&state, &caller, request_id, change).await;
             Ok(Json(view))
@@ -821,7 +818,7 @@ async fn current_key(
     caller: Caller,
 ) -> Result<Json<wire::ApiKeyInfo>, HttpError> {
     match caller {
-        Caller::Key(key) => Ok(Json(key_view(&key, &state.config.currency))),
+        Caller::Key(key) => Ok(Json(key_view(&key, &state))),
         // The token is valid but names no key: this call is not the admin's to make.
         Caller::Admin => Err(HttpError::new(
             ErrorCode::Forbidden,
@@ -957,13 +954,14 @@ fn account_view(state: &AppState, account: &Account) -> wire::Account {
     }
 }
 
-pub(crate) fn key_view(key: &KeyRecord, currency: &str) -> wire::ApiKeyInfo {
+pub(crate) fn key_view(key: &KeyRecord, state: &AppState) -> wire::ApiKeyInfo {
+    let currency = &state.config.currency;
     wire::ApiKeyInfo {
         id: key.id,
         account_id: key.account_id,
         name: key.name.clone(),
         kind: key.kind,
-        status: key.status,
+        status: wire::KeyState::at(key.status, key.expires_at, state.clock.now()),
         prefix: key.display_prefix.clone(),
         scopes: key.scopes.clone(),
         allowed_ips: key.allowed_ips.iter().map(IpNet::to_string).collect(),
@@ -1182,12 +1180,12 @@ mod tests {
             bad_request The request body is empty; send a JSON object. {}
             bad_request Malformed JSON: EOF while parsing an object at line 1 column 1. {}
             bad_request Malformed JSON: trailing characters at line 1 column 14. {}
-            validation_error 1 invalid field: name. See field_errors. {"name": ["missing field `name`"]}
-            validation_error 1 invalid field: nmae. See field_errors. {"nmae": ["unknown field `nmae`, expected one of `name`, `account_id`, `kind`, `scopes`, `allowed_ips`, `expires_at`, `monthly_spend_cap`"]}
-            validation_error 1 invalid field: name. See field_errors. {"name": ["invalid type: integer `5`, expected a string"]}
-            validation_error 1 invalid field: scopes[1]. See field_errors. {"scopes[1]": ["invalid type: integer `1`, expected a string"]}
-            validation_error 1 invalid field: kind. See field_errors. {"kind": ["unknown variant `root`, expected `master` or `usage`"]}
-            validation_error 1 invalid field: body. See field_errors. {"body": ["must be a JSON object"]}
+            validation_error 1 invalid field: name: missing field `name`. {"name": ["missing field `name`"]}
+            validation_error 1 invalid field: nmae: unknown field `nmae`, expected one of `name`, `account_id`, `kind`, `scopes`, `allowed_ips`, `expires_at`, `monthly_spend_cap`. {"nmae": ["unknown field `nmae`, expected one of `name`, `account_id`, `kind`, `scopes`, `allowed_ips`, `expires_at`, `monthly_spend_cap`"]}
+            validation_error 1 invalid field: name: invalid type: integer `5`, expected a string. {"name": ["invalid type: integer `5`, expected a string"]}
+            validation_error 1 invalid field: scopes[1]: invalid type: integer `1`, expected a string. {"scopes[1]": ["invalid type: integer `1`, expected a string"]}
+            validation_error 1 invalid field: kind: unknown variant `root`, expected `master` or `usage`. {"kind": ["unknown variant `root`, expected `master` or `usage`"]}
+            validation_error 1 invalid field: body: must be a JSON object. {"body": ["must be a JSON object"]}
         "#]]
         .assert_eq(
             &[

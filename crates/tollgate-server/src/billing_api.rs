@@ -76,7 +76,7 @@ impl ManagementFee {
                 metadata: serde_json::json!({"fee": "management"}),
             })
             .await
-            .map_err(|refused| crate::proxy::refused_error(refused, &state.config.currency))?;
+            .map_err(|refused| crate::proxy::refused_error(refused, fee, &state.config.currency))?;
         Ok(ManagementFee(Some((state.ledger.clone(), hold.id, fee))))
     }
 
@@ -108,12 +108,34 @@ pub(crate) fn validation(field: &str, message: impl Into<String>) -> HttpError {
     }
 }
 
+/// The query string's values, or a `validation_error` naming the parameter and what it takes
+/// (not the parser's own words, such as "premature end of input").
 pub(crate) fn parse_query<T>(query: Result<Query<T>, QueryRejection>) -> Result<T, HttpError> {
     query.map(|Query(q)| q).map_err(|e| {
-        HttpError::new(
-            ErrorCode::BadRequest,
-            format!("Bad query string: {}.", e.body_text()),
-        )
+        let text = e.body_text();
+        let problem = text
+            .strip_prefix("Failed to deserialize query string: ")
+            .unwrap_or(&text);
+        let typed = problem
+            .split_once(": ")
+            .and_then(|(field, _)| Some((field, expected_in_query(field)?)));
+        match typed {
+            Some((field, expected)) => validation(field, expected),
+            None => HttpError::new(
+                ErrorCode::BadRequest,
+                format!("Bad query string: {problem}."),
+            ),
+        }
+    })
+}
+
+/// What each typed query parameter of the API takes.
+fn expected_in_query(field: &str) -> Option<&'static str> {
+    Some(match field {
+        "from" | "to" => "must be an RFC 3339 instant, e.g. 2026-12-01T00:00:00Z",
+        "status" => "must be an HTTP status code, 100 to 599",
+        "limit" => "must be a whole number, 1 to 500",
+        _ => return None,
     })
 }
 
@@ -481,7 +503,7 @@ async fn create_hold(
         })
         .await
         .map_err(|refused: HoldRefused| {
-            crate::proxy::refused_error(refused, &state.config.currency)
+            crate::proxy::refused_error(refused, amount, &state.config.currency)
         })?;
     if state.ledger.flush().await.is_err() {
         // The caller hears "nothing reserved", so nothing stays reserved: the release is queued

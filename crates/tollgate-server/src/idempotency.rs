@@ -165,16 +165,16 @@ pub async fn layer(State(state): State<AppState>, request: Request, next: Next) 
         }
         IdempotencyBegin::InFlight { owner, .. } => (
             with_profile(
-            ApiError::new(
-                ErrorCode::IdempotencyInProgress,
-                format!(
-                    "A request with this Idempotency-Key ({owner}) is still being processed. \
+                ApiError::new(
+                    ErrorCode::IdempotencyInProgress,
+                    format!(
+                        "A request with this Idempotency-Key ({owner}) is still being processed. \
                      Retry after 1 s to receive its outcome."
-                ),
-            )
-            .with_detail("original_request_id", owner.to_string())
-            .with_retry_after(1)
-            .into(),
+                    ),
+                )
+                .with_detail("original_request_id", owner.to_string())
+                .with_retry_after(1)
+                .into(),
                 profile,
             ),
             Some(owner),
@@ -211,7 +211,10 @@ fn file_unrun(
     original: Option<RequestId>,
 ) {
     let path = parts.uri.path();
-    let Some(route) = state.routes.resolve(path).filter(|_| profile_of(state, path).is_some())
+    let Some(route) = state
+        .routes
+        .resolve(path)
+        .filter(|_| profile_of(state, path).is_some())
     else {
         return;
     };

@@ -376,7 +376,13 @@ async fn forward(
             })
             .await;
         timings.since("hold", started);
-        let hold = hold.map_err(|refused| refused_error(refused, &state.config.currency))?;
+        let hold = hold.map_err(|refused| {
+            let error = refused_error(refused, hold_amount, &state.config.currency);
+            match &llm {
+                Some(llm) if llm.endpoint.generates() => lower_cap_hint(error, llm),
+                _ => error,
+            }
+        })?;
         if let Some(billing) = billing.as_mut() {
             billing.set_hold(hold);
         }
@@ -758,7 +764,8 @@ fn whole_number(
 
 /// Why a hold could not be opened, as the caller's answer: 402 for a hold the wallet or the
 /// key's cap cannot cover, 503 for credit the node cannot reach now.
-pub(crate) fn refused_error(refused: HoldRefused, currency: &str) -> HttpError {
+/// The 402 (or 503) for a hold of `required` that could not be opened.
+pub(crate) fn refused_error(refused: HoldRefused, required: Nanos, currency: &str) -> HttpError {
     let money = |n: Nanos| serde_json::to_value(Money::new(n, currency)).unwrap_or_default();
     match refused {
         HoldRefused::InsufficientBalance {
@@ -772,15 +779,21 @@ pub(crate) fn refused_error(refused: HoldRefused, currency: &str) -> HttpError {
         )
         .with_detail("required", money(required))
         .with_detail("balance", money(available)),
-        HoldRefused::KeyCapReached { cap, spent, held } => HttpError::new(
-            ErrorCode::KeyQuotaExceeded,
-            format!(
-                "This key's monthly spend cap of {cap} {currency} would be exceeded ({spent} spent, {held} held by calls in progress)."
-            ),
-        )
-        .with_detail("cap", money(cap))
-        .with_detail("spent", money(spent))
-        .with_detail("held", money(held)),
+        HoldRefused::KeyCapReached { cap, spent, held } => {
+            let left = Nanos((cap.0 - spent.0 - held.0).max(0));
+            HttpError::new(
+                ErrorCode::KeyQuotaExceeded,
+                format!(
+                    "This request needs a hold of {required} {currency}, but this key's monthly spend cap of {cap} {currency} leaves {left} {currency} ({spent} spent, {held} held by calls in progress). Raise the key's monthly_spend_cap{}.",
+                    if held > Nanos::ZERO { ", or wait for the calls in progress to finish" } else { "" }
+                ),
+            )
+            .with_detail("required", money(required))
+            .with_detail("remaining", money(left))
+            .with_detail("cap", money(cap))
+            .with_detail("spent", money(spent))
+            .with_detail("held", money(held))
+        }
         HoldRefused::CreditElsewhere { required, balance } => ApiError::new(
             ErrorCode::ServiceUnavailable,
             format!(
@@ -794,6 +807,25 @@ pub(crate) fn refused_error(refused: HoldRefused, currency: &str) -> HttpError {
         .into(),
         HoldRefused::Store(e) => e.into(),
     }
+}
+
+/// A hold on an LLM call is mostly its output cap: a refusal for want of credit says so, and
+/// which field lowers it.
+fn lower_cap_hint(mut error: HttpError, llm: &LlmRequest) -> HttpError {
+    if error.error.code.info().status != 402 {
+        return error;
+    }
+    let field = llm
+        .endpoint
+        .max_tokens_fields()
+        .first()
+        .copied()
+        .unwrap_or("max_tokens");
+    error.error.message.push_str(&format!(
+        " The hold covers {} output tokens at most; a lower '{field}' in the request lowers it.",
+        llm.max_tokens
+    ));
+    error.with_detail("max_tokens", llm.max_tokens)
 }
 
 /// 405 for a method the path does not serve, with `Allow` naming those it does.

@@ -373,6 +373,10 @@ async fn an_expired_key_stays_expired_when_rolled_and_works_again_with_a_later_e
         .unwrap();
     assert_eq!(rolled.status(), 200);
     let rolled: Value = rolled.json().await.unwrap();
+    // The key shows what a call with it would meet.
+    assert_eq!(rolled["status"], "expired");
+    let shown = app.get_json(&format!("/api/v1/keys/{id}"), master).await;
+    assert_eq!(shown["status"], "expired");
     let secret = rolled["secret"].as_str().unwrap().to_string();
     expect_error(app.get_as("/echo/x", &secret).await, 401, "key_expired").await;
     let later = now(&app) + chrono::Duration::days(30);
@@ -380,6 +384,8 @@ async fn an_expired_key_stays_expired_when_rolled_and_works_again_with_a_later_e
         .patch_key(master, id, json!({"expires_at": later}))
         .await;
     assert_eq!(patched.status(), 200);
+    let patched: Value = patched.json().await.unwrap();
+    assert_eq!(patched["status"], "active");
     assert_eq!(app.get_as("/echo/x", &secret).await.status(), 200);
 }
 
@@ -424,11 +430,17 @@ async fn a_rolled_key_works_under_both_secrets_for_the_grace_period_then_only_th
         .unwrap()
         .contains("rolled"));
     assert_eq!(app.get_as("/echo/x", &new).await.status(), 200);
-    // Both secrets' calls count against the one key's spend.
+    // Both secrets' calls count against the one key's spend; the refusal is filed under it too.
     let usage = app
         .get_json(&format!("/api/v1/requests?key_id={id}"), master)
         .await;
-    assert_eq!(usage["data"].as_array().unwrap().len(), 4);
+    let statuses: Vec<u64> = usage["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|row| row["status"].as_u64().unwrap())
+        .collect();
+    assert_eq!(statuses, [200, 401, 200, 200, 200]);
 }
 
 #[tokio::test]

@@ -477,6 +477,70 @@ async fn a_key_over_its_monthly_cap_gets_402_until_the_next_month() {
     assert_eq!(echo(&app, &key, &[]).await.status(), 200, "a new month");
 }
 
+/// A cap refusal gives the hold this call needed (the real cause), and on an LLM call which
+/// field lowers it; the same call with a lower cap then fits.
+#[tokio::test]
+async fn a_cap_refusal_says_what_the_call_needed_and_how_to_need_less() {
+    let app = spawn_app().await;
+    let account = app.create_account("acme").await;
+    let (key, _) = app
+        .create_usage_key(&account.master_key, json!({"monthly_spend_cap": "0.005"}))
+        .await;
+    let chat = |body: Value| {
+        app.post("/v1/chat/completions")
+            .bearer_auth(&key)
+            .json(&body)
+            .send()
+    };
+    let messages = json!([{"role": "user", "content": "Hello!"}]);
+    // 4096 output tokens (the route's default cap) at 2 per million: over the cap on its own.
+    let refused = chat(json!({"model": "mock-gpt", "messages": messages}))
+        .await
+        .unwrap();
+    let body = expect_error(refused, 402, "key_quota_exceeded").await;
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("needs a hold of 0.008217 USD"),
+        "{message}"
+    );
+    assert!(message.contains("leaves 0.005"), "{message}");
+    assert!(
+        message.contains("4096 output tokens") && message.contains("'max_completion_tokens'"),
+        "{message}"
+    );
+    let fits = chat(json!({"model": "mock-gpt", "messages": messages, "max_tokens": 100}))
+        .await
+        .unwrap();
+    assert_eq!(fits.status(), 200);
+}
+
+/// Bad query values are named with what they take, not the parser's words.
+#[tokio::test]
+async fn a_bad_query_value_says_what_the_parameter_takes() {
+    let app = spawn_app().await;
+    let account = app.create_account("acme").await;
+    let key = &account.master_key;
+    for (query, field, expected) in [
+        ("from=2026-12", "from", "RFC 3339"),
+        ("to=yesterday", "to", "RFC 3339"),
+        ("status=ok", "status", "HTTP status code"),
+        ("limit=-1", "limit", "whole number"),
+    ] {
+        let response = app.get_as(&format!("/api/v1/requests?{query}"), key).await;
+        let body = expect_error(response, 400, "validation_error").await;
+        let said = body["error"]["field_errors"][field][0].as_str().unwrap();
+        assert!(said.contains(expected), "{query}: {said}");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(!message.contains("premature") && !message.contains("invalid digit"));
+    }
+    let response = app.get_as("/api/v1/usage?from=2026-12", key).await;
+    let body = expect_error(response, 400, "validation_error").await;
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("RFC 3339"));
+}
+
 async fn create_hold(app: &TestApp, key: &str, body: Value) -> reqwest::Response {
     app.post("/api/v1/holds")
         .bearer_auth(key)

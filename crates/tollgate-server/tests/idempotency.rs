@@ -124,8 +124,14 @@ async fn a_retried_paid_call_replays_the_same_bytes_and_is_charged_once() {
 
     assert_eq!(s.calls.load(Ordering::SeqCst), 1);
     assert_eq!(before - available(&s.app, &s.key).await, PRICE_NANOS);
+    // The replay has a row of its own, charged nothing and pointing to the first.
     let rows = s.app.get_json("/api/v1/requests", &s.key).await;
-    assert_eq!(rows["data"].as_array().unwrap().len(), 1, "{rows}");
+    let rows = rows["data"].as_array().unwrap();
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    assert_eq!(rows[0]["replay_of"], first_id.to_str().unwrap());
+    assert_eq!(rows[0]["cost"]["nanos"], 0);
+    assert_eq!(rows[1]["request_id"], first_id.to_str().unwrap());
+    assert_eq!(rows[1]["cost"]["nanos"], PRICE_NANOS);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -119,7 +119,7 @@ async fn malformed_json_is_400_bad_request_and_a_wrong_shape_is_400_validation_e
         .await
         .unwrap();
     let body = expect_error(wrong, 400, "validation_error").await;
-    expect![[r#"{"error":{"code":"validation_error","details":{},"field_errors":{"name":["invalid type: integer `42`, expected a string"]},"message":"1 invalid field: name. See field_errors.","request_id":"req_…","type":"invalid_request_error"}}"#]]
+    expect![[r#"{"error":{"code":"validation_error","details":{},"field_errors":{"name":["invalid type: integer `42`, expected a string"]},"message":"1 invalid field: name: invalid type: integer `42`, expected a string.","request_id":"req_…","type":"invalid_request_error"}}"#]]
         .assert_eq(&redact_request_id(body).to_string());
 
     let several = app

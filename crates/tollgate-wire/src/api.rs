@@ -186,6 +186,29 @@ fn present<'de, T: Deserialize<'de>, D: Deserializer<'de>>(
     Option::<T>::deserialize(deserializer).map(Some)
 }
 
+/// Whether a key works now, as the API shows it: its stored status, or `expired` for an active or
+/// inactive key past its `expires_at` (give it a later one to bring it back).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum KeyState {
+    Active,
+    Inactive,
+    Revoked,
+    Expired,
+}
+
+impl KeyState {
+    /// The state at `now` of a key with this stored status and expiry.
+    pub fn at(status: KeyStatus, expires_at: Option<DateTime<Utc>>, now: DateTime<Utc>) -> Self {
+        match status {
+            KeyStatus::Revoked => KeyState::Revoked,
+            _ if expires_at.is_some_and(|at| at <= now) => KeyState::Expired,
+            KeyStatus::Active => KeyState::Active,
+            KeyStatus::Inactive => KeyState::Inactive,
+        }
+    }
+}
+
 /// An API key as the API shows it: everything but the secret.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct ApiKeyInfo {
@@ -193,7 +216,7 @@ pub struct ApiKeyInfo {
     pub account_id: AccountId,
     pub name: String,
     pub kind: KeyKind,
-    pub status: KeyStatus,
+    pub status: KeyState,
     /// The non-secret start of the key, to recognise it: `tg_live_AbC1`.
     pub prefix: String,
     pub scopes: Vec<String>,

@@ -263,10 +263,10 @@ mod tests {
         fields.insert("name".to_string(), vec!["must not be empty".to_string()]);
         let err = ApiError::validation(fields);
         expect![[r#"
-            native application/json {"error":{"code":"validation_error","details":{},"field_errors":{"name":["must not be empty"]},"message":"1 invalid field: name. See field_errors.","request_id":"req_01JD3ZK6Q9X8V7T5R4N2M0P1AB","type":"invalid_request_error"}}
-            openai application/json {"error":{"code":"validation_error","message":"1 invalid field: name. See field_errors.","param":"name","type":"invalid_request_error"}}
-            anthropic application/json {"error":{"message":"1 invalid field: name. See field_errors.","type":"invalid_request_error"},"request_id":"req_01JD3ZK6Q9X8V7T5R4N2M0P1AB","type":"error"}
-            problem application/problem+json {"code":"validation_error","detail":"1 invalid field: name. See field_errors.","field_errors":{"name":["must not be empty"]},"request_id":"req_01JD3ZK6Q9X8V7T5R4N2M0P1AB","status":400,"title":"The request was readable but some fields are missing or invalid.","type":"urn:tollgate:error:validation_error"}
+            native application/json {"error":{"code":"validation_error","details":{},"field_errors":{"name":["must not be empty"]},"message":"1 invalid field: name: must not be empty.","request_id":"req_01JD3ZK6Q9X8V7T5R4N2M0P1AB","type":"invalid_request_error"}}
+            openai application/json {"error":{"code":"validation_error","message":"1 invalid field: name: must not be empty.","param":"name","type":"invalid_request_error"}}
+            anthropic application/json {"error":{"message":"1 invalid field: name: must not be empty.","type":"invalid_request_error"},"request_id":"req_01JD3ZK6Q9X8V7T5R4N2M0P1AB","type":"error"}
+            problem application/problem+json {"code":"validation_error","detail":"1 invalid field: name: must not be empty.","field_errors":{"name":["must not be empty"]},"request_id":"req_01JD3ZK6Q9X8V7T5R4N2M0P1AB","status":400,"title":"The request was readable but some fields are missing or invalid.","type":"urn:tollgate:error:validation_error"}
         "#]]
         .assert_eq(&render_all(&err));
     }
