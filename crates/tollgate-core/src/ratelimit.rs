@@ -174,6 +174,12 @@ impl Policy {
         }
     }
 
+    /// The most units admitted at once, by a fresh subject: `burst + 1`. `Standing::remaining`
+    /// counts down from it, so the rate-limit headers give it as the limit.
+    pub fn at_once(&self) -> u64 {
+        self.burst.saturating_add(1)
+    }
+
     /// Whether a single request of `cost` units could ever be admitted.
     pub fn can_ever_admit(&self, cost: u64) -> bool {
         u128::from(cost) <= u128::from(self.burst) + 1
@@ -217,13 +223,14 @@ impl Scope {
     }
 }
 
-/// Of several standings, the one a client should pace itself by: the fewest units left, relative
-/// to each policy's size (`remaining / (limit + burst)`), the first such on a tie.
+/// Of several standings, the one closest to refusing, which a client should pace itself by: a
+/// refusal first, then the fewest units left relative to what the policy admits at once
+/// (`remaining / (burst + 1)`), the first such on a tie.
 pub fn most_restrictive<'a>(
     standings: impl IntoIterator<Item = (&'a Policy, Standing)>,
 ) -> Option<(&'a Policy, Standing)> {
     standings.into_iter().reduce(|best, next| {
-        let size = |p: &Policy| u128::from(p.limit) + u128::from(p.burst);
+        let size = |p: &Policy| u128::from(p.at_once());
         // a/b < c/d  ⇔  a·d < c·b, in integers; only sizes near 2⁶⁴ can overflow that, and
         // those are compared as ratios.
         let (a, b) = (u128::from(next.1.remaining), size(next.0));
@@ -266,7 +273,7 @@ mod tests {
         assert_eq!(chosen.remaining, u64::MAX / 2);
         let small = policy(10, 1000, 0);
         let (tightest, _) =
-            most_restrictive([(&huge, standing(u64::MAX)), (&small, standing(1))]).unwrap();
+            most_restrictive([(&huge, standing(u64::MAX)), (&small, standing(0))]).unwrap();
         assert_eq!(tightest.limit, 10);
     }
 
@@ -380,8 +387,8 @@ mod tests {
 
     #[test]
     fn the_most_restrictive_is_the_relatively_emptiest_and_a_refusal_first() {
-        let small = policy(10, 1_000, 0);
-        let big = policy(1_000, 1_000, 0);
+        let small = policy(10, 1_000, 9);
+        let big = policy(1_000, 1_000, 999);
         let standing = |remaining, admitted| Standing {
             admitted,
             remaining,

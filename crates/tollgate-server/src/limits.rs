@@ -616,7 +616,7 @@ impl LimitHeaders {
         }
     }
 
-    /// `X-RateLimit-*` for the most restrictive policy; `RateLimit-Policy` and `RateLimit`
+    /// `X-RateLimit-*` for the policy closest to refusing; `RateLimit-Policy` and `RateLimit`
     /// (draft-ietf-httpapi-ratelimit-headers) listing each policy.
     pub fn apply(&self, headers: &mut HeaderMap) {
         let Some((policy, standing)) =
@@ -630,7 +630,10 @@ impl LimitHeaders {
                 headers.insert(name, value);
             }
         };
-        set("x-ratelimit-limit", policy.limit.to_string());
+        // Remaining counts down from what the policy admits at once, so that is the limit
+        // these three describe (as redis-cell's GCRA gives it); `RateLimit-Policy` states the
+        // configured rate.
+        set("x-ratelimit-limit", policy.at_once().to_string());
         set("x-ratelimit-remaining", standing.remaining.to_string());
         set("x-ratelimit-reset", reset_at.to_string());
         let list = |item: &dyn Fn(&Policy, &Standing) -> String| {
@@ -700,7 +703,8 @@ mod tests {
         LimitHeaders::new(&demands, &verdict.standings, Duration::from_secs(1_000))
             .apply(&mut headers);
         let get = |name: &str| headers[name].to_str().unwrap().to_string();
-        assert_eq!(get("x-ratelimit-limit"), "60");
+        // per-key admits 10 at once and has 9 left; per-account 100 and 99.
+        assert_eq!(get("x-ratelimit-limit"), "10");
         assert_eq!(get("x-ratelimit-remaining"), "9");
         assert_eq!(get("x-ratelimit-reset"), "1001");
         assert_eq!(

@@ -81,3 +81,73 @@ fn config_md_documents_every_field_and_override() {
         );
     }
 }
+
+/// The table in config.md that says what a policy admits is what the limiter does: each row is
+/// played on a fresh subject, sending as soon as it is admitted.
+#[test]
+fn config_md_rate_limit_examples_are_what_the_limiter_does() {
+    use std::time::Duration;
+    use tollgate_core::ratelimit::{Policy, Scope, Unit};
+    let docs = read("docs/config.md");
+    let table = docs
+        .split("<!-- rate-limit examples: checked by crates/tollgate-server/tests/tidy.rs -->")
+        .nth(1)
+        .and_then(|rest| rest.split("<!-- end of rate-limit examples -->").next())
+        .expect("docs/config.md has the rate-limit examples table");
+    let rows: Vec<Vec<&str>> = table
+        .lines()
+        .filter(|l| l.starts_with("| ") && !l.starts_with("| limit"))
+        .map(|l| l.trim_matches('|').split('|').map(str::trim).collect())
+        .collect();
+    assert!(rows.len() >= 3, "{table}");
+    let shown = |d: Duration| match d.as_millis() {
+        ms if ms % 1000 == 0 => format!("{} s", ms / 1000),
+        ms => format!("{ms} ms"),
+    };
+    for row in rows {
+        let policy = Policy {
+            name: "example".into(),
+            scope: Scope::Key,
+            unit: Unit::Requests,
+            limit: row[0].parse().unwrap(),
+            window: humantime::parse_duration(row[1]).unwrap(),
+            burst: row[2].parse().unwrap(),
+            on_limiter_failure: Default::default(),
+        };
+        // Send as soon as admitted, for three windows; note when each was admitted.
+        let mut tat = None;
+        let mut now = Duration::ZERO;
+        let mut admitted = Vec::new();
+        let mut first_wait = None;
+        while now < 3 * policy.window {
+            let (standing, next) = policy.decide(tat, now, 1);
+            if standing.admitted {
+                tat = next;
+                admitted.push(now);
+            } else {
+                first_wait.get_or_insert(standing.retry_after);
+                now += standing.retry_after;
+            }
+        }
+        let at_once = admitted.iter().take_while(|t| t.is_zero()).count();
+        let most = (0..admitted.len())
+            .map(|i| {
+                admitted[i..]
+                    .iter()
+                    .take_while(|t| **t < admitted[i] + policy.window)
+                    .count()
+            })
+            .max()
+            .unwrap();
+        let found = [
+            at_once.to_string(),
+            shown(first_wait.unwrap()),
+            most.to_string(),
+        ];
+        assert_eq!(
+            [row[3], row[4], row[5]],
+            found.each_ref().map(String::as_str),
+            "docs/config.md rate-limit example {row:?}"
+        );
+    }
+}
