@@ -368,8 +368,9 @@ pub struct RawRoute {
     /// How long the upstream may take to send its response headers.
     #[serde(default = "default_timeout")]
     pub timeout: String,
-    /// Headers added to every upstream request (e.g. the upstream's own API key). Secret.
-    #[serde(default)]
+    /// Headers added to every upstream request (e.g. the upstream's own API key). Those that
+    /// carry credentials are shown redacted.
+    #[serde(default, serialize_with = "serialize_upstream_headers")]
     pub upstream_headers: BTreeMap<String, Secret>,
     /// Policies for this route only, on top of the global ones.
     #[serde(default)]
@@ -415,6 +416,36 @@ impl Default for RawRoute {
 
 /// What an HTTP API serves. Not `TRACE` (it echoes the request, credentials included, back
 /// through any cache between) nor `CONNECT` (a tunnel, not an API call).
+/// Shows an upstream header's value unless its name says it carries a credential
+/// (`anthropic-version` is shown; `authorization`, `x-api-key`, a `*-token` are not).
+fn serialize_upstream_headers<S: serde::Serializer>(
+    headers: &BTreeMap<String, Secret>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    const CREDENTIALS: [&str; 8] = [
+        "auth",
+        "key",
+        "token",
+        "secret",
+        "cookie",
+        "password",
+        "signature",
+        "credential",
+    ];
+    let shown: BTreeMap<&str, &str> = headers
+        .iter()
+        .map(|(name, value)| {
+            let lower = name.to_ascii_lowercase();
+            let secret = CREDENTIALS.iter().any(|word| lower.contains(word));
+            (
+                name.as_str(),
+                if secret { REDACTED } else { value.0.as_str() },
+            )
+        })
+        .collect();
+    serde::Serialize::serialize(&shown, s)
+}
+
 fn default_methods() -> Vec<String> {
     ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
         .map(String::from)
@@ -545,9 +576,12 @@ impl RawConfig {
             load_shedding: section(&mut table, "load_shedding", problems),
             idempotency: section(&mut table, "idempotency", problems),
             redis: section(&mut table, "redis", problems),
-            rate_limits: table
-                .remove("rate_limits")
-                .and_then(|value| deserialize_at(value, "rate_limits", problems)),
+            rate_limits: table.remove("rate_limits").map(|value| {
+                items(value, "rate_limits", problems)
+                    .into_iter()
+                    .map(|(_, policy)| policy)
+                    .collect()
+            }),
             routes: routes(&mut table, problems),
         };
         for unknown in table.keys() {
@@ -559,9 +593,15 @@ impl RawConfig {
         Some(raw)
     }
 
-    /// The effective config as TOML, secrets replaced by `<redacted>`.
+    /// The effective config as TOML, defaults included (the rate limits too), secrets replaced
+    /// by `<redacted>`.
     pub fn to_redacted_toml(&self) -> String {
-        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+        let mut effective = self.clone();
+        effective
+            .rate_limits
+            .get_or_insert_with(default_rate_limits);
+        toml::to_string_pretty(&effective)
+            .unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
     }
 }
 
@@ -577,44 +617,130 @@ fn section<T: DeserializeOwned + Default>(
 }
 
 fn routes(table: &mut toml::Table, problems: &mut Problems) -> Vec<RawRoute> {
-    match table.remove("routes") {
-        None => Vec::new(),
-        Some(toml::Value::Array(items)) => items
-            .into_iter()
-            .enumerate()
-            .filter_map(|(i, item)| {
-                let mut route: RawRoute = deserialize_at(item, &format!("routes[{i}]"), problems)?;
-                route.position = i;
-                Some(route)
-            })
-            .collect(),
-        Some(_) => {
-            problems.push("routes", "must be an array of tables ([[routes]])");
-            Vec::new()
-        }
-    }
+    let routes = table
+        .remove("routes")
+        .map(|value| items(value, "routes", problems));
+    routes
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(i, mut route): (usize, RawRoute)| {
+            route.position = i;
+            route
+        })
+        .collect()
 }
 
-fn deserialize_at<T: DeserializeOwned>(
+/// An array of tables, read item by item so one bad item hides no problem of another. Each item
+/// that reads comes with its index in the file.
+fn items<T: DeserializeOwned>(
     value: toml::Value,
     at: &str,
     problems: &mut Problems,
+) -> Vec<(usize, T)> {
+    let toml::Value::Array(items) = value else {
+        problems.push(at, format!("must be an array of tables ([[{at}]])"));
+        return Vec::new();
+    };
+    items
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, item)| Some((i, deserialize_at(item, &format!("{at}[{i}]"), problems)?)))
+        .collect()
+}
+
+/// Reads `value` as a `T`, reporting every field that does not read rather than the first: a
+/// field of the wrong type or an unknown one is reported and left out (so its default applies),
+/// and a missing one is reported and stood in for by an empty string, so the rest of the item is
+/// still read and checked. `None` if the item cannot be read at all.
+fn deserialize_at<T: DeserializeOwned>(
+    mut value: toml::Value,
+    at: &str,
+    problems: &mut Problems,
 ) -> Option<T> {
-    match serde_path_to_error::deserialize(value) {
-        Ok(v) => Some(v),
-        Err(e) => {
-            let inner = e.path().to_string();
-            let path = if inner == "." {
-                at.to_string()
+    let mut stood_in = std::collections::BTreeSet::new();
+    // Each pass fixes one field; a table has far fewer fields than this.
+    for _ in 0..64 {
+        let error = match serde_path_to_error::deserialize(value.clone()) {
+            Ok(v) => return Some(v),
+            Err(e) => e,
+        };
+        let mut segments: Vec<String> = error
+            .path()
+            .iter()
+            .filter_map(|segment| match segment {
+                serde_path_to_error::Segment::Map { key } => Some(key.clone()),
+                serde_path_to_error::Segment::Seq { index } => Some(index.to_string()),
+                _ => None,
+            })
+            .collect();
+        // toml's messages end with "in `field`" lines that repeat the path; keep the first line.
+        let message = error.into_inner().to_string();
+        let message = message
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_string();
+        let named = |prefix: &str| {
+            message
+                .strip_prefix(prefix)
+                .and_then(|rest| rest.split('`').next())
+                .map(str::to_string)
+        };
+        let (unknown, missing) = (named("unknown field `"), named("missing field `"));
+        // A missing field's path is its table's; an unknown field's may be either.
+        if let Some(field) = unknown.as_ref().or(missing.as_ref()) {
+            if segments.last() != Some(field) {
+                segments.push(field.clone());
+            }
+        }
+        let path = segments.iter().fold(at.to_string(), |path, segment| {
+            if segment.parse::<usize>().is_ok() {
+                format!("{path}[{segment}]")
             } else {
-                format!("{at}.{inner}")
-            };
-            // toml's messages end with "in `field`" lines that repeat the path; keep the first line.
-            let message = e.into_inner().to_string();
-            problems.push(&path, message.lines().next().unwrap_or_default().trim());
-            None
+                format!("{path}.{segment}")
+            }
+        });
+        if missing.is_some() {
+            if !stood_in.insert(path.clone()) {
+                // The stand-in did not fit either: this item cannot be read.
+                return None;
+            }
+            // Unless it is missing because its wrong value was just left out.
+            problems.unread(&path, "is required".to_string());
+        } else {
+            problems.unread(&path, message);
+        }
+        let Some((last, parents)) = segments.split_last() else {
+            return None;
+        };
+        let Some(parent) = parents
+            .iter()
+            .try_fold(&mut value, |node, segment| match node {
+                toml::Value::Table(table) => table.get_mut(segment),
+                toml::Value::Array(array) => array.get_mut(segment.parse::<usize>().ok()?),
+                _ => None,
+            })
+        else {
+            return None;
+        };
+        match (parent, missing.is_some()) {
+            (toml::Value::Table(table), true) => {
+                table.insert(last.clone(), toml::Value::String(String::new()));
+            }
+            (toml::Value::Table(table), false) => {
+                table.remove(last);
+            }
+            (toml::Value::Array(array), _) => match last.parse::<usize>() {
+                Ok(index) if index < array.len() => {
+                    array.remove(index);
+                }
+                _ => return None,
+            },
+            _ => return None,
         }
     }
+    None
 }
 
 /// An IPv4/IPv6 network in CIDR notation (`10.0.0.0/8`, `2001:db8::/32`); a bare address is
@@ -1527,23 +1653,37 @@ impl fmt::Display for ConfigErrors {
 }
 
 #[derive(Default)]
-struct Problems(Vec<ConfigProblem>);
+struct Problems {
+    found: Vec<ConfigProblem>,
+    /// Fields that did not read and were left out or stood in for: reported once, when read.
+    unread: std::collections::BTreeSet<String>,
+}
 
 impl Problems {
+    /// Records a problem, unless it is about a field already reported as unread (its default or
+    /// stand-in value is not the operator's).
     fn push(&mut self, path: &str, message: impl Into<String>) {
-        self.0.push(ConfigProblem {
+        if self.unread.contains(path) {
+            return;
+        }
+        self.found.push(ConfigProblem {
             path: path.to_string(),
             message: message.into(),
         });
     }
+    /// Records a field that did not read.
+    fn unread(&mut self, path: &str, message: String) {
+        self.push(path, message);
+        self.unread.insert(path.to_string());
+    }
     fn len(&self) -> usize {
-        self.0.len()
+        self.found.len()
     }
     fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.found.is_empty()
     }
     fn into_errors(self) -> ConfigErrors {
-        ConfigErrors(self.0)
+        ConfigErrors(self.found)
     }
 }
 
@@ -1681,7 +1821,7 @@ mod tests {
             8 problems in the config:
               - server.lisen: unknown field `lisen`, expected one of `listen`, `api_prefix`, `request_id_header`, `max_body_bytes`, `key_cache_capacity`, `trusted_proxies`, `header_read_timeout`, `max_connections`, `http2_max_concurrent_streams`, `max_header_bytes`
               - routes[0].upstream: invalid type: integer `5`, expected a string
-              - routes[2]: missing field `group`
+              - routes[2].group: is required
               - surprise: unknown section (expected server, store, redis, admin, billing, keys, load_shedding, idempotency, rate_limits or routes)
               - billing.currency: must be a three-letter code in capitals, e.g. USD
               - routes[1].prefix: '/api/v2' overlaps '/api', which Tollgate serves itself
@@ -1708,6 +1848,41 @@ mod tests {
             [[routes]]
             prefix = "/c"
             upstream = "http://h"
+            "#,
+        ));
+    }
+
+    /// A field that does not read hides no other problem of its section, route or policy.
+    #[test]
+    fn every_problem_of_one_section_or_item_is_reported_too() {
+        expect![[r#"
+            9 problems in the config:
+              - server.max_body_bytes: invalid type: string "big", expected u64
+              - rate_limits[0].window: invalid type: integer `5`, expected a string
+              - routes[0].group: is required
+              - server.listen: must be an address and port, e.g. 127.0.0.1:8080
+              - billing.currency: must be a three-letter code in capitals, e.g. USD
+              - rate_limits[0].limit: must be at least 1
+              - routes[0].prefix: must be a path starting with /, e.g. /v1
+              - routes[0].upstream: must be an http:// or https:// URL with a host and no query, e.g. https://api.example.com/v1
+              - routes[0].price: 'abc' is not a decimal amount (expected digits with an optional '.', e.g. "0.25")
+        "#]]
+        .assert_eq(&problems(
+            r#"
+            [server]
+            listen = "nope"
+            max_body_bytes = "big"
+            [billing]
+            currency = ""
+            [[rate_limits]]
+            name = "x"
+            scope = "key"
+            limit = 0
+            window = 5
+            [[routes]]
+            prefix = "api"
+            upstream = "ftp://x"
+            price = "abc"
             "#,
         ));
     }

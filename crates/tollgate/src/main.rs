@@ -154,6 +154,12 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                     file.display()
                 );
                 print!("{}", config.raw.to_redacted_toml());
+                if config.admin_token.is_none() {
+                    eprintln!(
+                        "warning: no admin token is set ([admin] token, or TOLLGATE_ADMIN_TOKEN): \
+                         nobody can create accounts or grant credits through the management API"
+                    );
+                }
                 Ok(ExitCode::SUCCESS)
             }
             Err(e) => {

@@ -205,17 +205,23 @@ async fn check_config_prints_the_effective_config_with_secrets_redacted() {
         &file,
         "[admin]\ntoken = \"an-admin-token-that-is-long\"\n\
          [[routes]]\nprefix = \"/v1\"\nupstream = \"https://api.example.com/v1\"\ngroup = \"llm\"\n\
-         upstream_headers = { authorization = \"Bearer sk-secret\" }\n",
+         upstream_headers = { authorization = \"Bearer sk-secret\", \"anthropic-version\" = \"2023-06-01\" }\n",
     )
     .unwrap();
-    let output = Command::new(BIN)
-        .arg("check-config")
-        .arg(&file)
-        .output()
-        .await
-        .unwrap();
-    assert!(output.status.success());
-    let stdout = String::from_utf8_lossy(&output.stdout);
+    let check = |file: std::path::PathBuf| async move {
+        let output = Command::new(BIN)
+            .arg("check-config")
+            .arg(&file)
+            .output()
+            .await
+            .unwrap();
+        assert!(output.status.success());
+        (
+            String::from_utf8_lossy(&output.stdout).to_string(),
+            String::from_utf8_lossy(&output.stderr).to_string(),
+        )
+    };
+    let (stdout, stderr) = check(file).await;
     assert!(stdout.contains("is valid"), "{stdout}");
     assert!(stdout.contains("token = \"<redacted>\""), "{stdout}");
     assert!(
@@ -223,6 +229,27 @@ async fn check_config_prints_the_effective_config_with_secrets_redacted() {
         "{stdout}"
     );
     assert!(!stdout.contains("sk-secret") && !stdout.contains("an-admin-token-that-is-long"));
+    // Only secrets are redacted; the defaults the file left out are shown, rate limits included.
+    assert!(
+        stdout.contains("anthropic-version = \"2023-06-01\""),
+        "{stdout}"
+    );
+    assert!(stdout.contains("name = \"per-key\""), "{stdout}");
+    assert!(stdout.contains("max_body_bytes = 10485760"), "{stdout}");
+    assert!(!stderr.contains("warning"), "{stderr}");
+
+    // Without an admin token the config is valid, with a warning that says what that means.
+    let bare = dir.path().join("bare.toml");
+    std::fs::write(
+        &bare,
+        "[[routes]]\nprefix = \"/v1\"\nupstream = \"https://api.example.com/v1\"\ngroup = \"llm\"\n",
+    )
+    .unwrap();
+    let (_, stderr) = check(bare).await;
+    assert!(
+        stderr.contains("warning: no admin token is set"),
+        "{stderr}"
+    );
 }
 
 #[tokio::test]
