@@ -711,19 +711,14 @@ fn deserialize_at<T: DeserializeOwned>(
         } else {
             problems.unread(&path, message);
         }
-        let Some((last, parents)) = segments.split_last() else {
-            return None;
-        };
-        let Some(parent) = parents
+        let (last, parents) = segments.split_last()?;
+        let parent = parents
             .iter()
             .try_fold(&mut value, |node, segment| match node {
                 toml::Value::Table(table) => table.get_mut(segment),
                 toml::Value::Array(array) => array.get_mut(segment.parse::<usize>().ok()?),
                 _ => None,
-            })
-        else {
-            return None;
-        };
+            })?;
         match (parent, missing.is_some()) {
             (toml::Value::Table(table), true) => {
                 table.insert(last.clone(), toml::Value::String(String::new()));
