@@ -9,6 +9,8 @@
 //!   without usage.
 //! - `POST /v1/messages`: Anthropic-compatible; JSON, or its SSE event stream with usage in
 //!   `message_start` and `message_delta`. `POST /v1/messages/count_tokens`.
+//! - `GET /v1/models`: the mock's models, in OpenAI's shape or (with `anthropic-version`)
+//!   Anthropic's. Every endpoint reads bodies up to 16 MiB, more than the gateway forwards.
 //! - `/echo/...` (any method): answers with the request it received, as JSON (with the peer
 //!   address of the connection, when served by [`MockUpstream`]).
 //!
@@ -28,7 +30,7 @@ use axum::body::{Body, Bytes};
 use axum::extract::Request;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{any, post};
+use axum::routing::{any, get, post};
 use axum::{Json, Router};
 use futures_util::StreamExt;
 use serde_json::{json, Value};
@@ -38,8 +40,11 @@ use tokio::net::TcpListener;
 
 /// How many chunks a stream has when `x-mock-chunks` is absent.
 const DEFAULT_CHUNKS: usize = 5;
-/// The largest body the echo API reads.
-const ECHO_BODY_LIMIT: usize = 16 * 1024 * 1024;
+/// The largest body any endpoint reads: more than the gateway forwards (10 MiB by default), so
+/// what the gateway accepts, the mock does.
+const BODY_LIMIT: usize = 16 * 1024 * 1024;
+/// The models `GET /v1/models` lists (the mock answers any model name it is sent).
+const MODELS: [&str; 3] = ["mock-gpt", "mock-gpt-large", "mock-claude"];
 
 pub fn router() -> Router {
     Router::new()
@@ -50,11 +55,13 @@ pub fn router() -> Router {
         .route("/v1/images/generations", post(images))
         .route("/v1/messages", post(messages))
         .route("/v1/messages/count_tokens", post(count_tokens_endpoint))
+        .route("/v1/models", get(models))
         .route("/echo", any(echo))
         .route("/echo/{*rest}", any(echo))
         // As the real APIs do, an unknown path or method gets a JSON error, not an empty body.
         .fallback(|| async { unknown(StatusCode::NOT_FOUND) })
         .method_not_allowed_fallback(|| async { unknown(StatusCode::METHOD_NOT_ALLOWED) })
+        .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
         .layer(
             tower_http::compression::CompressionLayer::new()
                 .compress_when(tower_http::compression::predicate::SizeAbove::new(0)),
@@ -486,6 +493,30 @@ async fn completions(headers: HeaderMap, body: Bytes) -> Response {
     sse(events, completion.chunk_delay, completion.abort_after)
 }
 
+/// The model list, in Anthropic's shape when the request carries `anthropic-version` (as the
+/// Anthropic SDK's does), OpenAI's otherwise.
+async fn models(headers: HeaderMap) -> Json<Value> {
+    if headers.contains_key("anthropic-version") {
+        let data: Vec<Value> = MODELS
+            .iter()
+            .map(|id| json!({"type": "model", "id": id, "display_name": id, "created_at": "2026-01-01T00:00:00Z"}))
+            .collect();
+        return Json(json!({
+            "data": data,
+            "has_more": false,
+            "first_id": MODELS.first(),
+            "last_id": MODELS.last(),
+        }));
+    }
+    let data: Vec<Value> = MODELS
+        .iter()
+        .map(
+            |id| json!({"id": id, "object": "model", "created": 1_767_225_600, "owned_by": "mock"}),
+        )
+        .collect();
+    Json(json!({"object": "list", "data": data}))
+}
+
 fn unknown(status: StatusCode) -> Response {
     let body = json!({"error": {"message": format!("mock upstream: {status}"), "type": "invalid_request_error", "param": null, "code": null}});
     (status, Json(body)).into_response()
@@ -618,7 +649,7 @@ async fn echo(request: Request) -> Response {
             )
         })
         .collect();
-    let body = match axum::body::to_bytes(body, ECHO_BODY_LIMIT).await {
+    let body = match axum::body::to_bytes(body, BODY_LIMIT).await {
         Ok(bytes) => bytes,
         Err(_) => return bad_request("body unreadable or over 16 MiB"),
     };

@@ -16,6 +16,7 @@ pub mod ledger;
 pub mod limits;
 pub mod meter;
 pub mod metrics;
+pub mod models;
 pub mod openapi;
 pub mod proxy;
 pub mod redis_limiter;

@@ -56,6 +56,14 @@ impl Outcome {
         }
     }
 
+    /// A free call Tollgate answered itself, settled at zero.
+    pub fn free(status: u16) -> Self {
+        Outcome {
+            charge: Some((Nanos::ZERO, BillingStatus::Settled)),
+            ..Outcome::released(status, None)
+        }
+    }
+
     /// Charged nothing: Tollgate refused or failed the call with `error`.
     pub fn refused(error: &ApiError) -> Self {
         Outcome {

@@ -14,6 +14,7 @@ use crate::idempotency::HoldDeadline;
 use crate::ledger::{HoldRefused, HoldSpec};
 use crate::limits::{self, Estimate, LimitSlot, Standings};
 use crate::meter::{Billing, CostRule, MeteredBody, Metering, Outcome};
+use crate::models::{self, ModelsCall};
 use crate::state::AppState;
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
@@ -301,6 +302,21 @@ async fn forward(
     }
     let limit = state.config.max_body_bytes;
     check_declared_length(&parts.headers, limit)?;
+    if let Some((api, models)) = &route.config.pricing.llm {
+        let rest = parts
+            .uri
+            .path()
+            .strip_prefix(route.config.prefix.as_str())
+            .unwrap_or_default();
+        if let Some(call) = ModelsCall::read(&parts.method, rest) {
+            limits::admit_identified(state, &slot, Estimate::default()).await?;
+            let response = models::answer(call, *api, models.keys(), &route.config.group, &key)?;
+            if let Some(billing) = billing.take() {
+                billing.finish(Outcome::free(response.status().as_u16()));
+            }
+            return Ok(response);
+        }
+    }
 
     let pricing = &route.config.pricing;
     let body_limit = usize::try_from(limit).unwrap_or(usize::MAX);

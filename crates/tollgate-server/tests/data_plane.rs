@@ -554,3 +554,86 @@ async fn a_public_route_needs_no_key_and_charges_or_logs_nothing() {
     let protected = app.get("/echo/x").send().await.unwrap();
     expect_error(protected, 401, "invalid_api_key").await;
 }
+
+/// `GET /v1/models` lists the route's priced models that the key may use, in the API's own
+/// shape, without calling the upstream; one model is retrieved the same way.
+#[tokio::test]
+async fn an_llm_route_lists_the_models_the_key_can_use_from_its_price_table() {
+    let app = spawn_app_with(|raw, _| {
+        let large = raw.routes[0].models["mock-gpt"].clone();
+        raw.routes[0].models.insert("mock-gpt-large".into(), large);
+    })
+    .await;
+    let account = app.create_account("acme").await;
+    let master = &account.master_key;
+    let ids = |body: &Value| -> Vec<String> {
+        body["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let all = app.get_json("/v1/models", master).await;
+    assert_eq!(all["object"], "list");
+    assert_eq!(ids(&all), ["mock-gpt", "mock-gpt-large"]);
+    assert_eq!(all["data"][0]["object"], "model");
+
+    let (narrow, _) = app
+        .create_usage_key(master, json!({"scopes": ["openai:mock-gpt-large"]}))
+        .await;
+    assert_eq!(
+        ids(&app.get_json("/v1/models", &narrow).await),
+        ["mock-gpt-large"]
+    );
+    let one = app.get_json("/v1/models/mock-gpt-large", &narrow).await;
+    assert_eq!(one["id"], "mock-gpt-large");
+    let hidden = app.get_as("/v1/models/mock-gpt", &narrow).await;
+    let body = expect_error(hidden, 404, "model_not_found").await;
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("Available: mock-gpt-large."));
+
+    let anthropic = app.get_json("/anthropic/v1/models", master).await;
+    assert_eq!(ids(&anthropic), ["mock-claude"]);
+    assert_eq!(anthropic["data"][0]["type"], "model");
+    assert_eq!(anthropic["has_more"], false);
+    // Listing is free, and needs a key like any call.
+    assert_eq!(
+        common::available(&app, master).await,
+        5_000_000_000,
+        "nothing charged"
+    );
+    expect_error(
+        app.get("/v1/models").send().await.unwrap(),
+        401,
+        "invalid_api_key",
+    )
+    .await;
+}
+
+/// The demo's mock reads what the gateway forwards: a 5 MiB chat body is answered, not refused by
+/// the mock.
+#[tokio::test]
+async fn a_large_body_the_gateway_accepts_reaches_the_mock_and_is_answered() {
+    let app = spawn_app().await;
+    let account = app.create_account("acme").await;
+    let content = "a".repeat(5 * 1024 * 1024);
+    for (path, body) in [
+        (
+            "/v1/chat/completions",
+            json!({"model": "mock-gpt", "max_tokens": 5, "messages": [{"role": "user", "content": content}]}),
+        ),
+        ("/echo/big", json!({"content": content})),
+    ] {
+        let response = app
+            .post(path)
+            .bearer_auth(&account.master_key)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "{path}");
+    }
+}

@@ -36,6 +36,15 @@ assert completed and completed[0].response.usage.output_tokens == 5, events[-1]
 embedding = client.embeddings.create(model="mock-gpt", input="Hello there, gateway!")
 assert embedding.usage.prompt_tokens == 6 and len(embedding.data[0].embedding) == 3, embedding
 
+# The model list is the route's price table: the models this key can call.
+assert [m.id for m in client.models.list()] == ["mock-gpt"], list(client.models.list())
+assert client.models.retrieve("mock-gpt").id == "mock-gpt"
+try:
+    client.models.retrieve("gpt-unknown")
+    raise AssertionError("an unknown model was found")
+except openai.NotFoundError as e:
+    assert e.code == "model_not_found", e
+
 try:
     openai.OpenAI(base_url=f"{url}/v1", api_key="tg_live_not_a_key", max_retries=0).models.list()
     raise AssertionError("a bad key was accepted")
@@ -53,6 +62,8 @@ assert message.usage.input_tokens == 6 and message.usage.output_tokens == 5, mes
 with client.messages.stream(model="mock-claude", max_tokens=16, messages=prompt) as stream:
     final = stream.get_final_message()
 assert final.usage.output_tokens == 5, final.usage
+assert [m.id for m in client.models.list()] == ["mock-claude"]
+assert client.models.retrieve("mock-claude").id == "mock-claude"
 
 try:
     anthropic.Anthropic(base_url=f"{url}/anthropic", api_key="tg_live_not_a_key", max_retries=0).messages.create(
