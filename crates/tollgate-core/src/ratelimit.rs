@@ -10,6 +10,7 @@
 //! Time is kept exactly, in integers: every instant is multiplied by `limit`, so `T` becomes
 //! `window` (in nanoseconds) and no division ever rounds.
 
+use crate::{ApiError, ErrorCode};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -178,6 +179,36 @@ impl Policy {
     /// counts down from it, so the rate-limit headers give it as the limit.
     pub fn at_once(&self) -> u64 {
         self.burst.saturating_add(1)
+    }
+
+    /// The 429 for a request of `cost` units this policy refused, which it would admit after
+    /// `retry_after` (if it ever could): `Retry-After` in whole seconds, rounded up.
+    pub fn refusal(&self, cost: u64, retry_after: Duration) -> ApiError {
+        let retry = retry_after.as_nanos().div_ceil(1_000_000_000).max(1);
+        let retry = u64::try_from(retry).unwrap_or(u64::MAX);
+        let message = if self.can_ever_admit(cost) {
+            format!(
+                "Rate limit '{}' exceeded ({} {} per {}). Retry after {retry} s.",
+                self.name,
+                self.limit,
+                self.unit.as_str(),
+                humantime::format_duration(self.window)
+            )
+        } else {
+            format!(
+                "This request needs {cost} {} at once, more than the rate limit '{}' ever allows ({}).",
+                self.unit.as_str(),
+                self.name,
+                self.at_once()
+            )
+        };
+        ApiError::new(ErrorCode::RateLimited, message)
+            .with_detail("policy", self.name.clone())
+            .with_detail("scope", self.scope.as_str())
+            .with_detail("unit", self.unit.as_str())
+            .with_detail("limit", self.limit)
+            .with_detail("window_seconds", self.window.as_secs_f64())
+            .with_retry_after(retry)
     }
 
     /// Whether a single request of `cost` units could ever be admitted.

@@ -13,7 +13,7 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use axum::middleware::Next;
 use axum::response::Response;
 use tollgate_core::{ApiError, ErrorCode, RequestId};
-use tollgate_wire::{render_error, ErrorProfile};
+use tollgate_wire::{render_error, ErrorProfile, Language};
 
 pub const TOLLGATE_ERROR: HeaderName = HeaderName::from_static("x-tollgate-error");
 pub const SHOULD_RETRY: HeaderName = HeaderName::from_static("x-should-retry");
@@ -65,6 +65,7 @@ pub async fn rescue(request: Request, next: Next) -> Response {
         .get::<RequestId>()
         .copied()
         .unwrap_or_default();
+    let language = language(request.headers());
     let mut response = next.run(request).await;
     let Some(error) = response.extensions_mut().remove::<ApiError>() else {
         return response;
@@ -75,7 +76,7 @@ pub async fn rescue(request: Request, next: Next) -> Response {
         .copied()
         .unwrap_or_default();
     log(&error);
-    let mut rendered = render(response.status(), &error, profile, id);
+    let mut rendered = render(response.status(), &error, profile, id, language);
     // Headers the handler set beside the error (`Server-Timing`, say) stay; the body's own
     // headers are the envelope's.
     for (name, value) in response.headers() {
@@ -86,12 +87,27 @@ pub async fn rescue(request: Request, next: Next) -> Response {
     rendered
 }
 
-/// An error rendered outside the rescue layer (by a layer that sits around it).
-pub fn error_response(error: &ApiError, profile: ErrorProfile, id: RequestId) -> Response {
+/// An error rendered outside the rescue layer (by a layer that sits around it), for a request
+/// with these headers.
+pub fn error_response(
+    error: &ApiError,
+    profile: ErrorProfile,
+    id: RequestId,
+    headers: &HeaderMap,
+) -> Response {
     log(error);
     let status = axum::http::StatusCode::from_u16(error.code.info().status)
         .unwrap_or(axum::http::StatusCode::INTERNAL_SERVER_ERROR);
-    render(status, error, profile, id)
+    render(status, error, profile, id, language(headers))
+}
+
+/// The language the caller reads, from its `Accept-Language`.
+fn language(headers: &HeaderMap) -> Language {
+    Language::negotiate(
+        headers
+            .get(http::header::ACCEPT_LANGUAGE)
+            .and_then(|v| v.to_str().ok()),
+    )
 }
 
 fn log(error: &ApiError) {
@@ -108,8 +124,9 @@ fn render(
     error: &ApiError,
     profile: ErrorProfile,
     id: RequestId,
+    language: Language,
 ) -> Response {
-    let (headers, body) = render_parts(error, profile, id);
+    let (headers, body) = render_parts(error, profile, id, language);
     let mut response = Response::new(Body::from(body));
     *response.status_mut() = status;
     *response.headers_mut() = headers;
@@ -118,14 +135,27 @@ fn render(
     response
 }
 
-/// The envelope's headers and body.
-fn render_parts(error: &ApiError, profile: ErrorProfile, id: RequestId) -> (HeaderMap, Vec<u8>) {
-    let rendered = render_error(profile, error, &id);
+/// The envelope's headers and body, its message in `language` where a translation exists.
+fn render_parts(
+    error: &ApiError,
+    profile: ErrorProfile,
+    id: RequestId,
+    language: Language,
+) -> (HeaderMap, Vec<u8>) {
+    let rendered = render_error(profile, &language.translate(error), &id);
     let body = serde_json::to_vec(&rendered.body).unwrap_or_default();
     let mut headers = HeaderMap::new();
     headers.insert(
         http::header::CONTENT_TYPE,
         HeaderValue::from_static(rendered.content_type),
+    );
+    headers.insert(
+        http::header::CONTENT_LANGUAGE,
+        HeaderValue::from_static(language.tag()),
+    );
+    headers.insert(
+        http::header::VARY,
+        HeaderValue::from_static("accept-language"),
     );
     headers.insert(
         TOLLGATE_ERROR,
@@ -176,7 +206,12 @@ pub async fn bounded_head(State(state): State<AppState>, request: Request, next:
         .get::<RequestId>()
         .copied()
         .unwrap_or_default();
-    error_response(&head_too_large(limit), ErrorProfile::default(), id)
+    error_response(
+        &head_too_large(limit),
+        ErrorProfile::default(),
+        id,
+        request.headers(),
+    )
 }
 
 fn head_too_large(limit: usize) -> ApiError {
@@ -212,7 +247,8 @@ pub fn http1_refusal(
     };
     log(&error);
     let id = RequestId::new();
-    let (headers, body) = render_parts(&error, ErrorProfile::default(), id);
+    // The head could not be read, so neither could its Accept-Language.
+    let (headers, body) = render_parts(&error, ErrorProfile::default(), id, Language::English);
     let reason = http::StatusCode::from_u16(status)
         .ok()
         .and_then(|s| s.canonical_reason())

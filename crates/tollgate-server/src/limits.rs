@@ -501,8 +501,12 @@ pub async fn layer(State(state): State<AppState>, mut request: Request, next: Ne
                     .resolve(request.uri().path())
                     .map(|route| route.config.error_profile)
                     .unwrap_or_default();
-                let mut response =
-                    crate::edge::error_response(&error, profile, id.unwrap_or_default());
+                let mut response = crate::edge::error_response(
+                    &error,
+                    profile,
+                    id.unwrap_or_default(),
+                    request.headers(),
+                );
                 LimitHeaders::new(&anonymous, &verdict.standings, now)
                     .apply(response.headers_mut());
                 match presented(&state, &request) {
@@ -562,37 +566,7 @@ pub fn refusal(demands: &[Demand], verdict: &Verdict) -> ApiError {
     let Some((demand, standing)) = refused else {
         return ApiError::new(ErrorCode::RateLimited, "Rate limit exceeded.").with_retry_after(1);
     };
-    let policy = &demand.policy;
-    let retry = retry_seconds(standing.retry_after);
-    let message = if policy.can_ever_admit(demand.cost) {
-        format!(
-            "Rate limit '{}' exceeded ({} {} per {}). Retry after {retry} s.",
-            policy.name,
-            policy.limit,
-            policy.unit.as_str(),
-            humantime::format_duration(policy.window)
-        )
-    } else {
-        format!(
-            "This request needs {} {} at once, more than the rate limit '{}' ever allows ({}).",
-            demand.cost,
-            policy.unit.as_str(),
-            policy.name,
-            policy.burst + 1
-        )
-    };
-    ApiError::new(ErrorCode::RateLimited, message)
-        .with_detail("policy", policy.name.clone())
-        .with_detail("scope", policy.scope.as_str())
-        .with_detail("unit", policy.unit.as_str())
-        .with_detail("limit", policy.limit)
-        .with_detail("window_seconds", policy.window.as_secs_f64())
-        .with_retry_after(retry)
-}
-
-/// Whole seconds, rounded up, at least one: a client that waits this long will be admitted.
-fn retry_seconds(wait: Duration) -> u64 {
-    wait.as_nanos().div_ceil(1_000_000_000).max(1) as u64
+    demand.policy.refusal(demand.cost, standing.retry_after)
 }
 
 /// Where a request stands with the policies that applied to it; rendered as headers on the way

@@ -184,7 +184,7 @@ fn overloaded(state: &AppState, request: &Request) -> Response {
         .map(|route| route.config.error_profile)
         .unwrap_or_default();
     let id = request.extensions().get::<RequestId>().copied();
-    crate::edge::error_response(&error, profile, id.unwrap_or_default())
+    crate::edge::error_response(&error, profile, id.unwrap_or_default(), request.headers())
 }
 
 /// Backs the limit off while the machine's CPU use is above `threshold` (0 to 1), sampled twice a

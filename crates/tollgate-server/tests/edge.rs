@@ -517,3 +517,51 @@ async fn an_oversized_http2_header_gets_the_envelope_on_its_stream_not_a_reset()
         .unwrap();
     assert_eq!(served.status(), 200);
 }
+
+/// Messages follow `Accept-Language` where a translation exists, in every profile; codes never
+/// change, and `Content-Language` says which language was used.
+#[tokio::test]
+async fn an_error_message_is_in_the_callers_language_and_says_which() {
+    use tollgate_core::ErrorCode;
+    use tollgate_wire::Language;
+    let app = spawn_app().await;
+    let cases = [
+        ("de-DE,de;q=0.9,en;q=0.5", "/echo/x", Language::German),
+        (
+            "zh-CN,zh;q=0.9",
+            "/v1/chat/completions",
+            Language::SimplifiedChinese,
+        ),
+        (
+            "fr-FR, de;q=0.3",
+            "/anthropic/v1/messages",
+            Language::German,
+        ),
+        ("fr-FR", "/echo/x", Language::English),
+        ("zh-TW", "/echo/x", Language::English),
+    ];
+    for (accept, path, language) in cases {
+        let response = app
+            .post(path)
+            .header("accept-language", accept)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 401, "{path}");
+        assert_eq!(response.headers()["x-tollgate-error"], "invalid_api_key");
+        assert_eq!(
+            response.headers()["content-language"],
+            language.tag(),
+            "{accept}"
+        );
+        let body: Value = response.json().await.unwrap();
+        let message = body["error"]["message"].as_str().unwrap();
+        match language.message(ErrorCode::InvalidApiKey) {
+            Some(translated) => assert_eq!(message, translated, "{accept}"),
+            None => assert!(message.starts_with("No API key was provided"), "{message}"),
+        }
+    }
+    // Without the header: English, and the response says so.
+    let response = app.get("/echo/x").send().await.unwrap();
+    assert_eq!(response.headers()["content-language"], "en");
+}

@@ -114,17 +114,36 @@ pub fn render_error(
 /// The whole of `docs/errors.md`: the catalogue plus one rendered example per profile.
 pub fn errors_doc() -> String {
     let mut doc = tollgate_core::error::catalogue_markdown();
+    let languages: Vec<String> = crate::Language::ALL
+        .iter()
+        .map(|l| format!("`{}`", l.tag()))
+        .collect();
+    doc.push_str(&format!(
+        "\n## Languages\n\n\
+         `message` follows the request's `Accept-Language` (the highest `q` first) where a \
+         translation exists: {}. Another language, or none asked, gets English. Every error \
+         response says which it used in `Content-Language`. English messages are written where the \
+         error arises and carry its specifics (amounts, ids, limits); a translated message is that \
+         language's message for the code (`crates/tollgate-wire/messages/<tag>.toml`), and the \
+         specifics stay in `details`. `code`, `type` and `details` are never translated.\n",
+        languages.join(", ")
+    ));
     doc.push_str(
         "\n## Profiles\n\n\
          Each route picks an `error_profile`; the management API uses `native`. The same error has \
          the same status in every profile. Here is one `rate_limited` error in each:\n",
     );
-    let example = ApiError::new(
-        tollgate_core::ErrorCode::RateLimited,
-        "Rate limit exceeded for policy 'key-rpm' (60 requests per 60 s). Retry in 23 s.",
-    )
-    .with_detail("policy", "key-rpm")
-    .with_retry_after(23);
+    // The example is the limiter's own refusal, so its message is one a client really gets.
+    let policy = tollgate_core::ratelimit::Policy {
+        name: "key-rpm".into(),
+        scope: tollgate_core::ratelimit::Scope::Key,
+        unit: tollgate_core::ratelimit::Unit::Requests,
+        limit: 60,
+        window: std::time::Duration::from_secs(60),
+        burst: 1,
+        on_limiter_failure: Default::default(),
+    };
+    let example = policy.refusal(1, std::time::Duration::from_millis(22_400));
     let request_id = example_request_id();
     for profile in ErrorProfile::ALL {
         let rendered = render_error(profile, &example, &request_id);

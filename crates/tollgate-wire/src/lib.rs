@@ -3,5 +3,7 @@
 
 pub mod api;
 pub mod envelope;
+pub mod i18n;
 
 pub use envelope::{render_error, ErrorProfile, RenderedError};
+pub use i18n::Language;
