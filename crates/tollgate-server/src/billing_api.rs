@@ -402,8 +402,8 @@ async fn ledger_entries(
             .into_iter()
             .map(|r| wire::LedgerEntry {
                 seq: r.seq,
-                debit: r.debit,
-                credit: r.credit,
+                from: r.debit,
+                to: r.credit,
                 amount: money(&state, r.amount),
                 kind: r.kind,
                 memo: r.memo,
@@ -830,11 +830,23 @@ async fn usage_summary(
         .store
         .usage_summary(account, group, query.from, query.to)
         .await?;
+    let (api_holds, api_cost) = state
+        .store
+        .api_charges(account, query.from, query.to)
+        .await?;
+    let cost = buckets.iter().fold(api_cost, |total, b| {
+        tollgate_core::pricing::add(total, b.cost)
+    });
     Ok(Json(wire::UsageSummary {
         account_id: account,
         group_by,
         from: query.from,
         to: query.to,
+        billing_api: wire::BillingApiTotals {
+            holds: api_holds,
+            cost: money(&state, api_cost),
+        },
+        cost: money(&state, cost),
         data: buckets
             .into_iter()
             .map(|b| wire::UsageTotals {

@@ -715,6 +715,13 @@ async fn admin_grants_credits_and_the_ledger_pages_through_every_transfer() {
         .map(|e| e["kind"].as_str().unwrap())
         .collect();
     assert_eq!(kinds, ["charge", "hold"]);
+    // Each entry says which way the money went.
+    let wallet = format!("wallet:{}", account.id);
+    let holds = format!("holds:{}", account.id);
+    assert_eq!(first["data"][0]["from"], holds.as_str());
+    assert_eq!(first["data"][0]["to"], "revenue");
+    assert_eq!(first["data"][1]["from"], wallet.as_str());
+    assert_eq!(first["data"][1]["to"], holds.as_str());
     let cursor = first["next_cursor"].as_str().unwrap();
     let rest = app
         .get_json(&format!("/api/v1/ledger?limit=10&cursor={cursor}"), key)
@@ -951,6 +958,39 @@ async fn usage_totals_group_by_model_route_key_and_day_and_add_up_to_the_charges
         .map(|r| r["cost"]["nanos"].as_i64().unwrap())
         .sum();
     assert_eq!(total, spent, "the totals are what was charged");
+    assert_eq!(models["billing_api"]["holds"], 0);
+    assert_eq!(models["cost"]["nanos"], spent);
+
+    // A job the operator bills through the billing API counts in the total beside the calls.
+    let hold: Value = create_hold(&app, key, json!({"amount": "0.5"}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let settled = app
+        .post(&format!(
+            "/api/v1/holds/{}/settle",
+            hold["id"].as_str().unwrap()
+        ))
+        .bearer_auth(key)
+        .json(&json!({"amount": "0.25"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(settled.status(), 200);
+    let spent = before - available(&app, key).await;
+    let models = by("model").await;
+    assert_eq!(models["billing_api"]["holds"], 1);
+    assert_eq!(models["billing_api"]["cost"]["credits"], "0.25");
+    assert_eq!(
+        models["cost"]["nanos"], spent,
+        "the total is everything charged"
+    );
+    assert_eq!(
+        models["data"].as_array().unwrap().len(),
+        2,
+        "calls stay per group"
+    );
 
     let routes = by("route").await;
     let routes: Vec<(&str, u64)> = routes["data"]
@@ -989,6 +1029,7 @@ async fn usage_totals_group_by_model_route_key_and_day_and_add_up_to_the_charges
         )
         .await;
     assert_eq!(empty["data"], json!([]));
+    assert_eq!(empty["cost"]["nanos"], 0);
     expect_error(
         app.get_as("/api/v1/usage?group_by=hour", key).await,
         400,

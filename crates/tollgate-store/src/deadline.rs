@@ -143,6 +143,7 @@ bounded!(LedgerStore {
 
 bounded!(UsageStore {
     fn usage_summary(account: AccountId, group_by: UsageGroup, from: Option<DateTime<Utc>>, to: Option<DateTime<Utc>>) -> Vec<UsageBucket>;
+    fn api_charges(account: AccountId, from: Option<DateTime<Utc>>, to: Option<DateTime<Utc>>) -> (u64, Nanos);
     fn requests(filter: &UsageFilter) -> Vec<UsageRow>;
     fn request(id: RequestId) -> Option<UsageRow>;
     fn purge_requests_before(cutoff: DateTime<Utc>) -> u64;

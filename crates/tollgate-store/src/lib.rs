@@ -435,6 +435,14 @@ pub trait UsageStore: Send + Sync {
         from: Option<DateTime<Utc>>,
         to: Option<DateTime<Utc>>,
     ) -> Result<Vec<UsageBucket>, StoreError>;
+    /// What the billing API's holds (the operator's own jobs, not data-plane calls) charged the
+    /// account, settled in `[from, to)`: how many holds, and the total.
+    async fn api_charges(
+        &self,
+        account: AccountId,
+        from: Option<DateTime<Utc>>,
+        to: Option<DateTime<Utc>>,
+    ) -> Result<(u64, Nanos), StoreError>;
     async fn requests(&self, filter: &UsageFilter) -> Result<Vec<UsageRow>, StoreError>;
     async fn request(&self, id: RequestId) -> Result<Option<UsageRow>, StoreError>;
     /// Deletes rows created before `cutoff` (the retention setting); returns how many.

@@ -965,6 +965,26 @@ impl UsageStore for PostgresStore {
         convert(rows)
     }
 
+    async fn api_charges(
+        &self,
+        account: AccountId,
+        from: Option<DateTime<Utc>>,
+        to: Option<DateTime<Utc>>,
+    ) -> Result<(u64, Nanos), StoreError> {
+        let (holds, charged): (i64, i64) = sqlx::query_as(
+            "SELECT COUNT(*)::BIGINT, COALESCE(SUM(charged_nanos), 0)::BIGINT FROM holds \
+             WHERE account_id = $1 AND source = 'api' AND status = 'settled' \
+             AND ($2::BIGINT IS NULL OR resolved_at >= $2) AND ($3::BIGINT IS NULL OR resolved_at < $3)",
+        )
+        .bind(account.to_string())
+        .bind(from.map(millis))
+        .bind(to.map(millis))
+        .fetch_one(&self.pool)
+        .await
+        .map_err(store_error)?;
+        Ok((u64::try_from(holds).unwrap_or(0), Nanos(charged)))
+    }
+
     async fn request(&self, id: RequestId) -> Result<Option<UsageRow>, StoreError> {
         let row = sqlx::query_as::<_, UsageDbRow>(&format!(
             "SELECT {USAGE_COLUMNS} FROM requests WHERE request_id = $1"

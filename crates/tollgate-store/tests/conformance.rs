@@ -756,6 +756,25 @@ pub async fn holds_commit_settle_and_release_in_batches(store: Arc<dyn Store>) {
         store.wallet(account).await.unwrap().unwrap().available,
         Nanos(880)
     );
+    // The billing API's settled holds, by when they were settled: the release charged nothing.
+    assert_eq!(
+        store.api_charges(account, None, None).await.unwrap(),
+        (1, Nanos(120))
+    );
+    assert_eq!(
+        store
+            .api_charges(account, Some(at(2_000)), Some(at(2_001)))
+            .await
+            .unwrap(),
+        (1, Nanos(120))
+    );
+    assert_eq!(
+        store
+            .api_charges(account, Some(at(2_001)), None)
+            .await
+            .unwrap(),
+        (0, Nanos::ZERO)
+    );
     assert!(store.pending_holds().await.unwrap().is_empty());
     assert!(
         store.holds_expired_by(at(61_000)).await.unwrap().is_empty(),

@@ -286,8 +286,11 @@ pub struct Balance {
 pub struct LedgerEntry {
     /// Increasing in commit order.
     pub seq: i64,
-    pub debit: String,
-    pub credit: String,
+    /// The ledger account the money left: `wallet:<account>`, `holds:<account>` or `external`.
+    pub from: String,
+    /// The ledger account the money went to: `wallet:<account>`, `holds:<account>` or
+    /// `revenue`.
+    pub to: String,
     pub amount: Money,
     /// `grant`, `hold`, `charge` or `release`.
     pub kind: String,
@@ -349,7 +352,20 @@ pub struct UsageSummary {
     pub group_by: String,
     pub from: Option<DateTime<Utc>>,
     pub to: Option<DateTime<Utc>>,
+    /// Data-plane calls, per group.
     pub data: Vec<UsageTotals>,
+    /// What the billing API's holds (the operator's own jobs) charged, settled in the range.
+    pub billing_api: BillingApiTotals,
+    /// Everything charged: every group's cost plus the billing API's.
+    pub cost: Money,
+}
+
+/// The billing API's part of a usage summary.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct BillingApiTotals {
+    /// Holds settled.
+    pub holds: u64,
+    pub cost: Money,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

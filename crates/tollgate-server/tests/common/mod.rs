@@ -560,6 +560,14 @@ impl UsageStore for CountingStore {
     ) -> Result<Vec<tollgate_store::UsageBucket>, StoreError> {
         self.inner.usage_summary(account, group_by, from, to).await
     }
+    async fn api_charges(
+        &self,
+        account: AccountId,
+        from: Option<At>,
+        to: Option<At>,
+    ) -> Result<(u64, Nanos), StoreError> {
+        self.inner.api_charges(account, from, to).await
+    }
 }
 
 #[async_trait::async_trait]
