@@ -272,6 +272,7 @@ fn router(state: AppState) -> anyhow::Result<Router> {
         .fallback(api::not_found)
         .method_not_allowed_fallback(api::method_not_allowed);
     let (operations, operations_doc) = OpenApiRouter::new()
+        .routes(routes!(health::root))
         .routes(routes!(health::healthz))
         .routes(routes!(health::readyz))
         .routes(routes!(metrics::handler))

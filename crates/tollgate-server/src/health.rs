@@ -1,4 +1,5 @@
-//! `/healthz` (the process is alive) and `/readyz` (every dependency answers).
+//! `/` (where to start), `/healthz` (the process is alive) and `/readyz` (every dependency
+//! answers).
 
 use crate::error::{HttpError, DEPENDENCY_RETRY_AFTER_S};
 use crate::state::AppState;
@@ -6,6 +7,26 @@ use axum::extract::State;
 use axum::Json;
 use serde_json::{json, Value};
 use tollgate_core::{ApiError, ErrorCode};
+
+/// Where to start: what this server is and where its docs are, for someone who opens the bare
+/// address.
+#[utoipa::path(
+    get,
+    path = "/",
+    tag = "operations",
+    responses((status = 200, description = "What this server is and where to read about it.", example = json!({"service": "tollgate", "version": "0.1.0", "docs": "/api/docs", "openapi": "/api/openapi.json", "api": "/api/v1", "health": "/healthz", "ready": "/readyz"}))),
+)]
+pub async fn root(State(state): State<AppState>) -> Json<Value> {
+    Json(json!({
+        "service": "tollgate",
+        "version": env!("CARGO_PKG_VERSION"),
+        "docs": "/api/docs",
+        "openapi": "/api/openapi.json",
+        "api": state.config.api_prefix,
+        "health": "/healthz",
+        "ready": "/readyz",
+    }))
+}
 
 /// Liveness: the process answers.
 #[utoipa::path(

@@ -335,6 +335,47 @@ async fn health_and_readiness_answer_with_request_ids() {
     assert_eq!(body["checks"]["store"]["status"], "ok");
 }
 
+/// The bare address points a newcomer to the docs, and every link it gives works.
+#[tokio::test]
+async fn the_root_points_to_the_docs() {
+    let app = spawn_app().await;
+    let root = app.get("/").send().await.unwrap();
+    assert_eq!(root.status(), 200);
+    let body: Value = root.json().await.unwrap();
+    assert_eq!(body["service"], "tollgate");
+    for link in ["docs", "openapi", "health", "ready"] {
+        let path = body[link].as_str().unwrap();
+        let response = app.get(path).send().await.unwrap();
+        assert_eq!(response.status(), 200, "{link}: {path}");
+    }
+    assert_eq!(body["api"], "/api/v1");
+}
+
+/// `expires_at` keeps its milliseconds through create, read and change; finer digits are cut
+/// to the millisecond the store keeps, the same in every answer.
+#[tokio::test]
+async fn a_keys_expiry_keeps_its_milliseconds() {
+    let app = spawn_app().await;
+    let account = app.create_account("acme").await;
+    let master = &account.master_key;
+    let (_, id) = app
+        .create_usage_key(master, json!({"expires_at": "2099-01-01T10:00:00.123Z"}))
+        .await;
+    let shown = app.get_json(&format!("/api/v1/keys/{id}"), master).await;
+    assert_eq!(shown["expires_at"], "2099-01-01T10:00:00.123Z");
+    let patched = app
+        .patch_key(
+            master,
+            id,
+            json!({"expires_at": "2099-01-01T10:00:00.987654Z"}),
+        )
+        .await;
+    let patched: Value = patched.json().await.unwrap();
+    assert_eq!(patched["expires_at"], "2099-01-01T10:00:00.987Z");
+    let shown = app.get_json(&format!("/api/v1/keys/{id}"), master).await;
+    assert_eq!(shown["expires_at"], "2099-01-01T10:00:00.987Z");
+}
+
 #[tokio::test]
 async fn readiness_is_503_naming_the_store_when_it_is_down() {
     let app = spawn_app().await;
