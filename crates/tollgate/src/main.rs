@@ -71,7 +71,8 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
-    /// Accounts of a running server (--url/TOLLGATE_URL, --admin-token/TOLLGATE_ADMIN_TOKEN).
+    /// Accounts of a running server (--url/TOLLGATE_URL; as the operator with
+    /// --admin-token/TOLLGATE_ADMIN_TOKEN, or as a customer with --key/TOLLGATE_KEY).
     Accounts {
         #[command(subcommand)]
         command: remote::AccountsCommand,
@@ -86,10 +87,21 @@ enum Command {
         #[command(subcommand)]
         command: remote::CreditsCommand,
     },
-    /// Look up a request in a running server's usage log.
+    /// An account's balance: available, held, spent this month.
+    Balance(remote::AccountQuery),
+    /// An account's ledger: every transfer, newest first.
+    Ledger(remote::LedgerArgs),
+    /// An account's usage totals per day, key, route or model.
+    Usage(remote::UsageArgs),
+    /// The usage log: one request by its ID, or a filtered list.
     Requests {
         #[command(subcommand)]
         command: remote::RequestsCommand,
+    },
+    /// The billing API's holds: reserve, settle, release.
+    Holds {
+        #[command(subcommand)]
+        command: remote::HoldsCommand,
     },
     /// The audit log of a running server.
     Audit {
@@ -182,6 +194,10 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Keys { command } => remote::keys(command).await,
         Command::Credits { command } => remote::credits(command).await,
         Command::Requests { command } => remote::requests(command).await,
+        Command::Balance(args) => remote::balance(args).await,
+        Command::Ledger(args) => remote::ledger(args).await,
+        Command::Usage(args) => remote::usage(args).await,
+        Command::Holds { command } => remote::holds(command).await,
         Command::Audit { command } => remote::audit(command).await,
     }
 }
@@ -231,4 +247,17 @@ async fn shutdown_signal() {
         () = terminate => {},
     }
     tracing::info!("shutting down");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// Every command's arguments are well formed (no two share a name): clap checks it here, so
+    /// a clash fails the build's tests rather than a user's command.
+    #[test]
+    fn the_command_line_is_well_formed() {
+        Cli::command().debug_assert();
+    }
 }

@@ -1,33 +1,50 @@
-//! Operator commands against a running server, through its management API: the same calls a
-//! script would make, with errors shown as the server explained them (code, message, request ID).
-//! Human tables by default, the server's JSON with `--json`.
+//! Commands against a running server, through its management API: the same calls a script
+//! would make, as the operator (admin token) or as a customer (a master key), with errors shown
+//! as the server explained them (code, message, request ID). Human tables by default, the
+//! server's JSON with `--json`. Every management endpoint has its command.
 
 use clap::{Args, Subcommand};
 use reqwest::Method;
 use serde_json::{json, Value};
 use std::process::ExitCode;
 
-/// Where the server is and how to authenticate as its operator.
+/// Where the server is and whose credential to call it with.
 #[derive(Debug, Clone, Args)]
 pub struct Remote {
     /// The server's base URL.
     #[arg(long, env = "TOLLGATE_URL", default_value = "http://127.0.0.1:8080")]
     url: String,
-    /// The admin token.
+    /// The admin token: act as the operator.
     #[arg(long, env = "TOLLGATE_ADMIN_TOKEN", hide_env_values = true)]
-    admin_token: String,
+    admin_token: Option<String>,
+    /// An API key (a master key manages its own account): act as that customer. Used in place of
+    /// the admin token when both are given.
+    #[arg(long, env = "TOLLGATE_KEY", hide_env_values = true)]
+    key: Option<String>,
     /// Print the server's JSON answer instead of a table.
     #[arg(long)]
     json: bool,
 }
 
 impl Remote {
+    fn credential(&self) -> anyhow::Result<&str> {
+        self.key
+            .as_deref()
+            .or(self.admin_token.as_deref())
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "no credential: give --key (or TOLLGATE_KEY) with a master key, or \
+                     --admin-token (or TOLLGATE_ADMIN_TOKEN)"
+                )
+            })
+    }
+
     /// Calls the management API; the JSON answer, or an error carrying the server's explanation.
     async fn call(&self, method: Method, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
         let url = format!("{}/api/v1{path}", self.url.trim_end_matches('/'));
         let mut request = reqwest::Client::new()
             .request(method, &url)
-            .bearer_auth(&self.admin_token);
+            .bearer_auth(self.credential()?);
         if let Some(body) = body {
             request = request.json(&body);
         }
@@ -65,6 +82,7 @@ impl Remote {
                 Some(cursor) => format!("{path}&cursor={cursor}"),
                 None => path.to_string(),
             };
+
             let page = self.call(Method::GET, &page_path, None).await?;
             rows.extend(page["data"].as_array().cloned().unwrap_or_default());
             match page["next_cursor"].as_str() {
@@ -148,6 +166,24 @@ const KEY_COLUMNS: &[(&str, &str)] = &[
     ("EXPIRES", "/expires_at"),
 ];
 
+/// A query string (`?a=1&b=x`) of the parameters that are set, percent-encoded; `?` alone if
+/// none.
+fn query(pairs: &[(&str, Option<String>)]) -> String {
+    let set = pairs
+        .iter()
+        .filter_map(|(name, value)| Some((*name, value.as_deref()?)));
+    let encoded = reqwest::Url::parse_with_params("http://query/", set)
+        .ok()
+        .and_then(|url| url.query().map(str::to_string))
+        .unwrap_or_default();
+    format!("?{encoded}")
+}
+
+/// A JSON value given on the command line (`--metadata '{"job": 1}'`).
+fn json_arg(name: &str, text: &str) -> anyhow::Result<Value> {
+    serde_json::from_str(text).map_err(|e| anyhow::anyhow!("--{name} is not JSON: {e}"))
+}
+
 #[derive(Debug, Subcommand)]
 pub enum AccountsCommand {
     /// Create an account, its wallet and its first master key (whose secret is shown once).
@@ -160,7 +196,7 @@ pub enum AccountsCommand {
         #[command(flatten)]
         remote: Remote,
     },
-    /// List accounts.
+    /// List accounts (a master key: its own).
     List {
         /// Only `active` or `suspended` accounts.
         #[arg(long)]
@@ -174,22 +210,62 @@ pub enum AccountsCommand {
         #[command(flatten)]
         remote: Remote,
     },
+    /// Change an account's name, key limit or rate-limit overrides.
+    Edit {
+        id: String,
+        #[arg(long)]
+        name: Option<String>,
+        /// Its own key limit, in place of the server's `keys.max_per_account`.
+        #[arg(long, conflicts_with = "default_max_keys")]
+        max_keys: Option<u32>,
+        /// Back to the server's key limit.
+        #[arg(long)]
+        default_max_keys: bool,
+        /// Rate-limit overrides by policy name, as JSON (`{"per-key": {"limit": 100}}`; `null`
+        /// clears them).
+        #[arg(long)]
+        rate_limits: Option<String>,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Suspend an account: its keys stop working from their next request.
+    Suspend {
+        id: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Lift a suspension.
+    Reactivate {
+        id: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
 }
 
 #[derive(Debug, Subcommand)]
 pub enum KeysCommand {
-    /// Create a key for an account (its secret is shown once).
+    /// Create a key (its secret is shown once).
     Create {
+        /// The account (the admin must name it; a master key creates keys for its own).
         #[arg(long)]
-        account: String,
+        account: Option<String>,
         #[arg(long)]
         name: String,
         /// A scope (`*`, a route group, or `group:model`); repeat for several. Default `*`.
         #[arg(long = "scope")]
         scopes: Vec<String>,
-        /// `usage` (default) or `master`.
+        /// `usage` (default) or `master` (admin only).
         #[arg(long, default_value = "usage")]
         kind: String,
+        /// A CIDR it may be used from; repeat for several. Default: anywhere.
+        #[arg(long = "allowed-ip")]
+        allowed_ips: Vec<String>,
+        /// When it stops working (RFC 3339).
+        #[arg(long)]
+        expires_at: Option<String>,
+        /// Credits it may spend per calendar month (UTC).
+        #[arg(long)]
+        monthly_spend_cap: Option<String>,
         #[command(flatten)]
         remote: Remote,
     },
@@ -197,6 +273,46 @@ pub enum KeysCommand {
     List {
         #[arg(long)]
         account: Option<String>,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Show one key (`me`: the key calling).
+    Show {
+        id: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Change a key's policy, effective from its next request; what is not given is unchanged.
+    Edit {
+        id: String,
+        #[arg(long)]
+        name: Option<String>,
+        /// Its scopes, replacing them all; repeat for several.
+        #[arg(long = "scope")]
+        scopes: Vec<String>,
+        /// Its allowlist, replacing it; repeat for several.
+        #[arg(long = "allowed-ip", conflicts_with = "anywhere")]
+        allowed_ips: Vec<String>,
+        /// Clear the allowlist: usable from anywhere.
+        #[arg(long)]
+        anywhere: bool,
+        /// A new expiry (RFC 3339).
+        #[arg(long, conflicts_with = "no_expiry")]
+        expires_at: Option<String>,
+        /// Never expires.
+        #[arg(long)]
+        no_expiry: bool,
+        /// `active` or `inactive`.
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long, conflicts_with = "no_spend_cap")]
+        monthly_spend_cap: Option<String>,
+        /// No monthly spend cap.
+        #[arg(long)]
+        no_spend_cap: bool,
+        /// Rate-limit overrides by policy name, as JSON (admin only; `null` clears them).
+        #[arg(long)]
+        rate_limits: Option<String>,
         #[command(flatten)]
         remote: Remote,
     },
@@ -225,6 +341,9 @@ pub enum CreditsCommand {
         amount: String,
         #[arg(long)]
         reason: String,
+        /// Applies the grant at most once per account (an invoice number, say).
+        #[arg(long)]
+        reference: Option<String>,
         #[command(flatten)]
         remote: Remote,
     },
@@ -238,16 +357,147 @@ pub enum RequestsCommand {
         #[command(flatten)]
         remote: Remote,
     },
+    /// List requests, newest first.
+    List {
+        /// Admin: one account's (every account's if omitted).
+        #[arg(long)]
+        account: Option<String>,
+        /// One key's requests.
+        #[arg(long)]
+        key_id: Option<String>,
+        /// A route's prefix, e.g. /v1.
+        #[arg(long)]
+        route: Option<String>,
+        #[arg(long)]
+        status: Option<u16>,
+        /// From this instant (RFC 3339).
+        #[arg(long)]
+        from: Option<String>,
+        /// Before this instant (RFC 3339).
+        #[arg(long)]
+        to: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        #[command(flatten)]
+        remote: Remote,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum HoldsCommand {
+    /// Reserve credit for your own work (the billing API).
+    Create {
+        /// The most the work may cost, in credits.
+        amount: String,
+        /// Admin: the account to hold credit from.
+        #[arg(long)]
+        account: Option<String>,
+        /// Seconds until an unresolved hold is released (default 3600).
+        #[arg(long)]
+        ttl_seconds: Option<u64>,
+        /// A JSON object kept with the hold.
+        #[arg(long)]
+        metadata: Option<String>,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Show a hold.
+    Show {
+        id: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Charge what the work cost, at most the amount held.
+    Settle {
+        id: String,
+        amount: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Charge nothing.
+    Release {
+        id: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+}
+
+/// One account's money and usage: the balance, the ledger, the usage totals.
+#[derive(Debug, Args)]
+pub struct AccountQuery {
+    /// The account (required of the admin; a master key's own otherwise).
+    #[arg(long)]
+    account: Option<String>,
+    #[command(flatten)]
+    remote: Remote,
+}
+
+#[derive(Debug, Args)]
+pub struct UsageArgs {
+    /// `day` (default, UTC), `key`, `route` or `model`.
+    #[arg(long)]
+    group_by: Option<String>,
+    /// From this instant (RFC 3339).
+    #[arg(long)]
+    from: Option<String>,
+    /// Before this instant (RFC 3339).
+    #[arg(long)]
+    to: Option<String>,
+    #[command(flatten)]
+    account: AccountQuery,
+}
+
+#[derive(Debug, Args)]
+pub struct LedgerArgs {
+    /// How many transfers, newest first.
+    #[arg(long, default_value_t = 50)]
+    limit: u32,
+    #[command(flatten)]
+    account: AccountQuery,
 }
 
 #[derive(Debug, Subcommand)]
 pub enum AuditCommand {
+    /// List the audit log, oldest first.
+    List {
+        #[command(flatten)]
+        remote: Remote,
+    },
     /// Check every link of the hash chain; exits 1 naming the first broken entry.
     Verify {
         #[command(flatten)]
         remote: Remote,
     },
 }
+
+const REQUEST_COLUMNS: &[(&str, &str)] = &[
+    ("REQUEST", "/request_id"),
+    ("KEY", "/key_id"),
+    ("ROUTE", "/route"),
+    ("MODEL", "/model"),
+    ("STATUS", "/status"),
+    ("ERROR", "/error_code"),
+    ("COST", "/cost/credits"),
+    ("BILLING", "/billing_status"),
+    ("REPLAY OF", "/replay_of"),
+    ("AT", "/created_at"),
+];
+
+const HOLD_COLUMNS: &[(&str, &str)] = &[
+    ("ID", "/id"),
+    ("ACCOUNT", "/account_id"),
+    ("AMOUNT", "/amount/credits"),
+    ("CHARGED", "/charged/credits"),
+    ("STATUS", "/status"),
+    ("EXPIRES", "/expires_at"),
+];
+
+const BALANCE_COLUMNS: &[(&str, &str)] = &[
+    ("ACCOUNT", "/account_id"),
+    ("AVAILABLE", "/available/credits"),
+    ("HELD", "/held/credits"),
+    ("CURRENCY", "/available/currency"),
+];
 
 /// Prints a created or rolled key, its secret on a line of its own.
 fn show_secret(remote: &Remote, answer: &Value, key: &Value) {
@@ -258,6 +508,11 @@ fn show_secret(remote: &Remote, answer: &Value, key: &Value) {
             answer["secret"].as_str().unwrap_or("-")
         );
     }
+}
+
+/// Prints one object as a one-row table (or its JSON).
+fn show_one(remote: &Remote, answer: &Value, columns: &[(&str, &str)]) {
+    remote.show(answer, std::slice::from_ref(answer), columns);
 }
 
 pub async fn accounts(command: AccountsCommand) -> anyhow::Result<ExitCode> {
@@ -286,20 +541,56 @@ pub async fn accounts(command: AccountsCommand) -> anyhow::Result<ExitCode> {
             }
         }
         AccountsCommand::List { status, remote } => {
-            let filter = status.map(|s| format!("&status={s}"));
-            let rows = remote
-                .all_pages(&format!(
-                    "/accounts?limit=500{}",
-                    filter.unwrap_or_default()
-                ))
-                .await?;
+            let path = format!(
+                "/accounts{}",
+                query(&[("limit", Some("500".into())), ("status", status)])
+            );
+            let rows = remote.all_pages(&path).await?;
             remote.show(&json!({ "data": rows }), &rows, ACCOUNT_COLUMNS);
         }
         AccountsCommand::Show { id, remote } => {
             let answer = remote
                 .call(Method::GET, &format!("/accounts/{id}"), None)
                 .await?;
-            remote.show(&answer, std::slice::from_ref(&answer), ACCOUNT_COLUMNS);
+            show_one(&remote, &answer, ACCOUNT_COLUMNS);
+        }
+        AccountsCommand::Edit {
+            id,
+            name,
+            max_keys,
+            default_max_keys,
+            rate_limits,
+            remote,
+        } => {
+            let mut body = json!({});
+            if let Some(name) = name {
+                body["name"] = json!(name);
+            }
+            if let Some(max) = max_keys {
+                body["max_keys"] = json!(max);
+            }
+            if default_max_keys {
+                body["max_keys"] = Value::Null;
+            }
+            if let Some(limits) = rate_limits {
+                body["rate_limits"] = json_arg("rate-limits", &limits)?;
+            }
+            let answer = remote
+                .call(Method::PATCH, &format!("/accounts/{id}"), Some(body))
+                .await?;
+            show_one(&remote, &answer, ACCOUNT_COLUMNS);
+        }
+        AccountsCommand::Suspend { id, remote } => {
+            let answer = remote
+                .call(Method::POST, &format!("/accounts/{id}/suspend"), None)
+                .await?;
+            show_one(&remote, &answer, ACCOUNT_COLUMNS);
+        }
+        AccountsCommand::Reactivate { id, remote } => {
+            let answer = remote
+                .call(Method::POST, &format!("/accounts/{id}/reactivate"), None)
+                .await?;
+            show_one(&remote, &answer, ACCOUNT_COLUMNS);
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -312,27 +603,102 @@ pub async fn keys(command: KeysCommand) -> anyhow::Result<ExitCode> {
             name,
             scopes,
             kind,
+            allowed_ips,
+            expires_at,
+            monthly_spend_cap,
             remote,
         } => {
-            let mut body = json!({ "account_id": account, "name": name, "kind": kind });
+            let mut body = json!({ "name": name, "kind": kind });
+            if let Some(account) = account {
+                body["account_id"] = json!(account);
+            }
             if !scopes.is_empty() {
                 body["scopes"] = json!(scopes);
+            }
+            if !allowed_ips.is_empty() {
+                body["allowed_ips"] = json!(allowed_ips);
+            }
+            if let Some(at) = expires_at {
+                body["expires_at"] = json!(at);
+            }
+            if let Some(cap) = monthly_spend_cap {
+                body["monthly_spend_cap"] = json!(cap);
             }
             let answer = remote.call(Method::POST, "/keys", Some(body)).await?;
             show_secret(&remote, &answer, &answer);
         }
         KeysCommand::List { account, remote } => {
-            let filter = account.map(|a| format!("&account_id={a}"));
-            let rows = remote
-                .all_pages(&format!("/keys?limit=500{}", filter.unwrap_or_default()))
-                .await?;
+            let path = format!(
+                "/keys{}",
+                query(&[("limit", Some("500".into())), ("account_id", account)])
+            );
+            let rows = remote.all_pages(&path).await?;
             remote.show(&json!({ "data": rows }), &rows, KEY_COLUMNS);
+        }
+        KeysCommand::Show { id, remote } => {
+            let path = if id == "me" {
+                "/key".to_string()
+            } else {
+                format!("/keys/{id}")
+            };
+            let answer = remote.call(Method::GET, &path, None).await?;
+            show_one(&remote, &answer, KEY_COLUMNS);
+        }
+        KeysCommand::Edit {
+            id,
+            name,
+            scopes,
+            allowed_ips,
+            anywhere,
+            expires_at,
+            no_expiry,
+            status,
+            monthly_spend_cap,
+            no_spend_cap,
+            rate_limits,
+            remote,
+        } => {
+            let mut body = json!({});
+            if let Some(name) = name {
+                body["name"] = json!(name);
+            }
+            if !scopes.is_empty() {
+                body["scopes"] = json!(scopes);
+            }
+            if !allowed_ips.is_empty() {
+                body["allowed_ips"] = json!(allowed_ips);
+            }
+            if anywhere {
+                body["allowed_ips"] = Value::Null;
+            }
+            if let Some(at) = expires_at {
+                body["expires_at"] = json!(at);
+            }
+            if no_expiry {
+                body["expires_at"] = Value::Null;
+            }
+            if let Some(status) = status {
+                body["status"] = json!(status);
+            }
+            if let Some(cap) = monthly_spend_cap {
+                body["monthly_spend_cap"] = json!(cap);
+            }
+            if no_spend_cap {
+                body["monthly_spend_cap"] = Value::Null;
+            }
+            if let Some(limits) = rate_limits {
+                body["rate_limits"] = json_arg("rate-limits", &limits)?;
+            }
+            let answer = remote
+                .call(Method::PATCH, &format!("/keys/{id}"), Some(body))
+                .await?;
+            show_one(&remote, &answer, KEY_COLUMNS);
         }
         KeysCommand::Revoke { id, remote } => {
             let answer = remote
                 .call(Method::POST, &format!("/keys/{id}/revoke"), None)
                 .await?;
-            remote.show(&answer, std::slice::from_ref(&answer), KEY_COLUMNS);
+            show_one(&remote, &answer, KEY_COLUMNS);
         }
         KeysCommand::Roll {
             id,
@@ -354,9 +720,13 @@ pub async fn credits(command: CreditsCommand) -> anyhow::Result<ExitCode> {
         account,
         amount,
         reason,
+        reference,
         remote,
     } = command;
-    let body = json!({ "amount": amount, "reason": reason });
+    let mut body = json!({ "amount": amount, "reason": reason });
+    if let Some(reference) = reference {
+        body["reference"] = json!(reference);
+    }
     let answer = remote
         .call(
             Method::POST,
@@ -364,36 +734,184 @@ pub async fn credits(command: CreditsCommand) -> anyhow::Result<ExitCode> {
             Some(body),
         )
         .await?;
-    remote.show(
+    show_one(&remote, &answer, BALANCE_COLUMNS);
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn requests(command: RequestsCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        RequestsCommand::Show { request_id, remote } => {
+            let answer = remote
+                .call(Method::GET, &format!("/requests/{request_id}"), None)
+                .await?;
+            show_one(&remote, &answer, REQUEST_COLUMNS);
+            if !remote.json {
+                if let Some(message) = answer["error_message"].as_str() {
+                    println!("\nerror: {message}");
+                }
+            }
+        }
+        RequestsCommand::List {
+            account,
+            key_id,
+            route,
+            status,
+            from,
+            to,
+            limit,
+            remote,
+        } => {
+            let path = format!(
+                "/requests{}",
+                query(&[
+                    ("account_id", account),
+                    ("key_id", key_id),
+                    ("route", route),
+                    ("status", status.map(|s| s.to_string())),
+                    ("from", from),
+                    ("to", to),
+                    ("limit", Some(limit.to_string())),
+                ])
+            );
+            let answer = remote.call(Method::GET, &path, None).await?;
+            let rows = answer["data"].as_array().cloned().unwrap_or_default();
+            remote.show(&answer, &rows, REQUEST_COLUMNS);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn holds(command: HoldsCommand) -> anyhow::Result<ExitCode> {
+    let (remote, answer) = match command {
+        HoldsCommand::Create {
+            amount,
+            account,
+            ttl_seconds,
+            metadata,
+            remote,
+        } => {
+            let mut body = json!({ "amount": amount });
+            if let Some(account) = account {
+                body["account_id"] = json!(account);
+            }
+            if let Some(ttl) = ttl_seconds {
+                body["ttl_seconds"] = json!(ttl);
+            }
+            if let Some(metadata) = metadata {
+                body["metadata"] = json_arg("metadata", &metadata)?;
+            }
+            let answer = remote.call(Method::POST, "/holds", Some(body)).await?;
+            (remote, answer)
+        }
+        HoldsCommand::Show { id, remote } => {
+            let answer = remote
+                .call(Method::GET, &format!("/holds/{id}"), None)
+                .await?;
+            (remote, answer)
+        }
+        HoldsCommand::Settle { id, amount, remote } => {
+            let body = json!({ "amount": amount });
+            let answer = remote
+                .call(Method::POST, &format!("/holds/{id}/settle"), Some(body))
+                .await?;
+            (remote, answer)
+        }
+        HoldsCommand::Release { id, remote } => {
+            let answer = remote
+                .call(Method::POST, &format!("/holds/{id}/release"), None)
+                .await?;
+            (remote, answer)
+        }
+    };
+    show_one(&remote, &answer, HOLD_COLUMNS);
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn balance(args: AccountQuery) -> anyhow::Result<ExitCode> {
+    let path = format!(
+        "/billing/balance{}",
+        query(&[("account_id", args.account.clone())])
+    );
+    let answer = args.remote.call(Method::GET, &path, None).await?;
+    show_one(
+        &args.remote,
         &answer,
-        std::slice::from_ref(&answer),
         &[
-            ("ACCOUNT", "/account_id"),
             ("AVAILABLE", "/available/credits"),
             ("HELD", "/held/credits"),
+            ("SPENT THIS MONTH", "/spent_this_month/credits"),
             ("CURRENCY", "/available/currency"),
         ],
     );
     Ok(ExitCode::SUCCESS)
 }
 
-pub async fn requests(command: RequestsCommand) -> anyhow::Result<ExitCode> {
-    let RequestsCommand::Show { request_id, remote } = command;
-    let answer = remote
-        .call(Method::GET, &format!("/requests/{request_id}"), None)
-        .await?;
+pub async fn usage(args: UsageArgs) -> anyhow::Result<ExitCode> {
+    let UsageArgs {
+        group_by,
+        from,
+        to,
+        account,
+    } = args;
+    let path = format!(
+        "/usage{}",
+        query(&[
+            ("account_id", account.account),
+            ("group_by", group_by),
+            ("from", from),
+            ("to", to),
+        ])
+    );
+    let remote = account.remote;
+    let answer = remote.call(Method::GET, &path, None).await?;
+    let rows = answer["data"].as_array().cloned().unwrap_or_default();
     remote.show(
         &answer,
-        std::slice::from_ref(&answer),
+        &rows,
         &[
-            ("REQUEST", "/request_id"),
-            ("KEY", "/key_id"),
-            ("ROUTE", "/route"),
-            ("MODEL", "/model"),
-            ("STATUS", "/status"),
+            ("GROUP", "/group"),
+            ("REQUESTS", "/requests"),
+            ("ERRORS", "/errors"),
+            ("INPUT TOKENS", "/input_tokens"),
+            ("OUTPUT TOKENS", "/output_tokens"),
             ("COST", "/cost/credits"),
-            ("BILLING", "/billing_status"),
-            ("LATENCY MS", "/latency_ms"),
+        ],
+    );
+    if !remote.json {
+        println!(
+            "\nbilling API: {} holds, {}; total charged: {} {}",
+            answer["billing_api"]["holds"],
+            answer["billing_api"]["cost"]["credits"]
+                .as_str()
+                .unwrap_or("0"),
+            answer["cost"]["credits"].as_str().unwrap_or("0"),
+            answer["cost"]["currency"].as_str().unwrap_or_default(),
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn ledger(args: LedgerArgs) -> anyhow::Result<ExitCode> {
+    let path = format!(
+        "/ledger{}",
+        query(&[
+            ("account_id", args.account.account),
+            ("limit", Some(args.limit.to_string())),
+        ])
+    );
+    let remote = args.account.remote;
+    let answer = remote.call(Method::GET, &path, None).await?;
+    let rows = answer["data"].as_array().cloned().unwrap_or_default();
+    remote.show(
+        &answer,
+        &rows,
+        &[
+            ("SEQ", "/seq"),
+            ("KIND", "/kind"),
+            ("FROM", "/from"),
+            ("TO", "/to"),
+            ("AMOUNT", "/amount/credits"),
+            ("MEMO", "/memo"),
             ("AT", "/created_at"),
         ],
     );
@@ -401,7 +919,25 @@ pub async fn requests(command: RequestsCommand) -> anyhow::Result<ExitCode> {
 }
 
 pub async fn audit(command: AuditCommand) -> anyhow::Result<ExitCode> {
-    let AuditCommand::Verify { remote } = command;
+    let remote = match command {
+        AuditCommand::List { remote } => {
+            let rows = remote.all_pages("/audit?limit=500").await?;
+            remote.show(
+                &json!({ "data": rows }),
+                &rows,
+                &[
+                    ("SEQ", "/seq"),
+                    ("AT", "/at"),
+                    ("ACTOR", "/actor"),
+                    ("ACTION", "/action"),
+                    ("TARGET", "/target"),
+                    ("REQUEST", "/request_id"),
+                ],
+            );
+            return Ok(ExitCode::SUCCESS);
+        }
+        AuditCommand::Verify { remote } => remote,
+    };
     let answer = remote.call(Method::GET, "/audit/verify", None).await?;
     let valid = answer["valid"].as_bool().unwrap_or(false);
     if remote.json {
@@ -429,6 +965,19 @@ pub async fn audit(command: AuditCommand) -> anyhow::Result<ExitCode> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn query_strings_carry_what_is_set_encoded() {
+        assert_eq!(query(&[("a", None)]), "?");
+        assert_eq!(
+            query(&[
+                ("from", Some("2026-12-01T00:00:00+01:00".into())),
+                ("key_id", None),
+                ("route", Some("/v1".into())),
+            ]),
+            "?from=2026-12-01T00%3A00%3A00%2B01%3A00&route=%2Fv1"
+        );
+    }
 
     #[test]
     fn tables_align_columns_and_show_missing_cells_as_a_dash() {
