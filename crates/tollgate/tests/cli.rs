@@ -537,3 +537,123 @@ async fn migrate_and_check_config_on_postgresql_given_by_the_environment() {
     assert!(shown.contains("postgres://postgres:<redacted>@"), "{shown}");
     assert!(!shown.contains("hunter2"), "{shown}");
 }
+
+/// The README's tour runs as written against the demo, in one shell, with `tollgate` on the
+/// `PATH`: every `curl` annotated with a status (`# 403 ip_not_allowed`) must get it, and every
+/// other command must succeed. api.md's rate-limit override examples are sent too, on the demo's
+/// own key and account. Only the tour's first line is not run: it is the template for the
+/// demo's printed values, which the test exports itself.
+#[tokio::test]
+async fn the_readme_tour_and_the_api_examples_run_as_written_against_the_demo() {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let readme = std::fs::read_to_string(repo.join("README.md")).unwrap();
+    let tour = readme
+        .split("## A five-minute tour")
+        .nth(1)
+        .and_then(|rest| rest.split("\n## ").next())
+        .expect("README.md has its tour");
+    let mut script = String::from("set -euo pipefail\n");
+    let mut expected = Vec::new();
+    for block in tour.split("```sh\n").skip(1) {
+        let block = block.split("```").next().unwrap();
+        for line in block.lines() {
+            if line.starts_with("export TOLLGATE_URL=") {
+                continue;
+            }
+            let annotated = line
+                .starts_with("curl ")
+                .then(|| line.rsplit_once("# "))
+                .flatten()
+                .filter(|(_, note)| {
+                    note.len() >= 3 && note[..3].bytes().all(|b| b.is_ascii_digit())
+                });
+            match annotated {
+                Some((command, note)) => {
+                    expected.push(format!("{} {}", &note[..3], line.trim()));
+                    script.push_str(&format!(
+                        "{} -o /dev/null -w '\\ntour-status %{{http_code}}\\n'\n",
+                        command.trim_end()
+                    ));
+                }
+                None => {
+                    script.push_str(line);
+                    script.push('\n');
+                }
+            }
+        }
+    }
+    assert!(
+        expected.len() >= 5,
+        "the tour's annotated calls: {expected:?}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let demo = start_demo(dir.path()).await;
+    let bin_dir = Path::new(BIN).parent().unwrap();
+    let path = format!(
+        "{}:{}",
+        bin_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let output = Command::new("bash")
+        .arg("-c")
+        .arg(&script)
+        .envs(&demo.vars)
+        .env("PATH", path)
+        .env_remove("TOLLGATE_KEY")
+        .output()
+        .await
+        .expect("bash and curl run the tour");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "the tour stopped:\n{stdout}\n{stderr}\n--- script ---\n{script}"
+    );
+    let got: Vec<&str> = stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("tour-status "))
+        .collect();
+    assert_eq!(got.len(), expected.len(), "{stdout}");
+    for (status, call) in got.iter().zip(&expected) {
+        assert_eq!(*status, &call[..3], "{call}");
+    }
+    assert!(stdout.contains("audit log intact"), "{stdout}");
+
+    // api.md's override examples, on the demo's own key and account, by the admin token.
+    let api = std::fs::read_to_string(repo.join("docs/api.md")).unwrap();
+    let url = &demo.vars["TOLLGATE_URL"];
+    let http = reqwest::Client::new();
+    let me: serde_json::Value = http
+        .get(format!("{url}/api/v1/key"))
+        .bearer_auth(&demo.vars["TOLLGATE_DEMO_KEY"])
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let examples: Vec<&str> = api
+        .lines()
+        .filter(|l| l.starts_with("PATCH /api/v1/"))
+        .collect();
+    assert!(examples.len() >= 2, "api.md's override examples");
+    for example in examples {
+        let (target, body) = example["PATCH ".len()..]
+            .split_once(char::is_whitespace)
+            .unwrap();
+        let target = target
+            .replace("key_...", me["id"].as_str().unwrap())
+            .replace("acct_...", me["account_id"].as_str().unwrap());
+        let body: serde_json::Value = serde_json::from_str(body.trim()).unwrap();
+        let response = http
+            .patch(format!("{url}{target}"))
+            .bearer_auth(&demo.vars["TOLLGATE_ADMIN_TOKEN"])
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status();
+        assert_eq!(status, 200, "{example}: {}", response.text().await.unwrap());
+    }
+}
