@@ -151,3 +151,24 @@ fn config_md_rate_limit_examples_are_what_the_limiter_does() {
         );
     }
 }
+
+/// Every TOML example in config.md is a valid config as written.
+#[test]
+fn config_md_toml_examples_load() {
+    let docs = read("docs/config.md");
+    let blocks: Vec<&str> = docs
+        .split("```toml\n")
+        .skip(1)
+        .map(|rest| rest.split("```").next().unwrap())
+        .collect();
+    assert!(blocks.len() >= 2, "docs/config.md has its TOML examples");
+    for block in blocks {
+        let loaded =
+            tollgate_server::config::Config::load(block, std::iter::empty::<(&str, &str)>());
+        assert!(
+            loaded.is_ok(),
+            "docs/config.md example:\n{block}\n{:?}",
+            loaded.err()
+        );
+    }
+}
