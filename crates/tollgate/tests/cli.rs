@@ -293,10 +293,14 @@ async fn help_lists_the_commands() {
           demo          Run everything on this machine with nothing installed: the gateway on SQLite, a mock OpenAI/Anthropic/echo upstream, and a ready account and key
           check-config  Check a config file: print every problem, or the effective config with secrets redacted
           migrate       Apply pending database migrations and exit
-          accounts      Accounts of a running server (--url/TOLLGATE_URL, --admin-token/TOLLGATE_ADMIN_TOKEN)
+          accounts      Accounts of a running server (--url/TOLLGATE_URL; as the operator with --admin-token/TOLLGATE_ADMIN_TOKEN, or as a customer with --key/TOLLGATE_KEY)
           keys          API keys of a running server
           credits       Grant credits on a running server
-          requests      Look up a request in a running server's usage log
+          balance       An account's balance: available, held, spent this month
+          ledger        An account's ledger: every transfer, newest first
+          usage         An account's usage totals per day, key, route or model
+          requests      The usage log: one request by its ID, or a filtered list
+          holds         The billing API's holds: reserve, settle, release
           audit         The audit log of a running server
           help          Print this message or the help of the given subcommand(s)
 
