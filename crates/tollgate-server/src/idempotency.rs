@@ -23,7 +23,8 @@
 //! - **Crashes:** a claim is a lease of `billing.request_hold_ttl`: a request still running after
 //!   that has had its hold released (it can no longer be charged), so a retry may take over.
 //! - **Replays and rate limits:** a replay, a 409 and a 422 consume no rate limit (they cost the
-//!   upstream nothing); their headers show where the caller stands.
+//!   upstream nothing); their headers show where the caller stands. On a proxied route each gets
+//!   a usage row of its own, charged nothing, a replay's naming its original in `replay_of`.
 
 use crate::api::CarriesSecret;
 use crate::auth::{identify, Identity};
