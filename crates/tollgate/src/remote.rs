@@ -179,9 +179,43 @@ fn query(pairs: &[(&str, Option<String>)]) -> String {
     format!("?{encoded}")
 }
 
-/// A JSON value given on the command line (`--metadata '{"job": 1}'`).
-fn json_arg(name: &str, text: &str) -> anyhow::Result<Value> {
-    serde_json::from_str(text).map_err(|e| anyhow::anyhow!("--{name} is not JSON: {e}"))
+/// A request body of the fields the command line gave: absent options are left out (the server
+/// keeps what it has), a `--no-...` flag sends `null` (the server clears the field).
+#[derive(Default)]
+struct Fields(serde_json::Map<String, Value>);
+
+impl Fields {
+    fn set(mut self, name: &str, value: Option<impl Into<Value>>) -> Self {
+        if let Some(value) = value {
+            self.0.insert(name.to_string(), value.into());
+        }
+        self
+    }
+
+    /// A list, sent only if it has items.
+    fn list(self, name: &str, items: Vec<String>) -> Self {
+        let items = (!items.is_empty()).then_some(items);
+        self.set(name, items)
+    }
+
+    fn clear_if(self, name: &str, clear: bool) -> Self {
+        self.set(name, clear.then_some(Value::Null))
+    }
+
+    /// A JSON value given as text (`--metadata '{"job": 1}'`).
+    fn json(self, name: &str, text: Option<String>) -> anyhow::Result<Self> {
+        let value = text
+            .map(|text| {
+                serde_json::from_str::<Value>(&text)
+                    .map_err(|e| anyhow::anyhow!("--{} is not JSON: {e}", name.replace('_', "-")))
+            })
+            .transpose()?;
+        Ok(self.set(name, value))
+    }
+
+    fn body(self) -> Option<Value> {
+        Some(Value::Object(self.0))
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -522,11 +556,11 @@ pub async fn accounts(command: AccountsCommand) -> anyhow::Result<ExitCode> {
             starter_credits,
             remote,
         } => {
-            let mut body = json!({ "name": name });
-            if let Some(credits) = starter_credits {
-                body["starter_credits"] = json!(credits);
-            }
-            let answer = remote.call(Method::POST, "/accounts", Some(body)).await?;
+            let body = Fields::default()
+                .set("name", Some(name))
+                .set("starter_credits", starter_credits)
+                .body();
+            let answer = remote.call(Method::POST, "/accounts", body).await?;
             remote.show(
                 &answer,
                 std::slice::from_ref(&answer["account"]),
@@ -562,21 +596,14 @@ pub async fn accounts(command: AccountsCommand) -> anyhow::Result<ExitCode> {
             rate_limits,
             remote,
         } => {
-            let mut body = json!({});
-            if let Some(name) = name {
-                body["name"] = json!(name);
-            }
-            if let Some(max) = max_keys {
-                body["max_keys"] = json!(max);
-            }
-            if default_max_keys {
-                body["max_keys"] = Value::Null;
-            }
-            if let Some(limits) = rate_limits {
-                body["rate_limits"] = json_arg("rate-limits", &limits)?;
-            }
+            let body = Fields::default()
+                .set("name", name)
+                .set("max_keys", max_keys)
+                .clear_if("max_keys", default_max_keys)
+                .json("rate_limits", rate_limits)?
+                .body();
             let answer = remote
-                .call(Method::PATCH, &format!("/accounts/{id}"), Some(body))
+                .call(Method::PATCH, &format!("/accounts/{id}"), body)
                 .await?;
             show_one(&remote, &answer, ACCOUNT_COLUMNS);
         }
@@ -608,23 +635,16 @@ pub async fn keys(command: KeysCommand) -> anyhow::Result<ExitCode> {
             monthly_spend_cap,
             remote,
         } => {
-            let mut body = json!({ "name": name, "kind": kind });
-            if let Some(account) = account {
-                body["account_id"] = json!(account);
-            }
-            if !scopes.is_empty() {
-                body["scopes"] = json!(scopes);
-            }
-            if !allowed_ips.is_empty() {
-                body["allowed_ips"] = json!(allowed_ips);
-            }
-            if let Some(at) = expires_at {
-                body["expires_at"] = json!(at);
-            }
-            if let Some(cap) = monthly_spend_cap {
-                body["monthly_spend_cap"] = json!(cap);
-            }
-            let answer = remote.call(Method::POST, "/keys", Some(body)).await?;
+            let body = Fields::default()
+                .set("name", Some(name))
+                .set("kind", Some(kind))
+                .set("account_id", account)
+                .list("scopes", scopes)
+                .list("allowed_ips", allowed_ips)
+                .set("expires_at", expires_at)
+                .set("monthly_spend_cap", monthly_spend_cap)
+                .body();
+            let answer = remote.call(Method::POST, "/keys", body).await?;
             show_secret(&remote, &answer, &answer);
         }
         KeysCommand::List { account, remote } => {
@@ -658,39 +678,20 @@ pub async fn keys(command: KeysCommand) -> anyhow::Result<ExitCode> {
             rate_limits,
             remote,
         } => {
-            let mut body = json!({});
-            if let Some(name) = name {
-                body["name"] = json!(name);
-            }
-            if !scopes.is_empty() {
-                body["scopes"] = json!(scopes);
-            }
-            if !allowed_ips.is_empty() {
-                body["allowed_ips"] = json!(allowed_ips);
-            }
-            if anywhere {
-                body["allowed_ips"] = Value::Null;
-            }
-            if let Some(at) = expires_at {
-                body["expires_at"] = json!(at);
-            }
-            if no_expiry {
-                body["expires_at"] = Value::Null;
-            }
-            if let Some(status) = status {
-                body["status"] = json!(status);
-            }
-            if let Some(cap) = monthly_spend_cap {
-                body["monthly_spend_cap"] = json!(cap);
-            }
-            if no_spend_cap {
-                body["monthly_spend_cap"] = Value::Null;
-            }
-            if let Some(limits) = rate_limits {
-                body["rate_limits"] = json_arg("rate-limits", &limits)?;
-            }
+            let body = Fields::default()
+                .set("name", name)
+                .list("scopes", scopes)
+                .list("allowed_ips", allowed_ips)
+                .clear_if("allowed_ips", anywhere)
+                .set("expires_at", expires_at)
+                .clear_if("expires_at", no_expiry)
+                .set("status", status)
+                .set("monthly_spend_cap", monthly_spend_cap)
+                .clear_if("monthly_spend_cap", no_spend_cap)
+                .json("rate_limits", rate_limits)?
+                .body();
             let answer = remote
-                .call(Method::PATCH, &format!("/keys/{id}"), Some(body))
+                .call(Method::PATCH, &format!("/keys/{id}"), body)
                 .await?;
             show_one(&remote, &answer, KEY_COLUMNS);
         }
@@ -723,16 +724,13 @@ pub async fn credits(command: CreditsCommand) -> anyhow::Result<ExitCode> {
         reference,
         remote,
     } = command;
-    let mut body = json!({ "amount": amount, "reason": reason });
-    if let Some(reference) = reference {
-        body["reference"] = json!(reference);
-    }
+    let body = Fields::default()
+        .set("amount", Some(amount))
+        .set("reason", Some(reason))
+        .set("reference", reference)
+        .body();
     let answer = remote
-        .call(
-            Method::POST,
-            &format!("/accounts/{account}/credits"),
-            Some(body),
-        )
+        .call(Method::POST, &format!("/accounts/{account}/credits"), body)
         .await?;
     show_one(&remote, &answer, BALANCE_COLUMNS);
     Ok(ExitCode::SUCCESS)
@@ -790,17 +788,13 @@ pub async fn holds(command: HoldsCommand) -> anyhow::Result<ExitCode> {
             metadata,
             remote,
         } => {
-            let mut body = json!({ "amount": amount });
-            if let Some(account) = account {
-                body["account_id"] = json!(account);
-            }
-            if let Some(ttl) = ttl_seconds {
-                body["ttl_seconds"] = json!(ttl);
-            }
-            if let Some(metadata) = metadata {
-                body["metadata"] = json_arg("metadata", &metadata)?;
-            }
-            let answer = remote.call(Method::POST, "/holds", Some(body)).await?;
+            let body = Fields::default()
+                .set("amount", Some(amount))
+                .set("account_id", account)
+                .set("ttl_seconds", ttl_seconds)
+                .json("metadata", metadata)?
+                .body();
+            let answer = remote.call(Method::POST, "/holds", body).await?;
             (remote, answer)
         }
         HoldsCommand::Show { id, remote } => {
