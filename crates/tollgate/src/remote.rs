@@ -92,6 +92,19 @@ impl Remote {
         }
     }
 
+    /// Makes a call whose answer is one object, and prints it.
+    async fn call_and_show(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+        columns: &[(&str, &str)],
+    ) -> anyhow::Result<()> {
+        let answer = self.call(method, path, body).await?;
+        self.show(&answer, std::slice::from_ref(&answer), columns);
+        Ok(())
+    }
+
     /// Prints `answer` as JSON, or as a table of `columns` (JSON pointers) over its rows.
     fn show(&self, answer: &Value, rows: &[Value], columns: &[(&str, &str)]) {
         if self.json {
@@ -544,11 +557,6 @@ fn show_secret(remote: &Remote, answer: &Value, key: &Value) {
     }
 }
 
-/// Prints one object as a one-row table (or its JSON).
-fn show_one(remote: &Remote, answer: &Value, columns: &[(&str, &str)]) {
-    remote.show(answer, std::slice::from_ref(answer), columns);
-}
-
 pub async fn accounts(command: AccountsCommand) -> anyhow::Result<ExitCode> {
     match command {
         AccountsCommand::Create {
@@ -583,10 +591,14 @@ pub async fn accounts(command: AccountsCommand) -> anyhow::Result<ExitCode> {
             remote.show(&json!({ "data": rows }), &rows, ACCOUNT_COLUMNS);
         }
         AccountsCommand::Show { id, remote } => {
-            let answer = remote
-                .call(Method::GET, &format!("/accounts/{id}"), None)
+            remote
+                .call_and_show(
+                    Method::GET,
+                    &format!("/accounts/{id}"),
+                    None,
+                    ACCOUNT_COLUMNS,
+                )
                 .await?;
-            show_one(&remote, &answer, ACCOUNT_COLUMNS);
         }
         AccountsCommand::Edit {
             id,
@@ -602,22 +614,34 @@ pub async fn accounts(command: AccountsCommand) -> anyhow::Result<ExitCode> {
                 .clear_if("max_keys", default_max_keys)
                 .json("rate_limits", rate_limits)?
                 .body();
-            let answer = remote
-                .call(Method::PATCH, &format!("/accounts/{id}"), body)
+            remote
+                .call_and_show(
+                    Method::PATCH,
+                    &format!("/accounts/{id}"),
+                    body,
+                    ACCOUNT_COLUMNS,
+                )
                 .await?;
-            show_one(&remote, &answer, ACCOUNT_COLUMNS);
         }
         AccountsCommand::Suspend { id, remote } => {
-            let answer = remote
-                .call(Method::POST, &format!("/accounts/{id}/suspend"), None)
+            remote
+                .call_and_show(
+                    Method::POST,
+                    &format!("/accounts/{id}/suspend"),
+                    None,
+                    ACCOUNT_COLUMNS,
+                )
                 .await?;
-            show_one(&remote, &answer, ACCOUNT_COLUMNS);
         }
         AccountsCommand::Reactivate { id, remote } => {
-            let answer = remote
-                .call(Method::POST, &format!("/accounts/{id}/reactivate"), None)
+            remote
+                .call_and_show(
+                    Method::POST,
+                    &format!("/accounts/{id}/reactivate"),
+                    None,
+                    ACCOUNT_COLUMNS,
+                )
                 .await?;
-            show_one(&remote, &answer, ACCOUNT_COLUMNS);
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -661,8 +685,9 @@ pub async fn keys(command: KeysCommand) -> anyhow::Result<ExitCode> {
             } else {
                 format!("/keys/{id}")
             };
-            let answer = remote.call(Method::GET, &path, None).await?;
-            show_one(&remote, &answer, KEY_COLUMNS);
+            remote
+                .call_and_show(Method::GET, &path, None, KEY_COLUMNS)
+                .await?;
         }
         KeysCommand::Edit {
             id,
@@ -690,16 +715,19 @@ pub async fn keys(command: KeysCommand) -> anyhow::Result<ExitCode> {
                 .clear_if("monthly_spend_cap", no_spend_cap)
                 .json("rate_limits", rate_limits)?
                 .body();
-            let answer = remote
-                .call(Method::PATCH, &format!("/keys/{id}"), body)
+            remote
+                .call_and_show(Method::PATCH, &format!("/keys/{id}"), body, KEY_COLUMNS)
                 .await?;
-            show_one(&remote, &answer, KEY_COLUMNS);
         }
         KeysCommand::Revoke { id, remote } => {
-            let answer = remote
-                .call(Method::POST, &format!("/keys/{id}/revoke"), None)
+            remote
+                .call_and_show(
+                    Method::POST,
+                    &format!("/keys/{id}/revoke"),
+                    None,
+                    KEY_COLUMNS,
+                )
                 .await?;
-            show_one(&remote, &answer, KEY_COLUMNS);
         }
         KeysCommand::Roll {
             id,
@@ -729,10 +757,14 @@ pub async fn credits(command: CreditsCommand) -> anyhow::Result<ExitCode> {
         .set("reason", Some(reason))
         .set("reference", reference)
         .body();
-    let answer = remote
-        .call(Method::POST, &format!("/accounts/{account}/credits"), body)
+    remote
+        .call_and_show(
+            Method::POST,
+            &format!("/accounts/{account}/credits"),
+            body,
+            BALANCE_COLUMNS,
+        )
         .await?;
-    show_one(&remote, &answer, BALANCE_COLUMNS);
     Ok(ExitCode::SUCCESS)
 }
 
@@ -742,7 +774,7 @@ pub async fn requests(command: RequestsCommand) -> anyhow::Result<ExitCode> {
             let answer = remote
                 .call(Method::GET, &format!("/requests/{request_id}"), None)
                 .await?;
-            show_one(&remote, &answer, REQUEST_COLUMNS);
+            remote.show(&answer, std::slice::from_ref(&answer), REQUEST_COLUMNS);
             if !remote.json {
                 if let Some(message) = answer["error_message"].as_str() {
                     println!("\nerror: {message}");
@@ -780,7 +812,7 @@ pub async fn requests(command: RequestsCommand) -> anyhow::Result<ExitCode> {
 }
 
 pub async fn holds(command: HoldsCommand) -> anyhow::Result<ExitCode> {
-    let (remote, answer) = match command {
+    let (remote, method, path, body) = match command {
         HoldsCommand::Create {
             amount,
             account,
@@ -794,30 +826,20 @@ pub async fn holds(command: HoldsCommand) -> anyhow::Result<ExitCode> {
                 .set("ttl_seconds", ttl_seconds)
                 .json("metadata", metadata)?
                 .body();
-            let answer = remote.call(Method::POST, "/holds", body).await?;
-            (remote, answer)
+            (remote, Method::POST, "/holds".to_string(), body)
         }
-        HoldsCommand::Show { id, remote } => {
-            let answer = remote
-                .call(Method::GET, &format!("/holds/{id}"), None)
-                .await?;
-            (remote, answer)
-        }
+        HoldsCommand::Show { id, remote } => (remote, Method::GET, format!("/holds/{id}"), None),
         HoldsCommand::Settle { id, amount, remote } => {
-            let body = json!({ "amount": amount });
-            let answer = remote
-                .call(Method::POST, &format!("/holds/{id}/settle"), Some(body))
-                .await?;
-            (remote, answer)
+            let body = Fields::default().set("amount", Some(amount)).body();
+            (remote, Method::POST, format!("/holds/{id}/settle"), body)
         }
         HoldsCommand::Release { id, remote } => {
-            let answer = remote
-                .call(Method::POST, &format!("/holds/{id}/release"), None)
-                .await?;
-            (remote, answer)
+            (remote, Method::POST, format!("/holds/{id}/release"), None)
         }
     };
-    show_one(&remote, &answer, HOLD_COLUMNS);
+    remote
+        .call_and_show(method, &path, body, HOLD_COLUMNS)
+        .await?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -826,17 +848,19 @@ pub async fn balance(args: AccountQuery) -> anyhow::Result<ExitCode> {
         "/billing/balance{}",
         query(&[("account_id", args.account.clone())])
     );
-    let answer = args.remote.call(Method::GET, &path, None).await?;
-    show_one(
-        &args.remote,
-        &answer,
-        &[
-            ("AVAILABLE", "/available/credits"),
-            ("HELD", "/held/credits"),
-            ("SPENT THIS MONTH", "/spent_this_month/credits"),
-            ("CURRENCY", "/available/currency"),
-        ],
-    );
+    args.remote
+        .call_and_show(
+            Method::GET,
+            &path,
+            None,
+            &[
+                ("AVAILABLE", "/available/credits"),
+                ("HELD", "/held/credits"),
+                ("SPENT THIS MONTH", "/spent_this_month/credits"),
+                ("CURRENCY", "/available/currency"),
+            ],
+        )
+        .await?;
     Ok(ExitCode::SUCCESS)
 }
 
