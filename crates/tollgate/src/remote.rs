@@ -231,6 +231,14 @@ impl Fields {
     }
 }
 
+/// A command on one object, named by its id.
+#[derive(Debug, Args)]
+pub struct ById {
+    id: String,
+    #[command(flatten)]
+    remote: Remote,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum AccountsCommand {
     /// Create an account, its wallet and its first master key (whose secret is shown once).
@@ -252,11 +260,7 @@ pub enum AccountsCommand {
         remote: Remote,
     },
     /// Show one account.
-    Show {
-        id: String,
-        #[command(flatten)]
-        remote: Remote,
-    },
+    Show(ById),
     /// Change an account's name, key limit or rate-limit overrides.
     Edit {
         id: String,
@@ -276,17 +280,9 @@ pub enum AccountsCommand {
         remote: Remote,
     },
     /// Suspend an account: its keys stop working from their next request.
-    Suspend {
-        id: String,
-        #[command(flatten)]
-        remote: Remote,
-    },
+    Suspend(ById),
     /// Lift a suspension.
-    Reactivate {
-        id: String,
-        #[command(flatten)]
-        remote: Remote,
-    },
+    Reactivate(ById),
 }
 
 #[derive(Debug, Subcommand)]
@@ -324,11 +320,7 @@ pub enum KeysCommand {
         remote: Remote,
     },
     /// Show one key (`me`: the key calling).
-    Show {
-        id: String,
-        #[command(flatten)]
-        remote: Remote,
-    },
+    Show(ById),
     /// Change a key's policy, effective from its next request; what is not given is unchanged.
     Edit {
         id: String,
@@ -364,11 +356,7 @@ pub enum KeysCommand {
         remote: Remote,
     },
     /// Revoke a key now.
-    Revoke {
-        id: String,
-        #[command(flatten)]
-        remote: Remote,
-    },
+    Revoke(ById),
     /// Give a key a new secret; the old one works for `--grace-seconds` more.
     Roll {
         id: String,
@@ -449,11 +437,7 @@ pub enum HoldsCommand {
         remote: Remote,
     },
     /// Show a hold.
-    Show {
-        id: String,
-        #[command(flatten)]
-        remote: Remote,
-    },
+    Show(ById),
     /// Charge what the work cost, at most the amount held.
     Settle {
         id: String,
@@ -462,11 +446,7 @@ pub enum HoldsCommand {
         remote: Remote,
     },
     /// Charge nothing.
-    Release {
-        id: String,
-        #[command(flatten)]
-        remote: Remote,
-    },
+    Release(ById),
 }
 
 /// One account's money and usage: the balance, the ledger, the usage totals.
@@ -590,14 +570,10 @@ pub async fn accounts(command: AccountsCommand) -> anyhow::Result<ExitCode> {
             let rows = remote.all_pages(&path).await?;
             remote.show(&json!({ "data": rows }), &rows, ACCOUNT_COLUMNS);
         }
-        AccountsCommand::Show { id, remote } => {
+        AccountsCommand::Show(ById { id, remote }) => {
+            let path = format!("/accounts/{id}");
             remote
-                .call_and_show(
-                    Method::GET,
-                    &format!("/accounts/{id}"),
-                    None,
-                    ACCOUNT_COLUMNS,
-                )
+                .call_and_show(Method::GET, &path, None, ACCOUNT_COLUMNS)
                 .await?;
         }
         AccountsCommand::Edit {
@@ -614,33 +590,21 @@ pub async fn accounts(command: AccountsCommand) -> anyhow::Result<ExitCode> {
                 .clear_if("max_keys", default_max_keys)
                 .json("rate_limits", rate_limits)?
                 .body();
+            let path = format!("/accounts/{id}");
             remote
-                .call_and_show(
-                    Method::PATCH,
-                    &format!("/accounts/{id}"),
-                    body,
-                    ACCOUNT_COLUMNS,
-                )
+                .call_and_show(Method::PATCH, &path, body, ACCOUNT_COLUMNS)
                 .await?;
         }
-        AccountsCommand::Suspend { id, remote } => {
+        AccountsCommand::Suspend(ById { id, remote }) => {
+            let path = format!("/accounts/{id}/suspend");
             remote
-                .call_and_show(
-                    Method::POST,
-                    &format!("/accounts/{id}/suspend"),
-                    None,
-                    ACCOUNT_COLUMNS,
-                )
+                .call_and_show(Method::POST, &path, None, ACCOUNT_COLUMNS)
                 .await?;
         }
-        AccountsCommand::Reactivate { id, remote } => {
+        AccountsCommand::Reactivate(ById { id, remote }) => {
+            let path = format!("/accounts/{id}/reactivate");
             remote
-                .call_and_show(
-                    Method::POST,
-                    &format!("/accounts/{id}/reactivate"),
-                    None,
-                    ACCOUNT_COLUMNS,
-                )
+                .call_and_show(Method::POST, &path, None, ACCOUNT_COLUMNS)
                 .await?;
         }
     }
@@ -679,7 +643,7 @@ pub async fn keys(command: KeysCommand) -> anyhow::Result<ExitCode> {
             let rows = remote.all_pages(&path).await?;
             remote.show(&json!({ "data": rows }), &rows, KEY_COLUMNS);
         }
-        KeysCommand::Show { id, remote } => {
+        KeysCommand::Show(ById { id, remote }) => {
             let path = if id == "me" {
                 "/key".to_string()
             } else {
@@ -719,14 +683,10 @@ pub async fn keys(command: KeysCommand) -> anyhow::Result<ExitCode> {
                 .call_and_show(Method::PATCH, &format!("/keys/{id}"), body, KEY_COLUMNS)
                 .await?;
         }
-        KeysCommand::Revoke { id, remote } => {
+        KeysCommand::Revoke(ById { id, remote }) => {
+            let path = format!("/keys/{id}/revoke");
             remote
-                .call_and_show(
-                    Method::POST,
-                    &format!("/keys/{id}/revoke"),
-                    None,
-                    KEY_COLUMNS,
-                )
+                .call_and_show(Method::POST, &path, None, KEY_COLUMNS)
                 .await?;
         }
         KeysCommand::Roll {
@@ -757,13 +717,9 @@ pub async fn credits(command: CreditsCommand) -> anyhow::Result<ExitCode> {
         .set("reason", Some(reason))
         .set("reference", reference)
         .body();
+    let path = format!("/accounts/{account}/credits");
     remote
-        .call_and_show(
-            Method::POST,
-            &format!("/accounts/{account}/credits"),
-            body,
-            BALANCE_COLUMNS,
-        )
+        .call_and_show(Method::POST, &path, body, BALANCE_COLUMNS)
         .await?;
     Ok(ExitCode::SUCCESS)
 }
@@ -828,12 +784,14 @@ pub async fn holds(command: HoldsCommand) -> anyhow::Result<ExitCode> {
                 .body();
             (remote, Method::POST, "/holds".to_string(), body)
         }
-        HoldsCommand::Show { id, remote } => (remote, Method::GET, format!("/holds/{id}"), None),
+        HoldsCommand::Show(ById { id, remote }) => {
+            (remote, Method::GET, format!("/holds/{id}"), None)
+        }
         HoldsCommand::Settle { id, amount, remote } => {
             let body = Fields::default().set("amount", Some(amount)).body();
             (remote, Method::POST, format!("/holds/{id}/settle"), body)
         }
-        HoldsCommand::Release { id, remote } => {
+        HoldsCommand::Release(ById { id, remote }) => {
             (remote, Method::POST, format!("/holds/{id}/release"), None)
         }
     };

@@ -61,22 +61,41 @@ impl Cli {
     }
 }
 
+/// A `tollgate serve` with an echo route on the mock, and starter credits of 5.
+struct Server {
+    _mock: tollgate_mock::MockUpstream,
+    _dir: tempfile::TempDir,
+    _server: tokio::process::Child,
+}
+
+impl Server {
+    async fn start() -> (Server, Cli) {
+        let mock = tollgate_mock::MockUpstream::start(SocketAddr::from(([127, 0, 0, 1], 0)))
+            .await
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let config = write_config(
+            dir.path(),
+            &dir.path().join("tollgate.db"),
+            &format!(
+                "[billing]\nstarter_credits = \"5\"\n{}",
+                echo_route(&mock.url())
+            ),
+        );
+        let (server, url) = serve(&config, ADMIN).await;
+        let running = Server {
+            _mock: mock,
+            _dir: dir,
+            _server: server,
+        };
+        (running, Cli { url })
+    }
+}
+
 #[tokio::test]
 async fn an_operator_manages_accounts_and_keys_and_reads_a_request_from_the_command_line() {
-    let mock = tollgate_mock::MockUpstream::start(SocketAddr::from(([127, 0, 0, 1], 0)))
-        .await
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let config = write_config(
-        dir.path(),
-        &dir.path().join("tollgate.db"),
-        &format!(
-            "[billing]\nstarter_credits = \"5\"\n{}",
-            echo_route(&mock.url())
-        ),
-    );
-    let (_server, url) = serve(&config, ADMIN).await;
-    let cli = Cli { url: url.clone() };
+    let (_server, cli) = Server::start().await;
+    let url = cli.url.clone();
 
     // Tables by default: the account, then its master key's secret on a line of its own.
     let (code, stdout, _) = cli
@@ -170,20 +189,8 @@ async fn an_operator_manages_accounts_and_keys_and_reads_a_request_from_the_comm
 #[tokio::test]
 async fn a_customer_with_a_master_key_and_the_operator_reach_every_endpoint_from_the_command_line()
 {
-    let mock = tollgate_mock::MockUpstream::start(SocketAddr::from(([127, 0, 0, 1], 0)))
-        .await
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let config = write_config(
-        dir.path(),
-        &dir.path().join("tollgate.db"),
-        &format!(
-            "[billing]\nstarter_credits = \"5\"\n{}",
-            echo_route(&mock.url())
-        ),
-    );
-    let (_server, url) = serve(&config, ADMIN).await;
-    let cli = Cli { url: url.clone() };
+    let (_server, cli) = Server::start().await;
+    let url = cli.url.clone();
     let created = cli.json(&["accounts", "create", "--name", "Acme"]).await;
     let account = created["account"]["id"].as_str().unwrap().to_string();
     let master = created["master_key"]["secret"]
