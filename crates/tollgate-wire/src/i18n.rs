@@ -5,9 +5,12 @@
 //! `messages/<tag>.toml` (one file per language), and the specifics stay in `details`. Codes
 //! are never translated.
 //!
-//! The tags are matched here rather than by a locale library: there are three, and Chinese needs
-//! its script read from the region (`zh-CN` and `zh-SG` write Simplified, `zh-TW`, `zh-HK` and
-//! `zh-MO` Traditional), which a short table says plainly.
+//! The header is read here, in a few lines, because its weights must be read exactly: as RFC
+//! 9110 writes them (at most three decimals, so as integer thousandths), a malformed one dropping
+//! its entry. Read as floats, a client's `q=NaN` would leave the ranking without a total order.
+//! The tags are matched here too: there are three, and Chinese needs its script read from the
+//! region (`zh-CN` and `zh-SG` write Simplified, `zh-TW`, `zh-HK` and `zh-MO` Traditional), which
+//! a short table says plainly.
 
 use std::collections::BTreeMap;
 use std::sync::LazyLock;
@@ -43,10 +46,13 @@ impl Language {
         let Some(header) = accept_language else {
             return Language::English;
         };
-        accept_language::parse_with_quality(header)
+        let mut ranked: Vec<(&str, u16)> = header.split(',').filter_map(preference).collect();
+        // Stable: among equal weights, the header's order stands.
+        ranked.sort_by_key(|(_, weight)| std::cmp::Reverse(*weight));
+        ranked
             .into_iter()
-            .filter(|(_, quality)| *quality > 0.0)
-            .find_map(|(tag, _)| Language::of_tag(&tag))
+            .filter(|(_, weight)| *weight > 0)
+            .find_map(|(tag, _)| Language::of_tag(tag))
             .unwrap_or_default()
     }
 
@@ -88,6 +94,33 @@ impl Language {
         }
         translated
     }
+}
+
+/// One `Accept-Language` entry: its tag and weight in thousandths (1000 when it has none);
+/// `None` for an empty tag or a weight RFC 9110 does not allow.
+fn preference(entry: &str) -> Option<(&str, u16)> {
+    let mut parts = entry.split(';').map(str::trim);
+    let tag = parts.next().filter(|tag| !tag.is_empty())?;
+    let mut weight = 1000;
+    for parameter in parts {
+        let Some(value) = parameter
+            .strip_prefix("q=")
+            .or_else(|| parameter.strip_prefix("Q="))
+        else {
+            continue;
+        };
+        let (whole, decimals) = value.split_once('.').unwrap_or((value, ""));
+        if decimals.len() > 3 || !decimals.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        let thousandths: u16 = format!("{decimals:0<3}").parse().ok()?;
+        weight = match whole {
+            "0" => thousandths,
+            "1" if thousandths == 0 => 1000,
+            _ => return None,
+        };
+    }
+    Some((tag, weight))
 }
 
 static GERMAN: LazyLock<BTreeMap<String, String>> =
@@ -158,6 +191,11 @@ mod tests {
         assert_eq!(picked("*"), "en");
         assert_eq!(picked(""), "en");
         assert_eq!(picked(";;;q=,,de"), "de");
+        // Malformed weights drop their entry, whatever a float parser would make of them.
+        assert_eq!(picked("de;q=NaN, zh;q=inf, fr, en;q=0.5"), "en");
+        assert_eq!(picked("de;q=1.5, zh-CN;q=0.0001, en;q=0.001"), "en");
+        assert_eq!(picked("de;q=0.500, zh-CN;q=0.5"), "de");
+        assert_eq!(picked("de;q=1.000;level=1"), "de");
     }
 
     #[test]
