@@ -65,7 +65,11 @@ pub async fn rescue(request: Request, next: Next) -> Response {
         .get::<RequestId>()
         .copied()
         .unwrap_or_default();
-    let language = language(request.headers());
+    // Kept (a reference-counted clone) but read only if the answer is an error: most are not.
+    let accept_language = request
+        .headers()
+        .get(http::header::ACCEPT_LANGUAGE)
+        .cloned();
     let mut response = next.run(request).await;
     let Some(error) = response.extensions_mut().remove::<ApiError>() else {
         return response;
@@ -76,6 +80,7 @@ pub async fn rescue(request: Request, next: Next) -> Response {
         .copied()
         .unwrap_or_default();
     log(&error);
+    let language = language(accept_language.as_ref());
     let mut rendered = render(response.status(), &error, profile, id, language);
     // Headers the handler set beside the error (`Server-Timing`, say) stay; the body's own
     // headers are the envelope's.
@@ -98,16 +103,13 @@ pub fn error_response(
     log(error);
     let status = axum::http::StatusCode::from_u16(error.code.info().status)
         .unwrap_or(axum::http::StatusCode::INTERNAL_SERVER_ERROR);
-    render(status, error, profile, id, language(headers))
+    let language = language(headers.get(http::header::ACCEPT_LANGUAGE));
+    render(status, error, profile, id, language)
 }
 
 /// The language the caller reads, from its `Accept-Language`.
-fn language(headers: &HeaderMap) -> Language {
-    Language::negotiate(
-        headers
-            .get(http::header::ACCEPT_LANGUAGE)
-            .and_then(|v| v.to_str().ok()),
-    )
+fn language(accept_language: Option<&HeaderValue>) -> Language {
+    Language::negotiate(accept_language.and_then(|v| v.to_str().ok()))
 }
 
 fn log(error: &ApiError) {

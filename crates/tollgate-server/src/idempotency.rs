@@ -212,16 +212,12 @@ fn file_unrun(
     original: Option<RequestId>,
 ) {
     let path = parts.uri.path();
-    let Some(route) = state
-        .routes
-        .resolve(path)
-        .filter(|_| profile_of(state, path).is_some())
-    else {
-        return;
-    };
-    if !state.config.usage_log {
+    if !state.config.usage_log || path.starts_with(&state.config.api_prefix) {
         return;
     }
+    let Some(route) = state.routes.resolve(path) else {
+        return;
+    };
     let now = state.clock.now();
     let mut row = crate::proxy::usage_row(parts, key, &route.config.prefix, now);
     row.status = response.status().as_u16();

@@ -796,7 +796,7 @@ pub(crate) fn refused_error(refused: HoldRefused, required: Nanos, currency: &st
         .with_detail("required", money(required))
         .with_detail("balance", money(available)),
         HoldRefused::KeyCapReached { cap, spent, held } => {
-            let left = Nanos((cap.0 - spent.0 - held.0).max(0));
+            let left = Nanos(cap.0.saturating_sub(spent.0).saturating_sub(held.0).max(0));
             HttpError::new(
                 ErrorCode::KeyQuotaExceeded,
                 format!(

@@ -12,6 +12,7 @@
 //! region (`zh-CN` and `zh-SG` write Simplified, `zh-TW`, `zh-HK` and `zh-MO` Traditional), which
 //! a short table says plainly.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::sync::LazyLock;
 use tollgate_core::{ApiError, ErrorCode};
@@ -87,12 +88,15 @@ impl Language {
 
     /// `error` as this language's caller reads it: the message translated where a translation
     /// exists, everything else as it was.
-    pub fn translate(self, error: &ApiError) -> ApiError {
-        let mut translated = error.clone();
-        if let Some(message) = self.message(error.code) {
-            translated.message = message.to_string();
+    pub fn translate(self, error: &ApiError) -> Cow<'_, ApiError> {
+        match self.message(error.code) {
+            None => Cow::Borrowed(error),
+            Some(message) => {
+                let mut translated = error.clone();
+                translated.message = message.to_string();
+                Cow::Owned(translated)
+            }
         }
-        translated
     }
 }
 
@@ -113,7 +117,12 @@ fn preference(entry: &str) -> Option<(&str, u16)> {
         if decimals.len() > 3 || !decimals.bytes().all(|b| b.is_ascii_digit()) {
             return None;
         }
-        let thousandths: u16 = format!("{decimals:0<3}").parse().ok()?;
+        // "5" is 500 thousandths, "05" 50, "005" 5.
+        let thousandths = decimals
+            .bytes()
+            .chain(std::iter::repeat(b'0'))
+            .take(3)
+            .fold(0u16, |n, digit| n * 10 + u16::from(digit - b'0'));
         weight = match whole {
             "0" => thousandths,
             "1" if thousandths == 0 => 1000,
@@ -203,7 +212,8 @@ mod tests {
         let error = ApiError::new(ErrorCode::RateLimited, "Rate limit 'per-key' exceeded.")
             .with_detail("policy", "per-key")
             .with_retry_after(3);
-        assert_eq!(Language::English.translate(&error), error);
+        // English is the message as written: nothing is copied.
+        assert!(matches!(Language::English.translate(&error), Cow::Borrowed(e) if *e == error));
         let german = Language::German.translate(&error);
         assert!(
             german.message.starts_with("Ein Ratenlimit"),
