@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use tollgate_core::metering::Endpoint;
 use tollgate_core::pricing::TokenPrices;
 use tollgate_core::Nanos;
-use tollgate_server::proxy::parse_llm_request;
+use tollgate_server::dataplane::proxy::parse_llm_request;
 
 const ENDPOINTS: [Endpoint; 6] = [
     Endpoint::ChatCompletions,

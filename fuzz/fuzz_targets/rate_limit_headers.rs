@@ -9,7 +9,7 @@ use libfuzzer_sys::fuzz_target;
 use std::sync::Arc;
 use std::time::Duration;
 use tollgate_core::ratelimit::{FailureMode, Policy, Scope, Standing, Tat, Unit};
-use tollgate_server::limits::LimitHeaders;
+use tollgate_server::access::limits::LimitHeaders;
 
 #[derive(Debug, Arbitrary)]
 struct RawPolicy {

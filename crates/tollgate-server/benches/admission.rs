@@ -17,8 +17,8 @@ use std::time::Duration;
 use tollgate_core::load::LimitSettings;
 use tollgate_core::ratelimit::{Policy, Scope, Unit};
 use tollgate_core::SystemClock;
-use tollgate_server::limits::{Demand, Limiter, LocalLimiter};
-use tollgate_server::shed::{Shedder, Tenant};
+use tollgate_server::access::limits::{Demand, Limiter, LocalLimiter};
+use tollgate_server::access::shed::{Shedder, Tenant};
 
 fn policy(name: &str, scope: Scope, limit: u64) -> Arc<Policy> {
     Arc::new(Policy {

@@ -19,7 +19,7 @@ use std::hint::black_box;
 use std::sync::Arc;
 use tollgate_core::metering::{LlmApi, StreamMeter};
 use tollgate_core::{AccountId, ApiError, ApiKey, ErrorCode, KeyEnv, KeyKind, Nanos, RequestId};
-use tollgate_server::auth::KeyCache;
+use tollgate_server::access::keys::KeyCache;
 use tollgate_store::sqlite::SqliteStore;
 use tollgate_store::{KeyRecord, NewKey, Store};
 use tollgate_wire::{render_error, ErrorProfile};

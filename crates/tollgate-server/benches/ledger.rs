@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tollgate_core::ledger::{Book, HoldRequest, Resolve};
 use tollgate_core::{AccountId, HoldId, KeyEnv, KeyKind, Nanos, SystemClock};
-use tollgate_server::ledger::{HoldSpec, Ledger};
+use tollgate_server::billing::ledger::{HoldSpec, Ledger};
 use tollgate_store::sqlite::SqliteStore;
 use tollgate_store::{BatchId, HoldRecord, HoldSource, KeyRecord, LedgerWrite, NewKey, Store};
 

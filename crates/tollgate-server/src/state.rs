@@ -1,13 +1,20 @@
 //! What every handler shares: config, store, key cache, ledger, rate limiter, routes, load
-//! shedder and the clock.
+//! shedder and the clock; and the few calls that hand a service what it needs from them, so the
+//! services below never see the state. Handlers and layers (the rooms above) take it.
 
-use crate::auth::KeyCache;
+use crate::access::keys::KeyCache;
+use crate::access::keys::{self, Identity};
+use crate::access::limits::Limiter;
+use crate::access::limits::{self as rate_limits, Demand, Estimate, LimitSlot};
+use crate::access::shed::Shedder;
+use crate::billing::ledger::Ledger;
 use crate::config::Config;
-use crate::ledger::Ledger;
-use crate::limits::Limiter;
-use crate::metrics::Metrics;
-use crate::proxy::RouteTable;
-use crate::shed::Shedder;
+use crate::http::error::HttpError;
+use crate::http::headers::{self, presented_secret};
+use crate::telemetry::Metrics;
+use crate::upstream::RouteTable;
+use axum::http::{Extensions, HeaderMap};
+use std::net::IpAddr;
 use std::sync::Arc;
 use tollgate_core::Clock;
 use tollgate_store::Store;
@@ -42,4 +49,51 @@ pub struct Shared {
     pub shedder: Option<Arc<Shedder>>,
     pub metrics: Arc<Metrics>,
     pub clock: Arc<dyn Clock>,
+}
+
+impl Shared {
+    /// The client's address: the socket peer, or `X-Forwarded-For` behind a trusted proxy.
+    pub fn client_ip(&self, headers: &HeaderMap, extensions: &Extensions) -> Option<IpAddr> {
+        headers::client_ip(&self.config.trusted_proxies, headers, extensions)
+    }
+
+    /// Who presented the request's credential: the admin token or a usable API key.
+    pub async fn identify(
+        &self,
+        headers: &HeaderMap,
+        extensions: &Extensions,
+    ) -> Result<Identity, HttpError> {
+        keys::identify(
+            self.config
+                .admin_token
+                .as_ref()
+                .map(|token| token.0.as_str()),
+            &self.keys,
+            &*self.store,
+            self.clock.now(),
+            presented_secret(headers),
+            self.client_ip(headers, extensions),
+        )
+        .await
+    }
+
+    /// Decides `demands` for an identified caller ([`rate_limits::admit`]).
+    pub async fn admit(
+        &self,
+        slot: Option<&LimitSlot>,
+        demands: &[Demand],
+    ) -> Result<(), HttpError> {
+        rate_limits::admit(&*self.limiter, &self.metrics, &*self.clock, slot, demands).await
+    }
+
+    /// Decides the demands a slot holds, with the estimates filled in
+    /// ([`rate_limits::admit_identified`]).
+    pub async fn admit_identified(
+        &self,
+        slot: &LimitSlot,
+        estimate: Estimate,
+    ) -> Result<Vec<Demand>, HttpError> {
+        rate_limits::admit_identified(&*self.limiter, &self.metrics, &*self.clock, slot, estimate)
+            .await
+    }
 }

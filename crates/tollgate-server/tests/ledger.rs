@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tollgate_core::ledger::{HoldStatus, Resolve};
 use tollgate_core::{AccountId, ApiKey, Clock, KeyEnv, KeyKind, ManualClock, Nanos, SystemClock};
-use tollgate_server::ledger::{HoldRefused, HoldSpec, Ledger};
+use tollgate_server::billing::ledger::{HoldRefused, HoldSpec, Ledger};
 use tollgate_store::sqlite::SqliteStore;
 use tollgate_store::{HoldSource, KeyRecord, NewKey, Store};
 
@@ -300,7 +300,7 @@ async fn request_in_flight(
     Arc<Ledger>,
     KeyRecord,
     tollgate_core::ledger::Hold,
-    tollgate_server::meter::Billing,
+    tollgate_server::billing::meter::Billing,
 ) {
     let (store, keys) = store_with_accounts(dir, 1).await;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
@@ -311,7 +311,8 @@ async fn request_in_flight(
         .await
         .unwrap();
     let row = usage_row(&key, tollgate_core::RequestId::new());
-    let mut billing = tollgate_server::meter::Billing::new(ledger.clone(), clock, row, true);
+    let mut billing =
+        tollgate_server::billing::meter::Billing::new(ledger.clone(), clock, row, true);
     billing.set_hold(hold.clone());
     (store, ledger, key, hold, billing)
 }
@@ -342,7 +343,7 @@ async fn a_request_whose_hold_something_else_resolved_never_reads_settled_at_zer
     let dir = tempfile::tempdir().unwrap();
     let (store, ledger, key, hold, billing) = request_in_flight(dir.path()).await;
     ledger.resolve(hold.id, Resolve::Release).unwrap();
-    billing.finish(tollgate_server::meter::Outcome {
+    billing.finish(tollgate_server::billing::meter::Outcome {
         status: 200,
         upstream_status: Some(200),
         charge: Some((Nanos(120), tollgate_core::ledger::BillingStatus::Settled)),

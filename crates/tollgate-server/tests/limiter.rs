@@ -12,8 +12,8 @@ use std::sync::Arc;
 use std::time::Duration;
 use tollgate_core::ratelimit::{Policy, Scope, Unit};
 use tollgate_core::{Clock, ManualClock, SystemClock};
-use tollgate_server::limits::{Demand, Limiter, LocalLimiter};
-use tollgate_server::redis_limiter::RedisLimiter;
+use tollgate_server::access::limits::{Demand, Limiter, LocalLimiter};
+use tollgate_server::access::redis_limiter::RedisLimiter;
 
 type Pass = Box<dyn Fn(Duration) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
 

@@ -11,7 +11,7 @@ use expect_test::expect_file;
 use serde_json::Value;
 use std::net::SocketAddr;
 use tollgate_core::{ErrorCode, KeyId};
-use tollgate_server::demo::{Demo, DemoOptions};
+use tollgate_server::app::demo::{Demo, DemoOptions};
 
 const METHODS: [&str; 5] = ["get", "put", "post", "patch", "delete"];
 
@@ -133,9 +133,20 @@ async fn every_route_the_server_answers_is_documented_and_every_documented_route
 fn routes_are_registered_only_with_their_documentation() {
     // `routes!` adds a route and its OpenAPI operation together; a bare `.route(` would serve a
     // path the document does not show.
-    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
-    for entry in std::fs::read_dir(&src).unwrap() {
-        let path = entry.unwrap().path();
+    let mut dirs = vec![std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src")];
+    let mut files = Vec::new();
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                files.push(path);
+            }
+        }
+    }
+    assert!(files.len() > 20, "the walk found only {files:?}");
+    for path in files {
         let text = std::fs::read_to_string(&path).unwrap();
         for line in text.lines().map(str::trim_start) {
             for call in [".route(", ".route_service(", ".nest_service("] {

@@ -14,8 +14,8 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use tollgate_server::app::demo::{Demo, DemoOptions};
 use tollgate_server::config::StoreConfig;
-use tollgate_server::demo::{Demo, DemoOptions};
 use tollgate_server::{Application, Config};
 
 /// Tollgate: a metered API gateway. Accounts with prepaid wallets, API keys, exact billing and

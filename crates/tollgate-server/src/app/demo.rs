@@ -1,0 +1,300 @@
+//! `tollgate demo`: the whole product on one machine with nothing installed.
+//!
+//! Starts the mock upstream on its own loopback port, routes `/v1` (OpenAI), `/anthropic`
+//! (Anthropic) and `/echo` to it, opens SQLite in the data dir, and on first start creates an
+//! account with starter credits, a master key and an admin token. They are kept in
+//! `<data dir>/demo.json` (mode 0600) so a restart reuses them. Only the demo keeps a key's
+//! plaintext anywhere: a demo must be able to print its key again.
+
+use crate::app::Application;
+use crate::config::{
+    Config, RawAdmin, RawBilling, RawConfig, RawModel, RawRoute, RawServer, RawStore, RouteKind,
+};
+use serde::{Deserialize, Serialize};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use tollgate_core::key::random_base62;
+use tollgate_core::{AccountId, ApiKey, KeyKind, KeyStatus};
+use tollgate_mock::MockUpstream;
+use tollgate_store::{KeyRecord, NewKey};
+use tollgate_wire::ErrorProfile;
+
+pub const STARTER_CREDITS: &str = "10";
+/// What one echo call costs in the demo.
+pub const ECHO_PRICE: &str = "0.001";
+const STATE_FILE: &str = "demo.json";
+
+pub struct DemoOptions {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    /// A TOML file layered over the demo's config: each field it sets replaces the demo's, a
+    /// list (`[[rate_limits]]`, `[[routes]]`) as a whole.
+    pub config: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct DemoState {
+    account_id: AccountId,
+    master_key: String,
+    admin_token: String,
+}
+
+pub struct Demo {
+    app: Application,
+    mock: MockUpstream,
+    state: DemoState,
+    data_dir: PathBuf,
+    reused: bool,
+}
+
+impl Demo {
+    pub async fn start(options: DemoOptions) -> anyhow::Result<Demo> {
+        std::fs::create_dir_all(&options.data_dir)
+            .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", options.data_dir.display()))?;
+        let mock = MockUpstream::start(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
+        let saved = read_state(&options.data_dir)?;
+        let admin_token = saved
+            .as_ref()
+            .map(|s| s.admin_token.clone())
+            .unwrap_or_else(|| format!("tga_{}", random_base62(32)));
+        let raw = demo_config(&options, &mock, &admin_token);
+        let config = match &options.config {
+            None => Config::from_raw(raw),
+            Some(path) => layered(raw, path, &admin_token)?,
+        }
+        .map_err(|e| anyhow::anyhow!("demo config: {e}"))?;
+        let starter_credits = config.starter_credits;
+        let app = Application::build(config).await?;
+        let store = app.state().store.clone();
+
+        // Reuse the saved account if its master key still works; otherwise make a new one.
+        let mut reusable = None;
+        if let Some(saved) = saved {
+            if let Ok(key) = ApiKey::parse(&saved.master_key) {
+                let found = store.key_by_hash(&key.hash()).await?;
+                if found.is_some_and(|f| {
+                    f.secret_expires_at.is_none()
+                        && f.key.status == KeyStatus::Active
+                        && f.key.account_id == saved.account_id
+                }) {
+                    reusable = Some(saved);
+                }
+            }
+        }
+        let reused = reusable.is_some();
+        let state = match reusable {
+            Some(state) => state,
+            None => {
+                let account_id = AccountId::new();
+                let master = NewKey::new(account_id, KeyKind::Master, "demo master key");
+                let now = app.state().clock.now();
+                let (secret, record) = KeyRecord::issue(app.state().config.key_env, master, now);
+                store
+                    .create_account(account_id, "Demo account", starter_credits, record, now)
+                    .await?;
+                let state = DemoState {
+                    account_id,
+                    master_key: secret.expose().to_string(),
+                    admin_token,
+                };
+                write_state(&options.data_dir, &state)?;
+                state
+            }
+        };
+        Ok(Demo {
+            app,
+            mock,
+            state,
+            data_dir: options.data_dir,
+            reused,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.app.local_addr()
+    }
+
+    /// The welcome text: where things are, curl calls that work as printed, and the three
+    /// `NAME=value` lines scripts read.
+    pub fn welcome(&self) -> String {
+        let url = format!("http://{}", self.local_addr());
+        let key = &self.state.master_key;
+        let admin = &self.state.admin_token;
+        let api = &self.app.state().config.api_prefix;
+        let account = if self.reused {
+            "reused from the last run"
+        } else {
+            "new"
+        };
+        format!(
+            r#"Tollgate demo is running.
+
+  Gateway        {url}
+  Mock upstream  {mock} (OpenAI API at {url}/v1, Anthropic API at {url}/anthropic, echo API at {url}/echo)
+  API reference  {url}/api/docs (Swagger UI; the OpenAPI document is {url}/api/openapi.json)
+  Data           {data} (SQLite: tollgate.db; demo secrets: {STATE_FILE})
+  Account        {account_id} ({account}; {STARTER_CREDITS} USD starter credits on creation)
+
+Try it (copy and paste):
+
+  # An echo call through the gateway
+  curl -s {url}/echo/hello -H "Authorization: Bearer {key}"
+
+  # An OpenAI-compatible chat completion (any OpenAI client works with base URL {url}/v1)
+  curl -s {url}/v1/chat/completions -H "Authorization: Bearer {key}" -H "Content-Type: application/json" -d '{{"model":"mock-gpt","messages":[{{"role":"user","content":"Hello!"}}]}}'
+
+  # The same, streamed as server-sent events, one chunk every 200 ms
+  curl -sN {url}/v1/chat/completions -H "Authorization: Bearer {key}" -H "x-mock-chunk-delay-ms: 200" -H "Content-Type: application/json" -d '{{"model":"mock-gpt","stream":true,"stream_options":{{"include_usage":true}},"messages":[{{"role":"user","content":"Hello!"}}]}}'
+
+  # An Anthropic-compatible message
+  curl -s {url}/anthropic/v1/messages -H "x-api-key: {key}" -H "Content-Type: application/json" -d '{{"model":"mock-claude","max_tokens":64,"messages":[{{"role":"user","content":"Hello!"}}]}}'
+
+  # The wallet: each echo call costs {ECHO_PRICE} USD; LLM calls are priced per token
+  curl -s {url}{api}/billing/balance -H "Authorization: Bearer {key}"
+
+  # Who am I? (verify a key)
+  curl -s {url}{api}/key -H "Authorization: Bearer {key}"
+
+  # A call without a key: 401 invalid_api_key in the error envelope
+  curl -si {url}/echo/hello
+
+  # Create a usage key limited to the echo route group
+  curl -s {url}{api}/keys -H "Authorization: Bearer {key}" -H "Content-Type: application/json" -d '{{"name":"echo only","scopes":["echo"]}}'
+
+For scripts:
+TOLLGATE_URL={url}
+TOLLGATE_DEMO_KEY={key}
+TOLLGATE_ADMIN_TOKEN={admin}
+"#,
+            mock = self.mock.url(),
+            data = self.data_dir.display(),
+            account_id = self.state.account_id,
+        )
+    }
+
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let Demo { app, mock, .. } = self;
+        let result = app.run_until_stopped(shutdown).await;
+        drop(mock);
+        result
+    }
+}
+
+fn demo_config(options: &DemoOptions, mock: &MockUpstream, admin_token: &str) -> RawConfig {
+    let route = |prefix: &str, upstream_path: &str, group: &str, profile: ErrorProfile| RawRoute {
+        prefix: prefix.into(),
+        upstream: format!("{}{upstream_path}", mock.url()),
+        group: group.into(),
+        error_profile: profile,
+        connect_timeout: "2s".into(),
+        ..RawRoute::default()
+    };
+    // LLM prices per million tokens, in the range of small hosted models.
+    let model = |input: &str, output: &str| RawModel {
+        input: input.into(),
+        output: output.into(),
+        cached_input: None,
+    };
+    let mut routes = vec![
+        RawRoute {
+            kind: RouteKind::Openai,
+            models: [("mock-gpt".to_string(), model("0.5", "1.5"))].into(),
+            ..route("/v1", "/v1", "openai", ErrorProfile::Openai)
+        },
+        RawRoute {
+            kind: RouteKind::Anthropic,
+            models: [("mock-claude".to_string(), model("0.8", "4"))].into(),
+            ..route("/anthropic", "", "anthropic", ErrorProfile::Anthropic)
+        },
+        RawRoute {
+            price: ECHO_PRICE.into(),
+            ..route("/echo", "/echo", "echo", ErrorProfile::Native)
+        },
+    ];
+    for (i, route) in routes.iter_mut().enumerate() {
+        route.position = i;
+    }
+    RawConfig {
+        server: RawServer {
+            listen: options.listen.to_string(),
+            ..RawServer::default()
+        },
+        store: RawStore {
+            url: format!(
+                "sqlite://{}",
+                options.data_dir.join("tollgate.db").display()
+            ),
+        },
+        admin: RawAdmin {
+            token: Some(crate::config::Secret(admin_token.to_string())),
+        },
+        billing: RawBilling {
+            starter_credits: STARTER_CREDITS.into(),
+            ..RawBilling::default()
+        },
+        keys: Default::default(),
+        load_shedding: Default::default(),
+        idempotency: Default::default(),
+        redis: Default::default(),
+        rate_limits: None,
+        routes,
+    }
+}
+
+/// The demo's config with the file at `path` laid over it, table by table.
+fn layered(
+    raw: RawConfig,
+    path: &Path,
+    admin_token: &str,
+) -> anyhow::Result<Result<Config, crate::config::ConfigErrors>> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+    let over: toml::Table =
+        toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let mut base = toml::Table::try_from(&raw)?;
+    merge(&mut base, over);
+    // Secrets serialise redacted: the demo's own token goes back in.
+    let text = toml::to_string(&base)?;
+    Ok(Config::load(
+        &text,
+        [("TOLLGATE_ADMIN_TOKEN", admin_token.to_string())],
+    ))
+}
+
+fn merge(base: &mut toml::Table, over: toml::Table) {
+    for (name, value) in over {
+        match (base.get_mut(&name), value) {
+            (Some(toml::Value::Table(base)), toml::Value::Table(over)) => merge(base, over),
+            (_, value) => {
+                base.insert(name, value);
+            }
+        }
+    }
+}
+
+fn read_state(dir: &Path) -> anyhow::Result<Option<DemoState>> {
+    let path = dir.join(STATE_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => Ok(serde_json::from_str(&text).ok()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(anyhow::anyhow!("cannot read {}: {e}", path.display())),
+    }
+}
+
+fn write_state(dir: &Path, state: &DemoState) -> anyhow::Result<()> {
+    use std::io::Write;
+    let path = dir.join(STATE_FILE);
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options
+        .open(&path)
+        .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
+    file.write_all(serde_json::to_string_pretty(state)?.as_bytes())?;
+    Ok(())
+}

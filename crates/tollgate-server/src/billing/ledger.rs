@@ -1,0 +1,1127 @@
+//! The ledger service: admission decides from memory, durability comes from a writer task that
+//! group-commits.
+//!
+//! One [`Book`] (the core's ledger rules) behind a mutex is the authority for every wallet it
+//! has loaded: a hold is reserved there, atomically, in a few hundred nanoseconds, and the
+//! transfers it returns go on a queue. The writer drains the queue and commits everything that
+//! has accumulated in one store transaction, so under load one fsync carries many requests.
+//!
+//! What a crash can lose, and why no customer is overcharged by it: only writes still queued.
+//! A lost hold never charged anyone. A lost settle leaves its hold pending in the store, and
+//! at the next start every data-plane hold of the dead process is expired (charged nothing).
+//! So a crash can only ever lose the operator a charge, never add one. Grants, the billing
+//! API and management reads wait for their writes to be committed ([`Ledger::flush`]).
+//!
+//! On the embedded store the book owns whole wallets: the store belongs to one node. On a
+//! shared store each node's book owns only its *lease* on a wallet: credit carved atomically
+//! from the wallet's free balance ([`LeaseStore::carve`]), which every batch the node commits
+//! moves together with the balance. When its lease cannot cover a hold, the node gives back
+//! what is left and carves again, an eighth of what is free or, as the wallet runs low, exactly
+//! the hold; leases idle for [`LEASE_IDLE`] go back to the wallet. So the leases never sum to
+//! more than the balance, and overspend is zero. Lease operations run in the writer, after every
+//! write queued before them, and writes are queued under the book's lock: the store sees a
+//! node's lease change in the order its book did. Billing-API holds are handed to the store
+//! once opened, so any node can capture or release them.
+//!
+//! While the store does not answer (a commit failed, or the sweeper's ping did), no new hold is
+//! opened: requests are refused with 503 before any work, so nothing is charged for them. Holds
+//! already open finish as usual and their writes wait in the queue for the store to return.
+
+use chrono::{DateTime, Utc};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot};
+use tollgate_core::ledger::{
+    month_start, Book, Hold, HoldRequest, HoldStatus, Refusal, Resolution, Resolve,
+};
+use tollgate_core::NodeId;
+use tollgate_core::{AccountId, Clock, HoldId, KeyId, Nanos, RequestId};
+use tollgate_store::{
+    BatchId, Carve, HoldRecord, HoldSource, LeaseStore, LedgerWrite, Store, StoreError, UsageRow,
+};
+
+/// The most writes committed in one transaction.
+const MAX_BATCH: usize = 2048;
+/// How long a caller waits for its writes to be committed before answering 503.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A lease no hold has used for this long goes back to the wallet, for other nodes to use.
+pub const LEASE_IDLE: Duration = Duration::from_secs(2);
+/// How long a hold waits for other nodes to give back the credit their leases hold, while
+/// nothing changes (a node that died keeps its leases until they expire); and at most.
+const RECALL_STALL: Duration = Duration::from_secs(5);
+const RECALL_MAX: Duration = Duration::from_secs(15);
+/// Failed pings in a row after which the store counts as down.
+const FAILED_PINGS_DOWN: u32 = 2;
+/// How long a hold waits for its node's carve (the writer runs it after the writes before it).
+const CARVE_WAIT: Duration = Duration::from_secs(10);
+
+/// A hold's wait for credit other nodes lease: carves again after short, growing pauses, while
+/// what they lease (with what is free) covers it. Under contention that balance keeps moving
+/// (other holds spend it), and the hold waits on until it is served or the balance no longer
+/// covers it; if the balance stands still for [`RECALL_STALL`], the credit is stuck.
+struct Recall {
+    started: Instant,
+    balance: Nanos,
+    since: Instant,
+    pause: Duration,
+}
+
+impl Recall {
+    fn new() -> Recall {
+        Recall {
+            started: Instant::now(),
+            balance: Nanos::ZERO,
+            since: Instant::now(),
+            pause: Duration::from_millis(1),
+        }
+    }
+
+    /// Notes what a carve saw of the account's balance.
+    fn observe(&mut self, carve: Carve) {
+        let balance = Nanos(carve.free.0.saturating_add(carve.leased.0));
+        if balance != self.balance {
+            self.balance = balance;
+            self.since = Instant::now();
+        }
+    }
+
+    /// Whether to carve again after `carve` granted nothing.
+    fn waits_for(&self, carve: Carve, needed: Nanos) -> bool {
+        carve.free.0.saturating_add(carve.leased.0) >= needed.0 && !self.stuck()
+    }
+
+    fn stuck(&self) -> bool {
+        self.since.elapsed() >= RECALL_STALL || self.started.elapsed() >= RECALL_MAX
+    }
+
+    async fn pause(&mut self) {
+        tokio::time::sleep(self.pause).await;
+        self.pause = (self.pause * 2).min(Duration::from_millis(50));
+    }
+}
+
+/// What [`Ledger::open`] does after the book's lock is released.
+enum Next {
+    /// The hold is open; with a capped key on a shared store, the notice of its opening stored.
+    Opened(Hold, Option<(KeyId, Nanos, oneshot::Receiver<bool>)>),
+    Carve {
+        give_back: Nanos,
+        needed: Nanos,
+    },
+}
+
+// Writes are nearly every message; boxing them would allocate once per write.
+#[allow(clippy::large_enum_variant)]
+enum Command {
+    /// Committed in one batch together (a charge and its usage row); queued at that instant; and
+    /// who to tell whether the store took them.
+    Write(Vec<LedgerWrite>, Instant, Option<oneshot::Sender<bool>>),
+    Flush(oneshot::Sender<()>),
+    /// Run after everything queued before it is committed.
+    Lease(LeaseOp),
+}
+
+enum LeaseOp {
+    /// Gives `give_back` back, carves for a hold of `needed`, and adds the carve to the book.
+    Carve {
+        account: AccountId,
+        give_back: Nanos,
+        needed: Nanos,
+        done: oneshot::Sender<Result<Carve, StoreError>>,
+    },
+    /// Gives `amount` (already taken out of the book) back to the wallet.
+    Return { account: AccountId, amount: Nanos },
+    /// The heartbeat that keeps the other nodes from reclaiming this node's leases.
+    Renew,
+}
+
+/// A node's identity on a shared store, and the store's leases.
+#[derive(Clone)]
+struct Leasing {
+    node: NodeId,
+    leases: Arc<dyn LeaseStore>,
+}
+
+pub struct Ledger {
+    book: Arc<Mutex<Book>>,
+    /// Set while the store does not answer; cleared by the next commit or ping that succeeds.
+    store_down: Arc<AtomicBool>,
+    /// Pings that failed in a row.
+    failed_pings: std::sync::atomic::AtomicU32,
+    /// Set for good once the writer task has stopped.
+    writer_stopped: Arc<AtomicBool>,
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+    queue: mpsc::UnboundedSender<Command>,
+    /// Grants take turns, so a grant's reference check and its write are not split.
+    grants: tokio::sync::Mutex<()>,
+    /// On a shared store: whose leases this book spends, and when each account last opened a
+    /// hold here (for [`Ledger::return_idle_leases`]).
+    leasing: Option<Leasing>,
+    last_hold: Mutex<HashMap<AccountId, Instant>>,
+    /// Writes per committed batch, and how long the oldest write of a batch waited (for
+    /// `/metrics`).
+    pub batch_size: Histogram,
+    pub write_lag: Histogram,
+    /// Calls whose usage cost more than their hold, and by how much in all (nanos): what the
+    /// house lost to undersized holds.
+    pub over_hold_calls: Counter,
+    pub uncovered_nanos: Counter,
+}
+
+/// Why a hold could not be opened.
+#[derive(Debug)]
+pub enum HoldRefused {
+    InsufficientBalance {
+        required: Nanos,
+        available: Nanos,
+    },
+    KeyCapReached {
+        cap: Nanos,
+        spent: Nanos,
+        held: Nanos,
+    },
+    /// The balance covers the hold, but other nodes lease the credit and did not give it back
+    /// in time (one may have died; its leases are freed once they expire).
+    CreditElsewhere {
+        required: Nanos,
+        balance: Nanos,
+    },
+    Store(StoreError),
+}
+
+impl From<StoreError> for HoldRefused {
+    fn from(e: StoreError) -> Self {
+        HoldRefused::Store(e)
+    }
+}
+
+impl From<Refusal> for HoldRefused {
+    fn from(refusal: Refusal) -> Self {
+        match refusal {
+            Refusal::InsufficientBalance {
+                required,
+                available,
+            } => HoldRefused::InsufficientBalance {
+                required,
+                available,
+            },
+            Refusal::KeyCapReached { cap, spent, held } => {
+                HoldRefused::KeyCapReached { cap, spent, held }
+            }
+            Refusal::NotLoaded | Refusal::Overflow | Refusal::InvalidAmount(_) => {
+                HoldRefused::Store(StoreError::Corrupt(refusal.to_string()))
+            }
+        }
+    }
+}
+
+/// What became of a grant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Granted {
+    Applied,
+    /// A grant under the same reference was committed before; nothing changed.
+    AlreadyApplied,
+}
+
+/// Why a grant was not (or not yet) applied.
+#[derive(Debug)]
+pub enum GrantRefused {
+    /// The balance would pass the limit ([`tollgate_core::money::MAX_AMOUNT`]).
+    OverLimit,
+    /// Queued but not confirmed in time: it is applied when the store answers.
+    Unconfirmed,
+    Store(StoreError),
+}
+
+impl From<StoreError> for GrantRefused {
+    fn from(e: StoreError) -> Self {
+        GrantRefused::Store(e)
+    }
+}
+
+/// What a new hold is for.
+pub struct HoldSpec {
+    pub account: AccountId,
+    pub key: Option<KeyId>,
+    pub key_cap: Option<Nanos>,
+    pub amount: Nanos,
+    pub ttl: Duration,
+    pub source: HoldSource,
+    pub request_id: Option<RequestId>,
+    pub metadata: serde_json::Value,
+}
+
+impl Ledger {
+    /// Registers the counters this keeps, for `/metrics`.
+    pub fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
+        registry.register(
+            "ledger_batch_size",
+            "Ledger writes committed per transaction",
+            self.batch_size.clone(),
+        );
+        registry.register(
+            "ledger_write_lag_seconds",
+            "Time from a ledger write being queued to its commit",
+            self.write_lag.clone(),
+        );
+        registry.register(
+            "over_hold_calls",
+            "Calls whose usage cost more than their hold (the charge is capped at the hold)",
+            self.over_hold_calls.clone(),
+        );
+        registry.register(
+            "uncovered_nanos",
+            "What calls' usage cost beyond their holds, in nano-units: not charged",
+            self.uncovered_nanos.clone(),
+        );
+    }
+
+    /// Starts the writer task and returns the service. On a shared store (one with leases) the
+    /// node gets a fresh id, whose leases it spends.
+    pub fn start(store: Arc<dyn Store>, clock: Arc<dyn Clock>) -> Arc<Ledger> {
+        let leasing = store.leases().map(|leases| Leasing {
+            node: NodeId::new(),
+            leases,
+        });
+        let (queue, commands) = mpsc::unbounded_channel();
+        let book = Arc::new(Mutex::new(Book::new()));
+        let store_down = Arc::new(AtomicBool::new(false));
+        let batch_size = Histogram::new(exponential_buckets(1.0, 2.0, 12));
+        let write_lag = crate::telemetry::latency();
+        let writer = Writer {
+            store: store.clone(),
+            book: book.clone(),
+            store_down: store_down.clone(),
+            batch_size: batch_size.clone(),
+            write_lag: write_lag.clone(),
+            leasing: leasing.clone(),
+            clock: clock.clone(),
+        };
+        // If the writer ever stops (a panic), nothing more would be stored: the node stops opening
+        // holds (503) and says it is not ready, rather than admit calls it cannot record.
+        let writer_stopped = Arc::new(AtomicBool::new(false));
+        let running = tokio::spawn(write_loop(commands, writer));
+        let stopped = writer_stopped.clone();
+        tokio::spawn(async move {
+            let ended = running.await;
+            stopped.store(true, Ordering::Release);
+            match ended {
+                Err(e) if e.is_panic() => {
+                    tracing::error!("the ledger writer panicked; refusing paid calls until restart")
+                }
+                _ => tracing::warn!("the ledger writer stopped"),
+            }
+        });
+        Arc::new(Ledger {
+            book,
+            store_down,
+            failed_pings: Default::default(),
+            writer_stopped,
+            store,
+            clock,
+            queue,
+            grants: tokio::sync::Mutex::new(()),
+            leasing,
+            last_hold: Mutex::new(HashMap::new()),
+            batch_size,
+            write_lag,
+            over_hold_calls: Counter::default(),
+            uncovered_nanos: Counter::default(),
+        })
+    }
+
+    fn book(&self) -> MutexGuard<'_, Book> {
+        // A panic while holding the lock cannot leave the book half-changed: every Book
+        // method checks before it mutates. So a poisoned lock is still a consistent book.
+        self.book
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Queues a write. Callers hold the book's lock while they queue what the book just did,
+    /// so the writer commits it in the book's order. The writer lives as long as the runtime; if
+    /// it is gone, the process is stopping and the write is lost as a crash would lose it (see
+    /// the module docs).
+    fn enqueue(&self, _book: &Book, writes: Vec<LedgerWrite>) {
+        let _ = self
+            .queue
+            .send(Command::Write(writes, Instant::now(), None));
+    }
+
+    /// [`Ledger::enqueue`], and tells `stored` whether the store took the writes (or refused them,
+    /// and they were undone in the book).
+    fn enqueue_noticed(
+        &self,
+        _book: &Book,
+        writes: Vec<LedgerWrite>,
+        stored: oneshot::Sender<bool>,
+    ) {
+        let _ = self
+            .queue
+            .send(Command::Write(writes, Instant::now(), Some(stored)));
+    }
+
+    /// Makes sure the book holds the account's wallet and the key's spend this month.
+    async fn load(&self, account: AccountId, key: Option<KeyId>) -> Result<(), StoreError> {
+        // The common case, everything loaded, costs one lock.
+        let (wallet_loaded, key_loaded) = {
+            let book = self.book();
+            (
+                book.wallet(account).is_some(),
+                key.is_none_or(|k| book.key_spend_loaded(k)),
+            )
+        };
+        if wallet_loaded && key_loaded {
+            return Ok(());
+        }
+        if !wallet_loaded && self.leasing.is_some() {
+            // The node's lease starts empty; the first hold carves it.
+            self.book().load_wallet(account, Default::default());
+        } else if !wallet_loaded {
+            let wallet =
+                self.store.wallet(account).await?.ok_or_else(|| {
+                    StoreError::Corrupt(format!("account {account} has no wallet"))
+                })?;
+            self.book().load_wallet(account, wallet);
+        }
+        if let Some(key) = key {
+            if !self.book().key_spend_loaded(key) {
+                let now = self.clock.now();
+                let spent = self.store.key_spent_since(key, month_start(now)).await?;
+                self.book().load_key_spend(key, now, spent);
+            }
+        }
+        Ok(())
+    }
+
+    /// Reserves credit, or refuses with the reason. The decision is made from memory in one
+    /// step; the hold is persisted by the writer.
+    pub async fn open(&self, spec: HoldSpec) -> Result<Hold, HoldRefused> {
+        if self.writer_stopped.load(Ordering::Acquire) {
+            return Err(HoldRefused::Store(StoreError::Unavailable(
+                "the ledger writer has stopped; no new hold until the node restarts".into(),
+            )));
+        }
+        if self.store_down.load(Ordering::Acquire) {
+            return Err(HoldRefused::Store(StoreError::Unavailable(
+                "the store does not answer; no new hold until it does".into(),
+            )));
+        }
+        self.load(spec.account, spec.key).await?;
+        let now = self.clock.now();
+        let ttl = chrono::Duration::from_std(spec.ttl).unwrap_or(chrono::Duration::MAX);
+        let request = HoldRequest {
+            id: HoldId::new(),
+            account: spec.account,
+            key: spec.key,
+            amount: spec.amount,
+            key_cap: spec.key_cap,
+            at: now,
+            expires_at: now
+                .checked_add_signed(ttl)
+                .unwrap_or(DateTime::<Utc>::MAX_UTC),
+            reference: spec
+                .request_id
+                .filter(|_| spec.source == HoldSource::Request),
+        };
+        // Another request of this node may spend what a carve brought before this one's retry
+        // does; then this one carves again. Every carve that grants credit lets some request
+        // through, so the loop ends: at the latest when the wallet has no credit free. Even then
+        // the book is tried once more: another request's carve may have brought credit meanwhile.
+        // While the other nodes' leases hold what the hold needs, the store has asked them to
+        // give it back: the request waits for that (see [`Recall`]), carving again as it comes.
+        let mut last_carve: Option<Carve> = None;
+        let mut recall = Recall::new();
+        // Taken by the one iteration that opens the hold.
+        let mut metadata = Some(spec.metadata);
+        loop {
+            // Decided under the book's lock; awaited after it is released.
+            let next = {
+                let mut book = self.book();
+                match book.open(request) {
+                    Ok((hold, transfer)) => {
+                        let record = HoldRecord {
+                            hold: hold.clone(),
+                            source: spec.source,
+                            request_id: spec.request_id,
+                            metadata: metadata.take().unwrap_or_default(),
+                        };
+                        let write = LedgerWrite::OpenHold {
+                            record,
+                            transfer,
+                            key_cap: spec.key_cap,
+                        };
+                        // On a shared store the key's cap is the store's to decide: a capped
+                        // hold waits until its opening is stored (or refused).
+                        match (&self.leasing, spec.key, spec.key_cap) {
+                            (Some(_), Some(key), Some(cap)) => {
+                                let (done, stored) = oneshot::channel();
+                                self.enqueue_noticed(&book, vec![write], done);
+                                Next::Opened(hold, Some((key, cap, stored)))
+                            }
+                            _ => {
+                                self.enqueue(&book, vec![write]);
+                                Next::Opened(hold, None)
+                            }
+                        }
+                    }
+                    Err(Refusal::InsufficientBalance { required, .. })
+                        if self.leasing.is_some()
+                            && last_carve.is_none_or(|c| {
+                                c.granted > Nanos::ZERO || recall.waits_for(c, required)
+                            }) =>
+                    {
+                        // Give back what is left of the lease, so the carve can count it, and
+                        // carve enough for this hold.
+                        Next::Carve {
+                            give_back: book.take_lease(spec.account),
+                            needed: required,
+                        }
+                    }
+                    Err(Refusal::InsufficientBalance { required, .. }) if last_carve.is_some() => {
+                        let balance =
+                            last_carve.map_or(Nanos::ZERO, |c| Nanos(c.free.0 + c.leased.0));
+                        return Err(if balance >= required {
+                            HoldRefused::CreditElsewhere { required, balance }
+                        } else {
+                            HoldRefused::InsufficientBalance {
+                                required,
+                                available: balance,
+                            }
+                        });
+                    }
+                    Err(refusal) => return Err(refusal.into()),
+                }
+            };
+            match next {
+                Next::Opened(hold, stored) => {
+                    if self.leasing.is_none() {
+                        return Ok(hold);
+                    }
+                    self.last_hold().insert(spec.account, Instant::now());
+                    if let Some((key, cap, stored)) = stored {
+                        match tokio::time::timeout(FLUSH_TIMEOUT, stored).await {
+                            Ok(Ok(true)) => {}
+                            Ok(_) => return Err(self.refused_by_store(&hold, key, cap).await),
+                            Err(_) => {
+                                // Not stored in time: the caller hears 503, so nothing may stay
+                                // reserved; the release is queued behind the opening.
+                                self.undo_open(&hold);
+                                return Err(StoreError::Unavailable(
+                                    "the store did not confirm the key's spend in time".into(),
+                                )
+                                .into());
+                            }
+                        }
+                    }
+                    if spec.source == HoldSource::Api {
+                        // Any node may capture it: the store resolves it, not this book.
+                        self.book().detach(hold.id);
+                    }
+                    return Ok(hold);
+                }
+                Next::Carve { give_back, needed } => {
+                    if last_carve.is_some_and(|c| c.granted == Nanos::ZERO) {
+                        recall.pause().await;
+                    }
+                    let (done, carved) = oneshot::channel();
+                    let _ = self.queue.send(Command::Lease(LeaseOp::Carve {
+                        account: spec.account,
+                        give_back,
+                        needed,
+                        done,
+                    }));
+                    let carve = match tokio::time::timeout(CARVE_WAIT, carved).await {
+                        Ok(Ok(carve)) => carve?,
+                        Ok(Err(_)) => {
+                            return Err(StoreError::Unavailable(
+                                "the ledger writer has stopped".into(),
+                            )
+                            .into())
+                        }
+                        // The carve still runs, and its outcome still reaches the book.
+                        Err(_) => {
+                            return Err(StoreError::Unavailable(format!(
+                                "no carve of this account's credit within {CARVE_WAIT:?}"
+                            ))
+                            .into())
+                        }
+                    };
+                    recall.observe(carve);
+                    last_carve = Some(carve);
+                }
+            }
+        }
+    }
+
+    /// Why the store refused to open a capped hold: the key's month, as the store has it, if
+    /// that is over the cap with this hold; otherwise the account's credit was not there (the
+    /// node's lease was reclaimed and the free balance could not cover it).
+    async fn refused_by_store(&self, hold: &Hold, key: KeyId, cap: Nanos) -> HoldRefused {
+        let Some(leasing) = &self.leasing else {
+            return HoldRefused::Store(StoreError::Corrupt("refused by the store".into()));
+        };
+        let (spent, held) = match leasing.leases.key_spend(key, self.clock.now()).await {
+            Ok(spend) => spend,
+            Err(e) => return HoldRefused::Store(e),
+        };
+        if spent.0.saturating_add(held.0).saturating_add(hold.amount.0) > cap.0 {
+            return HoldRefused::KeyCapReached { cap, spent, held };
+        }
+        match self.store.wallet(hold.account).await {
+            Ok(wallet) => HoldRefused::InsufficientBalance {
+                required: hold.amount,
+                available: wallet.map_or(Nanos::ZERO, |w| w.available),
+            },
+            Err(e) => HoldRefused::Store(e),
+        }
+    }
+
+    fn last_hold(&self) -> MutexGuard<'_, HashMap<AccountId, Instant>> {
+        self.last_hold
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Resolves a hold the book knows (every pending one); `None` for a hold it does not know.
+    /// Resolving twice returns the first outcome and writes nothing.
+    pub fn resolve(&self, id: HoldId, how: Resolve) -> Option<Resolution> {
+        let mut book = self.book();
+        let resolution = book.resolve(id, how, self.clock.now())?;
+        if resolution.first {
+            self.enqueue(&book, vec![resolve_write(&resolution)]);
+        }
+        Some(resolution)
+    }
+
+    /// Ends a data-plane request: resolves its hold (if any) and records its usage row (unless
+    /// the usage log is off), built from the resolution. Both are committed in the same
+    /// transaction, so the store never holds a charge without its row.
+    pub fn finish_request(
+        &self,
+        hold: Option<(HoldId, Resolve)>,
+        row: impl FnOnce(Option<&Resolution>) -> Option<UsageRow>,
+    ) {
+        let Some((id, how)) = hold else {
+            // A free call: the book has nothing to resolve, so its lock is not taken. Its row
+            // moves no balance, so it needs no place in the book's order.
+            if let Some(row) = row(None) {
+                let writes = vec![LedgerWrite::Usage(Box::new(row))];
+                let _ = self
+                    .queue
+                    .send(Command::Write(writes, Instant::now(), None));
+            }
+            return;
+        };
+        let mut book = self.book();
+        let resolution = book.resolve(id, how, self.clock.now());
+        let mut writes = Vec::with_capacity(2);
+        if let Some(resolution) = resolution.as_ref().filter(|r| r.first) {
+            writes.push(resolve_write(resolution));
+        }
+        if let Some(row) = row(resolution.as_ref()) {
+            writes.push(LedgerWrite::Usage(Box::new(row)));
+        }
+        if !writes.is_empty() {
+            self.enqueue(&book, writes);
+        }
+    }
+
+    /// Resolves a hold and waits until the outcome is stored. A hold the book has forgotten
+    /// was resolved and stored before: its stored outcome is returned.
+    pub async fn resolve_durably(
+        &self,
+        id: HoldId,
+        how: Resolve,
+    ) -> Result<Option<HoldRecord>, StoreError> {
+        if self.resolve(id, how).is_some() {
+            self.flush().await?;
+            return self.store.hold(id).await;
+        }
+        // Not in this book: resolved before, or opened by another node (or handed to the
+        // store). Its opening may still be queued here, so flush first.
+        self.flush().await?;
+        let Some(record) = self.store.hold(id).await? else {
+            return Ok(None);
+        };
+        if record.hold.status == HoldStatus::Pending {
+            self.resolve_in_store(&record, how).await?;
+        }
+        self.store.hold(id).await
+    }
+
+    /// Resolves a pending hold no book here knows, straight in the store. What it does not
+    /// charge goes to the wallet's free balance. If another node resolves it first, the store
+    /// refuses this one ([`StoreError::Corrupt`]: a hold resolves once), and the first stands.
+    async fn resolve_in_store(&self, record: &HoldRecord, how: Resolve) -> Result<(), StoreError> {
+        let mut scratch = Book::new();
+        scratch.restore(record.hold.clone());
+        let Some(resolution) = scratch.resolve(record.hold.id, how, self.clock.now()) else {
+            return Ok(());
+        };
+        match self
+            .store
+            .commit(BatchId::new(), &[resolve_write(&resolution)])
+            .await
+        {
+            Ok(()) | Err(StoreError::Corrupt(_)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Credits an account from outside and waits until it is stored. With `once`, the grant is
+    /// filed under `reference` and applied at most once per account: a grant already committed
+    /// under it answers [`Granted::AlreadyApplied`] and changes nothing. Grants take turns on a
+    /// node, so the check and the grant are not split by another grant.
+    ///
+    /// If the store does not confirm in time, the grant stays queued and is applied when the
+    /// store answers ([`GrantRefused::Unconfirmed`]): the caller must say so, never "nothing
+    /// changed".
+    pub async fn grant(
+        &self,
+        account: AccountId,
+        amount: Nanos,
+        memo: &str,
+        reference: &str,
+        once: bool,
+    ) -> Result<Granted, GrantRefused> {
+        let _turn = self.grants.lock().await;
+        if once {
+            self.flush().await?;
+            if self.store.grant_applied(account, reference).await? {
+                return Ok(Granted::AlreadyApplied);
+            }
+        }
+        let refused = |e: Refusal| match e {
+            Refusal::Overflow | Refusal::InvalidAmount(_) => GrantRefused::OverLimit,
+            other => GrantRefused::Store(StoreError::Corrupt(other.to_string())),
+        };
+        // On a shared store a grant is free balance, for any node to carve, not this node's
+        // lease: the book is left as it is, and the limit is checked on the stored wallet.
+        let shared_transfer = match self.leasing {
+            Some(_) => {
+                let wallet = self.store.wallet(account).await?.ok_or_else(|| {
+                    StoreError::Corrupt(format!("account {account} has no wallet"))
+                })?;
+                let mut scratch = Book::new();
+                scratch.load_wallet(account, wallet);
+                Some(scratch.grant(account, amount).map_err(refused)?)
+            }
+            None => {
+                self.load(account, None).await?;
+                None
+            }
+        };
+        {
+            let mut book = self.book();
+            let transfer = match shared_transfer {
+                Some(transfer) => transfer,
+                None => book.grant(account, amount).map_err(refused)?,
+            };
+            if amount > Nanos::ZERO {
+                let write = LedgerWrite::Grant {
+                    account,
+                    transfer,
+                    memo: memo.to_string(),
+                    reference: reference.to_string(),
+                    at: self.clock.now(),
+                };
+                self.enqueue(&book, vec![write]);
+            }
+        }
+        self.flush().await.map_err(|_| GrantRefused::Unconfirmed)?;
+        // Handled is not stored: a grant the store refused was undone in the book.
+        if !self.store.grant_applied(account, reference).await? {
+            return Err(GrantRefused::Store(StoreError::Corrupt(format!(
+                "the store refused the grant filed under '{reference}'; it was not applied"
+            ))));
+        }
+        Ok(Granted::Applied)
+    }
+
+    /// Takes back a hold just opened whose caller is told it failed (the store did not confirm
+    /// it): released in the book, or, for a hold already handed to the store, by a release queued
+    /// behind its opening. Either way the store ends with nothing reserved.
+    pub fn undo_open(&self, hold: &Hold) {
+        if self.resolve(hold.id, Resolve::Release).is_some() {
+            return;
+        }
+        let mut scratch = Book::new();
+        scratch.restore(hold.clone());
+        if let Some(resolution) = scratch.resolve(hold.id, Resolve::Release, self.clock.now()) {
+            let book = self.book();
+            self.enqueue(&book, vec![resolve_write(&resolution)]);
+        }
+    }
+
+    /// Waits until every write queued before this call is committed.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        let (done, committed) = oneshot::channel();
+        let _ = self.queue.send(Command::Flush(done));
+        match tokio::time::timeout(FLUSH_TIMEOUT, committed).await {
+            Ok(Ok(())) => Ok(()),
+            _ => Err(StoreError::Unavailable(
+                "ledger writes are not being committed".into(),
+            )),
+        }
+    }
+
+    /// Expires every pending hold past its TTL; returns how many.
+    pub fn expire_due(&self) -> usize {
+        let due = self.book().expired(self.clock.now());
+        for id in &due {
+            self.resolve(*id, Resolve::Expire);
+        }
+        due.len()
+    }
+
+    /// Expires holds past their TTL (by `grace` at least) that this node's book does not
+    /// know: on a shared store, those of a node that died. The grace leaves a live node to expire
+    /// its own first. The resolution is the book's own rule, applied in a scratch book.
+    pub async fn expire_orphans(&self, grace: Duration) -> Result<usize, StoreError> {
+        let now = self.clock.now();
+        let grace = chrono::Duration::from_std(grace).unwrap_or(chrono::Duration::MAX);
+        let Some(cutoff) = now.checked_sub_signed(grace) else {
+            return Ok(0);
+        };
+        let orphans: Vec<HoldRecord> = self
+            .store
+            .holds_expired_by(cutoff)
+            .await?
+            .into_iter()
+            .filter(|r| self.book().hold(r.hold.id).is_none())
+            .collect();
+        for record in &orphans {
+            self.resolve_in_store(record, Resolve::Expire).await?;
+        }
+        Ok(orphans.len())
+    }
+
+    /// At start: puts back the billing API's pending holds, and expires the data-plane holds a
+    /// previous process left (their requests died with it). Returns how many were expired.
+    /// On a shared store it does nothing: pending holds may be live nodes' (or handed to the
+    /// store), and those of a process that died are expired by [`Ledger::expire_orphans`].
+    pub async fn recover(&self) -> Result<usize, StoreError> {
+        if self.leasing.is_some() {
+            return Ok(0);
+        }
+        let mut expired = 0;
+        for record in self.store.pending_holds().await? {
+            let hold = record.hold;
+            let (id, account, key) = (hold.id, hold.account, hold.key);
+            self.load(account, None).await?;
+            // Restored before the key's spend loads, which counts it as held.
+            self.book().restore(hold);
+            if key.is_some() {
+                self.load(account, key).await?;
+            }
+            if record.source == HoldSource::Request {
+                self.resolve(id, Resolve::Expire);
+                expired += 1;
+            }
+        }
+        self.flush().await?;
+        Ok(expired)
+    }
+
+    /// Asks the store whether it answers, so an outage is noticed (and its end) even when no
+    /// write is waiting. The probe calls this every 200 ms. One slow ping on a loaded node is
+    /// not an outage: the store is down after [`FAILED_PINGS_DOWN`] failures in a row, and up
+    /// again at the first answer.
+    pub async fn check_store(&self) {
+        let failures = match self.store.ping().await {
+            Ok(()) => {
+                self.failed_pings.store(0, Ordering::Release);
+                0
+            }
+            Err(_) => self.failed_pings.fetch_add(1, Ordering::AcqRel) + 1,
+        };
+        let down = match failures {
+            0 => false,
+            n if n >= FAILED_PINGS_DOWN => true,
+            // One failure so far: no change either way.
+            _ => return,
+        };
+        if down != self.store_down.swap(down, Ordering::AcqRel) {
+            if down {
+                tracing::error!("the store does not answer: refusing new holds");
+            } else {
+                tracing::info!("the store answers again");
+            }
+        }
+    }
+
+    /// Counts a call whose usage cost `uncovered` more than its hold (and so than its charge).
+    pub fn count_uncovered(&self, uncovered: Nanos) {
+        if uncovered > Nanos::ZERO {
+            self.over_hold_calls.inc();
+            self.uncovered_nanos
+                .inc_by(u64::try_from(uncovered.0).unwrap_or(0));
+        }
+    }
+
+    pub fn pending_holds(&self) -> usize {
+        self.book().pending_holds()
+    }
+
+    /// Whether the writer task still runs (readiness asks).
+    pub fn writer_running(&self) -> bool {
+        !self.writer_stopped.load(Ordering::Acquire)
+    }
+
+    /// Another node (`by`) cannot carve a hold from the account's free balance while this node's
+    /// lease could cover it: gives the lease back, behind the writes already queued.
+    pub fn recall(&self, account: AccountId, by: NodeId) {
+        let Some(leasing) = &self.leasing else {
+            return;
+        };
+        if by == leasing.node {
+            return;
+        }
+        let amount = self.book().take_lease(account);
+        if amount > Nanos::ZERO {
+            let _ = self
+                .queue
+                .send(Command::Lease(LeaseOp::Return { account, amount }));
+        }
+    }
+
+    /// Gives back the leases no hold has used for `idle`, so other nodes can use their credit.
+    pub fn return_idle_leases(&self, idle: Duration) {
+        if self.leasing.is_none() {
+            return;
+        }
+        let mut last_hold = self.last_hold();
+        last_hold.retain(|_, at| at.elapsed() < idle);
+        let mut book = self.book();
+        for account in book.wallets_with_credit() {
+            if !last_hold.contains_key(&account) {
+                let amount = book.take_lease(account);
+                let _ = self
+                    .queue
+                    .send(Command::Lease(LeaseOp::Return { account, amount }));
+            }
+        }
+    }
+
+    /// The heartbeat: renews this node's leases (in the writer, after what is queued), and
+    /// reclaims the leases of nodes that stopped renewing theirs `expiry` ago.
+    pub async fn renew_leases(&self, expiry: Duration) -> Result<u64, StoreError> {
+        let Some(leasing) = &self.leasing else {
+            return Ok(0);
+        };
+        let _ = self.queue.send(Command::Lease(LeaseOp::Renew));
+        let expiry = chrono::Duration::from_std(expiry).unwrap_or(chrono::Duration::MAX);
+        match self.clock.now().checked_sub_signed(expiry) {
+            Some(cutoff) => leasing.leases.reclaim_leases(cutoff).await,
+            None => Ok(0),
+        }
+    }
+}
+
+fn resolve_write(resolution: &Resolution) -> LedgerWrite {
+    LedgerWrite::ResolveHold {
+        hold: resolution.hold.clone(),
+        transfers: resolution.transfers.clone(),
+    }
+}
+
+/// The writer: takes everything queued, commits it in one transaction, then answers flushes,
+/// then runs the lease operation that ended the batch, if one did. A failed commit is retried
+/// (with backoff) until it succeeds: nothing queued is dropped.
+struct Writer {
+    store: Arc<dyn Store>,
+    book: Arc<Mutex<Book>>,
+    store_down: Arc<AtomicBool>,
+    batch_size: Histogram,
+    write_lag: Histogram,
+    leasing: Option<Leasing>,
+    clock: Arc<dyn Clock>,
+}
+
+impl Writer {
+    fn book(&self) -> MutexGuard<'_, Book> {
+        self.book.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    async fn commit(&self, id: BatchId, writes: &[LedgerWrite]) -> Result<(), StoreError> {
+        match &self.leasing {
+            Some(leasing) => leasing.leases.commit_leased(id, leasing.node, writes).await,
+            None => self.store.commit(id, writes).await,
+        }
+    }
+
+    /// Every attempt carries the same `id`, so a retry after a commit whose answer was lost (the
+    /// connection dropped after COMMIT reached the store) is recognised, not applied twice. What
+    /// is transient (an outage) is retried, with backoff, until it succeeds; a refusal (corrupt
+    /// data, [`StoreError::Corrupt`]) would be refused forever and is returned.
+    async fn commit_with_retry(&self, id: BatchId, batch: &[LedgerWrite]) -> Result<(), String> {
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            match self.commit(id, batch).await {
+                Ok(()) => {
+                    self.store_down.store(false, Ordering::Release);
+                    return Ok(());
+                }
+                Err(StoreError::Corrupt(reason)) => return Err(reason),
+                Err(e) => {
+                    self.store_down.store(true, Ordering::Release);
+                    tracing::warn!(error = %e, writes = batch.len(), "ledger commit failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    /// Commits `writes`, made of groups that end at `ends` (each group one caller's writes, such as
+    /// a charge and its usage row, stored together or not at all). If the store refuses the
+    /// batch, it is split in halves, in order, until the refused groups stand alone: every other
+    /// group is stored, and a refused one is never retried: it is logged and undone in the book.
+    /// Returns the refused groups.
+    async fn commit_groups(&self, writes: &[LedgerWrite], ends: &[usize]) -> Vec<usize> {
+        let mut refused = Vec::new();
+        let start_of = |group: usize| if group == 0 { 0 } else { ends[group - 1] };
+        // Ranges of groups, the next to commit last.
+        let mut todo = Vec::new();
+        todo.push(0..ends.len());
+        while let Some(groups) = todo.pop() {
+            let slice = &writes[start_of(groups.start)..ends[groups.end - 1]];
+            match self.commit_with_retry(BatchId::new(), slice).await {
+                Ok(()) => {}
+                Err(reason) if groups.len() == 1 => {
+                    tracing::warn!(%reason, writes = ?slice, "the store refused a ledger write; it is not stored, and the book is corrected");
+                    self.undo(slice);
+                    refused.push(groups.start);
+                }
+                Err(reason) => {
+                    tracing::warn!(%reason, groups = groups.len(), "ledger batch refused; finding the refused writes");
+                    let middle = groups.start + groups.len() / 2;
+                    todo.push(middle..groups.end);
+                    todo.push(groups.start..middle);
+                }
+            }
+        }
+        refused
+    }
+
+    /// Brings the book in line with a group the store refused: what its transfers moved is moved
+    /// back, and a hold it opened leaves the book.
+    fn undo(&self, group: &[LedgerWrite]) {
+        let mut book = self.book();
+        for write in group {
+            match write {
+                // On a shared store a grant never entered the book (it is free balance).
+                LedgerWrite::Grant { transfer, .. } if self.leasing.is_none() => {
+                    book.undo(std::slice::from_ref(transfer), None)
+                }
+                LedgerWrite::Grant { .. } => {}
+                LedgerWrite::OpenHold {
+                    record, transfer, ..
+                } => book.undo(transfer.as_slice(), Some(record.hold.id)),
+                LedgerWrite::ResolveHold { transfers, .. } => book.undo(transfers, None),
+                LedgerWrite::Usage(_) => {}
+            }
+        }
+    }
+
+    /// Runs a lease operation and brings the book in line with its outcome: a carve is added
+    /// to the lease, and what a failed operation was to give back is put back.
+    async fn lease(&self, op: LeaseOp) {
+        let Some(Leasing { node, leases }) = &self.leasing else {
+            return;
+        };
+        match op {
+            LeaseOp::Carve {
+                account,
+                give_back,
+                needed,
+                done,
+            } => {
+                let carved = leases
+                    .carve(account, *node, give_back, needed, self.clock.now())
+                    .await;
+                let back = carved.as_ref().map_or(give_back, |c| c.granted);
+                self.book().add_lease(account, back);
+                let _ = done.send(carved);
+            }
+            LeaseOp::Return { account, amount } => {
+                if let Err(e) = leases.return_lease(account, *node, amount).await {
+                    tracing::warn!(error = %e, %account, "cannot give a lease back; keeping it");
+                    self.book().add_lease(account, amount);
+                }
+            }
+            LeaseOp::Renew => {
+                if let Err(e) = leases.renew_leases(*node, self.clock.now()).await {
+                    tracing::warn!(error = %e, "cannot renew this node's leases");
+                }
+            }
+        }
+    }
+}
+
+async fn write_loop(mut commands: mpsc::UnboundedReceiver<Command>, writer: Writer) {
+    let mut batch: Vec<LedgerWrite> = Vec::new();
+    // Where each queued group of writes ends in `batch`, and who waits to hear of it.
+    let mut ends: Vec<usize> = Vec::new();
+    let mut notices: Vec<(usize, oneshot::Sender<bool>)> = Vec::new();
+    let mut flushes: Vec<oneshot::Sender<()>> = Vec::new();
+    while let Some(first) = commands.recv().await {
+        let mut next = Some(first);
+        let mut oldest: Option<Instant> = None;
+        let mut lease_op = None;
+        while let Some(command) = next {
+            match command {
+                Command::Write(writes, queued, notice) => {
+                    batch.extend(writes);
+                    if let Some(notice) = notice {
+                        notices.push((ends.len(), notice));
+                    }
+                    ends.push(batch.len());
+                    oldest = Some(oldest.map_or(queued, |o| o.min(queued)));
+                }
+                Command::Flush(done) => flushes.push(done),
+                Command::Lease(op) => {
+                    lease_op = Some(op);
+                    break;
+                }
+            }
+            next = if batch.len() < MAX_BATCH {
+                commands.try_recv().ok()
+            } else {
+                None
+            };
+        }
+        if !batch.is_empty() {
+            let refused = writer.commit_groups(&batch, &ends).await;
+            writer.batch_size.observe(batch.len() as f64);
+            if let Some(oldest) = oldest {
+                writer.write_lag.observe(oldest.elapsed().as_secs_f64());
+            }
+            for (group, notice) in notices.drain(..) {
+                let _ = notice.send(!refused.contains(&group));
+            }
+            let mut book = writer.book();
+            for write in batch.drain(..) {
+                if let LedgerWrite::ResolveHold { hold, .. } = write {
+                    book.forget(hold.id);
+                }
+            }
+            ends.clear();
+        }
+        // Everything queued before these flushes is handled: stored, or refused and undone in
+        // the book. A caller that must know its own write was stored reads it back.
+        for done in flushes.drain(..) {
+            let _ = done.send(());
+        }
+        if let Some(op) = lease_op {
+            writer.lease(op).await;
+        }
+    }
+}

@@ -1,0 +1,2125 @@
+//! Configuration, in two steps.
+//!
+//! 1. **Raw**: the TOML file is split into its sections and each route, and each piece is read
+//!    into a serde type with `deny_unknown_fields`. Environment overrides are applied first.
+//! 2. **Validated**: [`Config::from_raw`] checks every value and turns it into runtime types.
+//!
+//! Both steps collect problems instead of stopping at the first, so an operator sees every
+//! mistake at once, each with its path (`routes[1].upstream: ...`).
+
+use http::header::HeaderName;
+use http::Uri;
+use ipnet::IpNet;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tollgate_core::load::LimitSettings;
+use tollgate_core::metering::LlmApi;
+use tollgate_core::pricing::TokenPrices;
+use tollgate_core::ratelimit::{FailureMode, Policy, Scope, Unit};
+use tollgate_core::{KeyEnv, Nanos};
+use tollgate_wire::ErrorProfile;
+
+/// Paths Tollgate serves itself; no route prefix may overlap them.
+pub const RESERVED_PREFIXES: &[&str] = &["/api", "/console", "/healthz", "/readyz", "/metrics"];
+
+/// Environment variables that override config values. Only these are read; they are the
+/// documented list in `docs/config.md`.
+pub const ENV_OVERRIDES: &[(&str, &str, &str)] = &[
+    ("TOLLGATE_LISTEN", "server", "listen"),
+    ("TOLLGATE_DATABASE_URL", "store", "url"),
+    ("TOLLGATE_ADMIN_TOKEN", "admin", "token"),
+    ("TOLLGATE_REDIS_URL", "redis", "url"),
+];
+
+const REDACTED: &str = "<redacted>";
+/// hyper reads a request head into a buffer of at least 8 KiB.
+const MIN_HEADER_BYTES: u64 = 8 * 1024;
+const MAX_HEADER_BYTES: u64 = 1024 * 1024;
+
+// ---------------------------------------------------------------------------------------------
+// Step 1: raw types, exactly what the file says.
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RawConfig {
+    pub server: RawServer,
+    pub store: RawStore,
+    pub admin: RawAdmin,
+    pub billing: RawBilling,
+    pub keys: RawKeys,
+    pub load_shedding: RawLoadShedding,
+    pub idempotency: RawIdempotency,
+    pub redis: RawRedis,
+    /// Policies for every route (and the management API); `None` means the defaults.
+    pub rate_limits: Option<Vec<RawPolicy>>,
+    pub routes: Vec<RawRoute>,
+}
+
+/// A rate-limit policy as written in config.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPolicy {
+    pub name: String,
+    pub scope: Scope,
+    #[serde(default = "requests")]
+    pub unit: Unit,
+    pub limit: u64,
+    pub window: String,
+    #[serde(default)]
+    pub burst: u64,
+    /// `open` (admit, and count it) or `closed` (503) when the shared limiter is unreachable.
+    #[serde(default)]
+    pub on_limiter_failure: FailureMode,
+}
+
+fn requests() -> Unit {
+    Unit::Requests
+}
+
+/// The policies used when the config has no `[[rate_limits]]`: failed or anonymous calls per
+/// client address (a brake on key guessing), and a generous ceiling per key.
+pub fn default_rate_limits() -> Vec<RawPolicy> {
+    vec![
+        RawPolicy {
+            name: "anonymous-per-ip".into(),
+            scope: Scope::Ip,
+            unit: Unit::Requests,
+            limit: 600,
+            window: "1m".into(),
+            burst: 100,
+            on_limiter_failure: FailureMode::Open,
+        },
+        RawPolicy {
+            name: "per-key".into(),
+            scope: Scope::Key,
+            unit: Unit::Requests,
+            limit: 6000,
+            window: "1m".into(),
+            burst: 1000,
+            on_limiter_failure: FailureMode::Open,
+        },
+    ]
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawServer {
+    pub listen: String,
+    pub api_prefix: String,
+    pub request_id_header: String,
+    pub max_body_bytes: u64,
+    pub key_cache_capacity: u64,
+    /// Proxies (CIDRs) whose `X-Forwarded-For` is believed when working out the client address.
+    pub trusted_proxies: Vec<String>,
+    /// How long a client has to send a request's head, from the connection's start or the end
+    /// of the previous response (so also how long an idle keep-alive connection stays open).
+    pub header_read_timeout: String,
+    /// Connections open at once; `0` is half the process's open-file limit.
+    pub max_connections: u64,
+    /// Requests one HTTP/2 connection may have in flight at once.
+    pub http2_max_concurrent_streams: u32,
+    /// The largest request head (request line and headers) accepted; larger gets 431.
+    pub max_header_bytes: u64,
+}
+
+impl Default for RawServer {
+    fn default() -> Self {
+        RawServer {
+            listen: "127.0.0.1:8080".into(),
+            api_prefix: "/api/v1".into(),
+            request_id_header: "x-request-id".into(),
+            max_body_bytes: 10 * 1024 * 1024,
+            key_cache_capacity: 100_000,
+            trusted_proxies: Vec::new(),
+            header_read_timeout: "10s".into(),
+            max_connections: 0,
+            http2_max_concurrent_streams: 100,
+            max_header_bytes: 64 * 1024,
+        }
+    }
+}
+
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawStore {
+    /// A PostgreSQL URL may carry a password: shown (`Debug`, `check-config`) without it.
+    #[serde(serialize_with = "serialize_without_password")]
+    pub url: String,
+}
+
+impl fmt::Debug for RawStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RawStore")
+            .field("url", &without_password(&self.url))
+            .finish()
+    }
+}
+
+/// `scheme://user:password@host/...` with the password replaced.
+fn without_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => match rest[..at].split_once(':') {
+            Some((user, _)) => format!("{scheme}://{user}:{REDACTED}{}", &rest[at..]),
+            None => url.to_string(),
+        },
+        None => url.to_string(),
+    }
+}
+
+fn serialize_without_password<S: serde::Serializer>(url: &str, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&without_password(url))
+}
+
+impl Default for RawStore {
+    fn default() -> Self {
+        RawStore {
+            url: "sqlite://tollgate-data/tollgate.db".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawAdmin {
+    pub token: Option<Secret>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawBilling {
+    pub currency: String,
+    pub starter_credits: String,
+    /// Charged for each metered management call (creating a key or a hold) made with an
+    /// account's key, settled only when the call succeeds.
+    pub management_fee: String,
+    /// How long a data-plane request's hold lives before the sweeper releases it.
+    pub request_hold_ttl: String,
+    /// How often the sweeper looks for expired holds.
+    pub sweep_interval: String,
+    /// How long usage rows are kept.
+    pub usage_retention: String,
+    /// Whether each data-plane request leaves a usage row (charges are in the ledger either way).
+    pub usage_log: bool,
+}
+
+impl Default for RawBilling {
+    fn default() -> Self {
+        RawBilling {
+            currency: "USD".into(),
+            starter_credits: "0".into(),
+            management_fee: "0".into(),
+            request_hold_ttl: "15m".into(),
+            sweep_interval: "1s".into(),
+            usage_retention: "90days".into(),
+            usage_log: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawKeys {
+    /// `live` keys start `tg_live_`, `test` keys `tg_test_`.
+    pub env: KeyEnv,
+    /// Unrevoked keys an account may have, its master keys included; overridable per account.
+    pub max_per_account: u32,
+}
+
+impl Default for RawKeys {
+    fn default() -> Self {
+        RawKeys {
+            env: KeyEnv::Live,
+            max_per_account: 100,
+        }
+    }
+}
+
+/// The shared Redis: when set, rate limits are decided there, so they hold across every node.
+#[derive(Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawRedis {
+    /// `redis://[user:password@]host[:port][/db]`; unset means each node limits on its own.
+    #[serde(serialize_with = "serialize_optional_without_password")]
+    pub url: Option<String>,
+}
+
+impl fmt::Debug for RawRedis {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RawRedis")
+            .field("url", &self.url.as_deref().map(without_password))
+            .finish()
+    }
+}
+
+fn serialize_optional_without_password<S: serde::Serializer>(
+    url: &Option<String>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    match url {
+        Some(url) => s.serialize_some(&without_password(url)),
+        None => s.serialize_none(),
+    }
+}
+
+/// `Idempotency-Key` handling.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawIdempotency {
+    /// How long a key's outcome is kept for replay.
+    pub retention: String,
+    /// The largest response body kept for replay; a larger one is refused on replay.
+    pub max_response_bytes: u64,
+}
+
+impl Default for RawIdempotency {
+    fn default() -> Self {
+        RawIdempotency {
+            retention: "24h".into(),
+            max_response_bytes: 1024 * 1024,
+        }
+    }
+}
+
+/// The adaptive concurrency limit (see `tollgate_core::load`) and the optional CPU brake.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawLoadShedding {
+    pub enabled: bool,
+    pub initial_limit: u32,
+    pub min_limit: u32,
+    pub max_limit: u32,
+    pub tolerance: f64,
+    /// Machine-wide CPU use (0 to 1) above which the limit backs off; off when absent.
+    pub cpu_threshold: Option<f64>,
+}
+
+impl Default for RawLoadShedding {
+    fn default() -> Self {
+        RawLoadShedding {
+            enabled: true,
+            initial_limit: 500,
+            min_limit: 50,
+            max_limit: 5000,
+            tolerance: 2.0,
+            cpu_threshold: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoute {
+    pub prefix: String,
+    pub upstream: String,
+    pub group: String,
+    /// `key` (every call needs an API key) or `none` (a public, unpriced route).
+    #[serde(default)]
+    pub auth: RouteAuth,
+    #[serde(default)]
+    pub error_profile: ErrorProfile,
+    /// `http` (any API), or `openai` / `anthropic` for LLM routes priced per model.
+    #[serde(default)]
+    pub kind: RouteKind,
+    /// Flat price per request, a decimal string of credits.
+    #[serde(default = "zero")]
+    pub price: String,
+    /// Price per unit read from the response (`units_from`).
+    #[serde(default)]
+    pub unit_price: Option<String>,
+    /// Where the units are: a JSON pointer into the response body (`/usage/units`) or
+    /// `header:<name>`.
+    #[serde(default)]
+    pub units_from: Option<String>,
+    /// LLM routes: per-model prices per million tokens.
+    #[serde(default)]
+    pub models: BTreeMap<String, RawModel>,
+    /// How much to reserve before forwarding: `flat`, `max_tokens` or `max_hold`.
+    #[serde(default)]
+    pub hold: Option<HoldRuleName>,
+    #[serde(default)]
+    pub max_hold: Option<String>,
+    /// LLM routes: the output tokens assumed for the hold when a request sets no `max_tokens`.
+    #[serde(default = "default_max_tokens")]
+    pub default_max_tokens: u64,
+    /// What to charge when a successful response reports no usage.
+    #[serde(default)]
+    pub stream_policy: StreamPolicy,
+    /// LLM routes: what a POST to an endpoint Tollgate cannot meter gets: `refuse` (403), or
+    /// charged `flat` (the route's price) or `max_hold`.
+    #[serde(default)]
+    pub other_endpoints: OtherEndpoints,
+    /// After the client leaves mid-response, how long to keep reading for the usage.
+    #[serde(default = "default_drain_timeout")]
+    pub drain_timeout: String,
+    /// ... and how many bytes at most.
+    #[serde(default = "default_drain_max_bytes")]
+    pub drain_max_bytes: u64,
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout: String,
+    /// How long the upstream may take to send its response headers.
+    #[serde(default = "default_timeout")]
+    pub timeout: String,
+    /// Headers added to every upstream request (e.g. the upstream's own API key). Those that
+    /// carry credentials are shown redacted.
+    #[serde(default, serialize_with = "serialize_upstream_headers")]
+    pub upstream_headers: BTreeMap<String, Secret>,
+    /// Policies for this route only, on top of the global ones.
+    #[serde(default)]
+    pub rate_limits: Vec<RawPolicy>,
+    /// The methods the route forwards; any other is answered 405 before any work.
+    #[serde(default = "default_methods")]
+    pub methods: Vec<String>,
+    /// Index in the file's `routes` array, so messages name the route the operator wrote.
+    #[serde(skip)]
+    pub position: usize,
+}
+
+/// A route with every optional field at its default (the required ones empty).
+impl Default for RawRoute {
+    fn default() -> RawRoute {
+        RawRoute {
+            prefix: String::new(),
+            upstream: String::new(),
+            group: String::new(),
+            auth: RouteAuth::default(),
+            error_profile: ErrorProfile::default(),
+            kind: RouteKind::default(),
+            price: zero(),
+            unit_price: None,
+            units_from: None,
+            models: BTreeMap::new(),
+            hold: None,
+            max_hold: None,
+            default_max_tokens: default_max_tokens(),
+            stream_policy: StreamPolicy::default(),
+            other_endpoints: OtherEndpoints::default(),
+            drain_timeout: default_drain_timeout(),
+            drain_max_bytes: default_drain_max_bytes(),
+            connect_timeout: default_connect_timeout(),
+            timeout: default_timeout(),
+            upstream_headers: BTreeMap::new(),
+            rate_limits: Vec::new(),
+            methods: default_methods(),
+            position: 0,
+        }
+    }
+}
+
+/// What an HTTP API serves. Not `TRACE` (it echoes the request, credentials included, back
+/// through any cache between) nor `CONNECT` (a tunnel, not an API call).
+/// Shows an upstream header's value unless its name says it carries a credential
+/// (`anthropic-version` is shown; `authorization`, `x-api-key`, a `*-token` are not).
+fn serialize_upstream_headers<S: serde::Serializer>(
+    headers: &BTreeMap<String, Secret>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    const CREDENTIALS: [&str; 8] = [
+        "auth",
+        "key",
+        "token",
+        "secret",
+        "cookie",
+        "password",
+        "signature",
+        "credential",
+    ];
+    let shown: BTreeMap<&str, &str> = headers
+        .iter()
+        .map(|(name, value)| {
+            let lower = name.to_ascii_lowercase();
+            let secret = CREDENTIALS.iter().any(|word| lower.contains(word));
+            (
+                name.as_str(),
+                if secret { REDACTED } else { value.0.as_str() },
+            )
+        })
+        .collect();
+    serde::Serialize::serialize(&shown, s)
+}
+
+fn default_methods() -> Vec<String> {
+    ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+        .map(String::from)
+        .to_vec()
+}
+
+fn zero() -> String {
+    "0".into()
+}
+fn default_max_tokens() -> u64 {
+    4096
+}
+fn default_drain_timeout() -> String {
+    "30s".into()
+}
+fn default_drain_max_bytes() -> u64 {
+    1024 * 1024
+}
+
+/// Who may call a route.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RouteAuth {
+    /// An API key whose scopes include the route's group; the call is limited and billed.
+    #[default]
+    Key,
+    /// Anyone: no key is read, nothing is billed or logged; only `ip` policies apply.
+    None,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RouteKind {
+    #[default]
+    Http,
+    Openai,
+    Anthropic,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HoldRuleName {
+    Flat,
+    MaxTokens,
+    MaxHold,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StreamPolicy {
+    /// Charge nothing: an explicit opt-in, since a response without usage is then free.
+    Release,
+    /// Charge the usage estimated from what passed: input as reported (or, if it was not, from
+    /// the request body), output from the text that passed.
+    #[default]
+    Estimate,
+}
+
+/// On an LLM route, what a POST to an endpoint Tollgate has no usage reader for gets. Never
+/// silently free.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OtherEndpoints {
+    /// 403 `forbidden`, naming the endpoint, before anything is forwarded.
+    #[default]
+    Refuse,
+    /// Forwarded and charged the route's flat `price` (which must be above zero).
+    Flat,
+    /// Forwarded and charged the route's `max_hold`.
+    MaxHold,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawModel {
+    pub input: String,
+    pub output: String,
+    /// Defaults to the input price.
+    #[serde(default)]
+    pub cached_input: Option<String>,
+}
+fn default_connect_timeout() -> String {
+    "5s".into()
+}
+fn default_timeout() -> String {
+    "60s".into()
+}
+
+impl RawConfig {
+    /// Reads TOML text, then applies the environment overrides in `env`. The environment is
+    /// passed in, never read here, so tests stay independent of the process. Reads as much as it
+    /// can: a section or route that does not parse is left out and its problem recorded.
+    fn read<I, K, V>(toml_text: &str, env: I, problems: &mut Problems) -> Option<RawConfig>
+    where
+        I: IntoIterator<Item = (K, V)>,
+        K: AsRef<str>,
+        V: Into<String>,
+    {
+        let mut table: toml::Table = match toml_text.parse() {
+            Ok(table) => table,
+            Err(e) => {
+                problems.push("", e.to_string().trim_end());
+                return None;
+            }
+        };
+        for (name, value) in env {
+            let Some((_, section, key)) =
+                ENV_OVERRIDES.iter().find(|(n, _, _)| *n == name.as_ref())
+            else {
+                continue;
+            };
+            let entry = table
+                .entry(section.to_string())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            match entry {
+                toml::Value::Table(section) => {
+                    section.insert(key.to_string(), toml::Value::String(value.into()));
+                }
+                _ => problems.push(section, "must be a table"),
+            }
+        }
+        let raw = RawConfig {
+            server: section(&mut table, "server", problems),
+            store: section(&mut table, "store", problems),
+            admin: section(&mut table, "admin", problems),
+            billing: section(&mut table, "billing", problems),
+            keys: section(&mut table, "keys", problems),
+            load_shedding: section(&mut table, "load_shedding", problems),
+            idempotency: section(&mut table, "idempotency", problems),
+            redis: section(&mut table, "redis", problems),
+            rate_limits: table.remove("rate_limits").map(|value| {
+                items(value, "rate_limits", problems)
+                    .into_iter()
+                    .map(|(_, policy)| policy)
+                    .collect()
+            }),
+            routes: routes(&mut table, problems),
+        };
+        for unknown in table.keys() {
+            problems.push(
+                unknown,
+                "unknown section (expected server, store, redis, admin, billing, keys, load_shedding, idempotency, rate_limits or routes)",
+            );
+        }
+        Some(raw)
+    }
+
+    /// The effective config as TOML, defaults included (the rate limits too), secrets replaced
+    /// by `<redacted>`.
+    pub fn to_redacted_toml(&self) -> String {
+        let mut effective = self.clone();
+        effective
+            .rate_limits
+            .get_or_insert_with(default_rate_limits);
+        toml::to_string_pretty(&effective)
+            .unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+    }
+}
+
+fn section<T: DeserializeOwned + Default>(
+    table: &mut toml::Table,
+    key: &str,
+    problems: &mut Problems,
+) -> T {
+    match table.remove(key) {
+        None => T::default(),
+        Some(value) => deserialize_at(value, key, problems).unwrap_or_default(),
+    }
+}
+
+fn routes(table: &mut toml::Table, problems: &mut Problems) -> Vec<RawRoute> {
+    let routes = table
+        .remove("routes")
+        .map(|value| items(value, "routes", problems));
+    routes
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(i, mut route): (usize, RawRoute)| {
+            route.position = i;
+            route
+        })
+        .collect()
+}
+
+/// An array of tables, read item by item so one bad item hides no problem of another. Each item
+/// that reads comes with its index in the file.
+fn items<T: DeserializeOwned>(
+    value: toml::Value,
+    at: &str,
+    problems: &mut Problems,
+) -> Vec<(usize, T)> {
+    let toml::Value::Array(items) = value else {
+        problems.push(at, format!("must be an array of tables ([[{at}]])"));
+        return Vec::new();
+    };
+    items
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, item)| Some((i, deserialize_at(item, &format!("{at}[{i}]"), problems)?)))
+        .collect()
+}
+
+/// Reads `value` as a `T`, reporting every field that does not read rather than the first: a
+/// field of the wrong type or an unknown one is reported and left out (so its default applies),
+/// and a missing one is reported and stood in for by an empty string, so the rest of the item is
+/// still read and checked. `None` if the item cannot be read at all.
+fn deserialize_at<T: DeserializeOwned>(
+    mut value: toml::Value,
+    at: &str,
+    problems: &mut Problems,
+) -> Option<T> {
+    let mut stood_in = std::collections::BTreeSet::new();
+    // Each pass fixes one field; a table has far fewer fields than this.
+    for _ in 0..64 {
+        let error = match serde_path_to_error::deserialize(value.clone()) {
+            Ok(v) => return Some(v),
+            Err(e) => e,
+        };
+        let mut segments: Vec<String> = error
+            .path()
+            .iter()
+            .filter_map(|segment| match segment {
+                serde_path_to_error::Segment::Map { key } => Some(key.clone()),
+                serde_path_to_error::Segment::Seq { index } => Some(index.to_string()),
+                _ => None,
+            })
+            .collect();
+        // toml's messages end with "in `field`" lines that repeat the path; keep the first line.
+        let message = error.into_inner().to_string();
+        let message = message
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_string();
+        let named = |prefix: &str| {
+            message
+                .strip_prefix(prefix)
+                .and_then(|rest| rest.split('`').next())
+                .map(str::to_string)
+        };
+        let (unknown, missing) = (named("unknown field `"), named("missing field `"));
+        // A missing field's path is its table's; an unknown field's may be either.
+        if let Some(field) = unknown.as_ref().or(missing.as_ref()) {
+            if segments.last() != Some(field) {
+                segments.push(field.clone());
+            }
+        }
+        let path = segments.iter().fold(at.to_string(), |path, segment| {
+            if segment.parse::<usize>().is_ok() {
+                format!("{path}[{segment}]")
+            } else {
+                format!("{path}.{segment}")
+            }
+        });
+        if missing.is_some() {
+            if !stood_in.insert(path.clone()) {
+                // The stand-in did not fit either: this item cannot be read.
+                return None;
+            }
+            // Unless it is missing because its wrong value was just left out.
+            problems.unread(&path, "is required".to_string());
+        } else {
+            problems.unread(&path, message);
+        }
+        let (last, parents) = segments.split_last()?;
+        let parent = parents
+            .iter()
+            .try_fold(&mut value, |node, segment| match node {
+                toml::Value::Table(table) => table.get_mut(segment),
+                toml::Value::Array(array) => array.get_mut(segment.parse::<usize>().ok()?),
+                _ => None,
+            })?;
+        match (parent, missing.is_some()) {
+            (toml::Value::Table(table), true) => {
+                table.insert(last.clone(), toml::Value::String(String::new()));
+            }
+            (toml::Value::Table(table), false) => {
+                table.remove(last);
+            }
+            (toml::Value::Array(array), _) => match last.parse::<usize>() {
+                Ok(index) if index < array.len() => {
+                    array.remove(index);
+                }
+                _ => return None,
+            },
+            _ => return None,
+        }
+    }
+    None
+}
+
+/// An IPv4/IPv6 network in CIDR notation (`10.0.0.0/8`, `2001:db8::/32`); a bare address is
+/// the network of that one address. Host bits must be zero, so a typo like `10.0.0.1/8` is
+/// caught rather than silently widened. Shared by the config and the key API.
+pub fn parse_cidr(text: &str) -> Result<IpNet, String> {
+    let text = text.trim();
+    let net = match text.parse::<IpNet>() {
+        Ok(net) => net,
+        Err(_) => match text.parse::<std::net::IpAddr>() {
+            Ok(ip) => IpNet::from(ip),
+            Err(_) => {
+                return Err(format!(
+                    "'{text}' is not a CIDR, e.g. 10.0.0.0/8 or 2001:db8::/32"
+                ))
+            }
+        },
+    };
+    if net.network() != net.addr() {
+        return Err(format!(
+            "'{text}' has host bits set; did you mean {}?",
+            net.trunc()
+        ));
+    }
+    Ok(net)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Step 2: validated runtime types.
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    /// Where the management API lives, e.g. `/api/v1` (no trailing slash).
+    pub api_prefix: String,
+    pub request_id_header: HeaderName,
+    pub max_body_bytes: u64,
+    pub key_cache_capacity: usize,
+    pub trusted_proxies: Vec<IpNet>,
+    pub connections: ConnectionLimits,
+    pub store: StoreConfig,
+    pub admin_token: Option<Secret>,
+    pub currency: String,
+    pub starter_credits: Nanos,
+    pub management_fee: Nanos,
+    pub request_hold_ttl: Duration,
+    pub sweep_interval: Duration,
+    pub usage_retention: Duration,
+    pub usage_log: bool,
+    pub key_env: KeyEnv,
+    pub max_keys_per_account: u32,
+    /// `None` when load shedding is off.
+    pub load_shedding: Option<LoadShedding>,
+    pub idempotency_retention: Duration,
+    /// The shared limiter's Redis; `None`: each node limits in memory.
+    pub redis_url: Option<Secret>,
+    pub idempotency_max_response_bytes: u64,
+    /// Policies for every request with a caller (scopes other than `ip`).
+    pub rate_limits: Vec<Arc<Policy>>,
+    /// `ip` policies: requests that end without an authenticated caller.
+    pub anonymous_limits: Vec<Arc<Policy>>,
+    pub routes: Vec<RouteConfig>,
+    /// What was validated, for `check-config` to print.
+    pub raw: RawConfig,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum StoreConfig {
+    Sqlite {
+        path: PathBuf,
+    },
+    /// The URL may carry a password, so it is kept as a secret.
+    Postgres {
+        url: Secret,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoadShedding {
+    pub limit: LimitSettings,
+    pub cpu_threshold: Option<f64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    /// Normalised: starts with `/`, no trailing `/`.
+    pub prefix: String,
+    /// Normalised: no trailing `/`.
+    pub upstream: Uri,
+    pub group: String,
+    pub auth: RouteAuth,
+    pub error_profile: ErrorProfile,
+    pub pricing: Pricing,
+    pub connect_timeout: Duration,
+    pub timeout: Duration,
+    /// Marked sensitive, so `Debug` never shows them.
+    pub upstream_headers: Vec<(HeaderName, http::HeaderValue)>,
+    pub rate_limits: Vec<Arc<Policy>>,
+    /// The methods forwarded, as configured (upper case).
+    pub methods: Vec<http::Method>,
+}
+
+/// How many connections, and how long a client may take to send a request (see `edge/serve.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    pub header_read_timeout: Duration,
+    /// At least 1; `server.max_connections = 0` is resolved at start from the open-file limit.
+    pub max_connections: usize,
+    pub http2_max_concurrent_streams: u32,
+    /// 8 KiB to 1 MiB.
+    pub max_header_bytes: usize,
+}
+
+/// How a route charges. The cost of a call is `flat` plus its metered part (units or tokens).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pricing {
+    pub flat: Nanos,
+    pub per_unit: Option<PerUnit>,
+    /// `Some` on LLM routes: the API shape and each model's prices.
+    pub llm: Option<(LlmApi, BTreeMap<String, TokenPrices>)>,
+    pub hold: HoldRule,
+    /// LLM routes: the output tokens assumed when a request sets no `max_tokens` (for the hold
+    /// and for token rate limits).
+    pub default_max_tokens: u64,
+    pub stream_policy: StreamPolicy,
+    /// LLM routes: `Some(price)` charges a POST to an endpoint with no usage reader that price;
+    /// `None` refuses it.
+    pub other_endpoints: Option<Nanos>,
+    pub drain_timeout: Duration,
+    pub drain_max_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct PerUnit {
+    pub price: Nanos,
+    pub from: UnitsFrom,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum UnitsFrom {
+    JsonPointer(String),
+    Header(HeaderName),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum HoldRule {
+    /// Reserve the flat price.
+    Flat,
+    /// Reserve the flat price plus the input (body bytes ÷ 4, rounded up) and `max_tokens` of
+    /// output at the model's prices (`default_max_tokens` when the request sets none).
+    MaxTokens,
+    /// Reserve this fixed amount; a cost above it is charged as it.
+    MaxHold(Nanos),
+}
+
+impl Pricing {
+    /// Whether the cost is known before the body is read (no usage to read from it).
+    pub fn is_metered(&self) -> bool {
+        self.per_unit.is_some() || self.llm.is_some()
+    }
+}
+
+/// A secret value: read from config like a string, never shown by `Debug` or `Serialize`.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(REDACTED)
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(REDACTED)
+    }
+}
+
+impl Config {
+    /// The first policy, global or on a route, that refuses calls while the shared limiter is
+    /// unreachable: with one, a node without its limiter is not ready.
+    pub fn policy_failing_closed(&self) -> Option<&Policy> {
+        self.rate_limits
+            .iter()
+            .chain(self.routes.iter().flat_map(|r| &r.rate_limits))
+            .map(|p| &**p)
+            .find(|p| p.on_limiter_failure == FailureMode::Closed)
+    }
+
+    /// Reads TOML text plus environment overrides and validates it all.
+    pub fn load<I, K, V>(toml_text: &str, env: I) -> Result<Config, ConfigErrors>
+    where
+        I: IntoIterator<Item = (K, V)>,
+        K: AsRef<str>,
+        V: Into<String>,
+    {
+        let mut problems = Problems::default();
+        match RawConfig::read(toml_text, env, &mut problems) {
+            Some(raw) => Config::validate(raw, problems),
+            None => Err(problems.into_errors()),
+        }
+    }
+
+    /// Validates a config built in code (the demo builds its own).
+    pub fn from_raw(raw: RawConfig) -> Result<Config, ConfigErrors> {
+        Config::validate(raw, Problems::default())
+    }
+
+    fn validate(raw: RawConfig, mut p: Problems) -> Result<Config, ConfigErrors> {
+        let s = &raw.server;
+
+        let listen = s
+            .listen
+            .parse::<SocketAddr>()
+            .map_err(|_| {
+                p.push(
+                    "server.listen",
+                    "must be an address and port, e.g. 127.0.0.1:8080",
+                )
+            })
+            .ok();
+        let api_prefix = s.api_prefix.trim_end_matches('/').to_string();
+        if !(api_prefix == "/api" || api_prefix.starts_with("/api/")) || !is_path(&api_prefix) {
+            p.push(
+                "server.api_prefix",
+                "must be a path under /api, e.g. /api/v1",
+            );
+        }
+        let request_id_header = HeaderName::from_bytes(s.request_id_header.as_bytes())
+            .map_err(|_| p.push("server.request_id_header", "must be a valid header name"))
+            .ok();
+        if s.max_body_bytes == 0 {
+            p.push("server.max_body_bytes", "must be at least 1");
+        }
+        if s.key_cache_capacity == 0 {
+            p.push("server.key_cache_capacity", "must be at least 1");
+        }
+        let header_read_timeout = match humantime::parse_duration(&s.header_read_timeout) {
+            Ok(d) if !d.is_zero() => d,
+            _ => {
+                p.push(
+                    "server.header_read_timeout",
+                    "must be a positive duration, e.g. \"10s\"",
+                );
+                Duration::ZERO
+            }
+        };
+        if s.http2_max_concurrent_streams == 0 {
+            p.push("server.http2_max_concurrent_streams", "must be at least 1");
+        }
+        if !(MIN_HEADER_BYTES..=MAX_HEADER_BYTES).contains(&s.max_header_bytes) {
+            p.push(
+                "server.max_header_bytes",
+                format!("must be from {MIN_HEADER_BYTES} (8 KiB) to {MAX_HEADER_BYTES} (1 MiB)"),
+            );
+        }
+        let connections = ConnectionLimits {
+            header_read_timeout,
+            max_connections: match s.max_connections {
+                0 => crate::config::default_max_connections(),
+                n => usize::try_from(n).unwrap_or(usize::MAX),
+            },
+            http2_max_concurrent_streams: s.http2_max_concurrent_streams,
+            max_header_bytes: usize::try_from(s.max_header_bytes).unwrap_or(usize::MAX),
+        };
+        let trusted_proxies: Vec<IpNet> = s
+            .trusted_proxies
+            .iter()
+            .enumerate()
+            .filter_map(|(i, text)| {
+                parse_cidr(text)
+                    .map_err(|m| p.push(&format!("server.trusted_proxies[{i}]"), m))
+                    .ok()
+            })
+            .collect();
+
+        let store = parse_store_url(&raw.store.url)
+            .map_err(|m| p.push("store.url", m))
+            .ok();
+
+        let admin_token = raw.admin.token.as_ref().and_then(|Secret(token)| {
+            if token.len() < 16 {
+                p.push("admin.token", "must be at least 16 characters");
+                None
+            } else if token.starts_with("tg_") {
+                p.push(
+                    "admin.token",
+                    "must not start with tg_ (that prefix is for API keys)",
+                );
+                None
+            } else {
+                Some(Secret(token.clone()))
+            }
+        });
+
+        let currency = raw.billing.currency.clone();
+        if currency.len() != 3 || !currency.bytes().all(|b| b.is_ascii_uppercase()) {
+            p.push(
+                "billing.currency",
+                "must be a three-letter code in capitals, e.g. USD",
+            );
+        }
+        let starter_credits = Nanos::parse_credits(&raw.billing.starter_credits)
+            .map_err(|e| p.push("billing.starter_credits", e.to_string()))
+            .unwrap_or_default();
+        let management_fee = Nanos::parse_credits(&raw.billing.management_fee)
+            .map_err(|e| p.push("billing.management_fee", e.to_string()))
+            .unwrap_or_default();
+        let billing_duration = |p: &mut Problems, field: &str, text: &str| {
+            positive_duration(text).unwrap_or_else(|| {
+                p.push(
+                    &format!("billing.{field}"),
+                    "must be a positive duration, e.g. \"15m\" or \"1s\"",
+                );
+                Duration::from_secs(1)
+            })
+        };
+        let request_hold_ttl =
+            billing_duration(&mut p, "request_hold_ttl", &raw.billing.request_hold_ttl);
+        let sweep_interval =
+            billing_duration(&mut p, "sweep_interval", &raw.billing.sweep_interval);
+        let usage_retention =
+            billing_duration(&mut p, "usage_retention", &raw.billing.usage_retention);
+
+        let load_shedding = validate_load_shedding(&raw.load_shedding, &mut p);
+        let idempotency_retention =
+            positive_duration(&raw.idempotency.retention).unwrap_or_else(|| {
+                p.push(
+                    "idempotency.retention",
+                    "must be a positive duration, e.g. \"24h\"",
+                );
+                Duration::from_secs(1)
+            });
+
+        let redis_url = raw.redis.url.as_ref().and_then(|url| {
+            if url.starts_with("redis://") || url.starts_with("rediss://") {
+                Some(Secret(url.clone()))
+            } else {
+                p.push(
+                    "redis.url",
+                    "must be a redis:// URL, e.g. redis://127.0.0.1:6379",
+                );
+                None
+            }
+        });
+
+        let all_limits = validate_policies(
+            raw.rate_limits.as_deref().unwrap_or(&default_rate_limits()),
+            "rate_limits",
+            &mut p,
+        );
+        let (anonymous_limits, rate_limits): (Vec<_>, Vec<_>) = all_limits
+            .into_iter()
+            .partition(|policy| policy.scope == Scope::Ip);
+
+        let mut routes: Vec<RouteConfig> = Vec::new();
+        let mut prefixes_seen: Vec<(String, usize)> = Vec::new();
+        for raw_route in &raw.routes {
+            let at = format!("routes[{}]", raw_route.position);
+            if let Some(route) = validate_route(raw_route, &at, &mut p) {
+                if let Some((_, first)) =
+                    prefixes_seen.iter().find(|(seen, _)| *seen == route.prefix)
+                {
+                    p.push(
+                        &format!("{at}.prefix"),
+                        format!(
+                            "'{}' is already the prefix of routes[{first}]",
+                            route.prefix
+                        ),
+                    );
+                }
+                prefixes_seen.push((route.prefix.clone(), raw_route.position));
+                for policy in &route.rate_limits {
+                    if rate_limits.iter().any(|global| global.name == policy.name) {
+                        p.push(
+                            &format!("{at}.rate_limits"),
+                            format!("'{}' is already the name of a global policy", policy.name),
+                        );
+                    }
+                }
+                routes.push(route);
+            }
+        }
+
+        match (listen, request_id_header, store) {
+            (Some(listen), Some(request_id_header), Some(store)) if p.is_empty() => Ok(Config {
+                listen,
+                api_prefix,
+                request_id_header,
+                max_body_bytes: s.max_body_bytes,
+                key_cache_capacity: usize::try_from(s.key_cache_capacity).unwrap_or(usize::MAX),
+                trusted_proxies,
+                connections,
+                store,
+                admin_token,
+                currency,
+                starter_credits,
+                management_fee,
+                request_hold_ttl,
+                sweep_interval,
+                usage_retention,
+                usage_log: raw.billing.usage_log,
+                key_env: raw.keys.env,
+                max_keys_per_account: raw.keys.max_per_account,
+                load_shedding,
+                idempotency_retention,
+                redis_url,
+                idempotency_max_response_bytes: raw.idempotency.max_response_bytes,
+                rate_limits,
+                anonymous_limits,
+                routes,
+                raw,
+            }),
+            _ => Err(p.into_errors()),
+        }
+    }
+
+    /// Route groups that scopes may name.
+    pub fn route_groups(&self) -> impl Iterator<Item = &str> {
+        self.routes.iter().map(|r| r.group.as_str())
+    }
+}
+
+fn validate_route(raw: &RawRoute, at: &str, p: &mut Problems) -> Option<RouteConfig> {
+    let before = p.len();
+    let prefix = raw.prefix.trim_end_matches('/').to_string();
+    if !raw.prefix.starts_with('/') || !is_path(&raw.prefix) {
+        p.push(
+            &format!("{at}.prefix"),
+            "must be a path starting with /, e.g. /v1",
+        );
+    } else if prefix.is_empty() {
+        p.push(
+            &format!("{at}.prefix"),
+            "'/' would capture the management API, console, docs, health and metrics paths",
+        );
+    } else if let Some(reserved) = RESERVED_PREFIXES.iter().find(|r| overlaps(&prefix, r)) {
+        p.push(
+            &format!("{at}.prefix"),
+            format!(
+                "'{}' overlaps '{reserved}', which Tollgate serves itself",
+                raw.prefix
+            ),
+        );
+    }
+    let upstream = match raw.upstream.parse::<Uri>() {
+        Ok(uri)
+            if matches!(uri.scheme_str(), Some("http") | Some("https"))
+                && uri.host().is_some()
+                && uri.query().is_none() =>
+        {
+            let trimmed = raw.upstream.trim_end_matches('/');
+            trimmed.parse::<Uri>().ok()
+        }
+        _ => None,
+    };
+    if upstream.is_none() {
+        p.push(
+            &format!("{at}.upstream"),
+            "must be an http:// or https:// URL with a host and no query, e.g. https://api.example.com/v1",
+        );
+    }
+    if raw.group.is_empty()
+        || raw.group == "*"
+        || !raw
+            .group
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        p.push(
+            &format!("{at}.group"),
+            "must be a name of letters, digits, '-' and '_'",
+        );
+    }
+    let pricing = validate_pricing(raw, at, p);
+    let mut duration = |field: &str, text: &str| match humantime::parse_duration(text) {
+        Ok(d) if !d.is_zero() => Some(d),
+        _ => {
+            p.push(
+                &format!("{at}.{field}"),
+                "must be a positive duration, e.g. \"5s\" or \"500ms\"",
+            );
+            None
+        }
+    };
+    let connect_timeout = duration("connect_timeout", &raw.connect_timeout);
+    let timeout = duration("timeout", &raw.timeout);
+    let mut upstream_headers = Vec::new();
+    for (name, value) in &raw.upstream_headers {
+        let field = format!("{at}.upstream_headers.{name}");
+        match HeaderName::from_bytes(name.as_bytes()) {
+            Ok(header)
+                if crate::http::headers::is_hop_by_hop(&header) || header == http::header::HOST =>
+            {
+                p.push(&field, "is managed by the proxy and cannot be set");
+            }
+            Ok(header) => match http::HeaderValue::from_str(&value.0) {
+                Ok(mut header_value) => {
+                    header_value.set_sensitive(true);
+                    upstream_headers.push((header, header_value));
+                }
+                Err(_) => p.push(&field, "value is not a valid header value"),
+            },
+            Err(_) => p.push(&field, "is not a valid header name"),
+        }
+    }
+    let rate_limits = validate_policies(&raw.rate_limits, &format!("{at}.rate_limits"), p);
+    for policy in &rate_limits {
+        if policy.scope == Scope::Ip {
+            p.push(
+                &format!("{at}.rate_limits"),
+                format!("'{}': ip policies are global only", policy.name),
+            );
+        }
+    }
+    let mut methods = Vec::new();
+    for name in &raw.methods {
+        match http::Method::from_bytes(name.as_bytes()) {
+            Ok(method) if method == http::Method::CONNECT || method == http::Method::TRACE => p.push(
+                &format!("{at}.methods"),
+                format!("'{name}' cannot be forwarded: CONNECT opens a tunnel and TRACE echoes credentials"),
+            ),
+            Ok(method) if name.bytes().all(|b| !b.is_ascii_lowercase()) => {
+                if !methods.contains(&method) {
+                    methods.push(method);
+                }
+            }
+            _ => p.push(
+                &format!("{at}.methods"),
+                format!("'{name}' is not an HTTP method in upper case, e.g. \"GET\""),
+            ),
+        }
+    }
+    if raw.methods.is_empty() {
+        p.push(&format!("{at}.methods"), "must name at least one method");
+    }
+    if raw.auth == RouteAuth::None {
+        let priced = pricing.as_ref().is_some_and(|pricing| {
+            pricing.flat > Nanos::ZERO || pricing.per_unit.is_some() || pricing.llm.is_some()
+        });
+        if priced {
+            p.push(
+                &format!("{at}.auth"),
+                "a route with auth = \"none\" has no account to charge: it cannot have a price, a unit price or models",
+            );
+        }
+        if !rate_limits.is_empty() {
+            p.push(
+                &format!("{at}.auth"),
+                "a route with auth = \"none\" has no key or account to limit: use a global ip policy instead of route rate_limits",
+            );
+        }
+    }
+    if p.len() > before {
+        return None;
+    }
+    Some(RouteConfig {
+        prefix,
+        upstream: upstream?,
+        group: raw.group.clone(),
+        auth: raw.auth,
+        error_profile: raw.error_profile,
+        pricing: pricing?,
+        connect_timeout: connect_timeout?,
+        timeout: timeout?,
+        upstream_headers,
+        rate_limits,
+        methods,
+    })
+}
+
+/// Checks each policy: a name of letters, digits, `-`, `_` and `.`, unique in the list; a limit
+/// of at least 1; a window of at least a millisecond.
+fn validate_policies(raw: &[RawPolicy], at: &str, p: &mut Problems) -> Vec<Arc<Policy>> {
+    let mut policies: Vec<Arc<Policy>> = Vec::new();
+    for (i, policy) in raw.iter().enumerate() {
+        let here = format!("{at}[{i}]");
+        let before = p.len();
+        if policy.name.is_empty()
+            || !policy
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        {
+            p.push(
+                &format!("{here}.name"),
+                "must be a name of letters, digits, '-', '_' and '.'",
+            );
+        } else if policies.iter().any(|seen| seen.name == policy.name) {
+            p.push(
+                &format!("{here}.name"),
+                format!("'{}' is already used", policy.name),
+            );
+        }
+        if policy.limit == 0 {
+            p.push(&format!("{here}.limit"), "must be at least 1");
+        }
+        if policy.scope == Scope::Ip && policy.on_limiter_failure == FailureMode::Closed {
+            p.push(
+                &format!("{here}.on_limiter_failure"),
+                "ip policies are counted after the response, so they always fail open",
+            );
+        }
+        let window = humantime::parse_duration(&policy.window)
+            .ok()
+            .filter(|w| *w >= Duration::from_millis(1));
+        if window.is_none() {
+            p.push(
+                &format!("{here}.window"),
+                "must be a duration of at least 1ms, e.g. \"1m\" or \"1s\"",
+            );
+        }
+        if let (Some(window), true) = (window, p.len() == before) {
+            policies.push(Arc::new(Policy {
+                name: policy.name.clone(),
+                scope: policy.scope,
+                unit: policy.unit,
+                limit: policy.limit,
+                window,
+                burst: policy.burst,
+                on_limiter_failure: policy.on_limiter_failure,
+            }));
+        }
+    }
+    policies
+}
+
+fn validate_load_shedding(raw: &RawLoadShedding, p: &mut Problems) -> Option<LoadShedding> {
+    let at = |field: &str| format!("load_shedding.{field}");
+    if raw.min_limit == 0 {
+        p.push(&at("min_limit"), "must be at least 1");
+    }
+    if raw.max_limit < raw.min_limit {
+        p.push(&at("max_limit"), "must be at least min_limit");
+    }
+    if !(raw.min_limit..=raw.max_limit).contains(&raw.initial_limit) {
+        p.push(
+            &at("initial_limit"),
+            "must lie between min_limit and max_limit",
+        );
+    }
+    if !(raw.tolerance.is_finite() && raw.tolerance >= 1.0) {
+        p.push(&at("tolerance"), "must be a number of at least 1, e.g. 2.0");
+    }
+    if let Some(threshold) = raw.cpu_threshold {
+        if !(threshold > 0.0 && threshold <= 1.0) {
+            p.push(
+                &at("cpu_threshold"),
+                "must be a fraction of the machine's CPU above 0 and at most 1, e.g. 0.9",
+            );
+        }
+    }
+    raw.enabled.then_some(LoadShedding {
+        limit: LimitSettings {
+            initial: raw.initial_limit,
+            min: raw.min_limit,
+            max: raw.max_limit,
+            tolerance: raw.tolerance,
+        },
+        cpu_threshold: raw.cpu_threshold,
+    })
+}
+
+fn positive_duration(text: &str) -> Option<Duration> {
+    humantime::parse_duration(text)
+        .ok()
+        .filter(|d| !d.is_zero())
+}
+
+fn validate_pricing(raw: &RawRoute, at: &str, p: &mut Problems) -> Option<Pricing> {
+    let before = p.len();
+    let amount = |p: &mut Problems, field: &str, text: &str| {
+        Nanos::parse_credits(text)
+            .map_err(|e| p.push(&format!("{at}.{field}"), e.to_string()))
+            .ok()
+    };
+    let flat = amount(p, "price", &raw.price);
+    let max_hold = raw
+        .max_hold
+        .as_deref()
+        .and_then(|text| amount(p, "max_hold", text));
+    let per_unit = match (&raw.unit_price, &raw.units_from) {
+        (None, None) => None,
+        (Some(price), Some(from)) => {
+            let price = amount(p, "unit_price", price);
+            let from = if from.starts_with('/') {
+                Some(UnitsFrom::JsonPointer(from.clone()))
+            } else if let Some(name) = from.strip_prefix("header:") {
+                HeaderName::from_bytes(name.trim().as_bytes())
+                    .map(UnitsFrom::Header)
+                    .map_err(|_| p.push(&format!("{at}.units_from"), "is not a valid header name"))
+                    .ok()
+            } else {
+                p.push(
+                    &format!("{at}.units_from"),
+                    "must be a JSON pointer such as \"/usage/units\" or \"header:<name>\"",
+                );
+                None
+            };
+            price.zip(from).map(|(price, from)| PerUnit { price, from })
+        }
+        _ => {
+            p.push(
+                &format!("{at}.unit_price"),
+                "unit_price and units_from go together",
+            );
+            None
+        }
+    };
+    let api = match raw.kind {
+        RouteKind::Http => None,
+        RouteKind::Openai => Some(LlmApi::OpenAi),
+        RouteKind::Anthropic => Some(LlmApi::Anthropic),
+    };
+    let mut models = BTreeMap::new();
+    for (name, model) in &raw.models {
+        let field = format!("models.{name}");
+        let input = amount(p, &format!("{field}.input"), &model.input);
+        let output = amount(p, &format!("{field}.output"), &model.output);
+        let cached = match &model.cached_input {
+            Some(text) => amount(p, &format!("{field}.cached_input"), text),
+            None => input,
+        };
+        if let (Some(input), Some(output), Some(cached_input)) = (input, output, cached) {
+            models.insert(
+                name.clone(),
+                TokenPrices {
+                    input,
+                    output,
+                    cached_input,
+                },
+            );
+        }
+    }
+    match api {
+        None if !raw.models.is_empty() => p.push(
+            &format!("{at}.models"),
+            "only LLM routes (kind = \"openai\" or \"anthropic\") have model prices",
+        ),
+        Some(_) if raw.models.is_empty() => p.push(
+            &format!("{at}.models"),
+            "an LLM route needs at least one model, e.g. [routes.models.\"gpt-4o-mini\"]",
+        ),
+        _ => {}
+    }
+    let rule = raw.hold.unwrap_or(if api.is_some() {
+        HoldRuleName::MaxTokens
+    } else if raw.max_hold.is_some() || per_unit.is_some() {
+        HoldRuleName::MaxHold
+    } else {
+        HoldRuleName::Flat
+    });
+    let hold = match rule {
+        HoldRuleName::Flat if per_unit.is_some() || api.is_some() => {
+            p.push(
+                &format!("{at}.hold"),
+                "a metered route cannot hold only its flat price; use max_hold (or max_tokens on LLM routes)",
+            );
+            None
+        }
+        HoldRuleName::Flat => Some(HoldRule::Flat),
+        HoldRuleName::MaxTokens if api.is_none() => {
+            p.push(&format!("{at}.hold"), "max_tokens needs an LLM route");
+            None
+        }
+        HoldRuleName::MaxTokens if per_unit.is_some() => {
+            p.push(
+                &format!("{at}.hold"),
+                "a route priced per unit needs hold = \"max_hold\"",
+            );
+            None
+        }
+        HoldRuleName::MaxTokens => Some(HoldRule::MaxTokens),
+        HoldRuleName::MaxHold => match max_hold {
+            Some(max) => Some(HoldRule::MaxHold(max)),
+            None => {
+                if raw.max_hold.is_none() {
+                    p.push(
+                        &format!("{at}.max_hold"),
+                        "is required by hold = \"max_hold\"",
+                    );
+                }
+                None
+            }
+        },
+    };
+    let other_endpoints = match (raw.other_endpoints, api) {
+        (OtherEndpoints::Refuse, _) => None,
+        (_, None) => {
+            p.push(
+                &format!("{at}.other_endpoints"),
+                "is for LLM routes (kind = \"openai\" or \"anthropic\")",
+            );
+            None
+        }
+        (OtherEndpoints::Flat, Some(_)) => match flat {
+            Some(price) if price > Nanos::ZERO => Some(price),
+            Some(_) => {
+                p.push(
+                    &format!("{at}.other_endpoints"),
+                    "\"flat\" needs a price above zero; calls would be free",
+                );
+                None
+            }
+            None => None,
+        },
+        (OtherEndpoints::MaxHold, Some(_)) => match max_hold {
+            Some(max) if max > Nanos::ZERO => Some(max),
+            _ => {
+                p.push(
+                    &format!("{at}.other_endpoints"),
+                    "\"max_hold\" needs a max_hold above zero; calls would be free",
+                );
+                None
+            }
+        },
+    };
+    let drain_timeout = positive_duration(&raw.drain_timeout);
+    if drain_timeout.is_none() {
+        p.push(
+            &format!("{at}.drain_timeout"),
+            "must be a positive duration, e.g. \"30s\"",
+        );
+    }
+    if p.len() > before {
+        return None;
+    }
+    Some(Pricing {
+        flat: flat?,
+        per_unit,
+        llm: api.map(|api| (api, models)),
+        hold: hold?,
+        default_max_tokens: raw.default_max_tokens,
+        stream_policy: raw.stream_policy,
+        other_endpoints,
+        drain_timeout: drain_timeout?,
+        drain_max_bytes: raw.drain_max_bytes,
+    })
+}
+
+/// Whether two normalised path prefixes can match the same request path.
+fn overlaps(a: &str, b: &str) -> bool {
+    let under = |x: &str, y: &str| x == y || x.starts_with(&format!("{y}/"));
+    under(a, b) || under(b, a)
+}
+
+fn is_path(text: &str) -> bool {
+    text.starts_with('/')
+        && !text.contains("//")
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"/-_.~".contains(&b))
+}
+
+fn parse_store_url(url: &str) -> Result<StoreConfig, String> {
+    if let Some(path) = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))
+    {
+        if path.is_empty() {
+            return Err(
+                "sqlite URL needs a file path, e.g. sqlite://tollgate-data/tollgate.db".into(),
+            );
+        }
+        return Ok(StoreConfig::Sqlite {
+            path: PathBuf::from(path),
+        });
+    }
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        return Ok(StoreConfig::Postgres {
+            url: Secret(url.to_string()),
+        });
+    }
+    Err(
+        "must be a sqlite:// or postgres:// URL, e.g. sqlite://tollgate-data/tollgate.db or \
+         postgres://tollgate@db.internal/tollgate"
+            .into(),
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// Problems, collected.
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigProblem {
+    pub path: String,
+    pub message: String,
+}
+
+/// Every problem found in a config, in file order.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<ConfigProblem>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.0.len();
+        writeln!(
+            f,
+            "{n} problem{} in the config:",
+            if n == 1 { "" } else { "s" }
+        )?;
+        for problem in &self.0 {
+            if problem.path.is_empty() {
+                writeln!(f, "  - {}", problem.message)?;
+            } else {
+                writeln!(f, "  - {}: {}", problem.path, problem.message)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Default)]
+struct Problems {
+    found: Vec<ConfigProblem>,
+    /// Fields that did not read and were left out or stood in for: reported once, when read.
+    unread: std::collections::BTreeSet<String>,
+}
+
+impl Problems {
+    /// Records a problem, unless it is about a field already reported as unread (its default or
+    /// stand-in value is not the operator's).
+    fn push(&mut self, path: &str, message: impl Into<String>) {
+        if self.unread.contains(path) {
+            return;
+        }
+        self.found.push(ConfigProblem {
+            path: path.to_string(),
+            message: message.into(),
+        });
+    }
+    /// Records a field that did not read.
+    fn unread(&mut self, path: &str, message: String) {
+        self.push(path, message);
+        self.unread.insert(path.to_string());
+    }
+    fn len(&self) -> usize {
+        self.found.len()
+    }
+    fn is_empty(&self) -> bool {
+        self.found.is_empty()
+    }
+    fn into_errors(self) -> ConfigErrors {
+        ConfigErrors(self.found)
+    }
+}
+
+/// The largest default: enough for any single node, whatever its open-file limit.
+const MAX_DEFAULT_CONNECTIONS: u64 = 32_768;
+
+/// Half of the open-file limit the process can raise itself to (its hard limit; see
+/// `edge::serve::raise_open_file_limit`), leaving the other half for upstream and database connections
+/// and files: 512 where the limit is 1024, or 512 if the limit cannot be read.
+pub fn default_max_connections() -> usize {
+    let hard = rlimit::getrlimit(rlimit::Resource::NOFILE)
+        .map(|(_, hard)| hard)
+        .unwrap_or(1024);
+    usize::try_from((hard / 2).clamp(1, MAX_DEFAULT_CONNECTIONS)).unwrap_or(512)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use expect_test::expect;
+
+    const NO_ENV: [(&str, &str); 0] = [];
+
+    fn problems(toml: &str) -> String {
+        match Config::load(toml, NO_ENV) {
+            Ok(_) => "ok".into(),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn a_public_route_cannot_be_priced_or_carry_key_policies() {
+        let text = problems(
+            r#"
+            [[routes]]
+            prefix = "/public"
+            upstream = "http://127.0.0.1:9/echo"
+            group = "public"
+            auth = "none"
+            price = "0.001"
+            rate_limits = [{ name = "r", scope = "key", limit = 1, window = "1s" }]
+            "#,
+        );
+        assert!(
+            text.contains("routes[0].auth: a route with auth = \"none\" has no account to charge"),
+            "{text}"
+        );
+        assert!(
+            text.contains("use a global ip policy instead of route rate_limits"),
+            "{text}"
+        );
+        let free = problems(
+            r#"
+            [[routes]]
+            prefix = "/public"
+            upstream = "http://127.0.0.1:9/echo"
+            group = "public"
+            auth = "none"
+            "#,
+        );
+        assert_eq!(free, "ok");
+    }
+
+    #[test]
+    fn a_route_forwards_only_the_methods_it_names_and_never_connect_or_trace() {
+        let route = |methods: &str| {
+            format!(
+                "[[routes]]\nprefix = \"/r\"\nupstream = \"http://127.0.0.1:9\"\ngroup = \"r\"\n{methods}"
+            )
+        };
+        let config = Config::load(&route(""), NO_ENV).unwrap();
+        let names: Vec<&str> = config.routes[0]
+            .methods
+            .iter()
+            .map(|m| m.as_str())
+            .collect();
+        assert_eq!(
+            names,
+            ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+        );
+        let config = Config::load(&route("methods = [\"GET\", \"PROPFIND\"]"), NO_ENV).unwrap();
+        assert_eq!(config.routes[0].methods.len(), 2);
+        let text = problems(&route("methods = [\"TRACE\", \"get\", \"CONNECT\"]"));
+        assert!(
+            text.contains("routes[0].methods: 'TRACE' cannot be forwarded"),
+            "{text}"
+        );
+        assert!(
+            text.contains("routes[0].methods: 'CONNECT' cannot be forwarded"),
+            "{text}"
+        );
+        assert!(
+            text.contains("'get' is not an HTTP method in upper case"),
+            "{text}"
+        );
+        let text = problems(&route("methods = []"));
+        assert!(
+            text.contains("routes[0].methods: must name at least one method"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn empty_file_is_a_valid_config_with_defaults() {
+        let config = Config::load("", NO_ENV).unwrap();
+        assert_eq!(config.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(config.api_prefix, "/api/v1");
+        assert_eq!(config.currency, "USD");
+        assert_eq!(
+            config.store,
+            StoreConfig::Sqlite {
+                path: "tollgate-data/tollgate.db".into()
+            }
+        );
+        assert!(config.routes.is_empty());
+    }
+
+    #[test]
+    fn a_full_route_is_normalised() {
+        let config = Config::load(
+            r#"
+            [[routes]]
+            prefix = "/echo/"
+            upstream = "http://127.0.0.1:9000/echo/"
+            group = "echo"
+            error_profile = "problem"
+            price = "0.001"
+            connect_timeout = "250ms"
+            timeout = "3s"
+            upstream_headers = { authorization = "Bearer sk-upstream" }
+            "#,
+            NO_ENV,
+        )
+        .unwrap();
+        let route = &config.routes[0];
+        assert_eq!(route.prefix, "/echo");
+        assert_eq!(route.upstream.to_string(), "http://127.0.0.1:9000/echo");
+        assert_eq!(route.error_profile, ErrorProfile::Problem);
+        assert_eq!(route.pricing.flat, Nanos(1_000_000));
+        assert_eq!(route.connect_timeout, Duration::from_millis(250));
+        assert_eq!(route.timeout, Duration::from_secs(3));
+        assert_eq!(route.upstream_headers[0].1, "Bearer sk-upstream");
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once_with_its_path() {
+        expect![[r#"
+            8 problems in the config:
+              - server.lisen: unknown field `lisen`, expected one of `listen`, `api_prefix`, `request_id_header`, `max_body_bytes`, `key_cache_capacity`, `trusted_proxies`, `header_read_timeout`, `max_connections`, `http2_max_concurrent_streams`, `max_header_bytes`
+              - routes[0].upstream: invalid type: integer `5`, expected a string
+              - routes[2].group: is required
+              - surprise: unknown section (expected server, store, redis, admin, billing, keys, load_shedding, idempotency, rate_limits or routes)
+              - billing.currency: must be a three-letter code in capitals, e.g. USD
+              - routes[1].prefix: '/api/v2' overlaps '/api', which Tollgate serves itself
+              - routes[1].price: '-1' is negative; amounts here must be zero or more
+              - routes[1].timeout: must be a positive duration, e.g. "5s" or "500ms"
+        "#]]
+        .assert_eq(&problems(
+            r#"
+            surprise = 1
+            [server]
+            lisen = "x"
+            [billing]
+            currency = "usd"
+            [[routes]]
+            prefix = "/a"
+            upstream = 5
+            group = "a"
+            [[routes]]
+            prefix = "/api/v2"
+            upstream = "http://h"
+            group = "g"
+            price = "-1"
+            timeout = "0s"
+            [[routes]]
+            prefix = "/c"
+            upstream = "http://h"
+            "#,
+        ));
+    }
+
+    /// A field that does not read hides no other problem of its section, route or policy.
+    #[test]
+    fn every_problem_of_one_section_or_item_is_reported_too() {
+        expect![[r#"
+            9 problems in the config:
+              - server.max_body_bytes: invalid type: string "big", expected u64
+              - rate_limits[0].window: invalid type: integer `5`, expected a string
+              - routes[0].group: is required
+              - server.listen: must be an address and port, e.g. 127.0.0.1:8080
+              - billing.currency: must be a three-letter code in capitals, e.g. USD
+              - rate_limits[0].limit: must be at least 1
+              - routes[0].prefix: must be a path starting with /, e.g. /v1
+              - routes[0].upstream: must be an http:// or https:// URL with a host and no query, e.g. https://api.example.com/v1
+              - routes[0].price: 'abc' is not a decimal amount (expected digits with an optional '.', e.g. "0.25")
+        "#]]
+        .assert_eq(&problems(
+            r#"
+            [server]
+            listen = "nope"
+            max_body_bytes = "big"
+            [billing]
+            currency = ""
+            [[rate_limits]]
+            name = "x"
+            scope = "key"
+            limit = 0
+            window = 5
+            [[routes]]
+            prefix = "api"
+            upstream = "ftp://x"
+            price = "abc"
+            "#,
+        ));
+    }
+
+    #[test]
+    fn load_shedding_bounds_are_checked() {
+        expect![[r#"
+            4 problems in the config:
+              - load_shedding.max_limit: must be at least min_limit
+              - load_shedding.initial_limit: must lie between min_limit and max_limit
+              - load_shedding.tolerance: must be a number of at least 1, e.g. 2.0
+              - load_shedding.cpu_threshold: must be a fraction of the machine's CPU above 0 and at most 1, e.g. 0.9
+        "#]]
+        .assert_eq(&problems(
+            r#"
+            [load_shedding]
+            initial_limit = 5
+            min_limit = 10
+            max_limit = 8
+            tolerance = 0.5
+            cpu_threshold = 90
+            "#,
+        ));
+        let off = Config::load("[load_shedding]\nenabled = false", NO_ENV).unwrap();
+        assert_eq!(off.load_shedding, None);
+        let on = Config::load("[load_shedding]\ncpu_threshold = 0.9", NO_ENV).unwrap();
+        assert_eq!(on.load_shedding.unwrap().cpu_threshold, Some(0.9));
+    }
+
+    #[test]
+    fn reserved_and_overlapping_prefixes_are_rejected() {
+        for prefix in [
+            "/",
+            "/api",
+            "/api/v1/x",
+            "/console/",
+            "/healthz",
+            "/readyz/x",
+            "/metrics",
+        ] {
+            let text = format!(
+                "[[routes]]\nprefix = \"{prefix}\"\nupstream = \"http://h\"\ngroup = \"g\"\n"
+            );
+            let out = problems(&text);
+            assert!(out.contains("routes[0].prefix"), "{prefix}: {out}");
+        }
+        // Sharing a first letter is not an overlap.
+        let ok = "[[routes]]\nprefix = \"/apix\"\nupstream = \"http://h\"\ngroup = \"g\"\n";
+        assert_eq!(problems(ok), "ok");
+    }
+
+    #[test]
+    fn duplicate_prefixes_are_rejected() {
+        let text = "[[routes]]\nprefix = \"/a\"\nupstream = \"http://h\"\ngroup = \"g\"\n\
+                    [[routes]]\nprefix = \"/a/\"\nupstream = \"http://h\"\ngroup = \"g\"\n";
+        assert!(
+            problems(text).contains("routes[1].prefix: '/a' is already the prefix of routes[0]")
+        );
+    }
+
+    #[test]
+    fn bad_upstreams_and_headers_are_named() {
+        let text = "[[routes]]\nprefix = \"/a\"\nupstream = \"ftp://h\"\ngroup = \"g\"\n\
+                    upstream_headers = { connection = \"x\", \"bad name\" = \"y\" }\n";
+        let out = problems(text);
+        assert!(out.contains("routes[0].upstream:"), "{out}");
+        assert!(
+            out.contains("routes[0].upstream_headers.connection: is managed by the proxy"),
+            "{out}"
+        );
+        assert!(
+            out.contains("routes[0].upstream_headers.bad name: is not a valid header name"),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn toml_syntax_errors_say_where() {
+        let out = problems("[server\nlisten = 1");
+        assert!(out.starts_with("1 problem in the config:"), "{out}");
+        assert!(out.contains("line 1"), "{out}");
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        let config = Config::load(
+            "[server]\nlisten = \"127.0.0.1:1\"\n",
+            [
+                ("TOLLGATE_LISTEN", "127.0.0.1:2"),
+                ("TOLLGATE_ADMIN_TOKEN", "an-admin-token-long-enough"),
+                ("TOLLGATE_DATABASE_URL", "sqlite:///tmp/x.db"),
+                ("TOLLGATE_UNRELATED", "ignored"),
+                ("PATH", "/bin"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(config.listen.to_string(), "127.0.0.1:2");
+        assert_eq!(
+            config.admin_token,
+            Some(Secret("an-admin-token-long-enough".into()))
+        );
+        assert_eq!(
+            config.store,
+            StoreConfig::Sqlite {
+                path: "/tmp/x.db".into()
+            }
+        );
+    }
+
+    #[test]
+    fn secrets_never_print() {
+        let config = Config::load(
+            "[admin]\ntoken = \"super-secret-admin-token\"\n\
+             [[routes]]\nprefix = \"/a\"\nupstream = \"http://h\"\ngroup = \"g\"\n\
+             upstream_headers = { authorization = \"Bearer sk-upstream-secret\" }\n",
+            NO_ENV,
+        )
+        .unwrap();
+        let printed = format!("{}{config:?}", config.raw.to_redacted_toml());
+        assert!(!printed.contains("super-secret-admin-token"));
+        assert!(!printed.contains("sk-upstream-secret"));
+        assert!(
+            printed.contains("authorization = \"<redacted>\""),
+            "{printed}"
+        );
+    }
+
+    #[test]
+    fn the_documented_example_config_is_valid() {
+        let config = Config::load(
+            include_str!("../../../../docs/tollgate.example.toml"),
+            NO_ENV,
+        )
+        .unwrap();
+        assert_eq!(config.routes.len(), 4);
+        assert_eq!(config.starter_credits, Nanos(1_000_000_000));
+        let openai = &config.routes[0].pricing;
+        let (api, models) = openai.llm.as_ref().unwrap();
+        assert_eq!(*api, LlmApi::OpenAi);
+        assert_eq!(models["gpt-4o-mini"].output, Nanos(600_000_000));
+        let render = &config.routes[3].pricing;
+        assert_eq!(render.hold, HoldRule::MaxHold(Nanos(50_000_000)));
+        assert_eq!(
+            render.per_unit.as_ref().unwrap().from,
+            UnitsFrom::JsonPointer("/pages".into())
+        );
+    }
+
+    #[test]
+    fn pricing_rules_are_checked() {
+        let route = "[[routes]]\nprefix = \"/a\"\nupstream = \"http://h\"\ngroup = \"g\"\n";
+        let out = problems(&format!("{route}kind = \"openai\"\n"));
+        assert!(
+            out.contains("routes[0].models: an LLM route needs at least one model"),
+            "{out}"
+        );
+        let out = problems(&format!("{route}unit_price = \"0.1\"\n"));
+        assert!(
+            out.contains("routes[0].unit_price: unit_price and units_from go together"),
+            "{out}"
+        );
+        let out = problems(&format!(
+            "{route}unit_price = \"0.1\"\nunits_from = \"units\"\n"
+        ));
+        assert!(
+            out.contains("routes[0].units_from: must be a JSON pointer"),
+            "{out}"
+        );
+        let out = problems(&format!(
+            "{route}unit_price = \"0.1\"\nunits_from = \"/units\"\nhold = \"flat\"\n"
+        ));
+        assert!(
+            out.contains("routes[0].hold: a metered route cannot hold only its flat price"),
+            "{out}"
+        );
+        let out = problems(&format!(
+            "{route}hold = \"max_hold\"\n[routes.models.m]\ninput = \"x\"\noutput = \"1\"\n"
+        ));
+        assert!(out.contains("routes[0].max_hold: is required"), "{out}");
+        assert!(
+            out.contains("routes[0].models.m.input: 'x' is not a decimal amount"),
+            "{out}"
+        );
+        assert!(out.contains("routes[0].models: only LLM routes"), "{out}");
+        let out = problems("[billing]\nrequest_hold_ttl = \"soon\"\nmanagement_fee = \"-1\"\n");
+        assert!(
+            out.contains("billing.request_hold_ttl: must be a positive duration"),
+            "{out}"
+        );
+        assert!(
+            out.contains("billing.management_fee: '-1' is negative"),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn weak_admin_tokens_and_other_stores_are_refused() {
+        let out = problems("[admin]\ntoken = \"short\"\n[store]\nurl = \"mysql://x\"\n");
+        assert!(
+            out.contains("admin.token: must be at least 16 characters"),
+            "{out}"
+        );
+        assert!(
+            out.contains("store.url: must be a sqlite:// or postgres:// URL"),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn a_postgres_url_selects_postgres_and_is_never_shown() {
+        let url = "postgres://tollgate:hunter2@127.0.0.1:5432/tollgate";
+        let store = parse_store_url(url).unwrap();
+        assert_eq!(
+            store,
+            StoreConfig::Postgres {
+                url: Secret(url.into())
+            }
+        );
+        assert!(!format!("{store:?}").contains("hunter2"));
+        let raw = RawStore { url: url.into() };
+        assert!(!format!("{raw:?}").contains("hunter2"));
+        let shown = toml::to_string(&raw).unwrap();
+        assert_eq!(
+            shown.trim(),
+            "url = \"postgres://tollgate:<redacted>@127.0.0.1:5432/tollgate\""
+        );
+        assert_eq!(without_password("sqlite://data/t.db"), "sqlite://data/t.db");
+        assert_eq!(without_password("postgres://u@h/db"), "postgres://u@h/db");
+    }
+}

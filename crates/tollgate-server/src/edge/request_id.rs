@@ -1,0 +1,42 @@
+//! The request-ID layer: each request gets its `req_<ULID>`, stamped on the response (also as
+//! `request-id` when the response carries the Anthropic profile of its route).
+
+use crate::http::headers::{ClientRequestId, RequestIdHeader, ANTHROPIC_REQUEST_ID};
+use crate::state::AppState;
+use axum::extract::{Request, State};
+use axum::http::HeaderValue;
+use axum::middleware::Next;
+use axum::response::Response;
+use tollgate_core::RequestId;
+use tollgate_wire::ErrorProfile;
+
+pub async fn request_id(
+    State(state): State<AppState>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let id = RequestId::new();
+    let header = &state.config.request_id_header;
+    if let Some(client_id) = request.headers().get(header).and_then(|v| v.to_str().ok()) {
+        let client_id = client_id.chars().take(200).collect();
+        request.extensions_mut().insert(ClientRequestId(client_id));
+    }
+    let value = HeaderValue::from_str(&id.to_string()).ok();
+    request.extensions_mut().insert(id);
+    if let Some(value) = &value {
+        request
+            .extensions_mut()
+            .insert(RequestIdHeader(value.clone()));
+    }
+    let mut response = next.run(request).await;
+    if let Some(value) = value {
+        // Anthropic clients read the ID from `request-id`; a route's responses carry its profile.
+        if response.extensions().get::<ErrorProfile>() == Some(&ErrorProfile::Anthropic) {
+            response
+                .headers_mut()
+                .insert(ANTHROPIC_REQUEST_ID, value.clone());
+        }
+        response.headers_mut().insert(header.clone(), value);
+    }
+    response
+}

@@ -1,0 +1,777 @@
+//! Money in the management API: credits, balance, ledger, the billing API's holds, the usage log,
+//! and the fee on metered management calls.
+//!
+//! Reads come from the store after [`Ledger::flush`], so a caller always sees its own writes.
+
+use crate::billing::ledger::{GrantRefused, Granted, HoldRefused, HoldSpec};
+use crate::http::error::validation;
+use crate::http::error::FieldErrors;
+use crate::http::error::HttpError;
+use crate::management::extract::Caller;
+use crate::management::extract::{caller_owns, parse_id, JsonBody};
+use crate::management::extract::{page, page_limit, parse_query};
+use crate::management::fee::ManagementFee;
+use crate::management::openapi;
+use crate::state::AppState;
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::{Extension, Json};
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
+use std::time::Duration;
+use tollgate_core::ledger::{month_start, HoldStatus, Resolve};
+use tollgate_core::money::MAX_AMOUNT;
+use tollgate_core::{AccountId, ApiError, ErrorCode, HoldId, KeyId, KeyKind, Nanos, RequestId};
+use tollgate_store::{HoldRecord, HoldSource, UsageFilter, UsageGroup, UsageRow};
+use tollgate_wire::api::{self as wire, Money};
+use utoipa::IntoParams;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+const DEFAULT_HOLD_TTL_S: u64 = 3600;
+const MAX_HOLD_TTL_S: u64 = 7 * 24 * 3600;
+
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(grant_credits))
+        .routes(routes!(balance))
+        .routes(routes!(ledger_entries))
+        .routes(routes!(create_hold))
+        .routes(routes!(get_hold))
+        .routes(routes!(settle_hold))
+        .routes(routes!(release_hold))
+        .routes(routes!(list_requests))
+        .routes(routes!(get_request))
+        .routes(routes!(usage_summary))
+}
+
+fn money(state: &AppState, amount: Nanos) -> Money {
+    Money::new(amount, &state.config.currency)
+}
+
+/// The account a call is about: the caller's own, or (admin) the one named.
+fn subject_account(caller: &Caller, named: Option<&str>) -> Result<AccountId, HttpError> {
+    let named = named
+        .map(|text| {
+            AccountId::parse(text)
+                .ok_or_else(|| validation("account_id", "is not an account id (acct_...)"))
+        })
+        .transpose()?;
+    match (caller, named) {
+        (Caller::Admin, Some(id)) => Ok(id),
+        (Caller::Admin, None) => Err(validation(
+            "account_id",
+            "is required when the admin makes this call",
+        )),
+        (Caller::Key(key), Some(id)) if id != key.account_id => {
+            Err(HttpError::not_found("account"))
+        }
+        (Caller::Key(key), _) => Ok(key.account_id),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Credits, balance, ledger
+
+/// Adds prepaid credits to an account's wallet (admin only).
+#[utoipa::path(
+    post,
+    path = "/accounts/{id}/credits",
+    tag = "billing",
+    params(("id" = AccountId, Path, description = "The account's id.")),
+    request_body = wire::GrantRequest,
+    responses(
+        (status = 200, description = "The wallet after the grant.", body = wire::Balance),
+        (status = 400, response = openapi::Status400),
+        (status = 403, response = openapi::Status403),
+        (status = 404, response = openapi::Status404),
+    ),
+    security(("admin_token" = [])),
+)]
+async fn grant_credits(
+    State(state): State<AppState>,
+    Extension(request_id): Extension<RequestId>,
+    caller: Caller,
+    id: Result<Path<String>, PathRejection>,
+    body: JsonBody,
+) -> Result<axum::response::Response, HttpError> {
+    caller.require_admin()?;
+    let account = parse_id(id, AccountId::parse, "account")?;
+    let body: wire::GrantRequest = body.parse()?;
+    let mut fields = FieldErrors::default();
+    let amount = match Nanos::parse_amount(&body.amount) {
+        Ok(n) if n > Nanos::ZERO => n,
+        Ok(_) => {
+            fields.add("amount", "must be more than zero");
+            Nanos::ZERO
+        }
+        Err(e) => {
+            fields.add("amount", e.to_string());
+            Nanos::ZERO
+        }
+    };
+    if amount > MAX_AMOUNT {
+        fields.add("amount", format!("must be at most {MAX_AMOUNT} credits"));
+    }
+    let reason = fields.name("reason", &body.reason);
+    let reference = body.reference.as_deref();
+    if reference
+        .is_some_and(|r| !(1..=128).contains(&r.len()) || !r.bytes().all(|b| b.is_ascii_graphic()))
+    {
+        fields.add("reference", "must be 1 to 128 printable ASCII characters");
+    }
+    fields.finish()?;
+    if state.store.account(account).await?.is_none() {
+        return Err(HttpError::not_found("account"));
+    }
+    let filed_under = match reference {
+        Some(reference) => format!("grant:{reference}"),
+        None => request_id.to_string(),
+    };
+    let granted = state
+        .ledger
+        .grant(account, amount, &reason, &filed_under, reference.is_some())
+        .await
+        .map_err(|refused| grant_refused(refused, reference.is_some()))?;
+    let outcome = match granted {
+        Granted::AlreadyApplied => {
+            tracing::info!(%account, reference = ?reference, "grant already applied; not applied again");
+            "already_applied"
+        }
+        Granted::Applied => {
+            tracing::info!(%account, amount = %amount, "credits granted");
+            let change = crate::management::audit::Change::new("credits.grant", account).after(
+                &serde_json::json!({
+                    "amount": wire::Money::new(amount, &state.config.currency),
+                    "reason": reason,
+                }),
+            );
+            crate::management::audit::record(&state, &caller, request_id, change).await;
+            "applied"
+        }
+    };
+    let mut response = Json(read_balance(&state, account).await?).into_response();
+    response
+        .headers_mut()
+        .insert("x-tollgate-grant", http::HeaderValue::from_static(outcome));
+    Ok(response)
+}
+
+/// A grant that was not applied, or not confirmed: never "nothing changed" when something may
+/// have.
+fn grant_refused(refused: GrantRefused, has_reference: bool) -> HttpError {
+    match refused {
+        GrantRefused::OverLimit => validation(
+            "amount",
+            format!("would take the balance over the limit of {MAX_AMOUNT} credits"),
+        ),
+        GrantRefused::Store(e) => e.into(),
+        GrantRefused::Unconfirmed => {
+            let retry = if has_reference {
+                "Retry with the same reference to confirm it: it is never applied twice."
+            } else {
+                "Check the balance before granting again, or send a reference to make retries safe."
+            };
+            ApiError::new(
+                ErrorCode::ServiceUnavailable,
+                format!("The store has not confirmed this grant. It is queued and will be applied when the store answers. {retry}"),
+            )
+            .with_detail("dependency", "store")
+            .with_detail("grant", "queued")
+            .with_retry_after(crate::http::error::DEPENDENCY_RETRY_AFTER_S)
+            .into()
+        }
+    }
+}
+
+async fn read_balance(state: &AppState, account: AccountId) -> Result<wire::Balance, HttpError> {
+    state.ledger.flush().await?;
+    let wallet = state
+        .store
+        .wallet(account)
+        .await?
+        .ok_or_else(|| HttpError::not_found("account"))?;
+    let spent = state
+        .store
+        .account_spent_since(account, month_start(state.clock.now()))
+        .await?;
+    Ok(wire::Balance {
+        account_id: account,
+        available: money(state, wallet.available),
+        held: money(state, wallet.held),
+        spent_this_month: money(state, spent),
+    })
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+struct AccountQuery {
+    /// Admin only (and required of the admin): the account to read.
+    account_id: Option<String>,
+}
+
+/// The caller's wallet: available, held and spent this month.
+#[utoipa::path(
+    get,
+    path = "/billing/balance",
+    tag = "billing",
+    params(AccountQuery),
+    responses(
+        (status = 200, description = "The wallet now.", body = wire::Balance),
+        (status = 400, response = openapi::Status400),
+        (status = 403, response = openapi::Status403),
+        (status = 404, response = openapi::Status404),
+    ),
+    security(("admin_token" = []), ("api_key" = [])),
+)]
+async fn balance(
+    State(state): State<AppState>,
+    caller: Caller,
+    query: Result<Query<AccountQuery>, QueryRejection>,
+) -> Result<Json<wire::Balance>, HttpError> {
+    caller.require_master_or_admin()?;
+    let query = parse_query(query)?;
+    let account = subject_account(&caller, query.account_id.as_deref())?;
+    Ok(Json(read_balance(&state, account).await?))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+struct LedgerQuery {
+    /// Admin only (and required of the admin): the account to read.
+    account_id: Option<String>,
+    /// The `next_cursor` of the previous page.
+    cursor: Option<String>,
+    /// Page size, 1 to 500; default 50.
+    limit: Option<u32>,
+}
+
+/// The account's double-entry ledger.
+#[utoipa::path(
+    get,
+    path = "/ledger",
+    tag = "billing",
+    params(LedgerQuery),
+    responses(
+        (status = 200, description = "One page of entries, in commit order.", body = wire::Page<wire::LedgerEntry>),
+        (status = 400, response = openapi::Status400),
+        (status = 403, response = openapi::Status403),
+        (status = 404, response = openapi::Status404),
+    ),
+    security(("admin_token" = []), ("api_key" = [])),
+)]
+async fn ledger_entries(
+    State(state): State<AppState>,
+    caller: Caller,
+    query: Result<Query<LedgerQuery>, QueryRejection>,
+) -> Result<Json<wire::Page<wire::LedgerEntry>>, HttpError> {
+    caller.require_master_or_admin()?;
+    let query = parse_query(query)?;
+    let account = subject_account(&caller, query.account_id.as_deref())?;
+    let limit = page_limit(query.limit)?;
+    let before = query
+        .cursor
+        .as_deref()
+        .map(|c| {
+            c.parse::<i64>()
+                .map_err(|_| validation("cursor", "is not a cursor from a previous page"))
+        })
+        .transpose()?;
+    state.ledger.flush().await?;
+    let rows = state.store.transfers(account, before, limit + 1).await?;
+    let (rows, next_cursor) = page(rows, limit, |r| r.seq.to_string());
+    Ok(Json(wire::Page {
+        data: rows
+            .into_iter()
+            .map(|r| wire::LedgerEntry {
+                seq: r.seq,
+                from: r.debit,
+                to: r.credit,
+                amount: money(&state, r.amount),
+                kind: r.kind,
+                memo: r.memo,
+                reference: r.reference,
+                created_at: r.created_at,
+            })
+            .collect(),
+        next_cursor,
+    }))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Billing API: holds for the operator's own work
+
+fn hold_view(state: &AppState, record: &HoldRecord) -> wire::HoldInfo {
+    let hold = &record.hold;
+    wire::HoldInfo {
+        id: hold.id,
+        account_id: hold.account,
+        key_id: hold.key,
+        amount: money(state, hold.amount),
+        charged: money(state, hold.charged),
+        status: hold.status.as_str().to_string(),
+        metadata: record.metadata.clone(),
+        created_at: hold.created_at,
+        expires_at: hold.expires_at,
+        resolved_at: hold.resolved_at,
+    }
+}
+
+/// Reserves credit for work done outside the gateway; settle or release it once.
+#[utoipa::path(
+    post,
+    path = "/holds",
+    tag = "holds",
+    request_body = wire::CreateHoldRequest,
+    responses(
+        (status = 201, description = "The pending hold.", body = wire::HoldInfo),
+        (status = 400, response = openapi::Status400),
+        (status = 402, response = openapi::Status402),
+        (status = 403, response = openapi::Status403),
+        (status = 404, response = openapi::Status404),
+    ),
+    security(("admin_token" = []), ("api_key" = [])),
+)]
+async fn create_hold(
+    State(state): State<AppState>,
+    Extension(request_id): Extension<RequestId>,
+    caller: Caller,
+    body: JsonBody,
+) -> Result<impl IntoResponse, HttpError> {
+    let body: wire::CreateHoldRequest = body.parse()?;
+    let mut fields = FieldErrors::default();
+    let amount = Nanos::parse_amount(&body.amount)
+        .map_err(|e| fields.add("amount", e.to_string()))
+        .unwrap_or_default();
+    let ttl = body.ttl_seconds.unwrap_or(DEFAULT_HOLD_TTL_S);
+    if !(1..=MAX_HOLD_TTL_S).contains(&ttl) {
+        fields.add(
+            "ttl_seconds",
+            format!("must be between 1 and {MAX_HOLD_TTL_S}"),
+        );
+    }
+    let metadata = body
+        .metadata
+        .unwrap_or_else(|| serde_json::Value::Object(Default::default()));
+    if !metadata.is_object() || metadata.to_string().len() > 16 * 1024 {
+        fields.add("metadata", "must be a JSON object of at most 16 KiB");
+    }
+    if matches!(caller, Caller::Key(_)) && body.account_id.is_some() {
+        fields.add(
+            "account_id",
+            "is for the admin; a key holds from its own account",
+        );
+    }
+    fields.finish()?;
+    let account = subject_account(&caller, body.account_id.as_deref())?;
+    if state.store.account(account).await?.is_none() {
+        return Err(HttpError::not_found("account"));
+    }
+    let (key, key_cap) = match &caller {
+        Caller::Key(key) => (Some(key.id), key.monthly_spend_cap),
+        Caller::Admin => (None, None),
+    };
+    let fee = ManagementFee::hold(&state, &caller, request_id).await?;
+    let hold = state
+        .ledger
+        .open(HoldSpec {
+            account,
+            key,
+            key_cap,
+            amount,
+            ttl: Duration::from_secs(ttl),
+            source: HoldSource::Api,
+            request_id: Some(request_id),
+            metadata: metadata.clone(),
+        })
+        .await
+        .map_err(|refused: HoldRefused| {
+            crate::billing::refusal::refused_error(refused, amount, &state.config.currency)
+        })?;
+    if state.ledger.flush().await.is_err() {
+        // The caller hears "nothing reserved", so nothing stays reserved: the release is queued
+        // behind the opening, and the store gets both or neither.
+        state.ledger.undo_open(&hold);
+        return Err(ApiError::new(
+            ErrorCode::ServiceUnavailable,
+            "The store did not confirm this hold, so it was released: nothing is reserved or charged. Retry shortly.",
+        )
+        .with_detail("dependency", "store")
+        .with_retry_after(crate::http::error::DEPENDENCY_RETRY_AFTER_S)
+        .into());
+    }
+    // Handled is not stored: a hold the store refused was undone in the book.
+    if state.store.hold(hold.id).await?.is_none() {
+        return Err(tollgate_store::StoreError::Corrupt(format!(
+            "the store refused hold {}; nothing is reserved",
+            hold.id
+        ))
+        .into());
+    }
+    fee.settle();
+    let record = HoldRecord {
+        hold,
+        source: HoldSource::Api,
+        request_id: Some(request_id),
+        metadata,
+    };
+    Ok((StatusCode::CREATED, Json(hold_view(&state, &record))))
+}
+
+/// A billing-API hold the caller may see and resolve, from the store once the ledger has caught
+/// up. Everything else answers 404 exactly like a missing hold: a data-plane request's hold (only
+/// its request settles it), another account's hold, and, for a usage key, a hold another key of
+/// its account opened.
+async fn owned_hold(
+    state: &AppState,
+    caller: &Caller,
+    id: Result<Path<String>, PathRejection>,
+) -> Result<HoldRecord, HttpError> {
+    let id = parse_id(id, HoldId::parse, "hold")?;
+    state.ledger.flush().await?;
+    match state.store.hold(id).await? {
+        Some(record) if record.source == HoldSource::Api && may_resolve(caller, &record) => {
+            Ok(record)
+        }
+        _ => Err(HttpError::not_found("hold")),
+    }
+}
+
+/// Who may read, settle and release a billing-API hold: the admin, the account's master keys,
+/// and the usage key that opened it.
+fn may_resolve(caller: &Caller, record: &HoldRecord) -> bool {
+    match caller {
+        Caller::Admin => true,
+        Caller::Key(key) if key.account_id != record.hold.account => false,
+        Caller::Key(key) => key.kind == KeyKind::Master || record.hold.key == Some(key.id),
+    }
+}
+
+/// A hold and what became of it.
+#[utoipa::path(
+    get,
+    path = "/holds/{id}",
+    tag = "holds",
+    params(("id" = HoldId, Path, description = "The hold's id.")),
+    responses(
+        (status = 200, description = "The hold.", body = wire::HoldInfo),
+        (status = 404, response = openapi::Status404),
+    ),
+    security(("admin_token" = []), ("api_key" = [])),
+)]
+async fn get_hold(
+    State(state): State<AppState>,
+    caller: Caller,
+    id: Result<Path<String>, PathRejection>,
+) -> Result<Json<wire::HoldInfo>, HttpError> {
+    let record = owned_hold(&state, &caller, id).await?;
+    Ok(Json(hold_view(&state, &record)))
+}
+
+/// Charges the actual cost of a hold (at most the amount held) and releases the rest.
+#[utoipa::path(
+    post,
+    path = "/holds/{id}/settle",
+    tag = "holds",
+    params(("id" = HoldId, Path, description = "The hold's id.")),
+    request_body = wire::SettleHoldRequest,
+    responses(
+        (status = 200, description = "The settled hold; the rest of the reservation is released.", body = wire::HoldInfo),
+        (status = 400, response = openapi::Status400),
+        (status = 404, response = openapi::Status404),
+        (status = 409, response = openapi::Status409),
+    ),
+    security(("admin_token" = []), ("api_key" = [])),
+)]
+async fn settle_hold(
+    State(state): State<AppState>,
+    caller: Caller,
+    id: Result<Path<String>, PathRejection>,
+    body: JsonBody,
+) -> Result<Json<wire::HoldInfo>, HttpError> {
+    let record = owned_hold(&state, &caller, id).await?;
+    let body: wire::SettleHoldRequest = body.parse()?;
+    let amount =
+        Nanos::parse_amount(&body.amount).map_err(|e| validation("amount", e.to_string()))?;
+    // Settling a resolved hold again answers its first outcome, whatever the amount.
+    if record.hold.status == HoldStatus::Pending && amount > record.hold.amount {
+        return Err(validation(
+            "amount",
+            format!(
+                "must be at most the amount held ({} {})",
+                record.hold.amount, state.config.currency
+            ),
+        ));
+    }
+    resolve(&state, record, Resolve::Settle(amount)).await
+}
+
+/// Releases a hold without charging anything.
+#[utoipa::path(
+    post,
+    path = "/holds/{id}/release",
+    tag = "holds",
+    params(("id" = HoldId, Path, description = "The hold's id.")),
+    responses(
+        (status = 200, description = "The released hold; nothing was charged.", body = wire::HoldInfo),
+        (status = 404, response = openapi::Status404),
+        (status = 409, response = openapi::Status409),
+    ),
+    security(("admin_token" = []), ("api_key" = [])),
+)]
+async fn release_hold(
+    State(state): State<AppState>,
+    caller: Caller,
+    id: Result<Path<String>, PathRejection>,
+) -> Result<Json<wire::HoldInfo>, HttpError> {
+    let record = owned_hold(&state, &caller, id).await?;
+    resolve(&state, record, Resolve::Release).await
+}
+
+async fn resolve(
+    state: &AppState,
+    record: HoldRecord,
+    how: Resolve,
+) -> Result<Json<wire::HoldInfo>, HttpError> {
+    let resolved = state
+        .ledger
+        .resolve_durably(record.hold.id, how)
+        .await?
+        .ok_or_else(|| HttpError::not_found("hold"))?;
+    Ok(Json(hold_view(state, &resolved)))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Usage log
+
+fn usage_view(state: &AppState, row: UsageRow) -> wire::UsageRecord {
+    wire::UsageRecord {
+        request_id: row.request_id,
+        client_request_id: row.client_request_id,
+        account_id: row.account_id,
+        key_id: row.key_id,
+        route: row.route,
+        model: row.model,
+        method: row.method,
+        path: row.path,
+        status: row.status,
+        upstream_status: row.upstream_status,
+        units: row.units,
+        input_tokens: row.tokens.map(|t| t.input),
+        cached_input_tokens: row.tokens.map(|t| t.cached_input),
+        output_tokens: row.tokens.map(|t| t.output),
+        cost: money(state, row.cost),
+        hold: money(state, row.hold),
+        over_hold: row.uncovered > Nanos::ZERO,
+        uncovered: money(state, row.uncovered),
+        billing_status: row.billing_status.as_str().to_string(),
+        latency_ms: row.latency_ms,
+        error_code: row.error_code,
+        error_message: row.error_message,
+        replay_of: row.replay_of,
+        created_at: row.created_at,
+        completed_at: row.completed_at,
+    }
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+struct RequestsQuery {
+    /// Admin only: one account's requests; every account's if omitted.
+    account_id: Option<String>,
+    /// Only this key's requests.
+    key_id: Option<String>,
+    /// Only this route's requests (its prefix, `/v1`).
+    route: Option<String>,
+    /// Only requests answered with this status.
+    status: Option<u16>,
+    /// From this instant (inclusive, RFC 3339).
+    from: Option<DateTime<Utc>>,
+    /// Before this instant (exclusive, RFC 3339).
+    to: Option<DateTime<Utc>>,
+    /// The `next_cursor` of the previous page.
+    cursor: Option<String>,
+    /// Page size, 1 to 500; default 50.
+    limit: Option<u32>,
+}
+
+/// The data-plane request log, newest first: the admin's of every account (or `?account_id=`), a
+/// master key's of its own.
+#[utoipa::path(
+    get,
+    path = "/requests",
+    tag = "usage",
+    params(RequestsQuery),
+    responses(
+        (status = 200, description = "One page of data-plane requests, newest first.", body = wire::Page<wire::UsageRecord>),
+        (status = 400, response = openapi::Status400),
+        (status = 403, response = openapi::Status403),
+        (status = 404, response = openapi::Status404),
+    ),
+    security(("admin_token" = []), ("api_key" = [])),
+)]
+async fn list_requests(
+    State(state): State<AppState>,
+    caller: Caller,
+    query: Result<Query<RequestsQuery>, QueryRejection>,
+) -> Result<Json<wire::Page<wire::UsageRecord>>, HttpError> {
+    caller.require_master_or_admin()?;
+    let query = parse_query(query)?;
+    if query.status.is_some_and(|s| !(100..=599).contains(&s)) {
+        return Err(validation("status", "must be an HTTP status, 100 to 599"));
+    }
+    // The admin may list every account's requests; a master key sees its own.
+    let account = match (&caller, &query.account_id) {
+        (Caller::Admin, None) => None,
+        _ => Some(subject_account(&caller, query.account_id.as_deref())?),
+    };
+    let key = query
+        .key_id
+        .as_deref()
+        .map(|k| KeyId::parse(k).ok_or_else(|| validation("key_id", "is not a key id (key_...)")))
+        .transpose()?;
+    let before = query
+        .cursor
+        .as_deref()
+        .map(|c| {
+            RequestId::parse(c)
+                .ok_or_else(|| validation("cursor", "is not a cursor from a previous page"))
+        })
+        .transpose()?;
+    let limit = page_limit(query.limit)?;
+    state.ledger.flush().await?;
+    let filter = UsageFilter {
+        account,
+        key,
+        route: query.route,
+        status: query.status,
+        from: query.from,
+        to: query.to,
+        before,
+        limit: limit + 1,
+    };
+    let rows = state.store.requests(&filter).await?;
+    let (rows, next_cursor) = page(rows, limit, |r| r.request_id.to_string());
+    Ok(Json(wire::Page {
+        data: rows.into_iter().map(|r| usage_view(&state, r)).collect(),
+        next_cursor,
+    }))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+struct UsageQuery {
+    /// Admin only (and required of the admin): the account to sum.
+    account_id: Option<String>,
+    /// `day` (default, UTC), `key`, `route` or `model`.
+    group_by: Option<String>,
+    /// From this instant (inclusive, RFC 3339).
+    from: Option<DateTime<Utc>>,
+    /// Before this instant (exclusive, RFC 3339).
+    to: Option<DateTime<Utc>>,
+}
+
+/// An account's usage totals per day, key, route or model, over `[from, to)`.
+#[utoipa::path(
+    get,
+    path = "/usage",
+    tag = "usage",
+    params(UsageQuery),
+    responses(
+        (status = 200, description = "Totals per group.", body = wire::UsageSummary),
+        (status = 400, response = openapi::Status400),
+        (status = 403, response = openapi::Status403),
+        (status = 404, response = openapi::Status404),
+    ),
+    security(("admin_token" = []), ("api_key" = [])),
+)]
+async fn usage_summary(
+    State(state): State<AppState>,
+    caller: Caller,
+    query: Result<Query<UsageQuery>, QueryRejection>,
+) -> Result<Json<wire::UsageSummary>, HttpError> {
+    caller.require_master_or_admin()?;
+    let query = parse_query(query)?;
+    let account = subject_account(&caller, query.account_id.as_deref())?;
+    let group_by = query.group_by.unwrap_or_else(|| "day".into());
+    let group = match group_by.as_str() {
+        "day" => UsageGroup::Day,
+        "key" => UsageGroup::Key,
+        "route" => UsageGroup::Route,
+        "model" => UsageGroup::Model,
+        _ => return Err(validation("group_by", "must be day, key, route or model")),
+    };
+    if let (Some(from), Some(to)) = (query.from, query.to) {
+        if from > to {
+            return Err(validation("to", "must not be before from"));
+        }
+    }
+    state.ledger.flush().await?;
+    let buckets = state
+        .store
+        .usage_summary(account, group, query.from, query.to)
+        .await?;
+    let (api_holds, api_cost) = state
+        .store
+        .api_charges(account, query.from, query.to)
+        .await?;
+    let cost = buckets.iter().fold(api_cost, |total, b| {
+        tollgate_core::pricing::add(total, b.cost)
+    });
+    Ok(Json(wire::UsageSummary {
+        account_id: account,
+        group_by,
+        from: query.from,
+        to: query.to,
+        billing_api: wire::BillingApiTotals {
+            holds: api_holds,
+            cost: money(&state, api_cost),
+        },
+        cost: money(&state, cost),
+        data: buckets
+            .into_iter()
+            .map(|b| wire::UsageTotals {
+                group: b.group,
+                requests: b.requests,
+                errors: b.errors,
+                input_tokens: b.input_tokens,
+                cached_input_tokens: b.cached_input_tokens,
+                output_tokens: b.output_tokens,
+                cost: money(&state, b.cost),
+            })
+            .collect(),
+    }))
+}
+
+/// One data-plane request, by the request ID it was answered with.
+#[utoipa::path(
+    get,
+    path = "/requests/{id}",
+    tag = "usage",
+    params(("id" = RequestId, Path, description = "The request's id.")),
+    responses(
+        (status = 200, description = "The request: route, status, tokens, cost and billing outcome.", body = wire::UsageRecord),
+        (status = 403, response = openapi::Status403),
+        (status = 404, response = openapi::Status404),
+    ),
+    security(("admin_token" = []), ("api_key" = [])),
+)]
+async fn get_request(
+    State(state): State<AppState>,
+    caller: Caller,
+    id: Result<Path<String>, PathRejection>,
+) -> Result<Json<wire::UsageRecord>, HttpError> {
+    caller.require_master_or_admin()?;
+    let id = parse_id(id, RequestId::parse, "request")?;
+    state.ledger.flush().await?;
+    match state.store.request(id).await? {
+        Some(row) if caller_owns(&caller, row.account_id) => Ok(Json(usage_view(&state, row))),
+        _ => Err(ApiError::new(ErrorCode::NotFound, "No such request.").into()),
+    }
+}
