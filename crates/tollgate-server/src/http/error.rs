@@ -1,6 +1,6 @@
-//! The one error type handlers return. It does not render itself: it rides in the response's
-//! extensions to the rescue layer ([`crate::edge::rescue::rescue`]), which knows the request ID and the
-//! route's error profile and is the only place that builds error bodies.
+//! The one error type handlers return, and the refusals several rooms share. It does not render
+//! itself: it rides in the response's extensions to the rescue layer
+//! ([`crate::edge::rescue::rescue`]), which knows the request ID and the route's error profile.
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -98,7 +98,7 @@ pub(crate) fn method_not_allowed(method: &http::Method, allowed: &[http::Method]
 
 /// 413: the body is over `limit` bytes.
 pub(crate) fn payload_too_large(limit: u64) -> HttpError {
-    tollgate_core::ApiError::new(
+    ApiError::new(
         ErrorCode::PayloadTooLarge,
         format!("The request body is larger than the limit of {limit} bytes."),
     )
