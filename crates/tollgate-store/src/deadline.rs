@@ -23,9 +23,9 @@ use crate::postgres::PostgresStore;
 use crate::{
     Account, AccountStore, AuditStore, BatchId, Carve, ChangeFeed, HoldRecord, IdempotencyBegin,
     IdempotencyClaim, IdempotencyStore, InsertKeyOutcome, KeyChange, KeyLookup, KeyRecord,
-    KeyStore, LeaseStore, LedgerStore, LedgerWrite, RevokeOutcome, Sharing, StoreChange,
-    StoreError, StoreHealth, StoredResponse, TransferRecord, UsageBucket, UsageFilter, UsageGroup,
-    UsageRow, UsageStore,
+    KeyStore, LeaseStore, LedgerStore, LedgerWrite, RevokeOutcome, SessionRecord, SessionStore,
+    Sharing, StoreChange, StoreError, StoreHealth, StoredResponse, TransferRecord, UsageBucket,
+    UsageFilter, UsageGroup, UsageRow, UsageStore,
 };
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -160,6 +160,14 @@ bounded!(AuditStore {
     fn append_audit(entry: AuditEntry) -> AuditEntry;
     fn audit_entries(after_seq: u64, limit: u32) -> Vec<AuditEntry>;
     fn audit_head() -> Option<(u64, [u8; 32])>;
+});
+
+bounded!(SessionStore {
+    fn create_session(session: &SessionRecord) -> ();
+    fn session(id_hash: &[u8; 32]) -> Option<SessionRecord>;
+    fn touch_session(id_hash: &[u8; 32], at: DateTime<Utc>) -> ();
+    fn end_session(id_hash: &[u8; 32]) -> ();
+    fn purge_sessions(idle_cutoff: DateTime<Utc>, absolute_cutoff: DateTime<Utc>) -> u64;
 });
 
 bounded!(LeaseStore {

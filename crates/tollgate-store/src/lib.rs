@@ -538,6 +538,34 @@ pub trait AuditStore: Send + Sync {
     async fn audit_head(&self) -> Result<Option<(u64, [u8; 32])>, StoreError>;
 }
 
+/// A console session: who signed in (the operator, or an account's master key), kept by the
+/// SHA-256 of its cookie's secret, so a copy of the store signs no one in. Every node reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionRecord {
+    pub id_hash: [u8; 32],
+    /// The master key signed in with; `None` for the operator.
+    pub key: Option<KeyId>,
+    pub created_at: DateTime<Utc>,
+    pub last_seen_at: DateTime<Utc>,
+}
+
+#[async_trait]
+pub trait SessionStore: Send + Sync {
+    async fn create_session(&self, session: &SessionRecord) -> Result<(), StoreError>;
+    /// The session with this hash, unless it was ended or purged.
+    async fn session(&self, id_hash: &[u8; 32]) -> Result<Option<SessionRecord>, StoreError>;
+    /// Moves `last_seen_at` forward to `at` (never back).
+    async fn touch_session(&self, id_hash: &[u8; 32], at: DateTime<Utc>) -> Result<(), StoreError>;
+    async fn end_session(&self, id_hash: &[u8; 32]) -> Result<(), StoreError>;
+    /// Deletes the sessions last seen before `idle_cutoff` or created before `absolute_cutoff`;
+    /// how many.
+    async fn purge_sessions(
+        &self,
+        idle_cutoff: DateTime<Utc>,
+        absolute_cutoff: DateTime<Utc>,
+    ) -> Result<u64, StoreError>;
+}
+
 #[async_trait]
 pub trait StoreHealth: Send + Sync {
     /// Answers `Ok` only when the store can serve a query now.
@@ -651,6 +679,7 @@ pub trait Store:
     + UsageStore
     + IdempotencyStore
     + AuditStore
+    + SessionStore
     + StoreHealth
     + ChangeFeed
     + Sharing
@@ -663,6 +692,7 @@ impl<T> Store for T where
         + UsageStore
         + IdempotencyStore
         + AuditStore
+        + SessionStore
         + StoreHealth
         + ChangeFeed
         + Sharing

@@ -16,9 +16,9 @@ use crate::rows::{
 use crate::{
     Account, AccountStore, AuditStore, BatchId, Carve, ChangeFeed, HoldRecord, IdempotencyBegin,
     IdempotencyClaim, IdempotencyStore, InsertKeyOutcome, KeyChange, KeyLookup, KeyRecord,
-    KeyStore, LeaseStore, LedgerStore, LedgerWrite, RevokeOutcome, Sharing, StoreChange,
-    StoreError, StoreHealth, StoredResponse, TransferRecord, UsageBucket, UsageFilter, UsageGroup,
-    UsageRow, UsageStore,
+    KeyStore, LeaseStore, LedgerStore, LedgerWrite, RevokeOutcome, SessionRecord, SessionStore,
+    Sharing, StoreChange, StoreError, StoreHealth, StoredResponse, TransferRecord, UsageBucket,
+    UsageFilter, UsageGroup, UsageRow, UsageStore,
 };
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -1003,6 +1003,84 @@ impl UsageStore for PostgresStore {
             .await
             .map_err(store_error)?
             .rows_affected())
+    }
+}
+
+#[async_trait]
+impl SessionStore for PostgresStore {
+    async fn create_session(&self, session: &SessionRecord) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO console_sessions (id_hash, key_id, created_at, last_seen_at) \
+             VALUES ($1, $2, $3, $4)",
+        )
+        .bind(session.id_hash.to_vec())
+        .bind(session.key.map(|k| k.to_string()))
+        .bind(millis(session.created_at))
+        .bind(millis(session.last_seen_at))
+        .execute(&self.pool)
+        .await
+        .map_err(store_error)?;
+        Ok(())
+    }
+
+    async fn session(&self, id_hash: &[u8; 32]) -> Result<Option<SessionRecord>, StoreError> {
+        let row: Option<(Option<String>, i64, i64)> = sqlx::query_as(
+            "SELECT key_id, created_at, last_seen_at FROM console_sessions WHERE id_hash = $1",
+        )
+        .bind(id_hash.to_vec())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(store_error)?;
+        row.map(|(key, created_at, last_seen_at)| {
+            Ok(SessionRecord {
+                id_hash: *id_hash,
+                key: key
+                    .as_deref()
+                    .map(|k| parse_id("session key", k))
+                    .transpose()?,
+                created_at: from_millis(created_at)?,
+                last_seen_at: from_millis(last_seen_at)?,
+            })
+        })
+        .transpose()
+    }
+
+    async fn touch_session(&self, id_hash: &[u8; 32], at: DateTime<Utc>) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE console_sessions SET last_seen_at = $1 \
+             WHERE id_hash = $2 AND last_seen_at < $1",
+        )
+        .bind(millis(at))
+        .bind(id_hash.to_vec())
+        .execute(&self.pool)
+        .await
+        .map_err(store_error)?;
+        Ok(())
+    }
+
+    async fn end_session(&self, id_hash: &[u8; 32]) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM console_sessions WHERE id_hash = $1")
+            .bind(id_hash.to_vec())
+            .execute(&self.pool)
+            .await
+            .map_err(store_error)?;
+        Ok(())
+    }
+
+    async fn purge_sessions(
+        &self,
+        idle_cutoff: DateTime<Utc>,
+        absolute_cutoff: DateTime<Utc>,
+    ) -> Result<u64, StoreError> {
+        Ok(
+            sqlx::query("DELETE FROM console_sessions WHERE last_seen_at < $1 OR created_at < $2")
+                .bind(millis(idle_cutoff))
+                .bind(millis(absolute_cutoff))
+                .execute(&self.pool)
+                .await
+                .map_err(store_error)?
+                .rows_affected(),
+        )
     }
 }
 

@@ -9,8 +9,9 @@ use crate::rows::{
 use crate::{
     Account, AccountStore, AuditStore, BatchId, ChangeFeed, HoldRecord, IdempotencyBegin,
     IdempotencyClaim, IdempotencyStore, InsertKeyOutcome, KeyChange, KeyLookup, KeyRecord,
-    KeyStore, LedgerStore, LedgerWrite, RevokeOutcome, Sharing, StoreError, StoreHealth,
-    StoredResponse, TransferRecord, UsageBucket, UsageFilter, UsageGroup, UsageRow, UsageStore,
+    KeyStore, LedgerStore, LedgerWrite, RevokeOutcome, SessionRecord, SessionStore, Sharing,
+    StoreError, StoreHealth, StoredResponse, TransferRecord, UsageBucket, UsageFilter, UsageGroup,
+    UsageRow, UsageStore,
 };
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -1000,6 +1001,85 @@ impl UsageStore for SqliteStore {
             .await
             .map_err(store_error)?
             .rows_affected())
+    }
+}
+
+#[async_trait]
+impl SessionStore for SqliteStore {
+    async fn create_session(&self, session: &SessionRecord) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO console_sessions (id_hash, key_id, created_at, last_seen_at) \
+             VALUES (?, ?, ?, ?)",
+        )
+        .bind(session.id_hash.to_vec())
+        .bind(session.key.map(|k| k.to_string()))
+        .bind(millis(session.created_at))
+        .bind(millis(session.last_seen_at))
+        .execute(&self.pool)
+        .await
+        .map_err(store_error)?;
+        Ok(())
+    }
+
+    async fn session(&self, id_hash: &[u8; 32]) -> Result<Option<SessionRecord>, StoreError> {
+        let row: Option<(Option<String>, i64, i64)> = sqlx::query_as(
+            "SELECT key_id, created_at, last_seen_at FROM console_sessions WHERE id_hash = ?",
+        )
+        .bind(id_hash.to_vec())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(store_error)?;
+        row.map(|(key, created_at, last_seen_at)| {
+            Ok(SessionRecord {
+                id_hash: *id_hash,
+                key: key
+                    .as_deref()
+                    .map(|k| parse_id("session key", k))
+                    .transpose()?,
+                created_at: from_millis(created_at)?,
+                last_seen_at: from_millis(last_seen_at)?,
+            })
+        })
+        .transpose()
+    }
+
+    async fn touch_session(&self, id_hash: &[u8; 32], at: DateTime<Utc>) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE console_sessions SET last_seen_at = ? \
+             WHERE id_hash = ? AND last_seen_at < ?",
+        )
+        .bind(millis(at))
+        .bind(id_hash.to_vec())
+        .bind(millis(at))
+        .execute(&self.pool)
+        .await
+        .map_err(store_error)?;
+        Ok(())
+    }
+
+    async fn end_session(&self, id_hash: &[u8; 32]) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM console_sessions WHERE id_hash = ?")
+            .bind(id_hash.to_vec())
+            .execute(&self.pool)
+            .await
+            .map_err(store_error)?;
+        Ok(())
+    }
+
+    async fn purge_sessions(
+        &self,
+        idle_cutoff: DateTime<Utc>,
+        absolute_cutoff: DateTime<Utc>,
+    ) -> Result<u64, StoreError> {
+        Ok(
+            sqlx::query("DELETE FROM console_sessions WHERE last_seen_at < ? OR created_at < ?")
+                .bind(millis(idle_cutoff))
+                .bind(millis(absolute_cutoff))
+                .execute(&self.pool)
+                .await
+                .map_err(store_error)?
+                .rows_affected(),
+        )
     }
 }
 

@@ -20,8 +20,8 @@ use tollgate_store::testing::TestSchema;
 use tollgate_store::BatchId;
 use tollgate_store::{
     HoldRecord, HoldSource, IdempotencyBegin, IdempotencyClaim, InsertKeyOutcome, KeyChange,
-    KeyRecord, LedgerWrite, NewKey, RevokeOutcome, Store, StoredResponse, UsageBucket, UsageFilter,
-    UsageGroup, UsageRow,
+    KeyRecord, LedgerWrite, NewKey, RevokeOutcome, SessionRecord, Store, StoredResponse,
+    UsageBucket, UsageFilter, UsageGroup, UsageRow,
 };
 
 fn key_for(account: AccountId, kind: KeyKind, name: &str) -> (ApiKey, KeyRecord) {
@@ -665,6 +665,53 @@ pub async fn a_rolled_key_answers_to_both_secrets_with_the_old_ones_deadline(
     );
 }
 
+pub async fn console_sessions_round_trip_touch_end_and_purge(store: Arc<dyn Store>) {
+    let key = KeyId::new();
+    let signed_in = |byte: u8, key: Option<KeyId>, ms: i64| SessionRecord {
+        id_hash: [byte; 32],
+        key,
+        created_at: at(ms),
+        last_seen_at: at(ms),
+    };
+    let holder = signed_in(1, Some(key), 1_000);
+    let operator = signed_in(2, None, 5_000);
+    store.create_session(&holder).await.unwrap();
+    store.create_session(&operator).await.unwrap();
+    assert_eq!(store.session(&[1; 32]).await.unwrap(), Some(holder.clone()));
+    assert_eq!(store.session(&[2; 32]).await.unwrap(), Some(operator));
+    assert_eq!(store.session(&[3; 32]).await.unwrap(), None);
+    // The same id twice is refused: a session id is never reused.
+    assert!(store.create_session(&holder).await.is_err());
+
+    // Seen later moves forward; an older sighting never moves it back.
+    store.touch_session(&[1; 32], at(9_000)).await.unwrap();
+    store.touch_session(&[1; 32], at(4_000)).await.unwrap();
+    let touched = store.session(&[1; 32]).await.unwrap().unwrap();
+    assert_eq!(
+        (touched.created_at, touched.last_seen_at),
+        (at(1_000), at(9_000))
+    );
+
+    // Idle past the cutoff, or older than the absolute cutoff: purged; the rest stay.
+    store
+        .create_session(&signed_in(4, Some(key), 8_000))
+        .await
+        .unwrap();
+    let purged = store.purge_sessions(at(6_000), at(2_000)).await.unwrap();
+    assert_eq!(
+        purged, 2,
+        "the holder's (created too early) and the operator's (idle)"
+    );
+    assert_eq!(store.session(&[1; 32]).await.unwrap(), None);
+    assert_eq!(store.session(&[2; 32]).await.unwrap(), None);
+    assert!(store.session(&[4; 32]).await.unwrap().is_some());
+
+    store.end_session(&[4; 32]).await.unwrap();
+    assert_eq!(store.session(&[4; 32]).await.unwrap(), None);
+    // Ending a session that is gone is not an error.
+    store.end_session(&[4; 32]).await.unwrap();
+}
+
 pub async fn ping_answers(store: Arc<dyn Store>) {
     store.ping().await.unwrap();
     assert!(!store.backend().is_empty());
@@ -1124,6 +1171,7 @@ macro_rules! store_suite {
                 a_wallet_never_goes_negative_in_the_store,
                 usage_rows_round_trip_filter_and_page,
                 usage_summaries_group_and_total_by_day_key_route_and_model,
+                console_sessions_round_trip_touch_end_and_purge,
             );
         }
     };
