@@ -4,12 +4,13 @@
 //! Rooms, lowest first; a room imports only from rooms listed before it, and no two files import
 //! each other, even through a third (`tests/tidy.rs` enforces both):
 //! `http`, `telemetry`, `config`, `access`, `upstream`, `billing`, `state`, `edge`, `dataplane`,
-//! `management`, `ops`, `app`. ARCHITECTURE.md's codemap says what lives in each.
+//! `management`, `console`, `ops`, `app`. ARCHITECTURE.md's codemap says what lives in each.
 
 pub mod access;
 pub mod app;
 pub mod billing;
 pub mod config;
+pub mod console;
 pub mod dataplane;
 pub mod edge;
 pub mod http;

@@ -146,7 +146,10 @@ fn routes_are_registered_only_with_their_documentation() {
         }
     }
     assert!(files.len() > 20, "the walk found only {files:?}");
-    for path in files {
+    // The console's pages are HTML for a browser, not API operations: its room routes them
+    // directly and the document leaves them out.
+    let console = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/console");
+    for path in files.into_iter().filter(|p| !p.starts_with(&console)) {
         let text = std::fs::read_to_string(&path).unwrap();
         for line in text.lines().map(str::trim_start) {
             for call in [".route(", ".route_service(", ".nest_service("] {

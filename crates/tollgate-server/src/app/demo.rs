@@ -132,6 +132,7 @@ impl Demo {
 
   Gateway        {url}
   Mock upstream  {mock} (OpenAI API at {url}/v1, Anthropic API at {url}/anthropic, echo API at {url}/echo)
+  Console        {url}/console/ (sign in with the demo key below)
   API reference  {url}/api/docs (Swagger UI; the OpenAPI document is {url}/api/openapi.json)
   Data           {data} (SQLite: tollgate.db; demo secrets: {STATE_FILE})
   Account        {account_id} ({account}; {STARTER_CREDITS} USD starter credits on creation)
@@ -239,6 +240,7 @@ fn demo_config(options: &DemoOptions, mock: &MockUpstream, admin_token: &str) ->
         keys: Default::default(),
         load_shedding: Default::default(),
         idempotency: Default::default(),
+        console: Default::default(),
         redis: Default::default(),
         rate_limits: None,
         routes,

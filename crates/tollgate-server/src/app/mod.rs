@@ -299,6 +299,7 @@ fn router(state: AppState) -> anyhow::Result<Router> {
         .merge(operations)
         .nest(&config.api_prefix, api)
         .merge(docs)
+        .merge(crate::console::router())
         // Everything that is not Tollgate's own path is proxied (or 404s if no route matches).
         .fallback(dataplane::proxy::proxy)
         // A panic becomes a 500 envelope, inside rescue so it is rendered like any error.

@@ -15,7 +15,7 @@ pub mod raw;
 
 pub use problems::{ConfigErrors, ConfigProblem};
 pub use raw::{
-    default_rate_limits, HoldRuleName, OtherEndpoints, RawAdmin, RawBilling, RawConfig,
+    default_rate_limits, HoldRuleName, OtherEndpoints, RawAdmin, RawBilling, RawConfig, RawConsole,
     RawIdempotency, RawKeys, RawLoadShedding, RawModel, RawPolicy, RawRedis, RawRoute, RawServer,
     RawStore, RouteAuth, RouteKind, Secret, StreamPolicy, ENV_OVERRIDES,
 };
@@ -71,6 +71,13 @@ pub fn parse_cidr(text: &str) -> Result<IpNet, String> {
 // ---------------------------------------------------------------------------------------------
 // Step 2: validated runtime types.
 
+/// How long a console session lasts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConsoleSettings {
+    pub idle_timeout: Duration,
+    pub absolute_timeout: Duration,
+}
+
 #[derive(Debug, Clone)]
 pub struct Config {
     pub listen: SocketAddr,
@@ -98,6 +105,7 @@ pub struct Config {
     /// The shared limiter's Redis; `None`: each node limits in memory.
     pub redis_url: Option<Secret>,
     pub idempotency_max_response_bytes: u64,
+    pub console: ConsoleSettings,
     /// Policies for every request with a caller (scopes other than `ip`).
     pub rate_limits: Vec<Arc<Policy>>,
     /// `ip` policies: requests that end without an authenticated caller.
@@ -359,6 +367,20 @@ impl Config {
                 Duration::from_secs(1)
             });
 
+        let mut console_duration = |field: &str, text: &str| {
+            positive_duration(text).unwrap_or_else(|| {
+                p.push(
+                    &format!("console.{field}"),
+                    "must be a positive duration, e.g. \"30m\"",
+                );
+                Duration::from_secs(1)
+            })
+        };
+        let console = ConsoleSettings {
+            idle_timeout: console_duration("idle_timeout", &raw.console.idle_timeout),
+            absolute_timeout: console_duration("absolute_timeout", &raw.console.absolute_timeout),
+        };
+
         let redis_url = raw.redis.url.as_ref().and_then(|url| {
             if url.starts_with("redis://") || url.starts_with("rediss://") {
                 Some(Secret(url.clone()))
@@ -433,6 +455,7 @@ impl Config {
                 idempotency_retention,
                 redis_url,
                 idempotency_max_response_bytes: raw.idempotency.max_response_bytes,
+                console,
                 rate_limits,
                 anonymous_limits,
                 routes,
@@ -1053,7 +1076,7 @@ mod tests {
               - server.lisen: unknown field `lisen`, expected one of `listen`, `api_prefix`, `request_id_header`, `max_body_bytes`, `key_cache_capacity`, `trusted_proxies`, `header_read_timeout`, `max_connections`, `http2_max_concurrent_streams`, `max_header_bytes`
               - routes[0].upstream: invalid type: integer `5`, expected a string
               - routes[2].group: is required
-              - surprise: unknown section (expected server, store, redis, admin, billing, keys, load_shedding, idempotency, rate_limits or routes)
+              - surprise: unknown section (expected server, store, redis, admin, billing, keys, load_shedding, idempotency, console, rate_limits or routes)
               - billing.currency: must be a three-letter code in capitals, e.g. USD
               - routes[1].prefix: '/api/v2' overlaps '/api', which Tollgate serves itself
               - routes[1].price: '-1' is negative; amounts here must be zero or more
@@ -1116,6 +1139,28 @@ mod tests {
             price = "abc"
             "#,
         ));
+    }
+
+    #[test]
+    fn console_timeouts_are_positive_durations() {
+        expect![[r#"
+            2 problems in the config:
+              - console.idle_timeout: must be a positive duration, e.g. "30m"
+              - console.absolute_timeout: must be a positive duration, e.g. "30m"
+        "#]]
+        .assert_eq(&problems(
+            r#"
+            [console]
+            idle_timeout = "0s"
+            absolute_timeout = "soon"
+            "#,
+        ));
+        let config = Config::load("[console]\nidle_timeout = \"5m\"\n", NO_ENV).unwrap();
+        assert_eq!(config.console.idle_timeout, Duration::from_secs(300));
+        assert_eq!(
+            config.console.absolute_timeout,
+            Duration::from_secs(12 * 3600)
+        );
     }
 
     #[test]

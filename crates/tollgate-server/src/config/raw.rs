@@ -32,6 +32,7 @@ pub struct RawConfig {
     pub keys: RawKeys,
     pub load_shedding: RawLoadShedding,
     pub idempotency: RawIdempotency,
+    pub console: RawConsole,
     pub redis: RawRedis,
     /// Policies for every route (and the management API); `None` means the defaults.
     pub rate_limits: Option<Vec<RawPolicy>>,
@@ -256,6 +257,25 @@ pub struct RawIdempotency {
     pub retention: String,
     /// The largest response body kept for replay; a larger one is refused on replay.
     pub max_response_bytes: u64,
+}
+
+/// The web console at `/console/`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawConsole {
+    /// A session unused this long ends.
+    pub idle_timeout: String,
+    /// A session ends this long after sign-in, however busy.
+    pub absolute_timeout: String,
+}
+
+impl Default for RawConsole {
+    fn default() -> Self {
+        RawConsole {
+            idle_timeout: "30m".into(),
+            absolute_timeout: "12h".into(),
+        }
+    }
 }
 
 impl Default for RawIdempotency {
@@ -557,6 +577,7 @@ impl RawConfig {
             keys: section(&mut table, "keys", problems),
             load_shedding: section(&mut table, "load_shedding", problems),
             idempotency: section(&mut table, "idempotency", problems),
+            console: section(&mut table, "console", problems),
             redis: section(&mut table, "redis", problems),
             rate_limits: table.remove("rate_limits").map(|value| {
                 items(value, "rate_limits", problems)
@@ -569,7 +590,7 @@ impl RawConfig {
         for unknown in table.keys() {
             problems.push(
                 unknown,
-                "unknown section (expected server, store, redis, admin, billing, keys, load_shedding, idempotency, rate_limits or routes)",
+                "unknown section (expected server, store, redis, admin, billing, keys, load_shedding, idempotency, console, rate_limits or routes)",
             );
         }
         Some(raw)

@@ -17,6 +17,7 @@ fn route_of(state: &AppState, path: &str) -> String {
     match path {
         "/healthz" | "/readyz" => "health".into(),
         "/metrics" => "metrics".into(),
+        _ if path == "/console" || path.starts_with("/console/") => "console".into(),
         _ if path.starts_with(&state.config.api_prefix) => "management".into(),
         _ => state
             .routes

@@ -186,7 +186,10 @@ fn grant_refused(refused: GrantRefused, has_reference: bool) -> HttpError {
     }
 }
 
-async fn read_balance(state: &AppState, account: AccountId) -> Result<wire::Balance, HttpError> {
+pub(crate) async fn read_balance(
+    state: &AppState,
+    account: AccountId,
+) -> Result<wire::Balance, HttpError> {
     state.ledger.flush().await?;
     let wallet = state
         .store

@@ -23,8 +23,8 @@ use tollgate_store::sqlite::SqliteStore;
 use tollgate_store::{
     Account, AccountStore, AuditStore, ChangeFeed, HoldRecord, IdempotencyBegin, IdempotencyClaim,
     IdempotencyStore, InsertKeyOutcome, KeyChange, KeyLookup, KeyRecord, KeyStore, LedgerStore,
-    LedgerWrite, RevokeOutcome, StoreError, StoreHealth, StoredResponse, TransferRecord,
-    UsageFilter, UsageRow, UsageStore,
+    LedgerWrite, RevokeOutcome, SessionRecord, SessionStore, StoreError, StoreHealth,
+    StoredResponse, TransferRecord, UsageFilter, UsageRow, UsageStore,
 };
 use tollgate_wire::ErrorProfile;
 
@@ -624,6 +624,31 @@ impl IdempotencyStore for CountingStore {
     }
     async fn purge_idempotency(&self, now: At) -> Result<u64, StoreError> {
         self.inner.purge_idempotency(now).await
+    }
+}
+
+#[async_trait::async_trait]
+impl SessionStore for CountingStore {
+    async fn create_session(&self, session: &SessionRecord) -> Result<(), StoreError> {
+        self.inner.create_session(session).await
+    }
+    async fn session(&self, id_hash: &[u8; 32]) -> Result<Option<SessionRecord>, StoreError> {
+        self.inner.session(id_hash).await
+    }
+    async fn touch_session(&self, id_hash: &[u8; 32], at: At) -> Result<(), StoreError> {
+        self.inner.touch_session(id_hash, at).await
+    }
+    async fn end_session(&self, id_hash: &[u8; 32]) -> Result<(), StoreError> {
+        self.inner.end_session(id_hash).await
+    }
+    async fn purge_sessions(
+        &self,
+        idle_cutoff: At,
+        absolute_cutoff: At,
+    ) -> Result<u64, StoreError> {
+        self.inner
+            .purge_sessions(idle_cutoff, absolute_cutoff)
+            .await
     }
 }
 

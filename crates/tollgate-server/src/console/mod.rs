@@ -1,0 +1,24 @@
+//! The web console at `/console/`: server-rendered pages (askama templates, checked at compile
+//! time) for account holders and the operator, over the same services as the management API.
+//! Signed in by a session cookie, never by a key in the browser. Pages are HTML, not API
+//! operations, so they are routed here directly and left out of the OpenAPI document.
+
+pub mod pages;
+pub mod security;
+pub mod session;
+
+use crate::state::AppState;
+use axum::middleware;
+use axum::routing::{get, post};
+use axum::Router;
+
+/// The console's routes, every response behind its security headers and cross-site check.
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/console", get(pages::to_console))
+        .route("/console/", get(pages::overview))
+        .route("/console/sign-in", post(pages::sign_in))
+        .route("/console/sign-out", post(pages::sign_out))
+        .route("/console/assets/console.css", get(pages::stylesheet))
+        .layer(middleware::from_fn(security::layer))
+}

@@ -1,0 +1,206 @@
+//! The console's pages and forms. Each reads and changes through the same services as the
+//! management API, so what a page shows is what `/api/v1` answers.
+
+use crate::access::keys::{admit_key, find_key};
+use crate::access::limits::Demand;
+use crate::console::session::{self, Session, Who};
+use crate::http::error::HttpError;
+use crate::management::billing::read_balance;
+use crate::state::AppState;
+use askama::Template;
+use axum::extract::{Form, FromRequest, Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{Html, IntoResponse, Redirect, Response};
+use serde::Deserialize;
+use std::sync::{Arc, LazyLock};
+use std::time::Duration;
+use tollgate_core::key::secret_matches;
+use tollgate_core::ratelimit::{FailureMode, Policy, Scope, Unit};
+use tollgate_core::KeyKind;
+use tollgate_wire::api::Money;
+
+const STYLESHEET: &[u8] = include_bytes!("../../assets/console/console.css");
+
+/// Failed sign-ins from one address: 10 a minute, then one every 6 s.
+static FAILED_SIGN_INS: LazyLock<Arc<Policy>> = LazyLock::new(|| {
+    Arc::new(Policy {
+        name: "console-sign-in".into(),
+        scope: Scope::Ip,
+        unit: Unit::Requests,
+        limit: 10,
+        window: Duration::from_secs(60),
+        burst: 9,
+        on_limiter_failure: FailureMode::Open,
+    })
+});
+
+#[derive(Template)]
+#[template(path = "console/sign_in.html")]
+struct SignInPage<'a> {
+    problem: Option<&'a str>,
+}
+
+#[derive(Template)]
+#[template(path = "console/overview.html")]
+struct OverviewPage<'a> {
+    who: &'a str,
+    balance: Option<(Money, Money, Money)>,
+}
+
+fn page(status: StatusCode, template: &impl Template) -> Response {
+    match template.render() {
+        Ok(html) => (status, Html(html)).into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot render a console page");
+            HttpError::new(
+                tollgate_core::ErrorCode::InternalError,
+                "The page could not be rendered.",
+            )
+            .into_response()
+        }
+    }
+}
+
+pub async fn to_console() -> Redirect {
+    Redirect::permanent("/console/")
+}
+
+pub async fn stylesheet() -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/css; charset=utf-8")],
+        STYLESHEET,
+    )
+        .into_response()
+}
+
+/// The overview for a signed-in caller, the sign-in page for anyone else.
+pub async fn overview(State(state): State<AppState>, request: Request) -> Response {
+    let session = match session::current(&state, request.headers()).await {
+        Ok(session) => session,
+        Err(e) => return HttpError::from(e).into_response(),
+    };
+    let Some(Session { who, .. }) = session else {
+        return page(StatusCode::OK, &SignInPage { problem: None });
+    };
+    let (name, balance) = match &who {
+        Who::Operator => ("the operator".to_string(), None),
+        Who::Holder { key } => match read_balance(&state, key.account_id).await {
+            Ok(b) => (
+                format!("account {} (key {})", key.account_id, key.display_prefix),
+                Some((b.available, b.held, b.spent_this_month)),
+            ),
+            Err(e) => return e.into_response(),
+        },
+    };
+    page(
+        StatusCode::OK,
+        &OverviewPage {
+            who: &name,
+            balance,
+        },
+    )
+}
+
+#[derive(Deserialize)]
+pub struct SignIn {
+    credential: String,
+}
+
+/// Signs in with a master key or the admin token, and starts a session. The credential is
+/// never echoed, logged or kept; a wrong one counts against the address.
+pub async fn sign_in(State(state): State<AppState>, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    let address = state
+        .client_ip(&parts.headers, &parts.extensions)
+        .map_or_else(|| "unknown".to_string(), |ip| ip.to_string());
+    let failed = [Demand::new(
+        FAILED_SIGN_INS.clone(),
+        &format!("console-sign-in:ip:{address}"),
+        1,
+    )];
+    if let Ok(standings) = state.limiter.peek(&failed).await {
+        if standings.iter().any(|s| !s.admitted) {
+            let problem = "Too many failed sign-ins from this address. Wait a minute and retry.";
+            return page(
+                StatusCode::TOO_MANY_REQUESTS,
+                &SignInPage {
+                    problem: Some(problem),
+                },
+            );
+        }
+    }
+    let Ok(Form(SignIn { credential })) =
+        Form::<SignIn>::from_request(Request::from_parts(parts.clone(), body), &state).await
+    else {
+        return page(
+            StatusCode::BAD_REQUEST,
+            &SignInPage {
+                problem: Some("Paste a master key or the admin token."),
+            },
+        );
+    };
+    let credential = credential.trim();
+    let now = state.clock.now();
+    let signed_in = match &state.config.admin_token {
+        Some(admin) if !credential.starts_with("tg_") => {
+            secret_matches(credential, &admin.0).then_some(None)
+        }
+        _ => match find_key(&state.keys, &*state.store, Some(credential)).await {
+            Ok(found) => {
+                let client = state.client_ip(&parts.headers, &parts.extensions);
+                let usable =
+                    admit_key(&found, now, client).is_ok() && found.record.kind == KeyKind::Master;
+                usable.then_some(Some(found.record))
+            }
+            Err(_) => None,
+        },
+    };
+    let Some(key) = signed_in else {
+        if state.limiter.acquire(&failed).await.is_err() {
+            tracing::warn!("console sign-in limiter unavailable");
+        }
+        return page(
+            StatusCode::UNAUTHORIZED,
+            &SignInPage {
+                problem: Some(
+                    "That is not a usable master key or the admin token. Usage keys cannot \
+                     sign in; a revoked, expired or suspended account's key cannot either.",
+                ),
+            },
+        );
+    };
+    let (secret, record) = session::new_session(key.as_deref(), now);
+    if let Err(e) = state.store.create_session(&record).await {
+        return HttpError::from(e).into_response();
+    }
+    let mut response = Redirect::to("/console/").into_response();
+    response.headers_mut().insert(
+        header::SET_COOKIE,
+        session::cookie(&state, &parts.headers, &parts.extensions, Some(&secret)),
+    );
+    response
+}
+
+/// Ends the session on the server and clears the cookie.
+pub async fn sign_out(State(state): State<AppState>, request: Request) -> Response {
+    let (parts, _) = request.into_parts();
+    match session::current(&state, &parts.headers).await {
+        Ok(Some(session)) => {
+            if let Err(e) = state.store.end_session(&session.id_hash).await {
+                return HttpError::from(e).into_response();
+            }
+        }
+        Ok(None) => {}
+        Err(e) => return HttpError::from(e).into_response(),
+    }
+    let mut response = Redirect::to("/console/").into_response();
+    response.headers_mut().insert(
+        header::SET_COOKIE,
+        session::cookie(&state, &parts.headers, &parts.extensions, None),
+    );
+    response.headers_mut().insert(
+        "clear-site-data",
+        HeaderValue::from_static("\"cookies\", \"storage\""),
+    );
+    response
+}

@@ -1,0 +1,314 @@
+//! The console's sign-in and sessions, over HTTP as a browser sends it: the cookie, what the
+//! store keeps, timeouts on the test clock, revocation, cross-site forms and failed sign-ins.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use common::{available, spawn_app, spawn_app_with, TestApp, ADMIN_TOKEN};
+use reqwest::header::{COOKIE, LOCATION, SET_COOKIE};
+use reqwest::{Response, StatusCode};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use tollgate_store::SessionStore;
+
+/// A client that shows redirects instead of following them, and keeps no cookies of its own.
+fn browser() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+}
+
+async fn sign_in(app: &TestApp, credential: &str) -> Response {
+    browser()
+        .post(format!("{}/console/sign-in", app.url))
+        .header("sec-fetch-site", "same-origin")
+        .form(&[("credential", credential)])
+        .send()
+        .await
+        .unwrap()
+}
+
+/// Signs in and returns the `Cookie` header value the browser would send back.
+async fn session_cookie(app: &TestApp, credential: &str) -> String {
+    let response = sign_in(app, credential).await;
+    assert_eq!(response.status(), StatusCode::SEE_OTHER);
+    let set = response.headers()[SET_COOKIE].to_str().unwrap();
+    set.split(';').next().unwrap().to_string()
+}
+
+async fn page(app: &TestApp, cookie: Option<&str>) -> (StatusCode, String) {
+    let mut request = browser().get(format!("{}/console/", app.url));
+    if let Some(cookie) = cookie {
+        request = request.header(COOKIE, cookie);
+    }
+    let response = request.send().await.unwrap();
+    (response.status(), response.text().await.unwrap())
+}
+
+async fn signed_in(app: &TestApp, cookie: &str) -> bool {
+    let (status, body) = page(app, Some(cookie)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        body.contains("<h1>Overview</h1>"),
+        !body.contains("<h1>Sign in</h1>")
+    );
+    body.contains("<h1>Overview</h1>")
+}
+
+#[tokio::test]
+async fn a_master_key_signs_in_sees_its_balance_and_signing_out_ends_the_session_on_the_server() {
+    let app = spawn_app().await;
+    let account = app.create_account("console").await;
+
+    let (status, body) = page(&app, None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(body.contains("<h1>Sign in</h1>"));
+
+    let response = sign_in(&app, &account.master_key).await;
+    assert_eq!(response.status(), StatusCode::SEE_OTHER);
+    assert_eq!(response.headers()[LOCATION], "/console/");
+    let set = response.headers()[SET_COOKIE].to_str().unwrap().to_string();
+    // Served to 127.0.0.1, which browsers treat as secure: the strictest cookie there is.
+    assert!(set.starts_with("__Host-tollgate_session="), "{set}");
+    for attribute in ["Path=/", "HttpOnly", "SameSite=Strict", "Secure"] {
+        assert!(set.contains(attribute), "{set} lacks {attribute}");
+    }
+    assert!(!set.contains(&account.master_key));
+    let cookie = set.split(';').next().unwrap().to_string();
+    let secret = cookie.split_once('=').unwrap().1;
+
+    // The store keeps the secret's hash, not the secret.
+    let hash: [u8; 32] = Sha256::digest(secret.as_bytes()).into();
+    let record = app.store.session(&hash).await.unwrap().unwrap();
+    assert_eq!(record.key, Some(account.master_key_id));
+    assert!(app.store.session(&[0; 32]).await.unwrap().is_none());
+
+    let (status, body) = page(&app, Some(&cookie)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(body.contains("<h1>Overview</h1>"), "{body}");
+    let nanos = available(&app, &account.master_key).await;
+    assert!(
+        body.contains(&format!("data-nanos=\"{nanos}\"")),
+        "the page shows the balance the API does ({nanos}): {body}"
+    );
+    assert!(!body.contains(&account.master_key));
+
+    let response = browser()
+        .post(format!("{}/console/sign-out", app.url))
+        .header(COOKIE, &cookie)
+        .header("sec-fetch-site", "same-origin")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::SEE_OTHER);
+    let cleared = response.headers()[SET_COOKIE].to_str().unwrap();
+    assert!(cleared.contains("Max-Age=0"), "{cleared}");
+    // A copy of the cookie kept by anyone is worth nothing now.
+    assert!(!signed_in(&app, &cookie).await);
+    assert!(app.store.session(&hash).await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn the_admin_token_signs_in_as_the_operator() {
+    let app = spawn_app().await;
+    let cookie = session_cookie(&app, ADMIN_TOKEN).await;
+    let (_, body) = page(&app, Some(&cookie)).await;
+    assert!(body.contains("Signed in as the operator"), "{body}");
+    assert!(!body.contains(ADMIN_TOKEN));
+}
+
+#[tokio::test]
+async fn usage_keys_wrong_keys_and_revoked_keys_cannot_sign_in_and_are_never_echoed() {
+    let app = spawn_app().await;
+    let account = app.create_account("console").await;
+    let (usage, _) = app.create_usage_key(&account.master_key, json!({})).await;
+    let other = app.create_account("revoked").await;
+    let revoked = app
+        .admin_post(
+            &format!("/api/v1/keys/{}/revoke", other.master_key_id),
+            json!({}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(revoked.status(), StatusCode::OK);
+
+    for credential in [
+        usage.as_str(),
+        other.master_key.as_str(),
+        "tg_live_not_a_key",
+        "not-the-admin-token",
+    ] {
+        let response = sign_in(&app, credential).await;
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED, "{credential}");
+        assert!(response.headers().get(SET_COOKIE).is_none());
+        let body = response.text().await.unwrap();
+        assert!(body.contains("not a usable master key"), "{body}");
+        assert!(!body.contains(credential), "the page echoes {credential}");
+    }
+}
+
+#[tokio::test]
+async fn revoking_the_key_or_suspending_the_account_ends_its_sessions_at_the_next_request() {
+    let app = spawn_app().await;
+    let account = app.create_account("console").await;
+    let cookie = session_cookie(&app, &account.master_key).await;
+    assert!(signed_in(&app, &cookie).await);
+    let suspended = app
+        .admin_post(
+            &format!("/api/v1/accounts/{}/suspend", account.id),
+            json!({}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(suspended.status(), StatusCode::OK);
+    assert!(!signed_in(&app, &cookie).await);
+
+    let other = app.create_account("revoked").await;
+    let cookie = session_cookie(&app, &other.master_key).await;
+    assert!(signed_in(&app, &cookie).await);
+    let revoked = app
+        .admin_post(
+            &format!("/api/v1/keys/{}/revoke", other.master_key_id),
+            json!({}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(revoked.status(), StatusCode::OK);
+    assert!(!signed_in(&app, &cookie).await);
+}
+
+#[tokio::test]
+async fn a_session_ends_after_its_idle_timeout_and_after_its_absolute_timeout() {
+    let app = spawn_app_with(|raw, _| {
+        raw.console.idle_timeout = "30m".into();
+        raw.console.absolute_timeout = "1h".into();
+    })
+    .await;
+    let account = app.create_account("console").await;
+    let minutes = |n| chrono::Duration::minutes(n);
+
+    // Busy: each visit within the idle timeout keeps it, until an hour after sign-in.
+    let cookie = session_cookie(&app, &account.master_key).await;
+    for _ in 0..2 {
+        app.clock.advance(minutes(25));
+        assert!(signed_in(&app, &cookie).await);
+    }
+    app.clock.advance(minutes(11));
+    assert!(!signed_in(&app, &cookie).await, "61 minutes after sign-in");
+
+    // Idle: 30 minutes without a visit.
+    let cookie = session_cookie(&app, &account.master_key).await;
+    app.clock.advance(minutes(29));
+    assert!(signed_in(&app, &cookie).await);
+    app.clock.advance(minutes(30));
+    assert!(!signed_in(&app, &cookie).await, "30 minutes idle");
+}
+
+#[tokio::test]
+async fn a_form_posted_from_another_site_is_refused_and_changes_nothing() {
+    let app = spawn_app().await;
+    let account = app.create_account("console").await;
+    let cookie = session_cookie(&app, &account.master_key).await;
+    for (name, value) in [
+        ("sec-fetch-site", "cross-site"),
+        ("sec-fetch-site", "same-site"),
+        ("origin", "https://attacker.example"),
+    ] {
+        let response = browser()
+            .post(format!("{}/console/sign-out", app.url))
+            .header(COOKIE, &cookie)
+            .header(name, value)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::FORBIDDEN, "{name}: {value}");
+        assert_eq!(response.headers()["x-tollgate-error"], "forbidden");
+        assert!(signed_in(&app, &cookie).await, "{name}: {value} signed out");
+
+        let response = browser()
+            .post(format!("{}/console/sign-in", app.url))
+            .header(name, value)
+            .form(&[("credential", account.master_key.as_str())])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::FORBIDDEN, "{name}: {value}");
+        assert!(response.headers().get(SET_COOKIE).is_none());
+    }
+}
+
+#[tokio::test]
+async fn every_console_answer_carries_a_strict_content_security_policy() {
+    let app = spawn_app().await;
+    let account = app.create_account("console").await;
+    let cookie = session_cookie(&app, &account.master_key).await;
+    for (path, with_cookie) in [
+        ("/console/", false),
+        ("/console/", true),
+        ("/console/assets/console.css", false),
+        ("/console", false),
+    ] {
+        let mut request = browser().get(format!("{}{path}", app.url));
+        if with_cookie {
+            request = request.header(COOKIE, &cookie);
+        }
+        let response = request.send().await.unwrap();
+        let headers = response.headers();
+        let csp = headers["content-security-policy"].to_str().unwrap();
+        for directive in [
+            "default-src 'none'",
+            "style-src 'self'",
+            "frame-ancestors 'none'",
+            "form-action 'self'",
+        ] {
+            assert!(csp.contains(directive), "{path}: {csp}");
+        }
+        assert!(!csp.contains("unsafe-inline"), "{path}: {csp}");
+        assert_eq!(headers["x-content-type-options"], "nosniff", "{path}");
+        assert_eq!(headers["cache-control"], "no-store", "{path}");
+    }
+    let response = browser()
+        .get(format!("{}/console", app.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::PERMANENT_REDIRECT);
+    assert_eq!(response.headers()[LOCATION], "/console/");
+    // The pages carry no script and no inline style for the policy to forbid.
+    let (_, body) = page(&app, Some(&cookie)).await;
+    assert!(
+        !body.contains("<script") && !body.contains("style="),
+        "{body}"
+    );
+}
+
+#[tokio::test]
+async fn failed_sign_ins_from_one_address_are_limited_and_a_good_key_waits_too() {
+    let app = spawn_app().await;
+    let account = app.create_account("console").await;
+    for attempt in 0..10 {
+        let response = sign_in(&app, "tg_live_guess").await;
+        assert_eq!(
+            response.status(),
+            StatusCode::UNAUTHORIZED,
+            "attempt {attempt}"
+        );
+    }
+    let response = sign_in(&app, "tg_live_guess").await;
+    assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+    // While the address is over, not even a right key is tried: guessing learns nothing.
+    let response = sign_in(&app, &account.master_key).await;
+    assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert!(response.headers().get(SET_COOKIE).is_none());
+    // The limit refills: one attempt every 6 s.
+    app.clock.advance(chrono::Duration::seconds(6));
+    assert_eq!(
+        sign_in(&app, &account.master_key).await.status(),
+        StatusCode::SEE_OTHER
+    );
+}
