@@ -312,3 +312,27 @@ async fn failed_sign_ins_from_one_address_are_limited_and_a_good_key_waits_too()
         StatusCode::SEE_OTHER
     );
 }
+
+#[tokio::test]
+async fn the_sweeper_forgets_sessions_that_timed_out_unused() {
+    let app = spawn_app().await;
+    let account = app.create_account("console").await;
+    let cookie = session_cookie(&app, &account.master_key).await;
+    let secret = cookie.split_once('=').unwrap().1.to_string();
+    let hash: [u8; 32] = Sha256::digest(secret.as_bytes()).into();
+    let kept = session_cookie(&app, &account.master_key).await;
+    app.clock.advance(chrono::Duration::minutes(20));
+    assert!(signed_in(&app, &kept).await);
+    app.clock.advance(chrono::Duration::minutes(15));
+    // The sweeper purges at start: a restarted node forgets the idle session, not the used one.
+    let app = app.restart().await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while app.store.session(&hash).await.unwrap().is_some() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the idle session is still stored"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(signed_in(&app, &kept).await);
+}

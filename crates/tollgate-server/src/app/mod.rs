@@ -241,6 +241,27 @@ async fn sweep(state: AppState, shared: bool) {
                 Ok(purged) => tracing::info!(purged, "forgot expired idempotency keys"),
                 Err(e) => tracing::warn!(error = %e, "cannot purge idempotency keys"),
             }
+            // A timed-out session is refused when used; this forgets those never used again.
+            let now = state.clock.now();
+            let before = |timeout: Duration| {
+                chrono::Duration::from_std(timeout)
+                    .ok()
+                    .and_then(|timeout| now.checked_sub_signed(timeout))
+                    .unwrap_or(chrono::DateTime::<chrono::Utc>::MIN_UTC)
+            };
+            let console = state.config.console;
+            match state
+                .store
+                .purge_sessions(
+                    before(console.idle_timeout),
+                    before(console.absolute_timeout),
+                )
+                .await
+            {
+                Ok(0) => {}
+                Ok(purged) => tracing::info!(purged, "forgot timed-out console sessions"),
+                Err(e) => tracing::warn!(error = %e, "cannot purge console sessions"),
+            }
         }
     }
 }
