@@ -336,3 +336,18 @@ async fn the_sweeper_forgets_sessions_that_timed_out_unused() {
     }
     assert!(signed_in(&app, &kept).await);
 }
+
+#[tokio::test]
+async fn an_account_name_is_shown_as_text_never_as_markup() {
+    let app = spawn_app().await;
+    let account = app
+        .create_account("<script>alert(1)</script><b style=\"x\">bold</b>")
+        .await;
+    let cookie = session_cookie(&app, &account.master_key).await;
+    let (_, body) = page(&app, Some(&cookie)).await;
+    assert!(
+        body.contains("&#60;script&#62;alert(1)&#60;/script&#62;"),
+        "{body}"
+    );
+    assert!(!body.contains("<script") && !body.contains("<b "), "{body}");
+}

@@ -426,6 +426,53 @@ async fn the_swagger_ui_renders_offline_and_try_it_out_works_against_the_demo() 
 }
 
 #[tokio::test]
+async fn the_console_signs_in_shows_the_balance_and_signs_out_in_a_real_browser() {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let python = repo.join("target/test-venv/bin/python");
+    let chromium = Path::new("/usr/bin/chromium");
+    if !python.exists() || !chromium.exists() {
+        let message = "Playwright or Chromium is missing: run scripts/install-test-tools and \
+                       apt-get install chromium";
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "{message}");
+        eprintln!("SKIPPED the_console_signs_in_shows_the_balance_and_signs_out_in_a_real_browser: {message}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let demo = start_demo(dir.path()).await;
+    assert!(demo.welcome.contains("/console/"), "{}", demo.welcome);
+    // Pictures of every page, kept as test artefacts.
+    let screenshots = repo.join("target/console-screenshots");
+    std::fs::create_dir_all(&screenshots).unwrap();
+    let output = Command::new(python)
+        .arg(repo.join("crates/tollgate/tests/python/check_console.py"))
+        .env("TOLLGATE_URL", &demo.vars["TOLLGATE_URL"])
+        .env("TOLLGATE_DEMO_KEY", &demo.vars["TOLLGATE_DEMO_KEY"])
+        .env("SCREENSHOTS", &screenshots)
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stdout}\n{stderr}");
+    for size in ["desktop", "phone"] {
+        for line in [
+            "signed in with the demo key and saw the balance",
+            "the session is one HttpOnly, Secure, SameSite=Strict cookie; no script sees it",
+            "signed out; the cookie is gone",
+        ] {
+            assert!(
+                stdout.contains(&format!("{size}: {line}")),
+                "{size}: {line}\n{stdout}"
+            );
+        }
+    }
+    assert!(
+        stdout.contains("no request left this server, none failed, and the policy refused nothing"),
+        "{stdout}"
+    );
+}
+
+#[tokio::test]
 async fn a_config_file_laid_over_the_demo_replaces_what_it_sets_and_keeps_the_rest() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("over.toml");

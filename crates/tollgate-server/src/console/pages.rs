@@ -84,13 +84,23 @@ pub async fn overview(State(state): State<AppState>, request: Request) -> Respon
     };
     let (name, balance) = match &who {
         Who::Operator => ("the operator".to_string(), None),
-        Who::Holder { key } => match read_balance(&state, key.account_id).await {
-            Ok(b) => (
-                format!("account {} (key {})", key.account_id, key.display_prefix),
-                Some((b.available, b.held, b.spent_this_month)),
-            ),
-            Err(e) => return e.into_response(),
-        },
+        Who::Holder { key } => {
+            let account = match state.store.account(key.account_id).await {
+                Ok(Some(account)) => account,
+                Ok(None) => return HttpError::not_found("account").into_response(),
+                Err(e) => return HttpError::from(e).into_response(),
+            };
+            match read_balance(&state, key.account_id).await {
+                Ok(b) => (
+                    format!(
+                        "{} ({}), with the master key {}…",
+                        account.name, account.id, key.display_prefix
+                    ),
+                    Some((b.available, b.held, b.spent_this_month)),
+                ),
+                Err(e) => return e.into_response(),
+            }
+        }
     };
     page(
         StatusCode::OK,

@@ -1,0 +1,114 @@
+"""Drives the console at /console/ in headless Chromium with every request off this server cut
+off: sign in with the demo's master key, see the balance, sign out. Nothing may be refused by
+the page's Content-Security-Policy, nothing may leave the server, and the key must never reach
+a cookie, the page or browser storage.
+
+Reads TOLLGATE_URL, TOLLGATE_DEMO_KEY and SCREENSHOTS (a folder for a picture of each page).
+Prints one line per check; exits non-zero on the first failure.
+"""
+
+import os
+import sys
+from pathlib import Path
+from urllib.parse import urlparse
+
+from playwright.sync_api import expect, sync_playwright
+
+URL = os.environ["TOLLGATE_URL"]
+KEY = os.environ["TOLLGATE_DEMO_KEY"]
+SHOTS = Path(os.environ.get("SCREENSHOTS", "."))
+ORIGIN = urlparse(URL).netloc
+
+CHROMIUM_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-quic",
+    # Nothing but loopback resolves: the network is cut off at the browser too.
+    "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1",
+]
+
+outside = []
+failed = []
+refused_by_policy = []
+
+
+def only_this_server(route):
+    if urlparse(route.request.url).netloc == ORIGIN:
+        route.continue_()
+    else:
+        outside.append(route.request.url)
+        route.abort()
+
+
+def fits(page, name):
+    """No horizontal scroll at this size, and a picture of the page."""
+    width = page.evaluate("document.documentElement.scrollWidth")
+    inner = page.evaluate("window.innerWidth")
+    if width > inner:
+        sys.exit(f"{name}: the page is {width}px wide in a {inner}px window")
+    page.screenshot(path=str(SHOTS / f"console-{name}.png"), full_page=True)
+
+
+with sync_playwright() as playwright:
+    browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_FLAGS)
+    for size, viewport in [("desktop", (1280, 800)), ("phone", (390, 844))]:
+        context = browser.new_context(viewport={"width": viewport[0], "height": viewport[1]})
+        page = context.new_page()
+        page.route("**/*", only_this_server)
+        page.on("requestfailed", lambda request: failed.append(request.url))
+        page.on(
+            "console",
+            lambda message: refused_by_policy.append(message.text)
+            if "Content Security Policy" in message.text
+            else None,
+        )
+
+        page.goto(f"{URL}/console/")
+        expect(page.get_by_role("heading", name="Sign in")).to_be_visible()
+        fits(page, f"sign-in-{size}")
+
+        # As a user would: the field, the key, Enter.
+        page.get_by_label("Master key or admin token").fill(KEY)
+        page.get_by_label("Master key or admin token").press("Enter")
+        expect(page.get_by_role("heading", name="Overview")).to_be_visible()
+        expect(page.get_by_text("Available")).to_be_visible()
+        fits(page, f"overview-{size}")
+        print(f"{size}: signed in with the demo key and saw the balance")
+
+        cookies = context.cookies()
+        if [c["name"] for c in cookies] != ["__Host-tollgate_session"]:
+            sys.exit(f"unexpected cookies: {cookies}")
+        cookie = cookies[0]
+        if not (cookie["httpOnly"] and cookie["secure"] and cookie["sameSite"] == "Strict"):
+            sys.exit(f"the session cookie is not HttpOnly, Secure and SameSite=Strict: {cookie}")
+        if KEY in cookie["value"] or KEY in page.content():
+            sys.exit("the key is in the cookie or the page")
+        script_sees = page.evaluate(
+            "[document.cookie, JSON.stringify(localStorage), JSON.stringify(sessionStorage)]"
+        )
+        if script_sees != ["", "{}", "{}"]:
+            sys.exit(f"a script can read something: {script_sees}")
+        print(f"{size}: the session is one HttpOnly, Secure, SameSite=Strict cookie; no script sees it")
+
+        # The sign-out button is reachable from the keyboard.
+        sign_out = page.get_by_role("button", name="Sign out")
+        sign_out.focus()
+        page.keyboard.press("Enter")
+        expect(page.get_by_role("heading", name="Sign in")).to_be_visible()
+        if context.cookies():
+            sys.exit(f"signing out left cookies: {context.cookies()}")
+        print(f"{size}: signed out; the cookie is gone")
+        context.close()
+    browser.close()
+
+if refused_by_policy:
+    sys.exit(f"the Content-Security-Policy refused: {refused_by_policy}")
+if outside:
+    sys.exit(f"the page asked for something beyond this server: {outside}")
+if failed:
+    sys.exit(f"requests failed: {failed}")
+print("no request left this server, none failed, and the policy refused nothing")
