@@ -38,6 +38,12 @@ async fn session_cookie(app: &TestApp, credential: &str) -> String {
     set.split(';').next().unwrap().to_string()
 }
 
+/// An operator's action through the management API (suspend, revoke), which must succeed.
+async fn as_operator(app: &TestApp, path: &str) {
+    let response = app.admin_post(path, json!({})).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK, "{path}");
+}
+
 async fn page(app: &TestApp, cookie: Option<&str>) -> (StatusCode, String) {
     let mut request = browser().get(format!("{}/console/", app.url));
     if let Some(cookie) = cookie {
@@ -125,15 +131,11 @@ async fn usage_keys_wrong_keys_and_revoked_keys_cannot_sign_in_and_are_never_ech
     let account = app.create_account("console").await;
     let (usage, _) = app.create_usage_key(&account.master_key, json!({})).await;
     let other = app.create_account("revoked").await;
-    let revoked = app
-        .admin_post(
-            &format!("/api/v1/keys/{}/revoke", other.master_key_id),
-            json!({}),
-        )
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(revoked.status(), StatusCode::OK);
+    as_operator(
+        &app,
+        &format!("/api/v1/keys/{}/revoke", other.master_key_id),
+    )
+    .await;
 
     for credential in [
         usage.as_str(),
@@ -156,29 +158,17 @@ async fn revoking_the_key_or_suspending_the_account_ends_its_sessions_at_the_nex
     let account = app.create_account("console").await;
     let cookie = session_cookie(&app, &account.master_key).await;
     assert!(signed_in(&app, &cookie).await);
-    let suspended = app
-        .admin_post(
-            &format!("/api/v1/accounts/{}/suspend", account.id),
-            json!({}),
-        )
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(suspended.status(), StatusCode::OK);
+    as_operator(&app, &format!("/api/v1/accounts/{}/suspend", account.id)).await;
     assert!(!signed_in(&app, &cookie).await);
 
     let other = app.create_account("revoked").await;
     let cookie = session_cookie(&app, &other.master_key).await;
     assert!(signed_in(&app, &cookie).await);
-    let revoked = app
-        .admin_post(
-            &format!("/api/v1/keys/{}/revoke", other.master_key_id),
-            json!({}),
-        )
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(revoked.status(), StatusCode::OK);
+    as_operator(
+        &app,
+        &format!("/api/v1/keys/{}/revoke", other.master_key_id),
+    )
+    .await;
     assert!(!signed_in(&app, &cookie).await);
 }
 

@@ -7,7 +7,7 @@ mod common;
 use common::{serve, write_config, BIN};
 use expect_test::expect;
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -388,18 +388,28 @@ async fn the_official_openai_and_anthropic_sdks_work_unchanged() {
     assert_eq!(stdout, "openai ok\nanthropic ok\n");
 }
 
-#[tokio::test]
-async fn the_swagger_ui_renders_offline_and_try_it_out_works_against_the_demo() {
+/// The repository and the Python that drives Chromium with Playwright; `None` (the test skips)
+/// where they are not installed, which fails under `CI=true`.
+fn browser_tools(test: &str) -> Option<(PathBuf, PathBuf)> {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let python = repo.join("target/test-venv/bin/python");
-    let chromium = Path::new("/usr/bin/chromium");
-    if !python.exists() || !chromium.exists() {
-        let message = "Playwright or Chromium is missing: run scripts/install-test-tools and \
-                       apt-get install chromium";
-        assert!(std::env::var("CI").as_deref() != Ok("true"), "{message}");
-        eprintln!("SKIPPED the_swagger_ui_renders_offline_and_try_it_out_works_against_the_demo: {message}");
-        return;
+    if python.exists() && Path::new("/usr/bin/chromium").exists() {
+        return Some((repo, python));
     }
+    let message = "Playwright or Chromium is missing: run scripts/install-test-tools and \
+                   apt-get install chromium";
+    assert!(std::env::var("CI").as_deref() != Ok("true"), "{message}");
+    eprintln!("SKIPPED {test}: {message}");
+    None
+}
+
+#[tokio::test]
+async fn the_swagger_ui_renders_offline_and_try_it_out_works_against_the_demo() {
+    let Some((repo, python)) =
+        browser_tools("the_swagger_ui_renders_offline_and_try_it_out_works_against_the_demo")
+    else {
+        return;
+    };
     let dir = tempfile::tempdir().unwrap();
     let demo = start_demo(dir.path()).await;
     let screenshot = repo.join("target/swagger-ui.png");
@@ -427,16 +437,11 @@ async fn the_swagger_ui_renders_offline_and_try_it_out_works_against_the_demo() 
 
 #[tokio::test]
 async fn the_console_signs_in_shows_the_balance_and_signs_out_in_a_real_browser() {
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let python = repo.join("target/test-venv/bin/python");
-    let chromium = Path::new("/usr/bin/chromium");
-    if !python.exists() || !chromium.exists() {
-        let message = "Playwright or Chromium is missing: run scripts/install-test-tools and \
-                       apt-get install chromium";
-        assert!(std::env::var("CI").as_deref() != Ok("true"), "{message}");
-        eprintln!("SKIPPED the_console_signs_in_shows_the_balance_and_signs_out_in_a_real_browser: {message}");
+    let Some((repo, python)) =
+        browser_tools("the_console_signs_in_shows_the_balance_and_signs_out_in_a_real_browser")
+    else {
         return;
-    }
+    };
     let dir = tempfile::tempdir().unwrap();
     let demo = start_demo(dir.path()).await;
     assert!(demo.welcome.contains("/console/"), "{}", demo.welcome);

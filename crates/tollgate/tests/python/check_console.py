@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from urllib.parse import urlparse
 
+from offline_chromium import CHROMIUM_FLAGS, only
 from playwright.sync_api import expect, sync_playwright
 
 URL = os.environ["TOLLGATE_URL"]
@@ -19,29 +20,10 @@ KEY = os.environ["TOLLGATE_DEMO_KEY"]
 SHOTS = Path(os.environ.get("SCREENSHOTS", "."))
 ORIGIN = urlparse(URL).netloc
 
-CHROMIUM_FLAGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--disable-quic",
-    # Nothing but loopback resolves: the network is cut off at the browser too.
-    "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1",
-]
-
 outside = []
 failed = []
 refused_by_policy = []
-
-
-def only_this_server(route):
-    if urlparse(route.request.url).netloc == ORIGIN:
-        route.continue_()
-    else:
-        outside.append(route.request.url)
-        route.abort()
+only_this_server = only(ORIGIN, outside)
 
 
 def fits(page, name):

@@ -12,6 +12,7 @@ import urllib.request
 from urllib.parse import urlparse
 
 from openapi_spec_validator import validate
+from offline_chromium import CHROMIUM_FLAGS, only
 from playwright.sync_api import expect, sync_playwright
 
 URL = os.environ["TOLLGATE_URL"]
@@ -24,28 +25,8 @@ with urllib.request.urlopen(f"{URL}/api/openapi.json") as response:
 validate(document)
 print(f"openapi.json is valid OpenAPI {document['openapi']}: {len(document['paths'])} paths")
 
-CHROMIUM_FLAGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--disable-quic",
-    # Nothing but loopback resolves: the network is cut off at the browser too.
-    "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1",
-]
-
 outside = []
-
-
-def only_this_server(route):
-    host = urlparse(route.request.url).netloc
-    if host == ORIGIN or route.request.url.startswith("data:"):
-        route.continue_()
-    else:
-        outside.append(route.request.url)
-        route.abort()
+only_this_server = only(ORIGIN, outside)
 
 
 with sync_playwright() as playwright:
