@@ -343,7 +343,7 @@ async fn the_root_points_to_the_docs() {
     assert_eq!(root.status(), 200);
     let body: Value = root.json().await.unwrap();
     assert_eq!(body["service"], "tollgate");
-    for link in ["docs", "openapi", "health", "ready"] {
+    for link in ["docs", "openapi", "console", "health", "ready"] {
         let path = body[link].as_str().unwrap();
         let response = app.get(path).send().await.unwrap();
         assert_eq!(response.status(), 200, "{link}: {path}");

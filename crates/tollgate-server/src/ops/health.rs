@@ -14,7 +14,7 @@ use tollgate_core::{ApiError, ErrorCode};
     get,
     path = "/",
     tag = "operations",
-    responses((status = 200, description = "What this server is and where to read about it.", example = json!({"service": "tollgate", "version": "0.1.0", "docs": "/api/docs", "openapi": "/api/openapi.json", "api": "/api/v1", "health": "/healthz", "ready": "/readyz"}))),
+    responses((status = 200, description = "What this server is and where to read about it.", example = json!({"service": "tollgate", "version": "0.1.0", "docs": "/api/docs", "openapi": "/api/openapi.json", "api": "/api/v1", "console": "/console/", "health": "/healthz", "ready": "/readyz"}))),
 )]
 pub async fn root(State(state): State<AppState>) -> Json<Value> {
     Json(json!({
@@ -23,6 +23,7 @@ pub async fn root(State(state): State<AppState>) -> Json<Value> {
         "docs": "/api/docs",
         "openapi": "/api/openapi.json",
         "api": state.config.api_prefix,
+        "console": "/console/",
         "health": "/healthz",
         "ready": "/readyz",
     }))
