@@ -341,3 +341,207 @@ async fn an_account_name_is_shown_as_text_never_as_markup() {
     );
     assert!(!body.contains("<script") && !body.contains("<b "), "{body}");
 }
+
+/// The secret the "key created" page shows in its one read-only field.
+fn shown_secret(body: &str) -> String {
+    let start = body.find("value=\"tg_").expect("the page shows a secret") + "value=\"".len();
+    let end = start + body[start..].find('"').unwrap();
+    body[start..end].to_string()
+}
+
+async fn post_form(app: &TestApp, cookie: &str, path: &str, form: &[(&str, &str)]) -> Response {
+    browser()
+        .post(format!("{}{path}", app.url))
+        .header(COOKIE, cookie)
+        .header("sec-fetch-site", "same-origin")
+        .form(form)
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn keys_page(app: &TestApp, cookie: &str) -> (StatusCode, String) {
+    let response = browser()
+        .get(format!("{}/console/keys", app.url))
+        .header(COOKIE, cookie)
+        .send()
+        .await
+        .unwrap();
+    (response.status(), response.text().await.unwrap())
+}
+
+async fn echo(app: &TestApp, key: &str) -> StatusCode {
+    app.get("/echo/hello")
+        .bearer_auth(key)
+        .send()
+        .await
+        .unwrap()
+        .status()
+}
+
+#[tokio::test]
+async fn a_key_made_in_the_console_is_the_apis_key_shown_once_and_revoked_there_too() {
+    let app = spawn_app().await;
+    let account = app.create_account("console").await;
+    let cookie = session_cookie(&app, &account.master_key).await;
+
+    let (status, body) = keys_page(&app, &cookie).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        body.contains(&format!("data-key=\"{}\"", account.master_key_id)),
+        "{body}"
+    );
+
+    let response = post_form(
+        &app,
+        &cookie,
+        "/console/keys",
+        &[
+            ("name", "from the console"),
+            ("scopes", "echo"),
+            ("allowed_ips", ""),
+            ("expires_at", "2030-01-31T18:00"),
+            ("monthly_spend_cap", "2.5"),
+        ],
+    )
+    .await;
+    assert_eq!(response.status(), StatusCode::CREATED);
+    let body = response.text().await.unwrap();
+    let secret = shown_secret(&body);
+    assert_eq!(echo(&app, &secret).await, StatusCode::OK);
+
+    // What the API answers for it is what the form asked for.
+    let keys = app
+        .get_json(
+            &format!("/api/v1/keys?account_id={}", account.id),
+            ADMIN_TOKEN,
+        )
+        .await;
+    let made = keys["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["name"] == "from the console")
+        .unwrap()
+        .clone();
+    assert_eq!(made["scopes"], json!(["echo"]));
+    assert_eq!(made["expires_at"], "2030-01-31T18:00:00Z");
+    assert_eq!(made["monthly_spend_cap"]["credits"], "2.5");
+    assert_eq!(made["kind"], "usage");
+    // The change is in the audit log as the master key's, as it would be from the API.
+    let audit = app.get_json("/api/v1/audit", ADMIN_TOKEN).await;
+    let entry = audit["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["action"] == "key.create" && e["target"] == made["id"])
+        .expect("audited");
+    assert_eq!(entry["actor"], account.master_key_id.to_string());
+
+    // Listed from now on, the secret never again.
+    let (_, body) = keys_page(&app, &cookie).await;
+    assert!(body.contains(made["id"].as_str().unwrap()));
+    assert!(!body.contains(&secret));
+
+    let id = made["id"].as_str().unwrap();
+    let response = post_form(&app, &cookie, &format!("/console/keys/{id}/revoke"), &[]).await;
+    assert_eq!(response.status(), StatusCode::SEE_OTHER);
+    assert_eq!(echo(&app, &secret).await, StatusCode::UNAUTHORIZED);
+    let (_, body) = keys_page(&app, &cookie).await;
+    assert!(body.contains(&format!(
+        "action=\"/console/keys/{}/revoke\"",
+        account.master_key_id
+    )));
+    assert!(
+        !body.contains(&format!("action=\"/console/keys/{id}/revoke\"")),
+        "{body}"
+    );
+}
+
+#[tokio::test]
+async fn another_accounts_key_cannot_be_revoked_from_the_console_nor_seen() {
+    let app = spawn_app().await;
+    let account = app.create_account("console").await;
+    let other = app.create_account("other").await;
+    let (other_usage, other_id) = app.create_usage_key(&other.master_key, json!({})).await;
+    let cookie = session_cookie(&app, &account.master_key).await;
+
+    let (_, body) = keys_page(&app, &cookie).await;
+    assert!(!body.contains(&other_id.to_string()));
+    for id in [
+        other_id.to_string(),
+        other.master_key_id.to_string(),
+        "key_nonsense".into(),
+    ] {
+        let response = post_form(&app, &cookie, &format!("/console/keys/{id}/revoke"), &[]).await;
+        assert_eq!(response.status(), StatusCode::NOT_FOUND, "{id}");
+        assert!(response.text().await.unwrap().contains("No such key."));
+    }
+    assert_eq!(echo(&app, &other_usage).await, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn a_bad_key_form_shows_the_apis_own_validation_message_and_creates_nothing() {
+    let app = spawn_app().await;
+    let account = app.create_account("console").await;
+    let cookie = session_cookie(&app, &account.master_key).await;
+    let before = app
+        .get_json(
+            &format!("/api/v1/keys?account_id={}", account.id),
+            ADMIN_TOKEN,
+        )
+        .await["data"]
+        .as_array()
+        .unwrap()
+        .len();
+    for (field, value, message) in [
+        ("scopes", "no-such-group", "is not a route group"),
+        ("allowed_ips", "10.0.0.1/8", "has host bits set"),
+        ("monthly_spend_cap", "a lot", "monthly_spend_cap"),
+        (
+            "expires_at",
+            "tomorrow",
+            "The expiry must be a date and time",
+        ),
+        ("expires_at", "2001-01-01T00:00", "must be in the future"),
+    ] {
+        let response = post_form(
+            &app,
+            &cookie,
+            "/console/keys",
+            &[("name", "bad"), (field, value)],
+        )
+        .await;
+        assert_eq!(
+            response.status(),
+            StatusCode::BAD_REQUEST,
+            "{field}={value}"
+        );
+        let body = response.text().await.unwrap();
+        assert!(body.contains(message), "{field}={value}: {body}");
+        assert!(!body.contains("value=\"tg_"), "{field}={value} made a key");
+    }
+    let after = app
+        .get_json(
+            &format!("/api/v1/keys?account_id={}", account.id),
+            ADMIN_TOKEN,
+        )
+        .await["data"]
+        .as_array()
+        .unwrap()
+        .len();
+    assert_eq!(before, after);
+}
+
+#[tokio::test]
+async fn the_keys_page_sends_anyone_but_a_signed_in_account_holder_to_the_overview() {
+    let app = spawn_app().await;
+    let operator = session_cookie(&app, ADMIN_TOKEN).await;
+    let no_session = "__Host-tollgate_session=00";
+    for cookie in [operator.as_str(), no_session] {
+        let (status, _) = keys_page(&app, cookie).await;
+        assert_eq!(status, StatusCode::SEE_OTHER, "{cookie}");
+        let response = post_form(&app, cookie, "/console/keys", &[("name", "x")]).await;
+        assert_eq!(response.status(), StatusCode::SEE_OTHER, "{cookie}");
+    }
+}

@@ -471,6 +471,12 @@ async fn the_console_signs_in_shows_the_balance_and_signs_out_in_a_real_browser(
             );
         }
     }
+    for line in [
+        "desktop: made a key, called with it, the balance moved by",
+        "desktop: revoked the key in the console; it is refused",
+    ] {
+        assert!(stdout.contains(line), "{line}\n{stdout}");
+    }
     assert!(
         stdout.contains("no request left this server, none failed, and the policy refused nothing"),
         "{stdout}"

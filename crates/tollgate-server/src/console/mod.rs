@@ -3,6 +3,7 @@
 //! Signed in by a session cookie, never by a key in the browser. Pages are HTML, not API
 //! operations, so they are routed here directly and left out of the OpenAPI document.
 
+pub mod keys;
 pub mod pages;
 pub mod security;
 pub mod session;
@@ -19,6 +20,8 @@ pub fn router() -> Router<AppState> {
         .route("/console/", get(pages::overview))
         .route("/console/sign-in", post(pages::sign_in))
         .route("/console/sign-out", post(pages::sign_out))
+        .route("/console/keys", get(keys::list).post(keys::create))
+        .route("/console/keys/{id}/revoke", post(keys::revoke_key))
         .route("/console/assets/console.css", get(pages::stylesheet))
         .layer(middleware::from_fn(security::layer))
 }

@@ -47,7 +47,7 @@ struct OverviewPage<'a> {
     balance: Option<(Money, Money, Money)>,
 }
 
-fn page(status: StatusCode, template: &impl Template) -> Response {
+pub(crate) fn page(status: StatusCode, template: &impl Template) -> Response {
     match template.render() {
         Ok(html) => (status, Html(html)).into_response(),
         Err(e) => {

@@ -3,6 +3,7 @@
 //! idle and absolute timeouts, and at its next request once the key it was made with is revoked,
 //! inactive or expired, or its account suspended.
 
+use crate::management::extract::Caller;
 use crate::state::AppState;
 use axum::extract::ConnectInfo;
 use axum::http::{header, HeaderMap, HeaderValue};
@@ -32,6 +33,14 @@ pub enum Who {
 }
 
 impl Who {
+    /// The management API's caller this session acts as, so a page's change is the API's.
+    pub fn caller(&self) -> Caller {
+        match self {
+            Who::Operator => Caller::Admin,
+            Who::Holder { key } => Caller::Key(key.clone()),
+        }
+    }
+
     pub fn account(&self) -> Option<AccountId> {
         match self {
             Who::Operator => None,
@@ -45,6 +54,12 @@ impl Who {
 pub struct Session {
     pub id_hash: [u8; 32],
     pub who: Who,
+}
+
+impl Session {
+    pub fn caller(&self) -> Caller {
+        self.who.caller()
+    }
 }
 
 /// A new session's secret (for the cookie) and its record (for the store).

@@ -63,7 +63,19 @@ async fn create_key(
     body: JsonBody,
 ) -> Result<impl IntoResponse, HttpError> {
     caller.require_master_or_admin()?;
-    let body: CreateKeyRequest = body.parse()?;
+    let created = issue_key(&state, &caller, request_id, body.parse()?).await?;
+    Ok((StatusCode::CREATED, Extension(CarriesSecret), Json(created)))
+}
+
+/// Creates a key as `POST /keys` does (validation, ownership, the key limit, the fee, the audit
+/// entry), for the API and the console alike. The secret is in the answer and nowhere else.
+pub(crate) async fn issue_key(
+    state: &AppState,
+    caller: &Caller,
+    request_id: RequestId,
+    body: CreateKeyRequest,
+) -> Result<wire::CreatedKey, HttpError> {
+    caller.require_master_or_admin()?;
     let mut fields = FieldErrors::default();
     let name = fields.name("name", &body.name);
     let account_id = match (&caller, &body.account_id) {
@@ -82,9 +94,9 @@ async fn create_key(
     };
     let kind = body.kind.unwrap_or(KeyKind::Usage);
     let scopes = body.scopes.clone().unwrap_or_else(|| vec!["*".into()]);
-    validate_scopes(&state, &scopes, &mut fields);
+    validate_scopes(state, &scopes, &mut fields);
     let allowed_ips = fields.allowed_ips(body.allowed_ips.as_deref().unwrap_or_default());
-    let expires_at = fields.expiry(&state, body.expires_at);
+    let expires_at = fields.expiry(state, body.expires_at);
     let monthly_spend_cap = fields.spend_cap(body.monthly_spend_cap.as_deref());
     fields.finish()?;
     let Some(account_id) = account_id else {
@@ -98,13 +110,13 @@ async fn create_key(
             )
         })?;
     }
-    if !caller_owns(&caller, account_id) || state.store.account(account_id).await?.is_none() {
+    if !caller_owns(caller, account_id) || state.store.account(account_id).await?.is_none() {
         return Err(HttpError::not_found("account"));
     }
-    let (secret, mut record) = new_key(&state, account_id, kind, &name, scopes, expires_at);
+    let (secret, mut record) = new_key(state, account_id, kind, &name, scopes, expires_at);
     record.monthly_spend_cap = monthly_spend_cap;
     record.allowed_ips = allowed_ips;
-    let fee = crate::management::fee::ManagementFee::hold(&state, &caller, request_id).await?;
+    let fee = crate::management::fee::ManagementFee::hold(state, caller, request_id).await?;
     match state
         .store
         .insert_key(&record, state.config.max_keys_per_account)
@@ -125,19 +137,18 @@ async fn create_key(
         }
     }
     tracing::info!(account = %account_id, key = %record.id, kind = kind.as_str(), "key created");
-    let view = key_view(&record, &state);
+    let view = key_view(&record, state);
     audit::record(
-        &state,
-        &caller,
+        state,
+        caller,
         request_id,
         Change::new("key.create", record.id).after(&view),
     )
     .await;
-    let created = wire::CreatedKey {
+    Ok(wire::CreatedKey {
         key: view,
         secret: secret.expose().to_string(),
-    };
-    Ok((StatusCode::CREATED, Extension(CarriesSecret), Json(created)))
+    })
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -443,14 +454,25 @@ async fn revoke_key(
     id: Result<Path<String>, PathRejection>,
 ) -> Result<Json<wire::ApiKeyInfo>, HttpError> {
     let key = owned_key(&state, &caller, id).await?;
-    match state.store.revoke_key(key.id, state.clock.now()).await? {
+    Ok(Json(revoke(&state, &caller, request_id, key.id).await?))
+}
+
+/// Revokes a key the caller owns (checked by the caller of this) as `POST /keys/{id}/revoke`
+/// does, for the API and the console alike.
+pub(crate) async fn revoke(
+    state: &AppState,
+    caller: &Caller,
+    request_id: RequestId,
+    id: KeyId,
+) -> Result<wire::ApiKeyInfo, HttpError> {
+    match state.store.revoke_key(id, state.clock.now()).await? {
         RevokeOutcome::Revoked(key) => {
             state.keys.invalidate(key.id);
             tracing::info!(key = %key.id, "key revoked");
-            let view = key_view(&key, &state);
+            let view = key_view(&key, state);
             let change = Change::new("key.revoke", key.id).after(&view);
-            audit::record(&state, &caller, request_id, change).await;
-            Ok(Json(view))
+            audit::record(state, caller, request_id, change).await;
+            Ok(view)
         }
         RevokeOutcome::AlreadyRevoked(key) => {
             let mut error = ApiError::new(

@@ -9,6 +9,8 @@ Prints one line per check; exits non-zero on the first failure.
 
 import os
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -33,6 +35,50 @@ def fits(page, name):
     if width > inner:
         sys.exit(f"{name}: the page is {width}px wide in a {inner}px window")
     page.screenshot(path=str(SHOTS / f"console-{name}.png"), full_page=True)
+
+
+def available(page):
+    page.goto(f"{URL}/console/")
+    return int(page.locator("dd").first.get_attribute("data-nanos"))
+
+
+def echo_status(key):
+    request = urllib.request.Request(f"{URL}/echo/hello", headers={"Authorization": f"Bearer {key}"})
+    try:
+        with urllib.request.urlopen(request) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+def make_a_key_use_it_and_revoke_it(page):
+    """The keys page: create a key, read its secret once, call with it, see the balance move,
+    revoke it and see it refused."""
+    before = available(page)
+    page.get_by_role("link", name="Keys").click()
+    expect(page.get_by_role("heading", name="Keys")).to_be_visible()
+    page.get_by_label("Name").fill("from the browser")
+    page.get_by_label("Scopes").fill("echo")
+    page.get_by_role("button", name="Create key").click()
+    expect(page.get_by_role("heading", name="Key created")).to_be_visible()
+    secret = page.locator("#secret").input_value()
+    fits(page, "key-created-desktop")
+    if echo_status(secret) != 200:
+        sys.exit("the new key's call was not answered 200")
+    after = available(page)
+    if not after < before:
+        sys.exit(f"the balance did not move: {before} then {after}")
+    print(f"desktop: made a key, called with it, the balance moved by {before - after} nanos")
+    page.get_by_role("link", name="Keys").click()
+    if secret in page.content():
+        sys.exit("the keys page shows a secret again")
+    row = page.locator("tr", has_text="from the browser")
+    row.get_by_role("button", name="Revoke").click()
+    expect(page.locator("tr", has_text="from the browser")).to_contain_text("revoked")
+    fits(page, "keys-desktop")
+    if echo_status(secret) != 401:
+        sys.exit("a revoked key was not refused")
+    print("desktop: revoked the key in the console; it is refused")
 
 
 with sync_playwright() as playwright:
@@ -75,6 +121,9 @@ with sync_playwright() as playwright:
         if script_sees != ["", "{}", "{}"]:
             sys.exit(f"a script can read something: {script_sees}")
         print(f"{size}: the session is one HttpOnly, Secure, SameSite=Strict cookie; no script sees it")
+
+        if size == "desktop":
+            make_a_key_use_it_and_revoke_it(page)
 
         # The sign-out button is reachable from the keyboard.
         sign_out = page.get_by_role("button", name="Sign out")
