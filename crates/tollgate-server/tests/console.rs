@@ -545,3 +545,143 @@ async fn the_keys_page_sends_anyone_but_a_signed_in_account_holder_to_the_overvi
         assert_eq!(response.status(), StatusCode::SEE_OTHER, "{cookie}");
     }
 }
+
+async fn console_get(app: &TestApp, cookie: &str, path: &str) -> (StatusCode, String) {
+    let response = browser()
+        .get(format!("{}{path}", app.url))
+        .header(COOKIE, cookie)
+        .send()
+        .await
+        .unwrap();
+    (response.status(), response.text().await.unwrap())
+}
+
+/// Makes a call with `key` on `path`; its request ID.
+async fn call(app: &TestApp, key: &str, path: &str) -> String {
+    let response = app.get(path).bearer_auth(key).send().await.unwrap();
+    common::request_id(&response)
+}
+
+#[tokio::test]
+async fn the_requests_page_lists_the_accounts_calls_and_finds_any_one_by_its_id() {
+    let app = spawn_app().await;
+    let account = app.create_account("console").await;
+    let (echo_only, _) = app
+        .create_usage_key(&account.master_key, json!({"scopes": ["echo"]}))
+        .await;
+    let paid = call(&app, &echo_only, "/echo/hello").await;
+    // Refused for its scope after the key was found: a row, charged nothing.
+    let refused = call(&app, &echo_only, "/v1/models").await;
+    let other = app.create_account("other").await;
+    let theirs = call(&app, &other.master_key, "/echo/hello").await;
+    let cookie = session_cookie(&app, &account.master_key).await;
+
+    let (status, body) = console_get(&app, &cookie, "/console/requests").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(body.contains(&format!("data-request=\"{paid}\"")), "{body}");
+    assert!(
+        body.contains(&format!("data-request=\"{refused}\"")),
+        "{body}"
+    );
+    assert!(!body.contains(&theirs), "another account's call is listed");
+    assert!(
+        body.contains("keeps requests for"),
+        "the retention is stated"
+    );
+
+    // Found by its exact ID, by the search box or its own address, with what the API says.
+    for path in [
+        format!("/console/requests?id={paid}"),
+        format!("/console/requests/{paid}"),
+    ] {
+        let (status, body) = console_get(&app, &cookie, &path).await;
+        assert_eq!(status, StatusCode::OK, "{path}");
+        let api = app
+            .get_json(&format!("/api/v1/requests/{paid}"), &account.master_key)
+            .await;
+        for money in ["hold", "cost"] {
+            let nanos = api[money]["nanos"].as_i64().unwrap();
+            assert!(
+                body.contains(&format!("data-nanos=\"{nanos}\"")),
+                "{money}: {body}"
+            );
+        }
+        assert!(body.contains("GET /echo/hello"), "{body}");
+    }
+    let (status, body) = console_get(&app, &cookie, &format!("/console/requests/{refused}")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(body.contains("insufficient_scope"), "{body}");
+
+    // Another account's ID, and an ID that names nothing, answer alike.
+    for id in [
+        theirs.as_str(),
+        "req_01ARZ3NDEKTSV4RRFFQ69G5FAV",
+        "nonsense",
+    ] {
+        let (status, body) =
+            console_get(&app, &cookie, &format!("/console/requests?id={id}")).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{id}");
+        assert!(
+            body.contains("No request of this account has the ID"),
+            "{body}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn the_requests_page_pages_by_a_stable_cursor_keeping_its_filters() {
+    let app = spawn_app().await;
+    let account = app.create_account("console").await;
+    let (key, key_id) = app.create_usage_key(&account.master_key, json!({})).await;
+    let mut made = std::collections::BTreeSet::new();
+    for _ in 0..60 {
+        made.insert(call(&app, &key, "/echo/hello").await);
+    }
+    // Calls with the master key, which the key filter leaves out.
+    for _ in 0..3 {
+        call(&app, &account.master_key, "/echo/hello").await;
+    }
+    let cookie = session_cookie(&app, &account.master_key).await;
+    let mut seen = std::collections::BTreeSet::new();
+    let mut path = format!("/console/requests?key={key_id}&status=200");
+    let mut pages = 0;
+    loop {
+        let (status, body) = console_get(&app, &cookie, &path).await;
+        assert_eq!(status, StatusCode::OK, "{path}");
+        pages += 1;
+        for part in body.split("data-request=\"").skip(1) {
+            let id = part.split('"').next().unwrap().to_string();
+            assert!(seen.insert(id.clone()), "{id} shown twice");
+        }
+        let Some(at) = body.find("rel=\"next\"") else {
+            break;
+        };
+        let start = body[..at].rfind("href=\"").unwrap() + "href=\"".len();
+        path = body[start..at]
+            .split('"')
+            .next()
+            .unwrap()
+            .replace("&amp;", "&");
+        assert!(path.contains(&format!("key={key_id}")), "{path}");
+        assert!(path.contains("status=200"), "{path}");
+    }
+    assert_eq!(pages, 2);
+    assert_eq!(seen, made);
+}
+
+#[tokio::test]
+async fn a_bad_requests_filter_says_what_is_wrong() {
+    let app = spawn_app().await;
+    let account = app.create_account("console").await;
+    let cookie = session_cookie(&app, &account.master_key).await;
+    for (query, message) in [
+        ("key=nope", "The key filter must be a key id"),
+        ("status=99", "The status filter must be an HTTP status"),
+        ("status=abc", "The status filter must be an HTTP status"),
+    ] {
+        let (status, body) =
+            console_get(&app, &cookie, &format!("/console/requests?{query}")).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{query}");
+        assert!(body.contains(message), "{query}: {body}");
+    }
+}

@@ -3,7 +3,7 @@
 //! service functions as `POST /keys` and `POST /keys/{id}/revoke`.
 
 use crate::console::pages::page;
-use crate::console::session::{self, Session, Who};
+use crate::console::session::{holder, Session};
 use crate::http::error::HttpError;
 use crate::management::keys::{issue_key, key_view, revoke};
 use crate::state::AppState;
@@ -42,16 +42,6 @@ struct CreatedPage<'a> {
     info: &'a ApiKeyInfo,
     secret: &'a str,
     origin: &'a str,
-}
-
-/// The signed-in account holder's session, or the answer for anyone else: the sign-in page for
-/// no session, and for the operator (whose keys page is the admin API for now) the overview.
-async fn holder(state: &AppState, headers: &HeaderMap) -> Result<Session, Response> {
-    match session::current(state, headers).await {
-        Ok(Some(session)) if matches!(session.who, Who::Holder { .. }) => Ok(session),
-        Ok(_) => Err(Redirect::to("/console/").into_response()),
-        Err(e) => Err(HttpError::from(e).into_response()),
-    }
 }
 
 async fn rows(state: &AppState, session: &Session) -> Result<Vec<KeyRow>, HttpError> {

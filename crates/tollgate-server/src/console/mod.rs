@@ -5,6 +5,7 @@
 
 pub mod keys;
 pub mod pages;
+pub mod requests;
 pub mod security;
 pub mod session;
 
@@ -22,6 +23,8 @@ pub fn router() -> Router<AppState> {
         .route("/console/sign-out", post(pages::sign_out))
         .route("/console/keys", get(keys::list).post(keys::create))
         .route("/console/keys/{id}/revoke", post(keys::revoke_key))
+        .route("/console/requests", get(requests::list))
+        .route("/console/requests/{id}", get(requests::one))
         .route("/console/assets/console.css", get(pages::stylesheet))
         .layer(middleware::from_fn(security::layer))
 }

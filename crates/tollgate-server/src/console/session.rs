@@ -3,10 +3,12 @@
 //! idle and absolute timeouts, and at its next request once the key it was made with is revoked,
 //! inactive or expired, or its account suspended.
 
+use crate::http::error::HttpError;
 use crate::management::extract::Caller;
 use crate::state::AppState;
 use axum::extract::ConnectInfo;
 use axum::http::{header, HeaderMap, HeaderValue};
+use axum::response::{IntoResponse, Redirect, Response};
 use chrono::{DateTime, Utc};
 use sha2::{Digest, Sha256};
 use std::net::SocketAddr;
@@ -187,4 +189,15 @@ async fn usable_key(
         return Ok(None);
     }
     Ok(Some(Arc::new(key)))
+}
+
+/// The signed-in account holder's session, or the answer for anyone else: the overview (which
+/// is the sign-in page without a session) for no session and for the operator, whose pages
+/// these are not.
+pub async fn holder(state: &AppState, headers: &HeaderMap) -> Result<Session, Response> {
+    match current(state, headers).await {
+        Ok(Some(session)) if matches!(session.who, Who::Holder { .. }) => Ok(session),
+        Ok(_) => Err(Redirect::to("/console/").into_response()),
+        Err(e) => Err(HttpError::from(e).into_response()),
+    }
 }

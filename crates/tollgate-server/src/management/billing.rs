@@ -551,7 +551,7 @@ async fn resolve(
 // ---------------------------------------------------------------------------------------------
 // Usage log
 
-fn usage_view(state: &AppState, row: UsageRow) -> wire::UsageRecord {
+pub(crate) fn usage_view(state: &AppState, row: UsageRow) -> wire::UsageRecord {
     wire::UsageRecord {
         request_id: row.request_id,
         client_request_id: row.client_request_id,
