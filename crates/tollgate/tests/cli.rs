@@ -473,6 +473,7 @@ async fn the_console_signs_in_shows_the_balance_and_signs_out_in_a_real_browser(
     }
     for line in [
         "desktop: made a key, called with it, the balance moved by",
+        "desktop: found the call by its request ID; it was charged what the balance moved",
         "desktop: revoked the key in the console; it is refused",
     ] {
         assert!(stdout.contains(line), "{line}\n{stdout}");

@@ -42,13 +42,14 @@ def available(page):
     return int(page.locator("dd").first.get_attribute("data-nanos"))
 
 
-def echo_status(key):
+def echo(key):
+    """Calls the echo route with `key`: the status and the request ID it was answered with."""
     request = urllib.request.Request(f"{URL}/echo/hello", headers={"Authorization": f"Bearer {key}"})
     try:
         with urllib.request.urlopen(request) as response:
-            return response.status
+            return response.status, response.headers["x-request-id"]
     except urllib.error.HTTPError as error:
-        return error.code
+        return error.code, error.headers["x-request-id"]
 
 
 def make_a_key_use_it_and_revoke_it(page):
@@ -63,12 +64,23 @@ def make_a_key_use_it_and_revoke_it(page):
     expect(page.get_by_role("heading", name="Key created")).to_be_visible()
     secret = page.locator("#secret").input_value()
     fits(page, "key-created-desktop")
-    if echo_status(secret) != 200:
+    status, request_id = echo(secret)
+    if status != 200:
         sys.exit("the new key's call was not answered 200")
     after = available(page)
     if not after < before:
         sys.exit(f"the balance did not move: {before} then {after}")
     print(f"desktop: made a key, called with it, the balance moved by {before - after} nanos")
+
+    page.get_by_role("link", name="Requests").click()
+    page.get_by_label("Find a request by its ID").fill(request_id)
+    page.get_by_role("button", name="Find").click()
+    expect(page.get_by_role("heading", name=f"Request {request_id}")).to_be_visible()
+    charged = int(page.locator("dd[data-nanos]").nth(1).get_attribute("data-nanos"))
+    if charged != before - after:
+        sys.exit(f"the request was charged {charged}, the balance moved {before - after}")
+    fits(page, "request-desktop")
+    print("desktop: found the call by its request ID; it was charged what the balance moved")
     page.get_by_role("link", name="Keys").click()
     if secret in page.content():
         sys.exit("the keys page shows a secret again")
@@ -76,7 +88,7 @@ def make_a_key_use_it_and_revoke_it(page):
     row.get_by_role("button", name="Revoke").click()
     expect(page.locator("tr", has_text="from the browser")).to_contain_text("revoked")
     fits(page, "keys-desktop")
-    if echo_status(secret) != 401:
+    if echo(secret)[0] != 401:
         sys.exit("a revoked key was not refused")
     print("desktop: revoked the key in the console; it is refused")
 
