@@ -8,6 +8,7 @@ pub mod pages;
 pub mod requests;
 pub mod security;
 pub mod session;
+pub mod wallet;
 
 use crate::state::AppState;
 use axum::middleware;
@@ -25,6 +26,7 @@ pub fn router() -> Router<AppState> {
         .route("/console/keys/{id}/revoke", post(keys::revoke_key))
         .route("/console/requests", get(requests::list))
         .route("/console/requests/{id}", get(requests::one))
+        .route("/console/wallet", get(wallet::list))
         .route("/console/assets/console.css", get(pages::stylesheet))
         .layer(middleware::from_fn(security::layer))
 }

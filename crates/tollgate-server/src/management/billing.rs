@@ -284,17 +284,28 @@ async fn ledger_entries(
                 .map_err(|_| validation("cursor", "is not a cursor from a previous page"))
         })
         .transpose()?;
+    Ok(Json(ledger_page(&state, account, before, limit).await?))
+}
+
+/// One page of an account's ledger, newest first, after the writer has committed what is
+/// queued: `GET /ledger`'s answer, and the console's wallet page.
+pub(crate) async fn ledger_page(
+    state: &AppState,
+    account: AccountId,
+    before: Option<i64>,
+    limit: u32,
+) -> Result<wire::Page<wire::LedgerEntry>, HttpError> {
     state.ledger.flush().await?;
     let rows = state.store.transfers(account, before, limit + 1).await?;
     let (rows, next_cursor) = page(rows, limit, |r| r.seq.to_string());
-    Ok(Json(wire::Page {
+    Ok(wire::Page {
         data: rows
             .into_iter()
             .map(|r| wire::LedgerEntry {
                 seq: r.seq,
                 from: r.debit,
                 to: r.credit,
-                amount: money(&state, r.amount),
+                amount: money(state, r.amount),
                 kind: r.kind,
                 memo: r.memo,
                 reference: r.reference,
@@ -302,7 +313,7 @@ async fn ledger_entries(
             })
             .collect(),
         next_cursor,
-    }))
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
