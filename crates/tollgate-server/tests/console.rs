@@ -764,3 +764,66 @@ async fn the_wallet_page_shows_every_movement_and_they_add_up_to_the_balance() {
         .sum();
     assert_eq!(net, available(&app, &account.master_key).await);
 }
+
+#[tokio::test]
+async fn the_operator_lists_accounts_and_suspends_and_reactivates_one_as_the_api_does() {
+    let app = spawn_app().await;
+    let account = app.create_account("suspend me").await;
+    let operator = session_cookie(&app, ADMIN_TOKEN).await;
+    let (status, body) = console_get(&app, &operator, "/console/accounts").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        body.contains(&format!("data-account=\"{}\"", account.id)),
+        "{body}"
+    );
+    let nanos = available(&app, &account.master_key).await;
+    assert!(body.contains(&format!("data-nanos=\"{nanos}\"")), "{body}");
+
+    let suspend = format!("/console/accounts/{}/suspend", account.id);
+    let response = post_form(&app, &operator, &suspend, &[]).await;
+    assert_eq!(response.status(), StatusCode::SEE_OTHER);
+    assert_eq!(echo(&app, &account.master_key).await, StatusCode::FORBIDDEN);
+    let api = app
+        .get_json(&format!("/api/v1/accounts/{}", account.id), ADMIN_TOKEN)
+        .await;
+    assert_eq!(api["status"], "suspended");
+    let audit = app.get_json("/api/v1/audit", ADMIN_TOKEN).await;
+    assert!(
+        audit["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["action"] == "account.suspend" && e["actor"] == "admin"),
+        "{audit}"
+    );
+
+    let reactivate = format!("/console/accounts/{}/reactivate", account.id);
+    let response = post_form(&app, &operator, &reactivate, &[]).await;
+    assert_eq!(response.status(), StatusCode::SEE_OTHER);
+    assert_eq!(echo(&app, &account.master_key).await, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn the_operators_pages_answer_an_account_holder_as_pages_that_do_not_exist() {
+    let app = spawn_app().await;
+    let account = app.create_account("holder").await;
+    let other = app.create_account("other").await;
+    let holder = session_cookie(&app, &account.master_key).await;
+    let (status, body) = console_get(&app, &holder, "/console/accounts").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(!body.contains(&other.id.to_string()));
+    for action in ["suspend", "reactivate"] {
+        for id in [account.id, other.id] {
+            let path = format!("/console/accounts/{id}/{action}");
+            let response = post_form(&app, &holder, &path, &[]).await;
+            assert_eq!(response.status(), StatusCode::NOT_FOUND, "{path}");
+        }
+    }
+    assert_eq!(echo(&app, &other.master_key).await, StatusCode::OK);
+    // And the account holder's own pages send the operator to the overview.
+    let operator = session_cookie(&app, ADMIN_TOKEN).await;
+    for path in ["/console/keys", "/console/requests", "/console/wallet"] {
+        let (status, _) = console_get(&app, &operator, path).await;
+        assert_eq!(status, StatusCode::SEE_OTHER, "{path}");
+    }
+}

@@ -3,6 +3,7 @@
 //! Signed in by a session cookie, never by a key in the browser. Pages are HTML, not API
 //! operations, so they are routed here directly and left out of the OpenAPI document.
 
+pub mod accounts;
 pub mod keys;
 pub mod pages;
 pub mod requests;
@@ -27,6 +28,12 @@ pub fn router() -> Router<AppState> {
         .route("/console/requests", get(requests::list))
         .route("/console/requests/{id}", get(requests::one))
         .route("/console/wallet", get(wallet::list))
+        .route("/console/accounts", get(accounts::list))
+        .route("/console/accounts/{id}/suspend", post(accounts::suspend))
+        .route(
+            "/console/accounts/{id}/reactivate",
+            post(accounts::reactivate),
+        )
         .route("/console/assets/console.css", get(pages::stylesheet))
         .layer(middleware::from_fn(security::layer))
 }

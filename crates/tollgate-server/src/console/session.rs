@@ -201,3 +201,14 @@ pub async fn holder(state: &AppState, headers: &HeaderMap) -> Result<Session, Re
         Err(e) => Err(HttpError::from(e).into_response()),
     }
 }
+
+/// The operator's session, or the answer for anyone else: the overview for no session, and for
+/// an account holder a 404, as for a page that does not exist.
+pub async fn operator(state: &AppState, headers: &HeaderMap) -> Result<Session, Response> {
+    match current(state, headers).await {
+        Ok(Some(session)) if matches!(session.who, Who::Operator) => Ok(session),
+        Ok(Some(_)) => Err(HttpError::not_found("page").into_response()),
+        Ok(None) => Err(Redirect::to("/console/").into_response()),
+        Err(e) => Err(HttpError::from(e).into_response()),
+    }
+}

@@ -319,11 +319,25 @@ async fn set_account_status(
     status: &str,
 ) -> Result<Json<wire::Account>, HttpError> {
     let id = visible_account(&caller, id)?;
+    Ok(Json(
+        change_status(&state, &caller, request_id, id, status).await?,
+    ))
+}
+
+/// Suspends (`"suspended"`) or reactivates (`"active"`) an account as the admin's API does,
+/// audited, its keys' cache entries dropped; for the API and the console alike.
+pub(crate) async fn change_status(
+    state: &AppState,
+    caller: &Caller,
+    request_id: RequestId,
+    id: AccountId,
+    status: &str,
+) -> Result<wire::Account, HttpError> {
     caller.require_admin()?;
-    let mut account = current_account(&state, id).await?;
+    let mut account = current_account(state, id).await?;
     let before = account.status.clone();
     account.status = status.to_string();
-    let account = write_account(&state, &account).await?;
+    let account = write_account(state, &account).await?;
     state.keys.invalidate_account(id);
     tracing::info!(account = %id, status, "account status changed");
     let action = if status == "active" {
@@ -334,11 +348,11 @@ async fn set_account_status(
     let change = Change::new(action, id)
         .before(&serde_json::json!({ "status": before }))
         .after(&serde_json::json!({ "status": account.status }));
-    audit::record(&state, &caller, request_id, change).await;
-    Ok(Json(account_view(&state, &account)))
+    audit::record(state, caller, request_id, change).await;
+    Ok(account_view(state, &account))
 }
 
-fn account_view(state: &AppState, account: &Account) -> wire::Account {
+pub(crate) fn account_view(state: &AppState, account: &Account) -> wire::Account {
     wire::Account {
         id: account.id,
         name: account.name.clone(),
