@@ -452,6 +452,7 @@ async fn the_console_signs_in_shows_the_balance_and_signs_out_in_a_real_browser(
         .arg(repo.join("crates/tollgate/tests/python/check_console.py"))
         .env("TOLLGATE_URL", &demo.vars["TOLLGATE_URL"])
         .env("TOLLGATE_DEMO_KEY", &demo.vars["TOLLGATE_DEMO_KEY"])
+        .env("TOLLGATE_ADMIN_TOKEN", &demo.vars["TOLLGATE_ADMIN_TOKEN"])
         .env("SCREENSHOTS", &screenshots)
         .output()
         .await
@@ -475,6 +476,7 @@ async fn the_console_signs_in_shows_the_balance_and_signs_out_in_a_real_browser(
         "desktop: made a key, called with it, the balance moved by",
         "desktop: found the call by its request ID; it was charged what the balance moved",
         "desktop: revoked the key in the console; it is refused",
+        "operator: signed in with the admin token, saw the accounts, signed out",
     ] {
         assert!(stdout.contains(line), "{line}\n{stdout}");
     }

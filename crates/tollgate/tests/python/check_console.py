@@ -19,6 +19,7 @@ from playwright.sync_api import expect, sync_playwright
 
 URL = os.environ["TOLLGATE_URL"]
 KEY = os.environ["TOLLGATE_DEMO_KEY"]
+ADMIN = os.environ["TOLLGATE_ADMIN_TOKEN"]
 SHOTS = Path(os.environ.get("SCREENSHOTS", "."))
 ORIGIN = urlparse(URL).netloc
 
@@ -92,6 +93,35 @@ def make_a_key_use_it_and_revoke_it(page):
         sys.exit("a revoked key was not refused")
     print("desktop: revoked the key in the console; it is refused")
 
+    page.get_by_role("link", name="Wallet").click()
+    expect(page.get_by_role("heading", name="Wallet")).to_be_visible()
+    fits(page, "wallet-desktop")
+
+
+def operator_pages(browser):
+    """The operator signs in with the admin token and sees every account."""
+    context = browser.new_context(viewport={"width": 1280, "height": 800})
+    page = context.new_page()
+    page.route("**/*", only_this_server)
+    page.on("requestfailed", lambda request: failed.append(request.url))
+    page.on(
+        "console",
+        lambda message: refused_by_policy.append(message.text)
+        if "Content Security Policy" in message.text
+        else None,
+    )
+    page.goto(f"{URL}/console/")
+    page.get_by_label("Master key or admin token").fill(ADMIN)
+    page.get_by_role("button", name="Sign in").click()
+    expect(page.get_by_text("Signed in as the operator")).to_be_visible()
+    page.get_by_role("link", name="Accounts").click()
+    expect(page.get_by_role("heading", name="Accounts")).to_be_visible()
+    fits(page, "accounts-desktop")
+    page.get_by_role("button", name="Sign out").click()
+    expect(page.get_by_role("heading", name="Sign in")).to_be_visible()
+    print("operator: signed in with the admin token, saw the accounts, signed out")
+    context.close()
+
 
 with sync_playwright() as playwright:
     browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_FLAGS)
@@ -146,6 +176,7 @@ with sync_playwright() as playwright:
             sys.exit(f"signing out left cookies: {context.cookies()}")
         print(f"{size}: signed out; the cookie is gone")
         context.close()
+    operator_pages(browser)
     browser.close()
 
 if refused_by_policy:
