@@ -342,6 +342,13 @@ async fn an_account_name_is_shown_as_text_never_as_markup() {
     assert!(!body.contains("<script") && !body.contains("<b "), "{body}");
 }
 
+/// The account's keys as the admin API lists them.
+async fn api_keys(app: &TestApp, account: tollgate_core::AccountId) -> Vec<serde_json::Value> {
+    let path = format!("/api/v1/keys?account_id={account}");
+    let page = app.get_json(&path, ADMIN_TOKEN).await;
+    page["data"].as_array().unwrap().clone()
+}
+
 /// The secret the "key created" page shows in its one read-only field.
 fn shown_secret(body: &str) -> String {
     let start = body.find("value=\"tg_").expect("the page shows a secret") + "value=\"".len();
@@ -411,19 +418,11 @@ async fn a_key_made_in_the_console_is_the_apis_key_shown_once_and_revoked_there_
     assert_eq!(echo(&app, &secret).await, StatusCode::OK);
 
     // What the API answers for it is what the form asked for.
-    let keys = app
-        .get_json(
-            &format!("/api/v1/keys?account_id={}", account.id),
-            ADMIN_TOKEN,
-        )
-        .await;
-    let made = keys["data"]
-        .as_array()
-        .unwrap()
-        .iter()
+    let made = api_keys(&app, account.id)
+        .await
+        .into_iter()
         .find(|k| k["name"] == "from the console")
-        .unwrap()
-        .clone();
+        .unwrap();
     assert_eq!(made["scopes"], json!(["echo"]));
     assert_eq!(made["expires_at"], "2030-01-31T18:00:00Z");
     assert_eq!(made["monthly_spend_cap"]["credits"], "2.5");
@@ -485,15 +484,7 @@ async fn a_bad_key_form_shows_the_apis_own_validation_message_and_creates_nothin
     let app = spawn_app().await;
     let account = app.create_account("console").await;
     let cookie = session_cookie(&app, &account.master_key).await;
-    let before = app
-        .get_json(
-            &format!("/api/v1/keys?account_id={}", account.id),
-            ADMIN_TOKEN,
-        )
-        .await["data"]
-        .as_array()
-        .unwrap()
-        .len();
+    let before = api_keys(&app, account.id).await.len();
     for (field, value, message) in [
         ("scopes", "no-such-group", "is not a route group"),
         ("allowed_ips", "10.0.0.1/8", "has host bits set"),
@@ -521,15 +512,7 @@ async fn a_bad_key_form_shows_the_apis_own_validation_message_and_creates_nothin
         assert!(body.contains(message), "{field}={value}: {body}");
         assert!(!body.contains("value=\"tg_"), "{field}={value} made a key");
     }
-    let after = app
-        .get_json(
-            &format!("/api/v1/keys?account_id={}", account.id),
-            ADMIN_TOKEN,
-        )
-        .await["data"]
-        .as_array()
-        .unwrap()
-        .len();
+    let after = api_keys(&app, account.id).await.len();
     assert_eq!(before, after);
 }
 

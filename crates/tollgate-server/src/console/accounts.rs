@@ -2,7 +2,7 @@
 //! suspend or reactivate through the same function as the admin API. An account holder's
 //! session gets 404 here, as for a page that does not exist.
 
-use crate::console::pages::page;
+use crate::console::pages::{page, CursorQuery};
 use crate::console::session::operator;
 use crate::http::error::HttpError;
 use crate::management::accounts::{account_view, change_status};
@@ -13,18 +13,11 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::Extension;
-use serde::Deserialize;
 use tollgate_core::{AccountId, RequestId};
 use tollgate_wire::api::Account;
 
 /// Accounts a page shows.
 const PAGE_ROWS: u32 = 50;
-
-#[derive(Deserialize, Default)]
-pub struct Cursor {
-    #[serde(default)]
-    cursor: String,
-}
 
 #[derive(Template)]
 #[template(path = "console/accounts.html")]
@@ -35,7 +28,7 @@ struct AccountsPage<'a> {
 
 pub async fn list(
     State(state): State<AppState>,
-    query: Result<Query<Cursor>, QueryRejection>,
+    query: Result<Query<CursorQuery>, QueryRejection>,
     headers: HeaderMap,
 ) -> Response {
     if let Err(answer) = operator(&state, &headers).await {

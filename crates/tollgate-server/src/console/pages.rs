@@ -61,6 +61,13 @@ pub(crate) fn page(status: StatusCode, template: &impl Template) -> Response {
     }
 }
 
+/// `?cursor=` of a paged page; a missing or unreadable one is the first page.
+#[derive(Deserialize, Default)]
+pub struct CursorQuery {
+    #[serde(default)]
+    pub cursor: String,
+}
+
 pub async fn to_console() -> Redirect {
     Redirect::permanent("/console/")
 }

@@ -2,7 +2,7 @@
 //! cursor with no date cap, each typed and signed as the wallet sees it. It is
 //! `GET /ledger`'s answer.
 
-use crate::console::pages::page;
+use crate::console::pages::{page, CursorQuery};
 use crate::console::session::holder;
 use crate::http::error::HttpError;
 use crate::management::billing::ledger_page;
@@ -12,17 +12,10 @@ use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use serde::Deserialize;
 use tollgate_wire::api::LedgerEntry;
 
 /// Entries a page shows.
 const PAGE_ROWS: u32 = 50;
-
-#[derive(Deserialize, Default)]
-pub struct Cursor {
-    #[serde(default)]
-    cursor: String,
-}
 
 /// One movement as the wallet sees it.
 pub struct Movement {
@@ -41,7 +34,7 @@ struct WalletPage<'a> {
 
 pub async fn list(
     State(state): State<AppState>,
-    query: Result<Query<Cursor>, QueryRejection>,
+    query: Result<Query<CursorQuery>, QueryRejection>,
     headers: HeaderMap,
 ) -> Response {
     let session = match holder(&state, &headers).await {

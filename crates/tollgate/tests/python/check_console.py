@@ -29,6 +29,22 @@ refused_by_policy = []
 only_this_server = only(ORIGIN, outside)
 
 
+def watched_page(browser, viewport):
+    """A new context and page of this size, cut off from everything but this server, whose
+    failed requests and Content-Security-Policy refusals are recorded."""
+    context = browser.new_context(viewport={"width": viewport[0], "height": viewport[1]})
+    page = context.new_page()
+    page.route("**/*", only_this_server)
+    page.on("requestfailed", lambda request: failed.append(request.url))
+    page.on(
+        "console",
+        lambda message: refused_by_policy.append(message.text)
+        if "Content Security Policy" in message.text
+        else None,
+    )
+    return context, page
+
+
 def fits(page, name):
     """No horizontal scroll at this size, and a picture of the page."""
     width = page.evaluate("document.documentElement.scrollWidth")
@@ -100,16 +116,7 @@ def make_a_key_use_it_and_revoke_it(page):
 
 def operator_pages(browser):
     """The operator signs in with the admin token and sees every account."""
-    context = browser.new_context(viewport={"width": 1280, "height": 800})
-    page = context.new_page()
-    page.route("**/*", only_this_server)
-    page.on("requestfailed", lambda request: failed.append(request.url))
-    page.on(
-        "console",
-        lambda message: refused_by_policy.append(message.text)
-        if "Content Security Policy" in message.text
-        else None,
-    )
+    context, page = watched_page(browser, (1280, 800))
     page.goto(f"{URL}/console/")
     page.get_by_label("Master key or admin token").fill(ADMIN)
     page.get_by_role("button", name="Sign in").click()
@@ -126,16 +133,7 @@ def operator_pages(browser):
 with sync_playwright() as playwright:
     browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_FLAGS)
     for size, viewport in [("desktop", (1280, 800)), ("phone", (390, 844))]:
-        context = browser.new_context(viewport={"width": viewport[0], "height": viewport[1]})
-        page = context.new_page()
-        page.route("**/*", only_this_server)
-        page.on("requestfailed", lambda request: failed.append(request.url))
-        page.on(
-            "console",
-            lambda message: refused_by_policy.append(message.text)
-            if "Content Security Policy" in message.text
-            else None,
-        )
+        context, page = watched_page(browser, viewport)
 
         page.goto(f"{URL}/console/")
         expect(page.get_by_role("heading", name="Sign in")).to_be_visible()
