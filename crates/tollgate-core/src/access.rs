@@ -67,7 +67,7 @@ pub fn client_ip<'a>(
     forwarded_for: impl DoubleEndedIterator<Item = &'a str>,
     trusted: &[IpNet],
 ) -> IpAddr {
-    let is_trusted = |ip: &IpAddr| trusted.iter().any(|net| net.contains(ip));
+    let is_trusted = |ip: &IpAddr| is_trusted_proxy(*ip, trusted);
     let mut client = peer.to_canonical();
     if !is_trusted(&client) {
         return client;
@@ -86,6 +86,13 @@ pub fn client_ip<'a>(
     client
 }
 
+/// Whether `peer` (an IPv4-mapped IPv6 address read as the IPv4 it carries) is one of the
+/// configured trusted proxies, whose forwarding headers may be believed.
+pub fn is_trusted_proxy(peer: IpAddr, trusted: &[IpNet]) -> bool {
+    let peer = peer.to_canonical();
+    trusted.iter().any(|net| net.contains(&peer))
+}
+
 /// One `X-Forwarded-For` entry: an address, possibly with a port (`1.2.3.4:80`, `[::1]:80`).
 fn parse_hop(entry: &str) -> Option<IpAddr> {
     entry
@@ -98,6 +105,18 @@ fn parse_hop(entry: &str) -> Option<IpAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_trusted_proxy_is_known_by_its_ipv4_address_even_when_mapped_into_ipv6() {
+        let trusted: Vec<IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        for peer in ["10.1.2.3", "::ffff:10.1.2.3"] {
+            assert!(is_trusted_proxy(peer.parse().unwrap(), &trusted), "{peer}");
+        }
+        for peer in ["11.1.2.3", "::ffff:11.1.2.3", "2001:db8::1"] {
+            assert!(!is_trusted_proxy(peer.parse().unwrap(), &trusted), "{peer}");
+        }
+        assert!(!is_trusted_proxy("10.1.2.3".parse().unwrap(), &[]));
+    }
     use proptest::prelude::*;
 
     fn scopes(list: &[&str]) -> Vec<String> {

@@ -6,6 +6,7 @@ use crate::console::pages::{page, CursorQuery};
 use crate::console::session::operator;
 use crate::http::error::HttpError;
 use crate::management::accounts::{account_view, change_status};
+use crate::management::extract::page as paged;
 use crate::state::AppState;
 use askama::Template;
 use axum::extract::rejection::QueryRejection;
@@ -40,16 +41,12 @@ pub async fn list(
     if let Err(e) = state.ledger.flush().await {
         return HttpError::from(e).into_response();
     }
-    let mut accounts = match state.store.accounts(after, None, PAGE_ROWS + 1).await {
+    let accounts = match state.store.accounts(after, None, PAGE_ROWS + 1).await {
         Ok(accounts) => accounts,
         Err(e) => return HttpError::from(e).into_response(),
     };
-    let more = accounts.len() > PAGE_ROWS as usize;
-    accounts.truncate(PAGE_ROWS as usize);
-    let next = more
-        .then(|| accounts.last())
-        .flatten()
-        .map(|last| format!("/console/accounts?cursor={}", last.id));
+    let (accounts, cursor) = paged(accounts, PAGE_ROWS, |a| a.id.to_string());
+    let next = cursor.map(|cursor| format!("/console/accounts?cursor={cursor}"));
     let accounts: Vec<Account> = accounts.iter().map(|a| account_view(&state, a)).collect();
     page(
         StatusCode::OK,

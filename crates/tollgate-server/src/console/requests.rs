@@ -7,6 +7,7 @@ use crate::console::pages::page;
 use crate::console::session::{holder, Session};
 use crate::http::error::HttpError;
 use crate::management::billing::usage_view;
+use crate::management::extract::page as paged;
 use crate::state::AppState;
 use askama::Template;
 use axum::extract::rejection::QueryRejection;
@@ -173,23 +174,21 @@ pub async fn list(
         before,
         limit: PAGE_ROWS + 1,
     };
-    let mut rows = match state.store.requests(&filter).await {
+    let rows = match state.store.requests(&filter).await {
         Ok(rows) => rows,
         Err(e) => return HttpError::from(e).into_response(),
     };
-    let more = rows.len() > PAGE_ROWS as usize;
-    rows.truncate(PAGE_ROWS as usize);
+    let (rows, cursor) = paged(rows, PAGE_ROWS, |r| r.request_id.to_string());
     // The next page starts after this page's last row, with the same filters.
-    let next = more.then(|| rows.last()).flatten().map(|last| {
-        let mut query = vec![("cursor", last.request_id.to_string())];
+    let next = cursor.map(|cursor| {
+        let mut query = format!("/console/requests?cursor={cursor}");
         if let Some(key) = key {
-            query.push(("key", key.to_string()));
+            query.push_str(&format!("&key={key}"));
         }
         if let Some(status) = status {
-            query.push(("status", status.to_string()));
+            query.push_str(&format!("&status={status}"));
         }
-        let query: Vec<String> = query.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        format!("/console/requests?{}", query.join("&"))
+        query
     });
     let rows: Vec<UsageRecord> = rows.into_iter().map(|r| usage_view(&state, r)).collect();
     page(

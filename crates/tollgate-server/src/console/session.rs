@@ -13,6 +13,7 @@ use chrono::{DateTime, Utc};
 use sha2::{Digest, Sha256};
 use std::net::SocketAddr;
 use std::sync::Arc;
+use tollgate_core::access::is_trusted_proxy;
 use tollgate_core::{AccountId, KeyStatus};
 use tollgate_store::{KeyRecord, SessionRecord, StoreError};
 
@@ -88,11 +89,7 @@ fn secure(state: &AppState, headers: &HeaderMap, extensions: &http::Extensions) 
         extensions
             .get::<ConnectInfo<SocketAddr>>()
             .is_some_and(|ConnectInfo(peer)| {
-                state
-                    .config
-                    .trusted_proxies
-                    .iter()
-                    .any(|net| net.contains(&peer.ip()))
+                is_trusted_proxy(peer.ip(), &state.config.trusted_proxies)
             });
     let behind_tls = from_trusted_proxy
         && headers
@@ -102,8 +99,15 @@ fn secure(state: &AppState, headers: &HeaderMap, extensions: &http::Extensions) 
         .get(header::HOST)
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default();
-    let host = host.rsplit_once(':').map_or(host, |(name, _)| name);
-    behind_tls || matches!(host, "localhost" | "127.0.0.1" | "[::1]")
+    behind_tls || matches!(host_name(host), "localhost" | "127.0.0.1" | "[::1]")
+}
+
+/// A `Host` header's name, without its port: `[::1]:8080` and `[::1]` are both `[::1]`.
+fn host_name(host: &str) -> &str {
+    match host.find(']') {
+        Some(end) => &host[..=end],
+        None => host.split_once(':').map_or(host, |(name, _)| name),
+    }
 }
 
 /// The `Set-Cookie` value that gives the browser `secret`, or (`None`) clears the cookie.
@@ -210,5 +214,23 @@ pub async fn operator(state: &AppState, headers: &HeaderMap) -> Result<Session, 
         Ok(Some(_)) => Err(HttpError::not_found("page").into_response()),
         Ok(None) => Err(Redirect::to("/console/").into_response()),
         Err(e) => Err(HttpError::from(e).into_response()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_host_is_named_without_its_port() {
+        for (host, name) in [
+            ("127.0.0.1:8080", "127.0.0.1"),
+            ("localhost", "localhost"),
+            ("[::1]:8080", "[::1]"),
+            ("[::1]", "[::1]"),
+            ("api.example.com:443", "api.example.com"),
+        ] {
+            assert_eq!(host_name(host), name, "{host}");
+        }
     }
 }
