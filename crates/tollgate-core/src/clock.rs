@@ -34,6 +34,14 @@ impl ManualClock {
         Self(Mutex::new(start))
     }
 
+    /// Puts the clock at `at`: a test's start at a date it needs (a daylight-saving change).
+    pub fn set(&self, at: DateTime<Utc>) {
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = at;
+    }
+
     pub fn advance(&self, by: chrono::Duration) {
         let mut now = self
             .0

@@ -10,6 +10,7 @@ use reqwest::header::{COOKIE, LOCATION, SET_COOKIE};
 use reqwest::{Response, StatusCode};
 use serde_json::json;
 use sha2::{Digest, Sha256};
+use tollgate_core::Clock;
 use tollgate_store::SessionStore;
 
 /// A client that shows redirects instead of following them, and keeps no cookies of its own.
@@ -269,12 +270,26 @@ async fn every_console_answer_carries_a_strict_content_security_policy() {
         .unwrap();
     assert_eq!(response.status(), StatusCode::PERMANENT_REDIRECT);
     assert_eq!(response.headers()[LOCATION], "/console/");
-    // The pages carry no script and no inline style for the policy to forbid.
+    // The pages carry no inline script or style for the policy to forbid: every script is one
+    // of the console's own files.
     let (_, body) = page(&app, Some(&cookie)).await;
-    assert!(
-        !body.contains("<script") && !body.contains("style="),
-        "{body}"
-    );
+    assert_only_own_scripts(&body);
+}
+
+/// Every `<script>` on a page loads one of the console's own files and has no inline code, and
+/// no element has a `style` attribute.
+fn assert_only_own_scripts(body: &str) {
+    assert!(!body.contains("style=\""), "{body}");
+    let scripts: Vec<&str> = body.split("<script").skip(1).collect();
+    assert!(!scripts.is_empty(), "the pages load the console's script");
+    for script in scripts {
+        let (open, rest) = script.split_once('>').unwrap();
+        assert!(
+            open.trim_start().starts_with("src=\"/console/assets/"),
+            "{open}"
+        );
+        assert!(rest.starts_with("</script>"), "inline code: {rest}");
+    }
 }
 
 #[tokio::test]
@@ -339,7 +354,8 @@ async fn an_account_name_is_shown_as_text_never_as_markup() {
         body.contains("&#60;script&#62;alert(1)&#60;/script&#62;"),
         "{body}"
     );
-    assert!(!body.contains("<script") && !body.contains("<b "), "{body}");
+    assert!(!body.contains("<b "), "{body}");
+    assert_only_own_scripts(&body);
 }
 
 /// The account's keys as the admin API lists them.
@@ -626,7 +642,7 @@ async fn the_requests_page_pages_by_a_stable_cursor_keeping_its_filters() {
     }
     let cookie = session_cookie(&app, &account.master_key).await;
     let mut seen = std::collections::BTreeSet::new();
-    let mut path = format!("/console/requests?key={key_id}&status=200");
+    let mut path = format!("/console/requests?key_id={key_id}&status=200");
     let mut pages = 0;
     loop {
         let (status, body) = console_get(&app, &cookie, &path).await;
@@ -644,8 +660,8 @@ async fn the_requests_page_pages_by_a_stable_cursor_keeping_its_filters() {
             .split('"')
             .next()
             .unwrap()
-            .replace("&amp;", "&");
-        assert!(path.contains(&format!("key={key_id}")), "{path}");
+            .replace("&#38;", "&");
+        assert!(path.contains(&format!("key_id={key_id}")), "{path}");
         assert!(path.contains("status=200"), "{path}");
     }
     assert_eq!(pages, 2);
@@ -657,10 +673,25 @@ async fn a_bad_requests_filter_says_what_is_wrong() {
     let app = spawn_app().await;
     let account = app.create_account("console").await;
     let cookie = session_cookie(&app, &account.master_key).await;
+    // The API's own checks of `GET /requests`, and the form's reading of local times.
     for (query, message) in [
-        ("key=nope", "The key filter must be a key id"),
-        ("status=99", "The status filter must be an HTTP status"),
-        ("status=abc", "The status filter must be an HTTP status"),
+        ("key_id=nope", "key_id: is not a key id"),
+        ("status=99", "status: must be an HTTP status, 100 to 599"),
+        ("status=abc", "The filters could not be read"),
+        (
+            "status_class=6xx",
+            "status_class: must be 1xx, 2xx, 3xx, 4xx or 5xx",
+        ),
+        (
+            "billing_status=free",
+            "billing_status: must be settled, partial",
+        ),
+        ("from=soon", "from: &#39;soon&#39; is not a date and time"),
+        (
+            "from=2026-12-02T00:00&to=2026-12-01T00:00",
+            "to: must not be before from",
+        ),
+        ("colour=red", "unknown field `colour`"),
     ] {
         let (status, body) =
             console_get(&app, &cookie, &format!("/console/requests?{query}")).await;
@@ -809,4 +840,358 @@ async fn the_operators_pages_answer_an_account_holder_as_pages_that_do_not_exist
         let (status, _) = console_get(&app, &operator, path).await;
         assert_eq!(status, StatusCode::SEE_OTHER, "{path}");
     }
+}
+
+/// The usage page's bucket rows, `(label, requests, spend nanos)`, `None` for a bucket with no
+/// data; and its total row's `(requests, spend nanos)`.
+#[allow(clippy::type_complexity)]
+fn usage_table(body: &str) -> (Vec<(String, Option<(u64, i64)>)>, (u64, i64)) {
+    let buckets = body.split("<table class=\"buckets\">").nth(1).unwrap();
+    let buckets = buckets.split("</table>").next().unwrap();
+    let cells = |row: &str| -> Vec<String> {
+        row.split("<td")
+            .skip(1)
+            .map(|cell| {
+                let nanos = cell.split("data-nanos=\"").nth(1);
+                match nanos {
+                    Some(n) => n.split('"').next().unwrap().to_string(),
+                    None => cell
+                        .split('>')
+                        .nth(1)
+                        .unwrap()
+                        .split('<')
+                        .next()
+                        .unwrap()
+                        .to_string(),
+                }
+            })
+            .collect()
+    };
+    let rows = buckets
+        .split("<tr data-bucket=\"")
+        .skip(1)
+        .map(|row| {
+            let label = row.split('"').next().unwrap().to_string();
+            let cells = cells(row);
+            let totals = (cells[1] != "no data")
+                .then(|| (cells[1].parse().unwrap(), cells[3].parse().unwrap()));
+            (label, totals)
+        })
+        .collect();
+    let total = cells(buckets.split("<tr class=\"total\">").nth(1).unwrap());
+    (rows, (total[0].parse().unwrap(), total[2].parse().unwrap()))
+}
+
+/// Usage in three zones over a daylight-saving change in one of them: calls made every 97
+/// minutes from 31 October to 3 November 2026 UTC (New York falls back on 1 November, 06:00
+/// UTC), then the usage page per hour and per day.
+#[tokio::test]
+async fn usage_buckets_add_up_to_the_rows_in_utc_in_a_half_hour_zone_and_across_a_dst_change() {
+    use chrono::{DateTime, NaiveDate, TimeZone, Utc};
+    for zone in ["UTC", "Asia/Kolkata", "America/New_York"] {
+        let app = spawn_app_with(|raw, _| raw.console.time_zone = zone.into()).await;
+        let tz: chrono_tz::Tz = zone.parse().unwrap();
+        let start: DateTime<Utc> = "2026-10-31T00:05:00Z".parse().unwrap();
+        app.clock.set(start);
+        let account = app.create_account("usage").await;
+        let mut made: Vec<DateTime<Utc>> = Vec::new();
+        while app.clock.now() < "2026-11-03T12:00:00Z".parse::<DateTime<Utc>>().unwrap() {
+            call(&app, &account.master_key, "/echo/hello").await;
+            made.push(app.clock.now());
+            app.clock.advance(chrono::Duration::minutes(97));
+        }
+        app.clock.set("2026-11-05T00:00:00Z".parse().unwrap());
+        let cookie = session_cookie(&app, &account.master_key).await;
+        let api = app
+            .get_json("/api/v1/requests?limit=500", &account.master_key)
+            .await;
+        let charged: Vec<(DateTime<Utc>, i64)> = api["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                (
+                    r["created_at"].as_str().unwrap().parse().unwrap(),
+                    r["cost"]["nanos"].as_i64().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(charged.len(), made.len());
+
+        let local_day = |at: &DateTime<Utc>| at.with_timezone(&tz).date_naive();
+        let first = NaiveDate::from_ymd_opt(2026, 10, 31).unwrap();
+        let last = NaiveDate::from_ymd_opt(2026, 11, 2).unwrap();
+        let in_range: Vec<&(DateTime<Utc>, i64)> = charged
+            .iter()
+            .filter(|(at, _)| (first..=last).contains(&local_day(at)))
+            .collect();
+        let expected = (
+            in_range.len() as u64,
+            in_range.iter().map(|(_, n)| n).sum::<i64>(),
+        );
+        assert!(expected.0 > 40 && expected.1 > 0, "{zone}: {expected:?}");
+
+        for step in ["hour", "day"] {
+            let (status, body) = console_get(
+                &app,
+                &cookie,
+                &format!("/console/usage?from=2026-10-31&to=2026-11-02&step={step}"),
+            )
+            .await;
+            assert_eq!(status, StatusCode::OK, "{zone} {step}: {body}");
+            assert!(body.contains(&format!("Times in {zone}")), "{body}");
+            let (rows, total) = usage_table(&body);
+            // The rows add up to the total row, which is what the request log holds.
+            let summed = rows.iter().fold((0, 0), |(r, n), (_, t)| {
+                let (tr, tn) = t.unwrap();
+                (r + tr, n + tn)
+            });
+            assert_eq!(summed, total, "{zone} {step}");
+            assert_eq!(total, expected, "{zone} {step}");
+            if step == "day" {
+                assert_eq!(rows.len(), 3, "{zone}");
+                for (label, totals) in &rows {
+                    let day: NaiveDate = label.parse().unwrap();
+                    let of_day = in_range.iter().filter(|(at, _)| local_day(at) == day);
+                    assert_eq!(totals.unwrap().0, of_day.count() as u64, "{zone} {label}");
+                }
+            } else {
+                // New York's 1 November has 25 hours; the others' days have 24.
+                let hours = if zone == "America/New_York" { 73 } else { 72 };
+                assert_eq!(rows.len(), hours, "{zone}");
+                let offset = tz
+                    .from_utc_datetime(&start.naive_utc())
+                    .format("%:z")
+                    .to_string();
+                assert!(rows[0].0.ends_with(&offset), "{zone}: {}", rows[0].0);
+                for (label, totals) in &rows {
+                    let of_hour = in_range.iter().filter(|(at, _)| {
+                        at.with_timezone(&tz)
+                            .format("%Y-%m-%d %H:00 %:z")
+                            .to_string()
+                            == *label
+                    });
+                    assert_eq!(totals.unwrap().0, of_hour.count() as u64, "{zone} {label}");
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn usage_the_log_no_longer_holds_or_that_is_still_to_come_shows_as_missing_not_zero() {
+    let app = spawn_app_with(|raw, _| raw.billing.usage_retention = "2days".into()).await;
+    let account = app.create_account("usage").await;
+    let cookie = session_cookie(&app, &account.master_key).await;
+    call(&app, &account.master_key, "/echo/hello").await;
+    let today = app.clock.now().date_naive();
+    let from = today - chrono::Duration::days(4);
+    let to = today + chrono::Duration::days(1);
+    let (status, body) = console_get(
+        &app,
+        &cookie,
+        &format!("/console/usage?from={from}&to={to}"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (rows, total) = usage_table(&body);
+    let known: Vec<bool> = rows.iter().map(|(_, t)| t.is_some()).collect();
+    // The log keeps two days: the days before them, and the one it holds only part of, have
+    // no data; yesterday is known, today so far; tomorrow is to come.
+    assert_eq!(known, [false, false, false, true, true, false], "{rows:?}");
+    assert_eq!(rows[4].1.unwrap().0, 1);
+    assert_eq!(total.0, 1);
+    assert!(
+        body.contains("data-chart="),
+        "the chart's data is on the page"
+    );
+    assert!(
+        body.contains("null"),
+        "a missing bucket is null in the chart: {body}"
+    );
+}
+
+#[tokio::test]
+async fn a_bad_usage_range_says_what_is_wrong() {
+    let app = spawn_app().await;
+    let account = app.create_account("usage").await;
+    let cookie = session_cookie(&app, &account.master_key).await;
+    for (query, message) in [
+        ("from=2026-12-05&to=2026-12-01", "ends before it starts"),
+        (
+            "from=2026-01-01&to=2026-12-01&step=hour",
+            "at most 31 days by the hour",
+        ),
+        ("from=yesterday", "is not a date"),
+        ("by=colour", "Split by total, model, key or route"),
+        ("step=minute", "The step is hour or day"),
+    ] {
+        let (status, body) = console_get(&app, &cookie, &format!("/console/usage?{query}")).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{query}");
+        assert!(body.contains(message), "{query}: {body}");
+    }
+}
+
+/// A CSV download's records, parsed as a spreadsheet would.
+async fn csv_records(app: &TestApp, cookie: &str, path: &str) -> Vec<Vec<String>> {
+    let response = browser()
+        .get(format!("{}{path}", app.url))
+        .header(COOKIE, cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK, "{path}");
+    assert_eq!(
+        response.headers()["content-type"],
+        "text/csv; charset=utf-8"
+    );
+    assert!(response.headers()["content-disposition"]
+        .to_str()
+        .unwrap()
+        .starts_with("attachment"));
+    let text = response.text().await.unwrap();
+    csv::ReaderBuilder::new()
+        .has_headers(false)
+        .from_reader(text.as_bytes())
+        .records()
+        .map(|r| r.unwrap().iter().map(str::to_string).collect())
+        .collect()
+}
+
+#[tokio::test]
+async fn the_requests_export_has_every_filtered_row_escaped_and_a_totals_line_that_adds_up() {
+    let app = spawn_app().await;
+    let account = app.create_account("export").await;
+    let (echo_only, _) = app
+        .create_usage_key(&account.master_key, json!({"scopes": ["echo"]}))
+        .await;
+    // More rows than one store read (500), so the download spans several.
+    for _ in 0..520 {
+        call(&app, &account.master_key, "/echo/hello").await;
+    }
+    let formula = "=HYPERLINK(\"http://evil.example\",\"open\")";
+    let response = app
+        .get("/echo/hello")
+        .bearer_auth(&account.master_key)
+        .header("x-request-id", formula)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let refused = call(&app, &echo_only, "/v1/models").await;
+    let other = app.create_account("other").await;
+    let theirs = call(&app, &other.master_key, "/echo/hello").await;
+    let cookie = session_cookie(&app, &account.master_key).await;
+
+    let records = csv_records(&app, &cookie, "/console/requests.csv").await;
+    let (header, rest) = records.split_first().unwrap();
+    let (totals, rows) = rest.split_last().unwrap();
+    assert_eq!(header[0], "request_id");
+    assert_eq!(rows.len(), 522);
+    assert!(rows.iter().all(|r| r[0] != theirs), "another account's row");
+    let ids: std::collections::BTreeSet<&str> = rows.iter().map(|r| r[0].as_str()).collect();
+    assert_eq!(ids.len(), 522, "no row twice across the store reads");
+    // The client's own request ID is written so no spreadsheet runs it.
+    let client = header
+        .iter()
+        .position(|c| c == "client_request_id")
+        .unwrap();
+    assert!(rows.iter().any(|r| r[client] == format!("'{formula}")));
+    assert!(rows.iter().all(|r| !r[client].starts_with('=')));
+    // The totals line is the sum of the rows, exactly, in nanos.
+    let charged = header.iter().position(|c| c == "charged").unwrap();
+    let nanos = |text: &str| tollgate_core::Nanos::parse_credits(text).unwrap().0;
+    let sum: i64 = rows.iter().map(|r| nanos(&r[charged])).sum();
+    assert_eq!(nanos(&totals[charged]), sum);
+    assert!(sum > 0);
+    assert!(totals[0].starts_with("total of 522 requests"), "{totals:?}");
+    let spent = app
+        .get_json("/api/v1/billing/balance", &account.master_key)
+        .await["spent_this_month"]["nanos"]
+        .as_i64()
+        .unwrap();
+    assert_eq!(
+        sum, spent,
+        "the export's total is what the wallet was charged"
+    );
+
+    // Exactly the page's filters: the 4xx class is the one refusal.
+    let records = csv_records(&app, &cookie, "/console/requests.csv?status_class=4xx").await;
+    assert_eq!(records.len(), 3, "{records:?}");
+    assert_eq!(records[1][0], refused);
+    // A filter that does not read is refused, not ignored.
+    let response = browser()
+        .get(format!("{}/console/requests.csv?status_class=9xx", app.url))
+        .header(COOKIE, &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    // Without a session there is no export.
+    let response = browser()
+        .get(format!("{}/console/requests.csv", app.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::SEE_OTHER);
+}
+
+#[tokio::test]
+async fn the_wallet_export_lists_every_movement_and_in_minus_out_is_the_balance() {
+    let app = spawn_app().await;
+    let account = app.create_account("export").await;
+    for _ in 0..20 {
+        call(&app, &account.master_key, "/echo/hello").await;
+    }
+    let cookie = session_cookie(&app, &account.master_key).await;
+    let records = csv_records(&app, &cookie, "/console/wallet.csv").await;
+    let (header, rest) = records.split_first().unwrap();
+    let (totals, rows) = rest.split_last().unwrap();
+    assert_eq!(rows.len(), wallet_rows(&app, &cookie).await.len());
+    let column = |name: &str| header.iter().position(|c| c == name).unwrap();
+    let nanos = |text: &str| {
+        if text.is_empty() {
+            0
+        } else {
+            tollgate_core::Nanos::parse_credits(text).unwrap().0
+        }
+    };
+    for name in ["in", "out", "unchanged"] {
+        let sum: i64 = rows.iter().map(|r| nanos(&r[column(name)])).sum();
+        assert_eq!(nanos(&totals[column(name)]), sum, "{name}");
+    }
+    let net = nanos(&totals[column("in")]) - nanos(&totals[column("out")]);
+    assert_eq!(net, available(&app, &account.master_key).await);
+}
+
+#[tokio::test]
+async fn the_console_serves_its_vendored_scripts_exactly_as_recorded() {
+    let app = spawn_app().await;
+    let sums = include_str!("../assets/console/vendor/SHA256SUMS");
+    let mut checked = 0;
+    for line in sums.lines() {
+        let (sum, file) = line.split_once("  ").unwrap();
+        let response = browser()
+            .get(format!("{}/console/assets/{file}", app.url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK, "{file}");
+        let bytes = response.bytes().await.unwrap();
+        let served: String = Sha256::digest(&bytes)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(served, sum, "{file} is not the vendored release");
+        checked += 1;
+    }
+    assert_eq!(checked, 3, "htmx, uPlot and uPlot's stylesheet");
+    let versions = include_str!("../assets/console/vendor/VERSIONS");
+    assert!(versions.contains("htmx.org 2.0."), "{versions}");
+    let response = browser()
+        .get(format!("{}/console/assets/evil.js", app.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::NOT_FOUND);
 }

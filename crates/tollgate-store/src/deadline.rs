@@ -22,10 +22,10 @@
 use crate::postgres::PostgresStore;
 use crate::{
     Account, AccountStore, AuditStore, BatchId, Carve, ChangeFeed, HoldRecord, IdempotencyBegin,
-    IdempotencyClaim, IdempotencyStore, InsertKeyOutcome, KeyChange, KeyLookup, KeyRecord,
-    KeyStore, LeaseStore, LedgerStore, LedgerWrite, RevokeOutcome, SessionRecord, SessionStore,
-    Sharing, StoreChange, StoreError, StoreHealth, StoredResponse, TransferRecord, UsageBucket,
-    UsageFilter, UsageGroup, UsageRow, UsageStore,
+    IdempotencyClaim, IdempotencyStore, InsertKeyOutcome, KeyActivity, KeyChange, KeyLookup,
+    KeyRecord, KeyStore, LeaseStore, LedgerStore, LedgerWrite, RevokeOutcome, SeriesSlot,
+    SeriesSplit, SessionRecord, SessionStore, Sharing, StoreChange, StoreError, StoreHealth,
+    StoredResponse, TransferRecord, UsageBucket, UsageFilter, UsageGroup, UsageRow, UsageStore,
 };
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -143,6 +143,8 @@ bounded!(LedgerStore {
 
 bounded!(UsageStore {
     fn usage_summary(account: AccountId, group_by: UsageGroup, from: Option<DateTime<Utc>>, to: Option<DateTime<Utc>>) -> Vec<UsageBucket>;
+    fn usage_series(account: AccountId, split: SeriesSplit, from: DateTime<Utc>, to: DateTime<Utc>) -> Vec<SeriesSlot>;
+    fn key_activity(account: AccountId, since: DateTime<Utc>) -> Vec<KeyActivity>;
     fn api_charges(account: AccountId, from: Option<DateTime<Utc>>, to: Option<DateTime<Utc>>) -> (u64, Nanos);
     fn requests(filter: &UsageFilter) -> Vec<UsageRow>;
     fn request(id: RequestId) -> Option<UsageRow>;

@@ -386,13 +386,26 @@ pub struct UsageRow {
     pub completed_at: DateTime<Utc>,
 }
 
+/// One key's spend and last use, as the console's keys page shows them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyActivity {
+    pub key: KeyId,
+    pub spent: Nanos,
+    pub last_used: Option<DateTime<Utc>>,
+}
+
 /// Which usage rows to list: newest first, all filters optional.
 #[derive(Debug, Clone, Default)]
 pub struct UsageFilter {
     pub account: Option<AccountId>,
     pub key: Option<KeyId>,
     pub route: Option<String>,
+    pub model: Option<String>,
     pub status: Option<u16>,
+    /// The status's hundreds: 2 for 2xx, 4 for 4xx.
+    pub status_class: Option<u8>,
+    pub error_code: Option<String>,
+    pub billing_status: Option<BillingStatus>,
     pub from: Option<DateTime<Utc>>,
     pub to: Option<DateTime<Utc>>,
     /// Cursor: rows with an id before this one.
@@ -410,6 +423,28 @@ pub enum UsageGroup {
     Route,
     /// The model (empty for calls without one).
     Model,
+}
+
+/// What a usage series is split by, besides time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SeriesSplit {
+    /// One series: the account's total.
+    Total,
+    Key,
+    Route,
+    Model,
+}
+
+/// The width of a usage series' slots: a quarter hour, so that every time zone's hours and days
+/// (whose offsets are all whole quarter hours) are exact sums of slots.
+pub const SERIES_SLOT: chrono::TimeDelta = chrono::TimeDelta::minutes(15);
+
+/// One slot of one series: the usage of requests created in `[start, start + SERIES_SLOT)`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeriesSlot {
+    pub start: DateTime<Utc>,
+    /// The series' totals; its `group` is the key, route or model (empty for `Total`).
+    pub totals: UsageBucket,
 }
 
 /// One group's totals.
@@ -435,6 +470,22 @@ pub trait UsageStore: Send + Sync {
         from: Option<DateTime<Utc>>,
         to: Option<DateTime<Utc>>,
     ) -> Result<Vec<UsageBucket>, StoreError>;
+    /// An account's usage in `[from, to)` in quarter-hour slots ([`SERIES_SLOT`]), split by
+    /// `split`; slots with no requests are absent. Ordered by slot, then group.
+    async fn usage_series(
+        &self,
+        account: AccountId,
+        split: SeriesSplit,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    ) -> Result<Vec<SeriesSlot>, StoreError>;
+    /// For each of an account's keys: what holds charged it since `since`, and when it was last
+    /// used (its newest request row), in key order.
+    async fn key_activity(
+        &self,
+        account: AccountId,
+        since: DateTime<Utc>,
+    ) -> Result<Vec<KeyActivity>, StoreError>;
     /// What the billing API's holds (the operator's own jobs, not data-plane calls) charged the
     /// account, settled in `[from, to)`: how many holds, and the total.
     async fn api_charges(

@@ -396,6 +396,105 @@ impl TryFrom<BucketRow> for crate::UsageBucket {
     }
 }
 
+/// One slot of a usage series, as `usage_series` selects it.
+#[derive(sqlx::FromRow)]
+pub(crate) struct SlotRow {
+    slot: i64,
+    #[sqlx(flatten)]
+    totals: BucketRow,
+}
+
+impl TryFrom<SlotRow> for crate::SeriesSlot {
+    type Error = StoreError;
+
+    fn try_from(row: SlotRow) -> Result<Self, StoreError> {
+        Ok(crate::SeriesSlot {
+            start: from_millis(row.slot)?,
+            totals: row.totals.try_into()?,
+        })
+    }
+}
+
+/// A key's spend and last use, as `key_activity` selects them.
+#[derive(sqlx::FromRow)]
+pub(crate) struct ActivityRow {
+    id: String,
+    spent: i64,
+    last_used: Option<i64>,
+}
+
+impl TryFrom<ActivityRow> for crate::KeyActivity {
+    type Error = StoreError;
+
+    fn try_from(row: ActivityRow) -> Result<Self, StoreError> {
+        Ok(crate::KeyActivity {
+            key: parse_id("key id", &row.id)?,
+            spent: Nanos(row.spent),
+            last_used: row.last_used.map(from_millis).transpose()?,
+        })
+    }
+}
+
+/// The SQL expression a usage series is split by, the same on both backends.
+pub(crate) fn split_column(split: crate::SeriesSplit) -> &'static str {
+    match split {
+        crate::SeriesSplit::Total => "''",
+        crate::SeriesSplit::Key => "key_id",
+        crate::SeriesSplit::Route => "route",
+        crate::SeriesSplit::Model => "COALESCE(model, '')",
+    }
+}
+
+/// Appends a usage listing's conditions, order and limit to `query`: one rendering of
+/// [`crate::UsageFilter`] for both backends.
+pub(crate) fn push_usage_filter<'a, DB>(
+    query: &mut sqlx::QueryBuilder<'a, DB>,
+    filter: &crate::UsageFilter,
+) where
+    DB: sqlx::Database,
+    String: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    i64: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+{
+    let text: [(&str, Option<String>); 6] = [
+        ("account_id", filter.account.map(|a| a.to_string())),
+        ("key_id", filter.key.map(|k| k.to_string())),
+        ("route", filter.route.clone()),
+        ("model", filter.model.clone()),
+        ("error_code", filter.error_code.clone()),
+        (
+            "billing_status",
+            filter.billing_status.map(|b| b.as_str().to_string()),
+        ),
+    ];
+    for (column, value) in text {
+        if let Some(value) = value {
+            query.push(format!(" AND {column} = ")).push_bind(value);
+        }
+    }
+    if let Some(status) = filter.status {
+        query.push(" AND status = ").push_bind(i64::from(status));
+    }
+    if let Some(class) = filter.status_class {
+        let low = i64::from(class) * 100;
+        query.push(" AND status >= ").push_bind(low);
+        query.push(" AND status < ").push_bind(low + 100);
+    }
+    if let Some(from) = filter.from {
+        query.push(" AND created_at >= ").push_bind(millis(from));
+    }
+    if let Some(to) = filter.to {
+        query.push(" AND created_at < ").push_bind(millis(to));
+    }
+    if let Some(before) = filter.before {
+        query
+            .push(" AND request_id < ")
+            .push_bind(before.to_string());
+    }
+    query
+        .push(" ORDER BY request_id DESC LIMIT ")
+        .push_bind(i64::from(filter.limit));
+}
+
 /// Converts decoded rows, stopping at the first that is not valid.
 pub(crate) fn convert<R, T: TryFrom<R, Error = StoreError>>(
     rows: Vec<R>,

@@ -2,16 +2,17 @@
 
 use crate::batch::{not_pending, Batch};
 use crate::rows::{
-    convert, corrupt, from_millis, millis, parse_id, push_usage, to_json, AccountRow, AuditHeadRow,
-    AuditRow, BucketRow, HoldRow, IdempotencyRow, KeyRow, StandingRow, TransferRow, UsageDbRow,
-    ACCOUNT_SELECT, HOLD_COLUMNS, KEY_COLUMNS, USAGE_COLUMNS,
+    convert, corrupt, from_millis, millis, parse_id, push_usage, push_usage_filter, split_column,
+    to_json, AccountRow, ActivityRow, AuditHeadRow, AuditRow, BucketRow, HoldRow, IdempotencyRow,
+    KeyRow, SlotRow, StandingRow, TransferRow, UsageDbRow, ACCOUNT_SELECT, HOLD_COLUMNS,
+    KEY_COLUMNS, USAGE_COLUMNS,
 };
 use crate::{
     Account, AccountStore, AuditStore, BatchId, ChangeFeed, HoldRecord, IdempotencyBegin,
-    IdempotencyClaim, IdempotencyStore, InsertKeyOutcome, KeyChange, KeyLookup, KeyRecord,
-    KeyStore, LedgerStore, LedgerWrite, RevokeOutcome, SessionRecord, SessionStore, Sharing,
-    StoreError, StoreHealth, StoredResponse, TransferRecord, UsageBucket, UsageFilter, UsageGroup,
-    UsageRow, UsageStore,
+    IdempotencyClaim, IdempotencyStore, InsertKeyOutcome, KeyActivity, KeyChange, KeyLookup,
+    KeyRecord, KeyStore, LedgerStore, LedgerWrite, RevokeOutcome, SeriesSlot, SeriesSplit,
+    SessionRecord, SessionStore, Sharing, StoreError, StoreHealth, StoredResponse, TransferRecord,
+    UsageBucket, UsageFilter, UsageGroup, UsageRow, UsageStore,
 };
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -894,34 +895,7 @@ impl UsageStore for SqliteStore {
         let mut query = sqlx::QueryBuilder::<sqlx::Sqlite>::new(format!(
             "SELECT {USAGE_COLUMNS} FROM requests WHERE 1 = 1"
         ));
-        if let Some(account) = filter.account {
-            query
-                .push(" AND account_id = ")
-                .push_bind(account.to_string());
-        }
-        if let Some(key) = filter.key {
-            query.push(" AND key_id = ").push_bind(key.to_string());
-        }
-        if let Some(route) = &filter.route {
-            query.push(" AND route = ").push_bind(route.clone());
-        }
-        if let Some(status) = filter.status {
-            query.push(" AND status = ").push_bind(i64::from(status));
-        }
-        if let Some(from) = filter.from {
-            query.push(" AND created_at >= ").push_bind(millis(from));
-        }
-        if let Some(to) = filter.to {
-            query.push(" AND created_at < ").push_bind(millis(to));
-        }
-        if let Some(before) = filter.before {
-            query
-                .push(" AND request_id < ")
-                .push_bind(before.to_string());
-        }
-        query
-            .push(" ORDER BY request_id DESC LIMIT ")
-            .push_bind(i64::from(filter.limit));
+        push_usage_filter(&mut query, filter);
         let rows = query
             .build_query_as::<UsageDbRow>()
             .fetch_all(&self.pool)
@@ -957,6 +931,55 @@ impl UsageStore for SqliteStore {
         .bind(account.to_string())
         .bind(from.map(millis))
         .bind(to.map(millis))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(store_error)?;
+        convert(rows)
+    }
+
+    async fn usage_series(
+        &self,
+        account: AccountId,
+        split: SeriesSplit,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    ) -> Result<Vec<SeriesSlot>, StoreError> {
+        let slot = crate::SERIES_SLOT.num_milliseconds();
+        let rows = sqlx::query_as::<_, SlotRow>(&format!(
+            "SELECT (created_at / {slot}) * {slot} AS slot, {} AS grp, COUNT(*) AS requests, \
+             SUM(CASE WHEN status >= 400 THEN 1 ELSE 0 END) AS errors, \
+             COALESCE(SUM(input_tokens), 0) AS input_tokens, \
+             COALESCE(SUM(cached_input_tokens), 0) AS cached_input_tokens, \
+             COALESCE(SUM(output_tokens), 0) AS output_tokens, \
+             COALESCE(SUM(cost_nanos), 0) AS cost_nanos \
+             FROM requests WHERE account_id = ?1 AND created_at >= ?2 AND created_at < ?3 \
+             GROUP BY slot, grp ORDER BY slot, grp",
+            split_column(split)
+        ))
+        .bind(account.to_string())
+        .bind(millis(from))
+        .bind(millis(to))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(store_error)?;
+        convert(rows)
+    }
+
+    async fn key_activity(
+        &self,
+        account: AccountId,
+        since: DateTime<Utc>,
+    ) -> Result<Vec<KeyActivity>, StoreError> {
+        let rows = sqlx::query_as::<_, ActivityRow>(
+            "SELECT k.id AS id, \
+             (SELECT COALESCE(SUM(h.charged_nanos), 0) FROM holds h \
+              WHERE h.key_id = k.id AND h.resolved_at >= ?2) AS spent, \
+             (SELECT r.created_at FROM requests r WHERE r.key_id = k.id \
+              ORDER BY r.request_id DESC LIMIT 1) AS last_used \
+             FROM api_keys k WHERE k.account_id = ?1 ORDER BY k.id",
+        )
+        .bind(account.to_string())
+        .bind(millis(since))
         .fetch_all(&self.pool)
         .await
         .map_err(store_error)?;

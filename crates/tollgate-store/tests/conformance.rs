@@ -19,9 +19,9 @@ use tollgate_core::{
 use tollgate_store::testing::TestSchema;
 use tollgate_store::BatchId;
 use tollgate_store::{
-    HoldRecord, HoldSource, IdempotencyBegin, IdempotencyClaim, InsertKeyOutcome, KeyChange,
-    KeyRecord, LedgerWrite, NewKey, RevokeOutcome, SessionRecord, Store, StoredResponse,
-    UsageBucket, UsageFilter, UsageGroup, UsageRow,
+    HoldRecord, HoldSource, IdempotencyBegin, IdempotencyClaim, InsertKeyOutcome, KeyActivity,
+    KeyChange, KeyRecord, LedgerWrite, NewKey, RevokeOutcome, SeriesSplit, SessionRecord, Store,
+    StoredResponse, UsageBucket, UsageFilter, UsageGroup, UsageRow,
 };
 
 fn key_for(account: AccountId, kind: KeyKind, name: &str) -> (ApiKey, KeyRecord) {
@@ -1056,6 +1056,111 @@ pub async fn usage_summaries_group_and_total_by_day_key_route_and_model(store: A
     );
 }
 
+pub async fn usage_series_sum_quarter_hours_split_by_key_route_and_model(store: Arc<dyn Store>) {
+    const QUARTER: i64 = 15 * 60 * 1000;
+    let (account, _, master) = new_account(&*store, Nanos::ZERO).await;
+    let (other, _, other_master) = new_account(&*store, Nanos::ZERO).await;
+    let mut rows = [
+        usage_row(account, master.id, QUARTER + 1),
+        usage_row(account, master.id, 2 * QUARTER - 1),
+        usage_row(account, master.id, 2 * QUARTER),
+        usage_row(account, master.id, 5 * QUARTER),
+        usage_row(other, other_master.id, QUARTER + 1),
+    ];
+    rows[1].model = None;
+    rows[1].status = 500;
+    let writes: Vec<LedgerWrite> = rows
+        .iter()
+        .cloned()
+        .map(|r| LedgerWrite::Usage(Box::new(r)))
+        .collect();
+    store.commit(BatchId::new(), &writes).await.unwrap();
+    let series = |split| store.usage_series(account, split, at(0), at(5 * QUARTER));
+    let total = series(SeriesSplit::Total).await.unwrap();
+    // [from, to): the row at 5 quarters is out; the others fall in quarters 1 and 2.
+    let slots: Vec<(i64, String, u64, u64, i64)> = total
+        .iter()
+        .map(|s| {
+            let t = &s.totals;
+            (
+                s.start.timestamp_millis(),
+                t.group.clone(),
+                t.requests,
+                t.errors,
+                t.cost.0,
+            )
+        })
+        .collect();
+    assert_eq!(
+        slots,
+        [
+            (QUARTER, String::new(), 2, 1, 84),
+            (2 * QUARTER, String::new(), 1, 0, 42),
+        ]
+    );
+    let by_model: Vec<(i64, String, u64)> = series(SeriesSplit::Model)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|s| {
+            (
+                s.start.timestamp_millis(),
+                s.totals.group,
+                s.totals.requests,
+            )
+        })
+        .collect();
+    assert_eq!(
+        by_model,
+        [
+            (QUARTER, String::new(), 1),
+            (QUARTER, "mock-gpt".into(), 1),
+            (2 * QUARTER, "mock-gpt".into(), 1),
+        ]
+    );
+    let by_key = series(SeriesSplit::Key).await.unwrap();
+    assert!(by_key
+        .iter()
+        .all(|s| s.totals.group == master.id.to_string()));
+    let by_route = series(SeriesSplit::Route).await.unwrap();
+    assert!(by_route.iter().all(|s| s.totals.group == "/v1"));
+}
+
+pub async fn key_activity_sums_each_keys_charges_and_finds_its_last_use(store: Arc<dyn Store>) {
+    let (account, _, master) = new_account(&*store, Nanos(1_000)).await;
+    let (_, spare) = key_for(account, KeyKind::Usage, "spare");
+    insert(&*store, &spare).await;
+    let mut book = Book::new();
+    book.load_wallet(account, store.wallet(account).await.unwrap().unwrap());
+    book.load_key_spend(master.id, at(1_000), Nanos::ZERO);
+    let open = open_hold(&mut book, account, master.id, 300, 1_000);
+    let settle = resolve(&mut book, &open, Resolve::Settle(Nanos(120)), 2_000);
+    let used = LedgerWrite::Usage(Box::new(usage_row(account, master.id, 5_000)));
+    store
+        .commit(BatchId::new(), &[open, settle, used])
+        .await
+        .unwrap();
+    let activity = store.key_activity(account, at(0)).await.unwrap();
+    let mut expected = vec![
+        KeyActivity {
+            key: master.id,
+            spent: Nanos(120),
+            last_used: Some(at(5_000)),
+        },
+        KeyActivity {
+            key: spare.id,
+            spent: Nanos::ZERO,
+            last_used: None,
+        },
+    ];
+    expected.sort_by_key(|a| a.key.to_string());
+    assert_eq!(activity, expected);
+    // Only charges resolved since `since` count; the last use does not depend on it.
+    let later = store.key_activity(account, at(2_001)).await.unwrap();
+    assert!(later.iter().all(|a| a.spent == Nanos::ZERO));
+    assert_eq!(later.iter().filter(|a| a.last_used.is_some()).count(), 1);
+}
+
 pub async fn usage_rows_round_trip_filter_and_page(store: Arc<dyn Store>) {
     let (account, _, master) = new_account(&*store, Nanos::ZERO).await;
     let (other, _, _) = new_account(&*store, Nanos::ZERO).await;
@@ -1131,6 +1236,76 @@ pub async fn usage_rows_round_trip_filter_and_page(store: Arc<dyn Store>) {
         ..mine.clone()
     };
     assert_eq!(store.requests(&window).await.unwrap().len(), 2);
+    // Every other filter, each alone selecting the one refused row or none.
+    let refused = rows[4].request_id;
+    for (filter, expected) in [
+        (
+            UsageFilter {
+                status_class: Some(4),
+                ..mine.clone()
+            },
+            Some(refused),
+        ),
+        (
+            UsageFilter {
+                status_class: Some(5),
+                ..mine.clone()
+            },
+            None,
+        ),
+        (
+            UsageFilter {
+                error_code: Some("insufficient_balance".into()),
+                ..mine.clone()
+            },
+            Some(refused),
+        ),
+        (
+            UsageFilter {
+                billing_status: Some(BillingStatus::Released),
+                ..mine.clone()
+            },
+            Some(refused),
+        ),
+        (
+            UsageFilter {
+                model: Some("other-model".into()),
+                ..mine.clone()
+            },
+            None,
+        ),
+        (
+            UsageFilter {
+                route: Some("/echo".into()),
+                ..mine.clone()
+            },
+            None,
+        ),
+    ] {
+        let found: Vec<RequestId> = store
+            .requests(&UsageFilter {
+                limit: 10,
+                ..filter.clone()
+            })
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.request_id)
+            .collect();
+        assert_eq!(
+            found,
+            expected.into_iter().collect::<Vec<_>>(),
+            "{filter:?}"
+        );
+    }
+    let by_model = UsageFilter {
+        model: Some("mock-gpt".into()),
+        status_class: Some(2),
+        key: Some(master.id),
+        limit: 10,
+        ..mine.clone()
+    };
+    assert_eq!(store.requests(&by_model).await.unwrap().len(), 4);
     let theirs = UsageFilter {
         account: Some(other),
         limit: 10,
@@ -1171,6 +1346,8 @@ macro_rules! store_suite {
                 a_wallet_never_goes_negative_in_the_store,
                 usage_rows_round_trip_filter_and_page,
                 usage_summaries_group_and_total_by_day_key_route_and_model,
+                usage_series_sum_quarter_hours_split_by_key_route_and_model,
+                key_activity_sums_each_keys_charges_and_finds_its_last_use,
                 console_sessions_round_trip_touch_end_and_purge,
             );
         }

@@ -71,11 +71,12 @@ pub fn parse_cidr(text: &str) -> Result<IpNet, String> {
 // ---------------------------------------------------------------------------------------------
 // Step 2: validated runtime types.
 
-/// How long a console session lasts.
+/// How long a console session lasts, and the time zone its pages report in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConsoleSettings {
     pub idle_timeout: Duration,
     pub absolute_timeout: Duration,
+    pub time_zone: chrono_tz::Tz,
 }
 
 #[derive(Debug, Clone)]
@@ -379,6 +380,13 @@ impl Config {
         let console = ConsoleSettings {
             idle_timeout: console_duration("idle_timeout", &raw.console.idle_timeout),
             absolute_timeout: console_duration("absolute_timeout", &raw.console.absolute_timeout),
+            time_zone: raw.console.time_zone.parse().unwrap_or_else(|_| {
+                p.push(
+                    "console.time_zone",
+                    "must be an IANA time zone, e.g. \"UTC\" or \"Europe/Berlin\"",
+                );
+                chrono_tz::Tz::UTC
+            }),
         };
 
         let redis_url = raw.redis.url.as_ref().and_then(|url| {

@@ -267,6 +267,8 @@ pub struct RawConsole {
     pub idle_timeout: String,
     /// A session ends this long after sign-in, however busy.
     pub absolute_timeout: String,
+    /// The IANA time zone the usage charts and the requests page's times are in.
+    pub time_zone: String,
 }
 
 impl Default for RawConsole {
@@ -274,6 +276,7 @@ impl Default for RawConsole {
         RawConsole {
             idle_timeout: "30m".into(),
             absolute_timeout: "12h".into(),
+            time_zone: "UTC".into(),
         }
     }
 }

@@ -4,11 +4,15 @@
 //! operations, so they are routed here directly and left out of the OpenAPI document.
 
 pub mod accounts;
+pub mod assets;
+pub mod export;
 pub mod keys;
 pub mod pages;
+pub mod report;
 pub mod requests;
 pub mod security;
 pub mod session;
+pub mod usage;
 pub mod wallet;
 
 use crate::state::AppState;
@@ -26,14 +30,17 @@ pub fn router() -> Router<AppState> {
         .route("/console/keys", get(keys::list).post(keys::create))
         .route("/console/keys/{id}/revoke", post(keys::revoke_key))
         .route("/console/requests", get(requests::list))
+        .route("/console/requests.csv", get(export::requests))
         .route("/console/requests/{id}", get(requests::one))
+        .route("/console/usage", get(usage::show))
         .route("/console/wallet", get(wallet::list))
+        .route("/console/wallet.csv", get(export::wallet))
         .route("/console/accounts", get(accounts::list))
         .route("/console/accounts/{id}/suspend", post(accounts::suspend))
         .route(
             "/console/accounts/{id}/reactivate",
             post(accounts::reactivate),
         )
-        .route("/console/assets/console.css", get(pages::stylesheet))
+        .route("/console/assets/{name}", get(assets::serve))
         .layer(middleware::from_fn(security::layer))
 }

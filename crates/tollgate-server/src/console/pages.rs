@@ -19,8 +19,6 @@ use tollgate_core::ratelimit::{FailureMode, Policy, Scope, Unit};
 use tollgate_core::KeyKind;
 use tollgate_wire::api::Money;
 
-const STYLESHEET: &[u8] = include_bytes!("../../assets/console/console.css");
-
 /// Failed sign-ins from one address: 10 a minute, then one every 6 s.
 static FAILED_SIGN_INS: LazyLock<Arc<Policy>> = LazyLock::new(|| {
     Arc::new(Policy {
@@ -70,14 +68,6 @@ pub struct CursorQuery {
 
 pub async fn to_console() -> Redirect {
     Redirect::permanent("/console/")
-}
-
-pub async fn stylesheet() -> Response {
-    (
-        [(header::CONTENT_TYPE, "text/css; charset=utf-8")],
-        STYLESHEET,
-    )
-        .into_response()
 }
 
 /// The overview for a signed-in caller, the sign-in page for anyone else.

@@ -1,55 +1,131 @@
-//! The requests page: the account's usage log, newest first, filtered in the URL and paged by a
-//! stable cursor, and a box that finds one request by its exact ID (refusals included) in one
-//! lookup, across every date the log keeps. What it shows is `GET /requests` and
-//! `GET /requests/{id}`'s answer.
+//! The requests page: the account's usage log, newest first, filtered in the URL (the same
+//! filters as `GET /requests`, read by the same function, with times in the reporting zone) and
+//! paged by a stable cursor, and a box that finds one request by its exact ID (refusals
+//! included) in one lookup, across every date the log keeps.
 
 use crate::console::pages::page;
+use crate::console::report::{local_input, shown};
 use crate::console::session::{holder, Session};
 use crate::http::error::HttpError;
-use crate::management::billing::usage_view;
+use crate::management::billing::{requests_filter, usage_view, RequestsQuery};
 use crate::management::extract::page as paged;
 use crate::state::AppState;
 use askama::Template;
-use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use serde::Deserialize;
-use tollgate_core::{KeyId, RequestId};
+use chrono::{DateTime, SecondsFormat, Utc};
+use tollgate_core::{Nanos, RequestId};
 use tollgate_store::UsageFilter;
-use tollgate_wire::api::UsageRecord;
+use tollgate_wire::api::{Money, UsageRecord};
 
 /// Rows a page shows.
 const PAGE_ROWS: u32 = 50;
 
-#[derive(Deserialize, Default)]
+/// The filters a page was asked for, as the form sent them (empty fields dropped), and what
+/// they mean to the store.
 pub struct Filters {
-    #[serde(default)]
-    key: String,
-    #[serde(default)]
-    status: String,
-    #[serde(default)]
-    cursor: String,
+    /// The form's fields, without `id` and `cursor`, to refill the form and build links.
+    pub fields: Vec<(String, String)>,
     /// An exact request ID to find.
-    #[serde(default)]
-    id: String,
+    pub id: Option<String>,
+    pub filter: Result<UsageFilter, String>,
+}
+
+impl Filters {
+    /// Reads a page's query as `session` may ask it, `rows` to a page.
+    pub fn read(state: &AppState, session: &Session, raw: Option<&str>, rows: u32) -> Filters {
+        let pairs: Vec<(String, String)> =
+            serde_urlencoded::from_str(raw.unwrap_or_default()).unwrap_or_default();
+        let mut fields = Vec::new();
+        let (mut id, mut cursor) = (None, None);
+        for (name, value) in pairs {
+            let value = value.trim().to_string();
+            match name.as_str() {
+                _ if value.is_empty() => {}
+                "id" => id = Some(value),
+                "cursor" => cursor = Some(value),
+                _ => fields.push((name, value)),
+            }
+        }
+        let filter = Self::filter(state, session, &fields, cursor, rows);
+        Filters { fields, id, filter }
+    }
+
+    fn filter(
+        state: &AppState,
+        session: &Session,
+        fields: &[(String, String)],
+        cursor: Option<String>,
+        rows: u32,
+    ) -> Result<UsageFilter, String> {
+        let tz = state.config.console.time_zone;
+        // The form's times are local to the reporting zone; the API's are RFC 3339.
+        let mut query = Vec::with_capacity(fields.len() + 2);
+        for (name, value) in fields {
+            let value = match name.as_str() {
+                "from" | "to" => local_input(tz, value)
+                    .map_err(|e| format!("{name}: {e}"))?
+                    .to_rfc3339_opts(SecondsFormat::Secs, true),
+                _ => value.clone(),
+            };
+            query.push((name.clone(), value));
+        }
+        query.extend(cursor.map(|c| ("cursor".to_string(), c)));
+        query.push(("limit".into(), rows.to_string()));
+        let encoded = serde_urlencoded::to_string(&query).unwrap_or_default();
+        let query: RequestsQuery = serde_urlencoded::from_str(&encoded)
+            .map_err(|e| format!("The filters could not be read: {e}."))?;
+        requests_filter(&session.caller(), query).map_err(|e| e.error.message)
+    }
+
+    /// The form's value of `name`, for the form to show again.
+    pub fn value(&self, name: &str) -> &str {
+        self.fields
+            .iter()
+            .find(|(field, _)| field == name)
+            .map_or("", |(_, value)| value.as_str())
+    }
+
+    /// A query string of the filters, with `extra` pairs.
+    pub fn query(&self, extra: &[(&str, &str)]) -> String {
+        let mut pairs: Vec<(&str, &str)> = self
+            .fields
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_str()))
+            .collect();
+        pairs.extend_from_slice(extra);
+        serde_urlencoded::to_string(&pairs).unwrap_or_default()
+    }
 }
 
 #[derive(Template)]
 #[template(path = "console/requests.html")]
 struct RequestsPage<'a> {
     rows: &'a [UsageRecord],
-    key: &'a str,
-    status: &'a str,
+    filters: &'a Filters,
     next: Option<String>,
+    export: String,
     retention: &'a str,
+    zone: &'a str,
+    state: &'a AppState,
     problem: Option<&'a str>,
+}
+
+impl RequestsPage<'_> {
+    fn when(&self, at: &DateTime<Utc>) -> String {
+        shown(self.state.config.console.time_zone, *at)
+    }
 }
 
 #[derive(Template)]
 #[template(path = "console/request.html")]
 struct RequestPage<'a> {
     row: &'a UsageRecord,
+    /// What of the hold went back to the wallet.
+    released: Money,
+    when: String,
+    zone: &'a str,
 }
 
 fn retention(state: &AppState) -> String {
@@ -70,11 +146,22 @@ async fn detail(state: &AppState, session: &Session, id: &str) -> Response {
         }
         None => None,
     };
+    let tz = state.config.console.time_zone;
     match found {
         Some(row) => page(
             StatusCode::OK,
             &RequestPage {
+                released: Money::new(
+                    Nanos((row.hold.0 - row.cost.0).max(0)),
+                    &state.config.currency,
+                ),
+                when: row
+                    .created_at
+                    .with_timezone(&tz)
+                    .format("%Y-%m-%d %H:%M:%S%.3f")
+                    .to_string(),
                 row: &usage_view(state, row),
+                zone: tz.name(),
             },
         ),
         None => {
@@ -84,19 +171,40 @@ async fn detail(state: &AppState, session: &Session, id: &str) -> Response {
                 id.trim(),
                 retention(state)
             );
-            page(
+            let filters = Filters::read(state, session, None, PAGE_ROWS);
+            render(
+                state,
                 StatusCode::NOT_FOUND,
-                &RequestsPage {
-                    rows: &[],
-                    key: "",
-                    status: "",
-                    next: None,
-                    retention: &retention(state),
-                    problem: Some(&problem),
-                },
+                &[],
+                &filters,
+                None,
+                Some(&problem),
             )
         }
     }
+}
+
+fn render(
+    state: &AppState,
+    status: StatusCode,
+    rows: &[UsageRecord],
+    filters: &Filters,
+    next: Option<String>,
+    problem: Option<&str>,
+) -> Response {
+    page(
+        status,
+        &RequestsPage {
+            rows,
+            filters,
+            next,
+            export: format!("/console/requests.csv?{}", filters.query(&[])),
+            retention: &retention(state),
+            zone: state.config.console.time_zone.name(),
+            state,
+            problem,
+        },
+    )
 }
 
 pub async fn one(
@@ -112,94 +220,40 @@ pub async fn one(
 
 pub async fn list(
     State(state): State<AppState>,
-    query: Result<Query<Filters>, QueryRejection>,
+    RawQuery(raw): RawQuery,
     headers: HeaderMap,
 ) -> Response {
     let session = match holder(&state, &headers).await {
         Ok(session) => session,
         Err(answer) => return answer,
     };
-    // Every filter is text, checked below: a query that does not read at all filters nothing.
-    let filters = query.map(|Query(filters)| filters).unwrap_or_default();
-    if !filters.id.trim().is_empty() {
-        return detail(&state, &session, &filters.id).await;
+    let filters = Filters::read(&state, &session, raw.as_deref(), PAGE_ROWS);
+    if let Some(id) = &filters.id {
+        return detail(&state, &session, id).await;
     }
-    let mut problems = Vec::new();
-    let key = match filters.key.trim() {
-        "" => None,
-        text => KeyId::parse(text).or_else(|| {
-            problems.push("The key filter must be a key id (key_...).");
-            None
-        }),
+    let filter = match &filters.filter {
+        Ok(filter) => filter,
+        Err(problem) => {
+            return render(
+                &state,
+                StatusCode::BAD_REQUEST,
+                &[],
+                &filters,
+                None,
+                Some(problem),
+            )
+        }
     };
-    let status = match filters.status.trim() {
-        "" => None,
-        text => text
-            .parse::<u16>()
-            .ok()
-            .filter(|s| (100..=599).contains(s))
-            .or_else(|| {
-                problems.push("The status filter must be an HTTP status, 100 to 599.");
-                None
-            }),
-    };
-    let before = match filters.cursor.trim() {
-        "" => None,
-        text => RequestId::parse(text),
-    };
-    let retention = retention(&state);
-    if let Some(problem) = problems.first() {
-        return page(
-            StatusCode::BAD_REQUEST,
-            &RequestsPage {
-                rows: &[],
-                key: &filters.key,
-                status: &filters.status,
-                next: None,
-                retention: &retention,
-                problem: Some(problem),
-            },
-        );
-    }
     if let Err(e) = state.ledger.flush().await {
         return HttpError::from(e).into_response();
     }
-    let filter = UsageFilter {
-        account: session.who.account(),
-        key,
-        route: None,
-        status,
-        from: None,
-        to: None,
-        before,
-        limit: PAGE_ROWS + 1,
-    };
-    let rows = match state.store.requests(&filter).await {
+    let rows = match state.store.requests(filter).await {
         Ok(rows) => rows,
         Err(e) => return HttpError::from(e).into_response(),
     };
     let (rows, cursor) = paged(rows, PAGE_ROWS, |r| r.request_id.to_string());
     // The next page starts after this page's last row, with the same filters.
-    let next = cursor.map(|cursor| {
-        let mut query = format!("/console/requests?cursor={cursor}");
-        if let Some(key) = key {
-            query.push_str(&format!("&key={key}"));
-        }
-        if let Some(status) = status {
-            query.push_str(&format!("&status={status}"));
-        }
-        query
-    });
+    let next = cursor.map(|c| format!("/console/requests?{}", filters.query(&[("cursor", &c)])));
     let rows: Vec<UsageRecord> = rows.into_iter().map(|r| usage_view(&state, r)).collect();
-    page(
-        StatusCode::OK,
-        &RequestsPage {
-            rows: &rows,
-            key: &filters.key,
-            status: &filters.status,
-            next,
-            retention: &retention,
-            problem: None,
-        },
-    )
+    render(&state, StatusCode::OK, &rows, &filters, next, None)
 }

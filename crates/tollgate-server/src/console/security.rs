@@ -1,6 +1,6 @@
 //! What every console response carries, and the refusal of a state change from another site.
 //!
-//! The pages load nothing but their own stylesheet: no script, no inline style, no frame. A form
+//! The pages load nothing but the console's own files: no inline script or style, no frame. A form
 //! posted from another origin is refused before it reaches a handler (403 `forbidden`); the
 //! session cookie is `SameSite=Strict` as well, so a cross-site request carries no session.
 
@@ -11,9 +11,11 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use tollgate_core::ErrorCode;
 
-/// Only the console's own stylesheet and forms; nothing may frame it.
-pub const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; style-src 'self'; img-src 'self'; \
-     form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
+/// Only the console's own scripts, stylesheets, requests and forms, none of them inline; nothing
+/// may frame it.
+pub const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'; \
+     style-src 'self'; img-src 'self'; connect-src 'self'; form-action 'self'; \
+     frame-ancestors 'none'; base-uri 'none'";
 
 pub async fn layer(request: Request, next: Next) -> Response {
     let changes_state = !matches!(*request.method(), Method::GET | Method::HEAD);

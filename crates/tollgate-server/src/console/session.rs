@@ -206,6 +206,15 @@ pub async fn holder(state: &AppState, headers: &HeaderMap) -> Result<Session, Re
     }
 }
 
+/// The signed-in account holder's account, or the answer for anyone else, as [`holder`].
+pub async fn holder_account(state: &AppState, headers: &HeaderMap) -> Result<AccountId, Response> {
+    let session = holder(state, headers).await?;
+    session
+        .who
+        .account()
+        .ok_or_else(|| HttpError::not_found("account").into_response())
+}
+
 /// The operator's session, or the answer for anyone else: the overview for no session, and for
 /// an account holder a 404, as for a page that does not exist.
 pub async fn operator(state: &AppState, headers: &HeaderMap) -> Result<Session, Response> {

@@ -3,8 +3,7 @@
 //! `GET /ledger`'s answer.
 
 use crate::console::pages::{page, CursorQuery};
-use crate::console::session::holder;
-use crate::http::error::HttpError;
+use crate::console::session::holder_account;
 use crate::management::billing::ledger_page;
 use crate::state::AppState;
 use askama::Template;
@@ -37,12 +36,9 @@ pub async fn list(
     query: Result<Query<CursorQuery>, QueryRejection>,
     headers: HeaderMap,
 ) -> Response {
-    let session = match holder(&state, &headers).await {
-        Ok(session) => session,
+    let account = match holder_account(&state, &headers).await {
+        Ok(account) => account,
         Err(answer) => return answer,
-    };
-    let Some(account) = session.who.account() else {
-        return HttpError::not_found("account").into_response();
     };
     let cursor = query.map(|Query(c)| c).unwrap_or_default();
     let before = cursor.cursor.trim().parse::<i64>().ok();

@@ -21,7 +21,7 @@ use axum::{Extension, Json};
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use std::time::Duration;
-use tollgate_core::ledger::{month_start, HoldStatus, Resolve};
+use tollgate_core::ledger::{month_start, BillingStatus, HoldStatus, Resolve};
 use tollgate_core::money::MAX_AMOUNT;
 use tollgate_core::{AccountId, ApiError, ErrorCode, HoldId, KeyId, KeyKind, Nanos, RequestId};
 use tollgate_store::{HoldRecord, HoldSource, UsageFilter, UsageGroup, UsageRow};
@@ -592,26 +592,103 @@ pub(crate) fn usage_view(state: &AppState, row: UsageRow) -> wire::UsageRecord {
     }
 }
 
-#[derive(Debug, Deserialize, IntoParams)]
+/// Which requests to list: the API's query, and the console's filters, read alike.
+#[derive(Debug, Default, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
-struct RequestsQuery {
+pub struct RequestsQuery {
     /// Admin only: one account's requests; every account's if omitted.
-    account_id: Option<String>,
+    pub account_id: Option<String>,
     /// Only this key's requests.
-    key_id: Option<String>,
+    pub key_id: Option<String>,
     /// Only this route's requests (its prefix, `/v1`).
-    route: Option<String>,
+    pub route: Option<String>,
+    /// Only requests for this model.
+    pub model: Option<String>,
     /// Only requests answered with this status.
-    status: Option<u16>,
+    pub status: Option<u16>,
+    /// Only requests answered with a status of this class: `2xx`, `3xx`, `4xx` or `5xx`.
+    pub status_class: Option<String>,
+    /// Only requests refused or failed with this error code (`insufficient_balance`).
+    pub error_code: Option<String>,
+    /// Only requests billed so: `settled`, `partial`, `estimated`, `released` or `expired`.
+    pub billing_status: Option<String>,
     /// From this instant (inclusive, RFC 3339).
-    from: Option<DateTime<Utc>>,
+    pub from: Option<DateTime<Utc>>,
     /// Before this instant (exclusive, RFC 3339).
-    to: Option<DateTime<Utc>>,
+    pub to: Option<DateTime<Utc>>,
     /// The `next_cursor` of the previous page.
-    cursor: Option<String>,
+    pub cursor: Option<String>,
     /// Page size, 1 to 500; default 50.
-    limit: Option<u32>,
+    pub limit: Option<u32>,
+}
+
+/// The store's filter for `query` as `caller` may ask it (the admin over every account, a master
+/// key over its own), asking for one row more than the page so the page knows if there is a next.
+pub fn requests_filter(caller: &Caller, query: RequestsQuery) -> Result<UsageFilter, HttpError> {
+    caller.require_master_or_admin()?;
+    let mut problems = FieldErrors::default();
+    if query.status.is_some_and(|s| !(100..=599).contains(&s)) {
+        problems.add("status", "must be an HTTP status, 100 to 599");
+    }
+    let status_class = query.status_class.as_deref().and_then(|class| {
+        let digit = match class.as_bytes() {
+            [d @ b'1'..=b'5', b'x' | b'X', b'x' | b'X'] => Some(d - b'0'),
+            _ => None,
+        };
+        if digit.is_none() {
+            problems.add("status_class", "must be 1xx, 2xx, 3xx, 4xx or 5xx");
+        }
+        digit
+    });
+    let billing_status = query.billing_status.as_deref().and_then(|text| {
+        let status = BillingStatus::parse(text);
+        if status.is_none() {
+            problems.add(
+                "billing_status",
+                "must be settled, partial, estimated, released or expired",
+            );
+        }
+        status
+    });
+    let key = query.key_id.as_deref().and_then(|k| {
+        let key = KeyId::parse(k);
+        if key.is_none() {
+            problems.add("key_id", "is not a key id (key_...)");
+        }
+        key
+    });
+    let before = query.cursor.as_deref().and_then(|c| {
+        let before = RequestId::parse(c);
+        if before.is_none() {
+            problems.add("cursor", "is not a cursor from a previous page");
+        }
+        before
+    });
+    if query.from.zip(query.to).is_some_and(|(from, to)| from > to) {
+        problems.add("to", "must not be before from");
+    }
+    let limit = page_limit(query.limit)?;
+    problems.finish()?;
+    // The admin may list every account's requests; a master key sees its own.
+    let account = match (caller, &query.account_id) {
+        (Caller::Admin, None) => None,
+        _ => Some(subject_account(caller, query.account_id.as_deref())?),
+    };
+    Ok(UsageFilter {
+        account,
+        key,
+        route: query.route,
+        model: query.model,
+        status: query.status,
+        status_class,
+        error_code: query.error_code,
+        billing_status,
+        from: query.from,
+        to: query.to,
+        before,
+        limit: limit + 1,
+    })
 }
 
 /// The data-plane request log, newest first: the admin's of every account (or `?account_id=`), a
@@ -634,43 +711,10 @@ async fn list_requests(
     caller: Caller,
     query: Result<Query<RequestsQuery>, QueryRejection>,
 ) -> Result<Json<wire::Page<wire::UsageRecord>>, HttpError> {
-    caller.require_master_or_admin()?;
-    let query = parse_query(query)?;
-    if query.status.is_some_and(|s| !(100..=599).contains(&s)) {
-        return Err(validation("status", "must be an HTTP status, 100 to 599"));
-    }
-    // The admin may list every account's requests; a master key sees its own.
-    let account = match (&caller, &query.account_id) {
-        (Caller::Admin, None) => None,
-        _ => Some(subject_account(&caller, query.account_id.as_deref())?),
-    };
-    let key = query
-        .key_id
-        .as_deref()
-        .map(|k| KeyId::parse(k).ok_or_else(|| validation("key_id", "is not a key id (key_...)")))
-        .transpose()?;
-    let before = query
-        .cursor
-        .as_deref()
-        .map(|c| {
-            RequestId::parse(c)
-                .ok_or_else(|| validation("cursor", "is not a cursor from a previous page"))
-        })
-        .transpose()?;
-    let limit = page_limit(query.limit)?;
+    let filter = requests_filter(&caller, parse_query(query)?)?;
     state.ledger.flush().await?;
-    let filter = UsageFilter {
-        account,
-        key,
-        route: query.route,
-        status: query.status,
-        from: query.from,
-        to: query.to,
-        before,
-        limit: limit + 1,
-    };
     let rows = state.store.requests(&filter).await?;
-    let (rows, next_cursor) = page(rows, limit, |r| r.request_id.to_string());
+    let (rows, next_cursor) = page(rows, filter.limit - 1, |r| r.request_id.to_string());
     Ok(Json(wire::Page {
         data: rows.into_iter().map(|r| usage_view(&state, r)).collect(),
         next_cursor,

@@ -560,6 +560,22 @@ impl UsageStore for CountingStore {
     ) -> Result<Vec<tollgate_store::UsageBucket>, StoreError> {
         self.inner.usage_summary(account, group_by, from, to).await
     }
+    async fn usage_series(
+        &self,
+        account: AccountId,
+        split: tollgate_store::SeriesSplit,
+        from: At,
+        to: At,
+    ) -> Result<Vec<tollgate_store::SeriesSlot>, StoreError> {
+        self.inner.usage_series(account, split, from, to).await
+    }
+    async fn key_activity(
+        &self,
+        account: AccountId,
+        since: At,
+    ) -> Result<Vec<tollgate_store::KeyActivity>, StoreError> {
+        self.inner.key_activity(account, since).await
+    }
     async fn api_charges(
         &self,
         account: AccountId,
