@@ -18,13 +18,6 @@ async fn verification(app: &TestApp) -> Value {
     app.get_json("/api/v1/audit/verify", ADMIN_TOKEN).await
 }
 
-async fn tamper(app: &TestApp, sql: &str) {
-    let url = format!("sqlite://{}", app.dir.path().join("tollgate.db").display());
-    let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
-    sqlx::query(sql).execute(&pool).await.unwrap();
-    pool.close().await;
-}
-
 #[tokio::test]
 async fn every_management_change_is_audited_and_the_chain_detects_tampering() {
     let app = spawn_app().await;
@@ -144,11 +137,8 @@ async fn every_management_change_is_audited_and_the_chain_detects_tampering() {
     assert_eq!(intact["head_hash"], log[8]["hash"]);
 
     // One row edited by hand in the database file: named.
-    tamper(
-        &app,
-        "UPDATE audit_log SET after = replace(after, '2.5', '25') WHERE seq = 6",
-    )
-    .await;
+    app.tamper("UPDATE audit_log SET after = replace(after, '2.5', '25') WHERE seq = 6")
+        .await;
     let broken = verification(&app).await;
     assert_eq!(broken["valid"], false);
     assert_eq!(broken["broken_at"], 6);
@@ -163,14 +153,14 @@ async fn deleted_entries_are_named_wherever_they_were() {
         app.create_account(name).await;
     }
     assert_eq!(verification(&app).await["valid"], true);
-    tamper(&app, "DELETE FROM audit_log WHERE seq = 4").await;
+    app.tamper("DELETE FROM audit_log WHERE seq = 4").await;
     let cut = verification(&app).await;
     assert_eq!(
         (cut["valid"].clone(), cut["broken_at"].clone()),
         (json!(false), json!(4))
     );
     assert!(cut["reason"].as_str().unwrap().contains("deleted"));
-    tamper(&app, "DELETE FROM audit_log WHERE seq = 2").await;
+    app.tamper("DELETE FROM audit_log WHERE seq = 2").await;
     let gap = verification(&app).await;
     assert_eq!(gap["broken_at"], 2);
     assert!(gap["reason"].as_str().unwrap().contains("missing"));

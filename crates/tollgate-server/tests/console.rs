@@ -505,11 +505,7 @@ async fn a_bad_key_form_shows_the_apis_own_validation_message_and_creates_nothin
         ("scopes", "no-such-group", "is not a route group"),
         ("allowed_ips", "10.0.0.1/8", "has host bits set"),
         ("monthly_spend_cap", "a lot", "monthly_spend_cap"),
-        (
-            "expires_at",
-            "tomorrow",
-            "The expiry must be a date and time",
-        ),
+        ("expires_at", "tomorrow", "is not a date and time"),
         ("expires_at", "2001-01-01T00:00", "must be in the future"),
     ] {
         let response = post_form(
@@ -1194,4 +1190,382 @@ async fn the_console_serves_its_vendored_scripts_exactly_as_recorded() {
         .await
         .unwrap();
     assert_eq!(response.status(), StatusCode::NOT_FOUND);
+}
+
+/// The keys page's row for `key`.
+fn key_row<'a>(body: &'a str, key: &str) -> &'a str {
+    let start = body
+        .find(&format!("<tr data-key=\"{key}\""))
+        .unwrap_or_else(|| panic!("no row for {key}: {body}"));
+    let row = &body[start..];
+    &row[..row.find("</tr>").unwrap()]
+}
+
+#[tokio::test]
+async fn a_key_is_edited_and_rolled_in_the_console_as_the_api_does_it() {
+    let app = spawn_app().await;
+    let account = app.create_account("console").await;
+    let (usage, key_id) = app
+        .create_usage_key(&account.master_key, json!({"name": "before"}))
+        .await;
+    let cookie = session_cookie(&app, &account.master_key).await;
+    let (_, body) = keys_page(&app, &cookie).await;
+    assert!(
+        key_row(&body, &key_id.to_string()).contains("never"),
+        "not used yet"
+    );
+
+    // The edit form shows the key's settings; sent back changed, it is the API's PATCH.
+    let (status, form) = console_get(&app, &cookie, &format!("/console/keys/{key_id}")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(form.contains("value=\"before\""), "{form}");
+    let edit = |fields: Vec<(&'static str, &'static str)>| {
+        let app = &app;
+        let cookie = &cookie;
+        async move { post_form(app, cookie, &format!("/console/keys/{key_id}"), &fields).await }
+    };
+    let response = edit(vec![
+        ("name", "after"),
+        ("scopes", "echo"),
+        ("allowed_ips", ""),
+        ("expires_at", ""),
+        ("monthly_spend_cap", "2.5"),
+        ("status", "inactive"),
+    ])
+    .await;
+    assert_eq!(response.status(), StatusCode::SEE_OTHER);
+    let api = app
+        .get_json(&format!("/api/v1/keys/{key_id}"), &account.master_key)
+        .await;
+    assert_eq!(api["name"], "after");
+    assert_eq!(api["scopes"], json!(["echo"]));
+    assert_eq!(api["monthly_spend_cap"]["credits"], "2.5");
+    assert_eq!(api["status"], "inactive");
+    assert_eq!(
+        echo(&app, &usage).await,
+        StatusCode::UNAUTHORIZED,
+        "inactive"
+    );
+    // The API's own validation, shown on the form; nothing changes.
+    let response = edit(vec![("name", "after"), ("allowed_ips", "10.0.0.1/8")]).await;
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    assert!(response.text().await.unwrap().contains("has host bits set"));
+    let response = edit(vec![("name", "after"), ("status", "active")]).await;
+    assert_eq!(response.status(), StatusCode::SEE_OTHER);
+    assert_eq!(echo(&app, &usage).await, StatusCode::OK);
+
+    // Used: the page says when, in the reporting zone (UTC here).
+    let (_, body) = keys_page(&app, &cookie).await;
+    let row = key_row(&body, &key_id.to_string());
+    assert!(!row.contains("never"), "{row}");
+    assert!(
+        row.contains(&app.clock.now().format("%Y-%m-%d %H:%M").to_string()),
+        "{row}"
+    );
+
+    // Rolled with an hour's grace: the new secret once, and both work until then.
+    let response = post_form(
+        &app,
+        &cookie,
+        &format!("/console/keys/{key_id}/roll"),
+        &[("grace_period_seconds", "3600")],
+    )
+    .await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let body = response.text().await.unwrap();
+    let rolled = shown_secret(&body);
+    assert_ne!(rolled, usage);
+    let until = app.clock.now() + chrono::Duration::seconds(3600);
+    assert!(
+        body.contains(&format!(
+            "keeps working until {}",
+            until.format("%Y-%m-%d %H:%M")
+        )),
+        "{body}"
+    );
+    assert!(body.contains("data-copy=\"secret\""), "a copy button");
+    assert_eq!(echo(&app, &rolled).await, StatusCode::OK);
+    assert_eq!(echo(&app, &usage).await, StatusCode::OK);
+    app.clock.advance(chrono::Duration::seconds(3601));
+    assert_eq!(echo(&app, &usage).await, StatusCode::UNAUTHORIZED);
+    let (_, body) = keys_page(&app, &cookie).await;
+    assert!(!body.contains(&rolled), "the secret is never shown again");
+}
+
+#[tokio::test]
+async fn a_key_near_its_cap_is_named_on_the_overview_and_the_keys_page() {
+    let app = spawn_app().await;
+    let account = app.create_account("console").await;
+    // The echo route costs 0.001 a call: four calls are 80 % of 0.005.
+    let (capped, capped_id) = app
+        .create_usage_key(&account.master_key, json!({"monthly_spend_cap": "0.005"}))
+        .await;
+    let (_, roomy_id) = app
+        .create_usage_key(&account.master_key, json!({"monthly_spend_cap": "100"}))
+        .await;
+    for _ in 0..3 {
+        assert_eq!(echo(&app, &capped).await, StatusCode::OK);
+    }
+    let cookie = session_cookie(&app, &account.master_key).await;
+    let (_, body) = page(&app, Some(&cookie)).await;
+    assert!(
+        body.contains("No key has spent 80 % of its monthly cap."),
+        "{body}"
+    );
+    assert_eq!(echo(&app, &capped).await, StatusCode::OK);
+    let (_, body) = page(&app, Some(&cookie)).await;
+    assert!(
+        body.contains(&format!("<li data-key=\"{capped_id}\"")),
+        "{body}"
+    );
+    assert!(
+        !body.contains(&format!("<li data-key=\"{roomy_id}\"")),
+        "{body}"
+    );
+    let (_, body) = keys_page(&app, &cookie).await;
+    assert!(key_row(&body, &capped_id.to_string()).contains("near its cap"));
+    assert!(!key_row(&body, &roomy_id.to_string()).contains("near its cap"));
+    // The overview's chart carries the last 30 days, today's spend among them.
+    let (_, body) = page(&app, Some(&cookie)).await;
+    let chart = body
+        .split("data-chart=\"")
+        .nth(1)
+        .unwrap()
+        .split('"')
+        .next()
+        .unwrap();
+    let chart: serde_json::Value = serde_json::from_str(&chart.replace("&#34;", "\"")).unwrap();
+    assert_eq!(chart["labels"].as_array().unwrap().len(), 30);
+    let spend = &chart["charts"][0]["series"][0]["points"];
+    assert_eq!(spend[29], json!(0.004), "{spend}");
+}
+
+#[tokio::test]
+async fn the_operator_finds_an_account_grants_it_credits_once_per_form_and_reads_the_audit_log() {
+    let app = spawn_app().await;
+    let acme = app.create_account("Acme Robotics").await;
+    app.create_account("Globex").await;
+    let cookie = session_cookie(&app, ADMIN_TOKEN).await;
+    let (status, body) = console_get(&app, &cookie, "/console/accounts?q=acme").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        body.contains("Acme Robotics") && !body.contains("Globex"),
+        "{body}"
+    );
+    let (_, body) = console_get(&app, &cookie, &format!("/console/accounts?q={}", acme.id)).await;
+    assert!(
+        body.contains("Acme Robotics") && !body.contains("Globex"),
+        "{body}"
+    );
+
+    let before = available(&app, &acme.master_key).await;
+    let (status, form) =
+        console_get(&app, &cookie, &format!("/console/accounts/{}", acme.id)).await;
+    assert_eq!(status, StatusCode::OK);
+    let reference = form
+        .split("name=\"reference\" value=\"")
+        .nth(1)
+        .unwrap()
+        .split('"')
+        .next()
+        .unwrap()
+        .to_string();
+    // The same form sent twice (a double click, a resend): one grant.
+    let grant = [
+        ("amount", "2.5"),
+        ("reason", "goodwill"),
+        ("reference", reference.as_str()),
+    ];
+    let path = format!("/console/accounts/{}/credits", acme.id);
+    let first = post_form(&app, &cookie, &path, &grant).await;
+    assert_eq!(first.status(), StatusCode::SEE_OTHER);
+    assert!(first.headers()[LOCATION]
+        .to_str()
+        .unwrap()
+        .ends_with("granted=applied"));
+    let second = post_form(&app, &cookie, &path, &grant).await;
+    assert!(second.headers()[LOCATION]
+        .to_str()
+        .unwrap()
+        .ends_with("granted=already_applied"));
+    assert_eq!(
+        available(&app, &acme.master_key).await - before,
+        2_500_000_000
+    );
+    // A new form is a new grant; a bad amount is the API's own refusal.
+    let (_, form) = console_get(&app, &cookie, &format!("/console/accounts/{}", acme.id)).await;
+    assert!(
+        !form.contains(&reference),
+        "each form has its own reference"
+    );
+    let refused = post_form(&app, &cookie, &path, &[("amount", "-1"), ("reason", "x")]).await;
+    assert_eq!(refused.status(), StatusCode::BAD_REQUEST);
+    assert!(refused.text().await.unwrap().contains("amount"));
+
+    let (status, body) = console_get(&app, &cookie, "/console/audit").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(body.contains("data-verified=\"true\""), "{body}");
+    assert_eq!(body.matches("<td>credits.grant</td>").count(), 1, "{body}");
+    assert!(body.contains("goodwill"));
+
+    // A broken chain is reported, not hidden.
+    app.tamper("UPDATE audit_log SET actor = 'someone else' WHERE seq = 1")
+        .await;
+    let (_, body) = console_get(&app, &cookie, "/console/audit").await;
+    assert!(body.contains("data-verified=\"false\""), "{body}");
+    assert!(body.contains("The chain is broken at entry 1"), "{body}");
+
+    // An account holder is told these pages do not exist.
+    let holder = session_cookie(&app, &acme.master_key).await;
+    for path in [
+        "/console/audit".to_string(),
+        format!("/console/accounts/{}", acme.id),
+        "/console/accounts?q=acme".to_string(),
+    ] {
+        let (status, _) = console_get(&app, &holder, &path).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{path}");
+    }
+    let response = post_form(&app, &holder, &path, &grant).await;
+    assert_eq!(response.status(), StatusCode::NOT_FOUND);
+}
+
+/// Every console route an account holder can reach, asked as account A with B's ids, answers
+/// as for an id that does not exist, and changes nothing of B's.
+#[tokio::test]
+async fn a_crawl_as_one_account_with_anothers_ids_answers_as_for_missing_ids() {
+    let app = spawn_app().await;
+    let a = app.create_account("a").await;
+    let b = app.create_account("b").await;
+    let (b_key, b_key_id) = app.create_usage_key(&b.master_key, json!({})).await;
+    let b_request = call(&app, &b_key, "/echo/hello").await;
+    let cookie = session_cookie(&app, &a.master_key).await;
+    let missing_key = "key_01ARZ3NDEKTSV4RRFFQ69G5FAV";
+    let missing_request = "req_01ARZ3NDEKTSV4RRFFQ69G5FAV";
+
+    // (method, path with B's id, the same path with a missing id)
+    let routes: Vec<(&str, String, String)> = vec![
+        (
+            "GET",
+            format!("/console/keys/{b_key_id}"),
+            format!("/console/keys/{missing_key}"),
+        ),
+        (
+            "POST",
+            format!("/console/keys/{b_key_id}"),
+            format!("/console/keys/{missing_key}"),
+        ),
+        (
+            "POST",
+            format!("/console/keys/{b_key_id}/roll"),
+            format!("/console/keys/{missing_key}/roll"),
+        ),
+        (
+            "POST",
+            format!("/console/keys/{}/revoke", b.master_key_id),
+            format!("/console/keys/{missing_key}/revoke"),
+        ),
+        (
+            "GET",
+            format!("/console/requests/{b_request}"),
+            format!("/console/requests/{missing_request}"),
+        ),
+        (
+            "GET",
+            format!("/console/requests?id={b_request}"),
+            format!("/console/requests?id={missing_request}"),
+        ),
+        (
+            "GET",
+            format!("/console/accounts/{}", b.id),
+            "/console/accounts/acct_01ARZ3NDEKTSV4RRFFQ69G5FAV".to_string(),
+        ),
+        (
+            "POST",
+            format!("/console/accounts/{}/credits", b.id),
+            "/console/accounts/acct_01ARZ3NDEKTSV4RRFFQ69G5FAV/credits".to_string(),
+        ),
+        (
+            "POST",
+            format!("/console/accounts/{}/suspend", b.id),
+            "/console/accounts/acct_01ARZ3NDEKTSV4RRFFQ69G5FAV/suspend".to_string(),
+        ),
+    ];
+    let send = |method: &str, path: &str| {
+        let request = if method == "GET" {
+            browser().get(format!("{}{path}", app.url))
+        } else {
+            browser()
+                .post(format!("{}{path}", app.url))
+                .header("sec-fetch-site", "same-origin")
+                .form(&[("name", "taken"), ("amount", "5"), ("reason", "x")])
+        };
+        request.header(COOKIE, &cookie).send()
+    };
+    // The ids asked for, and each answer's own request ID, are the only differences allowed.
+    let strip = |body: String, ids: &[&str]| {
+        let body = ids.iter().fold(body, |body, id| body.replace(id, "ID"));
+        let mut out = String::new();
+        let mut rest = body.as_str();
+        while let Some(at) = rest.find("req_") {
+            out.push_str(&rest[..at]);
+            out.push_str("REQUEST");
+            rest = rest.get(at + 4 + 26..).unwrap_or_default();
+        }
+        out + rest
+    };
+    for (method, theirs, missing) in &routes {
+        let to_theirs = send(method, theirs).await.unwrap();
+        let to_missing = send(method, missing).await.unwrap();
+        assert_eq!(to_theirs.status(), to_missing.status(), "{method} {theirs}");
+        assert!(
+            to_theirs.status().is_client_error(),
+            "{method} {theirs}: {}",
+            to_theirs.status()
+        );
+        let ids = [
+            b_key_id.to_string(),
+            b.master_key_id.to_string(),
+            b_request.clone(),
+            b.id.to_string(),
+            missing_key.to_string(),
+            missing_request.to_string(),
+            "acct_01ARZ3NDEKTSV4RRFFQ69G5FAV".to_string(),
+        ];
+        let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+        assert_eq!(
+            strip(to_theirs.text().await.unwrap(), &ids),
+            strip(to_missing.text().await.unwrap(), &ids),
+            "{method} {theirs}"
+        );
+    }
+    // B's keys, balance and status are as they were.
+    assert_eq!(echo(&app, &b_key).await, StatusCode::OK);
+    let b_view = app
+        .get_json(&format!("/api/v1/keys/{b_key_id}"), &b.master_key)
+        .await;
+    assert_eq!(b_view["name"], "k");
+    assert_eq!(b_view["status"], "active");
+    let account = app
+        .get_json(&format!("/api/v1/accounts/{}", b.id), ADMIN_TOKEN)
+        .await;
+    assert_eq!(account["status"], "active");
+    // A's filters naming B's key find nothing of B's.
+    let (_, body) = console_get(
+        &app,
+        &cookie,
+        &format!("/console/requests?key_id={b_key_id}"),
+    )
+    .await;
+    assert!(!body.contains(&b_request));
+    let records = csv_records(
+        &app,
+        &cookie,
+        &format!("/console/requests.csv?key_id={b_key_id}"),
+    )
+    .await;
+    assert_eq!(
+        records.len(),
+        2,
+        "the header and the totals only: {records:?}"
+    );
 }

@@ -114,6 +114,7 @@ bounded!(AccountStore {
     fn create_account(id: AccountId, name: &str, starter_credits: Nanos, master_key: KeyRecord, at: DateTime<Utc>) -> Account;
     fn account(id: AccountId) -> Option<Account>;
     fn accounts(after: Option<AccountId>, status: Option<&str>, limit: u32) -> Vec<Account>;
+    fn search_accounts(text: &str, after: Option<AccountId>, limit: u32) -> Vec<Account>;
     fn update_account(account: &Account) -> Option<Account>;
 });
 

@@ -182,6 +182,15 @@ pub trait AccountStore: Send + Sync {
         limit: u32,
     ) -> Result<Vec<Account>, StoreError>;
 
+    /// Accounts whose id is `text` or whose name contains it (ignoring ASCII case), in id
+    /// order after `after`: the operator's search.
+    async fn search_accounts(
+        &self,
+        text: &str,
+        after: Option<AccountId>,
+        limit: u32,
+    ) -> Result<Vec<Account>, StoreError>;
+
     /// Writes the account's settings (name, status, key limit, rate-limit overrides; not its
     /// balance); the account as it is now, or `None` if there is no such account.
     async fn update_account(&self, account: &Account) -> Result<Option<Account>, StoreError>;

@@ -218,6 +218,25 @@ impl AccountStore for SqliteStore {
         convert(rows)
     }
 
+    async fn search_accounts(
+        &self,
+        text: &str,
+        after: Option<AccountId>,
+        limit: u32,
+    ) -> Result<Vec<Account>, StoreError> {
+        let rows = sqlx::query_as::<_, AccountRow>(&format!(
+            "{ACCOUNT_SELECT} WHERE (a.id = ?1 OR instr(lower(a.name), lower(?1)) > 0) \
+             AND (?2 IS NULL OR a.id > ?2) ORDER BY a.id LIMIT ?3"
+        ))
+        .bind(text)
+        .bind(after.map(|id| id.to_string()))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(store_error)?;
+        convert(rows)
+    }
+
     async fn update_account(&self, account: &Account) -> Result<Option<Account>, StoreError> {
         sqlx::query(
             "UPDATE accounts SET name = ?, status = ?, max_keys = ?, rate_limits = ? WHERE id = ?",

@@ -1056,6 +1056,46 @@ pub async fn usage_summaries_group_and_total_by_day_key_route_and_model(store: A
     );
 }
 
+pub async fn accounts_are_found_by_id_or_by_part_of_their_name(store: Arc<dyn Store>) {
+    let mut made = Vec::new();
+    for name in ["Acme Robotics", "acme labs", "Globex", "100% Real_Name"] {
+        let account = AccountId::new();
+        let (_, master) = key_for(account, KeyKind::Master, "master");
+        store
+            .create_account(account, name, Nanos::ZERO, master, at(0))
+            .await
+            .unwrap();
+        made.push(account);
+    }
+    let names = |found: Vec<tollgate_store::Account>| -> Vec<String> {
+        found.into_iter().map(|a| a.name).collect()
+    };
+    let found = store.search_accounts("ACME", None, 10).await.unwrap();
+    assert_eq!(names(found.clone()), ["Acme Robotics", "acme labs"]);
+    // Paged by id, as the account list is.
+    let rest = store
+        .search_accounts("acme", Some(found[0].id), 10)
+        .await
+        .unwrap();
+    assert_eq!(names(rest), ["acme labs"]);
+    // `%` and `_` are text, not patterns.
+    assert_eq!(
+        names(store.search_accounts("0% real_", None, 10).await.unwrap()),
+        ["100% Real_Name"]
+    );
+    assert!(store.search_accounts("_", None, 10).await.unwrap().len() == 1);
+    let by_id = store
+        .search_accounts(&made[2].to_string(), None, 10)
+        .await
+        .unwrap();
+    assert_eq!(names(by_id), ["Globex"]);
+    assert!(store
+        .search_accounts("initech", None, 10)
+        .await
+        .unwrap()
+        .is_empty());
+}
+
 pub async fn usage_series_sum_quarter_hours_split_by_key_route_and_model(store: Arc<dyn Store>) {
     const QUARTER: i64 = 15 * 60 * 1000;
     let (account, _, master) = new_account(&*store, Nanos::ZERO).await;
@@ -1347,6 +1387,7 @@ macro_rules! store_suite {
                 usage_rows_round_trip_filter_and_page,
                 usage_summaries_group_and_total_by_day_key_route_and_model,
                 usage_series_sum_quarter_hours_split_by_key_route_and_model,
+                accounts_are_found_by_id_or_by_part_of_their_name,
                 key_activity_sums_each_keys_charges_and_finds_its_last_use,
                 console_sessions_round_trip_touch_end_and_purge,
             );

@@ -1,60 +1,252 @@
-//! The operator's accounts page: every account with its status and balance, paged by id, and
-//! suspend or reactivate through the same function as the admin API. An account holder's
-//! session gets 404 here, as for a page that does not exist.
+//! The operator's pages: every account with its status and balance, searched by name or id and
+//! paged by id; an account's page, with a credit grant and suspend or reactivate; and the audit
+//! log with the chain's verification. Each change goes through the same function as the admin
+//! API, so it is validated and audited alike. An account holder's session gets 404 here, as for
+//! a page that does not exist.
 
-use crate::console::pages::{page, CursorQuery};
+use crate::console::pages::page;
+use crate::console::report::shown;
 use crate::console::session::operator;
 use crate::http::error::HttpError;
 use crate::management::accounts::{account_view, change_status};
+use crate::management::audit::{entries_page, verify_chain};
+use crate::management::billing::grant;
 use crate::management::extract::page as paged;
 use crate::state::AppState;
 use askama::Template;
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Form, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::Extension;
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
 use tollgate_core::{AccountId, RequestId};
-use tollgate_wire::api::Account;
+use tollgate_wire::api::{Account, AuditEntry, AuditVerification, GrantRequest};
 
-/// Accounts a page shows.
+/// Accounts, or audit entries, a page shows.
 const PAGE_ROWS: u32 = 50;
 
 #[derive(Template)]
 #[template(path = "console/accounts.html")]
 struct AccountsPage<'a> {
     accounts: &'a [Account],
+    search: &'a str,
     next: Option<String>,
+    zone: &'a str,
+    state: &'a AppState,
+}
+
+#[derive(Template)]
+#[template(path = "console/account.html")]
+struct AccountPage<'a> {
+    account: &'a Account,
+    /// The grant form's reference: a fresh one per form shown, so the same form sent twice
+    /// grants once.
+    reference: String,
+    notice: Option<&'a str>,
+    problem: Option<&'a str>,
+}
+
+#[derive(Template)]
+#[template(path = "console/audit.html")]
+struct AuditPage<'a> {
+    entries: &'a [AuditEntry],
+    verification: &'a AuditVerification,
+    next: Option<String>,
+    zone: &'a str,
+    state: &'a AppState,
+}
+
+impl AccountsPage<'_> {
+    fn when(&self, at: &DateTime<Utc>) -> String {
+        shown(self.state.config.console.time_zone, *at)
+    }
+}
+
+impl AuditPage<'_> {
+    fn when(&self, at: &DateTime<Utc>) -> String {
+        shown(self.state.config.console.time_zone, *at)
+    }
+
+    fn json(value: &Option<serde_json::Value>) -> String {
+        value.as_ref().map_or_else(String::new, |v| v.to_string())
+    }
+}
+
+#[derive(Deserialize, Default)]
+pub struct AccountsQuery {
+    #[serde(default)]
+    q: String,
+    #[serde(default)]
+    cursor: String,
 }
 
 pub async fn list(
     State(state): State<AppState>,
-    query: Result<Query<CursorQuery>, QueryRejection>,
+    query: Result<Query<AccountsQuery>, QueryRejection>,
     headers: HeaderMap,
 ) -> Response {
     if let Err(answer) = operator(&state, &headers).await {
         return answer;
     }
-    let after = query
-        .ok()
-        .and_then(|Query(c)| AccountId::parse(c.cursor.trim()));
+    let query = query.map(|Query(q)| q).unwrap_or_default();
+    let after = AccountId::parse(query.cursor.trim());
+    let search = query.q.trim();
     if let Err(e) = state.ledger.flush().await {
         return HttpError::from(e).into_response();
     }
-    let accounts = match state.store.accounts(after, None, PAGE_ROWS + 1).await {
+    let found = if search.is_empty() {
+        state.store.accounts(after, None, PAGE_ROWS + 1).await
+    } else {
+        state
+            .store
+            .search_accounts(search, after, PAGE_ROWS + 1)
+            .await
+    };
+    let accounts = match found {
         Ok(accounts) => accounts,
         Err(e) => return HttpError::from(e).into_response(),
     };
     let (accounts, cursor) = paged(accounts, PAGE_ROWS, |a| a.id.to_string());
-    let next = cursor.map(|cursor| format!("/console/accounts?cursor={cursor}"));
+    let next = cursor.map(|cursor| {
+        let query = serde_urlencoded::to_string([("q", search), ("cursor", &cursor)]);
+        format!("/console/accounts?{}", query.unwrap_or_default())
+    });
     let accounts: Vec<Account> = accounts.iter().map(|a| account_view(&state, a)).collect();
     page(
         StatusCode::OK,
         &AccountsPage {
             accounts: &accounts,
+            search,
             next,
+            zone: state.config.console.time_zone.name(),
+            state: &state,
         },
     )
+}
+
+/// The account `id`, as the admin API shows it, or the answer that there is none.
+async fn find(state: &AppState, id: &str) -> Result<Account, Response> {
+    let found = match AccountId::parse(id) {
+        Some(id) => {
+            state
+                .ledger
+                .flush()
+                .await
+                .map_err(|e| HttpError::from(e).into_response())?;
+            state
+                .store
+                .account(id)
+                .await
+                .map_err(|e| HttpError::from(e).into_response())?
+        }
+        None => None,
+    };
+    found
+        .map(|a| account_view(state, &a))
+        .ok_or_else(|| HttpError::not_found("account").into_response())
+}
+
+fn account_page(
+    account: &Account,
+    status: StatusCode,
+    notice: Option<&str>,
+    problem: Option<&str>,
+) -> Response {
+    let token: [u8; 16] = rand::random();
+    let reference = format!(
+        "console-{}",
+        token.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    );
+    page(
+        status,
+        &AccountPage {
+            account,
+            reference,
+            notice,
+            problem,
+        },
+    )
+}
+
+#[derive(Deserialize, Default)]
+pub struct AccountQuery {
+    /// Set by the redirect after a grant: `applied` or `already_applied`.
+    #[serde(default)]
+    granted: String,
+}
+
+/// `GET /console/accounts/{id}`.
+pub async fn one(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    query: Result<Query<AccountQuery>, QueryRejection>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(answer) = operator(&state, &headers).await {
+        return answer;
+    }
+    let account = match find(&state, &id).await {
+        Ok(account) => account,
+        Err(answer) => return answer,
+    };
+    let notice = match query.map(|Query(q)| q).unwrap_or_default().granted.as_str() {
+        "applied" => Some("The credits were granted."),
+        "already_applied" => Some("That grant was already applied; it was not applied again."),
+        _ => None,
+    };
+    account_page(&account, StatusCode::OK, notice, None)
+}
+
+#[derive(Deserialize)]
+pub struct GrantForm {
+    #[serde(default)]
+    amount: String,
+    #[serde(default)]
+    reason: String,
+    #[serde(default)]
+    reference: String,
+}
+
+/// `POST /console/accounts/{id}/credits`: a grant, as `POST /accounts/{id}/credits` makes it,
+/// under the form's reference.
+pub async fn grant_credits(
+    State(state): State<AppState>,
+    Extension(request_id): Extension<RequestId>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    form: Result<Form<GrantForm>, axum::extract::rejection::FormRejection>,
+) -> Response {
+    let session = match operator(&state, &headers).await {
+        Ok(session) => session,
+        Err(answer) => return answer,
+    };
+    let account = match find(&state, &id).await {
+        Ok(account) => account,
+        Err(answer) => return answer,
+    };
+    let Ok(Form(form)) = form else {
+        let problem = "The form could not be read.";
+        return account_page(&account, StatusCode::BAD_REQUEST, None, Some(problem));
+    };
+    let body = GrantRequest {
+        amount: form.amount.trim().to_string(),
+        reason: form.reason,
+        reference: Some(form.reference.trim().to_string()).filter(|r| !r.is_empty()),
+    };
+    match grant(&state, &session.caller(), request_id, account.id, body).await {
+        Ok((_, outcome)) => Redirect::to(&format!(
+            "/console/accounts/{}?granted={outcome}",
+            account.id
+        ))
+        .into_response(),
+        Err(error) => {
+            let status =
+                StatusCode::from_u16(error.error.status()).unwrap_or(StatusCode::BAD_REQUEST);
+            account_page(&account, status, None, Some(&error.error.message))
+        }
+    }
 }
 
 async fn set_status(
@@ -72,7 +264,7 @@ async fn set_status(
         return HttpError::not_found("account").into_response();
     };
     match change_status(&state, &session.caller(), request_id, id, status).await {
-        Ok(_) => Redirect::to("/console/accounts").into_response(),
+        Ok(_) => Redirect::to(&format!("/console/accounts/{id}")).into_response(),
         Err(e) => e.into_response(),
     }
 }
@@ -93,4 +285,46 @@ pub async fn reactivate(
     headers: HeaderMap,
 ) -> Response {
     set_status(state, request_id, id, headers, "active").await
+}
+
+#[derive(Deserialize, Default)]
+pub struct AuditQuery {
+    #[serde(default)]
+    cursor: String,
+}
+
+/// `GET /console/audit`: the log oldest first, as `GET /audit` pages it, under the chain's
+/// verification as `GET /audit/verify` gives it.
+pub async fn audit(
+    State(state): State<AppState>,
+    query: Result<Query<AuditQuery>, QueryRejection>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(answer) = operator(&state, &headers).await {
+        return answer;
+    }
+    let after = query
+        .ok()
+        .and_then(|Query(q)| q.cursor.trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    let verification = match verify_chain(&state).await {
+        Ok(verification) => verification,
+        Err(e) => return e.into_response(),
+    };
+    let entries = match entries_page(&state, after, PAGE_ROWS).await {
+        Ok(entries) => entries,
+        Err(e) => return e.into_response(),
+    };
+    page(
+        StatusCode::OK,
+        &AuditPage {
+            entries: &entries.data,
+            verification: &verification,
+            next: entries
+                .next_cursor
+                .map(|c| format!("/console/audit?cursor={c}")),
+            zone: state.config.console.time_zone.name(),
+            state: &state,
+        },
+    )
 }

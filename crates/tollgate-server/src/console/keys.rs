@@ -1,38 +1,50 @@
-//! The keys page: the account's keys with their status and this month's spend against their
-//! caps; create (the secret shown once, on the answer to the form) and revoke, through the same
-//! service functions as `POST /keys` and `POST /keys/{id}/revoke`.
+//! The keys page: the account's keys with their status, last use and this month's spend against
+//! their caps; create, edit, roll and revoke through the same service functions as
+//! `POST /keys`, `PATCH /keys/{id}`, `POST /keys/{id}/roll` and `POST /keys/{id}/revoke`. A new
+//! secret is shown once, on the answer to the form that made it.
 
 use crate::console::pages::page;
+use crate::console::report::{local_input, shown};
 use crate::console::session::{holder, Session};
 use crate::http::error::HttpError;
-use crate::management::keys::{issue_key, key_view, revoke};
+use crate::management::keys::{change_key, issue_key, key_view, revoke, roll};
 use crate::state::AppState;
 use askama::Template;
 use axum::extract::{Form, FromRequest, Path, Request, State};
-use axum::http::HeaderMap;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::Extension;
-use chrono::{NaiveDateTime, TimeZone, Utc};
+use chrono::{DateTime, Utc};
 use serde::Deserialize;
+use std::collections::HashMap;
 use tollgate_core::ledger::month_start;
-use tollgate_core::{KeyId, RequestId};
-use tollgate_wire::api::{ApiKeyInfo, CreateKeyRequest, KeyState, Money};
+use tollgate_core::{KeyId, KeyStatus, Nanos, RequestId};
+use tollgate_store::KeyRecord;
+use tollgate_wire::api::{
+    ApiKeyInfo, CreateKeyRequest, KeyState, Money, RollKeyRequest, UpdateKeyRequest,
+};
 
 /// The most keys the page lists.
 const LISTED: u32 = 500;
+/// A key whose month-to-date spend reaches this share of its cap is near it.
+pub const NEAR_CAP_PERCENT: i64 = 80;
 
 /// One row of the keys table.
 pub struct KeyRow {
     pub info: ApiKeyInfo,
     pub state: &'static str,
     pub spent: Money,
+    /// When it was last used, in the reporting zone.
+    pub last_used: Option<String>,
+    /// Whether this month's spend has reached [`NEAR_CAP_PERCENT`] of its cap.
+    pub near_cap: bool,
 }
 
 #[derive(Template)]
 #[template(path = "console/keys.html")]
 struct KeysPage<'a> {
     rows: &'a [KeyRow],
+    zone: &'a str,
     problem: Option<&'a str>,
 }
 
@@ -42,29 +54,62 @@ struct CreatedPage<'a> {
     info: &'a ApiKeyInfo,
     secret: &'a str,
     origin: &'a str,
+    /// After a roll: until when the previous secret works, in the reporting zone.
+    previous_until: Option<String>,
 }
 
-async fn rows(state: &AppState, session: &Session) -> Result<Vec<KeyRow>, HttpError> {
+#[derive(Template)]
+#[template(path = "console/key.html")]
+struct KeyPage<'a> {
+    info: &'a ApiKeyInfo,
+    inactive: bool,
+    expires: String,
+    zone: &'a str,
+    problem: Option<&'a str>,
+}
+
+fn state_name(status: KeyState) -> &'static str {
+    match status {
+        KeyState::Active => "active",
+        KeyState::Inactive => "inactive",
+        KeyState::Revoked => "revoked",
+        KeyState::Expired => "expired",
+    }
+}
+
+/// Whether `spent` has reached [`NEAR_CAP_PERCENT`] of `cap`.
+pub fn near_cap(spent: i64, cap: Option<&Money>) -> bool {
+    cap.is_some_and(|cap| {
+        i128::from(spent) * 100 >= i128::from(cap.nanos) * i128::from(NEAR_CAP_PERCENT)
+    })
+}
+
+/// The account's keys with their spend and last use, read in two queries however many keys.
+pub async fn rows(state: &AppState, session: &Session) -> Result<Vec<KeyRow>, HttpError> {
     let Some(account) = session.who.account() else {
         return Ok(Vec::new());
     };
     let now = state.clock.now();
+    state.ledger.flush().await?;
+    let activity: HashMap<KeyId, _> = state
+        .store
+        .key_activity(account, month_start(now))
+        .await?
+        .into_iter()
+        .map(|a| (a.key, a))
+        .collect();
+    let tz = state.config.console.time_zone;
     let mut rows = Vec::new();
     for key in state.store.keys(Some(account), None, LISTED).await? {
-        let spent = state
-            .store
-            .key_spent_since(key.id, month_start(now))
-            .await?;
         let info = key_view(&key, state);
-        let state_name = match info.status {
-            KeyState::Active => "active",
-            KeyState::Inactive => "inactive",
-            KeyState::Revoked => "revoked",
-            KeyState::Expired => "expired",
-        };
+        let (spent, last_used) = activity
+            .get(&key.id)
+            .map_or((0, None), |a| (a.spent.0, a.last_used));
         rows.push(KeyRow {
-            spent: Money::new(spent, &state.config.currency),
-            state: state_name,
+            near_cap: near_cap(spent, info.monthly_spend_cap.as_ref()),
+            spent: Money::new(Nanos(spent), &state.config.currency),
+            state: state_name(info.status),
+            last_used: last_used.map(|at| shown(tz, at)),
             info,
         });
     }
@@ -82,6 +127,7 @@ async fn keys_page(
             status,
             &KeysPage {
                 rows: &rows,
+                zone: state.config.console.time_zone.name(),
                 problem,
             },
         ),
@@ -97,10 +143,11 @@ pub async fn list(State(state): State<AppState>, headers: HeaderMap) -> Response
     keys_page(&state, &session, StatusCode::OK, None).await
 }
 
-/// The create form, as the browser sends it: lists are comma- or space-separated, the expiry
-/// is a `datetime-local` read as UTC, empty fields are left out.
+/// A key's form, as the browser sends it: lists are comma- or space-separated, the expiry is
+/// a `datetime-local` in the reporting zone, empty fields mean the API's default (all routes,
+/// anywhere, never, no cap).
 #[derive(Deserialize)]
-pub struct NewKeyForm {
+pub struct KeyForm {
     name: String,
     #[serde(default)]
     scopes: String,
@@ -110,6 +157,9 @@ pub struct NewKeyForm {
     expires_at: String,
     #[serde(default)]
     monthly_spend_cap: String,
+    /// Edit only: `active` or `inactive`.
+    #[serde(default)]
+    status: String,
 }
 
 fn list_of(text: &str) -> Option<Vec<String>> {
@@ -122,28 +172,67 @@ fn list_of(text: &str) -> Option<Vec<String>> {
     (!items.is_empty()).then_some(items)
 }
 
-impl NewKeyForm {
-    fn into_request(self) -> Result<CreateKeyRequest, &'static str> {
-        let expires_at = match self.expires_at.trim() {
-            "" => None,
-            text => {
-                let local = NaiveDateTime::parse_from_str(text, "%Y-%m-%dT%H:%M")
-                    .or_else(|_| NaiveDateTime::parse_from_str(text, "%Y-%m-%dT%H:%M:%S"))
-                    .map_err(|_| "The expiry must be a date and time, e.g. 2027-01-31T18:00.")?;
-                Some(Utc.from_utc_datetime(&local))
-            }
-        };
+impl KeyForm {
+    fn expiry(&self, state: &AppState) -> Result<Option<DateTime<Utc>>, String> {
+        match self.expires_at.trim() {
+            "" => Ok(None),
+            text => local_input(state.config.console.time_zone, text)
+                .map(Some)
+                .map_err(|e| format!("The expiry: {e}.")),
+        }
+    }
+
+    fn cap(&self) -> Option<String> {
         let cap = self.monthly_spend_cap.trim();
+        (!cap.is_empty()).then(|| cap.to_string())
+    }
+
+    fn into_create(self, state: &AppState) -> Result<CreateKeyRequest, String> {
         Ok(CreateKeyRequest {
+            expires_at: self.expiry(state)?,
+            monthly_spend_cap: self.cap(),
             name: self.name,
             account_id: None,
             kind: None,
             scopes: list_of(&self.scopes),
             allowed_ips: list_of(&self.allowed_ips),
-            expires_at,
-            monthly_spend_cap: (!cap.is_empty()).then(|| cap.to_string()),
         })
     }
+
+    /// Every field of the form, set: the page shows the key's current values, so what the
+    /// holder left alone is sent back unchanged.
+    fn into_update(self, state: &AppState) -> Result<UpdateKeyRequest, String> {
+        let status = match self.status.trim() {
+            "" => None,
+            "active" => Some(Some(KeyStatus::Active)),
+            "inactive" => Some(Some(KeyStatus::Inactive)),
+            _ => return Err("The status is active or inactive.".into()),
+        };
+        Ok(UpdateKeyRequest {
+            expires_at: Some(self.expiry(state)?),
+            monthly_spend_cap: Some(self.cap()),
+            name: Some(Some(self.name)),
+            scopes: Some(Some(
+                list_of(&self.scopes).unwrap_or_else(|| vec!["*".into()]),
+            )),
+            allowed_ips: Some(list_of(&self.allowed_ips)),
+            status,
+            rate_limits: None,
+        })
+    }
+}
+
+/// The address a usage snippet calls: this console's own origin, as the browser reached it.
+fn origin(headers: &HeaderMap) -> String {
+    let host = headers
+        .get(http::header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("127.0.0.1");
+    format!("http://{host}")
+}
+
+fn status_of(error: &HttpError) -> StatusCode {
+    StatusCode::from_u16(error.error.status()).unwrap_or(StatusCode::BAD_REQUEST)
 }
 
 pub async fn create(
@@ -156,19 +245,14 @@ pub async fn create(
         Ok(session) => session,
         Err(answer) => return answer,
     };
-    let host = headers
-        .get(http::header::HOST)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("127.0.0.1")
-        .to_string();
-    let form = match Form::<NewKeyForm>::from_request(request, &state).await {
-        Ok(Form(form)) => form.into_request(),
-        Err(_) => Err("The form could not be read; fill in at least a name."),
+    let form = match Form::<KeyForm>::from_request(request, &state).await {
+        Ok(Form(form)) => form.into_create(&state),
+        Err(_) => Err("The form could not be read; fill in at least a name.".into()),
     };
     let body = match form {
         Ok(body) => body,
         Err(problem) => {
-            return keys_page(&state, &session, StatusCode::BAD_REQUEST, Some(problem)).await
+            return keys_page(&state, &session, StatusCode::BAD_REQUEST, Some(&problem)).await
         }
     };
     match issue_key(&state, &session.caller(), request_id, body).await {
@@ -177,13 +261,165 @@ pub async fn create(
             &CreatedPage {
                 info: &created.key,
                 secret: &created.secret,
-                origin: &format!("http://{host}"),
+                origin: &origin(&headers),
+                previous_until: None,
             },
         ),
         Err(error) => {
-            let status =
-                StatusCode::from_u16(error.error.status()).unwrap_or(StatusCode::BAD_REQUEST);
-            keys_page(&state, &session, status, Some(&error.error.message)).await
+            keys_page(
+                &state,
+                &session,
+                status_of(&error),
+                Some(&error.error.message),
+            )
+            .await
+        }
+    }
+}
+
+/// The session's own key `id`; another account's answers exactly as one that does not exist.
+async fn owned(state: &AppState, session: &Session, id: &str) -> Result<KeyRecord, Response> {
+    let found = match id.parse::<KeyId>() {
+        Ok(id) => state
+            .store
+            .key_by_id(id)
+            .await
+            .map_err(|e| HttpError::from(e).into_response())?,
+        Err(_) => None,
+    };
+    match found.filter(|k| Some(k.account_id) == session.who.account()) {
+        Some(key) => Ok(key),
+        None => Err(keys_page(state, session, StatusCode::NOT_FOUND, Some("No such key.")).await),
+    }
+}
+
+fn key_page(
+    state: &AppState,
+    info: &ApiKeyInfo,
+    status: StatusCode,
+    problem: Option<&str>,
+) -> Response {
+    let tz = state.config.console.time_zone;
+    let expires = info
+        .expires_at
+        .map(|at| at.with_timezone(&tz).format("%Y-%m-%dT%H:%M").to_string())
+        .unwrap_or_default();
+    page(
+        status,
+        &KeyPage {
+            info,
+            inactive: info.status == KeyState::Inactive,
+            expires,
+            zone: tz.name(),
+            problem,
+        },
+    )
+}
+
+/// `GET /console/keys/{id}`: the key's settings, in a form to change them.
+pub async fn one(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let session = match holder(&state, &headers).await {
+        Ok(session) => session,
+        Err(answer) => return answer,
+    };
+    match owned(&state, &session, &id).await {
+        Ok(key) => key_page(&state, &key_view(&key, &state), StatusCode::OK, None),
+        Err(answer) => answer,
+    }
+}
+
+/// `POST /console/keys/{id}`: changes the key as `PATCH /keys/{id}` does.
+pub async fn edit(
+    State(state): State<AppState>,
+    Extension(request_id): Extension<RequestId>,
+    Path(id): Path<String>,
+    request: Request,
+) -> Response {
+    let headers = request.headers().clone();
+    let session = match holder(&state, &headers).await {
+        Ok(session) => session,
+        Err(answer) => return answer,
+    };
+    let key = match owned(&state, &session, &id).await {
+        Ok(key) => key,
+        Err(answer) => return answer,
+    };
+    let view = key_view(&key, &state);
+    let body = match Form::<KeyForm>::from_request(request, &state).await {
+        Ok(Form(form)) => form.into_update(&state),
+        Err(_) => Err("The form could not be read; a key needs a name.".into()),
+    };
+    let body = match body {
+        Ok(body) => body,
+        Err(problem) => return key_page(&state, &view, StatusCode::BAD_REQUEST, Some(&problem)),
+    };
+    match change_key(&state, &session.caller(), request_id, key, body).await {
+        Ok(_) => Redirect::to("/console/keys").into_response(),
+        Err(error) => key_page(&state, &view, status_of(&error), Some(&error.error.message)),
+    }
+}
+
+#[derive(Deserialize)]
+pub struct RollForm {
+    #[serde(default)]
+    grace_period_seconds: String,
+}
+
+/// `POST /console/keys/{id}/roll`: a new secret, shown once, as `POST /keys/{id}/roll` gives it.
+pub async fn roll_key(
+    State(state): State<AppState>,
+    Extension(request_id): Extension<RequestId>,
+    Path(id): Path<String>,
+    request: Request,
+) -> Response {
+    let headers = request.headers().clone();
+    let session = match holder(&state, &headers).await {
+        Ok(session) => session,
+        Err(answer) => return answer,
+    };
+    let key = match owned(&state, &session, &id).await {
+        Ok(key) => key,
+        Err(answer) => return answer,
+    };
+    let grace = match Form::<RollForm>::from_request(request, &state).await {
+        Ok(Form(form)) => match form.grace_period_seconds.trim() {
+            "" => Ok(None),
+            text => text.parse::<u64>().map(Some).map_err(|_| ()),
+        },
+        Err(_) => Err(()),
+    };
+    let Ok(grace_period_seconds) = grace else {
+        let problem = "The grace period is a whole number of seconds.";
+        return keys_page(&state, &session, StatusCode::BAD_REQUEST, Some(problem)).await;
+    };
+    let body = RollKeyRequest {
+        grace_period_seconds,
+    };
+    match roll(&state, &session.caller(), request_id, key, body).await {
+        Ok(rolled) => page(
+            StatusCode::OK,
+            &CreatedPage {
+                info: &rolled.key,
+                secret: &rolled.secret,
+                origin: &origin(&headers),
+                previous_until: Some(shown(
+                    state.config.console.time_zone,
+                    rolled.previous_secret_expires_at,
+                )),
+            },
+        ),
+        Err(error) => {
+            keys_page(
+                &state,
+                &session,
+                status_of(&error),
+                Some(&error.error.message),
+            )
+            .await
         }
     }
 }
@@ -198,29 +434,42 @@ pub async fn revoke_key(
         Ok(session) => session,
         Err(answer) => return answer,
     };
-    // Another account's key answers exactly as one that does not exist.
-    let owned = match id.parse::<KeyId>() {
-        Ok(id) => match state.store.key_by_id(id).await {
-            Ok(key) => key.filter(|k| Some(k.account_id) == session.who.account()),
-            Err(e) => return HttpError::from(e).into_response(),
-        },
-        Err(_) => None,
-    };
-    let Some(key) = owned else {
-        return keys_page(
-            &state,
-            &session,
-            StatusCode::NOT_FOUND,
-            Some("No such key."),
-        )
-        .await;
+    let key = match owned(&state, &session, &id).await {
+        Ok(key) => key,
+        Err(answer) => return answer,
     };
     match revoke(&state, &session.caller(), request_id, key.id).await {
         Ok(_) => Redirect::to("/console/keys").into_response(),
         Err(error) => {
-            let status =
-                StatusCode::from_u16(error.error.status()).unwrap_or(StatusCode::BAD_REQUEST);
-            keys_page(&state, &session, status, Some(&error.error.message)).await
+            keys_page(
+                &state,
+                &session,
+                status_of(&error),
+                Some(&error.error.message),
+            )
+            .await
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_key_is_near_its_cap_from_80_percent_and_never_without_one() {
+        let cap = |nanos| Money {
+            nanos,
+            credits: String::new(),
+            currency: String::new(),
+        };
+        assert!(!near_cap(79, Some(&cap(100))));
+        assert!(near_cap(80, Some(&cap(100))));
+        assert!(near_cap(150, Some(&cap(100))));
+        assert!(!near_cap(i64::MAX, None));
+        assert!(
+            near_cap(i64::MAX / 2, Some(&cap(i64::MAX / 2))),
+            "no overflow"
+        );
     }
 }

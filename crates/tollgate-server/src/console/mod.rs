@@ -28,6 +28,8 @@ pub fn router() -> Router<AppState> {
         .route("/console/sign-in", post(pages::sign_in))
         .route("/console/sign-out", post(pages::sign_out))
         .route("/console/keys", get(keys::list).post(keys::create))
+        .route("/console/keys/{id}", get(keys::one).post(keys::edit))
+        .route("/console/keys/{id}/roll", post(keys::roll_key))
         .route("/console/keys/{id}/revoke", post(keys::revoke_key))
         .route("/console/requests", get(requests::list))
         .route("/console/requests.csv", get(export::requests))
@@ -36,11 +38,17 @@ pub fn router() -> Router<AppState> {
         .route("/console/wallet", get(wallet::list))
         .route("/console/wallet.csv", get(export::wallet))
         .route("/console/accounts", get(accounts::list))
+        .route("/console/accounts/{id}", get(accounts::one))
+        .route(
+            "/console/accounts/{id}/credits",
+            post(accounts::grant_credits),
+        )
         .route("/console/accounts/{id}/suspend", post(accounts::suspend))
         .route(
             "/console/accounts/{id}/reactivate",
             post(accounts::reactivate),
         )
+        .route("/console/audit", get(accounts::audit))
         .route("/console/assets/{name}", get(assets::serve))
         .layer(middleware::from_fn(security::layer))
 }

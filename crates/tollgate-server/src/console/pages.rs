@@ -3,7 +3,10 @@
 
 use crate::access::keys::{admit_key, find_key};
 use crate::access::limits::Demand;
+use crate::console::keys::{self, KeyRow};
+use crate::console::report::{day_start, zone_caption, Step};
 use crate::console::session::{self, Session, Who};
+use crate::console::usage::{chart_data, usage_buckets};
 use crate::http::error::HttpError;
 use crate::management::billing::read_balance;
 use crate::state::AppState;
@@ -11,12 +14,14 @@ use askama::Template;
 use axum::extract::{Form, FromRequest, Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{Html, IntoResponse, Redirect, Response};
+use chrono::TimeDelta;
 use serde::Deserialize;
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 use tollgate_core::key::secret_matches;
 use tollgate_core::ratelimit::{FailureMode, Policy, Scope, Unit};
-use tollgate_core::KeyKind;
+use tollgate_core::{AccountId, KeyKind};
+use tollgate_store::SeriesSplit;
 use tollgate_wire::api::Money;
 
 /// Failed sign-ins from one address: 10 a minute, then one every 6 s.
@@ -43,6 +48,34 @@ struct SignInPage<'a> {
 struct OverviewPage<'a> {
     who: &'a str,
     balance: Option<(Money, Money, Money)>,
+    /// The last 30 days' spend, for the chart.
+    chart: String,
+    /// The account's keys that have spent 80 % of their monthly cap or more.
+    near_cap: Vec<KeyRow>,
+}
+
+/// What the overview shows an account holder besides the balance: the last 30 local days'
+/// spend as chart data, and the keys near their caps.
+async fn holder_overview(
+    state: &AppState,
+    session: &Session,
+    account: AccountId,
+) -> Result<(String, Vec<KeyRow>), HttpError> {
+    let tz = state.config.console.time_zone;
+    let today = state.clock.now().with_timezone(&tz).date_naive();
+    let range = (
+        day_start(tz, today - TimeDelta::days(29)),
+        day_start(tz, today + TimeDelta::days(1)),
+    );
+    let (buckets, names) =
+        usage_buckets(state, account, Step::Day, SeriesSplit::Total, range).await?;
+    let chart = chart_data(&buckets, &names, &zone_caption(tz, range.0));
+    let near_cap = keys::rows(state, session)
+        .await?
+        .into_iter()
+        .filter(|row| row.near_cap)
+        .collect();
+    Ok((chart, near_cap))
 }
 
 pub(crate) fn page(status: StatusCode, template: &impl Template) -> Response {
@@ -76,27 +109,35 @@ pub async fn overview(State(state): State<AppState>, request: Request) -> Respon
         Ok(session) => session,
         Err(e) => return HttpError::from(e).into_response(),
     };
-    let Some(Session { who, .. }) = session else {
+    let Some(Session { id_hash, who }) = session else {
         return page(StatusCode::OK, &SignInPage { problem: None });
     };
-    let (name, balance) = match &who {
-        Who::Operator => ("the operator".to_string(), None),
+    let session = Session { id_hash, who };
+    let (name, balance, chart, near_cap) = match &session.who {
+        Who::Operator => ("the operator".to_string(), None, String::new(), Vec::new()),
         Who::Holder { key } => {
             let account = match state.store.account(key.account_id).await {
                 Ok(Some(account)) => account,
                 Ok(None) => return HttpError::not_found("account").into_response(),
                 Err(e) => return HttpError::from(e).into_response(),
             };
-            match read_balance(&state, key.account_id).await {
-                Ok(b) => (
-                    format!(
-                        "{} ({}), with the master key {}…",
-                        account.name, account.id, key.display_prefix
-                    ),
-                    Some((b.available, b.held, b.spent_this_month)),
-                ),
+            let balance = match read_balance(&state, key.account_id).await {
+                Ok(b) => (b.available, b.held, b.spent_this_month),
                 Err(e) => return e.into_response(),
-            }
+            };
+            let (chart, near_cap) = match holder_overview(&state, &session, account.id).await {
+                Ok(found) => found,
+                Err(e) => return e.into_response(),
+            };
+            (
+                format!(
+                    "{} ({}), with the master key {}…",
+                    account.name, account.id, key.display_prefix
+                ),
+                Some(balance),
+                chart,
+                near_cap,
+            )
         }
     };
     page(
@@ -104,6 +145,8 @@ pub async fn overview(State(state): State<AppState>, request: Request) -> Respon
         &OverviewPage {
             who: &name,
             balance,
+            chart,
+            near_cap,
         },
     )
 }

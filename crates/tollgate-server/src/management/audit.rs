@@ -144,12 +144,22 @@ async fn list(
         })
         .transpose()?
         .unwrap_or(0);
+    Ok(Json(entries_page(&state, after, limit).await?))
+}
+
+/// Entries after `after`, oldest first, `limit` to a page: `GET /audit`'s answer, for the API
+/// and the console alike.
+pub(crate) async fn entries_page(
+    state: &AppState,
+    after: u64,
+    limit: u32,
+) -> Result<wire::Page<wire::AuditEntry>, HttpError> {
     let rows = state.store.audit_entries(after, limit + 1).await?;
     let (rows, next_cursor) = page(rows, limit, |e| e.seq.to_string());
-    Ok(Json(wire::Page {
+    Ok(wire::Page {
         data: rows.into_iter().map(view).collect(),
         next_cursor,
-    }))
+    })
 }
 
 /// Checks every link, a page at a time, and names the first broken one.
@@ -168,8 +178,13 @@ async fn verify(
     State(state): State<AppState>,
     caller: Caller,
 ) -> Result<Json<wire::AuditVerification>, HttpError> {
-    const PAGE: u32 = 1000;
     caller.require_admin()?;
+    Ok(Json(verify_chain(&state).await?))
+}
+
+/// Checks the whole chain: `GET /audit/verify`'s answer, for the API and the console alike.
+pub(crate) async fn verify_chain(state: &AppState) -> Result<wire::AuditVerification, HttpError> {
+    const PAGE: u32 = 1000;
     // Read the head first: entries appended while this runs lie beyond it and are not judged.
     let head = state.store.audit_head().await?;
     let mut checker = Checker::default();
@@ -191,11 +206,11 @@ async fn verify(
             checked += 1;
         }
     };
-    Ok(Json(wire::AuditVerification {
+    Ok(wire::AuditVerification {
         valid: broken.is_none(),
         entries: checked,
         broken_at: broken.as_ref().map(|b| b.seq),
         reason: broken.map(|b| b.reason),
         head_hash: head.map(|(_, hash)| hex(&hash)),
-    }))
+    })
 }

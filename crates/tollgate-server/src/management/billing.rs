@@ -100,6 +100,25 @@ async fn grant_credits(
     caller.require_admin()?;
     let account = parse_id(id, AccountId::parse, "account")?;
     let body: wire::GrantRequest = body.parse()?;
+    let (balance, outcome) = grant(&state, &caller, request_id, account, body).await?;
+    let mut response = Json(balance).into_response();
+    response
+        .headers_mut()
+        .insert("x-tollgate-grant", http::HeaderValue::from_static(outcome));
+    Ok(response)
+}
+
+/// Grants credits as `POST /accounts/{id}/credits` does, for the API and the console alike:
+/// the wallet after it, and whether it was `applied` or (a repeated reference)
+/// `already_applied`.
+pub(crate) async fn grant(
+    state: &AppState,
+    caller: &Caller,
+    request_id: RequestId,
+    account: AccountId,
+    body: wire::GrantRequest,
+) -> Result<(wire::Balance, &'static str), HttpError> {
+    caller.require_admin()?;
     let mut fields = FieldErrors::default();
     let amount = match Nanos::parse_amount(&body.amount) {
         Ok(n) if n > Nanos::ZERO => n,
@@ -148,15 +167,11 @@ async fn grant_credits(
                     "reason": reason,
                 }),
             );
-            crate::management::audit::record(&state, &caller, request_id, change).await;
+            crate::management::audit::record(state, caller, request_id, change).await;
             "applied"
         }
     };
-    let mut response = Json(read_balance(&state, account).await?).into_response();
-    response
-        .headers_mut()
-        .insert("x-tollgate-grant", http::HeaderValue::from_static(outcome));
-    Ok(response)
+    Ok((read_balance(state, account).await?, outcome))
 }
 
 /// A grant that was not applied, or not confirmed: never "nothing changed" when something may

@@ -281,9 +281,23 @@ async fn update_key(
     id: Result<Path<String>, PathRejection>,
     body: JsonBody,
 ) -> Result<Json<wire::ApiKeyInfo>, HttpError> {
-    let mut key = owned_key(&state, &caller, id).await?;
-    let before = key_view(&key, &state);
+    let key = owned_key(&state, &caller, id).await?;
     let body: wire::UpdateKeyRequest = body.parse()?;
+    Ok(Json(
+        change_key(&state, &caller, request_id, key, body).await?,
+    ))
+}
+
+/// Changes a key the caller owns (checked by the caller of this) as `PATCH /keys/{id}` does,
+/// for the API and the console alike.
+pub(crate) async fn change_key(
+    state: &AppState,
+    caller: &Caller,
+    request_id: RequestId,
+    mut key: KeyRecord,
+    body: wire::UpdateKeyRequest,
+) -> Result<wire::ApiKeyInfo, HttpError> {
+    let before = key_view(&key, state);
     if key.status == KeyStatus::Revoked {
         return Err(revoked_conflict(&key));
     }
@@ -297,7 +311,7 @@ async fn update_key(
         None => {}
         Some(None) => fields.add("scopes", "cannot be cleared; revoke the key instead"),
         Some(Some(scopes)) => {
-            validate_scopes(&state, &scopes, &mut fields);
+            validate_scopes(state, &scopes, &mut fields);
             key.scopes = scopes;
         }
     }
@@ -305,7 +319,7 @@ async fn update_key(
         key.allowed_ips = fields.allowed_ips(&list.unwrap_or_default());
     }
     if let Some(expires_at) = body.expires_at {
-        key.expires_at = fields.expiry(&state, expires_at);
+        key.expires_at = fields.expiry(state, expires_at);
     }
     match body.status {
         None => {}
@@ -325,17 +339,17 @@ async fn update_key(
                 "Only the operator (the admin token) can change a key's rate limits.",
             )
         })?;
-        key.rate_limits = fields.rate_limits(&state, set.unwrap_or_default(), false);
+        key.rate_limits = fields.rate_limits(state, set.unwrap_or_default(), false);
     }
     fields.finish()?;
-    let key = changed_key(&state, state.store.update_key(&key).await?)?;
+    let key = changed_key(state, state.store.update_key(&key).await?)?;
     tracing::info!(key = %key.id, "key updated");
-    let view = key_view(&key, &state);
+    let view = key_view(&key, state);
     let change = Change::new("key.update", key.id)
         .before(&before)
         .after(&view);
-    audit::record(&state, &caller, request_id, change).await;
-    Ok(Json(view))
+    audit::record(state, caller, request_id, change).await;
+    Ok(view)
 }
 
 /// Gives a key a new secret; the old one keeps working for the grace period.
@@ -368,6 +382,19 @@ async fn roll_key(
     } else {
         body.parse()?
     };
+    let rolled = roll(&state, &caller, request_id, key, body).await?;
+    Ok((Extension(CarriesSecret), Json(rolled)))
+}
+
+/// Gives a key the caller owns (checked by the caller of this) a new secret as
+/// `POST /keys/{id}/roll` does, for the API and the console alike.
+pub(crate) async fn roll(
+    state: &AppState,
+    caller: &Caller,
+    request_id: RequestId,
+    key: KeyRecord,
+    body: wire::RollKeyRequest,
+) -> Result<wire::RolledKey, HttpError> {
     let grace = body.grace_period_seconds.unwrap_or(0);
     if grace > MAX_ROLL_GRACE_SECONDS {
         let mut fields = FieldErrors::default();
@@ -397,21 +424,18 @@ async fn roll_key(
             now,
         )
         .await?;
-    let key = changed_key(&state, change)?;
+    let key = changed_key(state, change)?;
     tracing::info!(key = %key.id, grace_seconds = grace, "key rolled");
     let change = Change::new("key.roll", key.id).after(&serde_json::json!({
         "prefix": key.display_prefix,
         "previous_secret_expires_at": previous_expires,
     }));
-    audit::record(&state, &caller, request_id, change).await;
-    Ok((
-        Extension(CarriesSecret),
-        Json(wire::RolledKey {
-            key: key_view(&key, &state),
-            secret: secret.expose().to_string(),
-            previous_secret_expires_at: previous_expires,
-        }),
-    ))
+    audit::record(state, caller, request_id, change).await;
+    Ok(wire::RolledKey {
+        key: key_view(&key, state),
+        secret: secret.expose().to_string(),
+        previous_secret_expires_at: previous_expires,
+    })
 }
 
 /// The key after a change, with its cache entries dropped so the next request sees it.

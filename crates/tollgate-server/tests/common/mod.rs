@@ -266,6 +266,14 @@ impl TestApp {
         self.post(path).bearer_auth(ADMIN_TOKEN).json(&body)
     }
 
+    /// Runs `sql` on the server's SQLite file behind its back: a hand edit of the database.
+    pub async fn tamper(&self, sql: &str) {
+        let url = format!("sqlite://{}", self.dir.path().join("tollgate.db").display());
+        let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+        sqlx::query(sql).execute(&pool).await.unwrap();
+        pool.close().await;
+    }
+
     pub async fn create_account(&self, name: &str) -> TestAccount {
         let response = self
             .admin_post("/api/v1/accounts", json!({ "name": name }))
@@ -429,6 +437,14 @@ impl AccountStore for CountingStore {
         limit: u32,
     ) -> Result<Vec<Account>, StoreError> {
         self.inner.accounts(after, status, limit).await
+    }
+    async fn search_accounts(
+        &self,
+        text: &str,
+        after: Option<AccountId>,
+        limit: u32,
+    ) -> Result<Vec<Account>, StoreError> {
+        self.inner.search_accounts(text, after, limit).await
     }
     async fn update_account(&self, account: &Account) -> Result<Option<Account>, StoreError> {
         self.inner.update_account(account).await
