@@ -476,6 +476,10 @@ async fn the_console_signs_in_shows_the_balance_and_signs_out_in_a_real_browser(
         "desktop: made a key, called with it, the balance moved by",
         "desktop: found the call by its request ID; it was charged what the balance moved",
         "desktop: revoked the key in the console; it is refused",
+        "desktop: rolled a key; both secrets work through the grace period; the copy button shows",
+        "desktop: the usage charts drew; the requests filter showed only 2xx, in place",
+        "phone: the usage charts drew; the requests filter showed only 2xx, in place",
+        "desktop: revoking the key a session was made with ended the session; the key is refused",
         "operator: signed in with the admin token, saw the accounts, signed out",
     ] {
         assert!(stdout.contains(line), "{line}\n{stdout}");

@@ -128,8 +128,13 @@ struct RequestPage<'a> {
     zone: &'a str,
 }
 
+/// How long the log keeps requests, in whole days where it is (as it is configured, "90days").
 fn retention(state: &AppState) -> String {
-    humantime::format_duration(state.config.usage_retention).to_string()
+    const DAY: u64 = 86_400;
+    match state.config.usage_retention.as_secs() {
+        secs if secs % DAY == 0 && secs >= DAY => format!("{} days", secs / DAY),
+        _ => humantime::format_duration(state.config.usage_retention).to_string(),
+    }
 }
 
 /// One request of the session's account, or the page that says there is none.

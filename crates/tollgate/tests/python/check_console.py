@@ -7,6 +7,7 @@ Reads TOLLGATE_URL, TOLLGATE_DEMO_KEY and SCREENSHOTS (a folder for a picture of
 Prints one line per check; exits non-zero on the first failure.
 """
 
+import json
 import os
 import sys
 import urllib.error
@@ -57,6 +58,18 @@ def fits(page, name):
 def available(page):
     page.goto(f"{URL}/console/")
     return int(page.locator("dd").first.get_attribute("data-nanos"))
+
+
+def admin(method, path, body):
+    """A management call with the admin token; its JSON answer."""
+    request = urllib.request.Request(
+        f"{URL}{path}",
+        method=method,
+        data=json.dumps(body).encode(),
+        headers={"Authorization": f"Bearer {ADMIN}", "Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request) as response:
+        return json.loads(response.read())
 
 
 def echo(key):
@@ -114,6 +127,70 @@ def make_a_key_use_it_and_revoke_it(page):
     fits(page, "wallet-desktop")
 
 
+def roll_a_key(page):
+    """A key's page: roll it, and the new secret is shown once with a working copy button."""
+    page.get_by_role("link", name="Keys").click()
+    page.get_by_label("Name").fill("to roll")
+    page.get_by_role("button", name="Create key").click()
+    old = page.locator("#secret").input_value()
+    page.get_by_role("link", name="Back to the keys").click()
+    page.locator("tr", has_text="to roll").get_by_role("link", name="Edit or roll").click()
+    expect(page.get_by_role("heading", name="Change it")).to_be_visible()
+    fits(page, "key-desktop")
+    page.get_by_role("button", name="Roll the key").click()
+    expect(page.get_by_role("heading", name="Key rolled")).to_be_visible()
+    expect(page.get_by_text("The previous secret keeps working until")).to_be_visible()
+    new = page.locator("#secret").input_value()
+    if new == old or echo(new)[0] != 200 or echo(old)[0] != 200:
+        sys.exit("after a roll with a grace period, both secrets should work")
+    copy = page.get_by_role("button", name="Copy the secret")
+    expect(copy).to_be_visible()  # shown by the console's own script
+    fits(page, "key-rolled-desktop")
+    print("desktop: rolled a key; both secrets work through the grace period; the copy button shows")
+
+
+def charts_and_filters(page, size):
+    """The usage page draws its charts; the requests filter swaps the results in place."""
+    page.goto(f"{URL}/console/usage")
+    expect(page.get_by_role("heading", name="Usage")).to_be_visible()
+    expect(page.locator(".charts canvas")).to_have_count(3)
+    expect(page.locator("figcaption").first).to_contain_text("UTC")
+    fits(page, f"usage-{size}")
+    page.goto(f"{URL}/console/requests")
+    page.locator("select[name=status_class]").select_option("2xx")
+    page.get_by_role("button", name="Filter").click()
+    page.wait_for_url("**status_class=2xx**")
+    statuses = page.locator("#results tbody tr td:nth-child(6)").all_inner_texts()
+    if not statuses or any(not s.startswith("2") for s in statuses):
+        sys.exit(f"the 2xx filter showed {statuses}")
+    fits(page, f"requests-{size}")
+    print(f"{size}: the usage charts drew; the requests filter showed only 2xx, in place")
+
+
+def a_revoked_master_key_ends_its_session(browser):
+    """Sign in with a second master key, revoke it through the API: the next page is the
+    sign-in page, and the key is refused on the data plane."""
+    with urllib.request.urlopen(
+        urllib.request.Request(f"{URL}/api/v1/key", headers={"Authorization": f"Bearer {KEY}"})
+    ) as response:
+        account = json.loads(response.read())["account_id"]
+    made = admin(
+        "POST", "/api/v1/keys", {"name": "second master", "kind": "master", "account_id": account}
+    )
+    context, page = watched_page(browser, (1280, 800))
+    page.goto(f"{URL}/console/")
+    page.get_by_label("Master key or admin token").fill(made["secret"])
+    page.get_by_role("button", name="Sign in").click()
+    expect(page.get_by_role("heading", name="Overview")).to_be_visible()
+    admin("POST", f"/api/v1/keys/{made['id']}/revoke", {})
+    page.reload()
+    expect(page.get_by_role("heading", name="Sign in")).to_be_visible()
+    if echo(made["secret"])[0] != 401:
+        sys.exit("the revoked master key was not refused")
+    print("desktop: revoking the key a session was made with ended the session; the key is refused")
+    context.close()
+
+
 def operator_pages(browser):
     """The operator signs in with the admin token and sees every account."""
     context, page = watched_page(browser, (1280, 800))
@@ -124,6 +201,12 @@ def operator_pages(browser):
     page.get_by_role("link", name="Accounts").click()
     expect(page.get_by_role("heading", name="Accounts")).to_be_visible()
     fits(page, "accounts-desktop")
+    page.locator("tbody a").first.click()
+    expect(page.get_by_role("heading", name="Grant credits")).to_be_visible()
+    fits(page, "account-desktop")
+    page.get_by_role("link", name="Audit log").click()
+    expect(page.get_by_text("The chain holds")).to_be_visible()
+    fits(page, "audit-desktop")
     page.get_by_role("button", name="Sign out").click()
     expect(page.get_by_role("heading", name="Sign in")).to_be_visible()
     print("operator: signed in with the admin token, saw the accounts, signed out")
@@ -158,12 +241,22 @@ with sync_playwright() as playwright:
         script_sees = page.evaluate(
             "[document.cookie, JSON.stringify(localStorage), JSON.stringify(sessionStorage)]"
         )
-        if script_sees != ["", "{}", "{}"]:
+        # htmx keeps the page's path in sessionStorage for its history; nothing else is kept.
+        stored = json.loads(script_sees[2])
+        if script_sees[:2] != ["", "{}"] or set(stored) - {"htmx-current-path-for-history"}:
             sys.exit(f"a script can read something: {script_sees}")
+        if any(KEY in text or cookie["value"] in text for text in script_sees):
+            sys.exit("the key or the session is readable by a script")
         print(f"{size}: the session is one HttpOnly, Secure, SameSite=Strict cookie; no script sees it")
 
         if size == "desktop":
             make_a_key_use_it_and_revoke_it(page)
+            roll_a_key(page)
+        charts_and_filters(page, size)
+        for name in ["Keys", "Wallet"]:
+            page.get_by_role("link", name=name).click()
+            expect(page.get_by_role("heading", name=name)).to_be_visible()
+            fits(page, f"{name.lower()}-{size}")
 
         # The sign-out button is reachable from the keyboard.
         sign_out = page.get_by_role("button", name="Sign out")
@@ -174,6 +267,7 @@ with sync_playwright() as playwright:
             sys.exit(f"signing out left cookies: {context.cookies()}")
         print(f"{size}: signed out; the cookie is gone")
         context.close()
+    a_revoked_master_key_ends_its_session(browser)
     operator_pages(browser)
     browser.close()
 
