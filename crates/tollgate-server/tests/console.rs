@@ -1501,7 +1501,8 @@ async fn a_crawl_as_one_account_with_anothers_ids_answers_as_for_missing_ids() {
         };
         request.header(COOKIE, &cookie).send()
     };
-    // The ids asked for, and each answer's own request ID, are the only differences allowed.
+    // The ids asked for, each answer's own request ID and a form's token are the only
+    // differences allowed.
     let strip = |body: String, ids: &[&str]| {
         let body = ids.iter().fold(body, |body, id| body.replace(id, "ID"));
         let mut out = String::new();
@@ -1511,7 +1512,12 @@ async fn a_crawl_as_one_account_with_anothers_ids_answers_as_for_missing_ids() {
             out.push_str("REQUEST");
             rest = rest.get(at + 4 + 26..).unwrap_or_default();
         }
-        out + rest
+        let out = out + rest;
+        // Each page's form has a fresh token.
+        match out.split_once("name=\"form_token\" value=\"") {
+            Some((head, tail)) => format!("{head}TOKEN{}", &tail[32..]),
+            None => out,
+        }
     };
     for (method, theirs, missing) in &routes {
         let to_theirs = send(method, theirs).await.unwrap();
@@ -1568,4 +1574,47 @@ async fn a_crawl_as_one_account_with_anothers_ids_answers_as_for_missing_ids() {
         2,
         "the header and the totals only: {records:?}"
     );
+}
+
+#[tokio::test]
+async fn the_same_create_form_sent_twice_makes_one_key() {
+    let app = spawn_app().await;
+    let account = app.create_account("console").await;
+    let cookie = session_cookie(&app, &account.master_key).await;
+    let (_, body) = keys_page(&app, &cookie).await;
+    let token = body
+        .split("name=\"form_token\" value=\"")
+        .nth(1)
+        .unwrap()
+        .split('"')
+        .next()
+        .unwrap()
+        .to_string();
+    let before = api_keys(&app, account.id).await.len();
+    // Refused by the API's validation: the token is free again, so the form can be fixed.
+    let refused = post_form(
+        &app,
+        &cookie,
+        "/console/keys",
+        &[
+            ("name", "twice"),
+            ("monthly_spend_cap", "lots"),
+            ("form_token", &token),
+        ],
+    )
+    .await;
+    assert_eq!(refused.status(), StatusCode::BAD_REQUEST);
+    let form = [("name", "twice"), ("form_token", token.as_str())];
+    let first = post_form(&app, &cookie, "/console/keys", &form).await;
+    assert_eq!(first.status(), StatusCode::CREATED);
+    let secret = shown_secret(&first.text().await.unwrap());
+    let second = post_form(&app, &cookie, "/console/keys", &form).await;
+    assert_eq!(second.status(), StatusCode::CONFLICT);
+    let body = second.text().await.unwrap();
+    assert!(body.contains("This form was already sent"), "{body}");
+    assert!(!body.contains(&secret), "the secret is shown once");
+    assert_eq!(api_keys(&app, account.id).await.len(), before + 1);
+    // Each page shows a new form with a new token.
+    let (_, body) = keys_page(&app, &cookie).await;
+    assert!(!body.contains(&token));
 }

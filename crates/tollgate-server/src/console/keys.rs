@@ -16,10 +16,11 @@ use axum::response::{IntoResponse, Redirect, Response};
 use axum::Extension;
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
+use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use tollgate_core::ledger::month_start;
 use tollgate_core::{KeyId, KeyStatus, Nanos, RequestId};
-use tollgate_store::KeyRecord;
+use tollgate_store::{IdempotencyBegin, IdempotencyClaim, KeyRecord, StoredResponse};
 use tollgate_wire::api::{
     ApiKeyInfo, CreateKeyRequest, KeyState, Money, RollKeyRequest, UpdateKeyRequest,
 };
@@ -45,6 +46,9 @@ pub struct KeyRow {
 struct KeysPage<'a> {
     rows: &'a [KeyRow],
     zone: &'a str,
+    /// The create form's token: a fresh one per form shown, so the same form sent twice makes
+    /// one key.
+    form_token: String,
     problem: Option<&'a str>,
 }
 
@@ -128,6 +132,7 @@ async fn keys_page(
             &KeysPage {
                 rows: &rows,
                 zone: state.config.console.time_zone.name(),
+                form_token: form_token(),
                 problem,
             },
         ),
@@ -160,6 +165,51 @@ pub struct KeyForm {
     /// Edit only: `active` or `inactive`.
     #[serde(default)]
     status: String,
+    /// Create only: the form's token.
+    #[serde(default)]
+    form_token: String,
+}
+
+/// A new form's token: 128 random bits.
+fn form_token() -> String {
+    let token: [u8; 16] = rand::random();
+    token.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// What claiming a create form's token found.
+enum FormClaim {
+    /// The form is new (or carries no token): make the key.
+    Fresh(Option<IdempotencyClaim>),
+    /// The form was sent before: its key exists, or is being made.
+    AlreadySent,
+}
+
+/// Claims a create form's token in the idempotency store, under the account: the first send
+/// of a form makes a key, a second (a double click, a resend) is told the key exists.
+async fn claim_form(
+    state: &AppState,
+    session: &Session,
+    token: &str,
+    request_id: RequestId,
+) -> Result<FormClaim, HttpError> {
+    let (Some(account), false) = (session.who.account(), token.is_empty()) else {
+        return Ok(FormClaim::Fresh(None));
+    };
+    let now = state.clock.now();
+    let hour = chrono::TimeDelta::hours(1);
+    let claim = IdempotencyClaim {
+        scope: format!("console:{account}"),
+        key: format!("create-key:{token}"),
+        fingerprint: Sha256::digest(b"console: create a key").into(),
+        owner: request_id,
+        now,
+        lease_until: now + hour,
+        expires_at: now + chrono::TimeDelta::days(1),
+    };
+    Ok(match state.store.begin_idempotent(&claim).await? {
+        IdempotencyBegin::Started => FormClaim::Fresh(Some(claim)),
+        _ => FormClaim::AlreadySent,
+    })
 }
 
 fn list_of(text: &str) -> Option<Vec<String>> {
@@ -246,16 +296,55 @@ pub async fn create(
         Err(answer) => return answer,
     };
     let form = match Form::<KeyForm>::from_request(request, &state).await {
-        Ok(Form(form)) => form.into_create(&state),
+        Ok(Form(form)) => {
+            let token = form.form_token.trim().to_string();
+            form.into_create(&state).map(|body| (body, token))
+        }
         Err(_) => Err("The form could not be read; fill in at least a name.".into()),
     };
-    let body = match form {
+    let (body, token) = match form {
         Ok(body) => body,
         Err(problem) => {
             return keys_page(&state, &session, StatusCode::BAD_REQUEST, Some(&problem)).await
         }
     };
-    match issue_key(&state, &session.caller(), request_id, body).await {
+    let claim = match claim_form(&state, &session, &token, request_id).await {
+        Ok(FormClaim::Fresh(claim)) => claim,
+        Ok(FormClaim::AlreadySent) => {
+            let problem = "This form was already sent, and made its key: it is listed below. \
+                           Its secret was shown once, on the answer to the first send.";
+            return keys_page(&state, &session, StatusCode::CONFLICT, Some(problem)).await;
+        }
+        Err(e) => return e.into_response(),
+    };
+    let issued = issue_key(&state, &session.caller(), request_id, body).await;
+    if let Some(claim) = claim {
+        // A made key holds the form's token (its record keeps the key's id, never the
+        // secret); a refused form frees it, so the same form may be corrected and sent again.
+        let settled = match &issued {
+            Ok(created) => {
+                let kept = StoredResponse {
+                    status: StatusCode::CREATED.as_u16(),
+                    headers: Vec::new(),
+                    body: Some(created.key.id.to_string().into_bytes()),
+                };
+                let store = &state.store;
+                store
+                    .complete_idempotent(&claim.scope, &claim.key, request_id, &kept)
+                    .await
+            }
+            Err(_) => {
+                let store = &state.store;
+                store
+                    .release_idempotent(&claim.scope, &claim.key, request_id)
+                    .await
+            }
+        };
+        if let Err(e) = settled {
+            tracing::warn!(error = %e, "cannot settle a console form's token");
+        }
+    }
+    match issued {
         Ok(created) => page(
             StatusCode::CREATED,
             &CreatedPage {
