@@ -479,8 +479,10 @@ pub trait UsageStore: Send + Sync {
         from: Option<DateTime<Utc>>,
         to: Option<DateTime<Utc>>,
     ) -> Result<Vec<UsageBucket>, StoreError>;
-    /// An account's usage in `[from, to)` in quarter-hour slots ([`SERIES_SLOT`]), split by
-    /// `split`; slots with no requests are absent. Ordered by slot, then group.
+    /// An account's usage in the quarter-hour slots ([`SERIES_SLOT`]) that start in
+    /// `[from, to)`, split by `split`; slots with no requests are absent. Ordered by slot, then
+    /// group. Read from totals kept with the rows (`usage_slots`), not from the rows: as fast
+    /// for ten million rows as for ten.
     async fn usage_series(
         &self,
         account: AccountId,
@@ -505,7 +507,8 @@ pub trait UsageStore: Send + Sync {
     ) -> Result<(u64, Nanos), StoreError>;
     async fn requests(&self, filter: &UsageFilter) -> Result<Vec<UsageRow>, StoreError>;
     async fn request(&self, id: RequestId) -> Result<Option<UsageRow>, StoreError>;
-    /// Deletes rows created before `cutoff` (the retention setting); returns how many.
+    /// Deletes rows created before `cutoff` (the retention setting), and the slot totals of
+    /// slots wholly before it; returns how many rows.
     async fn purge_requests_before(&self, cutoff: DateTime<Utc>) -> Result<u64, StoreError>;
 }
 

@@ -9,10 +9,10 @@
 
 use crate::batch::{not_pending, Batch, KeySpendDelta};
 use crate::rows::{
-    convert, corrupt, from_millis, millis, parse_id, push_usage, push_usage_filter, split_column,
-    to_json, AccountRow, ActivityRow, AuditHeadRow, AuditRow, BucketRow, HoldRow, IdempotencyRow,
-    KeyRow, SlotRow, StandingRow, TransferRow, UsageDbRow, ACCOUNT_SELECT, HOLD_COLUMNS,
-    KEY_COLUMNS, USAGE_COLUMNS,
+    convert, corrupt, from_millis, millis, parse_id, push_slot, push_usage, push_usage_filter,
+    slot_deltas, split_column, to_json, AccountRow, ActivityRow, AuditHeadRow, AuditRow, BucketRow,
+    HoldRow, IdempotencyRow, KeyRow, SlotRow, StandingRow, TransferRow, UsageDbRow, ACCOUNT_SELECT,
+    HOLD_COLUMNS, KEY_COLUMNS, UPSERT_SLOTS, UPSERT_SLOTS_CONFLICT, USAGE_COLUMNS,
 };
 use crate::{
     Account, AccountStore, AuditStore, BatchId, Carve, ChangeFeed, HoldRecord, IdempotencyBegin,
@@ -170,6 +170,13 @@ impl PostgresStore {
                 "INSERT INTO requests ({USAGE_COLUMNS}) "
             ));
             query.push_values(chunk, |out, row| push_usage(out, row));
+            query.build().execute(&mut *tx).await.map_err(store_error)?;
+        }
+        let slots = slot_deltas(&usage);
+        for chunk in slots.chunks(ROWS_PER_INSERT / 2) {
+            let mut query = sqlx::QueryBuilder::<Postgres>::new(UPSERT_SLOTS);
+            query.push_values(chunk, push_slot);
+            query.push(UPSERT_SLOTS_CONFLICT);
             query.build().execute(&mut *tx).await.map_err(store_error)?;
         }
         for (account, (available, held)) in deltas {
@@ -965,15 +972,12 @@ impl UsageStore for PostgresStore {
         from: DateTime<Utc>,
         to: DateTime<Utc>,
     ) -> Result<Vec<SeriesSlot>, StoreError> {
-        let slot = crate::SERIES_SLOT.num_milliseconds();
         let rows = sqlx::query_as::<_, SlotRow>(&format!(
-            "SELECT (created_at / {slot}) * {slot} AS slot, {} COLLATE \"C\" AS grp, \
-             COUNT(*) AS requests, COUNT(*) FILTER (WHERE status >= 400) AS errors, \
-             COALESCE(SUM(input_tokens), 0)::BIGINT AS input_tokens, \
-             COALESCE(SUM(cached_input_tokens), 0)::BIGINT AS cached_input_tokens, \
-             COALESCE(SUM(output_tokens), 0)::BIGINT AS output_tokens, \
-             COALESCE(SUM(cost_nanos), 0)::BIGINT AS cost_nanos \
-             FROM requests WHERE account_id = $1 AND created_at >= $2 AND created_at < $3 \
+            "SELECT slot_start AS slot, {} AS grp, SUM(requests)::BIGINT AS requests, \
+             SUM(errors)::BIGINT AS errors, SUM(input_tokens)::BIGINT AS input_tokens, \
+             SUM(cached_input_tokens)::BIGINT AS cached_input_tokens, \
+             SUM(output_tokens)::BIGINT AS output_tokens, SUM(cost_nanos)::BIGINT AS cost_nanos \
+             FROM usage_slots WHERE account_id = $1 AND slot_start >= $2 AND slot_start < $3 \
              GROUP BY slot, grp ORDER BY slot, grp",
             split_column(split)
         ))
@@ -1039,6 +1043,13 @@ impl UsageStore for PostgresStore {
     }
 
     async fn purge_requests_before(&self, cutoff: DateTime<Utc>) -> Result<u64, StoreError> {
+        // A slot's totals go with the last of its rows: when the whole slot is before the cutoff.
+        let slot = crate::SERIES_SLOT.num_milliseconds();
+        sqlx::query("DELETE FROM usage_slots WHERE slot_start <= $1")
+            .bind(millis(cutoff) - slot)
+            .execute(&self.pool)
+            .await
+            .map_err(store_error)?;
         Ok(sqlx::query("DELETE FROM requests WHERE created_at < $1")
             .bind(millis(cutoff))
             .execute(&self.pool)

@@ -295,6 +295,94 @@ impl TryFrom<UsageDbRow> for UsageRow {
     }
 }
 
+/// The start of the quarter-hour slot `at` falls in, in Unix milliseconds.
+fn slot_of(at: DateTime<Utc>) -> i64 {
+    let slot = crate::SERIES_SLOT.num_milliseconds();
+    millis(at).div_euclid(slot) * slot
+}
+
+/// One slot's totals for one key, route and model: what a batch adds to `usage_slots`.
+pub(crate) struct SlotDelta {
+    account: String,
+    slot: i64,
+    key: String,
+    route: String,
+    model: String,
+    totals: [i64; 6],
+}
+
+/// A batch's usage rows summed per slot, key, route and model: one upsert each, so that no
+/// statement touches a slot twice (PostgreSQL refuses that).
+pub(crate) fn slot_deltas(rows: &[&UsageRow]) -> Vec<SlotDelta> {
+    let mut sums: std::collections::BTreeMap<(String, i64, String, String, String), [i64; 6]> =
+        std::collections::BTreeMap::new();
+    let count = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+    for row in rows {
+        let tokens = row.tokens.unwrap_or_default();
+        let sum = sums
+            .entry((
+                row.account_id.to_string(),
+                slot_of(row.created_at),
+                row.key_id.to_string(),
+                row.route.clone(),
+                row.model.clone().unwrap_or_default(),
+            ))
+            .or_default();
+        for (total, add) in sum.iter_mut().zip([
+            1,
+            i64::from(row.status >= 400),
+            count(tokens.input),
+            count(tokens.cached_input),
+            count(tokens.output),
+            row.cost.0,
+        ]) {
+            *total = total.saturating_add(add);
+        }
+    }
+    sums.into_iter()
+        .map(|((account, slot, key, route, model), totals)| SlotDelta {
+            account,
+            slot,
+            key,
+            route,
+            model,
+            totals,
+        })
+        .collect()
+}
+
+/// The statement that adds [`SlotDelta`]s, the same on both backends: its values follow.
+pub(crate) const UPSERT_SLOTS: &str = "INSERT INTO usage_slots (account_id, slot_start, key_id, \
+     route, model, requests, errors, input_tokens, cached_input_tokens, output_tokens, cost_nanos) ";
+
+/// What follows [`UPSERT_SLOTS`]' values: a slot already there is added to.
+pub(crate) const UPSERT_SLOTS_CONFLICT: &str = " ON CONFLICT (account_id, slot_start, key_id, \
+     route, model) DO UPDATE SET requests = usage_slots.requests + excluded.requests, \
+     errors = usage_slots.errors + excluded.errors, \
+     input_tokens = usage_slots.input_tokens + excluded.input_tokens, \
+     cached_input_tokens = usage_slots.cached_input_tokens + excluded.cached_input_tokens, \
+     output_tokens = usage_slots.output_tokens + excluded.output_tokens, \
+     cost_nanos = usage_slots.cost_nanos + excluded.cost_nanos";
+
+/// The values of `delta`, in [`UPSERT_SLOTS`] order.
+pub(crate) fn push_slot<'a, DB>(
+    mut out: sqlx::query_builder::Separated<'_, 'a, DB, &'static str>,
+    delta: &SlotDelta,
+) where
+    DB: sqlx::Database,
+    String: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    i64: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+{
+    out.push_bind(delta.account.clone())
+        .push_bind(delta.slot)
+        .push_bind(delta.key.clone())
+        .push_bind(delta.route.clone())
+        .push_bind(delta.model.clone());
+    for total in delta.totals {
+        out.push_bind(total);
+    }
+}
+
 /// The usage columns of `row`, in [`USAGE_COLUMNS`] order, for a multi-row insert.
 pub(crate) fn push_usage<'a, DB>(
     mut out: sqlx::query_builder::Separated<'_, 'a, DB, &'static str>,
@@ -435,13 +523,13 @@ impl TryFrom<ActivityRow> for crate::KeyActivity {
     }
 }
 
-/// The SQL expression a usage series is split by, the same on both backends.
+/// The `usage_slots` column a usage series is split by, the same on both backends.
 pub(crate) fn split_column(split: crate::SeriesSplit) -> &'static str {
     match split {
         crate::SeriesSplit::Total => "''",
         crate::SeriesSplit::Key => "key_id",
         crate::SeriesSplit::Route => "route",
-        crate::SeriesSplit::Model => "COALESCE(model, '')",
+        crate::SeriesSplit::Model => "model",
     }
 }
 

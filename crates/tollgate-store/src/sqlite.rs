@@ -2,10 +2,10 @@
 
 use crate::batch::{not_pending, Batch};
 use crate::rows::{
-    convert, corrupt, from_millis, millis, parse_id, push_usage, push_usage_filter, split_column,
-    to_json, AccountRow, ActivityRow, AuditHeadRow, AuditRow, BucketRow, HoldRow, IdempotencyRow,
-    KeyRow, SlotRow, StandingRow, TransferRow, UsageDbRow, ACCOUNT_SELECT, HOLD_COLUMNS,
-    KEY_COLUMNS, USAGE_COLUMNS,
+    convert, corrupt, from_millis, millis, parse_id, push_slot, push_usage, push_usage_filter,
+    slot_deltas, split_column, to_json, AccountRow, ActivityRow, AuditHeadRow, AuditRow, BucketRow,
+    HoldRow, IdempotencyRow, KeyRow, SlotRow, StandingRow, TransferRow, UsageDbRow, ACCOUNT_SELECT,
+    HOLD_COLUMNS, KEY_COLUMNS, UPSERT_SLOTS, UPSERT_SLOTS_CONFLICT, USAGE_COLUMNS,
 };
 use crate::{
     Account, AccountStore, AuditStore, BatchId, ChangeFeed, HoldRecord, IdempotencyBegin,
@@ -726,6 +726,15 @@ async fn insert_usage(
         .execute(&mut **tx)
         .await
         .map_err(store_error)?;
+    let deltas = slot_deltas(rows);
+    let mut query = sqlx::QueryBuilder::<sqlx::Sqlite>::new(UPSERT_SLOTS);
+    query.push_values(&deltas, push_slot);
+    query.push(UPSERT_SLOTS_CONFLICT);
+    query
+        .build()
+        .execute(&mut **tx)
+        .await
+        .map_err(store_error)?;
     Ok(())
 }
 
@@ -963,15 +972,12 @@ impl UsageStore for SqliteStore {
         from: DateTime<Utc>,
         to: DateTime<Utc>,
     ) -> Result<Vec<SeriesSlot>, StoreError> {
-        let slot = crate::SERIES_SLOT.num_milliseconds();
         let rows = sqlx::query_as::<_, SlotRow>(&format!(
-            "SELECT (created_at / {slot}) * {slot} AS slot, {} AS grp, COUNT(*) AS requests, \
-             SUM(CASE WHEN status >= 400 THEN 1 ELSE 0 END) AS errors, \
-             COALESCE(SUM(input_tokens), 0) AS input_tokens, \
-             COALESCE(SUM(cached_input_tokens), 0) AS cached_input_tokens, \
-             COALESCE(SUM(output_tokens), 0) AS output_tokens, \
-             COALESCE(SUM(cost_nanos), 0) AS cost_nanos \
-             FROM requests WHERE account_id = ?1 AND created_at >= ?2 AND created_at < ?3 \
+            "SELECT slot_start AS slot, {} AS grp, SUM(requests) AS requests, \
+             SUM(errors) AS errors, SUM(input_tokens) AS input_tokens, \
+             SUM(cached_input_tokens) AS cached_input_tokens, \
+             SUM(output_tokens) AS output_tokens, SUM(cost_nanos) AS cost_nanos \
+             FROM usage_slots WHERE account_id = ?1 AND slot_start >= ?2 AND slot_start < ?3 \
              GROUP BY slot, grp ORDER BY slot, grp",
             split_column(split)
         ))
@@ -1037,6 +1043,13 @@ impl UsageStore for SqliteStore {
     }
 
     async fn purge_requests_before(&self, cutoff: DateTime<Utc>) -> Result<u64, StoreError> {
+        // A slot's totals go with the last of its rows: when the whole slot is before the cutoff.
+        let slot = crate::SERIES_SLOT.num_milliseconds();
+        sqlx::query("DELETE FROM usage_slots WHERE slot_start <= ?")
+            .bind(millis(cutoff) - slot)
+            .execute(&self.pool)
+            .await
+            .map_err(store_error)?;
         Ok(sqlx::query("DELETE FROM requests WHERE created_at < ?")
             .bind(millis(cutoff))
             .execute(&self.pool)

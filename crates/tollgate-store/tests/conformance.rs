@@ -1164,6 +1164,27 @@ pub async fn usage_series_sum_quarter_hours_split_by_key_route_and_model(store: 
         .all(|s| s.totals.group == master.id.to_string()));
     let by_route = series(SeriesSplit::Route).await.unwrap();
     assert!(by_route.iter().all(|s| s.totals.group == "/v1"));
+
+    // A later batch adds to a slot already there.
+    let late = usage_row(account, master.id, QUARTER + 7);
+    store
+        .commit(BatchId::new(), &[LedgerWrite::Usage(Box::new(late))])
+        .await
+        .unwrap();
+    let total = series(SeriesSplit::Total).await.unwrap();
+    assert_eq!((total[0].totals.requests, total[0].totals.cost.0), (3, 126));
+    // Purged with the rows: a slot wholly before the cutoff goes, the next stays.
+    store
+        .purge_requests_before(at(2 * QUARTER + 1))
+        .await
+        .unwrap();
+    let left: Vec<i64> = series(SeriesSplit::Total)
+        .await
+        .unwrap()
+        .iter()
+        .map(|s| s.start.timestamp_millis())
+        .collect();
+    assert_eq!(left, [2 * QUARTER]);
 }
 
 pub async fn key_activity_sums_each_keys_charges_and_finds_its_last_use(store: Arc<dyn Store>) {

@@ -4,7 +4,7 @@
 //! API, so it is validated and audited alike. An account holder's session gets 404 here, as for
 //! a page that does not exist.
 
-use crate::console::pages::page;
+use crate::console::render::page;
 use crate::console::report::shown;
 use crate::console::session::operator;
 use crate::http::error::HttpError;

@@ -3,7 +3,7 @@
 //! `POST /keys`, `PATCH /keys/{id}`, `POST /keys/{id}/roll` and `POST /keys/{id}/revoke`. A new
 //! secret is shown once, on the answer to the form that made it.
 
-use crate::console::pages::page;
+use crate::console::render::page;
 use crate::console::report::{local_input, shown};
 use crate::console::session::{holder, Session};
 use crate::http::error::HttpError;

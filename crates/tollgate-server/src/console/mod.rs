@@ -8,6 +8,7 @@ pub mod assets;
 pub mod export;
 pub mod keys;
 pub mod pages;
+pub mod render;
 pub mod report;
 pub mod requests;
 pub mod security;

@@ -1,9 +1,10 @@
-//! The console's pages and forms. Each reads and changes through the same services as the
-//! management API, so what a page shows is what `/api/v1` answers.
+//! The console's sign-in, sign-out and overview. Each reads and changes through the same
+//! services as the management API, so what a page shows is what `/api/v1` answers.
 
 use crate::access::keys::{admit_key, find_key};
 use crate::access::limits::Demand;
 use crate::console::keys::{self, KeyRow};
+use crate::console::render::page;
 use crate::console::report::{day_start, zone_caption, Step};
 use crate::console::session::{self, Session, Who};
 use crate::console::usage::{chart_data, usage_buckets};
@@ -13,7 +14,7 @@ use crate::state::AppState;
 use askama::Template;
 use axum::extract::{Form, FromRequest, Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
-use axum::response::{Html, IntoResponse, Redirect, Response};
+use axum::response::{IntoResponse, Redirect, Response};
 use chrono::TimeDelta;
 use serde::Deserialize;
 use std::sync::{Arc, LazyLock};
@@ -76,27 +77,6 @@ async fn holder_overview(
         .filter(|row| row.near_cap)
         .collect();
     Ok((chart, near_cap))
-}
-
-pub(crate) fn page(status: StatusCode, template: &impl Template) -> Response {
-    match template.render() {
-        Ok(html) => (status, Html(html)).into_response(),
-        Err(e) => {
-            tracing::error!(error = %e, "cannot render a console page");
-            HttpError::new(
-                tollgate_core::ErrorCode::InternalError,
-                "The page could not be rendered.",
-            )
-            .into_response()
-        }
-    }
-}
-
-/// `?cursor=` of a paged page; a missing or unreadable one is the first page.
-#[derive(Deserialize, Default)]
-pub struct CursorQuery {
-    #[serde(default)]
-    pub cursor: String,
 }
 
 pub async fn to_console() -> Redirect {

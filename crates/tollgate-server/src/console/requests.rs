@@ -3,7 +3,7 @@
 //! paged by a stable cursor, and a box that finds one request by its exact ID (refusals
 //! included) in one lookup, across every date the log keeps.
 
-use crate::console::pages::page;
+use crate::console::render::page;
 use crate::console::report::{local_input, shown};
 use crate::console::session::{holder, Session};
 use crate::http::error::HttpError;

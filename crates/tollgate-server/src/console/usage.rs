@@ -3,7 +3,7 @@
 //! rows add up to its total row, which is the range's total; a bucket the log holds no data for
 //! (before retention, or still to come) shows as missing, not as zero.
 
-use crate::console::pages::page;
+use crate::console::render::page;
 use crate::console::report::{self, day_start, fold, Bucket, Step};
 use crate::console::session::holder_account;
 use crate::http::error::HttpError;

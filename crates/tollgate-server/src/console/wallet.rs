@@ -2,7 +2,7 @@
 //! cursor with no date cap, each typed and signed as the wallet sees it. It is
 //! `GET /ledger`'s answer.
 
-use crate::console::pages::{page, CursorQuery};
+use crate::console::render::{page, CursorQuery};
 use crate::console::session::holder_account;
 use crate::management::billing::ledger_page;
 use crate::state::AppState;
