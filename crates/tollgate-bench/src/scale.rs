@@ -33,7 +33,22 @@ pub struct ScaleResults {
     pub seed_keys_seconds: f64,
     pub seed_rows_seconds: f64,
     pub database_mib: f64,
+    /// The console's pages over the `usage_rows` rows, all of one account: how long each takes.
+    #[serde(default)]
+    pub console: Vec<PageTimes>,
 }
+
+/// One console page, fetched one at a time as a signed-in account holder.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct PageTimes {
+    pub page: String,
+    pub fetches: usize,
+    pub p50_ms: f64,
+    pub p95_ms: f64,
+}
+
+/// How many times each console page is fetched.
+const PAGE_FETCHES: usize = 40;
 
 pub async fn run(
     env: &Env,
@@ -115,8 +130,77 @@ pub async fn run(
             .many_usage_rows
             .push(measure(&node, hot.clone()).await?);
     }
+    results.console = console_pages(env, &node.bases[0], &master, &db).await?;
     drop(node);
     Ok(results)
+}
+
+/// Times the console's pages as the seeded account's holder sees them: finding a request by its
+/// ID, the newest requests, the usage charts by day and by hour, and the overview.
+async fn console_pages(
+    env: &Env,
+    base: &str,
+    master: &str,
+    db: &Path,
+) -> anyhow::Result<Vec<PageTimes>> {
+    let signed_in = env
+        .http
+        .post(format!("{base}/console/sign-in"))
+        .header("sec-fetch-site", "same-origin")
+        .form(&[("credential", master)])
+        .send()
+        .await?;
+    let cookie = signed_in
+        .headers()
+        .get("set-cookie")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .context("the console set no session cookie")?
+        .to_string();
+    let mut conn = connect(db).await?;
+    let found: String = sqlx::query_scalar(
+        "SELECT request_id FROM requests WHERE request_id NOT LIKE 'req_seed%' LIMIT 1",
+    )
+    .fetch_one(&mut conn)
+    .await?;
+    let today = chrono::Utc::now().date_naive();
+    let week_ago = today - chrono::Duration::days(6);
+    let pages = [
+        format!("/console/requests?id={found}"),
+        "/console/requests".to_string(),
+        "/console/usage".to_string(),
+        format!("/console/usage?step=hour&from={week_ago}&to={today}&by=model"),
+        "/console/".to_string(),
+    ];
+    let mut times = Vec::new();
+    for page in pages {
+        let mut took = Vec::with_capacity(PAGE_FETCHES);
+        for _ in 0..PAGE_FETCHES {
+            let started = Instant::now();
+            let response = env
+                .http
+                .get(format!("{base}{page}"))
+                .header("cookie", &cookie)
+                .send()
+                .await?;
+            anyhow::ensure!(
+                response.status().is_success(),
+                "{page} answered {}",
+                response.status()
+            );
+            response.bytes().await?;
+            took.push(started.elapsed().as_secs_f64() * 1000.0);
+        }
+        took.sort_by(f64::total_cmp);
+        let at = |q: f64| took[((took.len() as f64 * q).ceil() as usize).clamp(1, took.len()) - 1];
+        times.push(PageTimes {
+            page,
+            fetches: took.len(),
+            p50_ms: at(0.50),
+            p95_ms: at(0.95),
+        });
+    }
+    Ok(times)
 }
 
 /// Stops the node gracefully, so everything it holds in memory is in the database.
@@ -192,10 +276,16 @@ async fn seed_usage(db: &Path, count: u64) -> anyhow::Result<()> {
     let mut done = 0;
     while done < count {
         let batch = (count - done).min(1_000_000);
+        // Spread over the last 60 days, a row every few seconds, as a busy account's log is.
+        let spread = rest.replace(
+            "created_at",
+            "created_at - (n.i * 5183 % 5184000) * 1000 AS created_at",
+        );
         let insert = format!(
             "WITH RECURSIVE n(i) AS (SELECT ?1 UNION ALL SELECT i + 1 FROM n WHERE i < ?2) \
              INSERT INTO requests (request_id, {rest}) \
-             SELECT printf('req_seed%022d', n.i), {rest} FROM n, requests t WHERE t.request_id = ?3"
+             SELECT printf('req_seed%022d', n.i), {spread} FROM n, requests t \
+             WHERE t.request_id = ?3"
         );
         sqlx::query(&insert)
             .bind(i64::try_from(done).unwrap_or(0))
@@ -205,5 +295,21 @@ async fn seed_usage(db: &Path, count: u64) -> anyhow::Result<()> {
             .await?;
         done += batch;
     }
+    // The quarter-hour totals the console's charts read, as the node keeps them for its rows.
+    sqlx::query(
+        "INSERT INTO usage_slots SELECT account_id, (created_at / 900000) * 900000, key_id, \
+         route, COALESCE(model, ''), COUNT(*), SUM(CASE WHEN status >= 400 THEN 1 ELSE 0 END), \
+         COALESCE(SUM(input_tokens), 0), COALESCE(SUM(cached_input_tokens), 0), \
+         COALESCE(SUM(output_tokens), 0), SUM(cost_nanos) \
+         FROM requests WHERE request_id LIKE 'req_seed%' GROUP BY 1, 2, 3, 4, 5 \
+         ON CONFLICT (account_id, slot_start, key_id, route, model) DO UPDATE SET \
+         requests = requests + excluded.requests, errors = errors + excluded.errors, \
+         input_tokens = input_tokens + excluded.input_tokens, \
+         cached_input_tokens = cached_input_tokens + excluded.cached_input_tokens, \
+         output_tokens = output_tokens + excluded.output_tokens, \
+         cost_nanos = cost_nanos + excluded.cost_nanos",
+    )
+    .execute(&mut conn)
+    .await?;
     Ok(())
 }

@@ -48,6 +48,8 @@ def watched_page(browser, viewport):
 
 def fits(page, name):
     """No horizontal scroll at this size, and a picture of the page."""
+    # Measured once the stylesheet has applied: a heading can show before it has loaded.
+    page.wait_for_load_state("load")
     width = page.evaluate("document.documentElement.scrollWidth")
     inner = page.evaluate("window.innerWidth")
     if width > inner:
