@@ -414,6 +414,9 @@ pub fn render(r: &Results) -> String {
             }
             let _ = writeln!(md);
         }
+        if let Some(e) = &sc.console_error {
+            let _ = writeln!(md, "The console's pages could not be timed: {e}\n");
+        }
     } else if let Some(e) = &r.scale_error {
         let _ = writeln!(md, "The scale runs failed:\n\n```\n{e}\n```\n");
     }

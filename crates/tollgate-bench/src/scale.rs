@@ -36,6 +36,9 @@ pub struct ScaleResults {
     /// The console's pages over the `usage_rows` rows, all of one account: how long each takes.
     #[serde(default)]
     pub console: Vec<PageTimes>,
+    /// Why the console's pages could not be timed, if they could not.
+    #[serde(default)]
+    pub console_error: Option<String>,
 }
 
 /// One console page, fetched one at a time as a signed-in account holder.
@@ -130,21 +133,22 @@ pub async fn run(
             .many_usage_rows
             .push(measure(&node, hot.clone()).await?);
     }
-    results.console = console_pages(env, &node.bases[0], &master, &db).await?;
+    match console_pages(&node.bases[0], &master, &db).await {
+        Ok(times) => results.console = times,
+        Err(e) => results.console_error = Some(format!("{e:#}")),
+    }
     drop(node);
     Ok(results)
 }
 
 /// Times the console's pages as the seeded account's holder sees them: finding a request by its
 /// ID, the newest requests, the usage charts by day and by hour, and the overview.
-async fn console_pages(
-    env: &Env,
-    base: &str,
-    master: &str,
-    db: &Path,
-) -> anyhow::Result<Vec<PageTimes>> {
-    let signed_in = env
-        .http
+async fn console_pages(base: &str, master: &str, db: &Path) -> anyhow::Result<Vec<PageTimes>> {
+    // A browser's view: the sign-in's own answer carries the cookie, so no redirect is followed.
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()?;
+    let signed_in = http
         .post(format!("{base}/console/sign-in"))
         .header("sec-fetch-site", "same-origin")
         .form(&[("credential", master)])
@@ -158,11 +162,10 @@ async fn console_pages(
         .context("the console set no session cookie")?
         .to_string();
     let mut conn = connect(db).await?;
-    let found: String = sqlx::query_scalar(
-        "SELECT request_id FROM requests WHERE request_id NOT LIKE 'req_seed%' LIMIT 1",
-    )
-    .fetch_one(&mut conn)
-    .await?;
+    let found: String =
+        sqlx::query_scalar("SELECT request_id FROM requests WHERE request_id >= 'req_01' LIMIT 1")
+            .fetch_one(&mut conn)
+            .await?;
     let today = chrono::Utc::now().date_naive();
     let week_ago = today - chrono::Duration::days(6);
     let pages = [
@@ -177,8 +180,7 @@ async fn console_pages(
         let mut took = Vec::with_capacity(PAGE_FETCHES);
         for _ in 0..PAGE_FETCHES {
             let started = Instant::now();
-            let response = env
-                .http
+            let response = http
                 .get(format!("{base}{page}"))
                 .header("cookie", &cookie)
                 .send()
@@ -258,7 +260,8 @@ async fn seed_keys(db: &Path, count: u64) -> anyhow::Result<Vec<String>> {
 }
 
 /// Adds `count` usage rows, copies of an existing one with their own request ids, in batches of
-/// a million.
+/// a million. The ids are ULIDs of digits (`req_000…042`), valid and older than any real one
+/// (whose time part starts `01`), which tells seeded rows apart.
 async fn seed_usage(db: &Path, count: u64) -> anyhow::Result<()> {
     let mut conn = connect(db).await?;
     let columns: Vec<String> = sqlx::query("SELECT name FROM pragma_table_info('requests')")
@@ -284,7 +287,7 @@ async fn seed_usage(db: &Path, count: u64) -> anyhow::Result<()> {
         let insert = format!(
             "WITH RECURSIVE n(i) AS (SELECT ?1 UNION ALL SELECT i + 1 FROM n WHERE i < ?2) \
              INSERT INTO requests (request_id, {rest}) \
-             SELECT printf('req_seed%022d', n.i), {spread} FROM n, requests t \
+             SELECT printf('req_%026d', n.i), {spread} FROM n, requests t \
              WHERE t.request_id = ?3"
         );
         sqlx::query(&insert)
@@ -301,7 +304,7 @@ async fn seed_usage(db: &Path, count: u64) -> anyhow::Result<()> {
          route, COALESCE(model, ''), COUNT(*), SUM(CASE WHEN status >= 400 THEN 1 ELSE 0 END), \
          COALESCE(SUM(input_tokens), 0), COALESCE(SUM(cached_input_tokens), 0), \
          COALESCE(SUM(output_tokens), 0), SUM(cost_nanos) \
-         FROM requests WHERE request_id LIKE 'req_seed%' GROUP BY 1, 2, 3, 4, 5 \
+         FROM requests WHERE request_id < 'req_01' GROUP BY 1, 2, 3, 4, 5 \
          ON CONFLICT (account_id, slot_start, key_id, route, model) DO UPDATE SET \
          requests = requests + excluded.requests, errors = errors + excluded.errors, \
          input_tokens = input_tokens + excluded.input_tokens, \

@@ -145,7 +145,8 @@ bounded!(LedgerStore {
 bounded!(UsageStore {
     fn usage_summary(account: AccountId, group_by: UsageGroup, from: Option<DateTime<Utc>>, to: Option<DateTime<Utc>>) -> Vec<UsageBucket>;
     fn usage_series(account: AccountId, split: SeriesSplit, from: DateTime<Utc>, to: DateTime<Utc>) -> Vec<SeriesSlot>;
-    fn key_activity(account: AccountId, since: DateTime<Utc>) -> Vec<KeyActivity>;
+    fn key_activity(keys: &[KeyId], since: DateTime<Utc>) -> Vec<KeyActivity>;
+    fn keys_near_cap(account: AccountId, since: DateTime<Utc>, percent: u32, limit: u32) -> Vec<KeyActivity>;
     fn api_charges(account: AccountId, from: Option<DateTime<Utc>>, to: Option<DateTime<Utc>>) -> (u64, Nanos);
     fn requests(filter: &UsageFilter) -> Vec<UsageRow>;
     fn request(id: RequestId) -> Option<UsageRow>;

@@ -490,12 +490,22 @@ pub trait UsageStore: Send + Sync {
         from: DateTime<Utc>,
         to: DateTime<Utc>,
     ) -> Result<Vec<SeriesSlot>, StoreError>;
-    /// For each of an account's keys: what holds charged it since `since`, and when it was last
-    /// used (its newest request row), in key order.
+    /// For each of `keys` (a page of them, not thousands): what holds charged it since `since`,
+    /// and when it was last used (its newest request row), in key order.
     async fn key_activity(
+        &self,
+        keys: &[KeyId],
+        since: DateTime<Utc>,
+    ) -> Result<Vec<KeyActivity>, StoreError>;
+    /// The account's unrevoked capped keys whose charges since `since` have reached `percent` of
+    /// their monthly cap, at most `limit`, in key order (their `last_used` is not read). Found
+    /// among capped keys only (by a partial index), however many keys the account has.
+    async fn keys_near_cap(
         &self,
         account: AccountId,
         since: DateTime<Utc>,
+        percent: u32,
+        limit: u32,
     ) -> Result<Vec<KeyActivity>, StoreError>;
     /// What the billing API's holds (the operator's own jobs, not data-plane calls) charged the
     /// account, settled in `[from, to)`: how many holds, and the total.

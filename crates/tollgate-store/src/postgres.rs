@@ -992,19 +992,54 @@ impl UsageStore for PostgresStore {
 
     async fn key_activity(
         &self,
-        account: AccountId,
+        keys: &[KeyId],
         since: DateTime<Utc>,
     ) -> Result<Vec<KeyActivity>, StoreError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut query = sqlx::QueryBuilder::<Postgres>::new(
+            "SELECT k.id AS id, (SELECT COALESCE(SUM(h.charged_nanos), 0)::BIGINT FROM holds h \
+             WHERE h.key_id = k.id AND h.resolved_at >= ",
+        );
+        query.push_bind(millis(since));
+        query.push(
+            ") AS spent, (SELECT r.created_at FROM requests r WHERE r.key_id = k.id \
+             ORDER BY r.request_id DESC LIMIT 1) AS last_used FROM api_keys k WHERE k.id IN (",
+        );
+        let mut ids = query.separated(", ");
+        for key in keys {
+            ids.push_bind(key.to_string());
+        }
+        query.push(") ORDER BY k.id");
+        let rows = query
+            .build_query_as::<ActivityRow>()
+            .fetch_all(&self.pool)
+            .await
+            .map_err(store_error)?;
+        convert(rows)
+    }
+
+    async fn keys_near_cap(
+        &self,
+        account: AccountId,
+        since: DateTime<Utc>,
+        percent: u32,
+        limit: u32,
+    ) -> Result<Vec<KeyActivity>, StoreError> {
         let rows = sqlx::query_as::<_, ActivityRow>(
-            "SELECT k.id, \
+            "SELECT id, spent, NULL::BIGINT AS last_used FROM ( \
+             SELECT k.id AS id, k.monthly_spend_cap_nanos AS cap, \
              (SELECT COALESCE(SUM(h.charged_nanos), 0)::BIGINT FROM holds h \
-              WHERE h.key_id = k.id AND h.resolved_at >= $2) AS spent, \
-             (SELECT r.created_at FROM requests r WHERE r.key_id = k.id \
-              ORDER BY r.request_id DESC LIMIT 1) AS last_used \
-             FROM api_keys k WHERE k.account_id = $1 ORDER BY k.id",
+              WHERE h.key_id = k.id AND h.resolved_at >= $2) AS spent \
+             FROM api_keys k WHERE k.account_id = $1 AND k.monthly_spend_cap_nanos IS NOT NULL \
+             AND k.status <> 'revoked') capped \
+             WHERE spent::NUMERIC * 100 >= cap::NUMERIC * $3 ORDER BY id LIMIT $4",
         )
         .bind(account.to_string())
         .bind(millis(since))
+        .bind(i64::from(percent))
+        .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await
         .map_err(store_error)?;

@@ -1191,17 +1191,30 @@ pub async fn key_activity_sums_each_keys_charges_and_finds_its_last_use(store: A
     let (account, _, master) = new_account(&*store, Nanos(1_000)).await;
     let (_, spare) = key_for(account, KeyKind::Usage, "spare");
     insert(&*store, &spare).await;
+    let (_, capped) = key_for(account, KeyKind::Usage, "capped");
+    let capped = KeyRecord {
+        monthly_spend_cap: Some(Nanos(150)),
+        ..capped
+    };
+    insert(&*store, &capped).await;
     let mut book = Book::new();
     book.load_wallet(account, store.wallet(account).await.unwrap().unwrap());
     book.load_key_spend(master.id, at(1_000), Nanos::ZERO);
+    book.load_key_spend(capped.id, at(1_000), Nanos::ZERO);
     let open = open_hold(&mut book, account, master.id, 300, 1_000);
     let settle = resolve(&mut book, &open, Resolve::Settle(Nanos(120)), 2_000);
+    let on_capped = open_hold(&mut book, account, capped.id, 300, 1_000);
+    let settle_capped = resolve(&mut book, &on_capped, Resolve::Settle(Nanos(119)), 2_000);
     let used = LedgerWrite::Usage(Box::new(usage_row(account, master.id, 5_000)));
     store
-        .commit(BatchId::new(), &[open, settle, used])
+        .commit(
+            BatchId::new(),
+            &[open, settle, on_capped, settle_capped, used],
+        )
         .await
         .unwrap();
-    let activity = store.key_activity(account, at(0)).await.unwrap();
+    let ids = [master.id, spare.id];
+    let activity = store.key_activity(&ids, at(0)).await.unwrap();
     let mut expected = vec![
         KeyActivity {
             key: master.id,
@@ -1215,11 +1228,28 @@ pub async fn key_activity_sums_each_keys_charges_and_finds_its_last_use(store: A
         },
     ];
     expected.sort_by_key(|a| a.key.to_string());
-    assert_eq!(activity, expected);
+    assert_eq!(activity, expected, "only the keys asked for");
     // Only charges resolved since `since` count; the last use does not depend on it.
-    let later = store.key_activity(account, at(2_001)).await.unwrap();
+    let later = store.key_activity(&ids, at(2_001)).await.unwrap();
     assert!(later.iter().all(|a| a.spent == Nanos::ZERO));
     assert_eq!(later.iter().filter(|a| a.last_used.is_some()).count(), 1);
+    assert!(store.key_activity(&[], at(0)).await.unwrap().is_empty());
+
+    // 119 of a 150 cap is 79.3 %: near at 79 %, not at 80 %. Uncapped keys are never near.
+    let near = |percent| store.keys_near_cap(account, at(0), percent, 10);
+    let found: Vec<(KeyId, Nanos)> = near(79)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|a| (a.key, a.spent))
+        .collect();
+    assert_eq!(found, [(capped.id, Nanos(119))]);
+    assert!(near(80).await.unwrap().is_empty());
+    assert!(store
+        .keys_near_cap(account, at(2_001), 1, 10)
+        .await
+        .unwrap()
+        .is_empty());
 }
 
 pub async fn usage_rows_round_trip_filter_and_page(store: Arc<dyn Store>) {

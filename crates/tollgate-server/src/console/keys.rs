@@ -19,7 +19,7 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use tollgate_core::ledger::month_start;
-use tollgate_core::{KeyId, KeyStatus, Nanos, RequestId};
+use tollgate_core::{AccountId, KeyId, KeyStatus, Nanos, RequestId};
 use tollgate_store::{IdempotencyBegin, IdempotencyClaim, KeyRecord, StoredResponse};
 use tollgate_wire::api::{
     ApiKeyInfo, CreateKeyRequest, KeyState, Money, RollKeyRequest, UpdateKeyRequest,
@@ -88,36 +88,67 @@ pub fn near_cap(spent: i64, cap: Option<&Money>) -> bool {
     })
 }
 
-/// The account's keys with their spend and last use, read in two queries however many keys.
-pub async fn rows(state: &AppState, session: &Session) -> Result<Vec<KeyRow>, HttpError> {
+/// The account's keys (up to [`LISTED`]) with their spend and last use, read in two queries.
+async fn rows(state: &AppState, session: &Session) -> Result<Vec<KeyRow>, HttpError> {
     let Some(account) = session.who.account() else {
         return Ok(Vec::new());
     };
-    let now = state.clock.now();
     state.ledger.flush().await?;
+    let keys = state.store.keys(Some(account), None, LISTED).await?;
+    let ids: Vec<KeyId> = keys.iter().map(|k| k.id).collect();
+    let since = month_start(state.clock.now());
     let activity: HashMap<KeyId, _> = state
         .store
-        .key_activity(account, month_start(now))
+        .key_activity(&ids, since)
         .await?
         .into_iter()
         .map(|a| (a.key, a))
         .collect();
-    let tz = state.config.console.time_zone;
+    Ok(keys
+        .iter()
+        .map(|key| {
+            let (spent, last_used) = activity
+                .get(&key.id)
+                .map_or((Nanos::ZERO, None), |a| (a.spent, a.last_used));
+            row(state, key, spent, last_used)
+        })
+        .collect())
+}
+
+/// The account's keys that have spent [`NEAR_CAP_PERCENT`] of their monthly cap or more (at
+/// most 20), found among its capped keys however many keys it has.
+pub async fn near_cap_rows(state: &AppState, account: AccountId) -> Result<Vec<KeyRow>, HttpError> {
+    state.ledger.flush().await?;
+    let since = month_start(state.clock.now());
+    let percent = NEAR_CAP_PERCENT as u32;
     let mut rows = Vec::new();
-    for key in state.store.keys(Some(account), None, LISTED).await? {
-        let info = key_view(&key, state);
-        let (spent, last_used) = activity
-            .get(&key.id)
-            .map_or((0, None), |a| (a.spent.0, a.last_used));
-        rows.push(KeyRow {
-            near_cap: near_cap(spent, info.monthly_spend_cap.as_ref()),
-            spent: Money::new(Nanos(spent), &state.config.currency),
-            state: state_name(info.status),
-            last_used: last_used.map(|at| shown(tz, at)),
-            info,
-        });
+    for near in state
+        .store
+        .keys_near_cap(account, since, percent, 20)
+        .await?
+    {
+        if let Some(key) = state.store.key_by_id(near.key).await? {
+            rows.push(row(state, &key, near.spent, None));
+        }
     }
     Ok(rows)
+}
+
+/// A key's row from its record, this month's spend and its last use.
+fn row(
+    state: &AppState,
+    key: &KeyRecord,
+    spent: Nanos,
+    last_used: Option<DateTime<Utc>>,
+) -> KeyRow {
+    let info = key_view(key, state);
+    KeyRow {
+        near_cap: near_cap(spent.0, info.monthly_spend_cap.as_ref()),
+        spent: Money::new(spent, &state.config.currency),
+        state: state_name(info.status),
+        last_used: last_used.map(|at| shown(state.config.console.time_zone, at)),
+        info,
+    }
 }
 
 async fn keys_page(
@@ -382,6 +413,17 @@ async fn owned(state: &AppState, session: &Session, id: &str) -> Result<KeyRecor
     }
 }
 
+/// The signed-in holder's session and their key `id`, or the answer for anyone else.
+async fn holder_key(
+    state: &AppState,
+    headers: &HeaderMap,
+    id: &str,
+) -> Result<(Session, KeyRecord), Response> {
+    let session = holder(state, headers).await?;
+    let key = owned(state, &session, id).await?;
+    Ok((session, key))
+}
+
 fn key_page(
     state: &AppState,
     info: &ApiKeyInfo,
@@ -411,12 +453,8 @@ pub async fn one(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    let session = match holder(&state, &headers).await {
-        Ok(session) => session,
-        Err(answer) => return answer,
-    };
-    match owned(&state, &session, &id).await {
-        Ok(key) => key_page(&state, &key_view(&key, &state), StatusCode::OK, None),
+    match holder_key(&state, &headers, &id).await {
+        Ok((_, key)) => key_page(&state, &key_view(&key, &state), StatusCode::OK, None),
         Err(answer) => answer,
     }
 }
@@ -429,12 +467,8 @@ pub async fn edit(
     request: Request,
 ) -> Response {
     let headers = request.headers().clone();
-    let session = match holder(&state, &headers).await {
-        Ok(session) => session,
-        Err(answer) => return answer,
-    };
-    let key = match owned(&state, &session, &id).await {
-        Ok(key) => key,
+    let (session, key) = match holder_key(&state, &headers, &id).await {
+        Ok(found) => found,
         Err(answer) => return answer,
     };
     let view = key_view(&key, &state);
@@ -466,12 +500,8 @@ pub async fn roll_key(
     request: Request,
 ) -> Response {
     let headers = request.headers().clone();
-    let session = match holder(&state, &headers).await {
-        Ok(session) => session,
-        Err(answer) => return answer,
-    };
-    let key = match owned(&state, &session, &id).await {
-        Ok(key) => key,
+    let (session, key) = match holder_key(&state, &headers, &id).await {
+        Ok(found) => found,
         Err(answer) => return answer,
     };
     let grace = match Form::<RollForm>::from_request(request, &state).await {
@@ -519,12 +549,8 @@ pub async fn revoke_key(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    let session = match holder(&state, &headers).await {
-        Ok(session) => session,
-        Err(answer) => return answer,
-    };
-    let key = match owned(&state, &session, &id).await {
-        Ok(key) => key,
+    let (session, key) = match holder_key(&state, &headers, &id).await {
+        Ok(found) => found,
         Err(answer) => return answer,
     };
     match revoke(&state, &session.caller(), request_id, key.id).await {

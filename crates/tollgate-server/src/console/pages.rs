@@ -59,7 +59,6 @@ struct OverviewPage<'a> {
 /// spend as chart data, and the keys near their caps.
 async fn holder_overview(
     state: &AppState,
-    session: &Session,
     account: AccountId,
 ) -> Result<(String, Vec<KeyRow>), HttpError> {
     let tz = state.config.console.time_zone;
@@ -71,11 +70,7 @@ async fn holder_overview(
     let (buckets, names) =
         usage_buckets(state, account, Step::Day, SeriesSplit::Total, range).await?;
     let chart = chart_data(&buckets, &names, &zone_caption(tz, range.0));
-    let near_cap = keys::rows(state, session)
-        .await?
-        .into_iter()
-        .filter(|row| row.near_cap)
-        .collect();
+    let near_cap = keys::near_cap_rows(state, account).await?;
     Ok((chart, near_cap))
 }
 
@@ -89,11 +84,10 @@ pub async fn overview(State(state): State<AppState>, request: Request) -> Respon
         Ok(session) => session,
         Err(e) => return HttpError::from(e).into_response(),
     };
-    let Some(Session { id_hash, who }) = session else {
+    let Some(Session { who, .. }) = session else {
         return page(StatusCode::OK, &SignInPage { problem: None });
     };
-    let session = Session { id_hash, who };
-    let (name, balance, chart, near_cap) = match &session.who {
+    let (name, balance, chart, near_cap) = match &who {
         Who::Operator => ("the operator".to_string(), None, String::new(), Vec::new()),
         Who::Holder { key } => {
             let account = match state.store.account(key.account_id).await {
@@ -105,7 +99,7 @@ pub async fn overview(State(state): State<AppState>, request: Request) -> Respon
                 Ok(b) => (b.available, b.held, b.spent_this_month),
                 Err(e) => return e.into_response(),
             };
-            let (chart, near_cap) = match holder_overview(&state, &session, account.id).await {
+            let (chart, near_cap) = match holder_overview(&state, account.id).await {
                 Ok(found) => found,
                 Err(e) => return e.into_response(),
             };

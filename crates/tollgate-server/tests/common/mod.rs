@@ -587,10 +587,21 @@ impl UsageStore for CountingStore {
     }
     async fn key_activity(
         &self,
-        account: AccountId,
+        keys: &[KeyId],
         since: At,
     ) -> Result<Vec<tollgate_store::KeyActivity>, StoreError> {
-        self.inner.key_activity(account, since).await
+        self.inner.key_activity(keys, since).await
+    }
+    async fn keys_near_cap(
+        &self,
+        account: AccountId,
+        since: At,
+        percent: u32,
+        limit: u32,
+    ) -> Result<Vec<tollgate_store::KeyActivity>, StoreError> {
+        self.inner
+            .keys_near_cap(account, since, percent, limit)
+            .await
     }
     async fn api_charges(
         &self,

@@ -22,3 +22,5 @@ SELECT account_id, (created_at / 900000) * 900000, key_id, route, COALESCE(model
        COALESCE(SUM(output_tokens), 0), SUM(cost_nanos)
 FROM requests GROUP BY 1, 2, 3, 4, 5;
 CREATE INDEX requests_by_key ON requests (key_id, request_id);
+-- The overview's keys near their cap are found among capped keys only.
+CREATE INDEX api_keys_capped ON api_keys (account_id, id) WHERE monthly_spend_cap_nanos IS NOT NULL;
