@@ -132,7 +132,7 @@ bounded!(LedgerStore {
     fn ledger_balance(account: AccountId) -> Nanos;
     fn wallet(account: AccountId) -> Option<Wallet>;
     fn key_spent_since(key: KeyId, since: DateTime<Utc>) -> Nanos;
-    fn account_spent_since(account: AccountId, since: DateTime<Utc>) -> Nanos;
+    fn account_spent_in_month(account: AccountId, at: DateTime<Utc>) -> Nanos;
     fn pending_holds() -> Vec<HoldRecord>;
     fn holds_expired_by(cutoff: DateTime<Utc>) -> Vec<HoldRecord>;
     fn hold(id: HoldId) -> Option<HoldRecord>;

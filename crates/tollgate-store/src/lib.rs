@@ -333,11 +333,12 @@ pub trait LedgerStore: Send + Sync {
     async fn wallet(&self, account: AccountId) -> Result<Option<Wallet>, StoreError>;
     /// What the key's holds have charged since `since`.
     async fn key_spent_since(&self, key: KeyId, since: DateTime<Utc>) -> Result<Nanos, StoreError>;
-    /// What the account has been charged since `since`.
-    async fn account_spent_since(
+    /// What the account has been charged in the calendar month (UTC) of `at`: a total kept
+    /// with the charges (`account_spend`), not a sum over them.
+    async fn account_spent_in_month(
         &self,
         account: AccountId,
-        since: DateTime<Utc>,
+        at: DateTime<Utc>,
     ) -> Result<Nanos, StoreError>;
     async fn pending_holds(&self) -> Result<Vec<HoldRecord>, StoreError>;
     /// Pending holds whose TTL passed at or before `cutoff`.

@@ -10,9 +10,10 @@
 use crate::batch::{not_pending, Batch, KeySpendDelta};
 use crate::rows::{
     convert, corrupt, from_millis, millis, parse_id, push_slot, push_usage, push_usage_filter,
-    slot_deltas, split_column, to_json, AccountRow, ActivityRow, AuditHeadRow, AuditRow, BucketRow,
-    HoldRow, IdempotencyRow, KeyRow, SlotRow, StandingRow, TransferRow, UsageDbRow, ACCOUNT_SELECT,
-    HOLD_COLUMNS, KEY_COLUMNS, UPSERT_SLOTS, UPSERT_SLOTS_CONFLICT, USAGE_COLUMNS,
+    slot_deltas, spend_deltas, split_column, to_json, AccountRow, ActivityRow, AuditHeadRow,
+    AuditRow, BucketRow, HoldRow, IdempotencyRow, KeyRow, SlotRow, StandingRow, TransferRow,
+    UsageDbRow, ACCOUNT_SELECT, HOLD_COLUMNS, KEY_COLUMNS, UPSERT_SLOTS, UPSERT_SLOTS_CONFLICT,
+    UPSERT_SPEND, UPSERT_SPEND_CONFLICT, USAGE_COLUMNS,
 };
 use crate::{
     Account, AccountStore, AuditStore, BatchId, Carve, ChangeFeed, HoldRecord, IdempotencyBegin,
@@ -30,7 +31,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tollgate_core::audit::AuditEntry;
 use tollgate_core::ledger::{lease_size, month_of};
-use tollgate_core::ledger::{LedgerAccount, Transfer, TransferKind, Wallet};
+use tollgate_core::ledger::{month_start, LedgerAccount, Transfer, TransferKind, Wallet};
 use tollgate_core::ratelimit::Overrides;
 use tollgate_core::{AccountId, HoldId, KeyHash, KeyId, Nanos, NodeId, RequestId};
 
@@ -272,6 +273,26 @@ async fn insert_transfers(
                     .push_bind(millis(*at));
             },
         );
+        query
+            .build()
+            .execute(&mut **tx)
+            .await
+            .map_err(store_error)?;
+    }
+    // The charges among them, added to the accounts' monthly totals.
+    let deltas = spend_deltas(
+        transfers
+            .iter()
+            .map(|(t, account, _, _, at)| (*t, *account, *at)),
+    );
+    for chunk in deltas.chunks(ROWS_PER_INSERT) {
+        let mut query = sqlx::QueryBuilder::<Postgres>::new(UPSERT_SPEND);
+        query.push_values(chunk, |mut row, (account, month, charged)| {
+            row.push_bind(account.clone())
+                .push_bind(*month)
+                .push_bind(*charged);
+        });
+        query.push(UPSERT_SPEND_CONFLICT);
         query
             .build()
             .execute(&mut **tx)
@@ -641,17 +662,17 @@ impl LedgerStore for PostgresStore {
         Ok(Nanos(sum))
     }
 
-    async fn account_spent_since(
+    async fn account_spent_in_month(
         &self,
         account: AccountId,
-        since: DateTime<Utc>,
+        at: DateTime<Utc>,
     ) -> Result<Nanos, StoreError> {
         let sum: i64 = sqlx::query_scalar(
-            "SELECT COALESCE(SUM(amount_nanos), 0)::BIGINT FROM ledger_transfers \
-             WHERE account_id = $1 AND kind = 'charge' AND created_at >= $2",
+            "SELECT COALESCE(SUM(charged_nanos), 0)::BIGINT FROM account_spend \
+             WHERE account_id = $1 AND month_start = $2",
         )
         .bind(account.to_string())
-        .bind(millis(since))
+        .bind(millis(month_start(at)))
         .fetch_one(&self.pool)
         .await
         .map_err(store_error)?;

@@ -12,7 +12,7 @@ use std::str::FromStr;
 use tollgate_core::audit::AuditEntry;
 use tollgate_core::ledger::{BillingStatus, Hold, HoldStatus};
 use tollgate_core::metering::TokenUsage;
-use tollgate_core::{KeyHash, KeyKind, KeyStatus, Nanos, RequestId};
+use tollgate_core::{AccountId, KeyHash, KeyKind, KeyStatus, Nanos, RequestId};
 
 pub(crate) fn millis(at: DateTime<Utc>) -> i64 {
     at.timestamp_millis()
@@ -382,6 +382,38 @@ pub(crate) fn push_slot<'a, DB>(
         out.push_bind(total);
     }
 }
+
+/// The charges among a batch's transfers (each with its account and time), summed per account
+/// and calendar month (UTC, as Unix milliseconds): what the batch adds to `account_spend`.
+pub(crate) fn spend_deltas<'t>(
+    transfers: impl IntoIterator<
+        Item = (
+            &'t tollgate_core::ledger::Transfer,
+            AccountId,
+            DateTime<Utc>,
+        ),
+    >,
+) -> Vec<(String, i64, i64)> {
+    let mut sums: std::collections::BTreeMap<(String, i64), i64> =
+        std::collections::BTreeMap::new();
+    for (transfer, account, at) in transfers {
+        if transfer.kind == tollgate_core::ledger::TransferKind::Charge {
+            let month = millis(tollgate_core::ledger::month_start(at));
+            let sum = sums.entry((account.to_string(), month)).or_default();
+            *sum = sum.saturating_add(transfer.amount.0);
+        }
+    }
+    sums.into_iter()
+        .map(|((account, month), charged)| (account, month, charged))
+        .collect()
+}
+
+/// The statement that adds [`spend_deltas`] to `account_spend`, the same on both backends: its
+/// values, then [`UPSERT_SPEND_CONFLICT`].
+pub(crate) const UPSERT_SPEND: &str =
+    "INSERT INTO account_spend (account_id, month_start, charged_nanos) ";
+pub(crate) const UPSERT_SPEND_CONFLICT: &str = " ON CONFLICT (account_id, month_start) \
+     DO UPDATE SET charged_nanos = account_spend.charged_nanos + excluded.charged_nanos";
 
 /// The usage columns of `row`, in [`USAGE_COLUMNS`] order, for a multi-row insert.
 pub(crate) fn push_usage<'a, DB>(

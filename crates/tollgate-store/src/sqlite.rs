@@ -3,9 +3,10 @@
 use crate::batch::{not_pending, Batch};
 use crate::rows::{
     convert, corrupt, from_millis, millis, parse_id, push_slot, push_usage, push_usage_filter,
-    slot_deltas, split_column, to_json, AccountRow, ActivityRow, AuditHeadRow, AuditRow, BucketRow,
-    HoldRow, IdempotencyRow, KeyRow, SlotRow, StandingRow, TransferRow, UsageDbRow, ACCOUNT_SELECT,
-    HOLD_COLUMNS, KEY_COLUMNS, UPSERT_SLOTS, UPSERT_SLOTS_CONFLICT, USAGE_COLUMNS,
+    slot_deltas, spend_deltas, split_column, to_json, AccountRow, ActivityRow, AuditHeadRow,
+    AuditRow, BucketRow, HoldRow, IdempotencyRow, KeyRow, SlotRow, StandingRow, TransferRow,
+    UsageDbRow, ACCOUNT_SELECT, HOLD_COLUMNS, KEY_COLUMNS, UPSERT_SLOTS, UPSERT_SLOTS_CONFLICT,
+    UPSERT_SPEND, UPSERT_SPEND_CONFLICT, USAGE_COLUMNS,
 };
 use crate::{
     Account, AccountStore, AuditStore, BatchId, ChangeFeed, HoldRecord, IdempotencyBegin,
@@ -21,7 +22,7 @@ use sqlx::{Row, SqlitePool};
 use std::path::Path;
 use std::time::Duration;
 use tollgate_core::audit::AuditEntry;
-use tollgate_core::ledger::{LedgerAccount, Transfer, TransferKind, Wallet};
+use tollgate_core::ledger::{month_start, LedgerAccount, Transfer, TransferKind, Wallet};
 use tollgate_core::ratelimit::Overrides;
 use tollgate_core::{AccountId, HoldId, KeyHash, KeyId, Nanos, RequestId};
 
@@ -276,6 +277,29 @@ async fn insert_transfer(
     .execute(&mut **tx)
     .await
     .map_err(store_error)?;
+    add_spend(tx, spend_deltas([(transfer, account, at)])).await
+}
+
+/// Adds a batch's charges to the accounts' monthly totals, in its transaction.
+async fn add_spend(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    deltas: Vec<(String, i64, i64)>,
+) -> Result<(), StoreError> {
+    if deltas.is_empty() {
+        return Ok(());
+    }
+    let mut query = sqlx::QueryBuilder::<sqlx::Sqlite>::new(UPSERT_SPEND);
+    query.push_values(&deltas, |mut row, (account, month, charged)| {
+        row.push_bind(account.clone())
+            .push_bind(*month)
+            .push_bind(*charged);
+    });
+    query.push(UPSERT_SPEND_CONFLICT);
+    query
+        .build()
+        .execute(&mut **tx)
+        .await
+        .map_err(store_error)?;
     Ok(())
 }
 
@@ -505,17 +529,17 @@ impl LedgerStore for SqliteStore {
         Ok(Nanos(sum))
     }
 
-    async fn account_spent_since(
+    async fn account_spent_in_month(
         &self,
         account: AccountId,
-        since: DateTime<Utc>,
+        at: DateTime<Utc>,
     ) -> Result<Nanos, StoreError> {
         let sum: i64 = sqlx::query_scalar(
-            "SELECT COALESCE(SUM(amount_nanos), 0) FROM ledger_transfers \
-             WHERE account_id = ? AND kind = 'charge' AND created_at >= ?",
+            "SELECT COALESCE(SUM(charged_nanos), 0) FROM account_spend \
+             WHERE account_id = ? AND month_start = ?",
         )
         .bind(account.to_string())
-        .bind(millis(since))
+        .bind(millis(month_start(at)))
         .fetch_one(&self.pool)
         .await
         .map_err(store_error)?;
@@ -646,6 +670,15 @@ impl LedgerStore for SqliteStore {
             );
             query.build().execute(&mut *tx).await.map_err(store_error)?;
         }
+        add_spend(
+            &mut tx,
+            spend_deltas(
+                transfers
+                    .iter()
+                    .map(|(t, account, _, _, at)| (*t, *account, *at)),
+            ),
+        )
+        .await?;
         for chunk in usage.chunks(ROWS_PER_INSERT / 2) {
             insert_usage(&mut tx, chunk).await?;
         }

@@ -844,7 +844,7 @@ pub async fn holds_commit_settle_and_release_in_batches(store: Arc<dyn Store>) {
         Nanos(0)
     );
     assert_eq!(
-        store.account_spent_since(account, at(0)).await.unwrap(),
+        store.account_spent_in_month(account, at(0)).await.unwrap(),
         Nanos(120)
     );
 
@@ -901,7 +901,7 @@ pub async fn many_resolutions_commit_together_and_a_repeat_refuses_the_batch(
     assert_books_balance(&*store, account, &book).await;
     assert_eq!(store.pending_holds().await.unwrap().len(), 1);
     assert_eq!(
-        store.account_spent_since(account, at(0)).await.unwrap(),
+        store.account_spent_in_month(account, at(0)).await.unwrap(),
         Nanos(3 * HOLDS)
     );
 
@@ -1094,6 +1094,63 @@ pub async fn accounts_are_found_by_id_or_by_part_of_their_name(store: Arc<dyn St
         .await
         .unwrap()
         .is_empty());
+}
+
+pub async fn an_accounts_monthly_spend_is_kept_per_calendar_month(store: Arc<dyn Store>) {
+    const DAY: i64 = 86_400_000;
+    let (account, _, master) = new_account(&*store, Nanos(1_000)).await;
+    let mut book = Book::new();
+    book.load_wallet(account, store.wallet(account).await.unwrap().unwrap());
+    book.load_key_spend(master.id, at(0), Nanos::ZERO);
+    // Settled on 31 January and on 1 February 1970, in two batches; a release charges nothing.
+    let january = open_hold(&mut book, account, master.id, 100, 30 * DAY);
+    let settle_january = resolve(
+        &mut book,
+        &january,
+        Resolve::Settle(Nanos(40)),
+        30 * DAY + 5,
+    );
+    store
+        .commit(BatchId::new(), &[january, settle_january])
+        .await
+        .unwrap();
+    let february = open_hold(&mut book, account, master.id, 100, 31 * DAY);
+    let settle_february = resolve(
+        &mut book,
+        &february,
+        Resolve::Settle(Nanos(25)),
+        31 * DAY + 5,
+    );
+    let released = open_hold(&mut book, account, master.id, 100, 31 * DAY);
+    let release = resolve(&mut book, &released, Resolve::Release, 31 * DAY + 6);
+    let again = open_hold(&mut book, account, master.id, 100, 32 * DAY);
+    let settle_again = resolve(&mut book, &again, Resolve::Settle(Nanos(7)), 32 * DAY + 5);
+    store
+        .commit(
+            BatchId::new(),
+            &[
+                february,
+                settle_february,
+                released,
+                release,
+                again,
+                settle_again,
+            ],
+        )
+        .await
+        .unwrap();
+    let spent = |ms| store.account_spent_in_month(account, at(ms));
+    assert_eq!(spent(0).await.unwrap(), Nanos(40));
+    assert_eq!(spent(30 * DAY + 1).await.unwrap(), Nanos(40));
+    assert_eq!(spent(31 * DAY).await.unwrap(), Nanos(32));
+    assert_eq!(spent(58 * DAY).await.unwrap(), Nanos(32), "28 February");
+    assert_eq!(spent(59 * DAY).await.unwrap(), Nanos::ZERO, "1 March");
+    let (other, _, _) = new_account(&*store, Nanos(1_000)).await;
+    assert_eq!(
+        store.account_spent_in_month(other, at(0)).await.unwrap(),
+        Nanos::ZERO,
+        "starter credits are not spend"
+    );
 }
 
 pub async fn usage_series_sum_quarter_hours_split_by_key_route_and_model(store: Arc<dyn Store>) {
@@ -1439,6 +1496,7 @@ macro_rules! store_suite {
                 usage_summaries_group_and_total_by_day_key_route_and_model,
                 usage_series_sum_quarter_hours_split_by_key_route_and_model,
                 accounts_are_found_by_id_or_by_part_of_their_name,
+                an_accounts_monthly_spend_is_kept_per_calendar_month,
                 key_activity_sums_each_keys_charges_and_finds_its_last_use,
                 console_sessions_round_trip_touch_end_and_purge,
             );

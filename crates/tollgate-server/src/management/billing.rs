@@ -21,7 +21,7 @@ use axum::{Extension, Json};
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use std::time::Duration;
-use tollgate_core::ledger::{month_start, BillingStatus, HoldStatus, Resolve};
+use tollgate_core::ledger::{BillingStatus, HoldStatus, Resolve};
 use tollgate_core::money::MAX_AMOUNT;
 use tollgate_core::{AccountId, ApiError, ErrorCode, HoldId, KeyId, KeyKind, Nanos, RequestId};
 use tollgate_store::{HoldRecord, HoldSource, UsageFilter, UsageGroup, UsageRow};
@@ -213,7 +213,7 @@ pub(crate) async fn read_balance(
         .ok_or_else(|| HttpError::not_found("account"))?;
     let spent = state
         .store
-        .account_spent_since(account, month_start(state.clock.now()))
+        .account_spent_in_month(account, state.clock.now())
         .await?;
     Ok(wire::Balance {
         account_id: account,

@@ -508,12 +508,12 @@ impl LedgerStore for CountingStore {
     async fn key_spent_since(&self, key: KeyId, since: At) -> Result<Nanos, StoreError> {
         self.inner.key_spent_since(key, since).await
     }
-    async fn account_spent_since(
+    async fn account_spent_in_month(
         &self,
         account: AccountId,
         since: At,
     ) -> Result<Nanos, StoreError> {
-        self.inner.account_spent_since(account, since).await
+        self.inner.account_spent_in_month(account, since).await
     }
     async fn pending_holds(&self) -> Result<Vec<HoldRecord>, StoreError> {
         self.inner.pending_holds().await

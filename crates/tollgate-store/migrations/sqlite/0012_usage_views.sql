@@ -24,3 +24,15 @@ FROM requests GROUP BY 1, 2, 3, 4, 5;
 CREATE INDEX requests_by_key ON requests (key_id, request_id);
 -- The overview's keys near their cap are found among capped keys only.
 CREATE INDEX api_keys_capped ON api_keys (account_id, id) WHERE monthly_spend_cap_nanos IS NOT NULL;
+-- What each account has been charged per calendar month (UTC), kept with the charges, so the
+-- balance's "spent this month" is one row, not a walk over the month's ledger.
+CREATE TABLE account_spend (
+    account_id     TEXT NOT NULL,
+    month_start    INTEGER NOT NULL,
+    charged_nanos  INTEGER NOT NULL,
+    PRIMARY KEY (account_id, month_start)
+);
+INSERT INTO account_spend
+SELECT account_id, CAST(strftime('%s', created_at / 1000, 'unixepoch', 'start of month') AS INTEGER) * 1000,
+       SUM(amount_nanos)
+FROM ledger_transfers WHERE kind = 'charge' GROUP BY 1, 2;
