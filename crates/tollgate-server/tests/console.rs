@@ -674,18 +674,12 @@ async fn a_bad_requests_filter_says_what_is_wrong() {
         ("key_id=nope", "key_id: is not a key id"),
         ("status=99", "status: must be an HTTP status, 100 to 599"),
         ("status=abc", "The filters could not be read"),
-        (
-            "status_class=6xx",
-            "status_class: must be 1xx, 2xx, 3xx, 4xx or 5xx",
-        ),
-        (
-            "billing_status=free",
-            "billing_status: must be settled, partial",
-        ),
+        ("status_class=6xx", "could not be read: unknown variant"),
+        ("billing_status=free", "could not be read: unknown variant"),
         ("from=soon", "from: &#39;soon&#39; is not a date and time"),
         (
             "from=2026-12-02T00:00&to=2026-12-01T00:00",
-            "to: must not be before from",
+            "The range ends before it starts.",
         ),
         ("colour=red", "unknown field `colour`"),
     ] {

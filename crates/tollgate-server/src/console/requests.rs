@@ -76,7 +76,16 @@ impl Filters {
         let encoded = serde_urlencoded::to_string(&query).unwrap_or_default();
         let query: RequestsQuery = serde_urlencoded::from_str(&encoded)
             .map_err(|e| format!("The filters could not be read: {e}."))?;
-        requests_filter(&session.caller(), query).map_err(|e| e.error.message)
+        let filter = requests_filter(&session.caller(), query).map_err(|e| e.error.message)?;
+        // The API answers an inverted range with nothing; a person asking for one made a slip.
+        if filter
+            .from
+            .zip(filter.to)
+            .is_some_and(|(from, to)| from > to)
+        {
+            return Err("The range ends before it starts.".into());
+        }
+        Ok(filter)
     }
 
     /// The form's value of `name`, for the form to show again.

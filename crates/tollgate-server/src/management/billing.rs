@@ -26,7 +26,7 @@ use tollgate_core::money::MAX_AMOUNT;
 use tollgate_core::{AccountId, ApiError, ErrorCode, HoldId, KeyId, KeyKind, Nanos, RequestId};
 use tollgate_store::{HoldRecord, HoldSource, UsageFilter, UsageGroup, UsageRow};
 use tollgate_wire::api::{self as wire, Money};
-use utoipa::IntoParams;
+use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
@@ -622,12 +622,14 @@ pub struct RequestsQuery {
     pub model: Option<String>,
     /// Only requests answered with this status.
     pub status: Option<u16>,
-    /// Only requests answered with a status of this class: `2xx`, `3xx`, `4xx` or `5xx`.
-    pub status_class: Option<String>,
+    /// Only requests answered with a status of this class.
+    #[param(inline)]
+    pub status_class: Option<StatusClass>,
     /// Only requests refused or failed with this error code (`insufficient_balance`).
     pub error_code: Option<String>,
-    /// Only requests billed so: `settled`, `partial`, `estimated`, `released` or `expired`.
-    pub billing_status: Option<String>,
+    /// Only requests billed so.
+    #[param(inline)]
+    pub billing_status: Option<BillingFilter>,
     /// From this instant (inclusive, RFC 3339).
     pub from: Option<DateTime<Utc>>,
     /// Before this instant (exclusive, RFC 3339).
@@ -638,6 +640,56 @@ pub struct RequestsQuery {
     pub limit: Option<u32>,
 }
 
+/// A class of HTTP statuses, by its hundreds.
+#[derive(Debug, Clone, Copy, Deserialize, ToSchema)]
+pub enum StatusClass {
+    #[serde(rename = "1xx")]
+    Informational,
+    #[serde(rename = "2xx")]
+    Success,
+    #[serde(rename = "3xx")]
+    Redirection,
+    #[serde(rename = "4xx")]
+    ClientError,
+    #[serde(rename = "5xx")]
+    ServerError,
+}
+
+impl StatusClass {
+    fn hundreds(self) -> u8 {
+        match self {
+            StatusClass::Informational => 1,
+            StatusClass::Success => 2,
+            StatusClass::Redirection => 3,
+            StatusClass::ClientError => 4,
+            StatusClass::ServerError => 5,
+        }
+    }
+}
+
+/// How a request was billed, as a filter names it.
+#[derive(Debug, Clone, Copy, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum BillingFilter {
+    Settled,
+    Partial,
+    Estimated,
+    Released,
+    Expired,
+}
+
+impl BillingFilter {
+    fn status(self) -> BillingStatus {
+        match self {
+            BillingFilter::Settled => BillingStatus::Settled,
+            BillingFilter::Partial => BillingStatus::Partial,
+            BillingFilter::Estimated => BillingStatus::Estimated,
+            BillingFilter::Released => BillingStatus::Released,
+            BillingFilter::Expired => BillingStatus::Expired,
+        }
+    }
+}
+
 /// The store's filter for `query` as `caller` may ask it (the admin over every account, a master
 /// key over its own), asking for one row more than the page so the page knows if there is a next.
 pub fn requests_filter(caller: &Caller, query: RequestsQuery) -> Result<UsageFilter, HttpError> {
@@ -646,26 +698,6 @@ pub fn requests_filter(caller: &Caller, query: RequestsQuery) -> Result<UsageFil
     if query.status.is_some_and(|s| !(100..=599).contains(&s)) {
         problems.add("status", "must be an HTTP status, 100 to 599");
     }
-    let status_class = query.status_class.as_deref().and_then(|class| {
-        let digit = match class.as_bytes() {
-            [d @ b'1'..=b'5', b'x' | b'X', b'x' | b'X'] => Some(d - b'0'),
-            _ => None,
-        };
-        if digit.is_none() {
-            problems.add("status_class", "must be 1xx, 2xx, 3xx, 4xx or 5xx");
-        }
-        digit
-    });
-    let billing_status = query.billing_status.as_deref().and_then(|text| {
-        let status = BillingStatus::parse(text);
-        if status.is_none() {
-            problems.add(
-                "billing_status",
-                "must be settled, partial, estimated, released or expired",
-            );
-        }
-        status
-    });
     let key = query.key_id.as_deref().and_then(|k| {
         let key = KeyId::parse(k);
         if key.is_none() {
@@ -680,9 +712,6 @@ pub fn requests_filter(caller: &Caller, query: RequestsQuery) -> Result<UsageFil
         }
         before
     });
-    if query.from.zip(query.to).is_some_and(|(from, to)| from > to) {
-        problems.add("to", "must not be before from");
-    }
     let limit = page_limit(query.limit)?;
     problems.finish()?;
     // The admin may list every account's requests; a master key sees its own.
@@ -696,9 +725,9 @@ pub fn requests_filter(caller: &Caller, query: RequestsQuery) -> Result<UsageFil
         route: query.route,
         model: query.model,
         status: query.status,
-        status_class,
+        status_class: query.status_class.map(StatusClass::hundreds),
         error_code: query.error_code,
-        billing_status,
+        billing_status: query.billing_status.map(BillingFilter::status),
         from: query.from,
         to: query.to,
         before,
