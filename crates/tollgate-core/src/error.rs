@@ -89,6 +89,9 @@ catalogue! {
     InsufficientBalance = "insufficient_balance", 402, "billing_error", Quota, false,
         "The wallet cannot cover the worst-case cost of this request.",
         "Top up the wallet; `details` give the required amount and the balance.";
+    AccountInDebt = "account_in_debt", 402, "billing_error", Quota, false,
+        "A refund or a dispute took back credit the account had already spent; it owes the rest.",
+        "Top up: new credit pays the debt (`details.debt`) first, then paid calls resume.";
     KeyQuotaExceeded = "key_quota_exceeded", 402, "billing_error", Quota, false,
         "The key has reached its monthly spend cap.",
         "Raise the key's cap, wait for the next calendar month (UTC), or use another key.";

@@ -122,6 +122,11 @@ prefixed_id!(
     "hold_"
 );
 prefixed_id!(
+    /// A card top-up: an amount of credits an account buys, from checkout to credit.
+    TopUpId,
+    "topup_"
+);
+prefixed_id!(
     /// One running Tollgate process on a shared store: the owner of its credit leases.
     NodeId,
     "node_"

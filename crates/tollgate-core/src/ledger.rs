@@ -21,6 +21,11 @@ pub enum LedgerAccount {
     Wallet(AccountId),
     /// An account's credit reserved by pending holds.
     Holds(AccountId),
+    /// What the account owes: below zero when a refund or a dispute took back credit the wallet
+    /// had already spent. New credit pays it first.
+    Debt(AccountId),
+    /// Credit a card dispute has taken out of the account's wallet until it closes.
+    Disputed(AccountId),
 }
 
 impl fmt::Display for LedgerAccount {
@@ -30,6 +35,8 @@ impl fmt::Display for LedgerAccount {
             LedgerAccount::Revenue => f.write_str("revenue"),
             LedgerAccount::Wallet(id) => write!(f, "wallet:{id}"),
             LedgerAccount::Holds(id) => write!(f, "holds:{id}"),
+            LedgerAccount::Debt(id) => write!(f, "debt:{id}"),
+            LedgerAccount::Disputed(id) => write!(f, "disputed:{id}"),
         }
     }
 }
@@ -44,27 +51,56 @@ pub enum TransferKind {
     Charge,
     /// Holds → wallet: what a hold did not charge, returned.
     Release,
+    /// Wallet → external: credit taken back because its payment was refunded.
+    Refund,
+    /// Wallet → disputed: credit set aside while its payment is disputed.
+    Dispute,
+    /// Disputed → external: a dispute the account won for the cardholder; the credit is gone.
+    Chargeback,
+    /// Debt → external or disputed: what a refund or dispute took that the wallet no longer had.
+    Debt,
+    /// Wallet → debt: new credit paying what the account owes.
+    Repay,
 }
 
 impl TransferKind {
+    const ALL: [TransferKind; 9] = [
+        TransferKind::Grant,
+        TransferKind::Hold,
+        TransferKind::Charge,
+        TransferKind::Release,
+        TransferKind::Refund,
+        TransferKind::Dispute,
+        TransferKind::Chargeback,
+        TransferKind::Debt,
+        TransferKind::Repay,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             TransferKind::Grant => "grant",
             TransferKind::Hold => "hold",
             TransferKind::Charge => "charge",
             TransferKind::Release => "release",
+            TransferKind::Refund => "refund",
+            TransferKind::Dispute => "dispute",
+            TransferKind::Chargeback => "chargeback",
+            TransferKind::Debt => "debt",
+            TransferKind::Repay => "repay",
         }
     }
 
     pub fn parse(text: &str) -> Option<TransferKind> {
-        [
-            TransferKind::Grant,
-            TransferKind::Hold,
-            TransferKind::Charge,
-            TransferKind::Release,
-        ]
-        .into_iter()
-        .find(|k| k.as_str() == text)
+        TransferKind::ALL.into_iter().find(|k| k.as_str() == text)
+    }
+
+    /// Whether the transfer is a hold's (made by a node's book, from its lease on a shared
+    /// store), rather than one made from outside, on the free balance.
+    pub fn moves_lease(self) -> bool {
+        matches!(
+            self,
+            TransferKind::Hold | TransferKind::Charge | TransferKind::Release
+        )
     }
 }
 
@@ -78,24 +114,47 @@ pub struct Transfer {
 }
 
 impl Transfer {
-    /// How the transfer moves the accounts' cached balances: (account, change to available,
-    /// change to held) for each side that is a wallet or holds account.
-    pub fn balance_moves(&self) -> impl Iterator<Item = (AccountId, i64, i64)> {
+    /// How the transfer moves the accounts' cached balances, for each side that is a wallet,
+    /// holds or debt account.
+    pub fn balance_moves(&self) -> impl Iterator<Item = BalanceMove> {
         [(self.debit, -self.amount.0), (self.credit, self.amount.0)]
             .into_iter()
-            .filter_map(|(side, change)| match side {
-                LedgerAccount::Wallet(account) => Some((account, change, 0)),
-                LedgerAccount::Holds(account) => Some((account, 0, change)),
-                LedgerAccount::External | LedgerAccount::Revenue => None,
+            .filter_map(|(side, change)| {
+                let (account, available, held, debt) = match side {
+                    LedgerAccount::Wallet(account) => (account, change, 0, 0),
+                    LedgerAccount::Holds(account) => (account, 0, change, 0),
+                    // The debt account's balance is what is owed, negated.
+                    LedgerAccount::Debt(account) => (account, 0, 0, -change),
+                    LedgerAccount::External
+                    | LedgerAccount::Revenue
+                    | LedgerAccount::Disputed(_) => return None,
+                };
+                Some(BalanceMove {
+                    account,
+                    available,
+                    held,
+                    debt,
+                })
             })
     }
 }
 
-/// An account's money as the ledger sees it: the balances of its wallet and holds accounts.
+/// A transfer's change to one account's cached balances.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BalanceMove {
+    pub account: AccountId,
+    pub available: i64,
+    pub held: i64,
+    pub debt: i64,
+}
+
+/// An account's money as the ledger sees it: the balances of its wallet and holds accounts, and
+/// what it owes (its debt account's balance, negated).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Wallet {
     pub available: Nanos,
     pub held: Nanos,
+    pub debt: Nanos,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -213,6 +272,9 @@ pub struct Resolution {
 pub enum Refusal {
     #[error("needs {required} but the wallet has {available}")]
     InsufficientBalance { required: Nanos, available: Nanos },
+    /// The account owes `debt`: no hold opens until new credit pays it.
+    #[error("the account owes {debt}")]
+    InDebt { debt: Nanos },
     #[error("the key's monthly cap of {cap} would be exceeded ({spent} spent, {held} held)")]
     KeyCapReached {
         cap: Nanos,
@@ -358,8 +420,14 @@ impl Book {
         })
     }
 
-    /// Credits a loaded wallet from outside.
-    pub fn grant(&mut self, account: AccountId, amount: Nanos) -> Result<Transfer, Refusal> {
+    /// Puts `amount` into a loaded wallet from `from` (the outside, or a dispute won back) and
+    /// pays what the account owes from it first: the credit, then the repayment if any.
+    pub fn credit(
+        &mut self,
+        account: AccountId,
+        amount: Nanos,
+        from: LedgerAccount,
+    ) -> Result<Vec<Transfer>, Refusal> {
         if !(Nanos::ZERO..=MAX_AMOUNT).contains(&amount) {
             return Err(Refusal::InvalidAmount(amount));
         }
@@ -368,13 +436,70 @@ impl Book {
         if total > MAX_AMOUNT.0 {
             return Err(Refusal::Overflow);
         }
+        let mut transfers = Vec::new();
+        if amount == Nanos::ZERO {
+            return Ok(transfers);
+        }
         wallet.available = Nanos(wallet.available.0 + amount.0);
-        Ok(Transfer {
-            debit: LedgerAccount::External,
+        transfers.push(Transfer {
+            debit: from,
             credit: LedgerAccount::Wallet(account),
             amount,
             kind: TransferKind::Grant,
-        })
+        });
+        let repaid = wallet.debt.min(wallet.available);
+        if repaid > Nanos::ZERO {
+            wallet.available = Nanos(wallet.available.0 - repaid.0);
+            wallet.debt = Nanos(wallet.debt.0 - repaid.0);
+            transfers.push(Transfer {
+                debit: LedgerAccount::Wallet(account),
+                credit: LedgerAccount::Debt(account),
+                amount: repaid,
+                kind: TransferKind::Repay,
+            });
+        }
+        Ok(transfers)
+    }
+
+    /// Takes `amount` out of a loaded wallet to `to` (the outside for a refund, the disputed
+    /// account for a dispute), as transfers of `kind`. What the wallet no longer has becomes
+    /// debt: the wallet never goes below zero.
+    pub fn take(
+        &mut self,
+        account: AccountId,
+        amount: Nanos,
+        to: LedgerAccount,
+        kind: TransferKind,
+    ) -> Result<Vec<Transfer>, Refusal> {
+        if !(Nanos::ZERO..=MAX_AMOUNT).contains(&amount) {
+            return Err(Refusal::InvalidAmount(amount));
+        }
+        let wallet = self.wallets.get_mut(&account).ok_or(Refusal::NotLoaded)?;
+        if wallet.debt.0 + amount.0 > MAX_AMOUNT.0 {
+            return Err(Refusal::Overflow);
+        }
+        let taken = wallet.available.min(amount);
+        let owed = Nanos(amount.0 - taken.0);
+        wallet.available = Nanos(wallet.available.0 - taken.0);
+        wallet.debt = Nanos(wallet.debt.0 + owed.0);
+        let mut transfers = Vec::new();
+        if taken > Nanos::ZERO {
+            transfers.push(Transfer {
+                debit: LedgerAccount::Wallet(account),
+                credit: to,
+                amount: taken,
+                kind,
+            });
+        }
+        if owed > Nanos::ZERO {
+            transfers.push(Transfer {
+                debit: LedgerAccount::Debt(account),
+                credit: to,
+                amount: owed,
+                kind: TransferKind::Debt,
+            });
+        }
+        Ok(transfers)
     }
 
     /// Adds credit to a loaded wallet without a transfer: a lease carved from the stored
@@ -431,6 +556,9 @@ impl Book {
             .wallets
             .get(&request.account)
             .ok_or(Refusal::NotLoaded)?;
+        if wallet.debt > Nanos::ZERO {
+            return Err(Refusal::InDebt { debt: wallet.debt });
+        }
         if wallet.available < request.amount {
             return Err(Refusal::InsufficientBalance {
                 required: request.amount,
@@ -592,10 +720,11 @@ impl Book {
                 spend.held = Nanos(spend.held.0 - hold.amount.0);
             }
         }
-        for (account, available, held) in transfers.iter().flat_map(Transfer::balance_moves) {
-            if let Some(wallet) = self.wallets.get_mut(&account) {
-                wallet.available = Nanos(wallet.available.0 - available);
-                wallet.held = Nanos(wallet.held.0 - held);
+        for moved in transfers.iter().flat_map(Transfer::balance_moves) {
+            if let Some(wallet) = self.wallets.get_mut(&moved.account) {
+                wallet.available = Nanos(wallet.available.0 - moved.available);
+                wallet.held = Nanos(wallet.held.0 - moved.held);
+                wallet.debt = Nanos(wallet.debt.0 - moved.debt);
             }
         }
     }
@@ -659,12 +788,22 @@ mod tests {
             Err(Refusal::InvalidAmount(Nanos(-5)))
         ));
         assert!(matches!(
-            book.grant(account, Nanos(-1)),
+            book.credit(account, Nanos(-1), LedgerAccount::External),
             Err(Refusal::InvalidAmount(_))
         ));
-        book.grant(account, MAX_AMOUNT).unwrap();
         assert!(matches!(
-            book.grant(account, Nanos(1)),
+            book.take(
+                account,
+                Nanos(-1),
+                LedgerAccount::External,
+                TransferKind::Refund
+            ),
+            Err(Refusal::InvalidAmount(_))
+        ));
+        book.credit(account, MAX_AMOUNT, LedgerAccount::External)
+            .unwrap();
+        assert!(matches!(
+            book.credit(account, Nanos(1), LedgerAccount::External),
             Err(Refusal::Overflow)
         ));
         assert_eq!(book.wallet(account).unwrap().available, MAX_AMOUNT);
@@ -675,6 +814,54 @@ mod tests {
         ));
     }
 
+    #[test]
+    fn a_take_beyond_the_wallet_becomes_debt_and_new_credit_pays_it_first() {
+        let account = AccountId::new();
+        let mut book = book_with(account, 30);
+        let taken = book
+            .take(
+                account,
+                Nanos(50),
+                LedgerAccount::External,
+                TransferKind::Refund,
+            )
+            .unwrap();
+        assert_eq!(
+            taken
+                .iter()
+                .map(|t| (t.debit, t.amount.0, t.kind))
+                .collect::<Vec<_>>(),
+            [
+                (LedgerAccount::Wallet(account), 30, TransferKind::Refund),
+                (LedgerAccount::Debt(account), 20, TransferKind::Debt),
+            ]
+        );
+        let wallet = book.wallet(account).unwrap();
+        assert_eq!((wallet.available, wallet.debt), (Nanos(0), Nanos(20)));
+        // Released credit comes back while the debt stands: still no hold opens.
+        book.add_lease(account, Nanos(5));
+        assert_eq!(
+            book.open(request(account, None, 1)),
+            Err(Refusal::InDebt { debt: Nanos(20) })
+        );
+        book.take_lease(account);
+        // A credit smaller than the debt all goes to it; the next one pays the rest.
+        let first = book
+            .credit(account, Nanos(15), LedgerAccount::External)
+            .unwrap();
+        assert_eq!(
+            first
+                .iter()
+                .map(|t| (t.kind, t.amount.0))
+                .collect::<Vec<_>>(),
+            [(TransferKind::Grant, 15), (TransferKind::Repay, 15)]
+        );
+        book.credit(account, Nanos(25), LedgerAccount::External)
+            .unwrap();
+        let wallet = book.wallet(account).unwrap();
+        assert_eq!((wallet.available, wallet.debt), (Nanos(20), Nanos(0)));
+    }
+
     /// A book with one wallet loaded, holding `available`.
     fn book_with(account: AccountId, available: i64) -> Book {
         let mut book = Book::new();
@@ -682,7 +869,7 @@ mod tests {
             account,
             Wallet {
                 available: Nanos(available),
-                held: Nanos(0),
+                ..Wallet::default()
             },
         );
         book
@@ -732,7 +919,8 @@ mod tests {
             book.wallet(account).unwrap(),
             Wallet {
                 available: Nanos(0),
-                held: Nanos(10)
+                held: Nanos(10),
+                debt: Nanos(0),
             }
         );
         assert_eq!(book.pending_holds(), 1);
@@ -795,6 +983,7 @@ mod tests {
     #[derive(Debug, Clone)]
     enum Op {
         Grant(usize, i64),
+        Take(usize, i64),
         Open {
             account: usize,
             key: usize,
@@ -810,6 +999,7 @@ mod tests {
     fn op() -> impl Strategy<Value = Op> {
         prop_oneof![
             (0..3usize, 0..1_000i64).prop_map(|(a, n)| Op::Grant(a, n)),
+            (0..3usize, 0..600i64).prop_map(|(a, n)| Op::Take(a, n)),
             (
                 0..3usize,
                 0..4usize,
@@ -869,7 +1059,7 @@ mod tests {
             book.wallet(account).unwrap(),
             Wallet {
                 available: Nanos(70),
-                held: Nanos(0)
+                ..Wallet::default()
             }
         );
         // The key's held spend forgot the detached hold.
@@ -912,8 +1102,14 @@ mod tests {
                 };
                 match op {
                     Op::Grant(a, n) => {
-                        if let Ok(t) = book.grant(accounts[a], Nanos(n)) {
-                            if n > 0 { transfers.push(t); }
+                        if let Ok(t) = book.credit(accounts[a], Nanos(n), LedgerAccount::External) {
+                            transfers.extend(t);
+                        }
+                    }
+                    Op::Take(a, n) => {
+                        let to = LedgerAccount::Disputed(accounts[a]);
+                        if let Ok(t) = book.take(accounts[a], Nanos(n), to, TransferKind::Dispute) {
+                            transfers.extend(t);
                         }
                     }
                     Op::Open { account, key, amount, cap } => {
@@ -963,8 +1159,9 @@ mod tests {
                 let mut revenue = 0;
                 for account in accounts {
                     let wallet = book.wallet(account).unwrap();
-                    prop_assert!(wallet.available.0 >= 0 && wallet.held.0 >= 0);
+                    prop_assert!(wallet.available.0 >= 0 && wallet.held.0 >= 0 && wallet.debt.0 >= 0);
                     let ledger = |a| balances.get(&a).copied().unwrap_or(0);
+                    prop_assert_eq!(wallet.debt.0, -ledger(LedgerAccount::Debt(account)));
                     prop_assert_eq!(wallet.available.0, ledger(LedgerAccount::Wallet(account)));
                     prop_assert_eq!(wallet.held.0, ledger(LedgerAccount::Holds(account)));
                     let pending: i64 = opened.iter().filter_map(|id| book.hold(*id))

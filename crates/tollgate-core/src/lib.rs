@@ -11,11 +11,12 @@ pub mod ledger;
 pub mod load;
 pub mod metering;
 pub mod money;
+pub mod payment;
 pub mod pricing;
 pub mod ratelimit;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::{ApiError, ErrorCode, Fault};
-pub use ids::{AccountId, HoldId, KeyId, NodeId, RequestId};
+pub use ids::{AccountId, HoldId, KeyId, NodeId, RequestId, TopUpId};
 pub use key::{ApiKey, KeyEnv, KeyHash, KeyKind, KeyStatus};
 pub use money::Nanos;

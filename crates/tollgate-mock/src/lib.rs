@@ -26,6 +26,8 @@
 //! every usage report out (an upstream that reports none). The echo API answers
 //! `x-mock-units: <n>` with the response header `x-units: <n>` (for per-unit pricing).
 
+pub mod stripe;
+
 use axum::body::{Body, Bytes};
 use axum::extract::Request;
 use axum::http::{HeaderMap, StatusCode};

@@ -62,6 +62,7 @@ fn bench(c: &mut Criterion) {
                             account: key.account_id,
                             key: Some(key.id),
                             key_cap: None,
+                            account_debt: Nanos::ZERO,
                             amount: Nanos(1_000),
                             ttl: Duration::from_secs(60),
                             source: HoldSource::Request,

@@ -3,7 +3,7 @@
 //!
 //! Rooms, lowest first; a room imports only from rooms listed before it, and no two files import
 //! each other, even through a third (`tests/tidy.rs` enforces both):
-//! `http`, `telemetry`, `config`, `access`, `upstream`, `billing`, `state`, `edge`, `dataplane`,
+//! `http`, `telemetry`, `config`, `access`, `upstream`, `billing`, `payments`, `state`, `edge`, `dataplane`,
 //! `management`, `console`, `ops`, `app`. ARCHITECTURE.md's codemap says what lives in each.
 
 pub mod access;
@@ -16,6 +16,7 @@ pub mod edge;
 pub mod http;
 pub mod management;
 pub mod ops;
+pub mod payments;
 pub mod state;
 pub mod telemetry;
 pub mod upstream;

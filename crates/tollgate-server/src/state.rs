@@ -11,6 +11,7 @@ use crate::billing::ledger::Ledger;
 use crate::config::Config;
 use crate::http::error::HttpError;
 use crate::http::headers::{self, presented_secret};
+use crate::payments::service::Payments;
 use crate::telemetry::Metrics;
 use crate::upstream::RouteTable;
 use axum::http::{Extensions, HeaderMap};
@@ -49,6 +50,8 @@ pub struct Shared {
     pub shedder: Option<Arc<Shedder>>,
     pub metrics: Arc<Metrics>,
     pub clock: Arc<dyn Clock>,
+    /// `None` when card payments are not configured.
+    pub payments: Option<Arc<Payments>>,
 }
 
 impl Shared {

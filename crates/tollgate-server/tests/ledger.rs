@@ -37,6 +37,7 @@ fn spec(key: &KeyRecord, amount: i64, cap: Option<i64>, source: HoldSource) -> H
         account: key.account_id,
         key: Some(key.id),
         key_cap: cap.map(Nanos),
+        account_debt: Nanos::ZERO,
         amount: Nanos(amount),
         ttl: Duration::from_secs(30),
         source,

@@ -67,6 +67,14 @@ fn config_md_documents_every_field_and_override() {
             );
         }
     }
+    assert!(docs.contains("### `[payments.stripe]`"));
+    let stripe = serde_json::to_value(tollgate_server::config::RawStripe::default()).unwrap();
+    for field in stripe.as_object().unwrap().keys() {
+        assert!(
+            docs.contains(&format!("| `{field}` |")),
+            "docs/config.md lacks payments.stripe.{field}"
+        );
+    }
     let route: RawRoute =
         toml::from_str("prefix = \"/a\"\nupstream = \"http://h\"\ngroup = \"g\"").unwrap();
     for field in serde_json::to_value(route)

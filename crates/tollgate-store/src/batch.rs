@@ -6,7 +6,7 @@
 use crate::{HoldRecord, LedgerWrite, StoreError, UsageRow};
 use chrono::{DateTime, Utc};
 use std::collections::{BTreeMap, HashMap, HashSet};
-use tollgate_core::ledger::{month_of, Hold, Transfer, TransferKind};
+use tollgate_core::ledger::{month_of, Hold, Transfer};
 use tollgate_core::{AccountId, HoldId, KeyId, Nanos};
 
 /// One transfer to insert: what moves, the account it belongs to, memo, reference, when.
@@ -19,11 +19,11 @@ pub(crate) struct Batch<'w> {
     pub resolutions: Vec<&'w Hold>,
     pub transfers: Vec<TransferEntry<'w>>,
     pub usage: Vec<&'w UsageRow>,
-    /// (available, held) change per account, in account order: backends that lock wallet rows
-    /// take them in this order, so two batches never deadlock.
-    pub deltas: BTreeMap<AccountId, (i64, i64)>,
-    /// The part of each account's available change that moves a node's lease: everything but
-    /// grants, which go to the free balance.
+    /// (available, held, debt) change per account, in account order: backends that lock wallet
+    /// rows take them in this order, so two batches never deadlock.
+    pub deltas: BTreeMap<AccountId, (i64, i64, i64)>,
+    /// The part of each account's available change that moves a node's lease: what holds move,
+    /// not the transfers made from outside (grants, refunds), which move the free balance.
     pub lease_deltas: BTreeMap<AccountId, i64>,
     /// Each key's change of its month's spend, in key order.
     pub key_spend: BTreeMap<KeyId, KeySpendDelta>,
@@ -122,9 +122,9 @@ impl<'w> Batch<'w> {
         }
         for (transfer, ..) in &batch.transfers {
             add_deltas(transfer, &mut batch.deltas);
-            if transfer.kind != TransferKind::Grant {
-                for (account, available, _) in transfer.balance_moves() {
-                    *batch.lease_deltas.entry(account).or_default() += available;
+            if transfer.kind.moves_lease() {
+                for moved in transfer.balance_moves() {
+                    *batch.lease_deltas.entry(moved.account).or_default() += moved.available;
                 }
             }
         }
@@ -141,12 +141,13 @@ fn reference(hold: &Hold) -> String {
     }
 }
 
-/// How a transfer moves an account's cached (available, held) balances.
-fn add_deltas(transfer: &Transfer, deltas: &mut BTreeMap<AccountId, (i64, i64)>) {
-    for (account, available, held) in transfer.balance_moves() {
-        let delta = deltas.entry(account).or_default();
-        delta.0 += available;
-        delta.1 += held;
+/// How a transfer moves an account's cached (available, held, debt) balances.
+fn add_deltas(transfer: &Transfer, deltas: &mut BTreeMap<AccountId, (i64, i64, i64)>) {
+    for moved in transfer.balance_moves() {
+        let delta = deltas.entry(moved.account).or_default();
+        delta.0 += moved.available;
+        delta.1 += moved.held;
+        delta.2 += moved.debt;
     }
 }
 

@@ -27,6 +27,7 @@ use crate::{
     SeriesSplit, SessionRecord, SessionStore, Sharing, StoreChange, StoreError, StoreHealth,
     StoredResponse, TransferRecord, UsageBucket, UsageFilter, UsageGroup, UsageRow, UsageStore,
 };
+use crate::{PaymentEvent, PaymentStore, TopUp};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use std::future::Future;
@@ -35,6 +36,8 @@ use std::sync::Arc;
 use std::time::Duration;
 use tollgate_core::audit::AuditEntry;
 use tollgate_core::ledger::Wallet;
+use tollgate_core::payment::TopUpStatus;
+use tollgate_core::TopUpId;
 use tollgate_core::{AccountId, HoldId, KeyHash, KeyId, Nanos, NodeId, RequestId};
 
 /// The backstop: how long any call may take before it counts as an outage.
@@ -128,6 +131,20 @@ bounded!(KeyStore {
     fn roll_key(id: KeyId, new_hash: KeyHash, display_prefix: &str, old_secret_expires_at: DateTime<Utc>, at: DateTime<Utc>) -> KeyChange;
 });
 
+bounded!(PaymentStore {
+    fn create_topup(topup: &TopUp) -> ();
+    fn topup(id: TopUpId) -> Option<TopUp>;
+    fn topup_by_provider_id(provider_id: &str) -> Option<TopUp>;
+    fn topups(account: AccountId, before: Option<TopUpId>, limit: u32) -> Vec<TopUp>;
+    fn set_checkout(id: TopUpId, session: &str, url: &str, at: DateTime<Utc>) -> ();
+    fn move_topup(id: TopUpId, status: TopUpStatus, payment_intent: Option<&str>, failure: Option<&str>, at: DateTime<Utc>) -> bool;
+    fn set_dispute(id: TopUpId, status: &str, at: DateTime<Utc>) -> bool;
+    fn flag_topup(id: TopUpId, review: &str, at: DateTime<Utc>) -> ();
+    fn record_event(event: &PaymentEvent) -> bool;
+    fn finish_event(id: &str, outcome: &str, at: DateTime<Utc>) -> ();
+    fn waiting_events(topup: TopUpId, payment_intent: Option<&str>) -> Vec<PaymentEvent>;
+});
+
 bounded!(LedgerStore {
     fn ledger_balance(account: AccountId) -> Nanos;
     fn wallet(account: AccountId) -> Option<Wallet>;
@@ -139,7 +156,8 @@ bounded!(LedgerStore {
     fn commit(batch: BatchId, writes: &[LedgerWrite]) -> ();
     fn transfers(account: AccountId, before: Option<i64>, limit: u32) -> Vec<TransferRecord>;
     fn trial_balance() -> Vec<(String, i64)>;
-    fn grant_applied(account: AccountId, reference: &str) -> bool;
+    fn filed(account: AccountId, reference: &str) -> bool;
+    fn filed_total(account: AccountId, prefix: &str) -> Nanos;
 });
 
 bounded!(UsageStore {

@@ -17,9 +17,11 @@ use ipnet::IpNet;
 use tollgate_core::audit::AuditEntry;
 use tollgate_core::ledger::{BillingStatus, Hold, Transfer, Wallet};
 use tollgate_core::metering::TokenUsage;
+use tollgate_core::payment::TopUpStatus;
 use tollgate_core::ratelimit::Overrides;
 use tollgate_core::{
-    AccountId, ApiKey, HoldId, KeyEnv, KeyHash, KeyId, KeyKind, KeyStatus, Nanos, NodeId, RequestId,
+    AccountId, ApiKey, HoldId, KeyEnv, KeyHash, KeyId, KeyKind, KeyStatus, Nanos, NodeId,
+    RequestId, TopUpId,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -129,6 +131,8 @@ pub struct KeyLookup {
     pub account_rate_limits: Overrides,
     /// Whether the key's account is suspended (its keys are refused).
     pub account_suspended: bool,
+    /// What the key's account owes (its keys open no hold until it is paid).
+    pub account_debt: Nanos,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -357,8 +361,11 @@ pub trait LedgerStore: Send + Sync {
     ) -> Result<Vec<TransferRecord>, StoreError>;
     /// Every ledger account's balance rebuilt from the transfers (they sum to zero).
     async fn trial_balance(&self) -> Result<Vec<(String, i64)>, StoreError>;
-    /// Whether a grant filed under `reference` has been committed to the account.
-    async fn grant_applied(&self, account: AccountId, reference: &str) -> Result<bool, StoreError>;
+    /// Whether a transfer filed under `reference` has been committed to the account.
+    async fn filed(&self, account: AccountId, reference: &str) -> Result<bool, StoreError>;
+    /// What the account's transfers filed under a reference starting with `prefix` moved, in
+    /// all (a top-up's refunds: `payment:<top-up>:refund:`).
+    async fn filed_total(&self, account: AccountId, prefix: &str) -> Result<Nanos, StoreError>;
 }
 
 /// One data-plane request, as the usage log keeps it.
@@ -612,6 +619,134 @@ pub trait AuditStore: Send + Sync {
     async fn audit_head(&self) -> Result<Option<(u64, [u8; 32])>, StoreError>;
 }
 
+/// How a top-up began: a customer's checkout, or the account's automatic top-up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TopUpOrigin {
+    Checkout,
+    Auto,
+}
+
+impl TopUpOrigin {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TopUpOrigin::Checkout => "checkout",
+            TopUpOrigin::Auto => "auto",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<TopUpOrigin> {
+        [TopUpOrigin::Checkout, TopUpOrigin::Auto]
+            .into_iter()
+            .find(|o| o.as_str() == text)
+    }
+}
+
+/// A card top-up as stored: what it buys, what the card is charged, and the payment
+/// provider's ids once known.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopUp {
+    pub id: TopUpId,
+    pub account_id: AccountId,
+    /// The credits it buys.
+    pub amount: Nanos,
+    /// What the card is charged, in the currency's minor unit (cents).
+    pub amount_minor: i64,
+    /// Lower-case ISO 4217, as the provider writes it.
+    pub currency: String,
+    pub status: TopUpStatus,
+    pub origin: TopUpOrigin,
+    pub checkout_session: Option<String>,
+    pub checkout_url: Option<String>,
+    pub payment_intent: Option<String>,
+    /// Where a dispute of its payment stands: `open`, `won` or `lost`.
+    pub dispute: Option<String>,
+    /// Why an event about it was not applied (its amount or currency disagreed): for a person
+    /// to look at.
+    pub review: Option<String>,
+    pub failure: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// A payment provider's event as received.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PaymentEvent {
+    /// The provider's id (`evt_...`): an event is recorded once.
+    pub id: String,
+    pub kind: String,
+    /// The top-up it is about, when it names one.
+    pub topup: Option<TopUpId>,
+    /// The payment intent it is about, when it names one.
+    pub payment_intent: Option<String>,
+    /// The event as the provider sent it (JSON).
+    pub payload: String,
+    pub received_at: DateTime<Utc>,
+}
+
+#[async_trait]
+pub trait PaymentStore: Send + Sync {
+    async fn create_topup(&self, topup: &TopUp) -> Result<(), StoreError>;
+    async fn topup(&self, id: TopUpId) -> Result<Option<TopUp>, StoreError>;
+    /// The top-up with this checkout session or payment intent id.
+    async fn topup_by_provider_id(&self, provider_id: &str) -> Result<Option<TopUp>, StoreError>;
+    /// The account's top-ups, newest first, those before `before` if given.
+    async fn topups(
+        &self,
+        account: AccountId,
+        before: Option<TopUpId>,
+        limit: u32,
+    ) -> Result<Vec<TopUp>, StoreError>;
+    /// Records the checkout session made for a top-up.
+    async fn set_checkout(
+        &self,
+        id: TopUpId,
+        session: &str,
+        url: &str,
+        at: DateTime<Utc>,
+    ) -> Result<(), StoreError>;
+    /// Moves the top-up to `status` if its current one may become it
+    /// ([`TopUpStatus::comes_from`]), keeping the first payment intent and note it is given;
+    /// whether it moved.
+    async fn move_topup(
+        &self,
+        id: TopUpId,
+        status: TopUpStatus,
+        payment_intent: Option<&str>,
+        failure: Option<&str>,
+        at: DateTime<Utc>,
+    ) -> Result<bool, StoreError>;
+    /// Records where a dispute of the top-up's payment stands: `open` only if none was
+    /// recorded, `won` or `lost` unless one of them was; whether it changed.
+    async fn set_dispute(
+        &self,
+        id: TopUpId,
+        status: &str,
+        at: DateTime<Utc>,
+    ) -> Result<bool, StoreError>;
+    /// Flags a top-up for a person to review, keeping the first reason.
+    async fn flag_topup(
+        &self,
+        id: TopUpId,
+        review: &str,
+        at: DateTime<Utc>,
+    ) -> Result<(), StoreError>;
+    /// Records an event unless one with its id was recorded before; whether it has been
+    /// handled (a redelivery of an event already handled).
+    async fn record_event(&self, event: &PaymentEvent) -> Result<bool, StoreError>;
+    async fn finish_event(
+        &self,
+        id: &str,
+        outcome: &str,
+        at: DateTime<Utc>,
+    ) -> Result<(), StoreError>;
+    /// The events not yet handled about a top-up or its payment intent, oldest first.
+    async fn waiting_events(
+        &self,
+        topup: TopUpId,
+        payment_intent: Option<&str>,
+    ) -> Result<Vec<PaymentEvent>, StoreError>;
+}
+
 /// A console session: who signed in (the operator, or an account's master key), kept by the
 /// SHA-256 of its cookie's secret, so a copy of the store signs no one in. Every node reads it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -754,6 +889,7 @@ pub trait Store:
     + IdempotencyStore
     + AuditStore
     + SessionStore
+    + PaymentStore
     + StoreHealth
     + ChangeFeed
     + Sharing
@@ -767,6 +903,7 @@ impl<T> Store for T where
         + IdempotencyStore
         + AuditStore
         + SessionStore
+        + PaymentStore
         + StoreHealth
         + ChangeFeed
         + Sharing

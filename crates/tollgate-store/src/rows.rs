@@ -12,6 +12,7 @@ use std::str::FromStr;
 use tollgate_core::audit::AuditEntry;
 use tollgate_core::ledger::{BillingStatus, Hold, HoldStatus};
 use tollgate_core::metering::TokenUsage;
+use tollgate_core::payment::TopUpStatus;
 use tollgate_core::{AccountId, KeyHash, KeyKind, KeyStatus, Nanos, RequestId};
 
 pub(crate) fn millis(at: DateTime<Utc>) -> i64 {
@@ -127,6 +128,99 @@ impl TryFrom<AccountRow> for Account {
             rate_limits: from_json("account rate_limits", &row.rate_limits)?,
             created_at: from_millis(row.created_at)?,
         })
+    }
+}
+
+pub(crate) const TOPUP_COLUMNS: &str = "id, account_id, amount_nanos, amount_minor, currency, \
+    status, origin, checkout_session, checkout_url, payment_intent, dispute, review, failure, \
+    created_at, updated_at";
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct TopUpRow {
+    id: String,
+    account_id: String,
+    amount_nanos: i64,
+    amount_minor: i64,
+    currency: String,
+    status: String,
+    origin: String,
+    checkout_session: Option<String>,
+    checkout_url: Option<String>,
+    payment_intent: Option<String>,
+    dispute: Option<String>,
+    review: Option<String>,
+    failure: Option<String>,
+    created_at: i64,
+    updated_at: i64,
+}
+
+impl TryFrom<TopUpRow> for crate::TopUp {
+    type Error = StoreError;
+
+    fn try_from(row: TopUpRow) -> Result<Self, StoreError> {
+        Ok(crate::TopUp {
+            id: parse_id("top-up id", &row.id)?,
+            account_id: parse_id("account id", &row.account_id)?,
+            amount: Nanos(row.amount_nanos),
+            amount_minor: row.amount_minor,
+            currency: row.currency,
+            status: TopUpStatus::parse(&row.status)
+                .ok_or_else(|| corrupt("top-up status", &row.status))?,
+            origin: crate::TopUpOrigin::parse(&row.origin)
+                .ok_or_else(|| corrupt("top-up origin", &row.origin))?,
+            checkout_session: row.checkout_session,
+            checkout_url: row.checkout_url,
+            payment_intent: row.payment_intent,
+            dispute: row.dispute,
+            review: row.review,
+            failure: row.failure,
+            created_at: from_millis(row.created_at)?,
+            updated_at: from_millis(row.updated_at)?,
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct PaymentEventRow {
+    id: String,
+    kind: String,
+    topup_id: Option<String>,
+    payment_intent: Option<String>,
+    payload: String,
+    received_at: i64,
+}
+
+impl TryFrom<PaymentEventRow> for crate::PaymentEvent {
+    type Error = StoreError;
+
+    fn try_from(row: PaymentEventRow) -> Result<Self, StoreError> {
+        Ok(crate::PaymentEvent {
+            id: row.id,
+            kind: row.kind,
+            topup: row
+                .topup_id
+                .as_deref()
+                .map(|t| parse_id("top-up id", t))
+                .transpose()?,
+            payment_intent: row.payment_intent,
+            payload: row.payload,
+            received_at: from_millis(row.received_at)?,
+        })
+    }
+}
+
+/// The statuses a top-up may move to `status` from, as a SQL list (`'pending', ...`), or
+/// `NULL` when none may.
+pub(crate) fn statuses_before(status: TopUpStatus) -> String {
+    let list: Vec<String> = status
+        .comes_from()
+        .iter()
+        .map(|s| format!("'{}'", s.as_str()))
+        .collect();
+    if list.is_empty() {
+        "NULL".into()
+    } else {
+        list.join(", ")
     }
 }
 
@@ -627,6 +721,7 @@ pub(crate) fn convert<R, T: TryFrom<R, Error = StoreError>>(
 pub(crate) struct StandingRow {
     status: String,
     rate_limits: String,
+    debt_nanos: i64,
 }
 
 impl StandingRow {
@@ -641,6 +736,7 @@ impl StandingRow {
             secret_expires_at,
             account_rate_limits: from_json("account rate_limits", &self.rate_limits)?,
             account_suspended: self.status == "suspended",
+            account_debt: Nanos(self.debt_nanos),
         })
     }
 }

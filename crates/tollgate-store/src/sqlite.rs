@@ -8,6 +8,7 @@ use crate::rows::{
     UsageDbRow, ACCOUNT_SELECT, HOLD_COLUMNS, KEY_COLUMNS, UPSERT_SLOTS, UPSERT_SLOTS_CONFLICT,
     UPSERT_SPEND, UPSERT_SPEND_CONFLICT, USAGE_COLUMNS,
 };
+use crate::rows::{statuses_before, PaymentEventRow, TopUpRow, TOPUP_COLUMNS};
 use crate::{
     Account, AccountStore, AuditStore, BatchId, ChangeFeed, HoldRecord, IdempotencyBegin,
     IdempotencyClaim, IdempotencyStore, InsertKeyOutcome, KeyActivity, KeyChange, KeyLookup,
@@ -15,6 +16,7 @@ use crate::{
     SessionRecord, SessionStore, Sharing, StoreError, StoreHealth, StoredResponse, TransferRecord,
     UsageBucket, UsageFilter, UsageGroup, UsageRow, UsageStore,
 };
+use crate::{PaymentEvent, PaymentStore, TopUp};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
@@ -23,7 +25,9 @@ use std::path::Path;
 use std::time::Duration;
 use tollgate_core::audit::AuditEntry;
 use tollgate_core::ledger::{month_start, LedgerAccount, Transfer, TransferKind, Wallet};
+use tollgate_core::payment::TopUpStatus;
 use tollgate_core::ratelimit::Overrides;
+use tollgate_core::TopUpId;
 use tollgate_core::{AccountId, HoldId, KeyHash, KeyId, Nanos, RequestId};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -466,12 +470,15 @@ impl SqliteStore {
         key: KeyRecord,
         secret_expires_at: Option<DateTime<Utc>>,
     ) -> Result<KeyLookup, StoreError> {
-        sqlx::query_as::<_, StandingRow>("SELECT status, rate_limits FROM accounts WHERE id = ?")
-            .bind(key.account_id.to_string())
-            .fetch_one(&self.pool)
-            .await
-            .map_err(store_error)?
-            .lookup(key, secret_expires_at)
+        sqlx::query_as::<_, StandingRow>(
+            "SELECT a.status, a.rate_limits, w.debt_nanos FROM accounts a \
+             JOIN wallets w ON w.account_id = a.id WHERE a.id = ?",
+        )
+        .bind(key.account_id.to_string())
+        .fetch_one(&self.pool)
+        .await
+        .map_err(store_error)?
+        .lookup(key, secret_expires_at)
     }
 
     async fn key_change(&self, id: KeyId, changed: bool) -> Result<KeyChange, StoreError> {
@@ -504,15 +511,17 @@ impl LedgerStore for SqliteStore {
     }
 
     async fn wallet(&self, account: AccountId) -> Result<Option<Wallet>, StoreError> {
-        let row: Option<(i64, i64)> =
-            sqlx::query_as("SELECT balance_nanos, held_nanos FROM wallets WHERE account_id = ?")
-                .bind(account.to_string())
-                .fetch_optional(&self.pool)
-                .await
-                .map_err(store_error)?;
-        Ok(row.map(|(available, held)| Wallet {
+        let row: Option<(i64, i64, i64)> = sqlx::query_as(
+            "SELECT balance_nanos, held_nanos, debt_nanos FROM wallets WHERE account_id = ?",
+        )
+        .bind(account.to_string())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(store_error)?;
+        Ok(row.map(|(available, held, debt)| Wallet {
             available: Nanos(available),
             held: Nanos(held),
+            debt: Nanos(debt),
         }))
     }
 
@@ -683,16 +692,17 @@ impl LedgerStore for SqliteStore {
             insert_usage(&mut tx, chunk).await?;
         }
         // One update per account per batch.
-        for (account, (available, held)) in deltas {
-            if available == 0 && held == 0 {
+        for (account, (available, held, debt)) in deltas {
+            if available == 0 && held == 0 && debt == 0 {
                 continue;
             }
             sqlx::query(
-                "UPDATE wallets SET balance_nanos = balance_nanos + ?, held_nanos = held_nanos + ? \
-                 WHERE account_id = ?",
+                "UPDATE wallets SET balance_nanos = balance_nanos + ?, held_nanos = held_nanos + ?, \
+                 debt_nanos = debt_nanos + ? WHERE account_id = ?",
             )
             .bind(available)
             .bind(held)
+            .bind(debt)
             .bind(account.to_string())
             .execute(&mut *tx)
             .await
@@ -720,10 +730,9 @@ impl LedgerStore for SqliteStore {
         convert(rows)
     }
 
-    async fn grant_applied(&self, account: AccountId, reference: &str) -> Result<bool, StoreError> {
+    async fn filed(&self, account: AccountId, reference: &str) -> Result<bool, StoreError> {
         let found: Option<i64> = sqlx::query_scalar(
-            "SELECT 1 FROM ledger_transfers \
-             WHERE account_id = ? AND kind = 'grant' AND reference = ? LIMIT 1",
+            "SELECT 1 FROM ledger_transfers WHERE account_id = ? AND reference = ? LIMIT 1",
         )
         .bind(account.to_string())
         .bind(reference)
@@ -731,6 +740,19 @@ impl LedgerStore for SqliteStore {
         .await
         .map_err(store_error)?;
         Ok(found.is_some())
+    }
+
+    async fn filed_total(&self, account: AccountId, prefix: &str) -> Result<Nanos, StoreError> {
+        let sum: i64 = sqlx::query_scalar(
+            "SELECT COALESCE(SUM(amount_nanos), 0) FROM ledger_transfers \
+             WHERE account_id = ?1 AND substr(reference, 1, length(?2)) = ?2",
+        )
+        .bind(account.to_string())
+        .bind(prefix)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(store_error)?;
+        Ok(Nanos(sum))
     }
 
     async fn trial_balance(&self) -> Result<Vec<(String, i64)>, StoreError> {
@@ -1223,5 +1245,219 @@ impl StoreHealth for SqliteStore {
 
     fn backend(&self) -> &'static str {
         "sqlite"
+    }
+}
+
+#[async_trait]
+impl PaymentStore for SqliteStore {
+    async fn create_topup(&self, topup: &TopUp) -> Result<(), StoreError> {
+        sqlx::query(&format!(
+            "INSERT INTO topups ({TOPUP_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)"
+        ))
+        .bind(topup.id.to_string())
+        .bind(topup.account_id.to_string())
+        .bind(topup.amount.0)
+        .bind(topup.amount_minor)
+        .bind(&topup.currency)
+        .bind(topup.status.as_str())
+        .bind(topup.origin.as_str())
+        .bind(&topup.checkout_session)
+        .bind(&topup.checkout_url)
+        .bind(&topup.payment_intent)
+        .bind(&topup.dispute)
+        .bind(&topup.review)
+        .bind(&topup.failure)
+        .bind(millis(topup.created_at))
+        .bind(millis(topup.updated_at))
+        .execute(&self.pool)
+        .await
+        .map_err(store_error)?;
+        Ok(())
+    }
+
+    async fn topup(&self, id: TopUpId) -> Result<Option<TopUp>, StoreError> {
+        let row: Option<TopUpRow> =
+            sqlx::query_as(&format!("SELECT {TOPUP_COLUMNS} FROM topups WHERE id = ?1"))
+                .bind(id.to_string())
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(store_error)?;
+        row.map(TopUp::try_from).transpose()
+    }
+
+    async fn topup_by_provider_id(&self, provider_id: &str) -> Result<Option<TopUp>, StoreError> {
+        let row: Option<TopUpRow> = sqlx::query_as(&format!(
+            "SELECT {TOPUP_COLUMNS} FROM topups \
+             WHERE checkout_session = ?1 OR payment_intent = ?1 LIMIT 1"
+        ))
+        .bind(provider_id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(store_error)?;
+        row.map(TopUp::try_from).transpose()
+    }
+
+    async fn topups(
+        &self,
+        account: AccountId,
+        before: Option<TopUpId>,
+        limit: u32,
+    ) -> Result<Vec<TopUp>, StoreError> {
+        let rows: Vec<TopUpRow> = sqlx::query_as(&format!(
+            "SELECT {TOPUP_COLUMNS} FROM topups WHERE account_id = ?1 \
+             AND (?2 IS NULL OR id < ?2) ORDER BY id DESC LIMIT ?3"
+        ))
+        .bind(account.to_string())
+        .bind(before.map(|id| id.to_string()))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(store_error)?;
+        convert(rows)
+    }
+
+    async fn set_checkout(
+        &self,
+        id: TopUpId,
+        session: &str,
+        url: &str,
+        at: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE topups SET checkout_session = ?1, checkout_url = ?2, updated_at = ?3 \
+             WHERE id = ?4",
+        )
+        .bind(session)
+        .bind(url)
+        .bind(millis(at))
+        .bind(id.to_string())
+        .execute(&self.pool)
+        .await
+        .map_err(store_error)?;
+        Ok(())
+    }
+
+    async fn move_topup(
+        &self,
+        id: TopUpId,
+        status: TopUpStatus,
+        payment_intent: Option<&str>,
+        failure: Option<&str>,
+        at: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        let moved = sqlx::query(&format!(
+            "UPDATE topups SET status = ?1, payment_intent = COALESCE(payment_intent, ?2), \
+             failure = COALESCE(failure, ?3), updated_at = ?4 \
+             WHERE id = ?5 AND status IN ({})",
+            statuses_before(status)
+        ))
+        .bind(status.as_str())
+        .bind(payment_intent)
+        .bind(failure)
+        .bind(millis(at))
+        .bind(id.to_string())
+        .execute(&self.pool)
+        .await
+        .map_err(store_error)?
+        .rows_affected();
+        Ok(moved == 1)
+    }
+
+    async fn set_dispute(
+        &self,
+        id: TopUpId,
+        status: &str,
+        at: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        let changed = sqlx::query(
+            "UPDATE topups SET dispute = ?1, updated_at = ?2 WHERE id = ?3 AND \
+             (dispute IS NULL OR (?1 <> 'open' AND dispute = 'open'))",
+        )
+        .bind(status)
+        .bind(millis(at))
+        .bind(id.to_string())
+        .execute(&self.pool)
+        .await
+        .map_err(store_error)?
+        .rows_affected();
+        Ok(changed == 1)
+    }
+
+    async fn flag_topup(
+        &self,
+        id: TopUpId,
+        review: &str,
+        at: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE topups SET review = COALESCE(review, ?1), updated_at = ?2 WHERE id = ?3",
+        )
+        .bind(review)
+        .bind(millis(at))
+        .bind(id.to_string())
+        .execute(&self.pool)
+        .await
+        .map_err(store_error)?;
+        Ok(())
+    }
+
+    async fn record_event(&self, event: &PaymentEvent) -> Result<bool, StoreError> {
+        sqlx::query(
+            "INSERT INTO payment_events (id, kind, topup_id, payment_intent, payload, received_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(&event.id)
+        .bind(&event.kind)
+        .bind(event.topup.map(|t| t.to_string()))
+        .bind(&event.payment_intent)
+        .bind(&event.payload)
+        .bind(millis(event.received_at))
+        .execute(&self.pool)
+        .await
+        .map_err(store_error)?;
+        let handled: Option<i64> =
+            sqlx::query_scalar("SELECT handled_at FROM payment_events WHERE id = ?1")
+                .bind(&event.id)
+                .fetch_one(&self.pool)
+                .await
+                .map_err(store_error)?;
+        Ok(handled.is_some())
+    }
+
+    async fn finish_event(
+        &self,
+        id: &str,
+        outcome: &str,
+        at: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE payment_events SET handled_at = COALESCE(handled_at, ?1), outcome = ?2 \
+             WHERE id = ?3",
+        )
+        .bind(millis(at))
+        .bind(outcome)
+        .bind(id)
+        .execute(&self.pool)
+        .await
+        .map_err(store_error)?;
+        Ok(())
+    }
+
+    async fn waiting_events(
+        &self,
+        topup: TopUpId,
+        payment_intent: Option<&str>,
+    ) -> Result<Vec<PaymentEvent>, StoreError> {
+        let rows: Vec<PaymentEventRow> = sqlx::query_as(
+            "SELECT id, kind, topup_id, payment_intent, payload, received_at FROM payment_events \
+             WHERE handled_at IS NULL AND (topup_id = ?1 OR payment_intent = ?2) \
+             ORDER BY received_at, id",
+        )
+        .bind(topup.to_string())
+        .bind(payment_intent)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(store_error)?;
+        convert(rows)
     }
 }

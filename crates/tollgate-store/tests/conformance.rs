@@ -784,7 +784,8 @@ pub async fn holds_commit_settle_and_release_in_batches(store: Arc<dyn Store>) {
         store.wallet(account).await.unwrap(),
         Some(Wallet {
             available: Nanos(500),
-            held: Nanos(500)
+            held: Nanos(500),
+            debt: Nanos(0),
         })
     );
     assert_eq!(store.pending_holds().await.unwrap().len(), 2);
@@ -945,6 +946,268 @@ pub async fn a_wallet_never_goes_negative_in_the_store(store: Arc<dyn Store>) {
         "{refused:?}"
     );
     assert_eq!(store.ledger_balance(account).await.unwrap(), Nanos(10));
+}
+
+/// A payment movement as the ledger service writes it: the book's transfers, filed under
+/// `reference`.
+fn payment_writes(
+    account: AccountId,
+    transfers: Vec<Transfer>,
+    reference: &str,
+) -> Vec<LedgerWrite> {
+    transfers
+        .into_iter()
+        .map(|transfer| LedgerWrite::Grant {
+            account,
+            transfer,
+            memo: "card".into(),
+            reference: reference.into(),
+            at: at(0),
+        })
+        .collect()
+}
+
+pub async fn a_refund_past_the_wallet_is_debt_that_new_credit_repays_once_per_reference(
+    store: Arc<dyn Store>,
+) {
+    use tollgate_core::ledger::{LedgerAccount, TransferKind};
+    let (account, _, _) = new_account(&*store, Nanos(30)).await;
+    let mut book = Book::new();
+    book.load_wallet(account, store.wallet(account).await.unwrap().unwrap());
+    let refund = book
+        .take(
+            account,
+            Nanos(50),
+            LedgerAccount::External,
+            TransferKind::Refund,
+        )
+        .unwrap();
+    let reference = "payment:topup_1:refund:re_1";
+    let writes = payment_writes(account, refund, reference);
+    store.commit(BatchId::new(), &writes).await.unwrap();
+    let wallet = store.wallet(account).await.unwrap().unwrap();
+    assert_eq!((wallet.available, wallet.debt), (Nanos(0), Nanos(20)));
+    assert_eq!(wallet, book.wallet(account).unwrap());
+    assert!(store.filed(account, reference).await.unwrap());
+    assert!(!store
+        .filed(account, "payment:topup_1:refund:re_2")
+        .await
+        .unwrap());
+    assert_eq!(
+        store
+            .filed_total(account, "payment:topup_1:refund:")
+            .await
+            .unwrap(),
+        Nanos(50)
+    );
+    assert_eq!(
+        store
+            .filed_total(account, "payment:topup_2:")
+            .await
+            .unwrap(),
+        Nanos(0)
+    );
+    // The same movement again, in another batch: refused by the store itself.
+    let again = store.commit(BatchId::new(), &writes).await;
+    assert!(
+        matches!(again, Err(tollgate_store::StoreError::Corrupt(_))),
+        "{again:?}"
+    );
+    // Repaying more than is owed is refused too: debt never goes below zero.
+    let overpay = payment_writes(
+        account,
+        vec![Transfer {
+            debit: LedgerAccount::Wallet(account),
+            credit: LedgerAccount::Debt(account),
+            amount: Nanos(21),
+            kind: TransferKind::Repay,
+        }],
+        "payment:topup_x:credit",
+    );
+    assert!(store.commit(BatchId::new(), &overpay).await.is_err());
+
+    let credit = book
+        .credit(account, Nanos(25), LedgerAccount::External)
+        .unwrap();
+    store
+        .commit(
+            BatchId::new(),
+            &payment_writes(account, credit, "payment:topup_2:credit"),
+        )
+        .await
+        .unwrap();
+    let wallet = store.wallet(account).await.unwrap().unwrap();
+    assert_eq!((wallet.available, wallet.debt), (Nanos(5), Nanos(0)));
+    assert_eq!(store.ledger_balance(account).await.unwrap(), Nanos(5));
+    let trial = store.trial_balance().await.unwrap();
+    assert_eq!(trial.iter().map(|(_, n)| n).sum::<i64>(), 0);
+    assert!(trial
+        .iter()
+        .all(|(name, n)| !name.starts_with("debt:") || *n == 0));
+}
+
+fn topup(account: AccountId, ms: i64) -> tollgate_store::TopUp {
+    tollgate_store::TopUp {
+        id: tollgate_core::TopUpId::new(),
+        account_id: account,
+        amount: Nanos::parse_amount("25").unwrap(),
+        amount_minor: 2500,
+        currency: "usd".into(),
+        status: tollgate_core::payment::TopUpStatus::Pending,
+        origin: tollgate_store::TopUpOrigin::Checkout,
+        checkout_session: None,
+        checkout_url: None,
+        payment_intent: None,
+        dispute: None,
+        review: None,
+        failure: None,
+        created_at: at(ms),
+        updated_at: at(ms),
+    }
+}
+
+pub async fn topups_round_trip_list_newest_first_and_never_leave_paid(store: Arc<dyn Store>) {
+    use tollgate_core::payment::TopUpStatus::*;
+    let (account, _, _) = new_account(&*store, Nanos(0)).await;
+    let (other, _, _) = new_account(&*store, Nanos(0)).await;
+    let first = topup(account, 1);
+    let second = topup(account, 2);
+    for t in [&first, &second, &topup(other, 3)] {
+        store.create_topup(t).await.unwrap();
+    }
+    assert_eq!(store.topup(first.id).await.unwrap().as_ref(), Some(&first));
+    let listed = store.topups(account, None, 10).await.unwrap();
+    assert_eq!(listed, [second.clone(), first.clone()]);
+    let after = store.topups(account, Some(second.id), 10).await.unwrap();
+    assert_eq!(after, std::slice::from_ref(&first));
+
+    store
+        .set_checkout(first.id, "cs_1", "https://pay.example/cs_1", at(5))
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .topup_by_provider_id("cs_1")
+            .await
+            .unwrap()
+            .map(|t| t.id),
+        Some(first.id)
+    );
+    // Expired, then paid after all (money received wins), then nothing moves it again.
+    assert!(store
+        .move_topup(first.id, Expired, None, Some("expired"), at(6))
+        .await
+        .unwrap());
+    assert!(store
+        .move_topup(first.id, Paid, Some("pi_1"), None, at(7))
+        .await
+        .unwrap());
+    assert!(!store
+        .move_topup(first.id, Failed, Some("pi_2"), Some("declined"), at(8))
+        .await
+        .unwrap());
+    assert!(!store
+        .move_topup(first.id, Paid, Some("pi_2"), None, at(8))
+        .await
+        .unwrap());
+    let paid = store.topup(first.id).await.unwrap().unwrap();
+    assert_eq!(
+        (paid.status, paid.payment_intent.as_deref(), paid.updated_at),
+        (Paid, Some("pi_1"), at(7))
+    );
+    assert_eq!(
+        store
+            .topup_by_provider_id("pi_1")
+            .await
+            .unwrap()
+            .map(|t| t.id),
+        Some(first.id)
+    );
+    // Pending cannot be gone back to, and a final status is not left for another one.
+    assert!(!store
+        .move_topup(second.id, Pending, None, None, at(9))
+        .await
+        .unwrap());
+    assert!(store
+        .move_topup(second.id, Processing, None, None, at(9))
+        .await
+        .unwrap());
+    assert!(store
+        .move_topup(second.id, Failed, None, Some("declined"), at(9))
+        .await
+        .unwrap());
+    assert!(!store
+        .move_topup(second.id, Expired, None, Some("late"), at(9))
+        .await
+        .unwrap());
+    let failed = store.topup(second.id).await.unwrap().unwrap();
+    assert_eq!(
+        (failed.status, failed.failure.as_deref()),
+        (Failed, Some("declined"))
+    );
+
+    store
+        .flag_topup(first.id, "amount 1 usd, asked 25 usd", at(10))
+        .await
+        .unwrap();
+    store
+        .flag_topup(first.id, "second reason", at(11))
+        .await
+        .unwrap();
+    let flagged = store.topup(first.id).await.unwrap().unwrap();
+    assert_eq!(
+        flagged.review.as_deref(),
+        Some("amount 1 usd, asked 25 usd")
+    );
+    assert!(store
+        .topup_by_provider_id("pi_unknown")
+        .await
+        .unwrap()
+        .is_none());
+}
+
+pub async fn payment_events_are_recorded_once_and_wait_until_handled(store: Arc<dyn Store>) {
+    let (account, _, _) = new_account(&*store, Nanos(0)).await;
+    let t = topup(account, 1);
+    store.create_topup(&t).await.unwrap();
+    let event = |id: &str, ms| tollgate_store::PaymentEvent {
+        id: id.into(),
+        kind: "refund.created".into(),
+        topup: Some(t.id),
+        payment_intent: None,
+        payload: format!("{{\"id\":\"{id}\"}}"),
+        received_at: at(ms),
+    };
+    assert!(!store.record_event(&event("evt_1", 1)).await.unwrap());
+    assert!(
+        !store.record_event(&event("evt_1", 2)).await.unwrap(),
+        "recorded, not handled"
+    );
+    assert!(!store.record_event(&event("evt_2", 3)).await.unwrap());
+    // About the payment only (a refund before its top-up is known): found by the intent.
+    let by_intent = tollgate_store::PaymentEvent {
+        topup: None,
+        payment_intent: Some("pi_9".into()),
+        ..event("evt_3", 4)
+    };
+    assert!(!store.record_event(&by_intent).await.unwrap());
+    assert_eq!(
+        store.waiting_events(t.id, None).await.unwrap(),
+        [event("evt_1", 1), event("evt_2", 3)]
+    );
+    assert_eq!(
+        store.waiting_events(t.id, Some("pi_9")).await.unwrap(),
+        [event("evt_1", 1), event("evt_2", 3), by_intent]
+    );
+    store
+        .finish_event("evt_1", "refunded", at(4))
+        .await
+        .unwrap();
+    assert!(store.record_event(&event("evt_1", 5)).await.unwrap());
+    assert_eq!(
+        store.waiting_events(t.id, None).await.unwrap(),
+        [event("evt_2", 3)]
+    );
 }
 
 fn usage_row(account: AccountId, key: KeyId, ms: i64) -> UsageRow {
@@ -1499,6 +1762,9 @@ macro_rules! store_suite {
                 an_accounts_monthly_spend_is_kept_per_calendar_month,
                 key_activity_sums_each_keys_charges_and_finds_its_last_use,
                 console_sessions_round_trip_touch_end_and_purge,
+                a_refund_past_the_wallet_is_debt_that_new_credit_repays_once_per_reference,
+                topups_round_trip_list_newest_first_and_never_leave_paid,
+                payment_events_are_recorded_once_and_wait_until_handled,
             );
         }
     };

@@ -280,19 +280,24 @@ pub struct Balance {
     pub held: Money,
     /// Charged since the start of this calendar month (UTC).
     pub spent_this_month: Money,
+    /// What the account owes: credit a refund or dispute took back after it was spent. Paid
+    /// calls are refused (`account_in_debt`) until new credit pays it.
+    pub debt: Money,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct LedgerEntry {
     /// Increasing in commit order.
     pub seq: i64,
-    /// The ledger account the money left: `wallet:<account>`, `holds:<account>` or `external`.
+    /// The ledger account the money left: `wallet:<account>`, `holds:<account>`,
+    /// `debt:<account>`, `disputed:<account>` or `external`.
     pub from: String,
-    /// The ledger account the money went to: `wallet:<account>`, `holds:<account>` or
-    /// `revenue`.
+    /// The ledger account the money went to: `wallet:<account>`, `holds:<account>`,
+    /// `debt:<account>`, `disputed:<account>`, `revenue` or `external`.
     pub to: String,
     pub amount: Money,
-    /// `grant`, `hold`, `charge` or `release`.
+    /// `grant`, `hold`, `charge`, `release`, `refund`, `dispute`, `chargeback`, `debt` or
+    /// `repay`.
     pub kind: String,
     pub memo: String,
     /// The hold the entry belongs to, or a grant's request ID.
@@ -480,4 +485,83 @@ mod tests {
         let update = serde_json::from_str::<UpdateAccountRequest>(r#"{"max_keys": null}"#).unwrap();
         assert_eq!(update.max_keys, Some(None));
     }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(example = json!({"amount": "25"}))]
+pub struct TopUpRequest {
+    /// Credits to buy (one credit is one unit of the wallet's currency), within the configured
+    /// minimum and maximum, in whole cents.
+    #[schema(pattern = r"^[0-9]{1,9}(\.[0-9]{1,9})?$")]
+    pub amount: String,
+    /// Admin only (and required of the admin): the account that buys.
+    #[serde(default)]
+    pub account_id: Option<String>,
+}
+
+/// Where a top-up stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum TopUpState {
+    /// Waiting for the customer to pay at `checkout_url`.
+    Pending,
+    /// Paid by a method that settles later; credited when it does.
+    Processing,
+    /// Paid and credited.
+    Paid,
+    /// Paid and credited, then refunded in part.
+    PartiallyRefunded,
+    /// Paid and credited, then refunded in full.
+    Refunded,
+    /// Its payment is disputed (open, or lost): the disputed credit is out of the wallet.
+    Disputed,
+    /// The checkout ended unpaid.
+    Expired,
+    /// The payment was refused, or the payment provider could not be reached to start it.
+    Failed,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct TopUp {
+    /// `topup_...`
+    pub id: String,
+    pub account_id: AccountId,
+    /// The credits it buys.
+    pub amount: Money,
+    pub status: TopUpState,
+    /// `checkout` (the customer paid at Stripe Checkout) or `auto` (an automatic top-up).
+    pub origin: String,
+    /// Where the customer pays, while the top-up is pending.
+    pub checkout_url: Option<String>,
+    pub checkout_session: Option<String>,
+    pub payment_intent: Option<String>,
+    /// Credits taken back by refunds.
+    pub refunded: Money,
+    /// `open`, `won` or `lost`, if its payment was disputed.
+    pub dispute: Option<String>,
+    /// Why the top-up failed.
+    pub failure: Option<String>,
+    /// Why an event about it was not applied (what was paid disagreed with what was asked):
+    /// the operator looks into it; nothing was credited by that event.
+    pub review: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(example = json!({"since": "2026-12-01T00:00:00Z"}))]
+pub struct ReconcileRequest {
+    /// Read the payment provider's events created at or after this time (RFC 3339; at most
+    /// 30 days back, as long as the provider keeps them).
+    pub since: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Reconciliation {
+    /// Events read.
+    pub events: u64,
+    /// Of them, those not handled before (deliveries that never arrived), handled now.
+    pub handled: u64,
 }

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use tollgate_core::key::secret_matches;
 use tollgate_core::ratelimit::Overrides;
-use tollgate_core::{access, AccountId, ApiKey, ErrorCode, KeyHash, KeyId, KeyStatus};
+use tollgate_core::{access, AccountId, ApiKey, ErrorCode, KeyHash, KeyId, KeyStatus, Nanos};
 use tollgate_store::{KeyRecord, KeyStore, StoreError};
 
 /// Verifies an API key, its status and where it is used from; the key as cached on success.
@@ -189,6 +189,8 @@ pub struct CachedKey {
     /// The key's account's rate-limit overrides.
     pub account_rate_limits: Arc<Overrides>,
     pub account_suspended: bool,
+    /// What the account owed when this was read: its keys open no hold while it owes.
+    pub account_debt: Nanos,
 }
 
 /// Key records by secret hash, in memory, bounded.
@@ -273,6 +275,7 @@ impl KeyCache {
             secret_expires_at: found.secret_expires_at,
             account_rate_limits: Arc::new(found.account_rate_limits),
             account_suspended: found.account_suspended,
+            account_debt: found.account_debt,
         };
         let mut entries = self.write();
         if self.generation.load(Ordering::Acquire) == generation {
@@ -391,6 +394,7 @@ mod tests {
                 secret_expires_at: rolled,
                 account_rate_limits: Default::default(),
                 account_suspended: false,
+                account_debt: Nanos::ZERO,
             }))
         }
         async fn insert_key(&self, _: &KeyRecord, _: u32) -> Result<InsertKeyOutcome, StoreError> {

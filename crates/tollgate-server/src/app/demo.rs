@@ -242,6 +242,7 @@ fn demo_config(options: &DemoOptions, mock: &MockUpstream, admin_token: &str) ->
         idempotency: Default::default(),
         console: Default::default(),
         redis: Default::default(),
+        payments: Default::default(),
         rate_limits: None,
         routes,
     }

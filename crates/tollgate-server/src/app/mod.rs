@@ -13,6 +13,7 @@ use crate::http::error::HttpError;
 use crate::http::headers::ClientRequestId;
 use crate::management::{extract, openapi};
 use crate::ops::health;
+use crate::payments::service::Payments;
 use crate::state::{AppState, Shared};
 use crate::telemetry::Metrics;
 use crate::upstream::RouteTable;
@@ -78,7 +79,17 @@ impl Application {
         keys.register_metrics(&mut registry);
         ledger.register_metrics(&mut registry);
         let metrics = Arc::new(Metrics::new(registry));
+        let payments = config.stripe.clone().map(|settings| {
+            Arc::new(Payments::new(
+                settings,
+                store.clone(),
+                ledger.clone(),
+                keys.clone(),
+                clock.clone(),
+            ))
+        });
         let state = AppState::new(Shared {
+            payments,
             keys,
             metrics,
             ledger,
@@ -308,6 +319,8 @@ fn router(state: AppState) -> anyhow::Result<Router> {
         .routes(routes!(health::healthz))
         .routes(routes!(health::readyz))
         .routes(routes!(ops::metrics::handler))
+        .routes(routes!(management::payments::stripe_webhook))
+        .routes(routes!(management::payments::stripe_webhook_slash))
         .split_for_parts();
     let docs = openapi::routes();
     let doc = openapi::skeleton()
@@ -323,6 +336,8 @@ fn router(state: AppState) -> anyhow::Result<Router> {
         .merge(crate::console::router())
         // Everything that is not Tollgate's own path is proxied (or 404s if no route matches).
         .fallback(dataplane::proxy::proxy)
+        // One of Tollgate's own paths with a method it does not serve: 405 in the envelope.
+        .method_not_allowed_fallback(extract::method_not_allowed)
         // A panic becomes a 500 envelope, inside rescue so it is rendered like any error.
         .layer(CatchPanicLayer::custom(|_| {
             HttpError::new(

@@ -36,7 +36,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 use tollgate_core::ledger::{
-    month_start, Book, Hold, HoldRequest, HoldStatus, Refusal, Resolution, Resolve,
+    month_start, Book, Hold, HoldRequest, HoldStatus, LedgerAccount, Refusal, Resolution, Resolve,
+    Transfer, TransferKind,
 };
 use tollgate_core::NodeId;
 use tollgate_core::{AccountId, Clock, HoldId, KeyId, Nanos, RequestId};
@@ -186,6 +187,10 @@ pub enum HoldRefused {
         spent: Nanos,
         held: Nanos,
     },
+    /// The account owes this much (a refund or dispute took back spent credit).
+    InDebt {
+        debt: Nanos,
+    },
     /// The balance covers the hold, but other nodes lease the credit and did not give it back
     /// in time (one may have died; its leases are freed once they expire).
     CreditElsewhere {
@@ -214,8 +219,52 @@ impl From<Refusal> for HoldRefused {
             Refusal::KeyCapReached { cap, spent, held } => {
                 HoldRefused::KeyCapReached { cap, spent, held }
             }
+            Refusal::InDebt { debt } => HoldRefused::InDebt { debt },
             Refusal::NotLoaded | Refusal::Overflow | Refusal::InvalidAmount(_) => {
                 HoldRefused::Store(StoreError::Corrupt(refusal.to_string()))
+            }
+        }
+    }
+}
+
+/// A movement of money from outside any hold, made by [`Ledger::apply`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Movement {
+    /// Into the wallet from `from` (the outside, or a dispute won back), paying debt first.
+    Credit { from: LedgerAccount },
+    /// Out of the wallet to `to`, as `kind`; what the wallet no longer has becomes debt.
+    Take {
+        to: LedgerAccount,
+        kind: TransferKind,
+    },
+    /// From `from` to the outside, the wallet untouched (a dispute lost: the credit it set
+    /// aside is gone).
+    Close { from: LedgerAccount },
+}
+
+impl Movement {
+    fn make(
+        self,
+        book: &mut Book,
+        account: AccountId,
+        amount: Nanos,
+    ) -> Result<Vec<Transfer>, Refusal> {
+        match self {
+            Movement::Credit { from } => book.credit(account, amount, from),
+            Movement::Take { to, kind } => book.take(account, amount, to, kind),
+            Movement::Close { from } => {
+                if amount < Nanos::ZERO {
+                    return Err(Refusal::InvalidAmount(amount));
+                }
+                Ok((amount > Nanos::ZERO)
+                    .then_some(Transfer {
+                        debit: from,
+                        credit: LedgerAccount::External,
+                        amount,
+                        kind: TransferKind::Chargeback,
+                    })
+                    .into_iter()
+                    .collect())
             }
         }
     }
@@ -250,6 +299,9 @@ pub struct HoldSpec {
     pub account: AccountId,
     pub key: Option<KeyId>,
     pub key_cap: Option<Nanos>,
+    /// What the account owes, as its key's lookup read it: on a shared store, where this
+    /// node's book knows only its lease, how a node learns that a debt stops holds.
+    pub account_debt: Nanos,
     pub amount: Nanos,
     pub ttl: Duration,
     pub source: HoldSource,
@@ -412,6 +464,11 @@ impl Ledger {
             return Err(HoldRefused::Store(StoreError::Unavailable(
                 "the store does not answer; no new hold until it does".into(),
             )));
+        }
+        if spec.account_debt > Nanos::ZERO {
+            return Err(HoldRefused::InDebt {
+                debt: spec.account_debt,
+            });
         }
         self.load(spec.account, spec.key).await?;
         let now = self.clock.now();
@@ -677,8 +734,8 @@ impl Ledger {
 
     /// Credits an account from outside and waits until it is stored. With `once`, the grant is
     /// filed under `reference` and applied at most once per account: a grant already committed
-    /// under it answers [`Granted::AlreadyApplied`] and changes nothing. Grants take turns on a
-    /// node, so the check and the grant are not split by another grant.
+    /// under it answers [`Granted::AlreadyApplied`] and changes nothing. What the account owes
+    /// is paid from it first.
     ///
     /// If the store does not confirm in time, the grant stays queued and is applied when the
     /// store answers ([`GrantRefused::Unconfirmed`]): the caller must say so, never "nothing
@@ -691,10 +748,31 @@ impl Ledger {
         reference: &str,
         once: bool,
     ) -> Result<Granted, GrantRefused> {
+        let movement = Movement::Credit {
+            from: LedgerAccount::External,
+        };
+        self.apply(account, amount, movement, memo, reference, once)
+            .await
+    }
+
+    /// Moves money between an account and the outside, not through a hold (a grant, a card
+    /// payment, its refund or dispute), and waits until it is stored. With `once`, applied at most
+    /// once per account and reference. Such movements take turns on a node, so the check and the
+    /// write are not split; across nodes the store refuses a second `payment:` movement under one
+    /// reference.
+    pub async fn apply(
+        &self,
+        account: AccountId,
+        amount: Nanos,
+        movement: Movement,
+        memo: &str,
+        reference: &str,
+        once: bool,
+    ) -> Result<Granted, GrantRefused> {
         let _turn = self.grants.lock().await;
         if once {
             self.flush().await?;
-            if self.store.grant_applied(account, reference).await? {
+            if self.store.filed(account, reference).await? {
                 return Ok(Granted::AlreadyApplied);
             }
         }
@@ -702,16 +780,29 @@ impl Ledger {
             Refusal::Overflow | Refusal::InvalidAmount(_) => GrantRefused::OverLimit,
             other => GrantRefused::Store(StoreError::Corrupt(other.to_string())),
         };
-        // On a shared store a grant is free balance, for any node to carve, not this node's
-        // lease: the book is left as it is, and the limit is checked on the stored wallet.
-        let shared_transfer = match self.leasing {
-            Some(_) => {
-                let wallet = self.store.wallet(account).await?.ok_or_else(|| {
+        // On a shared store these move the free balance, for any node to carve, not this
+        // node's lease: the book is left as it is, and the movement is worked out on the stored
+        // wallet, less what nodes lease (the store refuses the batch if a carve took it meanwhile).
+        let shared_transfers = match &self.leasing {
+            Some(leasing) => {
+                let mut wallet = self.store.wallet(account).await?.ok_or_else(|| {
                     StoreError::Corrupt(format!("account {account} has no wallet"))
                 })?;
+                let leased: i64 = leasing
+                    .leases
+                    .leases_of(account)
+                    .await?
+                    .iter()
+                    .map(|(_, n)| n.0)
+                    .sum();
+                wallet.available = Nanos((wallet.available.0 - leased).max(0));
                 let mut scratch = Book::new();
                 scratch.load_wallet(account, wallet);
-                Some(scratch.grant(account, amount).map_err(refused)?)
+                Some(
+                    movement
+                        .make(&mut scratch, account, amount)
+                        .map_err(refused)?,
+                )
             }
             None => {
                 self.load(account, None).await?;
@@ -720,26 +811,30 @@ impl Ledger {
         };
         {
             let mut book = self.book();
-            let transfer = match shared_transfer {
-                Some(transfer) => transfer,
-                None => book.grant(account, amount).map_err(refused)?,
+            let transfers = match shared_transfers {
+                Some(transfers) => transfers,
+                None => movement.make(&mut book, account, amount).map_err(refused)?,
             };
-            if amount > Nanos::ZERO {
-                let write = LedgerWrite::Grant {
+            let at = self.clock.now();
+            let writes: Vec<LedgerWrite> = transfers
+                .into_iter()
+                .map(|transfer| LedgerWrite::Grant {
                     account,
                     transfer,
                     memo: memo.to_string(),
                     reference: reference.to_string(),
-                    at: self.clock.now(),
-                };
-                self.enqueue(&book, vec![write]);
+                    at,
+                })
+                .collect();
+            if !writes.is_empty() {
+                self.enqueue(&book, writes);
             }
         }
         self.flush().await.map_err(|_| GrantRefused::Unconfirmed)?;
-        // Handled is not stored: a grant the store refused was undone in the book.
-        if !self.store.grant_applied(account, reference).await? {
+        // Handled is not stored: a movement the store refused was undone in the book.
+        if amount > Nanos::ZERO && !self.store.filed(account, reference).await? {
             return Err(GrantRefused::Store(StoreError::Corrupt(format!(
-                "the store refused the grant filed under '{reference}'; it was not applied"
+                "the store refused the transfer filed under '{reference}'; it was not applied"
             ))));
         }
         Ok(Granted::Applied)

@@ -36,6 +36,13 @@ pub fn refused_error(refused: HoldRefused, required: Nanos, currency: &str) -> H
             .with_detail("spent", money(spent))
             .with_detail("held", money(held))
         }
+        HoldRefused::InDebt { debt } => HttpError::new(
+            ErrorCode::AccountInDebt,
+            format!(
+                "A refund or a dispute took back {debt} {currency} of credit this account had already spent. Top up: new credit pays that first, then paid calls resume."
+            ),
+        )
+        .with_detail("debt", money(debt)),
         HoldRefused::CreditElsewhere { required, balance } => ApiError::new(
             ErrorCode::ServiceUnavailable,
             format!(

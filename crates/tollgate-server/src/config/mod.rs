@@ -16,8 +16,8 @@ pub mod raw;
 pub use problems::{ConfigErrors, ConfigProblem};
 pub use raw::{
     default_rate_limits, HoldRuleName, OtherEndpoints, RawAdmin, RawBilling, RawConfig, RawConsole,
-    RawIdempotency, RawKeys, RawLoadShedding, RawModel, RawPolicy, RawRedis, RawRoute, RawServer,
-    RawStore, RouteAuth, RouteKind, Secret, StreamPolicy, ENV_OVERRIDES,
+    RawIdempotency, RawKeys, RawLoadShedding, RawModel, RawPayments, RawPolicy, RawRedis, RawRoute,
+    RawServer, RawStore, RawStripe, RouteAuth, RouteKind, Secret, StreamPolicy, ENV_OVERRIDES,
 };
 
 use http::header::HeaderName;
@@ -79,6 +79,27 @@ pub struct ConsoleSettings {
     pub time_zone: chrono_tz::Tz,
 }
 
+/// Card top-ups through Stripe (`[payments.stripe]`).
+#[derive(Debug, Clone)]
+pub struct StripeSettings {
+    pub secret_key: Secret,
+    pub webhook_secrets: Vec<Secret>,
+    /// Stripe's API, with no trailing slash; tests point it at a fake.
+    pub api_base: String,
+    /// Lower-case ISO 4217, the wallet's currency.
+    pub currency: String,
+    pub min_topup: Nanos,
+    pub max_topup: Nanos,
+    pub success_url: String,
+    pub cancel_url: String,
+    pub session_expiry: Duration,
+    pub signature_tolerance: Duration,
+    pub webhook_max_bytes: usize,
+    pub timeout: Duration,
+    /// `None`: missed deliveries are only found by `tollgate payments reconcile`.
+    pub reconcile_interval: Option<Duration>,
+}
+
 #[derive(Debug, Clone)]
 pub struct Config {
     pub listen: SocketAddr,
@@ -107,6 +128,8 @@ pub struct Config {
     pub redis_url: Option<Secret>,
     pub idempotency_max_response_bytes: u64,
     pub console: ConsoleSettings,
+    /// `None`: no card payments (only the operator grants credit).
+    pub stripe: Option<StripeSettings>,
     /// Policies for every request with a caller (scopes other than `ip`).
     pub rate_limits: Vec<Arc<Policy>>,
     /// `ip` policies: requests that end without an authenticated caller.
@@ -389,6 +412,12 @@ impl Config {
             }),
         };
 
+        let stripe = raw
+            .payments
+            .stripe
+            .as_ref()
+            .and_then(|raw_stripe| validate_stripe(raw_stripe, &currency, &mut p));
+
         let redis_url = raw.redis.url.as_ref().and_then(|url| {
             if url.starts_with("redis://") || url.starts_with("rediss://") {
                 Some(Secret(url.clone()))
@@ -464,6 +493,7 @@ impl Config {
                 redis_url,
                 idempotency_max_response_bytes: raw.idempotency.max_response_bytes,
                 console,
+                stripe,
                 rate_limits,
                 anonymous_limits,
                 routes,
@@ -949,6 +979,138 @@ pub fn default_max_connections() -> usize {
     usize::try_from((hard / 2).clamp(1, MAX_DEFAULT_CONNECTIONS)).unwrap_or(512)
 }
 
+/// `[payments.stripe]` checked: every problem pushed, `None` if there was one.
+fn validate_stripe(
+    raw: &RawStripe,
+    wallet_currency: &str,
+    p: &mut Problems,
+) -> Option<StripeSettings> {
+    let before = p.len();
+    let at = |field: &str| format!("payments.stripe.{field}");
+    let secret_key = raw.secret_key.clone().filter(|k| !k.0.is_empty());
+    if secret_key.is_none() {
+        p.push(
+            &at("secret_key"),
+            "is required (or TOLLGATE_STRIPE_SECRET_KEY): Stripe's secret API key",
+        );
+    }
+    if raw.webhook_secrets.is_empty() || raw.webhook_secrets.iter().any(|s| s.0.is_empty()) {
+        p.push(
+            &at("webhook_secrets"),
+            "must list every webhook signing secret in use (whsec_...), none empty (or TOLLGATE_STRIPE_WEBHOOK_SECRETS, comma-separated)",
+        );
+    }
+    let api_base = raw.api_base.trim_end_matches('/').to_string();
+    let is_url = |u: &str| u.starts_with("https://") || u.starts_with("http://");
+    if !is_url(&api_base) || api_base.parse::<Uri>().is_err() {
+        p.push(
+            &at("api_base"),
+            "must be an http(s) URL, e.g. https://api.stripe.com",
+        );
+    }
+    let currency = raw
+        .currency
+        .clone()
+        .unwrap_or_else(|| wallet_currency.to_string())
+        .to_ascii_lowercase();
+    if !currency.eq_ignore_ascii_case(wallet_currency) {
+        p.push(
+            &at("currency"),
+            format!(
+                "must be the wallet's currency ({wallet_currency}): one credit is one unit of it"
+            ),
+        );
+    }
+    let mut amount = |field: &str, text: &str| match Nanos::parse_credits(text) {
+        Ok(n)
+            if n > Nanos::ZERO
+                && tollgate_core::payment::credits_to_minor(n, &currency).is_some() =>
+        {
+            Some(n)
+        }
+        _ => {
+            p.push(
+                &at(field),
+                format!("must be a positive amount in whole minor units of {currency}, e.g. \"5\""),
+            );
+            None
+        }
+    };
+    let min_topup = amount("min_topup", &raw.min_topup);
+    let max_topup = amount("max_topup", &raw.max_topup);
+    if let (Some(min), Some(max)) = (min_topup, max_topup) {
+        if min > max {
+            p.push(&at("max_topup"), "must be at least min_topup");
+        }
+    }
+    for (field, url) in [
+        ("success_url", &raw.success_url),
+        ("cancel_url", &raw.cancel_url),
+    ] {
+        if !is_url(url) {
+            p.push(
+                &at(field),
+                "is required: an http(s) URL Checkout sends the customer back to ({TOPUP_ID} is replaced by the top-up's id)",
+            );
+        }
+    }
+    let mut duration =
+        |field: &str, text: &str, range: std::ops::RangeInclusive<Duration>, hint: &str| {
+            match humantime::parse_duration(text) {
+                Ok(d) if range.contains(&d) => Some(d),
+                _ => {
+                    p.push(&at(field), hint.to_string());
+                    None
+                }
+            }
+        };
+    let session_expiry = duration(
+        "session_expiry",
+        &raw.session_expiry,
+        Duration::from_secs(30 * 60)..=Duration::from_secs(24 * 3600),
+        "must be a duration from 30m to 24h (Stripe's bounds)",
+    );
+    let signature_tolerance = duration(
+        "signature_tolerance",
+        &raw.signature_tolerance,
+        Duration::from_secs(1)..=Duration::from_secs(3600),
+        "must be a duration from 1s to 1h, e.g. \"300s\"",
+    );
+    let timeout = duration(
+        "timeout",
+        &raw.timeout,
+        Duration::from_millis(100)..=Duration::from_secs(60),
+        "must be a duration from 100ms to 60s",
+    );
+    let reconcile_interval = duration(
+        "reconcile_interval",
+        &raw.reconcile_interval,
+        Duration::ZERO..=Duration::from_secs(7 * 24 * 3600),
+        "must be a duration up to 7 days, or \"0s\" for never",
+    );
+    if raw.webhook_max_bytes < 1024 {
+        p.push(&at("webhook_max_bytes"), "must be at least 1024");
+    }
+    if p.len() > before {
+        return None;
+    }
+    Some(StripeSettings {
+        secret_key: secret_key?,
+        webhook_secrets: raw.webhook_secrets.clone(),
+        api_base,
+        currency,
+        min_topup: min_topup?,
+        max_topup: max_topup?,
+        success_url: raw.success_url.clone(),
+        cancel_url: raw.cancel_url.clone(),
+        session_expiry: session_expiry?,
+        signature_tolerance: signature_tolerance?,
+        webhook_max_bytes: usize::try_from(raw.webhook_max_bytes).unwrap_or(usize::MAX),
+        timeout: timeout?,
+        reconcile_interval: reconcile_interval.filter(|d| !d.is_zero()),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1084,7 +1246,7 @@ mod tests {
               - server.lisen: unknown field `lisen`, expected one of `listen`, `api_prefix`, `request_id_header`, `max_body_bytes`, `key_cache_capacity`, `trusted_proxies`, `header_read_timeout`, `max_connections`, `http2_max_concurrent_streams`, `max_header_bytes`
               - routes[0].upstream: invalid type: integer `5`, expected a string
               - routes[2].group: is required
-              - surprise: unknown section (expected server, store, redis, admin, billing, keys, load_shedding, idempotency, console, rate_limits or routes)
+              - surprise: unknown section (expected server, store, redis, admin, billing, keys, load_shedding, idempotency, console, payments, rate_limits or routes)
               - billing.currency: must be a three-letter code in capitals, e.g. USD
               - routes[1].prefix: '/api/v2' overlaps '/api', which Tollgate serves itself
               - routes[1].price: '-1' is negative; amounts here must be zero or more
@@ -1274,6 +1436,66 @@ mod tests {
                 path: "/tmp/x.db".into()
             }
         );
+    }
+
+    #[test]
+    fn stripe_takes_its_secrets_from_the_environment_and_checks_every_field() {
+        let config = Config::load(
+            "[payments.stripe]\nsuccess_url = \"https://a.example/ok?t={TOPUP_ID}\"\n\
+             cancel_url = \"https://a.example/no\"\nmin_topup = \"1.50\"\n",
+            [
+                ("TOLLGATE_STRIPE_SECRET_KEY", "sk_test_123"),
+                ("TOLLGATE_STRIPE_WEBHOOK_SECRETS", "whsec_old, whsec_new"),
+            ],
+        )
+        .unwrap();
+        let stripe = config.stripe.unwrap();
+        assert_eq!(stripe.secret_key, Secret("sk_test_123".into()));
+        assert_eq!(
+            stripe.webhook_secrets,
+            [Secret("whsec_old".into()), Secret("whsec_new".into())]
+        );
+        assert_eq!(
+            (stripe.currency.as_str(), stripe.min_topup),
+            ("usd", Nanos(1_500_000_000))
+        );
+        assert_eq!(stripe.reconcile_interval, Some(Duration::from_secs(600)));
+        assert!(!config.raw.to_redacted_toml().contains("sk_test_123"));
+        assert!(!config.raw.to_redacted_toml().contains("whsec_new"));
+
+        let problems = Config::load(
+            "[payments.stripe]\nwebhook_secrets = [\"\"]\napi_base = \"ftp://x\"\n\
+             currency = \"eur\"\nmin_topup = \"0.001\"\nmax_topup = \"0\"\n\
+             success_url = \"nowhere\"\nsession_expiry = \"10m\"\ntimeout = \"5m\"\n\
+             signature_tolerance = \"2h\"\nreconcile_interval = \"soon\"\nwebhook_max_bytes = 10\n",
+            std::iter::empty::<(&str, &str)>(),
+        )
+        .unwrap_err()
+        .to_string();
+        for field in [
+            "secret_key",
+            "webhook_secrets",
+            "api_base",
+            "currency",
+            "min_topup",
+            "max_topup",
+            "success_url",
+            "cancel_url",
+            "session_expiry",
+            "timeout",
+            "signature_tolerance",
+            "reconcile_interval",
+            "webhook_max_bytes",
+        ] {
+            assert!(
+                problems.contains(&format!("payments.stripe.{field}:")),
+                "{field} not reported in:\n{problems}"
+            );
+        }
+        assert!(Config::load("", std::iter::empty::<(&str, &str)>())
+            .unwrap()
+            .stripe
+            .is_none());
     }
 
     #[test]

@@ -19,9 +19,36 @@ pub const ENV_OVERRIDES: &[(&str, &str, &str)] = &[
     ("TOLLGATE_DATABASE_URL", "store", "url"),
     ("TOLLGATE_ADMIN_TOKEN", "admin", "token"),
     ("TOLLGATE_REDIS_URL", "redis", "url"),
+    (
+        "TOLLGATE_STRIPE_SECRET_KEY",
+        "payments.stripe",
+        "secret_key",
+    ),
+    // Comma-separated: every secret a webhook signature may be made with (rotation).
+    (
+        "TOLLGATE_STRIPE_WEBHOOK_SECRETS",
+        "payments.stripe",
+        "webhook_secrets",
+    ),
 ];
 
 const REDACTED: &str = "<redacted>";
+
+/// The table at a dotted path (`payments.stripe`: a table inside a table), made if missing;
+/// `None` if something on the way is not a table.
+fn table_at<'t>(table: &'t mut toml::Table, path: &str) -> Option<&'t mut toml::Table> {
+    let mut place = table;
+    for part in path.split('.') {
+        place = match place
+            .entry(part.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+        {
+            toml::Value::Table(inner) => inner,
+            _ => return None,
+        };
+    }
+    Some(place)
+}
 
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct RawConfig {
@@ -34,6 +61,7 @@ pub struct RawConfig {
     pub idempotency: RawIdempotency,
     pub console: RawConsole,
     pub redis: RawRedis,
+    pub payments: RawPayments,
     /// Policies for every route (and the management API); `None` means the defaults.
     pub rate_limits: Option<Vec<RawPolicy>>,
     pub routes: Vec<RawRoute>,
@@ -269,6 +297,60 @@ pub struct RawConsole {
     pub absolute_timeout: String,
     /// The IANA time zone the usage charts and the requests page's times are in.
     pub time_zone: String,
+}
+
+/// Card payments; none unless `[payments.stripe]` is configured.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawPayments {
+    pub stripe: Option<RawStripe>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawStripe {
+    pub secret_key: Option<Secret>,
+    /// Every webhook signing secret in use (more than one while rotating).
+    pub webhook_secrets: Vec<Secret>,
+    pub api_base: String,
+    /// The card currency: the wallet's (`billing.currency`) unless set, and it must match.
+    pub currency: Option<String>,
+    pub min_topup: String,
+    pub max_topup: String,
+    /// Where Checkout sends the customer after paying, and after giving up. `{TOPUP_ID}` is
+    /// replaced by the top-up's id.
+    pub success_url: String,
+    pub cancel_url: String,
+    /// How long a Checkout session stays open (Stripe allows 30 minutes to 24 hours).
+    pub session_expiry: String,
+    /// How old a webhook signature's timestamp may be.
+    pub signature_tolerance: String,
+    /// The most a webhook body may be.
+    pub webhook_max_bytes: u64,
+    /// How long a call to Stripe may take before the top-up is answered 503.
+    pub timeout: String,
+    /// How often Stripe's event list is read for deliveries that never arrived; "0s": never.
+    pub reconcile_interval: String,
+}
+
+impl Default for RawStripe {
+    fn default() -> Self {
+        RawStripe {
+            secret_key: None,
+            webhook_secrets: Vec::new(),
+            api_base: "https://api.stripe.com".into(),
+            currency: None,
+            min_topup: "5".into(),
+            max_topup: "10000".into(),
+            success_url: String::new(),
+            cancel_url: String::new(),
+            session_expiry: "1h".into(),
+            signature_tolerance: "300s".into(),
+            webhook_max_bytes: 256 * 1024,
+            timeout: "10s".into(),
+            reconcile_interval: "10m".into(),
+        }
+    }
 }
 
 impl Default for RawConsole {
@@ -562,14 +644,22 @@ impl RawConfig {
             else {
                 continue;
             };
-            let entry = table
-                .entry(section.to_string())
-                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-            match entry {
-                toml::Value::Table(section) => {
-                    section.insert(key.to_string(), toml::Value::String(value.into()));
+            let value: String = value.into();
+            let value = if *key == "webhook_secrets" {
+                toml::Value::Array(
+                    value
+                        .split(',')
+                        .map(|s| toml::Value::String(s.trim().to_string()))
+                        .collect(),
+                )
+            } else {
+                toml::Value::String(value)
+            };
+            match table_at(&mut table, section) {
+                Some(place) => {
+                    place.insert(key.to_string(), value);
                 }
-                _ => problems.push(section, "must be a table"),
+                None => problems.push(section, "must be a table"),
             }
         }
         let raw = RawConfig {
@@ -582,6 +672,7 @@ impl RawConfig {
             idempotency: section(&mut table, "idempotency", problems),
             console: section(&mut table, "console", problems),
             redis: section(&mut table, "redis", problems),
+            payments: section(&mut table, "payments", problems),
             rate_limits: table.remove("rate_limits").map(|value| {
                 items(value, "rate_limits", problems)
                     .into_iter()
@@ -593,7 +684,7 @@ impl RawConfig {
         for unknown in table.keys() {
             problems.push(
                 unknown,
-                "unknown section (expected server, store, redis, admin, billing, keys, load_shedding, idempotency, console, rate_limits or routes)",
+                "unknown section (expected server, store, redis, admin, billing, keys, load_shedding, idempotency, console, payments, rate_limits or routes)",
             );
         }
         Some(raw)

@@ -329,6 +329,7 @@ async fn forward(
                 account: key.account_id,
                 key: Some(key.id),
                 key_cap: key.monthly_spend_cap,
+                account_debt: cached.account_debt,
                 amount: hold_amount,
                 ttl,
                 source: HoldSource::Request,
@@ -685,7 +686,11 @@ fn whole_number(
 /// A hold on an LLM call is mostly its output cap: a refusal for want of credit says so, and
 /// which field lowers it.
 fn lower_cap_hint(mut error: HttpError, llm: &LlmRequest) -> HttpError {
-    if error.error.code.info().status != 402 {
+    // A smaller hold helps only a refusal about the hold's size.
+    if !matches!(
+        error.error.code,
+        ErrorCode::InsufficientBalance | ErrorCode::KeyQuotaExceeded
+    ) {
         return error;
     }
     let field = llm

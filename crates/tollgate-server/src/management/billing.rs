@@ -47,12 +47,15 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(usage_summary))
 }
 
-fn money(state: &AppState, amount: Nanos) -> Money {
+pub(crate) fn money(state: &AppState, amount: Nanos) -> Money {
     Money::new(amount, &state.config.currency)
 }
 
 /// The account a call is about: the caller's own, or (admin) the one named.
-fn subject_account(caller: &Caller, named: Option<&str>) -> Result<AccountId, HttpError> {
+pub(crate) fn subject_account(
+    caller: &Caller,
+    named: Option<&str>,
+) -> Result<AccountId, HttpError> {
     let named = named
         .map(|text| {
             AccountId::parse(text)
@@ -220,6 +223,7 @@ pub(crate) async fn read_balance(
         available: money(state, wallet.available),
         held: money(state, wallet.held),
         spent_this_month: money(state, spent),
+        debt: money(state, wallet.debt),
     })
 }
 
@@ -397,9 +401,9 @@ async fn create_hold(
     }
     fields.finish()?;
     let account = subject_account(&caller, body.account_id.as_deref())?;
-    if state.store.account(account).await?.is_none() {
+    let Some(wallet) = state.store.wallet(account).await? else {
         return Err(HttpError::not_found("account"));
-    }
+    };
     let (key, key_cap) = match &caller {
         Caller::Key(key) => (Some(key.id), key.monthly_spend_cap),
         Caller::Admin => (None, None),
@@ -411,6 +415,7 @@ async fn create_hold(
             account,
             key,
             key_cap,
+            account_debt: wallet.debt,
             amount,
             ttl: Duration::from_secs(ttl),
             source: HoldSource::Api,

@@ -26,12 +26,18 @@ impl ManagementFee {
         if fee == Nanos::ZERO {
             return Ok(ManagementFee(None));
         }
+        let account_debt = state
+            .store
+            .wallet(key.account_id)
+            .await?
+            .map_or(Nanos::ZERO, |w| w.debt);
         let hold = state
             .ledger
             .open(HoldSpec {
                 account: key.account_id,
                 key: Some(key.id),
                 key_cap: key.monthly_spend_cap,
+                account_debt,
                 amount: fee,
                 ttl: state.config.request_hold_ttl,
                 source: HoldSource::Request,

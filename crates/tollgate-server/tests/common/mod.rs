@@ -540,8 +540,11 @@ impl LedgerStore for CountingStore {
         }
         self.inner.commit(batch, writes).await
     }
-    async fn grant_applied(&self, account: AccountId, reference: &str) -> Result<bool, StoreError> {
-        self.inner.grant_applied(account, reference).await
+    async fn filed(&self, account: AccountId, reference: &str) -> Result<bool, StoreError> {
+        self.inner.filed(account, reference).await
+    }
+    async fn filed_total(&self, account: AccountId, prefix: &str) -> Result<Nanos, StoreError> {
+        self.inner.filed_total(account, prefix).await
     }
     async fn transfers(
         &self,
@@ -692,6 +695,83 @@ impl SessionStore for CountingStore {
         self.inner
             .purge_sessions(idle_cutoff, absolute_cutoff)
             .await
+    }
+}
+
+#[async_trait::async_trait]
+impl tollgate_store::PaymentStore for CountingStore {
+    async fn create_topup(&self, topup: &tollgate_store::TopUp) -> Result<(), StoreError> {
+        self.inner.create_topup(topup).await
+    }
+    async fn topup(
+        &self,
+        id: tollgate_core::TopUpId,
+    ) -> Result<Option<tollgate_store::TopUp>, StoreError> {
+        self.inner.topup(id).await
+    }
+    async fn topup_by_provider_id(
+        &self,
+        provider_id: &str,
+    ) -> Result<Option<tollgate_store::TopUp>, StoreError> {
+        self.inner.topup_by_provider_id(provider_id).await
+    }
+    async fn topups(
+        &self,
+        account: AccountId,
+        before: Option<tollgate_core::TopUpId>,
+        limit: u32,
+    ) -> Result<Vec<tollgate_store::TopUp>, StoreError> {
+        self.inner.topups(account, before, limit).await
+    }
+    async fn set_checkout(
+        &self,
+        id: tollgate_core::TopUpId,
+        session: &str,
+        url: &str,
+        at: At,
+    ) -> Result<(), StoreError> {
+        self.inner.set_checkout(id, session, url, at).await
+    }
+    async fn move_topup(
+        &self,
+        id: tollgate_core::TopUpId,
+        status: tollgate_core::payment::TopUpStatus,
+        payment_intent: Option<&str>,
+        failure: Option<&str>,
+        at: At,
+    ) -> Result<bool, StoreError> {
+        self.inner
+            .move_topup(id, status, payment_intent, failure, at)
+            .await
+    }
+    async fn set_dispute(
+        &self,
+        id: tollgate_core::TopUpId,
+        status: &str,
+        at: At,
+    ) -> Result<bool, StoreError> {
+        self.inner.set_dispute(id, status, at).await
+    }
+    async fn flag_topup(
+        &self,
+        id: tollgate_core::TopUpId,
+        review: &str,
+        at: At,
+    ) -> Result<(), StoreError> {
+        self.inner.flag_topup(id, review, at).await
+    }
+    async fn record_event(&self, event: &tollgate_store::PaymentEvent) -> Result<bool, StoreError> {
+        self.inner.record_event(event).await
+    }
+    async fn finish_event(&self, id: &str, outcome: &str, at: At) -> Result<(), StoreError> {
+        self.inner.finish_event(id, outcome, at).await
+    }
+    async fn waiting_events(
+        &self,
+        topup: tollgate_core::TopUpId,
+        payment_intent: Option<&str>,
+    ) -> Result<Vec<tollgate_store::PaymentEvent>, StoreError> {
+        self.inner.waiting_events(topup, payment_intent).await
     }
 }
 

@@ -1,0 +1,696 @@
+//! Card top-ups end to end, against the fake Stripe on 127.0.0.1: a checkout credited exactly
+//! once whatever events report it, only for what was asked, in any order; refunds and
+//! disputes taken back exactly, spent credit turning into debt that stops paid calls until a
+//! top-up pays it; signatures refused with no effect; Stripe down costs nothing; a missed
+//! delivery found by reconciliation.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use common::{assert_books_balance, expect_error, spawn_app_with, TestAccount, TestApp};
+use proptest::prelude::*;
+use serde_json::{json, Value};
+use std::time::Duration;
+use tollgate_mock::stripe::{FakeStripe, FakeStripeConfig};
+use tollgate_server::config::{RawStripe, Secret};
+
+const SECRET_KEY: &str = "sk_test_fake_key";
+const WEBHOOK_SECRET: &str = "whsec_fake_current";
+const OLD_WEBHOOK_SECRET: &str = "whsec_fake_previous";
+
+struct Shop {
+    app: TestApp,
+    stripe: FakeStripe,
+}
+
+async fn shop() -> Shop {
+    shop_with(|_| {}).await
+}
+
+async fn shop_with(customize: impl FnOnce(&mut RawStripe)) -> Shop {
+    let stripe = FakeStripe::start(FakeStripeConfig {
+        secret_key: SECRET_KEY.into(),
+        webhook_secret: WEBHOOK_SECRET.into(),
+        webhook_url: None,
+    })
+    .await
+    .unwrap();
+    let mut settings = RawStripe {
+        secret_key: Some(Secret(SECRET_KEY.into())),
+        webhook_secrets: vec![
+            Secret(OLD_WEBHOOK_SECRET.into()),
+            Secret(WEBHOOK_SECRET.into()),
+        ],
+        api_base: stripe.url(),
+        success_url: "http://127.0.0.1/console/wallet?topup={TOPUP_ID}".into(),
+        cancel_url: "http://127.0.0.1/console/wallet".into(),
+        timeout: "2s".into(),
+        reconcile_interval: "0s".into(),
+        ..RawStripe::default()
+    };
+    customize(&mut settings);
+    let app = spawn_app_with(|raw, _| raw.payments.stripe = Some(settings)).await;
+    stripe.deliver_to(&format!("{}/webhooks/stripe", app.url));
+    Shop { app, stripe }
+}
+
+impl Shop {
+    /// Starts a top-up of `amount` for the account; the top-up as answered.
+    async fn top_up(&self, account: &TestAccount, amount: &str) -> Value {
+        let response = self
+            .app
+            .post("/api/v1/topups")
+            .bearer_auth(&account.master_key)
+            .json(&json!({"amount": amount}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 201);
+        response.json().await.unwrap()
+    }
+
+    async fn topup(&self, account: &TestAccount, id: &str) -> Value {
+        self.app
+            .get_json(&format!("/api/v1/topups/{id}"), &account.master_key)
+            .await
+    }
+
+    async fn balance(&self, account: &TestAccount) -> Value {
+        self.app
+            .get_json("/api/v1/billing/balance", &account.master_key)
+            .await
+    }
+
+    async fn available(&self, account: &TestAccount) -> String {
+        self.balance(account).await["available"]["credits"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+
+    /// Posts `event` signed with `secret` now; the answer.
+    async fn deliver(&self, event: &Value, secret: &str) -> reqwest::Response {
+        let body = serde_json::to_vec(event).unwrap();
+        let header = FakeStripe::sign(&body, secret, chrono::Utc::now().timestamp());
+        self.app
+            .post("/webhooks/stripe")
+            .header("stripe-signature", header)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// The fake's events of a type, oldest first.
+    fn events_of(&self, kind: &str) -> Vec<Value> {
+        self.stripe
+            .events()
+            .into_iter()
+            .filter(|e| e["type"] == kind)
+            .collect()
+    }
+
+    /// The account's ledger entries filed under a top-up, oldest first: (kind, amount).
+    async fn entries_of(&self, account: &TestAccount, topup: &str) -> Vec<(String, String)> {
+        let ledger = self
+            .app
+            .get_json("/api/v1/ledger?limit=500", &account.master_key)
+            .await;
+        let mut entries: Vec<(String, String)> = ledger["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["reference"].as_str().unwrap().contains(topup))
+            .map(|e| {
+                (
+                    e["kind"].as_str().unwrap().to_string(),
+                    e["amount"]["credits"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect();
+        entries.reverse();
+        entries
+    }
+}
+
+fn session_of(topup: &Value) -> String {
+    topup["checkout_session"].as_str().unwrap().to_string()
+}
+
+#[tokio::test]
+async fn a_checkout_top_up_is_credited_once_whatever_events_report_it() {
+    let shop = shop().await;
+    let account = shop.app.create_account("buyer").await;
+    assert_eq!(shop.available(&account).await, "5");
+    let topup = shop.top_up(&account, "25").await;
+    assert_eq!(topup["status"], "pending");
+    assert_eq!(topup["amount"]["credits"], "25");
+    let id = topup["id"].as_str().unwrap();
+    // The customer's page is Stripe's, asking exactly the top-up's amount.
+    let page = reqwest::get(topup["checkout_url"].as_str().unwrap())
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(page.contains("25.00 USD"), "{page}");
+
+    let intent = shop.stripe.pay(&session_of(&topup)).await.unwrap();
+    assert_eq!(shop.available(&account).await, "30");
+    let paid = shop.topup(&account, id).await;
+    assert_eq!(paid["status"], "paid");
+    assert_eq!(paid["payment_intent"], intent.as_str());
+    assert!(
+        paid["checkout_url"].is_null(),
+        "a paid top-up offers no checkout"
+    );
+
+    // Every event again, each twice; and the async-success event for the same payment.
+    for event in shop.stripe.events() {
+        for _ in 0..2 {
+            let status = shop.stripe.redeliver(event["id"].as_str().unwrap()).await;
+            assert_eq!(status, Some(200));
+        }
+    }
+    let mut async_success = shop.events_of("checkout.session.completed")[0].clone();
+    async_success["id"] = json!("evt_async_success_1");
+    async_success["type"] = json!("checkout.session.async_payment_succeeded");
+    let answer = shop.deliver(&async_success, WEBHOOK_SECRET).await;
+    assert_eq!(answer.status(), 200);
+    assert_eq!(shop.available(&account).await, "30");
+    assert_eq!(
+        shop.entries_of(&account, id).await,
+        [("grant".to_string(), "25".to_string())]
+    );
+    assert_books_balance(&shop.app, account.id).await;
+}
+
+#[tokio::test]
+async fn a_payment_that_disagrees_with_its_top_up_credits_nothing_and_is_flagged() {
+    let shop = shop().await;
+    let account = shop.app.create_account("buyer").await;
+    let topup = shop.top_up(&account, "25").await;
+    let id = topup["id"].as_str().unwrap();
+    shop.stripe.set_delivering(false);
+    shop.stripe.pay(&session_of(&topup)).await.unwrap();
+    let completed = shop.events_of("checkout.session.completed")[0].clone();
+
+    for (n, (field, value)) in [("amount_total", json!(100)), ("currency", json!("eur"))]
+        .into_iter()
+        .enumerate()
+    {
+        let mut forged = completed.clone();
+        forged["id"] = json!(format!("evt_disagrees_{n}"));
+        forged["data"]["object"][field] = value;
+        let answer = shop.deliver(&forged, WEBHOOK_SECRET).await;
+        assert_eq!(answer.status(), 200);
+        assert_eq!(answer.json::<Value>().await.unwrap()["outcome"], "flagged");
+    }
+    assert_eq!(shop.available(&account).await, "5");
+    let flagged = shop.topup(&account, id).await;
+    assert_eq!(flagged["status"], "pending");
+    assert!(
+        flagged["review"].as_str().unwrap().contains("100"),
+        "{flagged}"
+    );
+    // The true event still credits, once.
+    assert_eq!(shop.deliver(&completed, WEBHOOK_SECRET).await.status(), 200);
+    assert_eq!(shop.available(&account).await, "30");
+}
+
+#[tokio::test]
+async fn an_unpaid_checkout_waits_for_its_payment_to_settle() {
+    let shop = shop().await;
+    let account = shop.app.create_account("buyer").await;
+    let topup = shop.top_up(&account, "10").await;
+    let id = topup["id"].as_str().unwrap();
+    shop.stripe.pay_later(&session_of(&topup)).await.unwrap();
+    assert_eq!(shop.topup(&account, id).await["status"], "processing");
+    assert_eq!(shop.available(&account).await, "5");
+    shop.stripe.settle(&session_of(&topup)).await;
+    assert_eq!(shop.topup(&account, id).await["status"], "paid");
+    assert_eq!(shop.available(&account).await, "15");
+
+    // An expired checkout credits nothing and ends expired.
+    let other = shop.top_up(&account, "10").await;
+    shop.stripe.expire(&session_of(&other)).await;
+    let expired = shop.topup(&account, other["id"].as_str().unwrap()).await;
+    assert_eq!(expired["status"], "expired");
+    assert_eq!(shop.available(&account).await, "15");
+}
+
+#[tokio::test]
+async fn a_webhook_is_refused_with_no_effect_unless_a_v1_matches_in_time() {
+    let shop = shop().await;
+    let account = shop.app.create_account("buyer").await;
+    let topup = shop.top_up(&account, "25").await;
+    shop.stripe.set_delivering(false);
+    shop.stripe.pay(&session_of(&topup)).await.unwrap();
+    let event = shop.events_of("checkout.session.completed")[0].clone();
+    let body = serde_json::to_vec(&event).unwrap();
+    let now = chrono::Utc::now().timestamp();
+    let good = FakeStripe::sign(&body, WEBHOOK_SECRET, now);
+    let v1 = good.split("v1=").nth(1).unwrap().to_string();
+    let mut tampered = body.clone();
+    tampered.extend_from_slice(b" ");
+    let refused: Vec<(&str, Option<String>, Vec<u8>)> = vec![
+        ("no header", None, body.clone()),
+        (
+            "another secret",
+            Some(FakeStripe::sign(&body, "whsec_someone_else", now)),
+            body.clone(),
+        ),
+        (
+            "stale",
+            Some(FakeStripe::sign(&body, WEBHOOK_SECRET, now - 301)),
+            body.clone(),
+        ),
+        (
+            "future",
+            Some(FakeStripe::sign(&body, WEBHOOK_SECRET, now + 301)),
+            body.clone(),
+        ),
+        ("tampered body", Some(good.clone()), tampered),
+        ("empty v1", Some(format!("t={now},v1=")), body.clone()),
+        ("no t", Some(format!("v1={v1}")), body.clone()),
+        (
+            "not json",
+            Some(FakeStripe::sign(b"{oops", WEBHOOK_SECRET, now)),
+            b"{oops".to_vec(),
+        ),
+    ];
+    for (case, header, body) in refused {
+        let mut request = shop.app.post("/webhooks/stripe").body(body);
+        if let Some(header) = header {
+            request = request.header("stripe-signature", header);
+        }
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status(), 400, "{case}");
+        expect_error(response, 400, "bad_request").await;
+        assert_eq!(shop.available(&account).await, "5", "{case}");
+    }
+    // Signed with the old secret during a rotation, with the good v1 after a bad one, on the
+    // path with a trailing slash: accepted, never redirected.
+    let rotated = FakeStripe::sign(&body, OLD_WEBHOOK_SECRET, now);
+    let header = format!("{},v1={}", rotated, "00".repeat(32));
+    let response = shop
+        .app
+        .post("/webhooks/stripe/")
+        .header("stripe-signature", header)
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(shop.available(&account).await, "30");
+
+    let get = shop.app.get("/webhooks/stripe").send().await.unwrap();
+    expect_error(get, 405, "method_not_allowed").await;
+    let huge = vec![b' '; 300 * 1024];
+    let response = shop
+        .app
+        .post("/webhooks/stripe")
+        .header(
+            "stripe-signature",
+            FakeStripe::sign(&huge, WEBHOOK_SECRET, now),
+        )
+        .body(huge)
+        .send()
+        .await
+        .unwrap();
+    expect_error(response, 413, "payload_too_large").await;
+}
+
+#[tokio::test]
+async fn stripe_down_slow_or_gone_is_503_and_the_top_up_failed_with_nothing_charged() {
+    let shop = shop_with(|s| s.timeout = "300ms".into()).await;
+    let account = shop.app.create_account("buyer").await;
+    let attempt = || async {
+        let response = shop
+            .app
+            .post("/api/v1/topups")
+            .bearer_auth(&account.master_key)
+            .json(&json!({"amount": "25"}))
+            .send()
+            .await
+            .unwrap();
+        assert!(response.headers().contains_key("retry-after"));
+        let body = expect_error(response, 503, "service_unavailable").await;
+        assert_eq!(body["error"]["details"]["dependency"], "payments");
+    };
+    shop.stripe.set_down(true);
+    attempt().await;
+    shop.stripe.set_down(false);
+    shop.stripe.set_delay(Duration::from_secs(2));
+    attempt().await;
+    shop.stripe.set_delay(Duration::ZERO);
+    let listed = shop
+        .app
+        .get_json("/api/v1/topups", &account.master_key)
+        .await;
+    let statuses: Vec<&str> = listed["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(statuses, ["failed", "failed"]);
+    assert_eq!(shop.available(&account).await, "5");
+
+    // Nothing listening at all.
+    let gone = shop_with(|s| s.api_base = "http://127.0.0.1:9".into()).await;
+    let account = gone.app.create_account("buyer").await;
+    let response = gone
+        .app
+        .post("/api/v1/topups")
+        .bearer_auth(&account.master_key)
+        .json(&json!({"amount": "25"}))
+        .send()
+        .await
+        .unwrap();
+    expect_error(response, 503, "service_unavailable").await;
+}
+
+#[tokio::test]
+async fn top_up_amounts_owners_and_keys_are_checked() {
+    let shop = shop().await;
+    let account = shop.app.create_account("buyer").await;
+    let other = shop.app.create_account("other").await;
+    for (amount, why) in [
+        ("4.99", "below min_topup"),
+        ("10001", "over max_topup"),
+        ("10.001", "a fraction of a cent"),
+        ("x", "not an amount"),
+    ] {
+        let response = shop
+            .app
+            .post("/api/v1/topups")
+            .bearer_auth(&account.master_key)
+            .json(&json!({"amount": amount}))
+            .send()
+            .await
+            .unwrap();
+        expect_error(response, 400, "validation_error").await;
+        let _ = why;
+    }
+    let topup = shop.top_up(&account, "5").await;
+    let path = format!("/api/v1/topups/{}", topup["id"].as_str().unwrap());
+    let response = shop.app.get_as(&path, &other.master_key).await;
+    expect_error(response, 404, "not_found").await;
+    let (usage, _) = shop
+        .app
+        .create_usage_key(&account.master_key, json!({"name": "u"}))
+        .await;
+    let response = shop
+        .app
+        .post("/api/v1/topups")
+        .bearer_auth(&usage)
+        .json(&json!({"amount": "5"}))
+        .send()
+        .await
+        .unwrap();
+    expect_error(response, 403, "forbidden").await;
+    let listed = shop.app.get_json("/api/v1/topups", &other.master_key).await;
+    assert_eq!(listed["data"], json!([]));
+}
+
+/// Spends `amount` of the account's credit through the billing API (a hold settled in full).
+async fn spend(app: &TestApp, account: &TestAccount, amount: &str) -> reqwest::Response {
+    let hold = app
+        .post("/api/v1/holds")
+        .bearer_auth(&account.master_key)
+        .json(&json!({"amount": amount}))
+        .send()
+        .await
+        .unwrap();
+    if hold.status() != 201 {
+        return hold;
+    }
+    let hold: Value = hold.json().await.unwrap();
+    app.post(&format!(
+        "/api/v1/holds/{}/settle",
+        hold["id"].as_str().unwrap()
+    ))
+    .bearer_auth(&account.master_key)
+    .json(&json!({"amount": amount}))
+    .send()
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_refund_takes_back_its_share_once_and_spent_credit_becomes_debt_a_top_up_pays() {
+    let shop = shop().await;
+    let account = shop.app.create_account("buyer").await;
+    let topup = shop.top_up(&account, "25").await;
+    let id = topup["id"].as_str().unwrap().to_string();
+    let intent = shop.stripe.pay(&session_of(&topup)).await.unwrap();
+    assert_eq!(shop.available(&account).await, "30");
+
+    let refund = shop.stripe.refund(&intent, 1000).await;
+    assert_eq!(shop.available(&account).await, "20");
+    for event in shop
+        .events_of("refund.created")
+        .into_iter()
+        .chain(shop.events_of("charge.refunded"))
+    {
+        shop.stripe.redeliver(event["id"].as_str().unwrap()).await;
+    }
+    assert_eq!(shop.available(&account).await, "20");
+    let partly = shop.topup(&account, &id).await;
+    assert_eq!(partly["status"], "partially_refunded");
+    assert_eq!(partly["refunded"]["credits"], "10");
+    assert!(!refund.is_empty());
+
+    // The customer spends nearly everything, then the rest of the payment is refunded.
+    assert_eq!(spend(&shop.app, &account, "18").await.status(), 200);
+    assert_eq!(shop.available(&account).await, "2");
+    shop.stripe.refund(&intent, 1500).await;
+    let balance = shop.balance(&account).await;
+    assert_eq!(balance["available"]["credits"], "0");
+    assert_eq!(balance["debt"]["credits"], "13");
+    assert_eq!(shop.topup(&account, &id).await["status"], "refunded");
+
+    // No paid call while the account owes, on the data plane or the billing API.
+    let (key, _) = shop
+        .app
+        .create_usage_key(&account.master_key, json!({"name": "u"}))
+        .await;
+    let call = shop
+        .app
+        .post("/v1/chat/completions")
+        .bearer_auth(&key)
+        .json(&json!({"model": "mock-gpt", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}))
+        .send()
+        .await
+        .unwrap();
+    expect_error(call, 402, "account_in_debt").await;
+    let call = shop
+        .app
+        .post("/echo/x")
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    let refused = expect_error(call, 402, "account_in_debt").await;
+    assert_eq!(
+        refused["error"]["details"]["debt"]["credits"], "13",
+        "{refused}"
+    );
+    let refused = spend(&shop.app, &account, "0.5").await;
+    expect_error(refused, 402, "account_in_debt").await;
+
+    // A new top-up pays the debt first; the rest is spendable.
+    let second = shop.top_up(&account, "20").await;
+    shop.stripe.pay(&session_of(&second)).await.unwrap();
+    let balance = shop.balance(&account).await;
+    assert_eq!(balance["available"]["credits"], "7");
+    assert_eq!(balance["debt"]["credits"], "0");
+    let call = shop
+        .app
+        .post("/v1/chat/completions")
+        .bearer_auth(&key)
+        .json(&json!({"model": "mock-gpt", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(call.status(), 200);
+    assert_eq!(
+        shop.entries_of(&account, &id).await,
+        [
+            ("grant".to_string(), "25".to_string()),
+            ("refund".to_string(), "10".to_string()),
+            ("refund".to_string(), "2".to_string()),
+            ("debt".to_string(), "13".to_string()),
+        ]
+    );
+    assert_books_balance(&shop.app, account.id).await;
+}
+
+#[tokio::test]
+async fn a_dispute_sets_its_credit_aside_until_it_is_won_back_or_lost() {
+    let shop = shop().await;
+    let account = shop.app.create_account("buyer").await;
+    let won = shop.top_up(&account, "25").await;
+    let intent = shop.stripe.pay(&session_of(&won)).await.unwrap();
+    let dispute = shop.stripe.dispute(&intent, 2500).await;
+    assert_eq!(shop.available(&account).await, "5");
+    assert_eq!(
+        shop.topup(&account, won["id"].as_str().unwrap()).await["status"],
+        "disputed"
+    );
+    shop.stripe
+        .close_dispute(&dispute, &intent, 2500, "won")
+        .await;
+    assert_eq!(shop.available(&account).await, "30");
+    assert_eq!(
+        shop.topup(&account, won["id"].as_str().unwrap()).await["dispute"],
+        "won"
+    );
+
+    let lost = shop.top_up(&account, "10").await;
+    let intent = shop.stripe.pay(&session_of(&lost)).await.unwrap();
+    assert_eq!(spend(&shop.app, &account, "35").await.status(), 200);
+    let dispute = shop.stripe.dispute(&intent, 1000).await;
+    let balance = shop.balance(&account).await;
+    assert_eq!(
+        (
+            balance["available"]["credits"].as_str(),
+            balance["debt"]["credits"].as_str()
+        ),
+        (Some("0"), Some("5"))
+    );
+    shop.stripe
+        .close_dispute(&dispute, &intent, 1000, "lost")
+        .await;
+    // Delivered again, late: nothing moves twice, and a closed dispute does not reopen.
+    for event in shop.events_of("charge.dispute.created") {
+        shop.stripe.redeliver(event["id"].as_str().unwrap()).await;
+    }
+    let balance = shop.balance(&account).await;
+    assert_eq!(
+        (
+            balance["available"]["credits"].as_str(),
+            balance["debt"]["credits"].as_str()
+        ),
+        (Some("0"), Some("5"))
+    );
+    assert_eq!(
+        shop.topup(&account, lost["id"].as_str().unwrap()).await["dispute"],
+        "lost"
+    );
+    assert_books_balance(&shop.app, account.id).await;
+}
+
+#[tokio::test]
+async fn reconciliation_credits_a_missed_delivery_once() {
+    let shop = shop().await;
+    let account = shop.app.create_account("buyer").await;
+    let topup = shop.top_up(&account, "25").await;
+    shop.stripe.set_delivering(false);
+    shop.stripe.pay(&session_of(&topup)).await.unwrap();
+    assert_eq!(shop.available(&account).await, "5");
+    let since = (chrono::Utc::now() - chrono::Duration::hours(1)).to_rfc3339();
+    for handled in [2, 0] {
+        let found: Value = shop
+            .app
+            .admin_post("/api/v1/payments/reconcile", json!({"since": since}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(found["events"], 2, "{found}");
+        assert_eq!(found["handled"], handled, "{found}");
+        assert_eq!(shop.available(&account).await, "30");
+    }
+    let refused = shop
+        .app
+        .post("/api/v1/payments/reconcile")
+        .bearer_auth(&account.master_key)
+        .json(&json!({"since": since}))
+        .send()
+        .await
+        .unwrap();
+    expect_error(refused, 403, "forbidden").await;
+}
+
+/// A payment's whole life as Stripe might report it, for the top-up `topup` (25 credits):
+/// paid, two refunds (5 and 3), a dispute of 7 opened and lost.
+fn lifecycle(topup: &str, session: &str) -> Vec<Value> {
+    let event = |id: &str, kind: &str, object: Value| json!({"id": id, "object": "event", "type": kind, "created": 1, "data": {"object": object}});
+    let refund = |id: &str, amount: i64| json!({"id": id, "object": "refund", "amount": amount, "currency": "usd", "payment_intent": "pi_life", "status": "succeeded"});
+    let dispute = |status: &str| json!({"id": "dp_life", "object": "dispute", "amount": 700, "currency": "usd", "payment_intent": "pi_life", "status": status});
+    vec![
+        event(
+            "evt_l1",
+            "checkout.session.completed",
+            json!({"id": session, "object": "checkout.session", "payment_status": "paid", "payment_intent": "pi_life", "amount_total": 2500, "currency": "usd", "client_reference_id": topup, "metadata": {"topup_id": topup}}),
+        ),
+        event(
+            "evt_l2",
+            "payment_intent.succeeded",
+            json!({"id": "pi_life", "object": "payment_intent", "amount_received": 2500, "currency": "usd", "metadata": {"topup_id": topup}}),
+        ),
+        event("evt_l3", "refund.created", refund("re_life1", 500)),
+        event(
+            "evt_l4",
+            "charge.refunded",
+            json!({"id": "ch_life", "payment_intent": "pi_life", "refunds": {"data": [refund("re_life1", 500), refund("re_life2", 300)]}}),
+        ),
+        event("evt_l5", "refund.created", refund("re_life2", 300)),
+        event(
+            "evt_l6",
+            "charge.dispute.created",
+            dispute("needs_response"),
+        ),
+        event("evt_l7", "charge.dispute.closed", dispute("lost")),
+    ]
+}
+
+/// What a history leaves: wallet, debt, the top-up's status, refunded, dispute.
+async fn ending(order: &[usize]) -> (String, String, String, String, String) {
+    let shop = shop().await;
+    let account = shop.app.create_account("buyer").await;
+    let topup = shop.top_up(&account, "25").await;
+    let id = topup["id"].as_str().unwrap();
+    let events = lifecycle(id, &session_of(&topup));
+    for &i in order {
+        let answer = shop.deliver(&events[i], WEBHOOK_SECRET).await;
+        assert_eq!(answer.status(), 200, "{}", events[i]);
+    }
+    let balance = shop.balance(&account).await;
+    let topup = shop.topup(&account, id).await;
+    assert_books_balance(&shop.app, account.id).await;
+    let text = |v: &Value| v.as_str().unwrap_or("none").to_string();
+    (
+        text(&balance["available"]["credits"]),
+        text(&balance["debt"]["credits"]),
+        text(&topup["status"]),
+        text(&topup["refunded"]["credits"]),
+        text(&topup["dispute"]),
+    )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 12, ..ProptestConfig::default() })]
+
+    /// Any order, with any event delivered again: the same ending, and a final state never
+    /// left for an earlier one.
+    #[test]
+    fn the_same_events_in_any_order_end_in_the_same_ledger(
+        order in Just((0..7usize).collect::<Vec<_>>()).prop_shuffle(),
+        again in proptest::collection::vec(0..7usize, 0..4),
+    ) {
+        let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+        let mut history = order.clone();
+        history.extend(again);
+        let ended = runtime.block_on(ending(&history));
+        // 5 starter + 25 paid - 5 - 3 refunded - 7 disputed and lost.
+        let expected = ("15".to_string(), "0".to_string(), "disputed".to_string(), "8".to_string(), "lost".to_string());
+        prop_assert_eq!(ended, expected);
+    }
+}
