@@ -694,3 +694,20 @@ proptest! {
         prop_assert_eq!(ended, expected);
     }
 }
+
+#[tokio::test]
+async fn each_node_reconciles_by_itself_every_interval() {
+    let shop = shop_with(|s| s.reconcile_interval = "1s".into()).await;
+    let account = shop.app.create_account("buyer").await;
+    let topup = shop.top_up(&account, "25").await;
+    shop.stripe.set_delivering(false);
+    shop.stripe.pay(&session_of(&topup)).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while shop.available(&account).await != "30" {
+        assert!(std::time::Instant::now() < deadline, "never reconciled");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Later rounds find nothing new to do.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(shop.available(&account).await, "30");
+}

@@ -87,7 +87,12 @@ enum Command {
         #[command(subcommand)]
         command: remote::CreditsCommand,
     },
-    /// An account's balance: available, held, spent this month.
+    /// Card payments on a running server.
+    Payments {
+        #[command(subcommand)]
+        command: remote::PaymentsCommand,
+    },
+    /// An account's balance: available, held, spent this month, debt.
     Balance(remote::AccountQuery),
     /// An account's ledger: every transfer, newest first.
     Ledger(remote::LedgerArgs),
@@ -193,6 +198,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Accounts { command } => remote::accounts(command).await,
         Command::Keys { command } => remote::keys(command).await,
         Command::Credits { command } => remote::credits(command).await,
+        Command::Payments { command } => remote::payments(command).await,
         Command::Requests { command } => remote::requests(command).await,
         Command::Balance(args) => remote::balance(args).await,
         Command::Ledger(args) => remote::ledger(args).await,

@@ -385,6 +385,19 @@ pub enum CreditsCommand {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum PaymentsCommand {
+    /// Read Stripe's event list from `--since` and handle every event not handled yet: a
+    /// payment whose webhook never arrived is credited, once.
+    Reconcile {
+        /// An RFC 3339 time, e.g. 2026-12-01T00:00:00Z (Stripe keeps 30 days of events).
+        #[arg(long)]
+        since: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum RequestsCommand {
     /// Show one request from the usage log, by the X-Request-Id its response carried.
     Show {
@@ -523,8 +536,11 @@ const BALANCE_COLUMNS: &[(&str, &str)] = &[
     ("ACCOUNT", "/account_id"),
     ("AVAILABLE", "/available/credits"),
     ("HELD", "/held/credits"),
+    ("DEBT", "/debt/credits"),
     ("CURRENCY", "/available/currency"),
 ];
+
+const RECONCILE_COLUMNS: &[(&str, &str)] = &[("EVENTS", "/events"), ("HANDLED", "/handled")];
 
 /// Prints a created or rolled key, its secret on a line of its own.
 fn show_secret(remote: &Remote, answer: &Value, key: &Value) {
@@ -720,6 +736,15 @@ pub async fn credits(command: CreditsCommand) -> anyhow::Result<ExitCode> {
     let path = format!("/accounts/{account}/credits");
     remote
         .call_and_show(Method::POST, &path, body, BALANCE_COLUMNS)
+        .await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn payments(command: PaymentsCommand) -> anyhow::Result<ExitCode> {
+    let PaymentsCommand::Reconcile { since, remote } = command;
+    let body = Fields::default().set("since", Some(since)).body();
+    remote
+        .call_and_show(Method::POST, "/payments/reconcile", body, RECONCILE_COLUMNS)
         .await?;
     Ok(ExitCode::SUCCESS)
 }

@@ -373,3 +373,60 @@ async fn a_customer_with_a_master_key_and_the_operator_reach_every_endpoint_from
     let (code, stdout, _) = cli.run(&["audit", "verify"]).await;
     assert_eq!(code, 0, "{stdout}");
 }
+
+/// A payment whose webhook never arrived is credited by `tollgate payments reconcile`, once.
+#[tokio::test]
+async fn payments_reconcile_credits_a_payment_whose_webhook_never_arrived() {
+    use tollgate_mock::stripe::{FakeStripe, FakeStripeConfig};
+    let stripe = FakeStripe::start(FakeStripeConfig {
+        secret_key: "sk_test_cli".into(),
+        webhook_secret: "whsec_cli".into(),
+        webhook_url: None,
+    })
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        &dir.path().join("tollgate.db"),
+        &format!(
+            "[billing]\nstarter_credits = \"0\"\n[payments.stripe]\nsecret_key = \"sk_test_cli\"\n\
+             webhook_secrets = [\"whsec_cli\"]\napi_base = \"{}\"\n\
+             success_url = \"http://127.0.0.1/ok\"\ncancel_url = \"http://127.0.0.1/no\"\n\
+             reconcile_interval = \"0s\"\n",
+            stripe.url()
+        ),
+    );
+    let (_server, url) = serve(&config, ADMIN).await;
+    let cli = Cli { url: url.clone() };
+    let created = cli.json(&["accounts", "create", "--name", "buyer"]).await;
+    let master = created["master_key"]["secret"].as_str().unwrap();
+    let topup: Value = reqwest::Client::new()
+        .post(format!("{url}/api/v1/topups"))
+        .bearer_auth(master)
+        .json(&serde_json::json!({"amount": "25"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    stripe
+        .pay(topup["checkout_session"].as_str().unwrap())
+        .await
+        .unwrap();
+    let since = "2020-01-01T00:00:00Z";
+    let found = cli.json(&["payments", "reconcile", "--since", since]).await;
+    assert_eq!(
+        (found["events"].as_u64(), found["handled"].as_u64()),
+        (Some(2), Some(2))
+    );
+    let (code, table, _) = cli.run(&["payments", "reconcile", "--since", since]).await;
+    assert_eq!(code, 0);
+    assert!(
+        table.contains("EVENTS") && table.contains("HANDLED"),
+        "{table}"
+    );
+    let balance = cli.json_as(master, &["balance"]).await;
+    assert_eq!(balance["available"]["credits"], "25");
+}

@@ -296,7 +296,8 @@ async fn help_lists_the_commands() {
           accounts      Accounts of a running server (--url/TOLLGATE_URL; as the operator with --admin-token/TOLLGATE_ADMIN_TOKEN, or as a customer with --key/TOLLGATE_KEY)
           keys          API keys of a running server
           credits       Grant credits on a running server
-          balance       An account's balance: available, held, spent this month
+          payments      Card payments on a running server
+          balance       An account's balance: available, held, spent this month, debt
           ledger        An account's ledger: every transfer, newest first
           usage         An account's usage totals per day, key, route or model
           requests      The usage log: one request by its ID, or a filtered list

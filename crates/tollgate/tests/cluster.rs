@@ -1315,3 +1315,82 @@ async fn credit_in_a_killed_nodes_lease_is_never_refused_as_missing_and_comes_ba
         "a call needing the dead node's lease answered 503 after {waited:?}; served {served_at:?} after the kill"
     );
 }
+
+/// Stripe delivers one payment event fifty times at once, spread over two nodes (a retry storm,
+/// or a replay): every delivery is answered 2xx, and the payment is credited once.
+#[tokio::test]
+async fn fifty_deliveries_of_one_payment_over_two_nodes_credit_it_once() {
+    use tollgate_mock::stripe::{FakeStripe, FakeStripeConfig};
+    const SECRET: &str = "whsec_cluster_test";
+    let stripe = FakeStripe::start(FakeStripeConfig {
+        secret_key: "sk_test_cluster".into(),
+        webhook_secret: SECRET.into(),
+        webhook_url: None,
+    })
+    .await
+    .unwrap();
+    let payments = format!(
+        "[payments.stripe]\nsecret_key = \"sk_test_cluster\"\nwebhook_secrets = [\"{SECRET}\"]\n\
+         api_base = \"{}\"\nsuccess_url = \"http://127.0.0.1/ok\"\ncancel_url = \"http://127.0.0.1/no\"\n\
+         reconcile_interval = \"0s\"\n",
+        stripe.url()
+    );
+    let Some(cluster) = Cluster::start(&payments).await else {
+        return;
+    };
+    let (account, master) = cluster.empty_account().await;
+    let topup: Value = send_json(
+        cluster
+            .http
+            .post(format!("{}/api/v1/topups", cluster.url(0)))
+            .bearer_auth(&master)
+            .json(&json!({"amount": "25"})),
+    )
+    .await;
+    stripe.set_delivering(false);
+    stripe
+        .pay(topup["checkout_session"].as_str().unwrap())
+        .await
+        .unwrap();
+    let event = stripe
+        .events()
+        .into_iter()
+        .find(|e| e["type"] == "checkout.session.completed")
+        .unwrap();
+    let body = serde_json::to_vec(&event).unwrap();
+
+    let deliveries = (0..50).map(|i| {
+        let url = format!("{}/webhooks/stripe", cluster.url(i % 2));
+        let now = std::time::UNIX_EPOCH.elapsed().unwrap().as_secs() as i64;
+        let signature = FakeStripe::sign(&body, SECRET, now);
+        let request = cluster
+            .http
+            .post(url)
+            .header("stripe-signature", signature)
+            .body(body.clone());
+        async move { request.send().await.unwrap().status().as_u16() }
+    });
+    let statuses = futures_util::future::join_all(deliveries).await;
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+
+    for node in 0..2 {
+        let balance: Value = send_json(
+            cluster
+                .http
+                .get(format!("{}/api/v1/billing/balance", cluster.url(node)))
+                .bearer_auth(&master),
+        )
+        .await;
+        assert_eq!(balance["available"]["credits"], "25", "{balance}");
+    }
+    let pool = sqlx::PgPool::connect(cluster.schema.url()).await.unwrap();
+    let credits: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM ledger_transfers WHERE account_id = $1 AND reference LIKE 'payment:%'",
+    )
+    .bind(&account)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(credits, 1);
+    assert_books_balance(&cluster).await;
+}

@@ -142,6 +142,10 @@ impl Application {
         let follower = self
             .changes
             .map(|changes| tokio::spawn(follow_changes(changes, self.state.clone())));
+        let reconciler = self.state.payments.clone().and_then(|payments| {
+            let every = payments.settings().reconcile_interval?;
+            Some(tokio::spawn(reconcile_payments(payments, every)))
+        });
         let cpu_watch = match (&self.state.shedder, &self.state.config.load_shedding) {
             (Some(shedder), Some(config)) => config.cpu_threshold.map(|threshold| {
                 tokio::spawn(crate::access::shed::watch_cpu(shedder.clone(), threshold))
@@ -164,10 +168,36 @@ impl Application {
         if let Some(cpu_watch) = cpu_watch {
             cpu_watch.abort();
         }
+        if let Some(reconciler) = reconciler {
+            reconciler.abort();
+        }
         // Every lease goes back to its wallet, for the other nodes to use at once.
         self.state.ledger.return_idle_leases(Duration::ZERO);
         self.state.ledger.flush().await?;
         Ok(served?)
+    }
+}
+
+/// Every `every`, reads the payment provider's events of the last hour and `every` and handles
+/// those no delivery brought: a missed webhook is credited within one interval, once.
+async fn reconcile_payments(payments: Arc<Payments>, every: Duration) {
+    let window = chrono::Duration::from_std(every + Duration::from_secs(3600))
+        .unwrap_or(chrono::Duration::hours(2));
+    loop {
+        tokio::time::sleep(every).await;
+        let since = chrono::Utc::now() - window;
+        match payments.reconcile(since).await {
+            Ok(found) if found.handled > 0 => {
+                tracing::warn!(
+                    handled = found.handled,
+                    "reconciliation handled payment events no delivery brought"
+                )
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "payment reconciliation failed; trying again next interval")
+            }
+        }
     }
 }
 
