@@ -237,6 +237,8 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/payment_intents", post(create_intent))
         .route("/v1/events", get(list_events))
         .route("/pay/{session}", get(hosted_page).post(hosted_pay))
+        .route("/dashboard", get(dashboard))
+        .route("/dashboard/refund/{intent}", post(dashboard_refund))
         .with_state(shared)
 }
 
@@ -477,6 +479,77 @@ async fn hosted_pay(State(shared): State<Arc<Shared>>, Path(session): Path<Strin
         .and_then(|s| s["success_url"].as_str().map(str::to_string))
         .unwrap_or_else(|| "/".into());
     Redirect::to(&success).into_response()
+}
+
+/// A page listing the payments made, each with a refund form: what an operator does in
+/// Stripe's dashboard.
+async fn dashboard(State(shared): State<Arc<Shared>>) -> Response {
+    let fake = shared.fake();
+    let mut rows = String::new();
+    let mut intents: Vec<&Value> = fake
+        .intents
+        .values()
+        .filter(|i| i["status"] == "succeeded")
+        .collect();
+    intents.sort_by_key(|i| i["id"].as_str().unwrap_or("").to_string());
+    for intent in intents {
+        let id = intent["id"].as_str().unwrap_or("");
+        let amount = intent["amount_received"].as_i64().unwrap_or(0);
+        rows.push_str(&format!(
+            "<tr><td><code>{id}</code></td><td>{}.{:02} {}</td><td>\
+             <form method=\"post\" action=\"/dashboard/refund/{id}\">\
+             <input name=\"amount\" value=\"{}.{:02}\" size=\"8\"> \
+             <button type=\"submit\">Refund</button></form></td></tr>",
+            amount / 100,
+            amount % 100,
+            intent["currency"]
+                .as_str()
+                .unwrap_or("")
+                .to_ascii_uppercase(),
+            amount / 100,
+            amount % 100,
+        ));
+    }
+    Html(format!(
+        "<!doctype html><html><head><title>Fake Stripe dashboard</title></head><body>\
+         <h1>Fake Stripe dashboard</h1><p>Payments received. A refund is sent to the gateway \
+         as Stripe would send it.</p><table><thead><tr><th>Payment</th><th>Amount</th>\
+         <th>Refund</th></tr></thead><tbody>{rows}</tbody></table></body></html>"
+    ))
+    .into_response()
+}
+
+#[derive(Deserialize)]
+struct RefundForm {
+    amount: String,
+}
+
+async fn dashboard_refund(
+    State(shared): State<Arc<Shared>>,
+    Path(intent): Path<String>,
+    Form(form): Form<RefundForm>,
+) -> Response {
+    let cents = form.amount.trim().split_once('.').map_or_else(
+        || form.amount.trim().parse::<i64>().ok().map(|u| u * 100),
+        |(units, cents)| {
+            let units = units.parse::<i64>().ok()?;
+            let cents = format!("{cents:0<2}");
+            (cents.len() == 2).then_some(())?;
+            Some(units * 100 + cents.parse::<i64>().ok()?)
+        },
+    );
+    let known = shared.fake().intents.contains_key(&intent);
+    match cents.filter(|c| *c > 0) {
+        Some(cents) if known => {
+            refund(&shared, &intent, cents).await;
+            Redirect::to("/dashboard").into_response()
+        }
+        _ => (
+            StatusCode::BAD_REQUEST,
+            "Give a positive amount, such as 10 or 2.50.",
+        )
+            .into_response(),
+    }
 }
 
 /// Completes a session: an intent is made for it, and `checkout.session.completed` (and, when

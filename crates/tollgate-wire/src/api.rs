@@ -522,6 +522,22 @@ pub enum TopUpState {
     Failed,
 }
 
+impl TopUpState {
+    /// The name it is sent as.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TopUpState::Pending => "pending",
+            TopUpState::Processing => "processing",
+            TopUpState::Paid => "paid",
+            TopUpState::PartiallyRefunded => "partially_refunded",
+            TopUpState::Refunded => "refunded",
+            TopUpState::Disputed => "disputed",
+            TopUpState::Expired => "expired",
+            TopUpState::Failed => "failed",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct TopUp {
     /// `topup_...`

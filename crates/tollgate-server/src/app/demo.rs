@@ -1,14 +1,17 @@
 //! `tollgate demo`: the whole product on one machine with nothing installed.
 //!
 //! Starts the mock upstream on its own loopback port, routes `/v1` (OpenAI), `/anthropic`
-//! (Anthropic) and `/echo` to it, opens SQLite in the data dir, and on first start creates an
-//! account with starter credits, a master key and an admin token. They are kept in
+//! (Anthropic) and `/echo` to it, starts a fake Stripe (on loopback too, signing its webhooks
+//! to this gateway) so credits can be bought and refunded in the console, opens SQLite in the
+//! data dir, and on first start creates an account with starter credits, a master key and an
+//! admin token. They are kept in
 //! `<data dir>/demo.json` (mode 0600) so a restart reuses them. Only the demo keeps a key's
 //! plaintext anywhere: a demo must be able to print its key again.
 
 use crate::app::Application;
 use crate::config::{
-    Config, RawAdmin, RawBilling, RawConfig, RawModel, RawRoute, RawServer, RawStore, RouteKind,
+    Config, RawAdmin, RawBilling, RawConfig, RawModel, RawRoute, RawServer, RawStore, RawStripe,
+    RouteKind, Secret,
 };
 use serde::{Deserialize, Serialize};
 use std::future::Future;
@@ -16,6 +19,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use tollgate_core::key::random_base62;
 use tollgate_core::{AccountId, ApiKey, KeyKind, KeyStatus};
+use tollgate_mock::stripe::{FakeStripe, FakeStripeConfig};
 use tollgate_mock::MockUpstream;
 use tollgate_store::{KeyRecord, NewKey};
 use tollgate_wire::ErrorProfile;
@@ -40,9 +44,13 @@ struct DemoState {
     admin_token: String,
 }
 
+/// The fake Stripe's secret API key; its webhook secret is made fresh at each start.
+const DEMO_STRIPE_KEY: &str = "sk_test_tollgate_demo";
+
 pub struct Demo {
     app: Application,
     mock: MockUpstream,
+    stripe: FakeStripe,
     state: DemoState,
     data_dir: PathBuf,
     reused: bool,
@@ -53,12 +61,37 @@ impl Demo {
         std::fs::create_dir_all(&options.data_dir)
             .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", options.data_dir.display()))?;
         let mock = MockUpstream::start(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
+        // The payment page sends the customer back to the console, so the gateway's address
+        // is settled before the config is written (port 0 is resolved here).
+        let listen = std::net::TcpListener::bind(options.listen)
+            .and_then(|l| l.local_addr())
+            .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", options.listen))?;
+        let webhook_secret = format!("whsec_demo_{}", random_base62(24));
+        let stripe = FakeStripe::start(FakeStripeConfig {
+            secret_key: DEMO_STRIPE_KEY.into(),
+            webhook_secret: webhook_secret.clone(),
+            webhook_url: Some(format!("http://{listen}/webhooks/stripe")),
+        })
+        .await?;
+        let options = DemoOptions {
+            listen,
+            data_dir: options.data_dir,
+            config: options.config,
+        };
         let saved = read_state(&options.data_dir)?;
         let admin_token = saved
             .as_ref()
             .map(|s| s.admin_token.clone())
             .unwrap_or_else(|| format!("tga_{}", random_base62(32)));
-        let raw = demo_config(&options, &mock, &admin_token);
+        let mut raw = demo_config(&options, &mock, &admin_token);
+        raw.payments.stripe = Some(RawStripe {
+            secret_key: Some(Secret(DEMO_STRIPE_KEY.into())),
+            webhook_secrets: vec![Secret(webhook_secret)],
+            api_base: stripe.url(),
+            success_url: format!("http://{listen}/console/wallet?topup={{TOPUP_ID}}"),
+            cancel_url: format!("http://{listen}/console/wallet"),
+            ..RawStripe::default()
+        });
         let config = match &options.config {
             None => Config::from_raw(raw),
             Some(path) => layered(raw, path, &admin_token)?,
@@ -105,6 +138,7 @@ impl Demo {
         Ok(Demo {
             app,
             mock,
+            stripe,
             state,
             data_dir: options.data_dir,
             reused,
@@ -116,7 +150,7 @@ impl Demo {
     }
 
     /// The welcome text: where things are, curl calls that work as printed, and the three
-    /// `NAME=value` lines scripts read.
+    /// `NAME=value` lines scripts read (the admin token last).
     pub fn welcome(&self) -> String {
         let url = format!("http://{}", self.local_addr());
         let key = &self.state.master_key;
@@ -132,6 +166,7 @@ impl Demo {
 
   Gateway        {url}
   Mock upstream  {mock} (OpenAI API at {url}/v1, Anthropic API at {url}/anthropic, echo API at {url}/echo)
+  Fake Stripe    {stripe}/dashboard (card payments: add credits on the console's Wallet page, refund them here)
   Console        {url}/console/ (sign in with the demo key below)
   API reference  {url}/api/docs (Swagger UI; the OpenAPI document is {url}/api/openapi.json)
   Data           {data} (SQLite: tollgate.db; demo secrets: {STATE_FILE})
@@ -154,6 +189,9 @@ Try it (copy and paste):
   # The wallet: each echo call costs {ECHO_PRICE} USD; LLM calls are priced per token
   curl -s {url}{api}/billing/balance -H "Authorization: Bearer {key}"
 
+  # Buy 25 credits by card: answers a checkout_url (the fake Stripe's page; pay there)
+  curl -s {url}{api}/topups -H "Authorization: Bearer {key}" -H "Content-Type: application/json" -d '{{"amount":"25"}}'
+
   # Who am I? (verify a key)
   curl -s {url}{api}/key -H "Authorization: Bearer {key}"
 
@@ -166,9 +204,11 @@ Try it (copy and paste):
 For scripts:
 TOLLGATE_URL={url}
 TOLLGATE_DEMO_KEY={key}
+TOLLGATE_DEMO_STRIPE={stripe}
 TOLLGATE_ADMIN_TOKEN={admin}
 "#,
             mock = self.mock.url(),
+            stripe = self.stripe.url(),
             data = self.data_dir.display(),
             account_id = self.state.account_id,
         )
@@ -178,9 +218,12 @@ TOLLGATE_ADMIN_TOKEN={admin}
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
-        let Demo { app, mock, .. } = self;
+        let Demo {
+            app, mock, stripe, ..
+        } = self;
         let result = app.run_until_stopped(shutdown).await;
         drop(mock);
+        drop(stripe);
         result
     }
 }

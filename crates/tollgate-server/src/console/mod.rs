@@ -37,6 +37,7 @@ pub fn router() -> Router<AppState> {
         .route("/console/requests/{id}", get(requests::one))
         .route("/console/usage", get(usage::show))
         .route("/console/wallet", get(wallet::list))
+        .route("/console/wallet/topup", post(wallet::top_up))
         .route("/console/wallet.csv", get(export::wallet))
         .route("/console/accounts", get(accounts::list))
         .route("/console/accounts/{id}", get(accounts::one))

@@ -29,8 +29,15 @@ pub async fn layer(request: Request, next: Next) -> Response {
         next.run(request).await
     };
     let headers = response.headers_mut();
+    // A page that sends a form elsewhere (the wallet, to the payment page) sets its own policy,
+    // this one with that origin added.
+    if !headers.contains_key("content-security-policy") {
+        headers.insert(
+            "content-security-policy",
+            HeaderValue::from_static(CONTENT_SECURITY_POLICY),
+        );
+    }
     for (name, value) in [
-        ("content-security-policy", CONTENT_SECURITY_POLICY),
         ("x-content-type-options", "nosniff"),
         ("x-frame-options", "DENY"),
         ("referrer-policy", "same-origin"),

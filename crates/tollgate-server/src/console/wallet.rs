@@ -1,17 +1,22 @@
-//! The wallet page: every movement of the account's money, newest first, paged by a stable
-//! cursor with no date cap, each typed and signed as the wallet sees it. It is
-//! `GET /ledger`'s answer.
+//! The wallet page: the balance (and any debt), adding credits by card where payments are
+//! configured, the latest top-ups, and every movement of the account's money, newest first,
+//! paged by a stable cursor with no date cap, each typed and signed as the wallet sees it. The
+//! movements are `GET /ledger`'s answer; adding credits is `POST /topups`.
 
-use crate::console::render::{page, CursorQuery};
+use crate::console::render::page;
+use crate::console::security::CONTENT_SECURITY_POLICY;
 use crate::console::session::holder_account;
-use crate::management::billing::ledger_page;
+use crate::management::billing::{ledger_page, read_balance};
+use crate::management::payments::{start_topup, view};
 use crate::state::AppState;
 use askama::Template;
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Query, State};
-use axum::http::{HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
-use tollgate_wire::api::LedgerEntry;
+use axum::extract::{Form, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Redirect, Response};
+use serde::Deserialize;
+use tollgate_core::{AccountId, Nanos, TopUpId};
+use tollgate_wire::api::{Balance, LedgerEntry, TopUp};
 
 /// Entries a page shows.
 const PAGE_ROWS: u32 = 50;
@@ -24,25 +29,172 @@ pub struct Movement {
     pub direction: &'static str,
 }
 
+/// Top-ups the page lists.
+const RECENT_TOPUPS: u32 = 5;
+
 #[derive(Template)]
 #[template(path = "console/wallet.html")]
 struct WalletPage<'a> {
+    balance: &'a Balance,
+    /// Card top-ups are configured: the form, with its bounds.
+    payments: Option<(String, String)>,
+    topups: &'a [TopUp],
+    /// The top-up the customer just came back from.
+    returned: Option<&'a TopUp>,
+    problem: Option<&'a str>,
     movements: &'a [Movement],
     next: Option<String>,
 }
 
+/// `?cursor=` pages the movements; `?topup=` names the top-up a checkout returned from.
+#[derive(Deserialize, Default)]
+pub struct WalletQuery {
+    #[serde(default)]
+    cursor: String,
+    #[serde(default)]
+    topup: String,
+    /// Set on the reload that brings the session cookie back (so it happens once).
+    #[serde(default)]
+    back: bool,
+}
+
+/// A page that at once loads the wallet again for the same top-up, now as a same-site
+/// navigation, which carries the session cookie.
+fn reload_from_this_site(topup: &str) -> Response {
+    let topup: String = topup
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
+        .collect();
+    let target = format!("/console/wallet?topup={topup}&back=true");
+    axum::response::Html(format!(
+        "<!doctype html><html><head><meta http-equiv=\"refresh\" content=\"0; url={target}\">\
+         <title>Back to your wallet</title></head><body><p><a href=\"{target}\">Back to your \
+         wallet</a></p></body></html>"
+    ))
+    .into_response()
+}
+
 pub async fn list(
     State(state): State<AppState>,
-    query: Result<Query<CursorQuery>, QueryRejection>,
+    query: Result<Query<WalletQuery>, QueryRejection>,
     headers: HeaderMap,
+) -> Response {
+    let query = query.map(|Query(q)| q).unwrap_or_default();
+    let returned = query.topup.trim().parse::<TopUpId>().ok();
+    let account = match holder_account(&state, &headers).await {
+        Ok(account) => account,
+        // Back from the payment page: a navigation from another site carries no
+        // `SameSite=Strict` cookie, so the page reloads itself once, from this site, with it.
+        Err(_) if returned.is_some() && !query.back => return reload_from_this_site(&query.topup),
+        Err(answer) => return answer,
+    };
+    wallet_page(
+        &state,
+        account,
+        &query.cursor,
+        returned,
+        StatusCode::OK,
+        None,
+    )
+    .await
+}
+
+#[derive(Deserialize)]
+pub struct TopUpForm {
+    amount: String,
+}
+
+/// "Add credits": starts a top-up and sends the customer to the payment page.
+pub async fn top_up(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    form: Result<Form<TopUpForm>, axum::extract::rejection::FormRejection>,
 ) -> Response {
     let account = match holder_account(&state, &headers).await {
         Ok(account) => account,
         Err(answer) => return answer,
     };
-    let cursor = query.map(|Query(c)| c).unwrap_or_default();
-    let before = cursor.cursor.trim().parse::<i64>().ok();
-    let ledger = match ledger_page(&state, account, before, PAGE_ROWS).await {
+    let Some(payments) = state.payments.clone() else {
+        let problem = "Card payments are not configured here; ask the operator for credit.";
+        return wallet_page(
+            &state,
+            account,
+            "",
+            None,
+            StatusCode::NOT_FOUND,
+            Some(problem),
+        )
+        .await;
+    };
+    let amount = form
+        .ok()
+        .and_then(|Form(f)| Nanos::parse_amount(f.amount.trim()).ok());
+    let Some(amount) = amount else {
+        let problem = "Enter an amount of credits, such as 25 or 12.50.";
+        return wallet_page(
+            &state,
+            account,
+            "",
+            None,
+            StatusCode::BAD_REQUEST,
+            Some(problem),
+        )
+        .await;
+    };
+    match start_topup(&payments, account, amount).await {
+        Ok(topup) => match topup.checkout_url {
+            Some(url) => Redirect::to(&url).into_response(),
+            None => wallet_page(&state, account, "", Some(topup.id), StatusCode::OK, None).await,
+        },
+        Err(e) => {
+            let problem = e.error.message.clone();
+            let status =
+                StatusCode::from_u16(e.error.code.info().status).unwrap_or(StatusCode::BAD_REQUEST);
+            wallet_page(&state, account, "", None, status, Some(&problem)).await
+        }
+    }
+}
+
+async fn wallet_page(
+    state: &AppState,
+    account: AccountId,
+    cursor: &str,
+    returned: Option<TopUpId>,
+    status: StatusCode,
+    problem: Option<&str>,
+) -> Response {
+    let balance = match read_balance(state, account).await {
+        Ok(balance) => balance,
+        Err(e) => return e.into_response(),
+    };
+    let mut topups = Vec::new();
+    let mut came_back = None;
+    if let Some(payments) = &state.payments {
+        let listed = match state.store.topups(account, None, RECENT_TOPUPS).await {
+            Ok(listed) => listed,
+            Err(e) => return crate::http::error::HttpError::from(e).into_response(),
+        };
+        for topup in &listed {
+            match view(state, payments, topup).await {
+                Ok(shown) => topups.push(shown),
+                Err(e) => return e.into_response(),
+            }
+        }
+        if let Some(id) = returned {
+            let found = match state.store.topup(id).await {
+                Ok(found) => found.filter(|t| t.account_id == account),
+                Err(e) => return crate::http::error::HttpError::from(e).into_response(),
+            };
+            if let Some(topup) = found {
+                match view(state, payments, &topup).await {
+                    Ok(shown) => came_back = Some(shown),
+                    Err(e) => return e.into_response(),
+                }
+            }
+        }
+    }
+    let before = cursor.trim().parse::<i64>().ok();
+    let ledger = match ledger_page(state, account, before, PAGE_ROWS).await {
         Ok(ledger) => ledger,
         Err(e) => return e.into_response(),
     };
@@ -61,13 +213,39 @@ pub async fn list(
             entry,
         })
         .collect();
-    page(
-        StatusCode::OK,
+    let payments = state.payments.as_ref().map(|p| {
+        let s = p.settings();
+        (s.min_topup.to_string(), s.max_topup.to_string())
+    });
+    let mut answer = page(
+        status,
         &WalletPage {
+            balance: &balance,
+            payments,
+            topups: &topups,
+            returned: came_back.as_ref(),
+            problem,
             movements: &movements,
             next: ledger
                 .next_cursor
                 .map(|c| format!("/console/wallet?cursor={c}")),
         },
-    )
+    );
+    // "Add credits" is answered by a redirect to the payment page, which a browser lets a form
+    // follow only to an origin its form-action names.
+    if let Some(payments) = &state.payments {
+        let policy = CONTENT_SECURITY_POLICY.replace(
+            "form-action 'self'",
+            &format!(
+                "form-action 'self' {}",
+                payments.checkout_origins().join(" ")
+            ),
+        );
+        if let Ok(value) = HeaderValue::from_str(&policy) {
+            answer
+                .headers_mut()
+                .insert("content-security-policy", value);
+        }
+    }
+    answer
 }

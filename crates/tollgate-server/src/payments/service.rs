@@ -155,6 +155,18 @@ impl Payments {
         &self.settings
     }
 
+    /// The origins a customer is sent to, to pay: Stripe Checkout's, and the API's own when it
+    /// is not Stripe's (a fake, which hosts its page there).
+    pub fn checkout_origins(&self) -> Vec<String> {
+        let mut origins = vec!["https://checkout.stripe.com".to_string()];
+        let base = &self.settings.api_base;
+        if base != "https://api.stripe.com" {
+            let origin = base.splitn(4, '/').take(3).collect::<Vec<_>>().join("/");
+            origins.push(origin);
+        }
+        origins
+    }
+
     /// Starts a card top-up of `amount` credits: the top-up is written `pending` first, then
     /// Stripe is asked for a Checkout session (keyed by the top-up's id, so a retried create
     /// makes no second one). If Stripe does not answer, the top-up ends `failed` and nothing

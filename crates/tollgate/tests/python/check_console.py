@@ -3,7 +3,12 @@ off: sign in with the demo's master key, see the balance, sign out. Nothing may 
 the page's Content-Security-Policy, nothing may leave the server, and the key must never reach
 a cookie, the page or browser storage.
 
-Reads TOLLGATE_URL, TOLLGATE_DEMO_KEY and SCREENSHOTS (a folder for a picture of each page).
+Then buys credits by card: "Add credits" goes to the demo's fake Stripe (the one other origin
+the browser may reach), pays there, comes back, and the balance shows the credit once; a refund
+made at the fake's dashboard takes back exactly its amount.
+
+Reads TOLLGATE_URL, TOLLGATE_DEMO_KEY, TOLLGATE_DEMO_STRIPE and SCREENSHOTS (a folder for a
+picture of each page).
 Prints one line per check; exits non-zero on the first failure.
 """
 
@@ -21,6 +26,7 @@ from playwright.sync_api import expect, sync_playwright
 URL = os.environ["TOLLGATE_URL"]
 KEY = os.environ["TOLLGATE_DEMO_KEY"]
 ADMIN = os.environ["TOLLGATE_ADMIN_TOKEN"]
+STRIPE = os.environ["TOLLGATE_DEMO_STRIPE"]
 SHOTS = Path(os.environ.get("SCREENSHOTS", "."))
 ORIGIN = urlparse(URL).netloc
 
@@ -215,6 +221,65 @@ def operator_pages(browser):
     context.close()
 
 
+def wallet_available(page):
+    page.goto(f"{URL}/console/wallet")
+    return int(page.locator("#available").get_attribute("data-nanos"))
+
+
+def add_credits_by_card(browser):
+    """Add credits on the wallet page, pay at the fake Stripe, come back to the credit; then
+    refund part of it at the fake's dashboard."""
+    stripe_origin = urlparse(STRIPE).netloc
+    context = browser.new_context(viewport={"width": 1280, "height": 800})
+    page = context.new_page()
+    this_server = only(ORIGIN, outside)
+    payment_page = only(stripe_origin, outside)
+    page.route(
+        "**/*",
+        lambda route: payment_page(route)
+        if urlparse(route.request.url).netloc == stripe_origin
+        else this_server(route),
+    )
+    page.on("requestfailed", lambda request: failed.append(request.url))
+    page.on(
+        "console",
+        lambda message: refused_by_policy.append(message.text)
+        if "Content Security Policy" in message.text
+        else None,
+    )
+    page.goto(f"{URL}/console/")
+    page.get_by_label("Master key or admin token").fill(KEY)
+    page.get_by_label("Master key or admin token").press("Enter")
+    expect(page.get_by_role("heading", name="Overview")).to_be_visible()
+    before = wallet_available(page)
+    page.get_by_label("Credits").fill("25")
+    page.get_by_role("button", name="Add credits").click()
+    expect(page.get_by_role("heading", name="Fake Stripe Checkout")).to_be_visible()
+    if "25.00 USD" not in page.content():
+        sys.exit("the payment page does not ask for 25.00 USD")
+    page.get_by_role("button", name="Pay").click()
+    expect(page.locator("#returned")).to_contain_text("Payment received")
+    fits(page, "wallet-paid")
+    after = int(page.locator("#available").get_attribute("data-nanos"))
+    if after - before != 25_000_000_000:
+        sys.exit(f"paying 25 moved the balance by {after - before} nanos")
+    page.reload()
+    if wallet_available(page) != after:
+        sys.exit("the credit moved again on reload")
+    print("desktop: added 25 credits by card at the payment page; the balance shows them once")
+
+    page.goto(f"{STRIPE}/dashboard")
+    page.locator("input[name=amount]").last.fill("10")
+    page.get_by_role("button", name="Refund").last.click()
+    expect(page.get_by_role("heading", name="Fake Stripe dashboard")).to_be_visible()
+    refunded = wallet_available(page)
+    if after - refunded != 10_000_000_000:
+        sys.exit(f"refunding 10 moved the balance by {after - refunded} nanos")
+    expect(page.locator("#topups")).to_contain_text("partially_refunded")
+    print("desktop: refunded 10 at the payment provider; the wallet took back exactly that")
+    context.close()
+
+
 with sync_playwright() as playwright:
     browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_FLAGS)
     for size, viewport in [("desktop", (1280, 800)), ("phone", (390, 844))]:
@@ -270,6 +335,7 @@ with sync_playwright() as playwright:
         print(f"{size}: signed out; the cookie is gone")
         context.close()
     a_revoked_master_key_ends_its_session(browser)
+    add_credits_by_card(browser)
     operator_pages(browser)
     browser.close()
 
