@@ -55,6 +55,8 @@ struct Fake {
     delay: Duration,
     /// API calls answer 500 (a Stripe outage) while this is on.
     down: bool,
+    /// The card the hosted page pays with (and saves for later off-session charges).
+    card: Option<String>,
 }
 
 struct Shared {
@@ -122,6 +124,24 @@ impl FakeStripe {
     /// API calls answer 500 while `down`.
     pub fn set_down(&self, down: bool) {
         self.shared.fake().down = down;
+    }
+
+    /// The card the hosted page pays with from now on (default `pm_card_visa`);
+    /// `pm_card_authentication_required` or `pm_card_declined` make later off-session charges
+    /// of it fail.
+    pub fn set_card(&self, payment_method: &str) {
+        self.shared.fake().card = Some(payment_method.to_string());
+    }
+
+    /// How many PaymentIntents were created off-session (automatic top-ups), attempts that
+    /// failed included; a retry with the same idempotency key is not a new one.
+    pub fn off_session_charges(&self) -> usize {
+        self.shared
+            .fake()
+            .intents
+            .values()
+            .filter(|i| i["off_session"] == true)
+            .count()
     }
 
     /// Every event so far, oldest first.
@@ -391,6 +411,8 @@ async fn create_intent(
             "status": status,
             "metadata": {"topup_id": field("metadata[topup_id]")},
             "last_payment_error": error.map(|(code, message)| json!({"code": code, "message": message})),
+            "payment_method": method,
+            "off_session": true,
         });
         fake.intents.insert(id.clone(), intent.clone());
         if let Some(key) = key {
@@ -562,6 +584,8 @@ async fn pay(shared: &Shared, session: &str, payment_status: &str) -> Option<Str
             return None;
         }
         let intent_id = next_id(&mut fake, "pi");
+        let customer = next_id(&mut fake, "cus");
+        let card = fake.card.clone().unwrap_or_else(|| "pm_card_visa".into());
         let s = fake.sessions.get_mut(session)?;
         s["status"] = json!("complete");
         s["payment_status"] = json!(payment_status);
@@ -577,6 +601,8 @@ async fn pay(shared: &Shared, session: &str, payment_status: &str) -> Option<Str
             "status": if payment_status == "paid" { "succeeded" } else { "processing" },
             "metadata": completed["metadata"],
             "last_payment_error": null,
+            "customer": customer,
+            "payment_method": card,
         });
         fake.intents.insert(intent_id.clone(), intent.clone());
         (completed, intent)

@@ -711,3 +711,281 @@ async fn each_node_reconciles_by_itself_every_interval() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(shop.available(&account).await, "30");
 }
+
+/// Waits (up to 10 s) until `check` holds of the account's balance.
+async fn until_available(shop: &Shop, account: &TestAccount, expected: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = shop.available(account).await;
+        if now == expected {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "available {now}, expected {expected}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn set_auto(shop: &Shop, account: &TestAccount, body: Value) -> reqwest::Response {
+    shop.app
+        .http
+        .put(format!("{}/api/v1/auto-topup", shop.app.url))
+        .bearer_auth(&account.master_key)
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn auto_top_up_buys_with_the_saved_card_below_the_threshold_at_most_n_a_month() {
+    let shop = shop_with(|s| s.auto_topup_interval = "100ms".into()).await;
+    let account = shop.app.create_account("buyer").await;
+    // Turned on before any card is saved: on, and waiting for one.
+    let rule = json!({"threshold": "5", "amount": "20", "max_per_month": 2});
+    let answer: Value = set_auto(&shop, &account, rule.clone())
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (answer["enabled"].as_bool(), answer["card_saved"].as_bool()),
+        (Some(true), Some(false))
+    );
+    // Paying once by card saves it.
+    let first = shop.top_up(&account, "10").await;
+    shop.stripe.pay(&session_of(&first)).await.unwrap();
+    let answer = shop
+        .app
+        .get_json("/api/v1/auto-topup", &account.master_key)
+        .await;
+    assert_eq!(answer["card_saved"], true);
+    assert_eq!(shop.available(&account).await, "15");
+
+    // Down to 3: one automatic top-up of 20, exactly.
+    assert_eq!(spend(&shop.app, &account, "12").await.status(), 200);
+    until_available(&shop, &account, "23").await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(shop.available(&account).await, "23");
+    assert_eq!(shop.stripe.off_session_charges(), 1);
+
+    // Again below: the second and last of the month.
+    assert_eq!(spend(&shop.app, &account, "20").await.status(), 200);
+    until_available(&shop, &account, "23").await;
+    assert_eq!(spend(&shop.app, &account, "20").await.status(), 200);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(shop.available(&account).await, "3", "a third in one month");
+    assert_eq!(shop.stripe.off_session_charges(), 2);
+    let listed = shop
+        .app
+        .get_json("/api/v1/topups", &account.master_key)
+        .await;
+    let origins: Vec<(&str, &str)> = listed["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| (t["origin"].as_str().unwrap(), t["status"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        origins,
+        [("auto", "paid"), ("auto", "paid"), ("checkout", "paid")]
+    );
+    assert_books_balance(&shop.app, account.id).await;
+
+    // Turned off, nothing more starts.
+    let off: Value = shop
+        .app
+        .http
+        .delete(format!("{}/api/v1/auto-topup", shop.app.url))
+        .bearer_auth(&account.master_key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(off["enabled"], false);
+    let bad = set_auto(
+        &shop,
+        &account,
+        json!({"threshold": "5", "amount": "1", "max_per_month": 0}),
+    )
+    .await;
+    let refused = expect_error(bad, 400, "validation_error").await;
+    assert!(
+        refused["error"]["field_errors"]["amount"].is_array(),
+        "{refused}"
+    );
+    assert!(
+        refused["error"]["field_errors"]["max_per_month"].is_array(),
+        "{refused}"
+    );
+}
+
+#[tokio::test]
+async fn a_card_that_needs_the_customer_turns_auto_top_up_off_and_says_why() {
+    let shop = shop_with(|s| s.auto_topup_interval = "100ms".into()).await;
+    let account = shop.app.create_account("buyer").await;
+    shop.stripe.set_card("pm_card_authentication_required");
+    let first = shop.top_up(&account, "10").await;
+    shop.stripe.pay(&session_of(&first)).await.unwrap();
+    let rule = json!({"threshold": "20", "amount": "20", "max_per_month": 5});
+    assert_eq!(set_auto(&shop, &account, rule).await.status(), 200);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let answer = loop {
+        let answer = shop
+            .app
+            .get_json("/api/v1/auto-topup", &account.master_key)
+            .await;
+        if answer["enabled"] == false {
+            break answer;
+        }
+        assert!(std::time::Instant::now() < deadline, "{answer}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        answer["disabled_reason"]
+            .as_str()
+            .unwrap()
+            .contains("confirm"),
+        "{answer}"
+    );
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(shop.stripe.off_session_charges(), 1, "tried once, then off");
+    assert_eq!(shop.available(&account).await, "15");
+    let listed = shop
+        .app
+        .get_json("/api/v1/topups", &account.master_key)
+        .await;
+    assert_eq!(listed["data"][0]["origin"], "auto");
+    assert_eq!(listed["data"][0]["status"], "failed");
+    // The account is told, on its wallet page too.
+    let cookie = console_cookie(&shop.app, &account.master_key).await;
+    let wallet = console_get(&shop.app, "/console/wallet", &cookie).await;
+    let page = wallet.text().await.unwrap();
+    assert!(page.contains("id=\"auto-off\""), "{page}");
+    assert!(page.contains("confirm this payment"), "{page}");
+}
+
+fn browser() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+}
+
+/// Signs in to the console; the `Cookie` header a browser would send back.
+async fn console_cookie(app: &TestApp, credential: &str) -> String {
+    let response = browser()
+        .post(format!("{}/console/sign-in", app.url))
+        .header("sec-fetch-site", "same-origin")
+        .form(&[("credential", credential)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 303);
+    let set = response.headers()["set-cookie"].to_str().unwrap();
+    set.split(';').next().unwrap().to_string()
+}
+
+async fn console_get(app: &TestApp, path: &str, cookie: &str) -> reqwest::Response {
+    browser()
+        .get(format!("{}{path}", app.url))
+        .header("cookie", cookie)
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn the_console_sends_the_customer_to_pay_and_says_what_came_of_it() {
+    let shop = shop().await;
+    let account = shop.app.create_account("buyer").await;
+    let cookie = console_cookie(&shop.app, &account.master_key).await;
+    let wallet = console_get(&shop.app, "/console/wallet", &cookie).await;
+    // The wallet's form may be sent on to the payment page's origin, and nowhere else new.
+    let policy = wallet.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        policy.contains(&format!(
+            "form-action 'self' https://checkout.stripe.com {}",
+            shop.stripe.url()
+        )),
+        "{policy}"
+    );
+    assert!(wallet.text().await.unwrap().contains("Add credits"));
+
+    let sent = browser()
+        .post(format!("{}/console/wallet/topup", shop.app.url))
+        .header("cookie", &cookie)
+        .header("sec-fetch-site", "same-origin")
+        .form(&[("amount", "25")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(sent.status(), 303);
+    let checkout = sent.headers()["location"].to_str().unwrap().to_string();
+    assert!(
+        checkout.starts_with(&format!("{}/pay/", shop.stripe.url())),
+        "{checkout}"
+    );
+    let session = checkout.rsplit('/').next().unwrap();
+    shop.stripe.pay(session).await.unwrap();
+    let topup = shop
+        .app
+        .get_json("/api/v1/topups", &account.master_key)
+        .await["data"][0]
+        .clone();
+    let back = format!("/console/wallet?topup={}", topup["id"].as_str().unwrap());
+
+    // Back from another site, no cookie comes: the page reloads itself once, from this site.
+    let cross_site = browser()
+        .get(format!("{}{back}", shop.app.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(cross_site.status(), 200);
+    let reload = cross_site.text().await.unwrap();
+    assert!(reload.contains("http-equiv=\"refresh\""), "{reload}");
+    assert!(
+        reload.contains("&back=true") || reload.contains("&#38;back=true"),
+        "{reload}"
+    );
+    let again = browser()
+        .get(format!("{}{back}&back=true", shop.app.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        again.status(),
+        303,
+        "with no session the second time: the sign-in page"
+    );
+
+    let shown = console_get(&shop.app, &back, &cookie)
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(shown.contains("Payment received: 25 USD"), "{shown}");
+    assert!(shown.contains("data-nanos=\"30000000000\""), "{shown}");
+
+    let refused = browser()
+        .post(format!("{}/console/wallet/topup", shop.app.url))
+        .header("cookie", &cookie)
+        .header("sec-fetch-site", "same-origin")
+        .form(&[("amount", "1")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 400);
+    assert!(refused
+        .text()
+        .await
+        .unwrap()
+        .contains("must be from 5 to 10000"));
+}

@@ -27,7 +27,7 @@ use crate::{
     SeriesSplit, SessionRecord, SessionStore, Sharing, StoreChange, StoreError, StoreHealth,
     StoredResponse, TransferRecord, UsageBucket, UsageFilter, UsageGroup, UsageRow, UsageStore,
 };
-use crate::{PaymentEvent, PaymentStore, TopUp};
+use crate::{AutoTopUp, PaymentEvent, PaymentStore, TopUp};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use std::future::Future;
@@ -132,7 +132,7 @@ bounded!(KeyStore {
 });
 
 bounded!(PaymentStore {
-    fn create_topup(topup: &TopUp) -> ();
+    fn create_topup(topup: &TopUp) -> bool;
     fn topup(id: TopUpId) -> Option<TopUp>;
     fn topup_by_provider_id(provider_id: &str) -> Option<TopUp>;
     fn topups(account: AccountId, before: Option<TopUpId>, limit: u32) -> Vec<TopUp>;
@@ -143,6 +143,12 @@ bounded!(PaymentStore {
     fn record_event(event: &PaymentEvent) -> bool;
     fn finish_event(id: &str, outcome: &str, at: DateTime<Utc>) -> ();
     fn waiting_events(topup: TopUpId, payment_intent: Option<&str>) -> Vec<PaymentEvent>;
+    fn save_card(account: AccountId, customer: &str, payment_method: &str, at: DateTime<Utc>) -> ();
+    fn set_auto_topup(rule: &AutoTopUp) -> ();
+    fn auto_topup(account: AccountId) -> Option<AutoTopUp>;
+    fn disable_auto_topup(account: AccountId, reason: Option<&str>, at: DateTime<Utc>) -> ();
+    fn auto_topups_due() -> Vec<AutoTopUp>;
+    fn auto_topups_since(account: AccountId, since: DateTime<Utc>) -> u32;
 });
 
 bounded!(LedgerStore {

@@ -664,7 +664,28 @@ pub struct TopUp {
     /// to look at.
     pub review: Option<String>,
     pub failure: Option<String>,
+    /// An automatic top-up's key (the account and which of the month's it is): one per key.
+    pub auto_key: Option<String>,
     pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// An account's automatic top-up: its rule, whether it is on, and the card it charges.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AutoTopUp {
+    pub account_id: AccountId,
+    /// Below this balance a top-up starts.
+    pub threshold: Nanos,
+    /// What it buys.
+    pub amount: Nanos,
+    /// At most this many a calendar month (UTC).
+    pub max_per_month: u32,
+    pub enabled: bool,
+    /// Why it was turned off by Tollgate (a payment that needed the customer).
+    pub disabled_reason: Option<String>,
+    /// The card saved by a checkout: Stripe's customer and payment method.
+    pub customer: Option<String>,
+    pub payment_method: Option<String>,
     pub updated_at: DateTime<Utc>,
 }
 
@@ -685,7 +706,8 @@ pub struct PaymentEvent {
 
 #[async_trait]
 pub trait PaymentStore: Send + Sync {
-    async fn create_topup(&self, topup: &TopUp) -> Result<(), StoreError>;
+    /// Writes a new top-up; `false` if one with its `auto_key` exists (nothing written).
+    async fn create_topup(&self, topup: &TopUp) -> Result<bool, StoreError>;
     async fn topup(&self, id: TopUpId) -> Result<Option<TopUp>, StoreError>;
     /// The top-up with this checkout session or payment intent id.
     async fn topup_by_provider_id(&self, provider_id: &str) -> Result<Option<TopUp>, StoreError>;
@@ -739,6 +761,32 @@ pub trait PaymentStore: Send + Sync {
         outcome: &str,
         at: DateTime<Utc>,
     ) -> Result<(), StoreError>;
+    /// Keeps the card a checkout saved, for automatic top-ups.
+    async fn save_card(
+        &self,
+        account: AccountId,
+        customer: &str,
+        payment_method: &str,
+        at: DateTime<Utc>,
+    ) -> Result<(), StoreError>;
+    /// Sets the account's rule and turns it on (the saved card is kept).
+    async fn set_auto_topup(&self, rule: &AutoTopUp) -> Result<(), StoreError>;
+    async fn auto_topup(&self, account: AccountId) -> Result<Option<AutoTopUp>, StoreError>;
+    /// Turns it off, with why (`None`: the customer turned it off).
+    async fn disable_auto_topup(
+        &self,
+        account: AccountId,
+        reason: Option<&str>,
+        at: DateTime<Utc>,
+    ) -> Result<(), StoreError>;
+    /// The rules that are on, have a card, and whose account's balance is below the threshold.
+    async fn auto_topups_due(&self) -> Result<Vec<AutoTopUp>, StoreError>;
+    /// How many automatic top-ups the account started since `since`.
+    async fn auto_topups_since(
+        &self,
+        account: AccountId,
+        since: DateTime<Utc>,
+    ) -> Result<u32, StoreError>;
     /// The events not yet handled about a top-up or its payment intent, oldest first.
     async fn waiting_events(
         &self,

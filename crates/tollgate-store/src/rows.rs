@@ -133,7 +133,7 @@ impl TryFrom<AccountRow> for Account {
 
 pub(crate) const TOPUP_COLUMNS: &str = "id, account_id, amount_nanos, amount_minor, currency, \
     status, origin, checkout_session, checkout_url, payment_intent, dispute, review, failure, \
-    created_at, updated_at";
+    auto_key, created_at, updated_at";
 
 #[derive(sqlx::FromRow)]
 pub(crate) struct TopUpRow {
@@ -150,6 +150,7 @@ pub(crate) struct TopUpRow {
     dispute: Option<String>,
     review: Option<String>,
     failure: Option<String>,
+    auto_key: Option<String>,
     created_at: i64,
     updated_at: i64,
 }
@@ -174,7 +175,43 @@ impl TryFrom<TopUpRow> for crate::TopUp {
             dispute: row.dispute,
             review: row.review,
             failure: row.failure,
+            auto_key: row.auto_key,
             created_at: from_millis(row.created_at)?,
+            updated_at: from_millis(row.updated_at)?,
+        })
+    }
+}
+
+pub(crate) const AUTO_TOPUP_COLUMNS: &str = "account_id, threshold_nanos, amount_nanos, \
+    max_per_month, enabled, disabled_reason, customer, payment_method, updated_at";
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct AutoTopUpRow {
+    account_id: String,
+    threshold_nanos: i64,
+    amount_nanos: i64,
+    max_per_month: i64,
+    enabled: bool,
+    disabled_reason: Option<String>,
+    customer: Option<String>,
+    payment_method: Option<String>,
+    updated_at: i64,
+}
+
+impl TryFrom<AutoTopUpRow> for crate::AutoTopUp {
+    type Error = StoreError;
+
+    fn try_from(row: AutoTopUpRow) -> Result<Self, StoreError> {
+        Ok(crate::AutoTopUp {
+            account_id: parse_id("account id", &row.account_id)?,
+            threshold: Nanos(row.threshold_nanos),
+            amount: Nanos(row.amount_nanos),
+            max_per_month: u32::try_from(row.max_per_month)
+                .map_err(|_| corrupt("max_per_month", &row.max_per_month.to_string()))?,
+            enabled: row.enabled,
+            disabled_reason: row.disabled_reason,
+            customer: row.customer,
+            payment_method: row.payment_method,
             updated_at: from_millis(row.updated_at)?,
         })
     }

@@ -8,7 +8,9 @@ use crate::rows::{
     UsageDbRow, ACCOUNT_SELECT, HOLD_COLUMNS, KEY_COLUMNS, UPSERT_SLOTS, UPSERT_SLOTS_CONFLICT,
     UPSERT_SPEND, UPSERT_SPEND_CONFLICT, USAGE_COLUMNS,
 };
-use crate::rows::{statuses_before, PaymentEventRow, TopUpRow, TOPUP_COLUMNS};
+use crate::rows::{
+    statuses_before, AutoTopUpRow, PaymentEventRow, TopUpRow, AUTO_TOPUP_COLUMNS, TOPUP_COLUMNS,
+};
 use crate::{
     Account, AccountStore, AuditStore, BatchId, ChangeFeed, HoldRecord, IdempotencyBegin,
     IdempotencyClaim, IdempotencyStore, InsertKeyOutcome, KeyActivity, KeyChange, KeyLookup,
@@ -16,7 +18,7 @@ use crate::{
     SessionRecord, SessionStore, Sharing, StoreError, StoreHealth, StoredResponse, TransferRecord,
     UsageBucket, UsageFilter, UsageGroup, UsageRow, UsageStore,
 };
-use crate::{PaymentEvent, PaymentStore, TopUp};
+use crate::{AutoTopUp, PaymentEvent, PaymentStore, TopUp};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
@@ -1250,9 +1252,10 @@ impl StoreHealth for SqliteStore {
 
 #[async_trait]
 impl PaymentStore for SqliteStore {
-    async fn create_topup(&self, topup: &TopUp) -> Result<(), StoreError> {
-        sqlx::query(&format!(
-            "INSERT INTO topups ({TOPUP_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)"
+    async fn create_topup(&self, topup: &TopUp) -> Result<bool, StoreError> {
+        let inserted = sqlx::query(&format!(
+            "INSERT INTO topups ({TOPUP_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16) \
+             ON CONFLICT DO NOTHING"
         ))
         .bind(topup.id.to_string())
         .bind(topup.account_id.to_string())
@@ -1267,12 +1270,14 @@ impl PaymentStore for SqliteStore {
         .bind(&topup.dispute)
         .bind(&topup.review)
         .bind(&topup.failure)
+        .bind(&topup.auto_key)
         .bind(millis(topup.created_at))
         .bind(millis(topup.updated_at))
         .execute(&self.pool)
         .await
-        .map_err(store_error)?;
-        Ok(())
+        .map_err(store_error)?
+        .rows_affected();
+        Ok(inserted == 1)
     }
 
     async fn topup(&self, id: TopUpId) -> Result<Option<TopUp>, StoreError> {
@@ -1441,6 +1446,109 @@ impl PaymentStore for SqliteStore {
         .await
         .map_err(store_error)?;
         Ok(())
+    }
+
+    async fn save_card(
+        &self,
+        account: AccountId,
+        customer: &str,
+        payment_method: &str,
+        at: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO auto_topups (account_id, customer, payment_method, updated_at) \
+             VALUES (?1, ?2, ?3, ?4) ON CONFLICT (account_id) DO UPDATE SET \
+             customer = excluded.customer, payment_method = excluded.payment_method, \
+             updated_at = excluded.updated_at",
+        )
+        .bind(account.to_string())
+        .bind(customer)
+        .bind(payment_method)
+        .bind(millis(at))
+        .execute(&self.pool)
+        .await
+        .map_err(store_error)?;
+        Ok(())
+    }
+
+    async fn set_auto_topup(&self, rule: &AutoTopUp) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO auto_topups (account_id, threshold_nanos, amount_nanos, max_per_month, \
+             enabled, disabled_reason, updated_at) VALUES (?1, ?2, ?3, ?4, 1, NULL, ?5) \
+             ON CONFLICT (account_id) DO UPDATE SET threshold_nanos = excluded.threshold_nanos, \
+             amount_nanos = excluded.amount_nanos, max_per_month = excluded.max_per_month, \
+             enabled = 1, disabled_reason = NULL, updated_at = excluded.updated_at",
+        )
+        .bind(rule.account_id.to_string())
+        .bind(rule.threshold.0)
+        .bind(rule.amount.0)
+        .bind(i64::from(rule.max_per_month))
+        .bind(millis(rule.updated_at))
+        .execute(&self.pool)
+        .await
+        .map_err(store_error)?;
+        Ok(())
+    }
+
+    async fn auto_topup(&self, account: AccountId) -> Result<Option<AutoTopUp>, StoreError> {
+        let row: Option<AutoTopUpRow> = sqlx::query_as(&format!(
+            "SELECT {AUTO_TOPUP_COLUMNS} FROM auto_topups WHERE account_id = ?1"
+        ))
+        .bind(account.to_string())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(store_error)?;
+        row.map(AutoTopUp::try_from).transpose()
+    }
+
+    async fn disable_auto_topup(
+        &self,
+        account: AccountId,
+        reason: Option<&str>,
+        at: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE auto_topups SET enabled = 0, disabled_reason = ?1, updated_at = ?2 \
+             WHERE account_id = ?3",
+        )
+        .bind(reason)
+        .bind(millis(at))
+        .bind(account.to_string())
+        .execute(&self.pool)
+        .await
+        .map_err(store_error)?;
+        Ok(())
+    }
+
+    async fn auto_topups_due(&self) -> Result<Vec<AutoTopUp>, StoreError> {
+        let rows: Vec<AutoTopUpRow> = sqlx::query_as(
+            "SELECT a.account_id, a.threshold_nanos, a.amount_nanos, a.max_per_month, a.enabled, \
+             a.disabled_reason, a.customer, a.payment_method, a.updated_at \
+             FROM auto_topups a JOIN wallets w ON w.account_id = a.account_id \
+             WHERE a.enabled AND a.payment_method IS NOT NULL AND a.customer IS NOT NULL \
+             AND w.balance_nanos < a.threshold_nanos",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(store_error)?;
+        convert(rows)
+    }
+
+    async fn auto_topups_since(
+        &self,
+        account: AccountId,
+        since: DateTime<Utc>,
+    ) -> Result<u32, StoreError> {
+        let count: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM topups WHERE account_id = ?1 AND origin = 'auto' \
+             AND created_at >= ?2",
+        )
+        .bind(account.to_string())
+        .bind(millis(since))
+        .fetch_one(&self.pool)
+        .await
+        .map_err(store_error)?;
+        Ok(u32::try_from(count).unwrap_or(u32::MAX))
     }
 
     async fn waiting_events(

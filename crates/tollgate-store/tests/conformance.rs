@@ -1061,9 +1061,85 @@ fn topup(account: AccountId, ms: i64) -> tollgate_store::TopUp {
         dispute: None,
         review: None,
         failure: None,
+        auto_key: None,
         created_at: at(ms),
         updated_at: at(ms),
     }
+}
+
+pub async fn an_auto_top_up_is_due_below_its_threshold_with_a_card_and_starts_once_per_key(
+    store: Arc<dyn Store>,
+) {
+    let (account, _, _) = new_account(&*store, Nanos(10)).await;
+    let rule = tollgate_store::AutoTopUp {
+        account_id: account,
+        threshold: Nanos(11),
+        amount: Nanos(50),
+        max_per_month: 2,
+        enabled: true,
+        disabled_reason: None,
+        customer: None,
+        payment_method: None,
+        updated_at: at(1),
+    };
+    store.set_auto_topup(&rule).await.unwrap();
+    assert!(
+        store.auto_topups_due().await.unwrap().is_empty(),
+        "no card yet"
+    );
+    store
+        .save_card(account, "cus_1", "pm_1", at(2))
+        .await
+        .unwrap();
+    let due = store.auto_topups_due().await.unwrap();
+    assert_eq!(due.len(), 1);
+    assert_eq!(
+        (
+            due[0].customer.as_deref(),
+            due[0].payment_method.as_deref(),
+            due[0].amount
+        ),
+        (Some("cus_1"), Some("pm_1"), Nanos(50))
+    );
+    // Setting the rule again keeps the card; a balance at the threshold is not below it.
+    store
+        .set_auto_topup(&tollgate_store::AutoTopUp {
+            threshold: Nanos(10),
+            ..rule.clone()
+        })
+        .await
+        .unwrap();
+    assert!(store.auto_topups_due().await.unwrap().is_empty());
+    store.set_auto_topup(&rule).await.unwrap();
+    assert_eq!(store.auto_topups_due().await.unwrap().len(), 1);
+
+    let auto = |key: &str| tollgate_store::TopUp {
+        origin: tollgate_store::TopUpOrigin::Auto,
+        auto_key: Some(key.into()),
+        ..topup(account, 3)
+    };
+    assert!(store.create_topup(&auto("auto:1")).await.unwrap());
+    assert!(
+        !store.create_topup(&auto("auto:1")).await.unwrap(),
+        "one per key"
+    );
+    assert!(store.create_topup(&auto("auto:2")).await.unwrap());
+    assert!(store.create_topup(&topup(account, 3)).await.unwrap());
+    assert_eq!(store.auto_topups_since(account, at(0)).await.unwrap(), 2);
+    assert_eq!(store.auto_topups_since(account, at(4)).await.unwrap(), 0);
+
+    store
+        .disable_auto_topup(account, Some("the card needs the customer"), at(5))
+        .await
+        .unwrap();
+    assert!(store.auto_topups_due().await.unwrap().is_empty());
+    let off = store.auto_topup(account).await.unwrap().unwrap();
+    assert!(!off.enabled);
+    assert_eq!(
+        off.disabled_reason.as_deref(),
+        Some("the card needs the customer")
+    );
+    assert_eq!(off.payment_method.as_deref(), Some("pm_1"));
 }
 
 pub async fn topups_round_trip_list_newest_first_and_never_leave_paid(store: Arc<dyn Store>) {
@@ -1073,7 +1149,7 @@ pub async fn topups_round_trip_list_newest_first_and_never_leave_paid(store: Arc
     let first = topup(account, 1);
     let second = topup(account, 2);
     for t in [&first, &second, &topup(other, 3)] {
-        store.create_topup(t).await.unwrap();
+        assert!(store.create_topup(t).await.unwrap());
     }
     assert_eq!(store.topup(first.id).await.unwrap().as_ref(), Some(&first));
     let listed = store.topups(account, None, 10).await.unwrap();
@@ -1765,6 +1841,7 @@ macro_rules! store_suite {
                 a_refund_past_the_wallet_is_debt_that_new_credit_repays_once_per_reference,
                 topups_round_trip_list_newest_first_and_never_leave_paid,
                 payment_events_are_recorded_once_and_wait_until_handled,
+                an_auto_top_up_is_due_below_its_threshold_with_a_card_and_starts_once_per_key,
             );
         }
     };

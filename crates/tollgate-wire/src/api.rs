@@ -581,3 +581,33 @@ pub struct Reconciliation {
     /// Of them, those not handled before (deliveries that never arrived), handled now.
     pub handled: u64,
 }
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(example = json!({"threshold": "5", "amount": "25", "max_per_month": 4}))]
+pub struct AutoTopUpRequest {
+    /// Below this balance, a top-up starts.
+    #[schema(pattern = r"^[0-9]{1,9}(\.[0-9]{1,9})?$")]
+    pub threshold: String,
+    /// The credits each automatic top-up buys (within the configured minimum and maximum).
+    #[schema(pattern = r"^[0-9]{1,9}(\.[0-9]{1,9})?$")]
+    pub amount: String,
+    /// At most this many a calendar month (UTC), 1 to 100.
+    pub max_per_month: u32,
+    /// Admin only (and required of the admin): the account.
+    #[serde(default)]
+    pub account_id: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct AutoTopUp {
+    pub account_id: AccountId,
+    pub enabled: bool,
+    pub threshold: Money,
+    pub amount: Money,
+    pub max_per_month: u32,
+    /// A card is saved (by paying once through checkout): automatic top-ups charge it.
+    pub card_saved: bool,
+    /// Why Tollgate turned it off (a payment that needed the customer, a refused card).
+    pub disabled_reason: Option<String>,
+}

@@ -1394,3 +1394,97 @@ async fn fifty_deliveries_of_one_payment_over_two_nodes_credit_it_once() {
     assert_eq!(credits, 1);
     assert_books_balance(&cluster).await;
 }
+
+/// A hundred concurrent paid calls over two nodes take the balance below the automatic
+/// top-up's threshold: every node sees the crossing, and one charge is made.
+#[tokio::test]
+async fn a_hundred_calls_crossing_the_threshold_on_two_nodes_make_one_automatic_top_up() {
+    use tollgate_mock::stripe::{FakeStripe, FakeStripeConfig};
+    const SECRET: &str = "whsec_cluster_auto";
+    let stripe = FakeStripe::start(FakeStripeConfig {
+        secret_key: "sk_test_cluster".into(),
+        webhook_secret: SECRET.into(),
+        webhook_url: None,
+    })
+    .await
+    .unwrap();
+    let payments = format!(
+        "[payments.stripe]\nsecret_key = \"sk_test_cluster\"\nwebhook_secrets = [\"{SECRET}\"]\n\
+         api_base = \"{}\"\nsuccess_url = \"http://127.0.0.1/ok\"\ncancel_url = \"http://127.0.0.1/no\"\n\
+         reconcile_interval = \"0s\"\nauto_topup_interval = \"100ms\"\n",
+        stripe.url()
+    );
+    let Some(cluster) = Cluster::start(&payments).await else {
+        return;
+    };
+    stripe.deliver_to(&format!("{}/webhooks/stripe", cluster.url(1)));
+    let (account, master) = cluster.empty_account().await;
+    let topup: Value = send_json(
+        cluster
+            .http
+            .post(format!("{}/api/v1/topups", cluster.url(0)))
+            .bearer_auth(&master)
+            .json(&json!({"amount": "10"})),
+    )
+    .await;
+    stripe
+        .pay(topup["checkout_session"].as_str().unwrap())
+        .await
+        .unwrap();
+    let rule = cluster
+        .http
+        .put(format!("{}/api/v1/auto-topup", cluster.url(0)))
+        .bearer_auth(&master)
+        .json(&json!({"threshold": "9.95", "amount": "20", "max_per_month": 10}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(rule.status(), 200);
+    let key: Value = send_json(
+        cluster
+            .http
+            .post(format!("{}/api/v1/keys", cluster.url(0)))
+            .bearer_auth(&master)
+            .json(&json!({"name": "usage"})),
+    )
+    .await;
+    let key = key["secret"].as_str().unwrap().to_string();
+    // A slow Stripe keeps the first node's charge in flight while the others look: they find
+    // it in progress and wait for it (or retry it under its own key), never start another.
+    stripe.set_delay(Duration::from_millis(300));
+    let calls = (0..100).map(|i| cluster.echo(i % 2, &key));
+    let statuses: Vec<u16> = futures_util::future::join_all(calls)
+        .await
+        .into_iter()
+        .map(|r| r.status().as_u16())
+        .collect();
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let balance: Value = send_json(
+            cluster
+                .http
+                .get(format!("{}/api/v1/billing/balance", cluster.url(1)))
+                .bearer_auth(&master),
+        )
+        .await;
+        if balance["available"]["credits"] == "29.9" && balance["held"]["nanos"] == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{balance}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Several more rounds on every node: still one.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(stripe.off_session_charges(), 1);
+    let pool = sqlx::PgPool::connect(cluster.schema.url()).await.unwrap();
+    let automatic: i64 =
+        sqlx::query_scalar("SELECT COUNT(*) FROM topups WHERE account_id = $1 AND origin = 'auto'")
+            .bind(&account)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(automatic, 1);
+    assert_books_balance(&cluster).await;
+}

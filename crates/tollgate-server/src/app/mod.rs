@@ -146,6 +146,11 @@ impl Application {
             let every = payments.settings().reconcile_interval?;
             Some(tokio::spawn(reconcile_payments(payments, every)))
         });
+        let auto_topper = self
+            .state
+            .payments
+            .clone()
+            .map(|payments| tokio::spawn(auto_top_up(payments)));
         let cpu_watch = match (&self.state.shedder, &self.state.config.load_shedding) {
             (Some(shedder), Some(config)) => config.cpu_threshold.map(|threshold| {
                 tokio::spawn(crate::access::shed::watch_cpu(shedder.clone(), threshold))
@@ -170,6 +175,9 @@ impl Application {
         }
         if let Some(reconciler) = reconciler {
             reconciler.abort();
+        }
+        if let Some(auto_topper) = auto_topper {
+            auto_topper.abort();
         }
         // Every lease goes back to its wallet, for the other nodes to use at once.
         self.state.ledger.return_idle_leases(Duration::ZERO);
@@ -197,6 +205,17 @@ async fn reconcile_payments(payments: Arc<Payments>, every: Duration) {
             Err(e) => {
                 tracing::warn!(error = %e, "payment reconciliation failed; trying again next interval")
             }
+        }
+    }
+}
+
+/// Starts the automatic top-ups that are due, every `auto_topup_interval`.
+async fn auto_top_up(payments: Arc<Payments>) {
+    let every = payments.settings().auto_topup_interval;
+    loop {
+        tokio::time::sleep(every).await;
+        if let Err(e) = payments.auto_top_up().await {
+            tracing::warn!(error = %e, "automatic top-ups could not be checked; trying again next interval");
         }
     }
 }

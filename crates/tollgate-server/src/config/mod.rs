@@ -98,6 +98,7 @@ pub struct StripeSettings {
     pub timeout: Duration,
     /// `None`: missed deliveries are only found by `tollgate payments reconcile`.
     pub reconcile_interval: Option<Duration>,
+    pub auto_topup_interval: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -1088,6 +1089,12 @@ fn validate_stripe(
         Duration::ZERO..=Duration::from_secs(7 * 24 * 3600),
         "must be a duration up to 7 days, or \"0s\" for never",
     );
+    let auto_topup_interval = duration(
+        "auto_topup_interval",
+        &raw.auto_topup_interval,
+        Duration::from_millis(100)..=Duration::from_secs(3600),
+        "must be a duration from 100ms to 1h",
+    );
     if raw.webhook_max_bytes < 1024 {
         p.push(&at("webhook_max_bytes"), "must be at least 1024");
     }
@@ -1108,6 +1115,7 @@ fn validate_stripe(
         webhook_max_bytes: usize::try_from(raw.webhook_max_bytes).unwrap_or(usize::MAX),
         timeout: timeout?,
         reconcile_interval: reconcile_interval.filter(|d| !d.is_zero()),
+        auto_topup_interval: auto_topup_interval?,
     })
 }
 
@@ -1467,7 +1475,8 @@ mod tests {
             "[payments.stripe]\nwebhook_secrets = [\"\"]\napi_base = \"ftp://x\"\n\
              currency = \"eur\"\nmin_topup = \"0.001\"\nmax_topup = \"0\"\n\
              success_url = \"nowhere\"\nsession_expiry = \"10m\"\ntimeout = \"5m\"\n\
-             signature_tolerance = \"2h\"\nreconcile_interval = \"soon\"\nwebhook_max_bytes = 10\n",
+             signature_tolerance = \"2h\"\nreconcile_interval = \"soon\"\nwebhook_max_bytes = 10\n\
+             auto_topup_interval = \"0s\"\n",
             std::iter::empty::<(&str, &str)>(),
         )
         .unwrap_err()
@@ -1485,6 +1494,7 @@ mod tests {
             "timeout",
             "signature_tolerance",
             "reconcile_interval",
+            "auto_topup_interval",
             "webhook_max_bytes",
         ] {
             assert!(

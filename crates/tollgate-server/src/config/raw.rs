@@ -331,6 +331,8 @@ pub struct RawStripe {
     pub timeout: String,
     /// How often Stripe's event list is read for deliveries that never arrived; "0s": never.
     pub reconcile_interval: String,
+    /// How often each node looks for accounts whose automatic top-up is due.
+    pub auto_topup_interval: String,
 }
 
 impl Default for RawStripe {
@@ -349,6 +351,7 @@ impl Default for RawStripe {
             webhook_max_bytes: 256 * 1024,
             timeout: "10s".into(),
             reconcile_interval: "10m".into(),
+            auto_topup_interval: "5s".into(),
         }
     }
 }

@@ -41,6 +41,8 @@ struct WalletPage<'a> {
     topups: &'a [TopUp],
     /// The top-up the customer just came back from.
     returned: Option<&'a TopUp>,
+    /// Why automatic top-up was turned off by Tollgate, if it was.
+    auto_off: Option<String>,
     problem: Option<&'a str>,
     movements: &'a [Movement],
     next: Option<String>,
@@ -193,6 +195,10 @@ async fn wallet_page(
             }
         }
     }
+    let auto_off = match state.store.auto_topup(account).await {
+        Ok(rule) => rule.and_then(|r| r.disabled_reason),
+        Err(e) => return crate::http::error::HttpError::from(e).into_response(),
+    };
     let before = cursor.trim().parse::<i64>().ok();
     let ledger = match ledger_page(state, account, before, PAGE_ROWS).await {
         Ok(ledger) => ledger,
@@ -224,6 +230,7 @@ async fn wallet_page(
             payments,
             topups: &topups,
             returned: came_back.as_ref(),
+            auto_off,
             problem,
             movements: &movements,
             next: ledger

@@ -1,7 +1,7 @@
 //! Card top-ups: starting one (`POST /topups`), reading them, Stripe's webhook, and the
 //! operator's reconciliation. The service is `payments::service::Payments`; these are thin.
 
-use crate::http::error::{validation, HttpError, DEPENDENCY_RETRY_AFTER_S};
+use crate::http::error::{validation, FieldErrors, HttpError, DEPENDENCY_RETRY_AFTER_S};
 use crate::management::billing::{money, subject_account};
 use crate::management::extract::{page, page_limit, parse_id, parse_query, Caller, JsonBody};
 use crate::management::openapi;
@@ -17,7 +17,7 @@ use serde::Deserialize;
 use std::sync::Arc;
 use tollgate_core::payment::TopUpStatus;
 use tollgate_core::{ApiError, ErrorCode, Nanos, TopUpId};
-use tollgate_store::TopUp;
+use tollgate_store::{AutoTopUp, TopUp};
 use tollgate_wire::api as wire;
 use utoipa::IntoParams;
 use utoipa_axum::router::OpenApiRouter;
@@ -28,6 +28,7 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(create_topup, list_topups))
         .routes(routes!(get_topup))
         .routes(routes!(reconcile))
+        .routes(routes!(get_auto_topup, set_auto_topup, stop_auto_topup))
 }
 
 /// The payments service, or 404 where none is configured (the endpoints do not exist then).
@@ -249,6 +250,163 @@ async fn reconcile(
         events: found.events,
         handled: found.handled,
     }))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+struct AccountQuery {
+    /// Admin only (and required of the admin): the account.
+    account_id: Option<String>,
+}
+
+fn auto_view(
+    state: &AppState,
+    account: tollgate_core::AccountId,
+    rule: Option<AutoTopUp>,
+) -> wire::AutoTopUp {
+    let zero = Nanos::ZERO;
+    wire::AutoTopUp {
+        account_id: account,
+        enabled: rule.as_ref().is_some_and(|r| r.enabled),
+        threshold: money(state, rule.as_ref().map_or(zero, |r| r.threshold)),
+        amount: money(state, rule.as_ref().map_or(zero, |r| r.amount)),
+        max_per_month: rule.as_ref().map_or(0, |r| r.max_per_month),
+        card_saved: rule.as_ref().is_some_and(|r| r.payment_method.is_some()),
+        disabled_reason: rule.and_then(|r| r.disabled_reason),
+    }
+}
+
+/// The account's automatic top-up: its rule, whether it is on, and whether a card is saved.
+#[utoipa::path(
+    get,
+    path = "/auto-topup",
+    tag = "payments",
+    params(AccountQuery),
+    responses(
+        (status = 200, description = "The rule (off, with zeros, if never set).", body = wire::AutoTopUp),
+        (status = 400, response = openapi::Status400),
+        (status = 403, response = openapi::Status403),
+        (status = 404, response = openapi::Status404),
+    ),
+    security(("admin_token" = []), ("api_key" = [])),
+)]
+async fn get_auto_topup(
+    State(state): State<AppState>,
+    caller: Caller,
+    query: Result<Query<AccountQuery>, QueryRejection>,
+) -> Result<Json<wire::AutoTopUp>, HttpError> {
+    caller.require_master_or_admin()?;
+    service(&state)?;
+    let query = parse_query(query)?;
+    let account = subject_account(&caller, query.account_id.as_deref())?;
+    let rule = state.store.auto_topup(account).await?;
+    Ok(Json(auto_view(&state, account, rule)))
+}
+
+/// Turns automatic top-up on: below `threshold`, buy `amount` with the saved card, at most
+/// `max_per_month` times a month. The card is the one the last checkout saved.
+#[utoipa::path(
+    put,
+    path = "/auto-topup",
+    tag = "payments",
+    request_body = wire::AutoTopUpRequest,
+    responses(
+        (status = 200, description = "The rule, on.", body = wire::AutoTopUp),
+        (status = 400, response = openapi::Status400),
+        (status = 403, response = openapi::Status403),
+        (status = 404, response = openapi::Status404),
+    ),
+    security(("admin_token" = []), ("api_key" = [])),
+)]
+async fn set_auto_topup(
+    State(state): State<AppState>,
+    caller: Caller,
+    body: JsonBody,
+) -> Result<Json<wire::AutoTopUp>, HttpError> {
+    caller.require_master_or_admin()?;
+    let payments = service(&state)?;
+    let body: wire::AutoTopUpRequest = body.parse()?;
+    let settings = payments.settings();
+    let mut fields = FieldErrors::default();
+    let threshold = Nanos::parse_amount(&body.threshold).unwrap_or_else(|e| {
+        fields.add("threshold", e.to_string());
+        Nanos::ZERO
+    });
+    let amount = match Nanos::parse_amount(&body.amount) {
+        Ok(a)
+            if a >= settings.min_topup
+                && a <= settings.max_topup
+                && tollgate_core::payment::credits_to_minor(a, &settings.currency).is_some() =>
+        {
+            a
+        }
+        _ => {
+            fields.add(
+                "amount",
+                format!(
+                    "must be from {} to {}, in whole cents",
+                    settings.min_topup, settings.max_topup
+                ),
+            );
+            Nanos::ZERO
+        }
+    };
+    if !(1..=100).contains(&body.max_per_month) {
+        fields.add("max_per_month", "must be from 1 to 100");
+    }
+    fields.finish()?;
+    let account = subject_account(&caller, body.account_id.as_deref())?;
+    if state.store.account(account).await?.is_none() {
+        return Err(HttpError::not_found("account"));
+    }
+    state
+        .store
+        .set_auto_topup(&AutoTopUp {
+            account_id: account,
+            threshold,
+            amount,
+            max_per_month: body.max_per_month,
+            enabled: true,
+            disabled_reason: None,
+            customer: None,
+            payment_method: None,
+            updated_at: state.clock.now(),
+        })
+        .await?;
+    let rule = state.store.auto_topup(account).await?;
+    Ok(Json(auto_view(&state, account, rule)))
+}
+
+/// Turns automatic top-up off (the rule and card are kept).
+#[utoipa::path(
+    delete,
+    path = "/auto-topup",
+    tag = "payments",
+    params(AccountQuery),
+    responses(
+        (status = 200, description = "The rule, off.", body = wire::AutoTopUp),
+        (status = 400, response = openapi::Status400),
+        (status = 403, response = openapi::Status403),
+        (status = 404, response = openapi::Status404),
+    ),
+    security(("admin_token" = []), ("api_key" = [])),
+)]
+async fn stop_auto_topup(
+    State(state): State<AppState>,
+    caller: Caller,
+    query: Result<Query<AccountQuery>, QueryRejection>,
+) -> Result<Json<wire::AutoTopUp>, HttpError> {
+    caller.require_master_or_admin()?;
+    service(&state)?;
+    let query = parse_query(query)?;
+    let account = subject_account(&caller, query.account_id.as_deref())?;
+    state
+        .store
+        .disable_auto_topup(account, None, state.clock.now())
+        .await?;
+    let rule = state.store.auto_topup(account).await?;
+    Ok(Json(auto_view(&state, account, rule)))
 }
 
 fn handle_error(e: HandleError) -> HttpError {

@@ -15,15 +15,16 @@ use crate::billing::ledger::{GrantRefused, Granted, Ledger, Movement};
 use crate::config::StripeSettings;
 use crate::payments::signature::{self, SignatureError};
 use crate::payments::stripe::{
-    Charge, CheckoutSession, Dispute, Event, PaymentIntent, Refund, SessionRequest, StripeClient,
-    StripeError,
+    Charge, CheckoutSession, Dispute, Event, IntentRequest, PaymentIntent, Refund, SessionRequest,
+    StripeClient, StripeError,
 };
 use chrono::{DateTime, Utc};
 use std::sync::Arc;
+use tollgate_core::ledger::month_start;
 use tollgate_core::ledger::{LedgerAccount, TransferKind};
 use tollgate_core::payment::{credits_to_minor, minor_to_credits, TopUpStatus};
 use tollgate_core::{AccountId, Clock, Nanos, TopUpId};
-use tollgate_store::{PaymentEvent, Store, StoreError, TopUp, TopUpOrigin};
+use tollgate_store::{AutoTopUp, PaymentEvent, Store, StoreError, TopUp, TopUpOrigin};
 
 /// Why a top-up could not be started.
 #[derive(Debug, thiserror::Error)]
@@ -204,6 +205,7 @@ impl Payments {
             dispute: None,
             review: None,
             failure: None,
+            auto_key: None,
             created_at: now,
             updated_at: now,
         };
@@ -420,6 +422,14 @@ impl Payments {
             }
             "payment_intent.succeeded" => match serde_json::from_value::<PaymentIntent>(object) {
                 Ok(intent) => {
+                    // A checkout saves its card for automatic top-ups.
+                    if let (Some(customer), Some(method)) =
+                        (&intent.customer, &intent.payment_method)
+                    {
+                        self.store
+                            .save_card(topup.account_id, customer, method, self.clock.now())
+                            .await?;
+                    }
                     let paid = Paid {
                         intent: Some(&intent.id),
                         amount_minor: Some(intent.amount_received),
@@ -665,6 +675,130 @@ impl Payments {
         };
         self.keys.invalidate_account(account);
         Ok(outcome)
+    }
+
+    /// Starts the automatic top-ups that are due: every account with the rule on, a saved card,
+    /// and a balance below its threshold, unless it already had `max_per_month` this month or
+    /// one is still in progress. Each is keyed by the account and which of the month's it is,
+    /// so nodes that see the same crossing start one top-up, and Stripe makes one charge.
+    pub async fn auto_top_up(&self) -> Result<(), HandleError> {
+        for rule in self.store.auto_topups_due().await? {
+            if let Err(e) = self.auto_top_up_one(&rule).await {
+                tracing::warn!(account = %rule.account_id, error = %e, "an automatic top-up did not start; trying again next round");
+            }
+        }
+        Ok(())
+    }
+
+    async fn auto_top_up_one(&self, rule: &AutoTopUp) -> Result<(), HandleError> {
+        let (Some(customer), Some(method)) = (&rule.customer, &rule.payment_method) else {
+            return Ok(());
+        };
+        let account = rule.account_id;
+        let now = self.clock.now();
+        // One in progress is retried (Stripe was not reached) or waited for, never doubled.
+        let latest = self
+            .store
+            .topups(account, None, 1)
+            .await?
+            .into_iter()
+            .next();
+        let topup = match latest {
+            Some(t)
+                if t.origin == TopUpOrigin::Auto
+                    && matches!(t.status, TopUpStatus::Pending | TopUpStatus::Processing) =>
+            {
+                if t.payment_intent.is_some() {
+                    return Ok(());
+                }
+                t
+            }
+            _ => {
+                let started = self
+                    .store
+                    .auto_topups_since(account, month_start(now))
+                    .await?;
+                if started >= rule.max_per_month {
+                    return Ok(());
+                }
+                let Some(amount_minor) = credits_to_minor(rule.amount, &self.settings.currency)
+                else {
+                    return Ok(());
+                };
+                let topup = TopUp {
+                    id: TopUpId::new(),
+                    account_id: account,
+                    amount: rule.amount,
+                    amount_minor,
+                    currency: self.settings.currency.clone(),
+                    status: TopUpStatus::Pending,
+                    origin: TopUpOrigin::Auto,
+                    checkout_session: None,
+                    checkout_url: None,
+                    payment_intent: None,
+                    dispute: None,
+                    review: None,
+                    failure: None,
+                    auto_key: Some(format!(
+                        "auto:{account}:{}:{}",
+                        now.format("%Y-%m"),
+                        started + 1
+                    )),
+                    created_at: now,
+                    updated_at: now,
+                };
+                if !self.store.create_topup(&topup).await? {
+                    // Another node started this one.
+                    return Ok(());
+                }
+                topup
+            }
+        };
+        let id = topup.id.to_string();
+        let key = topup.auto_key.clone().unwrap_or_else(|| id.clone());
+        let charged = self
+            .stripe
+            .create_payment_intent(&IntentRequest {
+                topup: &id,
+                idempotency_key: &key,
+                amount_minor: topup.amount_minor,
+                currency: &topup.currency,
+                customer,
+                payment_method: method,
+            })
+            .await;
+        match charged {
+            Ok(intent) if intent.status == "succeeded" => {
+                let paid = Paid {
+                    intent: Some(&intent.id),
+                    amount_minor: Some(intent.amount_received),
+                    currency: Some(&intent.currency),
+                };
+                let _turn = self.turn.lock().await;
+                self.pay(&topup, paid).await?;
+                tracing::info!(account = %account, amount = %topup.amount, "automatic top-up credited");
+            }
+            Ok(intent) => {
+                self.move_to(&topup, TopUpStatus::Processing, Some(&intent.id), None)
+                    .await?;
+            }
+            Err(StripeError::Refused { code, message, .. }) => {
+                let reason = if code.as_deref() == Some("authentication_required") {
+                    "the card needs the customer to confirm this payment: pay once by card, then turn automatic top-up on again".to_string()
+                } else {
+                    format!("the card was refused ({message}); turn automatic top-up on again with another card")
+                };
+                self.move_to(&topup, TopUpStatus::Failed, None, Some(&message))
+                    .await?;
+                self.store
+                    .disable_auto_topup(account, Some(&reason), self.clock.now())
+                    .await?;
+                tracing::warn!(account = %account, %reason, "automatic top-up turned off");
+            }
+            // Not reached: this top-up is retried with the same key next round.
+            Err(e) => return Err(HandleError::Store(StoreError::Unavailable(e.to_string()))),
+        }
+        Ok(())
     }
 
     async fn credited(&self, topup: &TopUp) -> Result<bool, StoreError> {

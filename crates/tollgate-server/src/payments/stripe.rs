@@ -23,9 +23,13 @@ pub enum StripeError {
     /// Not reached, or no answer within the timeout: nothing is known to have happened.
     #[error("Stripe did not answer: {0}")]
     Unreachable(String),
-    /// Stripe answered with an error.
+    /// Stripe answered with an error (`code`: Stripe's, such as `authentication_required`).
     #[error("Stripe refused the call ({status}): {message}")]
-    Refused { status: u16, message: String },
+    Refused {
+        status: u16,
+        code: Option<String>,
+        message: String,
+    },
     #[error("Stripe's answer could not be read: {0}")]
     Unreadable(String),
 }
@@ -42,6 +46,9 @@ pub struct CreatedSession {
 pub struct CreatedIntent {
     pub id: String,
     pub status: String,
+    #[serde(default)]
+    pub amount_received: i64,
+    pub currency: String,
 }
 
 /// What a new Checkout session is for.
@@ -121,6 +128,9 @@ impl StripeClient {
             ("success_url", request.success_url),
             ("cancel_url", request.cancel_url),
             ("expires_at", &expires_at),
+            // The card is kept for automatic top-ups, which charge it with nobody there.
+            ("customer_creation", "always"),
+            ("payment_intent_data[setup_future_usage]", "off_session"),
         ];
         self.post("/v1/checkout/sessions", &form, request.topup)
             .await
@@ -223,16 +233,23 @@ impl StripeClient {
             struct FailureDetail {
                 #[serde(default)]
                 message: String,
+                code: Option<String>,
             }
-            let message = serde_json::from_slice::<Failure>(&body)
-                .map(|f| f.error.message)
-                .unwrap_or_else(|_| String::from_utf8_lossy(&body).chars().take(200).collect());
+            let (code, message) = serde_json::from_slice::<Failure>(&body)
+                .map(|f| (f.error.code, f.error.message))
+                .unwrap_or_else(|_| {
+                    (
+                        None,
+                        String::from_utf8_lossy(&body).chars().take(200).collect(),
+                    )
+                });
             // Stripe's own trouble is as good as unreachable: nothing to act on, retry later.
             if status.is_server_error() {
                 return Err(StripeError::Unreachable(format!("{status}: {message}")));
             }
             return Err(StripeError::Refused {
                 status: status.as_u16(),
+                code,
                 message,
             });
         }
@@ -284,6 +301,10 @@ pub struct PaymentIntent {
     #[serde(default, deserialize_with = "metadata")]
     pub metadata: Metadata,
     pub last_payment_error: Option<PaymentError>,
+    #[serde(default, deserialize_with = "id_of")]
+    pub customer: Option<String>,
+    #[serde(default, deserialize_with = "id_of")]
+    pub payment_method: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -700,8 +700,42 @@ impl SessionStore for CountingStore {
 
 #[async_trait::async_trait]
 impl tollgate_store::PaymentStore for CountingStore {
-    async fn create_topup(&self, topup: &tollgate_store::TopUp) -> Result<(), StoreError> {
+    async fn create_topup(&self, topup: &tollgate_store::TopUp) -> Result<bool, StoreError> {
         self.inner.create_topup(topup).await
+    }
+    async fn save_card(
+        &self,
+        account: AccountId,
+        customer: &str,
+        payment_method: &str,
+        at: At,
+    ) -> Result<(), StoreError> {
+        self.inner
+            .save_card(account, customer, payment_method, at)
+            .await
+    }
+    async fn set_auto_topup(&self, rule: &tollgate_store::AutoTopUp) -> Result<(), StoreError> {
+        self.inner.set_auto_topup(rule).await
+    }
+    async fn auto_topup(
+        &self,
+        account: AccountId,
+    ) -> Result<Option<tollgate_store::AutoTopUp>, StoreError> {
+        self.inner.auto_topup(account).await
+    }
+    async fn disable_auto_topup(
+        &self,
+        account: AccountId,
+        reason: Option<&str>,
+        at: At,
+    ) -> Result<(), StoreError> {
+        self.inner.disable_auto_topup(account, reason, at).await
+    }
+    async fn auto_topups_due(&self) -> Result<Vec<tollgate_store::AutoTopUp>, StoreError> {
+        self.inner.auto_topups_due().await
+    }
+    async fn auto_topups_since(&self, account: AccountId, since: At) -> Result<u32, StoreError> {
+        self.inner.auto_topups_since(account, since).await
     }
     async fn topup(
         &self,

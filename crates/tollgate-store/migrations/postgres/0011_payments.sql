@@ -34,6 +34,9 @@ CREATE TABLE topups (
     dispute TEXT,
     review TEXT,
     failure TEXT,
+    -- An automatic top-up's key: the account and which of the month's it is, so nodes that see
+    -- the same crossing start one top-up (and Stripe, given it as the idempotency key, one charge).
+    auto_key TEXT UNIQUE,
     created_at BIGINT NOT NULL,
     updated_at BIGINT NOT NULL
 );
@@ -55,3 +58,18 @@ CREATE TABLE payment_events (
 CREATE INDEX payment_events_waiting ON payment_events (topup_id) WHERE handled_at IS NULL;
 CREATE INDEX payment_events_waiting_intent ON payment_events (payment_intent)
     WHERE handled_at IS NULL;
+
+-- Automatic top-up per account: below the threshold, buy the amount with the card saved by an
+-- earlier checkout, at most max_per_month times a calendar month (UTC). A payment that needs the
+-- customer turns it off, with the reason.
+CREATE TABLE auto_topups (
+    account_id TEXT COLLATE "C" PRIMARY KEY REFERENCES accounts (id),
+    threshold_nanos BIGINT NOT NULL DEFAULT 0,
+    amount_nanos BIGINT NOT NULL DEFAULT 0,
+    max_per_month BIGINT NOT NULL DEFAULT 0,
+    enabled BOOLEAN NOT NULL DEFAULT FALSE,
+    disabled_reason TEXT,
+    customer TEXT,
+    payment_method TEXT,
+    updated_at BIGINT NOT NULL
+);
