@@ -133,6 +133,13 @@ impl FakeStripe {
         self.shared.fake().card = Some(payment_method.to_string());
     }
 
+    /// The Checkout session created under an idempotency key, if any.
+    pub fn session_by_idempotency_key(&self, key: &str) -> Option<Value> {
+        let fake = self.shared.fake();
+        let id = fake.idempotent.get(key)?;
+        fake.sessions.get(id).cloned()
+    }
+
     /// How many PaymentIntents were created off-session (automatic top-ups), attempts that
     /// failed included; a retry with the same idempotency key is not a new one.
     pub fn off_session_charges(&self) -> usize {

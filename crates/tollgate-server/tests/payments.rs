@@ -148,6 +148,16 @@ async fn a_checkout_top_up_is_credited_once_whatever_events_report_it() {
     assert_eq!(topup["status"], "pending");
     assert_eq!(topup["amount"]["credits"], "25");
     let id = topup["id"].as_str().unwrap();
+    // Asked of Stripe under the top-up's id: as the idempotency key, the client reference and
+    // in the metadata, so a retried create makes no second session.
+    let session = shop.stripe.session_by_idempotency_key(id).unwrap();
+    assert_eq!(session["id"], topup["checkout_session"]);
+    assert_eq!(session["client_reference_id"], id);
+    assert_eq!(session["metadata"]["topup_id"], id);
+    assert_eq!(
+        (session["mode"].as_str(), session["amount_total"].as_i64()),
+        (Some("payment"), Some(2500))
+    );
     // The customer's page is Stripe's, asking exactly the top-up's amount.
     let page = reqwest::get(topup["checkout_url"].as_str().unwrap())
         .await
@@ -306,6 +316,12 @@ async fn a_webhook_is_refused_with_no_effect_unless_a_v1_matches_in_time() {
     assert_eq!(response.status(), 200);
     assert_eq!(shop.available(&account).await, "30");
 
+    // A type Tollgate does not act on is recorded and answered 200.
+    let other = json!({"id": "evt_other_type", "type": "customer.created", "data": {"object": {"id": "cus_1", "object": "customer"}}});
+    let answer = shop.deliver(&other, WEBHOOK_SECRET).await;
+    assert_eq!(answer.status(), 200);
+    assert_eq!(answer.json::<Value>().await.unwrap()["outcome"], "ignored");
+
     let get = shop.app.get("/webhooks/stripe").send().await.unwrap();
     expect_error(get, 405, "method_not_allowed").await;
     let huge = vec![b' '; 300 * 1024];
@@ -414,6 +430,17 @@ async fn top_up_amounts_owners_and_keys_are_checked() {
     expect_error(response, 403, "forbidden").await;
     let listed = shop.app.get_json("/api/v1/topups", &other.master_key).await;
     assert_eq!(listed["data"], json!([]));
+    // A customer cannot start a top-up for another account (it would be that account's credit,
+    // paid with this customer's card: no use to an attacker, but not its business either).
+    let response = shop
+        .app
+        .post("/api/v1/topups")
+        .bearer_auth(&other.master_key)
+        .json(&json!({"amount": "5", "account_id": account.id.to_string()}))
+        .send()
+        .await
+        .unwrap();
+    expect_error(response, 404, "not_found").await;
 }
 
 /// Spends `amount` of the account's credit through the billing API (a hold settled in full).
