@@ -729,30 +729,26 @@ async fn each_node_reconciles_by_itself_every_interval() {
     let topup = shop.top_up(&account, "25").await;
     shop.stripe.set_delivering(false);
     shop.stripe.pay(&session_of(&topup)).await.unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while shop.available(&account).await != "30" {
-        assert!(std::time::Instant::now() < deadline, "never reconciled");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    until_available(&shop, &account, "30").await;
     // Later rounds find nothing new to do.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(shop.available(&account).await, "30");
 }
 
-/// Waits (up to 10 s) until `check` holds of the account's balance.
-async fn until_available(shop: &Shop, account: &TestAccount, expected: &str) {
+/// What `check` finds, once it finds something: asked every 50 ms, for at most 10 s.
+async fn until<T, F: std::future::Future<Output = Option<T>>>(check: impl Fn() -> F) -> T {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let now = shop.available(account).await;
-        if now == expected {
-            return;
+        if let Some(found) = check().await {
+            return found;
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "available {now}, expected {expected}"
-        );
+        assert!(std::time::Instant::now() < deadline, "not within 10 s");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+async fn until_available(shop: &Shop, account: &TestAccount, expected: &str) {
+    until(|| async { (shop.available(account).await == expected).then_some(()) }).await;
 }
 
 async fn set_auto(shop: &Shop, account: &TestAccount, body: Value) -> reqwest::Response {
@@ -860,18 +856,14 @@ async fn a_card_that_needs_the_customer_turns_auto_top_up_off_and_says_why() {
     shop.stripe.pay(&session_of(&first)).await.unwrap();
     let rule = json!({"threshold": "20", "amount": "20", "max_per_month": 5});
     assert_eq!(set_auto(&shop, &account, rule).await.status(), 200);
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let answer = loop {
+    let answer = until(|| async {
         let answer = shop
             .app
             .get_json("/api/v1/auto-topup", &account.master_key)
             .await;
-        if answer["enabled"] == false {
-            break answer;
-        }
-        assert!(std::time::Instant::now() < deadline, "{answer}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+        (answer["enabled"] == false).then_some(answer)
+    })
+    .await;
     assert!(
         answer["disabled_reason"]
             .as_str()

@@ -1316,26 +1316,34 @@ async fn credit_in_a_killed_nodes_lease_is_never_refused_as_missing_and_comes_ba
     );
 }
 
-/// Stripe delivers one payment event fifty times at once, spread over two nodes (a retry storm,
-/// or a replay): every delivery is answered 2xx, and the payment is credited once.
-#[tokio::test]
-async fn fifty_deliveries_of_one_payment_over_two_nodes_credit_it_once() {
+const STRIPE_SECRET: &str = "whsec_cluster_test";
+
+/// A fake Stripe (delivering nowhere until told) and a cluster whose card payments go to it,
+/// with `extra` lines for `[payments.stripe]`.
+async fn with_fake_stripe(extra: &str) -> Option<(tollgate_mock::stripe::FakeStripe, Cluster)> {
     use tollgate_mock::stripe::{FakeStripe, FakeStripeConfig};
-    const SECRET: &str = "whsec_cluster_test";
     let stripe = FakeStripe::start(FakeStripeConfig {
         secret_key: "sk_test_cluster".into(),
-        webhook_secret: SECRET.into(),
+        webhook_secret: STRIPE_SECRET.into(),
         webhook_url: None,
     })
     .await
     .unwrap();
     let payments = format!(
-        "[payments.stripe]\nsecret_key = \"sk_test_cluster\"\nwebhook_secrets = [\"{SECRET}\"]\n\
+        "[payments.stripe]\nsecret_key = \"sk_test_cluster\"\nwebhook_secrets = [\"{STRIPE_SECRET}\"]\n\
          api_base = \"{}\"\nsuccess_url = \"http://127.0.0.1/ok\"\ncancel_url = \"http://127.0.0.1/no\"\n\
-         reconcile_interval = \"0s\"\n",
+         reconcile_interval = \"0s\"\n{extra}",
         stripe.url()
     );
-    let Some(cluster) = Cluster::start(&payments).await else {
+    let cluster = Cluster::start(&payments).await?;
+    Some((stripe, cluster))
+}
+
+/// Stripe delivers one payment event fifty times at once, spread over two nodes (a retry storm,
+/// or a replay): every delivery is answered 2xx, and the payment is credited once.
+#[tokio::test]
+async fn fifty_deliveries_of_one_payment_over_two_nodes_credit_it_once() {
+    let Some((stripe, cluster)) = with_fake_stripe("").await else {
         return;
     };
     let (account, master) = cluster.empty_account().await;
@@ -1362,7 +1370,7 @@ async fn fifty_deliveries_of_one_payment_over_two_nodes_credit_it_once() {
     let deliveries = (0..50).map(|i| {
         let url = format!("{}/webhooks/stripe", cluster.url(i % 2));
         let now = std::time::UNIX_EPOCH.elapsed().unwrap().as_secs() as i64;
-        let signature = FakeStripe::sign(&body, SECRET, now);
+        let signature = tollgate_mock::stripe::FakeStripe::sign(&body, STRIPE_SECRET, now);
         let request = cluster
             .http
             .post(url)
@@ -1399,22 +1407,8 @@ async fn fifty_deliveries_of_one_payment_over_two_nodes_credit_it_once() {
 /// top-up's threshold: every node sees the crossing, and one charge is made.
 #[tokio::test]
 async fn a_hundred_calls_crossing_the_threshold_on_two_nodes_make_one_automatic_top_up() {
-    use tollgate_mock::stripe::{FakeStripe, FakeStripeConfig};
-    const SECRET: &str = "whsec_cluster_auto";
-    let stripe = FakeStripe::start(FakeStripeConfig {
-        secret_key: "sk_test_cluster".into(),
-        webhook_secret: SECRET.into(),
-        webhook_url: None,
-    })
-    .await
-    .unwrap();
-    let payments = format!(
-        "[payments.stripe]\nsecret_key = \"sk_test_cluster\"\nwebhook_secrets = [\"{SECRET}\"]\n\
-         api_base = \"{}\"\nsuccess_url = \"http://127.0.0.1/ok\"\ncancel_url = \"http://127.0.0.1/no\"\n\
-         reconcile_interval = \"0s\"\nauto_topup_interval = \"100ms\"\n",
-        stripe.url()
-    );
-    let Some(cluster) = Cluster::start(&payments).await else {
+    let Some((stripe, cluster)) = with_fake_stripe("auto_topup_interval = \"100ms\"\n").await
+    else {
         return;
     };
     stripe.deliver_to(&format!("{}/webhooks/stripe", cluster.url(1)));
