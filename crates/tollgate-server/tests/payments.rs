@@ -56,16 +56,22 @@ async fn shop_with(customize: impl FnOnce(&mut RawStripe)) -> Shop {
 }
 
 impl Shop {
+    /// `POST /api/v1/topups` with `key` and `body`: the answer.
+    async fn post_topup(&self, key: &str, body: Value) -> reqwest::Response {
+        self.app
+            .post("/api/v1/topups")
+            .bearer_auth(key)
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+    }
+
     /// Starts a top-up of `amount` for the account; the top-up as answered.
     async fn top_up(&self, account: &TestAccount, amount: &str) -> Value {
         let response = self
-            .app
-            .post("/api/v1/topups")
-            .bearer_auth(&account.master_key)
-            .json(&json!({"amount": amount}))
-            .send()
-            .await
-            .unwrap();
+            .post_topup(&account.master_key, json!({"amount": amount}))
+            .await;
         assert_eq!(response.status(), 201);
         response.json().await.unwrap()
     }
@@ -345,13 +351,8 @@ async fn stripe_down_slow_or_gone_is_503_and_the_top_up_failed_with_nothing_char
     let account = shop.app.create_account("buyer").await;
     let attempt = || async {
         let response = shop
-            .app
-            .post("/api/v1/topups")
-            .bearer_auth(&account.master_key)
-            .json(&json!({"amount": "25"}))
-            .send()
-            .await
-            .unwrap();
+            .post_topup(&account.master_key, json!({"amount": "25"}))
+            .await;
         assert!(response.headers().contains_key("retry-after"));
         let body = expect_error(response, 503, "service_unavailable").await;
         assert_eq!(body["error"]["details"]["dependency"], "payments");
@@ -379,13 +380,8 @@ async fn stripe_down_slow_or_gone_is_503_and_the_top_up_failed_with_nothing_char
     let gone = shop_with(|s| s.api_base = "http://127.0.0.1:9".into()).await;
     let account = gone.app.create_account("buyer").await;
     let response = gone
-        .app
-        .post("/api/v1/topups")
-        .bearer_auth(&account.master_key)
-        .json(&json!({"amount": "25"}))
-        .send()
-        .await
-        .unwrap();
+        .post_topup(&account.master_key, json!({"amount": "25"}))
+        .await;
     expect_error(response, 503, "service_unavailable").await;
 }
 
@@ -401,15 +397,13 @@ async fn top_up_amounts_owners_and_keys_are_checked() {
         ("x", "not an amount"),
     ] {
         let response = shop
-            .app
-            .post("/api/v1/topups")
-            .bearer_auth(&account.master_key)
-            .json(&json!({"amount": amount}))
-            .send()
-            .await
-            .unwrap();
-        expect_error(response, 400, "validation_error").await;
-        let _ = why;
+            .post_topup(&account.master_key, json!({"amount": amount}))
+            .await;
+        let refused = expect_error(response, 400, "validation_error").await;
+        assert!(
+            refused["error"]["field_errors"]["amount"].is_array(),
+            "{why}: {refused}"
+        );
     }
     let topup = shop.top_up(&account, "5").await;
     let path = format!("/api/v1/topups/{}", topup["id"].as_str().unwrap());
@@ -419,27 +413,18 @@ async fn top_up_amounts_owners_and_keys_are_checked() {
         .app
         .create_usage_key(&account.master_key, json!({"name": "u"}))
         .await;
-    let response = shop
-        .app
-        .post("/api/v1/topups")
-        .bearer_auth(&usage)
-        .json(&json!({"amount": "5"}))
-        .send()
-        .await
-        .unwrap();
+    let response = shop.post_topup(&usage, json!({"amount": "5"})).await;
     expect_error(response, 403, "forbidden").await;
     let listed = shop.app.get_json("/api/v1/topups", &other.master_key).await;
     assert_eq!(listed["data"], json!([]));
     // A customer cannot start a top-up for another account (it would be that account's credit,
     // paid with this customer's card: no use to an attacker, but not its business either).
     let response = shop
-        .app
-        .post("/api/v1/topups")
-        .bearer_auth(&other.master_key)
-        .json(&json!({"amount": "5", "account_id": account.id.to_string()}))
-        .send()
-        .await
-        .unwrap();
+        .post_topup(
+            &other.master_key,
+            json!({"amount": "5", "account_id": account.id.to_string()}),
+        )
+        .await;
     expect_error(response, 404, "not_found").await;
 }
 
