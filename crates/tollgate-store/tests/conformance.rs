@@ -2235,3 +2235,54 @@ async fn postgres_key_spend_follows_every_batch_and_refuses_a_hold_past_the_cap(
         (Nanos(0), Nanos(90))
     );
 }
+
+/// A refund or dispute takes only the free balance: a batch taking credit a node leases is
+/// refused, so leases never sum to more than the wallet.
+#[tokio::test]
+async fn postgres_a_take_from_outside_never_reaches_leased_credit() {
+    use tollgate_core::ledger::{LedgerAccount, TransferKind};
+    use tollgate_core::NodeId;
+    let Some((store, leases, _schema)) = postgres_leases().await else {
+        return;
+    };
+    let (account, _, _) = new_account(&*store, Nanos(100)).await;
+    let node = NodeId::new();
+    let carved = leases
+        .carve(account, node, Nanos::ZERO, Nanos(80), Utc::now())
+        .await
+        .unwrap();
+    assert_eq!(carved.granted, Nanos(80));
+    let take = |amount: i64, reference: &str| {
+        payment_writes(
+            account,
+            vec![Transfer {
+                debit: LedgerAccount::Wallet(account),
+                credit: LedgerAccount::External,
+                amount: Nanos(amount),
+                kind: TransferKind::Refund,
+            }],
+            reference,
+        )
+    };
+    let refused = store
+        .commit(BatchId::new(), &take(21, "payment:t:refund:re_1"))
+        .await;
+    assert!(
+        matches!(refused, Err(tollgate_store::StoreError::Corrupt(_))),
+        "{refused:?}"
+    );
+    store
+        .commit(BatchId::new(), &take(20, "payment:t:refund:re_2"))
+        .await
+        .unwrap();
+    let wallet = store.wallet(account).await.unwrap().unwrap();
+    assert_eq!(wallet.available, Nanos(80));
+    let leased: i64 = leases
+        .leases_of(account)
+        .await
+        .unwrap()
+        .iter()
+        .map(|(_, n)| n.0)
+        .sum();
+    assert_eq!(leased, 80);
+}

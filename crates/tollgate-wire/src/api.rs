@@ -4,7 +4,7 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Deserializer, Serialize};
 use tollgate_core::ratelimit::{LimitOverride, Overrides};
-use tollgate_core::{AccountId, HoldId, KeyId, KeyKind, KeyStatus, Nanos, RequestId};
+use tollgate_core::{AccountId, HoldId, KeyId, KeyKind, KeyStatus, Nanos, RequestId, TopUpId};
 use utoipa::ToSchema;
 
 /// An amount of money: exact nano-units, the same as a decimal string of credits, and the currency.
@@ -540,8 +540,7 @@ impl TopUpState {
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct TopUp {
-    /// `topup_...`
-    pub id: String,
+    pub id: TopUpId,
     pub account_id: AccountId,
     /// The credits it buys.
     pub amount: Money,

@@ -301,14 +301,33 @@ fn layered(
         .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
     let over: toml::Table =
         toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    // Secrets serialise redacted: the demo's own go back in, where the file sets none.
+    let stripe = raw.payments.stripe.as_ref();
+    let own_secret = |field: &str| {
+        let set_by_file = over
+            .get("payments")
+            .and_then(|p| p.get("stripe"))
+            .is_some_and(|s| s.get(field).is_some());
+        (!set_by_file).then_some(())
+    };
+    let mut env = vec![("TOLLGATE_ADMIN_TOKEN", admin_token.to_string())];
+    if let Some(stripe) = stripe {
+        if let (Some(key), Some(())) = (&stripe.secret_key, own_secret("secret_key")) {
+            env.push(("TOLLGATE_STRIPE_SECRET_KEY", key.0.clone()));
+        }
+        if own_secret("webhook_secrets").is_some() {
+            let secrets: Vec<&str> = stripe
+                .webhook_secrets
+                .iter()
+                .map(|s| s.0.as_str())
+                .collect();
+            env.push(("TOLLGATE_STRIPE_WEBHOOK_SECRETS", secrets.join(",")));
+        }
+    }
     let mut base = toml::Table::try_from(&raw)?;
     merge(&mut base, over);
-    // Secrets serialise redacted: the demo's own token goes back in.
     let text = toml::to_string(&base)?;
-    Ok(Config::load(
-        &text,
-        [("TOLLGATE_ADMIN_TOKEN", admin_token.to_string())],
-    ))
+    Ok(Config::load(&text, env))
 }
 
 fn merge(base: &mut toml::Table, over: toml::Table) {

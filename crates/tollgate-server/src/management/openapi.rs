@@ -336,6 +336,7 @@ fn constrain_query(path: &str, operation: &mut Operation) {
             "cursor" if path.ends_with("/accounts") => AccountId::schema(),
             "cursor" if path.ends_with("/keys") => KeyId::schema(),
             "cursor" if path.ends_with("/requests") => RequestId::schema(),
+            "cursor" if path.ends_with("/topups") => tollgate_core::TopUpId::schema(),
             "cursor" => ObjectBuilder::new()
                 .schema_type(Type::String)
                 .pattern(Some("^[0-9]{1,19}$"))

@@ -158,7 +158,7 @@ async fn list_topups(
     get,
     path = "/topups/{id}",
     tag = "payments",
-    params(("id" = String, Path, description = "The top-up's id (`topup_...`).")),
+    params(("id" = TopUpId, Path, description = "The top-up's id.")),
     responses(
         (status = 200, description = "The top-up.", body = wire::TopUp),
         (status = 403, response = openapi::Status403),
@@ -201,7 +201,7 @@ pub(crate) async fn view(
         (TopUpStatus::Failed, _) => wire::TopUpState::Failed,
     };
     Ok(wire::TopUp {
-        id: topup.id.to_string(),
+        id: topup.id,
         account_id: topup.account_id,
         amount: money(state, topup.amount),
         status,
@@ -412,6 +412,13 @@ async fn stop_auto_topup(
 fn handle_error(e: HandleError) -> HttpError {
     match e {
         HandleError::Store(e) => e.into(),
+        HandleError::Provider(_) => ApiError::new(
+            ErrorCode::ServiceUnavailable,
+            "The payment provider did not answer; nothing was changed. Try again shortly.",
+        )
+        .with_detail("dependency", "payments")
+        .with_retry_after(DEPENDENCY_RETRY_AFTER_S)
+        .into(),
         HandleError::Unconfirmed | HandleError::OverLimit => ApiError::new(
             ErrorCode::ServiceUnavailable,
             format!(

@@ -54,6 +54,9 @@ pub enum DeliveryRefused {
 pub enum HandleError {
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// Stripe did not answer a call Tollgate made (reconciliation, an automatic top-up).
+    #[error("the payment provider did not answer: {0}")]
+    Provider(String),
     #[error("the ledger did not confirm the movement in time")]
     Unconfirmed,
     #[error("the movement would pass the balance limit")]
@@ -327,7 +330,7 @@ impl Payments {
                 .stripe
                 .events(since.timestamp(), after.as_deref())
                 .await
-                .map_err(|e| HandleError::Store(StoreError::Unavailable(e.to_string())))?;
+                .map_err(|e| HandleError::Provider(e.to_string()))?;
             for raw in &page.data {
                 found.events += 1;
                 let Ok(event) = serde_json::from_value::<Event>(raw.clone()) else {
@@ -796,7 +799,7 @@ impl Payments {
                 tracing::warn!(account = %account, %reason, "automatic top-up turned off");
             }
             // Not reached: this top-up is retried with the same key next round.
-            Err(e) => return Err(HandleError::Store(StoreError::Unavailable(e.to_string()))),
+            Err(e) => return Err(HandleError::Provider(e.to_string())),
         }
         Ok(())
     }
