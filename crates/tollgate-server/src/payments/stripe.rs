@@ -274,22 +274,16 @@ pub struct EventData {
     pub object: serde_json::Value,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
-pub struct Metadata {
-    pub topup_id: Option<String>,
-}
+// Which top-up an event is about is read from the raw object (its metadata, client reference or
+// Stripe ids), by `service::topup_of`; these structs hold what each type's handling uses.
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct CheckoutSession {
-    pub id: String,
     pub payment_status: String,
     #[serde(default, deserialize_with = "id_of")]
     pub payment_intent: Option<String>,
     pub amount_total: Option<i64>,
     pub currency: Option<String>,
-    pub client_reference_id: Option<String>,
-    #[serde(default, deserialize_with = "metadata")]
-    pub metadata: Metadata,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -298,8 +292,6 @@ pub struct PaymentIntent {
     #[serde(default)]
     pub amount_received: i64,
     pub currency: String,
-    #[serde(default, deserialize_with = "metadata")]
-    pub metadata: Metadata,
     pub last_payment_error: Option<PaymentError>,
     #[serde(default, deserialize_with = "id_of")]
     pub customer: Option<String>,
@@ -325,8 +317,6 @@ pub struct Refund {
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct Charge {
-    #[serde(default, deserialize_with = "id_of")]
-    pub payment_intent: Option<String>,
     pub refunds: Option<RefundList>,
 }
 
@@ -340,8 +330,6 @@ pub struct Dispute {
     pub id: String,
     pub amount: i64,
     pub currency: String,
-    #[serde(default, deserialize_with = "id_of")]
-    pub payment_intent: Option<String>,
     pub status: String,
 }
 
@@ -355,9 +343,4 @@ fn id_of<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
             .map(str::to_string),
         _ => None,
     })
-}
-
-/// Metadata, where `null` (Stripe sends it for some objects) is none.
-fn metadata<'de, D: Deserializer<'de>>(d: D) -> Result<Metadata, D::Error> {
-    Ok(Option::<Metadata>::deserialize(d)?.unwrap_or_default())
 }
