@@ -513,6 +513,15 @@ async fn a_refund_takes_back_its_share_once_and_spent_credit_becomes_debt_a_top_
     );
     let refused = spend(&shop.app, &account, "0.5").await;
     expect_error(refused, 402, "account_in_debt").await;
+    // The console's overview says so.
+    let cookie = console_cookie(&shop.app, &account.master_key).await;
+    let overview = console_get(&shop.app, "/console/", &cookie)
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(overview.contains("id=\"debt\""), "{overview}");
+    assert!(overview.contains("13 USD"), "{overview}");
 
     // A new top-up pays the debt first; the rest is spendable.
     let second = shop.top_up(&account, "20").await;
@@ -992,4 +1001,53 @@ async fn the_console_sends_the_customer_to_pay_and_says_what_came_of_it() {
         .await
         .unwrap()
         .contains("must be from 5 to 10000"));
+
+    // Automatic top-up, on and off, from the same page.
+    let post = |path: &'static str, form: Vec<(&'static str, &'static str)>| {
+        browser()
+            .post(format!("{}{path}", shop.app.url))
+            .header("cookie", &cookie)
+            .header("sec-fetch-site", "same-origin")
+            .form(&form)
+            .send()
+    };
+    let on = post(
+        "/console/wallet/auto-topup",
+        vec![("threshold", "5"), ("amount", "20"), ("max_per_month", "2")],
+    )
+    .await
+    .unwrap();
+    assert_eq!(on.status(), 303);
+    let page = console_get(&shop.app, "/console/wallet", &cookie)
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(page.contains("id=\"auto-on\""), "{page}");
+    assert!(page.contains("buy 20 USD, at most 2 a month"), "{page}");
+    let rule = shop
+        .app
+        .get_json("/api/v1/auto-topup", &account.master_key)
+        .await;
+    assert_eq!(
+        (rule["enabled"].as_bool(), rule["card_saved"].as_bool()),
+        (Some(true), Some(true))
+    );
+    let wrong = post(
+        "/console/wallet/auto-topup",
+        vec![("threshold", "5"), ("amount", "20"), ("max_per_month", "0")],
+    )
+    .await
+    .unwrap();
+    assert_eq!(wrong.status(), 400);
+    assert!(wrong.text().await.unwrap().contains("max_per_month"));
+    let off = post("/console/wallet/auto-topup/off", vec![])
+        .await
+        .unwrap();
+    assert_eq!(off.status(), 303);
+    let rule = shop
+        .app
+        .get_json("/api/v1/auto-topup", &account.master_key)
+        .await;
+    assert_eq!(rule["enabled"], false);
 }

@@ -38,6 +38,11 @@ pub fn router() -> Router<AppState> {
         .route("/console/usage", get(usage::show))
         .route("/console/wallet", get(wallet::list))
         .route("/console/wallet/topup", post(wallet::top_up))
+        .route("/console/wallet/auto-topup", post(wallet::auto_top_up_on))
+        .route(
+            "/console/wallet/auto-topup/off",
+            post(wallet::auto_top_up_off),
+        )
         .route("/console/wallet.csv", get(export::wallet))
         .route("/console/accounts", get(accounts::list))
         .route("/console/accounts/{id}", get(accounts::one))

@@ -49,6 +49,8 @@ struct SignInPage<'a> {
 struct OverviewPage<'a> {
     who: &'a str,
     balance: Option<(Money, Money, Money)>,
+    /// What the account owes, when it owes anything.
+    debt: Option<Money>,
     /// The last 30 days' spend, for the chart.
     chart: String,
     /// The account's keys that have spent 80 % of their monthly cap or more.
@@ -87,6 +89,7 @@ pub async fn overview(State(state): State<AppState>, request: Request) -> Respon
     let Some(Session { who, .. }) = session else {
         return page(StatusCode::OK, &SignInPage { problem: None });
     };
+    let mut debt = None;
     let (name, balance, chart, near_cap) = match &who {
         Who::Operator => ("the operator".to_string(), None, String::new(), Vec::new()),
         Who::Holder { key } => {
@@ -96,7 +99,10 @@ pub async fn overview(State(state): State<AppState>, request: Request) -> Respon
                 Err(e) => return HttpError::from(e).into_response(),
             };
             let balance = match read_balance(&state, key.account_id).await {
-                Ok(b) => (b.available, b.held, b.spent_this_month),
+                Ok(b) => {
+                    debt = Some(b.debt).filter(|d| d.nanos > 0);
+                    (b.available, b.held, b.spent_this_month)
+                }
                 Err(e) => return e.into_response(),
             };
             let (chart, near_cap) = match holder_overview(&state, account.id).await {
@@ -119,6 +125,7 @@ pub async fn overview(State(state): State<AppState>, request: Request) -> Respon
         &OverviewPage {
             who: &name,
             balance,
+            debt,
             chart,
             near_cap,
         },

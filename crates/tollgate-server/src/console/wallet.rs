@@ -7,7 +7,7 @@ use crate::console::render::page;
 use crate::console::security::CONTENT_SECURITY_POLICY;
 use crate::console::session::holder_account;
 use crate::management::billing::{ledger_page, read_balance};
-use crate::management::payments::{start_topup, view};
+use crate::management::payments::{auto_view, save_auto_topup, start_topup, view};
 use crate::state::AppState;
 use askama::Template;
 use axum::extract::rejection::QueryRejection;
@@ -16,7 +16,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
 use serde::Deserialize;
 use tollgate_core::{AccountId, Nanos, TopUpId};
-use tollgate_wire::api::{Balance, LedgerEntry, TopUp};
+use tollgate_wire::api::{AutoTopUp, AutoTopUpRequest, Balance, LedgerEntry, TopUp};
 
 /// Entries a page shows.
 const PAGE_ROWS: u32 = 50;
@@ -43,6 +43,8 @@ struct WalletPage<'a> {
     returned: Option<&'a TopUp>,
     /// Why automatic top-up was turned off by Tollgate, if it was.
     auto_off: Option<String>,
+    /// The automatic top-up rule as the API shows it (where payments are configured).
+    auto: Option<AutoTopUp>,
     problem: Option<&'a str>,
     movements: &'a [Movement],
     next: Option<String>,
@@ -157,6 +159,86 @@ pub async fn top_up(
     }
 }
 
+#[derive(Deserialize)]
+pub struct AutoTopUpForm {
+    threshold: String,
+    amount: String,
+    max_per_month: String,
+}
+
+/// Turns automatic top-up on with the form's rule.
+pub async fn auto_top_up_on(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    form: Result<Form<AutoTopUpForm>, axum::extract::rejection::FormRejection>,
+) -> Response {
+    let account = match holder_account(&state, &headers).await {
+        Ok(account) => account,
+        Err(answer) => return answer,
+    };
+    let Some(payments) = state.payments.clone() else {
+        let problem = "Card payments are not configured here.";
+        return wallet_page(
+            &state,
+            account,
+            "",
+            None,
+            StatusCode::NOT_FOUND,
+            Some(problem),
+        )
+        .await;
+    };
+    let Ok(Form(form)) = form else {
+        let problem = "Fill in the threshold, the amount and how many a month.";
+        return wallet_page(
+            &state,
+            account,
+            "",
+            None,
+            StatusCode::BAD_REQUEST,
+            Some(problem),
+        )
+        .await;
+    };
+    let request = AutoTopUpRequest {
+        threshold: form.threshold.trim().to_string(),
+        amount: form.amount.trim().to_string(),
+        max_per_month: form.max_per_month.trim().parse().unwrap_or(0),
+        account_id: None,
+    };
+    match save_auto_topup(&state, &payments, account, &request).await {
+        Ok(_) => Redirect::to("/console/wallet").into_response(),
+        Err(e) => {
+            let problem = e.error.message.clone();
+            wallet_page(
+                &state,
+                account,
+                "",
+                None,
+                StatusCode::BAD_REQUEST,
+                Some(&problem),
+            )
+            .await
+        }
+    }
+}
+
+/// Turns automatic top-up off.
+pub async fn auto_top_up_off(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    let account = match holder_account(&state, &headers).await {
+        Ok(account) => account,
+        Err(answer) => return answer,
+    };
+    match state
+        .store
+        .disable_auto_topup(account, None, state.clock.now())
+        .await
+    {
+        Ok(()) => Redirect::to("/console/wallet").into_response(),
+        Err(e) => crate::http::error::HttpError::from(e).into_response(),
+    }
+}
+
 async fn wallet_page(
     state: &AppState,
     account: AccountId,
@@ -195,10 +277,15 @@ async fn wallet_page(
             }
         }
     }
-    let auto_off = match state.store.auto_topup(account).await {
-        Ok(rule) => rule.and_then(|r| r.disabled_reason),
+    let rule = match state.store.auto_topup(account).await {
+        Ok(rule) => rule,
         Err(e) => return crate::http::error::HttpError::from(e).into_response(),
     };
+    let auto_off = rule.as_ref().and_then(|r| r.disabled_reason.clone());
+    let auto = state
+        .payments
+        .as_ref()
+        .map(|_| auto_view(state, account, rule));
     let before = cursor.trim().parse::<i64>().ok();
     let ledger = match ledger_page(state, account, before, PAGE_ROWS).await {
         Ok(ledger) => ledger,
@@ -231,6 +318,7 @@ async fn wallet_page(
             topups: &topups,
             returned: came_back.as_ref(),
             auto_off,
+            auto,
             problem,
             movements: &movements,
             next: ledger

@@ -260,7 +260,7 @@ struct AccountQuery {
     account_id: Option<String>,
 }
 
-fn auto_view(
+pub(crate) fn auto_view(
     state: &AppState,
     account: tollgate_core::AccountId,
     rule: Option<AutoTopUp>,
@@ -327,6 +327,19 @@ async fn set_auto_topup(
     caller.require_master_or_admin()?;
     let payments = service(&state)?;
     let body: wire::AutoTopUpRequest = body.parse()?;
+    let account = subject_account(&caller, body.account_id.as_deref())?;
+    Ok(Json(
+        save_auto_topup(&state, payments, account, &body).await?,
+    ))
+}
+
+/// Checks and saves an automatic top-up rule, turned on, for the API and the console alike.
+pub(crate) async fn save_auto_topup(
+    state: &AppState,
+    payments: &Payments,
+    account: tollgate_core::AccountId,
+    body: &wire::AutoTopUpRequest,
+) -> Result<wire::AutoTopUp, HttpError> {
     let settings = payments.settings();
     let mut fields = FieldErrors::default();
     let threshold = Nanos::parse_amount(&body.threshold).unwrap_or_else(|e| {
@@ -356,7 +369,6 @@ async fn set_auto_topup(
         fields.add("max_per_month", "must be from 1 to 100");
     }
     fields.finish()?;
-    let account = subject_account(&caller, body.account_id.as_deref())?;
     if state.store.account(account).await?.is_none() {
         return Err(HttpError::not_found("account"));
     }
@@ -375,7 +387,7 @@ async fn set_auto_topup(
         })
         .await?;
     let rule = state.store.auto_topup(account).await?;
-    Ok(Json(auto_view(&state, account, rule)))
+    Ok(auto_view(state, account, rule))
 }
 
 /// Turns automatic top-up off (the rule and card are kept).
