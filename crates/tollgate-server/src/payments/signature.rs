@@ -115,6 +115,32 @@ mod tests {
     }
 
     #[test]
+    fn published_vectors_verify_and_parse() {
+        // Published with an open-source Stripe signature library's tests: secret "secret",
+        // t = 123, body "hello".
+        let published = "f89c0a0e96fa6304a7ebd5ecaf13bc1beb859577cd7cafb7bdbc43c3bc2f6afa";
+        let header = format!("t=123,v1={published}");
+        let check = |body: &[u8]| verify(Some(&header), body, &["secret"], 123, FIVE_MINUTES);
+        assert_eq!(check(b"hello"), Ok(()));
+        assert_eq!(check(b"hello!"), Err(SignatureError::NoMatch));
+        // Stripe's documented example header, with a v0 beside the v1: read, and (for a body
+        // and secret not published with it) no match rather than a parse failure.
+        let documented =
+            "t=1492774577,v1=5257a869e7ecebeda32affa62cdca3fa51cad7e77a0e56ff536d0ce8e108d8bd,\
+                          v0=6ffbb59b2300aae63f272406069a9788598b792a944a07aba816edb039989a39";
+        assert_eq!(
+            verify(
+                Some(documented),
+                BODY,
+                &["secret"],
+                1_492_774_577,
+                FIVE_MINUTES
+            ),
+            Err(SignatureError::NoMatch)
+        );
+    }
+
+    #[test]
     fn an_independently_computed_vector_verifies() {
         assert_eq!(signature(BODY, "whsec_test_secret", T), VECTOR);
         assert_eq!(
