@@ -68,7 +68,7 @@ impl<'w> Batch<'w> {
         };
         for write in writes {
             match write {
-                LedgerWrite::Grant {
+                LedgerWrite::Transfer {
                     account,
                     transfer,
                     memo,

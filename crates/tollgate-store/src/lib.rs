@@ -270,8 +270,9 @@ pub struct HoldRecord {
 /// One durable ledger change. The writer commits a batch of them in one transaction.
 #[derive(Debug, Clone)]
 pub enum LedgerWrite {
-    /// Credits from outside (a grant with its reason).
-    Grant {
+    /// A transfer made outside any hold, on the free balance: a grant, a card payment, its
+    /// refund or dispute, a debt repaid; with its memo and the reference it is filed under.
+    Transfer {
         account: AccountId,
         transfer: Transfer,
         memo: String,

@@ -928,7 +928,7 @@ pub async fn many_resolutions_commit_together_and_a_repeat_refuses_the_batch(
 
 pub async fn a_wallet_never_goes_negative_in_the_store(store: Arc<dyn Store>) {
     let (account, _, _) = new_account(&*store, Nanos(10)).await;
-    let overdraw = LedgerWrite::Grant {
+    let overdraw = LedgerWrite::Transfer {
         account,
         transfer: Transfer {
             debit: tollgate_core::ledger::LedgerAccount::Wallet(account),
@@ -957,7 +957,7 @@ fn payment_writes(
 ) -> Vec<LedgerWrite> {
     transfers
         .into_iter()
-        .map(|transfer| LedgerWrite::Grant {
+        .map(|transfer| LedgerWrite::Transfer {
             account,
             transfer,
             memo: "card".into(),

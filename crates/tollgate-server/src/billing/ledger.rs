@@ -818,7 +818,7 @@ impl Ledger {
             let at = self.clock.now();
             let writes: Vec<LedgerWrite> = transfers
                 .into_iter()
-                .map(|transfer| LedgerWrite::Grant {
+                .map(|transfer| LedgerWrite::Transfer {
                     account,
                     transfer,
                     memo: memo.to_string(),
@@ -1112,11 +1112,11 @@ impl Writer {
         let mut book = self.book();
         for write in group {
             match write {
-                // On a shared store a grant never entered the book (it is free balance).
-                LedgerWrite::Grant { transfer, .. } if self.leasing.is_none() => {
+                // On a shared store such a transfer never entered the book (it is free balance).
+                LedgerWrite::Transfer { transfer, .. } if self.leasing.is_none() => {
                     book.undo(std::slice::from_ref(transfer), None)
                 }
-                LedgerWrite::Grant { .. } => {}
+                LedgerWrite::Transfer { .. } => {}
                 LedgerWrite::OpenHold {
                     record, transfer, ..
                 } => book.undo(transfer.as_slice(), Some(record.hold.id)),
