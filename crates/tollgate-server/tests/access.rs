@@ -459,6 +459,16 @@ async fn a_roll_without_grace_retires_the_old_secret_at_once_and_revoking_ends_b
         }
         request.send()
     };
+    // A body of whitespace alone is not JSON, and not "no body": refused, nothing rolled.
+    let blank = app
+        .post(&format!("/api/v1/keys/{id}/roll"))
+        .bearer_auth(master)
+        .body("\r")
+        .send()
+        .await
+        .unwrap();
+    expect_error(blank, 400, "bad_request").await;
+    assert_eq!(app.get_as("/echo/x", &old).await.status(), 200);
     let first: Value = roll(None).await.unwrap().json().await.unwrap();
     expect_error(app.get_as("/echo/x", &old).await, 401, "key_revoked").await;
     let current = first["secret"].as_str().unwrap().to_string();

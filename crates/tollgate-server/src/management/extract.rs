@@ -193,9 +193,9 @@ impl FieldErrors {
 pub struct JsonBody(Bytes);
 
 impl JsonBody {
-    /// No body, or only whitespace.
+    /// No body at all. (Whitespace alone is not JSON: it is refused like any malformed body.)
     pub fn is_empty(&self) -> bool {
-        self.0.iter().all(u8::is_ascii_whitespace)
+        self.0.is_empty()
     }
 
     /// JSON `null`.
