@@ -222,7 +222,10 @@ def operator_pages(browser):
 
 
 def wallet_available(page):
+    # Each load runs to its end (scripts included) before the next navigation, so no request
+    # is cut off by the test itself.
     page.goto(f"{URL}/console/wallet")
+    page.wait_for_load_state("load")
     return int(page.locator("#available").get_attribute("data-nanos"))
 
 
@@ -251,6 +254,7 @@ def add_credits_by_card(browser):
     page.get_by_label("Master key or admin token").fill(KEY)
     page.get_by_label("Master key or admin token").press("Enter")
     expect(page.get_by_role("heading", name="Overview")).to_be_visible()
+    page.wait_for_load_state("load")
     before = wallet_available(page)
     page.get_by_label("Credits").fill("25")
     page.get_by_role("button", name="Add credits").click()
@@ -264,6 +268,7 @@ def add_credits_by_card(browser):
     if after - before != 25_000_000_000:
         sys.exit(f"paying 25 moved the balance by {after - before} nanos")
     page.reload()
+    page.wait_for_load_state("load")
     if wallet_available(page) != after:
         sys.exit("the credit moved again on reload")
     print("desktop: added 25 credits by card at the payment page; the balance shows them once")
@@ -272,10 +277,12 @@ def add_credits_by_card(browser):
     page.locator("input[name=amount]").last.fill("10")
     page.get_by_role("button", name="Refund").last.click()
     expect(page.get_by_role("heading", name="Fake Stripe dashboard")).to_be_visible()
+    page.wait_for_load_state("load")
     refunded = wallet_available(page)
     if after - refunded != 10_000_000_000:
         sys.exit(f"refunding 10 moved the balance by {after - refunded} nanos")
     expect(page.locator("#topups")).to_contain_text("partially_refunded")
+    page.wait_for_load_state("load")
     print("desktop: refunded 10 at the payment provider; the wallet took back exactly that")
     context.close()
 
