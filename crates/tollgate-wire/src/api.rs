@@ -49,15 +49,27 @@ pub struct CreateAccountRequest {
 #[serde(deny_unknown_fields)]
 #[schema(example = json!({"name": "Acme Corporation", "max_keys": 50, "rate_limits": {"per-key": {"limit": 600}}}))]
 pub struct UpdateAccountRequest {
-    #[serde(default, deserialize_with = "present")]
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub name: Option<Option<String>>,
-    #[serde(default, deserialize_with = "present_whole")]
+    #[serde(
+        default,
+        deserialize_with = "present_whole",
+        skip_serializing_if = "Option::is_none"
+    )]
     #[schema(maximum = 4_294_967_295_u32)]
     pub max_keys: Option<Option<u32>>,
     /// The account's own numbers for configured rate-limit policies (its `account` policies and
     /// its keys' `key` and `key+route` ones), by policy name; replaces the whole set, `null`
     /// clears it.
-    #[serde(default, deserialize_with = "present")]
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
     #[schema(value_type = Option<std::collections::BTreeMap<String, LimitOverride>>)]
     pub rate_limits: Option<Option<Overrides>>,
 }
@@ -117,23 +129,51 @@ pub struct CreateKeyRequest {
 #[serde(deny_unknown_fields)]
 #[schema(example = json!({"name": "production-eu", "allowed_ips": null, "monthly_spend_cap": "250.00"}))]
 pub struct UpdateKeyRequest {
-    #[serde(default, deserialize_with = "present")]
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub name: Option<Option<String>>,
-    #[serde(default, deserialize_with = "present")]
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub scopes: Option<Option<Vec<String>>>,
-    #[serde(default, deserialize_with = "present")]
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub allowed_ips: Option<Option<Vec<String>>>,
-    #[serde(default, deserialize_with = "present")]
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub expires_at: Option<Option<DateTime<Utc>>>,
     /// `active` or `inactive` (revoking has its own call).
-    #[serde(default, deserialize_with = "present")]
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub status: Option<Option<KeyStatus>>,
-    #[serde(default, deserialize_with = "present")]
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
     #[schema(pattern = r"^[0-9]{1,9}(\.[0-9]{1,9})?$")]
     pub monthly_spend_cap: Option<Option<String>>,
     /// Admin only: the key's own numbers for its `key` and `key+route` rate-limit policies, by
     /// policy name; replaces the whole set, `null` clears it.
-    #[serde(default, deserialize_with = "present")]
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
     #[schema(value_type = Option<std::collections::BTreeMap<String, LimitOverride>>)]
     pub rate_limits: Option<Option<Overrides>>,
 }

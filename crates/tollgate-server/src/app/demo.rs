@@ -47,6 +47,19 @@ struct DemoState {
 /// The fake Stripe's secret API key; its webhook secret is made fresh at each start.
 const DEMO_STRIPE_KEY: &str = "sk_test_tollgate_demo";
 
+/// A demo started by [`Demo::spawn`]; it stops when this is dropped.
+pub struct RunningDemo {
+    /// The gateway: `http://127.0.0.1:<port>`.
+    pub url: String,
+    /// The fake Stripe on loopback.
+    pub stripe_url: String,
+    pub admin_token: String,
+    /// The demo account's master key.
+    pub master_key: String,
+    pub account_id: AccountId,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
 pub struct Demo {
     app: Application,
     mock: MockUpstream,
@@ -212,6 +225,31 @@ TOLLGATE_ADMIN_TOKEN={admin}
             data = self.data_dir.display(),
             account_id = self.state.account_id,
         )
+    }
+
+    /// Starts a demo on a free loopback port over `data_dir` and runs it on the current tokio
+    /// runtime until the handle is dropped: the whole product in-process, for the client's
+    /// examples and tests.
+    pub async fn spawn(data_dir: &Path) -> anyhow::Result<RunningDemo> {
+        let demo = Demo::start(DemoOptions {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            data_dir: data_dir.to_path_buf(),
+            config: None,
+        })
+        .await?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let running = RunningDemo {
+            url: format!("http://{}", demo.local_addr()),
+            stripe_url: demo.stripe.url(),
+            admin_token: demo.state.admin_token.clone(),
+            master_key: demo.state.master_key.clone(),
+            account_id: demo.state.account_id,
+            _stop: stop,
+        };
+        tokio::spawn(demo.run_until_stopped(async move {
+            let _ = stopped.await;
+        }));
+        Ok(running)
     }
 
     pub async fn run_until_stopped(
