@@ -10,6 +10,8 @@ pub mod webhook;
 
 pub use client::{Client, ClientBuilder, Meta, Response};
 pub use error::{Error, ErrorKind};
+/// The HTTP types the client speaks in (`Method`, `HeaderMap`).
+pub use http;
 pub use proxy::{Event, ProxyRequest, Streaming};
 pub use rate_limit::RateLimit;
 pub use resources::{

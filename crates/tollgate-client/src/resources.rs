@@ -87,6 +87,12 @@ impl Client {
         self.json(call).await
     }
 
+    /// Every item of any paged listing under `/api/v1` (`/keys?account_id=...`) as JSON,
+    /// following the cursors as the stream is read: for what has no typed method yet.
+    pub fn list_json(&self, path: &str) -> BoxStream<'static, Result<serde_json::Value, Error>> {
+        self.pages(Ok(format!("{API}{path}")))
+    }
+
     /// Every item of a paged listing at `path` (with its query), following `next_cursor` as
     /// the stream is read.
     fn pages<T: DeserializeOwned + Send + 'static>(
@@ -133,12 +139,10 @@ impl Client {
     }
 }
 
-#[derive(Serialize, Default)]
-struct ListQuery<'a> {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    account_id: Option<AccountId>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    status: Option<&'a str>,
+/// `path` with `?account_id=` when an account is named (the admin names one; a key's own is
+/// implied).
+fn for_account(path: &str, account: Option<AccountId>) -> Result<String, Error> {
+    with_query(path, &[("account_id", account)])
 }
 
 pub struct Accounts<'a>(&'a Client);
@@ -188,13 +192,7 @@ impl Accounts<'_> {
 
     /// Admin only; `status` filters (`active`, `suspended`).
     pub fn list(&self, status: Option<&str>) -> BoxStream<'static, Result<Account, Error>> {
-        self.0.pages(with_query(
-            "/accounts",
-            &ListQuery {
-                status,
-                ..ListQuery::default()
-            },
-        ))
+        self.0.pages(with_query("/accounts", &[("status", status)]))
     }
 }
 
@@ -251,13 +249,7 @@ impl Keys<'_> {
         &self,
         account_id: Option<AccountId>,
     ) -> BoxStream<'static, Result<ApiKeyInfo, Error>> {
-        self.0.pages(with_query(
-            "/keys",
-            &ListQuery {
-                account_id,
-                ..ListQuery::default()
-            },
-        ))
+        self.0.pages(for_account("/keys", account_id))
     }
 }
 
@@ -295,13 +287,7 @@ impl Billing<'_> {
 
     /// The admin names the account; a key reads its own.
     pub async fn balance(&self, account: Option<AccountId>) -> Result<Response<Balance>, Error> {
-        let path = with_query(
-            "/billing/balance",
-            &ListQuery {
-                account_id: account,
-                ..ListQuery::default()
-            },
-        )?;
+        let path = for_account("/billing/balance", account)?;
         self.0.json(Call::new(Method::GET, path)).await
     }
 
@@ -310,13 +296,7 @@ impl Billing<'_> {
         &self,
         account: Option<AccountId>,
     ) -> BoxStream<'static, Result<LedgerEntry, Error>> {
-        self.0.pages(with_query(
-            "/ledger",
-            &ListQuery {
-                account_id: account,
-                ..ListQuery::default()
-            },
-        ))
+        self.0.pages(for_account("/ledger", account))
     }
 
     pub async fn usage(&self, query: &UsageQuery) -> Result<Response<UsageSummary>, Error> {
@@ -481,13 +461,7 @@ impl Payments<'_> {
     }
 
     pub fn topups(&self, account: Option<AccountId>) -> BoxStream<'static, Result<TopUp, Error>> {
-        self.0.pages(with_query(
-            "/topups",
-            &ListQuery {
-                account_id: account,
-                ..ListQuery::default()
-            },
-        ))
+        self.0.pages(for_account("/topups", account))
     }
 
     /// Admin only: handles the payment provider's events since `since` that never arrived.
@@ -505,13 +479,7 @@ impl Payments<'_> {
         &self,
         account: Option<AccountId>,
     ) -> Result<Response<AutoTopUp>, Error> {
-        let path = with_query(
-            "/auto-topup",
-            &ListQuery {
-                account_id: account,
-                ..ListQuery::default()
-            },
-        )?;
+        let path = for_account("/auto-topup", account)?;
         self.0.json(Call::new(Method::GET, path)).await
     }
 
@@ -528,13 +496,32 @@ impl Payments<'_> {
         &self,
         account: Option<AccountId>,
     ) -> Result<Response<AutoTopUp>, Error> {
-        let path = with_query(
-            "/auto-topup",
-            &ListQuery {
-                account_id: account,
-                ..ListQuery::default()
-            },
-        )?;
+        let path = for_account("/auto-topup", account)?;
         self.0.json(Call::new(Method::DELETE, path)).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn queries_carry_only_what_is_set_encoded() {
+        assert_eq!(for_account("/keys", None).unwrap(), "/api/v1/keys");
+        let account = AccountId::new();
+        assert_eq!(
+            for_account("/keys", Some(account)).unwrap(),
+            format!("/api/v1/keys?account_id={account}")
+        );
+        let filter = RequestFilter {
+            route: Some("/v1".into()),
+            status: Some(429),
+            ..RequestFilter::default()
+        };
+        assert_eq!(
+            with_query("/requests", &filter).unwrap(),
+            "/api/v1/requests?route=%2Fv1&status=429"
+        );
     }
 }

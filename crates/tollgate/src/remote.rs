@@ -1,12 +1,15 @@
 //! Commands against a running server, through its management API: the same calls a script
 //! would make, as the operator (admin token) or as a customer (a master key), with errors shown
 //! as the server explained them (code, message, request ID). Human tables by default, the
-//! server's JSON with `--json`. Every management endpoint has its command.
+//! server's JSON with `--json`. Every management endpoint has its command. The calls go through
+//! `tollgate-client`, so they are retried as safely as any client's (one `Idempotency-Key` per
+//! command).
 
 use clap::{Args, Subcommand};
-use reqwest::Method;
+use futures_util::TryStreamExt;
 use serde_json::{json, Value};
 use std::process::ExitCode;
+use tollgate_client::http::Method;
 
 /// Where the server is and whose credential to call it with.
 #[derive(Debug, Clone, Args)]
@@ -39,57 +42,30 @@ impl Remote {
             })
     }
 
-    /// Calls the management API; the JSON answer, or an error carrying the server's explanation.
-    async fn call(&self, method: Method, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
-        let url = format!("{}/api/v1{path}", self.url.trim_end_matches('/'));
-        let mut request = reqwest::Client::new()
-            .request(method, &url)
-            .bearer_auth(self.credential()?);
-        if let Some(body) = body {
-            request = request.json(&body);
-        }
-        let response = request
-            .send()
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot reach {url}: {e}"))?;
-        let status = response.status();
-        let request_id = response
-            .headers()
-            .get("x-request-id")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("none")
-            .to_string();
-        let text = response.text().await?;
-        let answer: Value = serde_json::from_str(&text).unwrap_or(Value::String(text.clone()));
-        if !status.is_success() {
-            let error = &answer["error"];
-            anyhow::bail!(
-                "{} {}: {} (request {request_id})",
-                status.as_u16(),
-                error["code"].as_str().unwrap_or("error"),
-                error["message"].as_str().unwrap_or(text.trim()),
-            );
-        }
-        Ok(answer)
+    fn client(&self) -> anyhow::Result<tollgate_client::Client> {
+        Ok(tollgate_client::Client::builder(&self.url)
+            .credential(self.credential()?)
+            .page_size(500)
+            .build()?)
     }
 
-    /// Every row of a paged listing (`path` carries its query string), following the cursors.
-    async fn all_pages(&self, path: &str) -> anyhow::Result<Vec<Value>> {
-        let mut rows = Vec::new();
-        let mut cursor: Option<String> = None;
-        loop {
-            let page_path = match &cursor {
-                Some(cursor) => format!("{path}&cursor={cursor}"),
-                None => path.to_string(),
-            };
+    /// Calls the management API; the JSON answer, or an error carrying the server's explanation
+    /// (its `Display` ends with the request ID).
+    async fn call(&self, method: Method, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
+        let answer = self
+            .client()?
+            .call_json(method, path, body.as_ref())
+            .await
+            .map_err(|e| match e.status() {
+                Some(_) => anyhow::anyhow!("{e}"),
+                None => anyhow::anyhow!("cannot reach {}: {e}", self.url),
+            })?;
+        Ok(answer.into_inner())
+    }
 
-            let page = self.call(Method::GET, &page_path, None).await?;
-            rows.extend(page["data"].as_array().cloned().unwrap_or_default());
-            match page["next_cursor"].as_str() {
-                Some(next) => cursor = Some(next.to_string()),
-                None => return Ok(rows),
-            }
-        }
+    /// Every row of a paged listing (`path` carries its filters), following the cursors.
+    async fn all_pages(&self, path: &str) -> anyhow::Result<Vec<Value>> {
+        Ok(self.client()?.list_json(path).try_collect().await?)
     }
 
     /// Makes a call whose answer is one object, and prints it.
@@ -185,10 +161,7 @@ fn query(pairs: &[(&str, Option<String>)]) -> String {
     let set = pairs
         .iter()
         .filter_map(|(name, value)| Some((*name, value.as_deref()?)));
-    let encoded = reqwest::Url::parse_with_params("http://query/", set)
-        .ok()
-        .and_then(|url| url.query().map(str::to_string))
-        .unwrap_or_default();
+    let encoded = serde_urlencoded::to_string(set.collect::<Vec<_>>()).unwrap_or_default();
     format!("?{encoded}")
 }
 
@@ -579,10 +552,7 @@ pub async fn accounts(command: AccountsCommand) -> anyhow::Result<ExitCode> {
             }
         }
         AccountsCommand::List { status, remote } => {
-            let path = format!(
-                "/accounts{}",
-                query(&[("limit", Some("500".into())), ("status", status)])
-            );
+            let path = format!("/accounts{}", query(&[("status", status)]));
             let rows = remote.all_pages(&path).await?;
             remote.show(&json!({ "data": rows }), &rows, ACCOUNT_COLUMNS);
         }
@@ -652,10 +622,7 @@ pub async fn keys(command: KeysCommand) -> anyhow::Result<ExitCode> {
             show_secret(&remote, &answer, &answer);
         }
         KeysCommand::List { account, remote } => {
-            let path = format!(
-                "/keys{}",
-                query(&[("limit", Some("500".into())), ("account_id", account)])
-            );
+            let path = format!("/keys{}", query(&[("account_id", account)]));
             let rows = remote.all_pages(&path).await?;
             remote.show(&json!({ "data": rows }), &rows, KEY_COLUMNS);
         }
@@ -922,7 +889,7 @@ pub async fn ledger(args: LedgerArgs) -> anyhow::Result<ExitCode> {
 pub async fn audit(command: AuditCommand) -> anyhow::Result<ExitCode> {
     let remote = match command {
         AuditCommand::List { remote } => {
-            let rows = remote.all_pages("/audit?limit=500").await?;
+            let rows = remote.all_pages("/audit").await?;
             remote.show(
                 &json!({ "data": rows }),
                 &rows,
