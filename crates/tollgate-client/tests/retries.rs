@@ -23,6 +23,8 @@ struct Reply {
     body: Vec<u8>,
     /// Declares this many bytes more than it sends, then closes: an answer cut off.
     cut: usize,
+    /// Never answers (the connection stays open a while).
+    stall: bool,
 }
 
 fn reply(status: u16) -> Reply {
@@ -31,6 +33,7 @@ fn reply(status: u16) -> Reply {
         headers: Vec::new(),
         body: b"{}".to_vec(),
         cut: 0,
+        stall: false,
     }
 }
 
@@ -110,6 +113,13 @@ impl Scripted {
                     seen.body.extend_from_slice(&chunk[..n]);
                 }
                 record.lock().unwrap().push(seen);
+                if reply.stall {
+                    tokio::spawn(async move {
+                        tokio::time::sleep(Duration::from_secs(10)).await;
+                        drop(socket);
+                    });
+                    continue;
+                }
                 let mut out = format!(
                     "HTTP/1.1 {} Scripted\r\nconnection: close\r\ncontent-length: {}\r\nx-request-id: req_{}\r\n",
                     reply.status,
@@ -410,4 +420,29 @@ async fn pacing_waits_for_a_used_up_limit_to_reset() {
     unpaced.call_json(Method::GET, "/x", None).await.unwrap();
     unpaced.call_json(Method::GET, "/x", None).await.unwrap();
     assert!(clock.waits.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_call_that_times_out_is_retried_when_it_is_safe_to_repeat() {
+    let mut stalled = reply(200);
+    stalled.stall = true;
+    let server = Scripted::start(vec![stalled, reply(200).body(r#"{"ok":1}"#)]).await;
+    let clock = Arc::new(RecordingClock::default());
+    let client = Client::builder(&server.url)
+        .clock(clock.clone())
+        .jitter(Arc::new(Half))
+        .timeout(Duration::from_millis(200))
+        .build()
+        .unwrap();
+    let answer = client
+        .call_json(Method::POST, "/things", None)
+        .await
+        .unwrap();
+    assert_eq!(answer.meta.attempts, 2);
+    assert_eq!(*clock.waits.lock().unwrap(), [ms(250)]);
+    let seen = server.seen();
+    assert_eq!(
+        seen[0].header("idempotency-key"),
+        seen[1].header("idempotency-key")
+    );
 }

@@ -36,13 +36,22 @@ refused_by_policy = []
 only_this_server = only(ORIGIN, outside)
 
 
+def record_failure(request):
+    """A request the network or the server failed. Chromium cancels the loads of a page it
+    navigates away from and reports them as net::ERR_ABORTED: the test's clicks do that, not
+    the server, so those are left out (requests to other origins, which the route aborts, are
+    recorded in `outside`)."""
+    if request.failure != "net::ERR_ABORTED":
+        failed.append(f"{request.url} ({request.failure})")
+
+
 def watched_page(browser, viewport):
     """A new context and page of this size, cut off from everything but this server, whose
     failed requests and Content-Security-Policy refusals are recorded."""
     context = browser.new_context(viewport={"width": viewport[0], "height": viewport[1]})
     page = context.new_page()
     page.route("**/*", only_this_server)
-    page.on("requestfailed", lambda request: failed.append(request.url))
+    page.on("requestfailed", record_failure)
     page.on(
         "console",
         lambda message: refused_by_policy.append(message.text)
@@ -243,7 +252,7 @@ def add_credits_by_card(browser):
         if urlparse(route.request.url).netloc == stripe_origin
         else this_server(route),
     )
-    page.on("requestfailed", lambda request: failed.append(request.url))
+    page.on("requestfailed", record_failure)
     page.on(
         "console",
         lambda message: refused_by_policy.append(message.text)
