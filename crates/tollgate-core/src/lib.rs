@@ -2,6 +2,7 @@
 //! clock. Nothing here does I/O, speaks HTTP or SQL; everything is deterministic given a [`Clock`].
 
 pub mod access;
+pub mod allowance;
 pub mod audit;
 pub mod clock;
 pub mod error;
@@ -12,6 +13,7 @@ pub mod load;
 pub mod metering;
 pub mod money;
 pub mod payment;
+pub mod period;
 pub mod pricing;
 pub mod ratelimit;
 
