@@ -67,8 +67,10 @@ macro_rules! prefixed_id {
             }
         }
 
+        #[cfg(feature = "openapi")]
         impl utoipa::ToSchema for $name {}
 
+        #[cfg(feature = "openapi")]
         impl utoipa::PartialSchema for $name {
             fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
                 id_schema($prefix)
@@ -85,6 +87,7 @@ macro_rules! prefixed_id {
 }
 
 /// An id in OpenAPI: its prefix, then 26 characters of Crockford base32 (a ULID).
+#[cfg(feature = "openapi")]
 fn id_schema(prefix: &str) -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
     use utoipa::openapi::schema::{ObjectBuilder, Type};
     ObjectBuilder::new()
@@ -158,6 +161,7 @@ mod tests {
         assert_eq!(AccountId::parse(&text.to_lowercase()), None);
     }
 
+    #[cfg(feature = "openapi")]
     #[test]
     fn the_schema_example_is_a_valid_id() {
         let schema = serde_json::to_value(<AccountId as utoipa::PartialSchema>::schema())

@@ -228,7 +228,8 @@ impl Policy {
 }
 
 /// An account's or key's own numbers for a configured policy, set by the operator.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct LimitOverride {
     pub limit: u64,

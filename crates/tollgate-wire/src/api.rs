@@ -3,14 +3,16 @@
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Deserializer, Serialize};
-use tollgate_core::ratelimit::{LimitOverride, Overrides};
+use tollgate_core::ratelimit::Overrides;
 use tollgate_core::{AccountId, HoldId, KeyId, KeyKind, KeyStatus, Nanos, RequestId, TopUpId};
+#[cfg(feature = "openapi")]
 use utoipa::ToSchema;
 
 /// An amount of money: exact nano-units, the same as a decimal string of credits, and the currency.
 /// `credits` is exact and safe for any JSON parser; `nanos` is exact up to 2⁵³ in JavaScript.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[schema(example = json!({"nanos": 1500000000, "credits": "1.5", "currency": "USD"}))]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[cfg_attr(feature = "openapi", schema(example = json!({"nanos": 1500000000, "credits": "1.5", "currency": "USD"})))]
 pub struct Money {
     pub nanos: i64,
     pub credits: String,
@@ -27,27 +29,29 @@ impl Money {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
 #[serde(deny_unknown_fields)]
-#[schema(example = json!({"name": "Acme Corp", "starter_credits": "25.00"}))]
+#[cfg_attr(feature = "openapi", schema(example = json!({"name": "Acme Corp", "starter_credits": "25.00"})))]
 pub struct CreateAccountRequest {
     pub name: String,
     /// Credits to grant at creation (1 to 9 digits, optionally `.` and 1 to 9 decimals); the
     /// configured starter credits if omitted.
     #[serde(default)]
-    #[schema(pattern = r"^[0-9]{1,9}(\.[0-9]{1,9})?$")]
+    #[cfg_attr(feature = "openapi", schema(pattern = r"^[0-9]{1,9}(\.[0-9]{1,9})?$"))]
     pub starter_credits: Option<String>,
     /// Overrides the configured limit of unrevoked keys for this account.
     #[serde(default, deserialize_with = "whole")]
-    #[schema(maximum = 4_294_967_295_u32)]
+    #[cfg_attr(feature = "openapi", schema(maximum = 4_294_967_295_u32))]
     pub max_keys: Option<u32>,
 }
 
 /// Admin only. An omitted field is left as it is; `max_keys: null` returns the account to the
 /// configured limit.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
 #[serde(deny_unknown_fields)]
-#[schema(example = json!({"name": "Acme Corporation", "max_keys": 50, "rate_limits": {"per-key": {"limit": 600}}}))]
+#[cfg_attr(feature = "openapi", schema(example = json!({"name": "Acme Corporation", "max_keys": 50, "rate_limits": {"per-key": {"limit": 600}}})))]
 pub struct UpdateAccountRequest {
     #[serde(
         default,
@@ -60,7 +64,7 @@ pub struct UpdateAccountRequest {
         deserialize_with = "present_whole",
         skip_serializing_if = "Option::is_none"
     )]
-    #[schema(maximum = 4_294_967_295_u32)]
+    #[cfg_attr(feature = "openapi", schema(maximum = 4_294_967_295_u32))]
     pub max_keys: Option<Option<u32>>,
     /// The account's own numbers for configured rate-limit policies (its `account` policies and
     /// its keys' `key` and `key+route` ones), by policy name; replaces the whole set, `null`
@@ -70,11 +74,12 @@ pub struct UpdateAccountRequest {
         deserialize_with = "present",
         skip_serializing_if = "Option::is_none"
     )]
-    #[schema(value_type = Option<std::collections::BTreeMap<String, LimitOverride>>)]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<std::collections::BTreeMap<String, tollgate_core::ratelimit::LimitOverride>>))]
     pub rate_limits: Option<Option<Overrides>>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
 pub struct Account {
     pub id: AccountId,
     pub name: String,
@@ -83,21 +88,23 @@ pub struct Account {
     /// How many unrevoked keys the account may have (its override, else the configured limit).
     pub max_keys: u32,
     /// The operator's numbers for configured rate-limit policies, by policy name.
-    #[schema(value_type = std::collections::BTreeMap<String, LimitOverride>)]
+    #[cfg_attr(feature = "openapi", schema(value_type = std::collections::BTreeMap<String, tollgate_core::ratelimit::LimitOverride>))]
     pub rate_limits: Overrides,
     pub created_at: DateTime<Utc>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
 pub struct CreateAccountResponse {
     pub account: Account,
     /// The account's first master key. Its `secret` is shown here once and never again.
     pub master_key: CreatedKey,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
 #[serde(deny_unknown_fields)]
-#[schema(example = json!({"name": "production", "scopes": ["openai:mock-gpt", "echo"], "allowed_ips": ["10.0.0.0/8"], "expires_at": "2030-01-01T00:00:00Z", "monthly_spend_cap": "100.00"}))]
+#[cfg_attr(feature = "openapi", schema(example = json!({"name": "production", "scopes": ["openai:mock-gpt", "echo"], "allowed_ips": ["10.0.0.0/8"], "expires_at": "2030-01-01T00:00:00Z", "monthly_spend_cap": "100.00"})))]
 pub struct CreateKeyRequest {
     pub name: String,
     /// Admin only: the account to create the key for. A master key creates keys for its own account.
@@ -119,15 +126,16 @@ pub struct CreateKeyRequest {
     /// The most the key may be charged per calendar month (UTC), in credits: 1 to 9 digits,
     /// optionally `.` and 1 to 9 decimals.
     #[serde(default)]
-    #[schema(pattern = r"^[0-9]{1,9}(\.[0-9]{1,9})?$")]
+    #[cfg_attr(feature = "openapi", schema(pattern = r"^[0-9]{1,9}(\.[0-9]{1,9})?$"))]
     pub monthly_spend_cap: Option<String>,
 }
 
 /// `PATCH /keys/{id}`: an omitted field is left as it is, `null` clears it (no allowlist, no
 /// expiry, no spend cap). `name`, `scopes` and `status` cannot be cleared.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
 #[serde(deny_unknown_fields)]
-#[schema(example = json!({"name": "production-eu", "allowed_ips": null, "monthly_spend_cap": "250.00"}))]
+#[cfg_attr(feature = "openapi", schema(example = json!({"name": "production-eu", "allowed_ips": null, "monthly_spend_cap": "250.00"})))]
 pub struct UpdateKeyRequest {
     #[serde(
         default,
@@ -165,7 +173,7 @@ pub struct UpdateKeyRequest {
         deserialize_with = "present",
         skip_serializing_if = "Option::is_none"
     )]
-    #[schema(pattern = r"^[0-9]{1,9}(\.[0-9]{1,9})?$")]
+    #[cfg_attr(feature = "openapi", schema(pattern = r"^[0-9]{1,9}(\.[0-9]{1,9})?$"))]
     pub monthly_spend_cap: Option<Option<String>>,
     /// Admin only: the key's own numbers for its `key` and `key+route` rate-limit policies, by
     /// policy name; replaces the whole set, `null` clears it.
@@ -174,19 +182,20 @@ pub struct UpdateKeyRequest {
         deserialize_with = "present",
         skip_serializing_if = "Option::is_none"
     )]
-    #[schema(value_type = Option<std::collections::BTreeMap<String, LimitOverride>>)]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<std::collections::BTreeMap<String, tollgate_core::ratelimit::LimitOverride>>))]
     pub rate_limits: Option<Option<Overrides>>,
 }
 
 /// `POST /keys/{id}/roll`: the body may be omitted.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
 #[serde(deny_unknown_fields)]
-#[schema(example = json!({"grace_period_seconds": 3600}))]
+#[cfg_attr(feature = "openapi", schema(example = json!({"grace_period_seconds": 3600})))]
 pub struct RollKeyRequest {
     /// How long the current secret keeps working next to the new one; default 0 (it stops now),
     /// at most 604800 (7 days).
     #[serde(default, deserialize_with = "whole")]
-    #[schema(maximum = 604_800)]
+    #[cfg_attr(feature = "openapi", schema(maximum = 604_800))]
     pub grace_period_seconds: Option<u64>,
 }
 
@@ -228,7 +237,8 @@ fn present<'de, T: Deserialize<'de>, D: Deserializer<'de>>(
 
 /// Whether a key works now, as the API shows it: its stored status, or `expired` for an active or
 /// inactive key past its `expires_at` (give it a later one to bring it back).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum KeyState {
     Active,
@@ -250,7 +260,8 @@ impl KeyState {
 }
 
 /// An API key as the API shows it: everything but the secret.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
 pub struct ApiKeyInfo {
     pub id: KeyId,
     pub account_id: AccountId,
@@ -265,13 +276,14 @@ pub struct ApiKeyInfo {
     pub expires_at: Option<DateTime<Utc>>,
     pub monthly_spend_cap: Option<Money>,
     /// The operator's numbers for this key's rate-limit policies, by policy name.
-    #[schema(value_type = std::collections::BTreeMap<String, LimitOverride>)]
+    #[cfg_attr(feature = "openapi", schema(value_type = std::collections::BTreeMap<String, tollgate_core::ratelimit::LimitOverride>))]
     pub rate_limits: Overrides,
     pub created_at: DateTime<Utc>,
     pub revoked_at: Option<DateTime<Utc>>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
 pub struct CreatedKey {
     #[serde(flatten)]
     pub key: ApiKeyInfo,
@@ -279,7 +291,8 @@ pub struct CreatedKey {
     pub secret: String,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
 pub struct RolledKey {
     #[serde(flatten)]
     pub key: ApiKeyInfo,
@@ -290,18 +303,23 @@ pub struct RolledKey {
 }
 
 /// One page of a listing. `next_cursor`, when present, is passed as `?cursor=` for the next page.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
 pub struct Page<T> {
     pub data: Vec<T>,
     pub next_cursor: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
 #[serde(deny_unknown_fields)]
-#[schema(example = json!({"amount": "50.00", "reason": "invoice 2026-118 paid"}))]
+#[cfg_attr(feature = "openapi", schema(example = json!({"amount": "50.00", "reason": "invoice 2026-118 paid"})))]
 pub struct GrantRequest {
     /// Credits to add, more than zero: 1 to 9 digits, optionally `.` and 1 to 9 decimals.
-    #[schema(pattern = r"^(?!0+(\.0+)?$)[0-9]{1,9}(\.[0-9]{1,9})?$")]
+    #[cfg_attr(
+        feature = "openapi",
+        schema(pattern = r"^(?!0+(\.0+)?$)[0-9]{1,9}(\.[0-9]{1,9})?$")
+    )]
     pub amount: String,
     /// Why (kept in the ledger entry's memo).
     pub reason: String,
@@ -311,7 +329,8 @@ pub struct GrantRequest {
     pub reference: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
 pub struct Balance {
     pub account_id: AccountId,
     /// Spendable now.
@@ -325,7 +344,8 @@ pub struct Balance {
     pub debt: Money,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
 pub struct LedgerEntry {
     /// Increasing in commit order.
     pub seq: i64,
@@ -345,16 +365,17 @@ pub struct LedgerEntry {
     pub created_at: DateTime<Utc>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
 #[serde(deny_unknown_fields)]
-#[schema(example = json!({"amount": "2.50", "ttl_seconds": 600, "metadata": {"job": "render-42"}}))]
+#[cfg_attr(feature = "openapi", schema(example = json!({"amount": "2.50", "ttl_seconds": 600, "metadata": {"job": "render-42"}})))]
 pub struct CreateHoldRequest {
     /// The most the work may cost, in credits: 1 to 9 digits, optionally `.` and 1 to 9 decimals.
-    #[schema(pattern = r"^[0-9]{1,9}(\.[0-9]{1,9})?$")]
+    #[cfg_attr(feature = "openapi", schema(pattern = r"^[0-9]{1,9}(\.[0-9]{1,9})?$"))]
     pub amount: String,
     /// How long until an unresolved hold is released; default 3600, at most 604800 (7 days).
     #[serde(default, deserialize_with = "whole")]
-    #[schema(minimum = 1, maximum = 604_800)]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 604_800))]
     pub ttl_seconds: Option<u64>,
     /// A JSON object kept with the hold.
     #[serde(default)]
@@ -364,17 +385,19 @@ pub struct CreateHoldRequest {
     pub account_id: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
 #[serde(deny_unknown_fields)]
-#[schema(example = json!({"amount": "1.75"}))]
+#[cfg_attr(feature = "openapi", schema(example = json!({"amount": "1.75"})))]
 pub struct SettleHoldRequest {
     /// The actual cost, at most the amount held: 1 to 9 digits, optionally `.` and 1 to 9
     /// decimals.
-    #[schema(pattern = r"^[0-9]{1,9}(\.[0-9]{1,9})?$")]
+    #[cfg_attr(feature = "openapi", schema(pattern = r"^[0-9]{1,9}(\.[0-9]{1,9})?$"))]
     pub amount: String,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
 pub struct HoldInfo {
     pub id: HoldId,
     pub account_id: AccountId,
@@ -390,7 +413,8 @@ pub struct HoldInfo {
 }
 
 /// `GET /usage`: an account's usage totals per group.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
 pub struct UsageSummary {
     pub account_id: AccountId,
     /// `day`, `key`, `route` or `model`.
@@ -406,14 +430,16 @@ pub struct UsageSummary {
 }
 
 /// The billing API's part of a usage summary.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
 pub struct BillingApiTotals {
     /// Holds settled.
     pub holds: u64,
     pub cost: Money,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
 pub struct UsageTotals {
     /// The day (`2026-11-22`, UTC), key id, route prefix or model (empty: calls without one).
     pub group: String,
@@ -427,7 +453,8 @@ pub struct UsageTotals {
 }
 
 /// One data-plane request from the usage log.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
 pub struct UsageRecord {
     pub request_id: RequestId,
     pub client_request_id: Option<String>,
@@ -464,7 +491,8 @@ pub struct UsageRecord {
 }
 
 /// One audit-log entry. `before` and `after` are the changed object as the API showed it.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
 pub struct AuditEntry {
     pub seq: u64,
     pub at: DateTime<Utc>,
@@ -482,7 +510,8 @@ pub struct AuditEntry {
 
 /// `GET /audit/verify`: whether every link of the chain holds, and if not, the first that does
 /// not.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
 pub struct AuditVerification {
     pub valid: bool,
     /// Entries checked (up to the broken one).
@@ -527,13 +556,14 @@ mod tests {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
 #[serde(deny_unknown_fields)]
-#[schema(example = json!({"amount": "25"}))]
+#[cfg_attr(feature = "openapi", schema(example = json!({"amount": "25"})))]
 pub struct TopUpRequest {
     /// Credits to buy (one credit is one unit of the wallet's currency), within the configured
     /// minimum and maximum, in whole cents.
-    #[schema(pattern = r"^[0-9]{1,9}(\.[0-9]{1,9})?$")]
+    #[cfg_attr(feature = "openapi", schema(pattern = r"^[0-9]{1,9}(\.[0-9]{1,9})?$"))]
     pub amount: String,
     /// Admin only (and required of the admin): the account that buys.
     #[serde(default)]
@@ -541,7 +571,8 @@ pub struct TopUpRequest {
 }
 
 /// Where a top-up stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum TopUpState {
     /// Waiting for the customer to pay at `checkout_url`.
@@ -578,7 +609,8 @@ impl TopUpState {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
 pub struct TopUp {
     pub id: TopUpId,
     pub account_id: AccountId,
@@ -604,16 +636,18 @@ pub struct TopUp {
     pub updated_at: DateTime<Utc>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
 #[serde(deny_unknown_fields)]
-#[schema(example = json!({"since": "2026-12-01T00:00:00Z"}))]
+#[cfg_attr(feature = "openapi", schema(example = json!({"since": "2026-12-01T00:00:00Z"})))]
 pub struct ReconcileRequest {
     /// Read the payment provider's events created at or after this time (RFC 3339; at most
     /// 30 days back, as long as the provider keeps them).
     pub since: DateTime<Utc>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
 pub struct Reconciliation {
     /// Events read.
     pub events: u64,
@@ -621,15 +655,16 @@ pub struct Reconciliation {
     pub handled: u64,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
 #[serde(deny_unknown_fields)]
-#[schema(example = json!({"threshold": "5", "amount": "25", "max_per_month": 4}))]
+#[cfg_attr(feature = "openapi", schema(example = json!({"threshold": "5", "amount": "25", "max_per_month": 4})))]
 pub struct AutoTopUpRequest {
     /// Below this balance, a top-up starts.
-    #[schema(pattern = r"^[0-9]{1,9}(\.[0-9]{1,9})?$")]
+    #[cfg_attr(feature = "openapi", schema(pattern = r"^[0-9]{1,9}(\.[0-9]{1,9})?$"))]
     pub threshold: String,
     /// The credits each automatic top-up buys (within the configured minimum and maximum).
-    #[schema(pattern = r"^[0-9]{1,9}(\.[0-9]{1,9})?$")]
+    #[cfg_attr(feature = "openapi", schema(pattern = r"^[0-9]{1,9}(\.[0-9]{1,9})?$"))]
     pub amount: String,
     /// At most this many a calendar month (UTC), 1 to 100.
     pub max_per_month: u32,
@@ -638,7 +673,8 @@ pub struct AutoTopUpRequest {
     pub account_id: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
 pub struct AutoTopUp {
     pub account_id: AccountId,
     pub enabled: bool,

@@ -159,10 +159,13 @@ pub fn errors_doc() -> String {
 
 /// The native envelope's schema in the OpenAPI document. Bodies are shaped by [`render_error`];
 /// this type only describes them, with `code` listing the whole catalogue.
+#[cfg(feature = "openapi")]
 pub struct ErrorEnvelope;
 
+#[cfg(feature = "openapi")]
 impl utoipa::ToSchema for ErrorEnvelope {}
 
+#[cfg(feature = "openapi")]
 impl utoipa::PartialSchema for ErrorEnvelope {
     fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
         use utoipa::openapi::schema::{AdditionalProperties, ArrayBuilder, ObjectBuilder, Type};
