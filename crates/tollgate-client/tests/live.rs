@@ -724,6 +724,20 @@ async fn every_area_answers_in_its_types_and_listings_follow_cursors() {
     assert!(entries.len() > 5);
     assert!(admin.audit().verify().await.unwrap().valid);
 
+    // Messages come in the language asked for; the kind does not change.
+    let german = Client::builder(&server.url)
+        .credential(acme.master_key.as_str())
+        .language("de")
+        .build()
+        .unwrap();
+    let err = code_of(german.keys().get(tollgate_client::KeyId::new()).await);
+    assert_eq!(err.kind(), &ErrorKind::NotFound);
+    assert!(
+        err.message()
+            .starts_with("Diese Route oder Ressource gibt es nicht"),
+        "{err}"
+    );
+
     // Card payments are not configured on this server, which says so.
     let topup = acme
         .master
