@@ -440,12 +440,21 @@ impl Client {
     }
 
     /// A call whose answer is JSON of type `T`.
-    pub(crate) async fn json<T: DeserializeOwned>(&self, call: Call) -> Result<Response<T>, Error> {
+    /// A call whose whole answer is read within the retry loop.
+    pub(crate) async fn send_whole(&self, call: Call) -> Result<Response<Bytes>, Error> {
         let answer = self.send(call, true).await?;
-        let body = match answer.body {
+        let value = match answer.body {
             AnswerBody::Whole(body) => body,
             AnswerBody::Live(response) => response.bytes().await.map_err(Error::from_reqwest)?,
         };
+        Ok(Response {
+            value,
+            meta: answer.meta,
+        })
+    }
+
+    pub(crate) async fn json<T: DeserializeOwned>(&self, call: Call) -> Result<Response<T>, Error> {
+        let Response { value: body, meta } = self.send_whole(call).await?;
         let value = serde_json::from_slice(&body).map_err(|e| {
             Error::local(
                 ErrorKind::Decode,
@@ -453,10 +462,7 @@ impl Client {
                 Some(Box::new(e)),
             )
         })?;
-        Ok(Response {
-            value,
-            meta: answer.meta,
-        })
+        Ok(Response { value, meta })
     }
 
     /// Any management call, its answer as JSON: for what has no typed method yet.

@@ -137,17 +137,11 @@ pub enum ErrorKind {
 macro_rules! codes {
     ($( $code:ident => $variant:ident $({ $($field:ident),* })? ; )*) => {
         impl ErrorKind {
-            /// The variant for a catalogue `code` with its `details` (and `field_errors`).
-            fn from_wire(
-                code: &str,
-                details: &Map<String, Value>,
-                field_errors: BTreeMap<String, Vec<String>>,
-                retry_after: Option<Duration>,
-            ) -> ErrorKind {
-                let _ = (&field_errors, retry_after);
+            /// The variant for a catalogue `code`, its fields read from `parts`.
+            fn from_wire(code: &str, parts: &Parts<'_>) -> ErrorKind {
                 match code {
                     $( stringify!($code) => ErrorKind::$variant $({ $(
-                        $field: Field::read(stringify!($field), details, &field_errors, retry_after),
+                        $field: Field::read(stringify!($field), parts),
                     )* })?, )*
                     other => ErrorKind::Unknown { code: other.to_string() },
                 }
@@ -199,15 +193,18 @@ codes! {
     upstream_timeout => UpstreamTimeout;
 }
 
-/// How a variant's field is read from the envelope: by its name from `details`, except
-/// `field_errors`, `window` (`details.window_seconds`) and `retry_after` (the header's).
+/// What a variant's fields are read from: the envelope's `details` and `field_errors`, and the
+/// wait the server asked for.
+struct Parts<'a> {
+    details: &'a Map<String, Value>,
+    field_errors: &'a BTreeMap<String, Vec<String>>,
+    retry_after: Option<Duration>,
+}
+
+/// How a variant's field is read: by its name from `details`, except `field_errors`, `window`
+/// (`details.window_seconds`) and `retry_after` (the server's wait).
 trait Field: Sized {
-    fn read(
-        name: &str,
-        details: &Map<String, Value>,
-        field_errors: &BTreeMap<String, Vec<String>>,
-        retry_after: Option<Duration>,
-    ) -> Self;
+    fn read(name: &str, parts: &Parts<'_>) -> Self;
 }
 
 fn detail<T: DeserializeOwned>(name: &str, details: &Map<String, Value>) -> Option<T> {
@@ -220,13 +217,8 @@ fn detail<T: DeserializeOwned>(name: &str, details: &Map<String, Value>) -> Opti
 macro_rules! plain_field {
     ($($t:ty),*) => {$(
         impl Field for Option<$t> {
-            fn read(
-                name: &str,
-                details: &Map<String, Value>,
-                _: &BTreeMap<String, Vec<String>>,
-                _: Option<Duration>,
-            ) -> Self {
-                detail(name, details)
+            fn read(name: &str, parts: &Parts<'_>) -> Self {
+                detail(name, parts.details)
             }
         }
     )*};
@@ -235,39 +227,24 @@ macro_rules! plain_field {
 plain_field!(String, u64, Money, DateTime<Utc>);
 
 impl Field for Vec<String> {
-    fn read(
-        name: &str,
-        details: &Map<String, Value>,
-        _: &BTreeMap<String, Vec<String>>,
-        _: Option<Duration>,
-    ) -> Self {
-        detail(name, details).unwrap_or_default()
+    fn read(name: &str, parts: &Parts<'_>) -> Self {
+        detail(name, parts.details).unwrap_or_default()
     }
 }
 
 impl Field for BTreeMap<String, Vec<String>> {
-    fn read(
-        _: &str,
-        _: &Map<String, Value>,
-        field_errors: &BTreeMap<String, Vec<String>>,
-        _: Option<Duration>,
-    ) -> Self {
-        field_errors.clone()
+    fn read(_: &str, parts: &Parts<'_>) -> Self {
+        parts.field_errors.clone()
     }
 }
 
 /// `window` and `retry_after`, the two durations.
 impl Field for Option<Duration> {
-    fn read(
-        name: &str,
-        details: &Map<String, Value>,
-        _: &BTreeMap<String, Vec<String>>,
-        retry_after: Option<Duration>,
-    ) -> Self {
+    fn read(name: &str, parts: &Parts<'_>) -> Self {
         match name {
-            "window" => detail::<f64>("window_seconds", details)
+            "window" => detail::<f64>("window_seconds", parts.details)
                 .and_then(|s| Duration::try_from_secs_f64(s).ok()),
-            _ => retry_after,
+            _ => parts.retry_after,
         }
     }
 }
@@ -375,10 +352,17 @@ impl Error {
         });
         let retry_after = retry_after
             .or_else(|| detail::<u64>("retry_after_s", &envelope.details).map(Duration::from_secs));
-        let mut kind =
-            ErrorKind::from_wire(&code, &envelope.details, envelope.field_errors, retry_after);
+        let mut kind = ErrorKind::from_wire(
+            &code,
+            &Parts {
+                details: &envelope.details,
+                field_errors: &envelope.field_errors,
+                retry_after,
+            },
+        );
         if let ErrorKind::MethodNotAllowed { allowed } = &mut kind {
-            // The management API names them only in `Allow`.
+            // The management API's router adds `Allow` after its handler has answered, so only
+            // the header names the methods there.
             if allowed.is_empty() {
                 *allowed = header("allow")
                     .map(|list| list.split(',').map(|m| m.trim().to_string()).collect())

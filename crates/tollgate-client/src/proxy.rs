@@ -68,15 +68,7 @@ impl ProxyRequest {
 
     /// Sends the call and reads the whole answer.
     pub async fn send(self) -> Result<Response<Bytes>, Error> {
-        let answer = self.client.send(self.call?, true).await?;
-        let body = match answer.body {
-            AnswerBody::Whole(body) => body,
-            AnswerBody::Live(response) => response.bytes().await.map_err(Error::from_reqwest)?,
-        };
-        Ok(Response {
-            value: body,
-            meta: answer.meta,
-        })
+        self.client.send_whole(self.call?).await
     }
 
     /// Sends the call and returns as soon as the answer's head arrives: attempts that fail
