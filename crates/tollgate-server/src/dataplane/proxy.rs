@@ -558,6 +558,22 @@ async fn read_llm_request(
 
 /// [`read_llm_request`] once the body is read: the model, and the request as it will be held
 /// for and forwarded.
+/// serde_json's marker for a raw value (its `raw_value` feature is on in the build): an object
+/// with this key is written back as the raw text of its value, not as JSON, so a body using it
+/// could be forwarded as something other than what was read and priced.
+const RAW_VALUE_KEY: &str = "$serde_json::private::RawValue";
+
+/// Whether the key appears anywhere (serde_json's nesting limit bounds the recursion).
+fn holds_raw_value_key(value: &serde_json::Value) -> bool {
+    match value {
+        serde_json::Value::Object(map) => {
+            map.contains_key(RAW_VALUE_KEY) || map.values().any(holds_raw_value_key)
+        }
+        serde_json::Value::Array(items) => items.iter().any(holds_raw_value_key),
+        _ => false,
+    }
+}
+
 pub fn parse_llm_request(
     endpoint: Endpoint,
     models: &BTreeMap<String, TokenPrices>,
@@ -570,6 +586,12 @@ pub fn parse_llm_request(
             format!("The request body is not valid JSON: {e}."),
         )
     })?;
+    if holds_raw_value_key(&json) {
+        return Err(HttpError::new(
+            ErrorCode::BadRequest,
+            format!("The request body uses the reserved key \"{RAW_VALUE_KEY}\"."),
+        ));
+    }
     let Some(object) = json.as_object_mut() else {
         return Err(HttpError::new(
             ErrorCode::BadRequest,
@@ -813,6 +835,25 @@ fn passable_response_headers(incoming: &HeaderMap, request_id_header: &HeaderNam
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by the `llm_request` fuzz target: serde_json writes an object keyed by its raw-value
+    /// marker back as bare text, so such a body would have been forwarded as invalid JSON.
+    #[test]
+    fn a_body_using_serde_jsons_raw_value_marker_is_refused() {
+        let models = BTreeMap::from([(
+            "m".to_string(),
+            TokenPrices {
+                input: Nanos(1),
+                output: Nanos(1),
+                cached_input: Nanos(1),
+            },
+        )]);
+        let sent = r#"{"model":"m","messages":[{"role":"user","\u0024serde_json::private::RawValue":"hi"}]}"#;
+        let refused = parse_llm_request(Endpoint::ChatCompletions, &models, sent.as_bytes(), 16)
+            .err()
+            .map(|e| e.error.code);
+        assert_eq!(refused, Some(ErrorCode::BadRequest));
+    }
 
     /// Found by the `llm_request` fuzz target: a number in a forwarded body drifted by one unit
     /// in the last place each time it was parsed and written again, so the upstream was not sent
