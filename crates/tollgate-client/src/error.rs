@@ -51,6 +51,20 @@ pub enum ErrorKind {
         spent: Option<Money>,
         held: Option<Money>,
     },
+    /// The plan's included units for a meter are used up (overage `block`).
+    AllowanceExhausted {
+        meter: Option<String>,
+        window: Option<String>,
+        limit: Option<u64>,
+        used: Option<u64>,
+        held: Option<u64>,
+        resets_at: Option<DateTime<Utc>>,
+    },
+    /// The account's subscription no longer lets calls through.
+    SubscriptionLapsed {
+        status: Option<String>,
+        since: Option<DateTime<Utc>>,
+    },
     InsufficientScope {
         required_scope: Option<String>,
     },
@@ -169,6 +183,8 @@ codes! {
     insufficient_balance => InsufficientBalance { required, balance };
     account_in_debt => AccountInDebt { debt };
     key_quota_exceeded => KeyQuotaExceeded { required, remaining, cap, spent, held };
+    allowance_exhausted => AllowanceExhausted { meter, window, limit, used, held, resets_at };
+    subscription_lapsed => SubscriptionLapsed { status, since };
     insufficient_scope => InsufficientScope { required_scope };
     model_not_allowed => ModelNotAllowed { model, allowed_models };
     ip_not_allowed => IpNotAllowed { client_ip };

@@ -63,7 +63,12 @@ impl Bucket {
 /// Puts buckets in draw order: packs by earliest expiry (then id, so the order is total), then
 /// allowances.
 pub fn draw_order(buckets: &mut [Bucket]) {
-    buckets.sort_by(|a, b| match (&a.source, &b.source) {
+    buckets.sort_by(draw_cmp);
+}
+
+/// The draw order of two buckets (see [`draw_order`]).
+pub fn draw_cmp(a: &Bucket, b: &Bucket) -> std::cmp::Ordering {
+    match (&a.source, &b.source) {
         (
             Source::Pack {
                 id: a_id,
@@ -77,7 +82,7 @@ pub fn draw_order(buckets: &mut [Bucket]) {
         (Source::Pack { .. }, Source::Allowance { .. }) => std::cmp::Ordering::Less,
         (Source::Allowance { .. }, Source::Pack { .. }) => std::cmp::Ordering::Greater,
         (Source::Allowance { period: a }, Source::Allowance { period: b }) => a.cmp(b),
-    });
+    }
 }
 
 /// A call's hold on the buckets (by their index in the slice it was reserved from) and on the

@@ -95,6 +95,12 @@ catalogue! {
     KeyQuotaExceeded = "key_quota_exceeded", 402, "billing_error", Quota, false,
         "The key has reached its monthly spend cap.",
         "Raise the key's cap, wait for the next calendar month (UTC), or use another key.";
+    AllowanceExhausted = "allowance_exhausted", 402, "billing_error", Quota, false,
+        "The plan's included units for this meter are used up (or held by calls in progress) and its overage rule is `block`.",
+        "Wait for `details.resets_at`, buy a credit pack, or move to a plan with more; `details` give the meter, window, limit, used and held.";
+    SubscriptionLapsed = "subscription_lapsed", 402, "billing_error", Quota, false,
+        "The account's subscription is unpaid or canceled, or past due beyond its grace period.",
+        "Pay the open invoice or renew the subscription; `details` give its status and since when.";
     InsufficientScope = "insufficient_scope", 403, "permission_error", Caller, false,
         "The key is valid but its scopes do not include this route group.",
         "Use a key whose scopes include `details.required_scope`.";

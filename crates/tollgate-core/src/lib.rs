@@ -14,6 +14,7 @@ pub mod metering;
 pub mod money;
 pub mod payment;
 pub mod period;
+pub mod plan;
 pub mod pricing;
 pub mod ratelimit;
 

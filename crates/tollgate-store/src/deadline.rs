@@ -28,6 +28,7 @@ use crate::{
     StoredResponse, TransferRecord, UsageBucket, UsageFilter, UsageGroup, UsageRow, UsageStore,
 };
 use crate::{AutoTopUp, PaymentEvent, PaymentStore, TopUp};
+use crate::{UnitBucket, UnitStore, UnitsAnswer, UnitsAsk};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use std::future::Future;
@@ -37,6 +38,7 @@ use std::time::Duration;
 use tollgate_core::audit::AuditEntry;
 use tollgate_core::ledger::Wallet;
 use tollgate_core::payment::TopUpStatus;
+use tollgate_core::plan::Subscription;
 use tollgate_core::TopUpId;
 use tollgate_core::{AccountId, HoldId, KeyHash, KeyId, Nanos, NodeId, RequestId};
 
@@ -149,6 +151,18 @@ bounded!(PaymentStore {
     fn disable_auto_topup(account: AccountId, reason: Option<&str>, at: DateTime<Utc>) -> ();
     fn auto_topups_due() -> Vec<AutoTopUp>;
     fn auto_topups_since(account: AccountId, since: DateTime<Utc>) -> u32;
+});
+
+bounded!(UnitStore {
+    fn subscription(account: AccountId) -> Option<Subscription>;
+    fn set_subscription(account: AccountId, subscription: &Subscription) -> ();
+    fn add_pack(pack: &UnitBucket, at: DateTime<Utc>) -> bool;
+    fn reserve_units(ask: &UnitsAsk) -> UnitsAnswer;
+    fn settle_units(request: RequestId, units: u64, at: DateTime<Utc>) -> bool;
+    fn expire_units(cutoff: DateTime<Utc>) -> u64;
+    fn unit_buckets(account: AccountId, at: DateTime<Utc>) -> Vec<UnitBucket>;
+    fn reset_bucket(account: AccountId, bucket: &str, reference: &str, at: DateTime<Utc>) -> Option<bool>;
+    fn unit_entry_sums(account: AccountId) -> Vec<(String, u64, u64, u64)>;
 });
 
 bounded!(LedgerStore {

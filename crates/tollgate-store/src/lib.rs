@@ -10,6 +10,9 @@ mod rows;
 pub mod sqlite;
 #[cfg(feature = "testing")]
 pub mod testing;
+pub mod units;
+
+pub use units::{BucketSource, UnitBucket, UnitStore, UnitsAnswer, UnitsAsk};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -133,6 +136,8 @@ pub struct KeyLookup {
     pub account_suspended: bool,
     /// What the key's account owes (its keys open no hold until it is paid).
     pub account_debt: Nanos,
+    /// The account's plan and subscription, if it has one.
+    pub subscription: Option<tollgate_core::plan::Subscription>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -939,6 +944,7 @@ pub trait Store:
     + AuditStore
     + SessionStore
     + PaymentStore
+    + UnitStore
     + StoreHealth
     + ChangeFeed
     + Sharing
@@ -953,6 +959,7 @@ impl<T> Store for T where
         + AuditStore
         + SessionStore
         + PaymentStore
+        + UnitStore
         + StoreHealth
         + ChangeFeed
         + Sharing

@@ -759,6 +759,10 @@ pub(crate) struct StandingRow {
     status: String,
     rate_limits: String,
     debt_nanos: i64,
+    plan: Option<String>,
+    plan_status: Option<String>,
+    plan_since: Option<i64>,
+    plan_started_at: Option<i64>,
 }
 
 impl StandingRow {
@@ -774,6 +778,23 @@ impl StandingRow {
             account_rate_limits: from_json("account rate_limits", &self.rate_limits)?,
             account_suspended: self.status == "suspended",
             account_debt: Nanos(self.debt_nanos),
+            subscription: match (
+                self.plan,
+                self.plan_status,
+                self.plan_since,
+                self.plan_started_at,
+            ) {
+                (Some(plan), Some(status), Some(since), Some(started_at)) => Some(
+                    SubscriptionRow {
+                        plan,
+                        status,
+                        since,
+                        started_at,
+                    }
+                    .try_into()?,
+                ),
+                _ => None,
+            },
         })
     }
 }
@@ -836,4 +857,71 @@ impl IdempotencyRow {
             },
         })
     }
+}
+
+pub(crate) const UNIT_BUCKET_COLUMNS: &str =
+    "account_id, bucket, source, meter, routes, granted, used, held, starts_at, ends_at";
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct UnitBucketRow {
+    account_id: String,
+    bucket: String,
+    source: String,
+    meter: String,
+    routes: Option<String>,
+    granted: i64,
+    used: i64,
+    held: i64,
+    starts_at: i64,
+    ends_at: i64,
+}
+
+impl TryFrom<UnitBucketRow> for crate::units::UnitBucket {
+    type Error = StoreError;
+
+    fn try_from(row: UnitBucketRow) -> Result<Self, StoreError> {
+        let count =
+            |what: &str, n: i64| u64::try_from(n).map_err(|_| corrupt(what, &n.to_string()));
+        Ok(crate::units::UnitBucket {
+            account: parse_id("account id", &row.account_id)?,
+            source: crate::units::BucketSource::parse(&row.source)
+                .ok_or_else(|| corrupt("bucket source", &row.source))?,
+            meter: tollgate_core::plan::Meter::parse(&row.meter)
+                .ok_or_else(|| corrupt("bucket meter", &row.meter))?,
+            routes: row.routes,
+            granted: count("granted units", row.granted)?,
+            used: count("used units", row.used)?,
+            held: count("held units", row.held)?,
+            starts_at: from_millis(row.starts_at)?,
+            ends_at: from_millis(row.ends_at)?,
+            bucket: row.bucket,
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct SubscriptionRow {
+    plan: String,
+    status: String,
+    since: i64,
+    started_at: i64,
+}
+
+impl TryFrom<SubscriptionRow> for tollgate_core::plan::Subscription {
+    type Error = StoreError;
+
+    fn try_from(row: SubscriptionRow) -> Result<Self, StoreError> {
+        Ok(tollgate_core::plan::Subscription {
+            status: tollgate_core::plan::SubscriptionStatus::parse(&row.status)
+                .ok_or_else(|| corrupt("subscription status", &row.status))?,
+            plan: row.plan,
+            since: from_millis(row.since)?,
+            started_at: from_millis(row.started_at)?,
+        })
+    }
+}
+
+/// A stored count of units; the schema keeps them within `i64`.
+pub(crate) fn units(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
 }

@@ -1,6 +1,7 @@
 //! The embedded default: one SQLite file in WAL mode, migrations applied at open.
 
 use crate::batch::{not_pending, Batch};
+use crate::rows::{self, SubscriptionRow, UnitBucketRow, UNIT_BUCKET_COLUMNS};
 use crate::rows::{
     convert, corrupt, from_millis, millis, parse_id, push_slot, push_usage, push_usage_filter,
     slot_deltas, spend_deltas, split_column, to_json, AccountRow, ActivityRow, AuditHeadRow,
@@ -11,6 +12,7 @@ use crate::rows::{
 use crate::rows::{
     statuses_before, AutoTopUpRow, PaymentEventRow, TopUpRow, AUTO_TOPUP_COLUMNS, TOPUP_COLUMNS,
 };
+use crate::units::{self, DrawsOf, UnitBucket, UnitStore, UnitsAnswer, UnitsAsk};
 use crate::{
     Account, AccountStore, AuditStore, BatchId, ChangeFeed, HoldRecord, IdempotencyBegin,
     IdempotencyClaim, IdempotencyStore, InsertKeyOutcome, KeyActivity, KeyChange, KeyLookup,
@@ -28,6 +30,7 @@ use std::time::Duration;
 use tollgate_core::audit::AuditEntry;
 use tollgate_core::ledger::{month_start, LedgerAccount, Transfer, TransferKind, Wallet};
 use tollgate_core::payment::TopUpStatus;
+use tollgate_core::plan::Subscription;
 use tollgate_core::ratelimit::Overrides;
 use tollgate_core::TopUpId;
 use tollgate_core::{AccountId, HoldId, KeyHash, KeyId, Nanos, RequestId};
@@ -473,8 +476,10 @@ impl SqliteStore {
         secret_expires_at: Option<DateTime<Utc>>,
     ) -> Result<KeyLookup, StoreError> {
         sqlx::query_as::<_, StandingRow>(
-            "SELECT a.status, a.rate_limits, w.debt_nanos FROM accounts a \
-             JOIN wallets w ON w.account_id = a.id WHERE a.id = ?",
+            "SELECT a.status, a.rate_limits, w.debt_nanos, s.plan, s.status AS plan_status, \
+             s.since AS plan_since, s.started_at AS plan_started_at FROM accounts a \
+             JOIN wallets w ON w.account_id = a.id \
+             LEFT JOIN subscriptions s ON s.account_id = a.id WHERE a.id = ?",
         )
         .bind(key.account_id.to_string())
         .fetch_one(&self.pool)
@@ -1568,4 +1573,411 @@ impl PaymentStore for SqliteStore {
         .map_err(store_error)?;
         convert(rows)
     }
+}
+
+#[async_trait]
+impl UnitStore for SqliteStore {
+    async fn subscription(&self, account: AccountId) -> Result<Option<Subscription>, StoreError> {
+        let row: Option<SubscriptionRow> = sqlx::query_as(
+            "SELECT plan, status, since, started_at FROM subscriptions WHERE account_id = ?",
+        )
+        .bind(account.to_string())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(store_error)?;
+        row.map(Subscription::try_from).transpose()
+    }
+
+    async fn set_subscription(
+        &self,
+        account: AccountId,
+        subscription: &Subscription,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO subscriptions (account_id, plan, status, since, started_at) \
+             VALUES (?, ?, ?, ?, ?) ON CONFLICT (account_id) DO UPDATE SET plan = excluded.plan, \
+             status = excluded.status, since = excluded.since, started_at = excluded.started_at",
+        )
+        .bind(account.to_string())
+        .bind(&subscription.plan)
+        .bind(subscription.status.as_str())
+        .bind(millis(subscription.since))
+        .bind(millis(subscription.started_at))
+        .execute(&self.pool)
+        .await
+        .map_err(store_error)?;
+        Ok(())
+    }
+
+    async fn add_pack(&self, pack: &UnitBucket, at: DateTime<Utc>) -> Result<bool, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(store_error)?;
+        let added = insert_bucket(&mut tx, pack).await?;
+        if added {
+            unit_entry(
+                &mut tx,
+                pack.account,
+                &pack.bucket,
+                "grant",
+                pack.granted,
+                None,
+                at,
+            )
+            .await?;
+        }
+        tx.commit().await.map_err(store_error)?;
+        Ok(added)
+    }
+
+    async fn reserve_units(&self, ask: &UnitsAsk) -> Result<UnitsAnswer, StoreError> {
+        let account = ask.allowance.account;
+        let mut tx = self.pool.begin().await.map_err(store_error)?;
+        // Writing first takes SQLite's write lock: what follows reads one state.
+        if insert_bucket(&mut tx, &ask.allowance).await? {
+            let granted = ask.allowance.granted;
+            unit_entry(
+                &mut tx,
+                account,
+                &ask.allowance.bucket,
+                "grant",
+                granted,
+                None,
+                ask.at,
+            )
+            .await?;
+        } else {
+            raise_grant(&mut tx, &ask.allowance, ask.at).await?;
+        }
+        let candidates: Vec<UnitBucketRow> = sqlx::query_as(&format!(
+            "SELECT {UNIT_BUCKET_COLUMNS} FROM unit_buckets WHERE account_id = ? \
+             AND (bucket = ? OR (source = 'pack' AND meter = ? AND ends_at > ? \
+             AND used + held < granted))"
+        ))
+        .bind(account.to_string())
+        .bind(&ask.allowance.bucket)
+        .bind(ask.allowance.meter.as_str())
+        .bind(millis(ask.at))
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(store_error)?;
+        let candidates = candidates
+            .into_iter()
+            .map(UnitBucket::try_from)
+            .collect::<Result<Vec<_>, _>>()?;
+        let answer = units::decide(ask, candidates);
+        let UnitsAnswer::Reserved { draws, .. } = &answer else {
+            return Ok(answer);
+        };
+        let mut ordered: Vec<(usize, &(String, u64))> = draws.iter().enumerate().collect();
+        ordered.sort_by(|(_, (a, _)), (_, (b, _))| units::lock_order(a).cmp(&units::lock_order(b)));
+        for (position, (bucket, held)) in ordered {
+            sqlx::query(
+                "UPDATE unit_buckets SET held = held + ? WHERE account_id = ? AND bucket = ?",
+            )
+            .bind(rows::units(*held))
+            .bind(account.to_string())
+            .bind(bucket)
+            .execute(&mut *tx)
+            .await
+            .map_err(store_error)?;
+            sqlx::query(
+                "INSERT INTO unit_draws (request_id, position, account_id, bucket, units, expires_at) \
+                 VALUES (?, ?, ?, ?, ?, ?)",
+            )
+            .bind(ask.request.to_string())
+            .bind(position as i64)
+            .bind(account.to_string())
+            .bind(bucket)
+            .bind(rows::units(*held))
+            .bind(millis(ask.expires_at))
+            .execute(&mut *tx)
+            .await
+            .map_err(store_error)?;
+            let reference = ask.request.to_string();
+            unit_entry(
+                &mut tx,
+                account,
+                bucket,
+                "hold",
+                *held,
+                Some(&reference),
+                ask.at,
+            )
+            .await?;
+        }
+        tx.commit().await.map_err(store_error)?;
+        Ok(answer)
+    }
+
+    async fn settle_units(
+        &self,
+        request: RequestId,
+        units: u64,
+        at: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(store_error)?;
+        let draws = take_draws(&mut tx, DrawsOf::Request(&request.to_string())).await?;
+        let found = !draws.is_empty();
+        for (account, bucket, used, returned) in units::settlement(draws, units) {
+            finish_draw(
+                &mut tx,
+                account,
+                &bucket,
+                used,
+                returned,
+                "return",
+                &request.to_string(),
+                at,
+            )
+            .await?;
+        }
+        tx.commit().await.map_err(store_error)?;
+        Ok(found)
+    }
+
+    async fn expire_units(&self, cutoff: DateTime<Utc>) -> Result<u64, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(store_error)?;
+        let draws = take_draws(&mut tx, DrawsOf::ExpiredBy(millis(cutoff))).await?;
+        let mut requests: Vec<&str> = draws.iter().map(|d| d.request.as_str()).collect();
+        requests.sort_unstable();
+        requests.dedup();
+        let expired = requests.len() as u64;
+        for draw in units::by_lock_order(&draws) {
+            finish_draw(
+                &mut tx,
+                draw.account,
+                &draw.bucket,
+                0,
+                draw.units,
+                "expire",
+                &draw.request,
+                cutoff,
+            )
+            .await?;
+        }
+        tx.commit().await.map_err(store_error)?;
+        Ok(expired)
+    }
+
+    async fn unit_buckets(
+        &self,
+        account: AccountId,
+        at: DateTime<Utc>,
+    ) -> Result<Vec<UnitBucket>, StoreError> {
+        let rows: Vec<UnitBucketRow> = sqlx::query_as(&format!(
+            "SELECT {UNIT_BUCKET_COLUMNS} FROM unit_buckets WHERE account_id = ? \
+             AND starts_at <= ? AND ends_at > ? ORDER BY source, ends_at, bucket"
+        ))
+        .bind(account.to_string())
+        .bind(millis(at))
+        .bind(millis(at))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(store_error)?;
+        rows.into_iter().map(UnitBucket::try_from).collect()
+    }
+
+    async fn reset_bucket(
+        &self,
+        account: AccountId,
+        bucket: &str,
+        reference: &str,
+        at: DateTime<Utc>,
+    ) -> Result<Option<bool>, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(store_error)?;
+        let used: Option<i64> = sqlx::query_scalar(
+            "UPDATE unit_buckets SET used = used WHERE account_id = ? AND bucket = ? RETURNING used",
+        )
+        .bind(account.to_string())
+        .bind(bucket)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(store_error)?;
+        let Some(used) = used else {
+            return Ok(None);
+        };
+        let done: Option<i64> = sqlx::query_scalar(
+            "SELECT id FROM unit_entries WHERE account_id = ? AND reference = ? AND kind = 'reset'",
+        )
+        .bind(account.to_string())
+        .bind(reference)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(store_error)?;
+        if done.is_some() {
+            return Ok(Some(false));
+        }
+        sqlx::query("UPDATE unit_buckets SET used = 0 WHERE account_id = ? AND bucket = ?")
+            .bind(account.to_string())
+            .bind(bucket)
+            .execute(&mut *tx)
+            .await
+            .map_err(store_error)?;
+        // A reset of nothing is recorded too, so its reference is spent.
+        sqlx::query(
+            "INSERT INTO unit_entries (account_id, bucket, kind, units, reference, at) \
+             VALUES (?, ?, 'reset', ?, ?, ?)",
+        )
+        .bind(account.to_string())
+        .bind(bucket)
+        .bind(used)
+        .bind(reference)
+        .bind(millis(at))
+        .execute(&mut *tx)
+        .await
+        .map_err(store_error)?;
+        tx.commit().await.map_err(store_error)?;
+        Ok(Some(true))
+    }
+
+    async fn unit_entry_sums(
+        &self,
+        account: AccountId,
+    ) -> Result<Vec<(String, u64, u64, u64)>, StoreError> {
+        let rows: Vec<(String, i64, i64, i64)> =
+            sqlx::query_as(&units::ENTRY_SUMS.replace("{account}", "?"))
+                .bind(account.to_string())
+                .fetch_all(&self.pool)
+                .await
+                .map_err(store_error)?;
+        Ok(units::sums(rows))
+    }
+}
+
+/// Writes a new bucket; `false` if the account has one of that name.
+async fn insert_bucket(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    bucket: &UnitBucket,
+) -> Result<bool, StoreError> {
+    let inserted = sqlx::query(&format!(
+        "INSERT INTO unit_buckets ({UNIT_BUCKET_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, 0, 0, ?, ?) \
+         ON CONFLICT DO NOTHING"
+    ))
+    .bind(bucket.account.to_string())
+    .bind(&bucket.bucket)
+    .bind(bucket.source.as_str())
+    .bind(bucket.meter.as_str())
+    .bind(&bucket.routes)
+    .bind(rows::units(bucket.granted))
+    .bind(millis(bucket.starts_at))
+    .bind(millis(bucket.ends_at))
+    .execute(&mut **tx)
+    .await
+    .map_err(store_error)?
+    .rows_affected();
+    Ok(inserted == 1)
+}
+
+/// Raises an allowance bucket's grant to what the plan grants now (an upgrade applies at once;
+/// a downgrade waits for the next period's bucket).
+async fn raise_grant(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    bucket: &UnitBucket,
+    at: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    let before: i64 =
+        sqlx::query_scalar("SELECT granted FROM unit_buckets WHERE account_id = ? AND bucket = ?")
+            .bind(bucket.account.to_string())
+            .bind(&bucket.bucket)
+            .fetch_one(&mut **tx)
+            .await
+            .map_err(store_error)?;
+    let now = rows::units(bucket.granted);
+    if now > before {
+        sqlx::query("UPDATE unit_buckets SET granted = ? WHERE account_id = ? AND bucket = ?")
+            .bind(now)
+            .bind(bucket.account.to_string())
+            .bind(&bucket.bucket)
+            .execute(&mut **tx)
+            .await
+            .map_err(store_error)?;
+        let raised = u64::try_from(now - before).unwrap_or(0);
+        unit_entry(
+            tx,
+            bucket.account,
+            &bucket.bucket,
+            "grant",
+            raised,
+            None,
+            at,
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+async fn unit_entry(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    account: AccountId,
+    bucket: &str,
+    kind: &str,
+    units: u64,
+    reference: Option<&str>,
+    at: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    if units == 0 {
+        return Ok(());
+    }
+    sqlx::query(
+        "INSERT INTO unit_entries (account_id, bucket, kind, units, reference, at) \
+         VALUES (?, ?, ?, ?, ?, ?)",
+    )
+    .bind(account.to_string())
+    .bind(bucket)
+    .bind(kind)
+    .bind(rows::units(units))
+    .bind(reference)
+    .bind(millis(at))
+    .execute(&mut **tx)
+    .await
+    .map_err(store_error)?;
+    Ok(())
+}
+
+/// Deletes and returns a request's draws, or those expired by a time.
+async fn take_draws(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    of: DrawsOf<'_>,
+) -> Result<Vec<units::Draw>, StoreError> {
+    const RETURNING: &str = "RETURNING request_id, position, account_id, bucket, units";
+    let sql = match of {
+        DrawsOf::Request(_) => format!("DELETE FROM unit_draws WHERE request_id = ? {RETURNING}"),
+        DrawsOf::ExpiredBy(_) => {
+            format!("DELETE FROM unit_draws WHERE expires_at <= ? {RETURNING}")
+        }
+    };
+    let query = sqlx::query_as(&sql);
+    let query = match of {
+        DrawsOf::Request(request) => query.bind(request.to_string()),
+        DrawsOf::ExpiredBy(cutoff) => query.bind(cutoff),
+    };
+    let rows: Vec<(String, i64, String, String, i64)> =
+        query.fetch_all(&mut **tx).await.map_err(store_error)?;
+    units::draws(rows)
+}
+
+/// Moves a finished draw's units: `used` from held to used, `returned` from held back to
+/// remaining (`kind`: `return` or `expire`).
+#[allow(clippy::too_many_arguments)]
+async fn finish_draw(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    account: AccountId,
+    bucket: &str,
+    used: u64,
+    returned: u64,
+    kind: &str,
+    reference: &str,
+    at: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "UPDATE unit_buckets SET held = held - ?, used = used + ? WHERE account_id = ? AND bucket = ?",
+    )
+    .bind(rows::units(used + returned))
+    .bind(rows::units(used))
+    .bind(account.to_string())
+    .bind(bucket)
+    .execute(&mut **tx)
+    .await
+    .map_err(store_error)?;
+    unit_entry(tx, account, bucket, "use", used, Some(reference), at).await?;
+    unit_entry(tx, account, bucket, kind, returned, Some(reference), at).await
 }

@@ -7,17 +7,20 @@
 
 use chrono::{DateTime, Duration, TimeZone, Utc};
 use std::sync::Arc;
+use tollgate_core::allowance::Overage;
 use tollgate_core::audit::AuditEntry;
 use tollgate_core::ledger::{
     BillingStatus, Book, HoldRequest, HoldStatus, Resolve, Transfer, Wallet,
 };
 use tollgate_core::metering::TokenUsage;
+use tollgate_core::plan::{Meter, Subscription, SubscriptionStatus};
 use tollgate_core::ratelimit::LimitOverride;
 use tollgate_core::{
     AccountId, ApiKey, HoldId, KeyEnv, KeyId, KeyKind, KeyStatus, Nanos, RequestId,
 };
 use tollgate_store::testing::TestSchema;
 use tollgate_store::BatchId;
+use tollgate_store::{BucketSource, UnitBucket, UnitsAnswer, UnitsAsk};
 use tollgate_store::{
     HoldRecord, HoldSource, IdempotencyBegin, IdempotencyClaim, InsertKeyOutcome, KeyActivity,
     KeyChange, KeyRecord, LedgerWrite, NewKey, RevokeOutcome, SeriesSplit, SessionRecord, Store,
@@ -1804,6 +1807,284 @@ pub async fn usage_rows_round_trip_filter_and_page(store: Arc<dyn Store>) {
     assert!(store.request(rows[0].request_id).await.unwrap().is_none());
 }
 
+fn allowance_bucket(account: AccountId, granted: u64, start: i64) -> UnitBucket {
+    UnitBucket {
+        account,
+        bucket: format!("requests@{start}"),
+        source: BucketSource::Allowance,
+        meter: Meter::Requests,
+        routes: None,
+        granted,
+        used: 0,
+        held: 0,
+        starts_at: at(start),
+        ends_at: at(start + 1_000),
+    }
+}
+
+fn ask(allowance: UnitBucket, units: u64, overage: Overage, now: i64) -> UnitsAsk {
+    UnitsAsk {
+        request: RequestId::new(),
+        allowance,
+        group: "default".into(),
+        units,
+        worst_cost: Nanos(units as i64 * 10),
+        overage,
+        at: at(now),
+        expires_at: at(now + 60),
+    }
+}
+
+/// The columns of the buckets usable at `now` are the sums of their entries.
+async fn assert_units_balance(store: &dyn Store, account: AccountId, now: i64) {
+    let mut buckets = store.unit_buckets(account, at(now)).await.unwrap();
+    buckets.sort_by(|a, b| a.bucket.cmp(&b.bucket));
+    let mut sums = store.unit_entry_sums(account).await.unwrap();
+    sums.retain(|(name, ..)| buckets.iter().any(|b| &b.bucket == name));
+    let columns: Vec<_> = buckets
+        .iter()
+        .map(|b| (b.bucket.clone(), b.granted, b.held, b.used))
+        .collect();
+    assert_eq!(columns, sums);
+}
+
+async fn units_reserve_in_draw_order_settle_return_and_never_pass_a_grant(store: Arc<dyn Store>) {
+    let (account, _, _) = new_account(&*store, Nanos::ZERO).await;
+    let allowance = allowance_bucket(account, 5, 1_000);
+    // A pack expiring later than another: the earlier one is drawn first, then the later, then
+    // the allowance.
+    for (id, units, expires) in [("late", 2, 1_900), ("early", 1, 1_500)] {
+        let pack = UnitBucket {
+            bucket: format!("pack:{id}"),
+            source: BucketSource::Pack,
+            granted: units,
+            starts_at: at(900),
+            ends_at: at(expires),
+            ..allowance.clone()
+        };
+        assert!(store.add_pack(&pack, at(900)).await.unwrap());
+        assert!(!store.add_pack(&pack, at(900)).await.unwrap(), "once");
+    }
+    let first = ask(allowance.clone(), 4, Overage::Block, 1_100);
+    let UnitsAnswer::Reserved {
+        draws,
+        allowance: after,
+        packs_remaining,
+        ..
+    } = store.reserve_units(&first).await.unwrap()
+    else {
+        panic!("4 of 8 units are there");
+    };
+    assert_eq!(
+        draws,
+        [
+            ("pack:early".to_string(), 1),
+            ("pack:late".to_string(), 2),
+            ("requests@1000".to_string(), 1)
+        ]
+    );
+    assert_eq!(
+        (after.granted, after.held, after.used, packs_remaining),
+        (5, 1, 0, 0)
+    );
+    assert_units_balance(&*store, account, 1_100).await;
+    // It used 2: the early pack's 1 and one of the late pack's; the rest returns.
+    assert!(store
+        .settle_units(first.request, 2, at(1_101))
+        .await
+        .unwrap());
+    assert!(
+        !store
+            .settle_units(first.request, 2, at(1_101))
+            .await
+            .unwrap(),
+        "once"
+    );
+    let buckets = store.unit_buckets(account, at(1_102)).await.unwrap();
+    let state: Vec<_> = buckets
+        .iter()
+        .map(|b| (b.bucket.as_str(), b.used, b.held, b.remaining()))
+        .collect();
+    assert!(state.contains(&("pack:early", 1, 0, 0)));
+    assert!(state.contains(&("pack:late", 1, 0, 1)));
+    assert!(state.contains(&("requests@1000", 0, 0, 5)));
+
+    // 6 left; a call of 7 is refused under `block` and holds nothing; `wallet` covers the rest.
+    let refused = ask(allowance.clone(), 7, Overage::Block, 1_200);
+    let UnitsAnswer::Exhausted {
+        allowance: standing,
+        packs_remaining,
+    } = store.reserve_units(&refused).await.unwrap()
+    else {
+        panic!("7 of 6 is refused");
+    };
+    assert_eq!(
+        (
+            standing.granted,
+            standing.used,
+            standing.held,
+            packs_remaining
+        ),
+        (5, 0, 0, 1)
+    );
+    let over = ask(allowance.clone(), 7, Overage::Wallet, 1_200);
+    let UnitsAnswer::Reserved { reservation, .. } = store.reserve_units(&over).await.unwrap()
+    else {
+        panic!("wallet overage");
+    };
+    assert_eq!(
+        (reservation.uncovered, reservation.wallet_hold),
+        (1, Nanos(10))
+    );
+    // It failed: everything returns.
+    assert!(store
+        .settle_units(over.request, 0, at(1_201))
+        .await
+        .unwrap());
+
+    // An upgrade raises the period's grant at once; a downgrade does not lower it.
+    let upgraded = UnitBucket {
+        granted: 8,
+        ..allowance.clone()
+    };
+    let call = ask(upgraded, 1, Overage::Block, 1_300);
+    let UnitsAnswer::Reserved {
+        allowance: after, ..
+    } = store.reserve_units(&call).await.unwrap()
+    else {
+        panic!("upgrade");
+    };
+    assert_eq!(after.granted, 8);
+    let downgraded = UnitBucket {
+        granted: 2,
+        ..allowance.clone()
+    };
+    let call = ask(downgraded, 1, Overage::Block, 1_300);
+    let UnitsAnswer::Reserved {
+        allowance: after, ..
+    } = store.reserve_units(&call).await.unwrap()
+    else {
+        panic!("downgrade");
+    };
+    assert_eq!(after.granted, 8);
+    // Unsettled reservations return their units at expiry.
+    assert_eq!(store.expire_units(at(1_400)).await.unwrap(), 2);
+    assert_eq!(store.expire_units(at(1_400)).await.unwrap(), 0);
+    let buckets = store.unit_buckets(account, at(1_400)).await.unwrap();
+    assert!(buckets.iter().all(|b| b.held == 0));
+    assert_units_balance(&*store, account, 1_400).await;
+
+    // A reset puts the period's used units back, once per reference; the period stays.
+    let call = ask(allowance.clone(), 3, Overage::Block, 1_500);
+    store.reserve_units(&call).await.unwrap();
+    store
+        .settle_units(call.request, 3, at(1_500))
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .reset_bucket(account, "requests@1000", "r1", at(1_501))
+            .await
+            .unwrap(),
+        Some(true)
+    );
+    assert_eq!(
+        store
+            .reset_bucket(account, "requests@1000", "r1", at(1_502))
+            .await
+            .unwrap(),
+        Some(false)
+    );
+    assert_eq!(
+        store
+            .reset_bucket(account, "nope", "r2", at(1_502))
+            .await
+            .unwrap(),
+        None
+    );
+    let bucket = store
+        .unit_buckets(account, at(1_503))
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|b| b.bucket == "requests@1000")
+        .unwrap();
+    assert_eq!(
+        (bucket.used, bucket.starts_at, bucket.ends_at),
+        (0, at(1_000), at(2_000))
+    );
+    assert_units_balance(&*store, account, 1_503).await;
+    // A new period is a new bucket, granted once by its first call.
+    let next = allowance_bucket(account, 5, 2_000);
+    let call = ask(next, 1, Overage::Block, 2_000);
+    let UnitsAnswer::Reserved {
+        allowance: after, ..
+    } = store.reserve_units(&call).await.unwrap()
+    else {
+        panic!("a new period");
+    };
+    assert_eq!(
+        (after.bucket.as_str(), after.granted, after.held),
+        ("requests@2000", 5, 1)
+    );
+}
+
+async fn concurrent_reservations_never_draw_more_than_the_grant(store: Arc<dyn Store>) {
+    let (account, _, _) = new_account(&*store, Nanos::ZERO).await;
+    let allowance = allowance_bucket(account, 10, 1_000);
+    let calls = (0..40).map(|_| {
+        let store = store.clone();
+        let call = ask(allowance.clone(), 1, Overage::Block, 1_100);
+        tokio::spawn(async move {
+            match store.reserve_units(&call).await.unwrap() {
+                UnitsAnswer::Reserved { .. } => {
+                    store
+                        .settle_units(call.request, 1, at(1_101))
+                        .await
+                        .unwrap();
+                    1
+                }
+                UnitsAnswer::Exhausted { .. } => 0,
+            }
+        })
+    });
+    let mut admitted = 0;
+    for call in calls.collect::<Vec<_>>() {
+        admitted += call.await.unwrap();
+    }
+    assert_eq!(admitted, 10);
+    let bucket = &store.unit_buckets(account, at(1_200)).await.unwrap()[0];
+    assert_eq!((bucket.used, bucket.held), (10, 0));
+    assert_units_balance(&*store, account, 1_200).await;
+}
+
+async fn a_subscription_round_trips_and_reaches_the_key_lookup(store: Arc<dyn Store>) {
+    let (account, secret, _) = new_account(&*store, Nanos::ZERO).await;
+    assert_eq!(store.subscription(account).await.unwrap(), None);
+    let subscription = Subscription {
+        plan: "pro".into(),
+        status: SubscriptionStatus::PastDue,
+        since: at(2_000),
+        started_at: at(1_000),
+    };
+    store
+        .set_subscription(account, &subscription)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.subscription(account).await.unwrap(),
+        Some(subscription.clone())
+    );
+    let found = store.key_by_hash(&secret.hash()).await.unwrap().unwrap();
+    assert_eq!(found.subscription, Some(subscription.clone()));
+    let active = Subscription {
+        status: SubscriptionStatus::Active,
+        ..subscription
+    };
+    store.set_subscription(account, &active).await.unwrap();
+    assert_eq!(store.subscription(account).await.unwrap(), Some(active));
+}
+
 /// Runs every conformance test against one backend: `store_suite!(module, async_constructor)`.
 macro_rules! store_suite {
     ($backend:ident, $make:expr) => {
@@ -1842,6 +2123,9 @@ macro_rules! store_suite {
                 topups_round_trip_list_newest_first_and_never_leave_paid,
                 payment_events_are_recorded_once_and_wait_until_handled,
                 an_auto_top_up_is_due_below_its_threshold_with_a_card_and_starts_once_per_key,
+                units_reserve_in_draw_order_settle_return_and_never_pass_a_grant,
+                concurrent_reservations_never_draw_more_than_the_grant,
+                a_subscription_round_trips_and_reaches_the_key_lookup,
             );
         }
     };

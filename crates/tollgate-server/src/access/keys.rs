@@ -395,6 +395,7 @@ mod tests {
                 account_rate_limits: Default::default(),
                 account_suspended: false,
                 account_debt: Nanos::ZERO,
+                subscription: None,
             }))
         }
         async fn insert_key(&self, _: &KeyRecord, _: u32) -> Result<InsertKeyOutcome, StoreError> {

@@ -699,6 +699,71 @@ impl SessionStore for CountingStore {
 }
 
 #[async_trait::async_trait]
+impl tollgate_store::UnitStore for CountingStore {
+    async fn subscription(
+        &self,
+        account: AccountId,
+    ) -> Result<Option<tollgate_core::plan::Subscription>, StoreError> {
+        self.inner.subscription(account).await
+    }
+    async fn set_subscription(
+        &self,
+        account: AccountId,
+        subscription: &tollgate_core::plan::Subscription,
+    ) -> Result<(), StoreError> {
+        self.inner.set_subscription(account, subscription).await
+    }
+    async fn add_pack(
+        &self,
+        pack: &tollgate_store::UnitBucket,
+        at: At,
+    ) -> Result<bool, StoreError> {
+        self.inner.add_pack(pack, at).await
+    }
+    async fn reserve_units(
+        &self,
+        ask: &tollgate_store::UnitsAsk,
+    ) -> Result<tollgate_store::UnitsAnswer, StoreError> {
+        self.inner.reserve_units(ask).await
+    }
+    async fn settle_units(
+        &self,
+        request: RequestId,
+        units: u64,
+        at: At,
+    ) -> Result<bool, StoreError> {
+        self.inner.settle_units(request, units, at).await
+    }
+    async fn expire_units(&self, cutoff: At) -> Result<u64, StoreError> {
+        self.inner.expire_units(cutoff).await
+    }
+    async fn unit_buckets(
+        &self,
+        account: AccountId,
+        at: At,
+    ) -> Result<Vec<tollgate_store::UnitBucket>, StoreError> {
+        self.inner.unit_buckets(account, at).await
+    }
+    async fn reset_bucket(
+        &self,
+        account: AccountId,
+        bucket: &str,
+        reference: &str,
+        at: At,
+    ) -> Result<Option<bool>, StoreError> {
+        self.inner
+            .reset_bucket(account, bucket, reference, at)
+            .await
+    }
+    async fn unit_entry_sums(
+        &self,
+        account: AccountId,
+    ) -> Result<Vec<(String, u64, u64, u64)>, StoreError> {
+        self.inner.unit_entry_sums(account).await
+    }
+}
+
+#[async_trait::async_trait]
 impl tollgate_store::PaymentStore for CountingStore {
     async fn create_topup(&self, topup: &tollgate_store::TopUp) -> Result<bool, StoreError> {
         self.inner.create_topup(topup).await
