@@ -51,7 +51,7 @@ fn config_md_documents_every_field_and_override() {
     }
     let sections = serde_json::to_value(RawConfig::default()).unwrap();
     for (section, fields) in sections.as_object().unwrap() {
-        if section == "routes" || section == "rate_limits" {
+        if section == "routes" || section == "rate_limits" || section == "plans" {
             // Arrays of tables, documented as such.
             assert!(docs.contains(&format!("## `[[{section}]]`")));
             continue;
@@ -66,6 +66,24 @@ fn config_md_documents_every_field_and_override() {
                 "docs/config.md lacks {section}.{field}"
             );
         }
+    }
+    assert!(docs.contains("| `default_plan` |"));
+    for field in [
+        "name",
+        "period",
+        "anchor",
+        "time_zone",
+        "grace",
+        "allowances",
+        "meter",
+        "routes",
+        "units",
+        "overage",
+    ] {
+        assert!(
+            docs.contains(&format!("| `{field}` |")),
+            "docs/config.md lacks plans' {field}"
+        );
     }
     assert!(docs.contains("### `[payments.stripe]`"));
     let stripe = serde_json::to_value(tollgate_server::config::RawStripe::default()).unwrap();

@@ -62,7 +62,7 @@ impl UnitBucket {
     }
 
     /// The core's view of it, for the draw order.
-    pub(crate) fn core(&self) -> Bucket {
+    pub fn core(&self) -> Bucket {
         Bucket {
             source: match self.source {
                 BucketSource::Pack => Source::Pack {

@@ -686,3 +686,104 @@ pub struct AutoTopUp {
     /// Why Tollgate turned it off (a payment that needed the customer, a refused card).
     pub disabled_reason: Option<String>,
 }
+
+// ---------------------------------------------------------------------------------------------
+// Plans: subscriptions, credit packs, included units
+
+/// Puts an account on a plan, or changes where its subscription stands (admin only).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct SetSubscriptionRequest {
+    /// A plan from the config's `[[plans]]`.
+    pub plan: String,
+    /// `active` (default), `trialing`, `past_due`, `unpaid` or `canceled`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<String>,
+    /// When the subscription started: the anchor of `subscription`-anchored periods. Default:
+    /// kept from the current subscription, or now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct Subscription {
+    pub plan: String,
+    /// `active`, `trialing`, `past_due`, `unpaid` or `canceled`.
+    pub status: String,
+    /// When the status last changed.
+    pub since: DateTime<Utc>,
+    pub started_at: DateTime<Utc>,
+}
+
+/// Grants a credit pack: units of one meter, usable until they expire (admin only).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct CreatePackRequest {
+    /// The pack's name within the account (1 to 64 of `A-Z a-z 0-9 - _ .`): granting a name
+    /// again grants nothing. Default: the request's id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// `requests`, `tokens` or `cost`.
+    pub meter: String,
+    /// A count of requests or tokens; for `cost`, nano-credits.
+    pub units: u64,
+    /// The route group whose calls may use it; every route when left out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub routes: Option<String>,
+    pub expires_at: DateTime<Utc>,
+}
+
+/// Sets the used units of an allowance's current period back to zero, once per reference
+/// (admin only). The period and its end stay as they are.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct ResetAllowanceRequest {
+    /// 1 to 128 printable ASCII characters; a second reset with it changes nothing.
+    pub reference: String,
+}
+
+/// One bucket of included units.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct UnitBucket {
+    /// `allowance` (the plan's, for the current period) or `pack`.
+    pub source: String,
+    /// The allowance's name, or the pack's id.
+    pub name: String,
+    /// `requests`, `tokens` or `cost` (nano-credits).
+    pub meter: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub routes: Option<String>,
+    pub granted: u64,
+    pub used: u64,
+    /// Held by calls in progress.
+    pub held: u64,
+    pub remaining: u64,
+    /// When an allowance's period ends and a fresh one begins.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resets_at: Option<DateTime<Utc>>,
+    /// When a pack's units stop being usable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<DateTime<Utc>>,
+    /// What a call over it meets: `block`, `wallet` or `soft` (allowances only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overage: Option<String>,
+}
+
+/// An account's plan and its buckets of included units, in the order calls draw on them
+/// (packs by earliest expiry, then the allowances).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct Allowances {
+    pub account_id: AccountId,
+    /// The plan the account's calls follow (its subscription's, or the default plan).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subscription: Option<Subscription>,
+    pub buckets: Vec<UnitBucket>,
+}

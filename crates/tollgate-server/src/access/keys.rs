@@ -191,6 +191,8 @@ pub struct CachedKey {
     pub account_suspended: bool,
     /// What the account owed when this was read: its keys open no hold while it owes.
     pub account_debt: Nanos,
+    /// The account's plan and subscription, if it has one of its own.
+    pub subscription: Option<Arc<tollgate_core::plan::Subscription>>,
 }
 
 /// Key records by secret hash, in memory, bounded.
@@ -276,6 +278,7 @@ impl KeyCache {
             account_rate_limits: Arc::new(found.account_rate_limits),
             account_suspended: found.account_suspended,
             account_debt: found.account_debt,
+            subscription: found.subscription.map(Arc::new),
         };
         let mut entries = self.write();
         if self.generation.load(Ordering::Acquire) == generation {

@@ -328,17 +328,80 @@ pub enum Standings {
     Exempt,
 }
 
-/// A request's slot for its [`Standings`], put in its extensions by [`layer`].
+/// A request's slot for its [`Standings`], put in its extensions by [`layer`], with the quota
+/// of its plan's allowance and any warning for the caller.
 #[derive(Debug, Clone, Default)]
-pub struct LimitSlot(Arc<Mutex<Option<Standings>>>);
+pub struct LimitSlot(Arc<Mutex<Slot>>);
+
+#[derive(Debug, Default)]
+struct Slot {
+    standings: Option<Standings>,
+    quota: Option<QuotaItem>,
+    warnings: Vec<String>,
+}
+
+/// An included-units quota, as an IETF quota policy beside the rate-limit policies.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuotaItem {
+    pub name: String,
+    pub limit: u64,
+    pub window_seconds: u64,
+    /// The quota unit (`qu`): `request`, `token` or `nanocredit`.
+    pub unit: &'static str,
+    pub remaining: u64,
+    pub reset_seconds: u64,
+}
 
 impl LimitSlot {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Slot> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     pub fn set(&self, standings: Standings) {
-        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(standings);
+        self.lock().standings = Some(standings);
     }
 
     pub(crate) fn take(&self) -> Option<Standings> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).take()
+        self.lock().standings.take()
+    }
+
+    pub fn set_quota(&self, quota: QuotaItem) {
+        self.lock().quota = Some(quota);
+    }
+
+    /// A warning for the caller (`X-Tollgate-Warning`): the call passed, but something is wrong.
+    pub fn warn(&self, warning: String) {
+        self.lock().warnings.push(warning);
+    }
+
+    /// Adds the quota to the `RateLimit-Policy` and `RateLimit` fields (after any rate-limit
+    /// policies) and the warnings.
+    pub(crate) fn apply_notes(&self, headers: &mut HeaderMap) {
+        let slot = self.lock();
+        if let Some(quota) = &slot.quota {
+            let policy = format!(
+                "\"{}\";q={};w={};qu=\"{}\"",
+                quota.name, quota.limit, quota.window_seconds, quota.unit
+            );
+            let standing = format!(
+                "\"{}\";r={};t={}",
+                quota.name, quota.remaining, quota.reset_seconds
+            );
+            for (name, item) in [("ratelimit-policy", policy), ("ratelimit", standing)] {
+                let value = match headers.get(name).and_then(|v| v.to_str().ok()) {
+                    Some(list) if !list.is_empty() => format!("{list}, {item}"),
+                    _ => item,
+                };
+                if let Ok(value) = HeaderValue::try_from(value) {
+                    headers.insert(name, value);
+                }
+            }
+        }
+        for warning in &slot.warnings {
+            if let Ok(value) = HeaderValue::try_from(warning.as_str()) {
+                headers.append(crate::http::headers::TOLLGATE_WARNING, value);
+            }
+        }
     }
 }
 

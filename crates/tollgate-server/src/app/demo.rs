@@ -326,6 +326,7 @@ fn demo_config(options: &DemoOptions, mock: &MockUpstream, admin_token: &str) ->
         payments: Default::default(),
         rate_limits: None,
         routes,
+        plans: Vec::new(),
     }
 }
 

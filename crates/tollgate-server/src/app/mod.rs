@@ -268,6 +268,16 @@ async fn sweep(state: AppState, shared: bool) {
         if expired > 0 {
             tracing::info!(expired, "released holds past their TTL");
         }
+        if !state.config.plans.is_empty() {
+            // Included units held by calls that never ended (a crash) return at their TTL.
+            match state.store.expire_units(state.clock.now()).await {
+                Ok(0) => {}
+                Ok(expired) => {
+                    tracing::info!(expired, "returned included units held past their TTL")
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot return expired included units"),
+            }
+        }
         if shared {
             state
                 .ledger

@@ -6,6 +6,7 @@
 //! dropped unfinished (the client went away before the answer), by releasing its hold.
 
 use crate::access::limits::{Demand, Limiter};
+use crate::billing::allowances::{self, UnitsHeld};
 use crate::billing::ledger::Ledger;
 use crate::config::{Pricing, StreamPolicy, UnitsFrom};
 use crate::http::headers::ClientRequestId;
@@ -86,6 +87,8 @@ struct Open {
     row: UsageRow,
     log_usage: bool,
     reservation: Option<Reservation>,
+    /// The call's included units, when its plan meters it.
+    units: Option<UnitsHeld>,
 }
 
 /// What a request's token and cost rate-limit policies reserved, corrected to the actual usage
@@ -146,6 +149,7 @@ impl Billing {
             row,
             log_usage,
             reservation: None,
+            units: None,
         }))
     }
 
@@ -165,6 +169,13 @@ impl Billing {
             open.row.hold = hold.amount;
             open.row.hold_id = Some(hold.id);
             open.hold = Some(hold);
+        }
+    }
+
+    /// The call's reservation of included units, settled or returned with it.
+    pub fn set_units(&mut self, units: UnitsHeld) {
+        if let Some(open) = &mut self.0 {
+            open.units = Some(units);
         }
     }
 
@@ -200,13 +211,27 @@ impl Open {
             mut row,
             log_usage,
             reservation,
+            units,
         } = self;
         let tokens = outcome
             .tokens
             .map_or(0, |t| t.input + t.cached_input + t.output);
         let mut charged = Nanos::ZERO;
-        let how = match outcome.charge {
-            Some((cost, _)) => Resolve::Settle(cost),
+        // What the wallet pays: the whole cost, or the share included units did not cover.
+        let wallet_cost = match (outcome.charge, units) {
+            (Some((cost, _)), Some(units)) => {
+                let used = allowances::units_of(units.meter, tokens, cost);
+                Some(units.settle(used, cost))
+            }
+            (Some((cost, _)), None) => Some(cost),
+            (None, Some(units)) => {
+                units.release();
+                None
+            }
+            (None, None) => None,
+        };
+        let how = match wallet_cost {
+            Some(cost) => Resolve::Settle(cost),
             None => Resolve::Release,
         };
         let charged_status = outcome
@@ -214,8 +239,8 @@ impl Open {
             .map_or(BillingStatus::Released, |(_, status)| status);
         // The charge is capped at the hold; what the usage cost beyond it is the house's loss,
         // recorded on the row and counted, so an operator can see undersized holds.
-        let uncovered = match outcome.charge {
-            Some((cost, _)) => Nanos(cost.0 - hold.as_ref().map_or(0, |h| h.amount.0)),
+        let uncovered = match wallet_cost {
+            Some(cost) => Nanos(cost.0 - hold.as_ref().map_or(0, |h| h.amount.0)),
             None => Nanos::ZERO,
         }
         .max(Nanos::ZERO);

@@ -10,6 +10,7 @@
 //! mistake at once, each with its path (`routes[1].upstream: ...`). A leaf room: it reads no
 //! environment and opens nothing, and imports only `http`'s header rules.
 
+pub mod plans;
 pub mod problems;
 pub mod raw;
 
@@ -136,6 +137,7 @@ pub struct Config {
     /// `ip` policies: requests that end without an authenticated caller.
     pub anonymous_limits: Vec<Arc<Policy>>,
     pub routes: Vec<RouteConfig>,
+    pub plans: plans::Plans,
     /// What was validated, for `check-config` to print.
     pub raw: RawConfig,
 }
@@ -469,6 +471,14 @@ impl Config {
             }
         }
 
+        let groups: Vec<&str> = routes.iter().map(|r| r.group.as_str()).collect();
+        let plans = plans::validate_plans(
+            &raw.plans,
+            raw.billing.default_plan.as_deref(),
+            &groups,
+            &mut p,
+        );
+
         match (listen, request_id_header, store) {
             (Some(listen), Some(request_id_header), Some(store)) if p.is_empty() => Ok(Config {
                 listen,
@@ -498,6 +508,7 @@ impl Config {
                 rate_limits,
                 anonymous_limits,
                 routes,
+                plans,
                 raw,
             }),
             _ => Err(p.into_errors()),
@@ -1254,7 +1265,7 @@ mod tests {
               - server.lisen: unknown field `lisen`, expected one of `listen`, `api_prefix`, `request_id_header`, `max_body_bytes`, `key_cache_capacity`, `trusted_proxies`, `header_read_timeout`, `max_connections`, `http2_max_concurrent_streams`, `max_header_bytes`
               - routes[0].upstream: invalid type: integer `5`, expected a string
               - routes[2].group: is required
-              - surprise: unknown section (expected server, store, redis, admin, billing, keys, load_shedding, idempotency, console, payments, rate_limits or routes)
+              - surprise: unknown section (expected server, store, redis, admin, billing, keys, load_shedding, idempotency, console, payments, rate_limits, routes or plans)
               - billing.currency: must be a three-letter code in capitals, e.g. USD
               - routes[1].prefix: '/api/v2' overlaps '/api', which Tollgate serves itself
               - routes[1].price: '-1' is negative; amounts here must be zero or more

@@ -3,6 +3,7 @@
 //! leniently, so every problem is collected. Nothing here is checked beyond its type; that is
 //! `Config::from_raw`'s work, which this never calls.
 
+use crate::config::plans::RawPlan;
 use crate::config::problems::Problems;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -65,6 +66,7 @@ pub struct RawConfig {
     /// Policies for every route (and the management API); `None` means the defaults.
     pub rate_limits: Option<Vec<RawPolicy>>,
     pub routes: Vec<RawRoute>,
+    pub plans: Vec<RawPlan>,
 }
 
 /// A rate-limit policy as written in config.
@@ -216,6 +218,9 @@ pub struct RawBilling {
     pub usage_retention: String,
     /// Whether each data-plane request leaves a usage row (charges are in the ledger either way).
     pub usage_log: bool,
+    /// The plan (from `[[plans]]`) of accounts with no subscription of their own.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub default_plan: Option<String>,
 }
 
 impl Default for RawBilling {
@@ -228,6 +233,7 @@ impl Default for RawBilling {
             sweep_interval: "1s".into(),
             usage_retention: "90days".into(),
             usage_log: true,
+            default_plan: None,
         }
     }
 }
@@ -683,11 +689,20 @@ impl RawConfig {
                     .collect()
             }),
             routes: routes(&mut table, problems),
+            plans: table
+                .remove("plans")
+                .map(|value| {
+                    items(value, "plans", problems)
+                        .into_iter()
+                        .map(|(_, plan)| plan)
+                        .collect()
+                })
+                .unwrap_or_default(),
         };
         for unknown in table.keys() {
             problems.push(
                 unknown,
-                "unknown section (expected server, store, redis, admin, billing, keys, load_shedding, idempotency, console, payments, rate_limits or routes)",
+                "unknown section (expected server, store, redis, admin, billing, keys, load_shedding, idempotency, console, payments, rate_limits, routes or plans)",
             );
         }
         Some(raw)

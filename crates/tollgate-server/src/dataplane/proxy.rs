@@ -7,7 +7,9 @@
 
 use crate::access::keys::{admit_key, find_key};
 use crate::access::limits;
+use crate::access::limits::QuotaItem;
 use crate::access::limits::{Estimate, LimitSlot, Standings};
+use crate::billing::allowances::{self, CallUnits, NotReserved, PlanOf, Quota};
 use crate::billing::ledger::HoldSpec;
 use crate::billing::meter::usage_row;
 use crate::billing::meter::{Billing, CostRule, MeteredBody, Metering, Outcome};
@@ -33,6 +35,7 @@ use hyper::body::Incoming;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use tollgate_core::metering::{Endpoint, TokenUsage};
+use tollgate_core::plan::Meter;
 use tollgate_core::pricing::TokenPrices;
 use tollgate_core::{access, ErrorCode};
 use tollgate_core::{Nanos, RequestId};
@@ -245,6 +248,16 @@ async fn forward(
             .with_detail("required_scope", route.config.group.clone()),
         ));
     }
+    // The account's plan: a lapsed subscription stops the call before anything is counted.
+    let plan = PlanOf::find(&state.config.plans, cached.subscription.as_deref());
+    if let Some(plan) = &plan {
+        if let Some(until) = plan.standing(now)? {
+            slot.warn(format!(
+                "subscription past_due; calls stop at {} unless it is paid",
+                until.to_rfc3339()
+            ));
+        }
+    }
     let limit = state.config.max_body_bytes;
     check_declared_length(&parts.headers, limit)?;
     if let Some((api, models)) = &route.config.pricing.llm {
@@ -292,7 +305,7 @@ async fn forward(
         cached_input: 0,
         output: llm.max_tokens,
     });
-    let hold_amount = match (&call, pricing.hold, &llm) {
+    let mut hold_amount = match (&call, pricing.hold, &llm) {
         (Call::Unmetered(price), _, _) => *price,
         (_, _, Some(llm)) if llm.endpoint.is_free() => Nanos::ZERO,
         (_, HoldRule::MaxHold(amount), _) => amount,
@@ -312,17 +325,66 @@ async fn forward(
     if let Some(billing) = billing.as_mut() {
         billing.set_reservation(state.limiter.clone(), demands);
     }
+    // An idempotent request's hold ends with its claim, so a retry that takes the claim over
+    // never races a first run that could still charge.
+    let ttl = match parts.extensions.get::<HoldDeadline>() {
+        Some(HoldDeadline(deadline)) => (*deadline - state.clock.now())
+            .to_std()
+            .unwrap_or_default()
+            .min(state.config.request_hold_ttl),
+        None => state.config.request_hold_ttl,
+    };
+    if let Some(plan) = &plan {
+        let started = std::time::Instant::now();
+        let reserved = allowances::reserve(
+            &state.store,
+            CallUnits {
+                plan,
+                account: key.account_id,
+                group: &route.config.group,
+                request: parts
+                    .extensions
+                    .get::<RequestId>()
+                    .copied()
+                    .unwrap_or_else(RequestId::new),
+                tokens: estimate.tokens,
+                worst_cost: hold_amount,
+                at: now,
+                expires_at: now
+                    .checked_add_signed(chrono::Duration::from_std(ttl).unwrap_or_default())
+                    .unwrap_or(now),
+            },
+        )
+        .await;
+        timings.since("units", started);
+        match reserved {
+            Ok(None) => {}
+            Ok(Some(reserved)) => {
+                slot.set_quota(quota_item(&reserved.quota, now));
+                if reserved.soft_excess > 0 {
+                    slot.warn(format!(
+                        "allowance '{}' used up; this call goes {} {} over it",
+                        reserved.quota.name,
+                        reserved.soft_excess,
+                        reserved.quota.meter.as_str()
+                    ));
+                }
+                if let Some(held) = reserved.held {
+                    hold_amount = held.wallet_hold;
+                    if let Some(billing) = billing.as_mut() {
+                        billing.set_units(held);
+                    }
+                }
+            }
+            Err(NotReserved::Exhausted(error, quota)) => {
+                slot.set_quota(quota_item(&quota, now));
+                return Err(error.into());
+            }
+            Err(NotReserved::Store(e)) => return Err(e.into()),
+        }
+    }
     if hold_amount > Nanos::ZERO {
         let started = std::time::Instant::now();
-        // An idempotent request's hold ends with its claim, so a retry that takes the claim over
-        // never races a first run that could still charge.
-        let ttl = match parts.extensions.get::<HoldDeadline>() {
-            Some(HoldDeadline(deadline)) => (*deadline - state.clock.now())
-                .to_std()
-                .unwrap_or_default()
-                .min(state.config.request_hold_ttl),
-            None => state.config.request_hold_ttl,
-        };
         let hold = state
             .ledger
             .open(HoldSpec {
@@ -830,6 +892,22 @@ fn passable_response_headers(incoming: &HeaderMap, request_id_header: &HeaderNam
         }
     }
     out
+}
+
+/// The allowance's quota as the `RateLimit` fields show it.
+fn quota_item(quota: &Quota, now: chrono::DateTime<chrono::Utc>) -> QuotaItem {
+    QuotaItem {
+        name: quota.name.clone(),
+        limit: quota.limit,
+        window_seconds: quota.window_seconds,
+        unit: match quota.meter {
+            Meter::Requests => "request",
+            Meter::Tokens => "token",
+            Meter::Cost => "nanocredit",
+        },
+        remaining: quota.remaining,
+        reset_seconds: u64::try_from((quota.resets_at - now).num_seconds()).unwrap_or(0),
+    }
 }
 
 #[cfg(test)]

@@ -126,5 +126,6 @@ pub async fn layer(State(state): State<AppState>, mut request: Request, next: Ne
     if let Some(headers) = headers {
         headers.apply(response.headers_mut());
     }
+    slot.apply_notes(response.headers_mut());
     response
 }

@@ -8,6 +8,9 @@ use ipnet::IpNet;
 use std::net::{IpAddr, SocketAddr};
 
 pub const TOLLGATE_ERROR: HeaderName = HeaderName::from_static("x-tollgate-error");
+/// Something the caller should know about a call that passed (a subscription past due, an
+/// allowance exceeded under `soft` overage).
+pub const TOLLGATE_WARNING: HeaderName = HeaderName::from_static("x-tollgate-warning");
 pub const SHOULD_RETRY: HeaderName = HeaderName::from_static("x-should-retry");
 /// Anthropic's SDKs read the request ID from this header.
 pub const ANTHROPIC_REQUEST_ID: HeaderName = HeaderName::from_static("request-id");

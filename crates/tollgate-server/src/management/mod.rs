@@ -1,5 +1,5 @@
 //! The management API under the configured prefix (default `/api/v1`): one file per area
-//! (accounts, keys, billing, audit, payments), the extractors they share, and the OpenAPI document.
+//! (accounts, keys, billing, audit, payments, plans), the extractors they share, and the OpenAPI document.
 //!
 //! Handlers are thin: extract, authorise, call the store or a service, shape the answer. They
 //! take the app state; nothing below this room does. **Architecture Invariant:** every handler
@@ -17,6 +17,7 @@ pub mod fee;
 pub mod keys;
 pub mod openapi;
 pub mod payments;
+pub mod plans;
 
 /// The management API and its OpenAPI description, declared together so neither can drift.
 pub fn router() -> OpenApiRouter<AppState> {
@@ -26,4 +27,5 @@ pub fn router() -> OpenApiRouter<AppState> {
         .merge(billing::router())
         .merge(audit::router())
         .merge(payments::router())
+        .merge(plans::router())
 }

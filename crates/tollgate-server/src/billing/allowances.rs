@@ -1,0 +1,310 @@
+//! A call's plan: whether its subscription lets it through, and its reservation of included
+//! units (the plan allowance's for the period, then credit packs) before the wallet. The store
+//! decides each reservation atomically ([`tollgate_store::UnitStore`]); this says what to ask
+//! and turns the answer into a refusal, a quota to show, and at the end a wallet charge.
+
+use crate::config::plans::Plans;
+use chrono::{DateTime, Utc};
+use std::sync::Arc;
+use tollgate_core::allowance::{self, Overage};
+use tollgate_core::period::Length;
+use tollgate_core::plan::{Allowance, Meter, Plan, Standing, Subscription};
+use tollgate_core::{AccountId, ApiError, ErrorCode, Nanos, RequestId};
+use tollgate_store::{BucketSource, Store, StoreError, UnitBucket, UnitsAnswer, UnitsAsk};
+
+/// Subscriptions' start for accounts on the default plan: only calendar periods use it.
+const NO_START: DateTime<Utc> = DateTime::<Utc>::UNIX_EPOCH;
+
+/// The plan an account's calls follow, and its subscription if it has one.
+#[derive(Debug, Clone)]
+pub struct PlanOf {
+    pub plan: Arc<Plan>,
+    pub subscription: Option<Subscription>,
+}
+
+impl PlanOf {
+    /// The account's subscribed plan, else the default one; `None` when neither exists (a
+    /// subscription to a plan the config no longer has follows the default).
+    pub fn find(plans: &Plans, subscription: Option<&Subscription>) -> Option<PlanOf> {
+        let subscribed = subscription.and_then(|s| plans.get(&s.plan).map(|p| (p, s)));
+        match subscribed {
+            Some((plan, subscription)) => Some(PlanOf {
+                plan: plan.clone(),
+                subscription: Some(subscription.clone()),
+            }),
+            None => plans.default_plan().map(|plan| PlanOf {
+                plan: plan.clone(),
+                subscription: None,
+            }),
+        }
+    }
+
+    /// `Ok(None)`: calls pass; `Ok(Some(until))`: they pass, past due, until then;
+    /// `Err`: the subscription has lapsed (402 `subscription_lapsed`).
+    pub fn standing(&self, at: DateTime<Utc>) -> Result<Option<DateTime<Utc>>, ApiError> {
+        let Some(subscription) = &self.subscription else {
+            return Ok(None);
+        };
+        match subscription.standing(self.plan.grace, at) {
+            Standing::Good => Ok(None),
+            Standing::Grace { until } => Ok(Some(until)),
+            Standing::Lapsed => Err(ApiError::new(
+                ErrorCode::SubscriptionLapsed,
+                format!(
+                    "The account's subscription to the '{}' plan is {} since {}. Pay the open \
+                     invoice or renew the subscription to resume calls.",
+                    self.plan.name,
+                    subscription.status.as_str(),
+                    rfc3339(subscription.since),
+                ),
+            )
+            .with_detail("status", subscription.status.as_str())
+            .with_detail("since", rfc3339(subscription.since))),
+        }
+    }
+
+    /// The allowance metering calls on `group`, and its bucket for the period holding `at`.
+    pub fn bucket(
+        &self,
+        account: AccountId,
+        group: &str,
+        at: DateTime<Utc>,
+    ) -> Option<(Allowance, UnitBucket)> {
+        let allowance = self.plan.allowance_for(group)?.clone();
+        let bucket = self.bucket_of(account, &allowance, at);
+        Some((allowance, bucket))
+    }
+
+    /// `allowance`'s bucket for the period holding `at`, as the plan grants it (unused).
+    pub fn bucket_of(
+        &self,
+        account: AccountId,
+        allowance: &Allowance,
+        at: DateTime<Utc>,
+    ) -> UnitBucket {
+        let started = self
+            .subscription
+            .as_ref()
+            .map_or(NO_START, |s| s.started_at);
+        let period = self.plan.schedule(started).period_at(at);
+        UnitBucket {
+            account,
+            bucket: allowance.bucket(&period),
+            source: BucketSource::Allowance,
+            meter: allowance.meter,
+            routes: allowance.routes.clone(),
+            granted: allowance.units,
+            used: 0,
+            held: 0,
+            starts_at: period.start,
+            ends_at: period.end,
+        }
+    }
+}
+
+/// What a call is worth in units of `meter`: a request is one; tokens and cost as measured.
+pub fn units_of(meter: Meter, tokens: u64, cost: Nanos) -> u64 {
+    match meter {
+        Meter::Requests => 1,
+        Meter::Tokens => tokens,
+        Meter::Cost => u64::try_from(cost.0).unwrap_or(0),
+    }
+}
+
+/// Where a call stands with its allowance, for the `RateLimit` fields.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Quota {
+    pub name: String,
+    pub meter: Meter,
+    pub limit: u64,
+    /// What the next call may draw: the allowance's and the packs' remaining units.
+    pub remaining: u64,
+    pub window_seconds: u64,
+    pub resets_at: DateTime<Utc>,
+}
+
+impl Quota {
+    fn new(allowance: &Allowance, bucket: &UnitBucket, packs_remaining: u64) -> Quota {
+        Quota {
+            name: allowance.name.clone(),
+            meter: allowance.meter,
+            limit: bucket.granted,
+            remaining: bucket.remaining().saturating_add(packs_remaining),
+            window_seconds: u64::try_from((bucket.ends_at - bucket.starts_at).num_seconds())
+                .unwrap_or(0),
+            resets_at: bucket.ends_at,
+        }
+    }
+}
+
+/// A call's units, reserved: what settling it charges the wallet, and the store's part, done
+/// in the background (the units were counted at the reservation: settling only returns some).
+pub struct UnitsHeld {
+    store: Arc<dyn Store>,
+    request: RequestId,
+    pub meter: Meter,
+    /// The worst case reserved, and what of it the buckets covered.
+    units: u64,
+    uncovered: u64,
+    /// What the wallet holds for the uncovered part (`wallet` overage).
+    pub wallet_hold: Nanos,
+}
+
+impl UnitsHeld {
+    /// Settles on the call's actual units and cost; returns what the wallet pays: the share of
+    /// the cost the buckets did not cover, at most its hold.
+    pub fn settle(self, units: u64, cost: Nanos) -> Nanos {
+        let covered = self.units - self.uncovered;
+        let uncovered = units.saturating_sub(covered);
+        let charge = allowance::share(cost, uncovered, units).min(self.wallet_hold);
+        self.finish(units);
+        charge
+    }
+
+    /// Returns everything: the call failed.
+    pub fn release(self) {
+        self.finish(0);
+    }
+
+    fn finish(self, units: u64) {
+        let UnitsHeld { store, request, .. } = self;
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                if let Err(e) = store.settle_units(request, units, Utc::now()).await {
+                    // The reservation expires and returns its units: the customer is never
+                    // charged for what was lost here.
+                    tracing::warn!(error = %e, %request, "settling included units failed");
+                }
+            });
+        }
+    }
+}
+
+/// What reserving a call's units decided.
+pub struct Reserved {
+    pub held: Option<UnitsHeld>,
+    pub quota: Quota,
+    /// Overage `soft` and the buckets ran short: the call passes uncharged, with a warning.
+    pub soft_excess: u64,
+}
+
+/// Why a call's units could not be reserved.
+pub enum NotReserved {
+    Exhausted(ApiError, Quota),
+    Store(StoreError),
+}
+
+/// What a call asks of its allowance.
+pub struct CallUnits<'a> {
+    pub plan: &'a PlanOf,
+    pub account: AccountId,
+    pub group: &'a str,
+    pub request: RequestId,
+    /// Worst-case tokens and cost.
+    pub tokens: u64,
+    pub worst_cost: Nanos,
+    pub at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+}
+
+/// Reserves a call's worst case from its allowance and packs; `Ok(None)` when no allowance of
+/// the plan meters the call's route group.
+pub async fn reserve(
+    store: &Arc<dyn Store>,
+    call: CallUnits<'_>,
+) -> Result<Option<Reserved>, NotReserved> {
+    let Some((allowance, bucket)) = call.plan.bucket(call.account, call.group, call.at) else {
+        return Ok(None);
+    };
+    let units = units_of(allowance.meter, call.tokens, call.worst_cost);
+    let ask = UnitsAsk {
+        request: call.request,
+        allowance: bucket,
+        group: call.group.to_string(),
+        units,
+        worst_cost: call.worst_cost,
+        overage: allowance.overage,
+        at: call.at,
+        expires_at: call.expires_at,
+    };
+    match store
+        .reserve_units(&ask)
+        .await
+        .map_err(NotReserved::Store)?
+    {
+        UnitsAnswer::Exhausted {
+            allowance: bucket,
+            packs_remaining,
+        } => {
+            let quota = Quota::new(&allowance, &bucket, packs_remaining);
+            Err(NotReserved::Exhausted(
+                exhausted(&call.plan.plan, &allowance, &bucket, units),
+                quota,
+            ))
+        }
+        UnitsAnswer::Reserved {
+            reservation,
+            allowance: bucket,
+            packs_remaining,
+            ..
+        } => Ok(Some(Reserved {
+            quota: Quota::new(&allowance, &bucket, packs_remaining),
+            soft_excess: if reservation.soft {
+                reservation.uncovered
+            } else {
+                0
+            },
+            held: Some(UnitsHeld {
+                store: store.clone(),
+                request: call.request,
+                meter: allowance.meter,
+                units,
+                uncovered: reservation.uncovered,
+                wallet_hold: if allowance.overage == Overage::Wallet {
+                    reservation.wallet_hold
+                } else {
+                    Nanos::ZERO
+                },
+            }),
+        })),
+    }
+}
+
+pub fn window_name(length: Length) -> &'static str {
+    match length {
+        Length::Day => "day",
+        Length::Week => "week",
+        Length::Month => "month",
+    }
+}
+
+/// 402 `allowance_exhausted`: which allowance, how far it is used, when it resets.
+fn exhausted(plan: &Plan, allowance: &Allowance, bucket: &UnitBucket, needed: u64) -> ApiError {
+    let window = window_name(plan.length);
+    ApiError::new(
+        ErrorCode::AllowanceExhausted,
+        format!(
+            "The '{}' plan's {} {} for this {window} are used up ({} used, {} held by calls in \
+             progress; this call needs up to {needed}). They reset at {}. To raise the \
+             allowance, buy a credit pack or move to a larger plan.",
+            plan.name,
+            allowance.units,
+            allowance.meter.as_str(),
+            bucket.used,
+            bucket.held,
+            rfc3339(bucket.ends_at),
+        ),
+    )
+    .with_detail("meter", allowance.meter.as_str())
+    .with_detail("allowance", allowance.name.as_str())
+    .with_detail("window", window)
+    .with_detail("limit", bucket.granted)
+    .with_detail("used", bucket.used)
+    .with_detail("held", bucket.held)
+    .with_detail("resets_at", rfc3339(bucket.ends_at))
+}
+
+/// An instant as the API's JSON writes it (`2027-01-01T00:00:00Z`).
+fn rfc3339(at: DateTime<Utc>) -> String {
+    at.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
+}

@@ -1,0 +1,376 @@
+//! Plans as written in config (`[[plans]]`, `billing.default_plan`) and their checks. Every
+//! problem of every plan is reported at once, with its path.
+
+use crate::config::problems::Problems;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use tollgate_core::allowance::Overage;
+use tollgate_core::period::Length;
+use tollgate_core::plan::{Allowance, Anchor, Meter, Plan};
+use tollgate_core::Nanos;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPlan {
+    pub name: String,
+    /// `day`, `week` or `month`.
+    #[serde(default = "month")]
+    pub period: String,
+    /// `calendar` (periods from midnight, Monday, the 1st in `time_zone`) or `subscription`
+    /// (from the subscription's start).
+    #[serde(default = "calendar")]
+    pub anchor: String,
+    /// An IANA time zone, e.g. `Europe/Berlin`.
+    #[serde(default = "utc")]
+    pub time_zone: String,
+    /// How long a `past_due` subscription keeps calling (with a warning).
+    #[serde(default = "week")]
+    pub grace: String,
+    #[serde(default)]
+    pub allowances: Vec<RawAllowance>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAllowance {
+    pub name: String,
+    /// `requests`, `tokens` or `cost`.
+    pub meter: String,
+    /// The route group it meters; every route when left out.
+    #[serde(default)]
+    pub routes: Option<String>,
+    /// A count (requests, tokens), or for `cost` an amount of credits (`"5.00"`).
+    pub units: RawUnits,
+    /// `block`, `wallet` or `soft`.
+    #[serde(default = "block")]
+    pub overage: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum RawUnits {
+    Count(i64),
+    Text(String),
+}
+
+fn month() -> String {
+    "month".into()
+}
+fn calendar() -> String {
+    "calendar".into()
+}
+fn utc() -> String {
+    "UTC".into()
+}
+fn week() -> String {
+    "7d".into()
+}
+fn block() -> String {
+    "block".into()
+}
+
+/// The plans an operator configured, by name.
+#[derive(Debug, Clone, Default)]
+pub struct Plans {
+    by_name: BTreeMap<String, Arc<Plan>>,
+    /// The plan of accounts with no subscription of their own.
+    default: Option<Arc<Plan>>,
+}
+
+impl Plans {
+    pub fn get(&self, name: &str) -> Option<&Arc<Plan>> {
+        self.by_name.get(name)
+    }
+
+    pub fn default_plan(&self) -> Option<&Arc<Plan>> {
+        self.default.as_ref()
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.by_name.keys().map(String::as_str)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_name.is_empty()
+    }
+}
+
+pub(crate) fn validate_plans(
+    raw: &[RawPlan],
+    default_plan: Option<&str>,
+    groups: &[&str],
+    p: &mut Problems,
+) -> Plans {
+    let mut by_name: BTreeMap<String, Arc<Plan>> = BTreeMap::new();
+    for (i, plan) in raw.iter().enumerate() {
+        let at = format!("plans[{i}]");
+        if plan.name.trim().is_empty() {
+            p.push(&format!("{at}.name"), "is required");
+        } else if raw[..i].iter().any(|other| other.name == plan.name) {
+            p.push(
+                &format!("{at}.name"),
+                format!("'{}' names another plan already", plan.name),
+            );
+        }
+        if let Some(plan) = validate_plan(plan, &at, groups, p) {
+            by_name.entry(plan.name.clone()).or_insert(Arc::new(plan));
+        }
+    }
+    let default = default_plan.and_then(|name| {
+        let found = by_name.get(name).cloned();
+        if found.is_none() {
+            p.push(
+                "billing.default_plan",
+                format!("'{name}' is not a plan in [[plans]]"),
+            );
+        }
+        found
+    });
+    Plans { by_name, default }
+}
+
+fn validate_plan(raw: &RawPlan, at: &str, groups: &[&str], p: &mut Problems) -> Option<Plan> {
+    let length = match raw.period.as_str() {
+        "day" => Some(Length::Day),
+        "week" => Some(Length::Week),
+        "month" => Some(Length::Month),
+        other => {
+            p.push(
+                &format!("{at}.period"),
+                format!("'{other}' is not a period (day, week or month)"),
+            );
+            None
+        }
+    };
+    let anchor = match raw.anchor.as_str() {
+        "calendar" => Some(Anchor::Calendar),
+        "subscription" => Some(Anchor::Subscription),
+        other => {
+            p.push(
+                &format!("{at}.anchor"),
+                format!("'{other}' is not an anchor (calendar or subscription)"),
+            );
+            None
+        }
+    };
+    let zone = raw
+        .time_zone
+        .parse::<chrono_tz::Tz>()
+        .map_err(|_| {
+            p.push(
+                &format!("{at}.time_zone"),
+                format!(
+                    "'{}' is not an IANA time zone (e.g. UTC, Europe/Berlin)",
+                    raw.time_zone
+                ),
+            )
+        })
+        .ok();
+    let grace = humantime::parse_duration(&raw.grace)
+        .ok()
+        .and_then(|d| chrono::Duration::from_std(d).ok())
+        .or_else(|| {
+            p.push(&format!("{at}.grace"), "must be a duration, e.g. 7d or 0s");
+            None
+        });
+    let mut allowances = Vec::new();
+    for (j, allowance) in raw.allowances.iter().enumerate() {
+        let at = format!("{at}.allowances[{j}]");
+        if allowance.name.trim().is_empty() || allowance.name.contains('@') {
+            p.push(
+                &format!("{at}.name"),
+                "is required, without '@' (it names the allowance's buckets)",
+            );
+        } else if raw.allowances[..j]
+            .iter()
+            .any(|other| other.name == allowance.name)
+        {
+            p.push(
+                &format!("{at}.name"),
+                format!("'{}' names another allowance of this plan", allowance.name),
+            );
+        }
+        if let Some(allowance) = validate_allowance(allowance, &at, groups, p) {
+            allowances.push(allowance);
+        }
+    }
+    Some(Plan {
+        name: raw.name.clone(),
+        length: length?,
+        anchor: anchor?,
+        zone: zone?,
+        grace: grace?,
+        allowances,
+    })
+}
+
+fn validate_allowance(
+    raw: &RawAllowance,
+    at: &str,
+    groups: &[&str],
+    p: &mut Problems,
+) -> Option<Allowance> {
+    let meter = Meter::parse(&raw.meter).or_else(|| {
+        p.push(
+            &format!("{at}.meter"),
+            format!("'{}' is not a meter (requests, tokens or cost)", raw.meter),
+        );
+        None
+    });
+    let overage = Overage::parse(&raw.overage).or_else(|| {
+        p.push(
+            &format!("{at}.overage"),
+            format!(
+                "'{}' is not an overage rule (block, wallet or soft)",
+                raw.overage
+            ),
+        );
+        None
+    });
+    if let Some(group) = &raw.routes {
+        if !groups.contains(&group.as_str()) {
+            p.push(
+                &format!("{at}.routes"),
+                format!("'{group}' is not the group of any route"),
+            );
+        }
+    }
+    let units = match (meter, &raw.units) {
+        (Some(Meter::Cost), RawUnits::Text(text)) => Nanos::parse_credits(text)
+            .map(|n| u64::try_from(n.0).unwrap_or(0))
+            .map_err(|e| e.to_string()),
+        (Some(Meter::Cost), RawUnits::Count(n)) => Nanos::parse_credits(&n.to_string())
+            .map(|n| u64::try_from(n.0).unwrap_or(0))
+            .map_err(|e| e.to_string()),
+        (_, RawUnits::Count(n)) => u64::try_from(*n).map_err(|_| "must be positive".to_string()),
+        (_, RawUnits::Text(_)) => {
+            Err("must be a whole number (only a cost allowance is an amount)".into())
+        }
+    };
+    let units = match units {
+        Ok(0) => {
+            p.push(&format!("{at}.units"), "must be more than zero");
+            None
+        }
+        Ok(units) => Some(units),
+        Err(e) => {
+            p.push(&format!("{at}.units"), e);
+            None
+        }
+    };
+    Some(Allowance {
+        name: raw.name.clone(),
+        meter: meter?,
+        routes: raw.routes.clone(),
+        units: units?,
+        overage: overage?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use crate::config::Config;
+
+    fn problems(toml: &str) -> String {
+        Config::load(toml, Vec::<(String, String)>::new())
+            .unwrap_err()
+            .to_string()
+    }
+
+    const ROUTE: &str =
+        "[[routes]]\nprefix = \"/v1\"\nupstream = \"http://127.0.0.1:9\"\ngroup = \"llm\"\n";
+
+    #[test]
+    fn every_plan_problem_is_reported_at_once() {
+        let text = format!(
+            r#"{ROUTE}
+[billing]
+default_plan = "gold"
+
+[[plans]]
+name = "free"
+period = "fortnight"
+anchor = "signup"
+time_zone = "Mars/Olympus"
+grace = "soon"
+
+[[plans.allowances]]
+name = "calls"
+meter = "calls"
+units = 0
+overage = "beg"
+routes = "nope"
+
+[[plans.allowances]]
+name = "calls"
+meter = "tokens"
+units = "12.5"
+
+[[plans.allowances]]
+name = "spend"
+meter = "cost"
+units = "-1"
+
+[[plans]]
+name = "free"
+"#
+        );
+        assert_reports(
+            &problems(&text),
+            &[
+                "plans[0].period: 'fortnight' is not a period (day, week or month)",
+                "plans[0].anchor: 'signup' is not an anchor (calendar or subscription)",
+                "plans[0].time_zone: 'Mars/Olympus' is not an IANA time zone",
+                "plans[0].grace: must be a duration",
+                "plans[0].allowances[0].meter: 'calls' is not a meter (requests, tokens or cost)",
+                "plans[0].allowances[0].overage: 'beg' is not an overage rule (block, wallet or soft)",
+                "plans[0].allowances[0].routes: 'nope' is not the group of any route",
+                "plans[0].allowances[1].name: 'calls' names another allowance of this plan",
+                "plans[0].allowances[1].units: must be a whole number",
+                "plans[0].allowances[2].units:",
+                "plans[1].name: 'free' names another plan already",
+                "billing.default_plan: 'gold' is not a plan in [[plans]]",
+            ],
+        );
+    }
+
+    fn assert_reports(report: &str, expected: &[&str]) {
+        for line in expected {
+            assert!(report.contains(line), "missing {line:?} in:\n{report}");
+        }
+    }
+
+    #[test]
+    fn a_valid_plan_reads_with_its_defaults() {
+        let text = format!(
+            r#"{ROUTE}
+[billing]
+default_plan = "free"
+
+[[plans]]
+name = "free"
+
+[[plans.allowances]]
+name = "requests"
+meter = "requests"
+units = 5
+
+[[plans.allowances]]
+name = "spend"
+meter = "cost"
+routes = "llm"
+units = "2.50"
+overage = "wallet"
+"#
+        );
+        let config = Config::load(&text, Vec::<(String, String)>::new()).unwrap();
+        let plan = config.plans.default_plan().unwrap();
+        assert_eq!(plan.name, "free");
+        assert_eq!(plan.grace, chrono::Duration::days(7));
+        assert_eq!(plan.allowances[0].units, 5);
+        assert_eq!(plan.allowances[1].units, 2_500_000_000);
+        assert_eq!(plan.allowance_for("llm").unwrap().name, "requests");
+    }
+}

@@ -1,0 +1,490 @@
+//! Plans end to end: a free tier running out and a pack extending it, overage rules, periods on
+//! the clock, upgrades, subscriptions past due and lapsed, a manual reset, and the `RateLimit`
+//! fields agreeing with `GET /billing/allowances` after every call.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use common::{available, expect_error, spawn_app_with, TestApp, ADMIN_TOKEN};
+use serde_json::{json, Value};
+use tollgate_server::config::plans::{RawAllowance, RawPlan, RawUnits};
+
+fn plan(name: &str, allowances: Vec<RawAllowance>) -> RawPlan {
+    RawPlan {
+        name: name.into(),
+        period: "month".into(),
+        anchor: "calendar".into(),
+        time_zone: "UTC".into(),
+        grace: "3d".into(),
+        allowances,
+    }
+}
+
+fn allowance(meter: &str, routes: Option<&str>, units: i64, overage: &str) -> RawAllowance {
+    RawAllowance {
+        name: meter.into(),
+        meter: meter.into(),
+        routes: routes.map(Into::into),
+        units: RawUnits::Count(units),
+        overage: overage.into(),
+    }
+}
+
+/// Echo calls (0.001 each) metered by a `free` plan of 3 requests (the default) and a `pro`
+/// plan of 10, both `block`.
+async fn app_with_plans(overage: &str) -> TestApp {
+    let overage = overage.to_string();
+    spawn_app_with(move |raw, _| {
+        raw.plans = vec![
+            plan(
+                "free",
+                vec![allowance("requests", Some("echo"), 3, &overage)],
+            ),
+            plan(
+                "pro",
+                vec![allowance("requests", Some("echo"), 10, &overage)],
+            ),
+        ];
+        raw.billing.default_plan = Some("free".into());
+    })
+    .await
+}
+
+async fn echo(app: &TestApp, key: &str) -> reqwest::Response {
+    app.get("/echo/hi").bearer_auth(key).send().await.unwrap()
+}
+
+async fn allowances(app: &TestApp, key: &str) -> Value {
+    app.get_json("/api/v1/billing/allowances", key).await
+}
+
+/// The `RateLimit` field's item for the allowance: (remaining, seconds to reset).
+fn quota_standing(response: &reqwest::Response, name: &str) -> Option<(u64, u64)> {
+    let field = response.headers().get("ratelimit")?.to_str().ok()?;
+    let item = field
+        .split(", ")
+        .find(|item| item.starts_with(&format!("\"{name}\";")))?;
+    let param = |key: &str| {
+        item.split(';')
+            .find_map(|p| p.strip_prefix(&format!("{key}=")))
+            .and_then(|v| v.parse().ok())
+    };
+    Some((param("r")?, param("t")?))
+}
+
+/// What the API says the next call may draw from the `requests` meter: packs and allowance.
+async fn remaining_by_api(app: &TestApp, key: &str) -> u64 {
+    let body = allowances(app, key).await;
+    body["buckets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|b| b["meter"] == "requests")
+        .map(|b| b["remaining"].as_u64().unwrap())
+        .sum()
+}
+
+/// Units settle in the background after the answer; waits until nothing is held.
+async fn settled(app: &TestApp, key: &str) -> Value {
+    for _ in 0..200 {
+        let body = allowances(app, key).await;
+        if body["buckets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|b| b["held"] == 0)
+        {
+            return body;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("units still held: {}", allowances(app, key).await);
+}
+
+async fn grant_pack(app: &TestApp, account: &str, id: &str, units: u64) -> reqwest::Response {
+    let expires_at = app.clock_now() + chrono::Duration::days(30);
+    app.admin_post(
+        &format!("/api/v1/accounts/{account}/packs"),
+        json!({"id": id, "meter": "requests", "units": units, "routes": "echo", "expires_at": expires_at}),
+    )
+    .send()
+    .await
+    .unwrap()
+}
+
+trait Now {
+    fn clock_now(&self) -> chrono::DateTime<chrono::Utc>;
+}
+
+impl Now for TestApp {
+    fn clock_now(&self) -> chrono::DateTime<chrono::Utc> {
+        use tollgate_core::Clock;
+        self.clock.now()
+    }
+}
+
+#[tokio::test]
+async fn a_free_tier_runs_out_a_pack_extends_it_and_the_headers_agree_with_the_api() {
+    let app = app_with_plans("block").await;
+    let account = app.create_account("free").await;
+    let key = &account.master_key;
+    let balance = available(&app, key).await;
+
+    for expected_left in [2, 1, 0] {
+        let response = echo(&app, key).await;
+        assert_eq!(response.status(), 200);
+        let policy = response.headers()["ratelimit-policy"].to_str().unwrap();
+        assert!(
+            policy.contains("\"requests\";q=3;w=") && policy.contains("qu=\"request\""),
+            "{policy}"
+        );
+        let (left, reset) = quota_standing(&response, "requests").unwrap();
+        assert_eq!(left, expected_left);
+        assert!(reset > 0 && reset <= 31 * 86_400);
+        settled(&app, key).await;
+        assert_eq!(remaining_by_api(&app, key).await, left);
+    }
+    // Included calls cost the wallet nothing.
+    assert_eq!(available(&app, key).await, balance);
+
+    let refused = echo(&app, key).await;
+    assert_eq!(quota_standing(&refused, "requests").map(|s| s.0), Some(0));
+    let body = expect_error(refused, 402, "allowance_exhausted").await;
+    let details = &body["error"]["details"];
+    assert_eq!(details["meter"], "requests");
+    assert_eq!(details["window"], "month");
+    assert_eq!(
+        (
+            details["limit"].as_u64(),
+            details["used"].as_u64(),
+            details["held"].as_u64()
+        ),
+        (Some(3), Some(3), Some(0))
+    );
+    let resets_at = details["resets_at"].as_str().unwrap();
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains(resets_at) && message.contains("credit pack"),
+        "{message}"
+    );
+    assert_eq!(
+        available(&app, key).await,
+        balance,
+        "a refusal costs nothing"
+    );
+
+    // A pack extends it, and is drawn first; granting the same pack again grants nothing.
+    let id = account.id.to_string();
+    assert_eq!(grant_pack(&app, &id, "boost", 2).await.status(), 201);
+    assert_eq!(grant_pack(&app, &id, "boost", 2).await.status(), 200);
+    for expected_left in [1, 0] {
+        let response = echo(&app, key).await;
+        assert_eq!(response.status(), 200);
+        assert_eq!(
+            quota_standing(&response, "requests").unwrap().0,
+            expected_left
+        );
+        settled(&app, key).await;
+        assert_eq!(remaining_by_api(&app, key).await, expected_left);
+    }
+    expect_error(echo(&app, key).await, 402, "allowance_exhausted").await;
+    let body = settled(&app, key).await;
+    assert_eq!(body["plan"], "free");
+    let buckets = body["buckets"].as_array().unwrap();
+    assert_eq!(buckets.len(), 2);
+    assert_eq!(
+        (
+            buckets[0]["source"].as_str(),
+            buckets[0]["name"].as_str(),
+            buckets[0]["used"].as_u64()
+        ),
+        (Some("pack"), Some("boost"), Some(2))
+    );
+    assert_eq!(
+        (
+            buckets[1]["source"].as_str(),
+            buckets[1]["used"].as_u64(),
+            buckets[1]["remaining"].as_u64()
+        ),
+        (Some("allowance"), Some(3), Some(0))
+    );
+    assert_eq!(buckets[1]["resets_at"].as_str(), Some(resets_at));
+    assert_eq!(available(&app, key).await, balance);
+}
+
+#[tokio::test]
+async fn a_failed_call_uses_no_units_and_a_new_period_starts_fresh() {
+    let app = app_with_plans("block").await;
+    let account = app.create_account("free").await;
+    let key = &account.master_key;
+    for _ in 0..3 {
+        let failed = app
+            .get("/echo/hi")
+            .bearer_auth(key)
+            .header("x-mock-status", "503")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(failed.status(), 503);
+    }
+    assert_eq!(remaining_by_api_settled(&app, key).await, 3);
+    for _ in 0..3 {
+        assert_eq!(echo(&app, key).await.status(), 200);
+    }
+    expect_error(echo(&app, key).await, 402, "allowance_exhausted").await;
+    // The next calendar month is a new period: its units are granted by its first call.
+    let body = allowances(&app, key).await;
+    let resets_at: chrono::DateTime<chrono::Utc> = body["buckets"][0]["resets_at"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    app.clock.set(resets_at);
+    let response = echo(&app, key).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(quota_standing(&response, "requests").unwrap().0, 2);
+}
+
+async fn remaining_by_api_settled(app: &TestApp, key: &str) -> u64 {
+    settled(app, key).await;
+    remaining_by_api(app, key).await
+}
+
+#[tokio::test]
+async fn wallet_overage_charges_the_route_price_past_the_allowance_and_soft_warns() {
+    let app = app_with_plans("wallet").await;
+    let account = app.create_account("paying").await;
+    let key = &account.master_key;
+    let balance = available(&app, key).await;
+    for _ in 0..3 {
+        assert_eq!(echo(&app, key).await.status(), 200);
+    }
+    assert_eq!(available(&app, key).await, balance, "included");
+    for _ in 0..2 {
+        assert_eq!(echo(&app, key).await.status(), 200);
+    }
+    // Past the allowance each call pays the route's price: 0.001.
+    assert_eq!(available(&app, key).await, balance - 2 * 1_000_000);
+    common::assert_books_balance(&app, account.id).await;
+
+    let app = app_with_plans("soft").await;
+    let account = app.create_account("soft").await;
+    let key = &account.master_key;
+    let balance = available(&app, key).await;
+    for _ in 0..3 {
+        let response = echo(&app, key).await;
+        assert!(response.headers().get("x-tollgate-warning").is_none());
+    }
+    let over = echo(&app, key).await;
+    assert_eq!(over.status(), 200);
+    let warning = over.headers()["x-tollgate-warning"].to_str().unwrap();
+    assert!(
+        warning.contains("allowance 'requests' used up"),
+        "{warning}"
+    );
+    assert_eq!(
+        available(&app, key).await,
+        balance,
+        "soft overage is not charged"
+    );
+}
+
+#[tokio::test]
+async fn an_upgrade_applies_at_once_keeping_the_periods_usage_and_is_audited() {
+    let app = app_with_plans("block").await;
+    let account = app.create_account("grows").await;
+    let key = &account.master_key;
+    for _ in 0..3 {
+        assert_eq!(echo(&app, key).await.status(), 200);
+    }
+    expect_error(echo(&app, key).await, 402, "allowance_exhausted").await;
+    let path = format!("/api/v1/accounts/{}/subscription", account.id);
+    let response = app
+        .http
+        .put(format!("{}{path}", app.url))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&json!({"plan": "pro"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let response = echo(&app, key).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        quota_standing(&response, "requests").unwrap().0,
+        6,
+        "10 - 3 used - 1"
+    );
+    // An unknown plan or status is refused, field by field; only the admin may set one.
+    let bad = app
+        .http
+        .put(format!("{}{path}", app.url))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&json!({"plan": "gold", "status": "sleepy"}))
+        .send()
+        .await
+        .unwrap();
+    let body = expect_error(bad, 400, "validation_error").await;
+    assert!(body["error"]["field_errors"]["plan"].is_array());
+    assert!(body["error"]["field_errors"]["status"].is_array());
+    let theirs = app
+        .http
+        .put(format!("{}{path}", app.url))
+        .bearer_auth(key)
+        .json(&json!({"plan": "pro"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(theirs.status(), 403);
+    let audit = audit_of(&app, "subscription.set").await;
+    assert_eq!(audit.len(), 1);
+    assert!(audit[0].to_string().contains("pro"), "{audit:?}");
+}
+
+#[tokio::test]
+async fn a_subscription_past_due_passes_with_a_warning_until_its_grace_ends() {
+    let app = app_with_plans("block").await;
+    let account = app.create_account("late").await;
+    let key = &account.master_key;
+    let set = |status: &'static str| {
+        app.http
+            .put(format!(
+                "{}/api/v1/accounts/{}/subscription",
+                app.url, account.id
+            ))
+            .bearer_auth(ADMIN_TOKEN)
+            .json(&json!({"plan": "pro", "status": status}))
+            .send()
+    };
+    assert_eq!(set("past_due").await.unwrap().status(), 200);
+    let response = echo(&app, key).await;
+    assert_eq!(response.status(), 200);
+    let warning = response.headers()["x-tollgate-warning"].to_str().unwrap();
+    assert!(warning.starts_with("subscription past_due"), "{warning}");
+    // Three days of grace.
+    app.clock.advance(chrono::Duration::days(3));
+    let body = expect_error(echo(&app, key).await, 402, "subscription_lapsed").await;
+    assert_eq!(body["error"]["details"]["status"], "past_due");
+    assert!(body["error"]["details"]["since"].is_string());
+    // The same refusal in every profile, and in German.
+    let problem = app
+        .get("/problem/hi")
+        .bearer_auth(key)
+        .header("accept-language", "de")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(problem.headers()["x-tollgate-error"], "subscription_lapsed");
+    assert_eq!(problem.headers()["content-language"], "de");
+    assert_eq!(problem.status(), 402);
+    assert_eq!(set("active").await.unwrap().status(), 200);
+    assert_eq!(echo(&app, key).await.status(), 200);
+    assert_eq!(set("canceled").await.unwrap().status(), 200);
+    expect_error(echo(&app, key).await, 402, "subscription_lapsed").await;
+}
+
+#[tokio::test]
+async fn a_manual_reset_is_idempotent_audited_and_keeps_the_period() {
+    let app = app_with_plans("block").await;
+    let account = app.create_account("reset").await;
+    let key = &account.master_key;
+    for _ in 0..3 {
+        assert_eq!(echo(&app, key).await.status(), 200);
+    }
+    let before = settled(&app, key).await;
+    let path = format!("/api/v1/accounts/{}/allowances/requests/reset", account.id);
+    let reset = app
+        .admin_post(&path, json!({"reference": "ticket-42"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reset.status(), 200);
+    assert_eq!(reset.headers()["x-tollgate-reset"], "applied");
+    let bucket: Value = reset.json().await.unwrap();
+    assert_eq!(
+        (bucket["used"].as_u64(), bucket["remaining"].as_u64()),
+        (Some(0), Some(3))
+    );
+    assert_eq!(bucket["resets_at"], before["buckets"][0]["resets_at"]);
+    assert_eq!(echo(&app, key).await.status(), 200);
+    let again = app
+        .admin_post(&path, json!({"reference": "ticket-42"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.headers()["x-tollgate-reset"], "already_applied");
+    let bucket: Value = again.json().await.unwrap();
+    assert_eq!(
+        bucket["used"].as_u64(),
+        Some(1),
+        "the second reset changed nothing"
+    );
+    let unknown = app
+        .admin_post(
+            &format!("/api/v1/accounts/{}/allowances/tokens/reset", account.id),
+            json!({"reference": "x"}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unknown.status(), 404);
+    assert_eq!(audit_of(&app, "allowance.reset").await.len(), 1);
+}
+
+#[tokio::test]
+async fn a_token_allowance_draws_the_worst_case_and_settles_on_the_usage() {
+    let app = spawn_app_with(|raw, _| {
+        raw.plans = vec![plan(
+            "llm",
+            vec![allowance("tokens", Some("openai"), 1_000, "block")],
+        )];
+        raw.billing.default_plan = Some("llm".into());
+    })
+    .await;
+    let account = app.create_account("tokens").await;
+    let key = &account.master_key;
+    let balance = available(&app, key).await;
+    let body = json!({"model": "mock-gpt", "max_tokens": 20, "messages": [{"role": "user", "content": "Hello there"}]});
+    let response = app
+        .post("/v1/chat/completions")
+        .bearer_auth(key)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let answer: Value = response.json().await.unwrap();
+    let used = answer["usage"]["total_tokens"].as_u64().unwrap();
+    let after = settled(&app, key).await;
+    assert_eq!(after["buckets"][0]["used"].as_u64(), Some(used));
+    assert_eq!(
+        available(&app, key).await,
+        balance,
+        "tokens within the allowance are included"
+    );
+    // A call whose worst case is more than what is left is refused under `block`.
+    let greedy = json!({"model": "mock-gpt", "max_tokens": 5_000, "messages": [{"role": "user", "content": "Hi"}]});
+    let refused = app
+        .post("/v1/chat/completions")
+        .bearer_auth(key)
+        .json(&greedy)
+        .send()
+        .await
+        .unwrap();
+    // The OpenAI profile carries no details: the message says it.
+    let body = expect_error(refused, 402, "allowance_exhausted").await;
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("1000 tokens"), "{message}");
+}
+
+async fn audit_of(app: &TestApp, action: &str) -> Vec<Value> {
+    let log = app.get_json("/api/v1/audit?limit=500", ADMIN_TOKEN).await;
+    log["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|entry| entry["action"] == action)
+        .cloned()
+        .collect()
+}
