@@ -1482,3 +1482,86 @@ async fn a_hundred_calls_crossing_the_threshold_on_two_nodes_make_one_automatic_
     assert_eq!(automatic, 1);
     assert_books_balance(&cluster).await;
 }
+
+/// A plan's allowance is the store's to decide: 200 calls at once through every node against a
+/// 100-call allowance admit exactly 100, and the bucket's entries balance.
+#[tokio::test]
+async fn two_hundred_calls_at_once_across_nodes_draw_a_hundred_unit_allowance_exactly() {
+    const CALLS: usize = 200;
+    const UNITS: usize = 100;
+    let plans = format!(
+        "[load_shedding]\nenabled = false\n{ROOMY_LIMIT}\n[billing]\ndefault_plan = \"free\"\n\
+         [[plans]]\nname = \"free\"\n[[plans.allowances]]\nname = \"calls\"\nmeter = \"requests\"\n\
+         units = {UNITS}\n"
+    );
+    let Some(cluster) = Cluster::start(&plans).await else {
+        return;
+    };
+    let (account, master) = cluster.empty_account().await;
+    let calls = (0..CALLS).map(|i| {
+        let request = cluster
+            .http
+            .get(format!("{}/echo/x", cluster.url(i)))
+            .bearer_auth(&master)
+            .send();
+        async move {
+            let response = request.await.unwrap();
+            let status = response.status().as_u16();
+            let code = response
+                .headers()
+                .get("x-tollgate-error")
+                .map(|v| v.to_str().unwrap().to_string());
+            (status, code)
+        }
+    });
+    let answers = futures_util::future::join_all(calls).await;
+    let admitted = answers.iter().filter(|(status, _)| *status == 200).count();
+    let exhausted = answers
+        .iter()
+        .filter(|(status, code)| *status == 402 && code.as_deref() == Some("allowance_exhausted"))
+        .count();
+    assert_eq!(
+        (admitted, exhausted),
+        (UNITS, CALLS - UNITS),
+        "{:?}",
+        answers
+            .iter()
+            .filter(|(status, _)| *status != 200 && *status != 402)
+            .collect::<Vec<_>>()
+    );
+    // Every node settles in the background; then the bucket holds nothing and used all.
+    let allowances = format!(
+        "{}/api/v1/billing/allowances?account_id={account}",
+        cluster.url(1)
+    );
+    let read_at = Instant::now();
+    loop {
+        let body: Value = send_json(cluster.http.get(&allowances).bearer_auth(ADMIN)).await;
+        let bucket = &body["buckets"][0];
+        if bucket["held"] == 0 {
+            assert_eq!(bucket["used"], UNITS as u64, "{body}");
+            break;
+        }
+        assert!(read_at.elapsed() < Duration::from_secs(5), "{body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    use tollgate_store::UnitStore;
+    let store = cluster.store().await;
+    let id = account.parse().unwrap();
+    let sums = store.unit_entry_sums(id).await.unwrap();
+    assert_eq!(sums.len(), 1);
+    let (_, granted, held, used) = &sums[0];
+    assert_eq!((*granted, *held, *used), (UNITS as u64, 0, UNITS as u64));
+    // The calls were included: the wallet paid nothing.
+    let wallet: Value = send_json(
+        cluster
+            .http
+            .get(format!(
+                "{}/api/v1/billing/balance?account_id={account}",
+                cluster.url(2)
+            ))
+            .bearer_auth(ADMIN),
+    )
+    .await;
+    assert_eq!(wallet["available"]["nanos"], 0);
+}
