@@ -699,6 +699,10 @@ pub struct SetSubscriptionRequest {
     pub plan: String,
     /// `active` (default), `trialing`, `past_due`, `unpaid` or `canceled`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(
+        feature = "openapi",
+        schema(pattern = r"^(active|trialing|past_due|unpaid|canceled)$")
+    )]
     pub status: Option<String>,
     /// When the subscription started: the anchor of `subscription`-anchored periods. Default:
     /// kept from the current subscription, or now.
@@ -725,10 +729,16 @@ pub struct CreatePackRequest {
     /// The pack's name within the account (1 to 64 of `A-Z a-z 0-9 - _ .`): granting a name
     /// again grants nothing. Default: the request's id.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(pattern = r"^[A-Za-z0-9._-]{1,64}$"))]
     pub id: Option<String>,
     /// `requests`, `tokens` or `cost`.
+    #[cfg_attr(feature = "openapi", schema(pattern = r"^(requests|tokens|cost)$"))]
     pub meter: String,
     /// A count of requests or tokens; for `cost`, nano-credits.
+    #[cfg_attr(
+        feature = "openapi",
+        schema(minimum = 1, maximum = 9_223_372_036_854_775_807_u64)
+    )]
     pub units: u64,
     /// The route group whose calls may use it; every route when left out.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -743,6 +753,7 @@ pub struct CreatePackRequest {
 #[serde(deny_unknown_fields)]
 pub struct ResetAllowanceRequest {
     /// 1 to 128 printable ASCII characters; a second reset with it changes nothing.
+    #[cfg_attr(feature = "openapi", schema(pattern = r"^[!-~]{1,128}$"))]
     pub reference: String,
 }
 

@@ -1,7 +1,8 @@
 //! `tollgate demo`: the whole product on one machine with nothing installed.
 //!
 //! Starts the mock upstream on its own loopback port, routes `/v1` (OpenAI), `/anthropic`
-//! (Anthropic) and `/echo` to it, starts a fake Stripe (on loopback too, signing its webhooks
+//! (Anthropic), `/echo` and `/inspect` (sold by plan: every account is on the `free` plan, a few
+//! inspections a month) to it, starts a fake Stripe (on loopback too, signing its webhooks
 //! to this gateway) so credits can be bought and refunded in the console, opens SQLite in the
 //! data dir, and on first start creates an account with starter credits, a master key and an
 //! admin token. They are kept in
@@ -9,6 +10,7 @@
 //! plaintext anywhere: a demo must be able to print its key again.
 
 use crate::app::Application;
+use crate::config::plans::{RawAllowance, RawPlan, RawUnits};
 use crate::config::{
     Config, RawAdmin, RawBilling, RawConfig, RawModel, RawRoute, RawServer, RawStore, RawStripe,
     RouteKind, Secret,
@@ -27,6 +29,10 @@ use tollgate_wire::ErrorProfile;
 pub const STARTER_CREDITS: &str = "10";
 /// What one echo call costs in the demo.
 pub const ECHO_PRICE: &str = "0.001";
+/// What an inspection costs past a plan's included ones (the `pro` plan's overage).
+pub const INSPECTION_PRICE: &str = "0.05";
+/// Inspections the `free` plan, every demo account's, includes each month.
+pub const FREE_INSPECTIONS: i64 = 5;
 const STATE_FILE: &str = "demo.json";
 
 pub struct DemoOptions {
@@ -178,7 +184,8 @@ impl Demo {
             r#"Tollgate demo is running.
 
   Gateway        {url}
-  Mock upstream  {mock} (OpenAI API at {url}/v1, Anthropic API at {url}/anthropic, echo API at {url}/echo)
+  Mock upstream  {mock} (OpenAI API at {url}/v1, Anthropic API at {url}/anthropic, echo API at {url}/echo and {url}/inspect)
+  Plans          free: {FREE_INSPECTIONS} calls to {url}/inspect a month included, then 402 allowance_exhausted; pro: 1000, then {INSPECTION_PRICE} USD each
   Fake Stripe    {stripe}/dashboard (card payments: add credits on the console's Wallet page, refund them here)
   Console        {url}/console/ (sign in with the demo key below)
   API reference  {url}/api/docs (Swagger UI; the OpenAPI document is {url}/api/openapi.json)
@@ -198,6 +205,10 @@ Try it (copy and paste):
 
   # An Anthropic-compatible message
   curl -s {url}/anthropic/v1/messages -H "x-api-key: {key}" -H "Content-Type: application/json" -d '{{"model":"mock-claude","max_tokens":64,"messages":[{{"role":"user","content":"Hello!"}}]}}'
+
+  # The free plan: {FREE_INSPECTIONS} inspections a month, shown in the RateLimit header; the 6th is 402 allowance_exhausted
+  curl -s -i {url}/inspect/doc -H "Authorization: Bearer {key}"
+  curl -s {url}{api}/billing/allowances -H "Authorization: Bearer {key}"
 
   # The wallet: each echo call costs {ECHO_PRICE} USD; LLM calls are priced per token
   curl -s {url}{api}/billing/balance -H "Authorization: Bearer {key}"
@@ -296,7 +307,26 @@ fn demo_config(options: &DemoOptions, mock: &MockUpstream, admin_token: &str) ->
             price: ECHO_PRICE.into(),
             ..route("/echo", "/echo", "echo", ErrorProfile::Native)
         },
+        // A paid API sold by plan: the free plan includes a few inspections a month.
+        RawRoute {
+            price: INSPECTION_PRICE.into(),
+            ..route("/inspect", "/echo", "inspect", ErrorProfile::Native)
+        },
     ];
+    let inspections = |plan: &str, units: i64, overage: &str| RawPlan {
+        name: plan.into(),
+        period: "month".into(),
+        anchor: "calendar".into(),
+        time_zone: "UTC".into(),
+        grace: "7d".into(),
+        allowances: vec![RawAllowance {
+            name: "inspections".into(),
+            meter: "requests".into(),
+            routes: Some("inspect".into()),
+            units: RawUnits::Count(units),
+            overage: overage.into(),
+        }],
+    };
     for (i, route) in routes.iter_mut().enumerate() {
         route.position = i;
     }
@@ -316,6 +346,7 @@ fn demo_config(options: &DemoOptions, mock: &MockUpstream, admin_token: &str) ->
         },
         billing: RawBilling {
             starter_credits: STARTER_CREDITS.into(),
+            default_plan: Some("free".into()),
             ..RawBilling::default()
         },
         keys: Default::default(),
@@ -326,7 +357,10 @@ fn demo_config(options: &DemoOptions, mock: &MockUpstream, admin_token: &str) ->
         payments: Default::default(),
         rate_limits: None,
         routes,
-        plans: Vec::new(),
+        plans: vec![
+            inspections("free", FREE_INSPECTIONS, "block"),
+            inspections("pro", 1_000, "wallet"),
+        ],
     }
 }
 
