@@ -167,6 +167,10 @@ impl UnitsHeld {
     }
 
     fn finish(self, units: u64) {
+        if self.uncovered == self.units {
+            // Nothing was drawn from a bucket (all of it went to the wallet): nothing to return.
+            return;
+        }
         let UnitsHeld { store, request, .. } = self;
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {
