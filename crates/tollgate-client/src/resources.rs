@@ -11,11 +11,12 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tollgate_core::{AccountId, HoldId, KeyId, RequestId, TopUpId};
 use tollgate_wire::api::{
-    Account, ApiKeyInfo, AuditEntry, AuditVerification, AutoTopUp, AutoTopUpRequest, Balance,
-    CreateAccountRequest, CreateAccountResponse, CreateHoldRequest, CreateKeyRequest, CreatedKey,
-    GrantRequest, HoldInfo, LedgerEntry, Page, ReconcileRequest, Reconciliation, RollKeyRequest,
-    RolledKey, SettleHoldRequest, TopUp, TopUpRequest, UpdateAccountRequest, UpdateKeyRequest,
-    UsageRecord, UsageSummary,
+    Account, Allowances, ApiKeyInfo, AuditEntry, AuditVerification, AutoTopUp, AutoTopUpRequest,
+    Balance, CreateAccountRequest, CreateAccountResponse, CreateHoldRequest, CreateKeyRequest,
+    CreatePackRequest, CreatedKey, GrantRequest, HoldInfo, LedgerEntry, Page, ReconcileRequest,
+    Reconciliation, ResetAllowanceRequest, RollKeyRequest, RolledKey, SetSubscriptionRequest,
+    SettleHoldRequest, Subscription, TopUp, TopUpRequest, UnitBucket, UpdateAccountRequest,
+    UpdateKeyRequest, UsageRecord, UsageSummary,
 };
 
 const API: &str = "/api/v1";
@@ -67,6 +68,11 @@ impl Client {
     /// Card top-ups and automatic top-up.
     pub fn payments(&self) -> Payments<'_> {
         Payments(self)
+    }
+
+    /// Plans: subscriptions, credit packs and the included units calls draw on.
+    pub fn plans(&self) -> Plans<'_> {
+        Plans(self)
     }
 
     async fn get<T: DeserializeOwned>(&self, path: String) -> Result<Response<T>, Error> {
@@ -302,6 +308,69 @@ impl Billing<'_> {
     pub async fn usage(&self, query: &UsageQuery) -> Result<Response<UsageSummary>, Error> {
         let path = with_query("/usage", query)?;
         self.0.json(Call::new(Method::GET, path)).await
+    }
+}
+
+pub struct Plans<'a>(&'a Client);
+
+impl Plans<'_> {
+    /// The plan and every bucket of included units, in draw order. The admin names the
+    /// account; a key reads its own.
+    pub async fn allowances(
+        &self,
+        account: Option<AccountId>,
+    ) -> Result<Response<Allowances>, Error> {
+        let path = for_account("/billing/allowances", account)?;
+        self.0.json(Call::new(Method::GET, path)).await
+    }
+
+    /// Admin only: puts the account on a plan or moves its subscription's status.
+    pub async fn set_subscription(
+        &self,
+        account: AccountId,
+        request: &SetSubscriptionRequest,
+    ) -> Result<Response<Subscription>, Error> {
+        self.0
+            .send_json(
+                Method::PUT,
+                format!("/accounts/{account}/subscription"),
+                Some(request),
+            )
+            .await
+    }
+
+    /// Admin only: a pack of units; granting a pack id again grants nothing.
+    pub async fn grant_pack(
+        &self,
+        account: AccountId,
+        request: &CreatePackRequest,
+    ) -> Result<Response<UnitBucket>, Error> {
+        self.0
+            .send_json(
+                Method::POST,
+                format!("/accounts/{account}/packs"),
+                Some(request),
+            )
+            .await
+    }
+
+    /// Admin only: the current period's used units back to zero, once per reference.
+    pub async fn reset_allowance(
+        &self,
+        account: AccountId,
+        allowance: &str,
+        request: &ResetAllowanceRequest,
+    ) -> Result<Response<UnitBucket>, Error> {
+        // A name is any text the config allows: one path segment, escaped.
+        let allowance =
+            percent_encoding::utf8_percent_encode(allowance, percent_encoding::NON_ALPHANUMERIC);
+        self.0
+            .send_json(
+                Method::POST,
+                format!("/accounts/{account}/allowances/{allowance}/reset"),
+                Some(request),
+            )
+            .await
     }
 }
 

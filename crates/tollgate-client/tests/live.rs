@@ -823,3 +823,93 @@ async fn a_hold_guard_dropped_unresolved_releases_its_hold() {
         "8.5"
     );
 }
+
+/// The demo's free plan: five inspections a month, then the typed refusal saying when they
+/// come back; a pack from the operator extends it, and the allowances show both buckets.
+#[tokio::test]
+async fn a_free_plan_runs_out_into_its_typed_error_and_a_pack_extends_it() {
+    use tollgate_client::api::{CreatePackRequest, SetSubscriptionRequest};
+    let dir = tempfile::tempdir().unwrap();
+    let demo = tollgate_server::app::demo::Demo::spawn(dir.path())
+        .await
+        .unwrap();
+    let admin = Client::new(&demo.url, demo.admin_token.as_str()).unwrap();
+    let customer = Client::new(&demo.url, demo.master_key.as_str()).unwrap();
+    let inspect = || customer.proxy(Method::GET, "/inspect/doc").send();
+    for _ in 0..5 {
+        inspect().await.unwrap();
+    }
+    let refused = inspect().await.unwrap_err();
+    assert_eq!(refused.status(), Some(402));
+    let resets_at = match refused.kind() {
+        ErrorKind::AllowanceExhausted {
+            meter,
+            window,
+            limit,
+            used,
+            held,
+            resets_at,
+        } => {
+            assert_eq!(meter.as_deref(), Some("requests"));
+            assert_eq!(window.as_deref(), Some("month"));
+            assert_eq!((*limit, *used, *held), (Some(5), Some(5), Some(0)));
+            resets_at.unwrap()
+        }
+        other => panic!("{other:?}"),
+    };
+    let pack = admin
+        .plans()
+        .grant_pack(
+            demo.account_id,
+            &CreatePackRequest {
+                id: Some("extra".into()),
+                meter: "requests".into(),
+                units: 2,
+                routes: Some("inspect".into()),
+                expires_at: resets_at + chrono::Duration::days(30),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!((pack.granted, pack.remaining), (2, 2));
+    inspect().await.unwrap();
+    let allowances = customer.plans().allowances(None).await.unwrap();
+    assert_eq!(allowances.plan.as_deref(), Some("free"));
+    let names: Vec<(&str, &str)> = allowances
+        .buckets
+        .iter()
+        .map(|b| (b.source.as_str(), b.name.as_str()))
+        .collect();
+    assert_eq!(names, [("pack", "extra"), ("allowance", "inspections")]);
+    // An upgrade to the demo's pro plan applies at once, keeping the month's usage.
+    let subscription = admin
+        .plans()
+        .set_subscription(
+            demo.account_id,
+            &SetSubscriptionRequest {
+                plan: "pro".into(),
+                status: None,
+                started_at: None,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(subscription.status, "active");
+    inspect().await.unwrap();
+    // A customer cannot grant itself a pack.
+    let denied = customer
+        .plans()
+        .grant_pack(
+            demo.account_id,
+            &CreatePackRequest {
+                id: None,
+                meter: "requests".into(),
+                units: 1_000,
+                routes: None,
+                expires_at: resets_at,
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(denied.status(), Some(403));
+}
