@@ -1612,3 +1612,108 @@ async fn the_same_create_form_sent_twice_makes_one_key() {
     let (_, body) = keys_page(&app, &cookie).await;
     assert!(!body.contains(&token));
 }
+
+/// The operator puts an account on a plan and grants it a pack from its page, once per form; the
+/// customer's wallet page shows the plan and each bucket as the API counts it.
+#[tokio::test]
+async fn the_operator_sets_a_plan_and_grants_a_pack_and_the_customer_sees_its_included_units() {
+    use tollgate_server::config::plans::{RawAllowance, RawPlan, RawUnits};
+    let plan = |name: &str, units: i64| RawPlan {
+        name: name.into(),
+        period: "month".into(),
+        anchor: "calendar".into(),
+        time_zone: "UTC".into(),
+        grace: "7d".into(),
+        allowances: vec![RawAllowance {
+            name: "calls".into(),
+            meter: "requests".into(),
+            routes: Some("echo".into()),
+            units: RawUnits::Count(units),
+            overage: "block".into(),
+        }],
+    };
+    let app = spawn_app_with(move |raw, _| {
+        raw.plans = vec![plan("free", 2), plan("pro", 50)];
+        raw.billing.default_plan = Some("free".into());
+    })
+    .await;
+    let acme = app.create_account("Acme").await;
+    let customer = session_cookie(&app, &acme.master_key).await;
+    let (status, wallet) = console_get(&app, &customer, "/console/wallet").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(wallet.contains("Plan <strong>free</strong>"), "{wallet}");
+    assert!(
+        wallet.contains("data-name=\"calls\" data-remaining=\"2\""),
+        "{wallet}"
+    );
+
+    let operator = session_cookie(&app, ADMIN_TOKEN).await;
+    let account_page = format!("/console/accounts/{}", acme.id);
+    let set = post_form(
+        &app,
+        &operator,
+        &format!("{account_page}/subscription"),
+        &[("plan", "pro"), ("status", "active")],
+    )
+    .await;
+    assert_eq!(set.status(), StatusCode::SEE_OTHER);
+    let (_, form) = console_get(&app, &operator, &account_page).await;
+    assert!(form.contains("<option value=\"pro\" selected>"), "{form}");
+    let id = form
+        .split("name=\"id\" value=\"")
+        .nth(1)
+        .unwrap()
+        .split('"')
+        .next()
+        .unwrap()
+        .to_string();
+    let expires = (app.clock.now() + chrono::Duration::days(10))
+        .format("%Y-%m-%d")
+        .to_string();
+    let pack = [
+        ("id", id.as_str()),
+        ("units", "7"),
+        ("meter", "requests"),
+        ("routes", "echo"),
+        ("expires", expires.as_str()),
+    ];
+    let path = format!("{account_page}/packs");
+    let first = post_form(&app, &operator, &path, &pack).await;
+    assert!(first.headers()[LOCATION]
+        .to_str()
+        .unwrap()
+        .ends_with("granted=pack"));
+    let again = post_form(&app, &operator, &path, &pack).await;
+    assert!(again.headers()[LOCATION]
+        .to_str()
+        .unwrap()
+        .ends_with("granted=pack_again"));
+    // The API's own refusals, on the page.
+    let refused = post_form(
+        &app,
+        &operator,
+        &format!("{account_page}/subscription"),
+        &[("plan", "gold"), ("status", "active")],
+    )
+    .await;
+    assert_eq!(refused.status(), StatusCode::BAD_REQUEST);
+    assert!(refused
+        .text()
+        .await
+        .unwrap()
+        .contains("not a configured plan"));
+
+    let (_, wallet) = console_get(&app, &customer, "/console/wallet").await;
+    assert!(wallet.contains("Plan <strong>pro</strong>"), "{wallet}");
+    assert!(
+        wallet.contains("data-name=\"calls\" data-remaining=\"50\""),
+        "{wallet}"
+    );
+    assert!(
+        wallet.contains(&format!("data-name=\"{id}\" data-remaining=\"7\"")),
+        "{wallet}"
+    );
+    // A customer's session cannot reach the operator's forms.
+    let theirs = post_form(&app, &customer, &path, &pack).await;
+    assert_eq!(theirs.status(), StatusCode::NOT_FOUND);
+}

@@ -12,6 +12,7 @@ use crate::management::accounts::{account_view, change_status};
 use crate::management::audit::{entries_page, verify_chain};
 use crate::management::billing::grant;
 use crate::management::extract::page as paged;
+use crate::management::plans::{allowances_of, grant_pack, subscribe};
 use crate::state::AppState;
 use askama::Template;
 use axum::extract::rejection::QueryRejection;
@@ -21,8 +22,10 @@ use axum::response::{IntoResponse, Redirect, Response};
 use axum::Extension;
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
+use tollgate_core::plan::SubscriptionStatus;
 use tollgate_core::{AccountId, RequestId};
 use tollgate_wire::api::{Account, AuditEntry, AuditVerification, GrantRequest};
+use tollgate_wire::api::{Allowances, CreatePackRequest, SetSubscriptionRequest};
 
 /// Accounts, or audit entries, a page shows.
 const PAGE_ROWS: u32 = 50;
@@ -41,6 +44,11 @@ struct AccountsPage<'a> {
 #[template(path = "console/account.html")]
 struct AccountPage<'a> {
     account: &'a Account,
+    allowances: &'a Allowances,
+    /// The configured plans, for the plan form, and whether each is the account's.
+    plans: Vec<(&'a str, bool)>,
+    statuses: Vec<&'static str>,
+    groups: Vec<&'a str>,
     /// The grant form's reference: a fresh one per form shown, so the same form sent twice
     /// grants once.
     reference: String,
@@ -148,12 +156,20 @@ async fn find(state: &AppState, id: &str) -> Result<Account, Response> {
         .ok_or_else(|| HttpError::not_found("account").into_response())
 }
 
-fn account_page(
+async fn account_page(
+    state: &AppState,
     account: &Account,
     status: StatusCode,
     notice: Option<&str>,
     problem: Option<&str>,
 ) -> Response {
+    let allowances = match allowances_of(state, account.id).await {
+        Ok(allowances) => allowances,
+        Err(e) => return e.into_response(),
+    };
+    let mut groups: Vec<&str> = state.config.route_groups().collect();
+    groups.sort_unstable();
+    groups.dedup();
     let token: [u8; 16] = rand::random();
     let reference = format!(
         "console-{}",
@@ -163,6 +179,15 @@ fn account_page(
         status,
         &AccountPage {
             account,
+            allowances: &allowances,
+            plans: state
+                .config
+                .plans
+                .names()
+                .map(|name| (name, allowances.plan.as_deref() == Some(name)))
+                .collect(),
+            statuses: SubscriptionStatus::ALL.iter().map(|s| s.as_str()).collect(),
+            groups,
             reference,
             notice,
             problem,
@@ -194,9 +219,12 @@ pub async fn one(
     let notice = match query.map(|Query(q)| q).unwrap_or_default().granted.as_str() {
         "applied" => Some("The credits were granted."),
         "already_applied" => Some("That grant was already applied; it was not applied again."),
+        "plan" => Some("The plan was set."),
+        "pack" => Some("The pack was granted."),
+        "pack_again" => Some("That pack was already granted; it was not granted again."),
         _ => None,
     };
-    account_page(&account, StatusCode::OK, notice, None)
+    account_page(&state, &account, StatusCode::OK, notice, None).await
 }
 
 #[derive(Deserialize)]
@@ -228,7 +256,14 @@ pub async fn grant_credits(
     };
     let Ok(Form(form)) = form else {
         let problem = "The form could not be read.";
-        return account_page(&account, StatusCode::BAD_REQUEST, None, Some(problem));
+        return account_page(
+            &state,
+            &account,
+            StatusCode::BAD_REQUEST,
+            None,
+            Some(problem),
+        )
+        .await;
     };
     let body = GrantRequest {
         amount: form.amount.trim().to_string(),
@@ -244,7 +279,7 @@ pub async fn grant_credits(
         Err(error) => {
             let status =
                 StatusCode::from_u16(error.error.status()).unwrap_or(StatusCode::BAD_REQUEST);
-            account_page(&account, status, None, Some(&error.error.message))
+            account_page(&state, &account, status, None, Some(&error.error.message)).await
         }
     }
 }
@@ -285,6 +320,140 @@ pub async fn reactivate(
     headers: HeaderMap,
 ) -> Response {
     set_status(state, request_id, id, headers, "active").await
+}
+
+#[derive(Deserialize)]
+pub struct PlanForm {
+    #[serde(default)]
+    plan: String,
+    #[serde(default)]
+    status: String,
+}
+
+/// `POST /console/accounts/{id}/subscription`: the plan, as `PUT /accounts/{id}/subscription`
+/// sets it.
+pub async fn set_plan(
+    State(state): State<AppState>,
+    Extension(request_id): Extension<RequestId>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    form: Result<Form<PlanForm>, axum::extract::rejection::FormRejection>,
+) -> Response {
+    let (session, account) = match operator_and_account(&state, &headers, &id).await {
+        Ok(found) => found,
+        Err(answer) => return answer,
+    };
+    let Ok(Form(form)) = form else {
+        let problem = "The form could not be read.";
+        return account_page(
+            &state,
+            &account,
+            StatusCode::BAD_REQUEST,
+            None,
+            Some(problem),
+        )
+        .await;
+    };
+    let body = SetSubscriptionRequest {
+        plan: form.plan,
+        status: Some(form.status).filter(|s| !s.is_empty()),
+        started_at: None,
+    };
+    match subscribe(&state, &session.caller(), request_id, account.id, body).await {
+        Ok(_) => {
+            Redirect::to(&format!("/console/accounts/{}?granted=plan", account.id)).into_response()
+        }
+        Err(error) => refused(&state, &account, error).await,
+    }
+}
+
+#[derive(Deserialize)]
+pub struct PackForm {
+    #[serde(default)]
+    id: String,
+    #[serde(default)]
+    units: String,
+    #[serde(default)]
+    meter: String,
+    #[serde(default)]
+    routes: String,
+    /// A date: the pack expires at its start (UTC).
+    #[serde(default)]
+    expires: String,
+}
+
+/// `POST /console/accounts/{id}/packs`: a pack, as `POST /accounts/{id}/packs` grants it,
+/// under the form's id (so the same form sent twice grants once).
+pub async fn grant_pack_form(
+    State(state): State<AppState>,
+    Extension(request_id): Extension<RequestId>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    form: Result<Form<PackForm>, axum::extract::rejection::FormRejection>,
+) -> Response {
+    let (session, account) = match operator_and_account(&state, &headers, &id).await {
+        Ok(found) => found,
+        Err(answer) => return answer,
+    };
+    let form = form.ok().map(|Form(form)| form);
+    let units = form
+        .as_ref()
+        .and_then(|f| f.units.trim().parse::<u64>().ok());
+    let expires = form.as_ref().and_then(|f| {
+        chrono::NaiveDate::parse_from_str(f.expires.trim(), "%Y-%m-%d")
+            .ok()
+            .and_then(|d| d.and_hms_opt(0, 0, 0))
+            .map(|d| d.and_utc())
+    });
+    let (Some(form), Some(units), Some(expires_at)) = (form, units, expires) else {
+        let problem = "Give a whole number of units and an expiry date.";
+        return account_page(
+            &state,
+            &account,
+            StatusCode::BAD_REQUEST,
+            None,
+            Some(problem),
+        )
+        .await;
+    };
+    let body = CreatePackRequest {
+        id: Some(form.id).filter(|id| !id.is_empty()),
+        meter: form.meter,
+        units,
+        routes: Some(form.routes).filter(|r| !r.is_empty()),
+        expires_at,
+    };
+    match grant_pack(&state, &session.caller(), request_id, account.id, body).await {
+        Ok((added, _)) => {
+            let outcome = if added { "pack" } else { "pack_again" };
+            Redirect::to(&format!(
+                "/console/accounts/{}?granted={outcome}",
+                account.id
+            ))
+            .into_response()
+        }
+        Err(error) => refused(&state, &account, error).await,
+    }
+}
+
+async fn operator_and_account(
+    state: &AppState,
+    headers: &HeaderMap,
+    id: &str,
+) -> Result<(crate::console::session::Session, Account), Response> {
+    let session = operator(state, headers).await?;
+    let account = find(state, id).await?;
+    Ok((session, account))
+}
+
+/// The account's page with the API's refusal on it.
+async fn refused(state: &AppState, account: &Account, error: HttpError) -> Response {
+    let status = StatusCode::from_u16(error.error.status()).unwrap_or(StatusCode::BAD_REQUEST);
+    let message = match error.error.field_errors.iter().next() {
+        Some((field, problems)) => format!("{field}: {}", problems.join("; ")),
+        None => error.error.message.clone(),
+    };
+    account_page(state, account, status, None, Some(&message)).await
 }
 
 #[derive(Deserialize, Default)]

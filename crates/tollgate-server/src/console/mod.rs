@@ -50,6 +50,14 @@ pub fn router() -> Router<AppState> {
             "/console/accounts/{id}/credits",
             post(accounts::grant_credits),
         )
+        .route(
+            "/console/accounts/{id}/subscription",
+            post(accounts::set_plan),
+        )
+        .route(
+            "/console/accounts/{id}/packs",
+            post(accounts::grant_pack_form),
+        )
         .route("/console/accounts/{id}/suspend", post(accounts::suspend))
         .route(
             "/console/accounts/{id}/reactivate",

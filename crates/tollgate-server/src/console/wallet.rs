@@ -8,6 +8,7 @@ use crate::console::security::CONTENT_SECURITY_POLICY;
 use crate::console::session::holder_account;
 use crate::management::billing::{ledger_page, read_balance};
 use crate::management::payments::{auto_view, save_auto_topup, start_topup, view};
+use crate::management::plans::allowances_of;
 use crate::state::AppState;
 use askama::Template;
 use axum::extract::rejection::QueryRejection;
@@ -16,6 +17,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
 use serde::Deserialize;
 use tollgate_core::{AccountId, Nanos, TopUpId};
+use tollgate_wire::api::Allowances;
 use tollgate_wire::api::{AutoTopUp, AutoTopUpRequest, Balance, LedgerEntry, TopUp};
 
 /// Entries a page shows.
@@ -47,6 +49,8 @@ struct WalletPage<'a> {
     auto: Option<AutoTopUp>,
     problem: Option<&'a str>,
     movements: &'a [Movement],
+    /// The plan and its included units.
+    allowances: &'a Allowances,
     next: Option<String>,
 }
 
@@ -310,6 +314,10 @@ async fn wallet_page(
         let s = p.settings();
         (s.min_topup.to_string(), s.max_topup.to_string())
     });
+    let allowances = match allowances_of(state, account).await {
+        Ok(allowances) => allowances,
+        Err(e) => return e.into_response(),
+    };
     let mut answer = page(
         status,
         &WalletPage {
@@ -321,6 +329,7 @@ async fn wallet_page(
             auto,
             problem,
             movements: &movements,
+            allowances: &allowances,
             next: ledger
                 .next_cursor
                 .map(|c| format!("/console/wallet?cursor={c}")),

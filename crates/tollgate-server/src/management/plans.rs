@@ -72,6 +72,21 @@ async fn set_subscription(
     caller.require_admin()?;
     let account = parse_id(id, AccountId::parse, "account")?;
     let body: wire::SetSubscriptionRequest = body.parse()?;
+    Ok(Json(
+        subscribe(&state, &caller, request_id, account, body).await?,
+    ))
+}
+
+/// Sets an account's subscription as `PUT /accounts/{id}/subscription` does, for the API and the
+/// console alike: validated, audited, its keys' cache entries dropped.
+pub(crate) async fn subscribe(
+    state: &AppState,
+    caller: &Caller,
+    request_id: RequestId,
+    account: AccountId,
+    body: wire::SetSubscriptionRequest,
+) -> Result<wire::Subscription, HttpError> {
+    caller.require_admin()?;
     let mut fields = FieldErrors::default();
     if state.config.plans.get(&body.plan).is_none() {
         let known: Vec<&str> = state.config.plans.names().collect();
@@ -91,7 +106,7 @@ async fn set_subscription(
         }),
     };
     fields.finish()?;
-    existing_account(&state, account).await?;
+    existing_account(state, account).await?;
     let now = state.clock.now();
     let before = state.store.subscription(account).await?;
     let subscription = Subscription {
@@ -115,8 +130,8 @@ async fn set_subscription(
     if let Some(before) = &before {
         change = change.before(&subscription_view(before));
     }
-    audit::record(&state, &caller, request_id, change).await;
-    Ok(Json(view))
+    audit::record(state, caller, request_id, change).await;
+    Ok(view)
 }
 
 fn pack_id_ok(id: &str) -> bool {
@@ -154,6 +169,25 @@ async fn create_pack(
     caller.require_admin()?;
     let account = parse_id(id, AccountId::parse, "account")?;
     let body: wire::CreatePackRequest = body.parse()?;
+    let (added, view) = grant_pack(&state, &caller, request_id, account, body).await?;
+    let status = if added {
+        axum::http::StatusCode::CREATED
+    } else {
+        axum::http::StatusCode::OK
+    };
+    Ok((status, Json(view)))
+}
+
+/// Grants a pack as `POST /accounts/{id}/packs` does, for the API and the console alike:
+/// whether it was granted now (not before), and the pack.
+pub(crate) async fn grant_pack(
+    state: &AppState,
+    caller: &Caller,
+    request_id: RequestId,
+    account: AccountId,
+    body: wire::CreatePackRequest,
+) -> Result<(bool, wire::UnitBucket), HttpError> {
+    caller.require_admin()?;
     let now = state.clock.now();
     let mut fields = FieldErrors::default();
     let pack_id = body.id.clone().unwrap_or_else(|| request_id.to_string());
@@ -176,7 +210,7 @@ async fn create_pack(
         fields.add("expires_at", "must be in the future");
     }
     fields.finish()?;
-    existing_account(&state, account).await?;
+    existing_account(state, account).await?;
     let pack = UnitBucket {
         account,
         bucket: format!("pack:{pack_id}"),
@@ -197,17 +231,11 @@ async fn create_pack(
         .into_iter()
         .find(|b| b.bucket == pack.bucket);
     let view = bucket_view(stored.as_ref().unwrap_or(&pack), None);
-    if !added {
-        return Ok((axum::http::StatusCode::OK, Json(view)));
+    if added {
+        let change = Change::new("pack.grant", account).after(&view);
+        audit::record(state, caller, request_id, change).await;
     }
-    audit::record(
-        &state,
-        &caller,
-        request_id,
-        Change::new("pack.grant", account).after(&view),
-    )
-    .await;
-    Ok((axum::http::StatusCode::CREATED, Json(view)))
+    Ok((added, view))
 }
 
 /// Sets the used units of one allowance's current period back to zero (admin only), once per
@@ -376,7 +404,15 @@ async fn allowances(
     caller.require_master_or_admin()?;
     let query = parse_query(query)?;
     let account = subject_account(&caller, query.account_id.as_deref())?;
-    existing_account(&state, account).await?;
+    Ok(Json(allowances_of(&state, account).await?))
+}
+
+/// The account's plan and buckets now, for the API and the console alike.
+pub(crate) async fn allowances_of(
+    state: &AppState,
+    account: AccountId,
+) -> Result<wire::Allowances, HttpError> {
+    existing_account(state, account).await?;
     let now = state.clock.now();
     let subscription = state.store.subscription(account).await?;
     let plan = PlanOf::find(&state.config.plans, subscription.as_ref());
@@ -398,10 +434,10 @@ async fn allowances(
             buckets.push(bucket_view(bucket, Some(allowance)));
         }
     }
-    Ok(Json(wire::Allowances {
+    Ok(wire::Allowances {
         account_id: account,
         plan: plan.as_ref().map(|p| p.plan.name.clone()),
         subscription: subscription.as_ref().map(subscription_view),
         buckets,
-    }))
+    })
 }
