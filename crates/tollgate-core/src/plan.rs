@@ -61,6 +61,27 @@ pub struct Allowance {
     pub routes: Option<String>,
     pub units: u64,
     pub overage: Overage,
+    /// Unused units a period passes to the next, at most this many (0: none).
+    pub rollover: u64,
+    /// Shorter windows inside the period, each with its own limit: a call draws on the period's
+    /// units only as far as every window has room, and each window resets on its own schedule.
+    pub windows: Vec<Window>,
+}
+
+/// A limit on an allowance's units inside each shorter window (a day of a monthly plan).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    pub length: Length,
+    pub units: u64,
+}
+
+/// `day`, `week` or `month`.
+pub fn length_name(length: Length) -> &'static str {
+    match length {
+        Length::Day => "day",
+        Length::Week => "week",
+        Length::Month => "month",
+    }
 }
 
 impl Allowance {
@@ -72,6 +93,16 @@ impl Allowance {
     /// start, so a period's units are granted once, whoever asks first.
     pub fn bucket(&self, period: &Period) -> String {
         format!("{}@{}", self.name, period.start.timestamp())
+    }
+
+    /// A window's bucket in the window-period holding it: `<allowance>/<length>@<start>`.
+    pub fn window_bucket(&self, window: &Window, period: &Period) -> String {
+        format!(
+            "{}/{}@{}",
+            self.name,
+            length_name(window.length),
+            period.start.timestamp()
+        )
     }
 }
 
@@ -98,9 +129,14 @@ pub struct Plan {
 
 impl Plan {
     pub fn schedule(&self, subscription_start: DateTime<Utc>) -> Schedule {
+        self.schedule_of(self.length, subscription_start)
+    }
+
+    /// Periods of `length` on the plan's anchor and zone: its own, or a window's.
+    pub fn schedule_of(&self, length: Length, subscription_start: DateTime<Utc>) -> Schedule {
         match self.anchor {
-            Anchor::Calendar => Schedule::calendar(self.length, self.zone),
-            Anchor::Subscription => Schedule::anchored(subscription_start, self.length, self.zone),
+            Anchor::Calendar => Schedule::calendar(length, self.zone),
+            Anchor::Subscription => Schedule::anchored(subscription_start, length, self.zone),
         }
     }
 
@@ -250,6 +286,8 @@ mod tests {
                     routes: Some("inspect".into()),
                     units: 5,
                     overage: Overage::Block,
+                    rollover: 0,
+                    windows: Vec::new(),
                 },
                 Allowance {
                     name: "tokens".into(),
@@ -257,6 +295,8 @@ mod tests {
                     routes: None,
                     units: 1_000,
                     overage: Overage::Wallet,
+                    rollover: 0,
+                    windows: Vec::new(),
                 },
             ],
         };

@@ -1630,6 +1630,8 @@ async fn the_operator_sets_a_plan_and_grants_a_pack_and_the_customer_sees_its_in
             routes: Some("echo".into()),
             units: RawUnits::Count(units),
             overage: "block".into(),
+            rollover: None,
+            windows: Vec::new(),
         }],
     };
     let app = spawn_app_with(move |raw, _| {

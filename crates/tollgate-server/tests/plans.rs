@@ -28,6 +28,8 @@ fn allowance(meter: &str, routes: Option<&str>, units: i64, overage: &str) -> Ra
         routes: routes.map(Into::into),
         units: RawUnits::Count(units),
         overage: overage.into(),
+        rollover: None,
+        windows: Vec::new(),
     }
 }
 
@@ -487,4 +489,98 @@ async fn audit_of(app: &TestApp, action: &str) -> Vec<Value> {
         .filter(|entry| entry["action"] == action)
         .cloned()
         .collect()
+}
+
+#[tokio::test]
+async fn a_daily_window_resets_on_its_own_and_a_new_month_takes_over_unused_units() {
+    use tollgate_server::config::plans::RawWindow;
+    let app = spawn_app_with(|raw, _| {
+        let mut calls = allowance("requests", Some("echo"), 10, "block");
+        calls.rollover = Some(RawUnits::Count(4));
+        calls.windows = vec![RawWindow {
+            every: "day".into(),
+            units: RawUnits::Count(3),
+        }];
+        raw.plans = vec![plan("daily", vec![calls])];
+        raw.billing.default_plan = Some("daily".into());
+    })
+    .await;
+    // The 1st of a month, 10:00 UTC.
+    use chrono::{Datelike, TimeZone};
+    let now = app.clock_now();
+    let first = chrono::Utc
+        .with_ymd_and_hms(now.year() + 1, 1, 1, 10, 0, 0)
+        .unwrap();
+    app.clock.set(first);
+    let account = app.create_account("daily").await;
+    let key = &account.master_key;
+    for _ in 0..3 {
+        let response = echo(&app, key).await;
+        assert_eq!(response.status(), 200);
+        let policy = response.headers()["ratelimit-policy"].to_str().unwrap();
+        assert!(
+            policy.contains("\"requests/day\";q=3;w=86400;qu=\"request\""),
+            "{policy}"
+        );
+    }
+    let refused = echo(&app, key).await;
+    assert_eq!(
+        quota_standing(&refused, "requests/day").map(|s| s.0),
+        Some(0)
+    );
+    assert_eq!(
+        quota_standing(&refused, "requests").map(|s| s.0),
+        Some(7),
+        "the month has 7 left"
+    );
+    let body = expect_error(refused, 402, "allowance_exhausted").await;
+    let details = &body["error"]["details"];
+    assert_eq!(details["window"], "day");
+    assert_eq!(details["limit"], 3);
+    assert_eq!(
+        details["resets_at"],
+        "2027-01-02T00:00:00Z".replace("2027", &first.year().to_string())
+    );
+
+    // A reset of the day's window, once per reference; the month keeps counting.
+    let path = format!("/api/v1/accounts/{}/allowances/requests/reset", account.id);
+    let reset = app
+        .admin_post(&path, json!({"reference": "day-1", "window": "day"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reset.status(), 200);
+    let bucket: Value = reset.json().await.unwrap();
+    assert_eq!(
+        (bucket["name"].as_str(), bucket["used"].as_u64()),
+        (Some("requests/day"), Some(0))
+    );
+    assert_eq!(echo(&app, key).await.status(), 200);
+    // The next day resets on its own.
+    app.clock.advance(chrono::Duration::days(1));
+    for _ in 0..2 {
+        assert_eq!(echo(&app, key).await.status(), 200);
+    }
+    let month = settled(&app, key).await;
+    let used_of = |body: &Value, name: &str| {
+        body["buckets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["name"] == name)
+            .map(|b| (b["granted"].as_u64().unwrap(), b["used"].as_u64().unwrap()))
+            .unwrap()
+    };
+    assert_eq!(used_of(&month, "requests"), (10, 6));
+    assert_eq!(used_of(&month, "requests/day"), (3, 2));
+
+    // February takes over at most 4 of January's 4 unused units.
+    app.clock.set(
+        chrono::Utc
+            .with_ymd_and_hms(first.year(), 2, 1, 0, 0, 0)
+            .unwrap(),
+    );
+    assert_eq!(echo(&app, key).await.status(), 200);
+    let february = settled(&app, key).await;
+    assert_eq!(used_of(&february, "requests"), (14, 1));
 }

@@ -79,6 +79,8 @@ fn config_md_documents_every_field_and_override() {
         "routes",
         "units",
         "overage",
+        "rollover",
+        "windows",
     ] {
         assert!(
             docs.contains(&format!("| `{field}` |")),

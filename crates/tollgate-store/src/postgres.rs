@@ -2017,30 +2017,23 @@ impl UnitStore for PostgresStore {
     async fn reserve_units(&self, ask: &UnitsAsk) -> Result<UnitsAnswer, StoreError> {
         let account = ask.allowance.account;
         let mut tx = self.begin().await?;
-        // Writing first takes SQLite's write lock: what follows reads one state.
-        if insert_bucket(&mut tx, &ask.allowance).await? {
-            let granted = ask.allowance.granted;
-            unit_entry(
-                &mut tx,
-                account,
-                &ask.allowance.bucket,
-                "grant",
-                granted,
-                None,
-                ask.at,
-            )
-            .await?;
-        } else {
-            raise_grant(&mut tx, &ask.allowance, ask.at).await?;
+        // The plan's own buckets first, created or raised, in lock order (on SQLite the first
+        // write takes the write lock: what follows reads one state).
+        for own in ask.own_buckets() {
+            let rollover = ask
+                .rollover
+                .as_ref()
+                .filter(|_| own.bucket == ask.allowance.bucket);
+            open_bucket(&mut tx, own, rollover, ask.at).await?;
         }
+        let names: Vec<String> = ask.own_buckets().iter().map(|b| b.bucket.clone()).collect();
         let candidates: Vec<UnitBucketRow> = sqlx::query_as(&format!(
             "SELECT {UNIT_BUCKET_COLUMNS} FROM unit_buckets WHERE account_id = $1 \
-             AND (bucket = $2 OR (source = 'pack' AND meter = $3 AND ends_at > $4 \
-             AND used + held < granted)) \
-             ORDER BY source = 'pack', bucket FOR UPDATE"
+             AND (bucket = ANY($2) OR (source = 'pack' AND meter = $3 AND ends_at > $4 \
+             AND used + held < granted)) ORDER BY source = 'pack', bucket FOR UPDATE"
         ))
         .bind(account.to_string())
-        .bind(&ask.allowance.bucket)
+        .bind(&names)
         .bind(ask.allowance.meter.as_str())
         .bind(millis(ask.at))
         .fetch_all(&mut *tx)
@@ -2051,12 +2044,22 @@ impl UnitStore for PostgresStore {
             .map(UnitBucket::try_from)
             .collect::<Result<Vec<_>, _>>()?;
         let answer = units::decide(ask, candidates);
-        let UnitsAnswer::Reserved { draws, .. } = &answer else {
+        let UnitsAnswer::Reserved {
+            draws,
+            window_draws,
+            ..
+        } = &answer
+        else {
+            // Refused: nothing is held, but the period's buckets stay granted.
+            tx.commit().await.map_err(store_error)?;
             return Ok(answer);
         };
-        let mut ordered: Vec<(usize, &(String, u64))> = draws.iter().enumerate().collect();
-        ordered.sort_by(|(_, (a, _)), (_, (b, _))| units::lock_order(a).cmp(&units::lock_order(b)));
-        for (position, (bucket, held)) in ordered {
+        let reference = ask.request.to_string();
+        let every = draws
+            .iter()
+            .map(|draw| (draw, false))
+            .chain(window_draws.iter().map(|draw| (draw, true)));
+        for (position, ((bucket, held), mirror)) in every.enumerate() {
             sqlx::query(
                 "UPDATE unit_buckets SET held = held + $1 WHERE account_id = $2 AND bucket = $3",
             )
@@ -2067,19 +2070,19 @@ impl UnitStore for PostgresStore {
             .await
             .map_err(store_error)?;
             sqlx::query(
-                "INSERT INTO unit_draws (request_id, position, account_id, bucket, units, expires_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6)",
+                "INSERT INTO unit_draws (request_id, position, account_id, bucket, units, expires_at, mirror) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
             )
-            .bind(ask.request.to_string())
+            .bind(&reference)
             .bind(position as i64)
             .bind(account.to_string())
             .bind(bucket)
             .bind(rows::units(*held))
             .bind(millis(ask.expires_at))
+            .bind(mirror)
             .execute(&mut *tx)
             .await
             .map_err(store_error)?;
-            let reference = ask.request.to_string();
             unit_entry(
                 &mut tx,
                 account,
@@ -2236,7 +2239,7 @@ async fn insert_bucket(
     bucket: &UnitBucket,
 ) -> Result<bool, StoreError> {
     let inserted = sqlx::query(&format!(
-        "INSERT INTO unit_buckets ({UNIT_BUCKET_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, 0, 0, $7, $8) \
+        "INSERT INTO unit_buckets ({UNIT_BUCKET_COLUMNS}, base) VALUES ($1, $2, $3, $4, $5, $6, 0, 0, $7, $8, $6) \
          ON CONFLICT DO NOTHING"
     ))
     .bind(bucket.account.to_string())
@@ -2254,15 +2257,82 @@ async fn insert_bucket(
     Ok(inserted == 1)
 }
 
-/// Raises an allowance bucket's grant to what the plan grants now (an upgrade applies at once;
-/// a downgrade waits for the next period's bucket).
+/// Creates one of the plan's buckets for its period if no call has (granted once, whoever asks
+/// first; a new allowance period takes over up to `rollover`'s cap of the previous period's
+/// unused units, which leave that bucket), or raises an existing one's grant to the plan's.
+async fn open_bucket(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    bucket: &UnitBucket,
+    rollover: Option<&(String, u64)>,
+    at: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    if !insert_bucket(tx, bucket).await? {
+        return raise_grant(tx, bucket, at).await;
+    }
+    let account = bucket.account;
+    unit_entry(
+        tx,
+        account,
+        &bucket.bucket,
+        "grant",
+        bucket.granted,
+        None,
+        at,
+    )
+    .await?;
+    let Some((previous, cap)) = rollover.filter(|(_, cap)| *cap > 0) else {
+        return Ok(());
+    };
+    let left: Option<i64> = sqlx::query_scalar(
+        "SELECT granted - used - held FROM unit_buckets WHERE account_id = $1 AND bucket = $2 FOR UPDATE",
+    )
+    .bind(account.to_string())
+    .bind(previous)
+    .fetch_optional(&mut **tx)
+    .await
+    .map_err(store_error)?;
+    let carry = u64::try_from(left.unwrap_or(0)).unwrap_or(0).min(*cap);
+    if carry == 0 {
+        return Ok(());
+    }
+    for (name, change) in [
+        (previous.as_str(), -rows::units(carry)),
+        (bucket.bucket.as_str(), rows::units(carry)),
+    ] {
+        sqlx::query(
+            "UPDATE unit_buckets SET granted = granted + $1 WHERE account_id = $2 AND bucket = $3",
+        )
+        .bind(change)
+        .bind(account.to_string())
+        .bind(name)
+        .execute(&mut **tx)
+        .await
+        .map_err(store_error)?;
+    }
+    let reference = format!("rollover:{previous}");
+    unit_entry(tx, account, previous, "carry", carry, Some(&reference), at).await?;
+    unit_entry(
+        tx,
+        account,
+        &bucket.bucket,
+        "grant",
+        carry,
+        Some(&reference),
+        at,
+    )
+    .await
+}
+
+/// Raises a bucket's grant to what the plan grants now, if that is more than the plan granted
+/// it before (`base`, which rollover does not count): an upgrade applies at once; a downgrade
+/// waits for the next period's bucket.
 async fn raise_grant(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
     bucket: &UnitBucket,
     at: DateTime<Utc>,
 ) -> Result<(), StoreError> {
-    let before: i64 = sqlx::query_scalar(
-        "SELECT granted FROM unit_buckets WHERE account_id = $1 AND bucket = $2 FOR UPDATE",
+    let base: i64 = sqlx::query_scalar(
+        "SELECT base FROM unit_buckets WHERE account_id = $1 AND bucket = $2 FOR UPDATE",
     )
     .bind(bucket.account.to_string())
     .bind(&bucket.bucket)
@@ -2270,27 +2340,30 @@ async fn raise_grant(
     .await
     .map_err(store_error)?;
     let now = rows::units(bucket.granted);
-    if now > before {
-        sqlx::query("UPDATE unit_buckets SET granted = $1 WHERE account_id = $2 AND bucket = $3")
-            .bind(now)
-            .bind(bucket.account.to_string())
-            .bind(&bucket.bucket)
-            .execute(&mut **tx)
-            .await
-            .map_err(store_error)?;
-        let raised = u64::try_from(now - before).unwrap_or(0);
-        unit_entry(
-            tx,
-            bucket.account,
-            &bucket.bucket,
-            "grant",
-            raised,
-            None,
-            at,
-        )
-        .await?;
+    if now <= base {
+        return Ok(());
     }
-    Ok(())
+    sqlx::query(
+        "UPDATE unit_buckets SET granted = granted + $1, base = $2 WHERE account_id = $3 AND bucket = $4",
+    )
+    .bind(now - base)
+    .bind(now)
+    .bind(bucket.account.to_string())
+    .bind(&bucket.bucket)
+    .execute(&mut **tx)
+    .await
+    .map_err(store_error)?;
+    let raised = u64::try_from(now - base).unwrap_or(0);
+    unit_entry(
+        tx,
+        bucket.account,
+        &bucket.bucket,
+        "grant",
+        raised,
+        None,
+        at,
+    )
+    .await
 }
 
 async fn unit_entry(
@@ -2326,7 +2399,7 @@ async fn take_draws(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
     of: DrawsOf<'_>,
 ) -> Result<Vec<units::Draw>, StoreError> {
-    const RETURNING: &str = "RETURNING request_id, position, account_id, bucket, units";
+    const RETURNING: &str = "RETURNING request_id, position, account_id, bucket, units, mirror";
     let sql = match of {
         DrawsOf::Request(_) => format!("DELETE FROM unit_draws WHERE request_id = $1 {RETURNING}"),
         DrawsOf::ExpiredBy(_) => {
@@ -2338,7 +2411,7 @@ async fn take_draws(
         DrawsOf::Request(request) => query.bind(request.to_string()),
         DrawsOf::ExpiredBy(cutoff) => query.bind(cutoff),
     };
-    let rows: Vec<(String, i64, String, String, i64)> =
+    let rows: Vec<(String, i64, String, String, i64, bool)> =
         query.fetch_all(&mut **tx).await.map_err(store_error)?;
     units::draws(rows)
 }

@@ -5,7 +5,8 @@
 //!
 //! Units move between a bucket's states as entries, like money between ledger accounts:
 //! `grant` (from outside into the bucket), `hold` (remaining → held), `use` (held → used),
-//! `return` and `expire` (held → remaining), `reset` (used → remaining). A bucket's `granted`,
+//! `return` and `expire` (held → remaining), `reset` (used → remaining), and `carry` (remaining
+//! out of a period's bucket, granted to the next one's by rollover). A bucket's `granted`,
 //! `held` and `used` are always the sums of its entries, which the conformance suite checks.
 
 use crate::StoreError;
@@ -92,6 +93,11 @@ pub struct UnitsAsk {
     pub request: RequestId,
     /// The allowance's bucket for the current period, as the plan grants it now.
     pub allowance: UnitBucket,
+    /// The allowance's windows' buckets for their current periods (created likewise): the
+    /// allowance is drawn only as far as each has room, and each holds what it holds.
+    pub windows: Vec<UnitBucket>,
+    /// The previous period's bucket and the most of its unused units a new period takes over.
+    pub rollover: Option<(String, u64)>,
     pub group: String,
     pub units: u64,
     pub worst_cost: Nanos,
@@ -108,21 +114,40 @@ pub enum UnitsAnswer {
     Reserved {
         reservation: Reservation,
         draws: Vec<(String, u64)>,
-        /// The allowance's bucket after the reservation.
+        /// What each window holds: what the allowance's draw holds.
+        window_draws: Vec<(String, u64)>,
+        /// The allowance's bucket after the reservation, and its windows'.
         allowance: UnitBucket,
+        windows: Vec<UnitBucket>,
         /// What the packs that serve the call have left after it.
         packs_remaining: u64,
     },
     /// Overage `block`, and the buckets cannot cover the worst case: nothing was held.
     Exhausted {
         allowance: UnitBucket,
+        windows: Vec<UnitBucket>,
         packs_remaining: u64,
     },
+}
+
+impl UnitsAsk {
+    /// The buckets the plan itself grants (the allowance's and its windows'), in lock order.
+    pub fn own_buckets(&self) -> Vec<&UnitBucket> {
+        let mut own: Vec<&UnitBucket> = std::iter::once(&self.allowance)
+            .chain(&self.windows)
+            .collect();
+        own.sort_by(|a, b| lock_order(&a.bucket).cmp(&lock_order(&b.bucket)));
+        own
+    }
 }
 
 /// Decides an ask against the buckets read under lock: `candidates` is the allowance's bucket
 /// and the packs that may serve the call. Returns the answer and the draws to write.
 pub(crate) fn decide(ask: &UnitsAsk, candidates: Vec<UnitBucket>) -> UnitsAnswer {
+    let window_names: Vec<&str> = ask.windows.iter().map(|w| w.bucket.as_str()).collect();
+    let (windows, candidates): (Vec<UnitBucket>, Vec<UnitBucket>) = candidates
+        .into_iter()
+        .partition(|b| window_names.contains(&b.bucket.as_str()));
     let mut sorted: Vec<UnitBucket> = candidates
         .into_iter()
         .filter(|b| {
@@ -131,7 +156,18 @@ pub(crate) fn decide(ask: &UnitsAsk, candidates: Vec<UnitBucket>) -> UnitsAnswer
         })
         .collect();
     sorted.sort_by(|a, b| allowance::draw_cmp(&a.core(), &b.core()));
-    let mut buckets: Vec<Bucket> = sorted.iter().map(UnitBucket::core).collect();
+    // The allowance lends no more than its tightest window has room for.
+    let window_room = windows.iter().map(UnitBucket::remaining).min();
+    let mut buckets: Vec<Bucket> = sorted
+        .iter()
+        .map(|b| {
+            let mut core = b.core();
+            if let (true, Some(room)) = (b.bucket == ask.allowance.bucket, window_room) {
+                core.granted = core.used + core.held + b.remaining().min(room);
+            }
+            core
+        })
+        .collect();
     let packs_remaining = |sorted: &[UnitBucket]| {
         sorted
             .iter()
@@ -149,10 +185,11 @@ pub(crate) fn decide(ask: &UnitsAsk, candidates: Vec<UnitBucket>) -> UnitsAnswer
     match allowance::reserve(&mut buckets, ask.at, ask.units, ask.worst_cost, ask.overage) {
         Err(_) => UnitsAnswer::Exhausted {
             allowance: allowance_of(&sorted),
+            windows,
             packs_remaining: packs_remaining(&sorted),
         },
         Ok(reservation) => {
-            let draws = reservation
+            let draws: Vec<(String, u64)> = reservation
                 .draws
                 .iter()
                 .map(|&(index, units)| {
@@ -160,10 +197,25 @@ pub(crate) fn decide(ask: &UnitsAsk, candidates: Vec<UnitBucket>) -> UnitsAnswer
                     (sorted[index].bucket.clone(), units)
                 })
                 .collect();
+            let from_allowance = draws
+                .iter()
+                .find(|(name, _)| *name == ask.allowance.bucket)
+                .map_or(0, |(_, units)| *units);
+            let mut windows = windows;
+            let window_draws = windows
+                .iter_mut()
+                .filter(|_| from_allowance > 0)
+                .map(|w| {
+                    w.held += from_allowance;
+                    (w.bucket.clone(), from_allowance)
+                })
+                .collect();
             UnitsAnswer::Reserved {
                 reservation,
                 draws,
+                window_draws,
                 allowance: allowance_of(&sorted),
+                windows,
                 packs_remaining: packs_remaining(&sorted),
             }
         }
@@ -240,13 +292,15 @@ pub(crate) struct Draw {
     pub account: AccountId,
     pub bucket: String,
     pub units: u64,
+    /// A window's: it uses what the allowance's draw uses.
+    pub mirror: bool,
 }
 
 pub(crate) fn draws(
-    rows: Vec<(String, i64, String, String, i64)>,
+    rows: Vec<(String, i64, String, String, i64, bool)>,
 ) -> Result<Vec<Draw>, StoreError> {
     rows.into_iter()
-        .map(|(request, position, account, bucket, units)| {
+        .map(|(request, position, account, bucket, units, mirror)| {
             Ok(Draw {
                 request,
                 position,
@@ -254,6 +308,7 @@ pub(crate) fn draws(
                 bucket,
                 units: u64::try_from(units)
                     .map_err(|_| crate::rows::corrupt("drawn units", &units.to_string()))?,
+                mirror,
             })
         })
         .collect()
@@ -264,14 +319,25 @@ pub(crate) fn draws(
 pub(crate) fn settlement(mut draws: Vec<Draw>, units: u64) -> Vec<(AccountId, String, u64, u64)> {
     draws.sort_by_key(|d| d.position);
     let mut left = units;
+    // What the allowance's own draw used (the one draw that is neither a pack's nor a window's):
+    // its windows' draws use the same.
+    let mut from_allowance = 0;
+    let (windows, draws): (Vec<Draw>, Vec<Draw>) = draws.into_iter().partition(|d| d.mirror);
     let mut moves: Vec<(AccountId, String, u64, u64)> = draws
         .into_iter()
         .map(|draw| {
             let used = draw.units.min(left);
             left -= used;
+            if !draw.bucket.starts_with("pack:") {
+                from_allowance = used;
+            }
             (draw.account, draw.bucket, used, draw.units - used)
         })
         .collect();
+    moves.extend(windows.into_iter().map(|draw| {
+        let used = draw.units.min(from_allowance);
+        (draw.account, draw.bucket, used, draw.units - used)
+    }));
     moves.sort_by(|a, b| lock_order(&a.1).cmp(&lock_order(&b.1)));
     moves
 }
@@ -287,7 +353,8 @@ pub(crate) fn by_lock_order(draws: &[Draw]) -> Vec<&Draw> {
 
 /// Each bucket's (granted, held, used) summed from its entries; `{account}` is the placeholder.
 pub(crate) const ENTRY_SUMS: &str = "SELECT bucket, \
-    CAST(COALESCE(SUM(CASE WHEN kind = 'grant' THEN units ELSE 0 END), 0) AS BIGINT), \
+    CAST(COALESCE(SUM(CASE WHEN kind = 'grant' THEN units WHEN kind = 'carry' THEN -units \
+        ELSE 0 END), 0) AS BIGINT), \
     CAST(COALESCE(SUM(CASE WHEN kind = 'hold' THEN units \
         WHEN kind IN ('use', 'return', 'expire') THEN -units ELSE 0 END), 0) AS BIGINT), \
     CAST(COALESCE(SUM(CASE WHEN kind = 'use' THEN units WHEN kind = 'reset' THEN -units \

@@ -1826,6 +1826,8 @@ fn ask(allowance: UnitBucket, units: u64, overage: Overage, now: i64) -> UnitsAs
     UnitsAsk {
         request: RequestId::new(),
         allowance,
+        windows: Vec::new(),
+        rollover: None,
         group: "default".into(),
         units,
         worst_cost: Nanos(units as i64 * 10),
@@ -1914,6 +1916,7 @@ async fn units_reserve_in_draw_order_settle_return_and_never_pass_a_grant(store:
     let UnitsAnswer::Exhausted {
         allowance: standing,
         packs_remaining,
+        ..
     } = store.reserve_units(&refused).await.unwrap()
     else {
         panic!("7 of 6 is refused");
@@ -2029,6 +2032,106 @@ async fn units_reserve_in_draw_order_settle_return_and_never_pass_a_grant(store:
     );
 }
 
+async fn a_window_caps_its_allowance_and_a_new_period_takes_over_unused_units_once(
+    store: Arc<dyn Store>,
+) {
+    let (account, _, _) = new_account(&*store, Nanos::ZERO).await;
+    let month = allowance_bucket(account, 10, 1_000);
+    let day = |start: i64| UnitBucket {
+        bucket: format!("requests/day@{start}"),
+        granted: 3,
+        starts_at: at(start),
+        ends_at: at(start + 100),
+        ..month.clone()
+    };
+    let with_window = |start: i64, units: u64, now: i64| UnitsAsk {
+        windows: vec![day(start)],
+        ..ask(month.clone(), units, Overage::Block, now)
+    };
+    let first = with_window(1_000, 2, 1_010);
+    let UnitsAnswer::Reserved {
+        window_draws,
+        windows,
+        ..
+    } = store.reserve_units(&first).await.unwrap()
+    else {
+        panic!("2 of the day's 3");
+    };
+    assert_eq!(window_draws, [("requests/day@1000".to_string(), 2)]);
+    assert_eq!((windows[0].held, windows[0].remaining()), (2, 1));
+    // The month has 8 left, but the day only 1.
+    let UnitsAnswer::Exhausted {
+        allowance, windows, ..
+    } = store
+        .reserve_units(&with_window(1_000, 2, 1_020))
+        .await
+        .unwrap()
+    else {
+        panic!("the day has 1 left");
+    };
+    assert_eq!((allowance.remaining(), windows[0].remaining()), (8, 1));
+    // Used 1 of 2: the day and the month both count 1.
+    store
+        .settle_units(first.request, 1, at(1_030))
+        .await
+        .unwrap();
+    let buckets = store.unit_buckets(account, at(1_030)).await.unwrap();
+    let used: Vec<_> = buckets
+        .iter()
+        .map(|b| (b.bucket.as_str(), b.used, b.held))
+        .collect();
+    assert!(
+        used.contains(&("requests/day@1000", 1, 0)) && used.contains(&("requests@1000", 1, 0)),
+        "{used:?}"
+    );
+    // The next day resets on its own; the month goes on.
+    let next_day = with_window(1_100, 3, 1_110);
+    let UnitsAnswer::Reserved { allowance, .. } = store.reserve_units(&next_day).await.unwrap()
+    else {
+        panic!("a new day");
+    };
+    assert_eq!(allowance.held, 3);
+    store
+        .settle_units(next_day.request, 3, at(1_120))
+        .await
+        .unwrap();
+    assert_units_balance(&*store, account, 1_120).await;
+
+    // The next month takes over at most 5 of the 6 unused, once, and they leave the old month.
+    let june = UnitsAsk {
+        rollover: Some(("requests@1000".into(), 5)),
+        ..ask(
+            allowance_bucket(account, 10, 2_000),
+            1,
+            Overage::Block,
+            2_010,
+        )
+    };
+    let UnitsAnswer::Reserved { allowance, .. } = store.reserve_units(&june).await.unwrap() else {
+        panic!("a new month");
+    };
+    assert_eq!(allowance.granted, 15);
+    let again = UnitsAsk {
+        request: RequestId::new(),
+        ..june.clone()
+    };
+    let UnitsAnswer::Reserved { allowance, .. } = store.reserve_units(&again).await.unwrap() else {
+        panic!("the same month");
+    };
+    assert_eq!(allowance.granted, 15, "carried once");
+    let sums = store.unit_entry_sums(account).await.unwrap();
+    let may = sums
+        .iter()
+        .find(|(name, ..)| name == "requests@1000")
+        .unwrap();
+    assert_eq!(
+        (may.1, may.3),
+        (5, 4),
+        "the old month keeps what was used, minus what was carried"
+    );
+    assert_units_balance(&*store, account, 2_010).await;
+}
+
 async fn concurrent_reservations_never_draw_more_than_the_grant(store: Arc<dyn Store>) {
     let (account, _, _) = new_account(&*store, Nanos::ZERO).await;
     let allowance = allowance_bucket(account, 10, 1_000);
@@ -2125,6 +2228,7 @@ macro_rules! store_suite {
                 an_auto_top_up_is_due_below_its_threshold_with_a_card_and_starts_once_per_key,
                 units_reserve_in_draw_order_settle_return_and_never_pass_a_grant,
                 concurrent_reservations_never_draw_more_than_the_grant,
+                a_window_caps_its_allowance_and_a_new_period_takes_over_unused_units_once,
                 a_subscription_round_trips_and_reaches_the_key_lookup,
             );
         }

@@ -28,6 +28,8 @@ enum Step {
     },
     /// The clock passes into the next period.
     NextPeriod,
+    /// The clock passes into the period's second half (a window of its own).
+    SecondHalf,
     /// The plan changes to one granting `units` a period.
     ChangePlan { units: u64 },
     /// The operator grants a pack that expires `periods` periods from now.
@@ -40,6 +42,7 @@ fn steps() -> impl Strategy<Value = Vec<Step>> {
             |(worst, used, cost_per_unit, succeeds)| Step::Call { worst, used, cost_per_unit, succeeds }
         ),
         1 => Just(Step::NextPeriod),
+        1 => Just(Step::SecondHalf),
         1 => (1u64..30).prop_map(|units| Step::ChangePlan { units }),
         1 => (1u64..10, 1i64..3).prop_map(|(units, periods)| Step::Pack { units, periods }),
     ];
@@ -47,6 +50,9 @@ fn steps() -> impl Strategy<Value = Vec<Step>> {
 }
 
 const PERIOD_MS: i64 = 1_000_000;
+/// Each half period's limit on the allowance, and the most a period passes to the next.
+const WINDOW_UNITS: u64 = 6;
+const ROLLOVER: u64 = 3;
 
 fn at(ms: i64) -> DateTime<Utc> {
     Utc.timestamp_millis_opt(ms).unwrap()
@@ -68,11 +74,13 @@ async fn run(steps: Vec<Step>, overage: Overage) -> Result<(), TestCaseError> {
         .unwrap();
 
     let (mut period, mut units_now, mut packs) = (1i64, 10u64, 0u32);
+    let mut half = 0i64;
     // The most each period's allowance was granted while it was current.
     let mut granted_in: BTreeMap<String, u64> = BTreeMap::new();
     let (mut succeeded, mut drawn_total, mut uncovered_total) = (0u64, 0u64, 0u64);
     for step in steps {
-        let now = at(period * PERIOD_MS + 10);
+        let now = at(period * PERIOD_MS + half * PERIOD_MS / 2 + 10);
+        let window_start = period * PERIOD_MS + half * PERIOD_MS / 2;
         let allowance = UnitBucket {
             account,
             bucket: format!("calls@{period}"),
@@ -86,7 +94,11 @@ async fn run(steps: Vec<Step>, overage: Overage) -> Result<(), TestCaseError> {
             ends_at: at((period + 1) * PERIOD_MS),
         };
         match step {
-            Step::NextPeriod => period += 1,
+            Step::NextPeriod => {
+                period += 1;
+                half = 0;
+            }
+            Step::SecondHalf => half = 1,
             Step::ChangePlan { units } => units_now = units,
             Step::Pack { units, periods } => {
                 packs += 1;
@@ -107,9 +119,18 @@ async fn run(steps: Vec<Step>, overage: Overage) -> Result<(), TestCaseError> {
                 succeeds,
             } => {
                 let before = store.unit_buckets(account, now).await.unwrap();
+                let window = UnitBucket {
+                    bucket: format!("calls/half@{window_start}"),
+                    granted: WINDOW_UNITS,
+                    starts_at: at(window_start),
+                    ends_at: at(window_start + PERIOD_MS / 2),
+                    ..allowance.clone()
+                };
                 let ask = UnitsAsk {
                     request: RequestId::new(),
                     allowance: allowance.clone(),
+                    windows: vec![window],
+                    rollover: Some((format!("calls@{}", period - 1), ROLLOVER)),
                     group: "g".into(),
                     units: worst,
                     worst_cost: Nanos(worst as i64 * cost_per_unit),
@@ -156,23 +177,27 @@ async fn run(steps: Vec<Step>, overage: Overage) -> Result<(), TestCaseError> {
         }
     }
     prop_assert_eq!(drawn_total + uncovered_total, succeeded);
-    // Every bucket ever made: its columns are its entries' sums, its used never passes its
-    // grant, and an allowance's period was granted once, at the most its plan gave it.
+    // Every bucket ever made: its used never passes its grant; a window's grant is its own;
+    // each period was granted once, at the most its plan gave it (rollover moves units between
+    // periods, never makes them).
     let sums = store.unit_entry_sums(account).await.unwrap();
-    let used_everywhere: u64 = sums.iter().map(|(_, _, _, used)| used).sum();
+    let (windows, others): (Vec<_>, Vec<_>) =
+        sums.iter().partition(|(name, ..)| name.contains('/'));
+    let used_everywhere: u64 = others.iter().map(|(_, _, _, used)| used).sum();
     prop_assert_eq!(used_everywhere, drawn_total);
     for (bucket, granted, held, used) in &sums {
         prop_assert_eq!(*held, 0);
-        prop_assert!(used <= granted);
-        if let Some(expected) = granted_in.get(bucket) {
-            prop_assert_eq!(
-                granted,
-                expected,
-                "{} granted once, at its plan's most",
-                bucket
-            );
-        }
+        prop_assert!(used <= granted, "{}", bucket);
     }
+    for (_, granted, _, _) in &windows {
+        prop_assert_eq!(*granted, WINDOW_UNITS);
+    }
+    let allowances: u64 = others
+        .iter()
+        .filter(|(name, ..)| granted_in.contains_key(name))
+        .map(|(_, granted, _, _)| granted)
+        .sum();
+    prop_assert_eq!(allowances, granted_in.values().sum::<u64>());
     Ok(())
 }
 
@@ -180,8 +205,13 @@ fn held(buckets: &[UnitBucket]) -> u64 {
     buckets.iter().map(|b| b.held).sum()
 }
 
+/// Units used from the allowance and packs (a window's use mirrors its allowance's).
 fn total_used(buckets: &[UnitBucket]) -> u64 {
-    buckets.iter().map(|b| b.used).sum()
+    buckets
+        .iter()
+        .filter(|b| !b.bucket.contains('/'))
+        .map(|b| b.used)
+        .sum()
 }
 
 proptest! {

@@ -755,6 +755,10 @@ pub struct ResetAllowanceRequest {
     /// 1 to 128 printable ASCII characters; a second reset with it changes nothing.
     #[cfg_attr(feature = "openapi", schema(pattern = r"^[!-~]{1,128}$"))]
     pub reference: String,
+    /// `day` or `week`: reset that window of the allowance instead of its period.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(pattern = r"^(day|week)$"))]
+    pub window: Option<String>,
 }
 
 /// One bucket of included units.

@@ -336,7 +336,7 @@ pub struct LimitSlot(Arc<Mutex<Slot>>);
 #[derive(Debug, Default)]
 struct Slot {
     standings: Option<Standings>,
-    quota: Option<QuotaItem>,
+    quotas: Vec<QuotaItem>,
     warnings: Vec<String>,
 }
 
@@ -365,8 +365,9 @@ impl LimitSlot {
         self.lock().standings.take()
     }
 
-    pub fn set_quota(&self, quota: QuotaItem) {
-        self.lock().quota = Some(quota);
+    /// The quotas of the call's allowance (and its windows), replacing any set before.
+    pub fn set_quotas(&self, quotas: Vec<QuotaItem>) {
+        self.lock().quotas = quotas;
     }
 
     /// A warning for the caller (`X-Tollgate-Warning`): the call passed, but something is wrong.
@@ -374,11 +375,11 @@ impl LimitSlot {
         self.lock().warnings.push(warning);
     }
 
-    /// Adds the quota to the `RateLimit-Policy` and `RateLimit` fields (after any rate-limit
+    /// Adds the quotas to the `RateLimit-Policy` and `RateLimit` fields (after any rate-limit
     /// policies) and the warnings.
     pub(crate) fn apply_notes(&self, headers: &mut HeaderMap) {
         let slot = self.lock();
-        if let Some(quota) = &slot.quota {
+        for quota in &slot.quotas {
             let policy = format!(
                 "\"{}\";q={};w={};qu=\"{}\"",
                 quota.name, quota.limit, quota.window_seconds, quota.unit

@@ -325,6 +325,8 @@ fn demo_config(options: &DemoOptions, mock: &MockUpstream, admin_token: &str) ->
             routes: Some("inspect".into()),
             units: RawUnits::Count(units),
             overage: overage.into(),
+            rollover: None,
+            windows: Vec::new(),
         }],
     };
     for (i, route) in routes.iter_mut().enumerate() {

@@ -7,8 +7,7 @@ use crate::config::plans::Plans;
 use chrono::{DateTime, Utc};
 use std::sync::Arc;
 use tollgate_core::allowance::{self, Overage};
-use tollgate_core::period::Length;
-use tollgate_core::plan::{Allowance, Meter, Plan, Standing, Subscription};
+use tollgate_core::plan::{length_name, Allowance, Meter, Plan, Standing, Subscription, Window};
 use tollgate_core::{AccountId, ApiError, ErrorCode, Nanos, RequestId};
 use tollgate_store::{BucketSource, Store, StoreError, UnitBucket, UnitsAnswer, UnitsAsk};
 
@@ -75,6 +74,55 @@ impl PlanOf {
         Some((allowance, bucket))
     }
 
+    fn started(&self) -> DateTime<Utc> {
+        self.subscription
+            .as_ref()
+            .map_or(NO_START, |s| s.started_at)
+    }
+
+    /// The name of `allowance`'s bucket for the period before the one holding `at`.
+    pub fn previous_bucket(&self, allowance: &Allowance, at: DateTime<Utc>) -> String {
+        let schedule = self.plan.schedule(self.started());
+        let period = schedule.period_at(at);
+        let before = period
+            .start
+            .checked_sub_signed(chrono::Duration::seconds(1))
+            .unwrap_or(period.start);
+        allowance.bucket(&schedule.period_at(before))
+    }
+
+    /// `allowance`'s windows' buckets for the windows holding `at`, as the plan grants them.
+    pub fn window_buckets(
+        &self,
+        account: AccountId,
+        allowance: &Allowance,
+        at: DateTime<Utc>,
+    ) -> Vec<(Window, UnitBucket)> {
+        allowance
+            .windows
+            .iter()
+            .map(|window| {
+                let period = self
+                    .plan
+                    .schedule_of(window.length, self.started())
+                    .period_at(at);
+                let bucket = UnitBucket {
+                    account,
+                    bucket: allowance.window_bucket(window, &period),
+                    source: BucketSource::Allowance,
+                    meter: allowance.meter,
+                    routes: allowance.routes.clone(),
+                    granted: window.units,
+                    used: 0,
+                    held: 0,
+                    starts_at: period.start,
+                    ends_at: period.end,
+                };
+                (*window, bucket)
+            })
+            .collect()
+    }
+
     /// `allowance`'s bucket for the period holding `at`, as the plan grants it (unused).
     pub fn bucket_of(
         &self,
@@ -82,11 +130,7 @@ impl PlanOf {
         allowance: &Allowance,
         at: DateTime<Utc>,
     ) -> UnitBucket {
-        let started = self
-            .subscription
-            .as_ref()
-            .map_or(NO_START, |s| s.started_at);
-        let period = self.plan.schedule(started).period_at(at);
+        let period = self.plan.schedule(self.started()).period_at(at);
         UnitBucket {
             account,
             bucket: allowance.bucket(&period),
@@ -124,9 +168,29 @@ pub struct Quota {
 }
 
 impl Quota {
-    fn new(allowance: &Allowance, bucket: &UnitBucket, packs_remaining: u64) -> Quota {
+    /// The allowance's quota and each window's, `name` and `name/day`.
+    fn all(
+        allowance: &Allowance,
+        bucket: &UnitBucket,
+        windows: &[(Window, UnitBucket)],
+        packs_remaining: u64,
+    ) -> Vec<Quota> {
+        let mut quotas = vec![Quota::new(
+            &allowance.name,
+            allowance,
+            bucket,
+            packs_remaining,
+        )];
+        for (window, bucket) in windows {
+            let name = format!("{}/{}", allowance.name, length_name(window.length));
+            quotas.push(Quota::new(&name, allowance, bucket, 0));
+        }
+        quotas
+    }
+
+    fn new(name: &str, allowance: &Allowance, bucket: &UnitBucket, packs_remaining: u64) -> Quota {
         Quota {
-            name: allowance.name.clone(),
+            name: name.to_string(),
             meter: allowance.meter,
             limit: bucket.granted,
             remaining: bucket.remaining().saturating_add(packs_remaining),
@@ -187,14 +251,15 @@ impl UnitsHeld {
 /// What reserving a call's units decided.
 pub struct Reserved {
     pub held: Option<UnitsHeld>,
-    pub quota: Quota,
+    /// The allowance's, then each window's.
+    pub quotas: Vec<Quota>,
     /// Overage `soft` and the buckets ran short: the call passes uncharged, with a warning.
     pub soft_excess: u64,
 }
 
 /// Why a call's units could not be reserved.
 pub enum NotReserved {
-    Exhausted(ApiError, Quota),
+    Exhausted(ApiError, Vec<Quota>),
     Store(StoreError),
 }
 
@@ -221,15 +286,37 @@ pub async fn reserve(
         return Ok(None);
     };
     let units = units_of(allowance.meter, call.tokens, call.worst_cost);
+    let asked_windows = call.plan.window_buckets(call.account, &allowance, call.at);
     let ask = UnitsAsk {
         request: call.request,
         allowance: bucket,
+        windows: asked_windows.iter().map(|(_, b)| b.clone()).collect(),
+        rollover: (allowance.rollover > 0).then(|| {
+            (
+                call.plan.previous_bucket(&allowance, call.at),
+                allowance.rollover,
+            )
+        }),
         group: call.group.to_string(),
         units,
         worst_cost: call.worst_cost,
         overage: allowance.overage,
         at: call.at,
         expires_at: call.expires_at,
+    };
+    // The store's window buckets after the call, each with its window.
+    let with_windows = |stored: Vec<UnitBucket>| -> Vec<(Window, UnitBucket)> {
+        asked_windows
+            .iter()
+            .map(|(window, asked)| {
+                let bucket = stored
+                    .iter()
+                    .find(|b| b.bucket == asked.bucket)
+                    .cloned()
+                    .unwrap_or_else(|| asked.clone());
+                (*window, bucket)
+            })
+            .collect()
     };
     match store
         .reserve_units(&ask)
@@ -238,21 +325,22 @@ pub async fn reserve(
     {
         UnitsAnswer::Exhausted {
             allowance: bucket,
+            windows,
             packs_remaining,
         } => {
-            let quota = Quota::new(&allowance, &bucket, packs_remaining);
-            Err(NotReserved::Exhausted(
-                exhausted(&call.plan.plan, &allowance, &bucket, units),
-                quota,
-            ))
+            let windows = with_windows(windows);
+            let quotas = Quota::all(&allowance, &bucket, &windows, packs_remaining);
+            let error = exhausted(&call.plan.plan, &allowance, &bucket, &windows, units);
+            Err(NotReserved::Exhausted(error, quotas))
         }
         UnitsAnswer::Reserved {
             reservation,
             allowance: bucket,
+            windows,
             packs_remaining,
             ..
         } => Ok(Some(Reserved {
-            quota: Quota::new(&allowance, &bucket, packs_remaining),
+            quotas: Quota::all(&allowance, &bucket, &with_windows(windows), packs_remaining),
             soft_excess: if reservation.soft {
                 reservation.uncovered
             } else {
@@ -274,25 +362,30 @@ pub async fn reserve(
     }
 }
 
-pub fn window_name(length: Length) -> &'static str {
-    match length {
-        Length::Day => "day",
-        Length::Week => "week",
-        Length::Month => "month",
-    }
-}
-
-/// 402 `allowance_exhausted`: which allowance, how far it is used, when it resets.
-fn exhausted(plan: &Plan, allowance: &Allowance, bucket: &UnitBucket, needed: u64) -> ApiError {
-    let window = window_name(plan.length);
+/// 402 `allowance_exhausted`: the allowance or window that ran short (the window with the
+/// least left, if one has less than the call needs), how far it is used, when it resets.
+fn exhausted(
+    plan: &Plan,
+    allowance: &Allowance,
+    bucket: &UnitBucket,
+    windows: &[(Window, UnitBucket)],
+    needed: u64,
+) -> ApiError {
+    let short_window = windows
+        .iter()
+        .filter(|(_, w)| w.remaining() < needed)
+        .min_by_key(|(_, w)| w.remaining());
+    let (window, limit, bucket) = match short_window {
+        Some((window, w)) => (length_name(window.length), window.units, w),
+        None => (length_name(plan.length), allowance.units, bucket),
+    };
     ApiError::new(
         ErrorCode::AllowanceExhausted,
         format!(
-            "The '{}' plan's {} {} for this {window} are used up ({} used, {} held by calls in \
-             progress; this call needs up to {needed}). They reset at {}. To raise the \
+            "The '{}' plan's {limit} {} for this {window} are used up ({} used, {} held by calls \
+             in progress; this call needs up to {needed}). They reset at {}. To raise the \
              allowance, buy a credit pack or move to a larger plan.",
             plan.name,
-            allowance.units,
             allowance.meter.as_str(),
             bucket.used,
             bucket.held,

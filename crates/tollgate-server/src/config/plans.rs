@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use tollgate_core::allowance::Overage;
 use tollgate_core::period::Length;
-use tollgate_core::plan::{Allowance, Anchor, Meter, Plan};
+use tollgate_core::plan::{length_name, Allowance, Anchor, Meter, Plan, Window};
 use tollgate_core::Nanos;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -45,6 +45,22 @@ pub struct RawAllowance {
     /// `block`, `wallet` or `soft`.
     #[serde(default = "block")]
     pub overage: String,
+    /// Unused units a period passes to the next, at most this many (0: none). Same kind of
+    /// number as `units`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollover: Option<RawUnits>,
+    /// Shorter windows inside the period, each with a limit of its own.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub windows: Vec<RawWindow>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawWindow {
+    /// `day` or `week`: shorter than the plan's period.
+    pub every: String,
+    /// At most this many of the allowance's units in each window.
+    pub units: RawUnits,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -130,19 +146,32 @@ pub(crate) fn validate_plans(
     Plans { by_name, default }
 }
 
-fn validate_plan(raw: &RawPlan, at: &str, groups: &[&str], p: &mut Problems) -> Option<Plan> {
-    let length = match raw.period.as_str() {
+fn length_of(text: &str) -> Option<Length> {
+    match text {
         "day" => Some(Length::Day),
         "week" => Some(Length::Week),
         "month" => Some(Length::Month),
-        other => {
-            p.push(
-                &format!("{at}.period"),
-                format!("'{other}' is not a period (day, week or month)"),
-            );
-            None
-        }
-    };
+        _ => None,
+    }
+}
+
+/// Orders lengths by how long their periods last.
+fn rank(length: Length) -> u8 {
+    match length {
+        Length::Day => 0,
+        Length::Week => 1,
+        Length::Month => 2,
+    }
+}
+
+fn validate_plan(raw: &RawPlan, at: &str, groups: &[&str], p: &mut Problems) -> Option<Plan> {
+    let length = length_of(&raw.period).or_else(|| {
+        p.push(
+            &format!("{at}.period"),
+            format!("'{}' is not a period (day, week or month)", raw.period),
+        );
+        None
+    });
     let anchor = match raw.anchor.as_str() {
         "calendar" => Some(Anchor::Calendar),
         "subscription" => Some(Anchor::Subscription),
@@ -191,7 +220,7 @@ fn validate_plan(raw: &RawPlan, at: &str, groups: &[&str], p: &mut Problems) -> 
                 format!("'{}' names another allowance of this plan", allowance.name),
             );
         }
-        if let Some(allowance) = validate_allowance(allowance, &at, groups, p) {
+        if let Some(allowance) = validate_allowance(allowance, &at, length, groups, p) {
             allowances.push(allowance);
         }
     }
@@ -208,6 +237,7 @@ fn validate_plan(raw: &RawPlan, at: &str, groups: &[&str], p: &mut Problems) -> 
 fn validate_allowance(
     raw: &RawAllowance,
     at: &str,
+    period: Option<Length>,
     groups: &[&str],
     p: &mut Problems,
 ) -> Option<Allowance> {
@@ -236,7 +266,83 @@ fn validate_allowance(
             );
         }
     }
-    let units = match (meter, &raw.units) {
+    let units = count(meter, &raw.units, &format!("{at}.units"), p);
+    let rollover = match &raw.rollover {
+        None => Some(0),
+        Some(rollover) => {
+            let path = format!("{at}.rollover");
+            let rollover = count(meter, rollover, &path, p);
+            if let (Some(rollover), Some(units)) = (rollover, units) {
+                if rollover > units {
+                    p.push(
+                        &path,
+                        format!("must be at most the allowance's {units} units"),
+                    );
+                }
+            }
+            rollover
+        }
+    };
+    let mut windows = Vec::new();
+    for (k, window) in raw.windows.iter().enumerate() {
+        let at = format!("{at}.windows[{k}]");
+        let length = match (length_of(&window.every), period) {
+            (Some(length), Some(period)) if rank(length) >= rank(period) => {
+                p.push(
+                    &format!("{at}.every"),
+                    format!(
+                        "a {} window must be shorter than its {} period",
+                        window.every,
+                        length_name(period)
+                    ),
+                );
+                None
+            }
+            (None, _) => {
+                p.push(
+                    &format!("{at}.every"),
+                    format!("'{}' is not a window (day or week)", window.every),
+                );
+                None
+            }
+            (length, _) => length,
+        };
+        if raw.windows[..k]
+            .iter()
+            .any(|other| other.every == window.every)
+        {
+            p.push(
+                &format!("{at}.every"),
+                format!("a {} window is there already", window.every),
+            );
+        }
+        let limit = count(meter, &window.units, &format!("{at}.units"), p);
+        if let (Some(limit), Some(units)) = (limit, units) {
+            if limit > units {
+                p.push(
+                    &format!("{at}.units"),
+                    format!("must be at most the allowance's {units} units"),
+                );
+            }
+        }
+        if let (Some(length), Some(units)) = (length, limit) {
+            windows.push(Window { length, units });
+        }
+    }
+    Some(Allowance {
+        name: raw.name.clone(),
+        meter: meter?,
+        routes: raw.routes.clone(),
+        units: units?,
+        overage: overage?,
+        rollover: rollover?,
+        windows,
+    })
+}
+
+/// A number of units: a whole count, or for `cost` an amount of credits; more than zero.
+fn count(meter: Option<Meter>, raw: &RawUnits, path: &str, p: &mut Problems) -> Option<u64> {
+    let units = match (meter, raw) {
         (Some(Meter::Cost), RawUnits::Text(text)) => Nanos::parse_credits(text)
             .map(|n| u64::try_from(n.0).unwrap_or(0))
             .map_err(|e| e.to_string()),
@@ -248,24 +354,17 @@ fn validate_allowance(
             Err("must be a whole number (only a cost allowance is an amount)".into())
         }
     };
-    let units = match units {
+    match units {
         Ok(0) => {
-            p.push(&format!("{at}.units"), "must be more than zero");
+            p.push(path, "must be more than zero");
             None
         }
         Ok(units) => Some(units),
         Err(e) => {
-            p.push(&format!("{at}.units"), e);
+            p.push(path, e);
             None
         }
-    };
-    Some(Allowance {
-        name: raw.name.clone(),
-        meter: meter?,
-        routes: raw.routes.clone(),
-        units: units?,
-        overage: overage?,
-    })
+    }
 }
 
 #[cfg(test)]
@@ -314,7 +413,40 @@ meter = "cost"
 units = "-1"
 
 [[plans]]
+name = "weekly"
+period = "week"
+
+[[plans.allowances]]
+name = "calls"
+meter = "requests"
+units = 100
+rollover = 150
+
+[[plans.allowances.windows]]
+every = "week"
+units = 10
+
+[[plans.allowances.windows]]
+every = "day"
+units = 200
+
+[[plans.allowances.windows]]
+every = "hour"
+units = 1
+
+[[plans]]
 name = "free"
+
+[[plans]]
+name = "free2"
+period = "soon"
+[[plans.allowances]]
+name = "calls"
+meter = "requests"
+units = 10
+[[plans.allowances.windows]]
+every = "day"
+units = 1
 "#
         );
         assert_reports(
@@ -330,7 +462,12 @@ name = "free"
                 "plans[0].allowances[1].name: 'calls' names another allowance of this plan",
                 "plans[0].allowances[1].units: must be a whole number",
                 "plans[0].allowances[2].units:",
-                "plans[1].name: 'free' names another plan already",
+                "plans[2].name: 'free' names another plan already",
+                "plans[1].allowances[0].rollover: must be at most the allowance's 100 units",
+                "plans[1].allowances[0].windows[0].every: a week window must be shorter than its week period",
+                "plans[1].allowances[0].windows[1].units: must be at most the allowance's 100 units",
+                "plans[1].allowances[0].windows[2].every: 'hour' is not a window (day or week)",
+                "plans[3].period: 'soon' is not a period (day, week or month)",
                 "billing.default_plan: 'gold' is not a plan in [[plans]]",
             ],
         );

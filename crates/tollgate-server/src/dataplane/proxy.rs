@@ -360,13 +360,13 @@ async fn forward(
         match reserved {
             Ok(None) => {}
             Ok(Some(reserved)) => {
-                slot.set_quota(quota_item(&reserved.quota, now));
-                if reserved.soft_excess > 0 {
+                slot.set_quotas(reserved.quotas.iter().map(|q| quota_item(q, now)).collect());
+                if let (Some(quota), true) = (reserved.quotas.first(), reserved.soft_excess > 0) {
                     slot.warn(format!(
                         "allowance '{}' used up; this call goes {} {} over it",
-                        reserved.quota.name,
+                        quota.name,
                         reserved.soft_excess,
-                        reserved.quota.meter.as_str()
+                        quota.meter.as_str()
                     ));
                 }
                 if let Some(held) = reserved.held {
@@ -376,8 +376,8 @@ async fn forward(
                     }
                 }
             }
-            Err(NotReserved::Exhausted(error, quota)) => {
-                slot.set_quota(quota_item(&quota, now));
+            Err(NotReserved::Exhausted(error, quotas)) => {
+                slot.set_quotas(quotas.iter().map(|q| quota_item(q, now)).collect());
                 return Err(error.into());
             }
             Err(NotReserved::Store(e)) => return Err(e.into()),

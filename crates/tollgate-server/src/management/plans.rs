@@ -13,7 +13,7 @@ use axum::extract::{Path, Query, State};
 use axum::{Extension, Json};
 use serde::Deserialize;
 use tollgate_core::allowance;
-use tollgate_core::plan::{Meter, Subscription, SubscriptionStatus};
+use tollgate_core::plan::{length_name, Meter, Subscription, SubscriptionStatus};
 use tollgate_core::{AccountId, RequestId};
 use tollgate_store::{BucketSource, UnitBucket};
 use tollgate_wire::api as wire;
@@ -293,7 +293,15 @@ async fn reset_allowance(
         return Err(HttpError::not_found("allowance"));
     };
     let now = state.clock.now();
-    let fresh = plan.bucket_of(account, &allowance, now);
+    let fresh = match body.window.as_deref() {
+        None => plan.bucket_of(account, &allowance, now),
+        Some(window) => plan
+            .window_buckets(account, &allowance, now)
+            .into_iter()
+            .find(|(w, _)| length_name(w.length) == window)
+            .map(|(_, bucket)| bucket)
+            .ok_or_else(|| HttpError::not_found("window"))?,
+    };
     let outcome = match state
         .store
         .reset_bucket(account, &fresh.bucket, &body.reference, now)
@@ -315,6 +323,7 @@ async fn reset_allowance(
     if outcome == "applied" {
         let change = Change::new("allowance.reset", account).after(&serde_json::json!({
             "allowance": allowance.name,
+            "window": body.window,
             "reference": body.reference,
             "resets_at": stored.ends_at,
         }));
@@ -342,18 +351,14 @@ fn bucket_view(
             None,
             Some(bucket.ends_at),
         ),
+        // `<allowance>@<start>`, or a window's `<allowance>/<length>@<start>`.
         BucketSource::Allowance => (
-            allowance.map_or_else(
-                || {
-                    bucket
-                        .bucket
-                        .split('@')
-                        .next()
-                        .unwrap_or_default()
-                        .to_string()
-                },
-                |a| a.name.clone(),
-            ),
+            bucket
+                .bucket
+                .split('@')
+                .next()
+                .unwrap_or_default()
+                .to_string(),
             Some(bucket.ends_at),
             None,
         ),
@@ -427,11 +432,14 @@ pub(crate) async fn allowances_of(
     if let Some(plan) = &plan {
         for allowance in &plan.plan.allowances {
             let fresh = plan.bucket_of(account, allowance, now);
-            let bucket = stored
-                .iter()
-                .find(|b| b.bucket == fresh.bucket)
-                .unwrap_or(&fresh);
-            buckets.push(bucket_view(bucket, Some(allowance)));
+            let windows = plan.window_buckets(account, allowance, now);
+            for fresh in std::iter::once(&fresh).chain(windows.iter().map(|(_, b)| b)) {
+                let bucket = stored
+                    .iter()
+                    .find(|b| b.bucket == fresh.bucket)
+                    .unwrap_or(fresh);
+                buckets.push(bucket_view(bucket, Some(allowance)));
+            }
         }
     }
     Ok(wire::Allowances {

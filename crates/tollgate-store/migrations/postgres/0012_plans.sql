@@ -27,6 +27,8 @@ CREATE TABLE unit_buckets (
     meter TEXT NOT NULL,
     routes TEXT,
     granted BIGINT NOT NULL CHECK (granted >= 0),
+    -- What the plan granted the bucket (rollover aside): an upgrade raises the grant past it.
+    base BIGINT NOT NULL DEFAULT 0,
     used BIGINT NOT NULL DEFAULT 0 CHECK (used >= 0),
     held BIGINT NOT NULL DEFAULT 0 CHECK (held >= 0),
     starts_at BIGINT NOT NULL,
@@ -43,11 +45,14 @@ CREATE TABLE unit_draws (
     bucket TEXT COLLATE "C" NOT NULL,
     units BIGINT NOT NULL CHECK (units > 0),
     expires_at BIGINT NOT NULL,
+    -- A window's draw: it uses what the allowance's draw uses.
+    mirror BOOLEAN NOT NULL DEFAULT FALSE,
     PRIMARY KEY (request_id, position)
 );
 CREATE INDEX unit_draws_by_expiry ON unit_draws (expires_at);
 
--- Every movement of units between a bucket's states (grant, hold, use, return, expire, reset).
+-- Every movement of units between a bucket's states (grant, hold, use, return, expire, reset,
+-- carry: unused units a period's bucket passes to the next by rollover).
 CREATE TABLE unit_entries (
     id BIGSERIAL PRIMARY KEY,
     account_id TEXT COLLATE "C" NOT NULL,

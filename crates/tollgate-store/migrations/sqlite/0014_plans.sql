@@ -16,6 +16,8 @@ CREATE TABLE unit_buckets (
     meter TEXT NOT NULL,
     routes TEXT,
     granted INTEGER NOT NULL CHECK (granted >= 0),
+    -- What the plan granted the bucket (rollover aside): an upgrade raises the grant past it.
+    base INTEGER NOT NULL DEFAULT 0,
     used INTEGER NOT NULL DEFAULT 0 CHECK (used >= 0),
     held INTEGER NOT NULL DEFAULT 0 CHECK (held >= 0),
     starts_at INTEGER NOT NULL,
@@ -32,11 +34,14 @@ CREATE TABLE unit_draws (
     bucket TEXT NOT NULL,
     units INTEGER NOT NULL CHECK (units > 0),
     expires_at INTEGER NOT NULL,
+    -- A window's draw: it uses what the allowance's draw uses.
+    mirror INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (request_id, position)
 );
 CREATE INDEX unit_draws_by_expiry ON unit_draws (expires_at);
 
--- Every movement of units between a bucket's states (grant, hold, use, return, expire, reset).
+-- Every movement of units between a bucket's states (grant, hold, use, return, expire, reset,
+-- carry: unused units a period's bucket passes to the next by rollover).
 CREATE TABLE unit_entries (
     id INTEGER PRIMARY KEY,
     account_id TEXT NOT NULL,
