@@ -135,11 +135,17 @@ pub(crate) fn validate_plans(
     }
     let default = default_plan.and_then(|name| {
         let found = by_name.get(name).cloned();
-        if found.is_none() {
-            p.push(
+        match &found {
+            None => p.push(
                 "billing.default_plan",
                 format!("'{name}' is not a plan in [[plans]]"),
-            );
+            ),
+            // Accounts on the default plan have no subscription to anchor periods on.
+            Some(plan) if plan.anchor == Anchor::Subscription => p.push(
+                "billing.default_plan",
+                format!("'{name}' is anchored to a subscription; the default plan needs calendar periods"),
+            ),
+            Some(_) => {}
         }
         found
     });
@@ -477,6 +483,17 @@ units = 1
         for line in expected {
             assert!(report.contains(line), "missing {line:?} in:\n{report}");
         }
+    }
+
+    #[test]
+    fn the_default_plan_counts_calendar_periods() {
+        let text = format!(
+            "{ROUTE}\n[billing]\ndefault_plan = \"pro\"\n\n[[plans]]\nname = \"pro\"\nanchor = \"subscription\"\n"
+        );
+        assert_reports(
+            &problems(&text),
+            &["billing.default_plan: 'pro' is anchored to a subscription; the default plan needs calendar periods"],
+        );
     }
 
     #[test]
