@@ -212,10 +212,16 @@ fn validate_plan(raw: &RawPlan, at: &str, groups: &[&str], p: &mut Problems) -> 
     let mut allowances = Vec::new();
     for (j, allowance) in raw.allowances.iter().enumerate() {
         let at = format!("{at}.allowances[{j}]");
-        if allowance.name.trim().is_empty() || allowance.name.contains('@') {
+        let name_ok = (1..=64).contains(&allowance.name.len())
+            && allowance
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+        if !name_ok {
+            // It names buckets, quota items in headers and a path segment.
             p.push(
                 &format!("{at}.name"),
-                "is required, without '@' (it names the allowance's buckets)",
+                "must be 1 to 64 of A-Z a-z 0-9 - _ .",
             );
         } else if raw.allowances[..j]
             .iter()
@@ -447,7 +453,7 @@ name = "free"
 name = "free2"
 period = "soon"
 [[plans.allowances]]
-name = "calls"
+name = "calls \"now\""
 meter = "requests"
 units = 10
 [[plans.allowances.windows]]
@@ -474,6 +480,7 @@ units = 1
                 "plans[1].allowances[0].windows[1].units: must be at most the allowance's 100 units",
                 "plans[1].allowances[0].windows[2].every: 'hour' is not a window (day or week)",
                 "plans[3].period: 'soon' is not a period (day, week or month)",
+                "plans[3].allowances[0].name: must be 1 to 64 of A-Z a-z 0-9 - _ .",
                 "billing.default_plan: 'gold' is not a plan in [[plans]]",
             ],
         );
