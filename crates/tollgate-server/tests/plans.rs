@@ -330,6 +330,16 @@ async fn an_upgrade_applies_at_once_keeping_the_periods_usage_and_is_audited() {
     let body = expect_error(bad, 400, "validation_error").await;
     assert!(body["error"]["field_errors"]["plan"].is_array());
     assert!(body["error"]["field_errors"]["status"].is_array());
+    let future = app
+        .http
+        .put(format!("{}{path}", app.url))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&json!({"plan": "pro", "started_at": "2999-01-01T00:00:00Z"}))
+        .send()
+        .await
+        .unwrap();
+    let body = expect_error(future, 400, "validation_error").await;
+    assert!(body["error"]["field_errors"]["started_at"].is_array());
     let theirs = app
         .http
         .put(format!("{}{path}", app.url))

@@ -704,8 +704,8 @@ pub struct SetSubscriptionRequest {
         schema(pattern = r"^(active|trialing|past_due|unpaid|canceled)$")
     )]
     pub status: Option<String>,
-    /// When the subscription started: the anchor of `subscription`-anchored periods. Default:
-    /// kept from the current subscription, or now.
+    /// When the subscription started: the anchor of `subscription`-anchored periods, between
+    /// 2000-01-01 and now. Default: kept from the current subscription, or now.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub started_at: Option<DateTime<Utc>>,
 }

@@ -11,6 +11,7 @@ use crate::state::AppState;
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::{Extension, Json};
+use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use tollgate_core::allowance;
 use tollgate_core::plan::{length_name, Meter, Subscription, SubscriptionStatus};
@@ -105,9 +106,15 @@ pub(crate) async fn subscribe(
             SubscriptionStatus::Active
         }),
     };
+    let now = state.clock.now();
+    // Periods are counted from it: a start in the future, or before any real subscription,
+    // is a mistake.
+    let earliest = DateTime::<Utc>::from_timestamp(946_684_800, 0).unwrap_or_default();
+    if body.started_at.is_some_and(|at| at > now || at < earliest) {
+        fields.add("started_at", "must be between 2000-01-01 and now");
+    }
     fields.finish()?;
     existing_account(state, account).await?;
-    let now = state.clock.now();
     let before = state.store.subscription(account).await?;
     let subscription = Subscription {
         plan: body.plan,
