@@ -594,3 +594,61 @@ async fn a_daily_window_resets_on_its_own_and_a_new_month_takes_over_unused_unit
     let february = settled(&app, key).await;
     assert_eq!(used_of(&february, "requests"), (14, 1));
 }
+
+/// What a customer holding only its own keys can try on plans: read another account's
+/// allowances, grant itself a pack, reset its allowance, change its plan. Each is refused and
+/// changes nothing.
+#[tokio::test]
+async fn a_customer_cannot_read_anothers_allowances_nor_grant_reset_or_change_its_own() {
+    let app = app_with_plans("block").await;
+    let mallory = app.create_account("mallory").await;
+    let victim = app.create_account("victim").await;
+    let key = &mallory.master_key;
+    let theirs = app
+        .get_as(
+            &format!("/api/v1/billing/allowances?account_id={}", victim.id),
+            key,
+        )
+        .await;
+    expect_error(theirs, 404, "not_found").await;
+    let expires_at = app.clock_now() + chrono::Duration::days(1);
+    let attempts = [
+        (
+            format!("/api/v1/accounts/{}/packs", mallory.id),
+            json!({"meter": "requests", "units": 1000, "expires_at": expires_at}),
+        ),
+        (
+            format!("/api/v1/accounts/{}/allowances/requests/reset", mallory.id),
+            json!({"reference": "mine"}),
+        ),
+    ];
+    for (path, body) in attempts {
+        let response = app
+            .post(&path)
+            .bearer_auth(key)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        expect_error(response, 403, "forbidden").await;
+    }
+    let upgrade = app
+        .http
+        .put(format!(
+            "{}/api/v1/accounts/{}/subscription",
+            app.url, mallory.id
+        ))
+        .bearer_auth(key)
+        .json(&json!({"plan": "pro"}))
+        .send()
+        .await
+        .unwrap();
+    expect_error(upgrade, 403, "forbidden").await;
+    let mine = allowances(&app, key).await;
+    assert_eq!(mine["plan"], "free");
+    assert_eq!(
+        mine["buckets"].as_array().unwrap().len(),
+        1,
+        "no pack: {mine}"
+    );
+}
