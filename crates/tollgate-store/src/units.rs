@@ -141,8 +141,9 @@ impl UnitsAsk {
     }
 }
 
-/// Decides an ask against the buckets read under lock: `candidates` is the allowance's bucket
-/// and the packs that may serve the call. Returns the answer and the draws to write.
+/// Decides an ask against the buckets read under lock: `candidates` are the plan's own buckets
+/// (the allowance's and its windows') and the packs that may serve the call. Returns the answer,
+/// with the draws to write.
 pub(crate) fn decide(ask: &UnitsAsk, candidates: Vec<UnitBucket>) -> UnitsAnswer {
     let window_names: Vec<&str> = ask.windows.iter().map(|w| w.bucket.as_str()).collect();
     let (windows, candidates): (Vec<UnitBucket>, Vec<UnitBucket>) = candidates

@@ -14,25 +14,25 @@ use tollgate_store::{BucketSource, Store, StoreError, UnitBucket, UnitsAnswer, U
 /// Subscriptions' start for accounts on the default plan: only calendar periods use it.
 const NO_START: DateTime<Utc> = DateTime::<Utc>::UNIX_EPOCH;
 
-/// The plan an account's calls follow, and its subscription if it has one.
-#[derive(Debug, Clone)]
-pub struct PlanOf {
-    pub plan: Arc<Plan>,
-    pub subscription: Option<Subscription>,
+/// The plan an account's calls follow, and its subscription if it has one; borrowed from the
+/// config and the key cache, so finding it per request copies nothing.
+#[derive(Debug, Clone, Copy)]
+pub struct PlanOf<'a> {
+    pub plan: &'a Plan,
+    pub subscription: Option<&'a Subscription>,
 }
 
-impl PlanOf {
+impl<'a> PlanOf<'a> {
     /// The account's subscribed plan, else the default one; `None` when neither exists (a
     /// subscription to a plan the config no longer has follows the default).
-    pub fn find(plans: &Plans, subscription: Option<&Subscription>) -> Option<PlanOf> {
-        let subscribed = subscription.and_then(|s| plans.get(&s.plan).map(|p| (p, s)));
-        match subscribed {
+    pub fn find(plans: &'a Plans, subscription: Option<&'a Subscription>) -> Option<PlanOf<'a>> {
+        match subscription.and_then(|s| plans.get(&s.plan).map(|p| (p, s))) {
             Some((plan, subscription)) => Some(PlanOf {
-                plan: plan.clone(),
-                subscription: Some(subscription.clone()),
+                plan,
+                subscription: Some(subscription),
             }),
             None => plans.default_plan().map(|plan| PlanOf {
-                plan: plan.clone(),
+                plan,
                 subscription: None,
             }),
         }
@@ -41,7 +41,7 @@ impl PlanOf {
     /// `Ok(None)`: calls pass; `Ok(Some(until))`: they pass, past due, until then;
     /// `Err`: the subscription has lapsed (402 `subscription_lapsed`).
     pub fn standing(&self, at: DateTime<Utc>) -> Result<Option<DateTime<Utc>>, ApiError> {
-        let Some(subscription) = &self.subscription else {
+        let Some(subscription) = self.subscription else {
             return Ok(None);
         };
         match subscription.standing(self.plan.grace, at) {
@@ -68,16 +68,14 @@ impl PlanOf {
         account: AccountId,
         group: &str,
         at: DateTime<Utc>,
-    ) -> Option<(Allowance, UnitBucket)> {
-        let allowance = self.plan.allowance_for(group)?.clone();
-        let bucket = self.bucket_of(account, &allowance, at);
+    ) -> Option<(&'a Allowance, UnitBucket)> {
+        let allowance = self.plan.allowance_for(group)?;
+        let bucket = self.bucket_of(account, allowance, at);
         Some((allowance, bucket))
     }
 
     fn started(&self) -> DateTime<Utc> {
-        self.subscription
-            .as_ref()
-            .map_or(NO_START, |s| s.started_at)
+        self.subscription.map_or(NO_START, |s| s.started_at)
     }
 
     /// The name of `allowance`'s bucket for the period before the one holding `at`.
@@ -265,7 +263,7 @@ pub enum NotReserved {
 
 /// What a call asks of its allowance.
 pub struct CallUnits<'a> {
-    pub plan: &'a PlanOf,
+    pub plan: PlanOf<'a>,
     pub account: AccountId,
     pub group: &'a str,
     pub request: RequestId,
@@ -286,14 +284,14 @@ pub async fn reserve(
         return Ok(None);
     };
     let units = units_of(allowance.meter, call.tokens, call.worst_cost);
-    let asked_windows = call.plan.window_buckets(call.account, &allowance, call.at);
+    let asked_windows = call.plan.window_buckets(call.account, allowance, call.at);
     let ask = UnitsAsk {
         request: call.request,
         allowance: bucket,
         windows: asked_windows.iter().map(|(_, b)| b.clone()).collect(),
         rollover: (allowance.rollover > 0).then(|| {
             (
-                call.plan.previous_bucket(&allowance, call.at),
+                call.plan.previous_bucket(allowance, call.at),
                 allowance.rollover,
             )
         }),
@@ -329,8 +327,8 @@ pub async fn reserve(
             packs_remaining,
         } => {
             let windows = with_windows(windows);
-            let quotas = Quota::all(&allowance, &bucket, &windows, packs_remaining);
-            let error = exhausted(&call.plan.plan, &allowance, &bucket, &windows, units);
+            let quotas = Quota::all(allowance, &bucket, &windows, packs_remaining);
+            let error = exhausted(call.plan.plan, allowance, &bucket, &windows, units);
             Err(NotReserved::Exhausted(error, quotas))
         }
         UnitsAnswer::Reserved {
@@ -340,7 +338,7 @@ pub async fn reserve(
             packs_remaining,
             ..
         } => Ok(Some(Reserved {
-            quotas: Quota::all(&allowance, &bucket, &with_windows(windows), packs_remaining),
+            quotas: Quota::all(allowance, &bucket, &with_windows(windows), packs_remaining),
             soft_excess: if reservation.soft {
                 reservation.uncovered
             } else {

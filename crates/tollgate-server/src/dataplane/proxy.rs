@@ -334,7 +334,7 @@ async fn forward(
             .min(state.config.request_hold_ttl),
         None => state.config.request_hold_ttl,
     };
-    if let Some(plan) = &plan {
+    if let Some(plan) = plan {
         let started = std::time::Instant::now();
         let reserved = allowances::reserve(
             &state.store,
