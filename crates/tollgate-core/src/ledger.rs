@@ -61,10 +61,12 @@ pub enum TransferKind {
     Debt,
     /// Wallet → debt: new credit paying what the account owes.
     Repay,
+    /// Wallet → revenue: a plan's fee for a period, paid only from credit the wallet has.
+    Fee,
 }
 
 impl TransferKind {
-    const ALL: [TransferKind; 9] = [
+    const ALL: [TransferKind; 10] = [
         TransferKind::Grant,
         TransferKind::Hold,
         TransferKind::Charge,
@@ -74,6 +76,7 @@ impl TransferKind {
         TransferKind::Chargeback,
         TransferKind::Debt,
         TransferKind::Repay,
+        TransferKind::Fee,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -87,6 +90,7 @@ impl TransferKind {
             TransferKind::Chargeback => "chargeback",
             TransferKind::Debt => "debt",
             TransferKind::Repay => "repay",
+            TransferKind::Fee => "fee",
         }
     }
 
@@ -502,6 +506,37 @@ impl Book {
         Ok(transfers)
     }
 
+    /// Pays `amount` out of a loaded wallet to `to`, as a transfer of `kind`, only if the wallet
+    /// has it all: unlike [`Book::take`], a payment never makes debt.
+    pub fn pay(
+        &mut self,
+        account: AccountId,
+        amount: Nanos,
+        to: LedgerAccount,
+        kind: TransferKind,
+    ) -> Result<Vec<Transfer>, Refusal> {
+        if !(Nanos::ZERO..=MAX_AMOUNT).contains(&amount) {
+            return Err(Refusal::InvalidAmount(amount));
+        }
+        let wallet = self.wallets.get_mut(&account).ok_or(Refusal::NotLoaded)?;
+        if wallet.available < amount {
+            return Err(Refusal::InsufficientBalance {
+                required: amount,
+                available: wallet.available,
+            });
+        }
+        wallet.available = Nanos(wallet.available.0 - amount.0);
+        Ok((amount > Nanos::ZERO)
+            .then_some(Transfer {
+                debit: LedgerAccount::Wallet(account),
+                credit: to,
+                amount,
+                kind,
+            })
+            .into_iter()
+            .collect())
+    }
+
     /// Adds credit to a loaded wallet without a transfer: a lease carved from the stored
     /// wallet, which the ledger already counts as the account's.
     pub fn add_lease(&mut self, account: AccountId, amount: Nanos) {
@@ -860,6 +895,59 @@ mod tests {
             .unwrap();
         let wallet = book.wallet(account).unwrap();
         assert_eq!((wallet.available, wallet.debt), (Nanos(20), Nanos(0)));
+    }
+
+    #[test]
+    fn a_payment_takes_all_it_needs_from_the_wallet_or_nothing() {
+        let account = AccountId::new();
+        let mut book = book_with(account, 30);
+        assert_eq!(
+            book.pay(
+                account,
+                Nanos(31),
+                LedgerAccount::Revenue,
+                TransferKind::Fee
+            ),
+            Err(Refusal::InsufficientBalance {
+                required: Nanos(31),
+                available: Nanos(30)
+            })
+        );
+        assert_eq!(book.wallet(account).unwrap().available, Nanos(30));
+        let paid = book
+            .pay(
+                account,
+                Nanos(30),
+                LedgerAccount::Revenue,
+                TransferKind::Fee,
+            )
+            .unwrap();
+        assert_eq!(
+            paid.iter()
+                .map(|t| (t.debit, t.credit, t.amount.0, t.kind))
+                .collect::<Vec<_>>(),
+            [(
+                LedgerAccount::Wallet(account),
+                LedgerAccount::Revenue,
+                30,
+                TransferKind::Fee
+            )]
+        );
+        let wallet = book.wallet(account).unwrap();
+        assert_eq!((wallet.available, wallet.debt), (Nanos(0), Nanos(0)));
+        assert!(book
+            .pay(account, Nanos(0), LedgerAccount::Revenue, TransferKind::Fee)
+            .unwrap()
+            .is_empty());
+        assert_eq!(
+            book.pay(
+                account,
+                Nanos(-1),
+                LedgerAccount::Revenue,
+                TransferKind::Fee
+            ),
+            Err(Refusal::InvalidAmount(Nanos(-1)))
+        );
     }
 
     /// A book with one wallet loaded, holding `available`.

@@ -3,6 +3,7 @@
 //! calls through. Pure: the server reads plans from config and keeps subscriptions in the store.
 
 use crate::allowance::Overage;
+use crate::money::Nanos;
 use crate::period::{Length, Period, Schedule};
 use chrono::{DateTime, Duration, Utc};
 use chrono_tz::Tz;
@@ -123,6 +124,8 @@ pub struct Plan {
     pub zone: Tz,
     /// How long a `past_due` subscription keeps working.
     pub grace: Duration,
+    /// Paid from the wallet for each period a subscription uses (zero: free).
+    pub price: Nanos,
     /// Tried in order: the first that covers a call's route group meters it.
     pub allowances: Vec<Allowance>,
 }
@@ -279,6 +282,7 @@ mod tests {
             anchor: Anchor::Subscription,
             zone: Tz::UTC,
             grace: Duration::days(7),
+            price: Nanos::ZERO,
             allowances: vec![
                 Allowance {
                     name: "inspections".into(),

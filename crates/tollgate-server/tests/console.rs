@@ -1624,6 +1624,7 @@ async fn the_operator_sets_a_plan_and_grants_a_pack_and_the_customer_sees_its_in
         anchor: "calendar".into(),
         time_zone: "UTC".into(),
         grace: "7d".into(),
+        price: None,
         allowances: vec![RawAllowance {
             name: "calls".into(),
             meter: "requests".into(),

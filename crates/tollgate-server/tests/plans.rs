@@ -8,6 +8,7 @@ mod common;
 
 use common::{available, expect_error, spawn_app_with, TestApp, ADMIN_TOKEN};
 use serde_json::{json, Value};
+use tollgate_core::AccountId;
 use tollgate_server::config::plans::{RawAllowance, RawPlan, RawUnits};
 
 fn plan(name: &str, allowances: Vec<RawAllowance>) -> RawPlan {
@@ -17,6 +18,7 @@ fn plan(name: &str, allowances: Vec<RawAllowance>) -> RawPlan {
         anchor: "calendar".into(),
         time_zone: "UTC".into(),
         grace: "3d".into(),
+        price: None,
         allowances,
     }
 }
@@ -651,4 +653,152 @@ async fn a_customer_cannot_read_anothers_allowances_nor_grant_reset_or_change_it
         1,
         "no pack: {mine}"
     );
+}
+
+async fn subscribe(app: &TestApp, account: AccountId, body: Value) {
+    let response = app
+        .http
+        .put(format!(
+            "{}/api/v1/accounts/{account}/subscription",
+            app.url
+        ))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
+}
+
+/// The account's `fee` transfers: (amount in nanos, reference).
+async fn fees(app: &TestApp, key: &str) -> Vec<(i64, String)> {
+    let ledger = app.get_json("/api/v1/ledger?limit=100", key).await;
+    ledger["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["kind"] == "fee")
+        .map(|t| {
+            (
+                t["amount"]["nanos"].as_i64().unwrap(),
+                t["reference"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// Plans `pro` (2 credits a month) and `max` (3), 50 echo calls each; `free` is the default.
+async fn app_with_prices() -> TestApp {
+    spawn_app_with(|raw, _| {
+        let priced = |name: &str, price: &str| RawPlan {
+            price: Some(price.into()),
+            ..plan(name, vec![allowance("requests", Some("echo"), 50, "block")])
+        };
+        raw.plans = vec![
+            plan(
+                "free",
+                vec![allowance("requests", Some("echo"), 3, "block")],
+            ),
+            priced("pro", "2"),
+            priced("max", "3"),
+            priced("gold", "10"),
+        ];
+        raw.billing.default_plan = Some("free".into());
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_priced_plan_pays_its_fee_once_per_period_at_its_first_call_and_an_upgrade_the_difference(
+) {
+    let app = app_with_prices().await;
+    let account = app.create_account("subscriber").await;
+    let key = account.master_key.clone();
+    // A trial pays nothing.
+    subscribe(
+        &app,
+        account.id,
+        json!({"plan": "pro", "status": "trialing"}),
+    )
+    .await;
+    assert_eq!(echo(&app, &key).await.status(), 200);
+    assert_eq!(available(&app, &key).await, 5_000_000_000);
+    // Active: the period's first calls, side by side, pay the fee once.
+    subscribe(&app, account.id, json!({"plan": "pro", "status": "active"})).await;
+    let calls = (0..20).map(|_| echo(&app, &key));
+    for response in futures_util::future::join_all(calls).await {
+        assert_eq!(response.status(), 200);
+    }
+    assert_eq!(available(&app, &key).await, 3_000_000_000, "5 - 2, once");
+    let paid = fees(&app, &key).await;
+    assert_eq!(paid.len(), 1, "{paid:?}");
+    assert_eq!(paid[0].0, 2_000_000_000);
+    assert!(paid[0].1.starts_with("plan:") && paid[0].1.ends_with(":pro"));
+
+    // A restarted node knows nothing of it but the store: still paid.
+    let app = app.restart().await;
+    assert_eq!(echo(&app, &key).await.status(), 200);
+    assert_eq!(available(&app, &key).await, 3_000_000_000);
+
+    // An upgrade pays the difference at once; a downgrade gets nothing back.
+    subscribe(&app, account.id, json!({"plan": "max"})).await;
+    assert_eq!(echo(&app, &key).await.status(), 200);
+    assert_eq!(available(&app, &key).await, 2_000_000_000, "3 - 2 paid");
+    subscribe(&app, account.id, json!({"plan": "pro"})).await;
+    assert_eq!(echo(&app, &key).await.status(), 200);
+    assert_eq!(available(&app, &key).await, 2_000_000_000);
+
+    // The next month pays again, at its first call.
+    let body = allowances(&app, &key).await;
+    let resets_at: chrono::DateTime<chrono::Utc> = body["buckets"][0]["resets_at"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    app.clock.set(resets_at);
+    assert_eq!(echo(&app, &key).await.status(), 200);
+    assert_eq!(available(&app, &key).await, 0);
+    assert_eq!(fees(&app, &key).await.len(), 3);
+    common::assert_books_balance(&app, account.id).await;
+}
+
+#[tokio::test]
+async fn a_wallet_short_of_the_fee_refuses_the_call_and_grants_nothing_until_it_is_topped_up() {
+    let app = app_with_prices().await;
+    let account = app.create_account("short").await;
+    let key = account.master_key.clone();
+    subscribe(&app, account.id, json!({"plan": "gold"})).await;
+    let refused = echo(&app, &key).await;
+    let body = expect_error(refused, 402, "insufficient_balance").await;
+    let details = &body["error"]["details"];
+    assert_eq!(details["plan"], "gold");
+    assert_eq!(details["required"]["credits"], "10");
+    assert_eq!(details["balance"]["credits"], "5");
+    assert!(details["period_start"].is_string(), "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("'gold' plan's fee"), "{message}");
+    // Nothing was taken, and no unit of the unpaid period was granted or used.
+    assert_eq!(available(&app, &key).await, 5_000_000_000);
+    assert!(fees(&app, &key).await.is_empty());
+    let buckets = allowances(&app, &key).await;
+    assert!(
+        buckets["buckets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|b| b["used"] == 0 && b["held"] == 0),
+        "{buckets}"
+    );
+    let response = app
+        .admin_post(
+            &format!("/api/v1/accounts/{}/credits", account.id),
+            json!({"amount": "6", "reason": "top-up"}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(echo(&app, &key).await.status(), 200);
+    assert_eq!(available(&app, &key).await, 1_000_000_000);
+    common::assert_books_balance(&app, account.id).await;
 }

@@ -356,8 +356,8 @@ pub struct LedgerEntry {
     /// `debt:<account>`, `disputed:<account>`, `revenue` or `external`.
     pub to: String,
     pub amount: Money,
-    /// `grant`, `hold`, `charge`, `release`, `refund`, `dispute`, `chargeback`, `debt` or
-    /// `repay`.
+    /// `grant`, `hold`, `charge`, `release`, `refund`, `dispute`, `chargeback`, `debt`,
+    /// `repay` or `fee`.
     pub kind: String,
     pub memo: String,
     /// The hold the entry belongs to, or a grant's request ID.

@@ -1565,3 +1565,73 @@ async fn two_hundred_calls_at_once_across_nodes_draw_a_hundred_unit_allowance_ex
     .await;
     assert_eq!(wallet["available"]["nanos"], 0);
 }
+
+/// A plan's fee is filed under one reference per period: the period's first calls, side by side
+/// through every node, pay it once.
+#[tokio::test]
+async fn a_plans_fee_is_paid_once_whichever_nodes_take_the_periods_first_calls() {
+    const CALLS: usize = 60;
+    let plans = format!(
+        "[load_shedding]\nenabled = false\n{ROOMY_LIMIT}\n\
+         [[plans]]\nname = \"pro\"\nprice = \"2\"\n[[plans.allowances]]\nname = \"calls\"\n\
+         meter = \"requests\"\nunits = {CALLS}\n"
+    );
+    let Some(cluster) = Cluster::start(&plans).await else {
+        return;
+    };
+    let (account, master) = cluster.empty_account().await;
+    cluster.grant(0, &account, "5").await;
+    let response = cluster
+        .http
+        .put(format!(
+            "{}/api/v1/accounts/{account}/subscription",
+            cluster.url(1)
+        ))
+        .bearer_auth(ADMIN)
+        .json(&json!({"plan": "pro"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
+    let calls = (0..CALLS).map(|i| {
+        cluster
+            .http
+            .get(format!("{}/echo/x", cluster.url(i)))
+            .bearer_auth(&master)
+            .send()
+    });
+    for response in futures_util::future::join_all(calls).await {
+        let response = response.unwrap();
+        assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
+    }
+    let ledger: Value = send_json(
+        cluster
+            .http
+            .get(format!(
+                "{}/api/v1/ledger?account_id={account}&limit=100",
+                cluster.url(2)
+            ))
+            .bearer_auth(ADMIN),
+    )
+    .await;
+    let fees: Vec<&Value> = ledger["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["kind"] == "fee")
+        .collect();
+    assert_eq!(fees.len(), 1, "{ledger}");
+    assert_eq!(fees[0]["amount"]["nanos"], 2_000_000_000_i64);
+    let wallet: Value = send_json(
+        cluster
+            .http
+            .get(format!(
+                "{}/api/v1/billing/balance?account_id={account}",
+                cluster.url(0)
+            ))
+            .bearer_auth(ADMIN),
+    )
+    .await;
+    assert_eq!(wallet["available"]["nanos"], 3_000_000_000_i64);
+    assert_books_balance(&cluster).await;
+}

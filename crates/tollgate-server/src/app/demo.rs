@@ -319,6 +319,7 @@ fn demo_config(options: &DemoOptions, mock: &MockUpstream, admin_token: &str) ->
         anchor: "calendar".into(),
         time_zone: "UTC".into(),
         grace: "7d".into(),
+        price: None,
         allowances: vec![RawAllowance {
             name: "inspections".into(),
             meter: "requests".into(),

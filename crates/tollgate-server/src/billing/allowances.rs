@@ -3,13 +3,20 @@
 //! decides each reservation atomically ([`tollgate_store::UnitStore`]); this says what to ask
 //! and turns the answer into a refusal, a quota to show, and at the end a wallet charge.
 
+use crate::billing::ledger::{FeeRefused, GrantRefused, HoldRefused, Ledger};
+use crate::billing::refusal::refused_error;
 use crate::config::plans::Plans;
+use crate::http::error::HttpError;
 use chrono::{DateTime, Utc};
 use std::sync::Arc;
 use tollgate_core::allowance::{self, Overage};
-use tollgate_core::plan::{length_name, Allowance, Meter, Plan, Standing, Subscription, Window};
+use tollgate_core::period::Period;
+use tollgate_core::plan::{
+    length_name, Allowance, Meter, Plan, Standing, Subscription, SubscriptionStatus, Window,
+};
 use tollgate_core::{AccountId, ApiError, ErrorCode, Nanos, RequestId};
 use tollgate_store::{BucketSource, Store, StoreError, UnitBucket, UnitsAnswer, UnitsAsk};
+use tollgate_wire::api::Money;
 
 /// Subscriptions' start for accounts on the default plan: only calendar periods use it.
 const NO_START: DateTime<Utc> = DateTime::<Utc>::UNIX_EPOCH;
@@ -60,6 +67,17 @@ impl<'a> PlanOf<'a> {
             .with_detail("status", subscription.status.as_str())
             .with_detail("since", rfc3339(subscription.since))),
         }
+    }
+
+    /// The fee owed for the period holding `at`, and that period: `None` on a free plan, in a
+    /// trial, or on the default plan (which is free).
+    pub fn fee(&self, at: DateTime<Utc>) -> Option<(Nanos, Period)> {
+        let subscription = self.subscription?;
+        if self.plan.price == Nanos::ZERO || subscription.status == SubscriptionStatus::Trialing {
+            return None;
+        }
+        let period = self.plan.schedule(subscription.started_at).period_at(at);
+        Some((self.plan.price, period))
     }
 
     /// The allowance metering calls on `group`, and its bucket for the period holding `at`.
@@ -140,6 +158,75 @@ impl<'a> PlanOf<'a> {
             held: 0,
             starts_at: period.start,
             ends_at: period.end,
+        }
+    }
+}
+
+/// Pays the plan's fee for the call's period from the wallet, if it is owed and not paid yet
+/// (the period's first call pays it, once, whichever node takes it). A wallet short of it
+/// refuses the call with 402 `insufficient_balance`: a period is not used before it is paid.
+pub async fn pay_fee(
+    ledger: &Ledger,
+    plan: PlanOf<'_>,
+    account: AccountId,
+    at: DateTime<Utc>,
+    currency: &str,
+) -> Result<(), HttpError> {
+    let Some((price, period)) = plan.fee(at) else {
+        return Ok(());
+    };
+    let paid = ledger
+        .pay_fee(account, price, period.start, &plan.plan.name)
+        .await;
+    let refused = match paid {
+        Ok(_) => return Ok(()),
+        Err(FeeRefused::Grant(e)) => return Err(grant_refused(e)),
+        Err(FeeRefused::Short {
+            required,
+            available,
+            leased,
+        }) if available.0.saturating_add(leased.0) >= required.0 => HoldRefused::CreditElsewhere {
+            required,
+            balance: Nanos(available.0.saturating_add(leased.0)),
+        },
+        Err(FeeRefused::Short {
+            required,
+            available,
+            ..
+        }) => {
+            let money =
+                |n: Nanos| serde_json::to_value(Money::new(n, currency)).unwrap_or_default();
+            return Err(HttpError::new(
+                ErrorCode::InsufficientBalance,
+                format!(
+                    "The '{}' plan's fee for the period from {} to {} is {required} {currency}, \
+                     paid from the wallet at the period's first call, but the balance is \
+                     {available} {currency}. Top up the wallet and retry.",
+                    plan.plan.name,
+                    rfc3339(period.start),
+                    rfc3339(period.end),
+                ),
+            )
+            .with_detail("required", money(required))
+            .with_detail("balance", money(available))
+            .with_detail("plan", plan.plan.name.as_str())
+            .with_detail("period_start", rfc3339(period.start))
+            .with_detail("period_end", rfc3339(period.end)));
+        }
+    };
+    Err(refused_error(refused, price, currency))
+}
+
+fn grant_refused(refused: GrantRefused) -> HttpError {
+    match refused {
+        GrantRefused::Store(e) => e.into(),
+        // Queued: the store applies it once when it answers, and the next call finds it paid.
+        GrantRefused::Unconfirmed => StoreError::Unavailable(
+            "the store did not confirm the plan's fee in time; retry shortly".into(),
+        )
+        .into(),
+        GrantRefused::OverLimit => {
+            StoreError::Corrupt("a plan's fee is out of range".into()).into()
         }
     }
 }

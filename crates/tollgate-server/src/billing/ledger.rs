@@ -165,6 +165,7 @@ pub struct Ledger {
     /// hold here (for [`Ledger::return_idle_leases`]).
     leasing: Option<Leasing>,
     last_hold: Mutex<HashMap<AccountId, Instant>>,
+    fees_paid: Mutex<HashMap<AccountId, String>>,
     /// Writes per committed batch, and how long the oldest write of a batch waited (for
     /// `/metrics`).
     pub batch_size: Histogram,
@@ -237,6 +238,11 @@ pub enum Movement {
         to: LedgerAccount,
         kind: TransferKind,
     },
+    /// Out of the wallet to `to`, as `kind`, only if the wallet has it all.
+    Pay {
+        to: LedgerAccount,
+        kind: TransferKind,
+    },
     /// From `from` to the outside, the wallet untouched (a dispute lost: the credit it set
     /// aside is gone).
     Close { from: LedgerAccount },
@@ -252,6 +258,7 @@ impl Movement {
         match self {
             Movement::Credit { from } => book.credit(account, amount, from),
             Movement::Take { to, kind } => book.take(account, amount, to, kind),
+            Movement::Pay { to, kind } => book.pay(account, amount, to, kind),
             Movement::Close { from } => {
                 if amount < Nanos::ZERO {
                     return Err(Refusal::InvalidAmount(amount));
@@ -291,6 +298,38 @@ pub enum GrantRefused {
 impl From<StoreError> for GrantRefused {
     fn from(e: StoreError) -> Self {
         GrantRefused::Store(e)
+    }
+}
+
+/// Why a movement was not made: refused by the book (with what other nodes lease of the
+/// account, on a shared store), or by the store.
+enum MoveRefused {
+    Book(Refusal, Nanos),
+    Grant(GrantRefused),
+}
+
+impl<E: Into<GrantRefused>> From<E> for MoveRefused {
+    fn from(e: E) -> Self {
+        MoveRefused::Grant(e.into())
+    }
+}
+
+/// Why a plan's fee was not paid.
+#[derive(Debug)]
+pub enum FeeRefused {
+    /// The wallet's free credit falls short; on a shared store, `leased` more sits in nodes'
+    /// leases, on its way back.
+    Short {
+        required: Nanos,
+        available: Nanos,
+        leased: Nanos,
+    },
+    Grant(GrantRefused),
+}
+
+impl From<GrantRefused> for FeeRefused {
+    fn from(e: GrantRefused) -> Self {
+        FeeRefused::Grant(e)
     }
 }
 
@@ -381,6 +420,7 @@ impl Ledger {
             grants: tokio::sync::Mutex::new(()),
             leasing,
             last_hold: Mutex::new(HashMap::new()),
+            fees_paid: Mutex::new(HashMap::new()),
             batch_size,
             write_lag,
             over_hold_calls: Counter::default(),
@@ -640,6 +680,14 @@ impl Ledger {
         }
     }
 
+    /// The fee each account was last seen to have paid (its reference), so a period's calls
+    /// after the first ask the store nothing.
+    fn fees_paid(&self) -> MutexGuard<'_, HashMap<AccountId, String>> {
+        self.fees_paid
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     fn last_hold(&self) -> MutexGuard<'_, HashMap<AccountId, Instant>> {
         self.last_hold
             .lock()
@@ -776,10 +824,115 @@ impl Ledger {
                 return Ok(Granted::AlreadyApplied);
             }
         }
-        let refused = |e: Refusal| match e {
-            Refusal::Overflow | Refusal::InvalidAmount(_) => GrantRefused::OverLimit,
-            other => GrantRefused::Store(StoreError::Corrupt(other.to_string())),
+        self.make_movement(account, amount, movement, memo, reference)
+            .await
+            .map_err(|refused| match refused {
+                MoveRefused::Book(Refusal::Overflow | Refusal::InvalidAmount(_), _) => {
+                    GrantRefused::OverLimit
+                }
+                MoveRefused::Book(other, _) => {
+                    GrantRefused::Store(StoreError::Corrupt(other.to_string()))
+                }
+                MoveRefused::Grant(refused) => refused,
+            })
+    }
+
+    /// Pays a plan's fee for a period from the wallet's credit (never making debt), and waits
+    /// until it is stored. Each plan's fee is filed under `plan:<period>:<plan>` and paid once
+    /// per period; a period costs at most its priciest plan, since what the period's other fees
+    /// paid counts toward this one (an upgrade pays the difference, a downgrade nothing).
+    pub async fn pay_fee(
+        &self,
+        account: AccountId,
+        price: Nanos,
+        period: DateTime<Utc>,
+        plan: &str,
+    ) -> Result<Nanos, FeeRefused> {
+        let prefix = format!("plan:{}:", period.timestamp());
+        let reference = format!("{prefix}{plan}");
+        if self.fees_paid().get(&account) == Some(&reference) {
+            return Ok(Nanos::ZERO);
+        }
+        // Only this writes `plan:` references, and it waits until they are stored: no flush.
+        let _turn = self.grants.lock().await;
+        let paid = self.pay_fee_turn(account, price, period, plan, &prefix, &reference);
+        let paid = paid.await?;
+        self.fees_paid().insert(account, reference);
+        Ok(paid)
+    }
+
+    async fn pay_fee_turn(
+        &self,
+        account: AccountId,
+        price: Nanos,
+        period: DateTime<Utc>,
+        plan: &str,
+        prefix: &str,
+        reference: &str,
+    ) -> Result<Nanos, FeeRefused> {
+        if self
+            .store
+            .filed(account, reference)
+            .await
+            .map_err(GrantRefused::from)?
+        {
+            return Ok(Nanos::ZERO);
+        }
+        let paid = self
+            .store
+            .filed_total(account, prefix)
+            .await
+            .map_err(GrantRefused::from)?;
+        let due = Nanos((price.0 - paid.0).max(0));
+        if due == Nanos::ZERO {
+            return Ok(Nanos::ZERO);
+        }
+        let movement = Movement::Pay {
+            to: LedgerAccount::Revenue,
+            kind: TransferKind::Fee,
         };
+        let memo = format!(
+            "the '{plan}' plan's fee for the period from {}",
+            period.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
+        );
+        match self
+            .make_movement(account, due, movement, &memo, reference)
+            .await
+        {
+            Ok(_) => Ok(due),
+            Err(MoveRefused::Book(
+                Refusal::InsufficientBalance {
+                    required,
+                    available,
+                },
+                leased,
+            )) => Err(FeeRefused::Short {
+                required,
+                available,
+                leased,
+            }),
+            Err(MoveRefused::Book(other, _)) => Err(FeeRefused::Grant(GrantRefused::Store(
+                StoreError::Corrupt(other.to_string()),
+            ))),
+            // Another node paid it under the same reference first: the store kept one.
+            Err(MoveRefused::Grant(refused)) => match self.store.filed(account, reference).await {
+                Ok(true) => Ok(Nanos::ZERO),
+                Ok(false) => Err(FeeRefused::Grant(refused)),
+                Err(e) => Err(FeeRefused::Grant(e.into())),
+            },
+        }
+    }
+
+    /// Makes a movement on the free balance and waits until it is stored; the caller holds the
+    /// turn (`grants`).
+    async fn make_movement(
+        &self,
+        account: AccountId,
+        amount: Nanos,
+        movement: Movement,
+        memo: &str,
+        reference: &str,
+    ) -> Result<Granted, MoveRefused> {
         // On a shared store these move the free balance, for any node to carve, not this
         // node's lease: the book is left as it is, and the movement is worked out on the stored
         // wallet, less what nodes lease (the store refuses the batch if a carve took it meanwhile).
@@ -795,13 +948,14 @@ impl Ledger {
                     .iter()
                     .map(|(_, n)| n.0)
                     .sum();
-                wallet.available = Nanos((wallet.available.0 - leased).max(0));
+                let free = (wallet.available.0 - leased).max(0);
+                wallet.available = Nanos(free);
                 let mut scratch = Book::new();
                 scratch.load_wallet(account, wallet);
                 Some(
                     movement
                         .make(&mut scratch, account, amount)
-                        .map_err(refused)?,
+                        .map_err(|e| MoveRefused::Book(e, Nanos(leased)))?,
                 )
             }
             None => {
@@ -813,7 +967,9 @@ impl Ledger {
             let mut book = self.book();
             let transfers = match shared_transfers {
                 Some(transfers) => transfers,
-                None => movement.make(&mut book, account, amount).map_err(refused)?,
+                None => movement
+                    .make(&mut book, account, amount)
+                    .map_err(|e| MoveRefused::Book(e, Nanos::ZERO))?,
             };
             let at = self.clock.now();
             let writes: Vec<LedgerWrite> = transfers
@@ -833,9 +989,11 @@ impl Ledger {
         self.flush().await.map_err(|_| GrantRefused::Unconfirmed)?;
         // Handled is not stored: a movement the store refused was undone in the book.
         if amount > Nanos::ZERO && !self.store.filed(account, reference).await? {
-            return Err(GrantRefused::Store(StoreError::Corrupt(format!(
-                "the store refused the transfer filed under '{reference}'; it was not applied"
-            ))));
+            return Err(MoveRefused::Grant(GrantRefused::Store(
+                StoreError::Corrupt(format!(
+                    "the store refused the transfer filed under '{reference}'; it was not applied"
+                )),
+            )));
         }
         Ok(Granted::Applied)
     }

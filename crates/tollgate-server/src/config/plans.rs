@@ -27,6 +27,10 @@ pub struct RawPlan {
     /// How long a `past_due` subscription keeps calling (with a warning).
     #[serde(default = "week")]
     pub grace: String,
+    /// Paid from the wallet for each period an account on the plan calls in (`"20.00"`); free
+    /// when left out. Not for the default plan, which accounts are on without choosing it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub price: Option<String>,
     #[serde(default)]
     pub allowances: Vec<RawAllowance>,
 }
@@ -145,6 +149,11 @@ pub(crate) fn validate_plans(
                 "billing.default_plan",
                 format!("'{name}' is anchored to a subscription; the default plan needs calendar periods"),
             ),
+            // Accounts are on it without choosing it: it cannot charge them.
+            Some(plan) if plan.price > Nanos::ZERO => p.push(
+                "billing.default_plan",
+                format!("'{name}' has a price; the default plan must be free"),
+            ),
             Some(_) => {}
         }
         found
@@ -209,6 +218,12 @@ fn validate_plan(raw: &RawPlan, at: &str, groups: &[&str], p: &mut Problems) -> 
             p.push(&format!("{at}.grace"), "must be a duration, e.g. 7d or 0s");
             None
         });
+    let price = match &raw.price {
+        None => Some(Nanos::ZERO),
+        Some(text) => Nanos::parse_credits(text)
+            .map_err(|e| p.push(&format!("{at}.price"), e.to_string()))
+            .ok(),
+    };
     let mut allowances = Vec::new();
     for (j, allowance) in raw.allowances.iter().enumerate() {
         let at = format!("{at}.allowances[{j}]");
@@ -242,6 +257,7 @@ fn validate_plan(raw: &RawPlan, at: &str, groups: &[&str], p: &mut Problems) -> 
         anchor: anchor?,
         zone: zone?,
         grace: grace?,
+        price: price?,
         allowances,
     })
 }
@@ -383,6 +399,7 @@ fn count(meter: Option<Meter>, raw: &RawUnits, path: &str, p: &mut Problems) -> 
 mod tests {
     #![allow(clippy::unwrap_used)]
     use crate::config::Config;
+    use tollgate_core::Nanos;
 
     fn problems(toml: &str) -> String {
         Config::load(toml, Vec::<(String, String)>::new())
@@ -427,6 +444,7 @@ units = "-1"
 [[plans]]
 name = "weekly"
 period = "week"
+price = "ten"
 
 [[plans.allowances]]
 name = "calls"
@@ -475,6 +493,7 @@ units = 1
                 "plans[0].allowances[1].units: must be a whole number",
                 "plans[0].allowances[2].units:",
                 "plans[2].name: 'free' names another plan already",
+                "plans[1].price: 'ten' is not a decimal amount",
                 "plans[1].allowances[0].rollover: must be at most the allowance's 100 units",
                 "plans[1].allowances[0].windows[0].every: a week window must be shorter than its week period",
                 "plans[1].allowances[0].windows[1].units: must be at most the allowance's 100 units",
@@ -504,6 +523,17 @@ units = 1
     }
 
     #[test]
+    fn the_default_plan_is_free() {
+        let text = format!(
+            "{ROUTE}\n[billing]\ndefault_plan = \"pro\"\n\n[[plans]]\nname = \"pro\"\nprice = \"9.99\"\n"
+        );
+        assert_reports(
+            &problems(&text),
+            &["billing.default_plan: 'pro' has a price; the default plan must be free"],
+        );
+    }
+
+    #[test]
     fn a_valid_plan_reads_with_its_defaults() {
         let text = format!(
             r#"{ROUTE}
@@ -524,12 +554,18 @@ meter = "cost"
 routes = "llm"
 units = "2.50"
 overage = "wallet"
+
+[[plans]]
+name = "pro"
+price = "9.99"
 "#
         );
         let config = Config::load(&text, Vec::<(String, String)>::new()).unwrap();
+        assert_eq!(config.plans.get("pro").unwrap().price.0, 9_990_000_000);
         let plan = config.plans.default_plan().unwrap();
         assert_eq!(plan.name, "free");
         assert_eq!(plan.grace, chrono::Duration::days(7));
+        assert_eq!(plan.price, Nanos::ZERO);
         assert_eq!(plan.allowances[0].units, 5);
         assert_eq!(plan.allowances[1].units, 2_500_000_000);
         assert_eq!(plan.allowance_for("llm").unwrap().name, "requests");

@@ -122,7 +122,7 @@ pub async fn proxy(State(state): State<AppState>, request: Request) -> Response 
 }
 
 /// How long each phase of a proxied request took, for the `Server-Timing` header (`auth`,
-/// `limits`, `hold`, `upstream`, in milliseconds); phases a request did not reach are absent.
+/// `limits`, `units`, `hold`, `upstream`, in milliseconds); phases a request did not reach are absent.
 #[derive(Debug, Default)]
 struct Timings(String);
 
@@ -336,6 +336,16 @@ async fn forward(
     };
     if let Some(plan) = plan {
         let started = std::time::Instant::now();
+        let paid = allowances::pay_fee(
+            &state.ledger,
+            plan,
+            key.account_id,
+            now,
+            &state.config.currency,
+        )
+        .await
+        .inspect_err(|_| timings.since("units", started));
+        paid?;
         let reserved = allowances::reserve(
             &state.store,
             CallUnits {
