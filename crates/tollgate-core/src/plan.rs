@@ -5,8 +5,10 @@
 use crate::allowance::Overage;
 use crate::money::Nanos;
 use crate::period::{Length, Period, Schedule};
+use crate::ratelimit::Overrides;
 use chrono::{DateTime, Duration, Utc};
 use chrono_tz::Tz;
+use std::collections::BTreeMap;
 
 /// What an allowance counts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -128,6 +130,11 @@ pub struct Plan {
     pub price: Nanos,
     /// Tried in order: the first that covers a call's route group meters it.
     pub allowances: Vec<Allowance>,
+    /// Percent off the prices of a route group's calls.
+    pub discounts: BTreeMap<String, u8>,
+    /// The plan's own numbers for configured rate-limit policies (an account's or key's own
+    /// override still wins).
+    pub rate_limits: Overrides,
 }
 
 impl Plan {
@@ -145,6 +152,11 @@ impl Plan {
 
     pub fn allowance_for(&self, group: &str) -> Option<&Allowance> {
         self.allowances.iter().find(|a| a.covers(group))
+    }
+
+    /// Percent off the route group's prices (0: none).
+    pub fn discount_for(&self, group: &str) -> u8 {
+        self.discounts.get(group).copied().unwrap_or(0)
     }
 }
 
@@ -283,6 +295,8 @@ mod tests {
             zone: Tz::UTC,
             grace: Duration::days(7),
             price: Nanos::ZERO,
+            discounts: BTreeMap::new(),
+            rate_limits: Overrides::new(),
             allowances: vec![
                 Allowance {
                     name: "inspections".into(),

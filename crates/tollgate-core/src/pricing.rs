@@ -93,6 +93,12 @@ pub fn add(a: Nanos, b: Nanos) -> Nanos {
     Nanos(a.0.saturating_add(b.0))
 }
 
+/// `amount` less `percent` of it, rounded up (a discount never makes a price free by rounding).
+pub fn discounted(amount: Nanos, percent: u8) -> Nanos {
+    let kept = u128::from(100 - percent.min(100));
+    saturate((non_negative(amount) * kept).div_ceil(100))
+}
+
 fn non_negative(n: Nanos) -> u128 {
     u128::try_from(n.0).unwrap_or(0)
 }
@@ -107,6 +113,19 @@ mod tests {
 
     fn credits(text: &str) -> Nanos {
         Nanos::parse_credits(text).unwrap()
+    }
+
+    #[test]
+    fn a_discount_takes_its_percent_off_rounded_up() {
+        assert_eq!(discounted(Nanos(1_000), 20), Nanos(800));
+        assert_eq!(discounted(Nanos(1), 20), Nanos(1), "rounded up, never free");
+        assert_eq!(discounted(Nanos(999), 33), Nanos(670), "669.33 up");
+        assert_eq!(discounted(Nanos(1_000), 0), Nanos(1_000));
+        assert_eq!(discounted(Nanos(1_000), 100), Nanos(0));
+        assert_eq!(
+            discounted(Nanos(i64::MAX), 1),
+            Nanos(9_131_138_316_486_228_049)
+        );
     }
 
     #[test]

@@ -1620,11 +1620,6 @@ async fn the_operator_sets_a_plan_and_grants_a_pack_and_the_customer_sees_its_in
     use tollgate_server::config::plans::{RawAllowance, RawPlan, RawUnits};
     let plan = |name: &str, units: i64| RawPlan {
         name: name.into(),
-        period: "month".into(),
-        anchor: "calendar".into(),
-        time_zone: "UTC".into(),
-        grace: "7d".into(),
-        price: None,
         allowances: vec![RawAllowance {
             name: "calls".into(),
             meter: "requests".into(),
@@ -1634,6 +1629,7 @@ async fn the_operator_sets_a_plan_and_grants_a_pack_and_the_customer_sees_its_in
             rollover: None,
             windows: Vec::new(),
         }],
+        ..RawPlan::default()
     };
     let app = spawn_app_with(move |raw, _| {
         raw.plans = vec![plan("free", 2), plan("pro", 50)];

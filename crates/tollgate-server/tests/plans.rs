@@ -14,12 +14,9 @@ use tollgate_server::config::plans::{RawAllowance, RawPlan, RawUnits};
 fn plan(name: &str, allowances: Vec<RawAllowance>) -> RawPlan {
     RawPlan {
         name: name.into(),
-        period: "month".into(),
-        anchor: "calendar".into(),
-        time_zone: "UTC".into(),
         grace: "3d".into(),
-        price: None,
         allowances,
+        ..RawPlan::default()
     }
 }
 
@@ -801,4 +798,82 @@ async fn a_wallet_short_of_the_fee_refuses_the_call_and_grants_nothing_until_it_
     assert_eq!(echo(&app, &key).await.status(), 200);
     assert_eq!(available(&app, &key).await, 1_000_000_000);
     common::assert_books_balance(&app, account.id).await;
+}
+
+/// `pro` takes 25 % off echo calls and allows 2 calls at once per key (the configured `per-key`
+/// allows 1000).
+#[tokio::test]
+async fn a_plans_discount_lowers_hold_and_charge_and_its_rate_limit_replaces_the_configured_one() {
+    let app = spawn_app_with(|raw, _| {
+        raw.plans = vec![RawPlan {
+            discounts: [("echo".to_string(), 25)].into(),
+            rate_limits: [(
+                "per-key".to_string(),
+                tollgate_core::ratelimit::LimitOverride {
+                    limit: 2,
+                    window_seconds: Some(3600),
+                    burst: Some(1),
+                },
+            )]
+            .into(),
+            ..plan("pro", Vec::new())
+        }];
+    })
+    .await;
+    let account = app.create_account("discounted").await;
+    // Calls with a usage key; reads by the admin, which no key's limit counts.
+    let (key, key_id) = app.create_usage_key(&account.master_key, json!({})).await;
+
+    // Before the plan: the route's price, and the configured limit.
+    let response = echo(&app, &key).await;
+    assert_eq!(response.status(), 200);
+    let policy = response.headers()["ratelimit-policy"].to_str().unwrap();
+    assert!(policy.contains("\"per-key\";q=6000"), "{policy}");
+    assert_eq!(
+        balance_by_admin(&app, account.id).await,
+        5_000_000_000 - 1_000_000
+    );
+
+    subscribe(&app, account.id, json!({"plan": "pro"})).await;
+    let response = echo(&app, &key).await;
+    assert_eq!(response.status(), 200);
+    let policy = response.headers()["ratelimit-policy"].to_str().unwrap();
+    assert!(policy.contains("\"per-key\";q=2;w=3600"), "{policy}");
+    let request_id = common::request_id(&response);
+    response.text().await.unwrap();
+    assert_eq!(
+        balance_by_admin(&app, account.id).await,
+        5_000_000_000 - 1_000_000 - 750_000,
+        "0.001 less 25 %"
+    );
+    let row = common::usage_of(&app, ADMIN_TOKEN, &request_id).await;
+    assert_eq!(row["cost"]["nanos"], 750_000, "{row}");
+    assert_eq!(row["hold"]["nanos"], 750_000, "{row}");
+    assert_eq!(
+        row["uncovered"]["nanos"], 0,
+        "the discounted cost fits its hold: {row}"
+    );
+    // The plan's burst: one more call now, then 429 until the window moves.
+    assert_eq!(echo(&app, &key).await.status(), 200);
+    expect_error(echo(&app, &key).await, 429, "rate_limited").await;
+    // The key's own numbers still win over its plan's.
+    let patched = app
+        .patch_key(
+            ADMIN_TOKEN,
+            key_id,
+            json!({"rate_limits": {"per-key": {"limit": 100, "burst": 100}}}),
+        )
+        .await;
+    assert_eq!(patched.status(), 200);
+    let response = echo(&app, &key).await;
+    assert_eq!(response.status(), 200);
+    response.text().await.unwrap();
+    common::assert_books_balance(&app, account.id).await;
+}
+
+async fn balance_by_admin(app: &TestApp, account: AccountId) -> i64 {
+    let path = format!("/api/v1/billing/balance?account_id={account}");
+    app.get_json(&path, ADMIN_TOKEN).await["available"]["nanos"]
+        .as_i64()
+        .unwrap()
 }

@@ -226,7 +226,8 @@ impl Estimate {
 
 /// The demands of every policy that applies to a call by `key` (on `route`, for the data plane).
 /// Route and key+route policies need a route, so they do not apply to the management API. A
-/// policy takes the key's own override, else its account's, else the configured numbers.
+/// policy takes the key's own override, else its account's, else its plan's, else the configured
+/// numbers.
 pub fn demands_for(
     config: &Config,
     route: Option<&RouteConfig>,
@@ -234,6 +235,7 @@ pub fn demands_for(
     estimate: Estimate,
 ) -> Vec<Demand> {
     let key = &*cached.record;
+    let plan = config.plans.of(cached.subscription.as_deref());
     let route_policies = route.map(|r| r.rate_limits.as_slice()).unwrap_or_default();
     config
         .rate_limits
@@ -259,7 +261,14 @@ pub fn demands_for(
                     .then(|| cached.account_rate_limits.get(&policy.name))
                     .flatten()
             };
-            let policy = match own.or_else(accounts) {
+            let plans = || {
+                policy
+                    .scope
+                    .accounted()
+                    .then(|| plan.and_then(|p| p.rate_limits.get(&policy.name)))
+                    .flatten()
+            };
+            let policy = match own.or_else(accounts).or_else(plans) {
                 Some(numbers) => Arc::new(policy.overridden(numbers)),
                 None => policy.clone(),
             };
@@ -269,51 +278,19 @@ pub fn demands_for(
         .collect()
 }
 
-/// Checks rate-limit overrides for a key (`for_account` false) or an account: each must name a
-/// configured policy the target may override, with a limit and window of at least one.
+/// Checks rate-limit overrides for a key (`for_account` false) or an account against the
+/// configured policies.
 pub fn check_overrides(
     config: &Config,
     overrides: &Overrides,
     for_account: bool,
 ) -> Vec<(String, String)> {
-    let mut problems = Vec::new();
     let configured = config
         .rate_limits
         .iter()
         .chain(&config.anonymous_limits)
         .chain(config.routes.iter().flat_map(|r| r.rate_limits.iter()));
-    let configured: Vec<&Arc<Policy>> = configured.collect();
-    for (name, numbers) in overrides {
-        let field = format!("rate_limits.{name}");
-        let mut add = |message: String| problems.push((field.clone(), message));
-        let Some(policy) = configured.iter().find(|p| &p.name == name) else {
-            add("is not a configured rate-limit policy".into());
-            continue;
-        };
-        let allowed = if for_account {
-            policy.scope.accounted()
-        } else {
-            policy.scope.keyed()
-        };
-        if !allowed {
-            let scopes = if for_account {
-                "key, key+route or account"
-            } else {
-                "key or key+route"
-            };
-            add(format!(
-                "has scope '{}'; only {scopes} policies can be overridden here",
-                policy.scope.as_str()
-            ));
-        }
-        if numbers.limit == 0 {
-            add("limit must be at least 1".into());
-        }
-        if numbers.window_seconds == Some(0) {
-            add("window_seconds must be at least 1".into());
-        }
-    }
-    problems
+    crate::config::check_overrides(configured, overrides, for_account)
 }
 
 /// Where the request stands, as whoever identified the caller left it for [`layer`].

@@ -315,11 +315,6 @@ fn demo_config(options: &DemoOptions, mock: &MockUpstream, admin_token: &str) ->
     ];
     let inspections = |plan: &str, units: i64, overage: &str| RawPlan {
         name: plan.into(),
-        period: "month".into(),
-        anchor: "calendar".into(),
-        time_zone: "UTC".into(),
-        grace: "7d".into(),
-        price: None,
         allowances: vec![RawAllowance {
             name: "inspections".into(),
             meter: "requests".into(),
@@ -329,6 +324,7 @@ fn demo_config(options: &DemoOptions, mock: &MockUpstream, admin_token: &str) ->
             rollover: None,
             windows: Vec::new(),
         }],
+        ..RawPlan::default()
     };
     for (i, route) in routes.iter_mut().enumerate() {
         route.position = i;

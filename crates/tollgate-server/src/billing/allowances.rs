@@ -33,16 +33,12 @@ impl<'a> PlanOf<'a> {
     /// The account's subscribed plan, else the default one; `None` when neither exists (a
     /// subscription to a plan the config no longer has follows the default).
     pub fn find(plans: &'a Plans, subscription: Option<&'a Subscription>) -> Option<PlanOf<'a>> {
-        match subscription.and_then(|s| plans.get(&s.plan).map(|p| (p, s))) {
-            Some((plan, subscription)) => Some(PlanOf {
-                plan,
-                subscription: Some(subscription),
-            }),
-            None => plans.default_plan().map(|plan| PlanOf {
-                plan,
-                subscription: None,
-            }),
-        }
+        let plan = plans.of(subscription)?;
+        Some(PlanOf {
+            plan,
+            // Only the plan subscribed to anchors on the subscription and has its standing.
+            subscription: subscription.filter(|s| s.plan == plan.name),
+        })
     }
 
     /// `Ok(None)`: calls pass; `Ok(Some(until))`: they pass, past due, until then;

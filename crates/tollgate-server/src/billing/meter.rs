@@ -89,6 +89,8 @@ struct Open {
     reservation: Option<Reservation>,
     /// The call's included units, when its plan meters it.
     units: Option<UnitsHeld>,
+    /// Percent off the call's cost, by its plan.
+    discount: u8,
 }
 
 /// What a request's token and cost rate-limit policies reserved, corrected to the actual usage
@@ -150,6 +152,7 @@ impl Billing {
             log_usage,
             reservation: None,
             units: None,
+            discount: 0,
         }))
     }
 
@@ -176,6 +179,13 @@ impl Billing {
     pub fn set_units(&mut self, units: UnitsHeld) {
         if let Some(open) = &mut self.0 {
             open.units = Some(units);
+        }
+    }
+
+    /// Percent off the call's cost (its plan's discount on the route group).
+    pub fn set_discount(&mut self, percent: u8) {
+        if let Some(open) = &mut self.0 {
+            open.discount = percent;
         }
     }
 
@@ -212,13 +222,17 @@ impl Open {
             log_usage,
             reservation,
             units,
+            discount,
         } = self;
+        let charge = outcome
+            .charge
+            .map(|(cost, status)| (pricing::discounted(cost, discount), status));
         let tokens = outcome
             .tokens
             .map_or(0, |t| t.input + t.cached_input + t.output);
         let mut charged = Nanos::ZERO;
         // What the wallet pays: the whole cost, or the share included units did not cover.
-        let wallet_cost = match (outcome.charge, units) {
+        let wallet_cost = match (charge, units) {
             (Some((cost, _)), Some(units)) => {
                 let used = allowances::units_of(units.meter, tokens, cost);
                 Some(units.settle(used, cost))
@@ -234,9 +248,7 @@ impl Open {
             Some(cost) => Resolve::Settle(cost),
             None => Resolve::Release,
         };
-        let charged_status = outcome
-            .charge
-            .map_or(BillingStatus::Released, |(_, status)| status);
+        let charged_status = charge.map_or(BillingStatus::Released, |(_, status)| status);
         // The charge is capped at the hold; what the usage cost beyond it is the house's loss,
         // recorded on the row and counted, so an operator can see undersized holds.
         let uncovered = match wallet_cost {

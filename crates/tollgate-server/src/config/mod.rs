@@ -33,7 +33,7 @@ use std::time::Duration;
 use tollgate_core::load::LimitSettings;
 use tollgate_core::metering::LlmApi;
 use tollgate_core::pricing::TokenPrices;
-use tollgate_core::ratelimit::{FailureMode, Policy, Scope};
+use tollgate_core::ratelimit::{FailureMode, Overrides, Policy, Scope};
 use tollgate_core::{KeyEnv, Nanos};
 use tollgate_wire::ErrorProfile;
 
@@ -478,6 +478,15 @@ impl Config {
             &groups,
             &mut p,
         );
+        for (i, plan) in raw.plans.iter().enumerate() {
+            let configured = rate_limits
+                .iter()
+                .chain(&anonymous_limits)
+                .chain(routes.iter().flat_map(|r| r.rate_limits.iter()));
+            for (field, message) in check_overrides(configured, &plan.rate_limits, true) {
+                p.push(&format!("plans[{i}].{field}"), message);
+            }
+        }
 
         match (listen, request_id_header, store) {
             (Some(listen), Some(request_id_header), Some(store)) if p.is_empty() => Ok(Config {
@@ -519,6 +528,49 @@ impl Config {
     pub fn route_groups(&self) -> impl Iterator<Item = &str> {
         self.routes.iter().map(|r| r.group.as_str())
     }
+}
+
+/// Checks rate-limit overrides for a key (`for_account` false), an account or a plan: each must
+/// name one of the `configured` policies the target may override, with a limit and window of at
+/// least one.
+pub fn check_overrides<'a>(
+    configured: impl Iterator<Item = &'a Arc<Policy>>,
+    overrides: &Overrides,
+    for_account: bool,
+) -> Vec<(String, String)> {
+    let mut problems = Vec::new();
+    let configured: Vec<&Arc<Policy>> = configured.collect();
+    for (name, numbers) in overrides {
+        let field = format!("rate_limits.{name}");
+        let mut add = |message: String| problems.push((field.clone(), message));
+        let Some(policy) = configured.iter().find(|p| &p.name == name) else {
+            add("is not a configured rate-limit policy".into());
+            continue;
+        };
+        let allowed = if for_account {
+            policy.scope.accounted()
+        } else {
+            policy.scope.keyed()
+        };
+        if !allowed {
+            let scopes = if for_account {
+                "key, key+route or account"
+            } else {
+                "key or key+route"
+            };
+            add(format!(
+                "has scope '{}'; only {scopes} policies can be overridden here",
+                policy.scope.as_str()
+            ));
+        }
+        if numbers.limit == 0 {
+            add("limit must be at least 1".into());
+        }
+        if numbers.window_seconds == Some(0) {
+            add("window_seconds must be at least 1".into());
+        }
+    }
+    problems
 }
 
 fn validate_route(raw: &RawRoute, at: &str, p: &mut Problems) -> Option<RouteConfig> {

@@ -7,7 +7,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use tollgate_core::allowance::Overage;
 use tollgate_core::period::Length;
-use tollgate_core::plan::{length_name, Allowance, Anchor, Meter, Plan, Window};
+use tollgate_core::plan::{length_name, Allowance, Anchor, Meter, Plan, Subscription, Window};
+use tollgate_core::ratelimit::Overrides;
 use tollgate_core::Nanos;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -33,6 +34,13 @@ pub struct RawPlan {
     pub price: Option<String>,
     #[serde(default)]
     pub allowances: Vec<RawAllowance>,
+    /// Percent off the prices of a route group's calls: `{ llm = 20 }`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub discounts: BTreeMap<String, i64>,
+    /// The plan's own numbers for configured rate-limit policies of scope key, key+route or
+    /// account: `{ per-key = { limit = 600, window_seconds = 60 } }`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub rate_limits: Overrides,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -74,6 +82,23 @@ pub enum RawUnits {
     Text(String),
 }
 
+/// A plan with every field at its config default, for code that builds one.
+impl Default for RawPlan {
+    fn default() -> Self {
+        RawPlan {
+            name: String::new(),
+            period: month(),
+            anchor: calendar(),
+            time_zone: utc(),
+            grace: week(),
+            price: None,
+            allowances: Vec::new(),
+            discounts: BTreeMap::new(),
+            rate_limits: Overrides::new(),
+        }
+    }
+}
+
 fn month() -> String {
     "month".into()
 }
@@ -105,6 +130,14 @@ impl Plans {
 
     pub fn default_plan(&self) -> Option<&Arc<Plan>> {
         self.default.as_ref()
+    }
+
+    /// The plan an account with `subscription` is on: the subscribed plan, else the default
+    /// (a subscription to a plan the config no longer has follows the default).
+    pub fn of(&self, subscription: Option<&Subscription>) -> Option<&Arc<Plan>> {
+        subscription
+            .and_then(|s| self.get(&s.plan))
+            .or(self.default.as_ref())
     }
 
     pub fn names(&self) -> impl Iterator<Item = &str> {
@@ -224,6 +257,19 @@ fn validate_plan(raw: &RawPlan, at: &str, groups: &[&str], p: &mut Problems) -> 
             .map_err(|e| p.push(&format!("{at}.price"), e.to_string()))
             .ok(),
     };
+    let mut discounts = BTreeMap::new();
+    for (group, percent) in &raw.discounts {
+        let path = format!("{at}.discounts.{group}");
+        if !groups.contains(&group.as_str()) {
+            p.push(&path, format!("'{group}' is not the group of any route"));
+        }
+        match u8::try_from(*percent) {
+            Ok(percent @ 1..=100) => {
+                discounts.insert(group.clone(), percent);
+            }
+            _ => p.push(&path, "must be a whole percent from 1 to 100"),
+        }
+    }
     let mut allowances = Vec::new();
     for (j, allowance) in raw.allowances.iter().enumerate() {
         let at = format!("{at}.allowances[{j}]");
@@ -259,6 +305,8 @@ fn validate_plan(raw: &RawPlan, at: &str, groups: &[&str], p: &mut Problems) -> 
         grace: grace?,
         price: price?,
         allowances,
+        discounts,
+        rate_limits: raw.rate_limits.clone(),
     })
 }
 
@@ -445,6 +493,8 @@ units = "-1"
 name = "weekly"
 period = "week"
 price = "ten"
+discounts = {{ nope = 20, llm = 101 }}
+rate_limits = {{ nope = {{ limit = 1 }}, anonymous-per-ip = {{ limit = 5 }}, per-key = {{ limit = 0 }} }}
 
 [[plans.allowances]]
 name = "calls"
@@ -494,6 +544,11 @@ units = 1
                 "plans[0].allowances[2].units:",
                 "plans[2].name: 'free' names another plan already",
                 "plans[1].price: 'ten' is not a decimal amount",
+                "plans[1].discounts.nope: 'nope' is not the group of any route",
+                "plans[1].discounts.llm: must be a whole percent from 1 to 100",
+                "plans[1].rate_limits.nope: is not a configured rate-limit policy",
+                "plans[1].rate_limits.anonymous-per-ip: has scope 'ip'; only key, key+route or account policies can be overridden here",
+                "plans[1].rate_limits.per-key: limit must be at least 1",
                 "plans[1].allowances[0].rollover: must be at most the allowance's 100 units",
                 "plans[1].allowances[0].windows[0].every: a week window must be shorter than its week period",
                 "plans[1].allowances[0].windows[1].units: must be at most the allowance's 100 units",
@@ -558,10 +613,18 @@ overage = "wallet"
 [[plans]]
 name = "pro"
 price = "9.99"
+discounts = {{ llm = 20 }}
+rate_limits = {{ per-key = {{ limit = 10, window_seconds = 1 }} }}
 "#
         );
         let config = Config::load(&text, Vec::<(String, String)>::new()).unwrap();
-        assert_eq!(config.plans.get("pro").unwrap().price.0, 9_990_000_000);
+        let pro = config.plans.get("pro").unwrap();
+        assert_eq!(pro.price.0, 9_990_000_000);
+        assert_eq!(
+            (pro.discount_for("llm"), pro.discount_for("other")),
+            (20, 0)
+        );
+        assert_eq!(pro.rate_limits["per-key"].limit, 10);
         let plan = config.plans.default_plan().unwrap();
         assert_eq!(plan.name, "free");
         assert_eq!(plan.grace, chrono::Duration::days(7));

@@ -314,6 +314,14 @@ async fn forward(
         }),
         (_, HoldRule::Flat | HoldRule::MaxTokens, _) => pricing.flat,
     };
+    // The plan's discount on the route group lowers the hold and, at the end, the charge.
+    let discount = plan.map_or(0, |p| p.plan.discount_for(&route.config.group));
+    if discount > 0 {
+        hold_amount = tollgate_core::pricing::discounted(hold_amount, discount);
+        if let Some(billing) = billing.as_mut() {
+            billing.set_discount(discount);
+        }
+    }
     let estimate = Estimate {
         tokens: tokens.map_or(0, |t| t.input + t.output),
         cost_nanos: u64::try_from(hold_amount.0).unwrap_or(0),

@@ -324,6 +324,8 @@ pub async fn available(app: &TestApp, key: &str) -> i64 {
 /// The books balance: every ledger account sums to zero, and the wallet's cached balance
 /// equals the one rebuilt from its transfers.
 pub async fn assert_books_balance(app: &TestApp, account: AccountId) {
+    // Reads below would otherwise race the writer committing a call's last movements.
+    app.state.ledger.flush().await.unwrap();
     let trial = app.store.trial_balance().await.unwrap();
     assert_eq!(trial.iter().map(|(_, n)| n).sum::<i64>(), 0, "{trial:?}");
     let wallet = app.store.wallet(account).await.unwrap().unwrap();
