@@ -46,6 +46,8 @@ struct Fake {
     idempotent: HashMap<String, String>,
     /// PaymentIntents by id.
     intents: HashMap<String, Value>,
+    /// Subscriptions by id, as Stripe would show them.
+    subscriptions: HashMap<String, Value>,
     /// Every event, oldest first.
     events: Vec<Value>,
     webhook_url: Option<String>,
@@ -239,6 +241,82 @@ impl FakeStripe {
         emit(&self.shared, "charge.dispute.closed", object).await;
     }
 
+    /// Starts a subscription to `price` for `customer` (its `metadata.account_id` names the
+    /// Tollgate account), in `status` (`active`, `trialing`, `incomplete`):
+    /// `customer.subscription.created`. Returns its id.
+    pub async fn subscribe(
+        &self,
+        customer: &str,
+        account: &str,
+        price: &str,
+        status: &str,
+    ) -> String {
+        let (id, object) = {
+            let mut fake = self.shared.fake();
+            let id = next_id(&mut fake, "sub");
+            let object = json!({
+                "id": id, "object": "subscription", "customer": customer, "status": status,
+                "start_date": now(), "metadata": {"account_id": account},
+                "items": {"object": "list", "data": [{"object": "subscription_item", "price": {"id": price, "object": "price"}}]},
+            });
+            fake.subscriptions.insert(id.clone(), object.clone());
+            (id, object)
+        };
+        emit(&self.shared, "customer.subscription.created", object).await;
+        id
+    }
+
+    /// Changes a subscription's status, or its price (an upgrade):
+    /// `customer.subscription.updated` (`canceled`: `customer.subscription.deleted`).
+    pub async fn update_subscription(&self, id: &str, status: &str, price: Option<&str>) {
+        let Some(object) = self.change_subscription(id, status, price) else {
+            return;
+        };
+        let kind = if status == "canceled" {
+            "customer.subscription.deleted"
+        } else {
+            "customer.subscription.updated"
+        };
+        emit(&self.shared, kind, object).await;
+    }
+
+    /// The subscription's renewal invoice: paid (`invoice.paid`, the subscription `active`) or
+    /// failed (`invoice.payment_failed`, the subscription `past_due`), each followed by
+    /// `customer.subscription.updated`. Returns the invoice's id.
+    pub async fn invoice(&self, subscription: &str, paid: bool) -> String {
+        let status = if paid { "active" } else { "past_due" };
+        let Some(object) = self.change_subscription(subscription, status, None) else {
+            return String::new();
+        };
+        let (id, invoice) = {
+            let mut fake = self.shared.fake();
+            let id = next_id(&mut fake, "in");
+            let invoice = json!({
+                "id": id, "object": "invoice", "customer": object["customer"],
+                "subscription": subscription, "status": if paid { "paid" } else { "open" },
+            });
+            (id, invoice)
+        };
+        let kind = if paid {
+            "invoice.paid"
+        } else {
+            "invoice.payment_failed"
+        };
+        emit(&self.shared, kind, invoice).await;
+        emit(&self.shared, "customer.subscription.updated", object).await;
+        id
+    }
+
+    fn change_subscription(&self, id: &str, status: &str, price: Option<&str>) -> Option<Value> {
+        let mut fake = self.shared.fake();
+        let object = fake.subscriptions.get_mut(id)?;
+        object["status"] = json!(status);
+        if let Some(price) = price {
+            object["items"]["data"][0]["price"]["id"] = json!(price);
+        }
+        Some(object.clone())
+    }
+
     /// Delivers an event again, as Stripe retries do.
     pub async fn redeliver(&self, event_id: &str) -> Option<u16> {
         let event = self
@@ -263,6 +341,7 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/checkout/sessions", post(create_session))
         .route("/v1/payment_intents", post(create_intent))
         .route("/v1/events", get(list_events))
+        .route("/v1/subscriptions/{id}", get(get_subscription))
         .route("/pay/{session}", get(hosted_page).post(hosted_pay))
         .route("/dashboard", get(dashboard))
         .route("/dashboard/refund/{intent}", post(dashboard_refund))
@@ -439,6 +518,26 @@ async fn create_intent(
             }});
             (StatusCode::PAYMENT_REQUIRED, Json(body)).into_response()
         }
+    }
+}
+
+/// A subscription as it stands now.
+async fn get_subscription(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Response {
+    if let Err(refused) = admit(&shared, &headers).await {
+        return refused;
+    }
+    match shared.fake().subscriptions.get(&id) {
+        Some(object) => Json(object.clone()).into_response(),
+        None => stripe_error(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            "resource_missing",
+            "No such subscription.",
+        ),
     }
 }
 

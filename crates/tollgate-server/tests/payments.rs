@@ -2,7 +2,7 @@
 //! once whatever events report it, only for what was asked, in any order; refunds and
 //! disputes taken back exactly, spent credit turning into debt that stops paid calls until a
 //! top-up pays it; signatures refused with no effect; Stripe down costs nothing; a missed
-//! delivery found by reconciliation.
+//! delivery found by reconciliation; subscription and invoice events setting an account's plan.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -13,7 +13,8 @@ use proptest::prelude::*;
 use serde_json::{json, Value};
 use std::time::Duration;
 use tollgate_mock::stripe::{FakeStripe, FakeStripeConfig};
-use tollgate_server::config::{RawStripe, Secret};
+use tollgate_server::config::plans::{RawAllowance, RawPlan, RawUnits};
+use tollgate_server::config::{RawConfig, RawStripe, Secret};
 
 const SECRET_KEY: &str = "sk_test_fake_key";
 const WEBHOOK_SECRET: &str = "whsec_fake_current";
@@ -29,6 +30,13 @@ async fn shop() -> Shop {
 }
 
 async fn shop_with(customize: impl FnOnce(&mut RawStripe)) -> Shop {
+    shop_configured(customize, |_| {}).await
+}
+
+async fn shop_configured(
+    customize: impl FnOnce(&mut RawStripe),
+    configure: impl FnOnce(&mut RawConfig),
+) -> Shop {
     let stripe = FakeStripe::start(FakeStripeConfig {
         secret_key: SECRET_KEY.into(),
         webhook_secret: WEBHOOK_SECRET.into(),
@@ -50,7 +58,11 @@ async fn shop_with(customize: impl FnOnce(&mut RawStripe)) -> Shop {
         ..RawStripe::default()
     };
     customize(&mut settings);
-    let app = spawn_app_with(|raw, _| raw.payments.stripe = Some(settings)).await;
+    let app = spawn_app_with(|raw, _| {
+        raw.payments.stripe = Some(settings);
+        configure(raw);
+    })
+    .await;
     stripe.deliver_to(&format!("{}/webhooks/stripe", app.url));
     Shop { app, stripe }
 }
@@ -1050,4 +1062,165 @@ async fn the_console_sends_the_customer_to_pay_and_says_what_came_of_it() {
         .get_json("/api/v1/auto-topup", &account.master_key)
         .await;
     assert_eq!(rule["enabled"], false);
+}
+
+/// `free` (the default) and the plans sold through Stripe: `pro` as `price_pro`, `max` as
+/// `price_max`.
+async fn shop_with_plans() -> Shop {
+    shop_configured(
+        |_| {},
+        |raw| {
+            let plan = |name: &str, units: i64, prices: &[&str]| RawPlan {
+                name: name.into(),
+                grace: "3d".into(),
+                stripe_prices: prices.iter().map(|p| p.to_string()).collect(),
+                allowances: vec![RawAllowance {
+                    name: "calls".into(),
+                    meter: "requests".into(),
+                    routes: Some("echo".into()),
+                    units: RawUnits::Count(units),
+                    overage: "block".into(),
+                    rollover: None,
+                    windows: Vec::new(),
+                }],
+                ..RawPlan::default()
+            };
+            raw.plans = vec![
+                plan("free", 3, &[]),
+                plan("pro", 50, &["price_pro"]),
+                plan("max", 500, &["price_max"]),
+            ];
+            raw.billing.default_plan = Some("free".into());
+        },
+    )
+    .await
+}
+
+/// The account's plan and its subscription's status, as `GET /billing/allowances` shows them.
+async fn plan_of(shop: &Shop, account: &TestAccount) -> (String, Value) {
+    let body = shop
+        .app
+        .get_json("/api/v1/billing/allowances", &account.master_key)
+        .await;
+    (
+        body["plan"].as_str().unwrap().to_string(),
+        body["subscription"]["status"].clone(),
+    )
+}
+
+/// The id of the newest event of `kind` the fake emitted.
+fn newest_event(stripe: &FakeStripe, kind: &str) -> String {
+    let events = stripe.events();
+    let event = events.iter().rev().find(|e| e["type"] == kind).unwrap();
+    event["id"].as_str().unwrap().to_string()
+}
+
+#[tokio::test]
+async fn stripe_subscription_and_invoice_events_set_the_accounts_plan_as_stripe_has_it_now() {
+    let shop = shop_with_plans().await;
+    let account = shop.app.create_account("subscriber").await;
+    let id = account.id.to_string();
+    // Not paid yet: nothing changes.
+    let sub = shop
+        .stripe
+        .subscribe("cus_1", &id, "price_pro", "incomplete")
+        .await;
+    assert_eq!(plan_of(&shop, &account).await, ("free".into(), Value::Null));
+    shop.stripe.update_subscription(&sub, "active", None).await;
+    assert_eq!(
+        plan_of(&shop, &account).await,
+        ("pro".into(), json!("active"))
+    );
+
+    // A renewal that fails: past due, calls pass with a warning within the grace.
+    shop.stripe.invoice(&sub, false).await;
+    assert_eq!(
+        plan_of(&shop, &account).await,
+        ("pro".into(), json!("past_due"))
+    );
+    let call = shop
+        .app
+        .get("/echo/x")
+        .bearer_auth(&account.master_key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(call.status(), 200);
+    assert!(call.headers()["x-tollgate-warning"]
+        .to_str()
+        .unwrap()
+        .contains("past_due"));
+
+    // Paid, then upgraded, delivered late and newest first: Stripe's state now wins.
+    shop.stripe.set_delivering(false);
+    shop.stripe.invoice(&sub, true).await;
+    let paid = newest_event(&shop.stripe, "invoice.paid");
+    shop.stripe
+        .update_subscription(&sub, "active", Some("price_max"))
+        .await;
+    let upgraded = newest_event(&shop.stripe, "customer.subscription.updated");
+    shop.stripe.set_delivering(true);
+    assert_eq!(shop.stripe.redeliver(&upgraded).await, Some(200));
+    assert_eq!(
+        plan_of(&shop, &account).await,
+        ("max".into(), json!("active"))
+    );
+    assert_eq!(shop.stripe.redeliver(&paid).await, Some(200));
+    assert_eq!(
+        plan_of(&shop, &account).await,
+        ("max".into(), json!("active"))
+    );
+    // A delivery handled before does nothing again.
+    assert_eq!(shop.stripe.redeliver(&upgraded).await, Some(200));
+
+    // Stripe down while an event arrives: 503, nothing changes, and its redelivery applies it.
+    shop.stripe.set_delivering(false);
+    shop.stripe
+        .update_subscription(&sub, "canceled", None)
+        .await;
+    let canceled = newest_event(&shop.stripe, "customer.subscription.deleted");
+    shop.stripe.set_delivering(true);
+    shop.stripe.set_down(true);
+    assert_eq!(shop.stripe.redeliver(&canceled).await, Some(503));
+    assert_eq!(
+        plan_of(&shop, &account).await,
+        ("max".into(), json!("active"))
+    );
+    shop.stripe.set_down(false);
+    assert_eq!(shop.stripe.redeliver(&canceled).await, Some(200));
+    assert_eq!(
+        plan_of(&shop, &account).await,
+        ("max".into(), json!("canceled"))
+    );
+    let refused = shop
+        .app
+        .get("/echo/x")
+        .bearer_auth(&account.master_key)
+        .send()
+        .await
+        .unwrap();
+    expect_error(refused, 402, "subscription_lapsed").await;
+}
+
+#[tokio::test]
+async fn a_stripe_subscription_for_no_account_here_or_no_plan_changes_nothing() {
+    let shop = shop_with_plans().await;
+    let account = shop.app.create_account("bystander").await;
+    let id = account.id.to_string();
+    // A price no plan is sold as, and an account id that is not one.
+    shop.stripe
+        .subscribe("cus_2", &id, "price_unknown", "active")
+        .await;
+    shop.stripe
+        .subscribe(
+            "cus_3",
+            "acct_01JZZZZZZZZZZZZZZZZZZZZZZZ",
+            "price_pro",
+            "active",
+        )
+        .await;
+    shop.stripe
+        .subscribe("cus_4", "not an id", "price_pro", "active")
+        .await;
+    assert_eq!(plan_of(&shop, &account).await, ("free".into(), Value::Null));
 }

@@ -82,6 +82,7 @@ impl Application {
         let payments = config.stripe.clone().map(|settings| {
             Arc::new(Payments::new(
                 settings,
+                config.plans.clone(),
                 store.clone(),
                 ledger.clone(),
                 keys.clone(),

@@ -41,6 +41,10 @@ pub struct RawPlan {
     /// account: `{ per-key = { limit = 600, window_seconds = 60 } }`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub rate_limits: Overrides,
+    /// The Stripe Price ids (`price_...`) this plan is sold as: a Stripe subscription to one of
+    /// them puts its account on this plan.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stripe_prices: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -95,6 +99,7 @@ impl Default for RawPlan {
             allowances: Vec::new(),
             discounts: BTreeMap::new(),
             rate_limits: Overrides::new(),
+            stripe_prices: Vec::new(),
         }
     }
 }
@@ -121,6 +126,8 @@ pub struct Plans {
     by_name: BTreeMap<String, Arc<Plan>>,
     /// The plan of accounts with no subscription of their own.
     default: Option<Arc<Plan>>,
+    /// Plan names by the Stripe Price they are sold as.
+    by_stripe_price: BTreeMap<String, String>,
 }
 
 impl Plans {
@@ -140,6 +147,13 @@ impl Plans {
             .or(self.default.as_ref())
     }
 
+    /// The plan sold as a Stripe Price.
+    pub fn sold_as(&self, stripe_price: &str) -> Option<&Arc<Plan>> {
+        self.by_stripe_price
+            .get(stripe_price)
+            .and_then(|name| self.get(name))
+    }
+
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.by_name.keys().map(String::as_str)
     }
@@ -156,8 +170,22 @@ pub(crate) fn validate_plans(
     p: &mut Problems,
 ) -> Plans {
     let mut by_name: BTreeMap<String, Arc<Plan>> = BTreeMap::new();
+    let mut by_stripe_price: BTreeMap<String, String> = BTreeMap::new();
     for (i, plan) in raw.iter().enumerate() {
         let at = format!("plans[{i}]");
+        for (j, price) in plan.stripe_prices.iter().enumerate() {
+            let path = format!("{at}.stripe_prices[{j}]");
+            if price.trim().is_empty() {
+                p.push(&path, "must be a Stripe Price id (price_...)");
+            } else if let Some(other) = by_stripe_price.get(price) {
+                p.push(
+                    &path,
+                    format!("'{price}' is sold as the '{other}' plan already"),
+                );
+            } else {
+                by_stripe_price.insert(price.clone(), plan.name.clone());
+            }
+        }
         if plan.name.trim().is_empty() {
             p.push(&format!("{at}.name"), "is required");
         } else if raw[..i].iter().any(|other| other.name == plan.name) {
@@ -191,7 +219,11 @@ pub(crate) fn validate_plans(
         }
         found
     });
-    Plans { by_name, default }
+    Plans {
+        by_name,
+        default,
+        by_stripe_price,
+    }
 }
 
 fn length_of(text: &str) -> Option<Length> {
@@ -471,6 +503,7 @@ period = "fortnight"
 anchor = "signup"
 time_zone = "Mars/Olympus"
 grace = "soon"
+stripe_prices = ["price_x"]
 
 [[plans.allowances]]
 name = "calls"
@@ -495,6 +528,7 @@ period = "week"
 price = "ten"
 discounts = {{ nope = 20, llm = 101 }}
 rate_limits = {{ nope = {{ limit = 1 }}, anonymous-per-ip = {{ limit = 5 }}, per-key = {{ limit = 0 }} }}
+stripe_prices = ["price_x", " "]
 
 [[plans.allowances]]
 name = "calls"
@@ -544,6 +578,8 @@ units = 1
                 "plans[0].allowances[2].units:",
                 "plans[2].name: 'free' names another plan already",
                 "plans[1].price: 'ten' is not a decimal amount",
+                "plans[1].stripe_prices[0]: 'price_x' is sold as the 'free' plan already",
+                "plans[1].stripe_prices[1]: must be a Stripe Price id (price_...)",
                 "plans[1].discounts.nope: 'nope' is not the group of any route",
                 "plans[1].discounts.llm: must be a whole percent from 1 to 100",
                 "plans[1].rate_limits.nope: is not a configured rate-limit policy",

@@ -12,6 +12,7 @@
 
 use crate::access::keys::KeyCache;
 use crate::billing::ledger::{GrantRefused, Granted, Ledger, Movement};
+use crate::config::plans::Plans;
 use crate::config::StripeSettings;
 use crate::payments::signature::{self, SignatureError};
 use crate::payments::stripe::{
@@ -23,6 +24,7 @@ use std::sync::Arc;
 use tollgate_core::ledger::month_start;
 use tollgate_core::ledger::{LedgerAccount, TransferKind};
 use tollgate_core::payment::{credits_to_minor, minor_to_credits, TopUpStatus};
+use tollgate_core::plan::{Subscription, SubscriptionStatus};
 use tollgate_core::{AccountId, Clock, Nanos, TopUpId};
 use tollgate_store::{AutoTopUp, PaymentEvent, Store, StoreError, TopUp, TopUpOrigin};
 
@@ -91,6 +93,8 @@ pub enum Outcome {
     Waiting,
     /// Its amount or currency disagreed with the top-up: nothing credited, flagged for review.
     Flagged,
+    /// A subscription event: the account's subscription set as Stripe has it now.
+    Subscribed,
     /// Nothing to do: a type Tollgate does not act on, or no top-up of ours.
     Ignored,
 }
@@ -109,6 +113,7 @@ impl Outcome {
             Outcome::DisputeLost => "dispute_lost",
             Outcome::Waiting => "waiting",
             Outcome::Flagged => "flagged",
+            Outcome::Subscribed => "subscribed",
             Outcome::Ignored => "ignored",
         }
     }
@@ -124,6 +129,8 @@ pub struct Reconciled {
 
 pub struct Payments {
     settings: StripeSettings,
+    /// Which plan each Stripe Price sells.
+    plans: Plans,
     stripe: StripeClient,
     store: Arc<dyn Store>,
     ledger: Arc<Ledger>,
@@ -137,6 +144,7 @@ pub struct Payments {
 impl Payments {
     pub fn new(
         settings: StripeSettings,
+        plans: Plans,
         store: Arc<dyn Store>,
         ledger: Arc<Ledger>,
         keys: Arc<KeyCache>,
@@ -146,6 +154,7 @@ impl Payments {
             StripeClient::new(&settings.api_base, &settings.secret_key.0, settings.timeout);
         Payments {
             settings,
+            plans,
             stripe,
             store,
             ledger,
@@ -376,6 +385,11 @@ impl Payments {
     }
 
     async fn apply(&self, event: &Event, topup: Option<TopUp>) -> Result<Outcome, HandleError> {
+        if let Some(subscription) = subscription_of(event) {
+            let outcome = self.subscription_changed(&subscription).await?;
+            self.finish(&event.id, outcome).await?;
+            return Ok(outcome);
+        }
         let Some(topup) = topup else {
             // A refund or dispute of a payment no top-up knows yet (its payment event has not
             // arrived) waits for it; anything else is not ours.
@@ -479,6 +493,60 @@ impl Payments {
             self.finish(&event.id, outcome).await?;
         }
         Ok(outcome)
+    }
+
+    /// Sets the account's subscription as Stripe has it now: read back from Stripe, never from
+    /// the event, so late or reordered deliveries all end in Stripe's current state.
+    async fn subscription_changed(&self, id: &str) -> Result<Outcome, HandleError> {
+        let stripe = self
+            .stripe
+            .subscription(id)
+            .await
+            .map_err(|e| HandleError::Provider(e.to_string()))?;
+        let ignored = |why: &str| {
+            tracing::warn!(subscription = %stripe.id, "a Stripe subscription was not applied: {why}");
+            Ok(Outcome::Ignored)
+        };
+        let Some(account) = stripe
+            .metadata
+            .get("account_id")
+            .and_then(|id| id.parse::<AccountId>().ok())
+        else {
+            return ignored("its metadata names no account_id");
+        };
+        if self.store.account(account).await?.is_none() {
+            return ignored("its account_id is no account here");
+        }
+        let Some(plan) = stripe
+            .items
+            .data
+            .iter()
+            .find_map(|item| item.price.as_deref().and_then(|p| self.plans.sold_as(p)))
+        else {
+            return ignored("none of its prices is a plan's stripe_prices");
+        };
+        let Some(status) = subscription_status(&stripe.status) else {
+            // `incomplete`: its first payment has not gone through; nothing changes until then.
+            return Ok(Outcome::Ignored);
+        };
+        let now = self.clock.now();
+        let before = self.store.subscription(account).await?;
+        let subscription = Subscription {
+            plan: plan.name.clone(),
+            status,
+            since: match &before {
+                Some(b) if b.status == status => b.since,
+                _ => now,
+            },
+            started_at: DateTime::<Utc>::from_timestamp(stripe.start_date, 0)
+                .filter(|at| *at <= now)
+                .unwrap_or(now),
+        };
+        if before.as_ref() != Some(&subscription) {
+            self.store.set_subscription(account, &subscription).await?;
+            self.keys.invalidate_account(account);
+        }
+        Ok(Outcome::Subscribed)
     }
 
     async fn finish(&self, event: &str, outcome: Outcome) -> Result<(), StoreError> {
@@ -822,6 +890,38 @@ impl Payments {
 }
 
 /// The payment intent an event is about: the object's `payment_intent`, or the object itself.
+/// The Stripe subscription a subscription or invoice event is about.
+fn subscription_of(event: &Event) -> Option<String> {
+    let object = &event.data.object;
+    let id = |value: Option<&serde_json::Value>| match value {
+        Some(serde_json::Value::String(id)) => Some(id.clone()),
+        Some(serde_json::Value::Object(o)) => o.get("id").and_then(|v| v.as_str()).map(Into::into),
+        _ => None,
+    };
+    if event.kind.starts_with("customer.subscription.") {
+        return id(object.get("id"));
+    }
+    if event.kind.starts_with("invoice.") {
+        // Newer API versions name it under the invoice's parent.
+        return id(object.get("subscription"))
+            .or_else(|| id(object.pointer("/parent/subscription_details/subscription")));
+    }
+    None
+}
+
+/// Stripe's subscription status as Tollgate's; `None` for `incomplete` (not paid yet).
+fn subscription_status(stripe: &str) -> Option<SubscriptionStatus> {
+    Some(match stripe {
+        "active" => SubscriptionStatus::Active,
+        "trialing" => SubscriptionStatus::Trialing,
+        "past_due" => SubscriptionStatus::PastDue,
+        // A trial that ended without a card is paused: no calls until it is paid.
+        "unpaid" | "paused" => SubscriptionStatus::Unpaid,
+        "canceled" | "incomplete_expired" => SubscriptionStatus::Canceled,
+        _ => return None,
+    })
+}
+
 fn intent_of(event: &Event) -> Option<String> {
     let object = &event.data.object;
     match object.get("payment_intent") {

@@ -177,6 +177,21 @@ impl StripeClient {
         self.send(request).await
     }
 
+    /// A subscription as it stands now (its events may arrive late and out of order).
+    pub async fn subscription(&self, id: &str) -> Result<StripeSubscription, StripeError> {
+        // Stripe's ids are `sub_` and letters and digits: anything else is not one of them.
+        if id.is_empty() || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+            return Err(StripeError::Unreadable(format!(
+                "'{id}' is not a subscription id"
+            )));
+        }
+        let request = http::Request::get(format!("{}/v1/subscriptions/{id}", self.base))
+            .header(http::header::AUTHORIZATION, self.authorization())
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| StripeError::Unreachable(e.to_string()))?;
+        self.send(request).await
+    }
+
     async fn post<T: serde::de::DeserializeOwned>(
         &self,
         path: &str,
@@ -331,6 +346,28 @@ pub struct Dispute {
     pub amount: i64,
     pub currency: String,
     pub status: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct StripeSubscription {
+    pub id: String,
+    pub status: String,
+    /// Unix seconds.
+    pub start_date: i64,
+    #[serde(default)]
+    pub metadata: std::collections::BTreeMap<String, String>,
+    pub items: SubscriptionItems,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct SubscriptionItems {
+    pub data: Vec<SubscriptionItem>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct SubscriptionItem {
+    #[serde(deserialize_with = "id_of")]
+    pub price: Option<String>,
 }
 
 /// An id field Stripe may send as the id or, expanded, as the object carrying it.
