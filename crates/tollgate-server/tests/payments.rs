@@ -1138,13 +1138,7 @@ async fn stripe_subscription_and_invoice_events_set_the_accounts_plan_as_stripe_
         plan_of(&shop, &account).await,
         ("pro".into(), json!("past_due"))
     );
-    let call = shop
-        .app
-        .get("/echo/x")
-        .bearer_auth(&account.master_key)
-        .send()
-        .await
-        .unwrap();
+    let call = echo(&shop, &account).await;
     assert_eq!(call.status(), 200);
     assert!(call.headers()["x-tollgate-warning"]
         .to_str()
@@ -1192,13 +1186,7 @@ async fn stripe_subscription_and_invoice_events_set_the_accounts_plan_as_stripe_
         plan_of(&shop, &account).await,
         ("max".into(), json!("canceled"))
     );
-    let refused = shop
-        .app
-        .get("/echo/x")
-        .bearer_auth(&account.master_key)
-        .send()
-        .await
-        .unwrap();
+    let refused = echo(&shop, &account).await;
     expect_error(refused, 402, "subscription_lapsed").await;
 }
 
@@ -1223,4 +1211,9 @@ async fn a_stripe_subscription_for_no_account_here_or_no_plan_changes_nothing() 
         .subscribe("cus_4", "not an id", "price_pro", "active")
         .await;
     assert_eq!(plan_of(&shop, &account).await, ("free".into(), Value::Null));
+}
+
+async fn echo(shop: &Shop, account: &TestAccount) -> reqwest::Response {
+    let call = shop.app.get("/echo/x").bearer_auth(&account.master_key);
+    call.send().await.unwrap()
 }

@@ -235,13 +235,7 @@ async fn a_failed_call_uses_no_units_and_a_new_period_starts_fresh() {
     }
     expect_error(echo(&app, key).await, 402, "allowance_exhausted").await;
     // The next calendar month is a new period: its units are granted by its first call.
-    let body = allowances(&app, key).await;
-    let resets_at: chrono::DateTime<chrono::Utc> = body["buckets"][0]["resets_at"]
-        .as_str()
-        .unwrap()
-        .parse()
-        .unwrap();
-    app.clock.set(resets_at);
+    app.clock.set(period_end(&app, key).await);
     let response = echo(&app, key).await;
     assert_eq!(response.status(), 200);
     assert_eq!(quota_standing(&response, "requests").unwrap().0, 2);
@@ -746,13 +740,7 @@ async fn a_priced_plan_pays_its_fee_once_per_period_at_its_first_call_and_an_upg
     assert_eq!(available(&app, &key).await, 2_000_000_000);
 
     // The next month pays again, at its first call.
-    let body = allowances(&app, &key).await;
-    let resets_at: chrono::DateTime<chrono::Utc> = body["buckets"][0]["resets_at"]
-        .as_str()
-        .unwrap()
-        .parse()
-        .unwrap();
-    app.clock.set(resets_at);
+    app.clock.set(period_end(&app, &key).await);
     assert_eq!(echo(&app, &key).await.status(), 200);
     assert_eq!(available(&app, &key).await, 0);
     assert_eq!(fees(&app, &key).await.len(), 3);
@@ -875,5 +863,15 @@ async fn balance_by_admin(app: &TestApp, account: AccountId) -> i64 {
     let path = format!("/api/v1/billing/balance?account_id={account}");
     app.get_json(&path, ADMIN_TOKEN).await["available"]["nanos"]
         .as_i64()
+        .unwrap()
+}
+
+/// When the first bucket's period ends: the next period's first instant.
+async fn period_end(app: &TestApp, key: &str) -> chrono::DateTime<chrono::Utc> {
+    let body = allowances(app, key).await;
+    body["buckets"][0]["resets_at"]
+        .as_str()
+        .unwrap()
+        .parse()
         .unwrap()
 }
