@@ -12,11 +12,11 @@ use serde::Serialize;
 use tollgate_core::{AccountId, HoldId, KeyId, RequestId, TopUpId};
 use tollgate_wire::api::{
     Account, Allowances, ApiKeyInfo, AuditEntry, AuditVerification, AutoTopUp, AutoTopUpRequest,
-    Balance, CreateAccountRequest, CreateAccountResponse, CreateHoldRequest, CreateKeyRequest,
-    CreatePackRequest, CreatedKey, GrantRequest, HoldInfo, LedgerEntry, Page, ReconcileRequest,
-    Reconciliation, ResetAllowanceRequest, RollKeyRequest, RolledKey, SetSubscriptionRequest,
-    SettleHoldRequest, Subscription, TopUp, TopUpRequest, UnitBucket, UpdateAccountRequest,
-    UpdateKeyRequest, UsageRecord, UsageSummary,
+    Balance, BuyPackRequest, CreateAccountRequest, CreateAccountResponse, CreateHoldRequest,
+    CreateKeyRequest, CreatePackRequest, CreatedKey, GrantRequest, HoldInfo, LedgerEntry,
+    PackOffer, Page, ReconcileRequest, Reconciliation, ResetAllowanceRequest, RollKeyRequest,
+    RolledKey, SetSubscriptionRequest, SettleHoldRequest, Subscription, TopUp, TopUpRequest,
+    UnitBucket, UpdateAccountRequest, UpdateKeyRequest, UsageRecord, UsageSummary,
 };
 
 const API: &str = "/api/v1";
@@ -349,6 +349,28 @@ impl Plans<'_> {
             .send_json(
                 Method::POST,
                 format!("/accounts/{account}/packs"),
+                Some(request),
+            )
+            .await
+    }
+
+    /// The credit packs on offer.
+    pub async fn pack_offers(&self) -> Result<Response<Vec<PackOffer>>, Error> {
+        self.0.get("/billing/packs".into()).await
+    }
+
+    /// Buys a pack from the wallet (a master key for its own account; the admin names one in
+    /// the request). Buying with an id again pays nothing more, so a retry is safe.
+    pub async fn buy_pack(
+        &self,
+        pack: &str,
+        request: &BuyPackRequest,
+    ) -> Result<Response<UnitBucket>, Error> {
+        let pack = percent_encoding::utf8_percent_encode(pack, percent_encoding::NON_ALPHANUMERIC);
+        self.0
+            .send_json(
+                Method::POST,
+                format!("/billing/packs/{pack}/buy"),
                 Some(request),
             )
             .await

@@ -743,7 +743,8 @@ async fn every_area_answers_in_its_types_and_listings_follow_cursors() {
         .master
         .payments()
         .create_topup(&tollgate_client::api::TopUpRequest {
-            amount: "25".into(),
+            amount: Some("25".into()),
+            pack: None,
             account_id: None,
         })
         .await;
@@ -828,7 +829,7 @@ async fn a_hold_guard_dropped_unresolved_releases_its_hold() {
 /// come back; a pack from the operator extends it, and the allowances show both buckets.
 #[tokio::test]
 async fn a_free_plan_runs_out_into_its_typed_error_and_a_pack_extends_it() {
-    use tollgate_client::api::{CreatePackRequest, SetSubscriptionRequest};
+    use tollgate_client::api::{BuyPackRequest, CreatePackRequest, SetSubscriptionRequest};
     let dir = tempfile::tempdir().unwrap();
     let demo = tollgate_server::app::demo::Demo::spawn(dir.path())
         .await
@@ -883,6 +884,25 @@ async fn a_free_plan_runs_out_into_its_typed_error_and_a_pack_extends_it() {
         .map(|b| (b.source.as_str(), b.name.as_str()))
         .collect();
     assert_eq!(names, [("pack", "extra"), ("allowance", "inspections")]);
+    // The customer buys the demo's pack from its wallet; the same order id buys nothing more.
+    let offers = customer.plans().pack_offers().await.unwrap();
+    assert_eq!(offers[0].name, "inspections-10");
+    let order = BuyPackRequest {
+        id: "order-1".into(),
+        account_id: None,
+    };
+    let bought = customer
+        .plans()
+        .buy_pack("inspections-10", &order)
+        .await
+        .unwrap();
+    assert_eq!((bought.name.as_str(), bought.granted), ("buy.order-1", 10));
+    let again = customer
+        .plans()
+        .buy_pack("inspections-10", &order)
+        .await
+        .unwrap();
+    assert_eq!(again.name, "buy.order-1");
     // An upgrade to the demo's pro plan applies at once, keeping the month's usage.
     let subscription = admin
         .plans()

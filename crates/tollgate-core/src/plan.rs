@@ -109,6 +109,18 @@ impl Allowance {
     }
 }
 
+/// A credit pack customers may buy: units of one meter, good for a while after purchase.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PackOffer {
+    pub name: String,
+    pub meter: Meter,
+    /// The route group its units serve; `None`: every route.
+    pub routes: Option<String>,
+    pub units: u64,
+    pub price: Nanos,
+    pub valid_for: Duration,
+}
+
 /// Where a plan's periods start.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Anchor {

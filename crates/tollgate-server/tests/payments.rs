@@ -13,7 +13,7 @@ use proptest::prelude::*;
 use serde_json::{json, Value};
 use std::time::Duration;
 use tollgate_mock::stripe::{FakeStripe, FakeStripeConfig};
-use tollgate_server::config::plans::{RawAllowance, RawPlan, RawUnits};
+use tollgate_server::config::plans::{RawAllowance, RawPackOffer, RawPlan, RawUnits};
 use tollgate_server::config::{RawConfig, RawStripe, Secret};
 
 const SECRET_KEY: &str = "sk_test_fake_key";
@@ -278,7 +278,8 @@ async fn a_webhook_is_refused_with_no_effect_unless_a_v1_matches_in_time() {
     shop.stripe.pay(&session_of(&topup)).await.unwrap();
     let event = shop.events_of("checkout.session.completed")[0].clone();
     let body = serde_json::to_vec(&event).unwrap();
-    let now = chrono::Utc::now().timestamp();
+    // The server's clock, not the wall's: under load they drift apart past the stale margin.
+    let now = tollgate_core::Clock::now(&*shop.app.clock).timestamp();
     let good = FakeStripe::sign(&body, WEBHOOK_SECRET, now);
     let v1 = good.split("v1=").nth(1).unwrap().to_string();
     let mut tampered = body.clone();
@@ -1065,11 +1066,19 @@ async fn the_console_sends_the_customer_to_pay_and_says_what_came_of_it() {
 }
 
 /// `free` (the default) and the plans sold through Stripe: `pro` as `price_pro`, `max` as
-/// `price_max`.
+/// `price_max`; and a pack of 10 echo calls for 2.50.
 async fn shop_with_plans() -> Shop {
     shop_configured(
         |_| {},
         |raw| {
+            raw.packs = vec![RawPackOffer {
+                name: "calls-10".into(),
+                meter: "requests".into(),
+                routes: Some("echo".into()),
+                units: RawUnits::Count(10),
+                price: "2.50".into(),
+                valid_for: "30d".into(),
+            }];
             let plan = |name: &str, units: i64, prices: &[&str]| RawPlan {
                 name: name.into(),
                 grace: "3d".into(),
@@ -1216,4 +1225,69 @@ async fn a_stripe_subscription_for_no_account_here_or_no_plan_changes_nothing() 
 async fn echo(shop: &Shop, account: &TestAccount) -> reqwest::Response {
     let call = shop.app.get("/echo/x").bearer_auth(&account.master_key);
     call.send().await.unwrap()
+}
+
+#[tokio::test]
+async fn a_pack_bought_by_card_is_granted_once_when_its_payment_is_credited() {
+    let shop = shop_with_plans().await;
+    let account = shop.app.create_account("card-buyer").await;
+    let topup = shop
+        .post_topup(&account.master_key, json!({"pack": "calls-10"}))
+        .await;
+    assert_eq!(topup.status(), 201);
+    let topup: Value = topup.json().await.unwrap();
+    assert_eq!(topup["amount"]["credits"], "2.5");
+    assert_eq!(topup["pack"], "calls-10");
+    let id = topup["id"].as_str().unwrap().to_string();
+    let session = shop.stripe.session_by_idempotency_key(&id).unwrap();
+    assert_eq!(session["amount_total"], 250);
+
+    shop.stripe.pay(&session_of(&topup)).await.unwrap();
+    // Credited and spent on the pack at once: the wallet is as it was, the pack is there.
+    assert_eq!(shop.available(&account).await, "5");
+    let packs = || async {
+        let body = shop
+            .app
+            .get_json("/api/v1/billing/allowances", &account.master_key)
+            .await;
+        body["buckets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|b| b["source"] == "pack")
+            .map(|b| {
+                (
+                    b["name"].as_str().unwrap().to_string(),
+                    b["granted"].as_u64().unwrap(),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(packs().await, [(format!("topup.{id}"), 10)]);
+    // Every event again: nothing more is credited, paid or granted.
+    for event in shop.stripe.events() {
+        let status = shop.stripe.redeliver(event["id"].as_str().unwrap()).await;
+        assert_eq!(status, Some(200));
+    }
+    assert_eq!(shop.available(&account).await, "5");
+    assert_eq!(packs().await, [(format!("topup.{id}"), 10)]);
+    assert_eq!(
+        shop.entries_of(&account, &id).await,
+        [
+            ("grant".to_string(), "2.5".to_string()),
+            ("fee".to_string(), "2.5".to_string())
+        ],
+        "credited once, spent on the pack once"
+    );
+    assert_books_balance(&shop.app, account.id).await;
+
+    // A pack not on offer, or an amount beside a pack, starts nothing.
+    for body in [
+        json!({"pack": "calls-none"}),
+        json!({"pack": "calls-10", "amount": "2.50"}),
+        json!({}),
+    ] {
+        let refused = shop.post_topup(&account.master_key, body).await;
+        expect_error(refused, 400, "validation_error").await;
+    }
 }

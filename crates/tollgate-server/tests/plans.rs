@@ -9,7 +9,7 @@ mod common;
 use common::{available, expect_error, spawn_app_with, TestApp, ADMIN_TOKEN};
 use serde_json::{json, Value};
 use tollgate_core::AccountId;
-use tollgate_server::config::plans::{RawAllowance, RawPlan, RawUnits};
+use tollgate_server::config::plans::{RawAllowance, RawPackOffer, RawPlan, RawUnits};
 
 fn plan(name: &str, allowances: Vec<RawAllowance>) -> RawPlan {
     RawPlan {
@@ -874,4 +874,108 @@ async fn period_end(app: &TestApp, key: &str) -> chrono::DateTime<chrono::Utc> {
         .unwrap()
         .parse()
         .unwrap()
+}
+
+/// `free` gives 3 echo calls a month; `calls-10` sells 10 more for 0.5, `calls-1000` 1000 for 100.
+async fn app_with_packs() -> TestApp {
+    spawn_app_with(|raw, _| {
+        raw.plans = vec![plan(
+            "free",
+            vec![allowance("requests", Some("echo"), 3, "block")],
+        )];
+        raw.billing.default_plan = Some("free".into());
+        let pack = |name: &str, units: i64, price: &str| RawPackOffer {
+            name: name.into(),
+            meter: "requests".into(),
+            routes: Some("echo".into()),
+            units: RawUnits::Count(units),
+            price: price.into(),
+            valid_for: "30d".into(),
+        };
+        raw.packs = vec![pack("calls-10", 10, "0.5"), pack("calls-1000", 1000, "100")];
+    })
+    .await
+}
+
+async fn buy(app: &TestApp, key: &str, pack: &str, body: Value) -> reqwest::Response {
+    app.post(&format!("/api/v1/billing/packs/{pack}/buy"))
+        .bearer_auth(key)
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_customer_buys_a_pack_from_its_wallet_once_per_id_and_calls_on_it() {
+    let app = app_with_packs().await;
+    let account = app.create_account("buyer").await;
+    let key = account.master_key.clone();
+    let offers = app.get_json("/api/v1/billing/packs", &key).await;
+    assert_eq!(offers[0]["name"], "calls-10");
+    assert_eq!(offers[0]["price"]["credits"], "0.5");
+    assert_eq!(offers[0]["valid_for_seconds"], 30 * 86_400);
+    for _ in 0..3 {
+        assert_eq!(echo(&app, &key).await.status(), 200);
+    }
+    expect_error(echo(&app, &key).await, 402, "allowance_exhausted").await;
+
+    // Ten tries at once with one id: one purchase, one charge.
+    let tries = (0..10).map(|_| buy(&app, &key, "calls-10", json!({"id": "order-1"})));
+    let answers = futures_util::future::join_all(tries).await;
+    let mut statuses: Vec<u16> = answers.iter().map(|r| r.status().as_u16()).collect();
+    statuses.sort_unstable();
+    assert_eq!(statuses, [200, 200, 200, 200, 200, 200, 200, 200, 200, 201]);
+    let pack: Value = buy(&app, &key, "calls-10", json!({"id": "order-1"}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(pack["name"], "buy.order-1");
+    assert_eq!(pack["granted"], 10);
+    assert_eq!(available(&app, &key).await, 4_500_000_000, "5 - 0.5, once");
+    assert_eq!(audit_of(&app, "pack.bought").await.len(), 1);
+    let response = echo(&app, &key).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(quota_standing(&response, "requests").unwrap().0, 9);
+
+    // What a customer cannot do: buy more than its wallet holds, with a usage key, for
+    // another account, an unknown pack, or an id that is not one.
+    let body = expect_error(
+        buy(&app, &key, "calls-1000", json!({"id": "big"})).await,
+        402,
+        "insufficient_balance",
+    )
+    .await;
+    assert_eq!(body["error"]["details"]["pack"], "calls-1000");
+    assert_eq!(body["error"]["details"]["balance"]["credits"], "4.5");
+    let (usage_key, _) = app.create_usage_key(&key, json!({})).await;
+    expect_error(
+        buy(&app, &usage_key, "calls-10", json!({"id": "u"})).await,
+        403,
+        "forbidden",
+    )
+    .await;
+    let other = app.create_account("other").await;
+    let for_other = json!({"id": "gift", "account_id": other.id.to_string()});
+    expect_error(
+        buy(&app, &key, "calls-10", for_other).await,
+        404,
+        "not_found",
+    )
+    .await;
+    expect_error(
+        buy(&app, &key, "calls-none", json!({"id": "x"})).await,
+        404,
+        "not_found",
+    )
+    .await;
+    expect_error(
+        buy(&app, &key, "calls-10", json!({"id": "no spaces"})).await,
+        400,
+        "validation_error",
+    )
+    .await;
+    assert_eq!(available(&app, &key).await, 4_500_000_000);
+    common::assert_books_balance(&app, account.id).await;
 }

@@ -51,7 +51,7 @@ fn config_md_documents_every_field_and_override() {
     }
     let sections = serde_json::to_value(RawConfig::default()).unwrap();
     for (section, fields) in sections.as_object().unwrap() {
-        if section == "routes" || section == "rate_limits" || section == "plans" {
+        if ["routes", "rate_limits", "plans", "packs"].contains(&section.as_str()) {
             // Arrays of tables, documented as such.
             assert!(docs.contains(&format!("## `[[{section}]]`")));
             continue;
@@ -81,6 +81,11 @@ fn config_md_documents_every_field_and_override() {
         "overage",
         "rollover",
         "windows",
+        "price",
+        "discounts",
+        "rate_limits",
+        "stripe_prices",
+        "valid_for",
     ] {
         assert!(
             docs.contains(&format!("| `{field}` |")),

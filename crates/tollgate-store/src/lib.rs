@@ -672,6 +672,8 @@ pub struct TopUp {
     pub failure: Option<String>,
     /// An automatic top-up's key (the account and which of the month's it is): one per key.
     pub auto_key: Option<String>,
+    /// The credit pack (a `[[packs]]` name) the top-up buys once it is credited.
+    pub pack: Option<String>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }

@@ -133,7 +133,7 @@ impl TryFrom<AccountRow> for Account {
 
 pub(crate) const TOPUP_COLUMNS: &str = "id, account_id, amount_nanos, amount_minor, currency, \
     status, origin, checkout_session, checkout_url, payment_intent, dispute, review, failure, \
-    auto_key, created_at, updated_at";
+    auto_key, created_at, updated_at, pack";
 
 #[derive(sqlx::FromRow)]
 pub(crate) struct TopUpRow {
@@ -153,6 +153,7 @@ pub(crate) struct TopUpRow {
     auto_key: Option<String>,
     created_at: i64,
     updated_at: i64,
+    pack: Option<String>,
 }
 
 impl TryFrom<TopUpRow> for crate::TopUp {
@@ -176,6 +177,7 @@ impl TryFrom<TopUpRow> for crate::TopUp {
             review: row.review,
             failure: row.failure,
             auto_key: row.auto_key,
+            pack: row.pack,
             created_at: from_millis(row.created_at)?,
             updated_at: from_millis(row.updated_at)?,
         })

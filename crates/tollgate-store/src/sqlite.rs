@@ -1259,7 +1259,7 @@ impl StoreHealth for SqliteStore {
 impl PaymentStore for SqliteStore {
     async fn create_topup(&self, topup: &TopUp) -> Result<bool, StoreError> {
         let inserted = sqlx::query(&format!(
-            "INSERT INTO topups ({TOPUP_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16) \
+            "INSERT INTO topups ({TOPUP_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17) \
              ON CONFLICT DO NOTHING"
         ))
         .bind(topup.id.to_string())
@@ -1278,6 +1278,7 @@ impl PaymentStore for SqliteStore {
         .bind(&topup.auto_key)
         .bind(millis(topup.created_at))
         .bind(millis(topup.updated_at))
+        .bind(&topup.pack)
         .execute(&self.pool)
         .await
         .map_err(store_error)?

@@ -1065,6 +1065,7 @@ fn topup(account: AccountId, ms: i64) -> tollgate_store::TopUp {
         review: None,
         failure: None,
         auto_key: None,
+        pack: None,
         created_at: at(ms),
         updated_at: at(ms),
     }
@@ -1119,6 +1120,7 @@ pub async fn an_auto_top_up_is_due_below_its_threshold_with_a_card_and_starts_on
     let auto = |key: &str| tollgate_store::TopUp {
         origin: tollgate_store::TopUpOrigin::Auto,
         auto_key: Some(key.into()),
+        pack: None,
         ..topup(account, 3)
     };
     assert!(store.create_topup(&auto("auto:1")).await.unwrap());

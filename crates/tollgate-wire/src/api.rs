@@ -562,9 +562,14 @@ mod tests {
 #[cfg_attr(feature = "openapi", schema(example = json!({"amount": "25"})))]
 pub struct TopUpRequest {
     /// Credits to buy (one credit is one unit of the wallet's currency), within the configured
-    /// minimum and maximum, in whole cents.
+    /// minimum and maximum, in whole cents. Left out when buying a `pack`.
     #[cfg_attr(feature = "openapi", schema(pattern = r"^[0-9]{1,9}(\.[0-9]{1,9})?$"))]
-    pub amount: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub amount: Option<String>,
+    /// A credit pack (a name from `GET /billing/packs`) to buy by card: the top-up is of its
+    /// price, and buys the pack as soon as it is credited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pack: Option<String>,
     /// Admin only (and required of the admin): the account that buys.
     #[serde(default)]
     pub account_id: Option<String>,
@@ -632,6 +637,9 @@ pub struct TopUp {
     /// Why an event about it was not applied (what was paid disagreed with what was asked):
     /// the operator looks into it; nothing was credited by that event.
     pub review: Option<String>,
+    /// The credit pack it buys once credited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pack: Option<String>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
@@ -744,6 +752,37 @@ pub struct CreatePackRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub routes: Option<String>,
     pub expires_at: DateTime<Utc>,
+}
+
+/// A credit pack customers may buy (`[[packs]]` in config).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct PackOffer {
+    pub name: String,
+    /// `requests`, `tokens` or `cost`.
+    pub meter: String,
+    /// The route group its units serve; every route when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub routes: Option<String>,
+    /// A count of requests or tokens; for `cost`, nano-credits.
+    pub units: u64,
+    pub price: Money,
+    /// How long its units last after the purchase, in seconds.
+    pub valid_for_seconds: u64,
+}
+
+/// Buys a credit pack from the wallet.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct BuyPackRequest {
+    /// The purchase's id within the account (1 to 64 of `A-Z a-z 0-9 - _ .`): buying with an id
+    /// again pays and grants nothing more, so a retry is safe. The pack is named `buy.<id>`.
+    #[cfg_attr(feature = "openapi", schema(pattern = r"^[A-Za-z0-9._-]{1,64}$"))]
+    pub id: String,
+    /// Admin only (and required of the admin): the account that buys.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub account_id: Option<String>,
 }
 
 /// Sets the used units of an allowance's current period back to zero, once per reference

@@ -10,7 +10,7 @@
 //! plaintext anywhere: a demo must be able to print its key again.
 
 use crate::app::Application;
-use crate::config::plans::{RawAllowance, RawPlan, RawUnits};
+use crate::config::plans::{RawAllowance, RawPackOffer, RawPlan, RawUnits};
 use crate::config::{
     Config, RawAdmin, RawBilling, RawConfig, RawModel, RawRoute, RawServer, RawStore, RawStripe,
     RouteKind, Secret,
@@ -360,6 +360,15 @@ fn demo_config(options: &DemoOptions, mock: &MockUpstream, admin_token: &str) ->
             inspections("free", FREE_INSPECTIONS, "block"),
             inspections("pro", 1_000, "wallet"),
         ],
+        // Past the free tier, a customer buys more inspections from its wallet (or by card).
+        packs: vec![RawPackOffer {
+            name: "inspections-10".into(),
+            meter: "requests".into(),
+            routes: Some("inspect".into()),
+            units: RawUnits::Count(10),
+            price: "0.40".into(),
+            valid_for: "90d".into(),
+        }],
     }
 }
 

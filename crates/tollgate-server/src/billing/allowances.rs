@@ -12,7 +12,8 @@ use std::sync::Arc;
 use tollgate_core::allowance::{self, Overage};
 use tollgate_core::period::Period;
 use tollgate_core::plan::{
-    length_name, Allowance, Meter, Plan, Standing, Subscription, SubscriptionStatus, Window,
+    length_name, Allowance, Meter, PackOffer, Plan, Standing, Subscription, SubscriptionStatus,
+    Window,
 };
 use tollgate_core::{AccountId, ApiError, ErrorCode, Nanos, RequestId};
 use tollgate_store::{BucketSource, Store, StoreError, UnitBucket, UnitsAnswer, UnitsAsk};
@@ -174,25 +175,9 @@ pub async fn pay_fee(
     let paid = ledger
         .pay_fee(account, price, period.start, &plan.plan.name)
         .await;
-    let refused = match paid {
-        Ok(_) => return Ok(()),
-        Err(FeeRefused::Grant(e)) => return Err(grant_refused(e)),
-        Err(FeeRefused::Short {
-            required,
-            available,
-            leased,
-        }) if available.0.saturating_add(leased.0) >= required.0 => HoldRefused::CreditElsewhere {
-            required,
-            balance: Nanos(available.0.saturating_add(leased.0)),
-        },
-        Err(FeeRefused::Short {
-            required,
-            available,
-            ..
-        }) => {
-            let money =
-                |n: Nanos| serde_json::to_value(Money::new(n, currency)).unwrap_or_default();
-            return Err(HttpError::new(
+    paid.map(|_| ()).map_err(|refused| {
+        fee_refused(refused, currency, |required, available| {
+            let error = HttpError::new(
                 ErrorCode::InsufficientBalance,
                 format!(
                     "The '{}' plan's fee for the period from {} to {} is {required} {currency}, \
@@ -202,15 +187,91 @@ pub async fn pay_fee(
                     rfc3339(period.start),
                     rfc3339(period.end),
                 ),
-            )
-            .with_detail("required", money(required))
-            .with_detail("balance", money(available))
-            .with_detail("plan", plan.plan.name.as_str())
-            .with_detail("period_start", rfc3339(period.start))
-            .with_detail("period_end", rfc3339(period.end)));
-        }
+            );
+            error
+                .with_detail("plan", plan.plan.name.as_str())
+                .with_detail("period_start", rfc3339(period.start))
+                .with_detail("period_end", rfc3339(period.end))
+        })
+    })
+}
+
+/// Buys `offer` for `account` from its wallet, once per `id`: the pack's bucket is `pack:<id>`,
+/// and its price a `fee` filed under that name, then the pack is granted, good for the offer's
+/// `valid_for` from `at`. Asked again with the same id it pays nothing (and grants what a crash
+/// between the two left ungranted). The answer: whether this call granted it, and the pack.
+pub async fn buy_pack(
+    ledger: &Ledger,
+    store: &dyn Store,
+    offer: &PackOffer,
+    account: AccountId,
+    id: &str,
+    at: DateTime<Utc>,
+    currency: &str,
+) -> Result<(bool, UnitBucket), HttpError> {
+    let bucket = UnitBucket {
+        account,
+        bucket: format!("pack:{id}"),
+        source: BucketSource::Pack,
+        meter: offer.meter,
+        routes: offer.routes.clone(),
+        granted: offer.units,
+        used: 0,
+        held: 0,
+        starts_at: at,
+        ends_at: at.checked_add_signed(offer.valid_for).unwrap_or(at),
     };
-    Err(refused_error(refused, price, currency))
+    let memo = format!("the '{}' credit pack", offer.name);
+    ledger
+        .pay_once(account, offer.price, &bucket.bucket, &memo)
+        .await
+        .map_err(|refused| {
+            fee_refused(refused, currency, |required, available| {
+                HttpError::new(
+                    ErrorCode::InsufficientBalance,
+                    format!(
+                        "The '{}' pack costs {required} {currency} but the balance is \
+                         {available} {currency}. Top up the wallet, or buy it by card.",
+                        offer.name
+                    ),
+                )
+                .with_detail("pack", offer.name.as_str())
+            })
+        })?;
+    let granted = store.add_pack(&bucket, at).await?;
+    Ok((granted, bucket))
+}
+
+/// A fee or purchase the wallet could not pay: `short(required, balance)` says what, as a 402
+/// `insufficient_balance`; credit other nodes lease is 503 while they give it back.
+fn fee_refused(
+    refused: FeeRefused,
+    currency: &str,
+    short: impl FnOnce(Nanos, Nanos) -> HttpError,
+) -> HttpError {
+    let money = |n: Nanos| serde_json::to_value(Money::new(n, currency)).unwrap_or_default();
+    match refused {
+        FeeRefused::Grant(e) => grant_refused(e),
+        FeeRefused::Short {
+            required,
+            available,
+            leased,
+        } if available.0.saturating_add(leased.0) >= required.0 => refused_error(
+            HoldRefused::CreditElsewhere {
+                required,
+                balance: Nanos(available.0.saturating_add(leased.0)),
+            },
+            required,
+            currency,
+        ),
+        FeeRefused::Short {
+            required,
+            available,
+            ..
+        } => short(required, available)
+            .with_detail("required", money(required))
+            .with_detail("balance", money(available)),
+    }
 }
 
 fn grant_refused(refused: GrantRefused) -> HttpError {

@@ -887,16 +887,50 @@ impl Ledger {
         if due == Nanos::ZERO {
             return Ok(Nanos::ZERO);
         }
-        let movement = Movement::Pay {
-            to: LedgerAccount::Revenue,
-            kind: TransferKind::Fee,
-        };
         let memo = format!(
             "the '{plan}' plan's fee for the period from {}",
             period.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
         );
+        self.pay_turn(account, due, reference, &memo).await
+    }
+
+    /// Pays `amount` from the wallet's credit (never making debt) as a `fee` transfer filed under
+    /// `reference` (a `pack:` purchase), once: `Ok(false)` when it was paid before.
+    pub async fn pay_once(
+        &self,
+        account: AccountId,
+        amount: Nanos,
+        reference: &str,
+        memo: &str,
+    ) -> Result<bool, FeeRefused> {
+        let _turn = self.grants.lock().await;
+        if self
+            .store
+            .filed(account, reference)
+            .await
+            .map_err(GrantRefused::from)?
+        {
+            return Ok(false);
+        }
+        let paid = self.pay_turn(account, amount, reference, memo).await?;
+        Ok(paid > Nanos::ZERO)
+    }
+
+    /// Pays `due` from the wallet as a `fee` under `reference`; the caller holds the turn and
+    /// found nothing filed under it. `Ok(0)`: another node filed it first.
+    async fn pay_turn(
+        &self,
+        account: AccountId,
+        due: Nanos,
+        reference: &str,
+        memo: &str,
+    ) -> Result<Nanos, FeeRefused> {
+        let movement = Movement::Pay {
+            to: LedgerAccount::Revenue,
+            kind: TransferKind::Fee,
+        };
         match self
-            .make_movement(account, due, movement, &memo, reference)
+            .make_movement(account, due, movement, memo, reference)
             .await
         {
             Ok(_) => Ok(due),

@@ -474,6 +474,7 @@ impl Config {
         let groups: Vec<&str> = routes.iter().map(|r| r.group.as_str()).collect();
         let plans = plans::validate_plans(
             &raw.plans,
+            &raw.packs,
             raw.billing.default_plan.as_deref(),
             &groups,
             &mut p,
@@ -1317,7 +1318,7 @@ mod tests {
               - server.lisen: unknown field `lisen`, expected one of `listen`, `api_prefix`, `request_id_header`, `max_body_bytes`, `key_cache_capacity`, `trusted_proxies`, `header_read_timeout`, `max_connections`, `http2_max_concurrent_streams`, `max_header_bytes`
               - routes[0].upstream: invalid type: integer `5`, expected a string
               - routes[2].group: is required
-              - surprise: unknown section (expected server, store, redis, admin, billing, keys, load_shedding, idempotency, console, payments, rate_limits, routes or plans)
+              - surprise: unknown section (expected server, store, redis, admin, billing, keys, load_shedding, idempotency, console, payments, rate_limits, routes, plans or packs)
               - billing.currency: must be a three-letter code in capitals, e.g. USD
               - routes[1].prefix: '/api/v2' overlaps '/api', which Tollgate serves itself
               - routes[1].price: '-1' is negative; amounts here must be zero or more

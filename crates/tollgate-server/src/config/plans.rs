@@ -7,7 +7,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use tollgate_core::allowance::Overage;
 use tollgate_core::period::Length;
-use tollgate_core::plan::{length_name, Allowance, Anchor, Meter, Plan, Subscription, Window};
+use tollgate_core::plan::{
+    length_name, Allowance, Anchor, Meter, PackOffer, Plan, Subscription, Window,
+};
 use tollgate_core::ratelimit::Overrides;
 use tollgate_core::Nanos;
 
@@ -45,6 +47,25 @@ pub struct RawPlan {
     /// them puts its account on this plan.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub stripe_prices: Vec<String>,
+}
+
+/// A credit pack customers may buy (`[[packs]]`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPackOffer {
+    /// 1 to 64 of `A-Z a-z 0-9 - _ .`: what a purchase names.
+    pub name: String,
+    /// `requests`, `tokens` or `cost`.
+    pub meter: String,
+    /// The route group its units serve; every route when left out.
+    #[serde(default)]
+    pub routes: Option<String>,
+    /// A count (requests, tokens), or for `cost` an amount of credits.
+    pub units: RawUnits,
+    /// What it costs, in credits (`"9.00"`).
+    pub price: String,
+    /// How long its units last after the purchase (`"90d"`).
+    pub valid_for: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -128,6 +149,8 @@ pub struct Plans {
     default: Option<Arc<Plan>>,
     /// Plan names by the Stripe Price they are sold as.
     by_stripe_price: BTreeMap<String, String>,
+    /// The credit packs customers may buy, by name.
+    packs: BTreeMap<String, Arc<PackOffer>>,
 }
 
 impl Plans {
@@ -145,6 +168,15 @@ impl Plans {
         subscription
             .and_then(|s| self.get(&s.plan))
             .or(self.default.as_ref())
+    }
+
+    pub fn pack(&self, name: &str) -> Option<&Arc<PackOffer>> {
+        self.packs.get(name)
+    }
+
+    /// The credit packs on offer, by name.
+    pub fn packs(&self) -> impl Iterator<Item = &Arc<PackOffer>> {
+        self.packs.values()
     }
 
     /// The plan sold as a Stripe Price.
@@ -165,6 +197,7 @@ impl Plans {
 
 pub(crate) fn validate_plans(
     raw: &[RawPlan],
+    raw_packs: &[RawPackOffer],
     default_plan: Option<&str>,
     groups: &[&str],
     p: &mut Problems,
@@ -223,7 +256,89 @@ pub(crate) fn validate_plans(
         by_name,
         default,
         by_stripe_price,
+        packs: validate_packs(raw_packs, groups, p),
     }
+}
+
+fn validate_packs(
+    raw: &[RawPackOffer],
+    groups: &[&str],
+    p: &mut Problems,
+) -> BTreeMap<String, Arc<PackOffer>> {
+    let mut packs = BTreeMap::new();
+    for (i, pack) in raw.iter().enumerate() {
+        let at = format!("packs[{i}]");
+        if !name_ok(&pack.name) {
+            p.push(
+                &format!("{at}.name"),
+                "must be 1 to 64 of A-Z a-z 0-9 - _ .",
+            );
+        } else if raw[..i].iter().any(|other| other.name == pack.name) {
+            p.push(
+                &format!("{at}.name"),
+                format!("'{}' names another pack already", pack.name),
+            );
+        }
+        let meter = Meter::parse(&pack.meter).or_else(|| {
+            p.push(
+                &format!("{at}.meter"),
+                format!("'{}' is not a meter (requests, tokens or cost)", pack.meter),
+            );
+            None
+        });
+        if let Some(group) = &pack.routes {
+            if !groups.contains(&group.as_str()) {
+                p.push(
+                    &format!("{at}.routes"),
+                    format!("'{group}' is not the group of any route"),
+                );
+            }
+        }
+        let units = count(meter, &pack.units, &format!("{at}.units"), p);
+        let price = match Nanos::parse_credits(&pack.price) {
+            Ok(price) if price > Nanos::ZERO => Some(price),
+            Ok(_) => {
+                p.push(&format!("{at}.price"), "must be more than zero");
+                None
+            }
+            Err(e) => {
+                p.push(&format!("{at}.price"), e.to_string());
+                None
+            }
+        };
+        let valid_for = humantime::parse_duration(&pack.valid_for)
+            .ok()
+            .and_then(|d| chrono::Duration::from_std(d).ok())
+            .filter(|d| *d > chrono::Duration::zero())
+            .or_else(|| {
+                p.push(&format!("{at}.valid_for"), "must be a duration, e.g. 90d");
+                None
+            });
+        if let (Some(meter), Some(units), Some(price), Some(valid_for)) =
+            (meter, units, price, valid_for)
+        {
+            packs
+                .entry(pack.name.clone())
+                .or_insert(Arc::new(PackOffer {
+                    name: pack.name.clone(),
+                    meter,
+                    routes: pack.routes.clone(),
+                    units,
+                    price,
+                    valid_for,
+                }));
+        }
+    }
+    packs
+}
+
+/// Whether a name may name an allowance or a pack: it names buckets, quota items in headers and
+/// path segments.
+fn name_ok(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
 fn length_of(text: &str) -> Option<Length> {
@@ -305,12 +420,7 @@ fn validate_plan(raw: &RawPlan, at: &str, groups: &[&str], p: &mut Problems) -> 
     let mut allowances = Vec::new();
     for (j, allowance) in raw.allowances.iter().enumerate() {
         let at = format!("{at}.allowances[{j}]");
-        let name_ok = (1..=64).contains(&allowance.name.len())
-            && allowance
-                .name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
-        if !name_ok {
+        if !name_ok(&allowance.name) {
             // It names buckets, quota items in headers and a path segment.
             p.push(
                 &format!("{at}.name"),
@@ -611,6 +721,55 @@ units = 1
             &problems(&text),
             &["billing.default_plan: 'pro' is anchored to a subscription; the default plan needs calendar periods"],
         );
+    }
+
+    #[test]
+    fn every_pack_problem_is_reported_at_once() {
+        let text = format!(
+            r#"{ROUTE}
+[[packs]]
+name = "ten calls"
+meter = "calls"
+routes = "nope"
+units = 0
+price = "free"
+valid_for = "forever"
+
+[[packs]]
+name = "tokens"
+meter = "tokens"
+units = 1000
+price = "0"
+valid_for = "30d"
+
+[[packs]]
+name = "tokens"
+meter = "cost"
+units = "2.50"
+price = "1.00"
+valid_for = "90d"
+"#
+        );
+        assert_reports(
+            &problems(&text),
+            &[
+                "packs[0].name: must be 1 to 64 of A-Z a-z 0-9 - _ .",
+                "packs[0].meter: 'calls' is not a meter (requests, tokens or cost)",
+                "packs[0].routes: 'nope' is not the group of any route",
+                "packs[0].units: must be more than zero",
+                "packs[0].price: 'free' is not a decimal amount",
+                "packs[0].valid_for: must be a duration, e.g. 90d",
+                "packs[1].price: must be more than zero",
+                "packs[2].name: 'tokens' names another pack already",
+            ],
+        );
+        let valid = format!(
+            "{ROUTE}\n[[packs]]\nname = \"spend\"\nmeter = \"cost\"\nroutes = \"llm\"\nunits = \"2.50\"\nprice = \"2\"\nvalid_for = \"90d\"\n"
+        );
+        let config = Config::load(&valid, Vec::<(String, String)>::new()).unwrap();
+        let pack = config.plans.pack("spend").unwrap();
+        assert_eq!((pack.units, pack.price.0), (2_500_000_000, 2_000_000_000));
+        assert_eq!(pack.valid_for, chrono::Duration::days(90));
     }
 
     #[test]

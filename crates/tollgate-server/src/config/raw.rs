@@ -3,7 +3,7 @@
 //! leniently, so every problem is collected. Nothing here is checked beyond its type; that is
 //! `Config::from_raw`'s work, which this never calls.
 
-use crate::config::plans::RawPlan;
+use crate::config::plans::{RawPackOffer, RawPlan};
 use crate::config::problems::Problems;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -67,6 +67,8 @@ pub struct RawConfig {
     pub rate_limits: Option<Vec<RawPolicy>>,
     pub routes: Vec<RawRoute>,
     pub plans: Vec<RawPlan>,
+    /// Credit packs customers may buy (`[[packs]]`).
+    pub packs: Vec<RawPackOffer>,
 }
 
 /// A rate-limit policy as written in config.
@@ -698,11 +700,20 @@ impl RawConfig {
                         .collect()
                 })
                 .unwrap_or_default(),
+            packs: table
+                .remove("packs")
+                .map(|value| {
+                    items(value, "packs", problems)
+                        .into_iter()
+                        .map(|(_, pack)| pack)
+                        .collect()
+                })
+                .unwrap_or_default(),
         };
         for unknown in table.keys() {
             problems.push(
                 unknown,
-                "unknown section (expected server, store, redis, admin, billing, keys, load_shedding, idempotency, console, payments, rate_limits, routes or plans)",
+                "unknown section (expected server, store, redis, admin, billing, keys, load_shedding, idempotency, console, payments, rate_limits, routes, plans or packs)",
             );
         }
         Some(raw)

@@ -149,7 +149,7 @@ pub async fn top_up(
         )
         .await;
     };
-    match start_topup(&payments, account, amount).await {
+    match start_topup(&payments, account, amount, None).await {
         Ok(topup) => match topup.checkout_url {
             Some(url) => Redirect::to(&url).into_response(),
             None => wallet_page(&state, account, "", Some(topup.id), StatusCode::OK, None).await,

@@ -65,13 +65,36 @@ async fn create_topup(
     caller.require_master_or_admin()?;
     let payments = service(&state)?;
     let body: wire::TopUpRequest = body.parse()?;
-    let amount =
-        Nanos::parse_amount(&body.amount).map_err(|e| validation("amount", e.to_string()))?;
+    let pack = match &body.pack {
+        None => None,
+        Some(name) => Some(state.config.plans.pack(name).ok_or_else(|| {
+            let offered: Vec<&str> = state
+                .config
+                .plans
+                .packs()
+                .map(|p| p.name.as_str())
+                .collect();
+            validation(
+                "pack",
+                format!("is not a pack on offer (packs: {})", offered.join(", ")),
+            )
+        })?),
+    };
+    let amount = match (&body.amount, pack) {
+        (Some(amount), None) => {
+            Nanos::parse_amount(amount).map_err(|e| validation("amount", e.to_string()))?
+        }
+        (None, Some(pack)) => pack.price,
+        (Some(_), Some(_)) => {
+            return Err(validation("amount", "is the pack's price: leave it out"));
+        }
+        (None, None) => return Err(validation("amount", "is required (or a pack)")),
+    };
     let account = subject_account(&caller, body.account_id.as_deref())?;
     if state.store.account(account).await?.is_none() {
         return Err(HttpError::not_found("account"));
     }
-    let topup = start_topup(payments, account, amount).await?;
+    let topup = start_topup(payments, account, amount, pack.map(|p| p.name.as_str())).await?;
     Ok((
         StatusCode::CREATED,
         Json(view(&state, payments, &topup).await?),
@@ -83,9 +106,10 @@ pub(crate) async fn start_topup(
     payments: &Payments,
     account: tollgate_core::AccountId,
     amount: Nanos,
+    pack: Option<&str>,
 ) -> Result<TopUp, HttpError> {
     payments
-        .start_topup(account, amount)
+        .start_topup(account, amount, pack)
         .await
         .map_err(|refused| match refused {
             TopUpRefused::Amount(message) => validation("amount", message),
@@ -216,6 +240,7 @@ pub(crate) async fn view(
         dispute: topup.dispute.clone(),
         failure: topup.failure.clone(),
         review: topup.review.clone(),
+        pack: topup.pack.clone(),
         created_at: topup.created_at,
         updated_at: topup.updated_at,
     })

@@ -1,10 +1,11 @@
 //! Plans: an account's subscription, credit packs, an allowance's manual reset (admin only),
 //! and the buckets of included units every account can read.
 
+use crate::billing;
 use crate::billing::allowances::PlanOf;
-use crate::http::error::{FieldErrors, HttpError};
+use crate::http::error::{validation, FieldErrors, HttpError};
 use crate::management::audit::{self, Change};
-use crate::management::billing::subject_account;
+use crate::management::billing::{money, subject_account};
 use crate::management::extract::{parse_id, parse_query, Caller, JsonBody};
 use crate::management::openapi;
 use crate::state::AppState;
@@ -28,6 +29,8 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(create_pack))
         .routes(routes!(reset_allowance))
         .routes(routes!(allowances))
+        .routes(routes!(pack_offers))
+        .routes(routes!(buy_pack))
 }
 
 fn subscription_view(subscription: &Subscription) -> wire::Subscription {
@@ -417,6 +420,103 @@ async fn allowances(
     let query = parse_query(query)?;
     let account = subject_account(&caller, query.account_id.as_deref())?;
     Ok(Json(allowances_of(&state, account).await?))
+}
+
+/// The credit packs on offer (`[[packs]]`), for any key to read.
+#[utoipa::path(
+    get,
+    path = "/billing/packs",
+    tag = "plans",
+    responses(
+        (status = 200, description = "The packs on offer, by name.", body = Vec<wire::PackOffer>),
+        (status = 401, response = openapi::Status401),
+    ),
+    security(("admin_token" = []), ("api_key" = [])),
+)]
+async fn pack_offers(State(state): State<AppState>, _caller: Caller) -> Json<Vec<wire::PackOffer>> {
+    let offers = state
+        .config
+        .plans
+        .packs()
+        .map(|offer| wire::PackOffer {
+            name: offer.name.clone(),
+            meter: offer.meter.as_str().to_string(),
+            routes: offer.routes.clone(),
+            units: offer.units,
+            price: money(&state, offer.price),
+            valid_for_seconds: u64::try_from(offer.valid_for.num_seconds()).unwrap_or(0),
+        })
+        .collect();
+    Json(offers)
+}
+
+/// Buys a credit pack from the wallet (a master key for its own account, or the admin): its
+/// price is paid at once and its units granted, as the pack `buy.<id>`. An id bought before
+/// pays and grants nothing more (200, the pack as it is). To pay by card, start a top-up with
+/// the pack (`POST /topups {"pack": ...}`).
+#[utoipa::path(
+    post,
+    path = "/billing/packs/{name}/buy",
+    tag = "plans",
+    params(("name" = String, Path, description = "The pack's name, from `GET /billing/packs`.")),
+    request_body = wire::BuyPackRequest,
+    responses(
+        (status = 201, description = "Bought now: the pack.", body = wire::UnitBucket),
+        (status = 200, description = "Bought before with this id: nothing more was paid.", body = wire::UnitBucket),
+        (status = 400, response = openapi::Status400),
+        (status = 402, response = openapi::Status402),
+        (status = 403, response = openapi::Status403),
+        (status = 404, response = openapi::Status404),
+    ),
+    security(("admin_token" = []), ("api_key" = [])),
+)]
+async fn buy_pack(
+    State(state): State<AppState>,
+    Extension(request_id): Extension<RequestId>,
+    caller: Caller,
+    name: Result<Path<String>, PathRejection>,
+    body: JsonBody,
+) -> Result<(axum::http::StatusCode, Json<wire::UnitBucket>), HttpError> {
+    caller.require_master_or_admin()?;
+    let Path(name) = name.map_err(|_| HttpError::not_found("pack"))?;
+    let body: wire::BuyPackRequest = body.parse()?;
+    if !pack_id_ok(&body.id) {
+        return Err(validation("id", "must be 1 to 64 of A-Z a-z 0-9 - _ ."));
+    }
+    let account = subject_account(&caller, body.account_id.as_deref())?;
+    let offer = state
+        .config
+        .plans
+        .pack(&name)
+        .ok_or_else(|| HttpError::not_found("pack"))?;
+    existing_account(&state, account).await?;
+    let (bought, pack) = billing::allowances::buy_pack(
+        &state.ledger,
+        &*state.store,
+        offer,
+        account,
+        &format!("buy.{}", body.id),
+        state.clock.now(),
+        &state.config.currency,
+    )
+    .await?;
+    let stored = state
+        .store
+        .unit_buckets(account, state.clock.now())
+        .await?
+        .into_iter()
+        .find(|b| b.bucket == pack.bucket);
+    let view = bucket_view(stored.as_ref().unwrap_or(&pack), None);
+    if !bought {
+        return Ok((axum::http::StatusCode::OK, Json(view)));
+    }
+    let change = Change::new("pack.bought", account).after(&serde_json::json!({
+        "pack": offer.name,
+        "id": view.name,
+        "price": money(&state, offer.price),
+    }));
+    audit::record(&state, &caller, request_id, change).await;
+    Ok((axum::http::StatusCode::CREATED, Json(view)))
 }
 
 /// The account's plan and buckets now, for the API and the console alike.

@@ -11,6 +11,7 @@
 //! credited, so any order of the same events ends in the same ledger.
 
 use crate::access::keys::KeyCache;
+use crate::billing::allowances::buy_pack;
 use crate::billing::ledger::{GrantRefused, Granted, Ledger, Movement};
 use crate::config::plans::Plans;
 use crate::config::StripeSettings;
@@ -188,9 +189,11 @@ impl Payments {
         &self,
         account: AccountId,
         amount: Nanos,
+        pack: Option<&str>,
     ) -> Result<TopUp, TopUpRefused> {
         let s = &self.settings;
-        if amount < s.min_topup || amount > s.max_topup {
+        // A pack's price is the operator's: only free amounts keep to the bounds.
+        if pack.is_none() && (amount < s.min_topup || amount > s.max_topup) {
             return Err(TopUpRefused::Amount(format!(
                 "must be from {} to {}",
                 s.min_topup, s.max_topup
@@ -218,6 +221,7 @@ impl Payments {
             review: None,
             failure: None,
             auto_key: None,
+            pack: pack.map(str::to_string),
             created_at: now,
             updated_at: now,
         };
@@ -231,7 +235,7 @@ impl Payments {
                 topup: &id,
                 amount_minor,
                 currency: &s.currency,
-                product: "Credits",
+                product: &pack.map_or("Credits".to_string(), |p| format!("Credit pack {p}")),
                 success_url: &s.success_url.replace("{TOPUP_ID}", &id),
                 cancel_url: &s.cancel_url.replace("{TOPUP_ID}", &id),
                 expires_at: expires_at.timestamp(),
@@ -619,7 +623,51 @@ impl Payments {
             tracing::info!(topup = %topup.id, account = %topup.account_id, amount = %topup.amount, "card top-up credited");
             self.keys.invalidate_account(topup.account_id);
         }
+        if let Some(pack) = &topup.pack {
+            self.buy_pack(topup, pack).await?;
+        }
         Ok(Outcome::Credited)
+    }
+
+    /// Buys the pack a credited top-up was for, with its credit: once, keyed by the top-up, so
+    /// a redelivery of its payment (or a crash between credit and purchase) buys it once. If it
+    /// cannot be bought (the offer is gone, or the credit paid a debt first), the credit stays
+    /// in the wallet and the top-up says why.
+    async fn buy_pack(&self, topup: &TopUp, pack: &str) -> Result<(), HandleError> {
+        let not_bought = |why: String| {
+            tracing::warn!(topup = %topup.id, %why, "a paid top-up did not buy its pack");
+            format!("the '{pack}' pack was not bought ({why}); its price stays in the wallet")
+        };
+        let reason = match self.plans.pack(pack) {
+            None => not_bought("it is no longer on offer".into()),
+            Some(offer) => {
+                let id = format!("topup.{}", topup.id);
+                let at = self.clock.now();
+                match buy_pack(
+                    &self.ledger,
+                    &*self.store,
+                    offer,
+                    topup.account_id,
+                    &id,
+                    at,
+                    &self.settings.currency,
+                )
+                .await
+                {
+                    Ok(_) => return Ok(()),
+                    // Not now (the store, or credit on its way back from other nodes): the
+                    // event is answered 503 and delivered again.
+                    Err(e) if e.error.status() >= 500 => {
+                        return Err(HandleError::Store(StoreError::Unavailable(e.error.message)))
+                    }
+                    Err(e) => not_bought(e.error.message),
+                }
+            }
+        };
+        self.store
+            .flag_topup(topup.id, &reason, self.clock.now())
+            .await?;
+        Ok(())
     }
 
     /// Takes back each refunded share once (per refund id). A refund of a payment not credited
@@ -815,6 +863,7 @@ impl Payments {
                         now.format("%Y-%m"),
                         started + 1
                     )),
+                    pack: None,
                     created_at: now,
                     updated_at: now,
                 };
