@@ -1716,3 +1716,65 @@ async fn the_operator_sets_a_plan_and_grants_a_pack_and_the_customer_sees_its_in
     let theirs = post_form(&app, &customer, &path, &pack).await;
     assert_eq!(theirs.status(), StatusCode::NOT_FOUND);
 }
+
+/// The customer's wallet page lists the packs on offer and buys one from the wallet; the same
+/// form sent twice buys once.
+#[tokio::test]
+async fn the_customer_buys_a_pack_from_the_wallet_page_once_per_form() {
+    use tollgate_server::config::plans::{RawPackOffer, RawUnits};
+    let app = spawn_app_with(|raw, _| {
+        raw.packs = vec![RawPackOffer {
+            name: "calls-10".into(),
+            meter: "requests".into(),
+            routes: Some("echo".into()),
+            units: RawUnits::Count(10),
+            price: "1.50".into(),
+            valid_for: "30d".into(),
+        }];
+    })
+    .await;
+    let acme = app.create_account("Acme").await;
+    let customer = session_cookie(&app, &acme.master_key).await;
+    let (status, wallet) = console_get(&app, &customer, "/console/wallet").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(wallet.contains("<tr data-pack=\"calls-10\">"), "{wallet}");
+    assert!(wallet.contains("1.5 USD"), "{wallet}");
+    assert!(!wallet.contains("Buy by card"), "no card payments here");
+    let order = wallet
+        .split("name=\"order\" value=\"")
+        .nth(1)
+        .unwrap()
+        .split('"')
+        .next()
+        .unwrap()
+        .to_string();
+    let form = [
+        ("pack", "calls-10"),
+        ("order", order.as_str()),
+        ("pay", "wallet"),
+    ];
+    for _ in 0..2 {
+        let bought = post_form(&app, &customer, "/console/wallet/packs", &form).await;
+        assert_eq!(bought.status(), StatusCode::SEE_OTHER);
+        assert_eq!(bought.headers()[LOCATION], "/console/wallet");
+    }
+    let (_, wallet) = console_get(&app, &customer, "/console/wallet").await;
+    assert!(
+        wallet.contains(&format!(
+            "data-source=\"pack\" data-name=\"buy.{order}\" data-remaining=\"10\""
+        )),
+        "{wallet}"
+    );
+    assert_eq!(
+        common::available(&app, &acme.master_key).await,
+        3_500_000_000
+    );
+    // By card, where no payments are configured; and a pack not on offer.
+    let card = [("pack", "calls-10"), ("order", "o2"), ("pay", "card")];
+    let refused = post_form(&app, &customer, "/console/wallet/packs", &card).await;
+    assert_eq!(refused.status(), StatusCode::BAD_REQUEST);
+    let none = [("pack", "calls-99"), ("order", "o3"), ("pay", "wallet")];
+    let refused = post_form(&app, &customer, "/console/wallet/packs", &none).await;
+    assert_eq!(refused.status(), StatusCode::NOT_FOUND);
+    assert!(refused.text().await.unwrap().contains("not on offer"));
+}

@@ -1281,6 +1281,25 @@ async fn a_pack_bought_by_card_is_granted_once_when_its_payment_is_credited() {
     );
     assert_books_balance(&shop.app, account.id).await;
 
+    // From the console: "Buy by card" goes to the payment page for the pack's price.
+    let cookie = console_cookie(&shop.app, &account.master_key).await;
+    let wallet = console_get(&shop.app, "/console/wallet", &cookie).await;
+    assert!(wallet.text().await.unwrap().contains("Buy by card"));
+    let sent = browser()
+        .post(format!("{}/console/wallet/packs", shop.app.url))
+        .header("cookie", &cookie)
+        .header("sec-fetch-site", "same-origin")
+        .form(&[("pack", "calls-10"), ("order", "o1"), ("pay", "card")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(sent.status(), 303);
+    let checkout = sent.headers()["location"].to_str().unwrap().to_string();
+    let session = checkout.rsplit('/').next().unwrap().to_string();
+    shop.stripe.pay(&session).await.unwrap();
+    assert_eq!(packs().await.len(), 2);
+    assert_eq!(shop.available(&account).await, "5");
+
     // A pack not on offer, or an amount beside a pack, starts nothing.
     for body in [
         json!({"pack": "calls-none"}),

@@ -38,6 +38,7 @@ pub fn router() -> Router<AppState> {
         .route("/console/usage", get(usage::show))
         .route("/console/wallet", get(wallet::list))
         .route("/console/wallet/topup", post(wallet::top_up))
+        .route("/console/wallet/packs", post(wallet::buy_pack))
         .route("/console/wallet/auto-topup", post(wallet::auto_top_up_on))
         .route(
             "/console/wallet/auto-topup/off",

@@ -1,23 +1,25 @@
-//! The wallet page: the balance (and any debt), adding credits by card where payments are
-//! configured, the latest top-ups, and every movement of the account's money, newest first,
-//! paged by a stable cursor with no date cap, each typed and signed as the wallet sees it. The
-//! movements are `GET /ledger`'s answer; adding credits is `POST /topups`.
+//! The wallet page: the balance (and any debt), the plan's included units and the credit packs
+//! on sale, adding credits by card where payments are configured, the latest top-ups, and every
+//! movement of the account's money, newest first, paged by a stable cursor with no date cap,
+//! each typed and signed as the wallet sees it. The movements are `GET /ledger`'s answer; adding
+//! credits is `POST /topups`, buying a pack `POST /billing/packs/{name}/buy`.
 
 use crate::console::render::page;
 use crate::console::security::CONTENT_SECURITY_POLICY;
-use crate::console::session::holder_account;
+use crate::console::session::{holder, holder_account};
+use crate::http::error::HttpError;
 use crate::management::billing::{ledger_page, read_balance};
 use crate::management::payments::{auto_view, save_auto_topup, start_topup, view};
-use crate::management::plans::allowances_of;
+use crate::management::plans::{allowances_of, buy, pack_view};
 use crate::state::AppState;
 use askama::Template;
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Form, Query, State};
+use axum::extract::{Extension, Form, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
 use serde::Deserialize;
-use tollgate_core::{AccountId, Nanos, TopUpId};
-use tollgate_wire::api::Allowances;
+use tollgate_core::{AccountId, Nanos, RequestId, TopUpId};
+use tollgate_wire::api::{Allowances, PackOffer};
 use tollgate_wire::api::{AutoTopUp, AutoTopUpRequest, Balance, LedgerEntry, TopUp};
 
 /// Entries a page shows.
@@ -51,6 +53,9 @@ struct WalletPage<'a> {
     movements: &'a [Movement],
     /// The plan and its included units.
     allowances: &'a Allowances,
+    /// The packs on offer, each with a fresh order id for its form (a form sent twice buys
+    /// once).
+    packs: Vec<(PackOffer, String)>,
     next: Option<String>,
 }
 
@@ -159,6 +164,75 @@ pub async fn top_up(
             let status =
                 StatusCode::from_u16(e.error.code.info().status).unwrap_or(StatusCode::BAD_REQUEST);
             wallet_page(&state, account, "", None, status, Some(&problem)).await
+        }
+    }
+}
+
+#[derive(Deserialize)]
+pub struct PackForm {
+    pack: String,
+    /// The order id the page gave this form.
+    order: String,
+    /// `wallet` or `card`.
+    pay: String,
+}
+
+/// Buys a pack: from the wallet at once (then back to the page, which lists it), or by card
+/// through a top-up of the pack (to the payment page).
+pub async fn buy_pack(
+    State(state): State<AppState>,
+    Extension(request_id): Extension<RequestId>,
+    headers: HeaderMap,
+    form: Result<Form<PackForm>, axum::extract::rejection::FormRejection>,
+) -> Response {
+    let session = match holder(&state, &headers).await {
+        Ok(session) => session,
+        Err(answer) => return answer,
+    };
+    let Some(account) = session.who.account() else {
+        return HttpError::not_found("account").into_response();
+    };
+    let refused = |status: StatusCode, problem: String| {
+        let state = state.clone();
+        async move { wallet_page(&state, account, "", None, status, Some(&problem)).await }
+    };
+    let Ok(Form(form)) = form else {
+        return refused(StatusCode::BAD_REQUEST, "Choose a pack to buy.".into()).await;
+    };
+    let Some(offer) = state.config.plans.pack(&form.pack) else {
+        return refused(StatusCode::NOT_FOUND, "That pack is not on offer.".into()).await;
+    };
+    let bought = match (form.pay.as_str(), state.payments.clone()) {
+        ("wallet", _) => buy(
+            &state,
+            &session.caller(),
+            request_id,
+            account,
+            offer,
+            &form.order,
+        )
+        .await
+        .map(|_| Redirect::to("/console/wallet").into_response()),
+        ("card", Some(payments)) => start_topup(&payments, account, offer.price, Some(&offer.name))
+            .await
+            .map(|topup| match topup.checkout_url {
+                Some(url) => Redirect::to(&url).into_response(),
+                None => Redirect::to("/console/wallet").into_response(),
+            }),
+        _ => {
+            return refused(
+                StatusCode::BAD_REQUEST,
+                "Pay from the wallet or by card.".into(),
+            )
+            .await
+        }
+    };
+    match bought {
+        Ok(answer) => answer,
+        Err(e) => {
+            let status =
+                StatusCode::from_u16(e.error.code.info().status).unwrap_or(StatusCode::BAD_REQUEST);
+            refused(status, e.error.message).await
         }
     }
 }
@@ -330,6 +404,12 @@ async fn wallet_page(
             problem,
             movements: &movements,
             allowances: &allowances,
+            packs: state
+                .config
+                .plans
+                .packs()
+                .map(|offer| (pack_view(state, offer), ulid::Ulid::new().to_string()))
+                .collect(),
             next: ledger
                 .next_cursor
                 .map(|c| format!("/console/wallet?cursor={c}")),

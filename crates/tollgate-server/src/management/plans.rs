@@ -15,7 +15,7 @@ use axum::{Extension, Json};
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use tollgate_core::allowance;
-use tollgate_core::plan::{length_name, Meter, Subscription, SubscriptionStatus};
+use tollgate_core::plan::{length_name, Meter, PackOffer, Subscription, SubscriptionStatus};
 use tollgate_core::{AccountId, RequestId};
 use tollgate_store::{BucketSource, UnitBucket};
 use tollgate_wire::api as wire;
@@ -438,16 +438,21 @@ async fn pack_offers(State(state): State<AppState>, _caller: Caller) -> Json<Vec
         .config
         .plans
         .packs()
-        .map(|offer| wire::PackOffer {
-            name: offer.name.clone(),
-            meter: offer.meter.as_str().to_string(),
-            routes: offer.routes.clone(),
-            units: offer.units,
-            price: money(&state, offer.price),
-            valid_for_seconds: u64::try_from(offer.valid_for.num_seconds()).unwrap_or(0),
-        })
+        .map(|offer| pack_view(&state, offer))
         .collect();
     Json(offers)
+}
+
+/// A pack on offer as the API shows it, for the API and the console alike.
+pub(crate) fn pack_view(state: &AppState, offer: &PackOffer) -> wire::PackOffer {
+    wire::PackOffer {
+        name: offer.name.clone(),
+        meter: offer.meter.as_str().to_string(),
+        routes: offer.routes.clone(),
+        units: offer.units,
+        price: money(state, offer.price),
+        valid_for_seconds: u64::try_from(offer.valid_for.num_seconds()).unwrap_or(0),
+    }
 }
 
 /// Buys a credit pack from the wallet (a master key for its own account, or the admin): its
@@ -480,43 +485,62 @@ async fn buy_pack(
     caller.require_master_or_admin()?;
     let Path(name) = name.map_err(|_| HttpError::not_found("pack"))?;
     let body: wire::BuyPackRequest = body.parse()?;
-    if !pack_id_ok(&body.id) {
-        return Err(validation("id", "must be 1 to 64 of A-Z a-z 0-9 - _ ."));
-    }
     let account = subject_account(&caller, body.account_id.as_deref())?;
     let offer = state
         .config
         .plans
         .pack(&name)
         .ok_or_else(|| HttpError::not_found("pack"))?;
-    existing_account(&state, account).await?;
+    let (bought, view) = buy(&state, &caller, request_id, account, offer, &body.id).await?;
+    let status = if bought {
+        axum::http::StatusCode::CREATED
+    } else {
+        axum::http::StatusCode::OK
+    };
+    Ok((status, Json(view)))
+}
+
+/// Buys a pack from the wallet as `POST /billing/packs/{name}/buy` does, for the API and the
+/// console alike: whether it was bought now (not before), and the pack.
+pub(crate) async fn buy(
+    state: &AppState,
+    caller: &Caller,
+    request_id: RequestId,
+    account: AccountId,
+    offer: &PackOffer,
+    id: &str,
+) -> Result<(bool, wire::UnitBucket), HttpError> {
+    if !pack_id_ok(id) {
+        return Err(validation("id", "must be 1 to 64 of A-Z a-z 0-9 - _ ."));
+    }
+    existing_account(state, account).await?;
+    let now = state.clock.now();
     let (bought, pack) = billing::allowances::buy_pack(
         &state.ledger,
         &*state.store,
         offer,
         account,
-        &format!("buy.{}", body.id),
-        state.clock.now(),
+        &format!("buy.{id}"),
+        now,
         &state.config.currency,
     )
     .await?;
     let stored = state
         .store
-        .unit_buckets(account, state.clock.now())
+        .unit_buckets(account, now)
         .await?
         .into_iter()
         .find(|b| b.bucket == pack.bucket);
     let view = bucket_view(stored.as_ref().unwrap_or(&pack), None);
-    if !bought {
-        return Ok((axum::http::StatusCode::OK, Json(view)));
+    if bought {
+        let change = Change::new("pack.bought", account).after(&serde_json::json!({
+            "pack": offer.name,
+            "id": view.name,
+            "price": money(state, offer.price),
+        }));
+        audit::record(state, caller, request_id, change).await;
     }
-    let change = Change::new("pack.bought", account).after(&serde_json::json!({
-        "pack": offer.name,
-        "id": view.name,
-        "price": money(&state, offer.price),
-    }));
-    audit::record(&state, &caller, request_id, change).await;
-    Ok((axum::http::StatusCode::CREATED, Json(view)))
+    Ok((bought, view))
 }
 
 /// The account's plan and buckets now, for the API and the console alike.
