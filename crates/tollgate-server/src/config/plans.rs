@@ -206,6 +206,13 @@ pub(crate) fn validate_plans(
     let mut by_stripe_price: BTreeMap<String, String> = BTreeMap::new();
     for (i, plan) in raw.iter().enumerate() {
         let at = format!("plans[{i}]");
+        // Stripe charges a plan it sells: a wallet fee as well would charge twice.
+        if !plan.stripe_prices.is_empty() && plan.price.is_some() {
+            p.push(
+                &format!("{at}.price"),
+                "a plan sold through Stripe (stripe_prices) is paid there: leave price out",
+            );
+        }
         for (j, price) in plan.stripe_prices.iter().enumerate() {
             let path = format!("{at}.stripe_prices[{j}]");
             if price.trim().is_empty() {
@@ -688,6 +695,7 @@ units = 1
                 "plans[0].allowances[2].units:",
                 "plans[2].name: 'free' names another plan already",
                 "plans[1].price: 'ten' is not a decimal amount",
+                "plans[1].price: a plan sold through Stripe (stripe_prices) is paid there: leave price out",
                 "plans[1].stripe_prices[0]: 'price_x' is sold as the 'free' plan already",
                 "plans[1].stripe_prices[1]: must be a Stripe Price id (price_...)",
                 "plans[1].discounts.nope: 'nope' is not the group of any route",
