@@ -5,6 +5,7 @@ pub mod access;
 pub mod allowance;
 pub mod audit;
 pub mod clock;
+pub mod egress;
 pub mod error;
 pub mod ids;
 pub mod key;
@@ -17,6 +18,7 @@ pub mod period;
 pub mod plan;
 pub mod pricing;
 pub mod ratelimit;
+pub mod webhook;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::{ApiError, ErrorCode, Fault};
