@@ -155,6 +155,24 @@ mod tests {
         UNIX_EPOCH + Duration::from_secs(seconds)
     }
 
+    /// Tollgate's signer (in `tollgate-core`) and this verifier are written apart: each checks
+    /// the other, across a rotation.
+    #[test]
+    fn what_tollgate_signs_this_verifies_with_either_secret_of_a_rotation() {
+        use tollgate_core::webhook::{signature_header, WebhookSecret};
+        let old = WebhookSecret::parse(SECRET).unwrap();
+        let new = WebhookSecret::generate();
+        let header = signature_header(&[&new, &old], "msg_1", TIMESTAMP as i64, b"{\"a\":1}");
+        let ts = TIMESTAMP.to_string();
+        for secret in [new.expose(), old.expose()] {
+            let verifier = WebhookVerifier::new(&secret).unwrap();
+            let verified = verifier.verify_at("msg_1", &ts, &header, b"{\"a\":1}", at(TIMESTAMP));
+            assert_eq!(verified, Ok(()));
+            let tampered = verifier.verify_at("msg_1", &ts, &header, b"{\"a\":2}", at(TIMESTAMP));
+            assert_eq!(tampered, Err(WebhookError::NoMatch));
+        }
+    }
+
     #[test]
     fn the_specifications_test_vector_signs_and_verifies() {
         let verifier = WebhookVerifier::new(SECRET).unwrap();
