@@ -15,6 +15,7 @@ pub mod dataplane;
 pub mod edge;
 pub mod http;
 pub mod management;
+pub mod notify;
 pub mod ops;
 pub mod payments;
 pub mod state;
