@@ -165,7 +165,7 @@ pub struct Ledger {
     /// hold here (for [`Ledger::return_idle_leases`]).
     leasing: Option<Leasing>,
     last_hold: Mutex<HashMap<AccountId, Instant>>,
-    fees_paid: Mutex<HashMap<AccountId, String>>,
+    fees_paid: Mutex<HashMap<AccountId, (i64, String)>>,
     /// Writes per committed batch, and how long the oldest write of a batch waited (for
     /// `/metrics`).
     pub batch_size: Histogram,
@@ -680,9 +680,9 @@ impl Ledger {
         }
     }
 
-    /// The fee each account was last seen to have paid (its reference), so a period's calls
-    /// after the first ask the store nothing.
-    fn fees_paid(&self) -> MutexGuard<'_, HashMap<AccountId, String>> {
+    /// The fee each account was last seen to have paid (its period's start and plan), so a
+    /// period's calls after the first ask the store nothing.
+    fn fees_paid(&self) -> MutexGuard<'_, HashMap<AccountId, (i64, String)>> {
         self.fees_paid
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -848,16 +848,19 @@ impl Ledger {
         period: DateTime<Utc>,
         plan: &str,
     ) -> Result<Nanos, FeeRefused> {
-        let prefix = format!("plan:{}:", period.timestamp());
-        let reference = format!("{prefix}{plan}");
-        if self.fees_paid().get(&account) == Some(&reference) {
+        // The period's calls after the first: nothing to ask, nothing to allocate.
+        let start = period.timestamp();
+        let seen = |(at, paid): &(i64, String)| *at == start && paid == plan;
+        if self.fees_paid().get(&account).is_some_and(seen) {
             return Ok(Nanos::ZERO);
         }
+        let prefix = format!("plan:{start}:");
+        let reference = format!("{prefix}{plan}");
         // Only this writes `plan:` references, and it waits until they are stored: no flush.
         let _turn = self.grants.lock().await;
         let paid = self.pay_fee_turn(account, price, period, plan, &prefix, &reference);
         let paid = paid.await?;
-        self.fees_paid().insert(account, reference);
+        self.fees_paid().insert(account, (start, plan.to_string()));
         Ok(paid)
     }
 

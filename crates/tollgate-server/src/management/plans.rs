@@ -180,12 +180,7 @@ async fn create_pack(
     let account = parse_id(id, AccountId::parse, "account")?;
     let body: wire::CreatePackRequest = body.parse()?;
     let (added, view) = grant_pack(&state, &caller, request_id, account, body).await?;
-    let status = if added {
-        axum::http::StatusCode::CREATED
-    } else {
-        axum::http::StatusCode::OK
-    };
-    Ok((status, Json(view)))
+    Ok((created_or_ok(added), Json(view)))
 }
 
 /// Grants a pack as `POST /accounts/{id}/packs` does, for the API and the console alike:
@@ -234,13 +229,7 @@ pub(crate) async fn grant_pack(
         ends_at: body.expires_at,
     };
     let added = state.store.add_pack(&pack, now).await?;
-    let stored = state
-        .store
-        .unit_buckets(account, now)
-        .await?
-        .into_iter()
-        .find(|b| b.bucket == pack.bucket);
-    let view = bucket_view(stored.as_ref().unwrap_or(&pack), None);
+    let view = bucket_view(&as_stored(state, pack, now).await?, None);
     if added {
         let change = Change::new("pack.grant", account).after(&view);
         audit::record(state, caller, request_id, change).await;
@@ -322,13 +311,7 @@ async fn reset_allowance(
         // No call drew on this period yet: nothing is used.
         None => "applied",
     };
-    let stored = state
-        .store
-        .unit_buckets(account, now)
-        .await?
-        .into_iter()
-        .find(|b| b.bucket == fresh.bucket)
-        .unwrap_or(fresh);
+    let stored = as_stored(&state, fresh, now).await?;
     let view = bucket_view(&stored, Some(&allowance));
     if outcome == "applied" {
         let change = Change::new("allowance.reset", account).after(&serde_json::json!({
@@ -345,6 +328,28 @@ async fn reset_allowance(
         axum::http::HeaderValue::from_static(outcome),
     );
     Ok(response)
+}
+
+/// 201 for what this call made, 200 for what an earlier one did.
+fn created_or_ok(made_now: bool) -> axum::http::StatusCode {
+    if made_now {
+        axum::http::StatusCode::CREATED
+    } else {
+        axum::http::StatusCode::OK
+    }
+}
+
+/// `bucket` as the store has it now (used, held), or as given if the store has none yet.
+async fn as_stored(
+    state: &AppState,
+    bucket: UnitBucket,
+    now: DateTime<Utc>,
+) -> Result<UnitBucket, HttpError> {
+    let stored = state.store.unit_buckets(bucket.account, now).await?;
+    Ok(stored
+        .into_iter()
+        .find(|b| b.bucket == bucket.bucket)
+        .unwrap_or(bucket))
 }
 
 fn bucket_view(
@@ -492,12 +497,7 @@ async fn buy_pack(
         .pack(&name)
         .ok_or_else(|| HttpError::not_found("pack"))?;
     let (bought, view) = buy(&state, &caller, request_id, account, offer, &body.id).await?;
-    let status = if bought {
-        axum::http::StatusCode::CREATED
-    } else {
-        axum::http::StatusCode::OK
-    };
-    Ok((status, Json(view)))
+    Ok((created_or_ok(bought), Json(view)))
 }
 
 /// Buys a pack from the wallet as `POST /billing/packs/{name}/buy` does, for the API and the
@@ -525,13 +525,7 @@ pub(crate) async fn buy(
         &state.config.currency,
     )
     .await?;
-    let stored = state
-        .store
-        .unit_buckets(account, now)
-        .await?
-        .into_iter()
-        .find(|b| b.bucket == pack.bucket);
-    let view = bucket_view(stored.as_ref().unwrap_or(&pack), None);
+    let view = bucket_view(&as_stored(state, pack, now).await?, None);
     if bought {
         let change = Change::new("pack.bought", account).after(&serde_json::json!({
             "pack": offer.name,
