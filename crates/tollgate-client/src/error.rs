@@ -29,6 +29,10 @@ pub enum ErrorKind {
         /// Each invalid field and what is wrong with it.
         field_errors: BTreeMap<String, Vec<String>>,
     },
+    /// A URL given for Tollgate to call points inside the network.
+    SsrfBlocked {
+        reason: Option<String>,
+    },
     InvalidApiKey,
     KeyRevoked {
         revoked_at: Option<DateTime<Utc>>,
@@ -76,6 +80,9 @@ pub enum ErrorKind {
         client_ip: Option<String>,
     },
     KeyLimitReached {
+        limit: Option<u64>,
+    },
+    EndpointLimitReached {
         limit: Option<u64>,
     },
     Forbidden,
@@ -176,6 +183,7 @@ macro_rules! codes {
 codes! {
     bad_request => BadRequest;
     validation_error => ValidationError { field_errors };
+    ssrf_blocked => SsrfBlocked { reason };
     invalid_api_key => InvalidApiKey;
     key_revoked => KeyRevoked { revoked_at };
     key_expired => KeyExpired { expired_at };
@@ -189,6 +197,7 @@ codes! {
     model_not_allowed => ModelNotAllowed { model, allowed_models };
     ip_not_allowed => IpNotAllowed { client_ip };
     key_limit_reached => KeyLimitReached { limit };
+    endpoint_limit_reached => EndpointLimitReached { limit };
     forbidden => Forbidden;
     not_found => NotFound;
     method_not_allowed => MethodNotAllowed { allowed };

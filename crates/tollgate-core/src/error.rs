@@ -74,6 +74,9 @@ catalogue! {
     ValidationError = "validation_error", 400, "invalid_request_error", Caller, false,
         "The request was readable but some fields are missing or invalid.",
         "Fix the fields listed in `field_errors`.";
+    SsrfBlocked = "ssrf_blocked", 400, "invalid_request_error", Caller, false,
+        "The URL points inside the network (loopback, private, link-local and the like), or its host resolves there, or its scheme is not allowed.",
+        "Use a public `https://` URL; `details.reason` says what was refused. An operator can allow private ranges for receivers on its own network.";
     InvalidApiKey = "invalid_api_key", 401, "authentication_error", Caller, false,
         "No API key was sent, or it is malformed or unknown.",
         "Send a valid key as `Authorization: Bearer <key>` or `X-Api-Key: <key>`.";
@@ -113,6 +116,9 @@ catalogue! {
     KeyLimitReached = "key_limit_reached", 403, "permission_error", Quota, false,
         "The account already holds the maximum number of keys.",
         "Revoke unused keys or ask the operator to raise the limit.";
+    EndpointLimitReached = "endpoint_limit_reached", 403, "permission_error", Quota, false,
+        "The account already has the maximum number of webhook endpoints.",
+        "Delete an endpoint it no longer needs, or ask the operator to raise the limit.";
     Forbidden = "forbidden", 403, "permission_error", Caller, false,
         "The caller may not perform this operation.",
         "Use a master key or the admin token, as the operation requires.";

@@ -134,6 +134,17 @@ prefixed_id!(
     NodeId,
     "node_"
 );
+prefixed_id!(
+    /// A URL an account receives webhooks at.
+    EndpointId,
+    "we_"
+);
+prefixed_id!(
+    /// One notification: its `webhook-id`, the same on every delivery attempt (the Standard
+    /// Webhooks `msg_` form).
+    EventId,
+    "msg_"
+);
 
 #[cfg(test)]
 mod tests {

@@ -13,6 +13,7 @@ pub mod ledger;
 pub mod load;
 pub mod metering;
 pub mod money;
+pub mod notify;
 pub mod payment;
 pub mod period;
 pub mod plan;
@@ -22,6 +23,6 @@ pub mod webhook;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::{ApiError, ErrorCode, Fault};
-pub use ids::{AccountId, HoldId, KeyId, NodeId, RequestId, TopUpId};
+pub use ids::{AccountId, EndpointId, EventId, HoldId, KeyId, NodeId, RequestId, TopUpId};
 pub use key::{ApiKey, KeyEnv, KeyHash, KeyKind, KeyStatus};
 pub use money::Nanos;

@@ -25,7 +25,10 @@
 //! `x-mock-abort-after: <n>` breaks the connection after `n` events; `x-mock-no-usage` leaves
 //! every usage report out (an upstream that reports none). The echo API answers
 //! `x-mock-units: <n>` with the response header `x-units: <n>` (for per-unit pricing).
+//!
+//! Beside the upstream: a fake Stripe (`stripe.rs`) and a webhook receiver (`receiver.rs`).
 
+pub mod receiver;
 pub mod stripe;
 
 use axum::body::{Body, Bytes};

@@ -11,6 +11,7 @@ use crate::billing::ledger::Ledger;
 use crate::config::Config;
 use crate::http::error::HttpError;
 use crate::http::headers::{self, presented_secret};
+use crate::notify::Notifier;
 use crate::payments::service::Payments;
 use crate::telemetry::Metrics;
 use crate::upstream::RouteTable;
@@ -52,6 +53,7 @@ pub struct Shared {
     pub clock: Arc<dyn Clock>,
     /// `None` when card payments are not configured.
     pub payments: Option<Arc<Payments>>,
+    pub notifier: Arc<Notifier>,
 }
 
 impl Shared {

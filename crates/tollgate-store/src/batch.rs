@@ -19,6 +19,8 @@ pub(crate) struct Batch<'w> {
     pub resolutions: Vec<&'w Hold>,
     pub transfers: Vec<TransferEntry<'w>>,
     pub usage: Vec<&'w UsageRow>,
+    /// Events to write in the batch's transaction.
+    pub events: Vec<&'w tollgate_core::notify::Event>,
     /// (available, held, debt) change per account, in account order: backends that lock wallet
     /// rows take them in this order, so two batches never deadlock.
     pub deltas: BTreeMap<AccountId, (i64, i64, i64)>,
@@ -62,6 +64,7 @@ impl<'w> Batch<'w> {
             resolutions: Vec::new(),
             transfers: Vec::new(),
             usage: Vec::new(),
+            events: Vec::new(),
             deltas: BTreeMap::new(),
             lease_deltas: BTreeMap::new(),
             key_spend: BTreeMap::new(),
@@ -118,6 +121,7 @@ impl<'w> Batch<'w> {
                     }
                 }
                 LedgerWrite::Usage(row) => batch.usage.push(row),
+                LedgerWrite::Event(event) => batch.events.push(event),
             }
         }
         for (transfer, ..) in &batch.transfers {

@@ -27,6 +27,7 @@ use crate::{
     SeriesSplit, SessionRecord, SessionStore, Sharing, StoreChange, StoreError, StoreHealth,
     StoredResponse, TransferRecord, UsageBucket, UsageFilter, UsageGroup, UsageRow, UsageStore,
 };
+use crate::{Attempt, Crossing, DeliveryRecord, DueDelivery, EndpointRecord, NotifyStore};
 use crate::{AutoTopUp, PaymentEvent, PaymentStore, TopUp};
 use crate::{UnitBucket, UnitStore, UnitsAnswer, UnitsAsk};
 use async_trait::async_trait;
@@ -37,10 +38,12 @@ use std::sync::Arc;
 use std::time::Duration;
 use tollgate_core::audit::AuditEntry;
 use tollgate_core::ledger::Wallet;
+use tollgate_core::notify::Event;
 use tollgate_core::payment::TopUpStatus;
 use tollgate_core::plan::Subscription;
 use tollgate_core::TopUpId;
 use tollgate_core::{AccountId, HoldId, KeyHash, KeyId, Nanos, NodeId, RequestId};
+use tollgate_core::{EndpointId, EventId};
 
 /// The backstop: how long any call may take before it counts as an outage.
 pub const CALL_DEADLINE: Duration = Duration::from_secs(10);
@@ -210,6 +213,24 @@ bounded!(SessionStore {
     fn touch_session(id_hash: &[u8; 32], at: DateTime<Utc>) -> ();
     fn end_session(id_hash: &[u8; 32]) -> ();
     fn purge_sessions(idle_cutoff: DateTime<Utc>, absolute_cutoff: DateTime<Utc>) -> u64;
+});
+
+bounded!(NotifyStore {
+    fn create_endpoint(endpoint: &EndpointRecord, limit: u32) -> bool;
+    fn endpoint(id: EndpointId) -> Option<EndpointRecord>;
+    fn endpoints(account: AccountId) -> Vec<EndpointRecord>;
+    fn update_endpoint(endpoint: &EndpointRecord) -> bool;
+    fn delete_endpoint(id: EndpointId) -> bool;
+    fn set_low_balance(account: AccountId, low: Option<Nanos>, currency: &str) -> ();
+    fn low_balance(account: AccountId) -> Option<Nanos>;
+    fn cross(crossing: &Crossing, event: &Event) -> bool;
+    fn emit(event: &Event) -> ();
+    fn emit_to(event: &Event, endpoint: EndpointId) -> ();
+    fn fan_out(now: DateTime<Utc>, limit: u32) -> u64;
+    fn claim_deliveries(now: DateTime<Utc>, lease_until: DateTime<Utc>, limit: u32) -> Vec<DueDelivery>;
+    fn finish_attempt(attempt: &Attempt) -> ();
+    fn deliveries(endpoint: EndpointId, before: Option<EventId>, limit: u32) -> Vec<DeliveryRecord>;
+    fn redeliver(endpoint: EndpointId, event: EventId, now: DateTime<Utc>) -> bool;
 });
 
 bounded!(LeaseStore {

@@ -5,6 +5,7 @@
 
 mod batch;
 pub mod deadline;
+pub mod notify;
 pub mod postgres;
 mod rows;
 pub mod sqlite;
@@ -12,6 +13,10 @@ pub mod sqlite;
 pub mod testing;
 pub mod units;
 
+pub use notify::{
+    Attempt, AttemptOutcome, Crossing, DeliveryRecord, DeliveryStatus, DueDelivery, EndpointRecord,
+    NotifyStore,
+};
 pub use units::{BucketSource, UnitBucket, UnitStore, UnitsAnswer, UnitsAsk};
 
 use async_trait::async_trait;
@@ -297,6 +302,8 @@ pub enum LedgerWrite {
         transfers: Vec<Transfer>,
     },
     Usage(Box<UsageRow>),
+    /// An event to send, written with the change that caused it (a top-up credited).
+    Event(Box<tollgate_core::notify::Event>),
 }
 
 /// A ledger batch's id: the same for every attempt to commit it.
@@ -947,6 +954,7 @@ pub trait Store:
     + SessionStore
     + PaymentStore
     + UnitStore
+    + NotifyStore
     + StoreHealth
     + ChangeFeed
     + Sharing
@@ -962,6 +970,7 @@ impl<T> Store for T where
         + SessionStore
         + PaymentStore
         + UnitStore
+        + NotifyStore
         + StoreHealth
         + ChangeFeed
         + Sharing

@@ -49,6 +49,13 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres
 /// Rows per multi-row INSERT: well inside PostgreSQL's limit of 65535 bound parameters.
 const ROWS_PER_INSERT: usize = 500;
 
+crate::notify::notify_store!(
+    PostgresStore,
+    Postgres,
+    crate::notify::numbered,
+    "FOR UPDATE SKIP LOCKED"
+);
+
 #[derive(Debug, Clone)]
 pub struct PostgresStore {
     pool: PgPool,
@@ -102,15 +109,18 @@ impl PostgresStore {
         lease: Option<NodeId>,
         writes: &[LedgerWrite],
     ) -> Result<(), StoreError> {
+        let planned = Batch::plan(writes);
+        let watched = crate::notify::BalanceMoves::new(&planned);
         let Batch {
             holds,
             resolutions,
             transfers,
             usage,
+            events,
             deltas,
             lease_deltas,
             key_spend,
-        } = Batch::plan(writes);
+        } = planned;
         let mut tx = self.begin().await?;
         let first_time = sqlx::query(
             "INSERT INTO ledger_batches (id, committed_at) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING",
@@ -244,6 +254,10 @@ impl PostgresStore {
             let _ = tx.rollback().await;
             return Err(e);
         }
+        for event in events {
+            insert_event(&mut tx, event).await?;
+        }
+        watch_balances(&mut tx, &watched).await?;
         tx.commit().await.map_err(store_error)
     }
 }

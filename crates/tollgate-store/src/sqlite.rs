@@ -35,6 +35,8 @@ use tollgate_core::ratelimit::Overrides;
 use tollgate_core::TopUpId;
 use tollgate_core::{AccountId, HoldId, KeyHash, KeyId, Nanos, RequestId};
 
+crate::notify::notify_store!(SqliteStore, sqlx::Sqlite, crate::notify::as_is, "");
+
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
 #[derive(Debug, Clone)]
@@ -595,14 +597,17 @@ impl LedgerStore for SqliteStore {
     }
 
     async fn commit(&self, batch: BatchId, writes: &[LedgerWrite]) -> Result<(), StoreError> {
+        let planned = Batch::plan(writes);
+        let watched = crate::notify::BalanceMoves::new(&planned);
         let Batch {
             holds,
             resolutions,
             transfers,
             usage,
+            events,
             deltas,
             ..
-        } = Batch::plan(writes);
+        } = planned;
         let mut tx = self.pool.begin().await.map_err(store_error)?;
         let first_time = sqlx::query(
             "INSERT INTO ledger_batches (id, committed_at) VALUES (?, ?) ON CONFLICT (id) DO NOTHING",
@@ -715,6 +720,10 @@ impl LedgerStore for SqliteStore {
             .await
             .map_err(store_error)?;
         }
+        for event in events {
+            insert_event(&mut tx, event).await?;
+        }
+        watch_balances(&mut tx, &watched).await?;
         tx.commit().await.map_err(store_error)
     }
 

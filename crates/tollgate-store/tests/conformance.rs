@@ -13,6 +13,7 @@ use tollgate_core::ledger::{
     BillingStatus, Book, HoldRequest, HoldStatus, Resolve, Transfer, Wallet,
 };
 use tollgate_core::metering::TokenUsage;
+use tollgate_core::notify::EventFilter;
 use tollgate_core::plan::{Meter, Subscription, SubscriptionStatus};
 use tollgate_core::ratelimit::LimitOverride;
 use tollgate_core::{
@@ -2190,6 +2191,340 @@ async fn a_subscription_round_trips_and_reaches_the_key_lookup(store: Arc<dyn St
     assert_eq!(store.subscription(account).await.unwrap(), Some(active));
 }
 
+// ---------------------------------------------------------------------------------------------
+// Webhooks
+
+fn endpoint_for(account: AccountId, filter: &[&str], ms: i64) -> tollgate_store::EndpointRecord {
+    let names: Vec<String> = filter.iter().map(|n| n.to_string()).collect();
+    tollgate_store::EndpointRecord {
+        id: tollgate_core::EndpointId::new(),
+        account_id: account,
+        url: "https://hooks.example.com/in".into(),
+        description: "ops".into(),
+        events: EventFilter::parse(&names).unwrap(),
+        enabled: true,
+        disabled_reason: None,
+        secret: "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".into(),
+        previous_secret: None,
+        previous_until: None,
+        created_at: at(ms),
+        updated_at: at(ms),
+    }
+}
+
+/// Fans out everything waiting and claims every due delivery: the events each endpoint gets.
+async fn delivered_types(store: &dyn Store, ms: i64) -> Vec<(String, serde_json::Value)> {
+    store.fan_out(at(ms), 1000).await.unwrap();
+    let mut seen = Vec::new();
+    // One delivery per endpoint is claimed at a time: claim until none is left.
+    while let Some(delivery) = store
+        .claim_deliveries(at(ms), at(ms + 30_000), 1000)
+        .await
+        .unwrap()
+        .pop()
+    {
+        store
+            .finish_attempt(&tollgate_store::Attempt {
+                endpoint: delivery.endpoint.id,
+                event: delivery.event.id,
+                at: at(ms),
+                status: Some(200),
+                error: None,
+                outcome: tollgate_store::AttemptOutcome::Delivered,
+            })
+            .await
+            .unwrap();
+        let body: serde_json::Value = serde_json::from_str(&delivery.event.body).unwrap();
+        seen.push((delivery.event.kind.as_str().to_string(), body));
+    }
+    seen
+}
+
+/// A charge of `amount` by a hold opened and settled in one batch.
+async fn charge(store: &dyn Store, book: &mut Book, account: AccountId, key: KeyId, amount: i64) {
+    let open = open_hold(book, account, key, amount, 1_000);
+    let settle = resolve(book, &open, Resolve::Settle(Nanos(amount)), 1_001);
+    store.commit(BatchId::new(), &[open, settle]).await.unwrap();
+}
+
+pub async fn a_low_balance_fires_once_per_episode_and_recovery_rearms_it(store: Arc<dyn Store>) {
+    use tollgate_core::ledger::LedgerAccount;
+    let (account, _, master) = new_account(&*store, Nanos(10_000)).await;
+    store
+        .create_endpoint(&endpoint_for(account, &["*"], 0), 10)
+        .await
+        .unwrap();
+    store
+        .set_low_balance(account, Some(Nanos(5_000)), "USD")
+        .await
+        .unwrap();
+    assert_eq!(
+        store.low_balance(account).await.unwrap(),
+        Some(Nanos(5_000))
+    );
+    let mut book = Book::new();
+    book.load_wallet(account, store.wallet(account).await.unwrap().unwrap());
+    book.load_key_spend(master.id, at(0), Nanos::ZERO);
+    charge(&*store, &mut book, account, master.id, 4_000).await;
+    assert!(
+        delivered_types(&*store, 2_000).await.is_empty(),
+        "6000 is not low"
+    );
+    charge(&*store, &mut book, account, master.id, 2_000).await;
+    let low = delivered_types(&*store, 3_000).await;
+    assert_eq!(low.len(), 1, "{low:?}");
+    assert_eq!(low[0].0, "balance.low");
+    assert_eq!(low[0].1["data"]["balance"]["nanos"], 4_000);
+    assert_eq!(low[0].1["data"]["low_balance"]["credits"], "0.000005");
+    assert_eq!(low[0].1["data"]["balance"]["currency"], "USD");
+    charge(&*store, &mut book, account, master.id, 1_000).await;
+    assert!(
+        delivered_types(&*store, 4_000).await.is_empty(),
+        "still the same episode"
+    );
+    // A credit that leaves the balance low does not recover it; one that reaches the amount does.
+    let credit_book = |book: &mut Book, amount: i64| {
+        payment_writes(
+            account,
+            book.credit(account, Nanos(amount), LedgerAccount::External)
+                .unwrap(),
+            "grant",
+        )
+    };
+    store
+        .commit(BatchId::new(), &credit_book(&mut book, 1_000))
+        .await
+        .unwrap();
+    assert!(delivered_types(&*store, 5_000).await.is_empty());
+    store
+        .commit(BatchId::new(), &credit_book(&mut book, 3_000))
+        .await
+        .unwrap();
+    let recovered = delivered_types(&*store, 6_000).await;
+    assert_eq!(recovered.len(), 1, "{recovered:?}");
+    assert_eq!(recovered[0].0, "balance.recovered");
+    assert_eq!(recovered[0].1["data"]["balance"]["nanos"], 7_000);
+    // Re-armed: the next fall fires again.
+    charge(&*store, &mut book, account, master.id, 3_000).await;
+    let again = delivered_types(&*store, 7_000).await;
+    assert_eq!(
+        again.iter().map(|e| e.0.as_str()).collect::<Vec<_>>(),
+        ["balance.low"]
+    );
+    // With the alert off, falls send nothing.
+    store.set_low_balance(account, None, "USD").await.unwrap();
+    store
+        .commit(BatchId::new(), &credit_book(&mut book, 10_000))
+        .await
+        .unwrap();
+    charge(&*store, &mut book, account, master.id, 10_000).await;
+    let off = delivered_types(&*store, 8_000).await;
+    assert_eq!(
+        off.iter().map(|e| e.0.as_str()).collect::<Vec<_>>(),
+        ["balance.recovered"],
+        "the open episode ends with the credit; no new one starts"
+    );
+}
+
+pub async fn a_crossing_is_recorded_once_among_concurrent_callers(store: Arc<dyn Store>) {
+    use tollgate_core::notify::{Event, EventType};
+    let (account, _, _) = new_account(&*store, Nanos(0)).await;
+    store
+        .create_endpoint(&endpoint_for(account, &["balance.depleted"], 0), 10)
+        .await
+        .unwrap();
+    let crossing = tollgate_store::Crossing {
+        subject: account.to_string(),
+        kind: EventType::BalanceDepleted,
+        period: String::new(),
+        currency: "USD".into(),
+    };
+    let attempts = (0..20).map(|_| {
+        let store = store.clone();
+        let crossing = crossing.clone();
+        tokio::spawn(async move {
+            let event = Event::new(
+                account,
+                EventType::BalanceDepleted,
+                at(1_000),
+                serde_json::json!({}),
+            );
+            store.cross(&crossing, &event).await.unwrap()
+        })
+    });
+    let mut crossed = 0;
+    for attempt in attempts.collect::<Vec<_>>() {
+        crossed += usize::from(attempt.await.unwrap());
+    }
+    assert_eq!(crossed, 1);
+    assert_eq!(delivered_types(&*store, 2_000).await.len(), 1);
+}
+
+pub async fn endpoints_keep_their_limit_and_deliveries_retry_fail_and_redeliver(
+    store: Arc<dyn Store>,
+) {
+    use tollgate_core::notify::{Event, EventType};
+    use tollgate_store::{Attempt, AttemptOutcome, DeliveryStatus};
+    let (account, _, _) = new_account(&*store, Nanos(0)).await;
+    let first = endpoint_for(account, &["topup.succeeded"], 0);
+    let second = endpoint_for(account, &["*"], 1);
+    assert!(store.create_endpoint(&first, 2).await.unwrap());
+    assert!(store.create_endpoint(&second, 2).await.unwrap());
+    assert!(
+        !store
+            .create_endpoint(&endpoint_for(account, &["*"], 2), 2)
+            .await
+            .unwrap(),
+        "the limit"
+    );
+    assert_eq!(store.endpoint(first.id).await.unwrap(), Some(first.clone()));
+    assert_eq!(
+        store.endpoints(account).await.unwrap(),
+        vec![first.clone(), second.clone()]
+    );
+    let mut changed = first.clone();
+    changed.url = "https://hooks.example.com/v2".into();
+    changed.previous_secret = Some(first.secret.clone());
+    changed.previous_until = Some(at(90_000));
+    changed.updated_at = at(5);
+    assert!(store.update_endpoint(&changed).await.unwrap());
+    assert_eq!(store.endpoint(first.id).await.unwrap(), Some(changed));
+
+    // A key event reaches only the endpoint that takes every event.
+    let revoked = Event::new(
+        account,
+        EventType::KeyRevoked,
+        at(10),
+        serde_json::json!({}),
+    );
+    store.emit(&revoked).await.unwrap();
+    let topup = Event::new(
+        account,
+        EventType::TopUpSucceeded,
+        at(11),
+        serde_json::json!({}),
+    );
+    store
+        .commit(
+            BatchId::new(),
+            &[LedgerWrite::Event(Box::new(topup.clone()))],
+        )
+        .await
+        .unwrap();
+    assert_eq!(store.fan_out(at(20), 100).await.unwrap(), 2);
+    assert_eq!(
+        store.fan_out(at(20), 100).await.unwrap(),
+        0,
+        "each event once"
+    );
+    let due = store
+        .claim_deliveries(at(20), at(30_020), 100)
+        .await
+        .unwrap();
+    assert_eq!(
+        due.len(),
+        2,
+        "one delivery per endpoint at a time, its oldest"
+    );
+    let to_second = due.iter().find(|d| d.endpoint.id == second.id).unwrap();
+    assert_eq!(to_second.event.id, revoked.id);
+    assert!(
+        store
+            .claim_deliveries(at(21), at(30_021), 100)
+            .await
+            .unwrap()
+            .is_empty(),
+        "claimed deliveries are not claimed again while their lease runs"
+    );
+    let to_first = due.iter().find(|d| d.endpoint.id == first.id).unwrap();
+    assert_eq!(to_first.event, topup);
+    // A retry is due at its time, and not before.
+    store
+        .finish_attempt(&Attempt {
+            endpoint: first.id,
+            event: topup.id,
+            at: at(30),
+            status: Some(500),
+            error: Some("500 Internal Server Error".into()),
+            outcome: AttemptOutcome::Retry(at(5_000)),
+        })
+        .await
+        .unwrap();
+    assert!(store
+        .claim_deliveries(at(4_999), at(9_999), 100)
+        .await
+        .unwrap()
+        .is_empty());
+    let retried = store
+        .claim_deliveries(at(5_000), at(35_000), 100)
+        .await
+        .unwrap();
+    assert_eq!(retried.len(), 1);
+    assert_eq!(retried[0].attempts, 1);
+    // A 410 fails the delivery and disables the endpoint.
+    store
+        .finish_attempt(&Attempt {
+            endpoint: first.id,
+            event: topup.id,
+            at: at(5_001),
+            status: Some(410),
+            error: None,
+            outcome: AttemptOutcome::Gone,
+        })
+        .await
+        .unwrap();
+    let gone = store.endpoint(first.id).await.unwrap().unwrap();
+    assert!(!gone.enabled);
+    assert!(gone.disabled_reason.unwrap().contains("410"));
+    let log = store.deliveries(first.id, None, 10).await.unwrap();
+    assert_eq!(log.len(), 1);
+    assert_eq!(log[0].status, DeliveryStatus::Failed);
+    assert_eq!((log[0].attempts, log[0].last_status), (2, Some(410)));
+    assert_eq!(log[0].event_type, "topup.succeeded");
+    // A disabled endpoint gets no new deliveries; a redelivery makes a failed one due again.
+    let later = Event::new(
+        account,
+        EventType::TopUpSucceeded,
+        at(6_000),
+        serde_json::json!({}),
+    );
+    store.emit(&later).await.unwrap();
+    store.fan_out(at(6_000), 100).await.unwrap();
+    assert_eq!(store.deliveries(first.id, None, 10).await.unwrap().len(), 1);
+    assert!(store
+        .redeliver(first.id, topup.id, at(7_000))
+        .await
+        .unwrap());
+    assert!(!store
+        .redeliver(first.id, tollgate_core::EventId::new(), at(7_000))
+        .await
+        .unwrap());
+    let again = store
+        .claim_deliveries(at(7_000), at(37_000), 100)
+        .await
+        .unwrap();
+    assert!(again.iter().any(|d| d.event.id == topup.id));
+    // The second endpoint's log pages newest first.
+    let page = store.deliveries(second.id, None, 1).await.unwrap();
+    assert_eq!(page[0].event_id, later.id);
+    let next = store
+        .deliveries(second.id, Some(later.id), 10)
+        .await
+        .unwrap();
+    assert_eq!(
+        next.iter().map(|d| d.event_id).collect::<Vec<_>>(),
+        vec![topup.id, revoked.id]
+    );
+    // Deleting an endpoint takes its deliveries with it.
+    assert!(store.delete_endpoint(second.id).await.unwrap());
+    assert!(!store.delete_endpoint(second.id).await.unwrap());
+    assert!(store
+        .deliveries(second.id, None, 10)
+        .await
+        .unwrap()
+        .is_empty());
+}
+
 /// Runs every conformance test against one backend: `store_suite!(module, async_constructor)`.
 macro_rules! store_suite {
     ($backend:ident, $make:expr) => {
@@ -2232,6 +2567,9 @@ macro_rules! store_suite {
                 concurrent_reservations_never_draw_more_than_the_grant,
                 a_window_caps_its_allowance_and_a_new_period_takes_over_unused_units_once,
                 a_subscription_round_trips_and_reaches_the_key_lookup,
+                a_low_balance_fires_once_per_episode_and_recovery_rearms_it,
+                a_crossing_is_recorded_once_among_concurrent_callers,
+                endpoints_keep_their_limit_and_deliveries_retry_fail_and_redeliver,
             );
         }
     };

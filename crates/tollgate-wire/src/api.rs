@@ -4,7 +4,9 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Deserializer, Serialize};
 use tollgate_core::ratelimit::Overrides;
-use tollgate_core::{AccountId, HoldId, KeyId, KeyKind, KeyStatus, Nanos, RequestId, TopUpId};
+use tollgate_core::{
+    AccountId, EndpointId, EventId, HoldId, KeyId, KeyKind, KeyStatus, Nanos, RequestId, TopUpId,
+};
 #[cfg(feature = "openapi")]
 use utoipa::ToSchema;
 
@@ -840,4 +842,117 @@ pub struct Allowances {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub subscription: Option<Subscription>,
     pub buckets: Vec<UnitBucket>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Webhooks
+
+/// `POST /webhook-endpoints`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", schema(example = json!({"url": "https://hooks.example.com/tollgate", "events": ["balance.low", "balance.depleted", "topup.succeeded"], "description": "billing alerts"})))]
+pub struct CreateEndpointRequest {
+    /// Where events are POSTed: an `https://` URL on the public internet.
+    pub url: String,
+    /// Admin only: the account the endpoint is for. A master key creates its own account's.
+    #[serde(default)]
+    pub account_id: Option<String>,
+    /// The event types to receive; omitted or `["*"]` for every type.
+    #[serde(default)]
+    pub events: Option<Vec<String>>,
+    #[serde(default)]
+    pub description: Option<String>,
+}
+
+/// `PATCH /webhook-endpoints/{id}`: an omitted field is left as it is.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", schema(example = json!({"enabled": false})))]
+pub struct UpdateEndpointRequest {
+    #[serde(default)]
+    pub url: Option<String>,
+    #[serde(default)]
+    pub events: Option<Vec<String>>,
+    #[serde(default)]
+    pub description: Option<String>,
+    /// `false` stops deliveries; `true` resumes them (and clears why Tollgate disabled it).
+    #[serde(default)]
+    pub enabled: Option<bool>,
+}
+
+/// A webhook endpoint as the API shows it: everything but its secret.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct WebhookEndpoint {
+    pub id: EndpointId,
+    pub account_id: AccountId,
+    pub url: String,
+    pub description: String,
+    /// The event types it receives; `["*"]` is every type.
+    pub events: Vec<String>,
+    pub enabled: bool,
+    /// Why Tollgate disabled it (its receiver answered 410 Gone).
+    pub disabled_reason: Option<String>,
+    /// Until when deliveries are also signed with the secret before the last rotation.
+    pub previous_secret_expires_at: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// A new endpoint, or one whose secret was just rotated: the secret is shown here only.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct EndpointWithSecret {
+    #[serde(flatten)]
+    pub endpoint: WebhookEndpoint,
+    /// The signing secret, `whsec_...` (Standard Webhooks). Shown once.
+    pub secret: String,
+}
+
+/// One event's delivery to one endpoint.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct WebhookDelivery {
+    /// The event's id: the `webhook-id` header of every attempt.
+    pub event_id: EventId,
+    pub event_type: String,
+    /// `pending`, `delivered` or `failed`.
+    pub status: String,
+    pub attempts: u32,
+    /// When the next attempt is due, while pending.
+    pub next_attempt_at: Option<DateTime<Utc>>,
+    /// The receiver's status at the last attempt, if it answered.
+    pub last_status: Option<u16>,
+    pub last_error: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// An event queued for delivery (a test ping, a redelivery).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct QueuedEvent {
+    pub event_id: EventId,
+}
+
+/// An account's balance alert.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct BalanceAlert {
+    /// `balance.low` fires when the settled balance falls below this; `null` is off.
+    pub low_balance: Option<Money>,
+}
+
+/// `PUT /accounts/{id}/balance-alert`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", schema(example = json!({"low_balance": "5.00"})))]
+pub struct SetBalanceAlertRequest {
+    /// Credits, more than zero (1 to 9 digits, optionally `.` and 1 to 9 decimals), or `null`
+    /// to turn the alert off.
+    #[cfg_attr(feature = "openapi", schema(pattern = r"^[0-9]{1,9}(\.[0-9]{1,9})?$"))]
+    pub low_balance: Option<String>,
 }

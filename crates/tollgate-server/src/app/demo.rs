@@ -13,7 +13,7 @@ use crate::app::Application;
 use crate::config::plans::{RawAllowance, RawPackOffer, RawPlan, RawUnits};
 use crate::config::{
     Config, RawAdmin, RawBilling, RawConfig, RawModel, RawRoute, RawServer, RawStore, RawStripe,
-    RouteKind, Secret,
+    RawWebhooks, RouteKind, Secret,
 };
 use serde::{Deserialize, Serialize};
 use std::future::Future;
@@ -354,6 +354,13 @@ fn demo_config(options: &DemoOptions, mock: &MockUpstream, admin_token: &str) ->
         console: Default::default(),
         redis: Default::default(),
         payments: Default::default(),
+        // The tour's webhook receiver is the mock upstream, on this machine: the demo lets
+        // endpoints be plain http on loopback, which a deployment refuses by default.
+        webhooks: RawWebhooks {
+            allow_http: true,
+            allow_private: vec!["127.0.0.0/8".into()],
+            ..RawWebhooks::default()
+        },
         rate_limits: None,
         routes,
         plans: vec![

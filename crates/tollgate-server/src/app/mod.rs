@@ -12,6 +12,9 @@ use crate::config::{Config, StoreConfig};
 use crate::http::error::HttpError;
 use crate::http::headers::ClientRequestId;
 use crate::management::{extract, openapi};
+use crate::notify::egress::SystemResolver;
+use crate::notify::sender::Sender;
+use crate::notify::Notifier;
 use crate::ops::health;
 use crate::payments::service::Payments;
 use crate::state::{AppState, Shared};
@@ -89,8 +92,16 @@ impl Application {
                 clock.clone(),
             ))
         });
+        let notifier = Arc::new(Notifier::new(
+            store.clone(),
+            clock.clone(),
+            &config.currency,
+            config.webhooks.clone(),
+            Arc::new(SystemResolver),
+        ));
         let state = AppState::new(Shared {
             payments,
+            notifier,
             keys,
             metrics,
             ledger,
@@ -152,6 +163,15 @@ impl Application {
             .payments
             .clone()
             .map(|payments| tokio::spawn(auto_top_up(payments)));
+        let sender = tokio::spawn(
+            Sender::new(
+                self.state.store.clone(),
+                self.state.clock.clone(),
+                self.state.config.webhooks.clone(),
+                self.state.notifier.resolver(),
+            )
+            .run(),
+        );
         let cpu_watch = match (&self.state.shedder, &self.state.config.load_shedding) {
             (Some(shedder), Some(config)) => config.cpu_threshold.map(|threshold| {
                 tokio::spawn(crate::access::shed::watch_cpu(shedder.clone(), threshold))
@@ -168,6 +188,7 @@ impl Application {
         .await;
         sweeper.abort();
         probe.abort();
+        sender.abort();
         if let Some(follower) = follower {
             follower.abort();
         }

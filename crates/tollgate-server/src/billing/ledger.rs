@@ -39,6 +39,7 @@ use tollgate_core::ledger::{
     month_start, Book, Hold, HoldRequest, HoldStatus, LedgerAccount, Refusal, Resolution, Resolve,
     Transfer, TransferKind,
 };
+use tollgate_core::notify::Event;
 use tollgate_core::NodeId;
 use tollgate_core::{AccountId, Clock, HoldId, KeyId, Nanos, RequestId};
 use tollgate_store::{
@@ -226,6 +227,15 @@ impl From<Refusal> for HoldRefused {
             }
         }
     }
+}
+
+/// How a movement is filed: its memo and reference, whether once per reference, and the
+/// event it announces.
+struct Entry<'a> {
+    memo: &'a str,
+    reference: &'a str,
+    once: bool,
+    event: Option<Event>,
 }
 
 /// A movement of money from outside any hold, made by [`Ledger::apply`].
@@ -817,6 +827,53 @@ impl Ledger {
         reference: &str,
         once: bool,
     ) -> Result<Granted, GrantRefused> {
+        self.enter(
+            account,
+            amount,
+            movement,
+            Entry {
+                memo,
+                reference,
+                once,
+                event: None,
+            },
+        )
+        .await
+    }
+
+    /// [`Ledger::apply`] once per reference, with an event for the account's webhooks written
+    /// in the movement's transaction: stored if and only if the movement is.
+    pub async fn apply_announced(
+        &self,
+        account: AccountId,
+        amount: Nanos,
+        movement: Movement,
+        memo: &str,
+        reference: &str,
+        event: Event,
+    ) -> Result<Granted, GrantRefused> {
+        let entry = Entry {
+            memo,
+            reference,
+            once: true,
+            event: Some(event),
+        };
+        self.enter(account, amount, movement, entry).await
+    }
+
+    async fn enter(
+        &self,
+        account: AccountId,
+        amount: Nanos,
+        movement: Movement,
+        entry: Entry<'_>,
+    ) -> Result<Granted, GrantRefused> {
+        let Entry {
+            memo,
+            reference,
+            once,
+            event,
+        } = entry;
         let _turn = self.grants.lock().await;
         if once {
             self.flush().await?;
@@ -824,7 +881,7 @@ impl Ledger {
                 return Ok(Granted::AlreadyApplied);
             }
         }
-        self.make_movement(account, amount, movement, memo, reference)
+        self.make_movement(account, amount, movement, memo, reference, event)
             .await
             .map_err(|refused| match refused {
                 MoveRefused::Book(Refusal::Overflow | Refusal::InvalidAmount(_), _) => {
@@ -933,7 +990,7 @@ impl Ledger {
             kind: TransferKind::Fee,
         };
         match self
-            .make_movement(account, due, movement, memo, reference)
+            .make_movement(account, due, movement, memo, reference, None)
             .await
         {
             Ok(_) => Ok(due),
@@ -969,6 +1026,7 @@ impl Ledger {
         movement: Movement,
         memo: &str,
         reference: &str,
+        event: Option<Event>,
     ) -> Result<Granted, MoveRefused> {
         // On a shared store these move the free balance, for any node to carve, not this
         // node's lease: the book is left as it is, and the movement is worked out on the stored
@@ -1009,7 +1067,7 @@ impl Ledger {
                     .map_err(|e| MoveRefused::Book(e, Nanos::ZERO))?,
             };
             let at = self.clock.now();
-            let writes: Vec<LedgerWrite> = transfers
+            let mut writes: Vec<LedgerWrite> = transfers
                 .into_iter()
                 .map(|transfer| LedgerWrite::Transfer {
                     account,
@@ -1020,6 +1078,7 @@ impl Ledger {
                 })
                 .collect();
             if !writes.is_empty() {
+                writes.extend(event.map(|event| LedgerWrite::Event(Box::new(event))));
                 self.enqueue(&book, writes);
             }
         }
@@ -1316,7 +1375,7 @@ impl Writer {
                     record, transfer, ..
                 } => book.undo(transfer.as_slice(), Some(record.hold.id)),
                 LedgerWrite::ResolveHold { transfers, .. } => book.undo(transfers, None),
-                LedgerWrite::Usage(_) => {}
+                LedgerWrite::Usage(_) | LedgerWrite::Event(_) => {}
             }
         }
     }

@@ -18,7 +18,8 @@ pub use problems::{ConfigErrors, ConfigProblem};
 pub use raw::{
     default_rate_limits, HoldRuleName, OtherEndpoints, RawAdmin, RawBilling, RawConfig, RawConsole,
     RawIdempotency, RawKeys, RawLoadShedding, RawModel, RawPayments, RawPolicy, RawRedis, RawRoute,
-    RawServer, RawStore, RawStripe, RouteAuth, RouteKind, Secret, StreamPolicy, ENV_OVERRIDES,
+    RawServer, RawStore, RawStripe, RawWebhooks, RouteAuth, RouteKind, Secret, StreamPolicy,
+    ENV_OVERRIDES,
 };
 
 use http::header::HeaderName;
@@ -80,6 +81,18 @@ pub struct ConsoleSettings {
     pub time_zone: chrono_tz::Tz,
 }
 
+/// Webhooks to accounts' endpoints (`[webhooks]`).
+#[derive(Debug, Clone)]
+pub struct WebhookSettings {
+    pub max_endpoints_per_account: u32,
+    /// Where endpoints may point: https (or http too) and public addresses, plus these ranges.
+    pub guard: tollgate_core::egress::Guard,
+    pub attempt_timeout: Duration,
+    pub rotation_overlap: Duration,
+    pub concurrency: usize,
+    pub poll_interval: Duration,
+}
+
 /// Card top-ups through Stripe (`[payments.stripe]`).
 #[derive(Debug, Clone)]
 pub struct StripeSettings {
@@ -132,6 +145,7 @@ pub struct Config {
     pub console: ConsoleSettings,
     /// `None`: no card payments (only the operator grants credit).
     pub stripe: Option<StripeSettings>,
+    pub webhooks: WebhookSettings,
     /// Policies for every request with a caller (scopes other than `ip`).
     pub rate_limits: Vec<Arc<Policy>>,
     /// `ip` policies: requests that end without an authenticated caller.
@@ -415,6 +429,8 @@ impl Config {
             }),
         };
 
+        let webhooks = validate_webhooks(&raw.webhooks, &mut p);
+
         let stripe = raw
             .payments
             .stripe
@@ -515,6 +531,7 @@ impl Config {
                 idempotency_max_response_bytes: raw.idempotency.max_response_bytes,
                 console,
                 stripe,
+                webhooks,
                 rate_limits,
                 anonymous_limits,
                 routes,
@@ -528,6 +545,49 @@ impl Config {
     /// Route groups that scopes may name.
     pub fn route_groups(&self) -> impl Iterator<Item = &str> {
         self.routes.iter().map(|r| r.group.as_str())
+    }
+}
+
+fn validate_webhooks(raw: &raw::RawWebhooks, p: &mut Problems) -> WebhookSettings {
+    let mut duration = |field: &str, text: &str, example: &str| {
+        positive_duration(text).unwrap_or_else(|| {
+            p.push(
+                &format!("webhooks.{field}"),
+                format!("must be a positive duration, e.g. \"{example}\""),
+            );
+            Duration::from_secs(1)
+        })
+    };
+    let attempt_timeout = duration("attempt_timeout", &raw.attempt_timeout, "10s");
+    let rotation_overlap = duration("rotation_overlap", &raw.rotation_overlap, "24h");
+    let poll_interval = duration("poll_interval", &raw.poll_interval, "1s");
+    let allowed = raw
+        .allow_private
+        .iter()
+        .filter_map(|cidr| match cidr.parse::<IpNet>() {
+            Ok(net) => Some(net),
+            Err(_) => {
+                p.push(
+                    "webhooks.allow_private",
+                    format!("'{cidr}' is not an address range (CIDR), e.g. \"10.1.0.0/16\""),
+                );
+                None
+            }
+        })
+        .collect();
+    if raw.concurrency == 0 {
+        p.push("webhooks.concurrency", "must be at least 1");
+    }
+    WebhookSettings {
+        max_endpoints_per_account: raw.max_endpoints_per_account,
+        guard: tollgate_core::egress::Guard {
+            allow_http: raw.allow_http,
+            allowed,
+        },
+        attempt_timeout,
+        rotation_overlap,
+        concurrency: usize::try_from(raw.concurrency.max(1)).unwrap_or(1),
+        poll_interval,
     }
 }
 
@@ -1318,7 +1378,7 @@ mod tests {
               - server.lisen: unknown field `lisen`, expected one of `listen`, `api_prefix`, `request_id_header`, `max_body_bytes`, `key_cache_capacity`, `trusted_proxies`, `header_read_timeout`, `max_connections`, `http2_max_concurrent_streams`, `max_header_bytes`
               - routes[0].upstream: invalid type: integer `5`, expected a string
               - routes[2].group: is required
-              - surprise: unknown section (expected server, store, redis, admin, billing, keys, load_shedding, idempotency, console, payments, rate_limits, routes, plans or packs)
+              - surprise: unknown section (expected server, store, redis, admin, billing, keys, load_shedding, idempotency, console, payments, webhooks, rate_limits, routes, plans or packs)
               - billing.currency: must be a three-letter code in capitals, e.g. USD
               - routes[1].prefix: '/api/v2' overlaps '/api', which Tollgate serves itself
               - routes[1].price: '-1' is negative; amounts here must be zero or more

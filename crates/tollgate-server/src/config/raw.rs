@@ -63,6 +63,7 @@ pub struct RawConfig {
     pub console: RawConsole,
     pub redis: RawRedis,
     pub payments: RawPayments,
+    pub webhooks: RawWebhooks,
     /// Policies for every route (and the management API); `None` means the defaults.
     pub rate_limits: Option<Vec<RawPolicy>>,
     pub routes: Vec<RawRoute>,
@@ -305,6 +306,42 @@ pub struct RawConsole {
     pub absolute_timeout: String,
     /// The IANA time zone the usage charts and the requests page's times are in.
     pub time_zone: String,
+}
+
+/// Webhooks to accounts' endpoints (`[webhooks]`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawWebhooks {
+    /// How many endpoints an account may have.
+    pub max_endpoints_per_account: u32,
+    /// Accept `http://` endpoint URLs (for receivers on the operator's own network); https only
+    /// otherwise.
+    pub allow_http: bool,
+    /// Address ranges (CIDR) endpoints may be in although they are inside the network: an
+    /// on-premises receiver. Empty by default: every inside address is refused.
+    pub allow_private: Vec<String>,
+    /// How long one delivery attempt may take, connection included.
+    pub attempt_timeout: String,
+    /// How long a rotated secret keeps signing beside the new one.
+    pub rotation_overlap: String,
+    /// How many deliveries are in flight at once, over all endpoints.
+    pub concurrency: u32,
+    /// How often the sender looks for due deliveries.
+    pub poll_interval: String,
+}
+
+impl Default for RawWebhooks {
+    fn default() -> Self {
+        RawWebhooks {
+            max_endpoints_per_account: 10,
+            allow_http: false,
+            allow_private: Vec::new(),
+            attempt_timeout: "10s".into(),
+            rotation_overlap: "24h".into(),
+            concurrency: 16,
+            poll_interval: "1s".into(),
+        }
+    }
 }
 
 /// Card payments; none unless `[payments.stripe]` is configured.
@@ -684,6 +721,7 @@ impl RawConfig {
             console: section(&mut table, "console", problems),
             redis: section(&mut table, "redis", problems),
             payments: section(&mut table, "payments", problems),
+            webhooks: section(&mut table, "webhooks", problems),
             rate_limits: table.remove("rate_limits").map(|value| {
                 items(value, "rate_limits", problems)
                     .into_iter()
@@ -713,7 +751,7 @@ impl RawConfig {
         for unknown in table.keys() {
             problems.push(
                 unknown,
-                "unknown section (expected server, store, redis, admin, billing, keys, load_shedding, idempotency, console, payments, rate_limits, routes, plans or packs)",
+                "unknown section (expected server, store, redis, admin, billing, keys, load_shedding, idempotency, console, payments, webhooks, rate_limits, routes, plans or packs)",
             );
         }
         Some(raw)

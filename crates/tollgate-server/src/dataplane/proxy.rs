@@ -10,7 +10,7 @@ use crate::access::limits;
 use crate::access::limits::QuotaItem;
 use crate::access::limits::{Estimate, LimitSlot, Standings};
 use crate::billing::allowances::{self, CallUnits, NotReserved, PlanOf, Quota};
-use crate::billing::ledger::HoldSpec;
+use crate::billing::ledger::{HoldRefused, HoldSpec};
 use crate::billing::meter::usage_row;
 use crate::billing::meter::{Billing, CostRule, MeteredBody, Metering, Outcome};
 use crate::billing::refusal::refused_error;
@@ -419,6 +419,16 @@ async fn forward(
             .await;
         timings.since("hold", started);
         let hold = hold.map_err(|refused| {
+            if let HoldRefused::InsufficientBalance {
+                required,
+                available,
+            } = &refused
+            {
+                let request_id = parts.extensions.get::<RequestId>().copied();
+                state
+                    .notifier
+                    .depleted(key.account_id, *required, *available, request_id);
+            }
             let error = refused_error(refused, hold_amount, &state.config.currency);
             match &llm {
                 Some(llm) if llm.endpoint.generates() => lower_cap_hint(error, llm),

@@ -493,6 +493,7 @@ pub(crate) async fn revoke(
         RevokeOutcome::Revoked(key) => {
             state.keys.invalidate(key.id);
             tracing::info!(key = %key.id, "key revoked");
+            state.notifier.key_revoked(&key, request_id).await;
             let view = key_view(&key, state);
             let change = Change::new("key.revoke", key.id).after(&view);
             audit::record(state, caller, request_id, change).await;

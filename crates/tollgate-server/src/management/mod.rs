@@ -1,5 +1,5 @@
 //! The management API under the configured prefix (default `/api/v1`): one file per area
-//! (accounts, keys, billing, audit, payments, plans), the extractors they share, and the OpenAPI document.
+//! (accounts, keys, billing, audit, payments, plans, webhooks), the extractors they share, and the OpenAPI document.
 //!
 //! Handlers are thin: extract, authorise, call the store or a service, shape the answer. They
 //! take the app state; nothing below this room does. **Architecture Invariant:** every handler
@@ -18,6 +18,7 @@ pub mod keys;
 pub mod openapi;
 pub mod payments;
 pub mod plans;
+pub mod webhooks;
 
 /// The management API and its OpenAPI description, declared together so neither can drift.
 pub fn router() -> OpenApiRouter<AppState> {
@@ -28,4 +29,5 @@ pub fn router() -> OpenApiRouter<AppState> {
         .merge(audit::router())
         .merge(payments::router())
         .merge(plans::router())
+        .merge(webhooks::router())
 }

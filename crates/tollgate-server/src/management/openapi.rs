@@ -57,6 +57,7 @@ use utoipa_axum::routes;
         (name = "keys", description = "API keys: scopes, IP allowlists, expiry, spend caps, rotation."),
         (name = "billing", description = "Credits, balance and the double-entry ledger."),
         (name = "plans", description = "Subscriptions to configured plans, credit packs, and the included units calls draw on before the wallet."),
+        (name = "webhooks", description = "Endpoints that receive signed events (balance low, top-ups, keys), their delivery logs, and the balance alert."),
         (name = "holds", description = "Reservations of credit, settled or released exactly once."),
         (name = "usage", description = "The data-plane request log and its totals."),
         (name = "audit", description = "The hash-chained log of every management change."),

@@ -21,9 +21,11 @@ use crate::payments::stripe::{
     StripeClient, StripeError,
 };
 use chrono::{DateTime, Utc};
+use serde_json::json;
 use std::sync::Arc;
 use tollgate_core::ledger::month_start;
 use tollgate_core::ledger::{LedgerAccount, TransferKind};
+use tollgate_core::notify::{self, Event as NotifyEvent, EventType};
 use tollgate_core::payment::{credits_to_minor, minor_to_credits, TopUpStatus};
 use tollgate_core::plan::{Subscription, SubscriptionStatus};
 use tollgate_core::{AccountId, Clock, Nanos, TopUpId};
@@ -549,6 +551,16 @@ impl Payments {
         if before.as_ref() != Some(&subscription) {
             self.store.set_subscription(account, &subscription).await?;
             self.keys.invalidate_account(account);
+            let became_past_due = status == SubscriptionStatus::PastDue
+                && before.is_none_or(|b| b.status != SubscriptionStatus::PastDue);
+            if became_past_due {
+                let data = json!({
+                    "plan": subscription.plan,
+                    "subscription_id": stripe.id,
+                });
+                let event = NotifyEvent::new(account, EventType::SubscriptionPastDue, now, data);
+                self.store.emit(&event).await?;
+            }
         }
         Ok(Outcome::Subscribed)
     }
@@ -566,9 +578,34 @@ impl Payments {
         intent: Option<&str>,
         note: Option<&str>,
     ) -> Result<bool, StoreError> {
-        self.store
+        let moved = self
+            .store
             .move_topup(topup.id, status, intent, note, self.clock.now())
-            .await
+            .await?;
+        if moved && status == TopUpStatus::Failed {
+            let reason = json!({ "reason": note });
+            let event = self.topup_event(topup, EventType::TopUpFailed, topup.amount, reason);
+            self.store.emit(&event).await?;
+        }
+        Ok(moved)
+    }
+
+    /// An event about a top-up: its id, the amount it concerns, and `extra` fields.
+    fn topup_event(
+        &self,
+        topup: &TopUp,
+        kind: EventType,
+        amount: Nanos,
+        extra: serde_json::Value,
+    ) -> NotifyEvent {
+        let mut data = json!({
+            "topup_id": topup.id.to_string(),
+            "amount": notify::amount(amount, &self.settings.currency.to_ascii_uppercase()),
+        });
+        if let (Some(fields), serde_json::Value::Object(more)) = (data.as_object_mut(), extra) {
+            fields.extend(more);
+        }
+        NotifyEvent::new(topup.account_id, kind, self.clock.now(), data)
     }
 
     /// Credits a paid top-up once, if what was paid is exactly what it asked for.
@@ -604,9 +641,10 @@ impl Payments {
             return Ok(Outcome::Flagged);
         }
         let memo = format!("card top-up {}", topup.id);
+        let extra = json!({ "pack": topup.pack });
         let granted = self
             .ledger
-            .apply(
+            .apply_announced(
                 topup.account_id,
                 topup.amount,
                 Movement::Credit {
@@ -614,7 +652,7 @@ impl Payments {
                 },
                 &memo,
                 &reference(topup, "credit"),
-                true,
+                self.topup_event(topup, EventType::TopUpSucceeded, topup.amount, extra),
             )
             .await?;
         self.move_to(topup, TopUpStatus::Paid, paid.intent, None)
@@ -710,8 +748,9 @@ impl Payments {
                 outcome = Outcome::Flagged;
                 continue;
             };
+            let extra = json!({ "refund_id": refund.id });
             self.ledger
-                .apply(
+                .apply_announced(
                     topup.account_id,
                     share,
                     Movement::Take {
@@ -720,7 +759,7 @@ impl Payments {
                     },
                     &format!("refund {} of card top-up {}", refund.id, topup.id),
                     &filed_under,
-                    true,
+                    self.topup_event(topup, EventType::TopUpRefunded, share, extra),
                 )
                 .await?;
             self.keys.invalidate_account(topup.account_id);
@@ -766,8 +805,14 @@ impl Payments {
             to: disputed,
             kind: TransferKind::Dispute,
         };
+        let opened = self.topup_event(
+            topup,
+            EventType::DisputeOpened,
+            amount,
+            json!({ "dispute_id": dispute.id }),
+        );
         self.ledger
-            .apply(account, amount, take, &memo, &step("open"), true)
+            .apply_announced(account, amount, take, &memo, &step("open"), opened)
             .await?;
         let at = self.clock.now();
         let outcome = match closed_as {

@@ -701,6 +701,96 @@ impl SessionStore for CountingStore {
 }
 
 #[async_trait::async_trait]
+impl tollgate_store::NotifyStore for CountingStore {
+    async fn create_endpoint(
+        &self,
+        endpoint: &tollgate_store::EndpointRecord,
+        limit: u32,
+    ) -> Result<bool, StoreError> {
+        self.inner.create_endpoint(endpoint, limit).await
+    }
+    async fn endpoint(
+        &self,
+        id: tollgate_core::EndpointId,
+    ) -> Result<Option<tollgate_store::EndpointRecord>, StoreError> {
+        self.inner.endpoint(id).await
+    }
+    async fn endpoints(
+        &self,
+        account: AccountId,
+    ) -> Result<Vec<tollgate_store::EndpointRecord>, StoreError> {
+        self.inner.endpoints(account).await
+    }
+    async fn update_endpoint(
+        &self,
+        endpoint: &tollgate_store::EndpointRecord,
+    ) -> Result<bool, StoreError> {
+        self.inner.update_endpoint(endpoint).await
+    }
+    async fn delete_endpoint(&self, id: tollgate_core::EndpointId) -> Result<bool, StoreError> {
+        self.inner.delete_endpoint(id).await
+    }
+    async fn set_low_balance(
+        &self,
+        account: AccountId,
+        low: Option<Nanos>,
+        currency: &str,
+    ) -> Result<(), StoreError> {
+        self.inner.set_low_balance(account, low, currency).await
+    }
+    async fn low_balance(&self, account: AccountId) -> Result<Option<Nanos>, StoreError> {
+        self.inner.low_balance(account).await
+    }
+    async fn cross(
+        &self,
+        crossing: &tollgate_store::Crossing,
+        event: &tollgate_core::notify::Event,
+    ) -> Result<bool, StoreError> {
+        self.inner.cross(crossing, event).await
+    }
+    async fn emit(&self, event: &tollgate_core::notify::Event) -> Result<(), StoreError> {
+        self.inner.emit(event).await
+    }
+    async fn emit_to(
+        &self,
+        event: &tollgate_core::notify::Event,
+        endpoint: tollgate_core::EndpointId,
+    ) -> Result<(), StoreError> {
+        self.inner.emit_to(event, endpoint).await
+    }
+    async fn fan_out(&self, now: At, limit: u32) -> Result<u64, StoreError> {
+        self.inner.fan_out(now, limit).await
+    }
+    async fn claim_deliveries(
+        &self,
+        now: At,
+        lease_until: At,
+        limit: u32,
+    ) -> Result<Vec<tollgate_store::DueDelivery>, StoreError> {
+        self.inner.claim_deliveries(now, lease_until, limit).await
+    }
+    async fn finish_attempt(&self, attempt: &tollgate_store::Attempt) -> Result<(), StoreError> {
+        self.inner.finish_attempt(attempt).await
+    }
+    async fn deliveries(
+        &self,
+        endpoint: tollgate_core::EndpointId,
+        before: Option<tollgate_core::EventId>,
+        limit: u32,
+    ) -> Result<Vec<tollgate_store::DeliveryRecord>, StoreError> {
+        self.inner.deliveries(endpoint, before, limit).await
+    }
+    async fn redeliver(
+        &self,
+        endpoint: tollgate_core::EndpointId,
+        event: tollgate_core::EventId,
+        now: At,
+    ) -> Result<bool, StoreError> {
+        self.inner.redeliver(endpoint, event, now).await
+    }
+}
+
+#[async_trait::async_trait]
 impl tollgate_store::UnitStore for CountingStore {
     async fn subscription(
         &self,

@@ -1,0 +1,909 @@
+//! Webhooks in the store: endpoints, the event outbox, deliveries, and the crossings that make a
+//! threshold fire once per episode.
+//!
+//! Both SQL backends run the same statements (written with `?`, numbered for PostgreSQL by
+//! [`numbered`]), so one macro implements [`NotifyStore`] for each. Concurrency is decided by
+//! the database: a crossing is a primary key inserted once, a delivery is claimed by a lease
+//! the `UPDATE` re-checks, so nodes sharing a store neither fire twice nor send twice at once.
+
+use crate::rows::{from_millis, parse_id};
+use crate::StoreError;
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde_json::json;
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use tollgate_core::notify::{amount, Event, EventFilter, EventType};
+use tollgate_core::{AccountId, EndpointId, EventId, Nanos, RequestId};
+
+/// A URL an account receives events at.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EndpointRecord {
+    pub id: EndpointId,
+    pub account_id: AccountId,
+    pub url: String,
+    pub description: String,
+    pub events: EventFilter,
+    pub enabled: bool,
+    /// Why Tollgate disabled it (a receiver that answered 410), or `None`.
+    pub disabled_reason: Option<String>,
+    /// `whsec_...`
+    pub secret: String,
+    /// The secret before the last rotation, still signing until `previous_until`.
+    pub previous_secret: Option<String>,
+    pub previous_until: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// A threshold a subject crossed: once per (subject, kind, period) until it is recovered from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Crossing {
+    /// An account or key id.
+    pub subject: String,
+    pub kind: EventType,
+    pub period: String,
+    pub currency: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeliveryStatus {
+    Pending,
+    Delivered,
+    Failed,
+}
+
+impl DeliveryStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeliveryStatus::Pending => "pending",
+            DeliveryStatus::Delivered => "delivered",
+            DeliveryStatus::Failed => "failed",
+        }
+    }
+
+    fn parse(text: &str) -> Result<DeliveryStatus, StoreError> {
+        match text {
+            "pending" => Ok(DeliveryStatus::Pending),
+            "delivered" => Ok(DeliveryStatus::Delivered),
+            "failed" => Ok(DeliveryStatus::Failed),
+            other => Err(crate::rows::corrupt("delivery status", other)),
+        }
+    }
+}
+
+/// One event for one endpoint, as the delivery log shows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeliveryRecord {
+    pub endpoint_id: EndpointId,
+    pub event_id: EventId,
+    pub event_type: String,
+    pub status: DeliveryStatus,
+    pub attempts: u32,
+    /// When the next attempt is due, while pending.
+    pub next_at: Option<DateTime<Utc>>,
+    pub last_status: Option<u16>,
+    pub last_error: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// A delivery claimed for one attempt: the event and where it goes.
+#[derive(Debug, Clone)]
+pub struct DueDelivery {
+    pub endpoint: EndpointRecord,
+    pub event: Event,
+    /// Attempts made before this one.
+    pub attempts: u32,
+}
+
+/// What an attempt came to.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AttemptOutcome {
+    Delivered,
+    /// Try again at this time.
+    Retry(DateTime<Utc>),
+    /// No more attempts.
+    Failed,
+    /// The receiver answered 410 Gone: the delivery fails and the endpoint is disabled.
+    Gone,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Attempt {
+    pub endpoint: EndpointId,
+    pub event: EventId,
+    pub at: DateTime<Utc>,
+    /// The receiver's status, if it answered.
+    pub status: Option<u16>,
+    pub error: Option<String>,
+    pub outcome: AttemptOutcome,
+}
+
+#[async_trait]
+pub trait NotifyStore: Send + Sync {
+    /// Inserts the endpoint unless the account already has `limit` (counted in the statement
+    /// that inserts, so concurrent creations cannot pass it); false when it has.
+    async fn create_endpoint(
+        &self,
+        endpoint: &EndpointRecord,
+        limit: u32,
+    ) -> Result<bool, StoreError>;
+    async fn endpoint(&self, id: EndpointId) -> Result<Option<EndpointRecord>, StoreError>;
+    /// The account's endpoints, oldest first.
+    async fn endpoints(&self, account: AccountId) -> Result<Vec<EndpointRecord>, StoreError>;
+    /// Stores every field but the id, account and creation time; false if it is gone.
+    async fn update_endpoint(&self, endpoint: &EndpointRecord) -> Result<bool, StoreError>;
+    /// Deletes the endpoint and its deliveries; false if it was not there.
+    async fn delete_endpoint(&self, id: EndpointId) -> Result<bool, StoreError>;
+
+    /// The amount under which the account's settled balance is low (`None`: no alert).
+    async fn set_low_balance(
+        &self,
+        account: AccountId,
+        low: Option<Nanos>,
+        currency: &str,
+    ) -> Result<(), StoreError>;
+    async fn low_balance(&self, account: AccountId) -> Result<Option<Nanos>, StoreError>;
+
+    /// Records `crossing` and writes `event` in one transaction, unless it was crossed already
+    /// (and not recovered from); true if this call crossed it.
+    async fn cross(&self, crossing: &Crossing, event: &Event) -> Result<bool, StoreError>;
+    /// Writes an event that has no threshold (a top-up, a revoked key).
+    async fn emit(&self, event: &Event) -> Result<(), StoreError>;
+    /// Writes an event for one endpoint only (a test ping), due at once.
+    async fn emit_to(&self, event: &Event, endpoint: EndpointId) -> Result<(), StoreError>;
+
+    /// Gives up to `limit` events not yet fanned out a pending delivery for each enabled
+    /// endpoint of their account whose filter admits them; how many events it handled.
+    async fn fan_out(&self, now: DateTime<Utc>, limit: u32) -> Result<u64, StoreError>;
+    /// Claims up to `limit` due deliveries until `lease_until` (a claim whose lease runs out,
+    /// its worker gone, is due again).
+    async fn claim_deliveries(
+        &self,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Vec<DueDelivery>, StoreError>;
+    /// Records an attempt's outcome on its delivery (and disables the endpoint on 410).
+    async fn finish_attempt(&self, attempt: &Attempt) -> Result<(), StoreError>;
+    /// The endpoint's deliveries, newest event first, before `before`.
+    async fn deliveries(
+        &self,
+        endpoint: EndpointId,
+        before: Option<EventId>,
+        limit: u32,
+    ) -> Result<Vec<DeliveryRecord>, StoreError>;
+    /// Makes a delivery pending and due at `now` again; false if there is no such delivery.
+    async fn redeliver(
+        &self,
+        endpoint: EndpointId,
+        event: EventId,
+        now: DateTime<Utc>,
+    ) -> Result<bool, StoreError>;
+}
+
+/// `?` placeholders as PostgreSQL numbers them (`$1`, `$2`, ...). Statements here have no `?`
+/// inside string literals.
+pub(crate) fn numbered(sql: &str) -> Cow<'_, str> {
+    let mut out = String::with_capacity(sql.len() + 16);
+    let mut n = 0;
+    for c in sql.chars() {
+        if c == '?' {
+            n += 1;
+            out.push('$');
+            out.push_str(&n.to_string());
+        } else {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
+}
+
+pub(crate) fn as_is(sql: &str) -> Cow<'_, str> {
+    Cow::Borrowed(sql)
+}
+
+pub(crate) const ENDPOINT_COLUMNS: &str = "id, account_id, url, description, event_types, \
+     enabled, disabled_reason, secret, previous_secret, previous_until, created_at, updated_at";
+
+pub(crate) type EndpointRow = (
+    String,
+    String,
+    String,
+    String,
+    String,
+    i64,
+    Option<String>,
+    String,
+    Option<String>,
+    Option<i64>,
+    i64,
+    i64,
+);
+
+pub(crate) fn endpoint_from_row(row: EndpointRow) -> Result<EndpointRecord, StoreError> {
+    let (id, account, url, description, types, enabled, reason, secret, previous, until, c, u) =
+        row;
+    let names: Vec<String> = serde_json::from_str(&types)
+        .map_err(|_| crate::rows::corrupt("endpoint event types", &types))?;
+    Ok(EndpointRecord {
+        id: parse_id("endpoint id", &id)?,
+        account_id: parse_id("account id", &account)?,
+        url,
+        description,
+        events: EventFilter::parse(&names)
+            .map_err(|name| crate::rows::corrupt("endpoint event type", &name))?,
+        enabled: enabled != 0,
+        disabled_reason: reason,
+        secret,
+        previous_secret: previous,
+        previous_until: until.map(from_millis).transpose()?,
+        created_at: from_millis(c)?,
+        updated_at: from_millis(u)?,
+    })
+}
+
+pub(crate) type EventRow = (String, String, String, String, i64);
+
+pub(crate) fn event_from_row(row: EventRow) -> Result<Event, StoreError> {
+    let (id, account, kind, body, at) = row;
+    Ok(Event {
+        id: parse_id("event id", &id)?,
+        account: parse_id("account id", &account)?,
+        kind: EventType::parse(&kind).ok_or_else(|| crate::rows::corrupt("event type", &kind))?,
+        created_at: from_millis(at)?,
+        body,
+    })
+}
+
+pub(crate) type DeliveryRow = (
+    String,
+    String,
+    String,
+    String,
+    i64,
+    i64,
+    Option<i64>,
+    Option<String>,
+    i64,
+    i64,
+);
+
+pub(crate) fn delivery_from_row(row: DeliveryRow) -> Result<DeliveryRecord, StoreError> {
+    let (endpoint, event, kind, status, attempts, next_at, last_status, last_error, created, at) =
+        row;
+    let status = DeliveryStatus::parse(&status)?;
+    Ok(DeliveryRecord {
+        endpoint_id: parse_id("endpoint id", &endpoint)?,
+        event_id: parse_id("event id", &event)?,
+        event_type: kind,
+        status,
+        attempts: u32::try_from(attempts).unwrap_or(u32::MAX),
+        next_at: match status {
+            DeliveryStatus::Pending => Some(from_millis(next_at)?),
+            _ => None,
+        },
+        last_status: last_status.and_then(|s| u16::try_from(s).ok()),
+        last_error,
+        created_at: from_millis(created)?,
+        updated_at: from_millis(at)?,
+    })
+}
+
+pub(crate) fn event_types_json(filter: &EventFilter) -> Result<String, StoreError> {
+    crate::rows::to_json(&filter.names())
+}
+
+/// What a ledger batch did to settled balances (available + held − debt): per account, each
+/// change in the order the batch made it, with the request it was made for, so a crossing is
+/// told at the call that crossed, not at the batch's end.
+#[derive(Debug)]
+pub(crate) struct BalanceMoves {
+    pub moves: BTreeMap<AccountId, Vec<(i64, Option<RequestId>)>>,
+    /// When the batch's last transfer was made: the events' time.
+    pub at: DateTime<Utc>,
+}
+
+impl BalanceMoves {
+    pub fn new(batch: &crate::batch::Batch<'_>) -> BalanceMoves {
+        let mut moves: BTreeMap<AccountId, Vec<(i64, Option<RequestId>)>> = BTreeMap::new();
+        for (transfer, _, _, reference, _) in &batch.transfers {
+            for moved in transfer.balance_moves() {
+                let settled = moved.available + moved.held - moved.debt;
+                if settled != 0 {
+                    moves
+                        .entry(moved.account)
+                        .or_default()
+                        .push((settled, RequestId::parse(reference)));
+                }
+            }
+        }
+        moves.retain(|_, steps| steps.iter().map(|(n, _)| n).sum::<i64>() != 0);
+        let at = batch
+            .transfers
+            .iter()
+            .map(|(.., at)| *at)
+            .max()
+            .unwrap_or_else(Utc::now);
+        BalanceMoves { moves, at }
+    }
+}
+
+/// Where a batch's steps first took a balance that ended at `after` under `low`: the balance
+/// then and the request that did it.
+pub(crate) fn first_under(
+    steps: &[(i64, Option<RequestId>)],
+    after: i64,
+    low: i64,
+) -> (i64, Option<RequestId>) {
+    let mut running = after - steps.iter().map(|(n, _)| n).sum::<i64>();
+    for (step, request) in steps {
+        running += step;
+        if running < low {
+            return (running, *request);
+        }
+    }
+    (after, steps.last().and_then(|(_, r)| *r))
+}
+
+/// A balance event's `data`.
+pub(crate) fn balance_data(
+    balance: i64,
+    low: Option<i64>,
+    currency: &str,
+    request: Option<RequestId>,
+) -> serde_json::Value {
+    json!({
+        "balance": amount(Nanos(balance), currency),
+        "low_balance": low.map(|low| amount(Nanos(low), currency)),
+        "request_id": request.map(|r| r.to_string()),
+    })
+}
+
+/// Implements [`NotifyStore`] for a backend, and the balance watch its ledger commits run.
+macro_rules! notify_store {
+    ($store:ty, $db:ty, $sql:path, $skip_locked:literal) => {
+        /// After a batch's wallet updates, in its transaction: a watched balance that fell
+        /// under its low amount crosses `balance.low`; one that rose to it (or, unwatched, that
+        /// rose at all after a refusal) recovers, which deletes the crossings and sends
+        /// `balance.recovered`. The wallet rows are locked by the batch's updates, so what is
+        /// read here is what the batch left, on any node.
+        pub(crate) async fn watch_balances(
+            tx: &mut sqlx::Transaction<'_, $db>,
+            moves: &$crate::notify::BalanceMoves,
+        ) -> Result<(), $crate::StoreError> {
+            use $crate::notify::*;
+            let at = moves.at;
+            if moves.moves.is_empty() {
+                return Ok(());
+            }
+            let mut query = sqlx::QueryBuilder::<$db>::new(
+                "SELECT w.account_id, w.balance_nanos + w.held_nanos - w.debt_nanos, \
+                 a.low_nanos, a.currency, \
+                 (SELECT MIN(c.currency) FROM notify_crossings c WHERE c.subject = w.account_id \
+                  AND c.kind IN ('balance.low', 'balance.depleted') AND c.period = '') \
+                 FROM wallets w LEFT JOIN balance_alerts a ON a.account_id = w.account_id \
+                 WHERE w.account_id IN (",
+            );
+            let mut list = query.separated(", ");
+            for account in moves.moves.keys() {
+                list.push_bind(account.to_string());
+            }
+            query.push(
+                ") AND (a.low_nanos IS NOT NULL OR EXISTS (SELECT 1 FROM notify_crossings c \
+                 WHERE c.subject = w.account_id))",
+            );
+            let watched: Vec<(String, i64, Option<i64>, Option<String>, Option<String>)> = query
+                .build_query_as()
+                .fetch_all(&mut **tx)
+                .await
+                .map_err(store_error)?;
+            for (account, balance, low, alert_currency, crossed_currency) in watched {
+                let id: tollgate_core::AccountId = crate::rows::parse_id("account id", &account)?;
+                let Some(steps) = moves.moves.get(&id) else {
+                    continue;
+                };
+                let moved: i64 = steps.iter().map(|(n, _)| n).sum();
+                let fell_low = moved < 0 && low.is_some_and(|low| balance < low);
+                let recovered = moved > 0 && low.is_none_or(|low| balance >= low);
+                if let (true, Some(low_at)) = (fell_low, low) {
+                    let currency = alert_currency.clone().unwrap_or_default();
+                    let (then, request) = first_under(steps, balance, low_at);
+                    let event = tollgate_core::notify::Event::new(
+                        id,
+                        tollgate_core::notify::EventType::BalanceLow,
+                        at,
+                        balance_data(then, low, &currency, request),
+                    );
+                    let crossing = Crossing {
+                        subject: account.clone(),
+                        kind: tollgate_core::notify::EventType::BalanceLow,
+                        period: String::new(),
+                        currency,
+                    };
+                    cross_in(tx, &crossing, &event).await?;
+                } else if recovered {
+                    if let Some(currency) = crossed_currency {
+                        let sql = $sql(
+                            "DELETE FROM notify_crossings WHERE subject = ? \
+                             AND kind IN ('balance.low', 'balance.depleted') AND period = ''",
+                        );
+                        let deleted = sqlx::query(&sql)
+                        .bind(&account)
+                        .execute(&mut **tx)
+                        .await
+                        .map_err(store_error)?
+                        .rows_affected();
+                        if deleted > 0 {
+                            let request = steps.iter().rev().find_map(|(_, r)| *r);
+                            let event = tollgate_core::notify::Event::new(
+                                id,
+                                tollgate_core::notify::EventType::BalanceRecovered,
+                                at,
+                                balance_data(balance, low, &currency, request),
+                            );
+                            insert_event(tx, &event).await?;
+                        }
+                    }
+                }
+            }
+            Ok(())
+        }
+
+        async fn insert_event(
+            tx: &mut sqlx::Transaction<'_, $db>,
+            event: &tollgate_core::notify::Event,
+        ) -> Result<(), $crate::StoreError> {
+            sqlx::query(&$sql(
+                "INSERT INTO webhook_events (id, account_id, type, body, created_at, fanned_out) \
+                 VALUES (?, ?, ?, ?, ?, 0)",
+            ))
+            .bind(event.id.to_string())
+            .bind(event.account.to_string())
+            .bind(event.kind.as_str())
+            .bind(&event.body)
+            .bind(crate::rows::millis(event.created_at))
+            .execute(&mut **tx)
+            .await
+            .map_err(store_error)?;
+            Ok(())
+        }
+
+        /// Inserts the crossing and, if this inserted it, the event.
+        async fn cross_in(
+            tx: &mut sqlx::Transaction<'_, $db>,
+            crossing: &$crate::notify::Crossing,
+            event: &tollgate_core::notify::Event,
+        ) -> Result<bool, $crate::StoreError> {
+            let inserted = sqlx::query(&$sql(
+                "INSERT INTO notify_crossings (subject, kind, period, currency, crossed_at) \
+                 VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+            ))
+            .bind(&crossing.subject)
+            .bind(crossing.kind.as_str())
+            .bind(&crossing.period)
+            .bind(&crossing.currency)
+            .bind(crate::rows::millis(event.created_at))
+            .execute(&mut **tx)
+            .await
+            .map_err(store_error)?
+            .rows_affected()
+                == 1;
+            if inserted {
+                insert_event(tx, event).await?;
+            }
+            Ok(inserted)
+        }
+
+        #[async_trait::async_trait]
+        impl $crate::notify::NotifyStore for $store {
+            async fn create_endpoint(
+                &self,
+                endpoint: &$crate::notify::EndpointRecord,
+                limit: u32,
+            ) -> Result<bool, $crate::StoreError> {
+                use $crate::notify::*;
+                let inserted = sqlx::query(&$sql(&format!(
+                    "INSERT INTO webhook_endpoints ({ENDPOINT_COLUMNS}) \
+                     SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ? \
+                     WHERE (SELECT COUNT(*) FROM webhook_endpoints WHERE account_id = ?) < ?"
+                )))
+                .bind(endpoint.id.to_string())
+                .bind(endpoint.account_id.to_string())
+                .bind(&endpoint.url)
+                .bind(&endpoint.description)
+                .bind(event_types_json(&endpoint.events)?)
+                .bind(i64::from(endpoint.enabled))
+                .bind(&endpoint.disabled_reason)
+                .bind(&endpoint.secret)
+                .bind(&endpoint.previous_secret)
+                .bind(endpoint.previous_until.map(crate::rows::millis))
+                .bind(crate::rows::millis(endpoint.created_at))
+                .bind(crate::rows::millis(endpoint.updated_at))
+                .bind(endpoint.account_id.to_string())
+                .bind(i64::from(limit))
+                .execute(&self.pool)
+                .await
+                .map_err(store_error)?
+                .rows_affected();
+                Ok(inserted == 1)
+            }
+
+            async fn endpoint(
+                &self,
+                id: tollgate_core::EndpointId,
+            ) -> Result<Option<$crate::notify::EndpointRecord>, $crate::StoreError> {
+                use $crate::notify::*;
+                let row = sqlx::query_as(&$sql(&format!(
+                    "SELECT {ENDPOINT_COLUMNS} FROM webhook_endpoints WHERE id = ?"
+                )))
+                .bind(id.to_string())
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(store_error)?;
+                row.map(endpoint_from_row).transpose()
+            }
+
+            async fn endpoints(
+                &self,
+                account: tollgate_core::AccountId,
+            ) -> Result<Vec<$crate::notify::EndpointRecord>, $crate::StoreError> {
+                use $crate::notify::*;
+                let rows = sqlx::query_as(&$sql(&format!(
+                    "SELECT {ENDPOINT_COLUMNS} FROM webhook_endpoints WHERE account_id = ? \
+                     ORDER BY id"
+                )))
+                .bind(account.to_string())
+                .fetch_all(&self.pool)
+                .await
+                .map_err(store_error)?;
+                rows.into_iter().map(endpoint_from_row).collect()
+            }
+
+            async fn update_endpoint(
+                &self,
+                endpoint: &$crate::notify::EndpointRecord,
+            ) -> Result<bool, $crate::StoreError> {
+                use $crate::notify::*;
+                let changed = sqlx::query(&$sql(
+                    "UPDATE webhook_endpoints SET url = ?, description = ?, event_types = ?, \
+                     enabled = ?, disabled_reason = ?, secret = ?, previous_secret = ?, \
+                     previous_until = ?, updated_at = ? WHERE id = ?",
+                ))
+                .bind(&endpoint.url)
+                .bind(&endpoint.description)
+                .bind(event_types_json(&endpoint.events)?)
+                .bind(i64::from(endpoint.enabled))
+                .bind(&endpoint.disabled_reason)
+                .bind(&endpoint.secret)
+                .bind(&endpoint.previous_secret)
+                .bind(endpoint.previous_until.map(crate::rows::millis))
+                .bind(crate::rows::millis(endpoint.updated_at))
+                .bind(endpoint.id.to_string())
+                .execute(&self.pool)
+                .await
+                .map_err(store_error)?
+                .rows_affected();
+                Ok(changed == 1)
+            }
+
+            async fn delete_endpoint(
+                &self,
+                id: tollgate_core::EndpointId,
+            ) -> Result<bool, $crate::StoreError> {
+                let mut tx = self.pool.begin().await.map_err(store_error)?;
+                sqlx::query(&$sql("DELETE FROM webhook_deliveries WHERE endpoint_id = ?"))
+                    .bind(id.to_string())
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(store_error)?;
+                let deleted = sqlx::query(&$sql("DELETE FROM webhook_endpoints WHERE id = ?"))
+                    .bind(id.to_string())
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(store_error)?
+                    .rows_affected();
+                tx.commit().await.map_err(store_error)?;
+                Ok(deleted == 1)
+            }
+
+            async fn set_low_balance(
+                &self,
+                account: tollgate_core::AccountId,
+                low: Option<tollgate_core::Nanos>,
+                currency: &str,
+            ) -> Result<(), $crate::StoreError> {
+                let upsert = $sql(
+                    "INSERT INTO balance_alerts (account_id, low_nanos, currency) \
+                     VALUES (?, ?, ?) ON CONFLICT (account_id) DO UPDATE SET \
+                     low_nanos = EXCLUDED.low_nanos, currency = EXCLUDED.currency",
+                );
+                let delete = $sql("DELETE FROM balance_alerts WHERE account_id = ?");
+                match low {
+                    Some(low) => sqlx::query(&upsert)
+                        .bind(account.to_string())
+                        .bind(low.0)
+                        .bind(currency),
+                    None => sqlx::query(&delete).bind(account.to_string()),
+                }
+                .execute(&self.pool)
+                .await
+                .map_err(store_error)?;
+                Ok(())
+            }
+
+            async fn low_balance(
+                &self,
+                account: tollgate_core::AccountId,
+            ) -> Result<Option<tollgate_core::Nanos>, $crate::StoreError> {
+                let low: Option<i64> = sqlx::query_scalar(&$sql(
+                    "SELECT low_nanos FROM balance_alerts WHERE account_id = ?",
+                ))
+                .bind(account.to_string())
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(store_error)?;
+                Ok(low.map(tollgate_core::Nanos))
+            }
+
+            async fn cross(
+                &self,
+                crossing: &$crate::notify::Crossing,
+                event: &tollgate_core::notify::Event,
+            ) -> Result<bool, $crate::StoreError> {
+                let mut tx = self.pool.begin().await.map_err(store_error)?;
+                let crossed = cross_in(&mut tx, crossing, event).await?;
+                tx.commit().await.map_err(store_error)?;
+                Ok(crossed)
+            }
+
+            async fn emit(
+                &self,
+                event: &tollgate_core::notify::Event,
+            ) -> Result<(), $crate::StoreError> {
+                let mut tx = self.pool.begin().await.map_err(store_error)?;
+                insert_event(&mut tx, event).await?;
+                tx.commit().await.map_err(store_error)
+            }
+
+            async fn emit_to(
+                &self,
+                event: &tollgate_core::notify::Event,
+                endpoint: tollgate_core::EndpointId,
+            ) -> Result<(), $crate::StoreError> {
+                let mut tx = self.pool.begin().await.map_err(store_error)?;
+                insert_event(&mut tx, event).await?;
+                let at = crate::rows::millis(event.created_at);
+                sqlx::query(&$sql("UPDATE webhook_events SET fanned_out = 1 WHERE id = ?"))
+                    .bind(event.id.to_string())
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(store_error)?;
+                sqlx::query(&$sql(
+                    "INSERT INTO webhook_deliveries (endpoint_id, event_id, status, attempts, \
+                     next_at, leased_until, updated_at) VALUES (?, ?, 'pending', 0, ?, 0, ?)",
+                ))
+                .bind(endpoint.to_string())
+                .bind(event.id.to_string())
+                .bind(at)
+                .bind(at)
+                .execute(&mut *tx)
+                .await
+                .map_err(store_error)?;
+                tx.commit().await.map_err(store_error)
+            }
+
+            async fn fan_out(
+                &self,
+                now: chrono::DateTime<chrono::Utc>,
+                limit: u32,
+            ) -> Result<u64, $crate::StoreError> {
+                use $crate::notify::*;
+                let mut tx = self.pool.begin().await.map_err(store_error)?;
+                let waiting: Vec<(String, String, String)> = sqlx::query_as(&$sql(&format!(
+                    "SELECT id, account_id, type FROM webhook_events WHERE fanned_out = 0 \
+                     ORDER BY id LIMIT ? {}",
+                    $skip_locked
+                )))
+                .bind(i64::from(limit))
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(store_error)?;
+                let mut endpoints: std::collections::HashMap<String, Vec<EndpointRecord>> =
+                    std::collections::HashMap::new();
+                for (event, account, kind) in &waiting {
+                    if !endpoints.contains_key(account) {
+                        let rows = sqlx::query_as(&$sql(&format!(
+                            "SELECT {ENDPOINT_COLUMNS} FROM webhook_endpoints \
+                             WHERE account_id = ? AND enabled = 1"
+                        )))
+                        .bind(account)
+                        .fetch_all(&mut *tx)
+                        .await
+                        .map_err(store_error)?;
+                        let rows = rows
+                            .into_iter()
+                            .map(endpoint_from_row)
+                            .collect::<Result<Vec<_>, _>>()?;
+                        endpoints.insert(account.clone(), rows);
+                    }
+                    let kind = tollgate_core::notify::EventType::parse(kind)
+                        .ok_or_else(|| crate::rows::corrupt("event type", kind))?;
+                    for endpoint in endpoints.get(account).into_iter().flatten() {
+                        if !endpoint.events.admits(kind) {
+                            continue;
+                        }
+                        sqlx::query(&$sql(
+                            "INSERT INTO webhook_deliveries (endpoint_id, event_id, status, \
+                             attempts, next_at, leased_until, updated_at) \
+                             VALUES (?, ?, 'pending', 0, ?, 0, ?) ON CONFLICT DO NOTHING",
+                        ))
+                        .bind(endpoint.id.to_string())
+                        .bind(event)
+                        .bind(crate::rows::millis(now))
+                        .bind(crate::rows::millis(now))
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(store_error)?;
+                    }
+                    sqlx::query(&$sql("UPDATE webhook_events SET fanned_out = 1 WHERE id = ?"))
+                        .bind(event)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(store_error)?;
+                }
+                tx.commit().await.map_err(store_error)?;
+                Ok(waiting.len() as u64)
+            }
+
+            async fn claim_deliveries(
+                &self,
+                now: chrono::DateTime<chrono::Utc>,
+                lease_until: chrono::DateTime<chrono::Utc>,
+                limit: u32,
+            ) -> Result<Vec<$crate::notify::DueDelivery>, $crate::StoreError> {
+                use $crate::notify::*;
+                let now = crate::rows::millis(now);
+                // The oldest due delivery of each endpoint with none in flight: a receiver gets
+                // one attempt at a time, and a slow one holds up only itself. The outer
+                // conditions are checked again on each row as it is locked, so of two nodes
+                // claiming at once only one takes a delivery.
+                let claimed: Vec<(String, String, i64)> = sqlx::query_as(&$sql(
+                    "UPDATE webhook_deliveries SET leased_until = ? \
+                     WHERE status = 'pending' AND next_at <= ? AND leased_until <= ? \
+                     AND (endpoint_id, event_id) IN (SELECT d.endpoint_id, MIN(d.event_id) \
+                     FROM webhook_deliveries d WHERE d.status = 'pending' AND d.next_at <= ? \
+                     AND NOT EXISTS (SELECT 1 FROM webhook_deliveries busy \
+                     WHERE busy.endpoint_id = d.endpoint_id AND busy.leased_until > ?) \
+                     GROUP BY d.endpoint_id ORDER BY MIN(d.next_at) LIMIT ?) \
+                     RETURNING endpoint_id, event_id, attempts",
+                ))
+                .bind(crate::rows::millis(lease_until))
+                .bind(now)
+                .bind(now)
+                .bind(now)
+                .bind(now)
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await
+                .map_err(store_error)?;
+                let mut due = Vec::with_capacity(claimed.len());
+                for (endpoint, event, attempts) in claimed {
+                    let endpoint_row = sqlx::query_as(&$sql(&format!(
+                        "SELECT {ENDPOINT_COLUMNS} FROM webhook_endpoints WHERE id = ?"
+                    )))
+                    .bind(&endpoint)
+                    .fetch_optional(&self.pool)
+                    .await
+                    .map_err(store_error)?;
+                    let event_row = sqlx::query_as(&$sql(
+                        "SELECT id, account_id, type, body, created_at FROM webhook_events \
+                         WHERE id = ?",
+                    ))
+                    .bind(&event)
+                    .fetch_optional(&self.pool)
+                    .await
+                    .map_err(store_error)?;
+                    // An endpoint deleted since the claim takes its deliveries with it.
+                    if let (Some(endpoint), Some(event)) = (endpoint_row, event_row) {
+                        due.push(DueDelivery {
+                            endpoint: endpoint_from_row(endpoint)?,
+                            event: event_from_row(event)?,
+                            attempts: u32::try_from(attempts).unwrap_or(u32::MAX),
+                        });
+                    }
+                }
+                Ok(due)
+            }
+
+            async fn finish_attempt(
+                &self,
+                attempt: &$crate::notify::Attempt,
+            ) -> Result<(), $crate::StoreError> {
+                use $crate::notify::*;
+                let (status, next_at) = match &attempt.outcome {
+                    AttemptOutcome::Delivered => (DeliveryStatus::Delivered, attempt.at),
+                    AttemptOutcome::Retry(at) => (DeliveryStatus::Pending, *at),
+                    AttemptOutcome::Failed | AttemptOutcome::Gone => {
+                        (DeliveryStatus::Failed, attempt.at)
+                    }
+                };
+                let mut tx = self.pool.begin().await.map_err(store_error)?;
+                sqlx::query(&$sql(
+                    "UPDATE webhook_deliveries SET status = ?, attempts = attempts + 1, \
+                     next_at = ?, leased_until = 0, last_status = ?, last_error = ?, \
+                     updated_at = ? WHERE endpoint_id = ? AND event_id = ?",
+                ))
+                .bind(status.as_str())
+                .bind(crate::rows::millis(next_at))
+                .bind(attempt.status.map(i64::from))
+                .bind(&attempt.error)
+                .bind(crate::rows::millis(attempt.at))
+                .bind(attempt.endpoint.to_string())
+                .bind(attempt.event.to_string())
+                .execute(&mut *tx)
+                .await
+                .map_err(store_error)?;
+                if attempt.outcome == AttemptOutcome::Gone {
+                    sqlx::query(&$sql(
+                        "UPDATE webhook_endpoints SET enabled = 0, disabled_reason = ?, \
+                         updated_at = ? WHERE id = ?",
+                    ))
+                    .bind("the receiver answered 410 Gone")
+                    .bind(crate::rows::millis(attempt.at))
+                    .bind(attempt.endpoint.to_string())
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(store_error)?;
+                }
+                tx.commit().await.map_err(store_error)
+            }
+
+            async fn deliveries(
+                &self,
+                endpoint: tollgate_core::EndpointId,
+                before: Option<tollgate_core::EventId>,
+                limit: u32,
+            ) -> Result<Vec<$crate::notify::DeliveryRecord>, $crate::StoreError> {
+                use $crate::notify::*;
+                let rows: Vec<DeliveryRow> = sqlx::query_as(&$sql(
+                    "SELECT d.endpoint_id, d.event_id, e.type, d.status, d.attempts, d.next_at, \
+                     d.last_status, d.last_error, e.created_at, d.updated_at \
+                     FROM webhook_deliveries d JOIN webhook_events e ON e.id = d.event_id \
+                     WHERE d.endpoint_id = ? AND d.event_id < ? ORDER BY d.event_id DESC LIMIT ?",
+                ))
+                .bind(endpoint.to_string())
+                .bind(before.map_or_else(|| "~".to_string(), |id| id.to_string()))
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await
+                .map_err(store_error)?;
+                rows.into_iter().map(delivery_from_row).collect()
+            }
+
+            async fn redeliver(
+                &self,
+                endpoint: tollgate_core::EndpointId,
+                event: tollgate_core::EventId,
+                now: chrono::DateTime<chrono::Utc>,
+            ) -> Result<bool, $crate::StoreError> {
+                let changed = sqlx::query(&$sql(
+                    "UPDATE webhook_deliveries SET status = 'pending', next_at = ?, \
+                     updated_at = ? WHERE endpoint_id = ? AND event_id = ?",
+                ))
+                .bind(crate::rows::millis(now))
+                .bind(crate::rows::millis(now))
+                .bind(endpoint.to_string())
+                .bind(event.to_string())
+                .execute(&self.pool)
+                .await
+                .map_err(store_error)?
+                .rows_affected();
+                Ok(changed == 1)
+            }
+        }
+    };
+}
+
+pub(crate) use notify_store;
