@@ -100,10 +100,19 @@ async fn every_response_carries_the_limit_headers_401_and_404_included() {
         assert_eq!(header(&response, "x-ratelimit-limit"), "10");
         assert!(ratelimit(&response).contains_key("anon"));
     }
-    // Health checks are never limited nor counted.
+    // Health checks are never limited nor counted, nor are the console's static files: a
+    // page loads several, and twenty of them leave the address's standing as it was.
     let health = app.get("/healthz").send().await.unwrap();
     assert_eq!(health.status(), 200);
     assert!(health.headers().get("x-ratelimit-limit").is_none());
+    let before = ratelimit(&app.get("/nowhere").send().await.unwrap())["anon"].0;
+    for _ in 0..20 {
+        let asset = app.get("/console/assets/console.css").send().await.unwrap();
+        assert_eq!(asset.status(), 200);
+        assert!(asset.headers().get("x-ratelimit-limit").is_none());
+    }
+    let after = ratelimit(&app.get("/nowhere").send().await.unwrap())["anon"].0;
+    assert_eq!(after + 1, before, "only the second /nowhere counted");
     // The operator is not rate-limited.
     let admin = app.get_as("/api/v1/keys", ADMIN_TOKEN).await;
     assert_eq!(admin.status(), 200);

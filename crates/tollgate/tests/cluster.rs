@@ -1635,3 +1635,59 @@ async fn a_plans_fee_is_paid_once_whichever_nodes_take_the_periods_first_calls()
     assert_eq!(wallet["available"]["nanos"], 3_000_000_000_i64);
     assert_books_balance(&cluster).await;
 }
+
+/// A threshold crossed by calls on two nodes at once fires once: the store's crossing row
+/// decides, and the event rides in the batch that crossed it.
+#[tokio::test]
+async fn a_hundred_calls_crossing_a_low_balance_on_two_nodes_send_one_event() {
+    let webhooks = "[webhooks]\nallow_http = true\nallow_private = [\"127.0.0.0/8\"]\n\
+                    poll_interval = \"50ms\"\n";
+    let Some(cluster) = Cluster::start(&format!("{ROOMY_LIMIT}{webhooks}")).await else {
+        return;
+    };
+    let inbox =
+        tollgate_mock::receiver::WebhookReceiver::start(SocketAddr::from(([127, 0, 0, 1], 0)))
+            .await
+            .unwrap();
+    let (account, master) = cluster.empty_account().await;
+    cluster.grant(0, &account, "1").await;
+    let endpoint = cluster
+        .http
+        .post(format!("{}/api/v1/webhook-endpoints", cluster.url(0)))
+        .bearer_auth(&master)
+        .json(&json!({"url": inbox.url("/hooks"), "events": ["balance.low"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(endpoint.status(), 201);
+    let alert = cluster
+        .http
+        .put(format!(
+            "{}/api/v1/accounts/{account}/balance-alert",
+            cluster.url(1)
+        ))
+        .bearer_auth(&master)
+        .json(&json!({"low_balance": "0.95"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(alert.status(), 200);
+    // 100 calls of 0.001 take 1 to 0.9: the fiftieth crosses 0.95, on whichever node.
+    let calls = (0..100).map(|i| cluster.echo(i % 2, &master));
+    let statuses: Vec<u16> = futures_util::future::join_all(calls)
+        .await
+        .into_iter()
+        .map(|r| r.status().as_u16())
+        .collect();
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    let received = inbox.wait_for("/hooks", 1, Duration::from_secs(10)).await;
+    assert_eq!(received.len(), 1, "the low balance was announced");
+    // Every node's sender has had many rounds since: still one.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let all = inbox.received();
+    assert_eq!(all.len(), 1, "{all:?}");
+    let event: Value = serde_json::from_str(&all[0].body).unwrap();
+    assert_eq!(event["type"], "balance.low");
+    assert!(event["data"]["balance"]["nanos"].as_i64().unwrap() < 950_000_000);
+    assert_books_balance(&cluster).await;
+}

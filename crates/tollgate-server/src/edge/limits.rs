@@ -17,6 +17,10 @@ use tollgate_core::RequestId;
 /// Paths that are never rate-limited nor counted: a load balancer's health and readiness checks
 /// and the metrics scrape must keep working whatever one client behind the same address does.
 const UNLIMITED_PATHS: [&str; 3] = ["/healthz", "/readyz", "/metrics"];
+/// The console's static files (compiled in, cached by the browser): every page loads several,
+/// so counting them against the address would refuse a person clicking through the console
+/// quickly, for files that cost nothing to serve.
+const UNLIMITED_PREFIX: &str = "/console/assets/";
 
 /// What credential a request presents, as far as memory can tell before any lookup.
 enum Presented {
@@ -56,7 +60,8 @@ fn presented(state: &AppState, request: &Request) -> Presented {
 /// admin token, and a well-formed key, which is looked up and judged by its own policies (if it
 /// turns out not to be a valid key, the answer is the address's 429 all the same).
 pub async fn layer(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
-    if UNLIMITED_PATHS.contains(&request.uri().path()) {
+    let path = request.uri().path();
+    if UNLIMITED_PATHS.contains(&path) || path.starts_with(UNLIMITED_PREFIX) {
         return next.run(request).await;
     }
     let slot = LimitSlot::default();
