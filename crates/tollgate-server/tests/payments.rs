@@ -1310,3 +1310,68 @@ async fn a_pack_bought_by_card_is_granted_once_when_its_payment_is_credited() {
         expect_error(refused, 400, "validation_error").await;
     }
 }
+
+/// Each movement of a card payment is announced to the account's webhooks once, however often
+/// Stripe reports it: credited, refunded, disputed.
+#[tokio::test]
+async fn a_top_up_its_refund_and_its_dispute_are_each_announced_once() {
+    let shop = shop_configured(
+        |_| {},
+        |raw| {
+            raw.webhooks.allow_http = true;
+            raw.webhooks.allow_private = vec!["127.0.0.0/8".into()];
+            raw.webhooks.poll_interval = "20ms".into();
+        },
+    )
+    .await;
+    let inbox = tollgate_mock::receiver::WebhookReceiver::start("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let account = shop.app.create_account("buyer").await;
+    let created = shop
+        .app
+        .post("/api/v1/webhook-endpoints")
+        .bearer_auth(&account.master_key)
+        .json(&json!({"url": inbox.url("/pay"), "events": ["topup.succeeded", "topup.refunded", "dispute.opened"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+    let topup = shop.top_up(&account, "25").await;
+    let intent = shop.stripe.pay(&session_of(&topup)).await.unwrap();
+    for event in shop.events_of("checkout.session.completed") {
+        shop.stripe.redeliver(event["id"].as_str().unwrap()).await;
+    }
+    shop.stripe.refund(&intent, 1000).await;
+    for event in shop.events_of("refund.created") {
+        shop.stripe.redeliver(event["id"].as_str().unwrap()).await;
+    }
+    shop.stripe.dispute(&intent, 500).await;
+    let received = inbox.wait_for("/pay", 3, Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let kinds: Vec<(String, String)> = inbox
+        .received()
+        .iter()
+        .map(|r| {
+            let body: Value = serde_json::from_str(&r.body).unwrap();
+            (
+                body["type"].as_str().unwrap().to_string(),
+                body["data"]["amount"]["credits"]
+                    .as_str()
+                    .unwrap()
+                    .to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            ("topup.succeeded".to_string(), "25".to_string()),
+            ("topup.refunded".to_string(), "10".to_string()),
+            ("dispute.opened".to_string(), "5".to_string()),
+        ]
+    );
+    let first: Value = serde_json::from_str(&received[0].body).unwrap();
+    assert_eq!(first["data"]["topup_id"], topup["id"]);
+    assert_eq!(first["data"]["amount"]["currency"], "USD");
+}

@@ -650,3 +650,41 @@ async fn an_event_stored_before_a_crash_is_delivered_after_the_restart_under_its
         received[0].webhook_id.as_deref()
     );
 }
+
+#[tokio::test]
+async fn a_key_expiring_within_a_week_is_announced_once_per_expiry() {
+    let app = spawn_app_with(|raw, _| on_loopback(raw)).await;
+    let inbox = receiver().await;
+    let acme = app.create_account("acme").await;
+    let key = &acme.master_key;
+    create_endpoint(&app, key, &inbox.url("/hooks"), json!(["key.expiring"])).await;
+    let now = tollgate_core::Clock::now(&*app.clock);
+    let soon = now + chrono::Duration::days(3);
+    let later = now + chrono::Duration::days(30);
+    let (_, soon_id) = app
+        .create_usage_key(key, json!({ "name": "soon", "expires_at": soon }))
+        .await;
+    app.create_usage_key(key, json!({ "name": "later", "expires_at": later }))
+        .await;
+    // Keys are looked at once a minute on the server's clock.
+    app.clock.advance(chrono::Duration::seconds(61));
+    let first = inbox.wait_for("/hooks", 1, SOON).await;
+    let event = body(&first[0]);
+    assert_eq!(event["type"], "key.expiring");
+    assert_eq!(event["data"]["key_id"], soon_id.to_string());
+    assert_eq!(
+        event["data"]["expires_at"]
+            .as_str()
+            .unwrap()
+            .parse::<chrono::DateTime<chrono::Utc>>()
+            .unwrap(),
+        soon
+    );
+    app.clock.advance(chrono::Duration::seconds(61));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(inbox.received().len(), 1, "once per expiry");
+    // Twenty-four days on, the other key is within its week.
+    app.clock.advance(chrono::Duration::days(24));
+    let both = inbox.wait_for("/hooks", 2, SOON).await;
+    assert_eq!(body(&both[1])["data"]["name"], "later");
+}

@@ -226,6 +226,7 @@ bounded!(NotifyStore {
     fn cross(crossing: &Crossing, event: &Event) -> bool;
     fn emit(event: &Event) -> ();
     fn emit_to(event: &Event, endpoint: EndpointId) -> ();
+    fn keys_expiring(now: DateTime<Utc>, horizon: DateTime<Utc>, limit: u32) -> Vec<KeyId>;
     fn fan_out(now: DateTime<Utc>, limit: u32) -> u64;
     fn claim_deliveries(now: DateTime<Utc>, lease_until: DateTime<Utc>, limit: u32) -> Vec<DueDelivery>;
     fn finish_attempt(attempt: &Attempt) -> ();

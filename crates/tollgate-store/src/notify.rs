@@ -154,6 +154,15 @@ pub trait NotifyStore: Send + Sync {
     /// Writes an event for one endpoint only (a test ping), due at once.
     async fn emit_to(&self, event: &Event, endpoint: EndpointId) -> Result<(), StoreError>;
 
+    /// Active keys that expire after `now` and by `horizon` whose expiry has not been announced
+    /// (no `key.expiring` crossing for that expiry time).
+    async fn keys_expiring(
+        &self,
+        now: DateTime<Utc>,
+        horizon: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Vec<tollgate_core::KeyId>, StoreError>;
+
     /// Gives up to `limit` events not yet fanned out a pending delivery for each enabled
     /// endpoint of their account whose filter admits them; how many events it handled.
     async fn fan_out(&self, now: DateTime<Utc>, limit: u32) -> Result<u64, StoreError>;
@@ -692,6 +701,27 @@ macro_rules! notify_store {
                 .await
                 .map_err(store_error)?;
                 tx.commit().await.map_err(store_error)
+            }
+
+            async fn keys_expiring(
+                &self,
+                now: chrono::DateTime<chrono::Utc>,
+                horizon: chrono::DateTime<chrono::Utc>,
+                limit: u32,
+            ) -> Result<Vec<tollgate_core::KeyId>, $crate::StoreError> {
+                let ids: Vec<String> = sqlx::query_scalar(&$sql(
+                    "SELECT k.id FROM api_keys k WHERE k.expires_at > ? AND k.expires_at <= ? \
+                     AND k.status = 'active' AND NOT EXISTS (SELECT 1 FROM notify_crossings c \
+                     WHERE c.subject = k.id AND c.kind = 'key.expiring' \
+                     AND c.period = CAST(k.expires_at AS TEXT)) ORDER BY k.expires_at LIMIT ?",
+                ))
+                .bind(crate::rows::millis(now))
+                .bind(crate::rows::millis(horizon))
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await
+                .map_err(store_error)?;
+                ids.iter().map(|id| crate::rows::parse_id("key id", id)).collect()
             }
 
             async fn fan_out(

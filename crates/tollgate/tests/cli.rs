@@ -127,7 +127,10 @@ async fn the_printed_curl_calls_work_as_printed() {
         let status = String::from_utf8_lossy(&output.stdout).to_string();
         let expected = if call.contains("-si ") {
             "401"
-        } else if call.contains("/keys") || call.contains("/topups") {
+        } else if call.contains("/keys")
+            || call.contains("/topups")
+            || call.contains("/webhook-endpoints")
+        {
             "201"
         } else {
             "200"

@@ -21,6 +21,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use tollgate_core::key::random_base62;
 use tollgate_core::{AccountId, ApiKey, KeyKind, KeyStatus};
+use tollgate_mock::receiver::WebhookReceiver;
 use tollgate_mock::stripe::{FakeStripe, FakeStripeConfig};
 use tollgate_mock::MockUpstream;
 use tollgate_store::{KeyRecord, NewKey};
@@ -70,6 +71,8 @@ pub struct Demo {
     app: Application,
     mock: MockUpstream,
     stripe: FakeStripe,
+    /// Where the tour's webhook endpoint points.
+    receiver: WebhookReceiver,
     state: DemoState,
     data_dir: PathBuf,
     reused: bool,
@@ -92,6 +95,7 @@ impl Demo {
             webhook_url: Some(format!("http://{listen}/webhooks/stripe")),
         })
         .await?;
+        let receiver = WebhookReceiver::start(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
         let options = DemoOptions {
             listen,
             data_dir: options.data_dir,
@@ -158,6 +162,7 @@ impl Demo {
             app,
             mock,
             stripe,
+            receiver,
             state,
             data_dir: options.data_dir,
             reused,
@@ -168,7 +173,7 @@ impl Demo {
         self.app.local_addr()
     }
 
-    /// The welcome text: where things are, curl calls that work as printed, and the three
+    /// The welcome text: where things are, curl calls that work as printed, and the
     /// `NAME=value` lines scripts read (the admin token last).
     pub fn welcome(&self) -> String {
         let url = format!("http://{}", self.local_addr());
@@ -187,6 +192,7 @@ impl Demo {
   Mock upstream  {mock} (OpenAI API at {url}/v1, Anthropic API at {url}/anthropic, echo API at {url}/echo and {url}/inspect)
   Plans          free: {FREE_INSPECTIONS} calls to {url}/inspect a month included, then 402 allowance_exhausted; pro: 1000, then {INSPECTION_PRICE} USD each
   Fake Stripe    {stripe}/dashboard (card payments: add credits on the console's Wallet page, refund them here)
+  Webhooks       {hooks}/received (a receiver for your webhook endpoints: everything POSTed to {hooks}/... shows there)
   Console        {url}/console/ (sign in with the demo key below)
   API reference  {url}/api/docs (Swagger UI; the OpenAPI document is {url}/api/openapi.json)
   Data           {data} (SQLite: tollgate.db; demo secrets: {STATE_FILE})
@@ -216,6 +222,12 @@ Try it (copy and paste):
   # Buy 25 credits by card: answers a checkout_url (the fake Stripe's page; pay there)
   curl -s {url}{api}/topups -H "Authorization: Bearer {key}" -H "Content-Type: application/json" -d '{{"amount":"25"}}'
 
+  # Be told when the balance runs low: an endpoint at the demo's receiver, an alert above the balance, so the next paid call is under it
+  curl -s {url}{api}/webhook-endpoints -H "Authorization: Bearer {key}" -H "Content-Type: application/json" -d '{{"url":"{hooks}/tollgate","events":["balance.low","balance.recovered"]}}'
+  curl -s -X PUT {url}{api}/accounts/{account_id}/balance-alert -H "Authorization: Bearer {key}" -H "Content-Type: application/json" -d '{{"low_balance":"1000"}}'
+  curl -s {url}/echo/hello -H "Authorization: Bearer {key}"
+  curl -s {hooks}/received
+
   # Who am I? (verify a key)
   curl -s {url}{api}/key -H "Authorization: Bearer {key}"
 
@@ -229,10 +241,13 @@ For scripts:
 TOLLGATE_URL={url}
 TOLLGATE_DEMO_KEY={key}
 TOLLGATE_DEMO_STRIPE={stripe}
+TOLLGATE_DEMO_WEBHOOKS={hooks}
+TOLLGATE_DEMO_ACCOUNT={account_id}
 TOLLGATE_ADMIN_TOKEN={admin}
 "#,
             mock = self.mock.url(),
             stripe = self.stripe.url(),
+            hooks = format!("http://{}", self.receiver.addr),
             data = self.data_dir.display(),
             account_id = self.state.account_id,
         )

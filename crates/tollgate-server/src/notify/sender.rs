@@ -19,13 +19,16 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use rand::Rng;
+use serde_json::json;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
+use tollgate_core::clock::rfc3339;
+use tollgate_core::notify::{Event, EventType};
 use tollgate_core::webhook::{signature_header, WebhookSecret};
 use tollgate_core::Clock;
-use tollgate_store::{Attempt, AttemptOutcome, DueDelivery, Store, StoreError};
+use tollgate_store::{Attempt, AttemptOutcome, Crossing, DueDelivery, Store, StoreError};
 
 /// The wait after each failed attempt: 8 attempts over about 27 hours.
 pub const RETRY_DELAYS: [Duration; 7] = [
@@ -43,6 +46,10 @@ const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 3600);
 
 /// Events fanned out per round.
 const FAN_OUT_BATCH: u32 = 500;
+/// How far ahead a key's expiry is announced (`key.expiring`).
+pub const EXPIRY_NOTICE: TimeDelta = TimeDelta::days(7);
+/// How often, on the server's clock, keys are looked at for an expiry to announce.
+const EXPIRY_SCAN_EVERY: TimeDelta = TimeDelta::minutes(1);
 
 type WebhookClient = Client<HttpsConnector<GuardedConnector>, Full<Bytes>>;
 
@@ -52,6 +59,8 @@ pub struct Sender {
     client: WebhookClient,
     settings: WebhookSettings,
     in_flight: Arc<Semaphore>,
+    /// When keys were last looked at for `key.expiring`.
+    expiry_scanned: std::sync::Mutex<Option<DateTime<Utc>>>,
 }
 
 impl Sender {
@@ -78,6 +87,7 @@ impl Sender {
             client,
             in_flight: Arc::new(Semaphore::new(settings.concurrency)),
             settings,
+            expiry_scanned: std::sync::Mutex::new(None),
         })
     }
 
@@ -95,6 +105,7 @@ impl Sender {
     /// attempt. The handles end when the attempts are recorded.
     pub async fn round(self: &Arc<Self>) -> Result<Vec<JoinHandle<()>>, StoreError> {
         let now = self.clock.now();
+        self.announce_expiring_keys(now).await?;
         while self.store.fan_out(now, FAN_OUT_BATCH).await? == u64::from(FAN_OUT_BATCH) {}
         let free = self.in_flight.available_permits();
         if free == 0 {
@@ -123,6 +134,48 @@ impl Sender {
             }));
         }
         Ok(started)
+    }
+
+    /// `key.expiring` for each active key whose expiry is within [`EXPIRY_NOTICE`], once per
+    /// expiry time (a key given a later expiry is announced again when that one nears).
+    async fn announce_expiring_keys(&self, now: DateTime<Utc>) -> Result<(), StoreError> {
+        {
+            let mut scanned = self
+                .expiry_scanned
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if scanned.is_some_and(|at| now - at < EXPIRY_SCAN_EVERY) {
+                return Ok(());
+            }
+            *scanned = Some(now);
+        }
+        for id in self
+            .store
+            .keys_expiring(now, now + EXPIRY_NOTICE, 1000)
+            .await?
+        {
+            let Some(key) = self.store.key_by_id(id).await? else {
+                continue;
+            };
+            let Some(expires_at) = key.expires_at else {
+                continue;
+            };
+            let data = json!({
+                "key_id": key.id.to_string(),
+                "key_prefix": key.display_prefix,
+                "name": key.name,
+                "expires_at": rfc3339(expires_at),
+            });
+            let event = Event::new(key.account_id, EventType::KeyExpiring, now, data);
+            let crossing = Crossing {
+                subject: key.id.to_string(),
+                kind: EventType::KeyExpiring,
+                period: expires_at.timestamp_millis().to_string(),
+                currency: String::new(),
+            };
+            self.store.cross(&crossing, &event).await?;
+        }
+        Ok(())
     }
 
     async fn attempt(&self, delivery: &DueDelivery) -> Attempt {

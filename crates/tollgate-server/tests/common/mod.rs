@@ -758,6 +758,14 @@ impl tollgate_store::NotifyStore for CountingStore {
     ) -> Result<(), StoreError> {
         self.inner.emit_to(event, endpoint).await
     }
+    async fn keys_expiring(
+        &self,
+        now: At,
+        horizon: At,
+        limit: u32,
+    ) -> Result<Vec<KeyId>, StoreError> {
+        self.inner.keys_expiring(now, horizon, limit).await
+    }
     async fn fan_out(&self, now: At, limit: u32) -> Result<u64, StoreError> {
         self.inner.fan_out(now, limit).await
     }

@@ -57,3 +57,6 @@ CREATE TABLE balance_alerts (
     low_nanos   INTEGER NOT NULL CHECK (low_nanos > 0),
     currency    TEXT NOT NULL
 );
+
+-- Keys that expire soon, for key.expiring.
+CREATE INDEX api_keys_expiring ON api_keys (expires_at) WHERE expires_at IS NOT NULL;
