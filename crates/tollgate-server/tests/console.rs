@@ -10,6 +10,7 @@ use reqwest::header::{COOKIE, LOCATION, SET_COOKIE};
 use reqwest::{Response, StatusCode};
 use serde_json::json;
 use sha2::{Digest, Sha256};
+use std::time::Duration;
 use tollgate_core::Clock;
 use tollgate_store::SessionStore;
 
@@ -1435,9 +1436,24 @@ async fn a_crawl_as_one_account_with_anothers_ids_answers_as_for_missing_ids() {
     let cookie = session_cookie(&app, &a.master_key).await;
     let missing_key = "key_01ARZ3NDEKTSV4RRFFQ69G5FAV";
     let missing_request = "req_01ARZ3NDEKTSV4RRFFQ69G5FAV";
+    let b_hook = app
+        .post("/api/v1/webhook-endpoints")
+        .bearer_auth(&b.master_key)
+        .json(&json!({"url": "https://93.184.215.14/hooks"}))
+        .send()
+        .await
+        .unwrap()
+        .json::<serde_json::Value>()
+        .await
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let missing_hook = "we_01ARZ3NDEKTSV4RRFFQ69G5FAV";
+    let event = "msg_01ARZ3NDEKTSV4RRFFQ69G5FAV";
 
     // (method, path with B's id, the same path with a missing id)
-    let routes: Vec<(&str, String, String)> = vec![
+    let mut routes: Vec<(&str, String, String)> = vec![
         (
             "GET",
             format!("/console/keys/{b_key_id}"),
@@ -1483,7 +1499,24 @@ async fn a_crawl_as_one_account_with_anothers_ids_answers_as_for_missing_ids() {
             format!("/console/accounts/{}/suspend", b.id),
             "/console/accounts/acct_01ARZ3NDEKTSV4RRFFQ69G5FAV/suspend".to_string(),
         ),
+        (
+            "GET",
+            format!("/console/webhooks/{b_hook}"),
+            format!("/console/webhooks/{missing_hook}"),
+        ),
+        (
+            "POST",
+            format!("/console/webhooks/{b_hook}/deliveries/{event}/redeliver"),
+            format!("/console/webhooks/{missing_hook}/deliveries/{event}/redeliver"),
+        ),
     ];
+    for action in ["test", "enable", "disable", "rotate", "delete"] {
+        routes.push((
+            "POST",
+            format!("/console/webhooks/{b_hook}/{action}"),
+            format!("/console/webhooks/{missing_hook}/{action}"),
+        ));
+    }
     let send = |method: &str, path: &str| {
         let request = if method == "GET" {
             browser().get(format!("{}{path}", app.url))
@@ -1530,6 +1563,8 @@ async fn a_crawl_as_one_account_with_anothers_ids_answers_as_for_missing_ids() {
             missing_key.to_string(),
             missing_request.to_string(),
             "acct_01ARZ3NDEKTSV4RRFFQ69G5FAV".to_string(),
+            b_hook.clone(),
+            missing_hook.to_string(),
         ];
         let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
         assert_eq!(
@@ -1549,6 +1584,13 @@ async fn a_crawl_as_one_account_with_anothers_ids_answers_as_for_missing_ids() {
         .get_json(&format!("/api/v1/accounts/{}", b.id), ADMIN_TOKEN)
         .await;
     assert_eq!(account["status"], "active");
+    let hook = app
+        .get_json(
+            &format!("/api/v1/webhook-endpoints/{b_hook}"),
+            &b.master_key,
+        )
+        .await;
+    assert_eq!(hook["enabled"], true, "B's endpoint is as it was");
     // A's filters naming B's key find nothing of B's.
     let (_, body) = console_get(
         &app,
@@ -1777,4 +1819,165 @@ async fn the_customer_buys_a_pack_from_the_wallet_page_once_per_form() {
     let refused = post_form(&app, &customer, "/console/wallet/packs", &none).await;
     assert_eq!(refused.status(), StatusCode::NOT_FOUND);
     assert!(refused.text().await.unwrap().contains("not on offer"));
+}
+
+/// The webhooks page does what the API does: an endpoint added (its secret shown once, an
+/// inside address refused with the reason), tested, its log with a delivery sent again,
+/// disabled, rotated, deleted, and the low-balance amount set; another account's endpoint is
+/// not there.
+#[tokio::test]
+async fn the_webhooks_page_manages_endpoints_their_log_and_the_low_balance() {
+    let app = spawn_app_with(|raw, _| {
+        raw.webhooks.allow_http = true;
+        raw.webhooks.allow_private = vec!["127.0.0.0/8".into()];
+        raw.webhooks.poll_interval = "20ms".into();
+    })
+    .await;
+    let inbox = tollgate_mock::receiver::WebhookReceiver::start("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let acme = app.create_account("acme").await;
+    let cookie = session_cookie(&app, &acme.master_key).await;
+    let (status, body) = console_get(&app, &cookie, "/console/webhooks").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(body.contains("Add an endpoint"));
+
+    let refused = post_form(
+        &app,
+        &cookie,
+        "/console/webhooks",
+        &[("url", "https://10.0.0.1/")],
+    )
+    .await;
+    assert_eq!(refused.status(), StatusCode::BAD_REQUEST);
+    assert!(refused.text().await.unwrap().contains("private"));
+
+    let url = inbox.url("/console");
+    let added = post_form(
+        &app,
+        &cookie,
+        "/console/webhooks",
+        &[
+            ("url", &url),
+            ("events", "balance.low, webhook.ping"),
+            ("description", "ops"),
+        ],
+    )
+    .await;
+    assert_eq!(added.status(), StatusCode::CREATED);
+    let shown = added.text().await.unwrap();
+    assert!(shown.contains("value=\"whsec_"), "the secret, once");
+    let listed = app
+        .get_json("/api/v1/webhook-endpoints", &acme.master_key)
+        .await;
+    let id = listed["data"][0]["id"].as_str().unwrap().to_string();
+    assert_eq!(
+        listed["data"][0]["events"],
+        json!(["balance.low", "webhook.ping"])
+    );
+    let (_, page) = console_get(&app, &cookie, "/console/webhooks").await;
+    assert!(page.contains(&url) && !page.contains("whsec_"));
+
+    let tested = post_form(&app, &cookie, &format!("/console/webhooks/{id}/test"), &[]).await;
+    assert_eq!(tested.status(), StatusCode::OK);
+    let received = inbox.wait_for("/console", 1, Duration::from_secs(10)).await;
+    assert_eq!(received.len(), 1);
+    let event_id = received[0].webhook_id.clone().unwrap();
+    let mut log = String::new();
+    for _ in 0..200 {
+        log = console_get(&app, &cookie, &format!("/console/webhooks/{id}"))
+            .await
+            .1;
+        if log.contains("delivery-delivered") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        log.contains(&event_id) && log.contains("webhook.ping"),
+        "{log}"
+    );
+    let again = post_form(
+        &app,
+        &cookie,
+        &format!("/console/webhooks/{id}/deliveries/{event_id}/redeliver"),
+        &[],
+    )
+    .await;
+    assert_eq!(again.status(), StatusCode::OK);
+    let twice = inbox.wait_for("/console", 2, Duration::from_secs(10)).await;
+    assert_eq!(twice[1].webhook_id.as_deref(), Some(event_id.as_str()));
+
+    let disabled = post_form(
+        &app,
+        &cookie,
+        &format!("/console/webhooks/{id}/disable"),
+        &[],
+    )
+    .await;
+    assert_eq!(disabled.status(), StatusCode::OK);
+    let endpoint = app
+        .get_json(&format!("/api/v1/webhook-endpoints/{id}"), &acme.master_key)
+        .await;
+    assert_eq!(endpoint["enabled"], false);
+    let rotated = post_form(
+        &app,
+        &cookie,
+        &format!("/console/webhooks/{id}/rotate"),
+        &[],
+    )
+    .await;
+    let rotated = rotated.text().await.unwrap();
+    assert!(rotated.contains("Secret rotated") && rotated.contains("value=\"whsec_"));
+
+    let alert = post_form(
+        &app,
+        &cookie,
+        "/console/webhooks/alert",
+        &[("low_balance", "2.50")],
+    )
+    .await;
+    assert_eq!(alert.status(), StatusCode::SEE_OTHER);
+    let set = app
+        .get_json(
+            &format!("/api/v1/accounts/{}/balance-alert", acme.id),
+            &acme.master_key,
+        )
+        .await;
+    assert_eq!(set["low_balance"]["credits"], "2.5");
+    let bad = post_form(
+        &app,
+        &cookie,
+        "/console/webhooks/alert",
+        &[("low_balance", "-1")],
+    )
+    .await;
+    assert_eq!(bad.status(), StatusCode::BAD_REQUEST);
+
+    // Another account's holder sees none of it and cannot act on it.
+    let other = app.create_account("other").await;
+    let other_cookie = session_cookie(&app, &other.master_key).await;
+    let (status, _) = console_get(&app, &other_cookie, &format!("/console/webhooks/{id}")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let theirs = post_form(
+        &app,
+        &other_cookie,
+        &format!("/console/webhooks/{id}/delete"),
+        &[],
+    )
+    .await;
+    assert_eq!(theirs.status(), StatusCode::NOT_FOUND);
+
+    let deleted = post_form(
+        &app,
+        &cookie,
+        &format!("/console/webhooks/{id}/delete"),
+        &[],
+    )
+    .await;
+    assert_eq!(deleted.status(), StatusCode::OK);
+    let listed = app
+        .get_json("/api/v1/webhook-endpoints", &acme.master_key)
+        .await;
+    assert_eq!(listed["data"], json!([]));
 }

@@ -458,6 +458,10 @@ async fn the_console_signs_in_shows_the_balance_and_signs_out_in_a_real_browser(
         .env("TOLLGATE_DEMO_KEY", &demo.vars["TOLLGATE_DEMO_KEY"])
         .env("TOLLGATE_ADMIN_TOKEN", &demo.vars["TOLLGATE_ADMIN_TOKEN"])
         .env("TOLLGATE_DEMO_STRIPE", &demo.vars["TOLLGATE_DEMO_STRIPE"])
+        .env(
+            "TOLLGATE_DEMO_WEBHOOKS",
+            &demo.vars["TOLLGATE_DEMO_WEBHOOKS"],
+        )
         .env("SCREENSHOTS", &screenshots)
         .output()
         .await
@@ -488,6 +492,7 @@ async fn the_console_signs_in_shows_the_balance_and_signs_out_in_a_real_browser(
         "operator: signed in with the admin token, saw the accounts, signed out",
         "desktop: added 25 credits by card at the payment page; the balance shows them once",
         "desktop: refunded 10 at the payment provider; the wallet took back exactly that",
+        "desktop: added a webhook endpoint, saw its secret once; a test arrived signed and shows in its log",
     ] {
         assert!(stdout.contains(line), "{line}\n{stdout}");
     }

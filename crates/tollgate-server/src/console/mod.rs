@@ -15,6 +15,7 @@ pub mod security;
 pub mod session;
 pub mod usage;
 pub mod wallet;
+pub mod webhooks;
 
 use crate::state::AppState;
 use axum::middleware;
@@ -45,6 +46,14 @@ pub fn router() -> Router<AppState> {
             post(wallet::auto_top_up_off),
         )
         .route("/console/wallet.csv", get(export::wallet))
+        .route("/console/webhooks", get(webhooks::list).post(webhooks::add))
+        .route("/console/webhooks/alert", post(webhooks::alert))
+        .route("/console/webhooks/{id}", get(webhooks::log))
+        .route("/console/webhooks/{id}/{action}", post(webhooks::act))
+        .route(
+            "/console/webhooks/{id}/deliveries/{event}/redeliver",
+            post(webhooks::redeliver),
+        )
         .route("/console/accounts", get(accounts::list))
         .route("/console/accounts/{id}", get(accounts::one))
         .route(

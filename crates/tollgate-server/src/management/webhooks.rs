@@ -44,7 +44,7 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(get_balance_alert, set_balance_alert))
 }
 
-fn endpoint_view(endpoint: &EndpointRecord) -> wire::WebhookEndpoint {
+pub(crate) fn endpoint_view(endpoint: &EndpointRecord) -> wire::WebhookEndpoint {
     wire::WebhookEndpoint {
         id: endpoint.id,
         account_id: endpoint.account_id,
@@ -130,17 +130,20 @@ fn description(fields: &mut FieldErrors, text: Option<&str>) -> String {
 
 /// The endpoint, if the caller may see it; another account's answers as one that does not
 /// exist.
-async fn owned_endpoint(
+pub(crate) async fn owned_endpoint(
     state: &AppState,
     caller: &Caller,
-    id: Result<Path<String>, PathRejection>,
+    id: EndpointId,
 ) -> Result<EndpointRecord, HttpError> {
     caller.require_master_or_admin()?;
-    let id = parse_id(id, EndpointId::parse, "webhook endpoint")?;
     match state.store.endpoint(id).await? {
         Some(endpoint) if caller_owns(caller, endpoint.account_id) => Ok(endpoint),
         _ => Err(HttpError::not_found("webhook endpoint")),
     }
+}
+
+fn endpoint_id(id: Result<Path<String>, PathRejection>) -> Result<EndpointId, HttpError> {
+    parse_id(id, EndpointId::parse, "webhook endpoint")
 }
 
 /// Creates an endpoint. Its URL must be `https://` (plain `http://` only if the operator allows
@@ -166,13 +169,29 @@ async fn create_endpoint(
     body: JsonBody,
 ) -> Result<impl IntoResponse, HttpError> {
     caller.require_master_or_admin()?;
-    let body: wire::CreateEndpointRequest = body.parse()?;
-    let account = subject_account(&caller, body.account_id.as_deref())?;
+    let created = create(&state, &caller, request_id, body.parse()?).await?;
+    Ok((
+        StatusCode::CREATED,
+        Extension(crate::edge::idempotency::CarriesSecret),
+        Json(created),
+    ))
+}
+
+/// Creates an endpoint as `POST /webhook-endpoints` does, for the API and the console alike:
+/// checked, counted against the limit, audited. The secret is in the answer and nowhere else.
+pub(crate) async fn create(
+    state: &AppState,
+    caller: &Caller,
+    request_id: RequestId,
+    body: wire::CreateEndpointRequest,
+) -> Result<wire::EndpointWithSecret, HttpError> {
+    caller.require_master_or_admin()?;
+    let account = subject_account(caller, body.account_id.as_deref())?;
     let mut fields = FieldErrors::default();
     let events = event_filter(&mut fields, body.events.as_deref().unwrap_or_default());
     let description = description(&mut fields, body.description.as_deref());
     fields.finish()?;
-    let url = checked_url(&state, &body.url).await?;
+    let url = checked_url(state, &body.url).await?;
     if state.store.account(account).await?.is_none() {
         return Err(HttpError::not_found("account"));
     }
@@ -206,15 +225,11 @@ async fn create_endpoint(
     }
     let view = endpoint_view(&endpoint);
     let change = Change::new("webhook_endpoint.create", endpoint.id).after(&view);
-    audit::record(&state, &caller, request_id, change).await;
-    Ok((
-        StatusCode::CREATED,
-        Extension(crate::edge::idempotency::CarriesSecret),
-        Json(wire::EndpointWithSecret {
-            endpoint: view,
-            secret,
-        }),
-    ))
+    audit::record(state, caller, request_id, change).await;
+    Ok(wire::EndpointWithSecret {
+        endpoint: view,
+        secret,
+    })
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -272,7 +287,7 @@ async fn get_endpoint(
     caller: Caller,
     id: Result<Path<String>, PathRejection>,
 ) -> Result<Json<wire::WebhookEndpoint>, HttpError> {
-    let endpoint = owned_endpoint(&state, &caller, id).await?;
+    let endpoint = owned_endpoint(&state, &caller, endpoint_id(id)?).await?;
     Ok(Json(endpoint_view(&endpoint)))
 }
 
@@ -299,8 +314,22 @@ async fn update_endpoint(
     id: Result<Path<String>, PathRejection>,
     body: JsonBody,
 ) -> Result<Json<wire::WebhookEndpoint>, HttpError> {
-    let before = owned_endpoint(&state, &caller, id).await?;
-    let body: wire::UpdateEndpointRequest = body.parse()?;
+    caller.require_master_or_admin()?;
+    let id = endpoint_id(id)?;
+    Ok(Json(
+        update(&state, &caller, request_id, id, body.parse()?).await?,
+    ))
+}
+
+/// Edits an endpoint as `PATCH /webhook-endpoints/{id}` does, for the API and the console.
+pub(crate) async fn update(
+    state: &AppState,
+    caller: &Caller,
+    request_id: RequestId,
+    id: EndpointId,
+    body: wire::UpdateEndpointRequest,
+) -> Result<wire::WebhookEndpoint, HttpError> {
+    let before = owned_endpoint(state, caller, id).await?;
     let mut endpoint = before.clone();
     let mut fields = FieldErrors::default();
     if let Some(names) = &body.events {
@@ -311,7 +340,7 @@ async fn update_endpoint(
     }
     fields.finish()?;
     if let Some(url) = &body.url {
-        endpoint.url = checked_url(&state, url).await?;
+        endpoint.url = checked_url(state, url).await?;
     }
     if let Some(enabled) = body.enabled {
         endpoint.enabled = enabled;
@@ -327,8 +356,8 @@ async fn update_endpoint(
     let change = Change::new("webhook_endpoint.update", endpoint.id)
         .before(&endpoint_view(&before))
         .after(&view);
-    audit::record(&state, &caller, request_id, change).await;
-    Ok(Json(view))
+    audit::record(state, caller, request_id, change).await;
+    Ok(view)
 }
 
 /// Deletes an endpoint and its delivery log; nothing more is sent to it.
@@ -350,14 +379,25 @@ async fn delete_endpoint(
     caller: Caller,
     id: Result<Path<String>, PathRejection>,
 ) -> Result<StatusCode, HttpError> {
-    let endpoint = owned_endpoint(&state, &caller, id).await?;
+    delete(&state, &caller, request_id, endpoint_id(id)?).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Deletes an endpoint as `DELETE /webhook-endpoints/{id}` does, for the API and the console.
+pub(crate) async fn delete(
+    state: &AppState,
+    caller: &Caller,
+    request_id: RequestId,
+    id: EndpointId,
+) -> Result<(), HttpError> {
+    let endpoint = owned_endpoint(state, caller, id).await?;
     if !state.store.delete_endpoint(endpoint.id).await? {
         return Err(HttpError::not_found("webhook endpoint"));
     }
     let change =
         Change::new("webhook_endpoint.delete", endpoint.id).before(&endpoint_view(&endpoint));
-    audit::record(&state, &caller, request_id, change).await;
-    Ok(StatusCode::NO_CONTENT)
+    audit::record(state, caller, request_id, change).await;
+    Ok(())
 }
 
 /// Gives the endpoint a new signing secret, shown once. For the configured overlap (a day by
@@ -380,7 +420,21 @@ async fn rotate_secret(
     caller: Caller,
     id: Result<Path<String>, PathRejection>,
 ) -> Result<impl IntoResponse, HttpError> {
-    let mut endpoint = owned_endpoint(&state, &caller, id).await?;
+    let rotated = rotate(&state, &caller, request_id, endpoint_id(id)?).await?;
+    Ok((
+        Extension(crate::edge::idempotency::CarriesSecret),
+        Json(rotated),
+    ))
+}
+
+/// Rotates an endpoint's secret as `POST /webhook-endpoints/{id}/rotate-secret` does.
+pub(crate) async fn rotate(
+    state: &AppState,
+    caller: &Caller,
+    request_id: RequestId,
+    id: EndpointId,
+) -> Result<wire::EndpointWithSecret, HttpError> {
+    let mut endpoint = owned_endpoint(state, caller, id).await?;
     let now = state.clock.now();
     let overlap =
         TimeDelta::from_std(state.config.webhooks.rotation_overlap).unwrap_or(TimeDelta::days(1));
@@ -393,14 +447,11 @@ async fn rotate_secret(
     }
     let view = endpoint_view(&endpoint);
     let change = Change::new("webhook_endpoint.rotate_secret", endpoint.id).after(&view);
-    audit::record(&state, &caller, request_id, change).await;
-    Ok((
-        Extension(crate::edge::idempotency::CarriesSecret),
-        Json(wire::EndpointWithSecret {
-            endpoint: view,
-            secret,
-        }),
-    ))
+    audit::record(state, caller, request_id, change).await;
+    Ok(wire::EndpointWithSecret {
+        endpoint: view,
+        secret,
+    })
 }
 
 /// Sends the endpoint a `webhook.ping` event, to check the receiver and its signature check.
@@ -422,7 +473,18 @@ async fn send_test(
     caller: Caller,
     id: Result<Path<String>, PathRejection>,
 ) -> Result<impl IntoResponse, HttpError> {
-    let endpoint = owned_endpoint(&state, &caller, id).await?;
+    let queued = ping(&state, &caller, request_id, endpoint_id(id)?).await?;
+    Ok((StatusCode::ACCEPTED, Json(queued)))
+}
+
+/// Queues a `webhook.ping` for one endpoint.
+pub(crate) async fn ping(
+    state: &AppState,
+    caller: &Caller,
+    request_id: RequestId,
+    id: EndpointId,
+) -> Result<wire::QueuedEvent, HttpError> {
+    let endpoint = owned_endpoint(state, caller, id).await?;
     let data = serde_json::json!({
         "endpoint_id": endpoint.id.to_string(),
         "request_id": request_id.to_string(),
@@ -434,10 +496,7 @@ async fn send_test(
         data,
     );
     state.store.emit_to(&event, endpoint.id).await?;
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(wire::QueuedEvent { event_id: event.id }),
-    ))
+    Ok(wire::QueuedEvent { event_id: event.id })
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -471,7 +530,7 @@ async fn list_deliveries(
     id: Result<Path<String>, PathRejection>,
     query: Result<Query<DeliveriesQuery>, QueryRejection>,
 ) -> Result<Json<wire::Page<wire::WebhookDelivery>>, HttpError> {
-    let endpoint = owned_endpoint(&state, &caller, id).await?;
+    let endpoint = owned_endpoint(&state, &caller, endpoint_id(id)?).await?;
     let query = parse_query(query)?;
     let limit = page_limit(query.limit)?;
     let before = match query.cursor.as_deref() {
@@ -522,10 +581,28 @@ async fn redeliver(
     let Ok(Path((endpoint_text, event_text))) = ids else {
         return Err(HttpError::not_found("webhook delivery"));
     };
-    let endpoint = owned_endpoint(&state, &caller, Ok(Path(endpoint_text))).await?;
-    let Some(event) = EventId::parse(&event_text) else {
+    let (Some(endpoint), Some(event)) = (
+        EndpointId::parse(&endpoint_text),
+        EventId::parse(&event_text),
+    ) else {
         return Err(HttpError::not_found("webhook delivery"));
     };
+    redeliver_one(&state, &caller, request_id, endpoint, event).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(wire::QueuedEvent { event_id: event }),
+    ))
+}
+
+/// Makes one delivery due again now.
+pub(crate) async fn redeliver_one(
+    state: &AppState,
+    caller: &Caller,
+    request_id: RequestId,
+    id: EndpointId,
+    event: EventId,
+) -> Result<(), HttpError> {
+    let endpoint = owned_endpoint(state, caller, id).await?;
     if !state
         .store
         .redeliver(endpoint.id, event, state.clock.now())
@@ -535,11 +612,8 @@ async fn redeliver(
     }
     let change = Change::new("webhook_delivery.redeliver", endpoint.id)
         .after(&serde_json::json!({ "event_id": event.to_string() }));
-    audit::record(&state, &caller, request_id, change).await;
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(wire::QueuedEvent { event_id: event }),
-    ))
+    audit::record(state, caller, request_id, change).await;
+    Ok(())
 }
 
 /// The account's balance alert.
@@ -591,7 +665,19 @@ async fn set_balance_alert(
     body: JsonBody,
 ) -> Result<Json<wire::BalanceAlert>, HttpError> {
     let account = alert_account(&state, &caller, id).await?;
-    let body: wire::SetBalanceAlertRequest = body.parse()?;
+    Ok(Json(
+        set_alert(&state, &caller, request_id, account, body.parse()?).await?,
+    ))
+}
+
+/// Sets an account's balance alert as `PUT /accounts/{id}/balance-alert` does.
+pub(crate) async fn set_alert(
+    state: &AppState,
+    caller: &Caller,
+    request_id: RequestId,
+    account: AccountId,
+    body: wire::SetBalanceAlertRequest,
+) -> Result<wire::BalanceAlert, HttpError> {
     let low = match body.low_balance.as_deref() {
         None => None,
         Some(text) => match Nanos::parse_amount(text) {
@@ -606,15 +692,15 @@ async fn set_balance_alert(
         .set_low_balance(account, low, &state.config.currency)
         .await?;
     let view = wire::BalanceAlert {
-        low_balance: low.map(|low| money(&state, low)),
+        low_balance: low.map(|low| money(state, low)),
     };
     let change = Change::new("balance_alert.set", account)
         .before(&wire::BalanceAlert {
-            low_balance: before.map(|low| money(&state, low)),
+            low_balance: before.map(|low| money(state, low)),
         })
         .after(&view);
-    audit::record(&state, &caller, request_id, change).await;
-    Ok(Json(view))
+    audit::record(state, caller, request_id, change).await;
+    Ok(view)
 }
 
 async fn alert_account(

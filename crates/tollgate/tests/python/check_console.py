@@ -15,6 +15,7 @@ Prints one line per check; exits non-zero on the first failure.
 import json
 import os
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -27,6 +28,7 @@ URL = os.environ["TOLLGATE_URL"]
 KEY = os.environ["TOLLGATE_DEMO_KEY"]
 ADMIN = os.environ["TOLLGATE_ADMIN_TOKEN"]
 STRIPE = os.environ["TOLLGATE_DEMO_STRIPE"]
+HOOKS = os.environ["TOLLGATE_DEMO_WEBHOOKS"]
 SHOTS = Path(os.environ.get("SCREENSHOTS", "."))
 ORIGIN = urlparse(URL).netloc
 
@@ -230,6 +232,52 @@ def operator_pages(browser):
     context.close()
 
 
+def webhooks(browser):
+    """Add an endpoint at the demo's receiver, see its secret once, send it a test, find the
+    delivery in its log, and check the receiver got it signed."""
+    context, page = watched_page(browser, (1280, 800))
+    page.goto(f"{URL}/console/")
+    page.get_by_label("Master key or admin token").fill(KEY)
+    page.get_by_role("button", name="Sign in").click()
+    expect(page.get_by_role("heading", name="Overview")).to_be_visible()
+    page.get_by_role("link", name="Webhooks").click()
+    expect(page.get_by_role("heading", name="Webhooks")).to_be_visible()
+    target = f"{HOOKS}/console"
+    page.get_by_label("URL (https, on the public internet)").fill(target)
+    page.get_by_label("Events (names, comma-separated; empty for all)").fill("balance.low")
+    page.get_by_role("button", name="Add endpoint").click()
+    expect(page.get_by_role("heading", name="Endpoint added")).to_be_visible()
+    if not page.locator("#secret").input_value().startswith("whsec_"):
+        sys.exit("the new endpoint's secret is not shown")
+    fits(page, "webhook-secret-desktop")
+    page.get_by_role("link", name="Back to the webhooks").click()
+    row = page.locator("tbody tr", has_text=target)
+    row.get_by_role("button", name="Send a test").click()
+    expect(page.get_by_role("status")).to_contain_text("on its way")
+    fits(page, "webhooks-desktop")
+    page.locator("tbody tr", has_text=target).get_by_role("link", name="Deliveries").click()
+    expect(page.get_by_role("heading", name="Deliveries to")).to_be_visible()
+    for _ in range(50):
+        if page.locator(".delivery-delivered").count() > 0:
+            break
+        time.sleep(0.1)
+        page.reload()
+        page.wait_for_load_state("load")
+    expect(page.locator(".delivery-delivered").first).to_have_text("delivered")
+    fits(page, "webhook-log-desktop")
+    with urllib.request.urlopen(f"{HOOKS}/received") as response:
+        received = json.loads(response.read())
+    signed = [
+        item
+        for item in received
+        if item["path"] == "/console" and (item["webhook_signature"] or "").startswith("v1,")
+    ]
+    if len(signed) != 1 or '"webhook.ping"' not in signed[0]["body"]:
+        sys.exit(f"the receiver did not get one signed ping: {received}")
+    print("desktop: added a webhook endpoint, saw its secret once; a test arrived signed and shows in its log")
+    context.close()
+
+
 def wallet_available(page):
     # Each load runs to its end (scripts included) before the next navigation, so no request
     # is cut off by the test itself.
@@ -352,6 +400,7 @@ with sync_playwright() as playwright:
         context.close()
     a_revoked_master_key_ends_its_session(browser)
     add_credits_by_card(browser)
+    webhooks(browser)
     operator_pages(browser)
     browser.close()
 
