@@ -9,14 +9,16 @@ use futures_util::stream::{self, BoxStream, StreamExt, TryStreamExt};
 use http::Method;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tollgate_core::{AccountId, HoldId, KeyId, RequestId, TopUpId};
+use tollgate_core::{AccountId, EndpointId, EventId, HoldId, KeyId, RequestId, TopUpId};
 use tollgate_wire::api::{
     Account, Allowances, ApiKeyInfo, AuditEntry, AuditVerification, AutoTopUp, AutoTopUpRequest,
-    Balance, BuyPackRequest, CreateAccountRequest, CreateAccountResponse, CreateHoldRequest,
-    CreateKeyRequest, CreatePackRequest, CreatedKey, GrantRequest, HoldInfo, LedgerEntry,
-    PackOffer, Page, ReconcileRequest, Reconciliation, ResetAllowanceRequest, RollKeyRequest,
-    RolledKey, SetSubscriptionRequest, SettleHoldRequest, Subscription, TopUp, TopUpRequest,
-    UnitBucket, UpdateAccountRequest, UpdateKeyRequest, UsageRecord, UsageSummary,
+    Balance, BalanceAlert, BuyPackRequest, CreateAccountRequest, CreateAccountResponse,
+    CreateEndpointRequest, CreateHoldRequest, CreateKeyRequest, CreatePackRequest, CreatedKey,
+    EndpointWithSecret, GrantRequest, HoldInfo, LedgerEntry, PackOffer, Page, QueuedEvent,
+    ReconcileRequest, Reconciliation, ResetAllowanceRequest, RollKeyRequest, RolledKey,
+    SetBalanceAlertRequest, SetSubscriptionRequest, SettleHoldRequest, Subscription, TopUp,
+    TopUpRequest, UnitBucket, UpdateAccountRequest, UpdateEndpointRequest, UpdateKeyRequest,
+    UsageRecord, UsageSummary, WebhookDelivery, WebhookEndpoint,
 };
 
 const API: &str = "/api/v1";
@@ -73,6 +75,11 @@ impl Client {
     /// Plans: subscriptions, credit packs and the included units calls draw on.
     pub fn plans(&self) -> Plans<'_> {
         Plans(self)
+    }
+
+    /// Webhook endpoints, their delivery logs, and the balance alert.
+    pub fn webhooks(&self) -> Webhooks<'_> {
+        Webhooks(self)
     }
 
     async fn get<T: DeserializeOwned>(&self, path: String) -> Result<Response<T>, Error> {
@@ -391,6 +398,123 @@ impl Plans<'_> {
                 Method::POST,
                 format!("/accounts/{account}/allowances/{allowance}/reset"),
                 Some(request),
+            )
+            .await
+    }
+}
+
+pub struct Webhooks<'a>(&'a Client);
+
+impl Webhooks<'_> {
+    /// The answer carries the endpoint's signing secret, shown once.
+    pub async fn create(
+        &self,
+        request: &CreateEndpointRequest,
+    ) -> Result<Response<EndpointWithSecret>, Error> {
+        self.0
+            .send_json(Method::POST, "/webhook-endpoints".into(), Some(request))
+            .await
+    }
+
+    /// The admin names the account; a master key lists its own.
+    pub async fn list(
+        &self,
+        account: Option<AccountId>,
+    ) -> Result<Response<Page<WebhookEndpoint>>, Error> {
+        let path = for_account("/webhook-endpoints", account)?;
+        self.0.json(Call::new(Method::GET, path)).await
+    }
+
+    pub async fn get(&self, id: EndpointId) -> Result<Response<WebhookEndpoint>, Error> {
+        self.0.get(format!("/webhook-endpoints/{id}")).await
+    }
+
+    pub async fn update(
+        &self,
+        id: EndpointId,
+        request: &UpdateEndpointRequest,
+    ) -> Result<Response<WebhookEndpoint>, Error> {
+        self.0
+            .send_json(
+                Method::PATCH,
+                format!("/webhook-endpoints/{id}"),
+                Some(request),
+            )
+            .await
+    }
+
+    /// Deletes the endpoint and its delivery log.
+    pub async fn delete(&self, id: EndpointId) -> Result<(), Error> {
+        let call = Call::new(Method::DELETE, format!("{API}/webhook-endpoints/{id}"));
+        self.0.send_whole(call).await.map(drop)
+    }
+
+    /// A new signing secret, shown once; the old one signs beside it for the overlap.
+    pub async fn rotate_secret(
+        &self,
+        id: EndpointId,
+    ) -> Result<Response<EndpointWithSecret>, Error> {
+        self.0
+            .send_json(
+                Method::POST,
+                format!("/webhook-endpoints/{id}/rotate-secret"),
+                None::<&()>,
+            )
+            .await
+    }
+
+    /// Queues a `webhook.ping` for the endpoint.
+    pub async fn test(&self, id: EndpointId) -> Result<Response<QueuedEvent>, Error> {
+        self.0
+            .send_json(
+                Method::POST,
+                format!("/webhook-endpoints/{id}/test"),
+                None::<&()>,
+            )
+            .await
+    }
+
+    /// The endpoint's deliveries, newest first.
+    pub fn deliveries(&self, id: EndpointId) -> BoxStream<'static, Result<WebhookDelivery, Error>> {
+        self.0
+            .pages(Ok(format!("{API}/webhook-endpoints/{id}/deliveries")))
+    }
+
+    /// Makes a delivery due again now, under the same `webhook-id`.
+    pub async fn redeliver(
+        &self,
+        id: EndpointId,
+        event: EventId,
+    ) -> Result<Response<QueuedEvent>, Error> {
+        self.0
+            .send_json(
+                Method::POST,
+                format!("/webhook-endpoints/{id}/deliveries/{event}/redeliver"),
+                None::<&()>,
+            )
+            .await
+    }
+
+    pub async fn balance_alert(&self, account: AccountId) -> Result<Response<BalanceAlert>, Error> {
+        self.0
+            .get(format!("/accounts/{account}/balance-alert"))
+            .await
+    }
+
+    /// `Some(amount)` sends `balance.low` below it; `None` turns it off.
+    pub async fn set_balance_alert(
+        &self,
+        account: AccountId,
+        low_balance: Option<&str>,
+    ) -> Result<Response<BalanceAlert>, Error> {
+        let request = SetBalanceAlertRequest {
+            low_balance: low_balance.map(str::to_string),
+        };
+        self.0
+            .send_json(
+                Method::PUT,
+                format!("/accounts/{account}/balance-alert"),
+                Some(&request),
             )
             .await
     }

@@ -935,3 +935,111 @@ async fn a_free_plan_runs_out_into_its_typed_error_and_a_pack_extends_it() {
         .unwrap_err();
     assert_eq!(denied.status(), Some(403));
 }
+
+/// Webhooks through the client: an endpoint at the demo's receiver, a test ping that arrives
+/// signed (checked with the client's own verifier), its delivery in the log, a redelivery under
+/// the same id, a rotation, the balance alert, and deletion.
+#[tokio::test]
+async fn webhook_endpoints_deliver_signed_events_the_client_verifies() {
+    use tollgate_client::api::{CreateEndpointRequest, UpdateEndpointRequest};
+    use tollgate_client::webhook::WebhookVerifier;
+    let dir = tempfile::tempdir().unwrap();
+    let demo = tollgate_server::app::demo::Demo::spawn(dir.path())
+        .await
+        .unwrap();
+    let customer = Client::new(&demo.url, demo.master_key.as_str()).unwrap();
+    let hooks = customer.webhooks();
+    let created = hooks
+        .create(&CreateEndpointRequest {
+            url: format!("{}/client", demo.webhooks_url),
+            account_id: None,
+            events: Some(vec!["balance.low".into()]),
+            description: Some("client test".into()),
+        })
+        .await
+        .unwrap();
+    let id = created.endpoint.id;
+    let verifier = WebhookVerifier::new(&created.secret).unwrap();
+    let ping = hooks.test(id).await.unwrap();
+    let http = reqwest::Client::new();
+    let received = loop {
+        let got: Vec<serde_json::Value> = http
+            .get(format!("{}/received", demo.webhooks_url))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if !got.is_empty() {
+            break got;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let delivery = &received[0];
+    assert_eq!(delivery["webhook_id"], ping.event_id.to_string());
+    verifier
+        .verify_at(
+            delivery["webhook_id"].as_str().unwrap(),
+            delivery["webhook_timestamp"].as_str().unwrap(),
+            delivery["webhook_signature"].as_str().unwrap(),
+            delivery["body"].as_str().unwrap().as_bytes(),
+            std::time::SystemTime::now(),
+        )
+        .unwrap();
+    let logged: Vec<_> = loop {
+        let log: Vec<_> = hooks.deliveries(id).try_collect().await.unwrap();
+        if log.first().is_some_and(|d| d.status == "delivered") {
+            break log;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(logged[0].event_id, ping.event_id);
+    assert_eq!(logged[0].event_type, "webhook.ping");
+    hooks.redeliver(id, ping.event_id).await.unwrap();
+    let rotated = hooks.rotate_secret(id).await.unwrap();
+    assert_ne!(rotated.secret, created.secret);
+    assert!(rotated.endpoint.previous_secret_expires_at.is_some());
+    let disabled = hooks
+        .update(
+            id,
+            &UpdateEndpointRequest {
+                enabled: Some(false),
+                ..UpdateEndpointRequest::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert!(!disabled.enabled);
+    let alert = hooks
+        .set_balance_alert(demo.account_id, Some("2.5"))
+        .await
+        .unwrap();
+    assert_eq!(alert.low_balance.as_ref().unwrap().credits, "2.5");
+    assert_eq!(
+        hooks
+            .balance_alert(demo.account_id)
+            .await
+            .unwrap()
+            .low_balance,
+        alert.low_balance
+    );
+    let listed = hooks.list(None).await.unwrap();
+    assert_eq!(listed.data.len(), 1);
+    hooks.delete(id).await.unwrap();
+    let gone = hooks.get(id).await.unwrap_err();
+    assert!(matches!(gone.kind(), ErrorKind::NotFound), "{gone:?}");
+    let refused = hooks
+        .create(&CreateEndpointRequest {
+            url: "https://169.254.169.254/".into(),
+            account_id: None,
+            events: None,
+            description: None,
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(refused.kind(), ErrorKind::SsrfBlocked { reason: Some(_) }),
+        "{refused:?}"
+    );
+}

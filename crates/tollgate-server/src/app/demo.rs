@@ -60,6 +60,8 @@ pub struct RunningDemo {
     pub url: String,
     /// The fake Stripe on loopback.
     pub stripe_url: String,
+    /// The webhook receiver on loopback (what it got is at `/received`).
+    pub webhooks_url: String,
     pub admin_token: String,
     /// The demo account's master key.
     pub master_key: String,
@@ -267,6 +269,7 @@ TOLLGATE_ADMIN_TOKEN={admin}
         let running = RunningDemo {
             url: format!("http://{}", demo.local_addr()),
             stripe_url: demo.stripe.url(),
+            webhooks_url: format!("http://{}", demo.receiver.addr),
             admin_token: demo.state.admin_token.clone(),
             master_key: demo.state.master_key.clone(),
             account_id: demo.state.account_id,
@@ -283,11 +286,16 @@ TOLLGATE_ADMIN_TOKEN={admin}
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let Demo {
-            app, mock, stripe, ..
+            app,
+            mock,
+            stripe,
+            receiver,
+            ..
         } = self;
         let result = app.run_until_stopped(shutdown).await;
         drop(mock);
         drop(stripe);
+        drop(receiver);
         result
     }
 }
