@@ -688,3 +688,41 @@ async fn a_key_expiring_within_a_week_is_announced_once_per_expiry() {
     let both = inbox.wait_for("/hooks", 2, SOON).await;
     assert_eq!(body(&both[1])["data"]["name"], "later");
 }
+
+#[tokio::test]
+async fn a_capped_key_is_announced_at_80_and_100_percent_of_its_cap_once_each() {
+    let app = spawn_app_with(|raw, _| on_loopback(raw)).await;
+    let inbox = receiver().await;
+    let acme = app.create_account("acme").await;
+    let key = &acme.master_key;
+    create_endpoint(
+        &app,
+        key,
+        &inbox.url("/hooks"),
+        json!(["key.spend_threshold"]),
+    )
+    .await;
+    // Five echo calls of 0.001 fill the cap.
+    let (usage, usage_id) = app
+        .create_usage_key(key, json!({ "name": "ci", "monthly_spend_cap": "0.005" }))
+        .await;
+    let mut requests = Vec::new();
+    for _ in 0..5 {
+        let call = echo(&app, &usage).await;
+        assert_eq!(call.status(), 200);
+        requests.push(common::request_id(&call));
+    }
+    expect_error(echo(&app, &usage).await, 402, "key_quota_exceeded").await;
+    let both = inbox.wait_for("/hooks", 2, SOON).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(inbox.received().len(), 2, "once each");
+    let (eighty, hundred) = (body(&both[0]), body(&both[1]));
+    assert_eq!(eighty["type"], "key.spend_threshold");
+    assert_eq!(eighty["data"]["percent"], 80);
+    assert_eq!(eighty["data"]["key_id"], usage_id.to_string());
+    assert_eq!(eighty["data"]["monthly_spend_cap"]["credits"], "0.005");
+    assert!(requests.contains(&eighty["data"]["request_id"].as_str().unwrap().to_string()));
+    assert_eq!(hundred["data"]["percent"], 100);
+    assert_eq!(hundred["data"]["spent"]["credits"], "0.005");
+    assert_eq!(hundred["data"]["request_id"], requests[4]);
+}

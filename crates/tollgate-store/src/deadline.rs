@@ -221,6 +221,7 @@ bounded!(NotifyStore {
     fn endpoints(account: AccountId) -> Vec<EndpointRecord>;
     fn update_endpoint(endpoint: &EndpointRecord) -> bool;
     fn delete_endpoint(id: EndpointId) -> bool;
+    fn set_currency(currency: &str) -> ();
     fn set_low_balance(account: AccountId, low: Option<Nanos>, currency: &str) -> ();
     fn low_balance(account: AccountId) -> Option<Nanos>;
     fn cross(crossing: &Crossing, event: &Event) -> bool;

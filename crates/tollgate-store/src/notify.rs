@@ -137,6 +137,9 @@ pub trait NotifyStore: Send + Sync {
     /// Deletes the endpoint and its deliveries; false if it was not there.
     async fn delete_endpoint(&self, id: EndpointId) -> Result<bool, StoreError>;
 
+    /// Records the deployment's currency, which events the store writes itself carry.
+    async fn set_currency(&self, currency: &str) -> Result<(), StoreError>;
+
     /// The amount under which the account's settled balance is low (`None`: no alert).
     async fn set_low_balance(
         &self,
@@ -310,6 +313,8 @@ pub(crate) fn event_types_json(filter: &EventFilter) -> Result<String, StoreErro
 #[derive(Debug)]
 pub(crate) struct BalanceMoves {
     pub moves: BTreeMap<AccountId, Vec<(i64, Option<RequestId>)>>,
+    /// Each key the batch charged: the month it charged in, and the request it charged last.
+    pub keys: BTreeMap<tollgate_core::KeyId, (i32, Option<RequestId>)>,
     /// When the batch's last transfer was made: the events' time.
     pub at: DateTime<Utc>,
 }
@@ -329,13 +334,25 @@ impl BalanceMoves {
             }
         }
         moves.retain(|_, steps| steps.iter().map(|(n, _)| n).sum::<i64>() != 0);
+        let mut keys: BTreeMap<tollgate_core::KeyId, (i32, Option<RequestId>)> = batch
+            .key_spend
+            .iter()
+            .filter(|(_, delta)| delta.spent > 0)
+            .map(|(key, delta)| (*key, (delta.month, None)))
+            .collect();
+        // The last call that charged the key (a refused call's row charges nothing).
+        for row in batch.usage.iter().filter(|row| row.cost > Nanos::ZERO) {
+            if let Some(entry) = keys.get_mut(&row.key_id) {
+                entry.1 = Some(row.request_id);
+            }
+        }
         let at = batch
             .transfers
             .iter()
             .map(|(.., at)| *at)
             .max()
             .unwrap_or_else(Utc::now);
-        BalanceMoves { moves, at }
+        BalanceMoves { moves, keys, at }
     }
 }
 
@@ -354,6 +371,69 @@ pub(crate) fn first_under(
         }
     }
     (after, steps.last().and_then(|(_, r)| *r))
+}
+
+/// The shares of a key's monthly cap that send `key.spend_threshold`.
+pub(crate) const KEY_SPEND_THRESHOLDS: [u8; 2] = [80, 100];
+
+/// A capped key the batch charged, as the key spend watch reads it.
+pub(crate) struct CappedKey {
+    pub key: String,
+    pub month: i64,
+    pub spent: i64,
+    pub cap: i64,
+    pub account: String,
+    pub prefix: String,
+    pub name: String,
+    /// The deployment's currency, as the server recorded it.
+    pub currency: Option<String>,
+}
+
+pub(crate) type CappedKeyRow = (
+    String,
+    i64,
+    i64,
+    i64,
+    String,
+    String,
+    String,
+    Option<String>,
+);
+
+impl From<CappedKeyRow> for CappedKey {
+    fn from(row: CappedKeyRow) -> CappedKey {
+        let (key, month, spent, cap, account, prefix, name, currency) = row;
+        CappedKey {
+            key,
+            month,
+            spent,
+            cap,
+            account,
+            prefix,
+            name,
+            currency,
+        }
+    }
+}
+
+impl CappedKey {
+    /// A `key.spend_threshold` event's `data`.
+    pub fn data(
+        &self,
+        percent: u8,
+        currency: &str,
+        request: Option<RequestId>,
+    ) -> serde_json::Value {
+        json!({
+            "key_id": self.key,
+            "key_prefix": self.prefix,
+            "name": self.name,
+            "percent": percent,
+            "spent": amount(Nanos(self.spent), currency),
+            "monthly_spend_cap": amount(Nanos(self.cap), currency),
+            "request_id": request.map(|r| r.to_string()),
+        })
+    }
 }
 
 /// A balance event's `data`.
@@ -455,6 +535,68 @@ macro_rules! notify_store {
                             insert_event(tx, &event).await?;
                         }
                     }
+                }
+            }
+            Ok(())
+        }
+
+        /// After a batch's key spend is stored, in its transaction: a capped key whose month's
+        /// spend reached 80 % or 100 % of its cap crosses that threshold, once per month.
+        pub(crate) async fn watch_key_spend(
+            tx: &mut sqlx::Transaction<'_, $db>,
+            moves: &$crate::notify::BalanceMoves,
+        ) -> Result<(), $crate::StoreError> {
+            use $crate::notify::*;
+            if moves.keys.is_empty() {
+                return Ok(());
+            }
+            let mut query = sqlx::QueryBuilder::<$db>::new(
+                "SELECT s.key_id, CAST(s.month AS BIGINT), s.spent_nanos, k.monthly_spend_cap_nanos, \
+                 k.account_id, k.display_prefix, k.name, \
+                 (SELECT value FROM notify_settings WHERE name = 'currency') \
+                 FROM key_spend s JOIN api_keys k ON k.id = s.key_id \
+                 WHERE k.monthly_spend_cap_nanos IS NOT NULL AND s.key_id IN (",
+            );
+            let mut list = query.separated(", ");
+            for key in moves.keys.keys() {
+                list.push_bind(key.to_string());
+            }
+            query.push(")");
+            let capped: Vec<CappedKeyRow> = query
+                .build_query_as()
+                .fetch_all(&mut **tx)
+                .await
+                .map_err(store_error)?;
+            for capped in capped.into_iter().map(CappedKey::from) {
+                let id: tollgate_core::KeyId = crate::rows::parse_id("key id", &capped.key)?;
+                let Some((charged_in, request)) = moves.keys.get(&id).copied() else {
+                    continue;
+                };
+                if i64::from(charged_in) != capped.month || capped.cap <= 0 {
+                    continue;
+                }
+                let account: tollgate_core::AccountId =
+                    crate::rows::parse_id("account id", &capped.account)?;
+                let currency = capped.currency.clone().unwrap_or_else(|| "USD".into());
+                for percent in KEY_SPEND_THRESHOLDS {
+                    let reached = i128::from(capped.spent) * 100
+                        >= i128::from(capped.cap) * i128::from(percent);
+                    if !reached {
+                        continue;
+                    }
+                    let event = tollgate_core::notify::Event::new(
+                        account,
+                        tollgate_core::notify::EventType::KeySpendThreshold,
+                        moves.at,
+                        capped.data(percent, &currency, request),
+                    );
+                    let crossing = Crossing {
+                        subject: capped.key.clone(),
+                        kind: tollgate_core::notify::EventType::KeySpendThreshold,
+                        period: format!("{}:{percent}", capped.month),
+                        currency: currency.clone(),
+                    };
+                    cross_in(tx, &crossing, &event).await?;
                 }
             }
             Ok(())
@@ -615,6 +757,18 @@ macro_rules! notify_store {
                     .rows_affected();
                 tx.commit().await.map_err(store_error)?;
                 Ok(deleted == 1)
+            }
+
+            async fn set_currency(&self, currency: &str) -> Result<(), $crate::StoreError> {
+                sqlx::query(&$sql(
+                    "INSERT INTO notify_settings (name, value) VALUES ('currency', ?) \
+                     ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value",
+                ))
+                .bind(currency)
+                .execute(&self.pool)
+                .await
+                .map_err(store_error)?;
+                Ok(())
             }
 
             async fn set_low_balance(

@@ -258,6 +258,7 @@ impl PostgresStore {
             insert_event(&mut tx, event).await?;
         }
         watch_balances(&mut tx, &watched).await?;
+        watch_key_spend(&mut tx, &watched).await?;
         tx.commit().await.map_err(store_error)
     }
 }

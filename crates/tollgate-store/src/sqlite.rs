@@ -291,6 +291,40 @@ async fn insert_transfer(
     add_spend(tx, spend_deltas([(transfer, account, at)])).await
 }
 
+/// Adds a batch's charges to its keys' totals for the month (a later month starts again).
+async fn add_key_spend(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    key_spend: &std::collections::BTreeMap<KeyId, crate::batch::KeySpendDelta>,
+) -> Result<(), StoreError> {
+    let charged: Vec<(String, i32, i64)> = key_spend
+        .iter()
+        .filter(|(_, delta)| delta.spent > 0)
+        .map(|(key, delta)| (key.to_string(), delta.month, delta.spent))
+        .collect();
+    for chunk in charged.chunks(ROWS_PER_INSERT) {
+        let mut query = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+            "INSERT INTO key_spend (key_id, month, spent_nanos) ",
+        );
+        query.push_values(chunk, |mut row, (key, month, spent)| {
+            row.push_bind(key.clone())
+                .push_bind(*month)
+                .push_bind(*spent);
+        });
+        query.push(
+            " ON CONFLICT (key_id) DO UPDATE SET spent_nanos = CASE \
+             WHEN excluded.month > key_spend.month THEN excluded.spent_nanos \
+             ELSE key_spend.spent_nanos + excluded.spent_nanos END, \
+             month = MAX(key_spend.month, excluded.month)",
+        );
+        query
+            .build()
+            .execute(&mut **tx)
+            .await
+            .map_err(store_error)?;
+    }
+    Ok(())
+}
+
 /// Adds a batch's charges to the accounts' monthly totals, in its transaction.
 async fn add_spend(
     tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
@@ -606,6 +640,7 @@ impl LedgerStore for SqliteStore {
             usage,
             events,
             deltas,
+            key_spend,
             ..
         } = planned;
         let mut tx = self.pool.begin().await.map_err(store_error)?;
@@ -720,10 +755,12 @@ impl LedgerStore for SqliteStore {
             .await
             .map_err(store_error)?;
         }
+        add_key_spend(&mut tx, &key_spend).await?;
         for event in events {
             insert_event(&mut tx, event).await?;
         }
         watch_balances(&mut tx, &watched).await?;
+        watch_key_spend(&mut tx, &watched).await?;
         tx.commit().await.map_err(store_error)
     }
 

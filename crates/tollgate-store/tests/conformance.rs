@@ -2525,6 +2525,49 @@ pub async fn endpoints_keep_their_limit_and_deliveries_retry_fail_and_redeliver(
         .is_empty());
 }
 
+pub async fn a_capped_keys_spend_crosses_80_and_100_percent_once_a_month(store: Arc<dyn Store>) {
+    let (account, _, _) = new_account(&*store, Nanos(1_000_000)).await;
+    store.set_currency("EUR").await.unwrap();
+    store
+        .create_endpoint(&endpoint_for(account, &["key.spend_threshold"], 0), 10)
+        .await
+        .unwrap();
+    let (_, mut capped) = key_for(account, KeyKind::Usage, "capped");
+    capped.monthly_spend_cap = Some(Nanos(10_000));
+    insert(&*store, &capped).await;
+    let (_, uncapped) = key_for(account, KeyKind::Usage, "free");
+    insert(&*store, &uncapped).await;
+    let mut book = Book::new();
+    book.load_wallet(account, store.wallet(account).await.unwrap().unwrap());
+    book.load_key_spend(capped.id, at(1_000), Nanos::ZERO);
+    book.load_key_spend(uncapped.id, at(1_000), Nanos::ZERO);
+    charge(&*store, &mut book, account, capped.id, 7_000).await;
+    charge(&*store, &mut book, account, uncapped.id, 50_000).await;
+    assert!(
+        delivered_types(&*store, 2_000).await.is_empty(),
+        "70 %, and no cap"
+    );
+    charge(&*store, &mut book, account, capped.id, 1_500).await;
+    let eighty = delivered_types(&*store, 3_000).await;
+    assert_eq!(eighty.len(), 1, "{eighty:?}");
+    assert_eq!(eighty[0].0, "key.spend_threshold");
+    let data = &eighty[0].1["data"];
+    assert_eq!(data["percent"], 80);
+    assert_eq!(data["key_id"], capped.id.to_string());
+    assert_eq!(data["spent"]["nanos"], 8_500);
+    assert_eq!(data["spent"]["currency"], "EUR");
+    assert_eq!(data["monthly_spend_cap"]["nanos"], 10_000);
+    charge(&*store, &mut book, account, capped.id, 500).await;
+    assert!(
+        delivered_types(&*store, 4_000).await.is_empty(),
+        "80 % fired once"
+    );
+    charge(&*store, &mut book, account, capped.id, 1_000).await;
+    let hundred = delivered_types(&*store, 5_000).await;
+    assert_eq!(hundred.len(), 1);
+    assert_eq!(hundred[0].1["data"]["percent"], 100);
+}
+
 /// Runs every conformance test against one backend: `store_suite!(module, async_constructor)`.
 macro_rules! store_suite {
     ($backend:ident, $make:expr) => {
@@ -2570,6 +2613,7 @@ macro_rules! store_suite {
                 a_low_balance_fires_once_per_episode_and_recovery_rearms_it,
                 a_crossing_is_recorded_once_among_concurrent_callers,
                 endpoints_keep_their_limit_and_deliveries_retry_fail_and_redeliver,
+                a_capped_keys_spend_crosses_80_and_100_percent_once_a_month,
             );
         }
     };

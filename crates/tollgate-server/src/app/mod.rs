@@ -66,6 +66,12 @@ impl Application {
         let listener = TcpListener::bind(config.listen)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
+        // Events the store writes itself (a balance or a key's spend crossing a threshold)
+        // carry the deployment's currency.
+        store
+            .set_currency(&config.currency)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot record the currency in the store: {e}"))?;
         let ledger = Ledger::start(store.clone(), clock.clone());
         let expired = ledger
             .recover()

@@ -730,6 +730,9 @@ impl tollgate_store::NotifyStore for CountingStore {
     async fn delete_endpoint(&self, id: tollgate_core::EndpointId) -> Result<bool, StoreError> {
         self.inner.delete_endpoint(id).await
     }
+    async fn set_currency(&self, currency: &str) -> Result<(), StoreError> {
+        self.inner.set_currency(currency).await
+    }
     async fn set_low_balance(
         &self,
         account: AccountId,

@@ -60,3 +60,9 @@ CREATE TABLE balance_alerts (
 
 -- Keys that expire soon, for key.expiring.
 CREATE INDEX api_keys_expiring ON api_keys (expires_at) WHERE expires_at IS NOT NULL;
+
+-- The deployment's currency, recorded by the server at start, for the events the store writes.
+CREATE TABLE notify_settings (
+    name   TEXT PRIMARY KEY,
+    value  TEXT NOT NULL
+);

@@ -60,3 +60,25 @@ CREATE TABLE balance_alerts (
 
 -- Keys that expire soon, for key.expiring.
 CREATE INDEX api_keys_expiring ON api_keys (expires_at) WHERE expires_at IS NOT NULL;
+
+-- The deployment's currency, recorded by the server at start, for the events the store writes.
+CREATE TABLE notify_settings (
+    name   TEXT PRIMARY KEY,
+    value  TEXT NOT NULL
+);
+
+-- Each key's charges this month, kept by every ledger batch (as PostgreSQL's key_spend is), so
+-- a key's spend against its cap is one row away: key.spend_threshold reads it.
+CREATE TABLE key_spend (
+    key_id       TEXT PRIMARY KEY,
+    month        INTEGER NOT NULL,             -- year * 12 + month - 1, UTC
+    spent_nanos  INTEGER NOT NULL CHECK (spent_nanos >= 0)
+);
+INSERT INTO key_spend (key_id, month, spent_nanos)
+SELECT key_id,
+       CAST(strftime('%Y', 'now') AS INTEGER) * 12 + CAST(strftime('%m', 'now') AS INTEGER) - 1,
+       SUM(charged_nanos)
+FROM holds
+WHERE key_id IS NOT NULL AND status = 'settled'
+  AND resolved_at >= CAST(strftime('%s', 'now', 'start of month') AS INTEGER) * 1000
+GROUP BY key_id;
