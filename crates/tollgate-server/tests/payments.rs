@@ -1069,8 +1069,9 @@ async fn the_console_sends_the_customer_to_pay_and_says_what_came_of_it() {
 /// `price_max`; and a pack of 10 echo calls for 2.50.
 async fn shop_with_plans() -> Shop {
     shop_configured(
-        |_| {},
+        |stripe| stripe.auto_topup_interval = "100ms".into(),
         |raw| {
+            receivers_on_loopback(raw);
             raw.packs = vec![RawPackOffer {
                 name: "calls-10".into(),
                 meter: "requests".into(),
@@ -1311,32 +1312,46 @@ async fn a_pack_bought_by_card_is_granted_once_when_its_payment_is_credited() {
     }
 }
 
-/// Each movement of a card payment is announced to the account's webhooks once, however often
-/// Stripe reports it: credited, refunded, disputed.
-#[tokio::test]
-async fn a_top_up_its_refund_and_its_dispute_are_each_announced_once() {
-    let shop = shop_configured(
-        |_| {},
-        |raw| {
-            raw.webhooks.allow_http = true;
-            raw.webhooks.allow_private = vec!["127.0.0.0/8".into()];
-            raw.webhooks.poll_interval = "20ms".into();
-        },
-    )
-    .await;
+/// Webhook endpoints may be on this machine (the test's receiver), and the sender looks often.
+fn receivers_on_loopback(raw: &mut RawConfig) {
+    raw.webhooks.allow_http = true;
+    raw.webhooks.allow_private = vec!["127.0.0.0/8".into()];
+    raw.webhooks.poll_interval = "20ms".into();
+}
+
+/// A receiver and an endpoint of the account at it, for `events`.
+async fn listening(
+    shop: &Shop,
+    account: &TestAccount,
+    events: Value,
+) -> tollgate_mock::receiver::WebhookReceiver {
     let inbox = tollgate_mock::receiver::WebhookReceiver::start("127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
-    let account = shop.app.create_account("buyer").await;
     let created = shop
         .app
         .post("/api/v1/webhook-endpoints")
         .bearer_auth(&account.master_key)
-        .json(&json!({"url": inbox.url("/pay"), "events": ["topup.succeeded", "topup.refunded", "dispute.opened"]}))
+        .json(&json!({"url": inbox.url("/pay"), "events": events}))
         .send()
         .await
         .unwrap();
     assert_eq!(created.status(), 201);
+    inbox
+}
+
+/// Each movement of a card payment is announced to the account's webhooks once, however often
+/// Stripe reports it: credited, refunded, disputed.
+#[tokio::test]
+async fn a_top_up_its_refund_and_its_dispute_are_each_announced_once() {
+    let shop = shop_configured(|_| {}, receivers_on_loopback).await;
+    let account = shop.app.create_account("buyer").await;
+    let inbox = listening(
+        &shop,
+        &account,
+        json!(["topup.succeeded", "topup.refunded", "dispute.opened"]),
+    )
+    .await;
     let topup = shop.top_up(&account, "25").await;
     let intent = shop.stripe.pay(&session_of(&topup)).await.unwrap();
     for event in shop.events_of("checkout.session.completed") {
@@ -1374,4 +1389,45 @@ async fn a_top_up_its_refund_and_its_dispute_are_each_announced_once() {
     let first: Value = serde_json::from_str(&received[0].body).unwrap();
     assert_eq!(first["data"]["topup_id"], topup["id"]);
     assert_eq!(first["data"]["amount"]["currency"], "USD");
+}
+
+/// A failed renewal makes the subscription past due: announced once, however often Stripe says
+/// so; and an automatic top-up whose card is refused is announced as failed, with the reason.
+#[tokio::test]
+async fn a_subscription_past_due_and_a_failed_automatic_top_up_are_announced() {
+    let shop = shop_with_plans().await;
+    let account = shop.app.create_account("subscriber").await;
+    let inbox = listening(
+        &shop,
+        &account,
+        json!(["subscription.past_due", "topup.failed"]),
+    )
+    .await;
+    let sub = shop
+        .stripe
+        .subscribe("cus_1", &account.id.to_string(), "price_pro", "active")
+        .await;
+    shop.stripe.invoice(&sub, false).await;
+    shop.stripe
+        .redeliver(&newest_event(&shop.stripe, "invoice.payment_failed"))
+        .await;
+    let past_due = inbox.wait_for("/pay", 1, Duration::from_secs(10)).await;
+    let event: Value = serde_json::from_str(&past_due[0].body).unwrap();
+    assert_eq!(event["type"], "subscription.past_due");
+    assert_eq!(event["data"]["plan"], "pro");
+    assert_eq!(event["data"]["subscription_id"], sub.as_str());
+
+    shop.stripe.set_card("pm_card_authentication_required");
+    let first = shop.top_up(&account, "10").await;
+    shop.stripe.pay(&session_of(&first)).await.unwrap();
+    let rule = json!({"threshold": "20", "amount": "20", "max_per_month": 5});
+    assert_eq!(set_auto(&shop, &account, rule).await.status(), 200);
+    // The next automatic top-up round finds the balance under the threshold by itself.
+    let both = inbox.wait_for("/pay", 2, Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(inbox.received().len(), 2, "each once");
+    let failed: Value = serde_json::from_str(&both[1].body).unwrap();
+    assert_eq!(failed["type"], "topup.failed");
+    assert_eq!(failed["data"]["amount"]["credits"], "20");
+    assert!(failed["data"]["reason"].is_string(), "{failed}");
 }
