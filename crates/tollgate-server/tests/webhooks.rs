@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{expect_error, spawn_app_with, TestApp, ADMIN_TOKEN};
+use common::{expect_error, spawn_app_with, TestAccount, TestApp, ADMIN_TOKEN};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -32,6 +32,21 @@ async fn receiver() -> WebhookReceiver {
     WebhookReceiver::start("127.0.0.1:0".parse().unwrap())
         .await
         .unwrap()
+}
+
+/// A server whose endpoints may be on loopback (with `customize` on top), a receiver, and an
+/// account named acme.
+async fn listening_app(
+    customize: impl FnOnce(&mut RawConfig) + Send + 'static,
+) -> (TestApp, WebhookReceiver, TestAccount) {
+    let app = spawn_app_with(|raw, _| {
+        on_loopback(raw);
+        customize(raw);
+    })
+    .await;
+    let inbox = receiver().await;
+    let acme = app.create_account("acme").await;
+    (app, inbox, acme)
 }
 
 /// Creates an endpoint; returns its JSON (with the secret).
@@ -113,13 +128,10 @@ async fn attempts_made(app: &TestApp, key: &str, endpoint: &str, attempts: u64) 
 
 #[tokio::test]
 async fn endpoints_are_their_owners_with_a_secret_shown_once_a_limit_and_an_audit_trail() {
-    let app = spawn_app_with(|raw, _| {
-        on_loopback(raw);
+    let (app, inbox, acme) = listening_app(|raw| {
         raw.webhooks.max_endpoints_per_account = 2;
     })
     .await;
-    let inbox = receiver().await;
-    let acme = app.create_account("acme").await;
     let other = app.create_account("other").await;
     let key = &acme.master_key;
     let created = create_endpoint(&app, key, &inbox.url("/a"), json!(["balance.low"])).await;
@@ -326,9 +338,7 @@ async fn urls_inside_the_network_are_refused_in_every_spelling() {
 
 #[tokio::test]
 async fn a_low_balance_fires_once_signed_with_its_request_and_recovery_rearms_it() {
-    let app = spawn_app_with(|raw, _| on_loopback(raw)).await;
-    let inbox = receiver().await;
-    let acme = app.create_account("acme").await;
+    let (app, inbox, acme) = listening_app(|_| {}).await;
     let key = &acme.master_key;
     let endpoint = create_endpoint(
         &app,
@@ -389,13 +399,10 @@ async fn a_low_balance_fires_once_signed_with_its_request_and_recovery_rearms_it
 
 #[tokio::test]
 async fn the_first_refusal_for_want_of_credit_sends_balance_depleted_once() {
-    let app = spawn_app_with(|raw, _| {
-        on_loopback(raw);
+    let (app, inbox, acme) = listening_app(|raw| {
         raw.billing.starter_credits = "0.002".into();
     })
     .await;
-    let inbox = receiver().await;
-    let acme = app.create_account("acme").await;
     let key = &acme.master_key;
     create_endpoint(&app, key, &inbox.url("/hooks"), json!(["balance.depleted"])).await;
     assert_eq!(echo(&app, key).await.status(), 200);
@@ -418,9 +425,7 @@ async fn the_first_refusal_for_want_of_credit_sends_balance_depleted_once() {
 
 #[tokio::test]
 async fn a_revoked_key_is_announced_by_its_prefix_never_its_secret() {
-    let app = spawn_app_with(|raw, _| on_loopback(raw)).await;
-    let inbox = receiver().await;
-    let acme = app.create_account("acme").await;
+    let (app, inbox, acme) = listening_app(|_| {}).await;
     let key = &acme.master_key;
     create_endpoint(&app, key, &inbox.url("/hooks"), json!(["key.revoked"])).await;
     let (secret, id) = app.create_usage_key(key, json!({ "name": "ci" })).await;
@@ -444,9 +449,7 @@ async fn a_revoked_key_is_announced_by_its_prefix_never_its_secret() {
 
 #[tokio::test]
 async fn failures_retry_on_the_clock_honour_retry_after_and_410_disables_the_endpoint() {
-    let app = spawn_app_with(|raw, _| on_loopback(raw)).await;
-    let inbox = receiver().await;
-    let acme = app.create_account("acme").await;
+    let (app, inbox, acme) = listening_app(|_| {}).await;
     let key = &acme.master_key;
     let endpoint = create_endpoint(&app, key, &inbox.url("/flaky"), json!(["*"])).await;
     let id = endpoint["id"].as_str().unwrap();
@@ -580,13 +583,10 @@ async fn failures_retry_on_the_clock_honour_retry_after_and_410_disables_the_end
 
 #[tokio::test]
 async fn a_slow_receiver_holds_up_only_itself() {
-    let app = spawn_app_with(|raw, _| {
-        on_loopback(raw);
+    let (app, inbox, acme) = listening_app(|raw| {
         raw.webhooks.attempt_timeout = "30s".into();
     })
     .await;
-    let inbox = receiver().await;
-    let acme = app.create_account("acme").await;
     let key = &acme.master_key;
     inbox.answer(
         "/slow",
@@ -622,13 +622,10 @@ async fn a_slow_receiver_holds_up_only_itself() {
 #[tokio::test]
 async fn an_event_stored_before_a_crash_is_delivered_after_the_restart_under_its_id() {
     // The first life never sends: its sender looks once at start, then in an hour.
-    let app = spawn_app_with(|raw, _| {
-        on_loopback(raw);
+    let (app, inbox, acme) = listening_app(|raw| {
         raw.webhooks.poll_interval = "1h".into();
     })
     .await;
-    let inbox = receiver().await;
-    let acme = app.create_account("acme").await;
     let key = acme.master_key.clone();
     let endpoint = create_endpoint(&app, &key, &inbox.url("/hooks"), json!(["balance.low"])).await;
     set_low_balance(&app, &key, &acme.id.to_string(), "4.9995").await;
@@ -653,9 +650,7 @@ async fn an_event_stored_before_a_crash_is_delivered_after_the_restart_under_its
 
 #[tokio::test]
 async fn a_key_expiring_within_a_week_is_announced_once_per_expiry() {
-    let app = spawn_app_with(|raw, _| on_loopback(raw)).await;
-    let inbox = receiver().await;
-    let acme = app.create_account("acme").await;
+    let (app, inbox, acme) = listening_app(|_| {}).await;
     let key = &acme.master_key;
     create_endpoint(&app, key, &inbox.url("/hooks"), json!(["key.expiring"])).await;
     let now = tollgate_core::Clock::now(&*app.clock);
@@ -691,9 +686,7 @@ async fn a_key_expiring_within_a_week_is_announced_once_per_expiry() {
 
 #[tokio::test]
 async fn a_capped_key_is_announced_at_80_and_100_percent_of_its_cap_once_each() {
-    let app = spawn_app_with(|raw, _| on_loopback(raw)).await;
-    let inbox = receiver().await;
-    let acme = app.create_account("acme").await;
+    let (app, inbox, acme) = listening_app(|_| {}).await;
     let key = &acme.master_key;
     create_endpoint(
         &app,
