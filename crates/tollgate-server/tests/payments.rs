@@ -1416,6 +1416,12 @@ async fn a_subscription_past_due_and_a_failed_automatic_top_up_are_announced() {
     assert_eq!(event["type"], "subscription.past_due");
     assert_eq!(event["data"]["plan"], "pro");
     assert_eq!(event["data"]["subscription_id"], sub.as_str());
+    // Paid again, then a later renewal fails: a new episode, announced again.
+    shop.stripe.invoice(&sub, true).await;
+    shop.stripe.invoice(&sub, false).await;
+    let again = inbox.wait_for("/pay", 2, Duration::from_secs(10)).await;
+    let event: Value = serde_json::from_str(&again[1].body).unwrap();
+    assert_eq!(event["type"], "subscription.past_due");
 
     shop.stripe.set_card("pm_card_authentication_required");
     let first = shop.top_up(&account, "10").await;
@@ -1423,10 +1429,10 @@ async fn a_subscription_past_due_and_a_failed_automatic_top_up_are_announced() {
     let rule = json!({"threshold": "20", "amount": "20", "max_per_month": 5});
     assert_eq!(set_auto(&shop, &account, rule).await.status(), 200);
     // The next automatic top-up round finds the balance under the threshold by itself.
-    let both = inbox.wait_for("/pay", 2, Duration::from_secs(10)).await;
+    let all = inbox.wait_for("/pay", 3, Duration::from_secs(10)).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(inbox.received().len(), 2, "each once");
-    let failed: Value = serde_json::from_str(&both[1].body).unwrap();
+    assert_eq!(inbox.received().len(), 3, "each once");
+    let failed: Value = serde_json::from_str(&all[2].body).unwrap();
     assert_eq!(failed["type"], "topup.failed");
     assert_eq!(failed["data"]["amount"]["credits"], "20");
     assert!(failed["data"]["reason"].is_string(), "{failed}");

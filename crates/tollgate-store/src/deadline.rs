@@ -38,7 +38,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tollgate_core::audit::AuditEntry;
 use tollgate_core::ledger::Wallet;
-use tollgate_core::notify::Event;
+use tollgate_core::notify::{Event, EventType};
 use tollgate_core::payment::TopUpStatus;
 use tollgate_core::plan::Subscription;
 use tollgate_core::TopUpId;
@@ -225,6 +225,7 @@ bounded!(NotifyStore {
     fn set_low_balance(account: AccountId, low: Option<Nanos>, currency: &str) -> ();
     fn low_balance(account: AccountId) -> Option<Nanos>;
     fn cross(crossing: &Crossing, event: &Event) -> bool;
+    fn clear_crossing(subject: &str, kind: EventType) -> bool;
     fn emit(event: &Event) -> ();
     fn emit_to(event: &Event, endpoint: EndpointId) -> ();
     fn keys_expiring(now: DateTime<Utc>, horizon: DateTime<Utc>, limit: u32) -> Vec<KeyId>;

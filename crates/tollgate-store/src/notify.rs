@@ -152,6 +152,9 @@ pub trait NotifyStore: Send + Sync {
     /// Records `crossing` and writes `event` in one transaction, unless it was crossed already
     /// (and not recovered from); true if this call crossed it.
     async fn cross(&self, crossing: &Crossing, event: &Event) -> Result<bool, StoreError>;
+    /// Deletes the subject's crossing of `kind` (any period): the threshold is re-armed. True if
+    /// there was one.
+    async fn clear_crossing(&self, subject: &str, kind: EventType) -> Result<bool, StoreError>;
     /// Writes an event that has no threshold (a top-up, a revoked key).
     async fn emit(&self, event: &Event) -> Result<(), StoreError>;
     /// Writes an event for one endpoint only (a test ping), due at once.
@@ -819,6 +822,23 @@ macro_rules! notify_store {
                 let crossed = cross_in(&mut tx, crossing, event).await?;
                 tx.commit().await.map_err(store_error)?;
                 Ok(crossed)
+            }
+
+            async fn clear_crossing(
+                &self,
+                subject: &str,
+                kind: tollgate_core::notify::EventType,
+            ) -> Result<bool, $crate::StoreError> {
+                let deleted = sqlx::query(&$sql(
+                    "DELETE FROM notify_crossings WHERE subject = ? AND kind = ?",
+                ))
+                .bind(subject)
+                .bind(kind.as_str())
+                .execute(&self.pool)
+                .await
+                .map_err(store_error)?
+                .rows_affected();
+                Ok(deleted > 0)
             }
 
             async fn emit(

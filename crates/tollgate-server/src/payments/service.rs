@@ -29,7 +29,7 @@ use tollgate_core::notify::{self, Event as NotifyEvent, EventType};
 use tollgate_core::payment::{credits_to_minor, minor_to_credits, TopUpStatus};
 use tollgate_core::plan::{Subscription, SubscriptionStatus};
 use tollgate_core::{AccountId, Clock, Nanos, TopUpId};
-use tollgate_store::{AutoTopUp, PaymentEvent, Store, StoreError, TopUp, TopUpOrigin};
+use tollgate_store::{AutoTopUp, Crossing, PaymentEvent, Store, StoreError, TopUp, TopUpOrigin};
 
 /// Why a top-up could not be started.
 #[derive(Debug, thiserror::Error)]
@@ -551,18 +551,38 @@ impl Payments {
         if before.as_ref() != Some(&subscription) {
             self.store.set_subscription(account, &subscription).await?;
             self.keys.invalidate_account(account);
-            let became_past_due = status == SubscriptionStatus::PastDue
-                && before.is_none_or(|b| b.status != SubscriptionStatus::PastDue);
-            if became_past_due {
-                let data = json!({
-                    "plan": subscription.plan,
-                    "subscription_id": stripe.id,
-                });
-                let event = NotifyEvent::new(account, EventType::SubscriptionPastDue, now, data);
-                self.store.emit(&event).await?;
-            }
+            self.announce_past_due(account, &subscription, &stripe.id, now)
+                .await?;
         }
         Ok(Outcome::Subscribed)
+    }
+
+    /// `subscription.past_due` once per episode, on every node together (a crossing); the
+    /// subscription paid again re-arms it.
+    async fn announce_past_due(
+        &self,
+        account: AccountId,
+        subscription: &Subscription,
+        stripe_id: &str,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        let subject = account.to_string();
+        if subscription.status != SubscriptionStatus::PastDue {
+            self.store
+                .clear_crossing(&subject, EventType::SubscriptionPastDue)
+                .await?;
+            return Ok(());
+        }
+        let data = json!({ "plan": subscription.plan, "subscription_id": stripe_id });
+        let event = NotifyEvent::new(account, EventType::SubscriptionPastDue, now, data);
+        let crossing = Crossing {
+            subject,
+            kind: EventType::SubscriptionPastDue,
+            period: String::new(),
+            currency: self.settings.currency.to_ascii_uppercase(),
+        };
+        self.store.cross(&crossing, &event).await?;
+        Ok(())
     }
 
     async fn finish(&self, event: &str, outcome: Outcome) -> Result<(), StoreError> {

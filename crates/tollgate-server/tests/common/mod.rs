@@ -751,6 +751,13 @@ impl tollgate_store::NotifyStore for CountingStore {
     ) -> Result<bool, StoreError> {
         self.inner.cross(crossing, event).await
     }
+    async fn clear_crossing(
+        &self,
+        subject: &str,
+        kind: tollgate_core::notify::EventType,
+    ) -> Result<bool, StoreError> {
+        self.inner.clear_crossing(subject, kind).await
+    }
     async fn emit(&self, event: &tollgate_core::notify::Event) -> Result<(), StoreError> {
         self.inner.emit(event).await
     }
