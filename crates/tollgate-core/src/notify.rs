@@ -51,6 +51,10 @@ event_types! {
     DisputeOpened = "dispute.opened",
     /// The account's subscription is past due.
     SubscriptionPastDue = "subscription.past_due",
+    /// A plan allowance's used units reached 80 % or 100 % of the period's grant.
+    AllowanceThreshold = "allowance.threshold",
+    /// A plan allowance's units are whole again: a new period began, or the operator reset it.
+    AllowanceReset = "allowance.reset",
     /// A test delivery, sent to one endpoint when its owner asks.
     Ping = "webhook.ping",
 }

@@ -719,3 +719,76 @@ async fn a_capped_key_is_announced_at_80_and_100_percent_of_its_cap_once_each() 
     assert_eq!(hundred["data"]["spent"]["credits"], "0.005");
     assert_eq!(hundred["data"]["request_id"], requests[4]);
 }
+
+#[tokio::test]
+async fn an_allowance_announces_its_period_80_and_100_percent_and_a_manual_reset() {
+    use tollgate_server::config::plans::{RawAllowance, RawPlan, RawUnits};
+    let (app, inbox, acme) = listening_app(|raw| {
+        raw.plans = vec![RawPlan {
+            name: "free".into(),
+            allowances: vec![RawAllowance {
+                name: "calls".into(),
+                meter: "requests".into(),
+                routes: Some("echo".into()),
+                units: RawUnits::Count(5),
+                overage: "block".into(),
+                rollover: None,
+                windows: Vec::new(),
+            }],
+            ..RawPlan::default()
+        }];
+        raw.billing.default_plan = Some("free".into());
+    })
+    .await;
+    let key = &acme.master_key;
+    create_endpoint(
+        &app,
+        key,
+        &inbox.url("/hooks"),
+        json!(["allowance.threshold", "allowance.reset"]),
+    )
+    .await;
+    let mut requests = Vec::new();
+    for _ in 0..5 {
+        let call = echo(&app, key).await;
+        assert_eq!(call.status(), 200);
+        requests.push(common::request_id(&call));
+    }
+    expect_error(echo(&app, key).await, 402, "allowance_exhausted").await;
+    let three = inbox.wait_for("/hooks", 3, SOON).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(inbox.received().len(), 3, "{:?}", inbox.received());
+    let (reset, eighty, hundred) = (body(&three[0]), body(&three[1]), body(&three[2]));
+    assert_eq!(reset["type"], "allowance.reset");
+    assert_eq!(reset["data"]["how"], "period");
+    assert_eq!(reset["data"]["allowance"], "calls");
+    assert_eq!(reset["data"]["granted"], 5);
+    assert_eq!(eighty["type"], "allowance.threshold");
+    assert_eq!(eighty["data"]["percent"], 80);
+    assert_eq!(eighty["data"]["used"], 4);
+    assert_eq!(hundred["data"]["percent"], 100);
+    assert_eq!(hundred["data"]["used"], 5);
+    // Each names the call whose settlement reached it (calls settle as their bodies end, so
+    // not always in the order they were made).
+    let crossed_by = |event: &Value| event["data"]["request_id"].as_str().unwrap().to_string();
+    assert!(requests.contains(&crossed_by(&eighty)), "{eighty}");
+    assert!(requests.contains(&crossed_by(&hundred)), "{hundred}");
+    assert_ne!(crossed_by(&eighty), crossed_by(&hundred));
+
+    // The operator resets the period: announced, and the thresholds fire again.
+    let reset = app
+        .admin_post(
+            &format!("/api/v1/accounts/{}/allowances/calls/reset", acme.id),
+            json!({ "reference": "support-1" }),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reset.status(), 200, "{}", reset.text().await.unwrap());
+    for _ in 0..4 {
+        assert_eq!(echo(&app, key).await.status(), 200);
+    }
+    let five = inbox.wait_for("/hooks", 5, SOON).await;
+    assert_eq!(body(&five[3])["data"]["how"], "manual");
+    assert_eq!(body(&five[4])["data"]["percent"], 80);
+}

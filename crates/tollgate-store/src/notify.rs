@@ -376,8 +376,36 @@ pub(crate) fn first_under(
     (after, steps.last().and_then(|(_, r)| *r))
 }
 
-/// The shares of a key's monthly cap that send `key.spend_threshold`.
-pub(crate) const KEY_SPEND_THRESHOLDS: [u8; 2] = [80, 100];
+/// A plan allowance's bucket as its events read it: name, meter, granted, used, period.
+pub(crate) type AllowanceRow = (String, String, i64, i64, i64, i64);
+
+/// Whether a bucket is an allowance's period (`<allowance>@<start>`), not a window of one
+/// (`<allowance>/<window>@<start>`) or a pack.
+pub(crate) fn is_period_bucket(bucket: &str) -> bool {
+    bucket
+        .split_once('@')
+        .is_some_and(|(name, _)| !name.contains('/'))
+        && !bucket.starts_with("pack:")
+}
+
+/// An allowance event's `data`: the allowance, its meter, the period and its units.
+pub(crate) fn allowance_data(row: &AllowanceRow) -> Result<serde_json::Value, StoreError> {
+    let (bucket, meter, granted, used, starts, ends) = row;
+    let allowance = bucket
+        .split_once('@')
+        .map_or(bucket.as_str(), |(name, _)| name);
+    Ok(json!({
+        "allowance": allowance,
+        "meter": meter,
+        "granted": granted,
+        "used": used,
+        "period_start": tollgate_core::clock::rfc3339(from_millis(*starts)?),
+        "period_end": tollgate_core::clock::rfc3339(from_millis(*ends)?),
+    }))
+}
+
+/// The shares of a key's monthly cap, and of an allowance's grant, that send an event.
+pub(crate) const THRESHOLDS: [u8; 2] = [80, 100];
 
 /// A capped key the batch charged, as the key spend watch reads it.
 pub(crate) struct CappedKey {
@@ -581,7 +609,7 @@ macro_rules! notify_store {
                 let account: tollgate_core::AccountId =
                     crate::rows::parse_id("account id", &capped.account)?;
                 let currency = capped.currency.clone().unwrap_or_else(|| "USD".into());
-                for percent in KEY_SPEND_THRESHOLDS {
+                for percent in THRESHOLDS {
                     let reached = i128::from(capped.spent) * 100
                         >= i128::from(capped.cap) * i128::from(percent);
                     if !reached {
@@ -603,6 +631,116 @@ macro_rules! notify_store {
                 }
             }
             Ok(())
+        }
+
+        /// After units are settled, in that transaction: a plan allowance's period bucket (not
+        /// a window's) whose used units reached 80 % or 100 % of its grant crosses that
+        /// threshold, once per period.
+        pub(crate) async fn watch_units(
+            tx: &mut sqlx::Transaction<'_, $db>,
+            account: tollgate_core::AccountId,
+            buckets: &[String],
+            request: tollgate_core::RequestId,
+            at: chrono::DateTime<chrono::Utc>,
+        ) -> Result<(), $crate::StoreError> {
+            use $crate::notify::*;
+            let periods: Vec<&String> = buckets.iter().filter(|b| is_period_bucket(b)).collect();
+            if periods.is_empty() {
+                return Ok(());
+            }
+            let mut query = sqlx::QueryBuilder::<$db>::new(
+                "SELECT bucket, meter, granted, used, starts_at, ends_at FROM unit_buckets \
+                 WHERE source = 'allowance' AND account_id = ",
+            );
+            query.push_bind(account.to_string());
+            query.push(" AND bucket IN (");
+            let mut list = query.separated(", ");
+            for bucket in &periods {
+                list.push_bind(bucket.as_str());
+            }
+            query.push(")");
+            let rows: Vec<AllowanceRow> = query
+                .build_query_as()
+                .fetch_all(&mut **tx)
+                .await
+                .map_err(store_error)?;
+            for row in rows {
+                let (bucket, _, granted, used, _, _) = &row;
+                for percent in THRESHOLDS {
+                    let reached = *granted > 0
+                        && i128::from(*used) * 100 >= i128::from(*granted) * i128::from(percent);
+                    if !reached {
+                        continue;
+                    }
+                    let mut data = allowance_data(&row)?;
+                    data["percent"] = serde_json::json!(percent);
+                    data["request_id"] = serde_json::json!(request.to_string());
+                    let event = tollgate_core::notify::Event::new(
+                        account,
+                        tollgate_core::notify::EventType::AllowanceThreshold,
+                        at,
+                        data,
+                    );
+                    let crossing = Crossing {
+                        subject: account.to_string(),
+                        kind: tollgate_core::notify::EventType::AllowanceThreshold,
+                        period: format!("{bucket}:{percent}"),
+                        currency: String::new(),
+                    };
+                    cross_in(tx, &crossing, &event).await?;
+                }
+            }
+            Ok(())
+        }
+
+        /// `allowance.reset` for a plan allowance's period bucket whose units are whole again
+        /// (`how`: `period` or `manual`); a manual reset re-arms its thresholds.
+        pub(crate) async fn announce_reset(
+            tx: &mut sqlx::Transaction<'_, $db>,
+            account: tollgate_core::AccountId,
+            bucket: &str,
+            how: &str,
+            at: chrono::DateTime<chrono::Utc>,
+        ) -> Result<(), $crate::StoreError> {
+            use $crate::notify::*;
+            if !is_period_bucket(bucket) {
+                return Ok(());
+            }
+            let row: Option<AllowanceRow> = sqlx::query_as(&$sql(
+                "SELECT bucket, meter, granted, used, starts_at, ends_at FROM unit_buckets \
+                 WHERE source = 'allowance' AND account_id = ? AND bucket = ?",
+            ))
+            .bind(account.to_string())
+            .bind(bucket)
+            .fetch_optional(&mut **tx)
+            .await
+            .map_err(store_error)?;
+            let Some(row) = row else {
+                return Ok(());
+            };
+            if how == "manual" {
+                let prefix = format!("{bucket}:");
+                sqlx::query(&$sql(
+                    "DELETE FROM notify_crossings WHERE subject = ? AND kind = ? \
+                     AND substr(period, 1, length(?)) = ?",
+                ))
+                .bind(account.to_string())
+                .bind(tollgate_core::notify::EventType::AllowanceThreshold.as_str())
+                .bind(&prefix)
+                .bind(&prefix)
+                .execute(&mut **tx)
+                .await
+                .map_err(store_error)?;
+            }
+            let mut data = allowance_data(&row)?;
+            data["how"] = serde_json::json!(how);
+            let event = tollgate_core::notify::Event::new(
+                account,
+                tollgate_core::notify::EventType::AllowanceReset,
+                at,
+                data,
+            );
+            insert_event(tx, &event).await
         }
 
         async fn insert_event(

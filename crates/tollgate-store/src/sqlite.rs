@@ -1776,6 +1776,7 @@ impl UnitStore for SqliteStore {
         let mut tx = self.pool.begin().await.map_err(store_error)?;
         let draws = take_draws(&mut tx, DrawsOf::Request(&request.to_string())).await?;
         let found = !draws.is_empty();
+        let mut drawn: Vec<(AccountId, String)> = Vec::new();
         for (account, bucket, used, returned) in units::settlement(draws, units) {
             finish_draw(
                 &mut tx,
@@ -1788,6 +1789,11 @@ impl UnitStore for SqliteStore {
                 at,
             )
             .await?;
+            drawn.push((account, bucket));
+        }
+        if let Some((account, _)) = drawn.first() {
+            let buckets: Vec<String> = drawn.iter().map(|(_, b)| b.clone()).collect();
+            watch_units(&mut tx, *account, &buckets, request, at).await?;
         }
         tx.commit().await.map_err(store_error)?;
         Ok(found)
@@ -1884,6 +1890,7 @@ impl UnitStore for SqliteStore {
         .execute(&mut *tx)
         .await
         .map_err(store_error)?;
+        announce_reset(&mut tx, account, bucket, "manual", at).await?;
         tx.commit().await.map_err(store_error)?;
         Ok(Some(true))
     }
@@ -1939,6 +1946,7 @@ async fn open_bucket(
         return raise_grant(tx, bucket, at).await;
     }
     let account = bucket.account;
+    announce_reset(tx, account, &bucket.bucket, "period", at).await?;
     unit_entry(
         tx,
         account,
