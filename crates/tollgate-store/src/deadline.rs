@@ -233,6 +233,7 @@ bounded!(NotifyStore {
     fn claim_deliveries(now: DateTime<Utc>, lease_until: DateTime<Utc>, limit: u32) -> Vec<DueDelivery>;
     fn finish_attempt(attempt: &Attempt) -> ();
     fn deliveries(endpoint: EndpointId, before: Option<EventId>, limit: u32) -> Vec<DeliveryRecord>;
+    fn purge_events(cutoff: DateTime<Utc>) -> u64;
     fn redeliver(endpoint: EndpointId, event: EventId, now: DateTime<Utc>) -> bool;
 });
 

@@ -189,6 +189,9 @@ pub trait NotifyStore: Send + Sync {
         before: Option<EventId>,
         limit: u32,
     ) -> Result<Vec<DeliveryRecord>, StoreError>;
+    /// Forgets events made before `cutoff` whose deliveries are all over (delivered or failed),
+    /// with those deliveries; how many events went.
+    async fn purge_events(&self, cutoff: DateTime<Utc>) -> Result<u64, StoreError>;
     /// Makes a delivery pending and due at `now` again; false if there is no such delivery.
     async fn redeliver(
         &self,
@@ -1222,6 +1225,34 @@ macro_rules! notify_store {
                 .await
                 .map_err(store_error)?;
                 rows.into_iter().map(delivery_from_row).collect()
+            }
+
+            async fn purge_events(
+                &self,
+                cutoff: chrono::DateTime<chrono::Utc>,
+            ) -> Result<u64, $crate::StoreError> {
+                let cutoff = crate::rows::millis(cutoff);
+                let mut tx = self.pool.begin().await.map_err(store_error)?;
+                let old = "SELECT e.id FROM webhook_events e WHERE e.created_at < ? \
+                     AND e.fanned_out = 1 AND NOT EXISTS (SELECT 1 FROM webhook_deliveries d \
+                     WHERE d.event_id = e.id AND d.status = 'pending')";
+                sqlx::query(&$sql(&format!(
+                    "DELETE FROM webhook_deliveries WHERE event_id IN ({old})"
+                )))
+                .bind(cutoff)
+                .execute(&mut *tx)
+                .await
+                .map_err(store_error)?;
+                let purged = sqlx::query(&$sql(&format!(
+                    "DELETE FROM webhook_events WHERE id IN ({old})"
+                )))
+                .bind(cutoff)
+                .execute(&mut *tx)
+                .await
+                .map_err(store_error)?
+                .rows_affected();
+                tx.commit().await.map_err(store_error)?;
+                Ok(purged)
             }
 
             async fn redeliver(

@@ -2515,6 +2515,45 @@ pub async fn endpoints_keep_their_limit_and_deliveries_retry_fail_and_redeliver(
         next.iter().map(|d| d.event_id).collect::<Vec<_>>(),
         vec![topup.id, revoked.id]
     );
+    // Past retention, events whose deliveries are all over go; one still pending stays.
+    let (quiet, _, _) = new_account(&*store, Nanos(0)).await;
+    let hook = endpoint_for(quiet, &["*"], 0);
+    assert!(store.create_endpoint(&hook, 2).await.unwrap());
+    for n in 0..2 {
+        let done = Event::new(
+            quiet,
+            EventType::KeyRevoked,
+            at(8_000 + n),
+            serde_json::json!({}),
+        );
+        store.emit(&done).await.unwrap();
+    }
+    assert_eq!(delivered_types(&*store, 9_000).await.len(), 2);
+    let pending = Event::new(
+        quiet,
+        EventType::KeyRevoked,
+        at(9_500),
+        serde_json::json!({}),
+    );
+    store.emit(&pending).await.unwrap();
+    store.fan_out(at(9_500), 100).await.unwrap();
+    assert_eq!(
+        store.purge_events(at(5)).await.unwrap(),
+        0,
+        "nothing that old"
+    );
+    let before = store.deliveries(hook.id, None, 10).await.unwrap();
+    assert_eq!(before.len(), 3);
+    store.purge_events(at(100_000)).await.unwrap();
+    let after = store.deliveries(hook.id, None, 10).await.unwrap();
+    assert_eq!(
+        after
+            .iter()
+            .map(|d| (d.event_id, d.status))
+            .collect::<Vec<_>>(),
+        vec![(pending.id, DeliveryStatus::Pending)],
+        "the delivered events went, the pending one stays"
+    );
     // Deleting an endpoint takes its deliveries with it.
     assert!(store.delete_endpoint(second.id).await.unwrap());
     assert!(!store.delete_endpoint(second.id).await.unwrap());

@@ -334,6 +334,15 @@ async fn sweep(state: AppState, shared: bool) {
                     Err(e) => tracing::warn!(error = %e, "cannot purge old usage rows"),
                 }
             }
+            let kept = chrono::Duration::from_std(state.config.webhooks.retention)
+                .unwrap_or(chrono::Duration::MAX);
+            if let Some(cutoff) = state.clock.now().checked_sub_signed(kept) {
+                match state.store.purge_events(cutoff).await {
+                    Ok(0) => {}
+                    Ok(purged) => tracing::info!(purged, "forgot webhook events past retention"),
+                    Err(e) => tracing::warn!(error = %e, "cannot purge old webhook events"),
+                }
+            }
             match state.store.purge_idempotency(state.clock.now()).await {
                 Ok(0) => {}
                 Ok(purged) => tracing::info!(purged, "forgot expired idempotency keys"),

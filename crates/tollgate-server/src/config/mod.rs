@@ -91,6 +91,7 @@ pub struct WebhookSettings {
     pub rotation_overlap: Duration,
     pub concurrency: usize,
     pub poll_interval: Duration,
+    pub retention: Duration,
 }
 
 /// Card top-ups through Stripe (`[payments.stripe]`).
@@ -561,6 +562,7 @@ fn validate_webhooks(raw: &raw::RawWebhooks, p: &mut Problems) -> WebhookSetting
     let attempt_timeout = duration("attempt_timeout", &raw.attempt_timeout, "10s");
     let rotation_overlap = duration("rotation_overlap", &raw.rotation_overlap, "24h");
     let poll_interval = duration("poll_interval", &raw.poll_interval, "1s");
+    let retention = duration("retention", &raw.retention, "30d");
     let allowed = raw
         .allow_private
         .iter()
@@ -588,6 +590,7 @@ fn validate_webhooks(raw: &raw::RawWebhooks, p: &mut Problems) -> WebhookSetting
         rotation_overlap,
         concurrency: usize::try_from(raw.concurrency.max(1)).unwrap_or(1),
         poll_interval,
+        retention,
     }
 }
 

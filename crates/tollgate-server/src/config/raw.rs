@@ -328,6 +328,8 @@ pub struct RawWebhooks {
     pub concurrency: u32,
     /// How often the sender looks for due deliveries.
     pub poll_interval: String,
+    /// How long an event and its deliveries are kept once every delivery is over.
+    pub retention: String,
 }
 
 impl Default for RawWebhooks {
@@ -340,6 +342,7 @@ impl Default for RawWebhooks {
             rotation_overlap: "24h".into(),
             concurrency: 16,
             poll_interval: "1s".into(),
+            retention: "30d".into(),
         }
     }
 }

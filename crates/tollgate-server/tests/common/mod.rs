@@ -798,6 +798,9 @@ impl tollgate_store::NotifyStore for CountingStore {
     ) -> Result<Vec<tollgate_store::DeliveryRecord>, StoreError> {
         self.inner.deliveries(endpoint, before, limit).await
     }
+    async fn purge_events(&self, cutoff: At) -> Result<u64, StoreError> {
+        self.inner.purge_events(cutoff).await
+    }
     async fn redeliver(
         &self,
         endpoint: tollgate_core::EndpointId,
