@@ -83,19 +83,21 @@ fn body(received: &Received) -> Value {
 
 /// Checks a delivery's signature with the client crate's verifier (an implementation of its
 /// own), at the delivery's timestamp.
-fn assert_signed(received: &Received, secret: &str) {
+fn verify(received: &Received, secret: &str) -> Result<(), tollgate_client::webhook::WebhookError> {
     let verifier = WebhookVerifier::new(secret).unwrap();
     let timestamp = received.webhook_timestamp.as_deref().unwrap();
     let sent = std::time::UNIX_EPOCH + Duration::from_secs(timestamp.parse().unwrap());
-    verifier
-        .verify_at(
-            received.webhook_id.as_deref().unwrap(),
-            timestamp,
-            received.webhook_signature.as_deref().unwrap(),
-            received.body.as_bytes(),
-            sent,
-        )
-        .unwrap();
+    verifier.verify_at(
+        received.webhook_id.as_deref().unwrap(),
+        timestamp,
+        received.webhook_signature.as_deref().unwrap(),
+        received.body.as_bytes(),
+        sent,
+    )
+}
+
+fn assert_signed(received: &Received, secret: &str) {
+    verify(received, secret).unwrap();
 }
 
 async fn echo(app: &TestApp, key: &str) -> reqwest::Response {
@@ -791,4 +793,59 @@ async fn an_allowance_announces_its_period_80_and_100_percent_and_a_manual_reset
     let five = inbox.wait_for("/hooks", 5, SOON).await;
     assert_eq!(body(&five[3])["data"]["how"], "manual");
     assert_eq!(body(&five[4])["data"]["percent"], 80);
+}
+
+#[tokio::test]
+async fn after_a_rotation_deliveries_carry_both_signatures_until_the_overlap_ends() {
+    let (app, inbox, acme) = listening_app(|raw| raw.webhooks.rotation_overlap = "1h".into()).await;
+    let key = &acme.master_key;
+    let created = create_endpoint(&app, key, &inbox.url("/hooks"), json!(["*"])).await;
+    let id = created["id"].as_str().unwrap();
+    let old = created["secret"].as_str().unwrap().to_string();
+    let rotated: Value = app
+        .post(&format!("/api/v1/webhook-endpoints/{id}/rotate-secret"))
+        .bearer_auth(key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let new = rotated["secret"].as_str().unwrap().to_string();
+    let ping = || async {
+        let sent = app
+            .post(&format!("/api/v1/webhook-endpoints/{id}/test"))
+            .bearer_auth(key)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(sent.status(), 202);
+    };
+    ping().await;
+    let during = inbox.wait_for("/hooks", 1, SOON).await;
+    let signatures = during[0].webhook_signature.clone().unwrap();
+    assert_eq!(signatures.split(' ').count(), 2, "{signatures}");
+    assert_signed(&during[0], &new);
+    assert_signed(&during[0], &old);
+    // An hour on, the old secret no longer signs.
+    app.clock.advance(chrono::Duration::minutes(61));
+    ping().await;
+    let after = inbox.wait_for("/hooks", 2, SOON).await;
+    assert_eq!(
+        after[1]
+            .webhook_signature
+            .as_deref()
+            .unwrap()
+            .split(' ')
+            .count(),
+        1
+    );
+    assert_signed(&after[1], &new);
+    assert!(
+        matches!(
+            verify(&after[1], &old),
+            Err(tollgate_client::webhook::WebhookError::NoMatch)
+        ),
+        "the old secret's signature is gone"
+    );
 }

@@ -164,3 +164,98 @@ async fn sigkill_under_load(dir: &std::path::Path, store_url: &str) {
     );
     assert!(store.pending_holds().await.unwrap().is_empty());
 }
+
+/// An event stored with the ledger batch that caused it survives a SIGKILL that comes before
+/// any delivery: the next process sends it, once, under the id it was stored with.
+#[tokio::test]
+async fn an_event_committed_before_a_sigkill_is_delivered_once_after_the_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let store_url = format!("sqlite://{}", dir.path().join("tollgate.db").display());
+    let mock = tollgate_mock::MockUpstream::start(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .await
+        .unwrap();
+    let inbox =
+        tollgate_mock::receiver::WebhookReceiver::start(SocketAddr::from(([127, 0, 0, 1], 0)))
+            .await
+            .unwrap();
+    // The first process looks for events only as it starts; the second every 50 ms.
+    let config = |poll: &str| {
+        write_config_with_store(
+            dir.path(),
+            &store_url,
+            &format!(
+                "[webhooks]\nallow_http = true\nallow_private = [\"127.0.0.0/8\"]\n\
+                 poll_interval = \"{poll}\"\n{}",
+                echo_route(&mock.url())
+            ),
+        )
+    };
+    let (mut first, url) = serve(&config("1h"), ADMIN).await;
+    let http = reqwest::Client::new();
+    let (account, key) = create_account(&http, &url, ADMIN, "hooked").await;
+    let endpoint: Value = send_json(
+        http.post(format!("{url}/api/v1/webhook-endpoints"))
+            .bearer_auth(&key)
+            .json(&serde_json::json!({"url": inbox.url("/hooks"), "events": ["balance.low"]})),
+    )
+    .await;
+    let _: Value = send_json(
+        http.put(format!("{url}/api/v1/accounts/{account}/balance-alert"))
+            .bearer_auth(&key)
+            .json(&serde_json::json!({"low_balance": "9.9995"})),
+    )
+    .await;
+    let call = http
+        .get(format!("{url}/echo/x"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(call.status(), 200);
+    let request = call.headers()["x-request-id"].to_str().unwrap().to_string();
+    call.bytes().await.unwrap();
+    // The call's usage row is stored with its charge, in the batch the event rides in.
+    loop {
+        let row = http
+            .get(format!("{url}/api/v1/requests/{request}"))
+            .bearer_auth(ADMIN)
+            .send()
+            .await
+            .unwrap();
+        if row.status() == 200 {
+            let row: Value = row.json().await.unwrap();
+            if row["billing_status"] == "settled" {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    first.start_kill().unwrap(); // SIGKILL
+    first.wait().await.unwrap();
+    assert!(
+        inbox.received().is_empty(),
+        "nothing was sent before the kill"
+    );
+
+    let (_second, url) = serve(&config("50ms"), ADMIN).await;
+    let received = inbox.wait_for("/hooks", 1, Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(inbox.received().len(), 1, "delivered once");
+    let event: Value = serde_json::from_str(&received[0].body).unwrap();
+    assert_eq!(event["type"], "balance.low");
+    assert_eq!(event["data"]["request_id"], request);
+    let log: Value = send_json(
+        http.get(format!(
+            "{url}/api/v1/webhook-endpoints/{}/deliveries",
+            endpoint["id"].as_str().unwrap()
+        ))
+        .bearer_auth(&key),
+    )
+    .await;
+    assert_eq!(log["data"][0]["status"], "delivered");
+    assert_eq!(
+        log["data"][0]["event_id"].as_str(),
+        received[0].webhook_id.as_deref(),
+        "the id it was stored with"
+    );
+}
