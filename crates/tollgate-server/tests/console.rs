@@ -1884,7 +1884,7 @@ async fn the_webhooks_page_manages_endpoints_their_log_and_the_low_balance() {
     assert_eq!(received.len(), 1);
     let event_id = received[0].webhook_id.clone().unwrap();
     let mut log = String::new();
-    for _ in 0..200 {
+    for _ in 0..1000 {
         log = console_get(&app, &cookie, &format!("/console/webhooks/{id}"))
             .await
             .1;

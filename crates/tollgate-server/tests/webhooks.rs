@@ -116,7 +116,7 @@ async fn deliveries(app: &TestApp, key: &str, endpoint: &str) -> Vec<Value> {
 
 /// Waits until the endpoint's newest delivery has made `attempts` attempts.
 async fn attempts_made(app: &TestApp, key: &str, endpoint: &str, attempts: u64) -> Value {
-    for _ in 0..500 {
+    for _ in 0..2000 {
         let log = deliveries(app, key, endpoint).await;
         if let Some(newest) = log.first() {
             if newest["attempts"].as_u64() == Some(attempts) {

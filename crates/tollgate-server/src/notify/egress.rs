@@ -194,7 +194,7 @@ mod tests {
         assert_eq!(accepted.load(Ordering::SeqCst), 0);
     }
 
-    /// Through hyper's client, as the sender will use it: a redirect comes back as it is, never
+    /// Through hyper's client, as the sender uses it: a redirect comes back as it is, never
     /// followed (here, to the metadata address).
     #[tokio::test]
     async fn a_client_on_the_connector_delivers_and_follows_no_redirect() {
