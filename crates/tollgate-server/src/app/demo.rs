@@ -85,6 +85,8 @@ impl Demo {
         std::fs::create_dir_all(&options.data_dir)
             .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", options.data_dir.display()))?;
         let mock = MockUpstream::start(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
+        // Before the gateway's port is chosen, so this bind cannot take it in between.
+        let receiver = WebhookReceiver::start(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
         // The payment page sends the customer back to the console, so the gateway's address
         // is settled before the config is written (port 0 is resolved here).
         let listen = std::net::TcpListener::bind(options.listen)
@@ -97,7 +99,6 @@ impl Demo {
             webhook_url: Some(format!("http://{listen}/webhooks/stripe")),
         })
         .await?;
-        let receiver = WebhookReceiver::start(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
         let options = DemoOptions {
             listen,
             data_dir: options.data_dir,
