@@ -91,13 +91,18 @@ impl Sender {
         })
     }
 
-    /// Runs rounds every poll interval until the process ends.
+    /// Runs rounds every poll interval until the process ends. A round the store failed (busy,
+    /// or briefly away) is tried again within a second, not a whole interval later.
     pub async fn run(self: Arc<Self>) {
         loop {
-            if let Err(e) = self.round().await {
-                tracing::warn!(error = %e, "webhook round failed; retrying next round");
-            }
-            tokio::time::sleep(self.settings.poll_interval).await;
+            let wait = match self.round().await {
+                Ok(_) => self.settings.poll_interval,
+                Err(e) => {
+                    tracing::warn!(error = %e, "webhook round failed; trying again shortly");
+                    self.settings.poll_interval.min(Duration::from_secs(1))
+                }
+            };
+            tokio::time::sleep(wait).await;
         }
     }
 
