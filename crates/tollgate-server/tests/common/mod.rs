@@ -212,12 +212,17 @@ impl TestApp {
     /// Stops the server once its queued ledger writes are committed, and starts a new one over
     /// the same database, mock and config (on a new port), as an operator restarts a node.
     pub async fn restart(self) -> TestApp {
+        self.restart_with(|_| {}).await
+    }
+
+    /// [`TestApp::restart`] with the config changed by `customize` for the next process.
+    pub async fn restart_with(self, customize: impl FnOnce(&mut RawConfig)) -> TestApp {
         self.state.ledger.flush().await.unwrap();
         let TestApp {
             mock,
             clock,
             dir,
-            raw,
+            mut raw,
             app_clock,
             server,
             _shutdown,
@@ -225,6 +230,7 @@ impl TestApp {
         } = self;
         drop(_shutdown);
         server.await.unwrap().unwrap();
+        customize(&mut raw);
         start(raw, mock, dir, clock, app_clock).await
     }
 
