@@ -29,6 +29,7 @@ use crate::{
 };
 use crate::{Attempt, Crossing, DeliveryRecord, DueDelivery, EndpointRecord, NotifyStore};
 use crate::{AutoTopUp, PaymentEvent, PaymentStore, TopUp};
+use crate::{DayTotal, ExportRecord, ExportStore, ParkReason, ParkedRecord, SinkStanding};
 use crate::{UnitBucket, UnitStore, UnitsAnswer, UnitsAsk};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -235,6 +236,19 @@ bounded!(NotifyStore {
     fn deliveries(endpoint: EndpointId, before: Option<EventId>, limit: u32) -> Vec<DeliveryRecord>;
     fn purge_events(cutoff: DateTime<Utc>) -> u64;
     fn redeliver(endpoint: EndpointId, event: EventId, now: DateTime<Utc>) -> bool;
+});
+
+bounded!(ExportStore {
+    fn export_records(after: i64, limit: u32) -> Vec<ExportRecord>;
+    fn export_cursor(sink: &str) -> i64;
+    fn advance_export(sink: &str, from: i64, to: i64, parked: &[(i64, ParkReason, String)], at: DateTime<Utc>) -> bool;
+    fn parked_exports(sink: &str, reason: Option<ParkReason>, after: i64, limit: u32) -> Vec<ParkedRecord>;
+    fn repark_export(sink: &str, seq: i64, now: Option<(ParkReason, String)>, at: DateTime<Utc>) -> bool;
+    fn export_customers(sink: &str, card_customers: bool, accounts: &[AccountId]) -> Vec<(AccountId, String)>;
+    fn set_export_customer(account: AccountId, sink: &str, customer: Option<&str>, at: DateTime<Utc>) -> ();
+    fn export_standing(sink: &str) -> SinkStanding;
+    fn export_day_totals(from: DateTime<Utc>, to: DateTime<Utc>) -> Vec<DayTotal>;
+    fn purge_exports(cutoff: DateTime<Utc>, sinks: &[String]) -> u64;
 });
 
 bounded!(LeaseStore {

@@ -5,6 +5,7 @@
 
 mod batch;
 pub mod deadline;
+pub mod export;
 pub mod notify;
 pub mod postgres;
 mod rows;
@@ -13,6 +14,7 @@ pub mod sqlite;
 pub mod testing;
 pub mod units;
 
+pub use export::{DayTotal, ExportRecord, ExportStore, ParkReason, ParkedRecord, SinkStanding};
 pub use notify::{
     Attempt, AttemptOutcome, Crossing, DeliveryRecord, DeliveryStatus, DueDelivery, EndpointRecord,
     NotifyStore,
@@ -955,6 +957,7 @@ pub trait Store:
     + PaymentStore
     + UnitStore
     + NotifyStore
+    + ExportStore
     + StoreHealth
     + ChangeFeed
     + Sharing
@@ -971,6 +974,7 @@ impl<T> Store for T where
         + PaymentStore
         + UnitStore
         + NotifyStore
+        + ExportStore
         + StoreHealth
         + ChangeFeed
         + Sharing

@@ -55,6 +55,7 @@ crate::notify::notify_store!(
     crate::notify::numbered,
     "FOR UPDATE SKIP LOCKED"
 );
+crate::export::export_store!(PostgresStore, crate::notify::numbered);
 
 #[derive(Debug, Clone)]
 pub struct PostgresStore {
@@ -259,8 +260,49 @@ impl PostgresStore {
         }
         watch_balances(&mut tx, &watched).await?;
         watch_key_spend(&mut tx, &watched).await?;
+        // Last, so the counter row stays locked only from here to the commit.
+        record_exports(&mut tx, &usage).await?;
         tx.commit().await.map_err(store_error)
     }
+}
+
+/// Writes the batch's charged usage to the export log, numbered from the counter row, which
+/// stays locked until the batch commits: numbers are handed out in commit order.
+async fn record_exports(
+    tx: &mut Transaction<'_, Postgres>,
+    usage: &[&UsageRow],
+) -> Result<(), StoreError> {
+    let rows: Vec<&UsageRow> = crate::export::exported(usage).collect();
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let last: i64 = sqlx::query_scalar(
+        "UPDATE export_counter SET last = last + $1 WHERE id = 1 RETURNING last",
+    )
+    .bind(rows.len() as i64)
+    .fetch_one(&mut **tx)
+    .await
+    .map_err(store_error)?;
+    let first = last - rows.len() as i64 + 1;
+    for (n, chunk) in rows.chunks(ROWS_PER_INSERT / 2).enumerate() {
+        let start = first + (n * (ROWS_PER_INSERT / 2)) as i64;
+        let mut query = sqlx::QueryBuilder::<Postgres>::new(format!(
+            "INSERT INTO usage_exports (seq, {}) ",
+            crate::export::EXPORT_COLUMNS
+        ));
+        let mut seq = start;
+        query.push_values(chunk, |mut out, row| {
+            out.push_bind(seq);
+            seq += 1;
+            crate::export::push_export(out, row);
+        });
+        query
+            .build()
+            .execute(&mut **tx)
+            .await
+            .map_err(store_error)?;
+    }
+    Ok(())
 }
 
 /// A statement the database refuses by a constraint or a trigger (SQLSTATE class 23, or a

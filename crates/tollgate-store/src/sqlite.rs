@@ -36,6 +36,7 @@ use tollgate_core::TopUpId;
 use tollgate_core::{AccountId, HoldId, KeyHash, KeyId, Nanos, RequestId};
 
 crate::notify::notify_store!(SqliteStore, sqlx::Sqlite, crate::notify::as_is, "");
+crate::export::export_store!(SqliteStore, crate::notify::as_is);
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
@@ -843,6 +844,20 @@ async fn insert_usage(
         .execute(&mut **tx)
         .await
         .map_err(store_error)?;
+    // One writer commits at a time, so AUTOINCREMENT numbers the export log in commit order.
+    let exported: Vec<&UsageRow> = crate::export::exported(rows).collect();
+    if !exported.is_empty() {
+        let mut query = sqlx::QueryBuilder::<sqlx::Sqlite>::new(format!(
+            "INSERT INTO usage_exports ({}) ",
+            crate::export::EXPORT_COLUMNS
+        ));
+        query.push_values(exported, |out, row| crate::export::push_export(out, row));
+        query
+            .build()
+            .execute(&mut **tx)
+            .await
+            .map_err(store_error)?;
+    }
     Ok(())
 }
 

@@ -2607,6 +2607,239 @@ pub async fn a_capped_keys_spend_crosses_80_and_100_percent_once_a_month(store: 
     assert_eq!(hundred[0].1["data"]["percent"], 100);
 }
 
+/// Usage rows of every billing status, committed in two batches.
+async fn commit_usage(
+    store: &dyn Store,
+    account: AccountId,
+    key: KeyId,
+    statuses: &[BillingStatus],
+    ms: i64,
+) -> Vec<RequestId> {
+    let rows: Vec<UsageRow> = statuses
+        .iter()
+        .map(|status| UsageRow {
+            billing_status: *status,
+            ..usage_row(account, key, ms)
+        })
+        .collect();
+    let writes: Vec<LedgerWrite> = rows
+        .iter()
+        .map(|row| LedgerWrite::Usage(Box::new(row.clone())))
+        .collect();
+    store.commit(BatchId::new(), &writes).await.unwrap();
+    rows.iter().map(|row| row.request_id).collect()
+}
+
+pub async fn only_charged_usage_is_logged_for_export_in_commit_order(store: Arc<dyn Store>) {
+    use tollgate_store::ParkReason;
+    let (account, _, master) = new_account(&*store, Nanos::ZERO).await;
+    let first = commit_usage(
+        &*store,
+        account,
+        master.id,
+        &[
+            BillingStatus::Settled,
+            BillingStatus::Released,
+            BillingStatus::Partial,
+            BillingStatus::Expired,
+            BillingStatus::Estimated,
+        ],
+        1_000,
+    )
+    .await;
+    let second = commit_usage(
+        &*store,
+        account,
+        master.id,
+        &[BillingStatus::Settled],
+        2_000,
+    )
+    .await;
+    let records = store.export_records(0, 100).await.unwrap();
+    let ids: Vec<RequestId> = records.iter().map(|r| r.request_id).collect();
+    assert_eq!(ids, vec![first[0], first[2], first[4], second[0]]);
+    assert!(records.windows(2).all(|w| w[0].seq < w[1].seq));
+    let record = &records[0];
+    assert_eq!(record.cost, Nanos(42));
+    assert_eq!(
+        (
+            record.input_tokens,
+            record.cached_input_tokens,
+            record.output_tokens
+        ),
+        (10, 2, 5)
+    );
+    assert_eq!(record.at, at(1_012));
+    assert_eq!(
+        store.export_records(records[1].seq, 2).await.unwrap().len(),
+        2
+    );
+
+    // The cursor moves only from where it is; what it passes unsent is parked with it.
+    let sink = "lago";
+    assert_eq!(store.export_cursor(sink).await.unwrap(), 0);
+    assert!(!store
+        .advance_export(sink, 5, 9, &[], at(3_000))
+        .await
+        .unwrap());
+    let parked = vec![(
+        records[1].seq,
+        ParkReason::Unmapped,
+        "no customer".to_string(),
+    )];
+    assert!(store
+        .advance_export(sink, 0, records[2].seq, &parked, at(3_000))
+        .await
+        .unwrap());
+    assert!(!store
+        .advance_export(sink, 0, records[3].seq, &[], at(3_000))
+        .await
+        .unwrap());
+    assert_eq!(store.export_cursor(sink).await.unwrap(), records[2].seq);
+    assert_eq!(
+        store.export_cursor("stripe").await.unwrap(),
+        0,
+        "cursors are per sink"
+    );
+    let standing = store.export_standing(sink).await.unwrap();
+    assert_eq!(
+        (standing.pending, standing.unmapped, standing.dead),
+        (1, 1, 0)
+    );
+    assert_eq!(standing.head, records[3].seq);
+    assert_eq!(standing.oldest_pending, Some(at(2_012)));
+
+    let waiting = store
+        .parked_exports(sink, Some(ParkReason::Unmapped), 0, 10)
+        .await
+        .unwrap();
+    assert_eq!(waiting.len(), 1);
+    assert_eq!(waiting[0].record, records[1]);
+    assert!(store
+        .parked_exports(sink, Some(ParkReason::Rejected), 0, 10)
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(store
+        .repark_export(
+            sink,
+            records[1].seq,
+            Some((ParkReason::Rejected, "400".into())),
+            at(4_000)
+        )
+        .await
+        .unwrap());
+    assert_eq!(store.export_standing(sink).await.unwrap().dead, 1);
+
+    // Nothing parked or unsent is purged; once sent and past, it is.
+    let sinks = vec![sink.to_string()];
+    assert_eq!(store.purge_exports(at(10_000), &sinks).await.unwrap(), 2);
+    assert!(store
+        .repark_export(sink, records[1].seq, None, at(5_000))
+        .await
+        .unwrap());
+    assert!(!store
+        .repark_export(sink, records[1].seq, None, at(5_000))
+        .await
+        .unwrap());
+    assert_eq!(store.purge_exports(at(10_000), &sinks).await.unwrap(), 1);
+    let left = store.export_records(0, 100).await.unwrap();
+    assert_eq!(left, vec![records[3].clone()], "the unsent record stays");
+}
+
+pub async fn export_totals_sum_per_account_and_day_and_customers_map_per_sink(
+    store: Arc<dyn Store>,
+) {
+    const DAY: i64 = 86_400_000;
+    let (account, _, master) = new_account(&*store, Nanos::ZERO).await;
+    let (other, _, other_master) = new_account(&*store, Nanos::ZERO).await;
+    commit_usage(
+        &*store,
+        account,
+        master.id,
+        &[BillingStatus::Settled; 3],
+        DAY + 5,
+    )
+    .await;
+    commit_usage(
+        &*store,
+        account,
+        master.id,
+        &[BillingStatus::Estimated],
+        2 * DAY + 5,
+    )
+    .await;
+    commit_usage(
+        &*store,
+        other,
+        other_master.id,
+        &[BillingStatus::Released, BillingStatus::Settled],
+        DAY,
+    )
+    .await;
+    let totals = store.export_day_totals(at(DAY), at(3 * DAY)).await.unwrap();
+    let mut seen: Vec<(AccountId, i64, u64, i64, u64)> = totals
+        .iter()
+        .map(|t| {
+            (
+                t.account,
+                t.day.timestamp_millis(),
+                t.requests,
+                t.cost.0,
+                t.output_tokens,
+            )
+        })
+        .collect();
+    seen.sort_by_key(|s| (s.1, s.0.to_string()));
+    let mut expected = vec![
+        (account, DAY, 3, 126, 15),
+        (other, DAY, 1, 42, 5),
+        (account, 2 * DAY, 1, 42, 5),
+    ];
+    expected.sort_by_key(|s| (s.1, s.0.to_string()));
+    assert_eq!(seen, expected);
+    assert!(store
+        .export_day_totals(at(3 * DAY), at(4 * DAY))
+        .await
+        .unwrap()
+        .is_empty());
+
+    assert!(store
+        .export_customers("stripe", true, &[account, other])
+        .await
+        .unwrap()
+        .is_empty());
+    store
+        .set_export_customer(account, "stripe", Some("cus_A"), at(0))
+        .await
+        .unwrap();
+    store
+        .set_export_customer(account, "stripe", Some("cus_B"), at(1))
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .export_customers("stripe", true, &[account, other])
+            .await
+            .unwrap(),
+        vec![(account, "cus_B".to_string())]
+    );
+    assert!(store
+        .export_customers("lago", false, &[account])
+        .await
+        .unwrap()
+        .is_empty());
+    store
+        .set_export_customer(account, "stripe", None, at(2))
+        .await
+        .unwrap();
+    assert!(store
+        .export_customers("stripe", true, &[account])
+        .await
+        .unwrap()
+        .is_empty());
+}
+
 /// Runs every conformance test against one backend: `store_suite!(module, async_constructor)`.
 macro_rules! store_suite {
     ($backend:ident, $make:expr) => {
@@ -2653,6 +2886,8 @@ macro_rules! store_suite {
                 a_crossing_is_recorded_once_among_concurrent_callers,
                 endpoints_keep_their_limit_and_deliveries_retry_fail_and_redeliver,
                 a_capped_keys_spend_crosses_80_and_100_percent_once_a_month,
+                only_charged_usage_is_logged_for_export_in_commit_order,
+                export_totals_sum_per_account_and_day_and_customers_map_per_sink,
             );
         }
     };
@@ -3096,4 +3331,58 @@ async fn postgres_a_take_from_outside_never_reaches_leased_credit() {
         .map(|(_, n)| n.0)
         .sum();
     assert_eq!(leased, 80);
+}
+
+/// Batches committing at once on several connections, while a reader follows the export log
+/// by its last seq: it must see every record. A sequence numbered at insert would let the
+/// reader pass a number whose batch had not committed yet, and lose that record.
+#[tokio::test]
+async fn postgres_the_export_log_is_read_in_commit_order_under_concurrent_batches() {
+    let Some((store, _schema)) = postgres_store().await else {
+        return;
+    };
+    let (account, _, master) = new_account(&*store, Nanos::ZERO).await;
+    let writers: Vec<_> = (0..8)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let mut ids = Vec::new();
+                for _ in 0..25 {
+                    ids.extend(
+                        commit_usage(
+                            &*store,
+                            account,
+                            master.id,
+                            &[BillingStatus::Settled; 3],
+                            1_000,
+                        )
+                        .await,
+                    );
+                }
+                ids
+            })
+        })
+        .collect();
+    let mut seen = std::collections::HashSet::new();
+    let mut after = 0;
+    let mut done = false;
+    while !done {
+        done = writers.iter().all(|w| w.is_finished());
+        for record in store.export_records(after, 1_000).await.unwrap() {
+            after = record.seq;
+            seen.insert(record.request_id);
+        }
+    }
+    let mut written = std::collections::HashSet::new();
+    for writer in writers {
+        written.extend(writer.await.unwrap());
+    }
+    for record in store.export_records(after, 1_000).await.unwrap() {
+        seen.insert(record.request_id);
+    }
+    assert_eq!(written.len(), 600);
+    assert_eq!(
+        seen, written,
+        "the reader following the log saw every record"
+    );
 }
