@@ -11,6 +11,7 @@ use crate::billing::ledger::Ledger;
 use crate::config::Config;
 use crate::http::error::HttpError;
 use crate::http::headers::{self, presented_secret};
+use crate::notify::export::Exporter;
 use crate::notify::Notifier;
 use crate::payments::service::Payments;
 use crate::telemetry::Metrics;
@@ -54,6 +55,7 @@ pub struct Shared {
     /// `None` when card payments are not configured.
     pub payments: Option<Arc<Payments>>,
     pub notifier: Arc<Notifier>,
+    pub exporter: Arc<Exporter>,
 }
 
 impl Shared {

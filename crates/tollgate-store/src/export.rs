@@ -79,7 +79,7 @@ pub struct SinkStanding {
     pub cursor: i64,
     /// The newest record's seq.
     pub head: i64,
-    /// Records past the cursor.
+    /// Records past the cursor (counted by seq: a rolled-back batch's numbers count too).
     pub pending: u64,
     /// When the oldest of them was final.
     pub oldest_pending: Option<DateTime<Utc>>,
@@ -482,15 +482,19 @@ macro_rules! export_store {
                 sink: &str,
             ) -> Result<$crate::export::SinkStanding, $crate::StoreError> {
                 let cursor = $crate::export::ExportStore::export_cursor(self, sink).await?;
-                let (head, pending, oldest): (Option<i64>, i64, Option<i64>) =
-                    sqlx::query_as(&$sql(
-                        "SELECT (SELECT MAX(seq) FROM usage_exports), COUNT(*), MIN(at) \
-                         FROM usage_exports WHERE seq > ?",
-                    ))
-                    .bind(cursor)
-                    .fetch_one(&self.pool)
-                    .await
-                    .map_err(store_error)?;
+                // Index lookups only: this runs every export round, however long the backlog.
+                let (head, oldest): (Option<i64>, Option<i64>) = sqlx::query_as(&$sql(
+                    "SELECT (SELECT MAX(seq) FROM usage_exports), \
+                     (SELECT at FROM usage_exports WHERE seq > ? ORDER BY seq LIMIT 1)",
+                ))
+                .bind(cursor)
+                .fetch_one(&self.pool)
+                .await
+                .map_err(store_error)?;
+                let head = head.unwrap_or(0);
+                // Seqs are handed out without gaps (a rolled-back batch aside), so this is
+                // how many records wait.
+                let pending = if oldest.is_some() { (head - cursor).max(0) } else { 0 };
                 let (unmapped, dead): (i64, i64) = sqlx::query_as(&$sql(
                     "SELECT COUNT(*) FILTER (WHERE reason = 'unmapped'), \
                      COUNT(*) FILTER (WHERE reason <> 'unmapped') \
@@ -503,7 +507,7 @@ macro_rules! export_store {
                 let count = |n: i64| u64::try_from(n).unwrap_or(0);
                 Ok($crate::export::SinkStanding {
                     cursor,
-                    head: head.unwrap_or(0),
+                    head,
                     pending: count(pending),
                     oldest_pending: oldest.map(crate::rows::from_millis).transpose()?,
                     unmapped: count(unmapped),

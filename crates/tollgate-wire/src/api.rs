@@ -956,3 +956,78 @@ pub struct SetBalanceAlertRequest {
     #[cfg_attr(feature = "openapi", schema(pattern = r"^[0-9]{1,9}(\.[0-9]{1,9})?$"))]
     pub low_balance: Option<String>,
 }
+
+/// A usage export sink and where it stands.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct ExportSink {
+    pub name: String,
+    /// `stripe`, `openmeter`, `lago` or `webhook`.
+    pub kind: String,
+    /// Tollgate's meters sent, each with its name in the sink.
+    pub meters: std::collections::BTreeMap<String, String>,
+    /// `account` or `mapped`.
+    pub customer: String,
+    /// Every record up to this one is acknowledged or parked.
+    pub cursor: i64,
+    /// The newest record's number.
+    pub head: i64,
+    /// Records past the cursor, waiting to be sent.
+    pub pending: u64,
+    /// How long the oldest of them has waited since its call ended, in seconds.
+    pub lag_seconds: i64,
+    /// Records waiting for their account's customer id in this sink.
+    pub unmapped: u64,
+    /// Dead letters: records the sink refused or that were older than it accepts.
+    pub dead_letters: u64,
+}
+
+/// A usage record set aside by a sink, with why.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct ParkedUsage {
+    /// The record's number in the export log: the cursor of the next page, and what a retry names.
+    pub seq: i64,
+    pub request_id: RequestId,
+    pub account_id: AccountId,
+    /// `unmapped` (waiting for a customer id), `too_old` or `rejected` (dead letters).
+    pub reason: String,
+    pub detail: String,
+    /// What the call charged.
+    pub cost: Money,
+    pub input_tokens: u64,
+    pub cached_input_tokens: u64,
+    pub output_tokens: u64,
+    /// When the call's usage was final.
+    pub at: DateTime<Utc>,
+    pub parked_at: DateTime<Utc>,
+}
+
+/// The answer to a retry of a parked record.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct ExportRetry {
+    pub seq: i64,
+    /// True if the sink took it now; false if it stays parked (with its new reason).
+    pub delivered: bool,
+}
+
+/// An account's customer id in a sink.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct ExportCustomer {
+    pub account_id: AccountId,
+    pub sink: String,
+    /// The id the sink bills: a Stripe customer (`cus_...`), a Lago subscription's external id,
+    /// an OpenMeter subject.
+    pub customer: Option<String>,
+}
+
+/// Sets an account's customer id in a sink.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct SetExportCustomer {
+    /// 1 to 255 printable characters.
+    pub customer: String,
+}

@@ -378,6 +378,7 @@ fn demo_config(options: &DemoOptions, mock: &MockUpstream, admin_token: &str) ->
         console: Default::default(),
         redis: Default::default(),
         payments: Default::default(),
+        export: Default::default(),
         // The tour's webhook receiver is the mock upstream, on this machine: the demo lets
         // endpoints be plain http on loopback, which a deployment refuses by default.
         webhooks: RawWebhooks {

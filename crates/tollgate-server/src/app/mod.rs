@@ -14,6 +14,7 @@ use crate::http::headers::ClientRequestId;
 use crate::management::{extract, openapi};
 use crate::notify::egress::SystemResolver;
 use crate::notify::sender::Sender;
+use crate::notify::export::Exporter;
 use crate::notify::Notifier;
 use crate::ops::health;
 use crate::payments::service::Payments;
@@ -87,6 +88,8 @@ impl Application {
         let mut registry = prometheus_client::registry::Registry::with_prefix("tollgate");
         keys.register_metrics(&mut registry);
         ledger.register_metrics(&mut registry);
+        let exporter = Exporter::new(store.clone(), clock.clone(), config.export.clone());
+        exporter.register_metrics(&mut registry);
         let metrics = Arc::new(Metrics::new(registry));
         let payments = config.stripe.clone().map(|settings| {
             Arc::new(Payments::new(
@@ -108,6 +111,7 @@ impl Application {
         let state = AppState::new(Shared {
             payments,
             notifier,
+            exporter,
             keys,
             metrics,
             ledger,
@@ -178,6 +182,7 @@ impl Application {
             )
             .run(),
         );
+        let exporter = tokio::spawn(self.state.exporter.clone().run());
         let cpu_watch = match (&self.state.shedder, &self.state.config.load_shedding) {
             (Some(shedder), Some(config)) => config.cpu_threshold.map(|threshold| {
                 tokio::spawn(crate::access::shed::watch_cpu(shedder.clone(), threshold))
@@ -195,6 +200,7 @@ impl Application {
         sweeper.abort();
         probe.abort();
         sender.abort();
+        exporter.abort();
         if let Some(follower) = follower {
             follower.abort();
         }
@@ -341,6 +347,22 @@ async fn sweep(state: AppState, shared: bool) {
                     Ok(0) => {}
                     Ok(purged) => tracing::info!(purged, "forgot webhook events past retention"),
                     Err(e) => tracing::warn!(error = %e, "cannot purge old webhook events"),
+                }
+            }
+            let kept = chrono::Duration::from_std(state.config.export.retention)
+                .unwrap_or(chrono::Duration::MAX);
+            if let Some(cutoff) = state.clock.now().checked_sub_signed(kept) {
+                let sinks: Vec<String> = state
+                    .config
+                    .export
+                    .sinks
+                    .iter()
+                    .map(|sink| sink.name.clone())
+                    .collect();
+                match state.store.purge_exports(cutoff, &sinks).await {
+                    Ok(0) => {}
+                    Ok(purged) => tracing::info!(purged, "forgot exported usage past retention"),
+                    Err(e) => tracing::warn!(error = %e, "cannot purge the export log"),
                 }
             }
             match state.store.purge_idempotency(state.clock.now()).await {

@@ -10,15 +10,17 @@
 //! mistake at once, each with its path (`routes[1].upstream: ...`). A leaf room: it reads no
 //! environment and opens nothing, and imports only `http`'s header rules.
 
+pub mod export;
 pub mod plans;
 pub mod problems;
 pub mod raw;
 
+pub use export::{CustomerIds, ExportSettings, Meter, SinkKind, SinkSettings};
 pub use problems::{ConfigErrors, ConfigProblem};
 pub use raw::{
     default_rate_limits, HoldRuleName, OtherEndpoints, RawAdmin, RawBilling, RawConfig, RawConsole,
     RawIdempotency, RawKeys, RawLoadShedding, RawModel, RawPayments, RawPolicy, RawRedis, RawRoute,
-    RawServer, RawStore, RawStripe, RawWebhooks, RouteAuth, RouteKind, Secret, StreamPolicy,
+    RawExport, RawServer, RawSink, RawStore, RawStripe, RawWebhooks, RouteAuth, RouteKind, Secret, StreamPolicy,
     ENV_OVERRIDES,
 };
 
@@ -147,6 +149,7 @@ pub struct Config {
     /// `None`: no card payments (only the operator grants credit).
     pub stripe: Option<StripeSettings>,
     pub webhooks: WebhookSettings,
+    pub export: ExportSettings,
     /// Policies for every request with a caller (scopes other than `ip`).
     pub rate_limits: Vec<Arc<Policy>>,
     /// `ip` policies: requests that end without an authenticated caller.
@@ -431,6 +434,7 @@ impl Config {
         };
 
         let webhooks = validate_webhooks(&raw.webhooks, &mut p);
+        let export = export::validate_export(&raw.export, &mut p);
 
         let stripe = raw
             .payments
@@ -533,6 +537,7 @@ impl Config {
                 console,
                 stripe,
                 webhooks,
+                export,
                 rate_limits,
                 anonymous_limits,
                 routes,
@@ -1381,7 +1386,7 @@ mod tests {
               - server.lisen: unknown field `lisen`, expected one of `listen`, `api_prefix`, `request_id_header`, `max_body_bytes`, `key_cache_capacity`, `trusted_proxies`, `header_read_timeout`, `max_connections`, `http2_max_concurrent_streams`, `max_header_bytes`
               - routes[0].upstream: invalid type: integer `5`, expected a string
               - routes[2].group: is required
-              - surprise: unknown section (expected server, store, redis, admin, billing, keys, load_shedding, idempotency, console, payments, webhooks, rate_limits, routes, plans or packs)
+              - surprise: unknown section (expected server, store, redis, admin, billing, keys, load_shedding, idempotency, console, payments, webhooks, export, rate_limits, routes, plans or packs)
               - billing.currency: must be a three-letter code in capitals, e.g. USD
               - routes[1].prefix: '/api/v2' overlaps '/api', which Tollgate serves itself
               - routes[1].price: '-1' is negative; amounts here must be zero or more

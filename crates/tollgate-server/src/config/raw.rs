@@ -64,6 +64,7 @@ pub struct RawConfig {
     pub redis: RawRedis,
     pub payments: RawPayments,
     pub webhooks: RawWebhooks,
+    pub export: RawExport,
     /// Policies for every route (and the management API); `None` means the defaults.
     pub rate_limits: Option<Vec<RawPolicy>>,
     pub routes: Vec<RawRoute>,
@@ -345,6 +346,79 @@ impl Default for RawWebhooks {
             retention: "30d".into(),
         }
     }
+}
+
+/// Usage export to billing systems (`[export]`); nothing is exported without a sink.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawExport {
+    /// How often an idle exporter looks for new usage.
+    pub poll_interval: String,
+    /// How long the export log keeps a record every sink has passed.
+    pub retention: String,
+    pub sinks: Vec<RawSink>,
+}
+
+impl Default for RawExport {
+    fn default() -> Self {
+        RawExport {
+            poll_interval: "1s".into(),
+            retention: "90d".into(),
+            sinks: Vec::new(),
+        }
+    }
+}
+
+/// One billing system usage is sent to (`[[export.sinks]]`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSink {
+    /// How the operator names it: in cursors, metrics, the API and `tollgate export`.
+    pub name: String,
+    /// `stripe` (meter events), `openmeter` (CloudEvents), `lago` (batch events) or `webhook`
+    /// (signed CloudEvents batches).
+    pub kind: String,
+    /// The API's base URL (for `webhook`, where batches are POSTed).
+    pub url: String,
+    /// Stripe's secret key, OpenMeter's or Lago's API key, or the webhook's `whsec_` secret.
+    pub secret: Option<Secret>,
+    /// Tollgate's meters sent, each with its name in the sink: Stripe's event name, OpenMeter's
+    /// meter slug, Lago's billable metric code, or the webhook's data field.
+    pub meters: std::collections::BTreeMap<String, String>,
+    /// `account` (the account id is the customer) or `mapped` (the customer id set per account
+    /// through the API). Default: `mapped` for Stripe, `account` otherwise.
+    pub customer: Option<String>,
+    /// Records older than this are not sent (dead letters). Default: 35 days for Stripe, which
+    /// refuses older meter events; no limit otherwise.
+    pub max_age: Option<String>,
+    /// Records per request to the sink.
+    #[serde(default = "default_sink_batch")]
+    pub batch_size: u32,
+    #[serde(default = "default_sink_timeout")]
+    pub timeout: String,
+    /// The CloudEvents `source` and `type` (OpenMeter and webhook sinks).
+    #[serde(default = "default_event_source")]
+    pub source: String,
+    #[serde(default = "default_event_type")]
+    pub event_type: String,
+    /// Webhook sinks only: where `tollgate export verify` reads the receiver's totals.
+    pub totals_url: Option<String>,
+}
+
+fn default_sink_batch() -> u32 {
+    100
+}
+
+fn default_sink_timeout() -> String {
+    "10s".into()
+}
+
+fn default_event_source() -> String {
+    "tollgate".into()
+}
+
+fn default_event_type() -> String {
+    "tollgate.usage".into()
 }
 
 /// Card payments; none unless `[payments.stripe]` is configured.
@@ -725,6 +799,7 @@ impl RawConfig {
             redis: section(&mut table, "redis", problems),
             payments: section(&mut table, "payments", problems),
             webhooks: section(&mut table, "webhooks", problems),
+            export: section(&mut table, "export", problems),
             rate_limits: table.remove("rate_limits").map(|value| {
                 items(value, "rate_limits", problems)
                     .into_iter()
@@ -754,7 +829,7 @@ impl RawConfig {
         for unknown in table.keys() {
             problems.push(
                 unknown,
-                "unknown section (expected server, store, redis, admin, billing, keys, load_shedding, idempotency, console, payments, webhooks, rate_limits, routes, plans or packs)",
+                "unknown section (expected server, store, redis, admin, billing, keys, load_shedding, idempotency, console, payments, webhooks, export, rate_limits, routes, plans or packs)",
             );
         }
         Some(raw)

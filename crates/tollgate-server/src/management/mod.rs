@@ -1,5 +1,5 @@
 //! The management API under the configured prefix (default `/api/v1`): one file per area
-//! (accounts, keys, billing, audit, payments, plans, webhooks), the extractors they share, and the OpenAPI document.
+//! (accounts, keys, billing, audit, payments, plans, webhooks, export), the extractors they share, and the OpenAPI document.
 //!
 //! Handlers are thin: extract, authorise, call the store or a service, shape the answer. They
 //! take the app state; nothing below this room does. **Architecture Invariant:** every handler
@@ -12,6 +12,7 @@ use utoipa_axum::router::OpenApiRouter;
 pub mod accounts;
 pub mod audit;
 pub mod billing;
+pub mod export;
 pub mod extract;
 pub mod fee;
 pub mod keys;
@@ -30,4 +31,5 @@ pub fn router() -> OpenApiRouter<AppState> {
         .merge(payments::router())
         .merge(plans::router())
         .merge(webhooks::router())
+        .merge(export::router())
 }

@@ -58,6 +58,7 @@ use utoipa_axum::routes;
         (name = "billing", description = "Credits, balance and the double-entry ledger."),
         (name = "plans", description = "Subscriptions to configured plans, credit packs, and the included units calls draw on before the wallet."),
         (name = "webhooks", description = "Endpoints that receive signed events (balance low, top-ups, keys), their delivery logs, and the balance alert."),
+        (name = "export", description = "Usage export to the operator's billing systems (Stripe, OpenMeter, Lago, a signed webhook): each sink's standing, its parked records, and the accounts' customer ids."),
         (name = "holds", description = "Reservations of credit, settled or released exactly once."),
         (name = "usage", description = "The data-plane request log and its totals."),
         (name = "audit", description = "The hash-chained log of every management change."),

@@ -5,13 +5,19 @@
 //!   to a ledger change are not made here: they ride in the change's batch (the store's
 //!   balance watch, the payments' movements), so they are stored if and only if it is.
 //! - `sender.rs`: the worker that delivers the store's outbox, signed, with retries.
-//! - `egress.rs`: the one way out, which connects only to addresses the guard admits.
+//! - `egress.rs`: the one way out for accounts' endpoints, which connects only to addresses
+//!   the guard admits.
+//! - `export.rs`: the usage exporter, one loop per configured sink, and `sinks.rs`, each
+//!   billing system's API (Stripe meter events, OpenMeter, Lago, signed CloudEvents batches).
+//!   Sink URLs are the operator's own config, so they are reached directly.
 //!
 //! A service room: it takes the config's rules, the store and its own resolver, never the app
 //! state.
 
 pub mod egress;
+pub mod export;
 pub mod sender;
+pub mod sinks;
 
 use crate::config::WebhookSettings;
 use chrono::{DateTime, TimeDelta, Utc};

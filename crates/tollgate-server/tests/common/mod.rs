@@ -707,6 +707,78 @@ impl SessionStore for CountingStore {
 }
 
 #[async_trait::async_trait]
+impl tollgate_store::ExportStore for CountingStore {
+    async fn export_records(
+        &self,
+        after: i64,
+        limit: u32,
+    ) -> Result<Vec<tollgate_store::ExportRecord>, StoreError> {
+        self.inner.export_records(after, limit).await
+    }
+    async fn export_cursor(&self, sink: &str) -> Result<i64, StoreError> {
+        self.inner.export_cursor(sink).await
+    }
+    async fn advance_export(
+        &self,
+        sink: &str,
+        from: i64,
+        to: i64,
+        parked: &[(i64, tollgate_store::ParkReason, String)],
+        at: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        self.inner.advance_export(sink, from, to, parked, at).await
+    }
+    async fn parked_exports(
+        &self,
+        sink: &str,
+        reason: Option<tollgate_store::ParkReason>,
+        after: i64,
+        limit: u32,
+    ) -> Result<Vec<tollgate_store::ParkedRecord>, StoreError> {
+        self.inner.parked_exports(sink, reason, after, limit).await
+    }
+    async fn repark_export(
+        &self,
+        sink: &str,
+        seq: i64,
+        now: Option<(tollgate_store::ParkReason, String)>,
+        at: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        self.inner.repark_export(sink, seq, now, at).await
+    }
+    async fn export_customers(
+        &self,
+        sink: &str,
+        card_customers: bool,
+        accounts: &[AccountId],
+    ) -> Result<Vec<(AccountId, String)>, StoreError> {
+        self.inner.export_customers(sink, card_customers, accounts).await
+    }
+    async fn set_export_customer(
+        &self,
+        account: AccountId,
+        sink: &str,
+        customer: Option<&str>,
+        at: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        self.inner.set_export_customer(account, sink, customer, at).await
+    }
+    async fn export_standing(&self, sink: &str) -> Result<tollgate_store::SinkStanding, StoreError> {
+        self.inner.export_standing(sink).await
+    }
+    async fn export_day_totals(
+        &self,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    ) -> Result<Vec<tollgate_store::DayTotal>, StoreError> {
+        self.inner.export_day_totals(from, to).await
+    }
+    async fn purge_exports(&self, cutoff: DateTime<Utc>, sinks: &[String]) -> Result<u64, StoreError> {
+        self.inner.purge_exports(cutoff, sinks).await
+    }
+}
+
+#[async_trait::async_trait]
 impl tollgate_store::NotifyStore for CountingStore {
     async fn create_endpoint(
         &self,
