@@ -29,6 +29,7 @@
 //! Beside the upstream: a fake Stripe (`stripe.rs`) and a webhook receiver (`receiver.rs`).
 
 pub mod receiver;
+pub mod sinks;
 pub mod stripe;
 
 use axum::body::{Body, Bytes};

@@ -71,6 +71,11 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Usage export to billing systems.
+    Export {
+        #[command(subcommand)]
+        command: ExportCommand,
+    },
     /// Accounts of a running server (--url/TOLLGATE_URL; as the operator with
     /// --admin-token/TOLLGATE_ADMIN_TOKEN, or as a customer with --key/TOLLGATE_KEY).
     Accounts {
@@ -112,6 +117,26 @@ enum Command {
     Audit {
         #[command(subcommand)]
         command: remote::AuditCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ExportCommand {
+    /// Compare Tollgate's charged usage per account, meter and UTC day with what a sink holds.
+    /// Exits 0 when every total matches, 1 on any difference, 2 when it cannot compare.
+    Verify {
+        /// The TOML config file (its store and its `[[export.sinks]]`).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The sink's name.
+        #[arg(long)]
+        sink: String,
+        /// The first day (YYYY-MM-DD, UTC), or an RFC 3339 time (its day is taken whole).
+        #[arg(long)]
+        from: String,
+        /// The day after the last (YYYY-MM-DD, UTC): `--from 2026-12-01 --to 2026-12-02` is one day.
+        #[arg(long)]
+        to: String,
     },
 }
 
@@ -195,6 +220,21 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Export {
+            command:
+                ExportCommand::Verify {
+                    config,
+                    sink,
+                    from,
+                    to,
+                },
+        } => match verify_export(&config, &sink, &from, &to).await {
+            Ok(code) => Ok(code),
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                Ok(ExitCode::from(2))
+            }
+        },
         Command::Accounts { command } => remote::accounts(command).await,
         Command::Keys { command } => remote::keys(command).await,
         Command::Credits { command } => remote::credits(command).await,
@@ -206,6 +246,76 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Holds { command } => remote::holds(command).await,
         Command::Audit { command } => remote::audit(command).await,
     }
+}
+
+/// A day as `--from`/`--to` take it: `YYYY-MM-DD`, or an RFC 3339 time.
+fn parse_day(text: &str) -> anyhow::Result<chrono::DateTime<chrono::Utc>> {
+    if let Ok(date) = chrono::NaiveDate::parse_from_str(text, "%Y-%m-%d") {
+        return Ok(date.and_time(chrono::NaiveTime::MIN).and_utc());
+    }
+    chrono::DateTime::parse_from_rfc3339(text)
+        .map(|at| at.to_utc())
+        .map_err(|_| anyhow::anyhow!("'{text}' is not a day (YYYY-MM-DD) or an RFC 3339 time"))
+}
+
+async fn verify_export(
+    config: &Path,
+    sink: &str,
+    from: &str,
+    to: &str,
+) -> anyhow::Result<ExitCode> {
+    use tollgate_server::notify::export::verify;
+    use tollgate_server::notify::sinks::{render_scaled, SinkClient};
+    let config = load_config(config)?;
+    let (from, to) = (parse_day(from)?, parse_day(to)?);
+    anyhow::ensure!(from < to, "--from must be before --to");
+    let settings = config.export.sink(sink).cloned().ok_or_else(|| {
+        let names: Vec<&str> = config
+            .export
+            .sinks
+            .iter()
+            .map(|s| s.name.as_str())
+            .collect();
+        anyhow::anyhow!(
+            "no sink named '{sink}' in the config (sinks: {})",
+            names.join(", ")
+        )
+    })?;
+    let store = tollgate_server::app::open_store(&config.store).await?;
+    let report = verify(&*store, &SinkClient::new(settings), from, to).await?;
+    let mut out = std::io::stdout().lock();
+    for d in &report.differences {
+        let customer = match (&d.customer, d.account) {
+            (Some(customer), _) => customer.clone(),
+            (None, Some(account)) => format!("(no customer id: {account})"),
+            (None, None) => "-".to_string(),
+        };
+        writeln!(
+            out,
+            "DIFF {} {} {} tollgate={} sink={}",
+            d.day.format("%Y-%m-%d"),
+            customer,
+            d.meter.as_str(),
+            render_scaled(d.tollgate),
+            render_scaled(d.sink)
+        )?;
+    }
+    writeln!(
+        out,
+        "{} totals compared, {} differ{}",
+        report.compared,
+        report.differences.len(),
+        if report.pending > 0 {
+            format!(" ({} records are still waiting to be sent)", report.pending)
+        } else {
+            String::new()
+        }
+    )?;
+    Ok(if report.differences.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 fn load_config(path: &Path) -> anyhow::Result<Config> {

@@ -1,8 +1,8 @@
 //! `[export]`: the billing systems charged usage is sent to, validated.
 
+use super::positive_duration;
 use super::problems::Problems;
 use super::raw::{RawExport, RawSink, Secret};
-use super::positive_duration;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
@@ -142,7 +142,10 @@ pub(super) fn validate_export(raw: &RawExport, p: &mut Problems) -> ExportSettin
         .filter_map(|(i, sink)| {
             let at = format!("export.sinks[{i}]");
             if !names.insert(sink.name.clone()) {
-                p.push(&format!("{at}.name"), format!("'{}' names two sinks", sink.name));
+                p.push(
+                    &format!("{at}.name"),
+                    format!("'{}' names two sinks", sink.name),
+                );
             }
             validate_sink(sink, &at, p)
         })
@@ -178,9 +181,9 @@ fn validate_sink(raw: &RawSink, at: &str, p: &mut Problems) -> Option<SinkSettin
         );
     }
     let url = raw.url.trim_end_matches('/').to_string();
-    let url_ok = url.parse::<http::Uri>().is_ok_and(|u| {
-        matches!(u.scheme_str(), Some("http" | "https")) && u.authority().is_some()
-    });
+    let url_ok = url
+        .parse::<http::Uri>()
+        .is_ok_and(|u| matches!(u.scheme_str(), Some("http" | "https")) && u.authority().is_some());
     if !url_ok {
         p.push(&format!("{at}.url"), "must be an http(s) URL");
     }
@@ -275,6 +278,9 @@ fn validate_sink(raw: &RawSink, at: &str, p: &mut Problems) -> Option<SinkSettin
         timeout,
         source: raw.source.clone(),
         event_type: raw.event_type.clone(),
-        totals_url: raw.totals_url.as_ref().map(|u| u.trim_end_matches('/').to_string()),
+        totals_url: raw
+            .totals_url
+            .as_ref()
+            .map(|u| u.trim_end_matches('/').to_string()),
     })
 }

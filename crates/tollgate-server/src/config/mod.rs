@@ -19,9 +19,9 @@ pub use export::{CustomerIds, ExportSettings, Meter, SinkKind, SinkSettings};
 pub use problems::{ConfigErrors, ConfigProblem};
 pub use raw::{
     default_rate_limits, HoldRuleName, OtherEndpoints, RawAdmin, RawBilling, RawConfig, RawConsole,
-    RawIdempotency, RawKeys, RawLoadShedding, RawModel, RawPayments, RawPolicy, RawRedis, RawRoute,
-    RawExport, RawServer, RawSink, RawStore, RawStripe, RawWebhooks, RouteAuth, RouteKind, Secret, StreamPolicy,
-    ENV_OVERRIDES,
+    RawExport, RawIdempotency, RawKeys, RawLoadShedding, RawModel, RawPayments, RawPolicy,
+    RawRedis, RawRoute, RawServer, RawSink, RawStore, RawStripe, RawWebhooks, RouteAuth, RouteKind,
+    Secret, StreamPolicy, ENV_OVERRIDES,
 };
 
 use http::header::HeaderName;

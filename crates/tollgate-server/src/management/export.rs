@@ -31,11 +31,7 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(list_sinks))
         .routes(routes!(list_parked))
         .routes(routes!(retry_parked))
-        .routes(routes!(
-            get_customer,
-            set_customer,
-            delete_customer
-        ))
+        .routes(routes!(get_customer, set_customer, delete_customer))
 }
 
 fn sink_named(state: &AppState, name: &str) -> Result<Arc<SinkClient>, HttpError> {
@@ -369,8 +365,8 @@ async fn delete_customer(
         .store
         .set_export_customer(account, &sink, None, state.clock.now())
         .await?;
-    let change = Change::new("export_customer.delete", account)
-        .before(&serde_json::json!({ "sink": sink }));
+    let change =
+        Change::new("export_customer.delete", account).before(&serde_json::json!({ "sink": sink }));
     audit::record(&state, &caller, request_id, change).await;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -225,7 +225,12 @@ impl Exporter {
         let settings = sink.settings();
         let waiting: Vec<ExportRecord> = self
             .store
-            .parked_exports(&settings.name, Some(ParkReason::Unmapped), 0, settings.batch_size)
+            .parked_exports(
+                &settings.name,
+                Some(ParkReason::Unmapped),
+                0,
+                settings.batch_size,
+            )
             .await?
             .into_iter()
             .map(|parked| parked.record)
@@ -289,7 +294,11 @@ impl Exporter {
     /// The operator's retry of one parked record: sent now, whatever its reason (a dead
     /// letter past the sink's age is refused again). `None` if it is not parked; otherwise
     /// whether it was delivered.
-    pub async fn retry_parked(&self, sink: &SinkClient, seq: i64) -> Result<Option<bool>, RoundError> {
+    pub async fn retry_parked(
+        &self,
+        sink: &SinkClient,
+        seq: i64,
+    ) -> Result<Option<bool>, RoundError> {
         let settings = sink.settings();
         let parked = self
             .store
@@ -299,7 +308,9 @@ impl Exporter {
             return Ok(None);
         };
         let record = parked.record;
-        let customers = self.customers(settings, std::slice::from_ref(&record)).await?;
+        let customers = self
+            .customers(settings, std::slice::from_ref(&record))
+            .await?;
         if !customers.contains_key(&record.account) {
             return Ok(Some(false));
         }
@@ -314,10 +325,7 @@ impl Exporter {
     ) -> Result<BTreeMap<AccountId, String>, StoreError> {
         let accounts: BTreeSet<AccountId> = records.iter().map(|r| r.account).collect();
         match settings.customer {
-            CustomerIds::Account => Ok(accounts
-                .into_iter()
-                .map(|a| (a, a.to_string()))
-                .collect()),
+            CustomerIds::Account => Ok(accounts.into_iter().map(|a| (a, a.to_string())).collect()),
             CustomerIds::Mapped => {
                 let accounts: Vec<AccountId> = accounts.into_iter().collect();
                 let card = settings.kind == crate::config::SinkKind::Stripe;
@@ -331,7 +339,12 @@ impl Exporter {
         }
     }
 
-    fn count(&self, settings: &SinkSettings, delivered: usize, parked: &[(i64, ParkReason, String)]) {
+    fn count(
+        &self,
+        settings: &SinkSettings,
+        delivered: usize,
+        parked: &[(i64, ParkReason, String)],
+    ) {
         let sink = settings.name.clone();
         self.metrics
             .exported
@@ -348,7 +361,11 @@ impl Exporter {
         }
     }
 
-    async fn measure_lag(&self, settings: &SinkSettings, now: DateTime<Utc>) -> Result<(), StoreError> {
+    async fn measure_lag(
+        &self,
+        settings: &SinkSettings,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
         let standing = self.store.export_standing(&settings.name).await?;
         let label = SinkLabel {
             sink: settings.name.clone(),
@@ -372,9 +389,9 @@ fn label(sink: &SinkClient) -> SinkLabel {
 }
 
 fn too_old(settings: &SinkSettings, record: &ExportRecord, now: DateTime<Utc>) -> bool {
-    settings.max_age.is_some_and(|max| {
-        TimeDelta::from_std(max).is_ok_and(|max| now - record.at > max)
-    })
+    settings
+        .max_age
+        .is_some_and(|max| TimeDelta::from_std(max).is_ok_and(|max| now - record.at > max))
 }
 
 fn old_detail(settings: &SinkSettings) -> String {
@@ -383,4 +400,124 @@ fn old_detail(settings: &SinkSettings) -> String {
         settings.max_age.unwrap_or_default(),
         settings.kind.as_str()
     )
+}
+
+/// One (customer, meter, day) whose totals differ.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Difference {
+    /// The sink's customer id; `None` for an account with none (its usage cannot be there).
+    pub customer: Option<String>,
+    pub account: Option<AccountId>,
+    pub meter: crate::config::Meter,
+    /// Midnight UTC.
+    pub day: DateTime<Utc>,
+    /// In billionths (see [`crate::notify::sinks::render_scaled`]).
+    pub tollgate: i128,
+    pub sink: i128,
+}
+
+/// What `tollgate export verify` found.
+#[derive(Debug, Clone, Default)]
+pub struct Verification {
+    /// (customer, meter, day) totals compared.
+    pub compared: usize,
+    pub differences: Vec<Difference>,
+    /// Records still waiting to be sent: a difference while they wait is expected.
+    pub pending: u64,
+}
+
+/// Compares Tollgate's charged usage per account, meter and UTC day in `[from, to)` with what
+/// the sink holds. Days are whole: `from` and `to` are taken to their midnights.
+pub async fn verify(
+    store: &dyn Store,
+    sink: &SinkClient,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+) -> Result<Verification, RoundError> {
+    use crate::notify::sinks::{day_of, day_scaled};
+    let settings = sink.settings();
+    let (from, to) = (day_of(from), day_of(to));
+    let totals = store.export_day_totals(from, to).await?;
+    let accounts: Vec<AccountId> = totals
+        .iter()
+        .map(|t| t.account)
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let customers: BTreeMap<AccountId, String> = match settings.customer {
+        CustomerIds::Account => accounts.iter().map(|a| (*a, a.to_string())).collect(),
+        CustomerIds::Mapped => store
+            .export_customers(
+                &settings.name,
+                settings.kind == crate::config::SinkKind::Stripe,
+                &accounts,
+            )
+            .await?
+            .into_iter()
+            .collect(),
+    };
+    // Tollgate's side, keyed as the sink's is; an account without a customer keeps its id.
+    let mut ours: BTreeMap<
+        (
+            Option<String>,
+            Option<AccountId>,
+            crate::config::Meter,
+            DateTime<Utc>,
+        ),
+        i128,
+    > = BTreeMap::new();
+    for total in &totals {
+        let customer = customers.get(&total.account).cloned();
+        let account = customer.is_none().then_some(total.account);
+        for (meter, _) in &settings.meters {
+            let value = day_scaled(total, *meter);
+            *ours
+                .entry((customer.clone(), account, *meter, total.day))
+                .or_default() += value;
+        }
+    }
+    let mapped: Vec<String> = customers
+        .values()
+        .cloned()
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let theirs = sink.totals(from, to, &mapped).await?;
+    let mut report = Verification {
+        pending: store.export_standing(&settings.name).await?.pending,
+        ..Verification::default()
+    };
+    let mut keys: BTreeSet<(
+        Option<String>,
+        Option<AccountId>,
+        crate::config::Meter,
+        DateTime<Utc>,
+    )> = ours.keys().cloned().collect();
+    keys.extend(
+        theirs
+            .keys()
+            .filter(|(_, _, day)| *day >= from && *day < to)
+            .map(|(customer, meter, day)| (Some(customer.clone()), None, *meter, *day)),
+    );
+    for key in keys {
+        let tollgate = ours.get(&key).copied().unwrap_or(0);
+        let sink_value = key
+            .0
+            .as_ref()
+            .and_then(|customer| theirs.get(&(customer.clone(), key.2, key.3)))
+            .copied()
+            .unwrap_or(0);
+        report.compared += 1;
+        if tollgate != sink_value {
+            report.differences.push(Difference {
+                customer: key.0,
+                account: key.1,
+                meter: key.2,
+                day: key.3,
+                tollgate,
+                sink: sink_value,
+            });
+        }
+    }
+    Ok(report)
 }

@@ -22,9 +22,9 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use tollgate_core::clock::rfc3339;
-use tollgate_core::webhook::{signature_header, WebhookSecret};
 use tollgate_core::money::NANOS_PER_CREDIT;
-use tollgate_store::ExportRecord;
+use tollgate_core::webhook::{signature_header, WebhookSecret};
+use tollgate_store::{DayTotal, ExportRecord};
 
 /// The most of a sink's answer that is read.
 const MAX_ANSWER_BYTES: usize = 8 * 1024 * 1024;
@@ -88,6 +88,18 @@ pub fn scaled(record: &ExportRecord, meter: Meter) -> i128 {
         Meter::Cost => i128::from(record.cost.0),
         other => i128::from(count_of(record, other)) * i128::from(NANOS_PER_CREDIT),
     }
+}
+
+/// A day's total of a meter in billionths, as [`scaled`] sums over the day's records.
+pub fn day_scaled(total: &DayTotal, meter: Meter) -> i128 {
+    let count = match meter {
+        Meter::Cost => return i128::from(total.cost.0),
+        Meter::Requests => total.requests,
+        Meter::InputTokens => total.input_tokens,
+        Meter::CachedInputTokens => total.cached_input_tokens,
+        Meter::OutputTokens => total.output_tokens,
+    };
+    i128::from(count) * i128::from(NANOS_PER_CREDIT)
 }
 
 /// A decimal string in billionths; `None` if it is not one or has more than nine decimals.
@@ -225,7 +237,10 @@ impl SinkClient {
 
     async fn get_json(&self, url: String) -> Result<Value, SinkError> {
         let request = http::Request::get(url)
-            .header(http::header::AUTHORIZATION, format!("Bearer {}", self.secret()))
+            .header(
+                http::header::AUTHORIZATION,
+                format!("Bearer {}", self.secret()),
+            )
             .header(http::header::ACCEPT, "application/json")
             .body(Full::new(Bytes::new()))
             .map_err(|e| SinkError::Unreachable(e.to_string()))?;
@@ -283,10 +298,13 @@ impl SinkClient {
             ("payload[stripe_customer_id]", out.customer),
             ("payload[value]", value.as_str()),
         ];
-        let body = serde_urlencoded::to_string(form)
-            .map_err(|e| SinkError::Unreadable(e.to_string()))?;
+        let body =
+            serde_urlencoded::to_string(form).map_err(|e| SinkError::Unreadable(e.to_string()))?;
         let request = http::Request::post(format!("{}/v1/billing/meter_events", self.settings.url))
-            .header(http::header::AUTHORIZATION, format!("Bearer {}", self.secret()))
+            .header(
+                http::header::AUTHORIZATION,
+                format!("Bearer {}", self.secret()),
+            )
             .header(
                 http::header::CONTENT_TYPE,
                 "application/x-www-form-urlencoded",
@@ -309,7 +327,9 @@ impl SinkClient {
             return Ok(Verdict::TooOld(format!("Stripe: {message}")));
         }
         if matches!(status, 400 | 404 | 422) {
-            return Ok(Verdict::Rejected(format!("Stripe {status} {code}: {message}")));
+            return Ok(Verdict::Rejected(format!(
+                "Stripe {status} {code}: {message}"
+            )));
         }
         Err(failed(status, &body))
     }
@@ -406,7 +426,10 @@ impl SinkClient {
         while !pending.is_empty() {
             let body = json!({ "events": pending.iter().map(|(_, e)| e).collect::<Vec<_>>() });
             let request = http::Request::post(format!("{}/api/v1/events/batch", self.settings.url))
-                .header(http::header::AUTHORIZATION, format!("Bearer {}", self.secret()))
+                .header(
+                    http::header::AUTHORIZATION,
+                    format!("Bearer {}", self.secret()),
+                )
                 .header(http::header::CONTENT_TYPE, "application/json")
                 .body(Full::new(Bytes::from(body.to_string())))
                 .map_err(|e| SinkError::Unreachable(e.to_string()))?;
@@ -419,7 +442,10 @@ impl SinkClient {
             }
             let answer: Value = serde_json::from_slice(&answer)
                 .map_err(|e| SinkError::Unreadable(e.to_string()))?;
-            let details = answer["error_details"].as_object().cloned().unwrap_or_default();
+            let details = answer["error_details"]
+                .as_object()
+                .cloned()
+                .unwrap_or_default();
             if details.is_empty() {
                 return Err(failed(status, answer.to_string().as_bytes()));
             }
@@ -543,7 +569,10 @@ impl SinkClient {
             400 | 413 | 422 => Ok(Some(format!(
                 "{} {status}: {}",
                 self.settings.kind.as_str(),
-                String::from_utf8_lossy(&answer).chars().take(300).collect::<String>()
+                String::from_utf8_lossy(&answer)
+                    .chars()
+                    .take(300)
+                    .collect::<String>()
             ))),
             _ => Err(failed(status, &answer)),
         }
@@ -562,7 +591,10 @@ impl SinkClient {
         data.insert("account".into(), json!(record.account.to_string()));
         data.insert("key".into(), json!(record.key.to_string()));
         data.insert("route".into(), json!(record.route));
-        data.insert("model".into(), json!(record.model.clone().unwrap_or_default()));
+        data.insert(
+            "model".into(),
+            json!(record.model.clone().unwrap_or_default()),
+        );
         data.insert("billing_status".into(), json!(record.status.as_str()));
         json!({
             "specversion": "1.0",
@@ -646,9 +678,7 @@ impl SinkClient {
                 ));
             };
             let day = day.and_time(chrono::NaiveTime::MIN).and_utc();
-            *totals
-                .entry((subject.to_string(), meter, day))
-                .or_default() += value;
+            *totals.entry((subject.to_string(), meter, day)).or_default() += value;
         }
         Ok(totals)
     }
@@ -674,16 +704,14 @@ fn batch_id(batch: &[Outgoing<'_>]) -> String {
 
 /// A Lago error entry that says only that the event exists already.
 fn only_duplicate(problem: &Value) -> bool {
-    problem
-        .as_object()
-        .is_some_and(|fields| {
-            !fields.is_empty()
-                && fields.values().all(|errors| {
-                    errors
-                        .as_array()
-                        .is_some_and(|e| e.iter().all(|e| e == "value_already_exist"))
-                })
-        })
+    problem.as_object().is_some_and(|fields| {
+        !fields.is_empty()
+            && fields.values().all(|errors| {
+                errors
+                    .as_array()
+                    .is_some_and(|e| e.iter().all(|e| e == "value_already_exist"))
+            })
+    })
 }
 
 fn failed(status: u16, body: &[u8]) -> SinkError {
@@ -729,8 +757,12 @@ mod tests {
 
     #[test]
     fn a_lago_duplicate_is_only_value_already_exist() {
-        assert!(only_duplicate(&json!({"transaction_id": ["value_already_exist"]})));
-        assert!(!only_duplicate(&json!({"transaction_id": ["value_already_exist"], "code": ["not_found"]})));
+        assert!(only_duplicate(
+            &json!({"transaction_id": ["value_already_exist"]})
+        ));
+        assert!(!only_duplicate(
+            &json!({"transaction_id": ["value_already_exist"], "code": ["not_found"]})
+        ));
         assert!(!only_duplicate(&json!({})));
     }
 }

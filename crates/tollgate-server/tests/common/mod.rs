@@ -3,6 +3,7 @@
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use chrono::{DateTime, Utc};
 use reqwest::{RequestBuilder, Response, StatusCode};
 use serde_json::{json, Value};
 use std::net::SocketAddr;
@@ -752,7 +753,9 @@ impl tollgate_store::ExportStore for CountingStore {
         card_customers: bool,
         accounts: &[AccountId],
     ) -> Result<Vec<(AccountId, String)>, StoreError> {
-        self.inner.export_customers(sink, card_customers, accounts).await
+        self.inner
+            .export_customers(sink, card_customers, accounts)
+            .await
     }
     async fn set_export_customer(
         &self,
@@ -761,9 +764,14 @@ impl tollgate_store::ExportStore for CountingStore {
         customer: Option<&str>,
         at: DateTime<Utc>,
     ) -> Result<(), StoreError> {
-        self.inner.set_export_customer(account, sink, customer, at).await
+        self.inner
+            .set_export_customer(account, sink, customer, at)
+            .await
     }
-    async fn export_standing(&self, sink: &str) -> Result<tollgate_store::SinkStanding, StoreError> {
+    async fn export_standing(
+        &self,
+        sink: &str,
+    ) -> Result<tollgate_store::SinkStanding, StoreError> {
         self.inner.export_standing(sink).await
     }
     async fn export_day_totals(
@@ -773,7 +781,11 @@ impl tollgate_store::ExportStore for CountingStore {
     ) -> Result<Vec<tollgate_store::DayTotal>, StoreError> {
         self.inner.export_day_totals(from, to).await
     }
-    async fn purge_exports(&self, cutoff: DateTime<Utc>, sinks: &[String]) -> Result<u64, StoreError> {
+    async fn purge_exports(
+        &self,
+        cutoff: DateTime<Utc>,
+        sinks: &[String],
+    ) -> Result<u64, StoreError> {
         self.inner.purge_exports(cutoff, sinks).await
     }
 }
