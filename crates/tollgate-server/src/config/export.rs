@@ -1,8 +1,7 @@
 //! `[export]`: the billing systems charged usage is sent to, validated.
 
-use super::positive_duration;
-use super::problems::Problems;
-use super::raw::{RawExport, RawSink, Secret};
+use crate::config::problems::{positive_duration, Problems};
+use crate::config::raw::{RawExport, RawSink, Secret};
 use std::collections::BTreeSet;
 use std::time::Duration;
 

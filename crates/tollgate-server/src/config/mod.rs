@@ -27,7 +27,7 @@ pub use raw::{
 use http::header::HeaderName;
 use http::Uri;
 use ipnet::IpNet;
-use problems::Problems;
+use problems::{positive_duration, Problems};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -882,12 +882,6 @@ fn validate_load_shedding(raw: &RawLoadShedding, p: &mut Problems) -> Option<Loa
     })
 }
 
-fn positive_duration(text: &str) -> Option<Duration> {
-    humantime::parse_duration(text)
-        .ok()
-        .filter(|d| !d.is_zero())
-}
-
 fn validate_pricing(raw: &RawRoute, at: &str, p: &mut Problems) -> Option<Pricing> {
     let before = p.len();
     let amount = |p: &mut Problems, field: &str, text: &str| {
@@ -1449,6 +1443,74 @@ mod tests {
             price = "abc"
             "#,
         ));
+    }
+
+    #[test]
+    fn export_sinks_are_checked_whole_and_defaulted_by_kind() {
+        expect![[r#"
+            14 problems in the config:
+              - export.poll_interval: must be a positive duration, e.g. "1s"
+              - export.sinks[0].name: must be 1 to 64 letters, digits, '-' or '_'
+              - export.sinks[0].kind: 'kafka' is not a sink kind (expected stripe, openmeter, lago or webhook)
+              - export.sinks[0].url: must be an http(s) URL
+              - export.sinks[0].secret: is required: the sink's API key (or, for a webhook sink, its whsec_ secret)
+              - export.sinks[0].meters.cost: must be the meter's name in the sink: 1 to 100 characters
+              - export.sinks[0].meters.money: is not a meter (expected requests, cost, input_tokens, cached_input_tokens or output_tokens)
+              - export.sinks[0].customer: 'someone' is not a customer mapping (expected account or mapped)
+              - export.sinks[0].max_age: must be a positive duration, e.g. "35d"
+              - export.sinks[0].batch_size: must be 1 to 10000
+              - export.sinks[0].totals_url: is for webhook sinks only: the other sinks are asked through their own API
+              - export.sinks[1].batch_size: must be 1 to 100
+              - export.sinks[2].name: 'lago' names two sinks
+              - export.sinks[2].secret: must be a whsec_ secret (base64 after the prefix)
+        "#]]
+        .assert_eq(&problems(
+            r#"
+            [export]
+            poll_interval = "0s"
+            [[export.sinks]]
+            name = "bad name"
+            kind = "kafka"
+            url = "ftp://x"
+            meters = { money = "m", cost = "" }
+            customer = "someone"
+            max_age = "soon"
+            batch_size = 0
+            totals_url = "http://x/totals"
+            [[export.sinks]]
+            name = "lago"
+            kind = "lago"
+            url = "https://api.getlago.com"
+            secret = "key"
+            meters = { cost = "api_cost" }
+            batch_size = 500
+            [[export.sinks]]
+            name = "lago"
+            kind = "webhook"
+            url = "https://billing.example.com/usage"
+            secret = "not-whsec"
+            meters = { requests = "calls" }
+            "#,
+        ));
+        let config = Config::load(
+            "[[export.sinks]]\nname = \"stripe\"\nkind = \"stripe\"\n\
+             url = \"https://api.stripe.com/\"\nsecret = \"sk_live_x\"\n\
+             meters = { output_tokens = \"out\", cost = \"spend\" }\n",
+            NO_ENV,
+        )
+        .unwrap();
+        let stripe = config.export.sink("stripe").unwrap();
+        assert_eq!(stripe.url, "https://api.stripe.com");
+        assert_eq!(stripe.customer, CustomerIds::Mapped);
+        assert_eq!(stripe.max_age, Some(Duration::from_secs(35 * 86_400)));
+        assert_eq!(
+            stripe.meters,
+            vec![
+                (Meter::Cost, "spend".into()),
+                (Meter::OutputTokens, "out".into())
+            ]
+        );
+        assert!(!format!("{}", config.raw.to_redacted_toml()).contains("sk_live_x"));
     }
 
     #[test]

@@ -66,3 +66,10 @@ impl Problems {
         ConfigErrors(self.found)
     }
 }
+
+/// A duration as config writes them ("10s", "24h"), if it is one and not zero.
+pub(crate) fn positive_duration(text: &str) -> Option<std::time::Duration> {
+    humantime::parse_duration(text)
+        .ok()
+        .filter(|d| !d.is_zero())
+}
