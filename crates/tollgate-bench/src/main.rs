@@ -5,6 +5,7 @@
 mod bare;
 mod compare;
 mod contenders;
+mod export;
 mod load;
 mod procs;
 mod report;
@@ -71,6 +72,18 @@ enum Command {
         seconds: f64,
         #[arg(long, default_value_t = 64)]
         connections: u32,
+        #[arg(long, default_value = "target/bench")]
+        work: PathBuf,
+    },
+    /// Usage export throughput: a node drains an export log of `--rows` records to a sink on
+    /// loopback; prints the time, rows per second and the node's peak memory, at a tenth of the
+    /// rows and at all of them (the memory must not grow with the backlog).
+    Export {
+        /// The release `tollgate` binary.
+        #[arg(long)]
+        tollgate: PathBuf,
+        #[arg(long, default_value_t = 1_000_000)]
+        rows: u64,
         #[arg(long, default_value = "target/bench")]
         work: PathBuf,
     },
@@ -157,6 +170,22 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                 connections,
             };
             print!("{}", compare::run(options).await?);
+            Ok(())
+        }
+        Command::Export {
+            tollgate,
+            rows,
+            work,
+        } => {
+            let work = std::path::absolute(&work)?;
+            let tollgate = std::path::absolute(&tollgate)?;
+            for rows in [rows / 10, rows] {
+                let run = export::run(&tollgate, &work, rows.max(1)).await?;
+                println!(
+                    "{:>9} rows: {:>7.1} s, {:>8.0} rows/s, peak RSS {:>6.1} MiB",
+                    run.rows, run.seconds, run.rows_per_second, run.peak_rss_mib
+                );
+            }
             Ok(())
         }
         Command::Run {

@@ -243,6 +243,7 @@ bounded!(ExportStore {
     fn export_cursor(sink: &str) -> i64;
     fn advance_export(sink: &str, from: i64, to: i64, parked: &[(i64, ParkReason, String)], at: DateTime<Utc>) -> bool;
     fn parked_exports(sink: &str, reason: Option<ParkReason>, after: i64, limit: u32) -> Vec<ParkedRecord>;
+    fn newly_mapped_exports(sink: &str, card_customers: bool, limit: u32) -> Vec<ExportRecord>;
     fn repark_export(sink: &str, seq: i64, now: Option<(ParkReason, String)>, at: DateTime<Utc>) -> bool;
     fn export_customers(sink: &str, card_customers: bool, accounts: &[AccountId]) -> Vec<(AccountId, String)>;
     fn set_export_customer(account: AccountId, sink: &str, customer: Option<&str>, at: DateTime<Utc>) -> ();

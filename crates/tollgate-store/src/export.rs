@@ -129,6 +129,15 @@ pub trait ExportStore: Send + Sync {
         limit: u32,
     ) -> Result<Vec<ParkedRecord>, StoreError>;
 
+    /// Up to `limit` records parked as unmapped whose account now has a customer id in the sink
+    /// (with `card_customers`, a Stripe customer saved by a card checkout counts), oldest first.
+    async fn newly_mapped_exports(
+        &self,
+        sink: &str,
+        card_customers: bool,
+        limit: u32,
+    ) -> Result<Vec<ExportRecord>, StoreError>;
+
     /// Re-parks a parked record with a new reason (a mapped account's record the sink then
     /// refused), or takes it off the list (`None`: delivered). False if it was not parked.
     async fn repark_export(
@@ -385,6 +394,32 @@ macro_rules! export_store {
                         })
                     })
                     .collect()
+            }
+
+            async fn newly_mapped_exports(
+                &self,
+                sink: &str,
+                card_customers: bool,
+                limit: u32,
+            ) -> Result<Vec<$crate::export::ExportRecord>, $crate::StoreError> {
+                use $crate::export::*;
+                let rows: Vec<ExportRow> = sqlx::query_as(&$sql(&format!(
+                    "SELECT {SELECT_EXPORT} FROM export_parked p \
+                     JOIN usage_exports e ON e.seq = p.seq \
+                     WHERE p.sink = ? AND p.reason = 'unmapped' AND (EXISTS (SELECT 1 FROM \
+                     export_customers c WHERE c.account_id = e.account_id AND c.sink = ?) \
+                     OR (? = 1 AND EXISTS (SELECT 1 FROM auto_topups a \
+                     WHERE a.account_id = e.account_id AND a.customer IS NOT NULL))) \
+                     ORDER BY p.seq LIMIT ?"
+                )))
+                .bind(sink)
+                .bind(sink)
+                .bind(i64::from(card_customers))
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await
+                .map_err(store_error)?;
+                rows.into_iter().map(record_from_row).collect()
             }
 
             async fn repark_export(

@@ -296,6 +296,7 @@ async fn help_lists_the_commands() {
           demo          Run everything on this machine with nothing installed: the gateway on SQLite, a mock OpenAI/Anthropic/echo upstream, and a ready account and key
           check-config  Check a config file: print every problem, or the effective config with secrets redacted
           migrate       Apply pending database migrations and exit
+          export        Usage export to billing systems
           accounts      Accounts of a running server (--url/TOLLGATE_URL; as the operator with --admin-token/TOLLGATE_ADMIN_TOKEN, or as a customer with --key/TOLLGATE_KEY)
           keys          API keys of a running server
           credits       Grant credits on a running server

@@ -202,6 +202,14 @@ impl Exporter {
                 }
             }
             round.parked = parked.len();
+            let unmapped = parked
+                .iter()
+                .filter(|(_, reason, _)| *reason == ParkReason::Unmapped)
+                .count();
+            if unmapped > 0 {
+                tracing::warn!(sink = %settings.name, unmapped,
+                    "usage of accounts without a customer id in this sink waits until one is set");
+            }
             if self
                 .store
                 .advance_export(&settings.name, from, last.seq, &parked, now)
@@ -213,7 +221,9 @@ impl Exporter {
                 // as a duplicate or took first.
                 round = Round::default();
             }
-        } else {
+        }
+        // Caught up: the records that waited for a customer id, if their account has one now.
+        if round.read < settings.batch_size as usize {
             round.unparked = self.send_newly_mapped(sink).await?;
         }
         self.measure_lag(settings, now).await?;
@@ -223,26 +233,22 @@ impl Exporter {
     /// Sends parked unmapped records whose account now has a customer id.
     async fn send_newly_mapped(&self, sink: &SinkClient) -> Result<usize, RoundError> {
         let settings = sink.settings();
-        let waiting: Vec<ExportRecord> = self
-            .store
-            .parked_exports(
-                &settings.name,
-                Some(ParkReason::Unmapped),
-                0,
-                settings.batch_size,
-            )
-            .await?
-            .into_iter()
-            .map(|parked| parked.record)
-            .collect();
-        if waiting.is_empty() {
+        if settings.customer == CustomerIds::Account {
             return Ok(0);
         }
-        let customers = self.customers(settings, &waiting).await?;
-        let ready: Vec<&ExportRecord> = waiting
-            .iter()
-            .filter(|r| customers.contains_key(&r.account))
-            .collect();
+        let ready = self
+            .store
+            .newly_mapped_exports(
+                &settings.name,
+                settings.kind == crate::config::SinkKind::Stripe,
+                settings.batch_size,
+            )
+            .await?;
+        if ready.is_empty() {
+            return Ok(0);
+        }
+        let customers = self.customers(settings, &ready).await?;
+        let ready: Vec<&ExportRecord> = ready.iter().collect();
         self.resend(sink, &ready, &customers).await
     }
 

@@ -738,6 +738,16 @@ impl tollgate_store::ExportStore for CountingStore {
     ) -> Result<Vec<tollgate_store::ParkedRecord>, StoreError> {
         self.inner.parked_exports(sink, reason, after, limit).await
     }
+    async fn newly_mapped_exports(
+        &self,
+        sink: &str,
+        card_customers: bool,
+        limit: u32,
+    ) -> Result<Vec<tollgate_store::ExportRecord>, StoreError> {
+        self.inner
+            .newly_mapped_exports(sink, card_customers, limit)
+            .await
+    }
     async fn repark_export(
         &self,
         sink: &str,
