@@ -261,9 +261,16 @@ pub(crate) fn record_from_row(row: ExportRow) -> Result<ExportRecord, StoreError
     })
 }
 
-/// Implements [`ExportStore`] for a backend; `$sql` numbers placeholders as it needs.
+/// For a backend whose rows are numbered in commit order as they are inserted (SQLite: one
+/// writer at a time, `AUTOINCREMENT`): nothing to do before a read.
+pub(crate) async fn numbered_on_insert(_pool: &sqlx::SqlitePool) -> Result<(), StoreError> {
+    Ok(())
+}
+
+/// Implements [`ExportStore`] for a backend; `$sql` numbers placeholders as it needs, and
+/// `$number` numbers committed rows before the log is read.
 macro_rules! export_store {
-    ($store:ty, $sql:path) => {
+    ($store:ty, $sql:path, $number:path) => {
         #[async_trait::async_trait]
         impl $crate::export::ExportStore for $store {
             async fn export_records(
@@ -272,6 +279,7 @@ macro_rules! export_store {
                 limit: u32,
             ) -> Result<Vec<$crate::export::ExportRecord>, $crate::StoreError> {
                 use $crate::export::*;
+                $number(&self.pool).await?;
                 let rows: Vec<ExportRow> = sqlx::query_as(&$sql(&format!(
                     "SELECT {SELECT_EXPORT} FROM usage_exports e WHERE e.seq > ? \
                      ORDER BY e.seq LIMIT ?"
@@ -516,6 +524,7 @@ macro_rules! export_store {
                 &self,
                 sink: &str,
             ) -> Result<$crate::export::SinkStanding, $crate::StoreError> {
+                $number(&self.pool).await?;
                 let cursor = $crate::export::ExportStore::export_cursor(self, sink).await?;
                 // Index lookups only: this runs every export round, however long the backlog.
                 let (head, oldest): (Option<i64>, Option<i64>) = sqlx::query_as(&$sql(
@@ -527,8 +536,8 @@ macro_rules! export_store {
                 .await
                 .map_err(store_error)?;
                 let head = head.unwrap_or(0);
-                // Seqs are handed out without gaps (a rolled-back batch aside), so this is
-                // how many records wait.
+                // Seqs are handed out without gaps (a failed numbering aside), so this is how
+                // many records wait.
                 let pending = if oldest.is_some() { (head - cursor).max(0) } else { 0 };
                 let (unmapped, dead): (i64, i64) = sqlx::query_as(&$sql(
                     "SELECT COUNT(*) FILTER (WHERE reason = 'unmapped'), \

@@ -55,7 +55,7 @@ crate::notify::notify_store!(
     crate::notify::numbered,
     "FOR UPDATE SKIP LOCKED"
 );
-crate::export::export_store!(PostgresStore, crate::notify::numbered);
+crate::export::export_store!(PostgresStore, crate::notify::numbered, number_exports);
 
 #[derive(Debug, Clone)]
 pub struct PostgresStore {
@@ -260,42 +260,24 @@ impl PostgresStore {
         }
         watch_balances(&mut tx, &watched).await?;
         watch_key_spend(&mut tx, &watched).await?;
-        // Last, so the counter row stays locked only from here to the commit.
         record_exports(&mut tx, &usage).await?;
         tx.commit().await.map_err(store_error)
     }
 }
 
-/// Writes the batch's charged usage to the export log, numbered from the counter row, which
-/// stays locked until the batch commits: numbers are handed out in commit order.
+/// Writes the batch's charged usage to the export log, unnumbered: the exporter numbers rows
+/// once they are committed ([`number_exports`]), so this takes no lock.
 async fn record_exports(
     tx: &mut Transaction<'_, Postgres>,
     usage: &[&UsageRow],
 ) -> Result<(), StoreError> {
     let rows: Vec<&UsageRow> = crate::export::exported(usage).collect();
-    if rows.is_empty() {
-        return Ok(());
-    }
-    let last: i64 = sqlx::query_scalar(
-        "UPDATE export_counter SET last = last + $1 WHERE id = 1 RETURNING last",
-    )
-    .bind(rows.len() as i64)
-    .fetch_one(&mut **tx)
-    .await
-    .map_err(store_error)?;
-    let first = last - rows.len() as i64 + 1;
-    for (n, chunk) in rows.chunks(ROWS_PER_INSERT / 2).enumerate() {
-        let start = first + (n * (ROWS_PER_INSERT / 2)) as i64;
+    for chunk in rows.chunks(ROWS_PER_INSERT / 2) {
         let mut query = sqlx::QueryBuilder::<Postgres>::new(format!(
-            "INSERT INTO usage_exports (seq, {}) ",
+            "INSERT INTO usage_exports ({}) ",
             crate::export::EXPORT_COLUMNS
         ));
-        let mut seq = start;
-        query.push_values(chunk, |mut out, row| {
-            out.push_bind(seq);
-            seq += 1;
-            crate::export::push_export(out, row);
-        });
+        query.push_values(chunk, |out, row| crate::export::push_export(out, row));
         query
             .build()
             .execute(&mut **tx)
@@ -303,6 +285,30 @@ async fn record_exports(
             .map_err(store_error)?;
     }
     Ok(())
+}
+
+/// Rows numbered per call, oldest first.
+const NUMBER_AT_ONCE: i64 = 10_000;
+
+/// Numbers committed export rows, under a lock held until this commits: a numbering starts
+/// only after the previous one is visible, so a reader that has seen a number has seen every
+/// lower one, and a row that commits later gets a higher number.
+pub(crate) async fn number_exports(pool: &PgPool) -> Result<(), StoreError> {
+    let mut tx = pool.begin().await.map_err(store_error)?;
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext('tollgate.usage_exports'))")
+        .execute(&mut *tx)
+        .await
+        .map_err(store_error)?;
+    sqlx::query(
+        "UPDATE usage_exports SET seq = nextval('usage_export_seq') WHERE request_id IN \
+         (SELECT request_id FROM usage_exports WHERE seq IS NULL ORDER BY at, request_id \
+          LIMIT $1)",
+    )
+    .bind(NUMBER_AT_ONCE)
+    .execute(&mut *tx)
+    .await
+    .map_err(store_error)?;
+    tx.commit().await.map_err(store_error)
 }
 
 /// A statement the database refuses by a constraint or a trigger (SQLSTATE class 23, or a

@@ -36,7 +36,11 @@ use tollgate_core::TopUpId;
 use tollgate_core::{AccountId, HoldId, KeyHash, KeyId, Nanos, RequestId};
 
 crate::notify::notify_store!(SqliteStore, sqlx::Sqlite, crate::notify::as_is, "");
-crate::export::export_store!(SqliteStore, crate::notify::as_is);
+crate::export::export_store!(
+    SqliteStore,
+    crate::notify::as_is,
+    crate::export::numbered_on_insert
+);
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 

@@ -3333,6 +3333,58 @@ async fn postgres_a_take_from_outside_never_reaches_leased_credit() {
     assert_eq!(leased, 80);
 }
 
+/// A batch that inserted its export rows but has not committed yet, while a later batch commits
+/// and a reader moves past it: once it commits, the reader still finds its rows. Numbers taken at
+/// insert would put them behind the reader's cursor, and they would never be sent.
+#[tokio::test]
+async fn postgres_a_batch_committing_late_is_still_read_after_the_cursor() {
+    let Some(schema) = TestSchema::create().await else {
+        return;
+    };
+    let store: Arc<dyn Store> = Arc::new(
+        tollgate_store::postgres::PostgresStore::open(schema.url())
+            .await
+            .unwrap(),
+    );
+    let (account, _, master) = new_account(&*store, Nanos::ZERO).await;
+    // The late batch, by hand: the statement the store's batches run, left uncommitted.
+    let raw = sqlx::PgPool::connect(schema.url()).await.unwrap();
+    let mut late = raw.begin().await.unwrap();
+    sqlx::query(
+        "INSERT INTO usage_exports (request_id, account_id, key_id, route, model, billing_status, \
+         cost_nanos, input_tokens, cached_input_tokens, output_tokens, at) \
+         VALUES ('req_01JXATE0000000000000000000', $1, $2, '/v1', NULL, 'settled', 7, 0, 0, 0, 1000)",
+    )
+    .bind(account.to_string())
+    .bind(master.id.to_string())
+    .execute(&mut *late)
+    .await
+    .unwrap();
+    let early = commit_usage(
+        &*store,
+        account,
+        master.id,
+        &[BillingStatus::Settled],
+        2_000,
+    )
+    .await;
+    let seen = store.export_records(0, 100).await.unwrap();
+    assert_eq!(seen.iter().map(|r| r.request_id).collect::<Vec<_>>(), early);
+    let cursor = seen.last().unwrap().seq;
+    late.commit().await.unwrap();
+    let after = store.export_records(cursor, 100).await.unwrap();
+    assert_eq!(
+        after.len(),
+        1,
+        "the late batch's row comes after the cursor"
+    );
+    assert_eq!(
+        after[0].request_id.to_string(),
+        "req_01JXATE0000000000000000000"
+    );
+    raw.close().await;
+}
+
 /// Batches committing at once on several connections, while a reader follows the export log
 /// by its last seq: it must see every record. A sequence numbered at insert would let the
 /// reader pass a number whose batch had not committed yet, and lose that record.

@@ -2,19 +2,17 @@
 -- the records a sink could not take (parked: no customer mapping yet, too old, refused), and
 -- the accounts' customer ids in each sink. See docs/export.md.
 --
--- A sequence would number rows in the order transactions ask, not the order they commit, and a
--- reader could pass a number whose transaction is still open. So a batch takes its numbers from
--- one counter row as its last statement: the row stays locked until the batch commits, and
--- numbers are handed out in commit order.
-CREATE TABLE export_counter (
-    id    INTEGER PRIMARY KEY CHECK (id = 1),
-    last  BIGINT NOT NULL
-);
-INSERT INTO export_counter (id, last) VALUES (1, 0);
+-- Nodes commit concurrently, so a number taken at insert would follow the order transactions
+-- ask, not the order they commit: a reader could pass a number whose transaction is still open
+-- and never send that record. So a row is inserted unnumbered, and numbered only once it is
+-- visible (committed), by the exporter, under a lock that makes numberings follow one another:
+-- every number handed out later is higher, and a row committed later is numbered later. The
+-- data plane's commits take no lock for this.
+CREATE SEQUENCE usage_export_seq;
 
 CREATE TABLE usage_exports (
-    seq                  BIGINT PRIMARY KEY,
-    request_id           TEXT COLLATE "C" NOT NULL UNIQUE,
+    request_id           TEXT COLLATE "C" PRIMARY KEY,
+    seq                  BIGINT UNIQUE,               -- NULL until numbered (see above)
     account_id           TEXT COLLATE "C" NOT NULL,
     key_id               TEXT COLLATE "C" NOT NULL,
     route                TEXT NOT NULL,
@@ -27,6 +25,7 @@ CREATE TABLE usage_exports (
     at                   BIGINT NOT NULL
 );
 CREATE INDEX usage_exports_by_time ON usage_exports (at);
+CREATE INDEX usage_exports_unnumbered ON usage_exports (at) WHERE seq IS NULL;
 
 CREATE TABLE export_cursors (
     sink        TEXT COLLATE "C" PRIMARY KEY,
