@@ -1691,3 +1691,52 @@ async fn a_hundred_calls_crossing_a_low_balance_on_two_nodes_send_one_event() {
     assert!(event["data"]["balance"]["nanos"].as_i64().unwrap() < 950_000_000);
     assert_books_balance(&cluster).await;
 }
+
+/// Three nodes export to one sink at once, their exporters racing on one cursor, while calls
+/// spread over them commit concurrently: the sink holds every charged call exactly once, and
+/// nothing is left waiting or parked.
+#[tokio::test]
+async fn three_nodes_exporting_to_one_sink_deliver_every_charged_call_once() {
+    use tollgate_mock::sinks::{Api, FakeSinks};
+    use tollgate_store::ExportStore;
+    const CALLS: usize = 90;
+    let sinks = FakeSinks::start("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", true)
+        .await
+        .unwrap();
+    let extra = format!(
+        "{ROOMY_LIMIT}\n[export]\npoll_interval = \"20ms\"\n[[export.sinks]]\nname = \"lago\"\n\
+         kind = \"lago\"\nurl = \"{}\"\nsecret = \"lago-key\"\nmeters = {{ cost = \"api_cost\" }}\n\
+         batch_size = 7\n",
+        sinks.url()
+    );
+    let Some(cluster) = Cluster::start(&extra).await else {
+        return;
+    };
+    let (_, key) = cluster.account_and_key().await;
+    let calls = (0..CALLS).map(|i| {
+        let request = cluster.echo(i, &key);
+        async move {
+            let response = request.await;
+            assert_eq!(response.status(), 200);
+            response.headers()["x-request-id"]
+                .to_str()
+                .unwrap()
+                .to_string()
+        }
+    });
+    let ids = futures_util::future::join_all(calls).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while sinks.held(Api::Lago).len() < CALLS && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let held = sinks.held(Api::Lago);
+    let mut expected: Vec<String> = ids.iter().map(|id| format!("{id}-cost")).collect();
+    expected.sort();
+    assert_eq!(held.keys().cloned().collect::<Vec<_>>(), expected);
+    assert!(held.values().all(|event| event.value == "0.001"));
+    let standing = cluster.store().await.export_standing("lago").await.unwrap();
+    assert_eq!(
+        (standing.pending, standing.unmapped, standing.dead),
+        (0, 0, 0)
+    );
+}
