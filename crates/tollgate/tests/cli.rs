@@ -350,6 +350,94 @@ async fn serve_runs_a_config_file_and_migrate_prepares_its_database() {
     assert_eq!(created.status(), 201);
 }
 
+/// `tollgate export verify`: 0 when the sink holds what Tollgate charged, 1 with each difference
+/// printed, 2 when it cannot compare.
+#[tokio::test]
+async fn export_verify_exits_0_on_a_match_1_on_a_difference_and_2_when_it_cannot_compare() {
+    use tollgate_mock::sinks::{Api, FakeSinks};
+    let sinks = FakeSinks::start("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", true)
+        .await
+        .unwrap();
+    let mock = tollgate_mock::MockUpstream::start("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file = write_config(
+        dir.path(),
+        &dir.path().join("tollgate.db"),
+        &format!(
+            "[export]\npoll_interval = \"20ms\"\n[[export.sinks]]\nname = \"lago\"\nkind = \"lago\"\n\
+             url = \"{}\"\nsecret = \"lago-key\"\n\
+             meters = {{ cost = \"api_cost\", requests = \"calls\" }}\n{}",
+            sinks.url(),
+            common::echo_route(&mock.url())
+        ),
+    );
+    let admin = "a-long-enough-admin-token";
+    let (server, url) = serve(&file, admin).await;
+    let http = reqwest::Client::new();
+    let (_, key) = common::create_account(&http, &url, admin, "acme").await;
+    for _ in 0..3 {
+        let call = http
+            .get(format!("{url}/echo/x"))
+            .bearer_auth(&key)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(call.status(), 200);
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while sinks.held(Api::Lago).len() < 6 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(sinks.held(Api::Lago).len(), 6);
+    drop(server);
+
+    let tomorrow = (chrono::Utc::now() + chrono::TimeDelta::days(1))
+        .format("%Y-%m-%d")
+        .to_string();
+    let verify = |sink: &str| {
+        let mut command = Command::new(BIN);
+        command
+            .args(["export", "verify", "--config"])
+            .arg(&file)
+            .args(["--sink", sink, "--from", "2020-01-01", "--to", &tomorrow]);
+        command.output()
+    };
+    let matched = verify("lago").await.unwrap();
+    let out = String::from_utf8_lossy(&matched.stdout).to_string();
+    assert_eq!(
+        matched.status.code(),
+        Some(0),
+        "{out}{}",
+        String::from_utf8_lossy(&matched.stderr)
+    );
+    assert!(out.contains("2 totals compared, 0 differ"), "{out}");
+
+    // A charged call the sink never got.
+    let db = format!("sqlite://{}", dir.path().join("tollgate.db").display());
+    let pool = sqlx::SqlitePool::connect(&db).await.unwrap();
+    sqlx::query(
+        "INSERT INTO usage_exports (request_id, account_id, key_id, route, model, billing_status, \
+         cost_nanos, input_tokens, cached_input_tokens, output_tokens, at) \
+         SELECT 'req_01JXTRA0000000000000000000', account_id, key_id, route, NULL, 'settled', \
+         2500000, 0, 0, 0, at FROM usage_exports LIMIT 1",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    pool.close().await;
+    let differs = verify("lago").await.unwrap();
+    let out = String::from_utf8_lossy(&differs.stdout).to_string();
+    assert_eq!(differs.status.code(), Some(1), "{out}");
+    assert!(out.contains(" cost tollgate=0.0055 sink=0.003"), "{out}");
+    assert!(out.contains(" requests tollgate=4 sink=3"), "{out}");
+
+    let unknown = verify("nope").await.unwrap();
+    assert_eq!(unknown.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("no sink named 'nope'"));
+}
+
 #[tokio::test]
 async fn the_demo_keeps_serving_when_its_stdout_is_closed() {
     // As in `tollgate demo | head -3`: the reader goes away after the welcome.
