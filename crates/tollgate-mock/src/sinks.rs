@@ -413,13 +413,12 @@ fn rfc3339(unix: i64) -> String {
 
 /// Keeps a CloudEvents batch: each event's data fields that are decimal strings, one value
 /// each. A refused customer refuses the whole batch, as a schema check would.
-fn take_cloudevents(sinks: &mut Sinks, api: Api, body: &[u8]) -> Result<(), Response> {
+fn take_cloudevents(sinks: &mut Sinks, api: Api, body: &[u8]) -> Result<(), (StatusCode, String)> {
     let Ok(Value::Array(events)) = serde_json::from_slice::<Value>(body) else {
         return Err((
             StatusCode::BAD_REQUEST,
-            "expected a JSON array of CloudEvents",
-        )
-            .into_response());
+            "expected a JSON array of CloudEvents".into(),
+        ));
     };
     for event in &events {
         let subject = event["subject"].as_str().unwrap_or_default();
@@ -427,15 +426,13 @@ fn take_cloudevents(sinks: &mut Sinks, api: Api, body: &[u8]) -> Result<(), Resp
             return Err((
                 StatusCode::BAD_REQUEST,
                 format!("subject '{subject}' is refused"),
-            )
-                .into_response());
+            ));
         }
         if event["id"].as_str().is_none() || event["time"].as_str().and_then(unix).is_none() {
             return Err((
                 StatusCode::BAD_REQUEST,
-                "every event needs an id and a time",
-            )
-                .into_response());
+                "every event needs an id and a time".into(),
+            ));
         }
     }
     for event in events {
@@ -468,7 +465,7 @@ async fn openmeter_ingest(State(shared): State<Arc<Shared>>, body: Bytes) -> Res
     // OpenMeter dedupes by (source, id) silently: a repeat is accepted.
     match take_cloudevents(&mut sinks, Api::OpenMeter, &body) {
         Ok(()) => StatusCode::NO_CONTENT.into_response(),
-        Err(refusal) => refusal,
+        Err(refusal) => refusal.into_response(),
     }
 }
 
@@ -635,7 +632,7 @@ async fn cloudevents_ingest(
     }
     match take_cloudevents(&mut sinks, Api::CloudEvents, &body) {
         Ok(()) => StatusCode::NO_CONTENT.into_response(),
-        Err(refusal) => refusal,
+        Err(refusal) => refusal.into_response(),
     }
 }
 

@@ -855,7 +855,7 @@ async fn insert_usage(
             "INSERT INTO usage_exports ({}) ",
             crate::export::EXPORT_COLUMNS
         ));
-        query.push_values(exported, |out, row| crate::export::push_export(out, row));
+        query.push_values(exported, crate::export::push_export);
         query
             .build()
             .execute(&mut **tx)

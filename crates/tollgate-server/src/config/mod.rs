@@ -1510,7 +1510,7 @@ mod tests {
                 (Meter::OutputTokens, "out".into())
             ]
         );
-        assert!(!format!("{}", config.raw.to_redacted_toml()).contains("sk_live_x"));
+        assert!(!config.raw.to_redacted_toml().contains("sk_live_x"));
     }
 
     #[test]

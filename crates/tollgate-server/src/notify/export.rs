@@ -422,6 +422,14 @@ pub struct Difference {
     pub sink: i128,
 }
 
+/// A total's place: the sink's customer (or, with none, the account), meter and day.
+type TotalKey = (
+    Option<String>,
+    Option<AccountId>,
+    crate::config::Meter,
+    DateTime<Utc>,
+);
+
 /// What `tollgate export verify` found.
 #[derive(Debug, Clone, Default)]
 pub struct Verification {
@@ -463,15 +471,7 @@ pub async fn verify(
             .collect(),
     };
     // Tollgate's side, keyed as the sink's is; an account without a customer keeps its id.
-    let mut ours: BTreeMap<
-        (
-            Option<String>,
-            Option<AccountId>,
-            crate::config::Meter,
-            DateTime<Utc>,
-        ),
-        i128,
-    > = BTreeMap::new();
+    let mut ours: BTreeMap<TotalKey, i128> = BTreeMap::new();
     for total in &totals {
         let customer = customers.get(&total.account).cloned();
         let account = customer.is_none().then_some(total.account);
@@ -493,12 +493,7 @@ pub async fn verify(
         pending: store.export_standing(&settings.name).await?.pending,
         ..Verification::default()
     };
-    let mut keys: BTreeSet<(
-        Option<String>,
-        Option<AccountId>,
-        crate::config::Meter,
-        DateTime<Utc>,
-    )> = ours.keys().cloned().collect();
+    let mut keys: BTreeSet<TotalKey> = ours.keys().cloned().collect();
     keys.extend(
         theirs
             .keys()
