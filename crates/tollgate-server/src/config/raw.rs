@@ -384,6 +384,7 @@ pub struct RawSink {
     pub secret: Option<Secret>,
     /// Tollgate's meters sent, each with its name in the sink: Stripe's event name, OpenMeter's
     /// meter slug, Lago's billable metric code, or the webhook's data field.
+    #[serde(default)]
     pub meters: std::collections::BTreeMap<String, String>,
     /// `account` (the account id is the customer) or `mapped` (the customer id set per account
     /// through the API). Default: `mapped` for Stripe, `account` otherwise.
