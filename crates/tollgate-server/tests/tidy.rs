@@ -103,7 +103,12 @@ fn config_md_documents_every_field_and_override() {
     assert!(docs.contains("### `[[export.sinks]]`"));
     let sink: tollgate_server::config::RawSink =
         toml::from_str("name = \"s\"\nkind = \"lago\"\nurl = \"http://h\"").unwrap();
-    for field in serde_json::to_value(sink).unwrap().as_object().unwrap().keys() {
+    for field in serde_json::to_value(sink)
+        .unwrap()
+        .as_object()
+        .unwrap()
+        .keys()
+    {
         assert!(
             docs.contains(&format!("| `{field}` |")),
             "docs/config.md lacks export.sinks.{field}"

@@ -1029,5 +1029,9 @@ pub struct ExportCustomer {
 #[serde(deny_unknown_fields)]
 pub struct SetExportCustomer {
     /// 1 to 255 printable characters.
+    #[cfg_attr(
+        feature = "openapi",
+        schema(min_length = 1, max_length = 255, example = "cus_NffrFeUfNV2Hib")
+    )]
     pub customer: String,
 }
