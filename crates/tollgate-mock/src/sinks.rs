@@ -134,6 +134,11 @@ impl FakeSinks {
         self.shared.sinks().refused.push(customer.to_string());
     }
 
+    /// Events of every customer are taken again.
+    pub fn accept_everyone(&self) {
+        self.shared.sinks().refused.clear();
+    }
+
     /// Defines an OpenMeter meter: `slug` sums the data field `property`.
     pub fn openmeter_meter(&self, slug: &str, property: &str) {
         self.shared

@@ -608,3 +608,87 @@ async fn the_exporter_runs_by_itself_and_catches_up_after_an_outage() {
         (0, 0, 0)
     );
 }
+
+/// The operator's console page lists each sink's parked records with the sink's answer, and
+/// *Send again* delivers one the sink now takes; an account holder cannot see the page.
+#[tokio::test]
+async fn the_operator_sees_dead_letters_in_the_console_and_sends_one_again() {
+    let fakes = fakes().await;
+    let app = spawn_app_with(|raw, _| four_sinks(raw, &fakes)).await;
+    let acme = app.create_account("acme").await;
+    fakes.refuse_customer(&acme.id.to_string());
+    let refused = paid_call(&app, &acme.master_key).await;
+    app.state.ledger.flush().await.unwrap();
+    assert_eq!(round(&app, "lago").await.parked, 1);
+
+    let browser = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let sign_in = |credential: String| {
+        browser
+            .post(format!("{}/console/sign-in", app.url))
+            .header("sec-fetch-site", "same-origin")
+            .form(&[("credential", credential)])
+            .send()
+    };
+    let cookie = |response: reqwest::Response| {
+        response.headers()[reqwest::header::SET_COOKIE]
+            .to_str()
+            .unwrap()
+            .split(';')
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    let operator = cookie(sign_in(ADMIN_TOKEN.to_string()).await.unwrap());
+    let page = |cookie: String| {
+        browser
+            .get(format!("{}/console/sinks", app.url))
+            .header(reqwest::header::COOKIE, cookie)
+            .send()
+    };
+    let body = page(operator.clone()).await.unwrap().text().await.unwrap();
+    let lago = body.split("data-sink=\"lago\"").nth(1).unwrap();
+    let lago = lago.split("</section>").next().unwrap();
+    assert!(lago.contains("data-dead=\"1\""), "{lago}");
+    assert!(lago.contains(&refused), "{lago}");
+    assert!(lago.contains("data-reason=\"rejected\""), "{lago}");
+    let seq = lago
+        .split("data-seq=\"")
+        .nth(1)
+        .unwrap()
+        .split('"')
+        .next()
+        .unwrap()
+        .to_string();
+
+    fakes.accept_everyone();
+    let sent = browser
+        .post(format!("{}/console/sinks/lago/{seq}/retry", app.url))
+        .header(reqwest::header::COOKIE, operator.clone())
+        .header("sec-fetch-site", "same-origin")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(sent.status(), StatusCode::SEE_OTHER);
+    assert_eq!(
+        sent.headers()["location"],
+        "/console/sinks?retried=delivered"
+    );
+    assert!(fakes
+        .held(Api::Lago)
+        .contains_key(&format!("{refused}-cost")));
+    let body = page(operator).await.unwrap().text().await.unwrap();
+    let lago = body.split("data-sink=\"lago\"").nth(1).unwrap();
+    assert!(lago.contains("data-dead=\"0\""), "{lago}");
+    let audit = app.get_json("/api/v1/audit", ADMIN_TOKEN).await;
+    assert!(audit["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|entry| entry["action"] == "export.retry"));
+
+    let holder = cookie(sign_in(acme.master_key.clone()).await.unwrap());
+    assert_eq!(page(holder).await.unwrap().status(), StatusCode::NOT_FOUND);
+}

@@ -13,6 +13,7 @@ pub mod report;
 pub mod requests;
 pub mod security;
 pub mod session;
+pub mod sinks;
 pub mod usage;
 pub mod wallet;
 pub mod webhooks;
@@ -74,6 +75,8 @@ pub fn router() -> Router<AppState> {
             post(accounts::reactivate),
         )
         .route("/console/audit", get(accounts::audit))
+        .route("/console/sinks", get(sinks::list))
+        .route("/console/sinks/{name}/{seq}/retry", post(sinks::retry_one))
         .route("/console/assets/{name}", get(assets::serve))
         .layer(middleware::from_fn(security::layer))
 }

@@ -59,6 +59,14 @@ async fn list_sinks(
     caller: Caller,
 ) -> Result<Json<wire::Page<wire::ExportSink>>, HttpError> {
     caller.require_admin()?;
+    Ok(Json(wire::Page {
+        data: sink_views(&state).await?,
+        next_cursor: None,
+    }))
+}
+
+/// Every configured sink and where it stands, in config order.
+pub(crate) async fn sink_views(state: &AppState) -> Result<Vec<wire::ExportSink>, HttpError> {
     let now = state.clock.now();
     let mut data = Vec::new();
     for sink in &state.exporter.settings().sinks {
@@ -86,10 +94,7 @@ async fn list_sinks(
             dead_letters: standing.dead,
         });
     }
-    Ok(Json(wire::Page {
-        data,
-        next_cursor: None,
-    }))
+    Ok(data)
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -104,7 +109,7 @@ struct ParkedQuery {
     limit: Option<u32>,
 }
 
-fn parked_view(state: &AppState, parked: ParkedRecord) -> wire::ParkedUsage {
+pub(crate) fn parked_view(state: &AppState, parked: ParkedRecord) -> wire::ParkedUsage {
     let record = parked.record;
     wire::ParkedUsage {
         seq: record.seq,
@@ -209,10 +214,23 @@ async fn retry_parked(
     let Ok(Path((name, seq))) = ids else {
         return Err(HttpError::not_found("parked record"));
     };
-    let sink = sink_named(&state, &name)?;
     let Some(seq) = seq.parse::<i64>().ok().filter(|n| *n > 0) else {
         return Err(HttpError::not_found("parked record"));
     };
+    let delivered = retry(&state, &caller, request_id, &name, seq).await?;
+    Ok(Json(wire::ExportRetry { seq, delivered }))
+}
+
+/// Sends one parked record again, audited; whether the sink took it.
+pub(crate) async fn retry(
+    state: &AppState,
+    caller: &Caller,
+    request_id: RequestId,
+    name: &str,
+    seq: i64,
+) -> Result<bool, HttpError> {
+    caller.require_admin()?;
+    let sink = sink_named(state, name)?;
     let delivered = match state.exporter.retry_parked(&sink, seq).await {
         Ok(Some(delivered)) => delivered,
         Ok(None) => return Err(HttpError::not_found("parked record")),
@@ -225,8 +243,8 @@ async fn retry_parked(
     };
     let change = Change::new("export.retry", format!("{name}/{seq}"))
         .after(&serde_json::json!({ "delivered": delivered }));
-    audit::record(&state, &caller, request_id, change).await;
-    Ok(Json(wire::ExportRetry { seq, delivered }))
+    audit::record(state, caller, request_id, change).await;
+    Ok(delivered)
 }
 
 /// The account and sink a customer-id call is about; 404 for an unknown one of either.
