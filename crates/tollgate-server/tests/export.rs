@@ -692,3 +692,30 @@ async fn the_operator_sees_dead_letters_in_the_console_and_sends_one_again() {
     let holder = cookie(sign_in(acme.master_key.clone()).await.unwrap());
     assert_eq!(page(holder).await.unwrap().status(), StatusCode::NOT_FOUND);
 }
+
+/// A sink added to a running deployment is sent what is charged from then on, never the
+/// history already in the log (which another system may have billed).
+#[tokio::test]
+async fn a_sink_added_later_starts_with_the_calls_charged_after_it() {
+    let fakes = fakes().await;
+    let app = spawn_app_with(|_, _| {}).await;
+    let acme = app.create_account("acme").await;
+    let before = paid_call(&app, &acme.master_key).await;
+    let url = fakes.url();
+    let app = app
+        .restart_with(move |raw| {
+            raw.export.poll_interval = "20ms".into();
+            raw.export.sinks = vec![sink("lago", "lago", url, &[("cost", "api_cost")])];
+        })
+        .await;
+    // The sink's start was recorded as the node started, at the newest record.
+    assert!(app.store.export_cursor("lago").await.unwrap() > 0);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let after = paid_call(&app, &acme.master_key).await;
+    app.state.ledger.flush().await.unwrap();
+    while fakes.held(Api::Lago).is_empty() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let held: Vec<String> = fakes.held(Api::Lago).into_keys().collect();
+    assert_eq!(held, vec![format!("{after}-cost")], "not {before}");
+}

@@ -241,6 +241,7 @@ bounded!(NotifyStore {
 bounded!(ExportStore {
     fn export_records(after: i64, limit: u32) -> Vec<ExportRecord>;
     fn export_cursor(sink: &str) -> i64;
+    fn start_export(sink: &str, at: DateTime<Utc>) -> i64;
     fn advance_export(sink: &str, from: i64, to: i64, parked: &[(i64, ParkReason, String)], at: DateTime<Utc>) -> bool;
     fn parked_exports(sink: &str, reason: Option<ParkReason>, after: i64, limit: u32) -> Vec<ParkedRecord>;
     fn newly_mapped_exports(sink: &str, card_customers: bool, limit: u32) -> Vec<ExportRecord>;

@@ -109,6 +109,10 @@ pub trait ExportStore: Send + Sync {
     /// The sink's cursor: 0 before its first acknowledgement.
     async fn export_cursor(&self, sink: &str) -> Result<i64, StoreError>;
 
+    /// A sink seen for the first time starts at the newest record: it is sent what is charged
+    /// from now on, never the history the log already holds. Its cursor, new or not.
+    async fn start_export(&self, sink: &str, at: DateTime<Utc>) -> Result<i64, StoreError>;
+
     /// Moves the sink's cursor from `from` to `to` and parks `parked` (seq, reason, detail) in
     /// one transaction; false (and nothing changed) if the cursor is no longer at `from`.
     async fn advance_export(
@@ -300,6 +304,25 @@ macro_rules! export_store {
                         .await
                         .map_err(store_error)?;
                 Ok(seq.unwrap_or(0))
+            }
+
+            async fn start_export(
+                &self,
+                sink: &str,
+                at: chrono::DateTime<chrono::Utc>,
+            ) -> Result<i64, $crate::StoreError> {
+                $number(&self.pool).await?;
+                sqlx::query(&$sql(
+                    "INSERT INTO export_cursors (sink, seq, updated_at) \
+                     SELECT ?, COALESCE(MAX(seq), 0), ? FROM usage_exports WHERE true \
+                     ON CONFLICT (sink) DO NOTHING",
+                ))
+                .bind(sink)
+                .bind(crate::rows::millis(at))
+                .execute(&self.pool)
+                .await
+                .map_err(store_error)?;
+                $crate::export::ExportStore::export_cursor(self, sink).await
             }
 
             async fn advance_export(

@@ -2675,6 +2675,20 @@ pub async fn only_charged_usage_is_logged_for_export_in_commit_order(store: Arc<
         2
     );
 
+    // A sink seen for the first time starts at the newest record, and only once.
+    assert_eq!(
+        store.start_export("late", at(3_000)).await.unwrap(),
+        records[3].seq
+    );
+    assert!(store
+        .advance_export("late", records[3].seq, records[3].seq + 5, &[], at(3_000))
+        .await
+        .unwrap());
+    assert_eq!(
+        store.start_export("late", at(3_000)).await.unwrap(),
+        records[3].seq + 5
+    );
+
     // The cursor moves only from where it is; what it passes unsent is parked with it.
     let sink = "lago";
     assert_eq!(store.export_cursor(sink).await.unwrap(), 0);

@@ -89,6 +89,10 @@ impl Application {
         keys.register_metrics(&mut registry);
         ledger.register_metrics(&mut registry);
         let exporter = Exporter::new(store.clone(), clock.clone(), config.export.clone());
+        exporter
+            .start()
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot start the usage export: {e}"))?;
         exporter.register_metrics(&mut registry);
         let metrics = Arc::new(Metrics::new(registry));
         let payments = config.stripe.clone().map(|settings| {

@@ -121,6 +121,18 @@ impl Exporter {
         );
     }
 
+    /// Records each sink's start: a sink seen for the first time starts at the newest record,
+    /// so configuring one never sends it the history. Run before the node serves, so every
+    /// call it admits is after the start.
+    pub async fn start(&self) -> Result<(), StoreError> {
+        for sink in &self.settings.sinks {
+            self.store
+                .start_export(&sink.name, self.clock.now())
+                .await?;
+        }
+        Ok(())
+    }
+
     pub fn settings(&self) -> &ExportSettings {
         &self.settings
     }

@@ -719,6 +719,9 @@ impl tollgate_store::ExportStore for CountingStore {
     async fn export_cursor(&self, sink: &str) -> Result<i64, StoreError> {
         self.inner.export_cursor(sink).await
     }
+    async fn start_export(&self, sink: &str, at: DateTime<Utc>) -> Result<i64, StoreError> {
+        self.inner.start_export(sink, at).await
+    }
     async fn advance_export(
         &self,
         sink: &str,
