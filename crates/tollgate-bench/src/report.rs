@@ -421,6 +421,28 @@ pub fn render(r: &Results) -> String {
         let _ = writeln!(md, "The scale runs failed:\n\n```\n{e}\n```\n");
     }
 
+    // Usage export.
+    if !r.export.is_empty() || r.export_error.is_some() {
+        let _ = writeln!(
+            md,
+            "## Usage export\n\nA node drains an export log of N charged calls to a signed \
+             CloudEvents sink on loopback (`tollgate-mock`'s fake, keeping counts only), in batches \
+             of 1000, two meters a record. Peak memory must not grow with N.\n\n\
+             | records | time | records/s | node's peak RSS |\n|---|---|---|---|"
+        );
+        for run in &r.export {
+            let _ = writeln!(
+                md,
+                "| {} | {:.1} s | {:.0} | {:.1} MiB |",
+                run.rows, run.seconds, run.rows_per_second, run.peak_rss_mib
+            );
+        }
+        if let Some(e) = &r.export_error {
+            let _ = writeln!(md, "\nThe export run failed:\n\n```\n{e}\n```");
+        }
+        let _ = writeln!(md);
+    }
+
     // Targets.
     let _ = writeln!(
         md,
@@ -548,6 +570,7 @@ mod tests {
                 hold_connections: 16,
                 scale_keys: 1000,
                 scale_usage_rows: 1000,
+                export_rows: 1000,
                 contender_core: 1,
                 generator_core: 0,
             }),
@@ -556,9 +579,19 @@ mod tests {
                 measured("bare hyper proxy", 1.1, 40.0),
                 measured("Tollgate SQLite + usage log (everything on)", 1.5, 120.0),
             ],
+            export: vec![crate::export::ExportRun {
+                rows: 1_000_000,
+                seconds: 20.0,
+                rows_per_second: 50_000.0,
+                peak_rss_mib: 80.4,
+            }],
             ..Results::default()
         };
         let md = render(&results);
+        assert!(
+            md.contains("| 1000000 | 20.0 s | 50000 | 80.4 MiB |"),
+            "{md}"
+        );
         assert!(
             md.contains("| Tollgate everything on (SQLite) CPU/request ÷ bare proxy | 3.00× |"),
             "{md}"

@@ -37,6 +37,9 @@ pub struct Settings {
     pub hold_connections: usize,
     pub scale_keys: u64,
     pub scale_usage_rows: u64,
+    /// Records in the export log the export section drains.
+    #[serde(default)]
+    pub export_rows: u64,
     pub contender_core: usize,
     pub generator_core: usize,
 }
@@ -96,6 +99,11 @@ pub struct Results {
     /// When the scale section was run on its own (`--scale-only`), after the rest.
     #[serde(default)]
     pub scale_date: Option<String>,
+    /// Usage export: a tenth of the records, then all of them.
+    #[serde(default)]
+    pub export: Vec<crate::export::ExportRun>,
+    #[serde(default)]
+    pub export_error: Option<String>,
 }
 
 pub async fn run(options: Options) -> anyhow::Result<Results> {
@@ -112,6 +120,7 @@ pub async fn run(options: Options) -> anyhow::Result<Results> {
         hold_connections: 16,
         scale_keys: if options.quick { 10_000 } else { 1_000_000 },
         scale_usage_rows: if options.quick { 100_000 } else { 10_000_000 },
+        export_rows: if options.quick { 20_000 } else { 1_000_000 },
         contender_core: 1,
         generator_core: 0,
     };
@@ -298,6 +307,17 @@ pub async fn run(options: Options) -> anyhow::Result<Results> {
 
     (results.scale, results.scale_error) = scale_section(&env, upstream, &settings).await;
     drop(upstream_proc);
+
+    eprintln!("usage export");
+    for rows in [settings.export_rows / 10, settings.export_rows] {
+        match crate::export::run(&options.tollgate, &options.work, rows.max(1)).await {
+            Ok(run) => results.export.push(run),
+            Err(e) => {
+                results.export_error = Some(format!("{e:#}"));
+                break;
+            }
+        }
+    }
     Ok(results)
 }
 

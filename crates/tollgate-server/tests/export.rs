@@ -602,10 +602,32 @@ async fn the_exporter_runs_by_itself_and_catches_up_after_an_outage() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(fakes.held(Api::Lago).len(), 10, "5 records × 2 meters");
-    let standing = app.store.export_standing("lago").await.unwrap();
+    // The sink has answered; the cursor moves right after.
+    let mut standing = app.store.export_standing("lago").await.unwrap();
+    while standing.pending > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        standing = app.store.export_standing("lago").await.unwrap();
+    }
     assert_eq!(
         (standing.pending, standing.dead, standing.unmapped),
         (0, 0, 0)
+    );
+    let metrics = app
+        .get("/metrics")
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("tollgate_export_failures_total{sink=\"lago\"} 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("tollgate_export_lag_seconds{sink=\"lago\"} 0"),
+        "{metrics}"
     );
 }
 

@@ -1734,7 +1734,13 @@ async fn three_nodes_exporting_to_one_sink_deliver_every_charged_call_once() {
     expected.sort();
     assert_eq!(held.keys().cloned().collect::<Vec<_>>(), expected);
     assert!(held.values().all(|event| event.value == "0.001"));
-    let standing = cluster.store().await.export_standing("lago").await.unwrap();
+    // The sink has answered; the cursor moves right after.
+    let store = cluster.store().await;
+    let mut standing = store.export_standing("lago").await.unwrap();
+    while standing.pending > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        standing = store.export_standing("lago").await.unwrap();
+    }
     assert_eq!(
         (standing.pending, standing.unmapped, standing.dead),
         (0, 0, 0)
