@@ -6,7 +6,7 @@
 -- reader that has seen a seq has seen every seq below it.
 CREATE TABLE usage_exports (
     seq                  INTEGER PRIMARY KEY AUTOINCREMENT,
-    request_id           TEXT NOT NULL UNIQUE,
+    request_id           TEXT NOT NULL,               -- unique: `requests`' key, in the same commit
     account_id           TEXT NOT NULL,
     key_id               TEXT NOT NULL,
     route                TEXT NOT NULL,
