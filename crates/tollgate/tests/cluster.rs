@@ -22,6 +22,10 @@ const NODES: usize = 3;
 /// How soon a change made through one node is refused by every other (docs/cluster.md says
 /// "well under a second"; the announcement itself takes milliseconds).
 const PROPAGATION_BOUND: Duration = Duration::from_secs(1);
+/// How long a test waits for the nodes' writers to store what they queued. A liveness bound,
+/// not a speed target: alone it takes well under a second, but CI runs these tests side by side
+/// on two cores, and a node's writer backs off after a failed commit.
+const SETTLE_BOUND: Duration = Duration::from_secs(30);
 /// A per-key policy no load test reaches, in place of the default one (6000 a minute).
 const ROOMY_LIMIT: &str = "[[rate_limits]]\nname = \"roomy\"\nscope = \"key\"\n\
                            limit = 1000000\nwindow = \"1m\"\nburst = 100000\n";
@@ -214,7 +218,7 @@ async fn a_thousand_concurrent_paid_calls_spend_a_balance_for_300_exactly() {
         if wallet["available"]["nanos"] == 0 && wallet["held"]["nanos"] == 0 {
             break;
         }
-        assert!(read_at.elapsed() < Duration::from_secs(5), "{wallet}");
+        assert!(read_at.elapsed() < SETTLE_BOUND, "{wallet}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // The ledger balances, and the account's cached balance is the one it rebuilds.
@@ -585,7 +589,7 @@ async fn assert_charged_for_within(
 }
 
 async fn assert_charged_for(http: &reqwest::Client, url: &str, account: &str, served: i64) {
-    assert_charged_for_within(http, url, account, served, Duration::from_secs(5)).await;
+    assert_charged_for_within(http, url, account, served, SETTLE_BOUND).await;
 }
 
 #[tokio::test]
@@ -835,7 +839,7 @@ async fn a_busy_nodes_unused_lease_goes_to_the_node_that_needs_it() {
             assert_eq!(nanos("available"), 6_000_000, "{wallet}");
             break;
         }
-        assert!(read_at.elapsed() < Duration::from_secs(5), "{wallet}");
+        assert!(read_at.elapsed() < SETTLE_BOUND, "{wallet}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -1454,7 +1458,7 @@ async fn a_hundred_calls_crossing_the_threshold_on_two_nodes_make_one_automatic_
         .collect();
     assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
 
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + SETTLE_BOUND;
     loop {
         let balance: Value = send_json(
             cluster
@@ -1542,7 +1546,7 @@ async fn two_hundred_calls_at_once_across_nodes_draw_a_hundred_unit_allowance_ex
             assert_eq!(bucket["used"], UNITS as u64, "{body}");
             break;
         }
-        assert!(read_at.elapsed() < Duration::from_secs(5), "{body}");
+        assert!(read_at.elapsed() < SETTLE_BOUND, "{body}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     use tollgate_store::UnitStore;
