@@ -207,6 +207,38 @@ async fn anthropic_streams_pass_through_with_a_request_id_header() {
     assert_eq!(events.last(), Some(&"message_stop"));
 }
 
+/// A body without a length (a stream, or any chunked answer) is over for the client when the
+/// upstream's is: the meter, which waits up to a second for the client to take the last frame
+/// before it settles, must not hold back the end the client waits for. Before the fix, every such
+/// answer ended a full second late; the bound is that second, less room for a loaded machine.
+#[tokio::test]
+async fn a_stream_ends_for_the_client_when_the_upstream_ends_it() {
+    let app = spawn_app().await;
+    let account = app.create_account("acme").await;
+    for _ in 0..3 {
+        let started = Instant::now();
+        let response = app
+            .post("/anthropic/v1/messages")
+            .header("x-api-key", &account.master_key)
+            .json(
+                &json!({"model": "mock-claude", "max_tokens": 10, "stream": true,
+                          "messages": [{"role": "user", "content": "Hi"}]}),
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        assert!(response.content_length().is_none(), "not a chunked answer");
+        let text = response.text().await.unwrap();
+        assert!(text.contains("message_stop"), "{text}");
+        let took = started.elapsed();
+        assert!(
+            took < Duration::from_millis(800),
+            "the stream's end reached the client {took:?} after the request"
+        );
+    }
+}
+
 #[tokio::test]
 async fn upstream_errors_pass_through_unchanged() {
     let app = spawn_app().await;

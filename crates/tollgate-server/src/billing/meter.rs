@@ -800,6 +800,10 @@ async fn read_upstream(
         }
     };
     if matches!(ending, Ending::Complete) {
+        // Closing the channel is how the client's side learns the body has ended: a body without
+        // a length (chunked, SSE) is not over for the client until then, and only then is the
+        // last frame taken.
+        drop(frames);
         let _ = tokio::time::timeout(TAKEN_WAIT, taken).await;
     }
     metering.finish(ending);
