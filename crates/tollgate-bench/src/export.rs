@@ -101,7 +101,8 @@ pub async fn run(tollgate: &Path, work: &Path, rows: u64) -> anyhow::Result<Expo
     })
 }
 
-/// Writes `rows` charged calls into the export log directly, over 100 accounts and a day.
+/// Writes `rows` charged calls into the export log directly, over 100 accounts and a day, and
+/// the sink's cursor before them.
 async fn seed(db: &Path, rows: u64) -> anyhow::Result<()> {
     let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", db.display())).await?;
     let now = chrono::Utc::now().timestamp_millis();
@@ -118,6 +119,13 @@ async fn seed(db: &Path, rows: u64) -> anyhow::Result<()> {
     .execute(&pool)
     .await
     .context("seeding the export log")?;
+    // A sink seen for the first time starts at the newest record (it is never sent the history);
+    // this one is a sink that fell behind, with every seeded record still to send.
+    sqlx::query("INSERT INTO export_cursors (sink, seq, updated_at) VALUES ('bench', 0, ?1)")
+        .bind(now)
+        .execute(&pool)
+        .await
+        .context("placing the sink's cursor before the seeded records")?;
     pool.close().await;
     Ok(())
 }

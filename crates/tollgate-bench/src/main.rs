@@ -109,8 +109,12 @@ enum Command {
         quick: bool,
         /// Run only the cost-at-scale section and put its figures into the BENCHMARKS.json and
         /// BENCHMARKS.md already in `--out`.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "export_only")]
         scale_only: bool,
+        /// Run only the usage export section and put its figures into the BENCHMARKS.json and
+        /// BENCHMARKS.md already in `--out`.
+        #[arg(long)]
+        export_only: bool,
     },
 }
 
@@ -196,6 +200,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             out,
             quick,
             scale_only,
+            export_only,
         } => {
             // Absolute, since contenders run in their own directories.
             let work = std::path::absolute(&work)?;
@@ -208,16 +213,27 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                 work,
                 quick,
                 scale_only,
+                export_only,
             };
             let measured = run::run(options).await?;
-            let results = if scale_only {
+            let earlier = || -> anyhow::Result<run::Results> {
                 let earlier = out.join("BENCHMARKS.json");
                 let text = std::fs::read_to_string(&earlier)
                     .with_context(|| format!("reading {earlier:?}"))?;
-                let mut results: run::Results = serde_json::from_str(&text)?;
+                Ok(serde_json::from_str(&text)?)
+            };
+            let results = if scale_only {
+                let mut results = earlier()?;
                 results.scale = measured.scale;
                 results.scale_error = measured.scale_error;
                 results.scale_date =
+                    Some(chrono::Utc::now().format("%Y-%m-%d %H:%M UTC").to_string());
+                results
+            } else if export_only {
+                let mut results = earlier()?;
+                results.export = measured.export;
+                results.export_error = measured.export_error;
+                results.export_date =
                     Some(chrono::Utc::now().format("%Y-%m-%d %H:%M UTC").to_string());
                 results
             } else {

@@ -427,8 +427,17 @@ pub fn render(r: &Results) -> String {
             md,
             "## Usage export\n\nA node drains an export log of N charged calls to a signed \
              CloudEvents sink on loopback (`tollgate-mock`'s fake, keeping counts only), in batches \
-             of 1000, two meters a record. Peak memory must not grow with N.\n\n\
-             | records | time | records/s | node's peak RSS |\n|---|---|---|---|"
+             of 1000, two meters a record. Peak memory must not grow with N.\n"
+        );
+        if let Some(date) = &r.export_date {
+            let _ = writeln!(
+                md,
+                "This section was measured on its own (`--export-only`) on {date}, after the rest.\n"
+            );
+        }
+        let _ = writeln!(
+            md,
+            "| records | time | records/s | node's peak RSS |\n|---|---|---|---|"
         );
         for run in &r.export {
             let _ = writeln!(

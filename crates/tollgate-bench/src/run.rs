@@ -20,6 +20,8 @@ pub struct Options {
     pub quick: bool,
     /// Only the cost-at-scale section (its figures replace those of an earlier run's report).
     pub scale_only: bool,
+    /// Only the usage export section (its figures replace those of an earlier run's report).
+    pub export_only: bool,
 }
 
 /// Load settings, written into the report.
@@ -104,6 +106,9 @@ pub struct Results {
     pub export: Vec<crate::export::ExportRun>,
     #[serde(default)]
     pub export_error: Option<String>,
+    /// When the export section was run on its own (`--export-only`), after the rest.
+    #[serde(default)]
+    pub export_date: Option<String>,
 }
 
 pub async fn run(options: Options) -> anyhow::Result<Results> {
@@ -141,6 +146,10 @@ pub async fn run(options: Options) -> anyhow::Result<Results> {
         ..Results::default()
     };
 
+    if options.export_only {
+        (results.export, results.export_error) = export_section(&options, &settings).await;
+        return Ok(results);
+    }
     // Zero-latency upstream: the proxies' own cost, unmasked.
     let (upstream_proc, upstream) = contenders::upstream(&env, Duration::ZERO).await?;
     if options.scale_only {
@@ -308,17 +317,24 @@ pub async fn run(options: Options) -> anyhow::Result<Results> {
     (results.scale, results.scale_error) = scale_section(&env, upstream, &settings).await;
     drop(upstream_proc);
 
+    (results.export, results.export_error) = export_section(&options, &settings).await;
+    Ok(results)
+}
+
+/// Usage export: a tenth of the records, then all of them; stops at the first failure.
+async fn export_section(
+    options: &Options,
+    settings: &Settings,
+) -> (Vec<crate::export::ExportRun>, Option<String>) {
     eprintln!("usage export");
+    let mut runs = Vec::new();
     for rows in [settings.export_rows / 10, settings.export_rows] {
         match crate::export::run(&options.tollgate, &options.work, rows.max(1)).await {
-            Ok(run) => results.export.push(run),
-            Err(e) => {
-                results.export_error = Some(format!("{e:#}"));
-                break;
-            }
+            Ok(run) => runs.push(run),
+            Err(e) => return (runs, Some(format!("{e:#}"))),
         }
     }
-    Ok(results)
+    (runs, None)
 }
 
 async fn scale_section(
