@@ -613,6 +613,8 @@ fn units_text(value: &serde_json::Value) -> Option<String> {
 /// client leaves, the task reads on for the usage within the route's bounds, then settles.
 pub struct MeteredBody {
     frames: mpsc::UnboundedReceiver<Result<Frame<Bytes>, hyper::Error>>,
+    /// What the channel gave before the response was returned (see [`MeteredBody::start`]).
+    first: Option<Option<Result<Frame<Bytes>, hyper::Error>>>,
     /// Bytes read ahead of the client: taken by the reader, given back as the client takes them.
     ahead: Arc<Semaphore>,
     budget: usize,
@@ -633,7 +635,21 @@ const TAKEN_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 impl MeteredBody {
     /// `hide_usage_chunk`: the meter reads the OpenAI stream's usage-only chunk, but the client,
     /// which did not ask for it, does not get it.
-    pub fn new(inner: Incoming, metering: Metering, hide_usage_chunk: bool) -> MeteredBody {
+    ///
+    /// An answer of a known length is returned with its first bytes in hand, so the response's
+    /// head and body leave in one write (one packet, one wake-up of the client) instead of two.
+    /// A stream, or any answer without a length, is returned at once: its head goes out while
+    /// the upstream is still producing the body.
+    pub async fn start(inner: Incoming, metering: Metering, hide_usage_chunk: bool) -> MeteredBody {
+        let sized = inner.size_hint().exact().is_some_and(|length| length > 0);
+        let mut body = MeteredBody::new(inner, metering, hide_usage_chunk);
+        if sized && body.filter.is_none() {
+            body.first = Some(body.frames.recv().await);
+        }
+        body
+    }
+
+    fn new(inner: Incoming, metering: Metering, hide_usage_chunk: bool) -> MeteredBody {
         let size_hint = inner.size_hint();
         let (sender, frames) = mpsc::unbounded_channel();
         let (taken, taken_seen) = oneshot::channel();
@@ -657,6 +673,7 @@ impl MeteredBody {
         }
         MeteredBody {
             frames,
+            first: None,
             ahead,
             budget,
             size_hint,
@@ -688,7 +705,11 @@ impl Body for MeteredBody {
             if this.ended {
                 return Poll::Ready(None);
             }
-            let frame = match ready!(this.frames.poll_recv(cx)) {
+            let next = match this.first.take() {
+                Some(next) => next,
+                None => ready!(this.frames.poll_recv(cx)),
+            };
+            let frame = match next {
                 Some(Ok(frame)) => frame,
                 Some(Err(e)) => return Poll::Ready(Some(Err(e))),
                 None => {

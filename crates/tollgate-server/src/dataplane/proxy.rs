@@ -500,7 +500,7 @@ async fn forward(
     let metering = Metering::new(billing, rule, pricing, status, is_sse, encoding);
     Ok(Response::from_parts(
         parts,
-        Body::new(MeteredBody::new(body, metering, hide_usage_chunk)),
+        Body::new(MeteredBody::start(body, metering, hide_usage_chunk).await),
     ))
 }
 
