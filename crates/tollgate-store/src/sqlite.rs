@@ -48,6 +48,10 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite")
 /// page cache, shared by every connection).
 const MMAP_BYTES: u64 = 1 << 30;
 
+/// How many prepared statements the ledger writer keeps: every shape its batches use (see
+/// [`push_padded`]), with room to spare over sqlx's default of 100.
+const LEDGER_STATEMENTS: usize = 256;
+
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
@@ -83,7 +87,7 @@ impl SqliteStore {
         let ledger = SqlitePoolOptions::new()
             .max_connections(1)
             .acquire_timeout(Duration::from_secs(5))
-            .connect_with(options)
+            .connect_with(options.statement_cache_capacity(LEDGER_STATEMENTS))
             .await
             .map_err(store_error)?;
         Ok(SqliteStore { pool, ledger })
@@ -327,11 +331,16 @@ async fn add_key_spend(
         let mut query = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
             "INSERT INTO key_spend (key_id, month, spent_nanos) ",
         );
-        query.push_values(chunk, |mut row, (key, month, spent)| {
-            row.push_bind(key.clone())
-                .push_bind(*month)
-                .push_bind(*spent);
-        });
+        push_padded(
+            &mut query,
+            3,
+            chunk.iter(),
+            |mut row, (key, month, spent)| {
+                row.push_bind(key.clone())
+                    .push_bind(*month)
+                    .push_bind(*spent);
+            },
+        );
         query.push(
             " ON CONFLICT (key_id) DO UPDATE SET spent_nanos = CASE \
              WHEN excluded.month > key_spend.month THEN excluded.spent_nanos \
@@ -356,11 +365,16 @@ async fn add_spend(
         return Ok(());
     }
     let mut query = sqlx::QueryBuilder::<sqlx::Sqlite>::new(UPSERT_SPEND);
-    query.push_values(&deltas, |mut row, (account, month, charged)| {
-        row.push_bind(account.clone())
-            .push_bind(*month)
-            .push_bind(*charged);
-    });
+    push_padded(
+        &mut query,
+        3,
+        deltas.iter(),
+        |mut row, (account, month, charged)| {
+            row.push_bind(account.clone())
+                .push_bind(*month)
+                .push_bind(*charged);
+        },
+    );
     query.push(UPSERT_SPEND_CONFLICT);
     query
         .build()
@@ -558,6 +572,40 @@ impl SqliteStore {
 /// Rows per multi-row INSERT: well inside SQLite's limit of 32766 bound parameters.
 const ROWS_PER_INSERT: usize = 500;
 
+/// Pushes `rows` as `SELECT * FROM (VALUES ...) WHERE column1 IS NOT NULL`, padded with rows of
+/// NULLs up to the next power of two. A multi-row statement's text depends on its row count, and
+/// the ledger writer keeps its statements prepared: padded, each insert has a handful of shapes
+/// (1, 2, 4 ... rows), all of them cached, where one per row count was too many to keep and each
+/// batch parsed its statements again. The padding rows are bound NULLs, never written.
+/// `columns`: how many values a row has; the first must never be NULL.
+fn push_padded<'a, T>(
+    query: &mut sqlx::QueryBuilder<'a, sqlx::Sqlite>,
+    columns: usize,
+    rows: impl ExactSizeIterator<Item = T>,
+    mut push: impl FnMut(sqlx::query_builder::Separated<'_, 'a, sqlx::Sqlite, &'static str>, T),
+) {
+    let padding = rows.len().next_power_of_two() - rows.len();
+    query.push("SELECT * FROM (");
+    query.push_values(
+        rows.map(Some)
+            .chain(std::iter::repeat_with(|| None).take(padding)),
+        |mut row, item| match item {
+            Some(item) => push(row, item),
+            None => {
+                for _ in 0..columns {
+                    row.push_bind(None::<i64>);
+                }
+            }
+        },
+    );
+    query.push(") WHERE column1 IS NOT NULL");
+}
+
+/// How many columns a column list names.
+fn column_count(columns: &str) -> usize {
+    columns.split(',').count()
+}
+
 #[async_trait]
 impl LedgerStore for SqliteStore {
     async fn ledger_balance(&self, account: AccountId) -> Result<Nanos, StoreError> {
@@ -685,21 +733,26 @@ impl LedgerStore for SqliteStore {
             let mut query = sqlx::QueryBuilder::<sqlx::Sqlite>::new(format!(
                 "INSERT INTO holds ({HOLD_COLUMNS}) "
             ));
-            query.push_values(chunk, |mut row, (record, state)| {
-                let hold = &record.hold;
-                row.push_bind(hold.id.to_string())
-                    .push_bind(hold.account.to_string())
-                    .push_bind(hold.key.map(|k| k.to_string()))
-                    .push_bind(record.source.as_str())
-                    .push_bind(record.request_id.map(|r| r.to_string()))
-                    .push_bind(hold.amount.0)
-                    .push_bind(state.charged.0)
-                    .push_bind(state.status.as_str())
-                    .push_bind(record.metadata.to_string())
-                    .push_bind(millis(hold.created_at))
-                    .push_bind(millis(hold.expires_at))
-                    .push_bind(state.resolved_at.map(millis));
-            });
+            push_padded(
+                &mut query,
+                column_count(HOLD_COLUMNS),
+                chunk.iter(),
+                |mut row, (record, state)| {
+                    let hold = &record.hold;
+                    row.push_bind(hold.id.to_string())
+                        .push_bind(hold.account.to_string())
+                        .push_bind(hold.key.map(|k| k.to_string()))
+                        .push_bind(record.source.as_str())
+                        .push_bind(record.request_id.map(|r| r.to_string()))
+                        .push_bind(hold.amount.0)
+                        .push_bind(state.charged.0)
+                        .push_bind(state.status.as_str())
+                        .push_bind(record.metadata.to_string())
+                        .push_bind(millis(hold.created_at))
+                        .push_bind(millis(hold.expires_at))
+                        .push_bind(state.resolved_at.map(millis));
+                },
+            );
             query.build().execute(&mut *tx).await.map_err(store_error)?;
         }
         // Resolutions of holds opened in earlier batches: one statement per chunk, not per hold.
@@ -707,7 +760,7 @@ impl LedgerStore for SqliteStore {
             let mut query = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
                 "WITH resolved (id, status, charged_nanos, resolved_at) AS (",
             );
-            query.push_values(chunk, |mut row, hold| {
+            push_padded(&mut query, 4, chunk.iter(), |mut row, hold| {
                 row.push_bind(hold.id.to_string())
                     .push_bind(hold.status.as_str())
                     .push_bind(hold.charged.0)
@@ -733,8 +786,10 @@ impl LedgerStore for SqliteStore {
                 "INSERT INTO ledger_transfers (debit_account, credit_account, amount_nanos, kind, \
                  account_id, memo, reference, created_at) ",
             );
-            query.push_values(
-                chunk,
+            push_padded(
+                &mut query,
+                8,
+                chunk.iter(),
                 |mut row, (transfer, account, memo, reference, at)| {
                     row.push_bind(transfer.debit.to_string())
                         .push_bind(transfer.credit.to_string())
@@ -850,7 +905,12 @@ async fn insert_usage(
 ) -> Result<(), StoreError> {
     let mut query =
         sqlx::QueryBuilder::<sqlx::Sqlite>::new(format!("INSERT INTO requests ({USAGE_COLUMNS}) "));
-    query.push_values(rows, |out, row| push_usage(out, row));
+    push_padded(
+        &mut query,
+        column_count(USAGE_COLUMNS),
+        rows.iter(),
+        |out, row| push_usage(out, row),
+    );
     query
         .build()
         .execute(&mut **tx)
@@ -858,7 +918,7 @@ async fn insert_usage(
         .map_err(store_error)?;
     let deltas = slot_deltas(rows);
     let mut query = sqlx::QueryBuilder::<sqlx::Sqlite>::new(UPSERT_SLOTS);
-    query.push_values(&deltas, push_slot);
+    push_padded(&mut query, 11, deltas.iter(), push_slot);
     query.push(UPSERT_SLOTS_CONFLICT);
     query
         .build()
@@ -872,7 +932,12 @@ async fn insert_usage(
             "INSERT INTO usage_exports ({}) ",
             crate::export::EXPORT_COLUMNS
         ));
-        query.push_values(exported, crate::export::push_export);
+        push_padded(
+            &mut query,
+            column_count(crate::export::EXPORT_COLUMNS),
+            exported.into_iter(),
+            crate::export::push_export,
+        );
         query
             .build()
             .execute(&mut **tx)
