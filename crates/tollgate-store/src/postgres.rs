@@ -141,21 +141,7 @@ impl PostgresStore {
         for chunk in holds.chunks(ROWS_PER_INSERT) {
             let mut query =
                 sqlx::QueryBuilder::<Postgres>::new(format!("INSERT INTO holds ({HOLD_COLUMNS}) "));
-            query.push_values(chunk, |mut row, (record, state)| {
-                let hold = &record.hold;
-                row.push_bind(hold.id.to_string())
-                    .push_bind(hold.account.to_string())
-                    .push_bind(hold.key.map(|k| k.to_string()))
-                    .push_bind(record.source.as_str())
-                    .push_bind(record.request_id.map(|r| r.to_string()))
-                    .push_bind(hold.amount.0)
-                    .push_bind(state.charged.0)
-                    .push_bind(state.status.as_str())
-                    .push_bind(record.metadata.to_string())
-                    .push_bind(millis(hold.created_at))
-                    .push_bind(millis(hold.expires_at))
-                    .push_bind(state.resolved_at.map(millis));
-            });
+            query.push_values(chunk, crate::rows::push_hold);
             query.build().execute(&mut *tx).await.map_err(store_error)?;
         }
         // Resolutions of holds opened in earlier batches: one statement per chunk, not per hold.

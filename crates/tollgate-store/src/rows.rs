@@ -548,6 +548,34 @@ pub(crate) const UPSERT_SPEND: &str =
 pub(crate) const UPSERT_SPEND_CONFLICT: &str = " ON CONFLICT (account_id, month_start) \
      DO UPDATE SET charged_nanos = account_spend.charged_nanos + excluded.charged_nanos";
 
+/// The columns of a hold to insert (as `state`: a hold resolved in its own batch is inserted
+/// resolved), in [`HOLD_COLUMNS`] order, for a multi-row insert.
+pub(crate) fn push_hold<'a, DB>(
+    mut out: sqlx::query_builder::Separated<'_, 'a, DB, &'static str>,
+    (record, state): &(&crate::HoldRecord, &Hold),
+) where
+    DB: sqlx::Database,
+    String: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    Option<String>: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    &'static str: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    i64: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    Option<i64>: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+{
+    let hold = &record.hold;
+    out.push_bind(hold.id.to_string())
+        .push_bind(hold.account.to_string())
+        .push_bind(hold.key.map(|k| k.to_string()))
+        .push_bind(record.source.as_str())
+        .push_bind(record.request_id.map(|r| r.to_string()))
+        .push_bind(hold.amount.0)
+        .push_bind(state.charged.0)
+        .push_bind(state.status.as_str())
+        .push_bind(record.metadata.to_string())
+        .push_bind(millis(hold.created_at))
+        .push_bind(millis(hold.expires_at))
+        .push_bind(state.resolved_at.map(millis));
+}
+
 /// The usage columns of `row`, in [`USAGE_COLUMNS`] order, for a multi-row insert.
 pub(crate) fn push_usage<'a, DB>(
     mut out: sqlx::query_builder::Separated<'_, 'a, DB, &'static str>,

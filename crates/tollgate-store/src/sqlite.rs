@@ -3,11 +3,11 @@
 use crate::batch::{not_pending, Batch};
 use crate::rows::{self, SubscriptionRow, UnitBucketRow, UNIT_BUCKET_COLUMNS};
 use crate::rows::{
-    convert, corrupt, from_millis, millis, parse_id, push_slot, push_usage, push_usage_filter,
-    slot_deltas, spend_deltas, split_column, to_json, AccountRow, ActivityRow, AuditHeadRow,
-    AuditRow, BucketRow, HoldRow, IdempotencyRow, KeyRow, SlotRow, StandingRow, TransferRow,
-    UsageDbRow, ACCOUNT_SELECT, HOLD_COLUMNS, KEY_COLUMNS, UPSERT_SLOTS, UPSERT_SLOTS_CONFLICT,
-    UPSERT_SPEND, UPSERT_SPEND_CONFLICT, USAGE_COLUMNS,
+    convert, corrupt, from_millis, millis, parse_id, push_hold, push_slot, push_usage,
+    push_usage_filter, slot_deltas, spend_deltas, split_column, to_json, AccountRow, ActivityRow,
+    AuditHeadRow, AuditRow, BucketRow, HoldRow, IdempotencyRow, KeyRow, SlotRow, StandingRow,
+    TransferRow, UsageDbRow, ACCOUNT_SELECT, HOLD_COLUMNS, KEY_COLUMNS, UPSERT_SLOTS,
+    UPSERT_SLOTS_CONFLICT, UPSERT_SPEND, UPSERT_SPEND_CONFLICT, USAGE_COLUMNS,
 };
 use crate::rows::{
     statuses_before, AutoTopUpRow, PaymentEventRow, TopUpRow, AUTO_TOPUP_COLUMNS, TOPUP_COLUMNS,
@@ -737,21 +737,7 @@ impl LedgerStore for SqliteStore {
                 &mut query,
                 column_count(HOLD_COLUMNS),
                 chunk.iter(),
-                |mut row, (record, state)| {
-                    let hold = &record.hold;
-                    row.push_bind(hold.id.to_string())
-                        .push_bind(hold.account.to_string())
-                        .push_bind(hold.key.map(|k| k.to_string()))
-                        .push_bind(record.source.as_str())
-                        .push_bind(record.request_id.map(|r| r.to_string()))
-                        .push_bind(hold.amount.0)
-                        .push_bind(state.charged.0)
-                        .push_bind(state.status.as_str())
-                        .push_bind(record.metadata.to_string())
-                        .push_bind(millis(hold.created_at))
-                        .push_bind(millis(hold.expires_at))
-                        .push_bind(state.resolved_at.map(millis));
-                },
+                push_hold,
             );
             query.build().execute(&mut *tx).await.map_err(store_error)?;
         }
