@@ -201,29 +201,24 @@ pub(crate) fn exported<'a>(usage: &'a [&'a UsageRow]) -> impl Iterator<Item = &'
 pub(crate) const EXPORT_COLUMNS: &str = "request_id, account_id, key_id, route, model, \
      billing_status, cost_nanos, input_tokens, cached_input_tokens, output_tokens, at";
 
-/// Binds one export row's values after its seq (if the backend binds one).
-pub(crate) fn push_export<'a, DB>(
-    mut out: sqlx::query_builder::Separated<'_, 'a, DB, &'static str>,
-    row: &UsageRow,
-) where
-    DB: sqlx::Database,
-    String: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
-    Option<String>: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
-    i64: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
-{
+/// One export row's values (after its seq, if the backend binds one).
+pub(crate) fn export_cells(row: &UsageRow) -> [crate::rows::Cell; 11] {
+    use crate::rows::Cell;
     let count = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
     let tokens = row.tokens.unwrap_or_default();
-    out.push_bind(row.request_id.to_string())
-        .push_bind(row.account_id.to_string())
-        .push_bind(row.key_id.to_string())
-        .push_bind(row.route.clone())
-        .push_bind(row.model.clone())
-        .push_bind(row.billing_status.as_str().to_string())
-        .push_bind(row.cost.0)
-        .push_bind(count(tokens.input))
-        .push_bind(count(tokens.cached_input))
-        .push_bind(count(tokens.output))
-        .push_bind(crate::rows::millis(row.completed_at));
+    [
+        Cell::Text(row.request_id.to_string()),
+        Cell::Text(row.account_id.to_string()),
+        Cell::Text(row.key_id.to_string()),
+        Cell::Text(row.route.clone()),
+        Cell::MaybeText(row.model.clone()),
+        Cell::Text(row.billing_status.as_str().to_string()),
+        Cell::Int(row.cost.0),
+        Cell::Int(count(tokens.input)),
+        Cell::Int(count(tokens.cached_input)),
+        Cell::Int(count(tokens.output)),
+        Cell::Int(crate::rows::millis(row.completed_at)),
+    ]
 }
 
 pub(crate) type ExportRow = (

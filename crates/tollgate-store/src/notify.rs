@@ -484,158 +484,153 @@ pub(crate) fn balance_data(
     })
 }
 
-/// Implements [`NotifyStore`] for a backend, and the balance watch its ledger commits run.
+/// `n` bind placeholders, comma-separated.
+pub(crate) fn placeholders(n: usize) -> String {
+    vec!["?"; n].join(", ")
+}
+
+pub(crate) const INSERT_EVENT: &str = "INSERT INTO webhook_events \
+     (id, account_id, type, body, created_at, fanned_out) VALUES (?, ?, ?, ?, ?, 0)";
+
+pub(crate) const INSERT_CROSSING: &str = "INSERT INTO notify_crossings \
+     (subject, kind, period, currency, crossed_at) VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING";
+
+/// A recovered balance's crossings, by account id.
+pub(crate) const DELETE_BALANCE_CROSSINGS: &str = "DELETE FROM notify_crossings \
+     WHERE subject = ? AND kind IN ('balance.low', 'balance.depleted') AND period = ''";
+
+/// The balance watch's read, for `accounts` account ids bound in order: each watched account's
+/// settled balance, its low-balance alert and currency, and the currency of an open crossing.
+pub(crate) fn watched_balances_sql(accounts: usize) -> String {
+    format!(
+        "SELECT w.account_id, w.balance_nanos + w.held_nanos - w.debt_nanos, \
+         a.low_nanos, a.currency, \
+         (SELECT MIN(c.currency) FROM notify_crossings c WHERE c.subject = w.account_id \
+          AND c.kind IN ('balance.low', 'balance.depleted') AND c.period = '') \
+         FROM wallets w LEFT JOIN balance_alerts a ON a.account_id = w.account_id \
+         WHERE w.account_id IN ({}) AND (a.low_nanos IS NOT NULL OR EXISTS \
+         (SELECT 1 FROM notify_crossings c WHERE c.subject = w.account_id))",
+        placeholders(accounts)
+    )
+}
+
+pub(crate) type WatchedBalanceRow = (String, i64, Option<i64>, Option<String>, Option<String>);
+
+/// What a batch's balance moves call for.
+pub(crate) enum BalanceWatch {
+    /// A watched balance fell under its low amount: `balance.low`, once per episode.
+    Cross(Crossing, tollgate_core::notify::Event),
+    /// A balance rose to its low amount (or, unwatched, rose at all after a refusal): its
+    /// crossings are deleted, and if there were any, the event is sent.
+    Recover {
+        account: String,
+        event: tollgate_core::notify::Event,
+    },
+}
+
+/// Decides, from what [`watched_balances_sql`] read after the batch, which balances crossed.
+pub(crate) fn balance_watches(
+    moves: &BalanceMoves,
+    rows: Vec<WatchedBalanceRow>,
+) -> Result<Vec<BalanceWatch>, StoreError> {
+    let mut watches = Vec::new();
+    for (account, balance, low, alert_currency, crossed_currency) in rows {
+        let id: AccountId = parse_id("account id", &account)?;
+        let Some(steps) = moves.moves.get(&id) else {
+            continue;
+        };
+        let moved: i64 = steps.iter().map(|(n, _)| n).sum();
+        let fell_low = moved < 0 && low.is_some_and(|low| balance < low);
+        let recovered = moved > 0 && low.is_none_or(|low| balance >= low);
+        if let (true, Some(low_at)) = (fell_low, low) {
+            let currency = alert_currency.unwrap_or_default();
+            let (then, request) = first_under(steps, balance, low_at);
+            let event = Event::new(
+                id,
+                EventType::BalanceLow,
+                moves.at,
+                balance_data(then, low, &currency, request),
+            );
+            let crossing = Crossing {
+                subject: account,
+                kind: EventType::BalanceLow,
+                period: String::new(),
+                currency,
+            };
+            watches.push(BalanceWatch::Cross(crossing, event));
+        } else if recovered {
+            if let Some(currency) = crossed_currency {
+                let request = steps.iter().rev().find_map(|(_, r)| *r);
+                let event = Event::new(
+                    id,
+                    EventType::BalanceRecovered,
+                    moves.at,
+                    balance_data(balance, low, &currency, request),
+                );
+                watches.push(BalanceWatch::Recover { account, event });
+            }
+        }
+    }
+    Ok(watches)
+}
+
+/// The key spend watch's read, for `keys` key ids bound in order: each capped key's month and
+/// spend, its cap, and what its event names.
+pub(crate) fn capped_keys_sql(keys: usize) -> String {
+    format!(
+        "SELECT s.key_id, CAST(s.month AS BIGINT), s.spent_nanos, k.monthly_spend_cap_nanos, \
+         k.account_id, k.display_prefix, k.name, \
+         (SELECT value FROM notify_settings WHERE name = 'currency') \
+         FROM key_spend s JOIN api_keys k ON k.id = s.key_id \
+         WHERE k.monthly_spend_cap_nanos IS NOT NULL AND s.key_id IN ({})",
+        placeholders(keys)
+    )
+}
+
+/// Decides, from what [`capped_keys_sql`] read after the batch, which capped keys' spend
+/// reached 80 % or 100 % of the cap this month: one crossing per threshold and month.
+pub(crate) fn key_spend_watches(
+    moves: &BalanceMoves,
+    rows: Vec<CappedKeyRow>,
+) -> Result<Vec<(Crossing, tollgate_core::notify::Event)>, StoreError> {
+    let mut watches = Vec::new();
+    for capped in rows.into_iter().map(CappedKey::from) {
+        let id: tollgate_core::KeyId = parse_id("key id", &capped.key)?;
+        let Some((charged_in, request)) = moves.keys.get(&id).copied() else {
+            continue;
+        };
+        if i64::from(charged_in) != capped.month || capped.cap <= 0 {
+            continue;
+        }
+        let account: AccountId = parse_id("account id", &capped.account)?;
+        let currency = capped.currency.clone().unwrap_or_else(|| "USD".into());
+        for percent in THRESHOLDS {
+            let reached =
+                i128::from(capped.spent) * 100 >= i128::from(capped.cap) * i128::from(percent);
+            if !reached {
+                continue;
+            }
+            let event = Event::new(
+                account,
+                EventType::KeySpendThreshold,
+                moves.at,
+                capped.data(percent, &currency, request),
+            );
+            let crossing = Crossing {
+                subject: capped.key.clone(),
+                kind: EventType::KeySpendThreshold,
+                period: format!("{}:{percent}", capped.month),
+                currency: currency.clone(),
+            };
+            watches.push((crossing, event));
+        }
+    }
+    Ok(watches)
+}
+
+/// Implements [`NotifyStore`] for a backend, and the crossings and events its writes record.
 macro_rules! notify_store {
     ($store:ty, $db:ty, $sql:path, $skip_locked:literal) => {
-        /// After a batch's wallet updates, in its transaction: a watched balance that fell
-        /// under its low amount crosses `balance.low`; one that rose to it (or, unwatched, that
-        /// rose at all after a refusal) recovers, which deletes the crossings and sends
-        /// `balance.recovered`. The wallet rows are locked by the batch's updates, so what is
-        /// read here is what the batch left, on any node.
-        pub(crate) async fn watch_balances(
-            tx: &mut sqlx::Transaction<'_, $db>,
-            moves: &$crate::notify::BalanceMoves,
-        ) -> Result<(), $crate::StoreError> {
-            use $crate::notify::*;
-            let at = moves.at;
-            if moves.moves.is_empty() {
-                return Ok(());
-            }
-            let mut query = sqlx::QueryBuilder::<$db>::new(
-                "SELECT w.account_id, w.balance_nanos + w.held_nanos - w.debt_nanos, \
-                 a.low_nanos, a.currency, \
-                 (SELECT MIN(c.currency) FROM notify_crossings c WHERE c.subject = w.account_id \
-                  AND c.kind IN ('balance.low', 'balance.depleted') AND c.period = '') \
-                 FROM wallets w LEFT JOIN balance_alerts a ON a.account_id = w.account_id \
-                 WHERE w.account_id IN (",
-            );
-            let mut list = query.separated(", ");
-            for account in moves.moves.keys() {
-                list.push_bind(account.to_string());
-            }
-            query.push(
-                ") AND (a.low_nanos IS NOT NULL OR EXISTS (SELECT 1 FROM notify_crossings c \
-                 WHERE c.subject = w.account_id))",
-            );
-            let watched: Vec<(String, i64, Option<i64>, Option<String>, Option<String>)> = query
-                .build_query_as()
-                .fetch_all(&mut **tx)
-                .await
-                .map_err(store_error)?;
-            for (account, balance, low, alert_currency, crossed_currency) in watched {
-                let id: tollgate_core::AccountId = crate::rows::parse_id("account id", &account)?;
-                let Some(steps) = moves.moves.get(&id) else {
-                    continue;
-                };
-                let moved: i64 = steps.iter().map(|(n, _)| n).sum();
-                let fell_low = moved < 0 && low.is_some_and(|low| balance < low);
-                let recovered = moved > 0 && low.is_none_or(|low| balance >= low);
-                if let (true, Some(low_at)) = (fell_low, low) {
-                    let currency = alert_currency.clone().unwrap_or_default();
-                    let (then, request) = first_under(steps, balance, low_at);
-                    let event = tollgate_core::notify::Event::new(
-                        id,
-                        tollgate_core::notify::EventType::BalanceLow,
-                        at,
-                        balance_data(then, low, &currency, request),
-                    );
-                    let crossing = Crossing {
-                        subject: account.clone(),
-                        kind: tollgate_core::notify::EventType::BalanceLow,
-                        period: String::new(),
-                        currency,
-                    };
-                    cross_in(tx, &crossing, &event).await?;
-                } else if recovered {
-                    if let Some(currency) = crossed_currency {
-                        let sql = $sql(
-                            "DELETE FROM notify_crossings WHERE subject = ? \
-                             AND kind IN ('balance.low', 'balance.depleted') AND period = ''",
-                        );
-                        let deleted = sqlx::query(&sql)
-                        .bind(&account)
-                        .execute(&mut **tx)
-                        .await
-                        .map_err(store_error)?
-                        .rows_affected();
-                        if deleted > 0 {
-                            let request = steps.iter().rev().find_map(|(_, r)| *r);
-                            let event = tollgate_core::notify::Event::new(
-                                id,
-                                tollgate_core::notify::EventType::BalanceRecovered,
-                                at,
-                                balance_data(balance, low, &currency, request),
-                            );
-                            insert_event(tx, &event).await?;
-                        }
-                    }
-                }
-            }
-            Ok(())
-        }
-
-        /// After a batch's key spend is stored, in its transaction: a capped key whose month's
-        /// spend reached 80 % or 100 % of its cap crosses that threshold, once per month.
-        pub(crate) async fn watch_key_spend(
-            tx: &mut sqlx::Transaction<'_, $db>,
-            moves: &$crate::notify::BalanceMoves,
-        ) -> Result<(), $crate::StoreError> {
-            use $crate::notify::*;
-            if moves.keys.is_empty() {
-                return Ok(());
-            }
-            let mut query = sqlx::QueryBuilder::<$db>::new(
-                "SELECT s.key_id, CAST(s.month AS BIGINT), s.spent_nanos, k.monthly_spend_cap_nanos, \
-                 k.account_id, k.display_prefix, k.name, \
-                 (SELECT value FROM notify_settings WHERE name = 'currency') \
-                 FROM key_spend s JOIN api_keys k ON k.id = s.key_id \
-                 WHERE k.monthly_spend_cap_nanos IS NOT NULL AND s.key_id IN (",
-            );
-            let mut list = query.separated(", ");
-            for key in moves.keys.keys() {
-                list.push_bind(key.to_string());
-            }
-            query.push(")");
-            let capped: Vec<CappedKeyRow> = query
-                .build_query_as()
-                .fetch_all(&mut **tx)
-                .await
-                .map_err(store_error)?;
-            for capped in capped.into_iter().map(CappedKey::from) {
-                let id: tollgate_core::KeyId = crate::rows::parse_id("key id", &capped.key)?;
-                let Some((charged_in, request)) = moves.keys.get(&id).copied() else {
-                    continue;
-                };
-                if i64::from(charged_in) != capped.month || capped.cap <= 0 {
-                    continue;
-                }
-                let account: tollgate_core::AccountId =
-                    crate::rows::parse_id("account id", &capped.account)?;
-                let currency = capped.currency.clone().unwrap_or_else(|| "USD".into());
-                for percent in THRESHOLDS {
-                    let reached = i128::from(capped.spent) * 100
-                        >= i128::from(capped.cap) * i128::from(percent);
-                    if !reached {
-                        continue;
-                    }
-                    let event = tollgate_core::notify::Event::new(
-                        account,
-                        tollgate_core::notify::EventType::KeySpendThreshold,
-                        moves.at,
-                        capped.data(percent, &currency, request),
-                    );
-                    let crossing = Crossing {
-                        subject: capped.key.clone(),
-                        kind: tollgate_core::notify::EventType::KeySpendThreshold,
-                        period: format!("{}:{percent}", capped.month),
-                        currency: currency.clone(),
-                    };
-                    cross_in(tx, &crossing, &event).await?;
-                }
-            }
-            Ok(())
-        }
-
         /// After units are settled, in that transaction: a plan allowance's period bucket (not
         /// a window's) whose used units reached 80 % or 100 % of its grant crosses that
         /// threshold, once per period.
@@ -750,10 +745,7 @@ macro_rules! notify_store {
             tx: &mut sqlx::Transaction<'_, $db>,
             event: &tollgate_core::notify::Event,
         ) -> Result<(), $crate::StoreError> {
-            sqlx::query(&$sql(
-                "INSERT INTO webhook_events (id, account_id, type, body, created_at, fanned_out) \
-                 VALUES (?, ?, ?, ?, ?, 0)",
-            ))
+            sqlx::query(&$sql($crate::notify::INSERT_EVENT))
             .bind(event.id.to_string())
             .bind(event.account.to_string())
             .bind(event.kind.as_str())
@@ -771,10 +763,7 @@ macro_rules! notify_store {
             crossing: &$crate::notify::Crossing,
             event: &tollgate_core::notify::Event,
         ) -> Result<bool, $crate::StoreError> {
-            let inserted = sqlx::query(&$sql(
-                "INSERT INTO notify_crossings (subject, kind, period, currency, crossed_at) \
-                 VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-            ))
+            let inserted = sqlx::query(&$sql($crate::notify::INSERT_CROSSING))
             .bind(&crossing.subject)
             .bind(crossing.kind.as_str())
             .bind(&crossing.period)

@@ -10,11 +10,11 @@
 use crate::batch::{not_pending, Batch, KeySpendDelta};
 use crate::rows::{self, SubscriptionRow, UnitBucketRow, UNIT_BUCKET_COLUMNS};
 use crate::rows::{
-    convert, corrupt, from_millis, millis, parse_id, push_slot, push_usage, push_usage_filter,
-    slot_deltas, spend_deltas, split_column, to_json, AccountRow, ActivityRow, AuditHeadRow,
-    AuditRow, BucketRow, HoldRow, IdempotencyRow, KeyRow, SlotRow, StandingRow, TransferRow,
-    UsageDbRow, ACCOUNT_SELECT, HOLD_COLUMNS, KEY_COLUMNS, UPSERT_SLOTS, UPSERT_SLOTS_CONFLICT,
-    UPSERT_SPEND, UPSERT_SPEND_CONFLICT, USAGE_COLUMNS,
+    convert, corrupt, from_millis, hold_cells, millis, parse_id, push_cells, push_usage_filter,
+    slot_cells, slot_deltas, spend_deltas, split_column, to_json, usage_cells, AccountRow,
+    ActivityRow, AuditHeadRow, AuditRow, BucketRow, HoldRow, IdempotencyRow, KeyRow, SlotRow,
+    StandingRow, TransferRow, UsageDbRow, ACCOUNT_SELECT, HOLD_COLUMNS, KEY_COLUMNS, UPSERT_SLOTS,
+    UPSERT_SLOTS_CONFLICT, UPSERT_SPEND, UPSERT_SPEND_CONFLICT, USAGE_COLUMNS,
 };
 use crate::rows::{
     statuses_before, AutoTopUpRow, PaymentEventRow, TopUpRow, AUTO_TOPUP_COLUMNS, TOPUP_COLUMNS,
@@ -141,7 +141,7 @@ impl PostgresStore {
         for chunk in holds.chunks(ROWS_PER_INSERT) {
             let mut query =
                 sqlx::QueryBuilder::<Postgres>::new(format!("INSERT INTO holds ({HOLD_COLUMNS}) "));
-            query.push_values(chunk, crate::rows::push_hold);
+            query.push_values(chunk, |out, hold| push_cells(out, hold_cells(hold)));
             query.build().execute(&mut *tx).await.map_err(store_error)?;
         }
         // Resolutions of holds opened in earlier batches: one statement per chunk, not per hold.
@@ -176,13 +176,13 @@ impl PostgresStore {
             let mut query = sqlx::QueryBuilder::<Postgres>::new(format!(
                 "INSERT INTO requests ({USAGE_COLUMNS}) "
             ));
-            query.push_values(chunk, |out, row| push_usage(out, row));
+            query.push_values(chunk, |out, row| push_cells(out, usage_cells(row)));
             query.build().execute(&mut *tx).await.map_err(store_error)?;
         }
         let slots = slot_deltas(&usage);
         for chunk in slots.chunks(ROWS_PER_INSERT / 2) {
             let mut query = sqlx::QueryBuilder::<Postgres>::new(UPSERT_SLOTS);
-            query.push_values(chunk, push_slot);
+            query.push_values(chunk, |out, slot| push_cells(out, slot_cells(slot)));
             query.push(UPSERT_SLOTS_CONFLICT);
             query.build().execute(&mut *tx).await.map_err(store_error)?;
         }
@@ -251,6 +251,68 @@ impl PostgresStore {
     }
 }
 
+/// After a batch's wallet updates, in its transaction: what [`balance_watches`] finds,
+/// written. The wallet rows are locked by the batch's updates, so what is read here is
+/// what the batch left, on any node.
+async fn watch_balances(
+    tx: &mut sqlx::Transaction<'_, Postgres>,
+    moves: &crate::notify::BalanceMoves,
+) -> Result<(), crate::StoreError> {
+    use crate::notify::*;
+    if moves.moves.is_empty() {
+        return Ok(());
+    }
+    let text = watched_balances_sql(moves.moves.len());
+    let sql = crate::notify::numbered(&text);
+    let mut query = sqlx::query_as(&sql);
+    for account in moves.moves.keys() {
+        query = query.bind(account.to_string());
+    }
+    let rows: Vec<WatchedBalanceRow> = query.fetch_all(&mut **tx).await.map_err(store_error)?;
+    for watch in balance_watches(moves, rows)? {
+        match watch {
+            BalanceWatch::Cross(crossing, event) => {
+                cross_in(tx, &crossing, &event).await?;
+            }
+            BalanceWatch::Recover { account, event } => {
+                let deleted = sqlx::query(&crate::notify::numbered(DELETE_BALANCE_CROSSINGS))
+                    .bind(&account)
+                    .execute(&mut **tx)
+                    .await
+                    .map_err(store_error)?
+                    .rows_affected();
+                if deleted > 0 {
+                    insert_event(tx, &event).await?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// After a batch's key spend is stored, in its transaction: what
+/// [`key_spend_watches`] finds, written.
+async fn watch_key_spend(
+    tx: &mut sqlx::Transaction<'_, Postgres>,
+    moves: &crate::notify::BalanceMoves,
+) -> Result<(), crate::StoreError> {
+    use crate::notify::*;
+    if moves.keys.is_empty() {
+        return Ok(());
+    }
+    let text = capped_keys_sql(moves.keys.len());
+    let sql = crate::notify::numbered(&text);
+    let mut query = sqlx::query_as(&sql);
+    for key in moves.keys.keys() {
+        query = query.bind(key.to_string());
+    }
+    let rows: Vec<CappedKeyRow> = query.fetch_all(&mut **tx).await.map_err(store_error)?;
+    for (crossing, event) in key_spend_watches(moves, rows)? {
+        cross_in(tx, &crossing, &event).await?;
+    }
+    Ok(())
+}
+
 /// Writes the batch's charged usage to the export log, unnumbered: the exporter numbers rows
 /// once they are committed ([`number_exports`]), so this takes no lock.
 async fn record_exports(
@@ -263,7 +325,9 @@ async fn record_exports(
             "INSERT INTO usage_exports ({}) ",
             crate::export::EXPORT_COLUMNS
         ));
-        query.push_values(chunk, |out, row| crate::export::push_export(out, row));
+        query.push_values(chunk, |out, row| {
+            push_cells(out, crate::export::export_cells(row))
+        });
         query
             .build()
             .execute(&mut **tx)

@@ -498,22 +498,21 @@ pub(crate) const UPSERT_SLOTS_CONFLICT: &str = " ON CONFLICT (account_id, slot_s
      cost_nanos = usage_slots.cost_nanos + excluded.cost_nanos";
 
 /// The values of `delta`, in [`UPSERT_SLOTS`] order.
-pub(crate) fn push_slot<'a, DB>(
-    mut out: sqlx::query_builder::Separated<'_, 'a, DB, &'static str>,
-    delta: &SlotDelta,
-) where
-    DB: sqlx::Database,
-    String: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
-    i64: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
-{
-    out.push_bind(delta.account.clone())
-        .push_bind(delta.slot)
-        .push_bind(delta.key.clone())
-        .push_bind(delta.route.clone())
-        .push_bind(delta.model.clone());
-    for total in delta.totals {
-        out.push_bind(total);
-    }
+pub(crate) fn slot_cells(delta: &SlotDelta) -> [Cell; 11] {
+    let [requests, errors, input, cached, output, cost] = delta.totals.map(Cell::Int);
+    [
+        Cell::Text(delta.account.clone()),
+        Cell::Int(delta.slot),
+        Cell::Text(delta.key.clone()),
+        Cell::Text(delta.route.clone()),
+        Cell::Text(delta.model.clone()),
+        requests,
+        errors,
+        input,
+        cached,
+        output,
+        cost,
+    ]
 }
 
 /// The charges among a batch's transfers (each with its account and time), summed per account
@@ -549,37 +548,72 @@ pub(crate) const UPSERT_SPEND_CONFLICT: &str = " ON CONFLICT (account_id, month_
      DO UPDATE SET charged_nanos = account_spend.charged_nanos + excluded.charged_nanos";
 
 /// The columns of a hold to insert (as `state`: a hold resolved in its own batch is inserted
-/// resolved), in [`HOLD_COLUMNS`] order, for a multi-row insert.
-pub(crate) fn push_hold<'a, DB>(
-    mut out: sqlx::query_builder::Separated<'_, 'a, DB, &'static str>,
-    (record, state): &(&crate::HoldRecord, &Hold),
-) where
-    DB: sqlx::Database,
-    String: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
-    Option<String>: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
-    &'static str: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
-    i64: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
-    Option<i64>: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
-{
+/// resolved), in [`HOLD_COLUMNS`] order.
+pub(crate) fn hold_cells((record, state): &(&crate::HoldRecord, &Hold)) -> [Cell; 12] {
     let hold = &record.hold;
-    out.push_bind(hold.id.to_string())
-        .push_bind(hold.account.to_string())
-        .push_bind(hold.key.map(|k| k.to_string()))
-        .push_bind(record.source.as_str())
-        .push_bind(record.request_id.map(|r| r.to_string()))
-        .push_bind(hold.amount.0)
-        .push_bind(state.charged.0)
-        .push_bind(state.status.as_str())
-        .push_bind(record.metadata.to_string())
-        .push_bind(millis(hold.created_at))
-        .push_bind(millis(hold.expires_at))
-        .push_bind(state.resolved_at.map(millis));
+    [
+        Cell::Text(hold.id.to_string()),
+        Cell::Text(hold.account.to_string()),
+        Cell::MaybeText(hold.key.map(|k| k.to_string())),
+        Cell::Text(record.source.as_str().to_string()),
+        Cell::MaybeText(record.request_id.map(|r| r.to_string())),
+        Cell::Int(hold.amount.0),
+        Cell::Int(state.charged.0),
+        Cell::Text(state.status.as_str().to_string()),
+        Cell::Text(record.metadata.to_string()),
+        Cell::Int(millis(hold.created_at)),
+        Cell::Int(millis(hold.expires_at)),
+        Cell::MaybeInt(state.resolved_at.map(millis)),
+    ]
 }
 
-/// The usage columns of `row`, in [`USAGE_COLUMNS`] order, for a multi-row insert.
-pub(crate) fn push_usage<'a, DB>(
+/// The usage columns of `row`, in [`USAGE_COLUMNS`] order.
+pub(crate) fn usage_cells(row: &UsageRow) -> [Cell; 25] {
+    let tokens = row.tokens;
+    let count = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+    [
+        Cell::Text(row.request_id.to_string()),
+        Cell::MaybeText(row.client_request_id.clone()),
+        Cell::Text(row.account_id.to_string()),
+        Cell::Text(row.key_id.to_string()),
+        Cell::Text(row.route.clone()),
+        Cell::MaybeText(row.model.clone()),
+        Cell::Text(row.method.clone()),
+        Cell::Text(row.path.clone()),
+        Cell::Int(i64::from(row.status)),
+        Cell::MaybeInt(row.upstream_status.map(i64::from)),
+        Cell::MaybeText(row.units.clone()),
+        Cell::MaybeInt(tokens.map(|t| count(t.input))),
+        Cell::MaybeInt(tokens.map(|t| count(t.cached_input))),
+        Cell::MaybeInt(tokens.map(|t| count(t.output))),
+        Cell::Int(row.cost.0),
+        Cell::Int(row.hold.0),
+        Cell::MaybeText(row.hold_id.map(|h| h.to_string())),
+        Cell::Text(row.billing_status.as_str().to_string()),
+        Cell::Int(count(row.latency_ms)),
+        Cell::MaybeText(row.error_code.clone()),
+        Cell::Int(millis(row.created_at)),
+        Cell::Int(millis(row.completed_at)),
+        Cell::Int(row.uncovered.0),
+        Cell::MaybeText(row.error_message.clone()),
+        Cell::MaybeText(row.replay_of.map(|r| r.to_string())),
+    ]
+}
+
+/// One value of a row to write, typed, so that either driver binds it (PostgreSQL types even a
+/// NULL by its parameter).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Cell {
+    Text(String),
+    MaybeText(Option<String>),
+    Int(i64),
+    MaybeInt(Option<i64>),
+}
+
+/// Binds `cells` as one row of a multi-row insert.
+pub(crate) fn push_cells<'a, DB>(
     mut out: sqlx::query_builder::Separated<'_, 'a, DB, &'static str>,
-    row: &UsageRow,
+    cells: impl IntoIterator<Item = Cell>,
 ) where
     DB: sqlx::Database,
     String: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
@@ -587,33 +621,14 @@ pub(crate) fn push_usage<'a, DB>(
     i64: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
     Option<i64>: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
 {
-    let tokens = row.tokens;
-    let count = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
-    out.push_bind(row.request_id.to_string())
-        .push_bind(row.client_request_id.clone())
-        .push_bind(row.account_id.to_string())
-        .push_bind(row.key_id.to_string())
-        .push_bind(row.route.clone())
-        .push_bind(row.model.clone())
-        .push_bind(row.method.clone())
-        .push_bind(row.path.clone())
-        .push_bind(i64::from(row.status))
-        .push_bind(row.upstream_status.map(i64::from))
-        .push_bind(row.units.clone())
-        .push_bind(tokens.map(|t| count(t.input)))
-        .push_bind(tokens.map(|t| count(t.cached_input)))
-        .push_bind(tokens.map(|t| count(t.output)))
-        .push_bind(row.cost.0)
-        .push_bind(row.hold.0)
-        .push_bind(row.hold_id.map(|h| h.to_string()))
-        .push_bind(row.billing_status.as_str().to_string())
-        .push_bind(count(row.latency_ms))
-        .push_bind(row.error_code.clone())
-        .push_bind(millis(row.created_at))
-        .push_bind(millis(row.completed_at))
-        .push_bind(row.uncovered.0)
-        .push_bind(row.error_message.clone())
-        .push_bind(row.replay_of.map(|r| r.to_string()));
+    for cell in cells {
+        match cell {
+            Cell::Text(v) => out.push_bind(v),
+            Cell::MaybeText(v) => out.push_bind(v),
+            Cell::Int(v) => out.push_bind(v),
+            Cell::MaybeInt(v) => out.push_bind(v),
+        };
+    }
 }
 
 #[derive(sqlx::FromRow)]

@@ -1,13 +1,11 @@
 //! The embedded default: one SQLite file in WAL mode, migrations applied at open.
 
-use crate::batch::{not_pending, Batch};
 use crate::rows::{self, SubscriptionRow, UnitBucketRow, UNIT_BUCKET_COLUMNS};
 use crate::rows::{
-    convert, corrupt, from_millis, millis, parse_id, push_hold, push_slot, push_usage,
-    push_usage_filter, slot_deltas, spend_deltas, split_column, to_json, AccountRow, ActivityRow,
-    AuditHeadRow, AuditRow, BucketRow, HoldRow, IdempotencyRow, KeyRow, SlotRow, StandingRow,
-    TransferRow, UsageDbRow, ACCOUNT_SELECT, HOLD_COLUMNS, KEY_COLUMNS, UPSERT_SLOTS,
-    UPSERT_SLOTS_CONFLICT, UPSERT_SPEND, UPSERT_SPEND_CONFLICT, USAGE_COLUMNS,
+    convert, corrupt, from_millis, millis, parse_id, push_usage_filter, spend_deltas, split_column,
+    to_json, AccountRow, ActivityRow, AuditHeadRow, AuditRow, BucketRow, HoldRow, IdempotencyRow,
+    KeyRow, SlotRow, StandingRow, TransferRow, UsageDbRow, ACCOUNT_SELECT, HOLD_COLUMNS,
+    KEY_COLUMNS, UPSERT_SPEND, UPSERT_SPEND_CONFLICT, USAGE_COLUMNS,
 };
 use crate::rows::{
     statuses_before, AutoTopUpRow, PaymentEventRow, TopUpRow, AUTO_TOPUP_COLUMNS, TOPUP_COLUMNS,
@@ -42,23 +40,24 @@ crate::export::export_store!(
     crate::export::numbered_on_insert
 );
 
+mod ledger;
+
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
 /// How much of the file each connection maps (address space, not memory: pages are the kernel's
 /// page cache, shared by every connection).
 const MMAP_BYTES: u64 = 1 << 30;
 
-/// How many prepared statements the ledger writer keeps: every shape its batches use (see
-/// [`push_padded`]), with room to spare over sqlx's default of 100.
-const LEDGER_STATEMENTS: usize = 256;
+/// How many prepared statements the ledger writer keeps: its one-row statements, and the watches'
+/// reads, one per count of accounts or keys a batch moves.
+const LEDGER_STATEMENTS: usize = 64;
 
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
-    /// The ledger writer's own connection (a pool of one): its page cache stays warm from one
-    /// batch to the next, where a pool connection would be a different one each time, with a
-    /// cache another connection's commit has invalidated.
-    ledger: SqlitePool,
+    /// The ledger writer's own connection ([`ledger`]): its page cache stays warm from one
+    /// batch to the next, and a batch is one call to its thread.
+    ledger: ledger::LedgerConnection,
 }
 
 impl SqliteStore {
@@ -84,12 +83,7 @@ impl SqliteStore {
             .run(&pool)
             .await
             .map_err(|e| StoreError::Unavailable(format!("migrations failed: {e}")))?;
-        let ledger = SqlitePoolOptions::new()
-            .max_connections(1)
-            .acquire_timeout(Duration::from_secs(5))
-            .connect_with(options.statement_cache_capacity(LEDGER_STATEMENTS))
-            .await
-            .map_err(store_error)?;
+        let ledger = ledger::LedgerConnection::open(path).await?;
         Ok(SqliteStore { pool, ledger })
     }
 
@@ -317,46 +311,7 @@ async fn insert_transfer(
     add_spend(tx, spend_deltas([(transfer, account, at)])).await
 }
 
-/// Adds a batch's charges to its keys' totals for the month (a later month starts again).
-async fn add_key_spend(
-    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
-    key_spend: &std::collections::BTreeMap<KeyId, crate::batch::KeySpendDelta>,
-) -> Result<(), StoreError> {
-    let charged: Vec<(String, i32, i64)> = key_spend
-        .iter()
-        .filter(|(_, delta)| delta.spent > 0)
-        .map(|(key, delta)| (key.to_string(), delta.month, delta.spent))
-        .collect();
-    for chunk in charged.chunks(ROWS_PER_INSERT) {
-        let mut query = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
-            "INSERT INTO key_spend (key_id, month, spent_nanos) ",
-        );
-        push_padded(
-            &mut query,
-            3,
-            chunk.iter(),
-            |mut row, (key, month, spent)| {
-                row.push_bind(key.clone())
-                    .push_bind(*month)
-                    .push_bind(*spent);
-            },
-        );
-        query.push(
-            " ON CONFLICT (key_id) DO UPDATE SET spent_nanos = CASE \
-             WHEN excluded.month > key_spend.month THEN excluded.spent_nanos \
-             ELSE key_spend.spent_nanos + excluded.spent_nanos END, \
-             month = MAX(key_spend.month, excluded.month)",
-        );
-        query
-            .build()
-            .execute(&mut **tx)
-            .await
-            .map_err(store_error)?;
-    }
-    Ok(())
-}
-
-/// Adds a batch's charges to the accounts' monthly totals, in its transaction.
+/// Adds a transfer's charge to the account's monthly total, in its transaction.
 async fn add_spend(
     tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
     deltas: Vec<(String, i64, i64)>,
@@ -365,16 +320,11 @@ async fn add_spend(
         return Ok(());
     }
     let mut query = sqlx::QueryBuilder::<sqlx::Sqlite>::new(UPSERT_SPEND);
-    push_padded(
-        &mut query,
-        3,
-        deltas.iter(),
-        |mut row, (account, month, charged)| {
-            row.push_bind(account.clone())
-                .push_bind(*month)
-                .push_bind(*charged);
-        },
-    );
+    query.push_values(&deltas, |mut row, (account, month, charged)| {
+        row.push_bind(account.clone())
+            .push_bind(*month)
+            .push_bind(*charged);
+    });
     query.push(UPSERT_SPEND_CONFLICT);
     query
         .build()
@@ -569,43 +519,6 @@ impl SqliteStore {
     }
 }
 
-/// Rows per multi-row INSERT: well inside SQLite's limit of 32766 bound parameters.
-const ROWS_PER_INSERT: usize = 500;
-
-/// Pushes `rows` as `SELECT * FROM (VALUES ...) WHERE column1 IS NOT NULL`, padded with rows of
-/// NULLs up to the next power of two. A multi-row statement's text depends on its row count, and
-/// the ledger writer keeps its statements prepared: padded, each insert has a handful of shapes
-/// (1, 2, 4 ... rows), all of them cached, where one per row count was too many to keep and each
-/// batch parsed its statements again. The padding rows are bound NULLs, never written.
-/// `columns`: how many values a row has; the first must never be NULL.
-fn push_padded<'a, T>(
-    query: &mut sqlx::QueryBuilder<'a, sqlx::Sqlite>,
-    columns: usize,
-    rows: impl ExactSizeIterator<Item = T>,
-    mut push: impl FnMut(sqlx::query_builder::Separated<'_, 'a, sqlx::Sqlite, &'static str>, T),
-) {
-    let padding = rows.len().next_power_of_two() - rows.len();
-    query.push("SELECT * FROM (");
-    query.push_values(
-        rows.map(Some)
-            .chain(std::iter::repeat_with(|| None).take(padding)),
-        |mut row, item| match item {
-            Some(item) => push(row, item),
-            None => {
-                for _ in 0..columns {
-                    row.push_bind(None::<i64>);
-                }
-            }
-        },
-    );
-    query.push(") WHERE column1 IS NOT NULL");
-}
-
-/// How many columns a column list names.
-fn column_count(columns: &str) -> usize {
-    columns.split(',').count()
-}
-
 #[async_trait]
 impl LedgerStore for SqliteStore {
     async fn ledger_balance(&self, account: AccountId) -> Result<Nanos, StoreError> {
@@ -701,130 +614,7 @@ impl LedgerStore for SqliteStore {
     }
 
     async fn commit(&self, batch: BatchId, writes: &[LedgerWrite]) -> Result<(), StoreError> {
-        let planned = Batch::plan(writes);
-        let watched = crate::notify::BalanceMoves::new(&planned);
-        let Batch {
-            holds,
-            resolutions,
-            transfers,
-            usage,
-            events,
-            deltas,
-            key_spend,
-            ..
-        } = planned;
-        let mut tx = self.ledger.begin().await.map_err(store_error)?;
-        let first_time = sqlx::query(
-            "INSERT INTO ledger_batches (id, committed_at) VALUES (?, ?) ON CONFLICT (id) DO NOTHING",
-        )
-        .bind(batch.to_string())
-        .bind(chrono::Utc::now().timestamp_millis())
-        .execute(&mut *tx)
-        .await
-        .map_err(store_error)?
-        .rows_affected()
-            == 1;
-        if !first_time {
-            // Committed by an earlier attempt whose answer was lost.
-            tx.rollback().await.map_err(store_error)?;
-            return Ok(());
-        }
-        for chunk in holds.chunks(ROWS_PER_INSERT) {
-            let mut query = sqlx::QueryBuilder::<sqlx::Sqlite>::new(format!(
-                "INSERT INTO holds ({HOLD_COLUMNS}) "
-            ));
-            push_padded(
-                &mut query,
-                column_count(HOLD_COLUMNS),
-                chunk.iter(),
-                push_hold,
-            );
-            query.build().execute(&mut *tx).await.map_err(store_error)?;
-        }
-        // Resolutions of holds opened in earlier batches: one statement per chunk, not per hold.
-        for chunk in resolutions.chunks(ROWS_PER_INSERT) {
-            let mut query = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
-                "WITH resolved (id, status, charged_nanos, resolved_at) AS (",
-            );
-            push_padded(&mut query, 4, chunk.iter(), |mut row, hold| {
-                row.push_bind(hold.id.to_string())
-                    .push_bind(hold.status.as_str())
-                    .push_bind(hold.charged.0)
-                    .push_bind(hold.resolved_at.map(millis));
-            });
-            query.push(
-                ") UPDATE holds SET status = resolved.status, \
-                 charged_nanos = resolved.charged_nanos, resolved_at = resolved.resolved_at \
-                 FROM resolved WHERE holds.id = resolved.id AND holds.status = 'pending'",
-            );
-            let changed = query
-                .build()
-                .execute(&mut *tx)
-                .await
-                .map_err(store_error)?
-                .rows_affected();
-            if changed != chunk.len() as u64 {
-                return Err(not_pending(chunk, changed));
-            }
-        }
-        for chunk in transfers.chunks(ROWS_PER_INSERT) {
-            let mut query = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
-                "INSERT INTO ledger_transfers (debit_account, credit_account, amount_nanos, kind, \
-                 account_id, memo, reference, created_at) ",
-            );
-            push_padded(
-                &mut query,
-                8,
-                chunk.iter(),
-                |mut row, (transfer, account, memo, reference, at)| {
-                    row.push_bind(transfer.debit.to_string())
-                        .push_bind(transfer.credit.to_string())
-                        .push_bind(transfer.amount.0)
-                        .push_bind(transfer.kind.as_str())
-                        .push_bind(account.to_string())
-                        .push_bind(*memo)
-                        .push_bind(reference.as_str())
-                        .push_bind(millis(*at));
-                },
-            );
-            query.build().execute(&mut *tx).await.map_err(store_error)?;
-        }
-        add_spend(
-            &mut tx,
-            spend_deltas(
-                transfers
-                    .iter()
-                    .map(|(t, account, _, _, at)| (*t, *account, *at)),
-            ),
-        )
-        .await?;
-        for chunk in usage.chunks(ROWS_PER_INSERT / 2) {
-            insert_usage(&mut tx, chunk).await?;
-        }
-        // One update per account per batch.
-        for (account, (available, held, debt)) in deltas {
-            if available == 0 && held == 0 && debt == 0 {
-                continue;
-            }
-            sqlx::query(
-                "UPDATE wallets SET balance_nanos = balance_nanos + ?, held_nanos = held_nanos + ?, \
-                 debt_nanos = debt_nanos + ? WHERE account_id = ?",
-            )
-            .bind(available)
-            .bind(held)
-            .bind(debt)
-            .bind(account.to_string())
-            .execute(&mut *tx)
-            .await
-            .map_err(store_error)?;
-        }
-        add_key_spend(&mut tx, &key_spend).await?;
-        for event in events {
-            insert_event(&mut tx, event).await?;
-        }
-        watch_balances(&mut tx, &watched).await?;
-        watch_key_spend(&mut tx, &watched).await?;
-        tx.commit().await.map_err(store_error)
+        self.ledger.commit(batch, writes.to_vec()).await
     }
 
     async fn transfers(
@@ -883,54 +673,6 @@ impl LedgerStore for SqliteStore {
         .await
         .map_err(store_error)
     }
-}
-
-async fn insert_usage(
-    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
-    rows: &[&UsageRow],
-) -> Result<(), StoreError> {
-    let mut query =
-        sqlx::QueryBuilder::<sqlx::Sqlite>::new(format!("INSERT INTO requests ({USAGE_COLUMNS}) "));
-    push_padded(
-        &mut query,
-        column_count(USAGE_COLUMNS),
-        rows.iter(),
-        |out, row| push_usage(out, row),
-    );
-    query
-        .build()
-        .execute(&mut **tx)
-        .await
-        .map_err(store_error)?;
-    let deltas = slot_deltas(rows);
-    let mut query = sqlx::QueryBuilder::<sqlx::Sqlite>::new(UPSERT_SLOTS);
-    push_padded(&mut query, 11, deltas.iter(), push_slot);
-    query.push(UPSERT_SLOTS_CONFLICT);
-    query
-        .build()
-        .execute(&mut **tx)
-        .await
-        .map_err(store_error)?;
-    // One writer commits at a time, so AUTOINCREMENT numbers the export log in commit order.
-    let exported: Vec<&UsageRow> = crate::export::exported(rows).collect();
-    if !exported.is_empty() {
-        let mut query = sqlx::QueryBuilder::<sqlx::Sqlite>::new(format!(
-            "INSERT INTO usage_exports ({}) ",
-            crate::export::EXPORT_COLUMNS
-        ));
-        push_padded(
-            &mut query,
-            column_count(crate::export::EXPORT_COLUMNS),
-            exported.into_iter(),
-            crate::export::push_export,
-        );
-        query
-            .build()
-            .execute(&mut **tx)
-            .await
-            .map_err(store_error)?;
-    }
-    Ok(())
 }
 
 #[async_trait]
