@@ -370,3 +370,54 @@ async fn a_request_whose_hold_something_else_resolved_never_reads_settled_at_zer
     let wallet = store.wallet(key.account_id).await.unwrap().unwrap();
     assert_eq!(wallet.available, Nanos(1_000));
 }
+
+/// How many batches the ledger has committed to the SQLite file in `dir`.
+async fn batches_committed(dir: &std::path::Path) -> i64 {
+    let url = format!("sqlite://{}", dir.join("t.db").display());
+    let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+    let count = sqlx::query_scalar("SELECT COUNT(*) FROM ledger_batches")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+    count
+}
+
+/// Ten data-plane holds opened a millisecond apart: how many commits they took, with this
+/// window for small batches to gather in.
+async fn commits_for_ten_holds(gather: Duration) -> i64 {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, keys) = store_with_accounts(dir.path(), 1).await;
+    let ledger = Ledger::start_gathering(store.clone(), Arc::new(SystemClock), gather);
+    // Loads the wallet, so the opens below touch only memory.
+    ledger
+        .open(spec(&keys[0], 1, None, HoldSource::Request))
+        .await
+        .unwrap();
+    ledger.flush().await.unwrap();
+    let before = batches_committed(dir.path()).await;
+    for _ in 0..10 {
+        ledger
+            .open(spec(&keys[0], 1, None, HoldSource::Request))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let flushed = std::time::Instant::now();
+    ledger.flush().await.unwrap();
+    assert!(
+        flushed.elapsed() < Duration::from_secs(5),
+        "a flush is committed at once, whatever the window"
+    );
+    batches_committed(dir.path()).await - before
+}
+
+/// A batch nobody waits for gathers what is queued within its window, so a steady trickle of
+/// requests shares commits; a flush ends the window at once.
+#[tokio::test]
+async fn small_batches_nobody_waits_for_gather_into_one_commit() {
+    assert_eq!(commits_for_ten_holds(Duration::from_secs(60)).await, 1);
+    // Without one, the writer commits what it has as soon as it has it.
+    let alone = commits_for_ten_holds(Duration::ZERO).await;
+    assert!(alone > 1, "without a window: {alone} commit");
+}

@@ -48,6 +48,13 @@ use tollgate_store::{
 
 /// The most writes committed in one transaction.
 const MAX_BATCH: usize = 2048;
+/// How long a batch that nobody waits for gathers more writes before it is committed: at a
+/// steady rate below saturation, batches would otherwise carry a request or two each and every
+/// request would pay a whole commit. A crash loses at most this much more of the node's last
+/// writes, which (see above) can only lose the operator a charge.
+const GATHER: Duration = Duration::from_millis(2);
+/// A batch of this many writes is committed without gathering.
+const GATHER_UNTIL: usize = 256;
 /// How long a caller waits for its writes to be committed before answering 503.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -386,6 +393,15 @@ impl Ledger {
     /// Starts the writer task and returns the service. On a shared store (one with leases) the
     /// node gets a fresh id, whose leases it spends.
     pub fn start(store: Arc<dyn Store>, clock: Arc<dyn Clock>) -> Arc<Ledger> {
+        Ledger::start_gathering(store, clock, GATHER)
+    }
+
+    /// [`Ledger::start`] with another window for small batches to gather in (zero: none).
+    pub fn start_gathering(
+        store: Arc<dyn Store>,
+        clock: Arc<dyn Clock>,
+        gather: Duration,
+    ) -> Arc<Ledger> {
         let leasing = store.leases().map(|leases| Leasing {
             node: NodeId::new(),
             leases,
@@ -407,7 +423,7 @@ impl Ledger {
         // If the writer ever stops (a panic), nothing more would be stored: the node stops opening
         // holds (503) and says it is not ready, rather than admit calls it cannot record.
         let writer_stopped = Arc::new(AtomicBool::new(false));
-        let running = tokio::spawn(write_loop(commands, writer));
+        let running = tokio::spawn(write_loop(commands, writer, gather));
         let stopped = writer_stopped.clone();
         tokio::spawn(async move {
             let ended = running.await;
@@ -1415,42 +1431,86 @@ impl Writer {
     }
 }
 
-async fn write_loop(mut commands: mpsc::UnboundedReceiver<Command>, writer: Writer) {
-    let mut batch: Vec<LedgerWrite> = Vec::new();
-    // Where each queued group of writes ends in `batch`, and who waits to hear of it.
-    let mut ends: Vec<usize> = Vec::new();
-    let mut notices: Vec<(usize, oneshot::Sender<bool>)> = Vec::new();
-    let mut flushes: Vec<oneshot::Sender<()>> = Vec::new();
-    while let Some(first) = commands.recv().await {
-        let mut next = Some(first);
-        let mut oldest: Option<Instant> = None;
-        let mut lease_op = None;
-        while let Some(command) = next {
-            match command {
-                Command::Write(writes, queued, notice) => {
-                    batch.extend(writes);
-                    if let Some(notice) = notice {
-                        notices.push((ends.len(), notice));
-                    }
-                    ends.push(batch.len());
-                    oldest = Some(oldest.map_or(queued, |o| o.min(queued)));
+/// What the writer has taken off its queue for the next commit.
+#[derive(Default)]
+struct Gathered {
+    batch: Vec<LedgerWrite>,
+    /// Where each queued group of writes ends in `batch`, and who waits to hear of it.
+    ends: Vec<usize>,
+    notices: Vec<(usize, oneshot::Sender<bool>)>,
+    flushes: Vec<oneshot::Sender<()>>,
+    oldest: Option<Instant>,
+    lease_op: Option<LeaseOp>,
+}
+
+impl Gathered {
+    fn take(&mut self, command: Command) {
+        match command {
+            Command::Write(writes, queued, notice) => {
+                self.batch.extend(writes);
+                if let Some(notice) = notice {
+                    self.notices.push((self.ends.len(), notice));
                 }
-                Command::Flush(done) => flushes.push(done),
-                Command::Lease(op) => {
-                    lease_op = Some(op);
-                    break;
+                self.ends.push(self.batch.len());
+                self.oldest = Some(self.oldest.map_or(queued, |o| o.min(queued)));
+            }
+            Command::Flush(done) => self.flushes.push(done),
+            Command::Lease(op) => self.lease_op = Some(op),
+        }
+    }
+
+    /// Whether to stop taking commands: the batch is full, or a lease operation must run after it.
+    fn closed(&self) -> bool {
+        self.batch.len() >= MAX_BATCH || self.lease_op.is_some()
+    }
+
+    /// Whether to commit without gathering more: somebody waits for this batch, or it is big
+    /// enough to make a commit's fixed cost small.
+    fn due(&self) -> bool {
+        self.closed()
+            || self.batch.len() >= GATHER_UNTIL
+            || !self.flushes.is_empty()
+            || !self.notices.is_empty()
+    }
+}
+
+async fn write_loop(
+    mut commands: mpsc::UnboundedReceiver<Command>,
+    writer: Writer,
+    gather: Duration,
+) {
+    let mut gathered = Gathered::default();
+    while let Some(first) = commands.recv().await {
+        gathered.take(first);
+        while !gathered.closed() {
+            match commands.try_recv() {
+                Ok(command) => gathered.take(command),
+                Err(_) => break,
+            }
+        }
+        // A small batch nobody waits for waits a moment for more, so that a commit's fixed cost
+        // (the hand-off to the store, BEGIN, the log append) is shared by more requests.
+        if !gathered.due() {
+            let deadline = tokio::time::Instant::now() + gather;
+            while !gathered.due() {
+                match tokio::time::timeout_at(deadline, commands.recv()).await {
+                    Ok(Some(command)) => gathered.take(command),
+                    Ok(None) | Err(_) => break,
                 }
             }
-            next = if batch.len() < MAX_BATCH {
-                commands.try_recv().ok()
-            } else {
-                None
-            };
         }
+        let Gathered {
+            batch,
+            ends,
+            notices,
+            flushes,
+            oldest,
+            lease_op,
+        } = &mut gathered;
         if !batch.is_empty() {
-            let refused = writer.commit_groups(&batch, &ends).await;
+            let refused = writer.commit_groups(batch, ends).await;
             writer.batch_size.observe(batch.len() as f64);
-            if let Some(oldest) = oldest {
+            if let Some(oldest) = oldest.take() {
                 writer.write_lag.observe(oldest.elapsed().as_secs_f64());
             }
             for (group, notice) in notices.drain(..) {
@@ -1469,7 +1529,7 @@ async fn write_loop(mut commands: mpsc::UnboundedReceiver<Command>, writer: Writ
         for done in flushes.drain(..) {
             let _ = done.send(());
         }
-        if let Some(op) = lease_op {
+        if let Some(op) = lease_op.take() {
             writer.lease(op).await;
         }
     }
