@@ -1,6 +1,6 @@
 //! Two Tollgate builds side by side at one step: the A/B check for a performance change. Both
 //! nodes run on SQLite, pinned to the same core, in front of the same upstream, and are loaded in
-//! alternation (closed loop) for a number of rounds, so drift on the machine hits both alike.
+//! alternation (closed loop, or open loop at a set rate) for a number of rounds, so drift on the machine hits both alike.
 //! The answer is each build's CPU per request and throughput, and the candidate's ratio to the
 //! baseline, taken round by round and summarised by the median.
 
@@ -20,7 +20,7 @@ pub struct Options {
     pub step: Step,
     pub rounds: usize,
     pub seconds: f64,
-    pub connections: u32,
+    pub mode: Mode,
 }
 
 /// Runs the comparison and returns its report (markdown).
@@ -49,10 +49,8 @@ pub async fn run(options: Options) -> anyhow::Result<String> {
     }
     let raw_dir = options.work.join("compare-raw");
     std::fs::create_dir_all(&raw_dir)?;
-    let mode = Mode::Closed {
-        connections: options.connections,
-    };
-    let closed = |contender: &Contender, seconds: f64, what: String| {
+    let mode = options.mode;
+    let load = |contender: &Contender, seconds: f64, what: String| {
         load::oha(
             &options.oha,
             contender.targets(false),
@@ -64,7 +62,7 @@ pub async fn run(options: Options) -> anyhow::Result<String> {
         )
     };
     for contender in &contenders {
-        closed(contender, 2.0, format!("warmup-{}", contender.name)).await?;
+        load(contender, 2.0, format!("warmup-{}", contender.name)).await?;
     }
     let mut runs: [Vec<Run>; 2] = [Vec::new(), Vec::new()];
     for round in 0..options.rounds {
@@ -75,7 +73,7 @@ pub async fn run(options: Options) -> anyhow::Result<String> {
             contender.check_alive()?;
             eprintln!("round {round}: {}", contender.name);
             let what = format!("{}-{round}", contender.name);
-            runs[i].push(closed(contender, options.seconds, what).await?);
+            runs[i].push(load(contender, options.seconds, what).await?);
         }
     }
     let rss_mib = contenders
@@ -103,10 +101,15 @@ fn render(options: &Options, baseline: &[Run], candidate: &[Run], rss_mib: &[f64
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "Tollgate {} on SQLite, one core each, closed loop with {} connections, {} rounds of {} s \
-         (medians, min–max):\n",
+        "Tollgate {} on SQLite, one core each, {}, {} rounds of {} s (medians, min–max):\n",
         options.step.label(),
-        options.connections,
+        match options.mode {
+            Mode::Open { rate, connections } => {
+                format!("open loop at {rate} requests/s over {connections} connections")
+            }
+            Mode::Closed { connections } => format!("closed loop with {connections} connections"),
+            Mode::Sequential => "one request at a time".into(),
+        },
         options.rounds,
         options.seconds
     );

@@ -20,6 +20,10 @@ pub struct Target {
     pub body: String,
 }
 
+/// How long a contender may stay busy after a run's last answer, finishing what the run left
+/// (counted in the run's CPU).
+const QUIET_WITHIN: Duration = Duration::from_secs(10);
+
 /// How load is applied.
 #[derive(Debug, Clone, Copy, Serialize)]
 pub enum Mode {
@@ -143,7 +147,9 @@ pub async fn oha(
         results.push(json);
     }
     let elapsed = started.elapsed().as_secs_f64();
-    let cpu = procs::cpu_micros(measured, ticks).saturating_sub(cpu_before);
+    let cpu = procs::cpu_micros_when_quiet(measured, ticks, QUIET_WITHIN)
+        .await
+        .saturating_sub(cpu_before);
     let mut run = Run::default();
     for json in &results {
         let statuses = json["statusCodeDistribution"]
@@ -230,7 +236,7 @@ pub async fn hold_settle(
 
 /// `connections` callers each running `operation` again as soon as it ends, for `duration`;
 /// an operation's latency counts when it succeeds, its failure as an error. CPU is that of the
-/// `measured` processes over the run.
+/// `measured` processes over the run and until they are quiet after it.
 async fn closed_loop<F, Fut>(
     connections: usize,
     duration: Duration,
@@ -271,7 +277,9 @@ where
         errors += e;
     }
     let elapsed = started.elapsed().as_secs_f64();
-    let cpu = procs::cpu_micros(measured, ticks).saturating_sub(cpu_before);
+    let cpu = procs::cpu_micros_when_quiet(measured, ticks, QUIET_WITHIN)
+        .await
+        .saturating_sub(cpu_before);
     Ok(summarize(latencies, errors, elapsed, cpu))
 }
 

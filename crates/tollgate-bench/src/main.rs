@@ -16,6 +16,7 @@ mod upstream;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use contenders::Step;
+use load::Mode;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -72,6 +73,10 @@ enum Command {
         seconds: f64,
         #[arg(long, default_value_t = 64)]
         connections: u32,
+        /// Open loop at this many requests a second instead of a closed loop: the load at which
+        /// the suite's main table takes CPU per request (its open-loop runs).
+        #[arg(long)]
+        rate: Option<u32>,
         #[arg(long, default_value = "target/bench")]
         work: PathBuf,
     },
@@ -160,6 +165,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             rounds,
             seconds,
             connections,
+            rate,
             work,
         } => {
             let options = compare::Options {
@@ -171,7 +177,10 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                 step,
                 rounds: rounds.max(1),
                 seconds,
-                connections,
+                mode: match rate {
+                    Some(rate) => Mode::Open { rate, connections },
+                    None => Mode::Closed { connections },
+                },
             };
             print!("{}", compare::run(options).await?);
             Ok(())

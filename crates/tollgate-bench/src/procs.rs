@@ -159,6 +159,24 @@ pub fn cpu_micros(roots: &[u32], ticks_per_second: u64) -> u64 {
     ticks * 1_000_000 / ticks_per_second.max(1)
 }
 
+/// Waits until these processes are quiet (at most one clock tick of CPU in a quarter of a
+/// second), for at most `limit`; returns their CPU time then, as [`cpu_micros`]. Work that a
+/// load run leaves behind (a queue of ledger writes still being committed) is part of what its
+/// requests cost: without this it would be counted in whichever run came next, or in none.
+pub async fn cpu_micros_when_quiet(roots: &[u32], ticks_per_second: u64, limit: Duration) -> u64 {
+    let tick = 1_000_000 / ticks_per_second.max(1);
+    let deadline = Instant::now() + limit;
+    let mut last = cpu_micros(roots, ticks_per_second);
+    loop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let now = cpu_micros(roots, ticks_per_second);
+        if now.saturating_sub(last) <= tick || Instant::now() > deadline {
+            return now;
+        }
+        last = now;
+    }
+}
+
 /// Resident memory of these processes and their descendants, in KiB.
 pub fn rss_kib(roots: &[u32]) -> u64 {
     roots
