@@ -198,6 +198,10 @@ pub(crate) fn exported<'a>(usage: &'a [&'a UsageRow]) -> impl Iterator<Item = &'
     })
 }
 
+/// Whether the export log is kept: once any sink has started (it has a cursor). Before that
+/// nobody reads the log, and a sink that starts later begins at the newest record.
+pub(crate) const EXPORTING: &str = "SELECT EXISTS (SELECT 1 FROM export_cursors)";
+
 pub(crate) const EXPORT_COLUMNS: &str = "request_id, account_id, key_id, route, model, \
      billing_status, cost_nanos, input_tokens, cached_input_tokens, output_tokens, at";
 

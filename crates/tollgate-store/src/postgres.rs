@@ -313,7 +313,7 @@ async fn watch_key_spend(
     Ok(())
 }
 
-/// Writes the batch's charged usage to the export log, unnumbered: the exporter numbers rows
+/// Writes the batch's charged usage to the export log (once a sink has started), unnumbered: the exporter numbers rows
 /// once they are committed ([`number_exports`]), so this takes no lock.
 async fn record_exports(
     tx: &mut Transaction<'_, Postgres>,
@@ -321,13 +321,15 @@ async fn record_exports(
 ) -> Result<(), StoreError> {
     let rows: Vec<&UsageRow> = crate::export::exported(usage).collect();
     for chunk in rows.chunks(ROWS_PER_INSERT / 2) {
+        // Kept only once a sink has started: the check rides in the insert, no round trip.
         let mut query = sqlx::QueryBuilder::<Postgres>::new(format!(
-            "INSERT INTO usage_exports ({}) ",
+            "INSERT INTO usage_exports ({}) SELECT * FROM (",
             crate::export::EXPORT_COLUMNS
         ));
         query.push_values(chunk, |out, row| {
             push_cells(out, crate::export::export_cells(row))
         });
+        query.push(format!(") AS v WHERE ({})", crate::export::EXPORTING));
         query
             .build()
             .execute(&mut **tx)

@@ -2630,9 +2630,40 @@ async fn commit_usage(
     rows.iter().map(|row| row.request_id).collect()
 }
 
+/// Until a sink has started, the export log has no reader and is not written: a sink that starts
+/// later begins at the newest record, so it would never read what came before it.
+pub async fn no_export_log_is_kept_before_a_sink_starts(store: Arc<dyn Store>) {
+    let (account, _, master) = new_account(&*store, Nanos::ZERO).await;
+    commit_usage(
+        &*store,
+        account,
+        master.id,
+        &[BillingStatus::Settled],
+        1_000,
+    )
+    .await;
+    assert!(store.export_records(0, 100).await.unwrap().is_empty());
+    assert_eq!(store.start_export("lago", at(2_000)).await.unwrap(), 0);
+    let logged = commit_usage(
+        &*store,
+        account,
+        master.id,
+        &[BillingStatus::Settled],
+        3_000,
+    )
+    .await;
+    let records = store.export_records(0, 100).await.unwrap();
+    assert_eq!(
+        records.iter().map(|r| r.request_id).collect::<Vec<_>>(),
+        logged
+    );
+}
+
 pub async fn only_charged_usage_is_logged_for_export_in_commit_order(store: Arc<dyn Store>) {
     use tollgate_store::ParkReason;
     let (account, _, master) = new_account(&*store, Nanos::ZERO).await;
+    // The log is kept once a sink has started.
+    assert_eq!(store.start_export("lago", at(0)).await.unwrap(), 0);
     let first = commit_usage(
         &*store,
         account,
@@ -2767,6 +2798,7 @@ pub async fn export_totals_sum_per_account_and_day_and_customers_map_per_sink(
     const DAY: i64 = 86_400_000;
     let (account, _, master) = new_account(&*store, Nanos::ZERO).await;
     let (other, _, other_master) = new_account(&*store, Nanos::ZERO).await;
+    store.start_export("lago", at(0)).await.unwrap();
     commit_usage(
         &*store,
         account,
@@ -2900,6 +2932,7 @@ macro_rules! store_suite {
                 a_crossing_is_recorded_once_among_concurrent_callers,
                 endpoints_keep_their_limit_and_deliveries_retry_fail_and_redeliver,
                 a_capped_keys_spend_crosses_80_and_100_percent_once_a_month,
+                no_export_log_is_kept_before_a_sink_starts,
                 only_charged_usage_is_logged_for_export_in_commit_order,
                 export_totals_sum_per_account_and_day_and_customers_map_per_sink,
             );
@@ -3361,6 +3394,7 @@ async fn postgres_a_batch_committing_late_is_still_read_after_the_cursor() {
             .unwrap(),
     );
     let (account, _, master) = new_account(&*store, Nanos::ZERO).await;
+    store.start_export("lago", at(0)).await.unwrap();
     // The late batch, by hand: the statement the store's batches run, left uncommitted.
     let raw = sqlx::PgPool::connect(schema.url()).await.unwrap();
     let mut late = raw.begin().await.unwrap();
@@ -3408,6 +3442,7 @@ async fn postgres_the_export_log_is_read_in_commit_order_under_concurrent_batche
         return;
     };
     let (account, _, master) = new_account(&*store, Nanos::ZERO).await;
+    store.start_export("lago", at(0)).await.unwrap();
     let writers: Vec<_> = (0..8)
         .map(|_| {
             let store = store.clone();

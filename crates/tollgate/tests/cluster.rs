@@ -1283,6 +1283,21 @@ async fn credit_in_a_killed_nodes_lease_is_never_refused_as_missing_and_comes_ba
     for response in futures_util::future::join_all(failing).await {
         assert_eq!(response.unwrap().status(), 500);
     }
+    // The releases reach the store a moment after the answers (node 1's writer gathers them):
+    // once they have, the credit sits in node 1's lease, not in pending holds.
+    let balance = format!(
+        "{}/api/v1/billing/balance?account_id={account}",
+        cluster.url(0)
+    );
+    let released_at = Instant::now();
+    loop {
+        let wallet: Value = send_json(cluster.http.get(&balance).bearer_auth(ADMIN)).await;
+        if wallet["held"]["nanos"] == 0 {
+            break;
+        }
+        assert!(released_at.elapsed() < SETTLE_BOUND, "{wallet}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     cluster.nodes[1].0.start_kill().unwrap(); // SIGKILL
     cluster.nodes[1].0.wait().await.unwrap();
     let killed_at = Instant::now();

@@ -211,7 +211,8 @@ fn commit(
     tx.commit().map_err(store_error)
 }
 
-/// The usage rows, their quarter-hour totals, and the export log's rows for those that charged.
+/// The usage rows, their quarter-hour totals, and the export log's rows for those that charged
+/// (once a sink has started).
 fn insert_usage(tx: &Transaction<'_>, rows: &[&crate::UsageRow]) -> Result<(), StoreError> {
     if rows.is_empty() {
         return Ok(());
@@ -235,6 +236,10 @@ fn insert_usage(tx: &Transaction<'_>, rows: &[&crate::UsageRow]) -> Result<(), S
         slot.execute(params_from_iter(slot_cells(&delta)))
             .map_err(store_error)?;
     }
+    let mut exported = crate::export::exported(rows).peekable();
+    if exported.peek().is_none() || !exporting(tx)? {
+        return Ok(());
+    }
     // One writer commits at a time, so AUTOINCREMENT numbers the export log in commit order.
     let sql = format!(
         "INSERT INTO usage_exports ({}) VALUES ({})",
@@ -242,12 +247,20 @@ fn insert_usage(tx: &Transaction<'_>, rows: &[&crate::UsageRow]) -> Result<(), S
         crate::notify::placeholders(column_count(crate::export::EXPORT_COLUMNS))
     );
     let mut export = tx.prepare_cached(&sql).map_err(store_error)?;
-    for row in crate::export::exported(rows) {
+    for row in exported {
         export
             .execute(params_from_iter(crate::export::export_cells(row)))
             .map_err(store_error)?;
     }
     Ok(())
+}
+
+/// Whether a sink has ever started ([`crate::ExportStore::start_export`]). Until one has, the
+/// export log has no reader, and a sink that starts later begins at the newest record anyway.
+fn exporting(tx: &Transaction<'_>) -> Result<bool, StoreError> {
+    tx.prepare_cached(crate::export::EXPORTING)
+        .and_then(|mut s| s.query_row([], |r| r.get(0)))
+        .map_err(store_error)
 }
 
 fn insert_event(tx: &Transaction<'_>, event: &Event) -> Result<(), StoreError> {
