@@ -92,7 +92,12 @@ impl LlmApi {
 
     /// The usage in a complete (non-streamed) JSON response, if it reports one.
     pub fn usage_from_json(self, body: &Value) -> Option<TokenUsage> {
-        let usage = body.get("usage").filter(|u| u.is_object())?;
+        self.usage_from_object(body.get("usage")?)
+    }
+
+    /// The usage a response's `usage` member reports, if it is an object.
+    pub fn usage_from_object(self, usage: &Value) -> Option<TokenUsage> {
+        let usage = Some(usage).filter(|u| u.is_object())?;
         Some(match self {
             LlmApi::OpenAi => openai_usage(usage),
             LlmApi::Anthropic => anthropic_usage(usage).total(),

@@ -505,13 +505,32 @@ impl Metering {
         matches!(&self.reader, Reader::Sse(meter) if meter.usage().is_some())
     }
 
-    fn json_body(&self) -> Option<serde_json::Value> {
+    /// The JSON body read, within the size the meter parses; borrowed when it came in one piece.
+    fn json_bytes(&self) -> Option<std::borrow::Cow<'_, [u8]>> {
         match &self.reader {
             Reader::Json { chunks, len } if *len <= MAX_METERED_JSON_BYTES => {
-                serde_json::from_slice(&chunks.concat()).ok()
+                Some(match chunks.as_slice() {
+                    [only] => std::borrow::Cow::Borrowed(&only[..]),
+                    _ => std::borrow::Cow::Owned(chunks.concat()),
+                })
             }
             _ => None,
         }
+    }
+
+    fn json_body(&self) -> Option<serde_json::Value> {
+        serde_json::from_slice(&self.json_bytes()?).ok()
+    }
+
+    /// The body's top-level `usage` member alone: the rest is skipped, not built.
+    fn json_usage(&self) -> Option<serde_json::Value> {
+        #[derive(serde::Deserialize)]
+        struct UsageOnly {
+            usage: Option<serde_json::Value>,
+        }
+        serde_json::from_slice::<UsageOnly>(&self.json_bytes()?)
+            .ok()?
+            .usage
     }
 
     fn finish(self, ending: Ending) {
@@ -530,10 +549,18 @@ impl Metering {
                 flat,
                 input_estimate,
             } => {
-                let body = self.json_body();
-                let usage = match &self.reader {
-                    Reader::Sse(meter) => meter.usage(),
-                    _ => body.as_ref().and_then(|b| api.usage_from_json(b)),
+                let (usage, body) = match &self.reader {
+                    Reader::Sse(meter) => (meter.usage(), None),
+                    _ => match self.json_usage().and_then(|u| api.usage_from_object(&u)) {
+                        Some(usage) => (Some(usage), None),
+                        // Without usage in view, the whole body: the usage it may still hold
+                        // (a body the shallow read refused), else the text to estimate from.
+                        None => {
+                            let body = self.json_body();
+                            let usage = body.as_ref().and_then(|b| api.usage_from_json(b));
+                            (usage, body)
+                        }
+                    },
                 };
                 let estimate = match &self.reader {
                     Reader::Sse(meter) => meter.estimate(*input_estimate),
