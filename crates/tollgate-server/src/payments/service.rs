@@ -880,6 +880,13 @@ impl Payments {
         };
         let account = rule.account_id;
         let now = self.clock.now();
+        // Counted before the latest is read. A top-up another node starts after this count takes
+        // the key this one would (`auto:…:{started + 1}`), so the two collide instead of both
+        // charging; one started before it is counted, and seen in progress by the read below.
+        let started = self
+            .store
+            .auto_topups_since(account, month_start(now))
+            .await?;
         // One in progress is retried (Stripe was not reached) or waited for, never doubled.
         let latest = self
             .store
@@ -898,10 +905,13 @@ impl Payments {
                 t
             }
             _ => {
-                let started = self
-                    .store
-                    .auto_topups_since(account, month_start(now))
-                    .await?;
+                // The round's list of accounts below their thresholds was read before this:
+                // another node's top-up may have finished since (its credit is stored before its
+                // status says so), and must not be followed by a second.
+                let wallet = self.store.wallet(account).await?;
+                if wallet.is_none_or(|w| w.available >= rule.threshold) {
+                    return Ok(());
+                }
                 if started >= rule.max_per_month {
                     return Ok(());
                 }
