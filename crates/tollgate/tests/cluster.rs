@@ -139,6 +139,38 @@ impl Cluster {
             .unwrap()
     }
 
+    /// The account's wallet as `node` reads it (after its own writer's queue).
+    async fn wallet(&self, node: usize, account: &str) -> Value {
+        send_json(
+            self.http
+                .get(format!(
+                    "{}/api/v1/billing/balance?account_id={account}",
+                    self.url(node)
+                ))
+                .bearer_auth(ADMIN),
+        )
+        .await
+    }
+
+    /// The wallet as `node` reads it once `settled` holds of it: the other nodes' last writes may
+    /// still be in their writers' queues for a moment (within [`SETTLE_BOUND`]).
+    async fn settled_wallet(
+        &self,
+        node: usize,
+        account: &str,
+        settled: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let read_at = Instant::now();
+        loop {
+            let wallet = self.wallet(node, account).await;
+            if settled(&wallet) {
+                return wallet;
+            }
+            assert!(read_at.elapsed() < SETTLE_BOUND, "{wallet}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     async fn echo(&self, node: usize, key: &str) -> reqwest::Response {
         self.http
             .get(format!("{}/echo/x", self.url(node)))
@@ -206,21 +238,11 @@ async fn a_thousand_concurrent_paid_calls_spend_a_balance_for_300_exactly() {
             .collect::<Vec<_>>()
     );
 
-    let balance = format!(
-        "{}/api/v1/billing/balance?account_id={account}",
-        cluster.url(1)
-    );
-    // A node's read waits for its own writes; the other nodes' last settles may still be in
-    // their writers' queues for a moment.
-    let read_at = Instant::now();
-    loop {
-        let wallet: Value = send_json(cluster.http.get(&balance).bearer_auth(ADMIN)).await;
-        if wallet["available"]["nanos"] == 0 && wallet["held"]["nanos"] == 0 {
-            break;
-        }
-        assert!(read_at.elapsed() < SETTLE_BOUND, "{wallet}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    cluster
+        .settled_wallet(1, &account, |w| {
+            w["available"]["nanos"] == 0 && w["held"]["nanos"] == 0
+        })
+        .await;
     // The ledger balances, and the account's cached balance is the one it rebuilds.
     let store = tollgate_store::postgres::PostgresStore::open(cluster.schema.url())
         .await
@@ -822,26 +844,12 @@ async fn a_busy_nodes_unused_lease_goes_to_the_node_that_needs_it() {
     let (statuses, ()) = tokio::join!(calls, keep_busy);
     assert_eq!(statuses, vec![200; 4]);
     // The four calls are charged, whichever node's writer commits them last.
-    let read_at = Instant::now();
-    loop {
-        let wallet: Value = send_json(
-            cluster
-                .http
-                .get(format!(
-                    "{}/api/v1/billing/balance?account_id={account}",
-                    cluster.url(1)
-                ))
-                .bearer_auth(ADMIN),
-        )
+    let wallet = cluster
+        .settled_wallet(1, &account, |w| {
+            w["spent_this_month"]["nanos"] == 4_000_000 && w["held"]["nanos"] == 0
+        })
         .await;
-        let nanos = |field: &str| wallet[field]["nanos"].as_i64().unwrap();
-        if nanos("spent_this_month") == 4_000_000 && nanos("held") == 0 {
-            assert_eq!(nanos("available"), 6_000_000, "{wallet}");
-            break;
-        }
-        assert!(read_at.elapsed() < SETTLE_BOUND, "{wallet}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    assert_eq!(wallet["available"]["nanos"], 6_000_000, "{wallet}");
 }
 
 /// A key's monthly cap is decided by the store, so it holds across nodes exactly as the wallet
@@ -1285,19 +1293,9 @@ async fn credit_in_a_killed_nodes_lease_is_never_refused_as_missing_and_comes_ba
     }
     // The releases reach the store a moment after the answers (node 1's writer gathers them):
     // once they have, the credit sits in node 1's lease, not in pending holds.
-    let balance = format!(
-        "{}/api/v1/billing/balance?account_id={account}",
-        cluster.url(0)
-    );
-    let released_at = Instant::now();
-    loop {
-        let wallet: Value = send_json(cluster.http.get(&balance).bearer_auth(ADMIN)).await;
-        if wallet["held"]["nanos"] == 0 {
-            break;
-        }
-        assert!(released_at.elapsed() < SETTLE_BOUND, "{wallet}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    cluster
+        .settled_wallet(0, &account, |w| w["held"]["nanos"] == 0)
+        .await;
     cluster.nodes[1].0.start_kill().unwrap(); // SIGKILL
     cluster.nodes[1].0.wait().await.unwrap();
     let killed_at = Instant::now();
@@ -1572,16 +1570,7 @@ async fn two_hundred_calls_at_once_across_nodes_draw_a_hundred_unit_allowance_ex
     let (_, granted, held, used) = &sums[0];
     assert_eq!((*granted, *held, *used), (UNITS as u64, 0, UNITS as u64));
     // The calls were included: the wallet paid nothing.
-    let wallet: Value = send_json(
-        cluster
-            .http
-            .get(format!(
-                "{}/api/v1/billing/balance?account_id={account}",
-                cluster.url(2)
-            ))
-            .bearer_auth(ADMIN),
-    )
-    .await;
+    let wallet = cluster.wallet(2, &account).await;
     assert_eq!(wallet["available"]["nanos"], 0);
 }
 
@@ -1641,16 +1630,7 @@ async fn a_plans_fee_is_paid_once_whichever_nodes_take_the_periods_first_calls()
         .collect();
     assert_eq!(fees.len(), 1, "{ledger}");
     assert_eq!(fees[0]["amount"]["nanos"], 2_000_000_000_i64);
-    let wallet: Value = send_json(
-        cluster
-            .http
-            .get(format!(
-                "{}/api/v1/billing/balance?account_id={account}",
-                cluster.url(0)
-            ))
-            .bearer_auth(ADMIN),
-    )
-    .await;
+    let wallet = cluster.wallet(0, &account).await;
     assert_eq!(wallet["available"]["nanos"], 3_000_000_000_i64);
     assert_books_balance(&cluster).await;
 }
