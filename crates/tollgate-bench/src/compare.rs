@@ -1,8 +1,8 @@
 //! Two Tollgate builds side by side at one step: the A/B check for a performance change. Both
 //! nodes run on SQLite, pinned to the same core, in front of the same upstream, and are loaded in
-//! alternation (closed loop, or open loop at a set rate) for a number of rounds, so drift on the machine hits both alike.
-//! The answer is each build's CPU per request and throughput, and the candidate's ratio to the
-//! baseline, taken round by round and summarised by the median.
+//! alternation (closed loop, or open loop at a set rate) for a number of rounds, so drift on the
+//! machine hits both alike. The answer is each build's CPU per request and throughput, and the
+//! candidate's ratio to the baseline, taken round by round and summarised by the median.
 
 use crate::contenders::{self, Contender, Env, Step};
 use crate::load::{self, Mode, Run};

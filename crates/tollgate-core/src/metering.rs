@@ -97,7 +97,9 @@ impl LlmApi {
 
     /// The usage a response's `usage` member reports, if it is an object.
     pub fn usage_from_object(self, usage: &Value) -> Option<TokenUsage> {
-        let usage = Some(usage).filter(|u| u.is_object())?;
+        if !usage.is_object() {
+            return None;
+        }
         Some(match self {
             LlmApi::OpenAi => openai_usage(usage),
             LlmApi::Anthropic => anthropic_usage(usage).total(),

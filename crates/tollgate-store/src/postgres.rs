@@ -313,8 +313,8 @@ async fn watch_key_spend(
     Ok(())
 }
 
-/// Writes the batch's charged usage to the export log (once a sink has started), unnumbered: the exporter numbers rows
-/// once they are committed ([`number_exports`]), so this takes no lock.
+/// Writes the batch's charged usage to the export log (once a sink has started), unnumbered: the
+/// exporter numbers rows once they are committed ([`number_exports`]), so this takes no lock.
 async fn record_exports(
     tx: &mut Transaction<'_, Postgres>,
     usage: &[&UsageRow],

@@ -522,17 +522,6 @@ impl Metering {
         serde_json::from_slice(&self.json_bytes()?).ok()
     }
 
-    /// The body's top-level `usage` member alone: the rest is skipped, not built.
-    fn json_usage(&self) -> Option<serde_json::Value> {
-        #[derive(serde::Deserialize)]
-        struct UsageOnly {
-            usage: Option<serde_json::Value>,
-        }
-        serde_json::from_slice::<UsageOnly>(&self.json_bytes()?)
-            .ok()?
-            .usage
-    }
-
     fn finish(self, ending: Ending) {
         let reported = if ending == Ending::Complete {
             BillingStatus::Settled
@@ -551,16 +540,20 @@ impl Metering {
             } => {
                 let (usage, body) = match &self.reader {
                     Reader::Sse(meter) => (meter.usage(), None),
-                    _ => match self.json_usage().and_then(|u| api.usage_from_object(&u)) {
-                        Some(usage) => (Some(usage), None),
-                        // Without usage in view, the whole body: the usage it may still hold
-                        // (a body the shallow read refused), else the text to estimate from.
-                        None => {
-                            let body = self.json_body();
-                            let usage = body.as_ref().and_then(|b| api.usage_from_json(b));
-                            (usage, body)
+                    _ => {
+                        let bytes = self.json_bytes();
+                        match bytes.as_deref().and_then(|b| usage_alone(*api, b)) {
+                            Some(usage) => (Some(usage), None),
+                            // Without usage in view, the whole body: the usage it may still hold
+                            // (a body the shallow read refused), else the text to estimate from.
+                            None => {
+                                let body: Option<serde_json::Value> =
+                                    bytes.and_then(|b| serde_json::from_slice(&b).ok());
+                                let usage = body.as_ref().and_then(|b| api.usage_from_json(b));
+                                (usage, body)
+                            }
                         }
-                    },
+                    }
                 };
                 let estimate = match &self.reader {
                     Reader::Sse(meter) => meter.estimate(*input_estimate),
@@ -621,6 +614,17 @@ impl Metering {
             error_message: None,
         });
     }
+}
+
+/// The usage a JSON answer reports, read from its top-level `usage` member alone: serde skips the
+/// rest of the body without building it.
+fn usage_alone(api: LlmApi, body: &[u8]) -> Option<TokenUsage> {
+    #[derive(serde::Deserialize)]
+    struct UsageOnly {
+        usage: Option<serde_json::Value>,
+    }
+    let usage = serde_json::from_slice::<UsageOnly>(body).ok()?.usage?;
+    api.usage_from_object(&usage)
 }
 
 /// A units value: a JSON number or a decimal string.
