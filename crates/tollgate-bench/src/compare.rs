@@ -3,6 +3,9 @@
 //! alternation (closed loop, or open loop at a set rate) for a number of rounds, so drift on the
 //! machine hits both alike. The answer is each build's CPU per request and throughput, and the
 //! candidate's ratio to the baseline, taken round by round and summarised by the median.
+//!
+//! With [`Load::HoldPairs`] the load is the suite's billing-API one instead of proxied calls:
+//! holds opened and settled in pairs, and the figures are per pair.
 
 use crate::contenders::{self, Contender, Env, Step};
 use crate::load::{self, Mode, Run};
@@ -20,7 +23,16 @@ pub struct Options {
     pub step: Step,
     pub rounds: usize,
     pub seconds: f64,
-    pub mode: Mode,
+    pub load: Load,
+}
+
+/// What each round sends.
+#[derive(Debug, Clone, Copy)]
+pub enum Load {
+    /// Proxied calls through the data plane, from oha.
+    Proxy(Mode),
+    /// `connections` callers opening and settling holds through the billing API, closed loop.
+    HoldPairs { connections: usize },
 }
 
 /// Runs the comparison and returns its report (markdown).
@@ -49,17 +61,26 @@ pub async fn run(options: Options) -> anyhow::Result<String> {
     }
     let raw_dir = options.work.join("compare-raw");
     std::fs::create_dir_all(&raw_dir)?;
-    let mode = options.mode;
     let load = |contender: &Contender, seconds: f64, what: String| {
-        load::oha(
-            &options.oha,
-            contender.targets(false),
-            mode,
-            Duration::from_secs_f64(seconds),
-            0,
-            contender.pids(),
-            load::raw_path(&raw_dir, &what),
-        )
+        let duration = Duration::from_secs_f64(seconds);
+        let (oha, raw_dir) = (options.oha.clone(), raw_dir.clone());
+        let targets = contender.targets(false);
+        let (base, key) = (
+            contender.bases[0].clone(),
+            contender.tollgate_key.clone().unwrap_or_default(),
+        );
+        let pids = contender.pids();
+        async move {
+            match options.load {
+                Load::Proxy(mode) => {
+                    let raw = load::raw_path(&raw_dir, &what);
+                    load::oha(&oha, targets, mode, duration, 0, pids, raw).await
+                }
+                Load::HoldPairs { connections } => {
+                    load::hold_settle(&base, &key, connections, duration, &pids).await
+                }
+            }
+        }
     };
     for contender in &contenders {
         load(contender, 2.0, format!("warmup-{}", contender.name)).await?;
@@ -103,12 +124,18 @@ fn render(options: &Options, baseline: &[Run], candidate: &[Run], rss_mib: &[f64
         out,
         "Tollgate {} on SQLite, one core each, {}, {} rounds of {} s (medians, min–max):\n",
         options.step.label(),
-        match options.mode {
-            Mode::Open { rate, connections } => {
+        match options.load {
+            Load::Proxy(Mode::Open { rate, connections }) => {
                 format!("open loop at {rate} requests/s over {connections} connections")
             }
-            Mode::Closed { connections } => format!("closed loop with {connections} connections"),
-            Mode::Sequential => "one request at a time".into(),
+            Load::Proxy(Mode::Closed { connections }) => {
+                format!("closed loop with {connections} connections")
+            }
+            Load::Proxy(Mode::Sequential) => "one request at a time".into(),
+            Load::HoldPairs { connections } => format!(
+                "billing-API holds opened and settled in pairs by {connections} callers \
+                 (figures per pair)"
+            ),
         },
         options.rounds,
         options.seconds

@@ -77,6 +77,10 @@ enum Command {
         /// the suite's main table takes CPU per request (its open-loop runs).
         #[arg(long)]
         rate: Option<u32>,
+        /// Load the billing API instead: holds opened and settled in pairs, closed loop, by this
+        /// many callers (the suite's hold + settle table; figures are per pair).
+        #[arg(long, conflicts_with = "rate")]
+        holds: Option<usize>,
         #[arg(long, default_value = "target/bench")]
         work: PathBuf,
     },
@@ -166,6 +170,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             seconds,
             connections,
             rate,
+            holds,
             work,
         } => {
             let options = compare::Options {
@@ -177,9 +182,10 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                 step,
                 rounds: rounds.max(1),
                 seconds,
-                mode: match rate {
-                    Some(rate) => Mode::Open { rate, connections },
-                    None => Mode::Closed { connections },
+                load: match (holds, rate) {
+                    (Some(connections), _) => compare::Load::HoldPairs { connections },
+                    (None, Some(rate)) => compare::Load::Proxy(Mode::Open { rate, connections }),
+                    (None, None) => compare::Load::Proxy(Mode::Closed { connections }),
                 },
             };
             print!("{}", compare::run(options).await?);

@@ -741,6 +741,49 @@ async fn a_billing_api_hold_the_store_did_not_confirm_is_released_not_stranded()
 }
 
 #[tokio::test]
+async fn a_settlement_the_store_did_not_confirm_says_it_is_queued_and_applies_once() {
+    let app = spawn_app().await;
+    let account = app.create_account("acme").await;
+    let key = &account.master_key;
+    let before = available(&app, key).await;
+    let hold = post_json(&app, "/api/v1/holds", key, json!({"amount": "2"})).await;
+    assert_eq!(hold.status(), 201);
+    let id = hold.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let settle = format!("/api/v1/holds/{id}/settle");
+    {
+        let _outage = CommitsFail::start(&app);
+        let response = post_json(&app, &settle, key, json!({"amount": "1.5"})).await;
+        let body = expect_error(response, 503, "service_unavailable").await;
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(message.contains("queued"), "{message}");
+        assert!(!message.contains("Nothing was charged"), "{message}");
+        // The hold reads as settled at once: this node's book has the queued settlement.
+        let read = app.get_json(&format!("/api/v1/holds/{id}"), key).await;
+        assert_eq!(read["status"], "settled");
+    }
+    // A retry, with another amount, answers the first outcome; the charge lands once.
+    let response = post_json(&app, &settle, key, json!({"amount": "0.5"})).await;
+    assert_eq!(response.status(), 200);
+    let settled: Value = response.json().await.unwrap();
+    assert_eq!(settled["status"], "settled");
+    assert_eq!(settled["charged"]["nanos"], 1_500_000_000);
+    let stored = app
+        .store
+        .hold(tollgate_core::HoldId::parse(&id).unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(stored.hold.charged.0, 1_500_000_000);
+    let balance = app.get_json("/api/v1/billing/balance", key).await;
+    assert_eq!(balance["available"]["nanos"], before - 1_500_000_000);
+    assert_eq!(balance["held"]["nanos"], 0);
+    assert_books_balance(&app, account.id).await;
+}
+
+#[tokio::test]
 async fn a_node_whose_ledger_writer_stopped_refuses_paid_calls_and_is_unready() {
     let app = spawn_app().await;
     let account = app.create_account("acme").await;

@@ -107,8 +107,8 @@ proptest! {
             let ledger = Ledger::start(store.clone(), clock.clone());
             let opened = Arc::new(std::sync::Mutex::new(Vec::new()));
             let tasks = streams.into_iter().map(|ops| {
-                let (ledger, keys, clock, opened) =
-                    (ledger.clone(), keys.clone(), clock.clone(), opened.clone());
+                let (ledger, keys, clock, opened, store) =
+                    (ledger.clone(), keys.clone(), clock.clone(), opened.clone(), store.clone());
                 tokio::spawn(async move {
                     for op in ops {
                         let pick = |i: usize| opened.lock().unwrap().get(i).copied();
@@ -125,7 +125,8 @@ proptest! {
                             }
                             Op::Settle(i, cost) => {
                                 if let Some(id) = pick(i) {
-                                    ledger.resolve_durably(id, Resolve::Settle(Nanos(cost))).await.unwrap();
+                                    let record = store.hold(id).await.unwrap().unwrap();
+                                    ledger.resolve_durably(&record, Resolve::Settle(Nanos(cost))).await.unwrap();
                                 }
                             }
                             Op::Release(i) => {
@@ -197,12 +198,12 @@ async fn a_restart_expires_request_holds_and_keeps_billing_api_holds() {
             .await,
         Err(HoldRefused::KeyCapReached { .. })
     ));
+    let record = store.hold(job.id).await.unwrap().unwrap();
     let settled = second
-        .resolve_durably(job.id, Resolve::Settle(Nanos(150)))
+        .resolve_durably(&record, Resolve::Settle(Nanos(150)))
         .await
-        .unwrap()
         .unwrap();
-    assert_eq!(settled.hold.charged, Nanos(150));
+    assert_eq!(settled.charged, Nanos(150));
     assert_consistent(&*store, &second, &keys).await;
 }
 

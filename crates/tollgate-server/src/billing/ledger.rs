@@ -116,8 +116,8 @@ impl Recall {
 
 /// What [`Ledger::open`] does after the book's lock is released.
 enum Next {
-    /// The hold is open; with a capped key on a shared store, the notice of its opening stored.
-    Opened(Hold, Option<(KeyId, Nanos, oneshot::Receiver<bool>)>),
+    /// The hold is open; the notice of its opening stored, when the caller must wait for it.
+    Opened(Hold, Option<oneshot::Receiver<bool>>),
     Carve {
         give_back: Nanos,
         needed: Nanos,
@@ -206,7 +206,26 @@ pub enum HoldRefused {
         required: Nanos,
         balance: Nanos,
     },
+    /// The store did not confirm the opening in time, so the hold was released (the release is
+    /// queued behind the opening): nothing stays reserved.
+    Unconfirmed,
     Store(StoreError),
+}
+
+/// Why a billing-API hold's resolution was not confirmed.
+#[derive(Debug)]
+pub enum ResolveFailed {
+    /// Decided in the book and queued, but the store did not confirm it in time: it is applied
+    /// when the store answers, and a retry answers its outcome.
+    Queued,
+    /// Nothing was resolved.
+    Store(StoreError),
+}
+
+impl From<StoreError> for ResolveFailed {
+    fn from(e: StoreError) -> Self {
+        ResolveFailed::Store(e)
+    }
 }
 
 impl From<StoreError> for HoldRefused {
@@ -580,18 +599,17 @@ impl Ledger {
                             transfer,
                             key_cap: spec.key_cap,
                         };
-                        // On a shared store the key's cap is the store's to decide: a capped
-                        // hold waits until its opening is stored (or refused).
-                        match (&self.leasing, spec.key, spec.key_cap) {
-                            (Some(_), Some(key), Some(cap)) => {
-                                let (done, stored) = oneshot::channel();
-                                self.enqueue_noticed(&book, vec![write], done);
-                                Next::Opened(hold, Some((key, cap, stored)))
-                            }
-                            _ => {
-                                self.enqueue(&book, vec![write]);
-                                Next::Opened(hold, None)
-                            }
+                        // A billing-API hold is answered only once it is stored, and on a
+                        // shared store a capped key's spend is the store's to decide: both wait
+                        // until the opening is stored (or refused).
+                        let capped_elsewhere = self.leasing.is_some() && spec.key_cap.is_some();
+                        if spec.source == HoldSource::Api || capped_elsewhere {
+                            let (done, stored) = oneshot::channel();
+                            self.enqueue_noticed(&book, vec![write], done);
+                            Next::Opened(hold, Some(stored))
+                        } else {
+                            self.enqueue(&book, vec![write]);
+                            Next::Opened(hold, None)
                         }
                     }
                     Err(Refusal::InsufficientBalance { required, .. })
@@ -624,26 +642,23 @@ impl Ledger {
             };
             match next {
                 Next::Opened(hold, stored) => {
-                    if self.leasing.is_none() {
-                        return Ok(hold);
+                    if self.leasing.is_some() {
+                        self.last_hold().insert(spec.account, Instant::now());
                     }
-                    self.last_hold().insert(spec.account, Instant::now());
-                    if let Some((key, cap, stored)) = stored {
+                    if let Some(stored) = stored {
                         match tokio::time::timeout(FLUSH_TIMEOUT, stored).await {
                             Ok(Ok(true)) => {}
-                            Ok(_) => return Err(self.refused_by_store(&hold, key, cap).await),
+                            // Refused, and undone in the book.
+                            Ok(_) => return Err(self.refused_by_store(&hold, spec.key_cap).await),
                             Err(_) => {
                                 // Not stored in time: the caller hears 503, so nothing may stay
                                 // reserved; the release is queued behind the opening.
                                 self.undo_open(&hold);
-                                return Err(StoreError::Unavailable(
-                                    "the store did not confirm the key's spend in time".into(),
-                                )
-                                .into());
+                                return Err(HoldRefused::Unconfirmed);
                             }
                         }
                     }
-                    if spec.source == HoldSource::Api {
+                    if self.leasing.is_some() && spec.source == HoldSource::Api {
                         // Any node may capture it: the store resolves it, not this book.
                         self.book().detach(hold.id);
                     }
@@ -683,12 +698,16 @@ impl Ledger {
         }
     }
 
-    /// Why the store refused to open a capped hold: the key's month, as the store has it, if
-    /// that is over the cap with this hold; otherwise the account's credit was not there (the
-    /// node's lease was reclaimed and the free balance could not cover it).
-    async fn refused_by_store(&self, hold: &Hold, key: KeyId, cap: Nanos) -> HoldRefused {
-        let Some(leasing) = &self.leasing else {
-            return HoldRefused::Store(StoreError::Corrupt("refused by the store".into()));
+    /// Why the store refused to open a hold. For a capped key on a shared store: the key's month,
+    /// as the store has it, if that is over the cap with this hold; otherwise the account's
+    /// credit was not there (the node's lease was reclaimed and the free balance could not cover
+    /// it). Anything else the store should not have refused.
+    async fn refused_by_store(&self, hold: &Hold, key_cap: Option<Nanos>) -> HoldRefused {
+        let (Some(leasing), Some(key), Some(cap)) = (&self.leasing, hold.key, key_cap) else {
+            return HoldRefused::Store(StoreError::Corrupt(format!(
+                "the store refused hold {}; nothing is reserved",
+                hold.id
+            )));
         };
         let (spent, held) = match leasing.leases.key_spend(key, self.clock.now()).await {
             Ok(spend) => spend,
@@ -764,44 +783,87 @@ impl Ledger {
         }
     }
 
-    /// Resolves a hold and waits until the outcome is stored. A hold the book has forgotten
-    /// was resolved and stored before: its stored outcome is returned.
+    /// Resolves a billing-API hold and waits until the resolution is stored; returns the hold as
+    /// resolved, by this call or by the first one. `record` is the hold as the store had it.
+    /// Nothing is read back: the book's resolution, or the scratch one committed straight to the
+    /// store, is what the store now holds.
     pub async fn resolve_durably(
         &self,
-        id: HoldId,
+        record: &HoldRecord,
         how: Resolve,
-    ) -> Result<Option<HoldRecord>, StoreError> {
-        if self.resolve(id, how).is_some() {
-            self.flush().await?;
-            return self.store.hold(id).await;
-        }
-        // Not in this book: resolved before, or opened by another node (or handed to the
-        // store). Its opening may still be queued here, so flush first.
-        self.flush().await?;
-        let Some(record) = self.store.hold(id).await? else {
-            return Ok(None);
+    ) -> Result<Hold, ResolveFailed> {
+        let id = record.hold.id;
+        let in_book = {
+            let mut book = self.book();
+            book.resolve(id, how, self.clock.now()).map(|resolution| {
+                let stored = resolution.first.then(|| {
+                    let (done, stored) = oneshot::channel();
+                    self.enqueue_noticed(&book, vec![resolve_write(&resolution)], done);
+                    stored
+                });
+                (resolution.hold, stored)
+            })
         };
-        if record.hold.status == HoldStatus::Pending {
-            self.resolve_in_store(&record, how).await?;
+        match in_book {
+            Some((hold, Some(stored))) => match tokio::time::timeout(FLUSH_TIMEOUT, stored).await {
+                Ok(Ok(true)) => Ok(hold),
+                Ok(_) => Err(ResolveFailed::Store(StoreError::Corrupt(format!(
+                    "the store refused the resolution of hold {id}"
+                )))),
+                Err(_) => Err(ResolveFailed::Queued),
+            },
+            // Resolved before in this book, and that resolution may still be queued.
+            Some((hold, None)) => match self.flush().await {
+                Ok(()) => Ok(hold),
+                Err(_) => Err(ResolveFailed::Queued),
+            },
+            // Not in this book: resolved and stored before, or opened by another node.
+            None if record.hold.status != HoldStatus::Pending => Ok(record.hold.clone()),
+            None => match self.resolve_in_store(record, how).await? {
+                Some(hold) => Ok(hold),
+                // Resolved meanwhile elsewhere: the first outcome stands.
+                None => Ok(self
+                    .store
+                    .hold(id)
+                    .await?
+                    .map(|r| r.hold)
+                    .ok_or_else(|| StoreError::Corrupt(format!("hold {id} is gone")))?),
+            },
         }
-        self.store.hold(id).await
     }
 
-    /// Resolves a pending hold no book here knows, straight in the store. What it does not
-    /// charge goes to the wallet's free balance. If another node resolves it first, the store
-    /// refuses this one ([`StoreError::Corrupt`]: a hold resolves once), and the first stands.
-    async fn resolve_in_store(&self, record: &HoldRecord, how: Resolve) -> Result<(), StoreError> {
+    /// A hold as this node's book has it: pending, or resolved here and not yet stored.
+    pub fn held(&self, id: HoldId) -> Option<Hold> {
+        self.book().hold(id).cloned()
+    }
+
+    /// Whether the store is shared with other nodes, each book holding only its lease of a
+    /// wallet (rather than the whole wallet, and its debt).
+    pub fn shared(&self) -> bool {
+        self.leasing.is_some()
+    }
+
+    /// Resolves a pending hold no book here knows, straight in the store, and returns it
+    /// resolved. What it does not charge goes to the wallet's free balance. If another node
+    /// resolves it first, the store refuses this one ([`StoreError::Corrupt`]: a hold resolves
+    /// once), the first stands, and this answers `None`.
+    async fn resolve_in_store(
+        &self,
+        record: &HoldRecord,
+        how: Resolve,
+    ) -> Result<Option<Hold>, StoreError> {
         let mut scratch = Book::new();
         scratch.restore(record.hold.clone());
         let Some(resolution) = scratch.resolve(record.hold.id, how, self.clock.now()) else {
-            return Ok(());
+            return Ok(None);
         };
         match self
             .store
             .commit(BatchId::new(), &[resolve_write(&resolution)])
             .await
         {
-            Ok(()) | Err(StoreError::Corrupt(_)) => Ok(()),
+            Ok(()) => Ok(Some(resolution.hold)),
+            Err(StoreError::Corrupt(_)) => Ok(None),
             Err(e) => Err(e),
         }
     }

@@ -54,6 +54,13 @@ pub fn refused_error(refused: HoldRefused, required: Nanos, currency: &str) -> H
         .with_detail("balance", money(balance))
         .with_retry_after(DEPENDENCY_RETRY_AFTER_S)
         .into(),
+        HoldRefused::Unconfirmed => ApiError::new(
+            ErrorCode::ServiceUnavailable,
+            "The store did not confirm this hold, so it was released: nothing is reserved or charged. Retry shortly.",
+        )
+        .with_detail("dependency", "store")
+        .with_retry_after(DEPENDENCY_RETRY_AFTER_S)
+        .into(),
         HoldRefused::Store(e) => e.into(),
     }
 }

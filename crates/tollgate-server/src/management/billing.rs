@@ -1,9 +1,11 @@
 //! Money in the management API: credits, balance, ledger, the billing API's holds, the usage log,
 //! and the fee on metered management calls.
 //!
-//! Reads come from the store after [`Ledger::flush`], so a caller always sees its own writes.
+//! Reads come from the store after [`Ledger::flush`], so a caller always sees its own writes. A
+//! billing-API hold is read with this node's book laid over the store's record instead: the book
+//! has every resolution this node queued and has not stored yet.
 
-use crate::billing::ledger::{GrantRefused, Granted, HoldRefused, HoldSpec};
+use crate::billing::ledger::{GrantRefused, Granted, HoldRefused, HoldSpec, ResolveFailed};
 use crate::http::error::validation;
 use crate::http::error::FieldErrors;
 use crate::http::error::HttpError;
@@ -401,8 +403,14 @@ async fn create_hold(
     }
     fields.finish()?;
     let account = subject_account(&caller, body.account_id.as_deref())?;
-    let Some(wallet) = state.store.wallet(account).await? else {
-        return Err(HttpError::not_found("account"));
+    // A key's account exists, and a book holding the whole wallet refuses a hold while the
+    // account owes; only a shared store's book (a lease) needs the debt read.
+    let account_debt = match &caller {
+        Caller::Key(_) if !state.ledger.shared() => Nanos::ZERO,
+        _ => match state.store.wallet(account).await? {
+            Some(wallet) => wallet.debt,
+            None => return Err(HttpError::not_found("account")),
+        },
     };
     let (key, key_cap) = match &caller {
         Caller::Key(key) => (Some(key.id), key.monthly_spend_cap),
@@ -415,7 +423,7 @@ async fn create_hold(
             account,
             key,
             key_cap,
-            account_debt: wallet.debt,
+            account_debt,
             amount,
             ttl: Duration::from_secs(ttl),
             source: HoldSource::Api,
@@ -426,26 +434,6 @@ async fn create_hold(
         .map_err(|refused: HoldRefused| {
             crate::billing::refusal::refused_error(refused, amount, &state.config.currency)
         })?;
-    if state.ledger.flush().await.is_err() {
-        // The caller hears "nothing reserved", so nothing stays reserved: the release is queued
-        // behind the opening, and the store gets both or neither.
-        state.ledger.undo_open(&hold);
-        return Err(ApiError::new(
-            ErrorCode::ServiceUnavailable,
-            "The store did not confirm this hold, so it was released: nothing is reserved or charged. Retry shortly.",
-        )
-        .with_detail("dependency", "store")
-        .with_retry_after(crate::http::error::DEPENDENCY_RETRY_AFTER_S)
-        .into());
-    }
-    // Handled is not stored: a hold the store refused was undone in the book.
-    if state.store.hold(hold.id).await?.is_none() {
-        return Err(tollgate_store::StoreError::Corrupt(format!(
-            "the store refused hold {}; nothing is reserved",
-            hold.id
-        ))
-        .into());
-    }
     fee.settle();
     let record = HoldRecord {
         hold,
@@ -456,19 +444,24 @@ async fn create_hold(
     Ok((StatusCode::CREATED, Json(hold_view(&state, &record))))
 }
 
-/// A billing-API hold the caller may see and resolve, from the store once the ledger has caught
-/// up. Everything else answers 404 exactly like a missing hold: a data-plane request's hold (only
-/// its request settles it), another account's hold, and, for a usage key, a hold another key of
-/// its account opened.
+/// A billing-API hold the caller may see and resolve: the store's record, with the state this
+/// node's book has if it knows the hold (a resolution not stored yet is newer). No flush is
+/// needed: a hold's id is answered only once its opening is stored. Everything else answers 404
+/// exactly like a missing hold: a data-plane request's hold (only its request settles it),
+/// another account's hold, and, for a usage key, a hold another key of its account opened.
 async fn owned_hold(
     state: &AppState,
     caller: &Caller,
     id: Result<Path<String>, PathRejection>,
 ) -> Result<HoldRecord, HttpError> {
     let id = parse_id(id, HoldId::parse, "hold")?;
-    state.ledger.flush().await?;
+    // The book first: once it forgets a hold, the store has the hold's last state.
+    let in_book = state.ledger.held(id);
     match state.store.hold(id).await? {
-        Some(record) if record.source == HoldSource::Api && may_resolve(caller, &record) => {
+        Some(mut record) if record.source == HoldSource::Api && may_resolve(caller, &record) => {
+            if let Some(hold) = in_book {
+                record.hold = hold;
+            }
             Ok(record)
         }
         _ => Err(HttpError::not_found("hold")),
@@ -568,15 +561,24 @@ async fn release_hold(
 
 async fn resolve(
     state: &AppState,
-    record: HoldRecord,
+    mut record: HoldRecord,
     how: Resolve,
 ) -> Result<Json<wire::HoldInfo>, HttpError> {
-    let resolved = state
-        .ledger
-        .resolve_durably(record.hold.id, how)
-        .await?
-        .ok_or_else(|| HttpError::not_found("hold"))?;
-    Ok(Json(hold_view(state, &resolved)))
+    record.hold = match state.ledger.resolve_durably(&record, how).await {
+        Ok(hold) => hold,
+        Err(ResolveFailed::Store(e)) => return Err(e.into()),
+        // Never "nothing changed": the outcome is decided and will be stored.
+        Err(ResolveFailed::Queued) => {
+            return Err(ApiError::new(
+                ErrorCode::ServiceUnavailable,
+                "The store has not confirmed this yet: it is queued and applied when the store answers. Retrying is safe: a hold resolves once, and a retry answers its outcome.",
+            )
+            .with_detail("dependency", "store")
+            .with_retry_after(crate::http::error::DEPENDENCY_RETRY_AFTER_S)
+            .into())
+        }
+    };
+    Ok(Json(hold_view(state, &record)))
 }
 
 // ---------------------------------------------------------------------------------------------
