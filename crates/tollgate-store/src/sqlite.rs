@@ -44,8 +44,8 @@ mod ledger;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
-/// How much of the file each connection maps (address space, not memory: pages are the kernel's
-/// page cache, shared by every connection).
+/// How much of the file the ledger connection maps (address space, not memory: pages are the
+/// kernel's page cache).
 const MMAP_BYTES: u64 = 1 << 30;
 
 /// How many prepared statements the ledger writer keeps: its one-row statements, and the watches'
@@ -70,9 +70,11 @@ impl SqliteStore {
             // NORMAL in WAL mode: a power cut may lose the last commits, never corrupt the file.
             .synchronous(SqliteSynchronous::Normal)
             .foreign_keys(true)
-            .busy_timeout(Duration::from_secs(5))
-            // Pages are read from the mapped file, not copied in by a `pread` each.
-            .pragma("mmap_size", MMAP_BYTES.to_string());
+            .busy_timeout(Duration::from_secs(5));
+        // The pool's connections do not map the file (the ledger connection does): a read
+        // transaction that finds the WAL changed since its connection's last one drops the
+        // whole mapping, and on a busy node that is nearly every read, so a point read paid an
+        // munmap and fresh page faults.
         let pool = SqlitePoolOptions::new()
             .max_connections(8)
             .acquire_timeout(Duration::from_secs(5))
