@@ -422,3 +422,47 @@ async fn small_batches_nobody_waits_for_gather_into_one_commit() {
     let alone = commits_for_ten_holds(Duration::ZERO).await;
     assert!(alone > 1, "without a window: {alone} commit");
 }
+
+#[tokio::test]
+async fn billing_api_holds_are_read_from_memory_within_a_budget_until_resolved() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, keys) = store_with_accounts(dir.path(), 1).await;
+    let ledger = Ledger::start(store.clone(), Arc::new(SystemClock));
+    let small = ledger
+        .open(spec(&keys[0], 100, None, HoldSource::Api))
+        .await
+        .unwrap();
+    // A record past the node's budget for them (16 MiB) is read from the store instead.
+    let mut big = spec(&keys[0], 100, None, HoldSource::Api);
+    big.metadata = serde_json::json!({"blob": "x".repeat(17 << 20)});
+    let big = ledger.open(big).await.unwrap();
+    // A data-plane hold is never a billing-API record.
+    let request = ledger
+        .open(spec(&keys[0], 100, None, HoldSource::Request))
+        .await
+        .unwrap();
+    let kept = ledger.api_hold(small.id).expect("kept in memory");
+    assert_eq!(kept.hold, small);
+    assert_eq!(kept.metadata, serde_json::json!({}));
+    assert_eq!(kept.source, HoldSource::Api);
+    assert!(ledger.api_hold(big.id).is_none());
+    assert!(store.hold(big.id).await.unwrap().is_some());
+    assert!(ledger.api_hold(request.id).is_none());
+    // Resolved in the book: read with the book's state until the resolution is stored.
+    let record = store.hold(small.id).await.unwrap().unwrap();
+    let settled = ledger
+        .resolve_durably(&record, Resolve::Settle(Nanos(40)))
+        .await
+        .unwrap();
+    assert_eq!(settled.charged, Nanos(40));
+    assert!(ledger.api_hold(small.id).is_none(), "let go once stored");
+    let stored = store.hold(small.id).await.unwrap().unwrap();
+    assert_eq!(stored.hold, settled);
+    ledger.resolve(request.id, Resolve::Release);
+    let record = store.hold(big.id).await.unwrap().unwrap();
+    ledger
+        .resolve_durably(&record, Resolve::Release)
+        .await
+        .unwrap();
+    assert_consistent(&*store, &ledger, &keys).await;
+}

@@ -116,8 +116,13 @@ impl Recall {
 
 /// What [`Ledger::open`] does after the book's lock is released.
 enum Next {
-    /// The hold is open; the notice of its opening stored, when the caller must wait for it.
-    Opened(Hold, Option<oneshot::Receiver<bool>>),
+    /// The hold is open; the notice of its opening stored, when the caller must wait for it; and
+    /// the record to keep in [`ApiRecords`] once it is stored.
+    Opened(
+        Hold,
+        Option<oneshot::Receiver<bool>>,
+        Option<Box<HoldRecord>>,
+    ),
     Carve {
         give_back: Nanos,
         needed: Nanos,
@@ -174,6 +179,7 @@ pub struct Ledger {
     leasing: Option<Leasing>,
     last_hold: Mutex<HashMap<AccountId, Instant>>,
     fees_paid: Mutex<HashMap<AccountId, (i64, String)>>,
+    api_records: Arc<SharedApiRecords>,
     /// Writes per committed batch, and how long the oldest write of a batch waited (for
     /// `/metrics`).
     pub batch_size: Histogram,
@@ -427,12 +433,14 @@ impl Ledger {
         });
         let (queue, commands) = mpsc::unbounded_channel();
         let book = Arc::new(Mutex::new(Book::new()));
+        let api_records = Arc::new(SharedApiRecords::default());
         let store_down = Arc::new(AtomicBool::new(false));
         let batch_size = Histogram::new(exponential_buckets(1.0, 2.0, 12));
         let write_lag = crate::telemetry::latency();
         let writer = Writer {
             store: store.clone(),
             book: book.clone(),
+            api_records: api_records.clone(),
             store_down: store_down.clone(),
             batch_size: batch_size.clone(),
             write_lag: write_lag.clone(),
@@ -466,6 +474,7 @@ impl Ledger {
             leasing,
             last_hold: Mutex::new(HashMap::new()),
             fees_paid: Mutex::new(HashMap::new()),
+            api_records,
             batch_size,
             write_lag,
             over_hold_calls: Counter::default(),
@@ -594,6 +603,9 @@ impl Ledger {
                             request_id: spec.request_id,
                             metadata: metadata.take().unwrap_or_default(),
                         };
+                        // This book resolves a billing-API hold only on a store of its own.
+                        let keep = (spec.source == HoldSource::Api && self.leasing.is_none())
+                            .then(|| Box::new(record.clone()));
                         let write = LedgerWrite::OpenHold {
                             record,
                             transfer,
@@ -606,10 +618,10 @@ impl Ledger {
                         if spec.source == HoldSource::Api || capped_elsewhere {
                             let (done, stored) = oneshot::channel();
                             self.enqueue_noticed(&book, vec![write], done);
-                            Next::Opened(hold, Some(stored))
+                            Next::Opened(hold, Some(stored), keep)
                         } else {
                             self.enqueue(&book, vec![write]);
-                            Next::Opened(hold, None)
+                            Next::Opened(hold, None, keep)
                         }
                     }
                     Err(Refusal::InsufficientBalance { required, .. })
@@ -641,7 +653,7 @@ impl Ledger {
                 }
             };
             match next {
-                Next::Opened(hold, stored) => {
+                Next::Opened(hold, stored, keep) => {
                     if self.leasing.is_some() {
                         self.last_hold().insert(spec.account, Instant::now());
                     }
@@ -657,6 +669,9 @@ impl Ledger {
                                 return Err(HoldRefused::Unconfirmed);
                             }
                         }
+                    }
+                    if let Some(record) = keep {
+                        self.api_records.lock().keep(*record);
                     }
                     if self.leasing.is_some() && spec.source == HoldSource::Api {
                         // Any node may capture it: the store resolves it, not this book.
@@ -835,6 +850,19 @@ impl Ledger {
     /// A hold as this node's book has it: pending, or resolved here and not yet stored.
     pub fn held(&self, id: HoldId) -> Option<Hold> {
         self.book().hold(id).cloned()
+    }
+
+    /// A billing-API hold this node opened and its book still has, with its state in the book:
+    /// read without asking the store. `None` sends the caller to the store (with [`Ledger::held`]
+    /// laid over what it finds).
+    pub fn api_hold(&self, id: HoldId) -> Option<HoldRecord> {
+        let record = self.api_records.lock().get(id)?;
+        // Looked up after the record: a hold the book has forgotten is stored as it ended.
+        let hold = self.book().hold(id).cloned()?;
+        Some(HoldRecord {
+            hold,
+            ..(*record).clone()
+        })
     }
 
     /// Whether the store is shared with other nodes, each book holding only its lease of a
@@ -1365,6 +1393,7 @@ fn resolve_write(resolution: &Resolution) -> LedgerWrite {
 struct Writer {
     store: Arc<dyn Store>,
     book: Arc<Mutex<Book>>,
+    api_records: Arc<SharedApiRecords>,
     store_down: Arc<AtomicBool>,
     batch_size: Histogram,
     write_lag: Histogram,
@@ -1493,6 +1522,60 @@ impl Writer {
     }
 }
 
+/// How much of billing-API holds' records (their metadata, mostly) a node keeps in memory while
+/// its book has the holds. Past this, a hold is read from the store: slower, never wrong.
+const API_RECORD_BYTES: usize = 16 << 20;
+
+/// What a kept record is counted as, besides its metadata.
+const API_RECORD_OVERHEAD: usize = 256;
+
+/// Billing-API holds' records while this node's book has the holds (on a store of its own), so
+/// that reading and resolving one asks the store nothing. Kept once the opening is stored; let go
+/// when the book forgets the hold (its resolution stored).
+#[derive(Default)]
+struct ApiRecords {
+    records: HashMap<HoldId, (Arc<HoldRecord>, usize)>,
+    bytes: usize,
+}
+
+#[derive(Default)]
+struct SharedApiRecords(Mutex<ApiRecords>);
+
+impl SharedApiRecords {
+    fn lock(&self) -> MutexGuard<'_, ApiRecords> {
+        // Every method below leaves the map and its byte count consistent before it can panic.
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+impl ApiRecords {
+    fn keep(&mut self, record: HoldRecord) {
+        let size = API_RECORD_OVERHEAD + record.metadata.to_string().len();
+        if self.bytes + size > API_RECORD_BYTES {
+            return;
+        }
+        self.bytes += size;
+        if let Some((_, replaced)) = self
+            .records
+            .insert(record.hold.id, (Arc::new(record), size))
+        {
+            self.bytes -= replaced;
+        }
+    }
+
+    fn get(&self, id: HoldId) -> Option<Arc<HoldRecord>> {
+        self.records.get(&id).map(|(record, _)| record.clone())
+    }
+
+    fn forget(&mut self, id: HoldId) {
+        if let Some((_, size)) = self.records.remove(&id) {
+            self.bytes -= size;
+        }
+    }
+}
+
 /// What the writer has taken off its queue for the next commit.
 #[derive(Default)]
 struct Gathered {
@@ -1579,9 +1662,11 @@ async fn write_loop(
                 let _ = notice.send(!refused.contains(&group));
             }
             let mut book = writer.book();
+            let mut api_records = writer.api_records.lock();
             for write in batch.drain(..) {
                 if let LedgerWrite::ResolveHold { hold, .. } = write {
                     book.forget(hold.id);
+                    api_records.forget(hold.id);
                 }
             }
             ends.clear();

@@ -444,9 +444,10 @@ async fn create_hold(
     Ok((StatusCode::CREATED, Json(hold_view(&state, &record))))
 }
 
-/// A billing-API hold the caller may see and resolve: the store's record, with the state this
-/// node's book has if it knows the hold (a resolution not stored yet is newer). No flush is
-/// needed: a hold's id is answered only once its opening is stored. Everything else answers 404
+/// A billing-API hold the caller may see and resolve: kept in memory while this node's book has
+/// it, or else the store's record with the state the book has laid over it (a resolution not
+/// stored yet is newer). No flush is needed: a hold's id is answered only once its opening is
+/// stored. Everything else answers 404
 /// exactly like a missing hold: a data-plane request's hold (only its request settles it),
 /// another account's hold, and, for a usage key, a hold another key of its account opened.
 async fn owned_hold(
@@ -455,13 +456,21 @@ async fn owned_hold(
     id: Result<Path<String>, PathRejection>,
 ) -> Result<HoldRecord, HttpError> {
     let id = parse_id(id, HoldId::parse, "hold")?;
-    // The book first: once it forgets a hold, the store has the hold's last state.
-    let in_book = state.ledger.held(id);
-    match state.store.hold(id).await? {
-        Some(mut record) if record.source == HoldSource::Api && may_resolve(caller, &record) => {
-            if let Some(hold) = in_book {
-                record.hold = hold;
-            }
+    let record = match state.ledger.api_hold(id) {
+        Some(record) => Some(record),
+        None => {
+            // The book first: once it forgets a hold, the store has the hold's last state.
+            let in_book = state.ledger.held(id);
+            state.store.hold(id).await?.map(|mut record| {
+                if let Some(hold) = in_book {
+                    record.hold = hold;
+                }
+                record
+            })
+        }
+    };
+    match record {
+        Some(record) if record.source == HoldSource::Api && may_resolve(caller, &record) => {
             Ok(record)
         }
         _ => Err(HttpError::not_found("hold")),
