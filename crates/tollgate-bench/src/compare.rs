@@ -24,6 +24,8 @@ pub struct Options {
     pub rounds: usize,
     pub seconds: f64,
     pub load: Load,
+    /// Two-node clusters on PostgreSQL and Redis instead of one SQLite node each.
+    pub cluster: bool,
 }
 
 /// What each round sends.
@@ -37,7 +39,8 @@ pub enum Load {
 
 /// Runs the comparison and returns its report (markdown).
 pub async fn run(options: Options) -> anyhow::Result<String> {
-    let env = |tollgate: &PathBuf, dir: &str| Env {
+    let env = |tollgate: &PathBuf, dir: &str, tag: usize| Env {
+        tag,
         tollgate: tollgate.clone(),
         bench: options.bench.clone(),
         work: options.work.join(dir),
@@ -45,17 +48,21 @@ pub async fn run(options: Options) -> anyhow::Result<String> {
         generator_core: 0,
         http: reqwest::Client::new(),
     };
-    let shared = env(&options.baseline, "compare");
+    let shared = env(&options.baseline, "compare", 0);
     std::fs::create_dir_all(&shared.work)?;
     let (_upstream_proc, upstream) = contenders::upstream(&shared, Duration::ZERO).await?;
     let mut contenders: Vec<Contender> = Vec::new();
-    for (name, binary) in [
+    for (tag, (name, binary)) in [
         ("baseline", &options.baseline),
         ("candidate", &options.candidate),
-    ] {
-        let env = env(binary, &format!("compare-{name}"));
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let env = env(binary, &format!("compare-{name}"), tag);
         std::fs::create_dir_all(&env.work)?;
-        let mut contender = contenders::tollgate(&env, options.step, false, upstream).await?;
+        let mut contender =
+            contenders::tollgate(&env, options.step, options.cluster, upstream).await?;
         contender.name = name.to_string();
         contenders.push(contender);
     }
@@ -122,8 +129,13 @@ fn render(options: &Options, baseline: &[Run], candidate: &[Run], rss_mib: &[f64
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "Tollgate {} on SQLite, one core each, {}, {} rounds of {} s (medians, min–max):\n",
+        "Tollgate {} on {}, one core each, {}, {} rounds of {} s (medians, min–max):\n",
         options.step.label(),
+        if options.cluster {
+            "two nodes sharing PostgreSQL and Redis"
+        } else {
+            "SQLite"
+        },
         match options.load {
             Load::Proxy(Mode::Open { rate, connections }) => {
                 format!("open loop at {rate} requests/s over {connections} connections")

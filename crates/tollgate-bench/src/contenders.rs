@@ -38,6 +38,9 @@ pub struct Env {
     pub contender_core: usize,
     pub generator_core: usize,
     pub http: reqwest::Client,
+    /// Keeps side-by-side clusters apart: each tag has its own PostgreSQL schemas and Redis
+    /// databases (0 for the suite and a comparison's baseline, 1 for its candidate).
+    pub tag: usize,
 }
 
 impl Env {
@@ -376,11 +379,15 @@ async fn start_nodes(
         env.work.join(slug)
     };
     let (store, redis) = if cluster {
-        let schema = format!("bench_{}", step.slug());
+        let schema = match env.tag {
+            0 => format!("bench_{}", step.slug()),
+            tag => format!("bench_{}_{tag}", step.slug()),
+        };
         psql(&format!(
             "DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema};"
         ))?;
-        let db = Step::ALL.iter().position(|s| *s == step).unwrap_or(0) + 1;
+        let step_index = Step::ALL.iter().position(|s| *s == step).unwrap_or(0);
+        let db = env.tag * Step::ALL.len() + step_index + 1;
         (
             format!("postgres://postgres@127.0.0.1:5432/test?options=-c%20search_path%3D{schema}"),
             Some(format!("redis://127.0.0.1:6379/{db}")),

@@ -81,6 +81,9 @@ enum Command {
         /// many callers (the suite's hold + settle table; figures are per pair).
         #[arg(long, conflicts_with = "rate")]
         holds: Option<usize>,
+        /// Compare two-node clusters on the local PostgreSQL and Redis instead of SQLite nodes.
+        #[arg(long)]
+        cluster: bool,
         #[arg(long, default_value = "target/bench")]
         work: PathBuf,
     },
@@ -171,6 +174,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             connections,
             rate,
             holds,
+            cluster,
             work,
         } => {
             let options = compare::Options {
@@ -187,6 +191,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                     (None, Some(rate)) => compare::Load::Proxy(Mode::Open { rate, connections }),
                     (None, None) => compare::Load::Proxy(Mode::Closed { connections }),
                 },
+                cluster,
             };
             print!("{}", compare::run(options).await?);
             Ok(())

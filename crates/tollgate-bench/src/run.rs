@@ -139,6 +139,7 @@ pub async fn run(options: Options) -> anyhow::Result<Results> {
         contender_core: settings.contender_core,
         generator_core: settings.generator_core,
         http: reqwest::Client::new(),
+        tag: 0,
     };
     let run_for = Duration::from_secs_f64(settings.run_seconds);
     let mut results = Results {
