@@ -127,6 +127,7 @@ fn bench(c: &mut Criterion) {
                 let settle = LedgerWrite::ResolveHold {
                     hold: resolution.hold,
                     transfers: resolution.transfers,
+                    detached: false,
                 };
                 store.commit(BatchId::new(), &[settle]).await.unwrap();
             }

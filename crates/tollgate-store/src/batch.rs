@@ -59,6 +59,8 @@ impl<'w> Batch<'w> {
             })
             .collect();
         let mut opened_here: HashSet<HoldId> = HashSet::new();
+        // Transfers (by index) of detached resolutions: they move the free balance.
+        let mut free: HashSet<usize> = HashSet::new();
         let mut batch = Batch {
             holds: Vec::new(),
             resolutions: Vec::new(),
@@ -104,7 +106,11 @@ impl<'w> Batch<'w> {
                             .push((transfer, hold.account, "", reference(hold), at));
                     }
                 }
-                LedgerWrite::ResolveHold { hold, transfers } => {
+                LedgerWrite::ResolveHold {
+                    hold,
+                    transfers,
+                    detached,
+                } => {
                     if !opened_here.contains(&hold.id) {
                         batch.resolutions.push(hold);
                     }
@@ -118,15 +124,18 @@ impl<'w> Batch<'w> {
                         batch
                             .transfers
                             .push((transfer, hold.account, "", reference(hold), at));
+                        if *detached {
+                            free.insert(batch.transfers.len() - 1);
+                        }
                     }
                 }
                 LedgerWrite::Usage(row) => batch.usage.push(row),
                 LedgerWrite::Event(event) => batch.events.push(event),
             }
         }
-        for (transfer, ..) in &batch.transfers {
+        for (i, (transfer, ..)) in batch.transfers.iter().enumerate() {
             add_deltas(transfer, &mut batch.deltas);
-            if transfer.kind.moves_lease() {
+            if transfer.kind.moves_lease() && !free.contains(&i) {
                 for moved in transfer.balance_moves() {
                     *batch.lease_deltas.entry(moved.account).or_default() += moved.available;
                 }
@@ -169,4 +178,58 @@ pub(crate) fn not_pending(resolved: &[&Hold], changed: u64) -> StoreError {
             resolved.len()
         ),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tollgate_core::ledger::{Book, HoldRequest, Resolve, Wallet};
+
+    /// A hold of 100 opened and settled at 40 in a book, as the write its settlement makes.
+    fn settled(account: AccountId, detached: bool) -> LedgerWrite {
+        let mut book = Book::new();
+        let available = Nanos(1_000);
+        book.load_wallet(
+            account,
+            Wallet {
+                available,
+                held: Nanos::ZERO,
+                debt: Nanos::ZERO,
+            },
+        );
+        let at = Utc::now();
+        let (hold, _) = book
+            .open(HoldRequest {
+                id: HoldId::new(),
+                account,
+                key: None,
+                amount: Nanos(100),
+                key_cap: None,
+                at,
+                expires_at: at + chrono::Duration::seconds(60),
+                reference: None,
+            })
+            .unwrap();
+        let resolution = book
+            .resolve(hold.id, Resolve::Settle(Nanos(40)), at)
+            .unwrap();
+        LedgerWrite::ResolveHold {
+            hold: resolution.hold,
+            transfers: resolution.transfers,
+            detached,
+        }
+    }
+
+    #[test]
+    fn a_detached_resolution_returns_its_rest_to_the_free_balance_not_a_lease() {
+        let account = AccountId::new();
+        let in_book = [settled(account, false)];
+        let planned = Batch::plan(&in_book);
+        assert_eq!(planned.deltas[&account], (60, -100, 0));
+        assert_eq!(planned.lease_deltas.get(&account), Some(&60));
+        let detached = [settled(account, true)];
+        let planned = Batch::plan(&detached);
+        assert_eq!(planned.deltas[&account], (60, -100, 0));
+        assert_eq!(planned.lease_deltas.get(&account).copied().unwrap_or(0), 0);
+    }
 }

@@ -302,6 +302,9 @@ pub enum LedgerWrite {
     ResolveHold {
         hold: Hold,
         transfers: Vec<Transfer>,
+        /// Resolved outside any node's book: a billing-API hold handed to a shared store. What
+        /// it does not charge goes to the wallet's free balance, never to a node's lease.
+        detached: bool,
     },
     Usage(Box<UsageRow>),
     /// An event to send, written with the change that caused it (a top-up credited).

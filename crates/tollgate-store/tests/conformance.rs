@@ -759,6 +759,7 @@ fn resolve(book: &mut Book, write: &LedgerWrite, how: Resolve, ms: i64) -> Ledge
     LedgerWrite::ResolveHold {
         hold: resolution.hold,
         transfers: resolution.transfers,
+        detached: false,
     }
 }
 

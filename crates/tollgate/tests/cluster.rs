@@ -139,6 +139,17 @@ impl Cluster {
             .unwrap()
     }
 
+    /// A billing-API hold of `amount` opened through `node` with `key`.
+    async fn open_hold(&self, node: usize, key: &str, amount: &str) -> Value {
+        send_json(
+            self.http
+                .post(format!("{}/api/v1/holds", self.url(node)))
+                .bearer_auth(key)
+                .json(&json!({ "amount": amount })),
+        )
+        .await
+    }
+
     /// The account's wallet as `node` reads it (after its own writer's queue).
     async fn wallet(&self, node: usize, account: &str) -> Value {
         send_json(
@@ -267,14 +278,7 @@ async fn a_hold_opened_through_one_node_is_settled_through_another_exactly_once(
         return;
     };
     let (account, master) = create_account(&cluster.http, cluster.url(0), ADMIN, "holds").await;
-    let hold: Value = send_json(
-        cluster
-            .http
-            .post(format!("{}/api/v1/holds", cluster.url(0)))
-            .bearer_auth(&master)
-            .json(&json!({"amount": "1"})),
-    )
-    .await;
+    let hold = cluster.open_hold(0, &master, "1").await;
     let id = hold["id"].as_str().unwrap();
     let settle = |node: usize, amount: &str| {
         cluster
@@ -297,6 +301,75 @@ async fn a_hold_opened_through_one_node_is_settled_through_another_exactly_once(
     let wallet: Value = send_json(cluster.http.get(&balance).bearer_auth(ADMIN)).await;
     assert_eq!(wallet["available"]["nanos"], 9_750_000_000_i64, "{wallet}");
     assert_eq!(wallet["held"]["nanos"], 0, "{wallet}");
+}
+
+#[tokio::test]
+async fn holds_settled_at_once_through_two_nodes_are_charged_once_each() {
+    const HOLDS: usize = 20;
+    let Some(cluster) = Cluster::start("").await else {
+        return;
+    };
+    let (account, master) = create_account(&cluster.http, cluster.url(0), ADMIN, "racing").await;
+    let mut ids = Vec::new();
+    for _ in 0..HOLDS {
+        let hold = cluster.open_hold(0, &master, "0.1").await;
+        ids.push(hold["id"].as_str().unwrap().to_string());
+    }
+    // Each hold settled through two other nodes at once, for different amounts: the nodes'
+    // writers batch their settlements, and the store takes only the first of each hold.
+    let settles = ids.iter().flat_map(|id| {
+        [(1, "0.04"), (2, "0.06")].map(|(node, amount)| {
+            let request = cluster
+                .http
+                .post(format!("{}/api/v1/holds/{id}/settle", cluster.url(node)))
+                .bearer_auth(&master)
+                .json(&json!({"amount": amount}))
+                .send();
+            async move {
+                let response = request.await.unwrap();
+                assert_eq!(response.status(), 200);
+                let body: Value = response.json().await.unwrap();
+                (
+                    body["id"].as_str().unwrap().to_string(),
+                    body["charged"]["nanos"].as_i64().unwrap(),
+                )
+            }
+        })
+    });
+    let answers = futures_util::future::join_all(settles).await;
+    let mut charged = 0;
+    for id in &ids {
+        let seen: Vec<i64> = answers
+            .iter()
+            .filter(|(i, _)| i == id)
+            .map(|(_, c)| *c)
+            .collect();
+        assert_eq!(seen.len(), 2);
+        assert_eq!(seen[0], seen[1], "both answers name the first outcome");
+        assert!([40_000_000, 60_000_000].contains(&seen[0]), "{seen:?}");
+        charged += seen[0];
+    }
+    // What no settlement charged is back in the wallet, on every node: none of it is stuck
+    // in a node's lease where the others cannot reach it.
+    let expected = 10_000_000_000_i64 - charged;
+    for node in 0..NODES {
+        let wallet = cluster
+            .settled_wallet(node, &account, |w| w["held"]["nanos"] == 0)
+            .await;
+        assert_eq!(wallet["available"]["nanos"], expected, "{wallet}");
+    }
+    // Only node 0, which opened the holds, leases credit: a settlement's rest started no lease
+    // on the nodes that settled.
+    let pool = sqlx::PgPool::connect(cluster.schema.url()).await.unwrap();
+    let leases: Vec<i64> = sqlx::query_scalar(
+        "SELECT amount_nanos FROM wallet_leases WHERE account_id = $1 AND amount_nanos > 0",
+    )
+    .bind(&account)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert!(leases.len() <= 1, "{leases:?}");
+    assert_books_balance(&cluster).await;
 }
 
 #[tokio::test]
@@ -921,14 +994,7 @@ async fn a_keys_monthly_cap_holds_exactly_across_nodes() {
     // A billing-API hold on a key counts toward its cap on every node, and what its settle
     // does not charge is the key's again.
     let key = capped_key("0.1").await;
-    let hold: Value = send_json(
-        cluster
-            .http
-            .post(format!("{}/api/v1/holds", cluster.url(0)))
-            .bearer_auth(&key)
-            .json(&json!({"amount": "0.05"})),
-    )
-    .await;
+    let hold = cluster.open_hold(0, &key, "0.05").await;
     let hold_id = hold["id"].as_str().unwrap().to_string();
     assert_eq!(burst(key.clone(), 200).await, 50);
     let settled: Value = send_json(

@@ -671,7 +671,12 @@ impl Ledger {
                         }
                     }
                     if let Some(record) = keep {
-                        self.api_records.lock().keep(*record);
+                        // Under the book's lock, as the writer forgets holds: a hold resolved
+                        // and forgotten meanwhile is not kept (it would never be let go).
+                        let book = self.book();
+                        if book.hold(hold.id).is_some() {
+                            self.api_records.lock().keep(*record);
+                        }
                     }
                     if self.leasing.is_some() && spec.source == HoldSource::Api {
                         // Any node may capture it: the store resolves it, not this book.
@@ -832,8 +837,9 @@ impl Ledger {
                 Ok(()) => Ok(hold),
                 Err(_) => Err(ResolveFailed::Queued),
             },
-            // Not in this book: resolved and stored before, or opened by another node.
+            // Not in this book: resolved and stored before, or handed to a shared store.
             None if record.hold.status != HoldStatus::Pending => Ok(record.hold.clone()),
+            None if self.leasing.is_some() => self.resolve_detached(record, how).await,
             None => match self.resolve_in_store(record, how).await? {
                 Some(hold) => Ok(hold),
                 // Resolved meanwhile elsewhere: the first outcome stands.
@@ -844,6 +850,40 @@ impl Ledger {
                     .map(|r| r.hold)
                     .ok_or_else(|| StoreError::Corrupt(format!("hold {id} is gone")))?),
             },
+        }
+    }
+
+    /// Resolves a pending billing-API hold handed to the shared store, through this node's
+    /// writer, so one transaction carries a batch of resolutions and takes the wallet's lock
+    /// once. What it does not charge goes to the wallet's free balance. If another node resolved
+    /// the hold first, the store refuses this one and the first outcome is returned.
+    async fn resolve_detached(
+        &self,
+        record: &HoldRecord,
+        how: Resolve,
+    ) -> Result<Hold, ResolveFailed> {
+        let id = record.hold.id;
+        let mut scratch = Book::new();
+        scratch.restore(record.hold.clone());
+        let Some(resolution) = scratch.resolve(id, how, self.clock.now()) else {
+            return Ok(record.hold.clone());
+        };
+        let hold = resolution.hold.clone();
+        let (done, stored) = oneshot::channel();
+        self.enqueue_noticed(&self.book(), vec![detached_write(resolution)], done);
+        match tokio::time::timeout(FLUSH_TIMEOUT, stored).await {
+            Ok(Ok(true)) => Ok(hold),
+            // Refused: resolved first elsewhere, whose outcome stands; anything else is corrupt.
+            Ok(Ok(false)) => match self.store.hold(id).await? {
+                Some(first) if first.hold.status != HoldStatus::Pending => Ok(first.hold),
+                _ => Err(ResolveFailed::Store(StoreError::Corrupt(format!(
+                    "the store refused the resolution of hold {id}"
+                )))),
+            },
+            Ok(Err(_)) => Err(ResolveFailed::Store(StoreError::Unavailable(
+                "the ledger writer has stopped".into(),
+            ))),
+            Err(_) => Err(ResolveFailed::Queued),
         }
     }
 
@@ -885,12 +925,13 @@ impl Ledger {
         let Some(resolution) = scratch.resolve(record.hold.id, how, self.clock.now()) else {
             return Ok(None);
         };
+        let hold = resolution.hold.clone();
         match self
             .store
-            .commit(BatchId::new(), &[resolve_write(&resolution)])
+            .commit(BatchId::new(), &[detached_write(resolution)])
             .await
         {
-            Ok(()) => Ok(Some(resolution.hold)),
+            Ok(()) => Ok(Some(hold)),
             Err(StoreError::Corrupt(_)) => Ok(None),
             Err(e) => Err(e),
         }
@@ -1211,7 +1252,7 @@ impl Ledger {
         scratch.restore(hold.clone());
         if let Some(resolution) = scratch.resolve(hold.id, Resolve::Release, self.clock.now()) {
             let book = self.book();
-            self.enqueue(&book, vec![resolve_write(&resolution)]);
+            self.enqueue(&book, vec![detached_write(resolution)]);
         }
     }
 
@@ -1384,6 +1425,16 @@ fn resolve_write(resolution: &Resolution) -> LedgerWrite {
     LedgerWrite::ResolveHold {
         hold: resolution.hold.clone(),
         transfers: resolution.transfers.clone(),
+        detached: false,
+    }
+}
+
+/// A resolution made in a scratch book, of a hold no book here has.
+fn detached_write(resolution: Resolution) -> LedgerWrite {
+    LedgerWrite::ResolveHold {
+        hold: resolution.hold,
+        transfers: resolution.transfers,
+        detached: true,
     }
 }
 
@@ -1481,7 +1532,13 @@ impl Writer {
                 LedgerWrite::OpenHold {
                     record, transfer, ..
                 } => book.undo(transfer.as_slice(), Some(record.hold.id)),
-                LedgerWrite::ResolveHold { transfers, .. } => book.undo(transfers, None),
+                LedgerWrite::ResolveHold {
+                    transfers,
+                    detached: false,
+                    ..
+                } => book.undo(transfers, None),
+                // Never in this book: nothing here to correct.
+                LedgerWrite::ResolveHold { detached: true, .. } => {}
                 LedgerWrite::Usage(_) | LedgerWrite::Event(_) => {}
             }
         }
