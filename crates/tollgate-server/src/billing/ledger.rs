@@ -842,15 +842,27 @@ impl Ledger {
             None if self.leasing.is_some() => self.resolve_detached(record, how).await,
             None => match self.resolve_in_store(record, how).await? {
                 Some(hold) => Ok(hold),
-                // Resolved meanwhile elsewhere: the first outcome stands.
-                None => Ok(self
-                    .store
-                    .hold(id)
-                    .await?
-                    .map(|r| r.hold)
-                    .ok_or_else(|| StoreError::Corrupt(format!("hold {id} is gone")))?),
+                None => self.first_outcome(id).await,
             },
         }
+    }
+
+    /// After the store refused a resolution of hold `id`: the outcome another node stored
+    /// first, which stands. A hold still pending was refused for something else: corrupt.
+    async fn first_outcome(&self, id: HoldId) -> Result<Hold, ResolveFailed> {
+        match self.store.hold(id).await? {
+            Some(first) if first.hold.status != HoldStatus::Pending => Ok(first.hold),
+            _ => Err(ResolveFailed::Store(StoreError::Corrupt(format!(
+                "the store refused the resolution of hold {id}"
+            )))),
+        }
+    }
+
+    /// Resolves `hold` in a scratch book: for a hold no book here has.
+    fn resolve_outside(&self, hold: &Hold, how: Resolve) -> Option<Resolution> {
+        let mut scratch = Book::new();
+        scratch.restore(hold.clone());
+        scratch.resolve(hold.id, how, self.clock.now())
     }
 
     /// Resolves a pending billing-API hold handed to the shared store, through this node's
@@ -862,10 +874,7 @@ impl Ledger {
         record: &HoldRecord,
         how: Resolve,
     ) -> Result<Hold, ResolveFailed> {
-        let id = record.hold.id;
-        let mut scratch = Book::new();
-        scratch.restore(record.hold.clone());
-        let Some(resolution) = scratch.resolve(id, how, self.clock.now()) else {
+        let Some(resolution) = self.resolve_outside(&record.hold, how) else {
             return Ok(record.hold.clone());
         };
         let hold = resolution.hold.clone();
@@ -873,13 +882,7 @@ impl Ledger {
         self.enqueue_noticed(&self.book(), vec![detached_write(resolution)], done);
         match tokio::time::timeout(FLUSH_TIMEOUT, stored).await {
             Ok(Ok(true)) => Ok(hold),
-            // Refused: resolved first elsewhere, whose outcome stands; anything else is corrupt.
-            Ok(Ok(false)) => match self.store.hold(id).await? {
-                Some(first) if first.hold.status != HoldStatus::Pending => Ok(first.hold),
-                _ => Err(ResolveFailed::Store(StoreError::Corrupt(format!(
-                    "the store refused the resolution of hold {id}"
-                )))),
-            },
+            Ok(Ok(false)) => self.first_outcome(record.hold.id).await,
             Ok(Err(_)) => Err(ResolveFailed::Store(StoreError::Unavailable(
                 "the ledger writer has stopped".into(),
             ))),
@@ -920,9 +923,7 @@ impl Ledger {
         record: &HoldRecord,
         how: Resolve,
     ) -> Result<Option<Hold>, StoreError> {
-        let mut scratch = Book::new();
-        scratch.restore(record.hold.clone());
-        let Some(resolution) = scratch.resolve(record.hold.id, how, self.clock.now()) else {
+        let Some(resolution) = self.resolve_outside(&record.hold, how) else {
             return Ok(None);
         };
         let hold = resolution.hold.clone();
@@ -1248,9 +1249,7 @@ impl Ledger {
         if self.resolve(hold.id, Resolve::Release).is_some() {
             return;
         }
-        let mut scratch = Book::new();
-        scratch.restore(hold.clone());
-        if let Some(resolution) = scratch.resolve(hold.id, Resolve::Release, self.clock.now()) {
+        if let Some(resolution) = self.resolve_outside(hold, Resolve::Release) {
             let book = self.book();
             self.enqueue(&book, vec![detached_write(resolution)]);
         }
@@ -1429,7 +1428,7 @@ fn resolve_write(resolution: &Resolution) -> LedgerWrite {
     }
 }
 
-/// A resolution made in a scratch book, of a hold no book here has.
+/// A resolution made outside the book ([`Ledger::resolve_outside`]), of a hold no book here has.
 fn detached_write(resolution: Resolution) -> LedgerWrite {
     LedgerWrite::ResolveHold {
         hold: resolution.hold,
