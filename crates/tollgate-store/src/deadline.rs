@@ -21,11 +21,12 @@
 
 use crate::postgres::PostgresStore;
 use crate::{
-    Account, AccountStore, AuditStore, BatchId, Carve, ChangeFeed, HoldRecord, IdempotencyBegin,
-    IdempotencyClaim, IdempotencyStore, InsertKeyOutcome, KeyActivity, KeyChange, KeyLookup,
-    KeyRecord, KeyStore, LeaseStore, LedgerStore, LedgerWrite, RevokeOutcome, SeriesSlot,
-    SeriesSplit, SessionRecord, SessionStore, Sharing, StoreChange, StoreError, StoreHealth,
-    StoredResponse, TransferRecord, UsageBucket, UsageFilter, UsageGroup, UsageRow, UsageStore,
+    Account, AccountStore, AuditStore, BalanceSheet, BatchId, Carve, ChangeFeed, HoldRecord,
+    IdempotencyBegin, IdempotencyClaim, IdempotencyStore, InsertKeyOutcome, KeyActivity, KeyChange,
+    KeyLookup, KeyRecord, KeyStore, LeaseStore, LedgerStore, LedgerWrite, RevokeOutcome,
+    SeriesSlot, SeriesSplit, SessionRecord, SessionStore, Sharing, StoreChange, StoreError,
+    StoreHealth, StoredResponse, TransferRecord, UsageBucket, UsageFilter, UsageGroup, UsageRow,
+    UsageStore,
 };
 use crate::{Attempt, Crossing, DeliveryRecord, DueDelivery, EndpointRecord, NotifyStore};
 use crate::{AutoTopUp, PaymentEvent, PaymentStore, TopUp};
@@ -173,7 +174,7 @@ bounded!(LedgerStore {
     fn ledger_balance(account: AccountId) -> Nanos;
     fn wallet(account: AccountId) -> Option<Wallet>;
     fn key_spent_since(key: KeyId, since: DateTime<Utc>) -> Nanos;
-    fn account_spent_in_month(account: AccountId, at: DateTime<Utc>) -> Nanos;
+    fn balance_sheet(account: AccountId, at: DateTime<Utc>) -> Option<BalanceSheet>;
     fn pending_holds() -> Vec<HoldRecord>;
     fn holds_expired_by(cutoff: DateTime<Utc>) -> Vec<HoldRecord>;
     fn hold(id: HoldId) -> Option<HoldRecord>;

@@ -347,6 +347,13 @@ pub struct TransferRecord {
     pub created_at: DateTime<Utc>,
 }
 
+/// An account's wallet, and what it has been charged in a month, as of one moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BalanceSheet {
+    pub wallet: Wallet,
+    pub spent_in_month: Nanos,
+}
+
 #[async_trait]
 pub trait LedgerStore: Send + Sync {
     /// The wallet balance recomputed from the ledger alone (the cached balance must equal it).
@@ -355,13 +362,14 @@ pub trait LedgerStore: Send + Sync {
     async fn wallet(&self, account: AccountId) -> Result<Option<Wallet>, StoreError>;
     /// What the key's holds have charged since `since`.
     async fn key_spent_since(&self, key: KeyId, since: DateTime<Utc>) -> Result<Nanos, StoreError>;
-    /// What the account has been charged in the calendar month (UTC) of `at`: a total kept
-    /// with the charges (`account_spend`), not a sum over them.
-    async fn account_spent_in_month(
+    /// The account's wallet and what it has been charged in the calendar month (UTC) of `at`
+    /// (a total kept with the charges, `account_spend`, not a sum over them), read in one
+    /// statement: a charge committed meanwhile shows in both or in neither.
+    async fn balance_sheet(
         &self,
         account: AccountId,
         at: DateTime<Utc>,
-    ) -> Result<Nanos, StoreError>;
+    ) -> Result<Option<BalanceSheet>, StoreError>;
     async fn pending_holds(&self) -> Result<Vec<HoldRecord>, StoreError>;
     /// Pending holds whose TTL passed at or before `cutoff`.
     async fn holds_expired_by(&self, cutoff: DateTime<Utc>) -> Result<Vec<HoldRecord>, StoreError>;

@@ -21,18 +21,20 @@ use crate::rows::{
 };
 use crate::units::{self, DrawsOf, UnitBucket, UnitStore, UnitsAnswer, UnitsAsk};
 use crate::{
-    Account, AccountStore, AuditStore, BatchId, Carve, ChangeFeed, HoldRecord, IdempotencyBegin,
-    IdempotencyClaim, IdempotencyStore, InsertKeyOutcome, KeyActivity, KeyChange, KeyLookup,
-    KeyRecord, KeyStore, LeaseStore, LedgerStore, LedgerWrite, RevokeOutcome, SeriesSlot,
-    SeriesSplit, SessionRecord, SessionStore, Sharing, StoreChange, StoreError, StoreHealth,
-    StoredResponse, TransferRecord, UsageBucket, UsageFilter, UsageGroup, UsageRow, UsageStore,
+    Account, AccountStore, AuditStore, BalanceSheet, BatchId, Carve, ChangeFeed, HoldRecord,
+    IdempotencyBegin, IdempotencyClaim, IdempotencyStore, InsertKeyOutcome, KeyActivity, KeyChange,
+    KeyLookup, KeyRecord, KeyStore, LeaseStore, LedgerStore, LedgerWrite, RevokeOutcome,
+    SeriesSlot, SeriesSplit, SessionRecord, SessionStore, Sharing, StoreChange, StoreError,
+    StoreHealth, StoredResponse, TransferRecord, UsageBucket, UsageFilter, UsageGroup, UsageRow,
+    UsageStore,
 };
 use crate::{AutoTopUp, PaymentEvent, PaymentStore, TopUp};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
-use sqlx::{PgPool, Postgres, Row, Transaction};
+use sqlx::{Connection, PgConnection, PgPool, Postgres, Row, Transaction};
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tollgate_core::audit::AuditEntry;
@@ -60,6 +62,10 @@ crate::export::export_store!(PostgresStore, crate::notify::numbered, number_expo
 #[derive(Debug, Clone)]
 pub struct PostgresStore {
     pool: PgPool,
+    /// The health probe's own connection, outside the pool: a pool busy with work is a loaded
+    /// store, not a down one, and a probe queued behind that work would call it down.
+    probe: Arc<tokio::sync::Mutex<Option<PgConnection>>>,
+    options: PgConnectOptions,
 }
 
 impl PostgresStore {
@@ -74,14 +80,18 @@ impl PostgresStore {
         let pool = PgPoolOptions::new()
             .max_connections(16)
             .acquire_timeout(Duration::from_secs(5))
-            .connect_with(options)
+            .connect_with(options.clone())
             .await
             .map_err(store_error)?;
         MIGRATOR
             .run(&pool)
             .await
             .map_err(|e| StoreError::Unavailable(format!("migrations failed: {e}")))?;
-        Ok(PostgresStore { pool })
+        Ok(PostgresStore {
+            pool,
+            probe: Arc::default(),
+            options,
+        })
     }
 
     /// Applies pending migrations and reports how many the database now has.
@@ -821,21 +831,23 @@ impl LedgerStore for PostgresStore {
         Ok(Nanos(sum))
     }
 
-    async fn account_spent_in_month(
+    async fn balance_sheet(
         &self,
         account: AccountId,
         at: DateTime<Utc>,
-    ) -> Result<Nanos, StoreError> {
-        let sum: i64 = sqlx::query_scalar(
-            "SELECT COALESCE(SUM(charged_nanos), 0)::BIGINT FROM account_spend \
-             WHERE account_id = $1 AND month_start = $2",
+    ) -> Result<Option<BalanceSheet>, StoreError> {
+        let row: Option<rows::BalanceSheetRow> = sqlx::query_as(
+            "SELECT w.balance_nanos, w.held_nanos, w.debt_nanos, \
+             COALESCE((SELECT SUM(s.charged_nanos) FROM account_spend s \
+             WHERE s.account_id = w.account_id AND s.month_start = $1), 0)::BIGINT \
+             FROM wallets w WHERE w.account_id = $2",
         )
-        .bind(account.to_string())
         .bind(millis(month_start(at)))
-        .fetch_one(&self.pool)
+        .bind(account.to_string())
+        .fetch_optional(&self.pool)
         .await
         .map_err(store_error)?;
-        Ok(Nanos(sum))
+        Ok(row.map(rows::balance_sheet))
     }
 
     async fn pending_holds(&self) -> Result<Vec<HoldRecord>, StoreError> {
@@ -1744,10 +1756,17 @@ fn parse_change(payload: &str) -> Option<StoreChange> {
 #[async_trait]
 impl StoreHealth for PostgresStore {
     async fn ping(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT 1")
-            .execute(&self.pool)
-            .await
-            .map_err(store_error)?;
+        let mut slot = self.probe.lock().await;
+        // Out of its slot while in use: a ping cut off by its deadline drops the connection,
+        // and the next ping makes a fresh one rather than reading this one's late answer.
+        let mut connection = match slot.take() {
+            Some(connection) => connection,
+            None => PgConnection::connect_with(&self.options)
+                .await
+                .map_err(store_error)?,
+        };
+        connection.ping().await.map_err(store_error)?;
+        *slot = Some(connection);
         Ok(())
     }
 

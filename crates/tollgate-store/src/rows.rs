@@ -4,13 +4,13 @@
 //! checked here once.
 
 use crate::{
-    Account, HoldRecord, HoldSource, IdempotencyBegin, IdempotencyClaim, KeyLookup, KeyRecord,
-    StoreError, StoredResponse, TransferRecord, UsageRow,
+    Account, BalanceSheet, HoldRecord, HoldSource, IdempotencyBegin, IdempotencyClaim, KeyLookup,
+    KeyRecord, StoreError, StoredResponse, TransferRecord, UsageRow,
 };
 use chrono::{DateTime, TimeZone, Utc};
 use std::str::FromStr;
 use tollgate_core::audit::AuditEntry;
-use tollgate_core::ledger::{BillingStatus, Hold, HoldStatus};
+use tollgate_core::ledger::{BillingStatus, Hold, HoldStatus, Wallet};
 use tollgate_core::metering::TokenUsage;
 use tollgate_core::payment::TopUpStatus;
 use tollgate_core::{AccountId, KeyHash, KeyKind, KeyStatus, Nanos, RequestId};
@@ -23,6 +23,20 @@ pub(crate) fn from_millis(ms: i64) -> Result<DateTime<Utc>, StoreError> {
     Utc.timestamp_millis_opt(ms)
         .single()
         .ok_or_else(|| StoreError::Corrupt(format!("timestamp {ms} out of range")))
+}
+
+/// A wallet's balance, holds and debt, and its month's spend, in nano-units.
+pub(crate) type BalanceSheetRow = (i64, i64, i64, i64);
+
+pub(crate) fn balance_sheet((available, held, debt, spent): BalanceSheetRow) -> BalanceSheet {
+    BalanceSheet {
+        wallet: Wallet {
+            available: Nanos(available),
+            held: Nanos(held),
+            debt: Nanos(debt),
+        },
+        spent_in_month: Nanos(spent),
+    }
 }
 
 pub(crate) fn corrupt(what: &str, value: &str) -> StoreError {

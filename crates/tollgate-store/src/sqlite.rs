@@ -12,11 +12,11 @@ use crate::rows::{
 };
 use crate::units::{self, DrawsOf, UnitBucket, UnitStore, UnitsAnswer, UnitsAsk};
 use crate::{
-    Account, AccountStore, AuditStore, BatchId, ChangeFeed, HoldRecord, IdempotencyBegin,
-    IdempotencyClaim, IdempotencyStore, InsertKeyOutcome, KeyActivity, KeyChange, KeyLookup,
-    KeyRecord, KeyStore, LedgerStore, LedgerWrite, RevokeOutcome, SeriesSlot, SeriesSplit,
-    SessionRecord, SessionStore, Sharing, StoreError, StoreHealth, StoredResponse, TransferRecord,
-    UsageBucket, UsageFilter, UsageGroup, UsageRow, UsageStore,
+    Account, AccountStore, AuditStore, BalanceSheet, BatchId, ChangeFeed, HoldRecord,
+    IdempotencyBegin, IdempotencyClaim, IdempotencyStore, InsertKeyOutcome, KeyActivity, KeyChange,
+    KeyLookup, KeyRecord, KeyStore, LedgerStore, LedgerWrite, RevokeOutcome, SeriesSlot,
+    SeriesSplit, SessionRecord, SessionStore, Sharing, StoreError, StoreHealth, StoredResponse,
+    TransferRecord, UsageBucket, UsageFilter, UsageGroup, UsageRow, UsageStore,
 };
 use crate::{AutoTopUp, PaymentEvent, PaymentStore, TopUp};
 use async_trait::async_trait;
@@ -566,21 +566,23 @@ impl LedgerStore for SqliteStore {
         Ok(Nanos(sum))
     }
 
-    async fn account_spent_in_month(
+    async fn balance_sheet(
         &self,
         account: AccountId,
         at: DateTime<Utc>,
-    ) -> Result<Nanos, StoreError> {
-        let sum: i64 = sqlx::query_scalar(
-            "SELECT COALESCE(SUM(charged_nanos), 0) FROM account_spend \
-             WHERE account_id = ? AND month_start = ?",
+    ) -> Result<Option<BalanceSheet>, StoreError> {
+        let row: Option<rows::BalanceSheetRow> = sqlx::query_as(
+            "SELECT w.balance_nanos, w.held_nanos, w.debt_nanos, \
+             COALESCE((SELECT SUM(s.charged_nanos) FROM account_spend s \
+             WHERE s.account_id = w.account_id AND s.month_start = ?), 0) \
+             FROM wallets w WHERE w.account_id = ?",
         )
-        .bind(account.to_string())
         .bind(millis(month_start(at)))
-        .fetch_one(&self.pool)
+        .bind(account.to_string())
+        .fetch_optional(&self.pool)
         .await
         .map_err(store_error)?;
-        Ok(Nanos(sum))
+        Ok(row.map(rows::balance_sheet))
     }
 
     async fn pending_holds(&self) -> Result<Vec<HoldRecord>, StoreError> {

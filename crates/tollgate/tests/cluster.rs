@@ -47,17 +47,48 @@ async fn redis_reachable(url: &str) -> bool {
     }
 }
 
+/// Turns on the machine: a test sending hundreds of calls at once and counting exact outcomes
+/// runs alone. Beside another cluster on two cores it measures the machine (store connections
+/// waited for past their deadline, credit recalls past theirs), not the cluster.
+static TURNS: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
+enum Turn {
+    Shared(#[allow(dead_code)] tokio::sync::RwLockReadGuard<'static, ()>),
+    Alone(#[allow(dead_code)] tokio::sync::RwLockWriteGuard<'static, ()>),
+}
+
+impl Turn {
+    async fn shared() -> Turn {
+        Turn::Shared(TURNS.read().await)
+    }
+
+    async fn alone() -> Turn {
+        Turn::Alone(TURNS.write().await)
+    }
+}
+
 struct Cluster {
     nodes: Vec<(Child, String)>,
     http: reqwest::Client,
     _mock: tollgate_mock::MockUpstream,
     _dir: tempfile::TempDir,
     schema: TestSchema,
+    /// Last: given up once the nodes are stopped.
+    _turn: Turn,
 }
 
 impl Cluster {
     /// `NODES` nodes sharing a fresh schema and the test Redis, with `extra` config text.
     async fn start(extra: &str) -> Option<Cluster> {
+        Cluster::start_in(Turn::shared().await, extra).await
+    }
+
+    /// [`Cluster::start`] for a test of hundreds of calls at once: no other test runs beside it.
+    async fn start_alone(extra: &str) -> Option<Cluster> {
+        Cluster::start_in(Turn::alone().await, extra).await
+    }
+
+    async fn start_in(turn: Turn, extra: &str) -> Option<Cluster> {
         let redis = redis_url();
         if !redis_reachable(&redis).await {
             let message = format!("Redis is not reachable at {redis}");
@@ -88,6 +119,7 @@ impl Cluster {
             _mock: mock,
             _dir: dir,
             schema,
+            _turn: turn,
         })
     }
 
@@ -198,7 +230,7 @@ impl Cluster {
 async fn a_thousand_concurrent_paid_calls_spend_a_balance_for_300_exactly() {
     const CALLS: usize = 1000;
     const COVERED: usize = 300;
-    let Some(cluster) = Cluster::start("[load_shedding]\nenabled = false\n").await else {
+    let Some(cluster) = Cluster::start_alone("[load_shedding]\nenabled = false\n").await else {
         return;
     };
     let created = send_json(
@@ -593,10 +625,12 @@ struct RelayedNode {
     mock: tollgate_mock::MockUpstream,
     _node: Child,
     _dir: tempfile::TempDir,
+    _turn: Turn,
 }
 
 impl RelayedNode {
     async fn start(extra: &str) -> Option<RelayedNode> {
+        let turn = Turn::shared().await;
         let schema = TestSchema::create().await?;
         let (relay, relayed) = relayed_url(&schema).await;
         let mock = tollgate_mock::MockUpstream::start(SocketAddr::from(([127, 0, 0, 1], 0)))
@@ -617,6 +651,7 @@ impl RelayedNode {
             mock,
             _node: node,
             _dir: dir,
+            _turn: turn,
         })
     }
 }
@@ -735,6 +770,74 @@ async fn a_node_whose_postgresql_goes_away_answers_503_charges_nothing_and_recov
     assert_charged_for(&http, url, &account, succeeded).await;
 }
 
+/// Calls that drew on an allowance and finished while PostgreSQL was away have their units
+/// settled once it is back: a settlement the store could not take is tried again, never dropped
+/// (a dropped one left the units held until they expired, and expiry returns them unused).
+#[tokio::test]
+async fn included_units_of_calls_that_end_in_an_outage_are_settled_when_it_ends() {
+    const CALLS: usize = 3;
+    let plans = "[billing]\ndefault_plan = \"free\"\n[[plans]]\nname = \"free\"\n\
+                 [[plans.allowances]]\nname = \"calls\"\nmeter = \"requests\"\nunits = 10\n";
+    let Some(node) = RelayedNode::start(plans).await else {
+        return;
+    };
+    let (relay, url) = (&node.relay, &node.url);
+    let http = reqwest::Client::new();
+    let (account, key) = create_account(&http, url, ADMIN, "units-outage").await;
+    // Slow calls reserve their units now, and end once PostgreSQL is gone.
+    let calls = (0..CALLS).map(|_| {
+        http.get(format!("{url}/echo/x"))
+            .bearer_auth(&key)
+            .header("x-mock-delay-ms", "1500")
+            .send()
+    });
+    let calls = tokio::spawn(futures_util::future::join_all(calls));
+    let allowances = format!("{url}/api/v1/billing/allowances?account_id={account}");
+    let reserved_at = Instant::now();
+    loop {
+        let body: Value = send_json(http.get(&allowances).bearer_auth(ADMIN)).await;
+        if body["buckets"][0]["held"] == CALLS as u64 {
+            break;
+        }
+        assert!(reserved_at.elapsed() < Duration::from_secs(10), "{body}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    relay.cut();
+    for answer in calls.await.unwrap() {
+        assert_eq!(answer.unwrap().status(), 200);
+    }
+    // The node has tried to settle and been refused; the store comes back.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    relay.restore();
+    let restored_at = Instant::now();
+    loop {
+        let response = http
+            .get(&allowances)
+            .bearer_auth(ADMIN)
+            .send()
+            .await
+            .unwrap();
+        if response.status() == 200 {
+            let body: Value = response.json().await.unwrap();
+            let bucket = &body["buckets"][0];
+            if bucket["held"] == 0 {
+                assert_eq!(bucket["used"], CALLS as u64, "{body}");
+                break;
+            }
+        }
+        assert!(
+            restored_at.elapsed() < SETTLE_BOUND,
+            "the units stayed held"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let lines = node.log.lock().unwrap().join("\n");
+    assert!(
+        lines.contains("settling included units failed; retrying"),
+        "no settlement met the outage"
+    );
+}
+
 #[tokio::test]
 async fn a_node_killed_under_load_leaves_no_hold_past_its_ttl_and_no_charge_for_its_calls() {
     const TTL: Duration = Duration::from_secs(2);
@@ -825,7 +928,7 @@ async fn a_soak_with_grants_through_one_node_refuses_no_call_the_balance_covers(
     const WORKERS_PER_NODE: usize = 3;
     const SOAK: Duration = Duration::from_secs(5);
     let config = format!("[load_shedding]\nenabled = false\n{ROOMY_LIMIT}");
-    let Some(cluster) = Cluster::start(&config).await else {
+    let Some(cluster) = Cluster::start_alone(&config).await else {
         return;
     };
     let (account, master) = cluster.empty_account().await;
@@ -930,7 +1033,7 @@ async fn a_busy_nodes_unused_lease_goes_to_the_node_that_needs_it() {
 #[tokio::test]
 async fn a_keys_monthly_cap_holds_exactly_across_nodes() {
     const CALLS: usize = 1000;
-    let Some(cluster) = Cluster::start("[load_shedding]\nenabled = false\n").await else {
+    let Some(cluster) = Cluster::start_alone("[load_shedding]\nenabled = false\n").await else {
         return;
     };
     let (_, master) = create_account(&cluster.http, cluster.url(0), ADMIN, "capped").await;
@@ -1577,7 +1680,7 @@ async fn two_hundred_calls_at_once_across_nodes_draw_a_hundred_unit_allowance_ex
          [[plans]]\nname = \"free\"\n[[plans.allowances]]\nname = \"calls\"\nmeter = \"requests\"\n\
          units = {UNITS}\n"
     );
-    let Some(cluster) = Cluster::start(&plans).await else {
+    let Some(cluster) = Cluster::start_alone(&plans).await else {
         return;
     };
     let (account, master) = cluster.empty_account().await;

@@ -9,6 +9,7 @@ use crate::config::plans::Plans;
 use crate::http::error::HttpError;
 use chrono::{DateTime, Utc};
 use std::sync::Arc;
+use std::time::Duration;
 use tollgate_core::allowance::{self, Overage};
 use tollgate_core::period::Period;
 use tollgate_core::plan::{
@@ -354,6 +355,8 @@ pub struct UnitsHeld {
     uncovered: u64,
     /// What the wallet holds for the uncovered part (`wallet` overage).
     pub wallet_hold: Nanos,
+    /// When the reservation expires and the sweep returns its units unused.
+    expires_at: DateTime<Utc>,
 }
 
 impl UnitsHeld {
@@ -377,15 +380,46 @@ impl UnitsHeld {
             // Nothing was drawn from a bucket (all of it went to the wallet): nothing to return.
             return;
         }
-        let UnitsHeld { store, request, .. } = self;
+        let UnitsHeld {
+            store,
+            request,
+            expires_at,
+            ..
+        } = self;
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(async move {
-                if let Err(e) = store.settle_units(request, units, Utc::now()).await {
-                    // The reservation expires and returns its units: the customer is never
-                    // charged for what was lost here.
-                    tracing::warn!(error = %e, %request, "settling included units failed");
-                }
-            });
+            runtime.spawn(settle_units(store, request, units, expires_at));
+        }
+    }
+}
+
+/// The longest wait between two tries of a settlement the store did not take.
+const SETTLE_BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// Settles a call's reservation on `units`, trying again through an outage until the store
+/// takes it. A settlement given up would leave the units held until `expires_at`, and the sweep
+/// returns expired units unused: the call would have been free. Past that time there is
+/// nothing left to settle. A retry after a lost answer finds the reservation gone, and does
+/// nothing.
+async fn settle_units(
+    store: Arc<dyn Store>,
+    request: RequestId,
+    units: u64,
+    expires_at: DateTime<Utc>,
+) {
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        match store.settle_units(request, units, Utc::now()).await {
+            Ok(_) => return,
+            Err(StoreError::Unavailable(e)) if Utc::now() < expires_at => {
+                tracing::warn!(error = %e, %request, retry_in = ?backoff,
+                    "settling included units failed; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(SETTLE_BACKOFF_MAX);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, %request, "settling included units failed");
+                return;
+            }
         }
     }
 }
@@ -499,6 +533,7 @@ pub async fn reserve(
                 } else {
                     Nanos::ZERO
                 },
+                expires_at: call.expires_at,
             }),
         })),
     }

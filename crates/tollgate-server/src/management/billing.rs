@@ -26,7 +26,7 @@ use std::time::Duration;
 use tollgate_core::ledger::{BillingStatus, HoldStatus, Resolve};
 use tollgate_core::money::MAX_AMOUNT;
 use tollgate_core::{AccountId, ApiError, ErrorCode, HoldId, KeyId, KeyKind, Nanos, RequestId};
-use tollgate_store::{HoldRecord, HoldSource, UsageFilter, UsageGroup, UsageRow};
+use tollgate_store::{BalanceSheet, HoldRecord, HoldSource, UsageFilter, UsageGroup, UsageRow};
 use tollgate_wire::api::{self as wire, Money};
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
@@ -211,20 +211,19 @@ pub(crate) async fn read_balance(
     account: AccountId,
 ) -> Result<wire::Balance, HttpError> {
     state.ledger.flush().await?;
-    let wallet = state
+    let BalanceSheet {
+        wallet,
+        spent_in_month,
+    } = state
         .store
-        .wallet(account)
+        .balance_sheet(account, state.clock.now())
         .await?
         .ok_or_else(|| HttpError::not_found("account"))?;
-    let spent = state
-        .store
-        .account_spent_in_month(account, state.clock.now())
-        .await?;
     Ok(wire::Balance {
         account_id: account,
         available: money(state, wallet.available),
         held: money(state, wallet.held),
-        spent_this_month: money(state, spent),
+        spent_this_month: money(state, spent_in_month),
         debt: money(state, wallet.debt),
     })
 }

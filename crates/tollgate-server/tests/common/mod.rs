@@ -22,10 +22,10 @@ use tollgate_server::config::{
 use tollgate_server::{Application, Config};
 use tollgate_store::sqlite::SqliteStore;
 use tollgate_store::{
-    Account, AccountStore, AuditStore, ChangeFeed, HoldRecord, IdempotencyBegin, IdempotencyClaim,
-    IdempotencyStore, InsertKeyOutcome, KeyChange, KeyLookup, KeyRecord, KeyStore, LedgerStore,
-    LedgerWrite, RevokeOutcome, SessionRecord, SessionStore, StoreError, StoreHealth,
-    StoredResponse, TransferRecord, UsageFilter, UsageRow, UsageStore,
+    Account, AccountStore, AuditStore, BalanceSheet, ChangeFeed, HoldRecord, IdempotencyBegin,
+    IdempotencyClaim, IdempotencyStore, InsertKeyOutcome, KeyChange, KeyLookup, KeyRecord,
+    KeyStore, LedgerStore, LedgerWrite, RevokeOutcome, SessionRecord, SessionStore, StoreError,
+    StoreHealth, StoredResponse, TransferRecord, UsageFilter, UsageRow, UsageStore,
 };
 use tollgate_wire::ErrorProfile;
 
@@ -517,12 +517,12 @@ impl LedgerStore for CountingStore {
     async fn key_spent_since(&self, key: KeyId, since: At) -> Result<Nanos, StoreError> {
         self.inner.key_spent_since(key, since).await
     }
-    async fn account_spent_in_month(
+    async fn balance_sheet(
         &self,
         account: AccountId,
-        since: At,
-    ) -> Result<Nanos, StoreError> {
-        self.inner.account_spent_in_month(account, since).await
+        at: At,
+    ) -> Result<Option<BalanceSheet>, StoreError> {
+        self.inner.balance_sheet(account, at).await
     }
     async fn pending_holds(&self) -> Result<Vec<HoldRecord>, StoreError> {
         self.inner.pending_holds().await
