@@ -2195,39 +2195,28 @@ impl UnitStore for PostgresStore {
             .map(|draw| (draw, false))
             .chain(window_draws.iter().map(|draw| (draw, true)));
         for (position, ((bucket, held), mirror)) in every.enumerate() {
+            // One statement a draw: the buckets stay locked until commit, and every round trip
+            // here is one more every other call on the account waits for.
             sqlx::query(
-                "UPDATE unit_buckets SET held = held + $1 WHERE account_id = $2 AND bucket = $3",
+                "WITH bucket AS (UPDATE unit_buckets SET held = held + $1 \
+                 WHERE account_id = $2 AND bucket = $3), \
+                 draw AS (INSERT INTO unit_draws \
+                 (request_id, position, account_id, bucket, units, expires_at, mirror) \
+                 VALUES ($4, $5, $2, $3, $1, $6, $7)) \
+                 INSERT INTO unit_entries (account_id, bucket, kind, units, reference, at) \
+                 SELECT $2, $3, 'hold', $1, $4, $8 WHERE $1 > 0",
             )
             .bind(rows::units(*held))
             .bind(account.to_string())
             .bind(bucket)
-            .execute(&mut *tx)
-            .await
-            .map_err(store_error)?;
-            sqlx::query(
-                "INSERT INTO unit_draws (request_id, position, account_id, bucket, units, expires_at, mirror) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
-            )
             .bind(&reference)
             .bind(position as i64)
-            .bind(account.to_string())
-            .bind(bucket)
-            .bind(rows::units(*held))
             .bind(millis(ask.expires_at))
             .bind(mirror)
+            .bind(millis(ask.at))
             .execute(&mut *tx)
             .await
             .map_err(store_error)?;
-            unit_entry(
-                &mut tx,
-                account,
-                bucket,
-                "hold",
-                *held,
-                Some(&reference),
-                ask.at,
-            )
-            .await?;
         }
         tx.commit().await.map_err(store_error)?;
         Ok(answer)
@@ -2572,16 +2561,24 @@ async fn finish_draw(
     reference: &str,
     at: DateTime<Utc>,
 ) -> Result<(), StoreError> {
+    // One statement, as a reservation's draws are: the bucket is locked from here to commit.
     sqlx::query(
-        "UPDATE unit_buckets SET held = held - $1, used = used + $2 WHERE account_id = $3 AND bucket = $4",
+        "WITH bucket AS (UPDATE unit_buckets SET held = held - ($1 + $2), used = used + $1 \
+         WHERE account_id = $3 AND bucket = $4) \
+         INSERT INTO unit_entries (account_id, bucket, kind, units, reference, at) \
+         SELECT $3, $4, e.kind, e.units, $5, $6 \
+         FROM (VALUES (1, 'use', $1), (2, $7, $2)) AS e (n, kind, units) \
+         WHERE e.units > 0 ORDER BY e.n",
     )
-    .bind(rows::units(used + returned))
     .bind(rows::units(used))
+    .bind(rows::units(returned))
     .bind(account.to_string())
     .bind(bucket)
+    .bind(reference)
+    .bind(millis(at))
+    .bind(kind)
     .execute(&mut **tx)
     .await
     .map_err(store_error)?;
-    unit_entry(tx, account, bucket, "use", used, Some(reference), at).await?;
-    unit_entry(tx, account, bucket, kind, returned, Some(reference), at).await
+    Ok(())
 }

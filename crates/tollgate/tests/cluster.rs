@@ -69,6 +69,8 @@ impl Turn {
 
 struct Cluster {
     nodes: Vec<(Child, String)>,
+    /// Each node's log lines, for a failure's message ([`Cluster::warnings`]).
+    logs: Vec<common::Log>,
     http: reqwest::Client,
     _mock: tollgate_mock::MockUpstream,
     _dir: tempfile::TempDir,
@@ -109,18 +111,42 @@ impl Cluster {
                 echo_route(&mock.url())
             ),
         );
-        let mut nodes = Vec::new();
+        let (mut nodes, mut logs) = (Vec::new(), Vec::new());
         for _ in 0..NODES {
-            nodes.push(serve(&config, ADMIN).await);
+            let (node, url, log) = common::serve_logged(&config, ADMIN, "info").await;
+            nodes.push((node, url));
+            logs.push(log);
         }
         Some(Cluster {
             nodes,
+            logs,
             http: reqwest::Client::new(),
             _mock: mock,
             _dir: dir,
             schema,
             _turn: turn,
         })
+    }
+
+    /// The nodes' warnings and errors so far (the last 30 of each), for a failure's message.
+    fn warnings(&self) -> String {
+        let mut lines = Vec::new();
+        for (node, log) in self.logs.iter().enumerate() {
+            let log = log.lock().unwrap();
+            let warned: Vec<&String> = log
+                .iter()
+                .filter(|line| {
+                    line.contains("\"level\":\"WARN\"") || line.contains("\"level\":\"ERROR\"")
+                })
+                .collect();
+            let from = warned.len().saturating_sub(30);
+            lines.extend(
+                warned[from..]
+                    .iter()
+                    .map(|line| format!("node {node}: {line}")),
+            );
+        }
+        lines.join("\n")
     }
 
     fn url(&self, node: usize) -> &str {
@@ -274,11 +300,12 @@ async fn a_thousand_concurrent_paid_calls_spend_a_balance_for_300_exactly() {
     assert_eq!(
         (succeeded, refused),
         (COVERED, CALLS - COVERED),
-        "every other answer: {:?}",
+        "every other answer: {:?}\nthe nodes' warnings:\n{}",
         answers
             .iter()
             .filter(|(status, _)| *status != 200 && *status != 402)
-            .collect::<Vec<_>>()
+            .collect::<Vec<_>>(),
+        cluster.warnings()
     );
 
     cluster
@@ -1709,11 +1736,12 @@ async fn two_hundred_calls_at_once_across_nodes_draw_a_hundred_unit_allowance_ex
     assert_eq!(
         (admitted, exhausted),
         (UNITS, CALLS - UNITS),
-        "{:?}",
+        "{:?}\nthe nodes' warnings:\n{}",
         answers
             .iter()
             .filter(|(status, _)| *status != 200 && *status != 402)
-            .collect::<Vec<_>>()
+            .collect::<Vec<_>>(),
+        cluster.warnings()
     );
     // Every node settles in the background; then the bucket holds nothing and used all.
     let allowances = format!(
@@ -1728,7 +1756,11 @@ async fn two_hundred_calls_at_once_across_nodes_draw_a_hundred_unit_allowance_ex
             assert_eq!(bucket["used"], UNITS as u64, "{body}");
             break;
         }
-        assert!(read_at.elapsed() < SETTLE_BOUND, "{body}");
+        assert!(
+            read_at.elapsed() < SETTLE_BOUND,
+            "{body}\nthe nodes' warnings:\n{}",
+            cluster.warnings()
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     use tollgate_store::UnitStore;
