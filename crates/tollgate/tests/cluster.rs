@@ -1811,7 +1811,13 @@ async fn a_plans_fee_is_paid_once_whichever_nodes_take_the_periods_first_calls()
     });
     for response in futures_util::future::join_all(calls).await {
         let response = response.unwrap();
-        assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
+        assert_eq!(
+            response.status(),
+            200,
+            "{}\nthe nodes' warnings:\n{}",
+            response.text().await.unwrap(),
+            cluster.warnings()
+        );
     }
     let ledger: Value = send_json(
         cluster

@@ -1063,6 +1063,10 @@ impl Ledger {
         let reference = format!("{prefix}{plan}");
         // Only this writes `plan:` references, and it waits until they are stored: no flush.
         let _turn = self.grants.lock().await;
+        // The period's first calls queue here together: the first pays, the rest need not ask.
+        if self.fees_paid().get(&account).is_some_and(seen) {
+            return Ok(Nanos::ZERO);
+        }
         let paid = self.pay_fee_turn(account, price, period, plan, &prefix, &reference);
         let paid = paid.await?;
         self.fees_paid().insert(account, (start, plan.to_string()));
