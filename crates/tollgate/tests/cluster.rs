@@ -52,18 +52,27 @@ async fn redis_reachable(url: &str) -> bool {
 /// waited for past their deadline, credit recalls past theirs), not the cluster.
 static TURNS: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
 
+/// Held while a test runs.
 enum Turn {
-    Shared(#[allow(dead_code)] tokio::sync::RwLockReadGuard<'static, ()>),
-    Alone(#[allow(dead_code)] tokio::sync::RwLockWriteGuard<'static, ()>),
+    Shared {
+        _guard: tokio::sync::RwLockReadGuard<'static, ()>,
+    },
+    Alone {
+        _guard: tokio::sync::RwLockWriteGuard<'static, ()>,
+    },
 }
 
 impl Turn {
     async fn shared() -> Turn {
-        Turn::Shared(TURNS.read().await)
+        Turn::Shared {
+            _guard: TURNS.read().await,
+        }
     }
 
     async fn alone() -> Turn {
-        Turn::Alone(TURNS.write().await)
+        Turn::Alone {
+            _guard: TURNS.write().await,
+        }
     }
 }
 
