@@ -10,7 +10,6 @@ use crate::access::shed::Shedder;
 use crate::billing::ledger::Ledger;
 use crate::config::{Config, StoreConfig};
 use crate::http::error::HttpError;
-use crate::http::headers::ClientRequestId;
 use crate::management::{extract, openapi};
 use crate::notify::egress::SystemResolver;
 use crate::notify::export::Exporter;
@@ -31,14 +30,12 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
-use tollgate_core::{Clock, ErrorCode, RequestId, SystemClock};
+use tollgate_core::{Clock, ErrorCode, SystemClock};
 use tollgate_store::deadline::Deadline;
 use tollgate_store::postgres::PostgresStore;
 use tollgate_store::sqlite::SqliteStore;
 use tollgate_store::{Store, StoreChange};
 use tower_http::catch_panic::CatchPanicLayer;
-use tower_http::trace::{DefaultOnFailure, DefaultOnResponse, TraceLayer};
-use tracing::Level;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
@@ -468,65 +465,7 @@ fn router(state: AppState) -> anyhow::Result<Router> {
             )
             .into_response()
         }))
-        // Idempotency sees the handlers' raw outcomes (an error Tollgate originates is never
-        // kept), and its own errors are rendered by rescue.
-        .layer(middleware::from_fn_with_state(
-            state.clone(),
-            edge::idempotency::proxied,
-        ))
-        // Rescue renders errors; it sits inside request_id so every body carries the ID.
-        .layer(middleware::from_fn(edge::rescue::rescue))
-        // Rate-limit headers go on the rendered response, so this sits outside rescue.
-        .layer(middleware::from_fn_with_state(
-            state.clone(),
-            edge::limits::layer,
-        ))
-        // Shedding comes before any other work: no key lookup, limit decision or hold.
-        .layer(middleware::from_fn_with_state(
-            state.clone(),
-            edge::shed::layer,
-        ))
-        // An oversized head is refused before anything reads it.
-        .layer(middleware::from_fn_with_state(
-            state.clone(),
-            edge::head::bounded_head,
-        ))
-        // The trace span opens after the ID exists, so every log line carries it. One INFO line
-        // per response (status, latency); failures are logged once, by rescue.
-        .layer(
-            TraceLayer::new_for_http()
-                .make_span_with(request_span)
-                .on_response(DefaultOnResponse::new().level(Level::INFO))
-                .on_failure(DefaultOnFailure::new().level(Level::DEBUG)),
-        )
-        // Counts every response, shed ones included, and times it to its last byte.
-        .layer(middleware::from_fn_with_state(
-            state.clone(),
-            edge::metrics::layer,
-        ))
-        // Outermost: every response, whatever happened inside, gets the request ID.
-        .layer(middleware::from_fn_with_state(
-            state.clone(),
-            edge::request_id::request_id,
-        ))
+        // Request IDs, metrics, tracing, shedding, rate limits, rescue, idempotency: in order.
+        .layer(middleware::from_fn_with_state(state.clone(), edge::edge))
         .with_state(state))
-}
-
-fn request_span(request: &axum::http::Request<axum::body::Body>) -> tracing::Span {
-    let id = request
-        .extensions()
-        .get::<RequestId>()
-        .copied()
-        .unwrap_or_default();
-    let span = tracing::info_span!(
-        "request",
-        request_id = %id,
-        client_request_id = tracing::field::Empty,
-        method = %request.method(),
-        path = request.uri().path(),
-    );
-    if let Some(client_id) = request.extensions().get::<ClientRequestId>() {
-        span.record("client_request_id", client_id.0.as_str());
-    }
-    span
 }

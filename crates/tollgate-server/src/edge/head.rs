@@ -2,8 +2,7 @@
 
 use crate::http::render::{error_response, head_too_large};
 use crate::state::AppState;
-use axum::extract::{Request, State};
-use axum::middleware::Next;
+use axum::extract::Request;
 use axum::response::Response;
 use tollgate_core::RequestId;
 use tollgate_wire::ErrorProfile;
@@ -12,9 +11,9 @@ use tollgate_wire::ErrorProfile;
 /// HTTP/2 counts it: name, value and 32 bytes per field, plus the request line) gets 431. h2's
 /// own limit is set above this one so that the refusal carries the envelope, not h2's bare 431.
 /// An HTTP/1 head is bounded by hyper as it reads it (see `serve`), so it is not counted again.
-pub async fn bounded_head(State(state): State<AppState>, request: Request, next: Next) -> Response {
+pub fn oversized(state: &AppState, request: &Request) -> Option<Response> {
     if request.version() != http::Version::HTTP_2 {
-        return next.run(request).await;
+        return None;
     }
     let limit = state.config.connections.max_header_bytes;
     let line = request.method().as_str().len()
@@ -27,17 +26,17 @@ pub async fn bounded_head(State(state): State<AppState>, request: Request, next:
         size + name.as_str().len() + value.len() + 32
     });
     if size <= limit {
-        return next.run(request).await;
+        return None;
     }
     let id = request
         .extensions()
         .get::<RequestId>()
         .copied()
         .unwrap_or_default();
-    error_response(
+    Some(error_response(
         &head_too_large(limit),
         ErrorProfile::default(),
         id,
         request.headers(),
-    )
+    ))
 }

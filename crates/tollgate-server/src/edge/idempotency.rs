@@ -78,7 +78,7 @@ pub async fn proxied(State(state): State<AppState>, request: Request, next: Next
 }
 
 /// Whether the request is one idempotency applies to: a POST or PATCH with an Idempotency-Key.
-fn claims_a_key(request: &Request) -> bool {
+pub fn claims_a_key(request: &Request) -> bool {
     matches!(*request.method(), Method::POST | Method::PATCH)
         && request.headers().contains_key(&IDEMPOTENCY_KEY)
 }

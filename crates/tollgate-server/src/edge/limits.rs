@@ -1,4 +1,4 @@
-//! The rate-limit layer: a slot for each request's standings, the anonymous (`ip`) limit decided
+//! Rate limits at the edge: a slot for each request's standings, the anonymous (`ip`) limit decided
 //! before any work, and the rate-limit headers on the way out. The policies and the limiter are
 //! [`crate::access::limits`].
 
@@ -9,9 +9,9 @@ use crate::config::RouteAuth;
 use crate::http::headers::presented_secret;
 use crate::http::render::error_response;
 use crate::state::AppState;
-use axum::extract::{Request, State};
-use axum::middleware::Next;
+use axum::extract::Request;
 use axum::response::Response;
+use std::future::Future;
 use tollgate_core::RequestId;
 
 /// Paths that are never rate-limited nor counted: a load balancer's health and readiness checks
@@ -59,10 +59,17 @@ fn presented(state: &AppState, request: &Request) -> Presented {
 /// before any work, except for what it cannot be blamed for: health, readiness and metrics, the
 /// admin token, and a well-formed key, which is looked up and judged by its own policies (if it
 /// turns out not to be a valid key, the answer is the address's 429 all the same).
-pub async fn layer(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
+pub async fn around<Handled>(
+    state: &AppState,
+    mut request: Request,
+    next: impl FnOnce(Request) -> Handled,
+) -> Response
+where
+    Handled: Future<Output = Response>,
+{
     let path = request.uri().path();
     if UNLIMITED_PATHS.contains(&path) || path.starts_with(UNLIMITED_PREFIX) {
-        return next.run(request).await;
+        return next(request).await;
     }
     let slot = LimitSlot::default();
     request.extensions_mut().insert(slot.clone());
@@ -99,7 +106,7 @@ pub async fn layer(State(state): State<AppState>, mut request: Request, next: Ne
                     error_response(&error, profile, id.unwrap_or_default(), request.headers());
                 LimitHeaders::new(&anonymous, &verdict.standings, now)
                     .apply(response.headers_mut());
-                match presented(&state, &request) {
+                match presented(state, &request) {
                     Presented::Anonymous => return response,
                     Presented::Admin => {}
                     Presented::Key => over_limit = Some(response),
@@ -107,7 +114,7 @@ pub async fn layer(State(state): State<AppState>, mut request: Request, next: Ne
             }
         }
     }
-    let mut response = next.run(request).await;
+    let mut response = next(request).await;
     let headers = match slot.take() {
         Some(Standings::Decided(headers)) => Some(headers),
         Some(Standings::Exempt) => None,

@@ -1,16 +1,49 @@
-//! The metrics layer: counts every response by route, status and error code, and times it to its
+//! Request metrics: every response counted by route, status and error code, and timed to its
 //! last byte. The registry is [`crate::telemetry::Metrics`].
 
-use crate::http::body::OnEnd;
 use crate::http::headers::TOLLGATE_ERROR;
 use crate::state::AppState;
-use crate::telemetry::{RequestLabels, RouteLabel};
-use axum::body::Body;
-use axum::extract::{Request, State};
+use crate::telemetry::{Metrics, RequestLabels, RouteLabel};
 use axum::http::HeaderMap;
-use axum::middleware::Next;
 use axum::response::Response;
 use std::time::Instant;
+
+/// A request being timed, from before any other work.
+pub struct Timer {
+    started: Instant,
+    route: String,
+}
+
+impl Timer {
+    pub fn start(state: &AppState, path: &str) -> Timer {
+        Timer {
+            started: Instant::now(),
+            route: route_of(state, path),
+        }
+    }
+
+    /// Counts the response; returns what [`Timer::observe`] must be called with when its body
+    /// ends.
+    pub fn count(self, metrics: &Metrics, response: &Response) -> Timer {
+        metrics
+            .requests
+            .get_or_create(&RequestLabels {
+                route: self.route.clone(),
+                status: response.status().as_u16(),
+                code: error_code(response.headers()),
+            })
+            .inc();
+        self
+    }
+
+    /// Records the time from the request's start to its response's last byte.
+    pub fn observe(self, metrics: &Metrics) {
+        metrics
+            .duration
+            .get_or_create(&RouteLabel { route: self.route })
+            .observe(self.started.elapsed().as_secs_f64());
+    }
+}
 
 /// The route label of a path.
 fn route_of(state: &AppState, path: &str) -> String {
@@ -24,32 +57,6 @@ fn route_of(state: &AppState, path: &str) -> String {
             .resolve(path)
             .map_or_else(|| "unrouted".into(), |r| r.config.prefix.clone()),
     }
-}
-
-/// Outermost but for the request ID: counts every response, shed ones included, and times it to
-/// its last byte.
-pub async fn layer(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    let started = Instant::now();
-    let route = route_of(&state, request.uri().path());
-    let response = next.run(request).await;
-    state
-        .metrics
-        .requests
-        .get_or_create(&RequestLabels {
-            route: route.clone(),
-            status: response.status().as_u16(),
-            code: error_code(response.headers()),
-        })
-        .inc();
-    let metrics = state.metrics.clone();
-    response.map(|inner| {
-        Body::new(OnEnd::new(inner, move || {
-            metrics
-                .duration
-                .get_or_create(&RouteLabel { route })
-                .observe(started.elapsed().as_secs_f64());
-        }))
-    })
 }
 
 fn error_code(headers: &HeaderMap) -> String {

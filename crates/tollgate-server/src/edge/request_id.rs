@@ -1,20 +1,17 @@
-//! The request-ID layer: each request gets its `req_<ULID>`, stamped on the response (also as
+//! Request IDs: each request gets its `req_<ULID>`, stamped on the response (also as
 //! `request-id` when the response carries the Anthropic profile of its route).
 
 use crate::http::headers::{ClientRequestId, RequestIdHeader, ANTHROPIC_REQUEST_ID};
 use crate::state::AppState;
-use axum::extract::{Request, State};
+use axum::extract::Request;
 use axum::http::HeaderValue;
-use axum::middleware::Next;
 use axum::response::Response;
 use tollgate_core::RequestId;
 use tollgate_wire::ErrorProfile;
 
-pub async fn request_id(
-    State(state): State<AppState>,
-    mut request: Request,
-    next: Next,
-) -> Response {
+/// Gives the request its ID (and keeps the caller's own, if it sent one); returns the header
+/// value [`stamp`] puts on the response.
+pub fn assign(state: &AppState, request: &mut Request) -> Option<HeaderValue> {
     let id = RequestId::new();
     let header = &state.config.request_id_header;
     if let Some(client_id) = request.headers().get(header).and_then(|v| v.to_str().ok()) {
@@ -28,15 +25,21 @@ pub async fn request_id(
             .extensions_mut()
             .insert(RequestIdHeader(value.clone()));
     }
-    let mut response = next.run(request).await;
-    if let Some(value) = value {
-        // Anthropic clients read the ID from `request-id`; a route's responses carry its profile.
-        if response.extensions().get::<ErrorProfile>() == Some(&ErrorProfile::Anthropic) {
-            response
-                .headers_mut()
-                .insert(ANTHROPIC_REQUEST_ID, value.clone());
-        }
-        response.headers_mut().insert(header.clone(), value);
+    value
+}
+
+/// Puts the request's ID on its response, whatever happened inside.
+pub fn stamp(state: &AppState, value: Option<HeaderValue>, response: &mut Response) {
+    let Some(value) = value else {
+        return;
+    };
+    // Anthropic clients read the ID from `request-id`; a route's responses carry its profile.
+    if response.extensions().get::<ErrorProfile>() == Some(&ErrorProfile::Anthropic) {
+        response
+            .headers_mut()
+            .insert(ANTHROPIC_REQUEST_ID, value.clone());
     }
     response
+        .headers_mut()
+        .insert(state.config.request_id_header.clone(), value);
 }

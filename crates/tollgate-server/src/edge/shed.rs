@@ -1,38 +1,49 @@
-//! The load-shedding layer: a request over the node's adaptive concurrency limit is answered 429
+//! Load shedding: a request over the node's adaptive concurrency limit is answered 429
 //! `overloaded` before any other work. The limit and the tenants are [`crate::access::shed`].
 
-use crate::access::shed::Tenant;
-use crate::http::body::OnEnd;
+use crate::access::shed::{Permit, Tenant};
 use crate::http::headers::{presented_secret, TOLLGATE_ERROR};
 use crate::http::render::error_response;
 use crate::state::AppState;
-use axum::body::Body;
-use axum::extract::{Request, State};
-use axum::middleware::Next;
+use axum::extract::Request;
 use axum::response::Response;
 use tollgate_core::{ApiError, ApiKey, ErrorCode, RequestId};
 
-/// Sits just inside the trace layer, before every other piece of work. Health checks and metrics
-/// are never shed: a load balancer must still see the node alive, and its operator see why.
-pub async fn layer(State(state): State<AppState>, request: Request, next: Next) -> Response {
+/// What shedding decided for a request.
+pub enum Admission {
+    /// Not subject to shedding: no shedder, or a health check or the metrics scrape (a load
+    /// balancer must still see the node alive, and its operator see why).
+    Exempt,
+    /// Admitted; in flight until its response's last byte.
+    Admitted(Permit),
+    /// Over the limit: this answer, before any other work.
+    Shed(Response),
+}
+
+pub fn admit(state: &AppState, request: &Request) -> Admission {
     let Some(shedder) = &state.shedder else {
-        return next.run(request).await;
+        return Admission::Exempt;
     };
     if matches!(request.uri().path(), "/healthz" | "/readyz" | "/metrics") {
-        return next.run(request).await;
+        return Admission::Exempt;
     }
-    let Some(permit) = shedder.try_admit(tenant_of(&state, &request)) else {
-        state.metrics.shed.inc();
-        return overloaded(&state, &request);
-    };
-    let response = next.run(request).await;
+    match shedder.try_admit(tenant_of(state, request)) {
+        Some(permit) => Admission::Admitted(permit),
+        None => {
+            state.metrics.shed.inc();
+            Admission::Shed(overloaded(state, request))
+        }
+    }
+}
+
+/// A response's latency teaches the limit, unless it is a refusal of Tollgate's own (those
+/// return before the work the limit measures).
+pub fn sample(permit: &Permit, response: &Response) {
     let own_refusal =
         response.headers().contains_key(TOLLGATE_ERROR) && !response.status().is_server_error();
     if !own_refusal {
         permit.sample();
     }
-    // The permit is released when the body ends: a request is in flight until its last byte.
-    response.map(|inner| Body::new(OnEnd::new(inner, move || drop(permit))))
 }
 
 fn tenant_of(state: &AppState, request: &Request) -> Tenant {
