@@ -11,7 +11,7 @@ use tollgate_wire::ErrorProfile;
 /// HTTP/2 counts it: name, value and 32 bytes per field, plus the request line) gets 431. h2's
 /// own limit is set above this one so that the refusal carries the envelope, not h2's bare 431.
 /// An HTTP/1 head is bounded by hyper as it reads it (see `serve`), so it is not counted again.
-pub fn oversized(state: &AppState, request: &Request) -> Option<Response> {
+pub fn oversized(state: &AppState, id: RequestId, request: &Request) -> Option<Response> {
     if request.version() != http::Version::HTTP_2 {
         return None;
     }
@@ -28,11 +28,6 @@ pub fn oversized(state: &AppState, request: &Request) -> Option<Response> {
     if size <= limit {
         return None;
     }
-    let id = request
-        .extensions()
-        .get::<RequestId>()
-        .copied()
-        .unwrap_or_default();
     Some(error_response(
         &head_too_large(limit),
         ErrorProfile::default(),

@@ -58,12 +58,9 @@ const MAX_KEY_CHARS: usize = 255;
 /// The layer around the proxy: a request the proxy will refuse before any work (a path that
 /// escapes its route, a method the route does not serve, no route at all) gets that answer, not
 /// an idempotency verdict. The management API's routes carry [`layer`] themselves, so only a
-/// request that matches one of them is claimed.
+/// request that matches one of them is claimed. The edge calls it only for a request that
+/// [`claims_a_key`].
 pub async fn proxied(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    // The cheap tests first: most requests carry no key to claim.
-    if !claims_a_key(&request) {
-        return next.run(request).await;
-    }
     let path = request.uri().path();
     let forwarded = !path.starts_with(&state.config.api_prefix)
         && crate::http::headers::path_escape(path).is_none()

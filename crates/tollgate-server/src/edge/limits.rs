@@ -61,6 +61,7 @@ fn presented(state: &AppState, request: &Request) -> Presented {
 /// turns out not to be a valid key, the answer is the address's 429 all the same).
 pub async fn around<Handled>(
     state: &AppState,
+    id: RequestId,
     mut request: Request,
     next: impl FnOnce(Request) -> Handled,
 ) -> Response
@@ -96,14 +97,12 @@ where
                     standings,
                 };
                 let error = refused(&state.metrics, &anonymous, &verdict);
-                let id = request.extensions().get::<RequestId>().copied();
                 let profile = state
                     .routes
                     .resolve(request.uri().path())
                     .map(|route| route.config.error_profile)
                     .unwrap_or_default();
-                let mut response =
-                    error_response(&error, profile, id.unwrap_or_default(), request.headers());
+                let mut response = error_response(&error, profile, id, request.headers());
                 LimitHeaders::new(&anonymous, &verdict.standings, now)
                     .apply(response.headers_mut());
                 match presented(state, &request) {

@@ -22,9 +22,13 @@ impl Timer {
         }
     }
 
-    /// Counts the response; returns what [`Timer::observe`] must be called with when its body
-    /// ends.
-    pub fn count(self, metrics: &Metrics, response: &Response) -> Timer {
+    /// How long the request has taken so far.
+    pub fn elapsed(&self) -> std::time::Duration {
+        self.started.elapsed()
+    }
+
+    /// Counts the response; [`Timer::observe`] times it when its body ends.
+    pub fn count(&self, metrics: &Metrics, response: &Response) {
         metrics
             .requests
             .get_or_create(&RequestLabels {
@@ -33,7 +37,6 @@ impl Timer {
                 code: error_code(response.headers()),
             })
             .inc();
-        self
     }
 
     /// Records the time from the request's start to its response's last byte.

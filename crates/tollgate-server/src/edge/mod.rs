@@ -40,22 +40,22 @@ use tracing::Instrument;
 ///
 /// `next` is the router, inside a panic catcher that turns a panic into a 500 envelope.
 pub async fn edge(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
-    let id = request_id::assign(&state, &mut request);
+    let (id, header) = request_id::assign(&state, &mut request);
     let timer = metrics::Timer::start(&state, request.uri().path());
-    let span = request_span(&request);
-    let started = std::time::Instant::now();
-    let (mut response, permit) = admitted(&state, request, next)
-        .instrument(span.clone())
-        .await;
-    span.in_scope(|| {
+    let span = request_span(id, &request);
+    let (mut response, permit) = async {
+        let (response, permit) = admitted(&state, id, request, next).await;
         tracing::info!(
-            latency = ?started.elapsed(),
+            latency = ?timer.elapsed(),
             status = response.status().as_u16(),
             "finished processing request"
         );
-    });
-    let timer = timer.count(&state.metrics, &response);
-    request_id::stamp(&state, id, &mut response);
+        (response, permit)
+    }
+    .instrument(span)
+    .await;
+    timer.count(&state.metrics, &response);
+    request_id::stamp(&state, header, &mut response);
     // In flight until the last byte: the shedding permit is released and the time taken then.
     let metrics = state.metrics.clone();
     response.map(|inner| {
@@ -67,17 +67,22 @@ pub async fn edge(State(state): State<AppState>, mut request: Request, next: Nex
 }
 
 /// Steps 4 to 8, and the shedding permit the request holds until its response's last byte.
-async fn admitted(state: &AppState, request: Request, next: Next) -> (Response, Option<Permit>) {
-    if let Some(refused) = head::oversized(state, &request) {
+async fn admitted(
+    state: &AppState,
+    id: RequestId,
+    request: Request,
+    next: Next,
+) -> (Response, Option<Permit>) {
+    if let Some(refused) = head::oversized(state, id, &request) {
         return (refused, None);
     }
-    let permit = match shed::admit(state, &request) {
+    let permit = match shed::admit(state, id, &request) {
         Admission::Exempt => None,
         Admission::Admitted(permit) => Some(permit),
         Admission::Shed(refused) => return (refused, None),
     };
-    let response = limits::around(state, request, |request| async move {
-        let rescue = rescue::Rescue::of(&request);
+    let response = limits::around(state, id, request, |request| async move {
+        let rescue = rescue::Rescue::of(id, &request);
         let response = if idempotency::claims_a_key(&request) {
             idempotency::proxied(State(state.clone()), request, next).await
         } else {
@@ -92,12 +97,7 @@ async fn admitted(state: &AppState, request: Request, next: Next) -> (Response, 
     (response, permit)
 }
 
-fn request_span(request: &Request) -> tracing::Span {
-    let id = request
-        .extensions()
-        .get::<RequestId>()
-        .copied()
-        .unwrap_or_default();
+fn request_span(id: RequestId, request: &Request) -> tracing::Span {
     let span = tracing::info_span!(
         "request",
         request_id = %id,

@@ -9,9 +9,9 @@ use axum::response::Response;
 use tollgate_core::RequestId;
 use tollgate_wire::ErrorProfile;
 
-/// Gives the request its ID (and keeps the caller's own, if it sent one); returns the header
-/// value [`stamp`] puts on the response.
-pub fn assign(state: &AppState, request: &mut Request) -> Option<HeaderValue> {
+/// Gives the request its ID (and keeps the caller's own, if it sent one); returns the ID, for
+/// the edge's own steps, and the header value [`stamp`] puts on the response.
+pub fn assign(state: &AppState, request: &mut Request) -> (RequestId, Option<HeaderValue>) {
     let id = RequestId::new();
     let header = &state.config.request_id_header;
     if let Some(client_id) = request.headers().get(header).and_then(|v| v.to_str().ok()) {
@@ -25,7 +25,7 @@ pub fn assign(state: &AppState, request: &mut Request) -> Option<HeaderValue> {
             .extensions_mut()
             .insert(RequestIdHeader(value.clone()));
     }
-    value
+    (id, value)
 }
 
 /// Puts the request's ID on its response, whatever happened inside.

@@ -18,13 +18,9 @@ pub struct Rescue {
 }
 
 impl Rescue {
-    pub fn of(request: &Request) -> Rescue {
+    pub fn of(id: RequestId, request: &Request) -> Rescue {
         Rescue {
-            id: request
-                .extensions()
-                .get::<RequestId>()
-                .copied()
-                .unwrap_or_default(),
+            id,
             accept_language: request
                 .headers()
                 .get(http::header::ACCEPT_LANGUAGE)

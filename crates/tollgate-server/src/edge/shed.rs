@@ -20,7 +20,7 @@ pub enum Admission {
     Shed(Response),
 }
 
-pub fn admit(state: &AppState, request: &Request) -> Admission {
+pub fn admit(state: &AppState, id: RequestId, request: &Request) -> Admission {
     let Some(shedder) = &state.shedder else {
         return Admission::Exempt;
     };
@@ -31,7 +31,7 @@ pub fn admit(state: &AppState, request: &Request) -> Admission {
         Some(permit) => Admission::Admitted(permit),
         None => {
             state.metrics.shed.inc();
-            Admission::Shed(overloaded(state, request))
+            Admission::Shed(overloaded(state, id, request))
         }
     }
 }
@@ -58,7 +58,7 @@ fn tenant_of(state: &AppState, request: &Request) -> Tenant {
     }
 }
 
-fn overloaded(state: &AppState, request: &Request) -> Response {
+fn overloaded(state: &AppState, id: RequestId, request: &Request) -> Response {
     let error = ApiError::new(
         ErrorCode::Overloaded,
         "The node is at capacity and shed this request before doing any work. Nothing was \
@@ -70,6 +70,5 @@ fn overloaded(state: &AppState, request: &Request) -> Response {
         .resolve(request.uri().path())
         .map(|route| route.config.error_profile)
         .unwrap_or_default();
-    let id = request.extensions().get::<RequestId>().copied();
-    error_response(&error, profile, id.unwrap_or_default(), request.headers())
+    error_response(&error, profile, id, request.headers())
 }
