@@ -565,3 +565,108 @@ async fn an_error_message_is_in_the_callers_language_and_says_which() {
     let response = app.get("/echo/x").send().await.unwrap();
     assert_eq!(response.headers()["content-language"], "en");
 }
+
+/// Sends a POST whose head declares a body of `declared` bytes, then the body's first pieces,
+/// `pause` apart, and nothing more; returns the answer and how long it took to come.
+async fn body_in_pieces(
+    addr: SocketAddr,
+    path: &str,
+    key: &str,
+    declared: usize,
+    pieces: &[&str],
+    pause: std::time::Duration,
+) -> (RawAnswer, std::time::Duration) {
+    let mut socket = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {key}\r\n\
+         Content-Type: application/json\r\nContent-Length: {declared}\r\nConnection: close\r\n\r\n"
+    );
+    socket.write_all(head.as_bytes()).await.unwrap();
+    let started = std::time::Instant::now();
+    for (i, piece) in pieces.iter().enumerate() {
+        if i > 0 {
+            tokio::time::sleep(pause).await;
+        }
+        socket.write_all(piece.as_bytes()).await.unwrap();
+    }
+    // The socket stays open: only the node's deadline can end a body that stopped.
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let read = tokio::time::timeout(std::time::Duration::from_secs(10), socket.read(&mut buf))
+            .await
+            .expect("the node answers within 10 s")
+            .unwrap();
+        if read == 0 {
+            break;
+        }
+        answer.extend_from_slice(&buf[..read]);
+    }
+    (parse_answer(&answer), started.elapsed())
+}
+
+async fn app_with_a_body_deadline_of_300ms() -> (TestApp, common::TestAccount) {
+    let app = common::spawn_app_with(with_server(|server| {
+        server.body_read_timeout = "300ms".into();
+    }))
+    .await;
+    let account = app.create_account("acme").await;
+    (app, account)
+}
+
+#[tokio::test]
+async fn a_body_that_stops_arriving_is_400_on_every_path_and_costs_nothing() {
+    let (app, account) = app_with_a_body_deadline_of_300ms().await;
+    let key = &account.master_key;
+    let before = available(&app, key).await;
+    // A metered LLM call (read whole for its price), a plain call on a priced route (streamed
+    // to the upstream) and a management call: each declares 200 bytes and sends a few.
+    for path in ["/v1/chat/completions", "/echo/upload", "/api/v1/keys"] {
+        let (answer, took) = body_in_pieces(
+            app.addr,
+            path,
+            key,
+            200,
+            &["{\"model\":"],
+            std::time::Duration::ZERO,
+        )
+        .await;
+        assert_eq!(answer.status, 400, "{path}: {}", answer.body);
+        let body = answer.json();
+        assert_eq!(body["error"]["code"], "bad_request", "{path}: {body}");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .starts_with("The request body stopped arriving: nothing came for 300 ms."),
+            "{path}: {body}"
+        );
+        assert!(answer.header("x-request-id").is_some(), "{path}");
+        assert!(
+            took >= std::time::Duration::from_millis(250),
+            "{path}: {took:?}"
+        );
+    }
+    assert_eq!(available(&app, key).await, before);
+    common::assert_books_balance(&app, account.id).await;
+}
+
+#[tokio::test]
+async fn a_slow_body_that_keeps_arriving_is_read_whole() {
+    let (app, account) = app_with_a_body_deadline_of_300ms().await;
+    let body = "{\"slowly\": \"but surely, a piece at a time\"}";
+    let pieces: Vec<&str> = [&body[..10], &body[10..20], &body[20..30], &body[30..]].to_vec();
+    // Four pieces 150 ms apart: 450 ms in all, longer than the deadline, but never idle for it.
+    let (answer, took) = body_in_pieces(
+        app.addr,
+        "/echo/upload",
+        &account.master_key,
+        body.len(),
+        &pieces,
+        std::time::Duration::from_millis(150),
+    )
+    .await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    assert_eq!(answer.json()["body"], body);
+    assert!(took >= std::time::Duration::from_millis(400), "{took:?}");
+}

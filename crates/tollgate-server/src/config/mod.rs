@@ -200,6 +200,8 @@ pub struct RouteConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConnectionLimits {
     pub header_read_timeout: Duration,
+    /// How long a request body may go without a byte arriving (see `http::body::Stalling`).
+    pub body_read_timeout: Duration,
     /// At least 1; `server.max_connections = 0` is resolved at start from the open-file limit.
     pub max_connections: usize,
     pub http2_max_concurrent_streams: u32,
@@ -315,16 +317,17 @@ impl Config {
         if s.key_cache_capacity == 0 {
             p.push("server.key_cache_capacity", "must be at least 1");
         }
-        let header_read_timeout = match humantime::parse_duration(&s.header_read_timeout) {
-            Ok(d) if !d.is_zero() => d,
-            _ => {
+        let mut timeout = |field: &str, text: &str, example: &str| {
+            positive_duration(text).unwrap_or_else(|| {
                 p.push(
-                    "server.header_read_timeout",
-                    "must be a positive duration, e.g. \"10s\"",
+                    &format!("server.{field}"),
+                    format!("must be a positive duration, e.g. \"{example}\""),
                 );
                 Duration::ZERO
-            }
+            })
         };
+        let header_read_timeout = timeout("header_read_timeout", &s.header_read_timeout, "10s");
+        let body_read_timeout = timeout("body_read_timeout", &s.body_read_timeout, "60s");
         if s.http2_max_concurrent_streams == 0 {
             p.push("server.http2_max_concurrent_streams", "must be at least 1");
         }
@@ -336,6 +339,7 @@ impl Config {
         }
         let connections = ConnectionLimits {
             header_read_timeout,
+            body_read_timeout,
             max_connections: match s.max_connections {
                 0 => crate::config::default_max_connections(),
                 n => usize::try_from(n).unwrap_or(usize::MAX),
@@ -1377,7 +1381,7 @@ mod tests {
     fn every_problem_is_reported_at_once_with_its_path() {
         expect![[r#"
             8 problems in the config:
-              - server.lisen: unknown field `lisen`, expected one of `listen`, `api_prefix`, `request_id_header`, `max_body_bytes`, `key_cache_capacity`, `trusted_proxies`, `header_read_timeout`, `max_connections`, `http2_max_concurrent_streams`, `max_header_bytes`
+              - server.lisen: unknown field `lisen`, expected one of `listen`, `api_prefix`, `request_id_header`, `max_body_bytes`, `key_cache_capacity`, `trusted_proxies`, `header_read_timeout`, `body_read_timeout`, `max_connections`, `http2_max_concurrent_streams`, `max_header_bytes`
               - routes[0].upstream: invalid type: integer `5`, expected a string
               - routes[2].group: is required
               - surprise: unknown section (expected server, store, redis, admin, billing, keys, load_shedding, idempotency, console, payments, webhooks, export, rate_limits, routes, plans or packs)
@@ -1784,6 +1788,20 @@ mod tests {
         );
         assert!(
             out.contains("billing.management_fee: '-1' is negative"),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn connection_timeouts_must_be_positive() {
+        let out =
+            problems("[server]\nheader_read_timeout = \"0s\"\nbody_read_timeout = \"soon\"\n");
+        assert!(
+            out.contains("server.header_read_timeout: must be a positive duration, e.g. \"10s\""),
+            "{out}"
+        );
+        assert!(
+            out.contains("server.body_read_timeout: must be a positive duration, e.g. \"60s\""),
             "{out}"
         );
     }

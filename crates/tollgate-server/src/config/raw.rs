@@ -132,6 +132,8 @@ pub struct RawServer {
     /// How long a client has to send a request's head, from the connection's start or the end
     /// of the previous response (so also how long an idle keep-alive connection stays open).
     pub header_read_timeout: String,
+    /// How long a request body may go without a byte arriving before it is refused.
+    pub body_read_timeout: String,
     /// Connections open at once; `0` is half the process's open-file limit.
     pub max_connections: u64,
     /// Requests one HTTP/2 connection may have in flight at once.
@@ -150,6 +152,7 @@ impl Default for RawServer {
             key_cache_capacity: 100_000,
             trusted_proxies: Vec::new(),
             header_read_timeout: "10s".into(),
+            body_read_timeout: "60s".into(),
             max_connections: 0,
             http2_max_concurrent_streams: 100,
             max_header_bytes: 64 * 1024,

@@ -18,6 +18,7 @@ use crate::config::{HoldRule, RouteAuth, RouteConfig};
 use crate::dataplane::models;
 use crate::dataplane::models::ModelsCall;
 use crate::edge::idempotency::HoldDeadline;
+use crate::http::body::{cause, read_error, BodyStalled};
 use crate::http::error::HttpError;
 use crate::http::error::{method_not_allowed, payload_too_large, validation};
 use crate::http::headers::{is_hop_by_hop, path_escape, presented_secret};
@@ -579,7 +580,12 @@ async fn send_upstream(
                 route.config.timeout.as_millis()
             ),
         )),
-        Ok(Err(e)) if caused_by_body_limit(&e) => Err(payload_too_large(limit)),
+        // The client's body, not the upstream, failed the call.
+        Ok(Err(e))
+            if cause::<LengthLimitError>(&e).is_some() || cause::<BodyStalled>(&e).is_some() =>
+        {
+            Err(read_error(&e, limit))
+        }
         Ok(Err(e)) => {
             tracing::warn!(error = %e, upstream = %route.config.upstream, "upstream request failed");
             let reason = if e.is_connect() {
@@ -635,13 +641,7 @@ async fn read_llm_request(
 ) -> Result<(String, LlmRequest), HttpError> {
     let bytes = match Limited::new(body, limit).collect().await {
         Ok(collected) => collected.to_bytes(),
-        Err(e) if e.is::<LengthLimitError>() => return Err(payload_too_large(limit as u64)),
-        Err(_) => {
-            return Err(HttpError::new(
-                ErrorCode::BadRequest,
-                "The request body could not be read.",
-            ))
-        }
+        Err(e) => return Err(read_error(&*e, limit as u64)),
     };
     parse_llm_request(endpoint, models, &bytes, default_max_tokens)
 }
@@ -829,17 +829,6 @@ fn check_declared_length(headers: &HeaderMap, limit: u64) -> Result<(), HttpErro
         Some(length) if length > limit => Err(payload_too_large(limit)),
         _ => Ok(()),
     }
-}
-
-fn caused_by_body_limit(error: &(dyn std::error::Error + 'static)) -> bool {
-    let mut source = Some(error);
-    while let Some(e) = source {
-        if e.is::<LengthLimitError>() {
-            return true;
-        }
-        source = e.source();
-    }
-    false
 }
 
 fn upstream_uri(base: &Uri, rest: &str, query: Option<&str>) -> Result<Uri, HttpError> {

@@ -105,7 +105,7 @@ pub async fn layer(State(state): State<AppState>, request: Request, next: Next) 
     let body = match axum::body::to_bytes(body, usize::try_from(limit).unwrap_or(usize::MAX)).await
     {
         Ok(body) => body,
-        Err(_) => return with_profile(crate::http::error::payload_too_large(limit), profile),
+        Err(e) => return with_profile(crate::http::body::read_error(&e, limit), profile),
     };
     let owner = parts
         .extensions

@@ -13,19 +13,22 @@ pub mod serve;
 pub mod shed;
 
 use crate::access::shed::Permit;
-use crate::http::body::OnEnd;
+use crate::http::body::{OnEnd, Stalling};
 use crate::http::headers::ClientRequestId;
 use crate::state::AppState;
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::middleware::Next;
 use axum::response::Response;
+use http_body::Body as _;
 use shed::Admission;
 use tollgate_core::RequestId;
 use tracing::Instrument;
 
 /// Every request, on the way in, top to bottom; the way out runs back up:
 ///
+/// 0. **Body deadline**: a request body that goes `server.body_read_timeout` without a byte
+///    fails whoever reads it (400), rather than hold the request open.
 /// 1. **Request ID**, first: every response, whatever happened inside, carries it.
 /// 2. **Metrics**: every response is counted, shed ones included, and timed to its last byte.
 /// 3. **Trace span**, once the ID exists, so every log line carries it; one INFO line per
@@ -39,7 +42,14 @@ use tracing::Instrument;
 ///    API's routes carry it as a route layer (`app::router`), so only a matched route is claimed.
 ///
 /// `next` is the router, inside a panic catcher that turns a panic into a 500 envelope.
-pub async fn edge(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
+pub async fn edge(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    // A body that stops arriving fails its reader rather than hold the request open.
+    let mut request = if request.body().is_end_stream() {
+        request
+    } else {
+        let idle = state.config.connections.body_read_timeout;
+        request.map(|body| Body::new(Stalling::new(body, idle)))
+    };
     let (id, header) = request_id::assign(&state, &mut request);
     let timer = metrics::Timer::start(&state, request.uri().path());
     let span = request_span(id, &request);

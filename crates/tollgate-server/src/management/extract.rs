@@ -3,6 +3,7 @@
 
 use crate::access::keys::Identity;
 use crate::access::limits::{self, Estimate, LimitSlot, Standings};
+use crate::http::body::read_error;
 use crate::http::error::validation;
 use crate::http::error::{FieldErrors, HttpError};
 use crate::state::AppState;
@@ -216,17 +217,7 @@ impl<S: Send + Sync> FromRequest<S> for JsonBody {
     async fn from_request(request: Request, _state: &S) -> Result<Self, HttpError> {
         let bytes = axum::body::to_bytes(request.into_body(), MAX_BODY_BYTES)
             .await
-            .map_err(|_| {
-                HttpError::from(
-                    ApiError::new(
-                        ErrorCode::PayloadTooLarge,
-                        format!(
-                            "The request body is larger than the limit of {MAX_BODY_BYTES} bytes."
-                        ),
-                    )
-                    .with_detail("limit_bytes", MAX_BODY_BYTES),
-                )
-            })?;
+            .map_err(|e| read_error(&e, MAX_BODY_BYTES as u64))?;
         Ok(JsonBody(bytes))
     }
 }
