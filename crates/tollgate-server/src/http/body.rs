@@ -65,14 +65,18 @@ impl<F: FnOnce()> Drop for OnEnd<F> {
 /// `client_body_timeout` bounds the wait between two reads: a client that declares a body and
 /// stops sending it would otherwise hold its connection, and whatever its request holds, for as
 /// long as it keeps the socket open. Past it the body fails with [`BodyStalled`], which each
-/// reader turns into its answer ([`read_error`]). The timer exists only once the body has had to
-/// wait: a body that came with its head never makes one.
+/// reader turns into its answer ([`read_error`]). A timer is set only when the body is still
+/// waiting on a second poll in a row: hyper hands a body that came with its head over on the
+/// poll after the first, so most requests never make one (a timer each cost 3% of a proxied
+/// request's CPU).
 pub struct Stalling {
     inner: Body,
     idle: Duration,
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
     /// A frame came since the timer was last set.
     moved: bool,
+    /// The last poll found nothing, and asked to be polled again.
+    waited: bool,
 }
 
 impl Stalling {
@@ -82,6 +86,7 @@ impl Stalling {
             idle,
             timer: None,
             moved: false,
+            waited: false,
         }
     }
 }
@@ -99,8 +104,14 @@ impl http_body::Body for Stalling {
             Poll::Pending => {}
             polled => {
                 this.moved = true;
+                this.waited = false;
                 return polled;
             }
+        }
+        if !std::mem::replace(&mut this.waited, true) {
+            // Polled again soon, and only a body still waiting then needs a timer.
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
         }
         let deadline = tokio::time::Instant::now() + this.idle;
         let timer = match &mut this.timer {
